@@ -1,0 +1,84 @@
+//! Buffering a body with a size limit, for replay, fingerprinting and signatures.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+
+use crate::BoxError;
+
+/// Reading a body failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The body was larger than the limit; reading stopped at the limit.
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body stream failed.
+    Read(BoxError),
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { limit } => write!(f, "body larger than the {limit}-byte limit"),
+            Self::Read(e) => write!(f, "could not read the body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::TooLarge { .. } => None,
+            Self::Read(e) => Some(&**e),
+        }
+    }
+}
+
+/// Whether the body's size hint proves it fits in `limit` bytes without reading it.
+pub fn fits<B: Body>(body: &B, limit: usize) -> bool {
+    body.size_hint().upper().is_some_and(|u| u <= limit as u64)
+}
+
+/// Reads a whole body into memory, failing with [`BodyError::TooLarge`] as soon as more than
+/// `limit` bytes have arrived (nothing more is read).
+///
+/// # Errors
+/// [`BodyError`] when the body is too large or its stream fails.
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use sturdy_core::body::{buffer, BodyError};
+///
+/// let b = buffer(Full::<Bytes>::from("hello"), 16).await.unwrap();
+/// assert_eq!(&b[..], b"hello");
+/// assert!(matches!(buffer(Full::<Bytes>::from("hello"), 4).await, Err(BodyError::TooLarge { limit: 4 })));
+/// # }
+/// ```
+pub async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Err(BodyError::TooLarge { limit })
+            } else {
+                Err(BodyError::Read(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The shared vocabulary of sturdy.
+//!
+//! Every sturdy layer speaks through this crate, so that one place decides what an outcome means:
+//!
+//! - [`ErrorKind`], [`Error`] and the marker errors [`RateLimited`] and [`CircuitOpen`], each with a
+//!   `Display` that a person or a language model can act on;
+//! - [`classify`]: one classification of responses and errors, shared by retry and circuit breaking;
+//! - [`headers`]: total parsers (they never panic, they return a clear error on garbage) for
+//!   `Retry-After`, `RateLimit`/`RateLimit-Policy`, `X-RateLimit-*`, RFC 8288 `Link`, HTTP dates and
+//!   the structured-field items sturdy needs;
+//! - [`body`]: buffering a body with a size limit, for replay, fingerprinting and signatures;
+//! - [`clock`]: the one place that reads the wall clock, so tests can fake it;
+//! - [`trace`]: the decision trace that layers append to.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::{Duration, SystemTime};
+//! use http::StatusCode;
+//! use sturdy_core::classify::{classify_status, Outcome};
+//! use sturdy_core::headers::RetryAfter;
+//!
+//! assert!(matches!(classify_status(StatusCode::SERVICE_UNAVAILABLE), Outcome::Retryable(_)));
+//! assert!(matches!(classify_status(StatusCode::NOT_FOUND), Outcome::Permanent(_)));
+//!
+//! let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+//! let ra = RetryAfter::parse(b"Sun, 06 Nov 1994 08:49:47 GMT").unwrap();
+//! assert_eq!(ra.delay_from(now), Duration::from_secs(10));
+//! assert_eq!(RetryAfter::parse(b"120").unwrap().delay_from(now), Duration::from_secs(120));
+//! assert!(RetryAfter::parse(b"-1").is_err());
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod body;
+pub mod classify;
+pub mod clock;
+mod error;
+pub mod headers;
+pub mod trace;
+
+pub use classify::{AsError, Classify, DefaultClassify, Outcome};
+pub use clock::{SystemClock, WallClock};
+pub use error::{BoxError, CircuitOpen, Error, ErrorKind, RateLimited};
+pub use trace::{Trace, TraceEvent};
+
+/// Formats a duration for people and language models: `250ms`, `30s`, `2m 5s`, `1h 3m`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    if secs < 60 {
+        // One decimal only when it says something.
+        let tenths = (ms % 1_000) / 100;
+        return if tenths == 0 {
+            format!("{secs}s")
+        } else {
+            format!("{secs}.{tenths}s")
+        };
+    }
+    if secs < 3_600 {
+        let (m, s) = (secs / 60, secs % 60);
+        return if s == 0 { format!("{m}m") } else { format!("{m}m {s}s") };
+    }
+    let (h, m) = (secs / 3_600, (secs % 3_600) / 60);
+    if m == 0 {
+        format!("{h}h")
+    } else {
+        format!("{h}h {m}m")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(human_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(human_duration(Duration::from_millis(1_500)), "1.5s");
+        assert_eq!(human_duration(Duration::from_secs(125)), "2m 5s");
+        assert_eq!(human_duration(Duration::from_secs(3_600)), "1h");
+        assert_eq!(human_duration(Duration::from_secs(3_780)), "1h 3m");
+    }
+}

@@ -1,0 +1,7 @@
+//! sturdy: tower middleware that makes integrations with real HTTP APIs survive production.
+//!
+//! Each mechanic is an independent `tower::Layer` in a crate of its own, re-exported here behind a
+//! cargo feature of the same name (`full` enables all). [`core`] is always there.
+#![forbid(unsafe_code)]
+
+pub use sturdy_core as core;
