@@ -1,0 +1,2 @@
+//! The sturdy demo.
+fn main() {}
