@@ -30,22 +30,36 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .merge(api)
         .route("/oauth/token", post(crate::oauth::token))
         .route("/health", get(|| async { "ok" }))
-        .layer(middleware::from_fn_with_state(shared.clone(), count_and_log))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            count_and_log,
+        ))
         .with_state(shared)
 }
 
 async fn count_and_log(State(s): St, req: Request, next: Next) -> Response {
     bump(&s.counters.requests);
     let method = req.method().clone();
-    let path = req.uri().path_and_query().map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
     let res = next.run(req).await;
-    let status = if res.extensions().get::<ResetConnection>().is_some() { 0 } else { res.status().as_u16() };
+    let status = if res.extensions().get::<ResetConnection>().is_some() {
+        0
+    } else {
+        res.status().as_u16()
+    };
     s.record(method, path, status);
     res
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    (status, Json(json!({ "error": status.canonical_reason().unwrap_or("error"), "detail": detail }))).into_response()
+    (
+        status,
+        Json(json!({ "error": status.canonical_reason().unwrap_or("error"), "detail": detail })),
+    )
+        .into_response()
 }
 
 fn retry_after_value(form: RetryAfterForm) -> Option<HeaderValue> {
@@ -81,7 +95,10 @@ async fn faults(State(s): St, req: Request, next: Next) -> Response {
         Verdict::Reject(r) => r,
     };
     if let Some(d) = deprecation {
-        res.headers_mut().insert("deprecation", HeaderValue::from_str(&format!("@{d}")).expect("digits"));
+        res.headers_mut().insert(
+            "deprecation",
+            HeaderValue::from_str(&format!("@{d}")).expect("digits"),
+        );
     }
     if let Some(t) = sunset {
         if let Ok(v) = HeaderValue::from_str(&format_http_date(t)) {
@@ -96,7 +113,10 @@ fn decide(s: &Shared, headers: &HeaderMap) -> Verdict {
     if let Some(want) = &k.api_version {
         let got = headers.get("api-version").and_then(|v| v.to_str().ok());
         if got != Some(want.as_str()) {
-            return Verdict::Reject(problem(StatusCode::BAD_REQUEST, &format!("this API requires API-Version: {want}")));
+            return Verdict::Reject(problem(
+                StatusCode::BAD_REQUEST,
+                &format!("this API requires API-Version: {want}"),
+            ));
         }
     }
     if k.require_auth {
@@ -104,12 +124,26 @@ fn decide(s: &Shared, headers: &HeaderMap) -> Verdict {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let valid = token.is_some_and(|t| lock(&s.tokens).get(t).is_some_and(|exp| Instant::now() < *exp));
+        let valid = token.is_some_and(|t| {
+            lock(&s.tokens)
+                .get(t)
+                .is_some_and(|exp| Instant::now() < *exp)
+        });
         if !valid {
             bump(&s.counters.unauthorized);
-            let mut r = problem(StatusCode::UNAUTHORIZED, "missing, expired or revoked token");
-            let challenge = if token.is_some() { "Bearer error=\"invalid_token\"" } else { "Bearer" };
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            let mut r = problem(
+                StatusCode::UNAUTHORIZED,
+                "missing, expired or revoked token",
+            );
+            let challenge = if token.is_some() {
+                "Bearer error=\"invalid_token\""
+            } else {
+                "Bearer"
+            };
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
             return Verdict::Reject(r);
         }
     }
@@ -126,10 +160,18 @@ fn decide(s: &Shared, headers: &HeaderMap) -> Verdict {
             let mut r = problem(StatusCode::TOO_MANY_REQUESTS, "quota exceeded");
             let h = r.headers_mut();
             h.insert(header::RETRY_AFTER, HeaderValue::from(reset_secs));
-            h.insert("ratelimit", HeaderValue::from_str(&format!("\"default\";r=0;t={reset_secs}")).expect("ascii"));
+            h.insert(
+                "ratelimit",
+                HeaderValue::from_str(&format!("\"default\";r=0;t={reset_secs}")).expect("ascii"),
+            );
             h.insert(
                 "ratelimit-policy",
-                HeaderValue::from_str(&format!("\"default\";q={};w={}", q.limit, q.window.as_secs().max(1))).expect("ascii"),
+                HeaderValue::from_str(&format!(
+                    "\"default\";q={};w={}",
+                    q.limit,
+                    q.window.as_secs().max(1)
+                ))
+                .expect("ascii"),
             );
             return Verdict::Reject(r);
         }
@@ -157,7 +199,8 @@ fn decide(s: &Shared, headers: &HeaderMap) -> Verdict {
     };
     if failed {
         bump(&s.counters.server_errors);
-        let status = StatusCode::from_u16(k.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let status =
+            StatusCode::from_u16(k.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return Verdict::Reject(problem(status, "injected failure"));
     }
     Verdict::Pass
@@ -166,10 +209,15 @@ fn decide(s: &Shared, headers: &HeaderMap) -> Verdict {
 /// Reads `Idempotency-Key` as a bare token or as a structured-field string.
 fn idempotency_key(headers: &HeaderMap) -> Option<String> {
     let raw = headers.get("idempotency-key")?;
-    if let Ok((sturdy_core::headers::sf::BareItem::String(s), _)) = sturdy_core::headers::sf::parse_item(raw.as_bytes()) {
+    if let Ok((sturdy_core::headers::sf::BareItem::String(s), _)) =
+        sturdy_core::headers::sf::parse_item(raw.as_bytes())
+    {
         return Some(s);
     }
-    raw.to_str().ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    raw.to_str()
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
@@ -193,13 +241,20 @@ async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> Response
             if let Some((first_payload, status, stored)) = book.keys.get(key) {
                 if idempotency {
                     if *first_payload != body {
-                        return problem(StatusCode::UNPROCESSABLE_ENTITY, "Idempotency-Key is already used with another payload");
+                        return problem(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "Idempotency-Key is already used with another payload",
+                        );
                     }
                     bump(&s.counters.replayed);
                     let mut r = Response::new(Body::from(stored.clone()));
                     *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::CREATED);
-                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    r.headers_mut()
+                        .insert("idempotent-replayed", HeaderValue::from_static("true"));
                     return r;
                 }
                 bump(&s.counters.duplicates_by_key);
@@ -225,7 +280,10 @@ async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> Response
     bump(&s.counters.orders_committed);
     let mut r = Response::new(Body::from(out));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if reset_next {
         bump(&s.counters.resets);
         r.extensions_mut().insert(ResetConnection);
@@ -246,7 +304,11 @@ fn slice(s: &Shared, offset: usize, limit: usize) -> (Vec<Value>, usize) {
     let book = lock(&s.book);
     let total = book.orders.len();
     let end = offset.saturating_add(limit).min(total);
-    let items = if offset < total { book.orders[offset..end].to_vec() } else { Vec::new() };
+    let items = if offset < total {
+        book.orders[offset..end].to_vec()
+    } else {
+        Vec::new()
+    };
     (items, total)
 }
 
@@ -289,9 +351,14 @@ async fn list_link(State(s): St, Query(q): Query<PageQuery>) -> Response {
     let last = total.div_ceil(per).max(1);
     let mut links = Vec::new();
     if page < last {
-        links.push(format!("</orders/link?page={}&per_page={per}>; rel=\"next\"", page + 1));
+        links.push(format!(
+            "</orders/link?page={}&per_page={per}>; rel=\"next\"",
+            page + 1
+        ));
     }
-    links.push(format!("</orders/link?page={last}&per_page={per}>; rel=\"last\""));
+    links.push(format!(
+        "</orders/link?page={last}&per_page={per}>; rel=\"last\""
+    ));
     let mut r = Json(items).into_response();
     if let Ok(v) = HeaderValue::from_str(&links.join(", ")) {
         r.headers_mut().insert(header::LINK, v);
@@ -318,6 +385,6 @@ async fn list_offset(State(s): St, Query(q): Query<OffsetQuery>) -> Response {
     let offset = q.offset.unwrap_or(0);
     let limit = clamp_limit(q.limit);
     let (items, total) = slice(&s, offset, limit);
-    Json(json!({ "items": items, "offset": offset, "limit": limit, "total": total })).into_response()
+    Json(json!({ "items": items, "offset": offset, "limit": limit, "total": total }))
+        .into_response()
 }
-

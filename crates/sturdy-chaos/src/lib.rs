@@ -94,7 +94,11 @@ impl ChaosServer {
         let shared = Arc::new(Shared::new(knobs));
         let router = api::router(shared.clone());
         let accept = tokio::spawn(accept_loop(listener, router));
-        Ok(Self { addr, shared, accept })
+        Ok(Self {
+            addr,
+            shared,
+            accept,
+        })
     }
 
     /// The address the server listens on.

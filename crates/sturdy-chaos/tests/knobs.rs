@@ -10,67 +10,129 @@ use serde_json::{json, Value};
 use sturdy_chaos::{http_client, ChaosServer, Knobs, RetryAfterForm, ServerRateLimit};
 use sturdy_core::headers::RetryAfter;
 
-async fn send(server: &ChaosServer, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+async fn send(
+    server: &ChaosServer,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
     let mut b = Request::builder().method(method).uri(server.url(path));
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    http_client().request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await
+    http_client()
+        .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
 }
 
 async fn json_of(res: Response<Incoming>) -> Value {
     serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
 
-async fn order(server: &ChaosServer, n: u32, key: Option<&str>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+async fn order(
+    server: &ChaosServer,
+    n: u32,
+    key: Option<&str>,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
     let mut h = vec![("content-type", "application/json")];
     if let Some(k) = key {
         h.push(("idempotency-key", k));
     }
-    send(server, Method::POST, "/orders", &h, &json!({ "item": "book", "n": n }).to_string()).await
+    send(
+        server,
+        Method::POST,
+        "/orders",
+        &h,
+        &json!({ "item": "book", "n": n }).to_string(),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn quiet_by_default() {
     let s = ChaosServer::start(Knobs::default()).await.unwrap();
     for n in 0..20 {
-        assert_eq!(order(&s, n, None).await.unwrap().status(), StatusCode::CREATED);
+        assert_eq!(
+            order(&s, n, None).await.unwrap().status(),
+            StatusCode::CREATED
+        );
     }
     let st = s.stats();
-    assert_eq!((st.orders_committed, st.server_errors, st.rate_limited, st.resets), (20, 0, 0, 0));
+    assert_eq!(
+        (
+            st.orders_committed,
+            st.server_errors,
+            st.rate_limited,
+            st.resets
+        ),
+        (20, 0, 0, 0)
+    );
     assert_eq!(s.requests().len(), 20);
 }
 
 #[tokio::test]
 async fn reset_after_commit_commits_once_and_the_client_sees_an_error() {
-    let s = ChaosServer::start(Knobs { reset_after_commit_next: 1, ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        reset_after_commit_next: 1,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let err = order(&s, 1, Some("k1")).await.unwrap_err();
     let kind = sturdy_core::classify::classify_error(&err);
     assert_eq!(kind, sturdy_core::ErrorKind::Transport, "{err:?}");
     assert_eq!(s.stats().orders_committed, 1);
     assert_eq!(s.stats().resets, 1);
     // Without idempotency, the client's naive retry duplicates the order.
-    assert_eq!(order(&s, 1, Some("k1")).await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(
+        order(&s, 1, Some("k1")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
     let st = s.stats();
-    assert_eq!((st.orders_committed, st.duplicates_by_key, st.duplicates_by_payload), (2, 1, 1));
+    assert_eq!(
+        (
+            st.orders_committed,
+            st.duplicates_by_key,
+            st.duplicates_by_payload
+        ),
+        (2, 1, 1)
+    );
 }
 
 #[tokio::test]
 async fn idempotency_replays_and_rejects_other_payloads() {
-    let s = ChaosServer::start(Knobs { idempotency: true, reset_after_commit_next: 1, ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        idempotency: true,
+        reset_after_commit_next: 1,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     assert!(order(&s, 1, Some("k1")).await.is_err());
     let res = order(&s, 1, Some("\"k1\"")).await.unwrap(); // structured-field form of the same key
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(json_of(res).await["id"], "o_1");
-    assert_eq!(order(&s, 2, Some("k1")).await.unwrap().status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        order(&s, 2, Some("k1")).await.unwrap().status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
     let st = s.stats();
-    assert_eq!((st.orders_committed, st.replayed, st.duplicates_by_key), (1, 1, 0));
+    assert_eq!(
+        (st.orders_committed, st.replayed, st.duplicates_by_key),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test]
 async fn fail_next_and_error_rate() {
-    let s = ChaosServer::start(Knobs { fail_next: 2, ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        fail_next: 2,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
         for n in 0..3 {
@@ -82,10 +144,21 @@ async fn fail_next_and_error_rate() {
     assert_eq!(s.stats().server_errors, 2);
     assert_eq!(s.stats().orders_committed, 1);
 
-    let s = ChaosServer::start(Knobs { error_rate: 0.3, error_status: 500, ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        error_rate: 0.3,
+        error_status: 500,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let mut errors = 0;
     for _ in 0..200 {
-        if send(&s, Method::GET, "/orders", &[], "").await.unwrap().status() == 500 {
+        if send(&s, Method::GET, "/orders", &[], "")
+            .await
+            .unwrap()
+            .status()
+            == 500
+        {
             errors += 1;
         }
     }
@@ -95,11 +168,23 @@ async fn fail_next_and_error_rate() {
 
 #[tokio::test]
 async fn rate_limit_with_retry_after_seconds_and_date() {
-    let s = ChaosServer::start(Knobs { rate_limit_next: 1, retry_after: RetryAfterForm::Seconds(7), ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Seconds(7),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let res = send(&s, Method::GET, "/orders", &[], "").await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(res.headers()["retry-after"], "7");
-    assert_eq!(send(&s, Method::GET, "/orders", &[], "").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        send(&s, Method::GET, "/orders", &[], "")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     s.update(|k| {
         k.rate_limit_next = 1;
@@ -109,13 +194,21 @@ async fn rate_limit_with_retry_after_seconds_and_date() {
     let ra = RetryAfter::parse(res.headers()["retry-after"].as_bytes()).unwrap();
     assert!(matches!(ra, RetryAfter::At(_)));
     let d = ra.delay_from(sturdy_core::WallClock::now(&sturdy_core::SystemClock));
-    assert!(d > Duration::from_secs(115) && d <= Duration::from_secs(120), "{d:?}");
+    assert!(
+        d > Duration::from_secs(115) && d <= Duration::from_secs(120),
+        "{d:?}"
+    );
     assert_eq!(s.stats().rate_limited, 2);
 }
 
 #[tokio::test]
 async fn latency_is_added() {
-    let s = ChaosServer::start(Knobs { latency: Duration::from_millis(60), ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        latency: Duration::from_millis(60),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let start = tokio::time::Instant::now();
     send(&s, Method::GET, "/orders", &[], "").await.unwrap();
     assert!(start.elapsed() >= Duration::from_millis(60));
@@ -127,21 +220,48 @@ async fn latency_is_added() {
 
 #[tokio::test]
 async fn server_side_quota() {
-    let s = ChaosServer::start(Knobs { server_rate_limit: Some(ServerRateLimit { limit: 3, window: Duration::from_secs(10) }), ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        server_rate_limit: Some(ServerRateLimit {
+            limit: 3,
+            window: Duration::from_secs(10),
+        }),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     for _ in 0..3 {
-        assert_eq!(send(&s, Method::GET, "/orders", &[], "").await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            send(&s, Method::GET, "/orders", &[], "")
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
     }
     let res = send(&s, Method::GET, "/orders", &[], "").await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    let secs: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let secs: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=10).contains(&secs));
-    assert!(res.headers()["ratelimit"].to_str().unwrap().starts_with("\"default\";r=0;t="));
+    assert!(res.headers()["ratelimit"]
+        .to_str()
+        .unwrap()
+        .starts_with("\"default\";r=0;t="));
     assert_eq!(res.headers()["ratelimit-policy"], "\"default\";q=3;w=10");
 }
 
 #[tokio::test]
 async fn oauth_tokens_expire_and_can_be_revoked() {
-    let s = ChaosServer::start(Knobs { require_auth: true, token_lifetime: Duration::from_millis(300), ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        require_auth: true,
+        token_lifetime: Duration::from_millis(300),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     // No token => 401 with a Bearer challenge.
     let res = send(&s, Method::GET, "/orders", &[], "").await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
@@ -149,7 +269,18 @@ async fn oauth_tokens_expire_and_can_be_revoked() {
 
     // client_secret_basic.
     let basic = format!("Basic {}", base64_encode("client:secret"));
-    let res = send(&s, Method::POST, "/oauth/token", &[("authorization", &basic), ("content-type", "application/x-www-form-urlencoded")], "grant_type=client_credentials&scope=orders").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[
+            ("authorization", &basic),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        "grant_type=client_credentials&scope=orders",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["cache-control"], "no-store");
     let body = json_of(res).await;
@@ -157,34 +288,127 @@ async fn oauth_tokens_expire_and_can_be_revoked() {
     assert_eq!(body["expires_in"], 0); // 300 ms, in whole seconds
     assert_eq!(body["scope"], "orders");
     let bearer = format!("Bearer {}", body["access_token"].as_str().unwrap());
-    assert_eq!(send(&s, Method::GET, "/orders", &[("authorization", &bearer)], "").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        send(
+            &s,
+            Method::GET,
+            "/orders",
+            &[("authorization", &bearer)],
+            ""
+        )
+        .await
+        .unwrap()
+        .status(),
+        StatusCode::OK
+    );
 
     // Expired.
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let res = send(&s, Method::GET, "/orders", &[("authorization", &bearer)], "").await.unwrap();
+    let res = send(
+        &s,
+        Method::GET,
+        "/orders",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(res.headers()["www-authenticate"], "Bearer error=\"invalid_token\"");
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
 
     // client_secret_post, then revocation.
     s.update(|k| k.token_lifetime = Duration::from_secs(60));
-    let res = send(&s, Method::POST, "/oauth/token", &[], "grant_type=client_credentials&client_id=client&client_secret=secret").await.unwrap();
-    let bearer = format!("Bearer {}", json_of(res).await["access_token"].as_str().unwrap());
-    assert_eq!(send(&s, Method::GET, "/orders", &[("authorization", &bearer)], "").await.unwrap().status(), StatusCode::OK);
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[],
+        "grant_type=client_credentials&client_id=client&client_secret=secret",
+    )
+    .await
+    .unwrap();
+    let bearer = format!(
+        "Bearer {}",
+        json_of(res).await["access_token"].as_str().unwrap()
+    );
+    assert_eq!(
+        send(
+            &s,
+            Method::GET,
+            "/orders",
+            &[("authorization", &bearer)],
+            ""
+        )
+        .await
+        .unwrap()
+        .status(),
+        StatusCode::OK
+    );
     s.revoke_tokens();
-    assert_eq!(send(&s, Method::GET, "/orders", &[("authorization", &bearer)], "").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(
+            &s,
+            Method::GET,
+            "/orders",
+            &[("authorization", &bearer)],
+            ""
+        )
+        .await
+        .unwrap()
+        .status(),
+        StatusCode::UNAUTHORIZED
+    );
 
     // Bad client, bad grant, injected failure, raw response.
-    let res = send(&s, Method::POST, "/oauth/token", &[], "grant_type=client_credentials&client_id=client&client_secret=nope").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[],
+        "grant_type=client_credentials&client_id=client&client_secret=nope",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(json_of(res).await["error"], "invalid_client");
-    let res = send(&s, Method::POST, "/oauth/token", &[], "grant_type=password&client_id=client&client_secret=secret").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[],
+        "grant_type=password&client_id=client&client_secret=secret",
+    )
+    .await
+    .unwrap();
     assert_eq!(json_of(res).await["error"], "unsupported_grant_type");
     s.update(|k| k.token_fail_next = 1);
-    let res = send(&s, Method::POST, "/oauth/token", &[], "grant_type=client_credentials&client_id=client&client_secret=secret").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[],
+        "grant_type=client_credentials&client_id=client&client_secret=secret",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     s.update(|k| k.token_response = Some((200, "not json".into())));
-    let res = send(&s, Method::POST, "/oauth/token", &[], "grant_type=client_credentials").await.unwrap();
-    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "not json");
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[],
+        "grant_type=client_credentials",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "not json"
+    );
     let st = s.stats();
     assert_eq!((st.token_requests, st.tokens_issued), (6, 2));
     assert_eq!(st.unauthorized, 3);
@@ -193,13 +417,34 @@ async fn oauth_tokens_expire_and_can_be_revoked() {
 #[tokio::test]
 async fn basic_auth_form_encodes_id_and_secret() {
     // RFC 6749 §2.3.1 / Appendix B: a secret with ':', '+' and '%' must be form-encoded first.
-    let s = ChaosServer::start(Knobs { client_secret: "a:b+c%d £€".into(), ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        client_secret: "a:b+c%d £€".into(),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let encoded: String = form_urlencoded::byte_serialize("a:b+c%d £€".as_bytes()).collect();
     let basic = format!("Basic {}", base64_encode(&format!("client:{encoded}")));
-    let res = send(&s, Method::POST, "/oauth/token", &[("authorization", &basic)], "grant_type=client_credentials").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[("authorization", &basic)],
+        "grant_type=client_credentials",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let naive = format!("Basic {}", base64_encode("client:a:b+c%d £€"));
-    let res = send(&s, Method::POST, "/oauth/token", &[("authorization", &naive)], "grant_type=client_credentials").await.unwrap();
+    let res = send(
+        &s,
+        Method::POST,
+        "/oauth/token",
+        &[("authorization", &naive)],
+        "grant_type=client_credentials",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -213,9 +458,35 @@ async fn api_version_and_deprecation_headers() {
     })
     .await
     .unwrap();
-    assert_eq!(send(&s, Method::GET, "/orders", &[], "").await.unwrap().status(), StatusCode::BAD_REQUEST);
-    assert_eq!(send(&s, Method::GET, "/orders", &[("api-version", "2023-01-01")], "").await.unwrap().status(), StatusCode::BAD_REQUEST);
-    let res = send(&s, Method::GET, "/orders", &[("api-version", "2024-06-01")], "").await.unwrap();
+    assert_eq!(
+        send(&s, Method::GET, "/orders", &[], "")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(
+            &s,
+            Method::GET,
+            "/orders",
+            &[("api-version", "2023-01-01")],
+            ""
+        )
+        .await
+        .unwrap()
+        .status(),
+        StatusCode::BAD_REQUEST
+    );
+    let res = send(
+        &s,
+        Method::GET,
+        "/orders",
+        &[("api-version", "2024-06-01")],
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["deprecation"], "@1688169599");
     assert_eq!(res.headers()["sunset"], "Sun, 30 Jun 2024 23:59:59 GMT");
@@ -223,16 +494,33 @@ async fn api_version_and_deprecation_headers() {
 
 #[tokio::test]
 async fn three_pagination_styles_cover_every_order_once() {
-    let s = ChaosServer::start(Knobs { orders: 95, ..Knobs::default() }).await.unwrap();
+    let s = ChaosServer::start(Knobs {
+        orders: 95,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
 
     // Cursor.
     let mut ids = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let path = match &cursor { Some(c) => format!("/orders?limit=20&cursor={c}"), None => "/orders?limit=20".into() };
+        let path = match &cursor {
+            Some(c) => format!("/orders?limit=20&cursor={c}"),
+            None => "/orders?limit=20".into(),
+        };
         let body = json_of(send(&s, Method::GET, &path, &[], "").await.unwrap()).await;
-        ids.extend(body["data"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap().to_owned()));
-        match body["next_cursor"].as_str() { Some(c) => cursor = Some(c.to_owned()), None => break }
+        ids.extend(
+            body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["id"].as_str().unwrap().to_owned()),
+        );
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
     }
     assert_eq!(ids.len(), 95);
     assert_eq!(ids.first().unwrap(), "o_1");
@@ -253,9 +541,31 @@ async fn three_pagination_styles_cover_every_order_once() {
     assert_eq!(count, 95);
 
     // Page numbers and offsets.
-    let body = json_of(send(&s, Method::GET, "/orders/pages?page=4&per_page=30", &[], "").await.unwrap()).await;
-    assert_eq!((body["items"].as_array().unwrap().len(), body["total"].as_u64()), (5, Some(95)));
-    let body = json_of(send(&s, Method::GET, "/orders/offset?offset=90&limit=30", &[], "").await.unwrap()).await;
+    let body = json_of(
+        send(&s, Method::GET, "/orders/pages?page=4&per_page=30", &[], "")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (
+            body["items"].as_array().unwrap().len(),
+            body["total"].as_u64()
+        ),
+        (5, Some(95))
+    );
+    let body = json_of(
+        send(
+            &s,
+            Method::GET,
+            "/orders/offset?offset=90&limit=30",
+            &[],
+            "",
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     assert_eq!(body["items"][0]["id"], "o_91");
     assert_eq!(s.stats().page_requests, 5 + 4 + 2);
 }

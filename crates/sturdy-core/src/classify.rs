@@ -230,7 +230,10 @@ mod tests {
     fn statuses() {
         assert_eq!(classify_status(StatusCode::OK), Outcome::Success);
         assert_eq!(classify_status(StatusCode::NOT_MODIFIED), Outcome::Success);
-        assert_eq!(classify_status(StatusCode::UNAUTHORIZED), Outcome::Unauthorized);
+        assert_eq!(
+            classify_status(StatusCode::UNAUTHORIZED),
+            Outcome::Unauthorized
+        );
         assert!(classify_status(StatusCode::TOO_MANY_REQUESTS).is_retryable());
         assert!(classify_status(StatusCode::TOO_EARLY).is_retryable());
         assert!(classify_status(StatusCode::GATEWAY_TIMEOUT).is_retryable());
@@ -247,7 +250,8 @@ mod tests {
     #[test]
     fn errors_through_their_chain() {
         let io = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
-        let boxed: BoxError = Box::new(crate::Error::new(ErrorKind::Other, "wrapped").with_source(io));
+        let boxed: BoxError =
+            Box::new(crate::Error::new(ErrorKind::Other, "wrapped").with_source(io));
         // The sturdy Error decides first: it says Other.
         assert_eq!(classify_error(&*boxed), ErrorKind::Other);
 

@@ -43,8 +43,12 @@ impl ManualClock {
 
     /// Sets the time.
     pub fn set(&self, t: SystemTime) {
-        let ms = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
-        self.millis.store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
+        let ms = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        self.millis
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// Moves the time forward.

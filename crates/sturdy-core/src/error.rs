@@ -111,7 +111,10 @@ impl fmt::Display for ErrorKind {
                 f.write_str("the connection broke; the request may or may not have been processed")
             }
             Self::Server(s) => write!(f, "server error {s}"),
-            Self::Client(s) => write!(f, "request rejected with {s}; it must be changed before it can succeed"),
+            Self::Client(s) => write!(
+                f,
+                "request rejected with {s}; it must be changed before it can succeed"
+            ),
             Self::Body => f.write_str("body error"),
             Self::Pagination => f.write_str("pagination stopped"),
             Self::Config => f.write_str("invalid configuration"),
@@ -278,15 +281,24 @@ mod tests {
     #[test]
     fn messages_say_what_to_do() {
         let e = RateLimited::new(Duration::from_secs(30)).with_scope("api.example.com");
-        assert_eq!(e.to_string(), "rate limited by api.example.com; retry after 30s");
+        assert_eq!(
+            e.to_string(),
+            "rate limited by api.example.com; retry after 30s"
+        );
         let e = CircuitOpen::new("api.example.com", Duration::from_secs(12));
         assert_eq!(
             e.to_string(),
             "circuit open for api.example.com: it has been failing, so it was not called; try again in 12s"
         );
-        let e = Error::new(ErrorKind::Server(StatusCode::BAD_GATEWAY), "gave up after 4 attempts")
-            .with_source(RateLimited::new(Duration::from_secs(1)));
-        assert_eq!(e.to_string(), "gave up after 4 attempts: rate limited; retry after 1s");
+        let e = Error::new(
+            ErrorKind::Server(StatusCode::BAD_GATEWAY),
+            "gave up after 4 attempts",
+        )
+        .with_source(RateLimited::new(Duration::from_secs(1)));
+        assert_eq!(
+            e.to_string(),
+            "gave up after 4 attempts: rate limited; retry after 1s"
+        );
         assert!(std::error::Error::source(&e).is_some());
     }
 

@@ -62,7 +62,11 @@ pub fn human_duration(d: std::time::Duration) -> String {
     }
     if secs < 3_600 {
         let (m, s) = (secs / 60, secs % 60);
-        return if s == 0 { format!("{m}m") } else { format!("{m}m {s}s") };
+        return if s == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m {s}s")
+        };
     }
     let (h, m) = (secs / 3_600, (secs % 3_600) / 60);
     if m == 0 {

@@ -67,12 +67,18 @@ impl Trace {
     /// Appends an event.
     pub fn record(&self, event: TraceEvent) {
         // A poisoned lock only means another thread panicked mid-push; the data is still a Vec.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(event);
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(event);
     }
 
     /// A copy of the events so far.
     pub fn events(&self) -> Vec<TraceEvent> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -4,7 +4,10 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
-use sturdy_core::headers::{parse_http_date, parse_link, pause_hint, resolve_reference, sf, RateLimitItem, RateLimitPolicy, RetryAfter, XRateLimit};
+use sturdy_core::headers::{
+    parse_http_date, parse_link, pause_hint, resolve_reference, sf, RateLimitItem, RateLimitPolicy,
+    RetryAfter, XRateLimit,
+};
 
 fn header_map(name: &'static str, raw: &[u8]) -> Option<HeaderMap> {
     let v = HeaderValue::from_bytes(raw).ok()?;

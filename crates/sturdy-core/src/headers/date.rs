@@ -19,7 +19,9 @@ const MONTHS: [&str; 12] = [
 /// A [`HeaderParseError`] naming `header` when the value is not a date.
 pub fn parse_http_date(value: &[u8], header: &'static str) -> Result<SystemTime, HeaderParseError> {
     let err = |r: &str| HeaderParseError::new(header, r.to_owned());
-    let s = std::str::from_utf8(value).map_err(|_| err("not ASCII"))?.trim();
+    let s = std::str::from_utf8(value)
+        .map_err(|_| err("not ASCII"))?
+        .trim();
     if s.is_empty() {
         return Err(err("empty"));
     }
@@ -38,7 +40,10 @@ fn lenient(s: &str) -> Option<SystemTime> {
     let cleaned = s.replace(',', " ");
     let mut tokens: Vec<&str> = cleaned.split_ascii_whitespace().collect();
     // Drop a leading day name, whatever it says.
-    if tokens.first().is_some_and(|t| t.chars().all(|c| c.is_ascii_alphabetic()) && month(t).is_none()) {
+    if tokens
+        .first()
+        .is_some_and(|t| t.chars().all(|c| c.is_ascii_alphabetic()) && month(t).is_none())
+    {
         tokens.remove(0);
     }
     // Drop a trailing zone that means UTC.
@@ -78,7 +83,13 @@ fn lenient(s: &str) -> Option<SystemTime> {
     let h: u32 = parse_digits(hms.next()?, 1, 2)?;
     let m: u32 = parse_digits(hms.next()?, 2, 2)?;
     let sec: u32 = parse_digits(hms.next()?, 2, 2)?;
-    if hms.next().is_some() || h > 23 || m > 59 || sec > 60 || day == 0 || day > days_in_month(year, mon) {
+    if hms.next().is_some()
+        || h > 23
+        || m > 59
+        || sec > 60
+        || day == 0
+        || day > days_in_month(year, mon)
+    {
         return None;
     }
     let days = days_from_civil(year, mon, day);
@@ -96,7 +107,10 @@ fn parse_digits(s: &str, min: usize, max: usize) -> Option<u32> {
 
 fn month(s: &str) -> Option<u32> {
     let lower = s.to_ascii_lowercase();
-    MONTHS.iter().position(|m| *m == lower).map(|i| i as u32 + 1)
+    MONTHS
+        .iter()
+        .position(|m| *m == lower)
+        .map(|i| i as u32 + 1)
 }
 
 fn is_leap(y: i64) -> bool {
@@ -139,31 +153,52 @@ mod tests {
             "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun Nov  6 08:49:37 1994",
         ] {
-            assert_eq!(parse_http_date(s.as_bytes(), "Date").unwrap(), at(784_111_777), "{s}");
+            assert_eq!(
+                parse_http_date(s.as_bytes(), "Date").unwrap(),
+                at(784_111_777),
+                "{s}"
+            );
         }
     }
 
     #[test]
     fn lenient_forms() {
         // 2019-06-03T12:00:00Z = 1559563200
-        assert_eq!(parse_http_date(b"Mon, 3 Jun 2019 12:00:00 UTC", "Date").unwrap(), at(1_559_563_200));
+        assert_eq!(
+            parse_http_date(b"Mon, 3 Jun 2019 12:00:00 UTC", "Date").unwrap(),
+            at(1_559_563_200)
+        );
         // RFC 8594's example: a Saturday that was a Monday.
         let sat = parse_http_date(b"Sat, 31 Dec 2018 23:59:59 GMT", "Sunset").unwrap();
         let mon = parse_http_date(b"Mon, 31 Dec 2018 23:59:59 GMT", "Sunset").unwrap();
         assert_eq!(sat, mon);
         assert_eq!(sat, at(1_546_300_799));
-        assert_eq!(parse_http_date(b"Sun, 30 Jun 2024 23:59:59 UTC", "Sunset").unwrap(), at(1_719_791_999));
+        assert_eq!(
+            parse_http_date(b"Sun, 30 Jun 2024 23:59:59 UTC", "Sunset").unwrap(),
+            at(1_719_791_999)
+        );
     }
 
     #[test]
     fn garbage() {
-        for s in ["", "tomorrow", "Mon, 32 Jan 2019 00:00:00 GMT", "Mon, 29 Feb 2019 00:00:00 GMT", "Sun, 06 Nov 1994 25:00:00 GMT", "Thu, 01 Jan 1960 00:00:00 GMT", "\u{b2}"] {
+        for s in [
+            "",
+            "tomorrow",
+            "Mon, 32 Jan 2019 00:00:00 GMT",
+            "Mon, 29 Feb 2019 00:00:00 GMT",
+            "Sun, 06 Nov 1994 25:00:00 GMT",
+            "Thu, 01 Jan 1960 00:00:00 GMT",
+            "\u{b2}",
+        ] {
             assert!(parse_http_date(s.as_bytes(), "Date").is_err(), "{s}");
         }
     }
 
     #[test]
     fn formats_imf_fixdate() {
-        assert_eq!(format_http_date(at(784_111_777)), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            format_http_date(at(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
     }
 }

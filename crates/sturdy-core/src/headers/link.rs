@@ -19,7 +19,10 @@ pub struct Link {
 impl Link {
     /// A parameter by (lowercase) name.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The title, preferring `title*` over `title` as RFC 8288 asks.
@@ -44,7 +47,10 @@ pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
 
 /// The target of the first `rel="next"` link, resolved against `request_uri`.
 pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
-    parse_link(headers, request_uri).into_iter().find(|l| l.rel == "next").map(|l| l.target)
+    parse_link(headers, request_uri)
+        .into_iter()
+        .find(|l| l.rel == "next")
+        .map(|l| l.target)
 }
 
 /// Returns false if parsing stopped early.
@@ -117,7 +123,10 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
                     value = decoded;
                 }
             }
-            let first_only = matches!(name.as_str(), "rel" | "media" | "title" | "title*" | "type" | "anchor");
+            let first_only = matches!(
+                name.as_str(),
+                "rel" | "media" | "title" | "title*" | "type" | "anchor"
+            );
             if name.is_empty() || (first_only && params.iter().any(|(k, _)| *k == name)) {
                 continue;
             }
@@ -183,7 +192,10 @@ mod tests {
 
     #[test]
     fn ext_value() {
-        assert_eq!(decode_ext_value("UTF-8'de'n%c3%a4chstes%20Kapitel").unwrap(), "n\u{e4}chstes Kapitel");
+        assert_eq!(
+            decode_ext_value("UTF-8'de'n%c3%a4chstes%20Kapitel").unwrap(),
+            "n\u{e4}chstes Kapitel"
+        );
         assert!(decode_ext_value("UTF-8'de'bad%2").is_none());
     }
 

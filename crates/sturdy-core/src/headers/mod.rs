@@ -14,7 +14,9 @@ use std::fmt;
 
 pub use date::{format_http_date, parse_http_date};
 pub use link::{next_link, parse_link, Link};
-pub use ratelimit::{pause_hint, PauseHint, PauseSource, RateLimitItem, RateLimitPolicy, XRateLimit};
+pub use ratelimit::{
+    pause_hint, PauseHint, PauseSource, RateLimitItem, RateLimitPolicy, XRateLimit,
+};
 pub use retry_after::RetryAfter;
 pub use uri::resolve_reference;
 
@@ -54,7 +56,13 @@ impl std::error::Error for HeaderParseError {}
 
 /// Trims optional white space (space and tab) from both ends.
 pub(crate) fn trim_ows(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| *c != b' ' && *c != b'\t').unwrap_or(b.len());
-    let end = b.iter().rposition(|c| *c != b' ' && *c != b'\t').map_or(start, |i| i + 1);
+    let start = b
+        .iter()
+        .position(|c| *c != b' ' && *c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| *c != b' ' && *c != b'\t')
+        .map_or(start, |i| i + 1);
     &b[start..end.max(start)]
 }

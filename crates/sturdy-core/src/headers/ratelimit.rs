@@ -30,11 +30,17 @@ impl RateLimitItem {
             .iter()
             .map(|m| {
                 let err = |r: &str| HeaderParseError::new("RateLimit", r.to_owned());
-                let policy = item_name(m).ok_or_else(|| err("an item must be a policy name (a string)"))?;
-                let remaining = non_negative(m.param("r")).ok_or_else(|| err("r (remaining) is required and must be a non-negative integer"))?;
+                let policy =
+                    item_name(m).ok_or_else(|| err("an item must be a policy name (a string)"))?;
+                let remaining = non_negative(m.param("r")).ok_or_else(|| {
+                    err("r (remaining) is required and must be a non-negative integer")
+                })?;
                 let reset = match m.param("t") {
                     None => None,
-                    Some(v) => Some(Duration::from_secs(non_negative(Some(v)).ok_or_else(|| err("t must be a non-negative integer"))?)),
+                    Some(v) => Some(Duration::from_secs(
+                        non_negative(Some(v))
+                            .ok_or_else(|| err("t must be a non-negative integer"))?,
+                    )),
                 };
                 Ok(Self {
                     policy,
@@ -74,7 +80,9 @@ impl RateLimitPolicy {
             .map(|m| {
                 let err = |r: &str| HeaderParseError::new("RateLimit-Policy", r.to_owned());
                 let name = item_name(m).ok_or_else(|| err("a policy must be named by a string"))?;
-                let quota = non_negative(m.param("q")).ok_or_else(|| err("q (quota) is required and must be a non-negative integer"))?;
+                let quota = non_negative(m.param("q")).ok_or_else(|| {
+                    err("q (quota) is required and must be a non-negative integer")
+                })?;
                 let unit = match m.param("qu") {
                     None => "requests".to_owned(),
                     Some(BareItem::String(s)) => s.clone(),
@@ -99,12 +107,21 @@ impl RateLimitPolicy {
     }
 }
 
-fn list(headers: &HeaderMap, name: &'static str, display: &'static str) -> Result<Vec<Member>, HeaderParseError> {
+fn list(
+    headers: &HeaderMap,
+    name: &'static str,
+    display: &'static str,
+) -> Result<Vec<Member>, HeaderParseError> {
     if !headers.contains_key(name) {
         return Ok(Vec::new());
     }
-    sf::parse_list(headers.get_all(name).iter().map(http::HeaderValue::as_bytes))
-        .map_err(|e| HeaderParseError::new(display, e.to_string()))
+    sf::parse_list(
+        headers
+            .get_all(name)
+            .iter()
+            .map(http::HeaderValue::as_bytes),
+    )
+    .map_err(|e| HeaderParseError::new(display, e.to_string()))
 }
 
 fn item_name(m: &Member) -> Option<String> {
@@ -115,7 +132,8 @@ fn item_name(m: &Member) -> Option<String> {
 }
 
 fn non_negative(v: Option<&BareItem>) -> Option<u64> {
-    v.and_then(BareItem::as_integer).and_then(|i| u64::try_from(i).ok())
+    v.and_then(BareItem::as_integer)
+        .and_then(|i| u64::try_from(i).ok())
 }
 
 fn byte_seq(v: Option<&BareItem>) -> Option<Vec<u8>> {
@@ -146,10 +164,17 @@ impl XRateLimit {
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Self> {
         const PREFIXES: [&str; 3] = ["x-ratelimit-", "x-rate-limit-", "ratelimit-"];
         let get = |suffix: &str| {
-            PREFIXES.iter().find_map(|p| headers.get(format!("{p}{suffix}").as_str()))
+            PREFIXES
+                .iter()
+                .find_map(|p| headers.get(format!("{p}{suffix}").as_str()))
         };
         let int = |suffix: &str| {
-            get(suffix).and_then(|v| std::str::from_utf8(trim_ows(v.as_bytes())).ok()?.parse::<u64>().ok())
+            get(suffix).and_then(|v| {
+                std::str::from_utf8(trim_ows(v.as_bytes()))
+                    .ok()?
+                    .parse::<u64>()
+                    .ok()
+            })
         };
         let out = Self {
             limit: int("limit"),
@@ -165,7 +190,11 @@ fn parse_reset(v: &[u8], now: SystemTime) -> Option<Duration> {
     let s = std::str::from_utf8(v).ok()?;
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         let n: u64 = s.parse().unwrap_or(u64::MAX);
-        let since_epoch = |d: Duration| (SystemTime::UNIX_EPOCH + d).duration_since(now).unwrap_or(Duration::ZERO);
+        let since_epoch = |d: Duration| {
+            (SystemTime::UNIX_EPOCH + d)
+                .duration_since(now)
+                .unwrap_or(Duration::ZERO)
+        };
         return Some(if n >= 1_000_000_000_000 {
             since_epoch(Duration::from_millis(n))
         } else if n >= 1_000_000_000 {
@@ -215,7 +244,12 @@ pub fn pause_hint(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> O
         }
     }
     if let Ok(items) = RateLimitItem::from_headers(headers) {
-        if let Some(delay) = items.iter().filter(|i| i.remaining == 0).filter_map(|i| i.reset).max() {
+        if let Some(delay) = items
+            .iter()
+            .filter(|i| i.remaining == 0)
+            .filter_map(|i| i.reset)
+            .max()
+        {
             return Some(PauseHint {
                 delay,
                 source: PauseSource::RateLimit,
@@ -239,7 +273,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -251,14 +288,24 @@ mod tests {
     #[test]
     fn x_ratelimit_reset_forms() {
         let now = epoch(1_700_000_000);
-        let r = |v: &str| XRateLimit::from_headers(&headers(&[("x-ratelimit-reset", v)]), now).and_then(|x| x.reset);
+        let r = |v: &str| {
+            XRateLimit::from_headers(&headers(&[("x-ratelimit-reset", v)]), now)
+                .and_then(|x| x.reset)
+        };
         assert_eq!(r("30"), Some(Duration::from_secs(30)));
         assert_eq!(r("1700000042"), Some(Duration::from_secs(42)));
         assert_eq!(r("1700000042000"), Some(Duration::from_secs(42)));
         assert_eq!(r("1600000000"), Some(Duration::ZERO));
         assert_eq!(r("1.5"), Some(Duration::from_millis(1_500)));
         assert_eq!(r("soon"), None);
-        let x = XRateLimit::from_headers(&headers(&[("X-Rate-Limit-Limit", "60"), ("X-Rate-Limit-Remaining", "0")]), now).unwrap();
+        let x = XRateLimit::from_headers(
+            &headers(&[
+                ("X-Rate-Limit-Limit", "60"),
+                ("X-Rate-Limit-Remaining", "0"),
+            ]),
+            now,
+        )
+        .unwrap();
         assert_eq!((x.limit, x.remaining), (Some(60), Some(0)));
         assert!(XRateLimit::from_headers(&HeaderMap::new(), now).is_none());
     }
@@ -267,12 +314,26 @@ mod tests {
     fn precedence() {
         let now = epoch(1_700_000_000);
         let h = headers(&[("retry-after", "7"), ("ratelimit", "\"default\";r=0;t=50")]);
-        assert_eq!(pause_hint(StatusCode::TOO_MANY_REQUESTS, &h, now).unwrap().source, PauseSource::RetryAfter);
+        assert_eq!(
+            pause_hint(StatusCode::TOO_MANY_REQUESTS, &h, now)
+                .unwrap()
+                .source,
+            PauseSource::RetryAfter
+        );
         // Retry-After on a 200 is not a pause; RateLimit r=0 is.
         let hint = pause_hint(StatusCode::OK, &h, now).unwrap();
-        assert_eq!((hint.delay, hint.source), (Duration::from_secs(50), PauseSource::RateLimit));
-        let h = headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1700000010")]);
-        assert_eq!(pause_hint(StatusCode::FORBIDDEN, &h, now).unwrap().delay, Duration::from_secs(10));
+        assert_eq!(
+            (hint.delay, hint.source),
+            (Duration::from_secs(50), PauseSource::RateLimit)
+        );
+        let h = headers(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "1700000010"),
+        ]);
+        assert_eq!(
+            pause_hint(StatusCode::FORBIDDEN, &h, now).unwrap().delay,
+            Duration::from_secs(10)
+        );
         let h = headers(&[("x-ratelimit-remaining", "3"), ("x-ratelimit-reset", "10")]);
         assert!(pause_hint(StatusCode::OK, &h, now).is_none());
         // Malformed RateLimit is ignored.

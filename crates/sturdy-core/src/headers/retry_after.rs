@@ -32,11 +32,14 @@ impl RetryAfter {
         if v.iter().all(u8::is_ascii_digit) {
             // Saturate rather than fail: 99999999999999999999 seconds is "a very long time".
             let secs = v.iter().try_fold(0u64, |acc, d| {
-                acc.checked_mul(10).and_then(|a| a.checked_add(u64::from(d - b'0')))
+                acc.checked_mul(10)
+                    .and_then(|a| a.checked_add(u64::from(d - b'0')))
             });
             return Ok(Self::Delay(Duration::from_secs(secs.unwrap_or(u64::MAX))));
         }
-        if v.first().is_some_and(|c| c.is_ascii_digit() || *c == b'-' || *c == b'+') {
+        if v.first()
+            .is_some_and(|c| c.is_ascii_digit() || *c == b'-' || *c == b'+')
+        {
             return Err(HeaderParseError::new(
                 NAME,
                 "expected a non-negative whole number of seconds or an HTTP date",
@@ -73,8 +76,18 @@ mod tests {
 
     #[test]
     fn delay_seconds() {
-        for (s, d) in [("0", 0), ("1000", 1000), ("\t42 ", 42), ("120", 120), ("3600", 3600)] {
-            assert_eq!(RetryAfter::parse(s.as_bytes()).unwrap(), RetryAfter::Delay(Duration::from_secs(d)), "{s:?}");
+        for (s, d) in [
+            ("0", 0),
+            ("1000", 1000),
+            ("\t42 ", 42),
+            ("120", 120),
+            ("3600", 3600),
+        ] {
+            assert_eq!(
+                RetryAfter::parse(s.as_bytes()).unwrap(),
+                RetryAfter::Delay(Duration::from_secs(d)),
+                "{s:?}"
+            );
         }
         assert_eq!(
             RetryAfter::parse(b"99999999999999999999999").unwrap(),

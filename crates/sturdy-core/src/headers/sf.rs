@@ -221,7 +221,10 @@ impl Parser<'_> {
             _ => return Err(SfError("a key must start with a lowercase letter or '*'")),
         }
         while let Some(c) = self.peek() {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'.' | b'*') {
+            if c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || matches!(c, b'_' | b'-' | b'.' | b'*')
+            {
                 self.i += 1;
             } else {
                 break;
@@ -292,7 +295,9 @@ impl Parser<'_> {
                 let int_len = d - start;
                 let frac_len = self.i - d - 1;
                 if int_len > 12 || frac_len == 0 || frac_len > 3 {
-                    return Err(SfError("a decimal has at most 12 integer and 3 fraction digits"));
+                    return Err(SfError(
+                        "a decimal has at most 12 integer and 3 fraction digits",
+                    ));
                 }
                 let v: f64 = text.parse().map_err(|_| SfError("bad decimal"))?;
                 Ok(BareItem::Decimal(if neg { -v } else { v }))
@@ -359,13 +364,31 @@ impl Parser<'_> {
         }
         let b64 = &self.s[start..self.i];
         self.i += 1;
-        lenient_base64(b64).map(BareItem::ByteSeq).ok_or(SfError("bad base64 in byte sequence"))
+        lenient_base64(b64)
+            .map(BareItem::ByteSeq)
+            .ok_or(SfError("bad base64 in byte sequence"))
     }
 }
 
 fn is_tchar(c: u8) -> bool {
     c.is_ascii_alphanumeric()
-        || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+        || matches!(
+            c,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 /// Standard-alphabet base64 that accepts missing padding and non-zero trailing bits.
@@ -395,9 +418,21 @@ mod tests {
             ("@-62135596800", -62_135_596_800),
             ("@-0", 0),
         ] {
-            assert_eq!(parse_item(s.as_bytes()).unwrap().0, BareItem::Date(v), "{s}");
+            assert_eq!(
+                parse_item(s.as_bytes()).unwrap().0,
+                BareItem::Date(v),
+                "{s}"
+            );
         }
-        for s in ["@1659578233.12", "@1000000000000000", "@-1000000000000000", "@", "@-", "@ 12345678", "@abc"] {
+        for s in [
+            "@1659578233.12",
+            "@1000000000000000",
+            "@-1000000000000000",
+            "@",
+            "@-",
+            "@ 12345678",
+            "@abc",
+        ] {
             assert!(parse_item(s.as_bytes()).is_err(), "{s}");
         }
     }
@@ -408,11 +443,20 @@ mod tests {
             parse_item(br#""foo \"bar\" \\ baz""#).unwrap().0,
             BareItem::String(r#"foo "bar" \ baz"#.into())
         );
-        for s in ["\"f\u{fc}\u{fc}\"", "\"a\tb\"", "\"a\nb\"", "'foo'", "\"foo", "\"foo \\,\""] {
+        for s in [
+            "\"f\u{fc}\u{fc}\"",
+            "\"a\tb\"",
+            "\"a\nb\"",
+            "'foo'",
+            "\"foo",
+            "\"foo \\,\"",
+        ] {
             assert!(parse_item(s.as_bytes()).is_err(), "{s:?}");
         }
         assert_eq!(
-            parse_item(b"\"8e03978e-40d5-43e8-bc93-6894a57f9324\"").unwrap().0,
+            parse_item(b"\"8e03978e-40d5-43e8-bc93-6894a57f9324\"")
+                .unwrap()
+                .0,
             BareItem::String("8e03978e-40d5-43e8-bc93-6894a57f9324".into())
         );
     }
@@ -420,11 +464,17 @@ mod tests {
     #[test]
     fn byte_sequences_lenient() {
         let l = parse_list([&b"\"d\";pk=:dHJpYWwxMjEzMjM=:"[..]]).unwrap();
-        assert_eq!(l[0].param("pk"), Some(&BareItem::ByteSeq(b"trial121323".to_vec())));
+        assert_eq!(
+            l[0].param("pk"),
+            Some(&BareItem::ByteSeq(b"trial121323".to_vec()))
+        );
         let l = parse_list([&b"\"d\";pk=:cHsdsRa894==:"[..]]).unwrap();
         assert!(matches!(l[0].param("pk"), Some(BareItem::ByteSeq(b)) if b.len() == 7));
         let l = parse_list([&b"\"d\";pk=:QXBwLTk5OQ:"[..]]).unwrap();
-        assert_eq!(l[0].param("pk"), Some(&BareItem::ByteSeq(b"App-999".to_vec())));
+        assert_eq!(
+            l[0].param("pk"),
+            Some(&BareItem::ByteSeq(b"App-999".to_vec()))
+        );
     }
 
     #[test]

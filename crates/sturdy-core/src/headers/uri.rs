@@ -23,7 +23,9 @@ fn split(s: &str) -> Parts<'_> {
             if i > 0
                 && !rest[..i].contains('/')
                 && rest.as_bytes()[0].is_ascii_alphabetic()
-                && rest[..i].bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')) =>
+                && rest[..i]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')) =>
         {
             (Some(&rest[..i]), &rest[i + 1..])
         }
@@ -50,7 +52,11 @@ fn remove_dot_segments(path: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     let absolute = path.starts_with('/');
     // Work segment by segment; equivalent to §5.2.4 for the outputs it can produce.
-    let trailing_slash = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..") || path == "." || path == "..";
+    let trailing_slash = path.ends_with('/')
+        || path.ends_with("/.")
+        || path.ends_with("/..")
+        || path == "."
+        || path == "..";
     if absolute {
         input = &input[1..];
     }
