@@ -5,3 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub use sturdy_core as core;
+
+/// Retries: decorrelated jitter, Retry-After, budgets, an overall deadline ([`sturdy_retry`]).
+#[cfg(feature = "retry")]
+pub use sturdy_retry as retry;

@@ -273,7 +273,7 @@ async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> Response
         let out = Bytes::from(serde_json::to_vec(&order).unwrap_or_default());
         book.orders.push(order);
         if let Some(k) = key {
-            book.keys.insert(k, (body.clone(), 201, out.clone()));
+            book.keys.insert(k, (body, 201, out.clone()));
         }
         (StatusCode::CREATED, out)
     };

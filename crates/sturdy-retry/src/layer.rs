@@ -1,0 +1,177 @@
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::HeaderName;
+use sturdy_core::{SystemClock, WallClock};
+use tower::retry::budget::Budget;
+use tower::Layer;
+
+use crate::policy::{BudgetMode, Config};
+use crate::{Backoff, Retry};
+
+/// Retries failed HTTP calls; see the [crate docs](crate) for what is retried, when and how.
+///
+/// Cheap to clone: the configuration and the retry budgets live behind one `Arc`, shared by every
+/// service the layer makes.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RetryLayer {
+    config: Arc<Config>,
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryLayer {
+    /// The defaults: 4 attempts in all, decorrelated jitter [base 250 ms, cap 20 s], Retry-After
+    /// honoured up to 60 s with up to +20 % jitter, a per-host budget of 20 % of calls plus 10 per
+    /// second, bodies buffered up to 1 MiB, no overall deadline, no per-attempt timeout.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                max_attempts: 4,
+                backoff: Backoff::default(),
+                max_retry_after: Duration::from_secs(60),
+                retry_after_jitter: 0.2,
+                deadline: None,
+                attempt_timeout: None,
+                body_limit: 1024 * 1024,
+                idempotency_header: HeaderName::from_static("idempotency-key"),
+                budget: BudgetMode::PerHost {
+                    ttl: Duration::from_secs(10),
+                    min_per_sec: 10,
+                    percent: 0.2,
+                    map: Arc::new(Mutex::new(Default::default())),
+                },
+                seed: None,
+                sessions: AtomicU64::new(0),
+                clock: Arc::new(SystemClock),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        // Layers are configured before they are cloned, so this is normally free; if the layer was
+        // already cloned, the configuration is copied.
+        match Arc::get_mut(&mut self.config) {
+            Some(c) => f(c),
+            None => {
+                let c = &*self.config;
+                let mut copy = Config {
+                    max_attempts: c.max_attempts,
+                    backoff: c.backoff,
+                    max_retry_after: c.max_retry_after,
+                    retry_after_jitter: c.retry_after_jitter,
+                    deadline: c.deadline,
+                    attempt_timeout: c.attempt_timeout,
+                    body_limit: c.body_limit,
+                    idempotency_header: c.idempotency_header.clone(),
+                    budget: c.budget.clone(),
+                    seed: c.seed,
+                    sessions: AtomicU64::new(0),
+                    clock: c.clock.clone(),
+                };
+                f(&mut copy);
+                self.config = Arc::new(copy);
+            }
+        }
+        self
+    }
+
+    /// Attempts in all, the first included [4]. 1 disables retries.
+    ///
+    /// # Panics
+    /// When `n` is 0.
+    pub fn with_max_attempts(self, n: u32) -> Self {
+        assert!(n > 0, "max_attempts must be at least 1");
+        self.edit(|c| c.max_attempts = n)
+    }
+
+    /// The backoff strategy [decorrelated jitter, base 250 ms, cap 20 s].
+    pub fn with_backoff(self, backoff: Backoff) -> Self {
+        self.edit(|c| c.backoff = backoff)
+    }
+
+    /// The longest `Retry-After` this client sleeps [60 s]; a longer one fails the call at once
+    /// with [`RateLimited`](sturdy_core::RateLimited) so the caller decides.
+    pub fn with_max_retry_after(self, max: Duration) -> Self {
+        self.edit(|c| c.max_retry_after = max)
+    }
+
+    /// Extra random wait added to a `Retry-After`, as a fraction of it [0.2]; clamped to 0..=1.
+    pub fn with_retry_after_jitter(self, fraction: f64) -> Self {
+        let f = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        self.edit(|c| c.retry_after_jitter = f)
+    }
+
+    /// An overall deadline for the call, attempts and sleeps together [none]. No sleep is started
+    /// that would end past it, and an attempt still running at the deadline is abandoned.
+    pub fn with_deadline(self, deadline: Duration) -> Self {
+        self.edit(|c| c.deadline = Some(deadline))
+    }
+
+    /// A timeout for each attempt [none]; a timed-out attempt is retryable.
+    pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
+        self.edit(|c| c.attempt_timeout = Some(timeout))
+    }
+
+    /// The largest body buffered for replay [1 MiB]. A body whose size hint does not prove it
+    /// fits (a larger or unbounded stream) is sent once and never retried.
+    pub fn with_body_limit(self, bytes: usize) -> Self {
+        self.edit(|c| c.body_limit = bytes)
+    }
+
+    /// The header whose presence makes POST and PATCH safe to retry [`Idempotency-Key`].
+    pub fn with_idempotency_header(self, name: HeaderName) -> Self {
+        self.edit(|c| c.idempotency_header = name)
+    }
+
+    /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl`, at least
+    /// `min_per_sec` retries per second are always allowed, plus `percent` (0.0 to 1000.0) of
+    /// calls [10 s, 10, 0.2].
+    ///
+    /// # Panics
+    /// As `TpsBudget::new` does, on out-of-range values (when the first budget is made).
+    pub fn with_budget(self, ttl: Duration, min_per_sec: u32, percent: f32) -> Self {
+        self.edit(|c| {
+            c.budget = BudgetMode::PerHost {
+                ttl,
+                min_per_sec,
+                percent,
+                map: Arc::new(Mutex::new(Default::default())),
+            };
+        })
+    }
+
+    /// One budget shared by every host (any tower `Budget`).
+    pub fn with_shared_budget(self, budget: Arc<dyn Budget + Send + Sync>) -> Self {
+        self.edit(|c| c.budget = BudgetMode::Shared(budget))
+    }
+
+    /// No retry budget: only the attempt limit and the deadline bound retries. Not recommended.
+    pub fn without_budget(self) -> Self {
+        self.edit(|c| c.budget = BudgetMode::Unlimited)
+    }
+
+    /// Seeds the jitter, for reproducible tests. Call `n` of the layer uses seed `seed + f(n)`.
+    pub fn with_seed(self, seed: u64) -> Self {
+        self.edit(|c| c.seed = Some(seed))
+    }
+
+    /// The wall clock used to read `Retry-After` dates [the system clock].
+    pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
+        self.edit(|c| c.clock = clock)
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::from_parts(inner, self.config.clone())
+    }
+}

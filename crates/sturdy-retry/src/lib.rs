@@ -1,0 +1,70 @@
+//! Retries for HTTP clients that do not turn one failure into a storm or a duplicate payment.
+//!
+//! `async fn(Request) -> Result<Response, BoxError>`, retried:
+//!
+//! - **What**: the outcomes [`sturdy_core::classify`] calls retryable: 408, 425, 429, 500, 502,
+//!   503, 504, connect and transport errors, timeouts. Never 400, 401, 403, 404, 422 or any other
+//!   permanent outcome (401 belongs to the auth layer).
+//! - **Only when safe**: GET, HEAD, PUT, DELETE, OPTIONS and TRACE retry freely; POST and PATCH only
+//!   when they carry an `Idempotency-Key` header, or when the failure proves the request never left
+//!   (a connect error).
+//! - **When**: decorrelated jitter by default ([`Backoff`]); a `Retry-After` on a 429 or 503
+//!   overrides it, never shortened and with up to +20 % jitter so clients do not come back in
+//!   lock-step. A `Retry-After` longer than 60 s, or past the overall deadline, or with no attempt
+//!   left, is not slept: the call fails at once with [`RateLimited`](sturdy_core::RateLimited)
+//!   carrying the wait, so the caller decides.
+//! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps; a
+//!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
+//!   clone, so an outage does not multiply traffic.
+//! - **Bodies**: a body whose size hint proves it fits the limit [1 MiB] is buffered and every
+//!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
+//! - **Reporting**: each attempt and sleep is a `tracing` event and, when the request carries a
+//!   [`sturdy_core::Trace`], a trace entry. An error that exhausts the attempts says how many were
+//!   made and why it stopped; a final error *response* (say a 503) is returned as it is.
+//!
+//! The loop itself is tower's: [`Retry`] buffers the body, then runs `tower::retry::Retry` with a
+//! [`RetryPolicy`] made for the call, and bounds the whole by the deadline.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use sturdy_retry::RetryLayer;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! // A flaky API: two 503s, then 200.
+//! let calls = Arc::new(AtomicU32::new(0));
+//! let counter = calls.clone();
+//! let api = service_fn(move |_req: Request<Full<Bytes>>| {
+//!     let n = counter.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         let status = if n < 2 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+//!         Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(()).unwrap())
+//!     }
+//! });
+//!
+//! let client = ServiceBuilder::new().layer(RetryLayer::new().with_seed(1)).service(api);
+//! let res = client.oneshot(Request::get("http://api.example.com/orders").body(Full::default()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert_eq!(calls.load(Ordering::SeqCst), 3);
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod backoff;
+mod future;
+mod layer;
+mod policy;
+mod service;
+
+pub use backoff::{Backoff, InvalidBackoff};
+pub use future::ResponseFuture;
+pub use layer::RetryLayer;
+pub use policy::RetryPolicy;
+pub use service::Retry;

@@ -1,0 +1,368 @@
+//! Retry behaviour on in-process services with paused time.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use sturdy_core::clock::ManualClock;
+use sturdy_core::headers::format_http_date;
+use sturdy_core::{BoxError, ErrorKind, RateLimited, Trace, TraceEvent};
+use sturdy_retry::{Backoff, RetryLayer};
+use tokio::time::Instant;
+use tower::{service_fn, Layer, Service, ServiceExt};
+
+type Reply = Result<Response<()>, BoxError>;
+
+/// An API that answers from a script (then 200) and logs when each call arrived and its body.
+#[derive(Clone, Default)]
+struct Api {
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    log: Arc<Mutex<Vec<(Instant, Bytes)>>>,
+}
+
+impl Api {
+    fn new(script: Vec<Reply>) -> Self {
+        Self { script: Arc::new(Mutex::new(script.into())), ..Self::default() }
+    }
+
+    fn service(&self) -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError, Future = impl Send> + Clone + Send {
+        let this = self.clone();
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let this = this.clone();
+            async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                this.log.lock().unwrap().push((Instant::now(), body));
+                this.script.lock().unwrap().pop_front().unwrap_or_else(|| Ok(status(200)))
+            }
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    fn gaps(&self) -> Vec<Duration> {
+        let log = self.log.lock().unwrap();
+        log.windows(2).map(|w| w[1].0 - w[0].0).collect()
+    }
+}
+
+fn status(s: u16) -> Response<()> {
+    Response::builder().status(s).body(()).unwrap()
+}
+
+fn with_retry_after(s: u16, v: &str) -> Response<()> {
+    Response::builder().status(s).header("retry-after", v).body(()).unwrap()
+}
+
+fn get() -> Request<Full<Bytes>> {
+    Request::get("http://api.example.com/orders").body(Full::default()).unwrap()
+}
+
+fn post(key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::post("http://api.example.com/orders");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Full::from(r#"{"amount":100}"#)).unwrap()
+}
+
+fn layer() -> RetryLayer {
+    RetryLayer::new().with_seed(42)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_503s_then_200_takes_three_attempts_within_jitter_bounds() {
+    let api = Api::new(vec![Ok(status(503)), Ok(status(503))]);
+    let res = layer().layer(api.service()).oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 3);
+    let gaps = api.gaps();
+    let base = Duration::from_millis(250);
+    assert!(gaps[0] >= base && gaps[0] <= base * 3, "first sleep {:?}", gaps[0]);
+    assert!(gaps[1] >= base && gaps[1] <= gaps[0] * 3, "second sleep {:?} after {:?}", gaps[1], gaps[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn works_with_tower_test_mock() {
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Full<Bytes>>, Response<()>>();
+    let svc = layer().layer(mock);
+    let call = tokio::spawn(svc.oneshot(get()));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(status(502));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri(), "http://api.example.com/orders");
+    send.send_response(status(204));
+    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_seconds_overrides_backoff_never_sooner() {
+    let api = Api::new(vec![Ok(with_retry_after(429, "2"))]);
+    let res = layer().layer(api.service()).oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let gap = api.gaps()[0];
+    assert!(gap >= Duration::from_secs(2) && gap <= Duration::from_millis(2_400), "{gap:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_date_is_read_against_the_wall_clock() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let clock = Arc::new(ManualClock::at(now));
+    let api = Api::new(vec![Ok(with_retry_after(503, &format_http_date(now + Duration::from_secs(3))))]);
+    let res = layer().with_clock(clock).layer(api.service()).oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let gap = api.gaps()[0];
+    assert!(gap >= Duration::from_secs(3) && gap <= Duration::from_millis(3_600), "{gap:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_an_hour_fails_at_once_with_rate_limited() {
+    let api = Api::new(vec![Ok(with_retry_after(429, "3600"))]);
+    let start = Instant::now();
+    let err = layer().layer(api.service()).oneshot(get()).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO, "no sleep");
+    let rl = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    assert_eq!(rl.retry_after(), Duration::from_secs(3600));
+    assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 1h");
+    assert_eq!(api.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_with_no_attempt_left_fails_with_rate_limited() {
+    let api = Api::new(vec![Ok(with_retry_after(429, "1")), Ok(with_retry_after(429, "1"))]);
+    let err = layer().with_max_attempts(2).layer(api.service()).oneshot(get()).await.unwrap_err();
+    assert!(err.is::<RateLimited>());
+    assert_eq!(api.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_outcomes_are_not_retried() {
+    for s in [400, 401, 403, 404, 409, 422, 501] {
+        let api = Api::new(vec![Ok(status(s))]);
+        let res = layer().layer(api.service()).oneshot(get()).await.unwrap();
+        assert_eq!(res.status().as_u16(), s);
+        assert_eq!(api.calls(), 1, "{s}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_retryable_status_is_retried() {
+    for s in [408, 425, 429, 500, 502, 503, 504] {
+        let api = Api::new(vec![Ok(status(s))]);
+        let res = layer().layer(api.service()).oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{s}");
+        assert_eq!(api.calls(), 2, "{s}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_needs_an_idempotency_key() {
+    let api = Api::new(vec![Ok(status(503)), Ok(status(503))]);
+    let res = layer().layer(api.service()).oneshot(post(None)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.calls(), 1);
+
+    let api = Api::new(vec![Ok(status(503)), Ok(status(503))]);
+    let res = layer().layer(api.service()).oneshot(post(Some("k-1"))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 3);
+    // Every attempt sent the same bytes.
+    let log = api.log.lock().unwrap();
+    assert!(log.iter().all(|(_, b)| b == &Bytes::from_static(br#"{"amount":100}"#)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_without_key_is_retried_only_when_it_never_left() {
+    let refused: BoxError = Box::new(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"));
+    let api = Api::new(vec![Err(refused)]);
+    let res = layer().layer(api.service()).oneshot(post(None)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 2);
+
+    let reset: BoxError = Box::new(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+    let api = Api::new(vec![Err(reset)]);
+    let err = layer().layer(api.service()).oneshot(post(None)).await.unwrap_err();
+    assert_eq!(api.calls(), 1);
+    assert!(err.to_string().contains("reset"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_errors_say_how_many_attempts_and_why() {
+    let reset = || -> Reply { Err(Box::new(io::Error::new(io::ErrorKind::ConnectionReset, "connection reset by peer"))) };
+    let api = Api::new(vec![reset(), reset(), reset(), reset(), reset()]);
+    let err = layer().layer(api.service()).oneshot(get()).await.unwrap_err();
+    assert_eq!(api.calls(), 4);
+    let e = err.downcast_ref::<sturdy_core::Error>().expect("sturdy error");
+    assert_eq!(e.kind(), &ErrorKind::Transport);
+    assert_eq!(err.to_string(), "gave up after 4 attempts: connection reset by peer");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_bounds_an_outage_across_100_concurrent_callers() {
+    // A dead server: every call is a 503. Without a budget 100 callers would make 400 attempts.
+    let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
+    let svc = layer().with_budget(Duration::from_secs(10), 1, 0.1).layer(api.service());
+    let calls: Vec<_> = (0..100).map(|_| tokio::spawn(svc.clone().oneshot(get()))).collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // TpsBudget(10 s, 1/s, 10 %): a reserve of 10 retries plus 10 % of 100 calls.
+    let attempts = api.calls();
+    assert!(attempts >= 100 && attempts <= 100 + 10 + 10 + 1, "{attempts} attempts");
+
+    // The defaults (10/s, 20 %) still keep it far below 400.
+    let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
+    let svc = layer().layer(api.service());
+    let calls: Vec<_> = (0..100).map(|_| tokio::spawn(svc.clone().oneshot(get()))).collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert!(api.calls() <= 100 + 100 + 20 + 1, "{} attempts", api.calls());
+}
+
+#[tokio::test(start_paused = true)]
+async fn budgets_are_per_host() {
+    let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
+    let svc = layer().with_budget(Duration::from_secs(10), 1, 0.1).layer(api.service());
+    for _ in 0..30 {
+        svc.clone().oneshot(get()).await.unwrap();
+    }
+    let spent = api.calls();
+    // Host A's budget is gone; host B still gets its retries.
+    let other = Request::get("http://other.example.com/").body(Full::default()).unwrap();
+    svc.clone().oneshot(other).await.unwrap();
+    assert_eq!(api.calls() - spent, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_never_exceeded() {
+    let api = Api::new((0..100).map(|_| Ok(status(503))).collect());
+    let start = Instant::now();
+    let res = layer().with_max_attempts(100).with_deadline(Duration::from_secs(2)).layer(api.service()).oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(start.elapsed() <= Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(api.calls() > 2);
+
+    // A Retry-After past the deadline is not slept.
+    let api = Api::new(vec![Ok(with_retry_after(503, "5"))]);
+    let start = Instant::now();
+    let err = layer().with_deadline(Duration::from_secs(2)).layer(api.service()).oneshot(get()).await.unwrap_err();
+    assert_eq!(err.downcast_ref::<RateLimited>().unwrap().retry_after(), Duration::from_secs(5));
+    assert_eq!(start.elapsed(), Duration::ZERO);
+
+    // A Retry-After within the deadline, with jitter, still ends before it.
+    let api = Api::new(vec![Ok(with_retry_after(503, "2")), Ok(with_retry_after(503, "0"))]);
+    let start = Instant::now();
+    let _ = layer().with_deadline(Duration::from_millis(2_100)).layer(api.service()).oneshot(get()).await;
+    assert!(start.elapsed() <= Duration::from_millis(2_100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_attempt_is_cut_at_the_deadline() {
+    let slow = service_fn(|_req: Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, BoxError>(status(200))
+    });
+    let start = Instant::now();
+    let err = layer().with_deadline(Duration::from_secs(1)).layer(slow).oneshot(get()).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(err.downcast_ref::<sturdy_core::Error>().unwrap().kind(), &ErrorKind::Timeout);
+    assert_eq!(err.to_string(), "the overall deadline of 1s passed during attempt 1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_attempt_timeout_is_retryable() {
+    let calls = Arc::new(Mutex::new(0));
+    let c = calls.clone();
+    let svc = service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = {
+            let mut g = c.lock().unwrap();
+            *g += 1;
+            *g
+        };
+        async move {
+            if n == 1 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Ok::<_, BoxError>(status(200))
+        }
+    });
+    let start = Instant::now();
+    let res = layer().with_attempt_timeout(Duration::from_secs(1)).layer(svc).oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(*calls.lock().unwrap(), 2);
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_too_large_to_replay_is_sent_once() {
+    let api = Api::new(vec![Ok(status(503))]);
+    let res = layer().with_body_limit(4).layer(api.service()).oneshot(post(Some("k"))).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_and_delays_go_to_the_trace() {
+    let api = Api::new(vec![Ok(status(503)), Ok(with_retry_after(429, "1"))]);
+    let trace = Trace::new();
+    let mut req = get();
+    req.extensions_mut().insert(trace.clone());
+    layer().layer(api.service()).oneshot(req).await.unwrap();
+    let ev = trace.events();
+    assert_eq!(ev.len(), 5, "{ev:?}");
+    assert!(matches!(&ev[0], TraceEvent::Attempt { number: 1, outcome } if outcome.starts_with("503")));
+    assert!(matches!(&ev[3], TraceEvent::Delay { source: sturdy_core::trace::DelaySource::RetryAfter, .. }));
+    assert!(matches!(&ev[4], TraceEvent::Attempt { number: 3, .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_backoffs() {
+    let api = Api::new(vec![Ok(status(500)), Ok(status(500)), Ok(status(500))]);
+    let b = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(1)).unwrap();
+    layer().with_backoff(b).layer(api.service()).oneshot(get()).await.unwrap();
+    assert_eq!(api.gaps(), [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400)]);
+}
+
+#[test]
+fn decorrelated_jitter_spreads_clients_apart() {
+    use rand::SeedableRng;
+    // 10,000 clients fail at the same instant; where do their first two retries land?
+    let b = Backoff::default();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(2024);
+    let base = 250.0;
+    let mut first = [0u32; 10];
+    let mut second = [0u32; 20];
+    for _ in 0..10_000 {
+        let d1 = b.delay(1, None, &mut rng);
+        let d2 = b.delay(2, Some(d1), &mut rng);
+        let ms1 = d1.as_secs_f64() * 1_000.0;
+        first[(((ms1 - base) / (2.0 * base)) * 10.0).min(9.0) as usize] += 1;
+        let at2 = ms1 + d2.as_secs_f64() * 1_000.0; // in [500, 3000] ms
+        second[((at2 - 2.0 * base) / (10.0 * base) * 20.0).clamp(0.0, 19.0) as usize] += 1;
+    }
+    // The first retry is uniform over [base, 3 base]: every tenth holds 10 % +- 2.
+    for (i, c) in first.iter().enumerate() {
+        assert!((800..=1_200).contains(c), "first retry bucket {i}: {c}");
+    }
+    // The second retry is spread over 500..3000 ms: no 125 ms slot holds more than 15 % of the
+    // clients (a synchronized retry would put 100 % in one slot).
+    let max = *second.iter().max().unwrap();
+    assert!(max <= 1_500, "second retry spike: {second:?}");
+    assert!(second.iter().filter(|c| **c > 0).count() >= 15, "{second:?}");
+}
+
+#[test]
+fn traits() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    fn assert_send<T: Send>() {}
+    assert_send_sync_clone::<RetryLayer>();
+    assert_send_sync_clone::<sturdy_retry::Retry<tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>>>();
+    assert_send::<sturdy_retry::ResponseFuture<tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>, Full<Bytes>, ()>>();
+    let _ = Method::GET;
+}
