@@ -84,13 +84,20 @@ impl Backoff {
     /// The smallest sleep of the strategy (its base).
     pub fn base(&self) -> Duration {
         match *self {
-            Self::DecorrelatedJitter { base, .. } | Self::Exponential { base, .. } | Self::FullJitter { base, .. } => base,
+            Self::DecorrelatedJitter { base, .. }
+            | Self::Exponential { base, .. }
+            | Self::FullJitter { base, .. } => base,
         }
     }
 
     /// The sleep before retry number `retry` (1 for the first retry), given the previous sleep
     /// (`None` before the first).
-    pub fn delay<R: Rng + ?Sized>(&self, retry: u32, prev: Option<Duration>, rng: &mut R) -> Duration {
+    pub fn delay<R: Rng + ?Sized>(
+        &self,
+        retry: u32,
+        prev: Option<Duration>,
+        rng: &mut R,
+    ) -> Duration {
         match *self {
             Self::DecorrelatedJitter { base, cap } => {
                 let prev = prev.unwrap_or(base).max(base);
@@ -157,7 +164,9 @@ mod tests {
     fn exponential_doubles_to_the_cap() {
         let b = Backoff::exponential(MS * 100, MS * 1_000).unwrap();
         let mut rng = SmallRng::seed_from_u64(1);
-        let got: Vec<u128> = (1..=6).map(|n| b.delay(n, None, &mut rng).as_millis()).collect();
+        let got: Vec<u128> = (1..=6)
+            .map(|n| b.delay(n, None, &mut rng).as_millis())
+            .collect();
         assert_eq!(got, [100, 200, 400, 800, 1_000, 1_000]);
         assert_eq!(b.delay(u32::MAX, None, &mut rng), MS * 1_000);
     }

@@ -60,7 +60,13 @@ where
         config.deadline.map(tokio::time::sleep)
     }
 
-    pub(crate) fn running(policy: RetryPolicy, attempt: Attempt<S, S::Error>, req: Request<B>, config: &Config, attempts: Arc<AtomicU32>) -> Self {
+    pub(crate) fn running(
+        policy: RetryPolicy,
+        attempt: Attempt<S, S::Error>,
+        req: Request<B>,
+        config: &Config,
+        attempts: Arc<AtomicU32>,
+    ) -> Self {
         let mut retry = tower::retry::Retry::new(policy, attempt);
         // The attempt service was driven to readiness by `Retry::poll_ready`.
         let fut = retry.call(req);
@@ -72,7 +78,14 @@ where
         }
     }
 
-    pub(crate) fn buffering(collect: Collect<B>, parts: Parts, attempt: Attempt<S, S::Error>, policy: RetryPolicy, config: &Config, attempts: Arc<AtomicU32>) -> Self {
+    pub(crate) fn buffering(
+        collect: Collect<B>,
+        parts: Parts,
+        attempt: Attempt<S, S::Error>,
+        policy: RetryPolicy,
+        config: &Config,
+        attempts: Arc<AtomicU32>,
+    ) -> Self {
         Self {
             state: State::Buffering {
                 collect,
@@ -117,7 +130,10 @@ where
                     human_duration(*this.deadline_len),
                     n + 1
                 );
-                return Poll::Ready(Err(Box::new(sturdy_core::Error::new(ErrorKind::Timeout, msg))));
+                return Poll::Ready(Err(Box::new(sturdy_core::Error::new(
+                    ErrorKind::Timeout,
+                    msg,
+                ))));
             }
         }
         loop {
@@ -128,7 +144,11 @@ where
                     let mut body = match collected {
                         Ok(c) => c.aggregate(),
                         Err(e) => {
-                            let e = sturdy_core::Error::new(ErrorKind::Body, "could not read the request body").with_source(e.into());
+                            let e = sturdy_core::Error::new(
+                                ErrorKind::Body,
+                                "could not read the request body",
+                            )
+                            .with_source(e.into());
                             return Poll::Ready(Err(Box::new(e)));
                         }
                     };

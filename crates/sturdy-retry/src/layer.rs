@@ -104,7 +104,11 @@ impl RetryLayer {
 
     /// Extra random wait added to a `Retry-After`, as a fraction of it [0.2]; clamped to 0..=1.
     pub fn with_retry_after_jitter(self, fraction: f64) -> Self {
-        let f = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        let f = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
         self.edit(|c| c.retry_after_jitter = f)
     }
 

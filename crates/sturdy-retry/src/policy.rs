@@ -41,9 +41,18 @@ impl BudgetMode {
         match self {
             Self::Unlimited => None,
             Self::Shared(b) => Some(b.clone()),
-            Self::PerHost { ttl, min_per_sec, percent, map } => {
+            Self::PerHost {
+                ttl,
+                min_per_sec,
+                percent,
+                map,
+            } => {
                 let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
-                let key = if map.len() >= MAX_BUDGET_HOSTS && !map.contains_key(host) { "*" } else { host };
+                let key = if map.len() >= MAX_BUDGET_HOSTS && !map.contains_key(host) {
+                    "*"
+                } else {
+                    host
+                };
                 let b = map
                     .entry(key.to_owned())
                     .or_insert_with(|| Arc::new(TpsBudget::new(*ttl, *min_per_sec, *percent)))
@@ -57,7 +66,12 @@ impl BudgetMode {
 impl fmt::Debug for BudgetMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::PerHost { ttl, min_per_sec, percent, .. } => f
+            Self::PerHost {
+                ttl,
+                min_per_sec,
+                percent,
+                ..
+            } => f
                 .debug_struct("PerHost")
                 .field("ttl", ttl)
                 .field("min_per_sec", min_per_sec)
@@ -117,18 +131,36 @@ pub(crate) fn host_of<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
         .map(|a| a.as_str().to_owned())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_default()
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
 }
 
 impl RetryPolicy {
-    pub(crate) fn new(config: Arc<Config>, host: &str, body: Option<Bytes>, attempts: Arc<AtomicU32>) -> Self {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        host: &str,
+        body: Option<Bytes>,
+        attempts: Arc<AtomicU32>,
+    ) -> Self {
         let seed = match config.seed {
-            Some(s) => s.wrapping_add(config.sessions.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            Some(s) => s.wrapping_add(
+                config
+                    .sessions
+                    .fetch_add(1, Ordering::Relaxed)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ),
             None => rand::rng().random(),
         };
         Self {
@@ -149,12 +181,18 @@ impl RetryPolicy {
     }
 
     fn safe_to_retry(&self, method: &Method, headers: &HeaderMap, kind: &ErrorKind) -> bool {
-        is_idempotent(method) || headers.contains_key(&self.config.idempotency_header) || kind.proves_not_sent()
+        is_idempotent(method)
+            || headers.contains_key(&self.config.idempotency_header)
+            || kind.proves_not_sent()
     }
 
     /// Decides whether to retry; may rewrite the result (a too-long `Retry-After` becomes
     /// `RateLimited`, an exhausted error says how many attempts were made).
-    fn decide<B, Rb>(&mut self, req: &Request<B>, result: &mut Result<Response<Rb>, BoxError>) -> Option<Duration> {
+    fn decide<B, Rb>(
+        &mut self,
+        req: &Request<B>,
+        result: &mut Result<Response<Rb>, BoxError>,
+    ) -> Option<Duration> {
         let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let trace = Trace::of(req);
         let outcome = classify_result(result);
@@ -172,10 +210,15 @@ impl RetryPolicy {
             return None;
         }
         let host = host_of(req);
-        let left = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
         let (delay, source) = if let Some(wait) = server_wait(result, self.config.clock.now()) {
             let reason = if wait > self.config.max_retry_after {
-                Some(format!("longer than the {} this client waits", human_duration(self.config.max_retry_after)))
+                Some(format!(
+                    "longer than the {} this client waits",
+                    human_duration(self.config.max_retry_after)
+                ))
             } else if left.is_some_and(|l| wait >= l) {
                 Some("past the overall deadline".to_owned())
             } else if n >= self.config.max_attempts {
@@ -189,10 +232,14 @@ impl RetryPolicy {
                 return None;
             }
             // Never sooner than asked; a little later, so clients do not return in lock-step.
-            let spread = wait.max(self.config.backoff.base()).mul_f64(self.config.retry_after_jitter);
+            let spread = wait
+                .max(self.config.backoff.base())
+                .mul_f64(self.config.retry_after_jitter);
             let mut delay = wait + self.rng.random_range(Duration::ZERO..=spread);
             if let Some(l) = left {
-                delay = delay.min(l.saturating_sub(Duration::from_millis(1))).max(wait);
+                delay = delay
+                    .min(l.saturating_sub(Duration::from_millis(1)))
+                    .max(wait);
             }
             (delay, DelaySource::RetryAfter)
         } else {
@@ -211,13 +258,20 @@ impl RetryPolicy {
         if let Some(b) = &self.budget {
             if !b.withdraw() {
                 tracing::info!(attempt = n, host = %host, "not retried: the retry budget is exhausted");
-                exhaust(result, &kind, format!("gave up after {n} attempts: the retry budget for {host} is exhausted"));
+                exhaust(
+                    result,
+                    &kind,
+                    format!("gave up after {n} attempts: the retry budget for {host} is exhausted"),
+                );
                 return None;
             }
         }
         tracing::debug!(attempt = n, delay_ms = delay.as_millis() as u64, reason = %kind, source = ?source, "retrying");
         if let Some(t) = trace {
-            t.record(TraceEvent::Delay { duration: delay, source });
+            t.record(TraceEvent::Delay {
+                duration: delay,
+                source,
+            });
         }
         Some(delay)
     }
@@ -231,9 +285,15 @@ fn describe<Rb>(result: &Result<Response<Rb>, BoxError>) -> String {
 }
 
 /// How long the server (or a limiter below) asked us to wait, if it did.
-fn server_wait<Rb>(result: &Result<Response<Rb>, BoxError>, now: std::time::SystemTime) -> Option<Duration> {
+fn server_wait<Rb>(
+    result: &Result<Response<Rb>, BoxError>,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
     match result {
-        Ok(res) if res.status() == StatusCode::TOO_MANY_REQUESTS || res.status() == StatusCode::SERVICE_UNAVAILABLE => {
+        Ok(res)
+            if res.status() == StatusCode::TOO_MANY_REQUESTS
+                || res.status() == StatusCode::SERVICE_UNAVAILABLE =>
+        {
             RetryAfter::from_headers(res.headers()).map(|ra| ra.delay_from(now))
         }
         Ok(_) => None,
@@ -255,7 +315,8 @@ fn server_wait<Rb>(result: &Result<Response<Rb>, BoxError>, now: std::time::Syst
 fn exhaust<Rb>(result: &mut Result<Response<Rb>, BoxError>, kind: &ErrorKind, message: String) {
     match result {
         Err(e) => {
-            let source = std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
+            let source =
+                std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
             *e = Box::new(sturdy_core::Error::new(kind.clone(), message).with_source(source));
         }
         Ok(res) => tracing::info!(status = %res.status(), "{message}; returning the last response"),
@@ -268,7 +329,11 @@ where
 {
     type Future = Sleep;
 
-    fn retry(&mut self, req: &mut Request<B>, result: &mut Result<Response<Rb>, BoxError>) -> Option<Self::Future> {
+    fn retry(
+        &mut self,
+        req: &mut Request<B>,
+        result: &mut Result<Response<Rb>, BoxError>,
+    ) -> Option<Self::Future> {
         self.decide(req, result).map(tokio::time::sleep)
     }
 

@@ -89,11 +89,15 @@ where
         let ready = std::mem::replace(&mut self.inner, clone);
         let attempt: Attempt<S, S::Error> = match self.config.attempt_timeout {
             Some(t) => Either::Left(Timeout::new(ready, t)),
-            None => Either::Right(MapErr::new(ready, boxed::<S::Error> as fn(S::Error) -> BoxError)),
+            None => Either::Right(MapErr::new(
+                ready,
+                boxed::<S::Error> as fn(S::Error) -> BoxError,
+            )),
         };
         let host = host_of(&req);
         let attempts = Arc::new(AtomicU32::new(0));
-        let replayable = sturdy_core::body::fits(req.body(), self.config.body_limit) && self.config.max_attempts > 1;
+        let replayable = sturdy_core::body::fits(req.body(), self.config.body_limit)
+            && self.config.max_attempts > 1;
         if !replayable {
             if self.config.max_attempts > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
@@ -103,6 +107,13 @@ where
         }
         let policy = RetryPolicy::new(self.config.clone(), &host, None, attempts.clone());
         let (parts, body) = req.into_parts();
-        ResponseFuture::buffering(body.collect(), parts, attempt, policy, &self.config, attempts)
+        ResponseFuture::buffering(
+            body.collect(),
+            parts,
+            attempt,
+            policy,
+            &self.config,
+            attempts,
+        )
     }
 }

@@ -26,17 +26,32 @@ struct Api {
 
 impl Api {
     fn new(script: Vec<Reply>) -> Self {
-        Self { script: Arc::new(Mutex::new(script.into())), ..Self::default() }
+        Self {
+            script: Arc::new(Mutex::new(script.into())),
+            ..Self::default()
+        }
     }
 
-    fn service(&self) -> impl Service<Request<Full<Bytes>>, Response = Response<()>, Error = BoxError, Future = impl Send> + Clone + Send {
+    fn service(
+        &self,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<()>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone
+           + Send {
         let this = self.clone();
         service_fn(move |req: Request<Full<Bytes>>| {
             let this = this.clone();
             async move {
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 this.log.lock().unwrap().push((Instant::now(), body));
-                this.script.lock().unwrap().pop_front().unwrap_or_else(|| Ok(status(200)))
+                this.script
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or_else(|| Ok(status(200)))
             }
         })
     }
@@ -56,11 +71,17 @@ fn status(s: u16) -> Response<()> {
 }
 
 fn with_retry_after(s: u16, v: &str) -> Response<()> {
-    Response::builder().status(s).header("retry-after", v).body(()).unwrap()
+    Response::builder()
+        .status(s)
+        .header("retry-after", v)
+        .body(())
+        .unwrap()
 }
 
 fn get() -> Request<Full<Bytes>> {
-    Request::get("http://api.example.com/orders").body(Full::default()).unwrap()
+    Request::get("http://api.example.com/orders")
+        .body(Full::default())
+        .unwrap()
 }
 
 fn post(key: Option<&str>) -> Request<Full<Bytes>> {
@@ -83,8 +104,17 @@ async fn two_503s_then_200_takes_three_attempts_within_jitter_bounds() {
     assert_eq!(api.calls(), 3);
     let gaps = api.gaps();
     let base = Duration::from_millis(250);
-    assert!(gaps[0] >= base && gaps[0] <= base * 3, "first sleep {:?}", gaps[0]);
-    assert!(gaps[1] >= base && gaps[1] <= gaps[0] * 3, "second sleep {:?} after {:?}", gaps[1], gaps[0]);
+    assert!(
+        gaps[0] >= base && gaps[0] <= base * 3,
+        "first sleep {:?}",
+        gaps[0]
+    );
+    assert!(
+        gaps[1] >= base && gaps[1] <= gaps[0] * 3,
+        "second sleep {:?} after {:?}",
+        gaps[1],
+        gaps[0]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -97,7 +127,10 @@ async fn works_with_tower_test_mock() {
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.uri(), "http://api.example.com/orders");
     send.send_response(status(204));
-    assert_eq!(call.await.unwrap().unwrap().status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        call.await.unwrap().unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -106,36 +139,65 @@ async fn retry_after_seconds_overrides_backoff_never_sooner() {
     let res = layer().layer(api.service()).oneshot(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let gap = api.gaps()[0];
-    assert!(gap >= Duration::from_secs(2) && gap <= Duration::from_millis(2_400), "{gap:?}");
+    assert!(
+        gap >= Duration::from_secs(2) && gap <= Duration::from_millis(2_400),
+        "{gap:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_date_is_read_against_the_wall_clock() {
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let clock = Arc::new(ManualClock::at(now));
-    let api = Api::new(vec![Ok(with_retry_after(503, &format_http_date(now + Duration::from_secs(3))))]);
-    let res = layer().with_clock(clock).layer(api.service()).oneshot(get()).await.unwrap();
+    let api = Api::new(vec![Ok(with_retry_after(
+        503,
+        &format_http_date(now + Duration::from_secs(3)),
+    ))]);
+    let res = layer()
+        .with_clock(clock)
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let gap = api.gaps()[0];
-    assert!(gap >= Duration::from_secs(3) && gap <= Duration::from_millis(3_600), "{gap:?}");
+    assert!(
+        gap >= Duration::from_secs(3) && gap <= Duration::from_millis(3_600),
+        "{gap:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_an_hour_fails_at_once_with_rate_limited() {
     let api = Api::new(vec![Ok(with_retry_after(429, "3600"))]);
     let start = Instant::now();
-    let err = layer().layer(api.service()).oneshot(get()).await.unwrap_err();
+    let err = layer()
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO, "no sleep");
     let rl = err.downcast_ref::<RateLimited>().expect("RateLimited");
     assert_eq!(rl.retry_after(), Duration::from_secs(3600));
-    assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 1h");
+    assert_eq!(
+        err.to_string(),
+        "rate limited by api.example.com; retry after 1h"
+    );
     assert_eq!(api.calls(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_with_no_attempt_left_fails_with_rate_limited() {
-    let api = Api::new(vec![Ok(with_retry_after(429, "1")), Ok(with_retry_after(429, "1"))]);
-    let err = layer().with_max_attempts(2).layer(api.service()).oneshot(get()).await.unwrap_err();
+    let api = Api::new(vec![
+        Ok(with_retry_after(429, "1")),
+        Ok(with_retry_after(429, "1")),
+    ]);
+    let err = layer()
+        .with_max_attempts(2)
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
     assert!(err.is::<RateLimited>());
     assert_eq!(api.calls(), 2);
 }
@@ -163,78 +225,130 @@ async fn every_retryable_status_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn post_needs_an_idempotency_key() {
     let api = Api::new(vec![Ok(status(503)), Ok(status(503))]);
-    let res = layer().layer(api.service()).oneshot(post(None)).await.unwrap();
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(None))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.calls(), 1);
 
     let api = Api::new(vec![Ok(status(503)), Ok(status(503))]);
-    let res = layer().layer(api.service()).oneshot(post(Some("k-1"))).await.unwrap();
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(Some("k-1")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(api.calls(), 3);
     // Every attempt sent the same bytes.
     let log = api.log.lock().unwrap();
-    assert!(log.iter().all(|(_, b)| b == &Bytes::from_static(br#"{"amount":100}"#)));
+    assert!(log
+        .iter()
+        .all(|(_, b)| b == &Bytes::from_static(br#"{"amount":100}"#)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn post_without_key_is_retried_only_when_it_never_left() {
     let refused: BoxError = Box::new(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"));
     let api = Api::new(vec![Err(refused)]);
-    let res = layer().layer(api.service()).oneshot(post(None)).await.unwrap();
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(None))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(api.calls(), 2);
 
     let reset: BoxError = Box::new(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
     let api = Api::new(vec![Err(reset)]);
-    let err = layer().layer(api.service()).oneshot(post(None)).await.unwrap_err();
+    let err = layer()
+        .layer(api.service())
+        .oneshot(post(None))
+        .await
+        .unwrap_err();
     assert_eq!(api.calls(), 1);
     assert!(err.to_string().contains("reset"));
 }
 
 #[tokio::test(start_paused = true)]
 async fn exhausted_errors_say_how_many_attempts_and_why() {
-    let reset = || -> Reply { Err(Box::new(io::Error::new(io::ErrorKind::ConnectionReset, "connection reset by peer"))) };
+    let reset = || -> Reply {
+        Err(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )))
+    };
     let api = Api::new(vec![reset(), reset(), reset(), reset(), reset()]);
-    let err = layer().layer(api.service()).oneshot(get()).await.unwrap_err();
+    let err = layer()
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
     assert_eq!(api.calls(), 4);
-    let e = err.downcast_ref::<sturdy_core::Error>().expect("sturdy error");
+    let e = err
+        .downcast_ref::<sturdy_core::Error>()
+        .expect("sturdy error");
     assert_eq!(e.kind(), &ErrorKind::Transport);
-    assert_eq!(err.to_string(), "gave up after 4 attempts: connection reset by peer");
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection reset by peer"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_bounds_an_outage_across_100_concurrent_callers() {
     // A dead server: every call is a 503. Without a budget 100 callers would make 400 attempts.
     let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
-    let svc = layer().with_budget(Duration::from_secs(10), 1, 0.1).layer(api.service());
-    let calls: Vec<_> = (0..100).map(|_| tokio::spawn(svc.clone().oneshot(get()))).collect();
+    let svc = layer()
+        .with_budget(Duration::from_secs(10), 1, 0.1)
+        .layer(api.service());
+    let calls: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
     for c in calls {
-        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            c.await.unwrap().unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
     // TpsBudget(10 s, 1/s, 10 %): a reserve of 10 retries plus 10 % of 100 calls.
     let attempts = api.calls();
-    assert!(attempts >= 100 && attempts <= 100 + 10 + 10 + 1, "{attempts} attempts");
+    assert!(
+        (100..=100 + 10 + 10 + 1).contains(&attempts),
+        "{attempts} attempts"
+    );
 
     // The defaults (10/s, 20 %) still keep it far below 400.
     let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
     let svc = layer().layer(api.service());
-    let calls: Vec<_> = (0..100).map(|_| tokio::spawn(svc.clone().oneshot(get()))).collect();
+    let calls: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
     for c in calls {
         c.await.unwrap().unwrap();
     }
-    assert!(api.calls() <= 100 + 100 + 20 + 1, "{} attempts", api.calls());
+    assert!(
+        api.calls() <= 100 + 100 + 20 + 1,
+        "{} attempts",
+        api.calls()
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn budgets_are_per_host() {
     let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
-    let svc = layer().with_budget(Duration::from_secs(10), 1, 0.1).layer(api.service());
+    let svc = layer()
+        .with_budget(Duration::from_secs(10), 1, 0.1)
+        .layer(api.service());
     for _ in 0..30 {
         svc.clone().oneshot(get()).await.unwrap();
     }
     let spent = api.calls();
     // Host A's budget is gone; host B still gets its retries.
-    let other = Request::get("http://other.example.com/").body(Full::default()).unwrap();
+    let other = Request::get("http://other.example.com/")
+        .body(Full::default())
+        .unwrap();
     svc.clone().oneshot(other).await.unwrap();
     assert_eq!(api.calls() - spent, 4);
 }
@@ -243,22 +357,47 @@ async fn budgets_are_per_host() {
 async fn the_deadline_is_never_exceeded() {
     let api = Api::new((0..100).map(|_| Ok(status(503))).collect());
     let start = Instant::now();
-    let res = layer().with_max_attempts(100).with_deadline(Duration::from_secs(2)).layer(api.service()).oneshot(get()).await.unwrap();
+    let res = layer()
+        .with_max_attempts(100)
+        .with_deadline(Duration::from_secs(2))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(start.elapsed() <= Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     assert!(api.calls() > 2);
 
     // A Retry-After past the deadline is not slept.
     let api = Api::new(vec![Ok(with_retry_after(503, "5"))]);
     let start = Instant::now();
-    let err = layer().with_deadline(Duration::from_secs(2)).layer(api.service()).oneshot(get()).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<RateLimited>().unwrap().retry_after(), Duration::from_secs(5));
+    let err = layer()
+        .with_deadline(Duration::from_secs(2))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<RateLimited>().unwrap().retry_after(),
+        Duration::from_secs(5)
+    );
     assert_eq!(start.elapsed(), Duration::ZERO);
 
     // A Retry-After within the deadline, with jitter, still ends before it.
-    let api = Api::new(vec![Ok(with_retry_after(503, "2")), Ok(with_retry_after(503, "0"))]);
+    let api = Api::new(vec![
+        Ok(with_retry_after(503, "2")),
+        Ok(with_retry_after(503, "0")),
+    ]);
     let start = Instant::now();
-    let _ = layer().with_deadline(Duration::from_millis(2_100)).layer(api.service()).oneshot(get()).await;
+    let _ = layer()
+        .with_deadline(Duration::from_millis(2_100))
+        .layer(api.service())
+        .oneshot(get())
+        .await;
     assert!(start.elapsed() <= Duration::from_millis(2_100));
 }
 
@@ -269,10 +408,21 @@ async fn a_slow_attempt_is_cut_at_the_deadline() {
         Ok::<_, BoxError>(status(200))
     });
     let start = Instant::now();
-    let err = layer().with_deadline(Duration::from_secs(1)).layer(slow).oneshot(get()).await.unwrap_err();
+    let err = layer()
+        .with_deadline(Duration::from_secs(1))
+        .layer(slow)
+        .oneshot(get())
+        .await
+        .unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(1));
-    assert_eq!(err.downcast_ref::<sturdy_core::Error>().unwrap().kind(), &ErrorKind::Timeout);
-    assert_eq!(err.to_string(), "the overall deadline of 1s passed during attempt 1");
+    assert_eq!(
+        err.downcast_ref::<sturdy_core::Error>().unwrap().kind(),
+        &ErrorKind::Timeout
+    );
+    assert_eq!(
+        err.to_string(),
+        "the overall deadline of 1s passed during attempt 1"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -293,7 +443,12 @@ async fn per_attempt_timeout_is_retryable() {
         }
     });
     let start = Instant::now();
-    let res = layer().with_attempt_timeout(Duration::from_secs(1)).layer(svc).oneshot(get()).await.unwrap();
+    let res = layer()
+        .with_attempt_timeout(Duration::from_secs(1))
+        .layer(svc)
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(*calls.lock().unwrap(), 2);
     assert!(start.elapsed() < Duration::from_secs(3));
@@ -302,7 +457,12 @@ async fn per_attempt_timeout_is_retryable() {
 #[tokio::test(start_paused = true)]
 async fn a_body_too_large_to_replay_is_sent_once() {
     let api = Api::new(vec![Ok(status(503))]);
-    let res = layer().with_body_limit(4).layer(api.service()).oneshot(post(Some("k"))).await.unwrap();
+    let res = layer()
+        .with_body_limit(4)
+        .layer(api.service())
+        .oneshot(post(Some("k")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.calls(), 1);
 }
@@ -316,8 +476,16 @@ async fn attempts_and_delays_go_to_the_trace() {
     layer().layer(api.service()).oneshot(req).await.unwrap();
     let ev = trace.events();
     assert_eq!(ev.len(), 5, "{ev:?}");
-    assert!(matches!(&ev[0], TraceEvent::Attempt { number: 1, outcome } if outcome.starts_with("503")));
-    assert!(matches!(&ev[3], TraceEvent::Delay { source: sturdy_core::trace::DelaySource::RetryAfter, .. }));
+    assert!(
+        matches!(&ev[0], TraceEvent::Attempt { number: 1, outcome } if outcome.starts_with("503"))
+    );
+    assert!(matches!(
+        &ev[3],
+        TraceEvent::Delay {
+            source: sturdy_core::trace::DelaySource::RetryAfter,
+            ..
+        }
+    ));
     assert!(matches!(&ev[4], TraceEvent::Attempt { number: 3, .. }));
 }
 
@@ -325,8 +493,20 @@ async fn attempts_and_delays_go_to_the_trace() {
 async fn other_backoffs() {
     let api = Api::new(vec![Ok(status(500)), Ok(status(500)), Ok(status(500))]);
     let b = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(1)).unwrap();
-    layer().with_backoff(b).layer(api.service()).oneshot(get()).await.unwrap();
-    assert_eq!(api.gaps(), [Duration::from_millis(100), Duration::from_millis(200), Duration::from_millis(400)]);
+    layer()
+        .with_backoff(b)
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap();
+    assert_eq!(
+        api.gaps(),
+        [
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            Duration::from_millis(400)
+        ]
+    );
 }
 
 #[test]
@@ -354,7 +534,10 @@ fn decorrelated_jitter_spreads_clients_apart() {
     // clients (a synchronized retry would put 100 % in one slot).
     let max = *second.iter().max().unwrap();
     assert!(max <= 1_500, "second retry spike: {second:?}");
-    assert!(second.iter().filter(|c| **c > 0).count() >= 15, "{second:?}");
+    assert!(
+        second.iter().filter(|c| **c > 0).count() >= 15,
+        "{second:?}"
+    );
 }
 
 #[test]
@@ -362,7 +545,15 @@ fn traits() {
     fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
     fn assert_send<T: Send>() {}
     assert_send_sync_clone::<RetryLayer>();
-    assert_send_sync_clone::<sturdy_retry::Retry<tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>>>();
-    assert_send::<sturdy_retry::ResponseFuture<tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>, Full<Bytes>, ()>>();
+    assert_send_sync_clone::<
+        sturdy_retry::Retry<tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>>,
+    >();
+    assert_send::<
+        sturdy_retry::ResponseFuture<
+            tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>,
+            Full<Bytes>,
+            (),
+        >,
+    >();
     let _ = Method::GET;
 }

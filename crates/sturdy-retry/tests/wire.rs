@@ -11,9 +11,9 @@ use sturdy_retry::{Backoff, RetryLayer};
 use tower::{Layer, ServiceExt};
 
 fn fast() -> RetryLayer {
-    RetryLayer::new()
-        .with_seed(7)
-        .with_backoff(Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(50)).unwrap())
+    RetryLayer::new().with_seed(7).with_backoff(
+        Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(50)).unwrap(),
+    )
 }
 
 fn order(server: &ChaosServer, n: usize, key: Option<&str>) -> Request<Full<Bytes>> {
@@ -21,35 +21,74 @@ fn order(server: &ChaosServer, n: usize, key: Option<&str>) -> Request<Full<Byte
     if let Some(k) = key {
         b = b.header("idempotency-key", k);
     }
-    b.body(Full::from(format!(r#"{{"item":"book","n":{n}}}"#))).unwrap()
+    b.body(Full::from(format!(r#"{{"item":"book","n":{n}}}"#)))
+        .unwrap()
 }
 
 #[tokio::test]
 async fn reset_after_commit_with_a_key_is_retried_and_commits_once() {
-    let server = ChaosServer::start(Knobs { idempotency: true, reset_after_commit_next: 1, ..Knobs::default() }).await.unwrap();
+    let server = ChaosServer::start(Knobs {
+        idempotency: true,
+        reset_after_commit_next: 1,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let client = fast().layer(http_client());
-    let res = client.oneshot(order(&server, 1, Some("order-1"))).await.unwrap();
+    let res = client
+        .oneshot(order(&server, 1, Some("order-1")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     let st = server.stats();
-    assert_eq!((st.orders_committed, st.resets, st.replayed, st.duplicates_by_payload), (1, 1, 1, 0));
+    assert_eq!(
+        (
+            st.orders_committed,
+            st.resets,
+            st.replayed,
+            st.duplicates_by_payload
+        ),
+        (1, 1, 1, 0)
+    );
 }
 
 #[tokio::test]
 async fn reset_after_commit_without_a_key_is_not_retried() {
-    let server = ChaosServer::start(Knobs { reset_after_commit_next: 1, ..Knobs::default() }).await.unwrap();
+    let server = ChaosServer::start(Knobs {
+        reset_after_commit_next: 1,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let client = fast().layer(http_client());
     let err = client.oneshot(order(&server, 1, None)).await.unwrap_err();
-    assert_eq!(sturdy_core::classify::classify_error(&*err), sturdy_core::ErrorKind::Transport);
+    assert_eq!(
+        sturdy_core::classify::classify_error(&*err),
+        sturdy_core::ErrorKind::Transport
+    );
     assert_eq!(server.stats().orders_committed, 1);
     assert_eq!(server.stats().api_requests, 1);
 }
 
 #[tokio::test]
 async fn injected_5xx_are_ridden_out() {
-    let server = ChaosServer::start(Knobs { fail_next: 2, orders: 3, ..Knobs::default() }).await.unwrap();
+    let server = ChaosServer::start(Knobs {
+        fail_next: 2,
+        orders: 3,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let client = fast().layer(http_client());
-    let res = client.oneshot(Request::get(server.url("/orders")).body(Full::default()).unwrap()).await.unwrap();
+    let res = client
+        .oneshot(
+            Request::get(server.url("/orders"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(server.stats().api_requests, 3);
 }
@@ -64,9 +103,16 @@ async fn many_posts_with_keys_under_faults_commit_exactly_once_each() {
     })
     .await
     .unwrap();
-    let client = fast().with_max_attempts(8).without_budget().layer(http_client());
+    let client = fast()
+        .with_max_attempts(8)
+        .without_budget()
+        .layer(http_client());
     for n in 0..100 {
-        let res = client.clone().oneshot(order(&server, n, Some(&format!("key-{n}")))).await.unwrap();
+        let res = client
+            .clone()
+            .oneshot(order(&server, n, Some(&format!("key-{n}"))))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::CREATED, "order {n}");
     }
     let st = server.stats();
@@ -77,10 +123,23 @@ async fn many_posts_with_keys_under_faults_commit_exactly_once_each() {
 
 #[tokio::test]
 async fn a_429_with_retry_after_is_honoured_over_the_wire() {
-    let server = ChaosServer::start(Knobs { rate_limit_next: 1, retry_after: RetryAfterForm::Seconds(1), ..Knobs::default() }).await.unwrap();
+    let server = ChaosServer::start(Knobs {
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Seconds(1),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
     let client = fast().layer(http_client());
     let start = tokio::time::Instant::now();
-    let res = client.oneshot(Request::get(server.url("/orders")).body(Full::default()).unwrap()).await.unwrap();
+    let res = client
+        .oneshot(
+            Request::get(server.url("/orders"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(start.elapsed() >= Duration::from_secs(1));
     let log = server.requests();
@@ -93,6 +152,18 @@ async fn a_429_with_retry_after_is_honoured_over_the_wire() {
         k.retry_after = RetryAfterForm::Seconds(3600);
     });
     let client = fast().layer(http_client());
-    let err = client.oneshot(Request::get(server.url("/orders")).body(Full::default()).unwrap()).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<sturdy_core::RateLimited>().unwrap().retry_after(), Duration::from_secs(3600));
+    let err = client
+        .oneshot(
+            Request::get(server.url("/orders"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<sturdy_core::RateLimited>()
+            .unwrap()
+            .retry_after(),
+        Duration::from_secs(3600)
+    );
 }
