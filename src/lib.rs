@@ -1,11 +1,45 @@
 //! sturdy: tower middleware that makes integrations with real HTTP APIs survive production.
 //!
-//! Each mechanic is an independent `tower::Layer` in a crate of its own, re-exported here behind a
-//! cargo feature of the same name (`full` enables all). [`core`] is always there.
+//! Each mechanic is an independent `tower::Layer` in a crate of its own, re-exported here as a
+//! module behind a cargo feature of the same name (`full` enables all). [`core`] is always there.
+//!
+//! | feature | module | crate |
+//! |---|---|---|
+//! | (always) | [`core`] | `sturdy-core`: error kinds, classification, header parsers, body buffering |
+//! | `retry` | `retry` | `sturdy-retry`: `RetryLayer` |
+//!
+//! # Example
+//!
+//! ```
+//! # #[cfg(feature = "retry")]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! let api = service_fn(|_req: Request<Full<Bytes>>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::builder().status(StatusCode::TOO_MANY_REQUESTS).header("retry-after", "3600").body(()).unwrap())
+//! });
+//! let client = ServiceBuilder::new().layer(sturdy::retry::RetryLayer::new()).service(api);
+//! let err = client.oneshot(Request::get("http://api.example.com/").body(Full::default()).unwrap()).await.unwrap_err();
+//! // An hour is not slept: the caller is told, and decides.
+//! assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 1h");
+//! # }
+//! # #[cfg(not(feature = "retry"))]
+//! # fn main() {}
+//! ```
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use sturdy_core as core;
 
 /// Retries: decorrelated jitter, Retry-After, budgets, an overall deadline ([`sturdy_retry`]).
 #[cfg(feature = "retry")]
 pub use sturdy_retry as retry;
+
+// The README's examples are compiled as doc tests.
+#[cfg(all(doctest, feature = "retry"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
