@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | (always) | [`core`] | `sturdy-core`: error kinds, classification, header parsers, body buffering |
 //! | `retry` | `retry` | `sturdy-retry`: `RetryLayer` |
+//! | `circuit` | `circuit` | `sturdy-circuit`: `CircuitBreakerLayer` |
 //!
 //! # Example
 //!
@@ -38,6 +39,10 @@ pub use sturdy_core as core;
 /// Retries: decorrelated jitter, Retry-After, budgets, an overall deadline ([`sturdy_retry`]).
 #[cfg(feature = "retry")]
 pub use sturdy_retry as retry;
+
+/// Per-host circuit breakers with honest half-open probing ([`sturdy_circuit`]).
+#[cfg(feature = "circuit")]
+pub use sturdy_circuit as circuit;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "retry"))]

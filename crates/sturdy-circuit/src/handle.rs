@@ -1,0 +1,48 @@
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::breaker::CircuitState;
+use crate::registry::Registry;
+
+/// Reads and steers the breakers of one layer (from [`CircuitBreakerLayer::pair`](crate::CircuitBreakerLayer::pair)).
+#[derive(Debug, Clone)]
+pub struct CircuitHandle {
+    pub(crate) registry: Arc<Registry>,
+}
+
+impl CircuitHandle {
+    /// The state of the breaker for `key`, if it exists.
+    pub fn state(&self, key: &str) -> Option<CircuitState> {
+        self.registry
+            .find(key)
+            .map(|e| e.breaker.state(Instant::now()))
+    }
+
+    /// Every breaker and its state, sorted by key.
+    pub fn states(&self) -> Vec<(String, CircuitState)> {
+        let now = Instant::now();
+        let mut v: Vec<_> = self
+            .registry
+            .all()
+            .iter()
+            .map(|e| (e.key.to_string(), e.breaker.state(now)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Isolates `key`: its breaker stays open until [`force_close`](Self::force_close).
+    pub fn force_open(&self, key: &str) {
+        let e = self.registry.get(key);
+        let t = e.breaker.force_open(Instant::now());
+        self.registry.report(&e.key, t);
+    }
+
+    /// Resets `key`'s breaker to closed, forgetting its failures.
+    pub fn force_close(&self, key: &str) {
+        let e = self.registry.get(key);
+        let t = e.breaker.force_close(Instant::now());
+        self.registry.report(&e.key, t);
+    }
+}

@@ -1,0 +1,93 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use sturdy_core::{BoxError, CircuitOpen};
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::classify::{FailureClassifier, KeyExtractor};
+use crate::future::ResponseFuture;
+use crate::registry::{Permit, Registry};
+
+/// The service made by [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
+///
+/// # Clone
+/// Clones share the breakers.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's. An open breaker never shows in `poll_ready`: the call is
+/// rejected in `call` with a ready [`CircuitOpen`] error and the inner service is not called.
+#[derive(Clone)]
+pub struct CircuitBreaker<S, K, C> {
+    pub(crate) inner: S,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) key: K,
+    pub(crate) classify: C,
+}
+
+impl<S: std::fmt::Debug, K, C> std::fmt::Debug for CircuitBreaker<S, K, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, C> CircuitBreaker<S, K, C> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+// ===== impl CircuitBreaker =====
+
+impl<S, K, C, B, Rb> Service<Request<B>> for CircuitBreaker<S, K, C>
+where
+    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyExtractor<B>,
+    C: FailureClassifier<Rb, S::Error> + Clone,
+{
+    type Response = Response<Rb>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = self.key.key(&req);
+        let entry = self.registry.get(&key);
+        let (admitted, transition) = entry.breaker.admit(&self.registry.config, Instant::now());
+        self.registry.report(&entry.key, transition);
+        match admitted {
+            Err(retry_in) => ResponseFuture::rejected(CircuitOpen::new(&*entry.key, retry_in)),
+            Ok(ticket) => {
+                let permit = Permit {
+                    registry: self.registry.clone(),
+                    entry,
+                    ticket,
+                    done: false,
+                };
+                // Take the service that was driven to readiness; leave a fresh clone behind.
+                let clone = self.inner.clone();
+                let mut ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::called(ready.call(req), permit, self.classify.clone())
+            }
+        }
+    }
+}
