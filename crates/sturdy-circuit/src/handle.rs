@@ -36,13 +36,13 @@ impl CircuitHandle {
     pub fn force_open(&self, key: &str) {
         let e = self.registry.get(key);
         let t = e.breaker.force_open(Instant::now());
-        self.registry.report(&e.key, t);
+        e.shared.report(&e.key, t);
     }
 
     /// Resets `key`'s breaker to closed, forgetting its failures.
     pub fn force_close(&self, key: &str) {
         let e = self.registry.get(key);
         let t = e.breaker.force_close(Instant::now());
-        self.registry.report(&e.key, t);
+        e.shared.report(&e.key, t);
     }
 }

@@ -53,9 +53,12 @@ impl CircuitBreakerLayer {
 
 impl<K, C> CircuitBreakerLayer<K, C> {
     fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut config = self.registry.config.clone();
+        let mut config = self.registry.config().clone();
         f(&mut config);
-        self.registry = Arc::new(Registry::new(config, self.registry.on_change.clone()));
+        self.registry = Arc::new(Registry::new(
+            config,
+            self.registry.shared.on_change.clone(),
+        ));
         self
     }
 
@@ -133,7 +136,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         f: impl Fn(&str, CircuitState, CircuitState) + Send + Sync + 'static,
     ) -> Self {
         let f: OnChange = Arc::new(f);
-        self.registry = Arc::new(Registry::new(self.registry.config.clone(), Some(f)));
+        self.registry = Arc::new(Registry::new(self.registry.config().clone(), Some(f)));
         self
     }
 
@@ -165,6 +168,7 @@ impl<S, K: Clone, C: Clone> Layer<S> for CircuitBreakerLayer<K, C> {
             registry: self.registry.clone(),
             key: self.key.clone(),
             classify: self.classify.clone(),
+            cached: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::time::Instant;
@@ -9,25 +10,51 @@ use crate::config::Config;
 
 pub(crate) type OnChange = Arc<dyn Fn(&str, CircuitState, CircuitState) + Send + Sync>;
 
-/// Every breaker of one layer, created lazily and bounded in number.
-pub(crate) struct Registry {
+/// What every breaker of a layer shares: the configuration and the state-change callback.
+pub(crate) struct Shared {
     pub(crate) config: Config,
-    breakers: RwLock<HashMap<Box<str>, Arc<Entry>>>,
     pub(crate) on_change: Option<OnChange>,
 }
 
+impl Shared {
+    pub(crate) fn report(&self, key: &str, t: Option<Transition>) {
+        let Some(t) = t else { return };
+        match t.to {
+            CircuitState::Closed => tracing::info!(key, from = ?t.from, "circuit closed"),
+            CircuitState::HalfOpen => tracing::info!(key, "circuit half-open: probing"),
+            CircuitState::Open { retry_in } => {
+                tracing::warn!(key, from = ?t.from, open_ms = retry_in.as_millis() as u64, "circuit opened");
+            }
+            CircuitState::ForcedOpen => tracing::warn!(key, "circuit forced open"),
+        }
+        if let Some(f) = &self.on_change {
+            f(key, t.from, t.to);
+        }
+    }
+}
+
+/// Every breaker of one layer, created lazily and bounded in number.
+pub(crate) struct Registry {
+    pub(crate) shared: Arc<Shared>,
+    breakers: RwLock<HashMap<Box<str>, Arc<Entry>>>,
+}
+
+/// One breaker with its key.
 pub(crate) struct Entry {
     pub(crate) key: Box<str>,
     pub(crate) breaker: Breaker,
+    pub(crate) shared: Arc<Shared>,
+    /// Set when the registry forgets this entry, so services drop their cached copy.
+    pub(crate) evicted: AtomicBool,
 }
 
-/// Key of the breaker shared by hosts beyond `max_breakers`.
+/// Key of the breaker shared by keys beyond `max_breakers`.
 const OVERFLOW: &str = "*";
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .field(
                 "breakers",
                 &self.breakers.read().map(|m| m.len()).unwrap_or(0),
@@ -36,13 +63,24 @@ impl fmt::Debug for Registry {
     }
 }
 
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Registry {
     pub(crate) fn new(config: Config, on_change: Option<OnChange>) -> Self {
         Self {
-            config,
+            shared: Arc::new(Shared { config, on_change }),
             breakers: RwLock::new(HashMap::new()),
-            on_change,
         }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     pub(crate) fn find(&self, key: &str) -> Option<Arc<Entry>> {
@@ -65,10 +103,16 @@ impl Registry {
             return e.clone();
         }
         let mut key = key;
-        if map.len() >= self.config.max_breakers {
+        if map.len() >= self.shared.config.max_breakers {
             // Forget healthy breakers first; they hold no information worth keeping.
-            map.retain(|_, e| !e.breaker.is_idle_closed());
-            if map.len() >= self.config.max_breakers {
+            map.retain(|_, e| {
+                let keep = !e.breaker.is_idle_closed();
+                if !keep {
+                    e.evicted.store(true, Ordering::Release);
+                }
+                keep
+            });
+            if map.len() >= self.shared.config.max_breakers {
                 key = OVERFLOW;
                 if let Some(e) = map.get(key) {
                     return e.clone();
@@ -77,7 +121,9 @@ impl Registry {
         }
         let entry = Arc::new(Entry {
             key: key.into(),
-            breaker: Breaker::new(&self.config, Instant::now()),
+            breaker: Breaker::new(&self.shared.config, Instant::now()),
+            shared: self.shared.clone(),
+            evicted: AtomicBool::new(false),
         });
         map.insert(key.into(), entry.clone());
         entry
@@ -91,27 +137,15 @@ impl Registry {
             .cloned()
             .collect()
     }
-
-    pub(crate) fn report(&self, key: &str, t: Option<Transition>) {
-        let Some(t) = t else { return };
-        match t.to {
-            CircuitState::Closed => tracing::info!(key, from = ?t.from, "circuit closed"),
-            CircuitState::HalfOpen => tracing::info!(key, "circuit half-open: probing"),
-            CircuitState::Open { retry_in } => {
-                tracing::warn!(key, from = ?t.from, open_ms = retry_in.as_millis() as u64, "circuit opened");
-            }
-            CircuitState::ForcedOpen => tracing::warn!(key, "circuit forced open"),
-        }
-        if let Some(f) = &self.on_change {
-            f(key, t.from, t.to);
-        }
-    }
 }
+
+/// A service's own reference to an entry (see `CircuitBreaker::cached`).
+#[derive(Debug)]
+pub(crate) struct Local(pub(crate) Arc<Entry>);
 
 /// An admitted call's claim on its breaker. Dropping it unfinished gives a probe slot back.
 pub(crate) struct Permit {
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) entry: Arc<Entry>,
+    pub(crate) local: Arc<Local>,
     pub(crate) ticket: Ticket,
     pub(crate) done: bool,
 }
@@ -122,11 +156,15 @@ impl Permit {
             return;
         }
         self.done = true;
-        let t =
-            self.entry
-                .breaker
-                .record(&self.registry.config, self.ticket, failed, Instant::now());
-        self.registry.report(&self.entry.key, t);
+        if failed.is_none() && !self.ticket.probe {
+            // An abandoned call in the closed state says nothing about the dependency.
+            return;
+        }
+        let entry = &self.local.0;
+        let t = entry
+            .breaker
+            .record(&entry.shared.config, self.ticket, failed, Instant::now());
+        entry.shared.report(&entry.key, t);
     }
 }
 
@@ -139,7 +177,7 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("key", &self.entry.key)
+            .field("key", &self.local.0.key)
             .field("probe", &self.ticket.probe)
             .finish()
     }

@@ -1,3 +1,4 @@
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -8,7 +9,7 @@ use tower::Service;
 
 use crate::classify::{FailureClassifier, KeyExtractor};
 use crate::future::ResponseFuture;
-use crate::registry::{Permit, Registry};
+use crate::registry::{Local, Permit, Registry};
 
 /// The service made by [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
 ///
@@ -24,6 +25,10 @@ pub struct CircuitBreaker<S, K, C> {
     pub(crate) registry: Arc<Registry>,
     pub(crate) key: K,
     pub(crate) classify: C,
+    /// The breaker of the last call, to skip the registry when the next call has the same key.
+    /// Behind an `Arc` of this service's own, so that the futures of services on different
+    /// threads count references on different cache lines rather than on the shared entry.
+    pub(crate) cached: Option<Arc<Local>>,
 }
 
 impl<S: std::fmt::Debug, K, C> std::fmt::Debug for CircuitBreaker<S, K, C> {
@@ -71,15 +76,22 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.key.key(&req);
-        let entry = self.registry.get(&key);
-        let (admitted, transition) = entry.breaker.admit(&self.registry.config, Instant::now());
-        self.registry.report(&entry.key, transition);
+        let local = match &self.cached {
+            Some(l) if *l.0.key == *key && !l.0.evicted.load(Ordering::Acquire) => l.clone(),
+            _ => {
+                let l = Arc::new(Local(self.registry.get(&key)));
+                self.cached = Some(l.clone());
+                l
+            }
+        };
+        let entry = &local.0;
+        let (admitted, transition) = entry.breaker.admit(self.registry.config(), Instant::now);
+        entry.shared.report(&entry.key, transition);
         match admitted {
             Err(retry_in) => ResponseFuture::rejected(CircuitOpen::new(&*entry.key, retry_in)),
             Ok(ticket) => {
                 let permit = Permit {
-                    registry: self.registry.clone(),
-                    entry,
+                    local: local.clone(),
                     ticket,
                     done: false,
                 };
