@@ -1,41 +1,6 @@
-use std::borrow::Cow;
-
-use http::{Request, Response};
+use http::Response;
 use sturdy_core::classify::{classify_error, AsError};
 use sturdy_core::ErrorKind;
-
-/// Chooses the breaker for a request.
-pub trait KeyExtractor<B> {
-    /// The breaker key of `req`.
-    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str>;
-}
-
-/// One breaker per host (the URI's authority, else the `Host` header). The default.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ByHost;
-
-impl<B> KeyExtractor<B> for ByHost {
-    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
-        match req.uri().authority() {
-            Some(a) => Cow::Borrowed(a.as_str()),
-            None => Cow::Borrowed(
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or(""),
-            ),
-        }
-    }
-}
-
-impl<B, F> KeyExtractor<B> for F
-where
-    F: Fn(&Request<B>) -> String,
-{
-    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
-        Cow::Owned(self(req))
-    }
-}
 
 /// Decides whether an outcome counts against the breaker.
 pub trait FailureClassifier<Rb, E> {

@@ -4,10 +4,11 @@ use std::time::Duration;
 use tower::Layer;
 
 use crate::breaker::CircuitState;
-use crate::classify::{ByHost, DefaultFailure};
+use crate::classify::DefaultFailure;
 use crate::config::Config;
 use crate::registry::{OnChange, Registry};
 use crate::{CircuitBreaker, CircuitHandle};
+use sturdy_core::key::ByHost;
 
 /// Adds per-key circuit breakers; see the [crate docs](crate).
 ///

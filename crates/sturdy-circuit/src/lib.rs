@@ -54,8 +54,9 @@ mod registry;
 mod service;
 
 pub use breaker::CircuitState;
-pub use classify::{ByHost, DefaultFailure, FailureClassifier, KeyExtractor};
+pub use classify::{DefaultFailure, FailureClassifier};
 pub use future::ResponseFuture;
 pub use handle::CircuitHandle;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
+pub use sturdy_core::key::{ByHost, KeyExtractor};

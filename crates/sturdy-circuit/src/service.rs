@@ -7,9 +7,10 @@ use sturdy_core::{BoxError, CircuitOpen};
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::classify::{FailureClassifier, KeyExtractor};
+use crate::classify::FailureClassifier;
 use crate::future::ResponseFuture;
 use crate::registry::{Local, Permit, Registry};
+use sturdy_core::key::KeyExtractor;
 
 /// The service made by [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
 ///

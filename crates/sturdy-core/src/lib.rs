@@ -10,6 +10,7 @@
 //!   the structured-field items sturdy needs;
 //! - [`body`]: buffering a body with a size limit, for replay, fingerprinting and signatures;
 //! - [`clock`]: the one place that reads the wall clock, so tests can fake it;
+//! - [`key`]: which key (host, token, tenant) a limiter or breaker keeps its state under;
 //! - [`trace`]: the decision trace that layers append to.
 //!
 //! # Example
@@ -37,11 +38,13 @@ pub mod classify;
 pub mod clock;
 mod error;
 pub mod headers;
+pub mod key;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
 pub use clock::{SystemClock, WallClock};
 pub use error::{BoxError, CircuitOpen, Error, ErrorKind, RateLimited};
+pub use key::{ByHost, KeyExtractor};
 pub use trace::{Trace, TraceEvent};
 
 /// Formats a duration for people and language models: `250ms`, `30s`, `2m 5s`, `1h 3m`.

@@ -1,0 +1,63 @@
+//! Choosing the key a limiter or breaker keeps its state under.
+
+use std::borrow::Cow;
+
+use http::Request;
+
+/// Chooses the key of a request: the host by default ([`ByHost`]), or any function of the request
+/// (`Fn(&Request<B>) -> String`), e.g. per API token or per tenant.
+pub trait KeyExtractor<B> {
+    /// The key of `req`.
+    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str>;
+}
+
+/// One key per host: the URI's authority, else the `Host` header, else the empty string.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByHost;
+
+impl<B> KeyExtractor<B> for ByHost {
+    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
+        Cow::Borrowed(host(req))
+    }
+}
+
+impl<B, F> KeyExtractor<B> for F
+where
+    F: Fn(&Request<B>) -> String,
+{
+    fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
+        Cow::Owned(self(req))
+    }
+}
+
+/// The host of a request: the URI's authority, else the `Host` header, else `""`.
+pub fn host<B>(req: &Request<B>) -> &str {
+    match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_host_and_closures() {
+        let r = Request::get("http://api.example.com:8080/x")
+            .body(())
+            .unwrap();
+        assert_eq!(ByHost.key(&r), "api.example.com:8080");
+        let r = Request::get("/x")
+            .header("host", "h.example")
+            .body(())
+            .unwrap();
+        assert_eq!(ByHost.key(&r), "h.example");
+        let by_path = |r: &Request<()>| r.uri().path().to_owned();
+        assert_eq!(by_path.key(&r), "/x");
+    }
+}
