@@ -15,8 +15,9 @@ impl CircuitHandle {
     /// The state of the breaker for `key`, if it exists.
     pub fn state(&self, key: &str) -> Option<CircuitState> {
         self.registry
+            .map
             .find(key)
-            .map(|e| e.breaker.state(Instant::now()))
+            .map(|e| e.value().breaker.state(Instant::now()))
     }
 
     /// Every breaker and its state, sorted by key.
@@ -24,9 +25,10 @@ impl CircuitHandle {
         let now = Instant::now();
         let mut v: Vec<_> = self
             .registry
+            .map
             .all()
             .iter()
-            .map(|e| (e.key.to_string(), e.breaker.state(now)))
+            .map(|e| (e.key().to_owned(), e.value().breaker.state(now)))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -35,14 +37,14 @@ impl CircuitHandle {
     /// Isolates `key`: its breaker stays open until [`force_close`](Self::force_close).
     pub fn force_open(&self, key: &str) {
         let e = self.registry.get(key);
-        let t = e.breaker.force_open(Instant::now());
-        e.shared.report(&e.key, t);
+        let t = e.value().breaker.force_open(Instant::now());
+        e.value().shared.report(e.key(), t);
     }
 
     /// Resets `key`'s breaker to closed, forgetting its failures.
     pub fn force_close(&self, key: &str) {
         let e = self.registry.get(key);
-        let t = e.breaker.force_close(Instant::now());
-        e.shared.report(&e.key, t);
+        let t = e.value().breaker.force_close(Instant::now());
+        e.value().shared.report(e.key(), t);
     }
 }

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::registry::{OnChange, Registry};
 use crate::{CircuitBreaker, CircuitHandle};
 use sturdy_core::key::ByHost;
+use sturdy_core::keyed::SlotCache;
 
 /// Adds per-key circuit breakers; see the [crate docs](crate).
 ///
@@ -169,7 +170,7 @@ impl<S, K: Clone, C: Clone> Layer<S> for CircuitBreakerLayer<K, C> {
             registry: self.registry.clone(),
             key: self.key.clone(),
             classify: self.classify.clone(),
-            cached: None,
+            cached: SlotCache::default(),
         }
     }
 }

@@ -1,7 +1,7 @@
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use sturdy_core::keyed::{Idle, KeyedMap, Local, Slot};
 
 use tokio::time::Instant;
 
@@ -36,46 +36,44 @@ impl Shared {
 /// Every breaker of one layer, created lazily and bounded in number.
 pub(crate) struct Registry {
     pub(crate) shared: Arc<Shared>,
-    breakers: RwLock<HashMap<Box<str>, Arc<Entry>>>,
+    pub(crate) map: KeyedMap<Node>,
 }
 
-/// One breaker with its key.
-pub(crate) struct Entry {
-    pub(crate) key: Box<str>,
+/// One breaker, with what it shares with its siblings.
+pub(crate) struct Node {
     pub(crate) breaker: Breaker,
     pub(crate) shared: Arc<Shared>,
-    /// Set when the registry forgets this entry, so services drop their cached copy.
-    pub(crate) evicted: AtomicBool,
 }
 
-/// Key of the breaker shared by keys beyond `max_breakers`.
-const OVERFLOW: &str = "*";
+impl Idle for Node {
+    fn is_idle(&self) -> bool {
+        self.breaker.is_idle_closed()
+    }
+}
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
             .field("config", &self.shared.config)
-            .field(
-                "breakers",
-                &self.breakers.read().map(|m| m.len()).unwrap_or(0),
-            )
-            .finish_non_exhaustive()
+            .field("breakers", &self.map)
+            .finish()
     }
 }
 
-impl fmt::Debug for Entry {
+impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Entry")
-            .field("key", &self.key)
+        f.debug_struct("Node")
+            .field("breaker", &self.breaker)
             .finish_non_exhaustive()
     }
 }
 
 impl Registry {
     pub(crate) fn new(config: Config, on_change: Option<OnChange>) -> Self {
+        let max = config.max_breakers;
         Self {
             shared: Arc::new(Shared { config, on_change }),
-            breakers: RwLock::new(HashMap::new()),
+            map: KeyedMap::new(max),
         }
     }
 
@@ -83,69 +81,21 @@ impl Registry {
         &self.shared.config
     }
 
-    pub(crate) fn find(&self, key: &str) -> Option<Arc<Entry>> {
-        self.breakers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned()
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Arc<Entry> {
-        if let Some(e) = self.find(key) {
-            return e;
-        }
-        let mut map = self
-            .breakers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(e) = map.get(key) {
-            return e.clone();
-        }
-        let mut key = key;
-        if map.len() >= self.shared.config.max_breakers {
-            // Forget healthy breakers first; they hold no information worth keeping.
-            map.retain(|_, e| {
-                let keep = !e.breaker.is_idle_closed();
-                if !keep {
-                    e.evicted.store(true, Ordering::Release);
-                }
-                keep
-            });
-            if map.len() >= self.shared.config.max_breakers {
-                key = OVERFLOW;
-                if let Some(e) = map.get(key) {
-                    return e.clone();
-                }
-            }
-        }
-        let entry = Arc::new(Entry {
-            key: key.into(),
+    pub(crate) fn make(&self) -> impl FnOnce() -> Node + '_ {
+        || Node {
             breaker: Breaker::new(&self.shared.config, Instant::now()),
             shared: self.shared.clone(),
-            evicted: AtomicBool::new(false),
-        });
-        map.insert(key.into(), entry.clone());
-        entry
+        }
     }
 
-    pub(crate) fn all(&self) -> Vec<Arc<Entry>> {
-        self.breakers
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect()
+    pub(crate) fn get(&self, key: &str) -> Arc<Slot<Node>> {
+        self.map.get_or_insert_with(key, self.make())
     }
 }
 
-/// A service's own reference to an entry (see `CircuitBreaker::cached`).
-#[derive(Debug)]
-pub(crate) struct Local(pub(crate) Arc<Entry>);
-
 /// An admitted call's claim on its breaker. Dropping it unfinished gives a probe slot back.
 pub(crate) struct Permit {
-    pub(crate) local: Arc<Local>,
+    pub(crate) local: Arc<Local<Node>>,
     pub(crate) ticket: Ticket,
     pub(crate) done: bool,
 }
@@ -160,11 +110,11 @@ impl Permit {
             // An abandoned call in the closed state says nothing about the dependency.
             return;
         }
-        let entry = &self.local.0;
-        let t = entry
+        let node = self.local.value();
+        let t = node
             .breaker
-            .record(&entry.shared.config, self.ticket, failed, Instant::now());
-        entry.shared.report(&entry.key, t);
+            .record(&node.shared.config, self.ticket, failed, Instant::now());
+        node.shared.report(self.local.key(), t);
     }
 }
 
@@ -177,7 +127,7 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("key", &self.local.0.key)
+            .field("key", &self.local.key())
             .field("probe", &self.ticket.probe)
             .finish()
     }

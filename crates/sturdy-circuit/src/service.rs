@@ -1,4 +1,3 @@
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,8 +8,9 @@ use tower::Service;
 
 use crate::classify::FailureClassifier;
 use crate::future::ResponseFuture;
-use crate::registry::{Local, Permit, Registry};
+use crate::registry::{Node, Permit, Registry};
 use sturdy_core::key::KeyExtractor;
+use sturdy_core::keyed::SlotCache;
 
 /// The service made by [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
 ///
@@ -27,9 +27,7 @@ pub struct CircuitBreaker<S, K, C> {
     pub(crate) key: K,
     pub(crate) classify: C,
     /// The breaker of the last call, to skip the registry when the next call has the same key.
-    /// Behind an `Arc` of this service's own, so that the futures of services on different
-    /// threads count references on different cache lines rather than on the shared entry.
-    pub(crate) cached: Option<Arc<Local>>,
+    pub(crate) cached: SlotCache<Node>,
 }
 
 impl<S: std::fmt::Debug, K, C> std::fmt::Debug for CircuitBreaker<S, K, C> {
@@ -77,22 +75,17 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.key.key(&req);
-        let local = match &self.cached {
-            Some(l) if *l.0.key == *key && !l.0.evicted.load(Ordering::Acquire) => l.clone(),
-            _ => {
-                let l = Arc::new(Local(self.registry.get(&key)));
-                self.cached = Some(l.clone());
-                l
-            }
-        };
-        let entry = &local.0;
-        let (admitted, transition) = entry.breaker.admit(self.registry.config(), Instant::now);
-        entry.shared.report(&entry.key, transition);
+        let local = self
+            .cached
+            .get(&self.registry.map, &key, self.registry.make());
+        let node = local.value();
+        let (admitted, transition) = node.breaker.admit(self.registry.config(), Instant::now);
+        node.shared.report(local.key(), transition);
         match admitted {
-            Err(retry_in) => ResponseFuture::rejected(CircuitOpen::new(&*entry.key, retry_in)),
+            Err(retry_in) => ResponseFuture::rejected(CircuitOpen::new(local.key(), retry_in)),
             Ok(ticket) => {
                 let permit = Permit {
-                    local: local.clone(),
+                    local,
                     ticket,
                     done: false,
                 };

@@ -39,6 +39,7 @@ pub mod clock;
 mod error;
 pub mod headers;
 pub mod key;
+pub mod keyed;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
