@@ -1,0 +1,187 @@
+//! The generic cell rate algorithm, lock-free: one `AtomicU64` per key holds the theoretical
+//! arrival time (TAT) in nanoseconds since the limiter's origin.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A quota: a sustained rate and a burst.
+///
+/// `Quota::per_second(10)?.with_burst(5)?` lets 5 calls through at once, then one every 100 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    interval: Duration,
+    burst: u32,
+}
+
+/// A quota that cannot be enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidQuota(&'static str);
+
+impl fmt::Display for InvalidQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid quota: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidQuota {}
+
+impl Quota {
+    /// `calls` per `period`, spaced evenly, with a burst of 1.
+    ///
+    /// # Errors
+    /// When `calls` is 0 or `period` is zero.
+    pub fn new(calls: u32, period: Duration) -> Result<Self, InvalidQuota> {
+        if calls == 0 {
+            return Err(InvalidQuota("at least one call per period"));
+        }
+        if period.is_zero() {
+            return Err(InvalidQuota("the period must not be zero"));
+        }
+        let interval = period / calls;
+        if interval.is_zero() {
+            return Err(InvalidQuota("more than one call per nanosecond"));
+        }
+        Ok(Self { interval, burst: 1 })
+    }
+
+    /// `calls` per second, with a burst of 1.
+    ///
+    /// # Errors
+    /// When `calls` is 0.
+    pub fn per_second(calls: u32) -> Result<Self, InvalidQuota> {
+        Self::new(calls, Duration::from_secs(1))
+    }
+
+    /// `calls` per minute, with a burst of 1.
+    ///
+    /// # Errors
+    /// When `calls` is 0.
+    pub fn per_minute(calls: u32) -> Result<Self, InvalidQuota> {
+        Self::new(calls, Duration::from_secs(60))
+    }
+
+    /// Lets up to `burst` calls through at once.
+    ///
+    /// # Errors
+    /// When `burst` is 0.
+    pub fn with_burst(self, burst: u32) -> Result<Self, InvalidQuota> {
+        if burst == 0 {
+            return Err(InvalidQuota("the burst must be at least 1"));
+        }
+        Ok(Self { burst, ..self })
+    }
+
+    /// The time between two calls at the sustained rate.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The burst.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    fn interval_nanos(&self) -> u64 {
+        nanos(self.interval)
+    }
+
+    fn tolerance_nanos(&self) -> u64 {
+        nanos(self.interval).saturating_mul(u64::from(self.burst - 1))
+    }
+}
+
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a reservation got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reservation {
+    /// A slot, `wait` nanoseconds after the requested time.
+    Granted { wait: u64 },
+    /// No slot within the allowed wait; one would be `wait` nanoseconds away.
+    Denied { wait: u64 },
+}
+
+/// Reserves the next slot at or after `at`, unless it is more than `max_wait` after `at`.
+/// Reserving a future slot moves the TAT, so concurrent callers queue in order.
+pub(crate) fn reserve(tat: &AtomicU64, quota: &Quota, at: u64, max_wait: u64) -> Reservation {
+    let interval = quota.interval_nanos();
+    let tolerance = quota.tolerance_nanos();
+    let mut cur = tat.load(Ordering::Acquire);
+    loop {
+        let start = cur.max(at);
+        let wait = start.saturating_sub(tolerance).saturating_sub(at);
+        if wait > max_wait {
+            return Reservation::Denied { wait };
+        }
+        match tat.compare_exchange_weak(
+            cur,
+            start.saturating_add(interval),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Reservation::Granted { wait },
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn burst_then_spacing() {
+        let q = Quota::per_second(10).unwrap().with_burst(5).unwrap();
+        let tat = AtomicU64::new(0);
+        let waits: Vec<u64> = (0..8)
+            .map(|_| match reserve(&tat, &q, 1_000 * MS, u64::MAX) {
+                Reservation::Granted { wait } => wait / MS,
+                Reservation::Denied { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(waits, [0, 0, 0, 0, 0, 100, 200, 300]);
+    }
+
+    #[test]
+    fn denial_does_not_reserve() {
+        let q = Quota::per_second(1).unwrap();
+        let tat = AtomicU64::new(0);
+        assert_eq!(reserve(&tat, &q, 0, 0), Reservation::Granted { wait: 0 });
+        assert_eq!(
+            reserve(&tat, &q, 0, 0),
+            Reservation::Denied { wait: 1_000 * MS }
+        );
+        assert_eq!(
+            reserve(&tat, &q, 0, 0),
+            Reservation::Denied { wait: 1_000 * MS }
+        );
+        assert_eq!(
+            reserve(&tat, &q, 1_000 * MS, 0),
+            Reservation::Granted { wait: 0 }
+        );
+    }
+
+    #[test]
+    fn idle_time_refills_only_up_to_the_burst() {
+        let q = Quota::per_second(10).unwrap().with_burst(3).unwrap();
+        let tat = AtomicU64::new(0);
+        let later = 3_600_000 * MS;
+        let granted = (0..10)
+            .filter(|_| reserve(&tat, &q, later, 0) == Reservation::Granted { wait: 0 })
+            .count();
+        assert_eq!(granted, 3);
+    }
+
+    #[test]
+    fn invalid_quotas() {
+        assert!(Quota::per_second(0).is_err());
+        assert!(Quota::new(1, Duration::ZERO).is_err());
+        assert!(Quota::per_second(1).unwrap().with_burst(0).is_err());
+        assert!(Quota::new(u32::MAX, Duration::from_nanos(1)).is_err());
+    }
+}

@@ -1,0 +1,51 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sturdy_core::BoxError;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a shared quota store granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// A slot was reserved; go after `wait`.
+    Granted {
+        /// How long to wait first (zero: go now).
+        wait: Duration,
+    },
+    /// No slot within the allowed wait.
+    Denied {
+        /// When one would be free.
+        retry_after: Duration,
+    },
+}
+
+/// A quota kept outside this process (e.g. `sturdy-redis`), so several processes share it.
+///
+/// One call to [`reserve`](Self::reserve) decides one call to the API: it must be atomic in the
+/// store and cost one round trip.
+pub trait RemoteQuota: Send + Sync + fmt::Debug + 'static {
+    /// Reserves a slot for `key` no more than `max_wait` from now.
+    fn reserve(&self, key: &str, max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>>;
+
+    /// Tells every process to hold off `key` for `duration` (a server said so). The default does
+    /// nothing: pauses then stay in this process.
+    fn pause(&self, key: &str, duration: Duration) -> BoxFuture<Result<(), BoxError>> {
+        let _ = (key, duration);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// What the layer does when the remote store fails (unreachable, timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreError {
+    /// Let the call through (logged as a warning). The server's own limits, and the adaptive
+    /// pause on its 429s, still protect it. The default.
+    #[default]
+    Allow,
+    /// Fail the call with the store's error.
+    Fail,
+}

@@ -1,0 +1,137 @@
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use sturdy_core::key::KeyExtractor;
+use sturdy_core::keyed::SlotCache;
+use sturdy_core::{BoxError, RateLimited};
+use tower::Service;
+
+use crate::future::ResponseFuture;
+use crate::gcra::{nanos, reserve, Reservation};
+use crate::state::{KeyState, Shared};
+
+/// The service made by [`RateLimitLayer`](crate::RateLimitLayer).
+///
+/// # Clone
+/// Clones share the limiter state.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's: a call that must wait for a slot waits inside its response
+/// future (a timer, no polling loop), and a call that would wait longer than `max_wait` fails at
+/// once with [`RateLimited`]. After a wait, the inner service is driven to readiness again.
+#[derive(Clone)]
+pub struct RateLimit<S, K> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: K,
+    pub(crate) cache: SlotCache<KeyState>,
+}
+
+impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K> RateLimit<S, K> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+// ===== impl RateLimit =====
+
+impl<S, K, B, Rb> Service<Request<B>> for RateLimit<S, K>
+where
+    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyExtractor<B>,
+{
+    type Response = Response<Rb>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, Rb>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = &self.shared;
+        let key = self.key.key(&req);
+        let local = self.cache.get(&shared.map, &key, shared.make());
+        let now = shared.now();
+        let max_wait = nanos(shared.max_wait);
+        let deadline = now.saturating_add(max_wait);
+
+        // A pause a server asked for comes first.
+        let paused = local.value().paused_until.load(Ordering::Acquire);
+        if paused > deadline {
+            let err = RateLimited::new(std::time::Duration::from_nanos(paused - now))
+                .with_scope(local.key());
+            return ResponseFuture::rejected(Box::new(err));
+        }
+        let at = paused.max(now);
+
+        if let Some(remote) = &shared.remote {
+            let wait_left = std::time::Duration::from_nanos(deadline - at);
+            let fut = remote.reserve(local.key(), wait_left);
+            return ResponseFuture::remote(
+                fut,
+                self.inner.clone(),
+                req,
+                local,
+                self.shared.clone(),
+                deadline,
+                at,
+            );
+        }
+
+        let wait = match &shared.quota {
+            None => 0,
+            Some(q) => match reserve(&local.value().tat, q, at, deadline - at) {
+                Reservation::Granted { wait } => wait,
+                Reservation::Denied { wait } => {
+                    let retry_after = std::time::Duration::from_nanos(at - now + wait);
+                    let err = RateLimited::new(retry_after).with_scope(local.key());
+                    return ResponseFuture::rejected(Box::new(err));
+                }
+            },
+        };
+        let go_at = at + wait;
+        if go_at <= now {
+            // Take the service that was driven to readiness; leave a fresh clone behind.
+            let clone = self.inner.clone();
+            let mut ready = std::mem::replace(&mut self.inner, clone);
+            return ResponseFuture::called(ready.call(req), local, self.shared.clone());
+        }
+        tracing::trace!(
+            key = local.key(),
+            wait_ms = (go_at - now) / 1_000_000,
+            "waiting for a rate-limit slot"
+        );
+        ResponseFuture::sleeping(
+            self.shared.instant(go_at),
+            self.inner.clone(),
+            req,
+            local,
+            self.shared.clone(),
+            deadline,
+        )
+    }
+}
