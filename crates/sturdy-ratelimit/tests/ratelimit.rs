@@ -100,7 +100,7 @@ async fn ten_per_second_burst_five_admits_exactly_the_quota_over_ten_seconds() {
     // 5 at once, then one every 100 ms: t = 0.1 s .. 10.0 s.
     assert_eq!(within, 5 + 100);
     assert!(times[..5].iter().all(|t| t.is_zero()));
-    let mut sorted = times.clone();
+    let mut sorted = times;
     sorted.sort();
     for w in sorted[4..].windows(2) {
         assert_eq!(w[1] - w[0], Duration::from_millis(100), "spacing");
