@@ -8,6 +8,7 @@
 //! | (always) | [`core`] | `sturdy-core`: error kinds, classification, header parsers, body buffering |
 //! | `retry` | `retry` | `sturdy-retry`: `RetryLayer` |
 //! | `circuit` | `circuit` | `sturdy-circuit`: `CircuitBreakerLayer` |
+//! | `ratelimit` | `ratelimit` | `sturdy-ratelimit`: `RateLimitLayer` |
 //!
 //! # Example
 //!
@@ -43,6 +44,10 @@ pub use sturdy_retry as retry;
 /// Per-host circuit breakers with honest half-open probing ([`sturdy_circuit`]).
 #[cfg(feature = "circuit")]
 pub use sturdy_circuit as circuit;
+
+/// Client-side rate limiting that reacts to 429 and quota headers ([`sturdy_ratelimit`]).
+#[cfg(feature = "ratelimit")]
+pub use sturdy_ratelimit as ratelimit;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "retry"))]

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tower::Layer;
 
 use crate::remote::{OnStoreError, RemoteQuota};
-use crate::state::Shared;
+use crate::state::{Policy, Shared};
 use crate::{Quota, RateLimit};
 
 /// Limits the rate of calls per key and pauses every caller of a key when the server says so;
@@ -46,11 +46,11 @@ impl Settings {
     fn of(s: &Shared, max_keys: usize) -> Self {
         Self {
             quota: s.quota,
-            remote: s.remote.clone(),
-            on_store_error: s.on_store_error,
+            remote: s.policy.remote.clone(),
+            on_store_error: s.policy.on_store_error,
             max_wait: s.max_wait,
-            default_pause: s.default_pause,
-            clock: s.clock.clone(),
+            default_pause: s.policy.default_pause,
+            clock: s.policy.clock.clone(),
             max_keys,
         }
     }
@@ -58,13 +58,15 @@ impl Settings {
     fn build(self) -> Arc<Shared> {
         Arc::new(Shared {
             quota: self.quota,
-            remote: self.remote,
-            on_store_error: self.on_store_error,
             max_wait: self.max_wait,
-            default_pause: self.default_pause,
-            clock: self.clock,
+            policy: Arc::new(Policy {
+                origin: Instant::now(),
+                remote: self.remote,
+                on_store_error: self.on_store_error,
+                default_pause: self.default_pause,
+                clock: self.clock,
+            }),
             map: KeyedMap::new(self.max_keys),
-            origin: Instant::now(),
         })
     }
 }

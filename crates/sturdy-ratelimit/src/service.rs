@@ -75,7 +75,8 @@ where
         let shared = &self.shared;
         let key = self.key.key(&req);
         let local = self.cache.get(&shared.map, &key, shared.make());
-        let now = shared.now();
+        let policy = &local.value().policy;
+        let now = policy.now();
         let max_wait = nanos(shared.max_wait);
         let deadline = now.saturating_add(max_wait);
 
@@ -88,18 +89,10 @@ where
         }
         let at = paused.max(now);
 
-        if let Some(remote) = &shared.remote {
+        if let Some(remote) = &policy.remote {
             let wait_left = std::time::Duration::from_nanos(deadline - at);
             let fut = remote.reserve(local.key(), wait_left);
-            return ResponseFuture::remote(
-                fut,
-                self.inner.clone(),
-                req,
-                local,
-                self.shared.clone(),
-                deadline,
-                at,
-            );
+            return ResponseFuture::remote(fut, self.inner.clone(), req, local, deadline, at);
         }
 
         let wait = match &shared.quota {
@@ -118,20 +111,14 @@ where
             // Take the service that was driven to readiness; leave a fresh clone behind.
             let clone = self.inner.clone();
             let mut ready = std::mem::replace(&mut self.inner, clone);
-            return ResponseFuture::called(ready.call(req), local, self.shared.clone());
+            return ResponseFuture::called(ready.call(req), local);
         }
         tracing::trace!(
             key = local.key(),
             wait_ms = (go_at - now) / 1_000_000,
             "waiting for a rate-limit slot"
         );
-        ResponseFuture::sleeping(
-            self.shared.instant(go_at),
-            self.inner.clone(),
-            req,
-            local,
-            self.shared.clone(),
-            deadline,
-        )
+        let until = policy.instant(go_at);
+        ResponseFuture::sleeping(until, self.inner.clone(), req, local, deadline)
     }
 }

@@ -12,56 +12,54 @@ use crate::remote::{OnStoreError, RemoteQuota};
 
 /// One key's limiter state: the GCRA's TAT and the pause a server asked for, both in nanoseconds
 /// since the layer's origin.
+///
+/// Each key holds the layer's [`Policy`], cloned once when the key is first seen, so a call's
+/// future needs no other shared reference.
 #[derive(Debug)]
 pub(crate) struct KeyState {
     pub(crate) tat: AtomicU64,
     pub(crate) paused_until: AtomicU64,
-    origin: Instant,
+    pub(crate) policy: Arc<Policy>,
 }
 
 impl KeyState {
-    pub(crate) fn new(origin: Instant) -> Self {
+    pub(crate) fn new(policy: Arc<Policy>) -> Self {
         Self {
             tat: AtomicU64::new(0),
             paused_until: AtomicU64::new(0),
-            origin,
+            policy,
         }
     }
 }
 
 impl Idle for KeyState {
     fn is_idle(&self) -> bool {
-        let now = nanos(Instant::now().saturating_duration_since(self.origin));
+        let now = self.policy.now();
         self.tat.load(Ordering::Acquire) <= now && self.paused_until.load(Ordering::Acquire) <= now
     }
 }
 
-/// Everything the services of one layer share.
-pub(crate) struct Shared {
-    pub(crate) quota: Option<Quota>,
+/// What the futures of a layer need after the call: the clock origin and the reaction to pauses.
+pub(crate) struct Policy {
+    pub(crate) origin: Instant,
     pub(crate) remote: Option<Arc<dyn RemoteQuota>>,
     pub(crate) on_store_error: OnStoreError,
-    pub(crate) max_wait: Duration,
     pub(crate) default_pause: Duration,
     pub(crate) clock: Arc<dyn WallClock>,
-    pub(crate) map: KeyedMap<KeyState>,
-    pub(crate) origin: Instant,
 }
 
-impl fmt::Debug for Shared {
+impl fmt::Debug for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("quota", &self.quota)
+        f.debug_struct("Policy")
             .field("remote", &self.remote)
             .field("on_store_error", &self.on_store_error)
-            .field("max_wait", &self.max_wait)
             .field("default_pause", &self.default_pause)
-            .field("keys", &self.map)
             .finish_non_exhaustive()
     }
 }
 
-impl Shared {
+impl Policy {
+    /// Nanoseconds since the layer's origin.
     pub(crate) fn now(&self) -> u64 {
         nanos(Instant::now().saturating_duration_since(self.origin))
     }
@@ -69,9 +67,20 @@ impl Shared {
     pub(crate) fn instant(&self, n: u64) -> Instant {
         self.origin + Duration::from_nanos(n)
     }
+}
 
-    pub(crate) fn make(&self) -> impl FnOnce() -> KeyState {
-        let origin = self.origin;
-        move || KeyState::new(origin)
+/// Everything the services of one layer share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) quota: Option<Quota>,
+    pub(crate) max_wait: Duration,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) map: KeyedMap<KeyState>,
+}
+
+impl Shared {
+    /// Makes a key's state; the policy is cloned only when a key is new, not on every call.
+    pub(crate) fn make(&self) -> impl FnOnce() -> KeyState + '_ {
+        || KeyState::new(self.policy.clone())
     }
 }

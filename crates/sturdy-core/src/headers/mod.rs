@@ -15,7 +15,7 @@ use std::fmt;
 pub use date::{format_http_date, parse_http_date};
 pub use link::{next_link, parse_link, Link};
 pub use ratelimit::{
-    pause_hint, PauseHint, PauseSource, RateLimitItem, RateLimitPolicy, XRateLimit,
+    may_pause, pause_hint, PauseHint, PauseSource, RateLimitItem, RateLimitPolicy, XRateLimit,
 };
 pub use retry_after::RetryAfter;
 pub use uri::resolve_reference;

@@ -1,6 +1,6 @@
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 use super::sf::{self, BareItem, Member};
 use super::{date::parse_http_date, trim_ows, HeaderParseError, RetryAfter};
@@ -25,7 +25,7 @@ impl RateLimitItem {
     /// # Errors
     /// A malformed field (the draft says a client then ignores the whole field).
     pub fn from_headers(headers: &HeaderMap) -> Result<Vec<Self>, HeaderParseError> {
-        let members = list(headers, "ratelimit", "RateLimit")?;
+        let members = list(headers, &RATELIMIT, "RateLimit")?;
         members
             .iter()
             .map(|m| {
@@ -74,7 +74,7 @@ impl RateLimitPolicy {
     /// # Errors
     /// A malformed field.
     pub fn from_headers(headers: &HeaderMap) -> Result<Vec<Self>, HeaderParseError> {
-        let members = list(headers, "ratelimit-policy", "RateLimit-Policy")?;
+        let members = list(headers, &RATELIMIT_POLICY, "RateLimit-Policy")?;
         members
             .iter()
             .map(|m| {
@@ -107,9 +107,29 @@ impl RateLimitPolicy {
     }
 }
 
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// The de-facto names, by what they hold, in the order they are looked up.
+static LIMIT: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit"),
+    HeaderName::from_static("x-rate-limit-limit"),
+    HeaderName::from_static("ratelimit-limit"),
+];
+static REMAINING: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-rate-limit-remaining"),
+    HeaderName::from_static("ratelimit-remaining"),
+];
+static RESET: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-reset"),
+    HeaderName::from_static("x-rate-limit-reset"),
+    HeaderName::from_static("ratelimit-reset"),
+];
+
 fn list(
     headers: &HeaderMap,
-    name: &'static str,
+    name: &HeaderName,
     display: &'static str,
 ) -> Result<Vec<Member>, HeaderParseError> {
     if !headers.contains_key(name) {
@@ -162,14 +182,9 @@ impl XRateLimit {
     /// a Unix time in seconds (values from 10^9) or milliseconds (from 10^12), or an HTTP date.
     /// A reset in the past reads as zero. Unparseable values are ignored.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Self> {
-        const PREFIXES: [&str; 3] = ["x-ratelimit-", "x-rate-limit-", "ratelimit-"];
-        let get = |suffix: &str| {
-            PREFIXES
-                .iter()
-                .find_map(|p| headers.get(format!("{p}{suffix}").as_str()))
-        };
-        let int = |suffix: &str| {
-            get(suffix).and_then(|v| {
+        let get = |names: &[HeaderName; 3]| names.iter().find_map(|n| headers.get(n));
+        let int = |names: &[HeaderName; 3]| {
+            get(names).and_then(|v| {
                 std::str::from_utf8(trim_ows(v.as_bytes()))
                     .ok()?
                     .parse::<u64>()
@@ -177,9 +192,9 @@ impl XRateLimit {
             })
         };
         let out = Self {
-            limit: int("limit"),
-            remaining: int("remaining"),
-            reset: get("reset").and_then(|v| parse_reset(v.as_bytes(), now)),
+            limit: int(&LIMIT),
+            remaining: int(&REMAINING),
+            reset: get(&RESET).and_then(|v| parse_reset(v.as_bytes(), now)),
         };
         (out != Self::default()).then_some(out)
     }
@@ -229,6 +244,15 @@ pub struct PauseHint {
     pub delay: Duration,
     /// Which header said so.
     pub source: PauseSource,
+}
+
+/// Whether a response may carry a pause at all: a 429 or 503, or any of the quota headers. A
+/// cheap check (no parsing, no clock) to run before [`pause_hint`] on every response.
+pub fn may_pause(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::SERVICE_UNAVAILABLE
+        || headers.contains_key(&RATELIMIT)
+        || REMAINING.iter().any(|n| headers.contains_key(n))
 }
 
 /// What a response says about waiting, in the order the RateLimit draft asks for: `Retry-After`

@@ -1,0 +1,161 @@
+//! The rate-limit decision on the happy path (a permit is available), side by side with
+//! governor's `check()` and tower's `RateLimit`, single threaded and with 2 threads contending on
+//! one key.
+//!
+//! cargo bench --features ratelimit --bench ratelimit -- --warm-up-time 1 --measurement-time 3
+
+use std::future::Future;
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{criterion_main, Criterion};
+use http::{Request, Response, Uri};
+use sturdy::ratelimit::{Quota, RateLimitLayer};
+use tower::{service_fn, Layer, Service};
+
+fn now<F: Future>(f: F) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(f).poll(&mut cx) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("the bench services are always ready"),
+    }
+}
+
+fn request(uri: &Uri) -> Request<()> {
+    let mut r = Request::new(());
+    *r.uri_mut() = uri.clone();
+    r
+}
+
+fn bare() -> impl Service<Request<()>, Response = Response<()>, Error = std::convert::Infallible>
+       + Clone
+       + Send
+       + 'static {
+    service_fn(|_r: Request<()>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(())))
+    })
+}
+
+fn call<S: Service<Request<()>>>(svc: &mut S, uri: &Uri) {
+    let _ = now(std::future::poll_fn(|cx| svc.poll_ready(cx)));
+    let _ = black_box(now(svc.call(request(uri))));
+}
+
+/// A quota the bench never exhausts: a billion per second, with a burst of a billion.
+fn huge() -> Quota {
+    Quota::per_second(1_000_000_000)
+        .unwrap()
+        .with_burst(1_000_000_000)
+        .unwrap()
+}
+
+fn governor_limiter() -> governor::DefaultDirectRateLimiter {
+    let n = NonZeroU32::new(1_000_000_000).unwrap();
+    governor::RateLimiter::direct(governor::Quota::per_second(n).allow_burst(n))
+}
+
+fn single(c: &mut Criterion) {
+    let uri = Uri::from_static("http://api.example.com/orders");
+    let mut g = c.benchmark_group("ratelimit/permit available/1 thread");
+    g.bench_function("bare service (baseline)", |b| {
+        let mut svc = bare();
+        b.iter(|| call(&mut svc, &uri));
+    });
+    g.bench_function("sturdy RateLimit service", |b| {
+        let mut svc = RateLimitLayer::new(huge()).layer(bare());
+        b.iter(|| call(&mut svc, &uri));
+    });
+    g.bench_function("tower RateLimit service", |b| {
+        // tower's limiter needs a runtime for its timer; its state is per instance.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let mut svc = tower::limit::RateLimit::new(
+            bare(),
+            tower::limit::rate::Rate::new(1_000_000_000, Duration::from_secs(1)),
+        );
+        b.iter(|| call(&mut svc, &uri));
+    });
+    g.bench_function("governor check", |b| {
+        let lim = governor_limiter();
+        b.iter(|| black_box(lim.check()));
+    });
+    g.finish();
+}
+
+fn contended(c: &mut Criterion) {
+    let uri = Uri::from_static("http://api.example.com/orders");
+    let mut g = c.benchmark_group("ratelimit/permit available/2 threads");
+    g.bench_function("bare service (baseline)", |b| {
+        let svc = bare();
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let (mut s, uri) = (svc.clone(), uri.clone());
+                move || call(&mut s, &uri)
+            })
+        });
+    });
+    g.bench_function("sturdy RateLimit service", |b| {
+        let svc = RateLimitLayer::new(huge()).layer(bare());
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let (mut s, uri) = (svc.clone(), uri.clone());
+                move || call(&mut s, &uri)
+            })
+        });
+    });
+    g.bench_function("governor check", |b| {
+        let lim = std::sync::Arc::new(governor_limiter());
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let lim = lim.clone();
+                move || {
+                    let _ = black_box(lim.check());
+                }
+            })
+        });
+    });
+    g.finish();
+}
+
+fn two_threads<F, M>(iters: u64, make: M) -> Duration
+where
+    M: Fn() -> F,
+    F: FnMut() + Send + 'static,
+{
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let mut f = make();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                b.wait();
+                for _ in 0..iters / 2 {
+                    f();
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    // Benchmarks measure wall time; the clippy rule is for library code.
+    #[allow(clippy::disallowed_methods)]
+    let start = std::time::Instant::now();
+    for h in handles {
+        h.join().unwrap();
+    }
+    start.elapsed()
+}
+
+// criterion_group! makes an undocumented pub fn.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion::criterion_group!(benches, single, contended);
+}
+use group::benches;
+criterion_main!(benches);

@@ -1,0 +1,239 @@
+//! RedisQuota against the real Redis at STURDY_REDIS_URL (started by scripts/test.sh). When CI
+//! sets CI=true, a missing URL is a failure, not a skip.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use sturdy_core::{BoxError, RateLimited, WallClock};
+use sturdy_ratelimit::{OnStoreError, Quota, RateLimitLayer, RemoteQuota, Reserve};
+use sturdy_redis::RedisQuota;
+use tower::{service_fn, Layer, ServiceExt};
+
+fn redis_url() -> Option<String> {
+    match std::env::var("STURDY_REDIS_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("STURDY_REDIS_URL must be set in CI")
+        }
+        _ => {
+            eprintln!("STURDY_REDIS_URL is not set: skipping a Redis test");
+            None
+        }
+    }
+}
+
+/// A key prefix of this test run alone.
+fn prefix(test: &str) -> String {
+    let t = sturdy_core::SystemClock
+        .now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("sturdy-test:{test}:{}:{t}", std::process::id())
+}
+
+#[tokio::test]
+async fn two_instances_share_one_quota() {
+    let Some(url) = redis_url() else { return };
+    // 10 per minute with a burst of 10: within this test, exactly 10 calls fit, whoever makes them.
+    let quota = Quota::per_minute(10).unwrap().with_burst(10).unwrap();
+    let p = prefix("share");
+    let a = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    let b = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    let mut granted = 0;
+    let mut denied = Vec::new();
+    for i in 0..40 {
+        let q = if i % 2 == 0 { &a } else { &b };
+        match q
+            .try_reserve("api.example.com", Duration::ZERO)
+            .await
+            .unwrap()
+        {
+            Reserve::Granted { wait } => {
+                assert_eq!(wait, Duration::ZERO);
+                granted += 1;
+            }
+            Reserve::Denied { retry_after } => denied.push(retry_after),
+        }
+    }
+    assert_eq!(granted, 10);
+    assert_eq!(denied.len(), 30);
+    // The next slot is one interval (6 s) away, give or take the test's own run time.
+    assert!(
+        denied
+            .iter()
+            .all(|d| *d > Duration::from_secs(5) && *d <= Duration::from_secs(6)),
+        "{denied:?}"
+    );
+}
+
+#[tokio::test]
+async fn reservations_queue_in_order() {
+    let Some(url) = redis_url() else { return };
+    let quota = Quota::per_second(10).unwrap();
+    let q = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix("queue"));
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        match q.try_reserve("k", Duration::from_secs(10)).await.unwrap() {
+            Reserve::Granted { wait } => waits.push(wait),
+            Reserve::Denied { .. } => panic!("within max_wait"),
+        }
+    }
+    // 0, ~100, ~200, ~300, ~400 ms (less the round trips already spent).
+    for (i, w) in waits.iter().enumerate() {
+        let want = Duration::from_millis(100 * i as u64);
+        assert!(
+            *w <= want && want - *w < Duration::from_millis(50),
+            "slot {i}: {w:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_layers_as_two_processes_admit_the_quota_between_them() {
+    let Some(url) = redis_url() else { return };
+    let quota = Quota::per_minute(6).unwrap().with_burst(6).unwrap();
+    let p = prefix("layers");
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut layers = Vec::new();
+    for _ in 0..2 {
+        let remote = RedisQuota::connect(&url, quota)
+            .await
+            .unwrap()
+            .with_prefix(&p);
+        layers.push(
+            RateLimitLayer::new(quota)
+                .with_remote(Arc::new(remote))
+                .with_max_wait(Duration::ZERO),
+        );
+    }
+    let mut limited = 0;
+    for i in 0..20 {
+        let c = calls.clone();
+        let api = service_fn(move |_r: Request<()>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Response::new(())) }
+        });
+        let svc = layers[i % 2].layer(api);
+        match svc
+            .oneshot(Request::get("http://api.example.com/").body(()).unwrap())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(e.is::<RateLimited>(), "{e}");
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(limited, 14);
+}
+
+#[tokio::test]
+async fn pauses_are_shared_and_never_shortened() {
+    let Some(url) = redis_url() else { return };
+    let quota = Quota::per_second(100).unwrap();
+    let p = prefix("pause");
+    let a = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    let b = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    a.try_pause("k", Duration::from_secs(30)).await.unwrap();
+    b.try_pause("k", Duration::from_secs(2)).await.unwrap();
+    match b.try_reserve("k", Duration::from_secs(1)).await.unwrap() {
+        Reserve::Denied { retry_after } => {
+            assert!(retry_after > Duration::from_secs(29), "{retry_after:?}")
+        }
+        Reserve::Granted { .. } => panic!("the key is paused"),
+    }
+    // Through the trait, as the layer uses it.
+    let dyn_b: Arc<dyn RemoteQuota> = Arc::new(b);
+    assert!(matches!(
+        dyn_b.reserve("other", Duration::ZERO).await.unwrap(),
+        Reserve::Granted { .. }
+    ));
+}
+
+/// A port where nothing listens, and one that accepts and never answers.
+#[tokio::test]
+async fn redis_down_is_a_clear_error_not_a_hang() {
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let start = tokio::time::Instant::now();
+    let err = RedisQuota::connect(&format!("redis://{closed}/"), Quota::per_second(1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("could not connect to Redis"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
+
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            kept.push(s);
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let err = RedisQuota::connect(&format!("redis://{addr}/"), Quota::per_second(1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("Redis"), "{err}");
+    hold.abort();
+}
+
+#[tokio::test]
+async fn the_layer_chooses_fail_open_or_fail_closed() {
+    let Some(url) = redis_url() else { return };
+    // A quota whose every operation times out: a 1 ns budget.
+    let q = RedisQuota::connect(&url, Quota::per_second(1).unwrap())
+        .await
+        .unwrap()
+        .with_prefix(prefix("fail"))
+        .with_timeout(Duration::from_nanos(1));
+    let remote: Arc<dyn RemoteQuota> = Arc::new(q);
+    let api = service_fn(|_r: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
+    let open = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_remote(remote.clone())
+        .layer(api);
+    assert!(open
+        .oneshot(Request::get("http://a/").body(()).unwrap())
+        .await
+        .is_ok());
+    let api = service_fn(|_r: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
+    let closed = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_remote(remote)
+        .on_store_error(OnStoreError::Fail)
+        .layer(api);
+    let err = closed
+        .oneshot(Request::get("http://a/").body(()).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("rate-limit store failed"), "{err}");
+}
