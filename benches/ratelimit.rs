@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_main, Criterion};
 use http::{Request, Response, Uri};
-use sturdy::ratelimit::{Quota, RateLimitLayer};
+use sturdy::ratelimit::{DirectLimiter, Quota, RateLimitLayer};
 use tower::{service_fn, Layer, Service};
 
 fn now<F: Future>(f: F) -> F::Output {
@@ -85,6 +85,10 @@ fn single(c: &mut Criterion) {
         let lim = governor_limiter();
         b.iter(|| black_box(lim.check()));
     });
+    g.bench_function("sturdy DirectLimiter check", |b| {
+        let lim = DirectLimiter::new(huge());
+        b.iter(|| black_box(lim.check()));
+    });
     g.finish();
 }
 
@@ -106,6 +110,17 @@ fn contended(c: &mut Criterion) {
             two_threads(iters, || {
                 let (mut s, uri) = (svc.clone(), uri.clone());
                 move || call(&mut s, &uri)
+            })
+        });
+    });
+    g.bench_function("sturdy DirectLimiter check", |b| {
+        let lim = std::sync::Arc::new(DirectLimiter::new(huge()));
+        b.iter_custom(|iters| {
+            two_threads(iters, || {
+                let lim = lim.clone();
+                move || {
+                    let _ = black_box(lim.check());
+                }
             })
         });
     });

@@ -44,6 +44,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod direct;
 mod future;
 mod gcra;
 mod layer;
@@ -51,6 +52,7 @@ mod remote;
 mod service;
 mod state;
 
+pub use direct::DirectLimiter;
 pub use future::ResponseFuture;
 pub use gcra::{InvalidQuota, Quota};
 pub use layer::RateLimitLayer;

@@ -251,8 +251,9 @@ pub struct PauseHint {
 pub fn may_pause(status: StatusCode, headers: &HeaderMap) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::SERVICE_UNAVAILABLE
-        || headers.contains_key(&RATELIMIT)
-        || REMAINING.iter().any(|n| headers.contains_key(n))
+        || (!headers.is_empty()
+            && (headers.contains_key(&RATELIMIT)
+                || REMAINING.iter().any(|n| headers.contains_key(n))))
 }
 
 /// What a response says about waiting, in the order the RateLimit draft asks for: `Retry-After`
