@@ -6,6 +6,7 @@
 //! | feature | module | crate |
 //! |---|---|---|
 //! | (always) | [`core`] | `sturdy-core`: error kinds, classification, header parsers, body buffering |
+//! | `auth` | `auth` | `sturdy-auth`: `AuthLayer`, OAuth2 `ClientCredentials` |
 //! | `retry` | `retry` | `sturdy-retry`: `RetryLayer` |
 //! | `circuit` | `circuit` | `sturdy-circuit`: `CircuitBreakerLayer` |
 //! | `ratelimit` | `ratelimit` | `sturdy-ratelimit`: `RateLimitLayer` |
@@ -36,6 +37,10 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use sturdy_core as core;
+
+/// Authentication: static secrets, OAuth2 client credentials with a token cache ([`sturdy_auth`]).
+#[cfg(feature = "auth")]
+pub use sturdy_auth as auth;
 
 /// Retries: decorrelated jitter, Retry-After, budgets, an overall deadline ([`sturdy_retry`]).
 #[cfg(feature = "retry")]

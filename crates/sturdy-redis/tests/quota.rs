@@ -158,7 +158,7 @@ async fn pauses_are_shared_and_never_shortened() {
     b.try_pause("k", Duration::from_secs(2)).await.unwrap();
     match b.try_reserve("k", Duration::from_secs(1)).await.unwrap() {
         Reserve::Denied { retry_after } => {
-            assert!(retry_after > Duration::from_secs(29), "{retry_after:?}")
+            assert!(retry_after > Duration::from_secs(29), "{retry_after:?}");
         }
         Reserve::Granted { .. } => panic!("the key is paused"),
     }

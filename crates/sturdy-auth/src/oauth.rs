@@ -1,0 +1,690 @@
+//! OAuth2 client credentials (RFC 6749 §4.4) with a single-flight token cache.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use sturdy_core::{human_duration, BoxError, Error, ErrorKind};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+use crate::token::{BoxFuture, Token, TokenSource};
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAuth {
+    /// `Authorization: Basic` with the id and secret form-encoded first. The default.
+    #[default]
+    SecretBasic,
+    /// `client_id` and `client_secret` in the request body.
+    SecretPost,
+}
+
+/// Settings of a [`ClientCredentials`] source.
+#[derive(Clone)]
+struct Settings {
+    token_url: http::Uri,
+    client_id: String,
+    client_secret: SecretString,
+    auth: ClientAuth,
+    scopes: Vec<String>,
+    params: Vec<(String, String)>,
+    skew: Duration,
+    default_lifetime: Duration,
+    max_lifetime: Duration,
+    max_backoff: Duration,
+}
+
+/// A token fetched, and when to refresh it.
+struct Cached {
+    token: Token,
+    refresh_at: Instant,
+    expires_at: Instant,
+}
+
+type Outcome = Result<Token, Arc<Error>>;
+
+#[derive(Default)]
+struct State {
+    current: Option<Cached>,
+    inflight: Option<watch::Receiver<Option<Outcome>>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Arc<Error>>,
+}
+
+/// The token client: any service that sends the token request (usually the same hyper client,
+/// possibly with its own retry and timeout layers).
+type Fetch = Arc<
+    dyn Fn(Request<Full<Bytes>>) -> BoxFuture<Result<(StatusCode, Bytes), BoxError>> + Send + Sync,
+>;
+
+struct Inner {
+    settings: Settings,
+    fetch: Fetch,
+    state: Mutex<State>,
+}
+
+/// OAuth2 client credentials with a cache: a token is reused until `expiry - skew` (skew 60 s,
+/// but at most half the token's lifetime); N callers at expiry cause one token request
+/// (single-flight); a refresh that fails while the old token is still valid keeps the old token
+/// and backs off before trying again (1 s, doubling, at most 60 s); token-endpoint errors become
+/// errors that say what to fix.
+///
+/// `Debug` never shows the secret or a token.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.inner.settings;
+        f.debug_struct("ClientCredentials")
+            .field("token_url", &s.token_url)
+            .field("client_id", &s.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("auth", &s.auth)
+            .field("scopes", &s.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the token response at most this large.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+impl ClientCredentials {
+    /// Tokens from `token_url` for `client_id`/`client_secret`, requested through `client`.
+    ///
+    /// # Errors
+    /// When `token_url` is not a valid absolute URI.
+    pub fn new<S, Rb>(
+        client: S,
+        token_url: &str,
+        client_id: impl Into<String>,
+        client_secret: impl Into<SecretString>,
+    ) -> Result<Self, Error>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        Rb: Body + Send + 'static,
+        Rb::Data: Send,
+        Rb::Error: Into<BoxError>,
+    {
+        let token_url: http::Uri = token_url.parse().map_err(|e| {
+            Error::new(ErrorKind::Config, "the token URL is not a valid URI").with_source(e)
+        })?;
+        if token_url.scheme().is_none() || token_url.authority().is_none() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the token URL must be absolute (scheme and host)",
+            ));
+        }
+        let fetch: Fetch = Arc::new(move |req| {
+            let client = client.clone();
+            Box::pin(async move {
+                let res = client.oneshot(req).await.map_err(Into::into)?;
+                let status = res.status();
+                let body = sturdy_core::body::buffer(res.into_body(), MAX_TOKEN_RESPONSE).await?;
+                Ok((status, body))
+            })
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings: Settings {
+                    token_url,
+                    client_id: client_id.into(),
+                    client_secret: client_secret.into(),
+                    auth: ClientAuth::default(),
+                    scopes: Vec::new(),
+                    params: Vec::new(),
+                    skew: Duration::from_secs(60),
+                    default_lifetime: Duration::from_secs(3_600),
+                    max_lifetime: Duration::from_secs(86_400),
+                    max_backoff: Duration::from_secs(60),
+                },
+                fetch,
+                state: Mutex::new(State::default()),
+            }),
+        })
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.inner.settings.clone();
+        f(&mut settings);
+        self.inner = Arc::new(Inner {
+            settings,
+            fetch: self.inner.fetch.clone(),
+            state: Mutex::new(State::default()),
+        });
+        self
+    }
+
+    /// How the client authenticates [`ClientAuth::SecretBasic`].
+    #[must_use]
+    pub fn with_client_auth(self, auth: ClientAuth) -> Self {
+        self.edit(|s| s.auth = auth)
+    }
+
+    /// Requests these scopes (sent space-separated in `scope`).
+    #[must_use]
+    pub fn with_scopes<I: IntoIterator<Item = T>, T: Into<String>>(self, scopes: I) -> Self {
+        let scopes: Vec<String> = scopes.into_iter().map(Into::into).collect();
+        self.edit(|s| s.scopes = scopes)
+    }
+
+    /// Sends `audience` (used by several providers for client credentials).
+    #[must_use]
+    pub fn with_audience(self, audience: impl Into<String>) -> Self {
+        self.with_param("audience", audience)
+    }
+
+    /// Sends any other form parameter with the token request.
+    #[must_use]
+    pub fn with_param(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let (n, v) = (name.into(), value.into());
+        self.edit(|s| s.params.push((n, v)))
+    }
+
+    /// Refresh this long before expiry [60 s]; never more than half the token's lifetime, so a
+    /// short-lived token is not refreshed on every call.
+    #[must_use]
+    pub fn with_skew(self, skew: Duration) -> Self {
+        self.edit(|s| s.skew = skew)
+    }
+
+    /// The lifetime assumed when the server sends no `expires_in` [1 h].
+    #[must_use]
+    pub fn with_default_lifetime(self, lifetime: Duration) -> Self {
+        self.edit(|s| s.default_lifetime = lifetime.max(Duration::from_secs(1)))
+    }
+
+    /// The longest lifetime believed [24 h]; a larger `expires_in` is clamped to it.
+    #[must_use]
+    pub fn with_max_lifetime(self, lifetime: Duration) -> Self {
+        self.edit(|s| s.max_lifetime = lifetime.max(Duration::from_secs(1)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A valid token: the cached one, or a fresh one (one request however many callers wait).
+    ///
+    /// # Errors
+    /// When no valid token can be had: the token endpoint refused or failed, and the cached
+    /// token (if any) has expired.
+    pub async fn get(&self) -> Result<Token, BoxError> {
+        let mut rx = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            if let Some(c) = &st.current {
+                let backing_off = st.retry_at.is_some_and(|t| now < t);
+                if now < c.refresh_at || (backing_off && now < c.expires_at) {
+                    return Ok(c.token.clone());
+                }
+            } else if let (Some(t), Some(e)) = (st.retry_at, &st.last_error) {
+                if now < t {
+                    // Do not hammer a failing token endpoint: repeat its last answer until then.
+                    return Err(Box::new(SharedError(e.clone())));
+                }
+            }
+            match &st.inflight {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    st.inflight = Some(rx.clone());
+                    // The fetch runs as its own task, so a caller that gives up does not strand
+                    // the others.
+                    let this = self.clone();
+                    tokio::spawn(async move { this.refresh(tx).await });
+                    rx
+                }
+            }
+        };
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_else(|| unreachable!("waited for Some")),
+            Err(_) => {
+                return Err(Box::new(Error::new(
+                    ErrorKind::Auth,
+                    "the token refresh was abandoned (the runtime is shutting down)",
+                )));
+            }
+        };
+        match outcome {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let st = self.lock();
+                match &st.current {
+                    Some(c) if Instant::now() < c.expires_at => Ok(c.token.clone()),
+                    _ => Err(Box::new(SharedError(e))),
+                }
+            }
+        }
+    }
+
+    async fn refresh(self, tx: watch::Sender<Option<Outcome>>) {
+        let started = Instant::now();
+        let result = self.request_token().await.map_err(Arc::new);
+        let outcome = {
+            let mut st = self.lock();
+            st.inflight = None;
+            match result {
+                Ok((token, lifetime)) => {
+                    let skew = self.inner.settings.skew.min(lifetime / 2);
+                    let expires_at = started + lifetime;
+                    let token = Token::new(token, Some(expires_at));
+                    st.current = Some(Cached {
+                        token: token.clone(),
+                        refresh_at: expires_at - skew,
+                        expires_at,
+                    });
+                    st.failures = 0;
+                    st.retry_at = None;
+                    st.last_error = None;
+                    tracing::debug!(lifetime_s = lifetime.as_secs(), "fetched an access token");
+                    Ok(token)
+                }
+                Err(e) => {
+                    st.failures = st.failures.saturating_add(1);
+                    let backoff = Duration::from_secs(1 << st.failures.saturating_sub(1).min(6))
+                        .min(self.inner.settings.max_backoff);
+                    st.retry_at = Some(Instant::now() + backoff);
+                    st.last_error = Some(e.clone());
+                    let keeping = st
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| Instant::now() < c.expires_at);
+                    tracing::warn!(error = %e, retry_in = %human_duration(backoff), keeping_current_token = keeping, "token request failed");
+                    Err(e)
+                }
+            }
+        };
+        let _ = tx.send(Some(outcome));
+    }
+
+    fn build_request(&self) -> Request<Full<Bytes>> {
+        let s = &self.inner.settings;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        if !s.scopes.is_empty() {
+            form.append_pair("scope", &s.scopes.join(" "));
+        }
+        for (k, v) in &s.params {
+            form.append_pair(k, v);
+        }
+        if s.auth == ClientAuth::SecretPost {
+            form.append_pair("client_id", &s.client_id);
+            form.append_pair("client_secret", s.client_secret.expose_secret());
+        }
+        let mut req = Request::new(Full::new(Bytes::from(form.finish())));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = s.token_url.clone();
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if s.auth == ClientAuth::SecretBasic {
+            // RFC 6749 §2.3.1: form-encode id and secret, then Basic.
+            let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+            let pair = format!(
+                "{}:{}",
+                enc(&s.client_id),
+                enc(s.client_secret.expose_secret())
+            );
+            let value = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            );
+            if let Ok(mut v) = HeaderValue::from_str(&value) {
+                v.set_sensitive(true);
+                h.insert(header::AUTHORIZATION, v);
+            }
+        }
+        req
+    }
+
+    /// One token request: the token and its lifetime, or an error that says what to fix.
+    async fn request_token(&self) -> Result<(String, Duration), Error> {
+        let url = &self.inner.settings.token_url;
+        let (status, body) = (self.inner.fetch)(self.build_request())
+            .await
+            .map_err(|e| {
+                let kind = sturdy_core::classify::classify_error(&*e);
+                Error::new(
+                    kind,
+                    format!(
+                        "could not reach the token endpoint {}",
+                        url.authority().map_or("", |a| a.as_str())
+                    ),
+                )
+                .with_source(e)
+            })?;
+        parse_token_response(status, &body, &self.inner.settings)
+    }
+}
+
+/// Reads a token response (RFC 6749 §5.1 and §5.2).
+fn parse_token_response(
+    status: StatusCode,
+    body: &[u8],
+    s: &Settings,
+) -> Result<(String, Duration), Error> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if !status.is_success() {
+        if let Some(code) = json
+            .as_ref()
+            .and_then(|j| j.get("error"))
+            .and_then(Value::as_str)
+        {
+            let description = json
+                .as_ref()
+                .and_then(|j| j.get("error_description"))
+                .and_then(Value::as_str);
+            return Err(endpoint_error(status, code, description));
+        }
+        let kind = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            ErrorKind::from_status(status).unwrap_or(ErrorKind::Server(status))
+        } else {
+            ErrorKind::Auth
+        };
+        return Err(Error::new(
+            kind,
+            format!("the token endpoint answered {status} without an OAuth2 error"),
+        ));
+    }
+    let Some(Value::Object(obj)) = json else {
+        return Err(Error::new(
+            ErrorKind::Auth,
+            format!("the token endpoint answered {status} with a body that is not a JSON object"),
+        ));
+    };
+    let token = match obj.get("access_token") {
+        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::Auth,
+                "the token response has an empty or non-string access_token",
+            ))
+        }
+        None => {
+            return Err(Error::new(
+                ErrorKind::Auth,
+                "the token response has no access_token",
+            ))
+        }
+    };
+    match obj.get("token_type") {
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        None => tracing::debug!("token response without token_type; assuming Bearer"),
+        Some(other) => {
+            return Err(Error::new(ErrorKind::Auth, format!("the token endpoint issued a token of type {other}, but only Bearer tokens are supported")));
+        }
+    }
+    let lifetime = match obj.get("expires_in") {
+        None | Some(Value::Null) => s.default_lifetime,
+        Some(v) => {
+            let secs = match v {
+                Value::Number(n) => n.as_f64(),
+                Value::String(t) => t.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            match secs {
+                Some(x) if x.is_finite() && x >= 1.0 => {
+                    let d = Duration::try_from_secs_f64(x.floor()).unwrap_or(s.max_lifetime);
+                    if d > s.max_lifetime {
+                        tracing::warn!(
+                            expires_in = x,
+                            max_s = s.max_lifetime.as_secs(),
+                            "token lifetime clamped"
+                        );
+                    }
+                    d.min(s.max_lifetime)
+                }
+                Some(x) if x.is_finite() => {
+                    return Err(Error::new(ErrorKind::Auth, format!("the token endpoint issued a token that expires in {x} s (already expired); check the server's clock and token settings")));
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Auth,
+                        format!("the token response's expires_in is not a number of seconds: {v}"),
+                    ))
+                }
+            }
+        }
+    };
+    Ok((token, lifetime))
+}
+
+fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> Error {
+    let advice = match code {
+        "invalid_client" => "the client id or secret is wrong, or the client may not use this authentication method; check them",
+        "invalid_scope" => "a requested scope is unknown or not allowed for this client; check the scopes",
+        "invalid_grant" => "the grant was refused; check the client's permissions",
+        "unauthorized_client" => "this client may not use the client-credentials grant; enable it for the client",
+        "unsupported_grant_type" => "the server does not support the client-credentials grant",
+        "invalid_request" => "the token request was malformed (missing or repeated parameter); check the parameters",
+        _ => "the token endpoint refused the request",
+    };
+    let kind = if status.is_server_error() {
+        ErrorKind::Server(status)
+    } else {
+        ErrorKind::Auth
+    };
+    let mut msg = format!("token request failed with {code} ({status}): {advice}");
+    if let Some(d) = description {
+        // The description is the server's text; keep it short.
+        let d: String = d.chars().take(200).collect();
+        msg.push_str(&format!(" [server says: {d}]"));
+    }
+    Error::new(kind, msg)
+}
+
+/// A token error shared by every caller that waited for the same refresh.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedError(Arc<Error>);
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The chain continues into the sturdy error, so classification sees its kind.
+        Some(&*self.0)
+    }
+}
+
+impl TokenSource for ClientCredentials {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        let this = self.clone();
+        Box::pin(async move { this.get().await })
+    }
+
+    fn invalidate(&self, token: &Token) {
+        let mut st = self.lock();
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.token.same_value(token))
+        {
+            tracing::debug!("the API refused the cached token; it will be refreshed");
+            st.current = None;
+            // A 401 is news: do not keep backing off from an earlier failure.
+            st.retry_at = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            token_url: "https://auth.example.com/token".parse().unwrap(),
+            client_id: "id".into(),
+            client_secret: "s".into(),
+            auth: ClientAuth::SecretBasic,
+            scopes: vec![],
+            params: vec![],
+            skew: Duration::from_secs(60),
+            default_lifetime: Duration::from_secs(3_600),
+            max_lifetime: Duration::from_secs(86_400),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+
+    fn parse(status: u16, body: &str) -> Result<(String, Duration), Error> {
+        parse_token_response(
+            StatusCode::from_u16(status).unwrap(),
+            body.as_bytes(),
+            &settings(),
+        )
+    }
+
+    #[test]
+    fn rfc6749_example_and_lifetimes() {
+        let ok = parse(200, r#"{"access_token":"2YotnFZFEjr1zCsicMWpAA","token_type":"Bearer","expires_in":3600,"example_parameter":"example_value"}"#).unwrap();
+        assert_eq!(
+            ok,
+            ("2YotnFZFEjr1zCsicMWpAA".into(), Duration::from_secs(3_600))
+        );
+        assert_eq!(
+            parse(200, r#"{"access_token":"t","token_type":"bearer"}"#)
+                .unwrap()
+                .1,
+            Duration::from_secs(3_600)
+        );
+        assert_eq!(
+            parse(
+                200,
+                r#"{"access_token":"t","token_type":"BEARER","expires_in":"120"}"#
+            )
+            .unwrap()
+            .1,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            parse(
+                200,
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":30.9}"#
+            )
+            .unwrap()
+            .1,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            parse(
+                200,
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":1e12}"#
+            )
+            .unwrap()
+            .1,
+            Duration::from_secs(86_400)
+        );
+    }
+
+    #[test]
+    fn malformed_responses_say_what_is_wrong() {
+        let cases = [
+            (200, "not json", "not a JSON object"),
+            (200, "[1,2]", "not a JSON object"),
+            (200, r#"{"token_type":"Bearer"}"#, "no access_token"),
+            (
+                200,
+                r#"{"access_token":"","token_type":"Bearer"}"#,
+                "empty or non-string access_token",
+            ),
+            (
+                200,
+                r#"{"access_token":5}"#,
+                "empty or non-string access_token",
+            ),
+            (
+                200,
+                r#"{"access_token":"t","token_type":"mac"}"#,
+                "only Bearer tokens",
+            ),
+            (
+                200,
+                r#"{"access_token":"t","expires_in":0}"#,
+                "already expired",
+            ),
+            (
+                200,
+                r#"{"access_token":"t","expires_in":-5}"#,
+                "already expired",
+            ),
+            (
+                200,
+                r#"{"access_token":"t","expires_in":"soon"}"#,
+                "not a number of seconds",
+            ),
+            (
+                200,
+                r#"{"access_token":"t","expires_in":true}"#,
+                "not a number of seconds",
+            ),
+            (
+                401,
+                r#"{"error":"invalid_client"}"#,
+                "client id or secret is wrong",
+            ),
+            (
+                400,
+                r#"{"error":"invalid_scope","error_description":"scope 'admin' is not allowed"}"#,
+                "check the scopes",
+            ),
+            (
+                400,
+                r#"{"error":"unauthorized_client"}"#,
+                "enable it for the client",
+            ),
+            (
+                400,
+                r#"{"error":"unsupported_grant_type"}"#,
+                "does not support the client-credentials grant",
+            ),
+            (400, r#"{"error":"invalid_request"}"#, "malformed"),
+            (400, r#"{"error":"invalid_grant"}"#, "grant was refused"),
+            (
+                502,
+                "<html>bad gateway</html>",
+                "502 Bad Gateway without an OAuth2 error",
+            ),
+            (404, "", "404 Not Found without an OAuth2 error"),
+        ];
+        for (status, body, want) in cases {
+            let err = parse(status, body).unwrap_err();
+            assert!(err.to_string().contains(want), "{status} {body}: {err}");
+        }
+    }
+
+    #[test]
+    fn retryable_or_not() {
+        assert!(parse(503, "").unwrap_err().is_retryable());
+        assert!(parse(500, r#"{"error":"server_error"}"#)
+            .unwrap_err()
+            .is_retryable());
+        let e = parse(401, r#"{"error":"invalid_client"}"#).unwrap_err();
+        assert!(!e.is_retryable());
+        assert_eq!(e.kind(), &ErrorKind::Auth);
+    }
+}

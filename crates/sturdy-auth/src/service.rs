@@ -1,0 +1,125 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use secrecy::ExposeSecret;
+use sturdy_core::BoxError;
+use tower::Service;
+
+use crate::future::{Head, ResponseFuture, TokenCall};
+use crate::layer::Credentials;
+
+/// The service made by [`AuthLayer`](crate::AuthLayer).
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's. A call that needs a token waits for it in its response
+/// future and then drives the inner service to readiness again.
+#[derive(Clone)]
+pub struct Auth<S> {
+    pub(crate) inner: S,
+    pub(crate) creds: Arc<Credentials>,
+    pub(crate) replay_limit: usize,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("inner", &self.inner)
+            .field("creds", &self.creds)
+            .finish()
+    }
+}
+
+impl<S> Auth<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn with_query<B>(req: &mut Request<B>, param: &str, value: &str) {
+    let uri = req.uri().clone();
+    let mut parts = uri.into_parts();
+    let pq = parts.path_and_query.as_ref().map_or("/", |p| p.as_str());
+    let pair: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair(param, value)
+        .finish();
+    let sep = if pq.contains('?') { '&' } else { '?' };
+    if let Ok(new) = format!("{pq}{sep}{pair}").parse() {
+        parts.path_and_query = Some(new);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+// ===== impl Auth =====
+
+impl<S, B, Rb> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S::Error: Into<BoxError>,
+    B: Body + From<Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Rb>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match &*self.creds {
+            Credentials::Header(name, value) => {
+                req.headers_mut().insert(name.clone(), value.clone());
+                ResponseFuture::direct(self.inner.call(req))
+            }
+            Credentials::Query(param, value) => {
+                with_query(&mut req, param, value.expose_secret());
+                ResponseFuture::direct(self.inner.call(req))
+            }
+            Credentials::Token(source) => {
+                // The token is fetched first; the service is driven to readiness again after.
+                let svc = self.inner.clone();
+                let (parts, body) = req.into_parts();
+                let replayable = sturdy_core::body::fits(&body, self.replay_limit);
+                ResponseFuture::token(TokenCall::new(
+                    source.clone(),
+                    svc,
+                    Head::from(parts),
+                    body,
+                    replayable,
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_query;
+
+    #[test]
+    fn query_keys_are_encoded_and_appended() {
+        let mut r = http::Request::get("http://h/p?x=1").body(()).unwrap();
+        with_query(&mut r, "api_key", "a&b c");
+        assert_eq!(r.uri(), "http://h/p?x=1&api_key=a%26b+c");
+        let mut r = http::Request::get("http://h").body(()).unwrap();
+        with_query(&mut r, "k", "v");
+        assert_eq!(r.uri(), "http://h/?k=v");
+    }
+}

@@ -1,0 +1,450 @@
+//! Token caching, single flight, refresh and replay, on an in-process token endpoint with paused
+//! time.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials, TokenSource};
+use sturdy_core::{BoxError, ErrorKind};
+use tower::{service_fn, Layer, Service, ServiceExt};
+
+/// A token endpoint: counts requests, issues `tok-N` with `expires_in`, or answers from a script.
+#[derive(Clone)]
+struct TokenEndpoint {
+    requests: Arc<AtomicU32>,
+    expires_in: Arc<Mutex<serde_json::Value>>,
+    script: Arc<Mutex<Vec<(u16, String)>>>,
+    seen: Arc<Mutex<Vec<Request<Bytes>>>>,
+    delay: Duration,
+}
+
+impl TokenEndpoint {
+    fn new(expires_in: u64) -> Self {
+        Self {
+            requests: Arc::default(),
+            expires_in: Arc::new(Mutex::new(expires_in.into())),
+            script: Arc::default(),
+            seen: Arc::default(),
+            delay: Duration::from_millis(20),
+        }
+    }
+
+    fn count(&self) -> u32 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn fail_next(&self, status: u16, body: &str) {
+        self.script.lock().unwrap().push((status, body.to_owned()));
+    }
+
+    fn service(
+        &self,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        let this = self.clone();
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let this = this.clone();
+            async move {
+                let n = this.requests.fetch_add(1, Ordering::SeqCst) + 1;
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                this.seen
+                    .lock()
+                    .unwrap()
+                    .push(Request::from_parts(parts, body));
+                tokio::time::sleep(this.delay).await;
+                let (status, body) = match this.script.lock().unwrap().pop() {
+                    Some(s) => s,
+                    None => (200, serde_json::json!({ "access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": *this.expires_in.lock().unwrap() }).to_string()),
+                };
+                Ok(Response::builder()
+                    .status(status)
+                    .body(Full::from(body))
+                    .unwrap())
+            }
+        })
+    }
+
+    fn source(&self) -> ClientCredentials {
+        ClientCredentials::new(
+            self.service(),
+            "https://auth.example.com/oauth/token",
+            "my client",
+            "s3cr3t:+%",
+        )
+        .unwrap()
+    }
+}
+
+/// An API that accepts only the tokens in `valid`, and records which token each call carried.
+#[derive(Clone, Default)]
+struct Api {
+    valid: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<Vec<(String, Bytes)>>>,
+}
+
+impl Api {
+    fn accept_all_tokens() -> Self {
+        Self::default()
+    }
+
+    fn service(
+        &self,
+    ) -> impl Service<
+        Request<Full<Bytes>>,
+        Response = Response<()>,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<Response<()>, BoxError>> + Send,
+    > + Clone
+           + Send {
+        let this = self.clone();
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let this = this.clone();
+            async move {
+                let auth = req.headers().get("authorization").map(|v| {
+                    assert!(v.is_sensitive());
+                    v.to_str().unwrap().trim_start_matches("Bearer ").to_owned()
+                });
+                let auth = auth.unwrap_or_default();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                this.calls.lock().unwrap().push((auth.clone(), body));
+                let valid = this.valid.lock().unwrap();
+                let ok = valid.is_empty() || valid.contains(&auth);
+                Ok(Response::builder()
+                    .status(if ok { 200 } else { 401 })
+                    .body(())
+                    .unwrap())
+            }
+        })
+    }
+}
+
+fn get() -> Request<Full<Bytes>> {
+    Request::get("http://api.example.com/orders")
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_hundred_concurrent_calls_on_a_cold_cache_make_one_token_request() {
+    let ep = TokenEndpoint::new(3_600);
+    let api = Api::accept_all_tokens();
+    let svc = AuthLayer::oauth2(ep.source()).layer(api.service());
+    let calls: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(ep.count(), 1);
+    assert!(api.calls.lock().unwrap().iter().all(|(t, _)| t == "tok-1"));
+
+    // After the lifetime, one more (for 200 more concurrent calls).
+    tokio::time::advance(Duration::from_secs(3_600)).await;
+    let calls: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(ep.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_happens_skew_before_expiry() {
+    let ep = TokenEndpoint::new(3_600);
+    let src = ep.source();
+    src.get().await.unwrap();
+    tokio::time::advance(Duration::from_secs(3_600 - 61)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 2, "refreshed 60 s before expiry");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_30_second_token_is_not_refreshed_on_every_call() {
+    let ep = TokenEndpoint::new(30);
+    let src = ep.source();
+    for _ in 0..140 {
+        src.get().await.unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    // 14 s of calls: the skew is capped at half the lifetime (15 s), so still one token.
+    assert_eq!(ep.count(), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_refresh_keeps_the_valid_token_and_backs_off() {
+    let ep = TokenEndpoint::new(100);
+    let src = ep.source();
+    let first = src.get().await.unwrap();
+    // At 60 s the token is due (skew 50 s); the endpoint is down for a while.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    for _ in 0..5 {
+        ep.fail_next(503, "unavailable");
+    }
+    let t = src.get().await.unwrap();
+    assert!(t.same_value(&first), "kept the still-valid token");
+    assert_eq!(ep.count(), 2);
+    // Many calls during the backoff: no new token request.
+    for _ in 0..50 {
+        assert!(src.get().await.unwrap().same_value(&first));
+    }
+    assert_eq!(ep.count(), 2);
+    // After the backoff (1 s), one more try (still failing), then 2 s.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 3);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 3, "backing off 2 s now");
+    // Once the old token has expired and the endpoint still fails, the error shows.
+    tokio::time::advance(Duration::from_secs(40)).await;
+    ep.script.lock().unwrap().clear();
+    ep.fail_next(503, "unavailable");
+    let err = src.get().await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    assert!(sturdy_core::classify::classify_error(&*err).is_retryable());
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_callers_share_one_failure_and_then_back_off() {
+    let ep = TokenEndpoint::new(100);
+    ep.fail_next(401, r#"{"error":"invalid_client"}"#);
+    let src = ep.source();
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let s = src.clone();
+            tokio::spawn(async move { s.get().await })
+        })
+        .collect();
+    for c in calls {
+        let err = c.await.unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("client id or secret is wrong"),
+            "{err}"
+        );
+        assert_eq!(
+            sturdy_core::classify::classify_error(&*err),
+            ErrorKind::Auth
+        );
+    }
+    assert_eq!(ep.count(), 1);
+    // Immediately again: the endpoint is not hammered.
+    assert!(src.get().await.is_err());
+    assert_eq!(ep.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_401_refreshes_once_and_replays_the_same_body() {
+    let ep = TokenEndpoint::new(3_600);
+    let api = Api::default();
+    let svc = AuthLayer::oauth2(ep.source()).layer(api.service());
+    // The API first accepts only tok-2: tok-1 is "revoked".
+    api.valid.lock().unwrap().push("tok-2".into());
+    let req = Request::post("http://api.example.com/orders")
+        .body(Full::from(r#"{"n":1}"#))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(ep.count(), 2);
+    let calls = api.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].0, "tok-1");
+    assert_eq!(calls[1].0, "tok-2");
+    assert_eq!(calls[0].1, calls[1].1);
+    assert_eq!(calls[1].1, Bytes::from_static(br#"{"n":1}"#));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_401_is_returned_and_403_is_never_retried() {
+    let ep = TokenEndpoint::new(3_600);
+    let api = Api::default();
+    api.valid.lock().unwrap().push("nobody".into());
+    let svc = AuthLayer::oauth2(ep.source()).layer(api.service());
+    let res = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(api.calls.lock().unwrap().len(), 2);
+    assert_eq!(ep.count(), 2);
+
+    let forbidden = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(Response::builder().status(403).body(()).unwrap())
+    });
+    let n = Arc::new(AtomicU32::new(0));
+    let counted = {
+        let n = n.clone();
+        tower::ServiceBuilder::new()
+            .map_request(move |r| {
+                n.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+            .service(forbidden)
+    };
+    let svc = AuthLayer::oauth2(ep.source()).layer(counted);
+    assert_eq!(
+        svc.oneshot(get()).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_secret_basic_and_post_are_encoded_per_rfc6749() {
+    let ep = TokenEndpoint::new(60);
+    ep.source()
+        .with_scopes(["orders:read", "orders:write"])
+        .with_audience("https://api.example.com")
+        .get()
+        .await
+        .unwrap();
+    ep.source()
+        .with_client_auth(ClientAuth::SecretPost)
+        .get()
+        .await
+        .unwrap();
+    let seen = ep.seen.lock().unwrap();
+    // Basic: id and secret form-encoded first ("my client" => "my+client", ":+%" => "%3A%2B%25").
+    let basic = seen[0].headers()["authorization"]
+        .to_str()
+        .unwrap()
+        .strip_prefix("Basic ")
+        .unwrap();
+    use base64::Engine as _;
+    let decoded = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(basic)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(decoded, "my+client:s3cr3t%3A%2B%25");
+    assert!(seen[0].headers()["authorization"].is_sensitive());
+    assert_eq!(
+        seen[0].headers()["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    let form: Vec<(String, String)> = form_urlencoded::parse(seen[0].body())
+        .into_owned()
+        .collect();
+    assert_eq!(
+        form,
+        [
+            ("grant_type".into(), "client_credentials".into()),
+            ("scope".into(), "orders:read orders:write".into()),
+            ("audience".into(), "https://api.example.com".into())
+        ]
+    );
+    // Post: in the body, no Authorization.
+    assert!(seen[1].headers().get("authorization").is_none());
+    let form: Vec<(String, String)> = form_urlencoded::parse(seen[1].body())
+        .into_owned()
+        .collect();
+    assert!(form.contains(&("client_id".into(), "my client".into())));
+    assert!(form.contains(&("client_secret".into(), "s3cr3t:+%".into())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn odd_expires_in_values_are_safe() {
+    // Missing: the default lifetime (1 h).
+    let ep = TokenEndpoint::new(0);
+    *ep.expires_in.lock().unwrap() = serde_json::Value::Null;
+    let src = ep.source();
+    src.get().await.unwrap();
+    tokio::time::advance(Duration::from_secs(3_500)).await;
+    src.get().await.unwrap();
+    assert_eq!(ep.count(), 1);
+    // Zero or negative: a clear error, and no refresh loop.
+    for bad in [
+        serde_json::json!(0),
+        serde_json::json!(-60),
+        serde_json::json!("soon"),
+    ] {
+        let ep = TokenEndpoint::new(0);
+        *ep.expires_in.lock().unwrap() = bad.clone();
+        let src = ep.source();
+        let err = src.get().await.unwrap_err();
+        assert!(err.to_string().contains("expires"), "{bad}: {err}");
+        for _ in 0..20 {
+            let _ = src.get().await;
+        }
+        assert_eq!(ep.count(), 1, "{bad}: no refresh loop");
+    }
+    // Absurd: clamped to a day.
+    let ep = TokenEndpoint::new(0);
+    *ep.expires_in.lock().unwrap() = serde_json::json!(1e15);
+    let src = ep.source();
+    let t = src.get().await.unwrap();
+    let left = t.expires_at().unwrap() - tokio::time::Instant::now();
+    assert!(left <= Duration::from_secs(86_400));
+}
+
+#[tokio::test(start_paused = true)]
+async fn static_credentials() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let api = service_fn(move |req: Request<Full<Bytes>>| {
+        s2.lock()
+            .unwrap()
+            .push((req.uri().clone(), req.headers().clone()));
+        async { Ok::<_, BoxError>(Response::new(())) }
+    });
+    AuthLayer::api_key(http::HeaderName::from_static("x-api-key"), "k-123")
+        .unwrap()
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
+    AuthLayer::api_key_query("api_key", "k 123&x")
+        .layer(api.clone())
+        .oneshot(
+            Request::get("http://h/p?a=1")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    AuthLayer::basic("Aladdin", "open sesame")
+        .unwrap()
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0].1["x-api-key"], "k-123");
+    assert!(seen[0].1["x-api-key"].is_sensitive());
+    assert_eq!(seen[1].0, "http://h/p?a=1&api_key=k+123%26x");
+    assert_eq!(
+        seen[2].1["authorization"],
+        "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+    );
+    assert!(AuthLayer::basic("a:b", "x").is_err());
+    assert!(AuthLayer::bearer("bad\nvalue").is_err());
+}
+
+#[test]
+fn traits() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    fn assert_send<T: Send>() {}
+    type Mock = tower_test::mock::Mock<Request<Full<Bytes>>, Response<()>>;
+    assert_send_sync_clone::<AuthLayer>();
+    assert_send_sync_clone::<sturdy_auth::Auth<Mock>>();
+    assert_send::<sturdy_auth::ResponseFuture<Mock, Full<Bytes>>>();
+    assert_send_sync_clone::<ClientCredentials>();
+    fn is_source<T: TokenSource>() {}
+    is_source::<ClientCredentials>();
+}

@@ -1,0 +1,181 @@
+//! Auth against the chaos server's OAuth2 endpoint, over loopback in real time; and no secret in
+//! any Debug output or tracing event.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials};
+use sturdy_chaos::{http_client, ChaosServer, Knobs};
+use tower::{Layer, ServiceExt};
+
+const SECRET: &str = "chaos-secret-5f2e9";
+
+async fn server(lifetime: Duration) -> ChaosServer {
+    ChaosServer::start(Knobs {
+        require_auth: true,
+        client_secret: SECRET.into(),
+        token_lifetime: lifetime,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn get(s: &ChaosServer) -> Request<Full<Bytes>> {
+    Request::get(s.url("/orders"))
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_revoked_token_costs_one_401_and_one_refresh() {
+    let s = server(Duration::from_secs(3_600)).await;
+    let cc =
+        ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", SECRET).unwrap();
+    let client = AuthLayer::oauth2(cc).layer(http_client());
+    for _ in 0..5 {
+        assert_eq!(
+            client.clone().oneshot(get(&s)).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(s.stats().token_requests, 1);
+    s.revoke_tokens();
+    assert_eq!(
+        client.clone().oneshot(get(&s)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let st = s.stats();
+    assert_eq!(
+        (st.unauthorized, st.token_requests, st.tokens_issued),
+        (1, 2, 2)
+    );
+}
+
+#[tokio::test]
+async fn expiry_on_the_server_clock_is_met_by_a_refresh() {
+    // 2 s tokens: the skew is capped at half (1 s), so the client refreshes before the server
+    // would refuse the token.
+    let s = server(Duration::from_secs(2)).await;
+    let cc = ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", SECRET)
+        .unwrap()
+        .with_client_auth(ClientAuth::SecretPost);
+    let client = AuthLayer::oauth2(cc).layer(http_client());
+    assert_eq!(
+        client.clone().oneshot(get(&s)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        client.clone().oneshot(get(&s)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let st = s.stats();
+    assert_eq!((st.token_requests, st.unauthorized), (2, 0));
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_a_clear_error() {
+    let s = server(Duration::from_secs(60)).await;
+    let cc =
+        ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", "wrong").unwrap();
+    let client = AuthLayer::oauth2(cc).layer(http_client());
+    let err = client.oneshot(get(&s)).await.unwrap_err();
+    assert!(err.to_string().contains("invalid_client"), "{err}");
+    assert!(err.to_string().contains("check them"), "{err}");
+    assert_eq!(s.stats().api_requests, 0, "no call without a token");
+}
+
+#[tokio::test]
+async fn malformed_token_responses_from_the_wire() {
+    let s = server(Duration::from_secs(60)).await;
+    for (status, body, want) in [
+        (200, "<html>hello</html>", "not a JSON object"),
+        (200, r#"{"token_type":"Bearer"}"#, "no access_token"),
+        (
+            200,
+            r#"{"access_token":"x","token_type":"Bearer","expires_in":0}"#,
+            "already expired",
+        ),
+        (503, "busy", "503 Service Unavailable"),
+    ] {
+        s.update(|k| k.token_response = Some((status, body.into())));
+        let cc = ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", SECRET)
+            .unwrap();
+        let err = cc.get().await.unwrap_err();
+        assert!(err.to_string().contains(want), "{body}: {err}");
+    }
+}
+
+/// Collects everything tracing writes.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_in_debug_or_tracing() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let s = server(Duration::from_secs(3_600)).await;
+    let cc =
+        ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", SECRET).unwrap();
+    let token = cc.get().await.unwrap();
+    let token_value = secrecy::ExposeSecret::expose_secret(token.secret()).to_owned();
+    let layer = AuthLayer::oauth2(cc.clone());
+    let client = layer.layer(http_client());
+    // Exercise the paths that log: a 401 and refresh, a failing token endpoint, a bad secret.
+    s.revoke_tokens();
+    client.clone().oneshot(get(&s)).await.unwrap();
+    s.update(|k| k.token_fail_next = 1);
+    let current = cc.get().await.unwrap();
+    sturdy_auth::TokenSource::invalidate(&cc, &current);
+    let _ = cc.get().await;
+    let bad = ClientCredentials::new(
+        http_client(),
+        &s.url("/oauth/token"),
+        "client",
+        "wrong-secret-77",
+    )
+    .unwrap();
+    let _ = bad.get().await;
+
+    let debug = format!(
+        "{cc:?} {layer:?} {client:?} {token:?} {:?} {:?} {:?}",
+        AuthLayer::bearer("bearer-secret-1").unwrap(),
+        AuthLayer::api_key(http::HeaderName::from_static("x-api-key"), "api-secret-2").unwrap(),
+        AuthLayer::basic("u", "basic-secret-3").unwrap(),
+    );
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("401"), "the refresh was logged: {logs}");
+    for secret in [
+        SECRET,
+        token_value.as_str(),
+        "wrong-secret-77",
+        "bearer-secret-1",
+        "api-secret-2",
+        "basic-secret-3",
+    ] {
+        assert!(!debug.contains(secret), "Debug shows {secret}: {debug}");
+        assert!(!logs.contains(secret), "tracing shows {secret}");
+    }
+    let _ = std::io::stdout().flush();
+}
