@@ -10,6 +10,8 @@
 //! | `retry` | `retry` | `sturdy-retry`: `RetryLayer` |
 //! | `circuit` | `circuit` | `sturdy-circuit`: `CircuitBreakerLayer` |
 //! | `ratelimit` | `ratelimit` | `sturdy-ratelimit`: `RateLimitLayer` |
+//! | `idempotency` | `idempotency` | `sturdy-idempotency`: client and server `IdempotencyLayer` |
+//! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //!
 //! # Example
 //!
@@ -53,6 +55,14 @@ pub use sturdy_circuit as circuit;
 /// Client-side rate limiting that reacts to 429 and quota headers ([`sturdy_ratelimit`]).
 #[cfg(feature = "ratelimit")]
 pub use sturdy_ratelimit as ratelimit;
+
+/// Idempotency keys: client keys that survive retries, a server store for axum ([`sturdy_idempotency`]).
+#[cfg(feature = "idempotency")]
+pub use sturdy_idempotency as idempotency;
+
+/// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
+#[cfg(feature = "redis")]
+pub use sturdy_redis as redis;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "retry"))]

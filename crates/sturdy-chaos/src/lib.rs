@@ -13,6 +13,9 @@
 //! | `POST /oauth/token` | OAuth2 client credentials; tokens expire after [`Knobs::token_lifetime`] |
 //! | `GET /health` | `ok`, never faulted |
 //!
+//! [`serve`] wraps any axum app with the same faults (5xx before it, a closed connection after
+//! it), for testing server-side layers end to end.
+//!
 //! Every fault is a [`Knobs`] field, off by default, changeable while the server runs
 //! ([`ChaosServer::update`]). The server counts what it saw ([`ChaosServer::stats`]) and logs
 //! every request with its time ([`ChaosServer::requests`]), so tests assert on the server's truth:
@@ -43,6 +46,7 @@
 mod api;
 mod oauth;
 mod state;
+mod wrap;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -60,6 +64,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt as _;
 
 pub use state::{Knobs, RequestRecord, RetryAfterForm, ServerRateLimit, Stats};
+pub use wrap::{serve, FaultStats, Faults, Served};
 
 use state::{lock, Shared};
 

@@ -1,5 +1,7 @@
 //! Redis backends for sturdy, so several processes share one state.
 //!
+//! - [`RedisIdempotencyStore`]: the idempotency store for
+//!   `sturdy_idempotency::server::IdempotencyLayer`, so several app instances agree on keys.
 //! - [`RedisQuota`]: a rate-limit quota for `sturdy_ratelimit::RateLimitLayer::with_remote`.
 //!   One Lua script per decision (one round trip), atomic in Redis, timed by Redis's own clock
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
@@ -25,6 +27,10 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
+
+mod idempotency;
+
+pub use idempotency::RedisIdempotencyStore;
 
 use std::fmt;
 use std::time::Duration;
@@ -102,7 +108,7 @@ fn store_error(what: &str, e: redis::RedisError) -> BoxError {
     Box::new(Error::new(kind, what.to_owned()).with_source(e))
 }
 
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     timeout: Duration,
     what: &'static str,
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,

@@ -1,0 +1,137 @@
+//! The client side: one key per logical operation, kept across retries.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, HeaderValue, Method, Request};
+use sturdy_core::trace::TraceEvent;
+use sturdy_core::Trace;
+use tower::{Layer, Service};
+
+/// Sets `Idempotency-Key` to a fresh random UUID v4 on each POST and PATCH (configurable), unless
+/// the caller already set one. Place it **outside** the retry layer: the key is set once per
+/// logical call, and every retry sends the same key. The key is never derived from the payload,
+/// so two deliberate identical orders stay two orders.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use http::{Request, Response};
+/// use sturdy_idempotency::client::IdempotencyLayer;
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// let api = service_fn(|req: Request<()>| async move {
+///     let key = req.headers()["idempotency-key"].to_str().unwrap().to_owned();
+///     Ok::<_, std::convert::Infallible>(Response::new(key))
+/// });
+/// let client = ServiceBuilder::new().layer(IdempotencyLayer::new()).service(api);
+/// let key = client.oneshot(Request::post("http://api.example.com/orders").body(()).unwrap()).await.unwrap().into_body();
+/// assert_eq!(uuid::Uuid::parse_str(&key).unwrap().get_version_num(), 4);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Debug)]
+struct Config {
+    header: HeaderName,
+    methods: Vec<Method>,
+}
+
+impl Default for IdempotencyLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IdempotencyLayer {
+    /// Keys on POST and PATCH, in `Idempotency-Key`.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                header: HeaderName::from_static("idempotency-key"),
+                methods: vec![Method::POST, Method::PATCH],
+            }),
+        }
+    }
+
+    /// The header to set [`Idempotency-Key`].
+    pub fn with_header(self, header: HeaderName) -> Self {
+        Self {
+            config: Arc::new(Config {
+                header,
+                methods: self.config.methods.clone(),
+            }),
+        }
+    }
+
+    /// The methods that get a key [POST, PATCH].
+    pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        Self {
+            config: Arc::new(Config {
+                header: self.config.header.clone(),
+                methods: methods.into_iter().collect(),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by the client [`IdempotencyLayer`]. `poll_ready` is the inner service's.
+#[derive(Debug, Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Idempotency<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B> Service<Request<B>> for Idempotency<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if self.config.methods.contains(req.method())
+            && !req.headers().contains_key(&self.config.header)
+        {
+            let key = uuid::Uuid::new_v4().hyphenated().to_string();
+            if let Some(t) = Trace::of(&req) {
+                t.record(TraceEvent::IdempotencyKey(key.clone()));
+            }
+            let value = HeaderValue::from_str(&key).expect("a UUID is a valid header value");
+            req.headers_mut().insert(self.config.header.clone(), value);
+        }
+        self.inner.call(req)
+    }
+}

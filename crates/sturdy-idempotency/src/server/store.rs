@@ -1,0 +1,141 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sturdy_core::BoxError;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What identifies a request's content: SHA-256 over method, path and body.
+pub type Fingerprint = [u8; 32];
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: u16,
+    /// The headers, in order (connection-specific ones are not stored).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl StoredResponse {
+    /// Serializes to JSON. Header values and the body are written as strings whose characters are
+    /// the bytes (code points 0 to 255), which is lossless for any bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let headers: Vec<serde_json::Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| serde_json::json!([k, latin1(v)]))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "status": self.status,
+            "headers": headers,
+            "body": latin1(&self.body),
+        }))
+        .unwrap_or_default()
+    }
+
+    /// Reads what [`to_json`](Self::to_json) wrote.
+    pub fn from_json(bytes: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let status = u16::try_from(v.get("status")?.as_u64()?).ok()?;
+        let headers = v
+            .get("headers")?
+            .as_array()?
+            .iter()
+            .map(|h| {
+                Some((
+                    h.get(0)?.as_str()?.to_owned(),
+                    from_latin1(h.get(1)?.as_str()?)?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let body = Bytes::from(from_latin1(v.get("body")?.as_str()?)?);
+        Some(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Bytes held on the heap by this response.
+    pub fn heap_bytes(&self) -> usize {
+        self.body.len()
+            + self.headers.capacity() * std::mem::size_of::<(String, Vec<u8>)>()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.capacity() + v.capacity())
+                .sum::<usize>()
+    }
+}
+
+/// Each byte as the char with that code point: lossless and valid JSON.
+fn latin1(b: &[u8]) -> String {
+    b.iter().map(|&c| char::from(c)).collect()
+}
+
+fn from_latin1(s: &str) -> Option<Vec<u8>> {
+    s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect()
+}
+
+/// What [`IdempotencyStore::begin`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// No live entry: the key is now locked for this request, for the lease.
+    Started,
+    /// A request with this key and fingerprint is still running.
+    InFlight,
+    /// A request with this key and fingerprint completed; here is its response.
+    Completed(StoredResponse),
+    /// The key was used with another fingerprint (another payload, method or path).
+    Mismatch,
+}
+
+/// Where keys, locks and stored responses live. Implementations must make `begin` atomic: of
+/// many concurrent `begin`s for one key, exactly one gets [`Begin::Started`].
+pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
+    /// Looks the key up and, if it is free, locks it for `lease`.
+    fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>>;
+
+    /// Stores the response of the request that holds the lock, for `ttl`.
+    fn complete(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), BoxError>>;
+
+    /// Drops the lock without storing anything (a 5xx, a failed handler), so a retry can run.
+    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_every_byte() {
+        let r = StoredResponse {
+            status: 201,
+            headers: vec![
+                ("content-type".into(), b"application/json".to_vec()),
+                ("x-bin".into(), vec![0, 255, 128]),
+            ],
+            body: Bytes::from_static(&[0, 1, 2, 200, 255, b'"', b'\\']),
+        };
+        assert_eq!(StoredResponse::from_json(&r.to_json()), Some(r));
+        assert_eq!(StoredResponse::from_json(b"garbage"), None);
+    }
+}

@@ -1,0 +1,192 @@
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use sturdy_core::{BoxError, Error, ErrorKind};
+use sturdy_idempotency::server::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
+
+use crate::bounded;
+
+/// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
+/// lease (ms). Values: `i:<fp>` while running, `d:<fp>:<response>` when done.
+const BEGIN: &str = r"
+if redis.call('SET', KEYS[1], 'i:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then return {'started'} end
+local v = redis.call('GET', KEYS[1])
+local fp = string.sub(v, 3, 66)
+if fp ~= ARGV[1] then return {'mismatch'} end
+if string.sub(v, 1, 2) == 'i:' then return {'inflight'} end
+return {'done', string.sub(v, 68)}
+";
+
+/// Stores the response if this fingerprint still holds the lock. ARGV: fp, ttl (ms), response.
+const COMPLETE: &str = r"
+if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'd:' .. ARGV[1] .. ':' .. ARGV[3], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Drops the lock if this fingerprint holds it. ARGV: fp.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// An idempotency store in Redis, so several app instances agree on keys: the lock is a
+/// `SET NX PX` with the lease, completion and release are atomic scripts that act only for the
+/// fingerprint that holds the lock, and stored responses expire with their TTL. One round trip
+/// per operation, each bounded by a timeout [1 s].
+#[derive(Clone)]
+pub struct RedisIdempotencyStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    begin: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl fmt::Debug for RedisIdempotencyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIdempotencyStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(fp: &Fingerprint) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl RedisIdempotencyStore {
+    /// Connects to Redis at `url` (keys prefixed `sturdy:idem`).
+    ///
+    /// # Errors
+    /// When Redis cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        Ok(Self::new(
+            crate::connect(url, Duration::from_secs(1)).await?,
+        ))
+    }
+
+    /// A store on an existing connection.
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            prefix: "sturdy:idem".into(),
+            timeout: Duration::from_secs(1),
+            begin: Script::new(BEGIN),
+            complete: Script::new(COMPLETE),
+            release: Script::new(RELEASE),
+        }
+    }
+
+    /// The key prefix [`sturdy:idem`].
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The timeout of each operation [1 s].
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.prefix)
+    }
+}
+
+impl IdempotencyStore for RedisIdempotencyStore {
+    fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>> {
+        let this = self.clone();
+        let key = self.key(key);
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let mut inv = this.begin.key(key);
+            inv.arg(hex(&fingerprint)).arg(ms(lease));
+            let v: Vec<Vec<u8>> = bounded(
+                this.timeout,
+                "idempotency begin",
+                inv.invoke_async(&mut conn),
+            )
+            .await?;
+            match v.first().map(Vec::as_slice) {
+                Some(b"started") => Ok(Begin::Started),
+                Some(b"inflight") => Ok(Begin::InFlight),
+                Some(b"mismatch") => Ok(Begin::Mismatch),
+                Some(b"done") => v
+                    .get(1)
+                    .and_then(|r| StoredResponse::from_json(r))
+                    .map(Begin::Completed)
+                    .ok_or_else(|| {
+                        Box::new(Error::new(
+                            ErrorKind::Other,
+                            "a stored response in Redis could not be read",
+                        )) as BoxError
+                    }),
+                _ => Err(Box::new(Error::new(
+                    ErrorKind::Other,
+                    "unexpected answer from the idempotency script",
+                )) as BoxError),
+            }
+        })
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), BoxError>> {
+        let this = self.clone();
+        let key = self.key(key);
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let mut inv = this.complete.key(key);
+            inv.arg(hex(&fingerprint))
+                .arg(ms(ttl))
+                .arg(response.to_json());
+            let _: i64 = bounded(
+                this.timeout,
+                "idempotency complete",
+                inv.invoke_async(&mut conn),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
+        let this = self.clone();
+        let key = self.key(key);
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let mut inv = this.release.key(key);
+            inv.arg(hex(&fingerprint));
+            let _: i64 = bounded(
+                this.timeout,
+                "idempotency release",
+                inv.invoke_async(&mut conn),
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
