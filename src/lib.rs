@@ -11,6 +11,7 @@
 //! | `circuit` | `circuit` | `sturdy-circuit`: `CircuitBreakerLayer` |
 //! | `ratelimit` | `ratelimit` | `sturdy-ratelimit`: `RateLimitLayer` |
 //! | `idempotency` | `idempotency` | `sturdy-idempotency`: client and server `IdempotencyLayer` |
+//! | `paginate` | `paginate` | `sturdy-paginate`: `Paginate` streams and bounded pages |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //!
 //! # Example
@@ -59,6 +60,10 @@ pub use sturdy_ratelimit as ratelimit;
 /// Idempotency keys: client keys that survive retries, a server store for axum ([`sturdy_idempotency`]).
 #[cfg(feature = "idempotency")]
 pub use sturdy_idempotency as idempotency;
+
+/// Pagination: page and item streams, bounded pages for agent tools ([`sturdy_paginate`]).
+#[cfg(feature = "paginate")]
+pub use sturdy_paginate as paginate;
 
 /// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
 #[cfg(feature = "redis")]

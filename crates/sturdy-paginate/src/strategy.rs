@@ -1,0 +1,501 @@
+//! How an API pages: where the items are, and how to ask for the next page.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, Uri};
+use serde_json::Value;
+use sturdy_core::{Error, ErrorKind};
+
+/// A page as it came back.
+#[derive(Debug, Clone)]
+pub struct RawPage {
+    /// 1-based page number within this walk.
+    pub number: usize,
+    /// The URI it was requested from.
+    pub uri: Uri,
+    /// The status (always 2xx here; other statuses stop the walk earlier).
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl RawPage {
+    /// The body as JSON, or a pagination error naming the page.
+    ///
+    /// # Errors
+    /// When the body is not JSON.
+    pub fn json(&self) -> Result<Value, Error> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            Error::new(
+                ErrorKind::Pagination,
+                format!(
+                    "page {} ({}) is not JSON: {e}",
+                    self.number,
+                    self.uri.path()
+                ),
+            )
+        })
+    }
+
+    /// The array at `pointer` (RFC 6901; "" for the whole body).
+    ///
+    /// # Errors
+    /// When there is no array there.
+    pub fn items_at(&self, json: &Value, pointer: &str) -> Result<Vec<Value>, Error> {
+        match json.pointer(pointer) {
+            Some(Value::Array(a)) => Ok(a.clone()),
+            Some(other) => Err(self.malformed(&format!(
+                "{} is {}, not an array of items",
+                show(pointer),
+                kind(other)
+            ))),
+            None => Err(self.malformed(&format!("{} is missing", show(pointer)))),
+        }
+    }
+
+    /// A pagination error about this page.
+    pub fn malformed(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Pagination,
+            format!(
+                "page {} ({}) is not the expected JSON: {what}",
+                self.number,
+                self.uri.path()
+            ),
+        )
+    }
+}
+
+fn show(pointer: &str) -> String {
+    if pointer.is_empty() {
+        "the body".to_owned()
+    } else {
+        format!("`{pointer}`")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a page holds: its items and where the next one is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// The items.
+    pub items: Vec<Value>,
+    /// The cursor of the next page, or `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// A pagination scheme. Implement it for an API that pages some other way.
+///
+/// A cursor is an opaque string that the strategy makes and reads: a server cursor, a next URL,
+/// a page number, an offset.
+pub trait PageStrategy: Send + Sync + 'static {
+    /// The URI of the page at `cursor` (`None`: the first page), asking for `limit` items when the
+    /// API lets the client choose.
+    ///
+    /// # Errors
+    /// When the cursor cannot be turned into a URI.
+    fn uri(&self, base: &Uri, cursor: Option<&str>, limit: Option<usize>) -> Result<Uri, Error>;
+
+    /// Reads a page.
+    ///
+    /// # Errors
+    /// When the page is not what the strategy expects.
+    fn parse(
+        &self,
+        page: &RawPage,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Parsed, Error>;
+
+    /// Whether cursors are URLs to follow (checked against the first page's origin).
+    fn cursors_are_urls(&self) -> bool {
+        false
+    }
+}
+
+/// Sets (or replaces) query parameters of `base`.
+pub(crate) fn with_query(base: &Uri, set: &[(&str, String)]) -> Result<Uri, Error> {
+    let mut pairs: Vec<(String, String)> = base
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    for (k, v) in set {
+        pairs.retain(|(pk, _)| pk != k);
+        pairs.push(((*k).to_owned(), v.clone()));
+    }
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    let mut parts = base.clone().into_parts();
+    let path = base.path();
+    let pq = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    parts.path_and_query = Some(pq.parse().map_err(|e| {
+        Error::new(ErrorKind::Pagination, "could not build the page URI").with_source(e)
+    })?);
+    Uri::from_parts(parts).map_err(|e| {
+        Error::new(ErrorKind::Pagination, "could not build the page URI").with_source(e)
+    })
+}
+
+/// Cursor in a JSON body: items at one JSON pointer, the next cursor at another, sent back in a
+/// query parameter. E.g. `{"data": [...], "next_cursor": "c40"}`.
+#[derive(Debug, Clone)]
+pub struct JsonCursor {
+    items: String,
+    next: String,
+    cursor_param: String,
+    limit_param: Option<String>,
+}
+
+impl JsonCursor {
+    /// Items at `items`, the next cursor at `next` (JSON pointers), sent back as `?cursor=`;
+    /// the page size is sent as `?limit=`.
+    pub fn new(items: impl Into<String>, next: impl Into<String>) -> Self {
+        Self {
+            items: items.into(),
+            next: next.into(),
+            cursor_param: "cursor".into(),
+            limit_param: Some("limit".into()),
+        }
+    }
+
+    /// The query parameter that carries the cursor [`cursor`].
+    #[must_use]
+    pub fn cursor_param(mut self, name: impl Into<String>) -> Self {
+        self.cursor_param = name.into();
+        self
+    }
+
+    /// The query parameter for the page size [`limit`]; `None` if the API has none.
+    #[must_use]
+    pub fn limit_param(mut self, name: Option<&str>) -> Self {
+        self.limit_param = name.map(str::to_owned);
+        self
+    }
+}
+
+impl PageStrategy for JsonCursor {
+    fn uri(&self, base: &Uri, cursor: Option<&str>, limit: Option<usize>) -> Result<Uri, Error> {
+        let mut set = Vec::new();
+        if let Some(c) = cursor {
+            set.push((self.cursor_param.as_str(), c.to_owned()));
+        }
+        if let (Some(p), Some(l)) = (&self.limit_param, limit) {
+            set.push((p.as_str(), l.to_string()));
+        }
+        with_query(base, &set)
+    }
+
+    fn parse(&self, page: &RawPage, _: Option<&str>, _: Option<usize>) -> Result<Parsed, Error> {
+        let json = page.json()?;
+        let items = page.items_at(&json, &self.items)?;
+        let next = match json.pointer(&self.next) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(page.malformed(&format!(
+                    "the next cursor `{}` is {}",
+                    self.next,
+                    kind(other)
+                )))
+            }
+        };
+        Ok(Parsed { items, next })
+    }
+}
+
+/// RFC 8288 `Link: <...>; rel="next"`: the cursor is the next URL (resolved against the page's
+/// URI). Items are the array at a JSON pointer ("" for a body that is an array).
+#[derive(Debug, Clone)]
+pub struct LinkHeader {
+    items: String,
+    limit_param: Option<String>,
+}
+
+impl LinkHeader {
+    /// Items at `items`; the first page is asked for `?per_page=`.
+    pub fn new(items: impl Into<String>) -> Self {
+        Self {
+            items: items.into(),
+            limit_param: Some("per_page".into()),
+        }
+    }
+
+    /// The query parameter for the page size on the first page [`per_page`].
+    #[must_use]
+    pub fn limit_param(mut self, name: Option<&str>) -> Self {
+        self.limit_param = name.map(str::to_owned);
+        self
+    }
+}
+
+impl PageStrategy for LinkHeader {
+    fn uri(&self, base: &Uri, cursor: Option<&str>, limit: Option<usize>) -> Result<Uri, Error> {
+        match cursor {
+            Some(url) => url.parse().map_err(|e| {
+                Error::new(
+                    ErrorKind::Pagination,
+                    format!("the next link {url:?} is not a valid URI"),
+                )
+                .with_source(e)
+            }),
+            None => match (&self.limit_param, limit) {
+                (Some(p), Some(l)) => with_query(base, &[(p.as_str(), l.to_string())]),
+                _ => Ok(base.clone()),
+            },
+        }
+    }
+
+    fn parse(&self, page: &RawPage, _: Option<&str>, _: Option<usize>) -> Result<Parsed, Error> {
+        let json = page.json()?;
+        let items = page.items_at(&json, &self.items)?;
+        let next = sturdy_core::headers::next_link(&page.headers, &page.uri.to_string());
+        Ok(Parsed { items, next })
+    }
+
+    fn cursors_are_urls(&self) -> bool {
+        true
+    }
+}
+
+/// Page numbers: `?page=1&per_page=20`, stopping on an empty or short page, or when a total
+/// (at a JSON pointer) is reached.
+#[derive(Debug, Clone)]
+pub struct PageNumber {
+    items: String,
+    total: Option<String>,
+    page_param: String,
+    size_param: String,
+    first: usize,
+    page_size: usize,
+}
+
+impl PageNumber {
+    /// Items at `items`; pages from 1, `?page=` and `?per_page=`, 20 per page.
+    pub fn new(items: impl Into<String>) -> Self {
+        Self {
+            items: items.into(),
+            total: None,
+            page_param: "page".into(),
+            size_param: "per_page".into(),
+            first: 1,
+            page_size: 20,
+        }
+    }
+
+    /// The total number of items is at `pointer`; stop when it is reached.
+    #[must_use]
+    pub fn total(mut self, pointer: impl Into<String>) -> Self {
+        self.total = Some(pointer.into());
+        self
+    }
+
+    /// The parameter names [`page`, `per_page`].
+    #[must_use]
+    pub fn params(mut self, page: impl Into<String>, size: impl Into<String>) -> Self {
+        self.page_param = page.into();
+        self.size_param = size.into();
+        self
+    }
+
+    /// The number of the first page [1].
+    #[must_use]
+    pub fn first_page(mut self, n: usize) -> Self {
+        self.first = n;
+        self
+    }
+
+    /// Items per page when the caller does not say [20].
+    #[must_use]
+    pub fn page_size(mut self, n: usize) -> Self {
+        self.page_size = n.max(1);
+        self
+    }
+
+    fn number(&self, cursor: Option<&str>) -> Result<usize, Error> {
+        match cursor {
+            None => Ok(self.first),
+            Some(c) => c.parse().map_err(|_| {
+                Error::new(ErrorKind::Pagination, format!("{c:?} is not a page number"))
+            }),
+        }
+    }
+}
+
+impl PageStrategy for PageNumber {
+    fn uri(&self, base: &Uri, cursor: Option<&str>, limit: Option<usize>) -> Result<Uri, Error> {
+        let n = self.number(cursor)?;
+        let size = limit.unwrap_or(self.page_size);
+        with_query(
+            base,
+            &[
+                (self.page_param.as_str(), n.to_string()),
+                (self.size_param.as_str(), size.to_string()),
+            ],
+        )
+    }
+
+    fn parse(
+        &self,
+        page: &RawPage,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Parsed, Error> {
+        let json = page.json()?;
+        let items = page.items_at(&json, &self.items)?;
+        let n = self.number(cursor)?;
+        let size = limit.unwrap_or(self.page_size);
+        let done_by_total = match &self.total {
+            Some(p) => {
+                let total = json
+                    .pointer(p)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
+                // Servers cap page sizes, so the size that counts is the one this page has.
+                // Were this the short last page, the estimate is low, and the next page (empty)
+                // ends the walk.
+                let seen = (n + 1 - self.first).saturating_mul(items.len());
+                seen as u64 >= total
+            }
+            None => false,
+        };
+        // With a total, the total decides (a capped page size makes every page look short);
+        // without one, an empty or short page is the last.
+        let last = items.is_empty()
+            || if self.total.is_some() {
+                done_by_total
+            } else {
+                items.len() < size
+            };
+        let next = (!last).then(|| (n + 1).to_string());
+        Ok(Parsed { items, next })
+    }
+}
+
+/// Offset and limit: `?offset=0&limit=20`, stopping on an empty or short page, or at a total.
+#[derive(Debug, Clone)]
+pub struct OffsetLimit {
+    items: String,
+    total: Option<String>,
+    offset_param: String,
+    limit_param: String,
+    page_size: usize,
+}
+
+impl OffsetLimit {
+    /// Items at `items`; `?offset=` and `?limit=`, 20 per page.
+    pub fn new(items: impl Into<String>) -> Self {
+        Self {
+            items: items.into(),
+            total: None,
+            offset_param: "offset".into(),
+            limit_param: "limit".into(),
+            page_size: 20,
+        }
+    }
+
+    /// The total number of items is at `pointer`.
+    #[must_use]
+    pub fn total(mut self, pointer: impl Into<String>) -> Self {
+        self.total = Some(pointer.into());
+        self
+    }
+
+    /// The parameter names [`offset`, `limit`].
+    #[must_use]
+    pub fn params(mut self, offset: impl Into<String>, limit: impl Into<String>) -> Self {
+        self.offset_param = offset.into();
+        self.limit_param = limit.into();
+        self
+    }
+
+    /// Items per page when the caller does not say [20].
+    #[must_use]
+    pub fn page_size(mut self, n: usize) -> Self {
+        self.page_size = n.max(1);
+        self
+    }
+
+    fn offset(cursor: Option<&str>) -> Result<usize, Error> {
+        match cursor {
+            None => Ok(0),
+            Some(c) => c
+                .parse()
+                .map_err(|_| Error::new(ErrorKind::Pagination, format!("{c:?} is not an offset"))),
+        }
+    }
+}
+
+impl PageStrategy for OffsetLimit {
+    fn uri(&self, base: &Uri, cursor: Option<&str>, limit: Option<usize>) -> Result<Uri, Error> {
+        let offset = Self::offset(cursor)?;
+        let size = limit.unwrap_or(self.page_size);
+        with_query(
+            base,
+            &[
+                (self.offset_param.as_str(), offset.to_string()),
+                (self.limit_param.as_str(), size.to_string()),
+            ],
+        )
+    }
+
+    fn parse(
+        &self,
+        page: &RawPage,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Parsed, Error> {
+        let json = page.json()?;
+        let items = page.items_at(&json, &self.items)?;
+        let offset = Self::offset(cursor)?;
+        let size = limit.unwrap_or(self.page_size);
+        let next_offset = offset + items.len();
+        let done_by_total = match &self.total {
+            Some(p) => {
+                let total = json
+                    .pointer(p)
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
+                next_offset as u64 >= total
+            }
+            None => false,
+        };
+        let last = items.is_empty()
+            || if self.total.is_some() {
+                done_by_total
+            } else {
+                items.len() < size
+            };
+        let next = (!last).then(|| next_offset.to_string());
+        Ok(Parsed { items, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_set_and_replaced() {
+        let base: Uri = "http://h/orders?status=open&limit=5".parse().unwrap();
+        let u = with_query(&base, &[("limit", "20".into()), ("cursor", "a b&c".into())]).unwrap();
+        assert_eq!(u, "http://h/orders?status=open&limit=20&cursor=a+b%26c");
+    }
+}
