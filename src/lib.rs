@@ -12,6 +12,7 @@
 //! | `ratelimit` | `ratelimit` | `sturdy-ratelimit`: `RateLimitLayer` |
 //! | `idempotency` | `idempotency` | `sturdy-idempotency`: client and server `IdempotencyLayer` |
 //! | `paginate` | `paginate` | `sturdy-paginate`: `Paginate` streams and bounded pages |
+//! | `webhook` | `webhook` | `sturdy-webhook`: `WebhookReceiver`, verifiers, queues |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //!
 //! # Example
@@ -64,6 +65,10 @@ pub use sturdy_idempotency as idempotency;
 /// Pagination: page and item streams, bounded pages for agent tools ([`sturdy_paginate`]).
 #[cfg(feature = "paginate")]
 pub use sturdy_paginate as paginate;
+
+/// Webhooks: verified, deduplicated, acknowledged fast ([`sturdy_webhook`]).
+#[cfg(feature = "webhook")]
+pub use sturdy_webhook as webhook;
 
 /// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
 #[cfg(feature = "redis")]

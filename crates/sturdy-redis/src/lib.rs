@@ -2,6 +2,9 @@
 //!
 //! - [`RedisIdempotencyStore`]: the idempotency store for
 //!   `sturdy_idempotency::server::IdempotencyLayer`, so several app instances agree on keys.
+//! - [`RedisStreamQueue`] and [`RedisStreamConsumer`]: a durable webhook queue for
+//!   `sturdy_webhook::WebhookReceiver` on a Redis Stream with a consumer group; an event is
+//!   removed only after its handler acknowledged it, and one a crashed worker left is taken over.
 //! - [`RedisQuota`]: a rate-limit quota for `sturdy_ratelimit::RateLimitLayer::with_remote`.
 //!   One Lua script per decision (one round trip), atomic in Redis, timed by Redis's own clock
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
@@ -29,8 +32,10 @@
 #![forbid(unsafe_code)]
 
 mod idempotency;
+mod stream;
 
 pub use idempotency::RedisIdempotencyStore;
+pub use stream::{Delivery, RedisStreamConsumer, RedisStreamQueue};
 
 use std::fmt;
 use std::time::Duration;
