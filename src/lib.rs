@@ -13,6 +13,7 @@
 //! | `idempotency` | `idempotency` | `sturdy-idempotency`: client and server `IdempotencyLayer` |
 //! | `paginate` | `paginate` | `sturdy-paginate`: `Paginate` streams and bounded pages |
 //! | `webhook` | `webhook` | `sturdy-webhook`: `WebhookReceiver`, verifiers, queues |
+//! | `version` | `version` | `sturdy-version`: `VersionLayer` |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //!
 //! # Example
@@ -69,6 +70,10 @@ pub use sturdy_paginate as paginate;
 /// Webhooks: verified, deduplicated, acknowledged fast ([`sturdy_webhook`]).
 #[cfg(feature = "webhook")]
 pub use sturdy_webhook as webhook;
+
+/// API version pinning with Deprecation and Sunset notices ([`sturdy_version`]).
+#[cfg(feature = "version")]
+pub use sturdy_version as version;
 
 /// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
 #[cfg(feature = "redis")]
