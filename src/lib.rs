@@ -2,6 +2,7 @@
 //!
 //! Each mechanic is an independent `tower::Layer` in a crate of its own, re-exported here as a
 //! module behind a cargo feature of the same name (`full` enables all). [`core`] is always there.
+//! With `full`, `ClientBuilder` composes the client layers in the recommended order.
 //!
 //! | feature | module | crate |
 //! |---|---|---|
@@ -42,6 +43,11 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use sturdy_core as core;
+
+#[cfg(feature = "full")]
+mod client;
+#[cfg(feature = "full")]
+pub use client::{Client, ClientBuilder};
 
 /// Authentication: static secrets, OAuth2 client credentials with a token cache ([`sturdy_auth`]).
 #[cfg(feature = "auth")]

@@ -1,0 +1,153 @@
+//! The composed client stack against the chaos server, with every fault on at once.
+
+#![cfg(feature = "full")]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use sturdy::auth::{AuthLayer, ClientCredentials};
+use sturdy::circuit::CircuitBreakerLayer;
+use sturdy::core::trace::{DelaySource, TraceEvent};
+use sturdy::core::{CircuitOpen, Trace};
+use sturdy::retry::{Backoff, RetryLayer};
+use sturdy::version::VersionLayer;
+use sturdy::ClientBuilder;
+use sturdy_chaos::{http_client, ChaosServer, Knobs, RetryAfterForm};
+use tower::ServiceExt;
+
+fn retry() -> RetryLayer {
+    let backoff =
+        Backoff::decorrelated_jitter(Duration::from_millis(2), Duration::from_millis(40)).unwrap();
+    RetryLayer::new()
+        .with_backoff(backoff)
+        .with_max_attempts(8)
+        .with_seed(3)
+}
+
+#[tokio::test]
+async fn two_hundred_orders_through_every_fault_are_two_hundred_orders() {
+    let s = ChaosServer::start(Knobs {
+        seed: 42,
+        idempotency: true,
+        require_auth: true,
+        token_lifetime: Duration::from_secs(2),
+        api_version: Some("2024-06-01".into()),
+        error_rate: 0.1,
+        reset_after_commit_rate: 0.1,
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Seconds(1),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let tokens =
+        ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", "secret").unwrap();
+    let client = ClientBuilder::new()
+        .retry(Some(retry()))
+        .circuit_breaker(Some(
+            CircuitBreakerLayer::new().with_consecutive_failures(20),
+        ))
+        .auth(AuthLayer::oauth2(tokens))
+        .version(VersionLayer::header("api-version", "2024-06-01").unwrap())
+        .attempt_timeout(Some(Duration::from_secs(5)))
+        .build(http_client());
+    for n in 0..200 {
+        let req = Request::post(s.url("/orders"))
+            .header("content-type", "application/json")
+            .body(Full::from(format!("{{\"n\":{n}}}")))
+            .unwrap();
+        let res = client
+            .clone()
+            .oneshot(req)
+            .await
+            .unwrap_or_else(|e| panic!("order {n}: {e}"));
+        assert_eq!(res.status(), StatusCode::CREATED, "order {n}");
+    }
+    let st = s.stats();
+    assert_eq!(st.orders_committed, 200);
+    assert_eq!(st.duplicates_by_payload, 0);
+    assert!(
+        st.server_errors > 0 && st.resets > 0 && st.rate_limited == 1,
+        "{st:?}"
+    );
+    assert!(st.token_requests >= 1, "{st:?}");
+}
+
+#[tokio::test]
+async fn the_trace_tells_what_the_stack_did() {
+    let s = ChaosServer::start(Knobs {
+        fail_next: 1,
+        rate_limit_next: 0,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let client = ClientBuilder::new()
+        .retry(Some(retry()))
+        .build(http_client());
+    let trace = Trace::new();
+    let mut req = Request::post(s.url("/orders"))
+        .body(Full::from("{}"))
+        .unwrap();
+    req.extensions_mut().insert(trace.clone());
+    assert_eq!(
+        client.oneshot(req).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    let ev = trace.events();
+    assert!(
+        matches!(&ev[0], TraceEvent::IdempotencyKey(k) if k.len() == 36),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(&ev[1], TraceEvent::Attempt { number: 1, outcome } if outcome.starts_with("503")),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(
+            &ev[2],
+            TraceEvent::Delay {
+                source: DelaySource::Backoff,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+    assert!(
+        matches!(&ev[3], TraceEvent::Attempt { number: 2, outcome } if outcome.starts_with("201")),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_api_fails_fast_once_the_breaker_opens() {
+    let s = ChaosServer::start(Knobs {
+        error_rate: 1.0,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let client = ClientBuilder::new()
+        .retry(Some(retry().with_max_attempts(2)))
+        .build(http_client());
+    let get = || {
+        Request::get(s.url("/orders"))
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    for _ in 0..3 {
+        let _ = client.clone().oneshot(get()).await;
+    }
+    let before = s.stats().api_requests;
+    for _ in 0..50 {
+        let err = client.clone().oneshot(get()).await.unwrap_err();
+        assert!(err.is::<CircuitOpen>(), "{err}");
+    }
+    assert_eq!(
+        s.stats().api_requests,
+        before,
+        "no call reached the dead API"
+    );
+}
