@@ -9,9 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use sturdy::retry::{Backoff, RetryLayer};
+use sturdy::ClientBuilder;
 use sturdy_chaos::{http_client, ChaosServer, Knobs, RetryAfterForm};
-use sturdy_retry::{Backoff, RetryLayer};
-use tower::{Layer, ServiceExt};
+use tower::ServiceExt;
 
 const ORDERS: usize = 200;
 
@@ -105,18 +106,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     report("naive retry loop", &t, &server);
 
-    // 3. sturdy: one Idempotency-Key per order, RetryLayer with jitter, Retry-After and a budget.
+    // 3. sturdy: the composed stack (an Idempotency-Key per order, retries with jitter that honour
+    // Retry-After within a budget, a breaker and adaptive rate limiting per host).
     let server = ChaosServer::start(knobs()).await?;
     let backoff =
         Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(200))?;
-    let sturdy = RetryLayer::new()
-        .with_backoff(backoff)
-        .with_max_attempts(6)
-        .layer(http_client());
+    let sturdy = ClientBuilder::new()
+        .retry(Some(
+            RetryLayer::new().with_backoff(backoff).with_max_attempts(6),
+        ))
+        .build(http_client());
     let mut t = Tally::default();
     for n in 0..ORDERS {
-        let key = format!("demo-order-{n}");
-        match sturdy.clone().oneshot(order(&server, n, Some(&key))).await {
+        match sturdy.clone().oneshot(order(&server, n, None)).await {
             Ok(r) if r.status() == StatusCode::CREATED => t.ok += 1,
             Ok(r) => {
                 eprintln!("order {n}: {}", r.status());
@@ -128,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    report("sturdy (key + RetryLayer)", &t, &server);
+    report("sturdy ClientBuilder", &t, &server);
     let s = server.stats();
     println!(
         "\nsturdy: {} injected 5xx, {} closed connections and {} 429 ridden out; {} responses replayed by key.",

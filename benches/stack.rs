@@ -1,0 +1,78 @@
+//! The whole client stack on the happy path, over the bare service it wraps.
+//!
+//! cargo bench --features full --bench stack -- --warm-up-time 1 --measurement-time 3
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{criterion_main, Criterion};
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use sturdy::ClientBuilder;
+use tower::{service_fn, Service, ServiceExt};
+
+fn bare() -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<()>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response<()>, std::convert::Infallible>> + Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(|_r: Request<Full<Bytes>>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(())))
+    })
+}
+
+fn request(uri: &Uri, method: &http::Method) -> Request<Full<Bytes>> {
+    let mut r = Request::new(Full::new(Bytes::from_static(b"{\"item\":\"book\"}")));
+    *r.uri_mut() = uri.clone();
+    *r.method_mut() = method.clone();
+    r
+}
+
+fn stack(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let uri = Uri::from_static("http://api.example.com/orders");
+    let mut g = c.benchmark_group("stack/happy path");
+    for method in [http::Method::GET, http::Method::POST] {
+        g.bench_function(format!("bare service, {method}"), |b| {
+            let svc = bare();
+            b.iter(|| {
+                rt.block_on(async {
+                    black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
+                })
+            });
+        });
+        g.bench_function(format!("ClientBuilder default stack, {method}"), |b| {
+            let svc = ClientBuilder::new().build(bare());
+            b.iter(|| {
+                rt.block_on(async {
+                    black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
+                })
+            });
+        });
+        g.bench_function(format!("ClientBuilder without the per-attempt timer, {method}"), |b| {
+            let svc = ClientBuilder::new().attempt_timeout(None).build(bare());
+            b.iter(|| {
+                rt.block_on(async {
+                    black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
+                })
+            });
+        });
+    }
+    g.finish();
+}
+
+// criterion_group! makes an undocumented pub fn.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion::criterion_group!(benches, stack);
+}
+use group::benches;
+criterion_main!(benches);
