@@ -86,6 +86,6 @@ pub use sturdy_version as version;
 pub use sturdy_redis as redis;
 
 // The README's examples are compiled as doc tests.
-#[cfg(all(doctest, feature = "retry"))]
+#[cfg(all(doctest, feature = "full"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
