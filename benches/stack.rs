@@ -56,14 +56,17 @@ fn stack(c: &mut Criterion) {
                 })
             });
         });
-        g.bench_function(format!("ClientBuilder without the per-attempt timer, {method}"), |b| {
-            let svc = ClientBuilder::new().attempt_timeout(None).build(bare());
-            b.iter(|| {
-                rt.block_on(async {
-                    black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
-                })
-            });
-        });
+        g.bench_function(
+            format!("ClientBuilder without the per-attempt timer, {method}"),
+            |b| {
+                let svc = ClientBuilder::new().attempt_timeout(None).build(bare());
+                b.iter(|| {
+                    rt.block_on(async {
+                        black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
+                    })
+                });
+            },
+        );
     }
     g.finish();
 }
