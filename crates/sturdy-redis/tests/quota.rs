@@ -211,12 +211,23 @@ async fn redis_down_is_a_clear_error_not_a_hang() {
 #[tokio::test]
 async fn the_layer_chooses_fail_open_or_fail_closed() {
     let Some(url) = redis_url() else { return };
-    // A quota whose every operation times out: a 1 ns budget.
+    // A quota whose every decision fails in Redis: its state key holds the wrong type, so the
+    // script's GET errors (WRONGTYPE). Deterministic, unlike a race against a timeout.
+    let p = prefix("fail");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{p}:{{a}}:tat"))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
     let q = RedisQuota::connect(&url, Quota::per_second(1).unwrap())
         .await
         .unwrap()
-        .with_prefix(prefix("fail"))
-        .with_timeout(Duration::from_nanos(1));
+        .with_prefix(p);
+    assert!(q.try_reserve("a", Duration::ZERO).await.is_err());
     let remote: Arc<dyn RemoteQuota> = Arc::new(q);
     let api = service_fn(|_r: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
     let open = RateLimitLayer::new(Quota::per_second(1).unwrap())
