@@ -3,25 +3,17 @@
 //!
 //! cargo bench --bench circuit -- --warm-up-time 1 --measurement-time 3
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{now, two_threads};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use failsafe::CircuitBreaker as _;
 use http::{Request, Response, Uri};
 use sturdy::circuit::CircuitBreakerLayer;
 use tower::{service_fn, Layer, Service};
-
-/// Polls a future that is ready at once.
-fn now<F: Future>(f: F) -> F::Output {
-    let mut cx = Context::from_waker(Waker::noop());
-    match pin!(f).poll(&mut cx) {
-        Poll::Ready(v) => v,
-        Poll::Pending => unreachable!("the bench services are always ready"),
-    }
-}
 
 fn request(uri: &Uri) -> Request<()> {
     let mut r = Request::new(());
@@ -98,35 +90,6 @@ fn contended(c: &mut Criterion) {
         });
     });
     g.finish();
-}
-
-/// Runs `iters` calls split over 2 threads; returns the wall time per call times `iters`.
-fn two_threads<F, M>(iters: u64, make: M) -> std::time::Duration
-where
-    M: Fn() -> F,
-    F: FnMut() + Send + 'static,
-{
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
-    let handles: Vec<_> = (0..2)
-        .map(|_| {
-            let mut f = make();
-            let b = barrier.clone();
-            std::thread::spawn(move || {
-                b.wait();
-                for _ in 0..iters / 2 {
-                    f();
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    // Benchmarks measure wall time; the clippy rule is for library code.
-    #[allow(clippy::disallowed_methods)]
-    let start = std::time::Instant::now();
-    for h in handles {
-        h.join().unwrap();
-    }
-    start.elapsed()
 }
 
 // criterion_group! makes an undocumented pub fn.

@@ -4,25 +4,18 @@
 //!
 //! cargo bench --features ratelimit --bench ratelimit -- --warm-up-time 1 --measurement-time 3
 
-use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{now, two_threads};
 
 use criterion::{criterion_main, Criterion};
 use http::{Request, Response, Uri};
 use sturdy::ratelimit::{DirectLimiter, Quota, RateLimitLayer};
 use tower::{service_fn, Layer, Service};
-
-fn now<F: Future>(f: F) -> F::Output {
-    let mut cx = Context::from_waker(Waker::noop());
-    match pin!(f).poll(&mut cx) {
-        Poll::Ready(v) => v,
-        Poll::Pending => unreachable!("the bench services are always ready"),
-    }
-}
 
 fn request(uri: &Uri) -> Request<()> {
     let mut r = Request::new(());
@@ -136,34 +129,6 @@ fn contended(c: &mut Criterion) {
         });
     });
     g.finish();
-}
-
-fn two_threads<F, M>(iters: u64, make: M) -> Duration
-where
-    M: Fn() -> F,
-    F: FnMut() + Send + 'static,
-{
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
-    let handles: Vec<_> = (0..2)
-        .map(|_| {
-            let mut f = make();
-            let b = barrier.clone();
-            std::thread::spawn(move || {
-                b.wait();
-                for _ in 0..iters / 2 {
-                    f();
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    // Benchmarks measure wall time; the clippy rule is for library code.
-    #[allow(clippy::disallowed_methods)]
-    let start = std::time::Instant::now();
-    for h in handles {
-        h.join().unwrap();
-    }
-    start.elapsed()
 }
 
 // criterion_group! makes an undocumented pub fn.

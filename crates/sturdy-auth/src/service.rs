@@ -32,22 +32,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
     }
 }
 
-impl<S> Auth<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+sturdy_core::define_inner_service_accessors!(Auth<S>);
 
 fn with_query<B>(req: &mut Request<B>, param: &str, value: &str) {
     let uri = req.uri().clone();

@@ -39,22 +39,7 @@ impl<S: std::fmt::Debug, K, C> std::fmt::Debug for CircuitBreaker<S, K, C> {
     }
 }
 
-impl<S, K, C> CircuitBreaker<S, K, C> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+sturdy_core::define_inner_service_accessors!(CircuitBreaker<S, K, C>);
 
 // ===== impl CircuitBreaker =====
 

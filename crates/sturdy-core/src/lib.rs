@@ -40,6 +40,7 @@ mod error;
 pub mod headers;
 pub mod key;
 pub mod keyed;
+mod macros;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};

@@ -38,22 +38,7 @@ impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
     }
 }
 
-impl<S, K> RateLimit<S, K> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+sturdy_core::define_inner_service_accessors!(RateLimit<S, K>);
 
 // ===== impl RateLimit =====
 

@@ -1,38 +1,20 @@
 //! RedisQuota against the real Redis at STURDY_REDIS_URL (started by scripts/test.sh). When CI
 //! sets CI=true, a missing URL is a failure, not a skip.
 
+mod support;
+use support::{redis_url, unique as prefix};
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use sturdy_core::{BoxError, RateLimited, WallClock};
+use sturdy_core::{BoxError, RateLimited};
 use sturdy_ratelimit::{OnStoreError, Quota, RateLimitLayer, RemoteQuota, Reserve};
 use sturdy_redis::RedisQuota;
 use tower::{service_fn, Layer, ServiceExt};
 
-fn redis_url() -> Option<String> {
-    match std::env::var("STURDY_REDIS_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("STURDY_REDIS_URL must be set in CI")
-        }
-        _ => {
-            eprintln!("STURDY_REDIS_URL is not set: skipping a Redis test");
-            None
-        }
-    }
-}
-
 /// A key prefix of this test run alone.
-fn prefix(test: &str) -> String {
-    let t = sturdy_core::SystemClock
-        .now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("sturdy-test:{test}:{}:{t}", std::process::id())
-}
 
 #[tokio::test]
 async fn two_instances_share_one_quota() {

@@ -1,31 +1,17 @@
 //! The Redis Streams webhook queue against the real Redis at STURDY_REDIS_URL.
 
+mod support;
+use support::{redis_url, unique};
+
+fn stream(name: &str) -> String {
+    unique(&format!("webhooks:{name}"))
+}
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use sturdy_redis::{RedisStreamConsumer, RedisStreamQueue};
 use sturdy_webhook::{EventQueue, Push, WebhookEvent};
-
-fn redis_url() -> Option<String> {
-    match std::env::var("STURDY_REDIS_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("STURDY_REDIS_URL must be set in CI")
-        }
-        _ => {
-            eprintln!("STURDY_REDIS_URL is not set: skipping a Redis test");
-            None
-        }
-    }
-}
-
-fn stream(name: &str) -> String {
-    let t = sturdy_core::WallClock::now(&sturdy_core::SystemClock)
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("sturdy-test:webhooks:{name}:{}:{t}", std::process::id())
-}
 
 fn event(id: &str) -> WebhookEvent {
     WebhookEvent {

@@ -31,6 +31,8 @@ pub struct Retry<S> {
     config: Arc<Config>,
 }
 
+sturdy_core::define_inner_service_accessors!(Retry<S>);
+
 impl<S> Retry<S> {
     pub(crate) fn from_parts(inner: S, config: Arc<Config>) -> Self {
         Self { inner, config }
@@ -44,21 +46,6 @@ impl<S> Retry<S> {
     /// A layer with the default configuration; shortcut for [`RetryLayer::new`].
     pub fn layer() -> RetryLayer {
         RetryLayer::new()
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
     }
 }
 
