@@ -47,5 +47,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo doc (broken intra-doc links are errors)"
+cargo doc --workspace --all-features --no-deps --quiet
 echo "== cargo test"
 cargo test --workspace --all-features

@@ -120,7 +120,7 @@ impl AuthLayer {
         Self::token_source(Arc::new(source))
     }
 
-    /// The largest body buffered so a request can be replayed after a 401 [1 MiB]; a larger or
+    /// The largest body buffered so a request can be replayed after a 401 \[1 MiB\]; a larger or
     /// unbounded body is sent once and a 401 is returned as is.
     pub fn with_replay_limit(mut self, bytes: usize) -> Self {
         self.replay_limit = bytes;

@@ -195,20 +195,20 @@ impl ClientCredentials {
         self.edit(|s| s.params.push((n, v)))
     }
 
-    /// Refresh this long before expiry [60 s]; never more than half the token's lifetime, so a
+    /// Refresh this long before expiry \[60 s\]; never more than half the token's lifetime, so a
     /// short-lived token is not refreshed on every call.
     #[must_use]
     pub fn with_skew(self, skew: Duration) -> Self {
         self.edit(|s| s.skew = skew)
     }
 
-    /// The lifetime assumed when the server sends no `expires_in` [1 h].
+    /// The lifetime assumed when the server sends no `expires_in` \[1 h\].
     #[must_use]
     pub fn with_default_lifetime(self, lifetime: Duration) -> Self {
         self.edit(|s| s.default_lifetime = lifetime.max(Duration::from_secs(1)))
     }
 
-    /// The longest lifetime believed [24 h]; a larger `expires_in` is clamped to it.
+    /// The longest lifetime believed \[24 h\]; a larger `expires_in` is clamped to it.
     #[must_use]
     pub fn with_max_lifetime(self, lifetime: Duration) -> Self {
         self.edit(|s| s.max_lifetime = lifetime.max(Duration::from_secs(1)))

@@ -322,7 +322,7 @@ struct CursorQuery {
     limit: Option<usize>,
 }
 
-/// `GET /orders?cursor=&limit=` => `{"data": [...], "next_cursor": "c40" | null}`.
+/// `GET /orders?cursor=&limit=` => `{"data": \[...\], "next_cursor": "c40" | null}`.
 async fn list_cursor(State(s): St, Query(q): Query<CursorQuery>) -> Response {
     let offset = match q.cursor.as_deref() {
         None | Some("") => 0,
@@ -366,7 +366,7 @@ async fn list_link(State(s): St, Query(q): Query<PageQuery>) -> Response {
     r
 }
 
-/// `GET /orders/pages?page=&per_page=` => `{"items": [...], "page": p, "per_page": n, "total": N}`.
+/// `GET /orders/pages?page=&per_page=` => `{"items": \[...\], "page": p, "per_page": n, "total": N}`.
 async fn list_pages(State(s): St, Query(q): Query<PageQuery>) -> Response {
     let page = q.page.unwrap_or(1).max(1);
     let per = clamp_limit(q.per_page);
@@ -380,7 +380,7 @@ struct OffsetQuery {
     limit: Option<usize>,
 }
 
-/// `GET /orders/offset?offset=&limit=` => `{"items": [...], "offset": o, "limit": l, "total": N}`.
+/// `GET /orders/offset?offset=&limit=` => `{"items": \[...\], "offset": o, "limit": l, "total": N}`.
 async fn list_offset(State(s): St, Query(q): Query<OffsetQuery>) -> Response {
     let offset = q.offset.unwrap_or(0);
     let limit = clamp_limit(q.limit);

@@ -5,7 +5,7 @@
 //! | route | what it does |
 //! |---|---|
 //! | `POST /orders` | commits an order (a JSON object); honours `Idempotency-Key` when [`Knobs::idempotency`] is on |
-//! | `GET /orders?cursor=&limit=` | cursor pagination: `{"data": [...], "next_cursor": "c40" \| null}` |
+//! | `GET /orders?cursor=&limit=` | cursor pagination: `{"data": \[...\], "next_cursor": "c40" \| null}` |
 //! | `GET /orders/link?page=&per_page=` | a JSON array with a relative RFC 8288 `Link: <...>; rel="next"` |
 //! | `GET /orders/pages?page=&per_page=` | page numbers: `{"items", "page", "per_page", "total"}` |
 //! | `GET /orders/offset?offset=&limit=` | offset/limit: `{"items", "offset", "limit", "total"}` |

@@ -45,13 +45,13 @@ pub struct Knobs {
     pub error_rate: f64,
     /// The next N API requests are answered with `error_status`.
     pub fail_next: u32,
-    /// The status of injected server errors [503].
+    /// The status of injected server errors \[503\].
     pub error_status: u16,
     /// Fraction of API requests answered 429.
     pub rate_limit_rate: f64,
     /// The next N API requests are answered 429.
     pub rate_limit_next: u32,
-    /// How injected 429s say when to come back [`Seconds(1)`].
+    /// How injected 429s say when to come back \[`Seconds(1)`\].
     pub retry_after: RetryAfterForm,
     /// Fraction of order creations whose connection is closed after the order was committed: the
     /// client sees an error, the side effect stands.
@@ -62,11 +62,11 @@ pub struct Knobs {
     pub latency: Duration,
     /// API routes require `Authorization: Bearer <token>` with a token from `/oauth/token`.
     pub require_auth: bool,
-    /// The OAuth2 client id [`client`].
+    /// The OAuth2 client id (default `client`).
     pub client_id: String,
-    /// The OAuth2 client secret [`secret`].
+    /// The OAuth2 client secret (default `secret`).
     pub client_secret: String,
-    /// Lifetime of issued tokens [1 h]; expired tokens get 401.
+    /// Lifetime of issued tokens \[1 h\]; expired tokens get 401.
     pub token_lifetime: Duration,
     /// Replaces the `expires_in` member of token responses (`Some(Value::Null)` omits it).
     pub token_expires_in: Option<serde_json::Value>,

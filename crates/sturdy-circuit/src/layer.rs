@@ -77,7 +77,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         }
     }
 
-    /// Opens after `n` consecutive failures [5].
+    /// Opens after `n` consecutive failures \[5\].
     ///
     /// # Panics
     /// When `n` is 0.
@@ -87,7 +87,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     }
 
     /// Opens when at least `rate` (0.0 to 1.0) of the calls in the last `window` failed, once the
-    /// window holds at least `min_calls` calls [0.5, 30 s, 20].
+    /// window holds at least `min_calls` calls \[0.5, 30 s, 20\].
     ///
     /// # Panics
     /// When `rate` is not in `0.0..=1.0` or `window` is zero.
@@ -104,7 +104,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         })
     }
 
-    /// Stays open `base` the first time, doubling on each re-opening up to `max` [30 s, 5 min].
+    /// Stays open `base` the first time, doubling on each re-opening up to `max` \[30 s, 5 min\].
     pub fn with_open_duration(self, base: Duration, max: Duration) -> Self {
         self.edit(|c| {
             c.open_for = base;
@@ -112,7 +112,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         })
     }
 
-    /// Probes admitted at a time when half-open [1].
+    /// Probes admitted at a time when half-open \[1\].
     ///
     /// # Panics
     /// When `k` is 0.
@@ -121,12 +121,12 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         self.edit(|c| c.probes = k)
     }
 
-    /// Probe successes needed to close [1].
+    /// Probe successes needed to close \[1\].
     pub fn with_successes_to_close(self, m: u32) -> Self {
         self.edit(|c| c.successes_to_close = m.max(1))
     }
 
-    /// The most breakers kept [1,024]; past it, healthy breakers are forgotten, then new keys
+    /// The most breakers kept \[1,024\]; past it, healthy breakers are forgotten, then new keys
     /// share one overflow breaker.
     pub fn with_max_breakers(self, n: usize) -> Self {
         self.edit(|c| c.max_breakers = n.max(1))

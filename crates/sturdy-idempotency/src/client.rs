@@ -58,7 +58,7 @@ impl IdempotencyLayer {
         }
     }
 
-    /// The header to set [`Idempotency-Key`].
+    /// The header to set \[`Idempotency-Key`\].
     pub fn with_header(self, header: HeaderName) -> Self {
         Self {
             config: Arc::new(Config {
@@ -68,7 +68,7 @@ impl IdempotencyLayer {
         }
     }
 
-    /// The methods that get a key [POST, PATCH].
+    /// The methods that get a key \[POST, PATCH\].
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         Self {
             config: Arc::new(Config {

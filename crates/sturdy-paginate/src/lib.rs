@@ -4,7 +4,7 @@
 //! [`Paginate`] wraps a `Service<Request<Full<Bytes>>>` (the composed sturdy stack, so every page
 //! gets its retries, auth and limits) and a [`PageStrategy`]:
 //!
-//! - [`JsonCursor`]: a cursor in the JSON body (`{"data": [...], "next_cursor": "..."}`);
+//! - [`JsonCursor`]: a cursor in the JSON body (`{"data": \[...\], "next_cursor": "..."}`);
 //! - [`LinkHeader`]: RFC 8288 `Link: <...>; rel="next"`, resolved against the page's URI;
 //! - [`PageNumber`] and [`OffsetLimit`]: stopping on an empty or short page, or at a total;
 //! - your own, through the trait.
@@ -16,8 +16,8 @@
 //!
 //! Guards, each a [`sturdy_core::Error`] of kind `Pagination` that says what happened: a cursor or
 //! URL seen twice (a loop), a next link to another origin (credentials would follow it; allow it
-//! explicitly with [`Paginate::allow_foreign_origin`]), more than `max_pages` [1,000] pages or
-//! `max_items` [100,000] items (the items before the bound are yielded first), a page that is not
+//! explicitly with [`Paginate::allow_foreign_origin`]), more than `max_pages` \[1,000\] pages or
+//! `max_items` \[100,000\] items (the items before the bound are yielded first), a page that is not
 //! the expected JSON (named by its number), a page that answered an error status.
 //!
 //! # Example
@@ -106,7 +106,7 @@ pub struct BoundedPage<T = Value> {
 /// The page size [`Paginate::page`] asks for when none is set: most APIs cap pages at 100.
 const BOUNDED_PAGE_SIZE: usize = 100;
 
-/// The largest page body read [16 MiB].
+/// The largest page body read \[16 MiB\].
 const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
 type Fetch = Arc<
@@ -248,14 +248,14 @@ impl<P: PageStrategy> Paginate<P> {
         self
     }
 
-    /// The most pages a walk fetches [1,000].
+    /// The most pages a walk fetches \[1,000\].
     #[must_use]
     pub fn max_pages(mut self, n: usize) -> Self {
         self.max_pages = n.max(1);
         self
     }
 
-    /// The most items a walk returns [100,000].
+    /// The most items a walk returns \[100,000\].
     #[must_use]
     pub fn max_items(mut self, n: usize) -> Self {
         self.max_items = n.max(1);

@@ -153,7 +153,7 @@ pub(crate) fn with_query(base: &Uri, set: &[(&str, String)]) -> Result<Uri, Erro
 }
 
 /// Cursor in a JSON body: items at one JSON pointer, the next cursor at another, sent back in a
-/// query parameter. E.g. `{"data": [...], "next_cursor": "c40"}`.
+/// query parameter. E.g. `{"data": \[...\], "next_cursor": "c40"}`.
 #[derive(Debug, Clone)]
 pub struct JsonCursor {
     items: String,
@@ -174,14 +174,14 @@ impl JsonCursor {
         }
     }
 
-    /// The query parameter that carries the cursor [`cursor`].
+    /// The query parameter that carries the cursor \[`cursor`\].
     #[must_use]
     pub fn cursor_param(mut self, name: impl Into<String>) -> Self {
         self.cursor_param = name.into();
         self
     }
 
-    /// The query parameter for the page size [`limit`]; `None` if the API has none.
+    /// The query parameter for the page size \[`limit`\]; `None` if the API has none.
     #[must_use]
     pub fn limit_param(mut self, name: Option<&str>) -> Self {
         self.limit_param = name.map(str::to_owned);
@@ -238,7 +238,7 @@ impl LinkHeader {
         }
     }
 
-    /// The query parameter for the page size on the first page [`per_page`].
+    /// The query parameter for the page size on the first page \[`per_page`\].
     #[must_use]
     pub fn limit_param(mut self, name: Option<&str>) -> Self {
         self.limit_param = name.map(str::to_owned);
@@ -307,7 +307,7 @@ impl PageNumber {
         self
     }
 
-    /// The parameter names [`page`, `per_page`].
+    /// The parameter names \[`page`, `per_page`\].
     #[must_use]
     pub fn params(mut self, page: impl Into<String>, size: impl Into<String>) -> Self {
         self.page_param = page.into();
@@ -315,14 +315,14 @@ impl PageNumber {
         self
     }
 
-    /// The number of the first page [1].
+    /// The number of the first page \[1\].
     #[must_use]
     pub fn first_page(mut self, n: usize) -> Self {
         self.first = n;
         self
     }
 
-    /// Items per page when the caller does not say [20].
+    /// Items per page when the caller does not say \[20\].
     #[must_use]
     pub fn page_size(mut self, n: usize) -> Self {
         self.page_size = n.max(1);
@@ -418,7 +418,7 @@ impl OffsetLimit {
         self
     }
 
-    /// The parameter names [`offset`, `limit`].
+    /// The parameter names \[`offset`, `limit`\].
     #[must_use]
     pub fn params(mut self, offset: impl Into<String>, limit: impl Into<String>) -> Self {
         self.offset_param = offset.into();
@@ -426,7 +426,7 @@ impl OffsetLimit {
         self
     }
 
-    /// Items per page when the caller does not say [20].
+    /// Items per page when the caller does not say \[20\].
     #[must_use]
     pub fn page_size(mut self, n: usize) -> Self {
         self.page_size = n.max(1);

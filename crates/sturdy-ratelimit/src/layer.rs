@@ -112,13 +112,13 @@ impl<K> RateLimitLayer<K> {
         self
     }
 
-    /// The longest a call waits for a slot or a pause to end [30 s]; past it, the call fails at
+    /// The longest a call waits for a slot or a pause to end \[30 s\]; past it, the call fails at
     /// once with `RateLimited` carrying the wait. Zero: never wait.
     pub fn with_max_wait(self, max_wait: Duration) -> Self {
         self.edit(|s| s.max_wait = max_wait)
     }
 
-    /// How long a 429 without any wait header pauses its key [1 s].
+    /// How long a 429 without any wait header pauses its key \[1 s\].
     pub fn with_default_pause(self, pause: Duration) -> Self {
         self.edit(|s| s.default_pause = pause)
     }
@@ -134,12 +134,12 @@ impl<K> RateLimitLayer<K> {
         self.edit(|s| s.on_store_error = choice)
     }
 
-    /// The most keys kept [1,024]; past it, idle keys are forgotten, then new keys share one.
+    /// The most keys kept \[1,024\]; past it, idle keys are forgotten, then new keys share one.
     pub fn with_max_keys(self, n: usize) -> Self {
         self.edit(|s| s.max_keys = n)
     }
 
-    /// The wall clock used to read HTTP-date resets [the system clock].
+    /// The wall clock used to read HTTP-date resets \[the system clock\].
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
         self.edit(|s| s.clock = clock)
     }

@@ -5,7 +5,7 @@
 //! - **Quota**: a rate and a burst ([`Quota`]), enforced with GCRA on one `AtomicU64` per key:
 //!   no lock and no allocation per decision, shared by every clone and thread.
 //! - **Waiting**: a call without a slot reserves the next one and waits for it (a timer in its
-//!   response future), up to `max_wait` [30 s]; a call that would wait longer fails at once with
+//!   response future), up to `max_wait` \[30 s\]; a call that would wait longer fails at once with
 //!   [`RateLimited`](sturdy_core::RateLimited) carrying the wait.
 //! - **Adaptive**: a 429 or 503 with `Retry-After`, a `RateLimit` field with `r=0` and a reset, or
 //!   `X-RateLimit-Remaining: 0` with a reset, pauses every caller of that key until then; a bare

@@ -37,7 +37,7 @@ return 0
 /// An idempotency store in Redis, so several app instances agree on keys: the lock is a
 /// `SET NX PX` with the lease, completion and release are atomic scripts that act only for the
 /// fingerprint that holds the lock, and stored responses expire with their TTL. One round trip
-/// per operation, each bounded by a timeout [1 s].
+/// per operation, each bounded by a timeout \[1 s\].
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
     conn: ConnectionManager,
@@ -88,14 +88,14 @@ impl RedisIdempotencyStore {
         }
     }
 
-    /// The key prefix [`sturdy:idem`].
+    /// The key prefix \[`sturdy:idem`\].
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
     }
 
-    /// The timeout of each operation [1 s].
+    /// The timeout of each operation \[1 s\].
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;

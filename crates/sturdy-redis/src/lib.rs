@@ -10,7 +10,7 @@
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
 //!   server asks for are shared too.
 //!
-//! Every operation has a timeout [1 s]: a Redis that is down or hung gives a clear error, never a
+//! Every operation has a timeout \[1 s\]: a Redis that is down or hung gives a clear error, never a
 //! hang. What the rate limiter then does is its `on_store_error` choice (let calls through by
 //! default, or fail them).
 //!
@@ -175,14 +175,14 @@ impl RedisQuota {
         }
     }
 
-    /// The prefix of the Redis keys [`sturdy:rl`]; processes that share a quota share a prefix.
+    /// The prefix of the Redis keys \[`sturdy:rl`\]; processes that share a quota share a prefix.
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
     }
 
-    /// The timeout of each Redis operation [1 s].
+    /// The timeout of each Redis operation \[1 s\].
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;

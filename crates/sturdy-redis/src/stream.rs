@@ -56,7 +56,7 @@ impl RedisStreamQueue {
         })
     }
 
-    /// The most unprocessed events kept [100,000].
+    /// The most unprocessed events kept \[100,000\].
     #[must_use]
     pub fn with_max_backlog(mut self, n: u64) -> Self {
         self.max_backlog = n.max(1);
@@ -138,7 +138,7 @@ fn bulk(v: &Value) -> Option<&[u8]> {
     }
 }
 
-/// Reads `[id, [field, value, ...]]`.
+/// Reads `[id, \[field, value, ...\]]`.
 fn entry(v: &Value) -> Option<Delivery> {
     let Value::Array(parts) = v else { return None };
     let id = String::from_utf8(bulk(parts.first()?)?.to_vec()).ok()?;

@@ -11,7 +11,7 @@ use rand::Rng;
 pub enum Backoff {
     /// `sleep = min(cap, random_between(base, prev * 3))`, starting from `prev = base`: spreads
     /// clients apart while growing about as fast as exponential backoff. The default
-    /// [base 250 ms, cap 20 s].
+    /// \[base 250 ms, cap 20 s\].
     DecorrelatedJitter {
         /// The smallest sleep.
         base: Duration,

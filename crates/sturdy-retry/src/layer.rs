@@ -27,7 +27,7 @@ impl Default for RetryLayer {
 }
 
 impl RetryLayer {
-    /// The defaults: 4 attempts in all, decorrelated jitter [base 250 ms, cap 20 s], Retry-After
+    /// The defaults: 4 attempts in all, decorrelated jitter \[base 250 ms, cap 20 s\], Retry-After
     /// honoured up to 60 s with up to +20 % jitter, a per-host budget of 20 % of calls plus 10 per
     /// second, bodies buffered up to 1 MiB, no overall deadline, no per-attempt timeout.
     pub fn new() -> Self {
@@ -82,7 +82,7 @@ impl RetryLayer {
         self
     }
 
-    /// Attempts in all, the first included [4]. 1 disables retries.
+    /// Attempts in all, the first included \[4\]. 1 disables retries.
     ///
     /// # Panics
     /// When `n` is 0.
@@ -91,18 +91,18 @@ impl RetryLayer {
         self.edit(|c| c.max_attempts = n)
     }
 
-    /// The backoff strategy [decorrelated jitter, base 250 ms, cap 20 s].
+    /// The backoff strategy \[decorrelated jitter, base 250 ms, cap 20 s\].
     pub fn with_backoff(self, backoff: Backoff) -> Self {
         self.edit(|c| c.backoff = backoff)
     }
 
-    /// The longest `Retry-After` this client sleeps [60 s]; a longer one fails the call at once
+    /// The longest `Retry-After` this client sleeps \[60 s\]; a longer one fails the call at once
     /// with [`RateLimited`](sturdy_core::RateLimited) so the caller decides.
     pub fn with_max_retry_after(self, max: Duration) -> Self {
         self.edit(|c| c.max_retry_after = max)
     }
 
-    /// Extra random wait added to a `Retry-After`, as a fraction of it [0.2]; clamped to 0..=1.
+    /// Extra random wait added to a `Retry-After`, as a fraction of it \[0.2\]; clamped to 0..=1.
     pub fn with_retry_after_jitter(self, fraction: f64) -> Self {
         let f = if fraction.is_nan() {
             0.0
@@ -112,31 +112,31 @@ impl RetryLayer {
         self.edit(|c| c.retry_after_jitter = f)
     }
 
-    /// An overall deadline for the call, attempts and sleeps together [none]. No sleep is started
+    /// An overall deadline for the call, attempts and sleeps together \[none\]. No sleep is started
     /// that would end past it, and an attempt still running at the deadline is abandoned.
     pub fn with_deadline(self, deadline: Duration) -> Self {
         self.edit(|c| c.deadline = Some(deadline))
     }
 
-    /// A timeout for each attempt [none]; a timed-out attempt is retryable.
+    /// A timeout for each attempt \[none\]; a timed-out attempt is retryable.
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
     }
 
-    /// The largest body buffered for replay [1 MiB]. A body whose size hint does not prove it
+    /// The largest body buffered for replay \[1 MiB\]. A body whose size hint does not prove it
     /// fits (a larger or unbounded stream) is sent once and never retried.
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.edit(|c| c.body_limit = bytes)
     }
 
-    /// The header whose presence makes POST and PATCH safe to retry [`Idempotency-Key`].
+    /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\].
     pub fn with_idempotency_header(self, name: HeaderName) -> Self {
         self.edit(|c| c.idempotency_header = name)
     }
 
     /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl`, at least
     /// `min_per_sec` retries per second are always allowed, plus `percent` (0.0 to 1000.0) of
-    /// calls [10 s, 10, 0.2].
+    /// calls \[10 s, 10, 0.2\].
     ///
     /// # Panics
     /// As `TpsBudget::new` does, on out-of-range values (when the first budget is made).
@@ -166,7 +166,7 @@ impl RetryLayer {
         self.edit(|c| c.seed = Some(seed))
     }
 
-    /// The wall clock used to read `Retry-After` dates [the system clock].
+    /// The wall clock used to read `Retry-After` dates \[the system clock\].
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
         self.edit(|c| c.clock = clock)
     }

@@ -16,7 +16,7 @@
 //! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps; a
 //!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
 //!   clone, so an outage does not multiply traffic.
-//! - **Bodies**: a body whose size hint proves it fits the limit [1 MiB] is buffered and every
+//! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every
 //!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
 //! - **Reporting**: each attempt and sleep is a `tracing` event and, when the request carries a
 //!   [`sturdy_core::Trace`], a trace entry. An error that exhausts the attempts says how many were

@@ -1,9 +1,9 @@
 //! Webhooks for axum: verified before anything else, deduplicated, acknowledged fast, never lost.
 //!
-//! A [`WebhookReceiver`] is the endpoint: it reads the raw body (413 past the limit [1 MiB]),
+//! A [`WebhookReceiver`] is the endpoint: it reads the raw body (413 past the limit \[1 MiB\]),
 //! verifies it with a [`Verifier`] before anything parses it (constant-time MAC comparison,
 //! several secrets at once for rotation, timestamps within 5 minutes both ways), deduplicates on
-//! the event id [24 h], queues the event, and answers 2xx only once it is queued. A full queue
+//! the event id \[24 h\], queues the event, and answers 2xx only once it is queued. A full queue
 //! answers 503 with `Retry-After`, so the sender redelivers. A handler works off the queue at its
 //! own pace: a slow handler never slows the acknowledgement.
 //!

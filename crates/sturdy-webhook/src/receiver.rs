@@ -83,7 +83,7 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
         }
     }
 
-    /// The largest body accepted [1 MiB]; a larger one gets 413 without being read further.
+    /// The largest body accepted \[1 MiB\]; a larger one gets 413 without being read further.
     ///
     /// # Panics
     /// When called on a receiver that was already cloned.
@@ -92,7 +92,7 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
         self.edit(|i| i.body_limit = bytes)
     }
 
-    /// How long event ids are remembered for deduplication [24 h].
+    /// How long event ids are remembered for deduplication \[24 h\].
     ///
     /// # Panics
     /// When called on a receiver that was already cloned.
@@ -101,7 +101,7 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
         self.edit(|i| i.dedup_ttl = ttl)
     }
 
-    /// The wall clock timestamps are checked against [the system clock].
+    /// The wall clock timestamps are checked against \[the system clock\].
     ///
     /// # Panics
     /// When called on a receiver that was already cloned.

@@ -224,7 +224,7 @@ impl StandardWebhooks {
         })
     }
 
-    /// The timestamp tolerance, both directions [5 min].
+    /// The timestamp tolerance, both directions \[5 min\].
     #[must_use]
     pub fn with_tolerance(mut self, tolerance: Duration) -> Self {
         self.tolerance = tolerance;
@@ -281,7 +281,7 @@ pub fn sign_standard(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Res
 
 // ===== Stripe =====
 
-/// Stripe: `Stripe-Signature: t=<unix>,v1=<hex>[,v1=...]`, signing `t.body` with the secret's
+/// Stripe: `Stripe-Signature: t=<unix>,v1=<hex>\[,v1=...\]`, signing `t.body` with the secret's
 /// bytes as they are (a `whsec_` Stripe secret is *not* base64-decoded). The event id comes from
 /// the verified body's `id`.
 #[derive(Debug, Clone)]
@@ -309,7 +309,7 @@ impl Stripe {
         }
     }
 
-    /// The timestamp tolerance, both directions [5 min].
+    /// The timestamp tolerance, both directions \[5 min\].
     #[must_use]
     pub fn with_tolerance(mut self, tolerance: Duration) -> Self {
         self.tolerance = tolerance;
@@ -490,7 +490,7 @@ impl GenericHmac {
         self
     }
 
-    /// The signature's encoding [hex].
+    /// The signature's encoding \[hex\].
     #[must_use]
     pub fn encoding(mut self, encoding: Encoding) -> Self {
         self.encoding = encoding;
@@ -521,7 +521,7 @@ impl GenericHmac {
         self
     }
 
-    /// The timestamp tolerance, both directions [5 min].
+    /// The timestamp tolerance, both directions \[5 min\].
     #[must_use]
     pub fn with_tolerance(mut self, tolerance: Duration) -> Self {
         self.tolerance = tolerance;

@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | first with a key | runs; its response is stored [24 h] |
+//! | first with a key | runs; its response is stored \[24 h\] |
 //! | repeat, same fingerprint, first completed | the stored response, with `Idempotent-Replayed: true`; the handler does not run |
 //! | repeat while the first is running | 409 |
 //! | same key, other payload (or method, or path) | 422 |
@@ -13,9 +13,9 @@
 //! The fingerprint is SHA-256 over the method, the path and the body. Keys are scoped per client
 //! (default: a hash of the `Authorization` header, so two clients may use the same key); keys
 //! are 1 to 255 visible ASCII characters, sent bare or as a structured-field string. A running
-//! request holds a lock with a lease [60 s], so a crashed worker does not block its key forever;
+//! request holds a lock with a lease \[60 s\], so a crashed worker does not block its key forever;
 //! a handler that panics or is cancelled releases it at once. 5xx responses are not stored
-//! [configurable], so the client can retry. Errors are RFC 9457 problem JSON.
+//! \[configurable\], so the client can retry. Errors are RFC 9457 problem JSON.
 //!
 //! # Example
 //!
@@ -181,33 +181,33 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.edit(|c| c.require_key = true)
     }
 
-    /// The methods made idempotent [POST, PATCH].
+    /// The methods made idempotent \[POST, PATCH\].
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         let m: Vec<Method> = methods.into_iter().collect();
         self.edit(|c| c.methods = m)
     }
 
-    /// How long responses are kept [24 h].
+    /// How long responses are kept \[24 h\].
     pub fn with_ttl(self, ttl: Duration) -> Self {
         self.edit(|c| c.ttl = ttl)
     }
 
-    /// How long a running request holds its key [60 s]; set it above the slowest handler.
+    /// How long a running request holds its key \[60 s\]; set it above the slowest handler.
     pub fn with_lease(self, lease: Duration) -> Self {
         self.edit(|c| c.lease = lease)
     }
 
-    /// Also store 5xx responses (replayed like any other) [off].
+    /// Also store 5xx responses (replayed like any other) \[off\].
     pub fn store_server_errors(self, yes: bool) -> Self {
         self.edit(|c| c.store_server_errors = yes)
     }
 
-    /// The largest request body fingerprinted [1 MiB]; larger gets 413.
+    /// The largest request body fingerprinted \[1 MiB\]; larger gets 413.
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.edit(|c| c.body_limit = bytes)
     }
 
-    /// The key header [`Idempotency-Key`].
+    /// The key header \[`Idempotency-Key`\].
     pub fn with_header(self, header: HeaderName) -> Self {
         self.edit(|c| c.header = header)
     }
