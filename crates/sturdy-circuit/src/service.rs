@@ -74,10 +74,9 @@ where
                     ticket,
                     done: false,
                 };
-                // Take the service that was driven to readiness; leave a fresh clone behind.
-                let clone = self.inner.clone();
-                let mut ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::called(ready.call(req), permit, self.classify.clone())
+                // The inner service was driven to readiness and is called now; only its future
+                // is kept, so no clone is needed.
+                ResponseFuture::called(self.inner.call(req), permit, self.classify.clone())
             }
         }
     }

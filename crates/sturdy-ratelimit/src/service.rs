@@ -93,10 +93,10 @@ where
         };
         let go_at = at + wait;
         if go_at <= now {
-            // Take the service that was driven to readiness; leave a fresh clone behind.
-            let clone = self.inner.clone();
-            let mut ready = std::mem::replace(&mut self.inner, clone);
-            return ResponseFuture::called(ready.call(req), local);
+            // The inner service was driven to readiness and is called now; only its future is
+            // kept, so no clone is needed. (A call that waits takes a clone and drives it to
+            // readiness again after the wait.)
+            return ResponseFuture::called(self.inner.call(req), local);
         }
         tracing::trace!(
             key = local.key(),

@@ -1,5 +1,5 @@
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -7,8 +7,9 @@ use sturdy_core::{SystemClock, WallClock};
 use tower::retry::budget::Budget;
 use tower::Layer;
 
-use crate::policy::{BudgetMode, Config};
+use crate::policy::{BudgetMode, Config, MAX_BUDGET_HOSTS};
 use crate::{Backoff, Retry};
+use sturdy_core::keyed::{KeyedMap, SlotCache};
 
 /// Retries failed HTTP calls; see the [crate docs](crate) for what is retried, when and how.
 ///
@@ -45,7 +46,7 @@ impl RetryLayer {
                     ttl: Duration::from_secs(10),
                     min_per_sec: 10,
                     percent: 0.2,
-                    map: Arc::new(Mutex::new(Default::default())),
+                    map: Arc::new(KeyedMap::new(MAX_BUDGET_HOSTS)),
                 },
                 seed: None,
                 sessions: AtomicU64::new(0),
@@ -146,7 +147,7 @@ impl RetryLayer {
                 ttl,
                 min_per_sec,
                 percent,
-                map: Arc::new(Mutex::new(Default::default())),
+                map: Arc::new(KeyedMap::new(MAX_BUDGET_HOSTS)),
             };
         })
     }
@@ -176,6 +177,6 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::from_parts(inner, self.config.clone())
+        Retry::from_parts(inner, self.config.clone(), SlotCache::default())
     }
 }

@@ -1,7 +1,6 @@
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +9,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sturdy_core::classify::{classify_result, Outcome};
 use sturdy_core::headers::RetryAfter;
+use sturdy_core::keyed::{Idle, KeyedMap, Local, SlotCache};
 use sturdy_core::trace::{DelaySource, TraceEvent};
 use sturdy_core::{human_duration, BoxError, ErrorKind, RateLimited, Trace, WallClock};
 use tokio::time::{Instant, Sleep};
@@ -25,7 +25,7 @@ pub(crate) enum BudgetMode {
         ttl: Duration,
         min_per_sec: u32,
         percent: f32,
-        map: Arc<Mutex<HashMap<String, Arc<TpsBudget>>>>,
+        map: Arc<KeyedMap<HostBudget>>,
     },
     /// One budget for every host.
     Shared(Arc<dyn Budget + Send + Sync>),
@@ -34,31 +34,60 @@ pub(crate) enum BudgetMode {
 }
 
 /// Hosts past this many share one budget, so a client that talks to unbounded hosts stays bounded.
-const MAX_BUDGET_HOSTS: usize = 1_024;
+pub(crate) const MAX_BUDGET_HOSTS: usize = 1_024;
+
+/// One host's budget.
+#[derive(Debug)]
+pub(crate) struct HostBudget(TpsBudget);
+
+impl Idle for HostBudget {
+    fn is_idle(&self) -> bool {
+        // A budget's history is what makes it work: never forget one to make room.
+        false
+    }
+}
+
+/// The budget a call spends from.
+#[derive(Clone)]
+pub(crate) enum BudgetRef {
+    Host(Arc<Local<HostBudget>>),
+    Shared(Arc<dyn Budget + Send + Sync>),
+}
+
+impl BudgetRef {
+    fn deposit(&self) {
+        match self {
+            Self::Host(h) => h.value().0.deposit(),
+            Self::Shared(b) => b.deposit(),
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        match self {
+            Self::Host(h) => h.value().0.withdraw(),
+            Self::Shared(b) => b.withdraw(),
+        }
+    }
+}
 
 impl BudgetMode {
-    fn for_host(&self, host: &str) -> Option<Arc<dyn Budget + Send + Sync>> {
+    /// The budget of `host`, through the calling service's cache.
+    pub(crate) fn for_host(
+        &self,
+        host: &str,
+        cache: &mut SlotCache<HostBudget>,
+    ) -> Option<BudgetRef> {
         match self {
             Self::Unlimited => None,
-            Self::Shared(b) => Some(b.clone()),
+            Self::Shared(b) => Some(BudgetRef::Shared(b.clone())),
             Self::PerHost {
                 ttl,
                 min_per_sec,
                 percent,
                 map,
-            } => {
-                let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
-                let key = if map.len() >= MAX_BUDGET_HOSTS && !map.contains_key(host) {
-                    "*"
-                } else {
-                    host
-                };
-                let b = map
-                    .entry(key.to_owned())
-                    .or_insert_with(|| Arc::new(TpsBudget::new(*ttl, *min_per_sec, *percent)))
-                    .clone();
-                Some(b)
-            }
+            } => Some(BudgetRef::Host(cache.get(map, host, || {
+                HostBudget(TpsBudget::new(*ttl, *min_per_sec, *percent))
+            }))),
         }
     }
 }
@@ -112,7 +141,7 @@ pub struct RetryPolicy {
     attempts: Arc<AtomicU32>,
     prev: Option<Duration>,
     deadline: Option<Instant>,
-    budget: Option<Arc<dyn Budget + Send + Sync>>,
+    budget: Option<BudgetRef>,
     deposited: bool,
     rng: SmallRng,
 }
@@ -150,7 +179,7 @@ fn is_idempotent(m: &Method) -> bool {
 impl RetryPolicy {
     pub(crate) fn new(
         config: Arc<Config>,
-        host: &str,
+        budget: Option<BudgetRef>,
         body: Option<Bytes>,
         attempts: Arc<AtomicU32>,
     ) -> Self {
@@ -165,7 +194,7 @@ impl RetryPolicy {
         };
         Self {
             deadline: config.deadline.map(|d| Instant::now() + d),
-            budget: config.budget.for_host(host),
+            budget,
             body,
             attempts,
             prev: None,

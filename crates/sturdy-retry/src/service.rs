@@ -12,8 +12,9 @@ use tower::util::{Either, MapErr};
 use tower::Service;
 
 use crate::future::ResponseFuture;
-use crate::policy::{host_of, Config, RetryPolicy};
+use crate::policy::{Config, HostBudget, RetryPolicy};
 use crate::RetryLayer;
+use sturdy_core::keyed::SlotCache;
 
 /// One attempt: the inner service with its error boxed, and a timeout when one is configured.
 pub(crate) type Attempt<S, E> = Either<Timeout<S>, MapErr<S, fn(E) -> BoxError>>;
@@ -29,13 +30,23 @@ pub(crate) type Attempt<S, E> = Either<Timeout<S>, MapErr<S, fn(E) -> BoxError>>
 pub struct Retry<S> {
     inner: S,
     config: Arc<Config>,
+    /// The budget of the last host called, to skip the budget map on the next call.
+    budgets: SlotCache<HostBudget>,
 }
 
 sturdy_core::define_inner_service_accessors!(Retry<S>);
 
 impl<S> Retry<S> {
-    pub(crate) fn from_parts(inner: S, config: Arc<Config>) -> Self {
-        Self { inner, config }
+    pub(crate) fn from_parts(
+        inner: S,
+        config: Arc<Config>,
+        budgets: SlotCache<HostBudget>,
+    ) -> Self {
+        Self {
+            inner,
+            config,
+            budgets,
+        }
     }
 
     /// Wraps `inner` with the default configuration.
@@ -81,7 +92,8 @@ where
                 boxed::<S::Error> as fn(S::Error) -> BoxError,
             )),
         };
-        let host = host_of(&req);
+        let host = sturdy_core::key::host(&req);
+        let budget = self.config.budget.for_host(host, &mut self.budgets);
         let attempts = Arc::new(AtomicU32::new(0));
         let replayable = sturdy_core::body::fits(req.body(), self.config.body_limit)
             && self.config.max_attempts > 1;
@@ -89,10 +101,10 @@ where
             if self.config.max_attempts > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
-            let policy = RetryPolicy::new(self.config.clone(), &host, None, attempts.clone());
+            let policy = RetryPolicy::new(self.config.clone(), budget, None, attempts.clone());
             return ResponseFuture::running(policy, attempt, req, &self.config, attempts);
         }
-        let policy = RetryPolicy::new(self.config.clone(), &host, None, attempts.clone());
+        let policy = RetryPolicy::new(self.config.clone(), budget, None, attempts.clone());
         let (parts, body) = req.into_parts();
         ResponseFuture::buffering(
             body.collect(),
