@@ -71,11 +71,78 @@ fn stack(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same stack against a real hyper server on loopback (the chaos server, no faults): the
+/// throughput cost the stack adds end to end. The calls run in a task on the runtime's worker, as
+/// an application's calls do.
+fn loopback(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt
+        .block_on(sturdy_chaos::ChaosServer::start(sturdy_chaos::Knobs {
+            orders: 5,
+            ..Default::default()
+        }))
+        .unwrap();
+    let uri: Uri = server.url("/orders/o_1").parse().unwrap();
+    let mut g = c.benchmark_group("stack/loopback GET");
+    let run =
+        |name: &str,
+         client: sturdy::Client<hyper::body::Incoming>,
+         g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>| {
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let (client, uri) = (client.clone(), uri.clone());
+                    rt.block_on(rt.spawn(async move {
+                        let start = tokio::time::Instant::now();
+                        for _ in 0..iters {
+                            black_box(
+                                client
+                                    .clone()
+                                    .oneshot(request(&uri, &http::Method::GET))
+                                    .await
+                                    .unwrap(),
+                            );
+                        }
+                        start.elapsed()
+                    }))
+                    .unwrap()
+                });
+            });
+        };
+    run(
+        "bare hyper-util client",
+        ClientBuilder::new()
+            .idempotency(None)
+            .retry(None)
+            .circuit_breaker(None)
+            .rate_limit(None)
+            .attempt_timeout(None)
+            .build(sturdy_chaos::http_client()),
+        &mut g,
+    );
+    run(
+        "ClientBuilder without the per-attempt timer",
+        ClientBuilder::new()
+            .attempt_timeout(None)
+            .build(sturdy_chaos::http_client()),
+        &mut g,
+    );
+    run(
+        "ClientBuilder default stack",
+        ClientBuilder::new().build(sturdy_chaos::http_client()),
+        &mut g,
+    );
+    g.finish();
+}
+
 // criterion_group! makes an undocumented pub fn.
 #[allow(missing_docs)]
 mod group {
     use super::*;
-    criterion::criterion_group!(benches, stack);
+    criterion::criterion_group!(benches, stack, loopback);
 }
 use group::benches;
 criterion_main!(benches);
