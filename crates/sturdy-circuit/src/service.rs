@@ -67,7 +67,15 @@ where
         let (admitted, transition) = node.breaker.admit(self.registry.config(), Instant::now);
         node.shared.report(local.key(), transition);
         match admitted {
-            Err(retry_in) => ResponseFuture::rejected(CircuitOpen::new(local.key(), retry_in)),
+            Err(retry_in) => {
+                let open = CircuitOpen::new(local.key(), retry_in);
+                if let Some(t) = sturdy_core::Trace::of(&req) {
+                    t.record(sturdy_core::TraceEvent::Rejected {
+                        reason: open.to_string(),
+                    });
+                }
+                ResponseFuture::rejected(open)
+            }
             Ok(ticket) => {
                 let permit = Permit {
                     local,

@@ -479,3 +479,21 @@ fn traits() {
     >();
     assert_send_sync_clone::<sturdy_circuit::CircuitHandle>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_goes_to_the_trace() {
+    let dep = Dep::down();
+    let svc = CircuitBreakerLayer::new().layer(dep.service());
+    for _ in 0..5 {
+        svc.clone().oneshot(req("a")).await.unwrap();
+    }
+    let trace = sturdy_core::Trace::new();
+    let mut r = req("a");
+    r.extensions_mut().insert(trace.clone());
+    assert!(svc.clone().oneshot(r).await.is_err());
+    assert!(
+        matches!(&trace.events()[..], [sturdy_core::TraceEvent::Rejected { reason }] if reason.starts_with("circuit open for a")),
+        "{:?}",
+        trace.events()
+    );
+}

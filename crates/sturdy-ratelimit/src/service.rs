@@ -70,6 +70,11 @@ where
         if paused > deadline {
             let err = RateLimited::new(std::time::Duration::from_nanos(paused - now))
                 .with_scope(local.key());
+            if let Some(t) = sturdy_core::Trace::of(&req) {
+                t.record(sturdy_core::TraceEvent::Rejected {
+                    reason: err.to_string(),
+                });
+            }
             return ResponseFuture::rejected(Box::new(err));
         }
         let at = paused.max(now);
@@ -103,6 +108,12 @@ where
             wait_ms = (go_at - now) / 1_000_000,
             "waiting for a rate-limit slot"
         );
+        if let Some(t) = sturdy_core::Trace::of(&req) {
+            t.record(sturdy_core::TraceEvent::Delay {
+                duration: std::time::Duration::from_nanos(go_at - now),
+                source: sturdy_core::trace::DelaySource::RateLimit,
+            });
+        }
         let until = policy.instant(go_at);
         ResponseFuture::sleeping(until, self.inner.clone(), req, local, deadline)
     }

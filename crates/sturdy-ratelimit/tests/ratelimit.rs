@@ -339,3 +339,39 @@ fn traits() {
     assert_send_sync_clone::<sturdy_ratelimit::RateLimit<Mock, sturdy_ratelimit::ByHost>>();
     assert_send::<sturdy_ratelimit::ResponseFuture<Mock, (), ()>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn waits_and_refusals_go_to_the_trace() {
+    use sturdy_core::trace::DelaySource;
+    use sturdy_core::{Trace, TraceEvent};
+    let api = Api::with(vec![status_with(429, &[("retry-after", "120")])]);
+    let svc = RateLimitLayer::new(Quota::per_second(1).unwrap()).layer(api.service());
+    let traced = || {
+        let t = Trace::new();
+        let mut r = get("a");
+        r.extensions_mut().insert(t.clone());
+        (t, r)
+    };
+    let (_, r) = traced();
+    svc.clone().oneshot(r).await.unwrap();
+    let (t, r) = traced();
+    let _ = svc.clone().oneshot(r).await;
+    assert!(
+        matches!(&t.events()[..], [TraceEvent::Rejected { reason }] if reason.contains("rate limited by a")),
+        "{:?}",
+        t.events()
+    );
+
+    let api = Api::default();
+    let svc = RateLimitLayer::new(Quota::per_second(1).unwrap()).layer(api.service());
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let (t, r) = traced();
+    svc.clone().oneshot(r).await.unwrap();
+    assert_eq!(
+        t.events(),
+        [TraceEvent::Delay {
+            duration: Duration::from_secs(1),
+            source: DelaySource::RateLimit
+        }]
+    );
+}
