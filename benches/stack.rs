@@ -69,6 +69,51 @@ fn stack(c: &mut Criterion) {
         );
     }
     g.finish();
+
+    // Each layer alone over the bare service, to see where the stack's cost goes.
+    let mut g = c.benchmark_group("stack/one layer, POST");
+    let none = || {
+        ClientBuilder::new()
+            .idempotency(None)
+            .retry(None)
+            .circuit_breaker(None)
+            .rate_limit(None)
+            .attempt_timeout(None)
+    };
+    let post = http::Method::POST;
+    for (name, builder) in [
+        ("boxed, no layers", none()),
+        (
+            "idempotency",
+            none().idempotency(Some(sturdy::idempotency::client::IdempotencyLayer::new())),
+        ),
+        (
+            "retry",
+            none().retry(Some(sturdy::retry::RetryLayer::new())),
+        ),
+        (
+            "circuit breaker",
+            none().circuit_breaker(Some(sturdy::circuit::CircuitBreakerLayer::new())),
+        ),
+        (
+            "rate limit (adaptive)",
+            none().rate_limit(Some(sturdy::ratelimit::RateLimitLayer::adaptive_only())),
+        ),
+        (
+            "attempt timeout",
+            none().attempt_timeout(Some(std::time::Duration::from_secs(30))),
+        ),
+    ] {
+        let svc = builder.build(bare());
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    black_box(svc.clone().oneshot(request(&uri, &post)).await.unwrap())
+                })
+            });
+        });
+    }
+    g.finish();
 }
 
 /// The same stack against a real hyper server on loopback (the chaos server, no faults): the
