@@ -38,7 +38,7 @@ pin_project! {
         #[pin]
         deadline: Option<Sleep>,
         deadline_len: Duration,
-        attempts: Arc<AtomicU32>,
+        attempts: Option<Arc<AtomicU32>>,
     }
 }
 
@@ -65,7 +65,7 @@ where
         attempt: Attempt<S, S::Error>,
         req: Request<B>,
         config: &Config,
-        attempts: Arc<AtomicU32>,
+        attempts: Option<Arc<AtomicU32>>,
     ) -> Self {
         let mut retry = tower::retry::Retry::new(policy, attempt);
         // The attempt service was driven to readiness by `Retry::poll_ready`.
@@ -84,7 +84,7 @@ where
         attempt: Attempt<S, S::Error>,
         policy: RetryPolicy,
         config: &Config,
-        attempts: Arc<AtomicU32>,
+        attempts: Option<Arc<AtomicU32>>,
     ) -> Self {
         Self {
             state: State::Buffering {
@@ -106,7 +106,10 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
-            .field("attempts", &self.attempts.load(Ordering::Relaxed))
+            .field(
+                "attempts",
+                &self.attempts.as_ref().map(|a| a.load(Ordering::Relaxed)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +127,10 @@ where
         let mut this = self.project();
         if let Some(d) = this.deadline.as_mut().as_pin_mut() {
             if d.poll(cx).is_ready() {
-                let n = this.attempts.load(Ordering::Relaxed);
+                let n = this
+                    .attempts
+                    .as_ref()
+                    .map_or(0, |a| a.load(Ordering::Relaxed));
                 let msg = format!(
                     "the overall deadline of {} passed during attempt {}",
                     human_duration(*this.deadline_len),

@@ -138,18 +138,23 @@ pub(crate) struct Config {
 pub struct RetryPolicy {
     config: Arc<Config>,
     body: Option<Bytes>,
-    attempts: Arc<AtomicU32>,
+    /// Attempts made so far.
+    attempts: u32,
+    /// The same count, shared with the response future for the deadline message (only when a
+    /// deadline is set).
+    shared_attempts: Option<Arc<AtomicU32>>,
     prev: Option<Duration>,
     deadline: Option<Instant>,
     budget: Option<BudgetRef>,
     deposited: bool,
-    rng: SmallRng,
+    /// Seeded on the first retry: a call that succeeds at once never pays for it.
+    rng: Option<SmallRng>,
 }
 
 impl fmt::Debug for RetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryPolicy")
-            .field("attempts", &self.attempts.load(Ordering::Relaxed))
+            .field("attempts", &self.attempts)
             .field("replayable", &self.body.is_some())
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
@@ -181,27 +186,35 @@ impl RetryPolicy {
         config: Arc<Config>,
         budget: Option<BudgetRef>,
         body: Option<Bytes>,
-        attempts: Arc<AtomicU32>,
+        shared_attempts: Option<Arc<AtomicU32>>,
     ) -> Self {
-        let seed = match config.seed {
-            Some(s) => s.wrapping_add(
-                config
-                    .sessions
-                    .fetch_add(1, Ordering::Relaxed)
-                    .wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ),
-            None => rand::rng().random(),
-        };
         Self {
             deadline: config.deadline.map(|d| Instant::now() + d),
             budget,
             body,
-            attempts,
+            attempts: 0,
+            shared_attempts,
             prev: None,
             deposited: false,
-            rng: SmallRng::seed_from_u64(seed),
+            rng: None,
             config,
         }
+    }
+
+    fn rng(&mut self) -> &mut SmallRng {
+        let config = &self.config;
+        self.rng.get_or_insert_with(|| {
+            let seed = match config.seed {
+                Some(s) => s.wrapping_add(
+                    config
+                        .sessions
+                        .fetch_add(1, Ordering::Relaxed)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                ),
+                None => rand::rng().random(),
+            };
+            SmallRng::seed_from_u64(seed)
+        })
     }
 
     pub(crate) fn with_body(mut self, body: Bytes) -> Self {
@@ -222,7 +235,11 @@ impl RetryPolicy {
         req: &Request<B>,
         result: &mut Result<Response<Rb>, BoxError>,
     ) -> Option<Duration> {
-        let n = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        self.attempts += 1;
+        let n = self.attempts;
+        if let Some(shared) = &self.shared_attempts {
+            shared.store(n, Ordering::Relaxed);
+        }
         let trace = Trace::of(req);
         let outcome = classify_result(result);
         if let Some(t) = trace {
@@ -264,7 +281,7 @@ impl RetryPolicy {
             let spread = wait
                 .max(self.config.backoff.base())
                 .mul_f64(self.config.retry_after_jitter);
-            let mut delay = wait + self.rng.random_range(Duration::ZERO..=spread);
+            let mut delay = wait + self.rng().random_range(Duration::ZERO..=spread);
             if let Some(l) = left {
                 delay = delay
                     .min(l.saturating_sub(Duration::from_millis(1)))
@@ -276,7 +293,9 @@ impl RetryPolicy {
                 exhaust(result, &kind, format!("gave up after {n} attempts"));
                 return None;
             }
-            let delay = self.config.backoff.delay(n, self.prev, &mut self.rng);
+            let prev = self.prev;
+            let backoff = self.config.backoff;
+            let delay = backoff.delay(n, prev, self.rng());
             if left.is_some_and(|l| delay >= l) {
                 exhaust(result, &kind, format!("gave up after {n} attempts: the next retry would pass the overall deadline"));
                 return None;

@@ -94,7 +94,7 @@ where
         };
         let host = sturdy_core::key::host(&req);
         let budget = self.config.budget.for_host(host, &mut self.budgets);
-        let attempts = Arc::new(AtomicU32::new(0));
+        let attempts = self.config.deadline.map(|_| Arc::new(AtomicU32::new(0)));
         let replayable = sturdy_core::body::fits(req.body(), self.config.body_limit)
             && self.config.max_attempts > 1;
         if !replayable {
