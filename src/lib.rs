@@ -44,6 +44,9 @@
 
 pub use sturdy_core as core;
 
+mod builder;
+pub use builder::ServiceBuilderExt;
+
 #[cfg(feature = "full")]
 mod client;
 #[cfg(feature = "full")]
