@@ -35,18 +35,9 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
 sturdy_core::define_inner_service_accessors!(Auth<S>);
 
 fn with_query<B>(req: &mut Request<B>, param: &str, value: &str) {
-    let uri = req.uri().clone();
-    let mut parts = uri.into_parts();
-    let pq = parts.path_and_query.as_ref().map_or("/", |p| p.as_str());
-    let pair: String = form_urlencoded::Serializer::new(String::new())
-        .append_pair(param, value)
-        .finish();
-    let sep = if pq.contains('?') { '&' } else { '?' };
-    if let Ok(new) = format!("{pq}{sep}{pair}").parse() {
-        parts.path_and_query = Some(new);
-        if let Ok(u) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = u;
-        }
+    // A URI that cannot take the parameter is left as it is: the API then answers 401.
+    if let Ok(u) = sturdy_core::query::set(req.uri(), &[(param, value)]) {
+        *req.uri_mut() = u;
     }
 }
 

@@ -41,6 +41,7 @@ pub mod headers;
 pub mod key;
 pub mod keyed;
 mod macros;
+pub mod query;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};

@@ -126,28 +126,8 @@ pub trait PageStrategy: Send + Sync + 'static {
 
 /// Sets (or replaces) query parameters of `base`.
 pub(crate) fn with_query(base: &Uri, set: &[(&str, String)]) -> Result<Uri, Error> {
-    let mut pairs: Vec<(String, String)> = base
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    for (k, v) in set {
-        pairs.retain(|(pk, _)| pk != k);
-        pairs.push(((*k).to_owned(), v.clone()));
-    }
-    let query = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish();
-    let mut parts = base.clone().into_parts();
-    let path = base.path();
-    let pq = if query.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{query}")
-    };
-    parts.path_and_query = Some(pq.parse().map_err(|e| {
-        Error::new(ErrorKind::Pagination, "could not build the page URI").with_source(e)
-    })?);
-    Uri::from_parts(parts).map_err(|e| {
+    let set: Vec<(&str, &str)> = set.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    sturdy_core::query::set(base, &set).map_err(|e| {
         Error::new(ErrorKind::Pagination, "could not build the page URI").with_source(e)
     })
 }

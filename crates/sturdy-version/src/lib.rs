@@ -169,32 +169,12 @@ impl<S: fmt::Debug> fmt::Debug for Version<S> {
 }
 
 fn set_query<B>(req: &mut Request<B>, name: &str, value: &str) {
-    let has = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some(name)));
-    if has {
+    // A version the caller set is kept.
+    if sturdy_core::query::has(req.uri(), name) {
         return;
     }
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let sep = if pq.contains('?') { '&' } else { '?' };
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect::<String>()
-    };
-    let mut parts = req.uri().clone().into_parts();
-    if let Ok(p) = format!("{pq}{sep}{}={}", enc(name), enc(value)).parse() {
-        parts.path_and_query = Some(p);
-        if let Ok(u) = http::Uri::from_parts(parts) {
-            *req.uri_mut() = u;
-        }
+    if let Ok(u) = sturdy_core::query::set(req.uri(), &[(name, value)]) {
+        *req.uri_mut() = u;
     }
 }
 
