@@ -110,7 +110,7 @@ async fn two_deliberate_identical_orders_are_two_orders() {
 }
 
 #[tokio::test]
-async fn without_keys_the_same_faults_duplicate_orders() {
+async fn without_keys_lost_responses_become_failures_not_duplicates() {
     // The control experiment: retries without idempotency keys on a POST are refused by the
     // retry layer, so lost responses become failures instead of duplicates.
     let db = Db::default();

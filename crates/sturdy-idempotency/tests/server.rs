@@ -202,3 +202,47 @@ async fn a_body_over_the_limit_gets_413() {
     let res = app.oneshot(order(Some("k"), "0123456789")).await.unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+#[tokio::test]
+async fn a_custom_scope_separates_tenants() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::CREATED
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_scope(
+            |head: &http::request::Parts| {
+                head.headers
+                    .get("x-tenant")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned()
+            },
+        ));
+    let order = |tenant: &str| {
+        Request::post("/orders")
+            .header("idempotency-key", "k")
+            .header("x-tenant", tenant)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    for tenant in ["a", "b", "a"] {
+        assert_eq!(
+            app.clone().oneshot(order(tenant)).await.unwrap().status(),
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "tenant a's repeat was a replay, tenant b ran"
+    );
+}

@@ -53,6 +53,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
@@ -67,18 +68,18 @@ pub use store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse}
 /// handler's own body (right).
 pub type ResponseBody<B> = Either<Full<Bytes>, B>;
 
-/// Chooses the client scope of a key.
-pub trait Scope<B>: Send + Sync + 'static {
-    /// The scope of `req`'s client (a credential hash, a tenant id).
-    fn scope(&self, req: &Request<B>) -> String;
+/// Chooses the client scope of a key from the request head.
+pub trait Scope: Send + Sync + 'static {
+    /// The scope of the request's client (a credential hash, a tenant id).
+    fn scope(&self, head: &Parts) -> String;
 }
 
-impl<B, F> Scope<B> for F
+impl<F> Scope for F
 where
-    F: Fn(&Request<B>) -> String + Send + Sync + 'static,
+    F: Fn(&Parts) -> String + Send + Sync + 'static,
 {
-    fn scope(&self, req: &Request<B>) -> String {
-        self(req)
+    fn scope(&self, head: &Parts) -> String {
+        self(head)
     }
 }
 
@@ -87,9 +88,9 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ByCredential;
 
-impl<B> Scope<B> for ByCredential {
-    fn scope(&self, req: &Request<B>) -> String {
-        match req.headers().get(header::AUTHORIZATION) {
+impl Scope for ByCredential {
+    fn scope(&self, head: &Parts) -> String {
+        match head.headers.get(header::AUTHORIZATION) {
             Some(v) => hex(&Sha256::digest(v.as_bytes())[..16]),
             None => "anonymous".to_owned(),
         }
@@ -115,19 +116,8 @@ struct Config {
 #[must_use]
 pub struct IdempotencyLayer<St> {
     store: Arc<St>,
-    scope: Arc<dyn ScopeAny>,
+    scope: Arc<dyn Scope>,
     config: Arc<Config>,
-}
-
-/// `Scope` for any body type, erased (the scope only reads the head).
-trait ScopeAny: Send + Sync {
-    fn scope_of(&self, head: &Request<()>) -> String;
-}
-
-impl<T: Scope<()>> ScopeAny for T {
-    fn scope_of(&self, head: &Request<()>) -> String {
-        self.scope(head)
-    }
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -213,7 +203,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Scopes keys with `scope` (a function of the request head) instead of by credential.
-    pub fn with_scope(mut self, scope: impl Scope<()>) -> Self {
+    pub fn with_scope(mut self, scope: impl Scope) -> Self {
         self.scope = Arc::new(scope);
         self
     }
@@ -238,7 +228,7 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
-    scope: Arc<dyn ScopeAny>,
+    scope: Arc<dyn Scope>,
     config: Arc<Config>,
 }
 
@@ -425,19 +415,13 @@ where
                 }
             },
         };
-        let scope = {
-            let mut head = Request::new(());
-            *head.headers_mut() = req.headers().clone();
-            *head.uri_mut() = req.uri().clone();
-            *head.method_mut() = req.method().clone();
-            self.scope.scope_of(&head)
-        };
-        let store_key = format!("{scope}:{key}");
+        let (parts, body) = req.into_parts();
+        let store_key = format!("{}:{key}", self.scope.scope(&parts));
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
-        ResponseFuture(Box::pin(run(svc, store, config, store_key, req)))
+        ResponseFuture(Box::pin(run(svc, store, config, store_key, parts, body)))
     }
 }
 
@@ -446,7 +430,8 @@ async fn run<S, St, B, Rb>(
     store: Arc<St>,
     config: Arc<Config>,
     key: String,
-    req: Request<B>,
+    parts: Parts,
+    body: B,
 ) -> Result<Response<ResponseBody<Rb>>, S::Error>
 where
     S: Service<Request<B>, Response = Response<Rb>>,
@@ -456,7 +441,6 @@ where
     Rb: Body,
     Rb::Error: Into<BoxError>,
 {
-    let (parts, body) = req.into_parts();
     let body = match sturdy_core::body::buffer(body, config.body_limit).await {
         Ok(b) => b,
         Err(sturdy_core::body::BodyError::TooLarge { limit }) => {
