@@ -132,6 +132,32 @@ pub(crate) fn with_query(base: &Uri, set: &[(&str, String)]) -> Result<Uri, Erro
     })
 }
 
+/// Whether a page of a numbered walk (page numbers, offsets) is the last: an empty page is;
+/// with a total (at `total`), when the items seen so far reach it (a server may cap the page size
+/// below what was asked, which makes every page look short); without one, a short page is.
+fn is_last(
+    page: &RawPage,
+    json: &Value,
+    total: Option<&str>,
+    len: usize,
+    size: usize,
+    seen: usize,
+) -> Result<bool, Error> {
+    if len == 0 {
+        return Ok(true);
+    }
+    match total {
+        Some(p) => {
+            let total = json
+                .pointer(p)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
+            Ok(seen as u64 >= total)
+        }
+        None => Ok(len < size),
+    }
+}
+
 /// Cursor in a JSON body: items at one JSON pointer, the next cursor at another, sent back in a
 /// query parameter. E.g. `{"data": \[...\], "next_cursor": "c40"}`.
 #[derive(Debug, Clone)]
@@ -342,28 +368,10 @@ impl PageStrategy for PageNumber {
         let items = page.items_at(&json, &self.items)?;
         let n = self.number(cursor)?;
         let size = limit.unwrap_or(self.page_size);
-        let done_by_total = match &self.total {
-            Some(p) => {
-                let total = json
-                    .pointer(p)
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
-                // Servers cap page sizes, so the size that counts is the one this page has.
-                // Were this the short last page, the estimate is low, and the next page (empty)
-                // ends the walk.
-                let seen = (n + 1 - self.first).saturating_mul(items.len());
-                seen as u64 >= total
-            }
-            None => false,
-        };
-        // With a total, the total decides (a capped page size makes every page look short);
-        // without one, an empty or short page is the last.
-        let last = items.is_empty()
-            || if self.total.is_some() {
-                done_by_total
-            } else {
-                items.len() < size
-            };
+        // Servers cap page sizes, so the size that counts is the one this page has. Were this the
+        // short last page, the estimate is low, and the next page (empty) ends the walk.
+        let seen = (n + 1 - self.first).saturating_mul(items.len());
+        let last = is_last(page, &json, self.total.as_deref(), items.len(), size, seen)?;
         let next = (!last).then(|| (n + 1).to_string());
         Ok(Parsed { items, next })
     }
@@ -447,22 +455,14 @@ impl PageStrategy for OffsetLimit {
         let offset = Self::offset(cursor)?;
         let size = limit.unwrap_or(self.page_size);
         let next_offset = offset + items.len();
-        let done_by_total = match &self.total {
-            Some(p) => {
-                let total = json
-                    .pointer(p)
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
-                next_offset as u64 >= total
-            }
-            None => false,
-        };
-        let last = items.is_empty()
-            || if self.total.is_some() {
-                done_by_total
-            } else {
-                items.len() < size
-            };
+        let last = is_last(
+            page,
+            &json,
+            self.total.as_deref(),
+            items.len(),
+            size,
+            next_offset,
+        )?;
         let next = (!last).then(|| next_offset.to_string());
         Ok(Parsed { items, next })
     }

@@ -372,31 +372,8 @@ async fn an_error_status_stops_the_walk() {
 async fn a_server_that_caps_the_page_size_is_walked_correctly() {
     // The chaos server serves at most 100 per page; ask for 500.
     let s = server(0.0).await;
-    for strategy in [
-        PageNumber::new("/items").total("/total"),
-        PageNumber::new("/items"),
-    ] {
-        let pager = Paginate::new(stack(), &s.url("/orders/pages"), strategy)
-            .unwrap()
-            .page_size(500);
-        let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
-        // Without a total, a capped page looks short: the walk ends after one page. That is
-        // why the total matters when a server may cap.
-        assert!(
-            items.len() == ORDERS || items.len() == 100,
-            "{}",
-            items.len()
-        );
-    }
-    let pager = Paginate::new(
-        stack(),
-        &s.url("/orders/offset"),
-        OffsetLimit::new("/items").total("/total"),
-    )
-    .unwrap()
-    .page_size(500);
-    let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
-    assert_eq!(items.len(), ORDERS);
+    let count = |items: Vec<serde_json::Value>| items.len();
+    // With a total, every order once.
     let pager = Paginate::new(
         stack(),
         &s.url("/orders/pages"),
@@ -404,6 +381,19 @@ async fn a_server_that_caps_the_page_size_is_walked_correctly() {
     )
     .unwrap()
     .page_size(500);
-    let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
-    assert_eq!(items.len(), ORDERS);
+    assert_eq!(count(pager.items().try_collect().await.unwrap()), ORDERS);
+    let pager = Paginate::new(
+        stack(),
+        &s.url("/orders/offset"),
+        OffsetLimit::new("/items").total("/total"),
+    )
+    .unwrap()
+    .page_size(500);
+    assert_eq!(count(pager.items().try_collect().await.unwrap()), ORDERS);
+    // Without a total, a capped page looks short and the walk ends after it: why the total
+    // matters when a server may cap.
+    let pager = Paginate::new(stack(), &s.url("/orders/pages"), PageNumber::new("/items"))
+        .unwrap()
+        .page_size(500);
+    assert_eq!(count(pager.items().try_collect().await.unwrap()), 100);
 }

@@ -85,6 +85,16 @@ impl fmt::Debug for Keys {
 }
 
 impl Keys {
+    /// Keys that are the secrets' bytes as they are (Stripe, GitHub, generic).
+    fn raw<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        Self(
+            secrets
+                .into_iter()
+                .map(|s| SecretSlice::from(s.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
     fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
         let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
         for p in parts {
@@ -299,12 +309,7 @@ impl Stripe {
     /// Verifies with any of `secrets` (rotation).
     pub fn with_secrets<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            keys: Keys(
-                secrets
-                    .into_iter()
-                    .map(|s| SecretSlice::from(s.as_bytes().to_vec()))
-                    .collect(),
-            ),
+            keys: Keys::raw(secrets),
             tolerance: DEFAULT_TOLERANCE,
         }
     }
@@ -391,12 +396,7 @@ impl GitHub {
     /// Verifies with any of `secrets` (rotation).
     pub fn with_secrets<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            keys: Keys(
-                secrets
-                    .into_iter()
-                    .map(|s| SecretSlice::from(s.as_bytes().to_vec()))
-                    .collect(),
-            ),
+            keys: Keys::raw(secrets),
         }
     }
 }
@@ -473,7 +473,7 @@ impl GenericHmac {
     pub fn new(name: &'static str, header: HeaderName, secret: &str) -> Self {
         Self {
             name,
-            keys: Keys(vec![SecretSlice::from(secret.as_bytes().to_vec())]),
+            keys: Keys::raw([secret]),
             header,
             prefix: String::new(),
             encoding: Encoding::Hex,
