@@ -7,33 +7,13 @@ use std::hint::black_box;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{now, two_threads};
+use support::{bare, call, two_threads};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use failsafe::CircuitBreaker as _;
-use http::{Request, Response, Uri};
+use http::Uri;
 use sturdy::circuit::CircuitBreakerLayer;
-use tower::{service_fn, Layer, Service};
-
-fn request(uri: &Uri) -> Request<()> {
-    let mut r = Request::new(());
-    *r.uri_mut() = uri.clone();
-    r
-}
-
-fn bare() -> impl Service<Request<()>, Response = Response<()>, Error = std::convert::Infallible>
-       + Clone
-       + Send
-       + 'static {
-    service_fn(|_r: Request<()>| {
-        std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(())))
-    })
-}
-
-fn call<S: Service<Request<()>>>(svc: &mut S, uri: &Uri) {
-    let _ = now(std::future::poll_fn(|cx| svc.poll_ready(cx)));
-    let _ = black_box(now(svc.call(request(uri))));
-}
+use tower::Layer;
 
 fn single(c: &mut Criterion) {
     // A static URI: cloning it touches no shared reference count, so threads do not contend on it.

@@ -81,14 +81,13 @@ enum Verdict {
 
 async fn faults(State(s): St, req: Request, next: Next) -> Response {
     bump(&s.counters.api_requests);
-    let latency = lock(&s.knobs).latency;
+    let (latency, deprecation, sunset) = {
+        let k = lock(&s.knobs);
+        (k.latency, k.deprecation, k.sunset)
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let (deprecation, sunset) = {
-        let k = lock(&s.knobs);
-        (k.deprecation, k.sunset)
-    };
     let verdict = decide(&s, req.headers());
     let mut res = match verdict {
         Verdict::Pass => next.run(req).await,

@@ -28,12 +28,11 @@ fn knobs() -> Knobs {
     }
 }
 
-fn order(server: &ChaosServer, n: usize, key: Option<&str>) -> Request<Full<Bytes>> {
-    let mut b = Request::post(server.url("/orders")).header("content-type", "application/json");
-    if let Some(k) = key {
-        b = b.header("idempotency-key", k);
-    }
-    b.body(Full::from(format!(r#"{{"item":"book","customer":{n}}}"#)))
+/// Order `n`. No client sets a key by hand: sturdy's stack adds one itself.
+fn order(server: &ChaosServer, n: usize) -> Request<Full<Bytes>> {
+    Request::post(server.url("/orders"))
+        .header("content-type", "application/json")
+        .body(Full::from(format!(r#"{{"item":"book","customer":{n}}}"#)))
         .expect("valid request")
 }
 
@@ -78,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = http_client();
     let mut t = Tally::default();
     for n in 0..ORDERS {
-        match client.request(order(&server, n, None)).await {
+        match client.request(order(&server, n)).await {
             Ok(r) if r.status() == StatusCode::CREATED => t.ok += 1,
             _ => t.failed += 1,
         }
@@ -91,7 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for n in 0..ORDERS {
         let mut done = false;
         for _ in 0..4 {
-            if let Ok(r) = client.request(order(&server, n, None)).await {
+            if let Ok(r) = client.request(order(&server, n)).await {
                 if r.status() == StatusCode::CREATED {
                     done = true;
                     break;
@@ -118,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build(http_client());
     let mut t = Tally::default();
     for n in 0..ORDERS {
-        match sturdy.clone().oneshot(order(&server, n, None)).await {
+        match sturdy.clone().oneshot(order(&server, n)).await {
             Ok(r) if r.status() == StatusCode::CREATED => t.ok += 1,
             Ok(r) => {
                 eprintln!("order {n}: {}", r.status());
