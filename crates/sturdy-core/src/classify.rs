@@ -9,13 +9,43 @@
 //!
 //! Errors are classified by walking their `source()` chain, so a hyper-util connect error
 //! wrapped in a timeout wrapped in a `BoxError` still reads as [`ErrorKind::Connect`].
+//!
+//! [`Classify`] is the one hook for "what counts as a failure": the retry layer retries what it
+//! calls [`Outcome::Retryable`], and the circuit breaker counts what [`Outcome::is_failure`]
+//! says. Both take any `Fn(&Result<Response<B>, E>) -> Outcome`, usually a closure that decides
+//! a few cases and leaves the rest to [`classify_result`]:
+//!
+//! ```
+//! use http::{Response, StatusCode};
+//! use sturdy_core::classify::{classify_result, Classify, Outcome};
+//! use sturdy_core::{BoxError, ErrorKind};
+//!
+//! // This API answers 409 when a resource is briefly locked: worth trying again. And it reports
+//! // some failures as a 200 with an `x-error` header.
+//! let classify = |r: &Result<Response<()>, BoxError>| match r {
+//!     Ok(res) if res.status() == StatusCode::CONFLICT => Outcome::Retryable(ErrorKind::Client(StatusCode::CONFLICT)),
+//!     Ok(res) if res.headers().contains_key("x-error") => Outcome::Retryable(ErrorKind::Server(StatusCode::INTERNAL_SERVER_ERROR)),
+//!     other => classify_result(other),
+//! };
+//! let conflict = Response::builder().status(409).body(()).unwrap();
+//! assert!(classify.classify(&Ok(conflict)).is_retryable());
+//! let hidden = Response::builder().header("x-error", "db down").body(()).unwrap();
+//! assert!(classify.classify(&Ok(hidden)).is_failure());
+//! ```
+//!
+//! | outcome | retried by the retry layer | counted by the circuit breaker |
+//! |---|---|---|
+//! | `Success` | no | as a success |
+//! | `Retryable(kind)` | yes (when the method or an idempotency key makes it safe) | as a failure when [`ErrorKind::is_dependency_failure`] |
+//! | `Unauthorized` | no (the auth layer refreshes and replays once) | no |
+//! | `Permanent(kind)` | no | as a failure when [`ErrorKind::is_dependency_failure`] |
 
 use std::error::Error as StdError;
 use std::io;
 
 use http::{Response, StatusCode};
 
-use crate::error::{BoxError, CircuitOpen, ErrorKind, RateLimited};
+use crate::error::{BoxError, CircuitOpen, Delivery, ErrorKind, RateLimited};
 
 /// What an outcome means.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +69,17 @@ impl Outcome {
     /// Whether this is [`Outcome::Retryable`].
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Retryable(_))
+    }
+
+    /// Whether the outcome says the dependency is unhealthy, which is what a circuit breaker
+    /// counts: a retryable or permanent outcome whose kind
+    /// [is a dependency failure](ErrorKind::is_dependency_failure) (5xx, timeouts, connect and
+    /// transport errors, unrecognised errors). 4xx, 429 and 401 are the caller's business.
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Self::Retryable(k) | Self::Permanent(k) => k.is_dependency_failure(),
+            Self::Success | Self::Unauthorized => false,
+        }
     }
 
     /// The error kind, for anything but a success.
@@ -137,6 +178,162 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
             io::ErrorKind::TimedOut => ErrorKind::Timeout,
             _ => ErrorKind::Other,
         });
+    }
+    None
+}
+
+/// Whether a failed call may have reached the server's handler; see [`Delivery`].
+///
+/// The first statement in the chain decides: a sturdy [`Error`](crate::Error) that carries a
+/// delivery (the retry layer's final error states it for the whole call; layers that refuse a
+/// call before sending it state [`Delivery::NotSent`]), then [`CircuitOpen`] and [`RateLimited`]
+/// (refused locally or by the server before processing), then what the error is: a connect error
+/// proves the request never left. Everything else — timeouts, broken connections, unknown
+/// errors — may have been processed.
+///
+/// ```
+/// use std::io;
+/// use sturdy_core::classify::delivery;
+/// use sturdy_core::{CallReport, Delivery, Error, ErrorKind};
+///
+/// let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+/// assert_eq!(delivery(&refused), Delivery::NotSent);
+/// let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+/// assert_eq!(delivery(&reset), Delivery::MaybeProcessed);
+///
+/// // The last attempt could not connect, but an earlier one may have been processed.
+/// let call = Error::new(ErrorKind::Connect, "gave up after 2 attempts")
+///     .with_source(refused)
+///     .with_report(CallReport::new(2, Delivery::MaybeProcessed, Some("k-1".into())));
+/// assert_eq!(delivery(&call), Delivery::MaybeProcessed);
+/// ```
+pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(e) = e.downcast_ref::<crate::Error>() {
+            if let Some(d) = e.delivery() {
+                return d;
+            }
+        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() {
+            return Delivery::NotSent;
+        }
+        cur = e.source();
+    }
+    if classify_error(err) == ErrorKind::Connect {
+        Delivery::NotSent
+    } else {
+        Delivery::MaybeProcessed
+    }
+}
+
+/// The root cause of an error in a few words, for messages: `connection refused`, `connection
+/// reset by peer`, `timed out`, `DNS lookup failed`, `TLS handshake failed: ...`, `connection
+/// closed before the response was complete`. sturdy's own errors and errors nobody recognises
+/// are described by their own text.
+///
+/// ```
+/// use std::io;
+/// use sturdy_core::classify::describe;
+///
+/// let reset = io::Error::new(io::ErrorKind::ConnectionReset, "Connection reset by peer (os error 104)");
+/// assert_eq!(describe(&reset), "connection reset by peer");
+/// ```
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
+    let mut chain: Vec<&(dyn StdError + 'static)> = Vec::new();
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        // Errors explained by sturdy or by a timer speak for everything under them.
+        if let Some(words) = own_words(e) {
+            return words;
+        }
+        chain.push(e);
+        cur = e.source();
+    }
+    // Otherwise the deepest cause says what really happened.
+    for e in chain.iter().rev() {
+        if let Some(words) = transport_words(*e) {
+            return words;
+        }
+    }
+    chain
+        .iter()
+        .find(|e| !is_generic_wrapper(**e))
+        .map_or_else(|| err.to_string(), |e| e.to_string())
+}
+
+/// Errors whose own text says nothing a person can act on ("client error (Connect)",
+/// "error trying to connect"): their cause speaks instead.
+fn is_generic_wrapper(e: &(dyn StdError + 'static)) -> bool {
+    e.is::<hyper_util::client::legacy::Error>()
+        || (e.source().is_some() && {
+            let t = e.to_string();
+            t.starts_with("client error") || t.starts_with("error trying to connect")
+        })
+}
+
+fn own_words(e: &(dyn StdError + 'static)) -> Option<String> {
+    if e.is::<crate::Error>() || e.is::<RateLimited>() || e.is::<CircuitOpen>() {
+        return Some(e.to_string());
+    }
+    if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
+        return Some("the attempt timed out".to_owned());
+    }
+    None
+}
+
+fn transport_words(e: &(dyn StdError + 'static)) -> Option<String> {
+    if let Some(h) = e.downcast_ref::<hyper::Error>() {
+        if h.is_incomplete_message() {
+            return Some("the connection closed before the response was complete".to_owned());
+        }
+        if h.is_closed() || h.is_canceled() {
+            return Some("the connection closed before a response arrived".to_owned());
+        }
+        if h.is_timeout() {
+            return Some("timed out".to_owned());
+        }
+        if h.is_parse() {
+            return Some(format!("the server sent an invalid HTTP response ({h})"));
+        }
+        return None;
+    }
+    if let Some(io) = e.downcast_ref::<io::Error>() {
+        let words = match io.kind() {
+            io::ErrorKind::ConnectionRefused => "connection refused",
+            io::ErrorKind::ConnectionReset => "connection reset by peer",
+            io::ErrorKind::ConnectionAborted => "connection aborted",
+            io::ErrorKind::BrokenPipe => "the connection closed while the request was being sent",
+            io::ErrorKind::UnexpectedEof => "the connection closed unexpectedly",
+            io::ErrorKind::TimedOut => "timed out",
+            io::ErrorKind::HostUnreachable => "host unreachable",
+            io::ErrorKind::NetworkUnreachable => "network unreachable",
+            io::ErrorKind::AddrNotAvailable => "address not available",
+            io::ErrorKind::NotConnected => "not connected",
+            // An io error may carry a more precise one (a TLS alert, a DNS failure).
+            _ => return tls_or_dns(&io.to_string()),
+        };
+        return Some(words.to_owned());
+    }
+    if e.source().is_none() {
+        return tls_or_dns(&e.to_string());
+    }
+    None
+}
+
+/// DNS and TLS failures are recognised by their text: the resolver's and rustls' error types
+/// are not dependencies of this crate.
+fn tls_or_dns(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    if lower.starts_with("dns error") || lower.contains("failed to lookup address") {
+        let detail = text.split_once(": ").map_or(text, |(_, d)| d);
+        return Some(format!("DNS lookup failed ({detail})"));
+    }
+    if lower.contains("certificate")
+        || lower.contains("handshake")
+        || lower.contains("tls")
+        || lower.contains("received fatal alert")
+    {
+        return Some(format!("TLS handshake failed ({text})"));
     }
     None
 }
@@ -296,5 +493,89 @@ mod tests {
         };
         let res = Response::builder().status(503).body(()).unwrap();
         assert_eq!(only_500.classify(&Ok(res)), Outcome::Success);
+    }
+
+    #[derive(Debug)]
+    struct Generic(&'static str, Option<io::Error>);
+    impl std::fmt::Display for Generic {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl StdError for Generic {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            self.1.as_ref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn causes_in_plain_words() {
+        let reset = Generic(
+            "client error (SendRequest)",
+            Some(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "os error 104",
+            )),
+        );
+        assert_eq!(describe(&reset), "connection reset by peer");
+        let dns = Generic(
+            "client error (Connect)",
+            Some(io::Error::other(
+                "failed to lookup address information: Name or service not known",
+            )),
+        );
+        assert_eq!(
+            describe(&dns),
+            "DNS lookup failed (Name or service not known)"
+        );
+        let tls = Generic(
+            "client error (Connect)",
+            Some(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+            )),
+        );
+        assert_eq!(
+            describe(&tls),
+            "TLS handshake failed (invalid peer certificate: UnknownIssuer)"
+        );
+        let own = crate::Error::new(ErrorKind::Auth, "the token endpoint refused the client")
+            .with_source(io::Error::other("x"));
+        assert_eq!(describe(&own), "the token endpoint refused the client: x");
+        assert_eq!(
+            describe(&tower::timeout::error::Elapsed::new()),
+            "the attempt timed out"
+        );
+        assert_eq!(describe(&Generic("odd", None)), "odd");
+    }
+
+    #[test]
+    fn delivery_of_a_chain() {
+        use crate::{CallReport, Delivery};
+        let refused = Generic(
+            "client error (Connect)",
+            Some(io::Error::new(io::ErrorKind::ConnectionRefused, "no")),
+        );
+        assert_eq!(delivery(&refused), Delivery::NotSent);
+        assert_eq!(
+            delivery(&CircuitOpen::new("h", Duration::from_secs(1))),
+            Delivery::NotSent
+        );
+        assert_eq!(
+            delivery(&tower::timeout::error::Elapsed::new()),
+            Delivery::MaybeProcessed
+        );
+        let before = crate::Error::new(ErrorKind::Timeout, "no token in time")
+            .with_delivery(Delivery::NotSent);
+        assert_eq!(delivery(&before), Delivery::NotSent);
+        let call = crate::Error::new(
+            ErrorKind::CircuitOpen {
+                retry_in: Duration::ZERO,
+            },
+            "gave up",
+        )
+        .with_source(CircuitOpen::new("h", Duration::ZERO))
+        .with_report(CallReport::new(2, Delivery::MaybeProcessed, None));
+        assert_eq!(delivery(&call), Delivery::MaybeProcessed);
     }
 }

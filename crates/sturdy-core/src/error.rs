@@ -53,7 +53,8 @@ impl ErrorKind {
     /// blind retry, so it is not retryable here.
     ///
     /// Whether a retry is *safe* (non-idempotent methods) is a separate question that the retry
-    /// layer answers with the request in hand; see [`ErrorKind::proves_not_sent`].
+    /// layer answers with the request in hand; whether a failed call may have been processed is
+    /// answered for the whole call by [`delivery`](crate::classify::delivery).
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Timeout | Self::Connect | Self::Transport => true,
@@ -68,10 +69,15 @@ impl ErrorKind {
         }
     }
 
-    /// Whether the failure proves that the request never reached the server, so that even a
-    /// non-idempotent request may be sent again.
-    pub fn proves_not_sent(&self) -> bool {
-        matches!(self, Self::Connect | Self::CircuitOpen { .. })
+    /// Whether this kind says the dependency itself is unhealthy, which is what a circuit
+    /// breaker counts: timeouts, connect and transport errors, 5xx statuses, and errors nobody
+    /// recognises. Rate limits, 4xx statuses, auth, open circuits, bodies, configuration and
+    /// pagination are not.
+    pub fn is_dependency_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout | Self::Connect | Self::Transport | Self::Server(_) | Self::Other
+        )
     }
 
     /// The kind of an HTTP status, or `None` for a success or informational status.
@@ -106,7 +112,7 @@ impl fmt::Display for ErrorKind {
                 human_duration(*retry_in)
             ),
             Self::Timeout => f.write_str("timed out"),
-            Self::Connect => f.write_str("could not connect; the request was not sent"),
+            Self::Connect => f.write_str("could not connect"),
             Self::Transport => {
                 f.write_str("the connection broke; the request may or may not have been processed")
             }
@@ -123,14 +129,80 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// Whether a failed call may have reached the server's handler.
+///
+/// This is the question to ask before sending a non-idempotent request again: after
+/// [`Delivery::NotSent`] it may be sent again (even with a new idempotency key); after
+/// [`Delivery::MaybeProcessed`] it may only be retried with the *same* idempotency key, or the
+/// server may act twice. Ask it of any error with [`crate::classify::delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// No attempt of the call could have reached the server: it was refused before it left
+    /// (connect error, open circuit, local rate limit, no token, an invalid request).
+    NotSent,
+    /// At least one attempt may have been processed (a timeout, a connection that broke after
+    /// the request was written, a 5xx, an error nobody recognises).
+    MaybeProcessed,
+}
+
+impl Delivery {
+    /// Whether this is [`Delivery::NotSent`].
+    pub fn proves_not_sent(self) -> bool {
+        self == Self::NotSent
+    }
+}
+
+/// What a whole call did, as the client knows it: attached by the retry layer to the error it
+/// finally returns, so that the error speaks for every attempt and not only the last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallReport {
+    attempts: u32,
+    delivery: Delivery,
+    idempotency_key: Option<String>,
+}
+
+impl CallReport {
+    /// A report of `attempts` attempts (at least one).
+    pub fn new(attempts: u32, delivery: Delivery, idempotency_key: Option<String>) -> Self {
+        Self {
+            attempts: attempts.max(1),
+            delivery,
+            idempotency_key,
+        }
+    }
+
+    /// How many attempts were made, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Whether any attempt may have been processed.
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    /// The idempotency key every attempt carried, if the request had one. Retry with this key
+    /// (never a new one) when [`delivery`](Self::delivery) is [`Delivery::MaybeProcessed`].
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+}
+
 /// An error with a [`kind`](Error::kind), a message and an optional source.
 ///
-/// Layers use it for failures they explain themselves ("gave up after 4 attempts: server error
-/// 503"). Find it in a `BoxError` with `err.downcast_ref::<sturdy_core::Error>()`.
+/// Layers use it for failures they explain themselves ("gave up after 4 attempts: connection
+/// reset by peer"). Find it in a `BoxError` with `err.downcast_ref::<sturdy_core::Error>()`, or
+/// anywhere in a chain of errors with [`find`](crate::find).
 pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<BoxError>,
+    /// Whether `Display` appends the source's text (off when the message already names the
+    /// cause in better words).
+    show_source: bool,
+    delivery: Option<Delivery>,
+    report: Option<Box<CallReport>>,
 }
 
 impl Error {
@@ -140,24 +212,73 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            show_source: true,
+            delivery: None,
+            report: None,
         }
     }
 
-    /// Attaches the underlying cause.
+    /// Attaches the underlying cause; `Display` shows `message: cause`.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
     }
 
-    /// What went wrong.
+    /// Attaches the underlying cause, reachable through `source()`, without repeating its text
+    /// in `Display` (for a message that already says what the cause means).
+    #[must_use]
+    pub fn with_hidden_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self.show_source = false;
+        self
+    }
+
+    /// States whether the failed request may have reached the server; see [`Delivery`]. Layers
+    /// that refuse a call before sending it mark their errors [`Delivery::NotSent`].
+    #[must_use]
+    pub fn with_delivery(mut self, delivery: Delivery) -> Self {
+        self.delivery = Some(delivery);
+        self
+    }
+
+    /// Attaches the report of the whole call (which also states its delivery).
+    #[must_use]
+    pub fn with_report(mut self, report: CallReport) -> Self {
+        self.delivery = Some(report.delivery);
+        self.report = Some(Box::new(report));
+        self
+    }
+
+    /// What went wrong (for a call that was retried: on its last attempt).
     pub fn kind(&self) -> &ErrorKind {
         &self.kind
+    }
+
+    /// The message, without the source's text.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// Shorthand for `self.kind().is_retryable()`.
     pub fn is_retryable(&self) -> bool {
         self.kind.is_retryable()
+    }
+
+    /// What this error states about delivery, if it states anything; see
+    /// [`crate::classify::delivery`] for the answer about any error.
+    pub fn delivery(&self) -> Option<Delivery> {
+        self.delivery
+    }
+
+    /// The report of the whole call, on the error a retry layer finally returns.
+    pub fn report(&self) -> Option<&CallReport> {
+        self.report.as_deref()
+    }
+
+    /// The idempotency key of the call, when the report has one.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.report.as_ref().and_then(|r| r.idempotency_key())
     }
 }
 
@@ -167,6 +288,8 @@ impl fmt::Debug for Error {
             .field("kind", &self.kind)
             .field("message", &self.message)
             .field("source", &self.source)
+            .field("delivery", &self.delivery)
+            .field("report", &self.report)
             .finish()
     }
 }
@@ -174,7 +297,7 @@ impl fmt::Debug for Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
-        if let Some(src) = &self.source {
+        if let (Some(src), true) = (&self.source, self.show_source) {
             write!(f, ": {src}")?;
         }
         Ok(())
@@ -185,6 +308,36 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source.as_deref().map(|e| e as _)
     }
+}
+
+/// The first error of type `T` in `err`'s chain (`err` itself, then its `source()`s).
+///
+/// Layers wrap what they cannot fix (the retry layer's final error is a [`Error`] whose source is
+/// the last attempt's error), so look for a type with this rather than with a single
+/// `downcast_ref`:
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_core::{find, BoxError, Error, ErrorKind, RateLimited};
+///
+/// let err: BoxError = Box::new(
+///     Error::new(ErrorKind::RateLimited { retry_after: None }, "gave up after 4 attempts")
+///         .with_source(RateLimited::new(Duration::from_secs(30))),
+/// );
+/// assert_eq!(find::<RateLimited>(&*err).unwrap().retry_after(), Duration::from_secs(30));
+/// assert!(find::<Error>(&*err).is_some());
+/// ```
+pub fn find<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// The call was not made (or not retried) because of a rate limit: a server's 429 or
@@ -313,7 +466,5 @@ mod tests {
             assert!(!k.is_retryable(), "{s}");
         }
         assert!(ErrorKind::from_status(StatusCode::OK).is_none());
-        assert!(ErrorKind::Connect.proves_not_sent());
-        assert!(!ErrorKind::Transport.proves_not_sent());
     }
 }

@@ -11,7 +11,8 @@
 //! - [`body`]: buffering a body with a size limit, for replay, fingerprinting and signatures;
 //! - [`clock`]: the one place that reads the wall clock, so tests can fake it;
 //! - [`key`]: which key (host, token, tenant) a limiter or breaker keeps its state under;
-//! - [`trace`]: the decision trace that layers append to.
+//! - [`trace`]: the decision trace that layers append to;
+//! - [`options`]: per-request settings ([`CallOptions`]) that override a layer's configuration.
 //!
 //! # Example
 //!
@@ -41,13 +42,15 @@ pub mod headers;
 pub mod key;
 pub mod keyed;
 mod macros;
+pub mod options;
 pub mod query;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
 pub use clock::{SystemClock, WallClock};
-pub use error::{BoxError, CircuitOpen, Error, ErrorKind, RateLimited};
+pub use error::{find, BoxError, CallReport, CircuitOpen, Delivery, Error, ErrorKind, RateLimited};
 pub use key::{ByHost, KeyExtractor};
+pub use options::CallOptions;
 pub use trace::{Trace, TraceEvent};
 
 /// Formats a duration for people and language models: `250ms`, `30s`, `2m 5s`, `1h 3m`.

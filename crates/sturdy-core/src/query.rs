@@ -100,7 +100,9 @@ mod tests {
         let u: Uri = "http://h/?&a=1".parse().unwrap();
         assert_eq!(set(&u, &[("k", "v")]).unwrap(), "http://h/?&a=1&k=v");
         // A pre-signed URL keeps its signature byte for byte.
-        let u: Uri = "https://b.example/o?X-Sig=ab%2Bcd%3D%3D&X-Exp=60".parse().unwrap();
+        let u: Uri = "https://b.example/o?X-Sig=ab%2Bcd%3D%3D&X-Exp=60"
+            .parse()
+            .unwrap();
         assert_eq!(
             set(&u, &[("api-version", "2")]).unwrap(),
             "https://b.example/o?X-Sig=ab%2Bcd%3D%3D&X-Exp=60&api-version=2"

@@ -3,7 +3,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
-use sturdy_core::{SystemClock, WallClock};
+use sturdy_core::classify::DefaultClassify;
+use sturdy_core::{Error, ErrorKind, SystemClock, WallClock};
 use tower::retry::budget::Budget;
 use tower::Layer;
 
@@ -15,10 +16,13 @@ use sturdy_core::keyed::{KeyedMap, SlotCache};
 ///
 /// Cheap to clone: the configuration and the retry budgets live behind one `Arc`, shared by every
 /// service the layer makes.
+/// Which outcomes are retried is decided by a [`Classify`](sturdy_core::Classify) \[[`DefaultClassify`]\]; see
+/// [`with_classifier`](Self::with_classifier).
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct RetryLayer {
+pub struct RetryLayer<C = DefaultClassify> {
     config: Arc<Config>,
+    classify: C,
 }
 
 impl Default for RetryLayer {
@@ -33,6 +37,7 @@ impl RetryLayer {
     /// second, bodies buffered up to 1 MiB, no overall deadline, no per-attempt timeout.
     pub fn new() -> Self {
         Self {
+            classify: DefaultClassify,
             config: Arc::new(Config {
                 max_attempts: 4,
                 backoff: Backoff::default(),
@@ -54,7 +59,9 @@ impl RetryLayer {
             }),
         }
     }
+}
 
+impl<C> RetryLayer<C> {
     fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
         // Layers are configured before they are cloned, so this is normally free; if the layer was
         // already cloned, the configuration is copied.
@@ -83,13 +90,55 @@ impl RetryLayer {
         self
     }
 
-    /// Attempts in all, the first included \[4\]. 1 disables retries.
-    ///
-    /// # Panics
-    /// When `n` is 0.
+    /// Attempts in all, the first included \[4\]. 1 disables retries (0 is taken as 1).
     pub fn with_max_attempts(self, n: u32) -> Self {
-        assert!(n > 0, "max_attempts must be at least 1");
-        self.edit(|c| c.max_attempts = n)
+        self.edit(|c| c.max_attempts = n.max(1))
+    }
+
+    /// Decides which outcomes are retried \[[`DefaultClassify`]\]: any
+    /// [`Classify`](sturdy_core::Classify), such as a closure `|result| -> Outcome` that decides a few cases and leaves
+    /// the rest to [`classify_result`](sturdy_core::classify::classify_result). What is
+    /// [`Outcome::Retryable`](sturdy_core::Outcome::Retryable) is retried, within the same rules
+    /// as always (attempts, budget, deadline, and only when the method or an idempotency key
+    /// makes a retry safe).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use std::sync::Arc;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::Full;
+    /// use sturdy_core::classify::{classify_result, Outcome};
+    /// use sturdy_core::{BoxError, ErrorKind};
+    /// use sturdy_retry::RetryLayer;
+    /// use tower::{service_fn, Layer, ServiceExt};
+    ///
+    /// // An API whose 409 means "busy, try again".
+    /// let calls = Arc::new(AtomicU32::new(0));
+    /// let counter = calls.clone();
+    /// let api = service_fn(move |_req: Request<Full<Bytes>>| {
+    ///     let n = counter.fetch_add(1, Ordering::SeqCst);
+    ///     async move {
+    ///         let status = if n == 0 { StatusCode::CONFLICT } else { StatusCode::OK };
+    ///         Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(()).unwrap())
+    ///     }
+    /// });
+    /// let layer = RetryLayer::new().with_classifier(|r: &Result<Response<()>, BoxError>| match r {
+    ///     Ok(res) if res.status() == StatusCode::CONFLICT => Outcome::Retryable(ErrorKind::Client(StatusCode::CONFLICT)),
+    ///     other => classify_result(other),
+    /// });
+    /// let res = layer.layer(api).oneshot(Request::get("http://api.example.com/").body(Full::default()).unwrap()).await.unwrap();
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # }
+    /// ```
+    pub fn with_classifier<C2>(self, classify: C2) -> RetryLayer<C2> {
+        RetryLayer {
+            config: self.config,
+            classify,
+        }
     }
 
     /// The backoff strategy \[decorrelated jitter, base 250 ms, cap 20 s\].
@@ -135,21 +184,34 @@ impl RetryLayer {
         self.edit(|c| c.idempotency_header = name)
     }
 
-    /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl`, at least
-    /// `min_per_sec` retries per second are always allowed, plus `percent` (0.0 to 1000.0) of
-    /// calls \[10 s, 10, 0.2\].
+    /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl` (1 s to
+    /// 60 s), at least `min_per_sec` retries per second are always allowed, plus `percent` (0.0 to
+    /// 1000.0, as a fraction: 0.2 is 20 %) of calls \[10 s, 10, 0.2\].
     ///
-    /// # Panics
-    /// As `TpsBudget::new` does, on out-of-range values (when the first budget is made).
-    pub fn with_budget(self, ttl: Duration, min_per_sec: u32, percent: f32) -> Self {
-        self.edit(|c| {
+    /// # Errors
+    /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, so a bad
+    /// value is reported here and not on the first request.
+    pub fn with_budget(self, ttl: Duration, min_per_sec: u32, percent: f32) -> Result<Self, Error> {
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&ttl) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("the retry budget's ttl must be between 1s and 60s, not {ttl:?}"),
+            ));
+        }
+        if !(0.0..=1000.0).contains(&percent) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("the retry budget's percent must be between 0.0 and 1000.0, not {percent}"),
+            ));
+        }
+        Ok(self.edit(|c| {
             c.budget = BudgetMode::PerHost {
                 ttl,
                 min_per_sec,
                 percent,
                 map: Arc::new(KeyedMap::new(MAX_BUDGET_HOSTS)),
             };
-        })
+        }))
     }
 
     /// One budget shared by every host (any tower `Budget`).
@@ -173,10 +235,15 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
+impl<S, C: Clone> Layer<S> for RetryLayer<C> {
+    type Service = Retry<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::from_parts(inner, self.config.clone(), SlotCache::default())
+        Retry::from_parts(
+            inner,
+            self.config.clone(),
+            self.classify.clone(),
+            SlotCache::default(),
+        )
     }
 }

@@ -1,17 +1,20 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use http::{HeaderName, Method, Request, Response, StatusCode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sturdy_core::classify::{classify_result, Outcome};
+use sturdy_core::classify::{self, Classify, DefaultClassify, Outcome};
 use sturdy_core::headers::RetryAfter;
 use sturdy_core::keyed::{Idle, KeyedMap, Local, SlotCache};
 use sturdy_core::trace::{DelaySource, TraceEvent};
-use sturdy_core::{human_duration, BoxError, ErrorKind, RateLimited, Trace, WallClock};
+use sturdy_core::{
+    human_duration, BoxError, CallOptions, CallReport, CircuitOpen, Delivery, ErrorKind,
+    RateLimited, Trace, WallClock,
+};
 use tokio::time::{Instant, Sleep};
 use tower::retry::budget::{Budget, TpsBudget};
 
@@ -129,74 +132,107 @@ pub(crate) struct Config {
     pub(crate) clock: Arc<dyn WallClock>,
 }
 
+/// What the response future needs to know about the call when the deadline cuts it: shared with
+/// the policy, made only when the call has a deadline.
+#[derive(Debug, Default)]
+pub(crate) struct CallState {
+    pub(crate) attempts: AtomicU32,
+    pub(crate) maybe_processed: AtomicBool,
+    pub(crate) in_flight: AtomicBool,
+    /// The idempotency key, and whether the method is one that a duplicate would hurt.
+    pub(crate) key: Option<String>,
+    pub(crate) unsafe_method: bool,
+}
+
+impl CallState {
+    /// The delivery of the call so far: an attempt in flight may be processed.
+    pub(crate) fn delivery(&self) -> Delivery {
+        if self.maybe_processed.load(Ordering::Relaxed) || self.in_flight.load(Ordering::Relaxed) {
+            Delivery::MaybeProcessed
+        } else {
+            Delivery::NotSent
+        }
+    }
+}
+
 /// The retry decision for one logical call, as a [`tower::retry::Policy`].
 ///
 /// [`Retry`](crate::Retry) makes one per call (with the buffered body, the deadline, the host's
 /// budget and a random generator) and hands it to tower's retry loop; it is public because it
 /// appears in [`ResponseFuture`](crate::ResponseFuture)'s type, not to be built by hand.
 #[derive(Clone)]
-pub struct RetryPolicy {
+pub struct RetryPolicy<C = DefaultClassify> {
     config: Arc<Config>,
+    classify: C,
     body: Option<Bytes>,
-    /// Attempts made so far.
+    /// Attempts made so far, and the most allowed for this call.
     attempts: u32,
-    /// The same count, shared with the response future for the deadline message (only when a
-    /// deadline is set).
-    shared_attempts: Option<Arc<AtomicU32>>,
+    max_attempts: u32,
+    /// Shared with the response future for the deadline's error (only when there is a deadline).
+    state: Option<Arc<CallState>>,
     prev: Option<Duration>,
     deadline: Option<Instant>,
     budget: Option<BudgetRef>,
     deposited: bool,
+    /// Whether an attempt so far may have been processed.
+    maybe_processed: bool,
     /// Seeded on the first retry: a call that succeeds at once never pays for it.
     rng: Option<SmallRng>,
 }
 
-impl fmt::Debug for RetryPolicy {
+impl<C> fmt::Debug for RetryPolicy<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryPolicy")
             .field("attempts", &self.attempts)
+            .field("max_attempts", &self.max_attempts)
             .field("replayable", &self.body.is_some())
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
 }
 
-pub(crate) fn host_of<B>(req: &Request<B>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
-}
-
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
     )
 }
 
-impl RetryPolicy {
+/// Why retrying stopped before the attempts ran out.
+enum Stop {
+    /// The attempts ran out, or the outcome is not retryable: nothing to add.
+    Plain,
+    /// A reason worth telling.
+    Because(String),
+}
+
+impl<C> RetryPolicy<C> {
     pub(crate) fn new(
         config: Arc<Config>,
+        classify: C,
         budget: Option<BudgetRef>,
-        body: Option<Bytes>,
-        shared_attempts: Option<Arc<AtomicU32>>,
+        options: Option<&CallOptions>,
+        state: Option<Arc<CallState>>,
     ) -> Self {
+        let deadline = options
+            .and_then(CallOptions::deadline)
+            .or(config.deadline)
+            .map(|d| Instant::now() + d);
+        let max_attempts = options
+            .and_then(CallOptions::max_attempts)
+            .unwrap_or(config.max_attempts);
         Self {
-            deadline: config.deadline.map(|d| Instant::now() + d),
+            deadline,
+            max_attempts,
             budget,
-            body,
+            body: None,
             attempts: 0,
-            shared_attempts,
+            state,
             prev: None,
             deposited: false,
+            maybe_processed: false,
             rng: None,
+            classify,
             config,
         }
     }
@@ -217,104 +253,168 @@ impl RetryPolicy {
         })
     }
 
+    pub(crate) fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
     pub(crate) fn with_body(mut self, body: Bytes) -> Self {
         self.body = Some(body);
         self
     }
 
-    fn safe_to_retry(&self, method: &Method, headers: &HeaderMap, kind: &ErrorKind) -> bool {
-        is_idempotent(method)
-            || headers.contains_key(&self.config.idempotency_header)
-            || kind.proves_not_sent()
+    fn delivery(&self) -> Delivery {
+        if self.maybe_processed {
+            Delivery::MaybeProcessed
+        } else {
+            Delivery::NotSent
+        }
     }
 
-    /// Decides whether to retry; may rewrite the result (a too-long `Retry-After` becomes
-    /// `RateLimited`, an exhausted error says how many attempts were made).
+    /// Decides whether to retry; may rewrite the result: the error the caller finally gets speaks
+    /// for the whole call (attempts, whether it may have been processed, the idempotency key).
     fn decide<B, Rb>(
         &mut self,
         req: &Request<B>,
         result: &mut Result<Response<Rb>, BoxError>,
-    ) -> Option<Duration> {
+    ) -> Option<Duration>
+    where
+        C: Classify<Rb, BoxError>,
+    {
         self.attempts += 1;
         let n = self.attempts;
-        if let Some(shared) = &self.shared_attempts {
-            shared.store(n, Ordering::Relaxed);
+        let this_attempt = match result {
+            // The server answered: a 4xx says it refused the request, anything else may have
+            // acted on it.
+            Ok(res) if res.status().is_client_error() => Delivery::NotSent,
+            Ok(_) => Delivery::MaybeProcessed,
+            Err(e) => classify::delivery(&**e),
+        };
+        if this_attempt == Delivery::MaybeProcessed {
+            self.maybe_processed = true;
+        }
+        if let Some(s) = &self.state {
+            s.attempts.store(n, Ordering::Relaxed);
+            s.maybe_processed
+                .store(self.maybe_processed, Ordering::Relaxed);
+            s.in_flight.store(false, Ordering::Relaxed);
         }
         let trace = Trace::of(req);
-        let outcome = classify_result(result);
         if let Some(t) = trace {
             t.record(TraceEvent::Attempt {
                 number: n,
-                outcome: describe(result),
+                outcome: describe_result(result),
             });
         }
-        let Outcome::Retryable(kind) = outcome else {
-            return None;
+        let has_key = req.headers().contains_key(&self.config.idempotency_header);
+        let kind = match self.classify.classify(result) {
+            Outcome::Retryable(kind) => kind,
+            _ => match retryable_anyway(result, has_key, self.deadline.is_some()) {
+                Some(kind) => kind,
+                None => {
+                    self.finish(req, result, Stop::Plain);
+                    return None;
+                }
+            },
         };
-        if !self.safe_to_retry(req.method(), req.headers(), &kind) {
+        if !(is_idempotent(req.method()) || has_key || this_attempt.proves_not_sent()) {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
+            self.finish(
+                req,
+                result,
+                Stop::Because(format!(
+                    "a {} without an idempotency key is not retried once it may have reached the server",
+                    req.method()
+                )),
+            );
             return None;
         }
-        let host = host_of(req);
+        let host = sturdy_core::key::host(req).to_owned();
         let left = self
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
-        let (delay, source) = if let Some(wait) = server_wait(result, self.config.clock.now()) {
-            let reason = if wait > self.config.max_retry_after {
-                Some(format!(
-                    "longer than the {} this client waits",
-                    human_duration(self.config.max_retry_after)
-                ))
-            } else if left.is_some_and(|l| wait >= l) {
-                Some("past the overall deadline".to_owned())
-            } else if n >= self.config.max_attempts {
-                Some(format!("and all {n} attempts are used"))
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                tracing::info!(attempt = n, retry_after_ms = wait.as_millis() as u64, host = %host, "not waiting for Retry-After: {reason}");
-                *result = Err(Box::new(RateLimited::new(wait).with_scope(host)));
+        let (delay, source) = if let Some((wait, source)) =
+            server_wait(result, self.config.clock.now())
+        {
+            let too_long = wait > self.config.max_retry_after;
+            let past_deadline = left.is_some_and(|l| wait >= l);
+            if too_long || past_deadline || n >= self.max_attempts {
+                let reason = if too_long {
+                    format!(
+                        "longer than the {} this client waits",
+                        human_duration(self.config.max_retry_after)
+                    )
+                } else if past_deadline {
+                    "past the overall deadline".to_owned()
+                } else {
+                    format!("and all {n} attempts are used")
+                };
+                tracing::info!(attempt = n, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), host = %host, "not waiting {wait:?} as asked: {reason}");
+                if let Ok(res) = result {
+                    // Waiting is the caller's decision now: say how long, and for what.
+                    if res.status() == StatusCode::TOO_MANY_REQUESTS
+                        || res.status() == StatusCode::SERVICE_UNAVAILABLE
+                    {
+                        *result = Err(Box::new(RateLimited::new(wait).with_scope(host)));
+                    }
+                }
+                self.finish(req, result, Stop::Plain);
                 return None;
             }
             // Never sooner than asked; a little later, so clients do not return in lock-step.
             let spread = wait
                 .max(self.config.backoff.base())
                 .mul_f64(self.config.retry_after_jitter);
-            let mut delay = wait + self.rng().random_range(Duration::ZERO..=spread);
+            let jitter = Duration::from_nanos(self.rng().random_range(0..=nanos(spread)));
+            let mut delay = wait + jitter;
             if let Some(l) = left {
                 delay = delay
                     .min(l.saturating_sub(Duration::from_millis(1)))
                     .max(wait);
             }
-            (delay, DelaySource::RetryAfter)
+            (delay, source)
         } else {
-            if n >= self.config.max_attempts {
-                exhaust(result, &kind, format!("gave up after {n} attempts"));
+            if n >= self.max_attempts {
+                self.finish(req, result, Stop::Plain);
                 return None;
             }
             let prev = self.prev;
             let backoff = self.config.backoff;
-            let delay = backoff.delay(n, prev, self.rng());
+            let random = self.rng().random();
+            let delay = backoff.delay(n, prev, random);
             if left.is_some_and(|l| delay >= l) {
-                exhaust(result, &kind, format!("gave up after {n} attempts: the next retry would pass the overall deadline"));
+                self.finish(
+                    req,
+                    result,
+                    Stop::Because("the next retry would pass the overall deadline".to_owned()),
+                );
                 return None;
             }
             self.prev = Some(delay);
             (delay, DelaySource::Backoff)
         };
+        if self.body.is_none() {
+            self.finish(
+                req,
+                result,
+                Stop::Because(
+                    "its body was not kept for a replay (larger than the replay limit, or of unknown size)"
+                        .to_owned(),
+                ),
+            );
+            return None;
+        }
         if let Some(b) = &self.budget {
             if !b.withdraw() {
                 tracing::info!(attempt = n, host = %host, "not retried: the retry budget is exhausted");
-                exhaust(
+                self.finish(
+                    req,
                     result,
-                    &kind,
-                    format!("gave up after {n} attempts: the retry budget for {host} is exhausted"),
+                    Stop::Because(format!("the retry budget for {host} is exhausted")),
                 );
                 return None;
             }
         }
-        tracing::debug!(attempt = n, delay_ms = delay.as_millis() as u64, reason = %kind, source = ?source, "retrying");
+        tracing::debug!(attempt = n, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), reason = %kind, source = ?source, "retrying");
         if let Some(t) = trace {
             t.record(TraceEvent::Delay {
                 duration: delay,
@@ -323,57 +423,144 @@ impl RetryPolicy {
         }
         Some(delay)
     }
-}
 
-fn describe<Rb>(result: &Result<Response<Rb>, BoxError>) -> String {
-    match result {
-        Ok(r) => r.status().to_string(),
-        Err(e) => e.to_string(),
+    /// The call ends with `result`. A response is returned as it is (the caller sees the server's
+    /// last word); an error becomes one [`sturdy_core::Error`] that says what happened in plain
+    /// words and what is known about the whole call.
+    fn finish<B, Rb>(
+        &self,
+        req: &Request<B>,
+        result: &mut Result<Response<Rb>, BoxError>,
+        stop: Stop,
+    ) {
+        let n = self.attempts;
+        let e = match result {
+            Ok(res) => {
+                if let Stop::Because(reason) = stop {
+                    tracing::info!(status = %res.status(), "not retried: {reason}; returning the last response");
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let last = std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
+        let kind = classify::classify_error(&*last);
+        let cause = classify::describe(&*last);
+        let mut message = match (n > 1, stop) {
+            (true, Stop::Because(r)) => format!("gave up after {n} attempts ({r}): {cause}"),
+            (true, Stop::Plain) => format!("gave up after {n} attempts: {cause}"),
+            (false, Stop::Because(r)) => format!("{cause} (not retried: {r})"),
+            (false, Stop::Plain) => cause,
+        };
+        let delivery = self.delivery();
+        let key = req
+            .headers()
+            .get(&self.config.idempotency_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        advise(
+            &mut message,
+            delivery,
+            key.as_deref(),
+            !is_idempotent(req.method()),
+        );
+        *e = Box::new(
+            sturdy_core::Error::new(kind, message)
+                .with_hidden_source(last)
+                .with_report(CallReport::new(n, delivery, key)),
+        );
     }
 }
 
-/// How long the server (or a limiter below) asked us to wait, if it did.
+/// Appends what the caller may do next, for a request that a duplicate would hurt.
+pub(crate) fn advise(
+    message: &mut String,
+    delivery: Delivery,
+    key: Option<&str>,
+    unsafe_method: bool,
+) {
+    if !unsafe_method {
+        return;
+    }
+    match (delivery, key) {
+        (Delivery::NotSent, _) => {
+            message.push_str("; the request was not sent, so it is safe to send again");
+        }
+        (_, Some(key)) => {
+            message.push_str("; it may have been processed: retry with the same idempotency key ");
+            message.push_str(key);
+        }
+        (_, None) => message.push_str(
+            "; it may have been processed: check before sending it again, or it may happen twice",
+        ),
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn describe_result<Rb>(result: &Result<Response<Rb>, BoxError>) -> String {
+    match result {
+        Ok(r) => r.status().to_string(),
+        Err(e) => classify::describe(&**e),
+    }
+}
+
+/// Outcomes the classifier does not call retryable that a retry can still fix: a 409 that says
+/// "the first request with this idempotency key is still in flight" (a `Retry-After` on it, as
+/// sturdy's server layer and others send), and an open circuit breaker whose wait fits the
+/// deadline.
+fn retryable_anyway<Rb>(
+    result: &Result<Response<Rb>, BoxError>,
+    has_key: bool,
+    has_deadline: bool,
+) -> Option<ErrorKind> {
+    match result {
+        Ok(res)
+            if has_key
+                && res.status() == StatusCode::CONFLICT
+                && res.headers().contains_key(http::header::RETRY_AFTER) =>
+        {
+            Some(ErrorKind::Client(StatusCode::CONFLICT))
+        }
+        Err(e) if has_deadline => {
+            sturdy_core::find::<CircuitOpen>(&**e).map(|c| ErrorKind::CircuitOpen {
+                retry_in: c.retry_in(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// How long the server (or a limiter or breaker below) asked us to wait, if it did.
 fn server_wait<Rb>(
     result: &Result<Response<Rb>, BoxError>,
     now: std::time::SystemTime,
-) -> Option<Duration> {
+) -> Option<(Duration, DelaySource)> {
     match result {
         Ok(res)
             if res.status() == StatusCode::TOO_MANY_REQUESTS
-                || res.status() == StatusCode::SERVICE_UNAVAILABLE =>
+                || res.status() == StatusCode::SERVICE_UNAVAILABLE
+                || res.status() == StatusCode::CONFLICT =>
         {
-            RetryAfter::from_headers(res.headers()).map(|ra| ra.delay_from(now))
+            RetryAfter::from_headers(res.headers())
+                .map(|ra| (ra.delay_from(now), DelaySource::RetryAfter))
         }
         Ok(_) => None,
         Err(e) => {
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
-            while let Some(err) = cur {
-                if let Some(rl) = err.downcast_ref::<RateLimited>() {
-                    return Some(rl.retry_after());
-                }
-                cur = err.source();
+            if let Some(rl) = sturdy_core::find::<RateLimited>(&**e) {
+                return Some((rl.retry_after(), DelaySource::RetryAfter));
             }
-            None
+            sturdy_core::find::<CircuitOpen>(&**e).map(|c| (c.retry_in(), DelaySource::Breaker))
         }
     }
 }
 
-/// Says why retrying stopped. An error is wrapped (its kind and source kept); a response is
-/// returned as it is, so the caller sees the server's last word.
-fn exhaust<Rb>(result: &mut Result<Response<Rb>, BoxError>, kind: &ErrorKind, message: String) {
-    match result {
-        Err(e) => {
-            let source =
-                std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
-            *e = Box::new(sturdy_core::Error::new(kind.clone(), message).with_source(source));
-        }
-        Ok(res) => tracing::info!(status = %res.status(), "{message}; returning the last response"),
-    }
-}
-
-impl<B, Rb> tower::retry::Policy<Request<B>, Response<Rb>, BoxError> for RetryPolicy
+impl<B, Rb, C> tower::retry::Policy<Request<B>, Response<Rb>, BoxError> for RetryPolicy<C>
 where
     B: From<Bytes>,
+    C: Classify<Rb, BoxError> + Clone,
 {
     type Future = Sleep;
 
@@ -386,6 +573,10 @@ where
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        if let Some(s) = &self.state {
+            // Called just before each attempt is sent.
+            s.in_flight.store(true, Ordering::Relaxed);
+        }
         if !self.deposited {
             // One deposit per logical call: retries may spend a fraction of what callers make.
             self.deposited = true;
@@ -393,8 +584,11 @@ where
                 b.deposit();
             }
         }
-        let body = self.body.as_ref()?;
-        let mut r = Request::new(B::from(body.clone()));
+        // tower's loop asks the policy about an outcome only when it holds a copy of the request,
+        // so a copy is made even when the body cannot be replayed (an empty one, never sent):
+        // the policy then still reports the call's outcome in full.
+        let body = self.body.clone().unwrap_or_default();
+        let mut r = Request::new(B::from(body));
         *r.method_mut() = req.method().clone();
         *r.uri_mut() = req.uri().clone();
         *r.version_mut() = req.version();

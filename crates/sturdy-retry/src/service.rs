@@ -1,4 +1,3 @@
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -6,13 +5,14 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use sturdy_core::BoxError;
+use sturdy_core::classify::{Classify, DefaultClassify};
+use sturdy_core::{BoxError, CallOptions};
 use tower::timeout::Timeout;
 use tower::util::{Either, MapErr};
 use tower::Service;
 
 use crate::future::ResponseFuture;
-use crate::policy::{Config, HostBudget, RetryPolicy};
+use crate::policy::{is_idempotent, CallState, Config, HostBudget, RetryPolicy};
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
 
@@ -27,28 +27,33 @@ pub(crate) type Attempt<S, E> = Either<Timeout<S>, MapErr<S, fn(E) -> BoxError>>
 /// # Backpressure
 /// `poll_ready` is the inner service's. Each retry waits for readiness again on its own clone.
 #[derive(Debug, Clone)]
-pub struct Retry<S> {
+pub struct Retry<S, C = DefaultClassify> {
     inner: S,
     config: Arc<Config>,
+    classify: C,
     /// The budget of the last host called, to skip the budget map on the next call.
     budgets: SlotCache<HostBudget>,
 }
 
-sturdy_core::define_inner_service_accessors!(Retry<S>);
+sturdy_core::define_inner_service_accessors!(Retry<S, C>);
 
-impl<S> Retry<S> {
+impl<S, C> Retry<S, C> {
     pub(crate) fn from_parts(
         inner: S,
         config: Arc<Config>,
+        classify: C,
         budgets: SlotCache<HostBudget>,
     ) -> Self {
         Self {
             inner,
             config,
+            classify,
             budgets,
         }
     }
+}
 
+impl<S> Retry<S> {
     /// Wraps `inner` with the default configuration.
     pub fn new(inner: S) -> Self {
         tower::Layer::layer(&RetryLayer::new(), inner)
@@ -66,16 +71,17 @@ fn boxed<E: Into<BoxError>>(e: E) -> BoxError {
 
 // ===== impl Retry =====
 
-impl<S, B, Rb> Service<Request<B>> for Retry<S>
+impl<S, B, Rb, C> Service<Request<B>> for Retry<S, C>
 where
     S: Service<Request<B>, Response = Response<Rb>> + Clone,
     S::Error: Into<BoxError>,
     B: Body + From<Bytes>,
     B::Error: Into<BoxError>,
+    C: Classify<Rb, BoxError> + Clone,
 {
     type Response = Response<Rb>;
     type Error = BoxError;
-    type Future = ResponseFuture<S, B, Rb>;
+    type Future = ResponseFuture<S, B, Rb, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -94,25 +100,37 @@ where
         };
         let host = sturdy_core::key::host(&req);
         let budget = self.config.budget.for_host(host, &mut self.budgets);
-        let attempts = self.config.deadline.map(|_| Arc::new(AtomicU32::new(0)));
-        let replayable = sturdy_core::body::fits(req.body(), self.config.body_limit)
-            && self.config.max_attempts > 1;
+        let options = CallOptions::of(&req);
+        let deadline = options
+            .and_then(CallOptions::deadline)
+            .or(self.config.deadline);
+        let call = deadline.map(|_| {
+            Arc::new(CallState {
+                key: req
+                    .headers()
+                    .get(&self.config.idempotency_header)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+                unsafe_method: !is_idempotent(req.method()),
+                ..CallState::default()
+            })
+        });
+        let policy = RetryPolicy::new(
+            self.config.clone(),
+            self.classify.clone(),
+            budget,
+            options,
+            call.clone(),
+        );
+        let replayable = policy.max_attempts() > 1
+            && sturdy_core::body::fits(req.body(), self.config.body_limit);
         if !replayable {
-            if self.config.max_attempts > 1 {
+            if policy.max_attempts() > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
-            let policy = RetryPolicy::new(self.config.clone(), budget, None, attempts.clone());
-            return ResponseFuture::running(policy, attempt, req, &self.config, attempts);
+            return ResponseFuture::running(policy, attempt, req, deadline, call);
         }
-        let policy = RetryPolicy::new(self.config.clone(), budget, None, attempts.clone());
         let (parts, body) = req.into_parts();
-        ResponseFuture::buffering(
-            body.collect(),
-            parts,
-            attempt,
-            policy,
-            &self.config,
-            attempts,
-        )
+        ResponseFuture::buffering(body.collect(), parts, attempt, policy, deadline, call)
     }
 }

@@ -177,7 +177,7 @@ async fn retry_after_an_hour_fails_at_once_with_rate_limited() {
         .await
         .unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO, "no sleep");
-    let rl = err.downcast_ref::<RateLimited>().expect("RateLimited");
+    let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited");
     assert_eq!(rl.retry_after(), Duration::from_secs(3600));
     assert_eq!(
         err.to_string(),
@@ -198,7 +198,7 @@ async fn retry_after_with_no_attempt_left_fails_with_rate_limited() {
         .oneshot(get())
         .await
         .unwrap_err();
-    assert!(err.is::<RateLimited>());
+    assert!(sturdy_core::find::<RateLimited>(&*err).is_some());
     assert_eq!(api.calls(), 2);
 }
 
@@ -302,6 +302,7 @@ async fn the_budget_bounds_an_outage_across_100_concurrent_callers() {
     let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
     let svc = layer()
         .with_budget(Duration::from_secs(10), 1, 0.1)
+        .unwrap()
         .layer(api.service());
     let calls: Vec<_> = (0..100)
         .map(|_| tokio::spawn(svc.clone().oneshot(get())))
@@ -340,6 +341,7 @@ async fn budgets_are_per_host() {
     let api = Api::new((0..1_000).map(|_| Ok(status(503))).collect());
     let svc = layer()
         .with_budget(Duration::from_secs(10), 1, 0.1)
+        .unwrap()
         .layer(api.service());
     for _ in 0..30 {
         svc.clone().oneshot(get()).await.unwrap();
@@ -382,7 +384,9 @@ async fn the_deadline_is_never_exceeded() {
         .await
         .unwrap_err();
     assert_eq!(
-        err.downcast_ref::<RateLimited>().unwrap().retry_after(),
+        sturdy_core::find::<RateLimited>(&*err)
+            .unwrap()
+            .retry_after(),
         Duration::from_secs(5)
     );
     assert_eq!(start.elapsed(), Duration::ZERO);
@@ -511,7 +515,7 @@ async fn other_backoffs() {
 
 #[test]
 fn decorrelated_jitter_spreads_clients_apart() {
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
     // 10,000 clients fail at the same instant; where do their first two retries land?
     let b = Backoff::default();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2024);
@@ -519,8 +523,8 @@ fn decorrelated_jitter_spreads_clients_apart() {
     let mut first = [0u32; 10];
     let mut second = [0u32; 20];
     for _ in 0..10_000 {
-        let d1 = b.delay(1, None, &mut rng);
-        let d2 = b.delay(2, Some(d1), &mut rng);
+        let d1 = b.delay(1, None, rng.random());
+        let d2 = b.delay(2, Some(d1), rng.random());
         let ms1 = d1.as_secs_f64() * 1_000.0;
         first[(((ms1 - base) / (2.0 * base)) * 10.0).min(9.0) as usize] += 1;
         let at2 = ms1 + d2.as_secs_f64() * 1_000.0; // in [500, 3000] ms
@@ -556,4 +560,220 @@ fn traits() {
         >,
     >();
     let _ = Method::GET;
+}
+
+fn conflict_in_flight() -> Response<()> {
+    Response::builder()
+        .status(409)
+        .header("retry-after", "1")
+        .header("content-type", "application/problem+json")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_409_in_flight_is_retried_only_with_an_idempotency_key_and_a_retry_after() {
+    // The first request with this key is still running on the server: wait and ask again.
+    let api = Api::new(vec![Ok(conflict_in_flight()), Ok(conflict_in_flight())]);
+    let start = Instant::now();
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(Some("k-409")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 3);
+    assert!(start.elapsed() >= Duration::from_secs(2));
+
+    // Without a key the 409 is a real conflict; without Retry-After too.
+    let api = Api::new(vec![Ok(conflict_in_flight())]);
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(None))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(api.calls(), 1);
+    let api = Api::new(vec![Ok(status(409))]);
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(Some("k")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(api.calls(), 1);
+}
+
+fn open(retry_in: u64) -> Reply {
+    Err(Box::new(sturdy_core::CircuitOpen::new(
+        "api.example.com",
+        Duration::from_secs(retry_in),
+    )))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_breaker_is_waited_out_when_it_fits_the_deadline() {
+    let api = Api::new(vec![open(2)]);
+    let start = Instant::now();
+    let res = layer()
+        .with_deadline(Duration::from_secs(10))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(start.elapsed() >= Duration::from_secs(2));
+
+    // Past the deadline, or without one: fail at once.
+    for layer in [layer().with_deadline(Duration::from_secs(1)), layer()] {
+        let api = Api::new(vec![open(2)]);
+        let start = Instant::now();
+        let err = layer.layer(api.service()).oneshot(get()).await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert!(sturdy_core::find::<sturdy_core::CircuitOpen>(&*err).is_some());
+        assert_eq!(api.calls(), 1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_final_error_speaks_for_every_attempt() {
+    use sturdy_core::classify::delivery;
+    use sturdy_core::Delivery;
+    // Attempt 1 may have committed (its connection broke); attempt 2 met an open breaker.
+    let reset: Reply = Err(Box::new(io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "reset",
+    )));
+    let api = Api::new(vec![reset, open(30)]);
+    let err = layer()
+        .layer(api.service())
+        .oneshot(post(Some("key-7")))
+        .await
+        .unwrap_err();
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+    let e = err.downcast_ref::<sturdy_core::Error>().unwrap();
+    let report = e.report().unwrap();
+    assert_eq!(report.attempts(), 2);
+    assert_eq!(report.idempotency_key(), Some("key-7"));
+    assert_eq!(e.idempotency_key(), Some("key-7"));
+    assert!(matches!(e.kind(), ErrorKind::CircuitOpen { .. }));
+    assert_eq!(
+        err.to_string(),
+        "gave up after 2 attempts: circuit open for api.example.com: it has been failing, so it \
+         was not called; try again in 30s; it may have been processed: retry with the same \
+         idempotency key key-7"
+    );
+
+    // Every attempt refused before it left: the error says so, and it is true.
+    let refused = || -> Reply {
+        Err(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "refused",
+        )))
+    };
+    let api = Api::new(vec![refused(), refused(), refused(), refused()]);
+    let err = layer()
+        .layer(api.service())
+        .oneshot(post(Some("key-8")))
+        .await
+        .unwrap_err();
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection refused; the request was not sent, so it is safe \
+         to send again"
+    );
+
+    // A 503 answer counts as possibly processed even when the last attempt never connected.
+    let api = Api::new(vec![Ok(status(503)), refused(), refused(), refused()]);
+    let err = layer()
+        .layer(api.service())
+        .oneshot(post(Some("key-9")))
+        .await
+        .unwrap_err();
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+    assert!(err
+        .to_string()
+        .ends_with("retry with the same idempotency key key-9"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_error_carries_the_call_report() {
+    let slow = service_fn(|_req: Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, BoxError>(status(200))
+    });
+    let err = layer()
+        .with_deadline(Duration::from_secs(1))
+        .layer(slow)
+        .oneshot(post(Some("key-d")))
+        .await
+        .unwrap_err();
+    let e = err.downcast_ref::<sturdy_core::Error>().unwrap();
+    assert_eq!(e.idempotency_key(), Some("key-d"));
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::MaybeProcessed
+    );
+    assert_eq!(
+        err.to_string(),
+        "the overall deadline of 1s passed during attempt 1; it may have been processed: retry \
+         with the same idempotency key key-d"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_request_options_override_the_layer() {
+    use sturdy_core::CallOptions;
+    // No retries for this one request.
+    let api = Api::new(vec![Ok(status(503))]);
+    let mut req = get();
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
+    let res = layer().layer(api.service()).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.calls(), 1);
+
+    // More attempts than the layer's, for this one request.
+    let api = Api::new((0..6).map(|_| Ok(status(503))).collect());
+    let mut req = get();
+    req.extensions_mut()
+        .insert(CallOptions::new().with_max_attempts(7));
+    let res = layer().layer(api.service()).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 7);
+
+    // A deadline for this one request.
+    let slow = service_fn(|_req: Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Ok::<_, BoxError>(status(200))
+    });
+    let mut req = get();
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_millis(1_500)));
+    let start = Instant::now();
+    let err = layer().layer(slow).oneshot(req).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_millis(1_500));
+    assert!(err
+        .to_string()
+        .starts_with("the overall deadline of 1.5s passed"));
+}
+
+#[test]
+fn invalid_budgets_are_refused_when_configured() {
+    for (ttl, pct) in [
+        (0, 0.2),
+        (61, 0.2),
+        (10, -1.0),
+        (10, 1_001.0),
+        (10, f32::NAN),
+    ] {
+        let err = RetryLayer::new()
+            .with_budget(Duration::from_secs(ttl), 10, pct)
+            .unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::Config, "{ttl} {pct}");
+    }
+    assert!(RetryLayer::new()
+        .with_budget(Duration::from_secs(1), 0, 0.0)
+        .is_ok());
 }

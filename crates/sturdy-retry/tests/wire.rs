@@ -67,6 +67,20 @@ async fn reset_after_commit_without_a_key_is_not_retried() {
         sturdy_core::classify::classify_error(&*err),
         sturdy_core::ErrorKind::Transport
     );
+    // The error says what happened and what the caller may do; it never claims "not sent".
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::MaybeProcessed
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("the connection closed before")
+            && msg.contains("(not retried: a POST without an idempotency key")
+            && msg.ends_with(
+                "it may have been processed: check before sending it again, or it may happen twice"
+            ),
+        "{msg}"
+    );
     assert_eq!(server.stats().orders_committed, 1);
     assert_eq!(server.stats().api_requests, 1);
 }
@@ -161,9 +175,79 @@ async fn a_429_with_retry_after_is_honoured_over_the_wire() {
         .await
         .unwrap_err();
     assert_eq!(
-        err.downcast_ref::<sturdy_core::RateLimited>()
+        sturdy_core::find::<sturdy_core::RateLimited>(&*err)
             .unwrap()
             .retry_after(),
         Duration::from_secs(3600)
     );
+}
+
+/// A server that reads a request and answers with a TCP reset.
+async fn resetting_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.readable().await;
+                let _ = sock.try_read(&mut buf);
+                // Linger 0: closing sends RST instead of FIN.
+                #[allow(deprecated)]
+                let _ = sock.set_linger(Some(Duration::ZERO));
+                drop(sock);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn errors_name_the_root_cause_in_plain_words() {
+    // A reset connection.
+    let addr = resetting_server().await;
+    let err = fast()
+        .layer(http_client())
+        .oneshot(
+            Request::get(format!("http://{addr}/orders"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection reset by peer"
+    );
+
+    // Nobody listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let err = fast()
+        .layer(http_client())
+        .oneshot(order_to(closed, Some("k-refused")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection refused; the request was not sent, so it is safe \
+         to send again"
+    );
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::NotSent
+    );
+}
+
+fn order_to(addr: std::net::SocketAddr, key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(format!("http://{addr}/orders"));
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Full::from("{}")).unwrap()
 }
