@@ -387,7 +387,8 @@ impl Breaker {
         }
         let consecutive = self.hot.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
         let (calls, failures) = self.window.totals(now);
-        let by_count = consecutive >= config.consecutive_failures;
+        let by_count =
+            config.consecutive_failures != 0 && consecutive >= config.consecutive_failures;
         let by_rate = calls >= config.min_calls
             && f64::from(failures) >= config.failure_rate * f64::from(calls);
         if !(by_count || by_rate) {
@@ -456,7 +457,10 @@ mod tests {
     use super::*;
 
     fn cfg() -> Config {
-        Config::default()
+        Config {
+            consecutive_failures: 5,
+            ..Config::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@ use std::time::Duration;
 /// Breaker settings, shared by every breaker of a layer.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// Opens after this many failures in a row; 0: this trigger is off.
     pub(crate) consecutive_failures: u32,
     pub(crate) failure_rate: f64,
     pub(crate) min_calls: u32,
@@ -17,9 +18,12 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            consecutive_failures: 5,
+            // A flaky API must not trip the breaker; a dead one must. Both anchors (resilience4j
+            // and Polly) trip on a failure ratio over a minimum volume of calls, not on a streak:
+            // at a 30 % failure rate, 5 failures in a row happen every few hundred calls.
+            consecutive_failures: 0,
             failure_rate: 0.5,
-            min_calls: 20,
+            min_calls: 100,
             window: Duration::from_secs(30),
             open_for: Duration::from_secs(30),
             max_open: Duration::from_secs(300),

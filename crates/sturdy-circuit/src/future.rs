@@ -6,8 +6,8 @@ use http::Response;
 use pin_project_lite::pin_project;
 use sturdy_core::{BoxError, CircuitOpen};
 
-use crate::classify::FailureClassifier;
 use crate::registry::Permit;
+use sturdy_core::classify::Classify;
 
 pin_project! {
     /// The response future of [`CircuitBreaker`](crate::CircuitBreaker).
@@ -53,7 +53,7 @@ impl<F, C, Rb, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<Response<Rb>, E>>,
     E: Into<BoxError>,
-    C: FailureClassifier<Rb, E>,
+    C: Classify<Rb, E>,
 {
     type Output = Result<Response<Rb>, BoxError>;
 
@@ -68,7 +68,7 @@ where
                 classify,
             } => {
                 let result = ready!(fut.poll(cx));
-                permit.finish(Some(classify.is_failure(&result)));
+                permit.finish(Some(classify.classify(&result).is_failure()));
                 Poll::Ready(result.map_err(Into::into))
             }
         }

@@ -3,18 +3,19 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::breaker::CircuitState;
-use crate::registry::Registry;
+use crate::layer::Cell;
 
 /// Reads and steers the breakers of one layer (from [`CircuitBreakerLayer::pair`](crate::CircuitBreakerLayer::pair)).
 #[derive(Debug, Clone)]
 pub struct CircuitHandle {
-    pub(crate) registry: Arc<Registry>,
+    pub(crate) cell: Arc<Cell>,
 }
 
 impl CircuitHandle {
     /// The state of the breaker for `key`, if it exists.
     pub fn state(&self, key: &str) -> Option<CircuitState> {
-        self.registry
+        self.cell
+            .get()
             .map
             .find(key)
             .map(|e| e.value().breaker.state(Instant::now()))
@@ -24,7 +25,8 @@ impl CircuitHandle {
     pub fn states(&self) -> Vec<(String, CircuitState)> {
         let now = Instant::now();
         let mut v: Vec<_> = self
-            .registry
+            .cell
+            .get()
             .map
             .all()
             .iter()
@@ -36,14 +38,14 @@ impl CircuitHandle {
 
     /// Isolates `key`: its breaker stays open until [`force_close`](Self::force_close).
     pub fn force_open(&self, key: &str) {
-        let e = self.registry.get(key);
+        let e = self.cell.get().get(key);
         let t = e.value().breaker.force_open(Instant::now());
         e.value().shared.report(e.key(), t);
     }
 
     /// Resets `key`'s breaker to closed, forgetting its failures.
     pub fn force_close(&self, key: &str) {
-        let e = self.registry.get(key);
+        let e = self.cell.get().get(key);
         let t = e.value().breaker.force_close(Instant::now());
         e.value().shared.report(e.key(), t);
     }

@@ -1,25 +1,55 @@
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use sturdy_core::classify::DefaultClassify;
+use sturdy_core::key::ByHost;
+use sturdy_core::keyed::SlotCache;
+use sturdy_core::{Error, ErrorKind};
 use tower::Layer;
 
 use crate::breaker::CircuitState;
-use crate::classify::DefaultFailure;
 use crate::config::Config;
 use crate::registry::{OnChange, Registry};
 use crate::{CircuitBreaker, CircuitHandle};
-use sturdy_core::key::ByHost;
-use sturdy_core::keyed::SlotCache;
+
+/// The breakers of a layer, its clones and its handles: one cell, so that a setter called after
+/// a clone or a [`pair`](CircuitBreakerLayer::pair) still applies to all of them.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    current: Mutex<Arc<Registry>>,
+}
+
+impl Cell {
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            current: Mutex::new(Arc::new(registry)),
+        }
+    }
+
+    /// The breakers in use now. The lock is held for an `Arc` clone.
+    pub(crate) fn get(&self) -> Arc<Registry> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, f: impl FnOnce(&Registry) -> Registry) {
+        let mut g = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = f(&g);
+        *g = Arc::new(next);
+    }
+}
 
 /// Adds per-key circuit breakers; see the [crate docs](crate).
 ///
-/// Every service the layer makes shares the same breakers (one `Arc`). Configure the layer
-/// first, then take [`handle`](Self::handle)s or call [`pair`](Self::pair): each setter starts a
-/// fresh set of breakers.
+/// Every service the layer makes shares the same breakers (one `Arc`), and so do the layer's
+/// clones and its [`handle`](Self::handle)s. A setter called after a clone or a handle was taken
+/// applies to all of them; services made earlier keep the settings they were made with.
 #[derive(Clone)]
 #[must_use]
-pub struct CircuitBreakerLayer<K = ByHost, C = DefaultFailure> {
-    pub(crate) registry: Arc<Registry>,
+pub struct CircuitBreakerLayer<K = ByHost, C = DefaultClassify> {
+    pub(crate) cell: Arc<Cell>,
     pub(crate) key: K,
     pub(crate) classify: C,
 }
@@ -27,7 +57,7 @@ pub struct CircuitBreakerLayer<K = ByHost, C = DefaultFailure> {
 impl<K: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for CircuitBreakerLayer<K, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
-            .field("registry", &self.registry)
+            .field("registry", &self.cell.get())
             .field("key", &self.key)
             .field("classify", &self.classify)
             .finish()
@@ -41,26 +71,30 @@ impl Default for CircuitBreakerLayer {
 }
 
 impl CircuitBreakerLayer {
-    /// One breaker per host with the defaults: open on 5 consecutive failures or on a failure rate
-    /// of 50 % over 30 s with at least 20 calls; open for 30 s, doubling on each re-opening up to
-    /// 5 min; 1 probe at a time when half-open, 1 success to close; at most 1,024 breakers.
+    /// One breaker per host with the defaults: open when at least 50 % of the calls of the last
+    /// 30 s failed, once there were at least 100 (no streak trigger: a flaky API that still
+    /// mostly works is ridden out); open for 30 s, doubling on each re-opening up to 5 min; 1
+    /// probe at a time when half-open, 1 success to close; at most 1,024 breakers.
     pub fn new() -> Self {
         Self {
-            registry: Arc::new(Registry::new(Config::default(), None)),
+            cell: Arc::new(Cell::new(Registry::new(Config::default(), None))),
             key: ByHost,
-            classify: DefaultFailure,
+            classify: DefaultClassify,
         }
     }
 }
 
+fn config_error(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg)
+}
+
 impl<K, C> CircuitBreakerLayer<K, C> {
-    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut config = self.registry.config().clone();
-        f(&mut config);
-        self.registry = Arc::new(Registry::new(
-            config,
-            self.registry.shared.on_change.clone(),
-        ));
+    fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
+        self.cell.replace(|r| {
+            let mut config = r.config().clone();
+            f(&mut config);
+            Registry::new(config, r.shared.on_change.clone())
+        });
         self
     }
 
@@ -73,35 +107,43 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     /// A handle on this layer's breakers: read their state, force them open or closed.
     pub fn handle(&self) -> CircuitHandle {
         CircuitHandle {
-            registry: self.registry.clone(),
+            cell: self.cell.clone(),
         }
     }
 
-    /// Opens after `n` consecutive failures \[5\].
-    ///
-    /// # Panics
-    /// When `n` is 0.
+    /// Also opens after `n` failures in a row \[off\]; 0 turns this trigger off. Use it for a
+    /// dependency that either works or is down; it trips on a flaky one.
     pub fn with_consecutive_failures(self, n: u32) -> Self {
-        assert!(n > 0, "consecutive_failures must be at least 1");
         self.edit(|c| c.consecutive_failures = n)
     }
 
     /// Opens when at least `rate` (0.0 to 1.0) of the calls in the last `window` failed, once the
-    /// window holds at least `min_calls` calls \[0.5, 30 s, 20\].
+    /// window holds at least `min_calls` calls \[0.5, 30 s, 100\].
     ///
-    /// # Panics
-    /// When `rate` is not in `0.0..=1.0` or `window` is zero.
-    pub fn with_failure_rate(self, rate: f64, window: Duration, min_calls: u32) -> Self {
-        assert!(
-            (0.0..=1.0).contains(&rate),
-            "failure rate must be between 0 and 1"
-        );
-        assert!(!window.is_zero(), "the window must not be empty");
-        self.edit(|c| {
+    /// # Errors
+    /// A [`Config`](ErrorKind::Config) error when `rate` is not in `0.0..=1.0` or `window` is
+    /// zero.
+    pub fn with_failure_rate(
+        self,
+        rate: f64,
+        window: Duration,
+        min_calls: u32,
+    ) -> Result<Self, Error> {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(config_error(format!(
+                "the failure rate must be between 0.0 and 1.0, not {rate}"
+            )));
+        }
+        if window.is_zero() {
+            return Err(config_error(
+                "the failure-rate window must not be zero".to_owned(),
+            ));
+        }
+        Ok(self.edit(|c| {
             c.failure_rate = rate;
             c.window = window;
             c.min_calls = min_calls.max(1);
-        })
+        }))
     }
 
     /// Stays open `base` the first time, doubling on each re-opening up to `max` \[30 s, 5 min\].
@@ -112,16 +154,13 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         })
     }
 
-    /// Probes admitted at a time when half-open \[1\].
-    ///
-    /// # Panics
-    /// When `k` is 0.
+    /// Probes admitted at a time when half-open \[1\]; 0 is taken as 1 (without a probe the
+    /// breaker would never close).
     pub fn with_probes(self, k: u32) -> Self {
-        assert!(k > 0, "at least one probe is needed to ever close");
-        self.edit(|c| c.probes = k)
+        self.edit(|c| c.probes = k.max(1))
     }
 
-    /// Probe successes needed to close \[1\].
+    /// Probe successes needed to close \[1\]; 0 is taken as 1.
     pub fn with_successes_to_close(self, m: u32) -> Self {
         self.edit(|c| c.successes_to_close = m.max(1))
     }
@@ -134,27 +173,49 @@ impl<K, C> CircuitBreakerLayer<K, C> {
 
     /// Calls `f(key, from, to)` on every state change (after the breaker's lock is released).
     pub fn on_state_change(
-        mut self,
+        self,
         f: impl Fn(&str, CircuitState, CircuitState) + Send + Sync + 'static,
     ) -> Self {
         let f: OnChange = Arc::new(f);
-        self.registry = Arc::new(Registry::new(self.registry.config().clone(), Some(f)));
+        self.cell
+            .replace(|r| Registry::new(r.config().clone(), Some(f)));
         self
     }
 
     /// Chooses breakers with `key` instead of by host, e.g. a closure `|req| -> String`.
     pub fn with_key<K2>(self, key: K2) -> CircuitBreakerLayer<K2, C> {
         CircuitBreakerLayer {
-            registry: self.registry,
+            cell: self.cell,
             key,
             classify: self.classify,
         }
     }
 
-    /// Decides what counts as a failure, e.g. a closure `|result| -> bool`.
+    /// Decides what counts as a failure \[[`DefaultClassify`]\]: any
+    /// [`Classify`](sturdy_core::Classify), such as a closure `|result| -> Outcome`. An outcome
+    /// counts against the breaker when [`Outcome::is_failure`](sturdy_core::Outcome::is_failure)
+    /// says so: a retryable or permanent outcome whose kind is a 5xx, a timeout, a connect or
+    /// transport error, or an unrecognised error. The same classifier type configures the retry
+    /// layer.
+    ///
+    /// ```
+    /// use http::{Response, StatusCode};
+    /// use sturdy_circuit::CircuitBreakerLayer;
+    /// use sturdy_core::classify::{classify_result, Outcome};
+    /// use sturdy_core::{BoxError, ErrorKind};
+    ///
+    /// // This API reports an outage as a 200 with an `x-degraded` header.
+    /// let layer = CircuitBreakerLayer::new().with_classifier(|r: &Result<Response<()>, BoxError>| match r {
+    ///     Ok(res) if res.headers().contains_key("x-degraded") => {
+    ///         Outcome::Retryable(ErrorKind::Server(StatusCode::SERVICE_UNAVAILABLE))
+    ///     }
+    ///     other => classify_result(other),
+    /// });
+    /// # let _ = layer;
+    /// ```
     pub fn with_classifier<C2>(self, classify: C2) -> CircuitBreakerLayer<K, C2> {
         CircuitBreakerLayer {
-            registry: self.registry,
+            cell: self.cell,
             key: self.key,
             classify,
         }
@@ -167,7 +228,7 @@ impl<S, K: Clone, C: Clone> Layer<S> for CircuitBreakerLayer<K, C> {
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreaker {
             inner,
-            registry: self.registry.clone(),
+            registry: self.cell.get(),
             key: self.key.clone(),
             classify: self.classify.clone(),
             cached: SlotCache::default(),

@@ -4,10 +4,13 @@
 //!
 //! - **One breaker per key**: the host by default, or any function of the request; created
 //!   lazily, at most 1,024 kept.
-//! - **Opens** on 5 consecutive failures, or when at least 50 % of the calls of the last 30 s
-//!   failed once there were at least 20. A failure is a 5xx, a timeout, a connect or transport
-//!   error ([`DefaultFailure`]); 4xx and 429 are not, since they say nothing about the
-//!   dependency's health. Override it with [`CircuitBreakerLayer::with_classifier`].
+//! - **Opens** when at least 50 % of the calls of the last 30 s failed, once there were at least
+//!   100: a flaky API that still mostly works is ridden out, a dead one is cut off. A streak
+//!   trigger (`n` failures in a row) is an option. A failure is what
+//!   [`Outcome::is_failure`] says of the shared classification ([`DefaultClassify`]): a 5xx, a
+//!   timeout, a connect or transport error; 4xx and 429 are not, since they say nothing about the
+//!   dependency's health. Override it with [`CircuitBreakerLayer::with_classifier`], with the
+//!   same [`Classify`] type the retry layer takes.
 //! - **Open**: calls fail at once with [`CircuitOpen`](sturdy_core::CircuitOpen) (`retry_in` says
 //!   when a probe is next admitted) and the inner service is not called. The open period is 30 s,
 //!   doubles on each re-opening up to 5 min, and starts again at 30 s after a close.
@@ -33,7 +36,8 @@
 //! let (layer, handle) = CircuitBreakerLayer::new().pair();
 //! let client = ServiceBuilder::new().layer(layer).service(down);
 //!
-//! for _ in 0..5 {
+//! // 100 calls, all failing: past the minimum volume, the failure rate opens the breaker.
+//! for _ in 0..100 {
 //!     let res = client.clone().oneshot(Request::get("http://api.example.com/").body(()).unwrap()).await.unwrap();
 //!     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
 //! }
@@ -45,7 +49,6 @@
 #![forbid(unsafe_code)]
 
 mod breaker;
-mod classify;
 mod config;
 mod future;
 mod handle;
@@ -54,9 +57,9 @@ mod registry;
 mod service;
 
 pub use breaker::CircuitState;
-pub use classify::{DefaultFailure, FailureClassifier};
 pub use future::ResponseFuture;
 pub use handle::CircuitHandle;
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
+pub use sturdy_core::classify::{Classify, DefaultClassify, Outcome};
 pub use sturdy_core::key::{ByHost, KeyExtractor};

@@ -6,9 +6,9 @@ use sturdy_core::{BoxError, CircuitOpen};
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::classify::FailureClassifier;
 use crate::future::ResponseFuture;
 use crate::registry::{Node, Permit, Registry};
+use sturdy_core::classify::Classify;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
 
@@ -48,7 +48,7 @@ where
     S: Service<Request<B>, Response = Response<Rb>> + Clone,
     S::Error: Into<BoxError>,
     K: KeyExtractor<B>,
-    C: FailureClassifier<Rb, S::Error> + Clone,
+    C: Classify<Rb, S::Error> + Clone,
 {
     type Response = Response<Rb>;
     type Error = BoxError;

@@ -65,6 +65,11 @@ impl Dep {
     }
 }
 
+/// A breaker that opens on 5 failures in a row, to keep these tests short.
+fn streak() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new().with_consecutive_failures(5)
+}
+
 fn req(host: &str) -> Request<()> {
     Request::get(format!("http://{host}/x")).body(()).unwrap()
 }
@@ -72,7 +77,7 @@ fn req(host: &str) -> Request<()> {
 #[tokio::test(start_paused = true)]
 async fn five_failures_open_and_1000_calls_never_reach_the_server() {
     let dep = Dep::down();
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(dep.service());
     for _ in 0..5 {
         assert_eq!(
@@ -98,7 +103,7 @@ async fn five_failures_open_and_1000_calls_never_reach_the_server() {
 #[tokio::test(start_paused = true)]
 async fn after_the_open_period_exactly_one_probe_reaches_the_server() {
     let dep = Dep::slow(Duration::from_millis(100));
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(dep.service());
     for _ in 0..5 {
         svc.clone().oneshot(req("a")).await.unwrap();
@@ -127,9 +132,7 @@ async fn after_the_open_period_exactly_one_probe_reaches_the_server() {
 #[tokio::test(start_paused = true)]
 async fn k_probes_with_k_configured() {
     let dep = Dep::slow(Duration::from_millis(100));
-    let layer = CircuitBreakerLayer::new()
-        .with_probes(3)
-        .with_successes_to_close(3);
+    let layer = streak().with_probes(3).with_successes_to_close(3);
     let svc = layer.layer(dep.service());
     for _ in 0..5 {
         svc.clone().oneshot(req("a")).await.unwrap();
@@ -159,7 +162,7 @@ async fn a_failed_probe_reopens_for_longer_and_a_good_probe_closes() {
     let dep = Dep::down();
     let changes = Arc::new(Mutex::new(Vec::new()));
     let log = changes.clone();
-    let (layer, handle) = CircuitBreakerLayer::new()
+    let (layer, handle) = streak()
         .on_state_change(move |key, from, to| log.lock().unwrap().push((key.to_owned(), from, to)))
         .pair();
     let svc = layer.layer(dep.service());
@@ -213,7 +216,7 @@ async fn a_failed_probe_reopens_for_longer_and_a_good_probe_closes() {
 #[tokio::test(start_paused = true)]
 async fn host_a_failing_does_not_open_host_b() {
     let dep = Dep::down();
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(dep.service());
     for _ in 0..5 {
         svc.clone().oneshot(req("a.example")).await.unwrap();
@@ -236,7 +239,7 @@ async fn host_a_failing_does_not_open_host_b() {
 
 #[tokio::test(start_paused = true)]
 async fn failure_rate_opens_at_the_threshold_not_before_the_minimum() {
-    // Alternate success and failure: never 5 in a row, 50 % failures.
+    // Alternate success and failure: 50 % failures, never two in a row.
     let n = Arc::new(AtomicU32::new(0));
     let counter = n.clone();
     let svc = service_fn(move |_req: Request<()>| {
@@ -250,7 +253,10 @@ async fn failure_rate_opens_at_the_threshold_not_before_the_minimum() {
             )
         }
     });
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_failure_rate(0.5, Duration::from_secs(30), 20)
+        .unwrap()
+        .pair();
     let svc = layer.layer(svc);
     for i in 0..19 {
         svc.clone().oneshot(req("a")).await.unwrap();
@@ -286,7 +292,10 @@ async fn old_failures_leave_the_window() {
             )
         }
     });
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_failure_rate(0.5, Duration::from_secs(30), 20)
+        .unwrap()
+        .pair();
     let svc = layer.layer(svc);
     for _ in 0..18 {
         svc.clone().oneshot(req("a")).await.unwrap();
@@ -304,7 +313,7 @@ async fn client_errors_and_429_are_not_failures() {
         let svc = service_fn(move |_req: Request<()>| async move {
             Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
         });
-        let (layer, handle) = CircuitBreakerLayer::new().pair();
+        let (layer, handle) = streak().pair();
         let svc = layer.layer(svc);
         for _ in 0..50 {
             svc.clone().oneshot(req("a")).await.unwrap();
@@ -321,7 +330,7 @@ async fn errors_count_by_kind_and_the_classifier_can_be_replaced() {
             "refused",
         )))
     });
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(refused);
     for _ in 0..5 {
         assert!(svc
@@ -338,8 +347,11 @@ async fn errors_count_by_kind_and_the_classifier_can_be_replaced() {
     let not_found = service_fn(|_req: Request<()>| async {
         Ok::<_, BoxError>(Response::builder().status(404).body(()).unwrap())
     });
-    let layer = CircuitBreakerLayer::new().with_classifier(|r: &Result<Response<()>, BoxError>| {
-        r.as_ref().map_or(true, |r| r.status() == 404)
+    let layer = streak().with_classifier(|r: &Result<Response<()>, BoxError>| match r {
+        Ok(r) if r.status() == 404 => {
+            sturdy_core::Outcome::Permanent(sturdy_core::ErrorKind::Server(StatusCode::NOT_FOUND))
+        }
+        other => sturdy_core::classify::classify_result(other),
     });
     let handle = layer.handle();
     let svc = layer.layer(not_found);
@@ -352,7 +364,7 @@ async fn errors_count_by_kind_and_the_classifier_can_be_replaced() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_probe_gives_its_slot_back() {
     let dep = Dep::slow(Duration::from_secs(10));
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(dep.service());
     for _ in 0..5 {
         svc.clone().oneshot(req("a")).await.unwrap();
@@ -377,7 +389,7 @@ async fn a_dropped_probe_gives_its_slot_back() {
 async fn force_open_isolates_and_force_close_resets() {
     let dep = Dep::down();
     dep.heal();
-    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let (layer, handle) = streak().pair();
     let svc = layer.layer(dep.service());
     handle.force_open("a");
     tokio::time::advance(Duration::from_secs(3_600)).await;
@@ -402,7 +414,7 @@ async fn force_open_isolates_and_force_close_resets() {
 #[tokio::test(start_paused = true)]
 async fn custom_keys_and_the_bound_on_breakers() {
     let dep = Dep::down();
-    let layer = CircuitBreakerLayer::new()
+    let layer = streak()
         .with_max_breakers(4)
         .with_key(|r: &Request<()>| r.uri().path().to_owned());
     let handle = layer.handle();
@@ -437,7 +449,7 @@ async fn no_more_probes_than_allowed_on_two_threads() {
                 out
             }
         });
-        let layer = CircuitBreakerLayer::new()
+        let layer = streak()
             .with_open_duration(Duration::from_millis(20), Duration::from_millis(20))
             .with_probes(2);
         let svc = layer.layer(counting);
@@ -470,13 +482,13 @@ fn traits() {
         sturdy_circuit::CircuitBreaker<
             Mock,
             sturdy_circuit::ByHost,
-            sturdy_circuit::DefaultFailure,
+            sturdy_circuit::DefaultClassify,
         >,
     >();
     assert_send::<
         sturdy_circuit::ResponseFuture<
             <Mock as Service<Request<()>>>::Future,
-            sturdy_circuit::DefaultFailure,
+            sturdy_circuit::DefaultClassify,
         >,
     >();
     assert_send_sync_clone::<sturdy_circuit::CircuitHandle>();
@@ -485,7 +497,7 @@ fn traits() {
 #[tokio::test(start_paused = true)]
 async fn a_refusal_goes_to_the_trace() {
     let dep = Dep::down();
-    let svc = CircuitBreakerLayer::new().layer(dep.service());
+    let svc = streak().layer(dep.service());
     for _ in 0..5 {
         svc.clone().oneshot(req("a")).await.unwrap();
     }
@@ -498,4 +510,97 @@ async fn a_refusal_goes_to_the_trace() {
         "{:?}",
         trace.events()
     );
+}
+
+/// A dependency that fails a fixed share of calls, spread evenly and deterministically.
+fn flaky(
+    failure_per_mille: u32,
+) -> impl Service<
+    Request<()>,
+    Response = Response<()>,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response<()>, BoxError>> + Send,
+> + Clone
+       + Send {
+    let n = Arc::new(AtomicU32::new(0));
+    service_fn(move |_req: Request<()>| {
+        // A multiplicative hash spreads the failures without a pattern a window could align with.
+        let i = n.fetch_add(1, Ordering::SeqCst).wrapping_mul(2_654_435_761) % 1_000;
+        async move {
+            let status = if i < failure_per_mille { 503 } else { 200 };
+            Ok::<_, BoxError>(Response::builder().status(status).body(()).unwrap())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn stock_defaults_ride_out_a_flaky_api_and_cut_off_a_dead_one() {
+    // 30 % of calls fail, 10,000 calls over 100 s: the breaker never opens.
+    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let svc = layer.layer(flaky(300));
+    let mut refused = 0;
+    for i in 0..10_000 {
+        if svc.clone().oneshot(req("a")).await.is_err() {
+            refused += 1;
+        }
+        if i % 100 == 99 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+    }
+    assert_eq!(refused, 0);
+    assert_eq!(handle.state("a"), Some(CircuitState::Closed));
+
+    // A dead API: after the minimum volume the breaker opens, and the next 1,000 calls fail at
+    // once without reaching it.
+    let dep = Dep::down();
+    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let svc = layer.layer(dep.service());
+    for _ in 0..100 {
+        svc.clone().oneshot(req("a")).await.unwrap();
+    }
+    assert!(matches!(handle.state("a"), Some(CircuitState::Open { .. })));
+    for _ in 0..1_000 {
+        let err = svc.clone().oneshot(req("a")).await.unwrap_err();
+        assert!(err.is::<CircuitOpen>());
+    }
+    assert_eq!(dep.calls(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn setters_after_a_pair_or_a_clone_keep_one_set_of_breakers() {
+    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let clone = layer.clone();
+    // Configured after the handle and the clone were taken: all three still agree.
+    let layer = layer.with_consecutive_failures(2).with_probes(2);
+    let dep = Dep::down();
+    let svc = layer.layer(dep.service());
+    for _ in 0..2 {
+        svc.clone().oneshot(req("a")).await.unwrap();
+    }
+    assert!(matches!(handle.state("a"), Some(CircuitState::Open { .. })));
+    assert!(matches!(
+        clone.handle().state("a"),
+        Some(CircuitState::Open { .. })
+    ));
+    handle.force_close("a");
+    assert_eq!(
+        svc.clone().oneshot(req("a")).await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[test]
+fn invalid_settings_are_reported_when_configured() {
+    for (rate, window) in [(-0.1, 30), (1.5, 30), (f64::NAN, 30), (0.5, 0)] {
+        let err = CircuitBreakerLayer::new()
+            .with_failure_rate(rate, Duration::from_secs(window), 10)
+            .unwrap_err();
+        assert_eq!(err.kind(), &sturdy_core::ErrorKind::Config);
+    }
+    // Values that cannot work are taken as the nearest that can, never a panic.
+    let _ = CircuitBreakerLayer::new()
+        .with_probes(0)
+        .with_successes_to_close(0)
+        .with_max_breakers(0)
+        .with_consecutive_failures(0);
 }

@@ -20,6 +20,7 @@ async fn a_dead_server_is_left_alone_then_probed_back_to_health() {
     .await
     .unwrap();
     let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(5)
         .with_open_duration(Duration::from_millis(80), Duration::from_millis(500))
         .pair();
     let client = layer.layer(http_client());
@@ -71,9 +72,10 @@ async fn connection_refused_counts_as_failure() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
+    // Stock defaults: 100 calls that all fail open the breaker.
     let (layer, handle) = CircuitBreakerLayer::new().pair();
     let client = layer.layer(http_client());
-    for _ in 0..5 {
+    for _ in 0..100 {
         let err = client
             .clone()
             .oneshot(
