@@ -59,7 +59,7 @@ fn stack(c: &mut Criterion) {
         g.bench_function(
             format!("ClientBuilder without the per-attempt timer, {method}"),
             |b| {
-                let svc = ClientBuilder::new().attempt_timeout(None).build(bare());
+                let svc = ClientBuilder::new().without_attempt_timeout().build(bare());
                 b.iter(|| {
                     rt.block_on(async {
                         black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
@@ -74,34 +74,31 @@ fn stack(c: &mut Criterion) {
     let mut g = c.benchmark_group("stack/one layer, POST");
     let none = || {
         ClientBuilder::new()
-            .idempotency(None)
-            .retry(None)
-            .circuit_breaker(None)
-            .rate_limit(None)
-            .attempt_timeout(None)
+            .without_idempotency()
+            .without_retry()
+            .without_circuit_breaker()
+            .without_rate_limit()
+            .without_attempt_timeout()
     };
     let post = http::Method::POST;
     for (name, builder) in [
         ("boxed, no layers", none()),
         (
             "idempotency",
-            none().idempotency(Some(sturdy::idempotency::client::IdempotencyLayer::new())),
+            none().with_idempotency(sturdy::idempotency::client::IdempotencyKeyLayer::new()),
         ),
-        (
-            "retry",
-            none().retry(Some(sturdy::retry::RetryLayer::new())),
-        ),
+        ("retry", none().with_retry(sturdy::retry::RetryLayer::new())),
         (
             "circuit breaker",
-            none().circuit_breaker(Some(sturdy::circuit::CircuitBreakerLayer::new())),
+            none().with_circuit_breaker(sturdy::circuit::CircuitBreakerLayer::new()),
         ),
         (
             "rate limit (adaptive)",
-            none().rate_limit(Some(sturdy::ratelimit::RateLimitLayer::adaptive_only())),
+            none().with_rate_limit(sturdy::ratelimit::RateLimitLayer::adaptive_only()),
         ),
         (
             "attempt timeout",
-            none().attempt_timeout(Some(std::time::Duration::from_secs(30))),
+            none().with_attempt_timeout(std::time::Duration::from_secs(30)),
         ),
     ] {
         let svc = builder.build(bare());
@@ -160,18 +157,18 @@ fn loopback(c: &mut Criterion) {
     run(
         "bare hyper-util client",
         ClientBuilder::new()
-            .idempotency(None)
-            .retry(None)
-            .circuit_breaker(None)
-            .rate_limit(None)
-            .attempt_timeout(None)
+            .without_idempotency()
+            .without_retry()
+            .without_circuit_breaker()
+            .without_rate_limit()
+            .without_attempt_timeout()
             .build(sturdy_chaos::http_client()),
         &mut g,
     );
     run(
         "ClientBuilder without the per-attempt timer",
         ClientBuilder::new()
-            .attempt_timeout(None)
+            .without_attempt_timeout()
             .build(sturdy_chaos::http_client()),
         &mut g,
     );

@@ -37,8 +37,8 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     #[cfg(feature = "idempotency")]
     fn sturdy_idempotency(
         self,
-        layer: crate::idempotency::client::IdempotencyLayer,
-    ) -> ServiceBuilder<Stack<crate::idempotency::client::IdempotencyLayer, L>>;
+        layer: crate::idempotency::client::IdempotencyKeyLayer,
+    ) -> ServiceBuilder<Stack<crate::idempotency::client::IdempotencyKeyLayer, L>>;
     /// Adds a retry layer.
     #[cfg(feature = "retry")]
     fn sturdy_retry(
@@ -75,8 +75,8 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(feature = "idempotency")]
     fn sturdy_idempotency(
         self,
-        layer: crate::idempotency::client::IdempotencyLayer,
-    ) -> ServiceBuilder<Stack<crate::idempotency::client::IdempotencyLayer, L>> {
+        layer: crate::idempotency::client::IdempotencyKeyLayer,
+    ) -> ServiceBuilder<Stack<crate::idempotency::client::IdempotencyKeyLayer, L>> {
         self.layer(layer)
     }
     #[cfg(feature = "retry")]

@@ -1,7 +1,7 @@
 //! The recommended composition, in the order DESIGN.md gives (outermost first):
 //!
 //! ```text
-//! Idempotency -> Retry -> CircuitBreaker -> RateLimit -> Auth -> Version -> Timeout -> client
+//! IdempotencyKey -> Retry -> CircuitBreaker -> RateLimit -> Auth -> Version -> AttemptTimeout -> client
 //! ```
 
 use std::time::Duration;
@@ -10,26 +10,64 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use sturdy_core::BoxError;
-use tower::util::BoxCloneService;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::layer::util::{Identity, Stack};
+use tower::util::{BoxCloneSyncService, Either};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::AuthLayer;
 use crate::circuit::CircuitBreakerLayer;
-use crate::idempotency::client::IdempotencyLayer;
+use crate::idempotency::client::IdempotencyKeyLayer;
 use crate::ratelimit::RateLimitLayer;
-use crate::retry::RetryLayer;
+use crate::retry::{AttemptTimeoutLayer, RetryLayer};
 use crate::version::VersionLayer;
 
 /// A composed client: `Request<Full<Bytes>>` in, `Response<Rb>` or a [`BoxError`] out.
-pub type Client<Rb> = BoxCloneService<Request<Full<Bytes>>, Response<Rb>, BoxError>;
+///
+/// `Clone + Send + Sync + 'static`: keep one in axum `State`, in an `Arc<App>` shared by tasks,
+/// give it to `sturdy::paginate::Paginate::new`, or make it the token client of
+/// `sturdy::auth::ClientCredentials::new`. Clones share every layer's state (breakers, limiters,
+/// retry budgets, token caches).
+pub type Client<Rb> = BoxCloneSyncService<Request<Full<Bytes>>, Response<Rb>, BoxError>;
 
-/// Builds the composed client stack. Every layer can be replaced or left out; the order is fixed,
-/// because it is what makes them work together (one idempotency key for all retries, one rate
-/// permit and one fresh token per attempt, a timeout per attempt).
+/// The layers of a [`ClientBuilder`], outermost first, as tower stacks them.
+type Layers<R, C, L> = Stack<
+    AttemptTimeoutLayer,
+    Stack<
+        Either<VersionLayer, Identity>,
+        Stack<
+            Either<AuthLayer, Identity>,
+            Stack<
+                Either<L, Identity>,
+                Stack<
+                    Either<C, Identity>,
+                    Stack<
+                        Either<R, Identity>,
+                        Stack<Either<IdempotencyKeyLayer, Identity>, Identity>,
+                    >,
+                >,
+            >,
+        >,
+    >,
+>;
+
+/// Builds the composed client stack. Every layer can be replaced (configured as you like, with
+/// your own keys and classifiers) or left out; the order is fixed, because it is what makes them
+/// work together (one idempotency key for all retries, one rate permit and one fresh token per
+/// attempt, a timeout per attempt).
 ///
 /// Defaults: idempotency keys on POST and PATCH; [`RetryLayer::new`]; a
-/// [`CircuitBreakerLayer::new`] per host; adaptive rate limiting (pauses on 429 and quota
-/// headers, no quota of our own); no auth; no version pin; a 30 s timeout per attempt.
+/// [`CircuitBreakerLayer::new`] per host; adaptive rate limiting
+/// ([`RateLimitLayer::adaptive_only`]: pauses on 429 and quota headers, no quota of our own); no
+/// auth; no version pin; a 30 s timeout per attempt.
+///
+/// Setters: `with_*` puts a layer in (as configured), `without_*` leaves it out. When auth uses a
+/// token source, the wait for a token is bounded by the attempt timeout too, so a token endpoint
+/// that never answers cannot hold a call past it.
+///
+/// Where it may sit: the client is a plain tower service whose `poll_ready` is its HTTP client's;
+/// put it under `Buffer` or a concurrency limit, drive it with `oneshot` or keep it and call
+/// `ready().await?.call(req)`: every layer hands the request to the service `poll_ready` made
+/// ready, also after waiting for a token, a rate slot or a retry.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -50,11 +88,11 @@ pub type Client<Rb> = BoxCloneService<Request<Full<Bytes>>, Response<Rb>, BoxErr
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct ClientBuilder {
-    idempotency: Option<IdempotencyLayer>,
-    retry: Option<RetryLayer>,
-    circuit: Option<CircuitBreakerLayer>,
-    ratelimit: Option<RateLimitLayer>,
+pub struct ClientBuilder<R = RetryLayer, C = CircuitBreakerLayer, L = RateLimitLayer> {
+    idempotency: Option<IdempotencyKeyLayer>,
+    retry: Option<R>,
+    circuit: Option<C>,
+    ratelimit: Option<L>,
     auth: Option<AuthLayer>,
     version: Option<VersionLayer>,
     timeout: Option<Duration>,
@@ -70,7 +108,7 @@ impl ClientBuilder {
     /// The defaults above.
     pub fn new() -> Self {
         Self {
-            idempotency: Some(IdempotencyLayer::new()),
+            idempotency: Some(IdempotencyKeyLayer::new()),
             retry: Some(RetryLayer::new()),
             circuit: Some(CircuitBreakerLayer::new()),
             ratelimit: Some(RateLimitLayer::adaptive_only()),
@@ -79,47 +117,127 @@ impl ClientBuilder {
             timeout: Some(Duration::from_secs(30)),
         }
     }
+}
 
-    /// Idempotency keys, or `None` to send none.
-    pub fn idempotency(mut self, layer: Option<IdempotencyLayer>) -> Self {
-        self.idempotency = layer;
+impl<R, C, L> ClientBuilder<R, C, L> {
+    /// Idempotency keys, as configured.
+    pub fn with_idempotency(mut self, layer: IdempotencyKeyLayer) -> Self {
+        self.idempotency = Some(layer);
         self
     }
 
-    /// Retries, or `None` for a single attempt.
-    pub fn retry(mut self, layer: Option<RetryLayer>) -> Self {
-        self.retry = layer;
+    /// No idempotency keys.
+    pub fn without_idempotency(mut self) -> Self {
+        self.idempotency = None;
         self
     }
 
-    /// Circuit breakers, or `None`.
-    pub fn circuit_breaker(mut self, layer: Option<CircuitBreakerLayer>) -> Self {
-        self.circuit = layer;
+    /// Retries, as configured (any classifier).
+    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<R2, C, L> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: Some(layer),
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    /// A single attempt per call.
+    pub fn without_retry(mut self) -> Self {
+        self.retry = None;
         self
     }
 
-    /// Rate limiting, or `None`.
-    pub fn rate_limit(mut self, layer: Option<RateLimitLayer>) -> Self {
-        self.ratelimit = layer;
+    /// Circuit breakers, as configured (any key, any classifier).
+    pub fn with_circuit_breaker<C2>(self, layer: C2) -> ClientBuilder<R, C2, L> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            circuit: Some(layer),
+            ratelimit: self.ratelimit,
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No circuit breaker.
+    pub fn without_circuit_breaker(mut self) -> Self {
+        self.circuit = None;
+        self
+    }
+
+    /// Rate limiting, as configured (any quota, any key).
+    pub fn with_rate_limit<L2>(self, layer: L2) -> ClientBuilder<R, C, L2> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            circuit: self.circuit,
+            ratelimit: Some(layer),
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No rate limiting.
+    pub fn without_rate_limit(mut self) -> Self {
+        self.ratelimit = None;
         self
     }
 
     /// Credentials.
-    pub fn auth(mut self, layer: AuthLayer) -> Self {
+    pub fn with_auth(mut self, layer: AuthLayer) -> Self {
         self.auth = Some(layer);
         self
     }
 
+    /// No credentials.
+    pub fn without_auth(mut self) -> Self {
+        self.auth = None;
+        self
+    }
+
     /// An API version pin.
-    pub fn version(mut self, layer: VersionLayer) -> Self {
+    pub fn with_version(mut self, layer: VersionLayer) -> Self {
         self.version = Some(layer);
         self
     }
 
-    /// The timeout of each attempt, or `None`.
-    pub fn attempt_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.timeout = timeout;
+    /// No version pin.
+    pub fn without_version(mut self) -> Self {
+        self.version = None;
         self
+    }
+
+    /// The timeout of each attempt \[30 s\]. A request can set its own with
+    /// [`CallOptions`](sturdy_core::CallOptions).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// No timeout per attempt (a request can still set one with
+    /// [`CallOptions`](sturdy_core::CallOptions)).
+    pub fn without_attempt_timeout(mut self) -> Self {
+        self.timeout = None;
+        self
+    }
+
+    fn layers(self) -> Layers<R, C, L> {
+        let auth = self.auth;
+        ServiceBuilder::new()
+            .option_layer(self.idempotency)
+            .option_layer(self.retry)
+            .option_layer(self.circuit)
+            .option_layer(self.ratelimit)
+            .option_layer(auth)
+            .option_layer(self.version)
+            .layer(AttemptTimeoutLayer::new(self.timeout))
+            .into_inner()
     }
 
     /// Wraps `http` (a hyper-util client, or any service) in the stack.
@@ -128,18 +246,16 @@ impl ClientBuilder {
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        Layers<R, C, L>: Layer<S>,
+        <Layers<R, C, L> as Layer<S>>::Service:
+            Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        <<Layers<R, C, L> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
+            Into<BoxError>,
+        <<Layers<R, C, L> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
+            Send + 'static,
         Rb: Send + 'static,
     {
-        let svc = ServiceBuilder::new()
-            .option_layer(self.idempotency)
-            .option_layer(self.retry)
-            .option_layer(self.circuit)
-            .option_layer(self.ratelimit)
-            .option_layer(self.auth)
-            .option_layer(self.version)
-            .option_layer(self.timeout.map(tower::timeout::TimeoutLayer::new))
-            .map_err(Into::<BoxError>::into)
-            .service(http);
-        BoxCloneService::new(svc.map_err(Into::<BoxError>::into))
+        let svc = self.layers().layer(http);
+        BoxCloneSyncService::new(tower::ServiceExt::map_err(svc, Into::<BoxError>::into))
     }
 }

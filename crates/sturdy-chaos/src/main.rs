@@ -111,9 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let backoff =
         Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(200))?;
     let sturdy = ClientBuilder::new()
-        .retry(Some(
-            RetryLayer::new().with_backoff(backoff).with_max_attempts(6),
-        ))
+        .with_retry(RetryLayer::new().with_backoff(backoff).with_max_attempts(6))
         .build(http_client());
     let mut t = Tally::default();
     for n in 0..ORDERS {

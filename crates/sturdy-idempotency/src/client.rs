@@ -5,11 +5,12 @@ use std::task::{Context, Poll};
 
 use http::{HeaderName, HeaderValue, Method, Request};
 use sturdy_core::trace::TraceEvent;
-use sturdy_core::Trace;
+use sturdy_core::{CallOptions, Trace};
 use tower::{Layer, Service};
 
 /// Sets `Idempotency-Key` to a fresh random UUID v4 on each POST and PATCH (configurable), unless
-/// the caller already set one. Place it **outside** the retry layer: the key is set once per
+/// the caller already set one, or gave one for this request in
+/// [`CallOptions::with_idempotency_key`](sturdy_core::CallOptions::with_idempotency_key). Place it **outside** the retry layer: the key is set once per
 /// logical call, and every retry sends the same key. The key is never derived from the payload,
 /// so two deliberate identical orders stay two orders.
 ///
@@ -17,21 +18,21 @@ use tower::{Layer, Service};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// use http::{Request, Response};
-/// use sturdy_idempotency::client::IdempotencyLayer;
+/// use sturdy_idempotency::client::IdempotencyKeyLayer;
 /// use tower::{service_fn, ServiceBuilder, ServiceExt};
 ///
 /// let api = service_fn(|req: Request<()>| async move {
 ///     let key = req.headers()["idempotency-key"].to_str().unwrap().to_owned();
 ///     Ok::<_, std::convert::Infallible>(Response::new(key))
 /// });
-/// let client = ServiceBuilder::new().layer(IdempotencyLayer::new()).service(api);
+/// let client = ServiceBuilder::new().layer(IdempotencyKeyLayer::new()).service(api);
 /// let key = client.oneshot(Request::post("http://api.example.com/orders").body(()).unwrap()).await.unwrap().into_body();
 /// assert_eq!(uuid::Uuid::parse_str(&key).unwrap().get_version_num(), 4);
 /// # }
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct IdempotencyLayer {
+pub struct IdempotencyKeyLayer {
     config: Arc<Config>,
 }
 
@@ -41,13 +42,13 @@ struct Config {
     methods: Vec<Method>,
 }
 
-impl Default for IdempotencyLayer {
+impl Default for IdempotencyKeyLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl IdempotencyLayer {
+impl IdempotencyKeyLayer {
     /// Keys on POST and PATCH, in `Idempotency-Key`.
     pub fn new() -> Self {
         Self {
@@ -79,25 +80,25 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
+impl<S> Layer<S> for IdempotencyKeyLayer {
+    type Service = IdempotencyKey<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency {
+        IdempotencyKey {
             inner,
             config: self.config.clone(),
         }
     }
 }
 
-/// The service made by the client [`IdempotencyLayer`]. `poll_ready` is the inner service's.
+/// The service made by the client [`IdempotencyKeyLayer`]. `poll_ready` is the inner service's.
 #[derive(Debug, Clone)]
-pub struct Idempotency<S> {
+pub struct IdempotencyKey<S> {
     inner: S,
     config: Arc<Config>,
 }
 
-impl<S> Idempotency<S> {
+impl<S> IdempotencyKey<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -109,7 +110,7 @@ impl<S> Idempotency<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for Idempotency<S>
+impl<S, B> Service<Request<B>> for IdempotencyKey<S>
 where
     S: Service<Request<B>>,
 {
@@ -122,15 +123,24 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if self.config.methods.contains(req.method())
-            && !req.headers().contains_key(&self.config.header)
-        {
-            let key = uuid::Uuid::new_v4().hyphenated().to_string();
-            if let Some(t) = Trace::of(&req) {
-                t.record(TraceEvent::IdempotencyKey(key.clone()));
+        if !req.headers().contains_key(&self.config.header) {
+            let given = CallOptions::of(&req)
+                .and_then(CallOptions::idempotency_key)
+                .and_then(|k| HeaderValue::from_str(k).ok());
+            let value = match given {
+                Some(v) => Some(v),
+                None if self.config.methods.contains(req.method()) => {
+                    let key = uuid::Uuid::new_v4().hyphenated().to_string();
+                    Some(HeaderValue::from_str(&key).expect("a UUID is a valid header value"))
+                }
+                None => None,
+            };
+            if let Some(value) = value {
+                if let (Some(t), Ok(k)) = (Trace::of(&req), value.to_str()) {
+                    t.record(TraceEvent::IdempotencyKey(k.to_owned()));
+                }
+                req.headers_mut().insert(self.config.header.clone(), value);
             }
-            let value = HeaderValue::from_str(&key).expect("a UUID is a valid header value");
-            req.headers_mut().insert(self.config.header.clone(), value);
         }
         self.inner.call(req)
     }

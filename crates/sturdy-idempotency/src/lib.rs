@@ -1,8 +1,8 @@
 //! Idempotency keys end to end.
 //!
-//! - [`client::IdempotencyLayer`]: one random `Idempotency-Key` per logical call (POST and PATCH
-//!   by default), set once outside the retry layer so every retry carries the same key. Never
-//!   derived from the payload.
+//! - [`client::IdempotencyKeyLayer`]: one random `Idempotency-Key` per logical call (POST and
+//!   PATCH by default), set once outside the retry layer so every retry carries the same key.
+//!   Never derived from the payload.
 //! - [`server::IdempotencyLayer`]: for axum apps (or any tower HTTP server): the first request
 //!   with a key runs and its response is stored; a repeat gets the stored response with
 //!   `Idempotent-Replayed: true`; a concurrent repeat gets 409, another payload 422, a missing

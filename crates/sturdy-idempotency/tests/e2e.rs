@@ -56,7 +56,7 @@ async fn a_thousand_posts_through_faults_make_a_thousand_orders() {
     let backoff =
         Backoff::decorrelated_jitter(Duration::from_millis(1), Duration::from_millis(20)).unwrap();
     let client = ServiceBuilder::new()
-        .layer(client::IdempotencyLayer::new())
+        .layer(client::IdempotencyKeyLayer::new())
         .layer(
             RetryLayer::new()
                 .with_backoff(backoff)
@@ -94,7 +94,7 @@ async fn two_deliberate_identical_orders_are_two_orders() {
         .await
         .unwrap();
     let client = ServiceBuilder::new()
-        .layer(client::IdempotencyLayer::new())
+        .layer(client::IdempotencyKeyLayer::new())
         .layer(RetryLayer::new())
         .service(http_client());
     for _ in 0..2 {

@@ -62,9 +62,11 @@ mod future;
 mod layer;
 mod policy;
 mod service;
+mod timeout;
 
 pub use backoff::{Backoff, InvalidBackoff};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use policy::RetryPolicy;
 pub use service::Retry;
+pub use timeout::{AttemptTimeout, AttemptTimeoutLayer, TimeoutFuture};

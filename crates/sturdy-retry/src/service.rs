@@ -7,17 +7,17 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use sturdy_core::classify::{Classify, DefaultClassify};
 use sturdy_core::{BoxError, CallOptions};
-use tower::timeout::Timeout;
 use tower::util::{Either, MapErr};
 use tower::Service;
 
 use crate::future::ResponseFuture;
 use crate::policy::{is_idempotent, CallState, Config, HostBudget, RetryPolicy};
+use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
 
 /// One attempt: the inner service with its error boxed, and a timeout when one is configured.
-pub(crate) type Attempt<S, E> = Either<Timeout<S>, MapErr<S, fn(E) -> BoxError>>;
+pub(crate) type Attempt<S, E> = Either<AttemptTimeout<S>, MapErr<S, fn(E) -> BoxError>>;
 
 /// The service made by [`RetryLayer`].
 ///
@@ -92,7 +92,10 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         let attempt: Attempt<S, S::Error> = match self.config.attempt_timeout {
-            Some(t) => Either::Left(Timeout::new(ready, t)),
+            Some(t) => Either::Left(tower::Layer::layer(
+                &AttemptTimeoutLayer::new(Some(t)),
+                ready,
+            )),
             None => Either::Right(MapErr::new(
                 ready,
                 boxed::<S::Error> as fn(S::Error) -> BoxError,

@@ -1,0 +1,142 @@
+//! A timeout for each attempt, that a request can override.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use pin_project_lite::pin_project;
+use sturdy_core::{human_duration, BoxError, CallOptions, Delivery, Error, ErrorKind};
+use tokio::time::Sleep;
+use tower::{Layer, Service};
+
+/// Bounds each attempt by a timeout \[none unless configured\]; a request's
+/// [`CallOptions`] may set its own (or none). An attempt that runs out of time fails with a
+/// [`sturdy_core::Error`] of kind [`Timeout`](ErrorKind::Timeout) that the retry layer above
+/// retries (the request may have been processed, so a POST is retried only with an idempotency
+/// key).
+///
+/// tower's `TimeoutLayer` does the same without the per-request override; this one exists for
+/// that override and for its error, which says how long the attempt was given.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use http::{Request, Response};
+/// use sturdy_core::CallOptions;
+/// use sturdy_retry::AttemptTimeoutLayer;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// let slow = service_fn(|_req: Request<()>| async {
+///     tokio::time::sleep(Duration::from_secs(5)).await;
+///     Ok::<_, std::convert::Infallible>(Response::new(()))
+/// });
+/// let svc = AttemptTimeoutLayer::new(Some(Duration::from_secs(1))).layer(slow);
+/// let err = svc.clone().oneshot(Request::new(())).await.unwrap_err();
+/// assert_eq!(err.to_string(), "the attempt timed out after 1s");
+///
+/// // This request may take longer.
+/// let mut req = Request::new(());
+/// req.extensions_mut().insert(CallOptions::new().with_attempt_timeout(Duration::from_secs(10)));
+/// assert!(svc.oneshot(req).await.is_ok());
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct AttemptTimeoutLayer {
+    timeout: Option<Duration>,
+}
+
+impl AttemptTimeoutLayer {
+    /// Attempts bounded by `timeout` (`None`: only requests that set one are bounded).
+    pub const fn new(timeout: Option<Duration>) -> Self {
+        Self { timeout }
+    }
+}
+
+impl<S> Layer<S> for AttemptTimeoutLayer {
+    type Service = AttemptTimeout<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AttemptTimeout {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The service made by [`AttemptTimeoutLayer`]. `poll_ready` is the inner service's.
+#[derive(Debug, Clone)]
+pub struct AttemptTimeout<S> {
+    inner: S,
+    timeout: Option<Duration>,
+}
+
+sturdy_core::define_inner_service_accessors!(AttemptTimeout<S>);
+
+impl<S, B> Service<Request<B>> for AttemptTimeout<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let timeout = match CallOptions::of(&req).and_then(CallOptions::attempt_timeout) {
+            Some(t) => t,
+            None => self.timeout,
+        };
+        TimeoutFuture {
+            fut: self.inner.call(req),
+            sleep: timeout.map(tokio::time::sleep),
+            len: timeout.unwrap_or_default(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`AttemptTimeout`].
+    #[derive(Debug)]
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        sleep: Option<Sleep>,
+        len: Duration,
+    }
+}
+
+impl<F, T, E> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(r.map_err(Into::into));
+        }
+        let Some(sleep) = this.sleep.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        ready!(sleep.poll(cx));
+        let len = *this.len;
+        Poll::Ready(Err(Box::new(
+            Error::new(
+                ErrorKind::Timeout,
+                format!("the attempt timed out after {}", human_duration(len)),
+            )
+            .with_delivery(Delivery::MaybeProcessed),
+        )))
+    }
+}
