@@ -3,7 +3,7 @@
 //! `async fn(Request) -> Result<Response, BoxError>`, with credentials:
 //!
 //! - **Static**: [`AuthLayer::bearer`], [`AuthLayer::api_key`] (a named header),
-//!   [`AuthLayer::api_key_query`] and [`AuthLayer::basic`]. Secrets are held in `secrecy` types,
+//!   [`AuthLayer::api_key_query`] and [`AuthLayer::basic`]. Secrets are held in [`secrecy`] types,
 //!   inserted headers are marked sensitive (`HeaderValue::set_sensitive`), and no `Debug` output
 //!   or `tracing` event shows a secret.
 //! - **Tokens**: any [`TokenSource`], such as [`ClientCredentials`] (OAuth2 client credentials,
@@ -16,6 +16,32 @@
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
 //!   replays the request once (the body is buffered up to 1 MiB for this); a second 401 is
 //!   returned as is. 403 is never retried.
+//! - **Bounded waits**: a call waits for a token at most [`AuthLayer::with_token_timeout`]
+//!   \[30 s\], then fails with a retryable [`ErrorKind::Timeout`](sturdy_core::ErrorKind) error
+//!   that names the token endpoint; the token request itself goes on for later callers. Each
+//!   OAuth2 token request is bounded by [`ClientCredentials::with_request_timeout`] \[30 s\], so
+//!   a token endpoint that never answers cannot hold the cache up.
+//!
+//! # Errors
+//!
+//! Every failure this crate explains itself (a token endpoint's refusal, a malformed token
+//! response, an unreachable or silent endpoint, a token wait that ran out of time, an unreadable
+//! request body) is a [`sturdy_core::Error`], found with
+//! `err.downcast_ref::<sturdy_core::Error>()` on the error the service returns; its
+//! [`kind`](sturdy_core::Error::kind) says whether trying again may help. Errors of a custom
+//! [`TokenSource`] are wrapped in one too (kept as they are when they already are one). Errors of
+//! the inner service are passed through unchanged.
+//!
+//! # Where it sits: `Buffer`, concurrency limits, kept services
+//!
+//! The request goes to the service that `poll_ready` made ready. A call that waits for a token
+//! holds that ready service (and whatever it reserved: a `ConcurrencyLimit` permit, a `Buffer`
+//! slot) in its response future, calls it once the token is there, and gives it back when the
+//! future completes or is dropped. So `Auth` works over or under `tower::buffer::Buffer` and
+//! concurrency limits, driven by `oneshot` or by a service kept across calls
+//! (`svc.ready().await?.call(req)`). Wherever a concurrency limit sits, a call that waits for a
+//! token holds its permit during the wait (bounded by the token timeout); the token request
+//! itself does not go through the limit unless the token client does.
 //!
 //! # Example
 //!
@@ -41,6 +67,14 @@
 //! assert_eq!(res.status(), StatusCode::OK);
 //! # }
 //! ```
+//!
+//! # Public dependencies
+//!
+//! Signatures use `http` 1, `http-body` 1, `bytes` 1, `tokio` 1 (`tokio::time::Instant` in
+//! [`Token`]) and tower's `Service`/`Layer`. The two pre-1.0 crates that appear in them are
+//! re-exported, so you need not depend on the same version yourself: [`secrecy`] (with
+//! [`SecretString`] and [`ExposeSecret`] at the root) and [`http_body_util`] (the token client
+//! takes `Request<http_body_util::Full<Bytes>>`).
 #![forbid(unsafe_code)]
 
 mod future;
@@ -54,3 +88,7 @@ pub use layer::AuthLayer;
 pub use oauth::{ClientAuth, ClientCredentials};
 pub use service::Auth;
 pub use token::{BoxFuture, Token, TokenSource};
+
+pub use http_body_util;
+pub use secrecy;
+pub use secrecy::{ExposeSecret, SecretString};
