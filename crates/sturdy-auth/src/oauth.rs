@@ -183,6 +183,9 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// is idle or gone): the next caller starts another.
 const STALE_GRACE: Duration = Duration::from_secs(10);
 
+/// The longest lifetime the clock is asked to represent.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Form parameters the source sets itself.
 const RESERVED_PARAMS: [&str; 4] = ["grant_type", "scope", "client_id", "client_secret"];
 
@@ -410,7 +413,11 @@ impl ClientCredentials {
                 human_duration(t - now)
             )));
         }
-        let stale_after = self.inner.settings.request_timeout + STALE_GRACE;
+        let stale_after = self
+            .inner
+            .settings
+            .request_timeout
+            .saturating_add(STALE_GRACE);
         if let Some(f) = &st.inflight {
             // A request whose task is gone (closed channel) or no longer driven (older than its
             // timeout allows) is replaced, so the source never stays stuck behind it.
@@ -455,6 +462,9 @@ impl ClientCredentials {
             }
             match result {
                 Ok((token, lifetime)) => {
+                    // Capped by `max_lifetime` already; a cap set beyond a century is taken as
+                    // a century, which the clock can represent.
+                    let lifetime = lifetime.min(CENTURY);
                     let skew = self.inner.settings.skew.min(lifetime / 2);
                     let expires_at = started + lifetime;
                     let token = Token::new(token, Some(expires_at));

@@ -185,7 +185,7 @@ impl TokenSource for GatedSource {
     }
 
     fn invalidate(&self, token: &Token) {
-        use sturdy_auth::ExposeSecret;
+        use secrecy::ExposeSecret;
         self.invalidated
             .lock()
             .unwrap()
