@@ -171,7 +171,10 @@ where
         Box::new(
             Error::new(
                 kind,
-                format!("could not get an access token from {}", self.source.describe()),
+                format!(
+                    "could not get an access token from {}",
+                    self.source.describe()
+                ),
             )
             .with_source(e),
         )

@@ -226,7 +226,10 @@ impl ClientCredentials {
                 "the token URL must be absolute (scheme and host)",
             ));
         };
-        let endpoint = format!("the token endpoint {scheme}://{authority}{}", token_url.path());
+        let endpoint = format!(
+            "the token endpoint {scheme}://{authority}{}",
+            token_url.path()
+        );
         // Held in a mutex only to be cloned, so a client that is not `Sync` will do.
         let client = Mutex::new(client);
         let fetch: Fetch = Arc::new(move |req| {
@@ -301,7 +304,11 @@ impl ClientCredentials {
     /// When `name` is empty, or is one the source sets itself (`grant_type`, `scope`,
     /// `client_id`, `client_secret`; use [`with_scopes`](Self::with_scopes) and
     /// [`with_client_auth`](Self::with_client_auth) for those).
-    pub fn with_param(self, name: impl Into<String>, value: impl Into<String>) -> Result<Self, Error> {
+    pub fn with_param(
+        self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, Error> {
         let (n, v) = (name.into(), value.into());
         if n.is_empty() {
             return Err(Error::new(
@@ -548,10 +555,11 @@ impl ClientCredentials {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 let kind = sturdy_core::classify::classify_error(&*e);
-                return Err(
-                    Failure::new(kind, format!("the token request to {} failed", s.endpoint))
-                        .with_cause(e),
-                );
+                return Err(Failure::new(
+                    kind,
+                    format!("the token request to {} failed", s.endpoint),
+                )
+                .with_cause(e));
             }
             Err(_) => {
                 return Err(Failure::new(

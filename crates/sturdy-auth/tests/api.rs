@@ -11,20 +11,31 @@ use sturdy_core::{BoxError, Error};
 use tower::util::{BoxCloneService, BoxCloneSyncService};
 
 /// The facade's composed client type (and any `Clone + Send + Sync` stack) is a token client.
-type SyncClient = BoxCloneSyncService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>;
+type SyncClient =
+    BoxCloneSyncService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>;
 
 /// A `Clone + Send` stack that is not `Sync` is one too.
 type SendClient = BoxCloneService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>;
 
 #[allow(dead_code)]
 fn a_boxed_clone_sync_service_is_a_token_client(client: SyncClient) -> Result<AuthLayer, Error> {
-    let source = ClientCredentials::new(client, "https://auth.example.com/oauth/token", "id", "secret")?;
+    let source = ClientCredentials::new(
+        client,
+        "https://auth.example.com/oauth/token",
+        "id",
+        "secret",
+    )?;
     Ok(AuthLayer::oauth2(source).with_token_timeout(Duration::from_secs(5)))
 }
 
 #[allow(dead_code)]
 fn a_boxed_clone_service_is_a_token_client(client: SendClient) -> Result<AuthLayer, Error> {
-    let source = ClientCredentials::new(client, "https://auth.example.com/oauth/token", "id", "secret")?;
+    let source = ClientCredentials::new(
+        client,
+        "https://auth.example.com/oauth/token",
+        "id",
+        "secret",
+    )?;
     Ok(AuthLayer::oauth2(source))
 }
 

@@ -119,10 +119,7 @@ async fn concurrent_callers_share_one_failure_and_then_back_off() {
             err.to_string().contains("client id or secret is wrong"),
             "{err}"
         );
-        assert_eq!(
-            sturdy_core::classify::classify_error(&err),
-            ErrorKind::Auth
-        );
+        assert_eq!(sturdy_core::classify::classify_error(&err), ErrorKind::Auth);
     }
     assert_eq!(ep.count(), 1);
     // Immediately again: the endpoint is not hammered.

@@ -33,7 +33,10 @@ async fn call_fails(source: ClientCredentials, kind: &ErrorKind, says: &str) {
     let msg = err.to_string();
     assert!(msg.contains(says), "{msg}");
     assert!(!msg.contains(SECRET), "{msg}");
-    assert!(api.calls.lock().unwrap().is_empty(), "no call without a token");
+    assert!(
+        api.calls.lock().unwrap().is_empty(),
+        "no call without a token"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -75,12 +78,7 @@ async fn token_endpoint_errors_are_sturdy_errors_through_the_layer() {
             ErrorKind::RateLimited { retry_after: None },
             "429 Too Many Requests",
         ),
-        (
-            200,
-            "<html>",
-            ErrorKind::Auth,
-            "not a JSON object",
-        ),
+        (200, "<html>", ErrorKind::Auth, "not a JSON object"),
     ];
     for (status, body, kind, says) in cases {
         let ep = TokenEndpoint::new(3_600);
@@ -142,15 +140,17 @@ async fn an_unreachable_endpoint_keeps_its_cause_as_the_source() {
         );
     }
     let api = Api::accept_all_tokens();
-    let err = AuthLayer::oauth2(ClientCredentials::new(
-        service_fn(|_r: Request<Full<Bytes>>| async {
-            Err::<Response<Full<Bytes>>, BoxError>("no route".into())
-        }),
-        TOKEN_URL,
-        "id",
-        SECRET,
+    let err = AuthLayer::oauth2(
+        ClientCredentials::new(
+            service_fn(|_r: Request<Full<Bytes>>| async {
+                Err::<Response<Full<Bytes>>, BoxError>("no route".into())
+            }),
+            TOKEN_URL,
+            "id",
+            SECRET,
+        )
+        .unwrap(),
     )
-    .unwrap())
     .layer(api.service())
     .oneshot(get())
     .await
@@ -230,7 +230,7 @@ fn invalid_configuration_is_reported_when_built() {
     let client = service_fn(|_r: Request<Full<Bytes>>| async {
         Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
     });
-    let cc = |url: &str| ClientCredentials::new(client.clone(), url, "id", "secret");
+    let cc = |url: &str| ClientCredentials::new(client, url, "id", "secret");
     for bad in ["not a url", "/oauth/token", ""] {
         let err = cc(bad).unwrap_err();
         assert_eq!(err.kind(), &ErrorKind::Config, "{bad}");
@@ -240,7 +240,9 @@ fn invalid_configuration_is_reported_when_built() {
         let err = ok.clone().with_param(reserved, "x").unwrap_err();
         assert_eq!(err.kind(), &ErrorKind::Config, "{reserved}");
     }
-    let ok = ok.with_param("resource", "https://api.example.com").unwrap();
+    let ok = ok
+        .with_param("resource", "https://api.example.com")
+        .unwrap();
     assert!(format!("{ok:?}").contains("https://auth.example.com/oauth/token"));
 
     assert_eq!(

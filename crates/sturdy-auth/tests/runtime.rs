@@ -75,6 +75,7 @@ fn a_request_dropped_with_its_runtime_is_started_again_by_the_next_caller() {
         .expect("the call succeeds");
     assert_eq!(res.status(), http::StatusCode::OK);
     assert_eq!(api.calls.lock().unwrap()[0].0, "tok-2");
+    assert_eq!(ep.count(), 2);
 }
 
 /// Callers waiting on a healthy runtime for a request whose runtime shuts down are woken and
@@ -115,7 +116,10 @@ fn waiters_on_another_runtime_start_over_when_the_request_is_lost() {
             .unwrap()
     });
     assert_eq!(
-        token.expect("a token from a new request").secret().expose_secret(),
+        token
+            .expect("a token from a new request")
+            .secret()
+            .expose_secret(),
         "tok-2"
     );
     assert_eq!(ep.count(), 2);

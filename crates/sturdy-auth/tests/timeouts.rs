@@ -68,7 +68,10 @@ async fn the_token_request_goes_on_for_the_callers_after_a_timed_out_one() {
     // The fifth gets the token when that request answers, at 24 s.
     let res = svc.clone().oneshot(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(started.elapsed(), Duration::from_secs(24) + Duration::from_millis(5));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(24) + Duration::from_millis(5)
+    );
     assert_eq!(ep.count(), 1, "one token request for every caller");
     assert_eq!(api.calls.lock().unwrap()[0].0, "tok-1");
 }
@@ -135,7 +138,10 @@ async fn a_black_holed_token_request_ends_by_the_request_timeout_and_the_next_on
     // During the backoff the answer is repeated without a request; after it, a new request.
     let err = source.get().await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Timeout);
-    assert!(err.to_string().contains("is not asked again for 1s"), "{err}");
+    assert!(
+        err.to_string().contains("is not asked again for 1s"),
+        "{err}"
+    );
     assert_eq!(ep.count(), 1);
     tokio::time::advance(Duration::from_secs(1)).await;
     let token = source.get().await.unwrap();

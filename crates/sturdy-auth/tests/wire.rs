@@ -138,23 +138,28 @@ async fn a_black_holed_token_endpoint_cannot_hold_a_call() {
     let client = AuthLayer::oauth2(cc.clone())
         .with_token_timeout(Duration::from_millis(100))
         .layer(http_client());
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = client.clone().oneshot(get(&s)).await.unwrap_err();
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(100), "{waited:?}");
     assert!(waited < Duration::from_millis(350), "{waited:?}");
-    let e = err.downcast_ref::<sturdy_core::Error>().expect("a sturdy error");
+    let e = err
+        .downcast_ref::<sturdy_core::Error>()
+        .expect("a sturdy error");
     assert_eq!(e.kind(), &ErrorKind::Timeout);
     assert!(err.to_string().contains(&url), "{err}");
     assert!(!err.to_string().contains(SECRET));
 
     // The token request itself ends by its own timeout, with an error that says so.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = cc.get().await.unwrap_err();
     let waited = started.elapsed();
     assert!(waited < Duration::from_millis(600), "{waited:?}");
     assert_eq!(err.kind(), &ErrorKind::Timeout);
-    assert!(err.to_string().contains("did not answer within 400ms"), "{err}");
+    assert!(
+        err.to_string().contains("did not answer within 400ms"),
+        "{err}"
+    );
     assert_eq!(s.stats().api_requests, 0);
     hole.abort();
 }
@@ -172,7 +177,8 @@ async fn a_composed_sync_client_requests_the_tokens() {
             .timeout(Duration::from_secs(5))
             .service(http_client()),
     );
-    let cc = ClientCredentials::new(token_client, &s.url("/oauth/token"), "client", SECRET).unwrap();
+    let cc =
+        ClientCredentials::new(token_client, &s.url("/oauth/token"), "client", SECRET).unwrap();
     let token = cc.get().await.unwrap();
     assert!(!token.secret().expose_secret().is_empty());
     let client = AuthLayer::oauth2(cc).layer(http_client());
