@@ -33,8 +33,8 @@ pub enum ClientAuth {
 #[derive(Clone)]
 struct Settings {
     token_url: http::Uri,
-    /// `the token endpoint <scheme://host/path>`: the URL without its query, for messages.
-    endpoint: String,
+    /// The token URL without its query (which may carry secrets), for messages and `Debug`.
+    shown_url: String,
     client_id: String,
     client_secret: SecretString,
     auth: ClientAuth,
@@ -45,6 +45,13 @@ struct Settings {
     max_lifetime: Duration,
     max_backoff: Duration,
     request_timeout: Duration,
+}
+
+impl Settings {
+    /// `the token endpoint https://host/path`, for messages.
+    fn endpoint(&self) -> String {
+        format!("the token endpoint {}", self.shown_url)
+    }
 }
 
 /// A token fetched, and when to refresh it.
@@ -163,7 +170,7 @@ impl fmt::Debug for ClientCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.inner.settings;
         f.debug_struct("ClientCredentials")
-            .field("token_url", &s.endpoint)
+            .field("token_url", &s.shown_url)
             .field("client_id", &s.client_id)
             .field("client_secret", &"[redacted]")
             .field("auth", &s.auth)
@@ -220,16 +227,15 @@ impl ClientCredentials {
         let token_url: http::Uri = token_url.parse().map_err(|e| {
             Error::new(ErrorKind::Config, "the token URL is not a valid URI").with_source(e)
         })?;
-        let (Some(scheme), Some(authority)) = (token_url.scheme(), token_url.authority()) else {
+        let (Some(scheme), Some(host)) = (token_url.scheme(), token_url.host()) else {
             return Err(Error::new(
                 ErrorKind::Config,
                 "the token URL must be absolute (scheme and host)",
             ));
         };
-        let endpoint = format!(
-            "the token endpoint {scheme}://{authority}{}",
-            token_url.path()
-        );
+        // No user info and no query: either may carry a secret.
+        let port = token_url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let shown_url = format!("{scheme}://{host}{port}{}", token_url.path());
         // Held in a mutex only to be cloned, so a client that is not `Sync` will do.
         let client = Mutex::new(client);
         let fetch: Fetch = Arc::new(move |req| {
@@ -248,7 +254,7 @@ impl ClientCredentials {
             inner: Arc::new(Inner {
                 settings: Settings {
                     token_url,
-                    endpoint,
+                    shown_url,
                     client_id: client_id.into(),
                     client_secret: client_secret.into(),
                     auth: ClientAuth::default(),
@@ -396,7 +402,7 @@ impl ClientCredentials {
             ErrorKind::Other,
             format!(
                 "the request to {} was abandoned {MAX_ABANDONED} times in a row (the runtimes that ran it shut down)",
-                self.inner.settings.endpoint
+                self.inner.settings.endpoint()
             ),
         ))
     }
@@ -416,7 +422,7 @@ impl ClientCredentials {
             return Err(e.error_with(format!(
                 "{}; {} is not asked again for {}",
                 e.message,
-                self.inner.settings.endpoint,
+                self.inner.settings.endpoint(),
                 human_duration(t - now)
             )));
         }
@@ -557,7 +563,7 @@ impl ClientCredentials {
                 let kind = sturdy_core::classify::classify_error(&*e);
                 return Err(Failure::new(
                     kind,
-                    format!("the token request to {} failed", s.endpoint),
+                    format!("the token request to {} failed", s.endpoint()),
                 )
                 .with_cause(e));
             }
@@ -566,7 +572,7 @@ impl ClientCredentials {
                     ErrorKind::Timeout,
                     format!(
                         "{} did not answer within {} (the token request timeout); retryable",
-                        s.endpoint,
+                        s.endpoint(),
                         human_duration(s.request_timeout)
                     ),
                 ));
@@ -734,7 +740,7 @@ impl TokenSource for ClientCredentials {
     }
 
     fn describe(&self) -> String {
-        self.inner.settings.endpoint.clone()
+        self.inner.settings.endpoint()
     }
 
     fn invalidate(&self, token: &Token) {
@@ -759,7 +765,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             token_url: "https://auth.example.com/token".parse().unwrap(),
-            endpoint: "the token endpoint https://auth.example.com/token".into(),
+            shown_url: "https://auth.example.com/token".into(),
             client_id: "id".into(),
             client_secret: "s".into(),
             auth: ClientAuth::SecretBasic,

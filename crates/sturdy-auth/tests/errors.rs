@@ -244,6 +244,14 @@ fn invalid_configuration_is_reported_when_built() {
         .with_param("resource", "https://api.example.com")
         .unwrap();
     assert!(format!("{ok:?}").contains("https://auth.example.com/oauth/token"));
+    // Neither user info nor the query is shown: either may carry a secret.
+    let hidden = cc("https://u:pw-123@auth.example.com:8443/t?key=k-456").unwrap();
+    let shown = format!("{hidden:?} {}", hidden.describe());
+    assert!(shown.contains("https://auth.example.com:8443/t"), "{shown}");
+    assert!(
+        !shown.contains("pw-123") && !shown.contains("k-456"),
+        "{shown}"
+    );
 
     assert_eq!(
         AuthLayer::api_key_query("", "k").unwrap_err().kind(),
