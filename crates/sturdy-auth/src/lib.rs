@@ -8,13 +8,15 @@
 //!   or `tracing` event shows a secret.
 //! - **Tokens**: any [`TokenSource`], such as [`ClientCredentials`] (OAuth2 client credentials,
 //!   RFC 6749 §4.4, `client_secret_basic` or `client_secret_post`, scopes, audience). Its cache
-//!   reuses a token until `expiry - skew` (60 s, at most half the lifetime), makes one token
-//!   request however many callers arrive at expiry, keeps a still-valid token when a refresh
+//!   reuses a token until `expiry - skew` (60 s, at most half the lifetime), then refreshes it
+//!   in the background while callers go on with the still-valid token (a caller waits only when
+//!   there is no valid token), makes one token request however many callers arrive at once,
+//!   keeps a still-valid token when a refresh
 //!   fails (and backs off before the next try: 1 s, doubling, at most 60 s; a caller with no
 //!   valid token during the backoff gets the last error at once, saying when the endpoint is
 //!   asked again), and turns token-endpoint errors (`invalid_client`, `invalid_scope`, non-JSON
-//!   bodies, 5xx...) into errors that say what to fix; a 5xx from the token endpoint is
-//!   retryable, `invalid_client` is not. A token request lost with its runtime (shut down
+//!   bodies, 5xx...) into errors that say what to fix; a 5xx, 429 or 408 from the token endpoint
+//!   is retryable, `invalid_client` is not. A token request lost with its runtime (shut down
 //!   mid-request) is started again by the next caller.
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
 //!   replays the request once (the body is buffered up to 1 MiB for this); a second 401 is

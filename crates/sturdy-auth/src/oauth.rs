@@ -142,7 +142,8 @@ struct Inner {
 }
 
 /// OAuth2 client credentials with a cache: a token is reused until `expiry - skew` (skew 60 s,
-/// but at most half the token's lifetime); N callers at expiry cause one token request
+/// but at most half the token's lifetime), then refreshed in the background while callers go on
+/// with it until it expires; N callers without a valid token cause one token request
 /// (single-flight); a refresh that fails while the old token is still valid keeps the old token
 /// and backs off before trying again (1 s, doubling, at most 60 s); token-endpoint errors become
 /// errors that say what to fix.
@@ -234,7 +235,10 @@ impl ClientCredentials {
             ));
         };
         // No user info and no query: either may carry a secret.
-        let port = token_url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let port = token_url
+            .port()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
         let shown_url = format!("{scheme}://{host}{port}{}", token_url.path());
         // Held in a mutex only to be cloned, so a client that is not `Sync` will do.
         let client = Mutex::new(client);
@@ -368,6 +372,8 @@ impl ClientCredentials {
     }
 
     /// A valid token: the cached one, or a fresh one (one request however many callers wait).
+    /// A cached token that is due for refresh (within the skew of its expiry) is still returned
+    /// while the refresh runs in the background, so no caller waits while a valid token exists.
     ///
     /// Needs a Tokio runtime: the token request runs as a task of its own.
     ///
@@ -413,8 +419,22 @@ impl ClientCredentials {
         let now = Instant::now();
         let backing_off = st.retry_at.filter(|t| now < *t);
         if let Some(c) = &st.current {
-            if now < c.refresh_at || (backing_off.is_some() && now < c.expires_at) {
+            if now < c.refresh_at {
                 return Ok(Begin::Cached(c.token.clone()));
+            }
+            if now < c.expires_at {
+                // Due for refresh but still valid: refresh in the background (unless backing
+                // off) and keep using this token meanwhile, so no caller waits.
+                let token = c.token.clone();
+                let start = match backing_off {
+                    Some(_) => None,
+                    None => self.plan(&mut st, now).ok().and_then(|(_, start)| start),
+                };
+                drop(st);
+                if let Some(start) = start {
+                    self.start(start);
+                }
+                return Ok(Begin::Cached(token));
             }
         }
         if let (Some(t), Some(e)) = (backing_off, &st.last_error) {
@@ -426,6 +446,21 @@ impl ClientCredentials {
                 human_duration(t - now)
             )));
         }
+        let (rx, start) = self.plan(&mut st, now)?;
+        drop(st);
+        if let Some(start) = start {
+            self.start(start);
+        }
+        Ok(Begin::Wait(rx))
+    }
+
+    /// Joins the token request under way, or registers a new one for [`Self::start`] to run
+    /// once the lock is released.
+    fn plan(
+        &self,
+        st: &mut State,
+        now: Instant,
+    ) -> Result<(watch::Receiver<Option<Outcome>>, Option<Start>), Error> {
         let stale_after = self
             .inner
             .settings
@@ -436,7 +471,7 @@ impl ClientCredentials {
             // timeout allows) is replaced, so the source never stays stuck behind it.
             if f.rx.has_changed().is_ok() && now.saturating_duration_since(f.started) < stale_after
             {
-                return Ok(Begin::Wait(f.rx.clone()));
+                return Ok((f.rx.clone(), None));
             }
             tracing::debug!("a token request was abandoned; starting another");
         }
@@ -454,15 +489,18 @@ impl ClientCredentials {
             rx: rx.clone(),
             started: now,
         });
-        drop(st);
-        // The request runs as its own task, so a caller that gives up does not strand the others.
+        Ok((rx, Some(Start { runtime, id, tx })))
+    }
+
+    /// Runs a registered token request as its own task, so a caller that gives up does not
+    /// strand the others. Called without the state lock (the guard takes it if it is dropped).
+    fn start(&self, start: Start) {
         let guard = FlightGuard {
             source: self.clone(),
-            id,
-            tx: Some(tx),
+            id: start.id,
+            tx: Some(start.tx),
         };
-        runtime.spawn(self.clone().refresh(guard));
-        Ok(Begin::Wait(rx))
+        start.runtime.spawn(self.clone().refresh(guard));
     }
 
     async fn refresh(self, mut guard: FlightGuard) {
@@ -582,6 +620,13 @@ impl ClientCredentials {
     }
 }
 
+/// A token request registered in the state, to be spawned.
+struct Start {
+    runtime: tokio::runtime::Handle,
+    id: u64,
+    tx: watch::Sender<Option<Outcome>>,
+}
+
 /// What [`ClientCredentials::begin`] found.
 enum Begin {
     Cached(Token),
@@ -636,13 +681,8 @@ fn parse_token_response(
                 .and_then(Value::as_str);
             return Err(endpoint_error(status, code, description));
         }
-        let kind = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            ErrorKind::from_status(status).unwrap_or(ErrorKind::Server(status))
-        } else {
-            ErrorKind::Auth
-        };
         return Err(Failure::new(
-            kind,
+            endpoint_kind(status),
             format!("the token endpoint answered {status} without an OAuth2 error"),
         ));
     }
@@ -709,6 +749,15 @@ fn parse_token_response(
     Ok((token, lifetime))
 }
 
+/// The kind of a token endpoint's error status: a status worth trying again (5xx, 429, 408...)
+/// keeps its own kind, so it stays retryable; any other refusal is about the credentials.
+fn endpoint_kind(status: StatusCode) -> ErrorKind {
+    match ErrorKind::from_status(status) {
+        Some(kind) if kind.is_retryable() => kind,
+        _ => ErrorKind::Auth,
+    }
+}
+
 fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> Failure {
     let advice = match code {
         "invalid_client" => "the client id or secret is wrong, or the client may not use this authentication method; check them",
@@ -719,11 +768,7 @@ fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> 
         "invalid_request" => "the token request was malformed (missing or repeated parameter); check the parameters",
         _ => "the token endpoint refused the request",
     };
-    let kind = if status.is_server_error() {
-        ErrorKind::Server(status)
-    } else {
-        ErrorKind::Auth
-    };
+    let kind = endpoint_kind(status);
     let mut msg = format!("token request failed with {code} ({status}): {advice}");
     if let Some(d) = description {
         // The description is the server's text; keep it short.

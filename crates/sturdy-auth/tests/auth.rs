@@ -40,17 +40,40 @@ async fn two_hundred_concurrent_calls_on_a_cold_cache_make_one_token_request() {
     assert_eq!(ep.count(), 2);
 }
 
+/// Lets a background token request (20 ms) finish.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn value(t: &sturdy_auth::Token) -> &str {
+    sturdy_auth::ExposeSecret::expose_secret(t.secret())
+}
+
 #[tokio::test(start_paused = true)]
-async fn refresh_happens_skew_before_expiry() {
+async fn refresh_happens_skew_before_expiry_in_the_background() {
     let ep = TokenEndpoint::new(3_600);
     let src = ep.source();
     src.get().await.unwrap();
     tokio::time::advance(Duration::from_secs(3_600 - 61)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 1);
     tokio::time::advance(Duration::from_secs(2)).await;
-    src.get().await.unwrap();
-    assert_eq!(ep.count(), 2, "refreshed 60 s before expiry");
+    // Due: the still-valid token is returned at once, and the refresh runs meanwhile.
+    let started = tokio::time::Instant::now();
+    let t = src.get().await.unwrap();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no wait while a token is valid"
+    );
+    assert_eq!(value(&t), "tok-1");
+    for _ in 0..20 {
+        assert_eq!(value(&src.get().await.unwrap()), "tok-1");
+    }
+    settle().await;
+    assert_eq!(ep.count(), 2, "refreshed 60 s before expiry, once");
+    assert_eq!(value(&src.get().await.unwrap()), "tok-2");
 }
 
 #[tokio::test(start_paused = true)]
@@ -65,6 +88,7 @@ async fn a_30_second_token_is_not_refreshed_on_every_call() {
     assert_eq!(ep.count(), 1);
     tokio::time::advance(Duration::from_secs(2)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 2);
 }
 
@@ -80,18 +104,22 @@ async fn a_failed_refresh_keeps_the_valid_token_and_backs_off() {
     }
     let t = src.get().await.unwrap();
     assert!(t.same_value(&first), "kept the still-valid token");
+    settle().await;
     assert_eq!(ep.count(), 2);
     // Many calls during the backoff: no new token request.
     for _ in 0..50 {
         assert!(src.get().await.unwrap().same_value(&first));
     }
+    settle().await;
     assert_eq!(ep.count(), 2);
     // After the backoff (1 s), one more try (still failing), then 2 s.
     tokio::time::advance(Duration::from_secs(1)).await;
-    src.get().await.unwrap();
+    assert!(src.get().await.unwrap().same_value(&first));
+    settle().await;
     assert_eq!(ep.count(), 3);
     tokio::time::advance(Duration::from_secs(1)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 3, "backing off 2 s now");
     // Once the old token has expired and the endpoint still fails, the error shows.
     tokio::time::advance(Duration::from_secs(40)).await;

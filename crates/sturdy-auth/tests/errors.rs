@@ -41,7 +41,13 @@ async fn call_fails(source: ClientCredentials, kind: &ErrorKind, says: &str) {
 
 #[tokio::test(start_paused = true)]
 async fn token_endpoint_errors_are_sturdy_errors_through_the_layer() {
-    let cases: [(u16, &str, ErrorKind, &str); 7] = [
+    let cases: [(u16, &str, ErrorKind, &str); 8] = [
+        (
+            429,
+            r#"{"error":"slow_down"}"#,
+            ErrorKind::RateLimited { retry_after: None },
+            "slow_down",
+        ),
         (
             401,
             r#"{"error":"invalid_client"}"#,

@@ -133,18 +133,24 @@ async fn every_stack_and_driver_goes_through_every_waiting_path() {
             assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{what}");
             assert_eq!(ep2.count(), 1, "{what}: one token request");
 
-            // Refresh at expiry: the first calls after 60 s wait for a new token.
+            // Due for refresh (60 s): calls go on with the valid token while it is refreshed.
             tokio::time::advance(Duration::from_secs(60)).await;
             let statuses = bounded(&what, round(&svc, drive, 8, 5)).await;
             assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{what}");
             assert_eq!(ep.count(), 2, "{what}: one refresh");
 
-            // 401: the API now accepts only the next token; every caller's first call gets a
-            // 401, the token is fetched once more, and each call is replayed once.
-            api.accept_only(&["tok-3"]);
+            // Expired (the next token is a 100 s one too): the first calls wait for a new one.
+            tokio::time::advance(Duration::from_secs(101)).await;
             let statuses = bounded(&what, round(&svc, drive, 8, 5)).await;
             assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{what}");
-            assert_eq!(ep.count(), 3, "{what}: one refresh after the 401s");
+            assert_eq!(ep.count(), 3, "{what}: one refresh");
+
+            // 401: the API now accepts only the next token; every caller's first call gets a
+            // 401, the token is fetched once more, and each call is replayed once.
+            api.accept_only(&["tok-4"]);
+            let statuses = bounded(&what, round(&svc, drive, 8, 5)).await;
+            assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{what}");
+            assert_eq!(ep.count(), 4, "{what}: one refresh after the 401s");
             api.accept_only(&[]);
 
             // And the limit of one is whole again: one more kept call goes through.
