@@ -353,3 +353,22 @@ fn traits() {
     fn is_source<T: TokenSource>() {}
     is_source::<ClientCredentials>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_trace_records_a_token_refresh_only_when_the_call_waited_for_one() {
+    use sturdy_core::{Trace, TraceEvent};
+    let ep = TokenEndpoint::new(3_600);
+    let svc = AuthLayer::oauth2(ep.source()).layer(Api::accept_all_tokens().service());
+    let traced = || {
+        let trace = Trace::new();
+        let mut req = get();
+        req.extensions_mut().insert(trace.clone());
+        (trace, req)
+    };
+    let (cold, req) = traced();
+    svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(cold.events(), vec![TraceEvent::TokenRefresh]);
+    let (cached, req) = traced();
+    svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(cached.events(), vec![]);
+}
