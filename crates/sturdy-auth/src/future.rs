@@ -2,6 +2,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::request::Parts;
@@ -12,7 +13,8 @@ use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use secrecy::ExposeSecret;
 use sturdy_core::trace::TraceEvent;
-use sturdy_core::{BoxError, Error, ErrorKind, Trace};
+use sturdy_core::{human_duration, BoxError, Error, ErrorKind, Trace};
+use tokio::time::{sleep, Sleep};
 use tower::Service;
 
 use crate::token::{BoxFuture, Token, TokenSource};
@@ -61,23 +63,35 @@ impl Head {
 
 enum Stage<B: Body, F> {
     Buffering(Pin<Box<Collect<B>>>),
-    Fetching(BoxFuture<Result<Token, BoxError>>),
-    Ready,
-    Calling(Pin<Box<F>>),
+    Fetching {
+        fut: BoxFuture<Result<Token, BoxError>>,
+        /// Started at the first poll that had to wait, so a cached token costs no timer.
+        timer: Option<Pin<Box<Sleep>>>,
+    },
+    Ready(Token),
+    Calling {
+        fut: Pin<Box<F>>,
+        token: Token,
+    },
+    Done,
 }
 
 /// A call with a token from a source: fetch the token, call, and on a 401 refresh it once and
 /// replay. Boxed as a whole: this path fetches tokens through a boxed future anyway.
 pub(crate) struct TokenCall<S, B: Body, F> {
     source: Arc<dyn TokenSource>,
+    /// The service `Auth::poll_ready` made ready; called without polling readiness again the
+    /// first time, polled again before the replay.
     svc: S,
+    /// Whether `svc` must be driven to readiness before the next call (only for the replay).
+    needs_ready: bool,
     head: Head,
     /// The buffered body, when the request can be replayed.
     bytes: Option<Bytes>,
     /// The original body, when it cannot (it is sent once).
     once: Option<B>,
-    token: Option<Token>,
     replayed: bool,
+    timeout: Duration,
     stage: Stage<B, F>,
 }
 
@@ -92,22 +106,31 @@ where
         head: Head,
         body: B,
         replayable: bool,
+        timeout: Duration,
     ) -> Self {
         let (stage, once) = if replayable {
             (Stage::Buffering(Box::pin(body.collect())), None)
         } else {
-            (Stage::Fetching(source.token()), Some(body))
+            (fetching(&*source), Some(body))
         };
         Self {
             source,
             svc,
+            needs_ready: false,
             head,
             bytes: None,
             once,
-            token: None,
             replayed: false,
+            timeout,
             stage,
         }
+    }
+}
+
+fn fetching<B: Body, F>(source: &dyn TokenSource) -> Stage<B, F> {
+    Stage::Fetching {
+        fut: source.token(),
+        timer: None,
     }
 }
 
@@ -118,6 +141,45 @@ where
     B: Body + From<Bytes>,
     B::Error: Into<BoxError>,
 {
+    /// The error of a token wait that ran out of time.
+    fn timed_out(&self) -> BoxError {
+        let what = if self.replayed {
+            "the request got a 401 and was not replayed"
+        } else {
+            "the request was not sent"
+        };
+        Box::new(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "no access token from {} within {}; {what}. Retryable: the token request goes \
+                 on, and a later call uses its token",
+                self.source.describe(),
+                human_duration(self.timeout),
+            ),
+        ))
+    }
+
+    /// A token source's error, as a `sturdy_core::Error` (kept as it is when it already is one).
+    fn token_error(&self, e: BoxError) -> BoxError {
+        if e.is::<Error>() {
+            return e;
+        }
+        let kind = match sturdy_core::classify::classify_error(&*e) {
+            ErrorKind::Other => ErrorKind::Auth,
+            kind => kind,
+        };
+        Box::new(
+            Error::new(
+                kind,
+                format!(
+                    "could not get an access token from {}",
+                    self.source.describe()
+                ),
+            )
+            .with_source(e),
+        )
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<Rb>, BoxError>> {
         loop {
             match &mut self.stage {
@@ -125,53 +187,102 @@ where
                     let mut buf = match ready!(collect.as_mut().poll(cx)) {
                         Ok(c) => c.aggregate(),
                         Err(e) => {
+                            self.stage = Stage::Done;
                             return Poll::Ready(Err(Box::new(
                                 Error::new(ErrorKind::Body, "could not read the request body")
                                     .with_source(e.into()),
-                            )))
+                            )));
                         }
                     };
                     self.bytes = Some(buf.copy_to_bytes(buf.remaining()));
-                    self.stage = Stage::Fetching(self.source.token());
+                    self.stage = fetching(&*self.source);
                 }
-                Stage::Fetching(fut) => {
-                    self.token = Some(ready!(fut.as_mut().poll(cx))?);
-                    if let Some(t) = self.head.extensions.get::<Trace>() {
-                        t.record(TraceEvent::TokenRefresh);
+                Stage::Fetching { fut, timer } => {
+                    let result = match fut.as_mut().poll(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => {
+                            let timer = timer.get_or_insert_with(|| Box::pin(sleep(self.timeout)));
+                            ready!(timer.as_mut().poll(cx));
+                            let err = self.timed_out();
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(err));
+                        }
+                    };
+                    let waited = timer.is_some();
+                    match result {
+                        Ok(token) => {
+                            if waited {
+                                if let Some(t) = self.head.extensions.get::<Trace>() {
+                                    t.record(TraceEvent::TokenRefresh);
+                                }
+                            }
+                            self.stage = Stage::Ready(token);
+                        }
+                        Err(e) => {
+                            let err = self.token_error(e);
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(err));
+                        }
                     }
-                    self.stage = Stage::Ready;
                 }
-                Stage::Ready => {
-                    ready!(self.svc.poll_ready(cx)).map_err(Into::into)?;
-                    let token = self.token.as_ref().expect("fetched before the call");
+                Stage::Ready(_) => {
+                    if self.needs_ready {
+                        if let Err(e) = ready!(self.svc.poll_ready(cx)) {
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                    }
+                    let Stage::Ready(token) = std::mem::replace(&mut self.stage, Stage::Done)
+                    else {
+                        continue;
+                    };
                     let body = match (&self.bytes, self.once.take()) {
                         (Some(b), _) => B::from(b.clone()),
                         (None, Some(b)) => b,
-                        (None, None) => unreachable!("the body is either buffered or sent once"),
+                        // Not reachable: the body is either buffered or sent once, and only a
+                        // buffered body is replayed.
+                        (None, None) => B::from(Bytes::new()),
                     };
-                    let req = self.head.request(body, token)?;
-                    self.stage = Stage::Calling(Box::pin(self.svc.call(req)));
+                    let req = self.head.request(body, &token)?;
+                    // The service is used: a replay must drive it to readiness again.
+                    self.needs_ready = true;
+                    self.stage = Stage::Calling {
+                        fut: Box::pin(self.svc.call(req)),
+                        token,
+                    };
                 }
-                Stage::Calling(fut) => {
-                    let res = ready!(fut.as_mut().poll(cx)).map_err(Into::into)?;
+                Stage::Calling { fut, token } => {
+                    let res = match ready!(fut.as_mut().poll(cx)) {
+                        Ok(res) => res,
+                        Err(e) => {
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                    };
                     if res.status() != StatusCode::UNAUTHORIZED || self.replayed {
+                        self.stage = Stage::Done;
                         return Poll::Ready(Ok(res));
                     }
+                    // The API refused the token: the source must not hand it out again.
+                    self.source.invalidate(token);
                     if self.bytes.is_none() {
                         tracing::debug!(
                             "401 on a request whose body cannot be replayed: returned as is"
                         );
-                        if let Some(t) = &self.token {
-                            self.source.invalidate(t);
-                        }
+                        self.stage = Stage::Done;
                         return Poll::Ready(Ok(res));
                     }
                     tracing::info!(challenge = ?res.headers().get(http::header::WWW_AUTHENTICATE), "401: refreshing the token and replaying once");
                     self.replayed = true;
-                    if let Some(t) = self.token.take() {
-                        self.source.invalidate(&t);
-                    }
-                    self.stage = Stage::Fetching(self.source.token());
+                    // Replacing the stage drops the first response future, and with it whatever
+                    // the inner service reserved for it.
+                    self.stage = fetching(&*self.source);
+                }
+                Stage::Done => {
+                    return Poll::Ready(Err(Box::new(Error::new(
+                        ErrorKind::Other,
+                        "the auth response future was polled after it completed",
+                    ))))
                 }
             }
         }

@@ -1,5 +1,6 @@
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::{HeaderName, HeaderValue};
@@ -38,7 +39,11 @@ impl fmt::Debug for Credentials {
 pub struct AuthLayer {
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
+    pub(crate) token_timeout: Duration,
 }
+
+/// How long one call waits for a token by default.
+pub(crate) const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn sensitive(value: &str) -> Result<HeaderValue, Error> {
     let mut v = HeaderValue::from_str(value).map_err(|_| {
@@ -56,6 +61,7 @@ impl AuthLayer {
         Self {
             creds: Arc::new(creds),
             replay_limit: 1024 * 1024,
+            token_timeout: DEFAULT_TOKEN_TIMEOUT,
         }
     }
 
@@ -82,10 +88,24 @@ impl AuthLayer {
         Ok(Self::with(Credentials::Header(name, v)))
     }
 
-    /// An API key in the query parameter `param`. Prefer a header where the API allows one: URLs
-    /// end up in logs (sturdy never logs them, but proxies and servers may).
-    pub fn api_key_query(param: impl Into<String>, key: impl Into<SecretString>) -> Self {
-        Self::with(Credentials::Query(param.into(), key.into()))
+    /// An API key in the query parameter `param`, added to the caller's query (which is kept
+    /// byte for byte). Prefer a header where the API allows one: URLs end up in logs (sturdy
+    /// never logs them, but proxies and servers may).
+    ///
+    /// # Errors
+    /// When `param` is empty.
+    pub fn api_key_query(
+        param: impl Into<String>,
+        key: impl Into<SecretString>,
+    ) -> Result<Self, Error> {
+        let param = param.into();
+        if param.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the query parameter name for the API key is empty",
+            ));
+        }
+        Ok(Self::with(Credentials::Query(param, key.into())))
     }
 
     /// `Authorization: Basic` with `user` and `password`.
@@ -110,7 +130,8 @@ impl AuthLayer {
     }
 
     /// Bearer tokens from `source`; a 401 invalidates the token, fetches a new one and replays
-    /// the request once.
+    /// the request once. A call waits for a token at most
+    /// [`token_timeout`](Self::with_token_timeout) \[30 s\].
     pub fn token_source(source: Arc<dyn TokenSource>) -> Self {
         Self::with(Credentials::Token(source))
     }
@@ -126,6 +147,26 @@ impl AuthLayer {
         self.replay_limit = bytes;
         self
     }
+
+    /// How long one call waits for a token from the [`TokenSource`] \[30 s\]: each wait (before
+    /// the first send, and before the replay after a 401) is bounded by it. Past it the call
+    /// fails with a [`sturdy_core::Error`] of kind [`ErrorKind::Timeout`] (retryable) that names
+    /// the token endpoint; the token request itself goes on, and callers that arrive later
+    /// share it. A cached token is used without waiting, so `Duration::ZERO` means "use the
+    /// cached token or fail at once".
+    ///
+    /// Only a token source waits; static credentials ignore this setting. Setting it is cheap
+    /// (the layer's shared state is not copied), so a client builder can derive it from its
+    /// attempt timeout.
+    pub fn with_token_timeout(mut self, timeout: Duration) -> Self {
+        self.token_timeout = timeout;
+        self
+    }
+
+    /// How long one call waits for a token (see [`with_token_timeout`](Self::with_token_timeout)).
+    pub fn token_timeout(&self) -> Duration {
+        self.token_timeout
+    }
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -136,6 +177,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             creds: self.creds.clone(),
             replay_limit: self.replay_limit,
+            token_timeout: self.token_timeout,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! OAuth2 client credentials (RFC 6749 §4.4) with a single-flight token cache.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub enum ClientAuth {
 #[derive(Clone)]
 struct Settings {
     token_url: http::Uri,
+    /// The token URL without its query (which may carry secrets), for messages and `Debug`.
+    shown_url: String,
     client_id: String,
     client_secret: SecretString,
     auth: ClientAuth,
@@ -41,6 +44,14 @@ struct Settings {
     default_lifetime: Duration,
     max_lifetime: Duration,
     max_backoff: Duration,
+    request_timeout: Duration,
+}
+
+impl Settings {
+    /// `the token endpoint https://host/path`, for messages.
+    fn endpoint(&self) -> String {
+        format!("the token endpoint {}", self.shown_url)
+    }
 }
 
 /// A token fetched, and when to refresh it.
@@ -50,15 +61,72 @@ struct Cached {
     expires_at: Instant,
 }
 
-type Outcome = Result<Token, Arc<Error>>;
+/// Why a token request failed, shared by every caller that waited for it. Each caller gets its
+/// own [`Error`] built from it ([`Failure::error`]), with the shared cause as its source.
+#[derive(Clone)]
+struct Failure {
+    kind: ErrorKind,
+    message: String,
+    cause: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl Failure {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    fn with_cause(mut self, cause: BoxError) -> Self {
+        self.cause = Some(Arc::from(cause));
+        self
+    }
+
+    /// A caller's own error: the kind and message, with the shared cause as its source.
+    fn error(&self) -> Error {
+        self.error_with(self.message.clone())
+    }
+
+    fn error_with(&self, message: String) -> Error {
+        let e = Error::new(self.kind.clone(), message);
+        match &self.cause {
+            Some(c) => e.with_source(c.clone()),
+            None => e,
+        }
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.error(), f)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error(), f)
+    }
+}
+
+type Outcome = Result<Token, Failure>;
+
+/// A token request under way.
+struct Flight {
+    id: u64,
+    rx: watch::Receiver<Option<Outcome>>,
+    started: Instant,
+}
 
 #[derive(Default)]
 struct State {
     current: Option<Cached>,
-    inflight: Option<watch::Receiver<Option<Outcome>>>,
+    inflight: Option<Flight>,
+    next_flight: u64,
     failures: u32,
     retry_at: Option<Instant>,
-    last_error: Option<Arc<Error>>,
+    last_error: Option<Failure>,
 }
 
 /// The token client: any service that sends the token request (usually the same hyper client,
@@ -74,10 +142,24 @@ struct Inner {
 }
 
 /// OAuth2 client credentials with a cache: a token is reused until `expiry - skew` (skew 60 s,
-/// but at most half the token's lifetime); N callers at expiry cause one token request
+/// but at most half the token's lifetime), then refreshed in the background while callers go on
+/// with it until it expires; N callers without a valid token cause one token request
 /// (single-flight); a refresh that fails while the old token is still valid keeps the old token
 /// and backs off before trying again (1 s, doubling, at most 60 s); token-endpoint errors become
 /// errors that say what to fix.
+///
+/// The token request runs as a task of its own on the Tokio runtime of the caller that started
+/// it, so a caller that gives up (or times out) does not cancel it for the others. It is bounded
+/// by [`with_request_timeout`](Self::with_request_timeout) \[30 s\]. If that task is lost with
+/// its runtime (the runtime was shut down mid-request), the next caller starts a new request.
+///
+/// Every error is a [`sturdy_core::Error`] (find it with
+/// `err.downcast_ref::<sturdy_core::Error>()`): each caller gets its own, with the cause it
+/// shares with the other waiters as its `source()`.
+///
+/// # Clone
+/// Clones share one cache. A `with_*` setter returns a source with a cache of its own (a token
+/// for other scopes or another audience is another token), so configure first, then clone.
 ///
 /// `Debug` never shows the secret or a token.
 #[derive(Clone)]
@@ -89,11 +171,12 @@ impl fmt::Debug for ClientCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.inner.settings;
         f.debug_struct("ClientCredentials")
-            .field("token_url", &s.token_url)
+            .field("token_url", &s.shown_url)
             .field("client_id", &s.client_id)
             .field("client_secret", &"[redacted]")
             .field("auth", &s.auth)
             .field("scopes", &s.scopes)
+            .field("request_timeout", &s.request_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -101,8 +184,30 @@ impl fmt::Debug for ClientCredentials {
 /// Reads the token response at most this large.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
+/// How long a token request may take by default.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A token request still unanswered this long after its timeout is no longer driven (its runtime
+/// is idle or gone): the next caller starts another.
+const STALE_GRACE: Duration = Duration::from_secs(10);
+
+/// The longest lifetime the clock is asked to represent.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Form parameters the source sets itself.
+const RESERVED_PARAMS: [&str; 4] = ["grant_type", "scope", "client_id", "client_secret"];
+
+/// How many times a caller starts over when the request it waited for was abandoned.
+const MAX_ABANDONED: usize = 3;
+
 impl ClientCredentials {
     /// Tokens from `token_url` for `client_id`/`client_secret`, requested through `client`.
+    ///
+    /// `client` is any `Clone + Send` service of `Request<Full<Bytes>>` (`Sync` is not needed):
+    /// a hyper-util client, or a whole stack such as a
+    /// `tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Incoming>, BoxError>`,
+    /// which gives token requests their own retries. Each token request is bounded by
+    /// [`with_request_timeout`](Self::with_request_timeout) \[30 s\] whatever the client does.
     ///
     /// # Errors
     /// When `token_url` is not a valid absolute URI.
@@ -113,7 +218,7 @@ impl ClientCredentials {
         client_secret: impl Into<SecretString>,
     ) -> Result<Self, Error>
     where
-        S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
         Rb: Body + Send + 'static,
@@ -123,14 +228,25 @@ impl ClientCredentials {
         let token_url: http::Uri = token_url.parse().map_err(|e| {
             Error::new(ErrorKind::Config, "the token URL is not a valid URI").with_source(e)
         })?;
-        if token_url.scheme().is_none() || token_url.authority().is_none() {
+        let (Some(scheme), Some(host)) = (token_url.scheme(), token_url.host()) else {
             return Err(Error::new(
                 ErrorKind::Config,
                 "the token URL must be absolute (scheme and host)",
             ));
-        }
+        };
+        // No user info and no query: either may carry a secret.
+        let port = token_url
+            .port()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
+        let shown_url = format!("{scheme}://{host}{port}{}", token_url.path());
+        // Held in a mutex only to be cloned, so a client that is not `Sync` will do.
+        let client = Mutex::new(client);
         let fetch: Fetch = Arc::new(move |req| {
-            let client = client.clone();
+            let client = client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             Box::pin(async move {
                 let res = client.oneshot(req).await.map_err(Into::into)?;
                 let status = res.status();
@@ -142,6 +258,7 @@ impl ClientCredentials {
             inner: Arc::new(Inner {
                 settings: Settings {
                     token_url,
+                    shown_url,
                     client_id: client_id.into(),
                     client_secret: client_secret.into(),
                     auth: ClientAuth::default(),
@@ -151,6 +268,7 @@ impl ClientCredentials {
                     default_lifetime: Duration::from_secs(3_600),
                     max_lifetime: Duration::from_secs(86_400),
                     max_backoff: Duration::from_secs(60),
+                    request_timeout: DEFAULT_REQUEST_TIMEOUT,
                 },
                 fetch,
                 state: Mutex::new(State::default()),
@@ -175,7 +293,8 @@ impl ClientCredentials {
         self.edit(|s| s.auth = auth)
     }
 
-    /// Requests these scopes (sent space-separated in `scope`).
+    /// Requests these scopes (sent space-separated in `scope`); an unknown scope is reported by
+    /// the token endpoint as `invalid_scope`, which the error explains.
     #[must_use]
     pub fn with_scopes<I: IntoIterator<Item = T>, T: Into<String>>(self, scopes: I) -> Self {
         let scopes: Vec<String> = scopes.into_iter().map(Into::into).collect();
@@ -185,14 +304,35 @@ impl ClientCredentials {
     /// Sends `audience` (used by several providers for client credentials).
     #[must_use]
     pub fn with_audience(self, audience: impl Into<String>) -> Self {
-        self.with_param("audience", audience)
+        let audience = audience.into();
+        self.edit(|s| s.params.push(("audience".to_owned(), audience)))
     }
 
     /// Sends any other form parameter with the token request.
-    #[must_use]
-    pub fn with_param(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    ///
+    /// # Errors
+    /// When `name` is empty, or is one the source sets itself (`grant_type`, `scope`,
+    /// `client_id`, `client_secret`; use [`with_scopes`](Self::with_scopes) and
+    /// [`with_client_auth`](Self::with_client_auth) for those).
+    pub fn with_param(
+        self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self, Error> {
         let (n, v) = (name.into(), value.into());
-        self.edit(|s| s.params.push((n, v)))
+        if n.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "a token request parameter needs a name",
+            ));
+        }
+        if RESERVED_PARAMS.contains(&n.as_str()) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("the token request parameter {n} is set by ClientCredentials itself; use with_scopes or with_client_auth"),
+            ));
+        }
+        Ok(self.edit(|s| s.params.push((n, v))))
     }
 
     /// Refresh this long before expiry \[60 s\]; never more than half the token's lifetime, so a
@@ -202,16 +342,26 @@ impl ClientCredentials {
         self.edit(|s| s.skew = skew)
     }
 
-    /// The lifetime assumed when the server sends no `expires_in` \[1 h\].
+    /// The lifetime assumed when the server sends no `expires_in` \[1 h\]; at least 1 s.
     #[must_use]
     pub fn with_default_lifetime(self, lifetime: Duration) -> Self {
         self.edit(|s| s.default_lifetime = lifetime.max(Duration::from_secs(1)))
     }
 
-    /// The longest lifetime believed \[24 h\]; a larger `expires_in` is clamped to it.
+    /// The longest lifetime believed \[24 h\]; a larger `expires_in` is clamped to it. At least
+    /// 1 s.
     #[must_use]
     pub fn with_max_lifetime(self, lifetime: Duration) -> Self {
         self.edit(|s| s.max_lifetime = lifetime.max(Duration::from_secs(1)))
+    }
+
+    /// How long one token request may take, from sending it to reading the whole response
+    /// \[30 s\]. Past it the request fails with [`ErrorKind::Timeout`] (retryable) and the source
+    /// backs off as after any failure, so a token endpoint that never answers cannot hold up the
+    /// callers waiting for it. `Duration::ZERO` lets only an immediate answer through.
+    #[must_use]
+    pub fn with_request_timeout(self, timeout: Duration) -> Self {
+        self.edit(|s| s.request_timeout = timeout)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -222,67 +372,150 @@ impl ClientCredentials {
     }
 
     /// A valid token: the cached one, or a fresh one (one request however many callers wait).
+    /// A cached token that is due for refresh (within the skew of its expiry) is still returned
+    /// while the refresh runs in the background, so no caller waits while a valid token exists.
+    ///
+    /// Needs a Tokio runtime: the token request runs as a task of its own.
     ///
     /// # Errors
-    /// When no valid token can be had: the token endpoint refused or failed, and the cached
-    /// token (if any) has expired.
-    pub async fn get(&self) -> Result<Token, BoxError> {
-        let mut rx = {
-            let mut st = self.lock();
-            let now = Instant::now();
-            if let Some(c) = &st.current {
-                let backing_off = st.retry_at.is_some_and(|t| now < t);
-                if now < c.refresh_at || (backing_off && now < c.expires_at) {
-                    return Ok(c.token.clone());
+    /// When no valid token can be had: the token endpoint refused or failed (or did not answer
+    /// within the request timeout), and the cached token (if any) has expired; or when called
+    /// outside a Tokio runtime. The error's kind says whether trying again may help.
+    pub async fn get(&self) -> Result<Token, Error> {
+        for _ in 0..MAX_ABANDONED {
+            let mut rx = match self.begin()? {
+                Begin::Cached(token) => return Ok(token),
+                Begin::Wait(rx) => rx,
+            };
+            let outcome = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone(),
+                // The request was abandoned (its task was dropped with its runtime): start over.
+                Err(_) => continue,
+            };
+            return match outcome {
+                Some(Ok(t)) => Ok(t),
+                Some(Err(f)) => {
+                    let st = self.lock();
+                    match &st.current {
+                        Some(c) if Instant::now() < c.expires_at => Ok(c.token.clone()),
+                        _ => Err(f.error()),
+                    }
                 }
-            } else if let (Some(t), Some(e)) = (st.retry_at, &st.last_error) {
-                if now < t {
-                    // Do not hammer a failing token endpoint: repeat its last answer until then.
-                    return Err(Box::new(SharedError(e.clone())));
-                }
-            }
-            match &st.inflight {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    st.inflight = Some(rx.clone());
-                    // The fetch runs as its own task, so a caller that gives up does not strand
-                    // the others.
-                    let this = self.clone();
-                    tokio::spawn(async move { this.refresh(tx).await });
-                    rx
-                }
-            }
-        };
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone().unwrap_or_else(|| unreachable!("waited for Some")),
-            Err(_) => {
-                return Err(Box::new(Error::new(
-                    ErrorKind::Auth,
-                    "the token refresh was abandoned (the runtime is shutting down)",
-                )));
-            }
-        };
-        match outcome {
-            Ok(t) => Ok(t),
-            Err(e) => {
-                let st = self.lock();
-                match &st.current {
-                    Some(c) if Instant::now() < c.expires_at => Ok(c.token.clone()),
-                    _ => Err(Box::new(SharedError(e))),
-                }
-            }
+                None => continue,
+            };
         }
+        Err(Error::new(
+            ErrorKind::Other,
+            format!(
+                "the request to {} was abandoned {MAX_ABANDONED} times in a row (the runtimes that ran it shut down)",
+                self.inner.settings.endpoint()
+            ),
+        ))
     }
 
-    async fn refresh(self, tx: watch::Sender<Option<Outcome>>) {
+    /// The cached token, or the request to wait for (joined, or started here).
+    fn begin(&self) -> Result<Begin, Error> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let backing_off = st.retry_at.filter(|t| now < *t);
+        if let Some(c) = &st.current {
+            if now < c.refresh_at {
+                return Ok(Begin::Cached(c.token.clone()));
+            }
+            if now < c.expires_at {
+                // Due for refresh but still valid: refresh in the background (unless backing
+                // off) and keep using this token meanwhile, so no caller waits.
+                let token = c.token.clone();
+                let start = match backing_off {
+                    Some(_) => None,
+                    None => self.plan(&mut st, now).ok().and_then(|(_, start)| start),
+                };
+                drop(st);
+                if let Some(start) = start {
+                    self.start(start);
+                }
+                return Ok(Begin::Cached(token));
+            }
+        }
+        if let (Some(t), Some(e)) = (backing_off, &st.last_error) {
+            // Do not hammer a failing token endpoint: repeat its last answer until then.
+            return Err(e.error_with(format!(
+                "{}; {} is not asked again for {}",
+                e.message,
+                self.inner.settings.endpoint(),
+                human_duration(t - now)
+            )));
+        }
+        let (rx, start) = self.plan(&mut st, now)?;
+        drop(st);
+        if let Some(start) = start {
+            self.start(start);
+        }
+        Ok(Begin::Wait(rx))
+    }
+
+    /// Joins the token request under way, or registers a new one for [`Self::start`] to run
+    /// once the lock is released.
+    fn plan(
+        &self,
+        st: &mut State,
+        now: Instant,
+    ) -> Result<(watch::Receiver<Option<Outcome>>, Option<Start>), Error> {
+        let stale_after = self
+            .inner
+            .settings
+            .request_timeout
+            .saturating_add(STALE_GRACE);
+        if let Some(f) = &st.inflight {
+            // A request whose task is gone (closed channel) or no longer driven (older than its
+            // timeout allows) is replaced, so the source never stays stuck behind it.
+            if f.rx.has_changed().is_ok() && now.saturating_duration_since(f.started) < stale_after
+            {
+                return Ok((f.rx.clone(), None));
+            }
+            tracing::debug!("a token request was abandoned; starting another");
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::new(
+                ErrorKind::Config,
+                "ClientCredentials needs a Tokio runtime to request tokens; call it from a task on one",
+            )
+        })?;
+        let id = st.next_flight;
+        st.next_flight = st.next_flight.wrapping_add(1);
+        let (tx, rx) = watch::channel(None);
+        st.inflight = Some(Flight {
+            id,
+            rx: rx.clone(),
+            started: now,
+        });
+        Ok((rx, Some(Start { runtime, id, tx })))
+    }
+
+    /// Runs a registered token request as its own task, so a caller that gives up does not
+    /// strand the others. Called without the state lock (the guard takes it if it is dropped).
+    fn start(&self, start: Start) {
+        let guard = FlightGuard {
+            source: self.clone(),
+            id: start.id,
+            tx: Some(start.tx),
+        };
+        start.runtime.spawn(self.clone().refresh(guard));
+    }
+
+    async fn refresh(self, mut guard: FlightGuard) {
         let started = Instant::now();
-        let result = self.request_token().await.map_err(Arc::new);
+        let result = self.request_token().await;
         let outcome = {
             let mut st = self.lock();
-            st.inflight = None;
+            if st.inflight.as_ref().is_some_and(|f| f.id == guard.id) {
+                st.inflight = None;
+            }
             match result {
                 Ok((token, lifetime)) => {
+                    // Capped by `max_lifetime` already; a cap set beyond a century is taken as
+                    // a century, which the clock can represent.
+                    let lifetime = lifetime.min(CENTURY);
                     let skew = self.inner.settings.skew.min(lifetime / 2);
                     let expires_at = started + lifetime;
                     let token = Token::new(token, Some(expires_at));
@@ -312,7 +545,7 @@ impl ClientCredentials {
                 }
             }
         };
-        let _ = tx.send(Some(outcome));
+        guard.finish(outcome);
     }
 
     fn build_request(&self) -> Request<Full<Bytes>> {
@@ -359,22 +592,73 @@ impl ClientCredentials {
     }
 
     /// One token request: the token and its lifetime, or an error that says what to fix.
-    async fn request_token(&self) -> Result<(String, Duration), Error> {
-        let url = &self.inner.settings.token_url;
-        let (status, body) = (self.inner.fetch)(self.build_request())
-            .await
-            .map_err(|e| {
+    async fn request_token(&self) -> Result<(String, Duration), Failure> {
+        let s = &self.inner.settings;
+        let fetch = (self.inner.fetch)(self.build_request());
+        let (status, body) = match tokio::time::timeout(s.request_timeout, fetch).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
                 let kind = sturdy_core::classify::classify_error(&*e);
-                Error::new(
+                return Err(Failure::new(
                     kind,
-                    format!(
-                        "could not reach the token endpoint {}",
-                        url.authority().map_or("", |a| a.as_str())
-                    ),
+                    format!("the token request to {} failed", s.endpoint()),
                 )
-                .with_source(e)
-            })?;
-        parse_token_response(status, &body, &self.inner.settings)
+                .with_cause(e));
+            }
+            Err(_) => {
+                return Err(Failure::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{} did not answer within {} (the token request timeout); retryable",
+                        s.endpoint(),
+                        human_duration(s.request_timeout)
+                    ),
+                ));
+            }
+        };
+        parse_token_response(status, &body, s)
+    }
+}
+
+/// A token request registered in the state, to be spawned.
+struct Start {
+    runtime: tokio::runtime::Handle,
+    id: u64,
+    tx: watch::Sender<Option<Outcome>>,
+}
+
+/// What [`ClientCredentials::begin`] found.
+enum Begin {
+    Cached(Token),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+/// The sending end of one token request. If the request's task is dropped before it finishes
+/// (its runtime shut down), the guard forgets the request, so the next caller starts another,
+/// and closing the channel wakes the callers waiting for it.
+struct FlightGuard {
+    source: ClientCredentials,
+    id: u64,
+    tx: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl FlightGuard {
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            let mut st = self.source.lock();
+            if st.inflight.as_ref().is_some_and(|f| f.id == self.id) {
+                st.inflight = None;
+            }
+            // `tx` drops after this, waking the waiters, who find no request and start one.
+        }
     }
 }
 
@@ -383,7 +667,7 @@ fn parse_token_response(
     status: StatusCode,
     body: &[u8],
     s: &Settings,
-) -> Result<(String, Duration), Error> {
+) -> Result<(String, Duration), Failure> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !status.is_success() {
         if let Some(code) = json
@@ -397,18 +681,13 @@ fn parse_token_response(
                 .and_then(Value::as_str);
             return Err(endpoint_error(status, code, description));
         }
-        let kind = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-            ErrorKind::from_status(status).unwrap_or(ErrorKind::Server(status))
-        } else {
-            ErrorKind::Auth
-        };
-        return Err(Error::new(
-            kind,
+        return Err(Failure::new(
+            endpoint_kind(status),
             format!("the token endpoint answered {status} without an OAuth2 error"),
         ));
     }
     let Some(Value::Object(obj)) = json else {
-        return Err(Error::new(
+        return Err(Failure::new(
             ErrorKind::Auth,
             format!("the token endpoint answered {status} with a body that is not a JSON object"),
         ));
@@ -416,13 +695,13 @@ fn parse_token_response(
     let token = match obj.get("access_token") {
         Some(Value::String(t)) if !t.is_empty() => t.clone(),
         Some(_) => {
-            return Err(Error::new(
+            return Err(Failure::new(
                 ErrorKind::Auth,
                 "the token response has an empty or non-string access_token",
             ))
         }
         None => {
-            return Err(Error::new(
+            return Err(Failure::new(
                 ErrorKind::Auth,
                 "the token response has no access_token",
             ))
@@ -432,7 +711,7 @@ fn parse_token_response(
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
         None => tracing::debug!("token response without token_type; assuming Bearer"),
         Some(other) => {
-            return Err(Error::new(ErrorKind::Auth, format!("the token endpoint issued a token of type {other}, but only Bearer tokens are supported")));
+            return Err(Failure::new(ErrorKind::Auth, format!("the token endpoint issued a token of type {other}, but only Bearer tokens are supported")));
         }
     }
     let lifetime = match obj.get("expires_in") {
@@ -456,10 +735,10 @@ fn parse_token_response(
                     d.min(s.max_lifetime)
                 }
                 Some(x) if x.is_finite() => {
-                    return Err(Error::new(ErrorKind::Auth, format!("the token endpoint issued a token that expires in {x} s (already expired); check the server's clock and token settings")));
+                    return Err(Failure::new(ErrorKind::Auth, format!("the token endpoint issued a token that expires in {x} s (already expired); check the server's clock and token settings")));
                 }
                 _ => {
-                    return Err(Error::new(
+                    return Err(Failure::new(
                         ErrorKind::Auth,
                         format!("the token response's expires_in is not a number of seconds: {v}"),
                     ))
@@ -470,7 +749,16 @@ fn parse_token_response(
     Ok((token, lifetime))
 }
 
-fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> Error {
+/// The kind of a token endpoint's error status: a status worth trying again (5xx, 429, 408...)
+/// keeps its own kind, so it stays retryable; any other refusal is about the credentials.
+fn endpoint_kind(status: StatusCode) -> ErrorKind {
+    match ErrorKind::from_status(status) {
+        Some(kind) if kind.is_retryable() => kind,
+        _ => ErrorKind::Auth,
+    }
+}
+
+fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> Failure {
     let advice = match code {
         "invalid_client" => "the client id or secret is wrong, or the client may not use this authentication method; check them",
         "invalid_scope" => "a requested scope is unknown or not allowed for this client; check the scopes",
@@ -480,41 +768,24 @@ fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> 
         "invalid_request" => "the token request was malformed (missing or repeated parameter); check the parameters",
         _ => "the token endpoint refused the request",
     };
-    let kind = if status.is_server_error() {
-        ErrorKind::Server(status)
-    } else {
-        ErrorKind::Auth
-    };
+    let kind = endpoint_kind(status);
     let mut msg = format!("token request failed with {code} ({status}): {advice}");
     if let Some(d) = description {
         // The description is the server's text; keep it short.
         let d: String = d.chars().take(200).collect();
         msg.push_str(&format!(" [server says: {d}]"));
     }
-    Error::new(kind, msg)
-}
-
-/// A token error shared by every caller that waited for the same refresh.
-#[derive(Debug, Clone)]
-pub(crate) struct SharedError(Arc<Error>);
-
-impl fmt::Display for SharedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&*self.0, f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        // The chain continues into the sturdy error, so classification sees its kind.
-        Some(&*self.0)
-    }
+    Failure::new(kind, msg)
 }
 
 impl TokenSource for ClientCredentials {
     fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
         let this = self.clone();
-        Box::pin(async move { this.get().await })
+        Box::pin(async move { this.get().await.map_err(Into::into) })
+    }
+
+    fn describe(&self) -> String {
+        self.inner.settings.endpoint()
     }
 
     fn invalidate(&self, token: &Token) {
@@ -539,6 +810,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             token_url: "https://auth.example.com/token".parse().unwrap(),
+            shown_url: "https://auth.example.com/token".into(),
             client_id: "id".into(),
             client_secret: "s".into(),
             auth: ClientAuth::SecretBasic,
@@ -548,6 +820,7 @@ mod tests {
             default_lifetime: Duration::from_secs(3_600),
             max_lifetime: Duration::from_secs(86_400),
             max_backoff: Duration::from_secs(60),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -557,6 +830,7 @@ mod tests {
             body.as_bytes(),
             &settings(),
         )
+        .map_err(|f| f.error())
     }
 
     #[test]

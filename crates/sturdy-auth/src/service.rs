@@ -1,5 +1,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -14,13 +15,26 @@ use crate::layer::Credentials;
 /// The service made by [`AuthLayer`](crate::AuthLayer).
 ///
 /// # Backpressure
-/// `poll_ready` is the inner service's. A call that needs a token waits for it in its response
-/// future and then drives the inner service to readiness again.
+/// `poll_ready` is the inner service's. The request goes to the service that `poll_ready` made
+/// ready: a call that must wait for a token takes that ready service into its response future
+/// (whatever it reserved, such as a `ConcurrencyLimit` permit or a `Buffer` slot, stays
+/// reserved for this call during the wait) and calls it as soon as the token is there, without
+/// polling readiness again. The replay after a 401 drives the same service to readiness once
+/// more, after the first response has released what it held. A response future that is dropped
+/// drops the service it holds, and with it any reservation.
+///
+/// So `Auth` may sit over or under `tower::buffer::Buffer` and concurrency limits, and may be
+/// driven by `oneshot` or by a service kept across calls (`svc.ready().await?.call(req)`).
+///
+/// # Clone
+/// Clones share the credentials and the token source (one cache for all); a clone starts
+/// without the readiness of the service it was cloned from, as tower requires.
 #[derive(Clone)]
 pub struct Auth<S> {
     pub(crate) inner: S,
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
+    pub(crate) token_timeout: Duration,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
@@ -69,16 +83,19 @@ where
                 ResponseFuture::direct(self.inner.call(req))
             }
             Credentials::Token(source) => {
-                // The token is fetched first; the service is driven to readiness again after.
-                let svc = self.inner.clone();
+                // The token comes first: take the service `poll_ready` made ready into the future
+                // and call it after the wait; a clone that is not ready stays here.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
                 let (parts, body) = req.into_parts();
                 let replayable = sturdy_core::body::fits(&body, self.replay_limit);
                 ResponseFuture::token(TokenCall::new(
                     source.clone(),
-                    svc,
+                    ready,
                     Head::from(parts),
                     body,
                     replayable,
+                    self.token_timeout,
                 ))
             }
         }

@@ -62,4 +62,12 @@ pub trait TokenSource: Send + Sync + fmt::Debug + 'static {
 
     /// Forgets `token` if it is the one cached (the API refused it).
     fn invalidate(&self, token: &Token);
+
+    /// Where the tokens come from, in words for error messages, without any secret: for
+    /// [`ClientCredentials`](crate::ClientCredentials), `the token endpoint
+    /// https://auth.example.com/oauth/token` (the URL without its query). The default is
+    /// `the token source`.
+    fn describe(&self) -> String {
+        "the token source".to_owned()
+    }
 }

@@ -1,140 +1,19 @@
 //! Token caching, single flight, refresh and replay, on an in-process token endpoint with paused
 //! time.
 
+mod support;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials, TokenSource};
 use sturdy_core::{BoxError, ErrorKind};
-use tower::{service_fn, Layer, Service, ServiceExt};
-
-/// A token endpoint: counts requests, issues `tok-N` with `expires_in`, or answers from a script.
-#[derive(Clone)]
-struct TokenEndpoint {
-    requests: Arc<AtomicU32>,
-    expires_in: Arc<Mutex<serde_json::Value>>,
-    script: Arc<Mutex<Vec<(u16, String)>>>,
-    seen: Arc<Mutex<Vec<Request<Bytes>>>>,
-    delay: Duration,
-}
-
-impl TokenEndpoint {
-    fn new(expires_in: u64) -> Self {
-        Self {
-            requests: Arc::default(),
-            expires_in: Arc::new(Mutex::new(expires_in.into())),
-            script: Arc::default(),
-            seen: Arc::default(),
-            delay: Duration::from_millis(20),
-        }
-    }
-
-    fn count(&self) -> u32 {
-        self.requests.load(Ordering::SeqCst)
-    }
-
-    fn fail_next(&self, status: u16, body: &str) {
-        self.script.lock().unwrap().push((status, body.to_owned()));
-    }
-
-    fn service(
-        &self,
-    ) -> impl Service<
-        Request<Full<Bytes>>,
-        Response = Response<Full<Bytes>>,
-        Error = BoxError,
-        Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send,
-    > + Clone
-           + Send
-           + Sync
-           + 'static {
-        let this = self.clone();
-        service_fn(move |req: Request<Full<Bytes>>| {
-            let this = this.clone();
-            async move {
-                let n = this.requests.fetch_add(1, Ordering::SeqCst) + 1;
-                let (parts, body) = req.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                this.seen
-                    .lock()
-                    .unwrap()
-                    .push(Request::from_parts(parts, body));
-                tokio::time::sleep(this.delay).await;
-                let (status, body) = match this.script.lock().unwrap().pop() {
-                    Some(s) => s,
-                    None => (200, serde_json::json!({ "access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": *this.expires_in.lock().unwrap() }).to_string()),
-                };
-                Ok(Response::builder()
-                    .status(status)
-                    .body(Full::from(body))
-                    .unwrap())
-            }
-        })
-    }
-
-    fn source(&self) -> ClientCredentials {
-        ClientCredentials::new(
-            self.service(),
-            "https://auth.example.com/oauth/token",
-            "my client",
-            "s3cr3t:+%",
-        )
-        .unwrap()
-    }
-}
-
-/// An API that accepts only the tokens in `valid`, and records which token each call carried.
-#[derive(Clone, Default)]
-struct Api {
-    valid: Arc<Mutex<Vec<String>>>,
-    calls: Arc<Mutex<Vec<(String, Bytes)>>>,
-}
-
-impl Api {
-    fn accept_all_tokens() -> Self {
-        Self::default()
-    }
-
-    fn service(
-        &self,
-    ) -> impl Service<
-        Request<Full<Bytes>>,
-        Response = Response<()>,
-        Error = BoxError,
-        Future = impl std::future::Future<Output = Result<Response<()>, BoxError>> + Send,
-    > + Clone
-           + Send {
-        let this = self.clone();
-        service_fn(move |req: Request<Full<Bytes>>| {
-            let this = this.clone();
-            async move {
-                let auth = req.headers().get("authorization").map(|v| {
-                    assert!(v.is_sensitive());
-                    v.to_str().unwrap().trim_start_matches("Bearer ").to_owned()
-                });
-                let auth = auth.unwrap_or_default();
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                this.calls.lock().unwrap().push((auth.clone(), body));
-                let valid = this.valid.lock().unwrap();
-                let ok = valid.is_empty() || valid.contains(&auth);
-                Ok(Response::builder()
-                    .status(if ok { 200 } else { 401 })
-                    .body(())
-                    .unwrap())
-            }
-        })
-    }
-}
-
-fn get() -> Request<Full<Bytes>> {
-    Request::get("http://api.example.com/orders")
-        .body(Full::default())
-        .unwrap()
-}
+use support::{get, Api, TokenEndpoint};
+use tower::{service_fn, Layer, ServiceExt};
 
 #[tokio::test(start_paused = true)]
 async fn two_hundred_concurrent_calls_on_a_cold_cache_make_one_token_request() {
@@ -161,17 +40,40 @@ async fn two_hundred_concurrent_calls_on_a_cold_cache_make_one_token_request() {
     assert_eq!(ep.count(), 2);
 }
 
+/// Lets a background token request (20 ms) finish.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn value(t: &sturdy_auth::Token) -> &str {
+    sturdy_auth::ExposeSecret::expose_secret(t.secret())
+}
+
 #[tokio::test(start_paused = true)]
-async fn refresh_happens_skew_before_expiry() {
+async fn refresh_happens_skew_before_expiry_in_the_background() {
     let ep = TokenEndpoint::new(3_600);
     let src = ep.source();
     src.get().await.unwrap();
     tokio::time::advance(Duration::from_secs(3_600 - 61)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 1);
     tokio::time::advance(Duration::from_secs(2)).await;
-    src.get().await.unwrap();
-    assert_eq!(ep.count(), 2, "refreshed 60 s before expiry");
+    // Due: the still-valid token is returned at once, and the refresh runs meanwhile.
+    let started = tokio::time::Instant::now();
+    let t = src.get().await.unwrap();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no wait while a token is valid"
+    );
+    assert_eq!(value(&t), "tok-1");
+    for _ in 0..20 {
+        assert_eq!(value(&src.get().await.unwrap()), "tok-1");
+    }
+    settle().await;
+    assert_eq!(ep.count(), 2, "refreshed 60 s before expiry, once");
+    assert_eq!(value(&src.get().await.unwrap()), "tok-2");
 }
 
 #[tokio::test(start_paused = true)]
@@ -186,6 +88,7 @@ async fn a_30_second_token_is_not_refreshed_on_every_call() {
     assert_eq!(ep.count(), 1);
     tokio::time::advance(Duration::from_secs(2)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 2);
 }
 
@@ -201,18 +104,22 @@ async fn a_failed_refresh_keeps_the_valid_token_and_backs_off() {
     }
     let t = src.get().await.unwrap();
     assert!(t.same_value(&first), "kept the still-valid token");
+    settle().await;
     assert_eq!(ep.count(), 2);
     // Many calls during the backoff: no new token request.
     for _ in 0..50 {
         assert!(src.get().await.unwrap().same_value(&first));
     }
+    settle().await;
     assert_eq!(ep.count(), 2);
     // After the backoff (1 s), one more try (still failing), then 2 s.
     tokio::time::advance(Duration::from_secs(1)).await;
-    src.get().await.unwrap();
+    assert!(src.get().await.unwrap().same_value(&first));
+    settle().await;
     assert_eq!(ep.count(), 3);
     tokio::time::advance(Duration::from_secs(1)).await;
     src.get().await.unwrap();
+    settle().await;
     assert_eq!(ep.count(), 3, "backing off 2 s now");
     // Once the old token has expired and the endpoint still fails, the error shows.
     tokio::time::advance(Duration::from_secs(40)).await;
@@ -220,7 +127,7 @@ async fn a_failed_refresh_keeps_the_valid_token_and_backs_off() {
     ep.fail_next(503, "unavailable");
     let err = src.get().await.unwrap_err();
     assert!(err.to_string().contains("503"), "{err}");
-    assert!(sturdy_core::classify::classify_error(&*err).is_retryable());
+    assert!(sturdy_core::classify::classify_error(&err).is_retryable());
 }
 
 #[tokio::test(start_paused = true)]
@@ -240,10 +147,7 @@ async fn concurrent_callers_share_one_failure_and_then_back_off() {
             err.to_string().contains("client id or secret is wrong"),
             "{err}"
         );
-        assert_eq!(
-            sturdy_core::classify::classify_error(&*err),
-            ErrorKind::Auth
-        );
+        assert_eq!(sturdy_core::classify::classify_error(&err), ErrorKind::Auth);
     }
     assert_eq!(ep.count(), 1);
     // Immediately again: the endpoint is not hammered.
@@ -410,6 +314,7 @@ async fn static_credentials() {
         .await
         .unwrap();
     AuthLayer::api_key_query("api_key", "k 123&x")
+        .unwrap()
         .layer(api.clone())
         .oneshot(
             Request::get("http://h/p?a=1")
@@ -447,4 +352,23 @@ fn traits() {
     assert_send_sync_clone::<ClientCredentials>();
     fn is_source<T: TokenSource>() {}
     is_source::<ClientCredentials>();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_trace_records_a_token_refresh_only_when_the_call_waited_for_one() {
+    use sturdy_core::{Trace, TraceEvent};
+    let ep = TokenEndpoint::new(3_600);
+    let svc = AuthLayer::oauth2(ep.source()).layer(Api::accept_all_tokens().service());
+    let traced = || {
+        let trace = Trace::new();
+        let mut req = get();
+        req.extensions_mut().insert(trace.clone());
+        (trace, req)
+    };
+    let (cold, req) = traced();
+    svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(cold.events(), vec![TraceEvent::TokenRefresh]);
+    let (cached, req) = traced();
+    svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(cached.events(), vec![]);
 }

@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials};
+use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials, ExposeSecret};
 use sturdy_chaos::{http_client, ChaosServer, Knobs};
-use tower::{Layer, ServiceExt};
+use sturdy_core::{BoxError, ErrorKind};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 const SECRET: &str = "chaos-secret-5f2e9";
 
@@ -70,6 +72,18 @@ async fn expiry_on_the_server_clock_is_met_by_a_refresh() {
         StatusCode::OK
     );
     tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Due: this call goes with the still-valid token while the refresh runs in the background.
+    assert_eq!(
+        client.clone().oneshot(get(&s)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while s.stats().tokens_issued < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the background refresh ends");
     assert_eq!(
         client.clone().oneshot(get(&s)).await.unwrap().status(),
         StatusCode::OK
@@ -111,6 +125,82 @@ async fn malformed_token_responses_from_the_wire() {
     }
 }
 
+/// A loopback listener that accepts connections and never answers; it keeps them open.
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/oauth/token", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn a_black_holed_token_endpoint_cannot_hold_a_call() {
+    let (url, hole) = black_hole().await;
+    let s = server(Duration::from_secs(60)).await;
+
+    // The layer's token timeout ends the call; the message names the endpoint.
+    let cc = ClientCredentials::new(http_client(), &url, "client", SECRET)
+        .unwrap()
+        .with_request_timeout(Duration::from_millis(400));
+    let client = AuthLayer::oauth2(cc.clone())
+        .with_token_timeout(Duration::from_millis(100))
+        .layer(http_client());
+    let started = tokio::time::Instant::now();
+    let err = client.clone().oneshot(get(&s)).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+    assert!(waited < Duration::from_millis(350), "{waited:?}");
+    let e = err
+        .downcast_ref::<sturdy_core::Error>()
+        .expect("a sturdy error");
+    assert_eq!(e.kind(), &ErrorKind::Timeout);
+    assert!(err.to_string().contains(&url), "{err}");
+    assert!(!err.to_string().contains(SECRET));
+
+    // The token request itself ends by its own timeout, with an error that says so.
+    let started = tokio::time::Instant::now();
+    let err = cc.get().await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(600), "{waited:?}");
+    assert_eq!(err.kind(), &ErrorKind::Timeout);
+    assert!(
+        err.to_string().contains("did not answer within 400ms"),
+        "{err}"
+    );
+    assert_eq!(s.stats().api_requests, 0);
+    hole.abort();
+}
+
+#[tokio::test]
+async fn a_composed_sync_client_requests_the_tokens() {
+    let s = server(Duration::from_secs(3_600)).await;
+    // A token client with its own layers, boxed as the facade boxes its client.
+    let token_client: BoxCloneSyncService<
+        Request<Full<Bytes>>,
+        Response<hyper::body::Incoming>,
+        BoxError,
+    > = BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .service(http_client()),
+    );
+    let cc =
+        ClientCredentials::new(token_client, &s.url("/oauth/token"), "client", SECRET).unwrap();
+    let token = cc.get().await.unwrap();
+    assert!(!token.secret().expose_secret().is_empty());
+    let client = AuthLayer::oauth2(cc).layer(http_client());
+    assert_eq!(
+        client.oneshot(get(&s)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.stats().token_requests, 1);
+}
+
 /// Collects everything tracing writes.
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -139,7 +229,7 @@ async fn no_secret_in_debug_or_tracing() {
     let cc =
         ClientCredentials::new(http_client(), &s.url("/oauth/token"), "client", SECRET).unwrap();
     let token = cc.get().await.unwrap();
-    let token_value = secrecy::ExposeSecret::expose_secret(token.secret()).to_owned();
+    let token_value = token.secret().expose_secret().to_owned();
     let layer = AuthLayer::oauth2(cc.clone());
     let client = layer.layer(http_client());
     // Exercise the paths that log: a 401 and refresh, a failing token endpoint, a bad secret.

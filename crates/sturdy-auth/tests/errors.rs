@@ -1,0 +1,293 @@
+//! Every token error a caller receives is a `sturdy_core::Error` found by the documented
+//! downcast on the top-level error, with its kind and an actionable message; configuration
+//! errors are reported when the layer or source is built.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use sturdy_auth::{AuthLayer, BoxFuture, ClientCredentials, Token, TokenSource};
+use sturdy_core::{BoxError, Error, ErrorKind};
+use support::{get, Api, TokenEndpoint, SECRET, TOKEN_URL};
+use tower::{service_fn, Layer, ServiceBuilder, ServiceExt};
+
+fn found(err: &BoxError) -> &Error {
+    err.downcast_ref::<Error>()
+        .unwrap_or_else(|| panic!("not found by downcast_ref::<sturdy_core::Error>(): {err:?}"))
+}
+
+/// Calls through the layer, and through one more layer on top, and checks the error.
+async fn call_fails(source: ClientCredentials, kind: &ErrorKind, says: &str) {
+    let api = Api::accept_all_tokens();
+    let svc = ServiceBuilder::new()
+        .map_err(|e: BoxError| e)
+        .layer(AuthLayer::oauth2(source))
+        .service(api.service());
+    let err = svc.oneshot(get()).await.unwrap_err();
+    let e = found(&err);
+    assert_eq!(e.kind(), kind, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(says), "{msg}");
+    assert!(!msg.contains(SECRET), "{msg}");
+    assert!(
+        api.calls.lock().unwrap().is_empty(),
+        "no call without a token"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_endpoint_errors_are_sturdy_errors_through_the_layer() {
+    let cases: [(u16, &str, ErrorKind, &str); 8] = [
+        (
+            429,
+            r#"{"error":"slow_down"}"#,
+            ErrorKind::RateLimited { retry_after: None },
+            "slow_down",
+        ),
+        (
+            401,
+            r#"{"error":"invalid_client"}"#,
+            ErrorKind::Auth,
+            "client id or secret is wrong",
+        ),
+        (
+            400,
+            r#"{"error":"invalid_scope","error_description":"no admin"}"#,
+            ErrorKind::Auth,
+            "check the scopes [server says: no admin]",
+        ),
+        (
+            400,
+            r#"{"error":"unauthorized_client"}"#,
+            ErrorKind::Auth,
+            "enable it for the client",
+        ),
+        (
+            500,
+            r#"{"error":"server_error"}"#,
+            ErrorKind::Server(http::StatusCode::INTERNAL_SERVER_ERROR),
+            "server_error",
+        ),
+        (
+            503,
+            "busy",
+            ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE),
+            "503 Service Unavailable without an OAuth2 error",
+        ),
+        (
+            429,
+            "",
+            ErrorKind::RateLimited { retry_after: None },
+            "429 Too Many Requests",
+        ),
+        (200, "<html>", ErrorKind::Auth, "not a JSON object"),
+    ];
+    for (status, body, kind, says) in cases {
+        let ep = TokenEndpoint::new(3_600);
+        ep.fail_next(status, body);
+        call_fails(ep.source(), &kind, says).await;
+        // And from the source itself, for several callers of one failed request.
+        let ep = TokenEndpoint::new(3_600);
+        ep.fail_next(status, body);
+        let source = ep.source();
+        let waiters: Vec<_> = (0..5)
+            .map(|_| {
+                let s = source.clone();
+                tokio::spawn(async move { s.token().await })
+            })
+            .collect();
+        for w in waiters {
+            let err = w.await.unwrap().unwrap_err();
+            assert_eq!(found(&err).kind(), &kind);
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        assert_eq!(ep.count(), 1);
+        // The repeated answer during the backoff, too.
+        let err = source.token().await.unwrap_err();
+        assert_eq!(found(&err).kind(), &kind);
+        assert!(err.to_string().contains("is not asked again"), "{err}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_endpoint_keeps_its_cause_as_the_source() {
+    let refused = service_fn(|_r: Request<Full<Bytes>>| async {
+        Err::<Response<Full<Bytes>>, BoxError>(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )))
+    });
+    let source = ClientCredentials::new(refused, TOKEN_URL, "id", SECRET).unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let s = source.clone();
+            tokio::spawn(async move { s.token().await })
+        })
+        .collect();
+    for w in waiters {
+        let err = w.await.unwrap().unwrap_err();
+        let e = found(&err);
+        assert_eq!(e.kind(), &ErrorKind::Connect);
+        assert!(e.is_retryable());
+        assert_eq!(
+            err.to_string(),
+            "the token request to the token endpoint https://auth.example.com/oauth/token failed: connection refused"
+        );
+        // The shared cause is the source, and classification still sees the io error.
+        let cause = std::error::Error::source(e).expect("a source");
+        assert_eq!(cause.to_string(), "connection refused");
+        assert_eq!(
+            sturdy_core::classify::classify_error(&*err),
+            ErrorKind::Connect
+        );
+    }
+    let api = Api::accept_all_tokens();
+    let err = AuthLayer::oauth2(
+        ClientCredentials::new(
+            service_fn(|_r: Request<Full<Bytes>>| async {
+                Err::<Response<Full<Bytes>>, BoxError>("no route".into())
+            }),
+            TOKEN_URL,
+            "id",
+            SECRET,
+        )
+        .unwrap(),
+    )
+    .layer(api.service())
+    .oneshot(get())
+    .await
+    .unwrap_err();
+    assert_eq!(found(&err).kind(), &ErrorKind::Other);
+}
+
+/// A source that fails with its own error type.
+#[derive(Debug)]
+struct Vault;
+
+impl TokenSource for Vault {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        Box::pin(async { Err::<Token, BoxError>("vault sealed".into()) })
+    }
+    fn invalidate(&self, _token: &Token) {}
+    fn describe(&self) -> String {
+        "the vault at /secret/api".to_owned()
+    }
+}
+
+/// A source that fails with a sturdy error already.
+#[derive(Debug)]
+struct Sturdy;
+
+impl TokenSource for Sturdy {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        Box::pin(async {
+            Err::<Token, BoxError>(Box::new(Error::new(ErrorKind::Timeout, "sidecar slow")))
+        })
+    }
+    fn invalidate(&self, _token: &Token) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_source_errors_are_wrapped_once() {
+    let api = Api::accept_all_tokens();
+    let err = AuthLayer::token_source(Arc::new(Vault))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert_eq!(found(&err).kind(), &ErrorKind::Auth);
+    assert_eq!(
+        err.to_string(),
+        "could not get an access token from the vault at /secret/api: vault sealed"
+    );
+    let err = AuthLayer::token_source(Arc::new(Sturdy))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert_eq!(found(&err).kind(), &ErrorKind::Timeout);
+    assert_eq!(err.to_string(), "sidecar slow");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_token_wait_is_a_sturdy_error() {
+    let ep = TokenEndpoint::new(60);
+    ep.stall_next(1);
+    let api = Api::accept_all_tokens();
+    let err = AuthLayer::oauth2(ep.source())
+        .with_token_timeout(Duration::from_millis(250))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    let e = found(&err);
+    assert_eq!(e.kind(), &ErrorKind::Timeout);
+    assert!(err.to_string().starts_with(
+        "no access token from the token endpoint https://auth.example.com/oauth/token within 250ms"
+    ), "{err}");
+}
+
+#[test]
+fn invalid_configuration_is_reported_when_built() {
+    let client = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+    });
+    let cc = |url: &str| ClientCredentials::new(client, url, "id", "secret");
+    for bad in ["not a url", "/oauth/token", ""] {
+        let err = cc(bad).unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::Config, "{bad}");
+    }
+    let ok = cc(TOKEN_URL).unwrap();
+    for reserved in ["grant_type", "scope", "client_id", "client_secret", ""] {
+        let err = ok.clone().with_param(reserved, "x").unwrap_err();
+        assert_eq!(err.kind(), &ErrorKind::Config, "{reserved}");
+    }
+    let ok = ok
+        .with_param("resource", "https://api.example.com")
+        .unwrap();
+    assert!(format!("{ok:?}").contains("https://auth.example.com/oauth/token"));
+    // Neither user info nor the query is shown: either may carry a secret.
+    let hidden = cc("https://u:pw-123@auth.example.com:8443/t?key=k-456").unwrap();
+    let shown = format!("{hidden:?} {}", hidden.describe());
+    assert!(shown.contains("https://auth.example.com:8443/t"), "{shown}");
+    assert!(
+        !shown.contains("pw-123") && !shown.contains("k-456"),
+        "{shown}"
+    );
+
+    assert_eq!(
+        AuthLayer::api_key_query("", "k").unwrap_err().kind(),
+        &ErrorKind::Config
+    );
+    assert_eq!(
+        AuthLayer::bearer("a\nb").unwrap_err().kind(),
+        &ErrorKind::Config
+    );
+    assert_eq!(
+        AuthLayer::api_key(http::HeaderName::from_static("x-api-key"), "a\rb")
+            .unwrap_err()
+            .kind(),
+        &ErrorKind::Config
+    );
+    assert_eq!(
+        AuthLayer::basic("a:b", "p").unwrap_err().kind(),
+        &ErrorKind::Config
+    );
+    // Every value of the infallible setters is accepted without a panic.
+    let _ = cc(TOKEN_URL)
+        .unwrap()
+        .with_scopes(Vec::<String>::new())
+        .with_audience("")
+        .with_skew(Duration::MAX)
+        .with_default_lifetime(Duration::ZERO)
+        .with_max_lifetime(Duration::MAX)
+        .with_request_timeout(Duration::ZERO);
+    let _ = AuthLayer::bearer("t")
+        .unwrap()
+        .with_token_timeout(Duration::MAX)
+        .with_replay_limit(0);
+}
