@@ -228,7 +228,14 @@ impl<R, C, L> ClientBuilder<R, C, L> {
     }
 
     fn layers(self) -> Layers<R, C, L> {
-        let auth = self.auth;
+        // A token wait is part of the attempt: bound it by the attempt timeout too.
+        let auth = match (self.auth, self.timeout) {
+            (Some(a), Some(t)) => {
+                let bound = t.min(a.token_timeout());
+                Some(a.with_token_timeout(bound))
+            }
+            (a, _) => a,
+        };
         ServiceBuilder::new()
             .option_layer(self.idempotency)
             .option_layer(self.retry)

@@ -257,12 +257,6 @@ async fn every_client_layer_keeps_the_readiness_contract() {
             .with_open_duration(Duration::from_millis(50), Duration::from_millis(50)),
     )
     .await;
-    conform(
-        "RateLimitLayer (quota)",
-        RateLimitLayer::new(Quota::per_second(50).unwrap()),
-    )
-    .await;
-    conform("RateLimitLayer (adaptive)", RateLimitLayer::adaptive_only()).await;
     conform("AuthLayer (bearer)", AuthLayer::bearer("k").unwrap()).await;
     conform("AuthLayer (OAuth2)", AuthLayer::oauth2(tokens())).await;
     conform(
@@ -275,6 +269,12 @@ async fn every_client_layer_keeps_the_readiness_contract() {
         AttemptTimeoutLayer::new(Some(Duration::from_millis(3))),
     )
     .await;
+    conform(
+        "RateLimitLayer (quota)",
+        RateLimitLayer::new(Quota::per_second(50).unwrap()),
+    )
+    .await;
+    conform("RateLimitLayer (adaptive)", RateLimitLayer::adaptive_only()).await;
 }
 
 #[tokio::test(start_paused = true)]
