@@ -39,24 +39,30 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
         self,
         layer: crate::idempotency::client::IdempotencyKeyLayer,
     ) -> ServiceBuilder<Stack<crate::idempotency::client::IdempotencyKeyLayer, L>>;
-    /// Adds a retry layer.
+    /// Adds a retry layer (with any classifier).
     #[cfg(feature = "retry")]
-    fn sturdy_retry(
+    fn sturdy_retry<C>(
         self,
-        layer: crate::retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer, L>>;
-    /// Adds a circuit-breaker layer.
+        layer: crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>>;
+    /// Adds a timeout per attempt.
+    #[cfg(feature = "retry")]
+    fn sturdy_attempt_timeout(
+        self,
+        layer: crate::retry::AttemptTimeoutLayer,
+    ) -> ServiceBuilder<Stack<crate::retry::AttemptTimeoutLayer, L>>;
+    /// Adds a circuit-breaker layer (with any key and classifier).
     #[cfg(feature = "circuit")]
-    fn sturdy_circuit_breaker(
+    fn sturdy_circuit_breaker<K, C>(
         self,
-        layer: crate::circuit::CircuitBreakerLayer,
-    ) -> ServiceBuilder<Stack<crate::circuit::CircuitBreakerLayer, L>>;
-    /// Adds a rate-limit layer.
+        layer: crate::circuit::CircuitBreakerLayer<K, C>,
+    ) -> ServiceBuilder<Stack<crate::circuit::CircuitBreakerLayer<K, C>, L>>;
+    /// Adds a rate-limit layer (with any key).
     #[cfg(feature = "ratelimit")]
-    fn sturdy_rate_limit(
+    fn sturdy_rate_limit<K>(
         self,
-        layer: crate::ratelimit::RateLimitLayer,
-    ) -> ServiceBuilder<Stack<crate::ratelimit::RateLimitLayer, L>>;
+        layer: crate::ratelimit::RateLimitLayer<K>,
+    ) -> ServiceBuilder<Stack<crate::ratelimit::RateLimitLayer<K>, L>>;
     /// Adds an auth layer.
     #[cfg(feature = "auth")]
     fn sturdy_auth(
@@ -80,24 +86,31 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
     #[cfg(feature = "retry")]
-    fn sturdy_retry(
+    fn sturdy_retry<C>(
         self,
-        layer: crate::retry::RetryLayer,
-    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer, L>> {
+        layer: crate::retry::RetryLayer<C>,
+    ) -> ServiceBuilder<Stack<crate::retry::RetryLayer<C>, L>> {
+        self.layer(layer)
+    }
+    #[cfg(feature = "retry")]
+    fn sturdy_attempt_timeout(
+        self,
+        layer: crate::retry::AttemptTimeoutLayer,
+    ) -> ServiceBuilder<Stack<crate::retry::AttemptTimeoutLayer, L>> {
         self.layer(layer)
     }
     #[cfg(feature = "circuit")]
-    fn sturdy_circuit_breaker(
+    fn sturdy_circuit_breaker<K, C>(
         self,
-        layer: crate::circuit::CircuitBreakerLayer,
-    ) -> ServiceBuilder<Stack<crate::circuit::CircuitBreakerLayer, L>> {
+        layer: crate::circuit::CircuitBreakerLayer<K, C>,
+    ) -> ServiceBuilder<Stack<crate::circuit::CircuitBreakerLayer<K, C>, L>> {
         self.layer(layer)
     }
     #[cfg(feature = "ratelimit")]
-    fn sturdy_rate_limit(
+    fn sturdy_rate_limit<K>(
         self,
-        layer: crate::ratelimit::RateLimitLayer,
-    ) -> ServiceBuilder<Stack<crate::ratelimit::RateLimitLayer, L>> {
+        layer: crate::ratelimit::RateLimitLayer<K>,
+    ) -> ServiceBuilder<Stack<crate::ratelimit::RateLimitLayer<K>, L>> {
         self.layer(layer)
     }
     #[cfg(feature = "auth")]
