@@ -2,25 +2,36 @@
 //!
 //! `async fn(Request) -> Result<Response, BoxError>`, retried:
 //!
-//! - **What**: the outcomes [`sturdy_core::classify`] calls retryable: 408, 425, 429, 500, 502,
-//!   503, 504, connect and transport errors, timeouts. Never 400, 401, 403, 404, 422 or any other
-//!   permanent outcome (401 belongs to the auth layer).
+//! - **What**: the outcomes the classifier calls retryable ([`RetryLayer::with_classifier`];
+//!   by default [`sturdy_core::classify`]): 408, 425, 429, 500, 502, 503, 504, connect and
+//!   transport errors, timeouts. Never 400, 401, 403, 404, 422 or any other permanent outcome
+//!   (401 belongs to the auth layer). Also a 409 with `Retry-After` to a request that carries an
+//!   idempotency key (the first request with that key is still running on the server), and an
+//!   open circuit breaker whose `retry_in` fits the call's deadline.
 //! - **Only when safe**: GET, HEAD, PUT, DELETE, OPTIONS and TRACE retry freely; POST and PATCH only
 //!   when they carry an `Idempotency-Key` header, or when the failure proves the request never left
-//!   (a connect error).
-//! - **When**: decorrelated jitter by default ([`Backoff`]); a `Retry-After` on a 429 or 503
-//!   overrides it, never shortened and with up to +20 % jitter so clients do not come back in
-//!   lock-step. A `Retry-After` longer than 60 s, or past the overall deadline, or with no attempt
-//!   left, is not slept: the call fails at once with [`RateLimited`](sturdy_core::RateLimited)
-//!   carrying the wait, so the caller decides.
+//!   (a refused connection, an open breaker, a local rate limit).
+//! - **When**: decorrelated jitter by default ([`Backoff`]); a `Retry-After` on a 429, a 503 or an
+//!   in-flight 409 overrides it, never shortened and with up to +20 % jitter so clients do not
+//!   come back in lock-step. A `Retry-After` longer than 60 s, or past the overall deadline, or
+//!   with no attempt left, is not slept: the call fails at once with a
+//!   [`RateLimited`](sturdy_core::RateLimited) carrying the wait in its error chain, so the caller
+//!   decides.
 //! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps; a
 //!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
 //!   clone, so an outage does not multiply traffic.
 //! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every
 //!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
+//! - **Per request**: a [`sturdy_core::CallOptions`] in the request's extensions overrides the
+//!   attempts and the deadline for that request.
 //! - **Reporting**: each attempt and sleep is a `tracing` event and, when the request carries a
-//!   [`sturdy_core::Trace`], a trace entry. An error that exhausts the attempts says how many were
-//!   made and why it stopped; a final error *response* (say a 503) is returned as it is.
+//!   [`sturdy_core::Trace`], a trace entry. A final error *response* (say a 503) is returned as
+//!   it is. A final *error* is one [`sturdy_core::Error`] that speaks for the whole call: the
+//!   root cause in plain words ("gave up after 4 attempts: connection reset by peer"), a
+//!   [`CallReport`](sturdy_core::CallReport) with the attempts, whether any of them may have been
+//!   processed, and the idempotency key; for a POST or PATCH, what to do next ("retry with the
+//!   same idempotency key ..."). The last attempt's error is its `source()`; find a type in the
+//!   chain with [`sturdy_core::find`].
 //!
 //! The loop itself is tower's: [`Retry`] buffers the body, then runs `tower::retry::Retry` with a
 //! [`RetryPolicy`] made for the call, and bounds the whole by the deadline.
