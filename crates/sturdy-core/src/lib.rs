@@ -12,7 +12,8 @@
 //! - [`clock`]: the one place that reads the wall clock, so tests can fake it;
 //! - [`key`]: which key (host, token, tenant) a limiter or breaker keeps its state under;
 //! - [`trace`]: the decision trace that layers append to;
-//! - [`options`]: per-request settings ([`CallOptions`]) that override a layer's configuration.
+//! - [`options`]: per-request settings ([`CallOptions`]) that override a layer's configuration;
+//! - [`summary`]: a serialisable [`ErrorSummary`] of any error and tool results for AI agents.
 //!
 //! # Example
 //!
@@ -44,6 +45,7 @@ pub mod keyed;
 mod macros;
 pub mod options;
 pub mod query;
+pub mod summary;
 pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
@@ -51,6 +53,7 @@ pub use clock::{SystemClock, WallClock};
 pub use error::{find, BoxError, CallReport, CircuitOpen, Delivery, Error, ErrorKind, RateLimited};
 pub use key::{ByHost, KeyExtractor};
 pub use options::CallOptions;
+pub use summary::ErrorSummary;
 pub use trace::{Trace, TraceEvent};
 
 /// Formats a duration for people and language models: `250ms`, `30s`, `2m 5s`, `1h 3m`.

@@ -1,0 +1,226 @@
+//! Errors an agent can act on: one serialisable summary of any error, and tool results in the
+//! shape MCP tools return.
+//!
+//! A language model that called a tool needs to know three things about a failure: what
+//! happened, whether and when trying again can help, and whether the request may already have
+//! taken effect. [`ErrorSummary`] answers them for any error (sturdy's own, hyper's, io's, or
+//! anything else), and [`tool_result`] turns a call's result into
+//! `{"content": [{"type": "text", "text": ...}], "isError": ..., "structuredContent": ...}`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use sturdy_core::summary::{tool_result, ErrorSummary};
+//! use sturdy_core::{BoxError, RateLimited};
+//!
+//! let err: BoxError = Box::new(RateLimited::new(Duration::from_secs(30)).with_scope("api.example.com"));
+//! let s = ErrorSummary::of(&*err);
+//! assert_eq!(s.kind, "rate_limited");
+//! assert_eq!(s.retry_after_ms, Some(30_000));
+//! assert!(!s.may_have_been_processed);
+//!
+//! let out = tool_result::<serde_json::Value>(Err(err));
+//! assert_eq!(out["isError"], true);
+//! assert_eq!(
+//!     out["content"][0]["text"],
+//!     "rate limited by api.example.com; retry after 30s\nTry again in 30s; the request was not processed."
+//! );
+//! assert_eq!(out["structuredContent"]["error"]["retry_after_ms"], 30_000);
+//! ```
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::classify::{classify_error, delivery};
+use crate::error::{CircuitOpen, Delivery, ErrorKind, RateLimited};
+use crate::{find, human_duration};
+
+/// What an error means for whoever decides the next step; see the [module docs](self).
+///
+/// Serialises as a flat JSON object with the field names below.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ErrorSummary {
+    /// `auth`, `rate_limited`, `circuit_open`, `timeout`, `connect`, `transport`,
+    /// `server_error`, `client_error`, `body`, `pagination`, `config` or `other`.
+    pub kind: &'static str,
+    /// The HTTP status, for `server_error` and `client_error`.
+    pub status: Option<u16>,
+    /// The error's message, for people and models.
+    pub message: String,
+    /// Whether trying again, unchanged, may succeed.
+    pub retryable: bool,
+    /// The wait before trying again, when the server, a limiter or a breaker said.
+    pub retry_after_ms: Option<u64>,
+    /// Whether the request may already have taken effect on the server. When true, send it again
+    /// only with the same idempotency key.
+    pub may_have_been_processed: bool,
+    /// The idempotency key the request carried, when known.
+    pub idempotency_key: Option<String>,
+    /// How many attempts were made, when a retry layer reported it.
+    pub attempts: Option<u32>,
+}
+
+fn kind_name(kind: &ErrorKind) -> (&'static str, Option<u16>) {
+    match kind {
+        ErrorKind::Auth => ("auth", None),
+        ErrorKind::RateLimited { .. } => ("rate_limited", None),
+        ErrorKind::CircuitOpen { .. } => ("circuit_open", None),
+        ErrorKind::Timeout => ("timeout", None),
+        ErrorKind::Connect => ("connect", None),
+        ErrorKind::Transport => ("transport", None),
+        ErrorKind::Server(s) => ("server_error", Some(s.as_u16())),
+        ErrorKind::Client(s) => ("client_error", Some(s.as_u16())),
+        ErrorKind::Body => ("body", None),
+        ErrorKind::Pagination => ("pagination", None),
+        ErrorKind::Config => ("config", None),
+        _ => ("other", None),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ErrorSummary {
+    /// The summary of any error, read through its whole `source()` chain.
+    pub fn of(err: &(dyn StdError + 'static)) -> Self {
+        let kind = classify_error(err);
+        let (name, status) = kind_name(&kind);
+        let retry_after = find::<RateLimited>(err)
+            .map(RateLimited::retry_after)
+            .or_else(|| find::<CircuitOpen>(err).map(CircuitOpen::retry_in))
+            .or(match kind {
+                ErrorKind::RateLimited { retry_after } => retry_after,
+                ErrorKind::CircuitOpen { retry_in } => Some(retry_in),
+                _ => None,
+            });
+        let report = find::<crate::Error>(err).and_then(crate::Error::report);
+        Self {
+            kind: name,
+            status,
+            message: err.to_string(),
+            retryable: kind.is_retryable() || matches!(kind, ErrorKind::CircuitOpen { .. }),
+            retry_after_ms: retry_after.map(millis),
+            may_have_been_processed: delivery(err) == Delivery::MaybeProcessed,
+            idempotency_key: report.and_then(|r| r.idempotency_key().map(str::to_owned)),
+            attempts: report.map(crate::CallReport::attempts),
+        }
+    }
+
+    /// What to do next, in one sentence a model can follow.
+    pub fn advice(&self) -> String {
+        let mut out = if !self.retryable {
+            "Trying again unchanged will not help".to_owned()
+        } else if let Some(ms) = self.retry_after_ms {
+            format!("Try again in {}", human_duration(Duration::from_millis(ms)))
+        } else {
+            "Trying again may help".to_owned()
+        };
+        match (&self.idempotency_key, self.may_have_been_processed) {
+            (Some(key), true) => {
+                out.push_str("; it may already have been processed, so send it again only with idempotency key ");
+                out.push_str(key);
+            }
+            (None, true) => {
+                out.push_str(
+                    "; it may already have been processed, so check before sending it again",
+                );
+            }
+            (_, false) => out.push_str("; the request was not processed"),
+        }
+        out.push('.');
+        out
+    }
+}
+
+/// A call's result as a tool result in the shape MCP tools return: `content` (one text item),
+/// `isError`, and `structuredContent` (`{"result": ...}` on success, `{"error": ErrorSummary}`
+/// on failure). The text of an error is its message, then [`ErrorSummary::advice`] on a second
+/// line.
+pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
+    match result {
+        Ok(v) => {
+            let value = serde_json::to_value(&v).unwrap_or(Value::Null);
+            let text = match &value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            json!({
+                "content": [{ "type": "text", "text": text }],
+                "isError": false,
+                "structuredContent": { "result": value },
+            })
+        }
+        Err(e) => {
+            let summary = ErrorSummary::of(&*e);
+            let text = format!("{}\n{}", summary.message, summary.advice());
+            json!({
+                "content": [{ "type": "text", "text": text }],
+                "isError": true,
+                "structuredContent": { "error": summary },
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CallReport, Error};
+    use http::StatusCode;
+
+    #[test]
+    fn a_call_that_may_have_been_processed_names_its_key() {
+        let err = Error::new(
+            ErrorKind::Transport,
+            "gave up after 4 attempts: connection reset by peer",
+        )
+        .with_report(CallReport::new(
+            4,
+            Delivery::MaybeProcessed,
+            Some("k-1".into()),
+        ));
+        let s = ErrorSummary::of(&err);
+        assert_eq!(s.kind, "transport");
+        assert!(s.retryable && s.may_have_been_processed);
+        assert_eq!(s.idempotency_key.as_deref(), Some("k-1"));
+        assert_eq!(s.attempts, Some(4));
+        assert_eq!(
+            s.advice(),
+            "Trying again may help; it may already have been processed, so send it again only with idempotency key k-1."
+        );
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["kind"], "transport");
+        assert_eq!(v["may_have_been_processed"], true);
+    }
+
+    #[test]
+    fn permanent_errors_say_so() {
+        let err = Error::new(
+            ErrorKind::Client(StatusCode::UNPROCESSABLE_ENTITY),
+            "rejected",
+        )
+        .with_delivery(Delivery::NotSent);
+        let s = ErrorSummary::of(&err);
+        assert_eq!(
+            (s.kind, s.status, s.retryable),
+            ("client_error", Some(422), false)
+        );
+        assert_eq!(
+            s.advice(),
+            "Trying again unchanged will not help; the request was not processed."
+        );
+    }
+
+    #[test]
+    fn successes_become_text_and_structured_content() {
+        let out = tool_result(Ok(json!({"orders": [1, 2]})));
+        assert_eq!(out["isError"], false);
+        assert_eq!(out["content"][0]["type"], "text");
+        assert_eq!(out["content"][0]["text"], r#"{"orders":[1,2]}"#);
+        assert_eq!(out["structuredContent"]["result"]["orders"][1], 2);
+    }
+}
