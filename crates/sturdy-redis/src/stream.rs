@@ -158,11 +158,7 @@ fn entry(v: &Value) -> Option<Delivery> {
         }
     }
     Some(Delivery {
-        event: WebhookEvent {
-            scheme: scheme?,
-            id: eid?,
-            body: body?,
-        },
+        event: WebhookEvent::new(scheme?, eid?, body?),
         entry: id,
     })
 }
