@@ -35,7 +35,7 @@ mod idempotency;
 mod stream;
 
 pub use idempotency::RedisIdempotencyStore;
-pub use stream::{Delivery, RedisStreamConsumer, RedisStreamQueue};
+pub use stream::{DeadLetter, Delivery, RedisStreamConsumer, RedisStreamQueue};
 
 use std::fmt;
 use std::time::Duration;

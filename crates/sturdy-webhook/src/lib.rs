@@ -82,6 +82,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+/// The `http` crate, whose types ([`http::HeaderMap`]) appear in this crate's API.
+pub use http;
+
 mod queue;
 mod receiver;
 mod source;
