@@ -569,7 +569,7 @@ fn dead_letter(v: &Value) -> Option<DeadLetter> {
 
 /// What the next-event script answered.
 enum Next {
-    Event(Delivery),
+    Event(Box<Delivery>),
     /// An entry that could not be read as an event (written by something else): dead-lettered.
     Unreadable(String),
     None,
@@ -710,11 +710,11 @@ impl RedisStreamConsumer {
                 let entry = parts.get(2).and_then(text).unwrap_or_default();
                 let deliveries = parts.get(4).and_then(int).unwrap_or(1);
                 Ok(match parts.get(3).and_then(fields) {
-                    Some((event, _)) => Next::Event(Delivery {
+                    Some((event, _)) => Next::Event(Box::new(Delivery {
                         event,
                         entry,
                         deliveries,
-                    }),
+                    })),
                     None => Next::Unreadable(entry),
                 })
             }
@@ -814,7 +814,7 @@ impl RedisStreamConsumer {
                     if d.deliveries > 1 {
                         tracing::info!(id = %d.event.id, deliveries = d.deliveries, "delivering a webhook event again: it was not acknowledged in time");
                     }
-                    return Ok(Some(d));
+                    return Ok(Some(*d));
                 }
                 Next::Unreadable(entry) => {
                     self.give_up(&entry, "the entry is not a webhook event")
