@@ -7,8 +7,8 @@ use std::str::FromStr;
 use http::{HeaderMap, HeaderName};
 use sturdy_core::{Error, ErrorKind};
 
-/// The most forwarding entries read from the right of `X-Forwarded-For` / `Forwarded`: 32. A
-/// chain of more trusted proxies than this is refused.
+/// The most trusted-proxy entries skipped from the right of `X-Forwarded-For` / `Forwarded`: 32.
+/// A header listing more trusted proxies before the source is refused.
 pub const MAX_FORWARDED_HOPS: usize = 32;
 
 /// An IPv4 or IPv6 network in CIDR notation (`192.30.252.0/22`, `2a0a:a440::/29`); a bare
@@ -247,10 +247,6 @@ impl SourceAllowlist {
             if entry.trim().is_empty() {
                 continue;
             }
-            hops += 1;
-            if hops > MAX_FORWARDED_HOPS {
-                return None;
-            }
             let ip = match self.header {
                 ForwardedHeader::XForwardedFor => parse_node(entry.trim()),
                 ForwardedHeader::Forwarded => forwarded_for(entry),
@@ -258,6 +254,10 @@ impl SourceAllowlist {
             .to_canonical();
             if !self.trusted(ip) {
                 return Some(ip);
+            }
+            hops += 1;
+            if hops > MAX_FORWARDED_HOPS {
+                return None;
             }
             source = ip;
         }
@@ -389,8 +389,18 @@ mod tests {
         // Garbage, or too many hops: unknown, refused.
         assert_eq!(l.source(proxy, &xff(&["unknown"])), None);
         assert_eq!(l.source(proxy, &xff(&["192.0.2.1, garbage"])), None);
-        let long = vec!["10.0.0.2"; MAX_FORWARDED_HOPS + 1].join(",");
-        assert_eq!(l.source(proxy, &xff(&[&long])), None);
+        let mut hops = vec!["10.0.0.2"; MAX_FORWARDED_HOPS];
+        assert_eq!(
+            l.source(proxy, &xff(&[&hops.join(",")])),
+            Some(ip("10.0.0.2"))
+        );
+        hops.insert(0, "192.0.2.1");
+        assert_eq!(
+            l.source(proxy, &xff(&[&hops.join(",")])),
+            Some(ip("192.0.2.1"))
+        );
+        hops.push("10.0.0.3");
+        assert_eq!(l.source(proxy, &xff(&[&hops.join(",")])), None);
         // An untrusted peer's header is never read.
         assert_eq!(
             l.source(ip("203.0.113.5"), &xff(&["192.0.2.1"])),

@@ -657,3 +657,13 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn traits() {
+    fn clone_send_sync<T: Clone + Send + Sync + 'static>() {}
+    fn send<T: Send + 'static>() {}
+    clone_send_sync::<WebhookReceiver<MemoryQueue>>();
+    clone_send_sync::<MemoryQueue>();
+    clone_send_sync::<sturdy_webhook::SourceAllowlist>();
+    send::<sturdy_webhook::ResponseFuture>();
+}
