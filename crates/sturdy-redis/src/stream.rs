@@ -174,6 +174,17 @@ async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxE
     .await
 }
 
+/// Refuses an empty stream, group or consumer name before anything is sent.
+fn named(what: &str, name: String) -> Result<String, BoxError> {
+    if name.is_empty() {
+        return Err(Box::new(Error::new(
+            ErrorKind::Config,
+            format!("the {what} name is empty"),
+        )));
+    }
+    Ok(name)
+}
+
 fn dead_stream(stream: &str) -> String {
     format!("{stream}:dead")
 }
@@ -245,10 +256,10 @@ impl RedisStreamQueue {
     /// `<stream>:dead`, each Redis operation bounded by 1 s.
     ///
     /// # Errors
-    /// When Redis cannot be reached.
+    /// When the stream name is empty, or Redis cannot be reached.
     pub async fn connect(url: &str, stream: impl Into<String>) -> Result<Self, BoxError> {
         let timeout = Duration::from_secs(1);
-        let stream = stream.into();
+        let stream = named("stream", stream.into())?;
         Ok(Self {
             conn: connect(url, timeout).await?,
             dead: dead_stream(&stream),
@@ -584,7 +595,7 @@ impl RedisStreamConsumer {
     /// first), `next` waits up to 500 ms for an event, each Redis operation bounded by 1 s.
     ///
     /// # Errors
-    /// When Redis cannot be reached or the group cannot be created.
+    /// When a name is empty, Redis cannot be reached or the group cannot be created.
     pub async fn connect(
         url: &str,
         stream: impl Into<String>,
@@ -593,13 +604,15 @@ impl RedisStreamConsumer {
         claim_after: Duration,
     ) -> Result<Self, BoxError> {
         let timeout = Duration::from_secs(1);
-        let stream = stream.into();
+        let stream = named("stream", stream.into())?;
+        let group = named("consumer group", group.into())?;
+        let name = named("consumer", name.into())?;
         let c = Self {
             conn: connect(url, timeout).await?,
             dead: dead_stream(&stream),
             stream,
-            group: group.into(),
-            name: name.into(),
+            group,
+            name,
             claim_after,
             wait: Duration::from_millis(500),
             timeout,

@@ -412,6 +412,23 @@ async fn the_redis_timeout_is_configurable() {
 }
 
 #[tokio::test]
+async fn empty_names_are_configuration_errors() {
+    let Some(url) = redis_url() else { return };
+    let kind = |e: sturdy_core::BoxError| e.downcast_ref::<Error>().unwrap().kind().clone();
+    assert_eq!(
+        kind(RedisStreamQueue::connect(&url, "").await.unwrap_err()),
+        ErrorKind::Config
+    );
+    let s = stream("names");
+    for (stream, group, name) in [("", "g", "w"), (s.as_str(), "", "w"), (s.as_str(), "g", "")] {
+        let e = RedisStreamConsumer::connect(&url, stream, group, name, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(e), ErrorKind::Config);
+    }
+}
+
+#[tokio::test]
 async fn debug_output_shows_no_url() {
     let Some(url) = redis_url() else { return };
     let s = stream("debug");
