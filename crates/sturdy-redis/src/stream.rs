@@ -454,6 +454,38 @@ pub struct Delivery {
 /// (`<stream>:dead`) instead of being delivered again; a handler can also dead-letter an event
 /// at once with [`RedisStreamConsumer::dead_letter`]. Dead letters are listed, replayed and
 /// discarded through [`RedisStreamQueue`].
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn handle(_: &sturdy_webhook::WebhookEvent) -> Result<(), String> { Ok(()) }
+/// # async fn run() -> Result<(), sturdy_core::BoxError> {
+/// use std::time::Duration;
+/// use sturdy_redis::{RedisStreamConsumer, RedisStreamQueue};
+///
+/// let url = "redis://127.0.0.1:6379/";
+/// let mut worker =
+///     RedisStreamConsumer::connect(url, "{webhooks}", "billing", "worker-1", Duration::from_secs(60))
+///         .await?
+///         .with_max_deliveries(5);
+/// for _ in 0..1_000 {
+///     let Some(d) = worker.next().await? else { continue };
+///     match handle(&d.event).await {
+///         Ok(()) => worker.ack(&d).await?,
+///         Err(e) if e.contains("unparseable") => worker.dead_letter(&d, &e).await?,
+///         Err(_) => {} // delivered again after the claim delay, up to 5 times in all
+///     }
+/// }
+///
+/// // Later, once the handler is fixed:
+/// let queue = RedisStreamQueue::connect(url, "{webhooks}").await?;
+/// for dead in queue.dead_letters(None, 100).await? {
+///     println!("{} ({} deliveries): {}", dead.event.id, dead.deliveries, dead.reason);
+///     queue.replay_dead_letter(&dead.entry).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct RedisStreamConsumer {
     conn: ConnectionManager,
     stream: String,
