@@ -3,8 +3,9 @@
 //! - [`RedisIdempotencyStore`]: the idempotency store for
 //!   `sturdy_idempotency::server::IdempotencyLayer`, so several app instances agree on keys.
 //! - [`RedisStreamQueue`] and [`RedisStreamConsumer`]: a durable webhook queue for
-//!   `sturdy_webhook::WebhookReceiver` on a Redis Stream with a consumer group; an event is
-//!   removed only after its handler acknowledged it, and one a crashed worker left is taken over.
+//!   `sturdy_webhook::WebhookReceiver` on a Redis Stream with consumer groups; an event leaves a
+//!   group only once its handler acknowledged it or it was dead-lettered ([`DeadLetter`]), and
+//!   one a crashed worker left is taken over.
 //! - [`RedisQuota`]: a rate-limit quota for `sturdy_ratelimit::RateLimitLayer::with_remote`.
 //!   One Lua script per decision (one round trip), atomic in Redis, timed by Redis's own clock
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
@@ -35,7 +36,7 @@ mod idempotency;
 mod stream;
 
 pub use idempotency::RedisIdempotencyStore;
-pub use stream::{Delivery, RedisStreamConsumer, RedisStreamQueue};
+pub use stream::{DeadLetter, Delivery, RedisStreamConsumer, RedisStreamQueue};
 
 use std::fmt;
 use std::time::Duration;

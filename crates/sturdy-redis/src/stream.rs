@@ -3,64 +3,388 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use redis::{Script, Value};
+use redis::{Client, Script, Value};
 use sturdy_core::{BoxError, Error, ErrorKind};
+use sturdy_webhook::http;
 use sturdy_webhook::{BoxFuture, EventQueue, Push, WebhookEvent};
 
 use crate::bounded;
 
 /// Dedup and append in one step. KEYS: dedup key, stream. ARGV: dedup ttl (ms), max backlog,
-/// scheme, id, body.
+/// then the entry's field/value pairs.
 const PUSH: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
-redis.call('XADD', KEYS[2], '*', 'scheme', ARGV[3], 'id', ARGV[4], 'body', ARGV[5])
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 'enqueued'
 ";
 
-/// A durable webhook queue on a Redis Stream, shared by several app instances: the event-id
-/// dedup and the append happen in one script (an id is remembered only if its event was
-/// appended); the backlog is bounded (a full stream answers [`Push::Full`], so the sender
-/// redelivers). Consume it with [`RedisStreamConsumer`].
+/// Helpers shared by the consumer's scripts.
+///
+/// `release` deletes an entry a group is done with, unless another consumer group has yet to
+/// read it (its last-delivered id is older) or holds it pending. `dead_letter` copies an entry to
+/// the dead-letter stream with why, and releases it for the group.
+const HELPERS: &str = r"
+local function field(f, name)
+  for i = 1, #f, 2 do if f[i] == name then return f[i + 1] end end
+  return nil
+end
+local function id_lt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function release(stream, group, id)
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  for _, g in ipairs(groups) do
+    local name = field(g, 'name')
+    if name ~= group then
+      if id_lt(field(g, 'last-delivered-id'), id) then return 0 end
+      if #redis.call('XPENDING', stream, name, id, id, 1) > 0 then return 0 end
+    end
+  end
+  redis.call('XDEL', stream, id)
+  return 1
+end
+local function dead_letter(stream, dead, maxlen, group, id, fields, deliveries, reason)
+  local args = {'XADD', dead, 'MAXLEN', '~', maxlen, '*'}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 3) ~= 'dl-' and fields[i] ~= 'for-group' then
+      args[#args + 1] = fields[i]
+      args[#args + 1] = fields[i + 1]
+    end
+  end
+  for _, v in ipairs({'dl-entry', id, 'dl-group', group, 'dl-deliveries', deliveries, 'dl-reason', reason}) do
+    args[#args + 1] = v
+  end
+  redis.call(unpack(args))
+  redis.call('XACK', stream, group, id)
+  release(stream, group, id)
+end
+";
+
+/// The next event for a consumer, in one round trip. KEYS: stream, dead-letter stream. ARGV:
+/// group, consumer, claim idle (ms), max deliveries, claim cursor, dead-letter max length.
+///
+/// First an entry left unacknowledged for longer than the claim delay (an entry delivered more
+/// than the maximum goes to the dead-letter stream instead), then a new one. Entries replayed
+/// for another group are acknowledged and skipped. Returns `{'event', cursor, id, fields,
+/// deliveries}`, `{'none', cursor}` (nothing waiting) or `{'again', cursor}` (call again).
+const NEXT: &str = r"
+local stream, dead = KEYS[1], KEYS[2]
+local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]
+local max, cursor, maxlen = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+for _ = 1, 16 do
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, idle, cursor, 'COUNT', 1)
+  cursor = r[1]
+  local e = r[2][1]
+  if e then
+    local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+    local n = (p[1] and p[1][4]) or 1
+    local target = field(e[2], 'for-group')
+    if target and target ~= group then
+      redis.call('XACK', stream, group, e[1])
+      release(stream, group, e[1])
+    elseif n > max then
+      dead_letter(stream, dead, maxlen, group, e[1], e[2], n - 1,
+        'not acknowledged after ' .. (n - 1) .. ' deliveries')
+    else
+      return {'event', cursor, e[1], e[2], n}
+    end
+  elseif cursor == '0-0' then
+    break
+  end
+end
+for _ = 1, 16 do
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
+  if not r then return {'none', cursor} end
+  local e = r[1][2][1]
+  local target = field(e[2], 'for-group')
+  if target and target ~= group then
+    redis.call('XACK', stream, group, e[1])
+    release(stream, group, e[1])
+  else
+    return {'event', cursor, e[1], e[2], 1}
+  end
+end
+return {'again', cursor}
+";
+
+/// Acknowledges. KEYS: stream. ARGV: group, entry id.
+const ACK: &str = r"
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return release(KEYS[1], ARGV[1], ARGV[2])
+";
+
+/// Dead-letters at the handler's request. KEYS: stream, dead-letter stream. ARGV: group, entry
+/// id, reason, dead-letter max length.
+const DEAD: &str = r"
+local stream, dead, group, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local e = redis.call('XRANGE', stream, id, id)[1]
+if not e then
+  redis.call('XACK', stream, group, id)
+  return 0
+end
+local p = redis.call('XPENDING', stream, group, id, id, 1)
+local n = (p[1] and p[1][4]) or 1
+dead_letter(stream, dead, ARGV[4], group, id, e[2], n, ARGV[3])
+return 1
+";
+
+/// Puts a dead letter back on the stream for the group that gave up on it. KEYS: dead-letter
+/// stream, stream. ARGV: dead-letter entry id, max backlog.
+const REPLAY: &str = r"
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
+if not e then return 'missing' end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
+local args = {'XADD', KEYS[2], '*'}
+local group
+for i = 1, #e[2], 2 do
+  local f = e[2][i]
+  if f == 'dl-group' then group = e[2][i + 1] end
+  if string.sub(f, 1, 3) ~= 'dl-' then
+    args[#args + 1] = f
+    args[#args + 1] = e[2][i + 1]
+  end
+end
+if group then
+  args[#args + 1] = 'for-group'
+  args[#args + 1] = group
+end
+redis.call(unpack(args))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 'replayed'
+";
+
+/// Connects with a bounded connect time; each operation is bounded by the caller's own timeout
+/// (so the timeout set with `with_timeout` is the one that applies).
+async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxError> {
+    let client = Client::open(url).map_err(|e| crate::store_error("invalid Redis URL", e))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(None)
+        .set_number_of_retries(1);
+    bounded(
+        timeout * 2,
+        "could not connect to Redis",
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+}
+
+/// Refuses an empty stream, group or consumer name before anything is sent.
+fn named(what: &str, name: String) -> Result<String, BoxError> {
+    if name.is_empty() {
+        return Err(Box::new(Error::new(
+            ErrorKind::Config,
+            format!("the {what} name is empty"),
+        )));
+    }
+    Ok(name)
+}
+
+fn dead_stream(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
+    let mut shown = format!("{v:?}");
+    shown.truncate(200);
+    Box::new(Error::new(
+        ErrorKind::Other,
+        format!("unexpected answer from Redis to {what}: {shown}"),
+    ))
+}
+
+/// A durable webhook queue on a Redis Stream, shared by several app instances: the dedup and
+/// the append happen in one script (a dedup key is remembered only if its event was appended);
+/// the backlog is bounded (a full stream answers [`Push::Full`], so the sender redelivers).
+/// Consume it with [`RedisStreamConsumer`]; inspect and replay the dead-letter stream here.
+///
+/// Keys: the stream, `<stream>:seen:<dedup key>` for deduplication (one per event, expiring
+/// with the dedup TTL) and `<stream>:dead` for dead letters. In Redis Cluster, put the stream
+/// name in a hash tag (`{webhooks}`) so that all of them live in one slot.
 #[derive(Clone)]
 pub struct RedisStreamQueue {
     conn: ConnectionManager,
     stream: String,
+    dead: String,
     max_backlog: u64,
     timeout: Duration,
     push: Script,
+    replay: Script,
 }
 
 impl fmt::Debug for RedisStreamQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStreamQueue")
             .field("stream", &self.stream)
+            .field("dead_letters", &self.dead)
             .field("max_backlog", &self.max_backlog)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
+/// An event a consumer group gave up on, kept in the dead-letter stream until it is replayed
+/// or discarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The event.
+    pub event: WebhookEvent,
+    /// Its id in the dead-letter stream: what [`RedisStreamQueue::replay_dead_letter`] and
+    /// [`RedisStreamQueue::discard_dead_letter`] take.
+    pub entry: String,
+    /// Its id in the stream, when it was dead-lettered.
+    pub original_entry: String,
+    /// The consumer group that gave up on it.
+    pub group: String,
+    /// How many times it had been handed to a consumer of that group.
+    pub deliveries: u64,
+    /// Why it was dead-lettered.
+    pub reason: String,
+}
+
 impl RedisStreamQueue {
-    /// A queue on the stream `stream` (backlog at most 100,000 events).
+    /// A queue on the stream `stream`: backlog at most 100,000 events, dead letters in
+    /// `<stream>:dead`, each Redis operation bounded by 1 s.
     ///
     /// # Errors
-    /// When Redis cannot be reached.
+    /// When the stream name is empty, or Redis cannot be reached.
     pub async fn connect(url: &str, stream: impl Into<String>) -> Result<Self, BoxError> {
+        let timeout = Duration::from_secs(1);
+        let stream = named("stream", stream.into())?;
         Ok(Self {
-            conn: crate::connect(url, Duration::from_secs(1)).await?,
-            stream: stream.into(),
+            conn: connect(url, timeout).await?,
+            dead: dead_stream(&stream),
+            stream,
             max_backlog: 100_000,
-            timeout: Duration::from_secs(1),
+            timeout,
             push: Script::new(PUSH),
+            replay: Script::new(REPLAY),
         })
     }
 
-    /// The most unprocessed events kept \[100,000\].
+    /// The most unprocessed events kept \[100,000\] (at least 1).
     #[must_use]
     pub fn with_max_backlog(mut self, n: u64) -> Self {
         self.max_backlog = n.max(1);
         self
+    }
+
+    /// The timeout of each Redis operation \[1 s\]: a Redis that is down or hung gives a clear
+    /// error (the sender is answered 503 and redelivers), never a hang.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The dead-letter stream \[`<stream>:dead`\]; the consumers must use the same.
+    #[must_use]
+    pub fn with_dead_letter_stream(mut self, name: impl Into<String>) -> Self {
+        self.dead = name.into();
+        self
+    }
+
+    /// Up to `count` dead letters (at most 1,000), oldest first, after the entry `after`
+    /// (exclusive) when given: page through them by passing the last `entry` seen.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn dead_letters(
+        &self,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, BoxError> {
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(&self.dead)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.min(1_000));
+        let v: Value = bounded(
+            self.timeout,
+            "listing dead letters",
+            cmd.query_async(&mut conn),
+        )
+        .await?;
+        let Value::Array(entries) = &v else {
+            return Err(unexpected("XRANGE", &v));
+        };
+        Ok(entries.iter().filter_map(dead_letter).collect())
+    }
+
+    /// How many dead letters there are.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn dead_letter_count(&self) -> Result<u64, BoxError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XLEN");
+        cmd.arg(&self.dead);
+        bounded(
+            self.timeout,
+            "counting dead letters",
+            cmd.query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Puts the dead letter `entry` back on the stream, for the consumer group that gave up on
+    /// it only (other groups skip it), with a fresh delivery count; it leaves the dead-letter
+    /// stream. `Ok(false)` when there is no such dead letter.
+    ///
+    /// # Errors
+    /// When the stream is full (its backlog is at the maximum), or Redis fails or does not
+    /// answer in time.
+    pub async fn replay_dead_letter(&self, entry: &str) -> Result<bool, BoxError> {
+        let mut conn = self.conn.clone();
+        let mut inv = self.replay.key(&self.dead);
+        inv.key(&self.stream).arg(entry).arg(self.max_backlog);
+        let r: String = bounded(
+            self.timeout,
+            "replaying a dead letter",
+            inv.invoke_async(&mut conn),
+        )
+        .await?;
+        match r.as_str() {
+            "replayed" => Ok(true),
+            "missing" => Ok(false),
+            "full" => Err(Box::new(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "cannot replay the dead letter: the stream {} is full ({} events); retry once the consumers have caught up",
+                    self.stream, self.max_backlog
+                ),
+            ))),
+            other => Err(unexpected("the replay script", &other)),
+        }
+    }
+
+    /// Deletes the dead letter `entry` for good. `Ok(false)` when there is no such dead letter.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn discard_dead_letter(&self, entry: &str) -> Result<bool, BoxError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(&self.dead).arg(entry);
+        let n: u64 = bounded(
+            self.timeout,
+            "discarding a dead letter",
+            cmd.query_async(&mut conn),
+        )
+        .await?;
+        Ok(n > 0)
     }
 }
 
@@ -69,63 +393,127 @@ impl EventQueue for RedisStreamQueue {
         let this = self.clone();
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let dedup = format!("{}:seen:{}", this.stream, event.id);
+            let dedup = format!("{}:seen:{}", this.stream, event.dedup_key());
             let mut inv = this.push.key(dedup);
             inv.key(&this.stream)
-                .arg(
-                    u64::try_from(dedup_ttl.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
-                )
+                .arg(millis(dedup_ttl).max(1))
                 .arg(this.max_backlog)
+                .arg("scheme")
                 .arg(&event.scheme)
-                .arg(&event.id)
-                .arg(event.body.as_ref());
+                .arg("route")
+                .arg(&event.route)
+                .arg("id")
+                .arg(&event.id);
+            if let Some(ts) = event.timestamp {
+                inv.arg("ts").arg(ts);
+            }
+            for (name, value) in &event.headers {
+                inv.arg(format!("h:{name}")).arg(value.as_bytes());
+            }
+            inv.arg("body").arg(event.body.as_ref());
             let r: String =
                 bounded(this.timeout, "webhook enqueue", inv.invoke_async(&mut conn)).await?;
             match r.as_str() {
                 "enqueued" => Ok(Push::Enqueued),
                 "duplicate" => Ok(Push::Duplicate),
                 "full" => Ok(Push::Full),
-                other => Err(Box::new(Error::new(
-                    ErrorKind::Other,
-                    format!("unexpected answer from the enqueue script: {other}"),
-                )) as BoxError),
+                other => Err(unexpected("the enqueue script", &other)),
             }
         })
     }
 }
 
 /// One event taken from the stream; acknowledge it with [`RedisStreamConsumer::ack`] once the
-/// handler succeeded. An event never acknowledged (the worker crashed) is claimed by another
-/// consumer after the claim delay.
+/// handler succeeded. An event never acknowledged (the handler failed, or the worker crashed) is
+/// delivered again after the claim delay, until it has been delivered the maximum number of
+/// times; then it goes to the dead-letter stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// The event.
     pub event: WebhookEvent,
     /// The stream entry id.
     pub entry: String,
+    /// How many times this event has been handed to a consumer of this group, this time
+    /// included (1 the first time).
+    pub deliveries: u64,
 }
 
-/// A consumer in a group on a Redis Stream: several instances share the work, each event goes to
-/// one of them, and an event is removed only after it was acknowledged.
+/// A consumer in a group on a Redis Stream: the consumers of one group share the work, each
+/// event going to one of them, and an event leaves the group only once acknowledged or
+/// dead-lettered.
+///
+/// Several groups may read one stream, each getting every event (for example one group per
+/// independent handler). An entry is deleted from the stream only when no group still needs
+/// it: a group that has not read it yet, or holds it unacknowledged, keeps it. A group sees the
+/// entries still in the stream when it is created, so create every group (connect one of its
+/// consumers) before events arrive.
+///
+/// # Poison events
+///
+/// An event delivered \[5\] times without being acknowledged is moved to the dead-letter stream
+/// (`<stream>:dead`) instead of being delivered again; a handler can also dead-letter an event
+/// at once with [`RedisStreamConsumer::dead_letter`]. Dead letters are listed, replayed and
+/// discarded through [`RedisStreamQueue`].
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn handle(_: &sturdy_webhook::WebhookEvent) -> Result<(), String> { Ok(()) }
+/// # async fn run() -> Result<(), sturdy_core::BoxError> {
+/// use std::time::Duration;
+/// use sturdy_redis::{RedisStreamConsumer, RedisStreamQueue};
+///
+/// let url = "redis://127.0.0.1:6379/";
+/// let mut worker =
+///     RedisStreamConsumer::connect(url, "{webhooks}", "billing", "worker-1", Duration::from_secs(60))
+///         .await?
+///         .with_max_deliveries(5);
+/// for _ in 0..1_000 {
+///     let Some(d) = worker.next().await? else { continue };
+///     match handle(&d.event).await {
+///         Ok(()) => worker.ack(&d).await?,
+///         Err(e) if e.contains("unparseable") => worker.dead_letter(&d, &e).await?,
+///         Err(_) => {} // delivered again after the claim delay, up to 5 times in all
+///     }
+/// }
+///
+/// // Later, once the handler is fixed:
+/// let queue = RedisStreamQueue::connect(url, "{webhooks}").await?;
+/// for dead in queue.dead_letters(None, 100).await? {
+///     println!("{} ({} deliveries): {}", dead.event.id, dead.deliveries, dead.reason);
+///     queue.replay_dead_letter(&dead.entry).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct RedisStreamConsumer {
     conn: ConnectionManager,
     stream: String,
+    dead: String,
     group: String,
     name: String,
     claim_after: Duration,
-    block: Duration,
+    wait: Duration,
     timeout: Duration,
+    max_deliveries: u64,
+    max_dead_letters: u64,
+    cursor: String,
+    next: Script,
+    ack: Script,
+    dead_letter: Script,
 }
 
 impl fmt::Debug for RedisStreamConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStreamConsumer")
             .field("stream", &self.stream)
+            .field("dead_letters", &self.dead)
             .field("group", &self.group)
             .field("name", &self.name)
             .field("claim_after", &self.claim_after)
+            .field("wait", &self.wait)
+            .field("timeout", &self.timeout)
+            .field("max_deliveries", &self.max_deliveries)
             .finish_non_exhaustive()
     }
 }
@@ -138,41 +526,108 @@ fn bulk(v: &Value) -> Option<&[u8]> {
     }
 }
 
-/// Reads `[id, \[field, value, ...\]]`.
-fn entry(v: &Value) -> Option<Delivery> {
-    let Value::Array(parts) = v else { return None };
-    let id = String::from_utf8(bulk(parts.first()?)?.to_vec()).ok()?;
-    let Value::Array(fields) = parts.get(1)? else {
-        return None;
-    };
+fn text(v: &Value) -> Option<String> {
+    bulk(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// What an entry's fields hold besides the event.
+#[derive(Default)]
+struct Extra {
+    for_group: Option<String>,
+    dl_entry: Option<String>,
+    dl_group: Option<String>,
+    dl_deliveries: Option<u64>,
+    dl_reason: Option<String>,
+}
+
+/// Reads an entry's `[field, value, ...]`.
+fn fields(v: &Value) -> Option<(WebhookEvent, Extra)> {
+    let Value::Array(fields) = v else { return None };
     let mut scheme = None;
-    let mut eid = None;
+    let mut route = None;
+    let mut id = None;
+    let mut ts = None;
+    let mut headers = http::HeaderMap::new();
     let mut body = None;
+    let mut extra = Extra::default();
     for kv in fields.chunks(2) {
-        let (k, v) = (bulk(kv.first()?)?, bulk(kv.get(1)?)?);
+        let (k, v) = (bulk(kv.first()?)?, kv.get(1)?);
         match k {
-            b"scheme" => scheme = Some(String::from_utf8_lossy(v).into_owned()),
-            b"id" => eid = Some(String::from_utf8_lossy(v).into_owned()),
-            b"body" => body = Some(Bytes::copy_from_slice(v)),
-            _ => {}
+            b"scheme" => scheme = text(v),
+            b"route" => route = text(v),
+            b"id" => id = text(v),
+            b"ts" => ts = text(v).and_then(|t| t.parse::<i64>().ok()),
+            b"body" => body = bulk(v).map(Bytes::copy_from_slice),
+            b"for-group" => extra.for_group = text(v),
+            b"dl-entry" => extra.dl_entry = text(v),
+            b"dl-group" => extra.dl_group = text(v),
+            b"dl-deliveries" => extra.dl_deliveries = int(v),
+            b"dl-reason" => extra.dl_reason = text(v),
+            _ => {
+                if let Some(name) = k.strip_prefix(b"h:") {
+                    if let (Ok(n), Some(Ok(val))) = (
+                        http::HeaderName::from_bytes(name),
+                        bulk(v).map(http::HeaderValue::from_bytes),
+                    ) {
+                        headers.append(n, val);
+                    }
+                }
+            }
         }
     }
-    Some(Delivery {
-        event: WebhookEvent {
-            scheme: scheme?,
-            id: eid?,
-            body: body?,
-        },
-        entry: id,
+    let scheme = scheme?;
+    let event = WebhookEvent::new(scheme.clone(), id?, body?)
+        .with_route(route.unwrap_or(scheme))
+        .with_timestamp(ts)
+        .with_headers(headers);
+    Some((event, extra))
+}
+
+/// Reads `[id, [field, value, ...]]`.
+fn entry(v: &Value) -> Option<(String, WebhookEvent, Extra)> {
+    let Value::Array(parts) = v else { return None };
+    let id = text(parts.first()?)?;
+    let (event, extra) = fields(parts.get(1)?)?;
+    Some((id, event, extra))
+}
+
+fn dead_letter(v: &Value) -> Option<DeadLetter> {
+    let (entry, event, extra) = entry(v)?;
+    Some(DeadLetter {
+        event,
+        entry,
+        original_entry: extra.dl_entry.unwrap_or_default(),
+        group: extra.dl_group.unwrap_or_default(),
+        deliveries: extra.dl_deliveries.unwrap_or_default(),
+        reason: extra.dl_reason.unwrap_or_default(),
     })
+}
+
+/// What the next-event script answered.
+enum Next {
+    Event(Box<Delivery>),
+    /// An entry that could not be read as an event (written by something else): dead-lettered.
+    Unreadable(String),
+    None,
+    Again,
 }
 
 impl RedisStreamConsumer {
     /// Joins (creating if needed) the consumer group `group` on `stream` as consumer `name`.
-    /// Events left unacknowledged by another consumer for `claim_after` are taken over.
+    /// Events left unacknowledged for `claim_after` are delivered again (to this consumer or
+    /// another), so `claim_after` must be longer than the slowest handler. Defaults: at most 5
+    /// deliveries, dead letters in `<stream>:dead` (at most about 100,000, the oldest dropped
+    /// first), `next` waits up to 500 ms for an event, each Redis operation bounded by 1 s.
     ///
     /// # Errors
-    /// When Redis cannot be reached or the group cannot be created.
+    /// When a name is empty, Redis cannot be reached or the group cannot be created.
     pub async fn connect(
         url: &str,
         stream: impl Into<String>,
@@ -180,114 +635,282 @@ impl RedisStreamConsumer {
         name: impl Into<String>,
         claim_after: Duration,
     ) -> Result<Self, BoxError> {
+        let timeout = Duration::from_secs(1);
+        let stream = named("stream", stream.into())?;
+        let group = named("consumer group", group.into())?;
+        let name = named("consumer", name.into())?;
         let c = Self {
-            conn: crate::connect(url, Duration::from_secs(2)).await?,
-            stream: stream.into(),
-            group: group.into(),
-            name: name.into(),
+            conn: connect(url, timeout).await?,
+            dead: dead_stream(&stream),
+            stream,
+            group,
+            name,
             claim_after,
-            block: Duration::from_millis(500),
-            timeout: Duration::from_secs(2),
+            wait: Duration::from_millis(500),
+            timeout,
+            max_deliveries: 5,
+            max_dead_letters: 100_000,
+            cursor: "0-0".to_owned(),
+            next: Script::new(&format!("{HELPERS}{NEXT}")),
+            ack: Script::new(&format!("{HELPERS}{ACK}")),
+            dead_letter: Script::new(&format!("{HELPERS}{DEAD}")),
         };
         let mut conn = c.conn.clone();
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        let mut create = redis::cmd("XGROUP");
+        create
             .arg("CREATE")
             .arg(&c.stream)
             .arg(&c.group)
             .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = created {
-            if e.code() != Some("BUSYGROUP") {
+            .arg("MKSTREAM");
+        let created = tokio::time::timeout(timeout, create.query_async::<()>(&mut conn)).await;
+        match created {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.code() == Some("BUSYGROUP") => {}
+            Ok(Err(e)) => {
                 return Err(Box::new(
                     Error::new(ErrorKind::Other, "could not create the consumer group")
                         .with_source(e),
-                ));
+                ))
+            }
+            Err(_) => {
+                return Err(Box::new(Error::new(
+                    ErrorKind::Timeout,
+                    "could not create the consumer group: Redis did not answer in time",
+                )))
             }
         }
+        // Loaded now, so that `next` is one round trip from the first call.
+        bounded(
+            timeout,
+            "loading the consumer script",
+            c.next.load_async(&mut conn),
+        )
+        .await?;
         Ok(c)
     }
 
-    /// The next event: first any event another consumer left unacknowledged for longer than the
-    /// claim delay, else a new one (waiting up to half a second). `None` when there is none yet.
-    ///
-    /// # Errors
-    /// When Redis fails.
-    pub async fn next(&mut self) -> Result<Option<Delivery>, BoxError> {
+    /// The most times an event is handed to this group's consumers before it is dead-lettered
+    /// \[5\] (at least 1).
+    #[must_use]
+    pub fn with_max_deliveries(mut self, n: u64) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// The dead-letter stream \[`<stream>:dead`\]; the queue must use the same.
+    #[must_use]
+    pub fn with_dead_letter_stream(mut self, name: impl Into<String>) -> Self {
+        self.dead = name.into();
+        self
+    }
+
+    /// About how many dead letters are kept \[100,000\] (at least 1); past it the oldest are
+    /// dropped (Redis's approximate `MAXLEN ~` trimming).
+    #[must_use]
+    pub fn with_max_dead_letters(mut self, n: u64) -> Self {
+        self.max_dead_letters = n.max(1);
+        self
+    }
+
+    /// How long [`RedisStreamConsumer::next`] waits for a new event before answering `None`
+    /// \[500 ms\].
+    #[must_use]
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// The timeout of each Redis operation \[1 s\] (the wait for a new event comes on top).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn step(&mut self) -> Result<Next, BoxError> {
         let mut conn = self.conn.clone();
-        let idle = u64::try_from(self.claim_after.as_millis()).unwrap_or(u64::MAX);
-        let mut claim_cmd = redis::cmd("XAUTOCLAIM");
-        claim_cmd
-            .arg(&self.stream)
+        let mut inv = self.next.key(&self.stream);
+        inv.key(&self.dead)
             .arg(&self.group)
             .arg(&self.name)
-            .arg(idle)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(1);
-        let claim = claim_cmd.query_async::<Value>(&mut conn);
-        let claimed = bounded(self.timeout, "webhook claim", claim).await?;
-        if let Value::Array(parts) = &claimed {
-            if let Some(Value::Array(entries)) = parts.get(1) {
-                if let Some(d) = entries.iter().find_map(entry) {
-                    tracing::info!(id = %d.event.id, "took over an event another worker did not acknowledge");
-                    return Ok(Some(d));
-                }
+            .arg(millis(self.claim_after))
+            .arg(self.max_deliveries)
+            .arg(&self.cursor)
+            .arg(self.max_dead_letters);
+        let v: Value = bounded(self.timeout, "webhook next", inv.invoke_async(&mut conn)).await?;
+        let Value::Array(parts) = &v else {
+            return Err(unexpected("the next-event script", &v));
+        };
+        let (Some(kind), Some(cursor)) =
+            (parts.first().and_then(text), parts.get(1).and_then(text))
+        else {
+            return Err(unexpected("the next-event script", &v));
+        };
+        self.cursor = cursor;
+        match kind.as_str() {
+            "none" => Ok(Next::None),
+            "again" => Ok(Next::Again),
+            "event" => {
+                let entry = parts.get(2).and_then(text).unwrap_or_default();
+                let deliveries = parts.get(4).and_then(int).unwrap_or(1);
+                Ok(match parts.get(3).and_then(fields) {
+                    Some((event, _)) => Next::Event(Box::new(Delivery {
+                        event,
+                        entry,
+                        deliveries,
+                    })),
+                    None => Next::Unreadable(entry),
+                })
             }
+            _ => Err(unexpected("the next-event script", &v)),
         }
-        let block = u64::try_from(self.block.as_millis()).unwrap_or(500);
-        let mut read_cmd = redis::cmd("XREADGROUP");
-        read_cmd
-            .arg("GROUP")
+    }
+
+    /// Waits up to the wait time for a new entry.
+    async fn read_new(&mut self) -> Result<Option<(String, WebhookEvent, Extra)>, BoxError> {
+        let mut conn = self.conn.clone();
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
             .arg(&self.group)
             .arg(&self.name)
             .arg("COUNT")
             .arg(1)
             .arg("BLOCK")
-            .arg(block)
+            .arg(millis(self.wait).max(1))
             .arg("STREAMS")
             .arg(&self.stream)
             .arg(">");
-        let read = read_cmd.query_async::<Value>(&mut conn);
-        let v = bounded(self.timeout, "webhook read", read).await?;
+        let v: Value = bounded(
+            self.timeout + self.wait,
+            "webhook read",
+            read.query_async(&mut conn),
+        )
+        .await?;
         // [[stream, [entry...]]] (RESP2) or {stream: [entry...]} (RESP3); Nil on timeout.
         let entries = match &v {
             Value::Array(streams) => streams.first().and_then(|s| match s {
-                Value::Array(pair) => pair.get(1).cloned(),
+                Value::Array(pair) => pair.get(1),
                 _ => None,
             }),
-            Value::Map(m) => m.first().map(|(_, e)| e.clone()),
+            Value::Map(m) => m.first().map(|(_, e)| e),
             _ => None,
         };
-        Ok(match entries {
-            Some(Value::Array(list)) => list.iter().find_map(entry),
-            _ => None,
-        })
+        let Some(Value::Array(list)) = entries else {
+            return Ok(None);
+        };
+        let Some(first) = list.first() else {
+            return Ok(None);
+        };
+        match entry(first) {
+            Some(e) => Ok(Some(e)),
+            None => {
+                let id = match first {
+                    Value::Array(p) => p.first().and_then(text).unwrap_or_default(),
+                    _ => String::new(),
+                };
+                self.give_up(&id, "the entry is not a webhook event")
+                    .await?;
+                Ok(None)
+            }
+        }
     }
 
-    /// Acknowledges a delivery after its handler succeeded: it is removed from the stream.
+    async fn give_up(&self, entry: &str, reason: &str) -> Result<(), BoxError> {
+        tracing::warn!(stream = %self.stream, group = %self.group, entry, reason, "webhook event dead-lettered");
+        let mut conn = self.conn.clone();
+        let mut inv = self.dead_letter.key(&self.stream);
+        let mut reason = reason.to_owned();
+        if reason.len() > 1024 {
+            let mut end = 1024;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        inv.key(&self.dead)
+            .arg(&self.group)
+            .arg(entry)
+            .arg(reason)
+            .arg(self.max_dead_letters);
+        let _: i64 = bounded(
+            self.timeout,
+            "webhook dead-letter",
+            inv.invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The next event: first one left unacknowledged for longer than the claim delay (one
+    /// delivered the maximum number of times goes to the dead-letter stream instead), else a new
+    /// one, waiting up to the wait time \[500 ms\]. `None` when there is none yet.
+    ///
+    /// When an event is waiting this costs one round trip to Redis (one script); when none is,
+    /// a second one waits for a new event.
     ///
     /// # Errors
-    /// When Redis fails (the event then stays pending and is delivered again).
-    pub async fn ack(&self, d: &Delivery) -> Result<(), BoxError> {
+    /// When Redis fails or does not answer in time.
+    pub async fn next(&mut self) -> Result<Option<Delivery>, BoxError> {
+        // Bounded: each pass settles at least one entry (claimed, skipped or dead-lettered).
+        for _ in 0..64 {
+            match self.step().await? {
+                Next::Event(d) => {
+                    if d.deliveries > 1 {
+                        tracing::info!(id = %d.event.id, deliveries = d.deliveries, "delivering a webhook event again: it was not acknowledged in time");
+                    }
+                    return Ok(Some(*d));
+                }
+                Next::Unreadable(entry) => {
+                    self.give_up(&entry, "the entry is not a webhook event")
+                        .await?;
+                }
+                Next::Again => {}
+                Next::None => loop {
+                    let Some((entry, event, extra)) = self.read_new().await? else {
+                        return Ok(None);
+                    };
+                    if extra.for_group.is_some_and(|g| g != self.group) {
+                        self.release(&entry).await?;
+                        continue;
+                    }
+                    return Ok(Some(Delivery {
+                        event,
+                        entry,
+                        deliveries: 1,
+                    }));
+                },
+            }
+        }
+        Ok(None)
+    }
+
+    async fn release(&self, entry: &str) -> Result<(), BoxError> {
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg(&d.entry)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&self.stream)
-            .arg(&d.entry)
-            .ignore();
-        bounded(
-            self.timeout,
-            "webhook ack",
-            pipe.query_async::<()>(&mut conn),
-        )
-        .await
+        let mut inv = self.ack.key(&self.stream);
+        inv.arg(&self.group).arg(entry);
+        let _: i64 = bounded(self.timeout, "webhook ack", inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Acknowledges a delivery after its handler succeeded. The entry is deleted from the stream
+    /// unless another consumer group still needs it.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time (the event then stays pending and is
+    /// delivered again).
+    pub async fn ack(&self, d: &Delivery) -> Result<(), BoxError> {
+        self.release(&d.entry).await
+    }
+
+    /// Gives up on a delivery at once (for example a payload the handler can never process): it
+    /// moves to the dead-letter stream with `reason` (at most 1 KiB kept) and is not delivered
+    /// again to this group.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time (the event then stays pending and is
+    /// delivered again).
+    pub async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), BoxError> {
+        self.give_up(&d.entry, reason).await
     }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use sturdy_core::BoxError;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -17,14 +18,85 @@ use tokio::time::Instant;
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A verified event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WebhookEvent {
-    /// The scheme that verified it.
+    /// The scheme that verified it (`standard`, `stripe`, `github`, or a generic scheme's name).
     pub scheme: String,
-    /// The event id (the scheme's, or a SHA-256 of the body when the scheme has none).
+    /// The name of the receiver that took it \[default: the scheme's name\]: tells a worker
+    /// serving several routes where the event came from, and separates their id spaces.
+    pub route: String,
+    /// The id it was deduplicated on, covered by the signature: the scheme's signed event id,
+    /// or `sha256:<hex>`, a digest of the signed content, for schemes that sign no id (see each
+    /// scheme).
     pub id: String,
+    /// The signed timestamp (Unix seconds), when the scheme has one.
+    pub timestamp: Option<i64>,
+    /// The headers the scheme defines, as the sender sent them (see each scheme for which are
+    /// signed).
+    pub headers: HeaderMap,
     /// The raw body, exactly as signed.
     pub body: Bytes,
+}
+
+impl fmt::Debug for WebhookEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookEvent")
+            .field("scheme", &self.scheme)
+            .field("route", &self.route)
+            .field("id", &self.id)
+            .field("timestamp", &self.timestamp)
+            .field("headers", &self.headers)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish()
+    }
+}
+
+impl WebhookEvent {
+    /// An event of `scheme` with deduplication id `id`, on the route named after the scheme,
+    /// with no timestamp and no headers.
+    pub fn new(scheme: impl Into<String>, id: impl Into<String>, body: Bytes) -> Self {
+        let scheme = scheme.into();
+        Self {
+            route: scheme.clone(),
+            scheme,
+            id: id.into(),
+            timestamp: None,
+            headers: HeaderMap::new(),
+            body,
+        }
+    }
+
+    /// The route name.
+    #[must_use]
+    pub fn with_route(mut self, route: impl Into<String>) -> Self {
+        self.route = route.into();
+        self
+    }
+
+    /// The signed timestamp (Unix seconds).
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: Option<i64>) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// The scheme's headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The key queues deduplicate on: scheme, route and id, so that two routes (or two schemes)
+    /// sharing a queue never share an id space. `:` and `%` in the scheme and route names are
+    /// percent-encoded, so distinct triples never give one key.
+    pub fn dedup_key(&self) -> String {
+        fn esc(s: &str) -> String {
+            s.replace('%', "%25").replace(':', "%3A")
+        }
+        format!("{}:{}:{}", esc(&self.scheme), esc(&self.route), self.id)
+    }
 }
 
 /// What [`EventQueue::push`] did.
@@ -38,14 +110,15 @@ pub enum Push {
     Full,
 }
 
-/// A queue of verified events with id deduplication. `push` must be atomic: of concurrent
-/// pushes of one id, exactly one is `Enqueued`, and an id is remembered only if its event was
-/// queued.
+/// A queue of verified events with deduplication on [`WebhookEvent::dedup_key`]. `push` must be
+/// atomic: of concurrent pushes of one key, exactly one is `Enqueued`, and a key is remembered
+/// only if its event was queued.
 pub trait EventQueue: Send + Sync + fmt::Debug + 'static {
-    /// Queues `event` unless its id was seen within `dedup_ttl`.
+    /// Queues `event` unless its dedup key was taken within `dedup_ttl`.
     fn push(&self, event: WebhookEvent, dedup_ttl: Duration) -> BoxFuture<Result<Push, BoxError>>;
 }
 
+/// Remembered dedup keys with the instant each is forgotten, in the order they were taken.
 struct Seen {
     ids: HashMap<String, Instant>,
     order: VecDeque<(String, Instant)>,
@@ -80,10 +153,16 @@ impl MemoryReceiver {
     pub async fn recv(&mut self) -> Option<WebhookEvent> {
         self.rx.recv().await
     }
+
+    /// The next event if one is waiting, without waiting.
+    pub fn try_recv(&mut self) -> Option<WebhookEvent> {
+        self.rx.try_recv().ok()
+    }
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` events, remembering at most 100,000 ids.
+    /// A queue holding at most `capacity` events, remembering at most 100,000 dedup keys (past
+    /// that, the oldest is forgotten first).
     ///
     /// # Panics
     /// When `capacity` is 0.
@@ -104,27 +183,31 @@ impl MemoryQueue {
 impl EventQueue for MemoryQueue {
     fn push(&self, event: WebhookEvent, dedup_ttl: Duration) -> BoxFuture<Result<Push, BoxError>> {
         let now = Instant::now();
+        // A TTL too long for the clock is as good as forever.
+        let expires = now
+            .checked_add(dedup_ttl)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let key = event.dedup_key();
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        // Forget expired ids, oldest first; and the oldest past the bound.
-        while let Some((id, at)) = seen.order.front().cloned() {
-            if now.duration_since(at) < dedup_ttl && seen.ids.len() < self.max_ids {
+        // Forget expired keys, oldest first; and the oldest past the bound.
+        while let Some((k, at)) = seen.order.front().cloned() {
+            if at > now && seen.ids.len() < self.max_ids {
                 break;
             }
             seen.order.pop_front();
-            if seen.ids.get(&id) == Some(&at) {
-                seen.ids.remove(&id);
+            if seen.ids.get(&k) == Some(&at) {
+                seen.ids.remove(&k);
             }
         }
-        let result = if seen.ids.contains_key(&event.id) {
+        let result = if seen.ids.get(&key).is_some_and(|at| *at > now) {
             Push::Duplicate
         } else {
-            let id = event.id.clone();
-            // try_send under the dedup lock: the id is remembered only if the event was queued,
-            // and no second push of the id can slip in between.
+            // try_send under the dedup lock: the key is remembered only if the event was queued,
+            // and no second push of the key can slip in between.
             match self.tx.try_send(event) {
                 Ok(()) => {
-                    seen.ids.insert(id.clone(), now);
-                    seen.order.push_back((id, now));
+                    seen.ids.insert(key.clone(), expires);
+                    seen.order.push_back((key, expires));
                     Push::Enqueued
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
@@ -136,5 +219,23 @@ impl EventQueue for MemoryQueue {
             }
         };
         Box::pin(std::future::ready(Ok(result)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keys_of_distinct_triples_differ() {
+        let e = |s: &str, r: &str, id: &str| {
+            WebhookEvent::new(s, id, Bytes::new())
+                .with_route(r)
+                .dedup_key()
+        };
+        assert_ne!(e("a:b", "c", "d"), e("a", "b:c", "d"));
+        assert_ne!(e("a%3Ab", "c", "d"), e("a:b", "c", "d"));
+        assert_ne!(e("github", "org-a", "x"), e("github", "org-b", "x"));
+        assert_ne!(e("stripe", "r", "x"), e("github", "r", "x"));
     }
 }

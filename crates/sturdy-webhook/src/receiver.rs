@@ -1,12 +1,14 @@
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use axum::extract::ConnectInfo;
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
@@ -15,26 +17,54 @@ use sturdy_core::{BoxError, SystemClock, WallClock};
 use tower::Service;
 
 use crate::queue::{EventQueue, Push, WebhookEvent};
-use crate::verify::{hex_encode, Verifier};
+use crate::source::SourceAllowlist;
+use crate::verify::{hex_encode, Rejection, Verified, Verifier};
 
-/// Receives webhooks: reads the body (up to the limit, else 413), verifies it before anything
-/// parses it (400 or 401, body `invalid signature`, the reason in `tracing`), deduplicates on the
-/// event id, queues it, and only then answers 200; a full queue answers 503 with `Retry-After`
-/// so the sender redelivers.
+/// Receives webhooks: checks the source (when an allowlist is set; else 403), checks the
+/// signature headers before reading the body (400 or 401), reads the body (up to the limit,
+/// else 413), verifies it before anything parses it (400 or 401), deduplicates it, queues it,
+/// and only then answers 200; a full queue answers 503 with `Retry-After` so the sender
+/// redelivers. Every rejection answers a short generic text (`forbidden`, `invalid signature`,
+/// `payload too large`); the reason goes to `tracing`.
 ///
 /// It is an endpoint (a `Service`), mounted with `axum::routing::post_service`. Its error type is
 /// `Infallible`: every outcome is a response.
+///
+/// # Clone
+///
+/// Clones share one configuration, verifier and queue (behind one `Arc`). A `with_*` setter
+/// called on a clone changes that clone only.
 pub struct WebhookReceiver<Q> {
     inner: Arc<Inner<Q>>,
 }
 
 struct Inner<Q> {
-    verifier: Box<dyn Verifier>,
-    queue: Q,
+    verifier: Arc<dyn Verifier>,
+    queue: Arc<Q>,
+    route: String,
     body_limit: usize,
     dedup_ttl: Duration,
     retry_after: u64,
     clock: Arc<dyn WallClock>,
+    offload_above: usize,
+    sources: Option<Arc<SourceAllowlist>>,
+}
+
+// Not derived: `Q` itself need not be `Clone`.
+impl<Q> Clone for Inner<Q> {
+    fn clone(&self) -> Self {
+        Self {
+            verifier: self.verifier.clone(),
+            queue: self.queue.clone(),
+            route: self.route.clone(),
+            body_limit: self.body_limit,
+            dedup_ttl: self.dedup_ttl,
+            retry_after: self.retry_after,
+            clock: self.clock.clone(),
+            offload_above: self.offload_above,
+            sources: self.sources.clone(),
+        }
+    }
 }
 
 impl<Q> Clone for WebhookReceiver<Q> {
@@ -47,64 +77,97 @@ impl<Q> Clone for WebhookReceiver<Q> {
 
 impl<Q: fmt::Debug> fmt::Debug for WebhookReceiver<Q> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
         f.debug_struct("WebhookReceiver")
-            .field("verifier", &self.inner.verifier)
-            .field("queue", &self.inner.queue)
-            .field("body_limit", &self.inner.body_limit)
-            .field("dedup_ttl", &self.inner.dedup_ttl)
+            .field("verifier", &i.verifier)
+            .field("queue", &i.queue)
+            .field("route", &i.route)
+            .field("body_limit", &i.body_limit)
+            .field("dedup_ttl", &i.dedup_ttl)
+            .field("offload_above", &i.offload_above)
+            .field("sources", &i.sources)
             .finish_non_exhaustive()
     }
 }
 
+/// Bodies larger than this are verified on tokio's blocking pool by default: 64 KiB.
+pub const DEFAULT_OFFLOAD_ABOVE: usize = 64 * 1024;
+
 impl<Q: EventQueue> WebhookReceiver<Q> {
-    /// Verifies with `verifier` and queues on `queue`; body limit 1 MiB, ids remembered 24 h.
+    /// Verifies with `verifier` and queues on `queue`; the route is named after the scheme, body
+    /// limit 1 MiB, ids remembered 24 h, bodies over 64 KiB verified off the async threads, no
+    /// source allowlist.
     pub fn new(verifier: impl Verifier, queue: Q) -> Self {
+        let route = verifier.scheme().to_owned();
         Self {
             inner: Arc::new(Inner {
-                verifier: Box::new(verifier),
-                queue,
+                verifier: Arc::new(verifier),
+                queue: Arc::new(queue),
+                route,
                 body_limit: 1024 * 1024,
                 dedup_ttl: Duration::from_secs(24 * 3_600),
                 retry_after: 5,
                 clock: Arc::new(SystemClock),
+                offload_above: DEFAULT_OFFLOAD_ABOVE,
+                sources: None,
             }),
         }
     }
 
-    fn edit(self, f: impl FnOnce(&mut Inner<Q>)) -> Self {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                f(&mut inner);
-                Self {
-                    inner: Arc::new(inner),
-                }
-            }
-            Err(_) => panic!("configure the receiver before cloning it"),
-        }
+    fn edit(mut self, f: impl FnOnce(&mut Inner<Q>)) -> Self {
+        f(Arc::make_mut(&mut self.inner));
+        self
+    }
+
+    /// The route's name \[the scheme's name\], carried by each event
+    /// ([`WebhookEvent::route`]). Events are deduplicated per scheme and route: give each
+    /// receiver that shares a queue with another receiver of the same scheme its own name, or
+    /// their event ids share one space. Receivers of one route in several processes (sharing a
+    /// Redis queue) must use the same name.
+    #[must_use]
+    pub fn with_route(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.edit(|i| i.route = name)
     }
 
     /// The largest body accepted \[1 MiB\]; a larger one gets 413 without being read further.
-    ///
-    /// # Panics
-    /// When called on a receiver that was already cloned.
     #[must_use]
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.edit(|i| i.body_limit = bytes)
     }
 
-    /// How long event ids are remembered for deduplication \[24 h\].
-    ///
-    /// # Panics
-    /// When called on a receiver that was already cloned.
+    /// How long dedup keys are remembered \[24 h\]. For schemes with a signed timestamp a key
+    /// is kept at least until the delivery would be refused as stale (timestamp plus
+    /// tolerance), so a copy can never be accepted twice; for schemes without one (GitHub, a
+    /// generic scheme without a timestamp header) this TTL is the whole replay protection.
     #[must_use]
     pub fn with_dedup_ttl(self, ttl: Duration) -> Self {
         self.edit(|i| i.dedup_ttl = ttl)
     }
 
-    /// The wall clock timestamps are checked against \[the system clock\].
+    /// Bodies larger than `bytes` are verified with `tokio::task::spawn_blocking`, so that
+    /// hashing a large body never holds up the runtime's worker threads \[64 KiB\]. Outside a
+    /// tokio runtime every body is verified in place.
+    #[must_use]
+    pub fn with_offload_above(self, bytes: usize) -> Self {
+        self.edit(|i| i.offload_above = bytes)
+    }
+
+    /// Accepts deliveries only from the allowlist's networks \[any source\]; any other source
+    /// gets 403 and nothing is queued or even read.
     ///
-    /// # Panics
-    /// When called on a receiver that was already cloned.
+    /// The peer address comes from the request extension
+    /// `axum::extract::ConnectInfo<SocketAddr>`, which axum adds when the app is served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()` (outside axum, insert it yourself).
+    /// Without it the source is unknown and, an allowlist being set, every delivery is refused
+    /// (403, and an error in `tracing` saying why).
+    #[must_use]
+    pub fn with_source_allowlist(self, allowlist: SourceAllowlist) -> Self {
+        let list = Arc::new(allowlist);
+        self.edit(|i| i.sources = Some(list))
+    }
+
+    /// The wall clock timestamps are checked against \[the system clock\].
     #[must_use]
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
         self.edit(|i| i.clock = clock)
@@ -119,59 +182,125 @@ fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
+fn reject(route: &str, scheme: &str, r: &Rejection) -> Response<Full<Bytes>> {
+    tracing::warn!(
+        route,
+        scheme,
+        status = r.status.as_u16(),
+        reason = %r.reason,
+        "webhook rejected"
+    );
+    respond(r.status, "invalid signature")
+}
+
+/// Verifies, and gives a body digest as the id when the verifier gave none.
+fn verify(
+    verifier: &dyn Verifier,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Verified, Rejection> {
+    let mut v = verifier.verify(headers, body, now)?;
+    if v.id.is_none() {
+        v.id = Some(format!("sha256:{}", hex_encode(&Sha256::digest(body))));
+    }
+    Ok(v)
+}
+
 async fn receive<Q: EventQueue, B>(inner: Arc<Inner<Q>>, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    let route = inner.route.as_str();
+    let scheme = inner.verifier.scheme();
     let (parts, body) = req.into_parts();
+    if let Some(list) = &inner.sources {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let Some(peer) = peer else {
+            tracing::error!(
+                route,
+                "webhook refused: a source allowlist is set but the peer address is unknown; serve the app with into_make_service_with_connect_info::<SocketAddr>()"
+            );
+            return respond(StatusCode::FORBIDDEN, "forbidden");
+        };
+        if !list.allows(peer, &parts.headers) {
+            let source = list.source(peer, &parts.headers);
+            tracing::warn!(route, %peer, ?source, "webhook refused: the source is not in the allowlist");
+            return respond(StatusCode::FORBIDDEN, "forbidden");
+        }
+    }
+    // The signature headers first: a delivery that cannot be valid costs no body read.
+    if let Err(r) = inner
+        .verifier
+        .check_headers(&parts.headers, inner.clock.now())
+    {
+        return reject(route, scheme, &r);
+    }
     let body = match sturdy_core::body::buffer(body, inner.body_limit).await {
         Ok(b) => b,
         Err(BodyError::TooLarge { limit }) => {
-            tracing::info!(limit, "webhook rejected: body too large");
+            tracing::info!(route, limit, "webhook rejected: body too large");
             return respond(StatusCode::PAYLOAD_TOO_LARGE, "payload too large");
         }
         Err(e) => {
-            tracing::info!(error = %e, "webhook rejected: body could not be read");
+            tracing::info!(route, error = %e, "webhook rejected: body could not be read");
             return respond(StatusCode::BAD_REQUEST, "invalid signature");
         }
     };
-    let verified = match inner
-        .verifier
-        .verify(&parts.headers, &body, inner.clock.now())
-    {
+    let now = inner.clock.now();
+    let verified =
+        if body.len() > inner.offload_above && tokio::runtime::Handle::try_current().is_ok() {
+            let verifier = inner.verifier.clone();
+            let b = body.clone();
+            let headers = parts.headers;
+            let job = tokio::task::spawn_blocking(move || verify(&*verifier, &headers, &b, now));
+            match job.await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(route, error = %e, "webhook verification failed to run");
+                    return respond(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+                }
+            }
+        } else {
+            verify(&*inner.verifier, &parts.headers, &body, now)
+        };
+    let verified = match verified {
         Ok(v) => v,
-        Err(r) => {
-            tracing::warn!(status = r.status.as_u16(), reason = %r.reason, "webhook rejected");
-            return respond(r.status, "invalid signature");
-        }
+        Err(r) => return reject(route, scheme, &r),
     };
-    let id = verified
-        .id
-        .unwrap_or_else(|| format!("sha256:{}", hex_encode(&Sha256::digest(&body))));
-    let event = WebhookEvent {
-        scheme: verified.scheme.to_owned(),
-        id: id.clone(),
-        body,
-    };
-    match inner.queue.push(event, inner.dedup_ttl).await {
+    // Remember the key at least as long as a copy would pass the timestamp check.
+    let fresh = verified
+        .fresh_until
+        .and_then(|t| t.duration_since(now).ok())
+        .unwrap_or_default();
+    let ttl = inner.dedup_ttl.max(fresh);
+    let event = WebhookEvent::new(scheme, verified.id.unwrap_or_default(), body)
+        .with_route(route)
+        .with_timestamp(verified.timestamp)
+        .with_headers(verified.headers);
+    let id = event.id.clone();
+    match inner.queue.push(event, ttl).await {
         Ok(Push::Enqueued) => {
-            tracing::debug!(scheme = verified.scheme, id = %id, "webhook queued");
+            tracing::debug!(route, scheme, id = %id, "webhook queued");
             respond(StatusCode::OK, "ok")
         }
         Ok(Push::Duplicate) => {
-            tracing::info!(scheme = verified.scheme, id = %id, "duplicate webhook acknowledged, not processed again");
+            tracing::info!(route, scheme, id = %id, "duplicate webhook acknowledged, not processed again");
             respond(StatusCode::OK, "duplicate")
         }
         Ok(Push::Full) => {
-            tracing::warn!(scheme = verified.scheme, id = %id, "webhook queue full: asking the sender to redeliver");
+            tracing::warn!(route, scheme, id = %id, "webhook queue full: asking the sender to redeliver");
             let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "busy, retry later");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(inner.retry_after));
             r
         }
         Err(e) => {
-            tracing::error!(scheme = verified.scheme, id = %id, error = %e, "webhook could not be queued: asking the sender to redeliver");
+            tracing::error!(route, scheme, id = %id, error = %e, "webhook could not be queued: asking the sender to redeliver");
             let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "unavailable, retry later");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(inner.retry_after));

@@ -209,7 +209,7 @@ fn rotation_accepts_old_and_new_secrets() {
     assert!(both
         .verify(&sw(&sig_new, "1614265330"), SW_BODY.as_bytes(), at(SW_TS))
         .is_ok());
-    let stripe = Stripe::with_secrets(["whsec_old", "whsec_new"]);
+    let stripe = Stripe::with_secrets(["whsec_old", "whsec_new"]).unwrap();
     let h = headers(&[(
         "stripe-signature",
         &sign_stripe("whsec_old", 1_700_000_000, b"{}"),
@@ -227,23 +227,30 @@ fn stripe_round_trip_and_event_id_from_the_body() {
         "stripe-signature",
         &sign_stripe("whsec_test", now as i64, body),
     )]);
-    let v = Stripe::new("whsec_test").verify(&h, body, at(now)).unwrap();
+    let v = Stripe::new("whsec_test")
+        .unwrap()
+        .verify(&h, body, at(now))
+        .unwrap();
     assert_eq!(v.id.as_deref(), Some("evt_123"));
     // Stripe keys are the secret's bytes, not base64-decoded.
-    assert!(Stripe::new("test").verify(&h, body, at(now)).is_err());
+    assert!(Stripe::new("test")
+        .unwrap()
+        .verify(&h, body, at(now))
+        .is_err());
     // An extra undecodable v1 entry is ignored; a valid one still passes.
     let extra = format!(
         "{},v1=bad_signature",
         sign_stripe("whsec_test", now as i64, body)
     );
     assert!(Stripe::new("whsec_test")
+        .unwrap()
         .verify(&headers(&[("stripe-signature", &extra)]), body, at(now))
         .is_ok());
 }
 
 #[test]
 fn stripe_header_negatives() {
-    let s = Stripe::new("whsec_test");
+    let s = Stripe::new("whsec_test").unwrap();
     let now = at(1_492_774_577);
     for bad in [
         "t=,v1=2220f87ef101a04665f11cdf770523143f875572008577fa0f20882ddb9cc3c7,v0=63f3a72374a733066c4be69ed7f8e5ac85c22c9f0a6a612ab9a025a9e4ee7eef",
@@ -291,10 +298,12 @@ fn stripe_tolerance() {
     let now = 1_700_000_000;
     let h = headers(&[("stripe-signature", &sign_stripe("k", now as i64 - 15, body))]);
     assert!(Stripe::new("k")
+        .unwrap()
         .with_tolerance(Duration::from_secs(10))
         .verify(&h, body, at(now))
         .is_err());
     assert!(Stripe::new("k")
+        .unwrap()
         .with_tolerance(Duration::from_secs(20))
         .verify(&h, body, at(now))
         .is_ok());
@@ -303,7 +312,10 @@ fn stripe_tolerance() {
         &sign_stripe("k", now as i64 + 301, body),
     )]);
     assert!(
-        Stripe::new("k").verify(&future, body, at(now)).is_err(),
+        Stripe::new("k")
+            .unwrap()
+            .verify(&future, body, at(now))
+            .is_err(),
         "both directions"
     );
 }
@@ -322,17 +334,27 @@ fn gh1_vector() {
         ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
     ]);
     let v = GitHub::new("It's a Secret to Everybody")
+        .unwrap()
         .verify(&h, b"Hello, World!", at(0))
         .unwrap();
+    // GitHub signs the body only: the dedup id is a digest of it, and the (unsigned) delivery
+    // id is carried as a header.
     assert_eq!(
         v.id.as_deref(),
-        Some("72d3162e-cc78-11e3-81ab-4c9367dc0958")
+        Some("sha256:dffd6021bb2bd5b0af676290809ec3a53191dd81c7f70a4b28688a362182986f")
     );
+    assert_eq!(
+        v.headers["x-github-delivery"],
+        "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    );
+    assert_eq!(v.timestamp, None);
     assert!(GitHub::new("It's a Secret to Everybody")
+        .unwrap()
         .verify(&h, b"Hello, World!\n", at(0))
         .is_err());
     for bad in ["757107ea", "sha1=abc", "sha256=zz", "sha256=abc"] {
         let r = GitHub::new("x")
+            .unwrap()
             .verify(&headers(&[("x-hub-signature-256", bad)]), b"", at(0))
             .unwrap_err();
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
@@ -356,17 +378,28 @@ fn generic_hmac_with_timestamp_and_base64() {
         base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes())
     );
     let v = GenericHmac::new("acme", HeaderName::from_static("x-acme-signature"), "k")
-        .prefix("hmac=")
-        .encoding(Encoding::Base64)
-        .timestamp_header(HeaderName::from_static("x-acme-timestamp"))
-        .id_header(HeaderName::from_static("x-acme-event"));
+        .unwrap()
+        .with_prefix("hmac=")
+        .with_encoding(Encoding::Base64)
+        .with_timestamp_header(HeaderName::from_static("x-acme-timestamp"))
+        .with_event_header(HeaderName::from_static("x-acme-event"));
     let h = headers(&[
         ("x-acme-signature", &sig),
         ("x-acme-timestamp", ts),
         ("x-acme-event", "e1"),
     ]);
     let ok = v.verify(&h, body, at(1_700_000_000)).unwrap();
-    assert_eq!((ok.scheme, ok.id.as_deref()), ("acme", Some("e1")));
+    assert_eq!(v.scheme(), "acme");
+    assert_eq!(ok.timestamp, Some(1_700_000_000));
+    assert_eq!(ok.headers["x-acme-event"], "e1");
+    assert_eq!(ok.headers["x-acme-timestamp"], ts);
+    // The event header is not signed: the id is a digest of the signed `timestamp.body`.
+    let digest = {
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest(format!("{ts}.{{\"n\":1}}"));
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(ok.id, Some(format!("sha256:{digest}")));
     assert_eq!(
         v.verify(&h, body, at(1_700_001_000)).unwrap_err().status,
         StatusCode::UNAUTHORIZED
@@ -382,9 +415,9 @@ fn debug_never_shows_secrets() {
     let d = format!(
         "{:?} {:?} {:?} {:?}",
         StandardWebhooks::new(SW_SECRET).unwrap(),
-        Stripe::new("whsec_stripe_secret"),
-        GitHub::new("gh-secret"),
-        GenericHmac::new("g", HeaderName::from_static("x-s"), "generic-secret")
+        Stripe::new("whsec_stripe_secret").unwrap(),
+        GitHub::new("gh-secret").unwrap(),
+        GenericHmac::new("g", HeaderName::from_static("x-s"), "generic-secret").unwrap()
     );
     for s in [
         "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
@@ -394,4 +427,171 @@ fn debug_never_shows_secrets() {
     ] {
         assert!(!d.contains(s), "{d}");
     }
+}
+
+// ===== What each scheme signs, deduplicates on and carries =====
+
+#[test]
+fn empty_secrets_are_refused_with_a_clear_error() {
+    let x = HeaderName::from_static("x-sig");
+    let errors = [
+        Stripe::new("").unwrap_err(),
+        Stripe::with_secrets(["ok", ""]).unwrap_err(),
+        Stripe::with_secrets([]).unwrap_err(),
+        GitHub::new("").unwrap_err(),
+        GitHub::with_secrets(["", "ok"]).unwrap_err(),
+        GitHub::with_secrets([]).unwrap_err(),
+        GenericHmac::new("g", x.clone(), "").unwrap_err(),
+        GenericHmac::with_secrets("g", x.clone(), ["ok", ""]).unwrap_err(),
+        GenericHmac::new("", x, "ok").unwrap_err(),
+        StandardWebhooks::new("").unwrap_err(),
+        StandardWebhooks::new("whsec_").unwrap_err(),
+    ];
+    for e in errors {
+        assert_eq!(e.kind(), &sturdy_core::ErrorKind::Config, "{e}");
+        assert!(
+            e.to_string().contains("secret") || e.to_string().contains("name"),
+            "{e}"
+        );
+    }
+    assert!(Stripe::new("")
+        .unwrap_err()
+        .to_string()
+        .contains("anyone could sign"));
+}
+
+#[test]
+fn a_github_copy_under_a_new_delivery_id_has_the_same_dedup_id() {
+    let gh = GitHub::new("s").unwrap();
+    let body = br#"{"action":"opened"}"#;
+    let sig = sign_github("s", body);
+    let first = headers(&[("x-hub-signature-256", &sig), ("x-github-delivery", "d-1")]);
+    let copy = headers(&[("x-hub-signature-256", &sig), ("x-github-delivery", "d-2")]);
+    let a = gh.verify(&first, body, at(0)).unwrap();
+    let b = gh.verify(&copy, body, at(0)).unwrap();
+    assert_eq!(a.id, b.id);
+    assert_ne!(a.headers, b.headers);
+    // Another body is another event.
+    let other = br#"{"action":"closed"}"#;
+    let c = gh
+        .verify(
+            &headers(&[("x-hub-signature-256", &sign_github("s", other))]),
+            other,
+            at(0),
+        )
+        .unwrap();
+    assert_ne!(a.id, c.id);
+}
+
+#[test]
+fn stripe_dedups_on_the_signed_event_id_and_carries_the_timestamp() {
+    let s = Stripe::new("k").unwrap();
+    let body = br#"{"id":"evt_1","object":"event","data":{"object":{"id":"ch_1"}}}"#;
+    let now = 1_700_000_000;
+    // Stripe's retry of one event is signed again, later: same event id.
+    let first = s
+        .verify(
+            &headers(&[("stripe-signature", &sign_stripe("k", now, body))]),
+            body,
+            at(now as u64),
+        )
+        .unwrap();
+    let retry = s
+        .verify(
+            &headers(&[("stripe-signature", &sign_stripe("k", now + 60, body))]),
+            body,
+            at(now as u64 + 60),
+        )
+        .unwrap();
+    assert_eq!(first.id.as_deref(), Some("evt_1"));
+    assert_eq!(retry.id, first.id);
+    assert_eq!(first.timestamp, Some(now));
+    assert_eq!(
+        first.fresh_until,
+        Some(at(now as u64 + 300)),
+        "acceptable until the tolerance runs out"
+    );
+    assert!(first.headers.contains_key("stripe-signature"));
+    // No usable id: a digest of the signed `t.body`, so another timestamp is another event.
+    for body in [&b"[1]"[..], br#"{"id":7}"#, br#"{"id":""}"#] {
+        let a = s
+            .verify(
+                &headers(&[("stripe-signature", &sign_stripe("k", now, body))]),
+                body,
+                at(now as u64),
+            )
+            .unwrap();
+        let b = s
+            .verify(
+                &headers(&[("stripe-signature", &sign_stripe("k", now + 1, body))]),
+                body,
+                at(now as u64),
+            )
+            .unwrap();
+        assert!(a.id.as_deref().unwrap().starts_with("sha256:"));
+        assert_ne!(a.id, b.id);
+    }
+    let long = format!(r#"{{"id":"{}"}}"#, "e".repeat(300));
+    let v = s
+        .verify(
+            &headers(&[("stripe-signature", &sign_stripe("k", now, long.as_bytes()))]),
+            long.as_bytes(),
+            at(now as u64),
+        )
+        .unwrap();
+    assert!(
+        v.id.unwrap().starts_with("sha256:"),
+        "an overlong id is not kept"
+    );
+}
+
+#[test]
+fn standard_carries_its_ids_and_refuses_overlong_ids() {
+    let v = StandardWebhooks::new(SW_SECRET).unwrap();
+    let ok = v
+        .verify(&sw(SW_SIG, "1614265330"), SW_BODY.as_bytes(), at(SW_TS))
+        .unwrap();
+    assert_eq!(ok.headers["webhook-id"], SW_ID);
+    assert_eq!(ok.headers["webhook-timestamp"], "1614265330");
+    assert_eq!(ok.headers.len(), 2, "the signature is not carried");
+    let long = "m".repeat(257);
+    let sig = sign_standard(SW_SECRET, &long, SW_TS as i64, SW_BODY.as_bytes()).unwrap();
+    let h = headers(&[
+        ("webhook-id", &long),
+        ("webhook-timestamp", "1614265330"),
+        ("webhook-signature", &sig),
+    ]);
+    assert_eq!(
+        v.verify(&h, SW_BODY.as_bytes(), at(SW_TS))
+            .unwrap_err()
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[test]
+fn headers_are_checked_on_their_own() {
+    let v = StandardWebhooks::new(SW_SECRET).unwrap();
+    assert!(v
+        .check_headers(&sw(SW_SIG, "1614265330"), at(SW_TS))
+        .is_ok());
+    assert_eq!(
+        v.check_headers(&HeaderMap::new(), at(SW_TS))
+            .unwrap_err()
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        v.check_headers(&sw(SW_SIG, "1614265330"), at(SW_TS + 301))
+            .unwrap_err()
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "stale, without the body"
+    );
+    let gh = GitHub::new("s").unwrap();
+    assert!(gh.check_headers(&HeaderMap::new(), at(0)).is_err());
+    let s = Stripe::new("k").unwrap();
+    assert!(s
+        .check_headers(&headers(&[("stripe-signature", "t=1")]), at(1))
+        .is_err());
 }
