@@ -2,10 +2,11 @@
 //!
 //! cargo bench --features idempotency --bench idempotency_memory
 //!
-//! Fills a `MemoryStore` with completed keys holding a typical small API response (201, a JSON
-//! content type, a 120-byte body) and reports two figures: the resident memory the process grew
-//! by (what the allocator really took, map tables included), and the store's own accounting of
-//! the heap its keys and responses hold.
+//! Fills a `MemoryStore` with completed keys, each holding its own typical small API response
+//! (201, a JSON content type, a 120-byte body), and reports two figures: the resident memory the
+//! process grew by (what the allocator really took, map tables included), and the store's own
+//! accounting (`MemoryStore::heap_bytes`, the figure its byte bound applies to: keys, responses
+//! and an estimate of each entry's share of the tables).
 
 use std::time::Duration;
 
@@ -63,7 +64,7 @@ fn main() {
             );
         }
         println!(
-            "accounted per key:       {} bytes (key, response struct, headers, body)",
+            "accounted per key:       {} bytes (MemoryStore::heap_bytes: key, response, table share)",
             store.heap_bytes() / n
         );
     });

@@ -85,17 +85,21 @@ fn at_the_bound(c: &mut Criterion) {
             fifo.push_back(k);
         }
         let mut fifo_next = n;
-        g.bench_with_input(BenchmarkId::new("baseline: HashMap + FIFO", n), &n, |b, _| {
-            b.iter(|| {
-                fifo_next += 1;
-                let k: Box<str> = key(&mut buf, fifo_next).into();
-                if let Some(old) = fifo.pop_front() {
-                    fifo_map.remove(&old);
-                }
-                fifo_map.insert(k.clone(), response.clone());
-                fifo.push_back(k);
-            });
-        });
+        g.bench_with_input(
+            BenchmarkId::new("baseline: HashMap + FIFO", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    fifo_next += 1;
+                    let k: Box<str> = key(&mut buf, fifo_next).into();
+                    if let Some(old) = fifo.pop_front() {
+                        fifo_map.remove(&old);
+                    }
+                    fifo_map.insert(k.clone(), response.clone());
+                    fifo.push_back(k);
+                });
+            },
+        );
         drop((fifo_map, fifo));
         let mut step = 0u64;
         g.bench_with_input(BenchmarkId::new("replay", n), &n, |b, _| {

@@ -78,12 +78,15 @@ problem_type!(
 
 /// The body and status of a problem.
 pub(crate) fn stored(status: StatusCode, type_: &str, title: &str, detail: &str) -> StoredResponse {
-    let body = serde_json::json!({
-        "type": type_,
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
+    // Written by hand so the members keep this order whatever serde_json's features.
+    let json = |s: &str| serde_json::Value::from(s).to_string();
+    let body = format!(
+        "{{\"type\":{},\"title\":{},\"status\":{},\"detail\":{}}}",
+        json(type_),
+        json(title),
+        status.as_u16(),
+        json(detail)
+    );
     let mut headers = vec![(
         header::CONTENT_TYPE.as_str().to_owned(),
         b"application/problem+json".to_vec(),
@@ -97,7 +100,7 @@ pub(crate) fn stored(status: StatusCode, type_: &str, title: &str, detail: &str)
     StoredResponse {
         status: status.as_u16(),
         headers,
-        body: Bytes::from(body.to_string()),
+        body: Bytes::from(body),
     }
 }
 
@@ -124,4 +127,40 @@ pub(crate) fn to_response<B>(stored: StoredResponse) -> Response<ResponseBody<B>
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_flight_problem_is_exactly_as_documented() {
+        let p = stored(
+            StatusCode::CONFLICT,
+            IN_FLIGHT,
+            "A request is outstanding for this Idempotency-Key",
+            "the first request with this key is still running; retry after a while with the same \"key\"",
+        );
+        assert_eq!(p.status, 409);
+        assert_eq!(
+            p.headers,
+            vec![
+                (
+                    "content-type".to_owned(),
+                    b"application/problem+json".to_vec()
+                ),
+                ("retry-after".to_owned(), b"1".to_vec()),
+            ]
+        );
+        assert_eq!(
+            p.body,
+            concat!(
+                r#"{"type":"https://example.invalid/sturdy/problems/idempotency-key-in-flight","#,
+                r#""title":"A request is outstanding for this Idempotency-Key","status":409,"#,
+                r#""detail":"the first request with this key is still running; retry after a while with the same \"key\""}"#
+            )
+        );
+        let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(v["detail"].as_str().unwrap().matches('"').count(), 2);
+    }
 }
