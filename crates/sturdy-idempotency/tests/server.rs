@@ -676,3 +676,39 @@ fn traits() {
     let fut = svc.oneshot(keyed("k"));
     send(&fut);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_limit_inside_the_layer_counts_executions_whose_client_left() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = runs.clone();
+                move || {
+                    let runs = runs.clone();
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(1_500)).await;
+                        StatusCode::CREATED
+                    }
+                }
+            }),
+        )
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .layer(layer())
+        // Makes the routes once, as `axum::serve` does, so every call shares one limit.
+        .with_state(());
+    let start = tokio::time::Instant::now();
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        app.clone().oneshot(order(Some("a"), "{}")),
+    )
+    .await;
+    assert!(gone.is_err());
+    // Another key waits for the abandoned execution's permit, then runs.
+    let res = app.oneshot(order(Some("b"), "{}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(start.elapsed(), Duration::from_millis(3_000));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
