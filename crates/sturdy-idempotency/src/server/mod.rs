@@ -8,6 +8,7 @@
 //! | repeat while the first is running | 409, `Retry-After: 1`, problem type [`problem::IN_FLIGHT`] |
 //! | same key, other payload (or method, path or query) | 422, [`problem::KEY_REUSED`] |
 //! | no key, on a route that requires one | 400, [`problem::MISSING_KEY`] |
+//! | a key that is not 1 to 255 visible ASCII characters | 400, [`problem::INVALID_KEY`] |
 //! | body larger than the limit \[1 MiB\] | 413, [`problem::BODY_TOO_LARGE`] |
 //! | store unavailable or full | 503, `Retry-After: 1`, [`problem::STORE_UNAVAILABLE`]; the handler does not run |
 //!
@@ -29,9 +30,12 @@
 //! processed. Stored responses are bounded \[1 MiB\]: a handler whose response is larger is
 //! not run again; its key replays a 500 [`problem::RESPONSE_TOO_LARGE`].
 //!
-//! The layer needs a tokio runtime with timers (axum's `serve` has one). A panic in a handler
-//! is caught in its task, the key is released, and the panic resumes in the request's future,
-//! as it would without the layer.
+//! A panic in a handler is caught in its task, the key is released, and the panic resumes in
+//! the request's future, as it would without the layer. The handler's own task and the lease
+//! renewal need a tokio runtime with timers (axum's `serve` has one); without a tokio runtime,
+//! the handler runs in the request's future without renewal, and a request dropped there keeps
+//! its key until its lease ends. A concurrency limit placed inside this layer (between it and
+//! the handlers) also counts the handlers whose client went away; one placed outside does not.
 //!
 //! # Example
 //!
