@@ -2,10 +2,11 @@
 //!
 //! cargo bench --features idempotency --bench idempotency_memory
 //!
-//! Fills a `MemoryStore` with completed keys holding a typical small API response (201, a JSON
-//! content type, a 120-byte body) and reports two figures: the resident memory the process grew
-//! by (what the allocator really took, map tables included), and the store's own accounting of
-//! the heap its keys and responses hold.
+//! Fills a `MemoryStore` with completed keys, each holding its own typical small API response
+//! (201, a JSON content type, a 120-byte body), and reports two figures: the resident memory the
+//! process grew by (what the allocator really took, map tables included), and the store's own
+//! accounting (`MemoryStore::heap_bytes`, the figure its byte bound applies to: keys, responses
+//! and an estimate of each entry's share of the tables).
 
 use std::time::Duration;
 
@@ -30,23 +31,27 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let response = StoredResponse {
+        // Each key holds its own response, as responses from a handler do.
+        let response = || StoredResponse {
             status: 201,
             headers: vec![("content-type".into(), b"application/json".to_vec())],
             body: Bytes::from(vec![b'x'; 120]),
         };
-        let store = MemoryStore::new(n);
+        // Bounded by entries here, not by bytes.
+        let store = MemoryStore::new(n)
+            .and_then(|s| s.with_max_bytes(4 << 30))
+            .expect("valid bounds");
         let before = rss_bytes();
         for i in 0..n {
             // A scope hash (32 hex) and a UUID key, as the layer builds them.
             let key = format!("5f0c2a9e7b1d4c3f8e6a0b2d4f6e8a1c:{i:08x}-5e2b-4c1d-9a7f-{i:012x}");
             let fp = [i as u8; 32];
             store
-                .begin(&key, fp, Duration::from_secs(60))
+                .begin(&key, fp, Duration::from_secs(30))
                 .await
                 .unwrap();
             store
-                .complete(&key, fp, response.clone(), Duration::from_secs(86_400))
+                .complete(&key, fp, response(), Duration::from_secs(86_400))
                 .await
                 .unwrap();
         }
@@ -59,7 +64,7 @@ fn main() {
             );
         }
         println!(
-            "accounted heap per key:  {} bytes (key, response struct, headers, body)",
+            "accounted per key:       {} bytes (MemoryStore::heap_bytes: key, response, table share)",
             store.heap_bytes() / n
         );
     });

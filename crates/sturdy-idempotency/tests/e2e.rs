@@ -30,7 +30,13 @@ fn orders_app(db: Db) -> Router {
                 }
             }),
         )
-        .layer(server::IdempotencyLayer::new(server::MemoryStore::default()).require_key())
+        .layer(
+            server::IdempotencyLayer::new(
+                server::MemoryStore::default(),
+                server::ByCredentials::default(),
+            )
+            .with_require_key(true),
+        )
 }
 
 fn order(url: &str, n: usize) -> Request<Full<Bytes>> {

@@ -19,9 +19,23 @@ if string.sub(v, 1, 2) == 'i:' then return {'inflight'} end
 return {'done', string.sub(v, 68)}
 ";
 
-/// Stores the response if this fingerprint still holds the lock. ARGV: fp, ttl (ms), response.
+/// Extends the lock if this fingerprint holds it, or takes the key again if it is free (the
+/// lease ran out and nobody took it over). ARGV: fp, lease (ms).
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == 'i:' .. ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not v then
+  redis.call('SET', KEYS[1], 'i:' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Stores the response if this fingerprint holds the lock, or if the key is free (the lease ran
+/// out and nobody took it over). ARGV: fp, ttl (ms), response.
 const COMPLETE: &str = r"
-if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == 'i:' .. ARGV[1] or not v then
   redis.call('SET', KEYS[1], 'd:' .. ARGV[1] .. ':' .. ARGV[3], 'PX', ARGV[2])
   return 1
 end
@@ -35,15 +49,21 @@ return 0
 ";
 
 /// An idempotency store in Redis, so several app instances agree on keys: the lock is a
-/// `SET NX PX` with the lease, completion and release are atomic scripts that act only for the
-/// fingerprint that holds the lock, and stored responses expire with their TTL. One round trip
+/// `SET NX PX` with the lease; renewal, completion and release are atomic scripts that act only
+/// for the fingerprint that holds the lock (or, for renewal and completion, on a key whose lease
+/// ran out with nobody taking it over); stored responses expire with their TTL. One round trip
 /// per operation, each bounded by a timeout \[1 s\].
+///
+/// Each key is one Redis string: `i:<fingerprint>` while its request runs, then
+/// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]). The Redis key is the
+/// prefix, a hash of the client's scope and the idempotency key; no credential is stored.
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
     begin: Script,
+    renew: Script,
     complete: Script,
     release: Script,
 }
@@ -83,6 +103,7 @@ impl RedisIdempotencyStore {
             prefix: "sturdy:idem".into(),
             timeout: Duration::from_secs(1),
             begin: Script::new(BEGIN),
+            renew: Script::new(RENEW),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
         }
@@ -145,6 +166,28 @@ impl IdempotencyStore for RedisIdempotencyStore {
                     "unexpected answer from the idempotency script",
                 )) as BoxError),
             }
+        })
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>> {
+        let this = self.clone();
+        let key = self.key(key);
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let mut inv = this.renew.key(key);
+            inv.arg(hex(&fingerprint)).arg(ms(lease));
+            let renewed: i64 = bounded(
+                this.timeout,
+                "idempotency renew",
+                inv.invoke_async(&mut conn),
+            )
+            .await?;
+            Ok(renewed == 1)
         })
     }
 

@@ -3,19 +3,39 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | first with a key | runs; its response is stored \[24 h\] |
+//! | first with a key | runs to its end, even if its client goes away; its response is stored \[24 h\] |
 //! | repeat, same fingerprint, first completed | the stored response, with `Idempotent-Replayed: true`; the handler does not run |
-//! | repeat while the first is running | 409 |
-//! | same key, other payload (or method, or path) | 422 |
-//! | no key, on a route that requires one | 400 |
-//! | store unavailable or full | 503 with `Retry-After: 1` |
+//! | repeat while the first is running | 409, `Retry-After: 1`, problem type [`problem::IN_FLIGHT`] |
+//! | same key, other payload (or method, path or query) | 422, [`problem::KEY_REUSED`] |
+//! | no key, on a route that requires one | 400, [`problem::MISSING_KEY`] |
+//! | a key that is not 1 to 255 visible ASCII characters | 400, [`problem::INVALID_KEY`] |
+//! | body larger than the limit \[1 MiB\] | 413, [`problem::BODY_TOO_LARGE`] |
+//! | store unavailable or full | 503, `Retry-After: 1`, [`problem::STORE_UNAVAILABLE`]; the handler does not run |
 //!
-//! The fingerprint is SHA-256 over the method, the path and the body. Keys are scoped per client
-//! (default: a hash of the `Authorization` header, so two clients may use the same key); keys
-//! are 1 to 255 visible ASCII characters, sent bare or as a structured-field string. A running
-//! request holds a lock with a lease \[60 s\], so a crashed worker does not block its key forever;
-//! a handler that panics or is cancelled releases it at once. 5xx responses are not stored
-//! \[configurable\], so the client can retry. Errors are RFC 9457 problem JSON.
+//! The fingerprint is SHA-256 over the method, the path and query (byte for byte) and the body.
+//! Keys are 1 to 255 visible ASCII characters, sent bare or as a structured-field string, and
+//! scoped per client: the [`Scope`] given to [`IdempotencyLayer::new`] decides who shares a key
+//! space ([`ByCredentials`], the usual choice, hashes the credential headers; a closure can read
+//! anything in the request head). Errors are RFC 9457 problem JSON ([`problem`]).
+//!
+//! Once a handler has started under a key, the key is held until that execution's outcome is
+//! known. The handler runs in a task of its own: if its client goes away (hyper drops the
+//! request's future when the connection closes), the handler still runs to its end and its
+//! response is stored, so the client's retry gets it. While it runs, its lock is renewed every
+//! third of its lease \[30 s\]; a worker that crashes stops renewing, and its key is free again
+//! when the lease ends. A handler that panics, fails (`Err`), or answers a status that is not
+//! stored releases its key before its answer goes out, so a retry that follows at once runs.
+//!
+//! Not stored: 5xx \[configurable\], and 408, 425 and 429, which say the request was not
+//! processed. Stored responses are bounded \[1 MiB\]: a handler whose response is larger is
+//! not run again; its key replays a 500 [`problem::RESPONSE_TOO_LARGE`].
+//!
+//! A panic in a handler is caught in its task, the key is released, and the panic resumes in
+//! the request's future, as it would without the layer. The handler's own task and the lease
+//! renewal need a tokio runtime with timers (axum's `serve` has one); without a tokio runtime,
+//! the handler runs in the request's future without renewal, and a request dropped there keeps
+//! its key until its lease ends. A concurrency limit placed inside this layer (between it and
+//! the handlers) also counts the handlers whose client went away; one placed outside does not.
 //!
 //! # Example
 //!
@@ -24,14 +44,22 @@
 //! # async fn main() {
 //! use axum::{routing::post, Router};
 //! use http::{Request, StatusCode};
-//! use sturdy_idempotency::server::{IdempotencyLayer, MemoryStore};
+//! use sturdy_idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
 //! use tower::ServiceExt;
 //!
+//! let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+//!     .with_require_key(true);
 //! let app = Router::new()
 //!     .route("/orders", post(|| async { (StatusCode::CREATED, "order o_1") }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::default()).require_key());
+//!     .layer(layer);
 //!
-//! let order = || Request::post("/orders").header("idempotency-key", "k-1").body(axum::body::Body::from("{}")).unwrap();
+//! let order = || {
+//!     Request::post("/orders")
+//!         .header("authorization", "Bearer client-1")
+//!         .header("idempotency-key", "k-1")
+//!         .body(axum::body::Body::from("{}"))
+//!         .unwrap()
+//! };
 //! let first = app.clone().oneshot(order()).await.unwrap();
 //! assert_eq!(first.status(), StatusCode::CREATED);
 //! let again = app.clone().oneshot(order()).await.unwrap();
@@ -42,7 +70,10 @@
 //! ```
 
 pub mod conformance;
+mod execute;
 mod memory;
+pub mod problem;
+mod scope;
 mod store;
 
 use std::fmt;
@@ -54,52 +85,43 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use sha2::{Digest, Sha256};
 use sturdy_core::BoxError;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+use execute::{Execution, Outcome};
 
 pub use memory::{MemoryStore, StoreFull};
+pub use scope::{ByCredentials, Scope};
 pub use store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
 
 /// The body of responses from the server layer: a stored or generated response (left), or the
 /// handler's own body (right).
 pub type ResponseBody<B> = Either<Full<Bytes>, B>;
 
-/// Chooses the client scope of a key from the request head.
-pub trait Scope: Send + Sync + 'static {
-    /// The scope of the request's client (a credential hash, a tenant id).
-    fn scope(&self, head: &Parts) -> String;
+/// A setting of the layer or of the memory store is invalid; reported when it is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidConfig {
+    reason: &'static str,
 }
 
-impl<F> Scope for F
-where
-    F: Fn(&Parts) -> String + Send + Sync + 'static,
-{
-    fn scope(&self, head: &Parts) -> String {
-        self(head)
+impl InvalidConfig {
+    pub(crate) fn new(reason: &'static str) -> Self {
+        Self { reason }
     }
 }
 
-/// The default scope: a SHA-256 of the `Authorization` header (never the credential itself), or
-/// `anonymous`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ByCredential;
-
-impl Scope for ByCredential {
-    fn scope(&self, head: &Parts) -> String {
-        match head.headers.get(header::AUTHORIZATION) {
-            Some(v) => hex(&Sha256::digest(v.as_bytes())[..16]),
-            None => "anonymous".to_owned(),
-        }
+impl fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid idempotency configuration: {}", self.reason)
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+impl std::error::Error for InvalidConfig {}
 
 #[derive(Debug, Clone)]
 struct Config {
@@ -110,6 +132,19 @@ struct Config {
     lease: Duration,
     store_server_errors: bool,
     body_limit: usize,
+    response_limit: usize,
+}
+
+impl Config {
+    /// Whether a response with this status is stored.
+    fn stores(&self, status: StatusCode) -> bool {
+        match status.as_u16() {
+            // The request was not processed; the client is meant to send it again.
+            408 | 425 | 429 => false,
+            500..=599 => self.store_server_errors,
+            _ => true,
+        }
+    }
 }
 
 /// Makes handlers idempotent per `Idempotency-Key`; see the [module docs](self).
@@ -140,56 +175,77 @@ impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
-    /// POST and PATCH with a key are made idempotent; a missing key is allowed (see
-    /// [`require_key`](Self::require_key)). Responses kept 24 h, locks leased 60 s, 5xx not
-    /// stored, request bodies up to 1 MiB.
-    pub fn new(store: St) -> Self {
+    /// Keys kept in `store`, scoped per client by `scope` (usually
+    /// [`ByCredentials::default()`]).
+    ///
+    /// Defaults: POST and PATCH with a key are made idempotent, a missing key is allowed (see
+    /// [`with_require_key`](Self::with_require_key)); responses kept 24 h, locks leased 30 s
+    /// (renewed while the handler runs); 5xx not stored; request bodies up to 1 MiB, stored
+    /// responses up to 1 MiB.
+    pub fn new(store: St, scope: impl Scope) -> Self {
         Self {
             store: Arc::new(store),
-            scope: Arc::new(ByCredential),
+            scope: Arc::new(scope),
             config: Arc::new(Config {
                 header: HeaderName::from_static("idempotency-key"),
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: false,
                 ttl: Duration::from_secs(24 * 3_600),
-                lease: Duration::from_secs(60),
+                lease: Duration::from_secs(30),
                 store_server_errors: false,
                 body_limit: 1024 * 1024,
+                response_limit: 1024 * 1024,
             }),
         }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        let mut c = (*self.config).clone();
-        f(&mut c);
-        self.config = Arc::new(c);
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
-    /// Answers 400 when a request with one of the methods has no key.
-    pub fn require_key(self) -> Self {
-        self.edit(|c| c.require_key = true)
+    /// Whether a request with one of the methods and no key gets 400 \[false: it runs without
+    /// idempotency\].
+    pub fn with_require_key(self, require: bool) -> Self {
+        self.edit(|c| c.require_key = require)
     }
 
-    /// The methods made idempotent \[POST, PATCH\].
+    /// The methods made idempotent \[POST, PATCH\]; other requests pass through untouched.
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         let m: Vec<Method> = methods.into_iter().collect();
         self.edit(|c| c.methods = m)
     }
 
     /// How long responses are kept \[24 h\].
-    pub fn with_ttl(self, ttl: Duration) -> Self {
-        self.edit(|c| c.ttl = ttl)
+    ///
+    /// # Errors
+    /// When `ttl` is zero.
+    pub fn with_ttl(self, ttl: Duration) -> Result<Self, InvalidConfig> {
+        if ttl.is_zero() {
+            return Err(InvalidConfig::new(
+                "the TTL of stored responses must be longer than zero",
+            ));
+        }
+        Ok(self.edit(|c| c.ttl = ttl))
     }
 
-    /// How long a running request holds its key \[60 s\]; set it above the slowest handler.
-    pub fn with_lease(self, lease: Duration) -> Self {
-        self.edit(|c| c.lease = lease)
+    /// How long a lock outlives its last renewal \[30 s\]. While a handler runs, its lock is
+    /// renewed every third of the lease; the lease is how long a crashed worker's key stays
+    /// blocked.
+    ///
+    /// # Errors
+    /// When `lease` is shorter than 1 ms.
+    pub fn with_lease(self, lease: Duration) -> Result<Self, InvalidConfig> {
+        if lease < Duration::from_millis(1) {
+            return Err(InvalidConfig::new("the lease must be at least 1 ms"));
+        }
+        Ok(self.edit(|c| c.lease = lease))
     }
 
-    /// Also store 5xx responses (replayed like any other) \[off\].
-    pub fn store_server_errors(self, yes: bool) -> Self {
-        self.edit(|c| c.store_server_errors = yes)
+    /// Whether 5xx responses are stored (and replayed like any other) \[false: a 5xx releases
+    /// the key, so a retry runs the handler again\]. 408, 425 and 429 are never stored.
+    pub fn with_store_server_errors(self, store: bool) -> Self {
+        self.edit(|c| c.store_server_errors = store)
     }
 
     /// The largest request body fingerprinted \[1 MiB\]; larger gets 413.
@@ -197,15 +253,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.edit(|c| c.body_limit = bytes)
     }
 
+    /// The largest response body stored \[1 MiB\]. A handler whose response is larger has run,
+    /// so it is not run again: its key keeps a 500 [`problem::RESPONSE_TOO_LARGE`] instead.
+    pub fn with_response_limit(self, bytes: usize) -> Self {
+        self.edit(|c| c.response_limit = bytes)
+    }
+
     /// The key header \[`Idempotency-Key`\].
     pub fn with_header(self, header: HeaderName) -> Self {
         self.edit(|c| c.header = header)
-    }
-
-    /// Scopes keys with `scope` (a function of the request head) instead of by credential.
-    pub fn with_scope(mut self, scope: impl Scope) -> Self {
-        self.scope = Arc::new(scope);
-        self
     }
 }
 
@@ -225,12 +281,19 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 /// The service made by the server [`IdempotencyLayer`].
 ///
 /// Rejections are responses (`Error = S::Error`), so it fits `axum::Router::layer`.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's. The service it made ready is the one that runs the
+/// request (moved into the request's execution), also after the body was read and the store
+/// asked.
 pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
     scope: Arc<dyn Scope>,
     config: Arc<Config>,
 }
+
+sturdy_core::define_inner_service_accessors!(Idempotency<S, St>);
 
 impl<S: Clone, St> Clone for Idempotency<S, St> {
     fn clone(&self) -> Self {
@@ -252,22 +315,6 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
     }
 }
 
-/// An RFC 9457 problem response.
-fn problem<B>(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody<B>> {
-    let body = serde_json::json!({ "type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail });
-    let mut r = Response::new(Either::Left(Full::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::CONFLICT {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    r
-}
-
 /// Reads the key: a bare token or a structured-field string, 1 to 255 visible ASCII characters.
 fn read_key(v: &HeaderValue) -> Option<String> {
     let raw = v.to_str().ok()?.trim();
@@ -279,63 +326,22 @@ fn read_key(v: &HeaderValue) -> Option<String> {
     ok.then_some(key)
 }
 
-fn fingerprint(method: &Method, path: &str, body: &[u8]) -> Fingerprint {
+/// SHA-256 over the method, the path and query, and the body.
+fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> Fingerprint {
     let mut h = Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update([0]);
-    h.update(path.as_bytes());
+    h.update(path_and_query.as_bytes());
     h.update([0]);
     h.update(body);
     h.finalize().into()
 }
 
 fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
-    let mut r = Response::new(Either::Left(Full::new(stored.body)));
-    *r.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    for (k, v) in stored.headers {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_bytes(&v),
-        ) {
-            r.headers_mut().append(k, v);
-        }
-    }
+    let mut r = problem::to_response(stored);
     r.headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
     r
-}
-
-/// Releases a lock if the handler never finished (panic, cancellation).
-struct LockGuard<St: IdempotencyStore> {
-    store: Arc<St>,
-    key: String,
-    fp: Fingerprint,
-    armed: bool,
-}
-
-impl<St: IdempotencyStore> LockGuard<St> {
-    /// Releases the lock now, so a retry that follows at once finds the key free.
-    async fn release(mut self) {
-        self.armed = false;
-        if let Err(e) = self.store.release(&self.key, self.fp).await {
-            tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease");
-        }
-    }
-}
-
-impl<St: IdempotencyStore> Drop for LockGuard<St> {
-    fn drop(&mut self) {
-        if self.armed {
-            let fut = self.store.release(&self.key, self.fp);
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = fut.await {
-                        tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease");
-                    }
-                });
-            }
-        }
-    }
 }
 
 /// The response future of the server [`Idempotency`] service (boxed: the store is async).
@@ -354,14 +360,9 @@ impl<T, E> Future for ResponseFuture<T, E> {
     }
 }
 
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "upgrade",
-    "date",
-];
+fn ready<T: Send + 'static, E: Send + 'static>(r: T) -> ResponseFuture<T, E> {
+    ResponseFuture(Box::pin(std::future::ready(Ok(r))))
+}
 
 // ===== impl Idempotency =====
 
@@ -394,11 +395,12 @@ where
         }
         let key = match req.headers().get(&config.header) {
             None if config.require_key => {
-                return ResponseFuture(Box::pin(std::future::ready(Ok(problem(
+                return ready(problem::response(
                     StatusCode::BAD_REQUEST,
+                    problem::MISSING_KEY,
                     "Idempotency-Key is missing",
                     "this operation requires an Idempotency-Key header",
-                )))));
+                ));
             }
             None => {
                 let fut = self.inner.call(req);
@@ -407,25 +409,26 @@ where
             Some(v) => match read_key(v) {
                 Some(k) => k,
                 None => {
-                    return ResponseFuture(Box::pin(std::future::ready(Ok(problem(
+                    return ready(problem::response(
                         StatusCode::BAD_REQUEST,
+                        problem::INVALID_KEY,
                         "Idempotency-Key is invalid",
                         "use 1 to 255 visible ASCII characters, such as a UUID",
-                    )))));
+                    ));
                 }
             },
         };
         let (parts, body) = req.into_parts();
-        let store_key = format!("{}:{key}", self.scope.scope(&parts));
+        let key = scope::store_key(&self.scope.scope(&parts), &key);
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
-        ResponseFuture(Box::pin(run(svc, store, config, store_key, parts, body)))
+        ResponseFuture(Box::pin(keyed(svc, store, config, key, parts, body)))
     }
 }
 
-async fn run<S, St, B, Rb>(
+async fn keyed<S, St, B, Rb>(
     svc: S,
     store: Arc<St>,
     config: Arc<Config>,
@@ -434,112 +437,108 @@ async fn run<S, St, B, Rb>(
     body: B,
 ) -> Result<Response<ResponseBody<Rb>>, S::Error>
 where
-    S: Service<Request<B>, Response = Response<Rb>>,
+    S: Service<Request<B>, Response = Response<Rb>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     St: IdempotencyStore,
-    B: Body + From<Bytes>,
+    B: Body + From<Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    Rb: Body,
+    Rb: Body + Send + 'static,
+    Rb::Data: Send,
     Rb::Error: Into<BoxError>,
 {
     let body = match sturdy_core::body::buffer(body, config.body_limit).await {
         Ok(b) => b,
         Err(sturdy_core::body::BodyError::TooLarge { limit }) => {
-            return Ok(problem(
+            return Ok(problem::response(
                 StatusCode::PAYLOAD_TOO_LARGE,
+                problem::BODY_TOO_LARGE,
                 "Request body too large",
                 &format!("idempotent requests are limited to {limit} bytes"),
             ));
         }
         Err(e) => {
-            return Ok(problem(
+            return Ok(problem::response(
                 StatusCode::BAD_REQUEST,
+                problem::UNREADABLE_BODY,
                 "Unreadable request body",
                 &e.to_string(),
             ))
         }
     };
-    let fp = fingerprint(&parts.method, parts.uri.path(), &body);
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+    let fp = fingerprint(&parts.method, target, &body);
     match store.begin(&key, fp, config.lease).await {
         Ok(Begin::Started) => {}
         Ok(Begin::Completed(stored)) => return Ok(replay(stored)),
         Ok(Begin::InFlight) => {
-            return Ok(problem(
+            return Ok(problem::response(
                 StatusCode::CONFLICT,
+                problem::IN_FLIGHT,
                 "A request is outstanding for this Idempotency-Key",
-                "the first request with this key is still running; retry later",
+                "the first request with this key is still running; retry after a while with the same key",
             ));
         }
         Ok(Begin::Mismatch) => {
-            return Ok(problem(
+            return Ok(problem::response(
                 StatusCode::UNPROCESSABLE_ENTITY,
+                problem::KEY_REUSED,
                 "Idempotency-Key is already used",
                 "this key was used with a different request; use a new key for a new request",
             ));
         }
         Err(e) => {
             tracing::warn!(error = %e, "idempotency store failed");
-            return Ok(problem(
+            return Ok(problem::response(
                 StatusCode::SERVICE_UNAVAILABLE,
+                problem::STORE_UNAVAILABLE,
                 "Idempotency store unavailable",
                 "the request was not processed; retry it with the same key",
             ));
         }
     }
-    let mut guard = LockGuard {
-        store: store.clone(),
+    let req = Request::from_parts(parts, B::from(body));
+    let execution = Execution {
+        store,
+        config,
         key,
         fp,
-        armed: true,
     };
-    let req = Request::from_parts(parts, B::from(body));
-    let res = match svc.oneshot(req).await {
-        Ok(res) => res,
-        Err(e) => {
-            guard.release().await;
-            return Err(e);
+    let outcome = match tokio::runtime::Handle::try_current() {
+        // Detached from the request: if the client goes away and this future is dropped, the
+        // execution still runs to its end and settles its key.
+        Ok(rt) => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            rt.spawn(
+                async move {
+                    let _ = tx.send(execution.run(svc, req, true).await);
+                }
+                .in_current_span(),
+            );
+            match rx.await {
+                Ok(outcome) => outcome,
+                // The task was dropped before its end: the runtime is shutting down.
+                Err(_) => {
+                    return Ok(problem::response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        problem::INTERRUPTED,
+                        "Request interrupted",
+                        "the server stopped before the request's outcome was known; retry later with the same key",
+                    ))
+                }
+            }
         }
+        // No tokio runtime: run in this future (without lease renewal).
+        Err(_) => execution.run(svc, req, false).await,
     };
-    let status = res.status();
-    if status.is_server_error() && !config.store_server_errors {
-        guard.release().await;
-        return Ok(res.map(Either::Right));
+    match outcome {
+        Outcome::Response(r) => Ok(r),
+        Outcome::Error(e) => Err(e),
+        Outcome::Panicked(panic) => std::panic::resume_unwind(panic),
     }
-    let (parts, body) = res.into_parts();
-    let collected = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(Into::<BoxError>::into);
-    let body = match collected {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "the handler's response body failed; the key is released");
-            guard.release().await;
-            return Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Response failed",
-                "the response could not be read; retry with the same key",
-            ));
-        }
-    };
-    let stored = StoredResponse {
-        status: status.as_u16(),
-        headers: parts
-            .headers
-            .iter()
-            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
-            .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
-            .collect(),
-        body: body.clone(),
-    };
-    match store.complete(&guard.key, fp, stored, config.ttl).await {
-        Ok(()) => guard.armed = false,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not store the response; the key is released");
-            guard.release().await;
-        }
-    }
-    Ok(Response::from_parts(parts, Either::Left(Full::new(body))))
 }
 
 #[cfg(test)]
@@ -561,11 +560,52 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_cover_method_path_and_body() {
-        let a = fingerprint(&Method::POST, "/orders", b"{}");
-        assert_ne!(a, fingerprint(&Method::PATCH, "/orders", b"{}"));
-        assert_ne!(a, fingerprint(&Method::POST, "/orders/1", b"{}"));
-        assert_ne!(a, fingerprint(&Method::POST, "/orders", b"{ }"));
-        assert_eq!(a, fingerprint(&Method::POST, "/orders", b"{}"));
+    fn fingerprints_cover_method_path_query_and_body() {
+        let a = fingerprint(&Method::POST, "/orders?currency=EUR", b"{}");
+        assert_ne!(
+            a,
+            fingerprint(&Method::PATCH, "/orders?currency=EUR", b"{}")
+        );
+        assert_ne!(
+            a,
+            fingerprint(&Method::POST, "/orders/1?currency=EUR", b"{}")
+        );
+        assert_ne!(a, fingerprint(&Method::POST, "/orders?currency=USD", b"{}"));
+        assert_ne!(a, fingerprint(&Method::POST, "/orders", b"{}"));
+        assert_ne!(
+            a,
+            fingerprint(&Method::POST, "/orders?currency=EUR", b"{ }")
+        );
+        assert_eq!(a, fingerprint(&Method::POST, "/orders?currency=EUR", b"{}"));
+    }
+
+    #[test]
+    fn only_processed_outcomes_are_stored() {
+        let c = |store_server_errors| Config {
+            store_server_errors,
+            ..(*IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default()).config)
+                .clone()
+        };
+        for s in [200, 201, 204, 400, 404, 409, 422] {
+            assert!(c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [408, 425, 429, 500, 502, 503] {
+            assert!(!c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        assert!(c(true).stores(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!c(true).stores(StatusCode::TOO_MANY_REQUESTS));
+    }
+
+    #[test]
+    fn invalid_settings_are_reported_when_built() {
+        let layer = || IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default());
+        assert!(layer().with_ttl(Duration::ZERO).is_err());
+        assert!(layer().with_lease(Duration::from_micros(999)).is_err());
+        let e = layer().with_lease(Duration::ZERO).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid idempotency configuration: the lease must be at least 1 ms"
+        );
+        assert!(layer().with_lease(Duration::from_millis(1)).is_ok());
     }
 }

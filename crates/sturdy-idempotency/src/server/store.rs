@@ -9,7 +9,7 @@ use sturdy_core::BoxError;
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// What identifies a request's content: SHA-256 over method, path and body.
+/// What identifies a request's content: SHA-256 over the method, the path and query, and the body.
 pub type Fingerprint = [u8; 32];
 
 /// A response as stored for replay.
@@ -93,12 +93,22 @@ pub enum Begin {
     InFlight,
     /// A request with this key and fingerprint completed; here is its response.
     Completed(StoredResponse),
-    /// The key was used with another fingerprint (another payload, method or path).
+    /// The key was used with another fingerprint (another payload, method, path or query).
     Mismatch,
 }
 
-/// Where keys, locks and stored responses live. Implementations must make `begin` atomic: of
-/// many concurrent `begin`s for one key, exactly one gets [`Begin::Started`].
+/// Where keys, locks and stored responses live.
+///
+/// The contract, which [`conformance::run`](super::conformance::run) checks:
+///
+/// - `begin` is atomic: of many concurrent `begin`s for one key, exactly one gets
+///   [`Begin::Started`], across every handle to the same storage.
+/// - A lock lives for its lease unless it is renewed, completed or released; a completed
+///   response lives for its TTL. Expired entries are gone: `begin` treats their key as free.
+/// - `complete`, `release` and `renew` act only for the fingerprint that holds the lock, so a
+///   late call from an execution that lost its lock changes nothing. `complete` and `renew` also
+///   act when the key is free (the lock's lease ran out and nobody took the key over): the
+///   execution is still the only one, and its outcome is worth keeping.
 pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// Looks the key up and, if it is free, locks it for `lease`.
     fn begin(
@@ -108,7 +118,16 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>>;
 
-    /// Stores the response of the request that holds the lock, for `ttl`.
+    /// Extends the lock held by `fingerprint` to `lease` from now (the layer calls it while a
+    /// handler runs). Returns `false` when another fingerprint holds the key or it completed.
+    fn renew(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>>;
+
+    /// Stores the response of the execution that holds the lock, for `ttl`.
     fn complete(
         &self,
         key: &str,

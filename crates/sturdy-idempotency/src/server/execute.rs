@@ -1,0 +1,223 @@
+//! One execution of a handler under a locked key, from the call to the settled key.
+
+use std::any::Any;
+use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use sturdy_core::body::BodyError;
+use sturdy_core::BoxError;
+use tower::Service;
+
+use super::store::{Fingerprint, IdempotencyStore, StoredResponse};
+use super::{problem, Config, ResponseBody};
+
+/// Headers that describe one connection or one transfer, not the response: not stored.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "upgrade",
+    "date",
+];
+
+/// How an execution ended, once its key is settled.
+pub(crate) enum Outcome<T, E> {
+    Response(T),
+    Error(E),
+    Panicked(Box<dyn Any + Send>),
+}
+
+/// What the handler produced.
+enum Handled<Rb, E> {
+    Error(E),
+    /// A response that is not stored (a 5xx by default, 408, 425, 429).
+    Unstored(Response<Rb>),
+    Stored(http::response::Parts, Bytes),
+    TooLarge,
+    BodyFailed(BoxError),
+}
+
+/// The key an execution holds, and what it needs to settle it.
+pub(crate) struct Execution<St> {
+    pub(crate) store: Arc<St>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) key: String,
+    pub(crate) fp: Fingerprint,
+}
+
+impl<St: IdempotencyStore> Execution<St> {
+    /// Runs the handler to its end, renewing the lock meanwhile, then settles the key: stores
+    /// the response, or releases the key. The settlement is complete when this returns, so the
+    /// outcome goes out only after the store knows it.
+    ///
+    /// `timers` says whether tokio's timer is available (lease renewal, pauses between
+    /// attempts to store).
+    pub(crate) async fn run<S, B, Rb>(
+        self,
+        mut svc: S,
+        req: Request<B>,
+        timers: bool,
+    ) -> Outcome<Response<ResponseBody<Rb>>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<Rb>>,
+        Rb: Body,
+        Rb::Error: Into<BoxError>,
+    {
+        let config = self.config.clone();
+        let handled = AssertUnwindSafe(async move {
+            let res = match svc.call(req).await {
+                Ok(res) => res,
+                Err(e) => return Handled::Error(e),
+            };
+            if !config.stores(res.status()) {
+                return Handled::Unstored(res);
+            }
+            let (parts, body) = res.into_parts();
+            match sturdy_core::body::buffer(body, config.response_limit).await {
+                Ok(bytes) => Handled::Stored(parts, bytes),
+                Err(BodyError::TooLarge { .. }) => Handled::TooLarge,
+                Err(BodyError::Read(e)) => Handled::BodyFailed(e),
+            }
+        })
+        .catch_unwind();
+        let handled = if timers {
+            tokio::select! {
+                biased;
+                h = handled => h,
+                never = self.renew_while_running() => match never {},
+            }
+        } else {
+            handled.await
+        };
+
+        match handled {
+            Err(panic) => {
+                tracing::warn!("the handler panicked; its idempotency key is released");
+                self.release().await;
+                Outcome::Panicked(panic)
+            }
+            Ok(Handled::Error(e)) => {
+                self.release().await;
+                Outcome::Error(e)
+            }
+            Ok(Handled::Unstored(res)) => {
+                self.release().await;
+                Outcome::Response(res.map(Either::Right))
+            }
+            Ok(Handled::BodyFailed(e)) => {
+                tracing::warn!(error = %e, "the handler's response body failed; its idempotency key is released");
+                self.release().await;
+                Outcome::Response(problem::response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    problem::RESPONSE_FAILED,
+                    "Response failed",
+                    "the response could not be read; retry with the same key",
+                ))
+            }
+            Ok(Handled::TooLarge) => {
+                let limit = self.config.response_limit;
+                tracing::error!(
+                    limit,
+                    "the handler ran, but its response is larger than the idempotency layer's \
+                     response limit; a marker is stored instead (raise the limit with \
+                     IdempotencyLayer::with_response_limit)"
+                );
+                let marker = || {
+                    problem::stored(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        problem::RESPONSE_TOO_LARGE,
+                        "Response too large to keep",
+                        &format!(
+                            "the request was processed, but its response is larger than the \
+                             {limit}-byte limit for stored responses, so it was not kept"
+                        ),
+                    )
+                };
+                self.complete(marker, timers).await;
+                Outcome::Response(problem::to_response(marker()))
+            }
+            Ok(Handled::Stored(parts, body)) => {
+                let stored = || StoredResponse {
+                    status: parts.status.as_u16(),
+                    headers: parts
+                        .headers
+                        .iter()
+                        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+                        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+                        .collect(),
+                    body: body.clone(),
+                };
+                self.complete(stored, timers).await;
+                Outcome::Response(Response::from_parts(parts, Either::Left(Full::new(body))))
+            }
+        }
+    }
+
+    /// Extends the lock every third of the lease while the handler runs. Never returns.
+    async fn renew_while_running(&self) -> Infallible {
+        let every = (self.config.lease / 3).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(every).await;
+            match self
+                .store
+                .renew(&self.key, self.fp, self.config.lease)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "an idempotency lock was taken over by another execution while its \
+                         handler still ran; this handler's response will not be stored"
+                    );
+                    return std::future::pending().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew an idempotency lock; trying again");
+                }
+            }
+        }
+    }
+
+    async fn release(&self) {
+        if let Err(e) = self.store.release(&self.key, self.fp).await {
+            tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease");
+        }
+    }
+
+    /// Stores the response; a failure is tried again twice (50 ms, then 100 ms later). If it
+    /// still fails, the key stays locked until its lease ends: releasing it would let a retry
+    /// run the handler again at once.
+    async fn complete(&self, stored: impl Fn() -> StoredResponse, timers: bool) {
+        let mut pause = Duration::from_millis(50);
+        let attempts = if timers { 3 } else { 1 };
+        for attempt in 1..=attempts {
+            match self
+                .store
+                .complete(&self.key, self.fp, stored(), self.config.ttl)
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if attempt < attempts => {
+                    tracing::warn!(error = %e, attempt, "could not store a response; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        "could not store a response; its key stays locked until its lease ends, \
+                         then a retry runs the handler again"
+                    );
+                }
+            }
+        }
+    }
+}
