@@ -1,5 +1,6 @@
 //! Fault injection around any axum app, for testing server-side layers end to end.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,8 @@ pub struct Faults {
     /// Fraction of requests whose connection is closed after the app answered (the side effect
     /// stands, the response is lost).
     pub reset_after_rate: f64,
+    /// Fraction of requests answered 429 with `Retry-After: 1` before the app sees them.
+    pub rate_limit_rate: f64,
 }
 
 impl Default for Faults {
@@ -34,6 +37,7 @@ impl Default for Faults {
             seed: 0x5eed,
             error_rate: 0.0,
             reset_after_rate: 0.0,
+            rate_limit_rate: 0.0,
         }
     }
 }
@@ -44,7 +48,10 @@ struct FaultState {
     rng: Mutex<SmallRng>,
     requests: AtomicU64,
     errors: AtomicU64,
+    rate_limited: AtomicU64,
     resets: AtomicU64,
+    /// How many requests arrived with each `Idempotency-Key` (the first 100,000 keys).
+    keys: Mutex<HashMap<String, u64>>,
 }
 
 impl FaultState {
@@ -60,6 +67,8 @@ pub struct FaultStats {
     pub requests: u64,
     /// 503s injected.
     pub errors: u64,
+    /// 429s injected.
+    pub rate_limited: u64,
     /// Connections closed after the app answered.
     pub resets: u64,
 }
@@ -89,8 +98,15 @@ impl Served {
         FaultStats {
             requests: g(&self.state.requests),
             errors: g(&self.state.errors),
+            rate_limited: g(&self.state.rate_limited),
             resets: g(&self.state.resets),
         }
+    }
+
+    /// How many requests arrived (before any fault) carrying `Idempotency-Key: key`: the
+    /// server's word on whether a request was ever sent.
+    pub fn requests_with_key(&self, key: &str) -> u64 {
+        lock(&self.state.keys).get(key).copied().unwrap_or(0)
     }
 }
 
@@ -102,6 +118,25 @@ impl Drop for Served {
 
 async fn inject(State(s): State<Arc<FaultState>>, req: Request, next: Next) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(k) = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+    {
+        let mut keys = lock(&s.keys);
+        if keys.len() < 100_000 || keys.contains_key(k) {
+            *keys.entry(k.to_owned()).or_default() += 1;
+        }
+    }
+    if s.chance(s.faults.rate_limit_rate) {
+        s.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(http::header::RETRY_AFTER, "1")],
+            "injected rate limit",
+        )
+            .into_response();
+    }
     if s.chance(s.faults.error_rate) {
         s.errors.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::SERVICE_UNAVAILABLE, "injected failure").into_response();
@@ -126,7 +161,9 @@ pub async fn serve(app: axum::Router, faults: Faults) -> std::io::Result<Served>
         faults,
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        rate_limited: AtomicU64::new(0),
         resets: AtomicU64::new(0),
+        keys: Mutex::new(HashMap::new()),
     });
     let app = app.layer(middleware::from_fn_with_state(state.clone(), inject));
     let accept = tokio::spawn(crate::accept_loop(listener, app));

@@ -425,8 +425,9 @@ impl<C> RetryPolicy<C> {
     }
 
     /// The call ends with `result`. A response is returned as it is (the caller sees the server's
-    /// last word); an error becomes one [`sturdy_core::Error`] that says what happened in plain
-    /// words and what is known about the whole call.
+    /// last word), with a [`CallReport`] in its extensions when it is a 4xx or 5xx; an error
+    /// becomes one [`sturdy_core::Error`] that says what happened in plain words and what is
+    /// known about the whole call.
     fn finish<B, Rb>(
         &self,
         req: &Request<B>,
@@ -434,10 +435,22 @@ impl<C> RetryPolicy<C> {
         stop: Stop,
     ) {
         let n = self.attempts;
+        let key = || {
+            req.headers()
+                .get(&self.config.idempotency_header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let e = match result {
             Ok(res) => {
                 if let Stop::Because(reason) = stop {
                     tracing::info!(status = %res.status(), "not retried: {reason}; returning the last response");
+                }
+                if res.status().is_client_error() || res.status().is_server_error() {
+                    // A failed call answered by a response: the caller may need to know that an
+                    // earlier attempt may have been processed, and under which key.
+                    res.extensions_mut()
+                        .insert(CallReport::new(n, self.delivery(), key()));
                 }
                 return;
             }
@@ -453,11 +466,7 @@ impl<C> RetryPolicy<C> {
             (false, Stop::Plain) => cause,
         };
         let delivery = self.delivery();
-        let key = req
-            .headers()
-            .get(&self.config.idempotency_header)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let key = key();
         advise(
             &mut message,
             delivery,
