@@ -2,8 +2,8 @@
 //! that only cursors this pager returned are accepted.
 //!
 //! Format: `base64url(tag || json)`, where `json` is the [`Resume`] and `tag` the first 16 bytes
-//! of HMAC-SHA-256 over a version label, the first page's URI and `json`. Binding the first
-//! page's URI means a cursor of one endpoint is refused by a pager of another, even with a shared
+//! of HMAC-SHA-256 over a version label, the pager's URI and `json`. Binding the pager's URI
+//! means a cursor of one endpoint is refused by a pager of another, even with a shared
 //! key.
 
 use base64::Engine as _;

@@ -44,7 +44,7 @@
 //!   item is yielded twice; in `page()`, a cursor whose page would be the page it came from is
 //!   refused;
 //! - a `page()` cursor this pager did not return (kind `Pagination`): cursors carry an
-//!   HMAC-SHA-256 tag over their content and the first page's URI, so a forged, edited or
+//!   HMAC-SHA-256 tag over their content and the pager's URI, so a forged, edited or
 //!   foreign cursor is refused before any request is sent;
 //! - a next link to another origin (kind `Pagination`; credentials would follow it): allow it
 //!   explicitly with [`with_foreign_origin_allowed`](PaginateBuilder::with_foreign_origin_allowed);
@@ -631,8 +631,8 @@ impl<P: PageStrategy> Paginate<P> {
     /// [`with_max_items`](PaginateBuilder::with_max_items) as that bound. One call reads at most
     /// `max_pages` pages. A call returns all its items or fails as a whole.
     ///
-    /// The cursor is signed (HMAC-SHA-256 with the pager's key, over the cursor and the first
-    /// page's URI) and at most [`MAX_CURSOR_LEN`] characters long: a cursor this pager did not
+    /// The cursor is signed (HMAC-SHA-256 with the pager's key, over the cursor and the pager's
+    /// URI) and at most [`MAX_CURSOR_LEN`] characters long: a cursor this pager did not
     /// return is refused before any request is sent.
     ///
     /// # Errors
