@@ -6,9 +6,7 @@
 use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
-use sturdy_core::headers::{
-    next_link, parse_link, resolve_reference, MAX_LINKS, MAX_LINK_PARAMS,
-};
+use sturdy_core::headers::{next_link, parse_link, resolve_reference, MAX_LINKS, MAX_LINK_PARAMS};
 use sturdy_fuzz::header_lines;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
             bytes += l.target().len();
         }
         if lists.insert(l.params().as_ptr()) {
-            bytes += l.params().iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            bytes += l
+                .params()
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         }
     }
     // Invalid UTF-8 can triple in size (U+FFFD); resolving a target or an anchor adds at most

@@ -10,6 +10,9 @@ fuzz_target!(|data: &[u8]| {
     let before = p.requests();
     let json = p.runtime.block_on(p.json.page(Some(&cursor), 5));
     let link = p.runtime.block_on(p.link.page(Some(&cursor), 5));
-    assert!(json.is_err() && link.is_err(), "an unsigned cursor was accepted");
+    assert!(
+        json.is_err() && link.is_err(),
+        "an unsigned cursor was accepted"
+    );
     assert_eq!(p.requests(), before, "a refused cursor was fetched");
 });

@@ -13,7 +13,10 @@ pub fn take_now(data: &[u8]) -> (SystemTime, &[u8]) {
     let mut raw = [0u8; 8];
     raw[..n].copy_from_slice(&data[..n]);
     let secs = u64::from_le_bytes(raw) % (MAX_NOW_SECS + 1);
-    (SystemTime::UNIX_EPOCH + Duration::from_secs(secs), &data[n..])
+    (
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        &data[n..],
+    )
 }
 
 /// Splits off the first 2 bytes (or fewer) as a status code (100..=599; 429 when it is out of

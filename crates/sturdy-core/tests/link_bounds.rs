@@ -97,7 +97,11 @@ fn rel_is_found_after_many_parameters() {
     assert_eq!(links.len(), 1);
     assert_eq!(links[0].rel(), "next");
     assert_eq!(links[0].params().len(), MAX_LINK_PARAMS);
-    assert_eq!(links[0].title(), None, "parameters past the bound are skipped");
+    assert_eq!(
+        links[0].title(),
+        None,
+        "parameters past the bound are skipped"
+    );
 }
 
 /// A header of many link-values, each with many relation types and parameters.

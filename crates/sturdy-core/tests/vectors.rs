@@ -318,10 +318,7 @@ fn quoted_comma_semicolon_and_bws() {
     );
     let l = parse_link(&h, "http://h/dir/page");
     assert_eq!(l.len(), 2);
-    assert_eq!(
-        (l[0].target(), l[0].rel()),
-        ("http://h/dir/sample", "abc")
-    );
+    assert_eq!((l[0].target(), l[0].rel()), ("http://h/dir/sample", "abc"));
     assert_eq!(l[1].target(), "http://h/dir/plop");
     assert_eq!(l[1].rel(), "d\"e;f,");
     assert_eq!(l[1].param("title"), Some("test title"));
