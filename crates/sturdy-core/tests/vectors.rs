@@ -213,8 +213,8 @@ fn rfc8288_examples() {
         BASE,
     );
     assert_eq!(l.len(), 1);
-    assert_eq!(l[0].target, "http://example.com/TheBook/chapter2");
-    assert_eq!(l[0].rel, "previous");
+    assert_eq!(l[0].target(), "http://example.com/TheBook/chapter2");
+    assert_eq!(l[0].rel(), "previous");
     assert_eq!(l[0].title(), Some("previous chapter"));
 
     let l = parse_link(
@@ -222,7 +222,7 @@ fn rfc8288_examples() {
         BASE,
     );
     assert_eq!(
-        (l[0].target.as_str(), l[0].rel.as_str()),
+        (l[0].target(), l[0].rel()),
         ("http://example.com/", "http://example.net/foo")
     );
 
@@ -230,7 +230,7 @@ fn rfc8288_examples() {
         &headers("link", &[r##"</terms>; rel="copyright"; anchor="#foo""##]),
         BASE,
     );
-    assert_eq!(l[0].target, "http://example.com/terms");
+    assert_eq!(l[0].target(), "http://example.com/terms");
     assert_eq!(
         l[0].param("anchor"),
         Some("http://example.com/TheBook/chapter3#foo")
@@ -248,7 +248,7 @@ fn rfc8288_examples() {
     assert_eq!(l.len(), 2);
     assert_eq!(l[0].title(), Some("letztes Kapitel"));
     assert_eq!(l[1].title(), Some("n\u{e4}chstes Kapitel"));
-    assert_eq!(l[1].target, "http://example.com/TheBook/chapter4");
+    assert_eq!(l[1].target(), "http://example.com/TheBook/chapter4");
 
     let l = parse_link(
         &headers(
@@ -259,10 +259,10 @@ fn rfc8288_examples() {
     );
     assert_eq!(l.len(), 2);
     assert_eq!(
-        (l[0].rel.as_str(), l[1].rel.as_str()),
+        (l[0].rel(), l[1].rel()),
         ("start", "http://example.net/relation/other")
     );
-    assert_eq!(l[0].target, l[1].target);
+    assert_eq!(l[0].target(), l[1].target());
 
     let one = parse_link(
         &headers(
@@ -318,12 +318,9 @@ fn quoted_comma_semicolon_and_bws() {
     );
     let l = parse_link(&h, "http://h/dir/page");
     assert_eq!(l.len(), 2);
-    assert_eq!(
-        (l[0].target.as_str(), l[0].rel.as_str()),
-        ("http://h/dir/sample", "abc")
-    );
-    assert_eq!(l[1].target, "http://h/dir/plop");
-    assert_eq!(l[1].rel, "d\"e;f,");
+    assert_eq!((l[0].target(), l[0].rel()), ("http://h/dir/sample", "abc"));
+    assert_eq!(l[1].target(), "http://h/dir/plop");
+    assert_eq!(l[1].rel(), "d\"e;f,");
     assert_eq!(l[1].param("title"), Some("test title"));
     assert_eq!(l[1].param("abc"), Some(""));
     assert_eq!(l[1].param("unknown"), None);
@@ -336,7 +333,7 @@ fn repeated_rel_keeps_first_and_no_rel_is_dropped() {
         "http://h/",
     );
     assert_eq!(l.len(), 1);
-    assert_eq!(l[0].rel, "next");
+    assert_eq!(l[0].rel(), "next");
 }
 
 // ===== 8 Deprecation / structured-field dates =====

@@ -14,17 +14,51 @@
 //! `has_more` and an opaque `next_cursor` that resumes exactly where it stopped, fetching no page
 //! that was not needed.
 //!
-//! Guards, each a [`sturdy_core::Error`] of kind `Pagination` that says what happened: a cursor or
-//! URL seen twice (a loop), a next link to another origin (credentials would follow it; allow it
-//! explicitly with [`Paginate::allow_foreign_origin`]), more than `max_pages` \[1,000\] pages or
-//! `max_items` \[100,000\] items (the items before the bound are yielded first), a page that is not
-//! the expected JSON (named by its number), a page that answered an error status.
+//! # Configuration
+//!
+//! [`Paginate::new`] builds a pager with the defaults; [`Paginate::builder`] takes `with_*`
+//! settings, and [`PaginateBuilder::build`] reports every configuration mistake (a bound of zero,
+//! a JSON pointer without its leading `/`, a short cursor key, a URI that is not absolute) as an
+//! error of kind `Config`, before any page is fetched.
+//!
+//! | setting | default |
+//! |---|---|
+//! | [`with_max_pages`](PaginateBuilder::with_max_pages) | 1,000 pages per walk or `page()` call |
+//! | [`with_max_items`](PaginateBuilder::with_max_items) | 100,000 items per walk or `page()` call |
+//! | [`with_page_timeout`](PaginateBuilder::with_page_timeout) | 60 s per page, head and body |
+//! | [`with_max_page_bytes`](PaginateBuilder::with_max_page_bytes) | 16 MiB per page body |
+//! | [`with_page_size`](PaginateBuilder::with_page_size) | the strategy's (walks); `min(limit, 100)` (`page()`) |
+//! | [`with_foreign_origin_allowed`](PaginateBuilder::with_foreign_origin_allowed) | `false` |
+//! | [`with_cursor_key`](PaginateBuilder::with_cursor_key) | a random key per pager |
+//!
+//! # Guards
+//!
+//! Each guard ends the walk (or fails the `page()` call) with a [`sturdy_core::Error`] that says
+//! what happened:
+//!
+//! - a page that does not arrive within the page timeout, counting the response head and the
+//!   whole body (kind `Timeout`), or whose body is larger than the page limit (kind `Body`): a
+//!   server that stalls or streams forever cannot hang a walk;
+//! - a loop (kind `Pagination`): a page's next cursor leads to a URI already fetched in this walk,
+//!   the first page's included, and the error comes before that page is fetched again, so no
+//!   item is yielded twice; in `page()`, a cursor whose page would be the page it came from is
+//!   refused;
+//! - a `page()` cursor this pager did not return (kind `Pagination`): cursors carry an
+//!   HMAC-SHA-256 tag over their content and the pager's URI, so a forged, edited or
+//!   foreign cursor is refused before any request is sent;
+//! - a next link to another origin (kind `Pagination`; credentials would follow it): allow it
+//!   explicitly with [`with_foreign_origin_allowed`](PaginateBuilder::with_foreign_origin_allowed);
+//! - more than `max_pages` pages or `max_items` items (kind `Pagination`; the items before the
+//!   bound are yielded first);
+//! - a page that is not the expected JSON (named by its number), or that answered an error
+//!   status (kind from the status).
 //!
 //! # Example
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
+//! use std::time::Duration;
 //! use bytes::Bytes;
 //! use futures_util::TryStreamExt;
 //! use http::{Request, Response};
@@ -42,7 +76,10 @@
 //!     Ok::<_, std::convert::Infallible>(Response::new(Full::<Bytes>::from(body.to_string())))
 //! });
 //!
-//! let pager = Paginate::new(api, "http://api.example.com/items", JsonCursor::new("/data", "/next")).unwrap();
+//! let pager = Paginate::builder(api, "http://api.example.com/items", JsonCursor::new("/data", "/next"))
+//!     .with_page_timeout(Duration::from_secs(10))
+//!     .build()
+//!     .unwrap();
 //! let all: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
 //! assert_eq!(all.len(), 45);
 //!
@@ -51,10 +88,14 @@
 //! assert_eq!((first.items.len(), first.has_more), (10, true));
 //! let next = pager.page(first.next_cursor.as_deref(), 10).await.unwrap();
 //! assert_eq!(next.items[0], 10);
+//!
+//! // A cursor it did not hand out is refused, before any request.
+//! assert!(pager.page(Some("eyJjIjoiOTk5In0"), 10).await.is_err());
 //! # }
 //! ```
 #![forbid(unsafe_code)]
 
+mod cursor;
 mod strategy;
 
 use std::collections::HashSet;
@@ -62,20 +103,25 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::{stream, StreamExt, TryStreamExt};
+use hmac::Mac;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::Full;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sturdy_core::{BoxError, Error, ErrorKind};
+use sturdy_core::body::BodyError;
+use sturdy_core::{human_duration, BoxError, Error, ErrorKind};
 use tower::{Service, ServiceExt};
 
+use cursor::{page_id, CursorMac, PageId, Resume};
+
+pub use cursor::MAX_CURSOR_LEN;
 pub use strategy::{
     JsonCursor, LinkHeader, OffsetLimit, PageNumber, PageStrategy, Parsed, RawPage,
 };
@@ -106,52 +152,90 @@ pub struct BoundedPage<T = Value> {
 /// The page size [`Paginate::page`] asks for when none is set: most APIs cap pages at 100.
 const BOUNDED_PAGE_SIZE: usize = 100;
 
-/// The largest page body read \[16 MiB\].
-const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
+const DEFAULT_MAX_PAGES: usize = 1_000;
+const DEFAULT_MAX_ITEMS: usize = 100_000;
+const DEFAULT_PAGE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 
-type Fetch = Arc<
-    dyn Fn(
-            Request<Full<Bytes>>,
-        )
-            -> Pin<Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>>
-        + Send
-        + Sync,
->;
+type FetchFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>>;
 
-/// A paginated endpoint; see the [crate docs](crate). Cheap to clone.
+/// Sends one page request and reads its body, up to the byte limit given.
+type Fetch = Arc<dyn Fn(Request<Full<Bytes>>, usize) -> FetchFuture + Send + Sync>;
+
+/// A paginated endpoint; see the [crate docs](crate). Cheap to clone: clones share the
+/// configuration and the cursor key.
 pub struct Paginate<P> {
+    inner: Arc<Inner<P>>,
+}
+
+struct Inner<P> {
     fetch: Fetch,
-    strategy: Arc<P>,
+    strategy: P,
     base: Uri,
     headers: HeaderMap,
     max_pages: usize,
     max_items: usize,
-    allow_foreign: bool,
+    foreign_origin_allowed: bool,
     page_size: Option<usize>,
+    page_timeout: Duration,
+    max_page_bytes: usize,
+    cursor_mac: CursorMac,
 }
 
 impl<P> Clone for Paginate<P> {
     fn clone(&self) -> Self {
         Self {
-            fetch: self.fetch.clone(),
-            strategy: self.strategy.clone(),
-            base: self.base.clone(),
-            headers: self.headers.clone(),
-            max_pages: self.max_pages,
-            max_items: self.max_items,
-            allow_foreign: self.allow_foreign,
-            page_size: self.page_size,
+            inner: Arc::clone(&self.inner),
         }
     }
 }
 
 impl<P: fmt::Debug> fmt::Debug for Paginate<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
         f.debug_struct("Paginate")
+            .field("strategy", &i.strategy)
+            .field("base", &i.base)
+            .field("max_pages", &i.max_pages)
+            .field("max_items", &i.max_items)
+            .field("page_timeout", &i.page_timeout)
+            .field("max_page_bytes", &i.max_page_bytes)
+            .field("foreign_origin_allowed", &i.foreign_origin_allowed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of a [`Paginate`], checked by [`build`](Self::build). Made by [`Paginate::builder`].
+#[must_use]
+pub struct PaginateBuilder<P> {
+    fetch: Fetch,
+    uri: String,
+    strategy: P,
+    headers: HeaderMap,
+    max_pages: usize,
+    max_items: usize,
+    foreign_origin_allowed: bool,
+    page_size: Option<usize>,
+    page_timeout: Duration,
+    max_page_bytes: usize,
+    cursor_key: Option<Vec<u8>>,
+}
+
+impl<P: fmt::Debug> fmt::Debug for PaginateBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PaginateBuilder")
+            .field("uri", &self.uri)
             .field("strategy", &self.strategy)
-            .field("base", &self.base)
             .field("max_pages", &self.max_pages)
             .field("max_items", &self.max_items)
+            .field("page_timeout", &self.page_timeout)
+            .field("max_page_bytes", &self.max_page_bytes)
+            .field("foreign_origin_allowed", &self.foreign_origin_allowed)
+            .field(
+                "cursor_key",
+                &self.cursor_key.as_ref().map(|_| "[redacted]"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -167,41 +251,140 @@ fn err(msg: String) -> Error {
     Error::new(ErrorKind::Pagination, msg)
 }
 
-/// What the opaque cursor of [`Paginate::page`] holds.
-#[derive(Serialize, Deserialize)]
-struct Resume {
-    /// The strategy's cursor of the page to read from (`None`: the first page).
-    c: Option<String>,
-    /// Items of that page already returned.
-    s: usize,
-    /// The page size the walk uses, so positions stay stable.
-    l: usize,
+fn config(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg)
 }
 
-impl Resume {
-    fn encode(&self) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(self).unwrap_or_default())
+impl<P: PageStrategy> PaginateBuilder<P> {
+    /// Sends `name: value` with every page request.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
     }
 
-    fn decode(s: &str) -> Result<Self, Error> {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                err(format!(
-                    "{s:?} is not a cursor this tool returned; start again without a cursor"
-                ))
-            })
+    /// The most pages one walk, or one [`Paginate::page`] call, fetches \[1,000\]; at least 1.
+    pub fn with_max_pages(mut self, n: usize) -> Self {
+        self.max_pages = n;
+        self
+    }
+
+    /// The most items one walk returns \[100,000\], and the largest `limit` a
+    /// [`Paginate::page`] call honours; at least 1.
+    pub fn with_max_items(mut self, n: usize) -> Self {
+        self.max_items = n;
+        self
+    }
+
+    /// The page size asked of the server (when the strategy can say it), in walks and in
+    /// [`Paginate::page`]; at least 1. Without it, walks use the strategy's default and `page()`
+    /// asks for `min(limit, 100)`.
+    pub fn with_page_size(mut self, n: usize) -> Self {
+        self.page_size = Some(n);
+        self
+    }
+
+    /// Follows next links to other origins too \[`false`\]: a foreign next link could receive
+    /// the credentials the stack adds.
+    pub fn with_foreign_origin_allowed(mut self, allowed: bool) -> Self {
+        self.foreign_origin_allowed = allowed;
+        self
+    }
+
+    /// How long one page may take, from sending the request to the last byte of the body
+    /// \[60 s\]; more than zero. It bounds everything the inner service does for that page,
+    /// retries included. A page that takes longer fails with an error of kind `Timeout`.
+    pub fn with_page_timeout(mut self, timeout: Duration) -> Self {
+        self.page_timeout = timeout;
+        self
+    }
+
+    /// The largest page body read, in bytes \[16 MiB\]; at least 1. Reading stops as soon as a
+    /// body goes past it, and the page fails with an error of kind `Body`.
+    pub fn with_max_page_bytes(mut self, n: usize) -> Self {
+        self.max_page_bytes = n;
+        self
+    }
+
+    /// The key that signs [`Paginate::page`] cursors \[a random key made when the pager is
+    /// built\]; at least 32 bytes. With the default, a cursor is valid only for this pager and its
+    /// clones; give every instance the same secret key when cursors must survive a restart or
+    /// move between processes. The key never appears in `Debug` output.
+    pub fn with_cursor_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.cursor_key = Some(key.as_ref().to_vec());
+        self
+    }
+
+    /// Checks the settings and the strategy ([`PageStrategy::validate`]) and makes the pager.
+    ///
+    /// # Errors
+    /// An error of kind `Config` when the first page's URI is not an absolute URI, a bound is
+    /// zero, the cursor key is shorter than 32 bytes, or the strategy is misconfigured.
+    pub fn build(self) -> Result<Paginate<P>, Error> {
+        let uri = &self.uri;
+        let base: Uri = uri
+            .parse()
+            .map_err(|e| config(format!("{uri:?} is not a valid URI")).with_source(e))?;
+        if base.scheme().is_none() || base.authority().is_none() {
+            return Err(config(format!(
+                "the first page's URI must be absolute (scheme and host), not {uri:?}"
+            )));
+        }
+        for (n, setting) in [
+            (self.max_pages, "with_max_pages"),
+            (self.max_items, "with_max_items"),
+            (self.page_size.unwrap_or(1), "with_page_size"),
+            (self.max_page_bytes, "with_max_page_bytes"),
+        ] {
+            if n == 0 {
+                return Err(config(format!(
+                    "{setting}(0): the value must be at least 1"
+                )));
+            }
+        }
+        if self.page_timeout.is_zero() {
+            return Err(config(
+                "with_page_timeout(0): the page timeout must be more than zero".to_owned(),
+            ));
+        }
+        self.strategy.validate()?;
+        let key = match self.cursor_key {
+            Some(k) if k.len() < cursor::MIN_KEY_LEN => {
+                return Err(config(format!(
+                    "the cursor key is {} bytes long; use at least {} random bytes",
+                    k.len(),
+                    cursor::MIN_KEY_LEN
+                )))
+            }
+            Some(k) => k,
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        let cursor_mac = CursorMac::new_from_slice(&key)
+            .map_err(|_| config("the cursor key is not usable".to_owned()))?;
+        Ok(Paginate {
+            inner: Arc::new(Inner {
+                fetch: self.fetch,
+                strategy: self.strategy,
+                base,
+                headers: self.headers,
+                max_pages: self.max_pages,
+                max_items: self.max_items,
+                foreign_origin_allowed: self.foreign_origin_allowed,
+                page_size: self.page_size,
+                page_timeout: self.page_timeout,
+                max_page_bytes: self.max_page_bytes,
+                cursor_mac,
+            }),
+        })
     }
 }
 
 impl<P: PageStrategy> Paginate<P> {
-    /// Walks `uri` (the first page) through `service` with `strategy`.
+    /// A pager with the default settings that walks `uri` (the first page) through `service`
+    /// with `strategy`; the same as `Paginate::builder(service, uri, strategy).build()`.
     ///
     /// # Errors
-    /// When `uri` is not an absolute URI.
+    /// As [`PaginateBuilder::build`]: when `uri` is not an absolute URI or the strategy is
+    /// misconfigured.
     pub fn new<S, Rb>(service: S, uri: &str, strategy: P) -> Result<Self, Error>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
@@ -211,100 +394,112 @@ impl<P: PageStrategy> Paginate<P> {
         Rb::Data: Send,
         Rb::Error: Into<BoxError>,
     {
-        let base: Uri = uri.parse().map_err(|e| {
-            Error::new(ErrorKind::Config, format!("{uri:?} is not a valid URI")).with_source(e)
-        })?;
-        if base.scheme().is_none() || base.authority().is_none() {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "the first page's URI must be absolute",
-            ));
-        }
-        let fetch: Fetch = Arc::new(move |req| {
+        Self::builder(service, uri, strategy).build()
+    }
+
+    /// Settings for a pager that walks `uri` (the first page) through `service` with
+    /// `strategy`; finish with [`PaginateBuilder::build`]. Each page is sent with `oneshot` on
+    /// a clone of `service`.
+    pub fn builder<S, Rb>(service: S, uri: &str, strategy: P) -> PaginateBuilder<P>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        Rb: Body + Send + 'static,
+        Rb::Data: Send,
+        Rb::Error: Into<BoxError>,
+    {
+        let fetch: Fetch = Arc::new(move |req, limit| {
             let svc = service.clone();
             Box::pin(async move {
                 let res = svc.oneshot(req).await.map_err(Into::into)?;
                 let (parts, body) = res.into_parts();
-                let body = sturdy_core::body::buffer(body, MAX_PAGE_BYTES).await?;
+                let body = sturdy_core::body::buffer(body, limit).await?;
                 Ok(Response::from_parts(parts, body))
             })
         });
-        Ok(Self {
+        PaginateBuilder {
             fetch,
-            strategy: Arc::new(strategy),
-            base,
+            uri: uri.to_owned(),
+            strategy,
             headers: HeaderMap::new(),
-            max_pages: 1_000,
-            max_items: 100_000,
-            allow_foreign: false,
+            max_pages: DEFAULT_MAX_PAGES,
+            max_items: DEFAULT_MAX_ITEMS,
+            foreign_origin_allowed: false,
             page_size: None,
-        })
+            page_timeout: DEFAULT_PAGE_TIMEOUT,
+            max_page_bytes: DEFAULT_MAX_PAGE_BYTES,
+            cursor_key: None,
+        }
     }
 
-    /// Sends `name: value` with every page request.
-    #[must_use]
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.headers.insert(name, value);
-        self
-    }
-
-    /// The most pages a walk fetches \[1,000\].
-    #[must_use]
-    pub fn max_pages(mut self, n: usize) -> Self {
-        self.max_pages = n.max(1);
-        self
-    }
-
-    /// The most items a walk returns \[100,000\].
-    #[must_use]
-    pub fn max_items(mut self, n: usize) -> Self {
-        self.max_items = n.max(1);
-        self
-    }
-
-    /// The page size asked of the server in walks (when the strategy can say it).
-    #[must_use]
-    pub fn page_size(mut self, n: usize) -> Self {
-        self.page_size = Some(n.max(1));
-        self
-    }
-
-    /// Follows next links to other origins too. Off by default: a foreign next link could
-    /// receive the credentials the stack adds.
-    #[must_use]
-    pub fn allow_foreign_origin(mut self, allow: bool) -> Self {
-        self.allow_foreign = allow;
-        self
-    }
-
-    /// Fetches and reads one page.
-    async fn fetch_page(
+    /// The URI of page `number` at `cursor`, refused if it leaves the first page's origin.
+    fn page_uri(
         &self,
         number: usize,
         cursor: Option<&str>,
         limit: Option<usize>,
-    ) -> Result<Parsed, Error> {
-        let uri = self.strategy.uri(&self.base, cursor, limit)?;
-        if self.strategy.cursors_are_urls()
-            && !self.allow_foreign
-            && origin(&uri) != origin(&self.base)
+    ) -> Result<Uri, Error> {
+        let i = &self.inner;
+        let uri = i.strategy.uri(&i.base, cursor, limit)?;
+        if i.strategy.cursors_are_urls()
+            && !i.foreign_origin_allowed
+            && origin(&uri) != origin(&i.base)
         {
             return Err(err(format!(
                 "refusing to follow the next link of page {} to another origin ({}://{}); the walk started at {}://{}",
-                number - 1,
+                number.saturating_sub(1),
                 uri.scheme_str().unwrap_or("?"),
                 uri.authority().map_or("?", |a| a.as_str()),
-                self.base.scheme_str().unwrap_or("?"),
-                self.base.authority().map_or("?", |a| a.as_str()),
+                i.base.scheme_str().unwrap_or("?"),
+                i.base.authority().map_or("?", |a| a.as_str()),
             )));
         }
+        Ok(uri)
+    }
+
+    /// Fetches and reads one page, within the page timeout and the body limit.
+    async fn fetch_page(
+        &self,
+        number: usize,
+        uri: Uri,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Parsed, Error> {
+        let i = &self.inner;
         let mut req = Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        let res = (self.fetch)(req).await.map_err(|e| {
-            let kind = sturdy_core::classify::classify_error(&*e);
-            Error::new(kind, format!("page {number} ({}) failed", uri.path())).with_source(e)
-        })?;
+        *req.headers_mut() = i.headers.clone();
+        let fetched = tokio::time::timeout(i.page_timeout, (i.fetch)(req, i.max_page_bytes)).await;
+        let res = match fetched {
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "page {number} ({}) did not arrive within {} (the page timeout covers the response head and the whole body); the server stalled, or raise with_page_timeout",
+                        uri.path(),
+                        human_duration(i.page_timeout)
+                    ),
+                ))
+            }
+            Ok(Err(e)) => {
+                if let Some(BodyError::TooLarge { limit }) = e.downcast_ref::<BodyError>() {
+                    return Err(Error::new(
+                        ErrorKind::Body,
+                        format!(
+                            "page {number} ({}) is larger than the {limit}-byte page limit; ask for smaller pages or raise with_max_page_bytes",
+                            uri.path()
+                        ),
+                    ));
+                }
+                let kind = sturdy_core::classify::classify_error(&*e);
+                return Err(
+                    Error::new(kind, format!("page {number} ({}) failed", uri.path()))
+                        .with_source(e),
+                );
+            }
+            Ok(Ok(res)) => res,
+        };
         if !res.status().is_success() {
             let kind = ErrorKind::from_status(res.status()).unwrap_or(ErrorKind::Other);
             return Err(Error::new(
@@ -320,18 +515,22 @@ impl<P: PageStrategy> Paginate<P> {
             headers: parts.headers,
             body,
         };
-        self.strategy.parse(&raw, cursor, limit)
+        i.strategy.parse(&raw, cursor, limit)
     }
 
     /// Every page, fetched lazily: the next page only when the stream is polled. Ends after the
     /// last page; a guard or a failed page ends it with an error.
+    ///
+    /// A page whose next cursor leads to a URI already fetched in this walk (the first page's
+    /// included) is still yielded; the stream then ends with a loop error instead of fetching
+    /// that URI again.
     pub fn pages(&self) -> PageStream<Page> {
         struct Walk<P> {
             pager: Paginate<P>,
             cursor: Option<String>,
             number: usize,
             items: usize,
-            seen: HashSet<String>,
+            seen: HashSet<PageId>,
             pending: Option<Error>,
             done: bool,
         }
@@ -351,28 +550,41 @@ impl<P: PageStrategy> Paginate<P> {
             if w.done {
                 return Ok(None);
             }
-            if w.number >= w.pager.max_pages {
-                return Err(err(format!("stopped after {} pages (max_pages) and {} items; raise max_pages or narrow the query", w.number, w.items)));
+            let i = &w.pager.inner;
+            if w.number >= i.max_pages {
+                return Err(err(format!("stopped after {} pages (max_pages) and {} items; raise with_max_pages or narrow the query", w.number, w.items)));
             }
             w.number += 1;
+            let uri = w
+                .pager
+                .page_uri(w.number, w.cursor.as_deref(), i.page_size)?;
+            w.seen.insert(page_id(&uri));
             let parsed = w
                 .pager
-                .fetch_page(w.number, w.cursor.as_deref(), w.pager.page_size)
+                .fetch_page(w.number, uri.clone(), w.cursor.as_deref(), i.page_size)
                 .await?;
             let mut items = parsed.items;
-            if w.items + items.len() > w.pager.max_items {
-                items.truncate(w.pager.max_items - w.items);
-                w.pending = Some(err(format!("stopped at {} items (max_items) on page {}; raise max_items or narrow the query", w.pager.max_items, w.number)));
+            if w.items + items.len() > i.max_items {
+                items.truncate(i.max_items - w.items);
+                w.pending = Some(err(format!("stopped at {} items (max_items) on page {}; raise with_max_items or narrow the query", i.max_items, w.number)));
             }
             w.items += items.len();
             match &parsed.next {
                 None => w.done = true,
                 Some(n) => {
-                    if let Some(c) = &w.cursor {
-                        w.seen.insert(c.clone());
-                    }
-                    if w.seen.contains(n) || w.cursor.as_deref() == Some(n.as_str()) {
-                        w.pending.get_or_insert_with(|| err(format!("pagination loop: page {} points back to a page already read ({n:?})", w.number)));
+                    // The next page is known by the URI it would be fetched from.
+                    match i.strategy.uri(&i.base, Some(n), i.page_size) {
+                        Ok(next) if w.seen.contains(&page_id(&next)) => {
+                            w.pending.get_or_insert_with(|| {
+                                err(format!(
+                                    "pagination loop: the next cursor of page {} ({n:?}) leads back to {}, a page already read",
+                                    w.number,
+                                    if page_id(&next) == page_id(&uri) { "the same page".to_owned() } else { next.path().to_owned() }
+                                ))
+                            });
+                        }
+                        // A cursor that makes no URI fails when the next page is asked for.
+                        _ => {}
                     }
                     w.cursor = Some(n.clone());
                 }
@@ -411,38 +623,65 @@ impl<P: PageStrategy> Paginate<P> {
         PageStream(Box::pin(s))
     }
 
-    /// At most `limit` items from `cursor` (`None`: the start), for agent tools. Fetches only
-    /// the pages needed, asking for pages of `min(limit, 100)` items (or the
-    /// [`page_size`](Self::page_size)); `next_cursor` resumes exactly after the last item
-    /// returned.
+    /// At most `limit` items from `cursor` (`None`: the start), for agent tools.
+    ///
+    /// Fetches only the pages needed, asking for pages of `min(limit, 100)` items (or the
+    /// [`with_page_size`](PaginateBuilder::with_page_size)); `next_cursor` resumes exactly
+    /// after the last item returned. A `limit` of 0 reads as 1, and one above
+    /// [`with_max_items`](PaginateBuilder::with_max_items) as that bound. One call reads at most
+    /// `max_pages` pages. A call returns all its items or fails as a whole.
+    ///
+    /// The cursor is signed (HMAC-SHA-256 with the pager's key, over the cursor and the pager's
+    /// URI) and at most [`MAX_CURSOR_LEN`] characters long: a cursor this pager did not
+    /// return is refused before any request is sent.
     ///
     /// # Errors
-    /// As the walks: a failed page, a malformed page, a loop, a foreign next link, or a cursor
-    /// that this method did not return.
+    /// As the walks: a failed, slow, oversized or malformed page, a loop (including a cursor
+    /// whose page would be the page it came from), a foreign next link, more than `max_pages`
+    /// pages; and a cursor that this pager did not return.
     pub async fn page(&self, cursor: Option<&str>, limit: usize) -> Result<BoundedPage, Error> {
-        let limit = limit.max(1);
+        let i = &self.inner;
+        let limit = limit.clamp(1, i.max_items);
         let mut at = match cursor {
             None => Resume {
                 c: None,
                 s: 0,
-                l: self
-                    .page_size
-                    .unwrap_or_else(|| limit.min(BOUNDED_PAGE_SIZE)),
+                l: i.page_size.unwrap_or_else(|| limit.min(BOUNDED_PAGE_SIZE)),
+                f: None,
             },
-            Some(c) => Resume::decode(c)?,
+            Some(c) => cursor::decode(&i.cursor_mac, &i.base, c)?,
         };
+        let mut from = at.linked_from();
         let mut items = Vec::new();
-        let mut seen: HashSet<Option<String>> = HashSet::new();
+        let mut seen: HashSet<PageId> = HashSet::new();
         let mut number = 0;
         loop {
-            if !seen.insert(at.c.clone()) {
+            if number >= i.max_pages {
                 return Err(err(format!(
-                    "pagination loop: the server sent cursor {:?} twice",
-                    at.c
+                    "stopped after {number} pages (max_pages) with {} items; raise with_max_pages or ask for fewer items",
+                    items.len()
                 )));
             }
             number += 1;
-            let parsed = self.fetch_page(number, at.c.as_deref(), Some(at.l)).await?;
+            let uri = self.page_uri(number, at.c.as_deref(), Some(at.l))?;
+            let id = page_id(&uri);
+            if from == Some(id) {
+                return Err(err(format!(
+                    "pagination loop: this cursor would fetch {} again, the page it came from (its next cursor {:?} points to itself); there is nothing more to read",
+                    uri.path(),
+                    at.c.as_deref().unwrap_or("")
+                )));
+            }
+            if !seen.insert(id) {
+                return Err(err(format!(
+                    "pagination loop: the next cursor {:?} leads back to {}, a page already read in this call",
+                    at.c.as_deref().unwrap_or(""),
+                    uri.path()
+                )));
+            }
+            let parsed = self
+                .fetch_page(number, uri, at.c.as_deref(), Some(at.l))
+                .await?;
             let available = parsed.items.len().saturating_sub(at.s);
             let take = available.min(limit - items.len());
             items.extend(parsed.items.into_iter().skip(at.s).take(take));
@@ -452,11 +691,12 @@ impl<P: PageStrategy> Paginate<P> {
                     c: at.c,
                     s: at.s + take,
                     l: at.l,
+                    f: None,
                 };
                 return Ok(BoundedPage {
                     items,
                     has_more: true,
-                    next_cursor: Some(next.encode()),
+                    next_cursor: Some(cursor::encode(&i.cursor_mac, &i.base, &next)?),
                 });
             }
             match parsed.next {
@@ -472,12 +712,15 @@ impl<P: PageStrategy> Paginate<P> {
                         c: Some(n),
                         s: 0,
                         l: at.l,
+                        f: None,
                     };
+                    at.set_linked_from(&id);
+                    from = Some(id);
                     if items.len() >= limit {
                         return Ok(BoundedPage {
                             items,
                             has_more: true,
-                            next_cursor: Some(at.encode()),
+                            next_cursor: Some(cursor::encode(&i.cursor_mac, &i.base, &at)?),
                         });
                     }
                 }

@@ -122,6 +122,53 @@ pub trait PageStrategy: Send + Sync + 'static {
     fn cursors_are_urls(&self) -> bool {
         false
     }
+
+    /// Checks the strategy's configuration; [`PaginateBuilder::build`](crate::PaginateBuilder::build)
+    /// calls it, so a mistake (a JSON pointer without its leading `/`, an empty parameter name)
+    /// is reported when the pager is built, not on the first page.
+    ///
+    /// # Errors
+    /// A [`sturdy_core::Error`] of kind `Config` that says what to change.
+    fn validate(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+fn config(msg: String) -> Error {
+    Error::new(ErrorKind::Config, msg)
+}
+
+/// A JSON pointer (RFC 6901) is empty or starts with `/`, and `~` is followed by `0` or `1`.
+fn check_pointer(what: &str, p: &str) -> Result<(), Error> {
+    let escapes_ok = p
+        .split('~')
+        .skip(1)
+        .all(|rest| rest.starts_with('0') || rest.starts_with('1'));
+    if (p.is_empty() || p.starts_with('/')) && escapes_ok {
+        Ok(())
+    } else {
+        Err(config(format!(
+            "the {what} pointer {p:?} is not a JSON pointer (RFC 6901): use \"\" for the whole body or a path starting with '/', e.g. \"/data\""
+        )))
+    }
+}
+
+fn check_param(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        Err(config(format!("the {what} query parameter name is empty")))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_size(n: usize) -> Result<(), Error> {
+    if n == 0 {
+        Err(config(
+            "the page size must be at least 1 (with_page_size(0))".to_owned(),
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// Sets (or replaces) query parameters of `base`.
@@ -182,15 +229,22 @@ impl JsonCursor {
 
     /// The query parameter that carries the cursor \[`cursor`\].
     #[must_use]
-    pub fn cursor_param(mut self, name: impl Into<String>) -> Self {
+    pub fn with_cursor_param(mut self, name: impl Into<String>) -> Self {
         self.cursor_param = name.into();
         self
     }
 
-    /// The query parameter for the page size \[`limit`\]; `None` if the API has none.
+    /// The query parameter for the page size \[`limit`\].
     #[must_use]
-    pub fn limit_param(mut self, name: Option<&str>) -> Self {
-        self.limit_param = name.map(str::to_owned);
+    pub fn with_limit_param(mut self, name: impl Into<String>) -> Self {
+        self.limit_param = Some(name.into());
+        self
+    }
+
+    /// The API has no page-size parameter: none is sent.
+    #[must_use]
+    pub fn without_limit_param(mut self) -> Self {
+        self.limit_param = None;
         self
     }
 }
@@ -225,6 +279,21 @@ impl PageStrategy for JsonCursor {
         };
         Ok(Parsed { items, next })
     }
+
+    fn validate(&self) -> Result<(), Error> {
+        check_pointer("items", &self.items)?;
+        check_pointer("next cursor", &self.next)?;
+        check_param("cursor", &self.cursor_param)?;
+        if let Some(p) = &self.limit_param {
+            check_param("limit", p)?;
+            if *p == self.cursor_param {
+                return Err(config(format!(
+                    "the cursor and limit query parameters are both {p:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// RFC 8288 `Link: <...>; rel="next"`: the cursor is the next URL (resolved against the page's
@@ -246,8 +315,15 @@ impl LinkHeader {
 
     /// The query parameter for the page size on the first page \[`per_page`\].
     #[must_use]
-    pub fn limit_param(mut self, name: Option<&str>) -> Self {
-        self.limit_param = name.map(str::to_owned);
+    pub fn with_limit_param(mut self, name: impl Into<String>) -> Self {
+        self.limit_param = Some(name.into());
+        self
+    }
+
+    /// The API has no page-size parameter: the first page is asked for as given.
+    #[must_use]
+    pub fn without_limit_param(mut self) -> Self {
+        self.limit_param = None;
         self
     }
 }
@@ -279,6 +355,14 @@ impl PageStrategy for LinkHeader {
     fn cursors_are_urls(&self) -> bool {
         true
     }
+
+    fn validate(&self) -> Result<(), Error> {
+        check_pointer("items", &self.items)?;
+        if let Some(p) = &self.limit_param {
+            check_param("limit", p)?;
+        }
+        Ok(())
+    }
 }
 
 /// Page numbers: `?page=1&per_page=20`, stopping on an empty or short page, or when a total
@@ -308,14 +392,14 @@ impl PageNumber {
 
     /// The total number of items is at `pointer`; stop when it is reached.
     #[must_use]
-    pub fn total(mut self, pointer: impl Into<String>) -> Self {
+    pub fn with_total(mut self, pointer: impl Into<String>) -> Self {
         self.total = Some(pointer.into());
         self
     }
 
     /// The parameter names \[`page`, `per_page`\].
     #[must_use]
-    pub fn params(mut self, page: impl Into<String>, size: impl Into<String>) -> Self {
+    pub fn with_params(mut self, page: impl Into<String>, size: impl Into<String>) -> Self {
         self.page_param = page.into();
         self.size_param = size.into();
         self
@@ -323,15 +407,16 @@ impl PageNumber {
 
     /// The number of the first page \[1\].
     #[must_use]
-    pub fn first_page(mut self, n: usize) -> Self {
+    pub fn with_first_page(mut self, n: usize) -> Self {
         self.first = n;
         self
     }
 
-    /// Items per page when the caller does not say \[20\].
+    /// Items per page when the pager does not say \[20\]; at least 1 (checked when the pager is
+    /// built).
     #[must_use]
-    pub fn page_size(mut self, n: usize) -> Self {
-        self.page_size = n.max(1);
+    pub fn with_page_size(mut self, n: usize) -> Self {
+        self.page_size = n;
         self
     }
 
@@ -370,10 +455,30 @@ impl PageStrategy for PageNumber {
         let size = limit.unwrap_or(self.page_size);
         // Servers cap page sizes, so the size that counts is the one this page has. Were this the
         // short last page, the estimate is low, and the next page (empty) ends the walk.
-        let seen = (n + 1 - self.first).saturating_mul(items.len());
+        let seen = (n.saturating_add(1).saturating_sub(self.first)).saturating_mul(items.len());
         let last = is_last(page, &json, self.total.as_deref(), items.len(), size, seen)?;
-        let next = (!last).then(|| (n + 1).to_string());
+        let next = if last {
+            None
+        } else {
+            n.checked_add(1).map(|n| n.to_string())
+        };
         Ok(Parsed { items, next })
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        check_pointer("items", &self.items)?;
+        if let Some(t) = &self.total {
+            check_pointer("total", t)?;
+        }
+        check_param("page", &self.page_param)?;
+        check_param("page size", &self.size_param)?;
+        if self.page_param == self.size_param {
+            return Err(config(format!(
+                "the page and page-size query parameters are both {:?}",
+                self.page_param
+            )));
+        }
+        check_size(self.page_size)
     }
 }
 
@@ -401,23 +506,24 @@ impl OffsetLimit {
 
     /// The total number of items is at `pointer`.
     #[must_use]
-    pub fn total(mut self, pointer: impl Into<String>) -> Self {
+    pub fn with_total(mut self, pointer: impl Into<String>) -> Self {
         self.total = Some(pointer.into());
         self
     }
 
     /// The parameter names \[`offset`, `limit`\].
     #[must_use]
-    pub fn params(mut self, offset: impl Into<String>, limit: impl Into<String>) -> Self {
+    pub fn with_params(mut self, offset: impl Into<String>, limit: impl Into<String>) -> Self {
         self.offset_param = offset.into();
         self.limit_param = limit.into();
         self
     }
 
-    /// Items per page when the caller does not say \[20\].
+    /// Items per page when the pager does not say \[20\]; at least 1 (checked when the pager is
+    /// built).
     #[must_use]
-    pub fn page_size(mut self, n: usize) -> Self {
-        self.page_size = n.max(1);
+    pub fn with_page_size(mut self, n: usize) -> Self {
+        self.page_size = n;
         self
     }
 
@@ -454,7 +560,7 @@ impl PageStrategy for OffsetLimit {
         let items = page.items_at(&json, &self.items)?;
         let offset = Self::offset(cursor)?;
         let size = limit.unwrap_or(self.page_size);
-        let next_offset = offset + items.len();
+        let next_offset = offset.saturating_add(items.len());
         let last = is_last(
             page,
             &json,
@@ -465,6 +571,22 @@ impl PageStrategy for OffsetLimit {
         )?;
         let next = (!last).then(|| next_offset.to_string());
         Ok(Parsed { items, next })
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        check_pointer("items", &self.items)?;
+        if let Some(t) = &self.total {
+            check_pointer("total", t)?;
+        }
+        check_param("offset", &self.offset_param)?;
+        check_param("limit", &self.limit_param)?;
+        if self.offset_param == self.limit_param {
+            return Err(config(format!(
+                "the offset and limit query parameters are both {:?}",
+                self.offset_param
+            )));
+        }
+        check_size(self.page_size)
     }
 }
 

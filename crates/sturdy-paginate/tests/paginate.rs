@@ -45,9 +45,10 @@ fn stack() -> sturdy_retry::Retry<
 }
 
 async fn walk_all<P: PageStrategy>(s: &ChaosServer, path: &str, strategy: P) -> Vec<String> {
-    let pager = Paginate::new(stack(), &s.url(path), strategy)
-        .unwrap()
-        .page_size(100);
+    let pager = Paginate::builder(stack(), &s.url(path), strategy)
+        .with_page_size(100)
+        .build()
+        .unwrap();
     let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
     items
         .iter()
@@ -74,7 +75,7 @@ async fn every_strategy_walks_all_8000_orders_once_through_5xx_faults() {
         &walk_all(
             &s,
             "/orders/pages",
-            PageNumber::new("/items").total("/total"),
+            PageNumber::new("/items").with_total("/total"),
         )
         .await,
     );
@@ -82,7 +83,7 @@ async fn every_strategy_walks_all_8000_orders_once_through_5xx_faults() {
         &walk_all(
             &s,
             "/orders/offset",
-            OffsetLimit::new("/items").total("/total"),
+            OffsetLimit::new("/items").with_total("/total"),
         )
         .await,
     );
@@ -103,13 +104,14 @@ async fn items_deserialize_into_the_callers_type() {
         amount: u64,
     }
     let s = server(0.0).await;
-    let pager = Paginate::new(
+    let pager = Paginate::builder(
         stack(),
         &s.url("/orders"),
         JsonCursor::new("/data", "/next_cursor"),
     )
-    .unwrap()
-    .page_size(100);
+    .with_page_size(100)
+    .build()
+    .unwrap();
     let orders: Vec<Order> = pager.items_as::<Order>().try_collect().await.unwrap();
     assert_eq!(orders.len(), ORDERS);
     assert_eq!((orders[41].id.as_str(), orders[41].amount), ("o_42", 42));
@@ -152,9 +154,10 @@ async fn bounded_pages_resume_inside_a_page_and_across_strategies() {
     let s = server(0.0).await;
     // Link pagination: the cursor carries the next URL; a limit smaller than the page resumes
     // inside it.
-    let pager = Paginate::new(stack(), &s.url("/orders/link"), LinkHeader::new(""))
-        .unwrap()
-        .page_size(50);
+    let pager = Paginate::builder(stack(), &s.url("/orders/link"), LinkHeader::new(""))
+        .with_page_size(50)
+        .build()
+        .unwrap();
     let a = pager.page(None, 30).await.unwrap();
     let b = pager.page(a.next_cursor.as_deref(), 30).await.unwrap();
     let ids: Vec<&str> = a
@@ -171,7 +174,7 @@ async fn bounded_pages_resume_inside_a_page_and_across_strategies() {
     let pager = Paginate::new(
         stack(),
         &s.url("/orders/pages"),
-        PageNumber::new("/items").total("/total"),
+        PageNumber::new("/items").with_total("/total"),
     )
     .unwrap();
     let p = pager.page(None, 7_995).await.unwrap();
@@ -272,9 +275,10 @@ async fn a_next_link_to_another_origin_is_refused() {
         "{e}"
     );
     // Allowed explicitly: it is followed (here the same script answers again: a loop, caught).
-    let pager = Paginate::new(api, "https://api.example.com/x", LinkHeader::new(""))
-        .unwrap()
-        .allow_foreign_origin(true);
+    let pager = Paginate::builder(api, "https://api.example.com/x", LinkHeader::new(""))
+        .with_foreign_origin_allowed(true)
+        .build()
+        .unwrap();
     let e = pager.items().try_collect::<Vec<_>>().await.unwrap_err();
     assert!(e.to_string().contains("loop"), "{e}");
 }
@@ -282,14 +286,15 @@ async fn a_next_link_to_another_origin_is_refused() {
 #[tokio::test]
 async fn max_pages_and_max_items_stop_with_a_clear_error() {
     let s = server(0.0).await;
-    let pager = Paginate::new(
+    let pager = Paginate::builder(
         stack(),
         &s.url("/orders"),
         JsonCursor::new("/data", "/next_cursor"),
     )
-    .unwrap()
-    .page_size(100)
-    .max_pages(3);
+    .with_page_size(100)
+    .with_max_pages(3)
+    .build()
+    .unwrap();
     let mut n = 0;
     let mut st = pager.items();
     let e = loop {
@@ -304,14 +309,15 @@ async fn max_pages_and_max_items_stop_with_a_clear_error() {
         e.to_string().contains("stopped after 3 pages (max_pages)"),
         "{e}"
     );
-    let pager = Paginate::new(
+    let pager = Paginate::builder(
         stack(),
         &s.url("/orders"),
         JsonCursor::new("/data", "/next_cursor"),
     )
-    .unwrap()
-    .page_size(100)
-    .max_items(250);
+    .with_page_size(100)
+    .with_max_items(250)
+    .build()
+    .unwrap();
     let e = pager.items().try_collect::<Vec<_>>().await.unwrap_err();
     assert!(
         e.to_string()
@@ -374,26 +380,29 @@ async fn a_server_that_caps_the_page_size_is_walked_correctly() {
     let s = server(0.0).await;
     let count = |items: Vec<serde_json::Value>| items.len();
     // With a total, every order once.
-    let pager = Paginate::new(
+    let pager = Paginate::builder(
         stack(),
         &s.url("/orders/pages"),
-        PageNumber::new("/items").total("/total"),
+        PageNumber::new("/items").with_total("/total"),
     )
-    .unwrap()
-    .page_size(500);
+    .with_page_size(500)
+    .build()
+    .unwrap();
     assert_eq!(count(pager.items().try_collect().await.unwrap()), ORDERS);
-    let pager = Paginate::new(
+    let pager = Paginate::builder(
         stack(),
         &s.url("/orders/offset"),
-        OffsetLimit::new("/items").total("/total"),
+        OffsetLimit::new("/items").with_total("/total"),
     )
-    .unwrap()
-    .page_size(500);
+    .with_page_size(500)
+    .build()
+    .unwrap();
     assert_eq!(count(pager.items().try_collect().await.unwrap()), ORDERS);
     // Without a total, a capped page looks short and the walk ends after it: why the total
     // matters when a server may cap.
-    let pager = Paginate::new(stack(), &s.url("/orders/pages"), PageNumber::new("/items"))
-        .unwrap()
-        .page_size(500);
+    let pager = Paginate::builder(stack(), &s.url("/orders/pages"), PageNumber::new("/items"))
+        .with_page_size(500)
+        .build()
+        .unwrap();
     assert_eq!(count(pager.items().try_collect().await.unwrap()), 100);
 }

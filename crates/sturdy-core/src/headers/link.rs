@@ -1,25 +1,56 @@
+use std::fmt;
+use std::sync::Arc;
+
 use http::HeaderMap;
 
 use super::uri::resolve_reference;
 
+/// The most links [`parse_link`] returns for one response, all `Link` field lines together; each
+/// relation type of a multi-type `rel` counts as one link. Parsing stops there.
+pub const MAX_LINKS: usize = 100;
+
+/// The most parameters (other than `rel`) kept for one link; later ones are skipped.
+pub const MAX_LINK_PARAMS: usize = 32;
+
 /// One link of an RFC 8288 `Link` header: a target, one relation type, and the other parameters.
 ///
-/// A `rel` with several space-separated types gives one `Link` per type.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A `rel` with several space-separated types gives one `Link` per type. Those links share one
+/// copy of the target and the parameters (cloning a `Link` is cheap too), so the memory a header
+/// costs is linear in its size.
+#[derive(Clone)]
 pub struct Link {
-    /// The target, resolved against the request URI.
-    pub target: String,
-    /// The relation type, lowercased (`next`, `prev`, or an extension URI).
-    pub rel: String,
-    /// The other parameters in order, names lowercased; a parameter without `=` has an empty
-    /// value; `title*`-style values are decoded (RFC 8187).
-    pub params: Vec<(String, String)>,
+    value: Arc<LinkValue>,
+    rel: String,
+}
+
+/// What the relation types of one link-value share.
+#[derive(PartialEq, Eq)]
+struct LinkValue {
+    target: String,
+    params: Vec<(String, String)>,
 }
 
 impl Link {
+    /// The target, resolved against the request URI.
+    pub fn target(&self) -> &str {
+        &self.value.target
+    }
+
+    /// The relation type, lowercased (`next`, `prev`, or an extension URI).
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
+    /// The other parameters in order (at most [`MAX_LINK_PARAMS`]), names lowercased; a parameter
+    /// without `=` has an empty value; `title*`-style values are decoded (RFC 8187); a relative
+    /// `anchor` is resolved against the request URI.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.value.params
+    }
+
     /// A parameter by (lowercase) name.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
+        self.params()
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
@@ -31,10 +62,32 @@ impl Link {
     }
 }
 
+impl PartialEq for Link {
+    fn eq(&self, other: &Self) -> bool {
+        self.rel == other.rel && self.value == other.value
+    }
+}
+
+impl Eq for Link {}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.value.target)
+            .field("rel", &self.rel)
+            .field("params", &self.value.params)
+            .finish()
+    }
+}
+
 /// Parses every `Link` field line (RFC 8288 §3, following the Appendix B algorithm): parsing stops
 /// at the first malformed link and returns the links before it. Relative targets are resolved
 /// against `request_uri`; a link without `rel` is dropped; a repeated `rel`, `media`, `title`,
-/// `title*` or `type` keeps its first value.
+/// `title*`, `type` or `anchor` keeps its first value.
+///
+/// Bounds, whatever the header holds: at most [`MAX_LINKS`] links (parsing stops there) and
+/// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped); time and memory are linear
+/// in the header's size.
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
@@ -50,10 +103,10 @@ pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
     parse_link(headers, request_uri)
         .into_iter()
         .find(|l| l.rel == "next")
-        .map(|l| l.target)
+        .map(|l| l.value.target.clone())
 }
 
-/// Returns false if parsing stopped early.
+/// Returns false if parsing stopped early (a malformed link, or [`MAX_LINKS`] reached).
 fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
     let s = String::from_utf8_lossy(bytes);
     let b = s.as_bytes();
@@ -64,6 +117,9 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
         }
     };
     loop {
+        if out.len() >= MAX_LINKS {
+            return false;
+        }
         skip_ws(&mut i);
         if i >= b.len() {
             return true;
@@ -76,6 +132,7 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
         };
         let target = &s[i + 1..i + 1 + end];
         i += end + 2;
+        let mut rels: Option<String> = None;
         let mut params: Vec<(String, String)> = Vec::new();
         loop {
             skip_ws(&mut i);
@@ -92,7 +149,7 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
             while i < b.len() && !matches!(b[i], b'=' | b';' | b',' | b' ' | b'\t') {
                 i += 1;
             }
-            let name = s[start..i].to_ascii_lowercase();
+            let name = &s[start..i];
             skip_ws(&mut i);
             let mut value = String::new();
             if i < b.len() && b[i] == b'=' {
@@ -118,33 +175,47 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
                     value = s[vs..i].trim_end_matches([' ', '\t']).to_owned();
                 }
             }
+            if name.is_empty() {
+                continue;
+            }
+            let name = name.to_ascii_lowercase();
+            if name == "rel" {
+                rels.get_or_insert(value);
+                continue;
+            }
+            let first_only = matches!(
+                name.as_str(),
+                "media" | "title" | "title*" | "type" | "anchor"
+            );
+            if params.len() >= MAX_LINK_PARAMS
+                || (first_only && params.iter().any(|(k, _)| *k == name))
+            {
+                continue;
+            }
             if name.ends_with('*') {
                 if let Some(decoded) = decode_ext_value(&value) {
                     value = decoded;
                 }
             }
-            let first_only = matches!(
-                name.as_str(),
-                "rel" | "media" | "title" | "title*" | "type" | "anchor"
-            );
-            if name.is_empty() || (first_only && params.iter().any(|(k, _)| *k == name)) {
-                continue;
+            if name == "anchor" {
+                value = resolve_reference(base, &value);
             }
             params.push((name, value));
         }
-        let Some(rel_pos) = params.iter().position(|(k, _)| k == "rel") else {
+        let Some(rels) = rels else {
             continue;
         };
-        let (_, rels) = params.remove(rel_pos);
-        let target = resolve_reference(base, target);
-        if let Some(anchor) = params.iter_mut().find(|(k, _)| k == "anchor") {
-            anchor.1 = resolve_reference(base, &anchor.1);
-        }
+        let value = Arc::new(LinkValue {
+            target: resolve_reference(base, target),
+            params,
+        });
         for rel in rels.split([' ', '\t']).filter(|r| !r.is_empty()) {
+            if out.len() >= MAX_LINKS {
+                return false;
+            }
             out.push(Link {
-                target: target.clone(),
+                value: Arc::clone(&value),
                 rel: rel.to_ascii_lowercase(),
-                params: params.clone(),
             });
         }
     }
@@ -203,6 +274,6 @@ mod tests {
     fn stops_at_garbage() {
         let l = links(&["<a>; rel=next, garbage, <b>; rel=last"], "http://h/");
         assert_eq!(l.len(), 1);
-        assert_eq!(l[0].target, "http://h/a");
+        assert_eq!(l[0].target(), "http://h/a");
     }
 }
