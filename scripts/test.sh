@@ -51,3 +51,5 @@ echo "== cargo doc (broken intra-doc links are errors)"
 cargo doc --workspace --all-features --no-deps --quiet
 echo "== cargo test"
 cargo test --workspace --all-features
+echo "== fuzz targets, a few seconds each (fuzz/README.md)"
+fuzz/run.sh "${STURDY_FUZZ_SECONDS:-5}"
