@@ -328,4 +328,37 @@ mod tests {
             "the caller's version is kept"
         );
     }
+
+    #[tokio::test]
+    async fn hostile_dates_are_reported_without_a_panic() {
+        use std::sync::Mutex;
+        use tower::ServiceExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let api = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .header("deprecation", "@999999999999999")
+                    .header("sunset", "Sat, 01 Jan 99999 00:00:00 GMT")
+                    .body(())
+                    .unwrap(),
+            )
+        });
+        let svc = VersionLayer::header("api-version", "1")
+            .unwrap()
+            .on_notice(move |n: &Notice| log.lock().unwrap().push(n.clone()))
+            .layer(api);
+        // A subscriber that formats the warning, dates included.
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        svc.oneshot(Request::get("http://h/x").body(()).unwrap())
+            .await
+            .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert!(matches!(seen[0].deprecation, Some(Some(_))));
+    }
 }

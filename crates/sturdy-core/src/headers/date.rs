@@ -31,9 +31,13 @@ pub fn parse_http_date(value: &[u8], header: &'static str) -> Result<SystemTime,
     lenient(s).ok_or_else(|| err("not an HTTP date"))
 }
 
-/// Formats a time as an IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+/// Formats a time as an IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`. Total: a time before
+/// 1970 or after 9999 (which a peer can send, e.g. `Deprecation: @99999999999999`) is written as
+/// the nearest date the format can hold.
 pub fn format_http_date(t: SystemTime) -> String {
-    httpdate::fmt_http_date(t)
+    // 9999-12-31T23:59:59Z, the last instant an IMF-fixdate can write.
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    httpdate::fmt_http_date(t.clamp(SystemTime::UNIX_EPOCH, last))
 }
 
 fn lenient(s: &str) -> Option<SystemTime> {
@@ -139,6 +143,15 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn formatting_never_panics_on_times_a_peer_can_send() {
+        use std::time::Duration;
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(99_999_999_999_999);
+        assert_eq!(format_http_date(far), "Fri, 31 Dec 9999 23:59:59 GMT");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(5);
+        assert_eq!(format_http_date(before), "Thu, 01 Jan 1970 00:00:00 GMT");
+    }
+
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
