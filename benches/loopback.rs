@@ -1,0 +1,213 @@
+//! End to end on loopback: calls per second at 64 concurrent callers, and the time of one call
+//! alone, for bare hyper-util and for the sturdy stack over it, in one run, with rounds in
+//! rotating order so that drift in the machine's speed hits every client alike.
+//!
+//! cargo bench --features full --bench loopback                 (7 rounds of 20,000 calls)
+//! cargo bench --features full --bench loopback -- 3 5000       (rounds, calls per round)
+//!
+//! The server is a minimal hyper server (200, 2-byte body) on its own one-worker runtime and
+//! thread; each client runs on a one-worker runtime of its own. This is not a criterion bench:
+//! criterion measures one function at a time, and the comparison asked for here needs the
+//! clients interleaved round by round. The output is a markdown table (medians).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sturdy::{Client, ClientBuilder};
+use tower::ServiceExt;
+
+const CONCURRENCY: usize = 64;
+
+fn server() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+type Hyper = HyperClient<HttpConnector, Full<Bytes>>;
+
+#[derive(Clone)]
+enum Subject {
+    Bare(Hyper),
+    Sturdy(Client<Incoming>),
+}
+
+impl Subject {
+    async fn call(&self, uri: &str) {
+        let req = Request::get(uri).body(Full::default()).unwrap();
+        let res = match self {
+            Self::Bare(c) => c.request(req).await.unwrap(),
+            Self::Sturdy(c) => c.clone().oneshot(req).await.unwrap(),
+        };
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+}
+
+fn hyper_client() -> Hyper {
+    HyperClient::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build_http()
+}
+
+fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
+    vec![
+        ("hyper-util client, bare", Box::new(|| Subject::Bare(hyper_client()))),
+        (
+            "sturdy ClientBuilder default stack",
+            Box::new(|| Subject::Sturdy(ClientBuilder::new().build(hyper_client()))),
+        ),
+        (
+            "sturdy stack without the attempt timeout",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "sturdy ClientBuilder, every layer off",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_idempotency()
+                        .without_retry()
+                        .without_circuit_breaker()
+                        .without_rate_limit()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+    ]
+}
+
+/// One round: `calls` calls by `CONCURRENCY` callers; calls per second.
+fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Warm the pool.
+        let warm: Vec<_> = (0..CONCURRENCY)
+            .map(|_| {
+                let (s, u) = (subject.clone(), uri.clone());
+                tokio::spawn(async move { s.call(&u).await })
+            })
+            .collect();
+        for w in warm {
+            w.await.unwrap();
+        }
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CONCURRENCY)
+            .map(|i| {
+                let (s, u) = (subject.clone(), uri.clone());
+                let n = calls / CONCURRENCY + usize::from(i < calls % CONCURRENCY);
+                tokio::spawn(async move {
+                    for _ in 0..n {
+                        s.call(&u).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        calls as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// One round of sequential calls: microseconds per call.
+fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        subject.call(uri).await;
+        let start = Instant::now();
+        for _ in 0..calls {
+            subject.call(uri).await;
+        }
+        start.elapsed().as_secs_f64() * 1e6 / calls as f64
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; the optional numbers are rounds and calls per round.
+    let nums: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    let rounds = nums.first().copied().unwrap_or(7);
+    let calls = nums.get(1).copied().unwrap_or(20_000);
+    let addr = server();
+    let uri: Arc<str> = format!("http://{addr}/").into();
+    let subjects = subjects();
+    let made: Vec<Subject> = subjects.iter().map(|(_, f)| f()).collect();
+    let mut tput = vec![Vec::new(); made.len()];
+    let mut seq = vec![Vec::new(); made.len()];
+    for r in 0..rounds {
+        // Rotate the order every round.
+        for k in 0..made.len() {
+            let i = (r + k) % made.len();
+            tput[i].push(concurrent_round(&made[i], &uri, calls));
+            seq[i].push(sequential_round(&made[i], &uri, calls / 10));
+        }
+        eprintln!("round {} of {rounds} done", r + 1);
+    }
+    let base_t = median(tput[0].clone());
+    let base_s = median(seq[0].clone());
+    println!(
+        "| client | calls/s at {CONCURRENCY} concurrent | vs bare | µs per sequential call | vs bare |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (i, (name, _)) in subjects.iter().enumerate() {
+        let t = median(tput[i].clone());
+        let s = median(seq[i].clone());
+        println!(
+            "| {name} | {t:.0} | {:+.1} % | {s:.1} | {:+.1} % |",
+            (t / base_t - 1.0) * 100.0,
+            (s / base_s - 1.0) * 100.0
+        );
+    }
+}
