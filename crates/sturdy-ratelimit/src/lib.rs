@@ -46,16 +46,20 @@
 
 mod direct;
 mod future;
+mod gate;
 mod gcra;
+mod handle;
 mod layer;
 mod remote;
 mod service;
 mod state;
 
 pub use direct::DirectLimiter;
-pub use future::ResponseFuture;
+pub use future::{PauseCapped, ResponseFuture};
 pub use gcra::{InvalidQuota, Quota};
-pub use layer::RateLimitLayer;
+pub use handle::RateLimitHandle;
+pub use layer::{RateLimitLayer, DEFAULT_MAX_PAUSE, DEFAULT_RELEASE_PACE};
 pub use remote::{BoxFuture, OnStoreError, RemoteQuota, Reserve};
 pub use service::RateLimit;
+pub use sturdy_core::headers::PauseSource;
 pub use sturdy_core::key::{ByHost, KeyExtractor};
