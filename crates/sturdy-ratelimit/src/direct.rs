@@ -70,7 +70,12 @@ impl DirectLimiter {
     /// # Errors
     /// [`RateLimited`] when the next slot is further away than `max_wait`; nothing is reserved.
     pub fn reserve(&self, max_wait: Duration) -> Result<Duration, RateLimited> {
-        match reserve(self.gate.tat(), &self.quota, self.origin.elapsed(), nanos(max_wait)) {
+        match reserve(
+            self.gate.tat(),
+            &self.quota,
+            self.origin.elapsed(),
+            nanos(max_wait),
+        ) {
             Reservation::Granted { wait } => Ok(Duration::from_nanos(wait)),
             Reservation::Denied { wait } => Err(RateLimited::new(Duration::from_nanos(wait))),
         }

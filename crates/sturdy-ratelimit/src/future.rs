@@ -360,7 +360,9 @@ where
                 let decided = ready!(fut.as_mut().poll(cx));
                 let now = ks.origin.elapsed();
                 slow.turn = match decided {
-                    Ok(Reserve::Granted { wait }) => Turn::Reserved(now.saturating_add(nanos(wait))),
+                    Ok(Reserve::Granted { wait }) => {
+                        Turn::Reserved(now.saturating_add(nanos(wait)))
+                    }
                     Ok(Reserve::Denied { retry_after }) => {
                         slow.turn = Turn::Done;
                         return Poll::Ready(Err(limited(nanos(retry_after))));

@@ -63,9 +63,7 @@ impl Gate {
     }
 
     pub(crate) fn is_idle(&self, now: u64) -> bool {
-        self.waiting() == 0
-            && self.tat.load(Ordering::Acquire) <= now
-            && self.paused_until() <= now
+        self.waiting() == 0 && self.tat.load(Ordering::Acquire) <= now && self.paused_until() <= now
     }
 
     /// The fast path: whether a call may go at `now`, taking its slot if so. Lock-free. Never

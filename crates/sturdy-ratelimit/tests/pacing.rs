@@ -1,11 +1,13 @@
 //! Calls that wait: they leave in order, at the quota's pace after a pause, and a call dropped
 //! while it waits gives its place back. Paused time, exact send times.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Request;
-use sturdy_core::RateLimited;
-use sturdy_ratelimit::{Quota, RateLimitLayer};
+use sturdy_core::{BoxError, RateLimited};
+use sturdy_ratelimit::{BoxFuture, DirectLimiter, Quota, RateLimitLayer, RemoteQuota, Reserve};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
@@ -173,5 +175,83 @@ async fn a_pause_past_every_deadline_fails_the_waiting_calls_when_it_arrives() {
         assert_eq!(at - start, ms(50));
         assert_eq!(err.retry_after(), Duration::from_secs(60));
     }
+    assert_eq!(api.times().len(), 1);
+}
+
+/// A quota store in this process (GCRA on a `DirectLimiter`) that counts the slots given back.
+#[derive(Debug)]
+struct Store {
+    gcra: DirectLimiter,
+    released: AtomicU32,
+}
+
+impl Store {
+    fn new(quota: Quota) -> Arc<Self> {
+        Arc::new(Self {
+            gcra: DirectLimiter::new(quota),
+            released: AtomicU32::new(0),
+        })
+    }
+}
+
+impl RemoteQuota for Store {
+    fn reserve(&self, _key: &str, max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>> {
+        let decided = match self.gcra.reserve(max_wait) {
+            Ok(wait) => Reserve::Granted { wait },
+            Err(e) => Reserve::Denied {
+                retry_after: e.retry_after(),
+            },
+        };
+        Box::pin(std::future::ready(Ok(decided)))
+    }
+
+    fn release(&self, _key: &str) -> BoxFuture<Result<(), BoxError>> {
+        self.released.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_remote_store_the_calls_after_a_pause_ask_again_and_leave_at_its_pace() {
+    let quota = Quota::per_second(10).unwrap();
+    let store = Store::new(quota);
+    let api = Api::with(vec![status_with(429, &[("retry-after", "2")])]).with_latency(ms(50));
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(store.clone())
+        .layer(api.service());
+    let start = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    settle().await;
+    let t = api.since(start);
+    assert_eq!(t[0], Duration::ZERO);
+    let want: Vec<Duration> = (0..5).map(|i| ms(2_050 + 100 * i)).collect();
+    assert_eq!(t[1..], want[..]);
+    // The five slots granted before the pause were given back.
+    assert_eq!(store.released.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_it_waits_for_a_remote_slot_gives_it_back() {
+    let quota = Quota::per_second(10).unwrap();
+    let store = Store::new(quota);
+    let api = Api::default();
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(store.clone())
+        .layer(api.service());
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let waiters: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    settle().await;
+    for w in waiters {
+        w.abort();
+    }
+    settle().await;
+    assert_eq!(store.released.load(Ordering::SeqCst), 3);
     assert_eq!(api.times().len(), 1);
 }

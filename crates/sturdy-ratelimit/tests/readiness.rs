@@ -49,12 +49,9 @@ where
     S::Error: std::fmt::Debug,
 {
     for i in 0..n {
-        bounded(
-            &format!("oneshot call {i}"),
-            svc.clone().oneshot(get("a")),
-        )
-        .await
-        .unwrap();
+        bounded(&format!("oneshot call {i}"), svc.clone().oneshot(get("a")))
+            .await
+            .unwrap();
     }
 }
 
@@ -203,7 +200,9 @@ impl RemoteQuota for SlowStore {
 
 #[tokio::test(start_paused = true)]
 async fn remote_decision_over_concurrency_limit_1_and_buffer_1() {
-    let store = Arc::new(SlowStore(DirectLimiter::new(Quota::per_second(10).unwrap())));
+    let store = Arc::new(SlowStore(DirectLimiter::new(
+        Quota::per_second(10).unwrap(),
+    )));
     let layer = RateLimitLayer::new(Quota::per_second(10).unwrap()).with_remote(store);
     let api = Api::default();
     let svc = ServiceBuilder::new()

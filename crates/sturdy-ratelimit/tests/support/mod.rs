@@ -72,7 +72,12 @@ impl Api {
 
     /// The URI of each call, in the order they arrived.
     pub(crate) fn uris(&self) -> Vec<String> {
-        self.log.lock().unwrap().iter().map(|(_, u)| u.clone()).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, u)| u.clone())
+            .collect()
     }
 
     /// When each call arrived, as the time since `start`.
