@@ -54,10 +54,9 @@ struct Slow<S, B> {
 
 /// Where a waiting call is.
 enum Turn {
-    /// In the key's line (the local quota and pauses).
+    /// In the key's line: for a slot of the local quota, or for the pause to end (then, with a
+    /// remote quota, the store is asked).
     Queued(Ticket),
-    /// Remote quota: waiting for this process's pause of the key to end before asking the store.
-    Paused,
     /// Remote quota: asking the store for a slot.
     Asking(BoxFuture<Result<Reserve, BoxError>>),
     /// Remote quota: the store granted a slot at this time.
@@ -71,7 +70,7 @@ impl<S, B> Drop for Slow<S, B> {
         match std::mem::replace(&mut self.turn, Turn::Done) {
             Turn::Queued(ticket) => self.bound.state().gate.leave(ticket),
             Turn::Reserved(_) => release(&self.bound),
-            Turn::Paused | Turn::Asking(_) | Turn::Done => {}
+            Turn::Asking(_) | Turn::Done => {}
         }
     }
 }
@@ -152,11 +151,7 @@ where
         now: u64,
         deadline: u64,
     ) -> Self {
-        let turn = if bound.state().gate.paused_until() > now {
-            Turn::Paused
-        } else {
-            ask(&bound, now, deadline)
-        };
+        let turn = ask(&bound, now, deadline);
         Self::waiting(Slow {
             bound,
             svc,
@@ -166,6 +161,15 @@ where
             turn,
         })
     }
+}
+
+/// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
+/// remote quota, nothing (the store spaces them when they ask it).
+pub(crate) fn line_pace(bound: &Bound) -> Option<crate::Quota> {
+    if bound.config.remote.is_some() {
+        return None;
+    }
+    bound.state().quota.or(bound.config.release)
 }
 
 fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
@@ -328,7 +332,7 @@ where
         match &mut slow.turn {
             Turn::Queued(ticket) => {
                 let ticket = *ticket;
-                let pace = ks.quota.or(bound.config.release);
+                let pace = line_pace(&bound);
                 let turn = ready!(ks.gate.poll_turn(
                     ticket,
                     pace.as_ref(),
@@ -342,19 +346,9 @@ where
                     ks.gate.leave(ticket);
                     return Poll::Ready(Err(limited(wait)));
                 }
-            }
-            Turn::Paused => {
-                let now = ks.origin.elapsed();
-                let paused = ks.gate.paused_until();
-                if paused > slow.deadline {
-                    slow.turn = Turn::Done;
-                    return Poll::Ready(Err(limited(paused - now)));
+                if bound.config.remote.is_some() {
+                    slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);
                 }
-                if paused > now {
-                    ready!(poll_until(&mut slow.sleep, ks.origin.instant(paused), cx));
-                    continue;
-                }
-                slow.turn = ask(&bound, now, slow.deadline);
             }
             Turn::Asking(fut) => {
                 let decided = ready!(fut.as_mut().poll(cx));
@@ -388,10 +382,18 @@ where
                 let at = *at;
                 ready!(poll_until(&mut slow.sleep, ks.origin.instant(at), cx));
                 // A server may have asked for a pause while we waited: give the slot back, wait
-                // for the pause to end, and ask again, so the callers leave at the quota's pace.
-                if ks.gate.paused_until() > ks.origin.elapsed() {
+                // in line for the pause to end, and ask again, so the callers leave at the
+                // store's pace.
+                let now = ks.origin.elapsed();
+                if ks.gate.paused_until() > now {
                     release(&bound);
-                    slow.turn = Turn::Paused;
+                    slow.turn = match ks.gate.join(None, now, slow.deadline) {
+                        Ok((ticket, _)) => Turn::Queued(ticket),
+                        Err(wait) => {
+                            slow.turn = Turn::Done;
+                            return Poll::Ready(Err(limited(wait)));
+                        }
+                    };
                     continue;
                 }
                 slow.turn = Turn::Done;

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use crate::state::State;
 
-/// Reads and clears the pauses of a limiter, from [`RateLimitLayer::pair`] or
+/// Reads and clears the pauses of a limiter, from [`RateLimitLayer::pair`](crate::RateLimitLayer::pair) or
 /// [`RateLimitLayer::handle`](crate::RateLimitLayer::handle).
 ///
 /// It sees the state shared by the layer, its clones, the layers its setters return and every
@@ -76,7 +76,8 @@ impl RateLimitHandle {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
-    /// How many calls to `key` wait in line now (for a slot or for a pause to end).
+    /// How many calls to `key` wait in line now: for a slot of the local quota, or for a pause
+    /// to end. (A call waiting for a slot a remote store granted it is not in line.)
     pub fn waiting(&self, key: &str) -> usize {
         self.state
             .map_if_used()

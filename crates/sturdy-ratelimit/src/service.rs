@@ -8,7 +8,7 @@ use sturdy_core::trace::DelaySource;
 use sturdy_core::{BoxError, RateLimited, Trace, TraceEvent};
 use tower::Service;
 
-use crate::future::ResponseFuture;
+use crate::future::{line_pace, ResponseFuture};
 use crate::gcra::nanos;
 use crate::state::{Bound, Config, State};
 
@@ -119,15 +119,12 @@ impl<S, K> RateLimit<S, K> {
             }
             ResponseFuture::rejected(Box::new(err))
         };
-        if config.remote.is_some() {
-            let paused = ks.gate.paused_until();
-            if paused > deadline {
-                return refuse(paused - now, &req);
-            }
+        if config.remote.is_some() && ks.gate.paused_until() <= now {
             let svc = self.take_ready();
             return ResponseFuture::remote(svc, req, bound, now, deadline);
         }
-        let pace = ks.quota.or(config.release);
+        // Wait in line: for a slot of the local quota, or (remote quota) for the pause to end.
+        let pace = line_pace(&bound);
         let (ticket, go_at) = match ks.gate.join(pace.as_ref(), now, deadline) {
             Ok(t) => t,
             Err(wait) => return refuse(wait, &req),

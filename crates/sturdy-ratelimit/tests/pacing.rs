@@ -65,6 +65,25 @@ async fn without_a_quota_the_calls_that_waited_leave_100ms_apart_and_a_new_429_s
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_release_pace_of_zero_lets_the_waiting_calls_go_together() {
+    let api = Api::with(vec![status_with(429, &[("retry-after", "2")])]);
+    let svc = RateLimitLayer::adaptive_only()
+        .with_release_pace(Duration::ZERO)
+        .layer(api.service());
+    let start = Instant::now();
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let calls: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let t = api.since(start);
+    assert_eq!(t[0], Duration::ZERO);
+    assert!(t[1..].iter().all(|d| *d == ms(2_000)), "{t:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hundred_aborted_waiters_leave_no_debt() {
     // Quota 20/s, burst 5: the burst goes at once, 100 callers wait in line, then all are
     // aborted. The next call waits one interval (50 ms), not the 100 abandoned slots (5 s).
@@ -233,6 +252,31 @@ async fn with_a_remote_store_the_calls_after_a_pause_ask_again_and_leave_at_its_
     assert_eq!(t[1..], want[..]);
     // The five slots granted before the pause were given back.
     assert_eq!(store.released.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_remote_store_clearing_a_pause_releases_the_calls_waiting_for_it() {
+    let quota = Quota::per_second(10).unwrap();
+    let store = Store::new(quota);
+    let api = Api::with(vec![status_with(429, &[("retry-after", "60")])]);
+    let (layer, handle) = RateLimitLayer::new(quota)
+        .with_remote(store.clone())
+        .with_max_wait(Duration::from_secs(120))
+        .pair();
+    let svc = layer.layer(api.service());
+    let start = Instant::now();
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.waiting("a"), 3);
+    assert_eq!(handle.clear_pause("a"), Some(Duration::from_secs(59)));
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    // They ask the store at 1 s, which spaces them one interval apart.
+    assert_eq!(api.since(start), [ms(0), ms(1_000), ms(1_100), ms(1_200)]);
 }
 
 #[tokio::test(start_paused = true)]

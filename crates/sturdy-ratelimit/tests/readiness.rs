@@ -229,3 +229,39 @@ async fn remote_decision_over_concurrency_limit_1_and_buffer_1() {
         assert_eq!(*d, ms(100 * i as u64 + 1), "call {i}: {t:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_waiting_call_goes_to_the_mock_poll_ready_made_ready() {
+    use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
+    let (mut svc, mut handle) = tower_test::mock::spawn_layer::<Request<()>, Response<()>, _>(
+        RateLimitLayer::new(Quota::per_second(10).unwrap()),
+    );
+    handle.allow(2);
+    // A free slot: called at once.
+    assert_ready_ok!(svc.poll_ready());
+    let mut first = tokio_test::task::spawn(svc.call(get("a")));
+    let (_, send) = assert_ready!(handle.poll_request()).unwrap();
+    send.send_response(Response::new(()));
+    assert_ready_ok!(first.poll());
+
+    // Made ready, then the mock admits nobody else: the waiting call must use this readiness.
+    assert_ready_ok!(svc.poll_ready());
+    handle.allow(0);
+    let mut second = tokio_test::task::spawn(svc.call(get("a")));
+    assert_pending!(second.poll());
+    tokio::time::advance(ms(99)).await;
+    assert_pending!(second.poll());
+    assert_pending!(handle.poll_request());
+    tokio::time::advance(ms(1)).await;
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    let (req, send) = assert_ready!(handle.poll_request()).unwrap();
+    assert_eq!(req.uri(), "http://a/orders");
+    send.send_response(Response::new(()));
+    assert_ready_ok!(second.poll());
+
+    // The service kept a clone that poll_ready has not made ready: it waits for capacity.
+    assert_pending!(svc.poll_ready());
+    handle.allow(1);
+    assert_ready_ok!(svc.poll_ready());
+}
