@@ -161,7 +161,7 @@ impl Gate {
         loop {
             let now = origin.elapsed();
             let paused = self.paused_until();
-            if paused > deadline {
+            if paused > now && paused > deadline {
                 return Poll::Ready(Err(paused - now));
             }
             if !self.register(ticket, cx.waker()) {
@@ -252,6 +252,22 @@ mod tests {
         // Past the deadline: refused with the wait, and not in line.
         assert_eq!(g.join(Some(&q), 0, 250 * MS), Err(300 * MS));
         assert_eq!(g.waiting(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_polled_after_a_pause_past_its_deadline_ended_just_goes() {
+        let g = Gate::default();
+        let origin = Origin::now();
+        let (t, _) = g.join(None, 0, 10 * MS).unwrap();
+        g.pause_until(20 * MS);
+        tokio::time::advance(std::time::Duration::from_millis(30)).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sleep = None;
+        assert_eq!(
+            g.poll_turn(t, None, origin, 10 * MS, &mut sleep, &mut cx),
+            Poll::Ready(Ok(()))
+        );
+        assert_eq!(g.waiting(), 0);
     }
 
     #[test]
