@@ -1,15 +1,15 @@
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use sturdy_core::RateLimited;
-use tokio::time::Instant;
 
-use crate::gcra::{nanos, reserve, Reservation};
+use crate::gate::{Gate, Ticket};
+use crate::gcra::{estimate, nanos, reserve, Origin, Reservation};
 use crate::Quota;
 
 /// One GCRA limiter without a service around it: for code that is not an HTTP call (a tool
-/// loop, a queue consumer), and the decision the [`RateLimitLayer`](crate::RateLimitLayer) makes
-/// per key. Lock-free; share it behind an `Arc`.
+/// loop, a queue consumer), with the same decision and the same line of waiting callers as
+/// the [`RateLimitLayer`](crate::RateLimitLayer) keeps per key. The decision is lock-free; share
+/// the limiter behind an `Arc`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -21,62 +21,148 @@ use crate::Quota;
 /// assert!(limiter.check().is_ok());
 /// let err = limiter.check().unwrap_err();
 /// assert_eq!(err.retry_after(), Duration::from_millis(500));
-/// // Or wait for the slot (up to a bound):
+/// // Or wait in line for the slot (up to a bound):
 /// limiter.until_ready(Duration::from_secs(1)).await.unwrap();
 /// # }
 /// ```
 #[derive(Debug)]
 pub struct DirectLimiter {
-    tat: AtomicU64,
+    gate: Gate,
     quota: Quota,
-    origin: Instant,
+    origin: Origin,
 }
 
 impl DirectLimiter {
     /// A limiter enforcing `quota`.
     pub fn new(quota: Quota) -> Self {
         Self {
-            tat: AtomicU64::new(0),
+            gate: Gate::default(),
             quota,
-            origin: Instant::now(),
+            origin: Origin::now(),
         }
     }
 
-    fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.origin))
-    }
-
-    /// Takes a slot now if one is free.
+    /// Takes a slot now if one is free and no [`until_ready`](Self::until_ready) caller waits
+    /// for one.
     ///
     /// # Errors
-    /// [`RateLimited`] with the time until the next free slot; nothing is reserved.
+    /// [`RateLimited`] with the time until a slot would be free for this call; nothing is
+    /// reserved.
     pub fn check(&self) -> Result<(), RateLimited> {
-        match reserve(&self.tat, &self.quota, self.now(), 0) {
-            Reservation::Granted { .. } => Ok(()),
-            Reservation::Denied { wait } => Err(RateLimited::new(Duration::from_nanos(wait))),
-        }
+        let now = self.origin.elapsed();
+        let waiting = self.gate.waiting();
+        let wait = if waiting == 0 {
+            match reserve(self.gate.tat(), &self.quota, now, 0) {
+                Reservation::Granted { .. } => return Ok(()),
+                Reservation::Denied { wait } => wait,
+            }
+        } else {
+            let tat = self.gate.tat().load(std::sync::atomic::Ordering::Acquire);
+            estimate(tat, &self.quota, now, waiting as u64) - now
+        };
+        Err(RateLimited::new(Duration::from_nanos(wait)))
     }
 
     /// Reserves the next slot no more than `max_wait` away and returns how long to wait for it.
+    /// The slot is the caller's from now on, used or not, and it is taken ahead of the callers
+    /// waiting in [`until_ready`](Self::until_ready).
     ///
     /// # Errors
     /// [`RateLimited`] when the next slot is further away than `max_wait`; nothing is reserved.
     pub fn reserve(&self, max_wait: Duration) -> Result<Duration, RateLimited> {
-        match reserve(&self.tat, &self.quota, self.now(), nanos(max_wait)) {
+        match reserve(
+            self.gate.tat(),
+            &self.quota,
+            self.origin.elapsed(),
+            nanos(max_wait),
+        ) {
             Reservation::Granted { wait } => Ok(Duration::from_nanos(wait)),
             Reservation::Denied { wait } => Err(RateLimited::new(Duration::from_nanos(wait))),
         }
     }
 
-    /// Reserves the next slot and sleeps until it.
+    /// Waits in line (first come, first served) for a slot and takes it. Nothing is reserved
+    /// while it waits: dropping the future gives its place back and the callers behind it move
+    /// up.
     ///
     /// # Errors
-    /// As [`reserve`](Self::reserve), without sleeping.
+    /// [`RateLimited`] with the wait, at once, when the slot would be further away than
+    /// `max_wait` (counting the callers already in line).
     pub async fn until_ready(&self, max_wait: Duration) -> Result<(), RateLimited> {
-        let wait = self.reserve(max_wait)?;
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let now = self.origin.elapsed();
+        if self.gate.try_now(Some(&self.quota), now) {
+            return Ok(());
         }
-        Ok(())
+        let deadline = now.saturating_add(nanos(max_wait));
+        let (ticket, _) = self
+            .gate
+            .join(Some(&self.quota), now, deadline)
+            .map_err(|wait| RateLimited::new(Duration::from_nanos(wait)))?;
+        let mut place = Place {
+            gate: &self.gate,
+            ticket: Some(ticket),
+        };
+        let mut sleep = None;
+        let turn = std::future::poll_fn(|cx| {
+            self.gate.poll_turn(
+                ticket,
+                Some(&self.quota),
+                self.origin,
+                deadline,
+                &mut sleep,
+                cx,
+            )
+        })
+        .await;
+        match turn {
+            Ok(()) => {
+                place.ticket = None;
+                Ok(())
+            }
+            Err(wait) => Err(RateLimited::new(Duration::from_nanos(wait))),
+        }
+    }
+}
+
+/// A place in the line, given back when dropped (unless the turn came).
+struct Place<'a> {
+    gate: &'a Gate,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.gate.leave(t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_waiter_gives_its_place_back() {
+        let limiter = std::sync::Arc::new(DirectLimiter::new(Quota::per_second(10).unwrap()));
+        limiter.check().unwrap();
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let l = limiter.clone();
+                tokio::spawn(async move { l.until_ready(Duration::from_secs(60)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(limiter.gate.waiting(), 50);
+        for w in &waiters {
+            w.abort();
+        }
+        for w in waiters {
+            assert!(w.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(limiter.gate.waiting(), 0);
+        let start = tokio::time::Instant::now();
+        limiter.until_ready(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
     }
 }

@@ -1,31 +1,33 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use sturdy_core::headers::{may_pause, pause_hint};
-use sturdy_core::keyed::Local;
+use sturdy_core::headers::{may_pause, pause_hint, PauseSource};
 use sturdy_core::{BoxError, RateLimited};
 use tokio::time::Sleep;
 use tower::Service;
 
+use crate::gate::Ticket;
 use crate::gcra::nanos;
 use crate::remote::{BoxFuture, OnStoreError, Reserve};
-use crate::state::KeyState;
+use crate::state::Bound;
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit).
+    ///
+    /// Dropping it while it waits gives its place back: it leaves the key's line (the calls
+    /// behind it move up), and a slot a remote store granted it is released.
     pub struct ResponseFuture<S, B, Rb>
     where
         S: Service<Request<B>, Response = Response<Rb>>,
     {
         #[pin]
         state: State<S, B, S::Future>,
-        limiter: Option<Arc<Local<KeyState>>>,
+        limiter: Option<Arc<Bound>>,
     }
 }
 
@@ -39,16 +41,53 @@ pin_project! {
     }
 }
 
-/// A call that waits for a remote decision, a slot or a pause, then for the inner service.
+/// A call that waits for its turn, holding the service `poll_ready` made ready.
 struct Slow<S, B> {
-    remote: Option<BoxFuture<Result<Reserve, BoxError>>>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    bound: Arc<Bound>,
     svc: S,
     req: Option<Request<B>>,
-    /// When (ns since the origin) the call may go at the earliest.
-    at: u64,
-    /// The latest it may go before failing with `RateLimited`.
+    /// The latest the call may go (ns since the origin) before failing with `RateLimited`.
     deadline: u64,
+    sleep: Option<Pin<Box<Sleep>>>,
+    turn: Turn,
+}
+
+/// Where a waiting call is.
+enum Turn {
+    /// In the key's line: for a slot of the local quota, or for the pause to end (then, with a
+    /// remote quota, the store is asked).
+    Queued(Ticket),
+    /// Remote quota: asking the store for a slot.
+    Asking(BoxFuture<Result<Reserve, BoxError>>),
+    /// Remote quota: the store granted a slot at this time.
+    Reserved(u64),
+    /// Its turn came; nothing is held.
+    Done,
+}
+
+impl<S, B> Drop for Slow<S, B> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.turn, Turn::Done) {
+            Turn::Queued(ticket) => self.bound.state().gate.leave(ticket),
+            Turn::Reserved(_) => release(&self.bound),
+            Turn::Asking(_) | Turn::Done => {}
+        }
+    }
+}
+
+/// Gives a slot the remote store granted back to it, in the background.
+fn release(bound: &Bound) {
+    let Some(remote) = &bound.config.remote else {
+        return;
+    };
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let fut = remote.release(bound.key());
+        rt.spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::debug!(error = %e, "could not give an unused slot back to the rate-limit store");
+            }
+        });
+    }
 }
 
 impl<S, B, Rb> std::fmt::Debug for ResponseFuture<S, B, Rb>
@@ -71,96 +110,164 @@ where
         }
     }
 
-    pub(crate) fn called(fut: S::Future, local: Arc<Local<KeyState>>) -> Self {
+    pub(crate) fn called(fut: S::Future, bound: Arc<Bound>) -> Self {
         Self {
             state: State::Called { fut },
-            limiter: Some(local),
+            limiter: Some(bound),
         }
     }
 
-    pub(crate) fn sleeping(
-        until: tokio::time::Instant,
-        svc: S,
-        req: Request<B>,
-        local: Arc<Local<KeyState>>,
-        deadline: u64,
-    ) -> Self {
-        let slow = Slow {
-            remote: None,
-            sleep: Some(Box::pin(tokio::time::sleep_until(until))),
-            svc,
-            req: Some(req),
-            at: 0,
-            deadline,
-        };
+    fn waiting(slow: Slow<S, B>) -> Self {
+        let limiter = Some(slow.bound.clone());
         Self {
             state: State::Waiting {
                 slow: Box::new(slow),
             },
-            limiter: Some(local),
+            limiter,
         }
+    }
+
+    pub(crate) fn queued(
+        svc: S,
+        req: Request<B>,
+        bound: Arc<Bound>,
+        ticket: Ticket,
+        deadline: u64,
+    ) -> Self {
+        Self::waiting(Slow {
+            bound,
+            svc,
+            req: Some(req),
+            deadline,
+            sleep: None,
+            turn: Turn::Queued(ticket),
+        })
     }
 
     pub(crate) fn remote(
-        fut: BoxFuture<Result<Reserve, BoxError>>,
         svc: S,
         req: Request<B>,
-        local: Arc<Local<KeyState>>,
+        bound: Arc<Bound>,
+        now: u64,
         deadline: u64,
-        at: u64,
     ) -> Self {
-        let slow = Slow {
-            remote: Some(fut),
-            sleep: None,
+        let turn = ask(&bound, now, deadline);
+        Self::waiting(Slow {
+            bound,
             svc,
             req: Some(req),
-            at,
             deadline,
-        };
-        Self {
-            state: State::Waiting {
-                slow: Box::new(slow),
-            },
-            limiter: Some(local),
-        }
+            sleep: None,
+            turn,
+        })
     }
 }
 
-/// Reads a response for pauses the server asked for, and applies them to every caller of the key.
-fn observe<Rb>(local: &Local<KeyState>, res: &Response<Rb>) {
-    let shared = &local.value().policy;
+/// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
+/// remote quota, nothing (the store spaces them when they ask it).
+pub(crate) fn line_pace(bound: &Bound) -> Option<crate::Quota> {
+    if bound.config.remote.is_some() {
+        return None;
+    }
+    bound.state().quota.or(bound.config.release)
+}
+
+fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
+    let remote = bound
+        .config
+        .remote
+        .as_ref()
+        .expect("only a layer with a remote store asks it");
+    let wait_left = Duration::from_nanos(deadline.saturating_sub(now));
+    Turn::Asking(remote.reserve(bound.key(), wait_left))
+}
+
+/// Put in the extensions of a response that asked for a pause longer than the layer's
+/// `max_pause` ([`RateLimitLayer::with_max_pause`](crate::RateLimitLayer::with_max_pause)): the
+/// key was paused for the cap instead. The response itself is returned as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PauseCapped {
+    asked: Duration,
+    applied: Duration,
+    source: PauseSource,
+}
+
+impl PauseCapped {
+    /// The pause the response asked for (a number too large for a `Duration` saturates).
+    pub fn asked(&self) -> Duration {
+        self.asked
+    }
+
+    /// The pause applied: the cap.
+    pub fn applied(&self) -> Duration {
+        self.applied
+    }
+
+    /// Which header asked for it.
+    pub fn source(&self) -> PauseSource {
+        self.source
+    }
+}
+
+/// Reads a response for pauses the server asked for, caps them, and applies them to every caller
+/// of the key.
+fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     if !may_pause(res.status(), res.headers()) {
         return;
     }
-    let (delay, source) = match pause_hint(res.status(), res.headers(), shared.clock.now()) {
-        Some(h) => (h.delay, format!("{:?}", h.source)),
-        None if res.status() == StatusCode::TOO_MANY_REQUESTS => {
-            (shared.default_pause, "429 without a wait header".to_owned())
-        }
+    let config = &bound.config;
+    let (asked, source) = match pause_hint(res.status(), res.headers(), config.clock.now()) {
+        Some(h) => (h.delay, Some(h.source)),
+        None if res.status() == StatusCode::TOO_MANY_REQUESTS => (config.default_pause, None),
         None => return,
     };
-    if delay.is_zero() {
+    let applied = asked.min(config.max_pause);
+    if applied.is_zero() {
         return;
     }
-    let until = shared.now().saturating_add(nanos(delay));
-    // fetch_max: a later, shorter reset never cuts a longer pause short.
-    let before = local
-        .value()
-        .paused_until
-        .fetch_max(until, Ordering::AcqRel);
-    if until <= before {
+    let from = source.map_or("a 429 without a wait header", source_name);
+    if let Some(source) = source.filter(|_| asked > applied) {
+        tracing::warn!(
+            key = bound.key(),
+            asked_s = asked.as_secs(),
+            applied_s = applied.as_secs(),
+            source = from,
+            "the server asked for a pause longer than max_pause: pausing for max_pause instead"
+        );
+        res.extensions_mut().insert(PauseCapped {
+            asked,
+            applied,
+            source,
+        });
+    }
+    let ks = bound.state();
+    let until = ks.origin.elapsed().saturating_add(nanos(applied));
+    if !ks.gate.pause_until(until) {
         return;
     }
-    tracing::warn!(key = local.key(), pause_ms = delay.as_millis() as u64, source = %source, "the server asked to slow down: pausing every call to this key");
-    if let Some(remote) = &shared.remote {
+    tracing::warn!(
+        key = bound.key(),
+        pause_ms = u64::try_from(applied.as_millis()).unwrap_or(u64::MAX),
+        source = from,
+        "the server asked to slow down: pausing every call to this key"
+    );
+    if let Some(remote) = &config.remote {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let fut = remote.pause(local.key(), delay);
+            let fut = remote.pause(bound.key(), applied);
             rt.spawn(async move {
                 if let Err(e) = fut.await {
                     tracing::warn!(error = %e, "could not share the pause with the other processes");
                 }
             });
         }
+    }
+}
+
+fn source_name(s: PauseSource) -> &'static str {
+    match s {
+        PauseSource::RetryAfter => "Retry-After",
+        PauseSource::RateLimit => "RateLimit",
+        PauseSource::XRateLimit => "X-RateLimit",
     }
 }
 
@@ -179,14 +286,13 @@ where
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
                 StateProj::Waiting { slow } => {
-                    let local = this.limiter.as_ref().expect("a waiting call has a limiter");
-                    let fut = ready!(poll_slow(slow, local, cx))?;
+                    let fut = ready!(poll_slow(slow, cx))?;
                     this.state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
-                    let result = ready!(fut.poll(cx)).map_err(Into::into);
-                    if let (Ok(res), Some(local)) = (&result, this.limiter.as_ref()) {
-                        observe(local, res);
+                    let mut result = ready!(fut.poll(cx)).map_err(Into::into);
+                    if let (Ok(res), Some(bound)) = (&mut result, this.limiter.as_ref()) {
+                        observe(bound, res);
                     }
                     return Poll::Ready(result);
                 }
@@ -195,62 +301,106 @@ where
     }
 }
 
-/// Drives the slow path to the point where the inner service has been called.
+/// Sleeps on `sleep` until `at` (ns since the origin).
+fn poll_until(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    until: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    if timer.deadline() != until {
+        timer.as_mut().reset(until);
+    }
+    timer.as_mut().poll(cx)
+}
+
+/// Drives the slow path until its turn comes, then calls the service `poll_ready` made ready
+/// (without asking it for readiness again).
 fn poll_slow<S, B, Rb>(
     slow: &mut Slow<S, B>,
-    local: &Local<KeyState>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<S::Future, BoxError>>
 where
     S: Service<Request<B>, Response = Response<Rb>>,
-    S::Error: Into<BoxError>,
 {
-    let policy = &local.value().policy;
-    if let Some(fut) = slow.remote.as_mut() {
-        let decided = ready!(fut.as_mut().poll(cx));
-        slow.remote = None;
-        let wait = match decided {
-            Ok(Reserve::Granted { wait }) => wait,
-            Ok(Reserve::Denied { retry_after }) => {
-                return Poll::Ready(Err(Box::new(
-                    RateLimited::new(retry_after).with_scope(local.key()),
-                )));
-            }
-            Err(e) => match policy.on_store_error {
-                OnStoreError::Allow => {
-                    tracing::warn!(key = local.key(), error = %e, "rate-limit store failed; letting the call through");
-                    Duration::ZERO
+    let bound = slow.bound.clone();
+    let ks = bound.state();
+    let limited = |wait: u64| -> BoxError {
+        Box::new(RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key()))
+    };
+    loop {
+        match &mut slow.turn {
+            Turn::Queued(ticket) => {
+                let ticket = *ticket;
+                let pace = line_pace(&bound);
+                let turn = ready!(ks.gate.poll_turn(
+                    ticket,
+                    pace.as_ref(),
+                    ks.origin,
+                    slow.deadline,
+                    &mut slow.sleep,
+                    cx
+                ));
+                slow.turn = Turn::Done;
+                if let Err(wait) = turn {
+                    ks.gate.leave(ticket);
+                    return Poll::Ready(Err(limited(wait)));
                 }
-                OnStoreError::Fail => {
-                    let err = sturdy_core::Error::new(
-                        sturdy_core::ErrorKind::Other,
-                        "the rate-limit store failed",
-                    )
-                    .with_source(e);
-                    return Poll::Ready(Err(Box::new(err)));
+                if bound.config.remote.is_some() {
+                    slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);
                 }
-            },
-        };
-        let until = policy.instant(slow.at.saturating_add(nanos(wait)));
-        slow.sleep = Some(Box::pin(tokio::time::sleep_until(until)));
-    }
-    while let Some(sleep) = slow.sleep.as_mut() {
-        ready!(sleep.as_mut().poll(cx));
-        // A server may have asked for a pause while we waited.
-        let now = policy.now();
-        let paused = local.value().paused_until.load(Ordering::Acquire);
-        if paused > now {
-            if paused > slow.deadline {
-                let err =
-                    RateLimited::new(Duration::from_nanos(paused - now)).with_scope(local.key());
-                return Poll::Ready(Err(Box::new(err)));
             }
-            sleep.as_mut().reset(policy.instant(paused));
-            continue;
+            Turn::Asking(fut) => {
+                let decided = ready!(fut.as_mut().poll(cx));
+                let now = ks.origin.elapsed();
+                slow.turn = match decided {
+                    Ok(Reserve::Granted { wait }) => {
+                        Turn::Reserved(now.saturating_add(nanos(wait)))
+                    }
+                    Ok(Reserve::Denied { retry_after }) => {
+                        slow.turn = Turn::Done;
+                        return Poll::Ready(Err(limited(nanos(retry_after))));
+                    }
+                    Err(e) => match bound.config.on_store_error {
+                        OnStoreError::Allow => {
+                            tracing::warn!(key = bound.key(), error = %e, "rate-limit store failed; letting the call through");
+                            Turn::Done
+                        }
+                        OnStoreError::Fail => {
+                            slow.turn = Turn::Done;
+                            let err = sturdy_core::Error::new(
+                                sturdy_core::ErrorKind::Other,
+                                "the rate-limit store failed",
+                            )
+                            .with_source(e);
+                            return Poll::Ready(Err(Box::new(err)));
+                        }
+                    },
+                };
+            }
+            Turn::Reserved(at) => {
+                let at = *at;
+                ready!(poll_until(&mut slow.sleep, ks.origin.instant(at), cx));
+                // A server may have asked for a pause while we waited: give the slot back, wait
+                // in line for the pause to end, and ask again, so the callers leave at the
+                // store's pace.
+                let now = ks.origin.elapsed();
+                if ks.gate.paused_until() > now {
+                    release(&bound);
+                    slow.turn = match ks.gate.join(None, now, slow.deadline) {
+                        Ok((ticket, _)) => Turn::Queued(ticket),
+                        Err(wait) => {
+                            slow.turn = Turn::Done;
+                            return Poll::Ready(Err(limited(wait)));
+                        }
+                    };
+                    continue;
+                }
+                slow.turn = Turn::Done;
+            }
+            Turn::Done => break,
         }
-        slow.sleep = None;
     }
-    ready!(slow.svc.poll_ready(cx)).map_err(Into::into)?;
     let req = slow.req.take().expect("polled after completion");
     Poll::Ready(Ok(slow.svc.call(req)))
 }

@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 /// A quota: a sustained rate and a burst.
 ///
 /// `Quota::per_second(10)?.with_burst(5)?` lets 5 calls through at once, then one every 100 ms.
@@ -95,6 +97,29 @@ pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The instant a limiter counts from: its times are nanoseconds since then, on tokio's clock (so
+/// tests can pause it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin(Instant);
+
+impl Origin {
+    pub(crate) fn now() -> Self {
+        Self(Instant::now())
+    }
+
+    /// Nanoseconds since the origin.
+    pub(crate) fn elapsed(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.0))
+    }
+
+    /// The instant `n` nanoseconds after the origin (saturating far in the future).
+    pub(crate) fn instant(&self, n: u64) -> Instant {
+        self.0
+            .checked_add(Duration::from_nanos(n))
+            .unwrap_or_else(|| self.0 + Duration::from_secs(86_400 * 365 * 30))
+    }
+}
+
 /// What a reservation got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reservation {
@@ -126,6 +151,15 @@ pub(crate) fn reserve(tat: &AtomicU64, quota: &Quota, at: u64, max_wait: u64) ->
             Err(actual) => cur = actual,
         }
     }
+}
+
+/// When a call that has `ahead` calls queued before it would go, if all of them ask for their slot
+/// at `at` or later and none leaves the queue: the time the call would be granted.
+pub(crate) fn estimate(tat: u64, quota: &Quota, at: u64, ahead: u64) -> u64 {
+    let start = tat
+        .max(at)
+        .saturating_add(quota.interval_nanos().saturating_mul(ahead));
+    start.saturating_sub(quota.tolerance_nanos()).max(at)
 }
 
 #[cfg(test)]
@@ -175,6 +209,21 @@ mod tests {
             .filter(|_| reserve(&tat, &q, later, 0) == Reservation::Granted { wait: 0 })
             .count();
         assert_eq!(granted, 3);
+    }
+
+    #[test]
+    fn the_estimate_matches_successive_reservations() {
+        let q = Quota::per_second(10).unwrap().with_burst(3).unwrap();
+        let tat = AtomicU64::new(0);
+        let at = 5_000 * MS;
+        let start = tat.load(Ordering::Relaxed);
+        for ahead in 0..10 {
+            let want = estimate(start, &q, at, ahead);
+            match reserve(&tat, &q, at, u64::MAX) {
+                Reservation::Granted { wait } => assert_eq!(at + wait, want, "{ahead}"),
+                Reservation::Denied { .. } => unreachable!(),
+            }
+        }
     }
 
     #[test]

@@ -2,154 +2,181 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sturdy_core::key::ByHost;
-use sturdy_core::keyed::{KeyedMap, SlotCache};
 use sturdy_core::{SystemClock, WallClock};
-use tokio::time::Instant;
 use tower::Layer;
 
+use crate::handle::RateLimitHandle;
 use crate::remote::{OnStoreError, RemoteQuota};
-use crate::state::{Policy, Shared};
+use crate::state::{Config, State};
 use crate::{Quota, RateLimit};
+
+/// The longest pause a server can impose by default: 5 minutes. See
+/// [`RateLimitLayer::with_max_pause`].
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// The default spacing of calls released after a pause when the layer has no quota of its own
+/// (100 ms, at most 10 calls per second). See [`RateLimitLayer::with_release_pace`].
+pub const DEFAULT_RELEASE_PACE: Duration = Duration::from_millis(100);
 
 /// Limits the rate of calls per key and pauses every caller of a key when the server says so;
 /// see the [crate docs](crate).
 ///
-/// All services made by one layer (and their clones) share one limiter state behind one `Arc`.
-/// Configure the layer first: each setter starts a fresh state.
+/// # Shared state and settings
+/// A layer is made with its limiter state ([`new`](Self::new) or
+/// [`adaptive_only`](Self::adaptive_only)): the quota used per key, the pauses and the calls
+/// waiting. That state is shared by every clone of the layer, by every layer a setter returns
+/// from it (also [`with_key`](Self::with_key)), by every service any of them makes, and by every
+/// [`RateLimitHandle`]. Setters change only the settings of the layer they return (for example
+/// two layers from one `new` may have different `max_wait`s and share one quota), never the state:
+/// a handle or a clone taken before a setter still sees the same quota and pauses.
 #[derive(Clone)]
 #[must_use]
 pub struct RateLimitLayer<K = ByHost> {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: Arc<State>,
+    pub(crate) config: Arc<Config>,
     pub(crate) key: K,
 }
 
 impl<K: std::fmt::Debug> std::fmt::Debug for RateLimitLayer<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitLayer")
-            .field("shared", &self.shared)
+            .field("state", &self.state)
+            .field("config", &self.config)
             .field("key", &self.key)
             .finish()
     }
 }
 
-struct Settings {
-    quota: Option<Quota>,
-    remote: Option<Arc<dyn RemoteQuota>>,
-    on_store_error: OnStoreError,
-    max_wait: Duration,
-    default_pause: Duration,
-    clock: Arc<dyn WallClock>,
-    max_keys: usize,
-}
-
-impl Settings {
-    fn of(s: &Shared, max_keys: usize) -> Self {
-        Self {
-            quota: s.quota,
-            remote: s.policy.remote.clone(),
-            on_store_error: s.policy.on_store_error,
-            max_wait: s.max_wait,
-            default_pause: s.policy.default_pause,
-            clock: s.policy.clock.clone(),
-            max_keys,
-        }
-    }
-
-    fn build(self) -> Arc<Shared> {
-        Arc::new(Shared {
-            quota: self.quota,
-            max_wait: self.max_wait,
-            policy: Arc::new(Policy {
-                origin: Instant::now(),
-                remote: self.remote,
-                on_store_error: self.on_store_error,
-                default_pause: self.default_pause,
-                clock: self.clock,
-            }),
-            map: KeyedMap::new(self.max_keys),
-        })
-    }
-}
-
-const DEFAULT_MAX_KEYS: usize = 1_024;
-
 impl RateLimitLayer {
-    /// A limiter with `quota` per host: calls wait for a slot up to 30 s, else fail with
+    /// A limiter with `quota` per host: calls wait in line for a slot up to 30 s, else fail with
     /// [`RateLimited`](sturdy_core::RateLimited); a 429 or 503 with `Retry-After`, or quota
-    /// headers with nothing left, pause every caller of the host until the reset (a bare 429
-    /// pauses 1 s).
+    /// headers with nothing left, pause every caller of the host until the reset, at most 5
+    /// minutes (a bare 429 pauses 1 s).
     pub fn new(quota: Quota) -> Self {
         Self::build(Some(quota))
     }
 
     /// No quota of our own: only the pauses servers ask for (429, `RateLimit`, `X-RateLimit-*`).
+    /// After a pause, the calls that waited for it leave one every 100 ms
+    /// ([`with_release_pace`](Self::with_release_pace)), so a reply asking for a new pause
+    /// stops the rest.
     pub fn adaptive_only() -> Self {
         Self::build(None)
     }
 
     fn build(quota: Option<Quota>) -> Self {
         Self {
-            shared: Settings {
-                quota,
-                remote: None,
-                on_store_error: OnStoreError::default(),
+            state: Arc::new(State::new(quota)),
+            config: Arc::new(Config {
                 max_wait: Duration::from_secs(30),
                 default_pause: Duration::from_secs(1),
+                max_pause: DEFAULT_MAX_PAUSE,
+                release_pace: DEFAULT_RELEASE_PACE,
+                release: pace_quota(DEFAULT_RELEASE_PACE),
+                remote: None,
+                on_store_error: OnStoreError::default(),
                 clock: Arc::new(SystemClock),
-                max_keys: DEFAULT_MAX_KEYS,
-            }
-            .build(),
+            }),
             key: ByHost,
         }
     }
 }
 
+fn pace_quota(pace: Duration) -> Option<Quota> {
+    Quota::new(1, pace).ok()
+}
+
 impl<K> RateLimitLayer<K> {
-    fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
-        let mut s = Settings::of(&self.shared, DEFAULT_MAX_KEYS);
-        f(&mut s);
-        self.shared = s.build();
+    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
-    /// The longest a call waits for a slot or a pause to end \[30 s\]; past it, the call fails at
-    /// once with `RateLimited` carrying the wait. Zero: never wait.
+    /// The longest a call waits for its turn (a slot, the end of a pause) \[30 s\]; a call that
+    /// would wait longer fails at once with `RateLimited` carrying the wait. Zero: never wait.
     pub fn with_max_wait(self, max_wait: Duration) -> Self {
-        self.edit(|s| s.max_wait = max_wait)
+        self.edit(|c| c.max_wait = max_wait)
     }
 
-    /// How long a 429 without any wait header pauses its key \[1 s\].
+    /// How long a 429 without any wait header pauses its key \[1 s\] (at most `max_pause`).
     pub fn with_default_pause(self, pause: Duration) -> Self {
-        self.edit(|s| s.default_pause = pause)
+        self.edit(|c| c.default_pause = pause)
+    }
+
+    /// The longest pause a server can impose \[5 min, [`DEFAULT_MAX_PAUSE`]\].
+    ///
+    /// A pause learned from a response (`Retry-After` seconds or date, `RateLimit` with `r=0`,
+    /// `X-RateLimit-Remaining: 0` with a reset, on any status) that is longer is stored as this
+    /// cap: the response is returned as it is, with a [`PauseCapped`](crate::PauseCapped) in its
+    /// extensions and a `tracing` warning, and later callers of the key wait at most the cap. A
+    /// server that still limits then answers the first call after the cap with a new pause.
+    /// Zero: never pause.
+    pub fn with_max_pause(self, max_pause: Duration) -> Self {
+        self.edit(|c| c.max_pause = max_pause)
+    }
+
+    /// When the layer has no quota of its own ([`adaptive_only`](RateLimitLayer::adaptive_only)):
+    /// the spacing of the calls that waited for a pause, when it ends \[100 ms,
+    /// [`DEFAULT_RELEASE_PACE`]\]. The first leaves when the pause ends, the next one `pace`
+    /// later, and so on, in the order they came; a reply asking for a new pause holds back the
+    /// ones still waiting. Calls made while others wait line up behind them. Zero: all leave at
+    /// once. With a quota, the quota paces them and this setting is not used.
+    pub fn with_release_pace(self, pace: Duration) -> Self {
+        self.edit(|c| {
+            c.release_pace = pace;
+            c.release = pace_quota(pace);
+        })
     }
 
     /// Keeps the quota in a shared store (e.g. `sturdy_redis::RedisQuota`) instead of in this
     /// process, so several processes share it. Pauses are also published to the store.
     pub fn with_remote(self, remote: Arc<dyn RemoteQuota>) -> Self {
-        self.edit(|s| s.remote = Some(remote))
+        self.edit(|c| c.remote = Some(remote))
     }
 
-    /// What to do when the remote store fails [`OnStoreError::Allow`].
-    pub fn on_store_error(self, choice: OnStoreError) -> Self {
-        self.edit(|s| s.on_store_error = choice)
+    /// What to do when the remote store fails \[[`OnStoreError::Allow`]\].
+    pub fn with_on_store_error(self, choice: OnStoreError) -> Self {
+        self.edit(|c| c.on_store_error = choice)
     }
 
     /// The most keys kept \[1,024\]; past it, idle keys are forgotten, then new keys share one.
+    ///
+    /// The bound belongs to the shared limiter state and is fixed when the first call goes
+    /// through: set it before then. Called later, it changes nothing and logs a warning.
     pub fn with_max_keys(self, n: usize) -> Self {
-        self.edit(|s| s.max_keys = n)
+        if !self.state.set_max_keys(n) {
+            tracing::warn!(
+                max_keys = n,
+                "with_max_keys after the first call changes nothing: the key bound is fixed"
+            );
+        }
+        self
     }
 
     /// The wall clock used to read HTTP-date resets \[the system clock\].
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
-        self.edit(|s| s.clock = clock)
+        self.edit(|c| c.clock = clock)
     }
 
     /// Chooses keys with `key` instead of by host, e.g. a closure `|req| -> String` per API token.
+    /// The returned layer shares this layer's state and settings.
     pub fn with_key<K2>(self, key: K2) -> RateLimitLayer<K2> {
         RateLimitLayer {
-            shared: self.shared,
+            state: self.state,
+            config: self.config,
             key,
         }
+    }
+
+    /// A handle on this layer's limiter state: read and clear pauses.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle::new(self.state.clone())
+    }
+
+    /// The layer and a [`handle`](Self::handle) on its state.
+    pub fn pair(self) -> (Self, RateLimitHandle) {
+        let handle = self.handle();
+        (self, handle)
     }
 }
 
@@ -159,9 +186,10 @@ impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            shared: self.shared.clone(),
+            state: self.state.clone(),
+            config: self.config.clone(),
             key: self.key.clone(),
-            cache: SlotCache::default(),
+            bound: None,
         }
     }
 }

@@ -31,10 +31,26 @@ pub trait RemoteQuota: Send + Sync + fmt::Debug + 'static {
     /// Reserves a slot for `key` no more than `max_wait` from now.
     fn reserve(&self, key: &str, max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>>;
 
-    /// Tells every process to hold off `key` for `duration` (a server said so). The default does
-    /// nothing: pauses then stay in this process.
+    /// Tells every process to hold off `key` for `duration` (a server said so; the layer has
+    /// already capped it at its `max_pause`). The default does nothing: pauses then stay in this
+    /// process.
     fn pause(&self, key: &str, duration: Duration) -> BoxFuture<Result<(), BoxError>> {
         let _ = (key, duration);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Gives back one slot of `key` that [`reserve`](Self::reserve) granted and that will not be
+    /// used (its call was dropped while it waited, or a pause came first). The layer calls it
+    /// once per unused grant, in the background. The default does nothing: the slot is then lost
+    /// to the quota.
+    fn release(&self, key: &str) -> BoxFuture<Result<(), BoxError>> {
+        let _ = key;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Ends the pause of `key` for every process. The default does nothing.
+    fn clear_pause(&self, key: &str) -> BoxFuture<Result<(), BoxError>> {
+        let _ = key;
         Box::pin(std::future::ready(Ok(())))
     }
 }

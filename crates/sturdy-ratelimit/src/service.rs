@@ -1,39 +1,47 @@
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use sturdy_core::key::KeyExtractor;
-use sturdy_core::keyed::SlotCache;
-use sturdy_core::{BoxError, RateLimited};
+use sturdy_core::trace::DelaySource;
+use sturdy_core::{BoxError, RateLimited, Trace, TraceEvent};
 use tower::Service;
 
-use crate::future::ResponseFuture;
-use crate::gcra::{nanos, reserve, Reservation};
-use crate::state::{KeyState, Shared};
+use crate::future::{line_pace, ResponseFuture};
+use crate::gcra::nanos;
+use crate::state::{Bound, Config, State};
 
 /// The service made by [`RateLimitLayer`](crate::RateLimitLayer).
 ///
 /// # Clone
-/// Clones share the limiter state.
+/// Clones share the limiter state and the settings.
 ///
 /// # Backpressure
-/// `poll_ready` is the inner service's: a call that must wait for a slot waits inside its response
-/// future (a timer, no polling loop), and a call that would wait longer than `max_wait` fails at
-/// once with [`RateLimited`]. After a wait, the inner service is driven to readiness again.
+/// `poll_ready` is the inner service's. A call that can go now calls the inner service at once; a
+/// call that must wait (for a slot, for a pause to end, for the remote store's decision) waits
+/// inside its response future (a timer, no polling loop) holding the inner service that
+/// `poll_ready` made ready, and calls that very service when its turn comes, without asking for
+/// readiness again. So whatever the inner service reserved in `poll_ready` (a concurrency permit,
+/// a `Buffer` slot) is used by this call and released with it, and `RateLimit` may sit over or
+/// under `Buffer` and concurrency limits, driven by `oneshot` or by a kept service
+/// (`ready().await?.call(req)`). A call that would wait longer than `max_wait` fails at once with
+/// [`RateLimited`], without calling the inner service.
 #[derive(Clone)]
 pub struct RateLimit<S, K> {
     pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) state: Arc<State>,
+    pub(crate) config: Arc<Config>,
     pub(crate) key: K,
-    pub(crate) cache: SlotCache<KeyState>,
+    pub(crate) bound: Option<Arc<Bound>>,
 }
 
 impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
-            .field("shared", &self.shared)
+            .field("state", &self.state)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
@@ -41,6 +49,22 @@ impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
 sturdy_core::define_inner_service_accessors!(RateLimit<S, K>);
 
 // ===== impl RateLimit =====
+
+impl<S, K> RateLimit<S, K> {
+    /// The state of `key` with this service's settings: the cached one when the key is the same
+    /// as last time (no lock, no hash), else from the shared map.
+    #[inline]
+    fn bound(&mut self, key: &str) -> Arc<Bound> {
+        if let Some(b) = &self.bound {
+            if b.key() == key {
+                return b.clone();
+            }
+        }
+        let b = self.state.bind(key, &self.config);
+        self.bound = Some(b.clone());
+        b
+    }
+}
 
 impl<S, K, B, Rb> Service<Request<B>> for RateLimit<S, K>
 where
@@ -57,64 +81,78 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let shared = &self.shared;
         let key = self.key.key(&req);
-        let local = self.cache.get(&shared.map, &key, shared.make());
-        let policy = &local.value().policy;
-        let now = policy.now();
-        let max_wait = nanos(shared.max_wait);
-        let deadline = now.saturating_add(max_wait);
+        let bound = self.bound(&key);
+        drop(key);
+        let ks = bound.state();
+        let now = ks.origin.elapsed();
+        if bound.config.remote.is_none() && ks.gate.try_now(ks.quota.as_ref(), now) {
+            // The fast path: a slot is free now and nobody waits. The service that poll_ready
+            // made ready is called at once.
+            return ResponseFuture::called(self.inner.call(req), bound);
+        }
+        self.wait(req, bound, now)
+    }
+}
 
-        // A pause a server asked for comes first.
-        let paused = local.value().paused_until.load(Ordering::Acquire);
-        if paused > deadline {
-            let err = RateLimited::new(std::time::Duration::from_nanos(paused - now))
-                .with_scope(local.key());
-            if let Some(t) = sturdy_core::Trace::of(&req) {
-                t.record(sturdy_core::TraceEvent::Rejected {
+impl<S, K> RateLimit<S, K> {
+    /// The slow path: the call waits (or is refused at once when it would wait past `max_wait`).
+    #[cold]
+    fn wait<B, Rb>(
+        &mut self,
+        req: Request<B>,
+        bound: Arc<Bound>,
+        now: u64,
+    ) -> ResponseFuture<S, B, Rb>
+    where
+        S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    {
+        let ks = bound.state();
+        let config = &bound.config;
+        let deadline = now.saturating_add(nanos(config.max_wait));
+        let refuse = |wait: u64, req: &Request<B>| {
+            let err = RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key());
+            if let Some(t) = Trace::of(req) {
+                t.record(TraceEvent::Rejected {
                     reason: err.to_string(),
                 });
             }
-            return ResponseFuture::rejected(Box::new(err));
-        }
-        let at = paused.max(now);
-
-        if let Some(remote) = &policy.remote {
-            let wait_left = std::time::Duration::from_nanos(deadline - at);
-            let fut = remote.reserve(local.key(), wait_left);
-            return ResponseFuture::remote(fut, self.inner.clone(), req, local, deadline, at);
-        }
-
-        let wait = match &shared.quota {
-            None => 0,
-            Some(q) => match reserve(&local.value().tat, q, at, deadline - at) {
-                Reservation::Granted { wait } => wait,
-                Reservation::Denied { wait } => {
-                    let retry_after = std::time::Duration::from_nanos(at - now + wait);
-                    let err = RateLimited::new(retry_after).with_scope(local.key());
-                    return ResponseFuture::rejected(Box::new(err));
-                }
-            },
+            ResponseFuture::rejected(Box::new(err))
         };
-        let go_at = at + wait;
-        if go_at <= now {
-            // The inner service was driven to readiness and is called now; only its future is
-            // kept, so no clone is needed. (A call that waits takes a clone and drives it to
-            // readiness again after the wait.)
-            return ResponseFuture::called(self.inner.call(req), local);
+        if config.remote.is_some() && ks.gate.paused_until() <= now {
+            let svc = self.take_ready();
+            return ResponseFuture::remote(svc, req, bound, now, deadline);
         }
+        // Wait in line: for a slot of the local quota, or (remote quota) for the pause to end.
+        let pace = line_pace(&bound);
+        let (ticket, go_at) = match ks.gate.join(pace.as_ref(), now, deadline) {
+            Ok(t) => t,
+            Err(wait) => return refuse(wait, &req),
+        };
+        let wait = Duration::from_nanos(go_at.saturating_sub(now));
         tracing::trace!(
-            key = local.key(),
-            wait_ms = (go_at - now) / 1_000_000,
-            "waiting for a rate-limit slot"
+            key = bound.key(),
+            wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            waiting = ks.gate.waiting(),
+            "waiting in line for the rate limit"
         );
-        if let Some(t) = sturdy_core::Trace::of(&req) {
-            t.record(sturdy_core::TraceEvent::Delay {
-                duration: std::time::Duration::from_nanos(go_at - now),
-                source: sturdy_core::trace::DelaySource::RateLimit,
+        if let Some(t) = Trace::of(&req) {
+            t.record(TraceEvent::Delay {
+                duration: wait,
+                source: DelaySource::RateLimit,
             });
         }
-        let until = policy.instant(go_at);
-        ResponseFuture::sleeping(until, self.inner.clone(), req, local, deadline)
+        let svc = self.take_ready();
+        ResponseFuture::queued(svc, req, bound, ticket, deadline)
+    }
+
+    /// The service `poll_ready` made ready, replaced by a clone that is not (tower's contract:
+    /// the next call drives the clone to readiness first).
+    fn take_ready(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
     }
 }

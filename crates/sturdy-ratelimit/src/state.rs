@@ -1,86 +1,165 @@
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sturdy_core::keyed::{Idle, KeyedMap};
+use sturdy_core::keyed::{Idle, KeyedMap, Slot};
 use sturdy_core::WallClock;
-use tokio::time::Instant;
 
-use crate::gcra::{nanos, Quota};
+use crate::gate::Gate;
+use crate::gcra::{Origin, Quota};
 use crate::remote::{OnStoreError, RemoteQuota};
 
-/// One key's limiter state: the GCRA's TAT and the pause a server asked for, both in nanoseconds
-/// since the layer's origin.
-///
-/// Each key holds the layer's [`Policy`], cloned once when the key is first seen, so a call's
-/// future needs no other shared reference.
+/// One key's limiter state, with what its callers need without another shared reference: the
+/// clock origin and the quota (both fixed when the limiter is made).
 #[derive(Debug)]
 pub(crate) struct KeyState {
-    pub(crate) tat: AtomicU64,
-    pub(crate) paused_until: AtomicU64,
-    pub(crate) policy: Arc<Policy>,
-}
-
-impl KeyState {
-    pub(crate) fn new(policy: Arc<Policy>) -> Self {
-        Self {
-            tat: AtomicU64::new(0),
-            paused_until: AtomicU64::new(0),
-            policy,
-        }
-    }
+    pub(crate) gate: Gate,
+    pub(crate) origin: Origin,
+    pub(crate) quota: Option<Quota>,
+    /// Services whose cache holds this state: while any does, the key is not forgotten, so a
+    /// service never keeps using a state the map no longer has.
+    users: AtomicUsize,
 }
 
 impl Idle for KeyState {
     fn is_idle(&self) -> bool {
-        let now = self.policy.now();
-        self.tat.load(Ordering::Acquire) <= now && self.paused_until.load(Ordering::Acquire) <= now
+        self.users.load(Ordering::Acquire) == 0 && self.gate.is_idle(self.origin.elapsed())
     }
 }
 
-/// What the futures of a layer need after the call: the clock origin and the reaction to pauses.
-pub(crate) struct Policy {
-    pub(crate) origin: Instant,
-    pub(crate) remote: Option<Arc<dyn RemoteQuota>>,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) default_pause: Duration,
-    pub(crate) clock: Arc<dyn WallClock>,
+/// The limiter state: created once by [`RateLimitLayer::new`](crate::RateLimitLayer::new) or
+/// [`adaptive_only`](crate::RateLimitLayer::adaptive_only) and shared by every layer derived from
+/// it (clones, setters, `with_key`), every service they make, and every handle.
+pub(crate) struct State {
+    pub(crate) origin: Origin,
+    pub(crate) quota: Option<Quota>,
+    max_keys: AtomicUsize,
+    map: OnceLock<KeyedMap<KeyState>>,
 }
 
-impl fmt::Debug for Policy {
+pub(crate) const DEFAULT_MAX_KEYS: usize = 1_024;
+
+impl fmt::Debug for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Policy")
-            .field("remote", &self.remote)
-            .field("on_store_error", &self.on_store_error)
-            .field("default_pause", &self.default_pause)
+        f.debug_struct("State")
+            .field("quota", &self.quota)
+            .field("keys", &self.map.get().map_or(0, KeyedMap::len))
+            .field("max_keys", &self.max_keys.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
-impl Policy {
-    /// Nanoseconds since the layer's origin.
-    pub(crate) fn now(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.origin))
+impl State {
+    pub(crate) fn new(quota: Option<Quota>) -> Self {
+        Self {
+            origin: Origin::now(),
+            quota,
+            max_keys: AtomicUsize::new(DEFAULT_MAX_KEYS),
+            map: OnceLock::new(),
+        }
     }
 
-    pub(crate) fn instant(&self, n: u64) -> Instant {
-        self.origin + Duration::from_nanos(n)
+    /// The key map, made with the key bound on first use.
+    pub(crate) fn map(&self) -> &KeyedMap<KeyState> {
+        self.map
+            .get_or_init(|| KeyedMap::new(self.max_keys.load(Ordering::Acquire)))
+    }
+
+    /// The key map if any call has been made.
+    pub(crate) fn map_if_used(&self) -> Option<&KeyedMap<KeyState>> {
+        self.map.get()
+    }
+
+    /// Sets the key bound; `false` when the map already exists (its bound is then fixed).
+    pub(crate) fn set_max_keys(&self, n: usize) -> bool {
+        self.max_keys.store(n, Ordering::Release);
+        self.map.get().is_none()
+    }
+
+    /// The state of `key` bound to `config`, registered as used until the binding is dropped.
+    pub(crate) fn bind(&self, key: &str, config: &Arc<Config>) -> Arc<Bound> {
+        let map = self.map();
+        loop {
+            let slot = map.get_or_insert_with(key, || KeyState {
+                gate: Gate::default(),
+                origin: self.origin,
+                quota: self.quota,
+                users: AtomicUsize::new(0),
+            });
+            slot.value().users.fetch_add(1, Ordering::AcqRel);
+            let bound = Arc::new(Bound {
+                slot,
+                config: config.clone(),
+            });
+            // A full map may have forgotten the state between the lookup and the count; once
+            // counted it no longer can. Check, and look again if it was.
+            if map
+                .find(bound.slot.key())
+                .is_some_and(|s| Arc::ptr_eq(&s, &bound.slot))
+            {
+                return bound;
+            }
+        }
     }
 }
 
-/// Everything the services of one layer share.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) quota: Option<Quota>,
+/// The settings of one layer value. Setters make a new one; the [`State`] stays shared.
+#[derive(Clone)]
+pub(crate) struct Config {
     pub(crate) max_wait: Duration,
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) map: KeyedMap<KeyState>,
+    pub(crate) default_pause: Duration,
+    pub(crate) max_pause: Duration,
+    pub(crate) release_pace: Duration,
+    /// `release_pace` as a quota, if not zero.
+    pub(crate) release: Option<Quota>,
+    pub(crate) remote: Option<Arc<dyn RemoteQuota>>,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) clock: Arc<dyn WallClock>,
 }
 
-impl Shared {
-    /// Makes a key's state; the policy is cloned only when a key is new, not on every call.
-    pub(crate) fn make(&self) -> impl FnOnce() -> KeyState + '_ {
-        || KeyState::new(self.policy.clone())
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("max_wait", &self.max_wait)
+            .field("default_pause", &self.default_pause)
+            .field("max_pause", &self.max_pause)
+            .field("release_pace", &self.release_pace)
+            .field("remote", &self.remote)
+            .field("on_store_error", &self.on_store_error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key's state together with the settings of the service that uses it: what a call's future
+/// needs. Each service caches its own, so futures on different threads count references on
+/// different cache lines.
+pub(crate) struct Bound {
+    slot: Arc<Slot<KeyState>>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl Bound {
+    pub(crate) fn key(&self) -> &str {
+        self.slot.key()
+    }
+
+    pub(crate) fn state(&self) -> &KeyState {
+        self.slot.value()
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        self.slot.value().users.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl fmt::Debug for Bound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bound")
+            .field("key", &self.key())
+            .field("state", self.state())
+            .finish_non_exhaustive()
     }
 }

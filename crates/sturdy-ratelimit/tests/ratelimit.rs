@@ -9,68 +9,10 @@ use sturdy_core::clock::ManualClock;
 use sturdy_core::{BoxError, RateLimited};
 use sturdy_ratelimit::{Quota, RateLimitLayer};
 use tokio::time::Instant;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{service_fn, Layer, ServiceExt};
 
-type Script = Arc<Mutex<Vec<Response<()>>>>;
-
-/// An API that logs when each call arrived (per host) and answers from a script, then 200.
-#[derive(Clone, Default)]
-struct Api {
-    log: Arc<Mutex<Vec<(Instant, String)>>>,
-    script: Script,
-}
-
-impl Api {
-    fn with(script: Vec<Response<()>>) -> Self {
-        Self {
-            script: Arc::new(Mutex::new(script.into_iter().rev().collect())),
-            ..Self::default()
-        }
-    }
-
-    fn service(
-        &self,
-    ) -> impl Service<
-        Request<()>,
-        Response = Response<()>,
-        Error = BoxError,
-        Future = impl std::future::Future<Output = Result<Response<()>, BoxError>> + Send,
-    > + Clone
-           + Send {
-        let this = self.clone();
-        service_fn(move |req: Request<()>| {
-            let this = this.clone();
-            async move {
-                let host = req.uri().host().unwrap_or("").to_owned();
-                this.log.lock().unwrap().push((Instant::now(), host));
-                Ok(this
-                    .script
-                    .lock()
-                    .unwrap()
-                    .pop()
-                    .unwrap_or_else(|| Response::new(())))
-            }
-        })
-    }
-
-    fn times(&self) -> Vec<Instant> {
-        self.log.lock().unwrap().iter().map(|(t, _)| *t).collect()
-    }
-}
-
-fn get(host: &str) -> Request<()> {
-    Request::get(format!("http://{host}/orders"))
-        .body(())
-        .unwrap()
-}
-
-fn status_with(status: u16, headers: &[(&str, &str)]) -> Response<()> {
-    let mut b = Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(()).unwrap()
-}
+mod support;
+use support::{get, status_with, Api};
 
 #[tokio::test(start_paused = true)]
 async fn ten_per_second_burst_five_admits_exactly_the_quota_over_ten_seconds() {

@@ -9,10 +9,13 @@
 //! - [`RedisQuota`]: a rate-limit quota for `sturdy_ratelimit::RateLimitLayer::with_remote`.
 //!   One Lua script per decision (one round trip), atomic in Redis, timed by Redis's own clock
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
-//!   server asks for are shared too.
+//!   server asks for are shared too, and capped (\[5 min\], [`RedisQuota::with_max_pause`]): no
+//!   pause key lives longer than the cap, whoever wrote it. A pause can be read and lifted
+//!   ([`RedisQuota::try_paused`], [`RedisQuota::try_clear_pause`]), and a slot granted to a call
+//!   that was dropped before it went is given back.
 //!
 //! Every operation has a timeout \[1 s\]: a Redis that is down or hung gives a clear error, never a
-//! hang. What the rate limiter then does is its `on_store_error` choice (let calls through by
+//! hang. What the rate limiter then does is its `with_on_store_error` choice (let calls through by
 //! default, or fail them).
 //!
 //! # Example
@@ -46,7 +49,8 @@ use redis::{Client, Script};
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_ratelimit::{BoxFuture, Quota, RemoteQuota, Reserve};
 
-/// Reserves a GCRA slot. KEYS: tat, pause. ARGV: interval, tolerance and max wait in microseconds.
+/// Reserves a GCRA slot. KEYS: tat, pause. ARGV: interval, tolerance and max wait in microseconds,
+/// the longest pause in milliseconds (a longer pause key is cut to it).
 /// Returns {granted (0/1), wait in microseconds}.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
@@ -54,8 +58,13 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
+local max_pause = tonumber(ARGV[4])
 local at = now
 local pause = redis.call('PTTL', KEYS[2])
+if pause > max_pause then
+  if max_pause > 0 then redis.call('PEXPIRE', KEYS[2], max_pause) else redis.call('DEL', KEYS[2]) end
+  pause = max_pause
+end
 if pause > 0 then at = now + pause * 1000 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < at then tat = at end
@@ -67,11 +76,37 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_t
 return {1, wait}
 ";
 
-/// Extends a pause. KEYS: pause. ARGV: milliseconds. A shorter pause never cuts a longer one.
+/// Extends a pause. KEYS: pause. ARGV: milliseconds (at least 1), the longest pause in
+/// milliseconds. A shorter pause never cuts a longer one; none lasts longer than the longest.
 const PAUSE: &str = r"
+local max_pause = tonumber(ARGV[2])
+local ms = math.min(tonumber(ARGV[1]), max_pause)
 local left = redis.call('PTTL', KEYS[1])
-if left < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+if left > max_pause then
+  redis.call('PEXPIRE', KEYS[1], max_pause)
+  left = max_pause
+end
+if left < ms then redis.call('SET', KEYS[1], '1', 'PX', ms) end
 return 1
+";
+
+/// Gives one unused slot back. KEYS: tat. ARGV: interval in microseconds. The TAT moves back one
+/// interval, never before now. Returns 1 if a slot was given back.
+const RELEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat <= now then return 0 end
+local new_tat = math.max(tat - tonumber(ARGV[1]), now)
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1000)
+return 1
+";
+
+/// Ends a pause. KEYS: pause. Returns the milliseconds it had left (or a negative number).
+const CLEAR: &str = r"
+local left = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return left
 ";
 
 /// Connects to Redis with bounded connect and response times.
@@ -139,8 +174,11 @@ pub struct RedisQuota {
     quota: Quota,
     prefix: String,
     timeout: Duration,
+    max_pause: Duration,
     reserve: Script,
     pause: Script,
+    release: Script,
+    clear: Script,
 }
 
 impl fmt::Debug for RedisQuota {
@@ -149,13 +187,14 @@ impl fmt::Debug for RedisQuota {
             .field("quota", &self.quota)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("max_pause", &self.max_pause)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisQuota {
     /// Connects to Redis at `url` and shares `quota` through it (keys prefixed `sturdy:rl`,
-    /// 1 s timeout per operation).
+    /// 1 s timeout per operation, pauses of at most 5 minutes).
     ///
     /// # Errors
     /// When Redis cannot be reached.
@@ -171,8 +210,11 @@ impl RedisQuota {
             quota,
             prefix: "sturdy:rl".to_owned(),
             timeout: Duration::from_secs(1),
+            max_pause: sturdy_ratelimit::DEFAULT_MAX_PAUSE,
             reserve: Script::new(RESERVE),
             pause: Script::new(PAUSE),
+            release: Script::new(RELEASE),
+            clear: Script::new(CLEAR),
         }
     }
 
@@ -188,6 +230,25 @@ impl RedisQuota {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// The longest pause kept in Redis \[5 min, `sturdy_ratelimit::DEFAULT_MAX_PAUSE`\]. A longer
+    /// pause asked through [`try_pause`](Self::try_pause) is stored as the cap, and a pause key
+    /// found with a longer time to live (written with a larger cap) is cut to it by the next
+    /// decision or pause. Zero: pauses are not shared (and ones found are removed).
+    ///
+    /// Give every process on a prefix the same cap, and the `RateLimitLayer`'s
+    /// `with_max_pause` the same value.
+    #[must_use]
+    pub fn with_max_pause(mut self, max_pause: Duration) -> Self {
+        self.max_pause = max_pause;
+        self
+    }
+
+    fn max_pause_ms(&self) -> u64 {
+        u64::try_from(self.max_pause.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(i64::MAX as u64 / 2)
     }
 
     fn keys(&self, key: &str) -> (String, String) {
@@ -212,7 +273,8 @@ impl RedisQuota {
         inv.key(pause)
             .arg(interval)
             .arg(tolerance)
-            .arg(micros(max_wait).min(i64::MAX as u64 / 2));
+            .arg(micros(max_wait).min(i64::MAX as u64 / 2))
+            .arg(self.max_pause_ms());
         let (granted, wait): (i64, i64) = bounded(
             self.timeout,
             "rate-limit reservation",
@@ -227,18 +289,24 @@ impl RedisQuota {
         })
     }
 
-    /// Pauses `key` for every process for `duration` (see [`RemoteQuota::pause`]).
+    /// Pauses `key` for every process for `duration` (see [`RemoteQuota::pause`]), at most the
+    /// cap ([`with_max_pause`](Self::with_max_pause)); a longer pause already there (up to the cap)
+    /// is kept.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time.
     pub async fn try_pause(&self, key: &str, duration: Duration) -> Result<(), BoxError> {
+        let cap = self.max_pause_ms();
+        if cap == 0 {
+            return Ok(());
+        }
         let (_, pause) = self.keys(key);
         let ms = u64::try_from(duration.as_millis())
             .unwrap_or(u64::MAX)
-            .max(1);
+            .clamp(1, cap);
         let mut conn = self.conn.clone();
         let mut inv = self.pause.key(pause);
-        inv.arg(ms);
+        inv.arg(ms).arg(cap);
         let _: i64 = bounded(
             self.timeout,
             "rate-limit pause",
@@ -246,6 +314,68 @@ impl RedisQuota {
         )
         .await?;
         Ok(())
+    }
+
+    /// How long `key` stays paused for every process (`None`: not paused), never more than the
+    /// cap.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn try_paused(&self, key: &str) -> Result<Option<Duration>, BoxError> {
+        let (_, pause) = self.keys(key);
+        let mut conn = self.conn.clone();
+        let left: i64 = bounded(
+            self.timeout,
+            "rate-limit pause lookup",
+            redis::cmd("PTTL").arg(pause).query_async(&mut conn),
+        )
+        .await?;
+        Ok(u64::try_from(left)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms).min(self.max_pause)))
+    }
+
+    /// Ends the pause of `key` for every process; returns the time it had left (`None`: it was
+    /// not paused). Pair it with `RateLimitHandle::clear_pause` for the pause each process keeps
+    /// in memory.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn try_clear_pause(&self, key: &str) -> Result<Option<Duration>, BoxError> {
+        let (_, pause) = self.keys(key);
+        let mut conn = self.conn.clone();
+        let left: i64 = bounded(
+            self.timeout,
+            "rate-limit pause removal",
+            self.clear.key(pause).invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(u64::try_from(left)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms).min(self.max_pause)))
+    }
+
+    /// Gives back one slot that [`try_reserve`](Self::try_reserve) granted and that will not be
+    /// used (see [`RemoteQuota::release`]). The quota's next free slot moves back one interval,
+    /// never before now; whether a slot was given back.
+    ///
+    /// # Errors
+    /// When Redis fails or does not answer in time.
+    pub async fn try_release(&self, key: &str) -> Result<bool, BoxError> {
+        let (tat, _) = self.keys(key);
+        let interval = u64::try_from(self.quota.interval().as_micros()).unwrap_or(u64::MAX);
+        let mut conn = self.conn.clone();
+        let mut inv = self.release.key(tat);
+        inv.arg(interval.min(i64::MAX as u64 / 2));
+        let released: i64 = bounded(
+            self.timeout,
+            "rate-limit slot release",
+            inv.invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(released == 1)
     }
 }
 
@@ -260,5 +390,17 @@ impl RemoteQuota for RedisQuota {
         let this = self.clone();
         let key = key.to_owned();
         Box::pin(async move { this.try_pause(&key, duration).await })
+    }
+
+    fn release(&self, key: &str) -> BoxFuture<Result<(), BoxError>> {
+        let this = self.clone();
+        let key = key.to_owned();
+        Box::pin(async move { this.try_release(&key).await.map(|_| ()) })
+    }
+
+    fn clear_pause(&self, key: &str) -> BoxFuture<Result<(), BoxError>> {
+        let this = self.clone();
+        let key = key.to_owned();
+        Box::pin(async move { this.try_clear_pause(&key).await.map(|_| ()) })
     }
 }

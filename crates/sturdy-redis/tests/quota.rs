@@ -14,8 +14,6 @@ use sturdy_ratelimit::{OnStoreError, Quota, RateLimitLayer, RemoteQuota, Reserve
 use sturdy_redis::RedisQuota;
 use tower::{service_fn, Layer, ServiceExt};
 
-/// A key prefix of this test run alone.
-
 #[tokio::test]
 async fn two_instances_share_one_quota() {
     let Some(url) = redis_url() else { return };
@@ -222,11 +220,199 @@ async fn the_layer_chooses_fail_open_or_fail_closed() {
     let api = service_fn(|_r: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
     let closed = RateLimitLayer::new(Quota::per_second(1).unwrap())
         .with_remote(remote)
-        .on_store_error(OnStoreError::Fail)
+        .with_on_store_error(OnStoreError::Fail)
         .layer(api);
     let err = closed
         .oneshot(Request::get("http://a/").body(()).unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("rate-limit store failed"), "{err}");
+}
+
+/// The time to live of a raw Redis key, in milliseconds.
+async fn pttl(url: &str, key: &str) -> i64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut raw)
+        .await
+        .unwrap()
+}
+
+const FIVE_MINUTES_MS: i64 = 300_000;
+
+#[tokio::test]
+async fn hostile_pauses_never_live_longer_than_the_cap_in_redis() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("cap");
+    let q = RedisQuota::connect(&url, Quota::per_second(10).unwrap())
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    // Asked for 584 billion years: stored as 5 minutes.
+    q.try_pause("a", Duration::from_secs(u64::MAX))
+        .await
+        .unwrap();
+    let ttl = pttl(&url, &format!("{p}:{{a}}:pause")).await;
+    assert!(
+        ttl > FIVE_MINUTES_MS - 5_000 && ttl <= FIVE_MINUTES_MS,
+        "{ttl}"
+    );
+    let left = q.try_paused("a").await.unwrap().unwrap();
+    assert!(
+        left <= Duration::from_secs(300) && left > Duration::from_secs(295),
+        "{left:?}"
+    );
+
+    // A pause key written by someone else with a centuries-long TTL is cut to the cap by the
+    // next decision, which waits at most the cap.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:{{b}}:pause"))
+        .arg("1")
+        .arg("PX")
+        .arg(10_i64.pow(15))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    match q.try_reserve("b", Duration::ZERO).await.unwrap() {
+        Reserve::Denied { retry_after } => {
+            assert!(retry_after <= Duration::from_secs(300), "{retry_after:?}");
+            assert!(retry_after > Duration::from_secs(295), "{retry_after:?}");
+        }
+        Reserve::Granted { .. } => panic!("b is paused"),
+    }
+    let ttl = pttl(&url, &format!("{p}:{{b}}:pause")).await;
+    assert!(ttl <= FIVE_MINUTES_MS, "{ttl}");
+    // A longer pause request does not extend past the cap either.
+    q.try_pause("b", Duration::from_secs(86_400)).await.unwrap();
+    assert!(pttl(&url, &format!("{p}:{{b}}:pause")).await <= FIVE_MINUTES_MS);
+
+    // A smaller cap is configurable, and applies to what is already there.
+    let short = RedisQuota::connect(&url, Quota::per_second(10).unwrap())
+        .await
+        .unwrap()
+        .with_prefix(&p)
+        .with_max_pause(Duration::from_secs(10));
+    short.try_pause("b", Duration::from_secs(60)).await.unwrap();
+    assert!(pttl(&url, &format!("{p}:{{b}}:pause")).await <= 10_000);
+}
+
+#[tokio::test]
+async fn a_hostile_retry_after_seen_by_the_layer_is_shared_capped() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("layer-cap");
+    let quota = Quota::per_second(10).unwrap();
+    let remote = Arc::new(
+        RedisQuota::connect(&url, quota)
+            .await
+            .unwrap()
+            .with_prefix(&p),
+    );
+    let api = service_fn(|_r: Request<()>| async {
+        let res = Response::builder()
+            .status(429)
+            .header("retry-after", "99999999999999999999")
+            .body(())
+            .unwrap();
+        Ok::<_, BoxError>(res)
+    });
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(remote.clone())
+        .layer(api);
+    let res = svc
+        .oneshot(Request::get("http://api.example.com/").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    // The pause is published in the background: wait for it (bounded).
+    let mut left = None;
+    for _ in 0..200 {
+        left = remote.try_paused("api.example.com").await.unwrap();
+        if left.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let left = left.expect("the pause reached Redis");
+    assert!(
+        left <= Duration::from_secs(300) && left > Duration::from_secs(295),
+        "{left:?}"
+    );
+    let ttl = pttl(&url, &format!("{p}:{{api.example.com}}:pause")).await;
+    assert!(ttl <= FIVE_MINUTES_MS, "{ttl}");
+}
+
+#[tokio::test]
+async fn a_pause_can_be_read_and_cleared_for_every_process() {
+    let Some(url) = redis_url() else { return };
+    let p = prefix("clear");
+    let quota = Quota::per_second(10).unwrap();
+    let a = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    let b = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(&p);
+    assert_eq!(a.try_paused("k").await.unwrap(), None);
+    assert_eq!(a.try_clear_pause("k").await.unwrap(), None);
+    a.try_pause("k", Duration::from_secs(60)).await.unwrap();
+    assert!(matches!(
+        b.try_reserve("k", Duration::ZERO).await.unwrap(),
+        Reserve::Denied { .. }
+    ));
+    let left = b.try_clear_pause("k").await.unwrap().unwrap();
+    assert!(
+        left > Duration::from_secs(55) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
+    assert_eq!(a.try_paused("k").await.unwrap(), None);
+    assert_eq!(
+        a.try_reserve("k", Duration::ZERO).await.unwrap(),
+        Reserve::Granted {
+            wait: Duration::ZERO
+        }
+    );
+    // Through the trait, as a handle's user would.
+    a.try_pause("k", Duration::from_secs(60)).await.unwrap();
+    let dyn_a: Arc<dyn RemoteQuota> = Arc::new(a.clone());
+    dyn_a.clear_pause("k").await.unwrap();
+    assert_eq!(a.try_paused("k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_unused_slot_is_given_back() {
+    let Some(url) = redis_url() else { return };
+    let quota = Quota::per_minute(1).unwrap();
+    let q = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix("release"));
+    let long = Duration::from_secs(600);
+    assert!(matches!(
+        q.try_reserve("k", long).await.unwrap(),
+        Reserve::Granted { wait } if wait.is_zero()
+    ));
+    let first = match q.try_reserve("k", long).await.unwrap() {
+        Reserve::Granted { wait } => wait,
+        Reserve::Denied { .. } => panic!("within max_wait"),
+    };
+    assert!(first > Duration::from_secs(59), "{first:?}");
+    // That caller gives up: its slot goes back, and the next caller gets it, not the one after.
+    assert!(q.try_release("k").await.unwrap());
+    let next = match q.try_reserve("k", long).await.unwrap() {
+        Reserve::Granted { wait } => wait,
+        Reserve::Denied { .. } => panic!("within max_wait"),
+    };
+    assert!(next <= first && next > Duration::from_secs(59), "{next:?}");
+    // Nothing reserved ahead: nothing to give back.
+    let idle = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix("release-idle"));
+    assert!(!idle.try_release("k").await.unwrap());
 }

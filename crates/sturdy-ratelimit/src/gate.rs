@@ -1,0 +1,286 @@
+//! One key's limiter: the GCRA's TAT, the pause a server asked for, and the calls waiting in line.
+//!
+//! A call that can go now takes its slot with one compare-and-swap and no lock. A call that must
+//! wait joins a FIFO line (a short lock, never held across an `.await`) and reserves nothing:
+//! only the call at the head of the line sleeps, until the pause ends and its GCRA slot comes,
+//! takes the slot, and hands the head to the next. So after a pause the callers leave at the
+//! quota's pace, and a call that is dropped while it waits simply leaves the line.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use tokio::time::Sleep;
+
+use crate::gcra::{estimate, reserve, Origin, Quota, Reservation};
+
+// The three atomics the fast path reads sit first, on one cache line of their own start, so a
+// decision touches one line.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+pub(crate) struct Gate {
+    tat: AtomicU64,
+    paused_until: AtomicU64,
+    waiting: AtomicUsize,
+    line: Mutex<Line>,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    next_ticket: u64,
+    /// In ticket order, so a ticket is found by binary search.
+    entries: VecDeque<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    ticket: u64,
+    waker: Option<Waker>,
+}
+
+/// A place in the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket(u64);
+
+impl Gate {
+    fn line(&self) -> MutexGuard<'_, Line> {
+        // A poisoned lock only means a thread panicked while holding it; the line is still valid.
+        self.line.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn tat(&self) -> &AtomicU64 {
+        &self.tat
+    }
+
+    /// When the pause ends (ns since the origin; 0 or a past time: no pause).
+    pub(crate) fn paused_until(&self) -> u64 {
+        self.paused_until.load(Ordering::Acquire)
+    }
+
+    /// How many calls wait in line.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_idle(&self, now: u64) -> bool {
+        self.waiting() == 0 && self.tat.load(Ordering::Acquire) <= now && self.paused_until() <= now
+    }
+
+    /// The fast path: whether a call may go at `now`, taking its slot if so. Lock-free. Never
+    /// jumps the line: with calls waiting, or during a pause, the answer is no.
+    #[inline]
+    pub(crate) fn try_now(&self, quota: Option<&Quota>, now: u64) -> bool {
+        if self.waiting.load(Ordering::Acquire) != 0 || self.paused_until() > now {
+            return false;
+        }
+        match quota {
+            None => true,
+            Some(q) => matches!(reserve(&self.tat, q, now, 0), Reservation::Granted { .. }),
+        }
+    }
+
+    /// Joins the line at `now`, with `pace` spacing the calls that wait, unless the call could
+    /// not go by `deadline` even if nobody left the line: then `Err` with the wait it would have.
+    /// `Ok` carries the ticket and the time the call should go.
+    pub(crate) fn join(
+        &self,
+        pace: Option<&Quota>,
+        now: u64,
+        deadline: u64,
+    ) -> Result<(Ticket, u64), u64> {
+        let mut line = self.line();
+        let at = self.paused_until().max(now);
+        let go = match pace {
+            None => at,
+            Some(q) => estimate(
+                self.tat.load(Ordering::Acquire),
+                q,
+                at,
+                line.entries.len() as u64,
+            ),
+        };
+        if go > deadline {
+            return Err(go - now);
+        }
+        let ticket = line.next_ticket;
+        line.next_ticket += 1;
+        line.entries.push_back(Entry {
+            ticket,
+            waker: None,
+        });
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Ok((Ticket(ticket), go))
+    }
+
+    /// Records who to wake for `ticket`; whether it is at the head of the line. A ticket that is
+    /// not in the line (never the case) counts as the head, so nothing waits for it forever.
+    fn register(&self, ticket: Ticket, waker: &Waker) -> bool {
+        let mut line = self.line();
+        let head = line.entries.front().is_none_or(|e| e.ticket == ticket.0);
+        if let Ok(i) = line.entries.binary_search_by_key(&ticket.0, |e| e.ticket) {
+            let slot = &mut line.entries[i].waker;
+            if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *slot = Some(waker.clone());
+            }
+        }
+        head
+    }
+
+    /// Leaves the line (the call went, failed or was dropped); wakes the next head.
+    pub(crate) fn leave(&self, ticket: Ticket) {
+        let next = {
+            let mut line = self.line();
+            let Ok(i) = line.entries.binary_search_by_key(&ticket.0, |e| e.ticket) else {
+                return;
+            };
+            line.entries.remove(i);
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if i == 0 {
+                line.entries.front_mut().and_then(|e| e.waker.take())
+            } else {
+                None
+            }
+        };
+        if let Some(w) = next {
+            w.wake();
+        }
+    }
+
+    /// Drives `ticket` until the call may go (`Ok`, the ticket has left the line) or cannot go by
+    /// `deadline` (`Err` with how long it would still wait; the ticket is still in the line).
+    /// Only the head of the line sleeps, on `sleep`.
+    pub(crate) fn poll_turn(
+        &self,
+        ticket: Ticket,
+        pace: Option<&Quota>,
+        origin: Origin,
+        deadline: u64,
+        sleep: &mut Option<Pin<Box<Sleep>>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), u64>> {
+        loop {
+            let now = origin.elapsed();
+            let paused = self.paused_until();
+            if paused > now && paused > deadline {
+                return Poll::Ready(Err(paused - now));
+            }
+            if !self.register(ticket, cx.waker()) {
+                return Poll::Pending;
+            }
+            let at = if paused > now {
+                paused
+            } else {
+                match pace {
+                    None => now,
+                    Some(q) => match reserve(&self.tat, q, now, 0) {
+                        Reservation::Granted { .. } => now,
+                        Reservation::Denied { wait } => now.saturating_add(wait.max(1)),
+                    },
+                }
+            };
+            if at <= now {
+                self.leave(ticket);
+                return Poll::Ready(Ok(()));
+            }
+            if at > deadline {
+                return Poll::Ready(Err(at - now));
+            }
+            let until = origin.instant(at);
+            let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if timer.deadline() != until {
+                timer.as_mut().reset(until);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Extends the pause to `until` (never shortens it); wakes every waiting call so each checks
+    /// its deadline against the new pause. Whether the pause was extended.
+    pub(crate) fn pause_until(&self, until: u64) -> bool {
+        let before = self.paused_until.fetch_max(until, Ordering::AcqRel);
+        if until <= before {
+            return false;
+        }
+        let wakers: Vec<Waker> = self
+            .line()
+            .entries
+            .iter_mut()
+            .filter_map(|e| e.waker.take())
+            .collect();
+        for w in wakers {
+            w.wake();
+        }
+        true
+    }
+
+    /// Ends the pause now; returns when it would have ended. The head of the line is woken.
+    pub(crate) fn clear_pause(&self) -> u64 {
+        let before = self.paused_until.swap(0, Ordering::AcqRel);
+        let head = self.line().entries.front_mut().and_then(|e| e.waker.take());
+        if let Some(w) = head {
+            w.wake();
+        }
+        before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn the_line_is_first_in_first_out_and_leaving_frees_the_place() {
+        let g = Gate::default();
+        let q = Quota::per_second(10).unwrap();
+        assert!(g.try_now(Some(&q), 0));
+        let (a, at_a) = g.join(Some(&q), 0, u64::MAX).unwrap();
+        let (b, at_b) = g.join(Some(&q), 0, u64::MAX).unwrap();
+        let (_c, at_c) = g.join(Some(&q), 0, u64::MAX).unwrap();
+        assert_eq!((at_a, at_b, at_c), (100 * MS, 200 * MS, 300 * MS));
+        assert_eq!(g.waiting(), 3);
+        // A newcomer never jumps the line, even when a slot is free.
+        assert!(!g.try_now(Some(&q), 10_000 * MS));
+        g.leave(b);
+        g.leave(a);
+        // Two fewer ahead: the next joiner's estimate moves up by two intervals.
+        let (_d, at_d) = g.join(Some(&q), 0, u64::MAX).unwrap();
+        assert_eq!(at_d, 200 * MS);
+        // Past the deadline: refused with the wait, and not in line.
+        assert_eq!(g.join(Some(&q), 0, 250 * MS), Err(300 * MS));
+        assert_eq!(g.waiting(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_polled_after_a_pause_past_its_deadline_ended_just_goes() {
+        let g = Gate::default();
+        let origin = Origin::now();
+        let (t, _) = g.join(None, 0, 10 * MS).unwrap();
+        g.pause_until(20 * MS);
+        tokio::time::advance(std::time::Duration::from_millis(30)).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sleep = None;
+        assert_eq!(
+            g.poll_turn(t, None, origin, 10 * MS, &mut sleep, &mut cx),
+            Poll::Ready(Ok(()))
+        );
+        assert_eq!(g.waiting(), 0);
+    }
+
+    #[test]
+    fn pauses_only_grow_until_cleared() {
+        let g = Gate::default();
+        assert!(g.pause_until(5 * MS));
+        assert!(!g.pause_until(2 * MS));
+        assert_eq!(g.paused_until(), 5 * MS);
+        assert!(!g.try_now(None, 4 * MS));
+        assert_eq!(g.clear_pause(), 5 * MS);
+        assert!(g.try_now(None, 0));
+    }
+}

@@ -1,0 +1,87 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::state::State;
+
+/// Reads and clears the pauses of a limiter, from [`RateLimitLayer::pair`](crate::RateLimitLayer::pair) or
+/// [`RateLimitLayer::handle`](crate::RateLimitLayer::handle).
+///
+/// It sees the state shared by the layer, its clones, the layers its setters return and every
+/// service they make. Keys are what the layer's key extractor returns (the host, with its port if
+/// the URI has one, by default). Pauses here are this process's; with a remote store, clear the
+/// store's too ([`RemoteQuota::clear_pause`](crate::RemoteQuota::clear_pause)).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use http::{Request, Response};
+/// use sturdy_ratelimit::RateLimitLayer;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// // An API that answers a hostile Retry-After (about 3 billion years).
+/// let api = service_fn(|_req: Request<()>| async {
+///     let res = Response::builder().status(429).header("retry-after", "99999999999999999").body(());
+///     Ok::<_, std::convert::Infallible>(res.unwrap())
+/// });
+/// let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+/// let client = layer.layer(api);
+/// client.oneshot(Request::get("http://api.example.com/").body(()).unwrap()).await.unwrap();
+///
+/// // Stored as the 5 minute cap, not as asked; and it can be lifted.
+/// assert_eq!(handle.pause("api.example.com"), Some(Duration::from_secs(300)));
+/// assert_eq!(handle.clear_pause("api.example.com"), Some(Duration::from_secs(300)));
+/// assert_eq!(handle.pause("api.example.com"), None);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RateLimitHandle {
+    state: Arc<State>,
+}
+
+impl RateLimitHandle {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+
+    /// How long calls to `key` stay paused from now; `None` when they are not paused.
+    pub fn pause(&self, key: &str) -> Option<Duration> {
+        let slot = self.state.map_if_used()?.find(key)?;
+        let now = self.state.origin.elapsed();
+        let until = slot.value().gate.paused_until();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Every paused key with the time left, in no particular order.
+    pub fn paused(&self) -> Vec<(String, Duration)> {
+        let Some(map) = self.state.map_if_used() else {
+            return Vec::new();
+        };
+        let now = self.state.origin.elapsed();
+        map.all()
+            .into_iter()
+            .filter_map(|s| {
+                let until = s.value().gate.paused_until();
+                (until > now).then(|| (s.key().to_owned(), Duration::from_nanos(until - now)))
+            })
+            .collect()
+    }
+
+    /// Ends the pause of `key` now and returns the time it had left (`None`: it was not paused).
+    /// Calls waiting for it then leave in order, at the quota's pace (or the release pace).
+    pub fn clear_pause(&self, key: &str) -> Option<Duration> {
+        let slot = self.state.map_if_used()?.find(key)?;
+        let now = self.state.origin.elapsed();
+        let until = slot.value().gate.clear_pause();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// How many calls to `key` wait in line now: for a slot of the local quota, or for a pause
+    /// to end. (A call waiting for a slot a remote store granted it is not in line.)
+    pub fn waiting(&self, key: &str) -> usize {
+        self.state
+            .map_if_used()
+            .and_then(|m| m.find(key))
+            .map_or(0, |s| s.value().gate.waiting())
+    }
+}
