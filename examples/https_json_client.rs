@@ -58,14 +58,14 @@ struct NewOrder<'a> {
     quantity: u32,
 }
 
-async fn checkout(
-    State(app): State<App>,
-    Json(c): Json<Checkout>,
-) -> (StatusCode, Json<Value>) {
+async fn checkout(State(app): State<App>, Json(c): Json<Checkout>) -> (StatusCode, Json<Value>) {
     match place_order(&app, &c).await {
         Ok(order) => (StatusCode::CREATED, Json(order)),
         // sturdy's message says what happened, for the caller's logs or an agent to act on.
-        Err(e) => (StatusCode::BAD_GATEWAY, Json(json!({ "error": e.to_string() }))),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            Json(json!({ "error": e.to_string() })),
+        ),
     }
 }
 
@@ -160,9 +160,10 @@ async fn upstream() -> Result<Upstream, Error> {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let (Ok(mut tls), Ok(mut plain)) =
-                    (acceptor.accept(tcp).await, TcpStream::connect(backend).await)
-                else {
+                let (Ok(mut tls), Ok(mut plain)) = (
+                    acceptor.accept(tcp).await,
+                    TcpStream::connect(backend).await,
+                ) else {
                     return;
                 };
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
@@ -196,7 +197,10 @@ async fn run(upstream: &Upstream, orders: u32) -> Result<Vec<(StatusCode, Value)
         calls.spawn(async move {
             let req = http::Request::post(format!("http://{addr}/checkout"))
                 .header("content-type", "application/json")
-                .body(Full::from(format!(r#"{{"item":"book","quantity":{}}}"#, n + 1)))?;
+                .body(Full::from(format!(
+                    r#"{{"item":"book","quantity":{}}}"#,
+                    n + 1
+                )))?;
             let res = caller.request(req).await?;
             let status = res.status();
             let body = res.into_body().collect().await?.to_bytes();
@@ -224,7 +228,11 @@ async fn main() -> Result<(), Error> {
     println!(
         "the API committed {} orders ({} duplicates), answered {} injected 5xx, closed {} \
          connections after committing, and issued {} token(s)",
-        st.orders_committed, st.duplicates_by_payload, st.server_errors, st.resets, st.tokens_issued
+        st.orders_committed,
+        st.duplicates_by_payload,
+        st.server_errors,
+        st.resets,
+        st.tokens_issued
     );
     Ok(())
 }

@@ -189,7 +189,10 @@ mod tests {
         assert_eq!(st.orders_committed, 20);
         assert_eq!(st.duplicates_by_payload, 0);
         // The faults really happened, and one token served every call.
-        assert!(st.server_errors > 0 && st.resets > 0 && st.rate_limited > 0, "{st:?}");
+        assert!(
+            st.server_errors > 0 && st.resets > 0 && st.rate_limited > 0,
+            "{st:?}"
+        );
         assert_eq!(st.tokens_issued, 1);
     }
 

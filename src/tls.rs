@@ -149,6 +149,11 @@ fn config(roots: RootCertStore) -> ClientConfig {
         .with_no_client_auth()
 }
 
+// The guide's examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "full"))]
+#[doc = include_str!("../docs/guides/tls.md")]
+struct GuideDoctests;
+
 #[cfg(test)]
 mod tests {
     use super::*;

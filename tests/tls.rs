@@ -147,14 +147,10 @@ async fn the_readme_quick_start_runs_over_https() {
 
     // As in the README, with the test's certificate trusted and loopback URLs.
     let http = https_client_with_roots([trust(&cert)]).unwrap();
-    let tokens = ClientCredentials::new(
-        http.clone(),
-        &front.url("/oauth/token"),
-        "client",
-        "secret",
-    )
-    .unwrap()
-    .with_scopes(["orders:write"]);
+    let tokens =
+        ClientCredentials::new(http.clone(), &front.url("/oauth/token"), "client", "secret")
+            .unwrap()
+            .with_scopes(["orders:write"]);
     let client = ClientBuilder::new()
         .with_retry(retry().with_deadline(Duration::from_secs(30)))
         .with_auth(AuthLayer::oauth2(tokens))
@@ -203,10 +199,7 @@ async fn an_untrusted_certificate_is_a_tls_error_and_nothing_is_sent() {
     let client = ClientBuilder::new()
         .with_retry(retry())
         .build(https_client());
-    let err = client
-        .oneshot(get(front.url("/health")))
-        .await
-        .unwrap_err();
+    let err = client.oneshot(get(front.url("/health"))).await.unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.starts_with("gave up after 4 attempts: TLS handshake failed (invalid peer certificate: UnknownIssuer)"),
@@ -241,11 +234,11 @@ async fn the_systems_roots_do_not_trust_a_self_signed_certificate() {
     let front = TlsFront::start(chaos.addr(), &cert).await;
     match sturdy::tls::https_client_with_native_roots() {
         Ok(client) => {
-            let err = client
-                .oneshot(get(front.url("/health")))
-                .await
-                .unwrap_err();
-            assert!(describe(&err).starts_with("TLS handshake failed ("), "{err}");
+            let err = client.oneshot(get(front.url("/health"))).await.unwrap_err();
+            assert!(
+                describe(&err).starts_with("TLS handshake failed ("),
+                "{err}"
+            );
         }
         // A machine without a certificate store says so.
         Err(e) => assert_eq!(e.kind(), &ErrorKind::Config),

@@ -110,3 +110,8 @@ pub fn delivery(err: &reqwest_middleware::Error) -> sturdy_core::Delivery {
         reqwest_middleware::Error::Reqwest(_) => sturdy_core::Delivery::MaybeProcessed,
     }
 }
+
+// The guide's examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "middleware"))]
+#[doc = include_str!("../../../docs/guides/reqwest.md")]
+struct GuideDoctests;

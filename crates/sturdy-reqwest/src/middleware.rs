@@ -25,7 +25,8 @@ use crate::service::into_http;
 /// Streaming request bodies are buffered up to this many bytes \[16 MiB\].
 const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
 
-type Stack = BoxCloneSyncService<http::Request<Full<Bytes>>, http::Response<reqwest::Body>, BoxError>;
+type Stack =
+    BoxCloneSyncService<http::Request<Full<Bytes>>, http::Response<reqwest::Body>, BoxError>;
 
 /// A `reqwest_middleware::Middleware` that runs each request through a sturdy stack: existing
 /// reqwest-middleware code adopts sturdy with one `.with(..)`.

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Extensions, StatusCode};
@@ -120,7 +120,7 @@ async fn retry_after_on_429_is_honoured() {
     })
     .await
     .unwrap();
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let res = client(reqwest::Client::new())
         .get(s.url("/orders/o_1"))
         .send()
@@ -128,10 +128,17 @@ async fn retry_after_on_429_is_honoured() {
         .unwrap();
     // The seeded order does not exist: the server's 404 comes back as a response.
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let reqs = s.requests();
     assert_eq!(reqs.len(), 2);
-    assert!(reqs[1].at - reqs[0].at >= Duration::from_millis(950), "{reqs:?}");
+    assert!(
+        reqs[1].at - reqs[0].at >= Duration::from_millis(950),
+        "{reqs:?}"
+    );
 }
 
 #[tokio::test]
@@ -152,7 +159,10 @@ async fn a_reset_after_commit_is_booked_once() {
     assert_eq!(res.status(), StatusCode::CREATED);
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     let st = s.stats();
-    assert_eq!((st.resets, st.orders_committed, st.duplicates_by_key), (1, 1, 0));
+    assert_eq!(
+        (st.resets, st.orders_committed, st.duplicates_by_key),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test]
@@ -194,7 +204,10 @@ async fn a_refused_connection_is_retried_and_reported_as_never_sent() {
         .send()
         .await
         .unwrap_err();
-    assert_eq!(err.to_string(), "gave up after 4 attempts: connection refused");
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection refused"
+    );
     assert_eq!(
         find::<sturdy_core::Error>(&err).unwrap().kind(),
         &ErrorKind::Connect
@@ -243,7 +256,10 @@ async fn oauth2_tokens_are_refreshed_after_a_401() {
         .unwrap();
     assert_eq!(second.status(), StatusCode::CREATED);
     let st = s.stats();
-    assert_eq!((st.tokens_issued, st.unauthorized, st.orders_committed), (2, 1, 2));
+    assert_eq!(
+        (st.tokens_issued, st.unauthorized, st.orders_committed),
+        (2, 1, 2)
+    );
 }
 
 #[tokio::test]
@@ -393,7 +409,11 @@ async fn streaming_bodies_are_buffered_up_to_the_limit() {
         .unwrap_err();
     let e = find::<sturdy_core::Error>(&err).unwrap();
     assert_eq!(e.kind(), &ErrorKind::Body);
-    assert!(err.to_string().starts_with("the request body is a stream longer than 32 bytes"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("the request body is a stream longer than 32 bytes"),
+        "{err}"
+    );
     assert_eq!(delivery(&err), Delivery::NotSent);
     assert_eq!(s.stats().orders_committed, 1);
 }
