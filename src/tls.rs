@@ -21,13 +21,14 @@
 //! certificate authority as well, give its certificates to [`https_client_with_roots`]; to trust
 //! what the operating system trusts (a company's proxy, certificates installed by an
 //! administrator), enable the `tls-native-roots` feature and use
-//! [`https_client_with_native_roots`]. For client certificates or any other rustls setting, build
+//! `https_client_with_native_roots`. For client certificates or any other rustls setting, build
 //! a [`rustls::ClientConfig`] and use [`https_client_with_config`].
 //!
-//! Every constructor returns an [`HttpsClient`]: a hyper-util client over rustls with the ring
-//! crypto provider, TLS 1.2 and 1.3, HTTP/1.1 (ALPN `http/1.1`), and `TCP_NODELAY` on. It also
-//! sends plain `http://` requests, so one client serves both. It is `Clone + Send + Sync`;
-//! clones share one connection pool.
+//! Every constructor returns an [`HttpsClient`]: a hyper-util client over rustls (through
+//! hyper-rustls), HTTP/1.1 (ALPN `http/1.1`), with `TCP_NODELAY` on. The constructors that make
+//! the rustls configuration themselves use the ring crypto provider and TLS 1.2 and 1.3. The
+//! client also sends plain `http://` requests, so one client serves both. It is
+//! `Clone + Send + Sync`; clones share one connection pool.
 //!
 //! A certificate the client does not trust fails the connection before anything is sent: the
 //! error reads like `TLS handshake failed (invalid peer certificate: UnknownIssuer)` (see
@@ -51,10 +52,10 @@ pub use rustls::pki_types::CertificateDer;
 pub use rustls::{ClientConfig, RootCertStore};
 
 /// A hyper-util client that speaks HTTPS (and plain HTTP), with `Full<Bytes>` request bodies:
-/// what [`crate::ClientBuilder::build`] and `ClientCredentials::new` take.
+/// what `sturdy::ClientBuilder::build` and `ClientCredentials::new` take.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// An HTTPS client that trusts the Mozilla root certificates ([`webpki_roots`]).
+/// An HTTPS client that trusts the Mozilla root certificates ([`webpki_roots()`]).
 ///
 /// # Panics
 ///

@@ -36,7 +36,7 @@ pub(crate) enum Stage {
 /// fragment and credentials, so neither `Display` nor `Debug` shows an API key passed in a
 /// query string.
 ///
-/// [`ReqwestService`](crate::ReqwestService) and [`SturdyMiddleware`](crate::SturdyMiddleware)
+/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware`
 /// convert every reqwest error with this function; call it yourself for errors you get from
 /// reqwest directly, such as those of `reqwest::Response::json`.
 ///

@@ -4,9 +4,9 @@
 //!
 //! - [`ReqwestService`]: `reqwest::Client` as the HTTP client at the bottom of any sturdy stack,
 //!   a `tower::Service<http::Request<B>>`, so `sturdy::ClientBuilder::new().build(ReqwestService::new(client))`
-//!   is a `Clone + Send + Sync` client with idempotency keys, retries, circuit breakers, rate
-//!   limits, auth and version pins, sending with reqwest.
-//! - [`SturdyMiddleware`] (feature `middleware`, on by default): a
+//!   is a `Clone + Send + Sync` sturdy client (idempotency keys, retries, circuit breakers, rate
+//!   limits, and auth and version pins when configured) that sends with reqwest.
+//! - `SturdyMiddleware` (feature `middleware`, on by default): a
 //!   `reqwest_middleware::Middleware` that runs a sturdy stack, so code built on
 //!   `reqwest_middleware::ClientWithMiddleware` adopts sturdy by adding one `.with(..)` and
 //!   keeps `.json()`, `.query()`, `.bearer_auth()` and `.timeout()`.
@@ -52,7 +52,7 @@
 //!
 //! # Feature flags
 //!
-//! - `middleware` (default): [`SturdyMiddleware`], [`NextAttempt`], [`find`] and [`delivery`],
+//! - `middleware` (default): `SturdyMiddleware`, `NextAttempt`, `find` and `delivery`,
 //!   with a dependency on reqwest-middleware.
 //!
 //! reqwest is used with its default features off; enable the ones you need (`json`, `query`,

@@ -7,6 +7,7 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::{select, Either};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt as _, StreamExt as _};
 use http::Extensions;
@@ -56,7 +57,9 @@ type Stack =
 /// retry layer's decision (bodies up to its replay limit, 1 MiB by default).
 ///
 /// Each attempt goes down the chain with a copy of the call's extensions; when the call ends,
-/// the call's extensions are replaced by those of the last attempt that finished.
+/// the call's extensions are replaced by those of the last attempt that finished. An attempt the
+/// stack stops waiting for (its attempt timeout fired) is cancelled: the rest of the chain's
+/// future is dropped, as a hyper-util request is when its future is dropped.
 ///
 /// Errors: a failed call is `reqwest_middleware::Error::Middleware` holding the stack's error
 /// (for the retry layer, a [`sturdy_core::Error`] such as `gave up after 4 attempts: connection
@@ -192,11 +195,21 @@ where
     result
 }
 
+/// Sends one attempt down the chain. An attempt the stack stops waiting for (its attempt timeout
+/// fired) is cancelled, as dropping a hyper-util request would cancel it.
 async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extensions) -> Extensions {
-    let Attempt { request, reply } = attempt;
-    let res = next.run(request, &mut extensions).await;
-    // The stack may have stopped waiting (a timeout): the answer is then dropped.
-    let _ = reply.send(res);
+    let Attempt { request, mut reply } = attempt;
+    let outcome = {
+        let abandoned = pin!(reply.closed());
+        match select(next.run(request, &mut extensions), abandoned).await {
+            Either::Left((res, _)) => Some(res),
+            Either::Right(((), _)) => None,
+        }
+    };
+    if let Some(res) = outcome {
+        // The stack may have stopped waiting in the meantime: the answer is then dropped.
+        let _ = reply.send(res);
+    }
     extensions
 }
 

@@ -29,8 +29,8 @@ const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
 /// so the retry layer retries reqwest's timeouts, connect errors and resets, and the circuit
 /// breaker counts them. Response bodies are [`ResponseBody`]s.
 ///
-/// The response's extensions hold the final `reqwest::Url` (after redirects) and whatever
-/// reqwest put there (the peer address, for one).
+/// The response's extensions hold the final `reqwest::Url` (after redirects), besides those of
+/// reqwest's response.
 ///
 /// Request bodies: any `http_body::Body` (for sturdy stacks, `http_body_util::Full<Bytes>`).
 /// A body whose exact size is known and at most the buffer limit \[1 MiB\] is handed to reqwest
@@ -42,7 +42,7 @@ const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
 ///
 /// # Backpressure
 ///
-/// Always ready; reqwest queues requests in its own pool.
+/// Always ready: `reqwest::Client` applies no backpressure.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

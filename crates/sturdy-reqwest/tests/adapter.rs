@@ -220,11 +220,7 @@ async fn reqwest_timeouts_are_timeouts_and_are_retried() {
 async fn a_refused_connection_is_a_connect_error_that_was_never_sent() {
     let url = format!("http://127.0.0.1:{}/orders", closed_port());
     let http = ReqwestService::new(reqwest::Client::new());
-    let err = http
-        .clone()
-        .oneshot(to(&url, order(1)))
-        .await
-        .unwrap_err();
+    let err = http.clone().oneshot(to(&url, order(1))).await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Connect);
     assert_eq!(err.to_string(), "connection refused");
     assert_eq!(delivery(&err), Delivery::NotSent);

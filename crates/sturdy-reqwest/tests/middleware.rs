@@ -94,8 +94,9 @@ async fn server_errors_are_retried_and_the_request_builder_is_kept() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
-    // reqwest's response, with the URL it came from.
+    // reqwest's response, with the URL it came from and the peer it came from.
     assert_eq!(res.url().as_str(), s.url("/orders?source=test"));
+    assert_eq!(res.remote_addr(), Some(s.addr()));
     let order: serde_json::Value = res.json().await.unwrap();
     assert_eq!(order["item"], "book");
     let reqs = s.requests();
@@ -437,4 +438,72 @@ async fn next_attempt_alone_refuses_requests() {
     .unwrap_err();
     let e = err.downcast_ref::<sturdy_core::Error>().unwrap();
     assert_eq!(e.kind(), &ErrorKind::Config);
+}
+
+/// Records when an attempt starts, finishes, or is dropped unfinished.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<&'static str>>>);
+
+struct OnDrop(Events, bool);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let what = if self.1 { "done" } else { "cancelled" };
+        self.0 .0.lock().unwrap().push(what);
+    }
+}
+
+#[async_trait::async_trait]
+impl Middleware for Events {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        self.0.lock().unwrap().push("start");
+        let mut guard = OnDrop(self.clone(), false);
+        let res = next.run(req, extensions).await;
+        guard.1 = true;
+        res
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_the_stack_gave_up_on_is_cancelled() {
+    let s = ChaosServer::start(Knobs {
+        latency: Duration::from_millis(300),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let events = Events::default();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new()
+                .with_retry(retry())
+                .with_attempt_timeout(Duration::from_millis(30))
+                .build(next)
+        }))
+        .with(events.clone())
+        .build();
+    let err = client.get(s.url("/orders/o_1")).send().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: the attempt timed out after 30ms"
+    );
+    // Each attempt is cancelled when its timeout fires, before the next one starts.
+    assert_eq!(
+        *events.0.lock().unwrap(),
+        [
+            "start",
+            "cancelled",
+            "start",
+            "cancelled",
+            "start",
+            "cancelled",
+            "start",
+            "cancelled"
+        ]
+    );
 }
