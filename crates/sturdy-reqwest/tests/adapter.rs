@@ -249,7 +249,7 @@ async fn a_refused_connection_is_a_connect_error_that_was_never_sent() {
 }
 
 #[tokio::test]
-async fn an_expired_token_is_refreshed_and_the_call_replayed() {
+async fn a_revoked_token_is_refreshed_and_the_call_replayed() {
     let s = ChaosServer::start(Knobs {
         require_auth: true,
         ..Knobs::default()
@@ -280,6 +280,42 @@ async fn an_expired_token_is_refreshed_and_the_call_replayed() {
     let st = s.stats();
     assert_eq!((st.tokens_issued, st.unauthorized), (2, 1));
     assert_eq!(st.orders_committed, 2);
+}
+
+#[tokio::test]
+async fn a_token_that_expires_sooner_than_announced_is_replaced() {
+    // Tokens announce an hour and expire after 300 ms; a 429 makes the call wait a second.
+    let s = ChaosServer::start(Knobs {
+        require_auth: true,
+        token_lifetime: Duration::from_millis(300),
+        token_expires_in: Some(serde_json::json!(3600)),
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Seconds(1),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let http = ReqwestService::new(reqwest::Client::new());
+    let tokens =
+        ClientCredentials::new(http.clone(), &s.url("/oauth/token"), "client", "secret").unwrap();
+    let client = ClientBuilder::new()
+        .with_retry(retry())
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(http);
+    let res = client
+        .oneshot(to(&s.url("/orders"), order(1)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let seen: Vec<u16> = s
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/orders")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(seen, [429, 401, 201]);
+    let st = s.stats();
+    assert_eq!((st.tokens_issued, st.orders_committed), (2, 1));
 }
 
 #[tokio::test]

@@ -264,6 +264,54 @@ async fn oauth2_tokens_are_refreshed_after_a_401() {
 }
 
 #[tokio::test]
+async fn a_token_that_expires_sooner_than_announced_is_replaced() {
+    // Tokens announce an hour and expire after 300 ms; a 429 makes the call wait a second.
+    let s = ChaosServer::start(Knobs {
+        require_auth: true,
+        token_lifetime: Duration::from_millis(300),
+        token_expires_in: Some(json!(3600)),
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Seconds(1),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let reqwest = reqwest::Client::new();
+    let tokens = ClientCredentials::new(
+        ReqwestService::new(reqwest.clone()),
+        &s.url("/oauth/token"),
+        "client",
+        "secret",
+    )
+    .unwrap();
+    let auth = AuthLayer::oauth2(tokens);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest)
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new()
+                .with_retry(retry())
+                .with_auth(auth)
+                .build(next)
+        }))
+        .build();
+    let res = client
+        .post(s.url("/orders"))
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let seen: Vec<u16> = s
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/orders")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(seen, [429, 401, 201]);
+    let st = s.stats();
+    assert_eq!((st.tokens_issued, st.orders_committed), (2, 1));
+}
+
+#[tokio::test]
 async fn middlewares_after_sturdy_see_every_attempt_and_those_before_see_the_call() {
     let s = ChaosServer::start(Knobs {
         fail_next: 2,
