@@ -16,6 +16,8 @@
 //! | `webhook` | `webhook` | `sturdy-webhook`: `WebhookReceiver`, verifiers, queues |
 //! | `version` | `version` | `sturdy-version`: `VersionLayer` |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
+//! | `reqwest` | `reqwest` | `sturdy-reqwest`: `reqwest::Client` under a sturdy stack, `SturdyMiddleware` for reqwest-middleware |
+//! | `tls` | `tls` (in this crate) | `https_client()`: an HTTPS hyper-util client (rustls, Mozilla roots); `tls-native-roots` adds `https_client_with_native_roots()` (the system's roots) |
 //!
 //! # Example
 //!
@@ -87,6 +89,13 @@ pub use sturdy_version as version;
 /// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
 #[cfg(feature = "redis")]
 pub use sturdy_redis as redis;
+
+/// reqwest as the HTTP client of sturdy stacks, and sturdy inside reqwest-middleware ([`sturdy_reqwest`]).
+#[cfg(feature = "reqwest")]
+pub use sturdy_reqwest as reqwest;
+
+#[cfg(feature = "tls")]
+pub mod tls;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "full"))]

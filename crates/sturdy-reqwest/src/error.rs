@@ -1,0 +1,153 @@
+//! reqwest's errors in sturdy's terms.
+
+use std::error::Error as StdError;
+
+use sturdy_core::classify::{classify_error, describe};
+use sturdy_core::{Delivery, Error, ErrorKind};
+
+/// Where a reqwest error happened, for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// While sending the request and waiting for the response head.
+    Call,
+    /// While reading the response body.
+    ResponseBody,
+}
+
+/// Converts a reqwest error into a [`sturdy_core::Error`] that sturdy classifies as it would the
+/// same failure from a hyper-util client.
+///
+/// | reqwest says | [`ErrorKind`] | delivery | retried by the retry layer |
+/// |---|---|---|---|
+/// | `is_builder()`: a URL or header reqwest cannot use | `Config` | `NotSent` | no |
+/// | `is_connect()`: refused, DNS, TLS handshake, connect timeout | `Connect` | `NotSent` | yes |
+/// | `is_timeout()`: one of reqwest's own timeouts | `Timeout` | may have been processed | yes |
+/// | `is_redirect()`: too many redirects | `Other` | may have been processed | no |
+/// | `is_body()` or `is_decode()` | `Body` | may have been processed | no |
+/// | `status()`: from `error_for_status` | the status's kind (`Server(503)`, ...) | may have been processed | as the status |
+/// | anything else | by its `source()` chain, as for hyper-util: a reset or early close is `Transport` | may have been processed | as the kind |
+///
+/// The checks run in that order, so a connect timeout is `Connect` (the request never left).
+///
+/// The message names the root cause in plain words (`connection refused`, `timed out (reqwest's
+/// timeout)`, `TLS handshake failed (invalid peer certificate: UnknownIssuer)`), so the retry
+/// layer's final error reads `gave up after 4 attempts: connection refused`. The reqwest error
+/// stays reachable as the `source()`; its URL keeps scheme, host and path but loses query,
+/// fragment and credentials, so neither `Display` nor `Debug` shows an API key passed in a
+/// query string.
+///
+/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware`
+/// convert every reqwest error with this function; call it yourself for errors you get from
+/// reqwest directly, such as those of `reqwest::Response::json`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sturdy_core::classify::delivery;
+/// use sturdy_core::{Delivery, ErrorKind};
+///
+/// // A port nothing listens on.
+/// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// let err = reqwest::Client::new()
+///     .get(format!("http://127.0.0.1:{port}/?api_key=secret"))
+///     .send()
+///     .await
+///     .unwrap_err();
+/// let err = sturdy_reqwest::from_reqwest_error(err);
+/// assert_eq!(err.kind(), &ErrorKind::Connect);
+/// assert_eq!(err.to_string(), "connection refused");
+/// assert_eq!(delivery(&err), Delivery::NotSent);
+/// assert!(!format!("{err:?}").contains("secret"));
+/// # }
+/// ```
+pub fn from_reqwest_error(err: reqwest::Error) -> Error {
+    convert(err, Stage::Call)
+}
+
+pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
+    let err = redact(err);
+    let (kind, message, delivery) = if err.is_builder() {
+        (
+            ErrorKind::Config,
+            format!("invalid request: {}", root_text(&err)),
+            Some(Delivery::NotSent),
+        )
+    } else if err.is_connect() {
+        let message = if err.is_timeout() {
+            "timed out while connecting".to_owned()
+        } else {
+            words(&err)
+        };
+        (ErrorKind::Connect, message, Some(Delivery::NotSent))
+    } else if err.is_timeout() {
+        let message = match stage {
+            Stage::Call => "timed out (reqwest's timeout)",
+            Stage::ResponseBody => "timed out while reading the response body (reqwest's timeout)",
+        };
+        (ErrorKind::Timeout, message.to_owned(), None)
+    } else if err.is_redirect() {
+        (
+            ErrorKind::Other,
+            format!("could not follow a redirect: {}", root_text(&err)),
+            None,
+        )
+    } else if err.is_decode() {
+        (
+            ErrorKind::Body,
+            format!("could not decode the response body: {}", words(&err)),
+            None,
+        )
+    } else if err.is_body() {
+        let what = match stage {
+            Stage::Call => "could not send the request body",
+            Stage::ResponseBody => "could not read the response body",
+        };
+        (ErrorKind::Body, format!("{what}: {}", words(&err)), None)
+    } else if let Some(status) = err.status() {
+        (
+            ErrorKind::from_status(status).unwrap_or(ErrorKind::Other),
+            format!("the server answered {status}"),
+            None,
+        )
+    } else {
+        (classify_error(&err), words(&err), None)
+    };
+    let e = Error::new(kind, message).with_hidden_source(err);
+    match delivery {
+        Some(d) => e.with_delivery(d),
+        None => e,
+    }
+}
+
+/// Removes what may be secret from the URL an error carries.
+fn redact(mut err: reqwest::Error) -> reqwest::Error {
+    if let Some(url) = err.url_mut() {
+        url.set_query(None);
+        url.set_fragment(None);
+        // Fails only for URLs that cannot have credentials, which then have none.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    err
+}
+
+/// The root cause in plain words: sturdy's description when it recognises the cause, else the
+/// text of the deepest error in the chain.
+fn words(err: &reqwest::Error) -> String {
+    let described = describe(err);
+    if described == err.to_string() {
+        root_text(err)
+    } else {
+        described
+    }
+}
+
+/// The text of the deepest error in the chain (reqwest's own text says only "error sending
+/// request").
+fn root_text(err: &reqwest::Error) -> String {
+    let mut cur: &(dyn StdError + 'static) = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

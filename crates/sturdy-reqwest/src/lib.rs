@@ -1,0 +1,117 @@
+//! reqwest for sturdy: keep reqwest's `RequestBuilder`, get every sturdy mechanic.
+//!
+//! Two ways in:
+//!
+//! - [`ReqwestService`]: `reqwest::Client` as the HTTP client at the bottom of any sturdy stack,
+//!   a `tower::Service<http::Request<B>>`, so `sturdy::ClientBuilder::new().build(ReqwestService::new(client))`
+//!   is a `Clone + Send + Sync` sturdy client (idempotency keys, retries, circuit breakers, rate
+//!   limits, and auth and version pins when configured) that sends with reqwest.
+//! - `SturdyMiddleware` (feature `middleware`, on by default): a
+//!   `reqwest_middleware::Middleware` that runs a sturdy stack, so code built on
+//!   `reqwest_middleware::ClientWithMiddleware` adopts sturdy by adding one `.with(..)` and
+//!   keeps `.json()`, `.query()`, `.bearer_auth()` and `.timeout()`.
+//!
+//! Either way, reqwest's errors are converted at the boundary into [`sturdy_core::Error`]s with
+//! the kind sturdy's classification gives the same failure from hyper-util
+//! ([`from_reqwest_error`]): a reqwest timeout is `Timeout` and is retried, a connect error is
+//! `Connect` and proves the request never left, a body error is `Body`. The retry layer's final
+//! message then names the root cause: `gave up after 4 attempts: connection refused`.
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use std::time::Duration;
+//! use sturdy::retry::{Backoff, RetryLayer};
+//! use sturdy::ClientBuilder;
+//! use sturdy_chaos::{ChaosServer, Knobs};
+//! use sturdy_reqwest::SturdyMiddleware;
+//!
+//! // Every request waits 200 ms before the server answers.
+//! let server = ChaosServer::start(Knobs { latency: Duration::from_millis(200), ..Knobs::default() })
+//!     .await
+//!     .unwrap();
+//! let retry = RetryLayer::new()
+//!     .with_backoff(Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(20)).unwrap());
+//! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+//!     .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(retry).build(next)))
+//!     .build();
+//! let err = client
+//!     .get(server.url("/orders/o_1"))
+//!     .timeout(Duration::from_millis(20))
+//!     .send()
+//!     .await
+//!     .unwrap_err();
+//! // reqwest's timeout is a timeout to sturdy: retried, then reported for the whole call.
+//! assert_eq!(err.to_string(), "gave up after 4 attempts: timed out (reqwest's timeout)");
+//! let report = sturdy_reqwest::find::<sturdy_core::Error>(&err).unwrap().report().unwrap();
+//! assert_eq!(report.attempts(), 4);
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `middleware` (default): `SturdyMiddleware`, `NextAttempt`, `find` and `delivery`,
+//!   with a dependency on reqwest-middleware.
+//!
+//! reqwest is used with its default features off; enable the ones you need (`json`, `query`,
+//! a TLS backend) on your own `reqwest` dependency, and cargo unifies them. The versions sturdy
+//! builds with are re-exported: [`reqwest`] and `reqwest_middleware`.
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod error;
+#[cfg(feature = "middleware")]
+mod middleware;
+mod service;
+
+pub use body::ResponseBody;
+pub use error::from_reqwest_error;
+#[cfg(feature = "middleware")]
+pub use middleware::{NextAttempt, NextAttemptFuture, SturdyMiddleware};
+pub use service::{ReqwestService, ResponseFuture};
+
+pub use reqwest;
+#[cfg(feature = "middleware")]
+pub use reqwest_middleware;
+
+/// The first error of type `T` in a reqwest-middleware error's chain.
+///
+/// A failed call through a [`SturdyMiddleware`] is `reqwest_middleware::Error::Middleware`,
+/// whose `source()` skips the error it holds; look for sturdy's errors with this instead:
+/// `find::<sturdy_core::Error>(&err)` (the retry layer's report, kind, idempotency key),
+/// `find::<sturdy_core::RateLimited>(&err)`, `find::<sturdy_core::CircuitOpen>(&err)`.
+#[cfg(feature = "middleware")]
+pub fn find<T: std::error::Error + 'static>(err: &reqwest_middleware::Error) -> Option<&T> {
+    match err {
+        reqwest_middleware::Error::Middleware(e) => e.chain().find_map(|e| e.downcast_ref::<T>()),
+        reqwest_middleware::Error::Reqwest(e) => sturdy_core::find::<T>(e),
+    }
+}
+
+/// Whether a failed call may have reached the server: sturdy's
+/// [`delivery`](sturdy_core::classify::delivery) for a reqwest-middleware error.
+///
+/// After `Delivery::NotSent` the request may be sent again; after `Delivery::MaybeProcessed` only
+/// with the same idempotency key.
+#[cfg(feature = "middleware")]
+pub fn delivery(err: &reqwest_middleware::Error) -> sturdy_core::Delivery {
+    match err {
+        reqwest_middleware::Error::Middleware(e) => {
+            let e: &(dyn std::error::Error + 'static) = &**e;
+            sturdy_core::classify::delivery(e)
+        }
+        // Only a request reqwest could not build or connect for proves it never left.
+        reqwest_middleware::Error::Reqwest(e) if e.is_builder() || e.is_connect() => {
+            sturdy_core::Delivery::NotSent
+        }
+        reqwest_middleware::Error::Reqwest(_) => sturdy_core::Delivery::MaybeProcessed,
+    }
+}
+
+// The guide's examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "middleware"))]
+#[doc = include_str!("../../../docs/guides/reqwest.md")]
+struct GuideDoctests;

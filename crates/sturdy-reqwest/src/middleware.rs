@@ -1,0 +1,450 @@
+//! A sturdy stack inside a reqwest-middleware chain.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{select, Either};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt as _};
+use http::Extensions;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use reqwest::ResponseBuilderExt as _;
+use reqwest_middleware::{Middleware, Next};
+use sturdy_core::classify::{classify_error, describe};
+use sturdy_core::{BoxError, Delivery, Error, ErrorKind};
+use tokio::sync::{mpsc, oneshot};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt as _};
+
+use crate::error::{convert, Stage};
+use crate::service::into_http;
+
+/// Streaming request bodies are buffered up to this many bytes \[16 MiB\].
+const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+type Stack =
+    BoxCloneSyncService<http::Request<Full<Bytes>>, http::Response<reqwest::Body>, BoxError>;
+
+/// A `reqwest_middleware::Middleware` that runs each request through a sturdy stack: existing
+/// reqwest-middleware code adopts sturdy with one `.with(..)`.
+///
+/// ```text
+/// reqwest_middleware::ClientBuilder::new(reqwest_client)
+///     .with(TracingMiddleware)            // sees each call once
+///     .with(SturdyMiddleware::new(|next| sturdy::ClientBuilder::new().build(next)))
+///     .with(LoggingMiddleware)            // sees every attempt
+/// ```
+///
+/// The closure given to [`new`](Self::new) builds the stack around a [`NextAttempt`]: the
+/// service that sends one attempt on down the rest of the chain (the middlewares added after
+/// this one, then the reqwest client). Build it with `sturdy::ClientBuilder::build`, or with a
+/// `tower::ServiceBuilder` of any sturdy layers. The stack is built once, so every call made
+/// through the client shares its state: circuit breakers, rate limits, retry budgets, token caches.
+///
+/// What a request keeps from reqwest: everything `reqwest::RequestBuilder` set (headers,
+/// `.json()`, `.query()`, `.bearer_auth()`, `.timeout()`, which then bounds each attempt), and the
+/// response is a `reqwest::Response` whose `url()` is the final URL.
+///
+/// What the stack sees: an `http::Request<Full<Bytes>>` whose extensions hold the request's
+/// reqwest-middleware extensions, so `sturdy_core::CallOptions` or a `sturdy_core::Trace` given
+/// with `RequestBuilder::with_extension` reach the sturdy layers. A streaming body (a stream,
+/// multipart) is read into memory first, up to the body limit \[16 MiB\]; a longer one fails
+/// with a `Body` error before anything is sent. Whether a body is replayed by a retry is the
+/// retry layer's decision (bodies up to its replay limit, 1 MiB by default).
+///
+/// Each attempt goes down the chain with a copy of the call's extensions; when the call ends,
+/// the call's extensions are replaced by those of the last attempt that finished. An attempt the
+/// stack stops waiting for (its attempt timeout fired) is cancelled: the rest of the chain's
+/// future is dropped, as a hyper-util request is when its future is dropped.
+///
+/// Errors: a failed call is `reqwest_middleware::Error::Middleware` holding the stack's error
+/// (for the retry layer, a [`sturdy_core::Error`] such as `gave up after 4 attempts: connection
+/// refused`). Find it with [`find`](crate::find); ask whether the request may have been
+/// processed with [`delivery`](crate::delivery). reqwest errors of each attempt are converted
+/// with [`from_reqwest_error`](crate::from_reqwest_error) before the stack sees them.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use sturdy::ClientBuilder;
+/// use sturdy_chaos::{ChaosServer, Knobs};
+/// use sturdy_reqwest::SturdyMiddleware;
+///
+/// // The connection of the first order is closed after the order was committed.
+/// let server = ChaosServer::start(Knobs {
+///     reset_after_commit_next: 1,
+///     idempotency: true,
+///     ..Knobs::default()
+/// })
+/// .await
+/// .unwrap();
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(SturdyMiddleware::new(|next| ClientBuilder::new().build(next)))
+///     .build();
+/// let res = client
+///     .post(server.url("/orders"))
+///     .header("content-type", "application/json")
+///     .body(r#"{"item":"book"}"#)
+///     .send()
+///     .await
+///     .unwrap();
+/// // The retry carried the same idempotency key: the server replayed the first outcome.
+/// assert_eq!(res.status(), 201);
+/// assert_eq!(res.headers()["idempotent-replayed"], "true");
+/// assert_eq!(server.stats().orders_committed, 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SturdyMiddleware {
+    stack: Stack,
+    body_limit: usize,
+}
+
+impl SturdyMiddleware {
+    /// Builds the stack once, around the [`NextAttempt`] that `make` is given.
+    pub fn new<F, S>(make: F) -> Self
+    where
+        F: FnOnce(NextAttempt) -> S,
+        S: Service<http::Request<Full<Bytes>>, Response = http::Response<reqwest::Body>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let stack = make(NextAttempt { _priv: () }).map_err(Into::into);
+        Self {
+            stack: BoxCloneSyncService::new(stack),
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+
+    /// Streaming request bodies are read into memory up to `bytes`; a longer one fails the call
+    /// before anything is sent \[16 MiB\]. Bodies reqwest already holds as bytes (`.body(..)`
+    /// with bytes or a string, `.json()`, `.form()`) are not limited.
+    #[must_use]
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+}
+
+impl fmt::Debug for SturdyMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SturdyMiddleware")
+            .field("body_limit", &self.body_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl Middleware for SturdyMiddleware {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let mut req = match into_http_request(req, self.body_limit).await {
+            Ok(r) => r,
+            Err(e) => return Err(into_middleware_error(Box::new(e))),
+        };
+        req.extensions_mut().extend(extensions.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        req.extensions_mut().insert(Dispatch(tx));
+        let call = self.stack.clone().oneshot(req);
+        match drive(call, rx, next, extensions).await {
+            Ok(res) => Ok(into_reqwest_response(res)),
+            Err(e) => Err(into_middleware_error(e)),
+        }
+    }
+}
+
+/// Runs the stack's call, sending each attempt it makes down the rest of the chain, until the
+/// call ends. Attempts run concurrently when the stack makes them concurrently.
+async fn drive<F>(
+    call: F,
+    mut attempts: mpsc::UnboundedReceiver<Attempt>,
+    next: Next<'_>,
+    extensions: &mut Extensions,
+) -> Result<http::Response<reqwest::Body>, BoxError>
+where
+    F: Future<Output = Result<http::Response<reqwest::Body>, BoxError>>,
+{
+    let mut call = pin!(call);
+    let mut running = FuturesUnordered::new();
+    let mut last: Option<Extensions> = None;
+    let result = poll_fn(|cx| {
+        while let Poll::Ready(Some(attempt)) = attempts.poll_recv(cx) {
+            running.push(run_attempt(next.clone(), attempt, extensions.clone()));
+        }
+        while let Poll::Ready(Some(ext)) = running.poll_next_unpin(cx) {
+            last = Some(ext);
+        }
+        call.as_mut().poll(cx)
+    })
+    .await;
+    if let Some(ext) = last {
+        *extensions = ext;
+    }
+    result
+}
+
+/// Sends one attempt down the chain. An attempt the stack stops waiting for (its attempt timeout
+/// fired) is cancelled, as dropping a hyper-util request would cancel it.
+async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extensions) -> Extensions {
+    let Attempt { request, mut reply } = attempt;
+    let outcome = {
+        let abandoned = pin!(reply.closed());
+        match select(next.run(request, &mut extensions), abandoned).await {
+            Either::Left((res, _)) => Some(res),
+            Either::Right(((), _)) => None,
+        }
+    };
+    if let Some(res) = outcome {
+        // The stack may have stopped waiting in the meantime: the answer is then dropped.
+        let _ = reply.send(res);
+    }
+    extensions
+}
+
+/// One attempt on its way down the chain, and where its outcome goes.
+struct Attempt {
+    request: reqwest::Request,
+    reply: oneshot::Sender<reqwest_middleware::Result<reqwest::Response>>,
+}
+
+/// Where [`NextAttempt`] sends the attempts of one call: to the middleware's `handle`, which
+/// holds the rest of the chain.
+#[derive(Clone)]
+struct Dispatch(mpsc::UnboundedSender<Attempt>);
+
+/// The bottom of the stack that a [`SturdyMiddleware`] runs: sends one attempt down the rest of
+/// the reqwest-middleware chain.
+///
+/// ```text
+/// async fn(http::Request<Full<Bytes>>) -> Result<http::Response<reqwest::Body>, BoxError>
+/// ```
+///
+/// Errors of the attempt are [`sturdy_core::Error`]s (reqwest's converted with
+/// [`from_reqwest_error`](crate::from_reqwest_error), other middlewares' classified by their
+/// `source()` chain). It works only for requests that a `SturdyMiddleware` passes to its stack;
+/// any other request fails with a `Config` error.
+///
+/// # Backpressure
+///
+/// Always ready.
+#[derive(Clone)]
+pub struct NextAttempt {
+    _priv: (),
+}
+
+impl fmt::Debug for NextAttempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NextAttempt").finish()
+    }
+}
+
+impl Service<http::Request<Full<Bytes>>> for NextAttempt {
+    type Response = http::Response<reqwest::Body>;
+    type Error = BoxError;
+    type Future = NextAttemptFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<Full<Bytes>>) -> Self::Future {
+        let Some(dispatch) = req.extensions_mut().remove::<Dispatch>() else {
+            return NextAttemptFuture::failed(
+                Error::new(
+                    ErrorKind::Config,
+                    "NextAttempt can only send requests that a SturdyMiddleware passed to its stack",
+                )
+                .with_delivery(Delivery::NotSent),
+            );
+        };
+        let request = match into_reqwest_request(req) {
+            Ok(r) => r,
+            Err(e) => return NextAttemptFuture::failed(e),
+        };
+        let (reply, rx) = oneshot::channel();
+        if dispatch.0.send(Attempt { request, reply }).is_err() {
+            return NextAttemptFuture::failed(call_ended());
+        }
+        NextAttemptFuture {
+            state: AttemptState::Waiting(rx),
+        }
+    }
+}
+
+/// The response future of [`NextAttempt`].
+pub struct NextAttemptFuture {
+    state: AttemptState,
+}
+
+enum AttemptState {
+    Waiting(oneshot::Receiver<reqwest_middleware::Result<reqwest::Response>>),
+    Failed(Option<Error>),
+}
+
+impl NextAttemptFuture {
+    fn failed(e: Error) -> Self {
+        Self {
+            state: AttemptState::Failed(Some(e)),
+        }
+    }
+}
+
+impl fmt::Debug for NextAttemptFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NextAttemptFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for NextAttemptFuture {
+    type Output = Result<http::Response<reqwest::Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            AttemptState::Waiting(rx) => Poll::Ready(match std::task::ready!(rx.poll_unpin(cx)) {
+                Ok(Ok(res)) => Ok(into_http(res)),
+                Ok(Err(e)) => Err(from_chain_error(e)),
+                Err(_) => Err(Box::new(call_ended())),
+            }),
+            AttemptState::Failed(e) => Poll::Ready(Err(Box::new(e.take().unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::Other,
+                    "a NextAttempt future was polled after it completed",
+                )
+            })))),
+        }
+    }
+}
+
+fn call_ended() -> Error {
+    Error::new(
+        ErrorKind::Other,
+        "the reqwest-middleware call ended before this attempt was sent",
+    )
+    .with_delivery(Delivery::NotSent)
+}
+
+/// An error from the rest of the chain, in sturdy's terms.
+fn from_chain_error(err: reqwest_middleware::Error) -> BoxError {
+    let err = match err {
+        reqwest_middleware::Error::Reqwest(e) => return Box::new(convert(e, Stage::Call)),
+        reqwest_middleware::Error::Middleware(e) => match e.downcast::<reqwest::Error>() {
+            Ok(e) => return Box::new(convert(e, Stage::Call)),
+            Err(e) => e,
+        },
+    };
+    let boxed: BoxError = err.into();
+    let kind = classify_error(&*boxed);
+    let message = describe(&*boxed);
+    Box::new(Error::new(kind, message).with_hidden_source(boxed))
+}
+
+/// The stack's error as reqwest-middleware's.
+fn into_middleware_error(err: BoxError) -> reqwest_middleware::Error {
+    reqwest_middleware::Error::Middleware(match err.downcast::<Error>() {
+        Ok(e) => anyhow::Error::new(*e),
+        Err(e) => anyhow::Error::new(Boxed(e)),
+    })
+}
+
+/// A boxed error as an error type of its own (anyhow takes only sized errors).
+struct Boxed(BoxError);
+
+impl fmt::Debug for Boxed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Boxed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl StdError for Boxed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// reqwest's request as the `http::Request<Full<Bytes>>` a sturdy stack takes.
+async fn into_http_request(
+    req: reqwest::Request,
+    limit: usize,
+) -> Result<http::Request<Full<Bytes>>, Error> {
+    let req = http::Request::<reqwest::Body>::try_from(req).map_err(|e| convert(e, Stage::Call))?;
+    let (parts, body) = req.into_parts();
+    let bytes = if body.as_bytes().is_some() {
+        // Already in memory: taking the bytes out cannot fail.
+        body.collect()
+            .await
+            .map_err(|e| convert(e, Stage::Call))?
+            .to_bytes()
+    } else {
+        match Limited::new(body, limit).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(Error::new(
+                    ErrorKind::Body,
+                    format!(
+                        "the request body is a stream longer than {limit} bytes, the most SturdyMiddleware reads into memory \
+                         (every attempt must be able to send it): send it as bytes, or raise the limit with SturdyMiddleware::with_body_limit"
+                    ),
+                )
+                .with_delivery(Delivery::NotSent))
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Body,
+                    format!("could not read the request body: {}", describe(&*e)),
+                )
+                .with_hidden_source(e)
+                .with_delivery(Delivery::NotSent))
+            }
+        }
+    };
+    Ok(http::Request::from_parts(parts, Full::new(bytes)))
+}
+
+/// One attempt of the stack as a reqwest request (the extensions, reqwest's timeout among them,
+/// come along).
+fn into_reqwest_request(req: http::Request<Full<Bytes>>) -> Result<reqwest::Request, Error> {
+    let (parts, body) = req.into_parts();
+    // A `Full` body is ready at once.
+    let bytes = match body.collect().now_or_never() {
+        Some(Ok(c)) => c.to_bytes(),
+        Some(Err(never)) => match never {},
+        None => {
+            return Err(
+                Error::new(ErrorKind::Body, "the request body was not ready")
+                    .with_delivery(Delivery::NotSent),
+            )
+        }
+    };
+    let req = http::Request::from_parts(parts, reqwest::Body::from(bytes));
+    reqwest::Request::try_from(req).map_err(|e| convert(e, Stage::Call))
+}
+
+/// The stack's response as a `reqwest::Response`, with the URL it came from.
+fn into_reqwest_response(res: http::Response<reqwest::Body>) -> reqwest::Response {
+    let (mut parts, body) = res.into_parts();
+    if let Some(url) = parts.extensions.remove::<reqwest::Url>() {
+        let mut with_url = http::Response::builder().url(url);
+        if let Some(ext) = with_url.extensions_mut() {
+            parts.extensions.extend(std::mem::take(ext));
+        }
+    }
+    reqwest::Response::from(http::Response::from_parts(parts, body))
+}
