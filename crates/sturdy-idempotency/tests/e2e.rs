@@ -55,6 +55,7 @@ async fn a_thousand_posts_through_faults_make_a_thousand_orders() {
             seed: 7,
             error_rate: 0.1,
             reset_after_rate: 0.1,
+            ..Faults::default()
         },
     )
     .await
@@ -139,6 +140,7 @@ async fn without_keys_lost_responses_become_failures_not_duplicates() {
             seed: 7,
             error_rate: 0.0,
             reset_after_rate: 0.2,
+            ..Faults::default()
         },
     )
     .await
