@@ -62,10 +62,10 @@ impl Service<Req> for Api {
             let mut b = Response::builder();
             b = if stale {
                 b.status(StatusCode::UNAUTHORIZED)
-            } else if n % 9 == 0 {
+            } else if n.is_multiple_of(9) {
                 b.status(StatusCode::TOO_MANY_REQUESTS)
                     .header("retry-after", "1")
-            } else if n % 4 == 0 {
+            } else if n.is_multiple_of(4) {
                 b.status(StatusCode::SERVICE_UNAVAILABLE)
             } else {
                 b.status(StatusCode::OK)
@@ -105,7 +105,7 @@ fn tokens() -> ClientCredentials {
 }
 
 fn req(i: usize) -> Req {
-    let method = if i % 2 == 0 { "GET" } else { "PUT" };
+    let method = if i.is_multiple_of(2) { "GET" } else { "PUT" };
     Request::builder()
         .method(method)
         .uri(format!("http://api.example.com/items/{i}"))
