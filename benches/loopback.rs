@@ -84,7 +84,10 @@ fn hyper_client() -> Hyper {
 
 fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
     vec![
-        ("hyper-util client, bare", Box::new(|| Subject::Bare(hyper_client()))),
+        (
+            "hyper-util client, bare",
+            Box::new(|| Subject::Bare(hyper_client())),
+        ),
         (
             "sturdy ClientBuilder default stack",
             Box::new(|| Subject::Sturdy(ClientBuilder::new().build(hyper_client()))),

@@ -1,7 +1,12 @@
 //! Exactly once, even when the client gives up: sturdy's `ClientBuilder` (stock defaults but a
 //! short attempt timeout) against an axum app behind sturdy's server `IdempotencyLayer`, with
-//! faults around it: 503s, connections closed after the commit, 429s with `Retry-After`, and
-//! handlers that stall past the client's attempt timeout. Real sockets, real time.
+//! faults around it: 15 % 503s, 10 % connections closed after the commit, 429s with
+//! `Retry-After: 1`, and handlers that stall past the client's attempt timeout. Real sockets,
+//! real time.
+//!
+//! The 429s are 1 % of requests, not more: each one pauses every caller of the host for at least
+//! the second it asks (that is the rate limiter's job), so at 5 % the run would measure about
+//! 150 one-second pauses rather than correctness.
 //!
 //! Every logical order ends committed exactly once; every error that says "not sent" is checked
 //! against the server's own record of the keys it received; an error that says "may have been
@@ -78,11 +83,12 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
             seed: 13,
             error_rate: 0.15,
             reset_after_rate: 0.10,
-            rate_limit_rate: 0.05,
+            rate_limit_rate: 0.01,
         },
     )
     .await
     .unwrap();
+    let server = Arc::new(server);
     let url = server.url("/orders");
     let client = ClientBuilder::new()
         .with_attempt_timeout(Duration::from_millis(200))
@@ -92,8 +98,13 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
     let failures = Arc::new(Mutex::new(Vec::new()));
     let tasks: Vec<_> = (0..TASKS)
         .map(|_| {
-            let (client, url, next, failures) =
-                (client.clone(), url.clone(), next.clone(), failures.clone());
+            let (client, url, next, failures, server) = (
+                client.clone(),
+                url.clone(),
+                next.clone(),
+                failures.clone(),
+                server.clone(),
+            );
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 loop {
@@ -105,6 +116,7 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
                     let mut tries = 0;
                     let done = loop {
                         tries += 1;
+                        let seen_before = key.as_deref().map_or(0, |k| server.requests_with_key(k));
                         let mut b =
                             Request::post(url.as_str()).header("content-type", "application/json");
                         if let Some(k) = &key {
@@ -120,11 +132,8 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
                                     .extensions()
                                     .get::<CallReport>()
                                     .expect("a failed response carries its call report");
-                                if report.delivery() == Delivery::NotSent {
-                                    if let Some(k) = report.idempotency_key() {
-                                        outcomes.push((k.to_owned(), true));
-                                    }
-                                }
+                                // An answer means the request reached the server.
+                                assert_eq!(report.delivery(), Delivery::MaybeProcessed);
                                 key = report.idempotency_key().map(str::to_owned);
                                 failures
                                     .lock()
@@ -142,8 +151,13 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
                                     .expect("a POST carries its key")
                                     .to_owned();
                                 if delivery(&*e) == Delivery::NotSent {
-                                    // The server's word: no request with this key arrived.
-                                    outcomes.push((k.clone(), true));
+                                    // The server's word: no request of this call arrived.
+                                    assert_eq!(
+                                        server.requests_with_key(&k),
+                                        seen_before,
+                                        "{k} was reported not sent, but the server received it: {e}"
+                                    );
+                                    outcomes.push(k.clone());
                                 } else {
                                     assert!(
                                         e.to_string().ends_with(&format!(
@@ -170,14 +184,6 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
         not_sent_claims.extend(t.await.unwrap());
     }
 
-    // Every "not sent" was true.
-    for (key, _) in &not_sent_claims {
-        assert_eq!(
-            server.requests_with_key(key),
-            0,
-            "{key} was reported not sent, but the server received it"
-        );
-    }
     // Every order committed exactly once.
     let commits = book.commits.lock().unwrap();
     assert_eq!(commits.len(), ORDERS, "orders committed");

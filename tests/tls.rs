@@ -192,20 +192,28 @@ async fn an_untrusted_certificate_is_a_tls_error_and_nothing_is_sent() {
         describe(&err),
         "TLS handshake failed (invalid peer certificate: UnknownIssuer)"
     );
-    assert_eq!(classify_error(&err), ErrorKind::Connect);
+    assert_eq!(classify_error(&err), ErrorKind::Tls);
     assert_eq!(delivery(&err), Delivery::NotSent);
 
-    // Trusting only the Mozilla roots, through the whole stack.
+    // Trusting only the Mozilla roots, through the whole stack: not retried, it cannot help.
     let client = ClientBuilder::new()
         .with_retry(retry())
         .build(https_client());
     let err = client.oneshot(get(front.url("/health"))).await.unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.starts_with("gave up after 4 attempts: TLS handshake failed (invalid peer certificate: UnknownIssuer)"),
+        msg.starts_with("TLS handshake failed (invalid peer certificate: UnknownIssuer)"),
         "{msg}"
     );
     assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert_eq!(
+        err.downcast_ref::<sturdy::core::Error>()
+            .unwrap()
+            .report()
+            .unwrap()
+            .attempts(),
+        1
+    );
     assert_eq!(chaos.stats().requests, 0);
 }
 
@@ -223,6 +231,7 @@ async fn a_certificate_for_another_name_is_a_tls_error() {
     assert!(words.starts_with("TLS handshake failed ("), "{words}");
     assert!(words.contains("certificate"), "{words}");
     assert!(words.contains("127.0.0.1"), "{words}");
+    assert_eq!(classify_error(&err), ErrorKind::Tls);
     assert_eq!(chaos.stats().requests, 0);
 }
 

@@ -92,7 +92,8 @@ impl Failure {
     fn error_with(&self, message: String) -> Error {
         let e = Error::new(self.kind.clone(), message);
         match &self.cause {
-            Some(c) => e.with_source(c.clone()),
+            // The message already names the cause.
+            Some(c) => e.with_hidden_source(c.clone()),
             None => e,
         }
     }
@@ -599,9 +600,15 @@ impl ClientCredentials {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 let kind = sturdy_core::classify::classify_error(&*e);
+                // The root cause in plain words ("connection refused", "TLS handshake failed
+                // (...)"), not the client's own wrapper text.
                 return Err(Failure::new(
                     kind,
-                    format!("the token request to {} failed", s.endpoint()),
+                    format!(
+                        "the token request to {} failed: {}",
+                        s.endpoint(),
+                        sturdy_core::classify::describe(&*e)
+                    ),
                 )
                 .with_cause(e));
             }

@@ -5,7 +5,7 @@
 //! | [`Outcome::Success`] | 1xx, 2xx, 3xx |
 //! | [`Outcome::Retryable`] | 408, 425, 429, 500, 502, 503, 504; connect and transport errors; timeouts |
 //! | [`Outcome::Unauthorized`] | 401: for the auth layer, never for a blind retry |
-//! | [`Outcome::Permanent`] | every other 4xx, 501, 505 and other 5xx, configuration and unknown errors |
+//! | [`Outcome::Permanent`] | every other 4xx, 501, 505 and other 5xx, an untrusted TLS certificate, configuration and unknown errors |
 //!
 //! Errors are classified by walking their `source()` chain, so a hyper-util connect error
 //! wrapped in a timeout wrapped in a `BoxError` still reads as [`ErrorKind::Connect`].
@@ -145,8 +145,11 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
     if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
         return Some(ErrorKind::Timeout);
     }
-    if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-        if e.is_connect() {
+    if let Some(h) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+        if h.is_connect() {
+            if untrusted_certificate(e) {
+                return Some(ErrorKind::Tls);
+            }
             return Some(ErrorKind::Connect);
         }
         // Otherwise the cause (a hyper or io error) says more.
@@ -180,6 +183,25 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         });
     }
     None
+}
+
+/// Whether `err`'s chain says the server's certificate was not trusted ([`ErrorKind::Tls`]).
+/// Recognised by text: the
+/// TLS libraries' error types are not dependencies of this crate. Other handshake failures (an
+/// alert, a connection closed mid-handshake) may pass and stay [`ErrorKind::Connect`].
+pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string().to_ascii_lowercase();
+        if text.contains("invalid peer certificate")
+            || text.contains("certificate verify failed")
+            || text.contains("certificate not valid")
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Whether a failed call may have reached the server's handler; see [`Delivery`].
@@ -219,7 +241,7 @@ pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
         }
         cur = e.source();
     }
-    if classify_error(err) == ErrorKind::Connect {
+    if matches!(classify_error(err), ErrorKind::Connect | ErrorKind::Tls) {
         Delivery::NotSent
     } else {
         Delivery::MaybeProcessed

@@ -31,6 +31,10 @@ pub enum ErrorKind {
     Timeout,
     /// The connection could not be made; the request never left.
     Connect,
+    /// The server's TLS certificate was not trusted (unknown issuer, expired, another name): the
+    /// request never left, and trying again will not help until the certificate or the trusted
+    /// roots change.
+    Tls,
     /// The connection broke after the request may have been sent (reset, closed early).
     Transport,
     /// The server answered with a 5xx status.
@@ -61,6 +65,7 @@ impl ErrorKind {
             Self::RateLimited { .. } => true,
             Self::Server(s) | Self::Client(s) => crate::classify::is_retryable_status(*s),
             Self::Auth
+            | Self::Tls
             | Self::CircuitOpen { .. }
             | Self::Body
             | Self::Pagination
@@ -70,13 +75,18 @@ impl ErrorKind {
     }
 
     /// Whether this kind says the dependency itself is unhealthy, which is what a circuit
-    /// breaker counts: timeouts, connect and transport errors, 5xx statuses, and errors nobody
+    /// breaker counts: timeouts, connect, TLS and transport errors, 5xx statuses, and errors nobody
     /// recognises. Rate limits, 4xx statuses, auth, open circuits, bodies, configuration and
     /// pagination are not.
     pub fn is_dependency_failure(&self) -> bool {
         matches!(
             self,
-            Self::Timeout | Self::Connect | Self::Transport | Self::Server(_) | Self::Other
+            Self::Timeout
+                | Self::Connect
+                | Self::Tls
+                | Self::Transport
+                | Self::Server(_)
+                | Self::Other
         )
     }
 
@@ -113,6 +123,7 @@ impl fmt::Display for ErrorKind {
             ),
             Self::Timeout => f.write_str("timed out"),
             Self::Connect => f.write_str("could not connect"),
+            Self::Tls => f.write_str("the server's TLS certificate is not trusted"),
             Self::Transport => {
                 f.write_str("the connection broke; the request may or may not have been processed")
             }
@@ -138,11 +149,13 @@ impl fmt::Display for ErrorKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Delivery {
-    /// No attempt of the call could have reached the server: it was refused before it left
-    /// (connect error, open circuit, local rate limit, no token, an invalid request).
+    /// No attempt of the call reached the server: each was refused before it left (connect
+    /// error, untrusted certificate, open circuit, local rate limit, no token, an invalid
+    /// request).
     NotSent,
-    /// At least one attempt may have been processed (a timeout, a connection that broke after
-    /// the request was written, a 5xx, an error nobody recognises).
+    /// At least one attempt reached the server, or may have: it answered (any status, even a
+    /// 4xx), or the call timed out, or a connection broke after the request was written, or an
+    /// error nobody recognises. Said conservatively: the request may well not have been acted on.
     MaybeProcessed,
 }
 

@@ -30,16 +30,18 @@ where
     }
 }
 
-/// The host of a request: the URI's authority, else the `Host` header, else `""`.
+/// The host of a request: the URI's authority (host and port, never the `user:password@` part,
+/// which would put a secret in keys, messages and logs), else the `Host` header, else `""`.
 pub fn host<B>(req: &Request<B>) -> &str {
-    match req.uri().authority() {
+    let raw = match req.uri().authority() {
         Some(a) => a.as_str(),
         None => req
             .headers()
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or(""),
-    }
+    };
+    raw.rsplit_once('@').map_or(raw, |(_, host)| host)
 }
 
 #[cfg(test)]
@@ -57,6 +59,10 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(ByHost.key(&r), "h.example");
+        let r2 = Request::get("https://user:s3cr3t@api.example.com:8443/x")
+            .body(())
+            .unwrap();
+        assert_eq!(ByHost.key(&r2), "api.example.com:8443");
         let by_path = |r: &Request<()>| r.uri().path().to_owned();
         assert_eq!(by_path.key(&r), "/x");
     }

@@ -43,7 +43,7 @@ use crate::{find, human_duration};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct ErrorSummary {
-    /// `auth`, `rate_limited`, `circuit_open`, `timeout`, `connect`, `transport`,
+    /// `auth`, `rate_limited`, `circuit_open`, `timeout`, `connect`, `tls`, `transport`,
     /// `server_error`, `client_error`, `body`, `pagination`, `config` or `other`.
     pub kind: &'static str,
     /// The HTTP status, for `server_error` and `client_error`.
@@ -70,6 +70,7 @@ fn kind_name(kind: &ErrorKind) -> (&'static str, Option<u16>) {
         ErrorKind::CircuitOpen { .. } => ("circuit_open", None),
         ErrorKind::Timeout => ("timeout", None),
         ErrorKind::Connect => ("connect", None),
+        ErrorKind::Tls => ("tls", None),
         ErrorKind::Transport => ("transport", None),
         ErrorKind::Server(s) => ("server_error", Some(s.as_u16())),
         ErrorKind::Client(s) => ("client_error", Some(s.as_u16())),

@@ -107,6 +107,7 @@ impl DirectLimiter {
             self.gate.poll_turn(
                 ticket,
                 Some(&self.quota),
+                false,
                 self.origin,
                 deadline,
                 &mut sleep,
@@ -115,7 +116,7 @@ impl DirectLimiter {
         })
         .await;
         match turn {
-            Ok(()) => {
+            Ok(_) => {
                 place.ticket = None;
                 Ok(())
             }

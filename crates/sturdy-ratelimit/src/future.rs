@@ -14,7 +14,7 @@ use tower::Service;
 use crate::gate::Ticket;
 use crate::gcra::nanos;
 use crate::remote::{BoxFuture, OnStoreError, Reserve};
-use crate::state::Bound;
+use crate::state::{Bound, Release};
 
 pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit).
@@ -28,6 +28,7 @@ pin_project! {
         #[pin]
         state: State<S, B, S::Future>,
         limiter: Option<Arc<Bound>>,
+        released: Option<Released>,
     }
 }
 
@@ -50,6 +51,8 @@ struct Slow<S, B> {
     deadline: u64,
     sleep: Option<Pin<Box<Sleep>>>,
     turn: Turn,
+    /// Slow start let this call out: it holds a place in the release window.
+    released: bool,
 }
 
 /// Where a waiting call is.
@@ -107,6 +110,7 @@ where
         Self {
             state: State::Rejected { error: Some(error) },
             limiter: None,
+            released: None,
         }
     }
 
@@ -114,6 +118,7 @@ where
         Self {
             state: State::Called { fut },
             limiter: Some(bound),
+            released: None,
         }
     }
 
@@ -124,6 +129,7 @@ where
                 slow: Box::new(slow),
             },
             limiter,
+            released: None,
         }
     }
 
@@ -141,6 +147,7 @@ where
             deadline,
             sleep: None,
             turn: Turn::Queued(ticket),
+            released: false,
         })
     }
 
@@ -159,17 +166,48 @@ where
             deadline,
             sleep: None,
             turn,
+            released: false,
         })
     }
 }
 
 /// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
-/// remote quota, nothing (the store spaces them when they ask it).
-pub(crate) fn line_pace(bound: &Bound) -> Option<crate::Quota> {
+/// remote quota, nothing (the store spaces them when they ask it). And whether slow start lets
+/// them out (no quota, no pace).
+pub(crate) fn line_pace(bound: &Bound) -> (Option<crate::Quota>, bool) {
     if bound.config.remote.is_some() {
-        return None;
+        return (None, false);
     }
-    bound.state().quota.or(bound.config.release)
+    if let Some(q) = bound.state().quota {
+        return (Some(q), false);
+    }
+    match bound.config.release {
+        Release::SlowStart => (None, true),
+        Release::Paced(q) => (Some(q), false),
+        Release::AllAtOnce => (None, false),
+    }
+}
+
+/// A call slow start let out of the line: its place in the release window, given back when it
+/// finishes (widening the window if it succeeded) or is dropped.
+struct Released {
+    bound: Arc<Bound>,
+    done: bool,
+}
+
+impl Released {
+    fn finish(&mut self, success: bool) {
+        if !self.done {
+            self.done = true;
+            self.bound.state().gate.finish_release(success);
+        }
+    }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
 }
 
 fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
@@ -287,12 +325,26 @@ where
                 }
                 StateProj::Waiting { slow } => {
                     let fut = ready!(poll_slow(slow, cx))?;
+                    if slow.released {
+                        *this.released = Some(Released {
+                            bound: slow.bound.clone(),
+                            done: false,
+                        });
+                    }
                     this.state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
                     let mut result = ready!(fut.poll(cx)).map_err(Into::into);
                     if let (Ok(res), Some(bound)) = (&mut result, this.limiter.as_ref()) {
                         observe(bound, res);
+                    }
+                    if let Some(r) = this.released.as_mut() {
+                        // Observed first: a 429 has already shrunk the window.
+                        let ok = result.as_ref().is_ok_and(|res| {
+                            res.status() != StatusCode::TOO_MANY_REQUESTS
+                                && res.status() != StatusCode::SERVICE_UNAVAILABLE
+                        });
+                        r.finish(ok);
                     }
                     return Poll::Ready(result);
                 }
@@ -332,19 +384,23 @@ where
         match &mut slow.turn {
             Turn::Queued(ticket) => {
                 let ticket = *ticket;
-                let pace = line_pace(&bound);
+                let (pace, slow_start) = line_pace(&bound);
                 let turn = ready!(ks.gate.poll_turn(
                     ticket,
                     pace.as_ref(),
+                    slow_start,
                     ks.origin,
                     slow.deadline,
                     &mut slow.sleep,
                     cx
                 ));
                 slow.turn = Turn::Done;
-                if let Err(wait) = turn {
-                    ks.gate.leave(ticket);
-                    return Poll::Ready(Err(limited(wait)));
+                match turn {
+                    Err(wait) => {
+                        ks.gate.leave(ticket);
+                        return Poll::Ready(Err(limited(wait)));
+                    }
+                    Ok(released) => slow.released = released,
                 }
                 if bound.config.remote.is_some() {
                     slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);

@@ -5,6 +5,10 @@
 //! only the call at the head of the line sleeps, until the pause ends and its GCRA slot comes,
 //! takes the slot, and hands the head to the next. So after a pause the callers leave at the
 //! quota's pace, and a call that is dropped while it waits simply leaves the line.
+//!
+//! Without a quota, the line can release by slow start instead: after a pause, one call leaves,
+//! and each released call that succeeds lets one more out, so twice as many go each round trip
+//! while the server answers well; a new pause sends the window back to one.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,14 +23,20 @@ use crate::gcra::{estimate, reserve, Origin, Quota, Reservation};
 
 // The three atomics the fast path reads sit first, on one cache line of their own start, so a
 // decision touches one line.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[repr(C, align(64))]
 pub(crate) struct Gate {
     tat: AtomicU64,
     paused_until: AtomicU64,
     waiting: AtomicUsize,
     line: Mutex<Line>,
+    /// Slow start: calls let out of the line and not finished yet, and how many may be.
+    released: AtomicUsize,
+    window: AtomicUsize,
 }
+
+/// The largest slow-start window: past it, the line lets everyone out.
+const MAX_WINDOW: usize = 1 << 16;
 
 #[derive(Debug, Default)]
 struct Line {
@@ -44,6 +54,19 @@ struct Entry {
 /// A place in the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket(u64);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            tat: AtomicU64::new(0),
+            paused_until: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            line: Mutex::default(),
+            released: AtomicUsize::new(0),
+            window: AtomicUsize::new(1),
+        }
+    }
+}
 
 impl Gate {
     fn line(&self) -> MutexGuard<'_, Line> {
@@ -151,16 +174,19 @@ impl Gate {
 
     /// Drives `ticket` until the call may go (`Ok`, the ticket has left the line) or cannot go by
     /// `deadline` (`Err` with how long it would still wait; the ticket is still in the line).
-    /// Only the head of the line sleeps, on `sleep`.
+    /// Only the head of the line sleeps, on `sleep`. With `slow_start`, `Ok(true)` means the call
+    /// holds a place in the release window, to give back with [`Gate::finish_release`].
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn poll_turn(
         &self,
         ticket: Ticket,
         pace: Option<&Quota>,
+        slow_start: bool,
         origin: Origin,
         deadline: u64,
         sleep: &mut Option<Pin<Box<Sleep>>>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(), u64>> {
+    ) -> Poll<Result<bool, u64>> {
         loop {
             let now = origin.elapsed();
             let paused = self.paused_until();
@@ -182,8 +208,16 @@ impl Gate {
                 }
             };
             if at <= now {
+                if slow_start {
+                    // Registered above: a release that finishes after this check wakes us.
+                    if !self.take_release() {
+                        return Poll::Pending;
+                    }
+                    self.leave(ticket);
+                    return Poll::Ready(Ok(true));
+                }
                 self.leave(ticket);
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
             if at > deadline {
                 return Poll::Ready(Err(at - now));
@@ -199,13 +233,42 @@ impl Gate {
         }
     }
 
+    /// A place in the slow-start window, if one is free.
+    fn take_release(&self) -> bool {
+        let window = self.window.load(Ordering::Acquire);
+        self.released
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r < window).then_some(r + 1)
+            })
+            .is_ok()
+    }
+
+    /// A released call finished: its place in the window is free, and a success widens the
+    /// window by one (so it doubles every round trip). Wakes the head of the line.
+    pub(crate) fn finish_release(&self, success: bool) {
+        self.released.fetch_sub(1, Ordering::AcqRel);
+        if success {
+            let _ = self
+                .window
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (w < MAX_WINDOW).then_some(w + 1)
+                });
+        }
+        let head = self.line().entries.front_mut().and_then(|e| e.waker.take());
+        if let Some(w) = head {
+            w.wake();
+        }
+    }
+
     /// Extends the pause to `until` (never shortens it); wakes every waiting call so each checks
-    /// its deadline against the new pause. Whether the pause was extended.
+    /// its deadline against the new pause. Whether the pause was extended. A pause starts slow
+    /// start again from a window of one.
     pub(crate) fn pause_until(&self, until: u64) -> bool {
         let before = self.paused_until.fetch_max(until, Ordering::AcqRel);
         if until <= before {
             return false;
         }
+        self.window.store(1, Ordering::Release);
         let wakers: Vec<Waker> = self
             .line()
             .entries
@@ -267,8 +330,8 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         let mut sleep = None;
         assert_eq!(
-            g.poll_turn(t, None, origin, 10 * MS, &mut sleep, &mut cx),
-            Poll::Ready(Ok(()))
+            g.poll_turn(t, None, false, origin, 10 * MS, &mut sleep, &mut cx),
+            Poll::Ready(Ok(false))
         );
         assert_eq!(g.waiting(), 0);
     }
@@ -282,5 +345,33 @@ mod tests {
         assert!(!g.try_now(None, 4 * MS));
         assert_eq!(g.clear_pause(), 5 * MS);
         assert!(g.try_now(None, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_lets_one_out_then_one_more_per_success() {
+        let g = Gate::default();
+        let origin = Origin::now();
+        let tickets: Vec<_> = (0..4)
+            .map(|_| g.join(None, 0, u64::MAX).unwrap().0)
+            .collect();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sleep = None;
+        let mut turn = |t| g.poll_turn(t, None, true, origin, u64::MAX, &mut sleep, &mut cx);
+        assert_eq!(turn(tickets[0]), Poll::Ready(Ok(true)));
+        // The window is one: the next waits for the first to finish.
+        assert_eq!(turn(tickets[1]), Poll::Pending);
+        g.finish_release(true);
+        // Window two: two may go.
+        assert_eq!(turn(tickets[1]), Poll::Ready(Ok(true)));
+        assert_eq!(turn(tickets[2]), Poll::Ready(Ok(true)));
+        assert_eq!(turn(tickets[3]), Poll::Pending);
+        // A new pause shrinks the window back to one.
+        g.pause_until(MS);
+        g.finish_release(false);
+        tokio::time::advance(std::time::Duration::from_millis(2)).await;
+        // One still out: the window of one is full.
+        assert_eq!(turn(tickets[3]), Poll::Pending);
+        g.finish_release(false);
+        assert_eq!(turn(tickets[3]), Poll::Ready(Ok(true)));
     }
 }

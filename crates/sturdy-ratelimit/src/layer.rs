@@ -7,16 +7,12 @@ use tower::Layer;
 
 use crate::handle::RateLimitHandle;
 use crate::remote::{OnStoreError, RemoteQuota};
-use crate::state::{Config, State};
+use crate::state::{Config, Release, State};
 use crate::{Quota, RateLimit};
 
 /// The longest pause a server can impose by default: 5 minutes. See
 /// [`RateLimitLayer::with_max_pause`].
 pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(300);
-
-/// The default spacing of calls released after a pause when the layer has no quota of its own
-/// (100 ms, at most 10 calls per second). See [`RateLimitLayer::with_release_pace`].
-pub const DEFAULT_RELEASE_PACE: Duration = Duration::from_millis(100);
 
 /// Limits the rate of calls per key and pauses every caller of a key when the server says so;
 /// see the [crate docs](crate).
@@ -57,9 +53,10 @@ impl RateLimitLayer {
     }
 
     /// No quota of our own: only the pauses servers ask for (429, `RateLimit`, `X-RateLimit-*`).
-    /// After a pause, the calls that waited for it leave one every 100 ms
-    /// ([`with_release_pace`](Self::with_release_pace)), so a reply asking for a new pause
-    /// stops the rest.
+    /// After a pause, the calls that waited for it leave by slow start: one first, then one more
+    /// for each released call that succeeds (so twice as many each round trip), so a server
+    /// that is back gets everyone soon and a reply asking for a new pause stops the rest
+    /// ([`with_release_pace`](Self::with_release_pace) spaces them in time instead).
     pub fn adaptive_only() -> Self {
         Self::build(None)
     }
@@ -71,8 +68,7 @@ impl RateLimitLayer {
                 max_wait: Duration::from_secs(30),
                 default_pause: Duration::from_secs(1),
                 max_pause: DEFAULT_MAX_PAUSE,
-                release_pace: DEFAULT_RELEASE_PACE,
-                release: pace_quota(DEFAULT_RELEASE_PACE),
+                release: Release::SlowStart,
                 remote: None,
                 on_store_error: OnStoreError::default(),
                 clock: Arc::new(SystemClock),
@@ -80,10 +76,6 @@ impl RateLimitLayer {
             key: ByHost,
         }
     }
-}
-
-fn pace_quota(pace: Duration) -> Option<Quota> {
-    Quota::new(1, pace).ok()
 }
 
 impl<K> RateLimitLayer<K> {
@@ -116,15 +108,21 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// When the layer has no quota of its own ([`adaptive_only`](RateLimitLayer::adaptive_only)):
-    /// the spacing of the calls that waited for a pause, when it ends \[100 ms,
-    /// [`DEFAULT_RELEASE_PACE`]\]. The first leaves when the pause ends, the next one `pace`
-    /// later, and so on, in the order they came; a reply asking for a new pause holds back the
-    /// ones still waiting. Calls made while others wait line up behind them. Zero: all leave at
-    /// once. With a quota, the quota paces them and this setting is not used.
+    /// space the calls that waited for a pause by `pace` when it ends, instead of the default
+    /// slow start. The first leaves when the pause ends, the next one `pace` later, and so on,
+    /// in the order they came; a reply asking for a new pause holds back the ones still waiting.
+    /// Calls made while others wait line up behind them. Zero: all leave at once. With a quota,
+    /// the quota paces them and this setting is not used.
+    ///
+    /// The default, slow start, lets one call out when the pause ends, then one more for each
+    /// released call that gets an answer other than 429 or 503, so the number in flight doubles
+    /// every round trip while the server copes, and a new pause brings it back to one.
     pub fn with_release_pace(self, pace: Duration) -> Self {
         self.edit(|c| {
-            c.release_pace = pace;
-            c.release = pace_quota(pace);
+            c.release = match Quota::new(1, pace) {
+                Ok(q) if !pace.is_zero() => Release::Paced(q),
+                _ => Release::AllAtOnce,
+            };
         })
     }
 

@@ -21,9 +21,10 @@
 //!   its extensions and a `tracing` warning. A [`RateLimitHandle`] reads and clears pauses.
 //! - **Paced after a pause**: when a pause ends, the calls that waited for it leave in order, each
 //!   in its own slot of the quota, not all at once. Without a quota of our own
-//!   ([`RateLimitLayer::adaptive_only`]) they leave 100 ms apart
-//!   ([`RateLimitLayer::with_release_pace`]), so a reply that asks for a new pause holds back
-//!   the rest.
+//!   ([`RateLimitLayer::adaptive_only`]) they leave by slow start: one first, then one more for
+//!   each released call that succeeds, so twice as many each round trip while the server copes,
+//!   and a reply that asks for a new pause holds back the rest
+//!   ([`RateLimitLayer::with_release_pace`] spaces them in time instead).
 //! - **Keys**: per host by default, or any function of the request (per API token, per tenant).
 //! - **Shared across processes**: [`RateLimitLayer::with_remote`] keeps the quota in a store such
 //!   as Redis (`sturdy-redis`), one round trip per decision. A call that waited for a remote slot
@@ -80,7 +81,7 @@ pub use direct::DirectLimiter;
 pub use future::{PauseCapped, ResponseFuture};
 pub use gcra::{InvalidQuota, Quota};
 pub use handle::RateLimitHandle;
-pub use layer::{RateLimitLayer, DEFAULT_MAX_PAUSE, DEFAULT_RELEASE_PACE};
+pub use layer::{RateLimitLayer, DEFAULT_MAX_PAUSE};
 pub use remote::{BoxFuture, OnStoreError, RemoteQuota, Reserve};
 pub use service::RateLimit;
 pub use sturdy_core::headers::PauseSource;

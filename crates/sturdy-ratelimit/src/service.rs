@@ -124,7 +124,8 @@ impl<S, K> RateLimit<S, K> {
             return ResponseFuture::remote(svc, req, bound, now, deadline);
         }
         // Wait in line: for a slot of the local quota, or (remote quota) for the pause to end.
-        let pace = line_pace(&bound);
+        // The estimate assumes slow start lets everyone out as soon as the pause ends.
+        let (pace, _slow_start) = line_pace(&bound);
         let (ticket, go_at) = match ks.gate.join(pace.as_ref(), now, deadline) {
             Ok(t) => t,
             Err(wait) => return refuse(wait, &req),

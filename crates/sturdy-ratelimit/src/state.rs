@@ -104,15 +104,26 @@ impl State {
     }
 }
 
+/// How the calls that waited for a pause leave the line when it ends, when the layer has no quota
+/// of its own (a quota paces them otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// One, then one more for each that succeeds.
+    SlowStart,
+    /// Spaced by this quota (one per pace).
+    Paced(Quota),
+    /// All at once.
+    AllAtOnce,
+}
+
 /// The settings of one layer value. Setters make a new one; the [`State`] stays shared.
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) max_wait: Duration,
     pub(crate) default_pause: Duration,
     pub(crate) max_pause: Duration,
-    pub(crate) release_pace: Duration,
-    /// `release_pace` as a quota, if not zero.
-    pub(crate) release: Option<Quota>,
+    /// Without a quota: how the calls that waited for a pause leave when it ends.
+    pub(crate) release: Release,
     pub(crate) remote: Option<Arc<dyn RemoteQuota>>,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) clock: Arc<dyn WallClock>,
@@ -124,7 +135,7 @@ impl fmt::Debug for Config {
             .field("max_wait", &self.max_wait)
             .field("default_pause", &self.default_pause)
             .field("max_pause", &self.max_pause)
-            .field("release_pace", &self.release_pace)
+            .field("release", &self.release)
             .field("remote", &self.remote)
             .field("on_store_error", &self.on_store_error)
             .finish_non_exhaustive()

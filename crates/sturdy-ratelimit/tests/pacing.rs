@@ -42,13 +42,37 @@ async fn after_a_429_the_16_waiting_calls_leave_at_the_quotas_pace() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn without_a_quota_the_calls_that_waited_leave_100ms_apart_and_a_new_429_stops_them() {
-    // adaptive_only: no quota of our own. A 429 pauses the host for 2 s; the first call after
-    // the pause gets another 429 (1 s), which holds back the rest.
+async fn without_a_quota_the_calls_that_waited_leave_by_slow_start() {
+    // adaptive_only: no quota of our own. A 429 pauses the host for 2 s while 15 calls wait.
+    // Every answer takes 10 ms. When the pause ends, one call goes; each success lets one more
+    // out, so 1, then 2, then 4, then 8 go, one round trip apart.
+    let api = Api::with(vec![status_with(429, &[("retry-after", "2")])]).with_latency(ms(10));
+    let svc = RateLimitLayer::adaptive_only().layer(api.service());
+    let start = Instant::now();
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let calls: Vec<_> = (0..15)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let t = api.since(start);
+    let mut want = vec![Duration::ZERO];
+    for (round, n) in [1, 2, 4, 8].into_iter().enumerate() {
+        want.extend(std::iter::repeat_n(ms(2_010 + 10 * round as u64), n));
+    }
+    assert_eq!(t, want);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_stops_at_a_new_429_and_starts_again_from_one() {
+    // The first call after the pause gets another 429 (1 s): the 7 still waiting stay in line
+    // until it ends, then leave by slow start again.
     let api = Api::with(vec![
         status_with(429, &[("retry-after", "2")]),
         status_with(429, &[("retry-after", "1")]),
-    ]);
+    ])
+    .with_latency(ms(10));
     let svc = RateLimitLayer::adaptive_only().layer(api.service());
     let start = Instant::now();
     svc.clone().oneshot(get("a")).await.unwrap();
@@ -59,9 +83,34 @@ async fn without_a_quota_the_calls_that_waited_leave_100ms_apart_and_a_new_429_s
         c.await.unwrap().unwrap();
     }
     let t = api.since(start);
-    assert_eq!(t[..2], [Duration::ZERO, ms(2_000)]);
-    let want: Vec<Duration> = (0..7).map(|i| ms(3_000 + 100 * i)).collect();
-    assert_eq!(t[2..], want[..]);
+    // 0: the first 429. 2.01 s: the probe, another 429 (answered at 2.02 s, pausing to 3.02 s).
+    // Then 1, 2, 4 one round trip apart.
+    let mut want = vec![Duration::ZERO, ms(2_010)];
+    for (round, n) in [1, 2, 4].into_iter().enumerate() {
+        want.extend(std::iter::repeat_n(ms(3_020 + 10 * round as u64), n));
+    }
+    assert_eq!(t, want);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_pace_spaces_the_waiting_calls_in_time() {
+    let api = Api::with(vec![status_with(429, &[("retry-after", "2")])]);
+    let svc = RateLimitLayer::adaptive_only()
+        .with_release_pace(ms(100))
+        .layer(api.service());
+    let start = Instant::now();
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let calls: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a"))))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let t = api.since(start);
+    let want: Vec<Duration> = std::iter::once(Duration::ZERO)
+        .chain((0..5).map(|i| ms(2_000 + 100 * i)))
+        .collect();
+    assert_eq!(t, want);
 }
 
 #[tokio::test(start_paused = true)]

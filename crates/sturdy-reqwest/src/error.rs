@@ -20,7 +20,8 @@ pub(crate) enum Stage {
 /// | reqwest says | [`ErrorKind`] | delivery | retried by the retry layer |
 /// |---|---|---|---|
 /// | `is_builder()`: a URL or header reqwest cannot use | `Config` | `NotSent` | no |
-/// | `is_connect()`: refused, DNS, TLS handshake, connect timeout | `Connect` | `NotSent` | yes |
+/// | `is_connect()` with an untrusted server certificate | `Tls` | `NotSent` | no |
+/// | `is_connect()`: refused, DNS, other TLS handshake failures, connect timeout | `Connect` | `NotSent` | yes |
 /// | `is_timeout()`: one of reqwest's own timeouts | `Timeout` | may have been processed | yes |
 /// | `is_redirect()`: too many redirects | `Other` | may have been processed | no |
 /// | `is_body()` or `is_decode()` | `Body` | may have been processed | no |
@@ -72,6 +73,8 @@ pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
             format!("invalid request: {}", root_text(&err)),
             Some(Delivery::NotSent),
         )
+    } else if err.is_connect() && sturdy_core::classify::untrusted_certificate(&err) {
+        (ErrorKind::Tls, words(&err), Some(Delivery::NotSent))
     } else if err.is_connect() {
         let message = if err.is_timeout() {
             "timed out while connecting".to_owned()

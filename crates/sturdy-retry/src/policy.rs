@@ -283,9 +283,9 @@ impl<C> RetryPolicy<C> {
         self.attempts += 1;
         let n = self.attempts;
         let this_attempt = match result {
-            // The server answered: a 4xx says it refused the request, anything else may have
-            // acted on it.
-            Ok(res) if res.status().is_client_error() => Delivery::NotSent,
+            // The server answered, so the request reached it. (A 4xx usually means it was not
+            // acted on, but "not sent" is only said of requests that never reached the server:
+            // a 409 or 422 to a keyed request, say, speaks of an earlier one that was.)
             Ok(_) => Delivery::MaybeProcessed,
             Err(e) => classify::delivery(&**e),
         };
