@@ -16,6 +16,7 @@
 //! | `webhook` | `webhook` | `sturdy-webhook`: `WebhookReceiver`, verifiers, queues |
 //! | `version` | `version` | `sturdy-version`: `VersionLayer` |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
+//! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
 //!
 //! # Example
 //!
@@ -87,6 +88,10 @@ pub use sturdy_version as version;
 /// Redis backends: a shared rate-limit quota and an idempotency store ([`sturdy_redis`]).
 #[cfg(feature = "redis")]
 pub use sturdy_redis as redis;
+
+/// Hedged requests: a second copy of a slow safe call, within a budget ([`sturdy_hedge`]).
+#[cfg(feature = "hedge")]
+pub use sturdy_hedge as hedge;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "full"))]

@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Request;
 use pin_project_lite::pin_project;
@@ -23,8 +24,10 @@ pin_project! {
         #[pin]
         primary: Option<S::Future>,
         hedge: Option<Box<Armed<S, B>>>,
-        // The host and when the first copy was sent; `None` for a call that is never hedged.
-        host: Option<(Arc<Local<HostState>>, Instant)>,
+        // The host; `None` for a call that is never hedged.
+        host: Option<Arc<Local<HostState>>>,
+        // When the first copy was first found waiting; `None` while it has not waited.
+        start: Option<Instant>,
     }
 }
 
@@ -49,7 +52,7 @@ pub(crate) struct Armed<S, B>
 where
     S: Service<Request<B>>,
 {
-    at: Instant,
+    delay: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     due: bool,
     svc: S,
@@ -61,9 +64,9 @@ impl<S, B> Armed<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(at: Instant, svc: S, req: Request<B>) -> Self {
+    pub(crate) fn new(delay: Duration, svc: S, req: Request<B>) -> Self {
         Self {
-            at,
+            delay,
             sleep: None,
             due: false,
             svc,
@@ -87,6 +90,7 @@ where
     fn poll_hedge(
         &mut self,
         host: &HostState,
+        start: Instant,
         cx: &mut Context<'_>,
     ) -> Step<Result<S::Response, S::Error>> {
         loop {
@@ -102,7 +106,8 @@ where
                     if tokio::runtime::Handle::try_current().is_err() {
                         return Step::Dropped;
                     }
-                    self.sleep = Some(Box::pin(tokio::time::sleep_until(self.at)));
+                    let at = start + self.delay;
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
                 }
                 if let Some(sleep) = self.sleep.as_mut() {
                     if sleep.as_mut().poll(cx).is_pending() {
@@ -143,32 +148,37 @@ where
             primary: Some(fut),
             hedge: None,
             host: None,
+            start: None,
         }
     }
 
     pub(crate) fn hedgeable(
         fut: S::Future,
         local: Arc<Local<HostState>>,
-        start: Instant,
         armed: Option<Box<Armed<S, B>>>,
     ) -> Self {
         Self {
             primary: Some(fut),
             hedge: armed,
-            host: Some((local, start)),
+            host: Some(local),
+            start: None,
         }
     }
 }
 
 /// Records the latency of an answered call: the time to the first answer, which for a call
 /// whose hedge won is a lower bound of the first copy's latency (it was at least that slow), so
-/// the slow tail stays in the histogram and the delay does not drift down as hedging cuts it.
-fn record(host: &Option<(Arc<Local<HostState>>, Instant)>) {
-    if let Some((local, start)) = host {
-        let now = Instant::now();
-        local
-            .value()
-            .record(now.saturating_duration_since(*start), now);
+/// the slow tail stays in the histogram and the delay does not drift down as hedging cuts it. A
+/// call answered without ever waiting took no time worth a clock read.
+fn record(host: Option<&Arc<Local<HostState>>>, start: Option<Instant>) {
+    if let Some(local) = host {
+        match start {
+            Some(s) => {
+                let now = Instant::now();
+                local.value().record(now.saturating_duration_since(s), now);
+            }
+            None => local.value().record_instant(),
+        }
     }
 }
 
@@ -184,7 +194,7 @@ where
             match primary.poll(cx) {
                 Poll::Ready(Ok(res)) => {
                     *this.hedge = None;
-                    record(this.host);
+                    record(this.host.as_ref(), *this.start);
                     return Poll::Ready(Ok(res));
                 }
                 Poll::Ready(Err(e)) => {
@@ -196,14 +206,20 @@ where
                     }
                     // The second copy may still succeed.
                 }
-                Poll::Pending => {}
+                Poll::Pending => {
+                    if this.start.is_none() && this.host.is_some() {
+                        *this.start = Some(Instant::now());
+                    }
+                }
             }
         }
-        let (Some(hedge), Some((local, _))) = (this.hedge.as_mut(), this.host.as_ref()) else {
+        let (Some(hedge), Some(local), Some(start)) =
+            (this.hedge.as_mut(), this.host.as_ref(), *this.start)
+        else {
             return Poll::Pending;
         };
         let host = local.value();
-        match hedge.poll_hedge(host, cx) {
+        match hedge.poll_hedge(host, start, cx) {
             Step::Pending => Poll::Pending,
             Step::Dropped => {
                 *this.hedge = None;
@@ -214,7 +230,7 @@ where
                 this.primary.set(None);
                 *this.hedge = None;
                 host.wins.fetch_add(1, Ordering::Relaxed);
-                record(this.host);
+                record(this.host.as_ref(), Some(start));
                 Poll::Ready(Ok(res))
             }
             Step::Done(Err(e)) => {

@@ -29,7 +29,7 @@ impl HedgeStats {
             calls: h.calls.load(Ordering::Relaxed),
             hedges: h.hedges.load(Ordering::Relaxed),
             hedge_wins: h.wins.load(Ordering::Relaxed),
-            delay: h.delay(now),
+            delay: h.current_delay(now),
             samples: h.samples(now),
         }
     }

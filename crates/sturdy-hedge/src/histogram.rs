@@ -95,12 +95,21 @@ impl Histogram {
         }
     }
 
-    /// Records `micros` in window `epoch`.
-    pub(crate) fn record(&self, epoch: u64, micros: u64) {
+    /// Records `micros` in window `epoch`; returns how many values the window holds now.
+    pub(crate) fn record(&self, epoch: u64, micros: u64) -> u64 {
         let g = &self.gens[(epoch % 2) as usize];
         g.claim(epoch);
         g.buckets[bucket(micros)].fetch_add(1, Ordering::Relaxed);
-        g.count.fetch_add(1, Ordering::Relaxed);
+        g.count.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The latest window recorded in, if any.
+    pub(crate) fn latest(&self) -> Option<u64> {
+        self.gens
+            .iter()
+            .map(|g| g.epoch.load(Ordering::Relaxed))
+            .filter(|e| *e != u64::MAX)
+            .max()
     }
 
     fn live(&self, epoch: u64) -> impl Iterator<Item = &Generation> {

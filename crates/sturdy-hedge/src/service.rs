@@ -6,7 +6,6 @@ use std::task::{Context, Poll};
 use http::{Method, Request};
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
-use tokio::time::Instant;
 use tower::Service;
 
 use crate::future::{Armed, ResponseFuture};
@@ -83,11 +82,10 @@ where
         let host = local.value();
         host.calls.fetch_add(1, Ordering::Relaxed);
         host.budget.deposit(config.deposit, config.cap);
-        let start = Instant::now();
         // A copy is kept only when a hedge could be sent: enough samples and a token now.
-        let armed = match host.delay(start) {
+        let armed = match host.delay() {
             Some(delay) if host.budget.has_token() => Some(Box::new(Armed::new(
-                start + delay,
+                delay,
                 self.inner.clone(),
                 req.clone(),
             ))),
@@ -95,6 +93,6 @@ where
         };
         // The inner service was driven to readiness: the first copy goes to it now.
         let fut = self.inner.call(req);
-        ResponseFuture::hedgeable(fut, local, start, armed)
+        ResponseFuture::hedgeable(fut, local, armed)
     }
 }

@@ -66,9 +66,6 @@ pub(crate) struct HostState {
     delay: AtomicU64,
     /// The window in which the delay was computed.
     computed: AtomicU64,
-    fresh: AtomicU64,
-    /// The window of the last sample, for idleness.
-    last: AtomicU64,
     pub(crate) calls: AtomicU64,
     pub(crate) hedges: AtomicU64,
     pub(crate) wins: AtomicU64,
@@ -77,7 +74,7 @@ pub(crate) struct HostState {
 impl fmt::Debug for HostState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostState")
-            .field("delay", &self.delay(Instant::now()))
+            .field("delay", &self.delay())
             .field("calls", &self.calls.load(Ordering::Relaxed))
             .field("hedges", &self.hedges.load(Ordering::Relaxed))
             .finish_non_exhaustive()
@@ -97,8 +94,6 @@ impl HostState {
             hist: Histogram::new(),
             delay: AtomicU64::new(NO_DELAY),
             computed: AtomicU64::new(0),
-            fresh: AtomicU64::new(0),
-            last: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
             wins: AtomicU64::new(0),
@@ -111,33 +106,44 @@ impl HostState {
         ns / self.window_ns
     }
 
-    /// The hedge delay now: `None` while the recent windows hold too few samples.
-    pub(crate) fn delay(&self, now: Instant) -> Option<Duration> {
+    /// The hedge delay: `None` while the recent windows hold too few samples.
+    ///
+    /// A host that goes quiet keeps its last delay until its next answered call, which starts a
+    /// new window and recomputes it.
+    pub(crate) fn delay(&self) -> Option<Duration> {
         let d = self.delay.load(Ordering::Relaxed);
-        if d == NO_DELAY {
-            return None;
-        }
-        // A delay computed two windows ago describes calls the histogram has forgotten.
+        (d != NO_DELAY).then(|| Duration::from_micros(d))
+    }
+
+    /// The hedge delay as a reader outside the hot path sees it: also `None` when it was
+    /// computed two windows ago or more, from calls the histogram has forgotten.
+    pub(crate) fn current_delay(&self, now: Instant) -> Option<Duration> {
         if self.epoch(now) > self.computed.load(Ordering::Relaxed) + 1 {
             return None;
         }
-        Some(Duration::from_micros(d))
+        self.delay()
     }
 
     /// Records the latency of a call answered at `now`.
     pub(crate) fn record(&self, latency: Duration, now: Instant) {
-        let epoch = self.epoch(now);
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.hist.record(epoch, micros);
-        self.last.store(epoch, Ordering::Relaxed);
-        let fresh = self.fresh.fetch_add(1, Ordering::Relaxed) + 1;
-        let due = fresh >= REFRESH_EVERY
+        self.record_in(self.epoch(now), micros);
+    }
+
+    /// Records a call answered without waiting (its future was ready when first polled), in the
+    /// window of the last computation, without reading the clock.
+    pub(crate) fn record_instant(&self) {
+        self.record_in(self.computed.load(Ordering::Relaxed), 0);
+    }
+
+    fn record_in(&self, epoch: u64, micros: u64) {
+        let n = self.hist.record(epoch, micros);
+        let due = n % REFRESH_EVERY == 0
             || self.computed.load(Ordering::Relaxed) != epoch
-            // The sample that completes the minimum turns hedging on at once.
-            || (self.delay.load(Ordering::Relaxed) == NO_DELAY
-                && self.hist.len(epoch) >= self.config.min_samples);
+            // The sample that completes the minimum turns hedging on at once (when the window
+            // alone holds it; across two windows, within the next 16 samples).
+            || n == self.config.min_samples;
         if due {
-            self.fresh.store(0, Ordering::Relaxed);
             self.refresh(epoch);
         }
     }
@@ -172,7 +178,8 @@ impl HostState {
 impl Idle for HostState {
     /// A host with no sample in the last two windows has nothing worth keeping.
     fn is_idle(&self) -> bool {
-        self.epoch(Instant::now()) > self.last.load(Ordering::Relaxed) + 1
+        let last = self.hist.latest().unwrap_or(0);
+        self.epoch(Instant::now()) > last + 1
     }
 }
 
@@ -254,15 +261,15 @@ mod tests {
         for _ in 0..16 {
             h.record(Duration::from_millis(4), Instant::now());
         }
-        assert_eq!(h.delay(Instant::now()), None, "16 samples are too few");
+        assert_eq!(h.delay(), None, "16 samples are too few");
         for _ in 0..16 {
             h.record(Duration::from_millis(4), Instant::now());
         }
-        let d = h.delay(Instant::now()).unwrap();
+        let d = h.delay().unwrap();
         assert!(d >= Duration::from_millis(4) && d < Duration::from_micros(4_500), "{d:?}");
         // Two windows of silence: the delay is forgotten and the host is idle.
         tokio::time::advance(Duration::from_secs(21)).await;
-        assert_eq!(h.delay(Instant::now()), None);
+        assert_eq!(h.current_delay(Instant::now()), None);
         assert!(h.is_idle());
     }
 
@@ -278,10 +285,10 @@ mod tests {
         for _ in 0..16 {
             h.record(Duration::from_micros(100), Instant::now());
         }
-        assert_eq!(h.delay(Instant::now()), Some(Duration::from_millis(2)));
+        assert_eq!(h.delay(), Some(Duration::from_millis(2)));
         for _ in 0..1_000 {
             h.record(Duration::from_secs(1), Instant::now());
         }
-        assert_eq!(h.delay(Instant::now()), Some(Duration::from_millis(50)));
+        assert_eq!(h.delay(), Some(Duration::from_millis(50)));
     }
 }
