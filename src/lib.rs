@@ -17,6 +17,7 @@
 //! | `version` | `version` | `sturdy-version`: `VersionLayer` |
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
+//! | `concurrency` | `concurrency` | `sturdy-concurrency`: `AdaptiveConcurrencyLayer`, a per-host limit that adapts |
 //!
 //! # Example
 //!
@@ -92,6 +93,10 @@ pub use sturdy_redis as redis;
 /// Hedged requests: a second copy of a slow safe call, within a budget ([`sturdy_hedge`]).
 #[cfg(feature = "hedge")]
 pub use sturdy_hedge as hedge;
+
+/// An adaptive concurrency limit per host: AIMD or latency-based ([`sturdy_concurrency`]).
+#[cfg(feature = "concurrency")]
+pub use sturdy_concurrency as concurrency;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "full"))]

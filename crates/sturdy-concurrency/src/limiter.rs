@@ -51,6 +51,15 @@ impl Config {
     }
 }
 
+/// The permits the semaphore should hold for `limit` (half of it while Vegas probes).
+fn target(config: &Config, vegas: &Vegas, limit: f64) -> usize {
+    let limit = match config.algorithm {
+        Algorithm::Vegas => vegas.effective(&config.params(), limit),
+        Algorithm::Aimd => limit,
+    };
+    (limit.floor() as usize).clamp(config.min, config.max)
+}
+
 /// What changes under the lock: the permits given to the semaphore and the latency mode's window.
 #[derive(Debug)]
 struct Control {
@@ -86,17 +95,16 @@ impl fmt::Debug for Limiter {
 impl Limiter {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         let initial = config.initial.clamp(config.min, config.max);
+        let vegas = Vegas::default();
+        let applied = target(&config, &vegas, initial as f64);
         Self {
-            sem: Arc::new(Semaphore::new(initial)),
+            sem: Arc::new(Semaphore::new(applied)),
             debt: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             limit: AtomicU64::new((initial as f64).to_bits()),
             generation: AtomicU64::new(0),
-            control: Mutex::new(Control {
-                applied: initial,
-                vegas: Vegas::default(),
-            }),
+            control: Mutex::new(Control { applied, vegas }),
             config,
         }
     }
@@ -118,7 +126,7 @@ impl Limiter {
     }
 
     fn apply(&self, c: &mut Control, limit: f64) {
-        let target = (limit.floor() as usize).clamp(self.config.min, self.config.max);
+        let target = target(&self.config, &c.vegas, limit);
         if target > c.applied {
             let mut grow = target - c.applied;
             // Permits still owed are cancelled first.
@@ -173,12 +181,12 @@ impl Limiter {
                     let Some(rtt) = rtt else { return };
                     let mut c = self.control.lock().unwrap_or_else(PoisonError::into_inner);
                     let limit = self.limit_f();
-                    if let Some(next) =
-                        vegas(&mut c.vegas, &p, limit, rtt, in_flight, Instant::now())
-                    {
+                    let next = vegas(&mut c.vegas, &p, limit, rtt, in_flight);
+                    if let Some(next) = next {
                         self.limit.store(next.to_bits(), Ordering::Relaxed);
-                        self.apply(&mut c, next);
                     }
+                    // A probe may have started or ended too.
+                    self.apply(&mut c, next.unwrap_or(limit));
                 }
             },
         }

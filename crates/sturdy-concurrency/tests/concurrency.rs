@@ -168,6 +168,19 @@ async fn vegas_settles_just_above_a_queueing_servers_capacity_without_errors() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn vegas_starting_far_above_capacity_finds_it() {
+    let server = Server::new(30, true);
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_algorithm(Algorithm::Vegas)
+        .with_initial_limit(200)
+        .pair();
+    let client = layer.layer(server.clone());
+    load(&client, 250, ms(3_000)).await;
+    let l = limit(&handle);
+    assert!((30..=45).contains(&l), "came down near 30: {l}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_full_limit_makes_calls_wait_in_line_then_fail_after_the_maximum_wait() {
     let server = Server::new(100, true);
     let (layer, handle) = AdaptiveConcurrencyLayer::new()
