@@ -25,7 +25,7 @@ impl LimitState {
     fn of(l: &Limiter) -> Self {
         Self {
             limit: l.limit(),
-            in_flight: l.in_flight.load(Ordering::Relaxed),
+            in_flight: l.in_flight(),
             waiting: l.waiting.load(Ordering::Relaxed),
             baseline: l.baseline(),
         }

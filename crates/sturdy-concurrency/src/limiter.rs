@@ -72,7 +72,8 @@ pub(crate) struct Limiter {
     pub(crate) sem: Arc<Semaphore>,
     /// Permits to forget as they come back, owed after a decrease found them in use.
     debt: AtomicUsize,
-    pub(crate) in_flight: AtomicUsize,
+    /// The semaphore's permits as set by the limit (a copy of `Control::applied` for readers).
+    applied: AtomicUsize,
     pub(crate) waiting: AtomicUsize,
     /// The limit as an `f64`'s bits (it grows by fractions).
     limit: AtomicU64,
@@ -87,7 +88,7 @@ impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limiter")
             .field("limit", &self.limit())
-            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
+            .field("in_flight", &self.in_flight())
             .finish_non_exhaustive()
     }
 }
@@ -100,7 +101,7 @@ impl Limiter {
         Self {
             sem: Arc::new(Semaphore::new(applied)),
             debt: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
+            applied: AtomicUsize::new(applied),
             waiting: AtomicUsize::new(0),
             limit: AtomicU64::new((initial as f64).to_bits()),
             generation: AtomicU64::new(0),
@@ -155,6 +156,16 @@ impl Limiter {
             }
         }
         c.applied = target;
+        self.applied.store(target, Ordering::Relaxed);
+    }
+
+    /// Calls holding a permit now: the permits set, less those owed and those free. Read from
+    /// the semaphore, so that taking a permit touches one shared counter, not two.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.applied
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.debt.load(Ordering::Relaxed))
+            .saturating_sub(self.sem.available_permits())
     }
 
     /// Acts on what a call said.
@@ -240,7 +251,7 @@ impl Idle for Limiter {
     /// A host with nothing in flight and nobody waiting: forgetting it loses only the limit it
     /// learned, which it learns again from the initial one.
     fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) == 0 && self.waiting.load(Ordering::Relaxed) == 0
+        self.waiting.load(Ordering::Relaxed) == 0 && self.in_flight() == 0
     }
 }
 
@@ -271,7 +282,7 @@ impl fmt::Debug for Permit {
 impl Permit {
     pub(crate) fn new(local: Arc<Local<Limiter>>, permit: OwnedSemaphorePermit) -> Self {
         let l = local.value();
-        let in_flight = l.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let in_flight = l.in_flight();
         let generation = l.generation.load(Ordering::Relaxed);
         Self {
             local,
@@ -303,7 +314,6 @@ impl Permit {
             return;
         };
         let l = self.local.value();
-        l.in_flight.fetch_sub(1, Ordering::Relaxed);
         let owed = l
             .debt
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
@@ -416,7 +426,7 @@ mod tests {
         l.value().force(2);
         drop(held);
         assert_eq!(l.value().sem.available_permits(), 2);
-        assert_eq!(l.value().in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(l.value().in_flight(), 0);
         // Up to 5.
         l.value().force(5);
         assert_eq!(l.value().sem.available_permits(), 5);
