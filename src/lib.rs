@@ -18,6 +18,7 @@
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
 //! | `concurrency` | `concurrency` | `sturdy-concurrency`: `AdaptiveConcurrencyLayer`, a per-host limit that adapts |
+//! | `coalesce` | `coalesce` | `sturdy-coalesce`: `CoalesceLayer`, identical calls in flight share one |
 //!
 //! # Example
 //!
@@ -97,6 +98,10 @@ pub use sturdy_hedge as hedge;
 /// An adaptive concurrency limit per host: AIMD or latency-based ([`sturdy_concurrency`]).
 #[cfg(feature = "concurrency")]
 pub use sturdy_concurrency as concurrency;
+
+/// Request coalescing: identical safe calls in flight share one upstream call ([`sturdy_coalesce`]).
+#[cfg(feature = "coalesce")]
+pub use sturdy_coalesce as coalesce;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "full"))]
