@@ -20,7 +20,12 @@ use tower::{service_fn, Layer, Service};
 type Body = Empty<Bytes>;
 
 /// A service that answers at once with an empty body.
-fn bare() -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone {
+fn bare() -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+> + Clone {
     service_fn(|_r: Request<Body>| std::future::ready(Ok::<_, Infallible>(Response::new(Body::new()))))
 }
 

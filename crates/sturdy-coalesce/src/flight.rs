@@ -71,8 +71,11 @@ pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
         out.extend_from_slice(bytes);
     }
     let mut out = Vec::with_capacity(128);
+    let uri = req.uri();
     push(&mut out, req.method().as_str().as_bytes());
-    push(&mut out, req.uri().to_string().as_bytes());
+    push(&mut out, uri.scheme_str().unwrap_or("").as_bytes());
+    push(&mut out, uri.authority().map_or("", |a| a.as_str()).as_bytes());
+    push(&mut out, uri.path_and_query().map_or("", |p| p.as_str()).as_bytes());
     let h = req.headers();
     match headers {
         KeyHeaders::AllExcept(ignored) => {
@@ -165,7 +168,7 @@ struct Entry {
 /// One host's calls in flight.
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<Arc<[u8]>, Entry>>,
+    map: Mutex<HashMap<Arc<Vec<u8>>, Entry>>,
     next_id: AtomicU64,
 }
 
@@ -205,7 +208,7 @@ pub(crate) enum Joined {
 /// The right to start the call for a key, holding its place in the table until launched.
 pub(crate) struct Start {
     slot: Arc<Local<Flights>>,
-    key: Arc<[u8]>,
+    key: Arc<Vec<u8>>,
     id: u64,
     handoff: Arc<Handoff>,
 }
@@ -213,7 +216,7 @@ pub(crate) struct Start {
 /// Removes a call from the table when it finishes or is abandoned.
 pub(crate) struct Guard {
     slot: Arc<Local<Flights>>,
-    key: Arc<[u8]>,
+    key: Arc<Vec<u8>>,
     id: u64,
 }
 
@@ -260,13 +263,13 @@ impl Start {
 pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined {
     let flights = slot.value();
     let mut map = lock(&flights.map);
-    if let Some(e) = map.get(key.as_slice()) {
+    if let Some(e) = map.get(&key) {
         if let Some(call) = e.call.as_ref().and_then(WeakShared::upgrade) {
             return Joined::Follow(call, e.handoff.clone());
         }
     }
     let id = flights.next_id.fetch_add(1, Ordering::Relaxed);
-    let key: Arc<[u8]> = key.into();
+    let key = Arc::new(key);
     let handoff = Arc::new(Handoff::new());
     // Until launched, the entry has no call: a request that arrives in between starts its own
     // (the window is the inner service's `call`, a few instructions).
