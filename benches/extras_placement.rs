@@ -106,6 +106,16 @@ async fn coalescing() {
         "| Retry → Coalesce → client | {ok} / 200 | {} |",
         server.stats().api_requests
     );
+    let server = ChaosServer::start(knobs()).await.unwrap();
+    let client = ServiceBuilder::new()
+        .layer(retry().without_budget())
+        .layer(CoalesceLayer::new())
+        .service(http_client());
+    let ok = burst(client, &server.url("/orders?limit=5")).await;
+    println!(
+        "| Retry without a budget → Coalesce → client | {ok} / 200 | {} |",
+        server.stats().api_requests
+    );
 }
 
 // ===== 2. hedging =====
