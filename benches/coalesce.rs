@@ -26,7 +26,9 @@ fn bare() -> impl Service<
     Error = Infallible,
     Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 > + Clone {
-    service_fn(|_r: Request<Body>| std::future::ready(Ok::<_, Infallible>(Response::new(Body::new()))))
+    service_fn(|_r: Request<Body>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Body::new())))
+    })
 }
 
 /// One call: drive to readiness, call, run the future to completion.

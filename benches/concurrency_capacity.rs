@@ -110,7 +110,9 @@ where
 
 async fn model(title: &str, shed_above: u32) {
     println!("\n### {title}\n");
-    println!("| client | limit at the end | goodput (ok/s) | failed/s | peak in flight at the server |");
+    println!(
+        "| client | limit at the end | goodput (ok/s) | failed/s | peak in flight at the server |"
+    );
     println!("|---|---|---|---|---|");
     let mut best: f64 = 0.0;
     for n in [10, 20, 30, 40] {
@@ -118,13 +120,19 @@ async fn model(title: &str, shed_above: u32) {
         best = best.max(row(&format!("fixed limit {n}"), c, shed_above, None).await);
     }
     row("no limit", http_client(), shed_above, None).await;
-    for (name, algo) in [("adaptive, AIMD", Algorithm::Aimd), ("adaptive, Vegas", Algorithm::Vegas)] {
+    for (name, algo) in [
+        ("adaptive, AIMD", Algorithm::Aimd),
+        ("adaptive, Vegas", Algorithm::Vegas),
+    ] {
         let (layer, handle) = AdaptiveConcurrencyLayer::new()
             .with_algorithm(algo)
             .with_initial_limit(40)
             .pair();
         let g = row(name, layer.layer(http_client()), shed_above, Some(&handle)).await;
-        println!("|   {name}: {:.0} % of the best fixed limit | | | | |", g / best * 100.0);
+        println!(
+            "|   {name}: {:.0} % of the best fixed limit | | | | |",
+            g / best * 100.0
+        );
     }
 }
 

@@ -31,8 +31,9 @@ use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 fn retry() -> RetryLayer {
-    let backoff = Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(100))
-        .expect("valid backoff");
+    let backoff =
+        Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(100))
+            .expect("valid backoff");
     RetryLayer::new().with_backoff(backoff).with_seed(7)
 }
 
@@ -61,9 +62,7 @@ where
             let c = client.clone();
             tokio::spawn(async move {
                 match c.oneshot(req).await {
-                    Ok(res) if res.status().is_success() => {
-                        res.into_body().collect().await.is_ok()
-                    }
+                    Ok(res) if res.status().is_success() => res.into_body().collect().await.is_ok(),
                     _ => false,
                 }
             })
@@ -290,14 +289,20 @@ async fn limits() {
                 .layer(layer)
                 .service(http_client());
             goodput(&c, &url, Duration::from_millis(500)).await;
-            ("RateLimit → AdaptiveConcurrency → client", goodput(&c, &url, Duration::from_secs(3)).await)
+            (
+                "RateLimit → AdaptiveConcurrency → client",
+                goodput(&c, &url, Duration::from_secs(3)).await,
+            )
         } else {
             let c = ServiceBuilder::new()
                 .layer(layer)
                 .layer(quota())
                 .service(http_client());
             goodput(&c, &url, Duration::from_millis(500)).await;
-            ("AdaptiveConcurrency → RateLimit → client", goodput(&c, &url, Duration::from_secs(3)).await)
+            (
+                "AdaptiveConcurrency → RateLimit → client",
+                goodput(&c, &url, Duration::from_secs(3)).await,
+            )
         };
         let l = handle.limit(&server.addr().to_string()).unwrap_or(0);
         println!("| {name} | {g:.0} | {l} |");

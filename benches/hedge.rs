@@ -35,9 +35,7 @@ fn single(c: &mut Criterion) {
     });
     g.bench_function("Hedge, GET, no delay yet (too few samples)", |b| {
         // A minimum no bench run reaches: every call is recorded, none is armed.
-        let mut svc = HedgeLayer::new()
-            .with_min_samples(u64::MAX)
-            .layer(bare());
+        let mut svc = HedgeLayer::new().with_min_samples(u64::MAX).layer(bare());
         b.iter(|| call(&mut svc, &uri));
     });
     g.bench_function("Hedge, GET, armed (answered before the delay)", |b| {

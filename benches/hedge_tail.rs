@@ -75,7 +75,11 @@ where
     let sent = server.stats().api_requests - before;
     let extra = sent as f64 / CALLS as f64 - 1.0;
     if std::env::var_os("HEDGE_DEBUG").is_some() {
-        let over = |ms: u64| lat.iter().filter(|d| **d > Duration::from_millis(ms)).count();
+        let over = |ms: u64| {
+            lat.iter()
+                .filter(|d| **d > Duration::from_millis(ms))
+                .count()
+        };
         eprintln!(
             "{name}: p90 {:?} p95 {:?} p99.5 {:?} p99.8 {:?} p99.99 {:?}; >10ms {} >20ms {} >50ms {}",
             pct(&lat, 0.9), pct(&lat, 0.95), pct(&lat, 0.995), pct(&lat, 0.998), pct(&lat, 0.9999),

@@ -98,7 +98,13 @@ async fn faults(State(s): St, req: Request, next: Next) -> Response {
         .fetch_max(in_flight, Ordering::Relaxed);
     let (mut latency, tail, capacity, deprecation, sunset) = {
         let k = lock(&s.knobs);
-        (k.latency, k.tail_latency, k.capacity, k.deprecation, k.sunset)
+        (
+            k.latency,
+            k.tail_latency,
+            k.capacity,
+            k.deprecation,
+            k.sunset,
+        )
     };
     if let Some((p, slow)) = tail {
         if s.chance(p) {

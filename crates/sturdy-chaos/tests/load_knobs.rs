@@ -39,7 +39,9 @@ async fn a_seeded_fraction_of_requests_takes_the_tail_latency() {
     // /health is never slowed.
     let start = Instant::now();
     for _ in 0..10 {
-        let r = Request::get(server.url("/health")).body(Full::default()).unwrap();
+        let r = Request::get(server.url("/health"))
+            .body(Full::default())
+            .unwrap();
         client.request(r).await.unwrap();
     }
     assert!(start.elapsed() < Duration::from_millis(300));
@@ -66,7 +68,11 @@ async fn past_capacity_the_server_slows_then_sheds() {
     for r in futures_join(calls).await {
         assert_eq!(r.unwrap().status(), StatusCode::OK);
     }
-    assert!(start.elapsed() < Duration::from_millis(75), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(75),
+        "{:?}",
+        start.elapsed()
+    );
 
     // Twelve at once: at most 8 are served, some of them slowed; the rest get 503 at once.
     let calls: Vec<_> = (0..12).map(|_| client.request(get(&server))).collect();
@@ -85,9 +91,9 @@ async fn past_capacity_the_server_slows_then_sheds() {
     assert!(st.peak_in_flight >= 8, "{st:?}");
 }
 
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output>
+async fn futures_join<F>(fs: Vec<F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();

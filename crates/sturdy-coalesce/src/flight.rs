@@ -74,8 +74,14 @@ pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
     let uri = req.uri();
     push(&mut out, req.method().as_str().as_bytes());
     push(&mut out, uri.scheme_str().unwrap_or("").as_bytes());
-    push(&mut out, uri.authority().map_or("", |a| a.as_str()).as_bytes());
-    push(&mut out, uri.path_and_query().map_or("", |p| p.as_str()).as_bytes());
+    push(
+        &mut out,
+        uri.authority().map_or("", |a| a.as_str()).as_bytes(),
+    );
+    push(
+        &mut out,
+        uri.path_and_query().map_or("", |p| p.as_str()).as_bytes(),
+    );
     let h = req.headers();
     match headers {
         KeyHeaders::AllExcept(ignored) => {
@@ -98,15 +104,18 @@ pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
     out
 }
 
+/// A response with its body (and trailers) in memory.
+pub(crate) struct Buffered {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
 /// What a shared call leaves for its callers.
 #[derive(Clone)]
 pub(crate) enum Outcome {
     /// The response, its body buffered in full.
-    Full {
-        parts: http::response::Parts,
-        body: Bytes,
-        trailers: Option<HeaderMap>,
-    },
+    Full(Arc<Buffered>),
     /// The body was larger than the bound: the response waits in the call's [`Handoff`] for one
     /// caller, who gets it streamed.
     TooLarge,
@@ -117,10 +126,10 @@ pub(crate) enum Outcome {
 impl fmt::Debug for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Full { parts, body, .. } => f
+            Self::Full(b) => f
                 .debug_struct("Full")
-                .field("status", &parts.status)
-                .field("body_len", &body.len())
+                .field("status", &b.parts.status)
+                .field("body_len", &b.body.len())
                 .finish(),
             Self::TooLarge => f.write_str("TooLarge"),
             Self::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
@@ -379,12 +388,27 @@ mod tests {
             )),
             "trace ids do not matter"
         );
-        assert_ne!(k(&base), k(&req("http://a.example/x?q=2", &[("authorization", "Bearer a")])));
-        assert_ne!(k(&base), k(&req("http://a.example/x?q=1", &[("authorization", "Bearer b")])));
+        assert_ne!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=2",
+                &[("authorization", "Bearer a")]
+            ))
+        );
+        assert_ne!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=1",
+                &[("authorization", "Bearer b")]
+            ))
+        );
         assert_ne!(k(&base), k(&req("http://a.example/x?q=1", &[])));
         assert_ne!(
             k(&base),
-            k(&req("http://a.example/x?q=1", &[("authorization", "Bearer a"), ("x-api-key", "k")])),
+            k(&req(
+                "http://a.example/x?q=1",
+                &[("authorization", "Bearer a"), ("x-api-key", "k")]
+            )),
             "any other header matters by default"
         );
         // Length prefixes: moving bytes between fields never collides.
@@ -397,7 +421,10 @@ mod tests {
         assert_eq!(
             key_of(&base, &only),
             key_of(
-                &req("http://a.example/x?q=1", &[("authorization", "Bearer a"), ("x-api-key", "k")]),
+                &req(
+                    "http://a.example/x?q=1",
+                    &[("authorization", "Bearer a"), ("x-api-key", "k")]
+                ),
                 &only
             )
         );

@@ -128,13 +128,10 @@ where
                         return Poll::Ready(Err(gone()));
                     };
                     match ready!(Pin::new(&mut join.shared).poll(cx)) {
-                        Outcome::Full {
-                            parts,
-                            body,
-                            trailers,
-                        } => {
+                        Outcome::Full(b) => {
                             *this.join = None;
-                            let res = Response::from_parts(parts, ResponseBody::shared(body, trailers));
+                            let body = ResponseBody::shared(b.body.clone(), b.trailers.clone());
+                            let res = Response::from_parts(b.parts.clone(), body);
                             return Poll::Ready(Ok(res));
                         }
                         Outcome::Failed(e) => {

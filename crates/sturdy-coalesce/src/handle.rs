@@ -63,10 +63,6 @@ impl CoalesceHandle {
 
     /// Shared calls in flight to `key` (the host) now.
     pub fn in_flight(&self, key: &str) -> usize {
-        self.cell
-            .get()
-            .map
-            .find(key)
-            .map_or(0, |s| s.value().len())
+        self.cell.get().map.find(key).map_or(0, |s| s.value().len())
     }
 }

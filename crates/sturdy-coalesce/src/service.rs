@@ -15,8 +15,8 @@ use tower::Service;
 
 use crate::body::ResponseBody;
 use crate::flight::{
-    coalescable, join_or_start, key_of, BoxFuture, Counters, Flights, Handoff, Joined, Outcome,
-    Registry,
+    coalescable, join_or_start, key_of, BoxFuture, Buffered, Counters, Flights, Handoff, Joined,
+    Outcome, Registry,
 };
 use crate::future::ResponseFuture;
 
@@ -179,9 +179,9 @@ where
             b.freeze()
         }
     };
-    Outcome::Full {
+    Outcome::Full(Arc::new(Buffered {
         parts,
         body,
         trailers,
-    }
+    }))
 }

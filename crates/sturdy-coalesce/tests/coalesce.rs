@@ -113,7 +113,10 @@ impl Service<Request<Full<Bytes>>> for Api {
             let mut trailers = HeaderMap::new();
             trailers.insert("x-checksum", "abc".parse().unwrap());
             let body = Chunks(
-                chunks.into_iter().map(|c| Bytes::from_static(c.as_bytes())).collect(),
+                chunks
+                    .into_iter()
+                    .map(|c| Bytes::from_static(c.as_bytes()))
+                    .collect(),
                 Some(trailers),
             );
             Ok(Response::builder()
@@ -154,7 +157,11 @@ async fn a_thousand_identical_gets_make_one_upstream_call() {
     assert_eq!(api.calls(), 1);
     let s = handle.stats();
     assert_eq!((s.calls(), s.upstream(), s.joined()), (1_000, 1, 999));
-    assert_eq!(handle.in_flight(HOST), 0, "the finished call left the table");
+    assert_eq!(
+        handle.in_flight(HOST),
+        0,
+        "the finished call left the table"
+    );
 
     // Not a cache: the next request makes a new call.
     client.clone().oneshot(get("/report")).await.unwrap();
@@ -168,7 +175,8 @@ async fn only_identical_requests_share() {
     let mut reqs = vec![get("/a"), get("/a?page=2"), get("/b")];
     for token in ["Bearer one", "Bearer two"] {
         let mut r = get("/a");
-        r.headers_mut().insert("authorization", token.parse().unwrap());
+        r.headers_mut()
+            .insert("authorization", token.parse().unwrap());
         reqs.push(r);
     }
     let mut r = get("/a");
@@ -176,7 +184,8 @@ async fn only_identical_requests_share() {
     reqs.push(r);
     // The same as the first but for a trace id: shares its call.
     let mut r = get("/a");
-    r.headers_mut().insert("traceparent", "00-abc-def-01".parse().unwrap());
+    r.headers_mut()
+        .insert("traceparent", "00-abc-def-01".parse().unwrap());
     reqs.push(r);
     let callers: Vec<_> = reqs
         .into_iter()
@@ -195,9 +204,14 @@ async fn key_headers_can_be_named() {
         .with_key_headers([HeaderName::from_static("authorization")])
         .layer(api.clone());
     let mut reqs = Vec::new();
-    for (auth, other) in [("Bearer one", "a"), ("Bearer one", "b"), ("Bearer two", "a")] {
+    for (auth, other) in [
+        ("Bearer one", "a"),
+        ("Bearer one", "b"),
+        ("Bearer two", "a"),
+    ] {
         let mut r = get("/a");
-        r.headers_mut().insert("authorization", auth.parse().unwrap());
+        r.headers_mut()
+            .insert("authorization", auth.parse().unwrap());
         r.headers_mut().insert("x-client", other.parse().unwrap());
         reqs.push(tokio::spawn(client.clone().oneshot(r)));
     }
@@ -229,7 +243,10 @@ async fn unsafe_methods_and_bodies_are_never_coalesced() {
     assert_eq!(api.calls(), 6);
     let mut head = get("/a");
     *head.method_mut() = Method::HEAD;
-    let (a, b) = tokio::join!(client.clone().oneshot(head.clone()), client.clone().oneshot(head));
+    let (a, b) = tokio::join!(
+        client.clone().oneshot(head.clone()),
+        client.clone().oneshot(head)
+    );
     a.unwrap();
     b.unwrap();
     assert_eq!(api.calls(), 7, "HEAD is coalesced");
@@ -247,7 +264,11 @@ async fn a_caller_that_leaves_does_not_cancel_the_others() {
     tokio::time::sleep(ms(10)).await;
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
-    assert_eq!(api.live.load(Ordering::SeqCst), 1, "the upstream call goes on");
+    assert_eq!(
+        api.live.load(Ordering::SeqCst),
+        1,
+        "the upstream call goes on"
+    );
     for f in followers {
         assert_eq!(text(f.await.unwrap().unwrap()).await.0, "report");
     }
@@ -312,10 +333,16 @@ async fn a_body_over_the_bound_goes_to_the_first_caller_and_the_others_call_agai
     let res = leader.await.unwrap().unwrap();
     assert!(!res.body().is_shared());
     let (body, trailers) = text(res).await;
-    assert_eq!(body, "01234567890123456789tail", "read part, then the rest, streamed");
+    assert_eq!(
+        body, "01234567890123456789tail",
+        "read part, then the rest, streamed"
+    );
     assert!(trailers.is_some());
     for f in followers {
-        assert_eq!(text(f.await.unwrap().unwrap()).await.0, "01234567890123456789tail");
+        assert_eq!(
+            text(f.await.unwrap().unwrap()).await.0,
+            "01234567890123456789tail"
+        );
     }
     // The first call, then one of their own for each follower (they arrived together, so their
     // own calls share nothing: each had already joined the first).
@@ -386,9 +413,11 @@ async fn a_joining_request_gives_back_what_poll_ready_reserved() {
     let mut c = svc.clone();
     let fa = a.ready().await.unwrap().call(get("/r"));
     let fb = b.ready().await.unwrap().call(get("/r"));
-    let fc = tokio::time::timeout(ms(1), async { c.ready().await.unwrap().call(get("/r")) })
+    let fc = tokio::time::timeout(ms(1), c.ready())
         .await
-        .expect("b's permit was given back");
+        .expect("b's permit was given back")
+        .unwrap()
+        .call(get("/r"));
     let (ra, rb, rc) = tokio::join!(fa, fb, fc);
     for r in [ra, rb, rc] {
         r.unwrap();

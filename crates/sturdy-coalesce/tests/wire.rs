@@ -52,7 +52,10 @@ async fn a_thousand_concurrent_identical_gets_reach_the_server_once() {
         })
         .collect();
     for c in callers {
-        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            c.await.unwrap().unwrap().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
     assert_eq!(server.stats().api_requests, 2);
 }

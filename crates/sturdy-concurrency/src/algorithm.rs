@@ -117,7 +117,11 @@ impl Vegas {
                 .baseline()
                 .is_none_or(|b| avg.as_secs_f64() < 0.9 * b.as_secs_f64());
             self.probing = false;
-            self.windows = if unsettled { PROBE_EVERY - PROBE_SOON } else { 0 };
+            self.windows = if unsettled {
+                PROBE_EVERY - PROBE_SOON
+            } else {
+                0
+            };
             self.base = [Some(avg), self.base[0]];
             return None;
         }

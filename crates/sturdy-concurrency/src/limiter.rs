@@ -449,7 +449,11 @@ mod tests {
         for p in &mut calls {
             p.finish(Signal::Overload);
         }
-        assert_eq!(l.value().limit(), 9, "five 503s of one round trip: one decrease");
+        assert_eq!(
+            l.value().limit(),
+            9,
+            "five 503s of one round trip: one decrease"
+        );
         let mut next = try_acquire(&l).unwrap();
         next.finish(Signal::Overload);
         assert_eq!(l.value().limit_f(), 8.1);

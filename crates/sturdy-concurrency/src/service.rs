@@ -76,7 +76,10 @@ where
             let err = limit_reached(local.key(), limiter.limit(), max_wait);
             return ResponseFuture::rejected(Box::new(err), self.classify.clone());
         }
-        tracing::trace!(key = local.key(), "concurrency limit full: waiting for a place");
+        tracing::trace!(
+            key = local.key(),
+            "concurrency limit full: waiting for a place"
+        );
         // Wait for a place, then call the service poll_ready made ready.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);

@@ -60,7 +60,10 @@ impl Service<Request<()>> for Server {
     type Future =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<()>, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -135,7 +138,10 @@ async fn aimd_converges_to_a_shedding_servers_capacity_and_recovers() {
     assert!((24..=31).contains(&l), "recovered near 30: {l}");
 
     // The calls the limit held back waited client-side instead of being shed: most calls worked.
-    let (ok, shed) = (server.ok.load(Ordering::SeqCst), server.shed.load(Ordering::SeqCst));
+    let (ok, shed) = (
+        server.ok.load(Ordering::SeqCst),
+        server.shed.load(Ordering::SeqCst),
+    );
     assert!(shed * 20 < ok, "{shed} shed for {ok} served");
 }
 
@@ -215,7 +221,10 @@ async fn a_full_limit_makes_calls_wait_in_line_then_fail_after_the_maximum_wait(
     assert_eq!(errors.len(), 2);
     let err = &errors[0];
     let reached = sturdy_core::find::<LimitReached>(&**err).unwrap();
-    assert_eq!((reached.key(), reached.limit(), reached.waited()), (HOST, 2, ms(25)));
+    assert_eq!(
+        (reached.key(), reached.limit(), reached.waited()),
+        (HOST, 2, ms(25))
+    );
     let top = err.downcast_ref::<sturdy_core::Error>().unwrap();
     assert_eq!(top.kind(), &ErrorKind::RateLimited { retry_after: None });
     assert_eq!(delivery(&**err), Delivery::NotSent);
@@ -280,7 +289,11 @@ async fn each_host_has_its_own_limit_and_a_handle_can_set_one() {
     assert_eq!(handle.limit("a.example.com"), Some(3));
     assert_eq!(handle.limit("b.example.com"), Some(7));
     handle.set_limit("b.example.com", 5_000);
-    assert_eq!(handle.limit("b.example.com"), Some(1_000), "taken into the bounds");
+    assert_eq!(
+        handle.limit("b.example.com"),
+        Some(1_000),
+        "taken into the bounds"
+    );
 }
 
 #[test]

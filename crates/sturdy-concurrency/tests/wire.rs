@@ -110,6 +110,9 @@ async fn vegas_holds_the_limit_near_capacity_before_the_server_sheds() {
     let client = layer.layer(http_client());
     load(&client, &url, 64, Duration::from_millis(2_000)).await;
     let l = limit(&handle, &server);
-    assert!((8..=30).contains(&l), "near 12, well below the 48 where it sheds: {l}");
+    assert!(
+        (8..=30).contains(&l),
+        "near 12, well below the 48 where it sheds: {l}"
+    );
     assert!(server.stats().peak_in_flight < 48);
 }

@@ -71,7 +71,10 @@ impl Budget {
 /// The deposit per call and the cap, in thousandths, for `ratio` extra requests per call and
 /// `burst` hedges in a row.
 pub(crate) fn thousandths(ratio: f64, burst: u32) -> (u64, u64) {
-    ((ratio * TOKEN as f64).round() as u64, u64::from(burst) * TOKEN)
+    (
+        (ratio * TOKEN as f64).round() as u64,
+        u64::from(burst) * TOKEN,
+    )
 }
 
 #[cfg(test)]

@@ -169,7 +169,10 @@ mod tests {
             let top = upper(b);
             assert!(top >= v.min((1 << MAX_EXP) - 1), "{v} -> {b} -> {top}");
             // Within 12.5 % above the value.
-            assert!(top as f64 <= (v.max(1) as f64) * 1.125 + 1.0, "{v} -> {top}");
+            assert!(
+                top as f64 <= (v.max(1) as f64) * 1.125 + 1.0,
+                "{v} -> {top}"
+            );
         }
         assert_eq!(bucket(u64::MAX), BUCKETS - 1);
     }

@@ -84,11 +84,9 @@ where
         host.budget.deposit(config.deposit, config.cap);
         // A copy is kept only when a hedge could be sent: enough samples and a token now.
         let armed = match host.delay() {
-            Some(delay) if host.budget.has_token() => Some(Box::new(Armed::new(
-                delay,
-                self.inner.clone(),
-                req.clone(),
-            ))),
+            Some(delay) if host.budget.has_token() => {
+                Some(Box::new(Armed::new(delay, self.inner.clone(), req.clone())))
+            }
             _ => None,
         };
         // The inner service was driven to readiness: the first copy goes to it now.

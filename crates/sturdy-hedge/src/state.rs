@@ -138,7 +138,7 @@ impl HostState {
 
     fn record_in(&self, epoch: u64, micros: u64) {
         let n = self.hist.record(epoch, micros);
-        let due = n % REFRESH_EVERY == 0
+        let due = n.is_multiple_of(REFRESH_EVERY)
             || self.computed.load(Ordering::Relaxed) != epoch
             // The sample that completes the minimum turns hedging on at once (when the window
             // alone holds it; across two windows, within the next 16 samples).
@@ -266,7 +266,10 @@ mod tests {
             h.record(Duration::from_millis(4), Instant::now());
         }
         let d = h.delay().unwrap();
-        assert!(d >= Duration::from_millis(4) && d < Duration::from_micros(4_500), "{d:?}");
+        assert!(
+            d >= Duration::from_millis(4) && d < Duration::from_micros(4_500),
+            "{d:?}"
+        );
         // Two windows of silence: the delay is forgotten and the host is idle.
         tokio::time::advance(Duration::from_secs(21)).await;
         assert_eq!(h.current_delay(Instant::now()), None);

@@ -71,7 +71,10 @@ impl Service<Request<()>> for Api {
         Box<dyn std::future::Future<Output = Result<Response<u32>, BoxError>> + Send>,
     >;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -116,7 +119,11 @@ async fn a_slow_call_is_hedged_after_the_percentile_and_the_loser_is_cancelled()
     let (layer, handle) = HedgeLayer::new().pair();
     let client = layer.layer(api.clone());
     warm(&client, 120).await;
-    assert_eq!(handle.stats(HOST).unwrap().hedges(), 0, "fast calls are not hedged");
+    assert_eq!(
+        handle.stats(HOST).unwrap().hedges(),
+        0,
+        "fast calls are not hedged"
+    );
     let d = handle.stats(HOST).unwrap().delay().unwrap();
     assert!(d >= ms(10) && d < Duration::from_micros(10_250), "{d:?}");
 
@@ -127,7 +134,11 @@ async fn a_slow_call_is_hedged_after_the_percentile_and_the_loser_is_cancelled()
     assert_eq!(*res.body(), 121);
     let took = start.elapsed();
     assert!(took >= d + ms(10) && took <= d + ms(11), "{took:?}");
-    assert_eq!(api.live.load(Ordering::SeqCst), 0, "the slow copy was cancelled");
+    assert_eq!(
+        api.live.load(Ordering::SeqCst),
+        0,
+        "the slow copy was cancelled"
+    );
     let s = handle.stats(HOST).unwrap();
     assert_eq!((s.calls(), s.hedges(), s.hedge_wins()), (121, 1, 1));
 }
@@ -198,7 +209,10 @@ async fn unsafe_methods_are_not_hedged_unless_keyed_requests_are_allowed() {
         .insert("idempotency-key", "k2".parse().unwrap());
     let start = Instant::now();
     client.clone().oneshot(keyed).await.unwrap();
-    assert!(start.elapsed() < ms(25), "a keyed POST is hedged when allowed");
+    assert!(
+        start.elapsed() < ms(25),
+        "a keyed POST is hedged when allowed"
+    );
     client.clone().oneshot(req(Method::POST)).await.unwrap();
     assert_eq!(api.calls(), 103, "a POST without a key still is not");
 }
@@ -206,11 +220,14 @@ async fn unsafe_methods_are_not_hedged_unless_keyed_requests_are_allowed() {
 #[tokio::test(start_paused = true)]
 async fn the_budget_caps_extra_requests() {
     // Every 5th call is slow: 20 % of calls would want a hedge; the budget allows 5 % + 10.
-    let api = Api::new(|n| Ok(if n >= 200 && n % 5 == 0 { ms(500) } else { ms(10) }));
-    let (layer, handle) = HedgeLayer::new()
-        .with_percentile(0.7)
-        .unwrap()
-        .pair();
+    let api = Api::new(|n| {
+        Ok(if n >= 200 && n % 5 == 0 {
+            ms(500)
+        } else {
+            ms(10)
+        })
+    });
+    let (layer, handle) = HedgeLayer::new().with_percentile(0.7).unwrap().pair();
     let client = layer.layer(api.clone());
     warm(&client, 200).await;
     let before = handle.stats(HOST).unwrap();
@@ -294,7 +311,9 @@ async fn each_host_has_its_own_delay() {
         Ok::<_, Infallible>(Response::new(()))
     });
     // A minute's window: the fast host's samples are still recent after the slow host's 20 s.
-    let (layer, handle) = HedgeLayer::new().with_window(Duration::from_secs(60)).pair();
+    let (layer, handle) = HedgeLayer::new()
+        .with_window(Duration::from_secs(60))
+        .pair();
     let client = layer.layer(api);
     for host in ["fast.example.com", "slow.example.com"] {
         for _ in 0..100 {
@@ -369,7 +388,11 @@ async fn over_a_full_concurrency_limit_the_hedge_waits_and_nothing_is_stranded()
     let res = client.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(*res.body(), 100);
     assert_eq!(start.elapsed(), ms(300));
-    assert_eq!(api.calls(), 101, "no permit for the hedge while the first copy ran");
+    assert_eq!(
+        api.calls(),
+        101,
+        "no permit for the hedge while the first copy ran"
+    );
     // The permit came back.
     tokio::time::timeout(ms(50), client.ready().await.unwrap().call(get()))
         .await
@@ -387,7 +410,11 @@ async fn a_dropped_call_cancels_both_copies() {
     warm(&client, 100).await;
     let call = tokio::spawn(client.clone().oneshot(get()));
     tokio::time::sleep(ms(100)).await;
-    assert_eq!(api.live.load(Ordering::SeqCst), 2, "first copy and hedge in flight");
+    assert_eq!(
+        api.live.load(Ordering::SeqCst),
+        2,
+        "first copy and hedge in flight"
+    );
     call.abort();
     let _ = call.await;
     assert_eq!(api.live.load(Ordering::SeqCst), 0);

@@ -76,10 +76,16 @@ async fn hedging_cuts_the_long_tail_for_a_few_percent_more_requests() {
         pct(&with, 0.5),
         extra * 100.0
     );
-    assert!(b99 >= Duration::from_millis(80), "the tail is there without hedging");
+    assert!(
+        b99 >= Duration::from_millis(80),
+        "the tail is there without hedging"
+    );
     assert!(h99 * 2 < b99, "hedging cuts p99 at least in half");
     assert!(stats.hedges() > 0);
-    assert!(extra <= 0.08, "at most a few percent more requests: {extra}");
+    assert!(
+        extra <= 0.08,
+        "at most a few percent more requests: {extra}"
+    );
     // A copy cancelled before it left (its connection still opening) never reaches the server.
     let seen = hedged.stats().api_requests;
     assert!(seen >= calls as u64 && seen <= calls as u64 + stats.hedges());
