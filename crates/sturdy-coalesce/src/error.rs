@@ -13,6 +13,29 @@ use sturdy_core::{BoxError, Error};
 /// kind (as [`classify_error`] reads it) and delivery, whose source is this `SharedError`, whose
 /// source in turn is the shared error itself: [`sturdy_core::find`] reaches every type in the
 /// chain, and [`classify_error`] and [`delivery`] answer as they would for the original.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::io;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use sturdy_coalesce::{CoalesceLayer, SharedError};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// let api = service_fn(|_req: Request<Full<Bytes>>| async {
+///     Err::<Response<Full<Bytes>>, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+/// });
+/// let client = CoalesceLayer::new().layer(api);
+/// let req = Request::get("http://api.example.com/").body(Full::default()).unwrap();
+/// let err = client.oneshot(req).await.unwrap_err();
+/// assert!(sturdy_core::find::<SharedError>(&*err).is_some());
+/// let cause = sturdy_core::find::<io::Error>(&*err).unwrap();
+/// assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused);
+/// assert_eq!(sturdy_core::classify::delivery(&*err), sturdy_core::Delivery::NotSent);
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct SharedError {
     inner: Arc<BoxError>,

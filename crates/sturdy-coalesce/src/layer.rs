@@ -15,6 +15,22 @@ use crate::{Coalesce, CoalesceHandle};
 /// layer's clones and its [`handle`](Self::handle)s. A setter called after a clone or a handle
 /// was taken applies to all of them; services made earlier keep the settings they were made
 /// with.
+///
+/// # Example
+///
+/// ```
+/// use http::header::{ACCEPT, AUTHORIZATION};
+/// use sturdy_coalesce::CoalesceLayer;
+///
+/// // Requests are identical when method, URI, Authorization and Accept match; bodies up to
+/// // 4 MiB are shared.
+/// let (layer, handle) = CoalesceLayer::new()
+///     .with_key_headers([AUTHORIZATION, ACCEPT])
+///     .with_max_body(4 << 20)
+///     .pair();
+/// assert_eq!(handle.stats().calls(), 0);
+/// # let _ = layer;
+/// ```
 #[derive(Clone)]
 #[must_use]
 pub struct CoalesceLayer<K = ByHost> {

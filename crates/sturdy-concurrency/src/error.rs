@@ -11,6 +11,34 @@ use sturdy_core::{human_duration, Delivery, Error, ErrorKind};
 /// It is the source of the [`sturdy_core::Error`] the layer returns (kind
 /// [`ErrorKind::RateLimited`] without a wait, delivery [`Delivery::NotSent`]); find it with
 /// [`sturdy_core::find`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use http::{Request, Response};
+/// use sturdy_concurrency::{AdaptiveConcurrencyLayer, LimitReached};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// let api = service_fn(|_req: Request<()>| async {
+///     tokio::time::sleep(Duration::from_millis(10)).await;
+///     Ok::<_, std::convert::Infallible>(Response::new(()))
+/// });
+/// // One call at a time, and no waiting: a second call at the same moment is refused.
+/// let client = AdaptiveConcurrencyLayer::new()
+///     .with_limits(1, 1)
+///     .with_max_wait(Duration::ZERO)
+///     .layer(api);
+/// let get = || Request::get("http://api.example.com/").body(()).unwrap();
+/// let first = tokio::spawn(client.clone().oneshot(get()));
+/// tokio::task::yield_now().await;
+/// let err = client.clone().oneshot(get()).await.unwrap_err();
+/// let reached = sturdy_core::find::<LimitReached>(&*err).unwrap();
+/// assert_eq!((reached.key(), reached.limit()), ("api.example.com", 1));
+/// assert_eq!(sturdy_core::classify::delivery(&*err), sturdy_core::Delivery::NotSent);
+/// first.await.unwrap().unwrap();
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitReached {
     key: String,

@@ -17,6 +17,26 @@ use crate::{AdaptiveConcurrency, Algorithm, ConcurrencyHandle};
 /// clones and its [`handle`](Self::handle)s. A setter called after a clone or a handle was taken
 /// applies to all of them (and the limits start afresh); services made earlier keep the settings
 /// they were made with.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_concurrency::{AdaptiveConcurrencyLayer, Algorithm};
+///
+/// let (layer, handle) = AdaptiveConcurrencyLayer::new()
+///     .with_algorithm(Algorithm::Vegas)
+///     .with_limits(2, 200)
+///     .with_initial_limit(10)
+///     .with_max_wait(Duration::from_secs(5))
+///     .with_backoff(0.8)?
+///     .pair();
+/// // A host gets its limit with its first call; a handle can also set one.
+/// handle.set_limit("api.example.com", 50);
+/// assert_eq!(handle.limit("api.example.com"), Some(50));
+/// # let _ = layer;
+/// # Ok::<(), sturdy_core::Error>(())
+/// ```
 #[derive(Clone)]
 #[must_use]
 pub struct AdaptiveConcurrencyLayer<K = ByHost, C = DefaultClassify> {

@@ -18,6 +18,23 @@ use crate::{Hedge, HedgeHandle};
 /// clones and its [`handle`](Self::handle)s. A setter called after a clone or a handle was taken
 /// applies to all of them (and starts the per-host state afresh); services made earlier keep the
 /// settings they were made with.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_hedge::HedgeLayer;
+///
+/// let (layer, handle) = HedgeLayer::new()
+///     .with_percentile(0.99)? // hedge after the host's p99
+///     .with_budget(0.02, 5)? // at most 2 % extra requests, plus 5 in a row
+///     .with_delay_bounds(Duration::from_millis(5), Duration::from_secs(2))
+///     .pair();
+/// assert!(handle.stats("api.example.com").is_none(), "no call yet");
+/// assert!(HedgeLayer::new().with_percentile(1.5).is_err());
+/// # let _ = layer;
+/// # Ok::<(), sturdy_core::Error>(())
+/// ```
 #[derive(Clone)]
 #[must_use]
 pub struct HedgeLayer<K = ByHost> {
