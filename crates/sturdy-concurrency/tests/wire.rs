@@ -87,6 +87,7 @@ async fn aimd_finds_the_chaos_servers_capacity_and_recovers_when_it_returns() {
     });
     load(&client, &url, 48, Duration::from_millis(1_500)).await;
     let back = limit(&handle, &server);
+    eprintln!("AIMD limits: {l} at capacity 12, {low} at 4, {back} back at 12");
     assert!(back >= 8 && back > low, "recovered towards 12: {back}");
 }
 
@@ -110,6 +111,7 @@ async fn vegas_holds_the_limit_near_capacity_before_the_server_sheds() {
     let client = layer.layer(http_client());
     load(&client, &url, 64, Duration::from_millis(2_000)).await;
     let l = limit(&handle, &server);
+    eprintln!("Vegas limit: {l}, server: {:?}", server.stats());
     assert!(
         (8..=30).contains(&l),
         "near 12, well below the 48 where it sheds: {l}"
