@@ -43,6 +43,26 @@ impl<B> fmt::Debug for ResponseBody<B> {
 }
 
 impl<B> ResponseBody<B> {
+    /// Wraps a body as it is: what a call that was not coalesced gets. For a stack that puts
+    /// the layer in or leaves it out (`ServiceBuilder::option_layer`), map the responses of the
+    /// branch without it with this, so both branches have one response type.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, Full};
+    /// use sturdy_coalesce::ResponseBody;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let body = ResponseBody::new(Full::new(Bytes::from("as it was")));
+    /// assert!(!body.is_shared());
+    /// assert_eq!(body.collect().await.unwrap().to_bytes(), "as it was");
+    /// # }
+    /// ```
+    pub fn new(body: B) -> Self {
+        Self::inner(body)
+    }
+
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
