@@ -18,6 +18,9 @@
 //! | `redis` | `redis` | `sturdy-redis`: Redis quota and idempotency store |
 //! | `reqwest` | `reqwest` | `sturdy-reqwest`: `reqwest::Client` under a sturdy stack, `SturdyMiddleware` for reqwest-middleware |
 //! | `tls` | `tls` (in this crate) | `https_client()`: an HTTPS hyper-util client (rustls, Mozilla roots); `tls-native-roots` adds `https_client_with_native_roots()` (the system's roots) |
+//! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
+//! | `concurrency` | `concurrency` | `sturdy-concurrency`: `AdaptiveConcurrencyLayer`, a per-host limit that adapts |
+//! | `coalesce` | `coalesce` | `sturdy-coalesce`: `CoalesceLayer`, identical calls in flight share one |
 //!
 //! # Example
 //!
@@ -96,6 +99,17 @@ pub use sturdy_reqwest as reqwest;
 
 #[cfg(feature = "tls")]
 pub mod tls;
+/// Hedged requests: a second copy of a slow safe call, within a budget ([`sturdy_hedge`]).
+#[cfg(feature = "hedge")]
+pub use sturdy_hedge as hedge;
+
+/// An adaptive concurrency limit per host: AIMD or latency-based ([`sturdy_concurrency`]).
+#[cfg(feature = "concurrency")]
+pub use sturdy_concurrency as concurrency;
+
+/// Request coalescing: identical safe calls in flight share one upstream call ([`sturdy_coalesce`]).
+#[cfg(feature = "coalesce")]
+pub use sturdy_coalesce as coalesce;
 
 // The README's examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "full"))]

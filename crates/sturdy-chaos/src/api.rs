@@ -1,3 +1,4 @@
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -79,12 +80,47 @@ enum Verdict {
     Reject(Response),
 }
 
+/// Counts an API request in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn faults(State(s): St, req: Request, next: Next) -> Response {
     bump(&s.counters.api_requests);
-    let (latency, deprecation, sunset) = {
+    let in_flight = s.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    let _counted = InFlight(&s);
+    s.counters
+        .peak_in_flight
+        .fetch_max(in_flight, Ordering::Relaxed);
+    let (mut latency, tail, capacity, deprecation, sunset) = {
         let k = lock(&s.knobs);
-        (k.latency, k.deprecation, k.sunset)
+        (
+            k.latency,
+            k.tail_latency,
+            k.capacity,
+            k.deprecation,
+            k.sunset,
+        )
     };
+    if let Some((p, slow)) = tail {
+        if s.chance(p) {
+            latency = slow;
+        }
+    }
+    if let Some(c) = capacity {
+        if in_flight > u64::from(c.shed_above) {
+            bump(&s.counters.shed);
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "over capacity");
+        }
+        let limit = u64::from(c.limit.max(1));
+        if in_flight > limit {
+            latency = latency.mul_f64(in_flight as f64 / limit as f64);
+        }
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

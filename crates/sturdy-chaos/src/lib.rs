@@ -63,7 +63,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt as _;
 
-pub use state::{Knobs, RequestRecord, RetryAfterForm, ServerRateLimit, Stats};
+pub use state::{Capacity, Knobs, RequestRecord, RetryAfterForm, ServerRateLimit, Stats};
 pub use wrap::{serve, FaultStats, Faults, Served};
 
 use state::{lock, Shared};

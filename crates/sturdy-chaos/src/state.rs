@@ -30,11 +30,27 @@ pub struct ServerRateLimit {
     pub window: Duration,
 }
 
+/// A server of limited capacity (for [`Knobs::capacity`]): it serves `limit` API requests at once
+/// at full speed; past that it shares itself out, and past `shed_above` it sheds load.
+///
+/// A request that arrives with `k` API requests in flight (itself included) is answered 503 at
+/// once when `k > shed_above`; otherwise it takes its latency (`latency` or the tail's) times
+/// `max(1, k / limit)`. So past `limit` the throughput stays at about `limit / latency` and only
+/// the latency grows, as on a server whose workers are all busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Requests served at full speed at once.
+    pub limit: u32,
+    /// More requests in flight than this are answered 503 at once (use `limit` to shed as soon
+    /// as the server is full).
+    pub shed_above: u32,
+}
+
 /// The server's fault and feature switches, all off by default. Change them while the server runs
 /// with [`ChaosServer::update`](crate::ChaosServer::update).
 ///
 /// Faults apply to the API routes (`/orders...`), not to `/oauth/token` (which has its own) or
-/// `/health`. They are checked in this order: latency, API version, auth, server quota, the next-N
+/// `/health`. They are checked in this order: capacity, latency (and its tail), API version, auth, server quota, the next-N
 /// and random 429s, the next-N and random 5xx; a request that survives them reaches the handler,
 /// where reset-after-commit applies to `POST /orders`.
 #[derive(Debug, Clone)]
@@ -60,6 +76,13 @@ pub struct Knobs {
     pub reset_after_commit_next: u32,
     /// Added to every API request before anything else.
     pub latency: Duration,
+    /// A long tail: this fraction (0.0 to 1.0) of API requests takes this long instead of
+    /// `latency`; e.g. `Some((0.01, 100 ms))` with a `latency` of 2 ms makes 1 % of requests 50×
+    /// slower.
+    pub tail_latency: Option<(f64, Duration)>,
+    /// A server that slows down and then sheds load past a number of requests in flight; see
+    /// [`Capacity`].
+    pub capacity: Option<Capacity>,
     /// API routes require `Authorization: Bearer <token>` with a token from `/oauth/token`.
     pub require_auth: bool,
     /// The OAuth2 client id (default `client`).
@@ -102,6 +125,8 @@ impl Default for Knobs {
             reset_after_commit_rate: 0.0,
             reset_after_commit_next: 0,
             latency: Duration::ZERO,
+            tail_latency: None,
+            capacity: None,
             require_auth: false,
             client_id: "client".into(),
             client_secret: "secret".into(),
@@ -148,6 +173,10 @@ pub struct Stats {
     pub unauthorized: u64,
     /// GET requests for lists of orders (any pagination style).
     pub page_requests: u64,
+    /// 503 responses sent because more requests were in flight than [`Capacity::shed_above`].
+    pub shed: u64,
+    /// The most API requests in flight at once so far.
+    pub peak_in_flight: u64,
 }
 
 #[derive(Debug, Default)]
@@ -165,6 +194,9 @@ pub(crate) struct Counters {
     pub(crate) resets: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
     pub(crate) page_requests: AtomicU64,
+    pub(crate) shed: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) peak_in_flight: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -188,6 +220,8 @@ impl Counters {
             resets: g(&self.resets),
             unauthorized: g(&self.unauthorized),
             page_requests: g(&self.page_requests),
+            shed: g(&self.shed),
+            peak_in_flight: g(&self.peak_in_flight),
         }
     }
 }

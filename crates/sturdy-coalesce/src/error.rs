@@ -1,0 +1,86 @@
+//! The error every caller of a failed shared call gets.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sturdy_core::classify::{classify_error, delivery};
+use sturdy_core::{BoxError, Error};
+
+/// The failure of a call that several identical requests shared: one error, seen by each of
+/// them.
+///
+/// Errors are not `Clone`, so each caller gets a [`sturdy_core::Error`] of the shared error's
+/// kind (as [`classify_error`] reads it) and delivery, whose source is this `SharedError`, whose
+/// source in turn is the shared error itself: [`sturdy_core::find`] reaches every type in the
+/// chain, and [`classify_error`] and [`delivery`] answer as they would for the original.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::io;
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use sturdy_coalesce::{CoalesceLayer, SharedError};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// let api = service_fn(|_req: Request<Full<Bytes>>| async {
+///     Err::<Response<Full<Bytes>>, _>(io::Error::new(io::ErrorKind::ConnectionRefused, "refused"))
+/// });
+/// let client = CoalesceLayer::new().layer(api);
+/// let req = Request::get("http://api.example.com/").body(Full::default()).unwrap();
+/// let err = client.oneshot(req).await.unwrap_err();
+/// assert!(sturdy_core::find::<SharedError>(&*err).is_some());
+/// let cause = sturdy_core::find::<io::Error>(&*err).unwrap();
+/// assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused);
+/// assert_eq!(sturdy_core::classify::delivery(&*err), sturdy_core::Delivery::NotSent);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SharedError {
+    inner: Arc<BoxError>,
+}
+
+impl SharedError {
+    pub(crate) fn new(inner: Arc<BoxError>) -> Self {
+        Self { inner }
+    }
+
+    /// The shared error.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &**self.inner
+    }
+}
+
+impl fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedError").field(&self.inner).finish()
+    }
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self.inner)
+    }
+}
+
+/// The error one caller of a failed shared call gets.
+pub(crate) fn for_caller(shared: &Arc<BoxError>) -> BoxError {
+    let e: &(dyn std::error::Error + 'static) = &***shared;
+    let kind = classify_error(e);
+    let delivery = delivery(e);
+    Box::new(
+        Error::new(
+            kind,
+            "the call shared by identical requests in flight failed",
+        )
+        .with_source(SharedError::new(shared.clone()))
+        .with_delivery(delivery),
+    )
+}

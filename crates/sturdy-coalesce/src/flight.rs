@@ -1,0 +1,445 @@
+//! Calls in flight, per host: who may join which call, and what a finished call leaves behind.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use futures_util::future::{Shared, WeakShared};
+use http::{HeaderMap, HeaderName, Method, Request};
+use sturdy_core::keyed::{Idle, KeyedMap, Local};
+use sturdy_core::BoxError;
+
+/// Which headers make two requests different.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeyHeaders {
+    /// Every header but these (per-request noise such as trace ids).
+    AllExcept(Vec<HeaderName>),
+    /// Only these.
+    Only(Vec<HeaderName>),
+}
+
+/// The headers left out of the key by default: they differ on every request and do not change
+/// the response.
+pub(crate) fn default_ignored() -> Vec<HeaderName> {
+    [
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+        "x-correlation-id",
+    ]
+    .into_iter()
+    .map(HeaderName::from_static)
+    .collect()
+}
+
+/// The layer's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) headers: KeyHeaders,
+    pub(crate) max_body: usize,
+    pub(crate) max_hosts: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            headers: KeyHeaders::AllExcept(default_ignored()),
+            max_body: 1 << 20,
+            max_hosts: 1_024,
+        }
+    }
+}
+
+/// Whether a request may share a call: GET or HEAD with an empty body.
+pub(crate) fn coalescable<B: http_body::Body>(req: &Request<B>) -> bool {
+    let m = req.method();
+    (m == Method::GET || m == Method::HEAD)
+        && (req.body().is_end_stream() || req.body().size_hint().upper() == Some(0))
+}
+
+/// The identity of a request: method, URI and the key headers, each length-prefixed so that no
+/// two different requests give the same bytes.
+pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
+    fn push(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(128);
+    let uri = req.uri();
+    push(&mut out, req.method().as_str().as_bytes());
+    push(&mut out, uri.scheme_str().unwrap_or("").as_bytes());
+    push(
+        &mut out,
+        uri.authority().map_or("", |a| a.as_str()).as_bytes(),
+    );
+    push(
+        &mut out,
+        uri.path_and_query().map_or("", |p| p.as_str()).as_bytes(),
+    );
+    let h = req.headers();
+    match headers {
+        KeyHeaders::AllExcept(ignored) => {
+            for (name, value) in h {
+                if !ignored.contains(name) {
+                    push(&mut out, name.as_str().as_bytes());
+                    push(&mut out, value.as_bytes());
+                }
+            }
+        }
+        KeyHeaders::Only(names) => {
+            for name in names {
+                for value in h.get_all(name) {
+                    push(&mut out, name.as_str().as_bytes());
+                    push(&mut out, value.as_bytes());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A response with its body (and trailers) in memory.
+pub(crate) struct Buffered {
+    pub(crate) parts: http::response::Parts,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
+/// What a shared call leaves for its callers.
+#[derive(Clone)]
+pub(crate) enum Outcome {
+    /// The response, its body buffered in full.
+    Full(Arc<Buffered>),
+    /// The body was larger than the bound: the response waits in the call's [`Handoff`] for one
+    /// caller, who gets it streamed.
+    TooLarge,
+    /// The call failed.
+    Failed(Arc<BoxError>),
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full(b) => f
+                .debug_struct("Full")
+                .field("status", &b.parts.status)
+                .field("body_len", &b.body.len())
+                .finish(),
+            Self::TooLarge => f.write_str("TooLarge"),
+            Self::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+        }
+    }
+}
+
+/// A response too large to share, waiting for the one caller who takes it: the caller that
+/// started the call while it is still there, else the first other caller to look.
+pub(crate) struct Handoff {
+    pub(crate) leader_here: AtomicBool,
+    response: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+impl Handoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            leader_here: AtomicBool::new(true),
+            response: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn put(&self, response: Box<dyn Any + Send>) {
+        *lock(&self.response) = Some(response);
+    }
+
+    /// Takes the response, if `leader` may and it is still there.
+    pub(crate) fn take(&self, leader: bool) -> Option<Box<dyn Any + Send>> {
+        if !leader && self.leader_here.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.response).take()
+    }
+}
+
+pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+struct Entry {
+    id: u64,
+    /// `None` until launched.
+    call: Option<WeakShared<BoxFuture>>,
+    handoff: Arc<Handoff>,
+}
+
+/// One host's calls in flight.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<Arc<Vec<u8>>, Entry>>,
+    next_id: AtomicU64,
+}
+
+impl fmt::Debug for Flights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flights")
+            .field("in_flight", &lock(&self.map).len())
+            .finish()
+    }
+}
+
+impl Flights {
+    /// Calls in the table now.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+impl Idle for Flights {
+    fn is_idle(&self) -> bool {
+        lock(&self.map).is_empty()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What `join_or_start` found.
+pub(crate) enum Joined {
+    /// A call with this key is in flight: share it.
+    Follow(Shared<BoxFuture>, Arc<Handoff>),
+    /// None is: start one with [`Start::launch`].
+    Lead(Start),
+}
+
+/// The right to start the call for a key, holding its place in the table until launched.
+pub(crate) struct Start {
+    slot: Arc<Local<Flights>>,
+    key: Arc<Vec<u8>>,
+    id: u64,
+    handoff: Arc<Handoff>,
+}
+
+/// Removes a call from the table when it finishes or is abandoned.
+pub(crate) struct Guard {
+    slot: Arc<Local<Flights>>,
+    key: Arc<Vec<u8>>,
+    id: u64,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut map = lock(&self.slot.value().map);
+        if map.get(&self.key).is_some_and(|e| e.id == self.id) {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl Start {
+    pub(crate) fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
+    }
+
+    /// A guard that takes the call out of the table when dropped.
+    pub(crate) fn guard(&self) -> Guard {
+        Guard {
+            slot: self.slot.clone(),
+            key: self.key.clone(),
+            id: self.id,
+        }
+    }
+
+    /// Publishes the call so identical requests join it.
+    pub(crate) fn launch(self, call: BoxFuture) -> Shared<BoxFuture> {
+        use futures_util::FutureExt;
+        let shared = call.shared();
+        if let Some(weak) = shared.downgrade() {
+            let mut map = lock(&self.slot.value().map);
+            if let Some(e) = map.get_mut(&self.key) {
+                if e.id == self.id {
+                    e.call = Some(weak);
+                }
+            }
+        }
+        shared
+    }
+}
+
+/// Finds a call in flight for `key`, or reserves the right to start one.
+pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined {
+    let flights = slot.value();
+    let mut map = lock(&flights.map);
+    if let Some(e) = map.get(&key) {
+        if let Some(call) = e.call.as_ref().and_then(WeakShared::upgrade) {
+            return Joined::Follow(call, e.handoff.clone());
+        }
+    }
+    let id = flights.next_id.fetch_add(1, Ordering::Relaxed);
+    let key = Arc::new(key);
+    let handoff = Arc::new(Handoff::new());
+    // Until launched, the entry has no call: a request that arrives in between starts its own
+    // (the window is the inner service's `call`, a few instructions).
+    map.insert(
+        key.clone(),
+        Entry {
+            id,
+            call: None,
+            handoff: handoff.clone(),
+        },
+    );
+    Joined::Lead(Start {
+        slot: slot.clone(),
+        key,
+        id,
+        handoff,
+    })
+}
+
+/// Counters of a layer, shared by its services and handles.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) calls: AtomicU64,
+    pub(crate) upstream: AtomicU64,
+    pub(crate) joined: AtomicU64,
+    pub(crate) too_large: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
+}
+
+/// Every host's flights, bounded in number.
+pub(crate) struct Registry {
+    pub(crate) config: Arc<Config>,
+    pub(crate) map: KeyedMap<Flights>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("config", &self.config)
+            .field("hosts", &self.map)
+            .finish()
+    }
+}
+
+impl Registry {
+    pub(crate) fn new(config: Config, counters: Arc<Counters>) -> Self {
+        let max = config.max_hosts;
+        Self {
+            config: Arc::new(config),
+            map: KeyedMap::new(max),
+            counters,
+        }
+    }
+}
+
+/// The registry of a layer, its clones and its handles: one cell, so that a setter called after a
+/// clone or a handle still applies to all of them.
+#[derive(Debug)]
+pub(crate) struct Cell {
+    current: Mutex<Arc<Registry>>,
+}
+
+impl Cell {
+    pub(crate) fn new(registry: Registry) -> Self {
+        Self {
+            current: Mutex::new(Arc::new(registry)),
+        }
+    }
+
+    /// The registry in use now. The lock is held for an `Arc` clone.
+    pub(crate) fn get(&self) -> Arc<Registry> {
+        lock(&self.current).clone()
+    }
+
+    /// Replaces the registry with one of edited settings (counters are kept).
+    pub(crate) fn edit(&self, f: impl FnOnce(&mut Config)) {
+        let mut g = lock(&self.current);
+        let mut config = (*g.config).clone();
+        f(&mut config);
+        *g = Arc::new(Registry::new(config, g.counters.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn keys_tell_requests_apart() {
+        let all = KeyHeaders::AllExcept(default_ignored());
+        let k = |r: &Request<()>| key_of(r, &all);
+        let base = req("http://a.example/x?q=1", &[("authorization", "Bearer a")]);
+        assert_eq!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=1",
+                &[("authorization", "Bearer a"), ("traceparent", "00-1")]
+            )),
+            "trace ids do not matter"
+        );
+        assert_ne!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=2",
+                &[("authorization", "Bearer a")]
+            ))
+        );
+        assert_ne!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=1",
+                &[("authorization", "Bearer b")]
+            ))
+        );
+        assert_ne!(k(&base), k(&req("http://a.example/x?q=1", &[])));
+        assert_ne!(
+            k(&base),
+            k(&req(
+                "http://a.example/x?q=1",
+                &[("authorization", "Bearer a"), ("x-api-key", "k")]
+            )),
+            "any other header matters by default"
+        );
+        // Length prefixes: moving bytes between fields never collides.
+        assert_ne!(
+            k(&req("http://a.example/", &[("x-a", "bc")])),
+            k(&req("http://a.example/", &[("x-ab", "c")]))
+        );
+
+        let only = KeyHeaders::Only(vec![HeaderName::from_static("authorization")]);
+        assert_eq!(
+            key_of(&base, &only),
+            key_of(
+                &req(
+                    "http://a.example/x?q=1",
+                    &[("authorization", "Bearer a"), ("x-api-key", "k")]
+                ),
+                &only
+            )
+        );
+    }
+
+    #[test]
+    fn only_empty_gets_and_heads_coalesce() {
+        use http_body_util::Full;
+        let get = Request::get("/").body(Full::<Bytes>::default()).unwrap();
+        assert!(coalescable(&get));
+        let head = Request::head("/").body(Full::<Bytes>::default()).unwrap();
+        assert!(coalescable(&head));
+        let with_body = Request::get("/").body(Full::new(Bytes::from("q"))).unwrap();
+        assert!(!coalescable(&with_body));
+        let post = Request::post("/").body(Full::<Bytes>::default()).unwrap();
+        assert!(!coalescable(&post));
+    }
+}

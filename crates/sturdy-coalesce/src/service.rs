@@ -1,0 +1,187 @@
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use http_body::Body;
+use sturdy_core::key::KeyExtractor;
+use sturdy_core::keyed::SlotCache;
+use sturdy_core::{BoxError, Error, ErrorKind};
+use tower::Service;
+
+use crate::body::ResponseBody;
+use crate::flight::{
+    coalescable, join_or_start, key_of, BoxFuture, Buffered, Counters, Flights, Handoff, Joined,
+    Outcome, Registry,
+};
+use crate::future::ResponseFuture;
+
+/// The service made by [`CoalesceLayer`](crate::CoalesceLayer).
+///
+/// # Clone
+/// Clones share the tables of calls in flight.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's. A request that starts a shared call goes to the service
+/// `poll_ready` made ready. A request that joins a call in flight does not use it: that ready
+/// service is dropped at once, which gives back what it reserved (a `ConcurrencyLimit` permit, a
+/// `Buffer` slot), and if the request must send its own call later (a body too large to share),
+/// it drives a clone of the inner service to readiness first.
+pub struct Coalesce<S, K> {
+    pub(crate) inner: S,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) key: K,
+    pub(crate) cache: SlotCache<Flights>,
+}
+
+impl<S: Clone, K: Clone> Clone for Coalesce<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            registry: self.registry.clone(),
+            key: self.key.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for Coalesce<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+sturdy_core::define_inner_service_accessors!(Coalesce<S, K>);
+
+// ===== impl Coalesce =====
+
+impl<S, K, B, Rb> Service<Request<B>> for Coalesce<S, K>
+where
+    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    K: KeyExtractor<B>,
+    B: Body,
+    Rb: Body<Data = Bytes> + Send + 'static,
+    Rb::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<Rb>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if !coalescable(&req) {
+            return ResponseFuture::direct(self.inner.call(req));
+        }
+        let registry = &self.registry;
+        let counters = &registry.counters;
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        let bytes = key_of(&req, &registry.config.headers);
+        let host = self.key.key(&req);
+        let local = self.cache.get(&registry.map, &host, Flights::default);
+        match join_or_start(&local, bytes) {
+            Joined::Lead(start) => {
+                counters.upstream.fetch_add(1, Ordering::Relaxed);
+                // The inner service was driven to readiness: the shared call goes to it now.
+                let fut = self.inner.call(req);
+                let guard = start.guard();
+                let handoff = start.handoff();
+                let h = handoff.clone();
+                let max = registry.config.max_body;
+                let c = counters.clone();
+                let call: BoxFuture = Box::pin(async move {
+                    // Out of the table once finished or abandoned (every caller gone).
+                    let _guard = guard;
+                    let res = match fut.await {
+                        Ok(res) => res,
+                        Err(e) => return Outcome::Failed(Arc::new(e.into())),
+                    };
+                    collect(res, max, &h, &c).await
+                });
+                let shared = start.launch(call);
+                ResponseFuture::joined(shared, handoff, true, None, counters.clone())
+            }
+            Joined::Follow(shared, handoff) => {
+                counters.joined.fetch_add(1, Ordering::Relaxed);
+                // Not called now: give back what poll_ready reserved, keep a clone in case this
+                // request must send its own call.
+                let spare = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, spare.clone()));
+                ResponseFuture::joined(shared, handoff, false, Some((spare, req)), counters.clone())
+            }
+        }
+    }
+}
+
+/// Reads a shared response's body, up to `max` bytes; past it, hands the response to one caller.
+async fn collect<Rb>(res: Response<Rb>, max: usize, handoff: &Handoff, c: &Counters) -> Outcome
+where
+    Rb: Body<Data = Bytes> + Send + 'static,
+    Rb::Error: Into<BoxError>,
+{
+    let (parts, body) = res.into_parts();
+    let mut body = Box::pin(body);
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut len = 0usize;
+    let mut trailers = None;
+    let too_large = |parts, chunks, body| {
+        c.too_large.fetch_add(1, Ordering::Relaxed);
+        let res = Response::from_parts(parts, ResponseBody::prefixed(chunks, body));
+        handoff.put(Box::new(res));
+        Outcome::TooLarge
+    };
+    if body.size_hint().lower() > max as u64 {
+        return too_large(parts, chunks, body);
+    }
+    loop {
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => break,
+            Some(Err(e)) => {
+                let err = Error::new(ErrorKind::Body, "could not read the shared response's body")
+                    .with_source(e);
+                return Outcome::Failed(Arc::new(Box::new(err)));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    len = len.saturating_add(data.len());
+                    chunks.push_back(data);
+                    if len > max {
+                        return too_large(parts, chunks, body);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            },
+        }
+    }
+    let body = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().unwrap_or_default(),
+        _ => {
+            let mut b = BytesMut::with_capacity(len);
+            for c in chunks {
+                b.extend_from_slice(&c);
+            }
+            b.freeze()
+        }
+    };
+    Outcome::Full(Arc::new(Buffered {
+        parts,
+        body,
+        trailers,
+    }))
+}

@@ -1,0 +1,88 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use sturdy_core::classify::Classify;
+use sturdy_core::key::KeyExtractor;
+use sturdy_core::keyed::SlotCache;
+use sturdy_core::BoxError;
+use tower::Service;
+
+use crate::error::limit_reached;
+use crate::future::ResponseFuture;
+use crate::limiter::{try_acquire, Limiter, Registry};
+
+/// The service made by [`AdaptiveConcurrencyLayer`](crate::AdaptiveConcurrencyLayer).
+///
+/// # Clone
+/// Clones share the per-host limits.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's: the host is known only from the request, so the permit
+/// is taken in `call`, never reserved in `poll_ready`. A call that finds its host's limit full
+/// moves the service `poll_ready` made ready into its response future, waits there for a place
+/// (in line, first come first served) and then calls that service. Dropping the future gives back
+/// its place in line, or its permit if it had one.
+#[derive(Clone)]
+pub struct AdaptiveConcurrency<S, K, C> {
+    pub(crate) inner: S,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) key: K,
+    pub(crate) classify: C,
+    pub(crate) cache: SlotCache<Limiter>,
+}
+
+impl<S: fmt::Debug, K, C> fmt::Debug for AdaptiveConcurrency<S, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdaptiveConcurrency")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+sturdy_core::define_inner_service_accessors!(AdaptiveConcurrency<S, K, C>);
+
+// ===== impl AdaptiveConcurrency =====
+
+impl<S, K, C, B, Rb> Service<Request<B>> for AdaptiveConcurrency<S, K, C>
+where
+    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S::Error: Into<BoxError>,
+    K: KeyExtractor<B>,
+    C: Classify<Rb, S::Error> + Clone,
+{
+    type Response = Response<Rb>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, B, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = self.key.key(&req);
+        let local = self
+            .cache
+            .get(&self.registry.map, &key, self.registry.make());
+        if let Some(permit) = try_acquire(&local) {
+            // The inner service was driven to readiness and is called now.
+            return ResponseFuture::called(self.inner.call(req), permit, self.classify.clone());
+        }
+        let limiter = local.value();
+        let max_wait = limiter.config.max_wait;
+        if max_wait.is_zero() {
+            let err = limit_reached(local.key(), limiter.limit(), max_wait);
+            return ResponseFuture::rejected(Box::new(err), self.classify.clone());
+        }
+        tracing::trace!(
+            key = local.key(),
+            "concurrency limit full: waiting for a place"
+        );
+        // Wait for a place, then call the service poll_ready made ready.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::waiting(local, ready, req, max_wait, self.classify.clone())
+    }
+}

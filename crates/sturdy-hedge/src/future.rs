@@ -1,0 +1,245 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use pin_project_lite::pin_project;
+use sturdy_core::keyed::Local;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use crate::state::HostState;
+
+pin_project! {
+    /// The response future of [`Hedge`](crate::Hedge): the first copy, and the second once it
+    /// is due. The first answer wins and the other copy is dropped (cancelled).
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        primary: Option<S::Future>,
+        hedge: Option<Box<Armed<S, B>>>,
+        // The host; `None` for a call that is never hedged.
+        host: Option<Arc<Local<HostState>>>,
+        // When the first copy was first found waiting; `None` while it has not waited.
+        start: Option<Instant>,
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("first_in_flight", &self.primary.is_some())
+            .field(
+                "hedge_sent",
+                &self.hedge.as_ref().is_some_and(|h| h.fut.is_some()),
+            )
+            .finish()
+    }
+}
+
+/// What a call keeps to send its second copy: a clone of the inner service (not yet ready) and
+/// of the request.
+pub(crate) struct Armed<S, B>
+where
+    S: Service<Request<B>>,
+{
+    delay: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    due: bool,
+    svc: S,
+    req: Option<Request<B>>,
+    fut: Option<Pin<Box<S::Future>>>,
+}
+
+impl<S, B> Armed<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn new(delay: Duration, svc: S, req: Request<B>) -> Self {
+        Self {
+            delay,
+            sleep: None,
+            due: false,
+            svc,
+            req: Some(req),
+            fut: None,
+        }
+    }
+}
+
+enum Step<T> {
+    Pending,
+    /// The hedge will not be sent (no budget, no timer, the service failed).
+    Dropped,
+    Done(T),
+}
+
+impl<S, B> Armed<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn poll_hedge(
+        &mut self,
+        host: &HostState,
+        start: Instant,
+        cx: &mut Context<'_>,
+    ) -> Step<Result<S::Response, S::Error>> {
+        loop {
+            if let Some(fut) = self.fut.as_mut() {
+                return match fut.as_mut().poll(cx) {
+                    Poll::Ready(r) => Step::Done(r),
+                    Poll::Pending => Step::Pending,
+                };
+            }
+            if !self.due {
+                if self.sleep.is_none() {
+                    // Without a runtime there is no timer: the call simply runs unhedged.
+                    if tokio::runtime::Handle::try_current().is_err() {
+                        return Step::Dropped;
+                    }
+                    let at = start + self.delay;
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+                if let Some(sleep) = self.sleep.as_mut() {
+                    if sleep.as_mut().poll(cx).is_pending() {
+                        return Step::Pending;
+                    }
+                }
+                self.sleep = None;
+                self.due = true;
+                if !host.budget.withdraw() {
+                    tracing::trace!("hedge due but the budget is spent");
+                    return Step::Dropped;
+                }
+            }
+            match self.svc.poll_ready(cx) {
+                Poll::Pending => return Step::Pending,
+                Poll::Ready(Err(_)) => {
+                    tracing::debug!("hedge not sent: the inner service failed to become ready");
+                    return Step::Dropped;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let Some(req) = self.req.take() else {
+                return Step::Dropped;
+            };
+            host.hedges.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(uri = %req.uri(), "hedging: sending a second copy");
+            self.fut = Some(Box::pin(self.svc.call(req)));
+        }
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn passthrough(fut: S::Future) -> Self {
+        Self {
+            primary: Some(fut),
+            hedge: None,
+            host: None,
+            start: None,
+        }
+    }
+
+    pub(crate) fn hedgeable(
+        fut: S::Future,
+        local: Arc<Local<HostState>>,
+        armed: Option<Box<Armed<S, B>>>,
+    ) -> Self {
+        Self {
+            primary: Some(fut),
+            hedge: armed,
+            host: Some(local),
+            start: None,
+        }
+    }
+}
+
+/// Records the latency of an answered call: the time to the first answer, which for a call
+/// whose hedge won is a lower bound of the first copy's latency (it was at least that slow), so
+/// the slow tail stays in the histogram and the delay does not drift down as hedging cuts it. A
+/// call answered without ever waiting took no time worth a clock read.
+fn record(host: Option<&Arc<Local<HostState>>>, start: Option<Instant>) {
+    if let Some(local) = host {
+        match start {
+            Some(s) => {
+                let now = Instant::now();
+                local.value().record(now.saturating_duration_since(s), now);
+            }
+            None => local.value().record_instant(),
+        }
+    }
+}
+
+impl<S, B> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(primary) = this.primary.as_mut().as_pin_mut() {
+            match primary.poll(cx) {
+                Poll::Ready(Ok(res)) => {
+                    *this.hedge = None;
+                    record(this.host.as_ref(), *this.start);
+                    return Poll::Ready(Ok(res));
+                }
+                Poll::Ready(Err(e)) => {
+                    this.primary.set(None);
+                    let hedge_in_flight = this.hedge.as_ref().is_some_and(|h| h.fut.is_some());
+                    if !hedge_in_flight {
+                        *this.hedge = None;
+                        return Poll::Ready(Err(e));
+                    }
+                    // The second copy may still succeed.
+                }
+                Poll::Pending => {
+                    if this.start.is_none() && this.host.is_some() {
+                        *this.start = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        let (Some(hedge), Some(local), Some(start)) =
+            (this.hedge.as_mut(), this.host.as_ref(), *this.start)
+        else {
+            return Poll::Pending;
+        };
+        let host = local.value();
+        match hedge.poll_hedge(host, start, cx) {
+            Step::Pending => Poll::Pending,
+            Step::Dropped => {
+                *this.hedge = None;
+                Poll::Pending
+            }
+            Step::Done(Ok(res)) => {
+                // The second copy answered first: cancel the first.
+                this.primary.set(None);
+                *this.hedge = None;
+                host.wins.fetch_add(1, Ordering::Relaxed);
+                record(this.host.as_ref(), Some(start));
+                Poll::Ready(Ok(res))
+            }
+            Step::Done(Err(e)) => {
+                *this.hedge = None;
+                if this.primary.is_none() {
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}

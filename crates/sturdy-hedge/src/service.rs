@@ -1,0 +1,96 @@
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request};
+use sturdy_core::key::KeyExtractor;
+use sturdy_core::keyed::SlotCache;
+use tower::Service;
+
+use crate::future::{Armed, ResponseFuture};
+use crate::state::{Config, HostState, Registry};
+
+/// The service made by [`HedgeLayer`](crate::HedgeLayer).
+///
+/// # Clone
+/// Clones share the per-host state.
+///
+/// # Backpressure
+/// `poll_ready` is the inner service's, and the first copy of a call goes to the service
+/// `poll_ready` made ready. The second copy goes to a clone of the inner service, driven to
+/// readiness when the hedge is due; over a concurrency limit that is full (the first copy holds
+/// the permit of a `ConcurrencyLimit(1)`), the hedge waits for a permit and the first answer
+/// still wins.
+///
+/// # Errors
+/// The inner service's: the layer makes no error of its own. When one copy fails while the other
+/// is still running, the call waits for the other; when both fail, the last error is returned.
+#[derive(Clone)]
+pub struct Hedge<S, K> {
+    pub(crate) inner: S,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) key: K,
+    pub(crate) cache: SlotCache<HostState>,
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for Hedge<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hedge")
+            .field("inner", &self.inner)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+sturdy_core::define_inner_service_accessors!(Hedge<S, K>);
+
+/// Whether a request may be sent twice.
+fn hedgeable<B>(req: &Request<B>, config: &Config) -> bool {
+    let m = req.method();
+    m == Method::GET
+        || m == Method::HEAD
+        || m == Method::OPTIONS
+        || (config.keyed && req.headers().contains_key(&config.key_header))
+}
+
+// ===== impl Hedge =====
+
+impl<S, K, B> Service<Request<B>> for Hedge<S, K>
+where
+    S: Service<Request<B>> + Clone,
+    K: KeyExtractor<B>,
+    B: Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let config = &self.registry.config;
+        if !hedgeable(&req, config) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let key = self.key.key(&req);
+        let local = self
+            .cache
+            .get(&self.registry.map, &key, self.registry.make());
+        let host = local.value();
+        host.calls.fetch_add(1, Ordering::Relaxed);
+        host.budget.deposit(config.deposit, config.cap);
+        // A copy is kept only when a hedge could be sent: enough samples and a token now.
+        let armed = match host.delay() {
+            Some(delay) if host.budget.has_token() => {
+                Some(Box::new(Armed::new(delay, self.inner.clone(), req.clone())))
+            }
+            _ => None,
+        };
+        // The inner service was driven to readiness: the first copy goes to it now.
+        let fut = self.inner.call(req);
+        ResponseFuture::hedgeable(fut, local, armed)
+    }
+}
