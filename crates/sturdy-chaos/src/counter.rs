@@ -51,11 +51,7 @@ fn etag(version: u64) -> HeaderValue {
 }
 
 fn state_response(status: StatusCode, value: i64, version: u64) -> Response {
-    let mut r = (
-        status,
-        Json(json!({ "value": value, "version": version })),
-    )
-        .into_response();
+    let mut r = (status, Json(json!({ "value": value, "version": version }))).into_response();
     r.headers_mut().insert(header::ETAG, etag(version));
     r
 }

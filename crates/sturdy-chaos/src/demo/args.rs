@@ -109,7 +109,9 @@ fn count(flag: &str, v: Option<&String>, max: usize) -> Result<usize, ArgError> 
     };
     match v.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => err(format!("{flag} takes a whole number from 1 to {max}, not {v:?}")),
+        _ => err(format!(
+            "{flag} takes a whole number from 1 to {max}, not {v:?}"
+        )),
     }
 }
 
@@ -127,7 +129,10 @@ fn millis(flag: &str, v: Option<&String>, min: u64) -> Result<Duration, ArgError
 
 /// Parses the arguments after the program name.
 pub(crate) fn parse(args: &[String]) -> Result<Command, ArgError> {
-    if args.iter().any(|a| a == "--help" || a == "-h" || a == "help") {
+    if args
+        .iter()
+        .any(|a| a == "--help" || a == "-h" || a == "help")
+    {
         return Ok(Command::Help);
     }
     if args.first().map(String::as_str) == Some("jitter") {
@@ -210,9 +215,13 @@ mod tests {
 
     #[test]
     fn defaults_and_flags() {
-        let Ok(Command::Orders(o)) = p("") else { panic!() };
+        let Ok(Command::Orders(o)) = p("") else {
+            panic!()
+        };
         assert_eq!((o.json, o.orders), (false, 200));
-        let Ok(Command::Orders(o)) = p("--json --orders 40") else { panic!() };
+        let Ok(Command::Orders(o)) = p("--json --orders 40") else {
+            panic!()
+        };
         assert_eq!((o.json, o.orders), (true, 40));
         assert!(matches!(p("--serve"), Ok(Command::Serve)));
         assert!(matches!(p("jitter --help"), Ok(Command::Help)));

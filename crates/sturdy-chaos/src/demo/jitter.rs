@@ -216,7 +216,10 @@ pub(crate) async fn main(args: &JitterArgs) -> Result<(), DemoError> {
         }
         let mut summary = Vec::new();
         for strategy in Strategy::ALL {
-            let these: Vec<&Run> = runs[first..].iter().filter(|r| r.kind == strategy).collect();
+            let these: Vec<&Run> = runs[first..]
+                .iter()
+                .filter(|r| r.kind == strategy)
+                .collect();
             if let Some(p) = Point::of(&these) {
                 summary.push(format!("{} {}", strategy.name(), p.calls));
                 points.push(p);
@@ -291,8 +294,13 @@ fn print_tables(points: &[Point], args: &JitterArgs) {
         h
     };
     let tables: [(&str, fn(&Point) -> u64); 2] = [
-        ("calls (reads and writes) until every client has written", |p| p.calls),
-        ("completion time (ms) until every client has written", |p| p.time_ms),
+        (
+            "calls (reads and writes) until every client has written",
+            |p| p.calls,
+        ),
+        ("completion time (ms) until every client has written", |p| {
+            p.time_ms
+        }),
     ];
     for (title, value) in tables {
         println!("\n{title}\n{header}");

@@ -154,7 +154,11 @@ pub(crate) async fn main(args: &OrdersArgs) -> Result<(), DemoError> {
 }
 
 /// Sends `orders` orders with one client against a fresh server.
-async fn run(kind: Kind, orders: usize, progress: &mut Progress) -> Result<ClientReport, DemoError> {
+async fn run(
+    kind: Kind,
+    orders: usize,
+    progress: &mut Progress,
+) -> Result<ClientReport, DemoError> {
     let server = ChaosServer::start(knobs()).await?;
     let http = http_client();
     let backoff =

@@ -27,8 +27,18 @@ pub(crate) fn write(
     points: &[Point],
     args: &JitterArgs,
 ) -> Result<Vec<(PathBuf, &'static str)>, DemoError> {
+    let extra = if args.latency_jitter.is_zero() {
+        String::new()
+    } else {
+        format!(" + up to {}", args.latency_jitter.as_millis())
+    };
+    let runs = if args.runs == 1 {
+        "one run".to_owned()
+    } else {
+        format!("mean of {} runs", args.runs)
+    };
     let note = format!(
-        "base {} ms, cap {} ms, {} ms per request, seed {}",
+        "base {} ms, cap {} ms, server {}{extra} ms per request, {runs}, seed {}",
         args.base.as_millis(),
         args.cap.as_millis(),
         args.latency.as_millis(),
@@ -37,7 +47,8 @@ pub(crate) fn write(
     let calls = dir.join(CALLS_SVG);
     chart(
         &calls,
-        &format!("Calls until every client has written ({note})"),
+        "Calls until every client has written",
+        &note,
         "calls (reads + writes)",
         points,
         |p| p.calls as f64,
@@ -45,7 +56,8 @@ pub(crate) fn write(
     let time = dir.join(TIME_SVG);
     chart(
         &time,
-        &format!("Time until every client has written ({note})"),
+        "Time until every client has written",
+        &note,
         "completion time (ms)",
         points,
         |p| p.time_ms as f64,
@@ -59,19 +71,29 @@ pub(crate) fn write(
 fn chart(
     path: &Path,
     caption: &str,
+    note: &str,
     y_label: &str,
     points: &[Point],
     value: impl Fn(&Point) -> f64,
 ) -> Result<(), DemoError> {
     let max_x = points.iter().map(|r| r.clients).max().unwrap_or(1) as f64;
     let max_y = points.iter().map(&value).fold(1.0_f64, f64::max);
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    let root = SVGBackend::new(path, (900, 580)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
+    let root = root
+        .titled(caption, ("sans-serif", 26))
+        .map_err(plot_error)?;
+    root.draw_text(
+        note,
+        &TextStyle::from(("sans-serif", 15).into_font()).color(&BLACK.mix(0.7)),
+        (60, 0),
+    )
+    .map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(caption, ("sans-serif", 18))
         .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(72)
+        .margin_top(28)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
         .build_cartesian_2d(0.0..max_x * 1.04, 0.0..max_y * 1.08)
         .map_err(plot_error)?;
     chart
@@ -80,6 +102,8 @@ fn chart(
         .y_desc(y_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(plot_error)?;
@@ -106,6 +130,7 @@ fn chart(
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK.mix(0.3))
         .draw()
