@@ -150,7 +150,7 @@ pub(crate) async fn write(
             );
         }
         Precondition::Any => true,
-        Precondition::Tags(tags) => tags.iter().any(|t| *t == current),
+        Precondition::Tags(tags) => tags.contains(&current),
     };
     if !matches {
         c.conflicts += 1;

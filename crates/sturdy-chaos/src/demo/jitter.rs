@@ -440,3 +440,61 @@ async fn contend(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn each_strategy_follows_its_formula() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let make = |s| Sleeper::new(s, MS * 4, MS * 100).unwrap();
+        for retry in 1..=12 {
+            let temp = (MS * 4 * 2u32.pow(retry - 1)).min(MS * 100);
+            assert_eq!(
+                make(Strategy::NoBackoff).delay(retry, None, &mut rng),
+                Duration::ZERO
+            );
+            assert_eq!(
+                make(Strategy::Exponential).delay(retry, None, &mut rng),
+                temp
+            );
+            for _ in 0..200 {
+                let full = make(Strategy::FullJitter).delay(retry, None, &mut rng);
+                assert!(full <= temp, "{full:?} > {temp:?}");
+                let equal = make(Strategy::EqualJitter).delay(retry, None, &mut rng);
+                assert!(equal >= temp / 2 && equal <= temp, "{equal:?} vs {temp:?}");
+                let prev = Some(MS * 20);
+                let dec = make(Strategy::Decorrelated).delay(retry, prev, &mut rng);
+                assert!(dec >= MS * 4 && dec <= MS * 60, "{dec:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn equal_jitter_spreads_over_the_upper_half() {
+        let s = Sleeper::new(Strategy::EqualJitter, MS * 10, MS * 1_000).unwrap();
+        let mut rng = SmallRng::seed_from_u64(7);
+        let draws: Vec<Duration> = (0..1_000).map(|_| s.delay(3, None, &mut rng)).collect();
+        // temp = 40 ms: draws cover [20 ms, 40 ms], with a mean near 30 ms.
+        assert!(draws.iter().any(|d| *d < MS * 22));
+        assert!(draws.iter().any(|d| *d > MS * 38));
+        let mean = draws.iter().sum::<Duration>() / 1_000;
+        assert!(mean > MS * 29 && mean < MS * 31, "{mean:?}");
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_sleeps() {
+        let s = Sleeper::new(Strategy::FullJitter, MS, MS * 100).unwrap();
+        let draw = |seed| {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            (1..10)
+                .map(|r| s.delay(r, None, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(5), draw(5));
+        assert_ne!(draw(5), draw(6));
+    }
+}

@@ -208,9 +208,9 @@ async fn run(
     let wall = started.elapsed();
     let s = server.stats();
     progress.finish(&format!(
-        "{}: {orders}/{orders} orders in {:.1} s",
+        "{}: {orders}/{orders} orders sent in {} ms ({succeeded} succeeded, {failed} failed)",
         kind.name(),
-        wall.as_secs_f64()
+        wall.as_millis()
     ));
     Ok(ClientReport {
         name: kind.name(),
