@@ -122,17 +122,18 @@ pub(crate) async fn main(args: &OrdersArgs) -> Result<(), DemoError> {
         );
         println!("{HEADER}");
     }
-    let mut reports = Vec::new();
-    for kind in [Kind::Plain, Kind::Naive, Kind::Sturdy] {
+    let mut one = async |kind| {
         let r = run(kind, args.orders, &mut progress).await?;
         if !args.json {
             println!("{}", row(&r));
         }
-        reports.push(r);
-    }
-    let [plain, naive, sturdy] = &reports[..] else {
-        unreachable!("three clients ran")
+        Ok::<_, DemoError>(r)
     };
+    let (plain, naive, sturdy) = (
+        &one(Kind::Plain).await?,
+        &one(Kind::Naive).await?,
+        &one(Kind::Sturdy).await?,
+    );
     if args.json {
         let out = JsonReport {
             orders: args.orders,
