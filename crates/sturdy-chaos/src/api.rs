@@ -31,6 +31,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .merge(api)
         .route("/oauth/token", post(crate::oauth::token))
         .route("/health", get(|| async { "ok" }))
+        .route(
+            "/counter",
+            get(crate::counter::read).put(crate::counter::write),
+        )
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             count_and_log,

@@ -12,6 +12,8 @@
 //! | `GET /orders/{id}` | one order |
 //! | `POST /oauth/token` | OAuth2 client credentials; tokens expire after [`Knobs::token_lifetime`] |
 //! | `GET /health` | `ok`, never faulted |
+//! | `GET /counter` | a counter under optimistic concurrency: `{"value", "version"}` with `ETag: "<version>"` |
+//! | `PUT /counter` | `{"value": v}` with `If-Match: "<version>"`: 200 when the version is current, 412 when stale, 428 without `If-Match`; never faulted, delayed by [`Knobs::counter_latency`] |
 //!
 //! [`serve`] wraps any axum app with the same faults (5xx before it, a closed connection after
 //! it), for testing server-side layers end to end.
@@ -44,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod counter;
 mod oauth;
 mod state;
 mod wrap;
@@ -63,6 +66,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt as _;
 
+pub use counter::CounterStats;
 pub use state::{Capacity, Knobs, RequestRecord, RetryAfterForm, ServerRateLimit, Stats};
 pub use wrap::{serve, FaultStats, Faults, Served};
 
@@ -139,6 +143,11 @@ impl ChaosServer {
     /// The orders committed so far (seeded ones first).
     pub fn orders(&self) -> Vec<serde_json::Value> {
         lock(&self.shared.book).orders.clone()
+    }
+
+    /// The state of `/counter` and the requests it answered.
+    pub fn counter(&self) -> CounterStats {
+        *lock(&self.shared.counter)
     }
 
     /// Revokes every token issued so far: the next API call with one gets 401.

@@ -49,8 +49,8 @@ pub struct Capacity {
 /// The server's fault and feature switches, all off by default. Change them while the server runs
 /// with [`ChaosServer::update`](crate::ChaosServer::update).
 ///
-/// Faults apply to the API routes (`/orders...`), not to `/oauth/token` (which has its own) or
-/// `/health`. They are checked in this order: capacity, latency (and its tail), API version, auth, server quota, the next-N
+/// Faults apply to the API routes (`/orders...`), not to `/oauth/token` (which has its own),
+/// `/health` or `/counter` (which has only [`Knobs::counter_latency`]). They are checked in this order: capacity, latency (and its tail), API version, auth, server quota, the next-N
 /// and random 429s, the next-N and random 5xx; a request that survives them reaches the handler,
 /// where reset-after-commit applies to `POST /orders`.
 #[derive(Debug, Clone)]
@@ -110,6 +110,13 @@ pub struct Knobs {
     pub idempotency: bool,
     /// Orders present at start, for pagination (`o_1` .. `o_N`).
     pub orders: usize,
+    /// Added to every `/counter` request before it is served (the read's snapshot and the write's
+    /// compare-and-set come after it), so that contending clients overlap as they would against a
+    /// real datastore.
+    pub counter_latency: Duration,
+    /// A random extra delay of `/counter` requests, uniform between zero and this (drawn from the
+    /// seeded generator), as a network's variance would add.
+    pub counter_latency_jitter: Duration,
 }
 
 impl Default for Knobs {
@@ -140,6 +147,8 @@ impl Default for Knobs {
             server_rate_limit: None,
             idempotency: false,
             orders: 0,
+            counter_latency: Duration::ZERO,
+            counter_latency_jitter: Duration::ZERO,
         }
     }
 }
@@ -257,6 +266,7 @@ pub(crate) struct Shared {
     pub(crate) window: Mutex<(Instant, u32)>,
     pub(crate) log: Mutex<Vec<RequestRecord>>,
     pub(crate) started: Instant,
+    pub(crate) counter: Mutex<crate::counter::CounterStats>,
 }
 
 /// Locks a mutex, shrugging off poison: the server's state stays usable after a panicking test.
@@ -282,6 +292,7 @@ impl Shared {
             window: Mutex::new((now, 0)),
             log: Mutex::new(Vec::new()),
             started: now,
+            counter: Mutex::default(),
         }
     }
 
