@@ -1,7 +1,8 @@
 //! The recommended composition, in the order DESIGN.md gives (outermost first):
 //!
 //! ```text
-//! IdempotencyKey -> Retry -> CircuitBreaker -> RateLimit -> Auth -> Version -> AttemptTimeout -> client
+//! IdempotencyKey -> Retry -> Hedge -> CircuitBreaker -> RateLimit -> AdaptiveConcurrency -> Auth
+//!   -> Version -> AttemptTimeout -> client
 //! ```
 
 use std::time::Duration;
@@ -16,6 +17,9 @@ use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::AuthLayer;
 use crate::circuit::CircuitBreakerLayer;
+use crate::coalesce::{CoalesceLayer, ResponseBody};
+use crate::concurrency::AdaptiveConcurrencyLayer;
+use crate::hedge::HedgeLayer;
 use crate::idempotency::client::IdempotencyKeyLayer;
 use crate::ratelimit::RateLimitLayer;
 use crate::retry::{AttemptTimeoutLayer, RetryLayer};
@@ -30,19 +34,25 @@ use crate::version::VersionLayer;
 pub type Client<Rb> = BoxCloneSyncService<Request<Full<Bytes>>, Response<Rb>, BoxError>;
 
 /// The layers of a [`ClientBuilder`], outermost first, as tower stacks them.
-type Layers<R, C, L> = Stack<
+type Layers<R, C, L, H, A> = Stack<
     AttemptTimeoutLayer,
     Stack<
         Either<VersionLayer, Identity>,
         Stack<
             Either<AuthLayer, Identity>,
             Stack<
-                Either<L, Identity>,
+                Either<A, Identity>,
                 Stack<
-                    Either<C, Identity>,
+                    Either<L, Identity>,
                     Stack<
-                        Either<R, Identity>,
-                        Stack<Either<IdempotencyKeyLayer, Identity>, Identity>,
+                        Either<C, Identity>,
+                        Stack<
+                            Either<H, Identity>,
+                            Stack<
+                                Either<R, Identity>,
+                                Stack<Either<IdempotencyKeyLayer, Identity>, Identity>,
+                            >,
+                        >,
                     >,
                 >,
             >,
@@ -58,7 +68,13 @@ type Layers<R, C, L> = Stack<
 /// Defaults: idempotency keys on POST and PATCH; [`RetryLayer::new`]; a
 /// [`CircuitBreakerLayer::new`] per host; adaptive rate limiting
 /// ([`RateLimitLayer::adaptive_only`]: pauses on 429 and quota headers, no quota of our own); no
-/// auth; no version pin; a 30 s timeout per attempt.
+/// auth; no version pin; a 30 s timeout per attempt. Off unless asked for: hedging
+/// ([`with_hedge`](Self::with_hedge), inside retry, so each hedged copy is an attempt the breaker
+/// and the limiter see) and an adaptive concurrency limit
+/// ([`with_adaptive_concurrency`](Self::with_adaptive_concurrency), under the rate limiter, so a
+/// permit is held for the attempt only), and coalescing
+/// ([`with_coalesce`](Self::with_coalesce), around everything, so identical calls share one
+/// whole outcome, retries included).
 ///
 /// Setters: `with_*` puts a layer in (as configured), `without_*` leaves it out. When auth uses a
 /// token source, the wait for a token is bounded by the attempt timeout too, so a token endpoint
@@ -88,11 +104,21 @@ type Layers<R, C, L> = Stack<
 /// ```
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct ClientBuilder<R = RetryLayer, C = CircuitBreakerLayer, L = RateLimitLayer> {
+pub struct ClientBuilder<
+    R = RetryLayer,
+    C = CircuitBreakerLayer,
+    L = RateLimitLayer,
+    H = HedgeLayer,
+    A = AdaptiveConcurrencyLayer,
+    Co = (),
+> {
+    coalesce: Co,
     idempotency: Option<IdempotencyKeyLayer>,
     retry: Option<R>,
+    hedge: Option<H>,
     circuit: Option<C>,
     ratelimit: Option<L>,
+    concurrency: Option<A>,
     auth: Option<AuthLayer>,
     version: Option<VersionLayer>,
     timeout: Option<Duration>,
@@ -108,10 +134,13 @@ impl ClientBuilder {
     /// The defaults above.
     pub fn new() -> Self {
         Self {
+            coalesce: (),
             idempotency: Some(IdempotencyKeyLayer::new()),
             retry: Some(RetryLayer::new()),
+            hedge: None,
             circuit: Some(CircuitBreakerLayer::new()),
             ratelimit: Some(RateLimitLayer::adaptive_only()),
+            concurrency: None,
             auth: None,
             version: None,
             timeout: Some(Duration::from_secs(30)),
@@ -119,7 +148,7 @@ impl ClientBuilder {
     }
 }
 
-impl<R, C, L> ClientBuilder<R, C, L> {
+impl<R, C, L, H, A, Co> ClientBuilder<R, C, L, H, A, Co> {
     /// Idempotency keys, as configured.
     pub fn with_idempotency(mut self, layer: IdempotencyKeyLayer) -> Self {
         self.idempotency = Some(layer);
@@ -133,12 +162,15 @@ impl<R, C, L> ClientBuilder<R, C, L> {
     }
 
     /// Retries, as configured (any classifier).
-    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<R2, C, L> {
+    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<R2, C, L, H, A, Co> {
         ClientBuilder {
+            coalesce: self.coalesce,
             idempotency: self.idempotency,
             retry: Some(layer),
+            hedge: self.hedge,
             circuit: self.circuit,
             ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
             timeout: self.timeout,
@@ -152,12 +184,15 @@ impl<R, C, L> ClientBuilder<R, C, L> {
     }
 
     /// Circuit breakers, as configured (any key, any classifier).
-    pub fn with_circuit_breaker<C2>(self, layer: C2) -> ClientBuilder<R, C2, L> {
+    pub fn with_circuit_breaker<C2>(self, layer: C2) -> ClientBuilder<R, C2, L, H, A, Co> {
         ClientBuilder {
+            coalesce: self.coalesce,
             idempotency: self.idempotency,
             retry: self.retry,
+            hedge: self.hedge,
             circuit: Some(layer),
             ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
             timeout: self.timeout,
@@ -171,12 +206,15 @@ impl<R, C, L> ClientBuilder<R, C, L> {
     }
 
     /// Rate limiting, as configured (any quota, any key).
-    pub fn with_rate_limit<L2>(self, layer: L2) -> ClientBuilder<R, C, L2> {
+    pub fn with_rate_limit<L2>(self, layer: L2) -> ClientBuilder<R, C, L2, H, A, Co> {
         ClientBuilder {
+            coalesce: self.coalesce,
             idempotency: self.idempotency,
             retry: self.retry,
+            hedge: self.hedge,
             circuit: self.circuit,
             ratelimit: Some(layer),
+            concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
             timeout: self.timeout,
@@ -186,6 +224,53 @@ impl<R, C, L> ClientBuilder<R, C, L> {
     /// No rate limiting.
     pub fn without_rate_limit(mut self) -> Self {
         self.ratelimit = None;
+        self
+    }
+
+    /// Hedged requests (off by default): a second copy of a slow safe call after the host's
+    /// observed latency percentile, within a budget. Placed inside the retry layer, so each
+    /// copy is an attempt the breaker and the limiter count.
+    pub fn with_hedge<H2>(self, layer: H2) -> ClientBuilder<R, C, L, H2, A, Co> {
+        ClientBuilder {
+            coalesce: self.coalesce,
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: Some(layer),
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No hedging.
+    pub fn without_hedge(mut self) -> Self {
+        self.hedge = None;
+        self
+    }
+
+    /// An adaptive concurrency limit per host (off by default). Placed under the rate limiter,
+    /// so a call holds its permit for the attempt, not while it waits for a rate slot.
+    pub fn with_adaptive_concurrency<A2>(self, layer: A2) -> ClientBuilder<R, C, L, H, A2, Co> {
+        ClientBuilder {
+            coalesce: self.coalesce,
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: Some(layer),
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No adaptive concurrency limit.
+    pub fn without_adaptive_concurrency(mut self) -> Self {
+        self.concurrency = None;
         self
     }
 
@@ -227,7 +312,29 @@ impl<R, C, L> ClientBuilder<R, C, L> {
         self
     }
 
-    fn layers(self) -> Layers<R, C, L> {
+    /// Identical safe calls in flight share one whole outcome, retries included (off by
+    /// default): the coalescing layer goes around the whole stack. The client's response body
+    /// becomes `sturdy::coalesce::ResponseBody<Rb>` (a shared body, or the upstream one for a call
+    /// that did not share).
+    pub fn with_coalesce<K>(
+        self,
+        layer: CoalesceLayer<K>,
+    ) -> ClientBuilder<R, C, L, H, A, CoalesceLayer<K>> {
+        ClientBuilder {
+            coalesce: layer,
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            timeout: self.timeout,
+        }
+    }
+
+    fn layers(self) -> Layers<R, C, L, H, A> {
         // A token wait is part of the attempt: bound it by the attempt timeout too.
         let auth = match (self.auth, self.timeout) {
             (Some(a), Some(t)) => {
@@ -239,30 +346,69 @@ impl<R, C, L> ClientBuilder<R, C, L> {
         ServiceBuilder::new()
             .option_layer(self.idempotency)
             .option_layer(self.retry)
+            .option_layer(self.hedge)
             .option_layer(self.circuit)
             .option_layer(self.ratelimit)
+            .option_layer(self.concurrency)
             .option_layer(auth)
             .option_layer(self.version)
             .layer(AttemptTimeoutLayer::new(self.timeout))
             .into_inner()
     }
 
+    /// The stack around `http`, not yet boxed.
+    fn stack<S>(self, http: S) -> <Layers<R, C, L, H, A> as Layer<S>>::Service
+    where
+        Layers<R, C, L, H, A>: Layer<S>,
+    {
+        self.layers().layer(http)
+    }
+}
+
+impl<R, C, L, H, A> ClientBuilder<R, C, L, H, A> {
     /// Wraps `http` (a hyper-util client, or any service) in the stack.
     pub fn build<S, Rb>(self, http: S) -> Client<Rb>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
-        Layers<R, C, L>: Layer<S>,
-        <Layers<R, C, L> as Layer<S>>::Service:
+        Layers<R, C, L, H, A>: Layer<S>,
+        <Layers<R, C, L, H, A> as Layer<S>>::Service:
             Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
-        <<Layers<R, C, L> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
+        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
             Into<BoxError>,
-        <<Layers<R, C, L> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
+        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
             Send + 'static,
         Rb: Send + 'static,
     {
-        let svc = self.layers().layer(http);
+        let svc = self.stack(http);
         BoxCloneSyncService::new(tower::ServiceExt::map_err(svc, Into::<BoxError>::into))
+    }
+}
+
+impl<R, C, L, H, A, K> ClientBuilder<R, C, L, H, A, CoalesceLayer<K>>
+where
+    K: Clone,
+{
+    /// Wraps `http` in the stack, with coalescing around it.
+    pub fn build<S, Rb>(self, http: S) -> Client<ResponseBody<Rb>>
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        Layers<R, C, L, H, A>: Layer<S>,
+        <Layers<R, C, L, H, A> as Layer<S>>::Service:
+            Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
+        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
+            Into<BoxError>,
+        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
+            Send + 'static,
+        Rb: http_body::Body<Data = Bytes> + Send + 'static,
+        Rb::Error: Into<BoxError>,
+        K: sturdy_core::KeyExtractor<Full<Bytes>> + Send + Sync + 'static,
+    {
+        let coalesce = self.coalesce.clone();
+        let svc = tower::ServiceExt::map_err(self.stack(http), Into::<BoxError>::into);
+        BoxCloneSyncService::new(coalesce.layer(svc))
     }
 }

@@ -279,10 +279,13 @@ async fn every_client_layer_keeps_the_readiness_contract() {
 
 #[tokio::test(start_paused = true)]
 async fn the_composed_client_keeps_the_readiness_contract() {
+    // Every layer on, the optional ones included.
     let builder = || {
         ClientBuilder::new()
             .with_retry(fast_retry())
+            .with_hedge(sturdy::hedge::HedgeLayer::new())
             .with_rate_limit(RateLimitLayer::new(Quota::per_second(50).unwrap()))
+            .with_adaptive_concurrency(sturdy::concurrency::AdaptiveConcurrencyLayer::new())
             .with_auth(AuthLayer::oauth2(tokens()))
             .with_version(VersionLayer::header("api-version", "1").unwrap())
             .with_attempt_timeout(Duration::from_secs(1))
@@ -300,6 +303,13 @@ async fn the_composed_client_keeps_the_readiness_contract() {
     drive(
         "ClientBuilder under Buffer(1)",
         Buffer::new(builder().build(Api::default()), 1),
+    )
+    .await;
+    drive(
+        "ClientBuilder with coalescing, over ConcurrencyLimit(1)",
+        builder()
+            .with_coalesce(sturdy::coalesce::CoalesceLayer::new())
+            .build(ConcurrencyLimit::new(Api::default(), 1)),
     )
     .await;
 }
