@@ -7,8 +7,38 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+/// A fast hash for short keys (hosts): the keys come from the application's own requests and the
+/// map is bounded, so the protection of SipHash against chosen collisions buys nothing here,
+/// while its cost is paid on every lookup.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for b in chunks.remainder() {
+            h = (h.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Map<T> = HashMap<Box<str>, Arc<Slot<T>>, BuildHasherDefault<KeyHasher>>;
 
 /// State that can say it holds nothing worth keeping, so a full map may forget it.
 pub trait Idle {
@@ -49,7 +79,7 @@ pub const OVERFLOW_KEY: &str = "*";
 
 /// A bounded map from key to shared state.
 pub struct KeyedMap<T> {
-    map: RwLock<HashMap<Box<str>, Arc<Slot<T>>>>,
+    map: RwLock<Map<T>>,
     max: usize,
 }
 
@@ -67,7 +97,7 @@ impl<T: Idle> KeyedMap<T> {
     /// new keys share one overflow slot ([`OVERFLOW_KEY`]).
     pub fn new(max: usize) -> Self {
         Self {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Map::default()),
             max: max.max(1),
         }
     }
@@ -153,33 +183,56 @@ impl<T> std::ops::Deref for Local<T> {
     }
 }
 
-/// The last slot a service used.
+/// A service's cache of slots: the slot of the first key the service (or any of its clones)
+/// used, shared by all its clones, and the last slot this clone used.
+///
+/// Services are usually cloned for every call (`svc.clone().oneshot(req)`) from one that is never
+/// called itself, so a cache of the clone's own would always be empty: the shared first slot is
+/// what makes the common case (one host) skip the map, its lock and its hash.
 #[derive(Debug)]
-pub struct SlotCache<T>(Option<Arc<Local<T>>>);
+pub struct SlotCache<T> {
+    first: Arc<OnceLock<Arc<Local<T>>>>,
+    last: Option<Arc<Local<T>>>,
+}
 
 impl<T> Default for SlotCache<T> {
     fn default() -> Self {
-        Self(None)
+        Self {
+            first: Arc::new(OnceLock::new()),
+            last: None,
+        }
     }
 }
 
 impl<T> Clone for SlotCache<T> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self {
+            first: self.first.clone(),
+            last: self.last.clone(),
+        }
     }
 }
 
 impl<T: Idle> SlotCache<T> {
-    /// The slot of `key`: the cached one when the key matches and the map still holds it, else
+    /// The slot of `key`: a cached one when the key matches and the map still holds it, else
     /// from `map` (made with `make` if needed).
     pub fn get(&mut self, map: &KeyedMap<T>, key: &str, make: impl FnOnce() -> T) -> Arc<Local<T>> {
-        if let Some(l) = &self.0 {
-            if *l.0.key == *key && !l.0.evicted.load(Ordering::Acquire) {
+        let fresh = |l: &Arc<Local<T>>| *l.0.key == *key && !l.0.evicted.load(Ordering::Acquire);
+        if let Some(l) = &self.last {
+            if fresh(l) {
+                return l.clone();
+            }
+        }
+        if let Some(l) = self.first.get() {
+            if fresh(l) {
                 return l.clone();
             }
         }
         let l = Arc::new(Local(map.get_or_insert_with(key, make)));
-        self.0 = Some(l.clone());
+        if self.first.get().is_none() {
+            let _ = self.first.set(l.clone());
+        }
+        self.last = Some(l.clone());
         l
     }
 }
@@ -226,5 +279,19 @@ mod tests {
         other.get(&m, "y", || Count(AtomicU32::new(0)));
         let fresh = cache.get(&m, "x", || Count(AtomicU32::new(7)));
         assert_eq!(fresh.value().0.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn fresh_clones_share_the_first_slot() {
+        let m: KeyedMap<Count> = KeyedMap::new(8);
+        let template: SlotCache<Count> = SlotCache::default();
+        let first = template.clone().get(&m, "x", || Count(AtomicU32::new(1)));
+        // A clone made for another call finds it without the map.
+        let again = template.clone().get(&m, "x", || unreachable!());
+        assert!(Arc::ptr_eq(&first, &again));
+        // Another key goes to the map, and is cached by the clone that used it.
+        let mut c = template.clone();
+        let y = c.get(&m, "y", || Count(AtomicU32::new(1)));
+        assert!(Arc::ptr_eq(&y, &c.get(&m, "y", || unreachable!())));
     }
 }

@@ -188,6 +188,7 @@ impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
             config: self.config.clone(),
             key: self.key.clone(),
             bound: None,
+            first: Arc::default(),
         }
     }
 }

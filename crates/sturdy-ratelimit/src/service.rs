@@ -34,6 +34,9 @@ pub struct RateLimit<S, K> {
     pub(crate) config: Arc<Config>,
     pub(crate) key: K,
     pub(crate) bound: Option<Arc<Bound>>,
+    /// The state of the first key any clone of this service used: services are usually cloned
+    /// per call from one that is never called, so this is what skips the map on the common path.
+    pub(crate) first: Arc<std::sync::OnceLock<Arc<Bound>>>,
 }
 
 impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
@@ -60,7 +63,15 @@ impl<S, K> RateLimit<S, K> {
                 return b.clone();
             }
         }
+        if let Some(b) = self.first.get() {
+            if b.key() == key {
+                return b.clone();
+            }
+        }
         let b = self.state.bind(key, &self.config);
+        if self.first.get().is_none() {
+            let _ = self.first.set(b.clone());
+        }
         self.bound = Some(b.clone());
         b
     }
