@@ -1,12 +1,12 @@
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::Script;
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_idempotency::server::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
 
-use crate::bounded;
+use crate::conn::Lua;
+use crate::{bounded, RedisConnection};
 
 /// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
 /// lease (ms). Values: `i:<fp>` while running, `d:<fp>:<response>` when done.
@@ -48,6 +48,11 @@ if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then return redis.call('DEL', K
 return 0
 ";
 
+static BEGIN_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(BEGIN.to_owned()));
+static RENEW_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RENEW.to_owned()));
+static COMPLETE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(COMPLETE.to_owned()));
+static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()));
+
 /// An idempotency store in Redis, so several app instances agree on keys: the lock is a
 /// `SET NX PX` with the lease; renewal, completion and release are atomic scripts that act only
 /// for the fingerprint that holds the lock (or, for renewal and completion, on a key whose lease
@@ -57,15 +62,14 @@ return 0
 /// Each key is one Redis string: `i:<fingerprint>` while its request runs, then
 /// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]). The Redis key is the
 /// prefix, a hash of the client's scope and the idempotency key; no credential is stored.
+///
+/// Works on one Redis server and on a Redis Cluster: each operation touches one key, so it goes
+/// to the one node that owns it.
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     timeout: Duration,
-    begin: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
 }
 
 impl fmt::Debug for RedisIdempotencyStore {
@@ -91,21 +95,29 @@ impl RedisIdempotencyStore {
     /// # Errors
     /// When Redis cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        Ok(Self::new(
-            crate::connect(url, Duration::from_secs(1)).await?,
-        ))
+        Ok(Self::new(RedisConnection::connect(url).await?))
     }
 
-    /// A store on an existing connection.
-    pub fn new(conn: ConnectionManager) -> Self {
+    /// Connects to a Redis Cluster through any of its nodes (see
+    /// [`RedisConnection::connect_cluster`]); keys prefixed `sturdy:idem`.
+    ///
+    /// # Errors
+    /// When no node can be reached.
+    pub async fn connect_cluster<I, S>(nodes: I) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Ok(Self::new(RedisConnection::connect_cluster(nodes).await?))
+    }
+
+    /// A store on an existing connection: a [`RedisConnection`] (one server or a cluster), or
+    /// a `redis` crate `ConnectionManager` or cluster `ClusterConnection`.
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             prefix: "sturdy:idem".into(),
             timeout: Duration::from_secs(1),
-            begin: Script::new(BEGIN),
-            renew: Script::new(RENEW),
-            complete: Script::new(COMPLETE),
-            release: Script::new(RELEASE),
         }
     }
 
@@ -139,12 +151,13 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.begin.key(key);
-            inv.arg(hex(&fingerprint)).arg(ms(lease));
+            let mut inv = BEGIN_LUA.call();
+            inv.key(key)
+                .arg(hex(&fingerprint)).arg(ms(lease));
             let v: Vec<Vec<u8>> = bounded(
                 this.timeout,
                 "idempotency begin",
-                inv.invoke_async(&mut conn),
+                inv.invoke(&mut conn),
             )
             .await?;
             match v.first().map(Vec::as_slice) {
@@ -179,12 +192,13 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.renew.key(key);
-            inv.arg(hex(&fingerprint)).arg(ms(lease));
+            let mut inv = RENEW_LUA.call();
+            inv.key(key)
+                .arg(hex(&fingerprint)).arg(ms(lease));
             let renewed: i64 = bounded(
                 this.timeout,
                 "idempotency renew",
-                inv.invoke_async(&mut conn),
+                inv.invoke(&mut conn),
             )
             .await?;
             Ok(renewed == 1)
@@ -202,14 +216,15 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.complete.key(key);
-            inv.arg(hex(&fingerprint))
+            let mut inv = COMPLETE_LUA.call();
+            inv.key(key)
+                .arg(hex(&fingerprint))
                 .arg(ms(ttl))
                 .arg(response.to_json());
             let _: i64 = bounded(
                 this.timeout,
                 "idempotency complete",
-                inv.invoke_async(&mut conn),
+                inv.invoke(&mut conn),
             )
             .await?;
             Ok(())
@@ -221,12 +236,13 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.release.key(key);
-            inv.arg(hex(&fingerprint));
+            let mut inv = RELEASE_LUA.call();
+            inv.key(key)
+                .arg(hex(&fingerprint));
             let _: i64 = bounded(
                 this.timeout,
                 "idempotency release",
-                inv.invoke_async(&mut conn),
+                inv.invoke(&mut conn),
             )
             .await?;
             Ok(())
