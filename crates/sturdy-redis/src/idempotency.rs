@@ -152,14 +152,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = BEGIN_LUA.call();
-            inv.key(key)
-                .arg(hex(&fingerprint)).arg(ms(lease));
-            let v: Vec<Vec<u8>> = bounded(
-                this.timeout,
-                "idempotency begin",
-                inv.invoke(&mut conn),
-            )
-            .await?;
+            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            let v: Vec<Vec<u8>> =
+                bounded(this.timeout, "idempotency begin", inv.invoke(&mut conn)).await?;
             match v.first().map(Vec::as_slice) {
                 Some(b"started") => Ok(Begin::Started),
                 Some(b"inflight") => Ok(Begin::InFlight),
@@ -193,14 +188,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = RENEW_LUA.call();
-            inv.key(key)
-                .arg(hex(&fingerprint)).arg(ms(lease));
-            let renewed: i64 = bounded(
-                this.timeout,
-                "idempotency renew",
-                inv.invoke(&mut conn),
-            )
-            .await?;
+            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            let renewed: i64 =
+                bounded(this.timeout, "idempotency renew", inv.invoke(&mut conn)).await?;
             Ok(renewed == 1)
         })
     }
@@ -221,12 +211,8 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(hex(&fingerprint))
                 .arg(ms(ttl))
                 .arg(response.to_json());
-            let _: i64 = bounded(
-                this.timeout,
-                "idempotency complete",
-                inv.invoke(&mut conn),
-            )
-            .await?;
+            let _: i64 =
+                bounded(this.timeout, "idempotency complete", inv.invoke(&mut conn)).await?;
             Ok(())
         })
     }
@@ -237,14 +223,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = RELEASE_LUA.call();
-            inv.key(key)
-                .arg(hex(&fingerprint));
-            let _: i64 = bounded(
-                this.timeout,
-                "idempotency release",
-                inv.invoke(&mut conn),
-            )
-            .await?;
+            inv.key(key).arg(hex(&fingerprint));
+            let _: i64 =
+                bounded(this.timeout, "idempotency release", inv.invoke(&mut conn)).await?;
             Ok(())
         })
     }

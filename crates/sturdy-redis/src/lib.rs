@@ -369,12 +369,7 @@ impl RedisQuota {
         let mut conn = self.conn.clone();
         let mut inv = PAUSE_LUA.call();
         inv.key(pause).arg(ms).arg(cap);
-        let _: i64 = bounded(
-            self.timeout,
-            "rate-limit pause",
-            inv.invoke(&mut conn),
-        )
-        .await?;
+        let _: i64 = bounded(self.timeout, "rate-limit pause", inv.invoke(&mut conn)).await?;
         Ok(())
     }
 

@@ -281,7 +281,10 @@ impl RedisStreamQueue {
     ///
     /// # Errors
     /// When the stream name is empty or has a `}` but no hash tag, or no node can be reached.
-    pub async fn connect_cluster<I, S>(nodes: I, stream: impl Into<String>) -> Result<Self, BoxError>
+    pub async fn connect_cluster<I, S>(
+        nodes: I,
+        stream: impl Into<String>,
+    ) -> Result<Self, BoxError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -296,7 +299,10 @@ impl RedisStreamQueue {
     ///
     /// # Errors
     /// When the stream name is empty or has a `}` but no hash tag.
-    pub fn new(conn: impl Into<RedisConnection>, stream: impl Into<String>) -> Result<Self, BoxError> {
+    pub fn new(
+        conn: impl Into<RedisConnection>,
+        stream: impl Into<String>,
+    ) -> Result<Self, BoxError> {
         let stream = named("stream", stream.into())?;
         let base = key_base(&stream)?;
         Ok(Self {
@@ -456,8 +462,7 @@ impl EventQueue for RedisStreamQueue {
                 inv.arg(format!("h:{name}")).arg(value.as_bytes());
             }
             inv.arg("body").arg(event.body.as_ref());
-            let r: String =
-                bounded(this.timeout, "webhook enqueue", inv.invoke(&mut conn)).await?;
+            let r: String = bounded(this.timeout, "webhook enqueue", inv.invoke(&mut conn)).await?;
             match r.as_str() {
                 "enqueued" => Ok(Push::Enqueued),
                 "duplicate" => Ok(Push::Duplicate),
@@ -787,17 +792,16 @@ impl RedisStreamConsumer {
                 )))
             }
         }
-        // Loaded now, so that `next` is one round trip from the first call. Not needed for
-        // correctness (a node without it gets the script itself), so a node that is down now
-        // (on a cluster, every node is asked) does not stop the consumer.
-        if let Err(e) = bounded(
-            timeout,
-            "loading the consumer script",
-            NEXT_LUA.load(&mut conn),
-        )
-        .await
-        {
-            tracing::debug!(error = %e, "the consumer script was not loaded in advance");
+        // Loaded now, so that `next` and `ack` are one round trip from the first call. Not
+        // needed for correctness (a node without a script gets it with the call), so a node
+        // that is down now (on a cluster, every node is asked) does not stop the consumer.
+        for lua in [&*NEXT_LUA, &*ACK_LUA, &*DEAD_LUA] {
+            if let Err(e) =
+                bounded(timeout, "loading the consumer scripts", lua.load(&mut conn)).await
+            {
+                tracing::debug!(error = %e, "the consumer scripts were not loaded in advance");
+                break;
+            }
         }
         Ok(c)
     }
@@ -948,12 +952,7 @@ impl RedisStreamConsumer {
             .arg(entry)
             .arg(reason)
             .arg(self.max_dead_letters);
-        let _: i64 = bounded(
-            self.timeout,
-            "webhook dead-letter",
-            inv.invoke(&mut conn),
-        )
-        .await?;
+        let _: i64 = bounded(self.timeout, "webhook dead-letter", inv.invoke(&mut conn)).await?;
         Ok(())
     }
 
