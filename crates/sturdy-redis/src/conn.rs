@@ -294,6 +294,67 @@ impl Call<'_> {
             other => other,
         }
     }
+
+    /// Runs the script, then `WAIT replicas timeout` in the same round trip (one pipeline to
+    /// the node that owns the keys): the script's answer, and how many replicas confirmed every
+    /// write made so far on this connection to that node (`u64::MAX` when none was asked for).
+    pub(crate) async fn invoke_replicated<T: FromRedisValue>(
+        &self,
+        conn: &mut RedisConnection,
+        replication: Replication,
+    ) -> RedisResult<(T, u64)> {
+        let Replication { replicas, timeout } = replication;
+        if replicas == 0 {
+            return Ok((self.invoke(conn).await?, u64::MAX));
+        }
+        let wait_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let pipe = |by_hash: bool| {
+            let mut p = redis::pipe();
+            p.add_command(self.cmd(by_hash))
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(wait_ms);
+            p
+        };
+        match pipe(true).query_async(conn).await {
+            Err(e) if e.to_string().to_ascii_lowercase().contains("noscript") => {
+                pipe(false).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// How many replicas must confirm a write before it counts as stored, and how long to wait
+/// for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Replication {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+}
+
+impl Replication {
+    pub(crate) const NONE: Self = Self {
+        replicas: 0,
+        timeout: Duration::ZERO,
+    };
+
+    /// An error when fewer replicas than asked confirmed a write.
+    pub(crate) fn check(self, what: &str, acked: u64) -> Result<(), BoxError> {
+        if acked >= u64::from(self.replicas) {
+            return Ok(());
+        }
+        Err(Box::new(Error::new(
+            ErrorKind::Other,
+            format!(
+                "{what}: the write reached the Redis primary, but only {acked} of the {} replicas asked for confirmed it within {}, so a failover could lose it; try again",
+                self.replicas,
+                sturdy_core::human_duration(self.timeout)
+            ),
+        )))
+    }
 }
 
 #[cfg(test)]

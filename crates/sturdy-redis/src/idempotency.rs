@@ -5,7 +5,7 @@ use std::time::Duration;
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_idempotency::server::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
 
-use crate::conn::Lua;
+use crate::conn::{Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
@@ -70,6 +70,7 @@ pub struct RedisIdempotencyStore {
     conn: RedisConnection,
     prefix: String,
     timeout: Duration,
+    replication: Replication,
 }
 
 impl fmt::Debug for RedisIdempotencyStore {
@@ -77,6 +78,7 @@ impl fmt::Debug for RedisIdempotencyStore {
         f.debug_struct("RedisIdempotencyStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("replicas", &self.replication.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -118,7 +120,25 @@ impl RedisIdempotencyStore {
             conn: conn.into(),
             prefix: "sturdy:idem".into(),
             timeout: Duration::from_secs(1),
+            replication: Replication::NONE,
         }
+    }
+
+    /// Counts a lock taken and a response stored only once `replicas` replicas of the Redis
+    /// primary confirmed them, waiting up to `timeout` for them \[0: the primary's answer is
+    /// enough\].
+    ///
+    /// Redis replicates asynchronously: after a failover, the promoted replica may lack the
+    /// last writes of the primary that failed, so a lock or a stored response could vanish and
+    /// a retry would run the handler again. With this set, `begin` and `complete` send
+    /// `WAIT replicas timeout` in the same round trip as their script and fail when fewer
+    /// replicas confirm in time: the layer then answers 503 without running the handler (for
+    /// `begin`; the lock stays until its lease ends), or tries to store the response again (for
+    /// `complete`).
+    #[must_use]
+    pub fn with_replication(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Replication { replicas, timeout };
+        self
     }
 
     /// The key prefix \[`sturdy:idem`\].
@@ -153,10 +173,18 @@ impl IdempotencyStore for RedisIdempotencyStore {
             let mut conn = this.conn.clone();
             let mut inv = BEGIN_LUA.call();
             inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
-            let v: Vec<Vec<u8>> =
-                bounded(this.timeout, "idempotency begin", inv.invoke(&mut conn)).await?;
+            let rep = this.replication;
+            let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
+                this.timeout + rep.timeout,
+                "idempotency begin",
+                inv.invoke_replicated(&mut conn, rep),
+            )
+            .await?;
             match v.first().map(Vec::as_slice) {
-                Some(b"started") => Ok(Begin::Started),
+                Some(b"started") => {
+                    rep.check("idempotency begin", acked)?;
+                    Ok(Begin::Started)
+                }
                 Some(b"inflight") => Ok(Begin::InFlight),
                 Some(b"mismatch") => Ok(Begin::Mismatch),
                 Some(b"done") => v
@@ -211,9 +239,14 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(hex(&fingerprint))
                 .arg(ms(ttl))
                 .arg(response.to_json());
-            let _: i64 =
-                bounded(this.timeout, "idempotency complete", inv.invoke(&mut conn)).await?;
-            Ok(())
+            let rep = this.replication;
+            let (_, acked): (i64, u64) = bounded(
+                this.timeout + rep.timeout,
+                "idempotency complete",
+                inv.invoke_replicated(&mut conn, rep),
+            )
+            .await?;
+            rep.check("idempotency complete", acked)
         })
     }
 

@@ -179,13 +179,17 @@ fn store_error(what: &str, e: redis::RedisError) -> BoxError {
             "{what}: the keys of one operation are in different hash slots of the Redis Cluster; \
              give the names you chose (stream, dead-letter stream) the same hash tag, such as {{webhooks}}"
         ),
-        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN") => format!(
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK") => format!(
             "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way); try again shortly"
         ),
         Some("READONLY") => format!(
             "{what}: Redis answered as a read-only replica (a failover is under way); try again shortly"
         ),
         Some("LOADING") => format!("{what}: Redis is loading its data after a restart; try again shortly"),
+        _ if kind == ErrorKind::Connect => format!(
+            "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"
+        ),
+        _ if kind == ErrorKind::Timeout => format!("{what}: Redis did not answer in time"),
         _ => what.to_owned(),
     };
     Box::new(Error::new(kind, message).with_source(e))

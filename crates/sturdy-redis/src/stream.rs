@@ -8,7 +8,7 @@ use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_webhook::http;
 use sturdy_webhook::{BoxFuture, EventQueue, Push, WebhookEvent};
 
-use crate::conn::{hash_tag, Lua};
+use crate::conn::{hash_tag, Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Dedup and append in one step. KEYS: dedup key, stream. ARGV: dedup ttl (ms), max backlog,
@@ -230,6 +230,7 @@ pub struct RedisStreamQueue {
     dead: String,
     max_backlog: u64,
     timeout: Duration,
+    replication: Replication,
 }
 
 impl fmt::Debug for RedisStreamQueue {
@@ -239,6 +240,7 @@ impl fmt::Debug for RedisStreamQueue {
             .field("dead_letters", &self.dead)
             .field("max_backlog", &self.max_backlog)
             .field("timeout", &self.timeout)
+            .field("replicas", &self.replication.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -312,7 +314,23 @@ impl RedisStreamQueue {
             stream,
             max_backlog: 100_000,
             timeout: crate::conn::TIMEOUT,
+            replication: Replication::NONE,
         })
+    }
+
+    /// Counts an event as enqueued only once `replicas` replicas of the Redis primary confirmed
+    /// it, waiting up to `timeout` for them \[0: the primary's answer is enough\].
+    ///
+    /// Redis replicates asynchronously: a primary that fails right after it answered may not
+    /// have passed the event on, and the replica promoted in its place does not have it. With
+    /// this set, each enqueue sends `WAIT replicas timeout` in the same round trip as its script
+    /// and, when fewer replicas confirm in time, returns an error: the receiver answers 503 and
+    /// the sender delivers the event again. The cost is the time a replica takes to confirm
+    /// (well under a millisecond on a local network), not another round trip.
+    #[must_use]
+    pub fn with_replication(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Replication { replicas, timeout };
+        self
     }
 
     /// The most unprocessed events kept \[100,000\] (at least 1).
@@ -462,10 +480,22 @@ impl EventQueue for RedisStreamQueue {
                 inv.arg(format!("h:{name}")).arg(value.as_bytes());
             }
             inv.arg("body").arg(event.body.as_ref());
-            let r: String = bounded(this.timeout, "webhook enqueue", inv.invoke(&mut conn)).await?;
+            let rep = this.replication;
+            let (r, acked): (String, u64) = bounded(
+                this.timeout + rep.timeout,
+                "webhook enqueue",
+                inv.invoke_replicated(&mut conn, rep),
+            )
+            .await?;
             match r.as_str() {
-                "enqueued" => Ok(Push::Enqueued),
-                "duplicate" => Ok(Push::Duplicate),
+                "enqueued" => {
+                    rep.check("webhook enqueue", acked)?;
+                    Ok(Push::Enqueued)
+                }
+                "duplicate" => {
+                    rep.check("webhook enqueue", acked)?;
+                    Ok(Push::Duplicate)
+                }
                 "full" => Ok(Push::Full),
                 other => Err(unexpected("the enqueue script", &other)),
             }

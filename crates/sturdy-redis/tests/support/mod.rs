@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod proxy;
+pub(crate) mod servers;
 
 use sturdy_redis::RedisConnection;
 
