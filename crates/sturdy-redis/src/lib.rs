@@ -18,6 +18,33 @@
 //! hang. What the rate limiter then does is its `with_on_store_error` choice (let calls through by
 //! default, or fail them).
 //!
+//! # One server or a Redis Cluster
+//!
+//! Each backend has `connect(url, ..)` for one server, `connect_cluster(nodes, ..)` for a Redis
+//! Cluster, and `new(conn, ..)` (`join` for the consumer) for a [`RedisConnection`] of either
+//! kind. The connection reconnects by itself: after a restart of the server, or a failover in the
+//! cluster, the same backend works again without being made anew. The table of what each
+//! backend does while Redis is down, hung or failing over is in `docs/RELIABILITY.md`.
+//!
+//! # Key layout
+//!
+//! Every script touches the keys of one Redis Cluster hash slot only, so each operation is one
+//! command to one node, on a cluster as on one server:
+//!
+//! | backend | keys | one slot because |
+//! |---|---|---|
+//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, gets a hex tag instead) |
+//! | [`RedisIdempotencyStore`] | `<prefix>:<scope hash>:<idempotency key>` | each operation touches one key |
+//! | [`RedisStreamQueue`], [`RedisStreamConsumer`] | the stream, `<base>:seen:<dedup key>`, `<base>:dead` | `<base>` is the stream name when it has a hash tag (`{webhooks}`), else the name made a tag (`webhooks` gives `{webhooks}`), whose slot is the stream's |
+//!
+//! # Writes a failover could lose
+//!
+//! Redis replicates asynchronously: a primary that fails just after it answered may not have
+//! passed its last writes on, and the replica promoted in its place lacks them.
+//! [`RedisStreamQueue::with_replication`] and [`RedisIdempotencyStore::with_replication`] make an
+//! enqueue, a lock and a stored response count only once that many replicas confirmed them
+//! (`WAIT`, sent in the same round trip), and fail otherwise.
+//!
 //! # Example
 //!
 //! ```no_run

@@ -339,6 +339,7 @@ async fn a_primary_killed_mid_run_fails_over_and_every_backend_recovers() {
     for r in &failed_rounds {
         eprintln!("{r:?}");
     }
+    assert!(!failed_rounds.is_empty(), "the kill was noticed");
     // The promoted replica serves the slot now, on the same connection.
     let new_primary = cluster.primary_of("fo").await;
     assert_ne!(new_primary, victim);
