@@ -28,7 +28,8 @@ fn deployments(rt: &tokio::runtime::Runtime) -> Vec<(&'static str, RedisConnecti
         let nodes: Vec<&str> = urls.split(',').filter(|u| !u.is_empty()).collect();
         all.push((
             "cluster",
-            rt.block_on(RedisConnection::connect_cluster(nodes)).unwrap(),
+            rt.block_on(RedisConnection::connect_cluster(nodes))
+                .unwrap(),
         ));
     }
     all
@@ -56,7 +57,8 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("webhook enqueue, {name}"), |b| {
             b.iter(|| {
                 n += 1;
-                let e = WebhookEvent::new("standard", format!("evt_{n}"), Bytes::from_static(b"{}"));
+                let e =
+                    WebhookEvent::new("standard", format!("evt_{n}"), Bytes::from_static(b"{}"));
                 rt.block_on(queue.push(e, Duration::from_secs(60))).unwrap()
             });
         });

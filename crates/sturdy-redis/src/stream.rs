@@ -531,7 +531,7 @@ pub struct Delivery {
 /// # Poison events
 ///
 /// An event delivered \[5\] times without being acknowledged is moved to the dead-letter stream
-/// (`<stream>:dead`) instead of being delivered again; a handler can also dead-letter an event
+/// (`<base>:dead`, see [`RedisStreamQueue`]) instead of being delivered again; a handler can also dead-letter an event
 /// at once with [`RedisStreamConsumer::dead_letter`]. Dead letters are listed, replayed and
 /// discarded through [`RedisStreamQueue`].
 ///

@@ -171,7 +171,7 @@ async fn quota(conn: RedisConnection, args: &[String]) -> Result<()> {
 /// every tenth key a third.
 fn receives(k: usize, processes: usize, index: usize) -> bool {
     let first = k % processes;
-    let picks = if k % 10 == 0 { 3 } else { 2 };
+    let picks = if k.is_multiple_of(10) { 3 } else { 2 };
     (0..picks.min(processes)).any(|i| (first + i) % processes == index)
 }
 

@@ -1,6 +1,6 @@
 //! redis-server processes that a test starts, stops and kills on its own ports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts redis-server on `port` with its files in `dir`, and waits until it answers.
-    pub(crate) async fn start(dir: &PathBuf, port: u16, extra: &[&str]) -> Self {
+    pub(crate) async fn start(dir: &Path, port: u16, extra: &[&str]) -> Self {
         let mut args: Vec<String> = [
             "--bind",
             "127.0.0.1",
