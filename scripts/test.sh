@@ -1,46 +1,101 @@
 #!/usr/bin/env bash
 # The whole test suite: format check, clippy with warnings denied, every test and doc test.
 # Starts a throwaway Redis on loopback (no persistence) unless STURDY_REDIS_URL is already set,
-# installing Debian's redis-server first when it is missing and we are root.
+# and a throwaway Redis Cluster (3 primaries, 1 replica each) unless STURDY_REDIS_CLUSTER_URLS
+# is already set, installing Debian's redis-server first when it is missing and we are root.
+# Both are stopped on exit. With CI=true, a Redis that cannot be started is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 redis_pid=""
+cluster_pids=()
+cluster_dir=""
 stop_redis() {
-  if [ -n "$redis_pid" ]; then
-    kill "$redis_pid" 2>/dev/null || true
-    wait "$redis_pid" 2>/dev/null || true
-  fi
+  for pid in $redis_pid "${cluster_pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in $redis_pid "${cluster_pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ -n "$cluster_dir" ]; then rm -rf "$cluster_dir"; fi
 }
 trap stop_redis EXIT
 
-if [ -z "${STURDY_REDIS_URL:-}" ]; then
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 100); do
+    if ! port_free "$1"; then return 0; fi
+    sleep 0.05
+  done
+  echo "redis-server did not start on port $1" >&2
+  return 1
+}
+
+if [ -z "${STURDY_REDIS_URL:-}" ] || [ -z "${STURDY_REDIS_CLUSTER_URLS:-}" ]; then
   if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing redis-server (Debian package)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
   fi
-  if command -v redis-server >/dev/null 2>&1; then
-    port=""
-    for p in $(seq 16379 16479); do
-      if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then port=$p; break; fi
-    done
-    [ -n "$port" ] || { echo "no free port for redis-server" >&2; exit 1; }
-    redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --protected-mode yes \
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "redis-server or redis-cli is missing and could not be installed" >&2
+      exit 1
+    fi
+    echo "== redis-server not found: Redis tests will be skipped (set STURDY_REDIS_URL and STURDY_REDIS_CLUSTER_URLS to run them)"
+  fi
+fi
+
+if [ -z "${STURDY_REDIS_URL:-}" ] && command -v redis-server >/dev/null 2>&1; then
+  port=""
+  for p in $(seq 16379 16479); do
+    if port_free "$p"; then port=$p; break; fi
+  done
+  [ -n "$port" ] || { echo "no free port for redis-server" >&2; exit 1; }
+  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --protected-mode yes \
+    --logfile "" --loglevel warning >/dev/null &
+  redis_pid=$!
+  wait_port "$port"
+  export STURDY_REDIS_URL="redis://127.0.0.1:$port/"
+  echo "== redis-server on $STURDY_REDIS_URL (pid $redis_pid)"
+fi
+
+# A Redis Cluster of six nodes on loopback: three primaries and a replica for each. Each node
+# also listens on its port + 10000 (the cluster bus).
+if [ -z "${STURDY_REDIS_CLUSTER_URLS:-}" ] && command -v redis-server >/dev/null 2>&1 \
+  && command -v redis-cli >/dev/null 2>&1; then
+  ports=()
+  for p in $(seq 16500 16599); do
+    if port_free "$p" && port_free $((p + 10000)); then ports+=("$p"); fi
+    [ "${#ports[@]}" -lt 6 ] || break
+  done
+  [ "${#ports[@]}" -eq 6 ] || { echo "no six free ports for the Redis Cluster" >&2; exit 1; }
+  cluster_dir=$(mktemp -d)
+  for p in "${ports[@]}"; do
+    redis-server --bind 127.0.0.1 --port "$p" --cluster-enabled yes \
+      --cluster-config-file "$cluster_dir/nodes-$p.conf" --cluster-node-timeout 2000 \
+      --dir "$cluster_dir" --save '' --appendonly no --protected-mode yes \
       --logfile "" --loglevel warning >/dev/null &
-    redis_pid=$!
-    for _ in $(seq 1 100); do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then break; fi
+    cluster_pids+=($!)
+  done
+  nodes=()
+  for p in "${ports[@]}"; do
+    wait_port "$p"
+    nodes+=("127.0.0.1:$p")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+  # Ready when every node sees all slots served.
+  for p in "${ports[@]}"; do
+    for i in $(seq 1 200); do
+      if redis-cli -p "$p" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then break; fi
+      [ "$i" -lt 200 ] || { echo "the Redis Cluster did not come up" >&2; exit 1; }
       sleep 0.05
     done
-    export STURDY_REDIS_URL="redis://127.0.0.1:$port/"
-    echo "== redis-server on $STURDY_REDIS_URL (pid $redis_pid)"
-  elif [ "${CI:-}" = "true" ]; then
-    echo "redis-server is missing and could not be installed" >&2
-    exit 1
-  else
-    echo "== redis-server not found: Redis tests will be skipped (set STURDY_REDIS_URL to run them)"
-  fi
+  done
+  urls=""
+  for p in "${ports[@]}"; do urls="$urls${urls:+,}redis://127.0.0.1:$p/"; done
+  export STURDY_REDIS_CLUSTER_URLS="$urls"
+  echo "== Redis Cluster (3 primaries, 3 replicas) on $STURDY_REDIS_CLUSTER_URLS"
 fi
 
 echo "== cargo fmt --check"

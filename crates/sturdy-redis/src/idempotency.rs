@@ -1,12 +1,12 @@
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::Script;
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_idempotency::server::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
 
-use crate::bounded;
+use crate::conn::{Lua, Replication};
+use crate::{bounded, RedisConnection};
 
 /// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
 /// lease (ms). Values: `i:<fp>` while running, `d:<fp>:<response>` when done.
@@ -48,6 +48,11 @@ if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then return redis.call('DEL', K
 return 0
 ";
 
+static BEGIN_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(BEGIN.to_owned()));
+static RENEW_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RENEW.to_owned()));
+static COMPLETE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(COMPLETE.to_owned()));
+static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()));
+
 /// An idempotency store in Redis, so several app instances agree on keys: the lock is a
 /// `SET NX PX` with the lease; renewal, completion and release are atomic scripts that act only
 /// for the fingerprint that holds the lock (or, for renewal and completion, on a key whose lease
@@ -57,15 +62,15 @@ return 0
 /// Each key is one Redis string: `i:<fingerprint>` while its request runs, then
 /// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]). The Redis key is the
 /// prefix, a hash of the client's scope and the idempotency key; no credential is stored.
+///
+/// Works on one Redis server and on a Redis Cluster: each operation touches one key, so it goes
+/// to the one node that owns it.
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
     timeout: Duration,
-    begin: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
+    replication: Replication,
 }
 
 impl fmt::Debug for RedisIdempotencyStore {
@@ -73,6 +78,7 @@ impl fmt::Debug for RedisIdempotencyStore {
         f.debug_struct("RedisIdempotencyStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("replicas", &self.replication.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -91,22 +97,48 @@ impl RedisIdempotencyStore {
     /// # Errors
     /// When Redis cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        Ok(Self::new(
-            crate::connect(url, Duration::from_secs(1)).await?,
-        ))
+        Ok(Self::new(RedisConnection::connect(url).await?))
     }
 
-    /// A store on an existing connection.
-    pub fn new(conn: ConnectionManager) -> Self {
+    /// Connects to a Redis Cluster through any of its nodes (see
+    /// [`RedisConnection::connect_cluster`]); keys prefixed `sturdy:idem`.
+    ///
+    /// # Errors
+    /// When no node can be reached.
+    pub async fn connect_cluster<I, S>(nodes: I) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Ok(Self::new(RedisConnection::connect_cluster(nodes).await?))
+    }
+
+    /// A store on an existing connection: a [`RedisConnection`] (one server or a cluster), or
+    /// a `redis` crate `ConnectionManager` or cluster `ClusterConnection`.
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             prefix: "sturdy:idem".into(),
             timeout: Duration::from_secs(1),
-            begin: Script::new(BEGIN),
-            renew: Script::new(RENEW),
-            complete: Script::new(COMPLETE),
-            release: Script::new(RELEASE),
+            replication: Replication::NONE,
         }
+    }
+
+    /// Counts a lock taken and a response stored only once `replicas` replicas of the Redis
+    /// primary confirmed them, waiting up to `timeout` for them \[0: the primary's answer is
+    /// enough\].
+    ///
+    /// Redis replicates asynchronously: after a failover, the promoted replica may lack the
+    /// last writes of the primary that failed, so a lock or a stored response could vanish and
+    /// a retry would run the handler again. With this set, `begin` and `complete` send
+    /// `WAIT replicas timeout` in the same round trip as their script and fail when fewer
+    /// replicas confirm in time: the layer then answers 503 without running the handler (for
+    /// `begin`; the lock stays until its lease ends), or tries to store the response again (for
+    /// `complete`).
+    #[must_use]
+    pub fn with_replication(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Replication { replicas, timeout };
+        self
     }
 
     /// The key prefix \[`sturdy:idem`\].
@@ -139,16 +171,20 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.begin.key(key);
-            inv.arg(hex(&fingerprint)).arg(ms(lease));
-            let v: Vec<Vec<u8>> = bounded(
-                this.timeout,
+            let mut inv = BEGIN_LUA.call();
+            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            let rep = this.replication;
+            let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
+                this.timeout + rep.timeout,
                 "idempotency begin",
-                inv.invoke_async(&mut conn),
+                inv.invoke_replicated(&mut conn, rep),
             )
             .await?;
             match v.first().map(Vec::as_slice) {
-                Some(b"started") => Ok(Begin::Started),
+                Some(b"started") => {
+                    rep.check("idempotency begin", acked)?;
+                    Ok(Begin::Started)
+                }
                 Some(b"inflight") => Ok(Begin::InFlight),
                 Some(b"mismatch") => Ok(Begin::Mismatch),
                 Some(b"done") => v
@@ -179,14 +215,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.renew.key(key);
-            inv.arg(hex(&fingerprint)).arg(ms(lease));
-            let renewed: i64 = bounded(
-                this.timeout,
-                "idempotency renew",
-                inv.invoke_async(&mut conn),
-            )
-            .await?;
+            let mut inv = RENEW_LUA.call();
+            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            let renewed: i64 =
+                bounded(this.timeout, "idempotency renew", inv.invoke(&mut conn)).await?;
             Ok(renewed == 1)
         })
     }
@@ -202,17 +234,19 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.complete.key(key);
-            inv.arg(hex(&fingerprint))
+            let mut inv = COMPLETE_LUA.call();
+            inv.key(key)
+                .arg(hex(&fingerprint))
                 .arg(ms(ttl))
                 .arg(response.to_json());
-            let _: i64 = bounded(
-                this.timeout,
+            let rep = this.replication;
+            let (_, acked): (i64, u64) = bounded(
+                this.timeout + rep.timeout,
                 "idempotency complete",
-                inv.invoke_async(&mut conn),
+                inv.invoke_replicated(&mut conn, rep),
             )
             .await?;
-            Ok(())
+            rep.check("idempotency complete", acked)
         })
     }
 
@@ -221,14 +255,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let mut inv = this.release.key(key);
-            inv.arg(hex(&fingerprint));
-            let _: i64 = bounded(
-                this.timeout,
-                "idempotency release",
-                inv.invoke_async(&mut conn),
-            )
-            .await?;
+            let mut inv = RELEASE_LUA.call();
+            inv.key(key).arg(hex(&fingerprint));
+            let _: i64 =
+                bounded(this.timeout, "idempotency release", inv.invoke(&mut conn)).await?;
             Ok(())
         })
     }

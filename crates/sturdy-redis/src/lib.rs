@@ -18,6 +18,33 @@
 //! hang. What the rate limiter then does is its `with_on_store_error` choice (let calls through by
 //! default, or fail them).
 //!
+//! # One server or a Redis Cluster
+//!
+//! Each backend has `connect(url, ..)` for one server, `connect_cluster(nodes, ..)` for a Redis
+//! Cluster, and `new(conn, ..)` (`join` for the consumer) for a [`RedisConnection`] of either
+//! kind. The connection reconnects by itself: after a restart of the server, or a failover in the
+//! cluster, the same backend works again without being made anew. The table of what each
+//! backend does while Redis is down, hung or failing over is in `docs/RELIABILITY.md`.
+//!
+//! # Key layout
+//!
+//! Every script touches the keys of one Redis Cluster hash slot only, so each operation is one
+//! command to one node, on a cluster as on one server:
+//!
+//! | backend | keys | one slot because |
+//! |---|---|---|
+//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, gets a hex tag instead) |
+//! | [`RedisIdempotencyStore`] | `<prefix>:<scope hash>:<idempotency key>` | each operation touches one key |
+//! | [`RedisStreamQueue`], [`RedisStreamConsumer`] | the stream, `<base>:seen:<dedup key>`, `<base>:dead` | `<base>` is the stream name when it has a hash tag (`{webhooks}`), else the name made a tag (`webhooks` gives `{webhooks}`), whose slot is the stream's |
+//!
+//! # Writes a failover could lose
+//!
+//! Redis replicates asynchronously: a primary that fails just after it answered may not have
+//! passed its last writes on, and the replica promoted in its place lacks them.
+//! [`RedisStreamQueue::with_replication`] and [`RedisIdempotencyStore::with_replication`] make an
+//! enqueue, a lock and a stored response count only once that many replicas confirmed them
+//! (`WAIT`, sent in the same round trip), and fail otherwise.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -35,17 +62,21 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod conn;
 mod idempotency;
 mod stream;
 
+pub use conn::RedisConnection;
 pub use idempotency::RedisIdempotencyStore;
 pub use stream::{DeadLetter, Delivery, RedisStreamConsumer, RedisStreamQueue};
 
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use conn::{hash_slot, Lua};
 use redis::aio::ConnectionManager;
-use redis::{Client, Script};
+use redis::Client;
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_ratelimit::{BoxFuture, Quota, RemoteQuota, Reserve};
 
@@ -109,6 +140,11 @@ redis.call('DEL', KEYS[1])
 return left
 ";
 
+static RESERVE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESERVE.to_owned()));
+static PAUSE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(PAUSE.to_owned()));
+static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()));
+static CLEAR_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLEAR.to_owned()));
+
 /// Connects to Redis with bounded connect and response times.
 ///
 /// # Errors
@@ -138,6 +174,25 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
     }
 }
 
+/// Connects with a bounded connect time and no response timeout of the client's own: each
+/// operation is bounded by its caller (a blocking stream read waits longer than one operation).
+pub(crate) async fn connect_unbounded(
+    url: &str,
+    timeout: Duration,
+) -> Result<ConnectionManager, BoxError> {
+    let client = Client::open(url).map_err(|e| store_error("invalid Redis URL", e))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(None)
+        .set_number_of_retries(1);
+    bounded(
+        timeout * 2,
+        "could not connect to Redis",
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+}
+
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
@@ -146,7 +201,25 @@ fn store_error(what: &str, e: redis::RedisError) -> BoxError {
     } else {
         ErrorKind::Other
     };
-    Box::new(Error::new(kind, what.to_owned()).with_source(e))
+    let message = match e.code() {
+        Some("CROSSSLOT") => format!(
+            "{what}: the keys of one operation are in different hash slots of the Redis Cluster; \
+             give the names you chose (stream, dead-letter stream) the same hash tag, such as {{webhooks}}"
+        ),
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK") => format!(
+            "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way); try again shortly"
+        ),
+        Some("READONLY") => format!(
+            "{what}: Redis answered as a read-only replica (a failover is under way); try again shortly"
+        ),
+        Some("LOADING") => format!("{what}: Redis is loading its data after a restart; try again shortly"),
+        _ if kind == ErrorKind::Connect => format!(
+            "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"
+        ),
+        _ if kind == ErrorKind::Timeout => format!("{what}: Redis did not answer in time"),
+        _ => what.to_owned(),
+    };
+    Box::new(Error::new(kind, message).with_source(e))
 }
 
 pub(crate) async fn bounded<T>(
@@ -168,17 +241,16 @@ pub(crate) async fn bounded<T>(
 }
 
 /// A rate-limit quota kept in Redis and shared by every process that uses the same keys.
+///
+/// Works on one Redis server and on a Redis Cluster: the two keys of one limiter (its next free
+/// slot and its pause) share a hash tag, so each decision is one script on one node.
 #[derive(Clone)]
 pub struct RedisQuota {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     quota: Quota,
     prefix: String,
     timeout: Duration,
     max_pause: Duration,
-    reserve: Script,
-    pause: Script,
-    release: Script,
-    clear: Script,
 }
 
 impl fmt::Debug for RedisQuota {
@@ -199,22 +271,35 @@ impl RedisQuota {
     /// # Errors
     /// When Redis cannot be reached.
     pub async fn connect(url: &str, quota: Quota) -> Result<Self, BoxError> {
-        let timeout = Duration::from_secs(1);
-        Ok(Self::new(connect(url, timeout).await?, quota))
+        Ok(Self::new(RedisConnection::connect(url).await?, quota))
     }
 
-    /// Shares `quota` through an existing connection.
-    pub fn new(conn: ConnectionManager, quota: Quota) -> Self {
+    /// Connects to a Redis Cluster through any of its nodes and shares `quota` through it
+    /// (see [`RedisConnection::connect_cluster`]); the same defaults as
+    /// [`connect`](Self::connect).
+    ///
+    /// # Errors
+    /// When no node can be reached.
+    pub async fn connect_cluster<I, S>(nodes: I, quota: Quota) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Ok(Self::new(
+            RedisConnection::connect_cluster(nodes).await?,
+            quota,
+        ))
+    }
+
+    /// Shares `quota` through an existing connection: a [`RedisConnection`] (one server or a
+    /// cluster), or a `redis` crate `ConnectionManager` or cluster `ClusterConnection`.
+    pub fn new(conn: impl Into<RedisConnection>, quota: Quota) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             quota,
             prefix: "sturdy:rl".to_owned(),
             timeout: Duration::from_secs(1),
             max_pause: sturdy_ratelimit::DEFAULT_MAX_PAUSE,
-            reserve: Script::new(RESERVE),
-            pause: Script::new(PAUSE),
-            release: Script::new(RELEASE),
-            clear: Script::new(CLEAR),
         }
     }
 
@@ -251,12 +336,19 @@ impl RedisQuota {
             .min(i64::MAX as u64 / 2)
     }
 
+    /// The Redis keys of one limiter: `<prefix>:{<key>}:tat` and `<prefix>:{<key>}:pause`. The
+    /// hash tag keeps both in one Redis Cluster slot. Where it cannot (an empty key is an empty
+    /// tag, which Redis ignores; so is a prefix with `{}` in it), the prefix and the key are
+    /// written in hex inside the tag instead.
     fn keys(&self, key: &str) -> (String, String) {
-        // The hash tag keeps both keys of one limiter in one Redis Cluster slot.
-        (
-            format!("{}:{{{key}}}:tat", self.prefix),
-            format!("{}:{{{key}}}:pause", self.prefix),
-        )
+        let tat = format!("{}:{{{key}}}:tat", self.prefix);
+        let pause = format!("{}:{{{key}}}:pause", self.prefix);
+        if hash_slot(tat.as_bytes()) == hash_slot(pause.as_bytes()) {
+            return (tat, pause);
+        }
+        let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+        let base = format!("{{x{}.{}}}", hex(&self.prefix), hex(key));
+        (format!("{base}:tat"), format!("{base}:pause"))
     }
 
     /// Reserves a slot (see [`RemoteQuota::reserve`]).
@@ -269,8 +361,9 @@ impl RedisQuota {
         let interval = micros(self.quota.interval());
         let tolerance = interval.saturating_mul(u64::from(self.quota.burst() - 1));
         let mut conn = self.conn.clone();
-        let mut inv = self.reserve.key(tat);
-        inv.key(pause)
+        let mut inv = RESERVE_LUA.call();
+        inv.key(tat)
+            .key(pause)
             .arg(interval)
             .arg(tolerance)
             .arg(micros(max_wait).min(i64::MAX as u64 / 2))
@@ -278,7 +371,7 @@ impl RedisQuota {
         let (granted, wait): (i64, i64) = bounded(
             self.timeout,
             "rate-limit reservation",
-            inv.invoke_async(&mut conn),
+            inv.invoke(&mut conn),
         )
         .await?;
         let wait = Duration::from_micros(u64::try_from(wait).unwrap_or(0));
@@ -305,14 +398,9 @@ impl RedisQuota {
             .unwrap_or(u64::MAX)
             .clamp(1, cap);
         let mut conn = self.conn.clone();
-        let mut inv = self.pause.key(pause);
-        inv.arg(ms).arg(cap);
-        let _: i64 = bounded(
-            self.timeout,
-            "rate-limit pause",
-            inv.invoke_async(&mut conn),
-        )
-        .await?;
+        let mut inv = PAUSE_LUA.call();
+        inv.key(pause).arg(ms).arg(cap);
+        let _: i64 = bounded(self.timeout, "rate-limit pause", inv.invoke(&mut conn)).await?;
         Ok(())
     }
 
@@ -348,7 +436,7 @@ impl RedisQuota {
         let left: i64 = bounded(
             self.timeout,
             "rate-limit pause removal",
-            self.clear.key(pause).invoke_async(&mut conn),
+            CLEAR_LUA.call().key(pause).invoke(&mut conn),
         )
         .await?;
         Ok(u64::try_from(left)
@@ -367,12 +455,12 @@ impl RedisQuota {
         let (tat, _) = self.keys(key);
         let interval = u64::try_from(self.quota.interval().as_micros()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
-        let mut inv = self.release.key(tat);
-        inv.arg(interval.min(i64::MAX as u64 / 2));
+        let mut inv = RELEASE_LUA.call();
+        inv.key(tat).arg(interval.min(i64::MAX as u64 / 2));
         let released: i64 = bounded(
             self.timeout,
             "rate-limit slot release",
-            inv.invoke_async(&mut conn),
+            inv.invoke(&mut conn),
         )
         .await?;
         Ok(released == 1)

@@ -1,14 +1,15 @@
 use std::fmt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
-use redis::{Client, Script, Value};
+use redis::Value;
 use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_webhook::http;
 use sturdy_webhook::{BoxFuture, EventQueue, Push, WebhookEvent};
 
-use crate::bounded;
+use crate::conn::{hash_tag, Lua, Replication};
+use crate::{bounded, RedisConnection};
 
 /// Dedup and append in one step. KEYS: dedup key, stream. ARGV: dedup ttl (ms), max backlog,
 /// then the entry's field/value pairs.
@@ -158,21 +159,11 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return 'replayed'
 ";
 
-/// Connects with a bounded connect time; each operation is bounded by the caller's own timeout
-/// (so the timeout set with `with_timeout` is the one that applies).
-async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxError> {
-    let client = Client::open(url).map_err(|e| crate::store_error("invalid Redis URL", e))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(None)
-        .set_number_of_retries(1);
-    bounded(
-        timeout * 2,
-        "could not connect to Redis",
-        client.get_connection_manager_with_config(config),
-    )
-    .await
-}
+static PUSH_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(PUSH.to_owned()));
+static REPLAY_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(REPLAY.to_owned()));
+static NEXT_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(format!("{HELPERS}{NEXT}")));
+static ACK_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(format!("{HELPERS}{ACK}")));
+static DEAD_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(format!("{HELPERS}{DEAD}")));
 
 /// Refuses an empty stream, group or consumer name before anything is sent.
 fn named(what: &str, name: String) -> Result<String, BoxError> {
@@ -185,8 +176,27 @@ fn named(what: &str, name: String) -> Result<String, BoxError> {
     Ok(name)
 }
 
-fn dead_stream(stream: &str) -> String {
-    format!("{stream}:dead")
+/// The start of the names of the keys that go with `stream` (its dedup keys and its dead-letter
+/// stream), chosen so that they are in the stream's Redis Cluster hash slot: the stream name
+/// itself when it has a hash tag (`{webhooks}` gives `{webhooks}:dead`), else the name as the
+/// tag (`webhooks` gives `{webhooks}:dead`, whose slot is the slot of `webhooks`).
+fn key_base(stream: &str) -> Result<String, BoxError> {
+    if hash_tag(stream.as_bytes()).is_some() {
+        Ok(stream.to_owned())
+    } else if !stream.contains('}') {
+        Ok(format!("{{{stream}}}"))
+    } else {
+        Err(Box::new(Error::new(
+            ErrorKind::Config,
+            format!(
+                "the stream name {stream:?} has a '}}' but no hash tag, so its dedup keys cannot share its Redis Cluster hash slot: give it a hash tag such as {{webhooks}}"
+            ),
+        )))
+    }
+}
+
+fn dead_stream(base: &str) -> String {
+    format!("{base}:dead")
 }
 
 fn millis(d: Duration) -> u64 {
@@ -207,18 +217,20 @@ fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
 /// the backlog is bounded (a full stream answers [`Push::Full`], so the sender redelivers).
 /// Consume it with [`RedisStreamConsumer`]; inspect and replay the dead-letter stream here.
 ///
-/// Keys: the stream, `<stream>:seen:<dedup key>` for deduplication (one per event, expiring
-/// with the dedup TTL) and `<stream>:dead` for dead letters. In Redis Cluster, put the stream
-/// name in a hash tag (`{webhooks}`) so that all of them live in one slot.
+/// Keys: the stream, `<base>:seen:<dedup key>` for deduplication (one per event, expiring with
+/// the dedup TTL) and `<base>:dead` for dead letters, where `<base>` is the stream name if it
+/// has a hash tag (`{webhooks}`), else the stream name made one (`webhooks` gives
+/// `{webhooks}`). So all of them are in the stream's hash slot, and every script runs on one
+/// node of a Redis Cluster.
 #[derive(Clone)]
 pub struct RedisStreamQueue {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     stream: String,
+    base: String,
     dead: String,
     max_backlog: u64,
     timeout: Duration,
-    push: Script,
-    replay: Script,
+    replication: Replication,
 }
 
 impl fmt::Debug for RedisStreamQueue {
@@ -228,6 +240,7 @@ impl fmt::Debug for RedisStreamQueue {
             .field("dead_letters", &self.dead)
             .field("max_backlog", &self.max_backlog)
             .field("timeout", &self.timeout)
+            .field("replicas", &self.replication.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -252,23 +265,72 @@ pub struct DeadLetter {
 }
 
 impl RedisStreamQueue {
-    /// A queue on the stream `stream`: backlog at most 100,000 events, dead letters in
-    /// `<stream>:dead`, each Redis operation bounded by 1 s.
+    /// A queue on the stream `stream` of the Redis server at `url`: backlog at most 100,000
+    /// events, dead letters in `<base>:dead` (see the type's docs), each Redis operation bounded
+    /// by 1 s.
     ///
     /// # Errors
-    /// When the stream name is empty, or Redis cannot be reached.
+    /// When the stream name is empty or has a `}` but no hash tag, or Redis cannot be reached.
     pub async fn connect(url: &str, stream: impl Into<String>) -> Result<Self, BoxError> {
-        let timeout = Duration::from_secs(1);
         let stream = named("stream", stream.into())?;
+        key_base(&stream)?;
+        Self::new(RedisConnection::connect(url).await?, stream)
+    }
+
+    /// A queue on the stream `stream` of a Redis Cluster reached through any of its nodes (see
+    /// [`RedisConnection::connect_cluster`]); the same defaults as
+    /// [`connect`](Self::connect).
+    ///
+    /// # Errors
+    /// When the stream name is empty or has a `}` but no hash tag, or no node can be reached.
+    pub async fn connect_cluster<I, S>(
+        nodes: I,
+        stream: impl Into<String>,
+    ) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let stream = named("stream", stream.into())?;
+        key_base(&stream)?;
+        Self::new(RedisConnection::connect_cluster(nodes).await?, stream)
+    }
+
+    /// A queue on the stream `stream` over an existing connection (one server or a cluster);
+    /// the same defaults as [`connect`](Self::connect).
+    ///
+    /// # Errors
+    /// When the stream name is empty or has a `}` but no hash tag.
+    pub fn new(
+        conn: impl Into<RedisConnection>,
+        stream: impl Into<String>,
+    ) -> Result<Self, BoxError> {
+        let stream = named("stream", stream.into())?;
+        let base = key_base(&stream)?;
         Ok(Self {
-            conn: connect(url, timeout).await?,
-            dead: dead_stream(&stream),
+            conn: conn.into(),
+            dead: dead_stream(&base),
+            base,
             stream,
             max_backlog: 100_000,
-            timeout,
-            push: Script::new(PUSH),
-            replay: Script::new(REPLAY),
+            timeout: crate::conn::TIMEOUT,
+            replication: Replication::NONE,
         })
+    }
+
+    /// Counts an event as enqueued only once `replicas` replicas of the Redis primary confirmed
+    /// it, waiting up to `timeout` for them \[0: the primary's answer is enough\].
+    ///
+    /// Redis replicates asynchronously: a primary that fails right after it answered may not
+    /// have passed the event on, and the replica promoted in its place does not have it. With
+    /// this set, each enqueue sends `WAIT replicas timeout` in the same round trip as its script
+    /// and, when fewer replicas confirm in time, returns an error: the receiver answers 503 and
+    /// the sender delivers the event again. The cost is the time a replica takes to confirm
+    /// (well under a millisecond on a local network), not another round trip.
+    #[must_use]
+    pub fn with_replication(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Replication { replicas, timeout };
+        self
     }
 
     /// The most unprocessed events kept \[100,000\] (at least 1).
@@ -286,7 +348,10 @@ impl RedisStreamQueue {
         self
     }
 
-    /// The dead-letter stream \[`<stream>:dead`\]; the consumers must use the same.
+    /// The dead-letter stream \[`<base>:dead`, see the type's docs\]; the consumers must use
+    /// the same. On a Redis Cluster it must be in the stream's hash slot: give both the same
+    /// hash tag (`{webhooks}` and `{webhooks}:failed`), or every operation that touches both
+    /// fails with an error that says so.
     #[must_use]
     pub fn with_dead_letter_stream(mut self, name: impl Into<String>) -> Self {
         self.dead = name.into();
@@ -348,12 +413,15 @@ impl RedisStreamQueue {
     /// answer in time.
     pub async fn replay_dead_letter(&self, entry: &str) -> Result<bool, BoxError> {
         let mut conn = self.conn.clone();
-        let mut inv = self.replay.key(&self.dead);
-        inv.key(&self.stream).arg(entry).arg(self.max_backlog);
+        let mut inv = REPLAY_LUA.call();
+        inv.key(&self.dead)
+            .key(&self.stream)
+            .arg(entry)
+            .arg(self.max_backlog);
         let r: String = bounded(
             self.timeout,
             "replaying a dead letter",
-            inv.invoke_async(&mut conn),
+            inv.invoke(&mut conn),
         )
         .await?;
         match r.as_str() {
@@ -393,9 +461,10 @@ impl EventQueue for RedisStreamQueue {
         let this = self.clone();
         Box::pin(async move {
             let mut conn = this.conn.clone();
-            let dedup = format!("{}:seen:{}", this.stream, event.dedup_key());
-            let mut inv = this.push.key(dedup);
-            inv.key(&this.stream)
+            let dedup = format!("{}:seen:{}", this.base, event.dedup_key());
+            let mut inv = PUSH_LUA.call();
+            inv.key(dedup)
+                .key(&this.stream)
                 .arg(millis(dedup_ttl).max(1))
                 .arg(this.max_backlog)
                 .arg("scheme")
@@ -411,11 +480,22 @@ impl EventQueue for RedisStreamQueue {
                 inv.arg(format!("h:{name}")).arg(value.as_bytes());
             }
             inv.arg("body").arg(event.body.as_ref());
-            let r: String =
-                bounded(this.timeout, "webhook enqueue", inv.invoke_async(&mut conn)).await?;
+            let rep = this.replication;
+            let (r, acked): (String, u64) = bounded(
+                this.timeout + rep.timeout,
+                "webhook enqueue",
+                inv.invoke_replicated(&mut conn, rep),
+            )
+            .await?;
             match r.as_str() {
-                "enqueued" => Ok(Push::Enqueued),
-                "duplicate" => Ok(Push::Duplicate),
+                "enqueued" => {
+                    rep.check("webhook enqueue", acked)?;
+                    Ok(Push::Enqueued)
+                }
+                "duplicate" => {
+                    rep.check("webhook enqueue", acked)?;
+                    Ok(Push::Duplicate)
+                }
                 "full" => Ok(Push::Full),
                 other => Err(unexpected("the enqueue script", &other)),
             }
@@ -451,7 +531,7 @@ pub struct Delivery {
 /// # Poison events
 ///
 /// An event delivered \[5\] times without being acknowledged is moved to the dead-letter stream
-/// (`<stream>:dead`) instead of being delivered again; a handler can also dead-letter an event
+/// (`<base>:dead`, see [`RedisStreamQueue`]) instead of being delivered again; a handler can also dead-letter an event
 /// at once with [`RedisStreamConsumer::dead_letter`]. Dead letters are listed, replayed and
 /// discarded through [`RedisStreamQueue`].
 ///
@@ -487,7 +567,7 @@ pub struct Delivery {
 /// # }
 /// ```
 pub struct RedisStreamConsumer {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     stream: String,
     dead: String,
     group: String,
@@ -498,9 +578,6 @@ pub struct RedisStreamConsumer {
     max_deliveries: u64,
     max_dead_letters: u64,
     cursor: String,
-    next: Script,
-    ack: Script,
-    dead_letter: Script,
 }
 
 impl fmt::Debug for RedisStreamConsumer {
@@ -610,6 +687,26 @@ fn dead_letter(v: &Value) -> Option<DeadLetter> {
     })
 }
 
+/// The validated names of a consumer.
+struct Names {
+    stream: String,
+    base: String,
+    group: String,
+    name: String,
+}
+
+impl Names {
+    fn new(stream: String, group: String, name: String) -> Result<Self, BoxError> {
+        let stream = named("stream", stream)?;
+        Ok(Self {
+            base: key_base(&stream)?,
+            stream,
+            group: named("consumer group", group)?,
+            name: named("consumer", name)?,
+        })
+    }
+}
+
 /// What the next-event script answered.
 enum Next {
     Event(Box<Delivery>),
@@ -620,14 +717,16 @@ enum Next {
 }
 
 impl RedisStreamConsumer {
-    /// Joins (creating if needed) the consumer group `group` on `stream` as consumer `name`.
-    /// Events left unacknowledged for `claim_after` are delivered again (to this consumer or
-    /// another), so `claim_after` must be longer than the slowest handler. Defaults: at most 5
-    /// deliveries, dead letters in `<stream>:dead` (at most about 100,000, the oldest dropped
-    /// first), `next` waits up to 500 ms for an event, each Redis operation bounded by 1 s.
+    /// Joins (creating if needed) the consumer group `group` on `stream` of the Redis server at
+    /// `url`, as consumer `name`. Events left unacknowledged for `claim_after` are delivered
+    /// again (to this consumer or another), so `claim_after` must be longer than the slowest
+    /// handler. Defaults: at most 5 deliveries, dead letters in `<base>:dead` (see
+    /// [`RedisStreamQueue`]; at most about 100,000, the oldest dropped first), `next` waits up to
+    /// 500 ms for an event, each Redis operation bounded by 1 s.
     ///
     /// # Errors
-    /// When a name is empty, Redis cannot be reached or the group cannot be created.
+    /// When a name is empty, the stream name has a `}` but no hash tag, Redis cannot be reached
+    /// or the group cannot be created.
     pub async fn connect(
         url: &str,
         stream: impl Into<String>,
@@ -635,25 +734,71 @@ impl RedisStreamConsumer {
         name: impl Into<String>,
         claim_after: Duration,
     ) -> Result<Self, BoxError> {
-        let timeout = Duration::from_secs(1);
-        let stream = named("stream", stream.into())?;
-        let group = named("consumer group", group.into())?;
-        let name = named("consumer", name.into())?;
+        let names = Names::new(stream.into(), group.into(), name.into())?;
+        Self::start(RedisConnection::connect(url).await?, names, claim_after).await
+    }
+
+    /// Joins the consumer group `group` on `stream` of a Redis Cluster reached through any of
+    /// its nodes (see [`RedisConnection::connect_cluster`]); otherwise as
+    /// [`connect`](Self::connect).
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_cluster<I, S>(
+        nodes: I,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        claim_after: Duration,
+    ) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let names = Names::new(stream.into(), group.into(), name.into())?;
+        Self::start(
+            RedisConnection::connect_cluster(nodes).await?,
+            names,
+            claim_after,
+        )
+        .await
+    }
+
+    /// Joins the consumer group `group` on `stream` over an existing connection (one server or
+    /// a cluster); otherwise as [`connect`](Self::connect).
+    ///
+    /// # Errors
+    /// When a name is empty, the stream name has a `}` but no hash tag, or the group cannot be
+    /// created.
+    pub async fn join(
+        conn: impl Into<RedisConnection>,
+        stream: impl Into<String>,
+        group: impl Into<String>,
+        name: impl Into<String>,
+        claim_after: Duration,
+    ) -> Result<Self, BoxError> {
+        let names = Names::new(stream.into(), group.into(), name.into())?;
+        Self::start(conn.into(), names, claim_after).await
+    }
+
+    async fn start(
+        conn: RedisConnection,
+        names: Names,
+        claim_after: Duration,
+    ) -> Result<Self, BoxError> {
+        let timeout = crate::conn::TIMEOUT;
         let c = Self {
-            conn: connect(url, timeout).await?,
-            dead: dead_stream(&stream),
-            stream,
-            group,
-            name,
+            conn,
+            dead: dead_stream(&names.base),
+            stream: names.stream,
+            group: names.group,
+            name: names.name,
             claim_after,
             wait: Duration::from_millis(500),
             timeout,
             max_deliveries: 5,
             max_dead_letters: 100_000,
             cursor: "0-0".to_owned(),
-            next: Script::new(&format!("{HELPERS}{NEXT}")),
-            ack: Script::new(&format!("{HELPERS}{ACK}")),
-            dead_letter: Script::new(&format!("{HELPERS}{DEAD}")),
         };
         let mut conn = c.conn.clone();
         let mut create = redis::cmd("XGROUP");
@@ -668,10 +813,7 @@ impl RedisStreamConsumer {
             Ok(Ok(())) => {}
             Ok(Err(e)) if e.code() == Some("BUSYGROUP") => {}
             Ok(Err(e)) => {
-                return Err(Box::new(
-                    Error::new(ErrorKind::Other, "could not create the consumer group")
-                        .with_source(e),
-                ))
+                return Err(crate::store_error("could not create the consumer group", e));
             }
             Err(_) => {
                 return Err(Box::new(Error::new(
@@ -680,13 +822,17 @@ impl RedisStreamConsumer {
                 )))
             }
         }
-        // Loaded now, so that `next` is one round trip from the first call.
-        bounded(
-            timeout,
-            "loading the consumer script",
-            c.next.load_async(&mut conn),
-        )
-        .await?;
+        // Loaded now, so that `next` and `ack` are one round trip from the first call. Not
+        // needed for correctness (a node without a script gets it with the call), so a node
+        // that is down now (on a cluster, every node is asked) does not stop the consumer.
+        for lua in [&*NEXT_LUA, &*ACK_LUA, &*DEAD_LUA] {
+            if let Err(e) =
+                bounded(timeout, "loading the consumer scripts", lua.load(&mut conn)).await
+            {
+                tracing::debug!(error = %e, "the consumer scripts were not loaded in advance");
+                break;
+            }
+        }
         Ok(c)
     }
 
@@ -698,7 +844,8 @@ impl RedisStreamConsumer {
         self
     }
 
-    /// The dead-letter stream \[`<stream>:dead`\]; the queue must use the same.
+    /// The dead-letter stream \[`<base>:dead`, see [`RedisStreamQueue`]\]; the queue must use
+    /// the same (and on a Redis Cluster, it must share the stream's hash tag).
     #[must_use]
     pub fn with_dead_letter_stream(mut self, name: impl Into<String>) -> Self {
         self.dead = name.into();
@@ -730,15 +877,16 @@ impl RedisStreamConsumer {
 
     async fn step(&mut self) -> Result<Next, BoxError> {
         let mut conn = self.conn.clone();
-        let mut inv = self.next.key(&self.stream);
-        inv.key(&self.dead)
+        let mut inv = NEXT_LUA.call();
+        inv.key(&self.stream)
+            .key(&self.dead)
             .arg(&self.group)
             .arg(&self.name)
             .arg(millis(self.claim_after))
             .arg(self.max_deliveries)
             .arg(&self.cursor)
             .arg(self.max_dead_letters);
-        let v: Value = bounded(self.timeout, "webhook next", inv.invoke_async(&mut conn)).await?;
+        let v: Value = bounded(self.timeout, "webhook next", inv.invoke(&mut conn)).await?;
         let Value::Array(parts) = &v else {
             return Err(unexpected("the next-event script", &v));
         };
@@ -819,7 +967,8 @@ impl RedisStreamConsumer {
     async fn give_up(&self, entry: &str, reason: &str) -> Result<(), BoxError> {
         tracing::warn!(stream = %self.stream, group = %self.group, entry, reason, "webhook event dead-lettered");
         let mut conn = self.conn.clone();
-        let mut inv = self.dead_letter.key(&self.stream);
+        let mut inv = DEAD_LUA.call();
+        inv.key(&self.stream);
         let mut reason = reason.to_owned();
         if reason.len() > 1024 {
             let mut end = 1024;
@@ -833,12 +982,7 @@ impl RedisStreamConsumer {
             .arg(entry)
             .arg(reason)
             .arg(self.max_dead_letters);
-        let _: i64 = bounded(
-            self.timeout,
-            "webhook dead-letter",
-            inv.invoke_async(&mut conn),
-        )
-        .await?;
+        let _: i64 = bounded(self.timeout, "webhook dead-letter", inv.invoke(&mut conn)).await?;
         Ok(())
     }
 
@@ -887,9 +1031,9 @@ impl RedisStreamConsumer {
 
     async fn release(&self, entry: &str) -> Result<(), BoxError> {
         let mut conn = self.conn.clone();
-        let mut inv = self.ack.key(&self.stream);
-        inv.arg(&self.group).arg(entry);
-        let _: i64 = bounded(self.timeout, "webhook ack", inv.invoke_async(&mut conn)).await?;
+        let mut inv = ACK_LUA.call();
+        inv.key(&self.stream).arg(&self.group).arg(entry);
+        let _: i64 = bounded(self.timeout, "webhook ack", inv.invoke(&mut conn)).await?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! real sockets, and a key released before the answer to a panic goes out.
 
 mod support;
-use support::{redis_url, unique};
+use support::{backends, unique, Backend};
 
 #[path = "../../sturdy-idempotency/tests/support/wire.rs"]
 mod wire;
@@ -24,26 +24,35 @@ use sturdy_idempotency::server::{
 use sturdy_redis::RedisIdempotencyStore;
 use tower::ServiceExt;
 
-async fn store(url: &str, prefix: &str) -> RedisIdempotencyStore {
-    RedisIdempotencyStore::connect(url)
-        .await
-        .unwrap()
-        .with_prefix(prefix)
+async fn store(b: &Backend, prefix: &str) -> RedisIdempotencyStore {
+    RedisIdempotencyStore::new(b.conn().await).with_prefix(prefix)
 }
 
 #[tokio::test]
 async fn redis_store_passes_the_conformance_suite_across_two_instances() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        redis_store_passes_the_conformance_suite_across_two_instances_on(&b).await;
+    }
+}
+
+async fn redis_store_passes_the_conformance_suite_across_two_instances_on(b: &Backend) {
     let prefix = unique("idem-conformance");
-    conformance::run(store(&url, &prefix).await, store(&url, &prefix).await).await;
+    conformance::run(store(b, &prefix).await, store(b, &prefix).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_gives_up_mid_handler_gets_the_stored_response() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        a_client_that_gives_up_mid_handler_gets_the_stored_response_on(&b).await;
+    }
+}
+
+async fn a_client_that_gives_up_mid_handler_gets_the_stored_response_on(b: &Backend) {
     let prefix = unique("idem-wire");
     wire::a_client_that_gives_up_mid_handler_gets_the_stored_response(
-        store(&url, &prefix).await,
+        store(b, &prefix).await,
         "wire-redis-1",
     )
     .await;
@@ -51,7 +60,13 @@ async fn a_client_that_gives_up_mid_handler_gets_the_stored_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_right_after_a_panic_runs_instead_of_getting_409() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        a_retry_right_after_a_panic_runs_instead_of_getting_409_on(&b).await;
+    }
+}
+
+async fn a_retry_right_after_a_panic_runs_instead_of_getting_409_on(b: &Backend) {
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
     let app = Router::new()
@@ -68,7 +83,7 @@ async fn a_retry_right_after_a_panic_runs_instead_of_getting_409() {
             }),
         )
         .layer(IdempotencyLayer::new(
-            SlowRelease(store(&url, &unique("idem-panic")).await),
+            SlowRelease(store(b, &unique("idem-panic")).await),
             ByCredentials::default(),
         ));
     let order = || {

@@ -2,7 +2,7 @@
 //! sets CI=true, a missing URL is a failure, not a skip.
 
 mod support;
-use support::{redis_url, unique as prefix};
+use support::{backends, proxy, unique as prefix, Backend};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -16,18 +16,18 @@ use tower::{service_fn, Layer, ServiceExt};
 
 #[tokio::test]
 async fn two_instances_share_one_quota() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        two_instances_share_one_quota_on(&b).await;
+    }
+}
+
+async fn two_instances_share_one_quota_on(b: &Backend) {
     // 10 per minute with a burst of 10: within this test, exactly 10 calls fit, whoever makes them.
     let quota = Quota::per_minute(10).unwrap().with_burst(10).unwrap();
     let p = prefix("share");
-    let a = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
-    let b = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
+    let a = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
+    let b = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
     let mut granted = 0;
     let mut denied = Vec::new();
     for i in 0..40 {
@@ -57,12 +57,15 @@ async fn two_instances_share_one_quota() {
 
 #[tokio::test]
 async fn reservations_queue_in_order() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        reservations_queue_in_order_on(&b).await;
+    }
+}
+
+async fn reservations_queue_in_order_on(b: &Backend) {
     let quota = Quota::per_second(10).unwrap();
-    let q = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(prefix("queue"));
+    let q = RedisQuota::new(b.conn().await, quota).with_prefix(prefix("queue"));
     let mut waits = Vec::new();
     for _ in 0..5 {
         match q.try_reserve("k", Duration::from_secs(10)).await.unwrap() {
@@ -82,16 +85,19 @@ async fn reservations_queue_in_order() {
 
 #[tokio::test]
 async fn two_layers_as_two_processes_admit_the_quota_between_them() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        two_layers_as_two_processes_admit_the_quota_between_them_on(&b).await;
+    }
+}
+
+async fn two_layers_as_two_processes_admit_the_quota_between_them_on(b: &Backend) {
     let quota = Quota::per_minute(6).unwrap().with_burst(6).unwrap();
     let p = prefix("layers");
     let calls = Arc::new(AtomicU32::new(0));
     let mut layers = Vec::new();
     for _ in 0..2 {
-        let remote = RedisQuota::connect(&url, quota)
-            .await
-            .unwrap()
-            .with_prefix(&p);
+        let remote = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
         layers.push(
             RateLimitLayer::new(quota)
                 .with_remote(Arc::new(remote))
@@ -123,17 +129,17 @@ async fn two_layers_as_two_processes_admit_the_quota_between_them() {
 
 #[tokio::test]
 async fn pauses_are_shared_and_never_shortened() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        pauses_are_shared_and_never_shortened_on(&b).await;
+    }
+}
+
+async fn pauses_are_shared_and_never_shortened_on(b: &Backend) {
     let quota = Quota::per_second(100).unwrap();
     let p = prefix("pause");
-    let a = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
-    let b = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
+    let a = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
+    let b = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
     a.try_pause("k", Duration::from_secs(30)).await.unwrap();
     b.try_pause("k", Duration::from_secs(2)).await.unwrap();
     match b.try_reserve("k", Duration::from_secs(1)).await.unwrap() {
@@ -190,12 +196,17 @@ async fn redis_down_is_a_clear_error_not_a_hang() {
 
 #[tokio::test]
 async fn the_layer_chooses_fail_open_or_fail_closed() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        the_layer_chooses_fail_open_or_fail_closed_on(&b).await;
+    }
+}
+
+async fn the_layer_chooses_fail_open_or_fail_closed_on(b: &Backend) {
     // A quota whose every decision fails in Redis: its state key holds the wrong type, so the
     // script's GET errors (WRONGTYPE). Deterministic, unlike a race against a timeout.
     let p = prefix("fail");
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let mut raw = b.conn().await;
     let _: () = redis::cmd("HSET")
         .arg(format!("{p}:{{a}}:tat"))
         .arg("f")
@@ -203,10 +214,7 @@ async fn the_layer_chooses_fail_open_or_fail_closed() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    let q = RedisQuota::connect(&url, Quota::per_second(1).unwrap())
-        .await
-        .unwrap()
-        .with_prefix(p);
+    let q = RedisQuota::new(b.conn().await, Quota::per_second(1).unwrap()).with_prefix(p);
     assert!(q.try_reserve("a", Duration::ZERO).await.is_err());
     let remote: Arc<dyn RemoteQuota> = Arc::new(q);
     let api = service_fn(|_r: Request<()>| async { Ok::<_, BoxError>(Response::new(())) });
@@ -230,9 +238,8 @@ async fn the_layer_chooses_fail_open_or_fail_closed() {
 }
 
 /// The time to live of a raw Redis key, in milliseconds.
-async fn pttl(url: &str, key: &str) -> i64 {
-    let client = redis::Client::open(url).unwrap();
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+async fn pttl(b: &Backend, key: &str) -> i64 {
+    let mut raw = b.conn().await;
     redis::cmd("PTTL")
         .arg(key)
         .query_async(&mut raw)
@@ -244,17 +251,20 @@ const FIVE_MINUTES_MS: i64 = 300_000;
 
 #[tokio::test]
 async fn hostile_pauses_never_live_longer_than_the_cap_in_redis() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        hostile_pauses_never_live_longer_than_the_cap_in_redis_on(&b).await;
+    }
+}
+
+async fn hostile_pauses_never_live_longer_than_the_cap_in_redis_on(b: &Backend) {
     let p = prefix("cap");
-    let q = RedisQuota::connect(&url, Quota::per_second(10).unwrap())
-        .await
-        .unwrap()
-        .with_prefix(&p);
+    let q = RedisQuota::new(b.conn().await, Quota::per_second(10).unwrap()).with_prefix(&p);
     // Asked for 584 billion years: stored as 5 minutes.
     q.try_pause("a", Duration::from_secs(u64::MAX))
         .await
         .unwrap();
-    let ttl = pttl(&url, &format!("{p}:{{a}}:pause")).await;
+    let ttl = pttl(b, &format!("{p}:{{a}}:pause")).await;
     assert!(
         ttl > FIVE_MINUTES_MS - 5_000 && ttl <= FIVE_MINUTES_MS,
         "{ttl}"
@@ -267,8 +277,7 @@ async fn hostile_pauses_never_live_longer_than_the_cap_in_redis() {
 
     // A pause key written by someone else with a centuries-long TTL is cut to the cap by the
     // next decision, which waits at most the cap.
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let mut raw = b.conn().await;
     let _: () = redis::cmd("SET")
         .arg(format!("{p}:{{b}}:pause"))
         .arg("1")
@@ -284,33 +293,32 @@ async fn hostile_pauses_never_live_longer_than_the_cap_in_redis() {
         }
         Reserve::Granted { .. } => panic!("b is paused"),
     }
-    let ttl = pttl(&url, &format!("{p}:{{b}}:pause")).await;
+    let ttl = pttl(b, &format!("{p}:{{b}}:pause")).await;
     assert!(ttl <= FIVE_MINUTES_MS, "{ttl}");
     // A longer pause request does not extend past the cap either.
     q.try_pause("b", Duration::from_secs(86_400)).await.unwrap();
-    assert!(pttl(&url, &format!("{p}:{{b}}:pause")).await <= FIVE_MINUTES_MS);
+    assert!(pttl(b, &format!("{p}:{{b}}:pause")).await <= FIVE_MINUTES_MS);
 
     // A smaller cap is configurable, and applies to what is already there.
-    let short = RedisQuota::connect(&url, Quota::per_second(10).unwrap())
-        .await
-        .unwrap()
+    let short = RedisQuota::new(b.conn().await, Quota::per_second(10).unwrap())
         .with_prefix(&p)
         .with_max_pause(Duration::from_secs(10));
     short.try_pause("b", Duration::from_secs(60)).await.unwrap();
-    assert!(pttl(&url, &format!("{p}:{{b}}:pause")).await <= 10_000);
+    assert!(pttl(b, &format!("{p}:{{b}}:pause")).await <= 10_000);
 }
 
 #[tokio::test]
 async fn a_hostile_retry_after_seen_by_the_layer_is_shared_capped() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        a_hostile_retry_after_seen_by_the_layer_is_shared_capped_on(&b).await;
+    }
+}
+
+async fn a_hostile_retry_after_seen_by_the_layer_is_shared_capped_on(b: &Backend) {
     let p = prefix("layer-cap");
     let quota = Quota::per_second(10).unwrap();
-    let remote = Arc::new(
-        RedisQuota::connect(&url, quota)
-            .await
-            .unwrap()
-            .with_prefix(&p),
-    );
+    let remote = Arc::new(RedisQuota::new(b.conn().await, quota).with_prefix(&p));
     let api = service_fn(|_r: Request<()>| async {
         let res = Response::builder()
             .status(429)
@@ -341,23 +349,23 @@ async fn a_hostile_retry_after_seen_by_the_layer_is_shared_capped() {
         left <= Duration::from_secs(300) && left > Duration::from_secs(295),
         "{left:?}"
     );
-    let ttl = pttl(&url, &format!("{p}:{{api.example.com}}:pause")).await;
+    let ttl = pttl(b, &format!("{p}:{{api.example.com}}:pause")).await;
     assert!(ttl <= FIVE_MINUTES_MS, "{ttl}");
 }
 
 #[tokio::test]
 async fn a_pause_can_be_read_and_cleared_for_every_process() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        a_pause_can_be_read_and_cleared_for_every_process_on(&b).await;
+    }
+}
+
+async fn a_pause_can_be_read_and_cleared_for_every_process_on(b: &Backend) {
     let p = prefix("clear");
     let quota = Quota::per_second(10).unwrap();
-    let a = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
-    let b = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(&p);
+    let a = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
+    let b = RedisQuota::new(b.conn().await, quota).with_prefix(&p);
     assert_eq!(a.try_paused("k").await.unwrap(), None);
     assert_eq!(a.try_clear_pause("k").await.unwrap(), None);
     a.try_pause("k", Duration::from_secs(60)).await.unwrap();
@@ -386,12 +394,15 @@ async fn a_pause_can_be_read_and_cleared_for_every_process() {
 
 #[tokio::test]
 async fn an_unused_slot_is_given_back() {
-    let Some(url) = redis_url() else { return };
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        an_unused_slot_is_given_back_on(&b).await;
+    }
+}
+
+async fn an_unused_slot_is_given_back_on(b: &Backend) {
     let quota = Quota::per_minute(1).unwrap();
-    let q = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(prefix("release"));
+    let q = RedisQuota::new(b.conn().await, quota).with_prefix(prefix("release"));
     let long = Duration::from_secs(600);
     assert!(matches!(
         q.try_reserve("k", long).await.unwrap(),
@@ -410,9 +421,72 @@ async fn an_unused_slot_is_given_back() {
     };
     assert!(next <= first && next > Duration::from_secs(59), "{next:?}");
     // Nothing reserved ahead: nothing to give back.
-    let idle = RedisQuota::connect(&url, quota)
-        .await
-        .unwrap()
-        .with_prefix(prefix("release-idle"));
+    let idle = RedisQuota::new(b.conn().await, quota).with_prefix(prefix("release-idle"));
     assert!(!idle.try_release("k").await.unwrap());
+}
+
+#[tokio::test]
+async fn one_round_trip_per_decision() {
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        one_round_trip_per_decision_on(&b).await;
+    }
+}
+
+async fn one_round_trip_per_decision_on(b: &Backend) {
+    let (conn, p) = proxy::counted(b).await;
+    let quota = Quota::per_second(1_000).unwrap();
+    let q = RedisQuota::new(conn, quota).with_prefix(prefix("trips"));
+    // The first use of a script on a node may cost a second command (the node learns it).
+    q.try_reserve("api.example.com", Duration::ZERO)
+        .await
+        .unwrap();
+    q.try_release("api.example.com").await.unwrap();
+    let before = proxy::sent(&p);
+    for _ in 0..20 {
+        q.try_reserve("api.example.com", Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy::sent(&p) - before, 20, "one command per decision");
+    let before = proxy::sent(&p);
+    assert!(q.try_release("api.example.com").await.unwrap());
+    assert_eq!(proxy::sent(&p) - before, 1, "one command per release");
+
+    // Through the layer: one decision, one command, per call.
+    let remote = Arc::new(q.clone());
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(remote)
+        .with_max_wait(Duration::from_secs(1))
+        .layer(service_fn(|_r: Request<()>| async {
+            Ok::<_, BoxError>(Response::new(()))
+        }));
+    let before = proxy::sent(&p);
+    for _ in 0..10 {
+        svc.clone()
+            .oneshot(Request::get("http://api.example.com/").body(()).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy::sent(&p) - before, 10, "one command per call");
+}
+
+#[tokio::test]
+async fn an_empty_key_keeps_its_state_in_one_slot() {
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        let q = RedisQuota::new(b.conn().await, Quota::per_second(10).unwrap())
+            .with_prefix(prefix("empty"));
+        // Redis ignores an empty hash tag ("{}"): the two keys still share a slot.
+        q.try_pause("", Duration::from_secs(30)).await.unwrap();
+        assert!(matches!(
+            q.try_reserve("", Duration::ZERO).await.unwrap(),
+            Reserve::Denied { .. }
+        ));
+        assert!(q.try_clear_pause("").await.unwrap().is_some());
+        assert!(matches!(
+            q.try_reserve("", Duration::ZERO).await.unwrap(),
+            Reserve::Granted { .. }
+        ));
+    }
 }

@@ -1,0 +1,379 @@
+//! Connections to one Redis server or to a Redis Cluster, hash slots, and Lua scripts that run
+//! in one round trip on either.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, ToRedisArgs, Value};
+use sturdy_core::{BoxError, Error, ErrorKind};
+
+use crate::{bounded, store_error};
+
+/// A connection to Redis: one server, or a Redis Cluster.
+///
+/// Every backend of this crate takes one. It is cheap to clone (clones share the connection) and
+/// reconnects by itself: after a restart of the server, or a failover in the cluster (a replica
+/// promoted in place of a primary that died), the next operations go to the server that holds
+/// the data now, without a new `RedisConnection`.
+///
+/// On a cluster, requests go to the primary that owns the key's hash slot. Every script of this
+/// crate touches keys of one slot only (see the crate docs on key layout), so each operation is
+/// still one command to one node.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run() -> Result<(), sturdy_core::BoxError> {
+/// use sturdy_redis::{RedisConnection, RedisIdempotencyStore};
+///
+/// let single = RedisConnection::connect("redis://127.0.0.1:6379/").await?;
+/// let cluster = RedisConnection::connect_cluster([
+///     "redis://10.0.0.1:6379/",
+///     "redis://10.0.0.2:6379/",
+///     "redis://10.0.0.3:6379/",
+/// ])
+/// .await?;
+/// assert!(cluster.is_cluster() && !single.is_cluster());
+/// let store = RedisIdempotencyStore::new(cluster);
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisConnection {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No address: a URL may hold a password.
+        let kind = match self.inner {
+            Inner::Single(_) => "single server",
+            Inner::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisConnection")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<ConnectionManager> for RedisConnection {
+    fn from(c: ConnectionManager) -> Self {
+        Self {
+            inner: Inner::Single(c),
+        }
+    }
+}
+
+impl From<ClusterConnection> for RedisConnection {
+    fn from(c: ClusterConnection) -> Self {
+        Self {
+            inner: Inner::Cluster(c),
+        }
+    }
+}
+
+/// The default bound of connecting and of each operation.
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(1);
+
+impl RedisConnection {
+    /// Connects to one Redis server at `url` (`redis://[:password@]host:port/[db]`), within
+    /// 2 s. The connection reconnects by itself when the server comes back after a restart.
+    ///
+    /// # Errors
+    /// When the URL is invalid or Redis cannot be reached in time. The message never repeats
+    /// the URL, which may hold a password.
+    pub async fn connect(url: &str) -> Result<Self, BoxError> {
+        crate::connect_unbounded(url, TIMEOUT).await.map(Self::from)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port/` each; one
+    /// reachable node is enough, it tells where the others are), within 2 s.
+    ///
+    /// The client follows the cluster's slot map: it sends each request to the primary that
+    /// owns the key, follows `MOVED`/`ASK` redirections, and learns the new map after a
+    /// failover. Requests that fail while the cluster moves a slot or promotes a replica are
+    /// tried again a few times, 10 to 100 ms apart, within each operation's timeout.
+    ///
+    /// # Errors
+    /// When no URL is given, a URL is invalid, or no node answers in time. The message never
+    /// repeats a URL.
+    pub async fn connect_cluster<I, S>(nodes: I) -> Result<Self, BoxError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        connect_cluster(nodes, TIMEOUT).await.map(Self::from)
+    }
+
+    /// Whether this is a connection to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner, Inner::Cluster(_))
+    }
+}
+
+/// Connects to a cluster with bounded connect and response times.
+pub(crate) async fn connect_cluster<I, S>(
+    nodes: I,
+    timeout: Duration,
+) -> Result<ClusterConnection, BoxError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let nodes: Vec<String> = nodes.into_iter().map(|s| s.as_ref().to_owned()).collect();
+    if nodes.is_empty() {
+        return Err(Box::new(Error::new(
+            ErrorKind::Config,
+            "no Redis Cluster node given: pass the URL of at least one node",
+        )));
+    }
+    let client = ClusterClient::builder(nodes)
+        .connection_timeout(timeout)
+        // Each operation is bounded by the caller's own timeout (a blocking stream read waits
+        // longer than one operation), so the client's bound only has to be longer than any.
+        .response_timeout(Duration::from_secs(3600))
+        .retries(6)
+        .min_retry_wait(10)
+        .max_retry_wait(100)
+        .retry_wait_formula(10, 2)
+        .build()
+        .map_err(|e| store_error("invalid Redis Cluster URL", e))?;
+    bounded(
+        timeout * 2,
+        "could not connect to the Redis Cluster",
+        client.get_async_connection(),
+    )
+    .await
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.inner {
+            Inner::Single(c) => c.req_packed_command(cmd),
+            Inner::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.inner {
+            Inner::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.inner {
+            Inner::Single(c) => c.get_db(),
+            Inner::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+// ===== hash slots =====
+
+/// The Redis Cluster hash slot of `key` (CRC16/XMODEM of the key, or of its hash tag: the part
+/// between the first `{` and the next `}`, when not empty; modulo 16384).
+pub(crate) fn hash_slot(key: &[u8]) -> u16 {
+    let hashed = hash_tag(key).unwrap_or(key);
+    crc16(hashed) % 16384
+}
+
+/// The hash tag of `key`, if it has one that Redis Cluster uses.
+pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|&b| b == b'{')?;
+    let len = key[open + 1..].iter().position(|&b| b == b'}')?;
+    (len > 0).then(|| &key[open + 1..open + 1 + len])
+}
+
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+// ===== scripts =====
+
+/// A Lua script sent as `EVALSHA`; a server that does not know it yet (a new node, a restarted
+/// or promoted one) gets it with `EVAL` in its place, on the node that owns the keys. So a
+/// script costs one round trip once a node has seen it, and two the first time.
+pub(crate) struct Lua {
+    src: String,
+    hash: String,
+}
+
+impl Lua {
+    pub(crate) fn new(src: String) -> Self {
+        let hash = redis::Script::new(&src).get_hash().to_owned();
+        Self { src, hash }
+    }
+
+    pub(crate) fn call(&self) -> Call<'_> {
+        Call {
+            lua: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Loads the script into every node (on a cluster: every primary and replica).
+    pub(crate) async fn load(&self, conn: &mut RedisConnection) -> RedisResult<()> {
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&self.src)
+            .query_async::<Value>(conn)
+            .await
+            .map(drop)
+    }
+}
+
+/// One invocation of a [`Lua`] script.
+pub(crate) struct Call<'a> {
+    lua: &'a Lua,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call<'_> {
+    pub(crate) fn key(&mut self, key: impl ToRedisArgs) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    pub(crate) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    pub(crate) fn cmd(&self, by_hash: bool) -> Cmd {
+        let (name, body) = if by_hash {
+            ("EVALSHA", &self.lua.hash)
+        } else {
+            ("EVAL", &self.lua.src)
+        };
+        let mut cmd = redis::cmd(name);
+        cmd.arg(body).arg(self.keys.len());
+        for k in &self.keys {
+            cmd.arg(k.as_slice());
+        }
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
+    }
+
+    pub(crate) async fn invoke<T: FromRedisValue>(
+        &self,
+        conn: &mut RedisConnection,
+    ) -> RedisResult<T> {
+        match self.cmd(true).query_async(conn).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => self.cmd(false).query_async(conn).await,
+            other => other,
+        }
+    }
+
+    /// Runs the script, then `WAIT replicas timeout` in the same round trip (one pipeline to
+    /// the node that owns the keys): the script's answer, and how many replicas confirmed every
+    /// write made so far on this connection to that node (`u64::MAX` when none was asked for).
+    pub(crate) async fn invoke_replicated<T: FromRedisValue>(
+        &self,
+        conn: &mut RedisConnection,
+        replication: Replication,
+    ) -> RedisResult<(T, u64)> {
+        let Replication { replicas, timeout } = replication;
+        if replicas == 0 {
+            return Ok((self.invoke(conn).await?, u64::MAX));
+        }
+        let wait_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let pipe = |by_hash: bool| {
+            let mut p = redis::pipe();
+            p.add_command(self.cmd(by_hash))
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(wait_ms);
+            p
+        };
+        match pipe(true).query_async(conn).await {
+            Err(e) if e.to_string().to_ascii_lowercase().contains("noscript") => {
+                pipe(false).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// How many replicas must confirm a write before it counts as stored, and how long to wait
+/// for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Replication {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+}
+
+impl Replication {
+    pub(crate) const NONE: Self = Self {
+        replicas: 0,
+        timeout: Duration::ZERO,
+    };
+
+    /// An error when fewer replicas than asked confirmed a write.
+    pub(crate) fn check(self, what: &str, acked: u64) -> Result<(), BoxError> {
+        if acked >= u64::from(self.replicas) {
+            return Ok(());
+        }
+        Err(Box::new(Error::new(
+            ErrorKind::Other,
+            format!(
+                "{what}: the write reached the Redis primary, but only {acked} of the {} replicas asked for confirmed it within {}, so a failover could lose it; try again",
+                self.replicas,
+                sturdy_core::human_duration(self.timeout)
+            ),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis_cluster() {
+        // Values from CLUSTER KEYSLOT on Redis 7.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"bar"), 5061);
+        assert_eq!(hash_slot(b"{user1000}.following"), hash_slot(b"user1000"));
+        assert_eq!(hash_slot(b"foo{}{bar}"), hash_slot(b"foo{}{bar}"));
+        assert_ne!(hash_slot(b"foo{}{bar}"), hash_slot(b"bar"));
+        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
+        assert_eq!(hash_slot(b"foo{bar}{zap}"), hash_slot(b"bar"));
+        assert_eq!(hash_tag(b"a{}b"), None);
+        assert_eq!(hash_tag(b"a{b"), None);
+        assert_eq!(hash_tag(b"a{b}c"), Some(&b"b"[..]));
+    }
+}
