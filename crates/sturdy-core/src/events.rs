@@ -50,14 +50,14 @@ use crate::ErrorKind;
 
 /// One thing a layer did; see the [module docs](self).
 ///
-/// Fields borrow from the layer for the length of the callback; copy what you keep. New
-/// variants and new fields may be added, so match with `..` and a catch-all arm.
+/// Fields borrow from the layer for the length of the callback; copy what you keep. Layers of
+/// sturdy build these; a callback only reads them. New variants may be added (the enum is
+/// `#[non_exhaustive]`) and new fields too: match with `{ field, .. }` and a catch-all arm.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Event<'a> {
     /// Retry layer: an attempt failed in a way worth trying again; the next attempt is sent after
     /// `delay`.
-    #[non_exhaustive]
     RetryScheduled {
         /// The host called (authority, without user info).
         host: &'a str,
@@ -73,7 +73,6 @@ pub enum Event<'a> {
         source: DelaySource,
     },
     /// Retry layer: an attempt failed in a way worth trying again, but it was not retried.
-    #[non_exhaustive]
     RetryStopped {
         /// The host called (authority, without user info).
         host: &'a str,
@@ -87,7 +86,6 @@ pub enum Event<'a> {
         stop: RetryStop,
     },
     /// Rate limit: a call waits for its turn (a slot of the quota, the end of a pause).
-    #[non_exhaustive]
     RateLimitWaited {
         /// The limiter's key.
         key: &'a str,
@@ -98,7 +96,6 @@ pub enum Event<'a> {
     },
     /// Rate limit: a call was refused without being sent, because it would have waited longer
     /// than allowed (or the shared store said no).
-    #[non_exhaustive]
     RateLimitRefused {
         /// The limiter's key.
         key: &'a str,
@@ -108,7 +105,6 @@ pub enum Event<'a> {
         wait: Duration,
     },
     /// Rate limit: a response asked every caller of a key to hold off, and the key is paused.
-    #[non_exhaustive]
     RateLimitPaused {
         /// The limiter's key.
         key: &'a str,
@@ -124,7 +120,6 @@ pub enum Event<'a> {
         capped: bool,
     },
     /// Circuit breaker: a breaker changed state.
-    #[non_exhaustive]
     CircuitChanged {
         /// The breaker's key.
         key: &'a str,
@@ -139,7 +134,6 @@ pub enum Event<'a> {
     },
     /// Circuit breaker: a call was refused at once because the breaker is open (or half-open
     /// with every probe slot taken).
-    #[non_exhaustive]
     CircuitRejected {
         /// The breaker's key.
         key: &'a str,
@@ -149,7 +143,6 @@ pub enum Event<'a> {
         retry_in: Duration,
     },
     /// Auth: an access token was fetched from the token endpoint.
-    #[non_exhaustive]
     TokenFetched {
         /// The token endpoint's host.
         endpoint: &'a str,
@@ -157,7 +150,6 @@ pub enum Event<'a> {
         lifetime: Duration,
     },
     /// Auth: a token request failed.
-    #[non_exhaustive]
     TokenFailed {
         /// The token endpoint's host.
         endpoint: &'a str,
@@ -170,14 +162,12 @@ pub enum Event<'a> {
     },
     /// Auth: the API answered 401 to a request that carried a cached token; the token is
     /// dropped and the request is sent once more with a fresh one.
-    #[non_exhaustive]
     TokenRejected {
         /// The host that answered 401.
         host: &'a str,
     },
     /// Server idempotency: a repeated request was answered with the stored response; the
     /// handler did not run.
-    #[non_exhaustive]
     IdempotentReplayed {
         /// The request's method.
         method: &'a Method,
@@ -186,7 +176,6 @@ pub enum Event<'a> {
     },
     /// Server idempotency: a request with a key was refused (409 in flight, 422 key reused) or
     /// a key was missing or invalid (400).
-    #[non_exhaustive]
     IdempotencyRefused {
         /// The request's method.
         method: &'a Method,
@@ -196,7 +185,6 @@ pub enum Event<'a> {
         status: StatusCode,
     },
     /// Webhooks: a delivery was answered.
-    #[non_exhaustive]
     WebhookReceived {
         /// The receiver's route name.
         route: &'a str,
@@ -208,7 +196,6 @@ pub enum Event<'a> {
         status: StatusCode,
     },
     /// Hedging: a second copy of a slow call was sent.
-    #[non_exhaustive]
     HedgeSent {
         /// The hedging layer's key.
         key: &'a str,
@@ -216,7 +203,6 @@ pub enum Event<'a> {
         host: Option<&'a str>,
     },
     /// Hedging: the second copy answered first; the first was cancelled.
-    #[non_exhaustive]
     HedgeWon {
         /// The hedging layer's key.
         key: &'a str,
@@ -224,7 +210,6 @@ pub enum Event<'a> {
         host: Option<&'a str>,
     },
     /// Adaptive concurrency: the number of calls a key may have in flight changed.
-    #[non_exhaustive]
     ConcurrencyLimitChanged {
         /// The limiter's key.
         key: &'a str,
@@ -236,7 +221,6 @@ pub enum Event<'a> {
         to: usize,
     },
     /// Adaptive concurrency: a call found no free place within its wait and was refused.
-    #[non_exhaustive]
     ConcurrencyRejected {
         /// The limiter's key.
         key: &'a str,
@@ -246,7 +230,6 @@ pub enum Event<'a> {
         limit: usize,
     },
     /// Coalescing: a call joined an identical call in flight instead of sending its own.
-    #[non_exhaustive]
     Coalesced {
         /// The coalescing layer's key.
         key: &'a str,
