@@ -116,3 +116,8 @@ pub use sturdy_coalesce as coalesce;
 #[cfg(all(doctest, feature = "full"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+// So are the metrics guide's.
+#[cfg(all(doctest, feature = "full"))]
+#[doc = include_str!("../docs/guides/metrics.md")]
+struct MetricsGuideDoctests;

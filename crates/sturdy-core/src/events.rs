@@ -338,8 +338,8 @@ pub enum WebhookOutcome {
     Accepted,
     /// Verified, but already queued before; acknowledged with 200 and not queued again.
     Duplicate,
-    /// Refused: source not allowed, signature, timestamp or headers wrong, body too large or
-    /// unreadable (the status says which).
+    /// Refused: source not allowed (403), signature, timestamp or headers wrong (400, 401),
+    /// body too large (413) or unreadable (400); or 500 when the verifier failed to run.
     Rejected,
     /// Verified, but the queue is full: answered 503 so the sender delivers it again.
     QueueFull,
