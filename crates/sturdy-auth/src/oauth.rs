@@ -867,6 +867,7 @@ mod tests {
             max_lifetime: Duration::from_secs(86_400),
             max_backoff: Duration::from_secs(60),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            events: EventHook::none(),
         }
     }
 
