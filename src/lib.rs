@@ -21,6 +21,7 @@
 //! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
 //! | `concurrency` | `concurrency` | `sturdy-concurrency`: `AdaptiveConcurrencyLayer`, a per-host limit that adapts |
 //! | `coalesce` | `coalesce` | `sturdy-coalesce`: `CoalesceLayer`, identical calls in flight share one |
+//! | `metrics` | (in [`core::events`]) | the layers' events counted through the `metrics` facade; every layer also takes an `on_event` callback without it |
 //!
 //! # Example
 //!
@@ -115,3 +116,8 @@ pub use sturdy_coalesce as coalesce;
 #[cfg(all(doctest, feature = "full"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+// So are the metrics guide's.
+#[cfg(all(doctest, feature = "full"))]
+#[doc = include_str!("../docs/guides/metrics.md")]
+struct MetricsGuideDoctests;

@@ -12,6 +12,7 @@ use http_body_util::combinators::Collect;
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use secrecy::ExposeSecret;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::trace::TraceEvent;
 use sturdy_core::{human_duration, BoxError, Error, ErrorKind, Trace};
 use tokio::time::{sleep, Sleep};
@@ -41,6 +42,19 @@ impl From<Parts> for Head {
 }
 
 impl Head {
+    /// The host the request goes to (never the `user:password@` part), for events.
+    fn host(&self) -> &str {
+        let raw = match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(""),
+        };
+        raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+    }
+
     fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, BoxError> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
@@ -92,6 +106,7 @@ pub(crate) struct TokenCall<S, B: Body, F> {
     once: Option<B>,
     replayed: bool,
     timeout: Duration,
+    events: EventHook,
     stage: Stage<B, F>,
 }
 
@@ -107,6 +122,7 @@ where
         body: B,
         replayable: bool,
         timeout: Duration,
+        events: EventHook,
     ) -> Self {
         let (stage, once) = if replayable {
             (Stage::Buffering(Box::pin(body.collect())), None)
@@ -122,6 +138,7 @@ where
             once,
             replayed: false,
             timeout,
+            events,
             stage,
         }
     }
@@ -273,6 +290,9 @@ where
                         return Poll::Ready(Ok(res));
                     }
                     tracing::info!(challenge = ?res.headers().get(http::header::WWW_AUTHENTICATE), "401: refreshing the token and replaying once");
+                    self.events.emit(&Event::TokenRejected {
+                        host: self.head.host(),
+                    });
                     self.replayed = true;
                     // Replacing the stage drops the first response future, and with it whatever
                     // the inner service reserved for it.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::{Error, ErrorKind};
 use tower::Layer;
 
@@ -40,6 +41,7 @@ pub struct AuthLayer {
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
     pub(crate) token_timeout: Duration,
+    pub(crate) events: EventHook,
 }
 
 /// How long one call waits for a token by default.
@@ -62,6 +64,7 @@ impl AuthLayer {
             creds: Arc::new(creds),
             replay_limit: 1024 * 1024,
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            events: EventHook::none(),
         }
     }
 
@@ -163,6 +166,16 @@ impl AuthLayer {
         self
     }
 
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every 401 that makes the
+    /// layer drop a token and replay the request with a fresh one (`TokenRejected`) \[none\];
+    /// replaces an earlier callback. Token fetches and failures are events of the token source
+    /// ([`ClientCredentials::on_event`](crate::ClientCredentials::on_event)). With the `metrics`
+    /// feature the same events are counted through the `metrics` facade either way.
+    pub fn on_event(mut self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        self.events = EventHook::new(f);
+        self
+    }
+
     /// How long one call waits for a token (see [`with_token_timeout`](Self::with_token_timeout)).
     pub fn token_timeout(&self) -> Duration {
         self.token_timeout
@@ -178,6 +191,7 @@ impl<S> Layer<S> for AuthLayer {
             creds: self.creds.clone(),
             replay_limit: self.replay_limit,
             token_timeout: self.token_timeout,
+            events: self.events.clone(),
         }
     }
 }

@@ -12,6 +12,7 @@ use http_body::Body;
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::{human_duration, BoxError, Error, ErrorKind};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -45,12 +46,19 @@ struct Settings {
     max_lifetime: Duration,
     max_backoff: Duration,
     request_timeout: Duration,
+    events: EventHook,
 }
 
 impl Settings {
     /// `the token endpoint https://host/path`, for messages.
     fn endpoint(&self) -> String {
         format!("the token endpoint {}", self.shown_url)
+    }
+
+    /// The token endpoint's host (and port), for events.
+    fn endpoint_host(&self) -> &str {
+        let a = self.token_url.authority().map_or("", |a| a.as_str());
+        a.rsplit_once('@').map_or(a, |(_, host)| host)
     }
 }
 
@@ -270,6 +278,7 @@ impl ClientCredentials {
                     max_lifetime: Duration::from_secs(86_400),
                     max_backoff: Duration::from_secs(60),
                     request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                    events: EventHook::none(),
                 },
                 fetch,
                 state: Mutex::new(State::default()),
@@ -363,6 +372,16 @@ impl ClientCredentials {
     #[must_use]
     pub fn with_request_timeout(self, timeout: Duration) -> Self {
         self.edit(|s| s.request_timeout = timeout)
+    }
+
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every token fetched
+    /// (`TokenFetched`) and every token request that failed (`TokenFailed`) \[none\]; replaces
+    /// an earlier callback. It runs in the task that requests the token, with no lock held. With
+    /// the `metrics` feature the same events are counted through the `metrics` facade either way.
+    #[must_use]
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit(|s| s.events = hook)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -507,6 +526,7 @@ impl ClientCredentials {
     async fn refresh(self, mut guard: FlightGuard) {
         let started = Instant::now();
         let result = self.request_token().await;
+        let note;
         let outcome = {
             let mut st = self.lock();
             if st.inflight.as_ref().is_some_and(|f| f.id == guard.id) {
@@ -529,6 +549,7 @@ impl ClientCredentials {
                     st.retry_at = None;
                     st.last_error = None;
                     tracing::debug!(lifetime_s = lifetime.as_secs(), "fetched an access token");
+                    note = Some(Ok(lifetime));
                     Ok(token)
                 }
                 Err(e) => {
@@ -542,10 +563,28 @@ impl ClientCredentials {
                         .as_ref()
                         .is_some_and(|c| Instant::now() < c.expires_at);
                     tracing::warn!(error = %e, retry_in = %human_duration(backoff), keeping_current_token = keeping, "token request failed");
+                    note = Some(Err((e.kind.clone(), backoff, keeping)));
                     Err(e)
                 }
             }
         };
+        // Told with the state lock released.
+        let settings = &self.inner.settings;
+        let endpoint = settings.endpoint_host();
+        match note {
+            Some(Ok(lifetime)) => settings
+                .events
+                .emit(&Event::TokenFetched { endpoint, lifetime }),
+            Some(Err((error, retry_in, keeping_current))) => {
+                settings.events.emit(&Event::TokenFailed {
+                    endpoint,
+                    error: &error,
+                    retry_in,
+                    keeping_current,
+                });
+            }
+            None => {}
+        }
         guard.finish(outcome);
     }
 
@@ -828,6 +867,7 @@ mod tests {
             max_lifetime: Duration::from_secs(86_400),
             max_backoff: Duration::from_secs(60),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            events: EventHook::none(),
         }
     }
 

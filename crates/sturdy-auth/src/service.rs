@@ -35,6 +35,7 @@ pub struct Auth<S> {
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
     pub(crate) token_timeout: Duration,
+    pub(crate) events: sturdy_core::events::EventHook,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
@@ -96,6 +97,7 @@ where
                     body,
                     replayable,
                     self.token_timeout,
+                    self.events.clone(),
                 ))
             }
         }

@@ -2,6 +2,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sturdy_core::classify::DefaultClassify;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::key::ByHost;
 use sturdy_core::keyed::SlotCache;
 use sturdy_core::{Error, ErrorKind};
@@ -9,7 +10,7 @@ use tower::Layer;
 
 use crate::breaker::CircuitState;
 use crate::config::Config;
-use crate::registry::{OnChange, Registry};
+use crate::registry::{OnChange, Registry, Shared};
 use crate::{CircuitBreaker, CircuitHandle};
 
 /// The breakers of a layer, its clones and its handles: one cell, so that a setter called after
@@ -90,10 +91,14 @@ fn config_error(msg: String) -> Error {
 
 impl<K, C> CircuitBreakerLayer<K, C> {
     fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
+        self.edit_shared(|s| f(&mut s.config))
+    }
+
+    fn edit_shared(self, f: impl FnOnce(&mut Shared)) -> Self {
         self.cell.replace(|r| {
-            let mut config = r.config().clone();
-            f(&mut config);
-            Registry::new(config, r.shared.on_change.clone())
+            let mut shared = (*r.shared).clone();
+            f(&mut shared);
+            Registry::with_shared(shared)
         });
         self
     }
@@ -177,17 +182,27 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         f: impl Fn(&str, CircuitState, CircuitState) + Send + Sync + 'static,
     ) -> Self {
         let f: OnChange = Arc::new(f);
-        self.cell
-            .replace(|r| Registry::new(r.config().clone(), Some(f)));
-        self
+        self.edit_shared(|s| s.on_change = Some(f))
     }
 
-    /// Chooses breakers with `key` instead of by host, e.g. a closure `|req| -> String`.
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every state change
+    /// (`CircuitChanged`) and every call refused by an open breaker (`CircuitRejected`)
+    /// \[none\]; replaces an earlier callback. Like [`on_state_change`](Self::on_state_change),
+    /// it runs after the breaker's lock is released. With the `metrics` feature the same events
+    /// are counted through the `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit_shared(|s| s.events = hook)
+    }
+
+    /// Chooses breakers with `key` instead of by host, e.g. a closure `|req| -> String`. Events
+    /// then carry the key but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> CircuitBreakerLayer<K2, C> {
+        let this = self.edit_shared(|s| s.keys_are_hosts = false);
         CircuitBreakerLayer {
-            cell: self.cell,
+            cell: this.cell,
             key,
-            classify: self.classify,
+            classify: this.classify,
         }
     }
 

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use sturdy_core::events::{BreakerState, Event, EventHook};
 use sturdy_core::keyed::{Idle, KeyedMap, Local, Slot};
 
 use tokio::time::Instant;
@@ -10,10 +11,14 @@ use crate::config::Config;
 
 pub(crate) type OnChange = Arc<dyn Fn(&str, CircuitState, CircuitState) + Send + Sync>;
 
-/// What every breaker of a layer shares: the configuration and the state-change callback.
+/// What every breaker of a layer shares: the configuration and the state-change callbacks.
+#[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) on_change: Option<OnChange>,
+    pub(crate) events: EventHook,
+    /// Whether keys are hosts (false once `with_key` chose other keys).
+    pub(crate) keys_are_hosts: bool,
 }
 
 impl Shared {
@@ -30,6 +35,31 @@ impl Shared {
         if let Some(f) = &self.on_change {
             f(key, t.from, t.to);
         }
+        let open_for = match t.to {
+            CircuitState::Open { retry_in } => Some(retry_in),
+            _ => None,
+        };
+        self.events.emit(&Event::CircuitChanged {
+            key,
+            host: self.host(key),
+            from: state_of(t.from),
+            to: state_of(t.to),
+            open_for,
+        });
+    }
+
+    /// The key as a host for events, when keys are hosts.
+    pub(crate) fn host<'k>(&self, key: &'k str) -> Option<&'k str> {
+        self.keys_are_hosts.then_some(key)
+    }
+}
+
+fn state_of(s: CircuitState) -> BreakerState {
+    match s {
+        CircuitState::Closed => BreakerState::Closed,
+        CircuitState::Open { .. } => BreakerState::Open,
+        CircuitState::HalfOpen => BreakerState::HalfOpen,
+        CircuitState::ForcedOpen => BreakerState::ForcedOpen,
     }
 }
 
@@ -70,9 +100,19 @@ impl fmt::Debug for Node {
 
 impl Registry {
     pub(crate) fn new(config: Config, on_change: Option<OnChange>) -> Self {
-        let max = config.max_breakers;
+        Self::with_shared(Shared {
+            config,
+            on_change,
+            events: EventHook::none(),
+            keys_are_hosts: true,
+        })
+    }
+
+    /// Fresh breakers with these settings and callbacks.
+    pub(crate) fn with_shared(shared: Shared) -> Self {
+        let max = shared.config.max_breakers;
         Self {
-            shared: Arc::new(Shared { config, on_change }),
+            shared: Arc::new(shared),
             map: KeyedMap::new(max),
         }
     }

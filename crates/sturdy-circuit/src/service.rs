@@ -9,6 +9,7 @@ use tower::Service;
 use crate::future::ResponseFuture;
 use crate::registry::{Node, Permit, Registry};
 use sturdy_core::classify::Classify;
+use sturdy_core::events::Event;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
 
@@ -68,6 +69,11 @@ where
         node.shared.report(local.key(), transition);
         match admitted {
             Err(retry_in) => {
+                node.shared.events.emit(&Event::CircuitRejected {
+                    key: local.key(),
+                    host: node.shared.host(local.key()),
+                    retry_in,
+                });
                 let open = CircuitOpen::new(local.key(), retry_in);
                 if let Some(t) = sturdy_core::Trace::of(&req) {
                     t.record(sturdy_core::TraceEvent::Rejected {

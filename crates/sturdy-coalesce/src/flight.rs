@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use futures_util::future::{Shared, WeakShared};
 use http::{HeaderMap, HeaderName, Method, Request};
+use sturdy_core::events::EventHook;
 use sturdy_core::keyed::{Idle, KeyedMap, Local};
 use sturdy_core::BoxError;
 
@@ -44,6 +45,9 @@ pub(crate) struct Config {
     pub(crate) headers: KeyHeaders,
     pub(crate) max_body: usize,
     pub(crate) max_hosts: usize,
+    pub(crate) events: EventHook,
+    /// Whether keys are hosts (false once `with_key` chose other keys).
+    pub(crate) keys_are_hosts: bool,
 }
 
 impl Default for Config {
@@ -52,6 +56,8 @@ impl Default for Config {
             headers: KeyHeaders::AllExcept(default_ignored()),
             max_body: 1 << 20,
             max_hosts: 1_024,
+            events: EventHook::none(),
+            keys_are_hosts: true,
         }
     }
 }

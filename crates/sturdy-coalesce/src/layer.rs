@@ -2,6 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::HeaderName;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::key::ByHost;
 use sturdy_core::keyed::SlotCache;
 use tower::Layer;
@@ -121,9 +122,21 @@ impl<K> CoalesceLayer<K> {
         self
     }
 
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every call that joins an
+    /// identical call in flight instead of sending its own (`Coalesced`) \[none\]; replaces an
+    /// earlier callback. With the `metrics` feature the same events are counted through the
+    /// `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.cell.edit(|c| c.events = hook);
+        self
+    }
+
     /// Partitions the tables by `key` instead of by host, e.g. a closure `|req| -> String`
-    /// (two requests still share a call only when they are identical).
+    /// (two requests still share a call only when they are identical). Events then carry the key
+    /// but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> CoalesceLayer<K2> {
+        self.cell.edit(|c| c.keys_are_hosts = false);
         CoalesceLayer {
             cell: self.cell,
             key,

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::Body;
+use sturdy_core::events::Event;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
 use sturdy_core::{BoxError, Error, ErrorKind};
@@ -114,6 +115,11 @@ where
             }
             Joined::Follow(shared, handoff) => {
                 counters.joined.fetch_add(1, Ordering::Relaxed);
+                registry.config.events.emit(&Event::Coalesced {
+                    key: local.key(),
+                    host: registry.config.keys_are_hosts.then_some(local.key()),
+                    method: req.method(),
+                });
                 // Not called now: give back what poll_ready reserved, keep a clone in case this
                 // request must send its own call.
                 let spare = self.inner.clone();

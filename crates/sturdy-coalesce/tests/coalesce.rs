@@ -434,3 +434,27 @@ fn traits() {
     send::<ResponseFuture<Api, Full<Bytes>>>();
     send::<ResponseBody<Chunks>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_join_are_events() {
+    let api = Api::new(ms(50), vec!["x"]);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = CoalesceLayer::new().on_event(move |e| {
+        if let sturdy_core::events::Event::Coalesced { key, host, method } = *e {
+            s.lock()
+                .unwrap()
+                .push((key.to_owned(), host.map(str::to_owned), method.clone()));
+        }
+    });
+    let client = layer.layer(api.clone());
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(client.clone().oneshot(get("/report"))))
+        .collect();
+    for c in callers {
+        assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(api.calls(), 1);
+    let joined = (HOST.to_owned(), Some(HOST.to_owned()), Method::GET);
+    assert_eq!(*seen.lock().unwrap(), [joined.clone(), joined]);
+}

@@ -17,7 +17,7 @@ use tower::Service;
 
 use crate::algorithm::Signal;
 use crate::error::limit_reached;
-use crate::limiter::{Limiter, Permit};
+use crate::limiter::{rejected, Limiter, Permit};
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -178,6 +178,7 @@ where
                         Poll::Pending => {
                             ready!(slow.sleep.as_mut().poll(cx));
                             let l = slow.local.value();
+                            rejected(&slow.local);
                             let err = limit_reached(slow.local.key(), l.limit(), slow.max_wait);
                             tracing::debug!(key = slow.local.key(), "{err}");
                             *this.slow = None;

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sturdy_core::classify::DefaultClassify;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::key::ByHost;
 use sturdy_core::keyed::SlotCache;
 use sturdy_core::{Error, ErrorKind};
@@ -147,8 +148,20 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
         self
     }
 
-    /// Keeps a limit per `key` instead of per host, e.g. a closure `|req| -> String`.
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) whenever a key's limit changes
+    /// (`ConcurrencyLimitChanged`, the whole number of calls) and for every call refused
+    /// (`ConcurrencyRejected`) \[none\]; replaces an earlier callback. With the `metrics`
+    /// feature the same events are counted through the `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.cell.edit(|c| c.events = hook);
+        self
+    }
+
+    /// Keeps a limit per `key` instead of per host, e.g. a closure `|req| -> String`. Events then
+    /// carry the key but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> AdaptiveConcurrencyLayer<K2, C> {
+        self.cell.edit(|c| c.keys_are_hosts = false);
         AdaptiveConcurrencyLayer {
             cell: self.cell,
             key,

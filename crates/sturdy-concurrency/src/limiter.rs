@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::keyed::{Idle, KeyedMap, Local, Slot};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -24,6 +25,9 @@ pub(crate) struct Config {
     pub(crate) backoff: f64,
     pub(crate) max_wait: Duration,
     pub(crate) max_hosts: usize,
+    pub(crate) events: EventHook,
+    /// Whether keys are hosts (false once `with_key` chose other keys).
+    pub(crate) keys_are_hosts: bool,
 }
 
 impl Default for Config {
@@ -36,6 +40,8 @@ impl Default for Config {
             backoff: 0.9,
             max_wait: Duration::from_secs(30),
             max_hosts: 1_024,
+            events: EventHook::none(),
+            keys_are_hosts: true,
         }
     }
 }
@@ -255,6 +261,16 @@ impl Idle for Limiter {
     }
 }
 
+/// Tells the event hook that a call of `local` was refused.
+pub(crate) fn rejected(local: &Local<Limiter>) {
+    let l = local.value();
+    l.config.events.emit(&Event::ConcurrencyRejected {
+        key: local.key(),
+        host: l.config.keys_are_hosts.then_some(local.key()),
+        limit: l.limit(),
+    });
+}
+
 /// A permit of `local`'s limit now, if one is free.
 pub(crate) fn try_acquire(local: &Arc<Local<Limiter>>) -> Option<Permit> {
     let p = local.value().sem.clone().try_acquire_owned().ok()?;
@@ -303,9 +319,19 @@ impl Permit {
         if self.permit.is_none() {
             return;
         }
-        self.local
-            .value()
-            .observe(signal, self.generation, self.in_flight);
+        let l = self.local.value();
+        let before = l.limit();
+        l.observe(signal, self.generation, self.in_flight);
+        let after = l.limit();
+        if after != before {
+            let key = self.local.key();
+            l.config.events.emit(&Event::ConcurrencyLimitChanged {
+                key,
+                host: l.config.keys_are_hosts.then_some(key),
+                from: before,
+                to: after,
+            });
+        }
         self.release();
     }
 

@@ -11,7 +11,7 @@ use tower::Service;
 
 use crate::error::limit_reached;
 use crate::future::ResponseFuture;
-use crate::limiter::{try_acquire, Limiter, Registry};
+use crate::limiter::{rejected, try_acquire, Limiter, Registry};
 
 /// The service made by [`AdaptiveConcurrencyLayer`](crate::AdaptiveConcurrencyLayer).
 ///
@@ -73,6 +73,7 @@ where
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
+            rejected(&local);
             let err = limit_reached(local.key(), limiter.limit(), max_wait);
             return ResponseFuture::rejected(Box::new(err), self.classify.clone());
         }

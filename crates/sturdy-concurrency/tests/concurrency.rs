@@ -374,3 +374,52 @@ fn traits() {
     send_sync_clone::<ConcurrencyHandle>();
     send::<ResponseFuture<Server, (), sturdy_core::DefaultClassify>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn limit_changes_and_refusals_are_events() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    let layer = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(10)
+        .with_max_wait(Duration::ZERO)
+        .on_event(move |e| {
+            let line = match *e {
+                sturdy_core::events::Event::ConcurrencyLimitChanged { host, from, to, .. } => {
+                    format!("{} {from} -> {to}", host.unwrap_or("-"))
+                }
+                sturdy_core::events::Event::ConcurrencyRejected { host, limit, .. } => {
+                    format!("{} refused at {limit}", host.unwrap_or("-"))
+                }
+                _ => return,
+            };
+            s.lock().unwrap().push(line);
+        });
+    // An overload answer lowers the limit (10 * 0.9 = 9).
+    let busy = tower::service_fn(|_r: Request<()>| async {
+        let mut res = Response::new(());
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, BoxError>(res)
+    });
+    let client = layer.clone().layer(busy);
+    let res = client.oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Nine calls in flight fill the limit; a tenth is refused at once.
+    let slow = tower::service_fn(|_r: Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, BoxError>(Response::new(()))
+    });
+    let client = layer.layer(slow);
+    let held: Vec<_> = (0..9)
+        .map(|_| tokio::spawn(client.clone().oneshot(get())))
+        .collect();
+    tokio::task::yield_now().await;
+    assert!(client.clone().oneshot(get()).await.is_err());
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[..2],
+        [format!("{HOST} 10 -> 9"), format!("{HOST} refused at 9")]
+    );
+}

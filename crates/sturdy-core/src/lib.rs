@@ -13,7 +13,9 @@
 //! - [`key`]: which key (host, token, tenant) a limiter or breaker keeps its state under;
 //! - [`trace`]: the decision trace that layers append to;
 //! - [`options`]: per-request settings ([`CallOptions`]) that override a layer's configuration;
-//! - [`summary`]: a serialisable [`ErrorSummary`] of any error and tool results for AI agents.
+//! - [`summary`]: a serialisable [`ErrorSummary`] of any error and tool results for AI agents;
+//! - [`events`]: typed events for callbacks (`on_event`) and, with the `metrics` feature,
+//!   counters and histograms through the `metrics` facade.
 //!
 //! # Example
 //!
@@ -39,6 +41,7 @@ pub mod body;
 pub mod classify;
 pub mod clock;
 mod error;
+pub mod events;
 pub mod headers;
 pub mod key;
 pub mod keyed;

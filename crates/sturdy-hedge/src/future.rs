@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use http::Request;
 use pin_project_lite::pin_project;
+use sturdy_core::events::Event;
 use sturdy_core::keyed::Local;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
@@ -90,6 +91,7 @@ where
     fn poll_hedge(
         &mut self,
         host: &HostState,
+        key: &str,
         start: Instant,
         cx: &mut Context<'_>,
     ) -> Step<Result<S::Response, S::Error>> {
@@ -134,6 +136,10 @@ where
             };
             host.hedges.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(uri = %req.uri(), "hedging: sending a second copy");
+            host.config.events.emit(&Event::HedgeSent {
+                key,
+                host: host.config.keys_are_hosts.then_some(key),
+            });
             self.fut = Some(Box::pin(self.svc.call(req)));
         }
     }
@@ -219,7 +225,7 @@ where
             return Poll::Pending;
         };
         let host = local.value();
-        match hedge.poll_hedge(host, start, cx) {
+        match hedge.poll_hedge(host, local.key(), start, cx) {
             Step::Pending => Poll::Pending,
             Step::Dropped => {
                 *this.hedge = None;
@@ -230,6 +236,10 @@ where
                 this.primary.set(None);
                 *this.hedge = None;
                 host.wins.fetch_add(1, Ordering::Relaxed);
+                host.config.events.emit(&Event::HedgeWon {
+                    key: local.key(),
+                    host: host.config.keys_are_hosts.then_some(local.key()),
+                });
                 record(this.host.as_ref(), Some(start));
                 Poll::Ready(Ok(res))
             }

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::key::ByHost;
 use sturdy_core::keyed::SlotCache;
 use sturdy_core::{Error, ErrorKind};
@@ -173,8 +174,20 @@ impl<K> HedgeLayer<K> {
         self
     }
 
-    /// Keeps state per `key` instead of per host, e.g. a closure `|req| -> String`.
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every second copy sent
+    /// (`HedgeSent`) and every second copy that answered first (`HedgeWon`) \[none\]; replaces
+    /// an earlier callback. With the `metrics` feature the same events are counted through the
+    /// `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.cell.edit(|c| c.events = hook);
+        self
+    }
+
+    /// Keeps state per `key` instead of per host, e.g. a closure `|req| -> String`. Events then
+    /// carry the key but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> HedgeLayer<K2> {
+        self.cell.edit(|c| c.keys_are_hosts = false);
         HedgeLayer {
             cell: self.cell,
             key,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::HeaderName;
+use sturdy_core::events::EventHook;
 use sturdy_core::keyed::{Idle, KeyedMap, Slot};
 use tokio::time::Instant;
 
@@ -33,6 +34,9 @@ pub(crate) struct Config {
     pub(crate) keyed: bool,
     pub(crate) key_header: HeaderName,
     pub(crate) max_hosts: usize,
+    pub(crate) events: EventHook,
+    /// Whether keys are hosts (false once `with_key` chose other keys).
+    pub(crate) keys_are_hosts: bool,
 }
 
 impl Default for Config {
@@ -51,6 +55,8 @@ impl Default for Config {
             keyed: false,
             key_header: HeaderName::from_static("idempotency-key"),
             max_hosts: 1_024,
+            events: EventHook::none(),
+            keys_are_hosts: true,
         }
     }
 }

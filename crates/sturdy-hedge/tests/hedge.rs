@@ -449,3 +449,35 @@ fn traits() {
     send::<ResponseFuture<Api, ()>>();
     let _ = StatusCode::OK;
 }
+
+#[tokio::test(start_paused = true)]
+async fn hedges_sent_and_won_are_events() {
+    let api = Api::new(|n| Ok(if n == 120 { ms(1_000) } else { ms(10) }));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = HedgeLayer::new().on_event(move |e| match *e {
+        sturdy_core::events::Event::HedgeSent { key, host } => {
+            s.lock()
+                .unwrap()
+                .push(("sent", key.to_owned(), host.is_some()));
+        }
+        sturdy_core::events::Event::HedgeWon { key, host } => {
+            s.lock()
+                .unwrap()
+                .push(("won", key.to_owned(), host.is_some()));
+        }
+        _ => {}
+    });
+    let client = layer.layer(api.clone());
+    warm(&client, 120).await;
+    assert!(seen.lock().unwrap().is_empty(), "fast calls emit nothing");
+    let res = client.clone().oneshot(get()).await.unwrap();
+    assert_eq!(*res.body(), 121);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ("sent", HOST.to_owned(), true),
+            ("won", HOST.to_owned(), true)
+        ]
+    );
+}

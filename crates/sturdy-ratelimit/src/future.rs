@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
+use sturdy_core::events::Event;
 use sturdy_core::headers::{may_pause, pause_hint, PauseSource};
 use sturdy_core::{BoxError, RateLimited};
 use tokio::time::Sleep;
@@ -289,6 +290,14 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
         source = from,
         "the server asked to slow down: pausing every call to this key"
     );
+    config.events.emit(&Event::RateLimitPaused {
+        key: bound.key(),
+        host: bound.host(),
+        status: res.status(),
+        source,
+        pause: applied,
+        capped: asked > applied,
+    });
     if let Some(remote) = &config.remote {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let fut = remote.pause(bound.key(), applied);
@@ -378,6 +387,11 @@ where
     let bound = slow.bound.clone();
     let ks = bound.state();
     let limited = |wait: u64| -> BoxError {
+        bound.config.events.emit(&Event::RateLimitRefused {
+            key: bound.key(),
+            host: bound.host(),
+            wait: Duration::from_nanos(wait),
+        });
         Box::new(RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key()))
     };
     loop {

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::key::ByHost;
 use sturdy_core::{SystemClock, WallClock};
 use tower::Layer;
@@ -72,6 +73,8 @@ impl RateLimitLayer {
                 remote: None,
                 on_store_error: OnStoreError::default(),
                 clock: Arc::new(SystemClock),
+                events: EventHook::none(),
+                keys_are_hosts: true,
             }),
             key: ByHost,
         }
@@ -156,12 +159,23 @@ impl<K> RateLimitLayer<K> {
         self.edit(|c| c.clock = clock)
     }
 
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every call that waits
+    /// (`RateLimitWaited`), every call refused (`RateLimitRefused`) and every pause a server asks
+    /// for (`RateLimitPaused`) \[none\]; replaces an earlier callback. With the `metrics` feature
+    /// the same events are counted through the `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit(|c| c.events = hook)
+    }
+
     /// Chooses keys with `key` instead of by host, e.g. a closure `|req| -> String` per API token.
-    /// The returned layer shares this layer's state and settings.
+    /// The returned layer shares this layer's state and settings. Its events carry the key but no
+    /// host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> RateLimitLayer<K2> {
+        let this = self.edit(|c| c.keys_are_hosts = false);
         RateLimitLayer {
-            state: self.state,
-            config: self.config,
+            state: this.state,
+            config: this.config,
             key,
         }
     }

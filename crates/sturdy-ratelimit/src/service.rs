@@ -3,6 +3,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use sturdy_core::events::Event;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::trace::DelaySource;
 use sturdy_core::{BoxError, RateLimited, Trace, TraceEvent};
@@ -122,6 +123,11 @@ impl<S, K> RateLimit<S, K> {
         let config = &bound.config;
         let deadline = now.saturating_add(nanos(config.max_wait));
         let refuse = |wait: u64, req: &Request<B>| {
+            bound.config.events.emit(&Event::RateLimitRefused {
+                key: bound.key(),
+                host: bound.host(),
+                wait: Duration::from_nanos(wait),
+            });
             let err = RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key());
             if let Some(t) = Trace::of(req) {
                 t.record(TraceEvent::Rejected {
@@ -148,6 +154,11 @@ impl<S, K> RateLimit<S, K> {
             waiting = ks.gate.waiting(),
             "waiting in line for the rate limit"
         );
+        bound.config.events.emit(&Event::RateLimitWaited {
+            key: bound.key(),
+            host: bound.host(),
+            wait,
+        });
         if let Some(t) = Trace::of(&req) {
             t.record(TraceEvent::Delay {
                 duration: wait,

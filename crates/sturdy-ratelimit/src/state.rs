@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use sturdy_core::events::EventHook;
 use sturdy_core::keyed::{Idle, KeyedMap, Slot};
 use sturdy_core::WallClock;
 
@@ -127,6 +128,9 @@ pub(crate) struct Config {
     pub(crate) remote: Option<Arc<dyn RemoteQuota>>,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) clock: Arc<dyn WallClock>,
+    /// Where events go, and whether keys are hosts (false once `with_key` chose other keys).
+    pub(crate) events: EventHook,
+    pub(crate) keys_are_hosts: bool,
 }
 
 impl fmt::Debug for Config {
@@ -157,6 +161,11 @@ impl Bound {
 
     pub(crate) fn state(&self) -> &KeyState {
         self.slot.value()
+    }
+
+    /// The key as a host for events, when keys are hosts.
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.config.keys_are_hosts.then(|| self.key())
     }
 }
 

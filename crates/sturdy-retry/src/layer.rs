@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use sturdy_core::classify::DefaultClassify;
+use sturdy_core::events::{Event, EventHook};
 use sturdy_core::{Error, ErrorKind, SystemClock, WallClock};
 use tower::retry::budget::Budget;
 use tower::Layer;
@@ -56,6 +57,7 @@ impl RetryLayer {
                 seed: None,
                 sessions: AtomicU64::new(0),
                 clock: Arc::new(SystemClock),
+                events: EventHook::none(),
             }),
         }
     }
@@ -82,6 +84,7 @@ impl<C> RetryLayer<C> {
                     seed: c.seed,
                     sessions: AtomicU64::new(0),
                     clock: c.clock.clone(),
+                    events: c.events.clone(),
                 };
                 f(&mut copy);
                 self.config = Arc::new(copy);
@@ -232,6 +235,15 @@ impl<C> RetryLayer<C> {
     /// The wall clock used to read `Retry-After` dates \[the system clock\].
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
         self.edit(|c| c.clock = clock)
+    }
+
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every retry scheduled
+    /// (`RetryScheduled`) and every retryable failure that is not retried (`RetryStopped`)
+    /// \[none\]; replaces an earlier callback. With the `metrics` feature the same events are
+    /// counted through the `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit(|c| c.events = hook)
     }
 }
 

@@ -8,6 +8,7 @@ use http::{HeaderName, Method, Request, Response, StatusCode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sturdy_core::classify::{self, Classify, DefaultClassify, Outcome};
+use sturdy_core::events::{Event, EventHook, RetryStop};
 use sturdy_core::headers::RetryAfter;
 use sturdy_core::keyed::{Idle, KeyedMap, Local, SlotCache};
 use sturdy_core::trace::{DelaySource, TraceEvent};
@@ -130,6 +131,7 @@ pub(crate) struct Config {
     pub(crate) seed: Option<u64>,
     pub(crate) sessions: AtomicU64,
     pub(crate) clock: Arc<dyn WallClock>,
+    pub(crate) events: EventHook,
 }
 
 /// What the response future needs to know about the call when the deadline cuts it: shared with
@@ -318,6 +320,7 @@ impl<C> RetryPolicy<C> {
         };
         if !(is_idempotent(req.method()) || has_key || this_attempt.proves_not_sent()) {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
+            self.stopped(req, &kind, RetryStop::NotIdempotent);
             self.finish(
                 req,
                 result,
@@ -349,6 +352,14 @@ impl<C> RetryPolicy<C> {
                     format!("and all {n} attempts are used")
                 };
                 tracing::info!(attempt = n, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), host = %host, "not waiting {wait:?} as asked: {reason}");
+                let stop = if too_long {
+                    RetryStop::WaitTooLong
+                } else if past_deadline {
+                    RetryStop::PastDeadline
+                } else {
+                    RetryStop::AttemptsExhausted
+                };
+                self.stopped(req, &kind, stop);
                 if let Ok(res) = result {
                     // Waiting is the caller's decision now: say how long, and for what.
                     if res.status() == StatusCode::TOO_MANY_REQUESTS
@@ -374,6 +385,7 @@ impl<C> RetryPolicy<C> {
             (delay, source)
         } else {
             if n >= self.max_attempts {
+                self.stopped(req, &kind, RetryStop::AttemptsExhausted);
                 self.finish(req, result, Stop::Plain);
                 return None;
             }
@@ -382,6 +394,7 @@ impl<C> RetryPolicy<C> {
             let random = self.rng().random();
             let delay = backoff.delay(n, prev, random);
             if left.is_some_and(|l| delay >= l) {
+                self.stopped(req, &kind, RetryStop::PastDeadline);
                 self.finish(
                     req,
                     result,
@@ -393,6 +406,7 @@ impl<C> RetryPolicy<C> {
             (delay, DelaySource::Backoff)
         };
         if self.body.is_none() {
+            self.stopped(req, &kind, RetryStop::NotReplayable);
             self.finish(
                 req,
                 result,
@@ -406,6 +420,7 @@ impl<C> RetryPolicy<C> {
         if let Some(b) = &self.budget {
             if !b.withdraw() {
                 tracing::info!(attempt = n, host = %host, "not retried: the retry budget is exhausted");
+                self.stopped(req, &kind, RetryStop::BudgetExhausted);
                 self.finish(
                     req,
                     result,
@@ -415,6 +430,14 @@ impl<C> RetryPolicy<C> {
             }
         }
         tracing::debug!(attempt = n, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), reason = %kind, source = ?source, "retrying");
+        self.config.events.emit(&Event::RetryScheduled {
+            host: &host,
+            method: req.method(),
+            attempt: n,
+            reason: &kind,
+            delay,
+            source,
+        });
         if let Some(t) = trace {
             t.record(TraceEvent::Delay {
                 duration: delay,
@@ -422,6 +445,17 @@ impl<C> RetryPolicy<C> {
             });
         }
         Some(delay)
+    }
+
+    /// Reports a retryable failure that is not retried.
+    fn stopped<B>(&self, req: &Request<B>, reason: &ErrorKind, stop: RetryStop) {
+        self.config.events.emit(&Event::RetryStopped {
+            host: sturdy_core::key::host(req),
+            method: req.method(),
+            attempt: self.attempts,
+            reason,
+            stop,
+        });
     }
 
     /// The call ends with `result`. A response is returned as it is (the caller sees the server's

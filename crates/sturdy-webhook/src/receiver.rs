@@ -13,6 +13,7 @@ use http_body::Body;
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
 use sturdy_core::body::BodyError;
+use sturdy_core::events::{Event, EventHook, WebhookOutcome};
 use sturdy_core::{BoxError, SystemClock, WallClock};
 use tower::Service;
 
@@ -48,6 +49,7 @@ struct Inner<Q> {
     clock: Arc<dyn WallClock>,
     offload_above: usize,
     sources: Option<Arc<SourceAllowlist>>,
+    events: EventHook,
 }
 
 // Not derived: `Q` itself need not be `Clone`.
@@ -63,6 +65,7 @@ impl<Q> Clone for Inner<Q> {
             clock: self.clock.clone(),
             offload_above: self.offload_above,
             sources: self.sources.clone(),
+            events: self.events.clone(),
         }
     }
 }
@@ -110,6 +113,7 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
                 clock: Arc::new(SystemClock),
                 offload_above: DEFAULT_OFFLOAD_ABOVE,
                 sources: None,
+                events: EventHook::none(),
             }),
         }
     }
@@ -167,6 +171,16 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
         self.edit(|i| i.sources = Some(list))
     }
 
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every delivery answered
+    /// (`WebhookReceived`: accepted, duplicate, rejected, queue full or queue failed, with the
+    /// status sent) \[none\]; replaces an earlier callback. With the `metrics` feature the same
+    /// events are counted through the `metrics` facade either way.
+    #[must_use]
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit(|i| i.events = hook)
+    }
+
     /// The wall clock timestamps are checked against \[the system clock\].
     #[must_use]
     pub fn with_clock(self, clock: Arc<dyn WallClock>) -> Self {
@@ -212,6 +226,26 @@ where
     B: Body,
     B::Error: Into<BoxError>,
 {
+    let (res, outcome) = answer(&inner, req).await;
+    inner.events.emit(&Event::WebhookReceived {
+        route: &inner.route,
+        scheme: inner.verifier.scheme(),
+        outcome,
+        status: res.status(),
+    });
+    res
+}
+
+/// Answers a delivery, and says what became of it.
+async fn answer<Q: EventQueue, B>(
+    inner: &Inner<Q>,
+    req: Request<B>,
+) -> (Response<Full<Bytes>>, WebhookOutcome)
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    use WebhookOutcome::{Accepted, Duplicate, QueueFailed, QueueFull, Rejected};
     let route = inner.route.as_str();
     let scheme = inner.verifier.scheme();
     let (parts, body) = req.into_parts();
@@ -225,12 +259,12 @@ where
                 route,
                 "webhook refused: a source allowlist is set but the peer address is unknown; serve the app with into_make_service_with_connect_info::<SocketAddr>()"
             );
-            return respond(StatusCode::FORBIDDEN, "forbidden");
+            return (respond(StatusCode::FORBIDDEN, "forbidden"), Rejected);
         };
         if !list.allows(peer, &parts.headers) {
             let source = list.source(peer, &parts.headers);
             tracing::warn!(route, %peer, ?source, "webhook refused: the source is not in the allowlist");
-            return respond(StatusCode::FORBIDDEN, "forbidden");
+            return (respond(StatusCode::FORBIDDEN, "forbidden"), Rejected);
         }
     }
     // The signature headers first: a delivery that cannot be valid costs no body read.
@@ -238,17 +272,23 @@ where
         .verifier
         .check_headers(&parts.headers, inner.clock.now())
     {
-        return reject(route, scheme, &r);
+        return (reject(route, scheme, &r), Rejected);
     }
     let body = match sturdy_core::body::buffer(body, inner.body_limit).await {
         Ok(b) => b,
         Err(BodyError::TooLarge { limit }) => {
             tracing::info!(route, limit, "webhook rejected: body too large");
-            return respond(StatusCode::PAYLOAD_TOO_LARGE, "payload too large");
+            return (
+                respond(StatusCode::PAYLOAD_TOO_LARGE, "payload too large"),
+                Rejected,
+            );
         }
         Err(e) => {
             tracing::info!(route, error = %e, "webhook rejected: body could not be read");
-            return respond(StatusCode::BAD_REQUEST, "invalid signature");
+            return (
+                respond(StatusCode::BAD_REQUEST, "invalid signature"),
+                Rejected,
+            );
         }
     };
     let now = inner.clock.now();
@@ -262,7 +302,10 @@ where
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(route, error = %e, "webhook verification failed to run");
-                    return respond(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+                    return (
+                        respond(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+                        Rejected,
+                    );
                 }
             }
         } else {
@@ -270,7 +313,7 @@ where
         };
     let verified = match verified {
         Ok(v) => v,
-        Err(r) => return reject(route, scheme, &r),
+        Err(r) => return (reject(route, scheme, &r), Rejected),
     };
     // Remember the key at least as long as a copy would pass the timestamp check.
     let fresh = verified
@@ -286,25 +329,25 @@ where
     match inner.queue.push(event, ttl).await {
         Ok(Push::Enqueued) => {
             tracing::debug!(route, scheme, id = %id, "webhook queued");
-            respond(StatusCode::OK, "ok")
+            (respond(StatusCode::OK, "ok"), Accepted)
         }
         Ok(Push::Duplicate) => {
             tracing::info!(route, scheme, id = %id, "duplicate webhook acknowledged, not processed again");
-            respond(StatusCode::OK, "duplicate")
+            (respond(StatusCode::OK, "duplicate"), Duplicate)
         }
         Ok(Push::Full) => {
             tracing::warn!(route, scheme, id = %id, "webhook queue full: asking the sender to redeliver");
             let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "busy, retry later");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(inner.retry_after));
-            r
+            (r, QueueFull)
         }
         Err(e) => {
             tracing::error!(route, scheme, id = %id, error = %e, "webhook could not be queued: asking the sender to redeliver");
             let mut r = respond(StatusCode::SERVICE_UNAVAILABLE, "unavailable, retry later");
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(inner.retry_after));
-            r
+            (r, QueueFailed)
         }
     }
 }

@@ -89,6 +89,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use sha2::{Digest, Sha256};
+use sturdy_core::events::{Event, EventHook, IdempotencyRefusal};
 use sturdy_core::BoxError;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
@@ -133,6 +134,7 @@ struct Config {
     store_server_errors: bool,
     body_limit: usize,
     response_limit: usize,
+    events: EventHook,
 }
 
 impl Config {
@@ -195,6 +197,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 store_server_errors: false,
                 body_limit: 1024 * 1024,
                 response_limit: 1024 * 1024,
+                events: EventHook::none(),
             }),
         }
     }
@@ -262,6 +265,16 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// The key header \[`Idempotency-Key`\].
     pub fn with_header(self, header: HeaderName) -> Self {
         self.edit(|c| c.header = header)
+    }
+
+    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every request answered with
+    /// a stored response (`IdempotentReplayed`) and every request refused for its key: 409 in
+    /// flight, 422 reused, 400 missing or invalid (`IdempotencyRefused`) \[none\]; replaces an
+    /// earlier callback. With the `metrics` feature the same events are counted through the
+    /// `metrics` facade either way.
+    pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
+        let hook = EventHook::new(f);
+        self.edit(|c| c.events = hook)
     }
 }
 
@@ -395,6 +408,7 @@ where
         }
         let key = match req.headers().get(&config.header) {
             None if config.require_key => {
+                refused(&config, req.method(), IdempotencyRefusal::MissingKey);
                 return ready(problem::response(
                     StatusCode::BAD_REQUEST,
                     problem::MISSING_KEY,
@@ -409,6 +423,7 @@ where
             Some(v) => match read_key(v) {
                 Some(k) => k,
                 None => {
+                    refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
                     return ready(problem::response(
                         StatusCode::BAD_REQUEST,
                         problem::INVALID_KEY,
@@ -426,6 +441,20 @@ where
         let store = self.store.clone();
         ResponseFuture(Box::pin(keyed(svc, store, config, key, parts, body)))
     }
+}
+
+/// Tells the event hook that a request was refused for its key.
+fn refused(config: &Config, method: &Method, refusal: IdempotencyRefusal) {
+    let status = match refusal {
+        IdempotencyRefusal::InFlight => StatusCode::CONFLICT,
+        IdempotencyRefusal::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    config.events.emit(&Event::IdempotencyRefused {
+        method,
+        refusal,
+        status,
+    });
 }
 
 async fn keyed<S, St, B, Rb>(
@@ -473,8 +502,16 @@ where
     let fp = fingerprint(&parts.method, target, &body);
     match store.begin(&key, fp, config.lease).await {
         Ok(Begin::Started) => {}
-        Ok(Begin::Completed(stored)) => return Ok(replay(stored)),
+        Ok(Begin::Completed(stored)) => {
+            let res = replay(stored);
+            config.events.emit(&Event::IdempotentReplayed {
+                method: &parts.method,
+                status: res.status(),
+            });
+            return Ok(res);
+        }
         Ok(Begin::InFlight) => {
+            refused(&config, &parts.method, IdempotencyRefusal::InFlight);
             return Ok(problem::response(
                 StatusCode::CONFLICT,
                 problem::IN_FLIGHT,
@@ -483,6 +520,7 @@ where
             ));
         }
         Ok(Begin::Mismatch) => {
+            refused(&config, &parts.method, IdempotencyRefusal::KeyReused);
             return Ok(problem::response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 problem::KEY_REUSED,
