@@ -290,7 +290,7 @@ mod tests {
         let again = template.clone().get(&m, "x", || unreachable!());
         assert!(Arc::ptr_eq(&first, &again));
         // Another key goes to the map, and is cached by the clone that used it.
-        let mut c = template.clone();
+        let mut c = template;
         let y = c.get(&m, "y", || Count(AtomicU32::new(1)));
         assert!(Arc::ptr_eq(&y, &c.get(&m, "y", || unreachable!())));
     }
