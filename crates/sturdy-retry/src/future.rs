@@ -1,3 +1,12 @@
+//! The retry loop.
+//!
+//! The decisions are `RetryPolicy`'s, shaped like tower's retry `Policy`. The loop is sturdy's, for three reasons tower's cannot serve: it calls the service `poll_ready`
+//! made ready for the first attempt and polls the *same* service again for a retry (tower's loop
+//! clones the whole inner stack into every call's future, which costs more than the rest of the
+//! layer on the happy path); it keeps only reference-counted pieces of the request for the
+//! policy, so a request that cannot be replayed is never copied; and it lets the deadline's error
+//! speak for every attempt made so far.
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -5,25 +14,18 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::combinators::Collect;
 use pin_project_lite::pin_project;
 use sturdy_core::classify::Classify;
 use sturdy_core::{human_duration, BoxError, CallReport, Delivery, ErrorKind};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::policy::{advise, CallState, RetryPolicy};
+use crate::policy::{advise, CallInfo, CallState, RetryPolicy};
 use crate::service::Attempt;
-
-type TowerFuture<S, B, C> = tower::retry::future::ResponseFuture<
-    RetryPolicy<C>,
-    Attempt<S, <S as Service<Request<B>>>::Error>,
-    Request<B>,
->;
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry).
@@ -31,69 +33,102 @@ pin_project! {
     where
         S: Service<Request<B>, Response = Response<Rb>>,
         S::Error: Into<BoxError>,
-        B: Body,
-        B: From<Bytes>,
-        C: Classify<Rb, BoxError>,
-        C: Clone,
     {
         #[pin]
-        state: State<Collect<B>, TowerFuture<S, B, C>, (Parts, Attempt<S, S::Error>, RetryPolicy<C>)>,
+        state: State<<Attempt<S, S::Error> as Service<Request<B>>>::Future, B>,
         #[pin]
         deadline: Option<Sleep>,
-        deadline_len: Duration,
-        call: Option<Arc<CallState>>,
+        // Everything a retry needs, boxed: the future stays small and cheap to move through the
+        // layers above.
+        run: Box<Run<Attempt<S, S::Error>, C>>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<Co, F, H> {
-        Buffering { #[pin] collect: Co, head: Option<H> },
-        Running { #[pin] fut: F },
+    enum State<F, B> {
+        // Reading a replayable body into memory before the first attempt.
+        Buffering { #[pin] body: B },
+        Calling { #[pin] fut: F },
+        Sleeping { #[pin] sleep: Sleep },
+        // Waiting for the service to be ready for the next attempt.
+        Readying,
+        Done,
     }
+}
+
+/// What the loop keeps between attempts.
+struct Run<A, C> {
+    svc: A,
+    policy: RetryPolicy<C>,
+    info: CallInfo,
+    /// The request's head and body, for replays (`None`: it cannot be replayed).
+    head: Option<Parts>,
+    body: Option<Bytes>,
+    /// The body read so far while buffering.
+    buf: Option<BytesMut>,
+    call: Option<Arc<CallState>>,
+    deadline_len: Duration,
 }
 
 impl<S, B, Rb, C> ResponseFuture<S, B, Rb, C>
 where
-    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S: Service<Request<B>, Response = Response<Rb>>,
     S::Error: Into<BoxError>,
     B: Body + From<Bytes>,
-    C: Classify<Rb, BoxError> + Clone,
+    C: Classify<Rb, BoxError>,
 {
-    pub(crate) fn running(
-        policy: RetryPolicy<C>,
-        attempt: Attempt<S, S::Error>,
+    /// A call whose request cannot be replayed: the first attempt is sent now, and it is the
+    /// only one.
+    pub(crate) fn once(
+        mut svc: Attempt<S, S::Error>,
+        mut policy: RetryPolicy<C>,
+        info: CallInfo,
         req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
     ) -> Self {
-        let mut retry = tower::retry::Retry::new(policy, attempt);
-        // The attempt service was driven to readiness by `Retry::poll_ready`.
-        let fut = retry.call(req);
+        policy.starting_attempt();
+        let fut = svc.call(req);
         Self {
-            state: State::Running { fut },
+            state: State::Calling { fut },
             deadline: deadline.map(tokio::time::sleep),
-            deadline_len: deadline.unwrap_or_default(),
-            call,
+            run: Box::new(Run {
+                svc,
+                policy,
+                info,
+                head: None,
+                body: None,
+                buf: None,
+                call,
+                deadline_len: deadline.unwrap_or_default(),
+            }),
         }
     }
 
-    pub(crate) fn buffering(
-        collect: Collect<B>,
-        parts: Parts,
-        attempt: Attempt<S, S::Error>,
+    /// A call whose body is read first, so every attempt sends the same bytes.
+    pub(crate) fn replayable(
+        svc: Attempt<S, S::Error>,
         policy: RetryPolicy<C>,
+        info: CallInfo,
+        req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
     ) -> Self {
+        let (head, body) = req.into_parts();
         Self {
-            state: State::Buffering {
-                collect,
-                head: Some((parts, attempt, policy)),
-            },
+            state: State::Buffering { body },
             deadline: deadline.map(tokio::time::sleep),
-            deadline_len: deadline.unwrap_or_default(),
-            call,
+            run: Box::new(Run {
+                svc,
+                policy,
+                info,
+                head: Some(head),
+                body: None,
+                buf: None,
+                call,
+                deadline_len: deadline.unwrap_or_default(),
+            }),
         }
     }
 }
@@ -102,14 +137,13 @@ impl<S, B, Rb, C> std::fmt::Debug for ResponseFuture<S, B, Rb, C>
 where
     S: Service<Request<B>, Response = Response<Rb>>,
     S::Error: Into<BoxError>,
-    B: Body + From<Bytes>,
-    C: Classify<Rb, BoxError> + Clone,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture")
             .field(
                 "attempts",
                 &self
+                    .run
                     .call
                     .as_ref()
                     .map(|a| a.attempts.load(Ordering::Relaxed)),
@@ -152,13 +186,24 @@ fn deadline_passed(len: Duration, call: Option<&CallState>) -> BoxError {
     )
 }
 
+/// A copy of the head of a request, for one more attempt.
+fn copy(head: &Parts) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = head.method.clone();
+    *r.uri_mut() = head.uri.clone();
+    *r.version_mut() = head.version;
+    *r.headers_mut() = head.headers.clone();
+    *r.extensions_mut() = head.extensions.clone();
+    r
+}
+
 impl<S, B, Rb, C> Future for ResponseFuture<S, B, Rb, C>
 where
-    S: Service<Request<B>, Response = Response<Rb>> + Clone,
+    S: Service<Request<B>, Response = Response<Rb>>,
     S::Error: Into<BoxError>,
     B: Body + From<Bytes>,
     B::Error: Into<BoxError>,
-    C: Classify<Rb, BoxError> + Clone,
+    C: Classify<Rb, BoxError>,
 {
     type Output = Result<Response<Rb>, BoxError>;
 
@@ -166,37 +211,111 @@ where
         let mut this = self.project();
         if let Some(d) = this.deadline.as_mut().as_pin_mut() {
             if d.poll(cx).is_ready() {
+                this.state.set(State::Done);
                 return Poll::Ready(Err(deadline_passed(
-                    *this.deadline_len,
-                    this.call.as_deref(),
+                    this.run.deadline_len,
+                    this.run.call.as_deref(),
                 )));
             }
         }
+        let run = &mut **this.run;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { collect, head } => {
-                    let collected = ready!(collect.poll(cx));
-                    let (parts, attempt, policy) = head.take().expect("polled after completion");
-                    let mut body = match collected {
-                        Ok(c) => c.aggregate(),
-                        Err(e) => {
-                            let e = sturdy_core::Error::new(
-                                ErrorKind::Body,
-                                "could not read the request body",
-                            )
-                            .with_source(e.into())
-                            .with_delivery(Delivery::NotSent);
-                            return Poll::Ready(Err(Box::new(e)));
+                StateProj::Buffering { mut body } => {
+                    // Read frame by frame: a body of one frame (a `Full`) is kept as it is,
+                    // without a copy.
+                    while let Some(frame) = ready!(body.as_mut().poll_frame(cx)) {
+                        let frame = match frame {
+                            Ok(f) => f,
+                            Err(e) => {
+                                let e = sturdy_core::Error::new(
+                                    ErrorKind::Body,
+                                    "could not read the request body",
+                                )
+                                .with_source(e.into())
+                                .with_delivery(Delivery::NotSent);
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Box::new(e)));
+                            }
+                        };
+                        let Ok(mut data) = frame.into_data() else {
+                            continue;
+                        };
+                        let chunk = data.copy_to_bytes(data.remaining());
+                        match (&mut run.body, &mut run.buf) {
+                            (None, _) => run.body = Some(chunk),
+                            (Some(first), None) => {
+                                let mut buf = BytesMut::from(&first[..]);
+                                buf.extend_from_slice(&chunk);
+                                run.buf = Some(buf);
+                            }
+                            (Some(_), Some(buf)) => buf.extend_from_slice(&chunk),
                         }
-                    };
-                    let bytes = body.copy_to_bytes(body.remaining());
-                    let policy = policy.with_body(bytes.clone());
-                    let mut retry = tower::retry::Retry::new(policy, attempt);
-                    let fut = retry.call(Request::from_parts(parts, B::from(bytes)));
-                    this.state.set(State::Running { fut });
+                    }
+                    if let Some(buf) = run.buf.take() {
+                        run.body = Some(buf.freeze());
+                    }
+                    let body = run.body.get_or_insert_with(Bytes::new).clone();
+                    run.policy.set_body(body);
+                    // The service was made ready by `poll_ready` before the call: the first
+                    // attempt goes to it now.
+                    let fut = run.attempt();
+                    this.state.set(State::Calling { fut });
                 }
-                StateProj::Running { fut } => return fut.poll(cx),
+                StateProj::Calling { fut } => {
+                    let mut result = ready!(fut.poll(cx));
+                    match run.policy.decide(&run.info, &mut result) {
+                        None => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(result);
+                        }
+                        Some(delay) => this.state.set(State::Sleeping {
+                            sleep: tokio::time::sleep(delay),
+                        }),
+                    }
+                }
+                StateProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    // The same service again: its earlier permit went with the earlier
+                    // response future.
+                    if let Err(e) = ready!(run.svc.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    let fut = run.attempt();
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Done => panic!("polled after completion"),
             }
         }
+    }
+}
+
+impl<A, C> Run<A, C> {
+    /// Sends the next attempt of a replayable request (the service is ready).
+    fn attempt<B>(&mut self) -> A::Future
+    where
+        A: Service<Request<B>>,
+        B: From<Bytes>,
+    {
+        self.policy.starting_attempt();
+        let body = self.body.clone().unwrap_or_default();
+        let parts = if self.policy.is_last_attempt() {
+            // No replay can follow: the head itself goes.
+            self.head.take()
+        } else {
+            None
+        };
+        let parts = parts.unwrap_or_else(|| {
+            let head = self
+                .head
+                .as_ref()
+                .expect("a replayable call keeps its head");
+            copy(head).into_parts().0
+        });
+        self.svc.call(Request::from_parts(parts, B::from(body)))
     }
 }

@@ -33,8 +33,11 @@
 //!   same idempotency key ..."). The last attempt's error is its `source()`; find a type in the
 //!   chain with [`sturdy_core::find`].
 //!
-//! The loop itself is tower's: [`Retry`] buffers the body, then runs `tower::retry::Retry` with a
-//! [`RetryPolicy`] made for the call, and bounds the whole by the deadline.
+//! The decisions follow the shape of tower's retry `Policy`, and the budget is tower's
+//! `TpsBudget`. The loop is the crate's own: the first attempt goes to the service `poll_ready`
+//! made ready, a retry polls that same service again (tower's loop clones the whole inner stack
+//! into each call's future, which cost more than everything else the layer does), a body is read
+//! once and replayed without a copy, and the deadline bounds the whole.
 //!
 //! # Example
 //!
@@ -78,6 +81,5 @@ mod timeout;
 pub use backoff::{Backoff, InvalidBackoff};
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;
-pub use policy::RetryPolicy;
 pub use service::Retry;
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer, TimeoutFuture};

@@ -16,7 +16,7 @@ use sturdy_core::{
     human_duration, BoxError, CallOptions, CallReport, CircuitOpen, Delivery, ErrorKind,
     RateLimited, Trace, WallClock,
 };
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::Backoff;
@@ -157,13 +157,11 @@ impl CallState {
     }
 }
 
-/// The retry decision for one logical call, as a [`tower::retry::Policy`].
-///
-/// [`Retry`](crate::Retry) makes one per call (with the buffered body, the deadline, the host's
-/// budget and a random generator) and hands it to tower's retry loop; it is public because it
-/// appears in [`ResponseFuture`](crate::ResponseFuture)'s type, not to be built by hand.
-#[derive(Clone)]
-pub struct RetryPolicy<C = DefaultClassify> {
+/// The retry decision for one logical call: [`Retry`](crate::Retry) makes one per call (with the
+/// buffered body, the deadline, the host's budget and a random generator). It follows the shape
+/// of tower's `Policy` (a decision per outcome that may rewrite the result), but reads what the
+/// loop kept of the request, since the request itself went to the service.
+pub(crate) struct RetryPolicy<C = DefaultClassify> {
     config: Arc<Config>,
     classify: C,
     body: Option<Bytes>,
@@ -198,6 +196,81 @@ pub(crate) fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
     )
+}
+
+/// What the policy reads of a request: from the request itself (tower's retry loop hands it
+/// over), or from what sturdy's own loop kept of it once the request went to the service.
+pub(crate) trait RequestView {
+    fn method(&self) -> &Method;
+    fn host(&self) -> &str;
+    fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue>;
+    fn trace(&self) -> Option<&Trace>;
+}
+
+impl<B> RequestView for Request<B> {
+    fn method(&self) -> &Method {
+        Request::method(self)
+    }
+    fn host(&self) -> &str {
+        sturdy_core::key::host(self)
+    }
+    fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
+        self.headers().get(name)
+    }
+    fn trace(&self) -> Option<&Trace> {
+        Trace::of(self)
+    }
+}
+
+/// What sturdy's retry loop keeps of a request for the policy: cheap clones (reference counts),
+/// no header map.
+#[derive(Debug, Clone)]
+pub(crate) struct CallInfo {
+    method: Method,
+    uri: http::Uri,
+    host_header: Option<http::HeaderValue>,
+    key: Option<http::HeaderValue>,
+    trace: Option<Trace>,
+}
+
+impl CallInfo {
+    pub(crate) fn of<B>(req: &Request<B>, key_header: &HeaderName) -> Self {
+        Self {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host_header: if req.uri().authority().is_none() {
+                req.headers().get(http::header::HOST).cloned()
+            } else {
+                None
+            },
+            key: req.headers().get(key_header).cloned(),
+            trace: Trace::of(req).cloned(),
+        }
+    }
+}
+
+impl RequestView for CallInfo {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+    fn host(&self) -> &str {
+        let raw = match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .host_header
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(""),
+        };
+        raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+    }
+    fn header(&self, _name: &HeaderName) -> Option<&http::HeaderValue> {
+        // The only header the policy reads is the idempotency key.
+        self.key.as_ref()
+    }
+    fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
+    }
 }
 
 /// Why retrying stopped before the attempts ran out.
@@ -255,13 +328,33 @@ impl<C> RetryPolicy<C> {
         })
     }
 
-    pub(crate) fn max_attempts(&self) -> u32 {
-        self.max_attempts
+    /// An attempt is about to be sent: it is in flight (for the deadline's error), and the first
+    /// one deposits in the retry budget (one deposit per logical call: retries may spend a
+    /// fraction of what callers make).
+    pub(crate) fn starting_attempt(&mut self) {
+        if let Some(s) = &self.state {
+            s.in_flight.store(true, Ordering::Relaxed);
+        }
+        if !self.deposited {
+            self.deposited = true;
+            if let Some(b) = &self.budget {
+                b.deposit();
+            }
+        }
     }
 
-    pub(crate) fn with_body(mut self, body: Bytes) -> Self {
+    /// Whether the attempt about to be sent is the last one allowed.
+    pub(crate) fn is_last_attempt(&self) -> bool {
+        self.attempts + 1 >= self.max_attempts
+    }
+
+    /// Marks the call replayable with this body.
+    pub(crate) fn set_body(&mut self, body: Bytes) {
         self.body = Some(body);
-        self
+    }
+
+    pub(crate) fn max_attempts(&self) -> u32 {
+        self.max_attempts
     }
 
     fn delivery(&self) -> Delivery {
@@ -274,9 +367,9 @@ impl<C> RetryPolicy<C> {
 
     /// Decides whether to retry; may rewrite the result: the error the caller finally gets speaks
     /// for the whole call (attempts, whether it may have been processed, the idempotency key).
-    fn decide<B, Rb>(
+    pub(crate) fn decide<Rb>(
         &mut self,
-        req: &Request<B>,
+        req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
     ) -> Option<Duration>
     where
@@ -300,14 +393,14 @@ impl<C> RetryPolicy<C> {
                 .store(self.maybe_processed, Ordering::Relaxed);
             s.in_flight.store(false, Ordering::Relaxed);
         }
-        let trace = Trace::of(req);
+        let trace = req.trace();
         if let Some(t) = trace {
             t.record(TraceEvent::Attempt {
                 number: n,
                 outcome: describe_result(result),
             });
         }
-        let has_key = req.headers().contains_key(&self.config.idempotency_header);
+        let has_key = req.header(&self.config.idempotency_header).is_some();
         let kind = match self.classify.classify(result) {
             Outcome::Retryable(kind) => kind,
             _ => match retryable_anyway(result, has_key, self.deadline.is_some()) {
@@ -331,7 +424,7 @@ impl<C> RetryPolicy<C> {
             );
             return None;
         }
-        let host = sturdy_core::key::host(req).to_owned();
+        let host = req.host().to_owned();
         let left = self
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
@@ -448,9 +541,9 @@ impl<C> RetryPolicy<C> {
     }
 
     /// Reports a retryable failure that is not retried.
-    fn stopped<B>(&self, req: &Request<B>, reason: &ErrorKind, stop: RetryStop) {
+    fn stopped(&self, req: &impl RequestView, reason: &ErrorKind, stop: RetryStop) {
         self.config.events.emit(&Event::RetryStopped {
-            host: sturdy_core::key::host(req),
+            host: req.host(),
             method: req.method(),
             attempt: self.attempts,
             reason,
@@ -462,16 +555,15 @@ impl<C> RetryPolicy<C> {
     /// last word), with a [`CallReport`] in its extensions when it is a 4xx or 5xx; an error
     /// becomes one [`sturdy_core::Error`] that says what happened in plain words and what is
     /// known about the whole call.
-    fn finish<B, Rb>(
+    fn finish<Rb>(
         &self,
-        req: &Request<B>,
+        req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
         stop: Stop,
     ) {
         let n = self.attempts;
         let key = || {
-            req.headers()
-                .get(&self.config.idempotency_header)
+            req.header(&self.config.idempotency_header)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
@@ -597,46 +689,5 @@ fn server_wait<Rb>(
             }
             sturdy_core::find::<CircuitOpen>(&**e).map(|c| (c.retry_in(), DelaySource::Breaker))
         }
-    }
-}
-
-impl<B, Rb, C> tower::retry::Policy<Request<B>, Response<Rb>, BoxError> for RetryPolicy<C>
-where
-    B: From<Bytes>,
-    C: Classify<Rb, BoxError> + Clone,
-{
-    type Future = Sleep;
-
-    fn retry(
-        &mut self,
-        req: &mut Request<B>,
-        result: &mut Result<Response<Rb>, BoxError>,
-    ) -> Option<Self::Future> {
-        self.decide(req, result).map(tokio::time::sleep)
-    }
-
-    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
-        if let Some(s) = &self.state {
-            // Called just before each attempt is sent.
-            s.in_flight.store(true, Ordering::Relaxed);
-        }
-        if !self.deposited {
-            // One deposit per logical call: retries may spend a fraction of what callers make.
-            self.deposited = true;
-            if let Some(b) = &self.budget {
-                b.deposit();
-            }
-        }
-        // tower's loop asks the policy about an outcome only when it holds a copy of the request,
-        // so a copy is made even when the body cannot be replayed (an empty one, never sent):
-        // the policy then still reports the call's outcome in full.
-        let body = self.body.clone().unwrap_or_default();
-        let mut r = Request::new(B::from(body));
-        *r.method_mut() = req.method().clone();
-        *r.uri_mut() = req.uri().clone();
-        *r.version_mut() = req.version();
-        *r.headers_mut() = req.headers().clone();
-        *r.extensions_mut() = req.extensions().clone();
-        Some(r)
     }
 }

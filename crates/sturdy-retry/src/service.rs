@@ -4,14 +4,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use sturdy_core::classify::{Classify, DefaultClassify};
 use sturdy_core::{BoxError, CallOptions};
 use tower::util::{Either, MapErr};
 use tower::Service;
 
 use crate::future::ResponseFuture;
-use crate::policy::{is_idempotent, CallState, Config, HostBudget, RetryPolicy};
+use crate::policy::{is_idempotent, CallInfo, CallState, Config, HostBudget, RetryPolicy};
 use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
@@ -125,15 +124,15 @@ where
             options,
             call.clone(),
         );
+        let info = CallInfo::of(&req, &self.config.idempotency_header);
         let replayable = policy.max_attempts() > 1
             && sturdy_core::body::fits(req.body(), self.config.body_limit);
         if !replayable {
             if policy.max_attempts() > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
-            return ResponseFuture::running(policy, attempt, req, deadline, call);
+            return ResponseFuture::once(attempt, policy, info, req, deadline, call);
         }
-        let (parts, body) = req.into_parts();
-        ResponseFuture::buffering(body.collect(), parts, attempt, policy, deadline, call)
+        ResponseFuture::replayable(attempt, policy, info, req, deadline, call)
     }
 }
