@@ -209,7 +209,7 @@ pub(crate) trait RequestView {
 
 impl<B> RequestView for Request<B> {
     fn method(&self) -> &Method {
-        Request::method(self)
+        Self::method(self)
     }
     fn host(&self) -> &str {
         sturdy_core::key::host(self)
