@@ -12,14 +12,12 @@ use http::{Request, Response};
 use http_body_util::Full;
 use sturdy_core::BoxError;
 use tower::layer::util::{Identity, Stack};
-use tower::util::{BoxCloneSyncService, Either};
+use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::AuthLayer;
 use crate::circuit::CircuitBreakerLayer;
 use crate::coalesce::{CoalesceLayer, ResponseBody};
-use crate::concurrency::AdaptiveConcurrencyLayer;
-use crate::hedge::HedgeLayer;
 use crate::idempotency::client::IdempotencyKeyLayer;
 use crate::ratelimit::RateLimitLayer;
 use crate::retry::{AttemptTimeoutLayer, RetryLayer};
@@ -33,32 +31,39 @@ use crate::version::VersionLayer;
 /// retry budgets, token caches).
 pub type Client<Rb> = BoxCloneSyncService<Request<Full<Bytes>>, Response<Rb>, BoxError>;
 
-/// The layers of a [`ClientBuilder`], outermost first, as tower stacks them.
-type Layers<R, C, L, H, A> = Stack<
+/// The layers of a [`ClientBuilder`], as tower stacks them (the innermost first here).
+type Layers<I, R, H, C, L, A, Au, V> = Stack<
     AttemptTimeoutLayer,
-    Stack<
-        Either<VersionLayer, Identity>,
-        Stack<
-            Either<AuthLayer, Identity>,
-            Stack<
-                Either<A, Identity>,
-                Stack<
-                    Either<L, Identity>,
-                    Stack<
-                        Either<C, Identity>,
-                        Stack<
-                            Either<H, Identity>,
-                            Stack<
-                                Either<R, Identity>,
-                                Stack<Either<IdempotencyKeyLayer, Identity>, Identity>,
-                            >,
-                        >,
-                    >,
-                >,
-            >,
-        >,
-    >,
+    Stack<V, Stack<Au, Stack<A, Stack<L, Stack<C, Stack<H, Stack<R, Stack<I, Identity>>>>>>>>,
 >;
+
+mod sealed {
+    use std::time::Duration;
+
+    /// What the builder adjusts in an auth layer when it builds: a token wait is part of the
+    /// attempt, so it is bounded by the attempt timeout too.
+    pub trait AuthSlot {
+        fn bounded_by(self, attempt: Option<Duration>) -> Self;
+    }
+
+    impl AuthSlot for tower::layer::util::Identity {
+        fn bounded_by(self, _: Option<Duration>) -> Self {
+            self
+        }
+    }
+
+    impl AuthSlot for crate::auth::AuthLayer {
+        fn bounded_by(self, attempt: Option<Duration>) -> Self {
+            match attempt {
+                Some(t) => {
+                    let bound = t.min(self.token_timeout());
+                    self.with_token_timeout(bound)
+                }
+                None => self,
+            }
+        }
+    }
+}
 
 /// Builds the composed client stack. Every layer can be replaced (configured as you like, with
 /// your own keys and classifiers) or left out; the order is fixed, because it is what makes them
@@ -76,9 +81,10 @@ type Layers<R, C, L, H, A> = Stack<
 /// ([`with_coalesce`](Self::with_coalesce), around everything, so identical calls share one
 /// whole outcome, retries included).
 ///
-/// Setters: `with_*` puts a layer in (as configured), `without_*` leaves it out. When auth uses a
-/// token source, the wait for a token is bounded by the attempt timeout too, so a token endpoint
-/// that never answers cannot hold a call past it.
+/// Setters: `with_*` puts a layer in (as configured), `without_*` leaves it out. A layer left out
+/// is not there at all (the builder's type says which layers it holds), so it costs nothing. When
+/// auth uses a token source, the wait for a token is bounded by the attempt timeout too, so a
+/// token endpoint that never answers cannot hold a call past it.
 ///
 /// Where it may sit: the client is a plain tower service whose `poll_ready` is its HTTP client's;
 /// put it under `Buffer` or a concurrency limit, drive it with `oneshot` or keep it and call
@@ -105,22 +111,25 @@ type Layers<R, C, L, H, A> = Stack<
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct ClientBuilder<
+    I = IdempotencyKeyLayer,
     R = RetryLayer,
+    H = Identity,
     C = CircuitBreakerLayer,
     L = RateLimitLayer,
-    H = HedgeLayer,
-    A = AdaptiveConcurrencyLayer,
+    A = Identity,
+    Au = Identity,
+    V = Identity,
     Co = (),
 > {
+    idempotency: I,
+    retry: R,
+    hedge: H,
+    circuit: C,
+    ratelimit: L,
+    concurrency: A,
+    auth: Au,
+    version: V,
     coalesce: Co,
-    idempotency: Option<IdempotencyKeyLayer>,
-    retry: Option<R>,
-    hedge: Option<H>,
-    circuit: Option<C>,
-    ratelimit: Option<L>,
-    concurrency: Option<A>,
-    auth: Option<AuthLayer>,
-    version: Option<VersionLayer>,
     timeout: Option<Duration>,
 }
 
@@ -134,168 +143,328 @@ impl ClientBuilder {
     /// The defaults above.
     pub fn new() -> Self {
         Self {
+            idempotency: IdempotencyKeyLayer::new(),
+            retry: RetryLayer::new(),
+            hedge: Identity::new(),
+            circuit: CircuitBreakerLayer::new(),
+            ratelimit: RateLimitLayer::adaptive_only(),
+            concurrency: Identity::new(),
+            auth: Identity::new(),
+            version: Identity::new(),
             coalesce: (),
-            idempotency: Some(IdempotencyKeyLayer::new()),
-            retry: Some(RetryLayer::new()),
-            hedge: None,
-            circuit: Some(CircuitBreakerLayer::new()),
-            ratelimit: Some(RateLimitLayer::adaptive_only()),
-            concurrency: None,
-            auth: None,
-            version: None,
             timeout: Some(Duration::from_secs(30)),
         }
     }
 }
 
-impl<R, C, L, H, A, Co> ClientBuilder<R, C, L, H, A, Co> {
+impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
     /// Idempotency keys, as configured.
-    pub fn with_idempotency(mut self, layer: IdempotencyKeyLayer) -> Self {
-        self.idempotency = Some(layer);
-        self
-    }
-
-    /// No idempotency keys.
-    pub fn without_idempotency(mut self) -> Self {
-        self.idempotency = None;
-        self
-    }
-
-    /// Retries, as configured (any classifier).
-    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<R2, C, L, H, A, Co> {
+    pub fn with_idempotency(
+        self,
+        layer: IdempotencyKeyLayer,
+    ) -> ClientBuilder<IdempotencyKeyLayer, R, H, C, L, A, Au, V, Co> {
         ClientBuilder {
-            coalesce: self.coalesce,
-            idempotency: self.idempotency,
-            retry: Some(layer),
+            idempotency: layer,
+            retry: self.retry,
             hedge: self.hedge,
             circuit: self.circuit,
             ratelimit: self.ratelimit,
             concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No idempotency keys.
+    pub fn without_idempotency(self) -> ClientBuilder<Identity, R, H, C, L, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: Identity::new(),
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Retries, as configured (any classifier).
+    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<I, R2, H, C, L, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: layer,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
             timeout: self.timeout,
         }
     }
 
     /// A single attempt per call.
-    pub fn without_retry(mut self) -> Self {
-        self.retry = None;
-        self
-    }
-
-    /// Circuit breakers, as configured (any key, any classifier).
-    pub fn with_circuit_breaker<C2>(self, layer: C2) -> ClientBuilder<R, C2, L, H, A, Co> {
+    pub fn without_retry(self) -> ClientBuilder<I, Identity, H, C, L, A, Au, V, Co> {
         ClientBuilder {
-            coalesce: self.coalesce,
             idempotency: self.idempotency,
-            retry: self.retry,
+            retry: Identity::new(),
             hedge: self.hedge,
-            circuit: Some(layer),
+            circuit: self.circuit,
             ratelimit: self.ratelimit,
             concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
-            timeout: self.timeout,
-        }
-    }
-
-    /// No circuit breaker.
-    pub fn without_circuit_breaker(mut self) -> Self {
-        self.circuit = None;
-        self
-    }
-
-    /// Rate limiting, as configured (any quota, any key).
-    pub fn with_rate_limit<L2>(self, layer: L2) -> ClientBuilder<R, C, L2, H, A, Co> {
-        ClientBuilder {
             coalesce: self.coalesce,
-            idempotency: self.idempotency,
-            retry: self.retry,
-            hedge: self.hedge,
-            circuit: self.circuit,
-            ratelimit: Some(layer),
-            concurrency: self.concurrency,
-            auth: self.auth,
-            version: self.version,
             timeout: self.timeout,
         }
-    }
-
-    /// No rate limiting.
-    pub fn without_rate_limit(mut self) -> Self {
-        self.ratelimit = None;
-        self
     }
 
     /// Hedged requests (off by default): a second copy of a slow safe call after the host's
     /// observed latency percentile, within a budget. Placed inside the retry layer, so each
     /// copy is an attempt the breaker and the limiter count.
-    pub fn with_hedge<H2>(self, layer: H2) -> ClientBuilder<R, C, L, H2, A, Co> {
+    pub fn with_hedge<H2>(self, layer: H2) -> ClientBuilder<I, R, H2, C, L, A, Au, V, Co> {
         ClientBuilder {
-            coalesce: self.coalesce,
             idempotency: self.idempotency,
             retry: self.retry,
-            hedge: Some(layer),
+            hedge: layer,
             circuit: self.circuit,
             ratelimit: self.ratelimit,
             concurrency: self.concurrency,
             auth: self.auth,
             version: self.version,
+            coalesce: self.coalesce,
             timeout: self.timeout,
         }
     }
 
     /// No hedging.
-    pub fn without_hedge(mut self) -> Self {
-        self.hedge = None;
-        self
+    pub fn without_hedge(self) -> ClientBuilder<I, R, Identity, C, L, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: Identity::new(),
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Circuit breakers, as configured (any key, any classifier).
+    pub fn with_circuit_breaker<C2>(
+        self,
+        layer: C2,
+    ) -> ClientBuilder<I, R, H, C2, L, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: layer,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No circuit breaker.
+    pub fn without_circuit_breaker(self) -> ClientBuilder<I, R, H, Identity, L, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: Identity::new(),
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Rate limiting, as configured (any quota, any key).
+    pub fn with_rate_limit<L2>(self, layer: L2) -> ClientBuilder<I, R, H, C, L2, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: layer,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No rate limiting.
+    pub fn without_rate_limit(self) -> ClientBuilder<I, R, H, C, Identity, A, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: Identity::new(),
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
     }
 
     /// An adaptive concurrency limit per host (off by default). Placed under the rate limiter,
     /// so a call holds its permit for the attempt, not while it waits for a rate slot.
-    pub fn with_adaptive_concurrency<A2>(self, layer: A2) -> ClientBuilder<R, C, L, H, A2, Co> {
+    pub fn with_adaptive_concurrency<A2>(
+        self,
+        layer: A2,
+    ) -> ClientBuilder<I, R, H, C, L, A2, Au, V, Co> {
         ClientBuilder {
-            coalesce: self.coalesce,
             idempotency: self.idempotency,
             retry: self.retry,
             hedge: self.hedge,
             circuit: self.circuit,
             ratelimit: self.ratelimit,
-            concurrency: Some(layer),
+            concurrency: layer,
             auth: self.auth,
             version: self.version,
+            coalesce: self.coalesce,
             timeout: self.timeout,
         }
     }
 
     /// No adaptive concurrency limit.
-    pub fn without_adaptive_concurrency(mut self) -> Self {
-        self.concurrency = None;
-        self
+    pub fn without_adaptive_concurrency(self) -> ClientBuilder<I, R, H, C, L, Identity, Au, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: Identity::new(),
+            auth: self.auth,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
     }
 
     /// Credentials.
-    pub fn with_auth(mut self, layer: AuthLayer) -> Self {
-        self.auth = Some(layer);
-        self
+    pub fn with_auth(self, layer: AuthLayer) -> ClientBuilder<I, R, H, C, L, A, AuthLayer, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: layer,
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
     }
 
     /// No credentials.
-    pub fn without_auth(mut self) -> Self {
-        self.auth = None;
-        self
+    pub fn without_auth(self) -> ClientBuilder<I, R, H, C, L, A, Identity, V, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: Identity::new(),
+            version: self.version,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
     }
 
     /// An API version pin.
-    pub fn with_version(mut self, layer: VersionLayer) -> Self {
-        self.version = Some(layer);
-        self
+    pub fn with_version(
+        self,
+        layer: VersionLayer,
+    ) -> ClientBuilder<I, R, H, C, L, A, Au, VersionLayer, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: layer,
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
     }
 
     /// No version pin.
-    pub fn without_version(mut self) -> Self {
-        self.version = None;
-        self
+    pub fn without_version(self) -> ClientBuilder<I, R, H, C, L, A, Au, Identity, Co> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: Identity::new(),
+            coalesce: self.coalesce,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Identical safe calls in flight share one whole outcome, retries included (off by
+    /// default): the coalescing layer goes around the whole stack. The client's response body
+    /// becomes `sturdy::coalesce::ResponseBody<Rb>` (a shared body, or the upstream one for a call
+    /// that did not share).
+    pub fn with_coalesce<K>(
+        self,
+        layer: CoalesceLayer<K>,
+    ) -> ClientBuilder<I, R, H, C, L, A, Au, V, CoalesceLayer<K>> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: layer,
+            timeout: self.timeout,
+        }
+    }
+
+    /// No coalescing.
+    pub fn without_coalesce(self) -> ClientBuilder<I, R, H, C, L, A, Au, V, ()> {
+        ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: (),
+            timeout: self.timeout,
+        }
     }
 
     /// The timeout of each attempt \[30 s\]. A request can set its own with
@@ -312,81 +481,47 @@ impl<R, C, L, H, A, Co> ClientBuilder<R, C, L, H, A, Co> {
         self
     }
 
-    /// Identical safe calls in flight share one whole outcome, retries included (off by
-    /// default): the coalescing layer goes around the whole stack. The client's response body
-    /// becomes `sturdy::coalesce::ResponseBody<Rb>` (a shared body, or the upstream one for a call
-    /// that did not share).
-    pub fn with_coalesce<K>(
-        self,
-        layer: CoalesceLayer<K>,
-    ) -> ClientBuilder<R, C, L, H, A, CoalesceLayer<K>> {
-        ClientBuilder {
-            coalesce: layer,
-            idempotency: self.idempotency,
-            retry: self.retry,
-            hedge: self.hedge,
-            circuit: self.circuit,
-            ratelimit: self.ratelimit,
-            concurrency: self.concurrency,
-            auth: self.auth,
-            version: self.version,
-            timeout: self.timeout,
-        }
-    }
-
-    fn layers(self) -> Layers<R, C, L, H, A> {
-        // A token wait is part of the attempt: bound it by the attempt timeout too.
-        let auth = match (self.auth, self.timeout) {
-            (Some(a), Some(t)) => {
-                let bound = t.min(a.token_timeout());
-                Some(a.with_token_timeout(bound))
-            }
-            (a, _) => a,
-        };
+    fn layers(self) -> Layers<I, R, H, C, L, A, Au, V>
+    where
+        Au: sealed::AuthSlot,
+    {
         ServiceBuilder::new()
-            .option_layer(self.idempotency)
-            .option_layer(self.retry)
-            .option_layer(self.hedge)
-            .option_layer(self.circuit)
-            .option_layer(self.ratelimit)
-            .option_layer(self.concurrency)
-            .option_layer(auth)
-            .option_layer(self.version)
+            .layer(self.idempotency)
+            .layer(self.retry)
+            .layer(self.hedge)
+            .layer(self.circuit)
+            .layer(self.ratelimit)
+            .layer(self.concurrency)
+            .layer(self.auth.bounded_by(self.timeout))
+            .layer(self.version)
             .layer(AttemptTimeoutLayer::new(self.timeout))
             .into_inner()
     }
-
-    /// The stack around `http`, not yet boxed.
-    fn stack<S>(self, http: S) -> <Layers<R, C, L, H, A> as Layer<S>>::Service
-    where
-        Layers<R, C, L, H, A>: Layer<S>,
-    {
-        self.layers().layer(http)
-    }
 }
 
-impl<R, C, L, H, A> ClientBuilder<R, C, L, H, A> {
+impl<I, R, H, C, L, A, Au, V> ClientBuilder<I, R, H, C, L, A, Au, V, ()> {
     /// Wraps `http` (a hyper-util client, or any service) in the stack.
     pub fn build<S, Rb>(self, http: S) -> Client<Rb>
     where
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
-        Layers<R, C, L, H, A>: Layer<S>,
-        <Layers<R, C, L, H, A> as Layer<S>>::Service:
+        Au: sealed::AuthSlot,
+        Layers<I, R, H, C, L, A, Au, V>: Layer<S>,
+        <Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service:
             Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
-        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
+        <<Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
             Into<BoxError>,
-        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
+        <<Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
             Send + 'static,
         Rb: Send + 'static,
     {
-        let svc = self.stack(http);
+        let svc = self.layers().layer(http);
         BoxCloneSyncService::new(tower::ServiceExt::map_err(svc, Into::<BoxError>::into))
     }
 }
 
-impl<R, C, L, H, A, K> ClientBuilder<R, C, L, H, A, CoalesceLayer<K>>
+impl<I, R, H, C, L, A, Au, V, K> ClientBuilder<I, R, H, C, L, A, Au, V, CoalesceLayer<K>>
 where
     K: Clone,
 {
@@ -396,19 +531,32 @@ where
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
-        Layers<R, C, L, H, A>: Layer<S>,
-        <Layers<R, C, L, H, A> as Layer<S>>::Service:
+        Au: sealed::AuthSlot,
+        Layers<I, R, H, C, L, A, Au, V>: Layer<S>,
+        <Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service:
             Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
-        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
+        <<Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Error:
             Into<BoxError>,
-        <<Layers<R, C, L, H, A> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
+        <<Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service as Service<Request<Full<Bytes>>>>::Future:
             Send + 'static,
         Rb: http_body::Body<Data = Bytes> + Send + 'static,
         Rb::Error: Into<BoxError>,
         K: sturdy_core::KeyExtractor<Full<Bytes>> + Send + Sync + 'static,
     {
         let coalesce = self.coalesce.clone();
-        let svc = tower::ServiceExt::map_err(self.stack(http), Into::<BoxError>::into);
+        let stack = ClientBuilder {
+            idempotency: self.idempotency,
+            retry: self.retry,
+            hedge: self.hedge,
+            circuit: self.circuit,
+            ratelimit: self.ratelimit,
+            concurrency: self.concurrency,
+            auth: self.auth,
+            version: self.version,
+            coalesce: (),
+            timeout: self.timeout,
+        };
+        let svc = tower::ServiceExt::map_err(stack.layers().layer(http), Into::<BoxError>::into);
         BoxCloneSyncService::new(coalesce.layer(svc))
     }
 }
