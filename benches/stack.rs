@@ -81,27 +81,38 @@ fn stack(c: &mut Criterion) {
             .without_attempt_timeout()
     };
     let post = http::Method::POST;
-    for (name, builder) in [
-        ("boxed, no layers", none()),
+    let variants: Vec<(&str, sturdy::Client<()>)> = vec![
+        ("boxed, no layers", none().build(bare())),
         (
             "idempotency",
-            none().with_idempotency(sturdy::idempotency::client::IdempotencyKeyLayer::new()),
+            none()
+                .with_idempotency(sturdy::idempotency::client::IdempotencyKeyLayer::new())
+                .build(bare()),
         ),
-        ("retry", none().with_retry(sturdy::retry::RetryLayer::new())),
+        (
+            "retry",
+            none().with_retry(sturdy::retry::RetryLayer::new()).build(bare()),
+        ),
         (
             "circuit breaker",
-            none().with_circuit_breaker(sturdy::circuit::CircuitBreakerLayer::new()),
+            none()
+                .with_circuit_breaker(sturdy::circuit::CircuitBreakerLayer::new())
+                .build(bare()),
         ),
         (
             "rate limit (adaptive)",
-            none().with_rate_limit(sturdy::ratelimit::RateLimitLayer::adaptive_only()),
+            none()
+                .with_rate_limit(sturdy::ratelimit::RateLimitLayer::adaptive_only())
+                .build(bare()),
         ),
         (
             "attempt timeout",
-            none().with_attempt_timeout(std::time::Duration::from_secs(30)),
+            none()
+                .with_attempt_timeout(std::time::Duration::from_secs(30))
+                .build(bare()),
         ),
-    ] {
-        let svc = builder.build(bare());
+    ];
+    for (name, svc) in variants {
         g.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {
@@ -111,6 +122,82 @@ fn stack(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // The default stack next to a stack of tower's own layers doing comparable work: a retry
+    // layer whose policy never retries but copies the request for a replay, a timeout, a rate
+    // limit, a concurrency limit, and a header set on each request. tower's `RateLimit` cannot be
+    // cloned, so both stacks are kept and driven with `ready().call()`, both boxed once.
+    let mut g = c.benchmark_group("stack/vs tower reference");
+    for method in [http::Method::GET, http::Method::POST] {
+        g.bench_function(format!("sturdy default stack, {method}"), |b| {
+            let mut svc = ClientBuilder::new().build(bare());
+            b.iter(|| {
+                rt.block_on(async {
+                    let ready = svc.ready().await.unwrap();
+                    black_box(ready.call(request(&uri, &method)).await.unwrap())
+                })
+            });
+        });
+        g.bench_function(format!("tower reference stack, {method}"), |b| {
+            let mut svc = reference();
+            b.iter(|| {
+                rt.block_on(async {
+                    let ready = svc.ready().await.unwrap();
+                    black_box(ready.call(request(&uri, &method)).await.unwrap())
+                })
+            });
+        });
+    }
+    g.finish();
+}
+
+/// A retry policy that never retries but, like a real one, copies each request for a replay.
+#[derive(Clone)]
+struct NeverRetry;
+
+impl tower::retry::Policy<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxError>
+    for NeverRetry
+{
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _req: &mut Request<Full<Bytes>>,
+        _result: &mut Result<Response<()>, sturdy::core::BoxError>,
+    ) -> Option<Self::Future> {
+        None
+    }
+
+    fn clone_request(&mut self, req: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        let mut r = Request::new(req.body().clone());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.version_mut() = req.version();
+        *r.headers_mut() = req.headers().clone();
+        *r.extensions_mut() = req.extensions().clone();
+        Some(r)
+    }
+}
+
+/// tower's own layers doing about what the default stack does, boxed once like `ClientBuilder`.
+fn reference() -> tower::util::BoxService<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxError>
+{
+    let svc = tower::ServiceBuilder::new()
+        .layer(tower_http::set_header::SetRequestHeaderLayer::if_not_present(
+            http::HeaderName::from_static("idempotency-key"),
+            http::HeaderValue::from_static("7f0c2b6e-5d1a-4c7e-9b1e-2f4a6d8c0e13"),
+        ))
+        // tower's rate limit cannot be cloned, and its retry clones what is under it: the rate
+        // limit goes above the retry.
+        .layer(tower::limit::RateLimitLayer::new(
+            1_000_000_000,
+            std::time::Duration::from_secs(1),
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1_000))
+        .layer(tower::retry::RetryLayer::new(NeverRetry))
+        .layer(tower::timeout::TimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .service(bare());
+    tower::util::BoxService::new(svc)
 }
 
 /// The same stack against a real hyper server on loopback (the chaos server, no faults): the

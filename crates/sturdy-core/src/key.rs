@@ -41,7 +41,18 @@ pub fn host<B>(req: &Request<B>) -> &str {
             .and_then(|h| h.to_str().ok())
             .unwrap_or(""),
     };
-    raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+    without_userinfo(raw)
+}
+
+/// `authority` without a `user:password@` part. A plain loop: authorities are short, and this
+/// runs on every call.
+#[inline]
+pub fn without_userinfo(authority: &str) -> &str {
+    match authority.bytes().rposition(|b| b == b'@') {
+        // '@' is ASCII: the index is a char boundary.
+        Some(i) => &authority[i + 1..],
+        None => authority,
+    }
 }
 
 #[cfg(test)]

@@ -35,12 +35,12 @@ pin_project! {
         S::Error: Into<BoxError>,
     {
         #[pin]
-        state: State<<Attempt<S, S::Error> as Service<Request<B>>>::Future, B>,
+        state: State<<Attempt<S> as Service<Request<B>>>::Future, B>,
         #[pin]
         deadline: Option<Sleep>,
         // Everything a retry needs, boxed: the future stays small and cheap to move through the
         // layers above.
-        run: Box<Run<Attempt<S, S::Error>, C>>,
+        run: Box<Run<Attempt<S>, C>>,
     }
 }
 
@@ -81,7 +81,7 @@ where
     /// A call whose request cannot be replayed: the first attempt is sent now, and it is the
     /// only one.
     pub(crate) fn once(
-        mut svc: Attempt<S, S::Error>,
+        mut svc: Attempt<S>,
         mut policy: RetryPolicy<C>,
         info: CallInfo,
         req: Request<B>,
@@ -108,7 +108,7 @@ where
 
     /// A call whose body is read first, so every attempt sends the same bytes.
     pub(crate) fn replayable(
-        svc: Attempt<S, S::Error>,
+        svc: Attempt<S>,
         policy: RetryPolicy<C>,
         info: CallInfo,
         req: Request<B>,

@@ -262,7 +262,7 @@ impl RequestView for CallInfo {
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or(""),
         };
-        raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+        sturdy_core::key::without_userinfo(raw)
     }
     fn header(&self, _name: &HeaderName) -> Option<&http::HeaderValue> {
         // The only header the policy reads is the idempotency key.

@@ -6,7 +6,6 @@ use http::{Request, Response};
 use http_body::Body;
 use sturdy_core::classify::{Classify, DefaultClassify};
 use sturdy_core::{BoxError, CallOptions};
-use tower::util::{Either, MapErr};
 use tower::Service;
 
 use crate::future::ResponseFuture;
@@ -15,8 +14,9 @@ use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
 
-/// One attempt: the inner service with its error boxed, and a timeout when one is configured.
-pub(crate) type Attempt<S, E> = Either<AttemptTimeout<S>, MapErr<S, fn(E) -> BoxError>>;
+/// One attempt: the inner service with its error boxed, and a timeout when one is configured (or
+/// a request asks for one).
+pub(crate) type Attempt<S> = AttemptTimeout<S>;
 
 /// The service made by [`RetryLayer`].
 ///
@@ -64,10 +64,6 @@ impl<S> Retry<S> {
     }
 }
 
-fn boxed<E: Into<BoxError>>(e: E) -> BoxError {
-    e.into()
-}
-
 // ===== impl Retry =====
 
 impl<S, B, Rb, C> Service<Request<B>> for Retry<S, C>
@@ -90,16 +86,8 @@ where
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let attempt: Attempt<S, S::Error> = match self.config.attempt_timeout {
-            Some(t) => Either::Left(tower::Layer::layer(
-                &AttemptTimeoutLayer::new(Some(t)),
-                ready,
-            )),
-            None => Either::Right(MapErr::new(
-                ready,
-                boxed::<S::Error> as fn(S::Error) -> BoxError,
-            )),
-        };
+        let attempt: Attempt<S> =
+            tower::Layer::layer(&AttemptTimeoutLayer::new(self.config.attempt_timeout), ready);
         let host = sturdy_core::key::host(&req);
         let budget = self.config.budget.for_host(host, &mut self.budgets);
         let options = CallOptions::of(&req);
