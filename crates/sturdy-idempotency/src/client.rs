@@ -130,8 +130,10 @@ where
             let value = match given {
                 Some(v) => Some(v),
                 None if self.config.methods.contains(req.method()) => {
-                    let key = uuid::Uuid::new_v4().hyphenated().to_string();
-                    Some(HeaderValue::from_str(&key).expect("a UUID is a valid header value"))
+                    // Formatted on the stack: the header value is the only allocation.
+                    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                    let key = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+                    Some(HeaderValue::from_str(key).expect("a UUID is a valid header value"))
                 }
                 None => None,
             };
