@@ -91,7 +91,9 @@ fn stack(c: &mut Criterion) {
         ),
         (
             "retry",
-            none().with_retry(sturdy::retry::RetryLayer::new()).build(bare()),
+            none()
+                .with_retry(sturdy::retry::RetryLayer::new())
+                .build(bare()),
         ),
         (
             "circuit breaker",
@@ -187,10 +189,12 @@ impl tower::retry::Policy<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxE
 fn reference() -> tower::util::BoxService<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxError>
 {
     let svc = tower::ServiceBuilder::new()
-        .layer(tower_http::set_header::SetRequestHeaderLayer::if_not_present(
-            http::HeaderName::from_static("idempotency-key"),
-            http::HeaderValue::from_static("7f0c2b6e-5d1a-4c7e-9b1e-2f4a6d8c0e13"),
-        ))
+        .layer(
+            tower_http::set_header::SetRequestHeaderLayer::if_not_present(
+                http::HeaderName::from_static("idempotency-key"),
+                http::HeaderValue::from_static("7f0c2b6e-5d1a-4c7e-9b1e-2f4a6d8c0e13"),
+            ),
+        )
         // tower's rate limit cannot be cloned, and its retry clones what is under it: the rate
         // limit goes above the retry.
         .layer(tower::limit::RateLimitLayer::new(
@@ -199,7 +203,9 @@ fn reference() -> tower::util::BoxService<Request<Full<Bytes>>, Response<()>, st
         ))
         .layer(tower::limit::ConcurrencyLimitLayer::new(1_000))
         .layer(tower::retry::RetryLayer::new(NeverRetry))
-        .layer(tower::timeout::TimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .layer(tower::timeout::TimeoutLayer::new(
+            std::time::Duration::from_secs(30),
+        ))
         .service(bare());
     tower::util::BoxService::new(svc)
 }

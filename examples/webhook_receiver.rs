@@ -22,16 +22,73 @@ use std::net::SocketAddr;
 use axum::routing::post_service;
 use axum::Router;
 use sturdy::webhook::{
-    GitHub, MemoryQueue, SourceAllowlist, StandardWebhooks, Stripe, WebhookReceiver,
+    GitHub, MemoryQueue, MemoryReceiver, SourceAllowlist, StandardWebhooks, Stripe, WebhookEvent,
+    WebhookReceiver,
 };
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn networks(name: &str) -> Option<Vec<String>> {
     let v = std::env::var(name).ok().filter(|s| !s.trim().is_empty())?;
     Some(v.split(',').map(|s| s.trim().to_owned()).collect())
 }
 
+/// The secrets and the optional source allowlist the app is built from.
+struct Config {
+    standard: Option<String>,
+    stripe: Option<String>,
+    github: Option<String>,
+    allowlist: Option<SourceAllowlist>,
+}
+
+/// The routes for the schemes whose secret is set, and the queue their events go to.
+fn app(config: &Config) -> Result<(Router, MemoryReceiver, Vec<&'static str>), Error> {
+    let (queue, events) = MemoryQueue::new(10_000);
+    let guard = |r: WebhookReceiver<MemoryQueue>| match &config.allowlist {
+        Some(list) => r.with_source_allowlist(list.clone()),
+        None => r,
+    };
+    let mut app = Router::new();
+    let mut routes = Vec::new();
+    if let Some(s) = &config.standard {
+        let receiver = WebhookReceiver::new(StandardWebhooks::new(s)?, queue.clone());
+        app = app.route("/webhooks/standard", post_service(guard(receiver)));
+        routes.push("/webhooks/standard");
+    }
+    if let Some(s) = &config.stripe {
+        let receiver = WebhookReceiver::new(Stripe::new(s)?, queue.clone());
+        app = app.route("/webhooks/stripe", post_service(guard(receiver)));
+        routes.push("/webhooks/stripe");
+    }
+    if let Some(s) = &config.github {
+        let receiver = WebhookReceiver::new(GitHub::new(s)?, queue.clone());
+        app = app.route("/webhooks/github", post_service(guard(receiver)));
+        routes.push("/webhooks/github");
+    }
+    if routes.is_empty() {
+        return Err("set at least one of STANDARD_WEBHOOK_SECRET, STRIPE_WEBHOOK_SECRET, GITHUB_WEBHOOK_SECRET".into());
+    }
+    Ok((app, events, routes))
+}
+
+/// One JSON line per event, written by hand so the keys keep this order; the values are
+/// JSON-escaped.
+fn line(e: &WebhookEvent) -> String {
+    let kind = e
+        .headers
+        .get("x-github-event")
+        .and_then(|v| v.to_str().ok())
+        .map(|k| format!(",\"event\":{}", serde_json::Value::from(k)))
+        .unwrap_or_default();
+    format!(
+        "{{\"route\":{},\"id\":{}{kind}}}",
+        serde_json::Value::from(e.route.as_str()),
+        serde_json::Value::from(e.id.as_str())
+    )
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), Error> {
     let addr = std::env::var("STURDY_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let secret = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
     let allowlist = match networks("WEBHOOK_ALLOWED_SOURCES") {
@@ -41,49 +98,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
-
-    let (queue, mut events) = MemoryQueue::new(10_000);
-    let guard = |r: WebhookReceiver<MemoryQueue>| match &allowlist {
-        Some(list) => r.with_source_allowlist(list.clone()),
-        None => r,
-    };
-    let mut app = Router::new();
-    let mut routes = Vec::new();
-    if let Some(s) = secret("STANDARD_WEBHOOK_SECRET") {
-        let receiver = WebhookReceiver::new(StandardWebhooks::new(&s)?, queue.clone());
-        app = app.route("/webhooks/standard", post_service(guard(receiver)));
-        routes.push("/webhooks/standard");
-    }
-    if let Some(s) = secret("STRIPE_WEBHOOK_SECRET") {
-        let receiver = WebhookReceiver::new(Stripe::new(&s)?, queue.clone());
-        app = app.route("/webhooks/stripe", post_service(guard(receiver)));
-        routes.push("/webhooks/stripe");
-    }
-    if let Some(s) = secret("GITHUB_WEBHOOK_SECRET") {
-        let receiver = WebhookReceiver::new(GitHub::new(&s)?, queue.clone());
-        app = app.route("/webhooks/github", post_service(guard(receiver)));
-        routes.push("/webhooks/github");
-    }
-    if routes.is_empty() {
-        return Err("set at least one of STANDARD_WEBHOOK_SECRET, STRIPE_WEBHOOK_SECRET, GITHUB_WEBHOOK_SECRET".into());
-    }
-    drop(queue);
+    let (app, mut events, routes) = app(&Config {
+        standard: secret("STANDARD_WEBHOOK_SECRET"),
+        stripe: secret("STRIPE_WEBHOOK_SECRET"),
+        github: secret("GITHUB_WEBHOOK_SECRET"),
+        allowlist,
+    })?;
 
     // The worker: the handler's real work happens here, never in the request path.
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
-            // Written by hand so the keys keep this order; the values are JSON-escaped.
-            let kind = e
-                .headers
-                .get("x-github-event")
-                .and_then(|v| v.to_str().ok())
-                .map(|k| format!(",\"event\":{}", serde_json::Value::from(k)))
-                .unwrap_or_default();
-            println!(
-                "{{\"route\":{},\"id\":{}{kind}}}",
-                serde_json::Value::from(e.route),
-                serde_json::Value::from(e.id)
-            );
+            println!("{}", line(&e));
         }
     });
 
@@ -100,4 +125,59 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_signed_github_delivery_is_queued_once_and_printed() {
+        let (app, mut events, routes) = app(&Config {
+            standard: None,
+            stripe: None,
+            github: Some("It's a Secret to Everybody".into()),
+            allowlist: None,
+        })
+        .unwrap();
+        assert_eq!(routes, ["/webhooks/github"]);
+        let body = "Hello, World!";
+        let signature = sturdy::webhook::sign_github("It's a Secret to Everybody", body.as_bytes());
+        for _ in 0..2 {
+            let res = app
+                .clone()
+                .oneshot(
+                    Request::post("/webhooks/github")
+                        .header("x-hub-signature-256", signature.as_str())
+                        .header("x-github-event", "push")
+                        .body(axum::body::Body::from(body))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "{}", res.status());
+        }
+        let e = events.try_recv().expect("one event");
+        assert!(events.try_recv().is_none(), "the redelivery is a duplicate");
+        let out = line(&e);
+        assert!(
+            out.starts_with("{\"route\":\"github\",\"id\":\"sha256:"),
+            "{out}"
+        );
+        assert!(out.ends_with(",\"event\":\"push\"}"), "{out}");
+        // A forged one is refused and never queued.
+        let res = app
+            .oneshot(
+                Request::post("/webhooks/github")
+                    .header("x-hub-signature-256", "sha256=00")
+                    .body(axum::body::Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), http::StatusCode::UNAUTHORIZED);
+        assert!(events.try_recv().is_none());
+    }
 }

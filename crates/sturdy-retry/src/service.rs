@@ -86,8 +86,10 @@ where
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let attempt: Attempt<S> =
-            tower::Layer::layer(&AttemptTimeoutLayer::new(self.config.attempt_timeout), ready);
+        let attempt: Attempt<S> = tower::Layer::layer(
+            &AttemptTimeoutLayer::new(self.config.attempt_timeout),
+            ready,
+        );
         let host = sturdy_core::key::host(&req);
         let budget = self.config.budget.for_host(host, &mut self.budgets);
         let options = CallOptions::of(&req);
