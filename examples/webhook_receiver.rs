@@ -61,7 +61,7 @@ fn app(config: &Config) -> Result<(Router, MemoryReceiver, Vec<&'static str>), E
         routes.push("/webhooks/stripe");
     }
     if let Some(s) = &config.github {
-        let receiver = WebhookReceiver::new(GitHub::new(s)?, queue.clone());
+        let receiver = WebhookReceiver::new(GitHub::new(s)?, queue);
         app = app.route("/webhooks/github", post_service(guard(receiver)));
         routes.push("/webhooks/github");
     }
