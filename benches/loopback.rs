@@ -2,8 +2,8 @@
 //! alone, for bare hyper-util and for the sturdy stack over it, in one run, with rounds in
 //! rotating order so that drift in the machine's speed hits every client alike.
 //!
-//! cargo bench --features full --bench loopback                 (7 rounds of 20,000 calls)
-//! cargo bench --features full --bench loopback -- 3 5000       (rounds, calls per round)
+//! cargo bench -p sturdy-benches --bench loopback                 (7 rounds of 20,000 calls)
+//! cargo bench -p sturdy-benches --bench loopback -- 3 5000       (rounds, calls per round)
 //!
 //! The server is a minimal hyper server (200, 2-byte body) on its own one-worker runtime and
 //! thread; each client runs on a one-worker runtime of its own. This is not a criterion bench:
@@ -62,16 +62,25 @@ type Hyper = HyperClient<HttpConnector, Full<Bytes>>;
 enum Subject {
     Bare(Hyper),
     Sturdy(Client<Incoming>),
+    Reqwest(reqwest::Client),
+    ReqwestRetry(reqwest_middleware::ClientWithMiddleware),
 }
 
 impl Subject {
     async fn call(&self, uri: &str) {
         let req = Request::get(uri).body(Full::default()).unwrap();
-        let res = match self {
-            Self::Bare(c) => c.request(req).await.unwrap(),
-            Self::Sturdy(c) => c.clone().oneshot(req).await.unwrap(),
+        let body = match self {
+            Self::Bare(c) => {
+                let res = c.request(req).await.unwrap();
+                res.into_body().collect().await.unwrap().to_bytes()
+            }
+            Self::Sturdy(c) => {
+                let res = c.clone().oneshot(req).await.unwrap();
+                res.into_body().collect().await.unwrap().to_bytes()
+            }
+            Self::Reqwest(c) => c.get(uri).send().await.unwrap().bytes().await.unwrap(),
+            Self::ReqwestRetry(c) => c.get(uri).send().await.unwrap().bytes().await.unwrap(),
         };
-        let body = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
     }
 }
@@ -80,6 +89,13 @@ fn hyper_client() -> Hyper {
     HyperClient::builder(TokioExecutor::new())
         .pool_max_idle_per_host(CONCURRENCY)
         .build_http()
+}
+
+fn reqwest_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build()
+        .unwrap()
 }
 
 fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
@@ -99,6 +115,24 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
                     ClientBuilder::new()
                         .without_attempt_timeout()
                         .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "reqwest, bare",
+            Box::new(|| Subject::Reqwest(reqwest_client())),
+        ),
+        (
+            "reqwest + reqwest-middleware + reqwest-retry",
+            Box::new(|| {
+                let policy = reqwest_retry::policies::ExponentialBackoff::builder()
+                    .build_with_max_retries(3);
+                Subject::ReqwestRetry(
+                    reqwest_middleware::ClientBuilder::new(reqwest_client())
+                        .with(reqwest_retry::RetryTransientMiddleware::new_with_policy(
+                            policy,
+                        ))
+                        .build(),
                 )
             }),
         ),
