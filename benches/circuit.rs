@@ -1,7 +1,7 @@
 //! Breaker admission on the happy path (closed state), side by side with failsafe's `call`, single
 //! threaded and with 2 threads contending on one breaker.
 //!
-//! cargo bench --bench circuit -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench circuit -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
 

@@ -1,7 +1,7 @@
 //! The coalescing layer's cost on the happy path: a request that is never coalesced (POST), and
 //! a GET that finds no identical call in flight and so starts a shared one.
 //!
-//! cargo bench --features coalesce --bench coalesce -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench coalesce -- --warm-up-time 1 --measurement-time 3
 
 use std::convert::Infallible;
 use std::hint::black_box;

@@ -1,6 +1,6 @@
 //! A burst of identical GETs against the chaos server, with and without coalescing.
 //!
-//! cargo bench --features coalesce --bench coalesce_burst
+//! cargo bench -p sturdy-benches --bench coalesce_burst
 //!
 //! 1,000 GETs of the same page of orders start at once; the server takes 50 ms per request.
 //! Prints how many requests reached the server and how long the burst took, as a Markdown table.

@@ -1,6 +1,6 @@
 //! The adaptive concurrency limit's cost on the happy path: a place is free.
 //!
-//! cargo bench --features concurrency --bench concurrency -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench concurrency -- --warm-up-time 1 --measurement-time 3
 
 #[path = "support/mod.rs"]
 mod support;

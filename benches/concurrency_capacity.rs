@@ -1,6 +1,6 @@
 //! An adaptive concurrency limit against the chaos server's capacity knob.
 //!
-//! cargo bench --features concurrency --bench concurrency_capacity
+//! cargo bench -p sturdy-benches --bench concurrency_capacity
 //!
 //! The server answers in 10 ms and serves N = 20 calls at once. Two server models:
 //!

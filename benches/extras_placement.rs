@@ -1,7 +1,7 @@
 //! Where coalescing, hedging and the adaptive concurrency limit go in a stack, measured on the
 //! chaos server: each layer in the place proposed for it and in the obvious other place.
 //!
-//! cargo bench --features full --bench extras_placement
+//! cargo bench -p sturdy-benches --bench extras_placement
 //!
 //! 1. Coalesce outside or inside Retry: 200 identical GETs at once; the server takes 20 ms and
 //!    fails the first request with 503. Counts the requests that reached the server.

@@ -1,6 +1,6 @@
 //! The hedging layer's cost on the happy path: calls that answer before any hedge is due.
 //!
-//! cargo bench --features hedge --bench hedge -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench hedge -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
 

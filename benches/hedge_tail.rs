@@ -1,6 +1,6 @@
 //! "The Tail at Scale" on the chaos server: a long latency tail, with and without hedging.
 //!
-//! cargo bench --features hedge --bench hedge_tail
+//! cargo bench -p sturdy-benches --bench hedge_tail
 //!
 //! The server answers in 2 ms, except 1 % of requests, which take 100 ms (50× slower). Four
 //! loops send GETs one after the other for 10,000 calls in all, first through a plain hyper-util

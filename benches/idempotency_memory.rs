@@ -1,6 +1,6 @@
 //! Bytes of memory per stored key in the in-memory idempotency store.
 //!
-//! cargo bench --features idempotency --bench idempotency_memory
+//! cargo bench -p sturdy-benches --bench idempotency_memory
 //!
 //! Fills a `MemoryStore` with completed keys, each holding its own typical small API response
 //! (201, a JSON content type, a 120-byte body), and reports two figures: the resident memory the

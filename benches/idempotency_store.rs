@@ -1,6 +1,6 @@
 //! Per-key cost of the in-memory idempotency store at its bound, from 1,000 to 1,000,000 keys.
 //!
-//! cargo bench --features idempotency --bench idempotency_store -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench idempotency_store -- --warm-up-time 1 --measurement-time 3
 //!
 //! Each store is first filled to its bound with completed keys (a scope hash and a UUID, 69
 //! bytes, holding a small API response: 201, a JSON content type, a 120-byte body). Then:

@@ -2,7 +2,7 @@
 //! governor's `check()` and tower's `RateLimit`, single threaded and with 2 threads contending on
 //! one key.
 //!
-//! cargo bench --features ratelimit --bench ratelimit -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench ratelimit -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
 use std::num::NonZeroU32;

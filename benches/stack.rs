@@ -1,6 +1,6 @@
 //! The whole client stack on the happy path, over the bare service it wraps.
 //!
-//! cargo bench --features full --bench stack -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench stack -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
 

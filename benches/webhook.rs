@@ -3,7 +3,7 @@
 //! entry (at most `MAX_SIGNATURES` are considered), so thousands of entries must cost about what
 //! one does.
 //!
-//! cargo bench --bench webhook --features webhook -- --warm-up-time 1 --measurement-time 3
+//! cargo bench -p sturdy-benches --bench webhook -- --warm-up-time 1 --measurement-time 3
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
