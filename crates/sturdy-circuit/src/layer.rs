@@ -1,4 +1,4 @@
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sturdy_core::classify::DefaultClassify;
@@ -15,32 +15,7 @@ use crate::{CircuitBreaker, CircuitHandle};
 
 /// The breakers of a layer, its clones and its handles: one cell, so that a setter called after
 /// a clone or a [`pair`](CircuitBreakerLayer::pair) still applies to all of them.
-#[derive(Debug)]
-pub(crate) struct Cell {
-    current: Mutex<Arc<Registry>>,
-}
-
-impl Cell {
-    pub(crate) fn new(registry: Registry) -> Self {
-        Self {
-            current: Mutex::new(Arc::new(registry)),
-        }
-    }
-
-    /// The breakers in use now. The lock is held for an `Arc` clone.
-    pub(crate) fn get(&self) -> Arc<Registry> {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn replace(&self, f: impl FnOnce(&Registry) -> Registry) {
-        let mut g = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let next = f(&g);
-        *g = Arc::new(next);
-    }
-}
+pub(crate) type Cell = sturdy_core::keyed::SharedCell<Registry>;
 
 /// Adds per-key circuit breakers; see the [crate docs](crate).
 ///

@@ -7,6 +7,8 @@ use sturdy_core::key::ByHost;
 use sturdy_core::keyed::SlotCache;
 use tower::Layer;
 
+use crate::flight::edit;
+
 use crate::flight::{Cell, Config, Counters, KeyHeaders, Registry};
 use crate::{Coalesce, CoalesceHandle};
 
@@ -93,7 +95,7 @@ impl<K> CoalesceLayer<K> {
     /// header left out here gets the response to another caller's request.
     pub fn with_key_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names = names.into_iter().collect();
-        self.cell.edit(|c| c.headers = KeyHeaders::Only(names));
+        edit(&self.cell, |c| c.headers = KeyHeaders::Only(names));
         self
     }
 
@@ -102,7 +104,7 @@ impl<K> CoalesceLayer<K> {
     /// `x-correlation-id`); an empty list compares every header.
     pub fn with_ignored_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names = names.into_iter().collect();
-        self.cell.edit(|c| c.headers = KeyHeaders::AllExcept(names));
+        edit(&self.cell, |c| c.headers = KeyHeaders::AllExcept(names));
         self
     }
 
@@ -111,14 +113,14 @@ impl<K> CoalesceLayer<K> {
     /// other caller sends its own request, not coalesced; if the caller that started it has
     /// gone, the first other caller to look takes the response instead.
     pub fn with_max_body(self, bytes: usize) -> Self {
-        self.cell.edit(|c| c.max_body = bytes);
+        edit(&self.cell, |c| c.max_body = bytes);
         self
     }
 
     /// The most hosts with a table of calls in flight \[1,024\]; past it, hosts with nothing in
     /// flight are forgotten, then new hosts share one table.
     pub fn with_max_hosts(self, n: usize) -> Self {
-        self.cell.edit(|c| c.max_hosts = n.max(1));
+        edit(&self.cell, |c| c.max_hosts = n.max(1));
         self
     }
 
@@ -128,7 +130,7 @@ impl<K> CoalesceLayer<K> {
     /// `metrics` facade either way.
     pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         let hook = EventHook::new(f);
-        self.cell.edit(|c| c.events = hook);
+        edit(&self.cell, |c| c.events = hook);
         self
     }
 
@@ -136,7 +138,7 @@ impl<K> CoalesceLayer<K> {
     /// (two requests still share a call only when they are identical). Events then carry the key
     /// but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> CoalesceLayer<K2> {
-        self.cell.edit(|c| c.keys_are_hosts = false);
+        edit(&self.cell, |c| c.keys_are_hosts = false);
         CoalesceLayer {
             cell: self.cell,
             key,

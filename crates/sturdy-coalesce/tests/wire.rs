@@ -13,7 +13,8 @@ use tower::{Layer, ServiceExt};
 async fn a_thousand_concurrent_identical_gets_reach_the_server_once() {
     let server = ChaosServer::start(Knobs {
         orders: 3,
-        latency: Duration::from_millis(200),
+        // Long enough for all 1,000 callers to join on a loaded machine.
+        latency: Duration::from_millis(1_000),
         ..Knobs::default()
     })
     .await

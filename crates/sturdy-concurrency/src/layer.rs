@@ -9,6 +9,8 @@ use sturdy_core::keyed::SlotCache;
 use sturdy_core::{Error, ErrorKind};
 use tower::Layer;
 
+use crate::limiter::edit;
+
 use crate::limiter::{Cell, Config, Registry, MAX_LIMIT};
 use crate::{AdaptiveConcurrency, Algorithm, ConcurrencyHandle};
 
@@ -91,7 +93,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
 
     /// How the limit adapts \[[`Algorithm::Aimd`]\].
     pub fn with_algorithm(self, algorithm: Algorithm) -> Self {
-        self.cell.edit(|c| c.algorithm = algorithm);
+        edit(&self.cell, |c| c.algorithm = algorithm);
         self
     }
 
@@ -101,7 +103,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
     pub fn with_limits(self, min: usize, max: usize) -> Self {
         let min = min.clamp(1, MAX_LIMIT);
         let max = max.clamp(min, MAX_LIMIT);
-        self.cell.edit(|c| {
+        edit(&self.cell, |c| {
             c.min = min;
             c.max = max;
         });
@@ -110,7 +112,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
 
     /// The limit a host starts with \[20\], taken into the bounds.
     pub fn with_initial_limit(self, n: usize) -> Self {
-        self.cell.edit(|c| c.initial = n);
+        edit(&self.cell, |c| c.initial = n);
         self
     }
 
@@ -128,7 +130,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
                 ),
             ));
         }
-        self.cell.edit(|c| c.backoff = ratio);
+        edit(&self.cell, |c| c.backoff = ratio);
         Ok(self)
     }
 
@@ -136,7 +138,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
     /// call fails with a [`LimitReached`](crate::LimitReached) error and is not sent. Zero sheds
     /// load: a call that finds the limit full fails at once.
     pub fn with_max_wait(self, wait: Duration) -> Self {
-        self.cell.edit(|c| c.max_wait = wait);
+        edit(&self.cell, |c| c.max_wait = wait);
         self
     }
 
@@ -144,7 +146,7 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
     /// forgotten (they start again from the initial limit), then new hosts share one overflow
     /// limit.
     pub fn with_max_hosts(self, n: usize) -> Self {
-        self.cell.edit(|c| c.max_hosts = n.max(1));
+        edit(&self.cell, |c| c.max_hosts = n.max(1));
         self
     }
 
@@ -154,14 +156,14 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
     /// feature the same events are counted through the `metrics` facade either way.
     pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         let hook = EventHook::new(f);
-        self.cell.edit(|c| c.events = hook);
+        edit(&self.cell, |c| c.events = hook);
         self
     }
 
     /// Keeps a limit per `key` instead of per host, e.g. a closure `|req| -> String`. Events then
     /// carry the key but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> AdaptiveConcurrencyLayer<K2, C> {
-        self.cell.edit(|c| c.keys_are_hosts = false);
+        edit(&self.cell, |c| c.keys_are_hosts = false);
         AdaptiveConcurrencyLayer {
             cell: self.cell,
             key,

@@ -399,33 +399,15 @@ impl Registry {
 
 /// The registry of a layer, its clones and its handles: one cell, so that a setter called after a
 /// clone or a handle still applies to all of them.
-#[derive(Debug)]
-pub(crate) struct Cell {
-    current: Mutex<Arc<Registry>>,
-}
+pub(crate) type Cell = sturdy_core::keyed::SharedCell<Registry>;
 
-impl Cell {
-    pub(crate) fn new(registry: Registry) -> Self {
-        Self {
-            current: Mutex::new(Arc::new(registry)),
-        }
-    }
-
-    /// The registry in use now. The lock is held for an `Arc` clone.
-    pub(crate) fn get(&self) -> Arc<Registry> {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Replaces the registry with one of edited settings (hosts start afresh).
-    pub(crate) fn edit(&self, f: impl FnOnce(&mut Config)) {
-        let mut g = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut config = (*g.config).clone();
+/// Setters replace the registry with one of edited settings (hosts start afresh).
+pub(crate) fn edit(cell: &Cell, f: impl FnOnce(&mut Config)) {
+    cell.replace(|r| {
+        let mut config = (*r.config).clone();
         f(&mut config);
-        *g = Arc::new(Registry::new(config));
-    }
+        Registry::new(config)
+    });
 }
 
 #[cfg(test)]

@@ -237,6 +237,40 @@ impl<T: Idle> SlotCache<T> {
     }
 }
 
+/// The state of a layer that its clones and the handles taken from it share, and that a setter
+/// replaces for all of them at once: a setter called after a clone or a handle never forks it.
+/// Services made before a setter keep the state they were made with. The lock is held only to
+/// clone or swap the `Arc`.
+pub struct SharedCell<T>(std::sync::Mutex<Arc<T>>);
+
+impl<T> SharedCell<T> {
+    /// A cell holding `value`.
+    pub fn new(value: T) -> Self {
+        Self(std::sync::Mutex::new(Arc::new(value)))
+    }
+
+    /// The value in use now.
+    pub fn get(&self) -> Arc<T> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the value with `f` of the current one.
+    pub fn replace(&self, f: impl FnOnce(&T) -> T) {
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = f(&g);
+        *g = Arc::new(next);
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for SharedCell<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedCell").field(&self.get()).finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,8 @@ use sturdy_core::keyed::SlotCache;
 use sturdy_core::{Error, ErrorKind};
 use tower::Layer;
 
+use crate::state::edit;
+
 use crate::budget::thousandths;
 use crate::state::{Cell, Config, Registry};
 use crate::{Hedge, HedgeHandle};
@@ -100,7 +102,7 @@ impl<K> HedgeLayer<K> {
                 "the hedging percentile must be strictly between 0.0 and 1.0 (0.95 is p95), not {percentile}"
             )));
         }
-        self.cell.edit(|c| c.percentile = percentile);
+        edit(&self.cell, |c| c.percentile = percentile);
         Ok(self)
     }
 
@@ -117,7 +119,7 @@ impl<K> HedgeLayer<K> {
             )));
         }
         let (deposit, cap) = thousandths(ratio, burst);
-        self.cell.edit(|c| {
+        edit(&self.cell, |c| {
             c.ratio = ratio;
             c.burst = burst;
             c.deposit = deposit;
@@ -129,14 +131,14 @@ impl<K> HedgeLayer<K> {
     /// Hedges only once the host's recent windows hold at least `n` latencies \[100\]: a
     /// percentile of a handful of calls says little.
     pub fn with_min_samples(self, n: u64) -> Self {
-        self.cell.edit(|c| c.min_samples = n.max(1));
+        edit(&self.cell, |c| c.min_samples = n.max(1));
         self
     }
 
     /// Bounds the delay before a hedge, whatever the percentile says \[1 ms, 10 s\]. A `max` below
     /// `min` is taken as `min`.
     pub fn with_delay_bounds(self, min: Duration, max: Duration) -> Self {
-        self.cell.edit(|c| {
+        edit(&self.cell, |c| {
             c.min_delay = min;
             c.max_delay = max.max(min);
         });
@@ -146,8 +148,9 @@ impl<K> HedgeLayer<K> {
     /// The length of a histogram window \[10 s\]: the percentile covers the last one to two
     /// windows, so the delay follows a host whose latency changes. Zero is taken as 1 ms.
     pub fn with_window(self, window: Duration) -> Self {
-        self.cell
-            .edit(|c| c.window = window.max(Duration::from_millis(1)));
+        edit(&self.cell, |c| {
+            c.window = window.max(Duration::from_millis(1))
+        });
         self
     }
 
@@ -156,21 +159,21 @@ impl<K> HedgeLayer<K> {
     /// call's outcome: a server that answers `409 Conflict` to a duplicate in flight (as the
     /// IETF draft allows) turns a hedge of a slow POST into a 409 when the hedge answers first.
     pub fn with_keyed_requests(self, on: bool) -> Self {
-        self.cell.edit(|c| c.keyed = on);
+        edit(&self.cell, |c| c.keyed = on);
         self
     }
 
     /// The header [`with_keyed_requests`](Self::with_keyed_requests) looks for
     /// \[`idempotency-key`\].
     pub fn with_idempotency_header(self, name: HeaderName) -> Self {
-        self.cell.edit(|c| c.key_header = name);
+        edit(&self.cell, |c| c.key_header = name);
         self
     }
 
     /// The most hosts with state kept \[1,024\] (about 4 KiB each); past it, hosts with no call
     /// in the last two windows are forgotten, then new hosts share one overflow state.
     pub fn with_max_hosts(self, n: usize) -> Self {
-        self.cell.edit(|c| c.max_hosts = n.max(1));
+        edit(&self.cell, |c| c.max_hosts = n.max(1));
         self
     }
 
@@ -180,14 +183,14 @@ impl<K> HedgeLayer<K> {
     /// `metrics` facade either way.
     pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {
         let hook = EventHook::new(f);
-        self.cell.edit(|c| c.events = hook);
+        edit(&self.cell, |c| c.events = hook);
         self
     }
 
     /// Keeps state per `key` instead of per host, e.g. a closure `|req| -> String`. Events then
     /// carry the key but no host (`host: None`), so a key never becomes a metric label.
     pub fn with_key<K2>(self, key: K2) -> HedgeLayer<K2> {
-        self.cell.edit(|c| c.keys_are_hosts = false);
+        edit(&self.cell, |c| c.keys_are_hosts = false);
         HedgeLayer {
             cell: self.cell,
             key,
