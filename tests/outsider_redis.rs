@@ -109,3 +109,21 @@ async fn redis_down_connect_is_bounded_and_hides_the_password() {
         assert!(!format!("{:?}", r.unwrap()).contains("hunter2"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_redis_waiter_gives_its_slot_back() {
+    let quota = Quota::per_second(5).unwrap();
+    let remote = Arc::new(RedisQuota::connect(&url(), quota).await.unwrap().with_prefix(prefix("q3")));
+    let api = Api::new(vec![], ok());
+    let svc = RateLimitLayer::new(quota).with_remote(remote).layer(api.service());
+    svc.clone().oneshot(get("http://api.example.com/x")).await.unwrap();
+    let t0 = Instant::now();
+    let b = tokio::spawn(svc.clone().oneshot(get("http://api.example.com/x")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.abort();
+    let _ = b.await;
+    svc.clone().oneshot(get("http://api.example.com/x")).await.unwrap();
+    let took = t0.elapsed();
+    eprintln!("after a dropped waiter the next call went after {took:?}");
+    assert!(took < Duration::from_millis(330), "{took:?}: the dropped waiter kept its slot");
+}

@@ -364,3 +364,27 @@ async fn retry_after_http_date_uses_the_given_clock() {
     let gap = seen[1].at - seen[0].at;
     assert!(gap >= Duration::from_secs(10) && gap <= Duration::from_secs(12), "{gap:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn words_when_the_budget_or_the_deadline_stops_a_post() {
+    let api = Api::new(vec![], Answer::Io(std::io::ErrorKind::ConnectionReset));
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new().with_budget(Duration::from_secs(1), 0, 0.0).unwrap())
+        .service(api.service());
+    let err = svc.clone().oneshot(post("http://api.example.com/orders", "{}")).await.unwrap_err();
+    let msg = err.to_string();
+    eprintln!("budget: {msg}");
+    assert!(!msg.contains("1 attempts"), "{msg}");
+    assert!(msg.contains("idempotency key"), "{msg}");
+
+    let api = Api::new(vec![], Answer::Hang);
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new().with_deadline(Duration::from_secs(2)))
+        .service(api.service());
+    let err = svc.clone().oneshot(post("http://api.example.com/orders", "{}")).await.unwrap_err();
+    let msg = err.to_string();
+    eprintln!("deadline: {msg}");
+    assert!(msg.contains("retry with the same idempotency key"), "{msg}");
+}
