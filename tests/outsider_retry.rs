@@ -388,3 +388,42 @@ async fn words_when_the_budget_or_the_deadline_stops_a_post() {
     eprintln!("deadline: {msg}");
     assert!(msg.contains("retry with the same idempotency key"), "{msg}");
 }
+
+/// A handler slower than the attempts: the server keeps answering 409 in flight with
+/// Retry-After: 1. The caller must not be told it was "rate limited".
+#[tokio::test(start_paused = true)]
+async fn words_an_in_flight_409_that_outlasts_the_attempts() {
+    let api = Api::new(vec![], status_h(409, &[("retry-after", "1")]));
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new().with_seed(1))
+        .service(api.service());
+    let out = svc.oneshot(post("http://api.example.com/orders", "{}")).await;
+    assert_eq!(api.calls(), 4);
+    match out {
+        Ok(res) => assert_eq!(res.status(), 409),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("409 in flight exhausted: {msg}");
+            assert!(!msg.contains("rate limited"), "a 409 in flight is reported as a rate limit: {msg}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn words_an_in_flight_409_with_a_long_retry_after() {
+    let api = Api::new(vec![], status_h(409, &[("retry-after", "600")]));
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new().with_seed(1))
+        .service(api.service());
+    let out = svc.oneshot(post("http://api.example.com/orders", "{}")).await;
+    match out {
+        Ok(res) => assert_eq!(res.status(), 409),
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("409 in flight, Retry-After 600: {msg}");
+            assert!(!msg.contains("rate limited"), "a 409 in flight is reported as a rate limit: {msg}");
+        }
+    }
+}
