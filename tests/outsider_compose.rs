@@ -391,3 +391,22 @@ async fn a_dropped_token_wait_gives_back_the_permit() {
     let r = tokio::time::timeout(Duration::from_secs(5), async { svc.ready().await.unwrap().call(get(U)).await }).await;
     assert!(r.expect("permit leaked by a dropped token wait").is_ok());
 }
+
+/// The rate-limit guide: "Zero max_wait: never wait" (an interactive layer). Inside the composed
+/// client, what does a call that finds no slot do?
+#[tokio::test(start_paused = true)]
+async fn zero_max_wait_inside_the_builder() {
+    use sturdy::ratelimit::{Quota, RateLimitLayer};
+    let api = Api::new(vec![], ok());
+    let client = ClientBuilder::new()
+        .with_rate_limit(RateLimitLayer::new(Quota::per_second(1).unwrap()).with_max_wait(Duration::ZERO))
+        .build(api.service());
+    client.clone().oneshot(get(U)).await.unwrap();
+    let start = Instant::now();
+    let r = client.clone().oneshot(get(U)).await;
+    eprintln!(
+        "second call: {:?} after {:?}",
+        r.as_ref().map(|r| r.status()).map_err(ToString::to_string),
+        start.elapsed()
+    );
+}

@@ -472,3 +472,34 @@ async fn max_keys_bound_does_not_break_calls() {
         eprintln!("host {i}: {:?}", r.as_ref().map(|r| r.status()).map_err(|e| e.to_string()));
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn direct_limiter_claims() {
+    use sturdy::ratelimit::DirectLimiter;
+    use std::sync::Arc;
+    let l = Arc::new(DirectLimiter::new(Quota::per_second(10).unwrap()));
+    l.check().unwrap();
+    let e = l.check().unwrap_err();
+    assert_eq!(e.retry_after(), Duration::from_millis(100));
+    // A waiter in line, dropped: the next waits one interval, not two.
+    let l2 = l.clone();
+    let w = tokio::spawn(async move { l2.until_ready(Duration::from_secs(1)).await });
+    settle().await;
+    w.abort();
+    settle().await;
+    let start = Instant::now();
+    l.until_ready(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    // reserve: a slot no more than max_wait away, ahead of until_ready callers.
+    let wait = l.reserve(Duration::from_secs(1)).unwrap();
+    assert_eq!(wait, Duration::from_millis(100));
+    assert!(l.reserve(Duration::from_millis(150)).is_err());
+    // Extreme waits do not panic.
+    let l3 = l.clone();
+    let r = tokio::spawn(async move {
+        let _ = l3.reserve(Duration::MAX);
+        let _ = tokio::time::timeout(Duration::from_secs(5), l3.until_ready(Duration::MAX)).await;
+    })
+    .await;
+    assert!(r.is_ok(), "DirectLimiter panicked with Duration::MAX");
+}

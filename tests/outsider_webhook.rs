@@ -271,3 +271,75 @@ async fn source_allowlist_and_forwarded_for() {
     assert!(SourceAllowlist::new(["10.0.0.0/33"]).is_err());
     assert!(SourceAllowlist::new(["::/129"]).is_err());
 }
+
+/// A body that never arrives: a delivery without a fresh, well-formed signature header is
+/// answered without reading it ("A delivery without well-formed, fresh signature headers costs
+/// no body read").
+#[tokio::test]
+async fn bad_headers_are_answered_without_reading_the_body() {
+    struct Never;
+    impl http_body::Body for Never {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            std::task::Poll::Pending
+        }
+    }
+    let (rx, _events) = stripe_rx();
+    for h in ["", "t=1,v1=00", &format!("t={NOW}")] {
+        let mut b = Request::post("/hook");
+        if !h.is_empty() {
+            b = b.header("stripe-signature", h);
+        }
+        let r = tokio::time::timeout(Duration::from_secs(2), rx.clone().oneshot(b.body(Never).unwrap())).await;
+        let status = r.unwrap_or_else(|_| panic!("{h:?}: the receiver waited for the body")).unwrap().status();
+        assert!(status == 400 || status == 401, "{h:?}: {status}");
+    }
+}
+
+#[tokio::test]
+async fn generic_hmac_with_timestamp() {
+    use http::header::HeaderName;
+    use sturdy::webhook::Encoding;
+    let (q, mut events) = MemoryQueue::new(10);
+    let v = GenericHmac::new("acme", HeaderName::from_static("x-acme-signature"), "sekret")
+        .unwrap()
+        .with_prefix("sha256=")
+        .with_encoding(Encoding::Hex)
+        .with_timestamp_header(HeaderName::from_static("x-acme-timestamp"))
+        .with_event_header(HeaderName::from_static("x-acme-event"));
+    let rx = WebhookReceiver::new(v, q).with_clock(Arc::new(Fixed(NOW)));
+    // HMAC-SHA256("sekret", "<ts>.<body>") computed with the Stripe helper's MAC (same construction).
+    let body = r#"{"a":1}"#;
+    let stripe = sign_stripe("sekret", NOW, body.as_bytes());
+    let hex = stripe.split(',').find_map(|p| p.strip_prefix("v1=")).unwrap().to_owned();
+    let sig = format!("sha256={hex}");
+    let ts = NOW.to_string();
+    let st = send(&rx, &[("x-acme-signature", &sig), ("x-acme-timestamp", &ts), ("x-acme-event", "paid")], body).await;
+    assert_eq!(st, 200);
+    let e = events.try_recv().unwrap();
+    assert_eq!(e.route, "acme");
+    assert_eq!(e.timestamp, Some(NOW));
+    assert_eq!(e.headers["x-acme-event"], "paid");
+    // Replayed: a duplicate.
+    assert_eq!(send(&rx, &[("x-acme-signature", &sig), ("x-acme-timestamp", &ts)], body).await, 200);
+    assert!(events.try_recv().is_none());
+    // The timestamp moved without re-signing: refused.
+    let ts2 = (NOW + 1).to_string();
+    let st = send(&rx, &[("x-acme-signature", &sig), ("x-acme-timestamp", &ts2)], body).await;
+    assert_eq!(st, 401);
+    // An event header value over 1 KiB is not carried as is.
+    let long = "e".repeat(2000);
+    let body2 = r#"{"a":2}"#;
+    let s2 = sign_stripe("sekret", NOW, body2.as_bytes());
+    let sig2 = format!("sha256={}", s2.split(',').find_map(|p| p.strip_prefix("v1=")).unwrap());
+    let st = send(&rx, &[("x-acme-signature", &sig2), ("x-acme-timestamp", &ts), ("x-acme-event", &long)], body2).await;
+    eprintln!("long event header: {st}");
+    if st == 200 {
+        let e = events.try_recv().unwrap();
+        assert!(e.headers.get("x-acme-event").is_none_or(|v| v.len() <= 1024), "a 2,000-byte header value was carried");
+    }
+}
