@@ -549,3 +549,28 @@ async fn token_endpoint_failures_and_the_api_breaker() {
         "the API host's breaker opened although the API was never called"
     );
 }
+
+/// FAULT: `ClientBuilder` docs: "the wait for a token is bounded by the attempt timeout too, so
+/// a token endpoint that never answers cannot hold a call past it", and "A request can set its
+/// own [attempt timeout] with CallOptions". The builder-wide timeout bounds the token wait, but a
+/// request's own, shorter attempt timeout does not: the call waits the builder's 2 s, not its 1 s.
+#[tokio::test(start_paused = true)]
+async fn fault_a_per_request_attempt_timeout_does_not_bound_the_token_wait() {
+    let ep = TokenEndpoint::new((200, ""));
+    ep.set(200, TokenEndpoint::token(1, "3600"), Duration::MAX);
+    let api = Api::new(vec![], ok());
+    let client = sturdy::ClientBuilder::new()
+        .without_retry()
+        .with_attempt_timeout(Duration::from_secs(2))
+        .with_auth(AuthLayer::oauth2(ep.source()))
+        .build(api.service());
+    let start = Instant::now();
+    let err = client.clone().oneshot(get("http://api.example.com/")).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "{err}");
+    eprintln!("builder token wait: {err}");
+    let mut r = get("http://api.example.com/");
+    r.extensions_mut().insert(sturdy::core::CallOptions::new().with_attempt_timeout(Duration::from_secs(1)));
+    let start = Instant::now();
+    let _ = client.clone().oneshot(r).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
