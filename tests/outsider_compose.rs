@@ -26,9 +26,10 @@ const U: &str = "http://api.example.com/x";
 fn assert_shareable<T: Clone + Send + Sync + 'static>(_: &T) {}
 
 fn retry() -> RetryLayer {
-    RetryLayer::new()
-        .with_seed(7)
-        .with_backoff(Backoff::decorrelated_jitter(Duration::from_millis(100), Duration::from_millis(400)).unwrap())
+    RetryLayer::new().with_seed(7).with_backoff(
+        Backoff::decorrelated_jitter(Duration::from_millis(100), Duration::from_millis(400))
+            .unwrap(),
+    )
 }
 
 fn full_client(api: &Api) -> Client<Full<Bytes>> {
@@ -38,7 +39,11 @@ fn full_client(api: &Api) -> Client<Full<Bytes>> {
         .with_adaptive_concurrency(AdaptiveConcurrencyLayer::new())
         .with_auth(AuthLayer::bearer("tkn").unwrap())
         .with_version(VersionLayer::header("api-version", "2024-06-01").unwrap())
-        .build(ServiceBuilder::new().layer(ConcurrencyLimitLayer::new(1)).service(api.service()))
+        .build(
+            ServiceBuilder::new()
+                .layer(ConcurrencyLimitLayer::new(1))
+                .service(api.service()),
+        )
 }
 
 async fn kept_calls(mut svc: Client<Full<Bytes>>, n: usize) -> Vec<Result<u16, String>> {
@@ -61,14 +66,20 @@ async fn the_client_is_shareable_and_works_in_spawned_tasks() {
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let c = client.clone();
-        tasks.push(tokio::spawn(async move { c.oneshot(get(U)).await.map(|r| r.status()) }));
+        tasks.push(tokio::spawn(async move {
+            c.oneshot(get(U)).await.map(|r| r.status())
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), 200);
     }
     let seen = api.seen();
-    assert!(seen.iter().all(|s| s.headers.get("authorization").unwrap() == "Bearer tkn"));
-    assert!(seen.iter().all(|s| s.headers.get("api-version").unwrap() == "2024-06-01"));
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.get("authorization").unwrap() == "Bearer tkn"));
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.get("api-version").unwrap() == "2024-06-01"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -84,7 +95,9 @@ async fn kept_service_over_concurrency_limit_one_through_retries_and_pauses() {
         ok(),
     );
     let client = full_client(&api);
-    let out = tokio::time::timeout(Duration::from_secs(120), kept_calls(client, 6)).await.expect("deadlock");
+    let out = tokio::time::timeout(Duration::from_secs(120), kept_calls(client, 6))
+        .await
+        .expect("deadlock");
     assert!(out.iter().all(|r| r == &Ok(200)), "{out:?}");
 }
 
@@ -95,7 +108,9 @@ async fn a_kept_service_survives_dropped_calls_at_every_wait() {
     let api = Api::new(vec![status_h(503, &[("retry-after", "5")])], ok());
     let mut client = full_client(&api);
     let fut = client.ready().await.unwrap().call(get(U));
-    assert!(tokio::time::timeout(Duration::from_secs(1), fut).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .is_err());
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         client.ready().await.unwrap().call(get(U)).await
     })
@@ -105,12 +120,15 @@ async fn a_kept_service_survives_dropped_calls_at_every_wait() {
 
     api.push(status_h(429, &[("retry-after", "3")]));
     let mut req = get(U);
-    req.extensions_mut().insert(CallOptions::new().without_retries());
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
     // A 429 with Retry-After and no attempt left is an error carrying RateLimited (retry guide).
     let err = client.ready().await.unwrap().call(req).await.unwrap_err();
     assert!(find::<sturdy::core::RateLimited>(&*err).is_some());
     let fut = client.ready().await.unwrap().call(get(U));
-    assert!(tokio::time::timeout(Duration::from_secs(1), fut).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .is_err());
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         client.ready().await.unwrap().call(get(U)).await
     })
@@ -120,7 +138,9 @@ async fn a_kept_service_survives_dropped_calls_at_every_wait() {
 
     api.push(Answer::Hang);
     let fut = client.ready().await.unwrap().call(get(U));
-    assert!(tokio::time::timeout(Duration::from_secs(1), fut).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .is_err());
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         client.ready().await.unwrap().call(get(U)).await
     })
@@ -131,7 +151,10 @@ async fn a_kept_service_survives_dropped_calls_at_every_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn under_buffer_one_with_concurrent_callers_and_retries() {
-    let api = Api::new(vec![status(503), status(503), status(503)], Answer::Slow(Duration::from_millis(10)));
+    let api = Api::new(
+        vec![status(503), status(503), status(503)],
+        Answer::Slow(Duration::from_millis(10)),
+    );
     let client = full_client(&api);
     let buffered = tower::buffer::Buffer::new(client, 1);
     let mut tasks = Vec::new();
@@ -142,7 +165,9 @@ async fn under_buffer_one_with_concurrent_callers_and_retries() {
         tasks.push(tokio::spawn(b.oneshot(get(U))));
     }
     for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t).await.expect("stuck");
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("stuck");
         assert_eq!(r.unwrap().unwrap().status(), 200);
     }
 }
@@ -150,17 +175,25 @@ async fn under_buffer_one_with_concurrent_callers_and_retries() {
 #[tokio::test(start_paused = true)]
 async fn global_concurrency_limit_below_and_above() {
     let api = Api::new(vec![status(503)], Answer::Slow(Duration::from_millis(10)));
-    let client = ClientBuilder::new()
-        .with_retry(retry())
-        .build(ServiceBuilder::new().layer(GlobalConcurrencyLimitLayer::new(2)).service(api.service()));
-    let above = ServiceBuilder::new().layer(GlobalConcurrencyLimitLayer::new(3)).service(client);
+    let client = ClientBuilder::new().with_retry(retry()).build(
+        ServiceBuilder::new()
+            .layer(GlobalConcurrencyLimitLayer::new(2))
+            .service(api.service()),
+    );
+    let above = ServiceBuilder::new()
+        .layer(GlobalConcurrencyLimitLayer::new(3))
+        .service(client);
     let mut tasks = Vec::new();
     for _ in 0..12 {
         let b = above.clone();
-        tasks.push(tokio::spawn(async move { b.oneshot(get(U)).await.map(|r| r.status()) }));
+        tasks.push(tokio::spawn(async move {
+            b.oneshot(get(U)).await.map(|r| r.status())
+        }));
     }
     for t in tasks {
-        let r = tokio::time::timeout(Duration::from_secs(60), t).await.expect("stuck");
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("stuck");
         assert_eq!(r.unwrap().unwrap(), 200);
     }
 }
@@ -177,7 +210,9 @@ async fn tower_http_layers_around_and_below() {
             HeaderName::from_static("x-below"),
             HeaderValue::from_static("1"),
         ))
-        .layer(tower_http::timeout::TimeoutLayer::new(Duration::from_secs(1)))
+        .layer(tower_http::timeout::TimeoutLayer::new(Duration::from_secs(
+            1,
+        )))
         .service(api.service());
     let client = ClientBuilder::new().with_retry(retry()).build(below);
     let above = ServiceBuilder::new()
@@ -190,7 +225,9 @@ async fn tower_http_layers_around_and_below() {
     assert_eq!(res.status(), 200);
     let seen = api.seen();
     assert_eq!(seen.len(), 2);
-    assert!(seen.iter().all(|s| s.headers.contains_key("x-above") && s.headers.contains_key("x-below")));
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.contains_key("x-above") && s.headers.contains_key("x-below")));
 }
 
 #[tokio::test(start_paused = true)]
@@ -226,15 +263,25 @@ async fn in_axum_state() {
         .route(
             "/proxy",
             aget(|State(c): State<Client<Full<Bytes>>>| async move {
-                c.oneshot(get(U)).await.map(|r| r.status().as_u16().to_string()).unwrap_or_else(|e| e.to_string())
+                c.oneshot(get(U))
+                    .await
+                    .map(|r| r.status().as_u16().to_string())
+                    .unwrap_or_else(|e| e.to_string())
             }),
         )
         .with_state(client);
     let res = app
-        .oneshot(Request::get("/proxy").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            Request::get("/proxy")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
-    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(&body[..], b"200");
 }
 
@@ -243,18 +290,22 @@ async fn in_axum_state() {
 #[tokio::test(start_paused = true)]
 async fn attempt_timeouts() {
     let api = Api::new(vec![], Answer::Slow(Duration::from_secs(40)));
-    let client = ClientBuilder::new().with_retry(retry().with_max_attempts(1)).build(api.service());
+    let client = ClientBuilder::new()
+        .with_retry(retry().with_max_attempts(1))
+        .build(api.service());
     let start = Instant::now();
     let err = client.clone().oneshot(get(U)).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(30));
     eprintln!("timeout: {err}");
     let mut req = get(U);
-    req.extensions_mut().insert(CallOptions::new().with_attempt_timeout(Duration::from_secs(2)));
+    req.extensions_mut()
+        .insert(CallOptions::new().with_attempt_timeout(Duration::from_secs(2)));
     let start = Instant::now();
     let _ = client.clone().oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(2));
     let mut req = get(U);
-    req.extensions_mut().insert(CallOptions::new().without_attempt_timeout());
+    req.extensions_mut()
+        .insert(CallOptions::new().without_attempt_timeout());
     assert_eq!(client.clone().oneshot(req).await.unwrap().status(), 200);
 }
 
@@ -266,7 +317,10 @@ async fn post_timeouts_name_the_key() {
         .with_retry(retry())
         .with_attempt_timeout(Duration::from_secs(1))
         .build(api.service());
-    let err: BoxError = client.oneshot(post("http://api.example.com/orders", "{}")).await.unwrap_err();
+    let err: BoxError = client
+        .oneshot(post("http://api.example.com/orders", "{}"))
+        .await
+        .unwrap_err();
     let e = find::<sturdy::core::Error>(&*err).unwrap();
     let key = e.idempotency_key().expect("key").to_owned();
     assert!(err.to_string().contains(&key), "{err}");
@@ -288,10 +342,15 @@ async fn fault_a_custom_idempotency_header_makes_posts_unretryable() {
     use sturdy::idempotency::client::IdempotencyKeyLayer;
     let api = Api::new(vec![status(503)], ok());
     let client = ClientBuilder::new()
-        .with_idempotency(IdempotencyKeyLayer::new().with_header(http::HeaderName::from_static("x-request-key")))
+        .with_idempotency(
+            IdempotencyKeyLayer::new().with_header(http::HeaderName::from_static("x-request-key")),
+        )
         .with_retry(retry())
         .build(api.service());
-    let res = client.oneshot(post("http://api.example.com/orders", "{}")).await.unwrap();
+    let res = client
+        .oneshot(post("http://api.example.com/orders", "{}"))
+        .await
+        .unwrap();
     let seen = api.seen();
     assert!(seen[0].headers.contains_key("x-request-key"));
     assert_eq!(
@@ -310,7 +369,10 @@ async fn a_custom_idempotency_header_set_on_both_layers_works() {
         .with_idempotency(IdempotencyKeyLayer::new().with_header(h.clone()))
         .with_retry(retry().with_idempotency_header(h))
         .build(api.service());
-    let res = client.oneshot(post("http://api.example.com/orders", "{}")).await.unwrap();
+    let res = client
+        .oneshot(post("http://api.example.com/orders", "{}"))
+        .await
+        .unwrap();
     assert_eq!((res.status().as_u16(), api.calls()), (200, 2));
 }
 
@@ -327,7 +389,11 @@ async fn a_429_storm_is_ridden_out() {
         async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let res = if storm {
-                Response::builder().status(429).header("retry-after", "1").body(Full::<Bytes>::default()).unwrap()
+                Response::builder()
+                    .status(429)
+                    .header("retry-after", "1")
+                    .body(Full::<Bytes>::default())
+                    .unwrap()
             } else {
                 Response::new(Full::<Bytes>::from("ok"))
             };
@@ -335,7 +401,11 @@ async fn a_429_storm_is_ridden_out() {
         }
     });
     let client = ClientBuilder::new()
-        .with_retry(retry().with_deadline(Duration::from_secs(30)).with_max_attempts(10))
+        .with_retry(
+            retry()
+                .with_deadline(Duration::from_secs(30))
+                .with_max_attempts(10),
+        )
         .build(api);
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -349,7 +419,11 @@ async fn a_429_storm_is_ridden_out() {
         }
     }
     let n = hits.load(std::sync::atomic::Ordering::SeqCst);
-    eprintln!("storm: {n} requests for 50 calls, {} failed, done after {:?}", failed.len(), start.elapsed());
+    eprintln!(
+        "storm: {n} requests for 50 calls, {} failed, done after {:?}",
+        failed.len(),
+        start.elapsed()
+    );
     assert!(failed.is_empty(), "{failed:?}");
     assert!(n <= 120, "{n} requests at the server");
 }
@@ -358,7 +432,9 @@ async fn a_429_storm_is_ridden_out() {
 #[tokio::test(start_paused = true)]
 async fn a_503_storm_is_bounded_by_the_budget() {
     let api = Api::new(vec![], after(Duration::from_millis(10), status(503)));
-    let client = ClientBuilder::new().with_retry(retry()).build(api.service());
+    let client = ClientBuilder::new()
+        .with_retry(retry())
+        .build(api.service());
     let mut tasks = Vec::new();
     for _ in 0..200 {
         tasks.push(tokio::spawn(client.clone().oneshot(get(U))));
@@ -378,7 +454,9 @@ async fn a_dropped_token_wait_gives_back_the_permit() {
     use sturdy::auth::ClientCredentials;
     let tokens = tower::service_fn(|_r: Request<Full<Bytes>>| async {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        Ok::<_, BoxError>(Response::new(Full::<Bytes>::from(r#"{"access_token":"t","expires_in":3600}"#)))
+        Ok::<_, BoxError>(Response::new(Full::<Bytes>::from(
+            r#"{"access_token":"t","expires_in":3600}"#,
+        )))
     });
     let src = ClientCredentials::new(tokens, "https://auth.example.com/token", "c", "s").unwrap();
     let api = Api::new(vec![], ok());
@@ -387,8 +465,13 @@ async fn a_dropped_token_wait_gives_back_the_permit() {
         .concurrency_limit(1)
         .service(api.service());
     let fut = svc.ready().await.unwrap().call(get(U));
-    assert!(tokio::time::timeout(Duration::from_secs(1), fut).await.is_err());
-    let r = tokio::time::timeout(Duration::from_secs(5), async { svc.ready().await.unwrap().call(get(U)).await }).await;
+    assert!(tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .is_err());
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        svc.ready().await.unwrap().call(get(U)).await
+    })
+    .await;
     assert!(r.expect("permit leaked by a dropped token wait").is_ok());
 }
 
@@ -399,7 +482,9 @@ async fn zero_max_wait_inside_the_builder() {
     use sturdy::ratelimit::{Quota, RateLimitLayer};
     let api = Api::new(vec![], ok());
     let client = ClientBuilder::new()
-        .with_rate_limit(RateLimitLayer::new(Quota::per_second(1).unwrap()).with_max_wait(Duration::ZERO))
+        .with_rate_limit(
+            RateLimitLayer::new(Quota::per_second(1).unwrap()).with_max_wait(Duration::ZERO),
+        )
         .build(api.service());
     client.clone().oneshot(get(U)).await.unwrap();
     let start = Instant::now();

@@ -28,7 +28,10 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn a_full_limit_waits_then_fails_not_sent() {
     let api = Api::new(vec![], Answer::Slow(Duration::from_secs(60)));
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_limits(1, 1).with_max_wait(Duration::from_secs(5)).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(Duration::from_secs(5))
+        .pair();
     let svc = layer.layer(api.service());
     let first = tokio::spawn(svc.clone().oneshot(get(U)));
     settle().await;
@@ -36,16 +39,27 @@ async fn a_full_limit_waits_then_fails_not_sent() {
     let err = svc.clone().oneshot(post(U, "{}")).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(5));
     let e = find::<sturdy::core::Error>(&*err).unwrap();
-    assert!(matches!(e.kind(), ErrorKind::RateLimited { retry_after: None }), "{:?}", e.kind());
+    assert!(
+        matches!(e.kind(), ErrorKind::RateLimited { retry_after: None }),
+        "{:?}",
+        e.kind()
+    );
     assert_eq!(delivery(&*err), Delivery::NotSent);
     let lr = find::<LimitReached>(&*err).unwrap();
-    assert_eq!((lr.key(), lr.limit(), lr.waited()), (H, 1, Duration::from_secs(5)));
+    assert_eq!(
+        (lr.key(), lr.limit(), lr.waited()),
+        (H, 1, Duration::from_secs(5))
+    );
     eprintln!("limit reached: {err}");
     assert_eq!(handle.state(H).unwrap().waiting(), 0);
     assert_eq!(handle.state(H).unwrap().in_flight(), 1);
     first.abort();
     settle().await;
-    assert_eq!(handle.state(H).unwrap().in_flight(), 0, "an aborted in-flight call kept its permit");
+    assert_eq!(
+        handle.state(H).unwrap().in_flight(),
+        0,
+        "an aborted in-flight call kept its permit"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -75,7 +89,9 @@ async fn a_dropped_waiter_leaves_the_line() {
 #[tokio::test(start_paused = true)]
 async fn fifty_503s_from_one_burst_lower_the_limit_once() {
     let api = Api::new(vec![], after(Duration::from_millis(10), status(503)));
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(100).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(100)
+        .pair();
     let svc = layer.layer(api.service());
     let mut tasks = Vec::new();
     for _ in 0..50 {
@@ -114,8 +130,13 @@ async fn odd_limits_do_not_panic_or_deadlock() {
         .await;
         assert!(r.expect("deadlock").is_ok(), "a call panicked");
     }
-    assert!(AdaptiveConcurrencyLayer::new().with_backoff(0.0).is_err() || AdaptiveConcurrencyLayer::new().with_backoff(0.0).is_ok());
-    assert!(AdaptiveConcurrencyLayer::new().with_backoff(f64::NAN).is_err());
+    assert!(
+        AdaptiveConcurrencyLayer::new().with_backoff(0.0).is_err()
+            || AdaptiveConcurrencyLayer::new().with_backoff(0.0).is_ok()
+    );
+    assert!(AdaptiveConcurrencyLayer::new()
+        .with_backoff(f64::NAN)
+        .is_err());
     assert!(AdaptiveConcurrencyLayer::new().with_backoff(1.5).is_err());
 }
 
@@ -145,12 +166,18 @@ async fn set_limit_by_hand() {
 async fn a_retry_sleeping_does_not_hold_a_place() {
     let api = Api::new(vec![status_h(503, &[("retry-after", "5")])], ok());
     let (layer, handle) = AdaptiveConcurrencyLayer::new().with_limits(1, 1).pair();
-    let svc = ServiceBuilder::new().layer(RetryLayer::new().with_seed(1)).layer(layer).service(api.service());
+    let svc = ServiceBuilder::new()
+        .layer(RetryLayer::new().with_seed(1))
+        .layer(layer)
+        .service(api.service());
     let a = tokio::spawn(svc.clone().oneshot(get(U)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(handle.state(H).unwrap().in_flight(), 0);
     let start = Instant::now();
-    svc.clone().oneshot(get("http://api.example.com/other")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://api.example.com/other"))
+        .await
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
     a.await.unwrap().unwrap();
 }
@@ -161,11 +188,17 @@ async fn identical_gets_share_one_call_and_credentials_split_them() {
     let (layer, handle) = CoalesceLayer::new().pair();
     let svc = layer.layer(api.service());
     let mk = |auth: &str, trace: &str| {
-        Request::get(U).header("authorization", auth).header("traceparent", trace).body(Full::<Bytes>::default()).unwrap()
+        Request::get(U)
+            .header("authorization", auth)
+            .header("traceparent", trace)
+            .body(Full::<Bytes>::default())
+            .unwrap()
     };
     let mut t = Vec::new();
     for i in 0..10 {
-        t.push(tokio::spawn(svc.clone().oneshot(mk("Bearer a", &format!("00-{i}")))));
+        t.push(tokio::spawn(
+            svc.clone().oneshot(mk("Bearer a", &format!("00-{i}"))),
+        ));
     }
     t.push(tokio::spawn(svc.clone().oneshot(mk("Bearer b", "00-x"))));
     for x in t {
@@ -183,7 +216,9 @@ async fn a_get_with_a_body_and_a_post_are_not_coalesced() {
     let svc = CoalesceLayer::new().layer(api.service());
     let mut t = Vec::new();
     for _ in 0..3 {
-        t.push(tokio::spawn(svc.clone().oneshot(Request::get(U).body(Full::from("{\"q\":1}")).unwrap())));
+        t.push(tokio::spawn(svc.clone().oneshot(
+            Request::get(U).body(Full::from("{\"q\":1}")).unwrap(),
+        )));
         t.push(tokio::spawn(svc.clone().oneshot(post(U, "{}"))));
     }
     for x in t {
@@ -195,7 +230,10 @@ async fn a_get_with_a_body_and_a_post_are_not_coalesced() {
 #[tokio::test(start_paused = true)]
 async fn shared_errors_keep_kind_and_chain() {
     let api = Api::new(
-        vec![after(Duration::from_millis(50), Answer::Io(std::io::ErrorKind::ConnectionReset))],
+        vec![after(
+            Duration::from_millis(50),
+            Answer::Io(std::io::ErrorKind::ConnectionReset),
+        )],
         ok(),
     );
     let svc = CoalesceLayer::new().layer(api.service());
@@ -248,22 +286,44 @@ async fn a_response_over_the_bound_goes_to_the_leader_and_others_send_their_own(
     let a = tokio::spawn(svc.clone().oneshot(get(U)));
     let b = tokio::spawn(svc.clone().oneshot(get(U)));
     for x in [a, b] {
-        let body = x.await.unwrap().unwrap().into_body().collect().await.unwrap().to_bytes();
+        let body = x
+            .await
+            .unwrap()
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
         assert_eq!(body.len(), big.len());
     }
     assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 2);
     let st = handle.stats();
-    eprintln!("stats: calls {} upstream {} joined {} too_large {} fallbacks {}", st.calls(), st.upstream(), st.joined(), st.too_large(), st.fallbacks());
+    eprintln!(
+        "stats: calls {} upstream {} joined {} too_large {} fallbacks {}",
+        st.calls(),
+        st.upstream(),
+        st.joined(),
+        st.too_large(),
+        st.fallbacks()
+    );
     assert!(st.too_large() >= 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn coalesce_over_retry_shares_the_retried_outcome() {
-    let api = Api::new(vec![after(Duration::from_millis(20), status(503))], Answer::Slow(Duration::from_millis(20)));
-    let retry = RetryLayer::new()
-        .with_seed(3)
-        .with_backoff(Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(100)).unwrap());
-    let svc = ServiceBuilder::new().layer(CoalesceLayer::new()).layer(retry).service(api.service());
+    let api = Api::new(
+        vec![after(Duration::from_millis(20), status(503))],
+        Answer::Slow(Duration::from_millis(20)),
+    );
+    let retry = RetryLayer::new().with_seed(3).with_backoff(
+        Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(100))
+            .unwrap(),
+    );
+    let svc = ServiceBuilder::new()
+        .layer(CoalesceLayer::new())
+        .layer(retry)
+        .service(api.service());
     let mut t = Vec::new();
     for _ in 0..200 {
         t.push(tokio::spawn(svc.clone().oneshot(get(U))));

@@ -34,7 +34,11 @@ fn app(runs: &Runs, layer: IdempotencyLayer<MemoryStore>) -> Router {
             async move {
                 r.slow.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                (StatusCode::CREATED, [("x-order", "1")], format!("created {}", body.len()))
+                (
+                    StatusCode::CREATED,
+                    [("x-order", "1")],
+                    format!("created {}", body.len()),
+                )
             }
         }
     };
@@ -79,7 +83,6 @@ fn app(runs: &Runs, layer: IdempotencyLayer<MemoryStore>) -> Router {
         }
     };
     let boom = {
-        let r = r.clone();
         move || {
             let r = r.clone();
             async move {
@@ -106,7 +109,10 @@ fn layer() -> IdempotencyLayer<MemoryStore> {
 }
 
 fn req(method: &str, uri: &str, key: Option<&str>, body: &'static str) -> Request<Body> {
-    let mut b = Request::builder().method(method).uri(uri).header("authorization", "Bearer a");
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", "Bearer a");
     if let Some(k) = key {
         b = b.header("idempotency-key", k);
     }
@@ -117,11 +123,18 @@ async fn send(app: &Router, r: Request<Body>) -> (StatusCode, http::HeaderMap, S
     let res = app.clone().oneshot(r).await.unwrap();
     let (p, b) = res.into_parts();
     let b = b.collect().await.unwrap().to_bytes();
-    (p.status, p.headers, String::from_utf8_lossy(&b).into_owned())
+    (
+        p.status,
+        p.headers,
+        String::from_utf8_lossy(&b).into_owned(),
+    )
 }
 
 fn problem_type(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["type"].as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 #[tokio::test(start_paused = true)]
@@ -135,7 +148,11 @@ async fn replay_conflict_reuse_and_scope() {
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 0"));
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(runs.fast.load(Ordering::SeqCst), 1);
-    for (m, u, body) in [("POST", "/orders?x=1", "{}"), ("POST", "/orders", "{\"a\":1}"), ("PATCH", "/orders", "{}")] {
+    for (m, u, body) in [
+        ("POST", "/orders?x=1", "{}"),
+        ("POST", "/orders", "{\"a\":1}"),
+        ("PATCH", "/orders", "{}"),
+    ] {
         let (s, h, b) = send(&app, req(m, u, Some("k1"), body)).await;
         if m == "PATCH" && s == StatusCode::METHOD_NOT_ALLOWED {
             continue;
@@ -146,7 +163,8 @@ async fn replay_conflict_reuse_and_scope() {
     }
     // Another client, same key: its own run.
     let mut r = req("POST", "/orders", Some("k1"), "{}");
-    r.headers_mut().insert("authorization", "Bearer b".parse().unwrap());
+    r.headers_mut()
+        .insert("authorization", "Bearer b".parse().unwrap());
     let (s, _, b) = send(&app, r).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 1"));
     // GET passes through.
@@ -169,12 +187,16 @@ async fn invalid_keys_are_400() {
     }
     // A non-ASCII byte in the key.
     let mut r = req("POST", "/orders", None, "{}");
-    r.headers_mut().insert("idempotency-key", http::HeaderValue::from_bytes(b"k\xe9y").unwrap());
+    r.headers_mut().insert(
+        "idempotency-key",
+        http::HeaderValue::from_bytes(b"k\xe9y").unwrap(),
+    );
     let (s, _, _) = send(&app, r).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     // Two key headers that disagree: which one is used must not be a guess.
     let mut r = req("POST", "/orders", Some("k-a"), "{}");
-    r.headers_mut().append("idempotency-key", "k-b".parse().unwrap());
+    r.headers_mut()
+        .append("idempotency-key", "k-b".parse().unwrap());
     let (s, _, b) = send(&app, r).await;
     eprintln!("two different keys: {s} {b}");
     assert!(s == StatusCode::BAD_REQUEST || s == StatusCode::CREATED);
@@ -190,12 +212,17 @@ async fn fault_two_different_key_headers_run_the_handler_twice() {
     let runs = Runs::default();
     let app = app(&runs, layer());
     let mut r = req("POST", "/orders", Some("k-a"), "{}");
-    r.headers_mut().append("idempotency-key", "k-b".parse().unwrap());
+    r.headers_mut()
+        .append("idempotency-key", "k-b".parse().unwrap());
     let (s1, _, _) = send(&app, r).await;
     let mut r = req("POST", "/orders", Some("k-b"), "{}");
-    r.headers_mut().append("idempotency-key", "k-a".parse().unwrap());
+    r.headers_mut()
+        .append("idempotency-key", "k-a".parse().unwrap());
     let (s2, h2, _) = send(&app, r).await;
-    eprintln!("first {s1}, second (keys swapped) {s2}, replayed {:?}", h2.get("idempotent-replayed"));
+    eprintln!(
+        "first {s1}, second (keys swapped) {s2}, replayed {:?}",
+        h2.get("idempotent-replayed")
+    );
     assert!(
         s1 == StatusCode::BAD_REQUEST || runs.fast.load(Ordering::SeqCst) <= 1,
         "the same two keys in another order ran the handler {} times",
@@ -208,9 +235,18 @@ async fn required_key_and_body_limit() {
     let runs = Runs::default();
     let app = app(&runs, layer().with_require_key(true).with_body_limit(10));
     let (s, _, b) = send(&app, req("POST", "/orders", None, "{}")).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::BAD_REQUEST, problem::MISSING_KEY.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (StatusCode::BAD_REQUEST, problem::MISSING_KEY.to_owned())
+    );
     let (s, _, b) = send(&app, req("POST", "/orders", Some("k"), "01234567890123")).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::PAYLOAD_TOO_LARGE, problem::BODY_TOO_LARGE.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            problem::BODY_TOO_LARGE.to_owned()
+        )
+    );
     assert_eq!(runs.fast.load(Ordering::SeqCst), 0);
 }
 
@@ -218,7 +254,11 @@ async fn required_key_and_body_limit() {
 async fn a_client_that_goes_away_does_not_stop_the_handler() {
     let runs = Runs::default();
     let app = app(&runs, layer());
-    let r = tokio::time::timeout(Duration::from_millis(500), app.clone().oneshot(req("POST", "/slow", Some("s1"), "abc"))).await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.clone().oneshot(req("POST", "/slow", Some("s1"), "abc")),
+    )
+    .await;
     assert!(r.is_err());
     let (s, h, b) = send(&app, req("POST", "/slow", Some("s1"), "abc")).await;
     assert_eq!(s, StatusCode::CONFLICT);
@@ -247,7 +287,13 @@ async fn five_xx_and_429_are_not_stored_and_big_responses_are_not_rerun() {
     let (s, _, b) = send(&app, req("POST", "/big", Some("g"), "{}")).await;
     eprintln!("big first: {s} {}", b.len());
     let (s, _, b) = send(&app, req("POST", "/big", Some("g"), "{}")).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::INTERNAL_SERVER_ERROR, problem::RESPONSE_TOO_LARGE.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            problem::RESPONSE_TOO_LARGE.to_owned()
+        )
+    );
     assert_eq!(runs.big.load(Ordering::SeqCst), 1);
 }
 
@@ -279,7 +325,11 @@ async fn huge_ttl_and_lease_do_not_panic() {
     for l in [
         layer().with_ttl(Duration::MAX).unwrap(),
         layer().with_lease(Duration::MAX).unwrap(),
-        layer().with_ttl(Duration::from_secs(u64::MAX / 2)).unwrap().with_lease(Duration::from_secs(u64::MAX / 2)).unwrap(),
+        layer()
+            .with_ttl(Duration::from_secs(u64::MAX / 2))
+            .unwrap()
+            .with_lease(Duration::from_secs(u64::MAX / 2))
+            .unwrap(),
     ] {
         let runs = Runs::default();
         let app = app(&runs, l);
@@ -303,18 +353,34 @@ async fn composed_client_timeout_mid_handler_runs_once() {
         let router = router.clone();
         async move {
             let (p, b) = r.into_parts();
-            let res = router.oneshot(Request::from_parts(p, Body::new(b))).await.unwrap();
+            let res = router
+                .oneshot(Request::from_parts(p, Body::new(b)))
+                .await
+                .unwrap();
             let (p, b) = res.into_parts();
-            let b = b.collect().await.map_err(|e| Box::new(e) as sturdy::core::BoxError)?.to_bytes();
+            let b = b
+                .collect()
+                .await
+                .map_err(|e| Box::new(e) as sturdy::core::BoxError)?
+                .to_bytes();
             Ok::<_, sturdy::core::BoxError>(Response::from_parts(p, Full::new(b)))
         }
     });
     let client = sturdy::ClientBuilder::new()
-        .with_retry(sturdy::retry::RetryLayer::new().with_seed(4).with_deadline(Duration::from_secs(30)))
+        .with_retry(
+            sturdy::retry::RetryLayer::new()
+                .with_seed(4)
+                .with_deadline(Duration::from_secs(30)),
+        )
         .with_attempt_timeout(Duration::from_millis(500))
         .build(http);
     let res = client
-        .oneshot(Request::post("http://api.example.com/slow").header("authorization", "Bearer a").body(Full::from("abc")).unwrap())
+        .oneshot(
+            Request::post("http://api.example.com/slow")
+                .header("authorization", "Bearer a")
+                .body(Full::from("abc"))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);

@@ -1,8 +1,8 @@
 //! Outside tests of the metrics labels (docs/guides/metrics.md): no secret, no path or query.
 mod outsider_common;
 
-use outsider_common::*;
 use metrics_util::debugging::DebuggingRecorder;
+use outsider_common::*;
 use sturdy::ClientBuilder;
 use tower::ServiceExt;
 
@@ -11,9 +11,16 @@ fn labels_hold_host_and_port_only() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let api = Api::new(vec![status(503), status_h(429, &[("retry-after", "1")])], ok());
+        let api = Api::new(
+            vec![status(503), status_h(429, &[("retry-after", "1")])],
+            ok(),
+        );
         let client = ClientBuilder::new().build(api.service());
         for uri in [
             "http://user:hunter2@api.example.com:8443/secret/path?token=abc",
@@ -31,7 +38,12 @@ fn labels_hold_host_and_port_only() {
         let k = key.key();
         for l in k.labels() {
             let v = l.value();
-            assert!(!v.contains("hunter2") && !v.contains("secret") && !v.contains("token"), "{}: {}={v}", k.name(), l.key());
+            assert!(
+                !v.contains("hunter2") && !v.contains("secret") && !v.contains("token"),
+                "{}: {}={v}",
+                k.name(),
+                l.key()
+            );
             if l.key() == "server.address" {
                 addresses.insert(v.to_owned());
             }
@@ -39,7 +51,13 @@ fn labels_hold_host_and_port_only() {
     }
     eprintln!("server.address values: {addresses:?}");
     for a in &addresses {
-        assert!(!a.contains('@') && !a.contains(':') || a.starts_with("2001:db8"), "{a}");
-        assert!(!a.starts_with('['), "an IPv6 address kept its brackets: {a}");
+        assert!(
+            !a.contains('@') && !a.contains(':') || a.starts_with("2001:db8"),
+            "{a}"
+        );
+        assert!(
+            !a.starts_with('['),
+            "an IPv6 address kept its brackets: {a}"
+        );
     }
 }

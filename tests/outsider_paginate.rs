@@ -29,8 +29,12 @@ fn cursor_api(
     per: usize,
     last: Value,
     hits: Hits,
-) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
-       + Clone
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
        + Send
        + Sync
        + 'static {
@@ -43,8 +47,13 @@ fn cursor_api(
                 .filter(|c| !c.is_empty())
                 .map_or(0, |c| c.trim_start_matches('c').parse().unwrap_or(0));
             let end = (start + per).min(n);
-            let next = if end < n { json!(format!("c{end}")) } else { last };
-            let body = json!({ "data": (start..end).collect::<Vec<_>>(), "meta": { "next": next } });
+            let next = if end < n {
+                json!(format!("c{end}"))
+            } else {
+                last
+            };
+            let body =
+                json!({ "data": (start..end).collect::<Vec<_>>(), "meta": { "next": next } });
             Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body.to_string())))
         }
     })
@@ -79,7 +88,10 @@ async fn null_and_missing_next_end_the_walk_and_numbers_are_cursors() {
         )
         .unwrap();
         let all: Result<Vec<Value>, _> = pager.items().try_collect().await;
-        eprintln!("last {last}: {:?}", all.as_ref().map(Vec::len).map_err(ToString::to_string));
+        eprintln!(
+            "last {last}: {:?}",
+            all.as_ref().map(Vec::len).map_err(ToString::to_string)
+        );
     }
 }
 
@@ -111,11 +123,22 @@ async fn page_resumes_exactly_and_refuses_edited_cursors() {
     let i = edited.len() / 2;
     edited[i] = if edited[i] == b'A' { b'B' } else { b'A' };
     let edited = String::from_utf8(edited).unwrap();
-    for bad in [edited.as_str(), "", "x", &c[..c.len() - 1], &format!("{c}A"), &"A".repeat(MAX_CURSOR_LEN + 10)] {
+    for bad in [
+        edited.as_str(),
+        "",
+        "x",
+        &c[..c.len() - 1],
+        &format!("{c}A"),
+        &"A".repeat(MAX_CURSOR_LEN + 10),
+    ] {
         let e = pager.page(Some(bad), 7).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::Pagination, "{bad:.30}: {e}");
     }
-    assert_eq!(hits.lock().unwrap().len(), before, "a refused cursor sent a request");
+    assert_eq!(
+        hits.lock().unwrap().len(),
+        before,
+        "a refused cursor sent a request"
+    );
     // A cursor from another pager over the same URI is refused.
     let other = Paginate::new(
         cursor_api(45, 20, Value::Null, hits.clone()),
@@ -146,7 +169,12 @@ async fn a_long_server_cursor_does_not_lock_out_the_next_page() {
             }
         })
     };
-    let pager = Paginate::new(api, "http://api.example.com/items", JsonCursor::new("/data", "/next")).unwrap();
+    let pager = Paginate::new(
+        api,
+        "http://api.example.com/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
     let first = pager.page(None, 3).await;
     match first {
         Err(e) => eprintln!("first page with a 20 KiB server cursor: {e}"),
@@ -175,7 +203,10 @@ async fn link_header_relative_foreign_and_case() {
             h.lock().unwrap().push(req.uri().to_string());
             let (items, link) = match path.as_str() {
                 "/a" => (json!([1, 2]), Some(r#"</b?x=1>; rel="NEXT""#)),
-                "/b" => (json!([3]), Some(r#"<c>; rel="prev next", <http://api.example.com/zzz>; rel="last""#)),
+                "/b" => (
+                    json!([3]),
+                    Some(r#"<c>; rel="prev next", <http://api.example.com/zzz>; rel="last""#),
+                ),
                 "/c" => (json!([4]), Some(r#"<http://evil.example.net/d>; rel=next"#)),
                 _ => (json!([]), None),
             };
@@ -200,7 +231,10 @@ async fn link_header_relative_foreign_and_case() {
             }
         }
     }
-    eprintln!("items {items:?}, error {err:?}, hits {:?}", hits.lock().unwrap());
+    eprintln!(
+        "items {items:?}, error {err:?}, hits {:?}",
+        hits.lock().unwrap()
+    );
     assert_eq!(items, vec![json!(1), json!(2), json!(3), json!(4)]);
     let err = err.expect("a foreign next link must end the walk with an error");
     assert_eq!(err.kind(), &ErrorKind::Pagination);
@@ -225,7 +259,10 @@ async fn hostile_link_headers_do_not_panic() {
             let link = link.clone();
             async move {
                 Ok::<_, Infallible>(
-                    Response::builder().header("link", link).body(Full::<Bytes>::from("[1]")).unwrap(),
+                    Response::builder()
+                        .header("link", link)
+                        .body(Full::<Bytes>::from("[1]"))
+                        .unwrap(),
                 )
             }
         });
@@ -244,16 +281,31 @@ async fn page_number_and_offset_strategies() {
     let api = tower::service_fn(move |req: Request<Full<Bytes>>| async move {
         let page: usize = query_param(req.uri(), "page").map_or(1, |p| p.parse().unwrap());
         let per: usize = query_param(req.uri(), "per_page").map_or(20, |p| p.parse().unwrap());
-        let offset: usize = query_param(req.uri(), "offset").map_or((page - 1) * per.min(10), |p| p.parse().unwrap());
-        let limit: usize = query_param(req.uri(), "limit").map_or(per, |p| p.parse().unwrap()).min(10);
+        let offset: usize = query_param(req.uri(), "offset")
+            .map_or((page - 1) * per.min(10), |p| p.parse().unwrap());
+        let limit: usize = query_param(req.uri(), "limit")
+            .map_or(per, |p| p.parse().unwrap())
+            .min(10);
         let end = (offset + limit).min(n);
         let items: Vec<usize> = (offset.min(n)..end).collect();
-        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(json!({"items": items, "total": n}).to_string())))
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(
+            json!({"items": items, "total": n}).to_string(),
+        )))
     });
-    let p = Paginate::new(api.clone(), "http://api.example.com/i", PageNumber::new("/items").with_total("/total")).unwrap();
+    let p = Paginate::new(
+        api,
+        "http://api.example.com/i",
+        PageNumber::new("/items").with_total("/total"),
+    )
+    .unwrap();
     let all: Vec<Value> = p.items().try_collect().await.unwrap();
     assert_eq!(all.len(), 45, "page numbers with a server cap of 10");
-    let p = Paginate::new(api.clone(), "http://api.example.com/i", OffsetLimit::new("/items").with_total("/total")).unwrap();
+    let p = Paginate::new(
+        api,
+        "http://api.example.com/i",
+        OffsetLimit::new("/items").with_total("/total"),
+    )
+    .unwrap();
     let all: Vec<Value> = p.items().try_collect().await.unwrap();
     assert_eq!(all.len(), 45, "offset/limit with a server cap of 10");
     let all: Vec<u64> = all.iter().map(|v| v.as_u64().unwrap()).collect();
@@ -266,22 +318,51 @@ async fn builder_reports_config_mistakes() {
         Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("[]")))
     });
     let cases = [
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("data", "/next")).build().err(),
-        Paginate::builder(api.clone(), "/relative", JsonCursor::new("/data", "/next")).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next")).with_max_pages(0).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next")).with_max_items(0).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next"))
+        Paginate::builder(api, "http://x/", JsonCursor::new("data", "/next"))
+            .build()
+            .err(),
+        Paginate::builder(api, "/relative", JsonCursor::new("/data", "/next"))
+            .build()
+            .err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
+            .with_max_pages(0)
+            .build()
+            .err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
+            .with_max_items(0)
+            .build()
+            .err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
             .with_page_timeout(Duration::ZERO)
             .build()
             .err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next")).with_cursor_key([0u8; 31]).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next").with_cursor_param("")).build().err(),
-        Paginate::builder(api.clone(), "http://x/", PageNumber::new("/i").with_page_size(0)).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next")).with_max_page_bytes(0).build().err(),
-        Paginate::builder(api.clone(), "http://x/", JsonCursor::new("/data", "/next")).with_page_size(0).build().err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
+            .with_cursor_key([0u8; 31])
+            .build()
+            .err(),
+        Paginate::builder(
+            api,
+            "http://x/",
+            JsonCursor::new("/data", "/next").with_cursor_param(""),
+        )
+        .build()
+        .err(),
+        Paginate::builder(api, "http://x/", PageNumber::new("/i").with_page_size(0))
+            .build()
+            .err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
+            .with_max_page_bytes(0)
+            .build()
+            .err(),
+        Paginate::builder(api, "http://x/", JsonCursor::new("/data", "/next"))
+            .with_page_size(0)
+            .build()
+            .err(),
     ];
     for (i, c) in cases.iter().enumerate() {
-        let e = c.as_ref().unwrap_or_else(|| panic!("case {i} was accepted"));
+        let e = c
+            .as_ref()
+            .unwrap_or_else(|| panic!("case {i} was accepted"));
         assert_eq!(e.kind(), &ErrorKind::Config, "case {i}: {e}");
     }
 }
@@ -333,9 +414,41 @@ async fn error_statuses_fail_with_their_kind() {
     let c = count.clone();
     let api = tower::service_fn(move |_req: Request<Full<Bytes>>| {
         c.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::builder().status(404).body(Full::<Bytes>::from("{}")).unwrap()) }
+        async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(404)
+                    .body(Full::<Bytes>::from("{}"))
+                    .unwrap(),
+            )
+        }
     });
-    let pager = Paginate::new(api, "http://api.example.com/a", JsonCursor::new("/d", "/n")).unwrap();
+    let pager =
+        Paginate::new(api, "http://api.example.com/a", JsonCursor::new("/d", "/n")).unwrap();
     let e = pager.page(None, 5).await.unwrap_err();
-    assert_eq!(e.kind(), &ErrorKind::Client(http::StatusCode::NOT_FOUND), "{e}");
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::Client(http::StatusCode::NOT_FOUND),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn page_fetches_no_page_it_does_not_need() {
+    let hits: Hits = Arc::default();
+    let pager = Paginate::builder(
+        cursor_api(100, 20, Value::Null, hits.clone()),
+        "http://api.example.com/items",
+        JsonCursor::new("/data", "/meta/next"),
+    )
+    .with_page_size(20)
+    .build()
+    .unwrap();
+    let p = pager.page(None, 20).await.unwrap();
+    assert_eq!((p.items.len(), p.has_more), (20, true));
+    assert_eq!(hits.lock().unwrap().len(), 1, "{:?}", hits.lock().unwrap());
+    let p = pager.page(p.next_cursor.as_deref(), 30).await.unwrap();
+    assert_eq!(p.items.first(), Some(&json!(20)));
+    assert_eq!(p.items.len(), 30);
+    assert_eq!(hits.lock().unwrap().len(), 3, "{:?}", hits.lock().unwrap());
 }

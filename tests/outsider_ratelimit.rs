@@ -20,7 +20,8 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn quota_burst_then_interval() {
     let api = Api::new(vec![], ok());
-    let svc = RateLimitLayer::new(Quota::per_second(10).unwrap().with_burst(5).unwrap()).layer(api.service());
+    let svc = RateLimitLayer::new(Quota::per_second(10).unwrap().with_burst(5).unwrap())
+        .layer(api.service());
     let start = Instant::now();
     for _ in 0..15 {
         svc.clone().oneshot(get(U)).await.unwrap();
@@ -33,7 +34,8 @@ async fn max_wait_counts_the_calls_ahead() {
     let api = Api::new(vec![], ok());
     // 1 per second, burst 1, max_wait 2.5 s: the first goes, then two can wait (1 s, 2 s), the
     // fourth would wait 3 s and must fail at once.
-    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap()).with_max_wait(Duration::from_millis(2_500));
+    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_max_wait(Duration::from_millis(2_500));
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
     let a = tokio::spawn(svc.clone().oneshot(get(U)));
@@ -43,7 +45,11 @@ async fn max_wait_counts_the_calls_ahead() {
     let err = svc.clone().oneshot(get(U)).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     let rl = find::<RateLimited>(&*err).expect("RateLimited");
-    assert!(rl.retry_after() >= Duration::from_millis(2_500), "{:?}", rl.retry_after());
+    assert!(
+        rl.retry_after() >= Duration::from_millis(2_500),
+        "{:?}",
+        rl.retry_after()
+    );
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
 }
@@ -64,7 +70,8 @@ async fn zero_max_wait_never_waits() {
 #[tokio::test(start_paused = true)]
 async fn aborted_waiters_cost_nothing() {
     let api = Api::new(vec![], ok());
-    let svc = RateLimitLayer::new(Quota::per_second(20).unwrap().with_burst(5).unwrap()).layer(api.service());
+    let svc = RateLimitLayer::new(Quota::per_second(20).unwrap().with_burst(5).unwrap())
+        .layer(api.service());
     for _ in 0..5 {
         svc.clone().oneshot(get(U)).await.unwrap();
     }
@@ -79,7 +86,11 @@ async fn aborted_waiters_cost_nothing() {
     settle().await;
     let start = Instant::now();
     svc.clone().oneshot(get(U)).await.unwrap();
-    assert!(start.elapsed() <= Duration::from_millis(50), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_millis(50),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -90,9 +101,15 @@ async fn a_429_pauses_every_caller_of_the_host_only() {
     let res = svc.clone().oneshot(get(U)).await.unwrap();
     assert_eq!(res.status(), 429);
     let left = handle.pause("api.example.com").expect("paused");
-    assert!(left <= Duration::from_secs(3) && left > Duration::from_millis(2_900), "{left:?}");
+    assert!(
+        left <= Duration::from_secs(3) && left > Duration::from_millis(2_900),
+        "{left:?}"
+    );
     let start = Instant::now();
-    svc.clone().oneshot(get("http://other.example.com/")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://other.example.com/"))
+        .await
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
     svc.clone().oneshot(get(U)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(3));
@@ -104,7 +121,10 @@ async fn bare_429_pauses_one_second_bare_503_does_not() {
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
-    assert_eq!(handle.pause("api.example.com"), Some(Duration::from_secs(1)));
+    assert_eq!(
+        handle.pause("api.example.com"),
+        Some(Duration::from_secs(1))
+    );
     tokio::time::advance(Duration::from_secs(2)).await;
     svc.clone().oneshot(get(U)).await.unwrap(); // the 503
     assert_eq!(handle.pause("api.example.com"), None);
@@ -112,18 +132,22 @@ async fn bare_429_pauses_one_second_bare_503_does_not() {
 
 #[tokio::test(start_paused = true)]
 async fn headers_that_pause_on_a_200() {
-    for (name, value) in [
-        ("ratelimit", "\"default\";r=0;t=4"),
-    ] {
+    for (name, value) in [("ratelimit", "\"default\";r=0;t=4")] {
         let api = Api::new(vec![status_h(200, &[(name, value)])], ok());
         let (layer, handle) = RateLimitLayer::adaptive_only().pair();
         let svc = layer.layer(api.service());
         svc.clone().oneshot(get(U)).await.unwrap();
         let p = handle.pause("api.example.com");
-        assert!(p.is_some_and(|p| p > Duration::from_secs(3)), "{name}: {value} -> {p:?}");
+        assert!(
+            p.is_some_and(|p| p > Duration::from_secs(3)),
+            "{name}: {value} -> {p:?}"
+        );
     }
     let api = Api::new(
-        vec![status_h(200, &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "4")])],
+        vec![status_h(
+            200,
+            &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "4")],
+        )],
         ok(),
     );
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
@@ -136,8 +160,22 @@ async fn headers_that_pause_on_a_200() {
             vec![Answer::Status(
                 200,
                 vec![
-                    (if prefix == "ratelimit" { "ratelimit-remaining" } else { "x-rate-limit-remaining" }, "0".into()),
-                    (if prefix == "ratelimit" { "ratelimit-reset" } else { "x-rate-limit-reset" }, "4".into()),
+                    (
+                        if prefix == "ratelimit" {
+                            "ratelimit-remaining"
+                        } else {
+                            "x-rate-limit-remaining"
+                        },
+                        "0".into(),
+                    ),
+                    (
+                        if prefix == "ratelimit" {
+                            "ratelimit-reset"
+                        } else {
+                            "x-rate-limit-reset"
+                        },
+                        "4".into(),
+                    ),
                 ],
                 "",
             )],
@@ -147,7 +185,10 @@ async fn headers_that_pause_on_a_200() {
         let svc = layer.layer(api.service());
         svc.clone().oneshot(get(U)).await.unwrap();
         let p = handle.pause("api.example.com");
-        assert!(p.is_some_and(|p| p > Duration::from_secs(3)), "{prefix}: {p:?}");
+        assert!(
+            p.is_some_and(|p| p > Duration::from_secs(3)),
+            "{prefix}: {p:?}"
+        );
     }
 }
 
@@ -155,8 +196,14 @@ async fn headers_that_pause_on_a_200() {
 async fn a_later_shorter_reset_never_cuts_a_pause_short() {
     let api = Api::new(
         vec![
-            after(Duration::from_millis(100), status_h(429, &[("retry-after", "10")])),
-            after(Duration::from_millis(200), status_h(429, &[("retry-after", "1")])),
+            after(
+                Duration::from_millis(100),
+                status_h(429, &[("retry-after", "10")]),
+            ),
+            after(
+                Duration::from_millis(200),
+                status_h(429, &[("retry-after", "1")]),
+            ),
         ],
         ok(),
     );
@@ -171,8 +218,17 @@ async fn a_later_shorter_reset_never_cuts_a_pause_short() {
     // Also with X-RateLimit reset on a 200.
     let api = Api::new(
         vec![
-            after(Duration::from_millis(100), status_h(429, &[("retry-after", "10")])),
-            after(Duration::from_millis(200), status_h(200, &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1")])),
+            after(
+                Duration::from_millis(100),
+                status_h(429, &[("retry-after", "10")]),
+            ),
+            after(
+                Duration::from_millis(200),
+                status_h(
+                    200,
+                    &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1")],
+                ),
+            ),
         ],
         ok(),
     );
@@ -193,28 +249,46 @@ async fn hostile_pauses_are_capped_at_five_minutes() {
         ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
         ("ratelimit", "\"default\";r=0;t=99999999999"),
     ] {
-        let api = Api::new(vec![Answer::Status(429, vec![(name, value.into())], "")], ok());
-        let (layer, handle) = RateLimitLayer::adaptive_only().with_max_wait(Duration::from_secs(3600)).pair();
+        let api = Api::new(
+            vec![Answer::Status(429, vec![(name, value.into())], "")],
+            ok(),
+        );
+        let (layer, handle) = RateLimitLayer::adaptive_only()
+            .with_max_wait(Duration::from_secs(3600))
+            .pair();
         let svc = layer.layer(api.service());
         let res = svc.clone().oneshot(get(U)).await.unwrap();
-        let capped = res.extensions().get::<PauseCapped>().unwrap_or_else(|| panic!("{name}: {value}: no PauseCapped"));
+        let capped = res
+            .extensions()
+            .get::<PauseCapped>()
+            .unwrap_or_else(|| panic!("{name}: {value}: no PauseCapped"));
         assert_eq!(capped.applied(), Duration::from_secs(300));
         assert!(handle.pause("api.example.com").unwrap() <= Duration::from_secs(300));
         let start = Instant::now();
         svc.clone().oneshot(get(U)).await.unwrap();
-        assert!(start.elapsed() <= Duration::from_secs(300), "{name}: waited {:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= Duration::from_secs(300),
+            "{name}: waited {:?}",
+            start.elapsed()
+        );
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn hostile_x_ratelimit_values_do_not_panic() {
     let cases: &[&[(&'static str, &str)]] = &[
-        &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "99999999999999999999999")],
+        &[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "99999999999999999999999"),
+        ],
         &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "-5")],
         &[("x-ratelimit-remaining", "-1"), ("x-ratelimit-reset", "5")],
         &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1.5")],
         &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "")],
-        &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "18446744073709551615")],
+        &[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "18446744073709551615"),
+        ],
         &[("ratelimit", "\"a\";r=0;t=-1")],
         &[("ratelimit", "\"a\";r=0;t=1e99")],
         &[("ratelimit", "\"a\";r=0;t=99999999999999999999999999999")],
@@ -225,11 +299,16 @@ async fn hostile_x_ratelimit_values_do_not_panic() {
     ];
     for headers in cases {
         let api = Api::new(vec![status_h(429, headers)], ok());
-        let (layer, handle) = RateLimitLayer::adaptive_only().with_max_wait(Duration::from_secs(3600)).pair();
+        let (layer, handle) = RateLimitLayer::adaptive_only()
+            .with_max_wait(Duration::from_secs(3600))
+            .pair();
         let svc = layer.layer(api.service());
         svc.clone().oneshot(get(U)).await.unwrap();
         let p = handle.pause("api.example.com");
-        assert!(p.is_none_or(|p| p <= Duration::from_secs(300)), "{headers:?}: {p:?}");
+        assert!(
+            p.is_none_or(|p| p <= Duration::from_secs(300)),
+            "{headers:?}: {p:?}"
+        );
         let start = Instant::now();
         svc.clone().oneshot(get(U)).await.unwrap();
         assert!(start.elapsed() <= Duration::from_secs(300), "{headers:?}");
@@ -239,7 +318,9 @@ async fn hostile_x_ratelimit_values_do_not_panic() {
 #[tokio::test(start_paused = true)]
 async fn max_pause_zero_turns_pauses_off() {
     let api = Api::new(vec![status_h(429, &[("retry-after", "30")])], ok());
-    let (layer, handle) = RateLimitLayer::adaptive_only().with_max_pause(Duration::ZERO).pair();
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_max_pause(Duration::ZERO)
+        .pair();
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
     assert_eq!(handle.pause("api.example.com"), None);
@@ -251,7 +332,10 @@ async fn max_pause_zero_turns_pauses_off() {
 #[tokio::test(start_paused = true)]
 async fn a_pause_longer_than_max_wait_fails_at_once_and_tells_waiters() {
     let api = Api::new(
-        vec![after(Duration::from_millis(500), status_h(429, &[("retry-after", "60")]))],
+        vec![after(
+            Duration::from_millis(500),
+            status_h(429, &[("retry-after", "60")]),
+        )],
         ok(),
     );
     let svc = RateLimitLayer::new(Quota::per_second(1).unwrap())
@@ -291,7 +375,10 @@ async fn clear_pause_releases_waiters() {
 /// still leave: a cancelled release must not stall the line forever.
 #[tokio::test(start_paused = true)]
 async fn slow_start_survives_a_released_call_that_is_dropped() {
-    let api = Api::new(vec![status_h(429, &[("retry-after", "2")]), Answer::Hang], ok());
+    let api = Api::new(
+        vec![status_h(429, &[("retry-after", "2")]), Answer::Hang],
+        ok(),
+    );
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
@@ -310,7 +397,10 @@ async fn slow_start_survives_a_released_call_that_is_dropped() {
     settle().await;
     for t in rest {
         let r = tokio::time::timeout(Duration::from_secs(30), t).await;
-        assert!(r.is_ok(), "a waiter is stuck after the released call was dropped");
+        assert!(
+            r.is_ok(),
+            "a waiter is stuck after the released call was dropped"
+        );
         r.unwrap().unwrap().unwrap();
     }
 }
@@ -320,7 +410,10 @@ async fn slow_start_survives_a_released_call_that_is_dropped() {
 #[tokio::test(start_paused = true)]
 async fn slow_start_survives_a_released_call_that_errors() {
     let api = Api::new(
-        vec![status_h(429, &[("retry-after", "2")]), Answer::Io(std::io::ErrorKind::ConnectionReset)],
+        vec![
+            status_h(429, &[("retry-after", "2")]),
+            Answer::Io(std::io::ErrorKind::ConnectionReset),
+        ],
         ok(),
     );
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
@@ -346,7 +439,10 @@ async fn slow_start_survives_a_released_call_that_errors() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_start_doubles() {
-    let api = Api::new(vec![status_h(429, &[("retry-after", "2")])], Answer::Slow(Duration::from_millis(100)));
+    let api = Api::new(
+        vec![status_h(429, &[("retry-after", "2")])],
+        Answer::Slow(Duration::from_millis(100)),
+    );
     let (layer, _handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
@@ -372,7 +468,9 @@ async fn slow_start_doubles() {
 #[tokio::test(start_paused = true)]
 async fn release_pace_zero_releases_all_at_once() {
     let api = Api::new(vec![status_h(429, &[("retry-after", "2")])], ok());
-    let (layer, _handle) = RateLimitLayer::adaptive_only().with_release_pace(Duration::ZERO).pair();
+    let (layer, _handle) = RateLimitLayer::adaptive_only()
+        .with_release_pace(Duration::ZERO)
+        .pair();
     let svc = layer.layer(api.service());
     svc.clone().oneshot(get(U)).await.unwrap();
     let mut tasks = Vec::new();
@@ -384,7 +482,10 @@ async fn release_pace_zero_releases_all_at_once() {
         t.await.unwrap().unwrap();
     }
     let seen = api.seen();
-    assert!(seen[1..].iter().all(|s| s.at == seen[1].at), "not all at once");
+    assert!(
+        seen[1..].iter().all(|s| s.at == seen[1].at),
+        "not all at once"
+    );
     assert!(start.elapsed() <= Duration::from_secs(2));
 }
 
@@ -393,14 +494,28 @@ async fn key_is_authority_as_written_else_host_header() {
     let api = Api::new(vec![status(429)], ok());
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
-    svc.clone().oneshot(get("http://api.example.com:8443/x")).await.unwrap();
-    assert!(handle.pause("api.example.com:8443").is_some(), "{:?}", handle.paused());
+    svc.clone()
+        .oneshot(get("http://api.example.com:8443/x"))
+        .await
+        .unwrap();
+    assert!(
+        handle.pause("api.example.com:8443").is_some(),
+        "{:?}",
+        handle.paused()
+    );
     let api = Api::new(vec![status(429)], ok());
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
-    let req = http::Request::get("/x").header("host", "h.example.com").body(Default::default()).unwrap();
+    let req = http::Request::get("/x")
+        .header("host", "h.example.com")
+        .body(Default::default())
+        .unwrap();
     svc.clone().oneshot(req).await.unwrap();
-    assert!(handle.pause("h.example.com").is_some(), "{:?}", handle.paused());
+    assert!(
+        handle.pause("h.example.com").is_some(),
+        "{:?}",
+        handle.paused()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -408,7 +523,10 @@ async fn user_info_never_becomes_a_key() {
     let api = Api::new(vec![status(429)], ok());
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
-    svc.clone().oneshot(get("http://user:s3cret@api.example.com/x")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://user:s3cret@api.example.com/x"))
+        .await
+        .unwrap();
     let keys = handle.paused();
     assert!(keys.iter().all(|(k, _)| !k.contains("s3cret")), "{keys:?}");
     // The refusal message does not carry it either.
@@ -455,7 +573,11 @@ async fn under_buffer_with_waiters() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert!(start.elapsed() <= Duration::from_millis(1_000), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_millis(1_000),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -466,17 +588,23 @@ async fn max_keys_bound_does_not_break_calls() {
         .with_max_wait(Duration::ZERO)
         .layer(api.service());
     for i in 0..10 {
-        let r = svc.clone().oneshot(get(&format!("http://h{i}.example.com/"))).await;
+        let r = svc
+            .clone()
+            .oneshot(get(&format!("http://h{i}.example.com/")))
+            .await;
         // Once keys are shared past the bound, a new host may be refused; the docs say new keys
         // "share one" past the bound. Record the behaviour.
-        eprintln!("host {i}: {:?}", r.as_ref().map(|r| r.status()).map_err(|e| e.to_string()));
+        eprintln!(
+            "host {i}: {:?}",
+            r.as_ref().map(|r| r.status()).map_err(|e| e.to_string())
+        );
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn direct_limiter_claims() {
-    use sturdy::ratelimit::DirectLimiter;
     use std::sync::Arc;
+    use sturdy::ratelimit::DirectLimiter;
     let l = Arc::new(DirectLimiter::new(Quota::per_second(10).unwrap()));
     l.check().unwrap();
     let e = l.check().unwrap_err();
@@ -502,4 +630,35 @@ async fn direct_limiter_claims() {
     })
     .await;
     assert!(r.is_ok(), "DirectLimiter panicked with Duration::MAX");
+}
+
+#[tokio::test(start_paused = true)]
+async fn x_ratelimit_reset_as_an_epoch_is_read_as_a_time() {
+    #[derive(Debug)]
+    struct Fixed;
+    impl sturdy::core::WallClock for Fixed {
+        fn now(&self) -> std::time::SystemTime {
+            std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        }
+    }
+    let api = Api::new(
+        vec![status_h(
+            200,
+            &[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1700000030"),
+            ],
+        )],
+        ok(),
+    );
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_clock(std::sync::Arc::new(Fixed))
+        .pair();
+    let svc = layer.layer(api.service());
+    svc.clone().oneshot(get(U)).await.unwrap();
+    let p = handle.pause("api.example.com").unwrap();
+    assert!(
+        p <= Duration::from_secs(30) && p >= Duration::from_secs(29),
+        "{p:?}"
+    );
 }

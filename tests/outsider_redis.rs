@@ -3,7 +3,9 @@
 mod outsider_common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use outsider_common::*;
 use sturdy::ratelimit::{OnStoreError, Quota, RateLimitLayer};
@@ -20,19 +22,36 @@ fn prefix(what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_store_conformance() {
-    let a = RedisIdempotencyStore::connect(&url()).await.unwrap().with_prefix(prefix("idem"));
-    let b = RedisIdempotencyStore::connect(&url()).await.unwrap().with_prefix(prefix("idem"));
+    let a = RedisIdempotencyStore::connect(&url())
+        .await
+        .unwrap()
+        .with_prefix(prefix("idem"));
+    let b = RedisIdempotencyStore::connect(&url())
+        .await
+        .unwrap()
+        .with_prefix(prefix("idem"));
     sturdy::idempotency::server::conformance::run(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_pause_is_capped_in_redis_too() {
     let quota = Quota::per_second(100).unwrap();
-    let remote = RedisQuota::connect(&url(), quota).await.unwrap().with_prefix(prefix("q1"));
+    let remote = RedisQuota::connect(&url(), quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix("q1"));
     let remote = Arc::new(remote);
-    let api = Api::new(vec![status_h(429, &[("retry-after", "99999999999999999999")])], ok());
-    let svc = RateLimitLayer::new(quota).with_remote(remote.clone()).layer(api.service());
-    svc.clone().oneshot(get("http://api.example.com/x")).await.unwrap();
+    let api = Api::new(
+        vec![status_h(429, &[("retry-after", "99999999999999999999")])],
+        ok(),
+    );
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(remote.clone())
+        .layer(api.service());
+    svc.clone()
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap();
     let mut p = None;
     for _ in 0..50 {
         p = remote.try_paused("api.example.com").await.unwrap();
@@ -50,11 +69,25 @@ async fn a_hostile_pause_is_capped_in_redis_too() {
 async fn two_layers_share_one_quota() {
     let quota = Quota::per_second(20).unwrap();
     let p = prefix("q2");
-    let r1 = Arc::new(RedisQuota::connect(&url(), quota).await.unwrap().with_prefix(p.clone()));
-    let r2 = Arc::new(RedisQuota::connect(&url(), quota).await.unwrap().with_prefix(p));
+    let r1 = Arc::new(
+        RedisQuota::connect(&url(), quota)
+            .await
+            .unwrap()
+            .with_prefix(p.clone()),
+    );
+    let r2 = Arc::new(
+        RedisQuota::connect(&url(), quota)
+            .await
+            .unwrap()
+            .with_prefix(p),
+    );
     let api = Api::new(vec![], ok());
-    let s1 = RateLimitLayer::new(quota).with_remote(r1).layer(api.service());
-    let s2 = RateLimitLayer::new(quota).with_remote(r2).layer(api.service());
+    let s1 = RateLimitLayer::new(quota)
+        .with_remote(r1)
+        .layer(api.service());
+    let s2 = RateLimitLayer::new(quota)
+        .with_remote(r2)
+        .layer(api.service());
     let start = Instant::now();
     let mut t = Vec::new();
     for i in 0..10 {
@@ -71,11 +104,19 @@ async fn two_layers_share_one_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_connect_is_bounded_and_hides_the_password() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("redis://:hunter2@127.0.0.1:{port}/");
     let start = Instant::now();
     let r = RedisQuota::connect(&url, Quota::per_second(1).unwrap()).await;
-    assert!(start.elapsed() < Duration::from_millis(2_500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        start.elapsed()
+    );
     match r {
         Err(e) => {
             let s = format!("{e} {e:?}");
@@ -88,7 +129,9 @@ async fn redis_down_connect_is_bounded_and_hides_the_password() {
             // Fail-open by default, fail-closed on request.
             let api = Api::new(vec![], ok());
             let q = Arc::new(q);
-            let open = RateLimitLayer::new(Quota::per_second(1).unwrap()).with_remote(q.clone()).layer(api.service());
+            let open = RateLimitLayer::new(Quota::per_second(1).unwrap())
+                .with_remote(q.clone())
+                .layer(api.service());
             let t = Instant::now();
             open.oneshot(get("http://api.example.com/")).await.unwrap();
             assert!(t.elapsed() < Duration::from_millis(2_500));
@@ -96,7 +139,10 @@ async fn redis_down_connect_is_bounded_and_hides_the_password() {
                 .with_remote(q)
                 .with_on_store_error(OnStoreError::Fail)
                 .layer(api.service());
-            let err = closed.oneshot(get("http://api.example.com/")).await.unwrap_err();
+            let err = closed
+                .oneshot(get("http://api.example.com/"))
+                .await
+                .unwrap_err();
             let s = format!("{err} {err:?}");
             eprintln!("fail-closed: {err}");
             assert!(!s.contains("hunter2"), "{s}");
@@ -113,17 +159,37 @@ async fn redis_down_connect_is_bounded_and_hides_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_redis_waiter_gives_its_slot_back() {
     let quota = Quota::per_second(5).unwrap();
-    let remote = Arc::new(RedisQuota::connect(&url(), quota).await.unwrap().with_prefix(prefix("q3")));
+    let remote = Arc::new(
+        RedisQuota::connect(&url(), quota)
+            .await
+            .unwrap()
+            .with_prefix(prefix("q3")),
+    );
     let api = Api::new(vec![], ok());
-    let svc = RateLimitLayer::new(quota).with_remote(remote).layer(api.service());
-    svc.clone().oneshot(get("http://api.example.com/x")).await.unwrap();
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(remote)
+        .layer(api.service());
+    svc.clone()
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap();
     let t0 = Instant::now();
     let b = tokio::spawn(svc.clone().oneshot(get("http://api.example.com/x")));
     tokio::time::sleep(Duration::from_millis(50)).await;
     b.abort();
     let _ = b.await;
-    svc.clone().oneshot(get("http://api.example.com/x")).await.unwrap();
+    // The slot goes back with a Redis round trip of its own, not ordered before the next call:
+    // under load a call made at once after the drop may still get the later slot (observed:
+    // 400 ms instead of 200 ms while other tests ran). Give the release a moment.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    svc.clone()
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap();
     let took = t0.elapsed();
     eprintln!("after a dropped waiter the next call went after {took:?}");
-    assert!(took < Duration::from_millis(330), "{took:?}: the dropped waiter kept its slot");
+    assert!(
+        took < Duration::from_millis(330),
+        "{took:?}: the dropped waiter kept its slot"
+    );
 }

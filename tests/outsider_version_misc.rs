@@ -33,7 +33,7 @@ fn pct_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 + 1 {
+        if b[i] == b'%' && i + 2 < b.len() && i + 2 <= b.len() - 1 + 1 {
             if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
                 out.push(v);
                 i += 3;
@@ -50,36 +50,65 @@ fn pct_decode(s: &str) -> String {
 async fn query_version_values_are_encoded() {
     let api = Api::new(vec![], ok());
     let svc = VersionLayer::query("api-version", "2024 06&admin=true#x").layer(api.service());
-    svc.oneshot(get("http://api.example.com/x?a=1")).await.unwrap();
+    svc.oneshot(get("http://api.example.com/x?a=1"))
+        .await
+        .unwrap();
     let uri = api.seen()[0].uri.clone();
     let pairs = query_pairs(&uri);
     eprintln!("{uri} -> {pairs:?}");
-    assert!(!pairs.iter().any(|(k, _)| k == "admin"), "the version injected a parameter: {uri}");
-    assert!(pairs.contains(&("api-version".into(), "2024 06&admin=true#x".into())), "{uri}");
+    assert!(
+        !pairs.iter().any(|(k, _)| k == "admin"),
+        "the version injected a parameter: {uri}"
+    );
+    assert!(
+        pairs.contains(&("api-version".into(), "2024 06&admin=true#x".into())),
+        "{uri}"
+    );
 }
 
 #[tokio::test]
 async fn query_api_keys_are_encoded() {
     let api = Api::new(vec![], ok());
-    let svc = AuthLayer::api_key_query("key", "a+b&c=d").unwrap().layer(api.service());
+    let svc = AuthLayer::api_key_query("key", "a+b&c=d")
+        .unwrap()
+        .layer(api.service());
     svc.oneshot(get("http://api.example.com/x")).await.unwrap();
     let uri = api.seen()[0].uri.clone();
     let pairs = query_pairs(&uri);
-    assert_eq!(pairs, vec![("key".to_owned(), "a+b&c=d".to_owned())], "{uri}");
+    assert_eq!(
+        pairs,
+        vec![("key".to_owned(), "a+b&c=d".to_owned())],
+        "{uri}"
+    );
 }
 
 #[tokio::test]
 async fn a_version_the_caller_set_is_kept() {
     let api = Api::new(vec![], ok());
-    let svc = VersionLayer::header("api-version", "2024-06-01").unwrap().layer(api.service());
+    let svc = VersionLayer::header("api-version", "2024-06-01")
+        .unwrap()
+        .layer(api.service());
     let mut r = get("http://api.example.com/x");
-    r.headers_mut().insert("api-version", "2020-01-01".parse().unwrap());
+    r.headers_mut()
+        .insert("api-version", "2020-01-01".parse().unwrap());
     svc.oneshot(r).await.unwrap();
-    assert_eq!(api.seen()[0].headers.get_all("api-version").iter().collect::<Vec<_>>(), ["2020-01-01"]);
+    assert_eq!(
+        api.seen()[0]
+            .headers
+            .get_all("api-version")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["2020-01-01"]
+    );
     let api = Api::new(vec![], ok());
     let svc = VersionLayer::query("v", "2").layer(api.service());
-    svc.oneshot(get("http://api.example.com/x?v=1")).await.unwrap();
-    assert_eq!(query_pairs(&api.seen()[0].uri), vec![("v".to_owned(), "1".to_owned())]);
+    svc.oneshot(get("http://api.example.com/x?v=1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        query_pairs(&api.seen()[0].uri),
+        vec![("v".to_owned(), "1".to_owned())]
+    );
     assert!(VersionLayer::header("bad name", "x").is_err());
     assert!(VersionLayer::header("api-version", "a\nb").is_err());
 }
@@ -106,13 +135,21 @@ async fn hostile_deprecation_and_sunset_values() {
     let notices = Arc::new(Mutex::new(Vec::<Notice>::new()));
     let log = notices.clone();
     for (i, (name, value)) in values.iter().enumerate() {
-        let api = Api::new(vec![Answer::Status(200, vec![(name, value.to_string())], "")], ok());
+        let api = Api::new(
+            vec![Answer::Status(200, vec![(name, value.to_string())], "")],
+            ok(),
+        );
         let log = log.clone();
         let svc = VersionLayer::header("api-version", "1")
             .unwrap()
             .on_notice(move |n: &Notice| log.lock().unwrap().push(n.clone()))
             .layer(api.service());
-        let r = tokio::spawn(async move { svc.oneshot(get(&format!("http://api.example.com/e{i}"))).await.map(|r| r.status()) }).await;
+        let r = tokio::spawn(async move {
+            svc.oneshot(get(&format!("http://api.example.com/e{i}")))
+                .await
+                .map(|r| r.status())
+        })
+        .await;
         assert!(r.is_ok(), "{name}: {value:.40} panicked");
     }
     for n in notices.lock().unwrap().iter() {
@@ -125,15 +162,29 @@ async fn hostile_deprecation_and_sunset_values() {
 /// (and to an AI agent through `tool_result`) says to retry after millions of years.
 #[tokio::test(start_paused = true)]
 async fn fault_hostile_retry_after_reaches_the_caller_uncapped() {
-    let api = Api::new(vec![status_h(429, &[("retry-after", "99999999999999999999")])], ok());
+    let api = Api::new(
+        vec![status_h(429, &[("retry-after", "99999999999999999999")])],
+        ok(),
+    );
     let client = ClientBuilder::new().build(api.service());
-    let err = client.clone().oneshot(get("http://api.example.com/x")).await.unwrap_err();
+    let err = client
+        .clone()
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap_err();
     let summary = ErrorSummary::of(&*err);
-    eprintln!("message: {err}\nadvice: {}\nretry_after_ms: {:?}", summary.advice(), summary.retry_after_ms);
+    eprintln!(
+        "message: {err}\nadvice: {}\nretry_after_ms: {:?}",
+        summary.advice(),
+        summary.retry_after_ms
+    );
     let tool = tool_result::<()>(Err(err));
     eprintln!("tool_result: {tool}");
     let rl = summary.retry_after_ms.unwrap();
-    assert!(rl <= 300_000, "the caller is told to wait {rl} ms although the limiter caps the pause at 5 min");
+    assert!(
+        rl <= 300_000,
+        "the caller is told to wait {rl} ms although the limiter caps the pause at 5 min"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -146,18 +197,32 @@ async fn the_trace_records_attempts() {
     client.oneshot(r).await.unwrap();
     let events = trace.events();
     eprintln!("trace: {events:?}");
-    assert!(!events.is_empty(), "the trace is empty after a retried call");
+    assert!(
+        !events.is_empty(),
+        "the trace is empty after a retried call"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn rate_limited_error_words() {
     let api = Api::new(vec![status_h(429, &[("retry-after", "3600")])], ok());
     let client = ClientBuilder::new().build(api.service());
-    let err = client.clone().oneshot(post("http://api.example.com/orders", "{}")).await.unwrap_err();
+    let err = client
+        .clone()
+        .oneshot(post("http://api.example.com/orders", "{}"))
+        .await
+        .unwrap_err();
     eprintln!("429 1h on POST: {err}");
-    assert_eq!(find::<RateLimited>(&*err).unwrap().retry_after(), Duration::from_secs(3600));
+    assert_eq!(
+        find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_secs(3600)
+    );
     // A second call is refused locally: the pause (capped at 5 min) exceeds max_wait 30 s.
-    let err = client.clone().oneshot(post("http://api.example.com/orders", "{}")).await.unwrap_err();
+    let err = client
+        .clone()
+        .oneshot(post("http://api.example.com/orders", "{}"))
+        .await
+        .unwrap_err();
     eprintln!("second call: {err}; summary {:?}", ErrorSummary::of(&*err));
     assert_eq!(api.calls(), 1);
 }
@@ -168,8 +233,8 @@ async fn rate_limited_error_words() {
 #[test]
 fn fault_http_dates_before_1970() {
     let mut wrong = Vec::new();
-    use sturdy::core::headers::parse_http_date;
     use std::time::UNIX_EPOCH;
+    use sturdy::core::headers::parse_http_date;
     for v in [
         "Mon, 01 Jan 0001 00:00:00 GMT",
         "Sat, 01 Jan 0050 00:00:00 GMT",
@@ -181,12 +246,22 @@ fn fault_http_dates_before_1970() {
         "Sat, 01 Jan 10000 00:00:00 GMT",
     ] {
         let r = parse_http_date(v.as_bytes(), "date");
-        let secs = r.as_ref().ok().map(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(-1));
-        eprintln!("{v} -> {secs:?} {:?}", r.as_ref().err().map(ToString::to_string));
-        if v.contains(" 0001 ") || v.contains(" 0050 ") || v.contains(" 0099 ") || v.contains(" 1969 ") {
-            if !(r.is_err() || secs == Some(0)) {
-                wrong.push(format!("{v} read as {secs:?}"));
-            }
+        let secs = r.as_ref().ok().map(|t| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(-1)
+        });
+        eprintln!(
+            "{v} -> {secs:?} {:?}",
+            r.as_ref().err().map(ToString::to_string)
+        );
+        if (v.contains(" 0001 ")
+            || v.contains(" 0050 ")
+            || v.contains(" 0099 ")
+            || v.contains(" 1969 "))
+            && !(r.is_err() || secs == Some(0))
+        {
+            wrong.push(format!("{v} read as {secs:?}"));
         }
     }
     assert!(wrong.is_empty(), "dates before 1970 accepted: {wrong:?}");

@@ -22,7 +22,7 @@ pub enum Answer {
     /// Never answer.
     Hang,
     /// Sleep that long, then give the inner answer.
-    After(std::time::Duration, Box<Answer>),
+    After(std::time::Duration, Box<Self>),
 }
 
 pub fn after(d: std::time::Duration, a: Answer) -> Answer {
@@ -95,7 +95,11 @@ impl Api {
             let api = api.clone();
             async move {
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
                 api.seen.lock().unwrap().push(Seen {
                     method: parts.method.clone(),
                     uri: parts.uri.to_string(),
@@ -117,7 +121,9 @@ impl Api {
 
 pub fn answer_to(
     answer: Answer,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>> {
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
+> {
     Box::pin(answer_inner(answer))
 }
 
@@ -134,7 +140,9 @@ async fn answer_inner(answer: Answer) -> Result<Response<Full<Bytes>>, BoxError>
             }
             Ok(b.body(Full::from(body)).unwrap())
         }
-        Answer::Io(kind) => Err(Box::new(std::io::Error::new(kind, "scripted io error")) as BoxError),
+        Answer::Io(kind) => {
+            Err(Box::new(std::io::Error::new(kind, "scripted io error")) as BoxError)
+        }
         Answer::Slow(d) => {
             tokio::time::sleep(d).await;
             Ok(Response::new(Full::from("slow ok")))
