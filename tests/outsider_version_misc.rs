@@ -266,3 +266,22 @@ fn fault_http_dates_before_1970() {
     }
     assert!(wrong.is_empty(), "dates before 1970 accepted: {wrong:?}");
 }
+
+/// ARCHITECTURE.md: "Errors: `RateLimited { retry_after }`, `CircuitOpen { retry_in }` ... Find
+/// them with `err.downcast_ref::<T>()`." Through the retry layer they are in the chain, not on
+/// top: `find` is needed (as the README says).
+#[tokio::test(start_paused = true)]
+async fn doc_downcast_ref_finds_rate_limited_only_with_find() {
+    let api = Api::new(vec![status_h(429, &[("retry-after", "3600")])], ok());
+    let client = ClientBuilder::new().build(api.service());
+    let err = client
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap_err();
+    eprintln!(
+        "downcast_ref: {:?}, find: {:?}",
+        err.downcast_ref::<RateLimited>().is_some(),
+        find::<RateLimited>(&*err).is_some()
+    );
+    assert!(find::<RateLimited>(&*err).is_some());
+}
