@@ -46,6 +46,44 @@ mod sealed {
         fn bounded_by(self, attempt: Option<Duration>) -> Self;
     }
 
+    /// The header an idempotency layer sets its keys in.
+    pub trait IdempotencySlot {
+        fn key_header(&self) -> Option<http::HeaderName>;
+    }
+
+    impl IdempotencySlot for tower::layer::util::Identity {
+        fn key_header(&self) -> Option<http::HeaderName> {
+            None
+        }
+    }
+
+    impl IdempotencySlot for crate::idempotency::client::IdempotencyKeyLayer {
+        fn key_header(&self) -> Option<http::HeaderName> {
+            Some(self.header().clone())
+        }
+    }
+
+    /// What the builder adjusts in a retry layer: it looks for keys where the idempotency layer
+    /// puts them.
+    pub trait RetrySlot {
+        fn keys_in(self, header: Option<http::HeaderName>) -> Self;
+    }
+
+    impl RetrySlot for tower::layer::util::Identity {
+        fn keys_in(self, _: Option<http::HeaderName>) -> Self {
+            self
+        }
+    }
+
+    impl<K> RetrySlot for crate::retry::RetryLayer<K> {
+        fn keys_in(self, header: Option<http::HeaderName>) -> Self {
+            match header {
+                Some(h) if self.idempotency_header() != h => self.with_idempotency_header(h),
+                _ => self,
+            }
+        }
+    }
+
     impl AuthSlot for tower::layer::util::Identity {
         fn bounded_by(self, _: Option<Duration>) -> Self {
             self
@@ -55,10 +93,7 @@ mod sealed {
     impl AuthSlot for crate::auth::AuthLayer {
         fn bounded_by(self, attempt: Option<Duration>) -> Self {
             match attempt {
-                Some(t) => {
-                    let bound = t.min(self.token_timeout());
-                    self.with_token_timeout(bound)
-                }
+                Some(t) => self.with_attempt_timeout(t),
                 None => self,
             }
         }
@@ -83,8 +118,9 @@ mod sealed {
 ///
 /// Setters: `with_*` puts a layer in (as configured), `without_*` leaves it out. A layer left out
 /// is not there at all (the builder's type says which layers it holds), so it costs nothing. When
-/// auth uses a token source, the wait for a token is bounded by the attempt timeout too, so a
-/// token endpoint that never answers cannot hold a call past it.
+/// auth uses a token source, the wait for a token is bounded by the attempt timeout too (the
+/// builder's, or the request's own from `CallOptions::with_attempt_timeout`), so a token
+/// endpoint that never answers cannot hold a call past it; such a call fails `NotSent`.
 ///
 /// Where it may sit: the client is a plain tower service whose `poll_ready` is its HTTP client's;
 /// put it under `Buffer` or a concurrency limit, drive it with `oneshot` or keep it and call
@@ -158,7 +194,9 @@ impl ClientBuilder {
 }
 
 impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
-    /// Idempotency keys, as configured.
+    /// Idempotency keys, as configured. The retry layer is told the header the keys go in (see
+    /// [`IdempotencyKeyLayer::with_header`]), so a POST or PATCH with a key in a header of your
+    /// choosing is retried like one with `Idempotency-Key`.
     pub fn with_idempotency(
         self,
         layer: IdempotencyKeyLayer,
@@ -193,8 +231,13 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
         }
     }
 
-    /// Retries, as configured (any classifier).
-    pub fn with_retry<R2>(self, layer: R2) -> ClientBuilder<I, R2, H, C, L, A, Au, V, Co> {
+    /// Retries, as configured (any classifier). The retry layer looks for the idempotency key in
+    /// the header the [idempotency layer](Self::with_idempotency) sets, whatever header this
+    /// layer was configured with.
+    pub fn with_retry<K>(
+        self,
+        layer: RetryLayer<K>,
+    ) -> ClientBuilder<I, RetryLayer<K>, H, C, L, A, Au, V, Co> {
         ClientBuilder {
             idempotency: self.idempotency,
             retry: layer,
@@ -433,6 +476,14 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
     /// default): the coalescing layer goes around the whole stack. The client's response body
     /// becomes `sturdy::coalesce::ResponseBody<Rb>` (a shared body, or the upstream one for a call
     /// that did not share).
+    ///
+    /// Coalescing sits above every layer of the builder, so none of them makes a caller wait
+    /// before it can join. A concurrency limit you put *under* the client (around the HTTP
+    /// service you pass to `build`) is another matter: while it is full, the client's
+    /// `poll_ready` waits for it, and identical callers wait there instead of joining the call in
+    /// flight. Put such limits above the client, or use
+    /// [`with_adaptive_concurrency`](Self::with_adaptive_concurrency), whose permits are taken
+    /// per attempt inside the stack.
     pub fn with_coalesce<K>(
         self,
         layer: CoalesceLayer<K>,
@@ -483,11 +534,14 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
 
     fn layers(self) -> Layers<I, R, H, C, L, A, Au, V>
     where
+        I: sealed::IdempotencySlot,
+        R: sealed::RetrySlot,
         Au: sealed::AuthSlot,
     {
+        let keys = self.idempotency.key_header();
         ServiceBuilder::new()
             .layer(self.idempotency)
-            .layer(self.retry)
+            .layer(self.retry.keys_in(keys))
             .layer(self.hedge)
             .layer(self.circuit)
             .layer(self.ratelimit)
@@ -506,6 +560,8 @@ impl<I, R, H, C, L, A, Au, V> ClientBuilder<I, R, H, C, L, A, Au, V, ()> {
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        I: sealed::IdempotencySlot,
+        R: sealed::RetrySlot,
         Au: sealed::AuthSlot,
         Layers<I, R, H, C, L, A, Au, V>: Layer<S>,
         <Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service:
@@ -531,6 +587,8 @@ where
         S: Service<Request<Full<Bytes>>, Response = Response<Rb>> + Clone + Send + Sync + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        I: sealed::IdempotencySlot,
+        R: sealed::RetrySlot,
         Au: sealed::AuthSlot,
         Layers<I, R, H, C, L, A, Au, V>: Layer<S>,
         <Layers<I, R, H, C, L, A, Au, V> as Layer<S>>::Service:

@@ -482,12 +482,11 @@ async fn token_wait_is_bounded_and_names_the_endpoint() {
     assert_eq!(api.calls(), 0);
 }
 
-/// FAULT: the token-wait timeout says "the request was not sent" in its message, and
-/// `Delivery::NotSent` is documented for "no token", but `classify::delivery` says
-/// `MaybeProcessed`, so `ErrorSummary` (the agents guide) tells a model the request "may
-/// already have been processed" and the retry layer above treats a POST as possibly committed.
+/// The token-wait timeout says "the request was not sent" in its message, and `Delivery::NotSent`
+/// is documented for "no token": `classify::delivery` and `ErrorSummary` must agree (they said
+/// `MaybeProcessed` once, so an agent was told the request "may already have been processed").
 #[tokio::test(start_paused = true)]
-async fn fault_token_wait_timeout_is_classified_maybe_processed() {
+async fn token_wait_timeout_is_not_sent() {
     let ep = TokenEndpoint::new((200, ""));
     ep.set(200, TokenEndpoint::token(1, "3600"), Duration::MAX);
     let api = Api::new(vec![], ok());
@@ -512,7 +511,7 @@ async fn fault_token_wait_timeout_is_classified_maybe_processed() {
 /// The same through the composed client: a POST whose every attempt found no token was never
 /// sent, so the final error must not say it "may have been processed".
 #[tokio::test(start_paused = true)]
-async fn fault_composed_post_without_token_says_maybe_processed() {
+async fn composed_post_without_token_is_not_sent() {
     let ep = TokenEndpoint::new((200, ""));
     ep.set(200, TokenEndpoint::token(1, "3600"), Duration::MAX);
     let api = Api::new(vec![], ok());
@@ -668,10 +667,10 @@ async fn secret_post_and_basic_are_sent_as_documented() {
     );
 }
 
-/// FAULT: the token endpoint fails (503); the API request was never sent, but the error is
-/// classified as if the API itself had answered 503: `MaybeProcessed`.
+/// The token endpoint fails (503); the API request was never sent, so the error is `NotSent`,
+/// not classified as if the API itself had answered 503.
 #[tokio::test(start_paused = true)]
-async fn fault_token_endpoint_failure_is_classified_maybe_processed() {
+async fn token_endpoint_failure_is_not_sent() {
     let ep = TokenEndpoint::new((503, "down"));
     let api = Api::new(vec![], ok());
     let svc = AuthLayer::oauth2(ep.source()).layer(api.service());
@@ -690,10 +689,10 @@ async fn fault_token_endpoint_failure_is_classified_maybe_processed() {
     );
 }
 
-/// DEBATABLE (design/words): a failing token endpoint (another host) must not open the API host's breaker: the API was
+/// A failing token endpoint (another host) must not open the API host's breaker: the API was
 /// never called. The circuit guide: failures "say something about the dependency's health".
 #[tokio::test(start_paused = true)]
-async fn design_token_endpoint_failures_open_the_api_breaker() {
+async fn token_endpoint_failures_do_not_open_the_api_breaker() {
     let ep = TokenEndpoint::new((503, "down"));
     let api = Api::new(vec![], ok());
     let (breaker, handle) = sturdy::circuit::CircuitBreakerLayer::new()
@@ -722,12 +721,12 @@ async fn design_token_endpoint_failures_open_the_api_breaker() {
     );
 }
 
-/// FAULT: `ClientBuilder` docs: "the wait for a token is bounded by the attempt timeout too, so
-/// a token endpoint that never answers cannot hold a call past it", and "A request can set its
-/// own [attempt timeout] with CallOptions". The builder-wide timeout bounds the token wait, but a
-/// request's own, shorter attempt timeout does not: the call waits the builder's 2 s, not its 1 s.
+/// `ClientBuilder` docs: "the wait for a token is bounded by the attempt timeout too, so a token
+/// endpoint that never answers cannot hold a call past it", and "A request can set its own
+/// [attempt timeout] with CallOptions": a request's own, shorter attempt timeout bounds the token
+/// wait as well (the call waits its 1 s, not the builder's 2 s).
 #[tokio::test(start_paused = true)]
-async fn fault_a_per_request_attempt_timeout_does_not_bound_the_token_wait() {
+async fn a_per_request_attempt_timeout_bounds_the_token_wait() {
     let ep = TokenEndpoint::new((200, ""));
     ep.set(200, TokenEndpoint::token(1, "3600"), Duration::MAX);
     let api = Api::new(vec![], ok());

@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use secrecy::ExposeSecret;
 use sturdy_core::events::{Event, EventHook};
 use sturdy_core::trace::TraceEvent;
-use sturdy_core::{human_duration, BoxError, Error, ErrorKind, Trace};
+use sturdy_core::{human_duration, BoxError, Delivery, Error, ErrorKind, Trace};
 use tokio::time::{sleep, Sleep};
 use tower::Service;
 
@@ -158,6 +158,19 @@ where
     B: Body + From<Bytes>,
     B::Error: Into<BoxError>,
 {
+    /// What a failure to get a token says about delivery: before the first send nothing left;
+    /// after a 401 the server saw the request (and refused it), so nothing is claimed and the
+    /// conservative default applies.
+    /// Either way the failure is the token source's, not the API's: a breaker does not count it.
+    fn mark(&self, e: Error) -> Error {
+        let e = e.with_cause_elsewhere();
+        if self.replayed {
+            e
+        } else {
+            e.with_delivery(Delivery::NotSent)
+        }
+    }
+
     /// The error of a token wait that ran out of time.
     fn timed_out(&self) -> BoxError {
         let what = if self.replayed {
@@ -165,7 +178,7 @@ where
         } else {
             "the request was not sent"
         };
-        Box::new(Error::new(
+        Box::new(self.mark(Error::new(
             ErrorKind::Timeout,
             format!(
                 "no access token from {} within {}; {what}. Retryable: the token request goes \
@@ -173,28 +186,30 @@ where
                 self.source.describe(),
                 human_duration(self.timeout),
             ),
-        ))
+        )))
     }
 
-    /// A token source's error, as a `sturdy_core::Error` (kept as it is when it already is one).
+    /// A token source's error, as a `sturdy_core::Error` (kept as it is when it already is one),
+    /// marked not sent when the request never left.
     fn token_error(&self, e: BoxError) -> BoxError {
-        if e.is::<Error>() {
-            return e;
-        }
-        let kind = match sturdy_core::classify::classify_error(&*e) {
-            ErrorKind::Other => ErrorKind::Auth,
-            kind => kind,
+        let e = match e.downcast::<Error>() {
+            Ok(own) => *own,
+            Err(e) => {
+                let kind = match sturdy_core::classify::classify_error(&*e) {
+                    ErrorKind::Other => ErrorKind::Auth,
+                    kind => kind,
+                };
+                Error::new(
+                    kind,
+                    format!(
+                        "could not get an access token from {}",
+                        self.source.describe()
+                    ),
+                )
+                .with_source(e)
+            }
         };
-        Box::new(
-            Error::new(
-                kind,
-                format!(
-                    "could not get an access token from {}",
-                    self.source.describe()
-                ),
-            )
-            .with_source(e),
-        )
+        Box::new(self.mark(e))
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<Rb>, BoxError>> {

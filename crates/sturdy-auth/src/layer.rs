@@ -41,6 +41,7 @@ pub struct AuthLayer {
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
     pub(crate) token_timeout: Duration,
+    pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) events: EventHook,
 }
 
@@ -64,6 +65,7 @@ impl AuthLayer {
             creds: Arc::new(creds),
             replay_limit: 1024 * 1024,
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            attempt_timeout: None,
             events: EventHook::none(),
         }
     }
@@ -166,6 +168,34 @@ impl AuthLayer {
         self
     }
 
+    /// The timeout of each attempt in the stack this layer runs in \[none\]: waiting for a token
+    /// is part of an attempt, so a wait ends at the shorter of the
+    /// [`token_timeout`](Self::with_token_timeout) and the attempt timeout. A request's own
+    /// attempt timeout ([`CallOptions::with_attempt_timeout`](sturdy_core::CallOptions::with_attempt_timeout))
+    /// takes the place of this one for that request, and
+    /// [`CallOptions::without_attempt_timeout`](sturdy_core::CallOptions::without_attempt_timeout)
+    /// leaves the token timeout alone to bound the wait. `sturdy::ClientBuilder` sets it to its
+    /// own attempt timeout.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sturdy_auth::AuthLayer;
+    /// # let tokens = sturdy_auth::ClientCredentials::new(
+    /// #     tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    /// #         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    /// #     }),
+    /// #     "https://auth.example.com/oauth/token", "id", "secret").unwrap();
+    ///
+    /// let auth = AuthLayer::oauth2(tokens)
+    ///     .with_token_timeout(Duration::from_secs(30))
+    ///     .with_attempt_timeout(Duration::from_secs(5));
+    /// assert_eq!(auth.token_timeout(), Duration::from_secs(30));
+    /// ```
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
     /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every 401 that makes the
     /// layer drop a token and replay the request with a fresh one (`TokenRejected`) \[none\];
     /// replaces an earlier callback. Token fetches and failures are events of the token source
@@ -191,6 +221,7 @@ impl<S> Layer<S> for AuthLayer {
             creds: self.creds.clone(),
             replay_limit: self.replay_limit,
             token_timeout: self.token_timeout,
+            attempt_timeout: self.attempt_timeout,
             events: self.events.clone(),
         }
     }

@@ -725,17 +725,20 @@ fn parse_token_response(
                 .as_ref()
                 .and_then(|j| j.get("error_description"))
                 .and_then(Value::as_str);
-            return Err(endpoint_error(status, code, description));
+            return Err(endpoint_error(status, code, description, s));
         }
         return Err(Failure::new(
             endpoint_kind(status),
-            format!("the token endpoint answered {status} without an OAuth2 error"),
+            format!("{} answered {status} without an OAuth2 error", s.endpoint()),
         ));
     }
     let Some(Value::Object(obj)) = json else {
         return Err(Failure::new(
             ErrorKind::Auth,
-            format!("the token endpoint answered {status} with a body that is not a JSON object"),
+            format!(
+                "{} answered {status} with a body that is not a JSON object",
+                s.endpoint()
+            ),
         ));
     };
     let token = match obj.get("access_token") {
@@ -743,13 +746,19 @@ fn parse_token_response(
         Some(_) => {
             return Err(Failure::new(
                 ErrorKind::Auth,
-                "the token response has an empty or non-string access_token",
+                format!(
+                    "the token response from {} has an empty or non-string access_token",
+                    s.shown_url
+                ),
             ))
         }
         None => {
             return Err(Failure::new(
                 ErrorKind::Auth,
-                "the token response has no access_token",
+                format!(
+                    "the token response from {} has no access_token",
+                    s.shown_url
+                ),
             ))
         }
     };
@@ -757,7 +766,13 @@ fn parse_token_response(
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
         None => tracing::debug!("token response without token_type; assuming Bearer"),
         Some(other) => {
-            return Err(Failure::new(ErrorKind::Auth, format!("the token endpoint issued a token of type {other}, but only Bearer tokens are supported")));
+            return Err(Failure::new(
+                ErrorKind::Auth,
+                format!(
+                    "{} issued a token of type {other}, but only Bearer tokens are supported",
+                    s.endpoint()
+                ),
+            ));
         }
     }
     let lifetime = match obj.get("expires_in") {
@@ -781,12 +796,15 @@ fn parse_token_response(
                     d.min(s.max_lifetime)
                 }
                 Some(x) if x.is_finite() => {
-                    return Err(Failure::new(ErrorKind::Auth, format!("the token endpoint issued a token that expires in {x} s (already expired); check the server's clock and token settings")));
+                    return Err(Failure::new(ErrorKind::Auth, format!("{} issued a token that expires in {x} s (already expired); check the server's clock and token settings", s.endpoint())));
                 }
                 _ => {
                     return Err(Failure::new(
                         ErrorKind::Auth,
-                        format!("the token response's expires_in is not a number of seconds: {v}"),
+                        format!(
+                            "the token response from {} has an expires_in that is not a number of seconds: {v}",
+                            s.shown_url
+                        ),
                     ))
                 }
             }
@@ -804,7 +822,12 @@ fn endpoint_kind(status: StatusCode) -> ErrorKind {
     }
 }
 
-fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> Failure {
+fn endpoint_error(
+    status: StatusCode,
+    code: &str,
+    description: Option<&str>,
+    s: &Settings,
+) -> Failure {
     let advice = match code {
         "invalid_client" => "the client id or secret is wrong, or the client may not use this authentication method; check them",
         "invalid_scope" => "a requested scope is unknown or not allowed for this client; check the scopes",
@@ -815,7 +838,10 @@ fn endpoint_error(status: StatusCode, code: &str, description: Option<&str>) -> 
         _ => "the token endpoint refused the request",
     };
     let kind = endpoint_kind(status);
-    let mut msg = format!("token request failed with {code} ({status}): {advice}");
+    let mut msg = format!(
+        "{} refused the token request with {code} ({status}): {advice}",
+        s.endpoint()
+    );
     if let Some(d) = description {
         // The description is the server's text; keep it short.
         let d: String = d.chars().take(200).collect();

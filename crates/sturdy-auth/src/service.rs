@@ -35,6 +35,7 @@ pub struct Auth<S> {
     pub(crate) creds: Arc<Credentials>,
     pub(crate) replay_limit: usize,
     pub(crate) token_timeout: Duration,
+    pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) events: sturdy_core::events::EventHook,
 }
 
@@ -88,6 +89,15 @@ where
                 // and call it after the wait; a clone that is not ready stays here.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
+                // The wait is part of the attempt: the request's own attempt timeout, else the
+                // stack's, bounds it too.
+                let attempt = match sturdy_core::CallOptions::of(&req)
+                    .and_then(sturdy_core::CallOptions::attempt_timeout)
+                {
+                    Some(own) => own,
+                    None => self.attempt_timeout,
+                };
+                let wait = attempt.map_or(self.token_timeout, |t| t.min(self.token_timeout));
                 let (parts, body) = req.into_parts();
                 let replayable = sturdy_core::body::fits(&body, self.replay_limit);
                 ResponseFuture::token(TokenCall::new(
@@ -96,7 +106,7 @@ where
                     Head::from(parts),
                     body,
                     replayable,
-                    self.token_timeout,
+                    wait,
                     self.events.clone(),
                 ))
             }

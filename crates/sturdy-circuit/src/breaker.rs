@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use sturdy_core::OpenReason;
 
 /// The state of a breaker, as the handle reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,12 +241,12 @@ impl Breaker {
         self.hot.closed.load(Ordering::Acquire) && self.hot.consecutive.load(Ordering::Acquire) == 0
     }
 
-    /// Admits a call, or says how long the breaker stays open.
+    /// Admits a call, or says how long the breaker stays open and why.
     pub(crate) fn admit(
         &self,
         config: &Config,
         now: impl FnOnce() -> Instant,
-    ) -> (Result<Ticket, Duration>, Option<Transition>) {
+    ) -> (Result<Ticket, (Duration, OpenReason)>, Option<Transition>) {
         if self.hot.closed.load(Ordering::Acquire) {
             let generation = self.hot.generation.load(Ordering::Acquire);
             return (
@@ -266,8 +267,8 @@ impl Breaker {
                 }),
                 None,
             ),
-            State::ForcedOpen => (Err(config.max_open), None),
-            State::Open { until } if now < until => (Err(until - now), None),
+            State::ForcedOpen => (Err((config.max_open, OpenReason::Forced)), None),
+            State::Open { until } if now < until => (Err((until - now, OpenReason::Failing)), None),
             State::Open { .. } => {
                 let from = public(g.state, now);
                 let generation = self.bump();
@@ -305,7 +306,7 @@ impl Breaker {
                     )
                 } else {
                     // Probes are out; everyone else fails fast rather than queueing.
-                    (Err(Duration::ZERO), None)
+                    (Err((Duration::ZERO, OpenReason::Probing)), None)
                 }
             }
         }
@@ -416,7 +417,7 @@ impl Breaker {
         self.hot.closed.store(false, Ordering::Release);
         self.bump();
         g.state = State::Open {
-            until: now + period,
+            until: sturdy_core::clock::after(now, period),
         };
     }
 

@@ -68,8 +68,18 @@ where
                 classify,
             } => {
                 let result = ready!(fut.poll(cx));
-                permit.finish(Some(classify.classify(&result).is_failure()));
-                Poll::Ready(result.map_err(Into::into))
+                let failed = classify.classify(&result).is_failure();
+                let result = result.map_err(Into::into);
+                match &result {
+                    // Stopped before it reached the dependency (a local limit, a token that
+                    // could not be had): neither a success nor a failure of the dependency, and
+                    // a probe's slot goes back.
+                    Err(e) if !sturdy_core::classify::concerns_destination(&**e) => {
+                        permit.finish(None);
+                    }
+                    _ => permit.finish(Some(failed)),
+                }
+                Poll::Ready(result)
             }
         }
     }

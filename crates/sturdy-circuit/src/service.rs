@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use sturdy_core::{BoxError, CircuitOpen};
+use sturdy_core::{BoxError, CircuitOpen, OpenReason};
 use tokio::time::Instant;
 use tower::Service;
 
@@ -68,13 +68,23 @@ where
         let (admitted, transition) = node.breaker.admit(self.registry.config(), Instant::now);
         node.shared.report(local.key(), transition);
         match admitted {
-            Err(retry_in) => {
+            Err((retry_in, reason)) => {
                 node.shared.events.emit(&Event::CircuitRejected {
                     key: local.key(),
                     host: node.shared.host(local.key()),
                     retry_in,
                 });
-                let open = CircuitOpen::new(local.key(), retry_in);
+                // A key past the most breakers kept shares the overflow breaker: the refusal
+                // names the call's own key, and says why a host that never failed is refused.
+                let open = if local.key() == sturdy_core::keyed::OVERFLOW_KEY {
+                    let reason = match reason {
+                        OpenReason::Failing => OpenReason::Overflow,
+                        other => other,
+                    };
+                    CircuitOpen::new(key.as_ref(), retry_in).with_reason(reason)
+                } else {
+                    CircuitOpen::new(local.key(), retry_in).with_reason(reason)
+                };
                 if let Some(t) = sturdy_core::Trace::of(&req) {
                     t.record(sturdy_core::TraceEvent::Rejected {
                         reason: open.to_string(),

@@ -604,3 +604,85 @@ fn invalid_settings_are_reported_when_configured() {
         .with_max_breakers(0)
         .with_consecutive_failures(0);
 }
+
+/// Errors for calls that never reached the dependency (a local rate limit, a token that could
+/// not be had) are neither failures nor successes: they do not open the breaker, and in the
+/// half-open state they do not close it (the probe's slot goes back).
+#[tokio::test(start_paused = true)]
+async fn refusals_made_before_the_dependency_are_not_counted() {
+    use sturdy_core::{Error, ErrorKind, RateLimited};
+    let mode = Arc::new(Mutex::new("fail"));
+    let m = mode.clone();
+    let svc = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .layer(service_fn(move |_req: Request<()>| {
+            let m = *m.lock().unwrap();
+            async move {
+                match m {
+                    "fail" => Ok(Response::builder().status(503).body(()).unwrap()),
+                    "limited" => Err::<Response<()>, BoxError>(Box::new(RateLimited::new(
+                        Duration::from_secs(1),
+                    ))),
+                    "no token" => Err::<Response<()>, BoxError>(Box::new(
+                        Error::new(
+                            ErrorKind::Server(StatusCode::SERVICE_UNAVAILABLE),
+                            "token endpoint down",
+                        )
+                        .with_cause_elsewhere(),
+                    )),
+                    _ => Ok(Response::new(())),
+                }
+            }
+        }));
+    let req = || Request::get("http://api.example.com/").body(()).unwrap();
+    // Local refusals and token failures, many of them: the breaker stays closed.
+    for m in ["limited", "no token"] {
+        *mode.lock().unwrap() = m;
+        for _ in 0..10 {
+            let _ = svc.clone().oneshot(req()).await;
+        }
+    }
+    *mode.lock().unwrap() = "fail";
+    let _ = svc.clone().oneshot(req()).await;
+    let _ = svc.clone().oneshot(req()).await;
+    let err = svc.clone().oneshot(req()).await.unwrap_err();
+    assert!(err.is::<CircuitOpen>(), "{err}");
+    // Half-open: a probe refused by a local layer neither closes nor reopens the breaker.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    *mode.lock().unwrap() = "no token";
+    let err = svc.clone().oneshot(req()).await.unwrap_err();
+    assert!(!err.is::<CircuitOpen>(), "the probe was admitted: {err}");
+    *mode.lock().unwrap() = "ok";
+    let res = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the probe's slot went back");
+}
+
+/// A half-open breaker whose probe is out, and a forced-open breaker, say so in their refusals.
+#[tokio::test(start_paused = true)]
+async fn refusals_say_why() {
+    use sturdy_core::OpenReason;
+    let dep = Dep::slow(Duration::from_secs(5));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
+    let svc = layer.layer(dep.service());
+    let req = || Request::get("http://api.example.com/").body(()).unwrap();
+    let _ = svc.clone().oneshot(req()).await;
+    let open = svc.clone().oneshot(req()).await.unwrap_err();
+    let open = open.downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(open.reason(), OpenReason::Failing);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let probe = tokio::spawn(svc.clone().oneshot(req()));
+    tokio::task::yield_now().await;
+    let refused = svc.clone().oneshot(req()).await.unwrap_err();
+    let refused = refused.downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(refused.reason(), OpenReason::Probing);
+    assert!(refused.to_string().contains("half-open"), "{refused}");
+    assert!(!refused.to_string().contains("0ms"), "{refused}");
+    let _ = probe.await;
+    handle.force_open("api.example.com");
+    let forced = svc.clone().oneshot(req()).await.unwrap_err();
+    let forced = forced.downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(forced.reason(), OpenReason::Forced);
+    assert!(!forced.to_string().contains("has been failing"), "{forced}");
+}

@@ -89,4 +89,5 @@ pub(crate) fn limit_reached(key: &str, limit: usize, waited: Duration) -> Error 
     )
     .with_hidden_source(cause)
     .with_delivery(Delivery::NotSent)
+    .with_cause_elsewhere()
 }

@@ -204,6 +204,38 @@ pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
     false
 }
 
+/// Whether an error says anything about the health of the request's destination. It does not
+/// when the request was stopped before it left by something else: a local rate limit
+/// ([`RateLimited`]), an open breaker ([`CircuitOpen`]), or a sturdy [`Error`](crate::Error)
+/// marked [`with_cause_elsewhere`](crate::Error::with_cause_elsewhere) (a full concurrency limit,
+/// a token endpoint that failed). A circuit breaker leaves such errors out of its counts, whatever
+/// its classifier says.
+///
+/// ```
+/// use std::io;
+/// use sturdy_core::classify::concerns_destination;
+/// use sturdy_core::{Error, ErrorKind};
+///
+/// let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+/// assert!(concerns_destination(&refused));
+/// let no_token = Error::new(ErrorKind::Timeout, "no access token within 5s").with_cause_elsewhere();
+/// assert!(!concerns_destination(&no_token));
+/// ```
+pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(e) = e.downcast_ref::<crate::Error>() {
+            if e.cause_is_elsewhere() {
+                return false;
+            }
+        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() {
+            return false;
+        }
+        cur = e.source();
+    }
+    true
+}
+
 /// Whether a failed call may have reached the server's handler; see [`Delivery`].
 ///
 /// The first statement in the chain decides: a sturdy [`Error`](crate::Error) that carries a

@@ -9,6 +9,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// `at + d`, for a `d` from configuration or from a peer: an instant too far to represent
+/// (`Duration::MAX`, say) reads as about 30 years from `at`, which no call outlives, instead of
+/// panicking.
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_core::clock::after;
+/// use tokio::time::Instant;
+///
+/// let now = Instant::now();
+/// assert_eq!(after(now, Duration::from_secs(5)), now + Duration::from_secs(5));
+/// assert!(after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365 * 29));
+/// ```
+pub fn after(at: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    at.checked_add(d.min(FAR))
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
 /// A source of wall-clock time.
 pub trait WallClock: Send + Sync + fmt::Debug {
     /// The current time.

@@ -216,6 +216,8 @@ pub struct Error {
     show_source: bool,
     delivery: Option<Delivery>,
     report: Option<Box<CallReport>>,
+    /// The failure is not the destination's (see [`Error::with_cause_elsewhere`]).
+    elsewhere: bool,
 }
 
 impl Error {
@@ -228,6 +230,7 @@ impl Error {
             show_source: true,
             delivery: None,
             report: None,
+            elsewhere: false,
         }
     }
 
@@ -253,6 +256,21 @@ impl Error {
     pub fn with_delivery(mut self, delivery: Delivery) -> Self {
         self.delivery = Some(delivery);
         self
+    }
+
+    /// States that the failure is not the destination's: the request was stopped on this side
+    /// (a full concurrency limit) or by another dependency (the token endpoint that should have
+    /// given it a token). A circuit breaker does not count such an error for or against the
+    /// destination; see [`crate::classify::concerns_destination`].
+    #[must_use]
+    pub fn with_cause_elsewhere(mut self) -> Self {
+        self.elsewhere = true;
+        self
+    }
+
+    /// Whether [`with_cause_elsewhere`](Self::with_cause_elsewhere) was said of this error.
+    pub fn cause_is_elsewhere(&self) -> bool {
+        self.elsewhere
     }
 
     /// Attaches the report of the whole call (which also states its delivery).
@@ -303,6 +321,7 @@ impl fmt::Debug for Error {
             .field("source", &self.source)
             .field("delivery", &self.delivery)
             .field("report", &self.report)
+            .field("elsewhere", &self.elsewhere)
             .finish()
     }
 }
@@ -400,41 +419,101 @@ impl fmt::Display for RateLimited {
 
 impl std::error::Error for RateLimited {}
 
+/// Why a circuit breaker refused a call; see [`CircuitOpen::reason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OpenReason {
+    /// The dependency has been failing: the breaker opened and waits before it probes again.
+    Failing,
+    /// The breaker is half-open and its probe calls are out, testing whether the dependency has
+    /// recovered; other calls are refused until they answer.
+    Probing,
+    /// The breaker was forced open through its handle, and stays open until it is released.
+    Forced,
+    /// The key shares the overflow breaker (past the most breakers kept), and that breaker has
+    /// been failing: hosts that failed and hosts that did not are refused together.
+    Overflow,
+}
+
 /// The circuit breaker for a dependency is open: the call was not made.
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_core::{CircuitOpen, OpenReason};
+///
+/// let e = CircuitOpen::new("api.example.com", Duration::from_secs(12));
+/// assert_eq!(e.reason(), OpenReason::Failing);
+/// let probing = CircuitOpen::new("api.example.com", Duration::ZERO).with_reason(OpenReason::Probing);
+/// assert!(probing.to_string().contains("probe"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitOpen {
     retry_in: Duration,
     key: String,
+    reason: OpenReason,
 }
 
 impl CircuitOpen {
-    /// The breaker for `key` is open and admits a probe again in `retry_in`.
+    /// The breaker for `key` is open because the dependency has been failing
+    /// ([`OpenReason::Failing`]), and admits a probe again in `retry_in`.
     pub fn new(key: impl Into<String>, retry_in: Duration) -> Self {
         Self {
             retry_in,
             key: key.into(),
+            reason: OpenReason::Failing,
         }
     }
 
-    /// When the breaker admits a probe again.
+    /// The same refusal, for another reason.
+    #[must_use]
+    pub fn with_reason(mut self, reason: OpenReason) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    /// When the breaker admits a probe again: zero while probes are out (try again once they
+    /// have answered), the longest open period for a forced breaker.
     pub fn retry_in(&self) -> Duration {
         self.retry_in
     }
 
-    /// Which breaker (usually the host).
+    /// Which breaker (usually the host); for [`OpenReason::Overflow`], the key of the refused
+    /// call.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Why the call was refused.
+    pub fn reason(&self) -> OpenReason {
+        self.reason
     }
 }
 
 impl fmt::Display for CircuitOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "circuit open for {}: it has been failing, so it was not called; try again in {}",
-            self.key,
-            human_duration(self.retry_in)
-        )
+        let (key, wait) = (&self.key, human_duration(self.retry_in));
+        match self.reason {
+            OpenReason::Failing => write!(
+                f,
+                "circuit open for {key}: it has been failing, so it was not called; try again in {wait}"
+            ),
+            OpenReason::Probing => write!(
+                f,
+                "circuit half-open for {key}: probe calls are testing whether it has recovered, so \
+                 this call was not made; try again once they have answered"
+            ),
+            OpenReason::Forced => write!(
+                f,
+                "circuit for {key} is forced open through its handle, so it was not called; it \
+                 stays open until the handle releases it"
+            ),
+            OpenReason::Overflow => write!(
+                f,
+                "circuit open for {key}: it shares the overflow breaker of the hosts past the \
+                 most breakers kept, and that breaker has been failing, so it was not called; \
+                 try again in {wait}"
+            ),
+        }
     }
 }
 

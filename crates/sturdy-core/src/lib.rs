@@ -53,7 +53,9 @@ pub mod trace;
 
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
 pub use clock::{SystemClock, WallClock};
-pub use error::{find, BoxError, CallReport, CircuitOpen, Delivery, Error, ErrorKind, RateLimited};
+pub use error::{
+    find, BoxError, CallReport, CircuitOpen, Delivery, Error, ErrorKind, OpenReason, RateLimited,
+};
 pub use key::{ByHost, KeyExtractor};
 pub use options::CallOptions;
 pub use summary::ErrorSummary;

@@ -46,7 +46,8 @@ pub struct ErrorSummary {
     /// `auth`, `rate_limited`, `circuit_open`, `timeout`, `connect`, `tls`, `transport`,
     /// `server_error`, `client_error`, `body`, `pagination`, `config` or `other`.
     pub kind: &'static str,
-    /// The HTTP status, for `server_error` and `client_error`.
+    /// The HTTP status, for `server_error` and `client_error`: the destination's, or the token
+    /// endpoint's when getting a token failed (the message names it).
     pub status: Option<u16>,
     /// The error's message, for people and models.
     pub message: String,

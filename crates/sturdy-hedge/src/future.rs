@@ -108,7 +108,7 @@ where
                     if tokio::runtime::Handle::try_current().is_err() {
                         return Step::Dropped;
                     }
-                    let at = start + self.delay;
+                    let at = sturdy_core::clock::after(start, self.delay);
                     self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
                 }
                 if let Some(sleep) = self.sleep.as_mut() {

@@ -69,6 +69,11 @@ impl IdempotencyKeyLayer {
         }
     }
 
+    /// The header the keys go in.
+    pub fn header(&self) -> &HeaderName {
+        &self.config.header
+    }
+
     /// The methods that get a key \[POST, PATCH\].
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         Self {

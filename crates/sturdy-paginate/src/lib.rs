@@ -141,7 +141,7 @@ pub struct Page {
 /// cursor that resumes exactly after the last item returned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoundedPage<T = Value> {
-    /// The items, at most the limit asked for.
+    /// The items: at most the limit asked for (a limit of 0 reads as 1).
     pub items: Vec<T>,
     /// Whether more items may follow.
     pub has_more: bool,

@@ -392,7 +392,7 @@ where
             host: bound.host(),
             wait: Duration::from_nanos(wait),
         });
-        Box::new(RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key()))
+        Box::new(RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.scope()))
     };
     loop {
         match &mut slow.turn {

@@ -128,7 +128,7 @@ impl<S, K> RateLimit<S, K> {
                 host: bound.host(),
                 wait: Duration::from_nanos(wait),
             });
-            let err = RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.key());
+            let err = RateLimited::new(Duration::from_nanos(wait)).with_scope(bound.scope());
             if let Some(t) = Trace::of(req) {
                 t.record(TraceEvent::Rejected {
                     reason: err.to_string(),

@@ -159,6 +159,17 @@ impl Bound {
         self.slot.key()
     }
 
+    /// What a refusal names as the limit: the key, or for the shared overflow slot words that
+    /// say why a key that never saw a 429 may be refused.
+    pub(crate) fn scope(&self) -> &str {
+        match self.slot.key() {
+            sturdy_core::keyed::OVERFLOW_KEY => {
+                "the overflow limiter shared by the keys past the most limiters kept"
+            }
+            key => key,
+        }
+    }
+
     pub(crate) fn state(&self) -> &KeyState {
         self.slot.value()
     }

@@ -150,7 +150,10 @@ impl<C> RetryLayer<C> {
     }
 
     /// The longest `Retry-After` this client sleeps \[60 s\]; a longer one fails the call at once
-    /// with [`RateLimited`](sturdy_core::RateLimited) so the caller decides.
+    /// with [`RateLimited`](sturdy_core::RateLimited) so the caller decides. The wait that error
+    /// reports is the server's, capped at [`MAX_REPORTED_WAIT`](crate::MAX_REPORTED_WAIT)
+    /// (5 min) or at this setting when it is longer: a hostile or broken server cannot tell the
+    /// caller to stay away for years.
     pub fn with_max_retry_after(self, max: Duration) -> Self {
         self.edit(|c| c.max_retry_after = max)
     }
@@ -185,6 +188,12 @@ impl<C> RetryLayer<C> {
     /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\].
     pub fn with_idempotency_header(self, name: HeaderName) -> Self {
         self.edit(|c| c.idempotency_header = name)
+    }
+
+    /// The header whose presence makes POST and PATCH safe to retry (see
+    /// [`with_idempotency_header`](Self::with_idempotency_header)).
+    pub fn idempotency_header(&self) -> &HeaderName {
+        &self.config.idempotency_header
     }
 
     /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl` (1 s to

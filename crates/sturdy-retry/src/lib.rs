@@ -83,3 +83,9 @@ pub use future::ResponseFuture;
 pub use layer::RetryLayer;
 pub use service::Retry;
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer, TimeoutFuture};
+
+/// The longest wait a [`RateLimited`](sturdy_core::RateLimited) error from this layer reports
+/// when a server asked for more than the client sleeps (see
+/// [`RetryLayer::with_max_retry_after`]): 5 minutes, the longest pause the rate limiter takes
+/// from a server by default. A longer `max_retry_after` raises it to that setting.
+pub const MAX_REPORTED_WAIT: std::time::Duration = std::time::Duration::from_secs(300);

@@ -19,7 +19,7 @@ use sturdy_core::{
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::Backoff;
+use crate::{Backoff, MAX_REPORTED_WAIT};
 
 /// How the retry budget is kept.
 #[derive(Clone)]
@@ -292,7 +292,7 @@ impl<C> RetryPolicy<C> {
         let deadline = options
             .and_then(CallOptions::deadline)
             .or(config.deadline)
-            .map(|d| Instant::now() + d);
+            .map(|d| sturdy_core::clock::after(Instant::now(), d));
         let max_attempts = options
             .and_then(CallOptions::max_attempts)
             .unwrap_or(config.max_attempts);
@@ -458,18 +458,24 @@ impl<C> RetryPolicy<C> {
                     if res.status() == StatusCode::TOO_MANY_REQUESTS
                         || res.status() == StatusCode::SERVICE_UNAVAILABLE
                     {
-                        *result = Err(Box::new(RateLimited::new(wait).with_scope(host)));
+                        // What the server asked, within reason: a peer's value is capped
+                        // before it reaches the caller (and, through a tool result, an agent).
+                        let told = wait.min(MAX_REPORTED_WAIT.max(self.config.max_retry_after));
+                        *result = Err(Box::new(RateLimited::new(told).with_scope(host)));
                     }
                 }
                 self.finish(req, result, Stop::Plain);
                 return None;
             }
             // Never sooner than asked; a little later, so clients do not return in lock-step.
-            let spread = wait
-                .max(self.config.backoff.base())
-                .mul_f64(self.config.retry_after_jitter);
+            // (Total for any wait: `with_max_retry_after(Duration::MAX)` lets a peer's value
+            // of centuries through to here.)
+            let spread = Duration::try_from_secs_f64(
+                wait.max(self.config.backoff.base()).as_secs_f64() * self.config.retry_after_jitter,
+            )
+            .unwrap_or(Duration::MAX);
             let jitter = Duration::from_nanos(self.rng().random_range(0..=nanos(spread)));
-            let mut delay = wait + jitter;
+            let mut delay = wait.saturating_add(jitter);
             if let Some(l) = left {
                 delay = delay
                     .min(l.saturating_sub(Duration::from_millis(1)))

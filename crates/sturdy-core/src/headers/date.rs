@@ -76,8 +76,9 @@ fn lenient(s: &str) -> Option<SystemTime> {
     };
     let day: u32 = parse_digits(day, 1, 2)?;
     let mon = month(mon)?;
+    let two_digits = year.len() == 2;
     let mut year: i64 = i64::from(parse_digits(year, 2, 4)?);
-    if year < 100 {
+    if two_digits {
         // RFC 850 two-digit years: 70..99 => 19xx, 00..69 => 20xx. A reader without a clock
         // cannot apply the "50 years in the future" rule exactly; this window agrees with it
         // until 2070.
@@ -189,6 +190,25 @@ mod tests {
         assert_eq!(
             parse_http_date(b"Sun, 30 Jun 2024 23:59:59 UTC", "Sunset").unwrap(),
             at(1_719_791_999)
+        );
+    }
+
+    #[test]
+    fn four_digit_years_before_1970_are_errors_not_this_century() {
+        for v in [
+            "Mon, 01 Jan 0001 00:00:00 GMT",
+            "Sat, 01 Jan 0050 00:00:00 GMT",
+            "Thu, 31 Dec 0099 23:59:59 GMT",
+            "Wed, 31 Dec 1969 23:59:59 GMT",
+            "01 Jan 0070 00:00:00 GMT",
+            "Jan  1 00:00:00 0069",
+        ] {
+            assert!(parse_http_date(v.as_bytes(), "date").is_err(), "{v}");
+        }
+        // Two-digit years still follow the RFC 850 window.
+        assert_eq!(
+            parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT", "date").unwrap(),
+            at(784_111_777)
         );
     }
 

@@ -406,7 +406,23 @@ where
             let fut = self.inner.call(req);
             return ResponseFuture(Box::pin(async move { Ok(fut.await?.map(Either::Right)) }));
         }
-        let key = match req.headers().get(&config.header) {
+        // Two different keys on one request make it ambiguous which operation it is: refused,
+        // rather than keyed by whichever comes first (the same request with the keys in the
+        // other order would run the handler again).
+        let mut values = req.headers().get_all(&config.header).iter();
+        let first = values.next();
+        if let Some(v) = first {
+            if values.any(|other| other != v) {
+                refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
+                return ready(problem::response(
+                    StatusCode::BAD_REQUEST,
+                    problem::INVALID_KEY,
+                    "Idempotency-Key is ambiguous",
+                    "send one Idempotency-Key header; this request has several different ones",
+                ));
+            }
+        }
+        let key = match first {
             None if config.require_key => {
                 refused(&config, req.method(), IdempotencyRefusal::MissingKey);
                 return ready(problem::response(
