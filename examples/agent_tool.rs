@@ -7,12 +7,12 @@
 //!
 //! It starts a faulty orders API (sturdy-chaos) on 127.0.0.1 with 45 orders, lets a pretend agent
 //! walk them 20 at a time (the tool hands back `next_cursor`, a signed cursor the agent passes in
-//! the next call), then shows what the agent sees when the API says "come back in an hour".
+//! the next call), then shows what the agent sees when the API says "come back in two minutes".
 //!
 //! The tool never throws: a result is `{"content": [{"type": "text", "text": ...}], "isError":
 //! false, "structuredContent": {"result": {"items": [...], "has_more": ..., "next_cursor": ...}}}`,
 //! and a failure is `isError: true` with a text a model can act on ("rate limited by ...; retry
-//! after 1h" and a sentence saying whether to try again and whether the request may have been
+//! after 2m" and a sentence saying whether to try again and whether the request may have been
 //! processed) and the same facts as JSON under `structuredContent.error`.
 
 use std::time::Duration;
@@ -98,11 +98,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         );
     }
 
-    // The API now asks for an hour's pause: the agent is told, not kept waiting.
+    // The API now asks for a two-minute pause (longer than the client sleeps): the agent is told,
+    // not kept waiting.
     server.update(|k| {
         k.error_rate = 0.0;
         k.rate_limit_next = 1;
-        k.retry_after = RetryAfterForm::Seconds(3_600);
+        k.retry_after = RetryAfterForm::Seconds(120);
     });
     let out = tool.call(&json!({ "limit": 20 })).await;
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -160,18 +161,18 @@ mod tests {
         server.update(|k| {
             k.error_rate = 0.0;
             k.rate_limit_next = 1;
-            k.retry_after = RetryAfterForm::Seconds(3_600);
+            k.retry_after = RetryAfterForm::Seconds(120);
         });
         let tool = ListOrders::new(client(), &server.url("")).unwrap();
         let out = tool.call(&json!({ "limit": 5 })).await;
         assert_eq!(out["isError"], true);
         let err = &out["structuredContent"]["error"];
         assert_eq!(err["kind"], "rate_limited");
-        assert_eq!(err["retry_after_ms"], 3_600_000);
+        assert_eq!(err["retry_after_ms"], 120_000);
         assert_eq!(err["may_have_been_processed"], true);
         let text = out["content"][0]["text"].as_str().unwrap();
-        assert!(text.contains("retry after 1h"), "{text}");
-        assert!(text.contains("Try again in 1h"), "{text}");
+        assert!(text.contains("retry after 2m"), "{text}");
+        assert!(text.contains("Try again in 2m"), "{text}");
     }
 
     #[tokio::test]

@@ -35,12 +35,12 @@
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //!
 //! let api = service_fn(|_req: Request<Full<Bytes>>| async {
-//!     Ok::<_, std::convert::Infallible>(Response::builder().status(StatusCode::TOO_MANY_REQUESTS).header("retry-after", "3600").body(()).unwrap())
+//!     Ok::<_, std::convert::Infallible>(Response::builder().status(StatusCode::TOO_MANY_REQUESTS).header("retry-after", "120").body(()).unwrap())
 //! });
 //! let client = ServiceBuilder::new().layer(sturdy::retry::RetryLayer::new()).service(api);
 //! let err = client.oneshot(Request::get("http://api.example.com/").body(Full::default()).unwrap()).await.unwrap_err();
-//! // An hour is not slept: the caller is told, and decides.
-//! assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 1h");
+//! // Two minutes are not slept (the client sleeps at most 60 s): the caller is told, and decides.
+//! assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 2m");
 //! # }
 //! # #[cfg(not(feature = "retry"))]
 //! # fn main() {}

@@ -149,7 +149,7 @@ impl<K> HedgeLayer<K> {
     /// windows, so the delay follows a host whose latency changes. Zero is taken as 1 ms.
     pub fn with_window(self, window: Duration) -> Self {
         edit(&self.cell, |c| {
-            c.window = window.max(Duration::from_millis(1))
+            c.window = window.max(Duration::from_millis(1));
         });
         self
     }
