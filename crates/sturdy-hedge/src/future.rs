@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use http::Request;
 use pin_project_lite::pin_project;
+use sturdy_core::classify;
 use sturdy_core::events::Event;
 use sturdy_core::keyed::Local;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
+use tower::{BoxError, Service};
 
 use crate::state::HostState;
 
@@ -29,6 +30,8 @@ pin_project! {
         host: Option<Arc<Local<HostState>>>,
         // When the first copy was first found waiting; `None` while it has not waited.
         start: Option<Instant>,
+        // The error of the copy that failed first while the other was still in flight.
+        failed: Option<BoxError>,
     }
 }
 
@@ -155,6 +158,7 @@ where
             hedge: None,
             host: None,
             start: None,
+            failed: None,
         }
     }
 
@@ -168,6 +172,7 @@ where
             hedge: armed,
             host: Some(local),
             start: None,
+            failed: None,
         }
     }
 }
@@ -188,11 +193,27 @@ fn record(host: Option<&Arc<Local<HostState>>>, start: Option<Instant>) {
     }
 }
 
+/// The error a call whose two copies both failed returns: the later one, unless it says the
+/// request was never sent while the earlier one may have been processed. Each copy is an attempt
+/// of the same call, so "not sent" holds only when it holds for both.
+fn worse(earlier: Option<BoxError>, later: BoxError) -> BoxError {
+    match earlier {
+        Some(e)
+            if classify::delivery(&*later).proves_not_sent()
+                && !classify::delivery(&*e).proves_not_sent() =>
+        {
+            e
+        }
+        _ => later,
+    }
+}
+
 impl<S, B> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
 {
-    type Output = Result<S::Response, S::Error>;
+    type Output = Result<S::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -205,12 +226,15 @@ where
                 }
                 Poll::Ready(Err(e)) => {
                     this.primary.set(None);
+                    let e = e.into();
                     let hedge_in_flight = this.hedge.as_ref().is_some_and(|h| h.fut.is_some());
                     if !hedge_in_flight {
                         *this.hedge = None;
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(worse(this.failed.take(), e)));
                     }
-                    // The second copy may still succeed.
+                    // The second copy may still succeed; if it fails too, this error may be
+                    // the one that tells what the call did.
+                    *this.failed = Some(e);
                 }
                 Poll::Pending => {
                     if this.start.is_none() && this.host.is_some() {
@@ -245,9 +269,11 @@ where
             }
             Step::Done(Err(e)) => {
                 *this.hedge = None;
+                let e = e.into();
                 if this.primary.is_none() {
-                    return Poll::Ready(Err(e));
+                    return Poll::Ready(Err(worse(this.failed.take(), e)));
                 }
+                *this.failed = Some(e);
                 Poll::Pending
             }
         }

@@ -1,6 +1,6 @@
 //! Hedged requests: a second copy of a slow safe call, after a percentile of the host's latency.
 //!
-//! `async fn(Request) -> Result<Response, S::Error>`, with a shorter tail:
+//! `async fn(Request) -> Result<Response, BoxError>`, with a shorter tail:
 //!
 //! - **What is hedged**: GET, HEAD and OPTIONS requests, which are safe to send twice; requests
 //!   of any method that carry an `Idempotency-Key` only when you allow it
@@ -13,7 +13,11 @@
 //!   a hedge that finds the budget spent is not sent.
 //! - **Which answer**: the first response wins and the other copy is dropped, which cancels it
 //!   (hyper closes that connection). When one copy fails while the other is still running, the
-//!   call waits for the other.
+//!   call waits for the other. When both fail, the call fails with the later error, unless that
+//!   one says the request was never sent (a refused connection) while the earlier one may have
+//!   been processed (a reset after the request was written): then with the earlier one, so
+//!   [`classify::delivery`](sturdy_core::classify::delivery) never claims "not sent" for a call
+//!   one of whose copies may have reached the server.
 //! - **Per host**: every host has its own histogram, delay and budget (at most 1,024 hosts).
 //! - **Observable**: a [`HedgeHandle`] reads calls, hedges, wins and the current delay per host.
 //!

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use http::{Method, Request};
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
-use tower::Service;
+use tower::{BoxError, Service};
 
 use crate::future::{Armed, ResponseFuture};
 use crate::state::{Config, HostState, Registry};
@@ -59,15 +59,16 @@ fn hedgeable<B>(req: &Request<B>, config: &Config) -> bool {
 impl<S, K, B> Service<Request<B>> for Hedge<S, K>
 where
     S: Service<Request<B>> + Clone,
+    S::Error: Into<BoxError>,
     K: KeyExtractor<B>,
     B: Clone,
 {
     type Response = S::Response;
-    type Error = S::Error;
+    type Error = BoxError;
     type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {

@@ -303,6 +303,65 @@ async fn a_failing_copy_waits_for_the_other() {
     assert_eq!(api.calls(), 101);
 }
 
+/// A service whose call 100 fails after 40 ms and call 101 (the hedge) after 20 ms, with errors
+/// that say opposite things about delivery; the others answer in 10 ms.
+fn two_failures(
+    first: fn() -> BoxError,
+    hedge: fn() -> BoxError,
+) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future = impl Send> + Clone
+{
+    let n = Arc::new(AtomicU32::new(0));
+    service_fn(move |_req: Request<()>| {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match i {
+                100 => {
+                    tokio::time::sleep(ms(40)).await;
+                    Err(first())
+                }
+                101 => {
+                    tokio::time::sleep(ms(20)).await;
+                    Err(hedge())
+                }
+                _ => {
+                    tokio::time::sleep(ms(10)).await;
+                    Ok(Response::new(()))
+                }
+            }
+        }
+    })
+}
+
+fn reset() -> BoxError {
+    std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()
+}
+
+fn refused() -> BoxError {
+    std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into()
+}
+
+#[tokio::test(start_paused = true)]
+async fn both_copies_failing_never_claims_not_sent_when_one_may_have_been_processed() {
+    use sturdy_core::classify::delivery;
+    use sturdy_core::Delivery;
+    assert_eq!(delivery(&*reset()), Delivery::MaybeProcessed);
+    assert_eq!(delivery(&*refused()), Delivery::NotSent);
+    for (first, hedge) in [
+        (reset as fn() -> BoxError, refused as fn() -> BoxError),
+        (refused, reset),
+    ] {
+        let client = HedgeLayer::new().layer(two_failures(first, hedge));
+        warm(&client, 100).await;
+        let err = client.clone().oneshot(get()).await.unwrap_err();
+        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    }
+    // Both refused: nothing was sent.
+    let client = HedgeLayer::new().layer(two_failures(refused, refused));
+    warm(&client, 100).await;
+    let err = client.clone().oneshot(get()).await.unwrap_err();
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn each_host_has_its_own_delay() {
     let api = service_fn(|req: Request<()>| async move {

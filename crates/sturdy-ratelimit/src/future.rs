@@ -438,11 +438,15 @@ where
                         }
                         OnStoreError::Fail => {
                             slow.turn = Turn::Done;
+                            // Refused here, before sending: the request never left, and the
+                            // fault is the store's, not the destination's (no breaker counts it).
                             let err = sturdy_core::Error::new(
                                 sturdy_core::ErrorKind::Other,
-                                "the rate-limit store failed",
+                                "the rate-limit store failed, so the call was not sent",
                             )
-                            .with_source(e);
+                            .with_source(e)
+                            .with_delivery(sturdy_core::Delivery::NotSent)
+                            .with_cause_elsewhere();
                             return Poll::Ready(Err(Box::new(err)));
                         }
                     },

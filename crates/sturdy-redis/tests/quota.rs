@@ -235,6 +235,9 @@ async fn the_layer_chooses_fail_open_or_fail_closed_on(b: &Backend) {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("rate-limit store failed"), "{err}");
+    // Refused before sending, and not the destination's fault.
+    assert!(sturdy_core::classify::delivery(&*err).proves_not_sent());
+    assert!(!sturdy_core::classify::concerns_destination(&*err));
 }
 
 /// The time to live of a raw Redis key, in milliseconds.

@@ -24,7 +24,7 @@ use sturdy_core::{human_duration, BoxError, CallReport, Delivery, ErrorKind};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::policy::{advise, CallInfo, CallState, RetryPolicy};
+use crate::policy::{advise, describe_result, CallInfo, CallState, RetryPolicy};
 use crate::service::Attempt;
 
 pin_project! {
@@ -69,6 +69,9 @@ struct Run<A, C> {
     buf: Option<BytesMut>,
     call: Option<Arc<CallState>>,
     deadline_len: Duration,
+    /// The last failed attempt's outcome in words, and its error: what a deadline that cuts the
+    /// call before another attempt answers names as the cause.
+    last: Option<(String, Option<BoxError>)>,
 }
 
 impl<S, B, Rb, C> ResponseFuture<S, B, Rb, C>
@@ -102,6 +105,7 @@ where
                 buf: None,
                 call,
                 deadline_len: deadline.unwrap_or_default(),
+                last: None,
             }),
         }
     }
@@ -128,6 +132,7 @@ where
                 buf: None,
                 call,
                 deadline_len: deadline.unwrap_or_default(),
+                last: None,
             }),
         }
     }
@@ -152,38 +157,61 @@ where
     }
 }
 
-/// The error of a call cut by its deadline, with what is known about its attempts.
-fn deadline_passed(len: Duration, call: Option<&CallState>) -> BoxError {
+/// The error of a call cut by its deadline, with what is known about its attempts: how many
+/// were made (one in flight counts), what the last failed one said (its error is the source).
+fn deadline_passed(
+    len: Duration,
+    call: Option<&CallState>,
+    last: Option<(String, Option<BoxError>)>,
+) -> BoxError {
     let (n, in_flight) = call.map_or((0, true), |c| {
         (
             c.attempts.load(Ordering::Relaxed),
             c.in_flight.load(Ordering::Relaxed),
         )
     });
-    let mut message = if in_flight || n == 0 {
-        format!(
-            "the overall deadline of {} passed during attempt {}",
-            human_duration(len),
-            n + 1
-        )
-    } else {
-        format!(
-            "the overall deadline of {} passed after {n} attempts",
-            human_duration(len)
-        )
+    let len_s = human_duration(len);
+    let (mut message, made) = match (in_flight, n) {
+        (true, _) => (
+            format!(
+                "the overall deadline of {len_s} passed during attempt {}",
+                n + 1
+            ),
+            n + 1,
+        ),
+        (false, 0) => (
+            format!("the overall deadline of {len_s} passed before the first attempt was sent"),
+            0,
+        ),
+        (false, 1) => (
+            format!("the overall deadline of {len_s} passed after 1 attempt"),
+            1,
+        ),
+        (false, _) => (
+            format!("the overall deadline of {len_s} passed after {n} attempts"),
+            n,
+        ),
     };
+    let mut source = None;
+    if let Some((said, err)) = last {
+        message.push_str(if in_flight {
+            "; the attempt before it: "
+        } else {
+            "; the last attempt: "
+        });
+        message.push_str(&said);
+        source = err;
+    }
     let delivery = call.map_or(Delivery::MaybeProcessed, CallState::delivery);
     let key = call.and_then(|c| c.key.clone());
     if let Some(c) = call {
         advise(&mut message, delivery, key.as_deref(), c.unsafe_method);
     }
-    Box::new(
-        sturdy_core::Error::new(ErrorKind::Timeout, message).with_report(CallReport::new(
-            n.max(1),
-            delivery,
-            key,
-        )),
-    )
+    let mut err = sturdy_core::Error::new(ErrorKind::Timeout, message);
+    if let Some(source) = source {
+        err = err.with_hidden_source(source);
+    }
+    Box::new(err.with_report(CallReport::new(made, delivery, key)))
 }
 
 /// A copy of the head of a request, for one more attempt.
@@ -215,6 +243,7 @@ where
                 return Poll::Ready(Err(deadline_passed(
                     this.run.deadline_len,
                     this.run.call.as_deref(),
+                    this.run.last.take(),
                 )));
             }
         }
@@ -269,9 +298,12 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(result);
                         }
-                        Some(delay) => this.state.set(State::Sleeping {
-                            sleep: tokio::time::sleep(delay),
-                        }),
+                        Some(delay) => {
+                            run.last = Some((describe_result(&result), result.err()));
+                            this.state.set(State::Sleeping {
+                                sleep: tokio::time::sleep(delay),
+                            });
+                        }
                     }
                 }
                 StateProj::Sleeping { sleep } => {
@@ -283,7 +315,7 @@ where
                     // response future.
                     if let Err(e) = ready!(run.svc.poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(run.policy.not_ready(&run.info, e)));
                     }
                     let fut = run.attempt();
                     this.state.set(State::Calling { fut });

@@ -611,6 +611,24 @@ impl<C> RetryPolicy<C> {
                 .with_report(CallReport::new(n, delivery, key)),
         );
     }
+
+    /// The call ends because the service could not be made ready for the next attempt: the
+    /// error speaks for the whole call like any other final error.
+    pub(crate) fn not_ready(&self, req: &impl RequestView, err: BoxError) -> BoxError {
+        let mut result: Result<Response<()>, BoxError> = Err(err);
+        self.finish(
+            req,
+            &mut result,
+            Stop::Because("the service could not be made ready for the next attempt".to_owned()),
+        );
+        // `finish` rewrites an error into the call's error; it never turns it into a response.
+        result.err().unwrap_or_else(|| {
+            Box::new(sturdy_core::Error::new(
+                ErrorKind::Other,
+                "the service could not be made ready for the next attempt",
+            ))
+        })
+    }
 }
 
 /// Appends what the caller may do next, for a request that a duplicate would hurt.
@@ -641,7 +659,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn describe_result<Rb>(result: &Result<Response<Rb>, BoxError>) -> String {
+pub(crate) fn describe_result<Rb>(result: &Result<Response<Rb>, BoxError>) -> String {
     match result {
         Ok(r) => r.status().to_string(),
         Err(e) => classify::describe(&**e),

@@ -778,3 +778,91 @@ fn invalid_budgets_are_refused_when_configured() {
         .with_budget(Duration::from_secs(1), 0, 0.0)
         .is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_error_names_the_last_failure_and_counts_the_attempt_in_flight() {
+    // Attempt 1: connection reset at once; attempt 2 hangs until the deadline cuts it.
+    let n = Arc::new(Mutex::new(0));
+    let api = service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = n.clone();
+        async move {
+            let i = {
+                let mut n = n.lock().unwrap();
+                *n += 1;
+                *n
+            };
+            if i == 1 {
+                return Err::<Response<()>, BoxError>(Box::new(io::Error::from(
+                    io::ErrorKind::ConnectionReset,
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(status(200))
+        }
+    });
+    let err = layer()
+        .with_deadline(Duration::from_secs(2))
+        .layer(api)
+        .oneshot(post(Some("key-n")))
+        .await
+        .unwrap_err();
+    let e = err.downcast_ref::<sturdy_core::Error>().unwrap();
+    assert_eq!(e.kind(), &ErrorKind::Timeout);
+    assert_eq!(e.report().unwrap().attempts(), 2, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "the overall deadline of 2s passed during attempt 2; the attempt before it: "
+        ),
+        "{text}"
+    );
+    assert!(text.contains("reset"), "the cause is named: {text}");
+    // The earlier attempt's error is in the chain.
+    assert!(sturdy_core::find::<io::Error>(&*err).is_some(), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_fails_to_become_ready_for_a_retry_still_gets_the_calls_error() {
+    // Ready once; after the first attempt (a reset: it may have been processed), poll_ready fails.
+    #[derive(Clone)]
+    struct Flaky(Arc<Mutex<u32>>);
+    impl Service<Request<Full<Bytes>>> for Flaky {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<Response<()>, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            if *self.0.lock().unwrap() == 0 {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Ready(Err("the pool is closed".into()))
+            }
+        }
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            *self.0.lock().unwrap() += 1;
+            std::future::ready(Err(Box::new(io::Error::from(
+                io::ErrorKind::ConnectionReset,
+            ))))
+        }
+    }
+    let err = layer()
+        .layer(Flaky(Arc::default()))
+        .oneshot(post(Some("key-r")))
+        .await
+        .unwrap_err();
+    let e = err
+        .downcast_ref::<sturdy_core::Error>()
+        .expect("one sturdy error");
+    let report = e.report().expect("a report");
+    assert_eq!(report.attempts(), 1);
+    assert_eq!(report.delivery(), sturdy_core::Delivery::MaybeProcessed);
+    assert_eq!(report.idempotency_key(), Some("key-r"));
+    let text = err.to_string();
+    assert!(text.contains("the pool is closed"), "{text}");
+    assert!(
+        text.ends_with("retry with the same idempotency key key-r"),
+        "{text}"
+    );
+}
