@@ -55,7 +55,7 @@ impl Head {
         raw.rsplit_once('@').map_or(raw, |(_, host)| host)
     }
 
-    fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, BoxError> {
+    fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, Error> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
@@ -159,13 +159,14 @@ where
     B::Error: Into<BoxError>,
 {
     /// What a failure to get a token says about delivery: before the first send nothing left;
-    /// after a 401 the server saw the request (and refused it), so nothing is claimed and the
-    /// conservative default applies.
+    /// after a 401 the server saw the request (it answered, and a server that answers 401 may
+    /// still have acted on it), so the call may have been processed, whatever the token
+    /// failure's own kind (a refused connection to the token endpoint says nothing of the API).
     /// Either way the failure is the token source's, not the API's: a breaker does not count it.
     fn mark(&self, e: Error) -> Error {
         let e = e.with_cause_elsewhere();
         if self.replayed {
-            e
+            e.with_delivery(Delivery::MaybeProcessed)
         } else {
             e.with_delivery(Delivery::NotSent)
         }
@@ -220,9 +221,11 @@ where
                         Ok(c) => c.aggregate(),
                         Err(e) => {
                             self.stage = Stage::Done;
+                            // Read before the first send: the request never left.
                             return Poll::Ready(Err(Box::new(
                                 Error::new(ErrorKind::Body, "could not read the request body")
-                                    .with_source(e.into()),
+                                    .with_source(e.into())
+                                    .with_delivery(Delivery::NotSent),
                             )));
                         }
                     };
@@ -275,7 +278,10 @@ where
                         // buffered body is replayed.
                         (None, None) => B::from(Bytes::new()),
                     };
-                    let req = self.head.request(body, &token)?;
+                    let req = match self.head.request(body, &token) {
+                        Ok(req) => req,
+                        Err(e) => return Poll::Ready(Err(Box::new(self.mark(e)))),
+                    };
                     // The service is used: a replay must drive it to readiness again.
                     self.needs_ready = true;
                     self.stage = Stage::Calling {

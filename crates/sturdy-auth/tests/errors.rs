@@ -291,3 +291,56 @@ fn invalid_configuration_is_reported_when_built() {
         .with_token_timeout(Duration::MAX)
         .with_replay_limit(0);
 }
+
+/// Hands out `tok-1`, then (once the API refused it) fails as if the token endpoint refused the
+/// connection.
+#[derive(Debug, Default)]
+struct OneTokenThenRefused(std::sync::atomic::AtomicU32);
+
+impl TokenSource for OneTokenThenRefused {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if n == 0 {
+                Ok(Token::new("tok-1", None))
+            } else {
+                Err(Box::new(
+                    Error::new(ErrorKind::Connect, "connection refused")
+                        .with_delivery(sturdy_core::Delivery::NotSent),
+                ) as BoxError)
+            }
+        })
+    }
+
+    fn invalidate(&self, _token: &Token) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_failure_after_a_401_never_says_the_request_was_not_sent() {
+    use sturdy_core::classify::{concerns_destination, delivery};
+    use sturdy_core::Delivery;
+    let api = Api::accept_all_tokens();
+    api.accept_only(&["tok-2"]);
+    let svc =
+        AuthLayer::token_source(Arc::new(OneTokenThenRefused::default())).layer(api.service());
+    let err = svc.oneshot(get()).await.unwrap_err();
+    // The API answered the first attempt (401): it saw the request.
+    assert_eq!(api.calls.lock().unwrap().len(), 1);
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    assert!(
+        !concerns_destination(&*err),
+        "the token source's fault: {err}"
+    );
+
+    // Before any send, the same failure says not sent.
+    let source = Arc::new(OneTokenThenRefused::default());
+    source.0.store(1, std::sync::atomic::Ordering::SeqCst);
+    let api = Api::accept_all_tokens();
+    let err = AuthLayer::token_source(source)
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert!(api.calls.lock().unwrap().is_empty());
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+}
