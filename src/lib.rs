@@ -21,7 +21,7 @@
 //! | `hedge` | `hedge` | `sturdy-hedge`: `HedgeLayer`, hedged requests after a latency percentile |
 //! | `concurrency` | `concurrency` | `sturdy-concurrency`: `AdaptiveConcurrencyLayer`, a per-host limit that adapts |
 //! | `coalesce` | `coalesce` | `sturdy-coalesce`: `CoalesceLayer`, identical calls in flight share one |
-//! | `metrics` | (in [`core::events`]) | the layers' events counted through the `metrics` facade; every layer also takes an `on_event` callback without it |
+//! | `metrics` | (in [`core::events`]) | the layers' events counted through the `metrics` facade; every layer that makes a decision (auth, retry, rate limit, circuit breaker, server idempotency, webhooks, hedge, concurrency, coalesce) also takes an `on_event` callback without it; the version layer has `on_notice` |
 //!
 //! # Example
 //!

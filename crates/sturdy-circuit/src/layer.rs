@@ -21,7 +21,8 @@ pub(crate) type Cell = sturdy_core::keyed::SharedCell<Registry>;
 ///
 /// Every service the layer makes shares the same breakers (one `Arc`), and so do the layer's
 /// clones and its [`handle`](Self::handle)s. A setter called after a clone or a handle was taken
-/// applies to all of them; services made earlier keep the settings they were made with.
+/// applies to all of them; services made earlier keep the settings and the breakers they were
+/// made with, which the handle no longer sees: call setters before making services.
 #[derive(Clone)]
 #[must_use]
 pub struct CircuitBreakerLayer<K = ByHost, C = DefaultClassify> {

@@ -69,7 +69,8 @@ pub enum Event<'a> {
         reason: &'a ErrorKind,
         /// How long the layer waits before the next attempt.
         delay: Duration,
-        /// Where the delay comes from: the backoff, or the server's `Retry-After`.
+        /// Where the delay comes from: the backoff, the server's `Retry-After`, a rate limiter's
+        /// refusal (the wait it named), or an open circuit breaker (its time until a probe).
         source: DelaySource,
     },
     /// Retry layer: an attempt failed in a way worth trying again, but it was not retried.
@@ -557,6 +558,8 @@ mod record {
                 metrics::counter!(RETRY_RETRIES, l).increment(1);
                 let source = match source {
                     DelaySource::RetryAfter => "retry_after",
+                    DelaySource::RateLimit => "rate_limit",
+                    DelaySource::Breaker => "breaker",
                     _ => "backoff",
                 };
                 d.push(Label::from_static_parts("sturdy.delay.source", source));

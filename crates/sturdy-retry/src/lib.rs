@@ -14,9 +14,9 @@
 //! - **When**: decorrelated jitter by default ([`Backoff`]); a `Retry-After` on a 429, a 503 or an
 //!   in-flight 409 overrides it, never shortened and with up to +20 % jitter so clients do not
 //!   come back in lock-step. A `Retry-After` longer than 60 s, or past the overall deadline, or
-//!   with no attempt left, is not slept: the call fails at once with a
+//!   with no attempt left, is not slept: on a 429 or a 503 the call fails at once with a
 //!   [`RateLimited`](sturdy_core::RateLimited) carrying the wait in its error chain, so the caller
-//!   decides.
+//!   decides (a 409 is returned as it is).
 //! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps; a
 //!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
 //!   clone, so an outage does not multiply traffic.

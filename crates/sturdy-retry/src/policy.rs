@@ -709,7 +709,7 @@ fn server_wait<Rb>(
         Ok(_) => None,
         Err(e) => {
             if let Some(rl) = sturdy_core::find::<RateLimited>(&**e) {
-                return Some((rl.retry_after(), DelaySource::RetryAfter));
+                return Some((rl.retry_after(), DelaySource::RateLimit));
             }
             sturdy_core::find::<CircuitOpen>(&**e).map(|c| (c.retry_in(), DelaySource::Breaker))
         }

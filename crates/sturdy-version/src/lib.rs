@@ -1,7 +1,7 @@
 //! API version pinning, and notice of deprecations before they break you.
 //!
-//! [`VersionLayer`] sets the API version on every request, in a header (`API-Version` by default,
-//! or any name such as `Stripe-Version`, `X-GitHub-Api-Version`) or a query parameter; a version
+//! [`VersionLayer`] sets the API version on every request, in a header whose name you give
+//! (`API-Version`, `Stripe-Version`, `X-GitHub-Api-Version`, ...) or a query parameter; a version
 //! the caller set is kept. It reads every response for `Deprecation` (RFC 9745: `@<unix>`, and
 //! the older `true` or HTTP-date forms) and `Sunset` (RFC 8594: an HTTP date, read leniently),
 //! and reports each endpoint (method and path) once: a `tracing` warning and an optional

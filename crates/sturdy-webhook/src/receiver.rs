@@ -142,8 +142,12 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
 
     /// How long dedup keys are remembered \[24 h\]. For schemes with a signed timestamp a key
     /// is kept at least until the delivery would be refused as stale (timestamp plus
-    /// tolerance), so a copy can never be accepted twice; for schemes without one (GitHub, a
-    /// generic scheme without a timestamp header) this TTL is the whole replay protection.
+    /// tolerance), so a copy is never accepted twice while the queue remembers the key; for
+    /// schemes without one (GitHub, a generic scheme without a timestamp header) this TTL is the
+    /// whole replay protection. [`MemoryQueue`](crate::MemoryQueue) also bounds how many keys
+    /// it remembers (100,000, the oldest forgotten first): past that many deliveries within the
+    /// tolerance, a copy of the oldest could be accepted again. The Redis queue forgets keys by
+    /// time only.
     #[must_use]
     pub fn with_dedup_ttl(self, ttl: Duration) -> Self {
         self.edit(|i| i.dedup_ttl = ttl)
