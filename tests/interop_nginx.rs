@@ -1,0 +1,234 @@
+//! Interop: sturdy's rate limiting against nginx's `limit_req` (rate 10 r/s), started by
+//! `scripts/interop.sh` on loopback.
+//!
+//! nginx locations (each path has a bucket of its own, keyed on the URI):
+//! - `/burst/...`: `limit_req rate=10r/s burst=5 nodelay`, a bare 429 when over;
+//! - `/strict/...`: `rate=10r/s`, no burst, a bare 429 when over;
+//! - `/retry-after/...`: `rate=10r/s burst=5 nodelay`, 429 with `Retry-After: 1` when over.
+//!
+//! Every request is counted on the wire by a recording client under the stack, as nginx sees it.
+mod interop_common;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use interop_common::*;
+use sturdy::ratelimit::{Quota, RateLimitLayer};
+use sturdy::ClientBuilder;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+const NGINX: &str = "STURDY_INTEROP_NGINX_URL";
+
+/// Sends `n` GETs to `url` at once through `svc`; returns each call's status or error text.
+async fn burst_of<S>(svc: S, url: &str, n: usize) -> Vec<Result<u16, String>>
+where
+    S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>> + Clone + Send + 'static,
+    S::Response: Send,
+    S::Error: Into<sturdy::core::BoxError> + Send,
+    S::Future: Send,
+    S::Response: HasStatus,
+{
+    let calls = (0..n).map(|_| {
+        let svc = svc.clone();
+        let url = url.to_string();
+        tokio::spawn(async move {
+            match svc.oneshot(get(&url)).await {
+                Ok(res) => Ok(res.status_u16()),
+                Err(e) => {
+                    let e: sturdy::core::BoxError = e.into();
+                    Err(chain(&*e))
+                }
+            }
+        })
+    });
+    join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task"))
+        .collect()
+}
+
+trait HasStatus {
+    fn status_u16(&self) -> u16;
+}
+impl<B> HasStatus for http::Response<B> {
+    fn status_u16(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// A quota of our own that matches nginx's (10/s, burst 5): no call meets a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_quota_matching_nginx_meets_no_429() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let svc = RateLimitLayer::new(Quota::per_second(10).unwrap().with_burst(5).unwrap())
+        .layer(wire_svc);
+    let url = format!("{base}/burst/own-quota");
+    let start = Instant::now();
+    let results = bounded(
+        Duration::from_secs(20),
+        "30 calls paced at 10/s",
+        burst_of(svc, &url, 30),
+    )
+    .await;
+    let took = start.elapsed();
+    assert!(
+        results.iter().all(|r| r == &Ok(200)),
+        "every call succeeds: {results:?}"
+    );
+    assert_eq!(wire.count_status(429), 0, "no 429 from nginx: {:?}", wire.all());
+    // 5 at once, then one per 100 ms: 25 more take about 2.5 s.
+    assert!(took >= Duration::from_millis(2_300), "paced: {took:?}");
+    assert!(took <= Duration::from_secs(6), "not slower than the quota: {took:?}");
+}
+
+/// A bare 429 (nginx sends no Retry-After) pauses the host for 1 s: the next call waits, then
+/// goes, as docs/guides/ratelimit.md says ("a bare 429: 1 s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_429_from_nginx_pauses_the_host_for_a_second() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let svc = RateLimitLayer::adaptive_only().layer(wire_svc);
+    let url = format!("{base}/strict/bare-pause");
+    // 8 at once against a bucket without burst: one passes, the others get 429.
+    let results = bounded(
+        Duration::from_secs(10),
+        "first wave",
+        burst_of(svc.clone(), &url, 8),
+    )
+    .await;
+    let limited = results.iter().filter(|r| **r == Ok(429)).count();
+    assert!(limited >= 1, "nginx limits the wave: {results:?}");
+    let start = Instant::now();
+    let res = bounded(
+        Duration::from_secs(10),
+        "call after the 429",
+        svc.clone().oneshot(get(&url)),
+    )
+    .await
+    .unwrap();
+    let waited = start.elapsed();
+    assert_eq!(res.status(), 200);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the call after a bare 429 waits for the 1 s pause: {waited:?}; wire {:?}",
+        wire.all().iter().map(|e| &e.outcome).collect::<Vec<_>>()
+    );
+    assert!(waited <= Duration::from_secs(3), "not much more: {waited:?}");
+}
+
+/// The default `ClientBuilder` (adaptive limiting, retries) against nginx at 10 r/s: 40 calls at
+/// once all succeed, and after the first wave the limiter paces: nginx answers few 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_defaults_against_nginx_all_succeed_with_few_429s() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let client = ClientBuilder::new()
+        .with_attempt_timeout(Duration::from_secs(2))
+        .build(wire_svc);
+    let url = format!("{base}/burst/builder-defaults");
+    let start = Instant::now();
+    let results = bounded(
+        Duration::from_secs(60),
+        "40 calls through ClientBuilder",
+        burst_of(client, &url, 40),
+    )
+    .await;
+    let took = start.elapsed();
+    let all = wire.all();
+    let first_wave_end = all
+        .iter()
+        .filter(|e| e.outcome == Ok(http::StatusCode::TOO_MANY_REQUESTS))
+        .map(|e| e.done)
+        .min();
+    let later_429 = first_wave_end.map_or(0, |t| {
+        all.iter()
+            .filter(|e| e.sent > t + Duration::from_millis(50))
+            .filter(|e| e.outcome == Ok(http::StatusCode::TOO_MANY_REQUESTS))
+            .count()
+    });
+    eprintln!(
+        "builder defaults: {} requests on the wire, {} 429s ({} after the first wave), {:?}",
+        all.len(),
+        wire.count_status(429),
+        later_429,
+        took
+    );
+    assert!(
+        results.iter().all(|r| r == &Ok(200)),
+        "every call eventually succeeds: {results:?}"
+    );
+    // After the first wave the limiter knows: each pause sees one or two calls, not the line.
+    assert!(
+        later_429 <= 10,
+        "few 429s after the first wave: {later_429} (of {} requests)",
+        all.len()
+    );
+}
+
+/// The same with a quota of our own below the server's: no call fails, no 429 at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_with_quota_against_nginx_meets_no_429() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let client = ClientBuilder::new()
+        .with_rate_limit(RateLimitLayer::new(
+            Quota::per_second(10).unwrap().with_burst(5).unwrap(),
+        ))
+        .build(wire_svc);
+    let url = format!("{base}/burst/builder-quota");
+    let results = bounded(
+        Duration::from_secs(30),
+        "30 calls through ClientBuilder with a quota",
+        burst_of(client, &url, 30),
+    )
+    .await;
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+    assert_eq!(wire.count_status(429), 0, "{:?}", wire.all());
+    assert_eq!(wire.len(), 30, "one request per call");
+}
+
+/// nginx configured to send `Retry-After: 1` with its 429s: the whole line waits for it and
+/// every call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_honours_nginx_retry_after() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let client = ClientBuilder::new().build(wire_svc);
+    let url = format!("{base}/retry-after/builder");
+    let start = Instant::now();
+    let results = bounded(
+        Duration::from_secs(60),
+        "30 calls against 429 + Retry-After",
+        burst_of(client, &url, 30),
+    )
+    .await;
+    let took = start.elapsed();
+    let all = wire.all();
+    eprintln!(
+        "retry-after: {} requests, {} 429s, {:?}",
+        all.len(),
+        wire.count_status(429),
+        took
+    );
+    assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
+    // No request goes out less than a second after the first 429 came back, except those
+    // already on the wire.
+    let first_429 = all
+        .iter()
+        .filter(|e| e.outcome == Ok(http::StatusCode::TOO_MANY_REQUESTS))
+        .map(|e| e.done)
+        .min()
+        .expect("nginx limited the first wave");
+    let too_soon: Vec<_> = all
+        .iter()
+        .filter(|e| e.sent > first_429 && e.sent < first_429 + Duration::from_millis(950))
+        .collect();
+    assert!(
+        too_soon.is_empty(),
+        "nothing is sent within the Retry-After: {} requests were",
+        too_soon.len()
+    );
+}
