@@ -3,10 +3,13 @@
 // - oauth:     oauth2-mock-server (client credentials). Every client id must present the
 //              secret "interop-secret" (HTTP Basic or form body), else 401 invalid_client.
 //              A client id of the form "ttl<N>-..." gets tokens with expires_in = N seconds.
-// - api:       a resource server that verifies the server's JWTs (signature and exp) with jose.
-//              GET/POST /whoami -> 200 {client_id, jti}; /revoked-once -> 401 for the first
-//              request made with each token, then 200; everything else 404.
-// - stats:     GET /stats?client=<id> -> {tokens, api_calls, api_401}, counted per client id.
+// - api:       a resource server that verifies the server's JWTs (signature, issuer, exp) with
+//              jose; an invalid or expired token gets 401. /whoami -> 200 {client_id, jti,
+//              scope, method, bytes}; /revoke-first-token -> 401 for every request with the
+//              first token a client id presents there, 200 with any later token;
+//              /always-401 -> 401; everything else 404.
+// - stats:     GET /stats?client=<id> -> {tokens, api_calls, api_401, invalid_401,
+//              rejected_secrets}, counted per client id.
 // - json:      json-server 0.17 with /items (100 items, ids 1..100) and `_page`/`_limit` Link
 //              pagination.
 // - backend:   the origin behind HAProxy: counts requests per path and per Idempotency-Key;
@@ -32,7 +35,7 @@ const SECRET = 'interop-secret';
 
 const stats = new Map();
 function statsOf(client) {
-  if (!stats.has(client)) stats.set(client, { tokens: 0, api_calls: 0, api_401: 0, rejected_secrets: 0 });
+  if (!stats.has(client)) stats.set(client, { tokens: 0, api_calls: 0, api_401: 0, invalid_401: 0, rejected_secrets: 0 });
   return stats.get(client);
 }
 
@@ -91,36 +94,55 @@ async function startOauth() {
 async function startApi(oauth) {
   const issuer = oauth.server.issuer;
   const jwks = jose.createLocalJWKSet({ keys: issuer.keys.toJSON() });
-  const seen = new Set();
-  const api = http.createServer(async (req, res) => {
-    const send = (status, body) => {
+  // Per client id, the first token that calls /revoke-first-token is treated as revoked.
+  const revoked = new Map();
+  const api = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => answer(req, res, Buffer.concat(chunks)).catch(() => res.destroy()));
+  });
+  async function answer(req, res, body) {
+    const send = (status, json) => {
       res.writeHead(status, { 'content-type': 'application/json' });
-      res.end(JSON.stringify(body));
+      res.end(JSON.stringify(json));
     };
     const url = new URL(req.url, `http://${HOST}`);
-    req.resume();
     const auth = req.headers.authorization || '';
     if (!auth.startsWith('Bearer ')) return send(401, { error: 'no bearer token' });
+    const token = auth.slice(7);
     let payload;
     try {
-      ({ payload } = await jose.jwtVerify(auth.slice(7), jwks, { issuer: issuer.url }));
+      ({ payload } = await jose.jwtVerify(token, jwks, { issuer: issuer.url }));
     } catch (e) {
+      try {
+        const claims = jose.decodeJwt(token);
+        statsOf(claims.client_id || '').invalid_401 += 1;
+      } catch (_) {
+        // not a JWT at all
+      }
+      res.setHeader('www-authenticate', 'Bearer error="invalid_token"');
       return send(401, { error: `invalid token: ${e.code || e.message}` });
     }
     const s = statsOf(payload.client_id || '');
     s.api_calls += 1;
-    if (url.pathname === '/whoami') return send(200, { client_id: payload.client_id, jti: payload.jti });
-    if (url.pathname === '/revoked-once') {
-      if (!seen.has(payload.jti)) {
-        seen.add(payload.jti);
+    const me = { client_id: payload.client_id, jti: payload.jti, scope: payload.scope, method: req.method, bytes: body.length };
+    if (url.pathname === '/whoami') return send(200, me);
+    if (url.pathname === '/revoke-first-token') {
+      if (!revoked.has(payload.client_id)) revoked.set(payload.client_id, payload.jti);
+      if (revoked.get(payload.client_id) === payload.jti) {
         s.api_401 += 1;
-        res.setHeader('www-authenticate', 'Bearer error="invalid_token"');
+        res.setHeader('www-authenticate', 'Bearer error="invalid_token", error_description="revoked"');
         return send(401, { error: 'token revoked' });
       }
-      return send(200, { client_id: payload.client_id, jti: payload.jti });
+      return send(200, me);
+    }
+    if (url.pathname === '/always-401') {
+      s.api_401 += 1;
+      res.setHeader('www-authenticate', 'Bearer error="invalid_token"');
+      return send(401, { error: 'never authorised' });
     }
     return send(404, { error: 'not found' });
-  });
+  }
   return listen(api);
 }
 

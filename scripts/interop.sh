@@ -133,7 +133,7 @@ export STURDY_INTEROP_JSON_SERVER_URL=$(u "$json")
 if [ "${STURDY_INTEROP_KEEP:-}" = 1 ]; then
   env | grep '^STURDY_INTEROP' | sort
   echo "== peers running; Ctrl-C stops them"
-  while true; do sleep 3600; done
+  while true; do sleep 3600 & wait $!; done
 fi
 
 echo "== cargo test (interop_*)"

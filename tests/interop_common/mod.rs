@@ -72,6 +72,8 @@ pub struct Exchange {
     pub headers: http::HeaderMap,
     /// The status, or the error's text when the exchange failed.
     pub outcome: Result<StatusCode, String>,
+    /// How sturdy classifies the error, when the exchange failed.
+    pub kind: Option<sturdy::core::ErrorKind>,
     pub sent: Instant,
     pub done: Instant,
 }
@@ -122,15 +124,19 @@ pub fn recorded(
             let headers = req.headers().clone();
             let sent = Instant::now();
             let res = http.request(req).await;
-            let outcome = match &res {
-                Ok(r) => Ok(r.status()),
-                Err(e) => Err(sturdy::core::classify::describe(e)),
+            let (outcome, kind) = match &res {
+                Ok(r) => (Ok(r.status()), None),
+                Err(e) => (
+                    Err(sturdy::core::classify::describe(e)),
+                    Some(sturdy::core::classify::classify_error(e)),
+                ),
             };
             log.0.lock().unwrap().push(Exchange {
                 method,
                 uri,
                 headers,
                 outcome,
+                kind,
                 sent,
                 done: Instant::now(),
             });
