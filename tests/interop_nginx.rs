@@ -160,10 +160,12 @@ async fn builder_defaults_against_nginx_all_succeed_with_few_429s() {
         results.iter().all(|r| r == &Ok(200)),
         "every call eventually succeeds: {results:?}"
     );
-    // After the first wave the limiter knows: each pause sees one or two calls, not the line.
+    // After the first wave the limiter knows: "a server that answers the first ones with a new
+    // pause sees one or two calls, not the whole line" (a pause is 1 s for a bare 429).
+    let pauses = took.as_secs() + 1;
     assert!(
-        later_429 <= 10,
-        "few 429s after the first wave: {later_429} (of {} requests)",
+        later_429 as u64 <= 2 * pauses,
+        "few 429s after the first wave: {later_429} in {took:?} (of {} requests)",
         all.len()
     );
 }
@@ -231,4 +233,38 @@ async fn builder_honours_nginx_retry_after() {
         "nothing is sent within the Retry-After: {} requests were",
         too_soon.len()
     );
+}
+
+/// nginx's `limit_req` without `burst` (`rate=10r/s`: a request less than 100 ms after the last
+/// one admitted is refused with a bare 429). The default `ClientBuilder` (adaptive limiting, no
+/// quota of its own) against it: 20 GETs at once should all succeed in about the 2 s the server
+/// needs for them at 10 r/s, plus a pause. Observed: each bare 429 pauses the host for 1 s, and
+/// the slow start after each pause sends three calls within a millisecond (one gets 200, two get
+/// 429 and start a new 1 s pause): about one success per second, and calls whose released
+/// attempts kept meeting 429 give up after 4 attempts with the 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault: against nginx limit_req without burst, ClientBuilder defaults serve ~1 call/s and some calls fail with 429 after 4 attempts"]
+async fn builder_defaults_against_nginx_without_burst_all_succeed() {
+    let base = peer_or_skip!(NGINX);
+    let (wire_svc, wire) = recorded(http());
+    let client = ClientBuilder::new().build(wire_svc);
+    let url = format!("{base}/strict/builder-defaults");
+    let start = Instant::now();
+    let results = bounded(
+        Duration::from_secs(60),
+        "20 calls through ClientBuilder against limit_req without burst",
+        burst_of(client, &url, 20),
+    )
+    .await;
+    let took = start.elapsed();
+    let failed = results.iter().filter(|r| **r != Ok(200)).count();
+    eprintln!(
+        "no burst: {failed} of 20 calls failed, {} requests, {} 429s, {took:?}",
+        wire.len(),
+        wire.count_status(429)
+    );
+    assert_eq!(failed, 0, "every call eventually succeeds: {results:?}");
+    // The server admits 10 r/s: "a server that is back is reached by everyone within a few
+    // round trips" (docs/guides/ratelimit.md).
+    assert!(took <= Duration::from_secs(8), "{took:?}");
 }

@@ -264,3 +264,151 @@ async fn wrong_secret_is_a_clear_error_without_the_secret() {
     let s = stats(&stats_url, &id).await;
     assert_eq!(s["rejected_secrets"], 1, "asked once, not retried: {s}");
 }
+
+// ---- the token endpoint behind HAProxy's faults ----
+
+const HA_STALL: &str = "STURDY_INTEROP_HAPROXY_STALL_URL";
+const HA_GATEWAY_TIMEOUT: &str = "STURDY_INTEROP_HAPROXY_GATEWAY_TIMEOUT_URL";
+const HA_RESET: &str = "STURDY_INTEROP_HAPROXY_RESET_URL";
+
+/// A token endpoint that never answers: the token request is cut at its timeout, the call fails
+/// `NotSent` with kind `Timeout`, names the token endpoint, and the API is never called.
+#[tokio::test]
+async fn stalled_token_endpoint_is_bounded() {
+    let stall = peer_or_skip!(HA_STALL);
+    let api = peer_or_skip!(API);
+    let token_url = format!("{stall}/oauth/token");
+    let tokens = ClientCredentials::new(http(), &token_url, client_id("stalled"), SECRET)
+        .unwrap()
+        .with_request_timeout(Duration::from_millis(300));
+    let (api_client, api_wire) = recorded(http());
+    let svc = AuthLayer::oauth2(tokens).layer(api_client);
+    let start = tokio::time::Instant::now();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a call behind a stalled token endpoint",
+        svc.oneshot(post(&format!("{api}/whoami"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    let took = start.elapsed();
+    eprintln!("stalled token endpoint: {err} ({took:?})");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(classify_error(&*err), ErrorKind::Timeout, "{}", chain(&*err));
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert!(err.to_string().contains(&token_url), "{err}");
+    assert_eq!(api_wire.len(), 0);
+}
+
+/// The same inside `ClientBuilder` with the default 30 s token request timeout: the builder's
+/// attempt timeout bounds the wait for the token.
+#[tokio::test]
+async fn builder_attempt_timeout_bounds_a_stalled_token_endpoint() {
+    let stall = peer_or_skip!(HA_STALL);
+    let api = peer_or_skip!(API);
+    let tokens = ClientCredentials::new(
+        http(),
+        &format!("{stall}/oauth/token"),
+        client_id("stalled-builder"),
+        SECRET,
+    )
+    .unwrap();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .with_attempt_timeout(Duration::from_millis(400))
+        .build(http());
+    let start = tokio::time::Instant::now();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a call behind a stalled token endpoint",
+        client.oneshot(post(&format!("{api}/whoami"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{}", chain(&*err));
+    assert!(!ErrorSummary::of(&*err).may_have_been_processed);
+}
+
+/// A token endpoint behind a proxy that answers 504: retryable, the token endpoint's status,
+/// not sent.
+#[tokio::test]
+async fn token_endpoint_gateway_timeout() {
+    let gw = peer_or_skip!(HA_GATEWAY_TIMEOUT);
+    let api = peer_or_skip!(API);
+    let token_url = format!("{gw}/oauth/token");
+    let tokens = ClientCredentials::new(http(), &token_url, client_id("gw"), SECRET).unwrap();
+    let svc = AuthLayer::oauth2(tokens).layer(http());
+    let err = bounded(
+        Duration::from_secs(5),
+        "a call behind a 504 token endpoint",
+        svc.oneshot(get(&format!("{api}/whoami"))),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("504 token endpoint: {err}");
+    let s = ErrorSummary::of(&*err);
+    assert_eq!((s.kind, s.status), ("server_error", Some(504)), "{s:?}");
+    assert!(s.retryable && !s.may_have_been_processed, "{s:?}");
+    assert!(err.to_string().contains(&token_url), "{err}");
+}
+
+/// A token endpoint whose proxy closes the connection: retryable, not sent, names the endpoint.
+#[tokio::test]
+async fn token_endpoint_reset() {
+    let reset = peer_or_skip!(HA_RESET);
+    let api = peer_or_skip!(API);
+    let token_url = format!("{reset}/oauth/token");
+    let tokens = ClientCredentials::new(http(), &token_url, client_id("reset"), SECRET).unwrap();
+    let svc = AuthLayer::oauth2(tokens).layer(http());
+    let err = bounded(
+        Duration::from_secs(5),
+        "a call behind a resetting token endpoint",
+        svc.oneshot(post(&format!("{api}/whoami"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("reset token endpoint: {err}");
+    let s = ErrorSummary::of(&*err);
+    assert!(s.retryable && !s.may_have_been_processed, "{s:?}");
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert!(err.to_string().contains(&token_url), "{err}");
+}
+
+/// Many callers while 2 s tokens keep expiring: one token request per refresh, not one per
+/// caller, and no caller presents an expired token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_is_single_flight_under_concurrency() {
+    let oauth = peer_or_skip!(OAUTH);
+    let api = peer_or_skip!(API);
+    let stats_url = peer_or_skip!(STATS);
+    let id = client_id("ttl2-concurrent");
+    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
+        .unwrap();
+    let client = ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(http());
+    let tasks = (0..10).map(|_| {
+        let client = client.clone();
+        let url = format!("{api}/whoami");
+        tokio::spawn(async move {
+            for _ in 0..15 {
+                let res = client.clone().oneshot(get(&url)).await.unwrap();
+                assert_eq!(res.status(), 200);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    bounded(Duration::from_secs(30), "10 callers for 3 s", join_all(tasks))
+        .await
+        .into_iter()
+        .for_each(|r| r.unwrap());
+    let s = stats(&stats_url, &id).await;
+    eprintln!("concurrent refresh: {s}");
+    assert_eq!(s["api_calls"], 150, "{s}");
+    assert_eq!(s["invalid_401"], 0, "no expired token presented: {s}");
+    let issued = s["tokens"].as_u64().unwrap();
+    assert!((2..=6).contains(&issued), "one request per refresh: {s}");
+}
