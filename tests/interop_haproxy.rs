@@ -20,13 +20,13 @@ mod interop_common;
 use std::time::Duration;
 
 use http::StatusCode;
+use http_body_util::BodyExt;
 use interop_common::*;
 use sturdy::core::classify::{classify_error, delivery};
 use sturdy::core::{CallOptions, Delivery, ErrorKind, ErrorSummary};
 use sturdy::retry::RetryLayer;
 use sturdy::ClientBuilder;
 use tokio::time::Instant;
-use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 const NORMAL: &str = "STURDY_INTEROP_HAPROXY_NORMAL_URL";
@@ -97,7 +97,12 @@ async fn raw_faults_classify_correctly() {
     )
     .await
     .unwrap_err();
-    assert_eq!(classify_error(&err), ErrorKind::Transport, "{}", chain(&err));
+    assert_eq!(
+        classify_error(&err),
+        ErrorKind::Transport,
+        "{}",
+        chain(&err)
+    );
     assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     assert!(!delivery(&err).proves_not_sent());
     let s = ErrorSummary::of(&err);
@@ -193,7 +198,10 @@ async fn keyed_post_is_retried_through_intermittent_resets() {
         .iter()
         .map(|e| e.headers.get("idempotency-key").cloned())
         .collect();
-    assert!(keys[0].is_some() && keys[0] == keys[1], "one key for both: {keys:?}");
+    assert!(
+        keys[0].is_some() && keys[0] == keys[1],
+        "one key for both: {keys:?}"
+    );
     let seen = processed(&backend, &path).await;
     assert_eq!(seen["hits"], 1, "{seen}");
 }
@@ -217,7 +225,12 @@ async fn unkeyed_post_is_not_retried_after_a_reset() {
     .unwrap_err();
     eprintln!("unkeyed POST, reset: {err}");
     assert_eq!(wire.len(), 1, "sent once: {:?}", wire.all());
-    assert_eq!(classify_error(&*err), ErrorKind::Transport, "{}", chain(&*err));
+    assert_eq!(
+        classify_error(&*err),
+        ErrorKind::Transport,
+        "{}",
+        chain(&*err)
+    );
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
     let s = ErrorSummary::of(&*err);
     assert!(s.may_have_been_processed, "{s:?}");
@@ -282,7 +295,8 @@ async fn tcp_reject_fails_fast_and_classifies() {
         .iter()
         .any(|e| e.kind.as_ref() != Some(&ErrorKind::Connect));
     assert_eq!(
-        s.may_have_been_processed, maybe_sent,
+        s.may_have_been_processed,
+        maybe_sent,
         "the call's delivery covers every attempt: {:?}",
         wire.all()
     );
@@ -312,11 +326,19 @@ async fn tcp_reject_unkeyed_post_retried_only_while_proved_not_sent() {
         .position(|k| k.as_ref() != Some(&ErrorKind::Connect));
     match first_maybe {
         Some(i) => {
-            assert_eq!(kinds.len(), i + 1, "no attempt after one that may have been sent");
+            assert_eq!(
+                kinds.len(),
+                i + 1,
+                "no attempt after one that may have been sent"
+            );
             assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
         }
         None => {
-            assert_eq!(kinds.len(), 4, "refused connects prove nothing was sent: retried");
+            assert_eq!(
+                kinds.len(),
+                4,
+                "refused connects prove nothing was sent: retried"
+            );
             assert_eq!(delivery(&*err), Delivery::NotSent);
             assert!(err.to_string().contains("not sent"), "{err}");
         }
@@ -376,9 +398,17 @@ async fn constant_stall_ends_within_the_deadline() {
     .await
     .unwrap_err();
     let took = start.elapsed();
-    eprintln!("constant stall: {err} ({took:?}); {:?}", ErrorSummary::of(&*err));
+    eprintln!(
+        "constant stall: {err} ({took:?}); {:?}",
+        ErrorSummary::of(&*err)
+    );
     assert!(took <= Duration::from_millis(1_800), "{took:?}");
-    assert_eq!(classify_error(&*err), ErrorKind::Timeout, "{}", chain(&*err));
+    assert_eq!(
+        classify_error(&*err),
+        ErrorKind::Timeout,
+        "{}",
+        chain(&*err)
+    );
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
     let s = ErrorSummary::of(&*err);
     assert!(s.retryable && s.may_have_been_processed, "{s:?}");
@@ -458,7 +488,12 @@ async fn unkeyed_post_is_not_retried_after_a_dropped_answer() {
     eprintln!("unkeyed POST, dropped answer: {err}");
     let seen = processed(&backend, &path).await;
     assert_eq!(seen["hits"], 1, "not retried: {seen}");
-    assert_eq!(classify_error(&*err), ErrorKind::Timeout, "{}", chain(&*err));
+    assert_eq!(
+        classify_error(&*err),
+        ErrorKind::Timeout,
+        "{}",
+        chain(&*err)
+    );
     let s = ErrorSummary::of(&*err);
     assert!(s.may_have_been_processed, "{s:?}");
     assert!(err.to_string().contains("may have been processed"), "{err}");
@@ -585,4 +620,54 @@ async fn normal_frontend_works() {
     let seen = processed(&backend, &path).await;
     assert_eq!(seen["hits"], 1);
     assert_eq!(seen["keys"].as_object().unwrap().len(), 1, "a key was sent");
+}
+
+/// A breaker that opens after 3 failures in a row, behind a proxy that resets every request:
+/// once open, calls fail at once with `CircuitOpen`, nothing reaches the wire, and the error
+/// proves the request was not sent.
+#[tokio::test]
+async fn breaker_opens_on_constant_resets_and_fails_fast() {
+    let base = peer_or_skip!(RESET);
+    let (wire_svc, wire) = recorded(http());
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_circuit_breaker(
+            sturdy::circuit::CircuitBreakerLayer::new().with_consecutive_failures(3),
+        )
+        .build(wire_svc);
+    for _ in 0..3 {
+        let err = bounded(
+            Duration::from_secs(5),
+            "a failing call",
+            client.clone().oneshot(get(&format!("{base}/breaker"))),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            classify_error(&*err),
+            ErrorKind::Transport,
+            "{}",
+            chain(&*err)
+        );
+    }
+    assert_eq!(wire.len(), 3);
+    let start = Instant::now();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a call meeting the open breaker",
+        client
+            .clone()
+            .oneshot(post(&format!("{base}/breaker"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(100), "fails fast");
+    assert_eq!(wire.len(), 3, "nothing sent");
+    assert!(
+        sturdy::core::find::<sturdy::core::CircuitOpen>(&*err).is_some(),
+        "{}",
+        chain(&*err)
+    );
+    assert!(delivery(&*err).proves_not_sent(), "{}", chain(&*err));
+    assert!(!ErrorSummary::of(&*err).may_have_been_processed);
 }

@@ -85,7 +85,11 @@ async fn one_token_for_many_concurrent_calls() {
     assert_eq!(jtis.len(), 1, "one token for all: {jtis:?}");
     assert_eq!(token_wire.len(), 1, "one token request");
     let s = stats(&stats_url, &id).await;
-    assert_eq!((s["tokens"].as_u64(), s["api_calls"].as_u64()), (Some(1), Some(40)), "{s}");
+    assert_eq!(
+        (s["tokens"].as_u64(), s["api_calls"].as_u64()),
+        (Some(1), Some(40)),
+        "{s}"
+    );
     // Sent as `Authorization: Bearer <JWT>` from the server.
     let sent = api_wire.all();
     let auth = sent[0].headers["authorization"].to_str().unwrap();
@@ -123,8 +127,8 @@ async fn short_lived_tokens_are_refreshed_before_they_expire() {
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
     let id = client_id("ttl2-refresh");
-    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
-        .unwrap();
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(tokens))
         .build(http());
@@ -159,8 +163,8 @@ async fn api_401_refreshes_once_and_replays() {
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
     let id = client_id("revoked");
-    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
-        .unwrap();
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let (api_client, api_wire) = recorded(http());
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(tokens))
@@ -176,10 +180,16 @@ async fn api_401_refreshes_once_and_replays() {
     .unwrap_or_else(|e| panic!("{}", chain(&*e)));
     assert_eq!(res.status(), 200);
     let me = json(res).await;
-    assert_eq!((me["method"].as_str(), me["bytes"].as_u64()), (Some("POST"), Some(11)));
+    assert_eq!(
+        (me["method"].as_str(), me["bytes"].as_u64()),
+        (Some("POST"), Some(11))
+    );
     let sent = api_wire.all();
     assert_eq!(sent.len(), 2, "the first attempt and one replay");
-    assert_ne!(sent[0].headers["authorization"], sent[1].headers["authorization"]);
+    assert_ne!(
+        sent[0].headers["authorization"],
+        sent[1].headers["authorization"]
+    );
     assert_eq!(
         sent[0].headers.get("idempotency-key"),
         sent[1].headers.get("idempotency-key"),
@@ -194,7 +204,11 @@ async fn api_401_refreshes_once_and_replays() {
         assert_eq!(res.status(), 200);
     }
     let s = stats(&stats_url, &id).await;
-    assert_eq!((s["tokens"].as_u64(), s["api_401"].as_u64()), (Some(2), Some(1)), "{s}");
+    assert_eq!(
+        (s["tokens"].as_u64(), s["api_401"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
 }
 
 /// An API that always answers 401: one refresh and one replay, then the 401 is returned; no
@@ -205,8 +219,8 @@ async fn api_that_always_401s_is_not_hammered() {
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
     let id = client_id("always401");
-    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
-        .unwrap();
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(tokens))
         .build(http());
@@ -219,7 +233,11 @@ async fn api_that_always_401s_is_not_hammered() {
     .unwrap();
     assert_eq!(res.status(), 401);
     let s = stats(&stats_url, &id).await;
-    assert_eq!((s["tokens"].as_u64(), s["api_401"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(
+        (s["tokens"].as_u64(), s["api_401"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
 }
 
 /// A wrong client secret: the server answers 401 invalid_client; the error names the cause and
@@ -294,7 +312,12 @@ async fn stalled_token_endpoint_is_bounded() {
     let took = start.elapsed();
     eprintln!("stalled token endpoint: {err} ({took:?})");
     assert!(took < Duration::from_secs(2), "{took:?}");
-    assert_eq!(classify_error(&*err), ErrorKind::Timeout, "{}", chain(&*err));
+    assert_eq!(
+        classify_error(&*err),
+        ErrorKind::Timeout,
+        "{}",
+        chain(&*err)
+    );
     assert_eq!(delivery(&*err), Delivery::NotSent);
     assert!(err.to_string().contains(&token_url), "{err}");
     assert_eq!(api_wire.len(), 0);
@@ -385,8 +408,8 @@ async fn refresh_is_single_flight_under_concurrency() {
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
     let id = client_id("ttl2-concurrent");
-    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
-        .unwrap();
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(tokens))
         .build(http());
@@ -401,10 +424,14 @@ async fn refresh_is_single_flight_under_concurrency() {
             }
         })
     });
-    bounded(Duration::from_secs(30), "10 callers for 3 s", join_all(tasks))
-        .await
-        .into_iter()
-        .for_each(|r| r.unwrap());
+    bounded(
+        Duration::from_secs(30),
+        "10 callers for 3 s",
+        join_all(tasks),
+    )
+    .await
+    .into_iter()
+    .for_each(|r| r.unwrap());
     let s = stats(&stats_url, &id).await;
     eprintln!("concurrent refresh: {s}");
     assert_eq!(s["api_calls"], 150, "{s}");

@@ -67,9 +67,13 @@ async fn page_stream_numbers_and_ends() {
         .with_page_size(25)
         .build()
         .unwrap();
-    let pages: Vec<_> = bounded(Duration::from_secs(20), "pages", pager.pages().try_collect())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let pages: Vec<_> = bounded(
+        Duration::from_secs(20),
+        "pages",
+        pager.pages().try_collect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pages.len(), 4);
     for (i, p) in pages.iter().enumerate() {
         assert_eq!(p.number, i + 1);
@@ -114,7 +118,12 @@ async fn bounded_pages_walk_everything_with_cursors() {
     assert_eq!(all, (1..=100).collect::<Vec<_>>());
     assert_eq!(calls, 15, "100 items, 7 per call");
     // Server pages of 7 (`min(limit, 100)`): each fetched once.
-    assert_eq!(wire.len(), 15, "{:?}", wire.all().iter().map(|e| &e.uri).collect::<Vec<_>>());
+    assert_eq!(
+        wire.len(),
+        15,
+        "{:?}",
+        wire.all().iter().map(|e| &e.uri).collect::<Vec<_>>()
+    );
     assert!(wire.all()[0].uri.ends_with("_page=1&_limit=7"));
 }
 

@@ -106,10 +106,7 @@ fn payloads() -> Vec<String> {
         "{\n  \"type\": \"user.created\",\n  \"name\": \"Zoë 漢字 🎉\"\n}\n".to_string(),
         "not json at all, with a trailing space ".to_string(),
         // Over the receiver's 64 KiB offload threshold.
-        format!(
-            r#"{{"type":"bulk","data":"{}"}}"#,
-            "x".repeat(200 * 1024)
-        ),
+        format!(r#"{{"type":"bulk","data":"{}"}}"#, "x".repeat(200 * 1024)),
     ]
 }
 
@@ -130,9 +127,12 @@ async fn standard_webhooks_library_signatures_verify() {
     let (app, mut events) = standard_app(StandardWebhooks::new(SW_SECRET).unwrap());
     for (i, (body, sig)) in bodies.iter().zip(&sigs).enumerate() {
         // sturdy's own signer agrees with the library byte for byte.
-        let ours = sign_standard(SW_SECRET, &format!("msg_interop_{i}"), ts, body.as_bytes())
-            .unwrap();
-        assert_eq!(&ours, sig, "sign_standard matches the library for payload {i}");
+        let ours =
+            sign_standard(SW_SECRET, &format!("msg_interop_{i}"), ts, body.as_bytes()).unwrap();
+        assert_eq!(
+            &ours, sig,
+            "sign_standard matches the library for payload {i}"
+        );
         let status = bounded(
             Duration::from_secs(10),
             "delivery",
@@ -264,7 +264,11 @@ async fn standard_webhooks_secret_without_prefix() {
 #[tokio::test]
 async fn standard_webhooks_public_vectors() {
     let dir = peer_or_skip!(NODE_DIR);
-    let (id, ts, payload) = ("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330_i64, r#"{"test": 2432232314}"#);
+    let (id, ts, payload) = (
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1_614_265_330_i64,
+        r#"{"test": 2432232314}"#,
+    );
     let expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
     let sigs = sign(
         &dir,
@@ -272,11 +276,20 @@ async fn standard_webhooks_public_vectors() {
     );
     assert_eq!(sigs[0], expected, "the library reproduces SW-1");
     let wide = Duration::from_secs((now() - ts + 3_600) as u64);
-    let (app, _events) =
-        standard_app(StandardWebhooks::new(SW_SECRET).unwrap().with_tolerance(wide));
-    assert_eq!(deliver_standard(&app, id, ts, expected, payload).await, StatusCode::OK);
-    let (app, _events) =
-        standard_app(StandardWebhooks::new(SW_SECRET).unwrap().with_tolerance(wide));
+    let (app, _events) = standard_app(
+        StandardWebhooks::new(SW_SECRET)
+            .unwrap()
+            .with_tolerance(wide),
+    );
+    assert_eq!(
+        deliver_standard(&app, id, ts, expected, payload).await,
+        StatusCode::OK
+    );
+    let (app, _events) = standard_app(
+        StandardWebhooks::new(SW_SECRET)
+            .unwrap()
+            .with_tolerance(wide),
+    );
     for bad in [
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=",
         "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
@@ -311,10 +324,14 @@ async fn stripe_library_signatures_verify() {
     bodies.push(event.to_string());
     let mut cases: Vec<_> = bodies
         .iter()
-        .map(|p| json!({"scheme": "stripe", "secret": STRIPE_SECRET, "timestamp": ts, "payload": p}))
+        .map(
+            |p| json!({"scheme": "stripe", "secret": STRIPE_SECRET, "timestamp": ts, "payload": p}),
+        )
         .collect();
     // Stripe's retry of the same event, signed later.
-    cases.push(json!({"scheme": "stripe", "secret": STRIPE_SECRET, "timestamp": ts + 5, "payload": event}));
+    cases.push(
+        json!({"scheme": "stripe", "secret": STRIPE_SECRET, "timestamp": ts + 5, "payload": event}),
+    );
     let sigs = sign(&dir, &json!(cases));
     let (app, mut events) = stripe_app(Stripe::new(STRIPE_SECRET).unwrap());
     for (i, (body, sig)) in bodies.iter().zip(&sigs).enumerate() {
@@ -334,8 +351,14 @@ async fn stripe_library_signatures_verify() {
         assert_eq!(e.body.as_ref(), body.as_bytes());
         assert_eq!(e.timestamp, Some(ts));
     }
-    assert_eq!(deliver_stripe(&app, &sigs[bodies.len()], event).await, StatusCode::OK);
-    assert!(events.try_recv().is_none(), "the retry of evt_interop_1 is a duplicate");
+    assert_eq!(
+        deliver_stripe(&app, &sigs[bodies.len()], event).await,
+        StatusCode::OK
+    );
+    assert!(
+        events.try_recv().is_none(),
+        "the retry of evt_interop_1 is a duplicate"
+    );
 }
 
 /// Tampered, wrong secret, old, future: rejected. A header with two `v1` entries (Stripe sends
@@ -354,18 +377,36 @@ async fn stripe_rejections_and_rolled_secrets() {
     let sigs = sign(&dir, &cases);
     let (app, mut events) = stripe_app(Stripe::new(STRIPE_SECRET).unwrap());
     let tampered = body.replace("refunded", "captured");
-    assert_eq!(deliver_stripe(&app, &sigs[0], &tampered).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(deliver_stripe(&app, &sigs[1], body).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(deliver_stripe(&app, &sigs[2], body).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(deliver_stripe(&app, &sigs[3], body).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        deliver_stripe(&app, &sigs[0], &tampered).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        deliver_stripe(&app, &sigs[1], body).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        deliver_stripe(&app, &sigs[2], body).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        deliver_stripe(&app, &sigs[3], body).await,
+        StatusCode::UNAUTHORIZED
+    );
     // A timestamp edited in the header.
     let edited = sigs[0].replacen(&format!("t={ts}"), &format!("t={}", ts + 1), 1);
-    assert_eq!(deliver_stripe(&app, &edited, body).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        deliver_stripe(&app, &edited, body).await,
+        StatusCode::UNAUTHORIZED
+    );
     assert!(events.try_recv().is_none());
 
     // Both secrets' signatures in one header, plus a v0 entry: the receiver knowing either passes.
     let other_v1 = sigs[1].split(",v1=").nth(1).unwrap();
-    let rolled = format!("{},v1={other_v1},v0=6ffbb59b2300aae63f272406069a9788598b792a944a07aba816edb039989a39", sigs[0]);
+    let rolled = format!(
+        "{},v1={other_v1},v0=6ffbb59b2300aae63f272406069a9788598b792a944a07aba816edb039989a39",
+        sigs[0]
+    );
     let (app, mut events) = stripe_app(Stripe::new(STRIPE_OTHER).unwrap());
     assert_eq!(deliver_stripe(&app, &rolled, body).await, StatusCode::OK);
     assert!(events.try_recv().is_some());
