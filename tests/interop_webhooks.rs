@@ -9,7 +9,7 @@ mod interop_common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::routing::post_service;
@@ -17,6 +17,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use interop_common::*;
 use serde_json::json;
+use sturdy::core::{SystemClock, WallClock};
 use sturdy::webhook::{
     sign_standard, sign_stripe, MemoryQueue, MemoryReceiver, StandardWebhooks, Stripe,
     WebhookReceiver,
@@ -31,7 +32,8 @@ const STRIPE_SECRET: &str = "whsec_interop_stripe_endpoint_secret_1";
 const STRIPE_OTHER: &str = "whsec_interop_stripe_endpoint_secret_2";
 
 fn now() -> i64 {
-    SystemTime::now()
+    SystemClock
+        .now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
