@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Interop tests: sturdy against real third-party peers, all on 127.0.0.1.
+#
+#   nginx     limit_req at 10 r/s (interop/conf/nginx.conf.in)
+#   HAProxy   fault proxies: connections closed or reset before an answer, stalls, answers
+#             dropped after the backend processed the request, 504 after a server timeout (interop/conf/haproxy.cfg.in)
+#   node      oauth2-mock-server with a JWT-checking API, json-server 0.17 (Link pagination),
+#             the origin behind HAProxy and a black hole (interop/peers.js); the Standard
+#             Webhooks and Stripe signing libraries (interop/sign.js)
+#
+# Installs what is missing (Debian's nginx-light, haproxy, nodejs and npm when root; the npm
+# packages from interop/package-lock.json with `npm ci`), starts every peer, exports their
+# addresses as STURDY_INTEROP_* variables, runs the `interop_*` test files of the `sturdy`
+# package, and stops every peer it started, whatever happens.
+#
+# Extra arguments go to `cargo test` (for example a test name filter). With
+# STURDY_INTEROP_KEEP=1 the peers' addresses are printed and the script waits for Ctrl-C
+# instead of running the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+started=$(date +%s.%N)
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing: ${need_apt[*]} (install them, or run as root on Debian)" >&2
+    exit 1
+  fi
+  echo "== installing ${need_apt[*]} (Debian packages)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+if [ ! -d interop/node_modules ] || [ interop/package-lock.json -nt interop/node_modules/.package-lock.json ]; then
+  echo "== installing the npm packages (interop/package-lock.json)"
+  (cd interop && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+dir=$(mktemp -d /tmp/sturdy-interop.XXXXXX)
+pids=()
+stop_all() {
+  local pid
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  local i
+  for i in $(seq 1 200); do
+    if port_open "$1"; then return 0; fi
+    sleep 0.05
+  done
+  echo "$2 did not listen on 127.0.0.1:$1" >&2
+  return 1
+}
+
+# Free loopback ports for nginx and HAProxy, chosen by the kernel.
+read -r -a ports <<<"$(node -e '
+const net = require("net");
+const n = Number(process.argv[1]);
+const servers = [];
+(async () => {
+  for (let i = 0; i < n; i += 1) {
+    const s = net.createServer();
+    await new Promise((r) => s.listen(0, "127.0.0.1", r));
+    servers.push(s);
+  }
+  console.log(servers.map((s) => s.address().port).join(" "));
+  servers.forEach((s) => s.close());
+})();
+' 10)"
+
+echo "== starting the node peers"
+node interop/peers.js "$dir/peers.json" >"$dir/peers.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do
+  [ -s "$dir/peers.json" ] && break
+  if ! kill -0 "${pids[-1]}" 2>/dev/null; then cat "$dir/peers.log" >&2; exit 1; fi
+  sleep 0.05
+done
+[ -s "$dir/peers.json" ] || { echo "the node peers did not start" >&2; cat "$dir/peers.log" >&2; exit 1; }
+peer() { node -p "require('$dir/peers.json').$1"; }
+oauth=$(peer oauth); api=$(peer api); stats=$(peer stats); json=$(peer json)
+backend=$(peer backend); blackhole=$(peer blackhole)
+
+echo "== starting nginx"
+sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|${ports[0]}|g" -e "s|@UPSTREAM_PORT@|${ports[1]}|g" \
+  interop/conf/nginx.conf.in >"$dir/nginx.conf"
+nginx -t -q -p "$dir" -c "$dir/nginx.conf"
+nginx -p "$dir" -c "$dir/nginx.conf" &
+pids+=($!)
+
+echo "== starting HAProxy"
+sed -e "s|@DIR@|$dir|g" -e "s|@BACKEND@|$backend|g" -e "s|@BLACKHOLE@|$blackhole|g" \
+  -e "s|@NORMAL@|${ports[2]}|g" -e "s|@RESET@|${ports[3]}|g" -e "s|@FLAKY_RESET@|${ports[4]}|g" \
+  -e "s|@COMMIT_DROP@|${ports[5]}|g" -e "s|@STALL@|${ports[6]}|g" -e "s|@FLAKY_STALL@|${ports[7]}|g" \
+  -e "s|@GATEWAY_TIMEOUT@|${ports[8]}|g" -e "s|@TCP_REJECT@|${ports[9]}|g" \
+  interop/conf/haproxy.cfg.in >"$dir/haproxy.cfg"
+haproxy -c -f "$dir/haproxy.cfg" >/dev/null
+haproxy -q -db -f "$dir/haproxy.cfg" &
+pids+=($!)
+
+for p in "${ports[@]}"; do wait_port "$p" "nginx or HAProxy"; done
+
+u() { echo "http://127.0.0.1:$1"; }
+export STURDY_INTEROP=1
+export STURDY_INTEROP_NODE_DIR="$root/interop"
+export STURDY_INTEROP_NGINX_URL=$(u "${ports[0]}")
+export STURDY_INTEROP_HAPROXY_NORMAL_URL=$(u "${ports[2]}")
+export STURDY_INTEROP_HAPROXY_RESET_URL=$(u "${ports[3]}")
+export STURDY_INTEROP_HAPROXY_FLAKY_RESET_URL=$(u "${ports[4]}")
+export STURDY_INTEROP_HAPROXY_COMMIT_DROP_URL=$(u "${ports[5]}")
+export STURDY_INTEROP_HAPROXY_STALL_URL=$(u "${ports[6]}")
+export STURDY_INTEROP_HAPROXY_FLAKY_STALL_URL=$(u "${ports[7]}")
+export STURDY_INTEROP_HAPROXY_GATEWAY_TIMEOUT_URL=$(u "${ports[8]}")
+export STURDY_INTEROP_HAPROXY_TCP_REJECT_URL=$(u "${ports[9]}")
+export STURDY_INTEROP_BACKEND_URL=$(u "$backend")
+export STURDY_INTEROP_OAUTH_URL=$(u "$oauth")
+export STURDY_INTEROP_API_URL=$(u "$api")
+export STURDY_INTEROP_STATS_URL=$(u "$stats")
+export STURDY_INTEROP_JSON_SERVER_URL=$(u "$json")
+
+if [ "${STURDY_INTEROP_KEEP:-}" = 1 ]; then
+  env | grep '^STURDY_INTEROP' | sort
+  echo "== peers running; Ctrl-C stops them"
+  while true; do sleep 3600 & wait $!; done
+fi
+
+echo "== cargo test (interop_*)"
+status=0
+cargo test -p sturdy --all-features \
+  --test interop_nginx --test interop_haproxy --test interop_oauth \
+  --test interop_paginate --test interop_webhooks "$@" || status=$?
+ended=$(date +%s.%N)
+echo "== interop.sh took $(awk -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", b - a }') s"
+exit $status
