@@ -110,3 +110,10 @@ echo "== cargo test"
 cargo test --workspace --all-features
 echo "== fuzz targets, a few seconds each (fuzz/README.md)"
 fuzz/run.sh "${STURDY_FUZZ_SECONDS:-5}"
+# sturdy against the real peers its users meet: nginx limit_req, HAProxy fault proxies, an OAuth2
+# server and json-server from npm, the Standard Webhooks and Stripe signers (interop/README.md).
+# STURDY_INTEROP=0 skips it.
+if [ "${STURDY_INTEROP:-1}" != 0 ]; then
+  echo "== interop (scripts/interop.sh)"
+  ./scripts/interop.sh
+fi

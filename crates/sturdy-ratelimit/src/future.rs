@@ -174,7 +174,7 @@ where
 
 /// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
 /// remote quota, nothing (the store spaces them when they ask it). And whether slow start lets
-/// them out (no quota, no pace).
+/// them out (no quota, no pace), spaced by the pace learned from bare 429s when there is one.
 pub(crate) fn line_pace(bound: &Bound) -> (Option<crate::Quota>, bool) {
     if bound.config.remote.is_some() {
         return (None, false);
@@ -183,7 +183,7 @@ pub(crate) fn line_pace(bound: &Bound) -> (Option<crate::Quota>, bool) {
         return (Some(q), false);
     }
     match bound.config.release {
-        Release::SlowStart => (None, true),
+        Release::SlowStart => (bound.state().gate.learned(), true),
         Release::Paced(q) => (Some(q), false),
         Release::AllAtOnce => (None, false),
     }
@@ -261,6 +261,7 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
         None => return,
     };
     let applied = asked.min(config.max_pause);
+    let capped = asked > applied;
     if applied.is_zero() {
         return;
     }
@@ -280,7 +281,23 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
         });
     }
     let ks = bound.state();
-    let until = ks.origin.elapsed().saturating_add(nanos(applied));
+    let now = ks.origin.elapsed();
+    let mut applied_ns = nanos(applied);
+    // A bare 429 that begins a pause (not one of the answers to calls already in flight when
+    // it began) teaches a key without a quota to pace its calls: see the gate's docs. Once a
+    // pace is learned, the pace holds the calls back, and the pause is one interval of it.
+    if source.is_none()
+        && ks.quota.is_none()
+        && config.remote.is_none()
+        && config.release == Release::SlowStart
+        && ks.gate.paused_until() <= now
+    {
+        if let Some(interval) = ks.gate.learn_slower(applied_ns / 8, applied_ns) {
+            applied_ns = applied_ns.min(interval);
+        }
+    }
+    let applied = Duration::from_nanos(applied_ns);
+    let until = now.saturating_add(applied_ns);
     if !ks.gate.pause_until(until) {
         return;
     }
@@ -296,7 +313,7 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
         status: res.status(),
         source,
         pause: applied,
-        capped: asked > applied,
+        capped,
     });
     if let Some(remote) = &config.remote {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -346,6 +363,12 @@ where
                     let mut result = ready!(fut.poll(cx)).map_err(Into::into);
                     if let (Ok(res), Some(bound)) = (&mut result, this.limiter.as_ref()) {
                         observe(bound, res);
+                        let status = res.status();
+                        if status != StatusCode::TOO_MANY_REQUESTS
+                            && status != StatusCode::SERVICE_UNAVAILABLE
+                        {
+                            bound.state().gate.learn_faster();
+                        }
                     }
                     if let Some(r) = this.released.as_mut() {
                         // Observed first: a 429 has already shrunk the window.

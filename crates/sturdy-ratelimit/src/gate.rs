@@ -9,6 +9,17 @@
 //! Without a quota, the line can release by slow start instead: after a pause, one call leaves,
 //! and each released call that succeeds lets one more out, so twice as many go each round trip
 //! while the server answers well; a new pause sends the window back to one.
+//!
+//! Without a quota, a key also learns a pace from bare 429s (no header saying how long to wait:
+//! what nginx's `limit_req` and many gateways send). Slow start counts calls in flight, which on
+//! a fast network says nothing about a limit counted in calls per second: its ramp leaves within
+//! a few milliseconds and meets the limit again. So the first bare 429 of a pause sets a pace
+//! (one call per eighth of the pause: 125 ms after the default 1 s); a bare 429 to a call sent
+//! at that pace halves the rate and pauses the key for one interval of the new pace only (the
+//! pace already holds the calls back); every success raises the rate by a sixteenth, until the
+//! interval is under a millisecond and the pace is forgotten. While a pace is learned, every
+//! call of the key (not only those released after a pause) takes its slot at that pace, by the
+//! same GCRA as a quota.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -29,6 +40,8 @@ pub(crate) struct Gate {
     tat: AtomicU64,
     paused_until: AtomicU64,
     waiting: AtomicUsize,
+    /// Without a quota: the interval learned from bare 429s (ns; 0: none).
+    learned: AtomicU64,
     line: Mutex<Line>,
     /// Slow start: calls let out of the line and not finished yet, and how many may be.
     released: AtomicUsize,
@@ -61,6 +74,7 @@ impl Default for Gate {
             tat: AtomicU64::new(0),
             paused_until: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            learned: AtomicU64::new(0),
             line: Mutex::default(),
             released: AtomicUsize::new(0),
             window: AtomicUsize::new(1),
@@ -81,6 +95,59 @@ impl Gate {
     /// When the pause ends (ns since the origin; 0 or a past time: no pause).
     pub(crate) fn paused_until(&self) -> u64 {
         self.paused_until.load(Ordering::Acquire)
+    }
+
+    /// The pace learned from bare 429s, when the key has no quota and one was learned.
+    #[inline]
+    pub(crate) fn learned(&self) -> Option<Quota> {
+        match self.learned.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(Quota::pace_nanos(n)),
+        }
+    }
+
+    /// A bare 429 began a pause: slow down. The first time, a pace of one call per `first` ns;
+    /// after that, half the rate, the interval at most `max` ns. Returns the new interval when
+    /// a pace was already learned (the 429 answered a call sent at that pace), else `None`.
+    pub(crate) fn learn_slower(&self, first: u64, max: u64) -> Option<u64> {
+        let next = |n: u64| {
+            if n == 0 {
+                first.max(1)
+            } else {
+                n.saturating_mul(2).min(max.max(n)).max(1)
+            }
+        };
+        let before = self
+            .learned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(next(n)))
+            .unwrap_or_else(|n| n);
+        (before != 0).then(|| next(before))
+    }
+
+    /// A call succeeded while a pace is learned: a sixteenth faster; under a millisecond the
+    /// pace is forgotten (the server takes what the client sends).
+    #[inline]
+    pub(crate) fn learn_faster(&self) {
+        if self.learned.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let _ = self
+            .learned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n != 0).then(|| {
+                    let next = n - n / 16;
+                    if next < 1_000_000 {
+                        0
+                    } else {
+                        next
+                    }
+                })
+            });
+    }
+
+    /// Forgets the learned pace.
+    pub(crate) fn forget_pace(&self) {
+        self.learned.store(0, Ordering::Release);
     }
 
     /// How many calls wait in line.
@@ -345,6 +412,39 @@ mod tests {
         assert!(!g.try_now(None, 4 * MS));
         assert_eq!(g.clear_pause(), 5 * MS);
         assert!(g.try_now(None, 0));
+    }
+
+    #[test]
+    fn a_learned_pace_halves_on_bare_429s_grows_on_successes_and_is_forgotten() {
+        let g = Gate::default();
+        assert_eq!(g.learned(), None);
+        g.learn_faster();
+        assert_eq!(g.learned(), None, "nothing to speed up");
+        assert_eq!(
+            g.learn_slower(125 * MS, 1_000 * MS),
+            None,
+            "first: nothing was learned"
+        );
+        assert_eq!(g.learned().unwrap().interval().as_millis(), 125);
+        assert_eq!(g.learn_slower(125 * MS, 1_000 * MS), Some(250 * MS));
+        assert_eq!(g.learned().unwrap().interval().as_millis(), 250);
+        for _ in 0..10 {
+            g.learn_slower(125 * MS, 1_000 * MS);
+        }
+        assert_eq!(g.learned().unwrap().interval().as_millis(), 1_000, "capped");
+        g.learn_faster();
+        assert_eq!(g.learned().unwrap().interval().as_micros(), 937_500);
+        // The fast path takes slots at the pace.
+        assert!(g.try_now(g.learned().as_ref(), 0));
+        assert!(!g.try_now(g.learned().as_ref(), 100 * MS));
+        assert!(g.try_now(g.learned().as_ref(), 940 * MS));
+        for _ in 0..200 {
+            g.learn_faster();
+        }
+        assert_eq!(g.learned(), None, "forgotten under a millisecond");
+        g.learn_slower(125 * MS, 1_000 * MS);
+        g.forget_pace();
+        assert_eq!(g.learned(), None);
     }
 
     #[tokio::test(start_paused = true)]

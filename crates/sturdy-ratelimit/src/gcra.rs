@@ -74,6 +74,14 @@ impl Quota {
         Ok(Self { burst, ..self })
     }
 
+    /// One call per `nanos` (at least 1 ns), burst 1: a pace learned from a server.
+    pub(crate) fn pace_nanos(nanos: u64) -> Self {
+        Self {
+            interval: Duration::from_nanos(nanos.max(1)),
+            burst: 1,
+        }
+    }
+
     /// The time between two calls at the sustained rate.
     pub fn interval(&self) -> Duration {
         self.interval

@@ -69,9 +69,11 @@ impl RateLimitHandle {
 
     /// Ends the pause of `key` now and returns the time it had left (`None`: it was not paused).
     /// Calls waiting for it then leave in order, at the quota's pace (or the release pace).
+    /// A pace the key learned from bare 429s is forgotten too.
     pub fn clear_pause(&self, key: &str) -> Option<Duration> {
         let slot = self.state.map_if_used()?.find(key)?;
         let now = self.state.origin.elapsed();
+        slot.value().gate.forget_pace();
         let until = slot.value().gate.clear_pause();
         (until > now).then(|| Duration::from_nanos(until - now))
     }

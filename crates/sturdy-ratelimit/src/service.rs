@@ -98,7 +98,16 @@ where
         drop(key);
         let ks = bound.state();
         let now = ks.origin.elapsed();
-        if bound.config.remote.is_none() && ks.gate.try_now(ks.quota.as_ref(), now) {
+        // Without a quota, the pace learned from bare 429s (if any) takes its place.
+        let learned;
+        let quota = match &ks.quota {
+            Some(q) => Some(q),
+            None => {
+                learned = ks.gate.learned();
+                learned.as_ref()
+            }
+        };
+        if bound.config.remote.is_none() && ks.gate.try_now(quota, now) {
             // The fast path: a slot is free now and nobody waits. The service that poll_ready
             // made ready is called at once.
             return ResponseFuture::called(self.inner.call(req), bound);

@@ -348,3 +348,94 @@ async fn a_call_dropped_while_it_waits_for_a_remote_slot_gives_it_back() {
     assert_eq!(store.released.load(Ordering::SeqCst), 3);
     assert_eq!(api.times().len(), 1);
 }
+
+/// A server that admits one call per 100 ms and answers any other with a bare 429 (what nginx's
+/// `limit_req rate=10r/s` without a burst does), answering in 1 ms.
+#[derive(Clone, Default)]
+struct Strict {
+    last: Arc<std::sync::Mutex<Option<Instant>>>,
+    sent: Arc<std::sync::Mutex<Vec<(Instant, u16)>>>,
+}
+
+impl Strict {
+    fn service(
+        &self,
+    ) -> impl tower::Service<
+        Request<()>,
+        Response = http::Response<()>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone {
+        let this = self.clone();
+        tower::service_fn(move |_req: Request<()>| {
+            let this = this.clone();
+            async move {
+                let now = Instant::now();
+                let status = {
+                    let mut last = this.last.lock().unwrap();
+                    if last.is_none_or(|l| now.duration_since(l) >= ms(100)) {
+                        *last = Some(now);
+                        200
+                    } else {
+                        429
+                    }
+                };
+                this.sent.lock().unwrap().push((now, status));
+                tokio::time::sleep(ms(1)).await;
+                Ok(http::Response::builder().status(status).body(()).unwrap())
+            }
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_quota_a_bare_429_teaches_the_key_a_pace() {
+    let server = Strict::default();
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let svc = layer.layer(server.service());
+    let start = Instant::now();
+    // 20 callers at once, each trying up to 4 times, 300 ms apart (a retry layer's backoff).
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                for _ in 0..4 {
+                    let res = svc.clone().oneshot(get("a")).await.unwrap();
+                    if res.status() == 200 {
+                        return true;
+                    }
+                    tokio::time::sleep(ms(300)).await;
+                }
+                false
+            })
+        })
+        .collect();
+    for c in calls {
+        assert!(c.await.unwrap(), "every call succeeds within 4 attempts");
+    }
+    let took = start.elapsed();
+    let sent = server.sent.lock().unwrap().clone();
+    let first_wave = sent.iter().filter(|(t, _)| *t == start).count();
+    let later_429 = sent.iter().filter(|(t, s)| *t > start && *s == 429).count();
+    assert_eq!(first_wave, 20);
+    assert!(
+        later_429 <= 4,
+        "a 429 now and then, not a line of them: {later_429} in {sent:?}"
+    );
+    // 19 calls at (about) the server's 10 per second after a 1 s pause.
+    assert!(took <= ms(4_500), "{took:?}");
+    // The pace is visible to nobody but the gate; a cleared pause forgets it: calls go at once.
+    handle.clear_pause("a");
+    let t0 = Instant::now();
+    tokio::time::sleep(ms(200)).await;
+    let before = server.sent.lock().unwrap().len();
+    let (a, b) = tokio::join!(svc.clone().oneshot(get("a")), svc.clone().oneshot(get("a")));
+    let _ = (a.unwrap(), b.unwrap());
+    let sent = server.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), before + 2);
+    assert!(
+        sent[before..].iter().all(|(t, _)| *t == t0 + ms(200)),
+        "both sent at once: {:?}",
+        &sent[before..]
+    );
+}
