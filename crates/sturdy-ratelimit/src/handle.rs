@@ -78,6 +78,13 @@ impl RateLimitHandle {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
+    /// The pace `key` learned from bare 429s: one call per the returned interval (`None`: no
+    /// pace, the key has a quota, or it was never limited). See the crate docs.
+    pub fn learned_pace(&self, key: &str) -> Option<Duration> {
+        let slot = self.state.map_if_used()?.find(key)?;
+        slot.value().gate.learned().map(|q| q.interval())
+    }
+
     /// How many calls to `key` wait in line now: for a slot of the local quota, or for a pause
     /// to end. (A call waiting for a slot a remote store granted it is not in line.)
     pub fn waiting(&self, key: &str) -> usize {

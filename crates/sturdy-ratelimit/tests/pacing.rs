@@ -424,8 +424,12 @@ async fn without_a_quota_a_bare_429_teaches_the_key_a_pace() {
     );
     // 19 calls at (about) the server's 10 per second after a 1 s pause.
     assert!(took <= ms(4_500), "{took:?}");
-    // The pace is visible to nobody but the gate; a cleared pause forgets it: calls go at once.
+    // The pace is visible through the handle; a cleared pause forgets it: calls go at once.
+    let pace = handle.learned_pace("a").expect("a pace was learned");
+    assert!(pace >= ms(80) && pace <= ms(250), "{pace:?}");
+    assert_eq!(handle.learned_pace("b"), None);
     handle.clear_pause("a");
+    assert_eq!(handle.learned_pace("a"), None);
     let t0 = Instant::now();
     tokio::time::sleep(ms(200)).await;
     let before = server.sent.lock().unwrap().len();
