@@ -53,7 +53,12 @@ impl LimitReq {
                     me.refused.fetch_add(1, Ordering::SeqCst);
                     429
                 };
-                Ok::<_, BoxError>(Response::builder().status(status).body(Body::default()).unwrap())
+                Ok::<_, BoxError>(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::default())
+                        .unwrap(),
+                )
             }
         }))
     }
@@ -71,8 +76,12 @@ async fn default_client_20_gets_at_once_against_limit_req_all_succeed() {
     for _ in 0..20 {
         let c = client.clone();
         tasks.push(tokio::spawn(async move {
-            c.oneshot(Request::get("http://api.test/x").body(Body::default()).unwrap())
-                .await
+            c.oneshot(
+                Request::get("http://api.test/x")
+                    .body(Body::default())
+                    .unwrap(),
+            )
+            .await
         }));
     }
     let mut ok = 0;
@@ -100,7 +109,11 @@ async fn default_client_sequential_calls_against_limit_req() {
     for i in 0..30 {
         let r = client
             .clone()
-            .oneshot(Request::get("http://api.test/x").body(Body::default()).unwrap())
+            .oneshot(
+                Request::get("http://api.test/x")
+                    .body(Body::default())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "call {i}");
@@ -164,7 +177,10 @@ async fn max_wait_is_respected_under_a_learned_pace() {
             }
         }
     }
-    assert!((4..=6).contains(&served), "{served} served, {refused} refused");
+    assert!(
+        (4..=6).contains(&served),
+        "{served} served, {refused} refused"
+    );
 }
 
 /// Zero `max_wait` ("the layer never waits") under a learned pace: the second call is refused at
@@ -272,7 +288,11 @@ async fn malformed_and_extreme_retry_after_on_a_429() {
             for _ in 0..4 {
                 svc.clone().oneshot(get()).await.unwrap();
             }
-            assert_eq!(t0.elapsed(), Duration::ZERO, "Retry-After: 0 learned a pace");
+            assert_eq!(
+                t0.elapsed(),
+                Duration::ZERO,
+                "Retry-After: 0 learned a pace"
+            );
         }
     }
 }

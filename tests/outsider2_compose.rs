@@ -51,7 +51,7 @@ async fn timeout_over_a_learned_pace_leaves_no_debt() {
         .layer(layer)
         .service(api);
     svc.ready().await.unwrap().call(get()).await.unwrap(); // 429 at 0: pause 1 s
-    // Six calls in a row, each times out in line (the pause is 1 s).
+                                                           // Six calls in a row, each times out in line (the pause is 1 s).
     for _ in 0..6 {
         let e = svc.ready().await.unwrap().call(get()).await.unwrap_err();
         assert!(e.is::<tower::timeout::error::Elapsed>(), "{e}");
@@ -132,7 +132,11 @@ async fn buffer_with_aborted_callers_under_a_pace() {
     }
     assert_eq!(handle.waiting("a.test"), 0);
     let t = log.lock().unwrap().clone();
-    assert_eq!(t.len(), 11, "the aborted calls never reached the API: {t:?}");
+    assert_eq!(
+        t.len(),
+        11,
+        "the aborted calls never reached the API: {t:?}"
+    );
     // The ten kept calls: from the end of the pause, one per (faster and faster) interval.
     assert_eq!(t[1], 1000, "{t:?}");
     assert!(t[10] - t[1] <= 9 * 125, "{t:?}");
@@ -156,6 +160,10 @@ async fn futures_polled_once_then_dropped_cost_nothing() {
     assert_eq!(handle.waiting("a.test"), 0);
     let asked = Instant::now();
     svc.ready().await.unwrap().call(get()).await.unwrap();
-    assert!(asked.elapsed() <= Duration::from_millis(125), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() <= Duration::from_millis(125),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(log.lock().unwrap().len(), 3);
 }

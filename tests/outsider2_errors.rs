@@ -25,7 +25,9 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 type Body = Full<Bytes>;
 
 fn get() -> Request<Body> {
-    Request::get("http://api.test/x").body(Body::default()).unwrap()
+    Request::get("http://api.test/x")
+        .body(Body::default())
+        .unwrap()
 }
 
 fn io_err(kind: io::ErrorKind) -> BoxError {
@@ -323,7 +325,12 @@ impl TokenSource for FailsSecondTime {
 async fn token_failure_after_a_401_is_maybe_processed() {
     let errors: [fn() -> BoxError; 3] = [
         || io_err(io::ErrorKind::ConnectionRefused),
-        || Box::new(SturdyError::new(ErrorKind::Connect, "token endpoint refused")),
+        || {
+            Box::new(SturdyError::new(
+                ErrorKind::Connect,
+                "token endpoint refused",
+            ))
+        },
         || {
             Box::new(
                 SturdyError::new(ErrorKind::Connect, "no token").with_delivery(Delivery::NotSent),
@@ -445,7 +452,7 @@ async fn fail_closed_store_error_is_not_sent_and_not_counted_by_a_breaker() {
         proxy.stop();
         tokio::time::sleep(Duration::from_millis(50)).await;
         for i in 0..6 {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let err = svc.clone().oneshot(get()).await.unwrap_err();
             assert!(started.elapsed() < Duration::from_secs(2));
             assert_eq!(delivery(&*err), Delivery::NotSent, "call {i}: {err}");
@@ -517,4 +524,121 @@ async fn retry_over_adaptive_limiter_against_429_forever_ends() {
     }
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     assert!(calls.load(Ordering::SeqCst) <= 20);
+}
+
+// ---------------------------------------------------------------- refused before sending
+
+#[derive(Debug)]
+struct BadToken;
+
+impl TokenSource for BadToken {
+    fn token(&self) -> sturdy::auth::BoxFuture<Result<Token, BoxError>> {
+        Box::pin(async { Ok(Token::new("line\r\nX-Injected: 1", None)) })
+    }
+    fn invalidate(&self, _token: &Token) {}
+}
+
+/// The commit under test: "a token that cannot be a header value [is] refused before sending,
+/// NotSent"; no secret in the message.
+#[tokio::test(start_paused = true)]
+async fn a_token_that_cannot_be_a_header_is_not_sent() {
+    let (api, calls) = scripted(|_| Some(Ok(StatusCode::OK)));
+    let svc = AuthLayer::token_source(Arc::new(BadToken)).layer(api);
+    let req = Request::post("http://api.test/pay")
+        .body(Body::from("x"))
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("X-Injected"), "the token leaks: {text}");
+}
+
+/// A body that fails when read.
+#[derive(Debug)]
+struct BrokenBody(bool);
+
+impl From<Bytes> for BrokenBody {
+    fn from(_: Bytes) -> Self {
+        Self(false)
+    }
+}
+
+impl http_body::Body for BrokenBody {
+    type Data = Bytes;
+    type Error = io::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        if self.0 {
+            self.0 = false;
+            Poll::Ready(Some(Err(io::Error::other("disk gone"))))
+        } else {
+            Poll::Ready(None)
+        }
+    }
+}
+
+/// The commit under test: "a body that cannot be read ... refused before sending, NotSent".
+#[tokio::test(start_paused = true)]
+async fn auth_with_an_unreadable_body_is_not_sent() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let api = tower::service_fn(move |_req: Request<BrokenBody>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(Response::new(Body::default())) }
+    });
+    let source = Arc::new(FailsSecondTime {
+        n: AtomicUsize::new(0),
+        error: || io_err(io::ErrorKind::Other),
+    });
+    let svc = AuthLayer::token_source(source).layer(api);
+    let req = Request::post("http://api.test/pay")
+        .body(BrokenBody(true))
+        .unwrap();
+    match svc.oneshot(req).await {
+        Err(err) => {
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "{err}");
+            assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+        }
+        // Streaming the body to the API unread is also honest: then the API reports.
+        Ok(_) => assert_eq!(calls.load(Ordering::SeqCst), 1),
+    }
+}
+
+/// retry.md: "One longer than 60 s (...) is not slept: ... a 409 is returned as it is (the
+/// server's answer, with a `CallReport` in its extensions)".
+#[tokio::test(start_paused = true)]
+async fn an_in_flight_409_past_the_wait_is_returned_with_a_report() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let api = tower::service_fn(move |_req: Request<Body>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async {
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(409)
+                    .header("retry-after", "120")
+                    .body(Body::default())
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = RetryLayer::new().layer(api);
+    let req = Request::post("http://api.test/pay")
+        .header("idempotency-key", "k-outsider2-1")
+        .body(Body::from("x"))
+        .unwrap();
+    let t0 = Instant::now();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(res.status(), StatusCode::CONFLICT);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let report = res
+        .extensions()
+        .get::<sturdy::core::CallReport>()
+        .expect("a CallReport");
+    assert_eq!(report.attempts(), 1);
+    assert_eq!(report.idempotency_key(), Some("k-outsider2-1"));
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use sturdy::circuit::CircuitBreakerLayer;
@@ -30,7 +30,9 @@ fn get() -> Request<Body> {
 }
 
 /// An API: the n-th call (from 0) answers `f(n)` (a status and a Retry-After, or an io error).
-fn api(f: impl Fn(usize) -> Result<(u16, Option<&'static str>), io::ErrorKind> + Send + Sync + 'static) -> Api {
+fn api(
+    f: impl Fn(usize) -> Result<(u16, Option<&'static str>), io::ErrorKind> + Send + Sync + 'static,
+) -> Api {
     let n = Arc::new(AtomicUsize::new(0));
     let f = Arc::new(f);
     BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Body>| {
@@ -80,7 +82,10 @@ fn delay_sources(snap: &Snapshotter) -> Vec<(String, Vec<(String, String)>, usiz
 async fn run(
     svc: impl FnOnce(RetryLayer) -> Api,
     retry: RetryLayer,
-) -> (Vec<(String, Vec<(String, String)>, usize)>, Vec<DelaySource>) {
+) -> (
+    Vec<(String, Vec<(String, String)>, usize)>,
+    Vec<DelaySource>,
+) {
     let recorder = DebuggingRecorder::new();
     let snap = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
@@ -105,7 +110,11 @@ fn has(sources: &[(String, Vec<(String, String)>, usize)], value: &str) -> bool 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn backoff_label_after_a_503() {
     let (m, ev) = run(
-        |retry| BoxCloneSyncService::new(retry.layer(api(|n| Ok((if n == 0 { 503 } else { 200 }, None))))),
+        |retry| {
+            BoxCloneSyncService::new(
+                retry.layer(api(|n| Ok((if n == 0 { 503 } else { 200 }, None)))),
+            )
+        },
         RetryLayer::new().with_seed(1),
     )
     .await;
@@ -115,8 +124,14 @@ async fn backoff_label_after_a_503() {
     for want in ["server.address", "server.port", "http.request.method"] {
         assert!(labels.iter().any(|(k, _)| k == want), "{labels:?}");
     }
-    assert!(labels.contains(&("server.address".into(), "api.test".into())), "{labels:?}");
-    assert!(labels.contains(&("server.port".into(), "8080".into())), "{labels:?}");
+    assert!(
+        labels.contains(&("server.address".into(), "api.test".into())),
+        "{labels:?}"
+    );
+    assert!(
+        labels.contains(&("server.port".into(), "8080".into())),
+        "{labels:?}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -144,7 +159,11 @@ async fn retry_after_label_after_a_503_with_retry_after() {
         let (m, ev) = run(
             |retry| {
                 BoxCloneSyncService::new(retry.layer(api(move |n| {
-                    Ok(if n == 0 { (status, Some("2")) } else { (200, None) })
+                    Ok(if n == 0 {
+                        (status, Some("2"))
+                    } else {
+                        (200, None)
+                    })
                 })))
             },
             RetryLayer::new().with_seed(1),
@@ -228,7 +247,11 @@ async fn one_delay_sample_per_retry_event() {
     .await;
     assert_eq!(
         ev,
-        vec![DelaySource::Backoff, DelaySource::RetryAfter, DelaySource::Backoff]
+        vec![
+            DelaySource::Backoff,
+            DelaySource::RetryAfter,
+            DelaySource::Backoff
+        ]
     );
     let total: usize = m.iter().map(|(_, _, n)| n).sum();
     assert_eq!(total, 3, "{m:?}");

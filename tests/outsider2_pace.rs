@@ -31,7 +31,11 @@ fn api(
     let l = log.clone();
     let svc = tower::service_fn(move |req: Request<()>| {
         let i = n.fetch_add(1, Ordering::SeqCst);
-        let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         l.lock().unwrap().push((t0.elapsed().as_millis(), host));
         let res = answer(i);
         async move {
@@ -70,7 +74,9 @@ fn gaps(t: &[u128]) -> Vec<u128> {
 #[tokio::test(start_paused = true)]
 async fn first_bare_429_pauses_1s_then_paces_125ms() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api);
     let res = svc.clone().oneshot(get("a.test")).await.unwrap();
@@ -92,13 +98,19 @@ async fn first_bare_429_pauses_1s_then_paces_125ms() {
     }
     let t = times(&log, "a.test");
     assert_eq!(t[0], 0);
-    assert_eq!(t[1], 1000, "the first call after the pause leaves when it ends: {t:?}");
+    assert_eq!(
+        t[1], 1000,
+        "the first call after the pause leaves when it ends: {t:?}"
+    );
     assert_eq!(t[2], 1125, "then one call per 125 ms: {t:?}");
     // Each success makes the pace a sixteenth faster: 125, ~118, ~110, ...
     let g = gaps(&t[1..]);
     for w in g.windows(2) {
         let ratio = w[1] as f64 / w[0] as f64;
-        assert!((0.92..=0.96).contains(&ratio), "a sixteenth faster per success: {t:?}");
+        assert!(
+            (0.92..=0.96).contains(&ratio),
+            "a sixteenth faster per success: {t:?}"
+        );
     }
 }
 
@@ -195,7 +207,9 @@ async fn answers_of_calls_in_flight_do_not_move_the_pause() {
 #[tokio::test(start_paused = true)]
 async fn the_pace_is_forgotten_after_enough_successes() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let svc = RateLimitLayer::adaptive_only().layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
     for _ in 0..150 {
@@ -204,7 +218,10 @@ async fn the_pace_is_forgotten_after_enough_successes() {
     let t = times(&log, "a.test");
     let g = gaps(&t[1..]);
     for w in g.windows(2) {
-        assert!(w[1] <= w[0], "the pace only gets faster on successes: {g:?}");
+        assert!(
+            w[1] <= w[0],
+            "the pace only gets faster on successes: {g:?}"
+        );
     }
     // ln(125)/ln(17/16) is about 80 successes.
     let free_from = g.iter().position(|&x| x == 0).expect("forgotten");
@@ -227,7 +244,9 @@ async fn the_pace_is_forgotten_after_enough_successes() {
 #[tokio::test(start_paused = true)]
 async fn clear_pause_forgets_the_pace() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
@@ -263,7 +282,11 @@ async fn a_429_with_a_wait_header_sets_a_pause_not_a_pace() {
         let (layer, handle) = RateLimitLayer::adaptive_only().pair();
         let svc = layer.layer(api);
         svc.clone().oneshot(get("a.test")).await.unwrap();
-        assert_eq!(handle.pause("a.test"), Some(Duration::from_secs(1)), "{name}");
+        assert_eq!(
+            handle.pause("a.test"),
+            Some(Duration::from_secs(1)),
+            "{name}"
+        );
         for _ in 0..5 {
             svc.clone().oneshot(get("a.test")).await.unwrap();
         }
@@ -279,7 +302,9 @@ async fn a_429_with_a_wait_header_sets_a_pause_not_a_pace() {
 #[tokio::test(start_paused = true)]
 async fn a_pace_is_per_key() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let svc = RateLimitLayer::adaptive_only().layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
     for _ in 0..5 {
@@ -297,7 +322,9 @@ async fn a_pace_is_per_key() {
 #[tokio::test(start_paused = true)]
 async fn with_a_quota_no_pace_is_learned() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::new(Quota::per_second(1000).unwrap()).pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
@@ -316,7 +343,9 @@ async fn with_a_quota_no_pace_is_learned() {
 #[tokio::test(start_paused = true)]
 async fn with_a_release_pace_sequential_calls_after_the_pause() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let svc = RateLimitLayer::adaptive_only()
         .with_release_pace(Duration::from_millis(10))
         .layer(api);
@@ -339,7 +368,9 @@ async fn with_a_release_pace_sequential_calls_after_the_pause() {
 #[tokio::test(start_paused = true)]
 async fn the_pace_is_an_eighth_of_a_custom_default_pause() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let svc = RateLimitLayer::adaptive_only()
         .with_default_pause(Duration::from_millis(800))
         .layer(api);
@@ -353,7 +384,9 @@ async fn the_pace_is_an_eighth_of_a_custom_default_pause() {
 #[tokio::test(start_paused = true)]
 async fn a_zero_default_pause_learns_nothing() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::adaptive_only()
         .with_default_pause(Duration::ZERO)
         .pair();
@@ -391,8 +424,11 @@ async fn bare_429_forever_never_spaces_calls_more_than_max_pause() {
         assert!(p <= Duration::from_secs(300), "pause {p:?}");
     }
     let g = gaps(&times(&log, "a.test"));
-        let worst = g.iter().max().copied().unwrap();
-    assert!(worst <= 300_000, "a wait of {worst} ms between calls: {g:?}");
+    let worst = g.iter().max().copied().unwrap();
+    assert!(
+        worst <= 300_000,
+        "a wait of {worst} ms between calls: {g:?}"
+    );
 }
 
 /// The same server, with the default `max_wait` (30 s): every call is answered (the 429 comes
@@ -413,7 +449,11 @@ async fn bare_429_forever_each_call_ends_within_a_pause() {
         }
         assert!(asked.elapsed() <= Duration::from_secs(1));
     }
-    assert!(t0.elapsed() <= Duration::from_secs(61), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() <= Duration::from_secs(61),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 /// "a bare 429 to a call sent at that pace halves the rate" / "halved per bare 429 at that pace"
@@ -464,7 +504,9 @@ async fn alternating_429_and_200_stays_bounded() {
 #[tokio::test(start_paused = true)]
 async fn bare_503s_teach_no_pace() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 503 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 503 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
@@ -491,8 +533,16 @@ async fn thousands_of_keys_learning_a_pace() {
             Err(e) => assert!(sturdy::core::find::<RateLimited>(&*e).is_some(), "{e}"),
         }
     }
-    assert!(t0.elapsed() <= Duration::from_secs(31), "{:?}", t0.elapsed());
-    assert!(handle.paused().len() <= 1025 + 1, "{}", handle.paused().len());
+    assert!(
+        t0.elapsed() <= Duration::from_secs(31),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        handle.paused().len() <= 1025 + 1,
+        "{}",
+        handle.paused().len()
+    );
     for (_, d) in handle.paused() {
         assert!(d <= Duration::from_secs(1));
     }
@@ -503,7 +553,9 @@ async fn thousands_of_keys_learning_a_pace() {
 #[tokio::test(start_paused = true)]
 async fn aborted_waiters_under_a_pace_leave_no_debt() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
@@ -523,7 +575,11 @@ async fn aborted_waiters_under_a_pace_leave_no_debt() {
         assert!(futures_util::FutureExt::now_or_never(f.as_mut()).is_none());
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(handle.waiting("a.test") >= 100, "{}", handle.waiting("a.test"));
+    assert!(
+        handle.waiting("a.test") >= 100,
+        "{}",
+        handle.waiting("a.test")
+    );
     for t in &tasks {
         t.abort();
     }
@@ -544,15 +600,14 @@ async fn aborted_waiters_under_a_pace_leave_no_debt() {
 #[tokio::test(start_paused = true)]
 async fn dropped_waiters_during_the_pause_leave_no_debt() {
     let t0 = Instant::now();
-    let (api, log) = api(t0, Duration::ZERO, |n| status(if n == 0 { 429 } else { 200 }));
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 429 } else { 200 })
+    });
     let svc = RateLimitLayer::adaptive_only().layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
     for _ in 0..50 {
-        let _ = tokio::time::timeout(
-            Duration::from_millis(5),
-            svc.clone().oneshot(get("a.test")),
-        )
-        .await;
+        let _ = tokio::time::timeout(Duration::from_millis(5), svc.clone().oneshot(get("a.test")))
+            .await;
     }
     svc.clone().oneshot(get("a.test")).await.unwrap();
     assert_eq!(times(&log, "a.test"), vec![0, 1000]);
