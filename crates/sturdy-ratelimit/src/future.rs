@@ -282,6 +282,11 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     }
     let ks = bound.state();
     let now = ks.origin.elapsed();
+    // A bare 429 says nothing about how long to wait: one that arrives while the key is paused
+    // answers a call that was in flight when the pause began, and changes nothing.
+    if source.is_none() && ks.gate.paused_until() > now {
+        return;
+    }
     let mut applied_ns = nanos(applied);
     // A bare 429 that begins a pause (not one of the answers to calls already in flight when
     // it began) teaches a key without a quota to pace its calls: see the gate's docs. Once a
@@ -290,7 +295,6 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
         && ks.quota.is_none()
         && config.remote.is_none()
         && config.release == Release::SlowStart
-        && ks.gate.paused_until() <= now
     {
         if let Some(interval) = ks.gate.learn_slower(applied_ns / 8, applied_ns) {
             applied_ns = applied_ns.min(interval);

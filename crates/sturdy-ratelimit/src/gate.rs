@@ -15,8 +15,9 @@
 //! a fast network says nothing about a limit counted in calls per second: its ramp leaves within
 //! a few milliseconds and meets the limit again. So the first bare 429 of a pause sets a pace
 //! (one call per eighth of the pause: 125 ms after the default 1 s); a bare 429 to a call sent
-//! at that pace halves the rate and pauses the key for one interval of the new pace only (the
-//! pace already holds the calls back); every success raises the rate by a sixteenth, until the
+//! at that pace halves the rate (down to one call per pause) and pauses the key for one interval
+//! of the new pace only (the pace already holds the calls back); a bare 429 that arrives while
+//! the key is paused changes nothing; every success raises the rate by a sixteenth, until the
 //! interval is under a millisecond and the pace is forgotten. While a pace is learned, every
 //! call of the key (not only those released after a pause) takes its slot at that pace, by the
 //! same GCRA as a quota.

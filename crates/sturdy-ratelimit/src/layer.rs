@@ -59,7 +59,8 @@ impl RateLimitLayer {
     /// that is back gets everyone soon and a reply asking for a new pause stops the rest
     /// ([`with_release_pace`](Self::with_release_pace) spaces them in time instead). A key also
     /// learns a pace from bare 429s (one call per eighth of the pause, halved on each bare 429
-    /// at that pace, a sixteenth faster per success, forgotten under 1 ms): see the crate docs.
+    /// at that pace down to one call per pause, a sixteenth faster per success, forgotten under
+    /// 1 ms): see the crate docs.
     pub fn adaptive_only() -> Self {
         Self::build(None)
     }
