@@ -161,13 +161,10 @@ impl MemoryReceiver {
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` events, remembering at most 100,000 dedup keys (past
-    /// that, the oldest is forgotten first).
-    ///
-    /// # Panics
-    /// When `capacity` is 0.
+    /// A queue holding at most `capacity` events (0 is taken as 1), remembering at most 100,000
+    /// dedup keys (past that, the oldest is forgotten first).
     pub fn new(capacity: usize) -> (Self, MemoryReceiver) {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         let q = Self {
             tx,
             seen: Arc::new(Mutex::new(Seen {

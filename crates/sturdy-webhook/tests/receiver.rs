@@ -667,3 +667,9 @@ fn traits() {
     clone_send_sync::<sturdy_webhook::SourceAllowlist>();
     send::<sturdy_webhook::ResponseFuture>();
 }
+
+#[test]
+fn a_memory_queue_of_capacity_zero_holds_one_event_and_never_panics() {
+    let (q, _rx) = MemoryQueue::new(0);
+    assert!(format!("{q:?}").contains("capacity: 1"), "{q:?}");
+}
