@@ -1,0 +1,364 @@
+//! Third-round outside tests of the webhook receiver (docs/guides/webhooks.md): thousands of
+//! signature entries, non-ASCII and huge headers, concurrent duplicate deliveries, capped
+//! carried headers, hostile Stripe ids, and the Redis stream queue's full backlog, redelivery
+//! and acknowledgement.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use http::{HeaderValue, Request, StatusCode};
+use sturdy::core::WallClock;
+use sturdy::redis::{RedisStreamConsumer, RedisStreamQueue};
+use sturdy::webhook::{
+    sign_github, sign_standard, sign_stripe, GitHub, MemoryQueue, MemoryReceiver,
+    StandardWebhooks, Stripe, WebhookReceiver, MAX_ID_LEN,
+};
+use tower::ServiceExt;
+
+const NOW: i64 = 1_700_000_000;
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[derive(Debug)]
+struct Fixed(i64);
+impl WallClock for Fixed {
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.0 as u64)
+    }
+}
+
+fn std_rx(capacity: usize) -> (WebhookReceiver<MemoryQueue>, MemoryReceiver) {
+    let (q, events) = MemoryQueue::new(capacity);
+    (
+        WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q)
+            .with_clock(Arc::new(Fixed(NOW))),
+        events,
+    )
+}
+
+async fn send<Q>(rx: &WebhookReceiver<Q>, headers: &[(&str, &[u8])], body: Vec<u8>) -> StatusCode
+where
+    WebhookReceiver<Q>: tower::Service<
+            Request<Body>,
+            Response = http::Response<http_body_util::Full<bytes::Bytes>>,
+            Error = std::convert::Infallible,
+        > + Clone,
+{
+    let mut b = Request::post("/hook");
+    for (k, v) in headers {
+        b = b.header(*k, HeaderValue::from_bytes(v).unwrap());
+    }
+    rx.clone()
+        .oneshot(b.body(Body::from(body)).unwrap())
+        .await
+        .unwrap()
+        .status()
+}
+
+fn std_headers(id: &str, sig: String) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("webhook-id", id.as_bytes().to_vec()),
+        ("webhook-timestamp", NOW.to_string().into_bytes()),
+        ("webhook-signature", sig.into_bytes()),
+    ]
+}
+
+fn refs<'a>(h: &'a [(&'static str, Vec<u8>)]) -> Vec<(&'static str, &'a [u8])> {
+    h.iter().map(|(k, v)| (*k, v.as_slice())).collect()
+}
+
+#[tokio::test]
+async fn thousands_of_signature_entries_only_the_first_sixteen_count() {
+    let (rx, mut events) = std_rx(100);
+    let body = br#"{"type":"ping"}"#.to_vec();
+    let garbage = format!("v1,{}", "A".repeat(43) + "=");
+    let mk = |id: &str, pos: usize, total: usize| {
+        let good = sign_standard(WHSEC, id, NOW, &body).unwrap();
+        let mut entries: Vec<String> = (0..total).map(|_| garbage.clone()).collect();
+        entries[pos] = good;
+        std_headers(id, entries.join(" "))
+    };
+    // The good one first among 9,999 bad: accepted.
+    let h = mk("msg_first", 0, 10_000);
+    assert_eq!(send(&rx, &refs(&h), body.clone()).await, StatusCode::OK);
+    // The good one 16th: still considered.
+    let h = mk("msg_sixteenth", 15, 10_000);
+    assert_eq!(send(&rx, &refs(&h), body.clone()).await, StatusCode::OK);
+    // The good one 17th: ignored, so the delivery is not authentic.
+    let h = mk("msg_seventeenth", 16, 10_000);
+    assert_eq!(
+        send(&rx, &refs(&h), body.clone()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(events.try_recv().unwrap().id, "msg_first");
+    assert_eq!(events.try_recv().unwrap().id, "msg_sixteenth");
+    assert!(events.try_recv().is_none());
+}
+
+#[tokio::test]
+async fn non_ascii_and_huge_headers_are_rejected_not_panics() {
+    let (rx, mut events) = std_rx(100);
+    let body = b"{}".to_vec();
+    let good = sign_standard(WHSEC, "msg_1", NOW, &body).unwrap();
+    let cases: Vec<Vec<(&'static str, Vec<u8>)>> = vec![
+        // obs-text in the signature
+        std_headers("msg_1", format!("{good} v1,\u{e9}\u{e9}")),
+        std_headers("msg_1", "v1,\u{1F600}".to_owned()),
+        // a 300-byte id
+        std_headers(&"i".repeat(MAX_ID_LEN + 44), good.clone()),
+        // a 256 KiB signature header of one entry
+        std_headers("msg_1", format!("v1,{}", "A".repeat(256 * 1024))),
+        // a timestamp that overflows
+        vec![
+            ("webhook-id", b"msg_1".to_vec()),
+            ("webhook-timestamp", b"99999999999999999999999999".to_vec()),
+            ("webhook-signature", good.clone().into_bytes()),
+        ],
+        vec![
+            ("webhook-id", b"msg_1".to_vec()),
+            ("webhook-timestamp", b"-9223372036854775808".to_vec()),
+            ("webhook-signature", good.clone().into_bytes()),
+        ],
+        // non-ASCII bytes in the id
+        vec![
+            ("webhook-id", b"msg_\xff\xfe".to_vec()),
+            ("webhook-timestamp", NOW.to_string().into_bytes()),
+            ("webhook-signature", good.clone().into_bytes()),
+        ],
+    ];
+    for (i, h) in cases.iter().enumerate() {
+        let s = send(&rx, &refs(h), body.clone()).await;
+        assert!(
+            s == StatusCode::BAD_REQUEST || s == StatusCode::UNAUTHORIZED,
+            "case {i}: {s}"
+        );
+    }
+    assert!(events.try_recv().is_none());
+    // A MAX_ID_LEN id is fine.
+    let id = "i".repeat(MAX_ID_LEN);
+    let sig = sign_standard(WHSEC, &id, NOW, &body).unwrap();
+    let h = std_headers(&id, sig);
+    assert_eq!(send(&rx, &refs(&h), body).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_copies_of_one_delivery_are_queued_once() {
+    let (rx, mut events) = std_rx(100);
+    let body = br#"{"n":1}"#.to_vec();
+    let sig = sign_standard(WHSEC, "msg_dup", NOW, &body).unwrap();
+    let h = std_headers("msg_dup", sig);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (rx, h, body) = (rx.clone(), h.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            send(&rx, &refs(&h), body).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert!(events.try_recv().is_some());
+    assert!(events.try_recv().is_none(), "a duplicate was queued twice");
+}
+
+#[tokio::test]
+async fn carried_headers_are_capped() {
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q);
+    let body = br#"{"action":"opened"}"#.to_vec();
+    let sig = sign_github("gh-secret", &body);
+    let big = "e".repeat(5 * 1024);
+    let mut b = Request::post("/hook").header("x-hub-signature-256", sig);
+    for i in 0..10 {
+        b = b.header("x-github-event", format!("{i}{big}"));
+        b = b.header("x-github-delivery", format!("d{i}"));
+    }
+    let res = rx
+        .clone()
+        .oneshot(b.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let e = events.try_recv().unwrap();
+    for name in ["x-github-event", "x-github-delivery"] {
+        let vals: Vec<_> = e.headers.get_all(name).iter().collect();
+        assert!(vals.len() <= 4, "{name}: {} values carried", vals.len());
+        for v in vals {
+            assert!(v.len() <= 1024, "{name}: a value of {} bytes carried", v.len());
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_stripe_ids_stay_bounded() {
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(Stripe::new("sk_test").unwrap(), q)
+        .with_clock(Arc::new(Fixed(NOW)));
+    let long = format!(r#"{{"id":"{}","object":"event"}}"#, "x".repeat(10_000));
+    let bodies = [
+        long,
+        r#"{"id":{"nested":"evt"},"object":"event"}"#.to_owned(),
+        r#"{"id":12345}"#.to_owned(),
+        r#"{"id":"evt_a","id":"evt_b"}"#.to_owned(),
+        r#"{"id":"evt_\u0000\ud800"}"#.to_owned(),
+        r#"{"id":""}"#.to_owned(),
+        "[1,2,3]".to_owned(),
+    ];
+    for (i, body) in bodies.iter().enumerate() {
+        let sig = sign_stripe("sk_test", NOW, body.as_bytes());
+        let s = send(
+            &rx,
+            &[("stripe-signature", sig.as_bytes())],
+            body.clone().into_bytes(),
+        )
+        .await;
+        assert!(s == StatusCode::OK || s == StatusCode::BAD_REQUEST, "{i}: {s}");
+        if s == StatusCode::OK {
+            let e = events.try_recv().expect("a 200 means queued");
+            assert!(
+                !e.id.is_empty() && e.id.len() <= MAX_ID_LEN,
+                "body {i}: id of {} bytes",
+                e.id.len()
+            );
+        }
+    }
+}
+
+fn redis_url() -> String {
+    std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".to_owned())
+}
+
+fn stream_name(what: &str) -> String {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("outsider3:{what}:{}:{n}", std::process::id())
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_full_backlog_answers_503_and_the_redelivery_is_accepted_later() {
+    let stream = stream_name("full");
+    let mut consumer = RedisStreamConsumer::connect(
+        &redis_url(),
+        stream.clone(),
+        "g",
+        "c1",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50));
+    let q = RedisStreamQueue::connect(&redis_url(), stream.clone())
+        .await
+        .unwrap()
+        .with_max_backlog(1);
+    let rx = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q);
+    let t = now_s();
+    let deliver = |id: &'static str| {
+        let rx = rx.clone();
+        async move {
+            let body = format!(r#"{{"id":"{id}"}}"#).into_bytes();
+            let sig = sign_standard(WHSEC, id, t, &body).unwrap();
+            let r = rx
+                .oneshot(
+                    Request::post("/hook")
+                        .header("webhook-id", id)
+                        .header("webhook-timestamp", t.to_string())
+                        .header("webhook-signature", sig)
+                        .body(Body::from(body))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (r.status(), r.headers().get("retry-after").cloned())
+        }
+    };
+    let run = async {
+        assert_eq!(deliver("msg_a").await.0, StatusCode::OK);
+        let (s, ra) = deliver("msg_b").await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(ra.is_some(), "503 with Retry-After");
+        let d = consumer.next().await.unwrap().expect("msg_a");
+        assert_eq!((d.event.id.as_str(), d.deliveries), ("msg_a", 1));
+        consumer.ack(&d).await.unwrap();
+        // The sender's redelivery of msg_b is accepted now, once.
+        assert_eq!(deliver("msg_b").await.0, StatusCode::OK);
+        assert_eq!(deliver("msg_b").await.0, StatusCode::OK);
+        let d = consumer.next().await.unwrap().expect("msg_b");
+        assert_eq!(d.event.id, "msg_b");
+        consumer.ack(&d).await.unwrap();
+        assert!(consumer.next().await.unwrap().is_none(), "msg_b queued twice");
+        // msg_a again after its ack: a duplicate, not queued.
+        assert_eq!(deliver("msg_a").await.0, StatusCode::OK);
+        assert!(consumer.next().await.unwrap().is_none());
+    };
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unacked_events_come_back_counted_and_acked_ones_do_not() {
+    let stream = stream_name("ack");
+    let mut consumer = RedisStreamConsumer::connect(
+        &redis_url(),
+        stream.clone(),
+        "g",
+        "c1",
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50))
+    .with_max_deliveries(3);
+    let q = RedisStreamQueue::connect(&redis_url(), stream.clone())
+        .await
+        .unwrap();
+    let rx = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q.clone());
+    let t = now_s();
+    let body = br#"{"poison":true}"#.to_vec();
+    let sig = sign_standard(WHSEC, "msg_p", t, &body).unwrap();
+    let r = rx
+        .oneshot(
+            Request::post("/hook")
+                .header("webhook-id", "msg_p")
+                .header("webhook-timestamp", t.to_string())
+                .header("webhook-signature", sig)
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let run = async {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(d) = consumer.next().await.unwrap() {
+                seen.push(d.deliveries);
+            }
+            if seen.len() >= 3 {
+                // Let the claim delay pass once more: the event must go dead, not come back.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert!(consumer.next().await.unwrap().is_none());
+                assert!(consumer.next().await.unwrap().is_none());
+                break;
+            }
+        }
+        assert_eq!(seen, vec![1, 2, 3], "deliveries counted");
+        let dead = q.dead_letters(None, 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].event.id, "msg_p");
+    };
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .unwrap();
+}
