@@ -626,3 +626,116 @@ fn rand_suffix() -> u128 {
         .unwrap()
         .as_nanos()
 }
+
+fn fat_app(runs: Arc<AtomicUsize>, store: MemoryStore) -> Router {
+    Router::new()
+        .route(
+            "/fat",
+            post(move || {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    "f".repeat(100 * 1024)
+                }
+            }),
+        )
+        .route(
+            "/thin",
+            post(|body: Bytes| async move { format!("{}", body.len()) }),
+        )
+        .layer(IdempotencyLayer::new(store, ByCredentials::default()))
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "fault: a response under the response limit but over the store's byte bound is 409 'still running' for the lease, then run again"]
+async fn a_response_larger_than_the_whole_store_is_not_run_twice() {
+    let runs = counter();
+    // Accepted when built: a byte bound (16 KiB) below the response limit (1 MiB).
+    let store = MemoryStore::default().with_max_bytes(16 * 1024).unwrap();
+    let app = fat_app(runs.clone(), store);
+    let (s, _, b) = send(&app, req("/fat", Some(b"fat"), "{}")).await;
+    assert_eq!((s, b.len()), (StatusCode::OK, 100 * 1024));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, _, b) = send(&app, req("/fat", Some(b"fat"), "{}")).await;
+    assert_ne!(
+        problem_type(&b),
+        problem::IN_FLIGHT,
+        "409 'still running' for a handler that has finished ({s})"
+    );
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let _ = send(&app, req("/fat", Some(b"fat"), "{}")).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the handler ran again after the lease"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_memory_store_stays_within_its_byte_bound() {
+    let store = MemoryStore::default().with_max_bytes(16 * 1024).unwrap();
+    let app = fat_app(counter(), store.clone());
+    for i in 0..500 {
+        let k = format!("thin-{i}");
+        let (s, _, _) = send(&app, req("/thin", Some(k.as_bytes()), "0123456789")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(store.heap_bytes() <= 16 * 1024, "{} bytes", store.heap_bytes());
+    }
+    // The latest key replays.
+    let (s, h, b) = send(&app, req("/thin", Some(b"thin-499"), "0123456789")).await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "10"));
+    assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
+}
+
+#[tokio::test(start_paused = true)]
+async fn same_key_with_another_method_is_422_and_gets_pass_through() {
+    let runs = counter();
+    let r2 = runs.clone();
+    let r3 = runs.clone();
+    let app = Router::new()
+        .route(
+            "/m",
+            post(move || {
+                let r = r2.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    "post"
+                }
+            })
+            .patch(move || {
+                let r = r3.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    "patch"
+                }
+            })
+            .get(|| async { "get" }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let (s, _, _) = send(&app, req("/m", Some(b"mk"), "{}")).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut r = req("/m", Some(b"mk"), "{}");
+    *r.method_mut() = http::Method::PATCH;
+    let (s, _, b) = send(&app, r).await;
+    assert_eq!(
+        (s, problem_type(&b)),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            problem::KEY_REUSED.to_owned()
+        )
+    );
+    // Query order matters: another request.
+    let (s, _, b) = send(&app, req("/m?a=1", Some(b"mk"), "{}")).await;
+    assert_eq!((s, problem_type(&b)), (StatusCode::UNPROCESSABLE_ENTITY, problem::KEY_REUSED.to_owned()));
+    for _ in 0..2 {
+        let mut r = req("/m", Some(b"mk"), "");
+        *r.method_mut() = http::Method::GET;
+        let (s, h, b) = send(&app, r).await;
+        assert_eq!((s, b.as_str()), (StatusCode::OK, "get"));
+        assert!(h.get("idempotent-replayed").is_none());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
