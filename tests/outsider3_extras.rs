@@ -306,3 +306,89 @@ async fn hedge_delay_is_capped_under_hostile_latency() {
     );
     assert!(d >= Duration::from_millis(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn coalesce_every_caller_gets_the_trailers() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let inner = service_fn(move |_r: Request<Full<Bytes>>| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut t = http::HeaderMap::new();
+            t.insert("x-checksum", http::HeaderValue::from_static("abc"));
+            let frames = vec![
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(b"payload"))),
+                Ok(http_body::Frame::trailers(t)),
+            ];
+            Ok::<_, Infallible>(Response::new(StreamBody::new(futures_util::stream::iter(
+                frames,
+            ))))
+        }
+    });
+    let svc = CoalesceLayer::new().layer(inner);
+    let tasks: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        let c = r.into_body().collect().await.unwrap();
+        assert_eq!(
+            c.trailers().and_then(|t| t.get("x-checksum")).unwrap(),
+            "abc"
+        );
+        assert_eq!(c.to_bytes(), "payload");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_dropped_calls_and_waiters_give_everything_back() {
+    let inner = service_fn(|_r: Request<Full<Bytes>>| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    });
+    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_limits(3, 3).with_initial_limit(3).pair();
+    let svc = layer.layer(inner);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    settle().await;
+    let st = handle.state(H).unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (3, 7));
+    for t in &tasks {
+        t.abort();
+    }
+    settle().await;
+    let st = handle.state(H).unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (0, 0), "permits leaked");
+    assert_eq!(st.limit(), 3, "dropped calls say nothing about capacity");
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedge_over_a_concurrency_limit_of_one_does_not_deadlock() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let inner = service_fn(move |_r: Request<Full<Bytes>>| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // Fast while warming, then one slow call.
+            let d = if i < 20 { 10 } else { 2_000 };
+            tokio::time::sleep(Duration::from_millis(d)).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(i.to_string()))))
+        }
+    });
+    let (layer, handle) = HedgeLayer::new().with_min_samples(10).pair();
+    let mut svc = layer.layer(tower::limit::ConcurrencyLimit::new(inner, 1));
+    let run = async {
+        for _ in 0..20 {
+            svc.ready().await.unwrap().call(get()).await.unwrap();
+        }
+        let r = svc.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("deadlock: hedge under ConcurrencyLimit(1)");
+    eprintln!("hedge stats: {:?}", handle.stats(H));
+}
