@@ -739,3 +739,146 @@ async fn same_key_with_another_method_is_422_and_gets_pass_through() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A Redis of this test's own on a free port, ended when dropped.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, port }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_on_arrival_is_503_without_running_and_a_later_retry_runs() {
+    let port = free_port();
+    let redis = OwnRedis::start(port).await;
+    let store = RedisIdempotencyStore::connect(&format!("redis://127.0.0.1:{}/", redis.port))
+        .await
+        .unwrap()
+        .with_prefix("outsider3:down");
+    let runs = counter();
+    let addr = serve(wire_app(
+        runs.clone(),
+        IdempotencyLayer::new(store, ByCredentials::default()),
+    ))
+    .await;
+    redis.stop();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let post = || {
+        c.post(format!("http://{addr}/pay"))
+            .header("idempotency-key", "down-1")
+            .body("amount=5")
+            .send()
+    };
+    let start = std::time::Instant::now();
+    let r = post().await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(
+        problem_type(&r.text().await.unwrap()),
+        problem::STORE_UNAVAILABLE.to_owned()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler must not run");
+    let _redis = OwnRedis::start(port).await;
+    let mut last = None;
+    for _ in 0..50 {
+        let r = post().await.unwrap();
+        if r.status() == 201 {
+            last = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.as_deref(), Some("charged 8"), "a later retry runs normally");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_a_panic_releases_the_key_and_a_retry_runs() {
+    let store = RedisIdempotencyStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(format!("outsider3:panic:{}", rand_suffix()));
+    let runs = counter();
+    let r2 = runs.clone();
+    let app = Router::new()
+        .route(
+            "/boom",
+            post(move || {
+                let runs = r2.clone();
+                async move {
+                    if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("outsider3 redis panic on purpose");
+                    }
+                    (StatusCode::CREATED, "ok")
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(store, ByCredentials::default()))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new());
+    let addr = serve(app).await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let post = || {
+        c.post(format!("http://{addr}/boom"))
+            .header("idempotency-key", "p")
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 500);
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 201, "a retry, even at once, runs the handler again");
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

@@ -362,3 +362,63 @@ async fn redis_unacked_events_come_back_counted_and_acked_ones_do_not() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_body_limit_is_a_boundary() {
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q).with_body_limit(1000);
+    for (len, want) in [(1000usize, StatusCode::OK), (1001, StatusCode::PAYLOAD_TOO_LARGE)] {
+        let body = vec![b'x'; len];
+        let sig = sign_github("gh-secret", &body);
+        let s = send(&rx, &[("x-hub-signature-256", sig.as_bytes())], body).await;
+        assert_eq!(s, want, "{len} bytes");
+    }
+    assert_eq!(events.try_recv().unwrap().body.len(), 1000);
+    assert!(events.try_recv().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_over_the_wire_does_not_stall_other_deliveries() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q);
+    let app = axum::Router::new().route_service("/hook", rx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // A sender that announces 1000 bytes and sends 10.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let sig = sign_github("gh-secret", &[b'x'; 1000]);
+    slow.write_all(
+        format!(
+            "POST /hook HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\nx-hub-signature-256: {sig}\r\n\r\nxxxxxxxxxx"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // A normal delivery meanwhile.
+    let body = br#"{"ok":true}"#.to_vec();
+    let sig = sign_github("gh-secret", &body);
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        reqwest::Client::new()
+            .post(format!("http://{addr}/hook"))
+            .header("x-hub-signature-256", sig)
+            .body(body)
+            .send(),
+    )
+    .await
+    .expect("the normal delivery is not stalled")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(events.recv().await.unwrap().body.as_ref(), br#"{"ok":true}"#);
+    // The slow one completes its body later and is accepted.
+    slow.write_all(&[b'x'; 990]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
