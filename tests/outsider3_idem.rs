@@ -882,3 +882,44 @@ async fn redis_store_a_panic_releases_the_key_and_a_retry_runs() {
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_when_the_response_is_stored_still_answers_the_handlers_response() {
+    let port = free_port();
+    let redis = OwnRedis::start(port).await;
+    let store = RedisIdempotencyStore::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .unwrap()
+        .with_prefix("outsider3:late");
+    let runs = counter();
+    let addr = serve(wire_app(
+        runs.clone(),
+        IdempotencyLayer::new(store, ByCredentials::default()),
+    ))
+    .await;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let start = std::time::Instant::now();
+            let r = c
+                .post(format!("http://{addr}/pay"))
+                .header("idempotency-key", "late-1")
+                .body("amount=5")
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap(), start.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.stop();
+    let (s, b, took) = pending.await.unwrap();
+    eprintln!("answered {s} after {took:?}");
+    assert_eq!((s.as_u16(), b.as_str()), (201, "charged 8"));
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
