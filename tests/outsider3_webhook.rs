@@ -422,3 +422,90 @@ async fn a_slow_body_over_the_wire_does_not_stall_other_deliveries() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// A Redis of this test's own on a free port, ended when dropped.
+struct OwnRedis(std::process::Child);
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self(child)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_503_and_the_redelivery_is_accepted_once_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let redis = OwnRedis::start(port).await;
+    let q = RedisStreamQueue::connect(&url, "outsider3:down")
+        .await
+        .unwrap();
+    let rx = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q);
+    drop(redis);
+    let t = now_s();
+    let deliver = || {
+        let rx = rx.clone();
+        async move {
+            let body = br#"{"d":1}"#.to_vec();
+            let sig = sign_standard(WHSEC, "msg_down", t, &body).unwrap();
+            let r = rx
+                .oneshot(
+                    Request::post("/hook")
+                        .header("webhook-id", "msg_down")
+                        .header("webhook-timestamp", t.to_string())
+                        .header("webhook-signature", sig)
+                        .body(Body::from(body))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (r.status(), r.headers().get("retry-after").cloned())
+        }
+    };
+    let start = std::time::Instant::now();
+    let (s, ra) = deliver().await;
+    assert!(start.elapsed() < Duration::from_millis(2_500), "{:?}", start.elapsed());
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ra.is_some());
+    let _redis = OwnRedis::start(port).await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if deliver().await.0 == StatusCode::OK {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the same receiver works again once Redis is back");
+    let mut consumer = RedisStreamConsumer::connect(&url, "outsider3:down", "g", "c", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(50));
+    // The group was created after the event: it sees the entries still in the stream.
+    let d = consumer.next().await.unwrap().expect("the event");
+    assert_eq!(d.event.id, "msg_down");
+    consumer.ack(&d).await.unwrap();
+    assert!(consumer.next().await.unwrap().is_none());
+}
