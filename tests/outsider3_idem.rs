@@ -923,3 +923,137 @@ async fn redis_down_when_the_response_is_stored_still_answers_the_handlers_respo
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_request_body_is_400_and_leaves_the_key_free() {
+    let runs = counter();
+    let r2 = runs.clone();
+    let app = Router::new()
+        .route(
+            "/u",
+            post(move |b: Bytes| {
+                let runs = r2.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    format!("{}", b.len())
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let broken = futures_util::stream::iter(vec![
+        Ok::<_, std::io::Error>(Bytes::from_static(b"amount=")),
+        Err(std::io::Error::other("client went away mid-body")),
+    ]);
+    let r = Request::post("/u")
+        .header("idempotency-key", "ub")
+        .body(Body::from_stream(broken))
+        .unwrap();
+    let (s, _, b) = send(&app, r).await;
+    assert_eq!(
+        (s, problem_type(&b)),
+        (StatusCode::BAD_REQUEST, problem::UNREADABLE_BODY.to_owned())
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let r = Request::post("/u")
+        .header("idempotency-key", "ub")
+        .body(Body::from("amount=5"))
+        .unwrap();
+    let (s, _, b) = send(&app, r).await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "8"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stored_server_errors_no_content_and_the_body_limit_boundary() {
+    let runs = counter();
+    let (r1, r2) = (runs.clone(), runs.clone());
+    let app = Router::new()
+        .route(
+            "/e",
+            post(move || {
+                let r = r1.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::SERVICE_UNAVAILABLE, "down")
+                }
+            }),
+        )
+        .route(
+            "/t",
+            post(move || {
+                let r = r2.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::TOO_MANY_REQUESTS, "slow down")
+                }
+            }),
+        )
+        .route("/nc", post(|| async { StatusCode::NO_CONTENT }))
+        .route("/len", post(|b: Bytes| async move { format!("{}", b.len()) }))
+        .layer(
+            IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+                .with_store_server_errors(true),
+        );
+    for _ in 0..2 {
+        let (s, _, b) = send(&app, req("/e", Some(b"e"), "{}")).await;
+        assert_eq!((s, b.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "down"));
+        let (s, _, _) = send(&app, req("/t", Some(b"t"), "{}")).await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    }
+    // 503 once (stored, then replayed), 429 twice (never stored).
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    for i in 0..2 {
+        let (s, h, b) = send(&app, req("/nc", Some(b"nc"), "{}")).await;
+        assert_eq!((s, b.as_str()), (StatusCode::NO_CONTENT, ""));
+        assert_eq!(h.get("idempotent-replayed").is_some(), i == 1);
+    }
+    let mib = 1024 * 1024;
+    for (len, want) in [(mib, StatusCode::OK), (mib + 1, StatusCode::PAYLOAD_TOO_LARGE)] {
+        let r = Request::post("/len")
+            .header("idempotency-key", format!("len-{len}"))
+            .body(Body::from(vec![b'a'; len]))
+            .unwrap();
+        let (s, _, _) = send(&app, r).await;
+        assert_eq!(s, want, "{len} bytes");
+    }
+}
+
+#[test]
+fn a_runtime_shut_down_mid_handler_holds_the_key_until_its_lease_ends() {
+    let runs = counter();
+    let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+        .with_lease(Duration::from_secs(5))
+        .unwrap();
+    let app = sleepy_app(runs.clone(), layer);
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    first.block_on(async {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, req("/sleepy", Some(b"sd"), "{}")).await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    drop(first);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let (s, _, b) = send(&app, req("/sleepy", Some(b"sd"), "{}")).await;
+        assert_eq!(
+            (s, problem_type(&b)),
+            (StatusCode::CONFLICT, problem::IN_FLIGHT.to_owned()),
+            "the key is held"
+        );
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (s, _, b) = send(&app, req("/sleepy", Some(b"sd"), "{}")).await;
+        assert_eq!((s, b.as_str()), (StatusCode::CREATED, "slept"), "after the lease");
+    });
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
