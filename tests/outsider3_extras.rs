@@ -54,7 +54,9 @@ impl Upstream {
         }
     }
 
-    fn service(&self) -> tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<B>, BoxError> {
+    fn service(
+        &self,
+    ) -> tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<B>, BoxError> {
         let me = self.clone();
         tower::util::BoxCloneSyncService::new(service_fn(move |_req: Request<Full<Bytes>>| {
             let me = me.clone();
@@ -66,7 +68,8 @@ impl Upstream {
                 let s = futures_util::stream::iter(0..me.chunks).map(move |i| {
                     read.fetch_add(1, Ordering::SeqCst);
                     Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![
-                        b'a' + (i % 26) as u8;
+                        b'a' + (i % 26)
+                            as u8;
                         size
                     ])))
                 });
@@ -107,7 +110,11 @@ async fn coalesce_the_leader_leaving_does_not_cancel_the_others_and_the_body_is_
     }
     assert!(bodies.iter().all(|b| b.len() == 4000 && b == &bodies[0]));
     assert_eq!(up.calls.load(Ordering::SeqCst), 1, "one upstream call");
-    assert_eq!(up.chunks_read.load(Ordering::SeqCst), 4, "the body read once");
+    assert_eq!(
+        up.chunks_read.load(Ordering::SeqCst),
+        4,
+        "the body read once"
+    );
     let st = handle.stats();
     assert_eq!(st.upstream(), 1);
 }
@@ -131,7 +138,11 @@ async fn coalesce_a_leader_gone_with_a_large_body_hands_it_to_the_first_other_ca
             .expect("no hang")
             .unwrap()
             .unwrap();
-        assert_eq!(body_of(r).await.len(), 4000, "every caller gets the whole body");
+        assert_eq!(
+            body_of(r).await.len(),
+            4000,
+            "every caller gets the whole body"
+        );
     }
     // One call taken over by the first follower, the two others on their own.
     assert_eq!(
@@ -143,13 +154,9 @@ async fn coalesce_a_leader_gone_with_a_large_body_hands_it_to_the_first_other_ca
 }
 
 #[tokio::test(start_paused = true)]
-async fn coalesce_over_buffer_one_and_concurrency_limit_one_with_kept_services_does_not_deadlock()
-{
+async fn coalesce_over_buffer_one_and_concurrency_limit_one_with_kept_services_does_not_deadlock() {
     let up = Upstream::new(Duration::from_millis(100), 1, 10);
-    let inner = tower::buffer::Buffer::new(
-        tower::limit::ConcurrencyLimit::new(up.service(), 1),
-        1,
-    );
+    let inner = tower::buffer::Buffer::new(tower::limit::ConcurrencyLimit::new(up.service(), 1), 1);
     let svc = CoalesceLayer::new().layer(inner);
     let run = async {
         let calls = (0..20).map(|i| {
@@ -209,7 +216,7 @@ async fn adaptive_limit_stays_within_bounds_under_hostile_latency_and_overload()
             async move {
                 let ms = [0u64, 1, 600_000, 5, 0, 120_000, 3][i % 7];
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                let status = if i % 3 == 0 { 503 } else { 200 };
+                let status = if i.is_multiple_of(3) { 503 } else { 200 };
                 Ok::<_, Infallible>(
                     Response::builder()
                         .status(status)
@@ -244,7 +251,10 @@ async fn adaptive_limit_stays_within_bounds_under_hostile_latency_and_overload()
         for t in tasks {
             let _ = t.await.unwrap();
         }
-        assert!(peak <= 6, "{algorithm:?}: {peak} in flight with a maximum of 6");
+        assert!(
+            peak <= 6,
+            "{algorithm:?}: {peak} in flight with a maximum of 6"
+        );
         let l = handle.limit(H).unwrap();
         assert!((2..=6).contains(&l), "{algorithm:?}: final limit {l}");
     }
@@ -274,9 +284,17 @@ async fn adaptive_zero_limits_are_taken_as_one() {
         .expect("no hang with limits (0, 0)");
     assert_eq!(handle.limit(H), Some(1));
     handle.set_limit(H, 0);
-    assert_eq!(handle.limit(H), Some(1), "set_limit(0) is taken as the minimum");
+    assert_eq!(
+        handle.limit(H),
+        Some(1),
+        "set_limit(0) is taken as the minimum"
+    );
     handle.set_limit(H, 1_000_000);
-    assert_eq!(handle.limit(H), Some(1), "set_limit above the maximum is capped");
+    assert_eq!(
+        handle.limit(H),
+        Some(1),
+        "set_limit above the maximum is capped"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -348,7 +366,10 @@ async fn adaptive_dropped_calls_and_waiters_give_everything_back() {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_limits(3, 3).with_initial_limit(3).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_limits(3, 3)
+        .with_initial_limit(3)
+        .pair();
     let svc = layer.layer(inner);
     let tasks: Vec<_> = (0..10)
         .map(|_| tokio::spawn(svc.clone().oneshot(get())))

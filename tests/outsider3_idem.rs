@@ -24,7 +24,10 @@ fn req(uri: &str, key: Option<&[u8]>, body: &'static str) -> Request<Body> {
         .uri(uri)
         .header("authorization", "Bearer outsider3");
     if let Some(k) = key {
-        b = b.header("idempotency-key", HeaderValue::from_bytes(k).expect("a header value"));
+        b = b.header(
+            "idempotency-key",
+            HeaderValue::from_bytes(k).expect("a header value"),
+        );
     }
     b.body(Body::from(body)).unwrap()
 }
@@ -64,7 +67,10 @@ fn streaming_app(runs: Arc<AtomicUsize>, layer: IdempotencyLayer<MemoryStore>) -
                             return None;
                         }
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        Some((Ok::<_, Infallible>(Bytes::from(format!("chunk{i};"))), i + 1))
+                        Some((
+                            Ok::<_, Infallible>(Bytes::from(format!("chunk{i};"))),
+                            i + 1,
+                        ))
                     });
                     (StatusCode::CREATED, Body::from_stream(s))
                 }
@@ -94,7 +100,10 @@ async fn a_streamed_response_is_stored_whole_when_the_client_leaves_mid_body() {
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (s, h, b) = send(&app, req("/stream", Some(b"st1"), "{}")).await;
-    assert_eq!((s, b.as_str()), (StatusCode::CREATED, "chunk0;chunk1;chunk2;"));
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::CREATED, "chunk0;chunk1;chunk2;")
+    );
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -384,8 +393,7 @@ async fn a_chunked_request_body_over_the_limit_is_413_and_the_handler_does_not_r
     let runs = counter();
     let app = sleepy_app(
         runs.clone(),
-        IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
-            .with_body_limit(16),
+        IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default()).with_body_limit(16),
     );
     let chunks = futures_util::stream::iter(
         (0..10).map(|_| Ok::<_, Infallible>(Bytes::from_static(b"0123456789"))),
@@ -620,11 +628,13 @@ async fn redis_store_replays_a_large_response_and_refuses_a_huge_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+fn rand_suffix() -> u64 {
+    // A per-process random value (std's hash keys), so keys left in Redis by earlier runs
+    // never collide with this run's.
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 fn fat_app(runs: Arc<AtomicUsize>, store: MemoryStore) -> Router {
@@ -679,7 +689,11 @@ async fn the_memory_store_stays_within_its_byte_bound() {
         let k = format!("thin-{i}");
         let (s, _, _) = send(&app, req("/thin", Some(k.as_bytes()), "0123456789")).await;
         assert_eq!(s, StatusCode::OK);
-        assert!(store.heap_bytes() <= 16 * 1024, "{} bytes", store.heap_bytes());
+        assert!(
+            store.heap_bytes() <= 16 * 1024,
+            "{} bytes",
+            store.heap_bytes()
+        );
     }
     // The latest key replays.
     let (s, h, b) = send(&app, req("/thin", Some(b"thin-499"), "0123456789")).await;
@@ -729,7 +743,13 @@ async fn same_key_with_another_method_is_422_and_gets_pass_through() {
     );
     // Query order matters: another request.
     let (s, _, b) = send(&app, req("/m?a=1", Some(b"mk"), "{}")).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::UNPROCESSABLE_ENTITY, problem::KEY_REUSED.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            problem::KEY_REUSED.to_owned()
+        )
+    );
     for _ in 0..2 {
         let mut r = req("/m", Some(b"mk"), "");
         *r.method_mut() = http::Method::GET;
@@ -763,7 +783,10 @@ impl OwnRedis {
             .spawn()
             .expect("redis-server");
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -817,9 +840,13 @@ async fn redis_down_on_arrival_is_503_without_running_and_a_later_retry_runs() {
             .body("amount=5")
             .send()
     };
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let r = post().await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     assert_eq!(
@@ -837,7 +864,11 @@ async fn redis_down_on_arrival_is_503_without_running_and_a_later_retry_runs() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(last.as_deref(), Some("charged 8"), "a later retry runs normally");
+    assert_eq!(
+        last.as_deref(),
+        Some("charged 8"),
+        "a later retry runs normally"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -876,7 +907,11 @@ async fn redis_store_a_panic_releases_the_key_and_a_retry_runs() {
     };
     assert_eq!(post().await.unwrap().status(), 500);
     let r = post().await.unwrap();
-    assert_eq!(r.status(), 201, "a retry, even at once, runs the handler again");
+    assert_eq!(
+        r.status(),
+        201,
+        "a retry, even at once, runs the handler again"
+    );
     let r = post().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["idempotent-replayed"], "true");
@@ -904,7 +939,7 @@ async fn redis_down_when_the_response_is_stored_still_answers_the_handlers_respo
     let pending = tokio::spawn({
         let c = c.clone();
         async move {
-            let start = std::time::Instant::now();
+            let start = tokio::time::Instant::now();
             let r = c
                 .post(format!("http://{addr}/pay"))
                 .header("idempotency-key", "late-1")
@@ -991,7 +1026,10 @@ async fn stored_server_errors_no_content_and_the_body_limit_boundary() {
             }),
         )
         .route("/nc", post(|| async { StatusCode::NO_CONTENT }))
-        .route("/len", post(|b: Bytes| async move { format!("{}", b.len()) }))
+        .route(
+            "/len",
+            post(|b: Bytes| async move { format!("{}", b.len()) }),
+        )
         .layer(
             IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
                 .with_store_server_errors(true),
@@ -1010,7 +1048,10 @@ async fn stored_server_errors_no_content_and_the_body_limit_boundary() {
         assert_eq!(h.get("idempotent-replayed").is_some(), i == 1);
     }
     let mib = 1024 * 1024;
-    for (len, want) in [(mib, StatusCode::OK), (mib + 1, StatusCode::PAYLOAD_TOO_LARGE)] {
+    for (len, want) in [
+        (mib, StatusCode::OK),
+        (mib + 1, StatusCode::PAYLOAD_TOO_LARGE),
+    ] {
         let r = Request::post("/len")
             .header("idempotency-key", format!("len-{len}"))
             .body(Body::from(vec![b'a'; len]))
@@ -1053,7 +1094,11 @@ fn a_runtime_shut_down_mid_handler_holds_the_key_until_its_lease_ends() {
         );
         tokio::time::sleep(Duration::from_secs(6)).await;
         let (s, _, b) = send(&app, req("/sleepy", Some(b"sd"), "{}")).await;
-        assert_eq!((s, b.as_str()), (StatusCode::CREATED, "slept"), "after the lease");
+        assert_eq!(
+            (s, b.as_str()),
+            (StatusCode::CREATED, "slept"),
+            "after the lease"
+        );
     });
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

@@ -19,7 +19,11 @@ use sturdy::version::{Notice, VersionLayer};
 use tower::{service_fn, Layer, ServiceExt};
 
 type Hits = Arc<Mutex<Vec<String>>>;
-type Svc = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<BoxBody<Bytes, BoxError>>, BoxError>;
+type Svc = tower::util::BoxCloneSyncService<
+    Request<Full<Bytes>>,
+    Response<BoxBody<Bytes, BoxError>>,
+    BoxError,
+>;
 
 fn full(s: String) -> BoxBody<Bytes, BoxError> {
     Full::new(Bytes::from(s)).map_err(|e| match e {}).boxed()
@@ -77,22 +81,23 @@ async fn a_link_loop_yields_each_item_once_then_a_loop_error() {
 async fn an_endless_chain_of_new_links_stops_at_max_pages() {
     let hits: Hits = Arc::default();
     let h2 = hits.clone();
-    let api = tower::util::BoxCloneSyncService::new(service_fn(move |req: Request<Full<Bytes>>| {
-        let hits = h2.clone();
-        async move {
-            let n = {
-                let mut h = hits.lock().unwrap();
-                h.push(req.uri().to_string());
-                h.len()
-            };
-            Ok::<_, BoxError>(
-                Response::builder()
-                    .header("link", format!("</p{n}>; rel=next"))
-                    .body(full(json!([n]).to_string()))
-                    .unwrap(),
-            )
-        }
-    }));
+    let api =
+        tower::util::BoxCloneSyncService::new(service_fn(move |req: Request<Full<Bytes>>| {
+            let hits = h2.clone();
+            async move {
+                let n = {
+                    let mut h = hits.lock().unwrap();
+                    h.push(req.uri().to_string());
+                    h.len()
+                };
+                Ok::<_, BoxError>(
+                    Response::builder()
+                        .header("link", format!("</p{n}>; rel=next"))
+                        .body(full(json!([n]).to_string()))
+                        .unwrap(),
+                )
+            }
+        }));
     let pager = Paginate::builder(api, "http://api.example.com/p0", LinkHeader::new(""))
         .with_max_pages(7)
         .build()
@@ -118,8 +123,8 @@ async fn origin_tricks_in_next_links_are_refused() {
         let hits: Hits = Arc::default();
         let h2 = hits.clone();
         let owned = link.to_owned();
-        let api = tower::util::BoxCloneSyncService::new(service_fn(
-            move |req: Request<Full<Bytes>>| {
+        let api =
+            tower::util::BoxCloneSyncService::new(service_fn(move |req: Request<Full<Bytes>>| {
                 let (hits, link) = (h2.clone(), owned.clone());
                 async move {
                     hits.lock().unwrap().push(req.uri().to_string());
@@ -130,8 +135,7 @@ async fn origin_tricks_in_next_links_are_refused() {
                             .unwrap(),
                     )
                 }
-            },
-        ));
+            }));
         let pager = Paginate::new(api, "http://api.example.com/a", LinkHeader::new("")).unwrap();
         let (items, err) = walk(&pager).await;
         assert_eq!(items, vec![json!(1)], "{link}");
@@ -147,15 +151,17 @@ async fn origin_tricks_in_next_links_are_refused() {
 
 /// A page whose head arrives and whose body never ends: `drip` between 1 KiB chunks.
 fn endless(drip: Duration) -> Svc {
-    tower::util::BoxCloneSyncService::new(service_fn(move |_req: Request<Full<Bytes>>| async move {
-        let s = futures_util::stream::repeat(()).then(move |()| async move {
-            if !drip.is_zero() {
-                tokio::time::sleep(drip).await;
-            }
-            Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![b' '; 1024])))
-        });
-        Ok::<_, BoxError>(Response::new(BodyExt::boxed(StreamBody::new(s))))
-    }))
+    tower::util::BoxCloneSyncService::new(service_fn(
+        move |_req: Request<Full<Bytes>>| async move {
+            let s = futures_util::stream::repeat(()).then(move |()| async move {
+                if !drip.is_zero() {
+                    tokio::time::sleep(drip).await;
+                }
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![b' '; 1024])))
+            });
+            Ok::<_, BoxError>(Response::new(BodyExt::boxed(StreamBody::new(s))))
+        },
+    ))
 }
 
 #[tokio::test(start_paused = true)]
@@ -203,7 +209,11 @@ fn cursor_api(calls: Arc<AtomicUsize>) -> Svc {
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(0);
             let end = (start + 10).min(35);
-            let next = if end < 35 { json!(end.to_string()) } else { Value::Null };
+            let next = if end < 35 {
+                json!(end.to_string())
+            } else {
+                Value::Null
+            };
             let body = json!({ "data": (start..end).collect::<Vec<_>>(), "next": next });
             Ok::<_, BoxError>(Response::new(full(body.to_string())))
         }
@@ -236,7 +246,11 @@ async fn hostile_page_limits_and_cursors() {
         let e = pager.page(Some(c), 5).await.unwrap_err();
         assert_eq!(e.kind(), &ErrorKind::Pagination, "{e}");
     }
-    assert_eq!(calls.load(Ordering::SeqCst), before, "no request for a forged cursor");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        before,
+        "no request for a forged cursor"
+    );
     // A real cursor still resumes exactly.
     let c = p.next_cursor.unwrap();
     let p2 = pager.page(Some(&c), 3).await.unwrap();

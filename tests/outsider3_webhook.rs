@@ -11,8 +11,8 @@ use http::{HeaderValue, Request, StatusCode};
 use sturdy::core::WallClock;
 use sturdy::redis::{RedisStreamConsumer, RedisStreamQueue};
 use sturdy::webhook::{
-    sign_github, sign_standard, sign_stripe, GitHub, MemoryQueue, MemoryReceiver,
-    StandardWebhooks, Stripe, WebhookReceiver, MAX_ID_LEN,
+    sign_github, sign_standard, sign_stripe, GitHub, MemoryQueue, MemoryReceiver, StandardWebhooks,
+    Stripe, WebhookReceiver, MAX_ID_LEN,
 };
 use tower::ServiceExt;
 
@@ -150,9 +150,9 @@ async fn fifty_concurrent_copies_of_one_delivery_are_queued_once() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (rx, h, body) = (rx.clone(), h.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            send(&rx, &refs(&h), body).await
-        }));
+        tasks.push(tokio::spawn(
+            async move { send(&rx, &refs(&h), body).await },
+        ));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
@@ -184,7 +184,11 @@ async fn carried_headers_are_capped() {
         let vals: Vec<_> = e.headers.get_all(name).iter().collect();
         assert!(vals.len() <= 4, "{name}: {} values carried", vals.len());
         for v in vals {
-            assert!(v.len() <= 1024, "{name}: a value of {} bytes carried", v.len());
+            assert!(
+                v.len() <= 1024,
+                "{name}: a value of {} bytes carried",
+                v.len()
+            );
         }
     }
 }
@@ -192,8 +196,8 @@ async fn carried_headers_are_capped() {
 #[tokio::test]
 async fn hostile_stripe_ids_stay_bounded() {
     let (q, mut events) = MemoryQueue::new(10);
-    let rx = WebhookReceiver::new(Stripe::new("sk_test").unwrap(), q)
-        .with_clock(Arc::new(Fixed(NOW)));
+    let rx =
+        WebhookReceiver::new(Stripe::new("sk_test").unwrap(), q).with_clock(Arc::new(Fixed(NOW)));
     let long = format!(r#"{{"id":"{}","object":"event"}}"#, "x".repeat(10_000));
     let bodies = [
         long,
@@ -212,7 +216,10 @@ async fn hostile_stripe_ids_stay_bounded() {
             body.clone().into_bytes(),
         )
         .await;
-        assert!(s == StatusCode::OK || s == StatusCode::BAD_REQUEST, "{i}: {s}");
+        assert!(
+            s == StatusCode::OK || s == StatusCode::BAD_REQUEST,
+            "{i}: {s}"
+        );
         if s == StatusCode::OK {
             let e = events.try_recv().expect("a 200 means queued");
             assert!(
@@ -229,15 +236,17 @@ fn redis_url() -> String {
 }
 
 fn stream_name(what: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    use std::hash::{BuildHasher, Hasher};
+    let n = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     format!("outsider3:{what}:{}:{n}", std::process::id())
 }
 
 fn now_s() -> i64 {
-    SystemTime::now()
+    use sturdy::core::clock::SystemClock;
+    SystemClock
+        .now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
@@ -295,7 +304,10 @@ async fn redis_full_backlog_answers_503_and_the_redelivery_is_accepted_later() {
         let d = consumer.next().await.unwrap().expect("msg_b");
         assert_eq!(d.event.id, "msg_b");
         consumer.ack(&d).await.unwrap();
-        assert!(consumer.next().await.unwrap().is_none(), "msg_b queued twice");
+        assert!(
+            consumer.next().await.unwrap().is_none(),
+            "msg_b queued twice"
+        );
         // msg_a again after its ack: a duplicate, not queued.
         assert_eq!(deliver("msg_a").await.0, StatusCode::OK);
         assert!(consumer.next().await.unwrap().is_none());
@@ -367,7 +379,10 @@ async fn redis_unacked_events_come_back_counted_and_acked_ones_do_not() {
 async fn the_body_limit_is_a_boundary() {
     let (q, mut events) = MemoryQueue::new(10);
     let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q).with_body_limit(1000);
-    for (len, want) in [(1000usize, StatusCode::OK), (1001, StatusCode::PAYLOAD_TOO_LARGE)] {
+    for (len, want) in [
+        (1000usize, StatusCode::OK),
+        (1001, StatusCode::PAYLOAD_TOO_LARGE),
+    ] {
         let body = vec![b'x'; len];
         let sig = sign_github("gh-secret", &body);
         let s = send(&rx, &[("x-hub-signature-256", sig.as_bytes())], body).await;
@@ -412,7 +427,10 @@ async fn a_slow_body_over_the_wire_does_not_stall_other_deliveries() {
     .expect("the normal delivery is not stalled")
     .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(events.recv().await.unwrap().body.as_ref(), br#"{"ok":true}"#);
+    assert_eq!(
+        events.recv().await.unwrap().body.as_ref(),
+        br#"{"ok":true}"#
+    );
     // The slow one completes its body later and is accepted.
     slow.write_all(&[b'x'; 990]).await.unwrap();
     let mut buf = [0u8; 64];
@@ -429,12 +447,24 @@ struct OwnRedis(std::process::Child);
 impl OwnRedis {
     async fn start(port: u16) -> Self {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server");
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -484,9 +514,13 @@ async fn redis_down_is_503_and_the_redelivery_is_accepted_once_it_is_back() {
             (r.status(), r.headers().get("retry-after").cloned())
         }
     };
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let (s, ra) = deliver().await;
-    assert!(start.elapsed() < Duration::from_millis(2_500), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(ra.is_some());
     let _redis = OwnRedis::start(port).await;
@@ -499,10 +533,11 @@ async fn redis_down_is_503_and_the_redelivery_is_accepted_once_it_is_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "the same receiver works again once Redis is back");
-    let mut consumer = RedisStreamConsumer::connect(&url, "outsider3:down", "g", "c", Duration::from_secs(30))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(50));
+    let mut consumer =
+        RedisStreamConsumer::connect(&url, "outsider3:down", "g", "c", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(50));
     // The group was created after the event: it sees the entries still in the stream.
     let d = consumer.next().await.unwrap().expect("the event");
     assert_eq!(d.event.id, "msg_down");
