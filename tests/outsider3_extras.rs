@@ -413,3 +413,81 @@ async fn hedge_over_a_concurrency_limit_of_one_does_not_deadlock() {
         .expect("deadlock: hedge under ConcurrencyLimit(1)");
     eprintln!("hedge stats: {:?}", handle.stats(H));
 }
+
+fn host_echo(
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+) -> tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError> {
+    tower::util::BoxCloneSyncService::new(service_fn(move |r: Request<Full<Bytes>>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            let body = format!("{} {}", r.method(), r.uri().host().unwrap_or("-"));
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(body))))
+        }
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalesce_never_mixes_hosts_or_methods_past_its_host_bound() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = CoalesceLayer::new()
+        .with_max_hosts(1)
+        .layer(host_echo(calls.clone(), Duration::from_millis(100)));
+    let mk = |m: &str, host: &str| {
+        Request::builder()
+            .method(m)
+            .uri(format!("http://{host}/same/path"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let cases = [
+        ("GET", "a.example"),
+        ("GET", "b.example"),
+        ("HEAD", "a.example"),
+        ("GET", "c.example"),
+        ("GET", "a.example"),
+    ];
+    let tasks: Vec<_> = cases
+        .iter()
+        .map(|(m, h)| tokio::spawn(svc.clone().oneshot(mk(m, h))))
+        .collect();
+    for ((m, h), t) in cases.iter().zip(tasks) {
+        let r = t.await.unwrap().unwrap();
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            b,
+            format!("{m} {h}"),
+            "a caller got another request's response"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_one_busy_host_does_not_hold_up_another_past_the_host_bound() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, _handle) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_initial_limit(1)
+        .with_max_hosts(1)
+        .pair();
+    let svc = layer.layer(host_echo(calls.clone(), Duration::from_secs(60)));
+    let a = |h: &str| {
+        Request::get(format!("http://{h}/x"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let _busy = tokio::spawn(svc.clone().oneshot(a("a.example")));
+    settle().await;
+    // a.example's call has 30 s to go; b.example's own call takes 60 s.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let start = tokio::time::Instant::now();
+    let r = svc.clone().oneshot(a("b.example")).await.unwrap();
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(b, "GET b.example");
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(60),
+        "b.example waited for a.example's place"
+    );
+}

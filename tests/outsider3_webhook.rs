@@ -544,3 +544,44 @@ async fn redis_down_is_503_and_the_redelivery_is_accepted_once_it_is_back() {
     consumer.ack(&d).await.unwrap();
     assert!(consumer.next().await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn routes_sharing_a_queue_have_their_own_id_spaces() {
+    let (q, mut events) = MemoryQueue::new(10);
+    let billing = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q.clone())
+        .with_clock(Arc::new(Fixed(NOW)))
+        .with_route("billing");
+    let shipping = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q.clone())
+        .with_clock(Arc::new(Fixed(NOW)))
+        .with_route("shipping");
+    let billing_again = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q)
+        .with_clock(Arc::new(Fixed(NOW)))
+        .with_route("billing");
+    let body = br#"{"x":1}"#.to_vec();
+    let h = std_headers(
+        "msg_shared",
+        sign_standard(WHSEC, "msg_shared", NOW, &body).unwrap(),
+    );
+    assert_eq!(
+        send(&billing, &refs(&h), body.clone()).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&shipping, &refs(&h), body.clone()).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&billing_again, &refs(&h), body.clone()).await,
+        StatusCode::OK
+    );
+    let a = events.try_recv().unwrap();
+    let b = events.try_recv().unwrap();
+    assert_eq!(
+        (a.route.as_str(), b.route.as_str()),
+        ("billing", "shipping")
+    );
+    assert!(
+        events.try_recv().is_none(),
+        "the same route dedups across receivers"
+    );
+}
