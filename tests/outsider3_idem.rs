@@ -1102,3 +1102,49 @@ fn a_runtime_shut_down_mid_handler_holds_the_key_until_its_lease_ends() {
     });
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn named_cookie_scopes_are_exact() {
+    let runs = counter();
+    let r2 = runs.clone();
+    let app = Router::new()
+        .route(
+            "/c",
+            post(move || {
+                let runs = r2.clone();
+                async move { format!("run {}", runs.fetch_add(1, Ordering::SeqCst)) }
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default().with_cookies(["session_id"]),
+        ));
+    let with_cookie = |c: &str| {
+        Request::post("/c")
+            .header("idempotency-key", "same-key")
+            .header("cookie", c)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let (_, _, b) = send(&app, with_cookie("session_id=A1; _ga=1")).await;
+    assert_eq!(b, "run 0");
+    // The analytics cookie changed: the same scope, a replay.
+    let (_, h, b) = send(&app, with_cookie("_ga=2; session_id=A1")).await;
+    assert_eq!(b, "run 0");
+    assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
+    // Look-alike cookies are other scopes: never A1's stored response.
+    for c in [
+        "xsession_id=A1",
+        "session_id_x=A1",
+        "session_id=A1x",
+        "session_id=A",
+        "SESSION_ID=A1",
+        "",
+    ] {
+        let (_, h, b) = send(&app, with_cookie(c)).await;
+        assert!(
+            h.get("idempotent-replayed").is_none() || b != "run 0",
+            "cookie {c:?} got the response stored for session_id=A1"
+        );
+    }
+}
