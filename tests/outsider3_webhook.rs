@@ -585,3 +585,35 @@ async fn routes_sharing_a_queue_have_their_own_id_spaces() {
         "the same route dedups across receivers"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_short_dedup_ttl_still_refuses_copies_within_the_timestamp_tolerance() {
+    let clock = Arc::new(sturdy::core::clock::ManualClock::at(
+        UNIX_EPOCH + Duration::from_secs(NOW as u64),
+    ));
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q)
+        .with_clock(clock.clone())
+        .with_dedup_ttl(Duration::from_secs(1));
+    let body = br#"{"ttl":1}"#.to_vec();
+    let h = std_headers(
+        "msg_ttl",
+        sign_standard(WHSEC, "msg_ttl", NOW, &body).unwrap(),
+    );
+    assert_eq!(send(&rx, &refs(&h), body.clone()).await, StatusCode::OK);
+    for step in [10u64, 60, 200] {
+        tokio::time::advance(Duration::from_secs(step)).await;
+        clock.advance(Duration::from_secs(step));
+        let s = send(&rx, &refs(&h), body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "after {step} s more");
+    }
+    assert!(events.try_recv().is_some());
+    assert!(
+        events.try_recv().is_none(),
+        "a copy within the tolerance was queued again after the dedup TTL"
+    );
+    // Past the tolerance the copy is refused as stale.
+    tokio::time::advance(Duration::from_secs(100)).await;
+    clock.advance(Duration::from_secs(100));
+    assert_eq!(send(&rx, &refs(&h), body).await, StatusCode::UNAUTHORIZED);
+}
