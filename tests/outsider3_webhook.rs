@@ -617,3 +617,53 @@ async fn a_short_dedup_ttl_still_refuses_copies_within_the_timestamp_tolerance()
     clock.advance(Duration::from_secs(100));
     assert_eq!(send(&rx, &refs(&h), body).await, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_short_dedup_ttl_still_refuses_copies_within_the_tolerance() {
+    let stream = stream_name("ttl");
+    let mut consumer = RedisStreamConsumer::connect(
+        &redis_url(),
+        stream.clone(),
+        "g",
+        "c",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50));
+    let q = RedisStreamQueue::connect(&redis_url(), stream.clone())
+        .await
+        .unwrap();
+    let rx = WebhookReceiver::new(StandardWebhooks::new(WHSEC).unwrap(), q)
+        .with_dedup_ttl(Duration::from_millis(100));
+    let t = now_s();
+    let body = br#"{"ttl":2}"#.to_vec();
+    let h = std_headers(
+        "msg_rttl",
+        sign_standard(WHSEC, "msg_rttl", t, &body).unwrap(),
+    );
+    let h: Vec<(&'static str, Vec<u8>)> = h
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "webhook-timestamp" {
+                (k, t.to_string().into_bytes())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let run = async {
+        assert_eq!(send(&rx, &refs(&h), body.clone()).await, StatusCode::OK);
+        let d = consumer.next().await.unwrap().expect("the event");
+        consumer.ack(&d).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(send(&rx, &refs(&h), body.clone()).await, StatusCode::OK);
+        assert!(
+            consumer.next().await.unwrap().is_none(),
+            "a copy within the tolerance was queued again once the dedup TTL had passed"
+        );
+    };
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap();
+}
