@@ -1148,3 +1148,38 @@ async fn named_cookie_scopes_are_exact() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn connection_level_headers_are_not_replayed() {
+    let app = Router::new()
+        .route(
+            "/h",
+            post(|| async {
+                (
+                    StatusCode::CREATED,
+                    [
+                        ("date", "Mon, 01 Jan 2001 00:00:00 GMT"),
+                        ("connection", "close"),
+                        ("keep-alive", "timeout=5"),
+                        ("x-ok", "1"),
+                    ],
+                    "made",
+                )
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let _ = send(&app, req("/h", Some(b"hh"), "{}")).await;
+    let (s, h, b) = send(&app, req("/h", Some(b"hh"), "{}")).await;
+    assert_eq!((s, b.as_str()), (StatusCode::CREATED, "made"));
+    assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(h.get("x-ok").unwrap(), "1");
+    for name in ["date", "connection", "keep-alive"] {
+        assert!(h.get(name).is_none(), "{name} replayed: {:?}", h.get(name));
+    }
+    if let Some(len) = h.get("content-length") {
+        assert_eq!(len, "4");
+    }
+}
