@@ -128,7 +128,9 @@ impl VersionLayer {
         Self::with(Pinning::Query(name.into(), version.into()))
     }
 
-    /// Calls `f` once per endpoint that announces a deprecation or a sunset.
+    /// Calls `f` once per endpoint that announces a deprecation or a sunset. The layer remembers
+    /// 10,000 endpoints; past that it starts afresh, so a new endpoint is never missed and one
+    /// reported long ago may be reported again.
     pub fn on_notice(self, f: impl Fn(&Notice) + Send + Sync + 'static) -> Self {
         let s = &self.shared;
         Self {
@@ -206,7 +208,12 @@ impl Shared {
         }
         {
             let mut seen = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.len() >= self.max_endpoints || !seen.insert(endpoint.clone()) {
+            // Bounded memory: past the bound the set starts afresh, so a new endpoint is never
+            // missed (one seen long ago may be reported again).
+            if seen.len() >= self.max_endpoints && !seen.contains(&endpoint) {
+                seen.clear();
+            }
+            if !seen.insert(endpoint.clone()) {
                 return;
             }
         }

@@ -211,11 +211,31 @@ impl<St: IdempotencyStore> Execution<St> {
                     pause *= 2;
                 }
                 Err(e) => {
-                    tracing::error!(
-                        error = %e,
-                        "could not store a response; its key stays locked until its lease ends, \
-                         then a retry runs the handler again"
+                    // The handler ran: a small marker in its place keeps a retry from running it
+                    // again (a response larger than the store's byte bound lands here).
+                    let marker = problem::stored(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        problem::RESPONSE_TOO_LARGE,
+                        "Response too large to keep",
+                        "the request was processed, but the idempotency store could not keep \
+                         its response, so it was not kept",
                     );
+                    match self
+                        .store
+                        .complete(&self.key, self.fp, marker, self.config.ttl)
+                        .await
+                    {
+                        Ok(()) => tracing::error!(
+                            error = %e,
+                            "could not store a response; a marker is stored in its place, so a \
+                             retry with this key gets a 500 and the handler does not run again"
+                        ),
+                        Err(_) => tracing::error!(
+                            error = %e,
+                            "could not store a response; its key stays locked until its lease \
+                             ends, then a retry runs the handler again"
+                        ),
+                    }
                 }
             }
         }

@@ -28,7 +28,8 @@
 //!
 //! Not stored: 5xx \[configurable\], and 408, 425 and 429, which say the request was not
 //! processed. Stored responses are bounded \[1 MiB\]: a handler whose response is larger is
-//! not run again; its key replays a 500 [`problem::RESPONSE_TOO_LARGE`].
+//! not run again; its key replays a 500 [`problem::RESPONSE_TOO_LARGE`]. So does the key of a
+//! response the store could not keep (one larger than a [`MemoryStore`]'s byte bound).
 //!
 //! A panic in a handler is caught in its task, the key is released, and the panic resumes in
 //! the request's future, as it would without the layer. The handler's own task and the lease
@@ -267,7 +268,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.edit(|c| c.header = header)
     }
 
-    /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every request answered with
+    /// Calls `f` with an [`Event`] for every request answered with
     /// a stored response (`IdempotentReplayed`) and every request refused for its key: 409 in
     /// flight, 422 reused, 400 missing or invalid (`IdempotencyRefused`) \[none\]; replaces an
     /// earlier callback. With the `metrics` feature the same events are counted through the
