@@ -193,6 +193,9 @@ impl<T> std::ops::Deref for Local<T> {
 pub struct SlotCache<T> {
     first: Arc<OnceLock<Arc<Local<T>>>>,
     last: Option<Arc<Local<T>>>,
+    /// Whether this clone has used the shared first slot already: a clone that is called again
+    /// is a kept one (a worker's own service), and gets a `Local` of its own.
+    used_first: bool,
 }
 
 impl<T> Default for SlotCache<T> {
@@ -200,6 +203,7 @@ impl<T> Default for SlotCache<T> {
         Self {
             first: Arc::new(OnceLock::new()),
             last: None,
+            used_first: false,
         }
     }
 }
@@ -209,6 +213,7 @@ impl<T> Clone for SlotCache<T> {
         Self {
             first: self.first.clone(),
             last: self.last.clone(),
+            used_first: false,
         }
     }
 }
@@ -225,7 +230,16 @@ impl<T: Idle> SlotCache<T> {
         }
         if let Some(l) = self.first.get() {
             if fresh(l) {
-                return l.clone();
+                if !self.used_first {
+                    // A clone made for one call: the shared slot, without an allocation.
+                    self.used_first = true;
+                    return l.clone();
+                }
+                // A clone called again is kept (on a thread of its own, often): its own `Local`,
+                // so that its futures do not count references on the line other threads use.
+                let own = Arc::new(Local(l.0.clone()));
+                self.last = Some(own.clone());
+                return own;
             }
         }
         let l = Arc::new(Local(map.get_or_insert_with(key, make)));

@@ -135,10 +135,16 @@ where
             let value = match given {
                 Some(v) => Some(v),
                 None if self.config.methods.contains(req.method()) => {
-                    // Formatted on the stack: the header value is the only allocation.
+                    // Formatted on the stack, then owned by one reference-counted allocation:
+                    // the retry layer's copy of the head for a replay only counts a reference
+                    // (a value copied from a slice would be moved into a second allocation on
+                    // its first clone).
                     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                    let key = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-                    Some(HeaderValue::from_str(key).expect("a UUID is a valid header value"))
+                    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+                    Some(
+                        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                            .expect("a UUID is a valid header value"),
+                    )
                 }
                 None => None,
             };

@@ -160,12 +160,33 @@ impl Gate {
         self.waiting() == 0 && self.tat.load(Ordering::Acquire) <= now && self.paused_until() <= now
     }
 
+    /// Whether a call without a quota may go, decided without reading the clock: nobody waits
+    /// and no pause is set (an ended pause is set back to 0 by the next [`try_now`]). `false`
+    /// means "ask [`try_now`]", not "no".
+    ///
+    /// [`try_now`]: Self::try_now
+    #[inline]
+    pub(crate) fn open(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) == 0 && self.paused_until() == 0
+    }
+
     /// The fast path: whether a call may go at `now`, taking its slot if so. Lock-free. Never
     /// jumps the line: with calls waiting, or during a pause, the answer is no.
     #[inline]
     pub(crate) fn try_now(&self, quota: Option<&Quota>, now: u64) -> bool {
-        if self.waiting.load(Ordering::Acquire) != 0 || self.paused_until() > now {
+        if self.waiting.load(Ordering::Acquire) != 0 {
             return false;
+        }
+        let paused = self.paused_until();
+        if paused > now {
+            return false;
+        }
+        if paused != 0 {
+            // The pause is over: 0 lets `open` see that without a clock. A pause set meanwhile
+            // wins (the exchange fails).
+            let _ =
+                self.paused_until
+                    .compare_exchange(paused, 0, Ordering::AcqRel, Ordering::Relaxed);
         }
         match quota {
             None => true,

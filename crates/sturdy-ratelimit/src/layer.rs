@@ -207,6 +207,7 @@ impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
             config: self.config.clone(),
             key: self.key.clone(),
             bound: None,
+            used_first: false,
             first: Arc::default(),
         }
     }

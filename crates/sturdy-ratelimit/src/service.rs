@@ -28,7 +28,6 @@ use crate::state::{Bound, Config, State};
 /// under `Buffer` and concurrency limits, driven by `oneshot` or by a kept service
 /// (`ready().await?.call(req)`). A call that would wait longer than `max_wait` fails at once with
 /// [`RateLimited`], without calling the inner service.
-#[derive(Clone)]
 pub struct RateLimit<S, K> {
     pub(crate) inner: S,
     pub(crate) state: Arc<State>,
@@ -38,6 +37,22 @@ pub struct RateLimit<S, K> {
     /// The state of the first key any clone of this service used: services are usually cloned
     /// per call from one that is never called, so this is what skips the map on the common path.
     pub(crate) first: Arc<std::sync::OnceLock<Arc<Bound>>>,
+    /// Whether this service used `first` already.
+    pub(crate) used_first: bool,
+}
+
+impl<S: Clone, K: Clone> Clone for RateLimit<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            state: self.state.clone(),
+            config: self.config.clone(),
+            key: self.key.clone(),
+            bound: self.bound.clone(),
+            first: self.first.clone(),
+            used_first: false,
+        }
+    }
 }
 
 impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
@@ -65,10 +80,14 @@ impl<S, K> RateLimit<S, K> {
             }
         }
         if let Some(b) = self.first.get() {
-            if b.key() == key {
+            if b.key() == key && !self.used_first {
+                // A clone made for one call: the shared state, without a lookup.
+                self.used_first = true;
                 return b.clone();
             }
         }
+        // A clone called again is kept (on a thread of its own, often): it binds the key itself,
+        // so that its futures do not count references on the line other threads use.
         let b = self.state.bind(key, &self.config);
         if self.first.get().is_none() {
             let _ = self.first.set(b.clone());
@@ -97,7 +116,6 @@ where
         let bound = self.bound(&key);
         drop(key);
         let ks = bound.state();
-        let now = ks.origin.elapsed();
         // Without a quota, the pace learned from bare 429s (if any) takes its place.
         let learned;
         let quota = match &ks.quota {
@@ -107,9 +125,15 @@ where
                 learned.as_ref()
             }
         };
-        if bound.config.remote.is_none() && ks.gate.try_now(quota, now) {
-            // The fast path: a slot is free now and nobody waits. The service that poll_ready
-            // made ready is called at once.
+        let local = bound.config.remote.is_none();
+        // The fast path: a slot is free now and nobody waits. The service that poll_ready made
+        // ready is called at once. Without a quota or a pace, and with no pause set, that needs
+        // no clock: a clock read is the largest part of a decision.
+        if local && quota.is_none() && ks.gate.open() {
+            return ResponseFuture::called(self.inner.call(req), bound);
+        }
+        let now = ks.origin.elapsed();
+        if local && ks.gate.try_now(quota, now) {
             return ResponseFuture::called(self.inner.call(req), bound);
         }
         self.wait(req, bound, now)

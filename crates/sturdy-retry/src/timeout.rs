@@ -94,9 +94,13 @@ where
             Some(t) => t,
             None => self.timeout,
         };
+        // The deadline is fixed now; the timer itself is made only if the attempt is still
+        // pending after its first poll (see `TimeoutFuture`).
+        let deadline = timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t));
         TimeoutFuture {
             fut: self.inner.call(req),
-            sleep: timeout.map(tokio::time::sleep),
+            sleep: None,
+            deadline,
             len: timeout.unwrap_or_default(),
         }
     }
@@ -110,6 +114,7 @@ pin_project! {
         fut: F,
         #[pin]
         sleep: Option<Sleep>,
+        deadline: Option<tokio::time::Instant>,
         len: Duration,
     }
 }
@@ -122,9 +127,18 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
+        }
+        // An attempt answered at its first poll never makes a timer (making tokio's `Sleep`
+        // looks up the runtime's timer and takes a reference to it); one still pending gets it
+        // now, for the deadline fixed when the attempt was sent, so the bound is the same.
+        if this.sleep.is_none() {
+            let Some(deadline) = *this.deadline else {
+                return Poll::Pending;
+            };
+            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
         }
         let Some(sleep) = this.sleep.as_pin_mut() else {
             return Poll::Pending;
