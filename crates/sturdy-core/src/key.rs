@@ -48,6 +48,9 @@ pub fn host<B>(req: &Request<B>) -> &str {
 /// runs on every call.
 #[inline]
 pub fn without_userinfo(authority: &str) -> &str {
+    if !authority.as_bytes().contains(&b'@') {
+        return authority;
+    }
     match authority.bytes().rposition(|b| b == b'@') {
         // '@' is ASCII: the index is a char boundary.
         Some(i) => &authority[i + 1..],

@@ -25,7 +25,6 @@ use tokio::time::Sleep;
 use tower::Service;
 
 use crate::policy::{advise, describe_result, CallInfo, CallState, RetryPolicy};
-use crate::service::Attempt;
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry).
@@ -35,12 +34,12 @@ pin_project! {
         S::Error: Into<BoxError>,
     {
         #[pin]
-        state: State<<Attempt<S> as Service<Request<B>>>::Future, B>,
+        state: State<S::Future, B>,
         #[pin]
         deadline: Option<Sleep>,
         // Everything a retry needs, boxed: the future stays small and cheap to move through the
         // layers above.
-        run: Box<Run<Attempt<S>, C>>,
+        run: Box<Run<S, C>>,
     }
 }
 
@@ -49,7 +48,8 @@ pin_project! {
     enum State<F, B> {
         // Reading a replayable body into memory before the first attempt.
         Buffering { #[pin] body: B },
-        Calling { #[pin] fut: F },
+        // An attempt in flight, and its timer once it has waited past its first poll.
+        Calling { #[pin] fut: F, #[pin] timer: Option<Sleep> },
         Sleeping { #[pin] sleep: Sleep },
         // Waiting for the service to be ready for the next attempt.
         Readying,
@@ -69,6 +69,9 @@ struct Run<A, C> {
     buf: Option<BytesMut>,
     call: Option<Arc<CallState>>,
     deadline_len: Duration,
+    /// Each attempt's timeout, and the end of the attempt in flight.
+    attempt_timeout: Option<Duration>,
+    attempt_ends: Option<tokio::time::Instant>,
     /// The last failed attempt's outcome in words, and its error: what a deadline that cuts the
     /// call before another attempt answers names as the cause.
     last: Option<(String, Option<BoxError>)>,
@@ -84,17 +87,19 @@ where
     /// A call whose request cannot be replayed: the first attempt is sent now, and it is the
     /// only one.
     pub(crate) fn once(
-        mut svc: Attempt<S>,
+        mut svc: S,
         mut policy: RetryPolicy<C>,
         info: CallInfo,
         req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
+        attempt_timeout: Option<Duration>,
     ) -> Self {
         policy.starting_attempt();
+        let attempt_ends = ends(attempt_timeout);
         let fut = svc.call(req);
         Self {
-            state: State::Calling { fut },
+            state: State::Calling { fut, timer: None },
             deadline: deadline.map(tokio::time::sleep),
             run: Box::new(Run {
                 svc,
@@ -105,6 +110,8 @@ where
                 buf: None,
                 call,
                 deadline_len: deadline.unwrap_or_default(),
+                attempt_timeout,
+                attempt_ends,
                 last: None,
             }),
         }
@@ -112,12 +119,13 @@ where
 
     /// A call whose body is read first, so every attempt sends the same bytes.
     pub(crate) fn replayable(
-        svc: Attempt<S>,
+        svc: S,
         policy: RetryPolicy<C>,
         info: CallInfo,
         req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
+        attempt_timeout: Option<Duration>,
     ) -> Self {
         let (head, body) = req.into_parts();
         Self {
@@ -132,10 +140,17 @@ where
                 buf: None,
                 call,
                 deadline_len: deadline.unwrap_or_default(),
+                attempt_timeout,
+                attempt_ends: None,
                 last: None,
             }),
         }
     }
+}
+
+/// When an attempt sent now with `timeout` runs out of time.
+fn ends(timeout: Option<Duration>) -> Option<tokio::time::Instant> {
+    timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t))
 }
 
 impl<S, B, Rb, C> std::fmt::Debug for ResponseFuture<S, B, Rb, C>
@@ -289,10 +304,29 @@ where
                     // The service was made ready by `poll_ready` before the call: the first
                     // attempt goes to it now.
                     let fut = run.attempt();
-                    this.state.set(State::Calling { fut });
+                    this.state.set(State::Calling { fut, timer: None });
                 }
-                StateProj::Calling { fut } => {
-                    let mut result = ready!(fut.poll(cx));
+                StateProj::Calling { fut, mut timer } => {
+                    let mut result = match fut.poll(cx) {
+                        Poll::Ready(r) => r.map_err(Into::into),
+                        Poll::Pending => {
+                            // The attempt's timer is made only now that it waits: most
+                            // attempts never need one.
+                            let Some(ends) = run.attempt_ends else {
+                                return Poll::Pending;
+                            };
+                            if timer.is_none() {
+                                timer.set(Some(tokio::time::sleep_until(ends)));
+                            }
+                            let Some(t) = timer.as_pin_mut() else {
+                                return Poll::Pending;
+                            };
+                            ready!(t.poll(cx));
+                            Err(crate::timeout::timed_out(
+                                run.attempt_timeout.unwrap_or_default(),
+                            ))
+                        }
+                    };
                     match run.policy.decide(&run.info, &mut result) {
                         None => {
                             this.state.set(State::Done);
@@ -315,10 +349,10 @@ where
                     // response future.
                     if let Err(e) = ready!(run.svc.poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(run.policy.not_ready(&run.info, e)));
+                        return Poll::Ready(Err(run.policy.not_ready(&run.info, e.into())));
                     }
                     let fut = run.attempt();
-                    this.state.set(State::Calling { fut });
+                    this.state.set(State::Calling { fut, timer: None });
                 }
                 StateProj::Done => panic!("polled after completion"),
             }
@@ -334,6 +368,7 @@ impl<A, C> Run<A, C> {
         B: From<Bytes>,
     {
         self.policy.starting_attempt();
+        self.attempt_ends = ends(self.attempt_timeout);
         let body = self.body.clone().unwrap_or_default();
         let parts = if self.policy.is_last_attempt() {
             // No replay can follow: the head itself goes.

@@ -10,13 +10,11 @@ use tower::Service;
 
 use crate::future::ResponseFuture;
 use crate::policy::{is_idempotent, CallInfo, CallState, Config, HostBudget, RetryPolicy};
-use crate::timeout::{AttemptTimeout, AttemptTimeoutLayer};
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
 
 /// One attempt: the inner service with its error boxed, and a timeout when one is configured (or
 /// a request asks for one).
-pub(crate) type Attempt<S> = AttemptTimeout<S>;
 
 /// The service made by [`RetryLayer`].
 ///
@@ -86,10 +84,10 @@ where
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        let attempt: Attempt<S> = tower::Layer::layer(
-            &AttemptTimeoutLayer::new(self.config.attempt_timeout),
-            ready,
-        );
+        // Each attempt's timeout is kept by the loop itself, not by a layer wrapped around the
+        // service: a layer would move every request and future through one more frame, on every
+        // call, for a timer most calls never make.
+        let attempt_timeout = crate::timeout::attempt_timeout(&req, self.config.attempt_timeout);
         let host = sturdy_core::key::host(&req);
         let budget = self.config.budget.for_host(host, &mut self.budgets);
         let options = CallOptions::of(&req);
@@ -121,8 +119,8 @@ where
             if policy.max_attempts() > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
-            return ResponseFuture::once(attempt, policy, info, req, deadline, call);
+            return ResponseFuture::once(ready, policy, info, req, deadline, call, attempt_timeout);
         }
-        ResponseFuture::replayable(attempt, policy, info, req, deadline, call)
+        ResponseFuture::replayable(ready, policy, info, req, deadline, call, attempt_timeout)
     }
 }

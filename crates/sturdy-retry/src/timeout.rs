@@ -90,10 +90,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let timeout = match CallOptions::of(&req).and_then(CallOptions::attempt_timeout) {
-            Some(t) => t,
-            None => self.timeout,
-        };
+        let timeout = attempt_timeout(&req, self.timeout);
         // The deadline is fixed now; the timer itself is made only if the attempt is still
         // pending after its first poll (see `TimeoutFuture`).
         let deadline = timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t));
@@ -144,13 +141,26 @@ where
             return Poll::Pending;
         };
         ready!(sleep.poll(cx));
-        let len = *this.len;
-        Poll::Ready(Err(Box::new(
-            Error::new(
-                ErrorKind::Timeout,
-                format!("the attempt timed out after {}", human_duration(len)),
-            )
-            .with_delivery(Delivery::MaybeProcessed),
-        )))
+        Poll::Ready(Err(timed_out(*this.len)))
+    }
+}
+
+/// The error of an attempt that ran out of its `len`.
+pub(crate) fn timed_out(len: Duration) -> BoxError {
+    Box::new(
+        Error::new(
+            ErrorKind::Timeout,
+            format!("the attempt timed out after {}", human_duration(len)),
+        )
+        .with_delivery(Delivery::MaybeProcessed),
+    )
+}
+
+/// The timeout of one attempt of `req`: its [`CallOptions`]' own (which may be none), else
+/// `default`.
+pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) -> Option<Duration> {
+    match CallOptions::of(req).and_then(CallOptions::attempt_timeout) {
+        Some(t) => t,
+        None => default,
     }
 }
