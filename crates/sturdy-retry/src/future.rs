@@ -24,7 +24,7 @@ use sturdy_core::{human_duration, BoxError, CallReport, Delivery, ErrorKind};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::policy::{advise, describe_result, CallInfo, CallState, RetryPolicy};
+use crate::policy::{advise, describe_result, CallInfo, CallState, RetryPolicy, View};
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry).
@@ -35,8 +35,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, B>,
-        #[pin]
-        deadline: Option<Sleep>,
+        // Boxed, like the attempt's timer: most calls have neither, and every layer above moves
+        // this future at least once.
+        deadline: Option<Pin<Box<Sleep>>>,
         // Everything a retry needs, boxed: the future stays small and cheap to move through the
         // layers above.
         run: Box<Run<S, C>>,
@@ -49,7 +50,7 @@ pin_project! {
         // Reading a replayable body into memory before the first attempt.
         Buffering { #[pin] body: B },
         // An attempt in flight, and its timer once it has waited past its first poll.
-        Calling { #[pin] fut: F, #[pin] timer: Option<Sleep> },
+        Calling { #[pin] fut: F, timer: Option<Pin<Box<Sleep>>> },
         Sleeping { #[pin] sleep: Sleep },
         // Waiting for the service to be ready for the next attempt.
         Readying,
@@ -61,7 +62,9 @@ pin_project! {
 struct Run<A, C> {
     svc: A,
     policy: RetryPolicy<C>,
-    info: CallInfo,
+    /// What the policy needs of the request once its head has been sent (`None` while the head
+    /// is kept for a replay: the policy reads the head itself).
+    info: Option<CallInfo>,
     /// The request's head and body, for replays (`None`: it cannot be replayed).
     head: Option<Parts>,
     body: Option<Bytes>,
@@ -100,11 +103,11 @@ where
         let fut = svc.call(req);
         Self {
             state: State::Calling { fut, timer: None },
-            deadline: deadline.map(tokio::time::sleep),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
             run: Box::new(Run {
                 svc,
                 policy,
-                info,
+                info: Some(info),
                 head: None,
                 body: None,
                 buf: None,
@@ -121,7 +124,6 @@ where
     pub(crate) fn replayable(
         svc: S,
         policy: RetryPolicy<C>,
-        info: CallInfo,
         req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
@@ -130,11 +132,11 @@ where
         let (head, body) = req.into_parts();
         Self {
             state: State::Buffering { body },
-            deadline: deadline.map(tokio::time::sleep),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
             run: Box::new(Run {
                 svc,
                 policy,
-                info,
+                info: None,
                 head: Some(head),
                 body: None,
                 buf: None,
@@ -252,8 +254,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Some(d) = this.deadline.as_mut().as_pin_mut() {
-            if d.poll(cx).is_ready() {
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
                 this.state.set(State::Done);
                 return Poll::Ready(Err(deadline_passed(
                     this.run.deadline_len,
@@ -306,7 +308,7 @@ where
                     let fut = run.attempt();
                     this.state.set(State::Calling { fut, timer: None });
                 }
-                StateProj::Calling { fut, mut timer } => {
+                StateProj::Calling { fut, timer } => {
                     let mut result = match fut.poll(cx) {
                         Poll::Ready(r) => r.map_err(Into::into),
                         Poll::Pending => {
@@ -315,19 +317,15 @@ where
                             let Some(ends) = run.attempt_ends else {
                                 return Poll::Pending;
                             };
-                            if timer.is_none() {
-                                timer.set(Some(tokio::time::sleep_until(ends)));
-                            }
-                            let Some(t) = timer.as_pin_mut() else {
-                                return Poll::Pending;
-                            };
-                            ready!(t.poll(cx));
+                            let t = timer
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(ends)));
+                            ready!(t.as_mut().poll(cx));
                             Err(crate::timeout::timed_out(
                                 run.attempt_timeout.unwrap_or_default(),
                             ))
                         }
                     };
-                    match run.policy.decide(&run.info, &mut result) {
+                    match run.policy.decide(&view(&run.info, &run.head), &mut result) {
                         None => {
                             this.state.set(State::Done);
                             return Poll::Ready(result);
@@ -349,7 +347,9 @@ where
                     // response future.
                     if let Err(e) = ready!(run.svc.poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(run.policy.not_ready(&run.info, e.into())));
+                        return Poll::Ready(Err(run
+                            .policy
+                            .not_ready(&view(&run.info, &run.head), e.into())));
                     }
                     let fut = run.attempt();
                     this.state.set(State::Calling { fut, timer: None });
@@ -357,6 +357,15 @@ where
                 StateProj::Done => panic!("polled after completion"),
             }
         }
+    }
+}
+
+/// The request as the policy sees it.
+fn view<'a>(info: &'a Option<CallInfo>, head: &'a Option<Parts>) -> View<'a> {
+    match (info, head) {
+        (Some(info), _) => View::Info(info),
+        (None, Some(head)) => View::Head(head),
+        (None, None) => unreachable!("a call keeps its head until it keeps its info"),
     }
 }
 
@@ -371,8 +380,12 @@ impl<A, C> Run<A, C> {
         self.attempt_ends = ends(self.attempt_timeout);
         let body = self.body.clone().unwrap_or_default();
         let parts = if self.policy.is_last_attempt() {
-            // No replay can follow: the head itself goes.
-            self.head.take()
+            // No replay can follow: the head itself goes, and the policy keeps what it needs.
+            let head = self.head.take();
+            if let Some(h) = &head {
+                self.info = Some(CallInfo::of_head(h, self.policy.key_header()));
+            }
+            head
         } else {
             None
         };

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, StatusCode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -235,16 +236,100 @@ pub(crate) struct CallInfo {
 
 impl CallInfo {
     pub(crate) fn of<B>(req: &Request<B>, key_header: &HeaderName) -> Self {
+        Self::of_parts(
+            req.method(),
+            req.uri(),
+            req.headers(),
+            Trace::of(req),
+            key_header,
+        )
+    }
+
+    /// What the policy needs of a request's head, kept before the head itself is sent.
+    pub(crate) fn of_head(head: &Parts, key_header: &HeaderName) -> Self {
+        Self::of_parts(
+            &head.method,
+            &head.uri,
+            &head.headers,
+            head.extensions.get::<Trace>(),
+            key_header,
+        )
+    }
+
+    fn of_parts(
+        method: &Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        trace: Option<&Trace>,
+        key_header: &HeaderName,
+    ) -> Self {
         Self {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            host_header: if req.uri().authority().is_none() {
-                req.headers().get(http::header::HOST).cloned()
+            method: method.clone(),
+            uri: uri.clone(),
+            host_header: if uri.authority().is_none() {
+                headers.get(http::header::HOST).cloned()
             } else {
                 None
             },
-            key: req.headers().get(key_header).cloned(),
-            trace: Trace::of(req).cloned(),
+            key: headers.get(key_header).cloned(),
+            trace: trace.cloned(),
+        }
+    }
+}
+
+impl RequestView for Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+    fn host(&self) -> &str {
+        let raw = match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(""),
+        };
+        sturdy_core::key::without_userinfo(raw)
+    }
+    fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
+        self.headers.get(name)
+    }
+    fn trace(&self) -> Option<&Trace> {
+        self.extensions.get::<Trace>()
+    }
+}
+
+/// The request as the policy sees it: its kept head while a replay may follow (no copy made
+/// for the policy), else what was taken from it before it was sent.
+pub(crate) enum View<'a> {
+    Head(&'a Parts),
+    Info(&'a CallInfo),
+}
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &Method {
+        match self {
+            Self::Head(h) => h.method(),
+            Self::Info(i) => i.method(),
+        }
+    }
+    fn host(&self) -> &str {
+        match self {
+            Self::Head(h) => RequestView::host(*h),
+            Self::Info(i) => i.host(),
+        }
+    }
+    fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
+        match self {
+            Self::Head(h) => h.header(name),
+            Self::Info(i) => i.header(name),
+        }
+    }
+    fn trace(&self) -> Option<&Trace> {
+        match self {
+            Self::Head(h) => RequestView::trace(*h),
+            Self::Info(i) => i.trace(),
         }
     }
 }
@@ -351,6 +436,11 @@ impl<C> RetryPolicy<C> {
     /// Marks the call replayable with this body.
     pub(crate) fn set_body(&mut self, body: Bytes) {
         self.body = Some(body);
+    }
+
+    /// The header that carries the idempotency key.
+    pub(crate) fn key_header(&self) -> &HeaderName {
+        &self.config.idempotency_header
     }
 
     pub(crate) fn max_attempts(&self) -> u32 {

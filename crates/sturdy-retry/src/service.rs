@@ -112,15 +112,15 @@ where
             options,
             call.clone(),
         );
-        let info = CallInfo::of(&req, &self.config.idempotency_header);
         let replayable = policy.max_attempts() > 1
             && sturdy_core::body::fits(req.body(), self.config.body_limit);
         if !replayable {
             if policy.max_attempts() > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
+            let info = CallInfo::of(&req, &self.config.idempotency_header);
             return ResponseFuture::once(ready, policy, info, req, deadline, call, attempt_timeout);
         }
-        ResponseFuture::replayable(ready, policy, info, req, deadline, call, attempt_timeout)
+        ResponseFuture::replayable(ready, policy, req, deadline, call, attempt_timeout)
     }
 }

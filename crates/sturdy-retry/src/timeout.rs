@@ -109,8 +109,9 @@ pin_project! {
     pub struct TimeoutFuture<F> {
         #[pin]
         fut: F,
-        #[pin]
-        sleep: Option<Sleep>,
+        // Boxed: it is made only for an attempt that waits, and every layer above moves this
+        // future at least once.
+        sleep: Option<Pin<Box<Sleep>>>,
         deadline: Option<tokio::time::Instant>,
         len: Duration,
     }
@@ -124,23 +125,20 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
         // An attempt answered at its first poll never makes a timer (making tokio's `Sleep`
         // looks up the runtime's timer and takes a reference to it); one still pending gets it
         // now, for the deadline fixed when the attempt was sent, so the bound is the same.
-        if this.sleep.is_none() {
-            let Some(deadline) = *this.deadline else {
-                return Poll::Pending;
-            };
-            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
-        }
-        let Some(sleep) = this.sleep.as_pin_mut() else {
+        let Some(deadline) = *this.deadline else {
             return Poll::Pending;
         };
-        ready!(sleep.poll(cx));
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(sleep.as_mut().poll(cx));
         Poll::Ready(Err(timed_out(*this.len)))
     }
 }
