@@ -48,7 +48,7 @@ pub fn host<B>(req: &Request<B>) -> &str {
 /// runs on every call.
 #[inline]
 pub fn without_userinfo(authority: &str) -> &str {
-    if !authority.as_bytes().contains(&b'@') {
+    if !has_at(authority.as_bytes()) {
         return authority;
     }
     match authority.bytes().rposition(|b| b == b'@') {
@@ -58,8 +58,44 @@ pub fn without_userinfo(authority: &str) -> &str {
     }
 }
 
+/// Whether `s` holds an '@', eight bytes at a time: this runs for every call in several layers,
+/// and authorities are too short for `memchr`'s setup to pay off.
+#[inline]
+fn has_at(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    const ATS: u64 = u64::from_ne_bytes([b'@'; 8]);
+    let mut chunks = s.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        // A byte of `x` is zero exactly where the chunk holds an '@'.
+        let x = u64::from_ne_bytes(word) ^ ATS;
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| b == b'@')
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn has_at_finds_an_at_anywhere() {
+        assert!(!super::has_at(b""));
+        assert!(!super::has_at(b"api.example.com:8443"));
+        for len in 1..40 {
+            for at in 0..len {
+                let mut s = vec![b'a'; len];
+                s[at] = b'@';
+                assert!(super::has_at(&s), "len {len}, '@' at {at}");
+            }
+            // Bytes next to '@' (0x3f, 0x41) and with the high bit set are not '@'.
+            let near: Vec<u8> = (0..len).map(|i| [0x3f, 0x41, 0xc0, 0x80][i % 4]).collect();
+            assert!(!super::has_at(&near), "len {len}");
+        }
+    }
+
     use super::*;
 
     #[test]
