@@ -490,10 +490,14 @@ impl<C> RetryPolicy<C> {
                 outcome: describe_result(result),
             });
         }
-        let has_key = req.header(&self.config.idempotency_header).is_some();
+        // The key is looked up only when an outcome could be retried: a success never needs it.
         let kind = match self.classify.classify(result) {
             Outcome::Retryable(kind) => kind,
-            _ => match retryable_anyway(result, has_key, self.deadline.is_some()) {
+            _ => match retryable_anyway(
+                result,
+                || req.header(&self.config.idempotency_header).is_some(),
+                self.deadline.is_some(),
+            ) {
                 Some(kind) => kind,
                 None => {
                     self.finish(req, result, Stop::Plain);
@@ -501,7 +505,10 @@ impl<C> RetryPolicy<C> {
                 }
             },
         };
-        if !(is_idempotent(req.method()) || has_key || this_attempt.proves_not_sent()) {
+        if !(is_idempotent(req.method())
+            || req.header(&self.config.idempotency_header).is_some()
+            || this_attempt.proves_not_sent())
+        {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
             self.stopped(req, &kind, RetryStop::NotIdempotent);
             self.finish(
@@ -762,14 +769,14 @@ pub(crate) fn describe_result<Rb>(result: &Result<Response<Rb>, BoxError>) -> St
 /// deadline.
 fn retryable_anyway<Rb>(
     result: &Result<Response<Rb>, BoxError>,
-    has_key: bool,
+    has_key: impl FnOnce() -> bool,
     has_deadline: bool,
 ) -> Option<ErrorKind> {
     match result {
         Ok(res)
-            if has_key
-                && res.status() == StatusCode::CONFLICT
-                && res.headers().contains_key(http::header::RETRY_AFTER) =>
+            if res.status() == StatusCode::CONFLICT
+                && res.headers().contains_key(http::header::RETRY_AFTER)
+                && has_key() =>
         {
             Some(ErrorKind::Client(StatusCode::CONFLICT))
         }
