@@ -12,7 +12,8 @@
 //!
 //! The difference between the two counts divided by 1,000 is the instructions per call, the
 //! harness's own work (a current-thread `block_on` per call) included, as in the `stack` bench.
-//! Cases: `bare, GET|POST`, `default stack, GET|POST`, `tower reference, GET|POST`.
+//! Cases: `bare, GET|POST`, `default stack, GET|POST`, `tower reference, GET|POST`,
+//! `tower reference with fresh keys, GET|POST`.
 
 use std::hint::black_box;
 
@@ -22,7 +23,7 @@ use tower::{Service, ServiceExt};
 
 #[path = "support/stack_parts.rs"]
 mod stack_parts;
-use stack_parts::{bare, reference, request};
+use stack_parts::{bare, reference, reference_with_fresh_keys, request};
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
@@ -56,10 +57,14 @@ fn main() {
                 });
             }
         }
-        "tower reference" => {
+        "tower reference" | "tower reference with fresh keys" => {
             let mut svc = {
                 let _rt = rt.enter();
-                reference()
+                if what == "tower reference" {
+                    reference()
+                } else {
+                    reference_with_fresh_keys()
+                }
             };
             for _ in 0..n {
                 rt.block_on(async {

@@ -62,6 +62,17 @@ fn single(c: &mut Criterion) {
         let lim = DirectLimiter::new(huge());
         b.iter(|| black_box(lim.check()));
     });
+    // The clock each decision reads, alone: tokio's (the system's monotonic clock in a production
+    // build; what lets sturdy's timing run on paused time in tests) and governor's (the CPU's
+    // time-stamp counter, through quanta).
+    g.bench_function("clock read: tokio Instant::now", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()));
+    });
+    g.bench_function("clock read: governor QuantaClock::now", |b| {
+        use governor::clock::Clock;
+        let clock = governor::clock::QuantaClock::default();
+        b.iter(|| black_box(clock.now()));
+    });
     g.finish();
 }
 

@@ -10,7 +10,7 @@ use sturdy::ClientBuilder;
 
 #[path = "support/stack_parts.rs"]
 mod stack_parts;
-use stack_parts::{bare, reference, request};
+use stack_parts::{bare, reference, reference_with_fresh_keys, request};
 use tower::{Service, ServiceExt};
 
 fn stack(c: &mut Criterion) {
@@ -121,19 +121,27 @@ fn stack(c: &mut Criterion) {
                 })
             });
         });
-        g.bench_function(format!("tower reference stack, {method}"), |b| {
-            // tower's rate limit makes its timer when it is made: inside the runtime.
-            let mut svc = {
-                let _rt = rt.enter();
-                reference()
-            };
-            b.iter(|| {
-                rt.block_on(async {
-                    let ready = svc.ready().await.unwrap();
-                    black_box(ready.call(request(&uri, &method)).await.unwrap())
-                })
+        for (name, make) in [
+            ("tower reference stack", reference as fn() -> _),
+            (
+                "tower reference stack, fresh key per request",
+                reference_with_fresh_keys,
+            ),
+        ] {
+            g.bench_function(format!("{name}, {method}"), |b| {
+                // tower's rate limit makes its timer when it is made: inside the runtime.
+                let mut svc = {
+                    let _rt = rt.enter();
+                    make()
+                };
+                b.iter(|| {
+                    rt.block_on(async {
+                        let ready = svc.ready().await.unwrap();
+                        black_box(ready.call(request(&uri, &method)).await.unwrap())
+                    })
+                });
             });
-        });
+        }
     }
     g.finish();
 }

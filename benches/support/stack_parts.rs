@@ -56,6 +56,8 @@ impl tower::retry::Policy<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxE
 }
 
 /// tower's own layers doing about what the default stack does, boxed once like `ClientBuilder`.
+/// tower's rate limit cannot be cloned, and its retry clones what is under it: the rate limit
+/// goes above the retry.
 pub(crate) fn reference(
 ) -> tower::util::BoxService<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxError> {
     let svc = tower::ServiceBuilder::new()
@@ -65,8 +67,38 @@ pub(crate) fn reference(
                 http::HeaderValue::from_static("7f0c2b6e-5d1a-4c7e-9b1e-2f4a6d8c0e13"),
             ),
         )
-        // tower's rate limit cannot be cloned, and its retry clones what is under it: the rate
-        // limit goes above the retry.
+        .layer(tower::limit::RateLimitLayer::new(
+            1_000_000_000,
+            std::time::Duration::from_secs(1),
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1_000))
+        .layer(tower::retry::RetryLayer::new(NeverRetry))
+        .layer(tower::timeout::TimeoutLayer::new(
+            std::time::Duration::from_secs(30),
+        ))
+        .service(bare());
+    tower::util::BoxService::new(svc)
+}
+
+/// The same reference stack, but with a fresh random key (UUID v4, formatted on the stack) on
+/// each request whose method is not idempotent, as sturdy's idempotency layer sets one: the
+/// comparable work for a POST.
+pub(crate) fn reference_with_fresh_keys(
+) -> tower::util::BoxService<Request<Full<Bytes>>, Response<()>, sturdy::core::BoxError> {
+    let svc = tower::ServiceBuilder::new()
+        .layer(
+            tower_http::set_header::SetRequestHeaderLayer::if_not_present(
+                http::HeaderName::from_static("idempotency-key"),
+                |req: &Request<Full<Bytes>>| {
+                    if req.method() != http::Method::POST && req.method() != http::Method::PATCH {
+                        return None;
+                    }
+                    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                    let key = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+                    http::HeaderValue::from_str(key).ok()
+                },
+            ),
+        )
         .layer(tower::limit::RateLimitLayer::new(
             1_000_000_000,
             std::time::Duration::from_secs(1),

@@ -10,10 +10,13 @@ use tokio::time::Instant;
 /// A quota: a sustained rate and a burst.
 ///
 /// `Quota::per_second(10)?.with_burst(5)?` lets 5 calls through at once, then one every 100 ms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
     interval: Duration,
     burst: u32,
+    // Both in nanoseconds, worked out once: the decision reads them on every call.
+    interval_ns: u64,
+    tolerance_ns: u64,
 }
 
 /// A quota that cannot be enforced.
@@ -27,6 +30,15 @@ impl fmt::Display for InvalidQuota {
 }
 
 impl std::error::Error for InvalidQuota {}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quota")
+            .field("interval", &self.interval)
+            .field("burst", &self.burst)
+            .finish()
+    }
+}
 
 impl Quota {
     /// `calls` per `period`, spaced evenly, with a burst of 1.
@@ -44,7 +56,7 @@ impl Quota {
         if interval.is_zero() {
             return Err(InvalidQuota("more than one call per nanosecond"));
         }
-        Ok(Self { interval, burst: 1 })
+        Ok(Self::of(interval, 1))
     }
 
     /// `calls` per second, with a burst of 1.
@@ -71,15 +83,12 @@ impl Quota {
         if burst == 0 {
             return Err(InvalidQuota("the burst must be at least 1"));
         }
-        Ok(Self { burst, ..self })
+        Ok(Self::of(self.interval, burst))
     }
 
     /// One call per `nanos` (at least 1 ns), burst 1: a pace learned from a server.
     pub(crate) fn pace_nanos(nanos: u64) -> Self {
-        Self {
-            interval: Duration::from_nanos(nanos.max(1)),
-            burst: 1,
-        }
+        Self::of(Duration::from_nanos(nanos.max(1)), 1)
     }
 
     /// The time between two calls at the sustained rate.
@@ -92,12 +101,23 @@ impl Quota {
         self.burst
     }
 
-    fn interval_nanos(&self) -> u64 {
-        nanos(self.interval)
+    fn of(interval: Duration, burst: u32) -> Self {
+        Self {
+            interval,
+            burst,
+            interval_ns: nanos(interval),
+            tolerance_ns: nanos(interval).saturating_mul(u64::from(burst.saturating_sub(1))),
+        }
     }
 
+    #[inline]
+    fn interval_nanos(&self) -> u64 {
+        self.interval_ns
+    }
+
+    #[inline]
     fn tolerance_nanos(&self) -> u64 {
-        nanos(self.interval).saturating_mul(u64::from(self.burst - 1))
+        self.tolerance_ns
     }
 }
 
@@ -116,8 +136,13 @@ impl Origin {
     }
 
     /// Nanoseconds since the origin.
+    #[inline]
     pub(crate) fn elapsed(&self) -> u64 {
-        nanos(Instant::now().saturating_duration_since(self.0))
+        let d = Instant::now().saturating_duration_since(self.0);
+        // In u64: nanoseconds since the origin fit for 584 years (`nanos` goes through u128).
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
     }
 
     /// The instant `n` nanoseconds after the origin (saturating far in the future).
