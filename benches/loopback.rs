@@ -64,6 +64,7 @@ enum Subject {
     Sturdy(Client<Incoming>),
     Reqwest(reqwest::Client),
     ReqwestRetry(reqwest_middleware::ClientWithMiddleware),
+    TowerTimeout(tower::timeout::Timeout<Hyper>),
 }
 
 impl Subject {
@@ -75,6 +76,10 @@ impl Subject {
                 res.into_body().collect().await.unwrap().to_bytes()
             }
             Self::Sturdy(c) => {
+                let res = c.clone().oneshot(req).await.unwrap();
+                res.into_body().collect().await.unwrap().to_bytes()
+            }
+            Self::TowerTimeout(c) => {
                 let res = c.clone().oneshot(req).await.unwrap();
                 res.into_body().collect().await.unwrap().to_bytes()
             }
@@ -119,6 +124,28 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
             }),
         ),
         (
+            "sturdy ClientBuilder, only the attempt timeout",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_idempotency()
+                        .without_retry()
+                        .without_circuit_breaker()
+                        .without_rate_limit()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "hyper-util + tower's TimeoutLayer (30 s)",
+            Box::new(|| {
+                Subject::TowerTimeout(tower::timeout::Timeout::new(
+                    hyper_client(),
+                    std::time::Duration::from_secs(30),
+                ))
+            }),
+        ),
+        (
             "reqwest, bare",
             Box::new(|| Subject::Reqwest(reqwest_client())),
         ),
@@ -153,11 +180,36 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
     ]
 }
 
-/// One round: `calls` calls by `CONCURRENCY` callers; calls per second.
-fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
+/// The CPU time (user and system, nanoseconds) the threads in `tids` have run so far, from the
+/// kernel's scheduler statistics (`/proc/self/task/<tid>/schedstat`, first field).
+fn cpu_ns(tids: &std::sync::Mutex<Vec<String>>) -> u64 {
+    tids.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// One round: `calls` calls by `CONCURRENCY` callers; calls per second, and the client
+/// runtime's CPU time per call in microseconds (its threads' time on the CPU, which the
+/// machine's scheduling noise moves far less than wall time).
+fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> (f64, f64) {
+    let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
+        .on_thread_start({
+            let tids = tids.clone();
+            move || {
+                if let Some(tid) = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+                {
+                    tids.lock().unwrap().push(tid);
+                }
+            }
+        })
         .build()
         .unwrap();
     rt.block_on(async {
@@ -172,6 +224,7 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
             w.await.unwrap();
         }
         let start = Instant::now();
+        let cpu = cpu_ns(&tids);
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|i| {
                 let (s, u) = (subject.clone(), uri.clone());
@@ -186,7 +239,9 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
         for t in tasks {
             t.await.unwrap();
         }
-        calls as f64 / start.elapsed().as_secs_f64()
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu_ns(&tids) - cpu;
+        (calls as f64 / secs, cpu as f64 / 1e3 / calls as f64)
     })
 }
 
@@ -219,31 +274,50 @@ fn main() {
     let calls = nums.get(1).copied().unwrap_or(20_000);
     let addr = server();
     let uri: Arc<str> = format!("http://{addr}/").into();
-    let subjects = subjects();
+    // STURDY_LOOPBACK_ONLY=a,b keeps the clients whose names contain one of the words (the bare
+    // client, the baseline, always stays).
+    let only = std::env::var("STURDY_LOOPBACK_ONLY").ok();
+    let subjects: Vec<_> = subjects()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (name, _))| {
+            *i == 0
+                || only
+                    .as_deref()
+                    .is_none_or(|o| o.split(',').any(|w| name.contains(w.trim())))
+        })
+        .map(|(_, s)| s)
+        .collect();
     let made: Vec<Subject> = subjects.iter().map(|(_, f)| f()).collect();
     let mut tput = vec![Vec::new(); made.len()];
     let mut seq = vec![Vec::new(); made.len()];
+    let mut cpu = vec![Vec::new(); made.len()];
     for r in 0..rounds {
         // Rotate the order every round.
         for k in 0..made.len() {
             let i = (r + k) % made.len();
-            tput[i].push(concurrent_round(&made[i], &uri, calls));
+            let (t, c) = concurrent_round(&made[i], &uri, calls);
+            tput[i].push(t);
+            cpu[i].push(c);
             seq[i].push(sequential_round(&made[i], &uri, calls / 10));
         }
         eprintln!("round {} of {rounds} done", r + 1);
     }
     let base_t = median(tput[0].clone());
     let base_s = median(seq[0].clone());
+    let base_c = median(cpu[0].clone());
     println!(
-        "| client | calls/s at {CONCURRENCY} concurrent | vs bare | µs per sequential call | vs bare |"
+        "| client | calls/s at {CONCURRENCY} concurrent | vs bare | client CPU µs per call | vs bare | µs per sequential call | vs bare |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (i, (name, _)) in subjects.iter().enumerate() {
         let t = median(tput[i].clone());
         let s = median(seq[i].clone());
+        let c = median(cpu[i].clone());
         println!(
-            "| {name} | {t:.0} | {:+.1} % | {s:.1} | {:+.1} % |",
+            "| {name} | {t:.0} | {:+.1} % | {c:.2} | {:+.1} % | {s:.1} | {:+.1} % |",
             (t / base_t - 1.0) * 100.0,
+            (c / base_c - 1.0) * 100.0,
             (s / base_s - 1.0) * 100.0
         );
     }

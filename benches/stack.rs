@@ -10,7 +10,7 @@ use sturdy::ClientBuilder;
 
 #[path = "support/stack_parts.rs"]
 mod stack_parts;
-use stack_parts::{bare, reference, reference_with_fresh_keys, request};
+use stack_parts::{bare, pending_once, reference, reference_with_fresh_keys, request};
 use tower::{Service, ServiceExt};
 
 fn stack(c: &mut Criterion) {
@@ -49,6 +49,38 @@ fn stack(c: &mut Criterion) {
             },
         );
     }
+    g.finish();
+
+    // The same, over a service that answers at its second poll: each attempt's timer is made,
+    // registered and cancelled, as on a network.
+    let mut g = c.benchmark_group("stack/answered at the second poll");
+    let get = http::Method::GET;
+    g.bench_function("bare service, GET", |b| {
+        let svc = pending_once();
+        b.iter(|| {
+            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+        });
+    });
+    g.bench_function("ClientBuilder default stack, GET", |b| {
+        let svc = ClientBuilder::new().build(pending_once());
+        b.iter(|| {
+            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+        });
+    });
+    g.bench_function("ClientBuilder without the per-attempt timer, GET", |b| {
+        let svc = ClientBuilder::new()
+            .without_attempt_timeout()
+            .build(pending_once());
+        b.iter(|| {
+            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+        });
+    });
+    g.bench_function("bare service under tower's Timeout, GET", |b| {
+        let svc = tower::timeout::Timeout::new(pending_once(), std::time::Duration::from_secs(30));
+        b.iter(|| {
+            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+        });
+    });
     g.finish();
 
     // Each layer alone over the bare service, to see where the stack's cost goes.

@@ -20,6 +20,24 @@ pub(crate) fn bare() -> impl Service<
     })
 }
 
+/// A service whose answer is not ready at the first poll (it wakes its task and answers at the
+/// second), as a call over a network is never ready at once: every attempt timer is made and
+/// registered with tokio's timer, then cancelled.
+pub(crate) fn pending_once() -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<()>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response<()>, std::convert::Infallible>> + Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(|_r: Request<Full<Bytes>>| async {
+        tokio::task::yield_now().await;
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    })
+}
+
 pub(crate) fn request(uri: &Uri, method: &http::Method) -> Request<Full<Bytes>> {
     let mut r = Request::new(Full::new(Bytes::from_static(b"{\"item\":\"book\"}")));
     *r.uri_mut() = uri.clone();
