@@ -58,13 +58,17 @@ fn stack(c: &mut Criterion) {
     g.bench_function("bare service, GET", |b| {
         let svc = pending_once();
         b.iter(|| {
-            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+            rt.block_on(async {
+                black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap())
+            })
         });
     });
     g.bench_function("ClientBuilder default stack, GET", |b| {
         let svc = ClientBuilder::new().build(pending_once());
         b.iter(|| {
-            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+            rt.block_on(async {
+                black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap())
+            })
         });
     });
     g.bench_function("ClientBuilder without the per-attempt timer, GET", |b| {
@@ -72,13 +76,17 @@ fn stack(c: &mut Criterion) {
             .without_attempt_timeout()
             .build(pending_once());
         b.iter(|| {
-            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+            rt.block_on(async {
+                black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap())
+            })
         });
     });
     g.bench_function("bare service under tower's Timeout, GET", |b| {
         let svc = tower::timeout::Timeout::new(pending_once(), std::time::Duration::from_secs(30));
         b.iter(|| {
-            rt.block_on(async { black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap()) })
+            rt.block_on(async {
+                black_box(svc.clone().oneshot(request(&uri, &get)).await.unwrap())
+            })
         });
     });
     g.finish();

@@ -45,6 +45,10 @@ struct Window {
     origin: Instant,
     /// Bucket length in nanoseconds (u64 division is several times cheaper than u128).
     bucket_nanos: u64,
+    /// The bucket the last call was counted in: most calls fall in the same one, and checking
+    /// that is cheaper than the division. Written once per bucket length, so the line stays
+    /// shared; a stale value is only a missed shortcut (the range is checked before use).
+    current: AtomicU64,
     stripes: [Padded<[Bucket; BUCKETS]>; STRIPES],
 }
 
@@ -79,6 +83,7 @@ impl Window {
                     .as_nanos(),
             )
             .unwrap_or(u64::MAX),
+            current: AtomicU64::new(EMPTY),
             stripes: std::array::from_fn(|_| {
                 Padded(std::array::from_fn(|_| Bucket {
                     epoch: AtomicU64::new(EMPTY),
@@ -89,18 +94,30 @@ impl Window {
         }
     }
 
-    fn index(&self, now: Instant) -> u64 {
+    fn nanos(&self, now: Instant) -> u64 {
         let elapsed = now.duration_since(self.origin);
         // Nanoseconds fit a u64 for 584 years of uptime.
-        let nanos = elapsed
+        elapsed
             .as_secs()
             .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(elapsed.subsec_nanos()));
-        nanos / self.bucket_nanos
+            .saturating_add(u64::from(elapsed.subsec_nanos()))
+    }
+
+    fn index(&self, now: Instant) -> u64 {
+        self.nanos(now) / self.bucket_nanos
     }
 
     fn record(&self, now: Instant, failed: bool) {
-        let idx = self.index(now);
+        let nanos = self.nanos(now);
+        let current = self.current.load(Ordering::Relaxed);
+        let start = current.saturating_mul(self.bucket_nanos);
+        let idx = if nanos >= start && nanos - start < self.bucket_nanos {
+            current
+        } else {
+            let idx = nanos / self.bucket_nanos;
+            self.current.store(idx, Ordering::Relaxed);
+            idx
+        };
         let b = &self.stripes[stripe()][(idx % BUCKETS as u64) as usize];
         let e = b.epoch.load(Ordering::Acquire);
         if e != idx

@@ -22,8 +22,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    #[inline]
     pub(crate) fn report(&self, key: &str, t: Option<Transition>) {
-        let Some(t) = t else { return };
+        if let Some(t) = t {
+            self.report_transition(key, t);
+        }
+    }
+
+    #[cold]
+    fn report_transition(&self, key: &str, t: Transition) {
         match t.to {
             CircuitState::Closed => tracing::info!(key, from = ?t.from, "circuit closed"),
             CircuitState::HalfOpen => tracing::info!(key, "circuit half-open: probing"),
