@@ -1,6 +1,9 @@
 //! The pieces the in-process stack benches share: the bare service, the request, and the
 //! reference stack of tower's own layers.
 
+// Each bench that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::Full;

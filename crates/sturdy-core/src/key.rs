@@ -75,7 +75,7 @@ fn has_at(s: &[u8]) -> bool {
             return true;
         }
     }
-    chunks.remainder().iter().any(|&b| b == b'@')
+    chunks.remainder().contains(&b'@')
 }
 
 #[cfg(test)]

@@ -13,9 +13,6 @@ use crate::policy::{is_idempotent, CallInfo, CallState, Config, HostBudget, Retr
 use crate::RetryLayer;
 use sturdy_core::keyed::SlotCache;
 
-/// One attempt: the inner service with its error boxed, and a timeout when one is configured (or
-/// a request asks for one).
-
 /// The service made by [`RetryLayer`].
 ///
 /// # Clone
