@@ -1,0 +1,419 @@
+//! Outside tests of the rate limiter's server-asked pauses, against docs/guides/ratelimit.md and
+//! the rustdoc of `RateLimitLayer` and `RateLimitHandle`. Paused time, in-process services.
+#![cfg(feature = "full")]
+
+mod outsider4_common;
+
+use std::time::Duration;
+
+use outsider4_common::*;
+use sturdy::core::{find, RateLimited};
+use sturdy::ratelimit::{RateLimitHandle, RateLimitLayer};
+use sturdy::ClientBuilder;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+const KEY: &str = "api.example.com";
+
+fn url(path: &str) -> String {
+    format!("http://{KEY}{path}")
+}
+
+/// The limiter alone over `api`, with its handle.
+fn limited(
+    api: &Api,
+    layer: RateLimitLayer,
+) -> (
+    impl Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = sturdy::core::BoxError,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    RateLimitHandle,
+) {
+    let (layer, handle) = layer.pair();
+    (layer.layer(api.service()), handle)
+}
+
+/// Calls `svc` for `path` and returns the status and how long the call took.
+async fn timed<S>(svc: &S, path: &str) -> (u16, Duration)
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>
+        + Clone,
+{
+    let t = Instant::now();
+    let res = bounded(svc.clone().oneshot(get(&url(path)))).await;
+    let res = res.unwrap_or_else(|e| panic!("{path}: {}", chain(&*e)));
+    (res.status().as_u16(), t.elapsed())
+}
+
+// ------------------------------------------------------------------ after a pause ends
+
+/// "a 429 or 503 with `Retry-After` ... pause every caller of the host"; "The pause ends by
+/// itself": once it has ended, calls go through at once, one after another and many at once,
+/// and no pace was learned (a `Retry-After` "sets a pause, not a pace").
+#[tokio::test(start_paused = true)]
+async fn after_a_pause_ends_calls_go_at_once() {
+    for first in [429, 503] {
+        let api = Api::new(move |n, _| {
+            if n == 0 {
+                st_h(first, &[("retry-after", "2")])
+            } else {
+                st(200)
+            }
+        });
+        let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+        assert_eq!(timed(&svc, "/p").await, (first, Duration::ZERO));
+        assert_eq!(handle.pause(KEY), Some(secs(2)), "{first}");
+        tokio::time::sleep(secs(2)).await;
+        assert_eq!(handle.pause(KEY), None, "{first}");
+        for i in 0..5 {
+            assert_eq!(
+                timed(&svc, "/x").await,
+                (200, Duration::ZERO),
+                "{first}: call {i}"
+            );
+        }
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let s = svc.clone();
+            tasks.push(tokio::spawn(async move { timed(&s, "/y").await }));
+        }
+        for task in tasks {
+            assert_eq!(bounded(task).await.unwrap().0, 200);
+        }
+        assert_eq!(t.elapsed(), Duration::ZERO, "{first}");
+        assert_eq!(handle.learned_pace(KEY), None, "{first}");
+        assert_eq!(api.calls(), 26);
+    }
+}
+
+/// A pause, its end, and a new pause: the new one applies in full. Five rounds, and both
+/// statuses, so a limiter that remembers an ended pause badly shows it.
+#[tokio::test(start_paused = true)]
+async fn a_new_pause_after_an_old_one_ended_applies_in_full() {
+    // Calls alternate: a pause asked, then a success.
+    let api = Api::new(|n, _| {
+        if n % 2 == 0 {
+            let status = if n % 4 == 0 { 429 } else { 503 };
+            st_h(status, &[("retry-after", "3")])
+        } else {
+            st(200)
+        }
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    for round in 0..5 {
+        let (status, took) = timed(&svc, "/p").await;
+        assert!(status == 429 || status == 503);
+        assert_eq!(took, Duration::ZERO, "round {round}: the pause had ended");
+        assert_eq!(handle.pause(KEY), Some(secs(3)), "round {round}");
+        let (status, took) = timed(&svc, "/x").await;
+        assert_eq!(status, 200);
+        assert_eq!(took, secs(3), "round {round}: waited the whole new pause");
+        // Some time passes with no call at all.
+        tokio::time::sleep(secs(1)).await;
+    }
+}
+
+/// The new pause comes from a call sent before the old pause began, and arrives after the old
+/// pause ended with no call in between: it still applies in full.
+#[tokio::test(start_paused = true)]
+async fn a_new_pause_arriving_after_the_old_one_ended_with_no_call_between() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "2")]),
+        "/slow" => late(secs(3), 503, &[("retry-after", "5")]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    let t0 = Instant::now();
+    let s = svc.clone();
+    let slow = tokio::spawn(async move { timed(&s, "/slow").await });
+    tokio::task::yield_now().await;
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    assert_eq!(handle.pause(KEY), Some(secs(2)));
+    let (status, took) = bounded(slow).await.unwrap();
+    assert_eq!((status, took), (503, secs(3)));
+    assert_eq!(t0.elapsed(), secs(3));
+    assert_eq!(handle.pause(KEY), Some(secs(5)), "the 503's pause, in full");
+    assert_eq!(timed(&svc, "/x").await, (200, secs(5)));
+}
+
+/// "A later, shorter reset never cuts a pause short."
+#[tokio::test(start_paused = true)]
+async fn a_shorter_reset_never_cuts_a_pause_short() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "10")]),
+        "/slow" => late(secs(1), 429, &[("retry-after", "2")]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    let s = svc.clone();
+    let slow = tokio::spawn(async move { timed(&s, "/slow").await });
+    tokio::task::yield_now().await;
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    assert_eq!(bounded(slow).await.unwrap().0, 429);
+    assert_eq!(handle.pause(KEY), Some(secs(9)));
+    assert_eq!(timed(&svc, "/x").await, (200, secs(9)));
+}
+
+// ------------------------------------------------------------------ a pause asked while calls wait
+
+/// Calls wait for a 2 s pause; 1 s in, an answer to a call sent earlier asks for 10 s: the
+/// waiting calls wait for the new pause (they are not released at 2 s).
+#[tokio::test(start_paused = true)]
+async fn a_pause_asked_while_calls_wait_holds_them() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "2")]),
+        "/slow" => late(secs(1), 429, &[("retry-after", "10")]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    let t0 = Instant::now();
+    let s = svc.clone();
+    let slow = tokio::spawn(async move { timed(&s, "/slow").await });
+    tokio::task::yield_now().await;
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    tokio::time::sleep(ms(500)).await;
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let s = svc.clone();
+        waiters.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(handle.waiting(KEY), 3);
+    assert_eq!(bounded(slow).await.unwrap().0, 429);
+    assert_eq!(t0.elapsed(), secs(1));
+    assert_eq!(handle.pause(KEY), Some(secs(10)));
+    for w in waiters {
+        let (status, _) = bounded(w).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    for s in api.seen().iter().filter(|s| s.uri.contains("/w")) {
+        assert!(
+            s.sent - t0 >= secs(11),
+            "{} sent at {:?}, inside the new pause",
+            s.uri,
+            s.sent - t0
+        );
+    }
+}
+
+/// "calls already waiting in line are told as soon as such a pause arrives" (one whose wait
+/// would exceed their `max_wait`).
+#[tokio::test(start_paused = true)]
+async fn waiting_calls_are_told_at_once_when_a_pause_exceeds_their_max_wait() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "2")]),
+        "/slow" => late(secs(1), 429, &[("retry-after", "10")]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(
+        &api,
+        RateLimitLayer::adaptive_only().with_max_wait(secs(5)),
+    );
+    let t0 = Instant::now();
+    let s = svc.clone();
+    let slow = tokio::spawn(async move { timed(&s, "/slow").await });
+    tokio::task::yield_now().await;
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    tokio::time::sleep(ms(500)).await;
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let s = svc.clone();
+        waiters.push(tokio::spawn(async move {
+            let r = s.oneshot(get(&url(&format!("/w{i}")))).await;
+            (r.map(|res| res.status()), Instant::now())
+        }));
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(handle.waiting(KEY), 3);
+    assert_eq!(bounded(slow).await.unwrap().0, 429);
+    for w in waiters {
+        let (r, at) = bounded(w).await.unwrap();
+        let err = r.expect_err("a 10 s pause exceeds the 5 s max_wait");
+        assert_eq!(at - t0, secs(1), "told when the pause arrived: {err}");
+        let rl = find::<RateLimited>(&*err).expect("RateLimited in the chain");
+        assert_eq!(rl.retry_after(), secs(10), "{err}");
+    }
+    assert_eq!(api.calls(), 2);
+}
+
+// ------------------------------------------------------------------ clear_pause
+
+/// `clear_pause`: "Ends the pause of `key` now and returns the time it had left"; waiting calls
+/// then leave.
+#[tokio::test(start_paused = true)]
+async fn clear_pause_releases_the_waiting_calls() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "20")])
+        } else {
+            st(200)
+        }
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    assert_eq!(handle.clear_pause(KEY), None, "not paused yet");
+    let t0 = Instant::now();
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    let mut waiters = Vec::new();
+    for i in 0..4 {
+        let s = svc.clone();
+        waiters.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+    }
+    tokio::time::sleep(secs(5)).await;
+    assert_eq!(handle.waiting(KEY), 4);
+    assert_eq!(handle.paused(), vec![(KEY.to_owned(), secs(15))]);
+    assert_eq!(handle.clear_pause(KEY), Some(secs(15)));
+    assert_eq!(handle.pause(KEY), None);
+    for w in waiters {
+        assert_eq!(bounded(w).await.unwrap().0, 200);
+    }
+    assert_eq!(t0.elapsed(), secs(5));
+    assert_eq!(timed(&svc, "/x").await, (200, Duration::ZERO));
+}
+
+/// A new pause after `clear_pause` applies in full.
+#[tokio::test(start_paused = true)]
+async fn a_pause_after_clear_pause_applies_in_full() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "4")]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    for round in 0..3 {
+        assert_eq!(timed(&svc, "/p").await.0, 429);
+        assert_eq!(handle.clear_pause(KEY), Some(secs(4)), "round {round}");
+        assert_eq!(timed(&svc, "/x").await, (200, Duration::ZERO), "round {round}");
+        assert_eq!(timed(&svc, "/p").await.0, 429);
+        assert_eq!(timed(&svc, "/x").await, (200, secs(4)), "round {round}");
+    }
+}
+
+// ------------------------------------------------------------------ a pace from bare 429s
+
+/// "the first bare 429 of a pause sets a pace of one call per eighth of the pause (125 ms after
+/// the default 1 s pause)"; "every other answer (not 429 or 503) makes the pace a sixteenth
+/// faster"; "under one call per millisecond it is forgotten, and the key runs free again";
+/// `clear_pause` "forgets it".
+#[tokio::test(start_paused = true)]
+async fn a_bare_429_teaches_a_pace_that_successes_wear_off() {
+    let api = Api::new(|n, _| if n == 0 { st(429) } else { st(200) });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    assert_eq!(handle.pause(KEY), Some(secs(1)));
+    assert_eq!(handle.learned_pace(KEY), Some(ms(125)));
+
+    // The first call waits out the pause, the next one takes its slot at the pace.
+    assert_eq!(timed(&svc, "/a").await, (200, secs(1)));
+    let after_one = handle.learned_pace(KEY).expect("still a pace");
+    assert!(
+        after_one < ms(125) && after_one > ms(110),
+        "a sixteenth faster: {after_one:?}"
+    );
+    let (status, took) = timed(&svc, "/b").await;
+    assert_eq!(status, 200);
+    assert!(
+        took > ms(100) && took <= ms(125),
+        "the second call waited its slot: {took:?}"
+    );
+
+    // Enough successes and the pace is forgotten.
+    for _ in 0..200 {
+        timed(&svc, "/c").await;
+        if handle.learned_pace(KEY).is_none() {
+            break;
+        }
+    }
+    assert_eq!(handle.learned_pace(KEY), None, "forgotten under 1 ms");
+    assert_eq!(timed(&svc, "/d").await, (200, Duration::ZERO));
+}
+
+/// "a bare 429 to a call sent at that pace halves the rate ... and pauses the key for one
+/// interval of the new pace only".
+#[tokio::test(start_paused = true)]
+async fn a_bare_429_at_the_pace_halves_it() {
+    let api = Api::new(|n, _| if n <= 1 { st(429) } else { st(200) });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    assert_eq!(handle.learned_pace(KEY), Some(ms(125)));
+    // Released at the end of the pause, answered with a bare 429 again.
+    assert_eq!(timed(&svc, "/a").await, (429, secs(1)));
+    assert_eq!(handle.learned_pace(KEY), Some(ms(250)));
+    let left = handle.pause(KEY).unwrap_or_default();
+    assert!(left <= ms(250), "one interval of the new pace: {left:?}");
+    let (status, took) = timed(&svc, "/b").await;
+    assert_eq!(status, 200);
+    assert!(took <= ms(250), "{took:?}");
+    handle.clear_pause(KEY);
+    assert_eq!(handle.learned_pace(KEY), None, "clear_pause forgets the pace");
+}
+
+/// "bare 429s that answer calls in flight when a pause began change nothing (neither the pace
+/// nor the pause's end)".
+#[tokio::test(start_paused = true)]
+async fn bare_429s_to_calls_in_flight_change_nothing() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/a" => late(ms(10), 429, &[]),
+        "/b" => late(ms(200), 429, &[]),
+        _ => st(200),
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    let t0 = Instant::now();
+    let (s1, s2) = (svc.clone(), svc.clone());
+    let a = tokio::spawn(async move { timed(&s1, "/a").await });
+    let b = tokio::spawn(async move { timed(&s2, "/b").await });
+    assert_eq!(bounded(a).await.unwrap().0, 429);
+    assert_eq!(handle.learned_pace(KEY), Some(ms(125)));
+    assert_eq!(bounded(b).await.unwrap().0, 429);
+    assert_eq!(t0.elapsed(), ms(200));
+    assert_eq!(handle.learned_pace(KEY), Some(ms(125)));
+    assert_eq!(handle.pause(KEY), Some(ms(810)), "still ends 1 s after the first");
+}
+
+// ------------------------------------------------------------------ in the client, kept clones
+
+/// In `ClientBuilder` (the default adaptive limiter, as a pair): one kept clone meets a 429 with
+/// `Retry-After: 2`; another kept clone's call made meanwhile waits for the pause; after it,
+/// calls from every clone go at once.
+#[tokio::test(start_paused = true)]
+async fn client_clones_share_the_pause() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "2")])
+        } else {
+            st(200)
+        }
+    });
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_rate_limit(layer)
+        .build(api.service());
+    let mut one = client.clone();
+    let mut two = client.clone();
+    let res = bounded(one.ready().await.unwrap().call(get(&url("/a"))))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(handle.pause(KEY), Some(secs(2)));
+    let t = Instant::now();
+    let res = bounded(two.ready().await.unwrap().call(get(&url("/b"))))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(t.elapsed(), secs(2));
+    for kept in [&mut one, &mut two] {
+        for _ in 0..3 {
+            let t = Instant::now();
+            let res = bounded(kept.ready().await.unwrap().call(get(&url("/c"))))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            assert_eq!(t.elapsed(), Duration::ZERO);
+        }
+    }
+}
