@@ -747,3 +747,196 @@ async fn deadline_cuts_a_retry_after_sleep() {
         chain(&*err)
     );
 }
+
+// ------------------------------------------------------------------ more edges of the lazy timer
+
+/// The attempt's future is first polled after its bound has already passed, and the inner
+/// future is pending: it fails at that first poll, not a whole timeout later.
+#[tokio::test(start_paused = true)]
+async fn first_poll_after_the_bound_fails_at_once() {
+    let api = Api::always(Act::Hang);
+    let mut svc = AttemptTimeoutLayer::new(Some(secs(1))).layer(api.service());
+    let fut = svc.ready().await.unwrap().call(get(&url("/x")));
+    tokio::time::advance(secs(3)).await;
+    let t = Instant::now();
+    let err = bounded(fut).await.unwrap_err();
+    assert_eq!(t.elapsed(), Duration::ZERO, "{err}");
+    assert_eq!(err.to_string(), "the attempt timed out after 1s");
+}
+
+/// A response future polled once in one task and then awaited in another (its timer was made
+/// at the first poll, with the first task's waker) still times out at its bound.
+#[tokio::test(start_paused = true)]
+async fn a_future_moved_to_another_task_after_its_first_poll_still_times_out() {
+    async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx).is_pending())
+        })
+        .await
+    }
+    // AttemptTimeoutLayer.
+    let api = Api::always(Act::Hang);
+    let mut svc = AttemptTimeoutLayer::new(Some(secs(1))).layer(api.service());
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(get(&url("/x"))));
+    assert!(poll_once(&mut fut).await);
+    let t = Instant::now();
+    let err = bounded(tokio::spawn(fut)).await.unwrap().unwrap_err();
+    assert_eq!(t.elapsed(), secs(1));
+    assert!(err.to_string().contains("timed out after 1s"), "{err}");
+
+    // The retry layer's own timer.
+    let api = Api::always(Act::Hang);
+    let mut svc = RetryLayer::new()
+        .with_max_attempts(1)
+        .with_attempt_timeout(secs(1))
+        .layer(api.service());
+    let mut fut = Box::pin(svc.ready().await.unwrap().call(get(&url("/x"))));
+    assert!(poll_once(&mut fut).await);
+    let t = Instant::now();
+    let err = bounded(tokio::spawn(fut)).await.unwrap().unwrap_err();
+    assert_eq!(t.elapsed(), secs(1));
+    assert!(err.to_string().contains("timed out after 1s"), "{err}");
+
+    // The composed client.
+    let api = Api::always(Act::Hang);
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_max_attempts(1))
+        .with_attempt_timeout(secs(1))
+        .build(api.service());
+    let mut kept = client.clone();
+    let mut fut = Box::pin(kept.ready().await.unwrap().call(get(&url("/x"))));
+    assert!(poll_once(&mut fut).await);
+    let t = Instant::now();
+    let err = bounded(tokio::spawn(fut)).await.unwrap().unwrap_err();
+    assert_eq!(t.elapsed(), secs(1));
+    assert!(err.to_string().contains("timed out after 1s"), "{err}");
+}
+
+/// Each attempt gets a fresh bound: the first hangs (cut at 1 s), the retry answers 900 ms
+/// after it is sent and is not cut.
+#[tokio::test(start_paused = true)]
+async fn a_retry_gets_its_own_whole_bound() {
+    let script = |n: usize, _: &http::Request<Body>| {
+        if n == 0 {
+            Act::Hang
+        } else {
+            Act::After(ms(900), 200)
+        }
+    };
+    let api = Api::new(script);
+    let svc = RetryLayer::new()
+        .with_seed(1)
+        .with_attempt_timeout(secs(1))
+        .layer(api.service());
+    assert_eq!(bounded(svc.oneshot(get(&url("/x")))).await.unwrap().status(), 200);
+    assert_eq!(api.calls(), 2);
+
+    let api = Api::new(script);
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(1))
+        .with_attempt_timeout(secs(1))
+        .build(api.service());
+    assert_eq!(
+        bounded(client.oneshot(get(&url("/x")))).await.unwrap().status(),
+        200
+    );
+    assert_eq!(api.calls(), 2);
+}
+
+/// One kept service called many times, each answer 1 ms inside or outside the bound: every
+/// call is judged by its own bound.
+#[tokio::test(start_paused = true)]
+async fn a_kept_client_called_many_times_judges_each_attempt_alone() {
+    let api = Api::new(|n, _| {
+        if n % 2 == 0 {
+            Act::After(ms(999), 200)
+        } else {
+            Act::After(ms(1_001), 200)
+        }
+    });
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_max_attempts(1))
+        .with_attempt_timeout(secs(1))
+        .build(api.service());
+    let mut kept = client.clone();
+    for i in 0..20 {
+        let t = Instant::now();
+        let res = bounded(kept.ready().await.unwrap().call(get(&url("/x")))).await;
+        if i % 2 == 0 {
+            assert_eq!(res.unwrap().status(), 200, "call {i}");
+            assert_eq!(t.elapsed(), ms(999));
+        } else {
+            let err = res.unwrap_err();
+            assert_eq!(t.elapsed(), secs(1), "call {i}: {err}");
+        }
+    }
+}
+
+/// RELIABILITY.md: durations set to `Duration::MAX` are "read as about 30 years from now; never
+/// a panic". Here with inner futures that are pending at their first poll, so the attempt's
+/// timer is made.
+#[tokio::test(start_paused = true)]
+async fn huge_attempt_timeouts_with_a_pending_inner_do_not_panic() {
+    for act in [Act::PendingOnce(200), Act::After(ms(10), 200)] {
+        for which in ["layer", "retry", "client", "options"] {
+            let api = Api::always(act.clone());
+            let a = api.clone();
+            let run = tokio::spawn(async move {
+                let req = get(&url("/x"));
+                match which {
+                    "layer" => AttemptTimeoutLayer::new(Some(Duration::MAX))
+                        .layer(a.service())
+                        .oneshot(req)
+                        .await
+                        .map(|r| r.status()),
+                    "retry" => RetryLayer::new()
+                        .with_attempt_timeout(Duration::MAX)
+                        .layer(a.service())
+                        .oneshot(req)
+                        .await
+                        .map(|r| r.status()),
+                    "client" => ClientBuilder::new()
+                        .with_attempt_timeout(Duration::MAX)
+                        .build(a.service())
+                        .oneshot(req)
+                        .await
+                        .map(|r| r.status()),
+                    _ => ClientBuilder::new()
+                        .build(a.service())
+                        .oneshot(with_options(
+                            req,
+                            CallOptions::new()
+                                .with_attempt_timeout(Duration::MAX)
+                                .with_deadline(Duration::MAX),
+                        ))
+                        .await
+                        .map(|r| r.status()),
+                }
+            });
+            let res = bounded(run).await;
+            assert!(
+                matches!(res, Ok(Ok(s)) if s == 200),
+                "{which} {act:?}: {:?}",
+                res.map(|r| r.map_err(|e| e.to_string()))
+            );
+        }
+    }
+}
+
+/// The message says how long the attempt was given, for a timeout that is not a whole number
+/// of seconds too.
+#[tokio::test(start_paused = true)]
+async fn the_message_says_a_fractional_timeout() {
+    let api = Api::always(Act::Hang);
+    let svc = AttemptTimeoutLayer::new(Some(ms(1_500))).layer(api.service());
+    let err = bounded(svc.oneshot(get(&url("/x")))).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg == "the attempt timed out after 1.5s" || msg == "the attempt timed out after 1500ms",
+        "{msg}"
+    );
+    let api = Api::always(Act::Hang);
+    let svc = AttemptTimeoutLayer::new(Some(ms(250))).layer(api.service());
+    let err = bounded(svc.oneshot(get(&url("/x")))).await.unwrap_err();
+    assert_eq!(err.to_string(), "the attempt timed out after 250ms");
+}

@@ -417,3 +417,191 @@ async fn client_clones_share_the_pause() {
         }
     }
 }
+
+// ------------------------------------------------------------------ the line after a pause
+
+/// `with_release_pace`: "The first leaves when the pause ends, the next one `pace` later, and
+/// so on, in the order they came ... Calls made while others wait line up behind them."
+#[tokio::test(start_paused = true)]
+async fn release_pace_a_call_made_while_others_wait_lines_up_behind_them() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "2")])
+        } else {
+            st(200)
+        }
+    });
+    let (svc, handle) = limited(
+        &api,
+        RateLimitLayer::adaptive_only().with_release_pace(ms(100)),
+    );
+    let t0 = Instant::now();
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let s = svc.clone();
+        tasks.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(ms(2_050)).await;
+    assert_eq!(handle.waiting(KEY), 3, "one left at 2 s");
+    let s = svc.clone();
+    let late = tokio::spawn(async move { timed(&s, "/late").await });
+    for t in tasks {
+        assert_eq!(bounded(t).await.unwrap().0, 200);
+    }
+    assert_eq!(bounded(late).await.unwrap().0, 200);
+    let sent: Vec<(String, Duration)> = api
+        .seen()
+        .iter()
+        .map(|s| (s.uri.clone(), s.sent - t0))
+        .collect();
+    let at = |p: &str| sent.iter().find(|(u, _)| u.ends_with(p)).unwrap().1;
+    assert_eq!(at("/w0"), secs(2), "{sent:?}");
+    assert_eq!(at("/w3"), ms(2_300), "{sent:?}");
+    assert!(at("/late") >= ms(2_400), "the late call jumped the line: {sent:?}");
+}
+
+/// By slow start (the default): one waiting call leaves when the pause ends and each success
+/// lets one more out. A call made after the pause ended, while calls that waited for it are
+/// still in line, does not go before them ("A call without a slot joins the host's line (first
+/// come, first served)"; the release "holds back those still waiting ..., and calls made
+/// meanwhile line up behind them").
+#[tokio::test(start_paused = true)]
+async fn slow_start_a_call_made_while_others_wait_does_not_jump_the_line() {
+    let api = Api::new(|n, req| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "2")])
+        } else if req.uri().path().starts_with("/w") {
+            Act::After(ms(500), 200)
+        } else {
+            st(200)
+        }
+    });
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
+    let t0 = Instant::now();
+    assert_eq!(timed(&svc, "/p").await.0, 429);
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let s = svc.clone();
+        tasks.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(ms(2_100)).await;
+    // w0 left at 2 s and is in flight until 2.5 s; w1..w3 wait.
+    assert_eq!(handle.waiting(KEY), 3);
+    let s = svc.clone();
+    let late = tokio::spawn(async move { timed(&s, "/late").await });
+    for t in tasks {
+        assert_eq!(bounded(t).await.unwrap().0, 200);
+    }
+    assert_eq!(bounded(late).await.unwrap().0, 200);
+    let sent: Vec<(String, Duration)> = api
+        .seen()
+        .iter()
+        .map(|s| (s.uri.clone(), s.sent - t0))
+        .collect();
+    let at = |p: &str| sent.iter().find(|(u, _)| u.ends_with(p)).unwrap().1;
+    assert_eq!(at("/w0"), secs(2), "{sent:?}");
+    assert!(
+        at("/late") >= at("/w1"),
+        "the call made at 2.1 s went before the ones waiting since 0 s: {sent:?}"
+    );
+}
+
+// ------------------------------------------------------------------ forgotten keys
+
+/// `with_max_keys`: "past it, idle keys are forgotten, then new keys share one". A kept clone
+/// that called host A before A's limiter was forgotten must still share A's pause with the
+/// handle and the other clones ("these pause every caller of the host").
+#[tokio::test(start_paused = true)]
+async fn a_kept_clone_after_its_hosts_limiter_was_forgotten() {
+    let api = Api::new(|_, req| {
+        if req.uri().path() == "/p" {
+            st_h(429, &[("retry-after", "10")])
+        } else {
+            st(200)
+        }
+    });
+    let (layer, handle) = RateLimitLayer::adaptive_only().with_max_keys(2).pair();
+    let svc = layer.layer(api.service());
+    let mut keeper = svc.clone();
+    let mut other = svc.clone();
+    let a = |p: &str| get(&format!("http://{KEY}{p}"));
+    assert_eq!(
+        keeper.ready().await.unwrap().call(a("/x")).await.unwrap().status(),
+        200
+    );
+    tokio::time::sleep(secs(5)).await;
+    for host in ["b.example.com", "c.example.com", "d.example.com", "e.example.com"] {
+        let res = other
+            .ready()
+            .await
+            .unwrap()
+            .call(get(&format!("http://{host}/x")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(secs(5)).await;
+    }
+    // The keeper meets a 10 s pause on A.
+    let res = keeper.ready().await.unwrap().call(a("/p")).await.unwrap();
+    assert_eq!(res.status(), 429);
+    let seen_by_handle = handle.pause(KEY);
+    let t = Instant::now();
+    let res = bounded(other.ready().await.unwrap().call(a("/y"))).await;
+    let other_waited = t.elapsed();
+    assert_eq!(res.unwrap().status(), 200);
+    let t = Instant::now();
+    bounded(svc.clone().oneshot(a("/z"))).await.unwrap();
+    let fresh_waited = t.elapsed();
+    assert!(
+        seen_by_handle == Some(secs(10)) && other_waited == secs(10),
+        "the keeper's pause on A: handle {seen_by_handle:?}, another kept clone waited \
+         {other_waited:?}, a fresh clone {fresh_waited:?}"
+    );
+}
+
+// ------------------------------------------------------------------ quota arithmetic
+
+/// A quota whose interval is not a whole number of milliseconds: 3 per second, burst 1, paces
+/// calls 333.33 ms apart (10 calls in 3 s; tokio's timer wakes on whole milliseconds, so up to
+/// a millisecond late per call, never early).
+#[tokio::test(start_paused = true)]
+async fn a_quota_of_three_per_second_paces_exactly() {
+    use sturdy::ratelimit::Quota;
+    let api = Api::always(st(200));
+    let quota = Quota::new(3, secs(1)).unwrap().with_burst(1).unwrap();
+    let (svc, _handle) = limited(&api, RateLimitLayer::new(quota));
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        timed(&svc, "/x").await;
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= ms(2_999) && took <= ms(3_010),
+        "9 intervals of 333.33 ms: {took:?}"
+    );
+}
+
+/// A long quota (1 per day): the second call would wait a day, past `max_wait`, and is refused
+/// at once with the wait.
+#[tokio::test(start_paused = true)]
+async fn a_quota_of_one_per_day_refuses_with_the_wait() {
+    use sturdy::ratelimit::Quota;
+    let api = Api::always(st(200));
+    let quota = Quota::new(1, secs(86_400)).unwrap().with_burst(1).unwrap();
+    let (svc, _handle) = limited(&api, RateLimitLayer::new(quota));
+    timed(&svc, "/x").await;
+    let t0 = Instant::now();
+    let err = bounded(svc.clone().oneshot(get(&url("/y"))))
+        .await
+        .unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    let rl = find::<RateLimited>(&*err).expect("RateLimited");
+    let wait = rl.retry_after();
+    assert!(
+        wait >= secs(86_399) && wait <= secs(86_400),
+        "a day: {wait:?} ({err})"
+    );
+}
