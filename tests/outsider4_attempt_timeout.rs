@@ -940,3 +940,50 @@ async fn the_message_says_a_fractional_timeout() {
     let err = bounded(svc.oneshot(get(&url("/x")))).await.unwrap_err();
     assert_eq!(err.to_string(), "the attempt timed out after 250ms");
 }
+
+/// retry.md: the deadline "bounds attempts and sleeps together". A retry that waits for the
+/// inner service's readiness (a `ConcurrencyLimit(1)` whose permit another caller holds for
+/// 10 s) is cut at the deadline too, and the error counts only the attempt that was sent.
+#[tokio::test(start_paused = true)]
+async fn deadline_cuts_a_retry_waiting_for_readiness() {
+    let api = Api::new(|_, req| {
+        if req.uri().path() == "/hold" {
+            Act::After(secs(10), 200)
+        } else {
+            st(503)
+        }
+    });
+    let limited = ServiceBuilder::new()
+        .layer(ConcurrencyLimitLayer::new(1))
+        .service(api.service());
+    let svc = RetryLayer::new()
+        .with_seed(3)
+        .with_deadline(ms(2_500))
+        .layer(limited.clone());
+    let t0 = Instant::now();
+    // A's first attempt: 503 at once; then B takes the permit for 10 s.
+    let mut a = svc.clone();
+    let fut_a = a.ready().await.unwrap().call(get(&url("/a")));
+    let task_a = tokio::spawn(fut_a);
+    tokio::task::yield_now().await;
+    let mut holder = limited.clone();
+    let hold = tokio::spawn(async move {
+        holder
+            .ready()
+            .await
+            .unwrap()
+            .call(get(&url("/hold")))
+            .await
+    });
+    let err = bounded(task_a).await.unwrap().unwrap_err();
+    assert_eq!(t0.elapsed(), ms(2_500), "{err}");
+    assert_eq!(
+        api.seen().iter().filter(|s| s.uri.ends_with("/a")).count(),
+        1
+    );
+    let e = sturdy_error(&err);
+    assert_eq!(*e.kind(), ErrorKind::Timeout, "{err}");
+    assert_eq!(e.report().unwrap().attempts(), 1, "{err}");
+    assert!(err.to_string().contains("deadline"), "{err}");
+    hold.abort();
+}

@@ -350,3 +350,141 @@ async fn a_kept_clone_after_its_hosts_breaker_was_forgotten() {
     );
     assert!(is_open(state), "{state:?}");
 }
+
+// ------------------------------------------------------------------ cheap claims
+
+/// "Open 30 s, doubling on each re-opening up to 5 min, back to 30 s after a close"; the
+/// message of a refusal says when to try again.
+#[tokio::test(start_paused = true)]
+async fn open_period_doubles_and_resets_after_a_close() {
+    let api = Api::new(|_, req| {
+        if req.uri().path() == "/ok" {
+            st(200)
+        } else {
+            st(503)
+        }
+    });
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
+    let mut svc = layer.layer(api.service());
+    for _ in 0..2 {
+        assert_eq!(call_path(&mut svc, "/fail").await, Ok(503));
+    }
+    let open = |s| matches!(s, Some(CircuitState::Open { retry_in }) if retry_in == secs(30));
+    assert!(open(handle.state(A)), "{:?}", handle.state(A));
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get(&url(A, "/ok")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("try again in 30s"), "{err}");
+    // Probe fails: 60 s. Probe fails again: 120 s.
+    for expected in [60, 120, 240, 300, 300] {
+        tokio::time::sleep(handle_retry_in(&handle)).await;
+        assert_eq!(call_path(&mut svc, "/fail").await, Ok(503));
+        assert_eq!(
+            handle.state(A),
+            Some(CircuitState::Open {
+                retry_in: secs(expected)
+            })
+        );
+    }
+    // A good probe closes; the next opening is 30 s again.
+    tokio::time::sleep(handle_retry_in(&handle)).await;
+    assert_eq!(call_path(&mut svc, "/ok").await, Ok(200));
+    assert_eq!(handle.state(A), Some(CircuitState::Closed));
+    for _ in 0..2 {
+        assert_eq!(call_path(&mut svc, "/fail").await, Ok(503));
+    }
+    assert!(open(handle.state(A)), "{:?}", handle.state(A));
+}
+
+fn handle_retry_in(handle: &sturdy::circuit::CircuitHandle) -> Duration {
+    match handle.state(A) {
+        Some(CircuitState::Open { retry_in }) => retry_in,
+        other => panic!("not open: {other:?}"),
+    }
+}
+
+async fn call_path<S>(svc: &mut S, path: &str) -> Result<u16, OpenReason>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>,
+{
+    let fut = svc.ready().await.unwrap().call(get(&url(A, path)));
+    match bounded(fut).await {
+        Ok(res) => Ok(res.status().as_u16()),
+        Err(e) => Err(find::<CircuitOpen>(&*e)
+            .unwrap_or_else(|| panic!("{e}"))
+            .reason()),
+    }
+}
+
+/// "an error for a call that never reached the dependency is not counted at all ... a local
+/// rate-limit refusal": in `ClientBuilder`, calls the limiter refuses during a pause (zero
+/// `max_wait`, no retries) leave the breaker closed; "4xx, 429 ... are not failures".
+#[tokio::test(start_paused = true)]
+async fn local_rate_limit_refusals_are_not_failures() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "10")])
+        } else {
+            st(200)
+        }
+    });
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_circuit_breaker(breaker)
+        .with_rate_limit(
+            sturdy::ratelimit::RateLimitLayer::adaptive_only().with_max_wait(Duration::ZERO),
+        )
+        .build(api.service());
+    let mut kept = client.clone();
+    assert_eq!(call(&mut kept, A).await, Ok(429));
+    for _ in 0..5 {
+        let err = kept
+            .ready()
+            .await
+            .unwrap()
+            .call(get(&url(A, "/x")))
+            .await
+            .unwrap_err();
+        assert!(
+            find::<sturdy::core::RateLimited>(&*err).is_some(),
+            "{err}"
+        );
+    }
+    assert_eq!(handle.state(A), Some(CircuitState::Closed));
+    assert_eq!(api.calls(), 1);
+}
+
+/// "values that cannot work are taken as the nearest that can (0 probes is 1)"; 0 successes to
+/// close is 1.
+#[tokio::test(start_paused = true)]
+async fn zero_probes_is_one_probe() {
+    let api = Api::new(|n, _| if n < 2 { st(503) } else { Act::After(secs(1), 200) });
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .with_probes(0)
+        .with_successes_to_close(0)
+        .pair();
+    let svc = layer.layer(api.service());
+    for _ in 0..2 {
+        svc.clone().oneshot(get(&url(A, "/x"))).await.unwrap();
+    }
+    tokio::time::sleep(secs(30)).await;
+    let probe = tokio::spawn(svc.clone().oneshot(get(&url(A, "/x"))));
+    tokio::task::yield_now().await;
+    let err = svc.clone().oneshot(get(&url(A, "/x"))).await.unwrap_err();
+    assert_eq!(
+        find::<CircuitOpen>(&*err).map(CircuitOpen::reason),
+        Some(OpenReason::Probing)
+    );
+    assert_eq!(bounded(probe).await.unwrap().unwrap().status(), 200);
+    assert_eq!(handle.state(A), Some(CircuitState::Closed));
+}

@@ -359,3 +359,149 @@ async fn a_quota_is_shared_by_every_clone() {
         );
     }
 }
+
+// ------------------------------------------------------------------ races across threads
+
+/// "Half-open: 1 probe at a time; everyone else fails fast", with eight kept clones on a
+/// multi-thread runtime hammering a host whose every probe fails after 20 ms (so the breaker
+/// goes open, half-open, open ... for half a second): the API never has two calls in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_at_a_time_across_threads() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let api = Api::new(|n, _| {
+        if n < 3 {
+            st(503)
+        } else {
+            Act::After(ms(20), 503)
+        }
+    });
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let inner = api.service();
+    let (f, m) = (in_flight.clone(), most.clone());
+    let counted = tower::service_fn(move |req: http::Request<Body>| {
+        let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(now, Ordering::SeqCst);
+        let fut = inner.clone().oneshot(req);
+        let f = f.clone();
+        async move {
+            let r = fut.await;
+            f.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+    });
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .with_open_duration(ms(30), ms(30))
+        .pair();
+    let svc = layer.layer(counted);
+    let mut first = svc.clone();
+    hammer(&mut first, A, 3).await;
+    assert!(matches!(handle.state(A), Some(CircuitState::Open { .. })));
+    let until = Instant::now() + ms(500);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut kept = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut reached = 0;
+            while Instant::now() < until {
+                let fut = kept
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(get(&format!("http://{A}/probe")));
+                match fut.await {
+                    Ok(_) => reached += 1,
+                    Err(e) => assert!(find::<CircuitOpen>(&*e).is_some(), "{e}"),
+                }
+                tokio::task::yield_now().await;
+            }
+            reached
+        }));
+    }
+    let mut probes = 0;
+    for t in tasks {
+        probes += tokio::time::timeout(secs(10), t).await.unwrap().unwrap();
+    }
+    assert!(probes >= 3, "some probes were admitted: {probes}");
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "two probes in flight at once ({probes} probes)"
+    );
+}
+
+/// A pause learned from a bare 429 is shared by every clone on every thread, also while other
+/// clones make calls on other threads as fast as they can (each of their decisions sees the
+/// previous pause over): 200 rounds of "429, then a call that must wait for the pause". The
+/// pause is 8 ms (`with_default_pause`), whose pace (1 ms) the next success forgets, so each
+/// round starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pause_is_not_lost_to_decisions_on_other_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let api = Api::new(|_, req| {
+        if req.uri().path().starts_with("/p/") {
+            st(429)
+        } else {
+            st(200)
+        }
+    });
+    let (layer, _handle) = RateLimitLayer::adaptive_only()
+        .with_default_pause(ms(8))
+        .pair();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .without_circuit_breaker()
+        .with_rate_limit(layer)
+        .build(api.service());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut busy = Vec::new();
+    for t in 0..2 {
+        let mut kept = client.clone();
+        let stop = stop.clone();
+        busy.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = kept
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(get(&format!("http://{A}/busy/{t}/{i}")))
+                    .await;
+                assert!(r.is_ok());
+                i += 1;
+                if i % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let mut kept = client.clone();
+    let mut violations = Vec::new();
+    let t0 = Instant::now();
+    for round in 0..200 {
+        let p = format!("http://{A}/p/{round}");
+        let res = kept.ready().await.unwrap().call(get(&p)).await.unwrap();
+        assert_eq!(res.status(), 429);
+        let c = format!("http://{A}/check/{round}");
+        let res = kept.ready().await.unwrap().call(get(&c)).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let gap = api.last_sent(&c).unwrap() - api.last_sent(&p).unwrap();
+        if gap < ms(7) {
+            violations.push((round, gap));
+        }
+        if t0.elapsed() > secs(4) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for b in busy {
+        tokio::time::timeout(secs(5), b).await.unwrap().unwrap();
+    }
+    assert!(
+        violations.is_empty(),
+        "calls sent inside an 8 ms pause (round, gap after the 429's request): {violations:?}"
+    );
+}

@@ -89,6 +89,12 @@ impl Api {
         self.seen.lock().unwrap().clone()
     }
 
+    /// When the last call to `uri` was sent, if any (without copying the record).
+    pub fn last_sent(&self, uri: &str) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().rev().find(|s| s.uri == uri).map(|s| s.sent)
+    }
+
     /// The service (cheap to clone; every clone records into this API).
     pub fn service(
         &self,
