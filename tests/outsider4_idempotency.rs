@@ -242,3 +242,79 @@ async fn in_flight_409_with_a_custom_header_is_retried() {
     assert_eq!(res.status(), 201);
     assert_one_key(&keys(&api, "x-request-key"), 2);
 }
+
+// ------------------------------------------------------------------ the key in the final error
+
+/// retry.md: a final error's `report()` gives "the idempotency key", and for a POST the message
+/// says "it may have been processed: retry with the same idempotency key <key>". Whatever ended
+/// the call: the attempts ran out, the only attempt timed out, retries were off for the
+/// request, a failure that is never retried, the deadline.
+#[tokio::test(start_paused = true)]
+async fn the_final_error_carries_the_key_sent_whatever_ended_the_call() {
+    type Case = (&'static str, fn(usize) -> Act, RetryLayer, Option<CallOptions>);
+    let body_error = |_: usize| Act::Io(std::io::ErrorKind::InvalidData);
+    let cases: Vec<Case> = vec![
+        (
+            "attempts ran out (resets)",
+            |_| Act::Io(std::io::ErrorKind::ConnectionReset),
+            RetryLayer::new().with_seed(1),
+            None,
+        ),
+        (
+            "one attempt, timed out",
+            |_| Act::Hang,
+            RetryLayer::new().with_max_attempts(1),
+            None,
+        ),
+        (
+            "retries off for the request",
+            |_| Act::Hang,
+            RetryLayer::new(),
+            Some(CallOptions::new().without_retries()),
+        ),
+        (
+            "a failure never retried",
+            body_error,
+            RetryLayer::new().with_seed(1),
+            None,
+        ),
+        (
+            "the deadline",
+            |_| Act::Hang,
+            RetryLayer::new().with_seed(1),
+            Some(CallOptions::new().with_deadline(ms(1_500))),
+        ),
+    ];
+    for header in ["idempotency-key", "x-request-key"] {
+        for (name, script, retry, opts) in cases.iter().cloned() {
+            let api = Api::new(move |n, _| script(n));
+            let client = ClientBuilder::new()
+                .with_idempotency(
+                    IdempotencyKeyLayer::new().with_header(HeaderName::from_static(header)),
+                )
+                .with_retry(retry)
+                .with_attempt_timeout(secs(1))
+                .build(api.service());
+            let mut req = post(URL);
+            if let Some(o) = opts {
+                req.extensions_mut().insert(o);
+            }
+            let err = bounded(client.oneshot(req)).await.unwrap_err();
+            let sent = keys(&api, header);
+            let key = assert_one_key(&sent, api.calls());
+            let e = sturdy_error(&err);
+            let report = e.report().unwrap_or_else(|| panic!("{header} {name}: no report: {err}"));
+            assert_eq!(
+                report.idempotency_key(),
+                Some(key.as_str()),
+                "{header} {name}: {err}"
+            );
+            assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{header} {name}: {err}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("retry with the same idempotency key {key}")),
+                "{header} {name}: {err}"
+            );
+        }
+    }
+}
