@@ -105,7 +105,10 @@ async fn layer_counts_from_call_not_from_first_poll() {
                 assert_eq!(sent.elapsed(), secs(1), "{act:?}: {e}");
                 assert_eq!(e.to_string(), "the attempt timed out after 1s");
             }
-            (ok, res) => panic!("{act:?}: expected ok={ok}, got {:?}", res.map(|r| r.status())),
+            (ok, res) => panic!(
+                "{act:?}: expected ok={ok}, got {:?}",
+                res.map(|r| r.status())
+            ),
         }
     }
 }
@@ -365,7 +368,10 @@ async fn retry_layer_own_timeout_bounds() {
                 assert_eq!(t0.elapsed(), secs(1), "{act:?}");
                 assert!(e.to_string().contains("timed out after 1s"), "{act:?}: {e}");
             }
-            (ok, res) => panic!("{act:?}: expected ok={ok}, got {:?}", res.map(|r| r.status())),
+            (ok, res) => panic!(
+                "{act:?}: expected ok={ok}, got {:?}",
+                res.map(|r| r.status())
+            ),
         }
     }
 }
@@ -460,8 +466,11 @@ async fn client_timer_starts_when_sent_after_waiting_for_a_permit() {
 
 async fn check_sent_then_counted<S>(svc: S, api: &Api)
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>
-        + Clone
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = sturdy::core::BoxError,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -485,12 +494,13 @@ where
     let (ra, ta) = bounded(task_a).await.unwrap();
     let err = ra.unwrap_err();
     let seen = api.seen();
-    let sent: Vec<_> = seen
-        .iter()
-        .map(|s| (s.uri.clone(), s.sent - t0))
-        .collect();
+    let sent: Vec<_> = seen.iter().map(|s| (s.uri.clone(), s.sent - t0)).collect();
     assert_eq!(seen.len(), 3, "{sent:?}");
-    assert_eq!(seen[2].sent - t0, ms(1_800), "A's retry is sent at 1.8 s: {sent:?}");
+    assert_eq!(
+        seen[2].sent - t0,
+        ms(1_800),
+        "A's retry is sent at 1.8 s: {sent:?}"
+    );
     assert_eq!(
         ta - t0,
         ms(2_800),
@@ -621,7 +631,9 @@ async fn client_wait_for_a_pause_is_not_part_of_the_attempt() {
     let t0 = Instant::now();
     let a = tokio::spawn(client.clone().oneshot(get(&url("/a"))));
     tokio::time::sleep(ms(500)).await;
-    let res = bounded(client.clone().oneshot(get(&url("/b")))).await.unwrap();
+    let res = bounded(client.clone().oneshot(get(&url("/b"))))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(bounded(a).await.unwrap().unwrap().status(), 200);
     let seen = api.seen();
@@ -652,7 +664,10 @@ async fn deadline_cuts_an_attempt_in_flight_and_names_the_attempts() {
         let err = bounded(svc.oneshot(get(&url("/x")))).await.unwrap_err();
         assert_eq!(t0.elapsed(), ms(2_200), "seed {seed}: {err}");
         let made = api.calls();
-        assert_eq!(made, 2, "seed {seed}: 0-1 s, then 1.25-1.75 s to the deadline");
+        assert_eq!(
+            made, 2,
+            "seed {seed}: 0-1 s, then 1.25-1.75 s to the deadline"
+        );
         let e = sturdy_error(&err);
         assert_eq!(*e.kind(), ErrorKind::Timeout, "{err}");
         assert_eq!(e.report().unwrap().attempts() as usize, made, "{err}");
@@ -828,7 +843,13 @@ async fn a_retry_gets_its_own_whole_bound() {
         .with_seed(1)
         .with_attempt_timeout(secs(1))
         .layer(api.service());
-    assert_eq!(bounded(svc.oneshot(get(&url("/x")))).await.unwrap().status(), 200);
+    assert_eq!(
+        bounded(svc.oneshot(get(&url("/x"))))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(api.calls(), 2);
 
     let api = Api::new(script);
@@ -837,7 +858,10 @@ async fn a_retry_gets_its_own_whole_bound() {
         .with_attempt_timeout(secs(1))
         .build(api.service());
     assert_eq!(
-        bounded(client.oneshot(get(&url("/x")))).await.unwrap().status(),
+        bounded(client.oneshot(get(&url("/x"))))
+            .await
+            .unwrap()
+            .status(),
         200
     );
     assert_eq!(api.calls(), 2);
@@ -967,14 +991,8 @@ async fn deadline_cuts_a_retry_waiting_for_readiness() {
     let task_a = tokio::spawn(fut_a);
     tokio::task::yield_now().await;
     let mut holder = limited.clone();
-    let hold = tokio::spawn(async move {
-        holder
-            .ready()
-            .await
-            .unwrap()
-            .call(get(&url("/hold")))
-            .await
-    });
+    let hold =
+        tokio::spawn(async move { holder.ready().await.unwrap().call(get(&url("/hold"))).await });
     let err = bounded(task_a).await.unwrap().unwrap_err();
     assert_eq!(t0.elapsed(), ms(2_500), "{err}");
     assert_eq!(
@@ -986,4 +1004,124 @@ async fn deadline_cuts_a_retry_waiting_for_readiness() {
     assert_eq!(e.report().unwrap().attempts(), 1, "{err}");
     assert!(err.to_string().contains("deadline"), "{err}");
     hold.abort();
+}
+
+/// "No sleep is started that would end past it", with a `Retry-After` whose jitter (up to
+/// +20 %) may reach past the deadline: 503 with `Retry-After: 2`, deadline 2.2 s. The retry is
+/// either made before the deadline (never sooner than 2 s) or not slept at all; a sleep cut by
+/// the deadline (a call that ends at 2.2 s with one attempt) is what the sentence rules out.
+#[tokio::test(start_paused = true)]
+async fn a_jittered_retry_after_never_sleeps_into_the_deadline() {
+    for seed in 0..30 {
+        let api = Api::new(|n, _| {
+            if n == 0 {
+                st_h(503, &[("retry-after", "2")])
+            } else {
+                st(200)
+            }
+        });
+        let svc = RetryLayer::new()
+            .with_seed(seed)
+            .with_deadline(ms(2_200))
+            .layer(api.service());
+        let t0 = Instant::now();
+        let res = bounded(svc.oneshot(get(&url("/x")))).await;
+        let took = t0.elapsed();
+        match res {
+            Ok(r) => {
+                assert_eq!(r.status(), 200);
+                let second = api.seen()[1].sent - t0;
+                assert!(
+                    second >= secs(2) && second < ms(2_200),
+                    "seed {seed}: retried at {second:?}"
+                );
+            }
+            Err(e) => {
+                assert_eq!(
+                    took,
+                    Duration::ZERO,
+                    "seed {seed}: slept {took:?} and then failed: {e}"
+                );
+                assert_eq!(api.calls(), 1);
+            }
+        }
+    }
+}
+
+/// `ConcurrencyLimit(1)` over the client, kept clones (`ready().await?.call(req)`), and the same
+/// under `Buffer`: a call whose attempts hang holds the permit through its retries; the call
+/// queued behind it is sent when it ends, and its 800 ms answer is inside its own 1 s bound.
+#[tokio::test(start_paused = true)]
+async fn concurrency_limit_over_the_client_with_kept_clones_and_buffer() {
+    for buffered in [false, true] {
+        let api = Api::new(|_, req| {
+            if req.uri().path() == "/hang" {
+                Act::Hang
+            } else {
+                Act::After(ms(800), 200)
+            }
+        });
+        let client = ClientBuilder::new()
+            .with_retry(RetryLayer::new().with_seed(8).with_max_attempts(2))
+            .with_attempt_timeout(secs(1))
+            .build(api.service());
+        let limited = ServiceBuilder::new()
+            .layer(ConcurrencyLimitLayer::new(1))
+            .service(client);
+        let svc = tower::util::BoxCloneService::new(limited);
+        let svc = if buffered {
+            tower::util::BoxCloneService::new(tower::buffer::Buffer::new(svc, 8))
+        } else {
+            svc
+        };
+        let t0 = Instant::now();
+        let mut a = svc.clone();
+        let ta = tokio::spawn(async move {
+            let r = a.ready().await?.call(get(&url("/hang"))).await;
+            r.map(|res| res.status())
+        });
+        tokio::task::yield_now().await;
+        let mut b = svc.clone();
+        let tb = tokio::spawn(async move {
+            let r = b.ready().await?.call(get(&url("/ok"))).await;
+            r.map(|res| (res.status(), Instant::now()))
+        });
+        let err = bounded(ta).await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("timed out after 1s"), "{err}");
+        let a_done = t0.elapsed();
+        assert!(
+            a_done >= ms(2_250) && a_done <= ms(2_750),
+            "buffered {buffered}: two 1 s attempts and a backoff: {a_done:?}"
+        );
+        let (status, at) = bounded(tb).await.unwrap().unwrap();
+        assert_eq!(status, 200, "buffered {buffered}");
+        assert_eq!(at - t0, a_done + ms(800), "buffered {buffered}");
+        assert_eq!(api.calls(), 3, "buffered {buffered}");
+    }
+}
+
+/// Both timers at once (the retry layer's own and the builder's `AttemptTimeoutLayer`): the
+/// shorter one cuts the attempt, and the message says the bound that fired.
+#[tokio::test(start_paused = true)]
+async fn the_shorter_of_two_attempt_timeouts_fires_and_is_named() {
+    for (retry_s, builder_s) in [(2, 5), (5, 1)] {
+        let api = Api::always(Act::Hang);
+        let client = ClientBuilder::new()
+            .with_retry(
+                RetryLayer::new()
+                    .with_max_attempts(1)
+                    .with_attempt_timeout(secs(retry_s)),
+            )
+            .with_attempt_timeout(secs(builder_s))
+            .build(api.service());
+        let t0 = Instant::now();
+        let err = bounded(client.oneshot(get(&url("/x")))).await.unwrap_err();
+        let shorter = retry_s.min(builder_s);
+        assert_eq!(t0.elapsed(), secs(shorter), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("the attempt timed out after {shorter}s")),
+            "{err}"
+        );
+    }
 }

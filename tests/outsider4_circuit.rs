@@ -25,13 +25,13 @@ fn url(host: &str, path: &str) -> String {
 /// the breaker refused it. Any other error panics.
 async fn call<S>(svc: &mut S, host: &str) -> Result<u16, OpenReason>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>,
+    S: Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = sturdy::core::BoxError,
+    >,
 {
-    let fut = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(get(&url(host, "/orders")));
+    let fut = svc.ready().await.unwrap().call(get(&url(host, "/orders")));
     match bounded(fut).await {
         Ok(res) => Ok(res.status().as_u16()),
         Err(e) => match find::<CircuitOpen>(&*e) {
@@ -221,9 +221,7 @@ async fn one_probe_across_clones_and_a_timed_out_probe_reopens() {
     }
     assert_eq!(
         handle.state(A),
-        Some(CircuitState::Open {
-            retry_in: secs(30)
-        })
+        Some(CircuitState::Open { retry_in: secs(30) })
     );
     tokio::time::sleep(secs(30)).await;
 
@@ -256,9 +254,7 @@ async fn one_probe_across_clones_and_a_timed_out_probe_reopens() {
     assert!(results.contains(&Ok(0)), "the probe timed out: {results:?}");
     assert_eq!(
         handle.state(A),
-        Some(CircuitState::Open {
-            retry_in: secs(60)
-        }),
+        Some(CircuitState::Open { retry_in: secs(60) }),
         "a failed probe reopens at once, for twice as long"
     );
 
@@ -312,7 +308,12 @@ async fn a_kept_clone_after_its_hosts_breaker_was_forgotten() {
     assert_eq!(ok.status(), 200);
     tokio::time::sleep(secs(40)).await;
     // Other hosts come and go through another clone.
-    for host in ["b.example.com", "c.example.com", "d.example.com", "e.example.com"] {
+    for host in [
+        "b.example.com",
+        "c.example.com",
+        "d.example.com",
+        "e.example.com",
+    ] {
         let res = other
             .ready()
             .await
@@ -334,12 +335,7 @@ async fn a_kept_clone_after_its_hosts_breaker_was_forgotten() {
         assert_eq!(res.unwrap().status(), 503);
     }
     let state = handle.state(A);
-    let refused = other
-        .ready()
-        .await
-        .unwrap()
-        .call(get(&url(A, "/ok")))
-        .await;
+    let refused = other.ready().await.unwrap().call(get(&url(A, "/ok"))).await;
     let fresh = svc.clone().oneshot(get(&url(A, "/ok"))).await;
     assert!(
         refused.is_err() && fresh.is_err(),
@@ -411,7 +407,11 @@ fn handle_retry_in(handle: &sturdy::circuit::CircuitHandle) -> Duration {
 
 async fn call_path<S>(svc: &mut S, path: &str) -> Result<u16, OpenReason>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>,
+    S: Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = sturdy::core::BoxError,
+    >,
 {
     let fut = svc.ready().await.unwrap().call(get(&url(A, path)));
     match bounded(fut).await {
@@ -454,10 +454,7 @@ async fn local_rate_limit_refusals_are_not_failures() {
             .call(get(&url(A, "/x")))
             .await
             .unwrap_err();
-        assert!(
-            find::<sturdy::core::RateLimited>(&*err).is_some(),
-            "{err}"
-        );
+        assert!(find::<sturdy::core::RateLimited>(&*err).is_some(), "{err}");
     }
     assert_eq!(handle.state(A), Some(CircuitState::Closed));
     assert_eq!(api.calls(), 1);
@@ -467,7 +464,13 @@ async fn local_rate_limit_refusals_are_not_failures() {
 /// close is 1.
 #[tokio::test(start_paused = true)]
 async fn zero_probes_is_one_probe() {
-    let api = Api::new(|n, _| if n < 2 { st(503) } else { Act::After(secs(1), 200) });
+    let api = Api::new(|n, _| {
+        if n < 2 {
+            st(503)
+        } else {
+            Act::After(secs(1), 200)
+        }
+    });
     let (layer, handle) = CircuitBreakerLayer::new()
         .with_consecutive_failures(2)
         .with_probes(0)
@@ -487,4 +490,74 @@ async fn zero_probes_is_one_probe() {
     );
     assert_eq!(bounded(probe).await.unwrap().unwrap().status(), 200);
     assert_eq!(handle.state(A), Some(CircuitState::Closed));
+}
+
+// ------------------------------------------------------------------ setters after pair()
+
+/// circuit.md: "The layer, its clones and its handles are one set of breakers: a setter called
+/// after a clone or a `pair()` applies to all of them". Setters called after `pair()` and after
+/// a clone: services made afterwards from the layer and from the clone share the breakers, and
+/// the handle sees them.
+#[tokio::test(start_paused = true)]
+async fn setters_after_pair_and_clone_apply_to_all() {
+    let api = Api::always(st(503));
+    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    let early_clone = layer.clone();
+    let layer = layer.with_consecutive_failures(2);
+    let mut from_layer = layer.layer(api.service());
+    let mut from_clone = early_clone.layer(api.service());
+    assert_eq!(call(&mut from_layer, A).await, Ok(503));
+    assert_eq!(call(&mut from_clone, A).await, Ok(503));
+    assert!(is_open(handle.state(A)), "{:?}", handle.state(A));
+    assert_eq!(call(&mut from_layer, A).await, Err(OpenReason::Failing));
+    assert_eq!(call(&mut from_clone, A).await, Err(OpenReason::Failing));
+}
+
+/// The same for the setters that change the layer's type: `with_key` and `with_classifier`
+/// called after `pair()`; the handle sees the breakers of the services made afterwards.
+#[tokio::test(start_paused = true)]
+async fn with_key_and_with_classifier_after_pair_are_seen_by_the_handle() {
+    let api = Api::always(st(409));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
+    let layer = layer
+        .with_key(|req: &http::Request<Body>| {
+            req.headers()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned()
+        })
+        .with_classifier(
+            |r: &Result<http::Response<Body>, sturdy::core::BoxError>| match r {
+                Ok(res) if res.status() == 409 => sturdy::core::Outcome::Retryable(
+                    sturdy::core::ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE),
+                ),
+                other => sturdy::core::classify::classify_result(other),
+            },
+        );
+    let svc = layer.layer(api.service());
+    for _ in 0..2 {
+        let req = http::Request::get(url(A, "/x"))
+            .header("x-tenant", "t-1")
+            .body(Body::default())
+            .unwrap();
+        assert_eq!(
+            bounded(svc.clone().oneshot(req)).await.unwrap().status(),
+            409
+        );
+    }
+    let req = http::Request::get(url(A, "/x"))
+        .header("x-tenant", "t-1")
+        .body(Body::default())
+        .unwrap();
+    let err = bounded(svc.clone().oneshot(req)).await.unwrap_err();
+    assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
+    assert!(
+        is_open(handle.state("t-1")),
+        "the handle taken before with_key/with_classifier: {:?} ({:?})",
+        handle.state("t-1"),
+        handle.states()
+    );
 }

@@ -56,7 +56,9 @@ fn without_userinfo_with_password_and_port() {
 /// '@' nor hide one.
 #[test]
 fn without_userinfo_with_non_ascii_bytes() {
-    let odd = ["é", "À", "ÿ", "€", "𝄞", "\u{80}", "\u{7f}", "\u{c0}", "\u{100}", "\u{3c0}"];
+    let odd = [
+        "é", "À", "ÿ", "€", "𝄞", "\u{80}", "\u{7f}", "\u{c0}", "\u{100}", "\u{3c0}",
+    ];
     for pre in 0..=17 {
         for o in odd {
             let plain = format!("{}{o}{}", text(pre, 1), text(17 - pre, 4));

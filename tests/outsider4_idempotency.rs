@@ -80,7 +80,10 @@ async fn patch_is_keyed_and_identical_posts_get_two_keys() {
         .with_attempt_timeout(secs(1))
         .build(api.service());
     let req = http::Request::patch(URL).body(Body::from("{}")).unwrap();
-    assert_eq!(bounded(client.clone().oneshot(req)).await.unwrap().status(), 201);
+    assert_eq!(
+        bounded(client.clone().oneshot(req)).await.unwrap().status(),
+        201
+    );
     assert_one_key(&keys(&api, "idempotency-key"), 3);
 
     let api = Api::always(st(201));
@@ -168,10 +171,7 @@ async fn callers_own_header_key_is_kept() {
     req.headers_mut()
         .insert("idempotency-key", "mine-1".parse().unwrap());
     assert_eq!(bounded(client.oneshot(req)).await.unwrap().status(), 201);
-    assert_eq!(
-        assert_one_key(&keys(&api, "idempotency-key"), 3),
-        "mine-1"
-    );
+    assert_eq!(assert_one_key(&keys(&api, "idempotency-key"), 3), "mine-1");
 }
 
 /// The layers alone in a `ServiceBuilder`: with a custom header the retry layer must be told it
@@ -251,7 +251,12 @@ async fn in_flight_409_with_a_custom_header_is_retried() {
 /// request, a failure that is never retried, the deadline.
 #[tokio::test(start_paused = true)]
 async fn the_final_error_carries_the_key_sent_whatever_ended_the_call() {
-    type Case = (&'static str, fn(usize) -> Act, RetryLayer, Option<CallOptions>);
+    type Case = (
+        &'static str,
+        fn(usize) -> Act,
+        RetryLayer,
+        Option<CallOptions>,
+    );
     let body_error = |_: usize| Act::Io(std::io::ErrorKind::InvalidData);
     let cases: Vec<Case> = vec![
         (
@@ -303,13 +308,19 @@ async fn the_final_error_carries_the_key_sent_whatever_ended_the_call() {
             let sent = keys(&api, header);
             let key = assert_one_key(&sent, api.calls());
             let e = sturdy_error(&err);
-            let report = e.report().unwrap_or_else(|| panic!("{header} {name}: no report: {err}"));
+            let report = e
+                .report()
+                .unwrap_or_else(|| panic!("{header} {name}: no report: {err}"));
             assert_eq!(
                 report.idempotency_key(),
                 Some(key.as_str()),
                 "{header} {name}: {err}"
             );
-            assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{header} {name}: {err}");
+            assert_eq!(
+                delivery(&*err),
+                Delivery::MaybeProcessed,
+                "{header} {name}: {err}"
+            );
             assert!(
                 err.to_string()
                     .contains(&format!("retry with the same idempotency key {key}")),

@@ -58,7 +58,10 @@ async fn key_methods_can_be_changed() {
         .layer(RetryLayer::new().with_seed(1))
         .service(api.service());
     let req = http::Request::put(URL).body(Body::from("{}")).unwrap();
-    assert_eq!(bounded(svc.clone().oneshot(req)).await.unwrap().status(), 200);
+    assert_eq!(
+        bounded(svc.clone().oneshot(req)).await.unwrap().status(),
+        200
+    );
     let seen = api.seen();
     assert_eq!(seen.len(), 2);
     let k0 = seen[0].headers.get("idempotency-key").cloned();
@@ -98,8 +101,9 @@ async fn the_overflow_limiters_refusal_names_it() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("rate limited by the overflow limiter shared by the keys past the most limiters kept"),
+        err.to_string().contains(
+            "rate limited by the overflow limiter shared by the keys past the most limiters kept"
+        ),
         "{err}"
     );
     assert!(find::<RateLimited>(&*err).is_some());
@@ -169,4 +173,43 @@ async fn a_token_wait_is_bounded_by_the_requests_attempt_timeout() {
     let err = bounded(client.oneshot(req)).await.unwrap_err();
     assert_eq!(t0.elapsed(), secs(30), "{err}");
     assert_eq!(api.calls(), 0);
+}
+
+/// ratelimit.md: "Inside `sturdy::ClientBuilder` ... `RateLimited` is retryable: a refused call
+/// is retried after the wait the refusal carries ... so with zero `max_wait` the *call* may
+/// still wait, in the retry layer's sleep"; retry.md: a POST is retried without a key "when the
+/// failure proves the request never left (... a local rate limit)".
+#[tokio::test(start_paused = true)]
+async fn a_local_refusal_is_retried_after_its_wait_even_for_an_unkeyed_post() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "3")])
+        } else {
+            st(201)
+        }
+    });
+    let client = ClientBuilder::new()
+        .without_idempotency()
+        .with_retry(RetryLayer::new().with_seed(1))
+        .with_rate_limit(RateLimitLayer::adaptive_only().with_max_wait(Duration::ZERO))
+        .build(api.service());
+    // The first call meets the 429 and is retried after it (GET).
+    let first = tokio::spawn(client.clone().oneshot(get(URL)));
+    tokio::time::sleep(ms(100)).await;
+    // A POST without a key made during the pause: refused locally, retried after the wait.
+    let t0 = Instant::now();
+    let res = bounded(client.clone().oneshot(post(URL))).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let took = t0.elapsed();
+    assert!(
+        took >= ms(2_900) && took <= ms(3_600),
+        "waited the pause's 2.9 s (+ jitter): {took:?}"
+    );
+    let posts = api
+        .seen()
+        .iter()
+        .filter(|s| s.method == Method::POST)
+        .count();
+    assert_eq!(posts, 1, "sent once");
+    assert_eq!(bounded(first).await.unwrap().unwrap().status(), 201);
 }

@@ -41,8 +41,11 @@ fn limited(
 /// Calls `svc` for `path` and returns the status and how long the call took.
 async fn timed<S>(svc: &S, path: &str) -> (u16, Duration)
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>
-        + Clone,
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = sturdy::core::BoxError,
+        > + Clone,
 {
     let t = Instant::now();
     let res = bounded(svc.clone().oneshot(get(&url(path)))).await;
@@ -181,7 +184,9 @@ async fn a_pause_asked_while_calls_wait_holds_them() {
     let mut waiters = Vec::new();
     for i in 0..3 {
         let s = svc.clone();
-        waiters.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        waiters.push(tokio::spawn(
+            async move { timed(&s, &format!("/w{i}")).await },
+        ));
     }
     tokio::task::yield_now().await;
     assert_eq!(handle.waiting(KEY), 3);
@@ -211,10 +216,7 @@ async fn waiting_calls_are_told_at_once_when_a_pause_exceeds_their_max_wait() {
         "/slow" => late(secs(1), 429, &[("retry-after", "10")]),
         _ => st(200),
     });
-    let (svc, handle) = limited(
-        &api,
-        RateLimitLayer::adaptive_only().with_max_wait(secs(5)),
-    );
+    let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only().with_max_wait(secs(5)));
     let t0 = Instant::now();
     let s = svc.clone();
     let slow = tokio::spawn(async move { timed(&s, "/slow").await });
@@ -262,7 +264,9 @@ async fn clear_pause_releases_the_waiting_calls() {
     let mut waiters = Vec::new();
     for i in 0..4 {
         let s = svc.clone();
-        waiters.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        waiters.push(tokio::spawn(
+            async move { timed(&s, &format!("/w{i}")).await },
+        ));
     }
     tokio::time::sleep(secs(5)).await;
     assert_eq!(handle.waiting(KEY), 4);
@@ -287,7 +291,11 @@ async fn a_pause_after_clear_pause_applies_in_full() {
     for round in 0..3 {
         assert_eq!(timed(&svc, "/p").await.0, 429);
         assert_eq!(handle.clear_pause(KEY), Some(secs(4)), "round {round}");
-        assert_eq!(timed(&svc, "/x").await, (200, Duration::ZERO), "round {round}");
+        assert_eq!(
+            timed(&svc, "/x").await,
+            (200, Duration::ZERO),
+            "round {round}"
+        );
         assert_eq!(timed(&svc, "/p").await.0, 429);
         assert_eq!(timed(&svc, "/x").await, (200, secs(4)), "round {round}");
     }
@@ -349,7 +357,11 @@ async fn a_bare_429_at_the_pace_halves_it() {
     assert_eq!(status, 200);
     assert!(took <= ms(250), "{took:?}");
     handle.clear_pause(KEY);
-    assert_eq!(handle.learned_pace(KEY), None, "clear_pause forgets the pace");
+    assert_eq!(
+        handle.learned_pace(KEY),
+        None,
+        "clear_pause forgets the pace"
+    );
 }
 
 /// "bare 429s that answer calls in flight when a pause began change nothing (neither the pace
@@ -371,7 +383,11 @@ async fn bare_429s_to_calls_in_flight_change_nothing() {
     assert_eq!(bounded(b).await.unwrap().0, 429);
     assert_eq!(t0.elapsed(), ms(200));
     assert_eq!(handle.learned_pace(KEY), Some(ms(125)));
-    assert_eq!(handle.pause(KEY), Some(ms(810)), "still ends 1 s after the first");
+    assert_eq!(
+        handle.pause(KEY),
+        Some(ms(810)),
+        "still ends 1 s after the first"
+    );
 }
 
 // ------------------------------------------------------------------ in the client, kept clones
@@ -440,7 +456,9 @@ async fn release_pace_a_call_made_while_others_wait_lines_up_behind_them() {
     let mut tasks = Vec::new();
     for i in 0..4 {
         let s = svc.clone();
-        tasks.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        tasks.push(tokio::spawn(
+            async move { timed(&s, &format!("/w{i}")).await },
+        ));
         tokio::task::yield_now().await;
     }
     tokio::time::sleep(ms(2_050)).await;
@@ -459,7 +477,10 @@ async fn release_pace_a_call_made_while_others_wait_lines_up_behind_them() {
     let at = |p: &str| sent.iter().find(|(u, _)| u.ends_with(p)).unwrap().1;
     assert_eq!(at("/w0"), secs(2), "{sent:?}");
     assert_eq!(at("/w3"), ms(2_300), "{sent:?}");
-    assert!(at("/late") >= ms(2_400), "the late call jumped the line: {sent:?}");
+    assert!(
+        at("/late") >= ms(2_400),
+        "the late call jumped the line: {sent:?}"
+    );
 }
 
 /// By slow start (the default): one waiting call leaves when the pause ends and each success
@@ -484,7 +505,9 @@ async fn slow_start_a_call_made_while_others_wait_does_not_jump_the_line() {
     let mut tasks = Vec::new();
     for i in 0..4 {
         let s = svc.clone();
-        tasks.push(tokio::spawn(async move { timed(&s, &format!("/w{i}")).await }));
+        tasks.push(tokio::spawn(
+            async move { timed(&s, &format!("/w{i}")).await },
+        ));
         tokio::task::yield_now().await;
     }
     tokio::time::sleep(ms(2_100)).await;
@@ -529,11 +552,23 @@ async fn a_kept_clone_after_its_hosts_limiter_was_forgotten() {
     let mut other = svc.clone();
     let a = |p: &str| get(&format!("http://{KEY}{p}"));
     assert_eq!(
-        keeper.ready().await.unwrap().call(a("/x")).await.unwrap().status(),
+        keeper
+            .ready()
+            .await
+            .unwrap()
+            .call(a("/x"))
+            .await
+            .unwrap()
+            .status(),
         200
     );
     tokio::time::sleep(secs(5)).await;
-    for host in ["b.example.com", "c.example.com", "d.example.com", "e.example.com"] {
+    for host in [
+        "b.example.com",
+        "c.example.com",
+        "d.example.com",
+        "e.example.com",
+    ] {
         let res = other
             .ready()
             .await
@@ -604,4 +639,70 @@ async fn a_quota_of_one_per_day_refuses_with_the_wait() {
         wait >= secs(86_399) && wait <= secs(86_400),
         "a day: {wait:?} ({err})"
     );
+}
+
+// ------------------------------------------------------------------ the same with a quota
+
+/// With a quota of our own (100/s, burst 10) and with a release pace: after a pause ends a call
+/// goes at once, a new pause after it applies in full, and `clear_pause` ends one at once.
+#[tokio::test(start_paused = true)]
+async fn pauses_with_a_quota_or_a_release_pace() {
+    use sturdy::ratelimit::Quota;
+    let layers = [
+        (
+            "quota",
+            RateLimitLayer::new(Quota::per_second(100).unwrap().with_burst(10).unwrap()),
+        ),
+        (
+            "release pace",
+            RateLimitLayer::adaptive_only().with_release_pace(ms(50)),
+        ),
+    ];
+    for (name, layer) in layers {
+        let api = Api::new(|_, req| match req.uri().path() {
+            "/p" => st_h(503, &[("retry-after", "2")]),
+            _ => st(200),
+        });
+        let (svc, handle) = limited(&api, layer);
+        for round in 0..3 {
+            assert_eq!(
+                timed(&svc, "/p").await,
+                (503, Duration::ZERO),
+                "{name} {round}"
+            );
+            assert_eq!(handle.pause(KEY), Some(secs(2)), "{name} {round}");
+            assert_eq!(timed(&svc, "/x").await, (200, secs(2)), "{name} {round}");
+            assert_eq!(timed(&svc, "/x").await.1, Duration::ZERO, "{name} {round}");
+            tokio::time::sleep(secs(1)).await;
+            assert_eq!(timed(&svc, "/p").await.0, 503);
+            assert_eq!(handle.clear_pause(KEY), Some(secs(2)), "{name} {round}");
+            assert_eq!(
+                timed(&svc, "/x").await,
+                (200, Duration::ZERO),
+                "{name} {round}"
+            );
+            tokio::time::sleep(secs(1)).await;
+        }
+    }
+}
+
+/// "Every clone, every layer a setter returns, `with_key(..)`, every service they make and every
+/// handle share it": a handle taken before `with_key` and `with_max_wait` sees the pause that a
+/// service of the returned layer met, and a service of the first layer waits for it.
+#[tokio::test(start_paused = true)]
+async fn a_handle_taken_before_setters_sees_their_pauses() {
+    let api = Api::new(|_, req| match req.uri().path() {
+        "/p" => st_h(429, &[("retry-after", "4")]),
+        _ => st(200),
+    });
+    let (first, handle) = RateLimitLayer::adaptive_only().pair();
+    let keyed = first
+        .clone()
+        .with_max_wait(secs(10))
+        .with_key(|req: &http::Request<Body>| req.uri().host().unwrap_or_default().to_owned());
+    let a = keyed.layer(api.service());
+    let b = first.layer(api.service());
+    assert_eq!(timed(&a, "/p").await.0, 429);
+    assert_eq!(handle.pause(KEY), Some(secs(4)));
+    assert_eq!(timed(&b, "/x").await, (200, secs(4)));
 }

@@ -34,7 +34,11 @@ struct Tally {
 
 async fn hammer<S>(mut kept: S, host: &'static str, calls: usize) -> Tally
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = sturdy::core::BoxError>,
+    S: Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = sturdy::core::BoxError,
+    >,
 {
     let mut t = Tally::default();
     for i in 0..calls {
@@ -95,7 +99,10 @@ async fn one_breaker_per_host_counts_every_clone() {
     let (mut reached_a, mut open_a) = (0, 0);
     for t in tasks {
         let (a, b) = tokio::time::timeout(secs(10), t).await.unwrap().unwrap();
-        assert!(!a.reached_after_open, "a call went through after a refusal: {a:?}");
+        assert!(
+            !a.reached_after_open,
+            "a call went through after a refusal: {a:?}"
+        );
         assert_eq!(b.open, 0, "host B has its own breaker: {b:?}");
         reached_a += a.reached;
         open_a += a.open;
@@ -105,7 +112,11 @@ async fn one_breaker_per_host_counts_every_clone() {
         (100..=100 + 16).contains(&reached_a),
         "A's breaker opened after {reached_a} failures (threshold 100, 16 clones in flight)"
     );
-    assert!(matches!(handle.state(A), Some(CircuitState::Open { .. })), "{:?}", handle.state(A));
+    assert!(
+        matches!(handle.state(A), Some(CircuitState::Open { .. })),
+        "{:?}",
+        handle.state(A)
+    );
     assert_eq!(handle.state(B), Some(CircuitState::Closed));
     let states = handle.states();
     assert_eq!(states.len(), 2, "{states:?}");
@@ -316,12 +327,7 @@ async fn a_pause_holds_every_clone_on_every_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_is_shared_by_every_clone() {
     let api = Api::always(st(200));
-    let layer = RateLimitLayer::new(
-        Quota::per_second(100)
-            .unwrap()
-            .with_burst(1)
-            .unwrap(),
-    );
+    let layer = RateLimitLayer::new(Quota::per_second(100).unwrap().with_burst(1).unwrap());
     let svc = layer.layer(api.service());
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -472,7 +478,7 @@ async fn a_new_pause_is_not_lost_to_decisions_on_other_threads() {
                     .await;
                 assert!(r.is_ok());
                 i += 1;
-                if i % 16 == 0 {
+                if i.is_multiple_of(16) {
                     tokio::task::yield_now().await;
                 }
             }

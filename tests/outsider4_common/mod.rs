@@ -136,7 +136,9 @@ impl Api {
                         Ok(response(code, &[]))
                     }
                     Act::Hang => std::future::pending().await,
-                    Act::Io(kind) => Err(Box::new(std::io::Error::new(kind, "scripted")) as BoxError),
+                    Act::Io(kind) => {
+                        Err(Box::new(std::io::Error::new(kind, "scripted")) as BoxError)
+                    }
                 }
             })
         })
