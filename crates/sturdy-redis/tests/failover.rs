@@ -199,8 +199,10 @@ async fn a_restarted_redis_is_survived_by_every_backend_on_the_same_connection()
         if res.status() == StatusCode::OK {
             break;
         }
+        // A bound on "recovers by itself", generous for a loaded machine: the connection's
+        // reconnection backoff grew while the server was down.
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(30),
             "no recovery: {}",
             res.status()
         );

@@ -175,6 +175,11 @@ impl<C> RetryLayer<C> {
     }
 
     /// A timeout for each attempt \[none\]; a timed-out attempt is retryable.
+    ///
+    /// The timer sits in this layer, above every layer under it: a circuit breaker below sees an
+    /// attempt cut this way as dropped, which it does not count as a failure. To have timeouts
+    /// counted by a breaker, put [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer) under the
+    /// breaker instead (as `sturdy::ClientBuilder` does).
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
     }
