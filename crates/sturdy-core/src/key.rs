@@ -65,17 +65,22 @@ fn has_at(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     const ATS: u64 = u64::from_ne_bytes([b'@'; 8]);
-    let mut chunks = s.chunks_exact(8);
-    for chunk in &mut chunks {
+    // A byte of `x` is zero exactly where the eight bytes hold an '@'.
+    let any = |eight: &[u8]| {
         let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        // A byte of `x` is zero exactly where the chunk holds an '@'.
+        word.copy_from_slice(eight);
         let x = u64::from_ne_bytes(word) ^ ATS;
-        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
-            return true;
-        }
+        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    };
+    if s.len() < 8 {
+        return s.contains(&b'@');
     }
-    chunks.remainder().contains(&b'@')
+    let mut chunks = s.chunks_exact(8);
+    if chunks.any(any) {
+        return true;
+    }
+    // The last eight bytes, overlapping the chunks read already: no byte-by-byte tail.
+    any(&s[s.len() - 8..])
 }
 
 #[cfg(test)]

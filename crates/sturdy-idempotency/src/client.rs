@@ -127,6 +127,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if !req.headers().contains_key(&self.config.header) {
             let given = CallOptions::of(&req)

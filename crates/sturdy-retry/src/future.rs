@@ -121,6 +121,7 @@ where
     }
 
     /// A call whose body is read first, so every attempt sends the same bytes.
+    #[inline]
     pub(crate) fn replayable(
         svc: S,
         policy: RetryPolicy<C>,

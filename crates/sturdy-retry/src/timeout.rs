@@ -89,6 +89,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
         // The deadline is fixed now; the timer itself is made only if the attempt is still
