@@ -119,14 +119,17 @@ async fn secret_post_client_auth() {
     assert_eq!(json(res).await["client_id"], id.as_str());
 }
 
-/// Tokens that live 2 s: the cache refreshes before expiry, so calls made over 4 s all succeed
-/// and none presents an expired token.
+/// Tokens that live 3 s: the cache refreshes before expiry (half the lifetime before, for so
+/// short a token), so calls made over 4 s all succeed and none presents an expired token. (The
+/// server writes `exp` in whole seconds from a truncated `iat`, so a token announced as living
+/// N s may live only N - 1 s and a little: with 2 s tokens the refresh margin of 1 s could be
+/// used up entirely by that rounding.)
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_before_they_expire() {
     let oauth = peer_or_skip!(OAUTH);
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
-    let id = client_id("ttl2-refresh");
+    let id = client_id("ttl3-refresh");
     let tokens =
         ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let client = ClientBuilder::new()
@@ -400,14 +403,14 @@ async fn token_endpoint_reset() {
     assert!(err.to_string().contains(&token_url), "{err}");
 }
 
-/// Many callers while 2 s tokens keep expiring: one token request per refresh, not one per
-/// caller, and no caller presents an expired token.
+/// Many callers while 3 s tokens keep expiring (see above for why not 2 s): one token request per
+/// refresh, not one per caller, and no caller presents an expired token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_is_single_flight_under_concurrency() {
     let oauth = peer_or_skip!(OAUTH);
     let api = peer_or_skip!(API);
     let stats_url = peer_or_skip!(STATS);
-    let id = client_id("ttl2-concurrent");
+    let id = client_id("ttl3-concurrent");
     let tokens =
         ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let client = ClientBuilder::new()
