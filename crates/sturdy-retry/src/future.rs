@@ -62,11 +62,10 @@ pin_project! {
 struct Run<A, C> {
     svc: A,
     policy: RetryPolicy<C>,
-    /// What the policy needs of the request once its head has been sent (`None` while the head
-    /// is kept for a replay: the policy reads the head itself).
-    info: Option<CallInfo>,
-    /// The request's head and body, for replays (`None`: it cannot be replayed).
-    head: Option<Parts>,
+    /// The request's head while a replay may follow (the policy reads it too), then only what
+    /// the policy needs of it.
+    kept: Kept,
+    /// The request's body, for replays (`None`: it cannot be replayed).
     body: Option<Bytes>,
     /// The body read so far while buffering.
     buf: Option<BytesMut>,
@@ -98,25 +97,29 @@ where
         call: Option<Arc<CallState>>,
         attempt_timeout: Option<Duration>,
     ) -> Self {
+        // Allocated first, like a replayable call's (see there).
+        let slot = Box::new_uninit();
         policy.starting_attempt();
         let attempt_ends = ends(attempt_timeout);
         let fut = svc.call(req);
         Self {
             state: State::Calling { fut, timer: None },
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
-            run: Box::new(Run {
-                svc,
-                policy,
-                info: Some(info),
-                head: None,
-                body: None,
-                buf: None,
-                call,
-                deadline_len: deadline.unwrap_or_default(),
-                attempt_timeout,
-                attempt_ends,
-                last: None,
-            }),
+            run: Box::write(
+                slot,
+                Run {
+                    svc,
+                    policy,
+                    kept: Kept::Info(info),
+                    body: None,
+                    buf: None,
+                    call,
+                    deadline_len: deadline.unwrap_or_default(),
+                    attempt_timeout,
+                    attempt_ends,
+                    last: None,
+                },
+            ),
         }
     }
 
@@ -130,25 +133,37 @@ where
         call: Option<Arc<CallState>>,
         attempt_timeout: Option<Duration>,
     ) -> Self {
+        // Allocated before the state is made, so it is written in place, not built on the stack
+        // and copied (the state is the largest thing a call moves).
+        let slot = Box::new_uninit();
         let (head, body) = req.into_parts();
         Self {
             state: State::Buffering { body },
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
-            run: Box::new(Run {
-                svc,
-                policy,
-                info: None,
-                head: Some(head),
-                body: None,
-                buf: None,
-                call,
-                deadline_len: deadline.unwrap_or_default(),
-                attempt_timeout,
-                attempt_ends: None,
-                last: None,
-            }),
+            run: Box::write(
+                slot,
+                Run {
+                    svc,
+                    policy,
+                    kept: Kept::Head(head),
+                    body: None,
+                    buf: None,
+                    call,
+                    deadline_len: deadline.unwrap_or_default(),
+                    attempt_timeout,
+                    attempt_ends: None,
+                    last: None,
+                },
+            ),
         }
     }
+}
+
+/// What a call keeps of its request: one or the other, never both, so the loop's state (moved
+/// into its box on every call) is no larger than it needs to be.
+enum Kept {
+    Head(Parts),
+    Info(CallInfo),
 }
 
 /// When an attempt sent now with `timeout` runs out of time.
@@ -232,9 +247,10 @@ fn deadline_passed(
     Box::new(err.with_report(CallReport::new(made, delivery, key)))
 }
 
-/// A copy of the head of a request, for one more attempt.
-fn copy(head: &Parts) -> Request<()> {
-    let mut r = Request::new(());
+/// A copy of the head of a request with `body`, for one more attempt (built where it is
+/// returned, not as a head moved into a request after).
+fn copy<B>(head: &Parts, body: B) -> Request<B> {
+    let mut r = Request::new(body);
     *r.method_mut() = head.method.clone();
     *r.uri_mut() = head.uri.clone();
     *r.version_mut() = head.version;
@@ -326,7 +342,7 @@ where
                             ))
                         }
                     };
-                    match run.policy.decide(&view(&run.info, &run.head), &mut result) {
+                    match run.policy.decide(&view(&run.kept), &mut result) {
                         None => {
                             this.state.set(State::Done);
                             return Poll::Ready(result);
@@ -348,9 +364,7 @@ where
                     // response future.
                     if let Err(e) = ready!(run.svc.poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(run
-                            .policy
-                            .not_ready(&view(&run.info, &run.head), e.into())));
+                        return Poll::Ready(Err(run.policy.not_ready(&view(&run.kept), e.into())));
                     }
                     let fut = run.attempt();
                     this.state.set(State::Calling { fut, timer: None });
@@ -362,11 +376,10 @@ where
 }
 
 /// The request as the policy sees it.
-fn view<'a>(info: &'a Option<CallInfo>, head: &'a Option<Parts>) -> View<'a> {
-    match (info, head) {
-        (Some(info), _) => View::Info(info),
-        (None, Some(head)) => View::Head(head),
-        (None, None) => unreachable!("a call keeps its head until it keeps its info"),
+fn view(kept: &Kept) -> View<'_> {
+    match kept {
+        Kept::Head(head) => View::Head(head),
+        Kept::Info(info) => View::Info(info),
     }
 }
 
@@ -379,24 +392,20 @@ impl<A, C> Run<A, C> {
     {
         self.policy.starting_attempt();
         self.attempt_ends = ends(self.attempt_timeout);
-        let body = self.body.clone().unwrap_or_default();
-        let parts = if self.policy.is_last_attempt() {
-            // No replay can follow: the head itself goes, and the policy keeps what it needs.
-            let head = self.head.take();
-            if let Some(h) = &head {
-                self.info = Some(CallInfo::of_head(h, self.policy.key_header()));
-            }
-            head
-        } else {
-            None
+        let body = B::from(self.body.clone().unwrap_or_default());
+        let Kept::Head(head) = &self.kept else {
+            unreachable!("a call keeps its head while another attempt may be sent")
         };
-        let parts = parts.unwrap_or_else(|| {
-            let head = self
-                .head
-                .as_ref()
-                .expect("a replayable call keeps its head");
-            copy(head).into_parts().0
-        });
-        self.svc.call(Request::from_parts(parts, B::from(body)))
+        let req = if self.policy.is_last_attempt() {
+            // No replay can follow: the head itself goes, and the policy keeps what it needs.
+            let info = Kept::Info(CallInfo::of_head(head, self.policy.key_header()));
+            match std::mem::replace(&mut self.kept, info) {
+                Kept::Head(head) => Request::from_parts(head, body),
+                Kept::Info(_) => unreachable!("the head was kept"),
+            }
+        } else {
+            copy(head, body)
+        };
+        self.svc.call(req)
     }
 }
