@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use futures_util::future::{Shared, WeakShared};
@@ -175,8 +176,9 @@ pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 struct Entry {
     id: u64,
-    /// `None` until launched.
-    call: Option<WeakShared<BoxFuture>>,
+    /// The shared call, published with the entry itself: a request that arrives before the
+    /// leader has called the inner service joins it and waits for that call.
+    call: WeakShared<BoxFuture>,
     handoff: Arc<Handoff>,
 }
 
@@ -220,16 +222,16 @@ pub(crate) enum Joined {
     Lead(Start),
 }
 
-/// The right to start the call for a key, holding its place in the table until launched.
+/// The right (and the duty) to send the call for a key. The call is in the table already, as a
+/// shared future that waits for [`Start::launch`] to hand it the inner service's future.
 pub(crate) struct Start {
-    slot: Arc<Local<Flights>>,
-    key: Arc<Vec<u8>>,
-    id: u64,
+    launch: Arc<Launch>,
+    shared: Shared<BoxFuture>,
     handoff: Arc<Handoff>,
 }
 
 /// Removes a call from the table when it finishes or is abandoned.
-pub(crate) struct Guard {
+struct Guard {
     slot: Arc<Local<Flights>>,
     key: Arc<Vec<u8>>,
     id: u64,
@@ -244,62 +246,129 @@ impl Drop for Guard {
     }
 }
 
+/// Where the leader hands the inner service's future to the shared call.
+///
+/// Written by hand (a lock and a waker) because the crate has no channel: tokio is not one of
+/// its dependencies, and futures-util's channels are behind a feature it does not use.
+struct Launch(Mutex<LaunchState>);
+
+enum LaunchState {
+    /// Not yet launched; the waker of the shared call, if it was polled.
+    Waiting(Option<Waker>),
+    Launched(BoxFuture),
+    /// Taken by the shared call.
+    Taken,
+    /// The leader went away without calling the inner service.
+    Abandoned,
+}
+
+impl Launch {
+    fn put(&self, next: LaunchState) {
+        let prev = std::mem::replace(&mut *lock(&self.0), next);
+        if let LaunchState::Waiting(Some(w)) = prev {
+            w.wake();
+        }
+    }
+
+    /// The leader's call once launched; `None` if it was abandoned.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<BoxFuture>> {
+        let mut state = lock(&self.0);
+        match std::mem::replace(&mut *state, LaunchState::Taken) {
+            LaunchState::Launched(f) => Poll::Ready(Some(f)),
+            LaunchState::Waiting(_) => {
+                *state = LaunchState::Waiting(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+            LaunchState::Taken | LaunchState::Abandoned => Poll::Ready(None),
+        }
+    }
+}
+
 impl Start {
     pub(crate) fn handoff(&self) -> Arc<Handoff> {
         self.handoff.clone()
     }
 
-    /// A guard that takes the call out of the table when dropped.
-    pub(crate) fn guard(&self) -> Guard {
-        Guard {
-            slot: self.slot.clone(),
-            key: self.key.clone(),
-            id: self.id,
-        }
-    }
-
-    /// Publishes the call so identical requests join it.
+    /// Hands `call` (the inner service's future, called by the leader) to the shared call,
+    /// which every caller of this key, the leader included, awaits.
     pub(crate) fn launch(self, call: BoxFuture) -> Shared<BoxFuture> {
-        use futures_util::FutureExt;
-        let shared = call.shared();
-        if let Some(weak) = shared.downgrade() {
-            let mut map = lock(&self.slot.value().map);
-            if let Some(e) = map.get_mut(&self.key) {
-                if e.id == self.id {
-                    e.call = Some(weak);
-                }
-            }
-        }
-        shared
+        self.launch.put(LaunchState::Launched(call));
+        self.shared.clone()
     }
 }
 
-/// Finds a call in flight for `key`, or reserves the right to start one.
+impl Drop for Start {
+    fn drop(&mut self) {
+        // Launched already, or the leader is unwinding out of the inner service's `call`: the
+        // callers who joined are told, not left waiting.
+        let mut state = lock(&self.launch.0);
+        if let LaunchState::Waiting(w) = &mut *state {
+            let w = w.take();
+            *state = LaunchState::Abandoned;
+            drop(state);
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The error of callers who joined a call whose leader went away before sending it.
+fn abandoned() -> Outcome {
+    Outcome::Failed(Arc::new(Box::new(
+        sturdy_core::Error::new(
+            sturdy_core::ErrorKind::Other,
+            "the request that was to send this shared call failed before sending it",
+        )
+        .with_delivery(sturdy_core::Delivery::NotSent),
+    )))
+}
+
+/// Finds a call in flight for `key`, or starts one: the shared call is in the table before this
+/// returns, so an identical request that arrives while the leader is still calling the inner
+/// service joins it rather than sending its own.
 pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined {
+    use futures_util::FutureExt;
     let flights = slot.value();
     let mut map = lock(&flights.map);
     if let Some(e) = map.get(&key) {
-        if let Some(call) = e.call.as_ref().and_then(WeakShared::upgrade) {
+        if let Some(call) = e.call.upgrade() {
             return Joined::Follow(call, e.handoff.clone());
         }
     }
     let id = flights.next_id.fetch_add(1, Ordering::Relaxed);
     let key = Arc::new(key);
     let handoff = Arc::new(Handoff::new());
-    // Until launched, the entry has no call: a request that arrives in between starts its own
-    // (the window is the inner service's `call`, a few instructions).
+    let launch = Arc::new(Launch(Mutex::new(LaunchState::Waiting(None))));
+    let guard = Guard {
+        slot: slot.clone(),
+        key: key.clone(),
+        id,
+    };
+    let waiting = launch.clone();
+    let call: BoxFuture = Box::pin(async move {
+        // Out of the table once finished or abandoned (every caller gone).
+        let _guard = guard;
+        match std::future::poll_fn(|cx| waiting.poll_take(cx)).await {
+            Some(call) => call.await,
+            None => abandoned(),
+        }
+    });
+    let shared = call.shared();
+    let Some(weak) = shared.downgrade() else {
+        unreachable!("a shared future is not complete before it is polled")
+    };
     map.insert(
-        key.clone(),
+        key,
         Entry {
             id,
-            call: None,
+            call: weak,
             handoff: handoff.clone(),
         },
     );
     Joined::Lead(Start {
-        slot: slot.clone(),
-        key,
-        id,
+        launch,
+        shared,
         handoff,
     })
 }

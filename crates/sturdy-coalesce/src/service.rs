@@ -96,14 +96,11 @@ where
                 counters.upstream.fetch_add(1, Ordering::Relaxed);
                 // The inner service was driven to readiness: the shared call goes to it now.
                 let fut = self.inner.call(req);
-                let guard = start.guard();
                 let handoff = start.handoff();
                 let h = handoff.clone();
                 let max = registry.config.max_body;
                 let c = counters.clone();
                 let call: BoxFuture = Box::pin(async move {
-                    // Out of the table once finished or abandoned (every caller gone).
-                    let _guard = guard;
                     let res = match fut.await {
                         Ok(res) => res,
                         Err(e) => return Outcome::Failed(Arc::new(e.into())),

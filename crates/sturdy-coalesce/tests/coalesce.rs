@@ -458,3 +458,126 @@ async fn calls_that_join_are_events() {
     let joined = (HOST.to_owned(), Some(HOST.to_owned()), Method::GET);
     assert_eq!(*seen.lock().unwrap(), [joined.clone(), joined]);
 }
+
+type Joining = Pin<
+    Box<dyn std::future::Future<Output = Result<Response<ResponseBody<Chunks>>, BoxError>> + Send>,
+>;
+type Outer = tower::util::BoxCloneSyncService<
+    Request<Full<Bytes>>,
+    Response<ResponseBody<Chunks>>,
+    BoxError,
+>;
+
+/// An inner service whose `call` sends an identical request through the coalescing service
+/// itself, once: what a request on another thread does when it arrives while the leader is
+/// still inside the inner service's `call` (a window a preempted thread can hold open for a
+/// whole time slice). Optionally it then panics, as a leader that never sends its call.
+#[derive(Clone)]
+struct Reenter {
+    api: Api,
+    outer: Arc<std::sync::OnceLock<Outer>>,
+    once: Arc<std::sync::atomic::AtomicBool>,
+    joined: Arc<Mutex<Vec<Joining>>>,
+    panic: bool,
+}
+
+impl Reenter {
+    fn new(api: Api, panic: bool) -> Self {
+        Self {
+            api,
+            outer: Arc::default(),
+            once: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            joined: Arc::default(),
+            panic,
+        }
+    }
+
+    fn take_joined(&self) -> Joining {
+        self.joined
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("the inner call sent one request")
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Reenter {
+    type Response = Response<Chunks>;
+    type Error = BoxError;
+    type Future = <Api as Service<Request<Full<Bytes>>>>::Future;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        if self.once.swap(false, Ordering::SeqCst) {
+            let mut outer = self.outer.get().expect("set before the first call").clone();
+            // Called now, inside this call (a oneshot would call only when polled).
+            let ready = futures_util::FutureExt::now_or_never(outer.ready());
+            assert!(
+                ready.is_some_and(|r| r.is_ok()),
+                "the stack is always ready"
+            );
+            self.joined
+                .lock()
+                .unwrap()
+                .push(Box::pin(outer.call(get("/report"))));
+        }
+        if self.panic {
+            panic!("the inner service failed inside call");
+        }
+        self.api.call(req)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_arrives_while_the_leader_is_calling_the_service_joins_its_call() {
+    let api = Api::new(ms(50), vec!["one ", "report"]);
+    let inner = Reenter::new(api.clone(), false);
+    let (layer, handle) = CoalesceLayer::new().pair();
+    let client = Outer::new(layer.layer(inner.clone()));
+    let _ = inner.outer.set(client.clone());
+
+    let leader = tokio::spawn(client.clone().oneshot(get("/report")));
+    tokio::task::yield_now().await;
+    // The identical request sent from inside the leader's inner call joined the leader's call:
+    // it did not start a second one (its future is only polled now, after the leader's call).
+    let follower = inner.take_joined();
+    let (a, b) = (leader.await.unwrap().unwrap(), follower.await.unwrap());
+    assert_eq!(text(a).await.0, "one report");
+    assert_eq!(text(b).await.0, "one report");
+    assert_eq!(api.calls(), 1);
+    let s = handle.stats();
+    assert_eq!((s.calls(), s.upstream(), s.joined()), (2, 1, 1));
+    assert_eq!(
+        handle.in_flight(HOST),
+        0,
+        "the finished call left the table"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_who_joined_a_leader_that_never_sent_its_call_get_an_error_not_a_hang() {
+    let api = Api::new(ms(50), vec!["x"]);
+    let inner = Reenter::new(api.clone(), true);
+    let (layer, handle) = CoalesceLayer::new().pair();
+    let client = Outer::new(layer.layer(inner.clone()));
+    let _ = inner.outer.set(client.clone());
+
+    let leader = tokio::spawn(client.clone().oneshot(get("/report")));
+    assert!(leader.await.unwrap_err().is_panic());
+    let err = inner.take_joined().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the call shared by identical requests in flight failed: the request that was to send \
+         this shared call failed before sending it"
+    );
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert_eq!(api.calls(), 0);
+    assert_eq!(
+        handle.in_flight(HOST),
+        0,
+        "the abandoned call left the table"
+    );
+}
