@@ -85,6 +85,7 @@ where
     S::Error: Into<BoxError>,
     B: Body + From<Bytes>,
     C: Classify<Rb, BoxError>,
+    S: Clone,
 {
     /// A call whose request cannot be replayed: the first attempt is sent now, and it is the
     /// only one.
@@ -126,8 +127,8 @@ where
     /// A call whose body is read first, so every attempt sends the same bytes.
     #[inline]
     pub(crate) fn replayable(
-        svc: S,
-        policy: RetryPolicy<C>,
+        svc: &mut S,
+        policy: impl FnOnce() -> RetryPolicy<C>,
         req: Request<B>,
         deadline: Option<Duration>,
         call: Option<Arc<CallState>>,
@@ -143,8 +144,9 @@ where
             run: Box::write(
                 slot,
                 Run {
-                    svc,
-                    policy,
+                    // Taken here, so that it moves once: straight into its place.
+                    svc: crate::service::take_ready(svc),
+                    policy: policy(),
                     kept: Kept::Head(head),
                     body: None,
                     buf: None,

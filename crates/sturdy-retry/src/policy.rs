@@ -158,6 +158,13 @@ impl CallState {
     }
 }
 
+/// The most attempts a call with `options` may make.
+pub(crate) fn max_attempts(config: &Config, options: Option<&CallOptions>) -> u32 {
+    options
+        .and_then(CallOptions::max_attempts)
+        .unwrap_or(config.max_attempts)
+}
+
 /// The retry decision for one logical call: [`Retry`](crate::Retry) makes one per call (with the
 /// buffered body, the deadline, the host's budget and a random generator). It follows the shape
 /// of tower's `Policy` (a decision per outcome that may rewrite the result), but reads what the
@@ -367,20 +374,16 @@ enum Stop {
 }
 
 impl<C> RetryPolicy<C> {
+    /// A policy for one call: `deadline` is the call's overall deadline (if any), `max_attempts`
+    /// the most attempts it may make (see [`max_attempts`]).
     pub(crate) fn new(
         config: Arc<Config>,
         classify: C,
         budget: Option<BudgetRef>,
-        options: Option<&CallOptions>,
+        deadline: Option<Instant>,
+        max_attempts: u32,
         state: Option<Arc<CallState>>,
     ) -> Self {
-        let deadline = options
-            .and_then(CallOptions::deadline)
-            .or(config.deadline)
-            .map(|d| sturdy_core::clock::after(Instant::now(), d));
-        let max_attempts = options
-            .and_then(CallOptions::max_attempts)
-            .unwrap_or(config.max_attempts);
         Self {
             deadline,
             max_attempts,
@@ -441,10 +444,6 @@ impl<C> RetryPolicy<C> {
     /// The header that carries the idempotency key.
     pub(crate) fn key_header(&self) -> &HeaderName {
         &self.config.idempotency_header
-    }
-
-    pub(crate) fn max_attempts(&self) -> u32 {
-        self.max_attempts
     }
 
     fn delivery(&self) -> Delivery {

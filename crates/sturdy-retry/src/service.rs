@@ -78,9 +78,6 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // Take the service that was driven to readiness; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
         // Each attempt's timeout is kept by the loop itself, not by a layer wrapped around the
         // service: a layer would move every request and future through one more frame, on every
         // call, for a timer most calls never make.
@@ -102,22 +99,51 @@ where
                 ..CallState::default()
             })
         });
-        let policy = RetryPolicy::new(
-            self.config.clone(),
-            self.classify.clone(),
-            budget,
-            options,
-            call.clone(),
-        );
-        let replayable = policy.max_attempts() > 1
-            && sturdy_core::body::fits(req.body(), self.config.body_limit);
+        let max_attempts = crate::policy::max_attempts(&self.config, options);
+        // The policy is made where it is kept (in the loop's box), not here and moved there.
+        let policy_call = call.clone();
+        let make_policy = move |config: &Arc<Config>, classify: &C| {
+            RetryPolicy::new(
+                config.clone(),
+                classify.clone(),
+                budget,
+                deadline.map(|d| sturdy_core::clock::after(tokio::time::Instant::now(), d)),
+                max_attempts,
+                policy_call,
+            )
+        };
+        let replayable =
+            max_attempts > 1 && sturdy_core::body::fits(req.body(), self.config.body_limit);
         if !replayable {
-            if policy.max_attempts() > 1 {
+            if max_attempts > 1 {
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
             let info = CallInfo::of(&req, &self.config.idempotency_header);
-            return ResponseFuture::once(ready, policy, info, req, deadline, call, attempt_timeout);
+            let policy = make_policy(&self.config, &self.classify);
+            return ResponseFuture::once(
+                take_ready(&mut self.inner),
+                policy,
+                info,
+                req,
+                deadline,
+                call,
+                attempt_timeout,
+            );
         }
-        ResponseFuture::replayable(ready, policy, req, deadline, call, attempt_timeout)
+        ResponseFuture::replayable(
+            &mut self.inner,
+            || make_policy(&self.config, &self.classify),
+            req,
+            deadline,
+            call,
+            attempt_timeout,
+        )
     }
+}
+
+/// The service that was driven to readiness, leaving a fresh clone in its place.
+#[inline]
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
 }
