@@ -81,6 +81,10 @@ pub const OVERFLOW_KEY: &str = "*";
 pub struct KeyedMap<T> {
     map: RwLock<Map<T>>,
     max: usize,
+    /// The slot of the first key a service using this map asked for, shared by every service's
+    /// [`SlotCache`]: kept here, next to the map, so that cloning a service takes no reference
+    /// count of its own for it.
+    first: OnceLock<Arc<Local<T>>>,
 }
 
 impl<T> fmt::Debug for KeyedMap<T> {
@@ -99,6 +103,7 @@ impl<T: Idle> KeyedMap<T> {
         Self {
             map: RwLock::new(Map::default()),
             max: max.max(1),
+            first: OnceLock::new(),
         }
     }
 
@@ -183,15 +188,14 @@ impl<T> std::ops::Deref for Local<T> {
     }
 }
 
-/// A service's cache of slots: the slot of the first key the service (or any of its clones)
-/// used, shared by all its clones, and the last slot this clone used.
+/// A service's cache of slots: the slot of the first key any service using the map asked for
+/// (kept by the [`KeyedMap`]), and the last slot this service used.
 ///
 /// Services are usually cloned for every call (`svc.clone().oneshot(req)`) from one that is never
 /// called itself, so a cache of the clone's own would always be empty: the shared first slot is
 /// what makes the common case (one host) skip the map, its lock and its hash.
 #[derive(Debug)]
 pub struct SlotCache<T> {
-    first: Arc<OnceLock<Arc<Local<T>>>>,
     last: Option<Arc<Local<T>>>,
     /// Whether this clone has used the shared first slot already: a clone that is called again
     /// is a kept one (a worker's own service), and gets a `Local` of its own.
@@ -201,7 +205,6 @@ pub struct SlotCache<T> {
 impl<T> Default for SlotCache<T> {
     fn default() -> Self {
         Self {
-            first: Arc::new(OnceLock::new()),
             last: None,
             used_first: false,
         }
@@ -211,7 +214,6 @@ impl<T> Default for SlotCache<T> {
 impl<T> Clone for SlotCache<T> {
     fn clone(&self) -> Self {
         Self {
-            first: self.first.clone(),
             last: self.last.clone(),
             used_first: false,
         }
@@ -228,7 +230,7 @@ impl<T: Idle> SlotCache<T> {
                 return l.clone();
             }
         }
-        if let Some(l) = self.first.get() {
+        if let Some(l) = map.first.get() {
             if fresh(l) {
                 if !self.used_first {
                     // A clone made for one call: the shared slot, without an allocation.
@@ -243,8 +245,8 @@ impl<T: Idle> SlotCache<T> {
             }
         }
         let l = Arc::new(Local(map.get_or_insert_with(key, make)));
-        if self.first.get().is_none() {
-            let _ = self.first.set(l.clone());
+        if map.first.get().is_none() {
+            let _ = map.first.set(l.clone());
         }
         self.last = Some(l.clone());
         l

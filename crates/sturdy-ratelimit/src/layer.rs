@@ -203,12 +203,14 @@ impl<S, K: Clone> Layer<S> for RateLimitLayer<K> {
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit {
             inner,
-            state: self.state.clone(),
-            config: self.config.clone(),
+            shared: Arc::new(crate::service::Shared {
+                state: self.state.clone(),
+                config: self.config.clone(),
+                first: std::sync::OnceLock::new(),
+            }),
             key: self.key.clone(),
             bound: None,
             used_first: false,
-            first: Arc::default(),
         }
     }
 }

@@ -30,26 +30,31 @@ use crate::state::{Bound, Config, State};
 /// [`RateLimited`], without calling the inner service.
 pub struct RateLimit<S, K> {
     pub(crate) inner: S,
-    pub(crate) state: Arc<State>,
-    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) key: K,
     pub(crate) bound: Option<Arc<Bound>>,
+    /// Whether this service used the shared first binding already.
+    pub(crate) used_first: bool,
+}
+
+/// What a service and its clones share, behind one reference count: services are cloned for
+/// every call, and each `Arc` in a clone is an atomic increment and decrement.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) state: Arc<State>,
+    pub(crate) config: Arc<Config>,
     /// The state of the first key any clone of this service used: services are usually cloned
     /// per call from one that is never called, so this is what skips the map on the common path.
-    pub(crate) first: Arc<std::sync::OnceLock<Arc<Bound>>>,
-    /// Whether this service used `first` already.
-    pub(crate) used_first: bool,
+    pub(crate) first: std::sync::OnceLock<Arc<Bound>>,
 }
 
 impl<S: Clone, K: Clone> Clone for RateLimit<S, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            state: self.state.clone(),
-            config: self.config.clone(),
+            shared: self.shared.clone(),
             key: self.key.clone(),
             bound: self.bound.clone(),
-            first: self.first.clone(),
             used_first: false,
         }
     }
@@ -59,8 +64,8 @@ impl<S: std::fmt::Debug, K> std::fmt::Debug for RateLimit<S, K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
-            .field("state", &self.state)
-            .field("config", &self.config)
+            .field("state", &self.shared.state)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
@@ -79,7 +84,8 @@ impl<S, K> RateLimit<S, K> {
                 return b.clone();
             }
         }
-        if let Some(b) = self.first.get() {
+        let shared = &*self.shared;
+        if let Some(b) = shared.first.get() {
             if b.key() == key && !self.used_first {
                 // A clone made for one call: the shared state, without a lookup.
                 self.used_first = true;
@@ -88,9 +94,9 @@ impl<S, K> RateLimit<S, K> {
         }
         // A clone called again is kept (on a thread of its own, often): it binds the key itself,
         // so that its futures do not count references on the line other threads use.
-        let b = self.state.bind(key, &self.config);
-        if self.first.get().is_none() {
-            let _ = self.first.set(b.clone());
+        let b = shared.state.bind(key, &shared.config);
+        if shared.first.get().is_none() {
+            let _ = shared.first.set(b.clone());
         }
         self.bound = Some(b.clone());
         b
