@@ -107,7 +107,10 @@ async fn a_request_dropped_while_the_store_locks_its_key_does_not_leave_the_key_
     let svc = IdempotencyLayer::new(Remote::default(), ByCredentials::default()).layer(handler);
     let mut first = Box::pin(svc.clone().oneshot(keyed("k-dropped")));
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    assert!(first.as_mut().poll(&mut cx).is_pending(), "begin is on its way");
+    assert!(
+        first.as_mut().poll(&mut cx).is_pending(),
+        "begin is on its way"
+    );
     // The client goes away while the store's answer is on the wire.
     drop(first);
     // Well after the answer, and far within the 30 s lease, the client retries.

@@ -215,7 +215,11 @@ async fn a_call_dropped_while_the_store_answers_gives_the_granted_slot_back() {
     let mut svc = layer.layer(Api::new(vec![]));
     let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(get()));
     tokio_test::assert_pending!(fut.poll());
-    assert_eq!(store.granted.load(Ordering::SeqCst), 1, "the store was asked");
+    assert_eq!(
+        store.granted.load(Ordering::SeqCst),
+        1,
+        "the store was asked"
+    );
     // The caller gives up while the answer is on its way.
     drop(fut);
     // Let whatever the layer does in the background run (and the answer arrive).
