@@ -52,8 +52,9 @@ struct Slow<S, B> {
     deadline: u64,
     sleep: Option<Pin<Box<Sleep>>>,
     turn: Turn,
-    /// Slow start let this call out: it holds a place in the release window.
-    released: bool,
+    /// Slow start let this call out: its place in the release window, held here from the
+    /// moment it is taken, so that a panic in the inner service's `call` gives it back too.
+    released: Option<Released>,
 }
 
 /// Where a waiting call is.
@@ -61,8 +62,11 @@ enum Turn {
     /// In the key's line: for a slot of the local quota, or for the pause to end (then, with a
     /// remote quota, the store is asked).
     Queued(Ticket),
-    /// Remote quota: asking the store for a slot.
-    Asking(BoxFuture<Result<Reserve, BoxError>>),
+    /// Remote quota: asking the store for a slot (`sent` once the request has been polled).
+    Asking {
+        fut: BoxFuture<Result<Reserve, BoxError>>,
+        sent: bool,
+    },
     /// Remote quota: the store granted a slot at this time.
     Reserved(u64),
     /// Its turn came; nothing is held.
@@ -74,8 +78,23 @@ impl<S, B> Drop for Slow<S, B> {
         match std::mem::replace(&mut self.turn, Turn::Done) {
             Turn::Queued(ticket) => self.bound.state().gate.leave(ticket),
             Turn::Reserved(_) => release(&self.bound),
-            Turn::Asking(_) | Turn::Done => {}
+            Turn::Asking { fut, sent: true } => release_if_granted(&self.bound, fut),
+            Turn::Asking { sent: false, .. } | Turn::Done => {}
         }
+    }
+}
+
+/// A call dropped while the store's answer was on its way: the store may have granted it a slot
+/// already (a script runs once its command is sent), so the answer is awaited in the background
+/// and a granted slot given back, as a call dropped after its grant gives it back.
+fn release_if_granted(bound: &Arc<Bound>, fut: BoxFuture<Result<Reserve, BoxError>>) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let bound = bound.clone();
+        rt.spawn(async move {
+            if let Ok(Reserve::Granted { .. }) = fut.await {
+                release(&bound);
+            }
+        });
     }
 }
 
@@ -148,7 +167,7 @@ where
             deadline,
             sleep: None,
             turn: Turn::Queued(ticket),
-            released: false,
+            released: None,
         })
     }
 
@@ -167,7 +186,7 @@ where
             deadline,
             sleep: None,
             turn,
-            released: false,
+            released: None,
         })
     }
 }
@@ -218,7 +237,10 @@ fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
         .as_ref()
         .expect("only a layer with a remote store asks it");
     let wait_left = Duration::from_nanos(deadline.saturating_sub(now));
-    Turn::Asking(remote.reserve(bound.key(), wait_left))
+    Turn::Asking {
+        fut: remote.reserve(bound.key(), wait_left),
+        sent: false,
+    }
 }
 
 /// Put in the extensions of a response that asked for a pause longer than the layer's
@@ -355,12 +377,7 @@ where
                 }
                 StateProj::Waiting { slow } => {
                     let fut = ready!(poll_slow(slow, cx))?;
-                    if slow.released {
-                        *this.released = Some(Released {
-                            bound: slow.bound.clone(),
-                            done: false,
-                        });
-                    }
+                    *this.released = slow.released.take();
                     this.state.set(State::Called { fut });
                 }
                 StateProj::Called { fut } => {
@@ -439,15 +456,29 @@ where
                 match turn {
                     Err(wait) => {
                         ks.gate.leave(ticket);
+                        // Unknown (0): slow start's window stayed full, the released calls have
+                        // not answered. Suggest the wait of a 429 that does not say how long.
+                        let wait = if wait == 0 {
+                            nanos(bound.config.default_pause).max(1)
+                        } else {
+                            wait
+                        };
                         return Poll::Ready(Err(limited(wait)));
                     }
-                    Ok(released) => slow.released = released,
+                    Ok(true) => {
+                        slow.released = Some(Released {
+                            bound: bound.clone(),
+                            done: false,
+                        });
+                    }
+                    Ok(false) => {}
                 }
                 if bound.config.remote.is_some() {
                     slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);
                 }
             }
-            Turn::Asking(fut) => {
+            Turn::Asking { fut, sent } => {
+                *sent = true;
                 let decided = ready!(fut.as_mut().poll(cx));
                 let now = ks.origin.elapsed();
                 slow.turn = match decided {

@@ -262,7 +262,8 @@ impl Gate {
     }
 
     /// Drives `ticket` until the call may go (`Ok`, the ticket has left the line) or cannot go by
-    /// `deadline` (`Err` with how long it would still wait; the ticket is still in the line).
+    /// `deadline` (`Err` with how long it would still wait, or `Err(0)` when that is unknown: the
+    /// release window stayed full until the deadline; the ticket is still in the line).
     /// Only the head of the line sleeps, on `sleep`. With `slow_start`, `Ok(true)` means the call
     /// holds a place in the release window, to give back with [`Gate::finish_release`].
     #[allow(clippy::too_many_arguments)]
@@ -300,7 +301,21 @@ impl Gate {
                 if slow_start {
                     // Registered above: a release that finishes after this check wakes us.
                     if !self.take_release() {
-                        return Poll::Pending;
+                        // The window is full until a released call answers, which may be never
+                        // (an upstream that hangs): the deadline still holds.
+                        if now >= deadline {
+                            return Poll::Ready(Err(0));
+                        }
+                        let until = origin.instant(deadline);
+                        let timer =
+                            sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                        if timer.deadline() != until {
+                            timer.as_mut().reset(until);
+                        }
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        continue;
                     }
                     self.leave(ticket);
                     return Poll::Ready(Ok(true));

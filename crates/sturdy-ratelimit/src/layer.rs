@@ -92,6 +92,9 @@ impl<K> RateLimitLayer<K> {
 
     /// The longest a call waits for its turn (a slot, the end of a pause) \[30 s\]; a call that
     /// would wait longer fails at once with `RateLimited` carrying the wait. Zero: never wait.
+    /// Under slow start the wait is not known in advance (the window opens when released calls
+    /// answer): a call still waiting for a place when `max_wait` has passed fails then, with the
+    /// default pause as its suggested wait.
     pub fn with_max_wait(self, max_wait: Duration) -> Self {
         self.edit(|c| c.max_wait = max_wait)
     }

@@ -2,6 +2,9 @@
 
 use std::any::Any;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use sturdy_core::body::BodyError;
 use sturdy_core::BoxError;
 use tower::Service;
 
-use super::store::{Fingerprint, IdempotencyStore, StoredResponse};
+use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
 use super::{problem, Config, ResponseBody};
 
 /// Headers that describe one connection or one transfer, not the response: not stored.
@@ -239,5 +242,66 @@ impl<St: IdempotencyStore> Execution<St> {
                 }
             }
         }
+    }
+}
+
+/// The store's `begin` for a request, given back if the request goes away before the answer:
+/// the store may have locked the key already (a script runs once its command is sent), and a
+/// lock whose handler never runs would answer every retry with 409 "still running" until its
+/// lease ends. So a request dropped while `begin` is on its way leaves the answer to a
+/// background task, which releases the key if it was locked.
+pub(crate) struct Beginning<St: IdempotencyStore> {
+    /// `None` once answered.
+    fut: Option<BoxFuture<Result<Begin, BoxError>>>,
+    /// Whether the request was sent (polled at least once).
+    sent: bool,
+    store: Arc<St>,
+    key: String,
+    fp: Fingerprint,
+}
+
+impl<St: IdempotencyStore> Beginning<St> {
+    pub(crate) fn new(store: &Arc<St>, key: &str, fp: Fingerprint, lease: Duration) -> Self {
+        Self {
+            fut: Some(store.begin(key, fp, lease)),
+            sent: false,
+            store: store.clone(),
+            key: key.to_owned(),
+            fp,
+        }
+    }
+}
+
+impl<St: IdempotencyStore> Future for Beginning<St> {
+    type Output = Result<Begin, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(fut) = this.fut.as_mut() else {
+            return Poll::Ready(Err("the idempotency store's answer was already taken".into()));
+        };
+        this.sent = true;
+        let answer = std::task::ready!(fut.as_mut().poll(cx));
+        this.fut = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl<St: IdempotencyStore> Drop for Beginning<St> {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take().filter(|_| self.sent) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, fp) = (self.store.clone(), std::mem::take(&mut self.key), self.fp);
+        rt.spawn(async move {
+            if let Ok(Begin::Started) = fut.await {
+                if let Err(e) = store.release(&key, fp).await {
+                    tracing::warn!(error = %e, "could not release the idempotency lock of a request that went away before its handler ran; it expires with its lease");
+                }
+            }
+        });
     }
 }

@@ -517,7 +517,7 @@ where
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let fp = fingerprint(&parts.method, target, &body);
-    match store.begin(&key, fp, config.lease).await {
+    match execute::Beginning::new(&store, &key, fp, config.lease).await {
         Ok(Begin::Started) => {}
         Ok(Begin::Completed(stored)) => {
             let res = replay(stored);
