@@ -3,10 +3,10 @@
 use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -278,7 +278,9 @@ impl<St: IdempotencyStore> Future for Beginning<St> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let Some(fut) = this.fut.as_mut() else {
-            return Poll::Ready(Err("the idempotency store's answer was already taken".into()));
+            return Poll::Ready(Err(
+                "the idempotency store's answer was already taken".into()
+            ));
         };
         this.sent = true;
         let answer = std::task::ready!(fut.as_mut().poll(cx));
