@@ -436,3 +436,60 @@ async fn kept_services_over_concurrency_limit_one_and_under_buffer_through_a_pau
         assert_eq!(api.calls(), 6);
     }
 }
+
+/// A remote store that answers with absurd waits (a store is a peer too: "every value learned
+/// from a peer is capped").
+#[derive(Debug)]
+struct AbsurdStore(Reserve);
+
+impl RemoteQuota for AbsurdStore {
+    fn reserve(&self, _key: &str, _max_wait: Duration) -> RFuture<Result<Reserve, BoxError>> {
+        let r = self.0;
+        Box::pin(async move { Ok(r) })
+    }
+}
+
+/// A grant past the call's `max_wait` (a store that breaks `reserve`'s contract, "no more than
+/// `max_wait` from now", or `Duration::MAX`), or a refusal with `Duration::MAX`, neither panics
+/// nor holds the call past its `max_wait`: `with_max_wait` is "The longest a call waits for its
+/// turn (a slot, the end of a pause) [30 s]; a call that would wait longer fails at once with
+/// `RateLimited`".
+#[tokio::test(start_paused = true)]
+async fn absurd_remote_answers_do_not_panic_or_hold_a_call_past_max_wait() {
+    let mut failures = Vec::new();
+    for answer in [
+        Reserve::Denied {
+            retry_after: Duration::MAX,
+        },
+        Reserve::Granted { wait: secs(600) },
+        Reserve::Granted {
+            wait: secs(u64::MAX / 2),
+        },
+        Reserve::Granted {
+            wait: Duration::MAX,
+        },
+    ] {
+        let api = Api::always(st(200));
+        let layer = RateLimitLayer::new(Quota::per_second(10).unwrap())
+            .with_max_wait(secs(30))
+            .with_remote(Arc::new(AbsurdStore(answer)));
+        let svc = layer.layer(api.service());
+        let t = Instant::now();
+        let out = tokio::spawn(svc.oneshot(get(&url("/a"))));
+        match tokio::time::timeout(secs(3600), out).await {
+            Err(_) => failures.push(format!("{answer:?}: still waiting after an hour")),
+            Ok(Err(e)) => failures.push(format!("{answer:?}: panicked: {e}")),
+            Ok(Ok(out)) => {
+                if t.elapsed() > secs(30) {
+                    failures.push(format!("{answer:?}: held {:?}", t.elapsed()));
+                }
+                if let Err(e) = out {
+                    if find::<RateLimited>(&*e).is_none() {
+                        failures.push(format!("{answer:?}: {}", chain(&*e)));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
