@@ -28,7 +28,8 @@ fn url(path: &str) -> String {
 }
 
 type Outer = BoxCloneSyncService<Request<Body>, Response<ResponseBody<Body>>, BoxError>;
-type Pending = futures_util::future::BoxFuture<'static, Result<Response<ResponseBody<Body>>, BoxError>>;
+type Pending =
+    futures_util::future::BoxFuture<'static, Result<Response<ResponseBody<Body>>, BoxError>>;
 
 async fn text<B>(res: Response<B>) -> Bytes
 where
@@ -58,7 +59,9 @@ fn reentrant(panic_in_call: bool) -> (Outer, Reentrant, sturdy::coalesce::Coales
         let n = calls.fetch_add(1, Ordering::SeqCst);
         if n == 0 {
             let mut outer = outer_slot.lock().unwrap().clone().expect("outer set");
-            let same = Request::get(req.uri().clone()).body(Body::default()).unwrap();
+            let same = Request::get(req.uri().clone())
+                .body(Body::default())
+                .unwrap();
             // The inner service of the coalescing layer is a service_fn: always ready.
             outer
                 .ready()
@@ -88,11 +91,20 @@ fn reentrant(panic_in_call: bool) -> (Outer, Reentrant, sturdy::coalesce::Coales
 async fn a_request_made_while_the_first_is_inside_call_joins_it() {
     let (mut svc, r, handle) = reentrant(false);
     let lead = svc.ready().await.unwrap().call(get(&url("/report")));
-    let joined = r.joined.lock().unwrap().take().expect("the inner call made a second request");
+    let joined = r
+        .joined
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the inner call made a second request");
     let (a, b) = bounded(async { tokio::join!(lead, joined) }).await;
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(text(a).await, "answer 0");
-    assert_eq!(text(b).await, "answer 0", "the second request joined the first");
+    assert_eq!(
+        text(b).await,
+        "answer 0",
+        "the second request joined the first"
+    );
     assert_eq!(r.calls.load(Ordering::SeqCst), 1, "one upstream call");
     let s = handle.stats();
     assert_eq!((s.upstream(), s.joined()), (1, 1), "{s:?}");
@@ -105,7 +117,10 @@ async fn callers_who_joined_a_call_that_panicked_in_call_get_a_not_sent_error() 
     let (mut svc, r, handle) = reentrant(true);
     svc.ready().await.unwrap();
     let lead = std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(get(&url("/report")))));
-    assert!(lead.is_err(), "the leader's call panicked, as the inner call did");
+    assert!(
+        lead.is_err(),
+        "the leader's call panicked, as the inner call did"
+    );
     let joined = r.joined.lock().unwrap().take().expect("a joined request");
     let err = tokio::time::timeout(secs(60), joined)
         .await
@@ -188,7 +203,11 @@ async fn leaving_and_the_last_caller_cancelling() {
     let res = bounded(follower).await.unwrap().unwrap();
     assert_eq!(text(res).await, "page");
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
-    assert_eq!(probe.cancelled.load(Ordering::SeqCst), 0, "the call went on");
+    assert_eq!(
+        probe.cancelled.load(Ordering::SeqCst),
+        0,
+        "the call went on"
+    );
 
     // Everyone leaves: the call is cancelled and leaves the table.
     let mut a = Box::pin(svc.clone().oneshot(get(&url("/b"))));
@@ -197,13 +216,25 @@ async fn leaving_and_the_last_caller_cancelling() {
     assert!(b.as_mut().now_or_never().is_none());
     assert_eq!(handle.in_flight(HOST), 1);
     drop(a);
-    assert_eq!(probe.cancelled.load(Ordering::SeqCst), 0, "one caller is left");
+    assert_eq!(
+        probe.cancelled.load(Ordering::SeqCst),
+        0,
+        "one caller is left"
+    );
     drop(b);
-    assert_eq!(probe.cancelled.load(Ordering::SeqCst), 1, "the upstream call was dropped");
+    assert_eq!(
+        probe.cancelled.load(Ordering::SeqCst),
+        1,
+        "the upstream call was dropped"
+    );
     assert_eq!(handle.in_flight(HOST), 0, "and left the table");
     let res = bounded(svc.clone().oneshot(get(&url("/b")))).await.unwrap();
     assert_eq!(text(res).await, "page");
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 3, "the next request started afresh");
+    assert_eq!(
+        probe.calls.load(Ordering::SeqCst),
+        3,
+        "the next request started afresh"
+    );
 }
 
 /// A caller that leaves before its future was ever polled does not cancel the call for a caller
@@ -311,17 +342,27 @@ async fn a_body_over_the_bound_goes_to_the_leader_and_the_others_send_their_own(
         let mut s2 = svc.clone();
         let other = s2.ready().await.unwrap().call(get(&url("/big")));
         let (a, b) = bounded(async { tokio::join!(lead, other) }).await;
-        let (a, b) = (bounded(text(a.unwrap())).await, bounded(text(b.unwrap())).await);
+        let (a, b) = (
+            bounded(text(a.unwrap())).await,
+            bounded(text(b.unwrap())).await,
+        );
         if hinted {
             assert_eq!(a, "0123456789-0", "hinted");
-            assert_eq!(b, "0123456789-1", "hinted: the other caller sent its own request");
+            assert_eq!(
+                b, "0123456789-1",
+                "hinted: the other caller sent its own request"
+            );
         } else {
             assert_eq!(a, "0123456789-x", "streamed: what was read, then the rest");
             assert_eq!(b, "0123456789-x");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 2, "hinted={hinted}");
         let s = handle.stats();
-        assert_eq!((s.too_large(), s.fallbacks()), (1, 1), "hinted={hinted}: {s:?}");
+        assert_eq!(
+            (s.too_large(), s.fallbacks()),
+            (1, 1),
+            "hinted={hinted}: {s:?}"
+        );
         assert_eq!(handle.in_flight(HOST), 0);
     }
 }
@@ -347,7 +388,11 @@ async fn a_body_over_the_bound_goes_to_another_caller_when_the_leader_has_gone()
     drop(lead);
     let res = bounded(other).await.unwrap().unwrap();
     assert_eq!(text(res).await, "0123456789-0");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "nobody sent a second request");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "nobody sent a second request"
+    );
 }
 
 /// "A request that joins a call drops that ready service at once, which gives back what it
@@ -416,7 +461,11 @@ async fn kept_services_under_buffer_and_concurrency_limit_one() {
         .service(probe.service(ms(100), "k"));
     let out = burst(svc, 10).await;
     assert!(out.iter().all(|b| b == "k"));
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "Buffer over Coalesce");
+    assert_eq!(
+        probe.calls.load(Ordering::SeqCst),
+        1,
+        "Buffer over Coalesce"
+    );
 
     // Coalescing above a Buffer of one slot: joined callers give their slot back.
     let probe = Probe::default();
@@ -426,7 +475,11 @@ async fn kept_services_under_buffer_and_concurrency_limit_one() {
         .service(probe.service(ms(100), "k"));
     let out = burst(svc.clone(), 10).await;
     assert!(out.iter().all(|b| b == "k"));
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "Coalesce over Buffer(1)");
+    assert_eq!(
+        probe.calls.load(Ordering::SeqCst),
+        1,
+        "Coalesce over Buffer(1)"
+    );
     let res = bounded(svc.oneshot(get(&url("/after")))).await.unwrap();
     assert_eq!(text(res).await, "k");
 
@@ -455,7 +508,9 @@ async fn client_builder_with_coalesce_shares_the_retried_outcome() {
         }
     });
     let (layer, handle) = CoalesceLayer::new().pair();
-    let client = ClientBuilder::new().with_coalesce(layer).build(api.service());
+    let client = ClientBuilder::new()
+        .with_coalesce(layer)
+        .build(api.service());
     fn assert_traits<T: Send + Sync + Clone + 'static>(_: &T) {}
     assert_traits(&client);
     let mut tasks = Vec::new();
@@ -466,7 +521,11 @@ async fn client_builder_with_coalesce_shares_the_retried_outcome() {
         let res = bounded(t).await.unwrap().unwrap();
         assert_eq!(res.status(), 200);
     }
-    assert_eq!(api.calls(), 2, "one failed attempt and one retry, for all 20 callers");
+    assert_eq!(
+        api.calls(),
+        2,
+        "one failed attempt and one retry, for all 20 callers"
+    );
     assert_eq!(handle.stats().upstream(), 1);
     assert_eq!(handle.stats().joined(), 19);
 

@@ -204,7 +204,11 @@ async fn send(app: &Router, r: Request<Body>) -> (StatusCode, HeaderMap, String)
         .unwrap();
     let (p, b) = res.into_parts();
     let b = b.collect().await.unwrap().to_bytes();
-    (p.status, p.headers, String::from_utf8_lossy(&b).into_owned())
+    (
+        p.status,
+        p.headers,
+        String::from_utf8_lossy(&b).into_owned(),
+    )
 }
 
 fn problem_type(body: &str) -> String {
@@ -232,8 +236,16 @@ async fn row1_client_gone_while_the_store_is_slow_to_lock() {
     assert!(first.is_err(), "the attempt timed out");
     tokio::time::sleep(ms(1000)).await;
     assert_eq!(runs.get(), 0, "the handler does not run");
-    assert_eq!(store.log.lock().unwrap().begins.len(), 1, "the lock was awaited in the background");
-    assert_eq!(store.log.lock().unwrap().releases.len(), 1, "and the key was released");
+    assert_eq!(
+        store.log.lock().unwrap().begins.len(),
+        1,
+        "the lock was awaited in the background"
+    );
+    assert_eq!(
+        store.log.lock().unwrap().releases.len(),
+        1,
+        "and the key was released"
+    );
     assert!(store.inner.is_empty(), "nothing is left locked");
     store.set(|k| k.begin_before = Duration::ZERO);
     let (s, h, b) = send(&app, req("/orders", "k1", &[])).await;
@@ -261,7 +273,11 @@ async fn row1_client_gone_while_the_lock_answer_is_on_its_way() {
     assert_eq!(h.get("retry-after").unwrap(), "1");
     assert_eq!(problem_type(&b), problem::IN_FLIGHT);
     tokio::time::sleep(ms(1000)).await;
-    assert_eq!(runs.get(), 0, "the handler does not run for the attempt that went away");
+    assert_eq!(
+        runs.get(),
+        0,
+        "the handler does not run for the attempt that went away"
+    );
     assert_eq!(store.log.lock().unwrap().releases.len(), 1);
     let (s, _, b) = send(&app, req("/orders", "k2", &[])).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 0"));
@@ -301,10 +317,14 @@ async fn row2_client_timeout_mid_handler() {
     let runs = Runs::default();
     let app = app(&runs, layer(&store));
     let slow = [("x-sleep", "2000")];
-    let first = tokio::time::timeout(ms(500), app.clone().oneshot(req("/orders", "k", &slow))).await;
+    let first =
+        tokio::time::timeout(ms(500), app.clone().oneshot(req("/orders", "k", &slow))).await;
     assert!(first.is_err());
     let (s, h, b) = send(&app, req("/orders", "k", &slow)).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::CONFLICT, problem::IN_FLIGHT.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (StatusCode::CONFLICT, problem::IN_FLIGHT.to_owned())
+    );
     assert_eq!(h.get("retry-after").unwrap(), "1");
     tokio::time::sleep(ms(2000)).await;
     let (s, h, b) = send(&app, req("/orders", "k", &slow)).await;
@@ -327,10 +347,21 @@ async fn row4_a_panic_releases_the_key_before_it_resumes() {
     let runs = Runs::default();
     let app = app(&runs, layer(&store));
     let r = tokio::spawn(app.clone().oneshot(req("/boom", "p", &[]))).await;
-    assert!(r.unwrap_err().is_panic(), "the panic resumes in the request's future");
-    assert_eq!(store.log.lock().unwrap().releases.len(), 1, "released before the panic resumed");
+    assert!(
+        r.unwrap_err().is_panic(),
+        "the panic resumes in the request's future"
+    );
+    assert_eq!(
+        store.log.lock().unwrap().releases.len(),
+        1,
+        "released before the panic resumed"
+    );
     let (s, _, b) = send(&app, req("/boom", "p", &[])).await;
-    assert_eq!((s, b.as_str()), (StatusCode::CREATED, "fine"), "a retry at once runs again");
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::CREATED, "fine"),
+        "a retry at once runs again"
+    );
     assert_eq!(runs.get(), 2);
 }
 
@@ -349,9 +380,17 @@ async fn row5_unstored_statuses_release_before_the_response_goes_out() {
         let app = app(&runs, layer(&store));
         let (s, _, _) = send(&app, req("/orders", "f", &[("x-code", code)])).await;
         assert_eq!(s.as_str(), code);
-        assert_eq!(store.log.lock().unwrap().releases.len(), 1, "{code}: released before");
+        assert_eq!(
+            store.log.lock().unwrap().releases.len(),
+            1,
+            "{code}: released before"
+        );
         let (s, _, b) = send(&app, req("/orders", "f", &[])).await;
-        assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 1"), "{code}: retry at once");
+        assert_eq!(
+            (s, b.as_str()),
+            (StatusCode::CREATED, "order 1"),
+            "{code}: retry at once"
+        );
         assert_eq!(runs.get(), 2, "{code}");
     }
 }
@@ -390,24 +429,49 @@ async fn row8_store_down_when_the_response_is_stored() {
         ..Knobs::default()
     });
     let runs = Runs::default();
-    let app = app(&runs, layer(&store).with_lease(Duration::from_secs(6)).unwrap());
+    let app = app(
+        &runs,
+        layer(&store).with_lease(Duration::from_secs(6)).unwrap(),
+    );
     let t0 = Instant::now();
     let (s, _, b) = send(&app, req("/orders", "c", &[])).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 0"));
     tokio::time::sleep(ms(500)).await;
-    let at: Vec<Duration> = store.log.lock().unwrap().completes.iter().map(|t| *t - t0).collect();
+    let at: Vec<Duration> = store
+        .log
+        .lock()
+        .unwrap()
+        .completes
+        .iter()
+        .map(|t| *t - t0)
+        .collect();
     // Three tries of the response; a further one at the last moment is the 500 marker ("the
     // key keeps the 500 marker. Only when the store cannot keep even the marker ...").
-    assert_eq!(at[..3], [ms(0), ms(50), ms(150)], "three tries, 50 ms then 100 ms apart: {at:?}");
-    assert!(at.len() <= 4 && at[3..].iter().all(|t| *t == ms(150)), "{at:?}");
+    assert_eq!(
+        at[..3],
+        [ms(0), ms(50), ms(150)],
+        "three tries, 50 ms then 100 ms apart: {at:?}"
+    );
+    assert!(
+        at.len() <= 4 && at[3..].iter().all(|t| *t == ms(150)),
+        "{at:?}"
+    );
     store.set(|k| k.fail_complete = false);
     let (s, h, _) = send(&app, req("/orders", "c", &[])).await;
     assert_eq!(s, StatusCode::CONFLICT, "a retry within the lease");
     assert_eq!(h.get("retry-after").unwrap(), "1");
-    assert_eq!(store.log.lock().unwrap().releases.len(), 0, "the key was not released");
+    assert_eq!(
+        store.log.lock().unwrap().releases.len(),
+        0,
+        "the key was not released"
+    );
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (s, _, b) = send(&app, req("/orders", "c", &[])).await;
-    assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 1"), "after the lease");
+    assert_eq!(
+        (s, b.as_str()),
+        (StatusCode::CREATED, "order 1"),
+        "after the lease"
+    );
 }
 
 // ---------------------------------------------------------------- row 9
@@ -421,12 +485,26 @@ async fn row9_store_down_while_the_handler_runs() {
         ..Knobs::default()
     });
     let runs = Runs::default();
-    let app = app(&runs, layer(&store).with_lease(Duration::from_secs(3)).unwrap());
+    let app = app(
+        &runs,
+        layer(&store).with_lease(Duration::from_secs(3)).unwrap(),
+    );
     let t0 = Instant::now();
     let (s, _, b) = send(&app, req("/orders", "r", &[("x-sleep", "2500")])).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 0"));
-    let at: Vec<Duration> = store.log.lock().unwrap().renews.iter().map(|t| *t - t0).collect();
-    assert_eq!(at, vec![ms(1000), ms(2000)], "renewal tried every third of the lease");
+    let at: Vec<Duration> = store
+        .log
+        .lock()
+        .unwrap()
+        .renews
+        .iter()
+        .map(|t| *t - t0)
+        .collect();
+    assert_eq!(
+        at,
+        vec![ms(1000), ms(2000)],
+        "renewal tried every third of the lease"
+    );
     let (s, h, b) = send(&app, req("/orders", "r", &[("x-sleep", "2500")])).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 0"));
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
@@ -441,10 +519,16 @@ async fn rows10_to_12_duplicates_payloads_and_clients() {
     let store = Wrapped::new(Knobs::default());
     let runs = Runs::default();
     let app = app(&runs, layer(&store));
-    let first = tokio::spawn(app.clone().oneshot(req("/orders", "x", &[("x-sleep", "1000")])));
+    let first = tokio::spawn(
+        app.clone()
+            .oneshot(req("/orders", "x", &[("x-sleep", "1000")])),
+    );
     tokio::time::sleep(ms(10)).await;
     let (s, h, b) = send(&app, req("/orders", "x", &[("x-sleep", "1000")])).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::CONFLICT, problem::IN_FLIGHT.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (StatusCode::CONFLICT, problem::IN_FLIGHT.to_owned())
+    );
     assert_eq!(h.get("retry-after").unwrap(), "1");
     let other = Request::post("/orders")
         .header("authorization", "Bearer a")
@@ -452,9 +536,17 @@ async fn rows10_to_12_duplicates_payloads_and_clients() {
         .body(Body::from(r#"{"item":"pen"}"#))
         .unwrap();
     let (s, _, b) = send(&app, other).await;
-    assert_eq!((s, problem_type(&b)), (StatusCode::UNPROCESSABLE_ENTITY, problem::KEY_REUSED.to_owned()));
+    assert_eq!(
+        (s, problem_type(&b)),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            problem::KEY_REUSED.to_owned()
+        )
+    );
     let mut client_b = req("/orders", "x", &[]);
-    client_b.headers_mut().insert("authorization", "Bearer b".parse().unwrap());
+    client_b
+        .headers_mut()
+        .insert("authorization", "Bearer b".parse().unwrap());
     let (s, _, b) = send(&app, client_b).await;
     assert_eq!((s, b.as_str()), (StatusCode::CREATED, "order 1"));
     let res = first.await.unwrap().unwrap();

@@ -43,7 +43,14 @@ fn limited(
 fn sent_at(api: &Api, t0: Instant) -> Vec<(String, Duration)> {
     api.seen()
         .iter()
-        .map(|s| (s.uri.trim_start_matches("http://api.example.com").to_owned(), s.sent - t0))
+        .map(|s| {
+            (
+                s.uri
+                    .trim_start_matches("http://api.example.com")
+                    .to_owned(),
+                s.sent - t0,
+            )
+        })
         .collect()
 }
 
@@ -61,10 +68,18 @@ async fn slow_start_after_a_retry_after_pause_releases_1_2_4() {
     });
     let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
     let t0 = Instant::now();
-    assert_eq!(bounded(svc.clone().oneshot(get(&url("/p")))).await.unwrap().status(), 429);
+    assert_eq!(
+        bounded(svc.clone().oneshot(get(&url("/p"))))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
     let mut tasks = Vec::new();
     for i in 0..7 {
-        tasks.push(tokio::spawn(svc.clone().oneshot(get(&url(&format!("/w{i}"))))));
+        tasks.push(tokio::spawn(
+            svc.clone().oneshot(get(&url(&format!("/w{i}")))),
+        ));
         tokio::task::yield_now().await;
     }
     tokio::task::yield_now().await;
@@ -94,13 +109,27 @@ async fn slow_start_after_a_retry_after_pause_releases_1_2_4() {
 /// and the first of them leaves when the pause ends.
 #[tokio::test(start_paused = true)]
 async fn after_a_bare_429_the_waiting_calls_all_get_through() {
-    let api = Api::new(|n, _| if n == 0 { st(429) } else { Act::After(ms(50), 200) });
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st(429)
+        } else {
+            Act::After(ms(50), 200)
+        }
+    });
     let (svc, _handle) = limited(&api, RateLimitLayer::adaptive_only());
     let t0 = Instant::now();
-    assert_eq!(bounded(svc.clone().oneshot(get(&url("/p")))).await.unwrap().status(), 429);
+    assert_eq!(
+        bounded(svc.clone().oneshot(get(&url("/p"))))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
     let mut tasks = Vec::new();
     for i in 0..6 {
-        tasks.push(tokio::spawn(svc.clone().oneshot(get(&url(&format!("/w{i}"))))));
+        tasks.push(tokio::spawn(
+            svc.clone().oneshot(get(&url(&format!("/w{i}")))),
+        ));
         tokio::task::yield_now().await;
     }
     for t in tasks {
@@ -125,11 +154,19 @@ async fn a_waiter_behind_a_released_call_that_never_answers_leaves_at_max_wait()
             .with_max_wait(secs(5))
             .with_default_pause(secs(3)),
     );
-    assert_eq!(bounded(svc.clone().oneshot(get(&url("/p")))).await.unwrap().status(), 429);
+    assert_eq!(
+        bounded(svc.clone().oneshot(get(&url("/p"))))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
     let hung = tokio::spawn(svc.clone().oneshot(get(&url("/hang"))));
     tokio::task::yield_now().await;
     let t = Instant::now();
-    let err = bounded(svc.clone().oneshot(get(&url("/w")))).await.unwrap_err();
+    let err = bounded(svc.clone().oneshot(get(&url("/w"))))
+        .await
+        .unwrap_err();
     assert_eq!(t.elapsed(), secs(5), "left at its max_wait");
     let rl = find::<RateLimited>(&*err).unwrap_or_else(|| panic!("{}", chain(&*err)));
     assert_eq!(rl.retry_after(), secs(3), "suggesting the default pause");
@@ -138,7 +175,9 @@ async fn a_waiter_behind_a_released_call_that_never_answers_leaves_at_max_wait()
 
 /// A service whose `call` panics for `/panic-call`, whose future panics for `/panic-fut`, and
 /// which answers 200 after 100 ms otherwise (a 429 with Retry-After: 1 for `/p`).
-fn panicky(calls: Arc<AtomicUsize>) -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future = BoxFut>
+fn panicky(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = BoxError, Future = BoxFut>
        + Clone
        + Send
        + Sync
@@ -167,10 +206,15 @@ fn panicky(calls: Arc<AtomicUsize>) -> impl Service<Request<Body>, Response = Re
 async fn a_released_call_that_panics_gives_its_place_back() {
     for path in ["/panic-call", "/panic-fut"] {
         let calls = Arc::new(AtomicUsize::new(0));
-        let (layer, handle) = RateLimitLayer::adaptive_only().with_max_wait(secs(20)).pair();
+        let (layer, handle) = RateLimitLayer::adaptive_only()
+            .with_max_wait(secs(20))
+            .pair();
         let svc = layer.layer(panicky(calls.clone()));
         let t0 = Instant::now();
-        assert_eq!(svc.clone().oneshot(get(&url("/p"))).await.unwrap().status(), 429);
+        assert_eq!(
+            svc.clone().oneshot(get(&url("/p"))).await.unwrap().status(),
+            429
+        );
         let first = tokio::spawn(svc.clone().oneshot(get(&url(path))));
         tokio::task::yield_now().await;
         let second = tokio::spawn(svc.clone().oneshot(get(&url("/ok"))));
@@ -195,11 +239,11 @@ async fn a_released_call_that_panics_gives_its_place_back() {
 async fn dropped_waiters_give_their_place_back() {
     // A quota of one per second: one call takes the slot, ten wait and are dropped.
     let api = Api::always(st(200));
-    let (svc, handle) = limited(
-        &api,
-        RateLimitLayer::new(Quota::per_second(1).unwrap()),
+    let (svc, handle) = limited(&api, RateLimitLayer::new(Quota::per_second(1).unwrap()));
+    assert_eq!(
+        svc.clone().oneshot(get(&url("/a"))).await.unwrap().status(),
+        200
     );
-    assert_eq!(svc.clone().oneshot(get(&url("/a"))).await.unwrap().status(), 200);
     let mut waiters = Vec::new();
     for _ in 0..10 {
         let mut f = Box::pin(svc.clone().oneshot(get(&url("/w"))));
@@ -217,16 +261,32 @@ async fn dropped_waiters_give_their_place_back() {
     assert_eq!(handle.waiting(KEY), 0);
     let t = Instant::now();
     assert_eq!(
-        bounded(svc.clone().oneshot(get(&url("/next")))).await.unwrap().status(),
+        bounded(svc.clone().oneshot(get(&url("/next"))))
+            .await
+            .unwrap()
+            .status(),
         200
     );
-    assert!(t.elapsed() <= ms(500), "the next call waited {:?}", t.elapsed());
+    assert!(
+        t.elapsed() <= ms(500),
+        "the next call waited {:?}",
+        t.elapsed()
+    );
 
     // A pause with slow start: waiters dropped before and after the pause ended.
-    let api = Api::new(|n, _| if n == 0 { st_h(429, &[("retry-after", "1")]) } else { Act::After(ms(100), 200) });
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            st_h(429, &[("retry-after", "1")])
+        } else {
+            Act::After(ms(100), 200)
+        }
+    });
     let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only());
     let t0 = Instant::now();
-    assert_eq!(svc.clone().oneshot(get(&url("/p"))).await.unwrap().status(), 429);
+    assert_eq!(
+        svc.clone().oneshot(get(&url("/p"))).await.unwrap().status(),
+        429
+    );
     let mut waiters = Vec::new();
     for _ in 0..6 {
         let mut f = Box::pin(svc.clone().oneshot(get(&url("/w"))));
@@ -241,7 +301,9 @@ async fn dropped_waiters_give_their_place_back() {
     }
     drop(waiters);
     assert_eq!(handle.waiting(KEY), 0);
-    let res = bounded(svc.clone().oneshot(get(&url("/next")))).await.unwrap();
+    let res = bounded(svc.clone().oneshot(get(&url("/next"))))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert!(
         t0.elapsed() <= ms(1100),
@@ -288,8 +350,7 @@ async fn a_remote_grant_whose_caller_was_dropped_is_given_back() {
             ..SlowStore::default()
         });
         let api = Api::always(st(200));
-        let layer = RateLimitLayer::new(Quota::per_second(10).unwrap())
-            .with_remote(store.clone());
+        let layer = RateLimitLayer::new(Quota::per_second(10).unwrap()).with_remote(store.clone());
         let svc = layer.layer(api.service());
         let mut f = Box::pin(svc.clone().oneshot(get(&url("/a"))));
         assert!(f.as_mut().now_or_never().is_none());
@@ -347,15 +408,27 @@ async fn hostile_pause_headers_are_capped_and_never_panic() {
                 st(200)
             }
         });
-        let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only().with_max_wait(secs(3600)));
+        let (svc, handle) = limited(
+            &api,
+            RateLimitLayer::adaptive_only().with_max_wait(secs(3600)),
+        );
         let res = bounded(svc.clone().oneshot(get(&url("/p")))).await.unwrap();
         assert_eq!(res.status().as_u16(), code, "{name}: {value}");
         let pause = handle.pause(KEY).unwrap_or_default();
-        assert!(pause <= DEFAULT_MAX_PAUSE, "{name}: {value} paused {pause:?}");
+        assert!(
+            pause <= DEFAULT_MAX_PAUSE,
+            "{name}: {value} paused {pause:?}"
+        );
         let t = Instant::now();
-        let res = bounded(svc.clone().oneshot(get(&url("/next")))).await.unwrap();
+        let res = bounded(svc.clone().oneshot(get(&url("/next"))))
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200, "{name}: {value}");
-        assert!(t.elapsed() <= DEFAULT_MAX_PAUSE, "{name}: {value} waited {:?}", t.elapsed());
+        assert!(
+            t.elapsed() <= DEFAULT_MAX_PAUSE,
+            "{name}: {value} waited {:?}",
+            t.elapsed()
+        );
     }
 }
 
@@ -387,13 +460,32 @@ async fn hostile_reset_values_are_capped() {
                 st(200)
             }
         });
-        let (svc, handle) = limited(&api, RateLimitLayer::adaptive_only().with_max_wait(secs(3600)));
-        assert_eq!(bounded(svc.clone().oneshot(get(&url("/p")))).await.unwrap().status(), 200);
+        let (svc, handle) = limited(
+            &api,
+            RateLimitLayer::adaptive_only().with_max_wait(secs(3600)),
+        );
+        assert_eq!(
+            bounded(svc.clone().oneshot(get(&url("/p"))))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
         let pause = handle.pause(KEY).unwrap_or_default();
         assert!(pause <= DEFAULT_MAX_PAUSE, "reset {reset:?}: {pause:?}");
         let t = Instant::now();
-        assert_eq!(bounded(svc.clone().oneshot(get(&url("/n")))).await.unwrap().status(), 200);
-        assert!(t.elapsed() <= DEFAULT_MAX_PAUSE, "reset {reset:?}: {:?}", t.elapsed());
+        assert_eq!(
+            bounded(svc.clone().oneshot(get(&url("/n"))))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert!(
+            t.elapsed() <= DEFAULT_MAX_PAUSE,
+            "reset {reset:?}: {:?}",
+            t.elapsed()
+        );
     }
 }
 
@@ -402,7 +494,13 @@ async fn hostile_reset_values_are_capped() {
 #[tokio::test(start_paused = true)]
 async fn kept_services_over_concurrency_limit_one_and_under_buffer_through_a_pause() {
     for over_limit in [true, false] {
-        let api = Api::new(|n, _| if n == 0 { st_h(429, &[("retry-after", "1")]) } else { Act::After(ms(10), 200) });
+        let api = Api::new(|n, _| {
+            if n == 0 {
+                st_h(429, &[("retry-after", "1")])
+            } else {
+                Act::After(ms(10), 200)
+            }
+        });
         let layer = RateLimitLayer::adaptive_only();
         let svc = if over_limit {
             tower::util::BoxCloneService::new(
@@ -420,7 +518,13 @@ async fn kept_services_over_concurrency_limit_one_and_under_buffer_through_a_pau
             )
         };
         let mut first = svc.clone();
-        let res = first.ready().await.unwrap().call(get(&url("/p"))).await.unwrap();
+        let res = first
+            .ready()
+            .await
+            .unwrap()
+            .call(get(&url("/p")))
+            .await
+            .unwrap();
         assert_eq!(res.status(), 429);
         let mut tasks = Vec::new();
         for i in 0..5 {
