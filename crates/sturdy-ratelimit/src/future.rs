@@ -483,11 +483,23 @@ where
                 let now = ks.origin.elapsed();
                 slow.turn = match decided {
                     Ok(Reserve::Granted { wait }) => {
-                        Turn::Reserved(now.saturating_add(nanos(wait)))
+                        let at = now.saturating_add(nanos(wait));
+                        if at > slow.deadline {
+                            // A grant later than the call may wait breaks the store's contract
+                            // (clock skew, a bug): the slot goes back and the call is refused,
+                            // as a call that would wait past `max_wait` is; the store's figure
+                            // is capped before it reaches the caller.
+                            release(&bound);
+                            slow.turn = Turn::Done;
+                            let told = wait.min(bound.config.max_pause);
+                            return Poll::Ready(Err(limited(nanos(told))));
+                        }
+                        Turn::Reserved(at)
                     }
                     Ok(Reserve::Denied { retry_after }) => {
                         slow.turn = Turn::Done;
-                        return Poll::Ready(Err(limited(nanos(retry_after))));
+                        let told = retry_after.min(bound.config.max_pause);
+                        return Poll::Ready(Err(limited(nanos(told))));
                     }
                     Err(e) => match bound.config.on_store_error {
                         OnStoreError::Allow => {

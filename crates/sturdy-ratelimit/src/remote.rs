@@ -28,7 +28,10 @@ pub enum Reserve {
 /// One call to [`reserve`](Self::reserve) decides one call to the API: it must be atomic in the
 /// store and cost one round trip.
 pub trait RemoteQuota: Send + Sync + fmt::Debug + 'static {
-    /// Reserves a slot for `key` no more than `max_wait` from now.
+    /// Reserves a slot for `key` no more than `max_wait` from now. A grant further away than
+    /// that (a store that breaks this contract) is released and the call refused with
+    /// `RateLimited`; a wait a store reports is capped at the layer's `max_pause` before it
+    /// reaches the caller.
     fn reserve(&self, key: &str, max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>>;
 
     /// Tells every process to hold off `key` for `duration` (a server said so; the layer has
