@@ -62,10 +62,12 @@ enum Turn {
     /// In the key's line: for a slot of the local quota, or for the pause to end (then, with a
     /// remote quota, the store is asked).
     Queued(Ticket),
-    /// Remote quota: asking the store for a slot (`sent` once the request has been polled).
+    /// Remote quota: asking the store for a slot no more than `max_wait` ns away (`sent` once
+    /// the request has been polled).
     Asking {
         fut: BoxFuture<Result<Reserve, BoxError>>,
         sent: bool,
+        max_wait: u64,
     },
     /// Remote quota: the store granted a slot at this time.
     Reserved(u64),
@@ -78,7 +80,9 @@ impl<S, B> Drop for Slow<S, B> {
         match std::mem::replace(&mut self.turn, Turn::Done) {
             Turn::Queued(ticket) => self.bound.state().gate.leave(ticket),
             Turn::Reserved(_) => release(&self.bound),
-            Turn::Asking { fut, sent: true } => release_if_granted(&self.bound, fut),
+            Turn::Asking {
+                fut, sent: true, ..
+            } => release_if_granted(&self.bound, fut),
             Turn::Asking { sent: false, .. } | Turn::Done => {}
         }
     }
@@ -236,10 +240,11 @@ fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
         .remote
         .as_ref()
         .expect("only a layer with a remote store asks it");
-    let wait_left = Duration::from_nanos(deadline.saturating_sub(now));
+    let max_wait = deadline.saturating_sub(now);
     Turn::Asking {
-        fut: remote.reserve(bound.key(), wait_left),
+        fut: remote.reserve(bound.key(), Duration::from_nanos(max_wait)),
         sent: false,
+        max_wait,
     }
 }
 
@@ -477,14 +482,20 @@ where
                     slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);
                 }
             }
-            Turn::Asking { fut, sent } => {
+            Turn::Asking {
+                fut,
+                sent,
+                max_wait,
+            } => {
                 *sent = true;
+                let max_wait = *max_wait;
                 let decided = ready!(fut.as_mut().poll(cx));
                 let now = ks.origin.elapsed();
                 slow.turn = match decided {
                     Ok(Reserve::Granted { wait }) => {
-                        let at = now.saturating_add(nanos(wait));
-                        if at > slow.deadline {
+                        // Counted from the ask, as the store counts it (the round trip since
+                        // is not the store's doing).
+                        if nanos(wait) > max_wait {
                             // A grant later than the call may wait breaks the store's contract
                             // (clock skew, a bug): the slot goes back and the call is refused,
                             // as a call that would wait past `max_wait` is; the store's figure
@@ -494,7 +505,7 @@ where
                             let told = wait.min(bound.config.max_pause);
                             return Poll::Ready(Err(limited(nanos(told))));
                         }
-                        Turn::Reserved(at)
+                        Turn::Reserved(now.saturating_add(nanos(wait)))
                     }
                     Ok(Reserve::Denied { retry_after }) => {
                         slow.turn = Turn::Done;

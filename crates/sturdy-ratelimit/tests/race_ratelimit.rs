@@ -233,3 +233,43 @@ async fn a_call_dropped_while_the_store_answers_gives_the_granted_slot_back() {
         "the slot the store granted to a call dropped during the round trip was not given back"
     );
 }
+
+/// A store that grants every call the latest slot it may (`max_wait` from the ask), answering
+/// after a 10 ms round trip; counts releases.
+#[derive(Debug, Clone, Default)]
+struct AtTheEdge(Arc<AtomicUsize>);
+
+impl RemoteQuota for AtTheEdge {
+    fn reserve(&self, _key: &str, max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(Reserve::Granted { wait: max_wait })
+        })
+    }
+
+    fn release(&self, _key: &str) -> BoxFuture<Result<(), BoxError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A grant of exactly `max_wait`, counted from the ask, keeps the store's contract even though
+/// the answer took a round trip: the call goes at the granted time, and nothing is released.
+#[tokio::test(start_paused = true)]
+async fn a_grant_at_the_edge_of_max_wait_after_a_round_trip_is_used() {
+    let store = AtTheEdge::default();
+    let api = Api::new(vec![]);
+    let svc = RateLimitLayer::new(sturdy_ratelimit::Quota::per_second(10).unwrap())
+        .with_max_wait(secs(2))
+        .with_remote(Arc::new(store.clone()))
+        .layer(api.clone());
+    let start = tokio::time::Instant::now();
+    let res = svc.oneshot(get()).await.expect("the grant is used");
+    assert_eq!(res.status(), 200);
+    let waited = start.elapsed();
+    assert!(
+        waited >= secs(2) && waited <= secs(2) + Duration::from_millis(20),
+        "waited {waited:?}"
+    );
+    assert_eq!(store.0.load(Ordering::SeqCst), 0, "nothing was given back");
+}
