@@ -12,7 +12,7 @@ use sturdy_core::{BoxError, RateLimited};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::gate::Ticket;
+use crate::gate::{poll_until, Ticket};
 use crate::gcra::nanos;
 use crate::remote::{BoxFuture, OnStoreError, Reserve};
 use crate::state::{Bound, Release};
@@ -409,19 +409,6 @@ where
             }
         }
     }
-}
-
-/// Sleeps on `sleep` until `at` (ns since the origin).
-fn poll_until(
-    sleep: &mut Option<Pin<Box<Sleep>>>,
-    until: tokio::time::Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-    if timer.deadline() != until {
-        timer.as_mut().reset(until);
-    }
-    timer.as_mut().poll(cx)
 }
 
 /// Drives the slow path until its turn comes, then calls the service `poll_ready` made ready

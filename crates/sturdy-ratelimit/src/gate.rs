@@ -306,13 +306,7 @@ impl Gate {
                         if now >= deadline {
                             return Poll::Ready(Err(0));
                         }
-                        let until = origin.instant(deadline);
-                        let timer =
-                            sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                        if timer.deadline() != until {
-                            timer.as_mut().reset(until);
-                        }
-                        if timer.as_mut().poll(cx).is_pending() {
+                        if poll_until(sleep, origin.instant(deadline), cx).is_pending() {
                             return Poll::Pending;
                         }
                         continue;
@@ -326,12 +320,7 @@ impl Gate {
             if at > deadline {
                 return Poll::Ready(Err(at - now));
             }
-            let until = origin.instant(at);
-            let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-            if timer.deadline() != until {
-                timer.as_mut().reset(until);
-            }
-            if timer.as_mut().poll(cx).is_pending() {
+            if poll_until(sleep, origin.instant(at), cx).is_pending() {
                 return Poll::Pending;
             }
         }
@@ -394,6 +383,19 @@ impl Gate {
         }
         before
     }
+}
+
+/// Sleeps on `sleep` (made on first use, moved when `until` changes) until `until`.
+pub(crate) fn poll_until(
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    until: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    if timer.deadline() != until {
+        timer.as_mut().reset(until);
+    }
+    timer.as_mut().poll(cx)
 }
 
 #[cfg(test)]

@@ -101,6 +101,8 @@ where
         });
         let max_attempts = crate::policy::max_attempts(&self.config, options);
         // The policy is made where it is kept (in the loop's box), not here and moved there.
+        // The closure takes the settings as arguments: capturing `self`'s fields instead made
+        // the call 90 instructions dearer (callgrind).
         let policy_call = call.clone();
         let make_policy = move |config: &Arc<Config>, classify: &C| {
             RetryPolicy::new(
