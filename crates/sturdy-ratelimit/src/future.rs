@@ -62,11 +62,9 @@ enum Turn {
     /// In the key's line: for a slot of the local quota, or for the pause to end (then, with a
     /// remote quota, the store is asked).
     Queued(Ticket),
-    /// Remote quota: asking the store for a slot no more than `max_wait` ns away (`sent` once
-    /// the request has been polled).
+    /// Remote quota: asking the store for a slot no more than `max_wait` ns away.
     Asking {
         fut: BoxFuture<Result<Reserve, BoxError>>,
-        sent: bool,
         max_wait: u64,
     },
     /// Remote quota: the store granted a slot at this time.
@@ -80,17 +78,17 @@ impl<S, B> Drop for Slow<S, B> {
         match std::mem::replace(&mut self.turn, Turn::Done) {
             Turn::Queued(ticket) => self.bound.state().gate.leave(ticket),
             Turn::Reserved(_) => release(&self.bound),
-            Turn::Asking {
-                fut, sent: true, ..
-            } => release_if_granted(&self.bound, fut),
-            Turn::Asking { sent: false, .. } | Turn::Done => {}
+            Turn::Asking { fut, .. } => release_if_granted(&self.bound, fut),
+            Turn::Done => {}
         }
     }
 }
 
 /// A call dropped while the store's answer was on its way: the store may have granted it a slot
-/// already (a script runs once its command is sent), so the answer is awaited in the background
-/// and a granted slot given back, as a call dropped after its grant gives it back.
+/// already (a script runs once its command is sent; a store may even decide when `reserve` is
+/// called, before the first poll), so the answer is awaited in the background and a granted slot
+/// given back, as a call dropped after its grant gives it back. (A store that decides only when
+/// polled is asked then, and the slot given back at once: one round trip, nothing lost.)
 fn release_if_granted(bound: &Arc<Bound>, fut: BoxFuture<Result<Reserve, BoxError>>) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let bound = bound.clone();
@@ -243,7 +241,6 @@ fn ask(bound: &Bound, now: u64, deadline: u64) -> Turn {
     let max_wait = deadline.saturating_sub(now);
     Turn::Asking {
         fut: remote.reserve(bound.key(), Duration::from_nanos(max_wait)),
-        sent: false,
         max_wait,
     }
 }
@@ -469,12 +466,7 @@ where
                     slow.turn = ask(&bound, ks.origin.elapsed(), slow.deadline);
                 }
             }
-            Turn::Asking {
-                fut,
-                sent,
-                max_wait,
-            } => {
-                *sent = true;
+            Turn::Asking { fut, max_wait } => {
                 let max_wait = *max_wait;
                 let decided = ready!(fut.as_mut().poll(cx));
                 let now = ks.origin.elapsed();

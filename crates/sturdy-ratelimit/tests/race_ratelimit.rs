@@ -273,3 +273,45 @@ async fn a_grant_at_the_edge_of_max_wait_after_a_round_trip_is_used() {
     );
     assert_eq!(store.0.load(Ordering::SeqCst), 0, "nothing was given back");
 }
+
+/// A store that decides when `reserve` is called (before its future is polled), granting at
+/// once; counts grants and releases.
+#[derive(Debug, Clone, Default)]
+struct Eager(Arc<InFlightStore>);
+
+impl RemoteQuota for Eager {
+    fn reserve(&self, _key: &str, _max_wait: Duration) -> BoxFuture<Result<Reserve, BoxError>> {
+        self.0.granted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::ready(Ok(Reserve::Granted {
+            wait: Duration::ZERO,
+        })))
+    }
+
+    fn release(&self, _key: &str) -> BoxFuture<Result<(), BoxError>> {
+        self.0.released.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A response future dropped before its first poll gives back a slot a store granted when it was
+/// asked (at `call`), not only one granted during a poll.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_before_its_first_poll_gives_an_eager_grant_back() {
+    let store = Eager::default();
+    let layer = RateLimitLayer::new(sturdy_ratelimit::Quota::per_second(10).unwrap())
+        .with_remote(Arc::new(store.clone()));
+    let mut svc = layer.layer(Api::new(vec![]));
+    let fut = svc.ready().await.unwrap().call(get());
+    assert_eq!(
+        store.0.granted.load(Ordering::SeqCst),
+        1,
+        "the store was asked at call"
+    );
+    drop(fut);
+    settle().await;
+    assert_eq!(
+        store.0.released.load(Ordering::SeqCst),
+        1,
+        "the slot granted to a call never polled was not given back"
+    );
+}

@@ -249,12 +249,11 @@ impl<St: IdempotencyStore> Execution<St> {
 /// the store may have locked the key already (a script runs once its command is sent), and a
 /// lock whose handler never runs would answer every retry with 409 "still running" until its
 /// lease ends. So a request dropped while `begin` is on its way leaves the answer to a
-/// background task, which releases the key if it was locked.
+/// background task, which releases the key if it was locked (a store may lock when `begin` is
+/// called, before the first poll, so an answer never polled is awaited too).
 pub(crate) struct Beginning<St: IdempotencyStore> {
     /// `None` once answered.
     fut: Option<BoxFuture<Result<Begin, BoxError>>>,
-    /// Whether the request was sent (polled at least once).
-    sent: bool,
     store: Arc<St>,
     key: String,
     fp: Fingerprint,
@@ -264,7 +263,6 @@ impl<St: IdempotencyStore> Beginning<St> {
     pub(crate) fn new(store: &Arc<St>, key: &str, fp: Fingerprint, lease: Duration) -> Self {
         Self {
             fut: Some(store.begin(key, fp, lease)),
-            sent: false,
             store: store.clone(),
             key: key.to_owned(),
             fp,
@@ -282,7 +280,6 @@ impl<St: IdempotencyStore> Future for Beginning<St> {
                 "the idempotency store's answer was already taken".into()
             ));
         };
-        this.sent = true;
         let answer = std::task::ready!(fut.as_mut().poll(cx));
         this.fut = None;
         Poll::Ready(answer)
@@ -291,7 +288,7 @@ impl<St: IdempotencyStore> Future for Beginning<St> {
 
 impl<St: IdempotencyStore> Drop for Beginning<St> {
     fn drop(&mut self) {
-        let Some(fut) = self.fut.take().filter(|_| self.sent) else {
+        let Some(fut) = self.fut.take() else {
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
