@@ -11,7 +11,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use sturdy::idempotency::server::{IdempotencyStore, MemoryStore, StoredResponse};
+use sturdy::idempotency::server::{IdempotencyStore, LockToken, MemoryStore, StoredResponse};
+
+/// One token for every lock: each key is locked once, by one execution.
+const T: LockToken = LockToken::from_u128(1);
 
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -47,11 +50,11 @@ fn main() {
             let key = format!("5f0c2a9e7b1d4c3f8e6a0b2d4f6e8a1c:{i:08x}-5e2b-4c1d-9a7f-{i:012x}");
             let fp = [i as u8; 32];
             store
-                .begin(&key, fp, Duration::from_secs(30))
+                .begin(&key, fp, T, Duration::from_secs(30))
                 .await
                 .unwrap();
             store
-                .complete(&key, fp, response(), Duration::from_secs(86_400))
+                .complete(&key, fp, T, response(), Duration::from_secs(86_400))
                 .await
                 .unwrap();
         }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sturdy::idempotency::server::{IdempotencyStore, MemoryStore, StoredResponse};
+use sturdy::idempotency::server::{IdempotencyStore, LockToken, MemoryStore, StoredResponse};
 
 /// The memory store's futures are ready at once.
 fn ready<F: Future>(f: F) -> F::Output {
@@ -46,6 +46,8 @@ fn key(buf: &mut String, i: u64) -> &str {
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(86_400);
+/// One token for every lock: each key is locked once, by one execution.
+const T: LockToken = LockToken::from_u128(1);
 
 fn at_the_bound(c: &mut Criterion) {
     let response = StoredResponse {
@@ -69,8 +71,8 @@ fn at_the_bound(c: &mut Criterion) {
         for i in 0..n {
             let k = key(&mut buf, i);
             let fp = [i as u8; 32];
-            ready(store.begin(k, fp, LEASE)).expect("room");
-            ready(store.complete(k, fp, response.clone(), TTL)).expect("room");
+            ready(store.begin(k, fp, T, LEASE)).expect("room");
+            ready(store.complete(k, fp, T, response.clone(), TTL)).expect("room");
         }
         let mut next = n;
         g.bench_with_input(BenchmarkId::new("new key", n), &n, |b, _| {
@@ -78,8 +80,8 @@ fn at_the_bound(c: &mut Criterion) {
                 next += 1;
                 let k = key(&mut buf, next);
                 let fp = [next as u8; 32];
-                black_box(ready(store.begin(k, fp, LEASE)).expect("room"));
-                ready(store.complete(k, fp, response.clone(), TTL)).expect("room");
+                black_box(ready(store.begin(k, fp, T, LEASE)).expect("room"));
+                ready(store.complete(k, fp, T, response.clone(), TTL)).expect("room");
             });
         });
         assert_eq!(store.len() as u64, n, "the store stayed at its bound");
@@ -113,7 +115,9 @@ fn at_the_bound(c: &mut Criterion) {
                 // A stored key, spread over the store: the newest n keys are next-n+1 ..= next.
                 step = (step + 7_919) % n;
                 let i = next - step;
-                black_box(ready(store.begin(key(&mut buf, i), [i as u8; 32], LEASE)).expect("ok"));
+                black_box(
+                    ready(store.begin(key(&mut buf, i), [i as u8; 32], T, LEASE)).expect("ok"),
+                );
             });
         });
     }

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use sturdy::core::BoxError;
 use sturdy::idempotency::server::{
     problem, Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer, IdempotencyStore,
-    MemoryStore, StoredResponse,
+    LockToken, MemoryStore, StoredResponse,
 };
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -78,6 +78,7 @@ impl IdempotencyStore for Wrapped {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>> {
         let k = self.knobs();
@@ -88,7 +89,7 @@ impl IdempotencyStore for Wrapped {
             if k.fail_begin {
                 return Err(down());
             }
-            let r = this.inner.begin(&key, fingerprint, lease).await;
+            let r = this.inner.begin(&key, fingerprint, token, lease).await;
             this.log
                 .lock()
                 .unwrap()
@@ -103,19 +104,21 @@ impl IdempotencyStore for Wrapped {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<bool, BoxError>> {
         self.log.lock().unwrap().renews.push(Instant::now());
         if self.knobs().fail_renew {
             return Box::pin(async { Err(down()) });
         }
-        self.inner.renew(key, fingerprint, lease)
+        self.inner.renew(key, fingerprint, token, lease)
     }
 
     fn complete(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
@@ -123,17 +126,17 @@ impl IdempotencyStore for Wrapped {
         if self.knobs().fail_complete {
             return Box::pin(async { Err(down()) });
         }
-        self.inner.complete(key, fingerprint, response, ttl)
+        self.inner.complete(key, fingerprint, token, response, ttl)
     }
 
-    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
         let k = self.knobs();
         let this = self.clone();
         let key = key.to_owned();
         Box::pin(async move {
             tokio::time::sleep(k.release_before).await;
             this.log.lock().unwrap().releases.push(Instant::now());
-            this.inner.release(&key, fingerprint).await
+            this.inner.release(&key, token).await
         })
     }
 }

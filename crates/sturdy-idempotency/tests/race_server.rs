@@ -15,8 +15,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use sturdy_core::BoxError;
 use sturdy_idempotency::server::{
-    Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore,
-    StoredResponse,
+    Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer, IdempotencyStore, LockToken,
+    MemoryStore, StoredResponse,
 };
 use tower::{service_fn, Layer, ServiceExt};
 
@@ -57,23 +57,36 @@ fn trip<T: Send + Unpin + 'static>(op: BoxFuture<T>) -> BoxFuture<T> {
 }
 
 impl IdempotencyStore for Remote {
-    fn begin(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<Begin, BoxError>> {
-        trip(self.inner.begin(k, fp, l))
+    fn begin(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>> {
+        trip(self.inner.begin(k, fp, t, l))
     }
-    fn renew(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<bool, BoxError>> {
-        trip(self.inner.renew(k, fp, l))
+    fn renew(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>> {
+        trip(self.inner.renew(k, fp, t, l))
     }
     fn complete(
         &self,
         k: &str,
         fp: Fingerprint,
+        t: LockToken,
         r: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
-        trip(self.inner.complete(k, fp, r, ttl))
+        trip(self.inner.complete(k, fp, t, r, ttl))
     }
-    fn release(&self, k: &str, fp: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
-        trip(self.inner.release(k, fp))
+    fn release(&self, k: &str, t: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        trip(self.inner.release(k, t))
     }
 }
 

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use sturdy_core::BoxError;
 use sturdy_idempotency::server::{
     conformance, problem, Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer,
-    IdempotencyStore, MemoryStore, StoredResponse,
+    IdempotencyStore, LockToken, MemoryStore, StoredResponse,
 };
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -188,24 +188,65 @@ async fn a_crashed_worker_frees_its_key_after_the_lease() {
     let lease = Duration::from_secs(30);
     // A worker locked the key and died without a word.
     assert_eq!(
-        store.begin("s:k", [7; 32], lease).await.unwrap(),
+        store.begin("s:k", [7; 32], T, lease).await.unwrap(),
         Begin::Started
     );
     assert_eq!(
-        store.begin("s:k", [7; 32], lease).await.unwrap(),
+        store.begin("s:k", [7; 32], T, lease).await.unwrap(),
         Begin::InFlight
     );
     tokio::time::advance(Duration::from_secs(29)).await;
     assert_eq!(
-        store.begin("s:k", [7; 32], lease).await.unwrap(),
+        store.begin("s:k", [7; 32], T, lease).await.unwrap(),
         Begin::InFlight
     );
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(
-        store.begin("s:k", [7; 32], lease).await.unwrap(),
+        store.begin("s:k", [7; 32], T, lease).await.unwrap(),
         Begin::Started
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_release_from_a_run_that_lost_its_lock_frees_nothing() {
+    let store = MemoryStore::default();
+    let lease = Duration::from_secs(30);
+    let (first, retry) = (LockToken::random(), LockToken::random());
+    assert_eq!(
+        store.begin("s:k", [7; 32], first, lease).await.unwrap(),
+        Begin::Started
+    );
+    // The first run's lease runs out (its renewals could not reach the store); a retry of the
+    // same request, same fingerprint, takes the key over.
+    tokio::time::advance(lease).await;
+    assert_eq!(
+        store.begin("s:k", [7; 32], retry, lease).await.unwrap(),
+        Begin::Started
+    );
+    // The first run ends with a 5xx and releases "its" key: the retry still holds it.
+    store.release("s:k", first).await.unwrap();
+    assert_eq!(
+        store
+            .begin("s:k", [7; 32], LockToken::random(), lease)
+            .await
+            .unwrap(),
+        Begin::InFlight
+    );
+    assert!(!store.renew("s:k", [7; 32], first, lease).await.unwrap());
+    // Its late response is not stored over the running retry; the retry's is.
+    store
+        .complete("s:k", [7; 32], first, done(), lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.begin("s:k", [7; 32], retry, lease).await.unwrap(),
+        Begin::InFlight
+    );
+    assert!(store.renew("s:k", [7; 32], retry, lease).await.unwrap());
+}
+
+/// One execution's token, for the calls these tests make on a store directly.
+const T: LockToken = LockToken::from_u128(1);
 
 fn done() -> StoredResponse {
     StoredResponse {
@@ -222,35 +263,35 @@ async fn the_memory_store_stays_bounded() {
     for i in 0..1_000 {
         let k = format!("k{i}");
         assert_eq!(
-            store.begin(&k, [1; 32], lease).await.unwrap(),
+            store.begin(&k, [1; 32], T, lease).await.unwrap(),
             Begin::Started
         );
         store
-            .complete(&k, [1; 32], done(), Duration::from_secs(3_600))
+            .complete(&k, [1; 32], T, done(), Duration::from_secs(3_600))
             .await
             .unwrap();
     }
     assert_eq!(store.len(), 100);
     // The newest are kept, the oldest completed ones went first.
     assert!(matches!(
-        store.begin("k999", [1; 32], lease).await.unwrap(),
+        store.begin("k999", [1; 32], T, lease).await.unwrap(),
         Begin::Completed(_)
     ));
     assert_eq!(
-        store.begin("k0", [1; 32], lease).await.unwrap(),
+        store.begin("k0", [1; 32], T, lease).await.unwrap(),
         Begin::Started
     );
 
     // Full of running requests: a new key is refused, not a lock evicted.
     let full = MemoryStore::new(3).unwrap();
     for k in ["a", "b", "c"] {
-        full.begin(k, [1; 32], lease).await.unwrap();
+        full.begin(k, [1; 32], T, lease).await.unwrap();
     }
-    let err = full.begin("d", [1; 32], lease).await.unwrap_err();
+    let err = full.begin("d", [1; 32], T, lease).await.unwrap_err();
     assert!(err.is::<sturdy_idempotency::server::StoreFull>());
     tokio::time::advance(Duration::from_secs(61)).await;
     assert_eq!(
-        full.begin("d", [1; 32], lease).await.unwrap(),
+        full.begin("d", [1; 32], T, lease).await.unwrap(),
         Begin::Started
     );
 }
@@ -261,17 +302,17 @@ async fn expired_entries_are_not_counted_and_are_purged() {
     for i in 0..500 {
         let k = format!("k{i}");
         store
-            .begin(&k, [1; 32], Duration::from_secs(60))
+            .begin(&k, [1; 32], T, Duration::from_secs(60))
             .await
             .unwrap();
         store
-            .complete(&k, [1; 32], done(), Duration::from_secs(10))
+            .complete(&k, [1; 32], T, done(), Duration::from_secs(10))
             .await
             .unwrap();
     }
     // A lock that nobody completes.
     store
-        .begin("lost", [1; 32], Duration::from_secs(30))
+        .begin("lost", [1; 32], T, Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(store.len(), 501);
@@ -540,29 +581,42 @@ fn down() -> BoxError {
 }
 
 impl IdempotencyStore for Failing {
-    fn begin(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<Begin, BoxError>> {
+    fn begin(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>> {
         if self.begin {
             return Box::pin(async { Err(down()) });
         }
-        self.inner.begin(k, fp, l)
+        self.inner.begin(k, fp, t, l)
     }
-    fn renew(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<bool, BoxError>> {
-        self.inner.renew(k, fp, l)
+    fn renew(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>> {
+        self.inner.renew(k, fp, t, l)
     }
     fn complete(
         &self,
         k: &str,
         fp: Fingerprint,
+        t: LockToken,
         r: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
         if self.complete {
             return Box::pin(async { Err(down()) });
         }
-        self.inner.complete(k, fp, r, ttl)
+        self.inner.complete(k, fp, t, r, ttl)
     }
-    fn release(&self, k: &str, fp: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
-        self.inner.release(k, fp)
+    fn release(&self, k: &str, t: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        self.inner.release(k, t)
     }
 }
 

@@ -3,15 +3,20 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use sturdy_core::{BoxError, Error, ErrorKind};
-use sturdy_idempotency::server::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
+use sturdy_idempotency::server::{
+    Begin, BoxFuture, Fingerprint, IdempotencyStore, LockToken, StoredResponse,
+};
 
 use crate::conn::{Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
-/// lease (ms). Values: `i:<fp>` while running, `d:<fp>:<response>` when done.
+/// lease (ms), lock token (hex). Values: `i:<fp>:<token>` while running, `d:<fp>:<response>`
+/// when done.
 const BEGIN: &str = r"
-if redis.call('SET', KEYS[1], 'i:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then return {'started'} end
+if redis.call('SET', KEYS[1], 'i:' .. ARGV[1] .. ':' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
+  return {'started'}
+end
 local v = redis.call('GET', KEYS[1])
 local fp = string.sub(v, 3, 66)
 if fp ~= ARGV[1] then return {'mismatch'} end
@@ -19,32 +24,36 @@ if string.sub(v, 1, 2) == 'i:' then return {'inflight'} end
 return {'done', string.sub(v, 68)}
 ";
 
-/// Extends the lock if this fingerprint holds it, or takes the key again if it is free (the
-/// lease ran out and nobody took it over). ARGV: fp, lease (ms).
+/// Extends the lock if this token holds it, or takes the key again if it is free (the lease ran
+/// out and nobody took it over). ARGV: fp, lease (ms), token.
 const RENEW: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v == 'i:' .. ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local mine = 'i:' .. ARGV[1] .. ':' .. ARGV[3]
+if v == mine then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if not v then
-  redis.call('SET', KEYS[1], 'i:' .. ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[1], mine, 'PX', ARGV[2])
   return 1
 end
 return 0
 ";
 
-/// Stores the response if this fingerprint holds the lock, or if the key is free (the lease ran
-/// out and nobody took it over). ARGV: fp, ttl (ms), response.
+/// Stores the response if this token holds the lock, or if the key is free (the lease ran out
+/// and nobody took it over). ARGV: fp, ttl (ms), response, token.
 const COMPLETE: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v == 'i:' .. ARGV[1] or not v then
+if v == 'i:' .. ARGV[1] .. ':' .. ARGV[4] or not v then
   redis.call('SET', KEYS[1], 'd:' .. ARGV[1] .. ':' .. ARGV[3], 'PX', ARGV[2])
   return 1
 end
 return 0
 ";
 
-/// Drops the lock if this fingerprint holds it. ARGV: fp.
+/// Drops the lock if this token holds it. ARGV: token.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == 'i:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'i:' and string.sub(v, 68) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 ";
 
@@ -55,13 +64,15 @@ static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()
 
 /// An idempotency store in Redis, so several app instances agree on keys: the lock is a
 /// `SET NX PX` with the lease; renewal, completion and release are atomic scripts that act only
-/// for the fingerprint that holds the lock (or, for renewal and completion, on a key whose lease
-/// ran out with nobody taking it over); stored responses expire with their TTL. One round trip
-/// per operation, each bounded by a timeout \[1 s\].
+/// for the [`LockToken`] that took the lock (or, for renewal and completion, on a key whose
+/// lease ran out with nobody taking it over); stored responses expire with their TTL. One round
+/// trip per operation, each bounded by a timeout \[1 s\].
 ///
-/// Each key is one Redis string: `i:<fingerprint>` while its request runs, then
-/// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]). The Redis key is the
-/// prefix, a hash of the client's scope and the idempotency key; no credential is stored.
+/// Each key is one Redis string: `i:<fingerprint>:<lock token>` while its request runs, then
+/// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]), fingerprint and token
+/// in hex. The Redis key is the prefix, a hash of the client's scope and the idempotency key; no
+/// credential is stored. (A lock written by a version without tokens, `i:<fingerprint>`, is
+/// left to run out with its lease.)
 ///
 /// Works on one Redis server and on a Redis Cluster: each operation touches one key, so it goes
 /// to the one node that owns it.
@@ -165,6 +176,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>> {
         let this = self.clone();
@@ -172,7 +184,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = BEGIN_LUA.call();
-            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            inv.key(key)
+                .arg(hex(&fingerprint))
+                .arg(ms(lease))
+                .arg(token.to_string());
             let rep = this.replication;
             let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
                 this.timeout + rep.timeout,
@@ -209,6 +224,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<bool, BoxError>> {
         let this = self.clone();
@@ -216,7 +232,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = RENEW_LUA.call();
-            inv.key(key).arg(hex(&fingerprint)).arg(ms(lease));
+            inv.key(key)
+                .arg(hex(&fingerprint))
+                .arg(ms(lease))
+                .arg(token.to_string());
             let renewed: i64 =
                 bounded(this.timeout, "idempotency renew", inv.invoke(&mut conn)).await?;
             Ok(renewed == 1)
@@ -227,6 +246,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
@@ -238,7 +258,8 @@ impl IdempotencyStore for RedisIdempotencyStore {
             inv.key(key)
                 .arg(hex(&fingerprint))
                 .arg(ms(ttl))
-                .arg(response.to_json());
+                .arg(response.to_json())
+                .arg(token.to_string());
             let rep = this.replication;
             let (_, acked): (i64, u64) = bounded(
                 this.timeout + rep.timeout,
@@ -250,13 +271,13 @@ impl IdempotencyStore for RedisIdempotencyStore {
         })
     }
 
-    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
         let this = self.clone();
         let key = self.key(key);
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let mut inv = RELEASE_LUA.call();
-            inv.key(key).arg(hex(&fingerprint));
+            inv.key(key).arg(token.to_string());
             let _: i64 =
                 bounded(this.timeout, "idempotency release", inv.invoke(&mut conn)).await?;
             Ok(())

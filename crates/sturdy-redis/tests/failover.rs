@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use sturdy_core::{BoxError, WallClock};
 use sturdy_idempotency::server::{
-    Begin, ByCredentials, IdempotencyLayer, IdempotencyStore, StoredResponse,
+    Begin, ByCredentials, IdempotencyLayer, IdempotencyStore, LockToken, StoredResponse,
 };
 use sturdy_ratelimit::{OnStoreError, Quota, RateLimitLayer, Reserve};
 use sturdy_redis::{
@@ -294,14 +294,21 @@ async fn a_primary_killed_mid_run_fails_over_and_every_backend_recovers() {
             Err(e) => errors.push(e.to_string()),
         }
         let key = format!("k{round}");
-        match within(bound, "begin", store.begin(&key, fp, lease)).await {
+        let token = LockToken::random();
+        match within(bound, "begin", store.begin(&key, fp, token, lease)).await {
             Ok(Begin::Started) => {
                 let resp = StoredResponse {
                     status: 201,
                     headers: Vec::new(),
                     body: Bytes::from_static(b"order"),
                 };
-                match within(bound, "complete", store.complete(&key, fp, resp, lease)).await {
+                match within(
+                    bound,
+                    "complete",
+                    store.complete(&key, fp, token, resp, lease),
+                )
+                .await
+                {
                     Ok(()) => {
                         completed.insert(key);
                     }
@@ -362,7 +369,10 @@ async fn a_primary_killed_mid_run_fails_over_and_every_backend_recovers() {
     for key in &completed {
         assert!(
             matches!(
-                store.begin(key, fp, lease).await.unwrap(),
+                store
+                    .begin(key, fp, LockToken::random(), lease)
+                    .await
+                    .unwrap(),
                 Begin::Completed(_)
             ),
             "{key}: its stored response was lost"

@@ -19,7 +19,7 @@ use http::{Request, StatusCode};
 use sturdy_core::BoxError;
 use sturdy_idempotency::server::{
     conformance, Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer, IdempotencyStore,
-    StoredResponse,
+    LockToken, StoredResponse,
 };
 use sturdy_redis::RedisIdempotencyStore;
 use tower::ServiceExt;
@@ -110,23 +110,36 @@ async fn a_retry_right_after_a_panic_runs_instead_of_getting_409_on(b: &Backend)
 struct SlowRelease(RedisIdempotencyStore);
 
 impl IdempotencyStore for SlowRelease {
-    fn begin(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<Begin, BoxError>> {
-        self.0.begin(k, fp, l)
+    fn begin(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>> {
+        self.0.begin(k, fp, t, l)
     }
-    fn renew(&self, k: &str, fp: Fingerprint, l: Duration) -> BoxFuture<Result<bool, BoxError>> {
-        self.0.renew(k, fp, l)
+    fn renew(
+        &self,
+        k: &str,
+        fp: Fingerprint,
+        t: LockToken,
+        l: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>> {
+        self.0.renew(k, fp, t, l)
     }
     fn complete(
         &self,
         k: &str,
         fp: Fingerprint,
+        t: LockToken,
         r: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
-        self.0.complete(k, fp, r, ttl)
+        self.0.complete(k, fp, t, r, ttl)
     }
-    fn release(&self, k: &str, fp: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
-        let release = self.0.release(k, fp);
+    fn release(&self, k: &str, t: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        let release = self.0.release(k, t);
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             release.await

@@ -3,7 +3,7 @@
 //!
 //! It runs in real time with millisecond-scale leases, against two handles `a` and `b` to the
 //! same storage (as two app instances would hold), and panics on the first failure. It checks
-//! the store's contract (atomic `begin`, leases, renewal, TTLs, fencing by fingerprint), then
+//! the store's contract (atomic `begin`, leases, renewal, TTLs, fencing by lock token), then
 //! the layer over the store: one execution per key under concurrency, replays, 422 on another
 //! payload or query, client scopes, a client that goes away mid-handler, lease renewal while a
 //! handler runs, and a key released before the answer to a panic goes out, even when the
@@ -29,7 +29,7 @@ use tower::{service_fn, Layer, ServiceExt};
 
 use super::{
     problem, Begin, BoxFuture, ByCredentials, Fingerprint, IdempotencyLayer, IdempotencyStore,
-    StoredResponse,
+    LockToken, StoredResponse,
 };
 use sturdy_core::BoxError;
 
@@ -65,79 +65,125 @@ async fn store_contract<St: IdempotencyStore>(a: &St, b: &St) {
     let ttl = Duration::from_secs(60);
     let fp = [1u8; 32];
     let other = [2u8; 32];
+    // One token per execution; `t1` and `t2` are two executions of the same request.
+    let (t1, t2, t3) = (
+        LockToken::random(),
+        LockToken::random(),
+        LockToken::random(),
+    );
 
     // begin -> in flight -> complete -> replay, across instances.
     let k = key("basic");
-    assert_eq!(a.begin(&k, fp, lease).await.unwrap(), Begin::Started);
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::InFlight);
-    assert_eq!(b.begin(&k, other, lease).await.unwrap(), Begin::Mismatch);
-    a.complete(&k, fp, response("{\"id\":1}"), ttl)
+    assert_eq!(a.begin(&k, fp, t1, lease).await.unwrap(), Begin::Started);
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::InFlight);
+    assert_eq!(
+        b.begin(&k, other, t2, lease).await.unwrap(),
+        Begin::Mismatch
+    );
+    a.complete(&k, fp, t1, response("{\"id\":1}"), ttl)
         .await
         .unwrap();
     assert_eq!(
-        b.begin(&k, fp, lease).await.unwrap(),
+        b.begin(&k, fp, t2, lease).await.unwrap(),
         Begin::Completed(response("{\"id\":1}"))
     );
-    assert_eq!(a.begin(&k, other, lease).await.unwrap(), Begin::Mismatch);
-    // A second completion does not replace the first; a renewal of a completed key fails.
-    a.complete(&k, fp, response("second"), ttl).await.unwrap();
     assert_eq!(
-        b.begin(&k, fp, lease).await.unwrap(),
+        a.begin(&k, other, t2, lease).await.unwrap(),
+        Begin::Mismatch
+    );
+    // A second completion does not replace the first; a renewal of a completed key fails.
+    a.complete(&k, fp, t1, response("second"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.begin(&k, fp, t2, lease).await.unwrap(),
         Begin::Completed(response("{\"id\":1}"))
     );
-    assert!(!a.renew(&k, fp, lease).await.unwrap());
+    assert!(!a.renew(&k, fp, t1, lease).await.unwrap());
 
-    // release frees the key; a stale release (other fingerprint) does not.
+    // release frees the key; a release from another execution does not, even one of the same
+    // request.
     let k = key("release");
-    assert_eq!(a.begin(&k, fp, lease).await.unwrap(), Begin::Started);
-    b.release(&k, other).await.unwrap();
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::InFlight);
-    b.release(&k, fp).await.unwrap();
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::Started);
+    assert_eq!(a.begin(&k, fp, t1, lease).await.unwrap(), Begin::Started);
+    b.release(&k, t2).await.unwrap();
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::InFlight);
+    b.release(&k, t1).await.unwrap();
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::Started);
 
     // A lease expires: a crashed worker does not hold the key forever.
     let k = key("lease");
-    assert_eq!(a.begin(&k, fp, ms(100)).await.unwrap(), Begin::Started);
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::InFlight);
+    assert_eq!(a.begin(&k, fp, t1, ms(100)).await.unwrap(), Begin::Started);
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::InFlight);
     tokio::time::sleep(ms(250)).await;
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::Started);
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::Started);
 
-    // Renewal keeps a lock past its first lease; another fingerprint cannot renew it.
+    // Renewal keeps a lock past its first lease; another execution cannot renew it.
     let k = key("renew");
-    assert_eq!(a.begin(&k, fp, ms(200)).await.unwrap(), Begin::Started);
+    assert_eq!(a.begin(&k, fp, t1, ms(200)).await.unwrap(), Begin::Started);
     for _ in 0..3 {
         tokio::time::sleep(ms(100)).await;
-        assert!(b.renew(&k, fp, ms(200)).await.unwrap());
+        assert!(b.renew(&k, fp, t1, ms(200)).await.unwrap());
     }
-    assert!(!b.renew(&k, other, ms(200)).await.unwrap());
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::InFlight);
+    assert!(!b.renew(&k, other, t2, ms(200)).await.unwrap());
+    assert!(!b.renew(&k, fp, t2, ms(200)).await.unwrap());
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::InFlight);
     tokio::time::sleep(ms(350)).await;
-    assert_eq!(b.begin(&k, other, lease).await.unwrap(), Begin::Started);
+    assert_eq!(b.begin(&k, other, t2, lease).await.unwrap(), Begin::Started);
 
     // A completion or renewal with a lost lock (another worker took the key over) is ignored.
     let k = key("late");
-    assert_eq!(a.begin(&k, fp, ms(50)).await.unwrap(), Begin::Started);
+    assert_eq!(a.begin(&k, fp, t1, ms(50)).await.unwrap(), Begin::Started);
     tokio::time::sleep(ms(150)).await;
-    assert_eq!(b.begin(&k, other, lease).await.unwrap(), Begin::Started);
-    assert!(!a.renew(&k, fp, lease).await.unwrap());
-    a.complete(&k, fp, response("late"), ttl).await.unwrap();
-    assert_eq!(b.begin(&k, other, lease).await.unwrap(), Begin::InFlight);
+    assert_eq!(b.begin(&k, other, t2, lease).await.unwrap(), Begin::Started);
+    assert!(!a.renew(&k, fp, t1, lease).await.unwrap());
+    a.complete(&k, fp, t1, response("late"), ttl).await.unwrap();
+    assert_eq!(
+        b.begin(&k, other, t3, lease).await.unwrap(),
+        Begin::InFlight
+    );
+
+    // The same with the same request: a retry took the key over after the first execution's
+    // lease ran out. The first one's late renewal, completion and release change nothing.
+    let k = key("late-same-request");
+    assert_eq!(a.begin(&k, fp, t1, ms(50)).await.unwrap(), Begin::Started);
+    tokio::time::sleep(ms(150)).await;
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::Started);
+    assert!(!a.renew(&k, fp, t1, lease).await.unwrap());
+    a.release(&k, t1).await.unwrap();
+    assert_eq!(
+        a.begin(&k, fp, t3, lease).await.unwrap(),
+        Begin::InFlight,
+        "a late release from the execution that lost its lock freed the retry's lock"
+    );
+    a.complete(&k, fp, t1, response("late"), ttl).await.unwrap();
+    assert_eq!(a.begin(&k, fp, t3, lease).await.unwrap(), Begin::InFlight);
+    b.complete(&k, fp, t2, response("retry"), ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.begin(&k, fp, t3, lease).await.unwrap(),
+        Begin::Completed(response("retry"))
+    );
 
     // A lease that ran out with nobody taking the key over: the execution's outcome is still
     // kept, and its renewal locks the key again.
     let k = key("late-but-alone");
-    assert_eq!(a.begin(&k, fp, ms(50)).await.unwrap(), Begin::Started);
+    assert_eq!(a.begin(&k, fp, t1, ms(50)).await.unwrap(), Begin::Started);
     tokio::time::sleep(ms(150)).await;
-    a.complete(&k, fp, response("alone"), ttl).await.unwrap();
+    a.complete(&k, fp, t1, response("alone"), ttl)
+        .await
+        .unwrap();
     assert_eq!(
-        b.begin(&k, fp, lease).await.unwrap(),
+        b.begin(&k, fp, t2, lease).await.unwrap(),
         Begin::Completed(response("alone"))
     );
     let k = key("renew-after-lease");
-    assert_eq!(a.begin(&k, fp, ms(50)).await.unwrap(), Begin::Started);
+    assert_eq!(a.begin(&k, fp, t1, ms(50)).await.unwrap(), Begin::Started);
     tokio::time::sleep(ms(150)).await;
-    assert!(a.renew(&k, fp, lease).await.unwrap());
-    assert_eq!(b.begin(&k, fp, lease).await.unwrap(), Begin::InFlight);
+    assert!(a.renew(&k, fp, t1, lease).await.unwrap());
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::InFlight);
+    a.release(&k, t1).await.unwrap();
+    assert_eq!(b.begin(&k, fp, t2, lease).await.unwrap(), Begin::Started);
 
     // Many concurrent begins: exactly one starts.
     let k = key("race");
@@ -145,9 +191,9 @@ async fn store_contract<St: IdempotencyStore>(a: &St, b: &St) {
     let mut tasks = Vec::new();
     for i in 0..50 {
         let f = if i % 2 == 0 {
-            a.begin(&k, fp, lease)
+            a.begin(&k, fp, LockToken::random(), lease)
         } else {
-            b.begin(&k, fp, lease)
+            b.begin(&k, fp, LockToken::random(), lease)
         };
         tasks.push(tokio::spawn(f));
     }
@@ -160,10 +206,12 @@ async fn store_contract<St: IdempotencyStore>(a: &St, b: &St) {
 
     // Responses expire with their TTL.
     let k = key("ttl");
-    assert_eq!(a.begin(&k, fp, lease).await.unwrap(), Begin::Started);
-    a.complete(&k, fp, response("x"), ms(100)).await.unwrap();
+    assert_eq!(a.begin(&k, fp, t1, lease).await.unwrap(), Begin::Started);
+    a.complete(&k, fp, t1, response("x"), ms(100))
+        .await
+        .unwrap();
     tokio::time::sleep(ms(250)).await;
-    assert_eq!(b.begin(&k, other, lease).await.unwrap(), Begin::Started);
+    assert_eq!(b.begin(&k, other, t2, lease).await.unwrap(), Begin::Started);
 }
 
 /// A handler whose behaviour the request body chooses: `fail` answers 500, `busy` 429,
@@ -439,32 +487,35 @@ impl<St: IdempotencyStore> IdempotencyStore for SlowRelease<St> {
         &self,
         key: &str,
         fp: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>> {
-        self.0.begin(key, fp, lease)
+        self.0.begin(key, fp, token, lease)
     }
 
     fn renew(
         &self,
         key: &str,
         fp: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<bool, BoxError>> {
-        self.0.renew(key, fp, lease)
+        self.0.renew(key, fp, token, lease)
     }
 
     fn complete(
         &self,
         key: &str,
         fp: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
-        self.0.complete(key, fp, response, ttl)
+        self.0.complete(key, fp, token, response, ttl)
     }
 
-    fn release(&self, key: &str, fp: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
-        let release = self.0.release(key, fp);
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        let release = self.0.release(key, token);
         Box::pin(async move {
             tokio::time::sleep(ms(100)).await;
             release.await

@@ -18,7 +18,7 @@ use sturdy_core::body::BodyError;
 use sturdy_core::BoxError;
 use tower::Service;
 
-use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
+use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, LockToken, StoredResponse};
 use super::{problem, Config, ResponseBody};
 
 /// Headers that describe one connection or one transfer, not the response: not stored.
@@ -54,6 +54,8 @@ pub(crate) struct Execution<St> {
     pub(crate) config: Arc<Config>,
     pub(crate) key: String,
     pub(crate) fp: Fingerprint,
+    /// This execution's hold on the key.
+    pub(crate) token: LockToken,
 }
 
 impl<St: IdempotencyStore> Execution<St> {
@@ -171,7 +173,7 @@ impl<St: IdempotencyStore> Execution<St> {
             tokio::time::sleep(every).await;
             match self
                 .store
-                .renew(&self.key, self.fp, self.config.lease)
+                .renew(&self.key, self.fp, self.token, self.config.lease)
                 .await
             {
                 Ok(true) => {}
@@ -190,7 +192,7 @@ impl<St: IdempotencyStore> Execution<St> {
     }
 
     async fn release(&self) {
-        if let Err(e) = self.store.release(&self.key, self.fp).await {
+        if let Err(e) = self.store.release(&self.key, self.token).await {
             tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease");
         }
     }
@@ -204,7 +206,7 @@ impl<St: IdempotencyStore> Execution<St> {
         for attempt in 1..=attempts {
             match self
                 .store
-                .complete(&self.key, self.fp, stored(), self.config.ttl)
+                .complete(&self.key, self.fp, self.token, stored(), self.config.ttl)
                 .await
             {
                 Ok(()) => return,
@@ -225,7 +227,7 @@ impl<St: IdempotencyStore> Execution<St> {
                     );
                     match self
                         .store
-                        .complete(&self.key, self.fp, marker, self.config.ttl)
+                        .complete(&self.key, self.fp, self.token, marker, self.config.ttl)
                         .await
                     {
                         Ok(()) => tracing::error!(
@@ -256,16 +258,22 @@ pub(crate) struct Beginning<St: IdempotencyStore> {
     fut: Option<BoxFuture<Result<Begin, BoxError>>>,
     store: Arc<St>,
     key: String,
-    fp: Fingerprint,
+    token: LockToken,
 }
 
 impl<St: IdempotencyStore> Beginning<St> {
-    pub(crate) fn new(store: &Arc<St>, key: &str, fp: Fingerprint, lease: Duration) -> Self {
+    pub(crate) fn new(
+        store: &Arc<St>,
+        key: &str,
+        fp: Fingerprint,
+        token: LockToken,
+        lease: Duration,
+    ) -> Self {
         Self {
-            fut: Some(store.begin(key, fp, lease)),
+            fut: Some(store.begin(key, fp, token, lease)),
             store: store.clone(),
             key: key.to_owned(),
-            fp,
+            token,
         }
     }
 }
@@ -294,10 +302,14 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (store, key, fp) = (self.store.clone(), std::mem::take(&mut self.key), self.fp);
+        let (store, key, token) = (
+            self.store.clone(),
+            std::mem::take(&mut self.key),
+            self.token,
+        );
         rt.spawn(async move {
             if let Ok(Begin::Started) = fut.await {
-                if let Err(e) = store.release(&key, fp).await {
+                if let Err(e) = store.release(&key, token).await {
                     tracing::warn!(error = %e, "could not release the idempotency lock of a request that went away before its handler ran; it expires with its lease");
                 }
             }

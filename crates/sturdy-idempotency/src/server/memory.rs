@@ -6,7 +6,7 @@ use std::time::Duration;
 use sturdy_core::BoxError;
 use tokio::time::Instant;
 
-use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
+use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, LockToken, StoredResponse};
 use super::InvalidConfig;
 
 /// When an entry expires, in nanoseconds since the store was made, with a sequence number that
@@ -19,6 +19,8 @@ struct Deadline {
 
 struct Entry {
     fp: Fingerprint,
+    /// The execution that took the lock (or completed it).
+    token: LockToken,
     deadline: Deadline,
     /// `None` while the request runs.
     response: Option<Arc<StoredResponse>>,
@@ -184,7 +186,13 @@ impl MemoryStore {
         st.bytes
     }
 
-    fn begin_now(&self, key: &str, fp: Fingerprint, lease: Duration) -> Result<Begin, BoxError> {
+    fn begin_now(
+        &self,
+        key: &str,
+        fp: Fingerprint,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<Begin, BoxError> {
         let mut st = self.lock();
         let now = st.now();
         st.purge(now);
@@ -195,20 +203,26 @@ impl MemoryStore {
                 (Some(r), true) => Begin::Completed((**r).clone()),
             });
         }
-        st.lock_key(key, fp, now, lease)?;
+        st.lock_key(key, fp, token, now, lease)?;
         Ok(Begin::Started)
     }
 
-    fn renew_now(&self, key: &str, fp: Fingerprint, lease: Duration) -> Result<bool, BoxError> {
+    fn renew_now(
+        &self,
+        key: &str,
+        fp: Fingerprint,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<bool, BoxError> {
         let mut st = self.lock();
         let now = st.now();
         st.purge(now);
         let old = match st.map.get(key) {
-            Some(e) if e.fp != fp || e.response.is_some() => return Ok(false),
+            Some(e) if e.token != token || e.response.is_some() => return Ok(false),
             Some(e) => e.deadline,
             // The lease ran out and nobody took the key: lock it again.
             None => {
-                st.lock_key(key, fp, now, lease)?;
+                st.lock_key(key, fp, token, now, lease)?;
                 return Ok(true);
             }
         };
@@ -226,6 +240,7 @@ impl MemoryStore {
         &self,
         key: &str,
         fp: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), BoxError> {
@@ -234,7 +249,7 @@ impl MemoryStore {
         let now = st.now();
         st.purge(now);
         let held = match st.map.get(key) {
-            Some(e) if e.fp != fp || e.response.is_some() => return Ok(()),
+            Some(e) if e.token != token || e.response.is_some() => return Ok(()),
             Some(e) => Some(e.deadline),
             None => None,
         };
@@ -271,6 +286,7 @@ impl MemoryStore {
                     key.into(),
                     Entry {
                         fp,
+                        token,
                         deadline,
                         response,
                     },
@@ -283,9 +299,9 @@ impl MemoryStore {
         Ok(())
     }
 
-    fn release_now(&self, key: &str, fp: Fingerprint) {
+    fn release_now(&self, key: &str, token: LockToken) {
         let mut st = self.lock();
-        if matches!(st.map.get(key), Some(e) if e.fp == fp && e.response.is_none()) {
+        if matches!(st.map.get(key), Some(e) if e.token == token && e.response.is_none()) {
             if let Some((k, e)) = st.map.remove_entry(key) {
                 st.running.remove(&e.deadline);
                 st.bytes -= key_cost(&k);
@@ -320,6 +336,7 @@ impl State {
         &mut self,
         key: &str,
         fp: Fingerprint,
+        token: LockToken,
         now: u64,
         lease: Duration,
     ) -> Result<(), BoxError> {
@@ -335,6 +352,7 @@ impl State {
             k.clone(),
             Entry {
                 fp,
+                token,
                 deadline,
                 response: None,
             },
@@ -389,37 +407,51 @@ impl IdempotencyStore for MemoryStore {
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>> {
-        Box::pin(std::future::ready(self.begin_now(key, fingerprint, lease)))
+        Box::pin(std::future::ready(self.begin_now(
+            key,
+            fingerprint,
+            token,
+            lease,
+        )))
     }
 
     fn renew(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<bool, BoxError>> {
-        Box::pin(std::future::ready(self.renew_now(key, fingerprint, lease)))
+        Box::pin(std::future::ready(self.renew_now(
+            key,
+            fingerprint,
+            token,
+            lease,
+        )))
     }
 
     fn complete(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>> {
         Box::pin(std::future::ready(self.complete_now(
             key,
             fingerprint,
+            token,
             response,
             ttl,
         )))
     }
 
-    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>> {
-        self.release_now(key, fingerprint);
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        self.release_now(key, token);
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -428,6 +460,8 @@ impl IdempotencyStore for MemoryStore {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    const T: LockToken = LockToken::from_u128(7);
 
     fn resp(body: &'static str) -> StoredResponse {
         StoredResponse {
@@ -467,15 +501,16 @@ mod tests {
         for round in 0..50u32 {
             let k = format!("k{}", round % 12);
             let fp = [(round % 3) as u8; 32];
-            let _ = s.begin_now(&k, fp, lease);
+            let t = LockToken::from_u128(u128::from(round % 2));
+            let _ = s.begin_now(&k, fp, t, lease);
             check(&s);
             match round % 5 {
-                0 => s.release_now(&k, fp),
+                0 => s.release_now(&k, t),
                 1 => {
-                    let _ = s.renew_now(&k, fp, lease);
+                    let _ = s.renew_now(&k, fp, t, lease);
                 }
                 _ => {
-                    let _ = s.complete_now(&k, fp, resp("x"), ttl);
+                    let _ = s.complete_now(&k, fp, t, resp("x"), ttl);
                 }
             }
             check(&s);
@@ -488,9 +523,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_purged_and_not_counted() {
         let s = MemoryStore::new(10).unwrap();
-        s.begin_now("a", [1; 32], Duration::from_secs(5)).unwrap();
-        s.begin_now("b", [1; 32], Duration::from_secs(5)).unwrap();
-        s.complete_now("b", [1; 32], resp("body"), Duration::from_secs(20))
+        s.begin_now("a", [1; 32], T, Duration::from_secs(5))
+            .unwrap();
+        s.begin_now("b", [1; 32], T, Duration::from_secs(5))
+            .unwrap();
+        s.complete_now("b", [1; 32], T, resp("body"), Duration::from_secs(20))
             .unwrap();
         assert_eq!(s.len(), 2);
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -510,33 +547,37 @@ mod tests {
             .unwrap();
         for i in 0..5 {
             let k = format!("k{i}");
-            s.begin_now(&k, [1; 32], Duration::from_secs(5)).unwrap();
-            s.complete_now(&k, [1; 32], resp("0123456789"), Duration::from_secs(60))
+            s.begin_now(&k, [1; 32], T, Duration::from_secs(5)).unwrap();
+            s.complete_now(&k, [1; 32], T, resp("0123456789"), Duration::from_secs(60))
                 .unwrap();
             check(&s);
         }
         assert_eq!(s.len(), 3);
         assert!(s.heap_bytes() <= 3 * one);
         assert_eq!(
-            s.begin_now("k0", [1; 32], Duration::from_secs(5)).unwrap(),
+            s.begin_now("k0", [1; 32], T, Duration::from_secs(5))
+                .unwrap(),
             Begin::Started
         );
         assert!(matches!(
-            s.begin_now("k4", [1; 32], Duration::from_secs(5)).unwrap(),
+            s.begin_now("k4", [1; 32], T, Duration::from_secs(5))
+                .unwrap(),
             Begin::Completed(_)
         ));
         // A response larger than the whole bound is refused; the lock stays.
-        s.begin_now("big", [1; 32], Duration::from_secs(5)).unwrap();
+        s.begin_now("big", [1; 32], T, Duration::from_secs(5))
+            .unwrap();
         let big = StoredResponse {
             status: 201,
             headers: vec![],
             body: Bytes::from(vec![0; 4 * one]),
         };
         assert!(s
-            .complete_now("big", [1; 32], big, Duration::from_secs(60))
+            .complete_now("big", [1; 32], T, big, Duration::from_secs(60))
             .is_err());
         assert_eq!(
-            s.begin_now("big", [1; 32], Duration::from_secs(5)).unwrap(),
+            s.begin_now("big", [1; 32], T, Duration::from_secs(5))
+                .unwrap(),
             Begin::InFlight
         );
         check(&s);

@@ -99,7 +99,7 @@ use execute::{Execution, Outcome};
 
 pub use memory::{MemoryStore, StoreFull};
 pub use scope::{ByCredentials, Scope};
-pub use store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, StoredResponse};
+pub use store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, LockToken, StoredResponse};
 
 /// The body of responses from the server layer: a stored or generated response (left), or the
 /// handler's own body (right).
@@ -517,7 +517,8 @@ where
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let fp = fingerprint(&parts.method, target, &body);
-    match execute::Beginning::new(&store, &key, fp, config.lease).await {
+    let token = LockToken::random();
+    match execute::Beginning::new(&store, &key, fp, token, config.lease).await {
         Ok(Begin::Started) => {}
         Ok(Begin::Completed(stored)) => {
             let res = replay(stored);
@@ -561,6 +562,7 @@ where
         config,
         key,
         fp,
+        token,
     };
     let outcome = match tokio::runtime::Handle::try_current() {
         // Detached from the request: if the client goes away and this future is dropped, the

@@ -97,6 +97,53 @@ pub enum Begin {
     Mismatch,
 }
 
+/// Which execution holds a lock: drawn at random by the layer for each
+/// [`IdempotencyStore::begin`] it sends, and given back with that execution's `renew`,
+/// `complete` and `release`.
+///
+/// A retry of a request has the request's fingerprint, so the fingerprint alone cannot tell the
+/// execution that lost its lock (its lease ran out: the store was unreachable, the process
+/// stalled) from the retry that took the key over. The token can: a late call from the first
+/// changes nothing, whatever its fingerprint.
+///
+/// ```
+/// use sturdy_idempotency::server::LockToken;
+///
+/// let token = LockToken::random();
+/// assert_ne!(token, LockToken::random());
+/// assert_eq!(LockToken::from_u128(token.as_u128()), token);
+/// assert_eq!(token.to_string().len(), 32);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A new token: 122 random bits (a UUID v4), so two executions never share one.
+    #[must_use]
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().as_u128())
+    }
+
+    /// The token with this value (a store reading back what it kept).
+    #[must_use]
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token's value.
+    #[must_use]
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+/// 32 lowercase hex digits.
+impl fmt::Display for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 /// Where keys, locks and stored responses live.
 ///
 /// The contract, which [`conformance::run`](super::conformance::run) checks:
@@ -105,39 +152,47 @@ pub enum Begin {
 ///   [`Begin::Started`], across every handle to the same storage.
 /// - A lock lives for its lease unless it is renewed, completed or released; a completed
 ///   response lives for its TTL. Expired entries are gone: `begin` treats their key as free.
-/// - `complete`, `release` and `renew` act only for the fingerprint that holds the lock, so a
-///   late call from an execution that lost its lock changes nothing. `complete` and `renew` also
-///   act when the key is free (the lock's lease ran out and nobody took the key over): the
-///   execution is still the only one, and its outcome is worth keeping.
+/// - `complete`, `release` and `renew` act only for the [`LockToken`] that took the lock, so a
+///   late call from an execution that lost its lock (its lease ran out and a retry of the same
+///   request took the key over) changes nothing. `complete` and `renew` also act when the key
+///   is free (the lock's lease ran out and nobody took the key over): the execution is still
+///   the only one, and its outcome is worth keeping.
 pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
-    /// Looks the key up and, if it is free, locks it for `lease`.
+    /// Looks the key up and, if it is free, locks it for `lease`, for the execution `token`
+    /// names. An entry with another fingerprint is a [`Begin::Mismatch`], whatever its token.
     fn begin(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<Begin, BoxError>>;
 
-    /// Extends the lock held by `fingerprint` to `lease` from now (the layer calls it while a
-    /// handler runs). Returns `false` when another fingerprint holds the key or it completed.
+    /// Extends the lock `token` took to `lease` from now (the layer calls it while a handler
+    /// runs), or locks the key again for `token` and `fingerprint` if it is free. Returns
+    /// `false` when another execution holds the key or it completed.
     fn renew(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         lease: Duration,
     ) -> BoxFuture<Result<bool, BoxError>>;
 
-    /// Stores the response of the execution that holds the lock, for `ttl`.
+    /// Stores the response of the execution `token` names, for `ttl`, if it holds the lock or
+    /// the key is free.
     fn complete(
         &self,
         key: &str,
         fingerprint: Fingerprint,
+        token: LockToken,
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<Result<(), BoxError>>;
 
-    /// Drops the lock without storing anything (a 5xx, a failed handler), so a retry can run.
-    fn release(&self, key: &str, fingerprint: Fingerprint) -> BoxFuture<Result<(), BoxError>>;
+    /// Drops the lock `token` took, without storing anything (a 5xx, a failed handler), so a
+    /// retry can run.
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>>;
 }
 
 #[cfg(test)]
