@@ -640,3 +640,75 @@ async fn debug_shows_no_part_of_a_token_or_secret() {
         }
     }
 }
+
+/// auth.md: "After a 401, a failed token wait for the replay is different: the API saw the first
+/// attempt and answered it, so the error says `Delivery::MaybeProcessed`". Its words must not
+/// say the request was not sent.
+#[tokio::test(start_paused = true)]
+async fn a_token_wait_that_times_out_before_the_replay_does_not_say_not_sent() {
+    let ep = Endpoint::new(Reply::Hang);
+    ep.push(Reply::Now(200, token_body("t-1", "3600")));
+    let api = Api::with(&[401]);
+    let svc = AuthLayer::oauth2(ep.source())
+        .with_token_timeout(Duration::from_secs(1))
+        .layer(api.service::<Full<Bytes>>());
+    let req = Request::post("http://api.example.com/orders")
+        .body(Full::from("{}"))
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert_eq!(api.seen().len(), 1);
+    assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    let words = err.to_string();
+    eprintln!("replay token wait: {words}");
+    assert!(
+        !words.contains("not sent"),
+        "the API answered the first attempt, yet: {words}"
+    );
+    let e = err.downcast_ref::<sturdy::core::Error>().unwrap();
+    assert_eq!(e.kind(), &ErrorKind::Timeout);
+    let summary = sturdy::core::ErrorSummary::of(&*err);
+    assert!(summary.may_have_been_processed, "{summary:?}");
+}
+
+/// The same with a token endpoint that refuses (500) the refresh after the 401.
+#[tokio::test(start_paused = true)]
+async fn a_refused_refresh_before_the_replay_says_maybe_processed_and_not_not_sent() {
+    let ep = Endpoint::new(Reply::Now(500, "{}".to_owned()));
+    ep.push(Reply::Now(200, token_body("t-1", "3600")));
+    let api = Api::with(&[401]);
+    let svc = AuthLayer::oauth2(ep.source()).layer(api.service::<Full<Bytes>>());
+    let err = svc
+        .oneshot(get("http://api.example.com/orders"))
+        .await
+        .unwrap_err();
+    assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    let words = err.to_string();
+    eprintln!("replay refresh refused: {words}");
+    assert!(!words.contains("not sent"), "{words}");
+    let e = err.downcast_ref::<sturdy::core::Error>().unwrap();
+    assert!(e.cause_is_elsewhere());
+}
+
+/// agents.md: `status`: "the token endpoint's when getting a token failed: the message names it,
+/// and `may_have_been_processed` is false". Through `ClientBuilder` with its retries: a 503 from
+/// the token endpoint is retried, and the summary speaks of the token endpoint.
+#[tokio::test(start_paused = true)]
+async fn a_token_endpoint_503_through_the_client_is_summarised_as_the_token_endpoints() {
+    let ep = Endpoint::new(Reply::Now(503, "{}".to_owned()));
+    let api = Api::default();
+    let client = sturdy::ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(ep.source()))
+        .build(api.service::<Full<Bytes>>());
+    let req = Request::post("http://api.example.com/orders")
+        .body(Full::from("{}"))
+        .unwrap();
+    let err = client.oneshot(req).await.unwrap_err();
+    let s = sturdy::core::ErrorSummary::of(&*err);
+    eprintln!("summary: {s:?}");
+    assert_eq!(s.status, Some(503));
+    assert!(!s.may_have_been_processed);
+    assert!(s.retryable);
+    assert!(s.message.contains(TOKEN_URL), "{}", s.message);
+    assert!(api.seen().is_empty());
+    assert!(ep.hits() >= 1);
+}

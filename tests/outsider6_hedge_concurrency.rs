@@ -795,3 +795,47 @@ async fn a_kept_adaptive_service_under_buffer_and_a_limit_of_one_does_not_deadlo
     let s = handle.state(H).unwrap();
     assert_eq!((s.in_flight(), s.waiting()), (0, 0));
 }
+
+/// Host bounds of zero and keys of hostile size: nothing panics, calls go through, and the
+/// budget of `with_budget(0.0, 0)` never sends a hedge ("hedges stay below ratio × calls +
+/// burst").
+#[tokio::test(start_paused = true)]
+async fn zero_host_bounds_huge_keys_and_an_empty_budget() {
+    let api = fast_then_slow(30);
+    let (layer, handle) = HedgeLayer::new()
+        .with_min_samples(20)
+        .with_max_hosts(0)
+        .with_budget(0.0, 0)
+        .unwrap()
+        .pair();
+    let svc = layer.layer(api.service());
+    warm(&svc, 30).await;
+    let start = Instant::now();
+    svc.clone().oneshot(req(Method::GET, U)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    assert!(handle.all().iter().all(|(_, s)| s.hedges() == 0));
+
+    let api = Api::new(|_| Act::Ok(ms(1), 200));
+    let big = "k".repeat(1 << 20);
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_max_hosts(0)
+        .with_key(move |_req: &Request<Body>| big.clone())
+        .pair();
+    let svc = layer.layer(api.service());
+    for _ in 0..20 {
+        svc.clone().oneshot(req(Method::GET, U)).await.unwrap();
+    }
+    let _ = handle.states();
+    let api = Api::new(|_| Act::Ok(ms(1), 200));
+    let (layer, _handle) = HedgeLayer::new()
+        .with_max_hosts(0)
+        .with_key(|req: &Request<Body>| req.uri().path().repeat(10_000))
+        .pair();
+    let svc = layer.layer(api.service());
+    for i in 0..50 {
+        svc.clone()
+            .oneshot(req(Method::GET, &format!("http://api.example.com/p{i}")))
+            .await
+            .unwrap();
+    }
+}

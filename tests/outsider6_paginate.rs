@@ -463,3 +463,38 @@ async fn bounded_pages_over_link_headers_guard_origin_and_loops() {
     assert!(hits.lock().unwrap().len() <= 2);
 }
 
+
+/// RFC 8288 §3: `link-param = token BWS [ "=" BWS ( token / quoted-string ) ]`, so whitespace
+/// around `=` is allowed; a target may carry a fragment (not sent in a request); a network-path
+/// reference to the same host is the same origin.
+#[tokio::test]
+async fn valid_link_spellings_are_followed() {
+    let mut failures = Vec::new();
+    for link in [
+        "</b>; rel = next",
+        "</b> ; rel=\"next\"",
+        "</b>;rel=next",
+        "</b#section>; rel=next",
+        "<//api.example.com/b>; rel=next",
+        "</b>; REL=next",
+    ] {
+        let hits: Hits = Arc::default();
+        let owned = link.to_owned();
+        let api = link_api(hits.clone(), move |pq| {
+            if pq == "/a" {
+                (json!([1]), one(&owned))
+            } else {
+                (json!([2]), vec![])
+            }
+        });
+        let pager = Paginate::builder(api, "http://api.example.com/a", LinkHeader::new(""))
+            .build()
+            .unwrap();
+        let (items, err) = walk(&pager).await;
+        let hits = hits.lock().unwrap().clone();
+        if items.len() != 2 || err.is_some() || hits.get(1).map(String::as_str) != Some("http://api.example.com/b") {
+            failures.push(format!("{link}: items {items:?}, error {err:?}, requests {hits:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
