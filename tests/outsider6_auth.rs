@@ -172,13 +172,13 @@ fn block_on<F: Future>(fut: F) -> F::Output {
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut fut = std::pin::pin!(fut);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the future never finished"
         );
         std::thread::park_timeout(Duration::from_millis(10));
@@ -227,7 +227,8 @@ async fn a_runtime_shut_down_mid_request_the_next_caller_starts_a_new_one() {
             .enable_all()
             .build()
             .unwrap();
-        let r = rt.block_on(async { tokio::time::timeout(Duration::from_millis(30), other.get()).await });
+        let r = rt
+            .block_on(async { tokio::time::timeout(Duration::from_millis(30), other.get()).await });
         assert!(r.is_err(), "the first token request hangs");
         drop(rt);
     })
@@ -338,7 +339,11 @@ async fn a_huge_skew_is_capped_at_half_the_lifetime() {
     tokio::time::advance(Duration::from_secs(15)).await;
     let tok = src.get().await.unwrap();
     settle().await;
-    assert_eq!(ep.hits(), 2, "due after half the lifetime: refreshed in the background");
+    assert_eq!(
+        ep.hits(),
+        2,
+        "due after half the lifetime: refreshed in the background"
+    );
     // The caller went on with the still-valid token.
     assert!(tok.expires_at().unwrap() > Instant::now());
 }
@@ -436,7 +441,12 @@ impl http_body::Body for Chunks {
 }
 
 fn streamed(parts: &[&'static str]) -> Chunks {
-    Chunks(parts.iter().map(|p| Bytes::from_static(p.as_bytes())).collect())
+    Chunks(
+        parts
+            .iter()
+            .map(|p| Bytes::from_static(p.as_bytes()))
+            .collect(),
+    )
 }
 
 /// A streamed body of unknown length (within the limit once read) is either replayed whole or

@@ -293,11 +293,7 @@ async fn both_copies_failing_never_claim_not_sent_when_one_may_have_been_process
     let (layer, handle) = HedgeLayer::new().with_min_samples(20).pair();
     let svc = layer.layer(api.service());
     warm(&svc, 20).await;
-    let err = svc
-        .clone()
-        .oneshot(req(Method::GET, U))
-        .await
-        .unwrap_err();
+    let err = svc.clone().oneshot(req(Method::GET, U)).await.unwrap_err();
     assert_eq!(handle.stats(H).unwrap().hedges(), 1);
     assert_eq!(api.calls(), 22);
     assert_eq!(
@@ -359,7 +355,10 @@ async fn odd_delay_bounds_and_window_are_taken_into_range() {
 #[test]
 fn hedge_settings_reject_nan_and_infinities() {
     for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0, -0.5] {
-        assert!(HedgeLayer::new().with_percentile(p).is_err(), "percentile {p}");
+        assert!(
+            HedgeLayer::new().with_percentile(p).is_err(),
+            "percentile {p}"
+        );
     }
     for r in [f64::NAN, f64::INFINITY, -0.01, 1.01] {
         assert!(HedgeLayer::new().with_budget(r, 10).is_err(), "ratio {r}");
@@ -537,7 +536,11 @@ async fn waiters_are_served_first_come_first_served() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let order: Vec<u32> = api.seen().iter().map(|s| s.tag.clone().unwrap().0).collect();
+    let order: Vec<u32> = api
+        .seen()
+        .iter()
+        .map(|s| s.tag.clone().unwrap().0)
+        .collect();
     assert_eq!(order, (0..8).collect::<Vec<_>>());
 }
 
@@ -556,16 +559,16 @@ async fn the_refusal_says_key_limit_and_wait() {
     let _b = tokio::spawn(svc.clone().oneshot(req(Method::GET, U)));
     settle().await;
     let start = Instant::now();
-    let err = svc
-        .clone()
-        .oneshot(req(Method::POST, U))
-        .await
-        .unwrap_err();
+    let err = svc.clone().oneshot(req(Method::POST, U)).await.unwrap_err();
     assert_eq!(start.elapsed(), ms(250));
     let e = err
         .downcast_ref::<sturdy::core::Error>()
         .expect("a sturdy error");
-    assert!(matches!(e.kind(), ErrorKind::RateLimited { retry_after: None }), "{:?}", e.kind());
+    assert!(
+        matches!(e.kind(), ErrorKind::RateLimited { retry_after: None }),
+        "{:?}",
+        e.kind()
+    );
     assert!(e.is_retryable());
     assert_eq!(classify::delivery(&*err), Delivery::NotSent);
     let reached = find::<LimitReached>(&*err).expect("LimitReached in the chain");
@@ -629,7 +632,10 @@ async fn a_host_with_calls_in_flight_keeps_its_count_past_the_host_bound() {
         .with_max_hosts(2)
         .pair();
     let svc = layer.layer(api.service());
-    let _busy = tokio::spawn(svc.clone().oneshot(req(Method::GET, "http://a.example.com/")));
+    let _busy = tokio::spawn(
+        svc.clone()
+            .oneshot(req(Method::GET, "http://a.example.com/")),
+    );
     settle().await;
     for h in ["b", "c", "d", "e", "f"] {
         svc.clone()
@@ -702,7 +708,9 @@ async fn which_outcomes_lower_the_limit() {
     ];
     for (name, act, lowers) in cases {
         let api = Api::new(move |_| act);
-        let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(20).pair();
+        let (layer, handle) = AdaptiveConcurrencyLayer::new()
+            .with_initial_limit(20)
+            .pair();
         let svc = layer.layer(api.service());
         let _ = svc.clone().oneshot(req(Method::GET, U)).await;
         let l = handle.limit(H).unwrap();
@@ -714,7 +722,9 @@ async fn which_outcomes_lower_the_limit() {
     }
     // A dropped call says nothing.
     let api = Api::new(|_| Act::Ok(Duration::from_secs(10), 503));
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(20).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(20)
+        .pair();
     let svc = layer.layer(api.service());
     let _ = tokio::time::timeout(ms(10), svc.clone().oneshot(req(Method::GET, U))).await;
     assert_eq!(handle.limit(H), Some(20));
@@ -726,7 +736,9 @@ async fn which_outcomes_lower_the_limit() {
 #[tokio::test(start_paused = true)]
 async fn aimd_does_not_grow_while_unused_and_grows_under_load() {
     let api = Api::new(|_| Act::Ok(ms(10), 200));
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(20).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(20)
+        .pair();
     let svc = layer.layer(api.service());
     for _ in 0..500 {
         svc.clone().oneshot(req(Method::GET, U)).await.unwrap();
@@ -775,16 +787,18 @@ async fn a_kept_adaptive_service_under_buffer_and_a_limit_of_one_does_not_deadlo
         let mut s = svc.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..10 {
-                s.ready().await.unwrap().call(req(Method::GET, U)).await.unwrap();
+                s.ready()
+                    .await
+                    .unwrap()
+                    .call(req(Method::GET, U))
+                    .await
+                    .unwrap();
             }
         }));
     }
     for _ in 0..10 {
-        let _ = tokio::time::timeout(
-            ms(5),
-            svc.ready().await.unwrap().call(req(Method::GET, U)),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(ms(5), svc.ready().await.unwrap().call(req(Method::GET, U))).await;
     }
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(60), t)

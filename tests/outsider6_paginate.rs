@@ -135,7 +135,10 @@ async fn commas_inside_the_target_or_a_quoted_parameter_do_not_split_a_link() {
 #[tokio::test]
 async fn relative_references_of_every_form_are_resolved_against_the_page() {
     let cases = [
-        ("<?page=2>; rel=next", "http://api.example.com/v1/items?page=2"),
+        (
+            "<?page=2>; rel=next",
+            "http://api.example.com/v1/items?page=2",
+        ),
         (
             "<./items?page=2>; rel=next",
             "http://api.example.com/v1/items?page=2",
@@ -209,7 +212,11 @@ async fn the_same_origin_spelled_differently_is_not_foreign() {
             assert_eq!(items.len(), 2, "{link}");
         }
     }
-    assert!(refused.is_empty(), "refused as foreign:\n{}", refused.join("\n"));
+    assert!(
+        refused.is_empty(),
+        "refused as foreign:\n{}",
+        refused.join("\n")
+    );
 }
 
 /// A loop whose link spells the first page's host in upper case: pages are known "by the URI
@@ -229,7 +236,10 @@ async fn a_loop_through_an_upper_case_host_is_a_loop() {
     let err = err.expect("a loop error");
     eprintln!("upper-case loop: {err}");
     assert_eq!(err.kind(), &ErrorKind::Pagination, "{err}");
-    assert!(err.to_string().contains("loop"), "not reported as a loop: {err}");
+    assert!(
+        err.to_string().contains("loop"),
+        "not reported as a loop: {err}"
+    );
     assert_eq!(items, vec![json!(1), json!(2)], "{err}");
     assert_eq!(hits.lock().unwrap().len(), 2);
 }
@@ -257,10 +267,13 @@ async fn an_enormous_link_header_is_read_quickly() {
     let pager = Paginate::builder(api, "http://api.example.com/a", LinkHeader::new(""))
         .build()
         .unwrap();
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let (items, err) = walk(&pager).await;
     let took = start.elapsed();
-    eprintln!("1 MiB Link header: {took:?}, {} items, {err:?}", items.len());
+    eprintln!(
+        "1 MiB Link header: {took:?}, {} items, {err:?}",
+        items.len()
+    );
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
 
@@ -282,7 +295,7 @@ async fn thousands_of_link_fields_are_read_quickly() {
     let pager = Paginate::builder(api, "http://api.example.com/a", LinkHeader::new(""))
         .build()
         .unwrap();
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let (items, err) = walk(&pager).await;
     let took = start.elapsed();
     assert!(took < Duration::from_secs(1), "{took:?}");
@@ -409,7 +422,11 @@ async fn a_bounded_page_needing_more_than_max_pages_fails_as_a_whole() {
     .unwrap();
     let err = pager.page(None, 10).await.unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Pagination, "{err}");
-    assert!(hits.lock().unwrap().len() <= 3, "{:?}", hits.lock().unwrap());
+    assert!(
+        hits.lock().unwrap().len() <= 3,
+        "{:?}",
+        hits.lock().unwrap()
+    );
     eprintln!("max_pages in page(): {err}");
 }
 
@@ -463,7 +480,6 @@ async fn bounded_pages_over_link_headers_guard_origin_and_loops() {
     assert!(hits.lock().unwrap().len() <= 2);
 }
 
-
 /// RFC 8288 §3: `link-param = token BWS [ "=" BWS ( token / quoted-string ) ]`, so whitespace
 /// around `=` is allowed; a target may carry a fragment (not sent in a request); a network-path
 /// reference to the same host is the same origin.
@@ -492,8 +508,13 @@ async fn valid_link_spellings_are_followed() {
             .unwrap();
         let (items, err) = walk(&pager).await;
         let hits = hits.lock().unwrap().clone();
-        if items.len() != 2 || err.is_some() || hits.get(1).map(String::as_str) != Some("http://api.example.com/b") {
-            failures.push(format!("{link}: items {items:?}, error {err:?}, requests {hits:?}"));
+        if items.len() != 2
+            || err.is_some()
+            || hits.get(1).map(String::as_str) != Some("http://api.example.com/b")
+        {
+            failures.push(format!(
+                "{link}: items {items:?}, error {err:?}, requests {hits:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

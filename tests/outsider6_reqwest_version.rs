@@ -148,11 +148,7 @@ async fn a_redirect_loop_is_other_maybe_processed_and_not_retried() {
             ClientBuilder::new().with_retry(quick_retry()).build(next)
         }))
         .build();
-    let err = client
-        .get(format!("{base}/loop"))
-        .send()
-        .await
-        .unwrap_err();
+    let err = client.get(format!("{base}/loop")).send().await.unwrap_err();
     let words = err.to_string();
     eprintln!("redirect loop: {words}");
     assert!(
@@ -171,14 +167,18 @@ async fn a_redirect_loop_is_other_maybe_processed_and_not_retried() {
 #[tokio::test]
 async fn a_request_reqwest_cannot_build_is_config_not_sent_and_not_retried() {
     let http = ReqwestService::new(reqwest::Client::new());
-    let req = Request::get("/relative/only").body(Full::<Bytes>::default()).unwrap();
+    let req = Request::get("/relative/only")
+        .body(Full::<Bytes>::default())
+        .unwrap();
     let err = http.clone().oneshot(req).await.unwrap_err();
     eprintln!("builder: {err}");
     assert_eq!(err.kind(), &ErrorKind::Config, "{err}");
     assert!(err.to_string().starts_with("invalid request"), "{err}");
     assert_eq!(classify::delivery(&err), Delivery::NotSent);
     let client = ClientBuilder::new().with_retry(quick_retry()).build(http);
-    let req = Request::get("/relative/only").body(Full::<Bytes>::default()).unwrap();
+    let req = Request::get("/relative/only")
+        .body(Full::<Bytes>::default())
+        .unwrap();
     let err = client.oneshot(req).await.unwrap_err();
     let e = err.downcast_ref::<sturdy::core::Error>().unwrap();
     assert_eq!(e.report().map_or(1, |r| r.attempts()), 1, "{err}");
@@ -213,7 +213,9 @@ async fn a_body_over_the_buffer_limit_gets_the_307_itself() {
 async fn the_response_url_is_the_final_one_after_a_redirect() {
     let (base, _) = server(0).await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().build(next)
+        }))
         .build();
     let res = client.get(format!("{base}/a")).send().await.unwrap();
     assert_eq!(res.url().path(), "/b");
@@ -228,7 +230,9 @@ async fn a_kept_reqwest_stack_under_buffer_and_a_limit_of_one() {
     fn assert_send_sync_clone<T: Send + Sync + Clone>(_: &T) {}
     let (base, _) = server(0).await;
     let mw = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().build(next)
+        }))
         .build();
     assert_send_sync_clone(&mw);
     let mut svc = tower::ServiceBuilder::new()
@@ -236,14 +240,14 @@ async fn a_kept_reqwest_stack_under_buffer_and_a_limit_of_one() {
         .concurrency_limit(1)
         .service(ClientBuilder::new().build(ReqwestService::new(reqwest::Client::new())));
     for _ in 0..10 {
-        let req = Request::get(format!("{base}/b")).body(Full::<Bytes>::default()).unwrap();
-        let res = tokio::time::timeout(
-            Duration::from_secs(2),
-            svc.ready().await.unwrap().call(req),
-        )
-        .await
-        .expect("a kept call hung")
-        .unwrap();
+        let req = Request::get(format!("{base}/b"))
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let res =
+            tokio::time::timeout(Duration::from_secs(2), svc.ready().await.unwrap().call(req))
+                .await
+                .expect("a kept call hung")
+                .unwrap();
         res.into_body().collect().await.unwrap();
     }
 }
@@ -285,7 +289,11 @@ async fn a_callers_version_header_is_kept_as_set() {
         .layer(echo_api());
     let res = svc
         .clone()
-        .oneshot(Request::get("http://api.example.com/x").body(Full::default()).unwrap())
+        .oneshot(
+            Request::get("http://api.example.com/x")
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(text(res).await, "2024-06-01;");
@@ -310,10 +318,16 @@ async fn a_query_version_is_added_once_and_the_callers_is_kept() {
     let svc = VersionLayer::query("api-version", "2024-06-01").layer(echo_api());
     for (uri, expect) in [
         ("http://api.example.com/x", ";api-version=2024-06-01"),
-        ("http://api.example.com/x?a=1", ";a=1&api-version=2024-06-01"),
+        (
+            "http://api.example.com/x?a=1",
+            ";a=1&api-version=2024-06-01",
+        ),
         ("http://api.example.com/x?api-version=1", ";api-version=1"),
         ("http://api.example.com/x?api-version=", ";api-version="),
-        ("http://api.example.com/x?a=1&api-version=2", ";a=1&api-version=2"),
+        (
+            "http://api.example.com/x?a=1&api-version=2",
+            ";a=1&api-version=2",
+        ),
     ] {
         let res = svc
             .clone()

@@ -31,14 +31,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn cert_with(params: CertificateParams) -> CertifiedKey<KeyPair> {
+fn cert_with(params: &CertificateParams) -> CertifiedKey<KeyPair> {
     let signing_key = KeyPair::generate().unwrap();
     let cert = params.self_signed(&signing_key).unwrap();
     CertifiedKey { cert, signing_key }
 }
 
 fn loopback_cert() -> CertifiedKey<KeyPair> {
-    cert_with(CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap())
+    cert_with(&CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap())
 }
 
 fn server_config(
@@ -148,13 +148,13 @@ async fn the_client_is_clone_send_sync_and_the_mozilla_set_is_there() {
 #[tokio::test]
 async fn a_malformed_extra_root_is_a_config_error_naming_it() {
     let good = loopback_cert();
-    let err = https_client_with_roots([
+    let Err(err) = https_client_with_roots([
         good.cert.der().clone(),
         CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]),
         good.cert.der().clone(),
-    ])
-    .err()
-    .expect("a certificate that is not X.509 is refused");
+    ]) else {
+        panic!("a certificate that is not X.509 is refused");
+    };
     eprintln!("malformed root: {err}");
     assert_eq!(err.kind(), &ErrorKind::Config);
     let msg = err.to_string();
@@ -163,9 +163,9 @@ async fn a_malformed_extra_root_is_a_config_error_naming_it() {
         "the message does not name which certificate: {msg}"
     );
     // Empty bytes as well.
-    let err = https_client_with_roots([CertificateDer::from(Vec::<u8>::new())])
-        .err()
-        .expect("empty bytes are not a certificate");
+    let Err(err) = https_client_with_roots([CertificateDer::from(Vec::<u8>::new())]) else {
+        panic!("empty bytes are not a certificate");
+    };
     assert_eq!(err.kind(), &ErrorKind::Config);
 }
 
@@ -181,7 +181,12 @@ async fn a_plain_http_server_behind_https_is_connect_not_sent_and_retried() {
         .await
         .unwrap_err();
     eprintln!("plain server: {} / {}", describe(&err), err);
-    assert_eq!(classify_error(&err), ErrorKind::Connect, "{}", describe(&err));
+    assert_eq!(
+        classify_error(&err),
+        ErrorKind::Connect,
+        "{}",
+        describe(&err)
+    );
     assert_eq!(delivery(&err), Delivery::NotSent);
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
@@ -216,7 +221,12 @@ async fn a_connection_closed_mid_handshake_is_connect_not_sent_and_retried() {
         .await
         .unwrap_err();
     eprintln!("closed mid-handshake: {}", describe(&err));
-    assert_eq!(classify_error(&err), ErrorKind::Connect, "{}", describe(&err));
+    assert_eq!(
+        classify_error(&err),
+        ErrorKind::Connect,
+        "{}",
+        describe(&err)
+    );
     assert_eq!(delivery(&err), Delivery::NotSent);
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
@@ -235,8 +245,12 @@ async fn a_connection_closed_mid_handshake_is_connect_not_sent_and_retried() {
 #[tokio::test]
 async fn a_protocol_alert_is_connect_not_sent() {
     let cert = loopback_cert();
-    let (addr, hits) =
-        serve_tls(server_config(&cert, &[&rustls::version::TLS13], &[b"http/1.1"])).await;
+    let (addr, hits) = serve_tls(server_config(
+        &cert,
+        &[&rustls::version::TLS13],
+        &[b"http/1.1"],
+    ))
+    .await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).unwrap();
     let config = ClientConfig::builder_with_provider(provider())
@@ -249,7 +263,12 @@ async fn a_protocol_alert_is_connect_not_sent() {
         .await
         .unwrap_err();
     eprintln!("alert: {}", describe(&err));
-    assert_eq!(classify_error(&err), ErrorKind::Connect, "{}", describe(&err));
+    assert_eq!(
+        classify_error(&err),
+        ErrorKind::Connect,
+        "{}",
+        describe(&err)
+    );
     assert_eq!(delivery(&err), Delivery::NotSent);
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
@@ -306,7 +325,7 @@ async fn an_expired_certificate_is_a_tls_error_not_retried() {
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
     params.not_before = rcgen::date_time_ymd(2001, 1, 1);
     params.not_after = rcgen::date_time_ymd(2002, 1, 1);
-    let cert = cert_with(params);
+    let cert = cert_with(&params);
     let (addr, hits) = serve_tls(server_config(
         &cert,
         &[&rustls::version::TLS13, &rustls::version::TLS12],

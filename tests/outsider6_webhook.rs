@@ -116,7 +116,10 @@ async fn the_oldest_and_newest_timestamps_are_refused_without_panicking() {
         let (st, _) = send(
             &rx,
             &[
-                ("x-acme-signature", stripe_hex("sekret", NOW, body.as_bytes())),
+                (
+                    "x-acme-signature",
+                    stripe_hex("sekret", NOW, body.as_bytes()),
+                ),
                 ("x-acme-timestamp", t.clone()),
             ],
             body,
@@ -152,7 +155,10 @@ async fn a_huge_tolerance_does_not_overflow() {
             assert!(events.try_recv().is_some());
             let (st, _) = send(&rx, &[("stripe-signature", sig)], body).await;
             assert_eq!(st, 200);
-            assert!(events.try_recv().is_none(), "t={t}: a copy was queued twice");
+            assert!(
+                events.try_recv().is_none(),
+                "t={t}: a copy was queued twice"
+            );
         }
         let (q, _events) = MemoryQueue::new(10);
         let rx = WebhookReceiver::new(
@@ -246,8 +252,8 @@ async fn a_clock_before_1970_refuses_without_panicking() {
     let (q, _events) = MemoryQueue::new(10);
     let far = UNIX_EPOCH.checked_add(Duration::from_secs(u64::MAX / 2));
     if let Some(far) = far {
-        let rx =
-            WebhookReceiver::new(Stripe::new("sk_test").unwrap(), q).with_clock(Arc::new(Fixed(far)));
+        let rx = WebhookReceiver::new(Stripe::new("sk_test").unwrap(), q)
+            .with_clock(Arc::new(Fixed(far)));
         let sig = sign_stripe("sk_test", NOW, body.as_bytes());
         let (st, _) = send(&rx, &[("stripe-signature", sig)], body).await;
         assert_eq!(st, 401);
@@ -341,8 +347,8 @@ async fn a_body_that_breaks_mid_read_is_not_queued() {
 async fn offloaded_verification_works_on_a_current_thread_runtime() {
     for offload in [0usize, 1024, usize::MAX] {
         let (q, mut events) = MemoryQueue::new(10);
-        let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q)
-            .with_offload_above(offload);
+        let rx =
+            WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q).with_offload_above(offload);
         let body = vec![b'a'; 200 * 1024];
         let sig = sign_github("gh-secret", &body);
         let (st, _) = send(&rx, &[("x-hub-signature-256", sig)], body).await;
@@ -359,7 +365,7 @@ async fn huge_signature_values_are_refused_quickly() {
     let huge_hex = format!("sha256={}", "ab".repeat(512 * 1024));
     let (q, _e) = MemoryQueue::new(10);
     let rx = WebhookReceiver::new(GitHub::new("gh-secret").unwrap(), q);
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let (st, _) = send(&rx, &[("x-hub-signature-256", huge_hex.clone())], "{}").await;
     assert!(st == 400 || st == 401, "{st}");
     let (q, _e) = MemoryQueue::new(10);
@@ -409,13 +415,11 @@ async fn a_kept_receiver_under_buffer_and_a_limit_of_one() {
             .header("x-hub-signature-256", sig)
             .body(Body::from(body))
             .unwrap();
-        let res = tokio::time::timeout(
-            Duration::from_secs(2),
-            svc.ready().await.unwrap().call(req),
-        )
-        .await
-        .expect("a kept receiver hung")
-        .unwrap();
+        let res =
+            tokio::time::timeout(Duration::from_secs(2), svc.ready().await.unwrap().call(req))
+                .await
+                .expect("a kept receiver hung")
+                .unwrap();
         assert_eq!(res.status(), 200);
     }
     let mut n = 0;
