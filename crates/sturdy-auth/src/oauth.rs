@@ -369,6 +369,11 @@ impl ClientCredentials {
     /// \[30 s\]. Past it the request fails with [`ErrorKind::Timeout`] (retryable) and the source
     /// backs off as after any failure, so a token endpoint that never answers cannot hold up the
     /// callers waiting for it. `Duration::ZERO` lets only an immediate answer through.
+    ///
+    /// The timeout is measured on the runtime that runs the request. If that runtime stops
+    /// driving it without shutting down (blocked, or no longer polled), callers on other
+    /// runtimes wait for it until 10 s past the timeout; then the next caller starts another
+    /// request. (A runtime that shuts down frees them at once.)
     #[must_use]
     pub fn with_request_timeout(self, timeout: Duration) -> Self {
         self.edit(|s| s.request_timeout = timeout)

@@ -386,6 +386,12 @@ fn tls_or_dns(text: &str) -> Option<String> {
         || lower.contains("handshake")
         || lower.contains("tls")
         || lower.contains("received fatal alert")
+        // rustls' words for a peer that does not speak TLS (a plain-HTTP server behind
+        // `https://`) or speaks it wrongly.
+        || lower.contains("received corrupt message")
+        || lower.contains("received unexpected message")
+        || lower.contains("peer is incompatible")
+        || lower.contains("peer misbehaved")
     {
         return Some(format!("TLS handshake failed ({text})"));
     }
@@ -592,6 +598,18 @@ mod tests {
         assert_eq!(
             describe(&tls),
             "TLS handshake failed (invalid peer certificate: UnknownIssuer)"
+        );
+        // A plain-HTTP server behind `https://`.
+        let plain = Generic(
+            "client error (Connect)",
+            Some(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "received corrupt message of type InvalidContentType",
+            )),
+        );
+        assert_eq!(
+            describe(&plain),
+            "TLS handshake failed (received corrupt message of type InvalidContentType)"
         );
         let own = crate::Error::new(ErrorKind::Auth, "the token endpoint refused the client")
             .with_source(io::Error::other("x"));

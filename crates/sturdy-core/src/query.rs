@@ -13,8 +13,9 @@ pub fn has(uri: &Uri, name: &str) -> bool {
 }
 
 /// `base` with each `(name, value)` of `set` set: an existing parameter of that name is removed
-/// and the new one appended; every other byte of the query is kept exactly as it was (a
-/// pre-signed URL or a binary value such as `%9A` arrives as the caller wrote it).
+/// and the new one appended; every other pair of the query is kept exactly as it was (a
+/// pre-signed URL or a binary value such as `%9A` arrives as the caller wrote it). A pair added
+/// to an empty query (`/x?`) or after a trailing `&` gets no `&` of its own.
 ///
 /// # Errors
 /// When the result is not a valid URI (it always is for a valid `base`; the error is for
@@ -25,6 +26,10 @@ pub fn has(uri: &Uri, name: &str) -> bool {
 /// let u = sturdy_core::query::set(&u, &[("limit", "20"), ("cursor", "a b&c")]).unwrap();
 /// assert_eq!(u, "http://h/orders?status=open&sig=%9A%2F&limit=20&cursor=a+b%26c");
 /// assert!(sturdy_core::query::has(&u, "cursor"));
+///
+/// let u: http::Uri = "http://h/orders?".parse().unwrap();
+/// let u = sturdy_core::query::set(&u, &[("api-version", "2")]).unwrap();
+/// assert_eq!(u, "http://h/orders?api-version=2");
 /// ```
 pub fn set(base: &Uri, set: &[(&str, &str)]) -> Result<Uri, Error> {
     let mut query = String::new();
@@ -49,7 +54,14 @@ pub fn set(base: &Uri, set: &[(&str, &str)]) -> Result<Uri, Error> {
         let pair = form_urlencoded::Serializer::new(String::new())
             .append_pair(k, v)
             .finish();
-        push(&pair);
+        // After an empty query (`/x?`) or a trailing `&`, no separator of our own: the pair
+        // would otherwise follow an empty one (`?&k=v`).
+        if query.is_empty() || query.ends_with('&') {
+            query.push_str(&pair);
+        } else {
+            query.push('&');
+            query.push_str(&pair);
+        }
     }
     let path = if base.path().is_empty() {
         "/"

@@ -24,8 +24,11 @@ use crate::state::{Config, HostState, Registry};
 /// still wins.
 ///
 /// # Errors
-/// The inner service's: the layer makes no error of its own. When one copy fails while the other
-/// is still running, the call waits for the other; when both fail, the last error is returned.
+/// The inner service's, boxed (the service's error type is [`BoxError`]): the layer makes no
+/// error of its own. When one copy fails while the other is still running, the call waits for
+/// the other. When both fail, the call fails with the later error, unless that one says the
+/// request was never sent while the earlier one may have been processed: then with the earlier
+/// one.
 #[derive(Clone)]
 pub struct Hedge<S, K> {
     pub(crate) inner: S,

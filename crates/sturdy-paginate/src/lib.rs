@@ -240,11 +240,17 @@ impl<P: fmt::Debug> fmt::Debug for PaginateBuilder<P> {
     }
 }
 
-fn origin(u: &Uri) -> (Option<&str>, Option<&str>) {
-    (
-        u.scheme_str(),
-        u.authority().map(http::uri::Authority::as_str),
-    )
+/// A URI's origin as RFC 6454 compares them: the scheme and host in lowercase, and the port,
+/// the scheme's default when none is written (`http://API.example.com` and
+/// `http://api.example.com:80` are one origin). Userinfo is not part of it.
+fn origin(u: &Uri) -> (String, String, Option<u16>) {
+    let scheme = u.scheme_str().unwrap_or("").to_ascii_lowercase();
+    let port = u.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    });
+    (scheme, u.host().unwrap_or("").to_ascii_lowercase(), port)
 }
 
 fn err(msg: String) -> Error {

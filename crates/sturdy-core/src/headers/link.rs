@@ -91,7 +91,7 @@ impl fmt::Debug for Link {
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
-        if !parse_value(value.as_bytes(), request_uri, &mut out) {
+        if !parse_value(value.as_bytes(), request_uri, &mut out, None) {
             break;
         }
     }
@@ -99,15 +99,26 @@ pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
 }
 
 /// The target of the first `rel="next"` link, resolved against `request_uri`.
+///
+/// Unlike [`parse_link`], this reads past [`MAX_LINKS`] links (a page may list hundreds of
+/// `item` links before its `next`): it keeps only the one link it looks for, so memory stays
+/// bounded and time linear in the header's size. Parsing still stops at the first malformed
+/// link, as RFC 8288's algorithm does.
 pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
-    parse_link(headers, request_uri)
-        .into_iter()
-        .find(|l| l.rel == "next")
-        .map(|l| l.value.target.clone())
+    let mut out = Vec::new();
+    for value in headers.get_all(http::header::LINK) {
+        if !parse_value(value.as_bytes(), request_uri, &mut out, Some("next")) || !out.is_empty() {
+            break;
+        }
+    }
+    out.into_iter().next().map(|l| l.value.target.clone())
 }
 
-/// Returns false if parsing stopped early (a malformed link, or [`MAX_LINKS`] reached).
-fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
+/// Appends the links of one field line to `out`; with `only`, just the first link of that
+/// relation type (the others are parsed past, not kept). Returns false if parsing stopped early
+/// (a malformed link, [`MAX_LINKS`] reached, or the link `only` names found).
+fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>) -> bool {
+    let cap = if only.is_some() { 1 } else { MAX_LINKS };
     let s = String::from_utf8_lossy(bytes);
     let b = s.as_bytes();
     let mut i = 0;
@@ -117,7 +128,7 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
         }
     };
     loop {
-        if out.len() >= MAX_LINKS {
+        if out.len() >= cap {
             return false;
         }
         skip_ws(&mut i);
@@ -205,12 +216,16 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>) -> bool {
         let Some(rels) = rels else {
             continue;
         };
+        let wanted = |r: &&str| !r.is_empty() && only.is_none_or(|o| r.eq_ignore_ascii_case(o));
+        if !rels.split([' ', '\t']).any(|r| wanted(&r)) {
+            continue;
+        }
         let value = Arc::new(LinkValue {
             target: resolve_reference(base, target),
             params,
         });
-        for rel in rels.split([' ', '\t']).filter(|r| !r.is_empty()) {
-            if out.len() >= MAX_LINKS {
+        for rel in rels.split([' ', '\t']).filter(wanted) {
+            if out.len() >= cap {
                 return false;
             }
             out.push(Link {
@@ -259,6 +274,30 @@ mod tests {
             h.append(http::header::LINK, v.parse().unwrap());
         }
         parse_link(&h, base)
+    }
+
+    #[test]
+    fn next_link_reads_past_the_link_bound() {
+        let mut many: Vec<String> = (0..MAX_LINKS * 3)
+            .map(|n| format!("</items/{n}>; rel=\"item\""))
+            .collect();
+        many.push("</page/2>; rel=\"prev NEXT\"".into());
+        let one_field = many.join(", ");
+        let mut h = HeaderMap::new();
+        h.append(http::header::LINK, one_field.parse().unwrap());
+        assert_eq!(parse_link(&h, "http://h/a").len(), MAX_LINKS);
+        assert_eq!(
+            next_link(&h, "http://h/a").as_deref(),
+            Some("http://h/page/2")
+        );
+        let mut h = HeaderMap::new();
+        for l in &many {
+            h.append(http::header::LINK, l.parse().unwrap());
+        }
+        assert_eq!(
+            next_link(&h, "http://h/a").as_deref(),
+            Some("http://h/page/2")
+        );
     }
 
     #[test]
