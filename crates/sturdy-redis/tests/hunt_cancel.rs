@@ -46,7 +46,7 @@ async fn poll_then_drop<F: Future>(fut: F, n: usize) -> Option<F::Output> {
 /// Drops `fut` at the `i`th cancellation point of a schedule that mixes poll counts and
 /// timeouts of a few microseconds to a few milliseconds.
 async fn cancel<F: Future>(fut: F, i: usize) -> Option<F::Output> {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         poll_then_drop(fut, 1 + (i / 2) % 8).await
     } else {
         let micros = u64::try_from((i * 37) % 3000).unwrap();
@@ -122,7 +122,9 @@ async fn a_cancelled_quota_operation_never_answers_the_next_one() {
         eprintln!("on the {}", b.name());
         let q = RedisQuota::new(b.conn().await, Quota::per_second(1000).unwrap())
             .with_prefix(unique("hunt-cancel-rl"));
-        q.try_pause("paused", Duration::from_secs(60)).await.unwrap();
+        q.try_pause("paused", Duration::from_secs(60))
+            .await
+            .unwrap();
         for i in 0..300 {
             let _ = cancel(q.try_paused("paused"), i).await;
             assert_eq!(q.try_paused("free").await.unwrap(), None, "point {i}");
@@ -132,7 +134,10 @@ async fn a_cancelled_quota_operation_never_answers_the_next_one() {
             let r = q.try_reserve("paused", Duration::ZERO).await.unwrap();
             assert!(matches!(r, Reserve::Denied { .. }), "point {i}: {r:?}");
             let _ = cancel(q.try_reserve("paused", Duration::ZERO), i).await;
-            assert!(q.try_clear_pause("free").await.unwrap().is_none(), "point {i}");
+            assert!(
+                q.try_clear_pause("free").await.unwrap().is_none(),
+                "point {i}"
+            );
         }
     }
 }
@@ -200,15 +205,25 @@ async fn a_cancelled_next_or_ack_loses_no_event() {
         let mut done = BTreeSet::new();
         let start = Instant::now();
         let mut i = 0;
-        while done.union(&maybe_acked).count() < all.len() && start.elapsed() < Duration::from_millis(2500) {
+        while done.union(&maybe_acked).count() < all.len()
+            && start.elapsed() < Duration::from_millis(2500)
+        {
             i += 1;
             let _ = cancel(c.next(), i).await;
             let Some(d) = c.next().await.unwrap() else {
                 continue;
             };
-            assert_eq!(d.event.body, event(&d.event.id).body, "a reply for another call");
+            assert_eq!(
+                d.event.body,
+                event(&d.event.id).body,
+                "a reply for another call"
+            );
             if d.deliveries == 1 {
-                assert!(!done.contains(&d.event.id), "{} delivered twice", d.event.id);
+                assert!(
+                    !done.contains(&d.event.id),
+                    "{} delivered twice",
+                    d.event.id
+                );
             }
             if i % 3 == 0 {
                 // A cancelled ack: the event is either acknowledged or delivered again.
@@ -234,7 +249,11 @@ async fn a_cancelled_next_or_ack_loses_no_event() {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            let len: u64 = redis::cmd("XLEN").arg(&s).query_async(&mut conn).await.unwrap();
+            let len: u64 = redis::cmd("XLEN")
+                .arg(&s)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             let dead = q.dead_letters(None, 100).await.unwrap();
             panic!(
                 "events lost after {i} rounds: {missing:?}; stream length {len}; pending {pending:?}; dead letters {:?}",
@@ -289,7 +308,8 @@ async fn a_waiting_consumer_does_not_stall_others_on_its_connection() {
     // Redis is healthy: each operation answers at once, not after the consumer's wait.
     for (name, wait, r) in results {
         assert!(
-            r.as_ref().is_ok_and(|took| *took < Duration::from_millis(200)),
+            r.as_ref()
+                .is_ok_and(|took| *took < Duration::from_millis(200)),
             "{name}, beside a consumer waiting {wait:?}: {r:?}"
         );
     }
@@ -365,9 +385,16 @@ async fn dropped_waiters_give_their_redis_slots_back() {
         }
         // The layer gives unused grants back in the background.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        match probe.try_reserve(key, Duration::from_secs(60)).await.unwrap() {
+        match probe
+            .try_reserve(key, Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
             Reserve::Granted { wait } => {
-                assert!(wait <= Duration::from_millis(200), "slots lost: wait {wait:?}");
+                assert!(
+                    wait <= Duration::from_millis(200),
+                    "slots lost: wait {wait:?}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -420,7 +447,15 @@ async fn a_client_that_goes_away_at_any_point_leaves_its_key_usable() {
                 .or_insert_with(Vec::new)
                 .push(i);
         }
-        assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), [200], "{statuses:?}");
-        assert_eq!(runs.load(Ordering::SeqCst), n as u32, "a handler ran twice or never");
+        assert_eq!(
+            statuses.keys().copied().collect::<Vec<_>>(),
+            [200],
+            "{statuses:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            n as u32,
+            "a handler ran twice or never"
+        );
     }
 }

@@ -97,8 +97,11 @@ async fn primary_of(port: u16, slot: u16) -> u16 {
     };
     for r in ranges {
         let redis::Value::Array(r) = r else { continue };
-        if let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(p))) =
-            (r.first(), r.get(1), r.get(2))
+        if let (
+            Some(redis::Value::Int(a)),
+            Some(redis::Value::Int(b)),
+            Some(redis::Value::Array(p)),
+        ) = (r.first(), r.get(1), r.get(2))
         {
             if (*a..=*b).contains(&i64::from(slot)) {
                 if let Some(redis::Value::Int(port)) = p.get(1) {
@@ -115,7 +118,11 @@ async fn wait_ok(ports: &[u16]) {
     for p in ports {
         loop {
             let mut c = admin(*p).await;
-            let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap();
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut c)
+                .await
+                .unwrap();
             if info.contains("cluster_state:ok") {
                 break;
             }
@@ -156,8 +163,11 @@ async fn run_backends(
 ) -> (RedisIdempotencyStore, RedisStreamQueue, RedisQuota) {
     let store = RedisIdempotencyStore::new(conn.clone()).with_prefix(format!("{{{tag}}}"));
     let queue = RedisStreamQueue::new(conn.clone(), format!("{{{tag}}}")).unwrap();
-    let quota = RedisQuota::new(conn.clone(), Quota::new(1, Duration::from_millis(100)).unwrap())
-        .with_prefix(format!("{tag}-rl"));
+    let quota = RedisQuota::new(
+        conn.clone(),
+        Quota::new(1, Duration::from_millis(100)).unwrap(),
+    )
+    .with_prefix(format!("{tag}-rl"));
     let mut i = 0;
     while Instant::now() < until {
         i += 1;
@@ -169,14 +179,22 @@ async fn run_backends(
                 }
                 Err(e) => log.lock().unwrap().errors.push(format!("complete: {e}")),
             },
-            Ok(other) => log.lock().unwrap().errors.push(format!("begin {key}: {other:?}")),
+            Ok(other) => log
+                .lock()
+                .unwrap()
+                .errors
+                .push(format!("begin {key}: {other:?}")),
             Err(e) => log.lock().unwrap().errors.push(format!("begin: {e}")),
         }
         match queue.push(event(&format!("e{i}")), TTL).await {
             Ok(Push::Enqueued) => {
                 log.lock().unwrap().enqueued.insert(format!("e{i}"));
             }
-            Ok(other) => log.lock().unwrap().errors.push(format!("push e{i}: {other:?}")),
+            Ok(other) => log
+                .lock()
+                .unwrap()
+                .errors
+                .push(format!("push e{i}: {other:?}")),
             Err(e) => log.lock().unwrap().errors.push(format!("push: {e}")),
         }
         match quota.try_reserve(&tag, Duration::ZERO).await {
@@ -221,7 +239,11 @@ async fn check_state(
     }
     for id in &log.enqueued {
         assert_eq!(seen.get(id), Some(&1), "{id}");
-        assert_eq!(queue.push(event(id), TTL).await.unwrap(), Push::Duplicate, "{id}");
+        assert_eq!(
+            queue.push(event(id), TTL).await.unwrap(),
+            Push::Duplicate,
+            "{id}"
+        );
     }
 }
 
@@ -234,7 +256,12 @@ async fn a_coordinated_failover_mid_use_fails_nothing_and_loses_nothing() {
     let slot = slot_of(all[0], &format!("{{{tag}}}")).await;
     let primary = primary_of(all[0], slot).await;
     let topology = nodes(primary).await;
-    let primary_id = topology.iter().find(|n| n.port == primary).unwrap().id.clone();
+    let primary_id = topology
+        .iter()
+        .find(|n| n.port == primary)
+        .unwrap()
+        .id
+        .clone();
     let replica = topology
         .iter()
         .find(|n| !n.primary && n.primary_id == primary_id)
@@ -249,10 +276,17 @@ async fn a_coordinated_failover_mid_use_fails_nothing_and_loses_nothing() {
     let runner = tokio::spawn(run_backends(conn, tag.clone(), until, log.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut r = admin(replica).await;
-    let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut r).await.unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query_async(&mut r)
+        .await
+        .unwrap();
     let start = Instant::now();
     while primary_of(replica, slot).await != replica {
-        assert!(start.elapsed() < Duration::from_secs(3), "the failover did not happen");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the failover did not happen"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("failover took {:?}", start.elapsed());
@@ -394,15 +428,25 @@ async fn keys_already_moved_are_served_by_the_importing_node() {
     let src = primary_of(all[0], slot).await;
     let topology = nodes(src).await;
     let src_id = topology.iter().find(|n| n.port == src).unwrap().id.clone();
-    let dst_node = topology.iter().find(|n| n.primary && n.port != src).unwrap().clone();
+    let dst_node = topology
+        .iter()
+        .find(|n| n.primary && n.port != src)
+        .unwrap()
+        .clone();
     let (dst, dst_id) = (dst_node.port, dst_node.id.clone());
 
     let conn = RedisConnection::connect_cluster(&urls).await.unwrap();
     let store = RedisIdempotencyStore::new(conn.clone()).with_prefix(format!("{{{tag}}}"));
     let quota = RedisQuota::new(conn.clone(), Quota::per_minute(1).unwrap())
         .with_prefix(format!("{{{tag}}}-rl"));
-    assert_eq!(store.begin("k", [1; 32], LEASE).await.unwrap(), Begin::Started);
-    store.complete("k", [1; 32], response("k"), TTL).await.unwrap();
+    assert_eq!(
+        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        Begin::Started
+    );
+    store
+        .complete("k", [1; 32], response("k"), TTL)
+        .await
+        .unwrap();
     assert!(matches!(
         quota.try_reserve(&tag, Duration::ZERO).await.unwrap(),
         Reserve::Granted { .. }
@@ -410,7 +454,11 @@ async fn keys_already_moved_are_served_by_the_importing_node() {
 
     // The importing node has never run these scripts (a new or restarted node).
     let mut d = admin(dst).await;
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut d).await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut d)
+        .await
+        .unwrap();
     setslot(dst, slot, "IMPORTING", &src_id).await;
     setslot(src, slot, "MIGRATING", &dst_id).await;
     let mut s = admin(src).await;

@@ -34,7 +34,10 @@ async fn three_clients_admit_exactly_the_burst_at_once() {
     for b in backends() {
         eprintln!("on the {}", b.name());
         // 5 per 5 s, burst 5: one slot a second after the burst.
-        let quota = Quota::new(5, Duration::from_secs(5)).unwrap().with_burst(5).unwrap();
+        let quota = Quota::new(5, Duration::from_secs(5))
+            .unwrap()
+            .with_burst(5)
+            .unwrap();
         let clients = quotas(&b, quota, &unique("hunt-conc-burst"), 3).await;
         let mut tasks = Vec::new();
         for c in &clients {
@@ -97,7 +100,10 @@ async fn three_clients_waiting_get_distinct_evenly_spaced_slots() {
 async fn released_slots_are_reused_once_across_clients() {
     for b in backends() {
         eprintln!("on the {}", b.name());
-        let quota = Quota::new(4, Duration::from_secs(40)).unwrap().with_burst(4).unwrap();
+        let quota = Quota::new(4, Duration::from_secs(40))
+            .unwrap()
+            .with_burst(4)
+            .unwrap();
         let clients = quotas(&b, quota, &unique("hunt-conc-release"), 3).await;
         for _ in 0..4 {
             assert!(matches!(
@@ -164,7 +170,11 @@ async fn concurrent_begins_across_instances_start_exactly_once() {
             let w = winners[0];
             for (fp, r) in &outcomes {
                 if *r != Begin::Started {
-                    let want = if *fp == w { Begin::InFlight } else { Begin::Mismatch };
+                    let want = if *fp == w {
+                        Begin::InFlight
+                    } else {
+                        Begin::Mismatch
+                    };
                     assert_eq!(*r, want);
                 }
             }
@@ -178,9 +188,15 @@ async fn concurrent_begins_across_instances_start_exactly_once() {
             assert!(!stores[1].renew(&key, loser, LEASE).await.unwrap());
             let _ = stores[1].complete(&key, loser, resp("loser"), TTL).await;
             let _ = stores[2].release(&key, loser).await;
-            assert_eq!(stores[2].begin(&key, w, LEASE).await.unwrap(), Begin::InFlight);
+            assert_eq!(
+                stores[2].begin(&key, w, LEASE).await.unwrap(),
+                Begin::InFlight
+            );
             if round % 2 == 0 {
-                stores[0].complete(&key, w, resp("winner"), TTL).await.unwrap();
+                stores[0]
+                    .complete(&key, w, resp("winner"), TTL)
+                    .await
+                    .unwrap();
                 assert_eq!(
                     stores[1].begin(&key, w, LEASE).await.unwrap(),
                     Begin::Completed(resp("winner"))
@@ -192,7 +208,9 @@ async fn concurrent_begins_across_instances_start_exactly_once() {
                 for s in &stores {
                     for _ in 0..10 {
                         let (s, key) = (s.clone(), key.clone());
-                        tasks.push(tokio::spawn(async move { s.begin(&key, w, LEASE).await.unwrap() }));
+                        tasks.push(tokio::spawn(async move {
+                            s.begin(&key, w, LEASE).await.unwrap()
+                        }));
                     }
                 }
                 let mut started = 0;
@@ -226,7 +244,10 @@ async fn concurrent_pushes_of_one_event_enqueue_it_once() {
                 for _ in 0..10 {
                     let q = q.clone();
                     tasks.push(tokio::spawn(async move {
-                        (round, q.push(event(&format!("e{round}")), TTL).await.unwrap())
+                        (
+                            round,
+                            q.push(event(&format!("e{round}")), TTL).await.unwrap(),
+                        )
                     }));
                 }
             }
@@ -262,7 +283,10 @@ async fn consumers_share_the_work_and_a_dead_ones_events_come_back_after_the_cla
             );
         }
         for i in 0..30 {
-            assert_eq!(q.push(event(&format!("e{i}")), TTL).await.unwrap(), Push::Enqueued);
+            assert_eq!(
+                q.push(event(&format!("e{i}")), TTL).await.unwrap(),
+                Push::Enqueued
+            );
         }
         // "a" takes three and dies without acknowledging them.
         let mut dead = BTreeSet::new();
@@ -295,14 +319,20 @@ async fn consumers_share_the_work_and_a_dead_ones_events_come_back_after_the_cla
             rest.push(c);
         }
         assert_eq!(seen.len(), 27);
-        assert!(dead.iter().all(|id| !seen.contains_key(id)), "taken over before the claim delay");
+        assert!(
+            dead.iter().all(|id| !seen.contains_key(id)),
+            "taken over before the claim delay"
+        );
         // After the claim delay, the dead consumer's three come back, once each, counted twice.
         tokio::time::sleep_until(taken_at + claim + Duration::from_millis(50)).await;
         let mut back = BTreeSet::new();
         for c in &mut rest {
             while let Some(d) = c.next().await.unwrap() {
                 assert_eq!(d.deliveries, 2);
-                assert!(back.insert(d.event.id.clone()), "delivered twice after the claim");
+                assert!(
+                    back.insert(d.event.id.clone()),
+                    "delivered twice after the claim"
+                );
                 c.ack(&d).await.unwrap();
             }
         }

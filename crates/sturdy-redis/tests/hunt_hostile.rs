@@ -243,7 +243,10 @@ async fn a_zero_lease_or_ttl_given_to_the_store_never_panics() {
         let _ = s.complete("z", fp(1), r, Duration::ZERO).await;
         let _ = s.release("z", fp(1)).await;
         // And the store still answers correctly afterwards.
-        assert_eq!(s.begin("after", fp(1), LEASE).await.unwrap(), Begin::Started);
+        assert_eq!(
+            s.begin("after", fp(1), LEASE).await.unwrap(),
+            Begin::Started
+        );
     }
 }
 
@@ -290,7 +293,10 @@ async fn a_max_wait_of_duration_max_grants_a_far_slot() {
         eprintln!("on the {}", b.name());
         let q = RedisQuota::new(b.conn().await, Quota::per_minute(1).unwrap())
             .with_prefix(unique("hunt-rl-maxwait"));
-        assert_eq!(granted(q.try_reserve("k", Duration::ZERO).await.unwrap()), Duration::ZERO);
+        assert_eq!(
+            granted(q.try_reserve("k", Duration::ZERO).await.unwrap()),
+            Duration::ZERO
+        );
         match q.try_reserve("k", Duration::ZERO).await.unwrap() {
             Reserve::Denied { retry_after } => {
                 assert!(retry_after > Duration::from_secs(55), "{retry_after:?}");
@@ -312,7 +318,10 @@ async fn quotas_at_the_extremes_never_panic() {
         let prefix = unique("hunt-rl-extreme");
         let quotas = [
             Quota::new(1, Duration::MAX).unwrap(),
-            Quota::new(1, Duration::MAX).unwrap().with_burst(u32::MAX).unwrap(),
+            Quota::new(1, Duration::MAX)
+                .unwrap()
+                .with_burst(u32::MAX)
+                .unwrap(),
             Quota::new(1, Duration::MAX).unwrap().with_burst(2).unwrap(),
             Quota::new(u32::MAX, Duration::MAX).unwrap(),
             Quota::per_second(1).unwrap().with_burst(u32::MAX).unwrap(),
@@ -338,8 +347,14 @@ async fn a_one_per_forever_quota_with_burst_two_admits_two_then_refuses() {
         eprintln!("on the {}", b.name());
         let quota = Quota::new(1, Duration::MAX).unwrap().with_burst(2).unwrap();
         let q = RedisQuota::new(b.conn().await, quota).with_prefix(unique("hunt-rl-forever"));
-        assert_eq!(granted(q.try_reserve("k", Duration::ZERO).await.unwrap()), Duration::ZERO);
-        assert_eq!(granted(q.try_reserve("k", Duration::ZERO).await.unwrap()), Duration::ZERO);
+        assert_eq!(
+            granted(q.try_reserve("k", Duration::ZERO).await.unwrap()),
+            Duration::ZERO
+        );
+        assert_eq!(
+            granted(q.try_reserve("k", Duration::ZERO).await.unwrap()),
+            Duration::ZERO
+        );
         match q.try_reserve("k", Duration::ZERO).await.unwrap() {
             Reserve::Denied { retry_after } => {
                 assert!(retry_after > Duration::from_secs(86_400), "{retry_after:?}");
@@ -356,7 +371,11 @@ async fn keys_whose_hash_tag_would_be_empty_work_on_every_backend() {
         let prefix = unique("hunt-rl-tags");
         let quota = Quota::per_minute(1).unwrap();
         for key in ["}", "}x", "{", "{}", "", "a}b{c}", "}{", "{{}}"] {
-            for pfx in [prefix.clone(), format!("{prefix}{{}}"), format!("{prefix}{{")] {
+            for pfx in [
+                prefix.clone(),
+                format!("{prefix}{{}}"),
+                format!("{prefix}{{"),
+            ] {
                 let q = RedisQuota::new(b.conn().await, quota).with_prefix(pfx.clone());
                 let r = q.try_reserve(key, Duration::ZERO).await;
                 assert!(
@@ -432,7 +451,10 @@ async fn a_zero_cap_removes_pauses_found() {
         zero.try_pause("k", Duration::from_secs(10)).await.unwrap();
         assert_eq!(normal.try_paused("k").await.unwrap(), None);
         // ...and ones found are removed.
-        normal.try_pause("k", Duration::from_secs(10)).await.unwrap();
+        normal
+            .try_pause("k", Duration::from_secs(10))
+            .await
+            .unwrap();
         assert!(normal.try_paused("k").await.unwrap().is_some());
         let r = zero.try_reserve("k", Duration::ZERO).await.unwrap();
         assert!(matches!(r, Reserve::Granted { .. }), "{r:?}");
@@ -533,10 +555,11 @@ async fn hostile_events_come_out_exactly_as_they_went_in() {
         eprintln!("on the {}", b.name());
         let s = unique("hunt-wh-hostile");
         let q = RedisStreamQueue::new(b.conn().await, &s).unwrap();
-        let mut c = RedisStreamConsumer::join(b.conn().await, &s, "g", "w", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .with_wait(Duration::from_millis(20));
+        let mut c =
+            RedisStreamConsumer::join(b.conn().await, &s, "g", "w", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .with_wait(Duration::from_millis(20));
         let ids = [
             "a".repeat(256),
             "{x}".to_owned(),
@@ -555,8 +578,16 @@ async fn hostile_events_come_out_exactly_as_they_went_in() {
                 // 8 MiB of binary body: larger than any receiver default, still an event.
                 e.body = every_byte(8 * 4096 * 4);
             }
-            assert_eq!(q.push(e.clone(), TTL).await.unwrap(), Push::Enqueued, "{id:?}");
-            assert_eq!(q.push(e.clone(), TTL).await.unwrap(), Push::Duplicate, "{id:?}");
+            assert_eq!(
+                q.push(e.clone(), TTL).await.unwrap(),
+                Push::Enqueued,
+                "{id:?}"
+            );
+            assert_eq!(
+                q.push(e.clone(), TTL).await.unwrap(),
+                Push::Duplicate,
+                "{id:?}"
+            );
             sent.push(e);
         }
         for e in &sent {
@@ -576,7 +607,10 @@ async fn a_dedup_ttl_of_duration_max_remembers_the_key() {
         eprintln!("on the {}", b.name());
         let q = RedisStreamQueue::new(b.conn().await, unique("hunt-wh-ttlmax")).unwrap();
         let e = WebhookEvent::new("standard", "max", Bytes::from_static(b"{}"));
-        assert_eq!(q.push(e.clone(), Duration::MAX).await.unwrap(), Push::Enqueued);
+        assert_eq!(
+            q.push(e.clone(), Duration::MAX).await.unwrap(),
+            Push::Enqueued
+        );
         assert_eq!(q.push(e, Duration::MAX).await.unwrap(), Push::Duplicate);
     }
 }
@@ -642,13 +676,22 @@ async fn stream_names_without_a_usable_hash_tag_are_refused() {
         eprintln!("on the {}", b.name());
         let base = unique("hunt-wh-names");
         // "When the stream name is empty or has a `}` but no hash tag".
-        for bad in ["{}".to_owned(), format!("{base}}}"), format!("}}{{{base}"), format!("{base}{{}}")] {
+        for bad in [
+            "{}".to_owned(),
+            format!("{base}}}"),
+            format!("}}{{{base}"),
+            format!("{base}{{}}"),
+        ] {
             let r = RedisStreamQueue::new(b.conn().await, bad.as_str());
             assert!(r.is_err(), "{bad:?} was accepted");
             let r = RedisStreamConsumer::join(b.conn().await, bad.as_str(), "g", "w", TTL).await;
             assert!(r.is_err(), "{bad:?} was accepted by a consumer");
         }
-        for good in [format!("{{{base}}}"), format!("x}}{{{base}}}"), format!("{{{{{base}}}")] {
+        for good in [
+            format!("{{{base}}}"),
+            format!("x}}{{{base}}}"),
+            format!("{{{{{base}}}"),
+        ] {
             let q = RedisStreamQueue::new(b.conn().await, good.as_str())
                 .unwrap_or_else(|e| panic!("{good:?}: {e}"));
             let mut c = RedisStreamConsumer::join(b.conn().await, good.as_str(), "g", "w", TTL)
@@ -672,11 +715,12 @@ async fn zero_bounds_are_taken_as_one() {
         let q = RedisStreamQueue::new(b.conn().await, &s)
             .unwrap()
             .with_max_backlog(0);
-        let mut c = RedisStreamConsumer::join(b.conn().await, &s, "g", "w", Duration::from_millis(50))
-            .await
-            .unwrap()
-            .with_max_deliveries(0)
-            .with_wait(Duration::from_millis(10));
+        let mut c =
+            RedisStreamConsumer::join(b.conn().await, &s, "g", "w", Duration::from_millis(50))
+                .await
+                .unwrap()
+                .with_max_deliveries(0)
+                .with_wait(Duration::from_millis(10));
         let ev = |id: &str| WebhookEvent::new("standard", id, Bytes::from_static(b"{}"));
         assert_eq!(q.push(ev("1"), TTL).await.unwrap(), Push::Enqueued);
         assert_eq!(q.push(ev("2"), TTL).await.unwrap(), Push::Full);
@@ -742,7 +786,15 @@ async fn listing_dead_letters_with_any_count_lists_at_most_that_many() {
         let d = c.next().await.unwrap().unwrap();
         c.dead_letter(&d, "bad").await.unwrap();
         let mut answers = Vec::new();
-        for n in [0, 1, 1001, 1 << 40, usize::MAX / 2, usize::MAX / 2 + 1, usize::MAX] {
+        for n in [
+            0,
+            1,
+            1001,
+            1 << 40,
+            usize::MAX / 2,
+            usize::MAX / 2 + 1,
+            usize::MAX,
+        ] {
             let r = q.dead_letters(None, n).await;
             answers.push((n, r.map(|v| v.len()).map_err(|e| e.to_string())));
         }

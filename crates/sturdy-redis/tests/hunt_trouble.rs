@@ -86,18 +86,26 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
     let quota = RedisQuota::new(conn.clone(), Quota::per_second(100).unwrap())
         .with_prefix(unique("pause-rl"))
         .with_timeout(t);
-    let queue = RedisStreamQueue::new(conn.clone(), "{pause}").unwrap().with_timeout(t);
+    let queue = RedisStreamQueue::new(conn.clone(), "{pause}")
+        .unwrap()
+        .with_timeout(t);
     let mut consumer = RedisStreamConsumer::join(conn.clone(), "{pause}", "g", "w", TTL)
         .await
         .unwrap()
         .with_wait(Duration::from_millis(10))
         .with_timeout(t);
-    assert_eq!(store.begin("done", [1; 32], LEASE).await.unwrap(), Begin::Started);
+    assert_eq!(
+        store.begin("done", [1; 32], LEASE).await.unwrap(),
+        Begin::Started
+    );
     store
         .complete("done", [1; 32], response("done"), TTL)
         .await
         .unwrap();
-    quota.try_pause("paused", Duration::from_secs(60)).await.unwrap();
+    quota
+        .try_pause("paused", Duration::from_secs(60))
+        .await
+        .unwrap();
 
     let mut admin = raw(&url).await;
     let _: () = redis::cmd("CLIENT")
@@ -110,10 +118,27 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
     let paused_at = Instant::now();
     let mut errors: Vec<(&str, BoxError)> = Vec::new();
     let started = Instant::now();
-    errors.push(("begin", store.begin("during", [1; 32], LEASE).await.unwrap_err()));
+    errors.push((
+        "begin",
+        store.begin("during", [1; 32], LEASE).await.unwrap_err(),
+    ));
     errors.push(("paused", quota.try_paused("free").await.unwrap_err()));
-    errors.push(("reserve", quota.try_reserve("free", Duration::ZERO).await.map(|_| ()).unwrap_err()));
-    errors.push(("push", queue.push(event("during"), TTL).await.map(|_| ()).unwrap_err()));
+    errors.push((
+        "reserve",
+        quota
+            .try_reserve("free", Duration::ZERO)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ));
+    errors.push((
+        "push",
+        queue
+            .push(event("during"), TTL)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ));
     errors.push(("next", consumer.next().await.map(|_| ()).unwrap_err()));
     let took = started.elapsed();
     assert!(took < Duration::from_millis(5 * 200 + 400), "{took:?}");
@@ -132,7 +157,10 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
         );
         assert_eq!(quota.try_paused("free").await.unwrap(), None);
         assert!(quota.try_paused("paused").await.unwrap().is_some());
-        assert_eq!(store.begin("fresh", [2; 32], LEASE).await.map(|_| ()).ok(), Some(()));
+        assert_eq!(
+            store.begin("fresh", [2; 32], LEASE).await.map(|_| ()).ok(),
+            Some(())
+        );
         let id = format!("after-{i}");
         assert_eq!(queue.push(event(&id), TTL).await.unwrap(), Push::Enqueued);
         assert_eq!(queue.push(event(&id), TTL).await.unwrap(), Push::Duplicate);
@@ -152,28 +180,58 @@ async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() 
     let url = srv.url();
     let conn = RedisConnection::connect(&url).await.unwrap();
     let store = RedisIdempotencyStore::new(conn.clone()).with_prefix("kill-idem");
-    let quota = RedisQuota::new(conn.clone(), Quota::per_second(100).unwrap()).with_prefix("kill-rl");
+    let quota =
+        RedisQuota::new(conn.clone(), Quota::per_second(100).unwrap()).with_prefix("kill-rl");
     let queue = RedisStreamQueue::new(conn.clone(), "{kill}").unwrap();
     let mut consumer = RedisStreamConsumer::join(conn.clone(), "{kill}", "g", "w", TTL)
         .await
         .unwrap()
         .with_wait(Duration::from_millis(10));
-    assert_eq!(store.begin("k", [1; 32], LEASE).await.unwrap(), Begin::Started);
-    assert_eq!(queue.push(event("before"), TTL).await.unwrap(), Push::Enqueued);
+    assert_eq!(
+        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        Begin::Started
+    );
+    assert_eq!(
+        queue.push(event("before"), TTL).await.unwrap(),
+        Push::Enqueued
+    );
 
     srv.kill().await;
     let started = Instant::now();
     let mut errors: Vec<(&str, BoxError)> = Vec::new();
     errors.push(("begin", store.begin("x", [1; 32], LEASE).await.unwrap_err()));
-    errors.push(("reserve", quota.try_reserve("k", Duration::ZERO).await.map(|_| ()).unwrap_err()));
-    errors.push(("push", queue.push(event("x"), TTL).await.map(|_| ()).unwrap_err()));
+    errors.push((
+        "reserve",
+        quota
+            .try_reserve("k", Duration::ZERO)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ));
+    errors.push((
+        "push",
+        queue.push(event("x"), TTL).await.map(|_| ()).unwrap_err(),
+    ));
     errors.push(("next", consumer.next().await.map(|_| ()).unwrap_err()));
-    errors.push(("new connection", RedisConnection::connect(&url).await.map(|_| ()).unwrap_err()));
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    errors.push((
+        "new connection",
+        RedisConnection::connect(&url)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     for (what, e) in &errors {
         eprintln!("{what}: {e} [{:?}]", kind(e));
         assert_eq!(kind(e), ErrorKind::Connect, "{what}: {e:?}");
-        assert!(e.to_string().contains("Redis cannot be reached"), "{what}: {e}");
+        assert!(
+            e.to_string().contains("Redis cannot be reached"),
+            "{what}: {e}"
+        );
     }
 
     srv.restart().await;
@@ -193,7 +251,10 @@ async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() 
         quota.try_reserve("k", Duration::ZERO).await.unwrap(),
         Reserve::Granted { .. }
     ));
-    assert_eq!(queue.push(event("after"), TTL).await.unwrap(), Push::Enqueued);
+    assert_eq!(
+        queue.push(event("after"), TTL).await.unwrap(),
+        Push::Enqueued
+    );
     let mut ids = Vec::new();
     while let Some(d) = consumer.next().await.unwrap() {
         consumer.ack(&d).await.unwrap();
@@ -268,18 +329,21 @@ impl Cutter {
 
 /// Runs `op` through a proxy that lets the command reach Redis, swallows the reply and cuts the
 /// connection; returns the error.
-async fn cut_after_it_ran<T: std::fmt::Debug>(
+async fn cut_after_it_ran<T>(
     cutter: &Cutter,
     store: &RedisIdempotencyStore,
     op: impl std::future::Future<Output = Result<T, BoxError>> + Send + 'static,
 ) -> BoxError
 where
-    T: Send + 'static,
+    T: std::fmt::Debug + Send + 'static,
 {
     // The shared connection is up (after an earlier cut) before replies are swallowed.
     let start = Instant::now();
     while store.begin("warm", [1; 32], LEASE).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(2), "the connection did not come back");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the connection did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cutter.mute();
@@ -298,8 +362,7 @@ async fn a_command_that_ran_is_never_reported_as_not_sent() {
     let mut check = raw(&srv.url()).await;
     let store = RedisIdempotencyStore::new(conn.clone()).with_prefix("cut-idem");
     let queue = RedisStreamQueue::new(conn.clone(), "{cut}").unwrap();
-    let quota =
-        RedisQuota::new(conn.clone(), Quota::per_minute(1).unwrap()).with_prefix("cut-rl");
+    let quota = RedisQuota::new(conn.clone(), Quota::per_minute(1).unwrap()).with_prefix("cut-rl");
     let mut report = Vec::new();
     // Every script known to Redis first, so that each operation below is one command.
     store.begin("warm", [1; 32], LEASE).await.unwrap();
@@ -307,19 +370,38 @@ async fn a_command_that_ran_is_never_reported_as_not_sent() {
     quota.try_reserve("warm", Duration::ZERO).await.unwrap();
 
     let s = store.clone();
-    let e = cut_after_it_ran(&cutter, &store, async move { s.begin("k", [1; 32], LEASE).await }).await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("cut-idem*").query_async(&mut check).await.unwrap();
+    let e = cut_after_it_ran(&cutter, &store, async move {
+        s.begin("k", [1; 32], LEASE).await
+    })
+    .await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("cut-idem*")
+        .query_async(&mut check)
+        .await
+        .unwrap();
     assert_eq!(keys.len(), 2, "the lock was taken");
     report.push(("begin", e));
 
     let q = queue.clone();
-    let e = cut_after_it_ran(&cutter, &store, async move { q.push(event("e"), TTL).await }).await;
-    let len: u64 = redis::cmd("XLEN").arg("{cut}").query_async(&mut check).await.unwrap();
+    let e = cut_after_it_ran(
+        &cutter,
+        &store,
+        async move { q.push(event("e"), TTL).await },
+    )
+    .await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg("{cut}")
+        .query_async(&mut check)
+        .await
+        .unwrap();
     assert_eq!(len, 2, "the event was appended");
     report.push(("push", e));
 
     let q2 = quota.clone();
-    let e = cut_after_it_ran(&cutter, &store, async move { q2.try_reserve("k", Duration::ZERO).await }).await;
+    let e = cut_after_it_ran(&cutter, &store, async move {
+        q2.try_reserve("k", Duration::ZERO).await
+    })
+    .await;
     report.push(("reserve", e));
 
     // The same objects work again, with the right answers.
@@ -344,14 +426,22 @@ async fn a_command_that_ran_is_never_reported_as_not_sent() {
         eprintln!("{what}: {e} [{:?}, {:?}]", kind(e), delivery(&**e));
     }
     for (what, e) in &report {
-        assert_eq!(delivery(&**e), Delivery::MaybeProcessed, "{what} ran, but: {e:?}");
+        assert_eq!(
+            delivery(&**e),
+            Delivery::MaybeProcessed,
+            "{what} ran, but: {e:?}"
+        );
         assert_ne!(kind(e), ErrorKind::Connect, "{what} ran, but: {e:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_redis_gives_a_clear_error_and_no_half_state() {
-    let (srv, _dir) = server(18630, &["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]).await;
+    let (srv, _dir) = server(
+        18630,
+        &["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"],
+    )
+    .await;
     let conn = RedisConnection::connect(&srv.url()).await.unwrap();
     let queue = RedisStreamQueue::new(conn.clone(), "{full}").unwrap();
     let store = RedisIdempotencyStore::new(conn.clone()).with_prefix("full-idem");
@@ -405,7 +495,10 @@ async fn errors_with_password_urls(port: u16) -> Vec<(String, String)> {
         format!("redis://:{PASSWORD}@127.0.0.1:{port}/notadb"),
         format!("rediss://:{PASSWORD}@127.0.0.1:{port}/"),
         format!("http://:{PASSWORD}@127.0.0.1:{port}/"),
-        format!("redis://:{}@127.0.0.1:{port}/", PASSWORD.replace('-', "%2D")),
+        format!(
+            "redis://:{}@127.0.0.1:{port}/",
+            PASSWORD.replace('-', "%2D")
+        ),
     ];
     for url in &urls {
         let shown = url.replace(PASSWORD, "<pw>");
@@ -416,7 +509,7 @@ async fn errors_with_password_urls(port: u16) -> Vec<(String, String)> {
             out.push((format!("connect_cluster {shown}"), all_text(&e)));
         }
         if !url.contains("-wrong") {
-                continue;
+            continue;
         }
         if let Err(e) = RedisIdempotencyStore::connect(url).await {
             out.push((format!("store {shown}"), all_text(&e)));
@@ -449,7 +542,9 @@ async fn a_password_in_the_url_never_shows() {
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}/");
     let conn = RedisConnection::connect(&url).await.unwrap();
     let store = RedisIdempotencyStore::connect(&url).await.unwrap();
-    let quota = RedisQuota::connect(&url, Quota::per_second(1).unwrap()).await.unwrap();
+    let quota = RedisQuota::connect(&url, Quota::per_second(1).unwrap())
+        .await
+        .unwrap();
     let queue = RedisStreamQueue::connect(&url, "{pw}").await.unwrap();
     let mut consumer = RedisStreamConsumer::connect(&url, "{pw}", "g", "w", TTL)
         .await
@@ -501,7 +596,11 @@ async fn a_password_in_the_url_never_shows() {
         eprintln!("{what}: {}", text.replace(PASSWORD, "<PASSWORD>"));
     }
     for (what, text) in &texts {
-        assert!(!leaks(text), "{what}: {}", text.replace(PASSWORD, "<PASSWORD>"));
+        assert!(
+            !leaks(text),
+            "{what}: {}",
+            text.replace(PASSWORD, "<PASSWORD>")
+        );
     }
 }
 
@@ -512,7 +611,12 @@ async fn a_wrong_cluster_password_is_not_called_unreachable() {
     let port = 18645;
     let (srv, _dir) = server(
         port,
-        &["--cluster-enabled", "yes", "--cluster-config-file", "nodes-18645.conf"],
+        &[
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes-18645.conf",
+        ],
     )
     .await;
     let mut admin = raw(&srv.url()).await;
@@ -525,7 +629,11 @@ async fn a_wrong_cluster_password_is_not_called_unreachable() {
         .unwrap();
     let start = Instant::now();
     loop {
-        let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut admin).await.unwrap();
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
         if info.contains("cluster_state:ok") {
             break;
         }
@@ -540,17 +648,27 @@ async fn a_wrong_cluster_password_is_not_called_unreachable() {
         .await
         .unwrap();
     let good = format!("redis://:{PASSWORD}@127.0.0.1:{port}/");
-    let conn = RedisConnection::connect_cluster([good.as_str()]).await.unwrap();
+    let conn = RedisConnection::connect_cluster([good.as_str()])
+        .await
+        .unwrap();
     let store = RedisIdempotencyStore::new(conn).with_prefix("pw-cluster");
-    assert_eq!(store.begin("k", [1; 32], LEASE).await.unwrap(), Begin::Started);
+    assert_eq!(
+        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        Begin::Started
+    );
 
     let wrong = format!("redis://:not-the-password@127.0.0.1:{port}/");
     let single = RedisConnection::connect(&wrong).await.unwrap_err();
-    let cluster = RedisConnection::connect_cluster([wrong.as_str()]).await.unwrap_err();
+    let cluster = RedisConnection::connect_cluster([wrong.as_str()])
+        .await
+        .unwrap_err();
     eprintln!("one server: {single} [{:?}]", kind(&single));
     eprintln!("cluster: {cluster} [{:?}]", kind(&cluster));
     // As for one server: an authentication failure, not an outage that will pass.
     assert_ne!(kind(&single), ErrorKind::Connect);
     assert_ne!(kind(&cluster), ErrorKind::Connect, "{cluster:?}");
-    assert!(!cluster.to_string().contains("cannot be reached"), "{cluster}");
+    assert!(
+        !cluster.to_string().contains("cannot be reached"),
+        "{cluster}"
+    );
 }
