@@ -43,6 +43,10 @@ impl fmt::Debug for Quota {
 impl Quota {
     /// `calls` per `period`, spaced evenly, with a burst of 1.
     ///
+    /// A spacing longer than 30 years is enforced as 30 years (`Quota::new(1, Duration::MAX)`
+    /// lets one call through per 30 years, which no process outlives), and a burst's whole
+    /// allowance is capped at about 146 years of calls.
+    ///
     /// # Errors
     /// When `calls` is 0 or `period` is zero.
     pub fn new(calls: u32, period: Duration) -> Result<Self, InvalidQuota> {
@@ -102,11 +106,20 @@ impl Quota {
     }
 
     fn of(interval: Duration, burst: u32) -> Self {
+        // A time since the limiter's origin is a u64 of nanoseconds (584 years), and a saturated
+        // interval or tolerance would let every call through (the TAT minus a tolerance of
+        // u64::MAX is always "now"). So the interval is read as at most 30 years (one call per
+        // `Duration::MAX` is one per 30 years) and the tolerance as at most 2^62 ns (146 years):
+        // sums of the two stay far from the bound.
+        const FAR_NS: u64 = 86_400 * 365 * 30 * 1_000_000_000;
+        let interval_ns = nanos(interval).min(FAR_NS);
         Self {
             interval,
             burst,
-            interval_ns: nanos(interval),
-            tolerance_ns: nanos(interval).saturating_mul(u64::from(burst.saturating_sub(1))),
+            interval_ns,
+            tolerance_ns: interval_ns
+                .saturating_mul(u64::from(burst.saturating_sub(1)))
+                .min(1 << 62),
         }
     }
 
@@ -257,6 +270,34 @@ mod tests {
                 Reservation::Denied { .. } => unreachable!(),
             }
         }
+    }
+
+    #[test]
+    fn a_quota_too_long_to_represent_still_refuses() {
+        let q = Quota::new(1, Duration::MAX).unwrap().with_burst(2).unwrap();
+        let tat = AtomicU64::new(0);
+        let at = 1_000;
+        assert!(matches!(
+            reserve(&tat, &q, at, 0),
+            Reservation::Granted { wait: 0 }
+        ));
+        assert!(matches!(
+            reserve(&tat, &q, at, 0),
+            Reservation::Granted { wait: 0 }
+        ));
+        assert!(matches!(
+            reserve(&tat, &q, at, 0),
+            Reservation::Denied { .. }
+        ));
+        let q = Quota::new(1, Duration::MAX)
+            .unwrap()
+            .with_burst(u32::MAX)
+            .unwrap();
+        let tat = AtomicU64::new(0);
+        let granted = (0..100)
+            .filter(|_| matches!(reserve(&tat, &q, at, 0), Reservation::Granted { .. }))
+            .count();
+        assert!((2..100).contains(&granted), "{granted}");
     }
 
     #[test]

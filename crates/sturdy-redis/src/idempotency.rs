@@ -98,8 +98,9 @@ fn hex(fp: &Fingerprint) -> String {
     fp.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A lease or TTL for Redis: at least 1 ms, at most about 30 years (`Duration::MAX` included).
 fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    crate::capped_ms(d).max(1)
 }
 
 impl RedisIdempotencyStore {

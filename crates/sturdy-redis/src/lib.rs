@@ -193,11 +193,47 @@ pub(crate) async fn connect_unbounded(
     .await
 }
 
+/// The longest duration sent to Redis, about 30 years (as `sturdy_core::clock::after` reads a
+/// far deadline): Redis refuses an expiry past `i64::MAX` ms from now, and its Lua numbers are
+/// doubles, exact only below 2^53.
+pub(crate) const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `d` in milliseconds for Redis, at most [`FAR`].
+pub(crate) fn capped_ms(d: Duration) -> u64 {
+    u64::try_from(d.min(FAR).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `d` in microseconds for Redis, at most [`FAR`].
+pub(crate) fn capped_micros(d: Duration) -> u64 {
+    u64::try_from(d.min(FAR).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Whether Redis refused the credentials (a wrong password or user name in the URL). A cluster
+/// client reports it inside an I/O error, so the text is read too.
+fn is_auth_failure(e: &redis::RedisError) -> bool {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
+        return true;
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("authentication failed")
+        || text.contains("wrongpass")
+        || text.contains("noauth")
+        || text.contains("invalid username-password")
+}
+
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
-    let kind = if e.is_timeout() {
+    let kind = if is_auth_failure(&e) {
+        ErrorKind::Auth
+    } else if e.is_timeout() {
         ErrorKind::Timeout
-    } else if e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped() {
+    } else if e.is_connection_refusal() {
         ErrorKind::Connect
+    } else if e.is_io_error() || e.is_connection_dropped() {
+        // The connection broke, and a multiplexed connection cannot tell whether the command
+        // had been written: it may have run.
+        ErrorKind::Transport
     } else {
         ErrorKind::Other
     };
@@ -213,8 +249,14 @@ fn store_error(what: &str, e: redis::RedisError) -> BoxError {
             "{what}: Redis answered as a read-only replica (a failover is under way); try again shortly"
         ),
         Some("LOADING") => format!("{what}: Redis is loading its data after a restart; try again shortly"),
+        _ if kind == ErrorKind::Auth => format!(
+            "{what}: Redis refused the credentials (the user name or password in the URL is wrong)"
+        ),
         _ if kind == ErrorKind::Connect => format!(
             "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"
+        ),
+        _ if kind == ErrorKind::Transport => format!(
+            "{what}: the connection to Redis broke before its answer, so the command may have run; the connection recovers by itself once Redis is back"
         ),
         _ if kind == ErrorKind::Timeout => format!("{what}: Redis did not answer in time"),
         _ => what.to_owned(),
@@ -331,9 +373,18 @@ impl RedisQuota {
     }
 
     fn max_pause_ms(&self) -> u64 {
-        u64::try_from(self.max_pause.as_millis())
-            .unwrap_or(u64::MAX)
-            .min(i64::MAX as u64 / 2)
+        capped_ms(self.max_pause)
+    }
+
+    /// The quota's interval and tolerance in microseconds, as the scripts use them: the
+    /// interval at most [`FAR`] (a quota of one call per `Duration::MAX` is one per 30 years),
+    /// the tolerance at most 2^52 µs (about 142 years), so that the scripts' sums stay exact.
+    fn spacing(&self) -> (u64, u64) {
+        let interval = capped_micros(self.quota.interval()).max(1);
+        let tolerance = interval
+            .saturating_mul(u64::from(self.quota.burst().saturating_sub(1)))
+            .min(1 << 52);
+        (interval, tolerance)
     }
 
     /// The Redis keys of one limiter: `<prefix>:{<key>}:tat` and `<prefix>:{<key>}:pause`. The
@@ -357,16 +408,14 @@ impl RedisQuota {
     /// When Redis fails or does not answer in time.
     pub async fn try_reserve(&self, key: &str, max_wait: Duration) -> Result<Reserve, BoxError> {
         let (tat, pause) = self.keys(key);
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let interval = micros(self.quota.interval());
-        let tolerance = interval.saturating_mul(u64::from(self.quota.burst() - 1));
+        let (interval, tolerance) = self.spacing();
         let mut conn = self.conn.clone();
         let mut inv = RESERVE_LUA.call();
         inv.key(tat)
             .key(pause)
             .arg(interval)
             .arg(tolerance)
-            .arg(micros(max_wait).min(i64::MAX as u64 / 2))
+            .arg(capped_micros(max_wait))
             .arg(self.max_pause_ms());
         let (granted, wait): (i64, i64) = bounded(
             self.timeout,
@@ -394,9 +443,7 @@ impl RedisQuota {
             return Ok(());
         }
         let (_, pause) = self.keys(key);
-        let ms = u64::try_from(duration.as_millis())
-            .unwrap_or(u64::MAX)
-            .clamp(1, cap);
+        let ms = capped_ms(duration).clamp(1, cap);
         let mut conn = self.conn.clone();
         let mut inv = PAUSE_LUA.call();
         inv.key(pause).arg(ms).arg(cap);
@@ -453,10 +500,10 @@ impl RedisQuota {
     /// When Redis fails or does not answer in time.
     pub async fn try_release(&self, key: &str) -> Result<bool, BoxError> {
         let (tat, _) = self.keys(key);
-        let interval = u64::try_from(self.quota.interval().as_micros()).unwrap_or(u64::MAX);
+        let (interval, _) = self.spacing();
         let mut conn = self.conn.clone();
         let mut inv = RELEASE_LUA.call();
-        inv.key(tat).arg(interval.min(i64::MAX as u64 / 2));
+        inv.key(tat).arg(interval);
         let released: i64 = bounded(
             self.timeout,
             "rate-limit slot release",

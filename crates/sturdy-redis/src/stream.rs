@@ -195,12 +195,30 @@ fn key_base(stream: &str) -> Result<String, BoxError> {
     }
 }
 
+/// The first entry of an `XREADGROUP` answer: `[[stream, [entry...]]]` (RESP2) or
+/// `{stream: [entry...]}` (RESP3); `Nil` or an empty list when there is none.
+fn first_entry(v: Value) -> Option<Value> {
+    let entries = match v {
+        Value::Array(streams) => streams.into_iter().next().and_then(|s| match s {
+            Value::Array(pair) => pair.into_iter().nth(1),
+            _ => None,
+        }),
+        Value::Map(m) => m.into_iter().next().map(|(_, e)| e),
+        _ => None,
+    };
+    match entries {
+        Some(Value::Array(list)) => list.into_iter().next(),
+        _ => None,
+    }
+}
+
 fn dead_stream(base: &str) -> String {
     format!("{base}:dead")
 }
 
+/// A duration for Redis, at most about 30 years (`Duration::MAX` included).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    crate::capped_ms(d)
 }
 
 fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
@@ -368,6 +386,9 @@ impl RedisStreamQueue {
         after: Option<&str>,
         count: usize,
     ) -> Result<Vec<DeadLetter>, BoxError> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
         let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("XRANGE");
@@ -861,7 +882,9 @@ impl RedisStreamConsumer {
     }
 
     /// How long [`RedisStreamConsumer::next`] waits for a new event before answering `None`
-    /// \[500 ms\].
+    /// \[500 ms\]. It asks Redis every 5 ms at first, then less often, up to every 100 ms, so
+    /// a new event is seen within 100 ms; it never blocks the connection, which its clones
+    /// (a queue, a store, other consumers) share.
     #[must_use]
     pub fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
@@ -915,41 +938,28 @@ impl RedisStreamConsumer {
         }
     }
 
-    /// Waits up to the wait time for a new entry.
+    /// Waits up to the wait time for a new entry, asking Redis every 5 ms at first, then less
+    /// often, up to every 100 ms.
+    ///
+    /// Not `XREADGROUP BLOCK`: the connection is multiplexed and its clones share it (the queue
+    /// a receiver pushes to, the idempotency store, other consumers), and a blocking command
+    /// holds every reply behind it until it ends. A short read also keeps a cancelled `next`
+    /// from taking an event on the server after its caller has gone.
     async fn read_new(&mut self) -> Result<Option<(String, WebhookEvent, Extra)>, BoxError> {
-        let mut conn = self.conn.clone();
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.name)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(millis(self.wait).max(1))
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(">");
-        let v: Value = bounded(
-            self.timeout + self.wait,
-            "webhook read",
-            read.query_async(&mut conn),
-        )
-        .await?;
-        // [[stream, [entry...]]] (RESP2) or {stream: [entry...]} (RESP3); Nil on timeout.
-        let entries = match &v {
-            Value::Array(streams) => streams.first().and_then(|s| match s {
-                Value::Array(pair) => pair.get(1),
-                _ => None,
-            }),
-            Value::Map(m) => m.first().map(|(_, e)| e),
-            _ => None,
+        let deadline = tokio::time::Instant::now() + self.wait.min(crate::FAR);
+        let mut pause = Duration::from_millis(5);
+        let first = loop {
+            if let Some(first) = first_entry(self.read_once().await?) {
+                break first;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         };
-        let Some(Value::Array(list)) = entries else {
-            return Ok(None);
-        };
-        let Some(first) = list.first() else {
-            return Ok(None);
-        };
+        let first = &first;
         match entry(first) {
             Some(e) => Ok(Some(e)),
             None => {
@@ -962,6 +972,21 @@ impl RedisStreamConsumer {
                 Ok(None)
             }
         }
+    }
+
+    /// One `XREADGROUP` for a new entry, without waiting.
+    async fn read_once(&self) -> Result<Value, BoxError> {
+        let mut conn = self.conn.clone();
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg("COUNT")
+            .arg(1)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">");
+        bounded(self.timeout, "webhook read", read.query_async(&mut conn)).await
     }
 
     async fn give_up(&self, entry: &str, reason: &str) -> Result<(), BoxError> {
@@ -991,7 +1016,12 @@ impl RedisStreamConsumer {
     /// one, waiting up to the wait time \[500 ms\]. `None` when there is none yet.
     ///
     /// When an event is waiting this costs one round trip to Redis (one script); when none is,
-    /// a second one waits for a new event.
+    /// short reads follow, 5 ms apart at first and up to 100 ms apart, until one finds a new
+    /// event or the wait time ends. None of them blocks the connection its clones share.
+    ///
+    /// Cancelling it (a `select!` or a timeout around it) loses nothing: an event taken by a
+    /// read whose answer was dropped stays pending for this consumer and is delivered again
+    /// after the claim delay, counted as a delivery.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time.
@@ -1041,8 +1071,10 @@ impl RedisStreamConsumer {
     /// unless another consumer group still needs it.
     ///
     /// # Errors
-    /// When Redis fails or does not answer in time (the event then stays pending and is
-    /// delivered again).
+    /// When Redis fails or does not answer in time. The event then stays pending and is
+    /// delivered again, unless the command reached Redis before the failure (a `Timeout`, or a
+    /// `Transport` error: the connection broke before the answer), in which case it may have
+    /// been done. Handlers are to be idempotent either way (delivery is at least once).
     pub async fn ack(&self, d: &Delivery) -> Result<(), BoxError> {
         self.release(&d.entry).await
     }
@@ -1052,8 +1084,10 @@ impl RedisStreamConsumer {
     /// again to this group.
     ///
     /// # Errors
-    /// When Redis fails or does not answer in time (the event then stays pending and is
-    /// delivered again).
+    /// When Redis fails or does not answer in time. The event then stays pending and is
+    /// delivered again, unless the command reached Redis before the failure (a `Timeout`, or a
+    /// `Transport` error: the connection broke before the answer), in which case it may have
+    /// been done. Handlers are to be idempotent either way (delivery is at least once).
     pub async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), BoxError> {
         self.give_up(&d.entry, reason).await
     }

@@ -79,37 +79,47 @@ async fn a_cancelled_store_operation_never_answers_the_next_one() {
         let prefix = unique("hunt-cancel-idem");
         let s = store(&b, &prefix).await;
         for k in ["a", "b"] {
-            assert_eq!(s.begin(k, fp(1), LEASE).await.unwrap(), Begin::Started);
-            s.complete(k, fp(1), response(k), TTL).await.unwrap();
+            assert_eq!(
+                s.begin(k, fp(1), tk(fp(1)), LEASE).await.unwrap(),
+                Begin::Started
+            );
+            s.complete(k, fp(1), tk(fp(1)), response(k), TTL)
+                .await
+                .unwrap();
         }
         for i in 0..300 {
             let (x, y) = if i % 3 == 0 { ("a", "b") } else { ("b", "a") };
-            let _ = cancel(s.begin(x, fp(1), LEASE), i).await;
+            let _ = cancel(s.begin(x, fp(1), tk(fp(1)), LEASE), i).await;
             assert_eq!(
-                s.begin(y, fp(1), LEASE).await.unwrap(),
+                s.begin(y, fp(1), tk(fp(1)), LEASE).await.unwrap(),
                 Begin::Completed(response(y)),
                 "after cancelling begin({x}) at point {i}"
             );
             // A fresh key, then one used with another fingerprint.
-            let _ = cancel(s.begin(x, fp(2), LEASE), i + 1).await;
+            let _ = cancel(s.begin(x, fp(2), tk(fp(2)), LEASE), i + 1).await;
             assert_eq!(
-                s.begin(&format!("fresh-{i}"), fp(1), LEASE).await.unwrap(),
+                s.begin(&format!("fresh-{i}"), fp(1), tk(fp(1)), LEASE)
+                    .await
+                    .unwrap(),
                 Begin::Started,
                 "point {i}"
             );
-            let _ = cancel(s.renew(&format!("fresh-{i}"), fp(1), LEASE), i).await;
+            let _ = cancel(s.renew(&format!("fresh-{i}"), fp(1), tk(fp(1)), LEASE), i).await;
             assert_eq!(
-                s.begin(y, fp(9), LEASE).await.unwrap(),
+                s.begin(y, fp(9), tk(fp(9)), LEASE).await.unwrap(),
                 Begin::Mismatch,
                 "point {i}"
             );
-            let _ = cancel(s.complete(x, fp(3), response("wrong"), TTL), i).await;
-            assert!(!s.renew(y, fp(1), LEASE).await.unwrap(), "point {i}");
+            let _ = cancel(s.complete(x, fp(3), tk(fp(3)), response("wrong"), TTL), i).await;
+            assert!(
+                !s.renew(y, fp(1), tk(fp(1)), LEASE).await.unwrap(),
+                "point {i}"
+            );
         }
         // Nothing a cancelled call sent changed a completed key.
         for k in ["a", "b"] {
             assert_eq!(
-                s.begin(k, fp(1), LEASE).await.unwrap(),
+                s.begin(k, fp(1), tk(fp(1)), LEASE).await.unwrap(),
                 Begin::Completed(response(k))
             );
         }
@@ -283,7 +293,10 @@ async fn beside_a_waiting_consumer(b: &Backend, wait: Duration) -> Result<Durati
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
     let pushed = q.push(event("x"), TTL).await.map_err(|e| e.to_string());
-    let begun = st.begin("k", fp(1), LEASE).await.map_err(|e| e.to_string());
+    let begun = st
+        .begin("k", fp(1), tk(fp(1)), LEASE)
+        .await
+        .map_err(|e| e.to_string());
     let took = t.elapsed();
     let (_c, r) = waiting.await.unwrap();
     assert!(r.unwrap().is_none());
@@ -294,7 +307,6 @@ async fn beside_a_waiting_consumer(b: &Backend, wait: Duration) -> Result<Durati
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: a consumer's wait for events blocks every other user of the same (cloned) RedisConnection: a push times out ('Redis did not answer within 1s') while Redis is healthy"]
 async fn a_waiting_consumer_does_not_stall_others_on_its_connection() {
     let mut results = Vec::new();
     for b in backends() {
@@ -458,4 +470,13 @@ async fn a_client_that_goes_away_at_any_point_leaves_its_key_usable() {
             "a handler ran twice or never"
         );
     }
+}
+
+/// The lock token of the execution a fingerprint stands for in these tests: one execution per
+/// fingerprint, as the store's fencing was before tokens.
+#[allow(dead_code)]
+fn tk(fp: sturdy_idempotency::server::Fingerprint) -> sturdy_idempotency::server::LockToken {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&fp[..16]);
+    sturdy_idempotency::server::LockToken::from_u128(u128::from_le_bytes(b))
 }

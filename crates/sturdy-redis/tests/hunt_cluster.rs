@@ -172,8 +172,11 @@ async fn run_backends(
     while Instant::now() < until {
         i += 1;
         let key = format!("k{i}");
-        match store.begin(&key, [1; 32], LEASE).await {
-            Ok(Begin::Started) => match store.complete(&key, [1; 32], response(&key), TTL).await {
+        match store.begin(&key, [1; 32], tk([1; 32]), LEASE).await {
+            Ok(Begin::Started) => match store
+                .complete(&key, [1; 32], tk([1; 32]), response(&key), TTL)
+                .await
+            {
                 Ok(()) => {
                     log.lock().unwrap().completed.insert(key.clone());
                 }
@@ -217,7 +220,7 @@ async fn check_state(
 ) {
     for key in &log.completed {
         assert_eq!(
-            store.begin(key, [1; 32], LEASE).await.unwrap(),
+            store.begin(key, [1; 32], tk([1; 32]), LEASE).await.unwrap(),
             Begin::Completed(response(key)),
             "{key}"
         );
@@ -248,6 +251,7 @@ async fn check_state(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "changes the cluster's layout: run alone on a throwaway cluster (--ignored --test-threads 1)"]
 async fn a_coordinated_failover_mid_use_fails_nothing_and_loses_nothing() {
     let Some(urls) = cluster_urls() else { return };
     let all = ports(&urls);
@@ -306,6 +310,7 @@ async fn a_coordinated_failover_mid_use_fails_nothing_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "changes the cluster's layout: run alone on a throwaway cluster (--ignored --test-threads 1)"]
 async fn a_slot_moved_mid_use_fails_nothing_and_loses_nothing() {
     let Some(urls) = cluster_urls() else { return };
     let all = ports(&urls);
@@ -419,6 +424,7 @@ async fn setslot(port: u16, slot: u16, how: &str, id: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "changes the cluster's layout: run alone on a throwaway cluster (--ignored --test-threads 1)"]
 async fn keys_already_moved_are_served_by_the_importing_node() {
     let Some(urls) = cluster_urls() else { return };
     let all = ports(&urls);
@@ -440,11 +446,11 @@ async fn keys_already_moved_are_served_by_the_importing_node() {
     let quota = RedisQuota::new(conn.clone(), Quota::per_minute(1).unwrap())
         .with_prefix(format!("{{{tag}}}-rl"));
     assert_eq!(
-        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        store.begin("k", [1; 32], tk([1; 32]), LEASE).await.unwrap(),
         Begin::Started
     );
     store
-        .complete("k", [1; 32], response("k"), TTL)
+        .complete("k", [1; 32], tk([1; 32]), response("k"), TTL)
         .await
         .unwrap();
     assert!(matches!(
@@ -482,9 +488,9 @@ async fn keys_already_moved_are_served_by_the_importing_node() {
             .unwrap();
     }
     // Every key is on the importing node, the slot still being moved: the source answers ASK.
-    let begun = store.begin("k", [1; 32], LEASE).await;
+    let begun = store.begin("k", [1; 32], tk([1; 32]), LEASE).await;
     let reserved = quota.try_reserve(&tag, Duration::ZERO).await;
-    let fresh = store.begin("fresh", [1; 32], LEASE).await;
+    let fresh = store.begin("fresh", [1; 32], tk([1; 32]), LEASE).await;
     eprintln!("begin: {begun:?}\nreserve: {reserved:?}\nfresh: {fresh:?}");
     // Finish the move, whatever happened.
     for p in &all {
@@ -505,4 +511,13 @@ async fn keys_already_moved_are_served_by_the_importing_node() {
         quota.try_reserve(&tag, Duration::ZERO).await.unwrap(),
         Reserve::Denied { .. }
     ));
+}
+
+/// The lock token of the execution a fingerprint stands for in these tests: one execution per
+/// fingerprint, as the store's fencing was before tokens.
+#[allow(dead_code)]
+fn tk(fp: sturdy_idempotency::server::Fingerprint) -> sturdy_idempotency::server::LockToken {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&fp[..16]);
+    sturdy_idempotency::server::LockToken::from_u128(u128::from_le_bytes(b))
 }

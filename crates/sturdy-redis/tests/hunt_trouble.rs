@@ -95,11 +95,14 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
         .with_wait(Duration::from_millis(10))
         .with_timeout(t);
     assert_eq!(
-        store.begin("done", [1; 32], LEASE).await.unwrap(),
+        store
+            .begin("done", [1; 32], tk([1; 32]), LEASE)
+            .await
+            .unwrap(),
         Begin::Started
     );
     store
-        .complete("done", [1; 32], response("done"), TTL)
+        .complete("done", [1; 32], tk([1; 32]), response("done"), TTL)
         .await
         .unwrap();
     quota
@@ -120,7 +123,10 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
     let started = Instant::now();
     errors.push((
         "begin",
-        store.begin("during", [1; 32], LEASE).await.unwrap_err(),
+        store
+            .begin("during", [1; 32], tk([1; 32]), LEASE)
+            .await
+            .unwrap_err(),
     ));
     errors.push(("paused", quota.try_paused("free").await.unwrap_err()));
     errors.push((
@@ -152,13 +158,20 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
     // Each answer is the one to its own command, not a late one to a timed-out command.
     for i in 0..3 {
         assert_eq!(
-            store.begin("done", [1; 32], LEASE).await.unwrap(),
+            store
+                .begin("done", [1; 32], tk([1; 32]), LEASE)
+                .await
+                .unwrap(),
             Begin::Completed(response("done"))
         );
         assert_eq!(quota.try_paused("free").await.unwrap(), None);
         assert!(quota.try_paused("paused").await.unwrap().is_some());
         assert_eq!(
-            store.begin("fresh", [2; 32], LEASE).await.map(|_| ()).ok(),
+            store
+                .begin("fresh", [2; 32], tk([2; 32]), LEASE)
+                .await
+                .map(|_| ())
+                .ok(),
             Some(())
         );
         let id = format!("after-{i}");
@@ -175,7 +188,7 @@ async fn a_paused_redis_times_out_clearly_and_the_next_answers_are_right() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() {
+async fn a_killed_redis_is_a_clear_error_and_the_same_objects_recover() {
     let (mut srv, _dir) = server(18620, &["--appendonly", "yes", "--appendfsync", "always"]).await;
     let url = srv.url();
     let conn = RedisConnection::connect(&url).await.unwrap();
@@ -188,7 +201,7 @@ async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() 
         .unwrap()
         .with_wait(Duration::from_millis(10));
     assert_eq!(
-        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        store.begin("k", [1; 32], tk([1; 32]), LEASE).await.unwrap(),
         Begin::Started
     );
     assert_eq!(
@@ -199,7 +212,13 @@ async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() 
     srv.kill().await;
     let started = Instant::now();
     let mut errors: Vec<(&str, BoxError)> = Vec::new();
-    errors.push(("begin", store.begin("x", [1; 32], LEASE).await.unwrap_err()));
+    errors.push((
+        "begin",
+        store
+            .begin("x", [1; 32], tk([1; 32]), LEASE)
+            .await
+            .unwrap_err(),
+    ));
     errors.push((
         "reserve",
         quota
@@ -227,17 +246,27 @@ async fn a_killed_redis_is_a_clear_connect_error_and_the_same_objects_recover() 
     );
     for (what, e) in &errors {
         eprintln!("{what}: {e} [{:?}]", kind(e));
-        assert_eq!(kind(e), ErrorKind::Connect, "{what}: {e:?}");
-        assert!(
-            e.to_string().contains("Redis cannot be reached"),
-            "{what}: {e}"
-        );
+        // Connect when the command was refused at connect time; Transport when it was written
+        // to a connection found broken (a multiplexed connection cannot tell whether its bytes
+        // left, so "may have run").
+        match kind(e) {
+            ErrorKind::Connect => assert!(
+                e.to_string().contains("Redis cannot be reached"),
+                "{what}: {e}"
+            ),
+            ErrorKind::Transport => assert!(
+                e.to_string()
+                    .contains("the connection to Redis broke before its answer"),
+                "{what}: {e}"
+            ),
+            other => panic!("{what}: {other:?}: {e:?}"),
+        }
     }
 
     srv.restart().await;
     let back = Instant::now();
     loop {
-        match store.begin("k", [1; 32], LEASE).await {
+        match store.begin("k", [1; 32], tk([1; 32]), LEASE).await {
             Ok(b) => {
                 assert_eq!(b, Begin::InFlight);
                 break;
@@ -339,7 +368,11 @@ where
 {
     // The shared connection is up (after an earlier cut) before replies are swallowed.
     let start = Instant::now();
-    while store.begin("warm", [1; 32], LEASE).await.is_err() {
+    while store
+        .begin("warm", [1; 32], tk([1; 32]), LEASE)
+        .await
+        .is_err()
+    {
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "the connection did not come back"
@@ -354,7 +387,6 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: a command that ran in Redis but whose connection broke before the reply is reported as ErrorKind::Connect, which classify::delivery reads as NotSent"]
 async fn a_command_that_ran_is_never_reported_as_not_sent() {
     let (srv, _dir) = server(18625, &[]).await;
     let cutter = Cutter::start(format!("127.0.0.1:{}", srv.port)).await;
@@ -365,13 +397,16 @@ async fn a_command_that_ran_is_never_reported_as_not_sent() {
     let quota = RedisQuota::new(conn.clone(), Quota::per_minute(1).unwrap()).with_prefix("cut-rl");
     let mut report = Vec::new();
     // Every script known to Redis first, so that each operation below is one command.
-    store.begin("warm", [1; 32], LEASE).await.unwrap();
+    store
+        .begin("warm", [1; 32], tk([1; 32]), LEASE)
+        .await
+        .unwrap();
     queue.push(event("warm"), TTL).await.unwrap();
     quota.try_reserve("warm", Duration::ZERO).await.unwrap();
 
     let s = store.clone();
     let e = cut_after_it_ran(&cutter, &store, async move {
-        s.begin("k", [1; 32], LEASE).await
+        s.begin("k", [1; 32], tk([1; 32]), LEASE).await
     })
     .await;
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -407,7 +442,7 @@ async fn a_command_that_ran_is_never_reported_as_not_sent() {
     // The same objects work again, with the right answers.
     let back = Instant::now();
     loop {
-        match store.begin("k", [1; 32], LEASE).await {
+        match store.begin("k", [1; 32], tk([1; 32]), LEASE).await {
             Ok(b) => {
                 assert_eq!(b, Begin::InFlight);
                 break;
@@ -460,7 +495,7 @@ async fn a_full_redis_gives_a_clear_error_and_no_half_state() {
     assert!(all_text(&err).contains("OOM"), "{}", all_text(&err));
     // The refused event's id is not remembered: its redelivery is taken once memory is back.
     let refused = WebhookEvent::new("standard", format!("e{pushed}"), Bytes::from_static(b"{}"));
-    let e = store.begin("k", [1; 32], LEASE).await;
+    let e = store.begin("k", [1; 32], tk([1; 32]), LEASE).await;
     eprintln!("begin on a full Redis: {e:?}");
     let mut admin = raw(&srv.url()).await;
     let _: () = redis::cmd("CONFIG")
@@ -565,7 +600,7 @@ async fn a_password_in_the_url_never_shows() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     srv.kill().await;
     let t = Instant::now();
-    if let Err(e) = store.begin("k", [1; 32], LEASE).await {
+    if let Err(e) = store.begin("k", [1; 32], tk([1; 32]), LEASE).await {
         texts.push(("begin, Redis down".into(), all_text(&e)));
     }
     if let Err(e) = quota.try_reserve("k", Duration::ZERO).await {
@@ -605,7 +640,6 @@ async fn a_password_in_the_url_never_shows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: a wrong password on a Redis Cluster is reported as kind Connect, 'Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back'"]
 async fn a_wrong_cluster_password_is_not_called_unreachable() {
     // A cluster of one node that serves every slot, with a password.
     let port = 18645;
@@ -653,7 +687,7 @@ async fn a_wrong_cluster_password_is_not_called_unreachable() {
         .unwrap();
     let store = RedisIdempotencyStore::new(conn).with_prefix("pw-cluster");
     assert_eq!(
-        store.begin("k", [1; 32], LEASE).await.unwrap(),
+        store.begin("k", [1; 32], tk([1; 32]), LEASE).await.unwrap(),
         Begin::Started
     );
 
@@ -671,4 +705,13 @@ async fn a_wrong_cluster_password_is_not_called_unreachable() {
         !cluster.to_string().contains("cannot be reached"),
         "{cluster}"
     );
+}
+
+/// The lock token of the execution a fingerprint stands for in these tests: one execution per
+/// fingerprint, as the store's fencing was before tokens.
+#[allow(dead_code)]
+fn tk(fp: sturdy_idempotency::server::Fingerprint) -> sturdy_idempotency::server::LockToken {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&fp[..16]);
+    sturdy_idempotency::server::LockToken::from_u128(u128::from_le_bytes(b))
 }

@@ -316,10 +316,12 @@ async fn next_costs_one_round_trip_when_an_event_is_waiting_on(back: &Backend) {
     let d2 = w.next().await.unwrap().unwrap();
     assert_eq!((d2.event.id.as_str(), sent(&p) - before), ("e2", 1));
     w.ack(&d2).await.unwrap();
-    // Nothing waiting: one more to wait for a new event.
+    // Nothing waiting: short reads for a new event until the 20 ms wait ends (5 ms apart,
+    // then 10: at 0, 5, 15 and 20 ms), none of them blocking the connection.
     let before = sent(&p);
     assert!(w.next().await.unwrap().is_none());
-    assert_eq!(sent(&p) - before, 2);
+    let trips = sent(&p) - before;
+    assert!((3..=6).contains(&trips), "{trips} round trips");
     // An enqueue is one round trip too, once the node has the script.
     let (conn, p) = counted(back).await;
     let q = RedisStreamQueue::new(conn, &s).unwrap();

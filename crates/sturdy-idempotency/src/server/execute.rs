@@ -309,10 +309,29 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
         );
         rt.spawn(async move {
             if let Ok(Begin::Started) = fut.await {
-                if let Err(e) = store.release(&key, token).await {
-                    tracing::warn!(error = %e, "could not release the idempotency lock of a request that went away before its handler ran; it expires with its lease");
-                }
+                release_lost(&*store, &key, token).await;
             }
         });
+    }
+}
+
+/// Gives back, in the background, a lock `begin` may have taken although its answer was an
+/// error (the connection broke after the command was sent, or the answer came too late): the
+/// token makes the release act only on this request's lock, if there is one.
+pub(crate) fn release_after_failed_begin<St: IdempotencyStore>(
+    store: &Arc<St>,
+    key: &str,
+    token: LockToken,
+) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (store, key) = (store.clone(), key.to_owned());
+    rt.spawn(async move { release_lost(&*store, &key, token).await });
+}
+
+async fn release_lost<St: IdempotencyStore>(store: &St, key: &str, token: LockToken) {
+    if let Err(e) = store.release(key, token).await {
+        tracing::warn!(error = %e, "could not release the idempotency lock of a request whose handler did not run; it expires with its lease");
     }
 }
