@@ -43,7 +43,11 @@ fn status_api(
 async fn retry_error(status: u16, retry_after: &'static str) -> BoxError {
     RetryLayer::new()
         .layer(status_api(status, retry_after))
-        .oneshot(Request::get("http://api.example.com/orders").body(Full::default()).unwrap())
+        .oneshot(
+            Request::get("http://api.example.com/orders")
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap_err()
 }
@@ -63,7 +67,10 @@ async fn the_tool_result_of_a_429_is_the_guides_json() {
     let e = &out["structuredContent"]["error"];
     assert_eq!(e["kind"], "rate_limited");
     assert_eq!(e["status"], Value::Null);
-    assert_eq!(e["message"], "rate limited by api.example.com; retry after 2m");
+    assert_eq!(
+        e["message"],
+        "rate limited by api.example.com; retry after 2m"
+    );
     assert_eq!(e["retryable"], true);
     assert_eq!(e["retry_after_ms"], 120_000);
     assert_eq!(e["may_have_been_processed"], true);
@@ -128,7 +135,9 @@ fn each_error_kind_has_the_guides_kind_name() {
         assert_eq!(s.kind, name, "{kind:?}");
         // agents.md:51: the status for server_error and client_error only.
         match kind {
-            ErrorKind::Server(st) | ErrorKind::Client(st) => assert_eq!(s.status, Some(st.as_u16())),
+            ErrorKind::Server(st) | ErrorKind::Client(st) => {
+                assert_eq!(s.status, Some(st.as_u16()));
+            }
             _ => assert_eq!(s.status, None, "{kind:?}"),
         }
     }
@@ -159,11 +168,22 @@ async fn a_servers_wait_is_reported_capped_at_5_minutes() {
 fn advice_is_one_of_the_guides_sentences() {
     let open: BoxError = Box::new(CircuitOpen::new("api.example.com", Duration::from_secs(30)));
     let s = ErrorSummary::of(&*open);
-    assert_eq!(s.advice(), "Try again in 30s; the request was not processed.");
-    let not_found: BoxError = Box::new(Error::new(ErrorKind::Client(StatusCode::NOT_FOUND), "no such order"));
+    assert_eq!(
+        s.advice(),
+        "Try again in 30s; the request was not processed."
+    );
+    let not_found: BoxError = Box::new(Error::new(
+        ErrorKind::Client(StatusCode::NOT_FOUND),
+        "no such order",
+    ));
     let s = ErrorSummary::of(&*not_found);
     assert!(!s.retryable);
-    assert!(s.advice().starts_with("Trying again unchanged will not help; "), "{}", s.advice());
+    assert!(
+        s.advice()
+            .starts_with("Trying again unchanged will not help; "),
+        "{}",
+        s.advice()
+    );
     // The second line of the text is the advice.
     let text = tool_result::<Value>(Err(not_found))["content"][0]["text"]
         .as_str()
@@ -189,7 +209,10 @@ fn may_have_been_processed_is_false_only_when_nothing_reached_the_server() {
         Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
         Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
         Box::new(Error::new(ErrorKind::Timeout, "the attempt timed out")),
-        Box::new(Error::new(ErrorKind::Server(StatusCode::BAD_GATEWAY), "502")),
+        Box::new(Error::new(
+            ErrorKind::Server(StatusCode::BAD_GATEWAY),
+            "502",
+        )),
         "something nobody recognises".into(),
     ];
     for e in &maybe {
@@ -212,14 +235,28 @@ async fn a_failed_token_fetch_reports_the_token_endpoints_status_and_not_process
                 a.fetch_add(1, Ordering::SeqCst);
                 StatusCode::OK
             };
-            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
         }
     });
-    let tokens = ClientCredentials::new(http.clone(), "http://auth.example.com/oauth/token", "id", "s3cr3t-value")
-        .unwrap();
+    let tokens = ClientCredentials::new(
+        http.clone(),
+        "http://auth.example.com/oauth/token",
+        "id",
+        "s3cr3t-value",
+    )
+    .unwrap();
     let client = AuthLayer::oauth2(tokens).layer(http);
     let err = client
-        .oneshot(Request::post("http://api.example.com/orders").body(Full::from("x")).unwrap())
+        .oneshot(
+            Request::post("http://api.example.com/orders")
+                .body(Full::from("x"))
+                .unwrap(),
+        )
         .await
         .unwrap_err();
     let s = ErrorSummary::of(&*err);
@@ -231,7 +268,9 @@ async fn a_failed_token_fetch_reports_the_token_endpoints_status_and_not_process
 }
 
 /// A page-number API of 7 items, 2 per page; counts requests.
-fn pages_api(count: Arc<AtomicUsize>) -> impl tower::Service<
+fn pages_api(
+    count: Arc<AtomicUsize>,
+) -> impl tower::Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
@@ -267,16 +306,23 @@ fn pages_api(count: Arc<AtomicUsize>) -> impl tower::Service<
 #[tokio::test]
 async fn bounded_pages_serialise_as_is_and_refuse_forged_cursors_before_any_request() {
     let count = Arc::new(AtomicUsize::new(0));
-    let pager = Paginate::builder(pages_api(count.clone()), "http://api.example.com/items", PageNumber::new("/items"))
-        .with_cursor_key(b"a key of at least some length 0123456789")
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        pages_api(count.clone()),
+        "http://api.example.com/items",
+        PageNumber::new("/items"),
+    )
+    .with_cursor_key(b"a key of at least some length 0123456789")
+    .build()
+    .unwrap();
     let first: BoundedPage = pager.page(None, 3).await.unwrap();
     assert_eq!(first.items, vec![json!(1), json!(2), json!(3)]);
     assert!(first.has_more);
     let cursor = first.next_cursor.clone().unwrap();
     let v = serde_json::to_value(&first).unwrap();
-    assert_eq!(v, json!({ "items": [1, 2, 3], "has_more": true, "next_cursor": cursor }));
+    assert_eq!(
+        v,
+        json!({ "items": [1, 2, 3], "has_more": true, "next_cursor": cursor })
+    );
 
     // Edited and made-up cursors: refused, nothing sent.
     let sent = count.load(Ordering::SeqCst);
@@ -287,13 +333,21 @@ async fn bounded_pages_serialise_as_is_and_refuse_forged_cursors_before_any_requ
     for forged in [edited.as_str(), "page=99", "", "eyJwYWdlIjo5OX0"] {
         assert!(pager.page(Some(forged), 3).await.is_err(), "{forged:?}");
     }
-    assert_eq!(count.load(Ordering::SeqCst), sent, "a forged cursor sent a request");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        sent,
+        "a forged cursor sent a request"
+    );
 
     // Another pager with the same key (a restart) takes the cursor and resumes after item 3.
-    let again = Paginate::builder(pages_api(count.clone()), "http://api.example.com/items", PageNumber::new("/items"))
-        .with_cursor_key(b"a key of at least some length 0123456789")
-        .build()
-        .unwrap();
+    let again = Paginate::builder(
+        pages_api(count.clone()),
+        "http://api.example.com/items",
+        PageNumber::new("/items"),
+    )
+    .with_cursor_key(b"a key of at least some length 0123456789")
+    .build()
+    .unwrap();
     let next = again.page(Some(&cursor), 3).await.unwrap();
     assert_eq!(next.items, vec![json!(4), json!(5), json!(6)]);
 }

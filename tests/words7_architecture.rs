@@ -28,7 +28,9 @@ fn quick() -> RetryLayer {
 }
 
 fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://api.example.com{path}")).body(Full::default()).unwrap()
+    Request::get(format!("http://api.example.com{path}"))
+        .body(Full::default())
+        .unwrap()
 }
 
 /// ARCHITECTURE.md:22-24: "the breaker and the limiter sit inside Retry so each attempt is
@@ -39,10 +41,22 @@ async fn the_breaker_counts_each_attempt_of_one_call() {
     let c = calls.clone();
     let api = service_fn(move |_req: Request<Full<Bytes>>| {
         c.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::builder().status(503).body(Full::<Bytes>::default()).unwrap()) }
+        async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(503)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+        }
     });
-    let (breaker, handle) = CircuitBreakerLayer::new().with_consecutive_failures(3).pair();
-    let client = ClientBuilder::new().with_retry(quick()).with_circuit_breaker(breaker).build(api);
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .pair();
+    let client = ClientBuilder::new()
+        .with_retry(quick())
+        .with_circuit_breaker(breaker)
+        .build(api);
     let err = client.oneshot(get("/a")).await.unwrap_err();
     assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -64,7 +78,9 @@ async fn a_refresh_after_a_401_is_one_attempt_not_a_retry() {
         async move {
             if req.uri().path() == "/token" {
                 let n = t.fetch_add(1, Ordering::SeqCst);
-                let body = format!(r#"{{"access_token":"tok-{n}","token_type":"Bearer","expires_in":3600}}"#);
+                let body = format!(
+                    r#"{{"access_token":"tok-{n}","token_type":"Bearer","expires_in":3600}}"#
+                );
                 return Ok::<_, Infallible>(
                     Response::builder()
                         .header("content-type", "application/json")
@@ -75,10 +91,19 @@ async fn a_refresh_after_a_401_is_one_attempt_not_a_retry() {
             a.fetch_add(1, Ordering::SeqCst);
             let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
             let status = if auth == "Bearer tok-0" { 401 } else { 200 };
-            Ok(Response::builder().status(status).body(Full::default()).unwrap())
+            Ok(Response::builder()
+                .status(status)
+                .body(Full::default())
+                .unwrap())
         }
     });
-    let source = ClientCredentials::new(http.clone(), "http://auth.example.com/token", "id", "secret").unwrap();
+    let source = ClientCredentials::new(
+        http.clone(),
+        "http://auth.example.com/token",
+        "id",
+        "secret",
+    )
+    .unwrap();
     let retries = Arc::new(AtomicUsize::new(0));
     let r = retries.clone();
     let client = ClientBuilder::new()
@@ -107,14 +132,21 @@ async fn identical_calls_share_one_outcome_retries_included() {
         async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let status = if n == 0 { 503 } else { 200 };
-            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::from("page")).unwrap())
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::from("page"))
+                    .unwrap(),
+            )
         }
     });
     let client = ClientBuilder::new()
         .with_retry(quick())
         .with_coalesce(CoalesceLayer::new())
         .build(api);
-    let tasks: Vec<_> = (0..200).map(|_| tokio::spawn(client.clone().oneshot(get("/orders")))).collect();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(client.clone().oneshot(get("/orders"))))
+        .collect();
     for t in tasks {
         let res = t.await.unwrap().unwrap();
         assert_eq!(res.status(), StatusCode::OK);
@@ -136,11 +168,15 @@ fn layers_make_the_services_their_names_say() {
     let _: sturdy::hedge::Hedge<_, _> = sturdy::hedge::HedgeLayer::new().layer(api);
     let _: sturdy::concurrency::AdaptiveConcurrency<_, _, _> =
         sturdy::concurrency::AdaptiveConcurrencyLayer::new().layer(api);
-    let _: sturdy::ratelimit::RateLimit<_, _> = sturdy::ratelimit::RateLimitLayer::adaptive_only().layer(api);
+    let _: sturdy::ratelimit::RateLimit<_, _> =
+        sturdy::ratelimit::RateLimitLayer::adaptive_only().layer(api);
     let _: sturdy::version::Version<_> = sturdy::version::VersionLayer::query("v", "1").layer(api);
     let _: sturdy::idempotency::client::IdempotencyKey<_> =
         sturdy::idempotency::client::IdempotencyKeyLayer::new().layer(api);
     let client: sturdy::Client<Full<Bytes>> = ClientBuilder::new().build(api);
-    let _: tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, sturdy::core::BoxError> =
-        client;
+    let _: tower::util::BoxCloneSyncService<
+        Request<Full<Bytes>>,
+        Response<Full<Bytes>>,
+        sturdy::core::BoxError,
+    > = client;
 }

@@ -50,7 +50,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
@@ -60,14 +63,18 @@ impl Service<Request<Full<Bytes>>> for Api {
             match act {
                 Act::Status(s) => Ok(Response::builder().status(s).body(Full::default()).unwrap()),
                 Act::Pending => std::future::pending().await,
-                Act::LocalRefusal => Err(Box::new(RateLimited::new(Duration::from_secs(1))) as BoxError),
+                Act::LocalRefusal => {
+                    Err(Box::new(RateLimited::new(Duration::from_secs(1))) as BoxError)
+                }
             }
         })
     }
 }
 
 fn get(host: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://{host}/x")).body(Full::default()).unwrap()
+    Request::get(format!("http://{host}/x"))
+        .body(Full::default())
+        .unwrap()
 }
 
 async fn call<S>(svc: &S, host: &str) -> Result<Response<Full<Bytes>>, BoxError>
@@ -95,7 +102,11 @@ async fn by_default_it_opens_at_half_of_100_calls_and_not_on_a_streak() {
     assert_eq!(handle.state("a.example"), Some(CircuitState::Closed));
     // The 100th: opens.
     call(&svc, "a.example").await.unwrap();
-    assert!(is_open(handle.state("a.example")), "{:?}", handle.state("a.example"));
+    assert!(
+        is_open(handle.state("a.example")),
+        "{:?}",
+        handle.state("a.example")
+    );
 
     // 50 of 100 failed, the 100th a failure: "at least 50 %" opens.
     let api = Api::new(|n, _| Act::Status(if n % 2 == 1 { 503 } else { 200 }));
@@ -103,7 +114,11 @@ async fn by_default_it_opens_at_half_of_100_calls_and_not_on_a_streak() {
     for _ in 0..100 {
         call(&svc, "b.example").await.unwrap();
     }
-    assert!(is_open(handle.state("b.example")), "{:?}", handle.state("b.example"));
+    assert!(
+        is_open(handle.state("b.example")),
+        "{:?}",
+        handle.state("b.example")
+    );
 
     // 49 of 100: stays closed.
     let api = Api::new(|n, _| Act::Status(if n < 49 { 503 } else { 200 }));
@@ -136,7 +151,11 @@ async fn it_opens_once_the_volume_is_reached_whatever_the_last_outcome() {
     for _ in 0..100 {
         call(&svc, "api.example.com").await.unwrap();
     }
-    assert!(is_open(handle.state("api.example.com")), "{:?}", handle.state("api.example.com"));
+    assert!(
+        is_open(handle.state("api.example.com")),
+        "{:?}",
+        handle.state("api.example.com")
+    );
     let err = call(&svc, "api.example.com").await.unwrap_err();
     assert!(err.is::<CircuitOpen>());
     assert_eq!(api.calls(), 100);
@@ -146,7 +165,9 @@ async fn it_opens_once_the_volume_is_reached_whatever_the_last_outcome() {
 /// reached the dependency (a local rate-limit refusal) is not counted at all.
 #[tokio::test(start_paused = true)]
 async fn client_errors_and_local_refusals_never_open_it() {
-    let (layer, handle) = CircuitBreakerLayer::new().with_consecutive_failures(3).pair();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .pair();
     for (host, act) in [
         ("h404.example", Act::Status(404)),
         ("h429.example", Act::Status(429)),
@@ -166,7 +187,9 @@ async fn client_errors_and_local_refusals_never_open_it() {
 /// (half-open, "try again once they have answered", `retry_in` zero).
 #[tokio::test(start_paused = true)]
 async fn the_open_period_doubles_to_5_minutes_and_resets_after_a_close() {
-    let (layer, handle) = CircuitBreakerLayer::new().with_consecutive_failures(1).pair();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
     let healthy = Arc::new(Mutex::new(false));
     let h = healthy.clone();
     let api = Api::new(move |_, _| {
@@ -186,7 +209,10 @@ async fn the_open_period_doubles_to_5_minutes_and_resets_after_a_close() {
         let msg = err.to_string();
         assert!(msg.contains("it has been failing"), "{msg}");
         assert!(
-            msg.contains(&format!("try again in {}", sturdy::core::human_duration(open.retry_in()))),
+            msg.contains(&format!(
+                "try again in {}",
+                sturdy::core::human_duration(open.retry_in())
+            )),
             "{msg}"
         );
         periods.push(open.retry_in());
@@ -209,7 +235,10 @@ async fn the_open_period_doubles_to_5_minutes_and_resets_after_a_close() {
     *healthy.lock().unwrap() = false;
     call(&svc, "api.example.com").await.unwrap();
     let err = call(&svc, "api.example.com").await.unwrap_err();
-    assert_eq!(err.downcast_ref::<CircuitOpen>().unwrap().retry_in(), Duration::from_secs(30));
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().retry_in(),
+        Duration::from_secs(30)
+    );
 }
 
 /// circuit.md:27-29: "Half-open: 1 probe at a time; everyone else fails fast ... A probe whose
@@ -221,7 +250,13 @@ async fn half_open_admits_one_probe_and_a_dropped_probe_gives_its_slot_back() {
         .with_consecutive_failures(1)
         .with_probes(0)
         .pair();
-    let api = Api::new(|n, _| if n == 0 { Act::Status(503) } else { Act::Pending });
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            Act::Status(503)
+        } else {
+            Act::Pending
+        }
+    });
     let svc = layer.layer(api.clone());
     call(&svc, "api.example.com").await.unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -236,7 +271,11 @@ async fn half_open_admits_one_probe_and_a_dropped_probe_gives_its_slot_back() {
     let open = err.downcast_ref::<CircuitOpen>().unwrap();
     assert_eq!(open.reason(), OpenReason::Probing);
     assert_eq!(open.retry_in(), Duration::ZERO);
-    assert!(err.to_string().contains("try again once they have answered"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("try again once they have answered"),
+        "{err}"
+    );
     assert_eq!(api.calls(), 2, "a refused call reached the API");
     // Drop the probe: the next call is admitted as a probe.
     probe.abort();
@@ -255,12 +294,21 @@ async fn half_open_admits_one_probe_and_a_dropped_probe_gives_its_slot_back() {
 /// not counted.
 #[tokio::test(start_paused = true)]
 async fn a_timeout_under_the_breaker_counts_and_one_above_it_does_not() {
-    let (layer, handle) = CircuitBreakerLayer::new().with_consecutive_failures(2).pair();
-    let under = layer.layer(AttemptTimeoutLayer::new(Some(Duration::from_millis(10))).layer(Api::new(|_, _| Act::Pending)));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
+    let under = layer.layer(
+        AttemptTimeoutLayer::new(Some(Duration::from_millis(10)))
+            .layer(Api::new(|_, _| Act::Pending)),
+    );
     for _ in 0..2 {
         let _ = under.clone().oneshot(get("under.example")).await;
     }
-    assert!(is_open(handle.state("under.example")), "{:?}", handle.state("under.example"));
+    assert!(
+        is_open(handle.state("under.example")),
+        "{:?}",
+        handle.state("under.example")
+    );
 
     let above = RetryLayer::new()
         .with_max_attempts(1)
@@ -289,7 +337,9 @@ async fn past_the_most_breakers_hosts_share_an_overflow_breaker_named_by_the_cal
         let _ = call(&svc, "b.example").await;
     }
     let err = call(&svc, "c.example").await.unwrap_err();
-    let open = err.downcast_ref::<CircuitOpen>().expect("refused by the overflow breaker");
+    let open = err
+        .downcast_ref::<CircuitOpen>()
+        .expect("refused by the overflow breaker");
     assert_eq!(open.reason(), OpenReason::Overflow);
     assert_eq!(open.key(), "c.example");
     assert!(err.to_string().contains("c.example"), "{err}");
@@ -310,7 +360,11 @@ async fn a_setter_after_a_clone_applies_to_the_clone_and_changes_are_reported() 
     for _ in 0..2 {
         call(&svc, "api.example.com").await.unwrap();
     }
-    assert!(is_open(handle.state("api.example.com")), "{:?}", handle.state("api.example.com"));
+    assert!(
+        is_open(handle.state("api.example.com")),
+        "{:?}",
+        handle.state("api.example.com")
+    );
     let seen = changes.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].0, "api.example.com");
@@ -329,14 +383,27 @@ async fn the_retry_layer_waits_out_an_open_breaker_only_within_a_deadline() {
     // Opens the breaker (the 503 is retried into the open breaker: no deadline, so it fails).
     let no_deadline = RetryLayer::new().layer(inner.clone());
     let start = tokio::time::Instant::now();
-    let err = no_deadline.clone().oneshot(get("api.example.com")).await.unwrap_err();
+    let err = no_deadline
+        .clone()
+        .oneshot(get("api.example.com"))
+        .await
+        .unwrap_err();
     assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
-    let err = no_deadline.oneshot(get("api.example.com")).await.unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let err = no_deadline
+        .oneshot(get("api.example.com"))
+        .await
+        .unwrap_err();
     assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
     assert_eq!(api.calls(), 1);
 
-    let with_deadline = RetryLayer::new().with_deadline(Duration::from_secs(60)).layer(inner);
+    let with_deadline = RetryLayer::new()
+        .with_deadline(Duration::from_secs(60))
+        .layer(inner);
     let res = with_deadline.oneshot(get("api.example.com")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(api.calls(), 2);
@@ -346,7 +413,9 @@ async fn the_retry_layer_waits_out_an_open_breaker_only_within_a_deadline() {
 /// `Buffer`, with `oneshot` or a kept service."
 #[tokio::test(start_paused = true)]
 async fn a_kept_breaker_under_buffer_over_concurrency_limit_one_does_not_deadlock() {
-    let (layer, handle) = CircuitBreakerLayer::new().with_consecutive_failures(1).pair();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
     let api = Api::new(|n, _| Act::Status(if n == 0 { 503 } else { 200 }));
     let svc = layer.layer(tower::limit::ConcurrencyLimit::new(api.clone(), 1));
     let buffered = tower::buffer::Buffer::new(svc, 1);
@@ -355,7 +424,12 @@ async fn a_kept_breaker_under_buffer_over_concurrency_limit_one_does_not_deadloc
         let res = kept.ready().await?.call(get("api.example.com")).await?;
         assert_eq!(res.status(), 503);
         for _ in 0..20 {
-            let err = kept.ready().await?.call(get("api.example.com")).await.unwrap_err();
+            let err = kept
+                .ready()
+                .await?
+                .call(get("api.example.com"))
+                .await
+                .unwrap_err();
             assert!(find::<CircuitOpen>(&*err).is_some(), "{err}");
         }
         handle.force_close("api.example.com");
@@ -370,4 +444,33 @@ async fn a_kept_breaker_under_buffer_over_concurrency_limit_one_does_not_deadloc
     assert_eq!(api.calls(), 2);
 }
 
-
+/// docs/RELIABILITY.md:23: "keys (hosts) remembered by limiters, breakers ... | 1,024 each; past
+/// it, idle limiters and breakers are forgotten, then new keys share one". A breaker with a call
+/// in flight is not idle; here it is forgotten when a new host arrives (the rustdoc of
+/// `with_max_breakers` says "healthy", which is what happens).
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: RELIABILITY.md says idle breakers are forgotten past the bound; a breaker with a call in flight is forgotten too"]
+async fn past_the_bound_a_breaker_with_a_call_in_flight_is_not_forgotten() {
+    let (layer, handle) = CircuitBreakerLayer::new().with_max_breakers(1).pair();
+    let svc = layer.layer(Api::new(|_, host| {
+        if host == "kept.example" {
+            Act::Pending
+        } else {
+            Act::Status(503)
+        }
+    }));
+    let busy = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, "kept.example").await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(handle.state("kept.example"), Some(CircuitState::Closed));
+    let _ = call(&svc, "b.example").await;
+    assert_eq!(
+        handle.state("kept.example"),
+        Some(CircuitState::Closed),
+        "{:?}",
+        handle.states()
+    );
+    busy.abort();
+}

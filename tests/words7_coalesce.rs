@@ -61,7 +61,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
@@ -80,7 +83,10 @@ impl Service<Request<Full<Bytes>>> for Api {
                 }
                 Act::Reset => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    Err(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)) as BoxError)
+                    Err(
+                        Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                            as BoxError,
+                    )
                 }
                 Act::Pending => std::future::pending().await,
             }
@@ -89,7 +95,9 @@ impl Service<Request<Full<Bytes>>> for Api {
 }
 
 fn req(method: Method, headers: &[(&str, &str)], body: &'static str) -> Request<Full<Bytes>> {
-    let mut b = Request::builder().method(method).uri("http://api.example.com/report?day=1");
+    let mut b = Request::builder()
+        .method(method)
+        .uri("http://api.example.com/report?day=1");
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -100,10 +108,16 @@ fn req(method: Method, headers: &[(&str, &str)], body: &'static str) -> Request<
 async fn burst(layer: &CoalesceLayer, reqs: Vec<Request<Full<Bytes>>>) -> usize {
     let api = Api::new(Act::Body(10));
     let svc = layer.layer(api.clone());
-    let tasks: Vec<_> = reqs.into_iter().map(|r| tokio::spawn(svc.clone().oneshot(r))).collect();
+    let tasks: Vec<_> = reqs
+        .into_iter()
+        .map(|r| tokio::spawn(svc.clone().oneshot(r)))
+        .collect();
     for t in tasks {
         let res = t.await.unwrap().unwrap();
-        assert_eq!(res.into_body().collect().await.unwrap().to_bytes().len(), 10);
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes().len(),
+            10
+        );
     }
     api.calls()
 }
@@ -117,32 +131,65 @@ async fn what_is_coalesced_and_which_headers_tell_requests_apart() {
     let same = |m: Method| (0..3).map(|_| req(m.clone(), &[], "")).collect::<Vec<_>>();
     assert_eq!(burst(&layer, same(Method::GET)).await, 1);
     assert_eq!(burst(&layer, same(Method::HEAD)).await, 1);
-    for m in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS, Method::PATCH] {
+    for m in [
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+    ] {
         assert_eq!(burst(&layer, same(m.clone())).await, 3, "{m}");
     }
     let with_body = (0..3).map(|_| req(Method::GET, &[], "{\"q\":1}")).collect();
     assert_eq!(burst(&layer, with_body).await, 3);
 
-    for ignored in ["traceparent", "tracestate", "baggage", "x-request-id", "x-correlation-id"] {
-        let reqs = (0..3).map(|i| req(Method::GET, &[(ignored, ["a", "b", "c"][i])], "")).collect();
+    for ignored in [
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "x-request-id",
+        "x-correlation-id",
+    ] {
+        let reqs = (0..3)
+            .map(|i| req(Method::GET, &[(ignored, ["a", "b", "c"][i])], ""))
+            .collect();
         assert_eq!(burst(&layer, reqs).await, 1, "{ignored}");
     }
-    for counted in ["authorization", "cookie", "x-api-key", "accept", "range", "if-none-match", "accept-encoding"] {
-        let reqs = (0..3).map(|i| req(Method::GET, &[(counted, ["a", "b", "c"][i])], "")).collect();
+    for counted in [
+        "authorization",
+        "cookie",
+        "x-api-key",
+        "accept",
+        "range",
+        "if-none-match",
+        "accept-encoding",
+    ] {
+        let reqs = (0..3)
+            .map(|i| req(Method::GET, &[(counted, ["a", "b", "c"][i])], ""))
+            .collect();
         assert_eq!(burst(&layer, reqs).await, 3, "{counted}");
     }
     // A header present on one request only also counts.
-    let reqs = vec![req(Method::GET, &[], ""), req(Method::GET, &[("authorization", "Bearer x")], "")];
+    let reqs = vec![
+        req(Method::GET, &[], ""),
+        req(Method::GET, &[("authorization", "Bearer x")], ""),
+    ];
     assert_eq!(burst(&layer, reqs).await, 2);
 
     let replaced = CoalesceLayer::new().with_ignored_headers([HeaderName::from_static("x-nonce")]);
-    let reqs = (0..3).map(|i| req(Method::GET, &[("x-nonce", ["a", "b", "c"][i])], "")).collect();
+    let reqs = (0..3)
+        .map(|i| req(Method::GET, &[("x-nonce", ["a", "b", "c"][i])], ""))
+        .collect();
     assert_eq!(burst(&replaced, reqs).await, 1);
-    let reqs = (0..3).map(|i| req(Method::GET, &[("traceparent", ["a", "b", "c"][i])], "")).collect();
+    let reqs = (0..3)
+        .map(|i| req(Method::GET, &[("traceparent", ["a", "b", "c"][i])], ""))
+        .collect();
     assert_eq!(burst(&replaced, reqs).await, 3);
 
     let only = CoalesceLayer::new().with_key_headers([http::header::AUTHORIZATION]);
-    let reqs = (0..3).map(|i| req(Method::GET, &[("accept", ["a", "b", "c"][i])], "")).collect();
+    let reqs = (0..3)
+        .map(|i| req(Method::GET, &[("accept", ["a", "b", "c"][i])], ""))
+        .collect();
     assert_eq!(burst(&only, reqs).await, 1);
 }
 
@@ -159,7 +206,9 @@ async fn a_shared_error_reaches_every_caller_with_the_guides_words() {
     let original = std::io::Error::from(std::io::ErrorKind::ConnectionReset).to_string();
     for t in tasks {
         let err = t.await.unwrap().unwrap_err();
-        let e = err.downcast_ref::<sturdy::core::Error>().expect("a sturdy_core::Error");
+        let e = err
+            .downcast_ref::<sturdy::core::Error>()
+            .expect("a sturdy_core::Error");
         assert_eq!(*e.kind(), ErrorKind::Transport);
         assert_eq!(
             err.to_string(),
@@ -185,10 +234,15 @@ async fn a_panicking_call_leaves_joined_callers_an_error_not_a_hang() {
         type Response = Response<Full<Bytes>>;
         type Error = BoxError;
         type Future = std::future::Ready<Result<Response<Full<Bytes>>, BoxError>>;
-        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
             std::task::Poll::Ready(Ok(()))
         }
         fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
+            // Blocks on purpose: the second caller must arrive while the first is inside `call`.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(200));
             panic!("the inner service's call panicked");
         }
@@ -196,9 +250,12 @@ async fn a_panicking_call_leaves_joined_callers_an_error_not_a_hang() {
     let svc = CoalesceLayer::new().layer(Panics);
     let first = tokio::spawn(svc.clone().oneshot(req(Method::GET, &[], "")));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let joined = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(req(Method::GET, &[], "")))
-        .await
-        .expect("the joined caller hangs");
+    let joined = tokio::time::timeout(
+        Duration::from_secs(1),
+        svc.clone().oneshot(req(Method::GET, &[], "")),
+    )
+    .await
+    .expect("the joined caller hangs");
     assert!(first.await.is_err(), "the first caller's task panicked");
     let err = joined.unwrap_err();
     assert_eq!(classify::delivery(&*err), Delivery::NotSent, "{err}");
@@ -221,7 +278,10 @@ async fn bodies_up_to_1_mib_are_shared_and_larger_ones_are_not() {
         for t in tasks {
             let res = t.await.unwrap().unwrap();
             assert_eq!(res.headers()["x-served"], "yes");
-            assert_eq!(res.into_body().collect().await.unwrap().to_bytes().len(), size);
+            assert_eq!(
+                res.into_body().collect().await.unwrap().to_bytes().len(),
+                size
+            );
         }
         assert_eq!(api.calls(), upstream, "{size}");
         let stats = handle.stats();
@@ -250,10 +310,16 @@ async fn the_last_caller_leaving_drops_the_upstream_call() {
     assert_eq!(handle.in_flight("api.example.com"), 1);
     a.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(!api.dropped.load(Ordering::SeqCst), "dropped while a caller waits");
+    assert!(
+        !api.dropped.load(Ordering::SeqCst),
+        "dropped while a caller waits"
+    );
     b.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(api.dropped.load(Ordering::SeqCst), "the upstream call outlived its callers");
+    assert!(
+        api.dropped.load(Ordering::SeqCst),
+        "the upstream call outlived its callers"
+    );
     assert_eq!(handle.in_flight("api.example.com"), 0);
     let c = tokio::spawn(svc.clone().oneshot(req(Method::GET, &[], "")));
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -263,7 +329,11 @@ async fn the_last_caller_leaving_drops_the_upstream_call() {
     let api = Api::new(Act::Body(3));
     let svc = CoalesceLayer::new().layer(api.clone());
     for _ in 0..3 {
-        let res = svc.clone().oneshot(req(Method::GET, &[], "")).await.unwrap();
+        let res = svc
+            .clone()
+            .oneshot(req(Method::GET, &[], ""))
+            .await
+            .unwrap();
         res.into_body().collect().await.unwrap();
     }
     assert_eq!(api.calls(), 3);
@@ -288,9 +358,13 @@ async fn a_joining_request_gives_back_its_permit_at_once() {
     // C, another request: needs the permit B gave back.
     let ready = tokio::time::timeout(Duration::from_secs(1), svc.ready()).await;
     assert!(ready.is_ok(), "B still holds its permit");
-    let c = tokio::spawn(ready.unwrap().unwrap().call(
-        Request::get("http://api.example.com/other").body(Full::default()).unwrap(),
-    ));
+    let c = tokio::spawn(
+        ready.unwrap().unwrap().call(
+            Request::get("http://api.example.com/other")
+                .body(Full::default())
+                .unwrap(),
+        ),
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(api.calls(), 2);
     a.abort();

@@ -55,7 +55,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
@@ -66,15 +69,23 @@ impl Service<Request<Full<Bytes>>> for Api {
         Box::pin(async move {
             gate.acquire().await.unwrap().forget();
             if status == 0 {
-                return Err(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)) as BoxError);
+                return Err(
+                    Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                        as BoxError,
+                );
             }
-            Ok(Response::builder().status(status).body(Full::default()).unwrap())
+            Ok(Response::builder()
+                .status(status)
+                .body(Full::default())
+                .unwrap())
         })
     }
 }
 
 fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://api.example.com{path}")).body(Full::default()).unwrap()
+    Request::get(format!("http://api.example.com{path}"))
+        .body(Full::default())
+        .unwrap()
 }
 
 const HOST: &str = "api.example.com";
@@ -106,7 +117,9 @@ async fn the_21st_call_waits_30s_then_fails_not_sent_with_limit_reached() {
     assert_eq!((state.in_flight(), state.waiting()), (20, 1));
     let err = waiter.await.unwrap().unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(30));
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("a sturdy_core::Error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a sturdy_core::Error");
     assert_eq!(*e.kind(), ErrorKind::RateLimited { retry_after: None });
     assert_eq!(classify::delivery(&*err), Delivery::NotSent);
     let reached = find::<LimitReached>(&*err).expect("LimitReached in the chain");
@@ -124,7 +137,10 @@ async fn the_21st_call_waits_30s_then_fails_not_sent_with_limit_reached() {
 #[tokio::test(start_paused = true)]
 async fn the_limit_stays_within_its_bounds() {
     let cases: Vec<(AdaptiveConcurrencyLayer, usize)> = vec![
-        (AdaptiveConcurrencyLayer::new().with_initial_limit(5000), 1000),
+        (
+            AdaptiveConcurrencyLayer::new().with_initial_limit(5000),
+            1000,
+        ),
         (AdaptiveConcurrencyLayer::new().with_initial_limit(0), 1),
         (AdaptiveConcurrencyLayer::new().with_limits(0, 0), 1),
         (AdaptiveConcurrencyLayer::new().with_limits(10, 5), 10),
@@ -144,7 +160,11 @@ async fn the_limit_stays_within_its_bounds() {
     let svc = layer.layer(Api::open(|_| 200));
     svc.clone().oneshot(get("/")).await.unwrap();
     handle.set_limit(HOST, 1_000_000);
-    assert!(handle.limit(HOST).unwrap() <= 1000, "{:?}", handle.limit(HOST));
+    assert!(
+        handle.limit(HOST).unwrap() <= 1000,
+        "{:?}",
+        handle.limit(HOST)
+    );
     handle.set_limit(HOST, 0);
     assert!(handle.limit(HOST).unwrap() >= 1, "{:?}", handle.limit(HOST));
 }
@@ -158,7 +178,9 @@ async fn one_burst_of_503s_lowers_the_limit_once_and_other_failures_say_nothing(
         let (layer, handle) = AdaptiveConcurrencyLayer::new().pair();
         let api = Api::new(move |_| code);
         let svc = layer.layer(api.clone());
-        let burst: Vec<_> = (0..20).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}"))))).collect();
+        let burst: Vec<_> = (0..20)
+            .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}")))))
+            .collect();
         settle().await;
         api.release(20);
         for b in burst {
@@ -176,7 +198,10 @@ async fn one_burst_of_503s_lowers_the_limit_once_and_other_failures_say_nothing(
     }
     // with_backoff is validated: strictly between 0 and 1.
     for bad in [0.0, 1.0, 1.5, -0.1, f64::NAN] {
-        assert!(AdaptiveConcurrencyLayer::new().with_backoff(bad).is_err(), "{bad}");
+        assert!(
+            AdaptiveConcurrencyLayer::new().with_backoff(bad).is_err(),
+            "{bad}"
+        );
     }
     assert!(AdaptiveConcurrencyLayer::new().with_backoff(0.5).is_ok());
 }
@@ -189,7 +214,9 @@ async fn aimd_grows_by_one_per_round_trip_under_load_only() {
     let api = Api::new(|_| 200);
     let svc = layer.layer(api.clone());
     // 16 callers at once: the limit is in use throughout; each round trip adds about one.
-    let burst: Vec<_> = (0..16).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}"))))).collect();
+    let burst: Vec<_> = (0..16)
+        .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}")))))
+        .collect();
     settle().await;
     for _ in 0..16 {
         api.release(1);
@@ -203,7 +230,10 @@ async fn aimd_grows_by_one_per_round_trip_under_load_only() {
     // One at a time, the limit does not grow.
     for i in 0..50 {
         api.release(1);
-        svc.clone().oneshot(get(&format!("/solo/{i}"))).await.unwrap();
+        svc.clone()
+            .oneshot(get(&format!("/solo/{i}")))
+            .await
+            .unwrap();
     }
     assert_eq!(handle.limit(HOST), Some(grown));
 }
@@ -258,7 +288,9 @@ async fn a_limit_lowered_then_raised_in_flight_is_not_paid_twice() {
     let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(4).pair();
     let api = Api::new(|_| 200);
     let svc = layer.layer(api.clone());
-    let calls: Vec<_> = (0..4).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}"))))).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}")))))
+        .collect();
     settle().await;
     handle.set_limit(HOST, 2);
     handle.set_limit(HOST, 4);
@@ -268,7 +300,9 @@ async fn a_limit_lowered_then_raised_in_flight_is_not_paid_twice() {
     }
     let limit = handle.limit(HOST).unwrap();
     assert!(limit >= 4, "{limit}");
-    let next: Vec<_> = (0..4).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/n{i}"))))).collect();
+    let next: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/n{i}")))))
+        .collect();
     settle().await;
     assert_eq!(handle.state(HOST).unwrap().in_flight(), 4);
     api.release(4);
@@ -280,7 +314,9 @@ async fn a_limit_lowered_then_raised_in_flight_is_not_paid_twice() {
     let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(4).pair();
     let api = Api::new(|_| 200);
     let svc = layer.layer(api.clone());
-    let calls: Vec<_> = (0..4).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}"))))).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/{i}")))))
+        .collect();
     settle().await;
     handle.set_limit(HOST, 2);
     api.release(4);
@@ -290,7 +326,9 @@ async fn a_limit_lowered_then_raised_in_flight_is_not_paid_twice() {
     // Their successes may raise it again (they were admitted with the limit in use).
     let limit = handle.limit(HOST).unwrap();
     assert!(limit < 4, "{limit}");
-    let next: Vec<_> = (0..4).map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/n{i}"))))).collect();
+    let next: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(svc.clone().oneshot(get(&format!("/n{i}")))))
+        .collect();
     settle().await;
     let s = handle.state(HOST).unwrap();
     assert_eq!((s.in_flight(), s.waiting()), (limit, 4 - limit));

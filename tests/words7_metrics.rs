@@ -34,13 +34,22 @@ struct Descriptions(Mutex<Vec<(&'static str, String, Option<Unit>, String)>>);
 
 impl Recorder for Descriptions {
     fn describe_counter(&self, key: KeyName, unit: Option<Unit>, d: SharedString) {
-        self.0.lock().unwrap().push(("counter", key.as_str().to_owned(), unit, d.to_string()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(("counter", key.as_str().to_owned(), unit, d.to_string()));
     }
     fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, d: SharedString) {
-        self.0.lock().unwrap().push(("gauge", key.as_str().to_owned(), unit, d.to_string()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(("gauge", key.as_str().to_owned(), unit, d.to_string()));
     }
     fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, d: SharedString) {
-        self.0.lock().unwrap().push(("histogram", key.as_str().to_owned(), unit, d.to_string()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(("histogram", key.as_str().to_owned(), unit, d.to_string()));
     }
     fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
         Counter::noop()
@@ -90,17 +99,26 @@ fn describe_metrics_registers_every_metric_of_the_table_with_its_unit() {
     let mut by_name = BTreeMap::new();
     for (kind, name, unit, desc) in &got {
         assert!(!desc.is_empty(), "{name} has no description");
-        by_name.insert(name.clone(), (*kind, unit.clone()));
+        by_name.insert(name.clone(), (*kind, *unit));
     }
     for (name, kind) in TABLE {
-        let (k, unit) = by_name.get(*name).unwrap_or_else(|| panic!("{name} not described"));
+        let (k, unit) = by_name
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} not described"));
         assert_eq!(k, kind, "{name}");
-        let want = if *kind == "histogram" { Unit::Seconds } else { Unit::Count };
+        let want = if *kind == "histogram" {
+            Unit::Seconds
+        } else {
+            Unit::Count
+        };
         assert_eq!(unit.as_ref(), Some(&want), "{name}");
     }
     let table: Vec<&str> = TABLE.iter().map(|(n, _)| *n).collect();
     for name in by_name.keys() {
-        assert!(table.contains(&name.as_str()), "{name} is described but not in the guide's table");
+        assert!(
+            table.contains(&name.as_str()),
+            "{name} is described but not in the guide's table"
+        );
     }
 }
 
@@ -139,7 +157,10 @@ fn take(snap: &Snapshotter) -> Vec<M> {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 fn counter(ms: &[M], name: &str, want: &BTreeMap<String, String>) -> u64 {
@@ -178,7 +199,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, _req: Request<Full<Bytes>>) -> Self::Future {
@@ -218,7 +242,10 @@ async fn the_retry_metrics_carry_the_guides_labels() {
     // 503 then 200, to a host with a port and user info.
     let api = Api::new(|n| if n == 0 { (503, None) } else { (200, None) });
     let svc = quick().layer(api);
-    let res = svc.oneshot(get("http://user:pa55word@api.example.com:8443/o?q=1")).await.unwrap();
+    let res = svc
+        .oneshot(get("http://user:pa55word@api.example.com:8443/o?q=1"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let ms = take(&snap);
     let want = labels(&[
@@ -242,14 +269,25 @@ async fn the_retry_metrics_carry_the_guides_labels() {
     );
     for m in &ms {
         for v in m.labels.values() {
-            assert!(!v.contains("pa55word") && !v.contains('/') && !v.contains('?'), "{m:?}");
+            assert!(
+                !v.contains("pa55word") && !v.contains('/') && !v.contains('?'),
+                "{m:?}"
+            );
         }
     }
 
     // A 429 with a short Retry-After, to a host without a port: `rate_limited`, from `retry_after`.
-    let api = Api::new(|n| if n == 0 { (429, Some("1")) } else { (200, None) });
+    let api = Api::new(|n| {
+        if n == 0 {
+            (429, Some("1"))
+        } else {
+            (200, None)
+        }
+    });
     let svc = quick().layer(api);
-    svc.oneshot(get("http://api.example.com/cache")).await.unwrap();
+    svc.oneshot(get("http://api.example.com/cache"))
+        .await
+        .unwrap();
     let ms = take(&snap);
     let want = labels(&[
         ("server.address", "api.example.com"),
@@ -258,8 +296,18 @@ async fn the_retry_metrics_carry_the_guides_labels() {
     ]);
     assert_eq!(counter(&ms, "sturdy.retry.retries", &want), 1, "{ms:#?}");
     let delay = named(&ms, "sturdy.retry.delay");
-    assert_eq!(delay[0].labels.get("sturdy.delay.source").map(String::as_str), Some("retry_after"));
-    assert!(!delay[0].labels.contains_key("server.port"), "{:?}", delay[0]);
+    assert_eq!(
+        delay[0]
+            .labels
+            .get("sturdy.delay.source")
+            .map(String::as_str),
+        Some("retry_after")
+    );
+    assert!(
+        !delay[0].labels.contains_key("server.port"),
+        "{:?}",
+        delay[0]
+    );
 
     // A method outside the nine standard ones is `_OTHER` (and, not known to be idempotent, it is
     // not retried).
@@ -272,21 +320,42 @@ async fn the_retry_metrics_carry_the_guides_labels() {
     let _ = svc.oneshot(req).await.unwrap();
     let ms = take(&snap);
     assert!(
-        ms.iter().all(|m| m.labels.get("http.request.method").map(String::as_str) == Some("_OTHER")),
+        ms.iter()
+            .all(|m| m.labels.get("http.request.method").map(String::as_str) == Some("_OTHER")),
         "{ms:#?}"
     );
 
     // Stop reasons.
-    let cases: Vec<(RetryLayer, Request<Full<Bytes>>, (u16, Option<&'static str>), &str, &str)> = vec![
-        (quick(), get("http://api.example.com/a"), (503, None), "attempts_exhausted", "503"),
+    let cases: Vec<(
+        RetryLayer,
+        Request<Full<Bytes>>,
+        (u16, Option<&'static str>),
+        &str,
+        &str,
+    )> = vec![
         (
             quick(),
-            Request::post("http://api.example.com/a").body(Full::from("x")).unwrap(),
+            get("http://api.example.com/a"),
+            (503, None),
+            "attempts_exhausted",
+            "503",
+        ),
+        (
+            quick(),
+            Request::post("http://api.example.com/a")
+                .body(Full::from("x"))
+                .unwrap(),
             (503, None),
             "not_idempotent",
             "503",
         ),
-        (quick(), get("http://api.example.com/a"), (429, Some("120")), "wait_too_long", "rate_limited"),
+        (
+            quick(),
+            get("http://api.example.com/a"),
+            (429, Some("120")),
+            "wait_too_long",
+            "rate_limited",
+        ),
         (
             RetryLayer::new().with_deadline(Duration::from_millis(100)),
             get("http://api.example.com/a"),
@@ -296,7 +365,9 @@ async fn the_retry_metrics_carry_the_guides_labels() {
         ),
         (
             quick().with_body_limit(4),
-            Request::put("http://api.example.com/a").body(Full::from("0123456789")).unwrap(),
+            Request::put("http://api.example.com/a")
+                .body(Full::from("0123456789"))
+                .unwrap(),
             (503, None),
             "not_replayable",
             "503",
@@ -313,7 +384,11 @@ async fn the_retry_metrics_carry_the_guides_labels() {
             ("error.type", etype),
             ("sturdy.retry.stop_reason", reason),
         ]);
-        assert_eq!(counter(&ms, "sturdy.retry.stopped", &want), 1, "{reason}: {ms:#?}");
+        assert_eq!(
+            counter(&ms, "sturdy.retry.stopped", &want),
+            1,
+            "{reason}: {ms:#?}"
+        );
     }
 }
 
@@ -391,7 +466,10 @@ async fn pauses_and_breaker_metrics_by_host_and_none_with_a_custom_key() {
 
     // A 429 with Retry-After pauses the host.
     let svc = RateLimitLayer::adaptive_only().layer(Api::new(|_| (429, Some("2"))));
-    let res = svc.oneshot(get("http://api.example.com:9000/a")).await.unwrap();
+    let res = svc
+        .oneshot(get("http://api.example.com:9000/a"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     let ms = take(&snap);
     let want = labels(&[
@@ -403,7 +481,13 @@ async fn pauses_and_breaker_metrics_by_host_and_none_with_a_custom_key() {
     assert_eq!(counter(&ms, "sturdy.ratelimit.pauses", &want), 1, "{ms:#?}");
     let pd = named(&ms, "sturdy.ratelimit.pause.duration");
     assert_eq!(pd.len(), 1);
-    assert_eq!(pd[0].labels, labels(&[("server.address", "api.example.com"), ("server.port", "9000")]));
+    assert_eq!(
+        pd[0].labels,
+        labels(&[
+            ("server.address", "api.example.com"),
+            ("server.port", "9000")
+        ])
+    );
 
     // A breaker that opens on a streak, then refuses.
     let layer = CircuitBreakerLayer::new().with_consecutive_failures(2);
@@ -412,22 +496,41 @@ async fn pauses_and_breaker_metrics_by_host_and_none_with_a_custom_key() {
     for _ in 0..2 {
         let _ = svc.clone().oneshot(get("http://api.example.com/a")).await;
     }
-    let err = svc.clone().oneshot(get("http://api.example.com/a")).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(get("http://api.example.com/a"))
+        .await
+        .unwrap_err();
     assert!(err.is::<sturdy::core::CircuitOpen>());
     let ms = take(&snap);
     let host = labels(&[("server.address", "api.example.com")]);
     let mut opened = host.clone();
     opened.insert("sturdy.circuit.state".into(), "open".into());
-    assert_eq!(counter(&ms, "sturdy.circuit.transitions", &opened), 1, "{ms:#?}");
-    assert_eq!(counter(&ms, "sturdy.circuit.rejections", &host), 1, "{ms:#?}");
+    assert_eq!(
+        counter(&ms, "sturdy.circuit.transitions", &opened),
+        1,
+        "{ms:#?}"
+    );
+    assert_eq!(
+        counter(&ms, "sturdy.circuit.rejections", &host),
+        1,
+        "{ms:#?}"
+    );
     let gauge = named(&ms, "sturdy.circuit.open");
     assert_eq!(gauge.len(), 1, "{ms:#?}");
     assert_eq!(gauge[0].labels, host);
-    assert!(matches!(gauge[0].value, DebugValue::Gauge(v) if v.into_inner() == 1.0), "{:?}", gauge[0]);
+    assert!(
+        matches!(gauge[0].value, DebugValue::Gauge(v) if v.into_inner() == 1.0),
+        "{:?}",
+        gauge[0]
+    );
     handle.force_close("api.example.com");
     let ms = take(&snap);
     let gauge = named(&ms, "sturdy.circuit.open");
-    assert!(matches!(gauge[0].value, DebugValue::Gauge(v) if v.into_inner() == 0.0), "{gauge:?}");
+    assert!(
+        matches!(gauge[0].value, DebugValue::Gauge(v) if v.into_inner() == 0.0),
+        "{gauge:?}"
+    );
 
     // The same with a custom key: no server.* labels, host None in the event.
     let rec = DebuggingRecorder::new();
@@ -439,7 +542,9 @@ async fn pauses_and_breaker_metrics_by_host_and_none_with_a_custom_key() {
         .with_consecutive_failures(2)
         .on_event(move |e| {
             if let Event::CircuitChanged { host, key, .. } = e {
-                h.lock().unwrap().push((host.map(str::to_owned), (*key).to_owned()));
+                h.lock()
+                    .unwrap()
+                    .push((host.map(str::to_owned), (*key).to_owned()));
             }
         })
         .with_key(|_req: &Request<Full<Bytes>>| "tenant-a".to_owned());
@@ -448,15 +553,18 @@ async fn pauses_and_breaker_metrics_by_host_and_none_with_a_custom_key() {
         let _ = svc.clone().oneshot(get("http://api.example.com/a")).await;
     }
     let ms = take(&snap);
-    assert!(!named(&ms, "sturdy.circuit.transitions").is_empty(), "{ms:#?}");
+    assert!(
+        !named(&ms, "sturdy.circuit.transitions").is_empty(),
+        "{ms:#?}"
+    );
     for m in ms.iter().filter(|m| m.name.starts_with("sturdy.circuit.")) {
-        assert!(
-            !m.labels.keys().any(|k| k.starts_with("server.")),
-            "{m:?}"
-        );
+        assert!(!m.labels.keys().any(|k| k.starts_with("server.")), "{m:?}");
         assert!(!m.labels.values().any(|v| v.contains("tenant-a")), "{m:?}");
     }
-    assert_eq!(hosts.lock().unwrap().first(), Some(&(None, "tenant-a".to_owned())));
+    assert_eq!(
+        hosts.lock().unwrap().first(),
+        Some(&(None, "tenant-a".to_owned()))
+    );
 }
 
 /// metrics.md:126-128 and :86-88: the adaptive limit's gauge and rejections, and coalesced
@@ -475,31 +583,49 @@ async fn concurrency_and_coalesce_metrics_by_host() {
     let a = tokio::spawn(svc.clone().oneshot(get("http://api.example.com:81/a")));
     let b = tokio::spawn(svc.clone().oneshot(get("http://api.example.com:81/a")));
     tokio::task::yield_now().await;
-    let err = svc.clone().oneshot(get("http://api.example.com:81/a")).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(get("http://api.example.com:81/a"))
+        .await
+        .unwrap_err();
     assert!(sturdy::core::find::<sturdy::concurrency::LimitReached>(&*err).is_some());
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     let ms = take(&snap);
     let host = labels(&[("server.address", "api.example.com"), ("server.port", "81")]);
-    assert_eq!(counter(&ms, "sturdy.concurrency.rejections", &host), 1, "{ms:#?}");
+    assert_eq!(
+        counter(&ms, "sturdy.concurrency.rejections", &host),
+        1,
+        "{ms:#?}"
+    );
     // A success with the whole limit in use raises it from 1 to 2; a 503 lowers 20 to 18.
     let svc = AdaptiveConcurrencyLayer::new()
         .with_initial_limit(1)
         .layer(Api::new(|_| (200, None)));
-    svc.oneshot(get("http://api.example.com:81/a")).await.unwrap();
+    svc.oneshot(get("http://api.example.com:81/a"))
+        .await
+        .unwrap();
     let ms = take(&snap);
     let g = named(&ms, "sturdy.concurrency.limit");
     assert_eq!(g.len(), 1, "{ms:#?}");
     assert_eq!(g[0].labels, host);
-    assert!(matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 2.0), "{g:?}");
+    assert!(
+        matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 2.0),
+        "{g:?}"
+    );
     let svc = AdaptiveConcurrencyLayer::new().layer(Api::new(|_| (503, None)));
-    svc.oneshot(get("http://api.example.com:82/a")).await.unwrap();
+    svc.oneshot(get("http://api.example.com:82/a"))
+        .await
+        .unwrap();
     let ms = take(&snap);
     let g: Vec<_> = named(&ms, "sturdy.concurrency.limit")
         .into_iter()
         .filter(|m| m.labels.get("server.port").map(String::as_str) == Some("82"))
         .collect();
-    assert!(matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 18.0), "{g:?}");
+    assert!(
+        matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 18.0),
+        "{g:?}"
+    );
 
     // Coalescing: 3 identical GETs, 2 join.
     let api = Api::new(|_| (200, None));
@@ -512,8 +638,15 @@ async fn concurrency_and_coalesce_metrics_by_host() {
     }
     assert_eq!(api.calls.load(Ordering::SeqCst), 1);
     let ms = take(&snap);
-    let want = labels(&[("server.address", "api.example.com"), ("http.request.method", "GET")]);
-    assert_eq!(counter(&ms, "sturdy.coalesce.coalesced", &want), 2, "{ms:#?}");
+    let want = labels(&[
+        ("server.address", "api.example.com"),
+        ("http.request.method", "GET"),
+    ]);
+    assert_eq!(
+        counter(&ms, "sturdy.coalesce.coalesced", &want),
+        2,
+        "{ms:#?}"
+    );
 }
 
 /// metrics.md:121-123: the server idempotency layer's refusals (`error.type` `missing_key`,
@@ -529,12 +662,18 @@ async fn server_side_refusals_and_webhook_deliveries_carry_their_labels() {
     let handler = service_fn(|_req: Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("done")))
     });
-    let svc = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| "c".to_owned())
-        .with_require_key(true)
-        .layer(handler);
+    let svc = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| {
+        "c".to_owned()
+    })
+    .with_require_key(true)
+    .layer(handler);
     let res = svc
         .clone()
-        .oneshot(Request::post("http://me/orders").body(Full::from("x")).unwrap())
+        .oneshot(
+            Request::post("http://me/orders")
+                .body(Full::from("x"))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
@@ -556,7 +695,11 @@ async fn server_side_refusals_and_webhook_deliveries_carry_their_labels() {
             ("http.response.status_code", "400"),
             ("error.type", reason),
         ]);
-        assert_eq!(counter(&ms, "sturdy.idempotency.refusals", &want), 1, "{reason}: {ms:#?}");
+        assert_eq!(
+            counter(&ms, "sturdy.idempotency.refusals", &want),
+            1,
+            "{reason}: {ms:#?}"
+        );
     }
 
     let (queue, _rx) = MemoryQueue::new(8);
@@ -606,7 +749,10 @@ fn every_layer_the_guide_lists_has_on_event() {
     let _ = ClientCredentials::new(http, "http://auth.example.com/token", "id", "secret")
         .unwrap()
         .on_event(f);
-    let _ = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| String::new()).on_event(f);
+    let _ = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| {
+        String::new()
+    })
+    .on_event(f);
     let _ = WebhookReceiver::new(GitHub::new("s").unwrap(), MemoryQueue::new(1).0).on_event(f);
     let _ = HedgeLayer::new().on_event(f);
     let _ = AdaptiveConcurrencyLayer::new().on_event(f);
@@ -634,14 +780,23 @@ async fn a_limit_set_by_hand_reaches_the_gauge_and_the_callback() {
         })
         .pair();
     let svc = layer.layer(Api::new(|n| if n == 0 { (503, None) } else { (200, None) }));
-    svc.clone().oneshot(get("http://api.example.com/a")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://api.example.com/a"))
+        .await
+        .unwrap();
     assert_eq!(changes.lock().unwrap().clone(), vec![(20, 18)]);
     handle.set_limit("api.example.com", 7);
     assert_eq!(handle.limit("api.example.com"), Some(7));
-    svc.clone().oneshot(get("http://api.example.com/a")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://api.example.com/a"))
+        .await
+        .unwrap();
     assert_eq!(handle.limit("api.example.com"), Some(7));
     let ms = take(&snap);
     let g = named(&ms, "sturdy.concurrency.limit");
-    assert!(matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 7.0), "{g:?}");
+    assert!(
+        matches!(g[0].value, DebugValue::Gauge(v) if v.into_inner() == 7.0),
+        "{g:?}"
+    );
     assert_eq!(changes.lock().unwrap().last(), Some(&(18, 7)));
 }

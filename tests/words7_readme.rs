@@ -56,7 +56,9 @@ async fn resetting_server() -> (String, Arc<Mutex<Vec<String>>>) {
                         break;
                     }
                 }
-                s.lock().unwrap().push(String::from_utf8_lossy(&got).into_owned());
+                s.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&got).into_owned());
                 let _ = sock.set_zero_linger();
                 drop(sock);
             });
@@ -79,7 +81,9 @@ async fn closed_port() -> String {
 async fn a_get_to_a_server_that_resets_gives_up_after_4_attempts_with_reset_by_peer() {
     let (base, seen) = resetting_server().await;
     let client = tower::Layer::layer(&quick_retry(), hyper_client());
-    let req = Request::get(format!("{base}/orders")).body(Full::<Bytes>::default()).unwrap();
+    let req = Request::get(format!("{base}/orders"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
     let err = client.oneshot(req).await.unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -87,7 +91,9 @@ async fn a_get_to_a_server_that_resets_gives_up_after_4_attempts_with_reset_by_p
         "{msg}"
     );
     assert_eq!(seen.lock().unwrap().len(), 4);
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("one sturdy_core::Error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("one sturdy_core::Error");
     assert_eq!(e.report().unwrap().attempts(), 4);
     assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed);
     assert_eq!(*e.kind(), ErrorKind::Transport);
@@ -98,16 +104,24 @@ async fn a_get_to_a_server_that_resets_gives_up_after_4_attempts_with_reset_by_p
 #[tokio::test]
 async fn a_post_whose_connection_resets_names_its_key_and_may_have_been_processed() {
     let (base, seen) = resetting_server().await;
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(hyper_client());
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(hyper_client());
     let req = Request::post(format!("{base}/orders"))
         .body(Full::from(r#"{"item":"book"}"#))
         .unwrap();
     let err = client.oneshot(req).await.unwrap_err();
     let msg = err.to_string();
     let e = find::<sturdy::core::Error>(&*err).expect("a sturdy error");
-    let key = e.report().and_then(|r| r.idempotency_key()).expect("the key in the report").to_owned();
+    let key = e
+        .report()
+        .and_then(|r| r.idempotency_key())
+        .expect("the key in the report")
+        .to_owned();
     assert!(
-        msg.contains(&format!("it may have been processed: retry with the same idempotency key {key}")),
+        msg.contains(&format!(
+            "it may have been processed: retry with the same idempotency key {key}"
+        )),
         "{msg}"
     );
     assert!(!msg.contains("not sent"), "{msg}");
@@ -116,7 +130,10 @@ async fn a_post_whose_connection_resets_names_its_key_and_may_have_been_processe
     assert_eq!(seen.len(), 4);
     for raw in seen.iter() {
         let lower = raw.to_ascii_lowercase();
-        assert!(lower.contains(&format!("idempotency-key: {}", key.to_ascii_lowercase())), "{raw}");
+        assert!(
+            lower.contains(&format!("idempotency-key: {}", key.to_ascii_lowercase())),
+            "{raw}"
+        );
     }
 }
 
@@ -125,18 +142,27 @@ async fn a_post_whose_connection_resets_names_its_key_and_may_have_been_processe
 #[tokio::test]
 async fn a_post_to_a_closed_port_says_it_was_not_sent() {
     let base = closed_port().await;
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(hyper_client());
-    let req = Request::post(format!("{base}/orders")).body(Full::from("x")).unwrap();
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(hyper_client());
+    let req = Request::post(format!("{base}/orders"))
+        .body(Full::from("x"))
+        .unwrap();
     let err = client.oneshot(req).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("connection refused"), "{msg}");
-    assert!(msg.contains("the request was not sent, so it is safe to send again"), "{msg}");
+    assert!(
+        msg.contains("the request was not sent, so it is safe to send again"),
+        "{msg}"
+    );
     assert!(!msg.contains("may have been processed"), "{msg}");
     assert_eq!(classify::delivery(&*err), Delivery::NotSent);
     assert_eq!(classify::classify_error(&*err), ErrorKind::Connect);
 }
 
-fn api_429(retry_after: &'static str) -> impl Service<
+fn api_429(
+    retry_after: &'static str,
+) -> impl Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
@@ -162,13 +188,21 @@ fn api_429(retry_after: &'static str) -> impl Service<
 #[tokio::test(start_paused = true)]
 async fn the_composed_client_says_rate_limited_by_the_host_retry_after_2m() {
     let client = ClientBuilder::new().build(api_429("120"));
-    let req = Request::get("http://api.example.com/orders").body(Full::default()).unwrap();
+    let req = Request::get("http://api.example.com/orders")
+        .body(Full::default())
+        .unwrap();
     let err = client.oneshot(req).await.unwrap_err();
-    assert_eq!(err.to_string(), "rate limited by api.example.com; retry after 2m");
+    assert_eq!(
+        err.to_string(),
+        "rate limited by api.example.com; retry after 2m"
+    );
     let rl = find::<RateLimited>(&*err).expect("RateLimited in the chain");
     assert_eq!(rl.retry_after(), Duration::from_secs(120));
     assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed);
-    assert!(matches!(classify::classify_error(&*err), ErrorKind::RateLimited { .. }));
+    assert!(matches!(
+        classify::classify_error(&*err),
+        ErrorKind::RateLimited { .. }
+    ));
 }
 
 /// README.md:112: "The client is `Clone + Send + Sync`".
@@ -190,7 +224,9 @@ struct Api {
 }
 
 impl Api {
-    fn new(script: impl Fn(usize) -> Option<(u16, Option<&'static str>)> + Send + Sync + 'static) -> Self {
+    fn new(
+        script: impl Fn(usize) -> Option<(u16, Option<&'static str>)> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             calls: Arc::default(),
             keys: Arc::default(),
@@ -205,7 +241,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
@@ -243,7 +282,9 @@ async fn the_kept_client_under_buffer_over_concurrency_limit_one_does_not_deadlo
         _ => Some((200, None)),
     });
     let limited = tower::limit::ConcurrencyLimit::new(api.clone(), 1);
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(limited);
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(limited);
     let buffered = tower::buffer::Buffer::new(client, 1);
     let mut tasks = Vec::new();
     for t in 0..4 {
@@ -276,18 +317,28 @@ async fn the_kept_client_under_buffer_over_concurrency_limit_one_does_not_deadlo
 async fn call_options_set_no_retries_a_key_and_an_attempt_timeout_per_request() {
     // No retries: a 503 comes back after one call.
     let api = Api::new(|_| Some((503, None)));
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(api.clone());
-    let mut req = Request::get("http://api.example.com/a").body(Full::default()).unwrap();
-    req.extensions_mut().insert(CallOptions::new().without_retries());
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(api.clone());
+    let mut req = Request::get("http://api.example.com/a")
+        .body(Full::default())
+        .unwrap();
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
     let res = client.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.calls.load(Ordering::SeqCst), 1);
 
     // An idempotency key of the caller's, on every attempt.
     let api = Api::new(|n| Some(if n < 2 { (503, None) } else { (201, None) }));
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(api.clone());
-    let mut req = Request::post("http://api.example.com/orders").body(Full::from("x")).unwrap();
-    req.extensions_mut().insert(CallOptions::new().with_idempotency_key("order-42"));
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(api.clone());
+    let mut req = Request::post("http://api.example.com/orders")
+        .body(Full::from("x"))
+        .unwrap();
+    req.extensions_mut()
+        .insert(CallOptions::new().with_idempotency_key("order-42"));
     let res = client.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let keys = api.keys.lock().unwrap().clone();
@@ -295,8 +346,12 @@ async fn call_options_set_no_retries_a_key_and_an_attempt_timeout_per_request() 
 
     // An attempt timeout of the request's own.
     let api = Api::new(|_| None);
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(api.clone());
-    let mut req = Request::get("http://api.example.com/slow").body(Full::default()).unwrap();
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(api.clone());
+    let mut req = Request::get("http://api.example.com/slow")
+        .body(Full::default())
+        .unwrap();
     req.extensions_mut().insert(
         CallOptions::new()
             .with_attempt_timeout(Duration::from_millis(50))
@@ -309,13 +364,21 @@ async fn call_options_set_no_retries_a_key_and_an_attempt_timeout_per_request() 
 
     // A deadline over the whole call.
     let api = Api::new(|_| None);
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(api.clone());
-    let mut req = Request::get("http://api.example.com/slow").body(Full::default()).unwrap();
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(api.clone());
+    let mut req = Request::get("http://api.example.com/slow")
+        .body(Full::default())
+        .unwrap();
     req.extensions_mut()
         .insert(CallOptions::new().with_deadline(Duration::from_secs(2)));
     let start = tokio::time::Instant::now();
     let err = client.oneshot(req).await.unwrap_err();
-    assert!(start.elapsed() <= Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(classify::classify_error(&*err), ErrorKind::Timeout);
 }
 
@@ -326,12 +389,18 @@ async fn call_options_set_no_retries_a_key_and_an_attempt_timeout_per_request() 
 async fn the_composed_client_cuts_each_attempt_at_30s() {
     let api = Api::new(|_| None);
     let client = ClientBuilder::new().build(api.clone());
-    let mut req = Request::get("http://api.example.com/slow").body(Full::default()).unwrap();
-    req.extensions_mut().insert(CallOptions::new().without_retries());
+    let mut req = Request::get("http://api.example.com/slow")
+        .body(Full::default())
+        .unwrap();
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
     let start = tokio::time::Instant::now();
     let err = client.oneshot(req).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(30));
-    assert!(err.to_string().contains("the attempt timed out after 30s"), "{err}");
+    assert!(
+        err.to_string().contains("the attempt timed out after 30s"),
+        "{err}"
+    );
     assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed);
 }
 
@@ -346,8 +415,12 @@ async fn a_post_is_retried_on_503_and_on_a_short_429() {
             _ => (201, None),
         })
     });
-    let client = ClientBuilder::new().with_retry(quick_retry()).build(api.clone());
-    let req = Request::post("http://api.example.com/orders").body(Full::from("x")).unwrap();
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry())
+        .build(api.clone());
+    let req = Request::post("http://api.example.com/orders")
+        .body(Full::from("x"))
+        .unwrap();
     let res = client.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let keys = api.keys.lock().unwrap().clone();

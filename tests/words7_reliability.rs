@@ -26,7 +26,9 @@ use tokio::time::Instant;
 use tower::{service_fn, Layer, ServiceExt};
 
 fn get() -> Request<Full<Bytes>> {
-    Request::get("http://api.example.com/x").body(Full::default()).unwrap()
+    Request::get("http://api.example.com/x")
+        .body(Full::default())
+        .unwrap()
 }
 
 /// An API whose first answer carries `headers` with `status`, then 200s; counts calls.
@@ -71,9 +73,21 @@ async fn any_pause_a_peer_asks_for_is_capped_at_5_minutes() {
     let cases: Vec<(u16, HeaderMap)> = vec![
         (429, headers(&[("retry-after", "99999999999999999999")])),
         (429, headers(&[("retry-after", "18446744073709551615")])),
-        (503, headers(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")])),
-        (200, headers(&[("ratelimit", "\"default\";r=0;t=99999999999")])),
-        (200, headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "99999999999")])),
+        (
+            503,
+            headers(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")]),
+        ),
+        (
+            200,
+            headers(&[("ratelimit", "\"default\";r=0;t=99999999999")]),
+        ),
+        (
+            200,
+            headers(&[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "99999999999"),
+            ]),
+        ),
     ];
     for (i, (status, h)) in cases.into_iter().enumerate() {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -81,13 +95,19 @@ async fn any_pause_a_peer_asks_for_is_capped_at_5_minutes() {
             .with_max_wait(Duration::from_secs(600))
             .layer(once(status, h, calls.clone()));
         let res = svc.clone().oneshot(get()).await.unwrap();
-        let capped = res.extensions().get::<PauseCapped>().unwrap_or_else(|| panic!("case {i}: no PauseCapped"));
+        let capped = res
+            .extensions()
+            .get::<PauseCapped>()
+            .unwrap_or_else(|| panic!("case {i}: no PauseCapped"));
         assert_eq!(capped.applied(), Duration::from_secs(300), "case {i}");
         assert!(capped.asked() > Duration::from_secs(300), "case {i}");
         let start = Instant::now();
         svc.clone().oneshot(get()).await.unwrap();
         let waited = start.elapsed();
-        assert!(waited <= Duration::from_secs(300) && waited >= Duration::from_secs(290), "case {i}: {waited:?}");
+        assert!(
+            waited <= Duration::from_secs(300) && waited >= Duration::from_secs(290),
+            "case {i}: {waited:?}"
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }
@@ -97,21 +117,37 @@ async fn any_pause_a_peer_asks_for_is_capped_at_5_minutes() {
 #[tokio::test(start_paused = true)]
 async fn a_call_that_would_wait_past_30s_is_refused_with_rate_limited() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let svc = RateLimitLayer::adaptive_only().layer(once(429, headers(&[("retry-after", "31")]), calls.clone()));
+    let svc = RateLimitLayer::adaptive_only().layer(once(
+        429,
+        headers(&[("retry-after", "31")]),
+        calls.clone(),
+    ));
     svc.clone().oneshot(get()).await.unwrap();
     let start = Instant::now();
     let err = svc.clone().oneshot(get()).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     let rl = find::<RateLimited>(&*err).expect("RateLimited");
-    assert!(rl.retry_after() > Duration::from_secs(30), "{:?}", rl.retry_after());
+    assert!(
+        rl.retry_after() > Duration::from_secs(30),
+        "{:?}",
+        rl.retry_after()
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // A 29 s pause is waited out.
     let calls = Arc::new(AtomicUsize::new(0));
-    let svc = RateLimitLayer::adaptive_only().layer(once(429, headers(&[("retry-after", "29")]), calls.clone()));
+    let svc = RateLimitLayer::adaptive_only().layer(once(
+        429,
+        headers(&[("retry-after", "29")]),
+        calls.clone(),
+    ));
     svc.clone().oneshot(get()).await.unwrap();
     let start = Instant::now();
     svc.clone().oneshot(get()).await.unwrap();
-    assert!(start.elapsed() >= Duration::from_secs(29), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_secs(29),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// RELIABILITY.md:24: "100 links kept by `parse_link` ..., 32 parameters per link".
@@ -133,11 +169,18 @@ fn link_headers_are_bounded() {
     assert_eq!(MAX_LINKS, 100);
     assert_eq!(MAX_LINK_PARAMS, 32);
     assert_eq!(parsed.len(), 100);
-    assert!(parsed.iter().all(|l| l.params().len() <= 32), "{}", parsed[0].params().len());
+    assert!(
+        parsed.iter().all(|l| l.params().len() <= 32),
+        "{}",
+        parsed[0].params().len()
+    );
     // The same header repeated 2,000 times as separate lines: still 100.
     let mut h = HeaderMap::new();
     for i in 0..2000 {
-        h.append("link", HeaderValue::from_str(&format!("</p/{i}>; rel=\"item\"")).unwrap());
+        h.append(
+            "link",
+            HeaderValue::from_str(&format!("</p/{i}>; rel=\"item\"")).unwrap(),
+        );
     }
     assert_eq!(parse_link(&h, "http://api.example.com/").len(), 100);
 }
@@ -170,7 +213,10 @@ async fn idempotency_keys_are_1_to_255_visible_ascii_characters() {
         r.fetch_add(1, Ordering::SeqCst);
         async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("done"))) }
     });
-    let svc = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| "c".to_owned()).layer(handler);
+    let svc = IdempotencyLayer::new(MemoryStore::default(), |_: &http::request::Parts| {
+        "c".to_owned()
+    })
+    .layer(handler);
     let send = |key: Vec<u8>| {
         let svc = svc.clone();
         async move {
@@ -183,7 +229,13 @@ async fn idempotency_keys_are_1_to_255_visible_ascii_characters() {
     };
     assert!(send(b"k".to_vec()).await.is_success());
     assert!(send(vec![b'~'; 255]).await.is_success());
-    for bad in [vec![b'k'; 256], b"".to_vec(), b"with space".to_vec(), b"tab\there".to_vec(), vec![0xE9, b'a']] {
+    for bad in [
+        vec![b'k'; 256],
+        b"".to_vec(),
+        b"with space".to_vec(),
+        b"tab\there".to_vec(),
+        vec![0xE9, b'a'],
+    ] {
         assert_eq!(send(bad.clone()).await, StatusCode::BAD_REQUEST, "{bad:?}");
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -209,7 +261,11 @@ async fn duration_max_in_every_setter_never_panics() {
     let client = ClientBuilder::new()
         .with_attempt_timeout(m)
         .with_retry(RetryLayer::new().with_deadline(m))
-        .with_circuit_breaker(CircuitBreakerLayer::new().with_open_duration(m, m).with_consecutive_failures(1))
+        .with_circuit_breaker(
+            CircuitBreakerLayer::new()
+                .with_open_duration(m, m)
+                .with_consecutive_failures(1),
+        )
         .with_rate_limit(
             RateLimitLayer::new(Quota::per_second(1).unwrap())
                 .with_max_wait(m)
@@ -222,7 +278,12 @@ async fn duration_max_in_every_setter_never_panics() {
     assert_eq!(client.clone().oneshot(req).await.unwrap().status(), 200);
     // An open breaker with an open period of Duration::MAX.
     let failing = service_fn(|_req: Request<Full<Bytes>>| async {
-        Ok::<_, Infallible>(Response::builder().status(500).body(Full::<Bytes>::default()).unwrap())
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(500)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
     });
     let breaker = CircuitBreakerLayer::new()
         .with_open_duration(m, m)

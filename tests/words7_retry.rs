@@ -15,7 +15,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use sturdy::core::events::Event;
 use sturdy::core::{
-    classify, find, BoxError, CallOptions, CallReport, CircuitOpen, Delivery, ErrorKind, RateLimited,
+    classify, find, BoxError, CallOptions, CallReport, CircuitOpen, Delivery, ErrorKind,
+    RateLimited,
 };
 use sturdy::retry::RetryLayer;
 use tokio::time::Instant;
@@ -73,7 +74,10 @@ impl Service<Request<Full<Bytes>>> for Api {
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>,
     >;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
@@ -99,7 +103,9 @@ impl Service<Request<Full<Bytes>>> for Api {
 }
 
 fn get() -> Request<Full<Bytes>> {
-    Request::get("http://api.example.com/orders").body(Full::default()).unwrap()
+    Request::get("http://api.example.com/orders")
+        .body(Full::default())
+        .unwrap()
 }
 
 fn post(key: Option<&str>) -> Request<Full<Bytes>> {
@@ -116,13 +122,21 @@ fn post(key: Option<&str>) -> Request<Full<Bytes>> {
 async fn the_retried_statuses_are_the_guides_list() {
     for code in [408, 425, 429, 500, 502, 503, 504] {
         let api = Api::new(move |n| st(if n == 0 { code } else { 200 }));
-        let res = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+        let res = RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(get())
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200, "{code}");
         assert_eq!(api.calls(), 2, "{code}");
     }
     for code in [400, 401, 403, 404, 409, 410, 422, 451, 501, 505] {
         let api = Api::new(move |_| st(code));
-        let res = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+        let res = RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(get())
+            .await
+            .unwrap();
         assert_eq!(res.status(), code);
         assert_eq!(api.calls(), 1, "{code} was retried");
     }
@@ -134,25 +148,43 @@ async fn the_retried_statuses_are_the_guides_list() {
 #[tokio::test(start_paused = true)]
 async fn an_in_flight_409_is_retried_after_its_wait_and_any_other_409_returned() {
     let api = Api::new(|n| if n == 0 { ra(409, "3") } else { st(201) });
-    let res = RetryLayer::new().layer(api.clone()).oneshot(post(Some("k-1"))).await.unwrap();
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(post(Some("k-1")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     let gap = api.gaps()[0];
-    assert!(gap >= Duration::from_secs(3) && gap <= Duration::from_millis(3600), "{gap:?}");
+    assert!(
+        gap >= Duration::from_secs(3) && gap <= Duration::from_millis(3600),
+        "{gap:?}"
+    );
 
     // No key, or no Retry-After: a conflict.
     for (req, act) in [(post(None), ra(409, "3")), (post(Some("k-2")), st(409))] {
         let api = Api::new(move |_| act.clone());
-        let res = RetryLayer::new().layer(api.clone()).oneshot(req).await.unwrap();
+        let res = RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(req)
+            .await
+            .unwrap();
         assert_eq!(res.status(), 409);
         assert_eq!(api.calls(), 1);
     }
 
     // A wait longer than 60 s: returned as it is, with a CallReport.
     let api = Api::new(|_| ra(409, "120"));
-    let res = RetryLayer::new().layer(api.clone()).oneshot(post(Some("k-3"))).await.unwrap();
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(post(Some("k-3")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 409);
     assert_eq!(api.calls(), 1);
-    let report = res.extensions().get::<CallReport>().expect("a CallReport in the extensions");
+    let report = res
+        .extensions()
+        .get::<CallReport>()
+        .expect("a CallReport in the extensions");
     assert_eq!(report.attempts(), 1);
     assert_eq!(report.idempotency_key(), Some("k-3"));
 }
@@ -163,11 +195,24 @@ async fn an_in_flight_409_is_retried_after_its_wait_and_any_other_409_returned()
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_slept_up_to_60s_and_reported_capped_beyond() {
     for secs in [1u64, 10, 60] {
-        let api = Api::new(move |n| if n == 0 { ra(503, &secs.to_string()) } else { st(200) });
-        RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+        let api = Api::new(move |n| {
+            if n == 0 {
+                ra(503, &secs.to_string())
+            } else {
+                st(200)
+            }
+        });
+        RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(get())
+            .await
+            .unwrap();
         let gap = api.gaps()[0];
         let want = Duration::from_secs(secs);
-        assert!(gap >= want && gap <= want.mul_f64(1.2), "Retry-After: {secs} slept {gap:?}");
+        assert!(
+            gap >= want && gap <= want.mul_f64(1.2),
+            "Retry-After: {secs} slept {gap:?}"
+        );
     }
     for (value, reported) in [
         ("61", 61u64),
@@ -179,7 +224,11 @@ async fn retry_after_is_slept_up_to_60s_and_reported_capped_beyond() {
         for code in [429, 503] {
             let api = Api::new(move |_| ra(code, value));
             let start = Instant::now();
-            let err = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap_err();
+            let err = RetryLayer::new()
+                .layer(api.clone())
+                .oneshot(get())
+                .await
+                .unwrap_err();
             assert_eq!(start.elapsed(), Duration::ZERO, "{value}");
             assert_eq!(api.calls(), 1);
             let rl = find::<RateLimited>(&*err).unwrap_or_else(|| panic!("{value}: {err}"));
@@ -194,7 +243,10 @@ async fn retry_after_is_slept_up_to_60s_and_reported_capped_beyond() {
         .oneshot(get())
         .await
         .unwrap_err();
-    assert_eq!(find::<RateLimited>(&*err).unwrap().retry_after(), Duration::from_secs(600));
+    assert_eq!(
+        find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_secs(600)
+    );
 }
 
 /// retry.md:96-97: a `Retry-After` that is negative or garbage asks for nothing: the call is
@@ -202,26 +254,67 @@ async fn retry_after_is_slept_up_to_60s_and_reported_capped_beyond() {
 /// "now" (retried soon). Repeated thousands of times, the header changes nothing.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_that_cannot_be_read_falls_back_to_the_backoff() {
-    let api = Api::new(|n| if n == 0 { ra(503, "Sun, 06 Nov 1994 08:49:47 GMT") } else { st(200) });
-    let res = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+    let api = Api::new(|n| {
+        if n == 0 {
+            ra(503, "Sun, 06 Nov 1994 08:49:47 GMT")
+        } else {
+            st(200)
+        }
+    });
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(api.gaps()[0] <= Duration::from_millis(750), "{:?}", api.gaps());
-    for value in ["-5", "soon", "1.5", "", "Mon, 01 Jan 0001 00:00:00 GMT", "99999999999999999999999999999999999999999x"] {
+    assert!(
+        api.gaps()[0] <= Duration::from_millis(750),
+        "{:?}",
+        api.gaps()
+    );
+    for value in [
+        "-5",
+        "soon",
+        "1.5",
+        "",
+        "Mon, 01 Jan 0001 00:00:00 GMT",
+        "99999999999999999999999999999999999999999x",
+    ] {
         let api = Api::new(move |n| if n == 0 { ra(503, value) } else { st(200) });
-        let res = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+        let res = RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(get())
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200, "{value:?}");
         let gap = api.gaps()[0];
-        assert!(gap >= Duration::from_millis(250) && gap <= Duration::from_millis(750), "{value:?}: {gap:?}");
+        assert!(
+            gap >= Duration::from_millis(250) && gap <= Duration::from_millis(750),
+            "{value:?}: {gap:?}"
+        );
     }
     // 5,000 copies of `Retry-After: 2`, then of a long one after a short one.
     let mut many = HeaderMap::new();
     for _ in 0..5000 {
         many.append("retry-after", HeaderValue::from_static("2"));
     }
-    let api = Api::new(move |n| if n == 0 { Act::Status(503, many.clone()) } else { st(200) });
-    RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+    let api = Api::new(move |n| {
+        if n == 0 {
+            Act::Status(503, many.clone())
+        } else {
+            st(200)
+        }
+    });
+    RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
     let gap = api.gaps()[0];
-    assert!(gap >= Duration::from_secs(2) && gap <= Duration::from_millis(2400), "{gap:?}");
+    assert!(
+        gap >= Duration::from_secs(2) && gap <= Duration::from_millis(2400),
+        "{gap:?}"
+    );
 }
 
 /// retry.md:97-101 and :131-133: with no attempt left or past the deadline, a 429/503 with
@@ -230,8 +323,16 @@ async fn a_retry_after_that_cannot_be_read_falls_back_to_the_backoff() {
 #[tokio::test(start_paused = true)]
 async fn a_wait_not_slept_ends_as_rate_limited_even_on_the_last_attempt() {
     let api = Api::new(|_| ra(503, "5"));
-    let err = RetryLayer::new().with_max_attempts(1).layer(api.clone()).oneshot(get()).await.unwrap_err();
-    assert_eq!(find::<RateLimited>(&*err).unwrap().retry_after(), Duration::from_secs(5));
+    let err = RetryLayer::new()
+        .with_max_attempts(1)
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_secs(5)
+    );
     let api = Api::new(|_| ra(429, "5"));
     let err = RetryLayer::new()
         .with_deadline(Duration::from_secs(3))
@@ -242,7 +343,11 @@ async fn a_wait_not_slept_ends_as_rate_limited_even_on_the_last_attempt() {
     assert!(find::<RateLimited>(&*err).is_some(), "{err}");
     assert_eq!(api.calls(), 1);
     let api = Api::new(|_| st(503));
-    let res = RetryLayer::new().layer(api.clone()).oneshot(get()).await.unwrap();
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(api.calls(), 4);
 }
@@ -265,7 +370,11 @@ async fn the_default_backoff_follows_the_formula() {
                     d.lock().unwrap().push(Some(*delay));
                 }
             });
-        let _ = layer.layer(Api::new(|_| st(503))).oneshot(get()).await.unwrap();
+        let _ = layer
+            .layer(Api::new(|_| st(503)))
+            .oneshot(get())
+            .await
+            .unwrap();
     }
     let all = delays.lock().unwrap().clone();
     let runs: Vec<Vec<Duration>> = all
@@ -299,7 +408,10 @@ async fn the_default_backoff_follows_the_formula() {
     // would average about 6.4 s and almost never reach it (the guide's "about 40 % shorter").
     let mean = late_sum / late;
     let at_cap = f64::from(late_at_cap) / f64::from(late);
-    assert!(mean >= Duration::from_millis(9000) && mean <= Duration::from_secs(12), "{mean:?}");
+    assert!(
+        mean >= Duration::from_millis(9000) && mean <= Duration::from_secs(12),
+        "{mean:?}"
+    );
     assert!((0.2..0.45).contains(&at_cap), "{at_cap}");
 }
 
@@ -308,12 +420,19 @@ async fn the_default_backoff_follows_the_formula() {
 #[tokio::test(start_paused = true)]
 async fn attempts_and_budget_settings_take_their_bounds() {
     let api = Api::new(|_| st(503));
-    RetryLayer::new().with_max_attempts(0).layer(api.clone()).oneshot(get()).await.unwrap();
+    RetryLayer::new()
+        .with_max_attempts(0)
+        .layer(api.clone())
+        .oneshot(get())
+        .await
+        .unwrap();
     assert_eq!(api.calls(), 1);
     let s = Duration::from_secs;
     assert!(RetryLayer::new().with_budget(s(1), 10, 0.0).is_ok());
     assert!(RetryLayer::new().with_budget(s(60), 10, 1000.0).is_ok());
-    assert!(RetryLayer::new().with_budget(Duration::from_millis(999), 10, 0.2).is_err());
+    assert!(RetryLayer::new()
+        .with_budget(Duration::from_millis(999), 10, 0.2)
+        .is_err());
     assert!(RetryLayer::new().with_budget(s(61), 10, 0.2).is_err());
     assert!(RetryLayer::new().with_budget(s(10), 10, -0.01).is_err());
     assert!(RetryLayer::new().with_budget(s(10), 10, 1000.5).is_err());
@@ -328,20 +447,35 @@ async fn attempts_and_budget_settings_take_their_bounds() {
 async fn bodies_up_to_1_mib_are_replayed_and_larger_ones_sent_once() {
     const MIB: usize = 1024 * 1024;
     let api = Api::new(|n| st(if n == 0 { 503 } else { 200 }));
-    let req = Request::put("http://api.example.com/blob").body(Full::from(vec![7u8; MIB])).unwrap();
-    let res = RetryLayer::new().layer(api.clone()).oneshot(req).await.unwrap();
+    let req = Request::put("http://api.example.com/blob")
+        .body(Full::from(vec![7u8; MIB]))
+        .unwrap();
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(api.bodies.lock().unwrap().clone(), vec![MIB, MIB]);
 
     let api = Api::new(|n| st(if n == 0 { 503 } else { 200 }));
-    let req = Request::put("http://api.example.com/blob").body(Full::from(vec![7u8; MIB + 1])).unwrap();
-    let res = RetryLayer::new().layer(api.clone()).oneshot(req).await.unwrap();
+    let req = Request::put("http://api.example.com/blob")
+        .body(Full::from(vec![7u8; MIB + 1]))
+        .unwrap();
+    let res = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(api.bodies.lock().unwrap().clone(), vec![MIB + 1]);
 }
 
 fn circuit_open() -> BoxError {
-    Box::new(CircuitOpen::new("api.example.com", Duration::from_millis(100)))
+    Box::new(CircuitOpen::new(
+        "api.example.com",
+        Duration::from_millis(100),
+    ))
 }
 
 fn local_limit() -> BoxError {
@@ -360,13 +494,21 @@ async fn post_is_retried_with_a_key_or_when_it_never_left_and_says_so() {
             .uri("http://api.example.com/o")
             .body(Full::from("x"))
             .unwrap();
-        let err = RetryLayer::new().layer(api.clone()).oneshot(req).await.unwrap_err();
+        let err = RetryLayer::new()
+            .layer(api.clone())
+            .oneshot(req)
+            .await
+            .unwrap_err();
         assert_eq!(api.calls(), 1, "{method} without a key was retried");
         assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed);
         assert!(!err.to_string().contains("not sent"), "{err}");
     }
     // Never left: retried without a key, and said to be safe to send again.
-    for act in [Act::Io(std::io::ErrorKind::ConnectionRefused), Act::Err(circuit_open), Act::Err(local_limit)] {
+    for act in [
+        Act::Io(std::io::ErrorKind::ConnectionRefused),
+        Act::Err(circuit_open),
+        Act::Err(local_limit),
+    ] {
         let api = Api::new(move |_| act.clone());
         let err = RetryLayer::new()
             .with_deadline(Duration::from_secs(30))
@@ -376,7 +518,11 @@ async fn post_is_retried_with_a_key_or_when_it_never_left_and_says_so() {
             .unwrap_err();
         assert_eq!(api.calls(), 4, "{err}");
         assert_eq!(classify::delivery(&*err), Delivery::NotSent, "{err}");
-        assert!(err.to_string().ends_with("the request was not sent, so it is safe to send again"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("the request was not sent, so it is safe to send again"),
+            "{err}"
+        );
     }
     // A reset (may have been processed), then refusals: never "not sent".
     let api = Api::new(|n| {
@@ -386,12 +532,24 @@ async fn post_is_retried_with_a_key_or_when_it_never_left_and_says_so() {
             Act::Io(std::io::ErrorKind::ConnectionRefused)
         }
     });
-    let err = RetryLayer::new().layer(api.clone()).oneshot(post(Some("key-7"))).await.unwrap_err();
+    let err = RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(post(Some("key-7")))
+        .await
+        .unwrap_err();
     assert_eq!(api.calls(), 4);
     let msg = err.to_string();
     assert!(msg.contains("connection refused"), "{msg}");
-    assert!(msg.ends_with("it may have been processed: retry with the same idempotency key key-7"), "{msg}");
-    let report = err.downcast_ref::<sturdy::core::Error>().unwrap().report().unwrap().clone();
+    assert!(
+        msg.ends_with("it may have been processed: retry with the same idempotency key key-7"),
+        "{msg}"
+    );
+    let report = err
+        .downcast_ref::<sturdy::core::Error>()
+        .unwrap()
+        .report()
+        .unwrap()
+        .clone();
     assert_eq!(report.attempts(), 4);
     assert_eq!(report.delivery(), Delivery::MaybeProcessed);
     assert_eq!(report.idempotency_key(), Some("key-7"));
@@ -410,7 +568,11 @@ async fn the_deadline_bounds_sleeps_and_abandons_a_running_attempt() {
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
-    assert_eq!(api.calls(), 1, "a sleep of at least 250 ms was started with 200 ms left");
+    assert_eq!(
+        api.calls(),
+        1,
+        "a sleep of at least 250 ms was started with 200 ms left"
+    );
     assert_eq!(start.elapsed(), Duration::ZERO);
 
     let api = Api::new(|_| Act::Pending);
@@ -426,8 +588,13 @@ async fn the_deadline_bounds_sleeps_and_abandons_a_running_attempt() {
     // Per request: `CallOptions::with_max_attempts` and `with_deadline`.
     let api = Api::new(|_| st(503));
     let mut req = get();
-    req.extensions_mut().insert(CallOptions::new().with_max_attempts(2));
-    RetryLayer::new().layer(api.clone()).oneshot(req).await.unwrap();
+    req.extensions_mut()
+        .insert(CallOptions::new().with_max_attempts(2));
+    RetryLayer::new()
+        .layer(api.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
     assert_eq!(api.calls(), 2);
 }
 
@@ -436,14 +603,34 @@ async fn the_deadline_bounds_sleeps_and_abandons_a_running_attempt() {
 #[tokio::test(start_paused = true)]
 async fn the_final_error_names_the_root_cause() {
     let api = Api::new(|_| Act::Io(std::io::ErrorKind::ConnectionReset));
-    let err = RetryLayer::new().layer(api).oneshot(get()).await.unwrap_err();
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("one sturdy_core::Error");
+    let err = RetryLayer::new()
+        .layer(api)
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("one sturdy_core::Error");
     assert_eq!(*e.kind(), ErrorKind::Transport);
-    assert!(err.to_string().starts_with("gave up after 4 attempts: connection reset"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("gave up after 4 attempts: connection reset"),
+        "{err}"
+    );
     assert!(find::<std::io::Error>(&*err).is_some());
 
-    let api = Api::new(|n| if n < 3 { st(503) } else { Act::Io(std::io::ErrorKind::ConnectionRefused) });
-    let err = RetryLayer::new().layer(api).oneshot(get()).await.unwrap_err();
+    let api = Api::new(|n| {
+        if n < 3 {
+            st(503)
+        } else {
+            Act::Io(std::io::ErrorKind::ConnectionRefused)
+        }
+    });
+    let err = RetryLayer::new()
+        .layer(api)
+        .oneshot(get())
+        .await
+        .unwrap_err();
     let e = err.downcast_ref::<sturdy::core::Error>().unwrap();
     assert_eq!(*e.kind(), ErrorKind::Connect);
     assert!(err.to_string().contains("connection refused"), "{err}");
@@ -464,10 +651,14 @@ async fn the_loop_keeps_readiness_under_limits_and_buffer_and_a_dropped_call_fre
         }
         Ok::<_, BoxError>(())
     };
-    tokio::time::timeout(Duration::from_secs(60), run).await.expect("no deadlock").unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("no deadlock")
+        .unwrap();
 
     let sem = Arc::new(tokio::sync::Semaphore::new(1));
-    let global = tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(sem.clone()).layer(api.clone());
+    let global =
+        tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(sem.clone()).layer(api.clone());
     let buffered = tower::buffer::Buffer::new(RetryLayer::new().without_budget().layer(global), 1);
     let mut tasks = Vec::new();
     for _ in 0..3 {
@@ -485,7 +676,9 @@ async fn the_loop_keeps_readiness_under_limits_and_buffer_and_a_dropped_call_fre
             t.await.unwrap().unwrap();
         }
     };
-    tokio::time::timeout(Duration::from_secs(600), all).await.expect("no deadlock");
+    tokio::time::timeout(Duration::from_secs(600), all)
+        .await
+        .expect("no deadlock");
 
     // Dropped while sleeping before its second attempt: the permit is back, the next call works.
     let api = Api::new(|n| st(if n == 0 { 503 } else { 200 }));
