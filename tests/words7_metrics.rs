@@ -765,7 +765,6 @@ fn every_layer_the_guide_lists_has_on_event() {
 /// (`ConcurrencyLimitChanged`). concurrency.md:45: "A handle sets a host's limit by hand
 /// (`handle.set_limit(host, n)`)". A limit set by hand is a change the gauge should show.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-#[ignore = "FAULT: a limit set through ConcurrencyHandle::set_limit emits no ConcurrencyLimitChanged; the gauge keeps the old limit"]
 async fn a_limit_set_by_hand_reaches_the_gauge_and_the_callback() {
     let rec = DebuggingRecorder::new();
     let snap = rec.snapshotter();

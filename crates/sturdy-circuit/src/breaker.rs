@@ -49,6 +49,9 @@ struct Window {
     /// that is cheaper than the division. Written once per bucket length, so the line stays
     /// shared; a stale value is only a missed shortcut (the range is checked before use).
     current: AtomicU64,
+    /// The bucket of the last failure, or `EMPTY`: a success checks the failure rate only when
+    /// the window may hold a failure, so a healthy breaker does not sum its buckets per call.
+    last_failure: AtomicU64,
     stripes: [Padded<[Bucket; BUCKETS]>; STRIPES],
 }
 
@@ -84,6 +87,7 @@ impl Window {
             )
             .unwrap_or(u64::MAX),
             current: AtomicU64::new(EMPTY),
+            last_failure: AtomicU64::new(EMPTY),
             stripes: std::array::from_fn(|_| {
                 Padded(std::array::from_fn(|_| Bucket {
                     epoch: AtomicU64::new(EMPTY),
@@ -107,7 +111,8 @@ impl Window {
         self.nanos(now) / self.bucket_nanos
     }
 
-    fn record(&self, now: Instant, failed: bool) {
+    /// Counts a call; returns its bucket.
+    fn record(&self, now: Instant, failed: bool) -> u64 {
         let nanos = self.nanos(now);
         let current = self.current.load(Ordering::Relaxed);
         let start = current.saturating_mul(self.bucket_nanos);
@@ -131,7 +136,17 @@ impl Window {
         b.calls.fetch_add(1, Ordering::AcqRel);
         if failed {
             b.failures.fetch_add(1, Ordering::AcqRel);
+            if self.last_failure.load(Ordering::Relaxed) != idx {
+                self.last_failure.store(idx, Ordering::Release);
+            }
         }
+        idx
+    }
+
+    /// Whether a failure may be in the window that ends with bucket `idx`.
+    fn may_hold_a_failure(&self, idx: u64) -> bool {
+        let last = self.last_failure.load(Ordering::Acquire);
+        last != EMPTY && idx.saturating_sub(last) < BUCKETS as u64
     }
 
     fn totals(&self, now: Instant) -> (u32, u32) {
@@ -156,6 +171,7 @@ impl Window {
         for b in self.stripes.iter().flat_map(|s| s.0.iter()) {
             b.epoch.store(EMPTY, Ordering::Release);
         }
+        self.last_failure.store(EMPTY, Ordering::Release);
     }
 }
 
@@ -395,18 +411,25 @@ impl Breaker {
         failed: bool,
         now: Instant,
     ) -> Option<Transition> {
-        self.window.record(now, failed);
-        if !failed {
+        let idx = self.window.record(now, failed);
+        let consecutive = if failed {
+            self.hot.consecutive.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
             // Read before writing, so a healthy breaker's cache line is not written per call.
             if self.hot.consecutive.load(Ordering::Acquire) != 0 {
                 self.hot.consecutive.store(0, Ordering::Release);
             }
-            return None;
-        }
-        let consecutive = self.hot.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
+            // A success can complete the volume a failure rate needs (51 failures, then 49
+            // successes: 51 % of 100); with no failure in the window there is no rate to check.
+            if !self.window.may_hold_a_failure(idx) {
+                return None;
+            }
+            0
+        };
         let (calls, failures) = self.window.totals(now);
-        let by_count =
-            config.consecutive_failures != 0 && consecutive >= config.consecutive_failures;
+        let by_count = failed
+            && config.consecutive_failures != 0
+            && consecutive >= config.consecutive_failures;
         let by_rate = calls >= config.min_calls
             && f64::from(failures) >= config.failure_rate * f64::from(calls);
         if !(by_count || by_rate) {

@@ -79,8 +79,10 @@ impl ConcurrencyHandle {
         v
     }
 
-    /// Sets `key`'s limit by hand (taken into the bounds); it adapts from there.
+    /// Sets `key`'s limit by hand (taken into the bounds); it adapts from there. A change is
+    /// reported like any other: a `ConcurrencyLimitChanged` event to the layer's `on_event`
+    /// callback, and so the `sturdy.concurrency.limit` gauge.
     pub fn set_limit(&self, key: &str, limit: usize) {
-        self.cell.get().get(key).value().force(limit);
+        crate::limiter::set_by_hand(&self.cell.get().get(key), limit);
     }
 }

@@ -261,6 +261,29 @@ impl Idle for Limiter {
     }
 }
 
+/// Tells the event hook (and so the limit gauge) that `local`'s limit moved from `before`, if it
+/// did.
+fn changed(local: &Slot<Limiter>, before: usize) {
+    let l = local.value();
+    let after = l.limit();
+    if after != before {
+        let key = local.key();
+        l.config.events.emit(&Event::ConcurrencyLimitChanged {
+            key,
+            host: l.config.keys_are_hosts.then_some(key),
+            from: before,
+            to: after,
+        });
+    }
+}
+
+/// Sets `local`'s limit by hand (clamped to the bounds), and reports the change like any other.
+pub(crate) fn set_by_hand(local: &Slot<Limiter>, limit: usize) {
+    let before = local.value().limit();
+    local.value().force(limit);
+    changed(local, before);
+}
+
 /// Tells the event hook that a call of `local` was refused.
 pub(crate) fn rejected(local: &Local<Limiter>) {
     let l = local.value();
@@ -322,16 +345,7 @@ impl Permit {
         let l = self.local.value();
         let before = l.limit();
         l.observe(signal, self.generation, self.in_flight);
-        let after = l.limit();
-        if after != before {
-            let key = self.local.key();
-            l.config.events.emit(&Event::ConcurrencyLimitChanged {
-                key,
-                host: l.config.keys_are_hosts.then_some(key),
-                from: before,
-                to: after,
-            });
-        }
+        changed(&self.local, before);
         self.release();
     }
 
