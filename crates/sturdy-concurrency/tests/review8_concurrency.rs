@@ -16,7 +16,13 @@ fn recording(layer: AdaptiveConcurrencyLayer) -> (AdaptiveConcurrencyLayer, Seen
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let layer = layer.on_event(move |e| {
-        if let Event::ConcurrencyLimitChanged { key, host, from, to } = *e {
+        if let Event::ConcurrencyLimitChanged {
+            key,
+            host,
+            from,
+            to,
+        } = *e
+        {
             s.lock()
                 .unwrap()
                 .push((key.to_owned(), host.map(str::to_owned), from, to));
@@ -25,7 +31,12 @@ fn recording(layer: AdaptiveConcurrencyLayer) -> (AdaptiveConcurrencyLayer, Seen
     (layer, seen)
 }
 
-fn ev(key: &str, host: Option<&str>, from: usize, to: usize) -> (String, Option<String>, usize, usize) {
+fn ev(
+    key: &str,
+    host: Option<&str>,
+    from: usize,
+    to: usize,
+) -> (String, Option<String>, usize, usize) {
     (key.to_owned(), host.map(str::to_owned), from, to)
 }
 
@@ -64,7 +75,13 @@ async fn set_limit_with_keys_that_are_not_hosts_reports_no_host() {
     let s = seen.clone();
     let layer = AdaptiveConcurrencyLayer::new()
         .on_event(move |e| {
-            if let Event::ConcurrencyLimitChanged { key, host, from, to } = *e {
+            if let Event::ConcurrencyLimitChanged {
+                key,
+                host,
+                from,
+                to,
+            } = *e
+            {
                 s.lock()
                     .unwrap()
                     .push((key.to_owned(), host.map(str::to_owned), from, to));

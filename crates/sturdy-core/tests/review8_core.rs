@@ -2,7 +2,9 @@
 //! after an empty query or a trailing `&`, and of the rustls words in `describe`.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderValue, Uri};
 use sturdy_core::headers::{next_link, parse_link, MAX_LINKS};

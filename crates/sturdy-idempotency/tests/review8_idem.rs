@@ -160,11 +160,7 @@ async fn a_failed_begin_is_released_unless_it_proves_not_sent() {
         let res = app.oneshot(order()).await.unwrap();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         settle(Duration::from_millis(10)).await;
-        assert_eq!(
-            store.releases.load(Ordering::SeqCst),
-            released,
-            "{kind:?}"
-        );
+        assert_eq!(store.releases.load(Ordering::SeqCst), released, "{kind:?}");
     }
 }
 

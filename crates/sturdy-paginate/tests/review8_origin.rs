@@ -38,12 +38,18 @@ async fn one_origin_whatever_the_case_and_the_default_port() {
     for (start, next) in [
         ("http://API.example.com/x", "http://api.example.com:80/p2"),
         ("http://api.example.com:80/x", "http://Api.Example.Com/p2"),
-        ("https://api.example.com/x", "https://api.example.com:443/p2"),
+        (
+            "https://api.example.com/x",
+            "https://api.example.com:443/p2",
+        ),
         ("HTTPS://api.example.com/x", "https://api.example.com/p2"),
         ("http://[::1]/x", "http://[::1]:80/p2"),
         ("http://[::1]:8080/x", "/p2"),
         ("http://api.example.com/x", "//api.example.com/p2"),
-        ("http://api.example.com/x", "http://user:pw@api.example.com/p2"),
+        (
+            "http://api.example.com/x",
+            "http://user:pw@api.example.com/p2",
+        ),
     ] {
         let r = walk(start, next).await;
         assert_eq!(r, Ok(2), "{start} -> {next}");
@@ -53,16 +59,31 @@ async fn one_origin_whatever_the_case_and_the_default_port() {
 #[tokio::test]
 async fn another_scheme_port_or_host_is_refused_however_it_is_written() {
     for (start, next) in [
-        ("http://api.example.com:80/x", "https://api.example.com:80/p2"),
+        (
+            "http://api.example.com:80/x",
+            "https://api.example.com:80/p2",
+        ),
         ("https://api.example.com/x", "http://api.example.com:443/p2"),
         ("http://api.example.com/x", "https://api.example.com/p2"),
         ("http://api.example.com/x", "http://api.example.com:8080/p2"),
         ("http://api.example.com/x", "http://api.example.com:0/p2"),
-        ("http://api.example.com/x", "http://api.example.com@evil.example/p2"),
-        ("http://api.example.com/x", "http://api.example.com:80@evil.example/p2"),
+        (
+            "http://api.example.com/x",
+            "http://api.example.com@evil.example/p2",
+        ),
+        (
+            "http://api.example.com/x",
+            "http://api.example.com:80@evil.example/p2",
+        ),
         ("http://api.example.com/x", "//evil.example/p2"),
-        ("http://api.example.com/x", "http://evil.example/p2#@api.example.com"),
-        ("http://api.example.com/x", "http://api.example.com.evil.example/p2"),
+        (
+            "http://api.example.com/x",
+            "http://evil.example/p2#@api.example.com",
+        ),
+        (
+            "http://api.example.com/x",
+            "http://api.example.com.evil.example/p2",
+        ),
         ("http://[::1]/x", "http://[::2]/p2"),
         ("http://[::1]/x", "http://127.0.0.1/p2"),
     ] {

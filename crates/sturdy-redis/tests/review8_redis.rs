@@ -17,9 +17,7 @@ use http::{Request, StatusCode};
 use sturdy_idempotency::server::{
     Begin, ByCredentials, IdempotencyLayer, IdempotencyStore, LockToken, StoredResponse,
 };
-use sturdy_redis::{
-    RedisConnection, RedisIdempotencyStore, RedisStreamConsumer, RedisStreamQueue,
-};
+use sturdy_redis::{RedisConnection, RedisIdempotencyStore, RedisStreamConsumer, RedisStreamQueue};
 use sturdy_webhook::{EventQueue, Push, WebhookEvent};
 use tokio::time::Instant;
 use tower::ServiceExt;
