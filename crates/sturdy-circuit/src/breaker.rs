@@ -49,8 +49,10 @@ struct Window {
     /// that is cheaper than the division. Written once per bucket length, so the line stays
     /// shared; a stale value is only a missed shortcut (the range is checked before use).
     current: AtomicU64,
-    /// The bucket of the last failure, or `EMPTY`: a success checks the failure rate only when
-    /// the window may hold a failure, so a healthy breaker does not sum its buckets per call.
+    /// One more than the bucket of the latest failure, or 0 for none: a success checks the
+    /// failure rate only when the window may hold a failure, so a healthy breaker does not sum
+    /// its buckets per call. Only ever raised (`fetch_max`), so two threads failing in
+    /// neighbouring buckets cannot leave it on the older one.
     last_failure: AtomicU64,
     stripes: [Padded<[Bucket; BUCKETS]>; STRIPES],
 }
@@ -87,7 +89,7 @@ impl Window {
             )
             .unwrap_or(u64::MAX),
             current: AtomicU64::new(EMPTY),
-            last_failure: AtomicU64::new(EMPTY),
+            last_failure: AtomicU64::new(0),
             stripes: std::array::from_fn(|_| {
                 Padded(std::array::from_fn(|_| Bucket {
                     epoch: AtomicU64::new(EMPTY),
@@ -136,8 +138,9 @@ impl Window {
         b.calls.fetch_add(1, Ordering::AcqRel);
         if failed {
             b.failures.fetch_add(1, Ordering::AcqRel);
-            if self.last_failure.load(Ordering::Relaxed) != idx {
-                self.last_failure.store(idx, Ordering::Release);
+            let mark = idx.saturating_add(1);
+            if self.last_failure.load(Ordering::Relaxed) < mark {
+                self.last_failure.fetch_max(mark, Ordering::AcqRel);
             }
         }
         idx
@@ -145,8 +148,10 @@ impl Window {
 
     /// Whether a failure may be in the window that ends with bucket `idx`.
     fn may_hold_a_failure(&self, idx: u64) -> bool {
-        let last = self.last_failure.load(Ordering::Acquire);
-        last != EMPTY && idx.saturating_sub(last) < BUCKETS as u64
+        match self.last_failure.load(Ordering::Acquire) {
+            0 => false,
+            mark => idx.saturating_sub(mark - 1) < BUCKETS as u64,
+        }
     }
 
     fn totals(&self, now: Instant) -> (u32, u32) {
@@ -171,7 +176,7 @@ impl Window {
         for b in self.stripes.iter().flat_map(|s| s.0.iter()) {
             b.epoch.store(EMPTY, Ordering::Release);
         }
-        self.last_failure.store(EMPTY, Ordering::Release);
+        self.last_failure.store(0, Ordering::Release);
     }
 }
 

@@ -81,7 +81,9 @@ impl ConcurrencyHandle {
 
     /// Sets `key`'s limit by hand (taken into the bounds); it adapts from there. A change is
     /// reported like any other: a `ConcurrencyLimitChanged` event to the layer's `on_event`
-    /// callback, and so the `sturdy.concurrency.limit` gauge.
+    /// callback, and so the `sturdy.concurrency.limit` gauge. A key past the layer's host bound
+    /// has no limit of its own: it shares the overflow limit (key `*`), which this then sets,
+    /// and the event names `*`.
     pub fn set_limit(&self, key: &str, limit: usize) {
         crate::limiter::set_by_hand(&self.cell.get().get(key), limit);
     }

@@ -253,6 +253,16 @@ fn origin(u: &Uri) -> (String, String, Option<u16>) {
     (scheme, u.host().unwrap_or("").to_ascii_lowercase(), port)
 }
 
+/// `scheme://host[:port]` for a message: never the userinfo, which may hold a password.
+fn shown_origin(u: &Uri) -> String {
+    let scheme = u.scheme_str().unwrap_or("?");
+    let host = u.host().unwrap_or("?");
+    match u.port_u16() {
+        Some(p) => format!("{scheme}://{host}:{p}"),
+        None => format!("{scheme}://{host}"),
+    }
+}
+
 fn err(msg: String) -> Error {
     Error::new(ErrorKind::Pagination, msg)
 }
@@ -329,10 +339,15 @@ impl<P: PageStrategy> PaginateBuilder<P> {
         let uri = &self.uri;
         let base: Uri = uri
             .parse()
-            .map_err(|e| config(format!("{uri:?} is not a valid URI")).with_source(e))?;
+            // Not repeated in the message: a URI may carry a credential (userinfo, a key in the
+            // query).
+            .map_err(|e| {
+                config("the first page's URI is not a valid URI".to_owned()).with_source(e)
+            })?;
         if base.scheme().is_none() || base.authority().is_none() {
             return Err(config(format!(
-                "the first page's URI must be absolute (scheme and host), not {uri:?}"
+                "the first page's URI must be absolute (scheme and host), not a path ({})",
+                base.path()
             )));
         }
         for (n, setting) in [
@@ -453,12 +468,10 @@ impl<P: PageStrategy> Paginate<P> {
             && origin(&uri) != origin(&i.base)
         {
             return Err(err(format!(
-                "refusing to follow the next link of page {} to another origin ({}://{}); the walk started at {}://{}",
+                "refusing to follow the next link of page {} to another origin ({}); the walk started at {}",
                 number.saturating_sub(1),
-                uri.scheme_str().unwrap_or("?"),
-                uri.authority().map_or("?", |a| a.as_str()),
-                i.base.scheme_str().unwrap_or("?"),
-                i.base.authority().map_or("?", |a| a.as_str()),
+                shown_origin(&uri),
+                shown_origin(&i.base),
             )));
         }
         Ok(uri)

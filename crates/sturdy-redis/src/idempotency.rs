@@ -144,9 +144,9 @@ impl RedisIdempotencyStore {
     /// last writes of the primary that failed, so a lock or a stored response could vanish and
     /// a retry would run the handler again. With this set, `begin` and `complete` send
     /// `WAIT replicas timeout` in the same round trip as their script and fail when fewer
-    /// replicas confirm in time: the layer then answers 503 without running the handler (for
-    /// `begin`; the lock stays until its lease ends), or tries to store the response again (for
-    /// `complete`).
+    /// replicas confirm in time: the layer then answers 503 without running the handler and
+    /// releases the lock in the background, so a retry runs at once (for `begin`), or tries to
+    /// store the response again (for `complete`).
     #[must_use]
     pub fn with_replication(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replication = Replication { replicas, timeout };

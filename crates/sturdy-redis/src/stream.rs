@@ -882,9 +882,9 @@ impl RedisStreamConsumer {
     }
 
     /// How long [`RedisStreamConsumer::next`] waits for a new event before answering `None`
-    /// \[500 ms\]. It asks Redis every 5 ms at first, then less often, up to every 100 ms, so
-    /// a new event is seen within 100 ms; it never blocks the connection, which its clones
-    /// (a queue, a store, other consumers) share.
+    /// \[500 ms\]. It asks Redis every 5 ms at first, then less often, at most 100 ms apart,
+    /// so a new event waits about 100 ms at most to be seen; it never blocks the connection,
+    /// which its clones (a queue, a store, other consumers) share.
     #[must_use]
     pub fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = wait;

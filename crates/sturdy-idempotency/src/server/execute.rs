@@ -308,7 +308,12 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
             self.token,
         );
         rt.spawn(async move {
-            if let Ok(Begin::Started) = fut.await {
+            let locked = match fut.await {
+                Ok(b) => b == Begin::Started,
+                // An error after the command may have run: the key may be locked all the same.
+                Err(e) => !sturdy_core::classify::delivery(&*e).proves_not_sent(),
+            };
+            if locked {
                 release_lost(&*store, &key, token).await;
             }
         });
