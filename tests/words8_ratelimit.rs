@@ -1,0 +1,269 @@
+//! docs/guides/ratelimit.md's "Several processes: Redis" section and sturdy-redis's rustdoc on
+//! `RedisQuota`, read literally: the guide's snippet, pauses published to Redis and capped
+//! there, a longer pause written by another process cut by the next decision,
+//! `try_paused`/`try_clear_pause`, and a hung Redis (bounded, let through by default, failed
+//! with `OnStoreError::Fail`). Also the guide's handle snippet and a closure key. Real Redis.
+#![cfg(feature = "full")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use sturdy::core::BoxError;
+use sturdy::ratelimit::{OnStoreError, Quota, RateLimitLayer};
+use sturdy::redis::RedisQuota;
+use tower::{service_fn, Layer, ServiceExt};
+
+fn redis_url() -> String {
+    std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".to_owned())
+}
+
+fn unique(what: &str) -> String {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("words8-{what}-{t:x}-{}", std::process::id())
+}
+
+fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).body(Full::default()).unwrap()
+}
+
+/// The guide's snippet, as written: `quota` is used twice.
+#[tokio::test]
+async fn the_guides_redis_snippet_compiles_and_shares_a_quota() -> Result<(), BoxError> {
+    let url = redis_url();
+    let url = url.as_str();
+    let quota = Quota::per_second(1)?.with_burst(1)?;
+    let remote = RedisQuota::connect(url, quota)
+        .await?
+        .with_prefix(unique("snippet"));
+    let layer = RateLimitLayer::new(quota).with_remote(Arc::new(remote.clone()));
+    let layer = layer.with_max_wait(Duration::ZERO);
+
+    // Two "processes": two layers, one Redis quota.
+    let other = RateLimitLayer::new(quota)
+        .with_remote(Arc::new(remote))
+        .with_max_wait(Duration::ZERO);
+    let api = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+    });
+    layer
+        .layer(api.clone())
+        .oneshot(get("http://api.example.com/"))
+        .await?;
+    let refused = other
+        .layer(api)
+        .oneshot(get("http://api.example.com/"))
+        .await
+        .unwrap_err();
+    assert!(
+        sturdy::core::find::<sturdy::core::RateLimited>(&*refused).is_some(),
+        "{refused}"
+    );
+    Ok(())
+}
+
+/// "Pauses are published to Redis and capped there too (`RedisQuota::with_max_pause`, 5
+/// minutes by default)": a 429 asking for 10 minutes pauses every process for 5.
+#[tokio::test]
+async fn a_servers_long_pause_is_published_to_redis_capped_at_5_minutes() {
+    let quota = Quota::per_second(100).unwrap();
+    let remote = RedisQuota::connect(&redis_url(), quota)
+        .await
+        .unwrap()
+        .with_prefix(unique("publish"));
+    let layer = RateLimitLayer::new(quota).with_remote(Arc::new(remote.clone()));
+    let api = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(429)
+                .header("retry-after", "600")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+    });
+    let res = layer
+        .layer(api)
+        .oneshot(get("http://api.example.com/"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let mut left = None;
+    for _ in 0..20 {
+        left = remote.try_paused("api.example.com").await.unwrap();
+        if left.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = left.expect("the pause is published to Redis");
+    assert!(
+        left > Duration::from_secs(290) && left <= Duration::from_secs(300),
+        "{left:?}"
+    );
+    // `try_clear_pause` ends it for every process and says what was left.
+    let had = remote.try_clear_pause("api.example.com").await.unwrap();
+    assert!(had.is_some_and(|d| d <= Duration::from_secs(300)), "{had:?}");
+    assert_eq!(remote.try_paused("api.example.com").await.unwrap(), None);
+    assert_eq!(remote.try_clear_pause("api.example.com").await.unwrap(), None);
+}
+
+/// "a longer one written by another process is cut to it by the next decision"
+#[tokio::test]
+async fn a_longer_pause_written_by_another_process_is_cut_by_the_next_decision() {
+    let quota = Quota::per_second(100).unwrap();
+    let prefix = unique("cut");
+    let lenient = RedisQuota::connect(&redis_url(), quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_max_pause(Duration::from_secs(3600));
+    lenient
+        .try_pause("k", Duration::from_secs(1800))
+        .await
+        .unwrap();
+    let left = lenient.try_paused("k").await.unwrap().unwrap();
+    assert!(left > Duration::from_secs(1700), "{left:?}");
+
+    let strict = RedisQuota::connect(&redis_url(), quota)
+        .await
+        .unwrap()
+        .with_prefix(prefix);
+    // "never more than the cap", even before a decision.
+    let seen = strict.try_paused("k").await.unwrap().unwrap();
+    assert!(seen <= Duration::from_secs(300), "{seen:?}");
+    let _ = strict.try_reserve("k", Duration::ZERO).await.unwrap();
+    // Now the key itself is cut: the lenient process sees the cap too.
+    let after = lenient.try_paused("k").await.unwrap().unwrap();
+    assert!(after <= Duration::from_secs(300), "{after:?}");
+}
+
+/// A Redis that accepts connections and never answers.
+async fn hung_redis() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    format!("redis://{addr}/")
+}
+
+/// "Every operation has a timeout \[1 s\]: a Redis that is down or hung gives a clear error,
+/// never a hang. What the rate limiter then does is its `with_on_store_error` choice (let calls
+/// through by default, or fail them)."
+#[tokio::test]
+async fn a_hung_redis_is_bounded_let_through_by_default_and_failed_on_request() {
+    let quota = Quota::per_second(10).unwrap();
+    let url = hung_redis().await;
+    let t0 = std::time::Instant::now();
+    let connected =
+        tokio::time::timeout(Duration::from_secs(3), RedisQuota::connect(&url, quota)).await;
+    let remote = match connected {
+        Err(_) => panic!("RedisQuota::connect to a hung Redis still hangs after 3 s"),
+        Ok(Err(e)) => {
+            assert!(t0.elapsed() < Duration::from_millis(1900), "{:?}", t0.elapsed());
+            assert!(!e.to_string().is_empty());
+            return;
+        }
+        Ok(Ok(r)) => r.with_timeout(Duration::from_millis(100)),
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let api = service_fn(move |_r: Request<Full<Bytes>>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(Response::new(Full::<Bytes>::default())) }
+    });
+    let allow = RateLimitLayer::new(quota).with_remote(Arc::new(remote.clone()));
+    let t1 = std::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(2),
+        allow.layer(api.clone()).oneshot(get("http://api.example.com/")),
+    )
+    .await
+    .expect("a hung Redis holds the call");
+    assert!(res.is_ok(), "let through by default: {res:?}");
+    assert!(t1.elapsed() < Duration::from_millis(900), "{:?}", t1.elapsed());
+
+    let fail = RateLimitLayer::new(quota)
+        .with_remote(Arc::new(remote))
+        .with_on_store_error(OnStoreError::Fail);
+    let err = tokio::time::timeout(
+        Duration::from_secs(2),
+        fail.layer(api).oneshot(get("http://api.example.com/")),
+    )
+    .await
+    .expect("a hung Redis holds the call")
+    .unwrap_err();
+    assert!(!err.to_string().is_empty());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the failed call was not sent");
+}
+
+/// The guide's handle snippet compiles and reads as commented.
+#[tokio::test(start_paused = true)]
+async fn the_guides_handle_snippet_reads_pauses_and_the_pace() {
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let left: Option<Duration> = handle.pause("api.example.com"); // Option<Duration> left
+    assert_eq!(left, None);
+    assert!(handle.paused().is_empty()); // every paused key
+    let api = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(429)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+    });
+    let res = layer
+        .layer(api)
+        .oneshot(get("http://api.example.com/"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429);
+    let p = handle.pause("api.example.com").expect("paused by a bare 429");
+    assert!(p > Duration::from_millis(900) && p <= Duration::from_secs(1), "{p:?}");
+    assert_eq!(handle.paused().len(), 1);
+    assert_eq!(handle.waiting("api.example.com"), 0); // calls in line
+    assert_eq!(
+        handle.learned_pace("api.example.com"),
+        Some(Duration::from_millis(125))
+    );
+    assert!(handle.clear_pause("api.example.com").is_some()); // ends it now
+    assert_eq!(handle.pause("api.example.com"), None);
+    assert_eq!(handle.learned_pace("api.example.com"), None, "clear_pause forgets the pace");
+}
+
+/// "`.with_key(|req: &Request<B>| token_of(req))` for per-credential quotas".
+#[tokio::test(start_paused = true)]
+async fn a_closure_key_gives_per_credential_quotas() {
+    fn token_of<B>(req: &Request<B>) -> String {
+        req.headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    }
+    let layer = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_max_wait(Duration::ZERO)
+        .with_key(|req: &Request<Full<Bytes>>| token_of(req));
+    let api = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+    });
+    let svc = layer.layer(api);
+    let with = |t: &str| {
+        Request::get("http://api.example.com/")
+            .header("authorization", t)
+            .body(Full::default())
+            .unwrap()
+    };
+    svc.clone().oneshot(with("a")).await.unwrap();
+    svc.clone().oneshot(with("b")).await.unwrap();
+    assert!(svc.clone().oneshot(with("a")).await.is_err());
+}
