@@ -246,7 +246,7 @@ async fn a_page_call_that_fails_midway_returns_nothing() {
         .build()
         .unwrap();
     let e = pager.page(None, 30).await.unwrap_err();
-    assert_eq!(e.kind(), &ErrorKind::Server(500), "{e}");
+    assert_eq!(e.kind(), &ErrorKind::Server(StatusCode::INTERNAL_SERVER_ERROR), "{e}");
     assert_eq!(api.queries().len(), 2);
     // The first 20 alone are fine.
     let p = pager.page(None, 20).await.unwrap();
