@@ -711,3 +711,148 @@ async fn row15_a_server_shut_down_mid_handler_holds_the_key_until_the_lease_ends
     assert_eq!(s, StatusCode::CREATED, "free once the lease ended");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// One RESP command over a fresh connection to the test Redis, answered as raw text.
+async fn redis_raw(args: &[&str]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = redis_url();
+    let hostport = url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut s = tokio::net::TcpStream::connect(hostport).await.unwrap();
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(cmd.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(ms(100), s.read(&mut buf))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// "The scope goes into the store only as a SHA-256 hash, never as the credential", and the
+/// Redis key layout `<prefix>:<scope hash>:<idempotency key>` of sturdy-redis's rustdoc.
+#[tokio::test]
+async fn the_redis_store_holds_a_hash_of_the_scope_never_the_credential() {
+    let prefix = format!("words8-scope-{}", uuid_like());
+    let store = sturdy::redis::RedisIdempotencyStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = simple_any(IdempotencyLayer::new(store, ByCredentials::default()), runs);
+    let r = Request::post("/orders")
+        .header("authorization", "Bearer SUPERSECRET-token-42")
+        .header("idempotency-key", "k-secret")
+        .body(Body::from("{}"))
+        .unwrap();
+    assert_eq!(send(&app, r).await.0, StatusCode::CREATED);
+    let keys = redis_raw(&["KEYS", &format!("{prefix}*")]).await;
+    assert!(!keys.contains("SUPERSECRET"), "{keys}");
+    let key = keys
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no key under the prefix: {keys:?}"))
+        .to_owned();
+    let parts: Vec<&str> = key.rsplitn(2, ':').collect();
+    assert_eq!(parts[0], "k-secret", "{key}");
+    let scope = parts[1].trim_start_matches(&format!("{prefix}:"));
+    assert!(
+        scope.len() >= 32 && scope.chars().all(|c| c.is_ascii_hexdigit()),
+        "the scope is a hash: {key}"
+    );
+    let value = redis_raw(&["DUMP", &key]).await;
+    assert!(!value.contains("SUPERSECRET"), "{value}");
+}
+
+/// sturdy-redis: with `with_replication`, "`begin` ... fail[s] when fewer replicas confirm in
+/// time: the layer then answers 503 without running the handler and releases the lock in the
+/// background, so a retry runs at once". The test Redis has no replica.
+#[tokio::test]
+async fn a_begin_no_replica_confirmed_is_503_and_a_retry_runs_at_once() {
+    let prefix = format!("words8-repl-{}", uuid_like());
+    let replicated = sturdy::redis::RedisIdempotencyStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_replication(1, ms(50));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = simple_any(
+        IdempotencyLayer::new(replicated, ByCredentials::default()),
+        runs.clone(),
+    );
+    let (s, h, b) = send(&app, post_req("k-repl")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler did not run");
+
+    let plain = sturdy::redis::RedisIdempotencyStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(prefix);
+    let app = simple_any(IdempotencyLayer::new(plain, ByCredentials::default()), runs.clone());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        let (s, _, _) = send(&app, post_req("k-repl")).await;
+        if s != StatusCode::CONFLICT || t0.elapsed() > ms(1500) {
+            break s;
+        }
+        tokio::time::sleep(ms(10)).await;
+    };
+    assert_eq!(status, StatusCode::CREATED, "the lock was released");
+    assert!(t0.elapsed() < ms(300), "at once: {:?}", t0.elapsed());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// `MemoryStore`: "When the store is full, the completed response that expires first makes
+/// room", and "an expired entry is purged as time passes, is not counted by `len()` and takes no
+/// slot".
+#[tokio::test]
+async fn a_full_memory_store_evicts_the_completed_response_that_expires_first() {
+    let store = MemoryStore::new(2).unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = simple(
+        IdempotencyLayer::new(store.clone(), ByCredentials::default()),
+        runs.clone(),
+    );
+    send(&app, post_req("k-1")).await;
+    send(&app, post_req("k-2")).await;
+    assert_eq!(store.len(), 2);
+    let (s, h, _) = send(&app, post_req("k-3")).await;
+    assert_eq!(s, StatusCode::CREATED, "a completed response made room");
+    assert!(h.get("idempotent-replayed").is_none());
+    assert_eq!(store.len(), 2);
+    let (_, h, _) = send(&app, post_req("k-1")).await;
+    assert!(h.get("idempotent-replayed").is_none(), "k-1 expired first and went");
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+
+    // Expired entries take no slot and are not counted.
+    let store = MemoryStore::new(1).unwrap();
+    let app = simple(
+        IdempotencyLayer::new(store.clone(), ByCredentials::default())
+            .with_ttl(ms(50))
+            .unwrap(),
+        runs.clone(),
+    );
+    send(&app, post_req("k-a")).await;
+    assert_eq!(store.len(), 1);
+    let held = store.heap_bytes();
+    assert!(held > 0);
+    tokio::time::sleep(ms(80)).await;
+    assert_eq!(store.len(), 0);
+    assert_eq!(store.heap_bytes(), 0, "{}", store.heap_bytes());
+    assert!(store.is_empty());
+}

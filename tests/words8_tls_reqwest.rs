@@ -146,3 +146,47 @@ async fn a_streaming_body_of_16_mib_is_sent_and_one_byte_more_is_not() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(got.lock().unwrap().len(), 1, "nothing was sent");
 }
+
+/// A listener whose accept queue is full: a new connection's handshake never completes.
+async fn full_backlog() -> (std::net::SocketAddr, Vec<std::net::TcpStream>, tokio::net::TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match tokio::task::spawn_blocking(move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+        })
+        .await
+        .unwrap()
+        {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    (addr, held, listener)
+}
+
+/// reqwest.md's table: "`is_connect()`: refused, DNS, other TLS handshake failures, connect
+/// timeout | `Connect` | no (`NotSent`) | yes, POST included", the checks in that order (a
+/// connect timeout is also `is_timeout()`), and the message `timed out while connecting`.
+#[tokio::test]
+async fn a_connect_timeout_is_connect_not_sent_and_reads_timed_out_while_connecting() {
+    let (addr, _held, _listener) = full_backlog().await;
+    let http = sturdy::reqwest::ReqwestService::new(
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    );
+    let req = Request::post(format!("http://{addr}/orders"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = http.oneshot(req).await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(err.kind(), &ErrorKind::Connect, "{err}");
+    assert_eq!(delivery(&err), Delivery::NotSent);
+    assert_eq!(err.to_string(), "timed out while connecting");
+}

@@ -443,3 +443,64 @@ async fn a_hung_redis_fails_a_consumers_next_instead_of_hanging() {
     assert!(!e.to_string().is_empty());
     assert!(t0.elapsed() < Duration::from_millis(1600), "{:?}", t0.elapsed());
 }
+
+/// A verifier that accepts everything and notes the thread it ran on.
+#[derive(Debug, Default, Clone)]
+struct Where(Arc<std::sync::Mutex<Vec<std::thread::ThreadId>>>);
+
+impl sturdy::webhook::Verifier for Where {
+    fn scheme(&self) -> &'static str {
+        "where"
+    }
+    fn verify(
+        &self,
+        _headers: &HeaderMap,
+        body: &[u8],
+        _now: SystemTime,
+    ) -> Result<sturdy::webhook::Verified, sturdy::webhook::Rejection> {
+        self.0.lock().unwrap().push(std::thread::current().id());
+        Ok(sturdy::webhook::Verified::new().with_id(format!("len-{}", body.len())))
+    }
+}
+
+/// "Inside a tokio runtime, a body over 64 KiB (`with_offload_above`) is verified with
+/// `tokio::task::spawn_blocking`, off the runtime's worker threads": 64 KiB exactly is verified
+/// in place, one byte more elsewhere.
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_over_64_kib_is_verified_off_the_runtime_thread() {
+    assert_eq!(sturdy::webhook::DEFAULT_OFFLOAD_ABOVE, 64 * 1024);
+    let seen = Where::default();
+    let (queue, _events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(seen.clone(), queue);
+    let me = std::thread::current().id();
+    for len in [64 * 1024, 64 * 1024 + 1] {
+        let req = Request::post("/hook")
+            .body(Body::from(vec![b'x'; len]))
+            .unwrap();
+        assert_eq!(rx.clone().oneshot(req).await.unwrap().status(), 200);
+    }
+    let threads = seen.0.lock().unwrap().clone();
+    assert_eq!(threads.len(), 2);
+    assert_eq!(threads[0], me, "64 KiB is verified in place");
+    assert_ne!(threads[1], me, "past 64 KiB it is verified off the runtime's thread");
+}
+
+/// `MemoryQueue::new`: "remembering at most 100,000 dedup keys (past that, the oldest is
+/// forgotten first)".
+#[tokio::test]
+async fn the_memory_queue_forgets_the_oldest_of_100_001_keys_first() {
+    use sturdy::webhook::{EventQueue, Push};
+    let (queue, _events) = MemoryQueue::new(200_000);
+    let ttl = Duration::from_secs(3600);
+    let ev = |i: usize| WebhookEvent::new("github", format!("id-{i}"), Bytes::new());
+    for i in 0..100_001 {
+        assert_eq!(queue.push(ev(i), ttl).await.unwrap(), Push::Enqueued, "{i}");
+    }
+    assert_eq!(queue.push(ev(100_000), ttl).await.unwrap(), Push::Duplicate);
+    assert_eq!(queue.push(ev(2), ttl).await.unwrap(), Push::Duplicate);
+    assert_eq!(
+        queue.push(ev(0), ttl).await.unwrap(),
+        Push::Enqueued,
+        "the oldest key was forgotten"
+    );
+}
