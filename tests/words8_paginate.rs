@@ -264,3 +264,86 @@ async fn new_refuses_a_relative_uri_before_any_page() {
     assert_eq!(e.kind(), &ErrorKind::Config);
     assert!(api.queries().is_empty());
 }
+
+/// No guard's message repeats the secrets a URI may carry (userinfo, a query's API key): a
+/// failed page, a malformed page, a foreign next link, a loop and a bound, through a first page
+/// URI and next links that carry them.
+async fn guard_messages_keep_secrets(modes: &[&'static str]) {
+    use sturdy::paginate::LinkHeader;
+    // Page `n` answers per `mode`; its next link carries the secrets too.
+    let make = |mode: &'static str| {
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let q = req.uri().query().unwrap_or("").to_owned();
+            async move {
+                let page: u32 = q
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("page="))
+                    .map_or(1, |p| p.parse().unwrap());
+                let next = match mode {
+                    "foreign" => "http://evil.example.net/o?page=2&api_key=SECRETKEY".to_owned(),
+                    "loop" => "http://user:hunter2@api.example.com/o?api_key=SECRETKEY".to_owned(),
+                    "badlink" => {
+                        "http://user:hunter2@api.example.com/o?api_key=SECRETKEY&x=a b".to_owned()
+                    }
+                    _ => format!(
+                        "http://user:hunter2@api.example.com/o?page={}&api_key=SECRETKEY",
+                        page + 1
+                    ),
+                };
+                let (status, body) = match mode {
+                    "500" if page == 2 => (500, "[]".to_owned()),
+                    "json" if page == 2 => (200, "{not json".to_owned()),
+                    _ => (200, "[1]".to_owned()),
+                };
+                Ok::<_, BoxError>(
+                    Response::builder()
+                        .status(status)
+                        .header("link", format!("<{next}>; rel=\"next\""))
+                        .body(Full::<Bytes>::from(body))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let first = "http://user:hunter2@api.example.com/o?api_key=SECRETKEY";
+    for &mode in modes {
+        let pager = Paginate::builder(make(mode), first, LinkHeader::new(""))
+            .with_max_pages(3)
+            .build()
+            .unwrap();
+        let res: Result<Vec<serde_json::Value>, _> = pager.items().try_collect().await;
+        let e = res.expect_err(mode);
+        let page_err = pager.page(None, 50).await.expect_err(mode);
+        for shown in [
+            e.to_string(),
+            format!("{e:?}"),
+            page_err.to_string(),
+            format!("{page_err:?}"),
+        ] {
+            assert!(!shown.contains("hunter2"), "{mode}: {shown}");
+            assert!(!shown.contains("SECRETKEY"), "{mode}: {shown}");
+        }
+    }
+}
+
+/// No guard's message repeats the secrets a URI may carry (userinfo, a query's API key): a
+/// failed page, a malformed page, a foreign next link and a bound, through a first page URI and
+/// next links that carry them.
+#[tokio::test]
+async fn guard_messages_do_not_repeat_userinfo_or_the_query() {
+    guard_messages_keep_secrets(&["500", "json", "foreign", "bound"]).await;
+}
+
+/// The same for the loop guard: a next link that leads back to a page read already.
+#[tokio::test]
+#[ignore = "FAULT: the loop error quotes the whole next link, userinfo password and query API key included"]
+async fn a_loop_message_does_not_repeat_the_next_links_userinfo_or_query() {
+    guard_messages_keep_secrets(&["loop"]).await;
+}
+
+/// The same for a next link that is not a valid URI.
+#[tokio::test]
+#[ignore = "FAULT: the invalid-next-link error quotes the link whole, userinfo password and query API key included"]
+async fn an_invalid_next_link_message_does_not_repeat_its_userinfo_or_query() {
+    guard_messages_keep_secrets(&["badlink"]).await;
+}
