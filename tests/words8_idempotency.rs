@@ -856,3 +856,115 @@ async fn a_full_memory_store_evicts_the_completed_response_that_expires_first() 
     assert_eq!(store.heap_bytes(), 0, "{}", store.heap_bytes());
     assert!(store.is_empty());
 }
+
+/// Polls a future to its end on this thread, outside any tokio runtime.
+fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "the future never finished");
+        std::thread::park_timeout(ms(5));
+    }
+}
+
+/// "Without a tokio runtime (another executor), the handler runs in the request's future,
+/// without lease renewal; a request dropped there keeps its key until its lease ends."
+#[test]
+fn without_a_tokio_runtime_the_handler_runs_in_place_and_a_dropped_request_holds_its_key() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (r, h) = (runs.clone(), hold.clone());
+    let handler = tower::service_fn(move |_req: Request<Body>| {
+        let (r, h) = (r.clone(), h.clone());
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            if h.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Body::from("made"))
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+        .with_lease(ms(100))
+        .unwrap();
+    let svc = tower::Layer::layer(&layer, handler);
+    let call = |key: &str| {
+        let svc = svc.clone();
+        let req = post_req(key);
+        async move {
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            (status, replayed)
+        }
+    };
+    assert_eq!(block_on(call("k-plain")), (StatusCode::CREATED, false));
+    assert_eq!(block_on(call("k-plain")), (StatusCode::CREATED, true));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // A request whose handler never finishes, polled a few times, then dropped.
+    hold.store(true, Ordering::SeqCst);
+    {
+        let mut fut = Box::pin(call("k-drop"));
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..20 {
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            std::thread::sleep(ms(1));
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler started in place");
+    hold.store(false, Ordering::SeqCst);
+    assert_eq!(block_on(call("k-drop")).0, StatusCode::CONFLICT, "held");
+    std::thread::sleep(ms(150));
+    assert_eq!(block_on(call("k-drop")), (StatusCode::CREATED, false), "free after the lease");
+}
+
+/// problem.rs: "`RESPONSE_FAILED` 500: the handler's response body failed while it was read;
+/// the key was released."
+#[tokio::test]
+async fn a_response_body_that_fails_is_500_response_failed_and_the_key_is_released() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                        Ok(Bytes::from_static(b"part")),
+                        Err(std::io::Error::other("the body broke")),
+                    ];
+                    Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
+                }
+            }),
+        )
+        .layer(layer());
+    let (s, h, b) = send(&app, post_req("k-broken")).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b:?}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(problem_type(&b), problem::RESPONSE_FAILED);
+    let (s, _, _) = send(&app, post_req("k-broken")).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "released: the retry ran the handler again");
+}

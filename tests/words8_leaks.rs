@@ -136,3 +136,87 @@ fn an_invalid_first_page_uri_is_refused_without_repeating_its_secrets() {
         clean(&uri, &format!("{e:?}"));
     }
 }
+
+/// `Rejection::reason`: "What was wrong, for the logs. It never contains a secret." Nor the
+/// MAC the verifier expected, which would let whoever reads the logs forge that delivery.
+#[test]
+fn rejection_reasons_never_hold_the_secret_or_the_expected_mac() {
+    use std::time::UNIX_EPOCH;
+    use sturdy::webhook::{
+        sign_github, sign_standard, sign_stripe, GenericHmac, GitHub, StandardWebhooks, Stripe,
+        Verifier,
+    };
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let raw = "It's a Secret to Everybody";
+    let body = br#"{"id":"evt_1","test": 2432232314}"#;
+    let ts: i64 = 1_700_000_000;
+    let now = UNIX_EPOCH + std::time::Duration::from_secs(ts as u64);
+    let hm = |pairs: &[(&str, String)]| {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    };
+    let check = |what: &str, r: Result<sturdy::webhook::Verified, sturdy::webhook::Rejection>, expected: &str| {
+        let rej = r.expect_err(what);
+        let shown = format!("{} {rej:?}", rej.reason);
+        assert!(!shown.contains(raw), "{what}: {shown}");
+        assert!(!shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{what}: {shown}");
+        assert!(!shown.contains(expected), "{what}: the expected MAC: {shown}");
+    };
+
+    // GitHub: a wrong signature over the body.
+    let good = sign_github(raw, body);
+    let good_hex = good.trim_start_matches("sha256=").to_owned();
+    let bad = format!("sha256={}", "0".repeat(64));
+    check(
+        "github",
+        GitHub::new(raw)
+            .unwrap()
+            .verify(&hm(&[("x-hub-signature-256", bad)]), body, now),
+        &good_hex,
+    );
+
+    // Stripe.
+    let good = sign_stripe(raw, ts, body);
+    let good_hex = good.split("v1=").nth(1).unwrap().to_owned();
+    let bad = format!("t={ts},v1={}", "0".repeat(64));
+    check(
+        "stripe",
+        Stripe::new(raw)
+            .unwrap()
+            .verify(&hm(&[("stripe-signature", bad)]), body, now),
+        &good_hex,
+    );
+
+    // Standard Webhooks.
+    let good = sign_standard(secret, "msg_1", ts, body).unwrap();
+    let good_b64 = good.trim_start_matches("v1,").to_owned();
+    let bad = "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=".to_owned();
+    check(
+        "standard",
+        StandardWebhooks::new(secret).unwrap().verify(
+            &hm(&[
+                ("webhook-id", "msg_1".to_owned()),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", bad),
+            ]),
+            body,
+            now,
+        ),
+        &good_b64,
+    );
+
+    // A generic scheme, hex over the body.
+    let g = GenericHmac::new("acme", http::HeaderName::from_static("x-acme-sig"), raw).unwrap();
+    let good_hex = sign_github(raw, body).trim_start_matches("sha256=").to_owned();
+    check(
+        "generic",
+        g.verify(&hm(&[("x-acme-sig", "0".repeat(64))]), body, now),
+        &good_hex,
+    );
+}

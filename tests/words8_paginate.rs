@@ -347,3 +347,39 @@ async fn a_loop_message_does_not_repeat_the_next_links_userinfo_or_query() {
 async fn an_invalid_next_link_message_does_not_repeat_its_userinfo_or_query() {
     guard_messages_keep_secrets(&["badlink"]).await;
 }
+
+/// A page that was requested and then failed (an error status, a body too large, a body that
+/// stalls past the page timeout, a page that is not JSON) reached the server: its error must
+/// not say the request was never sent.
+#[tokio::test(start_paused = true)]
+async fn failed_pages_that_reached_the_server_never_say_not_sent() {
+    use sturdy::core::classify::delivery;
+    use sturdy::core::Delivery;
+    let mk = |mode: &'static str| {
+        service_fn(move |_req: Request<Full<Bytes>>| async move {
+            let (status, body) = match mode {
+                "500" => (500, "{}".to_owned()),
+                "big" => (200, format!("{{\"data\":[\"{}\"]}}", "x".repeat(4096))),
+                "json" => (200, "not json".to_owned()),
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    (200, "{}".to_owned())
+                }
+            };
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::from(body))
+                    .unwrap(),
+            )
+        })
+    };
+    for mode in ["500", "big", "json", "slow"] {
+        let pager = Paginate::builder(mk(mode), "http://api.example.com/o", strategy())
+            .with_max_page_bytes(1024)
+            .build()
+            .unwrap();
+        let e = pager.page(None, 10).await.unwrap_err();
+        assert_ne!(delivery(&e), Delivery::NotSent, "{mode}: {e}");
+    }
+}

@@ -504,3 +504,35 @@ async fn the_memory_queue_forgets_the_oldest_of_100_001_keys_first() {
         "the oldest key was forgotten"
     );
 }
+
+/// `RedisStreamConsumer::ack`: "When Redis fails or does not answer in time ... unless the
+/// command reached Redis before the failure (a `Timeout`, or a `Transport` error ...), in which
+/// case it may have been done": an ack Redis never answers is a `Timeout` that does not say
+/// "not sent", within the operation timeout.
+#[tokio::test]
+async fn an_ack_redis_never_answers_is_a_timeout_that_may_have_been_done() {
+    let (url, hang) = hangable_redis().await;
+    let stream = unique("ackhang");
+    let queue = RedisStreamQueue::connect(&url, stream.clone()).await.unwrap();
+    let mut c = RedisStreamConsumer::connect(&url, stream, "g", "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(50))
+        .with_timeout(Duration::from_millis(300));
+    push_one(queue, r#"{"ack":1}"#).await;
+    let d = c.next().await.unwrap().expect("the event");
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(2), c.ack(&d))
+        .await
+        .expect("ack hangs")
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_millis(800), "{:?}", t0.elapsed());
+    let se = sturdy::core::find::<sturdy::core::Error>(&*e).expect("a sturdy error");
+    assert_eq!(se.kind(), &sturdy::core::ErrorKind::Timeout, "{e}");
+    assert_ne!(
+        sturdy::core::classify::delivery(&*e),
+        sturdy::core::Delivery::NotSent,
+        "{e}"
+    );
+}
