@@ -162,3 +162,39 @@ async fn the_token_wait_error_reads_as_the_guide_prints_it() {
     assert_eq!(sturdy::core::classify::delivery(&*err), Delivery::NotSent);
     assert!(e.cause_is_elsewhere());
 }
+
+/// "headers are marked sensitive": every static header the layer inserts.
+#[tokio::test]
+async fn every_static_credential_header_is_marked_sensitive() {
+    let layers = [
+        ("authorization", AuthLayer::bearer("tok").unwrap()),
+        (
+            "x-api-key",
+            AuthLayer::api_key(HeaderName::from_static("x-api-key"), "key").unwrap(),
+        ),
+        ("authorization", AuthLayer::basic("user", "pw").unwrap()),
+    ];
+    for (name, layer) in layers {
+        let api = service_fn(move |req: Request<Full<Bytes>>| async move {
+            let v = req.headers().get(name).expect("the header is set").clone();
+            assert!(v.is_sensitive(), "{name} is not marked sensitive");
+            Ok::<_, BoxError>(Response::new(()))
+        });
+        layer
+            .layer(api)
+            .oneshot(Request::get("https://api.example.com/").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+    }
+    // Basic: RFC 7617, `user:password` in base64.
+    let api = service_fn(|req: Request<Full<Bytes>>| async move {
+        assert_eq!(req.headers()["authorization"], "Basic dXNlcjpwOnc=");
+        Ok::<_, BoxError>(Response::new(()))
+    });
+    AuthLayer::basic("user", "p:w")
+        .unwrap()
+        .layer(api)
+        .oneshot(Request::get("https://api.example.com/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+}

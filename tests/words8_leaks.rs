@@ -220,3 +220,73 @@ fn rejection_reasons_never_hold_the_secret_or_the_expected_mac() {
         &good_hex,
     );
 }
+
+/// The composed client's errors for a URI that carries userinfo and a query API key: refused,
+/// retries exhausted on 503, a long `Retry-After`, and the circuit breaker's refusal. Neither
+/// `Display` nor `Debug` of the error repeats them.
+#[tokio::test]
+async fn the_composed_clients_errors_do_not_repeat_the_uris_secrets() {
+    use sturdy::retry::{Backoff, RetryLayer};
+    use tower::ServiceExt;
+    let quick = || {
+        RetryLayer::new().with_backoff(
+            Backoff::decorrelated_jitter(Duration::from_millis(1), Duration::from_millis(2)).unwrap(),
+        )
+    };
+    let get = |port: u16| {
+        Request::get(format!(
+            "http://user:{PW}@127.0.0.1:{port}/orders?api_key={KEY}"
+        ))
+        .body(Full::<Bytes>::default())
+        .unwrap()
+    };
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    // Refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = sturdy::ClientBuilder::new()
+        .with_retry(quick())
+        .build(http.clone());
+    let e = client.clone().oneshot(get(port)).await.unwrap_err();
+    clean("refused", &format!("{e} {e:?}"));
+
+    // 503 then a long Retry-After, from a real server.
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "down") }),
+        )
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                (
+                    http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "3600")],
+                    "later",
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let res = client.clone().oneshot(get(port)).await;
+    assert_eq!(res.unwrap().status(), 503, "the last 503 is returned as it is");
+    let slow = Request::get(format!("http://user:{PW}@127.0.0.1:{port}/slow?api_key={KEY}"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let e = client.clone().oneshot(slow).await.unwrap_err();
+    clean("429", &format!("{e} {e:?}"));
+    // Enough failures for the breaker to open, then its refusal.
+    let mut refused = 0;
+    for _ in 0..40 {
+        if let Err(e) = client.clone().oneshot(get(port)).await {
+            clean("breaker", &format!("{e} {e:?}"));
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the breaker opened");
+}

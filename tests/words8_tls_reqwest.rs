@@ -190,3 +190,13 @@ async fn a_connect_timeout_is_connect_not_sent_and_reads_timed_out_while_connect
     assert_eq!(delivery(&err), Delivery::NotSent);
     assert_eq!(err.to_string(), "timed out while connecting");
 }
+
+/// reqwest.md: "It builds with reqwest 0.13 and reqwest-middleware 0.5, and re-exports both
+/// (`sturdy_reqwest::reqwest`, `sturdy_reqwest::reqwest_middleware`)": the re-exports are the
+/// very crates a user depends on.
+#[test]
+fn the_reexported_reqwest_crates_are_the_users_own() {
+    let client: sturdy::reqwest::reqwest::Client = reqwest::Client::new();
+    let _: reqwest_middleware::ClientWithMiddleware =
+        sturdy::reqwest::reqwest_middleware::ClientBuilder::new(client).build();
+}
