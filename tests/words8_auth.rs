@@ -32,7 +32,8 @@ fn endpoint(
     service_fn(move |_r: Request<Full<Bytes>>| {
         let n = count.fetch_add(1, Ordering::SeqCst) + 1;
         async move {
-            let body = format!(r#"{{"access_token":"t-{n}","token_type":"Bearer","expires_in":3600}}"#);
+            let body =
+                format!(r#"{{"access_token":"t-{n}","token_type":"Bearer","expires_in":3600}}"#);
             Ok::<_, BoxError>(Response::new(Full::<Bytes>::from(body)))
         }
     })
@@ -50,9 +51,15 @@ fn static_constructor_errors_are_config_errors() {
     ];
     for e in kinds {
         assert_eq!(e.kind(), &ErrorKind::Config, "{e}");
-        assert!(!e.to_string().contains("zq-secret"), "no secret in the message: {e}");
+        assert!(
+            !e.to_string().contains("zq-secret"),
+            "no secret in the message: {e}"
+        );
     }
-    assert!(AuthLayer::basic("user", "pa:ss").is_ok(), "a password may hold ':'");
+    assert!(
+        AuthLayer::basic("user", "pa:ss").is_ok(),
+        "a password may hold ':'"
+    );
 }
 
 /// Defaults: `ClientAuth::SecretBasic`, a 30 s token timeout.
@@ -81,7 +88,11 @@ async fn a_setter_gives_a_cache_of_its_own_and_clones_share_one() {
     assert_eq!(count.load(Ordering::SeqCst), 1, "clones share one cache");
     let c = a.clone().with_scopes(["orders:read"]);
     c.get().await.unwrap();
-    assert_eq!(count.load(Ordering::SeqCst), 2, "a setter's source has its own cache");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "a setter's source has its own cache"
+    );
     let d = a.clone().with_request_timeout(Duration::from_secs(5));
     d.get().await.unwrap();
     assert_eq!(count.load(Ordering::SeqCst), 3);
@@ -142,15 +153,19 @@ async fn the_token_wait_error_reads_as_the_guide_prints_it() {
     let cc = ClientCredentials::new(silent, TOKEN_URL, "id", "secret")
         .unwrap()
         .with_request_timeout(Duration::from_secs(60));
-    let api = service_fn(|_r: Request<Full<Bytes>>| async {
-        Ok::<_, BoxError>(Response::new(()))
-    });
+    let api = service_fn(|_r: Request<Full<Bytes>>| async { Ok::<_, BoxError>(Response::new(())) });
     let svc = AuthLayer::oauth2(cc).layer(api);
     let err = svc
-        .oneshot(Request::post("https://api.example.com/orders").body(Full::default()).unwrap())
+        .oneshot(
+            Request::post("https://api.example.com/orders")
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap_err();
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("a sturdy error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a sturdy error");
     assert_eq!(e.kind(), &ErrorKind::Timeout);
     assert!(e.is_retryable());
     assert!(
@@ -182,7 +197,11 @@ async fn every_static_credential_header_is_marked_sensitive() {
         });
         layer
             .layer(api)
-            .oneshot(Request::get("https://api.example.com/").body(Full::default()).unwrap())
+            .oneshot(
+                Request::get("https://api.example.com/")
+                    .body(Full::default())
+                    .unwrap(),
+            )
             .await
             .unwrap();
     }
@@ -194,7 +213,11 @@ async fn every_static_credential_header_is_marked_sensitive() {
     AuthLayer::basic("user", "p:w")
         .unwrap()
         .layer(api)
-        .oneshot(Request::get("https://api.example.com/").body(Full::default()).unwrap())
+        .oneshot(
+            Request::get("https://api.example.com/")
+                .body(Full::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
 }

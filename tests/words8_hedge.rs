@@ -113,9 +113,16 @@ async fn the_percentile_of_a_5ms_host_is_within_one_bucket() {
         "{d:?}"
     );
     let p = handle.latency_percentile("five.example.com", 0.5).unwrap();
-    assert!(p >= Duration::from_millis(5) && p <= Duration::from_micros(5_625), "{p:?}");
+    assert!(
+        p >= Duration::from_millis(5) && p <= Duration::from_micros(5_625),
+        "{p:?}"
+    );
     for q in [0.0, 1.0, -1.0, 2.0, f64::NAN] {
-        assert_eq!(handle.latency_percentile("five.example.com", q), None, "{q}");
+        assert_eq!(
+            handle.latency_percentile("five.example.com", q),
+            None,
+            "{q}"
+        );
     }
     assert_eq!(handle.latency_percentile("nobody.example.com", 0.5), None);
 }
@@ -133,7 +140,10 @@ async fn at_most_1024_hosts_are_kept_by_default_then_one_overflow_state() {
             .unwrap();
     }
     let all = handle.all();
-    let hosts = all.iter().filter(|(k, _)| k.ends_with(".example.com")).count();
+    let hosts = all
+        .iter()
+        .filter(|(k, _)| k.ends_with(".example.com"))
+        .count();
     assert_eq!(hosts, 1024);
     let overflow: Vec<_> = all.iter().filter(|(k, _)| k == "*").collect();
     assert_eq!(overflow.len(), 1, "{overflow:?}");

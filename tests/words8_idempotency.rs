@@ -185,7 +185,10 @@ async fn two_different_key_headers_are_invalid_and_identical_repeats_are_one_key
     assert_eq!(s, StatusCode::CREATED);
     let (s, h, _) = send(&app, post_req("k-same")).await;
     assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(h["idempotent-replayed"], "true", "the repeated header is one key");
+    assert_eq!(
+        h["idempotent-replayed"], "true",
+        "the repeated header is one key"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -204,7 +207,10 @@ async fn a_structured_field_string_key_is_accepted_and_replayed() {
     // The same key sent bare is the same key.
     let (s, h, _) = send(&app, post_req("8e03978e-40d5-43e8-bc93-6894a57f9324")).await;
     assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(h["idempotent-replayed"], "true", "bare and quoted are one key");
+    assert_eq!(
+        h["idempotent-replayed"], "true",
+        "bare and quoted are one key"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -214,9 +220,17 @@ async fn a_structured_field_string_key_is_accepted_and_replayed() {
 async fn a_reordered_query_under_the_same_key_is_422_reused() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = simple(layer(), runs.clone());
-    let (s, _, _) = send(&app, req(Method::POST, "/orders?a=1&b=2", Some("k-q"), "{}")).await;
+    let (s, _, _) = send(
+        &app,
+        req(Method::POST, "/orders?a=1&b=2", Some("k-q"), "{}"),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, h, b) = send(&app, req(Method::POST, "/orders?b=2&a=1", Some("k-q"), "{}")).await;
+    let (s, h, b) = send(
+        &app,
+        req(Method::POST, "/orders?b=2&a=1", Some("k-q"), "{}"),
+    )
+    .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(h["content-type"], "application/problem+json");
     assert_eq!(problem_type(&b), problem::KEY_REUSED);
@@ -264,7 +278,10 @@ async fn with_store_server_errors_a_500_is_replayed() {
     let (s, _, _) = send(&app, post_req("k-500")).await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
     let (s, h, b) = send(&app, post_req("k-500")).await;
-    assert_eq!((s, b.as_ref()), (StatusCode::INTERNAL_SERVER_ERROR, &b"boom"[..]));
+    assert_eq!(
+        (s, b.as_ref()),
+        (StatusCode::INTERNAL_SERVER_ERROR, &b"boom"[..])
+    );
     assert_eq!(h["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -325,7 +342,10 @@ async fn the_in_flight_conflict_is_the_guides_problem_json() {
         problem::RESPONSE_TOO_LARGE,
         problem::INTERRUPTED,
     ] {
-        assert!(t.starts_with("https://example.invalid/sturdy/problems/"), "{t}");
+        assert!(
+            t.starts_with("https://example.invalid/sturdy/problems/"),
+            "{t}"
+        );
     }
 }
 
@@ -352,7 +372,11 @@ async fn a_store_full_of_running_requests_answers_503_and_the_handler_does_not_r
     assert_eq!(h["retry-after"], "1");
     assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the refused request never ran");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the refused request never ran"
+    );
 }
 
 /// "body over the limit (1 MiB, `with_body_limit`) | 413, `…/request-body-too-large`": the
@@ -361,9 +385,17 @@ async fn a_store_full_of_running_requests_answers_503_and_the_handler_does_not_r
 async fn a_body_over_the_limit_is_413_and_the_limit_itself_passes() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = simple(layer().with_body_limit(10), runs.clone());
-    let (s, _, _) = send(&app, req(Method::POST, "/orders", Some("k-10"), "0123456789")).await;
+    let (s, _, _) = send(
+        &app,
+        req(Method::POST, "/orders", Some("k-10"), "0123456789"),
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, h, b) = send(&app, req(Method::POST, "/orders", Some("k-11"), "0123456789a")).await;
+    let (s, h, b) = send(
+        &app,
+        req(Method::POST, "/orders", Some("k-11"), "0123456789a"),
+    )
+    .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(h["content-type"], "application/problem+json");
     assert_eq!(problem_type(&b), problem::BODY_TOO_LARGE);
@@ -426,7 +458,10 @@ async fn scopes_follow_the_credential_headers_and_the_named_cookies() {
     r.headers_mut()
         .insert("authorization", "Bearer other".parse().unwrap());
     let (_, h, _) = send(&app, r).await;
-    assert_eq!(h["idempotent-replayed"], "true", "authorization is not read");
+    assert_eq!(
+        h["idempotent-replayed"], "true",
+        "authorization is not read"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -624,9 +659,13 @@ async fn row6_a_crashed_worker_holds_its_redis_key_until_the_lease_ends() {
         .unwrap();
     let app = simple_any(l, runs.clone());
     let (s, _, b) = send(&app, post_req("k-crash")).await;
-    assert_eq!(s, StatusCode::CONFLICT, "the crashed run still holds the key");
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "the crashed run still holds the key"
+    );
     assert_eq!(problem_type(&b), problem::IN_FLIGHT);
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let status = loop {
         let (s, _, _) = send(&app, post_req("k-crash")).await;
         if s != StatusCode::CONFLICT || t0.elapsed() > Duration::from_millis(1500) {
@@ -634,7 +673,11 @@ async fn row6_a_crashed_worker_holds_its_redis_key_until_the_lease_ends() {
         }
         tokio::time::sleep(ms(25)).await;
     };
-    assert_eq!(status, StatusCode::CREATED, "after the lease the handler runs");
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "after the lease the handler runs"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -652,7 +695,7 @@ fn simple_any<St: IdempotencyStore + Clone>(
 }
 
 fn uuid_like() -> String {
-    let t = std::time::SystemTime::now()
+    let t = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
@@ -803,8 +846,11 @@ async fn a_begin_no_replica_confirmed_is_503_and_a_retry_runs_at_once() {
         .await
         .unwrap()
         .with_prefix(prefix);
-    let app = simple_any(IdempotencyLayer::new(plain, ByCredentials::default()), runs.clone());
-    let t0 = std::time::Instant::now();
+    let app = simple_any(
+        IdempotencyLayer::new(plain, ByCredentials::default()),
+        runs.clone(),
+    );
+    let t0 = tokio::time::Instant::now();
     let status = loop {
         let (s, _, _) = send(&app, post_req("k-repl")).await;
         if s != StatusCode::CONFLICT || t0.elapsed() > ms(1500) {
@@ -836,7 +882,10 @@ async fn a_full_memory_store_evicts_the_completed_response_that_expires_first() 
     assert!(h.get("idempotent-replayed").is_none());
     assert_eq!(store.len(), 2);
     let (_, h, _) = send(&app, post_req("k-1")).await;
-    assert!(h.get("idempotent-replayed").is_none(), "k-1 expired first and went");
+    assert!(
+        h.get("idempotent-replayed").is_none(),
+        "k-1 expired first and went"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 4);
 
     // Expired entries take no slot and are not counted.
@@ -869,12 +918,15 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut fut = std::pin::pin!(fut);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "the future never finished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the future never finished"
+        );
         std::thread::park_timeout(ms(5));
     }
 }
@@ -882,6 +934,8 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
 /// "Without a tokio runtime (another executor), the handler runs in the request's future,
 /// without lease renewal; a request dropped there keeps its key until its lease ends."
 #[test]
+// No runtime here to block: the test is another executor, sleeping on its own thread.
+#[allow(clippy::disallowed_methods)]
 fn without_a_tokio_runtime_the_handler_runs_in_place_and_a_dropped_request_holds_its_key() {
     use std::future::Future;
     use std::task::{Context, Waker};
@@ -931,11 +985,19 @@ fn without_a_tokio_runtime_the_handler_runs_in_place_and_a_dropped_request_holds
             std::thread::sleep(ms(1));
         }
     }
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "the handler started in place");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the handler started in place"
+    );
     hold.store(false, Ordering::SeqCst);
     assert_eq!(block_on(call("k-drop")).0, StatusCode::CONFLICT, "held");
     std::thread::sleep(ms(150));
-    assert_eq!(block_on(call("k-drop")), (StatusCode::CREATED, false), "free after the lease");
+    assert_eq!(
+        block_on(call("k-drop")),
+        (StatusCode::CREATED, false),
+        "free after the lease"
+    );
 }
 
 /// problem.rs: "`RESPONSE_FAILED` 500: the handler's response body failed while it was read;
@@ -966,5 +1028,9 @@ async fn a_response_body_that_fails_is_500_response_failed_and_the_key_is_releas
     assert_eq!(problem_type(&b), problem::RESPONSE_FAILED);
     let (s, _, _) = send(&app, post_req("k-broken")).await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "released: the retry ran the handler again");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "released: the retry ran the handler again"
+    );
 }

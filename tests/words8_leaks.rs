@@ -42,8 +42,8 @@ fn an_invalid_token_url_is_refused_without_repeating_its_secrets() {
         format!("id:{PW}@auth.example.com/oauth/token?client_secret={KEY}"),
         format!("/oauth/token?client_secret={KEY}"),
     ] {
-        let e = sturdy::auth::ClientCredentials::new(token_client(), &url, "id", "secret")
-            .unwrap_err();
+        let e =
+            sturdy::auth::ClientCredentials::new(token_client(), &url, "id", "secret").unwrap_err();
         clean(&url, &e.to_string());
         clean(&url, &format!("{e:?}"));
     }
@@ -56,8 +56,11 @@ fn a_malformed_standard_webhooks_secret_is_refused_without_repeating_it() {
     let bad = format!("whsec_{KEY}!!{PW}");
     let errors = [
         sturdy::webhook::StandardWebhooks::new(&bad).unwrap_err(),
-        sturdy::webhook::StandardWebhooks::with_secrets(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", &bad])
-            .unwrap_err(),
+        sturdy::webhook::StandardWebhooks::with_secrets([
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            &bad,
+        ])
+        .unwrap_err(),
         sturdy::webhook::decode_standard_secret(&bad).unwrap_err(),
         sturdy::webhook::sign_standard(&bad, "msg_1", 1, b"{}").unwrap_err(),
     ];
@@ -161,12 +164,20 @@ fn rejection_reasons_never_hold_the_secret_or_the_expected_mac() {
         }
         h
     };
-    let check = |what: &str, r: Result<sturdy::webhook::Verified, sturdy::webhook::Rejection>, expected: &str| {
+    let check = |what: &str,
+                 r: Result<sturdy::webhook::Verified, sturdy::webhook::Rejection>,
+                 expected: &str| {
         let rej = r.expect_err(what);
         let shown = format!("{} {rej:?}", rej.reason);
         assert!(!shown.contains(raw), "{what}: {shown}");
-        assert!(!shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{what}: {shown}");
-        assert!(!shown.contains(expected), "{what}: the expected MAC: {shown}");
+        assert!(
+            !shown.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            "{what}: {shown}"
+        );
+        assert!(
+            !shown.contains(expected),
+            "{what}: the expected MAC: {shown}"
+        );
     };
 
     // GitHub: a wrong signature over the body.
@@ -213,7 +224,9 @@ fn rejection_reasons_never_hold_the_secret_or_the_expected_mac() {
 
     // A generic scheme, hex over the body.
     let g = GenericHmac::new("acme", http::HeaderName::from_static("x-acme-sig"), raw).unwrap();
-    let good_hex = sign_github(raw, body).trim_start_matches("sha256=").to_owned();
+    let good_hex = sign_github(raw, body)
+        .trim_start_matches("sha256=")
+        .to_owned();
     check(
         "generic",
         g.verify(&hm(&[("x-acme-sig", "0".repeat(64))]), body, now),
@@ -230,7 +243,8 @@ async fn the_composed_clients_errors_do_not_repeat_the_uris_secrets() {
     use tower::ServiceExt;
     let quick = || {
         RetryLayer::new().with_backoff(
-            Backoff::decorrelated_jitter(Duration::from_millis(1), Duration::from_millis(2)).unwrap(),
+            Backoff::decorrelated_jitter(Duration::from_millis(1), Duration::from_millis(2))
+                .unwrap(),
         )
     };
     let get = |port: u16| {
@@ -274,10 +288,16 @@ async fn the_composed_clients_errors_do_not_repeat_the_uris_secrets() {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let res = client.clone().oneshot(get(port)).await;
-    assert_eq!(res.unwrap().status(), 503, "the last 503 is returned as it is");
-    let slow = Request::get(format!("http://user:{PW}@127.0.0.1:{port}/slow?api_key={KEY}"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
+    assert_eq!(
+        res.unwrap().status(),
+        503,
+        "the last 503 is returned as it is"
+    );
+    let slow = Request::get(format!(
+        "http://user:{PW}@127.0.0.1:{port}/slow?api_key={KEY}"
+    ))
+    .body(Full::<Bytes>::default())
+    .unwrap();
     let e = client.clone().oneshot(slow).await.unwrap_err();
     clean("429", &format!("{e} {e:?}"));
     // Enough failures for the breaker to open, then its refusal.

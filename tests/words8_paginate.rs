@@ -73,7 +73,12 @@ impl Api {
         })
     }
     fn queries(&self) -> Vec<String> {
-        self.log.lock().unwrap().iter().map(|(q, _)| q.clone()).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(q, _)| q.clone())
+            .collect()
     }
 }
 
@@ -117,8 +122,12 @@ async fn the_guides_settings_snippet_builds() {
 #[tokio::test]
 async fn page_asks_for_min_limit_100_unless_a_page_size_is_set() {
     let api = Api::default();
-    let pager = Paginate::new(api.service(1000, None), "http://api.example.com/o", strategy())
-        .unwrap();
+    let pager = Paginate::new(
+        api.service(1000, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .unwrap();
     let p = pager.page(None, 7).await.unwrap();
     assert_eq!(p.items.len(), 7);
     let p = pager.page(None, 250).await.unwrap();
@@ -129,10 +138,14 @@ async fn page_asks_for_min_limit_100_unless_a_page_size_is_set() {
     assert_eq!(q.len(), 4, "7, then 100 + 100 + 100 for 250: {q:?}");
 
     let api = Api::default();
-    let pager = Paginate::builder(api.service(1000, None), "http://api.example.com/o", strategy())
-        .with_page_size(30)
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        api.service(1000, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .with_page_size(30)
+    .build()
+    .unwrap();
     pager.page(None, 7).await.unwrap();
     assert!(api.queries()[0].contains("limit=30"), "{:?}", api.queries());
 }
@@ -141,20 +154,21 @@ async fn page_asks_for_min_limit_100_unless_a_page_size_is_set() {
 #[tokio::test]
 async fn a_zero_limit_reads_as_one_and_a_huge_one_as_max_items() {
     let api = Api::default();
-    let pager = Paginate::builder(api.service(1000, None), "http://api.example.com/o", strategy())
-        .with_max_items(15)
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        api.service(1000, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .with_max_items(15)
+    .build()
+    .unwrap();
     let p = pager.page(None, 0).await.unwrap();
     assert_eq!(p.items.len(), 1);
     assert!(p.has_more);
     let p = pager.page(None, usize::MAX).await.unwrap();
     assert_eq!(p.items.len(), 15);
     assert!(p.has_more);
-    let next = pager
-        .page(p.next_cursor.as_deref(), 1)
-        .await
-        .unwrap();
+    let next = pager.page(p.next_cursor.as_deref(), 1).await.unwrap();
     assert_eq!(next.items, [serde_json::json!(15)]);
 }
 
@@ -162,13 +176,17 @@ async fn a_zero_limit_reads_as_one_and_a_huge_one_as_max_items() {
 #[tokio::test]
 async fn with_header_goes_on_every_page_request() {
     let api = Api::default();
-    let pager = Paginate::builder(api.service(50, None), "http://api.example.com/o", strategy())
-        .with_header(
-            HeaderName::from_static("x-tenant"),
-            HeaderValue::from_static("t-1"),
-        )
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        api.service(50, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .with_header(
+        HeaderName::from_static("x-tenant"),
+        HeaderValue::from_static("t-1"),
+    )
+    .build()
+    .unwrap();
     let all: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
     assert_eq!(all.len(), 50);
     let p = pager.page(None, 30).await.unwrap();
@@ -187,8 +205,12 @@ async fn with_header_goes_on_every_page_request() {
 async fn a_cursor_past_max_cursor_len_is_refused_before_any_request() {
     assert_eq!(MAX_CURSOR_LEN, 16 * 1024);
     let api = Api::default();
-    let pager = Paginate::new(api.service(50, None), "http://api.example.com/o", strategy())
-        .unwrap();
+    let pager = Paginate::new(
+        api.service(50, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .unwrap();
     let p = pager.page(None, 10).await.unwrap();
     let good = p.next_cursor.unwrap();
     assert!(good.len() <= MAX_CURSOR_LEN);
@@ -197,22 +219,33 @@ async fn a_cursor_past_max_cursor_len_is_refused_before_any_request() {
     let e = pager.page(Some(&long), 10).await.unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::Pagination, "{e}");
     assert_eq!(api.queries().len(), before, "no request was sent");
-    assert!(!e.to_string().contains(&long[..64]), "the message does not echo the cursor");
+    assert!(
+        !e.to_string().contains(&long[..64]),
+        "the message does not echo the cursor"
+    );
 }
 
 /// "Cheap to clone: clones share the configuration and the cursor key."
 #[tokio::test]
 async fn a_clone_accepts_the_cursors_of_its_original() {
     let api = Api::default();
-    let pager = Paginate::new(api.service(50, None), "http://api.example.com/o", strategy())
-        .unwrap();
+    let pager = Paginate::new(
+        api.service(50, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .unwrap();
     let clone = pager.clone();
     let p = pager.page(None, 10).await.unwrap();
     let n = clone.page(p.next_cursor.as_deref(), 10).await.unwrap();
     assert_eq!(n.items[0], serde_json::json!(10));
     // Another pager (its own random key) refuses it.
-    let other = Paginate::new(api.service(50, None), "http://api.example.com/o", strategy())
-        .unwrap();
+    let other = Paginate::new(
+        api.service(50, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .unwrap();
     let e = other.page(p.next_cursor.as_deref(), 10).await.unwrap_err();
     assert_eq!(e.kind(), &ErrorKind::Pagination);
 }
@@ -221,8 +254,12 @@ async fn a_clone_accepts_the_cursors_of_its_original() {
 #[test]
 fn debug_shows_no_cursor_key() {
     let key = b"0123456789abcdef0123456789ABCDEF-secret-key".to_vec();
-    let builder = Paginate::builder(Api::default().service(1, None), "http://api.example.com/o", strategy())
-        .with_cursor_key(&key);
+    let builder = Paginate::builder(
+        Api::default().service(1, None),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .with_cursor_key(&key);
     let b = format!("{builder:?}");
     let pager = builder.build().unwrap();
     let p = format!("{pager:?}");
@@ -241,12 +278,20 @@ fn debug_shows_no_cursor_key() {
 #[tokio::test]
 async fn a_page_call_that_fails_midway_returns_nothing() {
     let api = Api::default();
-    let pager = Paginate::builder(api.service(1000, Some(20)), "http://api.example.com/o", strategy())
-        .with_page_size(20)
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        api.service(1000, Some(20)),
+        "http://api.example.com/o",
+        strategy(),
+    )
+    .with_page_size(20)
+    .build()
+    .unwrap();
     let e = pager.page(None, 30).await.unwrap_err();
-    assert_eq!(e.kind(), &ErrorKind::Server(StatusCode::INTERNAL_SERVER_ERROR), "{e}");
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::Server(StatusCode::INTERNAL_SERVER_ERROR),
+        "{e}"
+    );
     assert_eq!(api.queries().len(), 2);
     // The first 20 alone are fine.
     let p = pager.page(None, 20).await.unwrap();

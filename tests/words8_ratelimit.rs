@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -22,7 +22,7 @@ fn redis_url() -> String {
 }
 
 fn unique(what: &str) -> String {
-    let t = SystemTime::now()
+    let t = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
@@ -53,7 +53,7 @@ async fn the_guides_redis_snippet_compiles_and_shares_a_quota() -> Result<(), Bo
         Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
     });
     layer
-        .layer(api.clone())
+        .layer(api)
         .oneshot(get("http://api.example.com/"))
         .await?;
     let refused = other
@@ -108,9 +108,15 @@ async fn a_servers_long_pause_is_published_to_redis_capped_at_5_minutes() {
     );
     // `try_clear_pause` ends it for every process and says what was left.
     let had = remote.try_clear_pause("api.example.com").await.unwrap();
-    assert!(had.is_some_and(|d| d <= Duration::from_secs(300)), "{had:?}");
+    assert!(
+        had.is_some_and(|d| d <= Duration::from_secs(300)),
+        "{had:?}"
+    );
     assert_eq!(remote.try_paused("api.example.com").await.unwrap(), None);
-    assert_eq!(remote.try_clear_pause("api.example.com").await.unwrap(), None);
+    assert_eq!(
+        remote.try_clear_pause("api.example.com").await.unwrap(),
+        None
+    );
 }
 
 /// "a longer one written by another process is cut to it by the next decision"
@@ -208,7 +214,7 @@ async fn hangable_redis() -> (String, Arc<std::sync::atomic::AtomicBool>) {
 #[tokio::test]
 async fn connecting_to_a_hung_redis_ends_with_a_clear_error() {
     let url = hung_redis().await;
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(3),
         RedisQuota::connect(&url, Quota::per_second(10).unwrap()),
@@ -216,7 +222,11 @@ async fn connecting_to_a_hung_redis_ends_with_a_clear_error() {
     .await
     .expect("connect hangs");
     let e = r.unwrap_err();
-    assert!(t0.elapsed() < Duration::from_millis(2500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(e.to_string().contains("did not answer"), "{e}");
 }
 
@@ -244,10 +254,12 @@ async fn a_redis_that_hangs_is_bounded_by_1s_let_through_by_default_and_failed_o
         .await
         .unwrap();
     hang.store(true, Ordering::SeqCst);
-    let t1 = std::time::Instant::now();
+    let t1 = tokio::time::Instant::now();
     let res = tokio::time::timeout(
         Duration::from_secs(3),
-        allow.layer(api.clone()).oneshot(get("http://api.example.com/")),
+        allow
+            .layer(api.clone())
+            .oneshot(get("http://api.example.com/")),
     )
     .await
     .expect("a hung Redis holds the call");
@@ -269,7 +281,11 @@ async fn a_redis_that_hangs_is_bounded_by_1s_let_through_by_default_and_failed_o
     .expect("a hung Redis holds the call")
     .unwrap_err();
     assert!(!err.to_string().is_empty());
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "the failed call was not sent");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the failed call was not sent"
+    );
 }
 
 /// The guide's handle snippet compiles and reads as commented.
@@ -293,8 +309,13 @@ async fn the_guides_handle_snippet_reads_pauses_and_the_pace() {
         .await
         .unwrap();
     assert_eq!(res.status(), 429);
-    let p = handle.pause("api.example.com").expect("paused by a bare 429");
-    assert!(p > Duration::from_millis(900) && p <= Duration::from_secs(1), "{p:?}");
+    let p = handle
+        .pause("api.example.com")
+        .expect("paused by a bare 429");
+    assert!(
+        p > Duration::from_millis(900) && p <= Duration::from_secs(1),
+        "{p:?}"
+    );
     assert_eq!(handle.paused().len(), 1);
     assert_eq!(handle.waiting("api.example.com"), 0); // calls in line
     assert_eq!(
@@ -303,7 +324,11 @@ async fn the_guides_handle_snippet_reads_pauses_and_the_pace() {
     );
     assert!(handle.clear_pause("api.example.com").is_some()); // ends it now
     assert_eq!(handle.pause("api.example.com"), None);
-    assert_eq!(handle.learned_pace("api.example.com"), None, "clear_pause forgets the pace");
+    assert_eq!(
+        handle.learned_pace("api.example.com"),
+        None,
+        "clear_pause forgets the pace"
+    );
 }
 
 /// "`.with_key(|req: &Request<B>| token_of(req))` for per-credential quotas".

@@ -15,12 +15,12 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::rt::TokioIo;
 use sturdy::core::classify::{classify_error, delivery, describe};
 use sturdy::core::{Delivery, ErrorKind};
+use sturdy::reqwest::{find, SturdyMiddleware};
 use sturdy::retry::{Backoff, RetryLayer};
+use sturdy::tls::https_client_with_roots;
 use sturdy::tls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sturdy::tls::rustls::{self, ServerConfig};
-use sturdy::tls::https_client_with_roots;
 use sturdy::ClientBuilder;
-use sturdy::reqwest::{find, SturdyMiddleware};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -29,14 +29,13 @@ async fn serve_tls_named(name: &str) -> (std::net::SocketAddr, Arc<AtomicUsize>,
     let cert = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
     let der = cert.cert.der().to_vec();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.cert.der().clone()], key)
-    .unwrap();
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -93,7 +92,9 @@ fn streaming(len: usize) -> reqwest::Body {
     let mut left = len;
     while left > 0 {
         let n = left.min(chunk.len());
-        frames.push(Ok::<_, Infallible>(http_body::Frame::data(chunk.slice(..n))));
+        frames.push(Ok::<_, Infallible>(http_body::Frame::data(
+            chunk.slice(..n),
+        )));
         left -= n;
     }
     reqwest::Body::wrap(StreamBody::new(futures_util::stream::iter(frames)))
@@ -111,7 +112,11 @@ async fn a_streaming_body_of_16_mib_is_sent_and_one_byte_more_is_not() {
         axum::routing::put(move |body: axum::body::Body| {
             let g = g.clone();
             async move {
-                let n = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                let n = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().len())
+                    .unwrap_or(0);
                 g.lock().unwrap().push(n);
                 "ok"
             }
@@ -122,7 +127,9 @@ async fn a_streaming_body_of_16_mib_is_sent_and_one_byte_more_is_not() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().build(next)
+        }))
         .build();
     let limit = 16 * 1024 * 1024;
     let res = client
@@ -148,7 +155,11 @@ async fn a_streaming_body_of_16_mib_is_sent_and_one_byte_more_is_not() {
 }
 
 /// A listener whose accept queue is full: a new connection's handshake never completes.
-async fn full_backlog() -> (std::net::SocketAddr, Vec<std::net::TcpStream>, tokio::net::TcpListener) {
+async fn full_backlog() -> (
+    std::net::SocketAddr,
+    Vec<std::net::TcpStream>,
+    tokio::net::TcpListener,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(1).unwrap();
@@ -183,7 +194,7 @@ async fn a_connect_timeout_is_connect_not_sent_and_reads_timed_out_while_connect
     let req = Request::post(format!("http://{addr}/orders"))
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let err = http.oneshot(req).await.unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert_eq!(err.kind(), &ErrorKind::Connect, "{err}");
@@ -199,4 +210,58 @@ fn the_reexported_reqwest_crates_are_the_users_own() {
     let client: sturdy::reqwest::reqwest::Client = reqwest::Client::new();
     let _: reqwest_middleware::ClientWithMiddleware =
         sturdy::reqwest::reqwest_middleware::ClientBuilder::new(client).build();
+}
+
+/// A request body that fails after its head (and a first chunk) went out reached the server:
+/// `ReqwestService`'s error must not say it was never sent.
+#[tokio::test]
+async fn a_request_body_that_breaks_mid_send_is_not_called_not_sent() {
+    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let app = axum::Router::new().route(
+        "/upload",
+        axum::routing::post(move |body: axum::body::Body| {
+            let tx = tx.clone();
+            async move {
+                tx.send(()).unwrap();
+                let _ = body.collect().await;
+                "ok"
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let (body_tx, body_rx) =
+        tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let body = StreamBody::new(stream);
+    let http = sturdy::reqwest::ReqwestService::new(reqwest::Client::new());
+    let req = Request::post(format!("http://{addr}/upload"))
+        .body(body)
+        .unwrap();
+    let call = tokio::spawn(http.oneshot(req));
+    body_tx
+        .send(Ok(http_body::Frame::data(Bytes::from_static(
+            b"first chunk",
+        ))))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), heads.recv())
+        .await
+        .expect("the server saw the request")
+        .unwrap();
+    body_tx
+        .send(Err(std::io::Error::other("the body broke")))
+        .await
+        .unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert_ne!(
+        delivery(&err),
+        Delivery::NotSent,
+        "{err} ({:?})",
+        err.kind()
+    );
 }

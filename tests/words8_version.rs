@@ -22,7 +22,10 @@ fn at(secs: i64) -> SystemTime {
 
 /// Sends one request with `method` `uri` to an API answering the given headers; returns the
 /// notices seen so far on a fresh layer.
-async fn notices(calls: &[(Method, &str)], headers: &[(&'static str, &'static str)]) -> Vec<Notice> {
+async fn notices(
+    calls: &[(Method, &str)],
+    headers: &[(&'static str, &'static str)],
+) -> Vec<Notice> {
     let headers: Vec<(&'static str, &'static str)> = headers.to_vec();
     let api = service_fn(move |_req: Request<()>| {
         let headers = headers.clone();
@@ -54,10 +57,13 @@ async fn notices(calls: &[(Method, &str)], headers: &[(&'static str, &'static st
 }
 
 async fn one(headers: &[(&'static str, &'static str)]) -> Option<Notice> {
-    notices(&[(Method::GET, "http://api.example.com/v1/orders")], headers)
-        .await
-        .into_iter()
-        .next()
+    notices(
+        &[(Method::GET, "http://api.example.com/v1/orders")],
+        headers,
+    )
+    .await
+    .into_iter()
+    .next()
 }
 
 /// RFC 8594's own example, `Sunset: Sat, 31 Dec 2018 23:59:59 GMT`, names the wrong day

@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Full};
 use sturdy::core::WallClock;
 use sturdy::redis::{RedisStreamConsumer, RedisStreamQueue};
 use sturdy::webhook::{
-    sign_github, sign_standard, sign_stripe, ForwardedHeader, GitHub, MemoryQueue,
-    SourceAllowlist, StandardWebhooks, Stripe, WebhookEvent, WebhookReceiver, MAX_FORWARDED_HOPS,
+    sign_github, sign_standard, sign_stripe, ForwardedHeader, GitHub, MemoryQueue, SourceAllowlist,
+    StandardWebhooks, Stripe, WebhookEvent, WebhookReceiver, MAX_FORWARDED_HOPS,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
@@ -44,7 +44,7 @@ fn at(secs: i64) -> Arc<Fixed> {
 }
 
 fn now_s() -> i64 {
-    SystemTime::now()
+    sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
@@ -71,13 +71,16 @@ async fn the_guides_first_example_receives_a_stripe_event() {
     let app = Router::new().route("/webhooks/stripe", post_service(receiver));
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
-            handle(e).await
+            handle(e).await;
         }
     });
 
     let body = r#"{"id":"evt_123","type":"charge.succeeded"}"#;
     let req = Request::post("/webhooks/stripe")
-        .header("stripe-signature", sign_stripe(&secret, now_s(), body.as_bytes()))
+        .header(
+            "stripe-signature",
+            sign_stripe(&secret, now_s(), body.as_bytes()),
+        )
         .body(Body::from(body))
         .unwrap();
     assert_eq!(app.oneshot(req).await.unwrap().status(), 200);
@@ -103,12 +106,24 @@ async fn each_rejection_answers_one_of_the_generic_texts() {
     };
     let generic = ["forbidden", "invalid signature", "payload too large"];
     // 400: malformed timestamp.
-    let (s, t) = text(rx.clone().oneshot(mk(SW_ID, "hello", &sig, SW_BODY)).await.unwrap()).await;
+    let (s, t) = text(
+        rx.clone()
+            .oneshot(mk(SW_ID, "hello", &sig, SW_BODY))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 400);
     assert!(generic.contains(&t.trim()), "400 answered {t:?}");
     // 401: stale timestamp.
     let stale = (SW_TS - 301).to_string();
-    let (s, t) = text(rx.clone().oneshot(mk(SW_ID, &stale, &sig, SW_BODY)).await.unwrap()).await;
+    let (s, t) = text(
+        rx.clone()
+            .oneshot(mk(SW_ID, &stale, &sig, SW_BODY))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 401);
     assert!(generic.contains(&t.trim()), "401 answered {t:?}");
     // 413: over the body limit.
@@ -128,8 +143,9 @@ async fn each_rejection_answers_one_of_the_generic_texts() {
         .header("x-hub-signature-256", sign_github("s", b"{}"))
         .body(Body::from("{}"))
         .unwrap();
-    req.extensions_mut()
-        .insert(ConnectInfo("198.51.100.1:4000".parse::<SocketAddr>().unwrap()));
+    req.extensions_mut().insert(ConnectInfo(
+        "198.51.100.1:4000".parse::<SocketAddr>().unwrap(),
+    ));
     let (s, t) = text(rx.oneshot(req).await.unwrap()).await;
     assert_eq!((s, t.trim()), (403, "forbidden"));
 }
@@ -186,7 +202,10 @@ fn thirty_two_trusted_hops_are_walked_and_thirty_three_are_not() {
     };
     // The peer itself is one trusted hop; the header lists `hops` more.
     let ok: Vec<usize> = (28..36).filter(|&n| list.allows(peer, &chain(n))).collect();
-    assert!(ok.contains(&30), "a long chain within the bound is walked: {ok:?}");
+    assert!(
+        ok.contains(&30),
+        "a long chain within the bound is walked: {ok:?}"
+    );
     let max_ok = *ok.iter().max().unwrap();
     assert!(
         (31..=32).contains(&max_ok),
@@ -236,7 +255,7 @@ fn redis_url() -> String {
 }
 
 fn unique(what: &str) -> String {
-    let t = SystemTime::now()
+    let t = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
@@ -280,10 +299,16 @@ async fn a_poison_event_is_dead_lettered_after_5_deliveries_and_replayed_with_a_
     let queue = RedisStreamQueue::connect(&redis_url(), stream.clone())
         .await
         .unwrap();
-    let mut c = RedisStreamConsumer::connect(&redis_url(), stream.clone(), "g", "w1", Duration::from_millis(20))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(50));
+    let mut c = RedisStreamConsumer::connect(
+        &redis_url(),
+        stream.clone(),
+        "g",
+        "w1",
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50));
     push_one(queue.clone(), r#"{"poison":1}"#).await;
 
     let mut counts = Vec::new();
@@ -323,10 +348,16 @@ async fn a_hash_tagged_stream_keeps_its_dead_letters_in_stream_dead() {
     let queue = RedisStreamQueue::connect(&redis_url(), stream.clone())
         .await
         .unwrap();
-    let mut c = RedisStreamConsumer::connect(&redis_url(), stream.clone(), "g", "w1", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(50));
+    let mut c = RedisStreamConsumer::connect(
+        &redis_url(),
+        stream.clone(),
+        "g",
+        "w1",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50));
     push_one(queue.clone(), r#"{"tagged":1}"#).await;
     let d = c.next().await.unwrap().unwrap();
     c.dead_letter(&d, "bad").await.unwrap();
@@ -339,10 +370,11 @@ async fn a_hash_tagged_stream_keeps_its_dead_letters_in_stream_dead() {
 #[tokio::test]
 async fn next_on_an_empty_stream_waits_about_500ms_by_default() {
     let stream = unique("wait");
-    let mut c = RedisStreamConsumer::connect(&redis_url(), stream, "g", "w1", Duration::from_secs(60))
-        .await
-        .unwrap();
-    let t0 = std::time::Instant::now();
+    let mut c =
+        RedisStreamConsumer::connect(&redis_url(), stream, "g", "w1", Duration::from_secs(60))
+            .await
+            .unwrap();
+    let t0 = tokio::time::Instant::now();
     assert!(c.next().await.unwrap().is_none());
     let took = t0.elapsed();
     assert!(
@@ -357,14 +389,16 @@ async fn next_on_an_empty_stream_waits_about_500ms_by_default() {
 #[tokio::test]
 async fn a_hung_redis_gives_an_error_within_the_timeout_never_a_hang() {
     let (url, hang) = hangable_redis().await;
-    let queue = RedisStreamQueue::connect(&url, unique("hang")).await.unwrap();
+    let queue = RedisStreamQueue::connect(&url, unique("hang"))
+        .await
+        .unwrap();
     hang.store(true, std::sync::atomic::Ordering::SeqCst);
     let rx = WebhookReceiver::new(GitHub::new("s").unwrap(), queue);
     let req = Request::post("/hook")
         .header("x-hub-signature-256", sign_github("s", b"{}"))
         .body(Body::from("{}"))
         .unwrap();
-    let t1 = std::time::Instant::now();
+    let t1 = tokio::time::Instant::now();
     let res = tokio::time::timeout(Duration::from_secs(3), rx.oneshot(req))
         .await
         .expect("the push hangs")
@@ -429,19 +463,24 @@ async fn hangable_redis() -> (String, Arc<std::sync::atomic::AtomicBool>) {
 #[tokio::test]
 async fn a_hung_redis_fails_a_consumers_next_instead_of_hanging() {
     let (url, hang) = hangable_redis().await;
-    let mut c = RedisStreamConsumer::connect(&url, unique("hangc"), "g", "w", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(50));
+    let mut c =
+        RedisStreamConsumer::connect(&url, unique("hangc"), "g", "w", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(50));
     assert!(c.next().await.unwrap().is_none());
     hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(3), c.next())
         .await
         .expect("next() hangs");
     let e = r.unwrap_err();
     assert!(!e.to_string().is_empty());
-    assert!(t0.elapsed() < Duration::from_millis(1600), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1600),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 /// A verifier that accepts everything and notes the thread it ran on.
@@ -482,7 +521,10 @@ async fn a_body_over_64_kib_is_verified_off_the_runtime_thread() {
     let threads = seen.0.lock().unwrap().clone();
     assert_eq!(threads.len(), 2);
     assert_eq!(threads[0], me, "64 KiB is verified in place");
-    assert_ne!(threads[1], me, "past 64 KiB it is verified off the runtime's thread");
+    assert_ne!(
+        threads[1], me,
+        "past 64 KiB it is verified off the runtime's thread"
+    );
 }
 
 /// `MemoryQueue::new`: "remembering at most 100,000 dedup keys (past that, the oldest is
@@ -513,7 +555,9 @@ async fn the_memory_queue_forgets_the_oldest_of_100_001_keys_first() {
 async fn an_ack_redis_never_answers_is_a_timeout_that_may_have_been_done() {
     let (url, hang) = hangable_redis().await;
     let stream = unique("ackhang");
-    let queue = RedisStreamQueue::connect(&url, stream.clone()).await.unwrap();
+    let queue = RedisStreamQueue::connect(&url, stream.clone())
+        .await
+        .unwrap();
     let mut c = RedisStreamConsumer::connect(&url, stream, "g", "w", Duration::from_secs(60))
         .await
         .unwrap()
@@ -522,12 +566,16 @@ async fn an_ack_redis_never_answers_is_a_timeout_that_may_have_been_done() {
     push_one(queue, r#"{"ack":1}"#).await;
     let d = c.next().await.unwrap().expect("the event");
     hang.store(true, std::sync::atomic::Ordering::SeqCst);
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let e = tokio::time::timeout(Duration::from_secs(2), c.ack(&d))
         .await
         .expect("ack hangs")
         .unwrap_err();
-    assert!(t0.elapsed() < Duration::from_millis(800), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
     let se = sturdy::core::find::<sturdy::core::Error>(&*e).expect("a sturdy error");
     assert_eq!(se.kind(), &sturdy::core::ErrorKind::Timeout, "{e}");
     assert_ne!(
