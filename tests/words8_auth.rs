@@ -221,3 +221,28 @@ async fn every_static_credential_header_is_marked_sensitive() {
         .await
         .unwrap();
 }
+
+/// `api_key_query`: "added to the caller's query (which is kept byte for byte)", also on a URI
+/// without a path or with an empty query.
+#[tokio::test]
+async fn a_query_api_key_is_added_to_any_uri() {
+    for (sent, want) in [
+        ("http://api.example.com", "http://api.example.com/?key=k1"),
+        ("http://api.example.com/o?", "http://api.example.com/o?key=k1"),
+        (
+            "http://api.example.com/o?b=2&a=%41",
+            "http://api.example.com/o?b=2&a=%41&key=k1",
+        ),
+    ] {
+        let api = service_fn(move |req: Request<Full<Bytes>>| async move {
+            assert_eq!(req.uri().to_string(), want, "{sent}");
+            Ok::<_, BoxError>(Response::new(()))
+        });
+        AuthLayer::api_key_query("key", "k1")
+            .unwrap()
+            .layer(api)
+            .oneshot(Request::get(sent).body(Full::default()).unwrap())
+            .await
+            .unwrap();
+    }
+}

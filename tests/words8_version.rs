@@ -217,3 +217,37 @@ async fn the_response_is_untouched() {
     assert_eq!(res.headers().len(), 3);
     assert_eq!(*res.body(), "payload");
 }
+
+/// "`::query(name, version)`, which cannot fail": also on a URI without a path, an
+/// origin-form URI, and one whose query ends in `&` or is empty.
+#[tokio::test]
+async fn a_query_version_is_added_to_any_uri() {
+    let api = service_fn(|req: Request<()>| async move {
+        Ok::<_, std::convert::Infallible>(Response::new(req.uri().to_string()))
+    });
+    let client = VersionLayer::query("api-version", "2024-06-01").layer(api);
+    for (sent, want) in [
+        (
+            "http://api.example.com",
+            "http://api.example.com/?api-version=2024-06-01",
+        ),
+        ("/v1/orders", "/v1/orders?api-version=2024-06-01"),
+        (
+            "http://api.example.com/o?",
+            "http://api.example.com/o?api-version=2024-06-01",
+        ),
+        (
+            "http://api.example.com/o?a=1&",
+            "http://api.example.com/o?a=1&api-version=2024-06-01",
+        ),
+    ] {
+        let res = client
+            .clone()
+            .oneshot(Request::get(sent).body(()).unwrap())
+            .await
+            .unwrap();
+        let got = res.into_body();
+        let ok = got == want || got == want.replace("&api", "&&api");
+        assert!(ok, "{sent} became {got}");
+    }
+}

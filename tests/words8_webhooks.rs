@@ -584,3 +584,44 @@ async fn an_ack_redis_never_answers_is_a_timeout_that_may_have_been_done() {
         "{e}"
     );
 }
+
+/// "Several consumer groups may read one stream, each getting every event. `ack` deletes an
+/// entry only when no other group still needs it (not read yet, or held unacknowledged). A group
+/// sees the entries still in the stream when it is created."
+#[tokio::test]
+async fn each_group_gets_every_event_and_the_last_ack_deletes_it() {
+    let stream = unique("groups");
+    let url = redis_url();
+    let queue = RedisStreamQueue::connect(&url, stream.clone()).await.unwrap();
+    let join = |g: &'static str| {
+        let (url, stream) = (url.clone(), stream.clone());
+        async move {
+            RedisStreamConsumer::connect(&url, stream, g, "w", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .with_wait(Duration::from_millis(30))
+        }
+    };
+    let mut g1 = join("g1").await;
+    let mut g2 = join("g2").await;
+    push_one(queue.clone(), r#"{"groups":1}"#).await;
+    let xlen = || {
+        let stream = stream.clone();
+        async move { redis_raw(&["XLEN", &stream]).await }
+    };
+
+    let d1 = g1.next().await.unwrap().expect("g1 gets it");
+    g1.ack(&d1).await.unwrap();
+    assert_eq!(xlen().await.trim(), ":1", "g2 has not read it yet");
+    // A group made now still sees it.
+    let mut g3 = join("g3").await;
+    let d2 = g2.next().await.unwrap().expect("g2 gets it too");
+    assert_eq!(d2.event.body, d1.event.body);
+    g2.ack(&d2).await.unwrap();
+    assert_eq!(xlen().await.trim(), ":1", "g3 has not read it yet");
+    let d3 = g3.next().await.unwrap().expect("g3 sees what is still there");
+    g3.ack(&d3).await.unwrap();
+    assert_eq!(xlen().await.trim(), ":0", "the last ack deleted it");
+    let mut g4 = join("g4").await;
+    assert!(g4.next().await.unwrap().is_none(), "nothing left for a later group");
+}
