@@ -1034,3 +1034,34 @@ async fn a_response_body_that_fails_is_500_response_failed_and_the_key_is_releas
         "released: the retry ran the handler again"
     );
 }
+
+/// `StoredResponse::to_json`: "lossless for any bytes": every byte value in a header value and
+/// in the body, and an empty response, come back as they were.
+#[test]
+fn stored_responses_round_trip_through_json_for_any_bytes() {
+    use sturdy::idempotency::server::StoredResponse;
+    let all: Vec<u8> = (0..=255u8).collect();
+    let cases = [
+        StoredResponse {
+            status: 201,
+            headers: vec![
+                ("x-bytes".to_owned(), all.clone()),
+                ("x-empty".to_owned(), Vec::new()),
+                ("x-bytes".to_owned(), b"\"\\/\n".to_vec()),
+            ],
+            body: Bytes::from(all.repeat(3)),
+        },
+        StoredResponse {
+            status: 599,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        },
+    ];
+    for r in cases {
+        let json = r.to_json();
+        assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok(), "valid JSON");
+        assert_eq!(StoredResponse::from_json(&json), Some(r));
+    }
+    assert_eq!(StoredResponse::from_json(b"{not json"), None);
+    assert_eq!(StoredResponse::from_json(b""), None);
+}

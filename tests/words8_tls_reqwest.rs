@@ -265,3 +265,39 @@ async fn a_request_body_that_breaks_mid_send_is_not_called_not_sent() {
         err.kind()
     );
 }
+
+/// tls.md: "It is `Clone + Send + Sync`, and clones share one connection pool": two clones
+/// calling one server one after the other use one connection.
+#[tokio::test]
+async fn clones_of_the_https_client_share_one_connection_pool() {
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let hello = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("hello"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), hello)
+                    .await;
+            });
+        }
+    });
+    let http = sturdy::tls::https_client();
+    for client in [http.clone(), http.clone(), http] {
+        let res = client
+            .oneshot(
+                Request::get(format!("http://{addr}/"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "hello");
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "one pool, one connection");
+}
