@@ -310,3 +310,22 @@ async fn the_composed_clients_errors_do_not_repeat_the_uris_secrets() {
     }
     assert!(refused > 0, "the breaker opened");
 }
+
+/// `Debug` of a pager whose first page URI carries userinfo and a query API key: the crate
+/// keeps userinfo and queries out of its messages ("never the userinfo, which may hold a
+/// password"), but its `Debug` output, which ends up in logs, shows both.
+#[test]
+#[ignore = "FAULT (leak): Debug of PaginateBuilder and Paginate shows the first page URI whole, password and API key included"]
+fn a_pagers_debug_does_not_show_the_uris_secrets() {
+    let uri = format!("http://user:{PW}@api.example.com/orders?api_key={KEY}");
+    let builder = sturdy::paginate::Paginate::builder(
+        token_client(),
+        &uri,
+        sturdy::paginate::JsonCursor::new("/data", "/next"),
+    );
+    let b = format!("{builder:?}");
+    let pager = builder.build().unwrap();
+    let p = format!("{pager:?}");
+    clean("builder", &b);
+    clean("pager", &p);
+}
