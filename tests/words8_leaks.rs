@@ -329,3 +329,49 @@ fn a_pagers_debug_does_not_show_the_uris_secrets() {
     clean("builder", &b);
     clean("pager", &p);
 }
+
+/// An API that answers 200, with a `Debug` of its own.
+#[derive(Clone, Debug)]
+struct Echo;
+
+impl tower::Service<Request<Full<Bytes>>> for Echo {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Full::default())))
+    }
+}
+
+/// auth.md: "no `Debug` or log line shows them": the services the static layers make, and the
+/// composed client holding them.
+#[test]
+fn services_and_clients_holding_static_credentials_show_no_secret_in_debug() {
+    use tower::Layer;
+    let layers = [
+        sturdy::auth::AuthLayer::bearer(KEY).unwrap(),
+        sturdy::auth::AuthLayer::api_key(http::HeaderName::from_static("x-api-key"), KEY).unwrap(),
+        sturdy::auth::AuthLayer::api_key_query("api_key", KEY).unwrap(),
+        sturdy::auth::AuthLayer::basic("user", PW).unwrap(),
+    ];
+    for layer in layers {
+        let svc = layer.layer(Echo);
+        let shown = format!("{svc:?}");
+        clean("Auth", &shown);
+        // Basic's header holds base64 of `user:password`.
+        assert!(!shown.contains("dXNlcjpodW50ZXIycHc"), "{shown}");
+        assert!(!shown.contains("U0VDUkVUS0VZOQ"), "{shown}");
+        let client = sturdy::ClientBuilder::new()
+            .with_auth(layer)
+            .build(Echo);
+        let shown = format!("{client:?}");
+        clean("Client", &shown);
+        assert!(!shown.contains("dXNlcjpodW50ZXIycHc"), "{shown}");
+    }
+}
