@@ -228,7 +228,10 @@ async fn every_static_credential_header_is_marked_sensitive() {
 async fn a_query_api_key_is_added_to_any_uri() {
     for (sent, want) in [
         ("http://api.example.com", "http://api.example.com/?key=k1"),
-        ("http://api.example.com/o?", "http://api.example.com/o?key=k1"),
+        (
+            "http://api.example.com/o?",
+            "http://api.example.com/o?key=k1",
+        ),
         (
             "http://api.example.com/o?b=2&a=%41",
             "http://api.example.com/o?b=2&a=%41&key=k1",

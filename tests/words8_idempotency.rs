@@ -1059,9 +1059,41 @@ fn stored_responses_round_trip_through_json_for_any_bytes() {
     ];
     for r in cases {
         let json = r.to_json();
-        assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok(), "valid JSON");
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&json).is_ok(),
+            "valid JSON"
+        );
         assert_eq!(StoredResponse::from_json(&json), Some(r));
     }
     assert_eq!(StoredResponse::from_json(b"{not json"), None);
     assert_eq!(StoredResponse::from_json(b""), None);
+}
+
+/// Failure table, "client timeout mid-handler", with the Redis store: the dropped request's
+/// handler runs to its end and stores its response; the retry gets 409 meanwhile, then the
+/// stored response, and the handler ran once.
+#[tokio::test]
+async fn row2_with_redis_a_dropped_request_still_stores_its_response() {
+    let store = sturdy::redis::RedisIdempotencyStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(format!("words8-row2-{}", uuid_like()));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = orders(
+        IdempotencyLayer::new(store, ByCredentials::default()),
+        runs.clone(),
+        ms(200),
+        Bytes::from_static(b"order o-2"),
+        StatusCode::CREATED,
+    );
+    let gone = tokio::time::timeout(ms(50), send(&app, post_req("k-gone"))).await;
+    assert!(gone.is_err(), "the client gave up");
+    let (s, h, _) = send(&app, post_req("k-gone")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(h["retry-after"], "1");
+    tokio::time::sleep(ms(300)).await;
+    let (s, h, b) = send(&app, post_req("k-gone")).await;
+    assert_eq!((s, b.as_ref()), (StatusCode::CREATED, &b"order o-2"[..]));
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

@@ -367,9 +367,7 @@ fn services_and_clients_holding_static_credentials_show_no_secret_in_debug() {
         // Basic's header holds base64 of `user:password`.
         assert!(!shown.contains("dXNlcjpodW50ZXIycHc"), "{shown}");
         assert!(!shown.contains("U0VDUkVUS0VZOQ"), "{shown}");
-        let client = sturdy::ClientBuilder::new()
-            .with_auth(layer)
-            .build(Echo);
+        let client = sturdy::ClientBuilder::new().with_auth(layer).build(Echo);
         let shown = format!("{client:?}");
         clean("Client", &shown);
         assert!(!shown.contains("dXNlcjpodW50ZXIycHc"), "{shown}");

@@ -358,3 +358,72 @@ async fn a_closure_key_gives_per_credential_quotas() {
     svc.clone().oneshot(with("b")).await.unwrap();
     assert!(svc.clone().oneshot(with("a")).await.is_err());
 }
+
+/// A TCP proxy to the real Redis that counts the commands' writes from client to server.
+async fn counting_redis() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let ups = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let u = ups.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let u = u.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    u.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (format!("redis://{addr}/"), ups)
+}
+
+/// "One Lua script per decision (one round trip)": a call through a layer with a Redis quota
+/// costs one round trip once the scripts are loaded.
+#[tokio::test]
+async fn a_decision_is_one_round_trip() {
+    let (url, ups) = counting_redis().await;
+    let quota = Quota::per_second(1000).unwrap();
+    let remote = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(unique("trip"));
+    let api = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
+    });
+    let svc = RateLimitLayer::new(quota)
+        .with_remote(Arc::new(remote))
+        .layer(api);
+    svc.clone()
+        .oneshot(get("http://api.example.com/"))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let before = ups.load(Ordering::SeqCst);
+        svc.clone()
+            .oneshot(get("http://api.example.com/"))
+            .await
+            .unwrap();
+        assert_eq!(ups.load(Ordering::SeqCst) - before, 1);
+    }
+}

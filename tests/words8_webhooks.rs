@@ -592,7 +592,9 @@ async fn an_ack_redis_never_answers_is_a_timeout_that_may_have_been_done() {
 async fn each_group_gets_every_event_and_the_last_ack_deletes_it() {
     let stream = unique("groups");
     let url = redis_url();
-    let queue = RedisStreamQueue::connect(&url, stream.clone()).await.unwrap();
+    let queue = RedisStreamQueue::connect(&url, stream.clone())
+        .await
+        .unwrap();
     let join = |g: &'static str| {
         let (url, stream) = (url.clone(), stream.clone());
         async move {
@@ -619,9 +621,79 @@ async fn each_group_gets_every_event_and_the_last_ack_deletes_it() {
     assert_eq!(d2.event.body, d1.event.body);
     g2.ack(&d2).await.unwrap();
     assert_eq!(xlen().await.trim(), ":1", "g3 has not read it yet");
-    let d3 = g3.next().await.unwrap().expect("g3 sees what is still there");
+    let d3 = g3
+        .next()
+        .await
+        .unwrap()
+        .expect("g3 sees what is still there");
     g3.ack(&d3).await.unwrap();
     assert_eq!(xlen().await.trim(), ":0", "the last ack deleted it");
     let mut g4 = join("g4").await;
-    assert!(g4.next().await.unwrap().is_none(), "nothing left for a later group");
+    assert!(
+        g4.next().await.unwrap().is_none(),
+        "nothing left for a later group"
+    );
+}
+
+/// A TCP proxy to the real Redis that counts the commands' writes from client to server.
+async fn counting_redis() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncWriteExt as _;
+    let upstream = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let ups = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let u = ups.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let u = u.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match cr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    u.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (format!("redis://{addr}/"), ups)
+}
+
+/// "Each `next()` is one round trip to Redis when an event is waiting (one script claims or
+/// reads it)".
+#[tokio::test]
+async fn next_with_an_event_waiting_is_one_round_trip() {
+    let (url, ups) = counting_redis().await;
+    let stream = unique("trip");
+    let queue = RedisStreamQueue::connect(&redis_url(), stream.clone())
+        .await
+        .unwrap();
+    let mut c = RedisStreamConsumer::connect(&url, stream, "g", "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(30));
+    // Warm up: scripts loaded, nothing waiting.
+    assert!(c.next().await.unwrap().is_none());
+    push_one(queue, r#"{"trip":1}"#).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = ups.load(std::sync::atomic::Ordering::SeqCst);
+    let d = c.next().await.unwrap().expect("the event");
+    let trips = ups.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(trips, 1, "round trips for one waiting event");
+    c.ack(&d).await.unwrap();
 }
