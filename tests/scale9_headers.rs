@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use sturdy::core::headers::{next_link, pause_hint, sf, RateLimitItem};
+use sturdy::core::headers::{next_link, parse_link, pause_hint, sf, RateLimitItem};
 use sturdy::ratelimit::RateLimitLayer;
 use sturdy::version::VersionLayer;
 use tower::{service_fn, Layer, ServiceExt};
@@ -250,4 +250,69 @@ fn link_without_anchors_against_a_long_request_uri_is_linear() {
     });
     eprintln!("Link without anchors, long URI: {t:?}, ratio {:.1}", ratio(&t));
     assert!(ratio(&t) < 40.0, "{t:?}");
+}
+
+/// The absolute cost of one `RateLimit` header near what hyper's client reads by default
+/// (its 400 KiB head buffer): 256 KiB of distinct parameter keys, one response.
+#[test]
+#[ignore = "slow: prints the time of one 256 KiB RateLimit header (FAULT: quadratic parameters)"]
+fn one_large_ratelimit_header() {
+    let v = format!("\"default\";r=5;t=1{}", distinct_params(256 * 1024 / 5));
+    let h = headers("ratelimit", &v);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let t = median(1, || {
+        assert!(pause_hint(StatusCode::OK, &h, now).is_none());
+    });
+    eprintln!("one 256 KiB RateLimit header: {t:?}");
+    assert!(t < Duration::from_millis(100), "{t:?}");
+}
+
+/// `parse_link` keeps up to 100 links, each with its `anchor` resolved against the request URI:
+/// a 2 KiB header of 100 `<i>;anchor=#a;rel=x` links and a 64 KiB request URI keep 100 copies
+/// of the URI. Bytes kept, against header plus URI, at n, 4n and 16n (both growing): the
+/// documented bound is "memory linear in the header".
+#[test]
+#[ignore = "FAULT: parse_link keeps one resolved copy of the request URI per anchored link: memory is links x URI length"]
+fn parse_link_memory_is_linear_in_header_and_uri() {
+    let mut rows = Vec::new();
+    for bytes in [1024, 4 * 1024, 16 * 1024] {
+        let base = format!("http://h.example/p?c={}", "c".repeat(bytes));
+        let one = "<i>;anchor=#a;rel=x,";
+        let v = one.repeat((bytes / one.len()).min(100));
+        let h = headers("link", &v);
+        let links = parse_link(&h, &base);
+        let kept: usize = links
+            .iter()
+            .map(|l| l.target().len() + l.params().iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+            .sum();
+        let input = v.len() + base.len();
+        eprintln!(
+            "header {} + URI {} bytes: {} links keep {kept} bytes ({:.1}x the input)",
+            v.len(),
+            base.len(),
+            links.len(),
+            kept as f64 / input as f64
+        );
+        rows.push((input, kept));
+    }
+    for (input, kept) in &rows {
+        assert!(*kept < 8 * input, "{rows:?}");
+    }
+}
+
+/// The absolute cost of `next_link` on a page whose URI is near `http::Uri`'s limit (64 KiB,
+/// set by the previous page's `next` link) and whose `Link` header is 256 KiB of anchored links.
+#[test]
+#[ignore = "slow: prints the time of one 256 KiB Link header against a 60 KiB URI (FAULT: anchors x URI)"]
+fn one_large_link_header_against_a_long_uri() {
+    let base = format!("http://h.example/p?c={}", "c".repeat(60 * 1024));
+    let one = "<i>;anchor=#a;rel=x,";
+    let mut v = one.repeat(256 * 1024 / one.len());
+    v.push_str("</next>;rel=next");
+    let h = headers("link", &v);
+    let t = median(1, || {
+        assert_eq!(next_link(&h, &base).as_deref(), Some("http://h.example/next"));
+    });
+    eprintln!("one 256 KiB Link header, 60 KiB URI: {t:?}");
+    assert!(t < Duration::from_millis(100), "{t:?}");
 }

@@ -166,3 +166,42 @@ fn scope_headers_and_repeated_keys_are_linear() {
         assert!(ratio(&t) < 40.0, "{name}: {t:?}");
     }
 }
+
+/// Over the wire: an axum server with `IdempotencyLayer` accepts (hyper's default 400 KiB head
+/// buffer) a 200 KiB `Idempotency-Key` of distinct parameters and spends seconds of CPU on it,
+/// in the request's task, before it answers. Prints the time; any client can send it.
+#[test]
+#[ignore = "slow: prints the server time of one 200 KiB Idempotency-Key (FAULT: quadratic parameters)"]
+fn one_large_idempotency_key_over_the_wire() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let router = axum::Router::new()
+            .route("/orders", axum::routing::post(|| async { (StatusCode::CREATED, "o_1") }))
+            .layer(IdempotencyLayer::new(
+                MemoryStore::default(),
+                ByCredentials::default(),
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let key = format!("\"k-1\"{}", distinct_params(200 * 1024 / 5));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        );
+        let start = Instant::now();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let took = start.elapsed();
+        let head = String::from_utf8_lossy(&out[..out.len().min(40)]).into_owned();
+        eprintln!("200 KiB Idempotency-Key: {head:?} after {took:?}");
+        assert!(head.starts_with("HTTP/1.1 201"), "{head}");
+        assert!(took < Duration::from_millis(100), "{took:?}");
+    });
+}
