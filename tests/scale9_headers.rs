@@ -6,7 +6,9 @@
 #![cfg(feature = "full")]
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use sturdy::core::headers::{next_link, parse_link, pause_hint, sf, RateLimitItem};
@@ -126,7 +128,10 @@ fn ratelimit_layer_parses_distinct_parameters_in_linear_time() {
             });
         })
     });
-    eprintln!("RateLimitLayer, distinct keys: {t:?}, ratio {:.1}", ratio(&t));
+    eprintln!(
+        "RateLimitLayer, distinct keys: {t:?}, ratio {:.1}",
+        ratio(&t)
+    );
     assert!(ratio(&t) < 40.0, "{t:?}");
 }
 
@@ -142,18 +147,18 @@ fn ratelimit_many_lines_of_few_parameters_are_linear() {
         for _ in 0..(bytes / 5 / per_line).max(1) {
             h.append(
                 "ratelimit",
-                HeaderValue::from_str(&format!(
-                    "\"default\";r=5;t=1{}",
-                    distinct_params(per_line)
-                ))
-                .unwrap(),
+                HeaderValue::from_str(&format!("\"default\";r=5;t=1{}", distinct_params(per_line)))
+                    .unwrap(),
             );
         }
         median(5, || {
             assert!(pause_hint(StatusCode::OK, &h, now).is_none());
         })
     });
-    eprintln!("RateLimit, many lines of 100 keys: {t:?}, ratio {:.1}", ratio(&t));
+    eprintln!(
+        "RateLimit, many lines of 100 keys: {t:?}, ratio {:.1}",
+        ratio(&t)
+    );
     assert!(ratio(&t) < 40.0, "{t:?}");
 }
 
@@ -166,21 +171,26 @@ fn deprecation_with_distinct_parameters_is_linear() {
         .build()
         .unwrap();
     let t = scaling(1024, |bytes| {
-        let v = HeaderValue::from_str(&format!("@1688169599{}", distinct_params(bytes / 5)))
-            .unwrap();
+        let v =
+            HeaderValue::from_str(&format!("@1688169599{}", distinct_params(bytes / 5))).unwrap();
         let svc = VersionLayer::header("api-version", "2024-06-01")
             .unwrap()
             .layer(service_fn(move |_r: Request<()>| {
                 let v = v.clone();
                 async move {
                     Ok::<_, Infallible>(
-                        Response::builder().header("deprecation", v).body(()).unwrap(),
+                        Response::builder()
+                            .header("deprecation", v)
+                            .body(())
+                            .unwrap(),
                     )
                 }
             }));
         median(5, || {
             rt.block_on(async {
-                let req = Request::get("http://api.example.com/v1/x").body(()).unwrap();
+                let req = Request::get("http://api.example.com/v1/x")
+                    .body(())
+                    .unwrap();
                 svc.clone().oneshot(req).await.unwrap();
             });
         })
@@ -248,7 +258,10 @@ fn link_without_anchors_against_a_long_request_uri_is_linear() {
             );
         })
     });
-    eprintln!("Link without anchors, long URI: {t:?}, ratio {:.1}", ratio(&t));
+    eprintln!(
+        "Link without anchors, long URI: {t:?}, ratio {:.1}",
+        ratio(&t)
+    );
     assert!(ratio(&t) < 40.0, "{t:?}");
 }
 
@@ -283,7 +296,13 @@ fn parse_link_memory_is_linear_in_header_and_uri() {
         let links = parse_link(&h, &base);
         let kept: usize = links
             .iter()
-            .map(|l| l.target().len() + l.params().iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+            .map(|l| {
+                l.target().len()
+                    + l.params()
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+            })
             .sum();
         let input = v.len() + base.len();
         eprintln!(
@@ -311,17 +330,26 @@ fn one_large_link_header_against_a_long_uri() {
     v.push_str("</next>;rel=next");
     let h = headers("link", &v);
     let t = median(3, || {
-        assert_eq!(next_link(&h, &base).as_deref(), Some("http://h.example/next"));
+        assert_eq!(
+            next_link(&h, &base).as_deref(),
+            Some("http://h.example/next")
+        );
     });
     // The same number of links without anchors: what a parse linear in the header costs.
     let mut plain = "<i>;title=#a;rel=x,".repeat(256 * 1024 / one.len());
     plain.push_str("</next>;rel=next");
     let p = headers("link", &plain);
     let baseline = median(3, || {
-        assert_eq!(next_link(&p, &base).as_deref(), Some("http://h.example/next"));
+        assert_eq!(
+            next_link(&p, &base).as_deref(),
+            Some("http://h.example/next")
+        );
     });
     eprintln!("one 256 KiB Link header, 60 KiB URI: {t:?} (without anchors {baseline:?})");
-    assert!(t < baseline * 10 + Duration::from_millis(5), "{t:?} against {baseline:?}");
+    assert!(
+        t < baseline * 10 + Duration::from_millis(5),
+        "{t:?} against {baseline:?}"
+    );
 }
 
 /// Over the wire: `sturdy::ClientBuilder`'s default stack on a hyper-util client receives a 200

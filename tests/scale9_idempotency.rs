@@ -4,7 +4,9 @@
 #![cfg(feature = "full")]
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -46,12 +48,10 @@ fn ratio(t: &[Duration; 3]) -> f64 {
     t[2].as_secs_f64() / t[0].as_secs_f64().max(1e-7)
 }
 
-type App = Box<
-    dyn FnMut(Request<Full<Bytes>>) -> Response<()>,
->;
+type App = Box<dyn FnMut(Request<Full<Bytes>>) -> Response<()>>;
 
 /// An app under `IdempotencyLayer` (memory store, `scope`), driven on a current-thread runtime.
-fn app(layer: IdempotencyLayer<MemoryStore>) -> App {
+fn app(layer: &IdempotencyLayer<MemoryStore>) -> App {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -91,7 +91,7 @@ fn post(headers: &[(&str, &HeaderValue)]) -> Request<Full<Bytes>> {
 fn idempotency_key_with_distinct_parameters_is_linear() {
     let t = scaling(1024, |bytes| {
         let key = HeaderValue::from_str(&format!("\"k-1\"{}", distinct_params(bytes / 5))).unwrap();
-        let mut call = app(IdempotencyLayer::new(
+        let mut call = app(&IdempotencyLayer::new(
             MemoryStore::default(),
             ByCredentials::default(),
         ));
@@ -100,7 +100,10 @@ fn idempotency_key_with_distinct_parameters_is_linear() {
             assert_eq!(res.status(), StatusCode::CREATED);
         })
     });
-    eprintln!("Idempotency-Key, distinct keys: {t:?}, ratio {:.1}", ratio(&t));
+    eprintln!(
+        "Idempotency-Key, distinct keys: {t:?}, ratio {:.1}",
+        ratio(&t)
+    );
     assert!(ratio(&t) < 40.0, "{t:?}");
 }
 
@@ -109,7 +112,7 @@ fn idempotency_key_with_distinct_parameters_is_linear() {
 fn idempotency_key_with_a_repeated_parameter_is_linear() {
     let t = scaling(1024, |bytes| {
         let key = HeaderValue::from_str(&format!("\"k-1\"{}", ";aaaa".repeat(bytes / 5))).unwrap();
-        let mut call = app(IdempotencyLayer::new(
+        let mut call = app(&IdempotencyLayer::new(
             MemoryStore::default(),
             ByCredentials::default(),
         ));
@@ -118,7 +121,10 @@ fn idempotency_key_with_a_repeated_parameter_is_linear() {
             assert_eq!(res.status(), StatusCode::CREATED);
         })
     });
-    eprintln!("Idempotency-Key, one key repeated: {t:?}, ratio {:.1}", ratio(&t));
+    eprintln!(
+        "Idempotency-Key, one key repeated: {t:?}, ratio {:.1}",
+        ratio(&t)
+    );
     assert!(ratio(&t) < 40.0, "{t:?}");
 }
 
@@ -152,7 +158,7 @@ fn scope_headers_and_repeated_keys_are_linear() {
             if !hs.iter().any(|(k, _)| *k == "idempotency-key") {
                 hs.push(("idempotency-key", HeaderValue::from_static("k-1")));
             }
-            let mut call = app(IdempotencyLayer::new(
+            let mut call = app(&IdempotencyLayer::new(
                 MemoryStore::default(),
                 ByCredentials::default().with_cookies(["sid"]),
             ));

@@ -6,7 +6,9 @@
 #![cfg(feature = "full")]
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sturdy::webhook::{
@@ -69,9 +71,17 @@ fn stripe_headers_of_many_entries_are_linear() {
     // Many keys Stripe does not define.
     let unknown = |n: usize| format!("t={NOW},{}{v1}", "x=abcdef,".repeat(n / 9));
     // Many `v0` entries (Stripe's test-mode scheme), which are skipped.
-    let v0 = |n: usize| format!("t={NOW},{}{v1}", format!("v0={},", "a".repeat(64)).repeat(n / 68));
-    let shapes: [(&str, &dyn Fn(usize) -> String); 3] =
-        [("many t", &many_t), ("unknown keys", &unknown), ("v0 entries", &v0)];
+    let v0 = |n: usize| {
+        format!(
+            "t={NOW},{}{v1}",
+            format!("v0={},", "a".repeat(64)).repeat(n / 68)
+        )
+    };
+    let shapes: [(&str, &dyn Fn(usize) -> String); 3] = [
+        ("many t", &many_t),
+        ("unknown keys", &unknown),
+        ("v0 entries", &v0),
+    ];
     for (name, make) in shapes {
         let t = scaling(4 * 1024, |n| {
             let h = headers(&[("stripe-signature", make(n))]);
