@@ -81,7 +81,8 @@ impl HedgeHandle {
             .map(|s| HedgeStats::of(s.value(), now))
     }
 
-    /// Every host's figures, sorted by key.
+    /// Every host's figures, sorted by key; past the host bound, the overflow state shared by
+    /// the hosts beyond it is listed as `*`.
     pub fn all(&self) -> Vec<(String, HedgeStats)> {
         let now = Instant::now();
         let mut v: Vec<_> = self

@@ -196,7 +196,7 @@ impl<P: fmt::Debug> fmt::Debug for Paginate<P> {
         let i = &self.inner;
         f.debug_struct("Paginate")
             .field("strategy", &i.strategy)
-            .field("base", &i.base)
+            .field("base", &shown(&i.base.to_string()))
             .field("max_pages", &i.max_pages)
             .field("max_items", &i.max_items)
             .field("page_timeout", &i.page_timeout)
@@ -225,7 +225,7 @@ pub struct PaginateBuilder<P> {
 impl<P: fmt::Debug> fmt::Debug for PaginateBuilder<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaginateBuilder")
-            .field("uri", &self.uri)
+            .field("uri", &shown(&self.uri))
             .field("strategy", &self.strategy)
             .field("max_pages", &self.max_pages)
             .field("max_items", &self.max_items)
@@ -242,15 +242,58 @@ impl<P: fmt::Debug> fmt::Debug for PaginateBuilder<P> {
 
 /// A URI's origin as RFC 6454 compares them: the scheme and host in lowercase, and the port,
 /// the scheme's default when none is written (`http://API.example.com` and
-/// `http://api.example.com:80` are one origin). Userinfo is not part of it.
-fn origin(u: &Uri) -> (String, String, Option<u16>) {
+/// `http://api.example.com:80` are one origin). Userinfo is not part of it. `None` for a port
+/// that is not a port number (`:99999`): such a URI has no origin to share.
+fn origin(u: &Uri) -> Option<(String, String, Option<u16>)> {
     let scheme = u.scheme_str().unwrap_or("").to_ascii_lowercase();
-    let port = u.port_u16().or(match scheme.as_str() {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
+    // `Uri::port` is `None` for a port out of range too, so look at what is written.
+    let written = u.authority().is_some_and(|a| {
+        let a = sturdy_core::key::without_userinfo(a.as_str());
+        let after_host = a.rfind(']').map_or(a, |at| &a[at..]);
+        after_host
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| !port.is_empty())
     });
-    (scheme, u.host().unwrap_or("").to_ascii_lowercase(), port)
+    let port = match (written, u.port_u16()) {
+        (true, None) => return None,
+        (_, Some(p)) => Some(p),
+        (false, None) => match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        },
+    };
+    Some((scheme, u.host().unwrap_or("").to_ascii_lowercase(), port))
+}
+
+/// Whether two URIs share an origin (never when either has none).
+fn same_origin(a: &Uri, b: &Uri) -> bool {
+    matches!((origin(a), origin(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// A URI or cursor for a message or `Debug` output: without userinfo and with the query cut
+/// (`?…`), since either may hold a credential (a password, an API key). Works on text that is not
+/// a valid URI too.
+pub(crate) fn shown(s: &str) -> String {
+    let (head, query) = match s.find('?') {
+        Some(at) => (&s[..at], true),
+        None => (s, false),
+    };
+    let mut out = match head.find("://") {
+        Some(at) => {
+            let rest = &head[at + 3..];
+            let end = rest.find('/').unwrap_or(rest.len());
+            let host = rest[..end]
+                .rsplit_once('@')
+                .map_or(&rest[..end], |(_, h)| h);
+            format!("{}://{host}{}", &head[..at], &rest[end..])
+        }
+        None => head.to_owned(),
+    };
+    if query {
+        out.push_str("?…");
+    }
+    out
 }
 
 /// `scheme://host[:port]` for a message: never the userinfo, which may hold a password.
@@ -463,9 +506,7 @@ impl<P: PageStrategy> Paginate<P> {
     ) -> Result<Uri, Error> {
         let i = &self.inner;
         let uri = i.strategy.uri(&i.base, cursor, limit)?;
-        if i.strategy.cursors_are_urls()
-            && !i.foreign_origin_allowed
-            && origin(&uri) != origin(&i.base)
+        if i.strategy.cursors_are_urls() && !i.foreign_origin_allowed && !same_origin(&uri, &i.base)
         {
             return Err(err(format!(
                 "refusing to follow the next link of page {} to another origin ({}); the walk started at {}",
@@ -596,8 +637,9 @@ impl<P: PageStrategy> Paginate<P> {
                         Ok(next) if w.seen.contains(&page_id(&next)) => {
                             w.pending.get_or_insert_with(|| {
                                 err(format!(
-                                    "pagination loop: the next cursor of page {} ({n:?}) leads back to {}, a page already read",
+                                    "pagination loop: the next cursor of page {} ({:?}) leads back to {}, a page already read",
                                     w.number,
+                                    shown(n),
                                     if page_id(&next) == page_id(&uri) { "the same page".to_owned() } else { next.path().to_owned() }
                                 ))
                             });
@@ -688,13 +730,13 @@ impl<P: PageStrategy> Paginate<P> {
                 return Err(err(format!(
                     "pagination loop: this cursor would fetch {} again, the page it came from (its next cursor {:?} points to itself); there is nothing more to read",
                     uri.path(),
-                    at.c.as_deref().unwrap_or("")
+                    shown(at.c.as_deref().unwrap_or(""))
                 )));
             }
             if !seen.insert(id) {
                 return Err(err(format!(
                     "pagination loop: the next cursor {:?} leads back to {}, a page already read in this call",
-                    at.c.as_deref().unwrap_or(""),
+                    shown(at.c.as_deref().unwrap_or("")),
                     uri.path()
                 )));
             }

@@ -54,6 +54,23 @@ impl RawPage {
         }
     }
 
+    /// The array at `pointer`, taken out of `json` (left `null` there) rather than copied: a
+    /// page's items are its bulk, and a copy would double the memory a large page peaks at.
+    ///
+    /// # Errors
+    /// When there is no array there.
+    pub fn take_items_at(&self, json: &mut Value, pointer: &str) -> Result<Vec<Value>, Error> {
+        match json.pointer_mut(pointer) {
+            Some(Value::Array(a)) => Ok(std::mem::take(a)),
+            Some(other) => Err(self.malformed(&format!(
+                "{} is {}, not an array of items",
+                show(pointer),
+                kind(other)
+            ))),
+            None => Err(self.malformed(&format!("{} is missing", show(pointer)))),
+        }
+    }
+
     /// A pagination error about this page.
     pub fn malformed(&self, what: &str) -> Error {
         Error::new(
@@ -262,8 +279,7 @@ impl PageStrategy for JsonCursor {
     }
 
     fn parse(&self, page: &RawPage, _: Option<&str>, _: Option<usize>) -> Result<Parsed, Error> {
-        let json = page.json()?;
-        let items = page.items_at(&json, &self.items)?;
+        let mut json = page.json()?;
         let next = match json.pointer(&self.next) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
@@ -277,6 +293,7 @@ impl PageStrategy for JsonCursor {
                 )))
             }
         };
+        let items = page.take_items_at(&mut json, &self.items)?;
         Ok(Parsed { items, next })
     }
 
@@ -334,7 +351,7 @@ impl PageStrategy for LinkHeader {
             Some(url) => url.parse().map_err(|e| {
                 Error::new(
                     ErrorKind::Pagination,
-                    format!("the next link {url:?} is not a valid URI"),
+                    format!("the next link {:?} is not a valid URI", crate::shown(url)),
                 )
                 .with_source(e)
             }),
@@ -346,8 +363,8 @@ impl PageStrategy for LinkHeader {
     }
 
     fn parse(&self, page: &RawPage, _: Option<&str>, _: Option<usize>) -> Result<Parsed, Error> {
-        let json = page.json()?;
-        let items = page.items_at(&json, &self.items)?;
+        let mut json = page.json()?;
+        let items = page.take_items_at(&mut json, &self.items)?;
         let next = sturdy_core::headers::next_link(&page.headers, &page.uri.to_string());
         Ok(Parsed { items, next })
     }
@@ -449,8 +466,8 @@ impl PageStrategy for PageNumber {
         cursor: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Parsed, Error> {
-        let json = page.json()?;
-        let items = page.items_at(&json, &self.items)?;
+        let mut json = page.json()?;
+        let items = page.take_items_at(&mut json, &self.items)?;
         let n = self.number(cursor)?;
         let size = limit.unwrap_or(self.page_size);
         // Servers cap page sizes, so the size that counts is the one this page has. Were this the
@@ -556,8 +573,8 @@ impl PageStrategy for OffsetLimit {
         cursor: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Parsed, Error> {
-        let json = page.json()?;
-        let items = page.items_at(&json, &self.items)?;
+        let mut json = page.json()?;
+        let items = page.take_items_at(&mut json, &self.items)?;
         let offset = Self::offset(cursor)?;
         let size = limit.unwrap_or(self.page_size);
         let next_offset = offset.saturating_add(items.len());

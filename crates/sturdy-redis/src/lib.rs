@@ -14,8 +14,8 @@
 //!   ([`RedisQuota::try_paused`], [`RedisQuota::try_clear_pause`]), and a slot granted to a call
 //!   that was dropped before it went is given back.
 //!
-//! Every operation has a timeout \[1 s\]: a Redis that is down or hung gives a clear error, never a
-//! hang. What the rate limiter then does is its `with_on_store_error` choice (let calls through by
+//! Every operation has a timeout \[1 s\], and connecting one of 2 s: a Redis that is down or hung
+//! gives a clear error, never a hang. What the rate limiter then does is its `with_on_store_error` choice (let calls through by
 //! default, or fail them).
 //!
 //! # One server or a Redis Cluster

@@ -743,7 +743,7 @@ impl RedisStreamConsumer {
     /// again (to this consumer or another), so `claim_after` must be longer than the slowest
     /// handler. Defaults: at most 5 deliveries, dead letters in `<base>:dead` (see
     /// [`RedisStreamQueue`]; at most about 100,000, the oldest dropped first), `next` waits up to
-    /// 500 ms for an event, each Redis operation bounded by 1 s.
+    /// 500 ms for an event, each Redis operation bounded by 1 s (connecting by 2 s).
     ///
     /// # Errors
     /// When a name is empty, the stream name has a `}` but no hash tag, Redis cannot be reached

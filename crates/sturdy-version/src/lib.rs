@@ -184,7 +184,9 @@ fn set_query<B>(req: &mut Request<B>, name: &str, value: &str) {
 fn deprecation(v: &HeaderValue) -> Option<Option<SystemTime>> {
     if let Ok((sf::BareItem::Date(secs), _)) = sf::parse_item(v.as_bytes()) {
         let t = if secs >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+            // Checked: where `SystemTime` holds a narrower range (Windows), a peer's far date
+            // would overflow.
+            SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))?
         } else {
             SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))?
         };

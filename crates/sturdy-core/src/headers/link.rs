@@ -87,7 +87,8 @@ impl fmt::Debug for Link {
 ///
 /// Bounds, whatever the header holds: at most [`MAX_LINKS`] links (parsing stops there) and
 /// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped); time and memory are linear
-/// in the header's size.
+/// in the header's size, plus one copy of the request URI per kept link (its resolved target,
+/// and its resolved `anchor` if it has one).
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
@@ -208,9 +209,6 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
                     value = decoded;
                 }
             }
-            if name == "anchor" {
-                value = resolve_reference(base, &value);
-            }
             params.push((name, value));
         }
         let Some(rels) = rels else {
@@ -219,6 +217,13 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
         let wanted = |r: &&str| !r.is_empty() && only.is_none_or(|o| r.eq_ignore_ascii_case(o));
         if !rels.split([' ', '\t']).any(|r| wanted(&r)) {
             continue;
+        }
+        // Resolved only for a link that is kept: each resolution copies the request URI, which a
+        // peer chooses too (a page's URI is the previous page's next link).
+        for (name, value) in &mut params {
+            if name == "anchor" {
+                *value = resolve_reference(base, value);
+            }
         }
         let value = Arc::new(LinkValue {
             target: resolve_reference(base, target),

@@ -205,10 +205,14 @@ fn parse_reset(v: &[u8], now: SystemTime) -> Option<Duration> {
     let s = std::str::from_utf8(v).ok()?;
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         let n: u64 = s.parse().unwrap_or(u64::MAX);
+        // Checked: where `SystemTime` holds a narrower range (Windows), a peer's far date would
+        // overflow; such a date is as far as any (the caller caps the pause).
         let since_epoch = |d: Duration| {
-            (SystemTime::UNIX_EPOCH + d)
-                .duration_since(now)
-                .unwrap_or(Duration::ZERO)
+            SystemTime::UNIX_EPOCH
+                .checked_add(d)
+                .map_or(Duration::MAX, |t| {
+                    t.duration_since(now).unwrap_or(Duration::ZERO)
+                })
         };
         return Some(if n >= 1_000_000_000_000 {
             since_epoch(Duration::from_millis(n))

@@ -4,6 +4,8 @@
 //! Byte sequences are decoded leniently, as RFC 9651 §4.2.7 asks: non-zero pad bits and missing
 //! `=` padding are accepted.
 
+use std::collections::HashMap;
+
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
@@ -195,6 +197,10 @@ impl Parser<'_> {
 
     fn params(&mut self) -> Result<Params, SfError> {
         let mut out: Params = Vec::new();
+        // A repeated key keeps its last value. Past a few keys they are found through an index:
+        // a scan of the keys before each new one would make a header of many distinct keys
+        // cost quadratic time (a peer chooses the header).
+        let mut index: Option<HashMap<String, usize>> = None;
         while self.peek() == Some(b';') {
             self.i += 1;
             self.skip_sp();
@@ -205,10 +211,26 @@ impl Parser<'_> {
             } else {
                 BareItem::Boolean(true)
             };
-            if let Some(slot) = out.iter_mut().find(|(k, _)| *k == key) {
-                slot.1 = value;
-            } else {
-                out.push((key, value));
+            let found = match &index {
+                Some(ix) => ix.get(&key).copied(),
+                None => out.iter().position(|(k, _)| *k == key),
+            };
+            match found {
+                Some(at) => out[at].1 = value,
+                None => {
+                    if let Some(ix) = &mut index {
+                        ix.insert(key.clone(), out.len());
+                    }
+                    out.push((key, value));
+                    if index.is_none() && out.len() > 16 {
+                        index = Some(
+                            out.iter()
+                                .enumerate()
+                                .map(|(at, (k, _))| (k.clone(), at))
+                                .collect(),
+                        );
+                    }
+                }
             }
         }
         Ok(out)
