@@ -37,8 +37,15 @@ fn rel_after_anchor_and_repeated_anchors() {
             l[0].params().iter().filter(|(k, _)| k == "anchor").count(),
             1
         );
-        assert_eq!(l[1].param("anchor"), Some("https://api.example.com/x"), "{v}");
-        assert_eq!(next_link(&lines(&[v.to_owned()]), base).as_deref(), Some("https://api.example.com/p2"));
+        assert_eq!(
+            l[1].param("anchor"),
+            Some("https://api.example.com/x"),
+            "{v}"
+        );
+        assert_eq!(
+            next_link(&lines(&[v.to_owned()]), base).as_deref(),
+            Some("https://api.example.com/p2")
+        );
     }
 }
 
@@ -56,13 +63,19 @@ fn anchor_star_is_decoded_and_kept_apart() {
 #[test]
 fn several_rels_share_one_resolved_anchor() {
     let v = r##"</p2>; anchor="#frag"; rel="prev next LAST http://e.x/rel""##.to_owned();
-    let l = parse_link(&lines(&[v.clone()]), BASE);
+    let l = parse_link(&lines(std::slice::from_ref(&v)), BASE);
     let rels: Vec<&str> = l.iter().map(Link::rel).collect();
     assert_eq!(rels, ["prev", "next", "last", "http://e.x/rel"]);
     for k in &l {
-        assert_eq!(k.param("anchor"), Some("https://api.example.com/v1/items?page=3#frag"));
+        assert_eq!(
+            k.param("anchor"),
+            Some("https://api.example.com/v1/items?page=3#frag")
+        );
     }
-    assert_eq!(next_link(&lines(&[v]), BASE).as_deref(), Some("https://api.example.com/p2"));
+    assert_eq!(
+        next_link(&lines(&[v]), BASE).as_deref(),
+        Some("https://api.example.com/p2")
+    );
 }
 
 /// One generated link-value and what it should give.
@@ -86,7 +99,11 @@ impl Gen {
                 v.to_owned()
             }
         };
-        let mut params: Vec<String> = self.anchors.iter().map(|a| format!("anchor={}", q(a))).collect();
+        let mut params: Vec<String> = self
+            .anchors
+            .iter()
+            .map(|a| format!("anchor={}", q(a)))
+            .collect();
         for (k, v) in &self.extra {
             params.push(format!("{k}={}", q(v)));
         }
@@ -105,12 +122,26 @@ impl Gen {
 
 fn gen_link() -> impl Strategy<Value = Gen> {
     let target = prop::sample::select(vec![
-        "/p2", "p3?x=1", "../up", "//other.example/p", "https://h.example/abs?c=%41", "#f", "",
+        "/p2",
+        "p3?x=1",
+        "../up",
+        "//other.example/p",
+        "https://h.example/abs?c=%41",
+        "#f",
+        "",
         "?page=4",
     ]);
     let rel = prop::option::weighted(
         0.9,
-        prop::sample::select(vec!["next", "prev", "NEXT", "prev next", "last  first", "item", "http://e.x/r next"]),
+        prop::sample::select(vec![
+            "next",
+            "prev",
+            "NEXT",
+            "prev next",
+            "last  first",
+            "item",
+            "http://e.x/r next",
+        ]),
     );
     let anchor = prop::sample::select(vec!["#a", "/c", "../d?e=f", "https://x.example/", "", "g"]);
     let extra = prop::collection::vec(
@@ -181,7 +212,7 @@ proptest! {
             .collect();
         prop_assert_eq!(got, expected(&links, base));
         let first_next = a.iter().find(|l| l.rel() == "next").map(|l| l.target().to_owned());
-        prop_assert_eq!(next_link(&one, base), first_next.clone());
+        prop_assert_eq!(&next_link(&one, base), &first_next);
         if !links.is_empty() {
             prop_assert_eq!(next_link(&many, base), first_next);
         }

@@ -228,10 +228,7 @@ async fn a_dropped_begin_never_frees_another_requests_lock() {
         store.mode.store(HONEST, Ordering::SeqCst);
         let third = app.clone().oneshot(order()).await.unwrap();
         assert_eq!(third.status(), StatusCode::CONFLICT, "mode {mode}");
-        assert_eq!(
-            first.await.unwrap().unwrap().status(),
-            StatusCode::CREATED
-        );
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::CREATED);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
