@@ -271,29 +271,25 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
     matches!((origin(a), origin(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// A URI or cursor for a message or `Debug` output: without userinfo and with the query cut
-/// (`?…`), since either may hold a credential (a password, an API key). Works on text that is not
-/// a valid URI too.
+/// A URI or cursor for a message or `Debug` output: everything up to the last `@` (userinfo,
+/// whose password may hold `/`, `?` or `#`) is replaced by `…@`, and the query and fragment by
+/// `?…`, since either may hold a credential (a password, an API key). Works on text that is not
+/// a valid URI too, and on network paths (`//user:pw@host/...`).
 pub(crate) fn shown(s: &str) -> String {
-    let (head, query) = match s.find('?') {
-        Some(at) => (&s[..at], true),
-        None => (s, false),
+    let (scheme, rest) = match s.find("://") {
+        Some(at) => s.split_at(at + 3),
+        None if s.starts_with("//") => s.split_at(2),
+        None => ("", s),
     };
-    let mut out = match head.find("://") {
-        Some(at) => {
-            let rest = &head[at + 3..];
-            let end = rest.find('/').unwrap_or(rest.len());
-            let host = rest[..end]
-                .rsplit_once('@')
-                .map_or(&rest[..end], |(_, h)| h);
-            format!("{}://{host}{}", &head[..at], &rest[end..])
-        }
-        None => head.to_owned(),
+    let (hidden, rest) = match rest.rfind('@') {
+        Some(at) => ("…@", &rest[at + 1..]),
+        None => ("", rest),
     };
-    if query {
-        out.push_str("?…");
-    }
-    out
+    let (rest, cut) = match rest.find(['?', '#']) {
+        Some(at) => (&rest[..at], "?…"),
+        None => (rest, ""),
+    };
+    format!("{scheme}{hidden}{rest}{cut}")
 }
 
 /// `scheme://host[:port]` for a message: never the userinfo, which may hold a password.
@@ -389,8 +385,8 @@ impl<P: PageStrategy> PaginateBuilder<P> {
             })?;
         if base.scheme().is_none() || base.authority().is_none() {
             return Err(config(format!(
-                "the first page's URI must be absolute (scheme and host), not a path ({})",
-                base.path()
+                "the first page's URI must be absolute (scheme and host), not {}",
+                shown(uri)
             )));
         }
         for (n, setting) in [

@@ -5,8 +5,9 @@ use http::{HeaderMap, StatusCode, Uri};
 use serde_json::Value;
 use sturdy_core::{Error, ErrorKind};
 
-/// A page as it came back.
-#[derive(Debug, Clone)]
+/// A page as it came back. Its `Debug` output shows the URI without userinfo or query, which
+/// may hold a credential.
+#[derive(Clone)]
 pub struct RawPage {
     /// 1-based page number within this walk.
     pub number: usize,
@@ -18,6 +19,18 @@ pub struct RawPage {
     pub headers: HeaderMap,
     /// The body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for RawPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawPage")
+            .field("number", &self.number)
+            .field("uri", &crate::shown(&self.uri.to_string()))
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &self.body)
+            .finish()
+    }
 }
 
 impl RawPage {
@@ -54,7 +67,8 @@ impl RawPage {
         }
     }
 
-    /// The array at `pointer`, taken out of `json` (left `null` there) rather than copied: a
+    /// The array at `pointer`, taken out of `json` (an empty array is left there) rather than
+    /// copied: read anything else you need from `json` (a next cursor, a total) first. A
     /// page's items are its bulk, and a copy would double the memory a large page peaks at.
     ///
     /// # Errors
@@ -199,10 +213,15 @@ pub(crate) fn with_query(base: &Uri, set: &[(&str, String)]) -> Result<Uri, Erro
 /// Whether a page of a numbered walk (page numbers, offsets) is the last: an empty page is;
 /// with a total (at `total`), when the items seen so far reach it (a server may cap the page size
 /// below what was asked, which makes every page look short); without one, a short page is.
+/// The total at `pointer`, read before the items are taken out of the page (a total may sit
+/// inside them, repeated on every row): the pointer and the number, if there is one.
+fn read_total<'p>(json: &Value, pointer: Option<&'p str>) -> Option<(&'p str, Option<u64>)> {
+    pointer.map(|p| (p, json.pointer(p).and_then(Value::as_u64)))
+}
+
 fn is_last(
     page: &RawPage,
-    json: &Value,
-    total: Option<&str>,
+    total: Option<(&str, Option<u64>)>,
     len: usize,
     size: usize,
     seen: usize,
@@ -211,13 +230,8 @@ fn is_last(
         return Ok(true);
     }
     match total {
-        Some(p) => {
-            let total = json
-                .pointer(p)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| page.malformed(&format!("the total `{p}` is not a number")))?;
-            Ok(seen as u64 >= total)
-        }
+        Some((_, Some(total))) => Ok(seen as u64 >= total),
+        Some((p, None)) => Err(page.malformed(&format!("the total `{p}` is not a number"))),
         None => Ok(len < size),
     }
 }
@@ -467,13 +481,14 @@ impl PageStrategy for PageNumber {
         limit: Option<usize>,
     ) -> Result<Parsed, Error> {
         let mut json = page.json()?;
+        let total = read_total(&json, self.total.as_deref());
         let items = page.take_items_at(&mut json, &self.items)?;
         let n = self.number(cursor)?;
         let size = limit.unwrap_or(self.page_size);
         // Servers cap page sizes, so the size that counts is the one this page has. Were this the
         // short last page, the estimate is low, and the next page (empty) ends the walk.
         let seen = (n.saturating_add(1).saturating_sub(self.first)).saturating_mul(items.len());
-        let last = is_last(page, &json, self.total.as_deref(), items.len(), size, seen)?;
+        let last = is_last(page, total, items.len(), size, seen)?;
         let next = if last {
             None
         } else {
@@ -574,18 +589,12 @@ impl PageStrategy for OffsetLimit {
         limit: Option<usize>,
     ) -> Result<Parsed, Error> {
         let mut json = page.json()?;
+        let total = read_total(&json, self.total.as_deref());
         let items = page.take_items_at(&mut json, &self.items)?;
         let offset = Self::offset(cursor)?;
         let size = limit.unwrap_or(self.page_size);
         let next_offset = offset.saturating_add(items.len());
-        let last = is_last(
-            page,
-            &json,
-            self.total.as_deref(),
-            items.len(),
-            size,
-            next_offset,
-        )?;
+        let last = is_last(page, total, items.len(), size, next_offset)?;
         let next = (!last).then(|| next_offset.to_string());
         Ok(Parsed { items, next })
     }

@@ -86,7 +86,6 @@ fn a_top_level_array_is_taken_whole() {
 /// `count(*) over ()` gives it) read before this change: the items were copied, and the pointer
 /// `/0/total_count` still found the first row. Now the array is emptied before the total is read.
 #[test]
-#[ignore = "FAULT: a total pointer inside the items array reads the emptied array: the page fails (regression of take_items_at)"]
 fn a_total_inside_the_items_still_reads() {
     let body = json!([{"id": 1, "total_count": 3}, {"id": 2, "total_count": 3}]);
     let p = PageNumber::new("").with_total("/0/total_count").parse(
@@ -112,15 +111,14 @@ fn a_total_inside_the_items_still_reads() {
     );
 }
 
-/// `take_items_at` says the array is "left `null` there".
+/// `take_items_at` says "an empty array is left there".
 #[test]
-#[ignore = "FAULT: take_items_at leaves an empty array where its doc says null"]
 fn take_items_at_leaves_what_its_doc_says() {
     let mut json = json!({"data": [1, 2]});
     let r = raw("http://h/x", &json);
     let items = r.take_items_at(&mut json, "/data").unwrap();
     assert_eq!(items.len(), 2);
-    assert_eq!(json.pointer("/data"), Some(&Value::Null));
+    assert_eq!(json.pointer("/data"), Some(&json!([])));
 }
 
 /// Errors of `take_items_at` are the same as `items_at`'s.
@@ -288,7 +286,6 @@ async fn origin_refusals_name_no_secret() {
 /// A builder's `Debug` shows its URI as given: a password holding '/' or '?' (not
 /// percent-encoded, as base64 passwords often are) must not come through either.
 #[test]
-#[ignore = "FAULT: shown() cuts the query before it finds the userinfo and ends the authority at the first '/': a password with '/' or '?' shows in PaginateBuilder Debug"]
 fn a_builders_debug_hides_a_password_with_slash_or_question_mark() {
     let (svc, _) = api(|_| page("[]", None));
     for uri in [
@@ -327,7 +324,6 @@ fn build_errors_hide_userinfo_and_query() {
 /// the message names its path, which `http` reads as the whole text before the query: userinfo
 /// included.
 #[test]
-#[ignore = "FAULT: build() of //user:pw@host/p names base.path(), which holds the userinfo"]
 fn a_network_path_first_uri_is_refused_without_its_userinfo() {
     let (svc, _) = api(|_| page("[]", None));
     let uri = format!("//user:{PW}@api.example.com/orders?api_key={KEY}");
@@ -338,7 +334,6 @@ fn a_network_path_first_uri_is_refused_without_its_userinfo() {
 /// `RawPage` is what every strategy (a user's own too) is handed; its `Debug` shows the page's
 /// URI, whose userinfo and query the crate keeps out of every other `Debug`.
 #[test]
-#[ignore = "FAULT: RawPage's derived Debug prints the page URI with userinfo and query"]
 fn a_raw_pages_debug_hides_userinfo_and_query() {
     let uri = format!("http://user:{PW}@api.example.com/orders?api_key={KEY}");
     let r = raw(&uri, &json!([]));

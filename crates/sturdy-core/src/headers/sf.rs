@@ -27,6 +27,8 @@ pub enum BareItem {
     Boolean(bool),
     /// `@1659578233`, seconds since the epoch.
     Date(i64),
+    /// `%"caf%c3%a9"`, a Display String (RFC 9651 §3.3.8): Unicode text, percent-encoded UTF-8.
+    DisplayString(String),
 }
 
 impl BareItem {
@@ -277,9 +279,51 @@ impl Parser<'_> {
                     _ => Err(SfError("a date is a whole number of seconds")),
                 }
             }
+            Some(b'%') => self.display_string(),
             Some(c) if c.is_ascii_alphabetic() || c == b'*' => Ok(self.token()),
             _ => Err(SfError("expected an item")),
         }
+    }
+
+    /// RFC 9651 §4.2.10: `%"`, printable ASCII or `%` and two lowercase hex digits, `"`; the
+    /// bytes must be UTF-8.
+    fn display_string(&mut self) -> Result<BareItem, SfError> {
+        self.i += 1;
+        if self.peek() != Some(b'"') {
+            return Err(SfError("a display string starts with %\""));
+        }
+        self.i += 1;
+        let mut bytes = Vec::new();
+        loop {
+            let Some(c) = self.peek() else {
+                return Err(SfError("a display string is not closed"));
+            };
+            self.i += 1;
+            match c {
+                b'"' => break,
+                b'%' => {
+                    let hex = |b: Option<u8>| match b {
+                        Some(d @ b'0'..=b'9') => Some(d - b'0'),
+                        Some(d @ b'a'..=b'f') => Some(d - b'a' + 10),
+                        _ => None,
+                    };
+                    let (Some(hi), Some(lo)) =
+                        (hex(self.peek()), hex(self.s.get(self.i + 1).copied()))
+                    else {
+                        return Err(SfError(
+                            "a display string's % takes two lowercase hex digits",
+                        ));
+                    };
+                    self.i += 2;
+                    bytes.push(hi << 4 | lo);
+                }
+                0x20..=0x7e => bytes.push(c),
+                _ => return Err(SfError("a display string holds printable ASCII only")),
+            }
+        }
+        String::from_utf8(bytes)
+            .map(BareItem::DisplayString)
+            .map_err(|_| SfError("a display string is not UTF-8"))
     }
 
     fn number(&mut self) -> Result<BareItem, SfError> {
