@@ -662,3 +662,82 @@ async fn a_half_closed_client_mid_handler_runs_once() {
     assert!(r.replayed(), "{r:?}");
     assert_eq!((counts.started(), counts.finished()), (1, 1));
 }
+
+/// A client that sends its request and then never reads (its receive window closes): the
+/// handler's response cannot all go out on that connection. The guide: "Run to its end, the
+/// execution stores its response, and the client's retry gets it as soon as the handler has
+/// finished"; the key must not stay in flight for as long as the stalled client keeps its
+/// connection open. A 6 MB response (response limit raised to 8 MiB) is larger than what the
+/// kernel buffers on loopback, both as one body and streamed in chunks.
+async fn a_reader_that_never_reads(path: &'static str) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    let big = Bytes::from(vec![b'b'; 6 * 1024 * 1024]);
+    let b2 = big.clone();
+    let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+        .with_response_limit(8 * 1024 * 1024);
+    let app = Router::new()
+        .route(
+            "/whole",
+            post(move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let big = big.clone();
+                async move { (StatusCode::CREATED, big) }
+            }),
+        )
+        .route(
+            "/chunks",
+            post(move || {
+                r2.fetch_add(1, Ordering::SeqCst);
+                let big = b2.clone();
+                async move {
+                    let parts: Vec<Result<Bytes, std::io::Error>> = big
+                        .chunks(64 * 1024)
+                        .map(|c| Ok(Bytes::copy_from_slice(c)))
+                        .collect();
+                    (
+                        StatusCode::CREATED,
+                        Body::from_stream(futures_util::stream::iter(parts)),
+                    )
+                }
+            }),
+        )
+        .layer(layer);
+    let addr = serve(app).await;
+    let mut req = head(path, "k-stuck", 2).into_bytes();
+    req.extend_from_slice(b"{}");
+    // A socket with a tiny receive buffer that is never read.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = sock.connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, &req)
+        .await
+        .unwrap();
+    tokio::time::sleep(ms(100)).await;
+    let end = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let replay = loop {
+        let r = server11_common::exchange(addr, &req).await.unwrap();
+        if r.status == 201 {
+            break Some(r);
+        }
+        assert_eq!(r.status, 409, "{r:?}");
+        if tokio::time::Instant::now() >= end {
+            break None;
+        }
+        tokio::time::sleep(ms(50)).await;
+    };
+    drop(stuck);
+    let replay = replay.expect("the handler has long finished, yet its key is still in flight");
+    assert!(replay.replayed());
+    assert_eq!(replay.body.len(), 6 * 1024 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_a_whole_body_does_not_hold_the_key() {
+    a_reader_that_never_reads("/whole").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_a_streamed_body_does_not_hold_the_key() {
+    a_reader_that_never_reads("/chunks").await;
+}

@@ -1,7 +1,7 @@
 //! Raw HTTP/1.1 over TCP for the server11 tests: requests written byte by byte, responses read
 //! by hand (Content-Length or chunked), so a test can stop anywhere a hostile or unlucky client
 //! would.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
 use std::net::SocketAddr;
