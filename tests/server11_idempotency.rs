@@ -40,12 +40,7 @@ impl Counts {
         self.finished.load(Ordering::SeqCst)
     }
     fn runs_of(&self, key: &str) -> usize {
-        self.per_key
-            .lock()
-            .unwrap()
-            .get(key)
-            .copied()
-            .unwrap_or(0)
+        self.per_key.lock().unwrap().get(key).copied().unwrap_or(0)
     }
 }
 
@@ -177,7 +172,11 @@ async fn a_slow_body_cut_before_its_end_runs_nothing_and_locks_nothing() {
     }
     tokio::time::sleep(ms(100)).await;
     assert_eq!(counts.started(), 0, "no handler ran on a partial body");
-    assert_eq!(store.len(), 0, "no key is held for a request that never arrived");
+    assert_eq!(
+        store.len(),
+        0,
+        "no key is held for a request that never arrived"
+    );
     for cut in [0, 1, body.len() / 2, body.len() - 1] {
         let key = format!("k-cut-{cut}");
         let r = send(addr, &key, body).await;
@@ -252,7 +251,12 @@ async fn gone_and_retried_at_once<St: IdempotencyStore + Clone>(layer: Idempoten
         t.await.unwrap();
     }
     for key in &keys {
-        assert_eq!(counts.runs_of(key), 1, "{key} ran {} times", counts.runs_of(key));
+        assert_eq!(
+            counts.runs_of(key),
+            1,
+            "{key} ran {} times",
+            counts.runs_of(key)
+        );
     }
     assert!(eventually(ms(1000), || async { counts.finished() == keys.len() }).await);
 }
@@ -325,7 +329,10 @@ async fn a_content_length_never_met_locks_nothing_and_the_late_body_is_replayed(
     assert_eq!(r.status, 201, "the key was free: {r:?}");
     assert!(!r.replayed());
     stalled.write(&body.as_bytes()[10..]).await.unwrap();
-    let late = stalled.response_within(Duration::from_secs(2)).await.unwrap();
+    let late = stalled
+        .response_within(Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(late.status, 201, "{late:?}");
     assert!(late.replayed(), "the late copy is a replay");
     assert_eq!(late.body, r.body);
@@ -367,9 +374,7 @@ async fn a_chunked_body_that_never_ends_locks_nothing() {
 /// store's atomic lock lets exactly one execution start". Eight connections send one request at
 /// once (their last byte together); half of them leave without reading. The others get 201 (at
 /// most one not replayed) or 409; the handler ran once.
-async fn racing_copies_with_disconnects<St: IdempotencyStore + Clone>(
-    layer: IdempotencyLayer<St>,
-) {
+async fn racing_copies_with_disconnects<St: IdempotencyStore + Clone>(layer: IdempotencyLayer<St>) {
     let counts = Arc::new(Counts::default());
     let addr = serve(app(layer, counts.clone(), ms(150))).await;
     let body = r#"{"pay":42}"#;
@@ -524,7 +529,10 @@ async fn the_key_in_two_header_lines() {
         .into_bytes()
     };
     let ex = |b: Vec<u8>| async move { server11_common::exchange(addr, &b).await.unwrap() };
-    let r = ex(with_lines("Idempotency-Key: k-twice\r\nidempotency-key: k-twice\r\n")).await;
+    let r = ex(with_lines(
+        "Idempotency-Key: k-twice\r\nidempotency-key: k-twice\r\n",
+    ))
+    .await;
     assert_eq!((r.status, r.replayed()), (201, false), "{r:?}");
     let r = ex(with_lines("idempotency-key: k-twice\r\n")).await;
     assert!(r.replayed(), "one key: {r:?}");
@@ -740,4 +748,22 @@ async fn a_client_that_never_reads_a_whole_body_does_not_hold_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_a_streamed_body_does_not_hold_the_key() {
     a_reader_that_never_reads("/chunks").await;
+}
+
+/// "While the handler runs, the task renews the lock every third of the lease ..., so a handler
+/// slower than the lease keeps its key", with Redis and a client gone: lease 90 ms, handler
+/// 600 ms, the client leaves once the handler started and a retry goes out every 20 ms. Every
+/// retry is 409 until the replay; the handler ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_its_lease_keeps_its_redis_key_while_retries_hammer() {
+    let counts = Arc::new(Counts::default());
+    let layer = redis_layer().await.with_lease(ms(90)).unwrap();
+    let addr = serve(app(layer, counts.clone(), ms(600))).await;
+    let mut c = Conn::open(addr).await;
+    c.write(&request("k-lease", "{}")).await.unwrap();
+    assert!(eventually(ms(1000), || async { counts.started() == 1 }).await);
+    drop(c);
+    let r = settle(addr, "k-lease", "{}").await;
+    assert!(r.replayed(), "{r:?}");
+    assert_eq!((counts.started(), counts.finished()), (1, 1));
 }

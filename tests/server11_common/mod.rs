@@ -141,8 +141,7 @@ impl Conn {
                     }
                 };
                 let size_text = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
-                let size =
-                    usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
                 self.buf.drain(..line_end + 2);
                 while self.buf.len() < size + 2 {
                     if !self.fill().await {
