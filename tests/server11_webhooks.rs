@@ -497,6 +497,7 @@ impl Verifier for HeavyVerifier {
 fn large_bodies_under_many_concurrent_deliveries_are_verified_off_the_runtime() {
     let heavy = Arc::new(Heavy::default());
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (q, mut events) = MemoryQueue::new(100);
     let h2 = heavy.clone();
     let server = std::thread::spawn(move || {
@@ -508,7 +509,7 @@ fn large_bodies_under_many_concurrent_deliveries_are_verified_off_the_runtime() 
         rt.block_on(async move {
             let addr = serve(app(WebhookReceiver::new(HeavyVerifier(h2), q))).await;
             addr_tx.send(addr).unwrap();
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), stop_rx).await;
         });
     });
     let addr = addr_rx.recv().unwrap();
@@ -572,6 +573,7 @@ fn large_bodies_under_many_concurrent_deliveries_are_verified_off_the_runtime() 
         1,
         "only the small body is verified on the runtime's thread"
     );
+    stop_tx.send(()).unwrap();
     server.join().unwrap();
     let got = drain(&mut events);
     // Every body is distinct (letters a to x; the last 14 end in a digit).
