@@ -97,9 +97,10 @@ pub struct Verified {
     pub id: Option<String>,
     /// The signed timestamp (Unix seconds), when the scheme has one.
     pub timestamp: Option<i64>,
-    /// Until when the verifier would accept this same delivery again (the signed timestamp plus
-    /// the tolerance); the receiver remembers its id at least that long, whatever its
-    /// deduplication TTL. `None` for schemes that sign no timestamp.
+    /// Until when the verifier would accept this same delivery again: the signed timestamp plus
+    /// the tolerance's whole seconds plus one second, since the schemes compare ages in whole
+    /// seconds (a delivery 1.9 s old is "1 s old"). The receiver remembers its id at least that
+    /// long, whatever its deduplication TTL. `None` for schemes that sign no timestamp.
     pub fresh_until: Option<SystemTime>,
     /// The headers the scheme defines, copied from the request (values up to 1 KiB, at most 4
     /// per name). Only what the scheme signs is verified: see each scheme.
@@ -119,14 +120,18 @@ impl Verified {
         self
     }
 
-    /// The signed timestamp (Unix seconds) and how long such a delivery stays acceptable.
+    /// The signed timestamp (Unix seconds) and how long such a delivery stays acceptable; sets
+    /// [`fresh_until`](Self::fresh_until) to cover every instant an age check in whole seconds
+    /// accepts.
     #[must_use]
     pub fn with_timestamp(mut self, timestamp: i64, tolerance: Duration) -> Self {
         self.timestamp = Some(timestamp);
+        let window =
+            Duration::from_secs(tolerance.as_secs()).saturating_add(Duration::from_secs(1));
         self.fresh_until = u64::try_from(timestamp)
             .ok()
             .and_then(|t| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(t)))
-            .and_then(|t| t.checked_add(tolerance));
+            .and_then(|t| t.checked_add(window));
         self
     }
 
