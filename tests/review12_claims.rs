@@ -115,7 +115,9 @@ static PROFILER: Mutex<()> = Mutex::new(());
 
 #[test]
 fn documented_footprints() {
-    let _turn = PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = PROFILER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let _profiler = dhat::Profiler::builder().testing().build();
     PLAIN.store(false, Ordering::SeqCst);
     let mut wrong: Vec<String> = Vec::new();
@@ -131,7 +133,9 @@ fn documented_footprints() {
     let size = future_size(&stack);
     eprintln!("default stack future: {size} bytes");
     if size != 136 {
-        wrong.push(format!("the default stack's future is {size} bytes, not 136"));
+        wrong.push(format!(
+            "the default stack's future is {size} bytes, not 136"
+        ));
     }
 
     // "no timer unless an attempt waits": the attempt timeout alone, over a service that
@@ -228,12 +232,17 @@ fn documented_footprints() {
 #[test]
 #[ignore = "FAULT (doc): the documented 840 B in 3 allocations per GET holds only for a request without headers; with one header a GET makes 6 (its head copied for a replay)"]
 fn a_get_with_a_header_allocates_what_the_docs_say() {
-    let _turn = PROFILER.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = PROFILER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let _profiler = dhat::Profiler::builder().testing().build();
     PLAIN.store(false, Ordering::SeqCst);
     let client = ClientBuilder::new().build(bare());
     let (b, a) = per_call(&client, &Method::GET);
-    assert!(a <= 3 && b <= 840, "a GET with one header: {b} B in {a} allocations");
+    assert!(
+        a <= 3 && b <= 840,
+        "a GET with one header: {b} B in {a} allocations"
+    );
 }
 
 // ---------------------------------------------------------------- readiness passes through

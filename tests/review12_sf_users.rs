@@ -40,7 +40,10 @@ async fn post_with_key(app: &Router, key: &[u8]) -> (StatusCode, String) {
         .oneshot(
             Request::post("/orders")
                 .header("authorization", "Bearer c-1")
-                .header("idempotency-key", http::HeaderValue::from_bytes(key).unwrap())
+                .header(
+                    "idempotency-key",
+                    http::HeaderValue::from_bytes(key).unwrap(),
+                )
                 .body(axum::body::Body::from("{}"))
                 .unwrap(),
         )

@@ -63,8 +63,16 @@ impl Verifier for AnyVerifier {
 
 fn verifier(s: Scheme, tolerance: Duration) -> AnyVerifier {
     AnyVerifier(match s {
-        Scheme::Standard => Arc::new(StandardWebhooks::new(WHSEC).unwrap().with_tolerance(tolerance)),
-        Scheme::Stripe => Arc::new(Stripe::new(STRIPE_SECRET).unwrap().with_tolerance(tolerance)),
+        Scheme::Standard => Arc::new(
+            StandardWebhooks::new(WHSEC)
+                .unwrap()
+                .with_tolerance(tolerance),
+        ),
+        Scheme::Stripe => Arc::new(
+            Stripe::new(STRIPE_SECRET)
+                .unwrap()
+                .with_tolerance(tolerance),
+        ),
         Scheme::Generic => Arc::new(
             GenericHmac::new(
                 "acme",
@@ -328,12 +336,11 @@ async fn a_copy_is_never_queued_twice_around_the_edge_paused() {
 async fn a_tolerance_of_duration_max_never_queues_a_copy_twice_paused() {
     for s in SCHEMES {
         let (q, mut events) = MemoryQueue::new(10);
-        let rx = WebhookReceiver::new(verifier(s, Duration::MAX), q).with_clock(Arc::new(
-            TokioWall {
+        let rx =
+            WebhookReceiver::new(verifier(s, Duration::MAX), q).with_clock(Arc::new(TokioWall {
                 origin: at(TS, 0),
                 start: tokio::time::Instant::now(),
-            },
-        ));
+            }));
         assert_eq!(answer(&rx, s, "evt_max", TS).await.0, 200);
         tokio::time::advance(Duration::from_secs(24 * 3600 + 1)).await;
         let again = answer(&rx, s, "evt_max", TS).await;
@@ -354,7 +361,8 @@ fn now_ms() -> i64 {
 
 fn raw(s: Scheme, id: &str, ts: i64) -> Vec<u8> {
     let b = body(id);
-    let mut head = String::from("POST /hook HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n");
+    let mut head =
+        String::from("POST /hook HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n");
     for (n, v) in signed(s, id, ts) {
         head.push_str(&format!("{n}: {v}\r\n"));
     }
@@ -553,7 +561,11 @@ async fn a_tolerance_of_duration_max_never_queues_a_copy_twice_over_tcp() {
         tokio::time::sleep(ms(200)).await;
         let x = deliver(a, s, &id, ts).await;
         let y = deliver(b, s, &id, ts).await;
-        assert_eq!(drain(&mut events).len(), 1, "{s:?} memory: the copy answered {x:?}");
+        assert_eq!(
+            drain(&mut events).len(),
+            1,
+            "{s:?} memory: the copy answered {x:?}"
+        );
         assert_eq!(
             drain_redis(&mut consumer).await.len(),
             1,

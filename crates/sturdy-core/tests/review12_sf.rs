@@ -212,11 +212,7 @@ fn a_display_string_where_a_string_or_integer_is_expected_is_refused() {
         br#""default";r=5;t=%"30""#,
     ] {
         let got = RateLimitItem::from_headers(&headers("ratelimit", &[v]));
-        assert!(
-            got.is_err(),
-            "{:?}: {got:?}",
-            String::from_utf8_lossy(v)
-        );
+        assert!(got.is_err(), "{:?}: {got:?}", String::from_utf8_lossy(v));
     }
     for v in [
         &br#"%"burst";q=100"#[..],
@@ -225,11 +221,7 @@ fn a_display_string_where_a_string_or_integer_is_expected_is_refused() {
         br#""burst";q=100;w=%"60""#,
     ] {
         let got = RateLimitPolicy::from_headers(&headers("ratelimit-policy", &[v]));
-        assert!(
-            got.is_err(),
-            "{:?}: {got:?}",
-            String::from_utf8_lossy(v)
-        );
+        assert!(got.is_err(), "{:?}: {got:?}", String::from_utf8_lossy(v));
     }
     // A partition key is a byte sequence: a Display String there is no key.
     let got =
@@ -246,11 +238,7 @@ fn a_malformed_display_string_drops_the_whole_field_without_panic() {
         br#""default";r=5;n=%"%c3""#,
     ] {
         let got = RateLimitItem::from_headers(&headers("ratelimit", &[v]));
-        assert!(
-            got.is_err(),
-            "{:?}: {got:?}",
-            String::from_utf8_lossy(v)
-        );
+        assert!(got.is_err(), "{:?}: {got:?}", String::from_utf8_lossy(v));
         let got = RateLimitPolicy::from_headers(&headers("ratelimit-policy", &[v]));
         assert!(got.is_err());
     }

@@ -226,7 +226,12 @@ fn a_total_inside_the_items_reads() {
 fn totals_outside_missing_or_not_numbers() {
     for (name, s, first) in strategies("/data", "/meta/total") {
         // Beside: 2 seen of 5.
-        let p = parse(&*s, &json!({"data": [1, 2], "meta": {"total": 5}}), first, 2);
+        let p = parse(
+            &*s,
+            &json!({"data": [1, 2], "meta": {"total": 5}}),
+            first,
+            2,
+        );
         assert!(p.next.is_some(), "{name}");
         // Beside, reached on a short page.
         let p = parse(&*s, &json!({"data": [1], "meta": {"total": 1}}), first, 2);
@@ -277,7 +282,10 @@ async fn a_walk_with_the_total_inside_the_items_ends_on_it() {
             .find_map(|kv| kv.strip_prefix("page="))
             .unwrap_or("1");
         let rows: Vec<Value> = match n {
-            "1" => vec![json!({"id": 1, "total_count": 3}), json!({"id": 2, "total_count": 3})],
+            "1" => vec![
+                json!({"id": 1, "total_count": 3}),
+                json!({"id": 2, "total_count": 3}),
+            ],
             "2" => vec![json!({"id": 3, "total_count": 3})],
             _ => vec![],
         };
