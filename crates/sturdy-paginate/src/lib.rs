@@ -271,25 +271,47 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
     matches!((origin(a), origin(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// A URI or cursor for a message or `Debug` output: everything up to the last `@` (userinfo,
-/// whose password may hold `/`, `?` or `#`) is replaced by `…@`, and the query and fragment by
-/// `?…`, since either may hold a credential (a password, an API key). Works on text that is not
-/// a valid URI too, and on network paths (`//user:pw@host/...`).
+/// A URI or cursor for a message or `Debug` output, without what may hold a credential: the
+/// query and fragment become `?…`, userinfo becomes `…@`. The query is cut first (an `@` or a
+/// `://` in it says nothing about the rest); an `@` counts as the end of userinfo in the
+/// authority, or anywhere before the query when the authority is broken (a password holding `/`,
+/// `?` or `#` leaves a "port" that is not a number: then everything up to the last `@` is
+/// withheld, or the whole authority when there is none). Works on text that is not a valid URI
+/// too, and on network paths (`//user:pw@host/...`).
 pub(crate) fn shown(s: &str) -> String {
-    let (scheme, rest) = match s.find("://") {
-        Some(at) => s.split_at(at + 3),
-        None if s.starts_with("//") => s.split_at(2),
-        None => ("", s),
+    let (head, cut) = match s.find(['?', '#']) {
+        Some(at) => (&s[..at], "?…"),
+        None => (s, ""),
     };
-    let (hidden, rest) = match rest.rfind('@') {
-        Some(at) => ("…@", &rest[at + 1..]),
-        None => ("", rest),
+    let scheme_len = head.find("://").filter(|&at| {
+        let scheme = &head[..at];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    });
+    let (prefix, rest) = match scheme_len {
+        Some(at) => head.split_at(at + 3),
+        None if head.starts_with("//") => head.split_at(2),
+        // A path or an opaque cursor: nothing before the query names a user.
+        None => return format!("{head}{cut}"),
     };
-    let (rest, cut) = match rest.find(['?', '#']) {
-        Some(at) => (&rest[..at], "?…"),
-        None => (rest, ""),
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (hidden, host) = match authority.rfind('@') {
+        Some(at) => ("…@", &authority[at + 1..]),
+        None => ("", authority),
     };
-    format!("{scheme}{hidden}{rest}{cut}")
+    let after_brackets = host.rfind(']').map_or(host, |at| &host[at..]);
+    let port_ok = after_brackets
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.is_empty() || port.parse::<u16>().is_ok());
+    if port_ok {
+        return format!("{prefix}{hidden}{host}{path}{cut}");
+    }
+    match rest.rfind('@') {
+        Some(at) => format!("{prefix}…@{}{cut}", &rest[at + 1..]),
+        None => format!("{prefix}…{cut}"),
+    }
 }
 
 /// `scheme://host[:port]` for a message: never the userinfo, which may hold a password.

@@ -99,8 +99,9 @@ pub struct Verified {
     pub timestamp: Option<i64>,
     /// Until when the verifier would accept this same delivery again: the signed timestamp plus
     /// the tolerance's whole seconds plus one second, since the schemes compare ages in whole
-    /// seconds (a delivery 1.9 s old is "1 s old"). The receiver remembers its id at least that
-    /// long, whatever its deduplication TTL. `None` for schemes that sign no timestamp.
+    /// seconds (a delivery 1.9 s old is "1 s old"); a tolerance too long to add to a time
+    /// (`Duration::MAX`) counts as about 30 years. The receiver remembers its id at least that long, whatever its
+    /// deduplication TTL. `None` for schemes that sign no timestamp.
     pub fresh_until: Option<SystemTime>,
     /// The headers the scheme defines, copied from the request (values up to 1 KiB, at most 4
     /// per name). Only what the scheme signs is verified: see each scheme.
@@ -126,12 +127,23 @@ impl Verified {
     #[must_use]
     pub fn with_timestamp(mut self, timestamp: i64, tolerance: Duration) -> Self {
         self.timestamp = Some(timestamp);
+        // A tolerance too long to add to a time (`Duration::MAX`) is read as about 30 years, as
+        // every far deadline is: `None` would mean "no timestamp" and let a copy in after the TTL. A
+        // timestamp that cannot be a `SystemTime` (before 1970) counts from 1970; one so far
+        // ahead that nothing can be added is its own bound.
+        const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
         let window =
             Duration::from_secs(tolerance.as_secs()).saturating_add(Duration::from_secs(1));
-        self.fresh_until = u64::try_from(timestamp)
+        let signed = u64::try_from(timestamp)
             .ok()
             .and_then(|t| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(t)))
-            .and_then(|t| t.checked_add(window));
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.fresh_until = Some(
+            signed
+                .checked_add(window)
+                .or_else(|| signed.checked_add(FAR))
+                .unwrap_or(signed),
+        );
         self
     }
 

@@ -10,8 +10,10 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 
-/// A bare item.
+/// A bare item. Non-exhaustive: RFC 9651 may grow new types, as it grew Dates and Display
+/// Strings.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum BareItem {
     /// `42`, `-7` (at most 15 digits).
     Integer(i64),
