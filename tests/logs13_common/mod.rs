@@ -1,0 +1,85 @@
+//! Captures every `tracing` event (all levels, every field) and span of the current thread, and
+//! reads errors whole (Display and Debug of the error and of every `source()`).
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::{Arc, Mutex};
+
+/// What the subscriber wrote.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// A TRACE-level subscriber for this thread, span events included, writing here.
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let w = self.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Display and Debug of `e` and of every error in its `source()` chain.
+pub fn whole(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("{e} | {e:?}");
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(&format!(" | source: {s} | {s:?}"));
+        cur = s.source();
+    }
+    out
+}
+
+/// Fails, naming where, if `shown` holds any of `secrets`.
+pub fn clean(what: &str, shown: &str, secrets: &[&str]) {
+    for s in secrets {
+        assert!(
+            !shown.contains(s),
+            "{what}: the secret {s:?} shows:\n{shown}"
+        );
+    }
+}
+
+/// A port nothing listens on.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Standard base64 with padding.
+pub fn b64(input: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in input.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
