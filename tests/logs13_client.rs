@@ -145,8 +145,9 @@ async fn the_stacks_events_and_errors_hold_no_uri_secret() {
     assert!(open, "the circuit opened");
 
     // A rate limit that refuses a call rather than wait.
+    // No retries here: the retry layer would wait out the refusal's suggested wait.
     let client = sturdy::ClientBuilder::new()
-        .with_retry(quick())
+        .without_retry()
         .with_rate_limit(
             sturdy::ratelimit::RateLimitLayer::new(
                 sturdy::ratelimit::Quota::per_second(1).unwrap(),
@@ -325,13 +326,13 @@ async fn paged_server(closed: u16) -> u16 {
     let app = axum::Router::new()
         .route(
             "/p1",
-            get(|State((port, _)): State<(u16, u16)>| async move {
+            get(move |State((port, _)): State<(u16, u16)>| async move {
                 ([("link", link(port, "/p2"))], "[1,2]")
             }),
         )
         .route(
             "/q1",
-            get(|State((_, closed)): State<(u16, u16)>| async move {
+            get(move |State((_, closed)): State<(u16, u16)>| async move {
                 ([("link", link(closed, "/p2"))], "[1,2]")
             }),
         )
@@ -369,7 +370,8 @@ async fn pagination_shows_no_secret_of_the_first_uri_or_the_next_links() {
         let mut pages = pager.pages();
         loop {
             match pages.try_next().await {
-                Ok(Some(page)) => shown.push(format!("{path} page: {page:?}")),
+                // `Page`'s own Debug is read in the next test.
+                Ok(Some(page)) => shown.push(format!("{path} page: {}", page.number)),
                 Ok(None) => break,
                 Err(e) => {
                     shown.push(format!("{path} error: {}", whole(&e)));
@@ -394,4 +396,27 @@ async fn pagination_shows_no_secret_of_the_first_uri_or_the_next_links() {
     for s in &shown {
         clean("pagination", s, &all);
     }
+}
+
+/// `Page::next` of a `LinkHeader` walk is the next link as the API sent it; the derived `Debug`
+/// of `Page` prints it whole, password and query keys included (unlike `RawPage`, whose `Debug`
+/// leaves out userinfo and query).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "FAULT: derived Debug of paginate::Page prints `next` (the API's next link) with its userinfo password and query keys"]
+async fn a_pages_debug_shows_no_secret_of_its_next_link() {
+    use futures_util::TryStreamExt;
+    let closed = closed_port();
+    let port = paged_server(closed).await;
+    let client = sturdy::ClientBuilder::new()
+        .with_retry(quick())
+        .build(hyper_client());
+    let pager = sturdy::paginate::Paginate::new(
+        client,
+        &uri(port, "/p1"),
+        sturdy::paginate::LinkHeader::new(""),
+    )
+    .unwrap();
+    let page = pager.pages().try_next().await.unwrap().unwrap();
+    assert!(page.next.is_some());
+    clean("Page", &format!("{page:?}"), &[PW, KEY, TOK, NEXT_PW, NEXT_TOK]);
 }

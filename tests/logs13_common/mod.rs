@@ -30,8 +30,29 @@ impl Capture {
         tracing::subscriber::set_default(sub)
     }
 
-    pub fn text(&self) -> String {
+    /// Everything written, every crate's events included.
+    pub fn all(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The events of sturdy's crates (`sturdy*` targets), with their continuation lines. Other
+    /// crates' events (hyper-util's connection pool logs the authority, userinfo included, at
+    /// DEBUG and TRACE) are left out: they are not sturdy's to keep clean.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let mut keep = false;
+        for line in self.all().lines() {
+            let mut words = line.split_whitespace();
+            let starts_event = line.starts_with(|c: char| c.is_ascii_digit());
+            if starts_event {
+                keep = words.nth(2).is_some_and(|t| t.starts_with("sturdy"));
+            }
+            if keep {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
