@@ -120,7 +120,11 @@ async fn the_stacks_events_and_errors_hold_no_uri_secret() {
         .with_retry(quick())
         .with_attempt_timeout(Duration::from_millis(20))
         .build(hyper_client());
-    let e = client.clone().oneshot(get(port, "/slow")).await.unwrap_err();
+    let e = client
+        .clone()
+        .oneshot(get(port, "/slow"))
+        .await
+        .unwrap_err();
     shown.push(format!("timeout: {}", whole(&*e)));
 
     // The circuit opens on 503s, then refuses.
@@ -255,7 +259,10 @@ async fn hedging_logs_no_uri_secret() {
     }
     let stats = handle.stats("127.0.0.1");
     let logs = capture.text();
-    assert!(logs.contains("hedging"), "a hedge was sent: {stats:?} {logs}");
+    assert!(
+        logs.contains("hedging"),
+        "a hedge was sent: {stats:?} {logs}"
+    );
     clean("logs", &logs, &ALL);
     clean("handle", &format!("{handle:?} {stats:?}"), &ALL);
 }
@@ -321,7 +328,9 @@ async fn paged_server(closed: u16) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let link = move |p: u16, path: &str| {
-        format!("<http://u:{NEXT_PW}@127.0.0.1:{p}{path}?api_key={KEY}&token={NEXT_TOK}>; rel=\"next\"")
+        format!(
+            "<http://u:{NEXT_PW}@127.0.0.1:{p}{path}?api_key={KEY}&token={NEXT_TOK}>; rel=\"next\""
+        )
     };
     let app = axum::Router::new()
         .route(
@@ -418,5 +427,9 @@ async fn a_pages_debug_shows_no_secret_of_its_next_link() {
     .unwrap();
     let page = pager.pages().try_next().await.unwrap().unwrap();
     assert!(page.next.is_some());
-    clean("Page", &format!("{page:?}"), &[PW, KEY, TOK, NEXT_PW, NEXT_TOK]);
+    clean(
+        "Page",
+        &format!("{page:?}"),
+        &[PW, KEY, TOK, NEXT_PW, NEXT_TOK],
+    );
 }

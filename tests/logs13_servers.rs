@@ -106,7 +106,9 @@ async fn webhook_receivers_log_no_secret_and_no_expected_mac() {
         ]
     };
     let strip = |s: String| s.trim_start_matches("v1,").to_owned();
-    expected.push(strip(sign_standard(&whsec, "msg_13", NOW, tampered).unwrap()));
+    expected.push(strip(
+        sign_standard(&whsec, "msg_13", NOW, tampered).unwrap(),
+    ));
     expected.push(strip(sign_standard(&whsec, "msg_13", stale, good).unwrap()));
     expected.push(strip(sign_standard(&whsec, "msg_14", NOW, good).unwrap()));
     for (h, body) in [
@@ -171,7 +173,10 @@ async fn webhook_receivers_log_no_secret_and_no_expected_mac() {
     }
 
     let logs = capture.text();
-    assert!(logs.contains("webhook rejected"), "events were captured: {logs}");
+    assert!(
+        logs.contains("webhook rejected"),
+        "events were captured: {logs}"
+    );
     let mut secrets = vec![
         STRIPE.to_owned(),
         "StripeSecret13".to_owned(),
@@ -220,7 +225,10 @@ where
 {
     use axum::routing::post;
     axum::Router::new()
-        .route("/orders", post(|body: String| async move { format!("created {}", body.len()) }))
+        .route(
+            "/orders",
+            post(|body: String| async move { format!("created {}", body.len()) }),
+        )
         .layer(layer)
 }
 
@@ -234,7 +242,11 @@ async fn idempotency_scoped_by_credentials_logs_none_of_them() {
     let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default());
     let mut shown = vec![format!("{layer:?}")];
     let app = orders_app(layer);
-    for (key, body) in [("k-13", "{\"a\":1}"), ("k-13", "{\"a\":1}"), ("k-13", "{\"a\":2}")] {
+    for (key, body) in [
+        ("k-13", "{\"a\":1}"),
+        ("k-13", "{\"a\":1}"),
+        ("k-13", "{\"a\":2}"),
+    ] {
         let res = app.clone().oneshot(idem_request(key, body)).await.unwrap();
         shown.push(read(res).await);
     }
@@ -268,28 +280,33 @@ impl Drop for RedisServer {
     }
 }
 
-fn start_redis() -> RedisServer {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &REDIS_PORT.to_string(),
-            "--requirepass",
-            REDIS_PW,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--bind",
-            "127.0.0.1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
+async fn start_redis() -> RedisServer {
+    let server = RedisServer(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &REDIS_PORT.to_string(),
+                "--requirepass",
+                REDIS_PW,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts"),
+    );
     for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", REDIS_PORT)).is_ok() {
-            return RedisServer(child);
+        if tokio::net::TcpStream::connect(("127.0.0.1", REDIS_PORT))
+            .await
+            .is_ok()
+        {
+            return server;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("redis-server did not listen");
 }
@@ -304,7 +321,7 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
     use sturdy::redis::{RedisIdempotencyStore, RedisQuota, RedisStreamQueue};
     let capture = Capture::default();
     let _guard = capture.install();
-    let mut server = Some(start_redis());
+    let mut server = Some(start_redis().await);
     let good = format!("redis://:{REDIS_PW}@127.0.0.1:{REDIS_PORT}/");
     let named = format!("redis://default:{REDIS_PW}@127.0.0.1:{REDIS_PORT}/0");
     let closed = closed_port();
@@ -341,7 +358,9 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
     shown.push(format!("{rq:?} {store:?} {queue:?}"));
 
     let api = tower::service_fn(|_r: Request<http_body_util::Full<Bytes>>| async {
-        Ok::<_, sturdy::core::BoxError>(http::Response::new(http_body_util::Full::<Bytes>::default()))
+        Ok::<_, sturdy::core::BoxError>(http::Response::new(
+            http_body_util::Full::<Bytes>::default(),
+        ))
     });
     let rl = RateLimitLayer::new(quota).with_remote(Arc::new(rq));
     shown.push(format!("{rl:?}"));
@@ -367,7 +386,13 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
             Ok(Err(e)) => shown.push(whole(&*e)),
             Err(_) => shown.push("rate limit timed out".into()),
         }
-        match tokio::time::timeout(Duration::from_secs(10), app.clone().oneshot(idem_request(&format!("r-{round}"), "{}"))).await {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            app.clone()
+                .oneshot(idem_request(&format!("r-{round}"), "{}")),
+        )
+        .await
+        {
             Ok(res) => shown.push(read(res.unwrap()).await),
             Err(_) => shown.push("idempotency timed out".into()),
         }
@@ -375,7 +400,10 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
         let h = vec![
             ("webhook-id", id.clone()),
             ("webhook-timestamp", NOW.to_string()),
-            ("webhook-signature", sign_standard(&whsec, &id, NOW, body).unwrap()),
+            (
+                "webhook-signature",
+                sign_standard(&whsec, &id, NOW, body).unwrap(),
+            ),
         ];
         let body: &'static [u8] = br#"{"id":"evt_r13"}"#;
         match tokio::time::timeout(Duration::from_secs(10), deliver(&rx, &h, body)).await {
@@ -384,7 +412,10 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
         }
     }
     let logs = capture.text();
-    assert!(logs.contains("failed") || logs.contains("could not"), "store failures were logged: {logs}");
+    assert!(
+        logs.contains("failed") || logs.contains("could not"),
+        "store failures were logged: {logs}"
+    );
     let all = [REDIS_PW, WRONG_PW];
     clean("logs", &logs, &all);
     for s in &shown {
