@@ -229,6 +229,9 @@ async fn the_stacks_events_and_errors_hold_no_uri_secret() {
     shown.push(format!("{handle:?} {client:?}"));
 
     let logs = capture.text();
+    if std::env::var_os("LOGS13_SHOW").is_some() {
+        eprintln!("{logs}\n{}", shown.join("\n"));
+    }
     assert!(logs.contains("retrying"), "events were captured: {logs}");
     clean("logs", &logs, &ALL);
     for s in &shown {

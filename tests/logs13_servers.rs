@@ -356,6 +356,20 @@ async fn redis_urls_password_reaches_no_event_error_or_debug() {
     let store = RedisIdempotencyStore::connect(&named).await.unwrap();
     let queue = RedisStreamQueue::connect(&good, "logs13").await.unwrap();
     shown.push(format!("{rq:?} {store:?} {queue:?}"));
+    let consumer = sturdy::redis::RedisStreamConsumer::connect(
+        &named,
+        "logs13",
+        "g13",
+        "w13",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    shown.push(format!("{consumer:?}"));
+    let conn = sturdy::redis::RedisConnection::connect(&good)
+        .await
+        .unwrap();
+    shown.push(format!("{conn:?}"));
 
     let api = tower::service_fn(|_r: Request<http_body_util::Full<Bytes>>| async {
         Ok::<_, sturdy::core::BoxError>(http::Response::new(
