@@ -264,7 +264,6 @@ async fn client_credentials_reach_no_event_error_or_debug() {
 /// A token endpoint whose error repeats the request it got (the form body with
 /// `client_secret`, or the Basic header) in `error_description`.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FAULT: an OAuth2 error_description echoing the token request (client_secret, Basic header) is repeated in the error and the WARN \"token request failed\" event"]
 async fn a_token_error_description_echoing_the_request_is_not_repeated() {
     let capture = Capture::default();
     let _guard = capture.install();
@@ -291,7 +290,6 @@ async fn a_token_error_description_echoing_the_request_is_not_repeated() {
 
 /// The same, with the echo in the `error` code, or in a 500's plain body.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FAULT: an OAuth2 `error` code echoing the token request (client_secret) is repeated whole in the error and the WARN \"token request failed\" event"]
 async fn a_token_error_code_or_body_echoing_the_request_is_not_repeated() {
     let capture = Capture::default();
     let _guard = capture.install();
@@ -360,7 +358,6 @@ async fn a_token_urls_userinfo_and_query_reach_no_event_or_error() {
 /// An API whose 401 challenge repeats the `Authorization` it got: the replay's INFO event
 /// logs the challenge.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FAULT: the INFO \"401: refreshing the token and replaying once\" event logs the raw WWW-Authenticate challenge, here echoing the access token"]
 async fn a_challenge_echoing_the_access_token_is_not_logged() {
     let capture = Capture::default();
     let _guard = capture.install();

@@ -241,7 +241,6 @@ async fn the_stacks_events_and_errors_hold_no_uri_secret() {
 
 /// A hedged GET: the second copy is announced at DEBUG with the request's URI.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FAULT: sturdy-hedge logs `uri = %req.uri()` at DEBUG (\"hedging: sending a second copy\"): userinfo password and query keys in the log"]
 async fn hedging_logs_no_uri_secret() {
     let capture = Capture::default();
     let _guard = capture.install();
@@ -414,7 +413,6 @@ async fn pagination_shows_no_secret_of_the_first_uri_or_the_next_links() {
 /// of `Page` prints it whole, password and query keys included (unlike `RawPage`, whose `Debug`
 /// leaves out userinfo and query).
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FAULT: derived Debug of paginate::Page prints `next` (the API's next link) with its userinfo password and query keys"]
 async fn a_pages_debug_shows_no_secret_of_its_next_link() {
     use futures_util::TryStreamExt;
     let closed = closed_port();

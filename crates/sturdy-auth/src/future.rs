@@ -310,7 +310,11 @@ where
                         self.stage = Stage::Done;
                         return Poll::Ready(Ok(res));
                     }
-                    tracing::info!(challenge = ?res.headers().get(http::header::WWW_AUTHENTICATE), "401: refreshing the token and replaying once");
+                    // Only the challenge's error code: its description may echo the token.
+                    tracing::info!(
+                        error = challenge_error(res.headers().get(http::header::WWW_AUTHENTICATE)),
+                        "401: refreshing the token and replaying once"
+                    );
                     self.events.emit(&Event::TokenRejected {
                         host: self.head.host(),
                     });
@@ -395,4 +399,17 @@ where
             KindProj::Token { call } => call.poll(cx),
         }
     }
+}
+
+/// The `error` code of a `WWW-Authenticate` challenge, for a log line: one of RFC 6750's codes
+/// if the header names it, else empty. Nothing else of the header is logged (an
+/// `error_description` may repeat the rejected token).
+fn challenge_error(v: Option<&http::HeaderValue>) -> &'static str {
+    let text = v.and_then(|v| v.to_str().ok()).unwrap_or("");
+    ["invalid_token", "insufficient_scope", "invalid_request"]
+        .into_iter()
+        .find(|code| {
+            text.contains(&format!("error=\"{code}\"")) || text.contains(&format!("error={code}"))
+        })
+        .unwrap_or("")
 }

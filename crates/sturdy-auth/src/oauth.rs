@@ -843,16 +843,40 @@ fn endpoint_error(
         _ => "the token endpoint refused the request",
     };
     let kind = endpoint_kind(status);
+    // The code and the description are the server's words, and a server may echo the request:
+    // kept short, and without the client secret in any form the request carried it.
+    let code: String = redact_secret(code, s).chars().take(64).collect();
     let mut msg = format!(
         "{} refused the token request with {code} ({status}): {advice}",
         s.endpoint()
     );
     if let Some(d) = description {
-        // The description is the server's text; keep it short.
-        let d: String = d.chars().take(200).collect();
+        let d: String = redact_secret(d, s).chars().take(200).collect();
         msg.push_str(&format!(" [server says: {d}]"));
     }
     Failure::new(kind, msg)
+}
+
+/// `text` with the client secret replaced by `[redacted]`, as sent (raw, form-encoded) and as the
+/// Basic credentials that carry it (base64 of `id:secret`).
+fn redact_secret(text: &str, s: &Settings) -> String {
+    let secret = s.client_secret.expose_secret();
+    if secret.is_empty() {
+        return text.to_owned();
+    }
+    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        enc(&s.client_id),
+        enc(secret)
+    ));
+    let mut out = text.to_owned();
+    for needle in [basic.as_str(), secret, enc(secret).as_str()] {
+        if !needle.is_empty() && out.contains(needle) {
+            out = out.replace(needle, "[redacted]");
+        }
+    }
+    out
 }
 
 impl TokenSource for ClientCredentials {

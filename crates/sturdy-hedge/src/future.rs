@@ -138,7 +138,12 @@ where
                 return Step::Dropped;
             };
             host.hedges.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(uri = %req.uri(), "hedging: sending a second copy");
+            // The host and path only: userinfo and the query may hold credentials.
+            tracing::debug!(
+                host = key,
+                path = req.uri().path(),
+                "hedging: sending a second copy"
+            );
             host.config.events.emit(&Event::HedgeSent {
                 key,
                 host: host.config.keys_are_hosts.then_some(key),

@@ -126,8 +126,9 @@ pub use strategy::{
     JsonCursor, LinkHeader, OffsetLimit, PageNumber, PageStrategy, Parsed, RawPage,
 };
 
-/// One page of a walk.
-#[derive(Debug, Clone, PartialEq)]
+/// One page of a walk. Its `Debug` output shows the next cursor without userinfo or query (a
+/// next link may carry credentials).
+#[derive(Clone, PartialEq)]
 pub struct Page {
     /// 1-based page number within the walk.
     pub number: usize,
@@ -135,6 +136,16 @@ pub struct Page {
     pub items: Vec<Value>,
     /// The strategy's cursor of the next page, if any.
     pub next: Option<String>,
+}
+
+impl fmt::Debug for Page {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Page")
+            .field("number", &self.number)
+            .field("items", &self.items)
+            .field("next", &self.next.as_deref().map(shown))
+            .finish()
+    }
 }
 
 /// A bounded page for agent tools: at most `limit` items, whether more exist, and an opaque
