@@ -617,17 +617,7 @@ impl ClientCredentials {
         );
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         if s.auth == ClientAuth::SecretBasic {
-            // RFC 6749 §2.3.1: form-encode id and secret, then Basic.
-            let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-            let pair = format!(
-                "{}:{}",
-                enc(&s.client_id),
-                enc(s.client_secret.expose_secret())
-            );
-            let value = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair)
-            );
+            let value = format!("Basic {}", basic_credentials(s));
             if let Ok(mut v) = HeaderValue::from_str(&value) {
                 v.set_sensitive(true);
                 h.insert(header::AUTHORIZATION, v);
@@ -857,6 +847,20 @@ fn endpoint_error(
     Failure::new(kind, msg)
 }
 
+fn form_encoded(v: &str) -> String {
+    form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
+/// The credentials of `Authorization: Basic` (RFC 6749 §2.3.1: id and secret form-encoded
+/// first, then base64).
+fn basic_credentials(s: &Settings) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        form_encoded(&s.client_id),
+        form_encoded(s.client_secret.expose_secret())
+    ))
+}
+
 /// `text` with the client secret replaced by `[redacted]`, as sent (raw, form-encoded) and as the
 /// Basic credentials that carry it (base64 of `id:secret`).
 fn redact_secret(text: &str, s: &Settings) -> String {
@@ -864,14 +868,10 @@ fn redact_secret(text: &str, s: &Settings) -> String {
     if secret.is_empty() {
         return text.to_owned();
     }
-    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-        "{}:{}",
-        enc(&s.client_id),
-        enc(secret)
-    ));
+    let basic = basic_credentials(s);
+    let encoded = form_encoded(secret);
     let mut out = text.to_owned();
-    for needle in [basic.as_str(), secret, enc(secret).as_str()] {
+    for needle in [basic.as_str(), secret, encoded.as_str()] {
         if !needle.is_empty() && out.contains(needle) {
             out = out.replace(needle, "[redacted]");
         }

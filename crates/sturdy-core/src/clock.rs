@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// How far "forever" is: about 30 years, which no call, lease or pause outlives. Every duration
+/// too long to represent (`Duration::MAX`, a peer's absurd value) is read as this, in every
+/// crate, so that adding it to a time never overflows.
+pub const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// `at + d`, for a `d` from configuration or from a peer: an instant too far to represent
 /// (`Duration::MAX`, say) reads as about 30 years from `at`, which no call outlives, instead of
 /// panicking.
@@ -23,7 +28,6 @@ use std::time::{Duration, SystemTime};
 /// assert!(after(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365 * 29));
 /// ```
 pub fn after(at: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
     at.checked_add(d.min(FAR))
         .or_else(|| at.checked_add(FAR))
         .unwrap_or(at)

@@ -259,11 +259,7 @@ fn origin(u: &Uri) -> Option<(String, String, Option<u16>)> {
     let scheme = u.scheme_str().unwrap_or("").to_ascii_lowercase();
     // `Uri::port` is `None` for a port out of range too, so look at what is written.
     let written = u.authority().is_some_and(|a| {
-        let a = sturdy_core::key::without_userinfo(a.as_str());
-        let after_host = a.rfind(']').map_or(a, |at| &a[at..]);
-        after_host
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| !port.is_empty())
+        written_port(sturdy_core::key::without_userinfo(a.as_str())).is_some_and(|p| !p.is_empty())
     });
     let port = match (written, u.port_u16()) {
         (true, None) => return None,
@@ -275,6 +271,13 @@ fn origin(u: &Uri) -> Option<(String, String, Option<u16>)> {
         },
     };
     Some((scheme, u.host().unwrap_or("").to_ascii_lowercase(), port))
+}
+
+/// The port as written after `host` (`host:port`, `[v6]:port`), possibly empty; `None` when
+/// no `:` follows the host.
+fn written_port(host: &str) -> Option<&str> {
+    let after_brackets = host.rfind(']').map_or(host, |at| &host[at..]);
+    after_brackets.rsplit_once(':').map(|(_, port)| port)
 }
 
 /// Whether two URIs share an origin (never when either has none).
@@ -312,10 +315,8 @@ pub(crate) fn shown(s: &str) -> String {
         Some(at) => ("…@", &authority[at + 1..]),
         None => ("", authority),
     };
-    let after_brackets = host.rfind(']').map_or(host, |at| &host[at..]);
-    let port_ok = after_brackets
-        .rsplit_once(':')
-        .is_none_or(|(_, port)| port.is_empty() || port.parse::<u16>().is_ok());
+    let port_ok =
+        written_port(host).is_none_or(|port| port.is_empty() || port.parse::<u16>().is_ok());
     if port_ok {
         return format!("{prefix}{hidden}{host}{path}{cut}");
     }

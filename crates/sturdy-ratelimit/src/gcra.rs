@@ -111,8 +111,7 @@ impl Quota {
         // u64::MAX is always "now"). So the interval is read as at most 30 years (one call per
         // `Duration::MAX` is one per 30 years) and the tolerance as at most 2^62 ns (146 years):
         // sums of the two stay far from the bound.
-        const FAR_NS: u64 = 86_400 * 365 * 30 * 1_000_000_000;
-        let interval_ns = nanos(interval).min(FAR_NS);
+        let interval_ns = nanos(interval.min(sturdy_core::clock::FAR));
         Self {
             interval,
             burst,
@@ -162,7 +161,7 @@ impl Origin {
     pub(crate) fn instant(&self, n: u64) -> Instant {
         self.0
             .checked_add(Duration::from_nanos(n))
-            .unwrap_or_else(|| self.0 + Duration::from_secs(86_400 * 365 * 30))
+            .unwrap_or_else(|| self.0 + sturdy_core::clock::FAR)
     }
 }
 

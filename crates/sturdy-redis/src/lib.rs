@@ -193,10 +193,9 @@ pub(crate) async fn connect_unbounded(
     .await
 }
 
-/// The longest duration sent to Redis, about 30 years (as `sturdy_core::clock::after` reads a
-/// far deadline): Redis refuses an expiry past `i64::MAX` ms from now, and its Lua numbers are
-/// doubles, exact only below 2^53.
-pub(crate) const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+/// The longest duration sent to Redis, `sturdy_core::clock::FAR` (about 30 years): Redis refuses
+/// an expiry past `i64::MAX` ms from now, and its Lua numbers are doubles, exact only below 2^53.
+pub(crate) use sturdy_core::clock::FAR;
 
 /// `d` in milliseconds for Redis, at most [`FAR`].
 pub(crate) fn capped_ms(d: Duration) -> u64 {

@@ -131,7 +131,6 @@ impl Verified {
         // every far deadline is: `None` would mean "no timestamp" and let a copy in after the TTL. A
         // timestamp that cannot be a `SystemTime` (before 1970) counts from 1970; one so far
         // ahead that nothing can be added is its own bound.
-        const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
         let window =
             Duration::from_secs(tolerance.as_secs()).saturating_add(Duration::from_secs(1));
         let signed = u64::try_from(timestamp)
@@ -141,7 +140,7 @@ impl Verified {
         self.fresh_until = Some(
             signed
                 .checked_add(window)
-                .or_else(|| signed.checked_add(FAR))
+                .or_else(|| signed.checked_add(sturdy_core::clock::FAR))
                 .unwrap_or(signed),
         );
         self
