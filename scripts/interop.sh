@@ -136,11 +136,10 @@ if [ "${STURDY_INTEROP_KEEP:-}" = 1 ]; then
   while true; do sleep 3600 & wait $!; done
 fi
 
-echo "== cargo test (interop_*)"
+echo "== cargo test (the interop binary: tests/interop_*.rs)"
 status=0
 cargo test -p sturdy --all-features \
-  --test interop_nginx --test interop_haproxy --test interop_oauth \
-  --test interop_paginate --test interop_webhooks "$@" || status=$?
+  --test interop "$@" || status=$?
 ended=$(date +%s.%N)
 echo "== interop.sh took $(awk -v a="$started" -v b="$ended" 'BEGIN { printf "%.1f", b - a }') s"
 exit $status

@@ -15,8 +15,7 @@
 //!
 //! The alternating frontends count requests, so the tests that use them run one at a time and
 //! leave their frontend with the next request odd.
-mod interop_common;
-
+use crate::interop_common;
 use std::time::Duration;
 
 use http::StatusCode;

@@ -7,8 +7,7 @@
 //! - `/retry-after/...`: `rate=10r/s burst=5 nodelay`, 429 with `Retry-After: 1` when over.
 //!
 //! Every request is counted on the wire by a recording client under the stack, as nginx sees it.
-mod interop_common;
-
+use crate::interop_common;
 use std::time::Duration;
 
 use futures_util::future::join_all;

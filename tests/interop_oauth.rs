@@ -5,8 +5,7 @@
 //! form body) and answers `401 invalid_client` to any other; a client id `ttl<N>-...` gets tokens
 //! with `expires_in: N`. The stats endpoint counts tokens issued and API calls per client id, so
 //! each test uses client ids of its own.
-mod interop_common;
-
+use crate::interop_common;
 use std::time::Duration;
 
 use futures_util::future::join_all;

@@ -4,8 +4,7 @@
 //! json-server paginates when asked `_page` (1-based) and `_limit`, and answers
 //! `Link: <...>; rel="first", <...>; rel="prev", <...>; rel="next", <...>; rel="last"` with
 //! absolute URLs; the last page has no `next`.
-mod interop_common;
-
+use crate::interop_common;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;

@@ -5,8 +5,7 @@
 //!
 //! Also the public vectors of `/work/shared/vectors/STANDARDS.md` (Standard Webhooks SW-1 and
 //! its negatives), checked against both the real library and sturdy.
-mod interop_common;
-
+use crate::interop_common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, UNIX_EPOCH};

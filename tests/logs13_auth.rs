@@ -3,8 +3,7 @@
 //! endpoint whose error echoes the request). auth.md: "no `Debug` or log line shows them".
 #![cfg(feature = "full")]
 
-mod logs13_common;
-
+use crate::logs13_common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,8 +3,7 @@
 //! output". Every event of every level is captured, fields formatted.
 #![cfg(feature = "full")]
 
-mod logs13_common;
-
+use crate::logs13_common;
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -3,8 +3,7 @@
 //! with a password in their URL, reachable, then gone.
 #![cfg(feature = "full")]
 
-mod logs13_common;
-
+use crate::logs13_common;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

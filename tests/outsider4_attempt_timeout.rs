@@ -5,8 +5,7 @@
 //! Paused time, in-process services.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::time::Duration;
 
 use outsider4_common::*;

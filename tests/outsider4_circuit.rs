@@ -4,8 +4,7 @@
 //! time, in-process services.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::time::Duration;
 
 use outsider4_common::*;

@@ -5,8 +5,7 @@
 //! for '@' now reads eight bytes at a time, so every length and position is tried here.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use outsider4_common::*;
 use sturdy::circuit::CircuitBreakerLayer;
 use sturdy::core::key::{host, without_userinfo};

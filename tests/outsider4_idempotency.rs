@@ -4,8 +4,7 @@
 //! in-process services.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use http::header::HeaderName;
 use outsider4_common::*;
 use sturdy::core::classify::delivery;

@@ -4,8 +4,7 @@
 //! `NotSent`"). Paused time, in-process services.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::time::Duration;
 
 use http::Method;

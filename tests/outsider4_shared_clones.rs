@@ -8,8 +8,7 @@
 //! in-process services: what is tested is sharing across threads, not timing.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::time::Duration;
 
 use outsider4_common::*;

@@ -3,8 +3,7 @@
 //! Paused time, in-process services.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

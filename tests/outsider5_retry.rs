@@ -3,8 +3,7 @@
 //! under `Buffer` and `ConcurrencyLimit(1)`, hostile `Retry-After`. Paused time, in process.
 #![cfg(feature = "full")]
 
-mod outsider4_common;
-
+use crate::outsider4_common;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};

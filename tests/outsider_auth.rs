@@ -1,7 +1,6 @@
 //! Outside tests of sturdy-auth against docs/guides/auth.md and the crate docs: the token cache,
 //! hostile token responses, 401 replay, bounded waits, words.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,7 @@
 //! Outside tests: the composed `ClientBuilder` client under tower's Buffer, ConcurrencyLimit(1),
 //! GlobalConcurrencyLimit and tower-http layers, driven by `oneshot` and by a kept service, with
 //! futures dropped at the waiting points.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,7 +1,6 @@
 //! Outside tests of the adaptive concurrency limit and of request coalescing, against
 //! docs/guides/concurrency.md, docs/guides/coalesce.md and the crate docs.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::time::Duration;
 
 use bytes::Bytes;

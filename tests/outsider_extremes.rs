@@ -8,8 +8,7 @@
 //! `RetryLayer::with_deadline(Duration::MAX)`, `RetryLayer::with_max_retry_after(Duration::MAX)`
 //! (with a hostile `Retry-After`) and `CircuitBreakerLayer::with_open_duration(Duration::MAX, _)`
 //! panicked on a request ("overflow when adding duration to instant").
-mod outsider_common;
-
+use crate::outsider_common;
 use std::time::Duration;
 
 use outsider_common::*;

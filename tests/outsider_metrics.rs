@@ -1,6 +1,5 @@
 //! Outside tests of the metrics labels (docs/guides/metrics.md): no secret, no path or query.
-mod outsider_common;
-
+use crate::outsider_common;
 use metrics_util::debugging::DebuggingRecorder;
 use outsider_common::*;
 use sturdy::ClientBuilder;

@@ -1,6 +1,5 @@
 //! Outside tests of the rate limiter against docs/guides/ratelimit.md and the crate docs.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::time::Duration;
 
 use outsider_common::*;

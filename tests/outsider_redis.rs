@@ -1,7 +1,6 @@
 //! Outside tests of sturdy-redis against docs/RELIABILITY.md and the guides, on the dev Redis
 //! (`STURDY_REDIS_URL`, default redis://127.0.0.1:17379/), with a key prefix of their own.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::sync::Arc;
 use std::time::Duration;
 

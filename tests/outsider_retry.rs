@@ -1,7 +1,6 @@
 //! Outside tests of the retry layer, alone and with the idempotency-key layer, against the
 //! claims of docs/guides/retry.md and the crate docs.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::time::Duration;
 
 use outsider_common::*;

@@ -1,7 +1,6 @@
 //! Outside tests: the version layer, query-parameter credentials, the decision trace and the
 //! agent-facing summaries.
-mod outsider_common;
-
+use crate::outsider_common;
 use std::sync::{Arc, Mutex};
 
 use outsider_common::*;

@@ -7,8 +7,7 @@
 //! in-memory and the Redis queue.
 #![cfg(feature = "full")]
 
-mod server11_common;
-
+use crate::server11_common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -6,8 +6,7 @@
 //! its runs; docs/guides/idempotency.md says a key's handler runs once.
 #![cfg(feature = "full")]
 
-mod server11_common;
-
+use crate::server11_common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -7,8 +7,7 @@
 //! timestamp check. In-memory queue and Redis Streams.
 #![cfg(feature = "full")]
 
-mod server11_common;
-
+use crate::server11_common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,8 +1,7 @@
 //! Token caching, single flight, refresh and replay, on an in-process token endpoint with paused
 //! time.
 
-mod support;
-
+use crate::support;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

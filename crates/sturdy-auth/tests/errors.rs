@@ -2,8 +2,7 @@
 //! downcast on the top-level error, with its kind and an actionable message; configuration
 //! errors are reported when the layer or source is built.
 
-mod support;
-
+use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -2,8 +2,7 @@
 //! when the call first waits for a token; nothing a ready service reserved is left behind.
 //! Paused time, in-process token sources and APIs.
 
-mod support;
-
+use crate::support;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

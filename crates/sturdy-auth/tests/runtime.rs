@@ -1,8 +1,7 @@
 //! A token request lost with its runtime does not break the source: the next caller, on a
 //! healthy runtime, starts a new one.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;

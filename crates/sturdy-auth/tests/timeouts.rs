@@ -1,8 +1,7 @@
 //! No call waits unboundedly for a token: the layer's token timeout bounds each wait, and the
 //! source's request timeout bounds each token request. Paused time, in-process token endpoints.
 
-mod support;
-
+use crate::support;
 use std::time::Duration;
 
 use http::StatusCode;

@@ -1,7 +1,6 @@
 //! No item is yielded twice by a loop, and `page()` accepts only the cursors it handed out.
 
-mod support;
-
+use crate::support;
 use base64::Engine as _;
 use futures_util::TryStreamExt;
 use serde_json::{json, Value};

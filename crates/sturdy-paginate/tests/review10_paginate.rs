@@ -2,7 +2,7 @@
 //! origin of next links (empty, out-of-range and padded ports, IPv6, userinfo), and `shown`
 //! redaction in messages and `Debug`.
 
-mod support;
+use crate::support;
 use support::{api, page};
 
 use bytes::Bytes;

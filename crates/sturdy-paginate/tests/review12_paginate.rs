@@ -1,7 +1,7 @@
 //! Review of the redaction of URIs and cursors in messages and `Debug` (everything up to the
 //! last `@` and the query hidden), and of totals read before the items are moved out of a page.
 
-mod support;
+use crate::support;
 use support::{api, page};
 
 use bytes::Bytes;

@@ -1,7 +1,7 @@
 //! Review of the origin comparison for next links (RFC 6454: scheme and host in lowercase,
 //! default ports): what it treats as one origin, and links built to fool it.
 
-mod support;
+use crate::support;
 use support::{api, page};
 
 use futures_util::TryStreamExt;

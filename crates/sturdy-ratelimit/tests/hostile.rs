@@ -10,7 +10,7 @@ use sturdy_ratelimit::{PauseCapped, PauseSource, Quota, RateLimitLayer, DEFAULT_
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-mod support;
+use crate::support;
 use support::{get, ms, status_with, Api};
 
 const FIVE_MINUTES: Duration = Duration::from_secs(300);

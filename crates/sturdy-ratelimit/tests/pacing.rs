@@ -11,7 +11,7 @@ use sturdy_ratelimit::{BoxFuture, DirectLimiter, Quota, RateLimitLayer, RemoteQu
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-mod support;
+use crate::support;
 use support::{get, ms, status_with, Api};
 
 /// Lets every spawned task run until it waits.

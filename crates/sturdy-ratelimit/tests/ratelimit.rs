@@ -11,7 +11,7 @@ use sturdy_ratelimit::{Quota, RateLimitLayer};
 use tokio::time::Instant;
 use tower::{service_fn, Layer, ServiceExt};
 
-mod support;
+use crate::support;
 use support::{get, status_with, Api};
 
 #[tokio::test(start_paused = true)]

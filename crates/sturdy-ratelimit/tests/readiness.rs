@@ -15,7 +15,7 @@ use tower::buffer::Buffer;
 use tower::limit::{ConcurrencyLimitLayer, GlobalConcurrencyLimitLayer};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-mod support;
+use crate::support;
 use support::{get, ms, status_with, Api};
 
 /// Far longer than any wait in these tests; a call that takes longer is stuck.

@@ -10,7 +10,7 @@ use sturdy_ratelimit::{ByHost, OnStoreError, Quota, RateLimitLayer};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
-mod support;
+use crate::support;
 use support::{get, status_with, Api};
 
 fn one_per_second() -> RateLimitLayer {

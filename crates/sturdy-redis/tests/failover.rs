@@ -2,7 +2,7 @@
 //! killed mid-run. Every backend answers within its bound with a clear error while Redis is
 //! gone, acknowledges nothing it did not store, and recovers on the same connection.
 
-mod support;
+use crate::support;
 use support::servers::{self, Cluster, Server, TempDir};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -3,7 +3,7 @@
 //! object must get its own answer, no key may stay locked that the docs say is released, no
 //! slot may be lost, and no webhook event may be lost.
 
-mod support;
+use crate::support;
 use support::{backends, unique, Backend};
 
 use std::collections::{BTreeMap, BTreeSet};

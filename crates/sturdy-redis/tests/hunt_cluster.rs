@@ -4,7 +4,7 @@
 //! These change the cluster at STURDY_REDIS_CLUSTER_URLS (give every node, primaries and
 //! replicas): run them on a throwaway cluster, one at a time (`--test-threads 1`).
 
-mod support;
+use crate::support;
 use support::{cluster_urls, unique};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,7 +2,7 @@
 //! as separate processes would have) share a quota, a store and a queue, and the promised totals
 //! hold exactly.
 
-mod support;
+use crate::support;
 use support::{backends, unique, Backend};
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,7 +2,7 @@
 //! values, durations at their extremes, thousands of keys. Nothing may panic, and every answer
 //! must be the one the docs promise (or a clear error).
 
-mod support;
+use crate::support;
 use support::{backends, unique, Backend};
 
 use std::sync::Arc;

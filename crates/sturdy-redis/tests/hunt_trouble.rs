@@ -2,7 +2,7 @@
 //! (18600 and up): paused past the timeout, killed and restarted, a connection cut after a
 //! command ran, full memory, and a password that must never show in an error or a `Debug`.
 
-mod support;
+use crate::support;
 use support::servers::{self, Server, TempDir};
 use support::unique;
 

@@ -2,7 +2,7 @@
 //! two connections as two app instances would hold, a client that gives up mid-handler over
 //! real sockets, and a key released before the answer to a panic goes out.
 
-mod support;
+use crate::support;
 use support::{backends, unique, Backend};
 
 #[path = "../../sturdy-idempotency/tests/support/wire.rs"]

@@ -3,7 +3,7 @@
 //! and a Redis Cluster.
 #![cfg(feature = "worker")]
 
-mod support;
+use crate::support;
 use support::{backends, unique, Backend};
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -1,7 +1,7 @@
 //! RedisQuota against the real Redis at STURDY_REDIS_URL (started by scripts/test.sh). When CI
 //! sets CI=true, a missing URL is a failure, not a skip.
 
-mod support;
+use crate::support;
 use support::{backends, proxy, unique as prefix, Backend};
 
 use std::sync::atomic::{AtomicU32, Ordering};

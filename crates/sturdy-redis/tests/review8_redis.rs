@@ -2,7 +2,7 @@
 //! idempotency values (and values written without one), the release after a `begin` whose
 //! replicas did not confirm it, and the stream consumer's short reads (timing, RESP3).
 
-mod support;
+use crate::support;
 use support::{redis_url, unique};
 
 use std::sync::atomic::{AtomicU32, Ordering};

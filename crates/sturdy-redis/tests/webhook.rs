@@ -1,6 +1,6 @@
 //! The Redis Streams webhook queue against the real Redis at STURDY_REDIS_URL.
 
-mod support;
+use crate::support;
 use support::proxy::{counted, sent, stall};
 use support::{backends, unique, Backend};
 

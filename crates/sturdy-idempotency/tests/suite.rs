@@ -1,0 +1,11 @@
+//! Every integration test of this crate in one binary: one link instead of one per file, which
+//! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
+//! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
+
+mod e2e;
+mod events;
+mod race_server;
+mod review10_idem;
+mod review8_idem;
+mod server;
+mod wire;

@@ -1,0 +1,14 @@
+//! Every integration test of this crate in one binary: one link instead of one per file, which
+//! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
+//! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
+
+mod support;
+
+mod hostile;
+mod pacing;
+mod race_ratelimit;
+mod ratelimit;
+mod readiness;
+mod review8_ratelimit;
+mod setters;
+mod wire;

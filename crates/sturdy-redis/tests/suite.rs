@@ -1,0 +1,17 @@
+//! Every integration test of this crate in one binary: one link instead of one per file, which
+//! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
+//! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
+
+mod support;
+
+mod failover;
+mod hunt_cancel;
+mod hunt_cluster;
+mod hunt_concurrency;
+mod hunt_hostile;
+mod hunt_trouble;
+mod idempotency;
+mod processes;
+mod quota;
+mod review8_redis;
+mod webhook;

@@ -1,0 +1,7 @@
+//! Every integration test of this crate in one binary: one link instead of one per file, which
+//! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
+//! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
+
+mod events;
+mod receiver;
+mod vectors;

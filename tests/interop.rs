@@ -1,0 +1,10 @@
+//! The interop tests in one binary (one link for all of them).
+
+#[macro_use]
+mod interop_common;
+
+mod interop_haproxy;
+mod interop_nginx;
+mod interop_oauth;
+mod interop_paginate;
+mod interop_webhooks;

@@ -1,0 +1,128 @@
+//! Every integration test of this package in one binary: one link instead of one per file,
+//! which keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a
+//! module here (`mod name;`), or a `[[test]]` of its own in Cargo.toml when it needs its own
+//! process (a global allocator); `every_test_file_is_compiled` checks that none is forgotten.
+
+mod logs13_common;
+mod outsider4_common;
+mod outsider_common;
+mod server11_common;
+
+mod exactly_once;
+mod logs13_auth;
+mod logs13_client;
+mod logs13_servers;
+mod metrics;
+mod outsider2_client;
+mod outsider2_compose;
+mod outsider2_errors;
+mod outsider2_metrics;
+mod outsider2_pace;
+mod outsider2_redis;
+mod outsider3_extras;
+mod outsider3_idem;
+mod outsider3_paginate_version;
+mod outsider3_webhook;
+mod outsider4_attempt_timeout;
+mod outsider4_circuit;
+mod outsider4_hostkey;
+mod outsider4_idempotency;
+mod outsider4_misc;
+mod outsider4_ratelimit;
+mod outsider4_shared_clones;
+mod outsider5_coalesce;
+mod outsider5_idempotency;
+mod outsider5_ratelimit;
+mod outsider5_retry;
+mod outsider6_auth;
+mod outsider6_hedge_concurrency;
+mod outsider6_paginate;
+mod outsider6_reqwest_version;
+mod outsider6_tls;
+mod outsider6_webhook;
+mod outsider_auth;
+mod outsider_circuit;
+mod outsider_compose;
+mod outsider_concurrency_coalesce;
+mod outsider_extremes;
+mod outsider_hedge;
+mod outsider_idempotency_server;
+mod outsider_metrics;
+mod outsider_paginate;
+mod outsider_ratelimit;
+mod outsider_redis;
+mod outsider_reqwest;
+mod outsider_retry;
+mod outsider_version_misc;
+mod outsider_webhook;
+mod readiness;
+mod review12_sf_users;
+mod review12_webhook;
+mod scale9_headers;
+mod scale9_idempotency;
+mod scale9_webhook;
+mod server11_idempotency;
+mod server11_webhooks;
+mod sharing;
+mod stack;
+mod tls;
+mod words7_agents;
+mod words7_architecture;
+mod words7_circuit;
+mod words7_coalesce;
+mod words7_concurrency;
+mod words7_metrics;
+mod words7_readme;
+mod words7_reliability;
+mod words7_retry;
+mod words8_auth;
+mod words8_hedge;
+mod words8_idempotency;
+mod words8_leaks;
+mod words8_paginate;
+mod words8_ratelimit;
+mod words8_tls_reqwest;
+mod words8_version;
+mod words8_webhooks;
+
+/// Cargo does not discover test files on its own in this workspace (`autotests = false` here
+/// and in each crate with a `tests/suite.rs`): a file that is neither a module of one of the
+/// test binaries nor a `[[test]]` target would never compile, and its tests would never run.
+#[test]
+fn every_test_file_is_compiled() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut packages = vec![root.to_path_buf()];
+    for entry in std::fs::read_dir(root.join("crates")).unwrap() {
+        packages.push(entry.unwrap().path());
+    }
+    let mut forgotten = Vec::new();
+    for package in packages {
+        let tests = package.join("tests");
+        let manifest = std::fs::read_to_string(package.join("Cargo.toml")).unwrap();
+        if !manifest.contains("autotests = false") {
+            continue;
+        }
+        let mut declared = String::new();
+        for binary in ["suite.rs", "interop.rs"] {
+            declared += &std::fs::read_to_string(tests.join(binary)).unwrap_or_default();
+        }
+        for entry in std::fs::read_dir(&tests).unwrap() {
+            let path = entry.unwrap().path();
+            let (Some(stem), Some("rs")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            let as_module = format!("\nmod {stem};");
+            let as_target = format!("path = \"tests/{stem}.rs\"");
+            if !declared.contains(&as_module) && !manifest.contains(&as_target) {
+                forgotten.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(
+        forgotten.is_empty(),
+        "test files that no binary compiles: {forgotten:?}"
+    );
+}
