@@ -310,14 +310,19 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
         rt.spawn(async move {
             let locked = match fut.await {
                 Ok(b) => b == Begin::Started,
-                // An error after the command may have run: the key may be locked all the same.
-                Err(e) => !sturdy_core::classify::delivery(&*e).proves_not_sent(),
+                Err(e) => may_have_locked(&*e),
             };
             if locked {
                 release_lost(&*store, &key, token).await;
             }
         });
     }
+}
+
+/// Whether a `begin` that answered with this error may have locked the key all the same: only
+/// an error that proves the command never reached the store rules it out.
+pub(crate) fn may_have_locked(e: &(dyn std::error::Error + 'static)) -> bool {
+    !sturdy_core::classify::delivery(e).proves_not_sent()
 }
 
 /// Gives back, in the background, a lock `begin` may have taken although its answer was an

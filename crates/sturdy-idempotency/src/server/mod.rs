@@ -548,7 +548,7 @@ where
         }
         Err(e) => {
             tracing::warn!(error = %e, "idempotency store failed");
-            if !sturdy_core::classify::delivery(&*e).proves_not_sent() {
+            if execute::may_have_locked(&*e) {
                 // The store may have locked the key before its answer was lost; a retry would
                 // get 409 for the whole lease.
                 execute::release_after_failed_begin(&store, &key, token);
