@@ -258,14 +258,9 @@ async fn a_dropped_half_open_probe_does_not_wedge_the_breaker() {
             Duration::from_millis(50),
         )
         .await;
-        let (_r, send) = match got {
-            Some(r) => r,
-            None => {
-                let err = timeout(BOUND, next).await.unwrap().unwrap_err();
-                panic!(
-                    "case {case}: after the probe was dropped ({state:?}) the next call got: {err}"
-                );
-            }
+        let Some((_r, send)) = got else {
+            let err = timeout(BOUND, next).await.unwrap().unwrap_err();
+            panic!("case {case}: after the probe was dropped ({state:?}) the next call got: {err}");
         };
         send.send_response(status(200, &[]));
         timeout(BOUND, next).await.unwrap().unwrap();
