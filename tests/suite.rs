@@ -8,6 +8,10 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod compose14_cancel;
+mod compose14_ready;
+mod compose14_servers;
+mod compose14_shared;
 mod exactly_once;
 mod logs13_auth;
 mod logs13_client;
