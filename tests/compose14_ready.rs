@@ -398,7 +398,7 @@ async fn the_composed_client_under_load_shed_and_buffer() {
 /// its slot back): a local rate-limit refusal, a full concurrency limit, a token the auth layer
 /// could not get". tower's `LoadShed` over a full `ConcurrencyLimit` refuses calls locally.
 #[tokio::test(start_paused = true)]
-#[ignore = "FAULT: circuit.md says a call refused by a full concurrency limit is not counted; tower's LoadShed Overloaded (never sent) opens the breaker"]
+
 async fn a_breaker_does_not_count_calls_shed_by_a_full_local_limit() {
     let (layer, breaker) = CircuitBreakerLayer::new()
         .with_consecutive_failures(3)

@@ -299,7 +299,7 @@ async fn a_token_request_on_a_blocked_runtime_is_given_up() {
 /// starts a new one". Runtime A starts the token request and then blocks its only thread; a
 /// caller on runtime B (paused time) must get a token from a new request after about 11 s.
 #[tokio::test(start_paused = true)]
-#[ignore = "FAULT: auth.md says a request its runtime stops driving is given up 10 s after its request timeout; a caller already waiting then waits out its whole token timeout (60 s) and fails, while one arriving later gets a token at once"]
+
 async fn a_caller_waiting_when_a_blocked_token_request_is_given_up_gets_a_new_one() {
     let calls = Arc::new(AtomicUsize::new(0));
     let tokens = token_endpoint(calls.clone()).with_request_timeout(Duration::from_secs(1));

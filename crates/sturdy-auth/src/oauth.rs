@@ -12,6 +12,7 @@ use http_body::Body;
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use sturdy_core::clock::after;
 use sturdy_core::events::{Event, EventHook};
 use sturdy_core::{human_duration, BoxError, Error, ErrorKind};
 use tokio::sync::watch;
@@ -372,8 +373,8 @@ impl ClientCredentials {
     ///
     /// The timeout is measured on the runtime that runs the request. If that runtime stops
     /// driving it without shutting down (blocked, or no longer polled), callers on other
-    /// runtimes wait for it until 10 s past the timeout; then the next caller starts another
-    /// request. (A runtime that shuts down frees them at once.)
+    /// runtimes wait for it until 10 s past the timeout; then the callers still waiting, and
+    /// the next to arrive, start another request (one, shared). (A runtime that shuts down frees them at once.)
     #[must_use]
     pub fn with_request_timeout(self, timeout: Duration) -> Self {
         self.edit(|s| s.request_timeout = timeout)
@@ -408,15 +409,18 @@ impl ClientCredentials {
     /// outside a Tokio runtime. The error's kind says whether trying again may help.
     pub async fn get(&self) -> Result<Token, Error> {
         for _ in 0..MAX_ABANDONED {
-            let mut rx = match self.begin()? {
+            let (mut rx, stale_at) = match self.begin()? {
                 Begin::Cached(token) => return Ok(token),
-                Begin::Wait(rx) => rx,
+                Begin::Wait { rx, stale_at } => (rx, stale_at),
             };
-            let outcome = match rx.wait_for(Option::is_some).await {
-                Ok(v) => v.clone(),
-                // The request was abandoned (its task was dropped with its runtime): start over.
-                Err(_) => continue,
-            };
+            let outcome =
+                match tokio::time::timeout_at(stale_at, rx.wait_for(Option::is_some)).await {
+                    Ok(Ok(v)) => v.clone(),
+                    // The request was abandoned (its task was dropped with its runtime), or its
+                    // runtime stopped driving it (unanswered 10 s past its timeout): start over,
+                    // which replaces it.
+                    Ok(Err(_)) | Err(_) => continue,
+                };
             return match outcome {
                 Some(Ok(t)) => Ok(t),
                 Some(Err(f)) => {
@@ -432,7 +436,7 @@ impl ClientCredentials {
         Err(Error::new(
             ErrorKind::Other,
             format!(
-                "the request to {} was abandoned {MAX_ABANDONED} times in a row (the runtimes that ran it shut down)",
+                "the request to {} was abandoned {MAX_ABANDONED} times in a row (the runtimes that ran it shut down or stopped driving it)",
                 self.inner.settings.endpoint()
             ),
         ))
@@ -453,7 +457,7 @@ impl ClientCredentials {
                 let token = c.token.clone();
                 let start = match backing_off {
                     Some(_) => None,
-                    None => self.plan(&mut st, now).ok().and_then(|(_, start)| start),
+                    None => self.plan(&mut st, now).ok().and_then(|(_, _, start)| start),
                 };
                 drop(st);
                 if let Some(start) = start {
@@ -471,21 +475,22 @@ impl ClientCredentials {
                 human_duration(t - now)
             )));
         }
-        let (rx, start) = self.plan(&mut st, now)?;
+        let (rx, stale_at, start) = self.plan(&mut st, now)?;
         drop(st);
         if let Some(start) = start {
             self.start(start);
         }
-        Ok(Begin::Wait(rx))
+        Ok(Begin::Wait { rx, stale_at })
     }
 
     /// Joins the token request under way, or registers a new one for [`Self::start`] to run
-    /// once the lock is released.
+    /// once the lock is released; with the time past which the request counts as no longer
+    /// driven (a caller still waiting then starts over, replacing it).
     fn plan(
         &self,
         st: &mut State,
         now: Instant,
-    ) -> Result<(watch::Receiver<Option<Outcome>>, Option<Start>), Error> {
+    ) -> Result<(watch::Receiver<Option<Outcome>>, Instant, Option<Start>), Error> {
         let stale_after = self
             .inner
             .settings
@@ -496,7 +501,7 @@ impl ClientCredentials {
             // timeout allows) is replaced, so the source never stays stuck behind it.
             if f.rx.has_changed().is_ok() && now.saturating_duration_since(f.started) < stale_after
             {
-                return Ok((f.rx.clone(), None));
+                return Ok((f.rx.clone(), after(f.started, stale_after), None));
             }
             tracing::debug!("a token request was abandoned; starting another");
         }
@@ -514,7 +519,7 @@ impl ClientCredentials {
             rx: rx.clone(),
             started: now,
         });
-        Ok((rx, Some(Start { runtime, id, tx })))
+        Ok((rx, after(now, stale_after), Some(Start { runtime, id, tx })))
     }
 
     /// Runs a registered token request as its own task, so a caller that gives up does not
@@ -671,7 +676,11 @@ struct Start {
 /// What [`ClientCredentials::begin`] found.
 enum Begin {
     Cached(Token),
-    Wait(watch::Receiver<Option<Outcome>>),
+    Wait {
+        rx: watch::Receiver<Option<Outcome>>,
+        /// When the request counts as no longer driven.
+        stale_at: Instant,
+    },
 }
 
 /// The sending end of one token request. If the request's task is dropped before it finishes

@@ -44,6 +44,7 @@ use std::error::Error as StdError;
 use std::io;
 
 use http::{Response, StatusCode};
+use tower::load_shed::error::Overloaded;
 
 use crate::error::{BoxError, CircuitOpen, Delivery, ErrorKind, RateLimited};
 
@@ -206,9 +207,11 @@ pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
 
 /// Whether an error says anything about the health of the request's destination. It does not
 /// when the request was stopped before it left by something else: a local rate limit
-/// ([`RateLimited`]), an open breaker ([`CircuitOpen`]), or a sturdy [`Error`](crate::Error)
-/// marked [`with_cause_elsewhere`](crate::Error::with_cause_elsewhere) (a full concurrency limit,
-/// a token endpoint that failed). A circuit breaker leaves such errors out of its counts, whatever
+/// ([`RateLimited`]), an open breaker ([`CircuitOpen`]), tower's `LoadShed` refusing a call
+/// because the service below it was not ready ([`Overloaded`](tower::load_shed::error::Overloaded)),
+/// or a sturdy [`Error`](crate::Error) marked
+/// [`with_cause_elsewhere`](crate::Error::with_cause_elsewhere) (a full concurrency limit, a token
+/// endpoint that failed). A circuit breaker leaves such errors out of its counts, whatever
 /// its classifier says.
 ///
 /// ```
@@ -228,7 +231,7 @@ pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
             if e.cause_is_elsewhere() {
                 return false;
             }
-        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() {
+        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() || e.is::<Overloaded>() {
             return false;
         }
         cur = e.source();
@@ -241,8 +244,9 @@ pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
 /// The first statement in the chain decides: a sturdy [`Error`](crate::Error) that carries a
 /// delivery (the retry layer's final error states it for the whole call; layers that refuse a
 /// call before sending it state [`Delivery::NotSent`]), then [`CircuitOpen`] and [`RateLimited`]
-/// (refused locally or by the server before processing), then what the error is: a connect error
-/// proves the request never left. Everything else — timeouts, broken connections, unknown
+/// (refused locally or by the server before processing) and tower's
+/// [`Overloaded`](tower::load_shed::error::Overloaded) (refused by a `LoadShed` before the call
+/// went down), then what the error is: a connect error proves the request never left. Everything else — timeouts, broken connections, unknown
 /// errors — may have been processed.
 ///
 /// ```
@@ -268,7 +272,7 @@ pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
             if let Some(d) = e.delivery() {
                 return d;
             }
-        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() {
+        } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() || e.is::<Overloaded>() {
             return Delivery::NotSent;
         }
         cur = e.source();
@@ -331,6 +335,12 @@ fn own_words(e: &(dyn StdError + 'static)) -> Option<String> {
     }
     if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
         return Some("the attempt timed out".to_owned());
+    }
+    if e.is::<Overloaded>() {
+        return Some(
+            "refused locally by a load shedder: the service below it was at capacity (not sent)"
+                .to_owned(),
+        );
     }
     None
 }
@@ -482,6 +492,22 @@ pub fn classify_result<B, E: AsError>(result: &Result<Response<B>, E>) -> Outcom
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_call_shed_by_tower_load_shed_was_never_sent() {
+        let shed: BoxError = Box::new(Overloaded::new());
+        assert_eq!(delivery(&*shed), Delivery::NotSent);
+        assert!(!concerns_destination(&*shed));
+        assert!(
+            describe(&*shed).contains("not sent"),
+            "{}",
+            describe(&*shed)
+        );
+        // Wrapped by a layer above, the same.
+        let wrapped = crate::Error::new(ErrorKind::Other, "call failed").with_source(shed);
+        assert_eq!(delivery(&wrapped), Delivery::NotSent);
+        assert!(!concerns_destination(&wrapped));
+    }
 
     #[test]
     fn statuses() {
