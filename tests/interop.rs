@@ -8,3 +8,4 @@ mod interop_nginx;
 mod interop_oauth;
 mod interop_paginate;
 mod interop_webhooks;
+mod interop_peers14;
