@@ -16,7 +16,7 @@
 //              /truncate-odd answers every odd hit with a body cut short (Content-Length 64,
 //              7 bytes sent, then the socket is destroyed); /crash-odd destroys the socket
 //              without an answer on every odd hit, after counting it (HAProxy then answers 502);
-//              /stall-body... sends the head and 8 bytes of a 64-byte body, then nothing for 10 s;
+//              /slow-<MS>-... answers 200 after MS ms; /stall-body... sends the head and 8 bytes of a 64-byte body, then nothing for 10 s;
 //              /count?path=/x -> {"hits": n, "keys": {...}}.
 // - blackhole: a TCP server that accepts connections and never answers.
 // - odd:       an odd token endpoint (POST /token), in front of the oauth server. What it does
@@ -192,6 +192,15 @@ function startBackend() {
       if (key) h.keys[key] = (h.keys[key] || 0) + 1;
       if (url.pathname === '/crash-odd' && h.hits % 2 === 1) {
         res.socket.destroy();
+        return;
+      }
+      const slow = /^\/slow-(\d+)-/.exec(url.pathname);
+      if (slow) {
+        const body = JSON.stringify({ path: url.pathname, method: req.method, hit: h.hits });
+        setTimeout(() => {
+          res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+          res.end(body);
+        }, Number(slow[1]));
         return;
       }
       if (url.pathname.startsWith('/stall-body')) {
