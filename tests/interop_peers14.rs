@@ -433,7 +433,7 @@ async fn breaker_opens_probes_and_recovers_against_haproxy() {
     // Reopened, for longer than the first time.
     match handle.state("origin") {
         Some(CircuitState::Open { retry_in }) => {
-            assert!(retry_in > Duration::from_millis(300), "{retry_in:?}")
+            assert!(retry_in > Duration::from_millis(300), "{retry_in:?}");
         }
         other => panic!("reopened after a failed probe: {other:?}"),
     }
@@ -732,7 +732,7 @@ fn form(s: &str) -> String {
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
+                out.push(b as char);
             }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
@@ -1143,7 +1143,7 @@ async fn signature_entries_past_sixteen_are_ignored() {
     let bogus = "v1=".to_string() + &"ab".repeat(32);
     let stripe_header = |n: usize| {
         let mut v = vec![format!("t={ts}")];
-        v.extend(std::iter::repeat(bogus.clone()).take(n));
+        v.extend(std::iter::repeat_n(bogus.clone(), n));
         v.push(format!("v1={real_v1}"));
         v.join(",")
     };
@@ -1227,7 +1227,7 @@ async fn huge_signature_headers_cost_linear_time() {
 
     let stripe = |n: usize| {
         let mut v = vec![format!("t={ts}")];
-        v.extend(std::iter::repeat(bogus_stripe.clone()).take(n));
+        v.extend(std::iter::repeat_n(bogus_stripe.clone(), n));
         v.join(",")
     };
     let (_, small) = time_stripe(stripe(4_000)).await;
@@ -1687,4 +1687,212 @@ async fn waiting_calls_are_told_when_a_long_pause_arrives() {
             "told {late:?} after the 429"
         );
     }
+}
+
+/// nginx's `503 Retry-After: 1` to the retry layer alone (docs/guides/retry.md: "never sooner
+/// than asked, plus up to 20 %"): the second attempt leaves 1 s to 1.2 s after the first answer.
+#[tokio::test]
+async fn retry_after_on_nginx_503_is_honoured_with_bounded_jitter() {
+    let base = peer_or_skip!(NGINX);
+    let url = format!("{base}/unavailable-after/{}", unique("jitter"));
+    for _ in 0..6 {
+        let _ = http().request(get(&url)).await.unwrap();
+    }
+    let (wire_svc, wire) = recorded(http());
+    let svc = RetryLayer::new().with_seed(31).layer(wire_svc);
+    let res = bounded(Duration::from_secs(5), "a GET", svc.oneshot(get(&url)))
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 200);
+    let all = wire.all();
+    assert_eq!(
+        all[0].outcome,
+        Ok(StatusCode::SERVICE_UNAVAILABLE),
+        "{all:?}"
+    );
+    let gap = all[1].sent - all[0].done;
+    assert!(
+        gap >= Duration::from_millis(1_000) && gap <= Duration::from_millis(1_250),
+        "{gap:?}"
+    );
+}
+
+/// The 401 replay under `ConcurrencyLimit(1)`, driven as a kept service under `Buffer`
+/// (docs/guides/auth.md: "The replay after a 401 drives the same service to readiness again,
+/// after the first response released what it held"): four POSTs meet a revoked token at once,
+/// each is replayed, none deadlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_401_under_a_concurrency_limit_of_one() {
+    let oauth = peer_or_skip!(OAUTH);
+    let api = peer_or_skip!(API);
+    let id = unique("revoked-limit");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(ConcurrencyLimit::new(http(), 1));
+    let mut svc = Buffer::new(client, 8);
+    let mut pending = Vec::new();
+    for _ in 0..4 {
+        let fut = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(post(&format!("{api}/revoke-first-token"), r#"{"x":1}"#));
+        pending.push(tokio::spawn(fut));
+    }
+    let results = bounded(Duration::from_secs(5), "4 POSTs", join_all(pending)).await;
+    for r in results {
+        let res = r.unwrap().unwrap_or_else(|e| panic!("{}", chain(&*e)));
+        assert_eq!(res.status(), 200);
+    }
+}
+
+/// Timestamps no real sender writes: far past `i64`, negative, signed, fractional, empty. Each
+/// is refused with a 4xx, nothing panics, nothing is queued.
+#[tokio::test]
+async fn absurd_timestamps_are_refused_without_a_panic() {
+    let ts = now();
+    let body = r#"{"id":"evt_absurd"}"#;
+    let (sw_app, mut sw_events) = standard_app(StandardWebhooks::new(SW_SECRET).unwrap());
+    let (st_app, mut st_events) = stripe_app(Stripe::new(STRIPE_SECRET).unwrap());
+    let sig = format!("v1={}", "ab".repeat(32));
+    for t in [
+        "99999999999999999999999",
+        "-9223372036854775808",
+        "9223372036854775807",
+        "+1700000000",
+        "1700000000.5",
+        "",
+        " ",
+        "0x10",
+    ] {
+        let s = deliver(
+            &sw_app,
+            &[
+                ("webhook-id", "msg_absurd".to_string()),
+                ("webhook-timestamp", t.to_string()),
+                (
+                    "webhook-signature",
+                    "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=".to_string(),
+                ),
+            ],
+            body,
+        )
+        .await;
+        assert!(s.is_client_error(), "standard {t:?}: {s}");
+        let s = deliver(
+            &st_app,
+            &[("stripe-signature", format!("t={t},{sig}"))],
+            body,
+        )
+        .await;
+        assert!(s.is_client_error(), "stripe {t:?}: {s}");
+    }
+    let s = deliver(&st_app, &[("stripe-signature", format!("t={ts}"))], body).await;
+    assert!(s.is_client_error(), "no v1: {s}");
+    assert!(sw_events.try_recv().is_none() && st_events.try_recv().is_none());
+}
+
+/// Hedging through HAProxy: after 32 quick calls to the origin, a GET whose first copy stalls
+/// (the odd request of the alternating frontend) gets a second copy after the host's p95, which
+/// answers; then the same over `ConcurrencyLimit(1)`, where the second copy must wait for the
+/// permit the first holds (tower's readiness contract: no call without `poll_ready`), and the
+/// attempt timeout ends the call; nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedge_through_an_intermittent_stall_and_over_a_limit_of_one() {
+    let base = peer_or_skip!("STURDY_INTEROP_HAPROXY_FLAKY_STALL_URL");
+    let normal = peer_or_skip!(NORMAL);
+    let _serial = crate::interop_haproxy::ALTERNATING.lock().await;
+    for limited in [false, true] {
+        let (layer, handle) = sturdy::hedge::HedgeLayer::new()
+            .with_min_samples(16)
+            .with_key(|_: &Request<Full<Bytes>>| "hedged".to_string())
+            .pair();
+        let builder = ClientBuilder::new()
+            .without_retry()
+            .with_hedge(layer)
+            .with_attempt_timeout(Duration::from_millis(800));
+        let client = if limited {
+            builder.build(tower::util::BoxCloneSyncService::new(
+                Buffer::new(ConcurrencyLimit::new(http(), 1), 8)
+                    .map_err(|e: sturdy::core::BoxError| e),
+            ))
+        } else {
+            builder.build(tower::util::BoxCloneSyncService::new(
+                http().map_err(sturdy::core::BoxError::from),
+            ))
+        };
+        for i in 0..48 {
+            let res = client
+                .clone()
+                .oneshot(get(&format!("{normal}/warm-{i}")))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+        }
+        crate::interop_haproxy::align(&base, true).await;
+        let t = Instant::now();
+        let task = tokio::spawn(
+            client
+                .clone()
+                .oneshot(get(&format!("{base}/{}", unique("hedged")))),
+        );
+        let r = bounded(Duration::from_secs(3), "a hedged GET", task)
+            .await
+            .expect("no panic");
+        let took = t.elapsed();
+        let stats = handle.stats("hedged").unwrap();
+        eprintln!(
+            "hedge (limited: {limited}): {:?} in {took:?}; delay {:?}, hedges {}, wins {}",
+            r.as_ref()
+                .map(|res| res.status())
+                .map_err(|e| e.to_string()),
+            stats.delay(),
+            stats.hedges(),
+            stats.hedge_wins()
+        );
+        if limited {
+            // The first copy holds the only permit: the call ends at the attempt timeout.
+            assert!(took < Duration::from_millis(1_500), "{took:?}");
+        } else {
+            assert_eq!(r.unwrap().status(), 200);
+            assert!(took < Duration::from_millis(500), "{took:?}");
+            // A warm-up call slower than the p95 may have been hedged too.
+            assert!(stats.hedges() >= 1 && stats.hedge_wins() >= 1);
+        }
+        crate::interop_haproxy::align(&base, true).await;
+    }
+}
+
+/// nginx's `429 Retry-After: 1` when the retry layer may sleep at most 500 ms: the call fails at
+/// once with `RateLimited` carrying the server's wait (docs/guides/retry.md: "One longer than
+/// ... is not slept: on a 429 or a 503 the call fails at once with a `RateLimited {
+/// retry_after }`"), and the summary an agent reads says when to come back.
+#[tokio::test]
+async fn retry_after_longer_than_allowed_fails_at_once_with_the_wait() {
+    let base = peer_or_skip!(NGINX);
+    let url = format!("{base}/retry-after/{}", unique("too-long"));
+    for _ in 0..6 {
+        let _ = http().request(get(&url)).await.unwrap();
+    }
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_max_retry_after(Duration::from_millis(500)))
+        .build(http());
+    let t = Instant::now();
+    let err = bounded(Duration::from_secs(3), "a GET", client.oneshot(get(&url)))
+        .await
+        .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    let limited = find::<RateLimited>(&*err).unwrap_or_else(|| panic!("{}", chain(&*err)));
+    assert_eq!(limited.retry_after(), Duration::from_secs(1));
+    let s = ErrorSummary::of(&*err);
+    eprintln!("too long a Retry-After: {err}; {s:?}");
+    assert_eq!(s.kind, "rate_limited");
+    assert_eq!(s.retry_after_ms, Some(1_000));
+    assert!(s.retryable);
 }
