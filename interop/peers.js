@@ -22,8 +22,8 @@
 // - odd:       an odd token endpoint (POST /token), in front of the oauth server. What it does
 //              depends on the client id (HTTP Basic or form body): "slow<MS>-..." waits MS ms,
 //              then forwards; "exp_<NAME>-..." forwards and replaces expires_in with one of
-//              EXPIRES[NAME]; "echo-..." answers 400 invalid_request whose error_description
-//              echoes the request body and its Authorization header; "down-..." answers 503 with
+//              EXPIRES[NAME]; "echo<N>-..." answers 400 invalid_request whose
+//              error_description is N "x" then the request body and its Authorization header; "down-..." answers 503 with
 //              Retry-After: 1. GET /count?client=<id> -> {"requests": n}, per client id.
 //
 // Usage: node peers.js <ports.json>. The ports are written to the file once every server
@@ -266,10 +266,12 @@ function startOddTokens(oauthPort) {
         res.writeHead(status, { 'content-type': 'application/json', ...headers });
         res.end(JSON.stringify(json));
       };
-      if (/^echo-/.test(id || '')) {
+      const echo = /^echo(\d*)-/.exec(id || '');
+      if (echo) {
+        const pad = 'x'.repeat(Number(echo[1] || 0));
         return send(400, {
           error: 'invalid_request',
-          error_description: `could not read ${raw.toString('utf8')} (authorization: ${req.headers.authorization || 'none'})`,
+          error_description: `${pad}could not read ${raw.toString('utf8')} (authorization: ${req.headers.authorization || 'none'})`,
         });
       }
       if (/^down-/.test(id || '')) {

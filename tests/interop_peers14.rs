@@ -1896,3 +1896,98 @@ async fn retry_after_longer_than_allowed_fails_at_once_with_the_wait() {
     assert_eq!(s.retry_after_ms, Some(1_000));
     assert!(s.retryable);
 }
+
+/// The token endpoint's error words are quoted "without the client secret ... and cut short":
+/// with the echoed request shifted by 0 to 900 characters, wherever the cut falls, no piece of
+/// the secret (raw, form-encoded, or inside the Basic credentials' base64) is in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_short_echo_never_shows_a_piece_of_the_secret() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let secret = "s3cr3t Value+/=&ü%";
+    let mut pieces: Vec<String> = Vec::new();
+    for s in [secret.to_string(), form(secret)] {
+        let chars: Vec<char> = s.chars().collect();
+        for w in chars.windows(6) {
+            pieces.push(w.iter().collect());
+        }
+    }
+    let mut longest = 0;
+    for auth in [ClientAuth::SecretBasic, ClientAuth::SecretPost] {
+        let tag = unique("");
+        let runs = (0..=900).step_by(3).map(|pad| {
+            let id = format!("echo{pad}-{tag}");
+            let tokens =
+                ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), secret)
+                    .unwrap()
+                    .with_client_auth(auth);
+            let svc = AuthLayer::oauth2(tokens).layer(http());
+            let url = format!("{api}/whoami");
+            tokio::spawn(async move {
+                let err = svc.oneshot(get(&url)).await.unwrap_err();
+                (id, format!("{err} | {err:?} | {}", chain(&*err)))
+            })
+        });
+        let results = bounded(
+            Duration::from_secs(20),
+            "301 token requests",
+            join_all(runs),
+        )
+        .await;
+        for r in results {
+            let (id, text) = r.unwrap();
+            longest = longest.max(text.len());
+            if id.starts_with("echo150-") {
+                eprintln!("{auth:?}, 150 characters before the echo: {text}");
+            }
+            for p in &pieces {
+                assert!(!text.contains(p.as_str()), "{auth:?} {id}: {p:?} in {text}");
+            }
+            let creds = format!("{}:{}", form(&id), form(secret));
+            let b64 = base64(&creds);
+            let start = (form(&id).len() + 1) / 3 * 4;
+            let tail: Vec<char> = b64[start..].chars().collect();
+            for w in tail.windows(8) {
+                let w: String = w.iter().collect();
+                assert!(!text.contains(&w), "{auth:?} {id}: base64 {w:?} in {text}");
+            }
+        }
+    }
+    eprintln!("longest error text: {longest} bytes");
+}
+
+/// `Debug` of every auth layer, of a `ClientBuilder` holding it and of the token source shows
+/// no secret (docs/guides/auth.md: "no `Debug` or log line shows them").
+#[tokio::test]
+async fn debug_output_of_every_auth_kind_hides_the_secret() {
+    let odd = peer_or_skip!(ODD);
+    let secret = "dbg-S3cret-value-42";
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), unique("dbg"), secret).unwrap();
+    let layers = [
+        ("bearer", AuthLayer::bearer(secret).unwrap()),
+        (
+            "api_key",
+            AuthLayer::api_key(http::HeaderName::from_static("x-api-key"), secret).unwrap(),
+        ),
+        (
+            "api_key_query",
+            AuthLayer::api_key_query("key", secret).unwrap(),
+        ),
+        ("basic", AuthLayer::basic("user", secret).unwrap()),
+        ("oauth2", AuthLayer::oauth2(tokens.clone())),
+    ];
+    for (name, layer) in layers {
+        let builder = ClientBuilder::new().with_auth(layer.clone());
+        for text in [
+            format!("{layer:?}"),
+            format!("{layer:#?}"),
+            format!("{builder:?}"),
+            format!("{:?}", layer.layer(http())),
+        ] {
+            assert!(!text.contains(secret), "{name}: {text}");
+            assert!(!text.contains("S3cret"), "{name}: {text}");
+        }
+    }
+    assert!(!format!("{tokens:?}").contains(secret));
+}
