@@ -16,7 +16,8 @@
 //              /truncate-odd answers every odd hit with a body cut short (Content-Length 64,
 //              7 bytes sent, then the socket is destroyed); /crash-odd destroys the socket
 //              without an answer on every odd hit, after counting it (HAProxy then answers 502);
-//              /slow-<MS>-... answers 200 after MS ms; /stall-body... sends the head and 8 bytes of a 64-byte body, then nothing for 10 s;
+//              /slow-<MS>-... answers 200 after MS ms; /trickle-<MS>-... sends a 40-byte body one
+//              byte every MS ms; /stall-body... sends the head and 8 bytes of a 64-byte body, then nothing for 10 s;
 //              /count?path=/x -> {"hits": n, "keys": {...}}.
 // - blackhole: a TCP server that accepts connections and never answers.
 // - odd:       an odd token endpoint (POST /token), in front of the oauth server. What it does
@@ -201,6 +202,21 @@ function startBackend() {
           res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
           res.end(body);
         }, Number(slow[1]));
+        return;
+      }
+      const trickle = /^\/trickle-(\d+)-/.exec(url.pathname);
+      if (trickle) {
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': '40' });
+        let sent = 0;
+        const timer = setInterval(() => {
+          if (res.destroyed) return clearInterval(timer);
+          sent += 1;
+          res.write(sent === 1 ? '"' : sent === 40 ? '"' : 'x');
+          if (sent === 40) {
+            clearInterval(timer);
+            res.end();
+          }
+        }, Number(trickle[1]));
         return;
       }
       if (url.pathname.startsWith('/stall-body')) {
