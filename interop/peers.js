@@ -16,8 +16,16 @@
 //              /truncate-odd answers every odd hit with a body cut short (Content-Length 64,
 //              7 bytes sent, then the socket is destroyed); /crash-odd destroys the socket
 //              without an answer on every odd hit, after counting it (HAProxy then answers 502);
+//              /slow-<MS>-... answers 200 after MS ms; /trickle-<MS>-... sends a 40-byte body one
+//              byte every MS ms; /stall-body... sends the head and 8 bytes of a 64-byte body, then nothing for 10 s;
 //              /count?path=/x -> {"hits": n, "keys": {...}}.
 // - blackhole: a TCP server that accepts connections and never answers.
+// - odd:       an odd token endpoint (POST /token), in front of the oauth server. What it does
+//              depends on the client id (HTTP Basic or form body): "slow<MS>-..." waits MS ms,
+//              then forwards; "exp_<NAME>-..." forwards and replaces expires_in with one of
+//              EXPIRES[NAME]; "echo<N>-..." answers 400 invalid_request whose
+//              error_description is N "x" then the request body and its Authorization header; "down-..." answers 503 with
+//              Retry-After: 1. GET /count?client=<id> -> {"requests": n}, per client id.
 //
 // Usage: node peers.js <ports.json>. The ports are written to the file once every server
 // listens; the process runs until SIGTERM or SIGINT.
@@ -187,6 +195,36 @@ function startBackend() {
         res.socket.destroy();
         return;
       }
+      const slow = /^\/slow-(\d+)-/.exec(url.pathname);
+      if (slow) {
+        const body = JSON.stringify({ path: url.pathname, method: req.method, hit: h.hits });
+        setTimeout(() => {
+          res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+          res.end(body);
+        }, Number(slow[1]));
+        return;
+      }
+      const trickle = /^\/trickle-(\d+)-/.exec(url.pathname);
+      if (trickle) {
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': '40' });
+        let sent = 0;
+        const timer = setInterval(() => {
+          if (res.destroyed) return clearInterval(timer);
+          sent += 1;
+          res.write(sent === 1 ? '"' : sent === 40 ? '"' : 'x');
+          if (sent === 40) {
+            clearInterval(timer);
+            res.end();
+          }
+        }, Number(trickle[1]));
+        return;
+      }
+      if (url.pathname.startsWith('/stall-body')) {
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': '64' });
+        res.write('{"slow":');
+        setTimeout(() => res.socket.destroy(), 10000);
+        return;
+      }
       if (url.pathname === '/truncate-odd' && h.hits % 2 === 1) {
         res.writeHead(200, { 'content-type': 'application/json', 'content-length': '64' });
         res.write('{"cut":');
@@ -213,6 +251,78 @@ function startBlackhole() {
   return listen(server);
 }
 
+// expires_in values other servers send now and then.
+const EXPIRES = {
+  str: '3600',
+  float: 2.5,
+  neg: -30,
+  zero: 0,
+  huge: 1e12,
+  null: null,
+  text: 'soon',
+};
+
+function startOddTokens(oauthPort) {
+  const counts = new Map();
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url, `http://${HOST}`);
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => {
+      const raw = Buffer.concat(chunks);
+      if (url.pathname === '/count') {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ requests: counts.get(url.searchParams.get('client')) || 0 }));
+        return;
+      }
+      const form = Object.fromEntries(new URLSearchParams(raw.toString('utf8')));
+      const { id } = clientOf({ headers: req.headers, body: form });
+      counts.set(id || '', (counts.get(id || '') || 0) + 1);
+      const send = (status, json, headers = {}) => {
+        res.writeHead(status, { 'content-type': 'application/json', ...headers });
+        res.end(JSON.stringify(json));
+      };
+      const echo = /^echo(\d*)-/.exec(id || '');
+      if (echo) {
+        const pad = 'x'.repeat(Number(echo[1] || 0));
+        return send(400, {
+          error: 'invalid_request',
+          error_description: `${pad}could not read ${raw.toString('utf8')} (authorization: ${req.headers.authorization || 'none'})`,
+        });
+      }
+      if (/^down-/.test(id || '')) {
+        return send(503, { error: 'temporarily_unavailable' }, { 'retry-after': '1' });
+      }
+      const slow = /^slow(\d+)-/.exec(id || '');
+      const exp = /^exp_([a-z]+)-/.exec(id || '');
+      const forward = () => {
+        const up = http.request(
+          { host: HOST, port: oauthPort, method: 'POST', path: '/token', headers: req.headers },
+          (ur) => {
+            const parts = [];
+            ur.on('data', (c) => parts.push(c));
+            ur.on('end', () => {
+              let body = Buffer.concat(parts).toString('utf8');
+              if (exp && ur.statusCode === 200) {
+                const json = JSON.parse(body);
+                json.expires_in = EXPIRES[exp[1]];
+                body = JSON.stringify(json);
+              }
+              res.writeHead(ur.statusCode, { 'content-type': 'application/json' });
+              res.end(body);
+            });
+          },
+        );
+        up.on('error', () => res.destroy());
+        up.end(raw);
+      };
+      if (slow) setTimeout(forward, Number(slow[1]));
+      else forward();
+    });
+  });
+  return listen(server);
+}
+
 async function main() {
   const out = process.argv[2];
   if (!out) {
@@ -228,6 +338,7 @@ async function main() {
     backend: await startBackend(),
     blackhole: await startBlackhole(),
   };
+  ports.odd = await startOddTokens(oauth.port);
   fs.writeFileSync(`${out}.tmp`, JSON.stringify(ports));
   fs.renameSync(`${out}.tmp`, out);
   const stop = () => process.exit(0);

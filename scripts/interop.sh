@@ -91,7 +91,7 @@ done
 [ -s "$dir/peers.json" ] || { echo "the node peers did not start" >&2; cat "$dir/peers.log" >&2; exit 1; }
 peer() { node -p "require('$dir/peers.json').$1"; }
 oauth=$(peer oauth); api=$(peer api); stats=$(peer stats); json=$(peer json)
-backend=$(peer backend); blackhole=$(peer blackhole)
+backend=$(peer backend); blackhole=$(peer blackhole); odd=$(peer odd)
 
 echo "== starting nginx"
 sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|${ports[0]}|g" -e "s|@UPSTREAM_PORT@|${ports[1]}|g" \
@@ -129,6 +129,7 @@ export STURDY_INTEROP_OAUTH_URL=$(u "$oauth")
 export STURDY_INTEROP_API_URL=$(u "$api")
 export STURDY_INTEROP_STATS_URL=$(u "$stats")
 export STURDY_INTEROP_JSON_SERVER_URL=$(u "$json")
+export STURDY_INTEROP_ODD_TOKEN_URL=$(u "$odd")
 
 if [ "${STURDY_INTEROP_KEEP:-}" = 1 ]; then
   env | grep '^STURDY_INTEROP' | sort

@@ -7,4 +7,5 @@ mod interop_haproxy;
 mod interop_nginx;
 mod interop_oauth;
 mod interop_paginate;
+mod interop_peers14;
 mod interop_webhooks;

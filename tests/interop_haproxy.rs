@@ -39,11 +39,11 @@ const TCP_REJECT: &str = "STURDY_INTEROP_HAPROXY_TCP_REJECT_URL";
 const BACKEND: &str = "STURDY_INTEROP_BACKEND_URL";
 
 /// The alternating frontends keep a request counter: one test at a time uses them.
-static ALTERNATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ALTERNATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Sends plain GETs (no sturdy) until one succeeds: the alternating frontend's next request is
 /// then odd (faulty).
-async fn align(base: &str, stall: bool) {
+pub(crate) async fn align(base: &str, stall: bool) {
     for _ in 0..3 {
         let fut = http().request(get(&format!("{base}/align")));
         let res = if stall {
