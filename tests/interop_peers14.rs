@@ -108,7 +108,7 @@ where
 /// "without a quota: at a pace learned from bare 429s, such as nginx's `limit_req` sends". nginx's
 /// `limit_req` answers 503 unless `limit_req_status` says otherwise; here it is left at that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: docs say the default ClientBuilder rides out nginx's limit_req (20 GETs at once all succeed in ~4 s); with nginx's default 503 status calls give up with 503 after 4 attempts, no pause or pace is learned"]
+
 async fn builder_defaults_against_nginx_default_503_all_succeed() {
     let base = peer_or_skip!(NGINX);
     let (wire_svc, wire) = recorded(http());
@@ -139,7 +139,7 @@ async fn builder_defaults_against_nginx_default_503_all_succeed() {
 /// The same limit with a burst of 5 (nodelay): 40 GETs at once. With 429 (the other file's
 /// `builder_defaults_against_nginx_pace_after_the_first_wave`) at least 36 succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: docs say the limiter learns a pace from nginx's limit_req; with nginx's default 503 status the 40 calls hammer nginx (no pause, no pace) and many give up with 503"]
+
 async fn builder_defaults_against_nginx_default_503_with_burst() {
     let base = peer_or_skip!(NGINX);
     let (wire_svc, wire) = recorded(http());

@@ -498,9 +498,10 @@ async fn alternating_429_and_200_stays_bounded() {
     assert!(worst <= 300_000, "{g:?}");
 }
 
-/// Bare 503s are not bare 429s: the guide's pace is learned "from bare 429s".
+/// A bare 503 is read as a bare 429 (nginx's `limit_req` refuses with 503 by default): it pauses
+/// the key for the default second and teaches it a pace.
 #[tokio::test(start_paused = true)]
-async fn bare_503s_teach_no_pace() {
+async fn bare_503s_teach_a_pace_like_bare_429s() {
     let t0 = Instant::now();
     let (api, log) = api(t0, Duration::ZERO, |n| {
         status(if n == 0 { 503 } else { 200 })
@@ -508,11 +509,24 @@ async fn bare_503s_teach_no_pace() {
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
-    assert_eq!(handle.pause("a.test"), None, "a 503 without Retry-After");
+    assert_eq!(
+        handle.pause("a.test"),
+        Some(Duration::from_secs(1)),
+        "a 503 without Retry-After"
+    );
+    assert_eq!(
+        handle.learned_pace("a.test"),
+        Some(Duration::from_millis(125))
+    );
     for _ in 0..3 {
         svc.clone().oneshot(get("a.test")).await.unwrap();
     }
-    assert_eq!(times(&log, "a.test"), vec![0; 4]);
+    let at = times(&log, "a.test");
+    assert_eq!(at[0], 0);
+    assert!(
+        at[1] >= 1_000,
+        "the next call waits out the pause, then the pace (ms): {at:?}"
+    );
 }
 
 /// Thousands of keys each learning a pace: a call of a fresh key past the bound still goes, and

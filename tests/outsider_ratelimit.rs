@@ -114,8 +114,9 @@ async fn a_429_pauses_every_caller_of_the_host_only() {
     assert_eq!(start.elapsed(), Duration::from_secs(3));
 }
 
+/// A bare 429 and a bare 503 (nginx's `limit_req` default) each pause the key for a second.
 #[tokio::test(start_paused = true)]
-async fn bare_429_pauses_one_second_bare_503_does_not() {
+async fn bare_429_and_bare_503_pause_one_second() {
     let api = Api::new(vec![status(429), status(503)], ok());
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
@@ -126,7 +127,7 @@ async fn bare_429_pauses_one_second_bare_503_does_not() {
     );
     tokio::time::advance(Duration::from_secs(2)).await;
     svc.clone().oneshot(get(U)).await.unwrap(); // the 503
-    assert_eq!(handle.pause("api.example.com"), None);
+    assert!(handle.pause("api.example.com").is_some());
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@
 //! request URI, each through the public API the layers use.
 #![cfg(feature = "full")]
 
+use crate::cost_common::{fastest, ratio, scaling};
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime};
 
@@ -31,30 +32,6 @@ fn distinct_params(count: usize) -> String {
     s
 }
 
-/// Median of `runs` timings of `f`.
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
-    let mut t: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    t.sort();
-    t[runs / 2]
-}
-
-/// Times `f(size)` at `n`, `4n` and `16n`; returns the three medians.
-fn scaling(n: usize, mut f: impl FnMut(usize) -> Duration) -> [Duration; 3] {
-    // Warm up (first allocations, page faults).
-    let _ = f(n);
-    [f(n), f(4 * n), f(16 * n)]
-}
-
-fn ratio(t: &[Duration; 3]) -> f64 {
-    t[2].as_secs_f64() / t[0].as_secs_f64().max(1e-7)
-}
-
 fn headers(name: &str, value: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
@@ -70,7 +47,7 @@ fn ratelimit_with_one_repeated_parameter_is_linear() {
     let t = scaling(1024, |bytes| {
         let v = format!("\"default\";r=5;t=1{}", ";aaaa".repeat(bytes / 5));
         let h = headers("ratelimit", &v);
-        median(5, || {
+        fastest(5, || {
             let items = RateLimitItem::from_headers(&h).unwrap();
             assert_eq!(items[0].remaining, 5);
         })
@@ -89,7 +66,7 @@ fn ratelimit_with_distinct_parameters_is_linear() {
     let t = scaling(1024, |bytes| {
         let v = format!("\"default\";r=5;t=1{}", distinct_params(bytes / 5));
         let h = headers("ratelimit", &v);
-        median(5, || {
+        fastest(5, || {
             let items = RateLimitItem::from_headers(&h).unwrap();
             assert_eq!(items[0].remaining, 5);
         })
@@ -118,7 +95,7 @@ fn ratelimit_layer_parses_distinct_parameters_in_linear_time() {
                 Ok::<_, Infallible>(Response::builder().header("ratelimit", v).body(()).unwrap())
             }
         }));
-        median(5, || {
+        fastest(5, || {
             rt.block_on(async {
                 let req = Request::get("http://api.example.com/x").body(()).unwrap();
                 let res = svc.clone().oneshot(req).await.unwrap();
@@ -149,7 +126,7 @@ fn ratelimit_many_lines_of_few_parameters_are_linear() {
                     .unwrap(),
             );
         }
-        median(5, || {
+        fastest(5, || {
             assert!(pause_hint(StatusCode::OK, &h, now).is_none());
         })
     });
@@ -183,7 +160,7 @@ fn deprecation_with_distinct_parameters_is_linear() {
                     )
                 }
             }));
-        median(5, || {
+        fastest(5, || {
             rt.block_on(async {
                 let req = Request::get("http://api.example.com/v1/x")
                     .body(())
@@ -206,7 +183,7 @@ fn inner_list_items_with_parameters_are_linear() {
             v.push_str(&format!("a;k{} ", i % 1000));
         }
         v.push_str(");r=1");
-        median(5, || {
+        fastest(5, || {
             let l = sf::parse_list([v.as_bytes()]).unwrap();
             assert_eq!(l.len(), 1);
         })
@@ -227,7 +204,7 @@ fn link_anchors_against_a_long_request_uri_are_linear() {
         let mut v = one.repeat(bytes / one.len());
         v.push_str("</next>;rel=next");
         let h = headers("link", &v);
-        median(3, || {
+        fastest(3, || {
             assert_eq!(
                 next_link(&h, &base).as_deref(),
                 Some("http://h.example/next")
@@ -247,7 +224,7 @@ fn link_without_anchors_against_a_long_request_uri_is_linear() {
         let mut v = one.repeat(bytes / one.len());
         v.push_str("</next>;rel=next");
         let h = headers("link", &v);
-        median(3, || {
+        fastest(3, || {
             assert_eq!(
                 next_link(&h, &base).as_deref(),
                 Some("http://h.example/next")
@@ -269,7 +246,7 @@ fn one_large_ratelimit_header() {
     let v = format!("\"default\";r=5;t=1{}", distinct_params(256 * 1024 / 5));
     let h = headers("ratelimit", &v);
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-    let t = median(1, || {
+    let t = fastest(1, || {
         assert!(pause_hint(StatusCode::OK, &h, now).is_none());
     });
     eprintln!("one 256 KiB RateLimit header: {t:?}");
@@ -325,7 +302,7 @@ fn one_large_link_header_against_a_long_uri() {
     let mut v = one.repeat(256 * 1024 / one.len());
     v.push_str("</next>;rel=next");
     let h = headers("link", &v);
-    let t = median(3, || {
+    let t = fastest(3, || {
         assert_eq!(
             next_link(&h, &base).as_deref(),
             Some("http://h.example/next")
@@ -335,7 +312,7 @@ fn one_large_link_header_against_a_long_uri() {
     let mut plain = "<i>;title=#a;rel=x,".repeat(256 * 1024 / one.len());
     plain.push_str("</next>;rel=next");
     let p = headers("link", &plain);
-    let baseline = median(3, || {
+    let baseline = fastest(3, || {
         assert_eq!(
             next_link(&p, &base).as_deref(),
             Some("http://h.example/next")

@@ -3,6 +3,7 @@
 //! n, compared within one run).
 #![cfg(feature = "full")]
 
+use crate::cost_common::{fastest, ratio, scaling};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -25,27 +26,6 @@ fn distinct_params(count: usize) -> String {
         }
     }
     s
-}
-
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
-    let mut t: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    t.sort();
-    t[runs / 2]
-}
-
-fn scaling(n: usize, mut f: impl FnMut(usize) -> Duration) -> [Duration; 3] {
-    let _ = f(n);
-    [f(n), f(4 * n), f(16 * n)]
-}
-
-fn ratio(t: &[Duration; 3]) -> f64 {
-    t[2].as_secs_f64() / t[0].as_secs_f64().max(1e-7)
 }
 
 type App = Box<dyn FnMut(Request<Full<Bytes>>) -> Response<()>>;
@@ -94,7 +74,7 @@ fn idempotency_key_with_distinct_parameters_is_linear() {
             MemoryStore::default(),
             ByCredentials::default(),
         ));
-        median(5, || {
+        fastest(5, || {
             let res = call(post(&[("idempotency-key", &key)]));
             assert_eq!(res.status(), StatusCode::CREATED);
         })
@@ -115,7 +95,7 @@ fn idempotency_key_with_a_repeated_parameter_is_linear() {
             MemoryStore::default(),
             ByCredentials::default(),
         ));
-        median(5, || {
+        fastest(5, || {
             let res = call(post(&[("idempotency-key", &key)]));
             assert_eq!(res.status(), StatusCode::CREATED);
         })
@@ -161,7 +141,7 @@ fn scope_headers_and_repeated_keys_are_linear() {
                 MemoryStore::default(),
                 ByCredentials::default().with_cookies(["sid"]),
             ));
-            median(5, || {
+            fastest(5, || {
                 let refs: Vec<(&str, &HeaderValue)> = hs.iter().map(|(k, v)| (*k, v)).collect();
                 let res = call(post(&refs));
                 assert_eq!(res.status(), StatusCode::CREATED, "{name}");

@@ -3,6 +3,7 @@
 //! module here (`mod name;`), or a `[[test]]` of its own in Cargo.toml when it needs its own
 //! process (a global allocator); `every_test_file_is_compiled` checks that none is forgotten.
 
+mod cost_common;
 mod logs13_common;
 mod outsider4_common;
 mod outsider_common;

@@ -195,7 +195,7 @@ where
 
 /// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
 /// remote quota, nothing (the store spaces them when they ask it). And whether slow start lets
-/// them out (no quota, no pace), spaced by the pace learned from bare 429s when there is one.
+/// them out (no quota, no pace), spaced by the pace learned from bare 429s and 503s when there is one.
 pub(crate) fn line_pace(bound: &Bound) -> (Option<crate::Quota>, bool) {
     if bound.config.remote.is_some() {
         return (None, false);
@@ -272,6 +272,11 @@ impl PauseCapped {
     }
 }
 
+/// A 429 or a 503: the server refused the call for now.
+fn is_refusal(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
+}
+
 /// Reads a response for pauses the server asked for, caps them, and applies them to every caller
 /// of the key.
 fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
@@ -281,7 +286,10 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     let config = &bound.config;
     let (asked, source) = match pause_hint(res.status(), res.headers(), config.clock.now()) {
         Some(h) => (h.delay, Some(h.source)),
-        None if res.status() == StatusCode::TOO_MANY_REQUESTS => (config.default_pause, None),
+        // A bare 503 is read as a bare 429: nginx's `limit_req`, the most common limiter in
+        // front of an API, refuses with 503 unless told otherwise, and a server that says it is
+        // unavailable is better given a moment than the next call at once.
+        None if is_refusal(res.status()) => (config.default_pause, None),
         None => return,
     };
     let applied = asked.min(config.max_pause);
@@ -289,7 +297,11 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     if applied.is_zero() {
         return;
     }
-    let from = source.map_or("a 429 without a wait header", source_name);
+    let from = match source {
+        Some(source) => source_name(source),
+        None if res.status() == StatusCode::SERVICE_UNAVAILABLE => "a 503 without a wait header",
+        None => "a 429 without a wait header",
+    };
     if let Some(source) = source.filter(|_| asked > applied) {
         tracing::warn!(
             key = bound.key(),
@@ -306,13 +318,13 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     }
     let ks = bound.state();
     let now = ks.origin.elapsed();
-    // A bare 429 says nothing about how long to wait: one that arrives while the key is paused
+    // A bare 429 (or 503) says nothing about how long to wait: one that arrives while the key is paused
     // answers a call that was in flight when the pause began, and changes nothing.
     if source.is_none() && ks.gate.paused_until() > now {
         return;
     }
     let mut applied_ns = nanos(applied);
-    // A bare 429 that begins a pause (not one of the answers to calls already in flight when
+    // A bare 429 (or 503) that begins a pause (not one of the answers to calls already in flight when
     // it began) teaches a key without a quota to pace its calls: see the gate's docs. Once a
     // pace is learned, the pace holds the calls back, and the pause is one interval of it.
     if source.is_none()
@@ -386,19 +398,13 @@ where
                     let mut result = ready!(fut.poll(cx)).map_err(Into::into);
                     if let (Ok(res), Some(bound)) = (&mut result, this.limiter.as_ref()) {
                         observe(bound, res);
-                        let status = res.status();
-                        if status != StatusCode::TOO_MANY_REQUESTS
-                            && status != StatusCode::SERVICE_UNAVAILABLE
-                        {
+                        if !is_refusal(res.status()) {
                             bound.state().gate.learn_faster();
                         }
                     }
                     if let Some(r) = this.released.as_mut() {
                         // Observed first: a 429 has already shrunk the window.
-                        let ok = result.as_ref().is_ok_and(|res| {
-                            res.status() != StatusCode::TOO_MANY_REQUESTS
-                                && res.status() != StatusCode::SERVICE_UNAVAILABLE
-                        });
+                        let ok = result.as_ref().is_ok_and(|res| !is_refusal(res.status()));
                         r.finish(ok);
                     }
                     return Poll::Ready(result);
