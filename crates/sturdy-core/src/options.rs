@@ -58,7 +58,8 @@ impl CallOptions {
         self
     }
 
-    /// An overall deadline for this request: attempts and waits together.
+    /// An overall deadline for this request: attempts and waits together, until the response head
+    /// arrives (the body that follows is read by the caller, under a bound of its own).
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
         self

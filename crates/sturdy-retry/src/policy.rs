@@ -15,7 +15,7 @@ use sturdy_core::keyed::{Idle, KeyedMap, Local, SlotCache};
 use sturdy_core::trace::{DelaySource, TraceEvent};
 use sturdy_core::{
     human_duration, BoxError, CallOptions, CallReport, CircuitOpen, Delivery, ErrorKind,
-    RateLimited, Trace, WallClock,
+    OpenReason, RateLimited, Trace, WallClock,
 };
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -176,6 +176,10 @@ pub(crate) struct RetryPolicy<C = DefaultClassify> {
     /// Attempts made so far, and the most allowed for this call.
     attempts: u32,
     max_attempts: u32,
+    /// Of those, the ones a half-open breaker refused while its probe ran and that the call, with
+    /// time left before its deadline, waited out: nothing was sent, so they do not use up the
+    /// call's attempts or its retry budget.
+    probe_waits: u32,
     /// Shared with the response future for the deadline's error (only when there is a deadline).
     state: Option<Arc<CallState>>,
     prev: Option<Duration>,
@@ -390,6 +394,7 @@ impl<C> RetryPolicy<C> {
             budget,
             body: None,
             attempts: 0,
+            probe_waits: 0,
             state,
             prev: None,
             deposited: false,
@@ -433,7 +438,7 @@ impl<C> RetryPolicy<C> {
 
     /// Whether the attempt about to be sent is the last one allowed.
     pub(crate) fn is_last_attempt(&self) -> bool {
-        self.attempts + 1 >= self.max_attempts
+        self.attempts - self.probe_waits + 1 >= self.max_attempts
     }
 
     /// Marks the call replayable with this body.
@@ -524,12 +529,24 @@ impl<C> RetryPolicy<C> {
         let left = self
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
+        // A half-open breaker refused the call while its probe runs: there is no time to wait
+        // for (`retry_in` is zero), so the call with a deadline looks again after a backoff's
+        // base, for as long as its deadline allows, without using up an attempt.
+        let probing = self.deadline.is_some()
+            && matches!(&*result, Err(e) if sturdy_core::find::<CircuitOpen>(&**e)
+                .is_some_and(|c| c.reason() == OpenReason::Probing));
+        let counted = n - self.probe_waits - u32::from(probing);
         let (delay, source) = if let Some((wait, source)) =
             server_wait(result, self.config.clock.now())
         {
+            let wait = if probing {
+                wait.max(self.config.backoff.base())
+            } else {
+                wait
+            };
             let too_long = wait > self.config.max_retry_after;
             let past_deadline = left.is_some_and(|l| wait >= l);
-            if too_long || past_deadline || n >= self.max_attempts {
+            if too_long || past_deadline || counted >= self.max_attempts {
                 let reason = if too_long {
                     format!(
                         "longer than the {} this client waits",
@@ -579,7 +596,7 @@ impl<C> RetryPolicy<C> {
             }
             (delay, source)
         } else {
-            if n >= self.max_attempts {
+            if counted >= self.max_attempts {
                 self.stopped(req, &kind, RetryStop::AttemptsExhausted);
                 self.finish(req, result, Stop::Plain);
                 return None;
@@ -612,7 +629,7 @@ impl<C> RetryPolicy<C> {
             );
             return None;
         }
-        if let Some(b) = &self.budget {
+        if let Some(b) = self.budget.as_ref().filter(|_| !probing) {
             if !b.withdraw() {
                 tracing::info!(attempt = n, host = %host, "not retried: the retry budget is exhausted");
                 self.stopped(req, &kind, RetryStop::BudgetExhausted);
@@ -638,6 +655,9 @@ impl<C> RetryPolicy<C> {
                 duration: delay,
                 source,
             });
+        }
+        if probing {
+            self.probe_waits += 1;
         }
         Some(delay)
     }

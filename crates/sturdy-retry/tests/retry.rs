@@ -866,3 +866,60 @@ async fn a_service_that_fails_to_become_ready_for_a_retry_still_gets_the_calls_e
         "{text}"
     );
 }
+
+fn probing() -> Reply {
+    Err(Box::new(
+        sturdy_core::CircuitOpen::new("api.example.com", Duration::ZERO)
+            .with_reason(sturdy_core::OpenReason::Probing),
+    ))
+}
+
+/// A half-open breaker refuses everyone but its probe, with `retry_in` zero: a call with a
+/// deadline looks again every backoff base until the probe has answered, and those refusals
+/// (nothing was sent) do not use up its 4 attempts.
+#[tokio::test(start_paused = true)]
+async fn a_call_with_a_deadline_waits_out_a_running_probe_without_using_attempts() {
+    let api = Api::new((0..6).map(|_| probing()).collect());
+    let start = Instant::now();
+    let res = layer()
+        .with_deadline(Duration::from_secs(10))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(api.calls(), 7);
+    for gap in api.gaps() {
+        assert!(gap >= Duration::from_millis(250), "{:?}", api.gaps());
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    // Without a deadline, the refusal is the answer at once.
+    let api = Api::new(vec![probing()]);
+    let err = layer()
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert_eq!(api.calls(), 1);
+    assert!(
+        sturdy_core::find::<sturdy_core::CircuitOpen>(&*err).is_some(),
+        "{err}"
+    );
+
+    // Refused until the deadline: it ends by then, with the breaker's words.
+    let api = Api::new((0..1000).map(|_| probing()).collect());
+    let start = Instant::now();
+    let err = layer()
+        .with_deadline(Duration::from_secs(2))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("half-open"), "{err}");
+}
