@@ -1347,7 +1347,6 @@ async fn stalled_call_releases_the_single_permit_at_its_attempt_timeout() {
 /// says so (docs/guides/agents.md: "may have been processed ... is false only when no attempt
 /// of the call reached the server (... a local rate limit ...)"), and it names the rate limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: docs say a local rate limit gives may_have_been_processed false and errors name the root cause; a deadline ending while the call waits out nginx's Retry-After pause says 'timeout ... may have been processed' though nothing was sent, and names no rate limit"]
 async fn deadline_shorter_than_a_pause_fails_not_sent() {
     let base = peer_or_skip!(NGINX);
     let (wire_svc, wire) = recorded(http());
@@ -1380,7 +1379,10 @@ async fn deadline_shorter_than_a_pause_fails_not_sent() {
     assert_eq!(wire.len(), sent, "nothing reached nginx");
     assert!(took <= Duration::from_millis(400), "{took:?}");
     assert!(!s.may_have_been_processed, "nothing was sent: {s:?}");
-    assert_eq!(s.kind, "rate_limited", "{s:?}");
+    assert!(
+        err.to_string().contains("rate limit"),
+        "names the rate limit: {err}"
+    );
 }
 
 /// A half-open breaker's probe whose caller gives up (its future dropped) gives its slot back
@@ -1543,7 +1545,6 @@ async fn coalesced_gets_through_an_intermittent_stall() {
 /// want of a token never reached the API: its error says `Delivery::NotSent` ..., so a POST may
 /// be sent again".
 #[tokio::test]
-#[ignore = "FAULT: docs say a call that failed for want of a token says Delivery::NotSent; when the call's deadline ends during the first token wait, the error says 'may have been processed' (MaybeProcessed) and nothing reached the API"]
 async fn deadline_during_the_first_token_wait_is_not_sent() {
     let odd = peer_or_skip!(ODD);
     let api = peer_or_skip!(API);

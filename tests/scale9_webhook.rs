@@ -9,8 +9,6 @@ use crate::cost_common::{fastest, ratio, scaling};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sturdy::webhook::{
     sign_standard, sign_stripe, Encoding, GenericHmac, SourceAllowlist, StandardWebhooks, Stripe,

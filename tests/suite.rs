@@ -13,6 +13,7 @@ mod compose14_cancel;
 mod compose14_ready;
 mod compose14_servers;
 mod compose14_shared;
+mod deadline_holds;
 mod exactly_once;
 mod logs13_auth;
 mod logs13_client;

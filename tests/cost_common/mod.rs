@@ -5,7 +5,8 @@
 //! the one that measures the work itself.
 #![allow(dead_code, unreachable_pub)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The fastest of `runs` runs of `f`.
 pub fn fastest(runs: usize, mut f: impl FnMut()) -> Duration {

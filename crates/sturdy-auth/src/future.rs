@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use secrecy::ExposeSecret;
 use sturdy_core::events::{Event, EventHook};
+use sturdy_core::hold::{AttemptHold, HeldFor};
 use sturdy_core::trace::TraceEvent;
 use sturdy_core::{human_duration, BoxError, Delivery, Error, ErrorKind, Trace};
 use tokio::time::{sleep, Sleep};
@@ -236,6 +237,13 @@ where
                     let result = match fut.as_mut().poll(cx) {
                         Poll::Ready(r) => r,
                         Poll::Pending => {
+                            if timer.is_none() && !self.replayed {
+                                // Held back for a token: a deadline ending meanwhile can say
+                                // the request was never sent.
+                                if let Some(hold) = self.head.extensions.get::<AttemptHold>() {
+                                    hold.hold(HeldFor::Token);
+                                }
+                            }
                             let timer = timer.get_or_insert_with(|| Box::pin(sleep(self.timeout)));
                             ready!(timer.as_mut().poll(cx));
                             let err = self.timed_out();
@@ -282,6 +290,9 @@ where
                         Ok(req) => req,
                         Err(e) => return Poll::Ready(Err(Box::new(self.mark(e)))),
                     };
+                    if let Some(hold) = req.extensions().get::<AttemptHold>() {
+                        hold.release();
+                    }
                     // The service is used: a replay must drive it to readiness again.
                     self.needs_ready = true;
                     self.stage = Stage::Calling {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use sturdy_core::classify::{Classify, Outcome};
+use sturdy_core::hold::{AttemptHold, HeldFor};
 use sturdy_core::keyed::Local;
 use sturdy_core::{BoxError, ErrorKind};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit};
@@ -105,6 +106,10 @@ where
     ) -> Self {
         let limiter = local.value();
         limiter.waiting.fetch_add(1, Ordering::Relaxed);
+        // Held back for a place: a deadline ending meanwhile can say it was never sent.
+        if let Some(hold) = req.extensions().get::<AttemptHold>() {
+            hold.hold(HeldFor::Concurrency);
+        }
         let acquire: Acquire = Box::pin(limiter.sem.clone().acquire_owned());
         let slow = Slow {
             sleep: Box::pin(tokio::time::sleep(max_wait)),
@@ -164,6 +169,9 @@ where
                             let Some(req) = slow.req.take() else {
                                 return Poll::Ready(Err("the call was already answered".into()));
                             };
+                            if let Some(hold) = req.extensions().get::<AttemptHold>() {
+                                hold.release();
+                            }
                             // The service poll_ready made ready, called after the wait.
                             let fut = slow.svc.call(req);
                             *this.permit = Some(permit);

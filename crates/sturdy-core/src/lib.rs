@@ -43,6 +43,7 @@ pub mod clock;
 mod error;
 pub mod events;
 pub mod headers;
+pub mod hold;
 pub mod key;
 pub mod keyed;
 mod macros;

@@ -138,6 +138,11 @@ where
                 return Step::Dropped;
             };
             host.hedges.fetch_add(1, Ordering::Relaxed);
+            // Two copies now go their own ways: whether one of them was sent can no longer be
+            // read from the mark they share.
+            if let Some(hold) = req.extensions().get::<sturdy_core::hold::AttemptHold>() {
+                hold.fan_out();
+            }
             // The host and path only: userinfo and the query may hold credentials.
             tracing::debug!(
                 host = key,

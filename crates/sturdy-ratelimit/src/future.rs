@@ -8,6 +8,7 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use sturdy_core::events::Event;
 use sturdy_core::headers::{may_pause, pause_hint, PauseSource};
+use sturdy_core::hold::{AttemptHold, HeldFor};
 use sturdy_core::{BoxError, RateLimited};
 use tokio::time::Sleep;
 use tower::Service;
@@ -145,6 +146,14 @@ where
     }
 
     fn waiting(slow: Slow<S, B>) -> Self {
+        // Held back until its turn: a deadline ending meanwhile can say it was never sent.
+        if let Some(hold) = slow
+            .req
+            .as_ref()
+            .and_then(|r| r.extensions().get::<AttemptHold>())
+        {
+            hold.hold(HeldFor::RateLimit);
+        }
         let limiter = Some(slow.bound.clone());
         Self {
             state: State::Waiting {
@@ -542,5 +551,8 @@ where
         }
     }
     let req = slow.req.take().expect("polled after completion");
+    if let Some(hold) = req.extensions().get::<AttemptHold>() {
+        hold.release();
+    }
     Poll::Ready(Ok(slow.svc.call(req)))
 }

@@ -199,14 +199,24 @@ fn deadline_passed(
     call: Option<&CallState>,
     last: Option<(String, Option<BoxError>)>,
 ) -> BoxError {
-    let (n, in_flight) = call.map_or((0, true), |c| {
+    let (n, in_flight, held) = call.map_or((0, true, None), |c| {
         (
             c.attempts.load(Ordering::Relaxed),
             c.in_flight.load(Ordering::Relaxed),
+            c.hold.held_for(),
         )
     });
     let len_s = human_duration(len);
     let (mut message, made) = match (in_flight, n) {
+        // A layer below held the attempt back: it was never sent, and is not counted as made.
+        (true, _) if held.is_some() => (
+            format!(
+                "the overall deadline of {len_s} passed while attempt {} waited for {}, before it was sent",
+                n + 1,
+                held.map_or(String::new(), |h| h.to_string()),
+            ),
+            n,
+        ),
         (true, _) => (
             format!(
                 "the overall deadline of {len_s} passed during attempt {}",
@@ -275,12 +285,14 @@ where
         let mut this = self.project();
         if let Some(d) = this.deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
-                this.state.set(State::Done);
-                return Poll::Ready(Err(deadline_passed(
+                // Read before the attempt is dropped: what holds it back speaks for it.
+                let err = deadline_passed(
                     this.run.deadline_len,
                     this.run.call.as_deref(),
                     this.run.last.take(),
-                )));
+                );
+                this.state.set(State::Done);
+                return Poll::Ready(Err(err));
             }
         }
         let run = &mut **this.run;

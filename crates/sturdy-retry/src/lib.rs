@@ -19,7 +19,10 @@
 //!   with no attempt left, is not slept: on a 429 or a 503 the call fails at once with a
 //!   [`RateLimited`](sturdy_core::RateLimited) carrying the wait in its error chain, so the caller
 //!   decides (a 409 is returned as it is).
-//! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps; a
+//! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps (a
+//!   deadline that ends while a layer below holds the attempt back, for a rate-limit turn, a
+//!   token or a concurrency place, says the attempt was never sent and what it waited for: see
+//!   [`sturdy_core::hold`]); a
 //!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
 //!   clone, so an outage does not multiply traffic.
 //! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every

@@ -142,15 +142,24 @@ pub(crate) struct CallState {
     pub(crate) attempts: AtomicU32,
     pub(crate) maybe_processed: AtomicBool,
     pub(crate) in_flight: AtomicBool,
+    /// What the attempt in flight is held back for below, if anything (then it was not sent).
+    pub(crate) hold: sturdy_core::hold::AttemptHold,
     /// The idempotency key, and whether the method is one that a duplicate would hurt.
     pub(crate) key: Option<String>,
     pub(crate) unsafe_method: bool,
 }
 
 impl CallState {
-    /// The delivery of the call so far: an attempt in flight may be processed.
+    /// Whether an attempt is in flight and may have been sent: not while a layer below holds it
+    /// back (waiting for its turn, a token, a place).
+    pub(crate) fn sent_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) && self.hold.held_for().is_none()
+    }
+
+    /// The delivery of the call so far: an attempt in flight may be processed, unless a layer
+    /// below still holds it back.
     pub(crate) fn delivery(&self) -> Delivery {
-        if self.maybe_processed.load(Ordering::Relaxed) || self.in_flight.load(Ordering::Relaxed) {
+        if self.maybe_processed.load(Ordering::Relaxed) || self.sent_in_flight() {
             Delivery::MaybeProcessed
         } else {
             Delivery::NotSent
@@ -427,6 +436,8 @@ impl<C> RetryPolicy<C> {
     pub(crate) fn starting_attempt(&mut self) {
         if let Some(s) = &self.state {
             s.in_flight.store(true, Ordering::Relaxed);
+            // A wait of the attempt before that ended in an error left its mark.
+            s.hold.release();
         }
         if !self.deposited {
             self.deposited = true;

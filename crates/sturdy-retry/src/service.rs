@@ -77,17 +77,16 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Each attempt's timeout is kept by the loop itself, not by a layer wrapped around the
         // service: a layer would move every request and future through one more frame, on every
         // call, for a timer most calls never make.
         let attempt_timeout = crate::timeout::attempt_timeout(&req, self.config.attempt_timeout);
-        let host = sturdy_core::key::host(&req);
-        let budget = self.config.budget.for_host(host, &mut self.budgets);
         let options = CallOptions::of(&req);
         let deadline = options
             .and_then(CallOptions::deadline)
             .or(self.config.deadline);
+        let max_attempts = crate::policy::max_attempts(&self.config, options);
         let call = deadline.map(|_| {
             Arc::new(CallState {
                 key: req
@@ -99,7 +98,13 @@ where
                 ..CallState::default()
             })
         });
-        let max_attempts = crate::policy::max_attempts(&self.config, options);
+        if let Some(c) = &call {
+            // The layers below mark the waits that hold an attempt back, so that a deadline
+            // ending meanwhile can say it was never sent (every attempt's copy shares the mark).
+            req.extensions_mut().insert(c.hold.clone());
+        }
+        let host = sturdy_core::key::host(&req);
+        let budget = self.config.budget.for_host(host, &mut self.budgets);
         // The policy is made where it is kept (in the loop's box), not here and moved there.
         // The closure takes the settings as arguments: capturing `self`'s fields instead made
         // the call 90 instructions dearer (callgrind).

@@ -1,0 +1,145 @@
+//! What an attempt is held back for before it is sent, so that a deadline that ends meanwhile
+//! can say the attempt was never sent, and why.
+//!
+//! The retry layer puts an [`AttemptHold`] in the extensions of every attempt of a call that has
+//! a deadline. A layer below it that makes an attempt wait before passing it on (the rate limit,
+//! the auth layer waiting for a token, the adaptive concurrency limit) marks the wait with
+//! [`AttemptHold::hold`] and clears it with [`AttemptHold::release`] when the attempt goes on.
+//! When the deadline ends while the mark is set, the call's error says the attempt was not sent
+//! (`Delivery::NotSent` unless an earlier attempt may have been processed) and what it waited
+//! for. A layer that sends more than one copy of a request (hedging) calls
+//! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is.
+//!
+//! ```
+//! use sturdy_core::hold::{AttemptHold, HeldFor};
+//!
+//! let hold = AttemptHold::new();
+//! let mut req = http::Request::new(());
+//! req.extensions_mut().insert(hold.clone());
+//!
+//! // A layer below makes the attempt wait for its turn, then lets it go.
+//! let mark = AttemptHold::of(&req);
+//! if let Some(h) = &mark {
+//!     h.hold(HeldFor::RateLimit);
+//! }
+//! assert_eq!(hold.held_for(), Some(HeldFor::RateLimit));
+//! if let Some(h) = &mark {
+//!     h.release();
+//! }
+//! assert_eq!(hold.held_for(), None);
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// What a layer holds an attempt back for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeldFor {
+    /// Its turn under a rate limit: a pause the server asked for, or a slot of the quota.
+    RateLimit,
+    /// An access token.
+    Token,
+    /// A place under a concurrency limit.
+    Concurrency,
+}
+
+impl fmt::Display for HeldFor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RateLimit => "its turn under the rate limit",
+            Self::Token => "an access token",
+            Self::Concurrency => "a place under the concurrency limit",
+        })
+    }
+}
+
+const FREE: u8 = 0;
+const RATE_LIMIT: u8 = 1;
+const TOKEN: u8 = 2;
+const CONCURRENCY: u8 = 3;
+/// Sticky: copies of the request went more than one way.
+const FANNED_OUT: u8 = u8::MAX;
+
+/// The mark one attempt carries in its extensions: what it is held back for right now, if
+/// anything. Clones share the mark. See the [module docs](self).
+#[derive(Clone, Default)]
+pub struct AttemptHold(Arc<AtomicU8>);
+
+impl AttemptHold {
+    /// A mark that says the attempt is not held.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The mark in `req`'s extensions, if the retry layer put one there.
+    pub fn of<B>(req: &http::Request<B>) -> Option<Self> {
+        req.extensions().get::<Self>().cloned()
+    }
+
+    /// The attempt waits for `what` before it goes on.
+    pub fn hold(&self, what: HeldFor) {
+        let v = match what {
+            HeldFor::RateLimit => RATE_LIMIT,
+            HeldFor::Token => TOKEN,
+            HeldFor::Concurrency => CONCURRENCY,
+        };
+        // Never over a fan-out: one copy may have been sent already.
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != FANNED_OUT).then_some(v)
+            });
+    }
+
+    /// The attempt goes on (to the next layer; it may be sent from here on).
+    pub fn release(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != FANNED_OUT).then_some(FREE)
+            });
+    }
+
+    /// Copies of the attempt go more than one way (a hedge): from now on the mark says nothing.
+    pub fn fan_out(&self) {
+        self.0.store(FANNED_OUT, Ordering::Release);
+    }
+
+    /// What the attempt is held back for right now; `None` when it is not held (it may have
+    /// been sent) or after a fan-out.
+    pub fn held_for(&self) -> Option<HeldFor> {
+        match self.0.load(Ordering::Acquire) {
+            RATE_LIMIT => Some(HeldFor::RateLimit),
+            TOKEN => Some(HeldFor::Token),
+            CONCURRENCY => Some(HeldFor::Concurrency),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for AttemptHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AttemptHold")
+            .field(&self.held_for())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fan_out_is_sticky() {
+        let h = AttemptHold::new();
+        h.hold(HeldFor::Token);
+        h.fan_out();
+        assert_eq!(h.held_for(), None);
+        h.hold(HeldFor::RateLimit);
+        assert_eq!(h.held_for(), None);
+        h.release();
+        assert_eq!(h.held_for(), None);
+    }
+}
