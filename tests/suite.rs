@@ -20,6 +20,7 @@ mod metrics;
 mod newfeat15_coalesce;
 mod newfeat15_concurrency;
 mod newfeat15_hedge;
+mod newfeat15_reqwest;
 mod newfeat15_tls;
 mod outsider2_client;
 mod outsider2_compose;
