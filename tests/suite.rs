@@ -20,6 +20,8 @@ mod metrics;
 mod newfeat15_coalesce;
 mod newfeat15_concurrency;
 mod newfeat15_hedge;
+mod newfeat15_metrics;
+mod newfeat15_ratelimit;
 mod newfeat15_reqwest;
 mod newfeat15_tls;
 mod outsider2_client;
