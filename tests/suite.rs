@@ -20,6 +20,7 @@ mod metrics;
 mod newfeat15_coalesce;
 mod newfeat15_concurrency;
 mod newfeat15_hedge;
+mod newfeat15_keys;
 mod newfeat15_metrics;
 mod newfeat15_ratelimit;
 mod newfeat15_reqwest;
