@@ -145,7 +145,10 @@ async fn header_values_that_spell_out_other_headers_do_not_share() {
                     "http://api.example.com/me",
                     &[("authorization", v("Bearer a")), ("cookie", v("session=b"))],
                 ),
-                get("http://api.example.com/me", &[("authorization", v(&joined))]),
+                get(
+                    "http://api.example.com/me",
+                    &[("authorization", v(&joined))],
+                ),
             ])
             .await;
             assert_eq!(n, 2, "{joined:?}");

@@ -162,13 +162,24 @@ async fn vegas_settles_a_few_calls_above_a_queueing_servers_capacity() {
 /// "the limit is multiplied by 0.9 (`.with_backoff(ratio)`, validated)".
 #[test]
 fn the_backoff_ratio_is_validated() {
-    for bad in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+    for bad in [
+        0.0,
+        1.0,
+        -0.5,
+        1.5,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
         assert!(
             AdaptiveConcurrencyLayer::new().with_backoff(bad).is_err(),
             "{bad}"
         );
     }
     for good in [0.5, 0.9, 0.999, f64::MIN_POSITIVE] {
-        assert!(AdaptiveConcurrencyLayer::new().with_backoff(good).is_ok(), "{good}");
+        assert!(
+            AdaptiveConcurrencyLayer::new().with_backoff(good).is_ok(),
+            "{good}"
+        );
     }
 }

@@ -39,7 +39,7 @@ impl Drop for Guard {
 
 impl Api {
     fn new(ms: u64) -> Self {
-        let api = Api::default();
+        let api = Self::default();
         api.latency_ms.store(ms, Ordering::SeqCst);
         api
     }

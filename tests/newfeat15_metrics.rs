@@ -232,7 +232,10 @@ async fn the_limit_gauge_follows_growth_under_load() {
         matches!(gauge[0].value, DebugValue::Gauge(v) if v.into_inner() == limit as f64),
         "{gauge:?} vs {limit}"
     );
-    assert_eq!(gauge[0].labels, map(&[("server.address", "api.example.com")]));
+    assert_eq!(
+        gauge[0].labels,
+        map(&[("server.address", "api.example.com")])
+    );
 }
 
 /// metrics.md's retry metrics for calls made with reqwest through `SturdyMiddleware`: two 503s

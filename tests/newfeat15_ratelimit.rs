@@ -61,7 +61,10 @@ async fn a_bare_503_pauses_nobody() {
     let p = paused.clone();
     let layer = RateLimitLayer::adaptive_only().on_event(move |e: &Event<'_>| {
         if let Event::RateLimitPaused {
-            status, source, pause, ..
+            status,
+            source,
+            pause,
+            ..
         } = e
         {
             p.lock()
@@ -82,7 +85,11 @@ async fn a_bare_503_pauses_nobody() {
     assert_eq!(res.status(), 200);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     eprintln!("pauses {:?}, waited {waited:?}", paused.lock().unwrap());
-    assert!(paused.lock().unwrap().is_empty(), "{:?}", paused.lock().unwrap());
+    assert!(
+        paused.lock().unwrap().is_empty(),
+        "{:?}",
+        paused.lock().unwrap()
+    );
     assert!(waited < Duration::from_millis(5), "{waited:?}");
 }
 

@@ -38,7 +38,9 @@ fn loopback_params() -> CertificateParams {
 }
 
 /// An HTTPS server answering "hello"; counts TCP connections accepted and requests handled.
-async fn serve_tls(cert: &CertifiedKey<KeyPair>) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+async fn serve_tls(
+    cert: &CertifiedKey<KeyPair>,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -115,9 +117,7 @@ async fn refused_certificate_reads_as_untrusted(params: CertificateParams, what:
     assert!(text.starts_with("TLS handshake failed ("), "{what}: {text}");
     assert_eq!(delivery(&err), Delivery::NotSent, "{what}");
     assert_eq!(classify_error(&err), ErrorKind::Tls, "{what}: {text}");
-    let stack = ClientBuilder::new()
-        .with_retry(quick_retry())
-        .build(client);
+    let stack = ClientBuilder::new().with_retry(quick_retry()).build(client);
     let err = tokio::time::timeout(
         Duration::from_secs(10),
         stack.oneshot(get(format!("https://{addr}/"))),
@@ -216,7 +216,7 @@ async fn a_server_stalling_in_the_handshake_times_out_per_attempt() {
         .with_retry(quick_retry().with_max_attempts(2))
         .with_attempt_timeout(Duration::from_millis(150))
         .build(client);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = tokio::time::timeout(
         Duration::from_secs(10),
         stack.oneshot(get(format!("https://{addr}/"))),

@@ -22,7 +22,9 @@ mod newfeat15_concurrency;
 mod newfeat15_hedge;
 mod newfeat15_keys;
 mod newfeat15_metrics;
+
 mod newfeat15_ratelimit;
+mod newfeat15_redis_cluster;
 mod newfeat15_reqwest;
 mod newfeat15_tls;
 mod outsider2_client;
