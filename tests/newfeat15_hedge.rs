@@ -202,3 +202,62 @@ async fn the_loser_is_dropped_when_the_winner_answers() {
     );
     drop(res);
 }
+
+/// "Each hedgeable call adds 0.05 of a hedge": calls that are not hedgeable (POSTs) add nothing.
+/// With a burst of 1, the one token is spent by the first slow GET; a thousand POSTs later, the
+/// next slow GET finds no whole token and is not hedged.
+#[tokio::test(start_paused = true)]
+async fn calls_that_are_not_hedgeable_add_nothing_to_the_budget() {
+    let api = Api::new(10);
+    let (layer, handle) = HedgeLayer::new().with_budget(0.05, 1).unwrap().pair();
+    let svc = layer.layer(api.service());
+    for _ in 0..8 {
+        burst(&svc, 16).await;
+    }
+    api.slow_next.store(true, Ordering::SeqCst);
+    burst(&svc, 1).await;
+    assert_eq!(handle.stats("api.example.com").unwrap().hedges(), 1);
+    for _ in 0..1000 {
+        let post = Request::post("http://api.example.com/")
+            .body(Full::default())
+            .unwrap();
+        svc.clone().oneshot(post).await.unwrap();
+    }
+    api.slow_next.store(true, Ordering::SeqCst);
+    burst(&svc, 1).await;
+    let s = handle.stats("api.example.com").unwrap();
+    assert_eq!(s.hedges(), 1, "POSTs filled the budget: {s:?}");
+}
+
+/// hedge.md and concurrency.md: below the hedging layer "each hedged copy takes a place of its
+/// own, so hedging cannot push a host past its limit", and "When one copy fails with an error
+/// while the other is still running, the call waits for the other". With a limit of one that
+/// sheds (no wait), the hedge is refused and the call still gets the first copy's answer.
+#[tokio::test(start_paused = true)]
+async fn a_hedge_refused_by_a_full_adaptive_limit_leaves_the_first_copy_to_answer() {
+    use sturdy::concurrency::AdaptiveConcurrencyLayer;
+    let api = Api::new(10);
+    let (hedge, handle) = HedgeLayer::new().pair();
+    let (limit, limits) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_initial_limit(1)
+        .with_max_wait(Duration::ZERO)
+        .pair();
+    let svc = hedge.layer(limit.layer(api.service()));
+    for _ in 0..130 {
+        burst(&svc, 1).await;
+    }
+    assert!(handle.stats("api.example.com").unwrap().delay().is_some());
+    let before = api.calls.load(Ordering::SeqCst);
+    api.slow_next.store(true, Ordering::SeqCst);
+    let res = tokio::time::timeout(
+        Duration::from_secs(30),
+        svc.clone().oneshot(get("http://api.example.com/")),
+    )
+    .await
+    .expect("no hang");
+    assert!(res.is_ok(), "{:?}", res.err().map(|e| e.to_string()));
+    assert_eq!(api.calls.load(Ordering::SeqCst) - before, 1);
+    let state = limits.state("api.example.com").unwrap();
+    assert_eq!(state.in_flight(), 0);
+}

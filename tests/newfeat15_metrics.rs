@@ -310,3 +310,67 @@ async fn retries_through_the_middleware_are_counted_with_host_port_and_method() 
     );
     assert_eq!(count(&all, "sturdy.retry.stopped").0, 0);
 }
+
+/// metrics.md: `sturdy.retry.stopped` counts "retryable failures that were not retried", with
+/// `sturdy.retry.stop_reason` `not_replayable` ("the body was not kept"). A 2 MiB body streamed
+/// through `SturdyMiddleware` to a server answering 503 is sent once (reqwest.md: "a larger one
+/// is sent once"), and that stop is counted.
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_too_large_to_replay_counts_a_not_replayable_stop() {
+    #[derive(Clone, Default)]
+    struct Api(Arc<AtomicUsize>);
+    async fn down(State(api): State<Api>, _body: Bytes) -> StatusCode {
+        api.0.fetch_add(1, Ordering::SeqCst);
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let api = Api::default();
+    let app = Router::new()
+        .route("/orders", axum::routing::post(down))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(api.clone());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let retry = RetryLayer::new().with_seed(15).with_backoff(
+        Backoff::decorrelated_jitter(Duration::from_millis(2), Duration::from_millis(10)).unwrap(),
+    );
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new().with_retry(retry).build(next)
+        }))
+        .build();
+    let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..32)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))))
+        .collect();
+    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(
+        futures_util::stream::iter(frames),
+    ));
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.post(format!("http://{addr}/orders")).body(body).send(),
+    )
+    .await
+    .expect("no hang")
+    .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(api.0.load(Ordering::SeqCst), 1);
+    let all = seen(&snap);
+    let port = addr.port().to_string();
+    let (stopped, labels) = count(&all, "sturdy.retry.stopped");
+    assert_eq!(stopped, 1, "{all:?}");
+    assert_eq!(
+        labels,
+        vec![map(&[
+            ("server.address", "127.0.0.1"),
+            ("server.port", &port),
+            ("http.request.method", "POST"),
+            ("error.type", "503"),
+            ("sturdy.retry.stop_reason", "not_replayable"),
+        ])]
+    );
+    assert_eq!(count(&all, "sturdy.retry.retries").0, 0);
+}
