@@ -18,6 +18,7 @@ mod logs13_client;
 mod logs13_servers;
 mod metrics;
 mod newfeat15_coalesce;
+mod newfeat15_delivery;
 mod newfeat15_concurrency;
 mod newfeat15_hedge;
 mod newfeat15_keys;
