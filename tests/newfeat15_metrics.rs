@@ -346,12 +346,15 @@ async fn a_body_too_large_to_replay_counts_a_not_replayable_stop() {
     let frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..32)
         .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))))
         .collect();
-    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(
-        futures_util::stream::iter(frames),
-    ));
+    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )));
     let res = tokio::time::timeout(
         Duration::from_secs(10),
-        client.post(format!("http://{addr}/orders")).body(body).send(),
+        client
+            .post(format!("http://{addr}/orders"))
+            .body(body)
+            .send(),
     )
     .await
     .expect("no hang")

@@ -152,3 +152,39 @@ async fn a_bare_429_and_a_503_with_retry_after_pause_as_listed() {
         );
     }
 }
+
+/// Other bare server errors (500, 502, 504) are not in the guide's list either: none pauses.
+#[tokio::test(start_paused = true)]
+async fn other_bare_server_errors_pause_nobody() {
+    for status in [500u16, 502, 504] {
+        let paused = Arc::new(Mutex::new(Vec::new()));
+        let p = paused.clone();
+        let layer = RateLimitLayer::adaptive_only().on_event(move |e: &Event<'_>| {
+            if let Event::RateLimitPaused { pause, .. } = e {
+                p.lock().unwrap().push(*pause);
+            }
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let api = service_fn(move |_r: Request<Full<Bytes>>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut res = Response::new(Full::<Bytes>::default());
+                if n == 0 {
+                    *res.status_mut() = StatusCode::from_u16(status).unwrap();
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        });
+        let svc = layer.layer(api);
+        svc.clone().oneshot(get()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        svc.clone().oneshot(get()).await.unwrap();
+        assert!(
+            paused.lock().unwrap().is_empty() && started.elapsed() < Duration::from_millis(5),
+            "{status}: {:?}, waited {:?}",
+            paused.lock().unwrap(),
+            started.elapsed()
+        );
+    }
+}

@@ -389,3 +389,53 @@ async fn identical_reqwest_calls_coalesce_and_different_tokens_do_not() {
     eprintln!("{:?}", handle.stats());
     assert_eq!(api.0.load(Ordering::SeqCst), 2);
 }
+
+/// reqwest.md, "Timeouts": "reqwest's `timeout` ... bounds each attempt ... The whole call,
+/// retries and waits included, is bounded by the retry layer's deadline
+/// (`RetryLayer::with_deadline`)." A server that takes 2 s, a reqwest timeout of 80 ms, a
+/// deadline of 200 ms: the call ends near 200 ms, and says it timed out.
+#[tokio::test]
+async fn the_retry_deadline_bounds_a_call_of_reqwest_timeouts() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/slow",
+        get(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "late"
+            }
+        }),
+    );
+    let base = serve(app).await;
+    let retry = quick_retry().with_deadline(Duration::from_millis(200));
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new().with_retry(retry).build(next)
+        }))
+        .build();
+    let started = tokio::time::Instant::now();
+    let err = within(
+        client
+            .get(format!("{base}/slow"))
+            .timeout(Duration::from_millis(80))
+            .send(),
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    eprintln!(
+        "deadline: {msg} after {took:?}, {} requests",
+        hits.load(Ordering::SeqCst)
+    );
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    assert!(msg.contains("timed out"), "{msg}");
+    assert_eq!(
+        find::<sturdy::core::Error>(&err).unwrap().kind(),
+        &ErrorKind::Timeout
+    );
+    assert!((2..=3).contains(&hits.load(Ordering::SeqCst)));
+}
