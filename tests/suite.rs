@@ -19,6 +19,17 @@ mod logs13_auth;
 mod logs13_client;
 mod logs13_servers;
 mod metrics;
+mod newfeat15_coalesce;
+mod newfeat15_concurrency;
+mod newfeat15_delivery;
+mod newfeat15_hedge;
+mod newfeat15_keys;
+mod newfeat15_metrics;
+
+mod newfeat15_ratelimit;
+mod newfeat15_redis_cluster;
+mod newfeat15_reqwest;
+mod newfeat15_tls;
 mod outsider2_client;
 mod outsider2_compose;
 mod outsider2_errors;
