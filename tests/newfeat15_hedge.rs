@@ -129,7 +129,7 @@ async fn the_delay_follows_a_host_whose_latency_changes() {
 /// then no call for 25 s (longer than both windows), holds none in its recent windows. Its next
 /// slow call is not hedged on a delay learned 25 s ago.
 #[tokio::test(start_paused = true)]
-#[ignore = "FAULT: hedge.md says nothing is hedged until the recent windows hold 100 samples; after 25 s of quiet (both windows stale) the next call is hedged on the 25 s old delay"]
+
 async fn a_host_quiet_for_longer_than_both_windows_is_not_hedged_on_old_samples() {
     let api = Api::new(10);
     let (layer, handle) = HedgeLayer::new().pair();

@@ -115,7 +115,8 @@ impl HostState {
     /// The hedge delay: `None` while the recent windows hold too few samples.
     ///
     /// A host that goes quiet keeps its last delay until its next answered call, which starts a
-    /// new window and recomputes it.
+    /// new window and recomputes it; a call that would hedge on it checks first that it is
+    /// current ([`Self::current_delay`]).
     pub(crate) fn delay(&self) -> Option<Duration> {
         let d = self.delay.load(Ordering::Relaxed);
         (d != NO_DELAY).then(|| Duration::from_micros(d))

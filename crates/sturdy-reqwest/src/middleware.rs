@@ -106,18 +106,26 @@ pub struct SturdyMiddleware {
 
 impl SturdyMiddleware {
     /// Builds the stack once, around the [`NextAttempt`] that `make` is given.
-    pub fn new<F, S>(make: F) -> Self
+    ///
+    /// The stack may answer with any body (a `ClientBuilder` with coalescing answers with
+    /// `sturdy::coalesce::ResponseBody`): it is handed back to reqwest as a `reqwest::Body`.
+    pub fn new<F, S, Rb>(make: F) -> Self
     where
         F: FnOnce(NextAttempt) -> S,
-        S: Service<http::Request<Full<Bytes>>, Response = http::Response<reqwest::Body>>
+        S: Service<http::Request<Full<Bytes>>, Response = http::Response<Rb>>
             + Clone
             + Send
             + Sync
             + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        Rb: http_body::Body + Send + Sync + 'static,
+        Rb::Data: Into<Bytes>,
+        Rb::Error: Into<BoxError>,
     {
-        let stack = make(NextAttempt { _priv: () }).map_err(Into::into);
+        let stack = make(NextAttempt { _priv: () })
+            .map_response(|res: http::Response<Rb>| res.map(reqwest::Body::wrap))
+            .map_err(Into::into);
         Self {
             stack: BoxCloneSyncService::new(stack),
             body_limit: DEFAULT_BODY_LIMIT,
