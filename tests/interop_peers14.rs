@@ -103,16 +103,16 @@ where
 
 // ---- nginx: limit_req with its default status, 503 ----
 
-/// docs/guides/ratelimit.md: "Measured against nginx (`limit_req rate=10r/s`, no burst ...): 20
-/// GETs at once through the default `ClientBuilder` all succeed in about 4 s", and README.md:
-/// "without a quota: at a pace learned from bare 429s, such as nginx's `limit_req` sends". nginx's
+/// docs/guides/ratelimit.md: "With nginx's default status, 503, and
+/// `.with_bare_503_pauses(true)`: the same, 20 GETs at once all succeed in about 4 s". nginx's
 /// `limit_req` answers 503 unless `limit_req_status` says otherwise; here it is left at that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
-async fn builder_defaults_against_nginx_default_503_all_succeed() {
+async fn builder_against_nginx_default_503_all_succeed() {
     let base = peer_or_skip!(NGINX);
     let (wire_svc, wire) = recorded(http());
-    let client = ClientBuilder::new().build(wire_svc);
+    let client = ClientBuilder::new()
+        .with_rate_limit(RateLimitLayer::adaptive_only().with_bare_503_pauses(true))
+        .build(wire_svc);
     let url = format!("{base}/default-strict/{}", unique("builder"));
     let start = Instant::now();
     let results = bounded(
@@ -136,14 +136,16 @@ async fn builder_defaults_against_nginx_default_503_all_succeed() {
     );
 }
 
-/// The same limit with a burst of 5 (nodelay): 40 GETs at once. With 429 (the other file's
-/// `builder_defaults_against_nginx_pace_after_the_first_wave`) at least 36 succeed.
+/// The same limit with a burst of 5 (nodelay): 40 GETs at once ("with `burst=5` all 40"). With
+/// 429 (the other file's `builder_defaults_against_nginx_pace_after_the_first_wave`) at least 36
+/// succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
-async fn builder_defaults_against_nginx_default_503_with_burst() {
+async fn builder_against_nginx_default_503_with_burst() {
     let base = peer_or_skip!(NGINX);
     let (wire_svc, wire) = recorded(http());
-    let client = ClientBuilder::new().build(wire_svc);
+    let client = ClientBuilder::new()
+        .with_rate_limit(RateLimitLayer::adaptive_only().with_bare_503_pauses(true))
+        .build(wire_svc);
     let url = format!("{base}/default-burst/{}", unique("builder"));
     let results = bounded(
         Duration::from_secs(30),

@@ -498,15 +498,34 @@ async fn alternating_429_and_200_stays_bounded() {
     assert!(worst <= 300_000, "{g:?}");
 }
 
-/// A bare 503 is read as a bare 429 (nginx's `limit_req` refuses with 503 by default): it pauses
-/// the key for the default second and teaches it a pace.
+/// Bare 503s are not bare 429s by default: the guide's pace is learned "from bare 429s".
+#[tokio::test(start_paused = true)]
+async fn bare_503s_teach_no_pace() {
+    let t0 = Instant::now();
+    let (api, log) = api(t0, Duration::ZERO, |n| {
+        status(if n == 0 { 503 } else { 200 })
+    });
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let svc = layer.layer(api);
+    svc.clone().oneshot(get("a.test")).await.unwrap();
+    assert_eq!(handle.pause("a.test"), None, "a 503 without Retry-After");
+    for _ in 0..3 {
+        svc.clone().oneshot(get("a.test")).await.unwrap();
+    }
+    assert_eq!(times(&log, "a.test"), vec![0; 4]);
+}
+
+/// With `with_bare_503_pauses(true)` (nginx's `limit_req` refuses with 503 by default), a bare 503
+/// is read as a bare 429: it pauses the key for the default second and teaches it a pace.
 #[tokio::test(start_paused = true)]
 async fn bare_503s_teach_a_pace_like_bare_429s() {
     let t0 = Instant::now();
     let (api, log) = api(t0, Duration::ZERO, |n| {
         status(if n == 0 { 503 } else { 200 })
     });
-    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_bare_503_pauses(true)
+        .pair();
     let svc = layer.layer(api);
     svc.clone().oneshot(get("a.test")).await.unwrap();
     assert_eq!(

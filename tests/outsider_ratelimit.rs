@@ -114,9 +114,33 @@ async fn a_429_pauses_every_caller_of_the_host_only() {
     assert_eq!(start.elapsed(), Duration::from_secs(3));
 }
 
-/// A bare 429 and a bare 503 (nginx's `limit_req` default) each pause the key for a second.
+/// `with_bare_503_pauses(true)`: a bare 503 pauses the key for a second and teaches a pace, as a
+/// bare 429 does; a 503 with `Retry-After` pauses as it says.
 #[tokio::test(start_paused = true)]
-async fn bare_429_and_bare_503_pause_one_second() {
+async fn bare_503s_pause_when_asked_to() {
+    let api = Api::new(vec![status(503)], ok());
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_bare_503_pauses(true)
+        .pair();
+    layer.layer(api.service()).oneshot(get(U)).await.unwrap();
+    assert_eq!(
+        handle.pause("api.example.com"),
+        Some(Duration::from_secs(1))
+    );
+    assert!(handle.learned_pace("api.example.com").is_some());
+    let api = Api::new(vec![status_h(503, &[("retry-after", "3")])], ok());
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_bare_503_pauses(true)
+        .pair();
+    layer.layer(api.service()).oneshot(get(U)).await.unwrap();
+    assert_eq!(
+        handle.pause("api.example.com"),
+        Some(Duration::from_secs(3))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bare_429_pauses_one_second_bare_503_does_not() {
     let api = Api::new(vec![status(429), status(503)], ok());
     let (layer, handle) = RateLimitLayer::adaptive_only().pair();
     let svc = layer.layer(api.service());
@@ -127,7 +151,7 @@ async fn bare_429_and_bare_503_pause_one_second() {
     );
     tokio::time::advance(Duration::from_secs(2)).await;
     svc.clone().oneshot(get(U)).await.unwrap(); // the 503
-    assert!(handle.pause("api.example.com").is_some());
+    assert_eq!(handle.pause("api.example.com"), None);
 }
 
 #[tokio::test(start_paused = true)]

@@ -106,6 +106,8 @@ pub(crate) struct TokenCall<S, B: Body, F> {
     /// The original body, when it cannot (it is sent once).
     once: Option<B>,
     replayed: bool,
+    /// Whether this call marked its attempt as held back for a token (cleared when it is sent).
+    held: bool,
     timeout: Duration,
     events: EventHook,
     stage: Stage<B, F>,
@@ -138,6 +140,7 @@ where
             bytes: None,
             once,
             replayed: false,
+            held: false,
             timeout,
             events,
             stage,
@@ -242,6 +245,7 @@ where
                                 // the request was never sent.
                                 if let Some(hold) = self.head.extensions.get::<AttemptHold>() {
                                     hold.hold(HeldFor::Token);
+                                    self.held = true;
                                 }
                             }
                             let timer = timer.get_or_insert_with(|| Box::pin(sleep(self.timeout)));
@@ -290,8 +294,10 @@ where
                         Ok(req) => req,
                         Err(e) => return Poll::Ready(Err(Box::new(self.mark(e)))),
                     };
-                    if let Some(hold) = req.extensions().get::<AttemptHold>() {
-                        hold.release();
+                    if std::mem::take(&mut self.held) {
+                        if let Some(hold) = req.extensions().get::<AttemptHold>() {
+                            hold.release();
+                        }
                     }
                     // The service is used: a replay must drive it to readiness again.
                     self.needs_ready = true;

@@ -114,7 +114,8 @@ pub enum Event<'a> {
         host: Option<&'a str>,
         /// The status of the response that asked.
         status: StatusCode,
-        /// The header that asked; `None` for a 429 or 503 without any wait header (the default pause).
+        /// The header that asked; `None` for a 429 without any wait header, or a 503 without one when
+        /// bare 503s pause (the default pause).
         source: Option<PauseSource>,
         /// The pause applied (the pause asked for, capped by the layer's `max_pause`).
         pause: Duration,

@@ -204,7 +204,7 @@ where
 
 /// What spaces the calls leaving the key's line: the local quota, else the release pace; with a
 /// remote quota, nothing (the store spaces them when they ask it). And whether slow start lets
-/// them out (no quota, no pace), spaced by the pace learned from bare 429s and 503s when there is one.
+/// them out (no quota, no pace), spaced by the pace learned from bare 429s when there is one.
 pub(crate) fn line_pace(bound: &Bound) -> (Option<crate::Quota>, bool) {
     if bound.config.remote.is_some() {
         return (None, false);
@@ -295,10 +295,13 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     let config = &bound.config;
     let (asked, source) = match pause_hint(res.status(), res.headers(), config.clock.now()) {
         Some(h) => (h.delay, Some(h.source)),
-        // A bare 503 is read as a bare 429: nginx's `limit_req`, the most common limiter in
-        // front of an API, refuses with 503 unless told otherwise, and a server that says it is
-        // unavailable is better given a moment than the next call at once.
-        None if is_refusal(res.status()) => (config.default_pause, None),
+        // A bare 503 is read as a bare 429 when the layer is told to (nginx's `limit_req`
+        // refuses with 503 unless told otherwise); by default it is a failure like a 500.
+        None if res.status() == StatusCode::TOO_MANY_REQUESTS
+            || (res.status() == StatusCode::SERVICE_UNAVAILABLE && config.bare_503_pauses) =>
+        {
+            (config.default_pause, None)
+        }
         None => return,
     };
     let applied = asked.min(config.max_pause);
@@ -327,13 +330,13 @@ fn observe<Rb>(bound: &Bound, res: &mut Response<Rb>) {
     }
     let ks = bound.state();
     let now = ks.origin.elapsed();
-    // A bare 429 (or 503) says nothing about how long to wait: one that arrives while the key is paused
+    // A bare 429 (or 503, when those pause) says nothing about how long to wait: one that arrives while the key is paused
     // answers a call that was in flight when the pause began, and changes nothing.
     if source.is_none() && ks.gate.paused_until() > now {
         return;
     }
     let mut applied_ns = nanos(applied);
-    // A bare 429 (or 503) that begins a pause (not one of the answers to calls already in flight when
+    // A bare 429 (or 503, when those pause) that begins a pause (not one of the answers to calls already in flight when
     // it began) teaches a key without a quota to pace its calls: see the gate's docs. Once a
     // pace is learned, the pace holds the calls back, and the pause is one interval of it.
     if source.is_none()

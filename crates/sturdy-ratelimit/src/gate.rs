@@ -10,13 +10,13 @@
 //! and each released call that succeeds lets one more out, so twice as many go each round trip
 //! while the server answers well; a new pause sends the window back to one.
 //!
-//! Without a quota, a key also learns a pace from bare 429s and 503s (no header saying how long to wait:
+//! Without a quota, a key also learns a pace from bare 429s (no header saying how long to wait:
 //! what nginx's `limit_req` and many gateways send). Slow start counts calls in flight, which on
 //! a fast network says nothing about a limit counted in calls per second: its ramp leaves within
-//! a few milliseconds and meets the limit again. So the first bare 429 or 503 of a pause sets a pace
-//! (one call per eighth of the pause: 125 ms after the default 1 s); a bare 429 or 503 to a call sent
+//! a few milliseconds and meets the limit again. So the first bare 429 of a pause sets a pace
+//! (one call per eighth of the pause: 125 ms after the default 1 s); a bare 429 to a call sent
 //! at that pace halves the rate (down to one call per pause) and pauses the key for one interval
-//! of the new pace only (the pace already holds the calls back); a bare 429 or 503 that arrives while
+//! of the new pace only (the pace already holds the calls back); a bare 429 that arrives while
 //! the key is paused changes nothing; every success raises the rate by a sixteenth, until the
 //! interval is under a millisecond and the pace is forgotten. While a pace is learned, every
 //! call of the key (not only those released after a pause) takes its slot at that pace, by the
@@ -41,7 +41,7 @@ pub(crate) struct Gate {
     tat: AtomicU64,
     paused_until: AtomicU64,
     waiting: AtomicUsize,
-    /// Without a quota: the interval learned from bare 429s and 503s (ns; 0: none).
+    /// Without a quota: the interval learned from bare 429s (ns; 0: none).
     learned: AtomicU64,
     line: Mutex<Line>,
     /// Slow start: calls let out of the line and not finished yet, and how many may be.
@@ -98,7 +98,7 @@ impl Gate {
         self.paused_until.load(Ordering::Acquire)
     }
 
-    /// The pace learned from bare 429s and 503s, when the key has no quota and one was learned.
+    /// The pace learned from bare 429s, when the key has no quota and one was learned.
     #[inline]
     pub(crate) fn learned(&self) -> Option<Quota> {
         match self.learned.load(Ordering::Acquire) {
@@ -107,7 +107,7 @@ impl Gate {
         }
     }
 
-    /// A bare 429 or 503 began a pause: slow down. The first time, a pace of one call per `first` ns;
+    /// A bare 429 began a pause: slow down. The first time, a pace of one call per `first` ns;
     /// after that, half the rate, the interval at most `max` ns. Returns the new interval when
     /// a pace was already learned (the 429 answered a call sent at that pace), else `None`.
     pub(crate) fn learn_slower(&self, first: u64, max: u64) -> Option<u64> {

@@ -69,7 +69,7 @@ impl RateLimitHandle {
 
     /// Ends the pause of `key` now and returns the time it had left (`None`: it was not paused).
     /// Calls waiting for it then leave in order, at the quota's pace (or the release pace).
-    /// A pace the key learned from bare 429s and 503s is forgotten too.
+    /// A pace the key learned from bare 429s is forgotten too.
     pub fn clear_pause(&self, key: &str) -> Option<Duration> {
         let slot = self.state.map_if_used()?.find(key)?;
         let now = self.state.origin.elapsed();
@@ -78,7 +78,7 @@ impl RateLimitHandle {
         (until > now).then(|| Duration::from_nanos(until - now))
     }
 
-    /// The pace `key` learned from bare 429s and 503s: one call per the returned interval (`None`: no
+    /// The pace `key` learned from bare 429s: one call per the returned interval (`None`: no
     /// pace, the key has a quota, or it was never limited). See the crate docs.
     pub fn learned_pace(&self, key: &str) -> Option<Duration> {
         let slot = self.state.map_if_used()?.find(key)?;

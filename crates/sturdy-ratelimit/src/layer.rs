@@ -48,7 +48,7 @@ impl RateLimitLayer {
     /// A limiter with `quota` per host: calls wait in line for a slot up to 30 s, else fail with
     /// [`RateLimited`](sturdy_core::RateLimited); a 429 or 503 with `Retry-After`, or quota
     /// headers with nothing left, pause every caller of the host until the reset, at most 5
-    /// minutes (a bare 429 or 503 pauses 1 s).
+    /// minutes (a bare 429 pauses 1 s).
     pub fn new(quota: Quota) -> Self {
         Self::build(Some(quota))
     }
@@ -58,7 +58,7 @@ impl RateLimitLayer {
     /// for each released call that succeeds (so twice as many each round trip), so a server
     /// that is back gets everyone soon and a reply asking for a new pause stops the rest
     /// ([`with_release_pace`](Self::with_release_pace) spaces them in time instead). A key also
-    /// learns a pace from bare 429s and 503s (one call per eighth of the pause, halved on each bare 429
+    /// learns a pace from bare 429s (one call per eighth of the pause, halved on each bare 429
     /// at that pace down to one call per pause, a sixteenth faster per success, forgotten under
     /// 1 ms): see the crate docs.
     pub fn adaptive_only() -> Self {
@@ -71,6 +71,7 @@ impl RateLimitLayer {
             config: Arc::new(Config {
                 max_wait: Duration::from_secs(30),
                 default_pause: Duration::from_secs(1),
+                bare_503_pauses: false,
                 max_pause: DEFAULT_MAX_PAUSE,
                 release: Release::SlowStart,
                 remote: None,
@@ -99,11 +100,30 @@ impl<K> RateLimitLayer<K> {
         self.edit(|c| c.max_wait = max_wait)
     }
 
-    /// How long a 429 or 503 without any wait header pauses its key \[1 s\] (at most `max_pause`). Once
-    /// a key without a quota has learned a pace from bare 429s and 503s, a bare 429 or 503 to a call sent at
+    /// How long a 429 without any wait header pauses its key \[1 s\] (at most `max_pause`). Once
+    /// a key without a quota has learned a pace from bare 429s, a bare 429 to a call sent at
     /// that pace pauses it for one interval of the new (halved) pace instead.
     pub fn with_default_pause(self, pause: Duration) -> Self {
         self.edit(|c| c.default_pause = pause)
+    }
+
+    /// Whether a bare 503 (no header saying how long) pauses its key and teaches it a pace, as a
+    /// bare 429 does \[false\]. nginx's `limit_req` refuses with a bare 503 unless
+    /// `limit_req_status` says 429: against it, turn this on (or set the status). It is off by
+    /// default because a dependency that is down answers bare 503s too: pausing and pacing every
+    /// caller of the host would hold them in line for seconds, where the circuit breaker should
+    /// fail them fast and the retry layer retry on its own backoff. A 503 with `Retry-After`
+    /// pauses either way.
+    ///
+    /// ```
+    /// use sturdy_ratelimit::RateLimitLayer;
+    ///
+    /// // In front of nginx's limit_req with its default status.
+    /// let layer = RateLimitLayer::adaptive_only().with_bare_503_pauses(true);
+    /// # let _ = layer;
+    /// ```
+    pub fn with_bare_503_pauses(self, pauses: bool) -> Self {
+        self.edit(|c| c.bare_503_pauses = pauses)
     }
 
     /// The longest pause a server can impose \[5 min, [`DEFAULT_MAX_PAUSE`]\].

@@ -13,7 +13,7 @@
 //!   a call waits: a call dropped in line leaves it, and the ones behind it move up.
 //! - **Adaptive**: a 429 or 503 with `Retry-After`, a `RateLimit` field with `r=0` and a reset,
 //!   or `X-RateLimit-Remaining: 0` with a reset (on any status), pauses every caller of that key
-//!   until then; a bare 429 or 503 pauses 1 s. The pause ends by itself, and a later, shorter reset never
+//!   until then; a bare 429 pauses 1 s. The pause ends by itself, and a later, shorter reset never
 //!   cuts it short.
 //! - **Bounded pauses**: a pause is at most `max_pause` \[5 min, [`DEFAULT_MAX_PAUSE`]\]. A
 //!   longer one (a hostile or broken header, e.g. `Retry-After: 99999999999999999999`) is stored
@@ -25,9 +25,9 @@
 //!   each released call that succeeds, so twice as many each round trip while the server copes,
 //!   and a reply that asks for a new pause holds back the rest
 //!   ([`RateLimitLayer::with_release_pace`] spaces them in time instead).
-//! - **A pace learned from bare 429s and 503s**: without a quota, the first bare 429 or 503 (no header saying how
+//! - **A pace learned from bare 429s**: without a quota, the first bare 429 (no header saying how
 //!   long) of a pause sets a pace for every call of the key (one per eighth of the pause: 125 ms
-//!   by default); a bare 429 or 503 at that pace halves the rate, down to one call per pause (and pauses
+//!   by default); a bare 429 at that pace halves the rate, down to one call per pause (and pauses
 //!   one interval), every other answer raises it by a sixteenth, and under one call per millisecond it is forgotten. This is
 //!   what a limiter counting calls per second (nginx's `limit_req`) needs: slow start counts
 //!   calls in flight, and on a fast network its ramp meets the limit again within a millisecond.

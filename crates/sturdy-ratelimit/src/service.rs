@@ -123,7 +123,7 @@ where
         let bound = self.bound(&key);
         drop(key);
         let ks = bound.state();
-        // Without a quota, the pace learned from bare 429s and 503s (if any) takes its place.
+        // Without a quota, the pace learned from bare 429s (if any) takes its place.
         let learned;
         let quota = match &ks.quota {
             Some(q) => Some(q),

@@ -122,6 +122,8 @@ pub(crate) enum Release {
 pub(crate) struct Config {
     pub(crate) max_wait: Duration,
     pub(crate) default_pause: Duration,
+    /// Whether a bare 503 pauses (and teaches a pace) as a bare 429 does.
+    pub(crate) bare_503_pauses: bool,
     pub(crate) max_pause: Duration,
     /// Without a quota: how the calls that waited for a pause leave when it ends.
     pub(crate) release: Release,
@@ -138,6 +140,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("max_wait", &self.max_wait)
             .field("default_pause", &self.default_pause)
+            .field("bare_503_pauses", &self.bare_503_pauses)
             .field("max_pause", &self.max_pause)
             .field("release", &self.release)
             .field("remote", &self.remote)
