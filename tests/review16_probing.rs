@@ -182,7 +182,7 @@ async fn a_probing_refusal_after_three_failures_does_not_panic() {
 /// A call whose deadline ends while the probe is still out: nothing was sent by it, and the
 /// retry docs promise "4 attempts in all"; the refusals "use up neither attempts".
 #[tokio::test(start_paused = true)]
-#[ignore = "FAULT: a call that only met Probing refusals reports more attempts than the 4 allowed (message 'passed after N attempts' and CallReport::attempts count every refusal, though the docs say they use no attempt)"]
+#[ignore = "FAULT: a call that only met Probing refusals for 3 s says 'gave up after 11 attempts' (11 or 12: jitter) and CallReport::attempts() agrees, though the docs say 4 attempts in all and that those refusals use no attempt"]
 async fn refusals_while_probing_are_not_reported_as_attempts() {
     // Request 1: an earlier call's 503 opens the breaker; request 2: the probe, which hangs.
     let script = Script {
@@ -345,4 +345,139 @@ async fn many_waiting_callers_send_nothing_while_the_probe_is_out() {
     }
     assert_eq!(probe.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(script.seen.load(Ordering::SeqCst), 52);
+}
+
+/// A call that asked for a single attempt (`without_retries`) with a deadline meets a half-open
+/// breaker: whether it waits for the probe or fails with the refusal, it must return an error or
+/// a response, not panic.
+#[tokio::test(start_paused = true)]
+async fn a_single_attempt_call_with_a_deadline_over_a_probing_breaker_returns_the_refusal() {
+    let script = Script {
+        seen: Arc::new(AtomicUsize::new(0)),
+        fail: &[1],
+        hang: &[],
+        slow_ok: &[(2, 1_000)],
+    };
+    let client = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(
+            CircuitBreakerLayer::new()
+                .with_consecutive_failures(1)
+                .with_open_duration(Duration::from_millis(100), Duration::from_millis(100)),
+        )
+        .service(script.service());
+    let _ = client
+        .clone()
+        .oneshot(get_with(CallOptions::new().without_retries()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let probe = tokio::spawn(
+        client
+            .clone()
+            .oneshot(get_with(CallOptions::new().without_retries())),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let one = tokio::spawn(
+        client.clone().oneshot(get_with(
+            CallOptions::new()
+                .without_retries()
+                .with_deadline(Duration::from_secs(5)),
+        )),
+    );
+    let one = one.await;
+    assert!(one.is_ok(), "the call panicked: {:?}", one.err());
+    let err = one.unwrap().expect_err("refused while the probe is out");
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+    assert_eq!(script.seen.load(Ordering::SeqCst), 2, "nothing sent");
+    let _ = probe.await;
+}
+
+/// A request whose body is too large to keep for a replay (one attempt only) meets a half-open
+/// breaker under a deadline.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_replayed_over_a_probing_breaker_returns_the_refusal() {
+    let script = Script {
+        seen: Arc::new(AtomicUsize::new(0)),
+        fail: &[1],
+        hang: &[],
+        slow_ok: &[(2, 1_000)],
+    };
+    let client = ServiceBuilder::new()
+        .layer(RetryLayer::new().with_body_limit(4))
+        .layer(
+            CircuitBreakerLayer::new()
+                .with_consecutive_failures(1)
+                .with_open_duration(Duration::from_millis(100), Duration::from_millis(100)),
+        )
+        .service(script.service());
+    let _ = client
+        .clone()
+        .oneshot(get_with(CallOptions::new().without_retries()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let probe = tokio::spawn(
+        client
+            .clone()
+            .oneshot(get_with(CallOptions::new().without_retries())),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut req = Request::put(U)
+        .body(Full::from("a body longer than four bytes"))
+        .unwrap();
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_secs(5)));
+    let one = tokio::spawn(client.clone().oneshot(req));
+    let one = one.await;
+    assert!(one.is_ok(), "the call panicked: {:?}", one.err());
+    let err = one.unwrap().expect_err("refused while the probe is out");
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+    assert!(err.to_string().contains("replay"), "{err}");
+    let _ = probe.await;
+}
+
+/// The words of that refusal for a GET with an empty body that asked for one attempt: the
+/// reason it was not retried is the caller's single attempt, not its body.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: an empty-bodied GET with without_retries() refused by a half-open breaker says 'not retried: its body was not kept for a replay (larger than the replay limit, or of unknown size)'"]
+async fn a_single_attempt_refusal_does_not_blame_an_empty_body() {
+    let script = Script {
+        seen: Arc::new(AtomicUsize::new(0)),
+        fail: &[1],
+        hang: &[2],
+        slow_ok: &[],
+    };
+    let client = ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(
+            CircuitBreakerLayer::new()
+                .with_consecutive_failures(1)
+                .with_open_duration(Duration::from_millis(100), Duration::from_millis(100)),
+        )
+        .service(script.service());
+    let _ = client
+        .clone()
+        .oneshot(get_with(CallOptions::new().without_retries()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let probe = tokio::spawn(
+        client
+            .clone()
+            .oneshot(get_with(CallOptions::new().without_retries())),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let err = client
+        .clone()
+        .oneshot(get_with(
+            CallOptions::new()
+                .without_retries()
+                .with_deadline(Duration::from_secs(5)),
+        ))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("body was not kept"), "{text}");
+    probe.abort();
 }
