@@ -322,3 +322,38 @@ async fn a_deadline_ending_in_a_redis_quota_wait_says_not_sent() {
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
     assert!(err.to_string().contains("rate limit"), "{err}");
 }
+
+/// The auth guide's words for a deadline that ends in the first token wait: "the overall deadline
+/// of 200ms passed while attempt 1 waited for an access token, before it was sent", and an
+/// agent's `ErrorSummary` says `may_have_been_processed: false`.
+#[tokio::test(start_paused = true)]
+async fn the_auth_guides_words_for_a_deadline_in_the_first_token_wait() {
+    #[derive(Debug)]
+    struct Slow;
+    impl TokenSource for Slow {
+        fn token(&self) -> sturdy::auth::BoxFuture<Result<Token, BoxError>> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(Token::new("t", None))
+            })
+        }
+        fn invalidate(&self, _token: &Token) {}
+    }
+    let api = Api::new(vec![], ok());
+    let client = sturdy::ClientBuilder::new()
+        .with_auth(AuthLayer::token_source(Arc::new(Slow)))
+        .build(api.service());
+    let err = client
+        .oneshot(with_deadline(keyed_post(), Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "the overall deadline of 200ms passed while attempt 1 waited for an access token, before it was sent"
+        ),
+        "{text}"
+    );
+    assert!(!ErrorSummary::of(&*err).may_have_been_processed, "{text}");
+    assert_eq!(api.calls(), 0);
+}

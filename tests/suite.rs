@@ -79,6 +79,8 @@ mod review16_bare503;
 mod review16_holds;
 mod review16_misc;
 mod review16_probing;
+mod review16_reqwest;
+mod review16_token_stale;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
