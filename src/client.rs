@@ -77,9 +77,12 @@ mod sealed {
 
     impl<K> RetrySlot for crate::retry::RetryLayer<K> {
         fn keys_in(self, header: Option<http::HeaderName>) -> Self {
+            // The stack's layers between retry and the waits (hedge, breaker, rate limit,
+            // concurrency, auth) send no request twice without saying so: marks are sound here.
+            let layer = self.with_hold_marks(true);
             match header {
-                Some(h) if self.idempotency_header() != h => self.with_idempotency_header(h),
-                _ => self,
+                Some(h) if layer.idempotency_header() != h => layer.with_idempotency_header(h),
+                _ => layer,
             }
         }
     }

@@ -22,6 +22,7 @@ fn limiter() -> (RateLimitLayer, sturdy::ratelimit::RateLimitHandle, Paused) {
     let paused: Paused = Arc::default();
     let p = paused.clone();
     let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_bare_503_pauses(true)
         .on_event(move |e| {
             if let Event::RateLimitPaused {
                 status,
@@ -146,6 +147,7 @@ async fn the_default_client_retries_a_bare_503_after_the_pause() {
     let api = Api::new(vec![status(503)], ok());
     let client = sturdy::ClientBuilder::new()
         .without_hedge()
+        .with_rate_limit(RateLimitLayer::adaptive_only().with_bare_503_pauses(true))
         .with_retry(
             sturdy::retry::RetryLayer::new().with_backoff(
                 sturdy::retry::Backoff::exponential(

@@ -336,6 +336,11 @@ where
                         host: self.head.host(),
                     });
                     self.replayed = true;
+                    // The request went out once and is sent again: a wait of the replay below
+                    // (a rate limit) must not read as "never sent".
+                    if let Some(hold) = self.head.extensions.get::<AttemptHold>() {
+                        hold.fan_out();
+                    }
                     // Replacing the stage drops the first response future, and with it whatever
                     // the inner service reserved for it.
                     self.stage = fetching(&*self.source);

@@ -94,6 +94,11 @@ where
         match join_or_start(&local, bytes) {
             Joined::Lead(start) => {
                 counters.upstream.fetch_add(1, Ordering::Relaxed);
+                // The shared call outlives the call that leads it (it goes on for those who
+                // joined): its waits below say nothing about whether the leader's request left.
+                if let Some(hold) = req.extensions().get::<sturdy_core::hold::AttemptHold>() {
+                    hold.fan_out();
+                }
                 // The inner service was driven to readiness: the shared call goes to it now.
                 let fut = self.inner.call(req);
                 let handoff = start.handoff();

@@ -1,14 +1,18 @@
 //! What an attempt is held back for before it is sent, so that a deadline that ends meanwhile
 //! can say the attempt was never sent, and why.
 //!
-//! The retry layer puts an [`AttemptHold`] in the extensions of every attempt of a call that has
-//! a deadline. A layer below it that makes an attempt wait before passing it on (the rate limit,
+//! The retry layer, when told to (`RetryLayer::with_hold_marks`; `sturdy::ClientBuilder` turns
+//! it on), puts an [`AttemptHold`] in the extensions of every attempt of a call that has a
+//! deadline. A layer below it that makes an attempt wait before passing it on (the rate limit,
 //! the auth layer waiting for a token, the adaptive concurrency limit) marks the wait with
 //! [`AttemptHold::hold`] and clears it with [`AttemptHold::release`] when the attempt goes on.
 //! When the deadline ends while the mark is set, the call's error says the attempt was not sent
 //! (`Delivery::NotSent` unless an earlier attempt may have been processed) and what it waited
-//! for. A layer that sends more than one copy of a request (hedging) calls
-//! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is.
+//! for. A layer that sends more than one copy of a request (hedging), sends it again (the auth
+//! layer's replay after a 401) or shares it with other calls (coalescing) calls
+//! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is. A layer that does
+//! any of these without calling it must not sit between the retry layer and the layers that
+//! hold, or the retry layer must not mark.
 //!
 //! ```
 //! use sturdy_core::hold::{AttemptHold, HeldFor};

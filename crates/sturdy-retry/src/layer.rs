@@ -48,6 +48,7 @@ impl RetryLayer {
                 attempt_timeout: None,
                 body_limit: 1024 * 1024,
                 idempotency_header: HeaderName::from_static("idempotency-key"),
+                hold_marks: false,
                 budget: BudgetMode::PerHost {
                     ttl: Duration::from_secs(10),
                     min_per_sec: 10,
@@ -80,6 +81,7 @@ impl<C> RetryLayer<C> {
                     attempt_timeout: c.attempt_timeout,
                     body_limit: c.body_limit,
                     idempotency_header: c.idempotency_header.clone(),
+                    hold_marks: c.hold_marks,
                     budget: c.budget.clone(),
                     seed: c.seed,
                     sessions: AtomicU64::new(0),
@@ -188,6 +190,22 @@ impl<C> RetryLayer<C> {
     /// fits (a larger or unbounded stream) is sent once and never retried.
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.edit(|c| c.body_limit = bytes)
+    }
+
+    /// Whether each attempt of a call with a deadline carries a
+    /// [`sturdy_core::hold::AttemptHold`], so that the layers below that hold an attempt back
+    /// (rate limit, auth, adaptive concurrency) can mark the wait, and a deadline ending during
+    /// it says the attempt was never sent and what it waited for \[false; `sturdy::ClientBuilder`
+    /// turns it on\].
+    ///
+    /// Sound only when no layer between this one and those below sends a request more than once
+    /// or shares it with other calls without calling
+    /// [`AttemptHold::fan_out`](sturdy_core::hold::AttemptHold::fan_out) (sturdy's hedge and
+    /// auth layers do; tower's `Retry`, a coalescing layer or a layer of your own that re-sends
+    /// do not belong there then). Off, a deadline that ends mid-attempt says the attempt may have
+    /// been processed, which is always safe to act on.
+    pub fn with_hold_marks(self, on: bool) -> Self {
+        self.edit(|c| c.hold_marks = on)
     }
 
     /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\].

@@ -21,7 +21,8 @@
 //!   decides (a 409 is returned as it is).
 //! - **How much**: 4 attempts in all; an optional overall deadline over attempts and sleeps (a
 //!   deadline that ends while a layer below holds the attempt back, for a rate-limit turn, a
-//!   token or a concurrency place, says the attempt was never sent and what it waited for: see
+//!   token or a concurrency place, says the attempt was never sent and what it waited for, with
+//!   [`RetryLayer::with_hold_marks`] on, as `sturdy::ClientBuilder` sets it: see
 //!   [`sturdy_core::hold`]); a
 //!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
 //!   clone, so an outage does not multiply traffic.

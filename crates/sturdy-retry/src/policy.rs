@@ -128,6 +128,8 @@ pub(crate) struct Config {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) body_limit: usize,
     pub(crate) idempotency_header: HeaderName,
+    /// Whether attempts of calls with a deadline carry a `sturdy_core::hold::AttemptHold`.
+    pub(crate) hold_marks: bool,
     pub(crate) budget: BudgetMode,
     pub(crate) seed: Option<u64>,
     pub(crate) sessions: AtomicU64,
@@ -185,10 +187,6 @@ pub(crate) struct RetryPolicy<C = DefaultClassify> {
     /// Attempts made so far, and the most allowed for this call.
     attempts: u32,
     max_attempts: u32,
-    /// Of those, the ones a half-open breaker refused while its probe ran and that the call, with
-    /// time left before its deadline, waited out: nothing was sent, so they do not use up the
-    /// call's attempts or its retry budget.
-    probe_waits: u32,
     /// Shared with the response future for the deadline's error (only when there is a deadline).
     state: Option<Arc<CallState>>,
     prev: Option<Duration>,
@@ -403,7 +401,6 @@ impl<C> RetryPolicy<C> {
             budget,
             body: None,
             attempts: 0,
-            probe_waits: 0,
             state,
             prev: None,
             deposited: false,
@@ -448,8 +445,11 @@ impl<C> RetryPolicy<C> {
     }
 
     /// Whether the attempt about to be sent is the last one allowed.
+    ///
+    /// Never with a deadline: a half-open breaker may refuse the attempt (nothing sent, not
+    /// counted), and the call then sends one more, so it keeps what it needs to.
     pub(crate) fn is_last_attempt(&self) -> bool {
-        self.attempts - self.probe_waits + 1 >= self.max_attempts
+        self.deadline.is_none() && self.attempts + 1 >= self.max_attempts
     }
 
     /// Marks the call replayable with this body.
@@ -543,10 +543,12 @@ impl<C> RetryPolicy<C> {
         // A half-open breaker refused the call while its probe runs: there is no time to wait
         // for (`retry_in` is zero), so the call with a deadline looks again after a backoff's
         // base, for as long as its deadline allows, without using up an attempt.
+        // (A call that asked for one attempt gets the refusal back.)
         let probing = self.deadline.is_some()
+            && self.max_attempts > 1
             && matches!(&*result, Err(e) if sturdy_core::find::<CircuitOpen>(&**e)
                 .is_some_and(|c| c.reason() == OpenReason::Probing));
-        let counted = n - self.probe_waits - u32::from(probing);
+        let counted = n - u32::from(probing);
         let (delay, source) = if let Some((wait, source)) =
             server_wait(result, self.config.clock.now())
         {
@@ -668,7 +670,12 @@ impl<C> RetryPolicy<C> {
             });
         }
         if probing {
-            self.probe_waits += 1;
+            // The refusal sent nothing: it is not one of the call's attempts (in its count, its
+            // messages and its report).
+            self.attempts -= 1;
+            if let Some(s) = &self.state {
+                s.attempts.store(self.attempts, Ordering::Relaxed);
+            }
         }
         Some(delay)
     }
