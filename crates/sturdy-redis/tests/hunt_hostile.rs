@@ -767,7 +767,11 @@ async fn dead_letter_listing_and_replay_of_missing_or_malformed_entries() {
         // "`Ok(false)` when there is no such dead letter."
         assert!(!q.replay_dead_letter("0-1").await.unwrap());
         assert!(!q.discard_dead_letter("0-1").await.unwrap());
-        assert!(!q.replay_dead_letter(&dead[0].original_entry).await.unwrap());
+        // The original entry's id names no dead letter, unless the two streams happened to give
+        // the same id (both written in the same millisecond, both first in it).
+        if dead[0].original_entry != dead[0].entry {
+            assert!(!q.replay_dead_letter(&dead[0].original_entry).await.unwrap());
+        }
         for bogus in ["not-an-id", "", "18446744073709551615-18446744073709551615"] {
             let r = q.replay_dead_letter(bogus).await;
             eprintln!("replay {bogus:?}: {r:?}");
