@@ -84,6 +84,7 @@ mod review16_token_stale;
 mod review17_bare503;
 mod review17_holds;
 mod review17_probing;
+mod review17_words;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
