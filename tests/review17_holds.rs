@@ -257,3 +257,65 @@ async fn a_hedged_get_whose_second_copy_waits_in_a_pause_may_have_been_processed
     );
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
 }
+
+/// Two processes' clients share a Redis-backed quota, both with bare 503 pauses on: a bare 503
+/// to one pauses the other's calls too, and a keyed POST of the other whose deadline ends in
+/// that pause was never sent, and says so. Real time, millisecond settings; skipped without
+/// `STURDY_REDIS_URL`.
+#[tokio::test]
+async fn a_bare_503_pause_shared_through_redis_holds_the_other_clients_post_unsent() {
+    let Ok(url) = std::env::var("STURDY_REDIS_URL") else {
+        eprintln!("STURDY_REDIS_URL not set: skipped");
+        return;
+    };
+    let quota = Quota::new(100, Duration::from_secs(1)).unwrap();
+    let host = format!("review17-{}.example.com", std::process::id());
+    let uri = format!("http://{host}/payments");
+    let api = Api::new(vec![status(503)], ok());
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let rq = sturdy::redis::RedisQuota::connect(&url, quota)
+            .await
+            .unwrap();
+        clients.push(
+            ClientBuilder::new()
+                .with_rate_limit(
+                    RateLimitLayer::new(quota)
+                        .with_remote(std::sync::Arc::new(rq))
+                        .with_bare_503_pauses(true),
+                )
+                .build(api.service()),
+        );
+    }
+    let mut first = get(&uri);
+    first
+        .extensions_mut()
+        .insert(CallOptions::new().without_retries());
+    let res = clients[0].clone().oneshot(first).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Let the pause reach the store.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let req = Request::post(uri.as_str())
+        .header("idempotency-key", "k-17-redis")
+        .body(Full::from("{}"))
+        .unwrap();
+    let start = Instant::now();
+    let out = timeout(
+        LIMIT,
+        clients[1]
+            .clone()
+            .oneshot(with_deadline(req, Duration::from_millis(300))),
+    )
+    .await
+    .expect("no hang");
+    let err = match out {
+        Ok(res) => panic!(
+            "sent during the shared pause: {} after {:?}",
+            res.status(),
+            start.elapsed()
+        ),
+        Err(e) => e,
+    };
+    assert_eq!(api.calls(), 1, "{err}");
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+}
