@@ -82,6 +82,7 @@ mod review16_probing;
 mod review16_reqwest;
 mod review16_token_stale;
 mod review17_bare503;
+mod review17_coalesce;
 mod review17_holds;
 mod review17_probing;
 mod review17_words;
