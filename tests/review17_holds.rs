@@ -319,3 +319,37 @@ async fn a_bare_503_pause_shared_through_redis_holds_the_other_clients_post_unse
     assert_eq!(api.calls(), 1, "{err}");
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
 }
+
+/// Adaptive concurrency (one place) with a static bearer token and a version pin: a keyed POST
+/// whose deadline ends while it waits for the place held by a hanging call was never sent, and
+/// says what it waited for.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_in_the_wait_for_a_concurrency_place_reads_not_sent() {
+    let api = Api::new(vec![Answer::Hang], ok());
+    let client = ClientBuilder::new()
+        .with_adaptive_concurrency(
+            AdaptiveConcurrencyLayer::new()
+                .with_limits(1, 1)
+                .with_initial_limit(1)
+                .with_max_wait(Duration::from_secs(10)),
+        )
+        .with_auth(sturdy::auth::AuthLayer::bearer("secret").unwrap())
+        .with_version(sturdy::version::VersionLayer::header("api-version", "2024-01-01").unwrap())
+        .build(api.service());
+    let hanging = tokio::spawn(client.clone().oneshot(get(U)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(api.calls(), 1);
+    let err = timeout(
+        LIMIT,
+        client
+            .clone()
+            .oneshot(with_deadline(keyed_post(), Duration::from_millis(300))),
+    )
+    .await
+    .expect("no hang")
+    .unwrap_err();
+    assert_eq!(api.calls(), 1);
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+    assert!(err.to_string().contains("concurrency"), "{err}");
+    hanging.abort();
+}
