@@ -66,20 +66,25 @@ mod sealed {
     /// What the builder adjusts in a retry layer: it looks for keys where the idempotency layer
     /// puts them.
     pub trait RetrySlot {
-        fn keys_in(self, header: Option<http::HeaderName>) -> Self;
+        fn keys_in(self, header: Option<http::HeaderName>, known_stack: bool) -> Self;
     }
 
     impl RetrySlot for tower::layer::util::Identity {
-        fn keys_in(self, _: Option<http::HeaderName>) -> Self {
+        fn keys_in(self, _: Option<http::HeaderName>, _: bool) -> Self {
             self
         }
     }
 
     impl<K> RetrySlot for crate::retry::RetryLayer<K> {
-        fn keys_in(self, header: Option<http::HeaderName>) -> Self {
-            // The stack's layers between retry and the waits (hedge, breaker, rate limit,
-            // concurrency, auth) send no request twice without saying so: marks are sound here.
-            let layer = self.with_hold_marks(true);
+        fn keys_in(self, header: Option<http::HeaderName>, known_stack: bool) -> Self {
+            // sturdy's layers between retry and the waits (hedge, breaker, rate limit,
+            // concurrency, auth, version) send no request twice without saying so: marks are
+            // sound over them, not over a layer of the user's, and not when the user said no.
+            let layer = if known_stack && self.hold_marks().is_none() {
+                self.with_hold_marks(true)
+            } else {
+                self
+            };
             match header {
                 Some(h) if layer.idempotency_header() != h => layer.with_idempotency_header(h),
                 _ => layer,
@@ -542,9 +547,21 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
         Au: sealed::AuthSlot,
     {
         let keys = self.idempotency.key_header();
+        // Whether every layer between retry and the client is a default or one of sturdy's:
+        // only then may the retry layer mark attempts (`RetryLayer::with_hold_marks`).
+        let known_stack = [
+            std::any::type_name::<H>(),
+            std::any::type_name::<C>(),
+            std::any::type_name::<L>(),
+            std::any::type_name::<A>(),
+            std::any::type_name::<Au>(),
+            std::any::type_name::<V>(),
+        ]
+        .iter()
+        .all(|name| name.starts_with("sturdy_") || name.starts_with("tower_layer::identity::"));
         ServiceBuilder::new()
             .layer(self.idempotency)
-            .layer(self.retry.keys_in(keys))
+            .layer(self.retry.keys_in(keys, known_stack))
             .layer(self.hedge)
             .layer(self.circuit)
             .layer(self.ratelimit)

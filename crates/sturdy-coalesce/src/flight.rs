@@ -68,6 +68,9 @@ pub(crate) fn coalescable<B: http_body::Body>(req: &Request<B>) -> bool {
     let m = req.method();
     (m == Method::GET || m == Method::HEAD)
         && (req.body().is_end_stream() || req.body().size_hint().upper() == Some(0))
+        // A request with settings of its own (a deadline, no retries) goes on its own: a shared
+        // call would run under the settings of whichever request started it.
+        && req.extensions().get::<sturdy_core::CallOptions>().is_none()
 }
 
 /// The identity of a request: method, URI and the key headers, each length-prefixed so that no

@@ -3,7 +3,9 @@
 //! `async fn(Request) -> Result<Response<ResponseBody>, BoxError>`, where a burst of identical
 //! requests costs one call:
 //!
-//! - **What is coalesced**: GET and HEAD requests with an empty body. Two of them are identical
+//! - **What is coalesced**: GET and HEAD requests with an empty body and no
+//!   [`CallOptions`](sturdy_core::CallOptions) of their own (a request with a deadline or its own
+//!   retry settings goes on its own, under them). Two of them are identical
 //!   when their method, URI and headers match; by default every header counts except a few
 //!   per-request ids (`traceparent`, `tracestate`, `baggage`, `x-request-id`,
 //!   `x-correlation-id`), so callers with different credentials (`Authorization`, `Cookie`, an

@@ -176,16 +176,18 @@ pub struct CallReport {
 }
 
 impl CallReport {
-    /// A report of `attempts` attempts (at least one).
+    /// A report of `attempts` attempts (0 when none was sent: a call that ended while it waited,
+    /// or whose every try was refused before it left).
     pub fn new(attempts: u32, delivery: Delivery, idempotency_key: Option<String>) -> Self {
         Self {
-            attempts: attempts.max(1),
+            attempts,
             delivery,
             idempotency_key,
         }
     }
 
-    /// How many attempts were made, the first included.
+    /// How many attempts were made (sent on, past every layer that holds or refuses calls), the
+    /// first included.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }

@@ -48,7 +48,7 @@ impl RetryLayer {
                 attempt_timeout: None,
                 body_limit: 1024 * 1024,
                 idempotency_header: HeaderName::from_static("idempotency-key"),
-                hold_marks: false,
+                hold_marks: None,
                 budget: BudgetMode::PerHost {
                     ttl: Duration::from_secs(10),
                     min_per_sec: 10,
@@ -195,17 +195,23 @@ impl<C> RetryLayer<C> {
     /// Whether each attempt of a call with a deadline carries a
     /// [`sturdy_core::hold::AttemptHold`], so that the layers below that hold an attempt back
     /// (rate limit, auth, adaptive concurrency) can mark the wait, and a deadline ending during
-    /// it says the attempt was never sent and what it waited for \[false; `sturdy::ClientBuilder`
-    /// turns it on\].
+    /// it says the attempt was never sent and what it waited for \[off\]. `sturdy::ClientBuilder`
+    /// turns it on when nobody said otherwise here and every layer in its stack is its default or
+    /// one of sturdy's; with a layer of your own in one of its slots, it stays off.
     ///
     /// Sound only when no layer between this one and those below sends a request more than once
     /// or shares it with other calls without calling
-    /// [`AttemptHold::fan_out`](sturdy_core::hold::AttemptHold::fan_out) (sturdy's hedge and
-    /// auth layers do; tower's `Retry`, a coalescing layer or a layer of your own that re-sends
-    /// do not belong there then). Off, a deadline that ends mid-attempt says the attempt may have
+    /// [`AttemptHold::fan_out`](sturdy_core::hold::AttemptHold::fan_out) (sturdy's hedge, auth
+    /// and coalescing layers call it; tower's `Retry` or a layer of your own that re-sends do
+    /// not belong there then). Off, a deadline that ends mid-attempt says the attempt may have
     /// been processed, which is always safe to act on.
     pub fn with_hold_marks(self, on: bool) -> Self {
-        self.edit(|c| c.hold_marks = on)
+        self.edit(|c| c.hold_marks = Some(on))
+    }
+
+    /// What [`with_hold_marks`](Self::with_hold_marks) said, if it was called.
+    pub fn hold_marks(&self) -> Option<bool> {
+        self.config.hold_marks
     }
 
     /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\].

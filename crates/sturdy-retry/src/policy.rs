@@ -128,8 +128,9 @@ pub(crate) struct Config {
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) body_limit: usize,
     pub(crate) idempotency_header: HeaderName,
-    /// Whether attempts of calls with a deadline carry a `sturdy_core::hold::AttemptHold`.
-    pub(crate) hold_marks: bool,
+    /// Whether attempts of calls with a deadline carry a `sturdy_core::hold::AttemptHold`
+    /// (`None`: not said, which is off).
+    pub(crate) hold_marks: Option<bool>,
     pub(crate) budget: BudgetMode,
     pub(crate) seed: Option<u64>,
     pub(crate) sessions: AtomicU64,
@@ -480,7 +481,18 @@ impl<C> RetryPolicy<C> {
     where
         C: Classify<Rb, BoxError>,
     {
-        self.attempts += 1;
+        // A half-open breaker refused the call while its probe runs: there is no time to wait
+        // for (`retry_in` is zero), so a call with a deadline looks again after a backoff's base,
+        // for as long as its deadline allows. The refusal sent nothing: it is not one of the
+        // call's attempts (in its count, messages, report, trace and retry events), and it uses
+        // no retry budget. (A call that asked for one attempt gets the refusal back.)
+        let probing = self.deadline.is_some()
+            && self.max_attempts > 1
+            && matches!(&*result, Err(e) if sturdy_core::find::<CircuitOpen>(&**e)
+                .is_some_and(|c| c.reason() == OpenReason::Probing));
+        if !probing {
+            self.attempts += 1;
+        }
         let n = self.attempts;
         let this_attempt = match result {
             // The server answered, so the request reached it. (A 4xx usually means it was not
@@ -499,7 +511,7 @@ impl<C> RetryPolicy<C> {
             s.in_flight.store(false, Ordering::Relaxed);
         }
         let trace = req.trace();
-        if let Some(t) = trace {
+        if let Some(t) = trace.filter(|_| !probing) {
             t.record(TraceEvent::Attempt {
                 number: n,
                 outcome: describe_result(result),
@@ -540,15 +552,7 @@ impl<C> RetryPolicy<C> {
         let left = self
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
-        // A half-open breaker refused the call while its probe runs: there is no time to wait
-        // for (`retry_in` is zero), so the call with a deadline looks again after a backoff's
-        // base, for as long as its deadline allows, without using up an attempt.
-        // (A call that asked for one attempt gets the refusal back.)
-        let probing = self.deadline.is_some()
-            && self.max_attempts > 1
-            && matches!(&*result, Err(e) if sturdy_core::find::<CircuitOpen>(&**e)
-                .is_some_and(|c| c.reason() == OpenReason::Probing));
-        let counted = n - u32::from(probing);
+        let counted = n;
         let (delay, source) = if let Some((wait, source)) =
             server_wait(result, self.config.clock.now())
         {
@@ -557,7 +561,8 @@ impl<C> RetryPolicy<C> {
             } else {
                 wait
             };
-            let too_long = wait > self.config.max_retry_after;
+            // (`max_retry_after` bounds what a server asks for, not the look after a probe.)
+            let too_long = !probing && wait > self.config.max_retry_after;
             let past_deadline = left.is_some_and(|l| wait >= l);
             if too_long || past_deadline || counted >= self.max_attempts {
                 let reason = if too_long {
@@ -654,28 +659,25 @@ impl<C> RetryPolicy<C> {
                 return None;
             }
         }
-        tracing::debug!(attempt = n, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), reason = %kind, source = ?source, "retrying");
-        self.config.events.emit(&Event::RetryScheduled {
-            host: &host,
-            method: req.method(),
-            attempt: n,
-            reason: &kind,
-            delay,
-            source,
-        });
+        if probing {
+            // Not a retry of a failed attempt: a look again once the probe may have answered.
+            tracing::debug!(delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), host = %host, "the breaker is probing: looking again");
+        } else {
+            tracing::debug!(attempt = n, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), reason = %kind, source = ?source, "retrying");
+            self.config.events.emit(&Event::RetryScheduled {
+                host: &host,
+                method: req.method(),
+                attempt: n,
+                reason: &kind,
+                delay,
+                source,
+            });
+        }
         if let Some(t) = trace {
             t.record(TraceEvent::Delay {
                 duration: delay,
                 source,
             });
-        }
-        if probing {
-            // The refusal sent nothing: it is not one of the call's attempts (in its count, its
-            // messages and its report).
-            self.attempts -= 1;
-            if let Some(s) = &self.state {
-                s.attempts.store(self.attempts, Ordering::Relaxed);
-            }
         }
         Some(delay)
     }

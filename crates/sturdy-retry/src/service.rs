@@ -98,7 +98,10 @@ where
                 ..CallState::default()
             })
         });
-        if let Some(c) = call.as_ref().filter(|_| self.config.hold_marks) {
+        if let Some(c) = call
+            .as_ref()
+            .filter(|_| self.config.hold_marks == Some(true))
+        {
             // The layers below mark the waits that hold an attempt back, so that a deadline
             // ending meanwhile can say it was never sent (every attempt's copy shares the mark).
             req.extensions_mut().insert(c.hold.clone());
