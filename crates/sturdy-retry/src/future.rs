@@ -209,11 +209,10 @@ fn deadline_passed(
     let len_s = human_duration(len);
     let (mut message, made) = match (in_flight, n) {
         // A layer below held the attempt back: it was never sent, and is not counted as made.
-        (true, _) if held.is_some() => (
+        (true, _) if let Some(what) = held => (
             format!(
-                "the overall deadline of {len_s} passed while attempt {} waited for {}, before it was sent",
+                "the overall deadline of {len_s} passed while attempt {} waited for {what}, before it was sent",
                 n + 1,
-                held.map_or(String::new(), |h| h.to_string()),
             ),
             n,
         ),

@@ -552,7 +552,6 @@ impl<C> RetryPolicy<C> {
         let left = self
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()));
-        let counted = n;
         let (delay, source) = if let Some((wait, source)) =
             server_wait(result, self.config.clock.now())
         {
@@ -564,7 +563,7 @@ impl<C> RetryPolicy<C> {
             // (`max_retry_after` bounds what a server asks for, not the look after a probe.)
             let too_long = !probing && wait > self.config.max_retry_after;
             let past_deadline = left.is_some_and(|l| wait >= l);
-            if too_long || past_deadline || counted >= self.max_attempts {
+            if too_long || past_deadline || n >= self.max_attempts {
                 let reason = if too_long {
                     format!(
                         "longer than the {} this client waits",
@@ -614,7 +613,7 @@ impl<C> RetryPolicy<C> {
             }
             (delay, source)
         } else {
-            if counted >= self.max_attempts {
+            if n >= self.max_attempts {
                 self.stopped(req, &kind, RetryStop::AttemptsExhausted);
                 self.finish(req, result, Stop::Plain);
                 return None;
