@@ -54,31 +54,6 @@ trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() {
-  local i
-  for i in $(seq 1 200); do
-    if port_open "$1"; then return 0; fi
-    sleep 0.05
-  done
-  echo "$2 did not listen on 127.0.0.1:$1" >&2
-  return 1
-}
-
-# Free loopback ports for nginx and HAProxy, chosen by the kernel.
-read -r -a ports <<<"$(node -e '
-const net = require("net");
-const n = Number(process.argv[1]);
-const servers = [];
-(async () => {
-  for (let i = 0; i < n; i += 1) {
-    const s = net.createServer();
-    await new Promise((r) => s.listen(0, "127.0.0.1", r));
-    servers.push(s);
-  }
-  console.log(servers.map((s) => s.address().port).join(" "));
-  servers.forEach((s) => s.close());
-})();
-' 10)"
 
 echo "== starting the node peers"
 node interop/peers.js "$dir/peers.json" >"$dir/peers.log" 2>&1 &
@@ -93,24 +68,67 @@ peer() { node -p "require('$dir/peers.json').$1"; }
 oauth=$(peer oauth); api=$(peer api); stats=$(peer stats); json=$(peer json)
 backend=$(peer backend); blackhole=$(peer blackhole); odd=$(peer odd)
 
-echo "== starting nginx"
-sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|${ports[0]}|g" -e "s|@UPSTREAM_PORT@|${ports[1]}|g" \
-  interop/conf/nginx.conf.in >"$dir/nginx.conf"
-nginx -t -q -p "$dir" -c "$dir/nginx.conf"
-nginx -p "$dir" -c "$dir/nginx.conf" &
-pids+=($!)
-
-echo "== starting HAProxy"
-sed -e "s|@DIR@|$dir|g" -e "s|@BACKEND@|$backend|g" -e "s|@BLACKHOLE@|$blackhole|g" \
-  -e "s|@NORMAL@|${ports[2]}|g" -e "s|@RESET@|${ports[3]}|g" -e "s|@FLAKY_RESET@|${ports[4]}|g" \
-  -e "s|@COMMIT_DROP@|${ports[5]}|g" -e "s|@STALL@|${ports[6]}|g" -e "s|@FLAKY_STALL@|${ports[7]}|g" \
-  -e "s|@GATEWAY_TIMEOUT@|${ports[8]}|g" -e "s|@TCP_REJECT@|${ports[9]}|g" \
-  interop/conf/haproxy.cfg.in >"$dir/haproxy.cfg"
-haproxy -c -f "$dir/haproxy.cfg" >/dev/null
-haproxy -q -db -f "$dir/haproxy.cfg" &
-pids+=($!)
-
-for p in "${ports[@]}"; do wait_port "$p" "nginx or HAProxy"; done
+# Ports for nginx and HAProxy: free ones below the kernel's ephemeral range, so that no
+# outgoing connection can take one between the choice and the bind (a port chosen by
+# listening on port 0 is in that range, and was once taken that way before nginx bound it).
+# A start that fails anyway (a port taken by another listener in between) is tried again on
+# other ports, and what nginx and HAProxy printed is shown.
+ephemeral_low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+[ "$ephemeral_low" -gt 12000 ] || ephemeral_low=32768
+pick_ports() {
+  local span=$((ephemeral_low - 11000)) p tries=0
+  ports=()
+  while [ "${#ports[@]}" -lt 10 ]; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 5000 ] || { echo "no free ports for nginx and HAProxy" >&2; return 1; }
+    # 10000 up to the ephemeral range, leaving out the Redis ports of scripts/test.sh.
+    p=$((10000 + (RANDOM * 32768 + RANDOM) % span))
+    case "$p" in 163[0-9][0-9]|164[0-9][0-9]|165[0-9][0-9]|265[0-9][0-9]) continue ;; esac
+    [[ " ${ports[*]} " == *" $p "* ]] && continue
+    port_open "$p" && continue
+    ports+=("$p")
+  done
+}
+proxies_up() {
+  local p i
+  for p in "${ports[@]}"; do
+    for i in $(seq 1 200); do
+      port_open "$p" && continue 2
+      kill -0 "$nginx_pid" 2>/dev/null || { echo "nginx exited" >&2; return 1; }
+      kill -0 "$haproxy_pid" 2>/dev/null || { echo "HAProxy exited" >&2; return 1; }
+      sleep 0.05
+    done
+    echo "nothing listens on 127.0.0.1:$p after 10 s" >&2
+    return 1
+  done
+}
+for start_try in 1 2 3; do
+  pick_ports
+  echo "== starting nginx and HAProxy (try $start_try)"
+  sed -e "s|@DIR@|$dir|g" -e "s|@PORT@|${ports[0]}|g" -e "s|@UPSTREAM_PORT@|${ports[1]}|g" \
+    interop/conf/nginx.conf.in >"$dir/nginx.conf"
+  nginx -t -q -p "$dir" -c "$dir/nginx.conf"
+  nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/nginx.out" 2>&1 &
+  nginx_pid=$!
+  pids+=("$nginx_pid")
+  sed -e "s|@DIR@|$dir|g" -e "s|@BACKEND@|$backend|g" -e "s|@BLACKHOLE@|$blackhole|g" \
+    -e "s|@NORMAL@|${ports[2]}|g" -e "s|@RESET@|${ports[3]}|g" -e "s|@FLAKY_RESET@|${ports[4]}|g" \
+    -e "s|@COMMIT_DROP@|${ports[5]}|g" -e "s|@STALL@|${ports[6]}|g" -e "s|@FLAKY_STALL@|${ports[7]}|g" \
+    -e "s|@GATEWAY_TIMEOUT@|${ports[8]}|g" -e "s|@TCP_REJECT@|${ports[9]}|g" \
+    interop/conf/haproxy.cfg.in >"$dir/haproxy.cfg"
+  haproxy -c -f "$dir/haproxy.cfg" >/dev/null
+  haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.out" 2>&1 &
+  haproxy_pid=$!
+  pids+=("$haproxy_pid")
+  if proxies_up; then break; fi
+  echo "-- nginx printed:" >&2
+  cat "$dir/nginx.out" "$dir/nginx-error.log" >&2 2>/dev/null || true
+  echo "-- HAProxy printed:" >&2
+  cat "$dir/haproxy.out" >&2 || true
+  kill "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
+  wait "$nginx_pid" "$haproxy_pid" 2>/dev/null || true
+  [ "$start_try" -lt 3 ] || { echo "nginx or HAProxy did not start (3 tries)" >&2; exit 1; }
+done
 
 u() { echo "http://127.0.0.1:$1"; }
 export STURDY_INTEROP=1
