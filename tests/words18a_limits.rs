@@ -231,3 +231,144 @@ async fn a_breaker_window_of_duration_max_never_panics() {
     let res = svc.oneshot(get(U)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+/// ratelimit.md: "Every pause learned from a response is at most `max_pause`" and "All setters
+/// are `with_*`, and none panics"; docs/RELIABILITY.md: durations set to `Duration::MAX` "read as
+/// about 30 years from now; never a panic". A default pause of `Duration::MAX` and a bare 429:
+/// the pause is capped, and the pace it teaches does not lock the host out.
+#[tokio::test(start_paused = true)]
+async fn a_default_pause_of_duration_max_is_capped_and_locks_nobody_out() {
+    let api = Api::new(vec![status(429)], ok());
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_default_pause(Duration::MAX)
+        .pair();
+    let svc = layer.layer(api.service());
+    let res = svc.clone().oneshot(get(U)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let pause = handle.pause(HOST).expect("a pause");
+    assert!(pause <= Duration::from_secs(300), "{pause:?}");
+    if let Some(pace) = handle.learned_pace(HOST) {
+        assert!(pace <= Duration::from_secs(300), "{pace:?}");
+    }
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let t0 = Instant::now();
+    for i in 0..3 {
+        let out = tokio::time::timeout(Duration::from_secs(600), async {
+            loop {
+                match svc.clone().oneshot(get(U)).await {
+                    Ok(r) => break r,
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        })
+        .await;
+        let res = out.unwrap_or_else(|_| panic!("call {i} locked out"));
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert!(
+        t0.elapsed() <= Duration::from_secs(301),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+/// ratelimit.md: "`with_max_keys(n)` ... new keys share one overflow limiter" and "none
+/// panics": a bound of zero.
+#[tokio::test(start_paused = true)]
+async fn a_key_bound_of_zero_never_panics() {
+    let api = Api::new(vec![], ok());
+    let svc = RateLimitLayer::new(Quota::per_second(100).unwrap())
+        .with_max_keys(0)
+        .layer(api.service());
+    for i in 0..20 {
+        let res = svc
+            .clone()
+            .oneshot(get(&format!("http://h{i}.example/x")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+}
+
+/// ratelimit.md: "`handle.clear_pause(\"api.example.com\"); // ends it now; waiting calls leave at
+/// the pace below`", and with a quota "each takes its own slot of the quota after the pause
+/// (quota 10/s, burst 1: one every 100 ms from the end of the pause)".
+#[tokio::test(start_paused = true)]
+async fn clearing_a_pause_releases_the_line_at_the_quotas_pace() {
+    let api = Api::new(vec![status_h(429, &[("retry-after", "30")])], ok());
+    let (layer, handle) = RateLimitLayer::new(Quota::per_second(10).unwrap())
+        .with_max_wait(Duration::from_secs(60))
+        .pair();
+    let svc = layer.layer(api.service());
+    let res = svc.clone().oneshot(get(U)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let left = handle.pause(HOST).expect("paused");
+    assert!(left > Duration::from_secs(29), "{left:?}");
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let s = svc.clone();
+            tokio::spawn(async move {
+                s.oneshot(get(U)).await.unwrap();
+                Instant::now()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.waiting(HOST), 4);
+    assert_eq!(api.calls(), 1);
+    let cleared = handle.clear_pause(HOST).expect("a pause was cleared");
+    assert!(cleared > Duration::from_secs(28), "{cleared:?}");
+    assert_eq!(handle.pause(HOST), None);
+    let mut at = Vec::new();
+    for t in tasks {
+        at.push(t.await.unwrap() - t0);
+    }
+    at.sort();
+    assert!(at[0] >= Duration::from_secs(1), "{at:?}");
+    assert!(at[3] < Duration::from_secs(2), "{at:?}");
+    for w in at.windows(2) {
+        assert!(w[1] - w[0] >= Duration::from_millis(99), "{at:?}");
+    }
+    assert_eq!(handle.waiting(HOST), 0);
+}
+
+/// ratelimit.md: "`RateLimit: \"policy\";r=0;t=N` (the IETF draft), on any status" pauses every
+/// caller of the host; "A later, shorter reset never cuts a pause short". A header listing two
+/// policies, the exhausted one first or second, and then a shorter one.
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_policy_pauses_wherever_it_is_listed() {
+    for value in [
+        "\"burst\";r=0;t=10, \"day\";r=500;t=3600",
+        "\"day\";r=500;t=3600, \"burst\";r=0;t=10",
+    ] {
+        let api = Api::new(
+            vec![
+                status_h(200, &[("ratelimit", value)]),
+                status_h(200, &[("ratelimit", "\"burst\";r=0;t=2")]),
+            ],
+            ok(),
+        );
+        let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+        let svc = layer.layer(api.service());
+        svc.clone().oneshot(get(U)).await.unwrap();
+        let p = handle
+            .pause(HOST)
+            .unwrap_or_else(|| panic!("{value}: no pause"));
+        assert!(
+            p > Duration::from_secs(9) && p <= Duration::from_secs(10),
+            "{value}: {p:?}"
+        );
+        // A call made now waits out the pause; its answer's shorter reset changes nothing.
+        let t0 = Instant::now();
+        svc.clone().oneshot(get(U)).await.unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_secs(9),
+            "{value}: {:?}",
+            t0.elapsed()
+        );
+        assert!(handle
+            .pause(HOST)
+            .is_none_or(|p| p <= Duration::from_secs(2)));
+    }
+}
