@@ -372,3 +372,28 @@ async fn an_exhausted_policy_pauses_wherever_it_is_listed() {
             .is_none_or(|p| p <= Duration::from_secs(2)));
     }
 }
+
+/// The same sentence with the two policies in two `RateLimit` field lines (HTTP reads repeated
+/// field lines of a list as one list).
+#[tokio::test(start_paused = true)]
+async fn an_exhausted_policy_in_a_second_field_line_pauses() {
+    let api = Api::new(
+        vec![Answer::Status(
+            200,
+            vec![
+                ("ratelimit", "\"day\";r=500;t=3600".to_owned()),
+                ("ratelimit", "\"burst\";r=0;t=10".to_owned()),
+            ],
+            "",
+        )],
+        ok(),
+    );
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let svc = layer.layer(api.service());
+    svc.clone().oneshot(get(U)).await.unwrap();
+    let p = handle.pause(HOST).expect("a pause");
+    assert!(
+        p > Duration::from_secs(9) && p <= Duration::from_secs(10),
+        "{p:?}"
+    );
+}
