@@ -95,6 +95,7 @@ mod sharing;
 mod stack;
 mod tls;
 mod words18b_auth;
+mod words18b_chain;
 mod words18b_hostile;
 mod words18b_idem;
 mod words18b_more;

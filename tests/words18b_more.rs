@@ -406,3 +406,42 @@ async fn shared_cause_is_each_callers_source() {
         );
     }
 }
+
+/// "its response is stored 24 h" (`with_ttl`), and "While the handler runs, the task renews the
+/// lock every third of the lease ..., so a handler slower than the lease keeps its key."
+#[tokio::test(start_paused = true)]
+async fn ttl_and_lease_renewal() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+        .with_ttl(Duration::from_secs(10))
+        .unwrap()
+        .with_lease(Duration::from_secs(3))
+        .unwrap();
+    let app = counted(runs.clone(), Duration::from_secs(8), 1).layer(layer);
+    let a = app.clone();
+    let first = tokio::spawn(async move { answer(&a, "tl").await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (s, body, _) = answer(&app, "tl").await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "a handler slower than its lease lost its key: {body}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    // Stored at t = 8 s for 10 s.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (_, _, h) = answer(&app, "tl").await;
+    assert_eq!(
+        h.get("idempotent-replayed").map(|v| v.to_str().unwrap()),
+        Some("true")
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = app.clone();
+    let again = tokio::spawn(async move { answer(&a, "tl").await });
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let (s, _, h) = again.await.unwrap();
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(h.get("idempotent-replayed").is_none());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

@@ -207,3 +207,43 @@ async fn unauthorized_over_the_replay_limit() {
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[derive(Clone, Debug, PartialEq)]
+struct AttemptNo(usize);
+
+/// "Each attempt goes down the chain with a copy of the call's extensions; when the call ends,
+/// the call's extensions are replaced by those of the last attempt that finished."
+#[tokio::test]
+async fn extensions_of_the_last_attempt() {
+    let (addr, _hits) = flaky_server(2).await;
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let s = seen.clone();
+    let outer = hr(move |req, ext, next| {
+        let s = s.clone();
+        Box::pin(async move {
+            let res = next.run(req, ext).await;
+            *s.lock().unwrap() = ext.get::<AttemptNo>().cloned();
+            res
+        })
+    });
+    let inner = hr(move |req, ext, next| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        assert!(
+            ext.get::<AttemptNo>().is_none(),
+            "attempt {i} saw another attempt's extension"
+        );
+        ext.insert(AttemptNo(i));
+        next.run(req, ext)
+    });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(outer)
+        .with(sturdy::reqwest::SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick_retry()).build(next)
+        }))
+        .with(inner)
+        .build();
+    let res = client.get(format!("http://{addr}/x")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(*seen.lock().unwrap(), Some(AttemptNo(3)));
+}
