@@ -359,3 +359,46 @@ async fn name_mismatch_in_words() {
     assert_eq!(sturdy::core::classify::delivery(&*err), Delivery::NotSent);
     assert_eq!(handshakes.load(Ordering::SeqCst), 1);
 }
+
+/// "it can be the token client of `ClientCredentials`" and "Messages name the token URL without
+/// its user info or query": a refused token request through reqwest shows neither, in `Display`
+/// or `Debug`, on the token error or on the call's.
+#[tokio::test]
+async fn token_errors_through_reqwest_hide_url_secrets() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let rs = ReqwestService::new(reqwest::Client::new());
+    let tokens = sturdy::auth::ClientCredentials::new(
+        rs.clone(),
+        &format!("http://bob:TOK-PW@{dead}/token?client_assertion=TOK-Q"),
+        "id",
+        "TOK-SECRET",
+    )
+    .unwrap();
+    let e = tokens.get().await.unwrap_err();
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry(2))
+        .with_auth(sturdy::auth::AuthLayer::oauth2(tokens))
+        .build(rs);
+    let call = client
+        .oneshot(
+            Request::get(format!("http://{dead}/x"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    for t in [
+        e.to_string(),
+        format!("{e:?}"),
+        call.to_string(),
+        format!("{call:?}"),
+    ] {
+        for s in ["TOK-PW", "TOK-Q", "TOK-SECRET", "bob"] {
+            assert!(!t.contains(s), "{s} in {t}");
+        }
+    }
+    assert!(e.is_retryable(), "{e}");
+}
