@@ -239,6 +239,17 @@ impl<C> RetryLayer<C> {
                 format!("the retry budget's ttl must be between 1s and 60s, not {ttl:?}"),
             ));
         }
+        // tower's `TpsBudget::new` asserts this bound: checked here, so a bad value is an error
+        // now and not a panic on the first request.
+        if min_per_sec >= i32::MAX as u32 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the retry budget's min_per_sec must be below {}, not {min_per_sec}",
+                    i32::MAX
+                ),
+            ));
+        }
         if !(0.0..=1000.0).contains(&percent) {
             return Err(Error::new(
                 ErrorKind::Config,
