@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::classify::{classify_error, delivery};
-use crate::error::{CircuitOpen, Delivery, ErrorKind, RateLimited};
+use crate::error::{CircuitOpen, Delivery, ErrorKind, OpenReason, RateLimited};
 use crate::{find, human_duration};
 
 /// What an error means for whoever decides the next step; see the [module docs](self).
@@ -91,14 +91,20 @@ impl ErrorSummary {
     pub fn of(err: &(dyn StdError + 'static)) -> Self {
         let kind = classify_error(err);
         let (name, status) = kind_name(&kind);
+        // A breaker waiting for its probe, or forced open, has no time to give: nobody knows when
+        // the probe answers or the handle releases it.
+        let open = find::<CircuitOpen>(err);
+        let no_time = find::<RateLimited>(err).is_none()
+            && open.is_some_and(|c| matches!(c.reason(), OpenReason::Probing | OpenReason::Forced));
         let retry_after = find::<RateLimited>(err)
             .map(RateLimited::retry_after)
-            .or_else(|| find::<CircuitOpen>(err).map(CircuitOpen::retry_in))
+            .or_else(|| open.map(CircuitOpen::retry_in))
             .or(match kind {
                 ErrorKind::RateLimited { retry_after } => retry_after,
                 ErrorKind::CircuitOpen { retry_in } => Some(retry_in),
                 _ => None,
-            });
+            })
+            .filter(|_| !no_time);
         let report = find::<crate::Error>(err).and_then(crate::Error::report);
         Self {
             kind: name,
