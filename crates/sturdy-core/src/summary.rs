@@ -93,10 +93,11 @@ impl ErrorSummary {
         let (name, status) = kind_name(&kind);
         // A breaker waiting for its probe, or forced open, has no time to give: nobody knows when
         // the probe answers or the handle releases it.
+        let limited = find::<RateLimited>(err);
         let open = find::<CircuitOpen>(err);
-        let no_time = find::<RateLimited>(err).is_none()
+        let no_time = limited.is_none()
             && open.is_some_and(|c| matches!(c.reason(), OpenReason::Probing | OpenReason::Forced));
-        let retry_after = find::<RateLimited>(err)
+        let retry_after = limited
             .map(RateLimited::retry_after)
             .or_else(|| open.map(CircuitOpen::retry_in))
             .or(match kind {

@@ -230,7 +230,8 @@ impl<C> RetryLayer<C> {
     /// 1000.0, as a fraction: 0.2 is 20 %) of calls \[10 s, 10, 0.2\].
     ///
     /// # Errors
-    /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, so a bad
+    /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, or
+    /// `min_per_sec` is `i32::MAX` or more, so a bad
     /// value is reported here and not on the first request.
     pub fn with_budget(self, ttl: Duration, min_per_sec: u32, percent: f32) -> Result<Self, Error> {
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&ttl) {
