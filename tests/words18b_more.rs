@@ -379,7 +379,6 @@ async fn shared_values_are_send_sync_clone() {
 /// "Each caller gets its own error; the cause several waiters share (an io or hyper error, for
 /// instance) is its `source()`."
 #[tokio::test]
-#[ignore = "FAULT: the shared cause is an Arc<dyn Error> whose source() skips the io::Error, so neither downcast nor sturdy_core::find reaches it"]
 async fn shared_cause_is_each_callers_source() {
     let refused = tower::service_fn(|_r: Request<Full<Bytes>>| async {
         tokio::time::sleep(Duration::from_millis(20)).await;

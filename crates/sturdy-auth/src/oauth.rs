@@ -102,9 +102,32 @@ impl Failure {
         let e = Error::new(self.kind.clone(), message);
         match &self.cause {
             // The message already names the cause.
-            Some(c) => e.with_hidden_source(c.clone()),
+            Some(c) => e.with_hidden_source(SharedCause(c.clone())),
             None => e,
         }
+    }
+}
+
+/// The cause several waiters share, as each one's source. `Arc<dyn Error>` is an error itself,
+/// but its `source()` is the inner error's source, which would skip the inner error (an
+/// `io::Error`, say) in the chain: this wrapper's `source()` is the inner error.
+struct SharedCause(Arc<dyn StdError + Send + Sync>);
+
+impl fmt::Debug for SharedCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for SharedCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl StdError for SharedCause {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -718,7 +741,9 @@ fn parse_token_response(
     body: &[u8],
     s: &Settings,
 ) -> Result<(String, Duration), Failure> {
-    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let json: Option<Value> = serde_json::from_slice(body)
+        .ok()
+        .or_else(|| with_huge_numbers_as_text(body));
     if !status.is_success() {
         if let Some(code) = json
             .as_ref()
@@ -788,7 +813,8 @@ fn parse_token_response(
                 _ => None,
             };
             match secs {
-                Some(x) if x.is_finite() && x >= 1.0 => {
+                // An infinite value ("1e400" overflows a double) is huge: clamped below.
+                Some(x) if x >= 1.0 => {
                     let d = Duration::try_from_secs_f64(x.floor()).unwrap_or(s.max_lifetime);
                     if d > s.max_lifetime {
                         tracing::warn!(
@@ -799,7 +825,7 @@ fn parse_token_response(
                     }
                     d.min(s.max_lifetime)
                 }
-                Some(x) if x.is_finite() => {
+                Some(x) if !x.is_nan() => {
                     return Err(Failure::new(ErrorKind::Auth, format!("{} issued a token that expires in {x} s (already expired); check the server's clock and token settings", s.endpoint())));
                 }
                 _ => {
@@ -815,6 +841,27 @@ fn parse_token_response(
         }
     };
     Ok((token, lifetime))
+}
+
+/// A JSON object whose `expires_in` is a number no double can hold (`1e400`: valid JSON, which
+/// `serde_json` refuses as out of range), read with that number as its text, so that it is
+/// judged as a lifetime (huge, so clamped) rather than as a broken body. Any other field that
+/// does not parse still fails the whole body.
+fn with_huge_numbers_as_text(body: &[u8]) -> Option<Value> {
+    use serde_json::value::RawValue;
+    let raw: std::collections::BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(body).ok()?;
+    let mut obj = serde_json::Map::new();
+    for (k, v) in raw {
+        let text = v.get();
+        let value = match serde_json::from_str::<Value>(text) {
+            Ok(value) => value,
+            Err(_) if k == "expires_in" => Value::String(text.to_owned()),
+            Err(_) => return None,
+        };
+        obj.insert(k, value);
+    }
+    Some(Value::Object(obj))
 }
 
 /// The kind of a token endpoint's error status: a status worth trying again (5xx, 429, 408...)
@@ -942,6 +989,23 @@ mod tests {
             &settings(),
         )
         .map_err(|f| f.error())
+    }
+
+    #[test]
+    fn an_expires_in_beyond_a_double_is_huge() {
+        for e in ["1e400", "\"1e400\"", "123456789012345678901234567890"] {
+            let body = format!(r#"{{"access_token":"t","expires_in":{e}}}"#);
+            assert_eq!(
+                parse(200, &body).unwrap(),
+                ("t".into(), Duration::from_secs(86_400)),
+                "{e}"
+            );
+        }
+        let e = parse(200, r#"{"access_token":"t","expires_in":-1e400}"#).unwrap_err();
+        assert!(e.to_string().contains("already expired"), "{e}");
+        // Only expires_in is read leniently: a token no double can hold is not a token.
+        let e = parse(200, r#"{"access_token":1e400}"#).unwrap_err();
+        assert!(e.to_string().contains("not a JSON object"), "{e}");
     }
 
     #[test]
