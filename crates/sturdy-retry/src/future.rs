@@ -24,7 +24,7 @@ use sturdy_core::{human_duration, BoxError, CallReport, Delivery, ErrorKind};
 use tokio::time::Sleep;
 use tower::Service;
 
-use crate::policy::{advise, describe_result, CallInfo, CallState, RetryPolicy, View};
+use crate::policy::{advise, CallInfo, CallState, Last, RetryPolicy, View};
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry).
@@ -74,9 +74,9 @@ struct Run<A, C> {
     /// Each attempt's timeout, and the end of the attempt in flight.
     attempt_timeout: Option<Duration>,
     attempt_ends: Option<tokio::time::Instant>,
-    /// The last failed attempt's outcome in words, and its error: what a deadline that cuts the
-    /// call before another attempt answers names as the cause.
-    last: Option<(String, Option<BoxError>)>,
+    /// The last failed try: what a deadline that cuts the call before another attempt answers
+    /// names as the cause.
+    last: Option<Last>,
 }
 
 impl<S, B, Rb, C> ResponseFuture<S, B, Rb, C>
@@ -194,11 +194,7 @@ where
 
 /// The error of a call cut by its deadline, with what is known about its attempts: how many
 /// were made (one in flight counts), what the last failed one said (its error is the source).
-fn deadline_passed(
-    len: Duration,
-    call: Option<&CallState>,
-    last: Option<(String, Option<BoxError>)>,
-) -> BoxError {
+fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) -> BoxError {
     let (n, in_flight, held) = call.map_or((0, true, None), |c| {
         (
             c.attempts.load(Ordering::Relaxed),
@@ -237,14 +233,15 @@ fn deadline_passed(
         ),
     };
     let mut source = None;
-    if let Some((said, err)) = last {
-        message.push_str(if in_flight {
-            "; the attempt before it: "
-        } else {
-            "; the last attempt: "
+    if let Some(last) = last {
+        message.push_str(match (last.refused(), in_flight) {
+            (true, true) => "; the try before it was refused: ",
+            (true, false) => "; the last try was refused: ",
+            (false, true) => "; the attempt before it: ",
+            (false, false) => "; the last attempt: ",
         });
-        message.push_str(&said);
-        source = err;
+        message.push_str(&last.said());
+        source = last.into_error();
     }
     let delivery = call.map_or(Delivery::MaybeProcessed, CallState::delivery);
     let key = call.and_then(|c| c.key.clone());
@@ -355,13 +352,16 @@ where
                             ))
                         }
                     };
-                    match run.policy.decide(&view(&run.kept), &mut result) {
+                    match run
+                        .policy
+                        .decide(&view(&run.kept), &mut result, run.last.as_ref())
+                    {
                         None => {
                             this.state.set(State::Done);
                             return Poll::Ready(result);
                         }
                         Some(delay) => {
-                            run.last = Some((describe_result(&result), result.err()));
+                            Last::keep(&mut run.last, result, run.policy.last_try_refused());
                             this.state.set(State::Sleeping {
                                 sleep: tokio::time::sleep(delay),
                             });
@@ -377,7 +377,11 @@ where
                     // response future.
                     if let Err(e) = ready!(run.svc.poll_ready(cx)) {
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(run.policy.not_ready(&view(&run.kept), e.into())));
+                        return Poll::Ready(Err(run.policy.not_ready(
+                            &view(&run.kept),
+                            e.into(),
+                            run.last.as_ref(),
+                        )));
                     }
                     let fut = run.attempt();
                     this.state.set(State::Calling { fut, timer: None });

@@ -155,7 +155,9 @@ impl<C> RetryLayer<C> {
     /// with [`RateLimited`](sturdy_core::RateLimited) so the caller decides. The wait that error
     /// reports is the server's, capped at [`MAX_REPORTED_WAIT`](crate::MAX_REPORTED_WAIT)
     /// (5 min) or at this setting when it is longer: a hostile or broken server cannot tell the
-    /// caller to stay away for years.
+    /// caller to stay away for years. It bounds the waits a server asks for (its `Retry-After`,
+    /// and the wait a local rate limiter's refusal carries), not an open
+    /// circuit breaker's `retry_in`: that is waited out only by a call with a deadline it fits.
     pub fn with_max_retry_after(self, max: Duration) -> Self {
         self.edit(|c| c.max_retry_after = max)
     }

@@ -185,9 +185,13 @@ pub(crate) struct RetryPolicy<C = DefaultClassify> {
     config: Arc<Config>,
     classify: C,
     body: Option<Bytes>,
-    /// Attempts made so far, and the most allowed for this call.
-    attempts: u32,
+    /// Tries made so far (each counts against `max_attempts`), how many of them a layer below
+    /// refused before they were sent (the rest are the call's attempts), and the most allowed.
+    tries: u32,
+    refused: u32,
     max_attempts: u32,
+    /// Whether the last try was refused before it was sent (a half-open breaker's look too).
+    last_refused: bool,
     /// Shared with the response future for the deadline's error (only when there is a deadline).
     state: Option<Arc<CallState>>,
     prev: Option<Duration>,
@@ -203,7 +207,8 @@ pub(crate) struct RetryPolicy<C = DefaultClassify> {
 impl<C> fmt::Debug for RetryPolicy<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryPolicy")
-            .field("attempts", &self.attempts)
+            .field("tries", &self.tries)
+            .field("refused", &self.refused)
             .field("max_attempts", &self.max_attempts)
             .field("replayable", &self.body.is_some())
             .field("deadline", &self.deadline)
@@ -401,7 +406,9 @@ impl<C> RetryPolicy<C> {
             max_attempts,
             budget,
             body: None,
-            attempts: 0,
+            tries: 0,
+            refused: 0,
+            last_refused: false,
             state,
             prev: None,
             deposited: false,
@@ -450,7 +457,17 @@ impl<C> RetryPolicy<C> {
     /// Never with a deadline: a half-open breaker may refuse the attempt (nothing sent, not
     /// counted), and the call then sends one more, so it keeps what it needs to.
     pub(crate) fn is_last_attempt(&self) -> bool {
-        self.deadline.is_none() && self.attempts + 1 >= self.max_attempts
+        self.deadline.is_none() && self.tries + 1 >= self.max_attempts
+    }
+
+    /// Whether the last try was refused by a layer below before it was sent.
+    pub(crate) fn last_try_refused(&self) -> bool {
+        self.last_refused
+    }
+
+    /// The attempts made so far: the tries sent on, past every layer that refuses calls.
+    fn sent(&self) -> u32 {
+        self.tries - self.refused
     }
 
     /// Marks the call replayable with this body.
@@ -473,10 +490,13 @@ impl<C> RetryPolicy<C> {
 
     /// Decides whether to retry; may rewrite the result: the error the caller finally gets speaks
     /// for the whole call (attempts, whether it may have been processed, the idempotency key).
+    ///
+    /// `last` is what the call kept of an earlier failed try (see [`Last`]).
     pub(crate) fn decide<Rb>(
         &mut self,
         req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
+        last: Option<&Last>,
     ) -> Option<Duration>
     where
         C: Classify<Rb, BoxError>,
@@ -490,10 +510,19 @@ impl<C> RetryPolicy<C> {
             && self.max_attempts > 1
             && matches!(&*result, Err(e) if sturdy_core::find::<CircuitOpen>(&**e)
                 .is_some_and(|c| c.reason() == OpenReason::Probing));
+        // A try a layer below refused before it was sent (an open breaker, the local rate limit,
+        // a full concurrency limit, no token) counts against `max_attempts`, so a refusing layer
+        // cannot keep the call going, but it is not one of the call's attempts: the report and
+        // the messages count only what was sent on.
+        let refused = probing || matches!(&*result, Err(e) if refused_before_sent(&**e));
+        self.last_refused = refused;
         if !probing {
-            self.attempts += 1;
+            self.tries += 1;
+            if refused {
+                self.refused += 1;
+            }
         }
-        let n = self.attempts;
+        let n = self.tries;
         let this_attempt = match result {
             // The server answered, so the request reached it. (A 4xx usually means it was not
             // acted on, but "not sent" is only said of requests that never reached the server:
@@ -505,7 +534,7 @@ impl<C> RetryPolicy<C> {
             self.maybe_processed = true;
         }
         if let Some(s) = &self.state {
-            s.attempts.store(n, Ordering::Relaxed);
+            s.attempts.store(self.sent(), Ordering::Relaxed);
             s.maybe_processed
                 .store(self.maybe_processed, Ordering::Relaxed);
             s.in_flight.store(false, Ordering::Relaxed);
@@ -527,7 +556,7 @@ impl<C> RetryPolicy<C> {
             ) {
                 Some(kind) => kind,
                 None => {
-                    self.finish(req, result, Stop::Plain);
+                    self.finish(req, result, last, Stop::Plain);
                     return None;
                 }
             },
@@ -541,6 +570,7 @@ impl<C> RetryPolicy<C> {
             self.finish(
                 req,
                 result,
+                last,
                 Stop::Because(format!(
                     "a {} without an idempotency key is not retried once it may have reached the server",
                     req.method()
@@ -560,8 +590,10 @@ impl<C> RetryPolicy<C> {
             } else {
                 wait
             };
-            // (`max_retry_after` bounds what a server asks for, not the look after a probe.)
-            let too_long = !probing && wait > self.config.max_retry_after;
+            // (`max_retry_after` bounds what a server asks for, not the look after a probe nor an
+            // open breaker's wait, which only a call with a deadline it fits waits out.)
+            let too_long =
+                !probing && source != DelaySource::Breaker && wait > self.config.max_retry_after;
             let past_deadline = left.is_some_and(|l| wait >= l);
             if too_long || past_deadline || n >= self.max_attempts {
                 let reason = if too_long {
@@ -594,7 +626,7 @@ impl<C> RetryPolicy<C> {
                         *result = Err(Box::new(RateLimited::new(told).with_scope(host)));
                     }
                 }
-                self.finish(req, result, Stop::Plain);
+                self.finish(req, result, last, Stop::Plain);
                 return None;
             }
             // Never sooner than asked; a little later, so clients do not return in lock-step.
@@ -615,7 +647,7 @@ impl<C> RetryPolicy<C> {
         } else {
             if n >= self.max_attempts {
                 self.stopped(req, &kind, RetryStop::AttemptsExhausted);
-                self.finish(req, result, Stop::Plain);
+                self.finish(req, result, last, Stop::Plain);
                 return None;
             }
             let prev = self.prev;
@@ -627,6 +659,7 @@ impl<C> RetryPolicy<C> {
                 self.finish(
                     req,
                     result,
+                    last,
                     Stop::Because("the next retry would pass the overall deadline".to_owned()),
                 );
                 return None;
@@ -639,6 +672,7 @@ impl<C> RetryPolicy<C> {
             self.finish(
                 req,
                 result,
+                last,
                 Stop::Because(
                     "its body was not kept for a replay (larger than the replay limit, or of unknown size)"
                         .to_owned(),
@@ -653,6 +687,7 @@ impl<C> RetryPolicy<C> {
                 self.finish(
                     req,
                     result,
+                    last,
                     Stop::Because(format!("the retry budget for {host} is exhausted")),
                 );
                 return None;
@@ -686,7 +721,7 @@ impl<C> RetryPolicy<C> {
         self.config.events.emit(&Event::RetryStopped {
             host: req.host(),
             method: req.method(),
-            attempt: self.attempts,
+            attempt: self.tries,
             reason,
             stop,
         });
@@ -700,9 +735,10 @@ impl<C> RetryPolicy<C> {
         &self,
         req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
+        last: Option<&Last>,
         stop: Stop,
     ) {
-        let n = self.attempts;
+        let n = self.sent();
         let key = || {
             req.header(&self.config.idempotency_header)
                 .and_then(|v| v.to_str().ok())
@@ -723,14 +759,39 @@ impl<C> RetryPolicy<C> {
             }
             Err(e) => e,
         };
+        let last_sent = last;
         let last = std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
-        let kind = classify::classify_error(&*last);
-        let cause = classify::describe(&*last);
-        let mut message = match (n > 1, stop) {
-            (true, Stop::Because(r)) => format!("gave up after {n} attempts ({r}): {cause}"),
-            (true, Stop::Plain) => format!("gave up after {n} attempts: {cause}"),
-            (false, Stop::Because(r)) => format!("{cause} (not retried: {r})"),
-            (false, Stop::Plain) => cause,
+        let (kind, cause) = match last_sent.filter(|l| !l.refused) {
+            // The last try was refused before it was sent, after an attempt that was: that
+            // attempt's outcome is the call's (it may have been processed), and the refusal is
+            // what came after it. (The refusal's own words say "not sent", true of that try
+            // only; it stays the source, so its wait can still be found.)
+            Some(sent) if self.last_refused => (
+                sent.kind(),
+                format!(
+                    "{}; the try after it was refused before it was sent: {}",
+                    sent.said(),
+                    refusal(&*last)
+                ),
+            ),
+            _ => (classify::classify_error(&*last), classify::describe(&*last)),
+        };
+        let tries = |k: u32| if k == 1 { "try" } else { "tries" };
+        let attempts = |k: u32| if k == 1 { "attempt" } else { "attempts" };
+        let so_far = match (n, self.refused) {
+            // (One attempt is worth saying when a refusal came after it: a half-open breaker's.)
+            (n, 0) if n > 1 || (n == 1 && self.last_refused) => {
+                Some(format!("{n} {}", attempts(n)))
+            }
+            (_, 0) | (0, 1) => None,
+            (0, r) => Some(format!("{r} tries, each refused before it was sent")),
+            (n, r) => Some(format!("{n} {} and {r} refused {}", attempts(n), tries(r))),
+        };
+        let mut message = match (so_far, stop) {
+            (Some(t), Stop::Because(r)) => format!("gave up after {t} ({r}): {cause}"),
+            (Some(t), Stop::Plain) => format!("gave up after {t}: {cause}"),
+            (None, Stop::Because(r)) => format!("{cause} (not retried: {r})"),
+            (None, Stop::Plain) => cause,
         };
         let delivery = self.delivery();
         let key = key();
@@ -749,11 +810,17 @@ impl<C> RetryPolicy<C> {
 
     /// The call ends because the service could not be made ready for the next attempt: the
     /// error speaks for the whole call like any other final error.
-    pub(crate) fn not_ready(&self, req: &impl RequestView, err: BoxError) -> BoxError {
+    pub(crate) fn not_ready(
+        &self,
+        req: &impl RequestView,
+        err: BoxError,
+        last: Option<&Last>,
+    ) -> BoxError {
         let mut result: Result<Response<()>, BoxError> = Err(err);
         self.finish(
             req,
             &mut result,
+            last,
             Stop::Because("the service could not be made ready for the next attempt".to_owned()),
         );
         // `finish` rewrites an error into the call's error; it never turns it into a response.
@@ -787,6 +854,93 @@ pub(crate) fn advise(
         (_, None) => message.push_str(
             "; it may have been processed: check before sending it again, or it may happen twice",
         ),
+    }
+}
+
+/// What a call keeps of its last failed try while it waits for the next one: the outcome (its
+/// status or its error), and whether a layer below refused it before it was sent. A refused
+/// try does not replace a sent attempt's outcome: that is what the call's error names, when the
+/// deadline cuts it or a later try is refused too.
+pub(crate) struct Last {
+    outcome: Result<StatusCode, BoxError>,
+    refused: bool,
+}
+
+impl Last {
+    /// Keeps `result` as the call's last failed try, unless it was refused and `kept` was sent.
+    pub(crate) fn keep<Rb>(
+        kept: &mut Option<Self>,
+        result: Result<Response<Rb>, BoxError>,
+        refused: bool,
+    ) {
+        if refused && kept.as_ref().is_some_and(|l| !l.refused) {
+            return;
+        }
+        *kept = Some(Self {
+            outcome: result.map(|r| r.status()),
+            refused,
+        });
+    }
+
+    /// Whether a layer below refused this try before it was sent.
+    pub(crate) fn refused(&self) -> bool {
+        self.refused
+    }
+
+    /// The outcome in words (for a refusal, what refused it).
+    pub(crate) fn said(&self) -> String {
+        match &self.outcome {
+            Ok(status) => status.to_string(),
+            Err(e) if self.refused => refusal(&**e),
+            Err(e) => classify::describe(&**e),
+        }
+    }
+
+    /// The outcome's kind.
+    fn kind(&self) -> ErrorKind {
+        match &self.outcome {
+            Ok(status) => ErrorKind::from_status(*status).unwrap_or(ErrorKind::Other),
+            Err(e) => classify::classify_error(&**e),
+        }
+    }
+
+    /// The error, to be the source of the call's error.
+    pub(crate) fn into_error(self) -> Option<BoxError> {
+        self.outcome.err()
+    }
+}
+
+/// Whether a try was refused by a layer below before it was sent (not the destination's doing:
+/// a connect error is an attempt that was sent on, and failed).
+fn refused_before_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    classify::delivery(e) == Delivery::NotSent && !classify::concerns_destination(e)
+}
+
+/// A refused try in words that speak of that try only: what refused it, without the "not sent"
+/// its own message adds (the call's delivery is said once, for the whole call).
+fn refusal(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(c) = sturdy_core::find::<CircuitOpen>(e) {
+        return match c.reason() {
+            OpenReason::Probing => format!(
+                "the circuit breaker for {} is half-open, its probe calls out",
+                c.key()
+            ),
+            OpenReason::Forced => format!("the circuit breaker for {} is forced open", c.key()),
+            _ => format!(
+                "the circuit breaker for {} is open for {}",
+                c.key(),
+                human_duration(c.retry_in())
+            ),
+        };
+    }
+    if let Some(r) = sturdy_core::find::<RateLimited>(e) {
+        return r.to_string();
+    }
+    // A refusal's first clause names what refused it; the rest says what it means for the call.
+    let text = classify::describe(e);
+    match text.split_once("; ") {
+        Some((first, _)) => first.to_owned(),
+        None => text,
     }
 }
 

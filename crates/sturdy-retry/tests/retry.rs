@@ -640,7 +640,9 @@ async fn an_open_breaker_is_waited_out_when_it_fits_the_deadline() {
 async fn the_final_error_speaks_for_every_attempt() {
     use sturdy_core::classify::delivery;
     use sturdy_core::Delivery;
-    // Attempt 1 may have committed (its connection broke); attempt 2 met an open breaker.
+    // Attempt 1 may have committed (its connection broke); the try after it met an open breaker,
+    // which refused it before it was sent: one attempt, whose outcome is the call's, and the
+    // refusal after it (still the source, so its wait can be found).
     let reset: Reply = Err(Box::new(io::Error::new(
         io::ErrorKind::ConnectionReset,
         "reset",
@@ -654,15 +656,17 @@ async fn the_final_error_speaks_for_every_attempt() {
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
     let e = err.downcast_ref::<sturdy_core::Error>().unwrap();
     let report = e.report().unwrap();
-    assert_eq!(report.attempts(), 2);
+    assert_eq!(report.attempts(), 1);
     assert_eq!(report.idempotency_key(), Some("key-7"));
     assert_eq!(e.idempotency_key(), Some("key-7"));
-    assert!(matches!(e.kind(), ErrorKind::CircuitOpen { .. }));
+    assert!(matches!(e.kind(), ErrorKind::Transport), "{:?}", e.kind());
+    let open = sturdy_core::find::<sturdy_core::CircuitOpen>(&*err).expect("the refusal");
+    assert_eq!(open.retry_in(), Duration::from_secs(30));
     assert_eq!(
         err.to_string(),
-        "gave up after 2 attempts: circuit open for api.example.com: it has been failing, so it \
-         was not called; try again in 30s; it may have been processed: retry with the same \
-         idempotency key key-7"
+        "gave up after 1 attempt and 1 refused try: connection reset by peer; the try after it \
+         was refused before it was sent: the circuit breaker for api.example.com is open for \
+         30s; it may have been processed: retry with the same idempotency key key-7"
     );
 
     // Every attempt refused before it left: the error says so, and it is true.
