@@ -29,7 +29,7 @@ fn with_deadline(mut req: Request<Full<Bytes>>, d: Duration) -> Request<Full<Byt
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_deadline_ending_in_the_rate_limits_pause_says_not_sent() {
+async fn a_rate_limit_pause_past_the_deadline_is_refused_at_once_not_sent() {
     let api = Api::new(vec![status_h(429, &[("retry-after", "5")])], ok());
     let client = ClientBuilder::new().build(api.service());
     let mut first = get(U);
@@ -40,20 +40,36 @@ async fn a_deadline_ending_in_the_rate_limits_pause_says_not_sent() {
     let err = client.clone().oneshot(first).await.unwrap_err();
     assert!(err.to_string().contains("rate limited"), "{err}");
 
+    // The pause ends 5 s from now, the deadline 300 ms from now: waiting is of no use, and the
+    // call is told at once, with the wait.
     let start = Instant::now();
     let err = client
+        .clone()
         .oneshot(with_deadline(post(U, "{}"), Duration::from_millis(300)))
         .await
         .unwrap_err();
-    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    assert_eq!(start.elapsed(), Duration::ZERO, "refused at once: {err}");
     assert_eq!(api.calls(), 1, "nothing more was sent");
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
     let s = ErrorSummary::of(&*err);
     assert!(!s.may_have_been_processed, "{s:?}");
+    let rl = sturdy::core::find::<sturdy::core::RateLimited>(&*err).expect("RateLimited");
+    assert!(
+        rl.retry_after() > Duration::from_secs(4) && rl.retry_after() <= Duration::from_secs(5),
+        "{rl:?}"
+    );
     let text = err.to_string();
     assert!(text.contains("rate limit"), "{text}");
-    assert!(text.contains("before it was sent"), "{text}");
     assert!(!text.contains("may have been processed"), "{text}");
+
+    // A deadline past the pause's end waits it out and is sent.
+    let res = client
+        .oneshot(with_deadline(post(U, "{}"), Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(start.elapsed() >= Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(api.calls(), 2);
 }
 
 #[tokio::test(start_paused = true)]

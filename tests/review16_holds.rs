@@ -150,9 +150,10 @@ async fn a_request_sent_again_below_the_retry_layer_is_not_reported_never_sent()
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
 }
 
-/// A bare 503 pauses the host 1 s now; the retry of a keyed POST then waits in that pause. A
-/// deadline ending there: the first attempt was answered, so the call may have been processed,
-/// one attempt was made, and the message names the wait.
+/// A bare 503 pauses the host 1 s now; the retry of a keyed POST is due in that pause, whose end
+/// comes after the deadline: the rate limit refuses it at once. The first attempt was answered,
+/// so the call may have been processed, one attempt was made, and the message names the
+/// refusal.
 #[tokio::test(start_paused = true)]
 async fn a_retry_held_by_a_bare_503_pause_says_maybe_processed_after_one_attempt() {
     let api = Api::new(vec![status(503)], ok());
@@ -183,7 +184,8 @@ async fn a_retry_held_by_a_bare_503_pause_says_maybe_processed_after_one_attempt
         ),
         Err(e) => e,
     };
-    assert_eq!(start.elapsed(), Duration::from_millis(700));
+    // Refused when the retry came due (after the 250 ms backoff), not at the deadline.
+    assert_eq!(start.elapsed(), Duration::from_millis(250), "{err}");
     assert_eq!(api.calls(), 1);
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
     let own = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();

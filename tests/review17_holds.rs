@@ -172,9 +172,10 @@ async fn every_option_under_a_buffer_a_quota_wait_reads_not_sent() {
     assert!(err.to_string().contains("rate limit"), "{err}");
 }
 
-/// An attempt answered 500, then the retry waits for a quota slot: the deadline ending in that
-/// wait names the wait, and the call may have been processed (the first attempt reached the
-/// API), with one attempt made.
+/// An attempt answered 500, then the retry is due before the next quota slot, which comes after
+/// the deadline: the rate limit refuses it at once, the error names the answered attempt and the
+/// refusal, and the call may have been processed (the first attempt reached the API), with one
+/// attempt made.
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_an_answered_attempt_held_by_the_quota_may_have_been_processed() {
     let api = Api::new(vec![status(500)], ok());
@@ -195,8 +196,14 @@ async fn a_retry_after_an_answered_attempt_held_by_the_quota_may_have_been_proce
     let own = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
     assert_eq!(own.report().unwrap().attempts(), 1, "{err}");
     let text = err.to_string();
-    assert!(text.contains("attempt 2 waited"), "{text}");
+    assert!(text.contains("500 Internal Server Error"), "{text}");
+    assert!(text.contains("rate limited by api.example.com"), "{text}");
     assert!(text.contains("k-17"), "{text}");
+    assert!(!text.contains("not sent"), "{text}");
+    assert!(
+        sturdy::core::find::<sturdy::core::RateLimited>(&*err).is_some(),
+        "the refusal's wait can be found: {text}"
+    );
 }
 
 /// The hedge's second copy (sturdy's own hedge in its slot) waits in a pause that another call's

@@ -14,6 +14,10 @@
 //! any of these without calling it must not sit between the retry layer and the layers that
 //! hold, or the retry layer must not mark.
 //!
+//! The mark also carries the call's deadline ([`AttemptHold::deadline`]), so that a layer can
+//! refuse at once a wait that would end after it, instead of waiting until the deadline cuts the
+//! call: the rate limit refuses such a call with `RateLimited`, carrying the wait.
+//!
 //! ```
 //! use sturdy_core::hold::{AttemptHold, HeldFor};
 //!
@@ -36,6 +40,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+
+use tokio::time::Instant;
 
 /// What a layer holds an attempt back for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +73,40 @@ const CONCURRENCY: u8 = 3;
 const FANNED_OUT: u8 = u8::MAX;
 
 /// The mark one attempt carries in its extensions: what it is held back for right now, if
-/// anything. Clones share the mark. See the [module docs](self).
+/// anything, and the call's deadline, if it has one. Clones share the mark. See the
+/// [module docs](self).
 #[derive(Clone, Default)]
-pub struct AttemptHold(Arc<AtomicU8>);
+pub struct AttemptHold(Arc<Mark>);
+
+#[derive(Default)]
+struct Mark {
+    state: AtomicU8,
+    deadline: Option<Instant>,
+}
 
 impl AttemptHold {
-    /// A mark that says the attempt is not held.
+    /// A mark that says the attempt is not held, for a call without a deadline.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A mark that says the attempt is not held, for a call that must have its answer by
+    /// `deadline`.
+    pub fn until(deadline: Instant) -> Self {
+        Self(Arc::new(Mark {
+            state: AtomicU8::new(FREE),
+            deadline: Some(deadline),
+        }))
+    }
+
+    /// The call's deadline, if it has one: a wait that would end after it cannot be met.
+    /// `None` after a [`fan_out`](Self::fan_out): a copy may have been sent, and a refusal of
+    /// this one must not read as the whole attempt's.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.0.state.load(Ordering::Acquire) == FANNED_OUT {
+            return None;
+        }
+        self.0.deadline
     }
 
     /// The mark in `req`'s extensions, if the retry layer put one there.
@@ -92,6 +124,7 @@ impl AttemptHold {
         // Never over a fan-out: one copy may have been sent already.
         let _ = self
             .0
+            .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 (cur != FANNED_OUT).then_some(v)
             });
@@ -101,6 +134,7 @@ impl AttemptHold {
     pub fn release(&self) {
         let _ = self
             .0
+            .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 (cur != FANNED_OUT).then_some(FREE)
             });
@@ -108,13 +142,13 @@ impl AttemptHold {
 
     /// Copies of the attempt go more than one way (a hedge): from now on the mark says nothing.
     pub fn fan_out(&self) {
-        self.0.store(FANNED_OUT, Ordering::Release);
+        self.0.state.store(FANNED_OUT, Ordering::Release);
     }
 
     /// What the attempt is held back for right now; `None` when it is not held (it may have
     /// been sent) or after a fan-out.
     pub fn held_for(&self) -> Option<HeldFor> {
-        match self.0.load(Ordering::Acquire) {
+        match self.0.state.load(Ordering::Acquire) {
             RATE_LIMIT => Some(HeldFor::RateLimit),
             TOKEN => Some(HeldFor::Token),
             CONCURRENCY => Some(HeldFor::Concurrency),
@@ -125,8 +159,9 @@ impl AttemptHold {
 
 impl fmt::Debug for AttemptHold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("AttemptHold")
-            .field(&self.held_for())
+        f.debug_struct("AttemptHold")
+            .field("held_for", &self.held_for())
+            .field("deadline", &self.0.deadline)
             .finish()
     }
 }

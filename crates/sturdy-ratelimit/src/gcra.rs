@@ -157,6 +157,11 @@ impl Origin {
             .saturating_add(u64::from(d.subsec_nanos()))
     }
 
+    /// Nanoseconds from the origin to `at` (0 before the origin, saturating far in the future).
+    pub(crate) fn nanos_at(&self, at: Instant) -> u64 {
+        nanos(at.saturating_duration_since(self.0))
+    }
+
     /// The instant `n` nanoseconds after the origin (saturating far in the future).
     pub(crate) fn instant(&self, n: u64) -> Instant {
         self.0

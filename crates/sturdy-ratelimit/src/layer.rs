@@ -95,7 +95,10 @@ impl<K> RateLimitLayer<K> {
     /// would wait longer fails at once with `RateLimited` carrying the wait. Zero: never wait.
     /// Under slow start the wait is not known in advance (the window opens when released calls
     /// answer): a call still waiting for a place when `max_wait` has passed fails then, with the
-    /// default pause as its suggested wait.
+    /// default pause as its suggested wait. A call whose attempt carries its deadline (a
+    /// [`sturdy_core::hold::AttemptHold`] from a retry layer with hold marks on, as in
+    /// `sturdy::ClientBuilder`) waits no later than that deadline: if its turn would come after
+    /// it, it fails at once the same way.
     pub fn with_max_wait(self, max_wait: Duration) -> Self {
         self.edit(|c| c.max_wait = max_wait)
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use sturdy_core::events::Event;
+use sturdy_core::hold::AttemptHold;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::trace::DelaySource;
 use sturdy_core::{BoxError, RateLimited, Trace, TraceEvent};
@@ -161,7 +162,17 @@ impl<S, K> RateLimit<S, K> {
     {
         let ks = bound.state();
         let config = &bound.config;
-        let deadline = now.saturating_add(nanos(config.max_wait));
+        let mut deadline = now.saturating_add(nanos(config.max_wait));
+        // A call that must have its answer by a deadline (the retry layer's mark carries it) is
+        // refused at once when its turn would come after the deadline, with the wait, instead of
+        // waiting in line until the deadline cuts it.
+        if let Some(at) = req
+            .extensions()
+            .get::<AttemptHold>()
+            .and_then(AttemptHold::deadline)
+        {
+            deadline = deadline.min(ks.origin.nanos_at(at));
+        }
         let refuse = |wait: u64, req: &Request<B>| {
             bound.config.events.emit(&Event::RateLimitRefused {
                 key: bound.key(),

@@ -197,7 +197,9 @@ impl<C> RetryLayer<C> {
     /// Whether each attempt of a call with a deadline carries a
     /// [`sturdy_core::hold::AttemptHold`], so that the layers below that hold an attempt back
     /// (rate limit, auth, adaptive concurrency) can mark the wait, and a deadline ending during
-    /// it says the attempt was never sent and what it waited for \[off\]. `sturdy::ClientBuilder`
+    /// it says the attempt was never sent and what it waited for \[off\]. The mark carries the
+    /// call's deadline too: the rate limit refuses at once, with `RateLimited`, a call whose turn
+    /// would come after it. `sturdy::ClientBuilder`
     /// turns it on when nobody said otherwise here and every layer in its stack is its default or
     /// one of sturdy's; with a layer of your own in one of its slots, it stays off.
     ///

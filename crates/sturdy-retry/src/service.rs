@@ -87,8 +87,12 @@ where
             .and_then(CallOptions::deadline)
             .or(self.config.deadline);
         let max_attempts = crate::policy::max_attempts(&self.config, options);
-        let call = deadline.map(|_| {
+        let deadline_at =
+            deadline.map(|d| sturdy_core::clock::after(tokio::time::Instant::now(), d));
+        let call = deadline_at.map(|at| {
             Arc::new(CallState {
+                // Carries the deadline too: a layer below refuses at once a wait past it.
+                hold: sturdy_core::hold::AttemptHold::until(at),
                 key: req
                     .headers()
                     .get(&self.config.idempotency_header)
@@ -117,7 +121,7 @@ where
                 config.clone(),
                 classify.clone(),
                 budget,
-                deadline.map(|d| sturdy_core::clock::after(tokio::time::Instant::now(), d)),
+                deadline_at,
                 max_attempts,
                 policy_call,
             )
