@@ -68,7 +68,11 @@ async fn a_rate_limit_pause_past_the_deadline_is_refused_at_once_not_sent() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert!(start.elapsed() >= Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(api.calls(), 2);
 }
 
