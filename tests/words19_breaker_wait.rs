@@ -217,3 +217,53 @@ async fn the_summary_of_a_503_then_an_open_breaker_gives_the_breakers_time() {
     let ms = s.retry_after_ms.expect("the breaker said when");
     assert!(ms > 100_000 && ms <= 120_000, "{ms}");
 }
+
+/// `with_max_retry_after` "bounds the waits a server asks for ..., not an open circuit
+/// breaker's `retry_in`": even a `max_retry_after` of zero (no server wait is ever slept) leaves
+/// a 30 s open period that fits a 1 min deadline to be waited out.
+#[tokio::test(start_paused = true)]
+async fn a_zero_max_retry_after_still_waits_out_an_open_breaker_within_the_deadline() {
+    let api = Api::new(vec![status(503)], ok());
+    let client = ClientBuilder::new()
+        .with_retry(
+            RetryLayer::new()
+                .with_seed(19)
+                .with_max_retry_after(Duration::ZERO),
+        )
+        .with_circuit_breaker(breaker(Duration::from_secs(30)))
+        .build(api.service());
+    let t0 = Instant::now();
+    let res = client
+        .oneshot(with_deadline(Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|e| panic!("after {:?}: {e}", t0.elapsed()));
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+/// RELIABILITY.md: "`CallOptions::with_deadline(Duration::MAX)`, `with_open_duration(Duration::MAX,
+/// _)` | the request panicked | about 30 years". Both at once, with the retry waiting for an
+/// open breaker: never a panic, and the call ends (paused time runs ahead).
+#[tokio::test(start_paused = true)]
+async fn a_duration_max_open_period_under_a_duration_max_deadline_never_panics() {
+    let api = Api::new(vec![status(503)], ok());
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(19))
+        .with_circuit_breaker(
+            CircuitBreakerLayer::new()
+                .with_consecutive_failures(1)
+                .with_open_duration(Duration::MAX, Duration::MAX),
+        )
+        .build(api.service());
+    let res = tokio::spawn(client.oneshot(with_deadline(Duration::MAX)))
+        .await
+        .unwrap_or_else(|e| panic!("the call panicked: {e}"));
+    match res {
+        Ok(r) => assert_eq!(r.status(), StatusCode::OK),
+        Err(e) => assert!(sturdy::core::find::<CircuitOpen>(&*e).is_some(), "{e}"),
+    }
+}

@@ -301,3 +301,25 @@ async fn nan_and_infinite_lifetimes_never_panic_nor_outlive_24h() {
         }
     }
 }
+
+/// RELIABILITY.md: "durations set to `Duration::MAX` (deadlines, timeouts, open periods, hedge
+/// delays) | read as about 30 years from now; never a panic | each setter". A
+/// `with_max_lifetime(Duration::MAX)` meets an `expires_in` of `1e400` (clamped to the maximum
+/// lifetime): a token, no panic, its expiry in the future.
+#[tokio::test(start_paused = true)]
+async fn a_1e400_lifetime_under_a_duration_max_maximum_never_panics() {
+    for expires in ["1e400", "\"1e400\"", "1e15"] {
+        let (svc, _) = endpoint(expires);
+        let c = ClientCredentials::new(svc, "http://127.0.0.1:9/token", "id", "secret")
+            .unwrap()
+            .with_max_lifetime(Duration::MAX);
+        let t0 = Instant::now();
+        let got = tokio::spawn(async move { c.get().await })
+            .await
+            .unwrap_or_else(|e| panic!("expires_in {expires}: the task failed: {e}"));
+        let tok = got.unwrap_or_else(|e| panic!("expires_in {expires}: {e}"));
+        if let Some(at) = tok.expires_at() {
+            assert!(at > t0 + DAY, "expires_in {expires}: {:?}", at - t0);
+        }
+    }
+}

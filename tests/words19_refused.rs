@@ -610,3 +610,29 @@ async fn a_deadline_ending_while_a_probe_is_out_counts_the_sent_attempt_only() {
     );
     probe.abort();
 }
+
+/// The same sentence as the breaker case above, for the local rate limit: an io reset on the
+/// sent attempt, then the retry refused by a quota whose next slot is 2 min away. The message
+/// names the reset; `find::<std::io::Error>` should reach it.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: after a sent attempt that failed with an io error, a rate-limit refusal as last try leaves the io error out of the chain"]
+async fn a_reset_then_a_rate_limit_refusal_keeps_the_reset_in_the_chain() {
+    let api = Api::new(vec![Answer::Io(std::io::ErrorKind::ConnectionReset)], ok());
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(19))
+        .with_rate_limit(RateLimitLayer::new(
+            Quota::new(1, Duration::from_secs(120)).unwrap(),
+        ))
+        .build(api.service());
+    let err = client.oneshot(get(U)).await.unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(api.calls(), 1);
+    assert!(msg.contains("connection reset"), "{msg}");
+    assert!(msg.contains("1 attempt and 1 refused try"), "{msg}");
+    assert!(sturdy::core::find::<RateLimited>(&*err).is_some(), "{msg}");
+    assert!(
+        sturdy::core::find::<std::io::Error>(&*err).is_some(),
+        "{:?}",
+        chain(&*err)
+    );
+}

@@ -851,3 +851,69 @@ async fn duration_max_everywhere_never_panics() {
         }
     }
 }
+
+/// Hedging fans an attempt out, so its copies carry no deadline (`AttemptHold::deadline`:
+/// "`None` after a `fan_out`") and a hedged copy waits in line; ratelimit.md: "If it is dropped
+/// ..., it leaves the line and the calls behind it move up". The first copy answers while the
+/// hedge waits for its turn: the hedge is dropped, the line is empty, and the next call (with a
+/// deadline its turn fits only if nothing was kept) goes at the turn.
+#[tokio::test(start_paused = true)]
+async fn a_hedge_waiting_in_line_is_dropped_when_the_first_copy_answers_and_keeps_nothing() {
+    let api = Api::new(vec![], Answer::Slow(Duration::from_millis(10)));
+    let quota = Quota::new(1, TEN).unwrap().with_burst(2).unwrap();
+    let (rl, handle) = RateLimitLayer::new(quota).pair();
+    let (hedge, hedges) = HedgeLayer::new().with_min_samples(1).pair();
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(19))
+        .with_hedge(hedge)
+        .with_rate_limit(rl)
+        .build(api.service());
+    client.clone().oneshot(get(U)).await.unwrap();
+    let t0 = Instant::now();
+    api.push(Answer::Slow(Duration::from_millis(500)));
+    let res = client
+        .clone()
+        .oneshot(with_deadline(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    let stats = hedges.stats(HOST).expect("stats");
+    assert_eq!(stats.hedges(), 1, "the hedge fired and waited in line");
+    tokio::task::yield_now().await;
+    assert_eq!(handle.waiting(HOST), 0, "the dropped hedge left the line");
+    let res = client
+        .oneshot(with_deadline(Duration::from_secs(12)))
+        .await
+        .unwrap_or_else(|e| panic!("after {:?}: {e}", t0.elapsed()));
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        t0.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(api.calls(), 3, "the hedge was never sent");
+}
+
+/// ratelimit.md: "For a call that must never wait, also turn retries off for it
+/// (`CallOptions::without_retries()`)"; with a deadline too, the turn after the deadline is
+/// refused at once, not waited for.
+#[tokio::test(start_paused = true)]
+async fn without_retries_and_with_a_deadline_the_turn_after_it_is_refused_at_once() {
+    let api = Api::new(vec![], ok());
+    let (rl, _) = one_per_ten();
+    let client = ClientBuilder::new()
+        .with_rate_limit(rl)
+        .build(api.service());
+    client.clone().oneshot(get(U)).await.unwrap();
+    let mut req = get(U);
+    req.extensions_mut().insert(
+        CallOptions::new()
+            .without_retries()
+            .with_deadline(Duration::from_secs(5)),
+    );
+    let t0 = Instant::now();
+    let err = client.oneshot(req).await.unwrap_err();
+    assert_refused_at_once(&err, t0, TEN);
+    assert_eq!(api.calls(), 1);
+}
