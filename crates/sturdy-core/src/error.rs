@@ -220,6 +220,8 @@ pub struct Error {
     report: Option<Box<CallReport>>,
     /// The failure is not the destination's (see [`Error::with_cause_elsewhere`]).
     elsewhere: bool,
+    /// An error that came with the cause without being its source (see [`Error::with_related`]).
+    related: Option<BoxError>,
 }
 
 impl Error {
@@ -233,6 +235,7 @@ impl Error {
             delivery: None,
             report: None,
             elsewhere: false,
+            related: None,
         }
     }
 
@@ -250,6 +253,37 @@ impl Error {
         self.source = Some(source.into());
         self.show_source = false;
         self
+    }
+
+    /// Attaches an error that came with the cause without being its source: the retry layer's
+    /// error for a call whose attempt failed (its source) and whose retry was then refused below
+    /// (related), say. [`find`] looks through it after the source chain, so both are found;
+    /// `source()` does not return it, and `Display` does not show it.
+    ///
+    /// ```
+    /// use std::io;
+    /// use std::time::Duration;
+    /// use sturdy_core::{find, BoxError, CircuitOpen, Error, ErrorKind};
+    ///
+    /// let reset = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+    /// let err: BoxError = Box::new(
+    ///     Error::new(ErrorKind::Transport, "reset; the retry was refused")
+    ///         .with_hidden_source(reset)
+    ///         .with_related(CircuitOpen::new("api.example.com", Duration::from_secs(30))),
+    /// );
+    /// assert!(find::<io::Error>(&*err).is_some());
+    /// assert_eq!(find::<CircuitOpen>(&*err).unwrap().retry_in(), Duration::from_secs(30));
+    /// assert!(std::error::Error::source(&*err).unwrap().is::<io::Error>());
+    /// ```
+    #[must_use]
+    pub fn with_related(mut self, related: impl Into<BoxError>) -> Self {
+        self.related = Some(related.into());
+        self
+    }
+
+    /// The error attached with [`with_related`](Self::with_related), if any.
+    pub fn related(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.related.as_deref()
     }
 
     /// States whether the failed request may have reached the server; see [`Delivery`]. Layers
@@ -324,6 +358,7 @@ impl fmt::Debug for Error {
             .field("delivery", &self.delivery)
             .field("report", &self.report)
             .field("elsewhere", &self.elsewhere)
+            .field("related", &self.related)
             .finish()
     }
 }
@@ -344,7 +379,8 @@ impl std::error::Error for Error {
     }
 }
 
-/// The first error of type `T` in `err`'s chain (`err` itself, then its `source()`s).
+/// The first error of type `T` in `err`'s chain (`err` itself, then its `source()`s), then in
+/// the chains of the errors attached to it with [`Error::with_related`].
 ///
 /// Layers wrap what they cannot fix (the retry layer's final error is a [`Error`] whose source is
 /// the last attempt's error), so look for a type with this rather than with a single
@@ -368,6 +404,16 @@ pub fn find<'a, T: std::error::Error + 'static>(
     while let Some(e) = cur {
         if let Some(t) = e.downcast_ref::<T>() {
             return Some(t);
+        }
+        cur = e.source();
+    }
+    // Then what came with the cause, looked through only when the chain itself has no `T`.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(related) = e.downcast_ref::<Error>().and_then(Error::related) {
+            if let Some(t) = find::<T>(related) {
+                return Some(t);
+            }
         }
         cur = e.source();
     }

@@ -354,7 +354,7 @@ where
                     };
                     match run
                         .policy
-                        .decide(&view(&run.kept), &mut result, run.last.as_ref())
+                        .decide(&view(&run.kept), &mut result, &mut run.last)
                     {
                         None => {
                             this.state.set(State::Done);
@@ -380,7 +380,7 @@ where
                         return Poll::Ready(Err(run.policy.not_ready(
                             &view(&run.kept),
                             e.into(),
-                            run.last.as_ref(),
+                            run.last.take(),
                         )));
                     }
                     let fut = run.attempt();

@@ -491,12 +491,13 @@ impl<C> RetryPolicy<C> {
     /// Decides whether to retry; may rewrite the result: the error the caller finally gets speaks
     /// for the whole call (attempts, whether it may have been processed, the idempotency key).
     ///
-    /// `last` is what the call kept of an earlier failed try (see [`Last`]).
+    /// `last` is what the call kept of an earlier failed try (see [`Last`]); a call that ends
+    /// here takes it for its error.
     pub(crate) fn decide<Rb>(
         &mut self,
         req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
-        last: Option<&Last>,
+        last: &mut Option<Last>,
     ) -> Option<Duration>
     where
         C: Classify<Rb, BoxError>,
@@ -556,7 +557,7 @@ impl<C> RetryPolicy<C> {
             ) {
                 Some(kind) => kind,
                 None => {
-                    self.finish(req, result, last, Stop::Plain);
+                    self.finish(req, result, last.take(), Stop::Plain);
                     return None;
                 }
             },
@@ -570,7 +571,7 @@ impl<C> RetryPolicy<C> {
             self.finish(
                 req,
                 result,
-                last,
+                last.take(),
                 Stop::Because(format!(
                     "a {} without an idempotency key is not retried once it may have reached the server",
                     req.method()
@@ -626,7 +627,17 @@ impl<C> RetryPolicy<C> {
                         *result = Err(Box::new(RateLimited::new(told).with_scope(host)));
                     }
                 }
-                self.finish(req, result, last, Stop::Plain);
+                // A half-open breaker's refusal gives no time to wait for, so the message says
+                // what ended the call: its deadline, before the probe answered.
+                let stop = if probing {
+                    Stop::Because(
+                        "its deadline would pass before it could look at the breaker again"
+                            .to_owned(),
+                    )
+                } else {
+                    Stop::Plain
+                };
+                self.finish(req, result, last.take(), stop);
                 return None;
             }
             // Never sooner than asked; a little later, so clients do not return in lock-step.
@@ -647,7 +658,7 @@ impl<C> RetryPolicy<C> {
         } else {
             if n >= self.max_attempts {
                 self.stopped(req, &kind, RetryStop::AttemptsExhausted);
-                self.finish(req, result, last, Stop::Plain);
+                self.finish(req, result, last.take(), Stop::Plain);
                 return None;
             }
             let prev = self.prev;
@@ -659,7 +670,7 @@ impl<C> RetryPolicy<C> {
                 self.finish(
                     req,
                     result,
-                    last,
+                    last.take(),
                     Stop::Because("the next retry would pass the overall deadline".to_owned()),
                 );
                 return None;
@@ -672,7 +683,7 @@ impl<C> RetryPolicy<C> {
             self.finish(
                 req,
                 result,
-                last,
+                last.take(),
                 Stop::Because(
                     "its body was not kept for a replay (larger than the replay limit, or of unknown size)"
                         .to_owned(),
@@ -687,7 +698,7 @@ impl<C> RetryPolicy<C> {
                 self.finish(
                     req,
                     result,
-                    last,
+                    last.take(),
                     Stop::Because(format!("the retry budget for {host} is exhausted")),
                 );
                 return None;
@@ -735,7 +746,7 @@ impl<C> RetryPolicy<C> {
         &self,
         req: &impl RequestView,
         result: &mut Result<Response<Rb>, BoxError>,
-        last: Option<&Last>,
+        last: Option<Last>,
         stop: Stop,
     ) {
         let n = self.sent();
@@ -761,20 +772,30 @@ impl<C> RetryPolicy<C> {
         };
         let last_sent = last;
         let last = std::mem::replace(e, Box::new(sturdy_core::Error::new(ErrorKind::Other, "")));
-        let (kind, cause) = match last_sent.filter(|l| !l.refused) {
-            // The last try was refused before it was sent, after an attempt that was: that
-            // attempt's outcome is the call's (it may have been processed), and the refusal is
-            // what came after it. (The refusal's own words say "not sent", true of that try
-            // only; it stays the source, so its wait can still be found.)
-            Some(sent) if self.last_refused => (
-                sent.kind(),
-                format!(
+        // The last try was refused before it was sent, after an attempt that was: that
+        // attempt's outcome is the call's (it may have been processed), its error (if it ended
+        // in one) the source, and the refusal is what came after it, attached as related so
+        // that its wait can still be found. (The refusal's own words say "not sent", true of
+        // that try only.)
+        let (kind, cause, source, related) = match last_sent.filter(|l| !l.refused) {
+            Some(sent) if self.last_refused => {
+                let cause = format!(
                     "{}; the try after it was refused before it was sent: {}",
                     sent.said(),
                     refusal(&*last)
-                ),
+                );
+                let kind = sent.kind();
+                match sent.into_error() {
+                    Some(err) => (kind, cause, err, Some(last)),
+                    None => (kind, cause, last, None),
+                }
+            }
+            _ => (
+                classify::classify_error(&*last),
+                classify::describe(&*last),
+                last,
+                None,
             ),
-            _ => (classify::classify_error(&*last), classify::describe(&*last)),
         };
         let tries = |k: u32| if k == 1 { "try" } else { "tries" };
         let attempts = |k: u32| if k == 1 { "attempt" } else { "attempts" };
@@ -801,11 +822,13 @@ impl<C> RetryPolicy<C> {
             key.as_deref(),
             !is_idempotent(req.method()),
         );
-        *e = Box::new(
-            sturdy_core::Error::new(kind, message)
-                .with_hidden_source(last)
-                .with_report(CallReport::new(n, delivery, key)),
-        );
+        let mut err = sturdy_core::Error::new(kind, message)
+            .with_hidden_source(source)
+            .with_report(CallReport::new(n, delivery, key));
+        if let Some(related) = related {
+            err = err.with_related(related);
+        }
+        *e = Box::new(err);
     }
 
     /// The call ends because the service could not be made ready for the next attempt: the
@@ -814,7 +837,7 @@ impl<C> RetryPolicy<C> {
         &self,
         req: &impl RequestView,
         err: BoxError,
-        last: Option<&Last>,
+        last: Option<Last>,
     ) -> BoxError {
         let mut result: Result<Response<()>, BoxError> = Err(err);
         self.finish(
@@ -922,7 +945,7 @@ fn refusal(e: &(dyn std::error::Error + 'static)) -> String {
     if let Some(c) = sturdy_core::find::<CircuitOpen>(e) {
         return match c.reason() {
             OpenReason::Probing => format!(
-                "the circuit breaker for {} is half-open, its probe calls out",
+                "the circuit breaker for {} is half-open while its probe calls are out",
                 c.key()
             ),
             OpenReason::Forced => format!("the circuit breaker for {} is forced open", c.key()),
