@@ -115,6 +115,7 @@ mod words19_refused;
 mod words19_turn_deadline;
 mod words20_cancel;
 mod words20_compose;
+mod words20_edges;
 mod words20_hostile;
 mod words7_agents;
 mod words7_architecture;

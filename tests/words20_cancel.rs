@@ -534,3 +534,146 @@ mod server_store {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
+
+mod server_lease {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use bytes::Bytes;
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    use tower::ServiceExt;
+
+    fn trickle(chunks: usize, every: Duration) -> Body {
+        Body::from_stream(futures_util::stream::unfold(0, move |i| async move {
+            if i == chunks {
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"part ")), i + 1))
+        }))
+    }
+
+    /// docs/guides/idempotency.md: "If the request's future is dropped, the task goes on: it
+    /// reads the whole response body (up to the response limit), stores it, then ends. While the
+    /// handler runs, the task renews the lock every third of the lease ..., so a handler slower
+    /// than the lease keeps its key." A handler whose response body streams for several leases:
+    /// its client leaves at once; a retry during the stream gets 409, never a second run.
+    #[tokio::test]
+    async fn a_response_body_streaming_past_the_lease_keeps_its_key() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+            .with_lease(Duration::from_millis(60))
+            .unwrap();
+        let app: axum::Router = axum::Router::new()
+            .route(
+                "/orders",
+                axum::routing::post(move || {
+                    let r = r.clone();
+                    async move {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        (StatusCode::CREATED, trickle(10, Duration::from_millis(50)))
+                    }
+                }),
+            )
+            .layer(layer);
+        let keyed = || {
+            Request::post("/orders")
+                .header("idempotency-key", "k-stream")
+                .body(Body::from("{}"))
+                .unwrap()
+        };
+        let cut = tokio::time::timeout(Duration::from_millis(20), async {
+            let res = app.clone().oneshot(keyed()).await.unwrap();
+            res.into_body().collect().await.map(|c| c.to_bytes())
+        })
+        .await;
+        assert!(cut.is_err());
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            let res = app.clone().oneshot(keyed()).await.unwrap();
+            statuses.push(res.status());
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let res = app.clone().oneshot(keyed()).await.unwrap();
+        let status = res.status();
+        let replayed = res.headers().get("idempotent-replayed").cloned();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "ran again; answers during the stream: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::CONFLICT),
+            "{statuses:?}"
+        );
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(replayed.as_ref().map(|v| v.as_bytes()), Some(&b"true"[..]));
+        assert_eq!(body.len(), 50);
+    }
+}
+
+/// docs/guides/circuit.md: "A half-open breaker's refusal (`Probing`, `retry_in` zero: nobody
+/// knows when the probe will answer) is looked at again every backoff base (250 ms by default)
+/// for as long as the deadline allows; such a refusal sent nothing" and "A probe whose future is
+/// dropped gives its slot back." Callers waiting on a slow probe, some dropped mid-wait: the
+/// probe closes the breaker and every caller still there gets through, each sent once.
+#[tokio::test(start_paused = true)]
+async fn callers_dropped_while_they_wait_on_a_half_open_probe_leave_the_others_be() {
+    use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
+    use sturdy::core::CallOptions;
+    use sturdy::ClientBuilder;
+    let api = Api::new(vec![status(503), after(Duration::from_secs(2), ok())], ok());
+    let (breaker, states) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_open_duration(Duration::from_secs(1), Duration::from_secs(1))
+        .pair();
+    let client = ClientBuilder::new()
+        .with_circuit_breaker(breaker)
+        .without_rate_limit()
+        .build(api.service());
+    let mut first = get(&format!("http://{HOST}/0"));
+    first
+        .extensions_mut()
+        .insert(CallOptions::new().without_retries());
+    let res = client.clone().oneshot(first).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(matches!(
+        states.state(HOST),
+        Some(CircuitState::Open { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let probe = tokio::spawn(client.clone().oneshot(get(&format!("http://{HOST}/probe"))));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiters: Vec<_> = (0..5)
+        .map(|i| {
+            let mut req = get(&format!("http://{HOST}/w{i}"));
+            req.extensions_mut()
+                .insert(CallOptions::new().with_deadline(Duration::from_secs(10)));
+            tokio::spawn(client.clone().oneshot(req))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut waiters = waiters.into_iter();
+    waiters.next().unwrap().abort();
+    waiters.next().unwrap().abort();
+    let res = timeout(BOUND, probe).await.unwrap().unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    for w in waiters {
+        let res = timeout(BOUND, w).await.unwrap().unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(states.state(HOST), Some(CircuitState::Closed));
+    assert_eq!(
+        api.calls(),
+        5,
+        "{:?}",
+        api.seen().iter().map(|s| &s.uri).collect::<Vec<_>>()
+    );
+}

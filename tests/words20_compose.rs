@@ -512,3 +512,54 @@ async fn a_chunked_delivery_over_an_outer_body_limit_is_413_not_invalid_signatur
         )
     );
 }
+
+/// docs/guides/ratelimit.md: "A waiting call reserves nothing. If it is dropped (a timeout above
+/// it, an aborted task), it leaves the line and the calls behind it move up"; reqwest.md: the
+/// `SturdyMiddleware` stack "is built once, so every call shares its breakers, limits". Over a
+/// real loopback socket through reqwest-middleware: ten calls cut while in line cost the next
+/// one nothing, and none of them reached the server.
+#[tokio::test]
+async fn reqwest_middleware_calls_dropped_in_the_rate_limit_line_cost_nothing() {
+    use sturdy::reqwest::SturdyMiddleware;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/r",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let limit = RateLimitLayer::new(Quota::per_second(4).unwrap());
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new().with_rate_limit(limit).build(next)
+        }))
+        .build();
+    let url = format!("http://{addr}/r");
+    let first = client.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        let cut = timeout(Duration::from_millis(20), client.get(&url).send()).await;
+        assert!(cut.is_err(), "a call in line was not held");
+    }
+    let res = timeout(Duration::from_secs(5), client.get(&url).send())
+        .await
+        .expect("hung")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_millis(600),
+        "the next call waited {waited:?} after ten dropped ones"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    server.abort();
+}

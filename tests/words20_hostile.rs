@@ -1136,3 +1136,143 @@ async fn redis_deliveries_dropped_mid_enqueue_are_in_the_stream_exactly_once() {
     let want: Vec<String> = (0..drops.len()).map(|i| format!("msg_{i}")).collect();
     assert_eq!(seen, want);
 }
+
+/// docs/guides/auth.md: "Secrets live in `secrecy` types ...; no `Debug` or log line shows them"
+/// and "Messages say what to fix"; RELIABILITY.md: "a token's `expires_in` | ... zero, negative
+/// or not a number: an error". Token responses the source refuses (form-encoded, a bad
+/// `expires_in`, a cut JSON, an oversized body) whose body holds a real access token: the error
+/// says what was wrong and never repeats the token.
+#[tokio::test(start_paused = true)]
+async fn refused_token_responses_never_repeat_the_token() {
+    let huge: &'static str = Box::leak(
+        format!(
+            "{{\"access_token\":\"gho_SECRETTOKEN\",\"pad\":\"{}\"}}",
+            "x".repeat(70 * 1024)
+        )
+        .into_boxed_str(),
+    );
+    let bodies: Vec<(&str, &'static str)> = vec![
+        (
+            "application/x-www-form-urlencoded",
+            "access_token=gho_SECRETTOKEN&scope=&token_type=bearer",
+        ),
+        (
+            "application/json",
+            r#"{"access_token":"gho_SECRETTOKEN","token_type":"Bearer","expires_in":"soon"}"#,
+        ),
+        (
+            "application/json",
+            r#"{"access_token":"gho_SECRETTOKEN","token_type":"Bearer","expires_in":0}"#,
+        ),
+        (
+            "application/json",
+            r#"{"access_token":"gho_SECRETTOKEN","token_type":"Bearer","expires_in":-5}"#,
+        ),
+        (
+            "application/json",
+            r#"{"access_token":"gho_SECRETTOKEN","token_type":"Bearer","expires_in":36"#,
+        ),
+        (
+            "application/json",
+            r#"{"access_token":"gho_SECRETTOKEN","token_type":"mac","expires_in":3600}"#,
+        ),
+        (
+            "application/json",
+            r#"{"access_token":["gho_SECRETTOKEN"],"token_type":"Bearer"}"#,
+        ),
+        ("application/json", huge),
+        ("text/html", "<html>gho_SECRETTOKEN</html>"),
+    ];
+    for (ct, body) in bodies {
+        let idp = Api::new(
+            vec![],
+            Answer::Status(200, vec![("content-type", ct.to_owned())], body),
+        );
+        let tokens =
+            ClientCredentials::new(idp.service(), "http://idp.local/t", "id", "s").unwrap();
+        let shown: String = body.chars().take(60).collect();
+        match tokens.get().await {
+            Ok(t) => {
+                // Accepted: then it must be the token as sent.
+                assert_eq!(t.secret().expose_secret(), "gho_SECRETTOKEN", "{shown}");
+            }
+            Err(e) => {
+                let text = format!("{e} | {e:?} | {:?}", chain(&e));
+                assert!(!text.contains("SECRETTOKEN"), "{shown}: {text}");
+                assert!(text.len() < 4096, "{shown}: a {} byte message", text.len());
+            }
+        }
+    }
+}
+
+/// docs/guides/webhooks.md: "Schemes with a signed timestamp (Standard Webhooks, Stripe, ...):
+/// as long as the copy would pass the timestamp check. The dedup key is kept at least until the
+/// timestamp plus the tolerance plus one second ..., whatever the dedup TTL". A dedup TTL of zero
+/// still refuses a copy sent at once.
+#[tokio::test]
+async fn a_dedup_ttl_of_zero_still_refuses_a_fresh_copy() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body = br#"{"id":"evt_zero","type":"x"}"#;
+    let (queue, mut events) = MemoryQueue::new(100);
+    let standard = WebhookReceiver::new(StandardWebhooks::new(secret).unwrap(), queue.clone())
+        .with_dedup_ttl(Duration::ZERO);
+    let stripe =
+        WebhookReceiver::new(Stripe::new(secret).unwrap(), queue).with_dedup_ttl(Duration::ZERO);
+    for _ in 0..2 {
+        let req = Request::post("/wh")
+            .header("webhook-id", "msg_zero")
+            .header("webhook-timestamp", now.to_string())
+            .header(
+                "webhook-signature",
+                sign_standard(secret, "msg_zero", now, body).unwrap(),
+            )
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        assert_eq!(
+            standard.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let req = Request::post("/wh")
+            .header("stripe-signature", sign_stripe(secret, now, body))
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        assert_eq!(
+            stripe.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let mut got = Vec::new();
+    while let Some(e) = events.try_recv() {
+        got.push((e.route.clone(), e.id.clone()));
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+}
+
+/// STANDARDS 5.1 (draft-ietf-httpapi-ratelimit-headers-10): "If a response contains both the
+/// RateLimit and Retry-After fields, the Retry-After field MUST take precedence"; and GitHub's
+/// `x-ratelimit-reset` is "in UTC epoch seconds". A 429 carrying both a short `Retry-After` and
+/// a long `RateLimit` reset pauses for the `Retry-After`; an epoch reset 30 s ahead pauses 30 s.
+#[test]
+fn retry_after_takes_precedence_and_epoch_resets_read_as_dates() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let h = headers(&[
+        ("retry-after", "2"),
+        ("ratelimit", "\"default\";r=0;t=50"),
+        ("ratelimit-policy", "\"default\";q=100;w=60"),
+    ]);
+    let hint = pause_hint(StatusCode::TOO_MANY_REQUESTS, &h, now).expect("a pause");
+    assert_eq!(hint.delay, Duration::from_secs(2), "{hint:?}");
+    let h = headers(&[
+        ("x-ratelimit-limit", "5000"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-used", "5000"),
+        ("x-ratelimit-reset", "1800000030"),
+        ("x-ratelimit-resource", "core"),
+    ]);
+    let hint = pause_hint(StatusCode::FORBIDDEN, &h, now).expect("a pause");
+    assert_eq!(hint.delay, Duration::from_secs(30), "{hint:?}");
+}
