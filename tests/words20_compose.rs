@@ -563,3 +563,52 @@ async fn reqwest_middleware_calls_dropped_in_the_rate_limit_line_cost_nothing() 
     assert_eq!(hits.load(Ordering::SeqCst), 2);
     server.abort();
 }
+
+/// docs/guides/paginate.md: "`Paginate::new(service, uri, strategy)`" over any service; README:
+/// the client "can sit under a `Buffer` or over a `ConcurrencyLimit`". Four walks at once through
+/// one pager over the client kept under `Buffer(1)` over `ConcurrencyLimit(1)`, with a 503 in the
+/// way: every walk gets every item, none hangs.
+#[tokio::test(start_paused = true)]
+async fn concurrent_walks_through_the_client_under_buffer_over_a_limit_of_one() {
+    use futures_util::TryStreamExt;
+    use sturdy::paginate::{JsonCursor, Paginate};
+    let api = Api::new(vec![status(503)], ok());
+    let page = |body: &'static str| {
+        Answer::Status(
+            200,
+            vec![("content-type", "application/json".to_owned())],
+            body,
+        )
+    };
+    api.set_fallback(page(r#"{"data":[1,2],"next":null}"#));
+    let http =
+        ServiceBuilder::new()
+            .concurrency_limit(1)
+            .service(tower::util::BoxCloneSyncService::<
+                Req,
+                Response<Full<Bytes>>,
+                BoxError,
+            >::new(api.service()));
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(8))
+        .build(http);
+    let kept = ServiceBuilder::new().buffer(1).service(client);
+    let pager = Arc::new(
+        Paginate::new(
+            kept,
+            &format!("http://{HOST}/items"),
+            JsonCursor::new("/data", "/next"),
+        )
+        .unwrap(),
+    );
+    let walks: Vec<_> = (0..4)
+        .map(|_| {
+            let p = pager.clone();
+            tokio::spawn(async move { p.items().try_collect::<Vec<_>>().await })
+        })
+        .collect();
+    for w in walks {
+        let items = timeout(BOUND, w).await.expect("hung").unwrap().unwrap();
+        assert_eq!(items.len(), 2);
+    }
+}

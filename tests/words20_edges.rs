@@ -211,3 +211,48 @@ async fn per_request_zero_deadline_and_one_attempt() {
     let _ = timeout(BOUND, svc.oneshot(req)).await.expect("hung");
     assert_eq!(api.calls(), before + 1);
 }
+
+/// docs/guides/paginate.md: "A page that is not the expected JSON is named by its number" and
+/// RELIABILITY.md: "Every header, body, cursor ... is input an attacker (or a broken API)
+/// controls". A page and a token response of 200,000 nested brackets are refused with an error,
+/// never a stack overflow.
+#[tokio::test(start_paused = true)]
+async fn deeply_nested_json_pages_and_token_responses_are_errors() {
+    let deep: &'static str =
+        Box::leak(format!("{{\"data\":{}", "[".repeat(200_000)).into_boxed_str());
+    let api = Api::new(
+        vec![],
+        Answer::Status(
+            200,
+            vec![("content-type", "application/json".to_owned())],
+            deep,
+        ),
+    );
+    let pager = Paginate::new(
+        api.service(),
+        &format!("http://{HOST}/items"),
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
+    let err = tokio::spawn(async move { pager.page(None, 10).await })
+        .await
+        .expect("the page panicked")
+        .expect_err("a page of brackets was accepted");
+    assert!(
+        err.to_string().contains('1'),
+        "the page is not named: {err}"
+    );
+    let idp = Api::new(
+        vec![],
+        Answer::Status(
+            200,
+            vec![("content-type", "application/json".to_owned())],
+            Box::leak(format!("{{\"access_token\":{}", "[".repeat(60_000)).into_boxed_str()),
+        ),
+    );
+    let tokens = ClientCredentials::new(idp.service(), "http://idp.local/t", "id", "s").unwrap();
+    let got = tokio::spawn(async move { tokens.get().await })
+        .await
+        .expect("the token response panicked");
+    assert!(got.is_err());
+}
