@@ -20,6 +20,19 @@ pub enum BodyError {
     Read(BoxError),
 }
 
+impl BodyError {
+    /// Whether the body was too large: past this read's limit, or past a limit of a layer
+    /// outside it (tower-http's `RequestBodyLimitLayer` on a body without a `Content-Length`
+    /// fails the read with `http_body_util::LengthLimitError`), which is a 413, not a broken
+    /// body.
+    pub fn is_too_large(&self) -> bool {
+        match self {
+            Self::TooLarge { .. } => true,
+            Self::Read(e) => crate::find::<http_body_util::LengthLimitError>(&**e).is_some(),
+        }
+    }
+}
+
 impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

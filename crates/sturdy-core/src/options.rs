@@ -79,7 +79,8 @@ impl CallOptions {
     }
 
     /// The idempotency key of this request (the client idempotency layer sets it instead of a
-    /// random one). Setting the `Idempotency-Key` header yourself does the same.
+    /// random one). Setting the `Idempotency-Key` header yourself does the same. A key holding
+    /// control characters, which no header value may, is sent with them and `%` percent-encoded.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self

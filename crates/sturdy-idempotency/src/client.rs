@@ -96,6 +96,32 @@ impl<S> Layer<S> for IdempotencyKeyLayer {
     }
 }
 
+/// The header value of a key given in [`CallOptions`]: the key itself, or, when it holds a byte
+/// no header value may (a control character such as CR or LF), the key with those bytes and `%`
+/// percent-encoded. The same key always gives the same value, so a caller that sends a request
+/// again with its key still names the same request; a random key instead would make every
+/// resend a new request.
+fn given_key(key: &str) -> HeaderValue {
+    if let Ok(v) = HeaderValue::from_str(key) {
+        return v;
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = Vec::with_capacity(key.len() + 8);
+    for b in key.bytes() {
+        if b == b'%' || (b < 0x20 && b != b'\t') || b == 0x7f {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        } else {
+            out.push(b);
+        }
+    }
+    tracing::warn!(
+        "an idempotency key given in CallOptions holds control characters: sent percent-encoded"
+    );
+    // What is left is visible ASCII, spaces, tabs and the key's other UTF-8 bytes, all of
+    // which a header value may hold.
+    HeaderValue::from_bytes(&out).expect("control characters were encoded")
+}
+
 /// The service made by the client [`IdempotencyKeyLayer`]. `poll_ready` is the inner service's.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey<S> {
@@ -132,7 +158,7 @@ where
         if !req.headers().contains_key(&self.config.header) {
             let given = CallOptions::of(&req)
                 .and_then(CallOptions::idempotency_key)
-                .and_then(|k| HeaderValue::from_str(k).ok());
+                .map(given_key);
             let value = match given {
                 Some(v) => Some(v),
                 None if self.config.methods.contains(req.method()) => {
@@ -157,5 +183,19 @@ where
             }
         }
         self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::given_key;
+
+    #[test]
+    fn a_given_key_is_kept_or_percent_encoded_the_same_every_time() {
+        assert_eq!(given_key("order-1"), "order-1");
+        assert_eq!(given_key("50% é"), "50% é".as_bytes());
+        assert_eq!(given_key("a\r\nx-evil: 1"), "a%0D%0Ax-evil: 1");
+        assert_eq!(given_key("5%\n"), "5%25%0A");
+        assert_eq!(given_key("\u{7f}\t"), "%7F\t");
     }
 }

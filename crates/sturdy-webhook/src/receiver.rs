@@ -287,6 +287,13 @@ where
                 Rejected,
             );
         }
+        Err(e) if e.is_too_large() => {
+            tracing::info!(route, error = %e, "webhook rejected: body too large for a layer outside");
+            return (
+                respond(StatusCode::PAYLOAD_TOO_LARGE, "payload too large"),
+                Rejected,
+            );
+        }
         Err(e) => {
             tracing::info!(route, error = %e, "webhook rejected: body could not be read");
             return (

@@ -359,7 +359,8 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 ///
 /// The id and the timestamp are signed: the event is deduplicated on `webhook-id`, and the
 /// event carries the `webhook-id` and `webhook-timestamp` headers. A `webhook-id` longer than
-/// [`MAX_ID_LEN`] is refused.
+/// [`MAX_ID_LEN`], or holding a `.` (which would let one signed delivery be cut into another id
+/// and body), is refused.
 #[derive(Debug, Clone)]
 pub struct StandardWebhooks {
     keys: Keys,
@@ -436,6 +437,13 @@ impl StandardWebhooks {
             return Err(Rejection::bad_request(format!(
                 "webhook-id is empty or longer than {MAX_ID_LEN} bytes"
             )));
+        }
+        // The signed bytes are `id.timestamp.body`: an id with a `.` could be cut elsewhere
+        // (`msg.<ts>` + `<ts>` + `B` signs the same bytes as `msg` + `<ts>` + `<ts>.B`), so one
+        // signed delivery could be replayed as another event under another id. The spec asks
+        // that ids never hold a `.`.
+        if id.contains('.') {
+            return Err(Rejection::bad_request("webhook-id contains a '.'"));
         }
         let ts_raw = header(headers, "webhook-timestamp")?.trim();
         let sigs = header(headers, "webhook-signature")?;

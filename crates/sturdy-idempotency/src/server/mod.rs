@@ -503,6 +503,14 @@ where
                 &format!("idempotent requests are limited to {limit} bytes"),
             ));
         }
+        Err(e) if e.is_too_large() => {
+            return Ok(problem::response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                problem::BODY_TOO_LARGE,
+                "Request body too large",
+                "the request body is larger than a limit in front of this service",
+            ));
+        }
         Err(e) => {
             return Ok(problem::response(
                 StatusCode::BAD_REQUEST,
