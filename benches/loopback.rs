@@ -245,7 +245,8 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> (f64, f6
     })
 }
 
-/// One round of sequential calls: microseconds per call.
+/// One round of sequential calls: the median time of one call, in microseconds (the median, not
+/// the mean: one call that waits for the scheduler would otherwise move the whole round).
 fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -254,12 +255,27 @@ fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
         .unwrap();
     rt.block_on(async {
         subject.call(uri).await;
-        let start = Instant::now();
+        let mut each = Vec::with_capacity(calls);
         for _ in 0..calls {
+            let start = Instant::now();
             subject.call(uri).await;
+            each.push(start.elapsed().as_secs_f64() * 1e6);
         }
-        start.elapsed().as_secs_f64() * 1e6 / calls as f64
+        median(each)
     })
+}
+
+/// The median and the interquartile range of `v`.
+fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.25), at(0.5), at(0.75))
+}
+
+/// Each round's figure over bare's figure in the same round: pairing the rounds takes the
+/// machine's drift between rounds out of the comparison.
+fn paired(of: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    quartiles(of.iter().zip(base).map(|(a, b)| a / b).collect())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -319,6 +335,26 @@ fn main() {
             (t / base_t - 1.0) * 100.0,
             (c / base_c - 1.0) * 100.0,
             (s / base_s - 1.0) * 100.0
+        );
+    }
+    // The same comparison round by round: each round's figure over bare's in that round, as the
+    // median of the rounds with the interquartile range beside it.
+    println!();
+    println!("| client | calls/s over bare's, same round: median [quartiles] | sequential call over bare's, same round: median [quartiles] |");
+    println!("|---|---:|---:|");
+    let pct = |(lo, mid, hi): (f64, f64, f64)| {
+        format!(
+            "{:.1} % [{:.1} %, {:.1} %]",
+            mid * 100.0,
+            lo * 100.0,
+            hi * 100.0
+        )
+    };
+    for (i, (name, _)) in subjects.iter().enumerate().skip(1) {
+        println!(
+            "| {name} | {} | {} |",
+            pct(paired(&tput[i], &tput[0])),
+            pct(paired(&seq[i], &seq[0]))
         );
     }
 }

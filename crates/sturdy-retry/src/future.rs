@@ -344,8 +344,12 @@ where
                             let Some(ends) = run.attempt_ends else {
                                 return Poll::Pending;
                             };
-                            let t = timer
-                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(ends)));
+                            let t = timer.get_or_insert_with(|| {
+                                crate::timeout::attempt_timer(
+                                    ends,
+                                    run.attempt_timeout.unwrap_or_default(),
+                                )
+                            });
                             ready!(t.as_mut().poll(cx));
                             Err(crate::timeout::timed_out(
                                 run.attempt_timeout.unwrap_or_default(),

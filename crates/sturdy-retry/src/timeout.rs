@@ -138,7 +138,7 @@ where
         };
         let sleep = this
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            .get_or_insert_with(|| attempt_timer(deadline, *this.len));
         ready!(sleep.as_mut().poll(cx));
         Poll::Ready(Err(timed_out(*this.len)))
     }
@@ -162,4 +162,70 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
         Some(t) => t,
         None => default,
     }
+}
+
+/// The timer of an attempt that waits, `len` long and ending at `deadline`, made so that
+/// registering it does not wake the runtime's driver thread.
+///
+/// Why this exists: tokio's timer wakes the thread parked on its driver (a write to an eventfd,
+/// then that thread's wake-up and new park) whenever a timer is registered earlier than the
+/// earliest one the driver is already waiting for. With no other timer pending, that is every
+/// attempt: on loopback a caller that makes one call after another from `block_on` (as in
+/// `#[tokio::main]`) or on a current-thread runtime paid about 10 µs per call for it, a fifth of
+/// the call. So each thread keeps one "floor" timer registered, half an attempt's timeout ahead,
+/// that no task waits on: every attempt timer after it ends later than the floor, and none of them
+/// wakes the driver. The floor is re-armed, at most once per half timeout, by the first attempt
+/// that finds it over; when it fires nothing is woken (it holds no waker). It is armed only while
+/// tokio's clock is the real one: on a paused clock a pending timer would make tokio auto-advance
+/// to it, which a test would see.
+pub(crate) fn attempt_timer(deadline: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
+    let sleep = Box::pin(tokio::time::sleep_until(deadline));
+    if len >= FLOOR_MIN {
+        keep_floor(len);
+    }
+    sleep
+}
+
+/// Attempts shorter than this arm no floor: it would be re-armed too often to pay.
+const FLOOR_MIN: Duration = Duration::from_millis(100);
+
+thread_local! {
+    static FLOOR: std::cell::RefCell<Option<Pin<Box<Sleep>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn keep_floor(len: Duration) {
+    // Inaccessible while the thread exits, or borrowed: then this attempt goes without.
+    let _ = FLOOR.try_with(|floor| {
+        let Ok(mut floor) = floor.try_borrow_mut() else {
+            return;
+        };
+        // A floor still pending serves this attempt too: it ends within half a timeout of its
+        // arming, and an attempt with a shorter timeout than the one that armed it only wakes
+        // the driver as it would without a floor.
+        if floor.as_ref().is_some_and(|f| !f.is_elapsed()) {
+            return;
+        }
+        if !clock_is_real() {
+            *floor = None;
+            return;
+        }
+        let ends = sturdy_core::clock::after(tokio::time::Instant::now(), len / 2);
+        // A new timer rather than a reset of the old one, so that the floor is always on the
+        // runtime this thread runs now. `reset` registers it without a poll, so no waker is kept.
+        let mut f = Box::pin(tokio::time::sleep_until(ends));
+        f.as_mut().reset(ends);
+        *floor = Some(f);
+    });
+}
+
+/// Whether tokio's clock reads the system's monotonic clock (it does not while paused, with
+/// tokio's `test-util`): read on re-arming only, at most once per half timeout per thread.
+fn clock_is_real() -> bool {
+    #[allow(clippy::disallowed_methods)]
+    let before = std::time::Instant::now();
+    let t = tokio::time::Instant::now().into_std();
+    #[allow(clippy::disallowed_methods)]
+    let after = std::time::Instant::now();
+    before <= t && t <= after
 }
