@@ -8,7 +8,13 @@
 //! The server is a minimal hyper server (200, 2-byte body) on its own one-worker runtime and
 //! thread; each client runs on a one-worker runtime of its own. This is not a criterion bench:
 //! criterion measures one function at a time, and the comparison asked for here needs the
-//! clients interleaved round by round. The output is a markdown table (medians).
+//! clients interleaved round by round. The output is two markdown tables: medians over the
+//! rounds, and each client's figures over bare's in the same round (median and quartiles), which
+//! takes the machine's drift between rounds out of the comparison. The sequential figure is the
+//! median time of one call in a round.
+//!
+//! STURDY_LOOPBACK_ONLY=a,b keeps only the clients whose names contain one of the words (bare
+//! always stays); STURDY_LOOPBACK_SEQUENTIAL=1 runs the sequential rounds only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -164,6 +170,58 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
             }),
         ),
         (
+            "sturdy ClientBuilder, only the retry layer",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_idempotency()
+                        .without_circuit_breaker()
+                        .without_rate_limit()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "sturdy ClientBuilder, only the circuit breaker",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_idempotency()
+                        .without_retry()
+                        .without_rate_limit()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "sturdy ClientBuilder, only the rate limit",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_idempotency()
+                        .without_retry()
+                        .without_circuit_breaker()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
+            "sturdy ClientBuilder, only the idempotency key",
+            Box::new(|| {
+                Subject::Sturdy(
+                    ClientBuilder::new()
+                        .without_retry()
+                        .without_circuit_breaker()
+                        .without_rate_limit()
+                        .without_attempt_timeout()
+                        .build(hyper_client()),
+                )
+            }),
+        ),
+        (
             "sturdy ClientBuilder, every layer off",
             Box::new(|| {
                 Subject::Sturdy(
@@ -304,6 +362,9 @@ fn main() {
         })
         .map(|(_, s)| s)
         .collect();
+    // STURDY_LOOPBACK_SEQUENTIAL=1 runs the sequential rounds only (the concurrent columns then
+    // read 1), for profiling one call at a time.
+    let sequential_only = std::env::var_os("STURDY_LOOPBACK_SEQUENTIAL").is_some();
     let made: Vec<Subject> = subjects.iter().map(|(_, f)| f()).collect();
     let mut tput = vec![Vec::new(); made.len()];
     let mut seq = vec![Vec::new(); made.len()];
@@ -312,7 +373,11 @@ fn main() {
         // Rotate the order every round.
         for k in 0..made.len() {
             let i = (r + k) % made.len();
-            let (t, c) = concurrent_round(&made[i], &uri, calls);
+            let (t, c) = if sequential_only {
+                (1.0, 1.0)
+            } else {
+                concurrent_round(&made[i], &uri, calls)
+            };
             tput[i].push(t);
             cpu[i].push(c);
             seq[i].push(sequential_round(&made[i], &uri, calls / 10));
