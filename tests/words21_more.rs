@@ -491,3 +491,186 @@ async fn words21_two_webhook_id_headers_dedup_on_signed_id() {
     let _: Option<Infallible> = None;
     let _ = RateLimited::new(Duration::ZERO);
 }
+
+/// A sent attempt answered 503, then a retry the auth layer could not send (its token expired
+/// meanwhile and the token endpoint now fails): the refusal is a try, not an attempt; the kind
+/// is the 503's.
+#[tokio::test(start_paused = true)]
+async fn words21_503_then_no_token_is_a_refused_try() {
+    let token_calls = Arc::new(AtomicU32::new(0));
+    let t2 = token_calls.clone();
+    let token_client = service_fn(move |_req: Req| {
+        let n = t2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let res: Res = if n == 0 {
+                Response::new(Full::from(
+                    r#"{"access_token":"t1","token_type":"Bearer","expires_in":1}"#,
+                ))
+            } else {
+                Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .body(Full::from("down"))
+                    .unwrap()
+            };
+            Ok::<_, BoxError>(res)
+        }
+    });
+    let cc = sturdy::auth::ClientCredentials::new(
+        token_client,
+        "https://auth.example.com/token",
+        "id",
+        "secret-xyz",
+    )
+    .unwrap();
+    let api_calls = Arc::new(AtomicU32::new(0));
+    let a2 = api_calls.clone();
+    let api = service_fn(move |_req: Req| {
+        a2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+        }
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new().with_max_attempts(2).with_seed(4))
+        .layer(sturdy::auth::AuthLayer::oauth2(cc))
+        .service(api);
+    let req = Request::post("http://api.example.com/orders")
+        .header("idempotency-key", "tok-k")
+        .body(Full::from("{}"))
+        .unwrap();
+    let err = svc.ready().await.unwrap().call(req).await.unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(api_calls.load(Ordering::SeqCst), 1, "{msg}");
+    let e = find::<Error>(&*err).unwrap();
+    assert_eq!(e.report().unwrap().attempts(), 1, "{msg}");
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::Server(StatusCode::SERVICE_UNAVAILABLE),
+        "{msg}"
+    );
+    assert!(
+        msg.starts_with("gave up after 1 attempt and 1 refused try: 503 Service Unavailable; the try after it was refused before it was sent"),
+        "{msg}"
+    );
+    assert!(msg.contains("token"), "{msg}");
+    assert!(!msg.contains("secret-xyz"), "{msg}");
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+}
+
+/// A `tracing` writer that keeps every line.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+impl io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Lines {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// A `CallOptions` key without any control character (`clé-7`, non-ASCII) must not be logged
+/// as holding control characters.
+#[tokio::test(flavor = "current_thread")]
+async fn words21_non_ascii_key_warning_does_not_claim_control_characters() {
+    let lines = Lines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(lines.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let api = service_fn(move |req: Req| {
+        s2.lock().unwrap().push(
+            req.headers()
+                .get("idempotency-key")
+                .map(|v| v.as_bytes().to_vec()),
+        );
+        async move { Ok::<_, BoxError>(Response::new(Full::<Bytes>::default())) }
+    });
+    let mut client = ClientBuilder::new().build(api);
+    let req = with_opts(
+        Request::post("http://api.example.com/orders")
+            .body(Full::from("{}"))
+            .unwrap(),
+        CallOptions::new().with_idempotency_key("clé-7"),
+    );
+    client.ready().await.unwrap().call(req).await.unwrap();
+    let sent = seen.lock().unwrap()[0].clone().expect("a key");
+    let logged = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+    assert!(
+        !logged.contains("control characters"),
+        "key sent as {:?}; log: {logged}",
+        String::from_utf8_lossy(&sent)
+    );
+}
+
+/// What the retry layer's events say about a refused try: `RetryScheduled::attempt` is "the
+/// attempt that failed (1 for the first)"; a refusal is not an attempt, so no event numbers an
+/// attempt past the ones sent.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: RetryScheduled numbers a local rate-limit refusal as attempt 2 (events 1, 2 for a call with 2 sent attempts); retry.md says a refused try is not an attempt, and Event::RetryScheduled::attempt is 'the attempt that failed'"]
+async fn words21_retry_events_number_only_sent_attempts() {
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e2 = events.clone();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c2 = calls.clone();
+    let api = service_fn(move |_req: Req| {
+        let n = c2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let status = if n == 0 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+        }
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new()
+                .with_seed(6)
+                .with_max_attempts(4)
+                .on_event(move |e| {
+                    if let sturdy::core::events::Event::RetryScheduled { attempt, delay, .. } = e {
+                        e2.lock().unwrap().push((*attempt, *delay));
+                    }
+                }),
+        )
+        .layer(
+            RateLimitLayer::new(Quota::new(1, Duration::from_secs(5)).unwrap())
+                .with_max_wait(Duration::ZERO),
+        )
+        .service(api);
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let sent = calls.load(Ordering::SeqCst);
+    assert_eq!(sent, 2);
+    let events = events.lock().unwrap().clone();
+    assert!(events.len() >= 2, "{events:?}");
+    for (attempt, _) in &events {
+        assert!(
+            *attempt < sent,
+            "an event numbers attempt {attempt} of {sent} sent: {events:?}"
+        );
+    }
+}

@@ -26,8 +26,12 @@ type Res = Response<Full<Bytes>>;
 fn api_status(
     status: StatusCode,
     calls: Arc<AtomicU32>,
-) -> impl Service<Req, Response = Res, Error = BoxError, Future = impl Send>
-       + Clone
+) -> impl Service<
+    Req,
+    Response = Res,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Res, BoxError>> + Send,
+> + Clone
        + Send
        + Sync
        + 'static {
@@ -47,8 +51,12 @@ fn api_status(
 /// An API whose every call ends in a connection reset.
 fn api_reset(
     calls: Arc<AtomicU32>,
-) -> impl Service<Req, Response = Res, Error = BoxError, Future = impl Send>
-       + Clone
+) -> impl Service<
+    Req,
+    Response = Res,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Res, BoxError>> + Send,
+> + Clone
        + Send
        + Sync
        + 'static {
@@ -670,8 +678,12 @@ fn words21_with_related_doc_claims() {
 fn scripted(
     script: &'static str,
     calls: Arc<AtomicU32>,
-) -> impl Service<Req, Response = Res, Error = BoxError, Future = impl Send>
-       + Clone
+) -> impl Service<
+    Req,
+    Response = Res,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Res, BoxError>> + Send,
+> + Clone
        + Send
        + Sync
        + 'static {
@@ -749,4 +761,69 @@ async fn words21_503_then_reset_then_refused_is_the_resets() {
     }
     assert!(io_found, "{err:?}");
     assert!(find::<CircuitOpen>(&*err).is_some(), "{err:?}");
+}
+
+/// The retry layer over a `Buffer` over the breaker (the retry guide: "It works over ...
+/// `Buffer`"): a refusal that comes back wrapped in the buffer's error is still a refused try:
+/// nothing sent, `NotSent`, 0 attempts, and a POST is safe to send again.
+#[tokio::test(start_paused = true)]
+async fn words21_refusal_through_buffer_below_retry_is_still_refused_try() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let (breaker, handle) = CircuitBreakerLayer::new().pair();
+    handle.force_open("api.example.com");
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new().with_seed(41))
+        .buffer(4)
+        .layer(breaker)
+        .service(api_status(StatusCode::OK, calls.clone()));
+    let req = Request::post("http://api.example.com/orders")
+        .body(Full::from("{}"))
+        .unwrap();
+    let err = svc.ready().await.unwrap().call(req).await.unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{msg}");
+    assert!(!msg.contains("may have been processed"), "{msg}");
+    assert!(
+        msg.contains("the request was not sent, so it is safe to send again"),
+        "{msg}"
+    );
+    if let Some(r) = find::<Error>(&*err).and_then(Error::report) {
+        assert_eq!(r.attempts(), 0, "{msg}");
+    }
+}
+
+/// The same with a sent 503 first and the local rate limit refusing the retry, the limiter
+/// under a `Buffer` under the retry layer: one attempt and one refused try.
+#[tokio::test(start_paused = true)]
+async fn words21_503_then_refusal_through_buffer_counts_one_attempt() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new()
+                .with_seed(42)
+                .with_max_retry_after(Duration::from_secs(10)),
+        )
+        .buffer(4)
+        .layer(
+            RateLimitLayer::new(Quota::new(1, Duration::from_secs(100)).unwrap())
+                .with_max_wait(Duration::ZERO),
+        )
+        .service(api_status(StatusCode::SERVICE_UNAVAILABLE, calls.clone()));
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(post_keyed("buf-1"))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "{msg}");
+    let e = sturdy_err(&err);
+    assert_eq!(e.report().unwrap().attempts(), 1, "{msg}");
+    assert!(
+        msg.starts_with("gave up after 1 attempt and 1 refused try: 503 Service Unavailable"),
+        "{msg}"
+    );
+    assert!(find::<RateLimited>(&*err).is_some());
 }

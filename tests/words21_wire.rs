@@ -564,3 +564,82 @@ async fn words21_encoded_key_collision_replays_other_order_over_wire() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "replayed: {replayed:?}");
 }
+
+/// The same outer cut for the Stripe and GitHub schemes: 413, never 401 `invalid signature`.
+#[tokio::test]
+async fn words21_stripe_and_github_outer_limit_cut_is_413() {
+    use sturdy::webhook::{sign_github, sign_stripe, GitHub, Stripe};
+    let (q1, mut e1) = MemoryQueue::new(10);
+    let (q2, mut e2) = MemoryQueue::new(10);
+    let app = Router::new()
+        .route(
+            "/stripe",
+            post_service(WebhookReceiver::new(
+                Stripe::new("whsec_stripe21").unwrap(),
+                q1,
+            )),
+        )
+        .route(
+            "/github",
+            post_service(WebhookReceiver::new(
+                GitHub::new("gh-secret-21").unwrap(),
+                q2,
+            )),
+        )
+        .layer(RequestBodyLimitLayer::new(256));
+    let addr = serve(app).await;
+    for size in [257usize, 300, 10_000] {
+        let body = format!("{{\"id\":\"evt_{size}\",\"pad\":\"{}\"}}", "p".repeat(size));
+        let b = body.as_bytes();
+        let (status, _, text) = send_chunked(
+            addr,
+            "/stripe",
+            &[("stripe-signature", sign_stripe("whsec_stripe21", now(), b))],
+            Chunked::new(b, 50),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "stripe {size}: {text:?}"
+        );
+        let (status, _, text) = send_chunked(
+            addr,
+            "/github",
+            &[
+                ("x-hub-signature-256", sign_github("gh-secret-21", b)),
+                ("x-github-event", "push".to_owned()),
+                ("x-github-delivery", format!("d-{size}")),
+            ],
+            Chunked::new(b, 50),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "github {size}: {text:?}"
+        );
+    }
+    assert!(e1.try_recv().is_none());
+    assert!(e2.try_recv().is_none());
+    // Under the limit both are accepted.
+    let b = b"{\"id\":\"evt_ok\"}";
+    let (s1, _, _) = send_chunked(
+        addr,
+        "/stripe",
+        &[("stripe-signature", sign_stripe("whsec_stripe21", now(), b))],
+        Chunked::new(b, 4),
+    )
+    .await;
+    let (s2, _, _) = send_chunked(
+        addr,
+        "/github",
+        &[
+            ("x-hub-signature-256", sign_github("gh-secret-21", b)),
+            ("x-github-event", "push".to_owned()),
+        ],
+        Chunked::new(b, 4),
+    )
+    .await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+}
