@@ -56,15 +56,20 @@ use crate::ErrorKind;
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Event<'a> {
-    /// Retry layer: an attempt failed in a way worth trying again; the next attempt is sent after
-    /// `delay`.
+    /// Retry layer: a try failed in a way worth trying again (an attempt, or a try a layer below
+    /// refused before it was sent); the next try is made after `delay`.
     RetryScheduled {
         /// The host called (authority, without user info).
         host: &'a str,
         /// The request's method.
         method: &'a Method,
-        /// The attempt that failed (1 for the first).
+        /// Which try failed, 1 for the first. A try that a layer below refused before it was
+        /// sent (an open breaker, the local rate limit, a full concurrency limit, no token)
+        /// counts here, as it counts against `max_attempts`, and has `refused` set: it is not an
+        /// attempt (`CallReport::attempts` and the error's message leave it out).
         attempt: u32,
+        /// Whether this try was refused by a layer below before it was sent.
+        refused: bool,
         /// Why it failed.
         reason: &'a ErrorKind,
         /// How long the layer waits before the next attempt.
@@ -73,14 +78,17 @@ pub enum Event<'a> {
         /// refusal (the wait it named), or an open circuit breaker (its time until a probe).
         source: DelaySource,
     },
-    /// Retry layer: an attempt failed in a way worth trying again, but it was not retried.
+    /// Retry layer: a try failed in a way worth trying again, but it was not retried.
     RetryStopped {
         /// The host called (authority, without user info).
         host: &'a str,
         /// The request's method.
         method: &'a Method,
-        /// The attempt that failed (1 for the first).
+        /// Which try failed, 1 for the first; counted as in [`Event::RetryScheduled`], where a
+        /// try refused before it was sent counts and has `refused` set.
         attempt: u32,
+        /// Whether this try was refused by a layer below before it was sent.
+        refused: bool,
         /// Why it failed.
         reason: &'a ErrorKind,
         /// Why it was not retried.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderName, HeaderValue, Method, Request};
+use sha2::{Digest, Sha256};
 use sturdy_core::trace::TraceEvent;
 use sturdy_core::{CallOptions, Trace};
 use tower::{Layer, Service};
@@ -97,30 +98,33 @@ impl<S> Layer<S> for IdempotencyKeyLayer {
 }
 
 /// The header value of a key given in [`CallOptions`]: the key itself, or, when it holds a byte
-/// no header value may (a control character such as CR or LF), the key with those bytes and `%`
-/// percent-encoded. The same key always gives the same value, so a caller that sends a request
-/// again with its key still names the same request; a random key instead would make every
-/// resend a new request.
+/// no header value may (a control character such as CR or LF), `sturdy-sha256-` and the hex
+/// SHA-256 of the key. The same key always gives the same value, so a caller that sends a request
+/// again with its key still names the same request (a random key instead would make every resend
+/// a new request). A digest rather than an escaped form: every string a header can hold is a key
+/// someone may give as it is, so an escaped `a\r\nb` (`a%0D%0Ab`) would be sent exactly as the
+/// key `a%0D%0Ab` is, and a server would answer the second request with the first one's
+/// response; no key anyone means comes out as a SHA-256 digest of another. The value sent is the
+/// key a failed call reports, and giving it again names the same request.
 fn given_key(key: &str) -> HeaderValue {
     if let Ok(v) = HeaderValue::from_str(key) {
         return v;
     }
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = Vec::with_capacity(key.len() + 8);
-    for b in key.bytes() {
-        if b == b'%' || (b < 0x20 && b != b'\t') || b == 0x7f {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        } else {
-            out.push(b);
-        }
-    }
     tracing::warn!(
-        "an idempotency key given in CallOptions holds control characters: sent percent-encoded"
+        "an idempotency key given in CallOptions holds control characters, which no header may: sent as its SHA-256 digest"
     );
-    // What is left is visible ASCII, spaces, tabs and the key's other UTF-8 bytes, all of
-    // which a header value may hold.
-    HeaderValue::from_bytes(&out).expect("control characters were encoded")
+    let digest = Sha256::digest(key.as_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(DIGEST_PREFIX.len() + 64);
+    out.extend_from_slice(DIGEST_PREFIX.as_bytes());
+    for b in digest {
+        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+    }
+    HeaderValue::from_bytes(&out).expect("a prefix and hex digits")
 }
+
+/// What a digest key starts with.
+const DIGEST_PREFIX: &str = "sturdy-sha256-";
 
 /// The service made by the client [`IdempotencyKeyLayer`]. `poll_ready` is the inner service's.
 #[derive(Debug, Clone)]
@@ -191,11 +195,23 @@ mod tests {
     use super::given_key;
 
     #[test]
-    fn a_given_key_is_kept_or_percent_encoded_the_same_every_time() {
+    fn a_given_key_is_kept_or_sent_as_its_digest_the_same_every_time() {
         assert_eq!(given_key("order-1"), "order-1");
         assert_eq!(given_key("50% é"), "50% é".as_bytes());
-        assert_eq!(given_key("a\r\nx-evil: 1"), "a%0D%0Ax-evil: 1");
-        assert_eq!(given_key("5%\n"), "5%25%0A");
-        assert_eq!(given_key("\u{7f}\t"), "%7F\t");
+        assert_eq!(given_key("a%0D%0Ab"), "a%0D%0Ab");
+        // SHA-256 of "a\r\nb".
+        let d = given_key("a\r\nb");
+        assert_eq!(d, given_key("a\r\nb"));
+        assert_ne!(d, given_key("a%0D%0Ab"));
+        assert_eq!(
+            d,
+            "sturdy-sha256-18745f36a05e29072709042d6062ce54f1b08ff36c27ba80c39f81fb010c8ce2"
+        );
+        assert!(given_key("\u{7f}\t")
+            .to_str()
+            .unwrap()
+            .starts_with("sturdy-sha256-"));
+        // The value sent is a key that is sent as it is when given again.
+        assert_eq!(given_key(d.to_str().unwrap()), d);
     }
 }

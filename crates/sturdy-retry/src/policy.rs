@@ -713,6 +713,7 @@ impl<C> RetryPolicy<C> {
                 host: &host,
                 method: req.method(),
                 attempt: n,
+                refused: self.last_refused,
                 reason: &kind,
                 delay,
                 source,
@@ -733,6 +734,7 @@ impl<C> RetryPolicy<C> {
             host: req.host(),
             method: req.method(),
             attempt: self.tries,
+            refused: self.last_refused,
             reason,
             stop,
         });
@@ -785,15 +787,14 @@ impl<C> RetryPolicy<C> {
                     refusal(&*last)
                 );
                 let kind = sent.kind();
-                match sent.into_error() {
-                    Some(err) => (kind, cause, err, Some(last)),
-                    None => (kind, cause, last, None),
-                }
+                // An attempt answered by a status has no error to be the source: the call's
+                // error then has none, rather than the refusal, which came after the cause.
+                (kind, cause, sent.into_error(), Some(last))
             }
             _ => (
                 classify::classify_error(&*last),
                 classify::describe(&*last),
-                last,
+                Some(last),
                 None,
             ),
         };
@@ -822,9 +823,11 @@ impl<C> RetryPolicy<C> {
             key.as_deref(),
             !is_idempotent(req.method()),
         );
-        let mut err = sturdy_core::Error::new(kind, message)
-            .with_hidden_source(source)
-            .with_report(CallReport::new(n, delivery, key));
+        let mut err =
+            sturdy_core::Error::new(kind, message).with_report(CallReport::new(n, delivery, key));
+        if let Some(source) = source {
+            err = err.with_hidden_source(source);
+        }
         if let Some(related) = related {
             err = err.with_related(related);
         }
