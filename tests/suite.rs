@@ -122,6 +122,8 @@ mod words21_oauth;
 mod words21_refused;
 mod words21_turn;
 mod words21_wire;
+mod words22_floor;
+mod words22_refused_keys;
 mod words7_agents;
 mod words7_architecture;
 mod words7_circuit;
