@@ -208,6 +208,25 @@ async fn words22_client_real_call_then_pause_no_clock_jump() {
     );
 }
 
+/// A test that starts paused and resumes the clock before its first call (say to talk to a real
+/// server), then pauses again: no timer of sturdy's is left to auto-advance to.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn words22_layer_resume_first_call_then_pause_no_jump() {
+    tokio::time::resume();
+    AttemptTimeoutLayer::new(Some(Duration::from_secs(8)))
+        .layer(sleepy(ms(20)))
+        .oneshot(get())
+        .await
+        .unwrap();
+    tokio::time::pause();
+    let jump = paused_clock_jump().await;
+    assert_eq!(
+        jump,
+        Duration::ZERO,
+        "the paused clock jumped {jump:?} to a timer the test did not make"
+    );
+}
+
 /// Through the retry layer's own `with_attempt_timeout`, paused after a real call, then driven by
 /// `advance`: an explicit advance moves the clock by exactly what was asked.
 #[ignore = "FAULT: a floor timer armed by with_attempt_timeout on the real clock survives pause(); the paused clock then auto-advances to it (armed 2.5s ahead for a 5s attempt timeout)"]
@@ -716,6 +735,37 @@ fn words22_dropped_runtime_not_kept_by_its_thread() {
             })
             .on_thread_start(move || {
                 let _ = &m2;
+            })
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            AttemptTimeoutLayer::new(Some(Duration::from_secs(20)))
+                .layer(sleepy(ms(20)))
+                .oneshot(get())
+                .await
+                .unwrap();
+        });
+        drop(rt);
+        assert_eq!(
+            Arc::strong_count(&marker),
+            1,
+            "the dropped runtime's builder callbacks are still alive"
+        );
+    });
+}
+
+/// The same with a multi-thread runtime whose `block_on` ran the waiting attempt.
+#[ignore = "FAULT: the floor armed on the block_on thread keeps a dropped multi-thread runtime (its handle and on_thread_park callback) alive until that thread exits or re-arms the floor"]
+#[test]
+fn words22_dropped_multi_thread_runtime_not_kept_by_block_on_thread() {
+    within(Duration::from_secs(30), || {
+        let marker = Arc::new(());
+        let m1 = marker.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .on_thread_park(move || {
+                let _ = &m1;
             })
             .build()
             .unwrap();
