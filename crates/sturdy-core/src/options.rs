@@ -79,9 +79,10 @@ impl CallOptions {
     }
 
     /// The idempotency key of this request (the client idempotency layer sets it instead of a
-    /// random one). Setting the `Idempotency-Key` header yourself does the same. A key holding
-    /// control characters, which no header value may, is sent as `sturdy-sha256-` and the hex
-    /// SHA-256 of the key: the same every time, and never the same as another key.
+    /// random one). Setting the `Idempotency-Key` header yourself does the same. A key no header
+    /// can carry as it is (it holds control characters, or begins or ends with a space or a tab,
+    /// which HTTP strips) is sent as `sturdy-sha256-` and the hex SHA-256 of the key: the same
+    /// every time, and not the same as another key unless that key spells out this digest.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self

@@ -97,21 +97,26 @@ impl<S> Layer<S> for IdempotencyKeyLayer {
     }
 }
 
-/// The header value of a key given in [`CallOptions`]: the key itself, or, when it holds a byte
-/// no header value may (a control character such as CR or LF), `sturdy-sha256-` and the hex
-/// SHA-256 of the key. The same key always gives the same value, so a caller that sends a request
-/// again with its key still names the same request (a random key instead would make every resend
-/// a new request). A digest rather than an escaped form: every string a header can hold is a key
-/// someone may give as it is, so an escaped `a\r\nb` (`a%0D%0Ab`) would be sent exactly as the
-/// key `a%0D%0Ab` is, and a server would answer the second request with the first one's
-/// response; no key anyone means comes out as a SHA-256 digest of another. The value sent is the
-/// key a failed call reports, and giving it again names the same request.
+/// The header value of a key given in [`CallOptions`]: the key itself, or, when no header value
+/// can carry it as it is, `sturdy-sha256-` and the hex SHA-256 of the key. A header value cannot
+/// hold a control character (CR, LF, NUL, DEL), and one that begins or ends with a space or a tab
+/// loses them on the way (HTTP parsers strip them, so ` order-9 ` would arrive as `order-9`, the
+/// same key as another). The same key always gives the same value, so a caller that sends a
+/// request again with its key still names the same request (a random key instead would make
+/// every resend a new request). A digest rather than an escaped form: every string a header can
+/// carry is a key someone may give as it is, so an escaped `a\r\nb` (`a%0D%0Ab`) would be sent
+/// exactly as the key `a%0D%0Ab` is, and a server would answer the second request with the first
+/// one's response; a digest is the same as another key only if that key spells out this digest.
+/// The value sent is the key a failed call reports, and giving it again names the same request.
 fn given_key(key: &str) -> HeaderValue {
-    if let Ok(v) = HeaderValue::from_str(key) {
-        return v;
+    let padded = |b: Option<u8>| matches!(b, Some(b' ' | b'\t'));
+    if !padded(key.bytes().next()) && !padded(key.bytes().last()) {
+        if let Ok(v) = HeaderValue::from_str(key) {
+            return v;
+        }
     }
     tracing::warn!(
-        "an idempotency key given in CallOptions holds control characters, which no header may: sent as its SHA-256 digest"
+        "an idempotency key given in CallOptions holds control characters, or spaces at an end, which no header carries: sent as its SHA-256 digest"
     );
     let digest = Sha256::digest(key.as_bytes());
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -180,7 +185,7 @@ where
                 None => None,
             };
             if let Some(value) = value {
-                if let (Some(t), Ok(k)) = (Trace::of(&req), value.to_str()) {
+                if let (Some(t), Ok(k)) = (Trace::of(&req), std::str::from_utf8(value.as_bytes())) {
                     t.record(TraceEvent::IdempotencyKey(k.to_owned()));
                 }
                 req.headers_mut().insert(self.config.header.clone(), value);

@@ -752,9 +752,11 @@ impl<C> RetryPolicy<C> {
         stop: Stop,
     ) {
         let n = self.sent();
+        // A key is any UTF-8 a header may hold (`to_str` would drop one with non-ASCII letters,
+        // and the call's error would then not name the key to retry with).
         let key = || {
             req.header(&self.config.idempotency_header)
-                .and_then(|v| v.to_str().ok())
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::to_owned)
         };
         let e = match result {

@@ -96,7 +96,7 @@ where
                 key: req
                     .headers()
                     .get(&self.config.idempotency_header)
-                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                     .map(str::to_owned),
                 unsafe_method: !is_idempotent(req.method()),
                 ..CallState::default()
