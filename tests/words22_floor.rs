@@ -158,7 +158,6 @@ async fn words22_control_plain_timeout_then_pause_no_jump() {
 /// floor is armed only while tokio's clock is the real one, "so paused-time tests see no timer of
 /// sturdy's after a call". A test that made a real-time call and then paused the clock must not
 /// see the clock auto-advance to a timer it never made.
-#[ignore = "FAULT: a floor timer armed by AttemptTimeoutLayer on the real clock stays registered after tokio::time::pause(): the paused clock auto-advances about 5s (half the 10s attempt timeout) while no timer of the test is pending"]
 #[tokio::test(flavor = "current_thread")]
 async fn words22_layer_call_then_pause_no_clock_jump() {
     let svc = AttemptTimeoutLayer::new(Some(Duration::from_secs(10))).layer(sleepy(ms(20)));
@@ -194,7 +193,6 @@ async fn words22_client_resume_call_pause_no_clock_jump() {
 }
 
 /// The same through `sturdy::ClientBuilder` in a test that runs on the real clock, then pauses.
-#[ignore = "FAULT: a real-time call through ClientBuilder arms the floor; after tokio::time::pause() the clock auto-advances about 15s (half the default 30s attempt timeout) with no timer of the test pending"]
 #[tokio::test(flavor = "current_thread")]
 async fn words22_client_real_call_then_pause_no_clock_jump() {
     let client = ClientBuilder::new().build(sleepy(ms(20)));
@@ -229,7 +227,6 @@ async fn words22_layer_resume_first_call_then_pause_no_jump() {
 
 /// Through the retry layer's own `with_attempt_timeout`, paused after a real call, then driven by
 /// `advance`: an explicit advance moves the clock by exactly what was asked.
-#[ignore = "FAULT: a floor timer armed by with_attempt_timeout on the real clock survives pause(); the paused clock then auto-advances to it (armed 2.5s ahead for a 5s attempt timeout)"]
 #[tokio::test(flavor = "current_thread")]
 async fn words22_retry_timeout_call_then_pause_advance_exact() {
     let svc = ServiceBuilder::new()
@@ -722,7 +719,6 @@ fn words22_shutdown_while_attempts_wait() {
 /// A dropped runtime is not kept alive by the thread that ran it: what the runtime owns (here a
 /// callback given to its builder) is freed when it is dropped. PERFORMANCE.md: the floor keeps
 /// nothing alive.
-#[ignore = "FAULT: the per-thread floor timer keeps the runtime it was armed on (its handle, driver and builder callbacks) alive after that runtime is dropped, until the thread exits or the floor is re-armed"]
 #[test]
 fn words22_dropped_runtime_not_kept_by_its_thread() {
     within(Duration::from_secs(30), || {
@@ -755,7 +751,6 @@ fn words22_dropped_runtime_not_kept_by_its_thread() {
 }
 
 /// The same with a multi-thread runtime whose `block_on` ran the waiting attempt.
-#[ignore = "FAULT: the floor armed on the block_on thread keeps a dropped multi-thread runtime (its handle and on_thread_park callback) alive until that thread exits or re-arms the floor"]
 #[test]
 fn words22_dropped_multi_thread_runtime_not_kept_by_block_on_thread() {
     within(Duration::from_secs(30), || {

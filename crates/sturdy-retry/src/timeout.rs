@@ -170,18 +170,22 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
 /// Why this exists: tokio's timer wakes the thread parked on its driver (a write to an eventfd,
 /// then that thread's wake-up and new park) whenever a timer is registered earlier than the
 /// earliest one the driver is already waiting for. With no other timer pending, that is every
-/// attempt: on loopback a caller that makes one call after another from `block_on` (as in
-/// `#[tokio::main]`) or on a current-thread runtime paid about 10 µs per call for it, a fifth of
-/// the call. So each thread keeps one "floor" timer registered, half an attempt's timeout ahead,
-/// that no task waits on: every attempt timer after it ends later than the floor, and none of them
-/// wakes the driver. The floor is re-armed, at most once per half timeout, by the first attempt
-/// that finds it over; when it fires nothing is woken (it holds no waker). It is armed only while
-/// tokio's clock is the real one: on a paused clock a pending timer would make tokio auto-advance
-/// to it, which a test would see.
+/// attempt: on loopback a caller making one call after another from `block_on` (as
+/// `#[tokio::main]` does) paid about 10 µs per call for it, a fifth of the call. So a "floor"
+/// timer is kept registered, half an attempt's timeout ahead: every attempt timer after it ends
+/// later than the floor, and none of them wakes the driver. (At most 15 s ahead, so that one
+/// attempt with a very long timeout does not leave a floor later than the next ones' ends.)
+///
+/// The floor is a task of its own on the runtime, which sleeps until then and ends: the runtime
+/// owns it, so dropping the runtime drops it, and nothing of a runtime outlives it. The thread
+/// keeps only a weak count of that task's life, and arms another floor, at most once per half
+/// timeout, when it is over or its runtime is gone. It is kept on multi-thread runtimes only: their clock cannot be paused, so it
+/// never makes a paused clock auto-advance to it (a current-thread runtime's can, and a test
+/// would see the jump).
 pub(crate) fn attempt_timer(deadline: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
     let sleep = Box::pin(tokio::time::sleep_until(deadline));
     if len >= FLOOR_MIN {
-        keep_floor(len);
+        keep_floor(deadline, len);
     }
     sleep
 }
@@ -189,43 +193,51 @@ pub(crate) fn attempt_timer(deadline: tokio::time::Instant, len: Duration) -> Pi
 /// Attempts shorter than this arm no floor: it would be re-armed too often to pay.
 const FLOOR_MIN: Duration = Duration::from_millis(100);
 
+/// How far ahead a floor is armed, at most.
+const FLOOR_MAX: Duration = Duration::from_secs(15);
+
 thread_local! {
-    static FLOOR: std::cell::RefCell<Option<Pin<Box<Sleep>>>> =
-        const { std::cell::RefCell::new(None) };
+    /// The floor this thread armed: alive while its task is (until it is over, or its runtime
+    /// is dropped). A weak count only: it keeps nothing of the runtime.
+    static FLOOR: std::cell::RefCell<std::sync::Weak<()>> =
+        const { std::cell::RefCell::new(std::sync::Weak::new()) };
 }
 
-fn keep_floor(len: Duration) {
+fn keep_floor(deadline: tokio::time::Instant, len: Duration) {
     // Inaccessible while the thread exits, or borrowed: then this attempt goes without.
-    let _ = FLOOR.try_with(|floor| {
-        let Ok(mut floor) = floor.try_borrow_mut() else {
-            return;
-        };
-        // A floor still pending serves this attempt too: it ends within half a timeout of its
-        // arming, and an attempt with a shorter timeout than the one that armed it only wakes
-        // the driver as it would without a floor.
-        if floor.as_ref().is_some_and(|f| !f.is_elapsed()) {
-            return;
+    let Ok(pending) = FLOOR.try_with(|f| f.try_borrow().map_or(true, |w| w.strong_count() > 0))
+    else {
+        return;
+    };
+    // A floor still pending serves this attempt too: it ends at most half a timeout after its
+    // arming, and an attempt with a shorter timeout than the one that armed it only wakes the
+    // driver as it would without a floor. (A thread that runs on two live runtimes in turn goes
+    // without on one of them until the floor is over: never wrong, only slower.)
+    if pending {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if rt.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return;
+    }
+    // When the attempt was sent, which was just now (its first poll): no clock read.
+    let now = deadline
+        .checked_sub(len)
+        .unwrap_or_else(tokio::time::Instant::now);
+    // At most 15 s ahead: one attempt with a very long timeout must not leave a floor that later
+    // attempts with ordinary timeouts end before.
+    let until = sturdy_core::clock::after(now, (len / 2).min(FLOOR_MAX));
+    let alive = std::sync::Arc::new(());
+    let weak = std::sync::Arc::downgrade(&alive);
+    drop(rt.spawn(async move {
+        tokio::time::sleep_until(until).await;
+        drop(alive);
+    }));
+    let _ = FLOOR.try_with(|f| {
+        if let Ok(mut f) = f.try_borrow_mut() {
+            *f = weak;
         }
-        if !clock_is_real() {
-            *floor = None;
-            return;
-        }
-        let ends = sturdy_core::clock::after(tokio::time::Instant::now(), len / 2);
-        // A new timer rather than a reset of the old one, so that the floor is always on the
-        // runtime this thread runs now. `reset` registers it without a poll, so no waker is kept.
-        let mut f = Box::pin(tokio::time::sleep_until(ends));
-        f.as_mut().reset(ends);
-        *floor = Some(f);
     });
-}
-
-/// Whether tokio's clock reads the system's monotonic clock (it does not while paused, with
-/// tokio's `test-util`): read on re-arming only, at most once per half timeout per thread.
-fn clock_is_real() -> bool {
-    #[allow(clippy::disallowed_methods)]
-    let before = std::time::Instant::now();
-    let t = tokio::time::Instant::now().into_std();
-    #[allow(clippy::disallowed_methods)]
-    let after = std::time::Instant::now();
-    before <= t && t <= after
 }
