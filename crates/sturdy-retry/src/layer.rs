@@ -183,7 +183,10 @@ impl<C> RetryLayer<C> {
     /// The timer sits in this layer, above every layer under it: a circuit breaker below sees an
     /// attempt cut this way as dropped, which it does not count as a failure. To have timeouts
     /// counted by a breaker, put [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer) under the
-    /// breaker instead (as `sturdy::ClientBuilder` does).
+    /// breaker instead (as `sturdy::ClientBuilder` does). Like that layer's, the timer is made
+    /// only for an attempt that waits, and on a multi-thread runtime one small task per thread may
+    /// keep attempt timers from waking the runtime's driver (see
+    /// [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer)).
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
     }

@@ -20,6 +20,15 @@ use tower::{Layer, Service};
 /// tower's `TimeoutLayer` does the same without the per-request override; this one exists for
 /// that override and for its error, which says how long the attempt was given.
 ///
+/// The timer is made only if the attempt is still pending after its first poll. On a
+/// multi-thread runtime, an attempt of at least 100 ms that waits may also spawn one small task
+/// that sleeps up to 15 s and ends (at most one per thread at a time): while it sleeps, attempt
+/// timers registered from that thread do not wake the runtime's driver thread, which costs
+/// microseconds per call. It holds nothing else and is dropped with the runtime. A
+/// current-thread runtime gets none (its clock may be paused; tokio would advance a paused clock
+/// to it). The same holds for
+/// [`RetryLayer::with_attempt_timeout`](crate::RetryLayer::with_attempt_timeout).
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
