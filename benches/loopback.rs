@@ -109,6 +109,23 @@ fn reqwest_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `ClientBuilder` over hyper-util with the named layers left out (`without_<name>()`): each
+/// `without_*` changes the builder's type, so a macro rather than a function.
+macro_rules! sturdy_without {
+    ($($layer:ident),*) => {
+        paste_without!(ClientBuilder::new(), $($layer),*)
+    };
+}
+
+macro_rules! paste_without {
+    ($b:expr, ) => { Subject::Sturdy($b.build(hyper_client())) };
+    ($b:expr, idempotency $(, $rest:ident)*) => { paste_without!($b.without_idempotency(), $($rest),*) };
+    ($b:expr, retry $(, $rest:ident)*) => { paste_without!($b.without_retry(), $($rest),*) };
+    ($b:expr, circuit_breaker $(, $rest:ident)*) => { paste_without!($b.without_circuit_breaker(), $($rest),*) };
+    ($b:expr, rate_limit $(, $rest:ident)*) => { paste_without!($b.without_rate_limit(), $($rest),*) };
+    ($b:expr, attempt_timeout $(, $rest:ident)*) => { paste_without!($b.without_attempt_timeout(), $($rest),*) };
+}
+
 fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
     vec![
         (
@@ -171,55 +188,19 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
         ),
         (
             "sturdy ClientBuilder, only the retry layer",
-            Box::new(|| {
-                Subject::Sturdy(
-                    ClientBuilder::new()
-                        .without_idempotency()
-                        .without_circuit_breaker()
-                        .without_rate_limit()
-                        .without_attempt_timeout()
-                        .build(hyper_client()),
-                )
-            }),
+            Box::new(|| sturdy_without!(idempotency, circuit_breaker, rate_limit, attempt_timeout)),
         ),
         (
             "sturdy ClientBuilder, only the circuit breaker",
-            Box::new(|| {
-                Subject::Sturdy(
-                    ClientBuilder::new()
-                        .without_idempotency()
-                        .without_retry()
-                        .without_rate_limit()
-                        .without_attempt_timeout()
-                        .build(hyper_client()),
-                )
-            }),
+            Box::new(|| sturdy_without!(idempotency, retry, rate_limit, attempt_timeout)),
         ),
         (
             "sturdy ClientBuilder, only the rate limit",
-            Box::new(|| {
-                Subject::Sturdy(
-                    ClientBuilder::new()
-                        .without_idempotency()
-                        .without_retry()
-                        .without_circuit_breaker()
-                        .without_attempt_timeout()
-                        .build(hyper_client()),
-                )
-            }),
+            Box::new(|| sturdy_without!(idempotency, retry, circuit_breaker, attempt_timeout)),
         ),
         (
             "sturdy ClientBuilder, only the idempotency key",
-            Box::new(|| {
-                Subject::Sturdy(
-                    ClientBuilder::new()
-                        .without_retry()
-                        .without_circuit_breaker()
-                        .without_rate_limit()
-                        .without_attempt_timeout()
-                        .build(hyper_client()),
-                )
-            }),
+            Box::new(|| sturdy_without!(retry, circuit_breaker, rate_limit, attempt_timeout)),
         ),
         (
             "sturdy ClientBuilder, every layer off",
