@@ -124,6 +124,8 @@ mod words21_turn;
 mod words21_wire;
 mod words22_floor;
 mod words22_refused_keys;
+mod words23_layers;
+mod words23_wire;
 mod words7_agents;
 mod words7_architecture;
 mod words7_circuit;
