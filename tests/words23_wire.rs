@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -21,7 +21,7 @@ use sturdy::retry::{Backoff, RetryLayer};
 use sturdy::ClientBuilder;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const BOUND: Duration = Duration::from_secs(20);
