@@ -125,6 +125,7 @@ mod words21_wire;
 mod words22_floor;
 mod words22_refused_keys;
 mod words23_layers;
+mod words23_more;
 mod words23_wire;
 mod words7_agents;
 mod words7_architecture;

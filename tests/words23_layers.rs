@@ -22,17 +22,21 @@ use tokio::time::{advance, timeout, Instant};
 use tokio_test::task::spawn;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
-const HOST: &str = "api.example.com";
-const BOUND: Duration = Duration::from_secs(120);
+pub(crate) const HOST: &str = "api.example.com";
+pub(crate) const BOUND: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Copy)]
-enum Plan {
+pub(crate) enum Plan {
     After(u64),
     Never,
+    /// Answers with this status after this many ms.
+    Status(u64, u16),
+    /// Fails with an I/O error of this kind after this many ms.
+    Fail(u64, io::ErrorKind),
 }
 
 #[derive(Default)]
-struct Counts {
+pub(crate) struct Counts {
     started: AtomicUsize,
     live: AtomicUsize,
     max_live: AtomicUsize,
@@ -58,27 +62,27 @@ impl Drop for Live {
 type PlanFn = Arc<dyn Fn(&str, usize) -> Plan + Send + Sync>;
 
 #[derive(Clone)]
-struct Api {
+pub(crate) struct Api {
     counts: Arc<Counts>,
     plan: PlanFn,
     body: Bytes,
 }
 
 impl Api {
-    fn new(plan: impl Fn(&str, usize) -> Plan + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(plan: impl Fn(&str, usize) -> Plan + Send + Sync + 'static) -> Self {
         Self {
             counts: Arc::default(),
             plan: Arc::new(plan),
             body: Bytes::from_static(b"payload"),
         }
     }
-    fn started(&self) -> usize {
+    pub(crate) fn started(&self) -> usize {
         self.counts.started.load(SeqCst)
     }
-    fn live(&self) -> usize {
+    pub(crate) fn live(&self) -> usize {
         self.counts.live.load(SeqCst)
     }
-    fn max_live(&self) -> usize {
+    pub(crate) fn max_live(&self) -> usize {
         self.counts.max_live.load(SeqCst)
     }
 }
@@ -112,18 +116,28 @@ impl Service<Request<Full<Bytes>>> for Api {
                     Ok(Response::new(Full::new(body)))
                 }
                 Plan::Never => std::future::pending().await,
+                Plan::Status(ms, code) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let mut res = Response::new(Full::new(body));
+                    *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                    Ok(res)
+                }
+                Plan::Fail(ms, kind) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Err(io::Error::new(kind, "the test server failed"))
+                }
             }
         })
     }
 }
 
-fn get(path: &str) -> Request<Full<Bytes>> {
+pub(crate) fn get(path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("http://{HOST}{path}"))
         .body(Full::default())
         .unwrap()
 }
 
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
+pub(crate) async fn within<F: Future>(what: &str, f: F) -> F::Output {
     match timeout(BOUND, f).await {
         Ok(out) => out,
         Err(_) => panic!("no answer within {BOUND:?}: {what}"),
@@ -131,7 +145,7 @@ async fn within<F: Future>(what: &str, f: F) -> F::Output {
 }
 
 /// Slow (1 s) the first time a path containing "slow" is sent, 10 ms otherwise.
-fn slow_once(uri: &str, n: usize) -> Plan {
+pub(crate) fn slow_once(uri: &str, n: usize) -> Plan {
     if uri.contains("slow") && n == 0 {
         Plan::After(1_000)
     } else {
@@ -140,7 +154,7 @@ fn slow_once(uri: &str, n: usize) -> Plan {
 }
 
 /// Drives a kept service: `ready().await?.call(req)` `n` times, every tenth call slow once.
-async fn drive_kept<S, Rb>(svc: &mut S, tag: &str, n: usize)
+pub(crate) async fn drive_kept<S, Rb>(svc: &mut S, tag: &str, n: usize)
 where
     S: Service<Request<Full<Bytes>>, Response = Response<Rb>>,
     S::Error: std::fmt::Debug,
@@ -184,7 +198,7 @@ where
     }
 }
 
-fn hedge() -> (HedgeLayer, sturdy::hedge::HedgeHandle) {
+pub(crate) fn hedge() -> (HedgeLayer, sturdy::hedge::HedgeHandle) {
     HedgeLayer::new().with_min_samples(5).pair()
 }
 

@@ -404,3 +404,37 @@ async fn words23_middleware_and_service_are_send_sync_clone() {
         .build();
     send_sync_clone(&client);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn words23_middleware_call_dropped_mid_flight_gives_back() {
+    let (addr, _hits) = hyper_server().await;
+    let (cl, ch) = CoalesceLayer::new().pair();
+    let (al, ah) = AdaptiveConcurrencyLayer::new().with_limits(1, 1).pair();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new()
+                .with_retry(quick_retry())
+                .with_hedge(HedgeLayer::new())
+                .with_adaptive_concurrency(al)
+                .with_coalesce(cl)
+                .build(next)
+        }))
+        .build();
+    let host = addr.to_string();
+    for round in 0..3 {
+        // A leader and a follower, both dropped by a timeout above them.
+        let url = format!("http://{addr}/stall/{round}");
+        let both = futures_util::future::join(client.get(&url).send(), client.get(&url).send());
+        assert!(timeout(Duration::from_millis(150), both).await.is_err());
+        let st = ah.state(&host).unwrap();
+        assert_eq!((st.in_flight(), st.waiting()), (0, 0), "round {round}");
+        assert_eq!(ch.in_flight(&host), 0, "round {round}");
+        let res = within(
+            "after a drop",
+            client.get(format!("http://{addr}/ok")).send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.text().await.unwrap(), "ok");
+    }
+}
