@@ -141,7 +141,7 @@ async fn words23_coalesce_leader_panics_inside_call_follower_gets_not_sent() {
             leader_svc.ready().await.unwrap();
         });
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = leader_svc.call(get("/p"));
+            drop(leader_svc.call(get("/p")));
         }));
         assert!(caught.is_err());
     });
