@@ -546,3 +546,57 @@ async fn words23_adaptive_dropped_calls_say_nothing_about_capacity() {
         assert_eq!(api.live(), 0);
     }
 }
+
+fn full_client(
+    api: Api,
+    attempt: Duration,
+) -> sturdy::Client<sturdy::coalesce::ResponseBody<Full<Bytes>>> {
+    sturdy::ClientBuilder::new()
+        .with_hedge(sturdy::hedge::HedgeLayer::new().with_min_samples(5))
+        .with_adaptive_concurrency(AdaptiveConcurrencyLayer::new())
+        .with_coalesce(CoalesceLayer::new())
+        .with_attempt_timeout(attempt)
+        .build(api)
+}
+
+#[tokio::test(start_paused = true)]
+async fn words23_client_attempt_timeout_duration_max() {
+    let api = Api::new(crate::words23_layers::slow_once);
+    let mut client = full_client(api.clone(), Duration::MAX);
+    crate::words23_layers::drive_kept(&mut client, "max", 40).await;
+    // A request's own settings at the extremes too.
+    for (i, opts) in [
+        sturdy::core::CallOptions::new().with_attempt_timeout(Duration::MAX),
+        sturdy::core::CallOptions::new().with_deadline(Duration::MAX),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut req = get(&format!("/opts/{i}"));
+        req.extensions_mut().insert(opts);
+        let res = within("options at MAX", client.ready().await.unwrap().call(req))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(api.live(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn words23_client_attempt_timeout_zero_is_bounded() {
+    let api = Api::new(|_, _| Plan::After(10));
+    let mut client = full_client(api.clone(), Duration::ZERO);
+    for i in 0..10 {
+        // Whatever the outcome, it comes, and it does not panic.
+        let _ = within(
+            "zero attempt timeout",
+            client.ready().await.unwrap().call(get(&format!("/{i}"))),
+        )
+        .await;
+    }
+    let mut req = get("/opts");
+    req.extensions_mut()
+        .insert(sturdy::core::CallOptions::new().with_deadline(Duration::ZERO));
+    let _ = within("zero deadline", client.ready().await.unwrap().call(req)).await;
+    assert_eq!(api.live(), 0);
+}

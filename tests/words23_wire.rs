@@ -438,3 +438,86 @@ async fn words23_middleware_call_dropped_mid_flight_gives_back() {
         assert_eq!(res.text().await.unwrap(), "ok");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "FAULT: under coalescing a follower's reqwest .timeout() is dropped: it waits for the leader's call, with no bound of its own"]
+async fn words23_middleware_follower_with_shorter_timeout_keeps_its_timeout() {
+    let (addr, _hits) = hyper_server().await;
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new()
+                .with_retry(quick_retry())
+                .with_coalesce(CoalesceLayer::new())
+                .build(next)
+        }))
+        .build();
+    let url = format!("http://{addr}/stall/t");
+    // Alone, the same request fails with a timeout in well under 3 s.
+    let alone = timeout(
+        Duration::from_secs(3),
+        client
+            .get(format!("{url}/alone"))
+            .timeout(Duration::from_millis(100))
+            .send(),
+    )
+    .await
+    .expect("alone, the request's timeout holds")
+    .unwrap_err();
+    assert!(
+        matches!(
+            find::<sturdy::core::Error>(&alone).unwrap().kind(),
+            sturdy::core::ErrorKind::Timeout
+        ),
+        "{alone}"
+    );
+    let leader = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move { client.get(url).timeout(Duration::from_secs(8)).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Four attempts of 100 ms and short backoffs: well under 3 s.
+    let follower = timeout(
+        Duration::from_secs(3),
+        client.get(&url).timeout(Duration::from_millis(100)).send(),
+    )
+    .await;
+    leader.abort();
+    let err = follower
+        .expect(
+            "a request's .timeout() bounds each attempt, yet the follower had no answer after 3 s",
+        )
+        .unwrap_err();
+    let e = find::<sturdy::core::Error>(&err).expect("a sturdy error");
+    assert!(
+        matches!(e.kind(), sturdy::core::ErrorKind::Timeout),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn words23_middleware_call_options_are_not_coalesced() {
+    let (addr, hits) = hyper_server().await;
+    let (cl, ch) = CoalesceLayer::new().pair();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new()
+                .with_retry(quick_retry())
+                .with_coalesce(cl)
+                .build(next)
+        }))
+        .build();
+    let url = format!("http://{addr}/slow/opts");
+    let calls = (0..10).map(|_| {
+        client
+            .get(&url)
+            .with_extension(sturdy::core::CallOptions::new().without_retries())
+            .send()
+    });
+    let results = within("with options", futures_util::future::join_all(calls)).await;
+    for r in results {
+        assert_eq!(r.unwrap().text().await.unwrap(), "ok");
+    }
+    assert_eq!(hits.total.load(SeqCst), 10);
+    assert_eq!(ch.stats().joined(), 0);
+}
