@@ -600,3 +600,90 @@ async fn words23_client_attempt_timeout_zero_is_bounded() {
     let _ = within("zero deadline", client.ready().await.unwrap().call(req)).await;
     assert_eq!(api.live(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn words23_non_finite_settings_are_refused() {
+    use sturdy::hedge::HedgeLayer;
+    for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0, -0.0] {
+        assert!(
+            HedgeLayer::new().with_percentile(p).is_err(),
+            "percentile {p}"
+        );
+    }
+    for r in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.1, 1.1] {
+        assert!(
+            HedgeLayer::new().with_budget(r, 10).is_err(),
+            "budget ratio {r}"
+        );
+    }
+    for r in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0] {
+        assert!(
+            AdaptiveConcurrencyLayer::new().with_backoff(r).is_err(),
+            "backoff {r}"
+        );
+    }
+    // Percentiles out of range read as None.
+    let api = Api::new(|_, _| Plan::After(10));
+    let (layer, handle) = HedgeLayer::new().pair();
+    let mut svc = layer.layer(api);
+    warm(&mut svc, 10).await;
+    assert!(handle.latency_percentile(HOST, 0.5).is_some());
+    for q in [f64::NAN, 0.0, 1.0, -1.0, f64::INFINITY] {
+        assert_eq!(handle.latency_percentile(HOST, q), None, "q = {q}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn words23_adaptive_overflow_key_past_the_host_bound() {
+    let api = Api::new(|uri, _| {
+        if uri.contains("never") {
+            Plan::Never
+        } else {
+            Plan::After(10)
+        }
+    });
+    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_max_hosts(1).pair();
+    let svc = layer.layer(api.clone());
+    let req = |host: &str, path: &str| {
+        Request::get(format!("http://{host}{path}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let mut held = spawn(svc.clone().oneshot(req("a.example.com", "/never")));
+    assert!(held.poll().is_pending());
+    within("b", svc.clone().oneshot(req("b.example.com", "/")))
+        .await
+        .unwrap();
+    handle.set_limit("c.example.com", 7);
+    assert_eq!(handle.limit("*"), Some(7), "{:?}", handle.states());
+    assert_eq!(handle.limit("a.example.com"), Some(20));
+    drop(held);
+    let st = handle.state("a.example.com").unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn words23_coalesce_over_buffer_one_followers_give_the_slot_back() {
+    let api = Api::new(|_, _| Plan::After(100));
+    let (layer, handle) = CoalesceLayer::new().pair();
+    let svc = layer.layer(tower::buffer::Buffer::new(api.clone(), 1));
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut s = svc.clone();
+        let ready = tokio::time::timeout(Duration::from_millis(5), s.ready())
+            .await
+            .unwrap_or_else(|_| panic!("caller {i} waited for a Buffer slot"))
+            .unwrap();
+        calls.push(ready.call(get("/x")));
+    }
+    for f in calls {
+        let res = within("identical over Buffer(1)", f).await.unwrap();
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes(),
+            "payload"
+        );
+    }
+    assert_eq!(api.started(), 1);
+    let stats = handle.stats();
+    assert_eq!((stats.upstream(), stats.joined()), (1, 19));
+}
