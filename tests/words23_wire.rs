@@ -440,7 +440,6 @@ async fn words23_middleware_call_dropped_mid_flight_gives_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: under coalescing a follower's reqwest .timeout() is dropped: it waits for the leader's call, with no bound of its own"]
 async fn words23_middleware_follower_with_shorter_timeout_keeps_its_timeout() {
     let (addr, _hits) = hyper_server().await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())

@@ -392,8 +392,15 @@ async fn into_http_request(
     req: reqwest::Request,
     limit: usize,
 ) -> Result<http::Request<Full<Bytes>>, Error> {
+    // A request with a timeout of its own has a setting of its own: marked with (empty)
+    // `CallOptions`, the mark sturdy's layers read, so that the coalescing layer sends it on its
+    // own instead of joining a call that runs under another request's timeout.
+    let own_timeout = req.timeout().is_some();
     let req = http::Request::<reqwest::Body>::try_from(req).map_err(|e| convert(e, Stage::Call))?;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if own_timeout && parts.extensions.get::<sturdy_core::CallOptions>().is_none() {
+        parts.extensions.insert(sturdy_core::CallOptions::new());
+    }
     let bytes = if body.as_bytes().is_some() {
         // Already in memory: taking the bytes out cannot fail.
         body.collect()
