@@ -188,9 +188,9 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
 /// The floor is a task of its own on the runtime, which sleeps until then and ends: the runtime
 /// owns it, so dropping the runtime drops it, and nothing of a runtime outlives it. The thread
 /// keeps only a weak count of that task's life, and arms another floor, at most once per half
-/// timeout, when it is over or its runtime is gone. It is kept on multi-thread runtimes only: their clock cannot be paused, so it
-/// never makes a paused clock auto-advance to it (a current-thread runtime's can, and a test
-/// would see the jump).
+/// timeout, when it is over or its runtime is gone. It is kept on multi-thread runtimes only:
+/// their clock cannot be paused, so it never makes a paused clock auto-advance to it (a
+/// current-thread runtime's can, and a test would see the jump).
 pub(crate) fn attempt_timer(deadline: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
     let sleep = Box::pin(tokio::time::sleep_until(deadline));
     if len >= FLOOR_MIN {
@@ -205,48 +205,64 @@ const FLOOR_MIN: Duration = Duration::from_millis(100);
 /// How far ahead a floor is armed, at most.
 const FLOOR_MAX: Duration = Duration::from_secs(15);
 
+/// What a thread knows of its floor.
+enum Floor {
+    /// None armed yet.
+    None,
+    /// Armed: alive while its task is (until it is over, or its runtime is dropped). A weak
+    /// count only: it keeps nothing of the runtime.
+    Armed(std::sync::Weak<()>),
+    /// The thread ran a current-thread runtime when it last looked: it looks again (a handle
+    /// lookup) only after this, not for every waiting attempt.
+    NotHere(tokio::time::Instant),
+}
+
 thread_local! {
-    /// The floor this thread armed: alive while its task is (until it is over, or its runtime
-    /// is dropped). A weak count only: it keeps nothing of the runtime.
-    static FLOOR: std::cell::RefCell<std::sync::Weak<()>> =
-        const { std::cell::RefCell::new(std::sync::Weak::new()) };
+    static FLOOR: std::cell::RefCell<Floor> = const { std::cell::RefCell::new(Floor::None) };
 }
 
 fn keep_floor(deadline: tokio::time::Instant, len: Duration) {
-    // Inaccessible while the thread exits, or borrowed: then this attempt goes without.
-    let Ok(pending) = FLOOR.try_with(|f| f.try_borrow().map_or(true, |w| w.strong_count() > 0))
-    else {
-        return;
-    };
+    // When the attempt was sent, which was just now (its first poll): no clock read.
+    let now = deadline
+        .checked_sub(len)
+        .unwrap_or_else(tokio::time::Instant::now);
     // A floor still pending serves this attempt too: it ends at most half a timeout after its
     // arming, and an attempt with a shorter timeout than the one that armed it only wakes the
     // driver as it would without a floor. (A thread that runs on two live runtimes in turn goes
-    // without on one of them until the floor is over: never wrong, only slower.)
-    if pending {
+    // without on one of them until the floor is over: never wrong, only slower.) Inaccessible
+    // while the thread exits, or borrowed: then this attempt goes without.
+    let Ok(wanted) = FLOOR.try_with(|f| {
+        f.try_borrow().is_ok_and(|f| match &*f {
+            Floor::None => true,
+            Floor::Armed(w) => w.strong_count() == 0,
+            Floor::NotHere(until) => now >= *until,
+        })
+    }) else {
+        return;
+    };
+    if !wanted {
         return;
     }
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    if rt.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-        return;
-    }
-    // When the attempt was sent, which was just now (its first poll): no clock read.
-    let now = deadline
-        .checked_sub(len)
-        .unwrap_or_else(tokio::time::Instant::now);
     // At most 15 s ahead: one attempt with a very long timeout must not leave a floor that later
     // attempts with ordinary timeouts end before.
     let until = sturdy_core::clock::after(now, (len / 2).min(FLOOR_MAX));
-    let alive = std::sync::Arc::new(());
-    let weak = std::sync::Arc::downgrade(&alive);
-    drop(rt.spawn(async move {
-        tokio::time::sleep_until(until).await;
-        drop(alive);
-    }));
+    let next = if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        let alive = std::sync::Arc::new(());
+        let weak = std::sync::Arc::downgrade(&alive);
+        drop(rt.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            drop(alive);
+        }));
+        Floor::Armed(weak)
+    } else {
+        Floor::NotHere(until)
+    };
     let _ = FLOOR.try_with(|f| {
         if let Ok(mut f) = f.try_borrow_mut() {
-            *f = weak;
+            *f = next;
         }
     });
 }
