@@ -621,8 +621,6 @@ fn words22_many_runtimes_one_thread() {
                     assert_eq!(paused_clock_jump().await, Duration::ZERO);
                 });
             }
-            // Let the floor of the runtime just dropped run out.
-            std::thread::sleep(ms(60));
         }
     });
 }
@@ -830,7 +828,6 @@ fn words22_floor_rearmed_on_new_runtime_frees_old() {
                 .unwrap();
         });
         drop(rt);
-        std::thread::sleep(ms(400));
         let rt = current_rt();
         rt.block_on(async {
             for _ in 0..3 {
