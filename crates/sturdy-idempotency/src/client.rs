@@ -185,8 +185,10 @@ where
                 None => None,
             };
             if let Some(value) = value {
-                if let (Some(t), Ok(k)) = (Trace::of(&req), std::str::from_utf8(value.as_bytes())) {
-                    t.record(TraceEvent::IdempotencyKey(k.to_owned()));
+                if let Some(t) = Trace::of(&req) {
+                    if let Ok(k) = std::str::from_utf8(value.as_bytes()) {
+                        t.record(TraceEvent::IdempotencyKey(k.to_owned()));
+                    }
                 }
                 req.headers_mut().insert(self.config.header.clone(), value);
             }

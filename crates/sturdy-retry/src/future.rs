@@ -15,7 +15,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -24,6 +23,7 @@ use sturdy_core::{human_duration, BoxError, CallReport, Delivery, ErrorKind};
 use tokio::time::Sleep;
 use tower::Service;
 
+use crate::head::KeptHead;
 use crate::policy::{advise, CallInfo, CallState, Last, RetryPolicy, View};
 
 pin_project! {
@@ -147,7 +147,7 @@ where
                     // Taken here, so that it moves once: straight into its place.
                     svc: crate::service::take_ready(svc),
                     policy: policy(),
-                    kept: Kept::Head(head),
+                    kept: Kept::Head(KeptHead::new(head)),
                     body: None,
                     buf: None,
                     call,
@@ -164,7 +164,7 @@ where
 /// What a call keeps of its request: one or the other, never both, so the loop's state (moved
 /// into its box on every call) is no larger than it needs to be.
 enum Kept {
-    Head(Parts),
+    Head(KeptHead),
     Info(CallInfo),
 }
 
@@ -253,18 +253,6 @@ fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) 
         err = err.with_hidden_source(source);
     }
     Box::new(err.with_report(CallReport::new(made, delivery, key)))
-}
-
-/// A copy of the head of a request with `body`, for one more attempt (built where it is
-/// returned, not as a head moved into a request after).
-fn copy<B>(head: &Parts, body: B) -> Request<B> {
-    let mut r = Request::new(body);
-    *r.method_mut() = head.method.clone();
-    *r.uri_mut() = head.uri.clone();
-    *r.version_mut() = head.version;
-    *r.headers_mut() = head.headers.clone();
-    *r.extensions_mut() = head.extensions.clone();
-    r
 }
 
 impl<S, B, Rb, C> Future for ResponseFuture<S, B, Rb, C>
@@ -414,18 +402,17 @@ impl<A, C> Run<A, C> {
         self.policy.starting_attempt();
         self.attempt_ends = ends(self.attempt_timeout);
         let body = B::from(self.body.clone().unwrap_or_default());
-        let Kept::Head(head) = &self.kept else {
+        let Kept::Head(head) = &mut self.kept else {
             unreachable!("a call keeps its head while another attempt may be sent")
         };
         let req = if self.policy.is_last_attempt() {
             // No replay can follow: the head itself goes, and the policy keeps what it needs.
-            let info = Kept::Info(CallInfo::of_head(head, self.policy.key_header()));
-            match std::mem::replace(&mut self.kept, info) {
-                Kept::Head(head) => Request::from_parts(head, body),
-                Kept::Info(_) => unreachable!("the head was kept"),
-            }
+            let info = CallInfo::of_head(head, self.policy.key_header());
+            let req = head.take_request(body);
+            self.kept = Kept::Info(info);
+            req
         } else {
-            copy(head, body)
+            head.request(body)
         };
         self.svc.call(req)
     }

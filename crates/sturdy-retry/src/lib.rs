@@ -79,6 +79,7 @@
 
 mod backoff;
 mod future;
+mod head;
 mod layer;
 mod policy;
 mod service;

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{HeaderName, Method, Request, Response, StatusCode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -20,6 +19,7 @@ use sturdy_core::{
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::head::KeptHead;
 use crate::{Backoff, MAX_REPORTED_WAIT};
 
 /// How the retry budget is kept.
@@ -260,74 +260,61 @@ pub(crate) struct CallInfo {
 
 impl CallInfo {
     pub(crate) fn of<B>(req: &Request<B>, key_header: &HeaderName) -> Self {
-        Self::of_parts(
-            req.method(),
-            req.uri(),
-            req.headers(),
-            Trace::of(req),
-            key_header,
-        )
-    }
-
-    /// What the policy needs of a request's head, kept before the head itself is sent.
-    pub(crate) fn of_head(head: &Parts, key_header: &HeaderName) -> Self {
-        Self::of_parts(
-            &head.method,
-            &head.uri,
-            &head.headers,
-            head.extensions.get::<Trace>(),
-            key_header,
-        )
-    }
-
-    fn of_parts(
-        method: &Method,
-        uri: &http::Uri,
-        headers: &http::HeaderMap,
-        trace: Option<&Trace>,
-        key_header: &HeaderName,
-    ) -> Self {
+        let uri = req.uri();
         Self {
-            method: method.clone(),
+            method: req.method().clone(),
             uri: uri.clone(),
             host_header: if uri.authority().is_none() {
-                headers.get(http::header::HOST).cloned()
+                req.headers().get(http::header::HOST).cloned()
             } else {
                 None
             },
-            key: headers.get(key_header).cloned(),
-            trace: trace.cloned(),
+            key: req.headers().get(key_header).cloned(),
+            trace: Trace::of(req).cloned(),
+        }
+    }
+
+    /// What the policy needs of a kept head, before the head itself is sent.
+    pub(crate) fn of_head(head: &KeptHead, key_header: &HeaderName) -> Self {
+        Self {
+            method: head.method().clone(),
+            uri: head.uri().clone(),
+            host_header: if head.uri().authority().is_none() {
+                head.header(&http::header::HOST).cloned()
+            } else {
+                None
+            },
+            key: head.header(key_header).cloned(),
+            trace: head.trace().cloned(),
         }
     }
 }
 
-impl RequestView for Parts {
+impl RequestView for KeptHead {
     fn method(&self) -> &Method {
-        &self.method
+        Self::method(self)
     }
     fn host(&self) -> &str {
-        let raw = match self.uri.authority() {
+        let raw = match self.uri().authority() {
             Some(a) => a.as_str(),
-            None => self
-                .headers
-                .get(http::header::HOST)
+            None => Self::header(self, &http::header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or(""),
         };
         sturdy_core::key::without_userinfo(raw)
     }
     fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
-        self.headers.get(name)
+        Self::header(self, name)
     }
     fn trace(&self) -> Option<&Trace> {
-        self.extensions.get::<Trace>()
+        Self::trace(self)
     }
 }
 
 /// The request as the policy sees it: its kept head while a replay may follow (no copy made
 /// for the policy), else what was taken from it before it was sent.
 pub(crate) enum View<'a> {
-    Head(&'a Parts),
+    Head(&'a KeptHead),
     Info(&'a CallInfo),
 }
 

@@ -56,12 +56,27 @@ use tower::{Layer, Service};
 #[must_use]
 pub struct AttemptTimeoutLayer {
     timeout: Option<Duration>,
+    from_first_poll: bool,
 }
 
 impl AttemptTimeoutLayer {
     /// Attempts bounded by `timeout` (`None`: only requests that set one are bounded).
     pub const fn new(timeout: Option<Duration>) -> Self {
-        Self { timeout }
+        Self {
+            timeout,
+            from_first_poll: false,
+        }
+    }
+
+    /// Whether each attempt's time counts from its response future's first poll rather than
+    /// from `call` \[off\]. On, an attempt answered at its first poll reads no clock (one clock
+    /// read less per call, about 25 ns on a VM). The bound is the same where each response
+    /// future is polled as soon as it is made, as sturdy's retry loop does with each attempt:
+    /// `sturdy::ClientBuilder` turns this on when its retry layer sits over sturdy's own layers
+    /// only. A future first polled later gets its whole timeout from that poll.
+    pub const fn with_start_at_first_poll(mut self, on: bool) -> Self {
+        self.from_first_poll = on;
+        self
     }
 }
 
@@ -72,6 +87,7 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
         AttemptTimeout {
             inner,
             timeout: self.timeout,
+            from_first_poll: self.from_first_poll,
         }
     }
 }
@@ -81,6 +97,7 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
 pub struct AttemptTimeout<S> {
     inner: S,
     timeout: Option<Duration>,
+    from_first_poll: bool,
 }
 
 sturdy_core::define_inner_service_accessors!(AttemptTimeout<S>);
@@ -101,14 +118,19 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
-        // The deadline is fixed now; the timer itself is made only if the attempt is still
-        // pending after its first poll (see `TimeoutFuture`).
-        let deadline = timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t));
+        // The deadline is fixed now (or at the first poll, if so configured); the timer itself
+        // is made only if the attempt is still pending after its first poll (see
+        // `TimeoutFuture`).
+        let deadline = if self.from_first_poll {
+            None
+        } else {
+            timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t))
+        };
         TimeoutFuture {
             fut: self.inner.call(req),
             sleep: None,
             deadline,
-            len: timeout.unwrap_or_default(),
+            len: timeout,
         }
     }
 }
@@ -122,8 +144,9 @@ pin_project! {
         // Boxed: it is made only for an attempt that waits, and every layer above moves this
         // future at least once.
         sleep: Option<Pin<Box<Sleep>>>,
+        // Fixed at `call`, unless the time counts from the first poll.
         deadline: Option<tokio::time::Instant>,
-        len: Duration,
+        len: Option<Duration>,
     }
 }
 
@@ -142,14 +165,17 @@ where
         // An attempt answered at its first poll never makes a timer (making tokio's `Sleep`
         // looks up the runtime's timer and takes a reference to it); one still pending gets it
         // now, for the deadline fixed when the attempt was sent, so the bound is the same.
-        let Some(deadline) = *this.deadline else {
+        let Some(len) = *this.len else {
             return Poll::Pending;
         };
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| attempt_timer(deadline, *this.len));
+        let deadline = *this.deadline;
+        let sleep = this.sleep.get_or_insert_with(|| {
+            let deadline = deadline
+                .unwrap_or_else(|| sturdy_core::clock::after(tokio::time::Instant::now(), len));
+            attempt_timer(deadline, len)
+        });
         ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(Err(timed_out(*this.len)))
+        Poll::Ready(Err(timed_out(len)))
     }
 }
 
