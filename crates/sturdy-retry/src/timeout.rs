@@ -74,6 +74,32 @@ impl AttemptTimeoutLayer {
     /// future is polled as soon as it is made, as sturdy's retry loop does with each attempt:
     /// `sturdy::ClientBuilder` turns this on when its retry layer sits over sturdy's own layers
     /// only. A future first polled later gets its whole timeout from that poll.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use http::{Request, Response};
+    /// use sturdy_retry::AttemptTimeoutLayer;
+    /// use tokio::time::Instant;
+    /// use tower::{service_fn, Layer, Service, ServiceExt};
+    ///
+    /// let hangs = service_fn(|_req: Request<()>| async {
+    ///     std::future::pending::<Result<Response<()>, std::convert::Infallible>>().await
+    /// });
+    /// for (from_first_poll, bound) in [(false, 1_000), (true, 1_600)] {
+    ///     let mut svc = AttemptTimeoutLayer::new(Some(Duration::from_secs(1)))
+    ///         .with_start_at_first_poll(from_first_poll)
+    ///         .layer(hangs.clone());
+    ///     let start = Instant::now();
+    ///     let fut = svc.ready().await.unwrap().call(Request::new(()));
+    ///     // Polled for the first time 600 ms after the call.
+    ///     tokio::time::sleep(Duration::from_millis(600)).await;
+    ///     assert!(fut.await.is_err());
+    ///     assert_eq!(start.elapsed(), Duration::from_millis(bound));
+    /// }
+    /// # }
+    /// ```
     pub const fn with_start_at_first_poll(mut self, on: bool) -> Self {
         self.from_first_poll = on;
         self
