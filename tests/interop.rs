@@ -9,3 +9,5 @@ mod interop_oauth;
 mod interop_paginate;
 mod interop_peers14;
 mod interop_webhooks;
+mod interop24_compose;
+mod interop24_hostile;
