@@ -11,3 +11,4 @@ mod interop_peers14;
 mod interop_webhooks;
 mod interop24_compose;
 mod interop24_hostile;
+mod interop24_reqwest;
