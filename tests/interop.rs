@@ -11,4 +11,5 @@ mod interop_peers14;
 mod interop_webhooks;
 mod interop24_compose;
 mod interop24_hostile;
+mod interop24_oauth;
 mod interop24_reqwest;

@@ -1,0 +1,179 @@
+//! Interop: the OAuth2 token cache against oauth2-mock-server and the odd token endpoint in
+//! front of it, with callers dropped mid-wait and runtimes dropped mid-request.
+use crate::interop_common;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use interop_common::*;
+use sturdy::auth::{AuthLayer, ClientCredentials};
+use sturdy::core::classify::delivery;
+use sturdy::core::{Delivery, ErrorKind};
+use sturdy::ClientBuilder;
+use tokio::time::Instant;
+use tower::buffer::Buffer;
+use tower::{Service, ServiceExt};
+
+const ODD: &str = "STURDY_INTEROP_ODD_TOKEN_URL";
+const API: &str = "STURDY_INTEROP_API_URL";
+const SECRET: &str = "interop-secret";
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-i24-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn odd_count(odd: &str, client: &str) -> u64 {
+    get_json(&format!("{odd}/count?client={client}")).await["requests"]
+        .as_u64()
+        .unwrap()
+}
+
+/// docs/guides/auth.md: "The token request runs as a task of its own ..., so a caller that gives
+/// up does not cancel it for the others". 30 first callers under `Buffer`, each dropped at a
+/// different moment (0 to 29 ms) while the token endpoint takes 300 ms, then aborted tasks too:
+/// one token request in all, and a later call gets the token it fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_callers_dropped_mid_wait_make_one_token_request() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let id = unique("slow300");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(http());
+    let svc = Buffer::new(client, 64);
+    let url = format!("{api}/whoami");
+    let dropped = (0..30u64).map(|i| {
+        let mut svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_millis(i), async {
+                svc.ready().await?.call(get(&url)).await
+            })
+            .await;
+        })
+    });
+    join_all(dropped).await;
+    let aborted: Vec<_> = (0..5)
+        .map(|_| {
+            let mut svc = svc.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let _ = async { svc.ready().await?.call(get(&url)).await }.await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for t in aborted {
+        t.abort();
+    }
+    let start = Instant::now();
+    let mut last = svc.clone();
+    let res = bounded(
+        Duration::from_secs(5),
+        "the call after the dropped ones",
+        async { last.ready().await?.call(get(&url)).await },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 200);
+    // The request started by the first caller was still running: no new 300 ms wait.
+    assert!(start.elapsed() < Duration::from_millis(300), "{:?}", start.elapsed());
+    assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
+}
+
+/// docs/guides/auth.md: "if that runtime shuts down mid-request, the next caller starts a new
+/// request". A first call on a runtime of its own is waiting for a 400 ms token request when
+/// that runtime is dropped; a call on another runtime then gets a token from a new request,
+/// within about one token request's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_dropped_mid_token_request_next_caller_starts_anew() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let id = unique("slow400");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(http());
+    let url = format!("{api}/whoami");
+    {
+        let client = client.clone();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_millis(100), client.oneshot(get(&url)))
+                    .await;
+            });
+            // The token request is a task of this runtime: it goes with it.
+            drop(rt);
+        })
+        .join()
+        .unwrap();
+    }
+    let start = Instant::now();
+    let res = bounded(
+        Duration::from_secs(15),
+        "a call after the token request's runtime was dropped",
+        client.clone().oneshot(get(&url)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    let took = start.elapsed();
+    assert_eq!(res.status(), 200);
+    eprintln!(
+        "after a dropped runtime: {took:?}, {} token requests",
+        odd_count(&odd, &id).await
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+/// docs/guides/auth.md: "A cached token needs no wait, so `Duration::ZERO` means 'the cached
+/// token or fail at once'", failing with kind `Timeout`, not sent, naming the token endpoint;
+/// "The token request goes on, and later callers share it."
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_token_timeout_fails_at_once_and_the_request_goes_on() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let id = unique("slow200");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_auth(AuthLayer::oauth2(tokens).with_token_timeout(Duration::ZERO))
+        .build(http());
+    let url = format!("{api}/whoami");
+    let start = Instant::now();
+    let err = client
+        .clone()
+        .oneshot(post(&url, "{}"))
+        .await
+        .expect_err("no cached token");
+    let took = start.elapsed();
+    eprintln!("zero token timeout: {err}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .unwrap_or_else(|| panic!("a sturdy error: {}", chain(&*err)));
+    assert_eq!(e.kind(), &ErrorKind::Timeout, "{e}");
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    let text = err.to_string();
+    assert!(text.contains(&format!("{odd}/token")), "{text}");
+    assert!(text.contains("not sent"), "{text}");
+    assert!(!text.contains("may have been processed"), "{text}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = client.clone().oneshot(get(&url)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
+}
