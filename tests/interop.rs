@@ -3,13 +3,14 @@
 #[macro_use]
 mod interop_common;
 
+mod interop24_compose;
+mod interop24_extras;
+mod interop24_hostile;
+mod interop24_oauth;
+mod interop24_reqwest;
 mod interop_haproxy;
 mod interop_nginx;
 mod interop_oauth;
 mod interop_paginate;
 mod interop_peers14;
 mod interop_webhooks;
-mod interop24_compose;
-mod interop24_hostile;
-mod interop24_oauth;
-mod interop24_reqwest;

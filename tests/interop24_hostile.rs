@@ -192,8 +192,13 @@ async fn garbage_retry_after_values_are_bounded() {
             Ok(res) => assert_eq!(res.status(), 200, "{v:?}"),
             Err(e) => {
                 // A huge wait is refused at once with RateLimited: that must be the reason.
-                let e = e.downcast_ref::<sturdy::core::Error>().expect("sturdy error");
-                assert!(matches!(e.kind(), ErrorKind::RateLimited { .. }), "{v:?}: {e}");
+                let e = e
+                    .downcast_ref::<sturdy::core::Error>()
+                    .expect("sturdy error");
+                assert!(
+                    matches!(e.kind(), ErrorKind::RateLimited { .. }),
+                    "{v:?}: {e}"
+                );
                 assert_eq!(hits.load(Ordering::SeqCst), 1);
             }
         }
@@ -338,13 +343,21 @@ async fn thousands_of_links_before_next() {
         if p < 2 {
             links.push(format!("</many?p={}>; rel=\"next\"", p + 1));
         }
-        (StatusCode::OK, vec![h("link", &links.join(", "))], page_body(p))
+        (
+            StatusCode::OK,
+            vec![h("link", &links.join(", "))],
+            page_body(p),
+        )
     }))
     .await;
     let start = Instant::now();
     let ids = walk(&base, "/many").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ids, (1..=9).collect::<Vec<u64>>());
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// A page whose `Link` header is 200 KiB of garbage (no `<`, unbalanced quotes): the walk ends
@@ -360,5 +373,9 @@ async fn garbage_link_header_ends_the_walk() {
     let start = Instant::now();
     let ids = walk(&base, "/junk").await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ids, vec![1, 2, 3]);
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
 }

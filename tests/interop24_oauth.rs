@@ -84,7 +84,11 @@ async fn first_callers_dropped_mid_wait_make_one_token_request() {
     .unwrap_or_else(|e| panic!("{}", chain(&*e)));
     assert_eq!(res.status(), 200);
     // The request started by the first caller was still running: no new 300 ms wait.
-    assert!(start.elapsed() < Duration::from_millis(300), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
 }
 

@@ -1,0 +1,129 @@
+//! Interop: the breaker, the adaptive concurrency limit and coalescing against HAProxy's 504
+//! frontend and json-server.
+use crate::interop_common;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use futures_util::TryStreamExt;
+use interop_common::*;
+use sturdy::circuit::CircuitBreakerLayer;
+use sturdy::concurrency::AdaptiveConcurrencyLayer;
+use sturdy::core::classify::delivery;
+use sturdy::core::Delivery;
+use sturdy::paginate::{LinkHeader, Paginate};
+use sturdy::retry::{Backoff, RetryLayer};
+use sturdy::ClientBuilder;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+const GATEWAY_TIMEOUT: &str = "STURDY_INTEROP_HAPROXY_GATEWAY_TIMEOUT_URL";
+const JSON_SERVER: &str = "STURDY_INTEROP_JSON_SERVER_URL";
+
+/// docs/guides/concurrency.md: "A call admitted before the last decrease cannot cause another
+/// one, so fifty 503s from one burst lower the limit once." 50 GETs at once through the
+/// adaptive limit (initial 60, so all are admitted together) to HAProxy's 504 frontend: the
+/// limit is lowered once (to 54).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_burst_of_gateway_timeouts_lowers_the_limit_once() {
+    let base = peer_or_skip!(GATEWAY_TIMEOUT);
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(60)
+        .pair();
+    let svc = layer.layer(http());
+    let url = format!("{base}/aimd-burst");
+    let results = bounded(
+        Duration::from_secs(10),
+        "50 GETs to the 504 frontend",
+        join_all((0..50).map(|_| svc.clone().oneshot(get(&url)))),
+    )
+    .await;
+    for r in &results {
+        assert_eq!(r.as_ref().map(|r| r.status().as_u16()).ok(), Some(504));
+    }
+    let key = base.trim_start_matches("http://");
+    let limit = handle.limit(key);
+    eprintln!("limit after one burst of 504s: {limit:?}");
+    assert_eq!(limit, Some(54), "lowered once from 60");
+}
+
+/// A breaker that opens after 3 failures, under the retry layer, against HAProxy's 504: the
+/// GET's fourth try is refused by the open breaker and the call fails at once. The message
+/// counts 3 attempts and 1 refused try, names the 504, and the delivery is "maybe".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opening_mid_call_is_told_truthfully() {
+    let base = peer_or_skip!(GATEWAY_TIMEOUT);
+    let client = ClientBuilder::new()
+        .with_retry(
+            RetryLayer::new().with_backoff(
+                Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(20))
+                    .unwrap(),
+            ),
+        )
+        .with_circuit_breaker(CircuitBreakerLayer::new().with_consecutive_failures(3))
+        .build(http());
+    let start = Instant::now();
+    let out = bounded(
+        Duration::from_secs(10),
+        "a GET meeting an opening breaker",
+        client
+            .clone()
+            .oneshot(post(&format!("{base}/breaker-mid"), "{}")),
+    )
+    .await;
+    let took = start.elapsed();
+    match out {
+        Ok(res) => panic!("expected an error, got {}", res.status()),
+        Err(err) => {
+            let text = err.to_string();
+            eprintln!("breaker mid call: {text} after {took:?}");
+            assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{text}");
+            assert!(
+                text.starts_with("gave up after 3 attempts and 1 refused try: 504"),
+                "{text}"
+            );
+            assert!(text.contains("may have been processed"), "{text}");
+            assert!(
+                sturdy::core::find::<sturdy::core::CircuitOpen>(&*err).is_some(),
+                "{}",
+                chain(&*err)
+            );
+        }
+    }
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}
+
+/// `ClientBuilder::with_coalesce` as the service of a pager: 8 walks at once over json-server
+/// all get the 100 items, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_walks_through_a_coalescing_client() {
+    let base = peer_or_skip!(JSON_SERVER);
+    let client = ClientBuilder::new()
+        .with_coalesce(sturdy::coalesce::CoalesceLayer::new())
+        .build(http());
+    let walks = (0..8).map(|_| {
+        let pager = Paginate::builder(
+            client.clone(),
+            &format!("{base}/items?_page=1"),
+            LinkHeader::new("").with_limit_param("_limit"),
+        )
+        .with_page_size(10)
+        .build()
+        .unwrap();
+        async move {
+            let items: Vec<serde_json::Value> = pager.items().try_collect().await?;
+            Ok::<_, sturdy::core::Error>(
+                items
+                    .iter()
+                    .map(|v| v["id"].as_u64().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+        }
+    });
+    let all = bounded(Duration::from_secs(15), "8 walks", join_all(walks)).await;
+    for ids in all {
+        assert_eq!(
+            ids.unwrap_or_else(|e| panic!("{e}")),
+            (1..=100).collect::<Vec<u64>>()
+        );
+    }
+}
