@@ -90,6 +90,18 @@ async fn breaker_opening_mid_call_is_told_truthfully() {
         }
     }
     assert!(took < Duration::from_millis(1500), "{took:?}");
+    // The breaker is open now: the next call fails at once, and its message says why and when
+    // (docs/guides/circuit.md: `Failing` ("it has been failing ... try again in 12s")).
+    let err = client
+        .clone()
+        .oneshot(get(&format!("{base}/breaker-mid")))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    eprintln!("breaker open: {text}");
+    assert!(text.contains("failing"), "{text}");
+    assert!(text.contains("try again in"), "{text}");
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{text}");
 }
 
 /// `ClientBuilder::with_coalesce` as the service of a pager: 8 walks at once over json-server

@@ -174,8 +174,11 @@ async fn reqwest_tcp_reject_delivery_is_truthful() {
         }
         Delivery::MaybeProcessed => {
             assert!(text.contains("may have been processed"), "{text}");
+            // Earlier attempts may have been refused during the connect (proved not sent, so
+            // retried); the last one may have been written, and nothing follows it.
             let e = find::<sturdy::core::Error>(&err).expect("a sturdy error");
-            assert_eq!(e.report().map(|r| r.attempts()), Some(1), "{text}");
+            assert!(e.report().map(|r| r.attempts()).unwrap_or(0) <= 4, "{text}");
+            assert!(!text.contains("not sent"), "{text}");
         }
         other => panic!("{other:?}: {text}"),
     }
