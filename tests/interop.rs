@@ -7,6 +7,7 @@ mod interop24_compose;
 mod interop24_extras;
 mod interop24_hostile;
 mod interop24_oauth;
+mod interop24_peers;
 mod interop24_reqwest;
 mod interop_haproxy;
 mod interop_nginx;
