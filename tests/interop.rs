@@ -5,6 +5,7 @@ mod interop_common;
 
 mod interop24_compose;
 mod interop24_extras;
+mod interop24_headers;
 mod interop24_hostile;
 mod interop24_oauth;
 mod interop24_peers;

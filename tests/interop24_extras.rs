@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::TryStreamExt;
+use http_body_util::BodyExt;
 use interop_common::*;
 use sturdy::circuit::CircuitBreakerLayer;
 use sturdy::concurrency::AdaptiveConcurrencyLayer;
@@ -138,4 +139,93 @@ async fn concurrent_walks_through_a_coalescing_client() {
             (1..=100).collect::<Vec<u64>>()
         );
     }
+}
+
+const BACKEND: &str = "STURDY_INTEROP_BACKEND_URL";
+
+async fn backend_hits(backend: &str, path: &str) -> u64 {
+    get_json(&format!("{backend}/count?path={path}")).await["hits"]
+        .as_u64()
+        .unwrap()
+}
+
+/// docs/guides/coalesce.md: "When the last caller leaves, the upstream call is dropped ... The
+/// next identical request starts afresh." Five identical GETs to the origin's 300 ms path, all
+/// dropped after 50 ms; the next one starts its own call and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_call_left_by_everyone_starts_afresh() {
+    let backend = peer_or_skip!(BACKEND);
+    let (layer, handle) = sturdy::coalesce::CoalesceLayer::new().pair();
+    let svc = layer.layer(http());
+    let path = format!("/slow-300-i24-left-{}", std::process::id());
+    let url = format!("{backend}{path}");
+    let callers = (0..5).map(|_| {
+        let svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(50), svc.oneshot(get(&url)))
+                .await
+                .is_err()
+        })
+    });
+    for dropped in join_all(callers).await {
+        assert!(dropped.unwrap());
+    }
+    let start = Instant::now();
+    let res = bounded(
+        Duration::from_secs(5),
+        "the identical call after everyone left",
+        svc.clone().oneshot(get(&url)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 200);
+    assert!(start.elapsed() >= Duration::from_millis(250), "a call of its own");
+    let stats = handle.stats();
+    assert_eq!(stats.upstream(), 2, "{stats:?}");
+    assert_eq!(backend_hits(&backend, &path).await, 2);
+}
+
+/// docs/guides/coalesce.md ("Above the bound"): "If the caller that started the call has gone,
+/// the first other caller to look gets the response instead", and every other caller sends its
+/// own request. A bound of 8 bytes (the origin's answer is longer); the caller that started the
+/// call is dropped after 50 ms; the two who joined both get a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_response_goes_to_a_joiner_when_the_starter_left() {
+    let backend = peer_or_skip!(BACKEND);
+    let (layer, handle) = sturdy::coalesce::CoalesceLayer::new()
+        .with_max_body(8)
+        .pair();
+    let svc = layer.layer(http());
+    let path = format!("/slow-300-i24-big-{}", std::process::id());
+    let url = format!("{backend}{path}");
+    let starter = {
+        let svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(50), svc.oneshot(get(&url))).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let joiners = (0..2).map(|_| {
+        let svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let res = svc.oneshot(get(&url)).await?;
+            let status = res.status();
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, sturdy::core::BoxError>((status, body))
+        })
+    });
+    let results = bounded(Duration::from_secs(5), "two joiners", join_all(joiners)).await;
+    assert!(starter.await.unwrap().is_err(), "the starter was dropped");
+    for r in results {
+        let (status, body) = r.unwrap().unwrap_or_else(|e| panic!("{}", chain(&*e)));
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["path"], path.as_str());
+    }
+    let stats = handle.stats();
+    eprintln!("{stats:?}, origin hits {}", backend_hits(&backend, &path).await);
+    assert!(backend_hits(&backend, &path).await <= 2);
 }
