@@ -229,3 +229,82 @@ async fn oversized_response_goes_to_a_joiner_when_the_starter_left() {
     eprintln!("{stats:?}, origin hits {}", backend_hits(&backend, &path).await);
     assert!(backend_hits(&backend, &path).await <= 2);
 }
+
+/// docs/guides/concurrency.md: "A maximum wait of zero sheds load instead: a call that finds the
+/// limit full fails at once", "without being sent", and docs/guides/retry.md: a POST is retried
+/// "when the failure proves the request never left", and "report() gives the number of attempts
+/// (sent on, so 0 when every try was refused)". A limit of 1 held by a 1.5 s GET to the origin:
+/// an unkeyed POST meanwhile is refused on every try, never reaches the origin, and the error
+/// says it was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shed_post_is_told_not_sent_with_no_attempts() {
+    let backend = peer_or_skip!(BACKEND);
+    let client = ClientBuilder::new()
+        .without_idempotency()
+        .with_retry(RetryLayer::new().with_backoff(
+            Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(20))
+                .unwrap(),
+        ))
+        .with_adaptive_concurrency(
+            AdaptiveConcurrencyLayer::new()
+                .with_limits(1, 1)
+                .with_initial_limit(1)
+                .with_max_wait(Duration::ZERO),
+        )
+        .build(http());
+    let slow = format!("{backend}/slow-1500-i24-shed-{}", std::process::id());
+    let holder = tokio::spawn(client.clone().oneshot(get(&slow)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let path = format!("/i24-shed-post-{}", std::process::id());
+    let start = Instant::now();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a POST meeting a full limit",
+        client.clone().oneshot(post(&format!("{backend}{path}"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    let took = start.elapsed();
+    let text = err.to_string();
+    eprintln!("shed POST: {text} ({took:?})");
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+    assert_eq!(backend_hits(&backend, &path).await, 0);
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{text}");
+    assert!(!text.contains("may have been processed"), "{text}");
+    assert!(text.contains("not sent"), "{text}");
+    let e = err.downcast_ref::<sturdy::core::Error>().expect("a sturdy error");
+    assert_eq!(e.report().map(|r| r.attempts()), Some(0), "{text}");
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+}
+
+/// docs/guides/paginate.md: "`with_page_timeout` ... one page, from the request to the last byte
+/// of the body, retries of the inner stack included"; "A page that does not arrive within the
+/// page timeout fails with kind `Timeout`". A pager over the default client (whose attempts may
+/// each take 30 s) against HAProxy's stall: the walk fails at the 500 ms page timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_timeout_covers_the_inner_retries_against_a_stall() {
+    let stall = peer_or_skip!("STURDY_INTEROP_HAPROXY_STALL_URL");
+    let pager = Paginate::builder(
+        ClientBuilder::new().build(http()),
+        &format!("{stall}/items"),
+        LinkHeader::new(""),
+    )
+    .with_page_timeout(Duration::from_millis(500))
+    .build()
+    .unwrap();
+    let start = Instant::now();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a walk against a stall",
+        pager.items().try_collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap_err();
+    let took = start.elapsed();
+    eprintln!("page timeout: {err} ({took:?})");
+    assert_eq!(err.kind(), &sturdy::core::ErrorKind::Timeout, "{err}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}

@@ -181,3 +181,59 @@ async fn zero_token_timeout_fails_at_once_and_the_request_goes_on() {
     assert_eq!(res.status(), 200);
     assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
 }
+
+/// docs/guides/auth.md: "A call that waits for a token holds that ready service, with what it
+/// reserved (a `ConcurrencyLimit` permit, a `Buffer` slot) ... and drops it (and the reservation)
+/// if the call is dropped first." `AuthLayer` alone over `Buffer(1)` over `ConcurrencyLimit(1)`:
+/// ten callers dropped while they wait for a 400 ms first token; then a call goes through, and
+/// so do five more at once: nothing reserved was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_token_waiters_give_back_buffer_slots_and_permits() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let id = unique("slow400");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), SECRET).unwrap();
+    let inner = tower::ServiceBuilder::new()
+        .buffer(1)
+        .concurrency_limit(1)
+        .service(http());
+    let svc = tower::ServiceBuilder::new()
+        .layer(AuthLayer::oauth2(tokens))
+        .service(inner);
+    let url = format!("{api}/whoami");
+    let dropped = (0..10u64).map(|i| {
+        let mut svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(20 + 10 * i), async {
+                svc.ready().await?.call(get(&url)).await
+            })
+            .await
+            .is_err()
+        })
+    });
+    for d in join_all(dropped).await {
+        assert!(d.unwrap(), "dropped while waiting");
+    }
+    let mut one = svc.clone();
+    let res = bounded(Duration::from_secs(5), "a call after the dropped waiters", async {
+        one.ready().await?.call(get(&url)).await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 200);
+    drop(res);
+    let more = (0..5).map(|_| {
+        let mut svc = svc.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let res = svc.ready().await?.call(get(&url)).await?;
+            Ok::<_, sturdy::core::BoxError>(res.status().as_u16())
+        })
+    });
+    for r in bounded(Duration::from_secs(5), "five more", join_all(more)).await {
+        assert_eq!(r.unwrap().unwrap_or_else(|e| panic!("{}", chain(&*e))), 200);
+    }
+    assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
+}
