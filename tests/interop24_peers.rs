@@ -292,3 +292,70 @@ async fn deprecation_reported_once_per_method_and_path() {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "{seen:#?}");
 }
+
+/// Two instances of an axum app, each with `IdempotencyLayer` over one `RedisIdempotencyStore`
+/// (the real Redis), and ten `ClientBuilder` clients sending the same order under one key
+/// (`CallOptions::with_idempotency_key`) to either instance at once: the handler runs once
+/// ("the store's atomic lock lets exactly one execution start, across every instance sharing
+/// the store"), the others get 409 with `Retry-After: 1`, wait and get the stored response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_order_across_two_instances_on_redis() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer};
+    use sturdy::redis::RedisIdempotencyStore;
+    let Ok(redis) = std::env::var("STURDY_REDIS_URL") else {
+        eprintln!("skipped: STURDY_REDIS_URL is not set");
+        return;
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let prefix = format!("interop24:idem:{}:{}", std::process::id(), now());
+    let mut bases = vec![];
+    for _ in 0..2 {
+        let store = RedisIdempotencyStore::connect(&redis)
+            .await
+            .unwrap()
+            .with_prefix(prefix.clone());
+        let runs = runs.clone();
+        let app = Router::new()
+            .route(
+                "/orders",
+                axum::routing::post(move |body: String| {
+                    let runs = runs.clone();
+                    async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        (StatusCode::CREATED, format!("{{\"run\":{n},\"body\":{body}}}"))
+                    }
+                }),
+            )
+            .layer(IdempotencyLayer::new(store, ByCredentials::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        bases.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    }
+    let key = format!("order-{prefix}");
+    let calls = (0..10).map(|i| {
+        let client = ClientBuilder::new().build(http());
+        let url = format!("{}/orders", bases[i % 2]);
+        let key = key.clone();
+        async move {
+            let mut req = post(&url, r#"{"item":"book"}"#);
+            req.extensions_mut()
+                .insert(sturdy::core::CallOptions::new().with_idempotency_key(key));
+            let res = client.oneshot(req).await?;
+            let status = res.status();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            Ok::<_, sturdy::core::BoxError>((status, replayed, json(res).await))
+        }
+    });
+    let results = bounded(Duration::from_secs(15), "ten keyed POSTs", join_all(calls)).await;
+    let mut replays = 0;
+    for r in results {
+        let (status, replayed, body) = r.unwrap_or_else(|e| panic!("{}", chain(&*e)));
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["run"], 1, "{body}");
+        replays += replayed as usize;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(replays, 9, "nine stored responses");
+}
