@@ -277,3 +277,59 @@ async fn zero_max_wait_refusals_are_immediate_and_not_sent() {
     assert!(text.contains("rate limited"), "{text}");
     assert!(!text.contains("may have been processed"), "{text}");
 }
+
+/// tower's own `Timeout` under the client (around the HTTP client given to `build`), against
+/// HAProxy's stall: its `Elapsed` is a timeout as the shared classification reads it (docs/guides/
+/// retry.md: "Retried: ... timeouts"), so a GET is retried to its last attempt and an unkeyed
+/// POST is not retried and "may have been processed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn towers_timeout_under_the_client_is_a_timeout() {
+    let stall = peer_or_skip!("STURDY_INTEROP_HAPROXY_STALL_URL");
+    let (wire_svc, wire) = recorded(http());
+    let inner = ServiceBuilder::new()
+        .timeout(Duration::from_millis(150))
+        .service(wire_svc);
+    let client = ClientBuilder::new()
+        .without_idempotency()
+        .without_attempt_timeout()
+        .with_retry(
+            sturdy::retry::RetryLayer::new().with_backoff(
+                sturdy::retry::Backoff::decorrelated_jitter(
+                    Duration::from_millis(5),
+                    Duration::from_millis(20),
+                )
+                .unwrap(),
+            ),
+        )
+        .build(inner);
+    let err = bounded(
+        Duration::from_secs(5),
+        "a GET through tower's Timeout",
+        client.clone().oneshot(get(&format!("{stall}/tower-timeout"))),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("tower timeout GET: {err}");
+    assert_eq!(
+        sturdy::core::classify::classify_error(&*err),
+        sturdy::core::ErrorKind::Timeout,
+        "{}",
+        chain(&*err)
+    );
+    let e = err.downcast_ref::<sturdy::core::Error>().expect("sturdy error");
+    assert_eq!(e.report().map(|r| r.attempts()), Some(4), "{err}");
+    let before = wire.len();
+    let err = bounded(
+        Duration::from_secs(5),
+        "a POST through tower's Timeout",
+        client.clone().oneshot(post(&format!("{stall}/tower-timeout"), "{}")),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("tower timeout POST: {err}");
+    let e = err.downcast_ref::<sturdy::core::Error>().expect("sturdy error");
+    assert_eq!(e.report().map(|r| r.attempts()), Some(1), "{err}");
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    assert!(err.to_string().contains("may have been processed"), "{err}");
+    let _ = before;
+}
