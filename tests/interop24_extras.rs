@@ -308,3 +308,141 @@ async fn page_timeout_covers_the_inner_retries_against_a_stall() {
         "{took:?}"
     );
 }
+
+/// docs/guides/circuit.md: "Open 30 s, doubling on each re-opening up to 5 min
+/// (`.with_open_duration(base, max)`), back to 30 s after a close." Scaled down (200 ms, at most
+/// 700 ms) against a server of the test's own that fails until told otherwise: the open periods
+/// a caller is told are 200, 400, 700 ms; after a probe succeeds and the breaker closes, the next
+/// opening is 200 ms again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_periods_double_to_the_cap_and_reset_after_a_close() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
+    let app = axum::Router::new().fallback(move || {
+        let flag = flag.clone();
+        async move {
+            if flag.load(Ordering::SeqCst) {
+                (axum::http::StatusCode::OK, "ok")
+            } else {
+                (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = format!("http://{addr}/breaker");
+    let svc = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .with_open_duration(Duration::from_millis(200), Duration::from_millis(700))
+        .layer(http());
+    let mut periods = vec![];
+    let first = until_open(svc.clone(), &url).await;
+    periods.push(first);
+    for _ in 0..3 {
+        tokio::time::sleep(*periods.last().unwrap() + Duration::from_millis(20)).await;
+        // The probe fails: reopened, longer.
+        periods.push(until_open(svc.clone(), &url).await);
+    }
+    eprintln!("open periods while failing: {periods:?}");
+    let near = |d: Duration, ms: u64| d.as_millis().abs_diff(ms as u128) <= 60;
+    assert!(near(periods[0], 200), "{periods:?}");
+    assert!(near(periods[1], 400), "{periods:?}");
+    assert!(near(periods[2], 700), "{periods:?}");
+    assert!(near(periods[3], 700), "{periods:?}");
+    healthy.store(true, Ordering::SeqCst);
+    tokio::time::sleep(periods[3] + Duration::from_millis(20)).await;
+    let res = svc.clone().oneshot(get(&url)).await.unwrap();
+    assert_eq!(res.status(), 200, "the probe closes it");
+    healthy.store(false, Ordering::SeqCst);
+    let after_close = until_open(svc.clone(), &url).await;
+    eprintln!("open period after a close: {after_close:?}");
+    assert!(near(after_close, 200), "{after_close:?}");
+}
+
+/// Calls until one is refused by an open breaker; returns the refusal's `retry_in`.
+async fn until_open<S, B>(svc: S, url: &str) -> Duration
+where
+    S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>, Response = http::Response<B>>
+        + Clone,
+    S::Error: Into<sturdy::core::BoxError>,
+{
+    for _ in 0..10 {
+        match svc.clone().oneshot(get(url)).await {
+            Ok(_) => continue,
+            Err(e) => {
+                let e: sturdy::core::BoxError = e.into();
+                let open = sturdy::core::find::<sturdy::core::CircuitOpen>(&*e)
+                    .unwrap_or_else(|| panic!("{}", chain(&*e)));
+                return open.retry_in();
+            }
+        }
+    }
+    panic!("never opened");
+}
+
+/// docs/guides/hedge.md against the origin: "Nothing is hedged until the recent windows hold 100
+/// samples"; then a GET slower than the host's p95 gets a second copy (both reach the origin);
+/// a POST without a key is never hedged; the delay stays within its bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_on_the_wire_after_enough_samples() {
+    let backend = peer_or_skip!(BACKEND);
+    let (layer, handle) = sturdy::hedge::HedgeLayer::new().pair();
+    let svc = layer.layer(http());
+    let key = backend.trim_start_matches("http://").to_string();
+    let pid = std::process::id();
+    // 50 samples: not enough; a slow call is not hedged.
+    for i in 0..50 {
+        let res = svc
+            .clone()
+            .oneshot(get(&format!("{backend}/i24-fast-{pid}-{i}")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(handle.stats(&key).and_then(|s| s.delay()), None);
+    let early = format!("/slow-200-i24-early-{pid}");
+    svc.clone()
+        .oneshot(get(&format!("{backend}{early}")))
+        .await
+        .unwrap();
+    assert_eq!(backend_hits(&backend, &early).await, 1, "not hedged yet");
+    for i in 50..130 {
+        svc.clone()
+            .oneshot(get(&format!("{backend}/i24-fast-{pid}-{i}")))
+            .await
+            .unwrap();
+    }
+    let delay = handle.stats(&key).and_then(|s| s.delay());
+    eprintln!("hedge delay after 130 samples: {delay:?}");
+    let delay = delay.expect("a delay once 100 samples are in");
+    assert!(delay >= Duration::from_millis(1) && delay <= Duration::from_secs(10));
+    let slow = format!("/slow-300-i24-late-{pid}");
+    let start = Instant::now();
+    let res = svc
+        .clone()
+        .oneshot(get(&format!("{backend}{slow}")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(start.elapsed() < Duration::from_millis(800));
+    // Let the loser's request land at the origin before counting.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(backend_hits(&backend, &slow).await, 2, "hedged once");
+    let post_path = format!("/slow-300-i24-post-{pid}");
+    let res = svc
+        .clone()
+        .oneshot(post(&format!("{backend}{post_path}"), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(backend_hits(&backend, &post_path).await, 1, "POST not hedged");
+    let stats = handle.stats(&key).unwrap();
+    // Fast calls slower than a 1 ms p95 may be hedged too; the budget bounds them.
+    assert!(
+        stats.hedges() >= 1 && stats.hedges() as f64 <= stats.calls() as f64 * 0.05 + 10.0,
+        "{stats:?}"
+    );
+}
