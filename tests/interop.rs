@@ -10,6 +10,7 @@ mod interop24_hostile;
 mod interop24_oauth;
 mod interop24_peers;
 mod interop24_reqwest;
+mod interop24_summary;
 mod interop_haproxy;
 mod interop_nginx;
 mod interop_oauth;

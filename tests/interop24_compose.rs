@@ -305,7 +305,9 @@ async fn towers_timeout_under_the_client_is_a_timeout() {
     let err = bounded(
         Duration::from_secs(5),
         "a GET through tower's Timeout",
-        client.clone().oneshot(get(&format!("{stall}/tower-timeout"))),
+        client
+            .clone()
+            .oneshot(get(&format!("{stall}/tower-timeout"))),
     )
     .await
     .unwrap_err();
@@ -316,18 +318,24 @@ async fn towers_timeout_under_the_client_is_a_timeout() {
         "{}",
         chain(&*err)
     );
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("sturdy error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("sturdy error");
     assert_eq!(e.report().map(|r| r.attempts()), Some(4), "{err}");
     let before = wire.len();
     let err = bounded(
         Duration::from_secs(5),
         "a POST through tower's Timeout",
-        client.clone().oneshot(post(&format!("{stall}/tower-timeout"), "{}")),
+        client
+            .clone()
+            .oneshot(post(&format!("{stall}/tower-timeout"), "{}")),
     )
     .await
     .unwrap_err();
     eprintln!("tower timeout POST: {err}");
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("sturdy error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("sturdy error");
     assert_eq!(e.report().map(|r| r.attempts()), Some(1), "{err}");
     assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
     assert!(err.to_string().contains("may have been processed"), "{err}");

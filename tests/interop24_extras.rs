@@ -180,7 +180,10 @@ async fn coalesced_call_left_by_everyone_starts_afresh() {
     .await
     .unwrap_or_else(|e| panic!("{}", chain(&*e)));
     assert_eq!(res.status(), 200);
-    assert!(start.elapsed() >= Duration::from_millis(250), "a call of its own");
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "a call of its own"
+    );
     let stats = handle.stats();
     assert_eq!(stats.upstream(), 2, "{stats:?}");
     assert_eq!(backend_hits(&backend, &path).await, 2);
@@ -226,7 +229,10 @@ async fn oversized_response_goes_to_a_joiner_when_the_starter_left() {
         assert_eq!(v["path"], path.as_str());
     }
     let stats = handle.stats();
-    eprintln!("{stats:?}, origin hits {}", backend_hits(&backend, &path).await);
+    eprintln!(
+        "{stats:?}, origin hits {}",
+        backend_hits(&backend, &path).await
+    );
     assert!(backend_hits(&backend, &path).await <= 2);
 }
 
@@ -241,10 +247,12 @@ async fn shed_post_is_told_not_sent_with_no_attempts() {
     let backend = peer_or_skip!(BACKEND);
     let client = ClientBuilder::new()
         .without_idempotency()
-        .with_retry(RetryLayer::new().with_backoff(
-            Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(20))
-                .unwrap(),
-        ))
+        .with_retry(
+            RetryLayer::new().with_backoff(
+                Backoff::decorrelated_jitter(Duration::from_millis(5), Duration::from_millis(20))
+                    .unwrap(),
+            ),
+        )
         .with_adaptive_concurrency(
             AdaptiveConcurrencyLayer::new()
                 .with_limits(1, 1)
@@ -260,7 +268,9 @@ async fn shed_post_is_told_not_sent_with_no_attempts() {
     let err = bounded(
         Duration::from_secs(5),
         "a POST meeting a full limit",
-        client.clone().oneshot(post(&format!("{backend}{path}"), "{}")),
+        client
+            .clone()
+            .oneshot(post(&format!("{backend}{path}"), "{}")),
     )
     .await
     .unwrap_err();
@@ -272,7 +282,9 @@ async fn shed_post_is_told_not_sent_with_no_attempts() {
     assert_eq!(delivery(&*err), Delivery::NotSent, "{text}");
     assert!(!text.contains("may have been processed"), "{text}");
     assert!(text.contains("not sent"), "{text}");
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("a sturdy error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a sturdy error");
     assert_eq!(e.report().map(|r| r.attempts()), Some(0), "{text}");
     assert_eq!(holder.await.unwrap().unwrap().status(), 200);
 }
@@ -365,8 +377,10 @@ async fn open_periods_double_to_the_cap_and_reset_after_a_close() {
 /// Calls until one is refused by an open breaker; returns the refusal's `retry_in`.
 async fn until_open<S, B>(svc: S, url: &str) -> Duration
 where
-    S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>, Response = http::Response<B>>
-        + Clone,
+    S: tower::Service<
+            http::Request<http_body_util::Full<bytes::Bytes>>,
+            Response = http::Response<B>,
+        > + Clone,
     S::Error: Into<sturdy::core::BoxError>,
 {
     for _ in 0..10 {
@@ -438,7 +452,11 @@ async fn hedging_on_the_wire_after_enough_samples() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(backend_hits(&backend, &post_path).await, 1, "POST not hedged");
+    assert_eq!(
+        backend_hits(&backend, &post_path).await,
+        1,
+        "POST not hedged"
+    );
     let stats = handle.stats(&key).unwrap();
     // Fast calls slower than a 1 ms p95 may be hedged too; the budget bounds them.
     assert!(

@@ -39,11 +39,7 @@ async fn serve(answer: Answer) -> (String, Arc<AtomicUsize>) {
                     HeaderValue::from_str(&v).unwrap(),
                 );
             }
-            let text = format!(
-                "{{\"uri\":{:?},\"bytes\":{}}}",
-                uri.to_string(),
-                body.len()
-            );
+            let text = format!("{{\"uri\":{:?},\"bytes\":{}}}", uri.to_string(), body.len());
             (status, map, text).into_response()
         }
     });
@@ -235,9 +231,9 @@ async fn reqwest_streamed_body_over_the_limit_is_not_sent() {
     let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = (0..4)
         .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 512]))))
         .collect();
-    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(
-        futures_util::stream::iter(chunks),
-    ));
+    let body = reqwest::Body::wrap(http_body_util::StreamBody::new(futures_util::stream::iter(
+        chunks,
+    )));
     let path = format!("/i24-stream-limit-{}", std::process::id());
     let err = bounded(
         Duration::from_secs(10),
@@ -277,7 +273,8 @@ async fn version_query_is_encoded_and_a_callers_own_is_kept() {
         .unwrap();
     let uri = uri_of(res).await;
     assert!(
-        uri == "/v?a=1&api+version=2024-06%26x%3D1" || uri == "/v?a=1&api%20version=2024-06%26x%3D1",
+        uri == "/v?a=1&api+version=2024-06%26x%3D1"
+            || uri == "/v?a=1&api%20version=2024-06%26x%3D1",
         "{uri}"
     );
     let res = client
@@ -286,7 +283,10 @@ async fn version_query_is_encoded_and_a_callers_own_is_kept() {
         .await
         .unwrap();
     let uri = uri_of(res).await;
-    assert_eq!(uri, "/v?api+version=mine", "the caller's own version is kept");
+    assert_eq!(
+        uri, "/v?api+version=mine",
+        "the caller's own version is kept"
+    );
     // A deadline or another per-request setting does not change that.
     let mut req = get(&format!("{base}/v"));
     req.extensions_mut()

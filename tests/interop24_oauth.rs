@@ -217,9 +217,11 @@ async fn dropped_token_waiters_give_back_buffer_slots_and_permits() {
         assert!(d.unwrap(), "dropped while waiting");
     }
     let mut one = svc.clone();
-    let res = bounded(Duration::from_secs(5), "a call after the dropped waiters", async {
-        one.ready().await?.call(get(&url)).await
-    })
+    let res = bounded(
+        Duration::from_secs(5),
+        "a call after the dropped waiters",
+        async { one.ready().await?.call(get(&url)).await },
+    )
     .await
     .unwrap_or_else(|e| panic!("{}", chain(&*e)));
     assert_eq!(res.status(), 200);

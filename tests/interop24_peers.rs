@@ -324,7 +324,10 @@ async fn one_order_across_two_instances_on_redis() {
                     async move {
                         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        (StatusCode::CREATED, format!("{{\"run\":{n},\"body\":{body}}}"))
+                        (
+                            StatusCode::CREATED,
+                            format!("{{\"run\":{n},\"body\":{body}}}"),
+                        )
                     }
                 }),
             )
