@@ -3,7 +3,7 @@
 use crate::interop_common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::IntoResponse;
@@ -11,7 +11,7 @@ use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use interop_common::*;
-use sturdy::core::{Delivery, ErrorKind};
+use sturdy::core::{Delivery, ErrorKind, WallClock};
 use sturdy::ratelimit::RateLimitLayer;
 use sturdy::ClientBuilder;
 use sturdy_reqwest::{ReqwestService, SturdyMiddleware};
@@ -54,7 +54,8 @@ fn h(k: &str, v: &str) -> (String, String) {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
+    sturdy::core::SystemClock
+        .now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
