@@ -447,3 +447,36 @@ fn an_empty_link_line_before_the_next_line() {
         );
     }
 }
+
+/// `Link` forms RFC 8288 allows (Appendix B.2 and B.3: optional whitespace around `;` and `=`,
+/// parameter names case-insensitive, quoted values holding `,` and `;`, extended parameters,
+/// a trailing `;`): each one's `next` link is found; a repeated `rel` keeps its first value.
+#[test]
+fn link_forms_rfc_8288_allows() {
+    let uri = "http://127.0.0.1:1/list?p=1";
+    let next = "http://127.0.0.1:1/p2";
+    let cases: [(&str, Option<&str>); 12] = [
+        ("<p2>; title=\"a, b\"; rel=\"next\"", Some(next)),
+        ("<p2>; rel = \"next\"", Some(next)),
+        ("<p2>; REL=\"next\"", Some(next)),
+        ("<p2>;rel=next", Some(next)),
+        ("<p2>; rel=\"next\";", Some(next)),
+        ("<p1>; rel=\"prev\"; title=\"x;y\", <p2>; rel=\"next\"", Some(next)),
+        ("<p2>; title*=UTF-8''%e2%82%ac%20rates; rel=\"next\"", Some(next)),
+        ("<p2>; rel=\"next\", <p3>; rel=\"next\"", Some(next)),
+        ("<p2>; rel=next; rel=prev", Some(next)),
+        ("<p2>; rel=prev; rel=next", None),
+        ("  <p2>  ;  rel=\"next\"  ", Some(next)),
+        ("<p2>;\trel=\"next\"", Some(next)),
+    ];
+    let mut wrong = vec![];
+    for (value, want) in cases {
+        let mut headers = http::HeaderMap::new();
+        headers.append("link", value.parse().unwrap());
+        let got = sturdy::core::headers::next_link(&headers, uri);
+        if got.as_deref() != want {
+            wrong.push(format!("{value:?}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
