@@ -4,7 +4,7 @@
 use crate::interop_common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::IntoResponse;
@@ -479,4 +479,108 @@ fn link_forms_rfc_8288_allows() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// docs/guides/paginate.md: "A next link to another origin is refused". An origin's scheme and
+/// host are case-insensitive (RFC 3986 6.2.2.1, RFC 6454): a next link spelling the first
+/// page's origin as `HTTP://LOCALHOST:<port>` is the same origin, and is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_link_with_the_same_origin_in_other_case_is_followed() {
+    let port = Arc::new(std::sync::OnceLock::<u16>::new());
+    let p2 = port.clone();
+    let (base, _) = serve(Arc::new(move |_, uri| {
+        let p = page_of(uri);
+        let mut headers = vec![];
+        if p < 2 {
+            let port = p2.get().unwrap();
+            headers.push(h(
+                "link",
+                &format!("<HTTP://LOCALHOST:{port}/case?p={}>; rel=\"next\"", p + 1),
+            ));
+        }
+        (StatusCode::OK, headers, page_body(p))
+    }))
+    .await;
+    let p: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    port.set(p).unwrap();
+    let ids = walk(&format!("http://localhost:{p}"), "/case")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ids, (1..=9).collect::<Vec<u64>>());
+}
+
+/// The three HTTP date formats for the same instant, 2027-03-04 05:06:07 UTC, read as the same
+/// time (the module docs: "All three formats are accepted (IMF-fixdate, RFC 850, asctime)").
+/// RFC 850's two-digit year `27` is 2027 (RFC 9110 5.6.7: a two-digit year is read as the most
+/// recent year with those digits that is not more than 50 years in the future).
+#[test]
+fn http_date_formats_read_alike() {
+    use sturdy::core::headers::parse_http_date;
+    let want = UNIX_EPOCH + Duration::from_secs(1_804_136_767);
+    for v in [
+        "Thu, 04 Mar 2027 05:06:07 GMT",
+        "Thursday, 04-Mar-27 05:06:07 GMT",
+        "Thu Mar  4 05:06:07 2027",
+    ] {
+        assert_eq!(
+            parse_http_date(v.as_bytes(), "retry-after").ok(),
+            Some(want),
+            "{v:?}"
+        );
+    }
+}
+
+/// A 503 whose `Retry-After` is an RFC 850 date (two-digit year) 3 s ahead: the default
+/// client waits until then (2 to 3 s: the date has whole seconds) before the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc_850_retry_after_on_the_wire() {
+    use sturdy::core::WallClock;
+    let now = sturdy::core::SystemClock.now();
+    let at = now + Duration::from_secs(3);
+    let fixdate = sturdy::core::headers::format_http_date(at);
+    // "Thu, 04 Mar 2027 05:06:07 GMT" -> "Thursday, 04-Mar-27 05:06:07 GMT"
+    let parts: Vec<&str> = fixdate.split(' ').collect();
+    let day = match parts[0] {
+        "Mon," => "Monday",
+        "Tue," => "Tuesday",
+        "Wed," => "Wednesday",
+        "Thu," => "Thursday",
+        "Fri," => "Friday",
+        "Sat," => "Saturday",
+        _ => "Sunday",
+    };
+    let rfc850 = format!(
+        "{day}, {}-{}-{} {} GMT",
+        parts[1],
+        parts[2],
+        &parts[3][2..],
+        parts[4]
+    );
+    let value = rfc850.clone();
+    let (base, hits) = serve(Arc::new(move |n, _| {
+        if n == 0 {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                vec![h("retry-after", &value)],
+                String::new(),
+            )
+        } else {
+            (StatusCode::OK, vec![], "ok".into())
+        }
+    }))
+    .await;
+    let client = ClientBuilder::new().build(http());
+    let start = Instant::now();
+    let res = bounded(
+        Duration::from_secs(10),
+        "a 503 with an RFC 850 Retry-After",
+        client.oneshot(get(&format!("{base}/rfc850"))),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    let took = start.elapsed();
+    eprintln!("Retry-After: {rfc850}: retried after {took:?}");
+    assert_eq!(res.status(), 200);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert!(took >= Duration::from_millis(1900), "{rfc850}: {took:?}");
 }
