@@ -239,3 +239,40 @@ async fn dropped_token_waiters_give_back_buffer_slots_and_permits() {
     }
     assert_eq!(odd_count(&odd, &id).await, 1, "one token request");
 }
+
+/// docs/guides/auth.md: "a failed refresh ... backs off (1 s doubling to 60 s) instead of
+/// hammering the endpoint, and a caller with no valid token during the backoff gets the last
+/// error at once". Against the odd token endpoint answering 503: a new token request 1 s after
+/// the first failure, then not before 2 s after the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_backoff_doubles() {
+    let odd = peer_or_skip!(ODD);
+    let api = peer_or_skip!(API);
+    let id = unique("down");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{odd}/token"), id.clone(), SECRET).unwrap();
+    let svc = tower::Layer::layer(&AuthLayer::oauth2(tokens), http());
+    let url = format!("{api}/whoami");
+    let call = || {
+        let svc = svc.clone();
+        let url = url.clone();
+        async move { svc.oneshot(get(&url)).await.unwrap_err() }
+    };
+    let t0 = Instant::now();
+    call().await;
+    assert_eq!(odd_count(&odd, &id).await, 1);
+    tokio::time::sleep_until(t0 + Duration::from_millis(1150)).await;
+    call().await;
+    let second = Instant::now();
+    assert_eq!(odd_count(&odd, &id).await, 2, "a new request after 1 s");
+    call().await;
+    assert_eq!(odd_count(&odd, &id).await, 2, "at once during the backoff");
+    tokio::time::sleep_until(second + Duration::from_millis(1300)).await;
+    let t = Instant::now();
+    let e = call().await;
+    assert!(t.elapsed() < Duration::from_millis(100), "at once");
+    assert_eq!(odd_count(&odd, &id).await, 2, "still backing off (2 s): {e}");
+    tokio::time::sleep_until(second + Duration::from_millis(2200)).await;
+    call().await;
+    assert_eq!(odd_count(&odd, &id).await, 3, "a new request after 2 s");
+}
