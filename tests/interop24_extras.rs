@@ -464,3 +464,74 @@ async fn hedging_on_the_wire_after_enough_samples() {
         "{stats:?}"
     );
 }
+
+/// Coalescing across runtimes: a shared call started on a runtime that is then dropped (its
+/// connection task goes with it) while a caller on another runtime has joined it. Nothing may
+/// hang ("not a hang", docs/guides/coalesce.md): the joined caller gets an answer or an error
+/// in bounded time, and the next identical call is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_call_whose_runtime_is_dropped() {
+    let backend = peer_or_skip!(BACKEND);
+    let svc = sturdy::coalesce::CoalesceLayer::new().layer(http());
+    let path = format!("/slow-600-i24-rt-{}", std::process::id());
+    let url = format!("{backend}{path}");
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (drop_tx, drop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = {
+        let svc = svc.clone();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn(async move {
+                let _ = svc.oneshot(get(&url)).await;
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            started_tx.send(()).unwrap();
+            drop_rx.recv().unwrap();
+            drop(rt);
+        })
+    };
+    started_rx.recv().unwrap();
+    let joined = tokio::spawn({
+        let svc = svc.clone();
+        let url = url.clone();
+        async move {
+            let res = svc.oneshot(get(&url)).await?;
+            let status = res.status();
+            res.into_body().collect().await?;
+            Ok::<_, sturdy::core::BoxError>(status)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop_tx.send(()).unwrap();
+    thread.join().unwrap();
+    let out = bounded(
+        Duration::from_secs(5),
+        "the caller that joined a call whose runtime was dropped",
+        joined,
+    )
+    .await
+    .unwrap();
+    match &out {
+        Ok(status) => eprintln!("joined caller: {status}"),
+        Err(e) => eprintln!(
+            "joined caller: {} ({:?}, {:?}); origin hits {}",
+            chain(&**e),
+            sturdy::core::classify::classify_error(&**e),
+            delivery(&**e),
+            backend_hits(&backend, &path).await
+        ),
+    }
+    let res = bounded(
+        Duration::from_secs(5),
+        "the next identical call",
+        svc.clone().oneshot(get(&url)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 200);
+}
