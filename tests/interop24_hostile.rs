@@ -461,8 +461,14 @@ fn link_forms_rfc_8288_allows() {
         ("<p2>; REL=\"next\"", Some(next)),
         ("<p2>;rel=next", Some(next)),
         ("<p2>; rel=\"next\";", Some(next)),
-        ("<p1>; rel=\"prev\"; title=\"x;y\", <p2>; rel=\"next\"", Some(next)),
-        ("<p2>; title*=UTF-8''%e2%82%ac%20rates; rel=\"next\"", Some(next)),
+        (
+            "<p1>; rel=\"prev\"; title=\"x;y\", <p2>; rel=\"next\"",
+            Some(next),
+        ),
+        (
+            "<p2>; title*=UTF-8''%e2%82%ac%20rates; rel=\"next\"",
+            Some(next),
+        ),
         ("<p2>; rel=\"next\", <p3>; rel=\"next\"", Some(next)),
         ("<p2>; rel=next; rel=prev", Some(next)),
         ("<p2>; rel=prev; rel=next", None),

@@ -271,8 +271,56 @@ async fn token_backoff_doubles() {
     let t = Instant::now();
     let e = call().await;
     assert!(t.elapsed() < Duration::from_millis(100), "at once");
-    assert_eq!(odd_count(&odd, &id).await, 2, "still backing off (2 s): {e}");
+    assert_eq!(
+        odd_count(&odd, &id).await,
+        2,
+        "still backing off (2 s): {e}"
+    );
     tokio::time::sleep_until(second + Duration::from_millis(2200)).await;
     call().await;
     assert_eq!(odd_count(&odd, &id).await, 3, "a new request after 2 s");
+}
+
+/// docs/RELIABILITY.md: "request bodies kept for a replay | 1 MiB (retry, auth's 401 replay);
+/// larger or unbounded ones are sent once". A 1.5 MiB POST to an API that answers 401 to every
+/// token: sent once, the 401 returned as it is; a small POST is replayed once with a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_body_meeting_a_401_is_sent_once() {
+    let oauth = peer_or_skip!("STURDY_INTEROP_OAUTH_URL");
+    let api = peer_or_skip!(API);
+    let stats_url = peer_or_skip!("STURDY_INTEROP_STATS_URL");
+    let id = unique("big401");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .with_auth(AuthLayer::oauth2(tokens))
+        .build(http());
+    let big = vec![b'x'; 1536 * 1024];
+    let req = http::Request::post(format!("{api}/always-401"))
+        .header("idempotency-key", "big-401")
+        .body(http_body_util::Full::from(big))
+        .unwrap();
+    let res = bounded(
+        Duration::from_secs(10),
+        "a large POST meeting 401",
+        client.clone().oneshot(req),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+    assert_eq!(res.status(), 401);
+    let s = get_json(&format!("{stats_url}/stats?client={id}")).await;
+    eprintln!("large body, 401: {s}");
+    assert_eq!(s["api_401"].as_u64(), Some(1), "sent once: {s}");
+    let res = client
+        .clone()
+        .oneshot(post(&format!("{api}/always-401"), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let s = get_json(&format!("{stats_url}/stats?client={id}")).await;
+    assert_eq!(
+        s["api_401"].as_u64(),
+        Some(3),
+        "the small one replayed once: {s}"
+    );
 }
