@@ -489,7 +489,7 @@ async fn shared_call_whose_runtime_is_dropped() {
             rt.spawn(async move {
                 let _ = svc.oneshot(get(&url)).await;
             });
-            rt.block_on(tokio::time::sleep(Duration::from_millis(100)));
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
             started_tx.send(()).unwrap();
             drop_rx.recv().unwrap();
             drop(rt);
