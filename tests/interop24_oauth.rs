@@ -324,3 +324,62 @@ async fn large_body_meeting_a_401_is_sent_once() {
         "the small one replayed once: {s}"
     );
 }
+
+/// Every layer of `ClientBuilder` at once (coalescing, hedging, the adaptive limit, OAuth2 with
+/// 2 s tokens, a version pin) under `Buffer`, `Timeout` and `ConcurrencyLimit(4)`, driven for
+/// 3 s by 8 tasks each keeping its service (`ready().await?.call(req)`), against the real
+/// authorization server and the JWT-checking API: every call answered 200, and tokens are
+/// refreshed before they expire ("reused until expiry - min(60 s, lifetime / 2)"), a few in all,
+/// not one per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_stack_under_buffer_timeout_and_limit_with_expiring_tokens() {
+    let oauth = peer_or_skip!("STURDY_INTEROP_OAUTH_URL");
+    let api = peer_or_skip!(API);
+    let stats_url = peer_or_skip!("STURDY_INTEROP_STATS_URL");
+    let id = unique("ttl2");
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
+    let client = ClientBuilder::new()
+        .with_coalesce(sturdy::coalesce::CoalesceLayer::new())
+        .with_hedge(sturdy::hedge::HedgeLayer::new())
+        .with_adaptive_concurrency(sturdy::concurrency::AdaptiveConcurrencyLayer::new())
+        .with_auth(AuthLayer::oauth2(tokens))
+        .with_version(sturdy::version::VersionLayer::header("api-version", "2024-06-01").unwrap())
+        .build(http());
+    let svc = tower::ServiceBuilder::new()
+        .buffer(64)
+        .timeout(Duration::from_secs(5))
+        .concurrency_limit(4)
+        .service(client);
+    let end = Instant::now() + Duration::from_secs(3);
+    let tasks = (0..8).map(|i| {
+        let mut svc = svc.clone();
+        let url = format!("{api}/whoami");
+        tokio::spawn(async move {
+            let mut statuses = vec![];
+            while Instant::now() < end {
+                let req = if i % 2 == 0 { get(&url) } else { post(&url, "{}") };
+                let r = async {
+                    let res = svc.ready().await?.call(req).await?;
+                    Ok::<_, sturdy::core::BoxError>(res.status().as_u16())
+                }
+                .await;
+                statuses.push(r.map_err(|e| chain(&*e)));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    });
+    let all: Vec<_> = bounded(Duration::from_secs(15), "8 tasks for 3 s", join_all(tasks))
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let failed: Vec<_> = all.iter().filter(|r| **r != Ok(200)).collect();
+    let s = get_json(&format!("{stats_url}/stats?client={id}")).await;
+    eprintln!("{} calls, {} failed, stats {s}", all.len(), failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    let issued = s["tokens"].as_u64().unwrap();
+    assert!((2..=5).contains(&issued), "{s}");
+    assert_eq!(s["invalid_401"].as_u64(), Some(0), "never an expired token: {s}");
+}
