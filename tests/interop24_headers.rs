@@ -297,3 +297,22 @@ async fn version_query_is_encoded_and_a_callers_own_is_kept() {
     let uri = uri_of(res).await;
     assert!(uri.starts_with("/v?api"), "{uri}");
 }
+
+/// The other spellings the docs list ("`X-RateLimit-Remaining: 0` (or `X-Rate-Limit-*`,
+/// `RateLimit-Remaining`) with a reset"), with a decimal reset ("a whole or decimal number of
+/// seconds to wait"): each pauses the next call for about that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_quota_header_spellings_pause() {
+    for (remaining, reset) in [
+        ("ratelimit-remaining", "ratelimit-reset"),
+        ("x-rate-limit-remaining", "x-rate-limit-reset"),
+        ("X-RateLimit-Remaining", "X-RateLimit-Reset"),
+    ] {
+        let waited = wait_after(vec![h(remaining, "0"), h(reset, "0.8")]).await;
+        eprintln!("{remaining}: waited {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_millis(1500),
+            "{remaining}: {waited:?}"
+        );
+    }
+}

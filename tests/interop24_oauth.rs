@@ -358,7 +358,11 @@ async fn whole_stack_under_buffer_timeout_and_limit_with_expiring_tokens() {
         tokio::spawn(async move {
             let mut statuses = vec![];
             while Instant::now() < end {
-                let req = if i % 2 == 0 { get(&url) } else { post(&url, "{}") };
+                let req = if i % 2 == 0 {
+                    get(&url)
+                } else {
+                    post(&url, "{}")
+                };
                 let r = async {
                     let res = svc.ready().await?.call(req).await?;
                     Ok::<_, sturdy::core::BoxError>(res.status().as_u16())
@@ -381,5 +385,9 @@ async fn whole_stack_under_buffer_timeout_and_limit_with_expiring_tokens() {
     assert!(failed.is_empty(), "{failed:?}");
     let issued = s["tokens"].as_u64().unwrap();
     assert!((2..=5).contains(&issued), "{s}");
-    assert_eq!(s["invalid_401"].as_u64(), Some(0), "never an expired token: {s}");
+    assert_eq!(
+        s["invalid_401"].as_u64(),
+        Some(0),
+        "never an expired token: {s}"
+    );
 }
