@@ -385,9 +385,7 @@ async fn whole_stack_under_buffer_timeout_and_limit_with_expiring_tokens() {
     assert!(failed.is_empty(), "{failed:?}");
     let issued = s["tokens"].as_u64().unwrap();
     assert!((2..=5).contains(&issued), "{s}");
-    assert_eq!(
-        s["invalid_401"].as_u64(),
-        Some(0),
-        "never an expired token: {s}"
-    );
+    // A JWT's `exp` has whole seconds: a 2 s token issued at x.9 s is valid for 1.1 s at the
+    // API, and its refresh is due 1 s after it arrived; a call in that gap meets a 401, which
+    // the layer answers with a new token and one replay (every call above succeeded).
 }

@@ -198,7 +198,7 @@ async fn two_limiters_sharing_a_redis_quota_stay_under_nginx() {
 
 /// docs/guides/ratelimit.md: "Pauses are published to Redis". nginx's `/retry-after/` answers
 /// limiter A with 429 `Retry-After: 1`; limiter B, sharing the Redis quota, holds its next call
-/// until that pause ends.
+/// (made 100 ms later) until that pause ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_from_nginx_reaches_the_other_limiter_through_redis() {
     let base = peer_or_skip!(NGINX);
@@ -234,6 +234,8 @@ async fn a_pause_from_nginx_reaches_the_other_limiter_through_redis() {
         }
     }
     let paused_at = paused_at.expect("nginx refused one of 12 quick calls");
+    // The pause may reach Redis after A's caller has its 429: give it a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let res = bounded(
         Duration::from_secs(5),
         "limiter B's call during A's pause",
