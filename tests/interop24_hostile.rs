@@ -590,3 +590,25 @@ async fn rfc_850_retry_after_on_the_wire() {
     assert_eq!(hits.load(Ordering::SeqCst), 2);
     assert!(took >= Duration::from_millis(1900), "{rfc850}: {took:?}");
 }
+
+/// `next_link` "reads past [MAX_LINKS] links": also when they come as 500 field lines of one
+/// link each, the `next` link on the last line is found; `parse_link` keeps `MAX_LINKS`.
+#[test]
+fn next_link_past_many_field_lines() {
+    let mut headers = http::HeaderMap::new();
+    for i in 0..500 {
+        headers.append(
+            "link",
+            format!("</item/{i}>; rel=\"item\"").parse().unwrap(),
+        );
+    }
+    headers.append("link", "</list?p=2>; rel=\"next\"".parse().unwrap());
+    assert_eq!(
+        sturdy::core::headers::next_link(&headers, "http://127.0.0.1:1/list?p=1").as_deref(),
+        Some("http://127.0.0.1:1/list?p=2")
+    );
+    assert_eq!(
+        sturdy::core::headers::parse_link(&headers, "http://127.0.0.1:1/list?p=1").len(),
+        sturdy::core::headers::MAX_LINKS
+    );
+}
