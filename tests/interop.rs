@@ -3,6 +3,14 @@
 #[macro_use]
 mod interop_common;
 
+mod interop24_compose;
+mod interop24_extras;
+mod interop24_headers;
+mod interop24_hostile;
+mod interop24_oauth;
+mod interop24_peers;
+mod interop24_reqwest;
+mod interop24_summary;
 mod interop_haproxy;
 mod interop_nginx;
 mod interop_oauth;
