@@ -119,7 +119,7 @@ async fn every_try_refused_by_a_full_limit_reports_zero_attempts_and_stops_at_ma
 
 /// retry.md's own example: "`gave up after 1 attempt and 1 refused try: 503 Service Unavailable;
 /// the try after it was refused before it was sent: the concurrency limit for api.example.com (1
-/// calls at once) stayed full for 0ms; ...`". "When the last try was refused after an attempt
+/// call at once) stayed full for 0ms; ...`". "When the last try was refused after an attempt
 /// that was sent, the kind and the root cause are that attempt's".
 #[tokio::test(start_paused = true)]
 async fn a_503_then_a_full_limit_reads_as_the_guide_example() {
@@ -142,7 +142,7 @@ async fn a_503_then_a_full_limit_reads_as_the_guide_example() {
     assert!(
         msg.starts_with(
             "gave up after 1 attempt and 1 refused try: 503 Service Unavailable; the try after it \
-             was refused before it was sent: the concurrency limit for api.example.com (1 calls \
+             was refused before it was sent: the concurrency limit for api.example.com (1 call \
              at once) stayed full for 0ms"
         ),
         "{msg}"

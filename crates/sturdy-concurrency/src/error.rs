@@ -67,9 +67,10 @@ impl fmt::Display for LimitReached {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the concurrency limit for {} ({} calls at once) stayed full for {}",
+            "the concurrency limit for {} ({} {} at once) stayed full for {}",
             self.key,
             self.limit,
+            if self.limit == 1 { "call" } else { "calls" },
             human_duration(self.waited)
         )
     }

@@ -80,8 +80,10 @@ impl fmt::Debug for Link {
     }
 }
 
-/// Parses every `Link` field line (RFC 8288 §3, following the Appendix B algorithm): parsing stops
-/// at the first malformed link and returns the links before it. Relative targets are resolved
+/// Parses every `Link` field line (RFC 8288 §3, following the Appendix B algorithm): each line is
+/// parsed on its own, and a malformed link ends its line (the links before it are kept, and the
+/// next line is parsed). Empty list elements (`,,`, or a line of just `,`) are skipped, as RFC 9110
+/// §5.6.1 asks of a recipient. Relative targets are resolved
 /// against `request_uri`; a link without `rel` is dropped; a repeated `rel`, `media`, `title`,
 /// `title*`, `type` or `anchor` keeps its first value.
 ///
@@ -92,7 +94,7 @@ impl fmt::Debug for Link {
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
-        if !parse_value(value.as_bytes(), request_uri, &mut out, None) {
+        if parse_value(value.as_bytes(), request_uri, &mut out, None) == Line::Full {
             break;
         }
     }
@@ -103,22 +105,39 @@ pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
 ///
 /// Unlike [`parse_link`], this reads past [`MAX_LINKS`] links (a page may list hundreds of
 /// `item` links before its `next`): it keeps only the one link it looks for, so memory stays
-/// bounded and time linear in the header's size. Parsing still stops at the first malformed
-/// link, as RFC 8288's algorithm does.
+/// bounded and time linear in the header's size. As there, a malformed link ends only its own
+/// field line, as RFC 8288's algorithm does. A `next` link with an `anchor` that names another
+/// resource (RFC 8288 §3.2: the link is then that resource's, not this page's) is passed over.
 pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
-        if !parse_value(value.as_bytes(), request_uri, &mut out, Some("next")) || !out.is_empty() {
+        if parse_value(value.as_bytes(), request_uri, &mut out, Some("next")) == Line::Full
+            || !out.is_empty()
+        {
             break;
         }
     }
     out.into_iter().next().map(|l| l.value.target.clone())
 }
 
+/// How parsing one field line ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// At its end, or at a malformed link: the next line is parsed.
+    Ended,
+    /// [`MAX_LINKS`] links, or the link `only` names, were found: nothing more is parsed.
+    Full,
+}
+
+/// Whether `anchor` (resolved) names the resource at `base`, fragments aside.
+fn same_resource(anchor: &str, base: &str) -> bool {
+    let cut = |s: &str| s.split_once('#').map_or(s.len(), |(a, _)| a.len());
+    anchor[..cut(anchor)] == base[..cut(base)]
+}
+
 /// Appends the links of one field line to `out`; with `only`, just the first link of that
-/// relation type (the others are parsed past, not kept). Returns false if parsing stopped early
-/// (a malformed link, [`MAX_LINKS`] reached, or the link `only` names found).
-fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>) -> bool {
+/// relation type whose context is this resource (the others are parsed past, not kept).
+fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>) -> Line {
     let cap = if only.is_some() { 1 } else { MAX_LINKS };
     let s = String::from_utf8_lossy(bytes);
     let b = s.as_bytes();
@@ -128,19 +147,19 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
             *i += 1;
         }
     };
-    loop {
+    'links: loop {
         if out.len() >= cap {
-            return false;
+            return Line::Full;
         }
-        skip_ws(&mut i);
-        if i >= b.len() {
-            return true;
+        // Whitespace and empty list elements.
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b',') {
+            i += 1;
         }
-        if b[i] != b'<' {
-            return false;
+        if i >= b.len() || b[i] != b'<' {
+            return Line::Ended;
         }
         let Some(end) = s[i + 1..].find('>') else {
-            return false;
+            return Line::Ended;
         };
         let target = &s[i + 1..i + 1 + end];
         i += end + 2;
@@ -153,7 +172,7 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
                 break;
             }
             if b[i] != b';' {
-                return false;
+                return Line::Ended;
             }
             i += 1;
             skip_ws(&mut i);
@@ -223,6 +242,10 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
         for (name, value) in &mut params {
             if name == "anchor" {
                 *value = resolve_reference(base, value);
+                if only.is_some() && !same_resource(value, base) {
+                    // Another resource's link.
+                    continue 'links;
+                }
             }
         }
         let value = Arc::new(LinkValue {
@@ -231,7 +254,7 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
         });
         for rel in rels.split([' ', '\t']).filter(wanted) {
             if out.len() >= cap {
-                return false;
+                return Line::Full;
             }
             out.push(Link {
                 value: Arc::clone(&value),
@@ -319,5 +342,62 @@ mod tests {
         let l = links(&["<a>; rel=next, garbage, <b>; rel=last"], "http://h/");
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].target(), "http://h/a");
+    }
+
+    fn next(values: &[&str]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(http::header::LINK, v.parse().unwrap());
+        }
+        next_link(&h, "http://h/list?p=1")
+    }
+
+    #[test]
+    fn a_malformed_link_ends_only_its_own_line() {
+        for first in [
+            "preload; </style.css>",
+            ",",
+            "garbage",
+            "<unclosed; rel=next",
+        ] {
+            let l = links(&[first, "</b>; rel=\"last\""], "http://h/");
+            assert_eq!(l.len(), 1, "{first}");
+            assert_eq!(l[0].target(), "http://h/b");
+            assert_eq!(
+                next(&[first, "</list?p=2>; rel=\"next\""]).as_deref(),
+                Some("http://h/list?p=2"),
+                "{first}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_list_elements_are_skipped() {
+        let l = links(&[", <a>; rel=prev,, ,<b>; rel=next,"], "http://h/");
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            next(&["<a>; rel=prev,,<b>; rel=next"]).as_deref(),
+            Some("http://h/b")
+        );
+    }
+
+    #[test]
+    fn a_next_link_of_another_resource_is_passed_over() {
+        assert_eq!(
+            next(&["</p9>; rel=next; anchor=\"/other\", </list?p=2>; rel=next"]).as_deref(),
+            Some("http://h/list?p=2")
+        );
+        // The page itself, or a fragment of it, is this page's context.
+        for anchor in ["", "#top", "/list?p=1", "http://h/list?p=1#x"] {
+            let v = format!("</list?p=2>; rel=next; anchor=\"{anchor}\"");
+            assert_eq!(
+                next(&[&v]).as_deref(),
+                Some("http://h/list?p=2"),
+                "{anchor}"
+            );
+        }
+        // parse_link keeps every link, with its anchor resolved.
+        let l = links(&["</p9>; rel=next; anchor=\"/other\""], "http://h/list");
+        assert_eq!(l[0].param("anchor"), Some("http://h/other"));
     }
 }
