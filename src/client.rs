@@ -568,14 +568,7 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
             .layer(self.concurrency)
             .layer(self.auth.bounded_by(self.timeout))
             .layer(self.version)
-            // With sturdy's retry loop over sturdy's own layers, every attempt's future is polled
-            // as soon as it is made: its time may count from that first poll, which spares the
-            // clock read of an attempt answered at once.
-            .layer(
-                AttemptTimeoutLayer::new(self.timeout).with_start_at_first_poll(
-                    known_stack && std::any::type_name::<R>().starts_with("sturdy_retry::"),
-                ),
-            )
+            .layer(AttemptTimeoutLayer::new(self.timeout))
             .into_inner()
     }
 }

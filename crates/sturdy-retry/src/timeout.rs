@@ -56,53 +56,12 @@ use tower::{Layer, Service};
 #[must_use]
 pub struct AttemptTimeoutLayer {
     timeout: Option<Duration>,
-    from_first_poll: bool,
 }
 
 impl AttemptTimeoutLayer {
     /// Attempts bounded by `timeout` (`None`: only requests that set one are bounded).
     pub const fn new(timeout: Option<Duration>) -> Self {
-        Self {
-            timeout,
-            from_first_poll: false,
-        }
-    }
-
-    /// Whether each attempt's time counts from its response future's first poll rather than
-    /// from `call` \[off\]. On, an attempt answered at its first poll reads no clock (one clock
-    /// read less per call, about 25 ns on a VM). The bound is the same where each response
-    /// future is polled as soon as it is made, as sturdy's retry loop does with each attempt:
-    /// `sturdy::ClientBuilder` turns this on when its retry layer sits over sturdy's own layers
-    /// only. A future first polled later gets its whole timeout from that poll.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() {
-    /// use std::time::Duration;
-    /// use http::{Request, Response};
-    /// use sturdy_retry::AttemptTimeoutLayer;
-    /// use tokio::time::Instant;
-    /// use tower::{service_fn, Layer, Service, ServiceExt};
-    ///
-    /// let hangs = service_fn(|_req: Request<()>| async {
-    ///     std::future::pending::<Result<Response<()>, std::convert::Infallible>>().await
-    /// });
-    /// for (from_first_poll, bound) in [(false, 1_000), (true, 1_600)] {
-    ///     let mut svc = AttemptTimeoutLayer::new(Some(Duration::from_secs(1)))
-    ///         .with_start_at_first_poll(from_first_poll)
-    ///         .layer(hangs.clone());
-    ///     let start = Instant::now();
-    ///     let fut = svc.ready().await.unwrap().call(Request::new(()));
-    ///     // Polled for the first time 600 ms after the call.
-    ///     tokio::time::sleep(Duration::from_millis(600)).await;
-    ///     assert!(fut.await.is_err());
-    ///     assert_eq!(start.elapsed(), Duration::from_millis(bound));
-    /// }
-    /// # }
-    /// ```
-    pub const fn with_start_at_first_poll(mut self, on: bool) -> Self {
-        self.from_first_poll = on;
-        self
+        Self { timeout }
     }
 }
 
@@ -113,7 +72,6 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
         AttemptTimeout {
             inner,
             timeout: self.timeout,
-            from_first_poll: self.from_first_poll,
         }
     }
 }
@@ -123,7 +81,6 @@ impl<S> Layer<S> for AttemptTimeoutLayer {
 pub struct AttemptTimeout<S> {
     inner: S,
     timeout: Option<Duration>,
-    from_first_poll: bool,
 }
 
 sturdy_core::define_inner_service_accessors!(AttemptTimeout<S>);
@@ -144,19 +101,14 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
-        // The deadline is fixed now (or at the first poll, if so configured); the timer itself
-        // is made only if the attempt is still pending after its first poll (see
-        // `TimeoutFuture`).
-        let deadline = if self.from_first_poll {
-            None
-        } else {
-            timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t))
-        };
+        // The deadline is fixed now; the timer itself is made only if the attempt is still
+        // pending after its first poll (see `TimeoutFuture`).
+        let deadline = timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t));
         TimeoutFuture {
             fut: self.inner.call(req),
             sleep: None,
             deadline,
-            len: timeout,
+            len: timeout.unwrap_or_default(),
         }
     }
 }
@@ -170,9 +122,8 @@ pin_project! {
         // Boxed: it is made only for an attempt that waits, and every layer above moves this
         // future at least once.
         sleep: Option<Pin<Box<Sleep>>>,
-        // Fixed at `call`, unless the time counts from the first poll.
         deadline: Option<tokio::time::Instant>,
-        len: Option<Duration>,
+        len: Duration,
     }
 }
 
@@ -191,17 +142,14 @@ where
         // An attempt answered at its first poll never makes a timer (making tokio's `Sleep`
         // looks up the runtime's timer and takes a reference to it); one still pending gets it
         // now, for the deadline fixed when the attempt was sent, so the bound is the same.
-        let Some(len) = *this.len else {
+        let Some(deadline) = *this.deadline else {
             return Poll::Pending;
         };
-        let deadline = *this.deadline;
-        let sleep = this.sleep.get_or_insert_with(|| {
-            let deadline = deadline
-                .unwrap_or_else(|| sturdy_core::clock::after(tokio::time::Instant::now(), len));
-            attempt_timer(deadline, len)
-        });
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| attempt_timer(deadline, *this.len));
         ready!(sleep.as_mut().poll(cx));
-        Poll::Ready(Err(timed_out(len)))
+        Poll::Ready(Err(timed_out(*this.len)))
     }
 }
 
