@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use super::uri::resolve_reference;
+use super::uri::{resolve_reference, same_resource};
 
 /// The most links [`parse_link`] returns for one response, all `Link` field lines together; each
 /// relation type of a multi-type `rel` counts as one link. Parsing stops there.
@@ -88,7 +88,8 @@ impl fmt::Debug for Link {
 /// `title*`, `type` or `anchor` keeps its first value.
 ///
 /// Bounds, whatever the header holds: at most [`MAX_LINKS`] links (parsing stops there) and
-/// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped); time and memory are linear
+/// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped, but for a first `anchor`,
+/// which says whose link it is); time and memory are linear
 /// in the header's size, plus one copy of the request URI per kept link (its resolved target,
 /// and its resolved `anchor` if it has one).
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
@@ -107,7 +108,9 @@ pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
 /// `item` links before its `next`): it keeps only the one link it looks for, so memory stays
 /// bounded and time linear in the header's size. As there, a malformed link ends only its own
 /// field line, as RFC 8288's algorithm does. A `next` link with an `anchor` that names another
-/// resource (RFC 8288 §3.2: the link is then that resource's, not this page's) is passed over.
+/// resource (RFC 8288 §3.2: the link is then that resource's, not this page's) is passed over;
+/// one that names the page (RFC 3986 normalization aside: the case of the scheme and host, a
+/// default port, percent-encoded unreserved characters) or a fragment of it is followed.
 pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
@@ -127,12 +130,6 @@ enum Line {
     Ended,
     /// [`MAX_LINKS`] links, or the link `only` names, were found: nothing more is parsed.
     Full,
-}
-
-/// Whether `anchor` (resolved) names the resource at `base`, fragments aside.
-fn same_resource(anchor: &str, base: &str) -> bool {
-    let cut = |s: &str| s.split_once('#').map_or(s.len(), |(a, _)| a.len());
-    anchor[..cut(anchor)] == base[..cut(base)]
 }
 
 /// Appends the links of one field line to `out`; with `only`, just the first link of that
@@ -218,7 +215,8 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
                 name.as_str(),
                 "media" | "title" | "title*" | "type" | "anchor"
             );
-            if params.len() >= MAX_LINK_PARAMS
+            // An anchor changes whose link this is: kept past the bound on parameters.
+            if (params.len() >= MAX_LINK_PARAMS && name != "anchor")
                 || (first_only && params.iter().any(|(k, _)| *k == name))
             {
                 continue;
@@ -387,8 +385,15 @@ mod tests {
             next(&["</p9>; rel=next; anchor=\"/other\", </list?p=2>; rel=next"]).as_deref(),
             Some("http://h/list?p=2")
         );
-        // The page itself, or a fragment of it, is this page's context.
-        for anchor in ["", "#top", "/list?p=1", "http://h/list?p=1#x"] {
+        // The page itself, or a fragment of it, is this page's context, however spelt.
+        for anchor in [
+            "",
+            "#top",
+            "/list?p=1",
+            "http://h/list?p=1#x",
+            "HTTP://H:80/list?p=%31",
+            "http://u:p@h/%6cist?p=1",
+        ] {
             let v = format!("</list?p=2>; rel=next; anchor=\"{anchor}\"");
             assert_eq!(
                 next(&[&v]).as_deref(),
@@ -396,6 +401,22 @@ mod tests {
                 "{anchor}"
             );
         }
+        // Another port, path or query is another resource; an anchor after many parameters
+        // still counts.
+        for anchor in [
+            "http://h:8080/list?p=1",
+            "/list?p=2",
+            "/List?p=1",
+            "https://h/list?p=1",
+        ] {
+            let v = format!("</list?p=2>; rel=next; anchor=\"{anchor}\"");
+            assert_eq!(next(&[&v]), None, "{anchor}");
+        }
+        let many: String = (0..MAX_LINK_PARAMS + 5)
+            .map(|n| format!("; x{n}=y"))
+            .collect();
+        let v = format!("</p9>; rel=next{many}; anchor=\"/other\"");
+        assert_eq!(next(&[&v]), None);
         // parse_link keeps every link, with its anchor resolved.
         let l = links(&["</p9>; rel=next; anchor=\"/other\""], "http://h/list");
         assert_eq!(l[0].param("anchor"), Some("http://h/other"));

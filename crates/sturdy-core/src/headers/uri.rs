@@ -144,6 +144,77 @@ pub fn resolve_reference(base: &str, reference: &str) -> String {
     out
 }
 
+/// Whether two absolute URIs name the same resource, fragments aside, after RFC 3986 §6.2.2 and
+/// §6.2.3 normalization: scheme and host in any case, a port that is the scheme's default or
+/// empty, percent-encoded unreserved characters, lower-case percent hex, an empty path, and
+/// userinfo (not part of the resource) make no difference.
+pub(crate) fn same_resource(a: &str, b: &str) -> bool {
+    normalized(a) == normalized(b)
+}
+
+fn normalized(s: &str) -> String {
+    let p = split(s);
+    let scheme = p.scheme.unwrap_or("").to_ascii_lowercase();
+    let mut out = String::with_capacity(s.len());
+    out.push_str(&scheme);
+    out.push(':');
+    if let Some(authority) = p.authority {
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        // A port follows the last ':' that comes after any IPv6 literal's ']'.
+        let tail = host_port.rfind(']').unwrap_or(0);
+        let (host, port) = match host_port[tail..].rfind(':') {
+            Some(i) => (&host_port[..tail + i], &host_port[tail + i + 1..]),
+            None => (host_port, ""),
+        };
+        let default = match scheme.as_str() {
+            "http" => "80",
+            "https" => "443",
+            _ => "",
+        };
+        out.push_str("//");
+        push_normalized(&mut out, &host.to_ascii_lowercase());
+        if !port.is_empty() && port != default {
+            out.push(':');
+            out.push_str(port);
+        }
+        if p.path.is_empty() {
+            out.push('/');
+        }
+    }
+    push_normalized(&mut out, p.path);
+    if let Some(q) = p.query {
+        out.push('?');
+        push_normalized(&mut out, q);
+    }
+    out
+}
+
+/// `s` with percent-encoded unreserved characters decoded and other percent hex upper-cased.
+fn push_normalized(out: &mut String, s: &str) {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = u8::try_from(h * 16 + l).unwrap_or(0);
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(c));
+                } else {
+                    out.push('%');
+                    out.push(char::from(b[i + 1]).to_ascii_uppercase());
+                    out.push(char::from(b[i + 2]).to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::resolve_reference;
