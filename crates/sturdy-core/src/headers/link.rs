@@ -87,6 +87,9 @@ impl fmt::Debug for Link {
 /// against `request_uri`; a link without `rel` is dropped; a repeated `rel`, `media`, `title`,
 /// `title*`, `type` or `anchor` keeps its first value.
 ///
+/// A byte that is not UTF-8 is read as its percent-encoded form (`%FF`), so a target keeps the
+/// bytes the server sent.
+///
 /// Bounds, whatever the header holds: at most [`MAX_LINKS`] links (parsing stops there) and
 /// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped, but for a first `anchor`,
 /// which says whose link it is); time and memory are linear
@@ -136,7 +139,21 @@ enum Line {
 /// relation type whose context is this resource (the others are parsed past, not kept).
 fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>) -> Line {
     let cap = if only.is_some() { 1 } else { MAX_LINKS };
-    let s = String::from_utf8_lossy(bytes);
+    // A byte that is not UTF-8 is kept as its percent-encoded form, so a target holding one
+    // names the bytes the server sent (U+FFFD would make another URI).
+    let s = match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => {
+            let mut s = String::with_capacity(bytes.len() + 8);
+            for chunk in bytes.utf8_chunks() {
+                s.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    s.push_str(&format!("%{b:02X}"));
+                }
+            }
+            std::borrow::Cow::Owned(s)
+        }
+    };
     let b = s.as_bytes();
     let mut i = 0;
     let skip_ws = |i: &mut usize| {
@@ -367,6 +384,19 @@ mod tests {
                 "{first}"
             );
         }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_kept_percent_encoded() {
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::LINK,
+            http::HeaderValue::from_bytes(b"</list?p=2\xff>; rel=next").unwrap(),
+        );
+        assert_eq!(
+            next_link(&h, "http://h/list?p=1").as_deref(),
+            Some("http://h/list?p=2%FF")
+        );
     }
 
     #[test]
