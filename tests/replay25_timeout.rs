@@ -1,0 +1,331 @@
+//! Each attempt bounded by its timeout (`ClientBuilder`'s and `AttemptTimeoutLayer`'s, with and
+//! without `with_start_at_first_poll`) when the caller keeps the service and polls its future
+//! late, under `Buffer` and `ConcurrencyLimit(1)`, with per-request `CallOptions`, and after
+//! cancellation. Paused time, no sockets.
+#![cfg(feature = "full")]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use sturdy::core::{BoxError, CallOptions, ErrorKind};
+use sturdy::retry::{AttemptTimeoutLayer, RetryLayer};
+use sturdy::ClientBuilder;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, BoxError>> + Send>>;
+
+/// When each attempt reached the HTTP service (its `call`), and when it ended.
+type Calls = Arc<Mutex<Vec<Instant>>>;
+
+/// An HTTP service that starts its work when called (as a client that writes the request from
+/// `call` would): it answers `took` after its `call`, whenever its future is first polled.
+fn eager(
+    calls: Calls,
+    took: Duration,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = BoxFut,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_req: Request<Full<Bytes>>| -> BoxFut {
+        let at = Instant::now();
+        calls.lock().unwrap().push(at);
+        Box::pin(async move {
+            tokio::time::sleep_until(at + took).await;
+            Ok(Response::new(Full::from("late")))
+        })
+    })
+}
+
+/// An HTTP service whose work starts at its future's first poll.
+fn lazy(
+    calls: Calls,
+    took: Duration,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = BoxFut,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_req: Request<Full<Bytes>>| -> BoxFut {
+        let calls = calls.clone();
+        Box::pin(async move {
+            calls.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(took).await;
+            Ok(Response::new(Full::from("late")))
+        })
+    })
+}
+
+fn get() -> Request<Full<Bytes>> {
+    Request::get("http://api.example.com/orders")
+        .body(Full::default())
+        .unwrap()
+}
+
+fn one_try(mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
+    req
+}
+
+fn is_timeout(e: &BoxError) -> bool {
+    e.downcast_ref::<sturdy::core::Error>()
+        .is_some_and(|e| matches!(e.kind(), ErrorKind::Timeout))
+        || sturdy::core::find::<sturdy::core::Error>(&**e)
+            .is_some_and(|e| matches!(e.kind(), ErrorKind::Timeout))
+}
+
+/// `ClientBuilder` (its retry layer over its own layers, so attempts count from their first
+/// poll), kept and called, its future first polled 600 ms later: the one attempt, which the
+/// HTTP service began at `call`, must not run past its 1 s timeout.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: ClientBuilder, one attempt (without_retries), kept and polled 600 ms late: the attempt runs 1.5 s past its 1 s timeout and succeeds"]
+async fn client_builder_attempt_is_bounded_when_its_future_is_polled_late() {
+    let calls: Calls = Arc::default();
+    let mut client = ClientBuilder::new()
+        .with_attempt_timeout(Duration::from_secs(1))
+        .build(eager(calls.clone(), Duration::from_millis(1_500)));
+    let fut = client.ready().await.unwrap().call(one_try(get()));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = fut.await;
+    let end = Instant::now();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let ran = end - calls[0];
+    assert!(
+        res.is_err(),
+        "an attempt given 1 s answered after {ran:?} of work (its future was first polled 600 ms \
+         after the call)"
+    );
+    assert!(ran <= Duration::from_millis(1_000), "ran {ran:?}");
+}
+
+/// The same under a `Buffer`: the worker calls the client, the caller polls late.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: ClientBuilder under Buffer, one attempt, caller polls 600 ms late: the attempt runs 1.5 s past its 1 s timeout"]
+async fn client_builder_under_buffer_bounds_an_attempt_polled_late() {
+    let calls: Calls = Arc::default();
+    let client = ClientBuilder::new()
+        .with_attempt_timeout(Duration::from_secs(1))
+        .build(eager(calls.clone(), Duration::from_millis(1_500)));
+    let mut buf = tower::buffer::Buffer::new(client, 4);
+    let fut = buf.ready().await.unwrap().call(one_try(get()));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = fut.await;
+    let end = Instant::now();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let ran = end - calls[0];
+    assert!(res.is_err(), "answered after {ran:?} of a 1 s attempt");
+    assert!(ran <= Duration::from_millis(1_000), "ran {ran:?}");
+}
+
+/// Kept, called, first polled 600 ms later; returns the outcome and how long the HTTP service's
+/// only attempt ran (from its `call` to the end).
+async fn polled_late(
+    mut client: sturdy::Client<Full<Bytes>>,
+    calls: &Calls,
+    req: Request<Full<Bytes>>,
+) -> (Result<Response<Full<Bytes>>, BoxError>, Duration) {
+    let fut = client.ready().await.unwrap().call(req);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = fut.await;
+    let end = Instant::now();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    (res, end - calls[0])
+}
+
+/// One attempt in all, said three ways: the layer's `with_max_attempts(1)`, `CallOptions`'s
+/// `with_max_attempts(1)`, and `without_retries()`. Each attempt is bounded by its 1 s.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: ClientBuilder, a call with one attempt (max 1, without_retries, a body too large to replay): the attempt is made at call, but its 1 s timeout counts from a late first poll (runs 1.5 s)"]
+async fn client_builder_single_attempt_calls_polled_late_are_bounded() {
+    let mut failures = Vec::new();
+    for how in [
+        "layer",
+        "options max 1",
+        "without_retries",
+        "body over 1 MiB",
+        "default",
+    ] {
+        let calls: Calls = Arc::default();
+        let retry = RetryLayer::new().with_seed(3);
+        let retry = if how == "layer" {
+            retry.with_max_attempts(1)
+        } else {
+            retry
+        };
+        let client = ClientBuilder::new()
+            .with_retry(retry)
+            .with_attempt_timeout(Duration::from_secs(1))
+            .build(eager(calls.clone(), Duration::from_millis(1_500)));
+        let mut req = get();
+        if how == "body over 1 MiB" {
+            // Too large to buffer for a replay: sent once.
+            req = Request::put("http://api.example.com/blob")
+                .body(Full::from(vec![7u8; 2 << 20]))
+                .unwrap();
+        }
+        match how {
+            "options max 1" => {
+                req.extensions_mut()
+                    .insert(CallOptions::new().with_max_attempts(1));
+            }
+            "without_retries" => {
+                req.extensions_mut()
+                    .insert(CallOptions::new().without_retries());
+            }
+            _ => {}
+        }
+        if how == "default" {
+            // Four attempts: the first is cut at 1 s, so the service is called again.
+            let mut client = client;
+            let fut = client.ready().await.unwrap().call(req);
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let _ = fut.await;
+            assert!(
+                calls.lock().unwrap().len() > 1,
+                "default: the first attempt was not cut"
+            );
+            continue;
+        }
+        let (res, ran) = polled_late(client, &calls, req).await;
+        if res.is_ok() || ran > Duration::from_secs(1) {
+            failures.push(format!("{how}: ok={} after {ran:?}", res.is_ok()));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// With every retry: the last attempt ends by its timeout too, and each attempt is cut at 1 s
+/// from its `call`.
+#[tokio::test(start_paused = true)]
+async fn client_builder_every_attempt_of_a_late_polled_call_is_bounded() {
+    let calls: Calls = Arc::default();
+    let mut client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(3).with_max_attempts(3))
+        .with_attempt_timeout(Duration::from_secs(1))
+        .build(eager(calls.clone(), Duration::from_millis(1_500)));
+    let fut = client.ready().await.unwrap().call(get());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let res = fut.await;
+    let err = res
+        .err()
+        .expect("three attempts of 1.5 s each, every one given 1 s");
+    assert!(is_timeout(&err), "{err}");
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3);
+}
+
+/// `without_retry()`: the timeout counts from `call`, as the layer's default says.
+#[tokio::test(start_paused = true)]
+async fn without_retry_a_late_polled_attempt_is_bounded_from_call() {
+    let calls: Calls = Arc::default();
+    let mut client = ClientBuilder::new()
+        .without_retry()
+        .with_attempt_timeout(Duration::from_secs(1))
+        .build(eager(calls.clone(), Duration::from_millis(1_500)));
+    let start = Instant::now();
+    let fut = client.ready().await.unwrap().call(get());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let err = fut.await.unwrap_err();
+    assert!(is_timeout(&err), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_millis(1_000));
+}
+
+/// Per-request timeouts, shorter and longer than the builder's, through retries.
+#[tokio::test(start_paused = true)]
+async fn per_request_attempt_timeouts_bound_each_attempt() {
+    for (own, took, want_ok) in [
+        (Some(200u64), 300u64, false),
+        (Some(400), 300, true),
+        (Some(5_000), 3_000, true),
+        (None, 3_000, true),
+    ] {
+        let calls: Calls = Arc::default();
+        let client = ClientBuilder::new()
+            .with_retry(RetryLayer::new().with_seed(3).with_max_attempts(2))
+            .with_attempt_timeout(Duration::from_secs(1))
+            .build(lazy(calls.clone(), Duration::from_millis(took)));
+        let mut req = get();
+        let opts = match own {
+            Some(ms) => CallOptions::new().with_attempt_timeout(Duration::from_millis(ms)),
+            None => CallOptions::new().without_attempt_timeout(),
+        };
+        req.extensions_mut().insert(opts);
+        let start = Instant::now();
+        let res = client.oneshot(req).await;
+        let case = format!("own {own:?}, took {took}");
+        assert_eq!(res.is_ok(), want_ok, "{case}: {:?}", res.err());
+        if !want_ok {
+            let calls = calls.lock().unwrap().clone();
+            assert_eq!(calls.len(), 2, "{case}");
+            // Two attempts of 200 ms and one backoff between them.
+            assert!(
+                start.elapsed() < Duration::from_millis(400 + 20_000),
+                "{case}"
+            );
+        }
+    }
+}
+
+/// Under `ConcurrencyLimit(1)`: a call dropped at any point frees the one place, and the next
+/// call's attempt is bounded.
+#[tokio::test(start_paused = true)]
+async fn under_a_concurrency_limit_of_one_a_dropped_call_frees_its_place() {
+    for drop_after in [0u64, 1, 100, 999, 1_000, 1_001, 1_300] {
+        let calls: Calls = Arc::default();
+        let client = ClientBuilder::new()
+            .with_retry(RetryLayer::new().with_seed(3).with_max_attempts(2))
+            .with_attempt_timeout(Duration::from_secs(1))
+            .build(lazy(calls.clone(), Duration::from_millis(5_000)));
+        let mut limited = tower::limit::ConcurrencyLimit::new(client, 1);
+        let fut = limited.ready().await.unwrap().call(get());
+        let _ = tokio::time::timeout(Duration::from_millis(drop_after), fut).await;
+        let start = Instant::now();
+        let ready = tokio::time::timeout(Duration::from_millis(10), limited.ready()).await;
+        assert!(ready.is_ok(), "drop after {drop_after} ms: place not freed");
+        let mut req = get();
+        req.extensions_mut()
+            .insert(CallOptions::new().without_retries());
+        let err = ready.unwrap().unwrap().call(req).await.unwrap_err();
+        assert!(is_timeout(&err), "{err}");
+        assert!(
+            start.elapsed() <= Duration::from_millis(1_010),
+            "drop after {drop_after}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+/// `AttemptTimeoutLayer` with its timer from the first poll: a future polled at once is cut at
+/// its timeout; under `Buffer`, polled at once by the caller, likewise.
+#[tokio::test(start_paused = true)]
+async fn first_poll_timer_under_buffer_polled_at_once() {
+    for from_first_poll in [false, true] {
+        let calls: Calls = Arc::default();
+        let svc = AttemptTimeoutLayer::new(Some(Duration::from_secs(1)))
+            .with_start_at_first_poll(from_first_poll)
+            .layer(lazy(calls.clone(), Duration::from_secs(3)));
+        let svc = tower::buffer::Buffer::new(svc, 2);
+        let start = Instant::now();
+        let err = svc.oneshot(get()).await.unwrap_err();
+        assert!(is_timeout(&err), "{err}");
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+}
