@@ -224,9 +224,7 @@ async fn client_builder_every_attempt_of_a_late_polled_call_is_bounded() {
     let fut = client.ready().await.unwrap().call(get());
     tokio::time::sleep(Duration::from_millis(600)).await;
     let res = fut.await;
-    let err = res
-        .err()
-        .expect("three attempts of 1.5 s each, every one given 1 s");
+    let err = res.expect_err("three attempts of 1.5 s each, every one given 1 s");
     assert!(is_timeout(&err), "{err}");
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 3);
