@@ -3,7 +3,9 @@
 //! inputs), and a `LinkHeader` walk over such pages.
 #![cfg(feature = "full")]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
