@@ -74,6 +74,7 @@ mod outsider_version_misc;
 mod outsider_webhook;
 mod readiness;
 mod replay25_head;
+mod replay25_keys;
 mod replay25_link;
 mod replay25_timeout;
 mod review12_sf_users;
