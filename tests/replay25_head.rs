@@ -623,3 +623,38 @@ async fn auth_and_version_below_retry_add_their_headers_once_per_attempt() {
         }
     }
 }
+
+/// Tries refused before they were sent (a quota with no wait below the retry layer) are
+/// replayed with the whole head: the refused try's request went no further.
+#[tokio::test(start_paused = true)]
+async fn a_try_refused_below_is_replayed_with_the_whole_head() {
+    use sturdy::ratelimit::{Quota, RateLimitLayer};
+    for method in [Method::GET, Method::POST] {
+        for (name, hs) in header_sets() {
+            let log: Log = Arc::default();
+            let svc = ClientBuilder::new()
+                .without_idempotency()
+                .with_retry(retry(4))
+                .with_rate_limit(
+                    RateLimitLayer::new(Quota::per_second(1).unwrap().with_burst(1).unwrap())
+                        .with_max_wait(Duration::ZERO),
+                )
+                .build(recorder(log.clone(), vec![Ans::Status(200, None)]));
+            let first = request(method.clone(), URIS[0], Version::HTTP_11, &hs, None);
+            let second = request(method.clone(), URIS[1], Version::HTTP_11, &hs, None);
+            let want = expected(&second);
+            let (a, b) = tokio::join!(svc.clone().oneshot(first), svc.clone().oneshot(second));
+            assert_eq!(a.unwrap().status(), 200, "{method} {name}");
+            assert_eq!(b.unwrap().status(), 200, "{method} {name}");
+            let seen = log.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "{method} {name}");
+            check(
+                &format!("{method} {name} refused"),
+                &want,
+                &seen[1..],
+                None,
+                false,
+            );
+        }
+    }
+}

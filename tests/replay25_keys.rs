@@ -231,3 +231,39 @@ async fn per_request_attempts_above_the_layers_replay_the_whole_head() {
         }
     }
 }
+
+/// A key in `CallOptions` that no header carries as it is goes as `sturdy-sha256-<hex>`, the
+/// same on every attempt, and that value is the key the failed call reports.
+#[tokio::test(start_paused = true)]
+async fn a_hashed_key_is_sent_alike_on_every_attempt_and_reported() {
+    for key in [" lead", "trail\t", "a\r\nb", "\u{1}", "x\u{7f}y"] {
+        for extra in [0usize, 1, 2, 3] {
+            let log: Log = Arc::default();
+            let svc = ServiceBuilder::new()
+                .layer(IdempotencyKeyLayer::new())
+                .layer(RetryLayer::new().with_seed(1).without_budget())
+                .service(failing(log.clone()));
+            let mut req = post(extra);
+            req.extensions_mut()
+                .insert(CallOptions::new().with_idempotency_key(key));
+            let err = svc.oneshot(req).await.unwrap_err();
+            let log = log.lock().unwrap().clone();
+            let case = format!("{key:?}, extra {extra}");
+            assert_eq!(log.len(), 4, "{case}");
+            let sent: Vec<&HeaderValue> = log
+                .iter()
+                .map(|(_, _, h, _)| h.get("idempotency-key").unwrap())
+                .collect();
+            assert!(sent.iter().all(|k| *k == sent[0]), "{case}: {sent:?}");
+            let s = sent[0].to_str().unwrap();
+            assert!(s.starts_with("sturdy-sha256-"), "{case}: {s}");
+            assert_eq!(s.len(), "sturdy-sha256-".len() + 64, "{case}: {s}");
+            let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
+            assert_eq!(
+                e.report().and_then(|r| r.idempotency_key()),
+                Some(s),
+                "{case}"
+            );
+        }
+    }
+}
