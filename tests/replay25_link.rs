@@ -446,3 +446,39 @@ async fn a_link_header_walk_reads_past_a_malformed_line() {
     let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
     assert_eq!(items, vec![1, 2, 3, 4, 5]);
 }
+
+/// A next link that is no URI (a space, a quote in it) ends a walk with a
+/// `Pagination` error after the first page's items, never silently.
+#[tokio::test]
+async fn a_next_link_that_is_no_uri_ends_the_walk_with_an_error() {
+    use futures_util::StreamExt;
+    use sturdy::paginate::{LinkHeader, Paginate};
+    let bad: [&'static [u8]; 2] = [
+        b"<https://api.example.com/orders?page=2 x>; rel=next",
+        b"<https://api.example.com/orders?page=\"2\">; rel=next",
+    ];
+    for b in bad {
+        let api = tower::service_fn(move |_req: Request<Full<Bytes>>| -> BoxFut {
+            Box::pin(async move {
+                let mut res = Response::new(Full::from("[1,2]"));
+                res.headers_mut()
+                    .append("link", HeaderValue::from_bytes(b).unwrap());
+                Ok(res)
+            })
+        });
+        let pager =
+            Paginate::new(api, "https://api.example.com/orders", LinkHeader::new("")).unwrap();
+        let got: Vec<Result<serde_json::Value, sturdy::core::Error>> = pager
+            .items()
+            .map(|r| r.map_err(|e| sturdy::core::Error::new(e.kind().clone(), e.to_string())))
+            .collect()
+            .await;
+        let case = String::from_utf8_lossy(b).into_owned();
+        assert_eq!(got.len(), 3, "{case}: {got:?}");
+        let err = got[2].as_ref().unwrap_err();
+        assert!(
+            matches!(err.kind(), sturdy::core::ErrorKind::Pagination),
+            "{case}: {err}"
+        );
+    }
+}
