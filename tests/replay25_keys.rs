@@ -267,3 +267,37 @@ async fn a_hashed_key_is_sent_alike_on_every_attempt_and_reported() {
         }
     }
 }
+
+/// `ClientBuilder` with keys in a header of the caller's choosing: a POST with 0 to 3 other
+/// values is retried after a reset, and every attempt carries the one key and the other values.
+#[tokio::test(start_paused = true)]
+async fn a_key_in_a_custom_header_is_replayed_with_the_whole_head() {
+    for extra in [0usize, 1, 2, 3] {
+        let log: Log = Arc::default();
+        let client = ClientBuilder::new()
+            .with_idempotency(
+                IdempotencyKeyLayer::new()
+                    .with_header(http::HeaderName::from_static("x-request-key")),
+            )
+            .with_retry(
+                RetryLayer::new()
+                    .with_seed(4)
+                    .without_budget()
+                    .with_max_attempts(3),
+            )
+            .build(failing(log.clone()));
+        let req = post(extra);
+        let want = req.headers().clone();
+        let err = client.oneshot(req).await.unwrap_err();
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 3, "extra {extra}: {err}");
+        let key = log[0].2.get("x-request-key").unwrap().clone();
+        for (i, (_, _, h, _)) in log.iter().enumerate() {
+            let mut h = h.clone();
+            let keys: Vec<_> = h.get_all("x-request-key").iter().cloned().collect();
+            assert_eq!(keys, vec![key.clone()], "extra {extra}, attempt {}", i + 1);
+            h.remove("x-request-key");
+            assert_eq!(h, want, "extra {extra}, attempt {}", i + 1);
+        }
+    }
+}

@@ -443,3 +443,38 @@ async fn on_the_wire_a_late_polled_single_attempt_is_bounded() {
         "a 200 ms attempt answered after {took:?}: {res:?}"
     );
 }
+
+/// A call's deadline (`CallOptions::with_deadline`) with one attempt and no attempt timeout:
+/// polled at once or 600 ms after `call`, an attempt the HTTP service began at `call` is
+/// abandoned at the deadline.
+#[tokio::test(start_paused = true)]
+async fn a_single_attempt_is_abandoned_at_the_calls_deadline() {
+    let mut failures = Vec::new();
+    for (late, max1) in [(0u64, true), (600, true), (0, false), (600, false)] {
+        let calls: Calls = Arc::default();
+        let mut client = ClientBuilder::new()
+            .without_attempt_timeout()
+            .build(eager(calls.clone(), Duration::from_millis(1_500)));
+        let mut req = get();
+        let opts = CallOptions::new().with_deadline(Duration::from_secs(1));
+        let opts = if max1 {
+            opts.with_max_attempts(1)
+        } else {
+            opts
+        };
+        req.extensions_mut().insert(opts);
+        let fut = client.ready().await.unwrap().call(req);
+        tokio::time::sleep(Duration::from_millis(late)).await;
+        let res = fut.await;
+        let end = Instant::now();
+        let first = calls.lock().unwrap()[0];
+        if res.is_ok() || end - first > Duration::from_secs(1) {
+            failures.push(format!(
+                "late {late} ms, max 1 {max1}: ok={} after {:?}",
+                res.is_ok(),
+                end - first
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
