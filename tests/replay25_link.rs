@@ -482,3 +482,81 @@ async fn a_next_link_that_is_no_uri_ends_the_walk_with_an_error() {
         );
     }
 }
+
+/// Seeded random `Link` lines built from the grammar's own characters, against odd request
+/// URIs: no panic, at most `MAX_LINKS` links, `next_link` agreeing with `parse_link` when the
+/// first `next` has no anchor and the bound was not reached.
+#[test]
+fn random_link_lines_never_panic() {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rnd = move |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let atoms: &[&[u8]] = &[
+        b"<",
+        b">",
+        b";",
+        b",",
+        b"=",
+        b"\"",
+        b"\\",
+        b" ",
+        b"\t",
+        b"rel",
+        b"next",
+        b"prev",
+        b"anchor",
+        b"title*",
+        b"UTF-8''%C3%A9",
+        b"#",
+        b"?",
+        b"/",
+        b"..",
+        b"//",
+        b"http:",
+        b"https://h.example",
+        b"p2",
+        b"\xff",
+        b"\xc3",
+        b"%",
+        b"[",
+        b"]",
+        b"@",
+        b":",
+    ];
+    let uris = [
+        "https://api.example.com/orders?page=1",
+        "",
+        "/relative",
+        "not a uri",
+        "https://[::1]:99999/",
+        "http://a/b/c/d;p?q",
+        "mailto:x@y",
+    ];
+    for round in 0..20_000 {
+        let mut h = HeaderMap::new();
+        for _ in 0..1 + rnd(3) {
+            let mut line = Vec::new();
+            for _ in 0..rnd(40) {
+                line.extend_from_slice(atoms[rnd(atoms.len())]);
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&line) {
+                h.append("link", v);
+            }
+        }
+        let uri = uris[round % uris.len()];
+        let all = parse_link(&h, uri);
+        assert!(all.len() <= MAX_LINKS);
+        let n = next_link(&h, uri);
+        if let Some(first) = all.iter().find(|l| l.rel() == "next") {
+            if first.param("anchor").is_none() {
+                assert_eq!(n.as_deref(), Some(first.target()), "{h:?} against {uri:?}");
+            }
+        } else if all.len() < MAX_LINKS {
+            assert_eq!(n, None, "{h:?} against {uri:?}");
+        }
+    }
+}
