@@ -77,6 +77,7 @@ mod replay25_head;
 mod replay25_keys;
 mod replay25_link;
 mod replay25_timeout;
+mod replay25_wire;
 mod review12_sf_users;
 mod review12_webhook;
 mod review16_bare503;
