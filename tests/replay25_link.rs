@@ -560,3 +560,50 @@ fn random_link_lines_never_panic() {
         }
     }
 }
+
+/// Walks two pages from a pager whose URI spells the host with capitals; the server's links
+/// spell it in lower case, with or without an anchor naming the page. Returns the items or
+/// the error.
+async fn walk_from_capitalised_host(anchor: bool) -> Result<Vec<serde_json::Value>, String> {
+    use futures_util::TryStreamExt;
+    use sturdy::paginate::{LinkHeader, Paginate};
+    let api = tower::service_fn(move |req: Request<Full<Bytes>>| -> BoxFut {
+        Box::pin(async move {
+            let second = req.uri().query() == Some("page=2");
+            let mut res = Response::new(Full::from(if second { "[3]" } else { "[1,2]" }));
+            if !second {
+                let l = if anchor {
+                    "<https://api.example.com/orders?page=2>; rel=next; anchor=\"https://api.example.com/orders\""
+                } else {
+                    "<https://api.example.com/orders?page=2>; rel=next"
+                };
+                res.headers_mut()
+                    .insert("link", HeaderValue::from_static(l));
+            }
+            Ok(res)
+        })
+    });
+    let pager = Paginate::new(
+        api,
+        "https://Api.Example.com/orders",
+        LinkHeader::new("").without_limit_param(),
+    )
+    .map_err(|e| e.to_string())?;
+    pager.items().try_collect().await.map_err(|e| e.to_string())
+}
+
+/// Host names are case-insensitive (RFC 3986 §3.2.2, RFC 6454 §4): a next link to the same
+/// host in lower case is not a foreign origin.
+#[tokio::test]
+async fn a_next_link_to_the_same_host_in_another_case_is_followed() {
+    let got = walk_from_capitalised_host(false).await;
+    assert_eq!(got, Ok(vec![1.into(), 2.into(), 3.into()]));
+}
+
+/// The same with an anchor naming the first page (in lower case): it is this page's next link.
+#[tokio::test]
+#[ignore = "FAULT: a pager whose URI has capitals in the host ends its walk silently after page 1 when the next link's anchor names the page in lower case"]
+async fn an_anchor_naming_the_page_in_lower_case_is_followed() {
+    let got = walk_from_capitalised_host(true).await;
+    assert_eq!(got, Ok(vec![1.into(), 2.into(), 3.into()]));
+}
