@@ -83,6 +83,11 @@ impl CallOptions {
     /// can carry as it is (it holds control characters, or begins or ends with a space or a tab,
     /// which HTTP strips) is sent as `sturdy-sha256-` and the hex SHA-256 of the key: the same
     /// every time, and not the same as another key unless that key spells out this digest.
+    ///
+    /// A key given here is sent whatever the method (a GET or a PUT too), not only with the
+    /// methods that get a random key. One with characters beyond ASCII (`café`) is sent as its
+    /// UTF-8 bytes, which a header can carry but many servers refuse (sturdy's own server layer
+    /// answers 400): keep keys to visible ASCII.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
