@@ -5,7 +5,8 @@
 //! Every sturdy layer that has such moments takes a callback with `on_event(f)`: `f` receives an
 //! [`Event`] borrowed for the length of the call. With the `metrics` feature, the same events are
 //! also counted through the [`metrics`](https://docs.rs/metrics) facade, under the names and
-//! labels of one table (see `docs/guides/metrics.md` and [`describe_metrics`]).
+//! labels of one table (see `docs/guides/metrics.md` and `describe_metrics`, which that feature
+//! adds).
 //!
 //! An event is emitted only where a layer departs from the plain path (a retry, a wait, a
 //! refusal, a state change...): a call that goes straight through emits nothing, so a stack
