@@ -98,7 +98,7 @@ impl fmt::Debug for Link {
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::LINK) {
-        if parse_value(value.as_bytes(), request_uri, &mut out, None) == Line::Full {
+        if parse_value(value.as_bytes(), request_uri, &mut out, None, &mut 0) == Line::Full {
             break;
         }
     }
@@ -113,11 +113,21 @@ pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
 /// field line, as RFC 8288's algorithm does. A `next` link with an `anchor` that names another
 /// resource (RFC 8288 §3.2: the link is then that resource's, not this page's) is passed over;
 /// one that names the page (RFC 3986 normalization aside: the case of the scheme and host, a
-/// default port, percent-encoded unreserved characters) or a fragment of it is followed.
+/// default port, percent-encoded unreserved characters) or a fragment of it is followed. Each
+/// one passed over costs a copy of the request URI, which a peer chooses too: once those copies
+/// come to [`MAX_LINKS`] request URIs or 4 MiB, whichever is more, it looks no further and
+/// returns `None`.
 pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
     let mut out = Vec::new();
+    let mut passed = 0;
     for value in headers.get_all(http::header::LINK) {
-        if parse_value(value.as_bytes(), request_uri, &mut out, Some("next")) == Line::Full
+        if parse_value(
+            value.as_bytes(),
+            request_uri,
+            &mut out,
+            Some("next"),
+            &mut passed,
+        ) == Line::Full
             || !out.is_empty()
         {
             break;
@@ -131,13 +141,28 @@ pub fn next_link(headers: &HeaderMap, request_uri: &str) -> Option<String> {
 enum Line {
     /// At its end, or at a malformed link: the next line is parsed.
     Ended,
-    /// [`MAX_LINKS`] links, or the link `only` names, were found: nothing more is parsed.
+    /// [`MAX_LINKS`] links, or the link `only` names, were found (or links of that relation type
+    /// passed over as another resource's cost [`passed_over_budget`]): nothing more is parsed.
     Full,
 }
 
+/// How many bytes of request URI [`next_link`] copies for links it passes over before it gives
+/// up: [`MAX_LINKS`] request URIs or 4 MiB, whichever is more.
+fn passed_over_budget(base: &str) -> usize {
+    (MAX_LINKS * base.len()).max(4 << 20)
+}
+
 /// Appends the links of one field line to `out`; with `only`, just the first link of that
-/// relation type whose context is this resource (the others are parsed past, not kept).
-fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>) -> Line {
+/// relation type whose context is this resource (the others are parsed past, not kept; `passed`
+/// counts the bytes of request URI copied for those of that type passed over as another
+/// resource's).
+fn parse_value(
+    bytes: &[u8],
+    base: &str,
+    out: &mut Vec<Link>,
+    only: Option<&str>,
+    passed: &mut usize,
+) -> Line {
     let cap = if only.is_some() { 1 } else { MAX_LINKS };
     // A byte that is not UTF-8 is kept as its percent-encoded form, so a target holding one
     // names the bytes the server sent (U+FFFD would make another URI).
@@ -145,10 +170,13 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
         Ok(s) => std::borrow::Cow::Borrowed(s),
         Err(_) => {
             let mut s = String::with_capacity(bytes.len() + 8);
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
             for chunk in bytes.utf8_chunks() {
                 s.push_str(chunk.valid());
                 for b in chunk.invalid() {
-                    s.push_str(&format!("%{b:02X}"));
+                    s.push('%');
+                    s.push(char::from(HEX[usize::from(b >> 4)]));
+                    s.push(char::from(HEX[usize::from(b & 0xf)]));
                 }
             }
             std::borrow::Cow::Owned(s)
@@ -256,9 +284,13 @@ fn parse_value(bytes: &[u8], base: &str, out: &mut Vec<Link>, only: Option<&str>
         // peer chooses too (a page's URI is the previous page's next link).
         for (name, value) in &mut params {
             if name == "anchor" {
+                if only.is_some() && *passed >= passed_over_budget(base) {
+                    return Line::Full;
+                }
                 *value = resolve_reference(base, value);
                 if only.is_some() && !same_resource(value, base) {
                     // Another resource's link.
+                    *passed += base.len() + value.len();
                     continue 'links;
                 }
             }
@@ -447,6 +479,32 @@ mod tests {
             .collect();
         let v = format!("</p9>; rel=next{many}; anchor=\"/other\"");
         assert_eq!(next(&[&v]), None);
+        // Many other resources' next links against a long page URI: bounded, then no answer
+        // (a short one reads on: 20,000 links cost less than 4 MiB of copies).
+        let base = format!("http://h/{}", "p".repeat(60_000));
+        let mut h = HeaderMap::new();
+        for _ in 0..20_000 {
+            h.append(
+                http::header::LINK,
+                "</x>; rel=next; anchor=\"/o\"".parse().unwrap(),
+            );
+        }
+        h.append(http::header::LINK, "</y>; rel=next".parse().unwrap());
+        // Without the bound, the `next` at the end would be found after 20,000 copies of it.
+        assert_eq!(next_link(&h, &base), None);
+        assert_eq!(
+            next_link(&h, "http://h/list").as_deref(),
+            Some("http://h/y")
+        );
+        let mut h = HeaderMap::new();
+        for _ in 0..MAX_LINKS - 1 {
+            h.append(
+                http::header::LINK,
+                "</x>; rel=next; anchor=\"/o\"".parse().unwrap(),
+            );
+        }
+        h.append(http::header::LINK, "</y>; rel=next".parse().unwrap());
+        assert_eq!(next_link(&h, &base).as_deref(), Some("http://h/y"));
         // parse_link keeps every link, with its anchor resolved.
         let l = links(&["</p9>; rel=next; anchor=\"/other\""], "http://h/list");
         assert_eq!(l[0].param("anchor"), Some("http://h/other"));
