@@ -92,7 +92,7 @@ impl fmt::Debug for Link {
 ///
 /// Bounds, whatever the header holds: at most [`MAX_LINKS`] links (parsing stops there) and
 /// [`MAX_LINK_PARAMS`] parameters per link (later ones are skipped, but for a first `anchor`,
-/// which says whose link it is); time and memory are linear
+/// which says whose link it is and takes the last one's place); time and memory are linear
 /// in the header's size, plus one copy of the request URI per kept link (its resolved target,
 /// and its resolved `anchor` if it has one).
 pub fn parse_link(headers: &HeaderMap, request_uri: &str) -> Vec<Link> {
@@ -260,11 +260,15 @@ fn parse_value(
                 name.as_str(),
                 "media" | "title" | "title*" | "type" | "anchor"
             );
-            // An anchor changes whose link this is: kept past the bound on parameters.
-            if (params.len() >= MAX_LINK_PARAMS && name != "anchor")
-                || (first_only && params.iter().any(|(k, _)| *k == name))
-            {
+            if first_only && params.iter().any(|(k, _)| *k == name) {
                 continue;
+            }
+            if params.len() >= MAX_LINK_PARAMS {
+                if name != "anchor" {
+                    continue;
+                }
+                // An anchor changes whose link this is: it takes the last parameter's place.
+                params.pop();
             }
             if name.ends_with('*') {
                 if let Some(decoded) = decode_ext_value(&value) {
@@ -479,6 +483,9 @@ mod tests {
             .collect();
         let v = format!("</p9>; rel=next{many}; anchor=\"/other\"");
         assert_eq!(next(&[&v]), None);
+        let l = links(&[&v], "http://h/list");
+        assert_eq!(l[0].params().len(), MAX_LINK_PARAMS);
+        assert_eq!(l[0].param("anchor"), Some("http://h/other"));
         // Many other resources' next links against a long page URI: bounded, then no answer
         // (a short one reads on: 20,000 links cost less than 4 MiB of copies).
         let base = format!("http://h/{}", "p".repeat(60_000));
