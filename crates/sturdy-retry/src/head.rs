@@ -48,35 +48,35 @@ impl KeptHead {
     /// A request for an attempt after which a replay may follow: this head with its map (the
     /// first time, for a few values) or a copy of it.
     pub(crate) fn request<B>(&mut self, body: B) -> Request<B> {
-        let headers = match &mut self.headers {
-            // Nothing to keep: a new map, which allocates nothing until a layer below adds a
-            // header.
-            Headers::Map(map) if map.is_empty() => HeaderMap::new(),
+        let mut r = Request::new(body);
+        match &mut self.headers {
+            // Nothing to keep: the new request's map, which allocates nothing until a layer
+            // below adds a header.
+            Headers::Map(map) if map.is_empty() => {}
             Headers::Map(map) if map.len() <= INLINE => {
-                let map = std::mem::take(map);
-                // Filled in place.
+                // The request's own map goes, swapped with the new request's empty one, which
+                // the slots replace (one empty map dropped, not two: each drop costs as much as
+                // a header's clone).
+                std::mem::swap(r.headers_mut(), map);
                 self.headers = Headers::Few([None, None]);
                 if let Headers::Few(few) = &mut self.headers {
-                    for (slot, (name, value)) in few.iter_mut().zip(map.iter()) {
+                    for (slot, (name, value)) in few.iter_mut().zip(r.headers().iter()) {
                         *slot = Some((name.clone(), value.clone()));
                     }
                 }
-                map
             }
-            Headers::Map(map) => map.clone(),
+            Headers::Map(map) => *r.headers_mut() = map.clone(),
             Headers::Few(few) => {
                 let mut map = HeaderMap::with_capacity(few.iter().flatten().count());
                 for (name, value) in few.iter().flatten() {
                     map.append(name.clone(), value.clone());
                 }
-                map
+                *r.headers_mut() = map;
             }
-        };
-        let mut r = Request::new(body);
+        }
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;
-        *r.headers_mut() = headers;
         *r.extensions_mut() = self.extensions.clone();
         r
     }
