@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sturdy_core::classify::{classify_error, delivery};
+use sturdy_core::classify::{classify_error, delivery, own_text};
 use sturdy_core::{BoxError, Error};
 
 /// The failure of a call that several identical requests shared: one error, seen by each of
@@ -75,12 +75,17 @@ pub(crate) fn for_caller(shared: &Arc<BoxError>) -> BoxError {
     let e: &(dyn std::error::Error + 'static) = &***shared;
     let kind = classify_error(e);
     let delivery = delivery(e);
+    // The shared error's own text, or its cause's when that text names none (a hyper-util
+    // client's "client error (SendRequest)"); the error itself is the source.
     Box::new(
         Error::new(
             kind,
-            "the call shared by identical requests in flight failed",
+            format!(
+                "the call shared by identical requests in flight failed: {}",
+                own_text(e)
+            ),
         )
-        .with_source(SharedError::new(shared.clone()))
+        .with_hidden_source(SharedError::new(shared.clone()))
         .with_delivery(delivery),
     )
 }

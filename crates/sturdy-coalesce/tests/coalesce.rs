@@ -320,6 +320,45 @@ async fn an_error_is_shared_and_each_caller_can_read_it() {
     assert_eq!(api.calls(), 1);
 }
 
+/// An error whose own text names no cause, as a hyper-util client's does.
+#[derive(Debug)]
+struct Wrapper(io::Error);
+
+impl std::fmt::Display for Wrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client error (SendRequest)")
+    }
+}
+
+impl std::error::Error for Wrapper {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_error_whose_text_names_no_cause_is_told_by_its_cause() {
+    let api = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        tokio::time::sleep(ms(50)).await;
+        Err::<Response<Full<Bytes>>, _>(Wrapper(io::Error::from(io::ErrorKind::ConnectionReset)))
+    });
+    let client = CoalesceLayer::new().layer(api);
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(client.clone().oneshot(get("/r"))))
+        .collect();
+    for c in callers {
+        let err = c.await.unwrap().unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            "the call shared by identical requests in flight failed: connection reset by peer"
+        );
+        assert!(sturdy_core::find::<Wrapper>(&*err).is_some());
+        // Each text once: the top error does not repeat its source's.
+        assert!(!text.contains("SendRequest"), "{text}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_over_the_bound_goes_to_the_first_caller_and_the_others_call_again() {
     let api = Api::new(ms(50), vec!["0123456789", "0123456789", "tail"]);

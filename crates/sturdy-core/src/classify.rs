@@ -319,6 +319,25 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
         .map_or_else(|| err.to_string(), |e| e.to_string())
 }
 
+/// An error's own text, as `to_string` gives it, unless that text names no cause (hyper-util's
+/// `client error (SendRequest)`, `client error (Connect)`): then the words of [`describe`], which
+/// name the cause under it. For messages that quote another error, such as a shared call's.
+///
+/// ```
+/// use std::io;
+/// use sturdy_core::classify::own_text;
+///
+/// let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused by 10.0.0.7");
+/// assert_eq!(own_text(&refused), "refused by 10.0.0.7");
+/// ```
+pub fn own_text(err: &(dyn StdError + 'static)) -> String {
+    if is_generic_wrapper(err) {
+        describe(err)
+    } else {
+        err.to_string()
+    }
+}
+
 /// Errors whose own text says nothing a person can act on ("client error (Connect)",
 /// "error trying to connect"): their cause speaks instead.
 fn is_generic_wrapper(e: &(dyn StdError + 'static)) -> bool {
