@@ -204,14 +204,17 @@ where
                     ErrorKind::Other => ErrorKind::Auth,
                     kind => kind,
                 };
+                // The error's own text, or its cause's when that text names none (a
+                // hyper-util client's "client error (Connect)").
                 Error::new(
                     kind,
                     format!(
-                        "could not get an access token from {}",
-                        self.source.describe()
+                        "could not get an access token from {}: {}",
+                        self.source.describe(),
+                        sturdy_core::classify::own_text(&*e)
                     ),
                 )
-                .with_source(e)
+                .with_hidden_source(e)
             }
         };
         Box::new(self.mark(e))

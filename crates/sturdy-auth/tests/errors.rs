@@ -343,3 +343,52 @@ async fn a_token_failure_after_a_401_never_says_the_request_was_not_sent() {
     assert!(api.calls.lock().unwrap().is_empty());
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
 }
+
+/// A source whose error's own text names no cause, as a hyper-util client's does.
+#[derive(Debug)]
+struct ThroughAClient;
+
+#[derive(Debug)]
+struct ClientWrapper(std::io::Error);
+
+impl std::fmt::Display for ClientWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("client error (Connect)")
+    }
+}
+
+impl std::error::Error for ClientWrapper {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl TokenSource for ThroughAClient {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        Box::pin(async {
+            Err::<Token, BoxError>(Box::new(ClientWrapper(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            ))))
+        })
+    }
+    fn invalidate(&self, _: &Token) {}
+    fn describe(&self) -> String {
+        "the vault".to_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_source_error_whose_text_names_no_cause_is_told_by_its_cause() {
+    let api = Api::accept_all_tokens();
+    let err = AuthLayer::token_source(Arc::new(ThroughAClient))
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .unwrap_err();
+    let e = found(&err);
+    assert_eq!(
+        e.to_string(),
+        "could not get an access token from the vault: connection refused"
+    );
+    assert!(sturdy_core::find::<ClientWrapper>(&*err).is_some());
+}

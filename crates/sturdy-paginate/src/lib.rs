@@ -584,8 +584,17 @@ impl<P: PageStrategy> Paginate<P> {
                 }
                 let kind = sturdy_core::classify::classify_error(&*e);
                 return Err(
-                    Error::new(kind, format!("page {number} ({}) failed", uri.path()))
-                        .with_source(e),
+                    // The error's own text, or its cause's when that text names none (a
+                    // hyper-util client's "client error (SendRequest)").
+                    Error::new(
+                        kind,
+                        format!(
+                            "page {number} ({}) failed: {}",
+                            uri.path(),
+                            sturdy_core::classify::own_text(&*e)
+                        ),
+                    )
+                    .with_hidden_source(e),
                 );
             }
             Ok(Ok(res)) => res,

@@ -199,3 +199,27 @@ async fn a_body_at_the_size_limit_is_read() {
     let items: Vec<serde_json::Value> = pager.items().try_collect().await.unwrap();
     assert_eq!(items.len(), 3);
 }
+
+#[tokio::test]
+async fn a_page_that_cannot_connect_names_the_cause_not_the_clients_wrapper() {
+    // A port nothing listens on: hyper-util's error reads "client error (Connect)", which names
+    // no cause; the page's error names the refusal.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let pager = Paginate::builder(
+        http_client(),
+        &format!("http://{addr}/items"),
+        JsonCursor::new("/data", "/next"),
+    )
+    .build()
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), pager.page(None, 10))
+        .await
+        .expect("a refused connection answers at once")
+        .unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind(), &ErrorKind::Connect, "{text}");
+    assert_eq!(text, "page 1 (/items) failed: connection refused");
+    assert!(sturdy_core::find::<std::io::Error>(&e).is_some(), "{text}");
+}
