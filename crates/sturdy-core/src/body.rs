@@ -37,7 +37,13 @@ impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TooLarge { limit } => write!(f, "body larger than the {limit}-byte limit"),
-            Self::Read(e) => write!(f, "could not read the body: {e}"),
+            // In `describe`'s words: a broken connection's body error ("error reading a body
+            // from connection") names its cause only in its source.
+            Self::Read(e) => write!(
+                f,
+                "could not read the body: {}",
+                crate::classify::describe(&**e)
+            ),
         }
     }
 }
@@ -93,5 +99,41 @@ where
                 Err(BodyError::Read(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error whose own text names no cause, as hyper's body error does.
+    #[derive(Debug)]
+    struct Reading(std::io::Error);
+
+    impl fmt::Display for Reading {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("error reading a body from connection")
+        }
+    }
+
+    impl std::error::Error for Reading {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_read_error_names_its_cause() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let e = BodyError::Read(Box::new(Reading(reset)));
+        assert_eq!(
+            e.to_string(),
+            "could not read the body: connection reset by peer"
+        );
+        let own = BodyError::Read("the upload was cancelled".into());
+        assert_eq!(
+            own.to_string(),
+            "could not read the body: the upload was cancelled"
+        );
     }
 }
