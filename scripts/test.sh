@@ -104,8 +104,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
-echo "== cargo doc (broken intra-doc links are errors)"
-cargo doc --workspace --all-features --no-deps --quiet
+echo "== cargo doc, all features and default ones (any rustdoc warning is an error)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== cargo test"
 cargo test --workspace --all-features
 echo "== fuzz targets, a few seconds each (fuzz/README.md)"

@@ -208,7 +208,7 @@ pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
 /// Whether an error says anything about the health of the request's destination. It does not
 /// when the request was stopped before it left by something else: a local rate limit
 /// ([`RateLimited`]), an open breaker ([`CircuitOpen`]), tower's `LoadShed` refusing a call
-/// because the service below it was not ready ([`Overloaded`](tower::load_shed::error::Overloaded)),
+/// because the service below it was not ready ([`Overloaded`]),
 /// or a sturdy [`Error`](crate::Error) marked
 /// [`with_cause_elsewhere`](crate::Error::with_cause_elsewhere) (a full concurrency limit, a token
 /// endpoint that failed). A circuit breaker leaves such errors out of its counts, whatever
@@ -245,7 +245,7 @@ pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
 /// delivery (the retry layer's final error states it for the whole call; layers that refuse a
 /// call before sending it state [`Delivery::NotSent`]), then [`CircuitOpen`] and [`RateLimited`]
 /// (refused locally or by the server before processing) and tower's
-/// [`Overloaded`](tower::load_shed::error::Overloaded) (refused by a `LoadShed` before the call
+/// [`Overloaded`] (refused by a `LoadShed` before the call
 /// went down), then what the error is: a connect error proves the request never left. Everything else — timeouts, broken connections, unknown
 /// errors — may have been processed.
 ///
