@@ -12,12 +12,13 @@ pub struct CircuitHandle {
 }
 
 impl CircuitHandle {
-    /// The state of the breaker for `key`, if it exists.
+    /// The state of the breaker for `key`, if it exists. For a key past `max_breakers`, that is
+    /// the overflow breaker it shares with the other keys past the bound (listed as `*`).
     pub fn state(&self, key: &str) -> Option<CircuitState> {
         self.cell
             .get()
             .map
-            .find(key)
+            .find_serving(key)
             .map(|e| e.value().breaker.state(Instant::now()))
     }
 
@@ -36,9 +37,11 @@ impl CircuitHandle {
         v
     }
 
-    /// Isolates `key`: its breaker stays open until [`force_close`](Self::force_close).
+    /// Isolates `key`: its breaker stays open until [`force_close`](Self::force_close). A key
+    /// past `max_breakers` gets a breaker of its own for this (the map grows past its bound by
+    /// the keys forced open by hand), so the other keys past the bound are not refused with it.
     pub fn force_open(&self, key: &str) {
-        let e = self.cell.get().get(key);
+        let e = self.cell.get().get_own(key);
         let t = e.value().breaker.force_open(Instant::now());
         e.value().shared.report(e.key(), t);
     }

@@ -61,8 +61,13 @@ impl CoalesceHandle {
         }
     }
 
-    /// Shared calls in flight to `key` (the host) now.
+    /// Shared calls in flight to `key` (the host) now. For a host past `with_max_hosts`, the
+    /// calls in the overflow table it shares with the other hosts past the bound.
     pub fn in_flight(&self, key: &str) -> usize {
-        self.cell.get().map.find(key).map_or(0, |s| s.value().len())
+        self.cell
+            .get()
+            .map
+            .find_serving(key)
+            .map_or(0, |s| s.value().len())
     }
 }

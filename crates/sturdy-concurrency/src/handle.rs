@@ -60,7 +60,8 @@ impl ConcurrencyHandle {
         self.state(key).map(|s| s.limit)
     }
 
-    /// The limit and load of `key`, if it has a limit.
+    /// The limit and load of `key`, if it has a limit; for a host past the host bound, those of
+    /// the overflow limit it shares with the other hosts past it.
     pub fn state(&self, key: &str) -> Option<LimitState> {
         self.cell.get().find(key).map(|s| LimitState::of(s.value()))
     }

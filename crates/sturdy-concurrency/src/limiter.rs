@@ -402,8 +402,9 @@ impl Registry {
         || Limiter::new(self.config.clone())
     }
 
+    /// The limiter serving `key`: its own, or the overflow one past the bound.
     pub(crate) fn find(&self, key: &str) -> Option<Arc<Slot<Limiter>>> {
-        self.map.find(key)
+        self.map.find_serving(key)
     }
 
     pub(crate) fn get(&self, key: &str) -> Arc<Slot<Limiter>> {

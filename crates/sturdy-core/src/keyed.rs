@@ -116,6 +116,42 @@ impl<T: Idle> KeyedMap<T> {
             .cloned()
     }
 
+    /// The slot that serves `key` now: its own, or, when the map is full and keys past the
+    /// bound share the overflow slot, that one. `None` when neither exists. For handles, which
+    /// answer for a key what its calls live.
+    pub fn find_serving(&self, key: &str) -> Option<Arc<Slot<T>>> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(key)
+            .or_else(|| {
+                // The overflow slot serves every key without one of its own while the map is
+                // full (it is one of the map's entries, past the bound).
+                (map.len() > self.max)
+                    .then(|| map.get(OVERFLOW_KEY))
+                    .flatten()
+            })
+            .cloned()
+    }
+
+    /// The slot of `key` itself, made with `make` if it does not exist, even past the bound:
+    /// for a key a caller names by hand (a breaker forced open), which must not act on the
+    /// overflow slot that other keys share. The map grows past its bound only by such calls.
+    pub fn get_or_insert_own(&self, key: &str, make: impl FnOnce() -> T) -> Arc<Slot<T>> {
+        if let Some(s) = self.find(key) {
+            return s;
+        }
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = map.get(key) {
+            return s.clone();
+        }
+        let slot = Arc::new(Slot {
+            key: key.into(),
+            value: make(),
+            evicted: AtomicBool::new(false),
+        });
+        map.insert(key.into(), slot.clone());
+        slot
+    }
+
     /// The slot of `key`, made with `make` if it does not exist.
     pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> T) -> Arc<Slot<T>> {
         if let Some(s) = self.find(key) {
@@ -315,6 +351,32 @@ mod tests {
             &a,
             &m.get_or_insert_with("a", || unreachable!())
         ));
+        // A handle asking about "d" (or any key without a slot) reads the overflow slot that
+        // serves it; about "a", its own.
+        assert!(Arc::ptr_eq(&d, &m.find_serving("d").unwrap()));
+        assert!(Arc::ptr_eq(&d, &m.find_serving("e").unwrap()));
+        assert!(Arc::ptr_eq(&a, &m.find_serving("a").unwrap()));
+        assert!(m.find("d").is_none());
+        // A key named by hand gets its own slot past the bound; the others still share.
+        let own = m.get_or_insert_own("d", || Count(AtomicU32::new(1)));
+        assert_eq!(own.key(), "d");
+        assert!(Arc::ptr_eq(
+            &own,
+            &m.get_or_insert_with("d", || unreachable!())
+        ));
+        assert_eq!(
+            m.get_or_insert_with("e", || unreachable!()).key(),
+            OVERFLOW_KEY
+        );
+    }
+
+    #[test]
+    fn nothing_serves_a_key_while_the_map_has_room() {
+        let m: KeyedMap<Count> = KeyedMap::new(2);
+        assert!(m.find_serving("a").is_none());
+        m.get_or_insert_with("a", || Count(AtomicU32::new(1)));
+        assert!(m.find_serving("b").is_none());
+        assert_eq!(m.find_serving("a").unwrap().key(), "a");
     }
 
     #[test]

@@ -72,7 +72,8 @@ impl HedgeStats {
 
 impl HedgeHandle {
     /// The figures of `key` (the host, `authority` form such as `api.example.com:8080`), if it
-    /// has state.
+    /// has state; for a host past the host bound, those of the overflow state it shares with the
+    /// other hosts past it.
     pub fn stats(&self, key: &str) -> Option<HedgeStats> {
         let now = Instant::now();
         self.cell

@@ -218,8 +218,9 @@ impl Registry {
         || HostState::new(self.config.clone(), Instant::now())
     }
 
+    /// The state serving `key`: its own, or the overflow one past the bound.
     pub(crate) fn find(&self, key: &str) -> Option<Arc<Slot<HostState>>> {
-        self.map.find(key)
+        self.map.find_serving(key)
     }
 }
 

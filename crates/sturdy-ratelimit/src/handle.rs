@@ -9,7 +9,10 @@ use crate::state::State;
 /// It sees the state shared by the layer, its clones, the layers its setters return and every
 /// service they make. Keys are what the layer's key extractor returns (the host, with its port if
 /// the URI has one, by default). Pauses here are this process's; with a remote store, clear the
-/// store's too ([`RemoteQuota::clear_pause`](crate::RemoteQuota::clear_pause)).
+/// store's too ([`RemoteQuota::clear_pause`](crate::RemoteQuota::clear_pause)). A key past
+/// [`with_max_keys`](crate::RateLimitLayer::with_max_keys) shares the overflow limiter with the
+/// other keys past the bound: what the handle says of it is that limiter's (its pause, its
+/// line), and clearing its pause clears theirs.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -46,7 +49,7 @@ impl RateLimitHandle {
 
     /// How long calls to `key` stay paused from now; `None` when they are not paused.
     pub fn pause(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find(key)?;
+        let slot = self.state.map_if_used()?.find_serving(key)?;
         let now = self.state.origin.elapsed();
         let until = slot.value().gate.paused_until();
         (until > now).then(|| Duration::from_nanos(until - now))
@@ -71,7 +74,7 @@ impl RateLimitHandle {
     /// Calls waiting for it then leave in order, at the quota's pace (or the release pace).
     /// A pace the key learned from bare 429s is forgotten too.
     pub fn clear_pause(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find(key)?;
+        let slot = self.state.map_if_used()?.find_serving(key)?;
         let now = self.state.origin.elapsed();
         slot.value().gate.forget_pace();
         let until = slot.value().gate.clear_pause();
@@ -81,7 +84,7 @@ impl RateLimitHandle {
     /// The pace `key` learned from bare 429s: one call per the returned interval (`None`: no
     /// pace, the key has a quota, or it was never limited). See the crate docs.
     pub fn learned_pace(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find(key)?;
+        let slot = self.state.map_if_used()?.find_serving(key)?;
         slot.value().gate.learned().map(|q| q.interval())
     }
 
@@ -90,7 +93,7 @@ impl RateLimitHandle {
     pub fn waiting(&self, key: &str) -> usize {
         self.state
             .map_if_used()
-            .and_then(|m| m.find(key))
+            .and_then(|m| m.find_serving(key))
             .map_or(0, |s| s.value().gate.waiting())
     }
 }
