@@ -46,9 +46,11 @@ impl CircuitHandle {
         e.value().shared.report(e.key(), t);
     }
 
-    /// Resets `key`'s breaker to closed, forgetting its failures.
+    /// Resets `key`'s breaker to closed, forgetting its failures. A key past `max_breakers`
+    /// gets a closed breaker of its own, and the overflow breaker the other keys past the bound
+    /// share is left as it is (`force_close("*")` resets that one).
     pub fn force_close(&self, key: &str) {
-        let e = self.cell.get().get(key);
+        let e = self.cell.get().get_own(key);
         let t = e.value().breaker.force_close(Instant::now());
         e.value().shared.report(e.key(), t);
     }
