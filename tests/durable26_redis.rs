@@ -1,0 +1,198 @@
+//! The Redis Streams webhook queue read literally from docs/guides/webhooks.md and the
+//! sturdy-redis docs: dead-letter reasons, replays that must not duplicate work, and groups.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sturdy::redis::{RedisConnection, RedisStreamConsumer, RedisStreamQueue};
+use sturdy::webhook::{EventQueue, Push, WebhookEvent};
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn redis_url() -> String {
+    std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".to_owned())
+}
+
+fn unique(what: &str) -> String {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{{durable26-{what}-{n}}}")
+}
+
+async fn conn() -> RedisConnection {
+    RedisConnection::connect(&redis_url()).await.unwrap()
+}
+
+/// "`consumer.dead_letter(&d, reason)` moves one at once ... with `reason` (at most 1 KiB
+/// kept)": a reason of multi-byte characters is cut to at most 1 KiB of whole characters, and
+/// the dead letter stays listable, replayable and discardable.
+#[tokio::test]
+async fn durable26_a_long_reason_of_multibyte_characters_keeps_the_dead_letter_usable() {
+    let s = unique("reason");
+    let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+    let mut c = RedisStreamConsumer::join(conn().await, &s, "g", "w", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    for (i, reason) in [
+        "€".repeat(2000),
+        "𝄞".repeat(1000),
+        format!("x{}", "é".repeat(1000)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let e = WebhookEvent::new("standard", format!("r{i}"), Bytes::from_static(b"{}"));
+        assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+        let d = c.next().await.unwrap().expect("the event");
+        c.dead_letter(&d, reason).await.unwrap();
+    }
+    let dead = q
+        .dead_letters(None, 10)
+        .await
+        .expect("dead letters with a cut multi-byte reason must still be listed");
+    assert_eq!(dead.len(), 3);
+    let reasons = [
+        "€".repeat(2000),
+        "𝄞".repeat(1000),
+        format!("x{}", "é".repeat(1000)),
+    ];
+    for (d, full) in dead.iter().zip(reasons.iter()) {
+        assert!(d.reason.len() <= 1024, "{}", d.reason.len());
+        assert!(
+            full.starts_with(&d.reason),
+            "the kept reason is not a prefix of the given one: {:?}",
+            &d.reason[d.reason.len().saturating_sub(12)..]
+        );
+        assert!(
+            d.reason.len() > 1000,
+            "almost 1 KiB is kept: {}",
+            d.reason.len()
+        );
+    }
+    assert!(q.replay_dead_letter(&dead[0].entry).await.unwrap());
+    assert!(q.discard_dead_letter(&dead[1].entry).await.unwrap());
+    assert_eq!(q.dead_letter_count().await.unwrap(), 1);
+}
+
+/// A dead letter replayed by two operators at once goes back on the stream once: one replay
+/// is `Ok(true)`, the other `Ok(false)` ("no such dead letter"), and the group gets the event
+/// once, with a fresh count.
+#[tokio::test]
+async fn durable26_a_dead_letter_replayed_twice_at_once_is_delivered_once() {
+    let s = unique("replay2");
+    let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+    let mut c = RedisStreamConsumer::join(conn().await, &s, "g", "w", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let e = WebhookEvent::new("standard", "once", Bytes::from_static(b"{\"x\":1}"));
+    assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+    let d = c.next().await.unwrap().unwrap();
+    c.dead_letter(&d, "poison").await.unwrap();
+    let dead = q.dead_letters(None, 10).await.unwrap();
+    let q2 = RedisStreamQueue::new(conn().await, &s).unwrap();
+    let (a, b) = tokio::join!(
+        q.replay_dead_letter(&dead[0].entry),
+        q2.replay_dead_letter(&dead[0].entry)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a ^ b, "exactly one replay: {a} {b}");
+    let d = c.next().await.unwrap().expect("replayed");
+    assert_eq!(d.deliveries, 1);
+    assert_eq!(d.event.id, "once");
+    c.ack(&d).await.unwrap();
+    // Well past the claim delay: nothing else comes.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let more = c.next().await.unwrap();
+    assert!(more.is_none(), "delivered again: {more:?}");
+    assert_eq!(q.dead_letter_count().await.unwrap(), 0);
+}
+
+/// "`queue.replay_dead_letter(&dead.entry)` puts one back for the group that gave up on it
+/// (with a fresh count; other groups skip it)": group `a` dead-letters, group `b` acknowledges;
+/// after the replay `a` gets it once more and `b` never again.
+#[tokio::test]
+async fn durable26_a_replay_goes_to_the_group_that_gave_up_only() {
+    let s = unique("groups");
+    let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+    let mut a = RedisStreamConsumer::join(conn().await, &s, "a", "wa", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let mut b = RedisStreamConsumer::join(conn().await, &s, "b", "wb", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let e = WebhookEvent::new("github", "sha256:00", Bytes::from_static(b"[]"));
+    assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+    let da = a.next().await.unwrap().unwrap();
+    let db = b.next().await.unwrap().unwrap();
+    b.ack(&db).await.unwrap();
+    a.dead_letter(&da, "a cannot").await.unwrap();
+    let dead = q.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].group, "a");
+    assert_eq!(dead[0].deliveries, 1);
+    assert_eq!(dead[0].reason, "a cannot");
+    assert!(q.replay_dead_letter(&dead[0].entry).await.unwrap());
+    let again = a.next().await.unwrap().expect("a gets it again");
+    assert_eq!(
+        (again.deliveries, again.event.id.as_str()),
+        (1, "sha256:00")
+    );
+    a.ack(&again).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(b.next().await.unwrap().is_none(), "group b saw the replay");
+    assert!(a.next().await.unwrap().is_none());
+}
+
+/// `queue.with_replication(1, timeout)` "acknowledges an event only once a replica confirmed
+/// it"; its rustdoc: "when fewer replicas confirm in time, returns an error: the receiver
+/// answers 503 and the sender delivers the event again". The test Redis has no replica, so no
+/// delivery can ever be confirmed: the sender's redelivery must get 503 again, never a 200 for
+/// a "duplicate" of an event no replica holds (a failover would lose it after its sender was
+/// told it was safe).
+#[tokio::test]
+async fn durable26_a_redelivery_of_an_unreplicated_event_is_not_acknowledged() {
+    use axum::body::Body;
+    use http::Request;
+    use sturdy::webhook::{sign_github, GitHub, WebhookReceiver};
+    use tower::ServiceExt;
+    let s = unique("repl");
+    let q = RedisStreamQueue::new(conn().await, &s)
+        .unwrap()
+        .with_replication(1, Duration::from_millis(30));
+    let rx = WebhookReceiver::new(GitHub::new("gh_repl").unwrap(), q);
+    let body = "{\"repl\":true}";
+    let delivery = || {
+        Request::post("/hook")
+            .header(
+                "x-hub-signature-256",
+                sign_github("gh_repl", body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let first = rx.clone().oneshot(delivery()).await.unwrap();
+    assert_eq!(first.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(first.headers().contains_key("retry-after"));
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            rx.clone()
+                .oneshot(delivery())
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(
+        statuses,
+        [503, 503, 503],
+        "a redelivery was acknowledged though no replica confirmed the event"
+    );
+}
