@@ -518,3 +518,83 @@ async fn exchange(addr: std::net::SocketAddr, raw: &str) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// "A handler that panics, fails (`Err`), or answers a status that is not stored releases its
+/// key before its answer goes out, so a retry that follows at once runs": a tower service that
+/// fails its first call.
+#[tokio::test]
+async fn durable26_a_failing_inner_service_releases_its_key() {
+    use tower::ServiceBuilder;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let inner = tower::service_fn(move |_req: Request<Body>| {
+        let n = r.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return Err::<http::Response<Body>, BoxError>("backend gone".into());
+            }
+            Ok(http::Response::builder()
+                .status(201)
+                .body(Body::from("made"))
+                .unwrap())
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ))
+        .service(inner);
+    let first = svc.clone().oneshot(order("k-err", &[], "{}")).await;
+    assert!(first.is_err());
+    let second = svc
+        .clone()
+        .oneshot(order("k-err", &[], "{}"))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::CREATED);
+    let third = svc.oneshot(order("k-err", &[], "{}")).await.unwrap();
+    assert_eq!(third.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// "same key, another method, path, query or body | 422": the fingerprint covers the path and
+/// query and the body apart, so moving bytes from the body into the query (or back) is another
+/// request, never a replay of the first one's response.
+#[tokio::test]
+async fn durable26_bytes_moved_between_query_and_body_are_another_request() {
+    let cases: [(&str, &'static str, &str, &'static str); 3] = [
+        ("/orders?a=", "b", "/orders?a=b", ""),
+        ("/orders", "?x=1", "/orders?x=1", ""),
+        ("/orders?q=1", "", "/orders?q=", "1"),
+    ];
+    for (i, (uri_a, body_a, uri_b, body_b)) in cases.into_iter().enumerate() {
+        let (app, runs) = counting_app(
+            IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default()),
+            Duration::ZERO,
+        );
+        let key = format!("k-move-{i}");
+        let req = |uri: &str, body: &'static str| {
+            Request::post(uri)
+                .header("idempotency-key", key.as_str())
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let (s, _, _) = send(&app, req(uri_a, body_a)).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (s, h, b) = send(&app, req(uri_b, body_b)).await;
+        assert!(
+            !h.contains_key("idempotent-replayed"),
+            "{uri_a} + {body_a:?} then {uri_b} + {body_b:?}: replayed the first response ({s} {b})"
+        );
+        assert_eq!(
+            (s, problem_type(&b)),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                problem::KEY_REUSED.to_owned()
+            ),
+            "{uri_a} + {body_a:?} then {uri_b} + {body_b:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}

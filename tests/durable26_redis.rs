@@ -196,3 +196,107 @@ async fn durable26_a_redelivery_of_an_unreplicated_event_is_not_acknowledged() {
         "a redelivery was acknowledged though no replica confirmed the event"
     );
 }
+
+/// "Several consumer groups may read one stream, each getting every event. `ack` deletes an
+/// entry only when no other group still needs it (not read yet, or held unacknowledged)."
+/// Hundreds of events pushed at once share milliseconds (entry ids `<ms>-9`, `<ms>-10`, ...);
+/// group `a` acknowledges each entry just before group `b` reads it, so every ack happens while
+/// `b` still needs the entry. `b` must still get every event, in order.
+#[tokio::test]
+async fn durable26_two_groups_each_get_every_event_of_a_burst() {
+    let s = unique("burst");
+    let c0 = conn().await;
+    let q = RedisStreamQueue::new(c0.clone(), &s).unwrap();
+    let mut a = RedisStreamConsumer::join(c0.clone(), &s, "a", "wa", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let mut b = RedisStreamConsumer::join(c0.clone(), &s, "b", "wb", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    const N: usize = 400;
+    let pushes = (0..N).map(|i| {
+        let q = q.clone();
+        async move {
+            let e = WebhookEvent::new("standard", format!("e{i}"), Bytes::from(i.to_string()));
+            q.push(e, TTL).await.unwrap()
+        }
+    });
+    let results = futures_util::future::join_all(pushes).await;
+    assert!(results.iter().all(|r| *r == Push::Enqueued));
+    // Group a takes every event first (pending, not acknowledged yet).
+    let mut taken = Vec::new();
+    while let Some(d) = a.next().await.unwrap() {
+        taken.push(d);
+    }
+    assert_eq!(taken.len(), N);
+    let big_seq = taken
+        .iter()
+        .filter(|d| {
+            d.entry
+                .split_once('-')
+                .is_some_and(|(_, seq)| seq.len() >= 2)
+        })
+        .count();
+    eprintln!("{big_seq} of {N} entries have a two-digit sequence number");
+    // Then: a acknowledges entry j while b has read up to entry j - 1.
+    let mut got = Vec::new();
+    for d in &taken {
+        a.ack(d).await.unwrap();
+        if let Some(db) = b.next().await.unwrap() {
+            b.ack(&db).await.unwrap();
+            got.push(db.event.id.clone());
+        }
+    }
+    while let Some(db) = b.next().await.unwrap() {
+        b.ack(&db).await.unwrap();
+        got.push(db.event.id.clone());
+    }
+    let want: Vec<String> = taken.iter().map(|d| d.event.id.clone()).collect();
+    let missing: Vec<&String> = want.iter().filter(|w| !got.contains(w)).collect();
+    assert!(
+        missing.is_empty(),
+        "group b never got {} events, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(got, want, "group b got them out of order or twice");
+}
+
+/// `replay_dead_letter`: "When the stream is full (its backlog is at the maximum)" it is an
+/// error, and the dead letter must stay (listed, replayable once there is room): nothing lost.
+#[tokio::test]
+async fn durable26_a_replay_refused_by_a_full_stream_keeps_the_dead_letter() {
+    let s = unique("fullreplay");
+    let q = RedisStreamQueue::new(conn().await, &s)
+        .unwrap()
+        .with_max_backlog(1);
+    let mut c = RedisStreamConsumer::join(conn().await, &s, "g", "w", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let e1 = WebhookEvent::new("standard", "e1", Bytes::from_static(b"1"));
+    assert_eq!(q.push(e1, TTL).await.unwrap(), Push::Enqueued);
+    let d1 = c.next().await.unwrap().unwrap();
+    c.dead_letter(&d1, "later").await.unwrap();
+    let e2 = WebhookEvent::new("standard", "e2", Bytes::from_static(b"2"));
+    assert_eq!(q.push(e2, TTL).await.unwrap(), Push::Enqueued);
+    let e3 = WebhookEvent::new("standard", "e3", Bytes::from_static(b"3"));
+    assert_eq!(q.push(e3, TTL).await.unwrap(), Push::Full);
+    let dead = q.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let r = q.replay_dead_letter(&dead[0].entry).await;
+    assert!(r.is_err(), "a replay into a full stream: {r:?}");
+    assert_eq!(
+        q.dead_letter_count().await.unwrap(),
+        1,
+        "the dead letter was lost"
+    );
+    let d2 = c.next().await.unwrap().unwrap();
+    assert_eq!(d2.event.id, "e2");
+    c.ack(&d2).await.unwrap();
+    assert!(q.replay_dead_letter(&dead[0].entry).await.unwrap());
+    let again = c.next().await.unwrap().unwrap();
+    assert_eq!((again.event.id.as_str(), again.deliveries), ("e1", 1));
+}

@@ -565,3 +565,66 @@ async fn durable26_a_delivery_dropped_at_every_poll_is_queued_once_after_redeliv
         );
     }
 }
+
+/// "200 only once the event is queued": with the handler's end of the in-memory queue gone (the
+/// worker task ended or panicked), nothing can take the event, so the delivery must not be
+/// acknowledged (the sender would never deliver it again and the event would be lost), and its
+/// id must not be remembered.
+#[tokio::test]
+async fn durable26_a_queue_nobody_reads_any_more_never_acknowledges() {
+    let (q, events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(GitHub::new("gh_gone").unwrap(), q);
+    drop(events);
+    let body = "{\"lost\":1}";
+    let mk = || {
+        Request::post("/hook")
+            .header(
+                "x-hub-signature-256",
+                sign_github("gh_gone", body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (s, text) = answer(&rx, mk()).await;
+    assert!(
+        !s.is_success(),
+        "acknowledged {s} {text:?} into a queue nobody reads"
+    );
+    let (s2, _) = answer(&rx, mk()).await;
+    assert!(!s2.is_success(), "the redelivery was acknowledged: {s2}");
+}
+
+/// "a full queue gets 503 with `Retry-After` and the id is not remembered, so the redelivery is
+/// accepted": `MemoryQueue::new(0)` holds one event ("0 is taken as 1").
+#[tokio::test]
+async fn durable26_a_full_queue_is_503_and_the_redelivery_is_accepted() {
+    let (q, mut events) = MemoryQueue::new(0);
+    let rx = WebhookReceiver::new(GitHub::new("gh_full").unwrap(), q);
+    let mk = |body: &'static str| {
+        Request::post("/hook")
+            .header(
+                "x-hub-signature-256",
+                sign_github("gh_full", body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .unwrap()
+    };
+    assert_eq!(answer(&rx, mk("{\"n\":1}")).await.0, StatusCode::OK);
+    let res = rx.clone().oneshot(mk("{\"n\":2}")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ra = res.headers()["retry-after"].to_str().unwrap().to_owned();
+    assert!(
+        ra.parse::<u64>().is_ok() || httpdate_like(&ra),
+        "Retry-After {ra:?} is neither delay-seconds nor a date"
+    );
+    // A copy of the queued one is still a duplicate (200), not a 503.
+    assert_eq!(answer(&rx, mk("{\"n\":1}")).await.0, StatusCode::OK);
+    assert_eq!(events.recv().await.unwrap().body, "{\"n\":1}".as_bytes());
+    assert_eq!(answer(&rx, mk("{\"n\":2}")).await.0, StatusCode::OK);
+    assert_eq!(events.recv().await.unwrap().body, "{\"n\":2}".as_bytes());
+    assert!(events.try_recv().is_none());
+}
+
+fn httpdate_like(s: &str) -> bool {
+    s.ends_with(" GMT") && s.len() == 29
+}
