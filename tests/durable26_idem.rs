@@ -598,3 +598,54 @@ async fn durable26_bytes_moved_between_query_and_body_are_another_request() {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
+
+/// The guide's recommended composition, "put the limit inside this layer (in axum,
+/// `.layer(ConcurrencyLimitLayer::new(n))` before `.layer(idempotency)`)", with the table's row
+/// "repeat while the first runs | 409, `Retry-After: 1`": the repeat (and a request with an
+/// invalid key, which never runs a handler) should be answered at once, not wait for the
+/// running handler's permit.
+#[tokio::test]
+async fn durable26_a_repeat_under_a_limit_inside_the_layer_is_409_at_once() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+        .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, order("k-lim", &[], "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = std::time::Instant::now();
+    let (s, h, _) = send(&app, order("k-lim", &[], "{}")).await;
+    let took = t.elapsed();
+    let t = std::time::Instant::now();
+    let (s_bad, _, _) = send(&app, order("not a key", &[], "{}")).await;
+    let took_bad = t.elapsed();
+    first.await.unwrap();
+    assert_eq!(
+        (s, s_bad),
+        (StatusCode::CONFLICT, StatusCode::BAD_REQUEST),
+        "repeat: {s} {:?} after {took:?}; invalid key: {s_bad} after {took_bad:?}",
+        h.get("idempotent-replayed")
+    );
+    assert!(
+        took < Duration::from_millis(300) && took_bad < Duration::from_millis(300),
+        "answers waited for the running handler's permit: {took:?}, {took_bad:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -300,3 +300,130 @@ async fn durable26_a_replay_refused_by_a_full_stream_keeps_the_dead_letter() {
     let again = c.next().await.unwrap().unwrap();
     assert_eq!((again.event.id.as_str(), again.deliveries), ("e1", 1));
 }
+
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut s = e.source();
+    while let Some(x) = s {
+        out.push_str(" | ");
+        out.push_str(&x.to_string());
+        s = x.source();
+    }
+    out
+}
+
+/// docs/RELIABILITY.md, "Clear errors": a failure's message says what happened, among them "the
+/// write reached the Redis primary, but only 0 of the 1 replicas asked for confirmed it" and
+/// "Redis cannot be reached (down, restarting or failing over)" (kind `Connect`), and the URL's
+/// password is in no message and no `Debug` output.
+#[tokio::test]
+async fn durable26_redis_errors_say_what_happened_in_the_documented_words() {
+    use sturdy::core::{Error, ErrorKind};
+    let s = unique("words");
+    let q = RedisStreamQueue::new(conn().await, &s)
+        .unwrap()
+        .with_replication(1, Duration::from_millis(20));
+    let e = WebhookEvent::new("standard", "w1", Bytes::from_static(b"{}"));
+    let err = q.push(e, TTL).await.unwrap_err();
+    let text = chain_text(&*err);
+    assert!(
+        text.contains("the write reached the Redis primary, but only 0 of the 1 replicas asked for confirmed it"),
+        "{text}"
+    );
+
+    let st = sturdy::redis::RedisIdempotencyStore::new(conn().await)
+        .with_prefix(unique("words-idem"))
+        .with_replication(1, Duration::from_millis(20));
+    use sturdy::idempotency::server::{IdempotencyStore, LockToken};
+    let err = st
+        .begin("k", [7; 32], LockToken::random(), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    let text = chain_text(&*err);
+    assert!(
+        text.contains("the write reached the Redis primary, but only 0 of the 1 replicas asked for confirmed it"),
+        "{text}"
+    );
+
+    // A closed port, with a password in the URL.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let url = format!("redis://:hunter2-d26@127.0.0.1:{port}/");
+    let err = RedisConnection::connect(&url).await.unwrap_err();
+    let text = chain_text(&*err);
+    let debug = format!("{err:?}");
+    assert!(!text.contains("hunter2") && !debug.contains("hunter2"), "{text} {debug}");
+    assert!(
+        text.contains("Redis cannot be reached (down, restarting or failing over)"),
+        "{text}"
+    );
+    let kind = err.downcast_ref::<Error>().map(|e| e.kind().clone());
+    assert!(matches!(kind, Some(ErrorKind::Connect)), "{kind:?}: {text}");
+    let err = RedisStreamQueue::connect(&url, "{x}").await.unwrap_err();
+    let text = chain_text(&*err);
+    assert!(!text.contains("hunter2") && !format!("{err:?}").contains("hunter2"));
+    assert!(
+        text.contains("Redis cannot be reached (down, restarting or failing over)"),
+        "{text}"
+    );
+}
+
+/// "an event left unacknowledged for the claim delay is delivered again, and
+/// `Delivery::deliveries` counts the deliveries": a worker that took 300 events and died
+/// leaves all 300 to another worker of its group, each once, counted 2, and new events pushed
+/// meanwhile are not lost either.
+#[tokio::test]
+async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
+    let s = unique("takeover");
+    let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+    let claim = Duration::from_millis(1500);
+    let mut dead = RedisStreamConsumer::join(conn().await, &s, "g", "dead", claim)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(10));
+    const N: usize = 300;
+    for i in 0..N {
+        let e = WebhookEvent::new("github", format!("old{i}"), Bytes::from_static(b"{}"));
+        assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+    }
+    let mut held = std::collections::HashSet::new();
+    while held.len() < N {
+        let d = dead.next().await.unwrap().expect("an event");
+        assert!(held.insert(d.event.id), "taken twice before the claim delay");
+    }
+    drop(dead);
+    for i in 0..20 {
+        let e = WebhookEvent::new("github", format!("new{i}"), Bytes::from_static(b"{}"));
+        assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+    }
+    tokio::time::sleep(claim + Duration::from_millis(50)).await;
+    let mut live = RedisStreamConsumer::join(conn().await, &s, "g", "live", claim)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(10));
+    let mut seen = std::collections::HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match live.next().await.unwrap() {
+            Some(d) => {
+                live.ack(&d).await.unwrap();
+                *seen.entry(d.event.id.clone()).or_insert(0) += 1;
+                if d.event.id.starts_with("old") {
+                    assert_eq!(d.deliveries, 2, "{}", d.event.id);
+                } else {
+                    assert_eq!(d.deliveries, 1, "{}", d.event.id);
+                }
+            }
+            None if seen.len() == N + 20 => break,
+            None => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {} events came back",
+            seen.len(),
+            N + 20
+        );
+    }
+    assert!(seen.values().all(|&n| n == 1), "some came twice");
+}
