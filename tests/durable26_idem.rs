@@ -649,3 +649,22 @@ async fn durable26_a_repeat_under_a_limit_inside_the_layer_is_409_at_once() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A `Content-Length` that lies (2^62 bytes announced, 2 sent) under a body limit the app set to
+/// `usize::MAX`: no allocation sized by the peer's claim, no panic.
+#[tokio::test]
+async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
+    let (app, runs) = counting_app(
+        IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+            .with_body_limit(usize::MAX),
+        Duration::ZERO,
+    );
+    let mut req = order("k-len", &[], "{}");
+    req.headers_mut().insert(
+        "content-length",
+        (1u64 << 62).to_string().parse().unwrap(),
+    );
+    let (s, _, b) = send(&app, req).await;
+    assert!(s == StatusCode::CREATED || s.is_client_error(), "{s} {b}");
+    assert!(runs.load(Ordering::SeqCst) <= 1);
+}

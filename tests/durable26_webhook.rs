@@ -53,7 +53,10 @@ fn standard_req(id: &[u8], ts: &str, sig: &str, body: impl Into<Body>) -> Reques
     r
 }
 
-async fn answer(rx: &WebhookReceiver<MemoryQueue>, req: Request<Body>) -> (StatusCode, String) {
+async fn answer<Q: sturdy::webhook::EventQueue>(
+    rx: &WebhookReceiver<Q>,
+    req: Request<Body>,
+) -> (StatusCode, String) {
     let res = rx.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -627,4 +630,84 @@ async fn durable26_a_full_queue_is_503_and_the_redelivery_is_accepted() {
 
 fn httpdate_like(s: &str) -> bool {
     s.ends_with(" GMT") && s.len() == 29
+}
+
+/// A `Content-Length` that lies (2^62 bytes announced, 2 sent) under a body limit the app set to
+/// `usize::MAX`: no allocation sized by the peer's claim, no panic; the delivery is verified on
+/// the bytes that came.
+#[tokio::test]
+async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(GitHub::new("gh_len").unwrap(), q).with_body_limit(usize::MAX);
+    let body = "{}";
+    let req = Request::post("/hook")
+        .header("x-hub-signature-256", sign_github("gh_len", body.as_bytes()))
+        .header("content-length", (1u64 << 62).to_string())
+        .body(Body::from(body))
+        .unwrap();
+    let (s, _) = answer(&rx, req).await;
+    assert!(s == StatusCode::OK || s.is_client_error(), "{s}");
+    if s == StatusCode::OK {
+        assert_eq!(events.try_recv().unwrap().body, body.as_bytes());
+    }
+}
+
+/// "The dedup key is kept at least until the timestamp plus the tolerance plus one second
+/// ..., whatever the dedup TTL": with the receiver's clock (`with_clock`, "the wall clock
+/// timestamps are checked against") standing at the delivery's timestamp, a copy sent after the
+/// short dedup TTL has passed in real time still passes the timestamp check, so it must still be
+/// refused as a duplicate: memory and Redis queues.
+#[tokio::test]
+async fn durable26_the_dedup_key_follows_the_receivers_clock() {
+    let body = "{\"clock\":1}";
+    let sig = sign_standard(SW1_SECRET, "msg_clock", SW1_TS, body.as_bytes()).unwrap();
+    let mk = || standard_req(b"msg_clock", "1614265330", &sig, body);
+
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx = WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), q)
+        .with_clock(Arc::new(Fixed(SW1_TS)))
+        .with_dedup_ttl(Duration::from_millis(10));
+    assert_eq!(answer(&rx, mk()).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(answer(&rx, mk()).await.0, StatusCode::OK);
+    assert!(events.try_recv().is_some());
+    assert!(
+        events.try_recv().is_none(),
+        "memory: a copy that passes the timestamp check was queued twice"
+    );
+
+    let url =
+        std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".into());
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let stream = format!("{{durable26-clock-{n}}}");
+    let q = sturdy::redis::RedisStreamQueue::connect(&url, stream.as_str())
+        .await
+        .unwrap();
+    let mut c = sturdy::redis::RedisStreamConsumer::connect(
+        &url,
+        stream.as_str(),
+        "g",
+        "w",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(20));
+    let rx = WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), q)
+        .with_clock(Arc::new(Fixed(SW1_TS)))
+        .with_dedup_ttl(Duration::from_millis(10));
+    assert_eq!(answer(&rx, mk()).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert_eq!(answer(&rx, mk()).await.0, StatusCode::OK);
+    let first = c.next().await.unwrap();
+    assert!(first.is_some());
+    c.ack(&first.unwrap()).await.unwrap();
+    let second = c.next().await.unwrap();
+    assert!(
+        second.is_none(),
+        "redis: a copy that passes the timestamp check was queued twice"
+    );
 }
