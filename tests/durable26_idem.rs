@@ -668,3 +668,99 @@ async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
     assert!(s == StatusCode::CREATED || s.is_client_error(), "{s} {b}");
     assert!(runs.load(Ordering::SeqCst) <= 1);
 }
+
+/// Dropping a request at every point of its way (locking the key in Redis, reading the body,
+/// running the handler, storing the response): once things settle, a retry with the same key
+/// is answered 201, and for each key the handler ran exactly once (the retry ran it, or got the
+/// first run's stored response). No key is left locked, none is run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable26_a_request_dropped_at_any_moment_leaves_one_run_per_key_redis() {
+    let url =
+        std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".into());
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let store = sturdy::redis::RedisIdempotencyStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(format!("durable26-drop-{n}"));
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move |headers: HeaderMap| {
+                let r = r.clone();
+                async move {
+                    let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+                    *r.lock().unwrap().entry(key).or_insert(0) += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(store, ByCredentials::default())
+                .with_lease(Duration::from_secs(30))
+                .unwrap(),
+        );
+    let mut keys = Vec::new();
+    for step in 0..60u64 {
+        let key = format!("k-drop-{step}");
+        let fut = app.clone().oneshot(order(&key, &[], "{}"));
+        let _ = tokio::time::timeout(Duration::from_micros(step * 500), fut).await;
+        keys.push(key);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut bad = Vec::new();
+    for key in &keys {
+        let (s, _, b) = send(&app, order(key, &[], "{}")).await;
+        let n = runs.lock().unwrap().get(key).copied().unwrap_or(0);
+        if s != StatusCode::CREATED || n != 1 {
+            bad.push(format!("{key}: {s} {b} after {n} runs"));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// `MemoryStore::with_max_bytes`: "Clones are one store: the bound applies to all of them, and
+/// the entries already held are kept." A bound set through one clone holds for a layer built
+/// on another: an 8 KiB response is larger than a 4 KiB bound, so it is not stored; its first
+/// client gets it and retries get 500 `…/idempotency-response-too-large`, the handler not run
+/// again. An entry stored before the bound was set is still replayed.
+#[tokio::test]
+async fn durable26_a_byte_bound_set_on_a_clone_binds_every_clone() {
+    let store = MemoryStore::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move |body: Bytes| {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let n = if body.as_ref() == b"big" { 8 * 1024 } else { 10 };
+                    (StatusCode::CREATED, "x".repeat(n))
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(store.clone(), ByCredentials::default()));
+    let (s, _, _) = send(&app, order("k-small", &[], "small")).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let _bounded = store.clone().with_max_bytes(4 * 1024).unwrap();
+    let (s, _, b) = send(&app, order("k-big", &[], "big")).await;
+    assert_eq!((s, b.len()), (StatusCode::CREATED, 8 * 1024));
+    let (s, _, b) = send(&app, order("k-big", &[], "big")).await;
+    assert_eq!(
+        (s, problem_type(&b)),
+        (StatusCode::INTERNAL_SERVER_ERROR, problem::RESPONSE_TOO_LARGE.to_owned()),
+        "the bound set on a clone did not hold for the layer's store"
+    );
+    let (s, h, _) = send(&app, order("k-small", &[], "small")).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(h["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert!(store.heap_bytes() <= 4 * 1024, "{}", store.heap_bytes());
+}

@@ -711,3 +711,80 @@ async fn durable26_the_dedup_key_follows_the_receivers_clock() {
         "redis: a copy that passes the timestamp check was queued twice"
     );
 }
+
+/// "A delivery costs one MAC per configured secret (one SHA-256 pass over the body each),
+/// however many signature entries its header lists": also when the entries come as thousands
+/// of header lines instead of one line. Each scheme, a 256 KiB body, 3,000 lines of wrong
+/// signatures: the time stays near the one-line time.
+#[tokio::test]
+async fn durable26_thousands_of_signature_header_lines_cost_about_one_mac() {
+    let body = vec![b'a'; 256 * 1024];
+    let time = |rx: WebhookReceiver<MemoryQueue>, req: Request<Body>| async move {
+        let t = std::time::Instant::now();
+        let s = rx.oneshot(req).await.unwrap().status();
+        (s, t.elapsed())
+    };
+    let build = |name: &str, value: &dyn Fn(usize) -> String, lines: usize, extra: &[(&str, String)]| {
+        let mut r = Request::post("/hook").body(Body::from(body.clone())).unwrap();
+        for i in 0..lines {
+            r.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(&value(i)).unwrap(),
+            );
+        }
+        for (k, v) in extra {
+            r.headers_mut().insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        r
+    };
+    let fake_hex = |i: usize| format!("{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15);
+    let schemes: Vec<(&str, Box<dyn Fn() -> WebhookReceiver<MemoryQueue>>, String, Box<dyn Fn(usize) -> String>, Vec<(&str, String)>)> = vec![
+        (
+            "github",
+            Box::new(|| WebhookReceiver::new(GitHub::new("gh_lines").unwrap(), MemoryQueue::new(10).0)),
+            "x-hub-signature-256".into(),
+            Box::new(move |i| format!("sha256={}", fake_hex(i))),
+            vec![],
+        ),
+        (
+            "stripe",
+            Box::new(|| {
+                WebhookReceiver::new(Stripe::new("sk_lines").unwrap(), MemoryQueue::new(10).0)
+                    .with_clock(Arc::new(Fixed(SW1_TS)))
+            }),
+            "stripe-signature".into(),
+            Box::new(move |i| format!("t={SW1_TS},v1={}", fake_hex(i))),
+            vec![],
+        ),
+        (
+            "standard",
+            Box::new(|| {
+                WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), MemoryQueue::new(10).0)
+                    .with_clock(Arc::new(Fixed(SW1_TS)))
+            }),
+            "webhook-signature".into(),
+            Box::new(|i| format!("v1,{}", &"Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=".replacen('C', &((i % 10).to_string()), 1))),
+            vec![
+                ("webhook-id", "msg_lines".to_owned()),
+                ("webhook-timestamp", SW1_TS.to_string()),
+            ],
+        ),
+    ];
+    for (name, make, header, value, extra) in &schemes {
+        let mut one = Duration::MAX;
+        for _ in 0..3 {
+            let (_, t) = time(make(), build(header, value.as_ref(), 1, extra)).await;
+            one = one.min(t);
+        }
+        let (s, many) = time(make(), build(header, value.as_ref(), 3_000, extra)).await;
+        assert!(s.is_client_error(), "{name}: {s}");
+        eprintln!("{name}: one line {one:?}, 3,000 lines {many:?}");
+        assert!(
+            many < one * 4 + Duration::from_millis(200),
+            "{name}: 3,000 signature lines took {many:?} against {one:?} for one"
+        );
+    }
+}
