@@ -427,3 +427,100 @@ async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
     }
     assert!(seen.values().all(|&n| n == 1), "some came twice");
 }
+
+/// `with_replication(replicas, timeout)`: "waiting up to `timeout` for them"; every operation
+/// "ends within its timeout [1 s] (plus the replication wait ...)". A replication timeout of
+/// zero (do not wait) must not become Redis's `WAIT n 0`, which blocks the connection forever:
+/// the enqueue fails within about a second, and the connection it shares with a queue and an
+/// idempotency store keeps serving them.
+#[tokio::test]
+async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() {
+    use sturdy::idempotency::server::{Begin, IdempotencyStore, LockToken};
+    let shared = conn().await;
+    let s = unique("wait0");
+    let replicated = RedisStreamQueue::new(shared.clone(), &s)
+        .unwrap()
+        .with_replication(1, Duration::ZERO);
+    let plain = RedisStreamQueue::new(shared.clone(), &s).unwrap();
+    let store = sturdy::redis::RedisIdempotencyStore::new(shared.clone()).with_prefix(unique("wait0-idem"));
+    let t = std::time::Instant::now();
+    let r = replicated
+        .push(WebhookEvent::new("standard", "z1", Bytes::from_static(b"{}")), TTL)
+        .await;
+    let took = t.elapsed();
+    assert!(r.is_err(), "no replica can confirm: {r:?}");
+    assert!(took < Duration::from_millis(2500), "the enqueue took {took:?}");
+    let t = std::time::Instant::now();
+    let after = plain
+        .push(WebhookEvent::new("standard", "z2", Bytes::from_static(b"{}")), TTL)
+        .await;
+    let begin = store
+        .begin("k", [1; 32], LockToken::random(), Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(after, Ok(Push::Enqueued)) && matches!(begin, Ok(Begin::Started)),
+        "the shared connection no longer answers: {after:?} {begin:?} after {:?}",
+        t.elapsed()
+    );
+
+    // The idempotency store's own replication wait of zero, likewise.
+    let store0 = sturdy::redis::RedisIdempotencyStore::new(shared.clone())
+        .with_prefix(unique("wait0-idem2"))
+        .with_replication(1, Duration::ZERO);
+    let t = std::time::Instant::now();
+    let r = store0
+        .begin("k", [2; 32], LockToken::random(), Duration::from_secs(5))
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    let after = plain
+        .push(WebhookEvent::new("standard", "z3", Bytes::from_static(b"{}")), TTL)
+        .await;
+    assert!(matches!(after, Ok(Push::Enqueued)), "{after:?}");
+}
+
+/// "A group sees the entries still in the stream when it is created": events queued before any
+/// consumer joined are not lost to the first group, nor to a second group created while the
+/// first still holds them; an entry every existing group acknowledged is gone for a group made
+/// after that.
+#[tokio::test]
+async fn durable26_a_group_created_late_sees_the_entries_still_in_the_stream() {
+    let s = unique("late");
+    let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+    for i in 0..3 {
+        let e = WebhookEvent::new("github", format!("early{i}"), Bytes::from_static(b"{}"));
+        assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
+    }
+    let mut a = RedisStreamConsumer::join(conn().await, &s, "a", "wa", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    let mut got_a = Vec::new();
+    while let Some(d) = a.next().await.unwrap() {
+        got_a.push(d);
+    }
+    assert_eq!(
+        got_a.iter().map(|d| d.event.id.as_str()).collect::<Vec<_>>(),
+        ["early0", "early1", "early2"]
+    );
+    // Group b, created while a holds them unacknowledged, sees them too.
+    let mut b = RedisStreamConsumer::join(conn().await, &s, "b", "wb", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    for d in &got_a {
+        a.ack(d).await.unwrap();
+    }
+    let mut got_b = Vec::new();
+    while let Some(d) = b.next().await.unwrap() {
+        b.ack(&d).await.unwrap();
+        got_b.push(d.event.id);
+    }
+    assert_eq!(got_b, ["early0", "early1", "early2"]);
+    // Both groups are done with them: a group made now sees nothing of them.
+    let mut c = RedisStreamConsumer::join(conn().await, &s, "c", "wc", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(20));
+    assert!(c.next().await.unwrap().is_none());
+}
