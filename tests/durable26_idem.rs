@@ -660,10 +660,8 @@ async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
         Duration::ZERO,
     );
     let mut req = order("k-len", &[], "{}");
-    req.headers_mut().insert(
-        "content-length",
-        (1u64 << 62).to_string().parse().unwrap(),
-    );
+    req.headers_mut()
+        .insert("content-length", (1u64 << 62).to_string().parse().unwrap());
     let (s, _, b) = send(&app, req).await;
     assert!(s == StatusCode::CREATED || s.is_client_error(), "{s} {b}");
     assert!(runs.load(Ordering::SeqCst) <= 1);
@@ -685,7 +683,10 @@ async fn durable26_a_request_dropped_at_any_moment_leaves_one_run_per_key_redis(
         .await
         .unwrap()
         .with_prefix(format!("durable26-drop-{n}"));
-    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    let runs = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        u32,
+    >::new()));
     let r = runs.clone();
     let app = Router::new()
         .route(
@@ -741,12 +742,19 @@ async fn durable26_a_byte_bound_set_on_a_clone_binds_every_clone() {
                 let r = r.clone();
                 async move {
                     r.fetch_add(1, Ordering::SeqCst);
-                    let n = if body.as_ref() == b"big" { 8 * 1024 } else { 10 };
+                    let n = if body.as_ref() == b"big" {
+                        8 * 1024
+                    } else {
+                        10
+                    };
                     (StatusCode::CREATED, "x".repeat(n))
                 }
             }),
         )
-        .layer(IdempotencyLayer::new(store.clone(), ByCredentials::default()));
+        .layer(IdempotencyLayer::new(
+            store.clone(),
+            ByCredentials::default(),
+        ));
     let (s, _, _) = send(&app, order("k-small", &[], "small")).await;
     assert_eq!(s, StatusCode::CREATED);
     let _bounded = store.clone().with_max_bytes(4 * 1024).unwrap();
@@ -755,7 +763,10 @@ async fn durable26_a_byte_bound_set_on_a_clone_binds_every_clone() {
     let (s, _, b) = send(&app, order("k-big", &[], "big")).await;
     assert_eq!(
         (s, problem_type(&b)),
-        (StatusCode::INTERNAL_SERVER_ERROR, problem::RESPONSE_TOO_LARGE.to_owned()),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            problem::RESPONSE_TOO_LARGE.to_owned()
+        ),
         "the bound set on a clone did not hold for the layer's store"
     );
     let (s, h, _) = send(&app, order("k-small", &[], "small")).await;
@@ -763,4 +774,57 @@ async fn durable26_a_byte_bound_set_on_a_clone_binds_every_clone() {
     assert_eq!(h["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert!(store.heap_bytes() <= 4 * 1024, "{}", store.heap_bytes());
+}
+
+/// "once the store has locked the key, the handler runs in a tokio task of its own
+/// (`tokio::spawn`, inside the current `tracing` span)": the handler sees the request's span
+/// as its current span, also when its client left, and also for a replay's absence of a run.
+#[tokio::test]
+async fn durable26_the_handler_runs_inside_the_requests_tracing_span() {
+    use tracing::Instrument;
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let s2 = s2.clone();
+                async move {
+                    let name = tracing::Span::current()
+                        .metadata()
+                        .map(|m| m.name().to_owned())
+                        .unwrap_or_else(|| "<none>".to_owned());
+                    s2.lock().unwrap().push(name);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let res = app
+        .clone()
+        .oneshot(order("k-span", &[], "{}"))
+        .instrument(tracing::info_span!("order_request_d26"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    // A client that leaves mid-handler: the handler still ran in the span.
+    let fut = app
+        .clone()
+        .oneshot(order("k-span-2", &[], "{}"))
+        .instrument(tracing::info_span!("order_request_d26"));
+    let _ = tokio::time::timeout(Duration::from_millis(10), fut).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["order_request_d26", "order_request_d26"]
+    );
 }

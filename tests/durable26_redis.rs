@@ -353,7 +353,10 @@ async fn durable26_redis_errors_say_what_happened_in_the_documented_words() {
     let err = RedisConnection::connect(&url).await.unwrap_err();
     let text = chain_text(&*err);
     let debug = format!("{err:?}");
-    assert!(!text.contains("hunter2") && !debug.contains("hunter2"), "{text} {debug}");
+    assert!(
+        !text.contains("hunter2") && !debug.contains("hunter2"),
+        "{text} {debug}"
+    );
     assert!(
         text.contains("Redis cannot be reached (down, restarting or failing over)"),
         "{text}"
@@ -390,7 +393,10 @@ async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
     let mut held = std::collections::HashSet::new();
     while held.len() < N {
         let d = dead.next().await.unwrap().expect("an event");
-        assert!(held.insert(d.event.id), "taken twice before the claim delay");
+        assert!(
+            held.insert(d.event.id),
+            "taken twice before the claim delay"
+        );
     }
     drop(dead);
     for i in 0..20 {
@@ -442,17 +448,27 @@ async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() 
         .unwrap()
         .with_replication(1, Duration::ZERO);
     let plain = RedisStreamQueue::new(shared.clone(), &s).unwrap();
-    let store = sturdy::redis::RedisIdempotencyStore::new(shared.clone()).with_prefix(unique("wait0-idem"));
+    let store =
+        sturdy::redis::RedisIdempotencyStore::new(shared.clone()).with_prefix(unique("wait0-idem"));
     let t = std::time::Instant::now();
     let r = replicated
-        .push(WebhookEvent::new("standard", "z1", Bytes::from_static(b"{}")), TTL)
+        .push(
+            WebhookEvent::new("standard", "z1", Bytes::from_static(b"{}")),
+            TTL,
+        )
         .await;
     let took = t.elapsed();
     assert!(r.is_err(), "no replica can confirm: {r:?}");
-    assert!(took < Duration::from_millis(2500), "the enqueue took {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "the enqueue took {took:?}"
+    );
     let t = std::time::Instant::now();
     let after = plain
-        .push(WebhookEvent::new("standard", "z2", Bytes::from_static(b"{}")), TTL)
+        .push(
+            WebhookEvent::new("standard", "z2", Bytes::from_static(b"{}")),
+            TTL,
+        )
         .await;
     let begin = store
         .begin("k", [1; 32], LockToken::random(), Duration::from_secs(5))
@@ -472,9 +488,16 @@ async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() 
         .begin("k", [2; 32], LockToken::random(), Duration::from_secs(5))
         .await;
     assert!(r.is_err(), "{r:?}");
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     let after = plain
-        .push(WebhookEvent::new("standard", "z3", Bytes::from_static(b"{}")), TTL)
+        .push(
+            WebhookEvent::new("standard", "z3", Bytes::from_static(b"{}")),
+            TTL,
+        )
         .await;
     assert!(matches!(after, Ok(Push::Enqueued)), "{after:?}");
 }
@@ -500,7 +523,10 @@ async fn durable26_a_group_created_late_sees_the_entries_still_in_the_stream() {
         got_a.push(d);
     }
     assert_eq!(
-        got_a.iter().map(|d| d.event.id.as_str()).collect::<Vec<_>>(),
+        got_a
+            .iter()
+            .map(|d| d.event.id.as_str())
+            .collect::<Vec<_>>(),
         ["early0", "early1", "early2"]
     );
     // Group b, created while a holds them unacknowledged, sees them too.

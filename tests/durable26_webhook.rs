@@ -641,7 +641,10 @@ async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
     let rx = WebhookReceiver::new(GitHub::new("gh_len").unwrap(), q).with_body_limit(usize::MAX);
     let body = "{}";
     let req = Request::post("/hook")
-        .header("x-hub-signature-256", sign_github("gh_len", body.as_bytes()))
+        .header(
+            "x-hub-signature-256",
+            sign_github("gh_len", body.as_bytes()),
+        )
         .header("content-length", (1u64 << 62).to_string())
         .body(Body::from(body))
         .unwrap();
@@ -724,27 +727,38 @@ async fn durable26_thousands_of_signature_header_lines_cost_about_one_mac() {
         let s = rx.oneshot(req).await.unwrap().status();
         (s, t.elapsed())
     };
-    let build = |name: &str, value: &dyn Fn(usize) -> String, lines: usize, extra: &[(&str, String)]| {
-        let mut r = Request::post("/hook").body(Body::from(body.clone())).unwrap();
-        for i in 0..lines {
-            r.headers_mut().append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(&value(i)).unwrap(),
-            );
-        }
-        for (k, v) in extra {
-            r.headers_mut().insert(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        r
-    };
+    let build =
+        |name: &str, value: &dyn Fn(usize) -> String, lines: usize, extra: &[(&str, String)]| {
+            let mut r = Request::post("/hook")
+                .body(Body::from(body.clone()))
+                .unwrap();
+            for i in 0..lines {
+                r.headers_mut().append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(&value(i)).unwrap(),
+                );
+            }
+            for (k, v) in extra {
+                r.headers_mut().insert(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            r
+        };
     let fake_hex = |i: usize| format!("{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15);
-    let schemes: Vec<(&str, Box<dyn Fn() -> WebhookReceiver<MemoryQueue>>, String, Box<dyn Fn(usize) -> String>, Vec<(&str, String)>)> = vec![
+    let schemes: Vec<(
+        &str,
+        Box<dyn Fn() -> WebhookReceiver<MemoryQueue>>,
+        String,
+        Box<dyn Fn(usize) -> String>,
+        Vec<(&str, String)>,
+    )> = vec![
         (
             "github",
-            Box::new(|| WebhookReceiver::new(GitHub::new("gh_lines").unwrap(), MemoryQueue::new(10).0)),
+            Box::new(|| {
+                WebhookReceiver::new(GitHub::new("gh_lines").unwrap(), MemoryQueue::new(10).0)
+            }),
             "x-hub-signature-256".into(),
             Box::new(move |i| format!("sha256={}", fake_hex(i))),
             vec![],
@@ -762,11 +776,23 @@ async fn durable26_thousands_of_signature_header_lines_cost_about_one_mac() {
         (
             "standard",
             Box::new(|| {
-                WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), MemoryQueue::new(10).0)
-                    .with_clock(Arc::new(Fixed(SW1_TS)))
+                WebhookReceiver::new(
+                    StandardWebhooks::new(SW1_SECRET).unwrap(),
+                    MemoryQueue::new(10).0,
+                )
+                .with_clock(Arc::new(Fixed(SW1_TS)))
             }),
             "webhook-signature".into(),
-            Box::new(|i| format!("v1,{}", &"Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=".replacen('C', &((i % 10).to_string()), 1))),
+            Box::new(|i| {
+                format!(
+                    "v1,{}",
+                    &"Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=".replacen(
+                        'C',
+                        &((i % 10).to_string()),
+                        1
+                    )
+                )
+            }),
             vec![
                 ("webhook-id", "msg_lines".to_owned()),
                 ("webhook-timestamp", SW1_TS.to_string()),
@@ -787,4 +813,105 @@ async fn durable26_thousands_of_signature_header_lines_cost_about_one_mac() {
             "{name}: 3,000 signature lines took {many:?} against {one:?} for one"
         );
     }
+}
+
+/// A body that never ends: the checks the guide places before the body is read answer at once.
+struct Never;
+impl http_body::Body for Never {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// Step 2 of the guide, "Headers, before the body is read: ... 401 for a stale or future
+/// timestamp (and for a Standard Webhooks header without a decodable `v1` entry)"; step 1, a
+/// source outside the allowlist "gets 403 and is never read". Each is answered without waiting
+/// for a body that never comes, with the status the guide gives.
+#[tokio::test]
+async fn durable26_header_checks_answer_before_the_body_with_the_guides_status() {
+    let rx = WebhookReceiver::new(
+        StandardWebhooks::new(SW1_SECRET).unwrap(),
+        MemoryQueue::new(10).0,
+    )
+    .with_clock(Arc::new(Fixed(SW1_TS)));
+    let cases: [(&str, &str, StatusCode); 6] = [
+        (
+            "1614265330",
+            "v2,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "1614265330",
+            "v1a,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
+            StatusCode::UNAUTHORIZED,
+        ),
+        ("1614265330", "v1,!!!!", StatusCode::UNAUTHORIZED),
+        ("1614264000", SW1_SIG, StatusCode::UNAUTHORIZED),
+        ("1614266000", SW1_SIG, StatusCode::UNAUTHORIZED),
+        ("soon", SW1_SIG, StatusCode::BAD_REQUEST),
+    ];
+    for (ts, sig, want) in cases {
+        let mut req = Request::post("/hook").body(Never).unwrap();
+        req.headers_mut()
+            .insert("webhook-id", HeaderValue::from_static("msg_never"));
+        req.headers_mut()
+            .insert("webhook-timestamp", HeaderValue::from_str(ts).unwrap());
+        req.headers_mut()
+            .insert("webhook-signature", HeaderValue::from_str(sig).unwrap());
+        let res = tokio::time::timeout(Duration::from_secs(2), rx.clone().oneshot(req))
+            .await
+            .unwrap_or_else(|_| panic!("{ts} {sig}: waited for the body"))
+            .unwrap();
+        assert_eq!(res.status(), want, "{ts} {sig}");
+    }
+    let rx = rx.with_source_allowlist(allowlist());
+    let mut req = Request::post("/hook").body(Never).unwrap();
+    req.extensions_mut()
+        .insert(ConnectInfo("198.51.100.7:1".parse::<SocketAddr>().unwrap()));
+    let res = tokio::time::timeout(Duration::from_secs(2), rx.oneshot(req))
+        .await
+        .expect("a refused source's body was read")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+}
+
+/// A signed Stripe body nested 200,000 levels deep before its `id` (a broken or hostile sender
+/// that holds the secret): reading the `id` must not overflow the stack; the event is queued,
+/// deduplicated on its `id` or on a digest.
+#[test]
+fn durable26_a_deeply_nested_stripe_body_does_not_overflow_the_stack() {
+    // A thread with a small stack, as a runtime worker may have.
+    let h = std::thread::Builder::new()
+        .stack_size(512 * 1024)
+        .spawn(|| {
+            let secret = "sk_deep";
+            let depth = 200_000;
+            let body = format!(
+                "{{\"data\":{}{},\"id\":\"evt_deep\"}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let mut h = HeaderMap::new();
+            h.insert(
+                "stripe-signature",
+                sign_stripe(secret, SW1_TS, body.as_bytes())
+                    .parse()
+                    .unwrap(),
+            );
+            let v = Stripe::new(secret).unwrap();
+            v.verify(&h, body.as_bytes(), at(SW1_TS)).map(|v| v.id)
+        })
+        .unwrap();
+    let id = h.join().expect("verifying a deep body crashed its thread");
+    let id = id.expect("a signed body is verified");
+    assert!(
+        id.as_deref()
+            .is_none_or(|i| i == "evt_deep" || i.starts_with("sha256:")),
+        "{id:?}"
+    );
 }
