@@ -630,10 +630,10 @@ async fn durable26_a_repeat_under_a_limit_inside_the_layer_is_409_at_once() {
         async move { send(&app, order("k-lim", &[], "{}")).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let (s, h, _) = send(&app, order("k-lim", &[], "{}")).await;
     let took = t.elapsed();
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let (s_bad, _, _) = send(&app, order("not a key", &[], "{}")).await;
     let took_bad = t.elapsed();
     first.await.unwrap();
@@ -675,7 +675,7 @@ async fn durable26_a_lying_content_length_under_an_unbounded_limit() {
 async fn durable26_a_request_dropped_at_any_moment_leaves_one_run_per_key_redis() {
     let url =
         std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".into());
-    let n = std::time::SystemTime::now()
+    let n = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();

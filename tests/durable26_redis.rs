@@ -1,7 +1,7 @@
 //! The Redis Streams webhook queue read literally from docs/guides/webhooks.md and the
 //! sturdy-redis docs: dead-letter reasons, replays that must not duplicate work, and groups.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use sturdy::redis::{RedisConnection, RedisStreamConsumer, RedisStreamQueue};
@@ -14,7 +14,7 @@ fn redis_url() -> String {
 }
 
 fn unique(what: &str) -> String {
-    let n = SystemTime::now()
+    let n = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
@@ -409,7 +409,7 @@ async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
         .unwrap()
         .with_wait(Duration::from_millis(10));
     let mut seen = std::collections::HashMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match live.next().await.unwrap() {
             Some(d) => {
@@ -425,7 +425,7 @@ async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
             None => {}
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "only {} of {} events came back",
             seen.len(),
             N + 20
@@ -450,7 +450,7 @@ async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() 
     let plain = RedisStreamQueue::new(shared.clone(), &s).unwrap();
     let store =
         sturdy::redis::RedisIdempotencyStore::new(shared.clone()).with_prefix(unique("wait0-idem"));
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let r = replicated
         .push(
             WebhookEvent::new("standard", "z1", Bytes::from_static(b"{}")),
@@ -463,7 +463,7 @@ async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() 
         took < Duration::from_millis(2500),
         "the enqueue took {took:?}"
     );
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let after = plain
         .push(
             WebhookEvent::new("standard", "z2", Bytes::from_static(b"{}")),
@@ -483,7 +483,7 @@ async fn durable26_a_zero_replication_wait_never_blocks_the_shared_connection() 
     let store0 = sturdy::redis::RedisIdempotencyStore::new(shared.clone())
         .with_prefix(unique("wait0-idem2"))
         .with_replication(1, Duration::ZERO);
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let r = store0
         .begin("k", [2; 32], LockToken::random(), Duration::from_secs(5))
         .await;
