@@ -828,3 +828,138 @@ async fn durable26_the_handler_runs_inside_the_requests_tracing_span() {
         ["order_request_d26", "order_request_d26"]
     );
 }
+
+/// "the store's atomic lock lets exactly one execution start, across every instance sharing
+/// the store": two app instances on their own Redis connections, 24 identical requests at once
+/// (same client, key and payload): one runs; every other one gets 409 with `Retry-After: 1`
+/// or, once the first is done, its stored response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable26_identical_requests_at_once_on_two_instances_run_once() {
+    let url =
+        std::env::var("STURDY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:17379/".into());
+    let n = sturdy::core::WallClock::now(&sturdy::core::clock::SystemClock)
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("durable26-twins-{n}");
+    let mut apps = Vec::new();
+    let mut counters = Vec::new();
+    for _ in 0..2 {
+        let store = sturdy::redis::RedisIdempotencyStore::connect(&url)
+            .await
+            .unwrap()
+            .with_prefix(prefix.clone());
+        let (app, runs) = counting_app(
+            IdempotencyLayer::new(store, ByCredentials::default()),
+            Duration::from_millis(100),
+        );
+        apps.push(app);
+        counters.push(runs);
+    }
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let app = apps[i % 2].clone();
+            tokio::spawn(async move {
+                send(&app, order("k-twins", &[("authorization", "Bearer t")], "{}")).await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (s, h, b) = t.await.unwrap();
+        match s {
+            StatusCode::CREATED => assert!(b.starts_with("run 1"), "{b}"),
+            StatusCode::CONFLICT => {
+                assert_eq!(h["retry-after"], "1");
+                assert_eq!(problem_type(&b), problem::IN_FLIGHT);
+            }
+            other => panic!("{other}: {b}"),
+        }
+        statuses.push(s.as_u16());
+    }
+    let total: usize = counters.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+    assert_eq!(total, 1, "{statuses:?}");
+    assert!(statuses.contains(&201));
+}
+
+/// "Requests with a method other than POST and PATCH ..., and requests without a key when none
+/// is required, pass through untouched": their bodies are not held to the layer's body limit
+/// (1 MiB) nor buffered: a 1.5 MiB unkeyed POST reaches the handler whole, and a streamed
+/// unkeyed body reaches it before its end.
+#[tokio::test]
+async fn durable26_unkeyed_requests_pass_through_untouched() {
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(|body: Bytes| async move { (StatusCode::OK, body.len().to_string()) }),
+        )
+        .route(
+            "/stream",
+            post(|body: Body| async move {
+                let mut s = body.into_data_stream();
+                use futures_util::StreamExt;
+                let first = s.next().await.unwrap().unwrap();
+                (StatusCode::OK, format!("first {}", first.len()))
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let big = vec![b'x'; 1536 * 1024];
+    let req = Request::post("/orders").body(Body::from(big.clone())).unwrap();
+    let (s, _, b) = send(&app, req).await;
+    assert_eq!((s, b.as_str()), (StatusCode::OK, "1572864"));
+    let mut req = Request::put("/orders").body(Body::from(big)).unwrap();
+    req.headers_mut()
+        .insert("idempotency-key", http::HeaderValue::from_static("k-put-big"));
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "PUT has no route");
+
+    // A body whose first chunk comes and whose end never does.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tx.send(Ok(Bytes::from_static(b"hello"))).await.unwrap();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    });
+    let req = Request::post("/stream")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(2), send(&app, req))
+        .await
+        .expect("an unkeyed body was buffered by the layer");
+    assert_eq!(res.2, "first 5");
+    drop(tx);
+}
+
+/// The 500 marker is what the key keeps ("its key replays a 500
+/// `…/idempotency-response-too-large`"), and a repeat of a completed request gets "the stored
+/// response ... with `Idempotent-Replayed: true`": the marker's replays say they are replays,
+/// with the problem JSON's content type.
+#[tokio::test]
+async fn durable26_the_too_large_marker_is_replayed_as_a_replay() {
+    let (app, runs) = counting_app(
+        IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+            .with_response_limit(4),
+        Duration::ZERO,
+    );
+    let (s, _, _) = send(&app, order("k-mark", &[], "{}")).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    for _ in 0..2 {
+        let (s, h, b) = send(&app, order("k-mark", &[], "{}")).await;
+        assert_eq!(
+            (s, problem_type(&b)),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                problem::RESPONSE_TOO_LARGE.to_owned()
+            )
+        );
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(
+            h.get("idempotent-replayed").map(|v| v.as_bytes()),
+            Some(&b"true"[..]),
+            "the stored marker's replay does not say it is one"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
