@@ -550,3 +550,65 @@ async fn durable26_a_group_created_late_sees_the_entries_still_in_the_stream() {
         .with_wait(Duration::from_millis(20));
     assert!(c.next().await.unwrap().is_none());
 }
+
+/// A delivery whose runtime is dropped at some moment of its way (verifying, appending to the
+/// stream, answering) was never acknowledged, so its sender delivers it again, to another
+/// process (a new runtime with its own connection): that redelivery is acknowledged, and the
+/// group gets the event exactly once, whatever moment the first process died at.
+#[test]
+fn durable26_a_runtime_dropped_mid_delivery_neither_loses_nor_doubles_the_event() {
+    use axum::body::Body;
+    use http::Request;
+    use sturdy::webhook::{sign_github, GitHub, WebhookReceiver};
+    use tower::ServiceExt;
+    let stream = unique("rtdrop");
+    let secret = "gh_rtdrop";
+    let delivery = |i: u64| {
+        let body = format!("{{\"delivery\":{i}}}");
+        Request::post("/hook")
+            .header("x-hub-signature-256", sign_github(secret, body.as_bytes()))
+            .body(Body::from(body))
+            .unwrap()
+    };
+    const N: u64 = 12;
+    for i in 0..N {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = stream.clone();
+        rt.block_on(async move {
+            let q = RedisStreamQueue::new(conn().await, &s).unwrap();
+            let rx = WebhookReceiver::new(GitHub::new(secret).unwrap(), q);
+            let fut = rx.oneshot(delivery(i));
+            // Stop polling after i * 150 µs; the runtime is then dropped with the task.
+            let _ = tokio::time::timeout(Duration::from_micros(i * 150), fut).await;
+        });
+        drop(rt);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut c = RedisStreamConsumer::join(conn().await, &stream, "g", "w", TTL)
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(50));
+        let q = RedisStreamQueue::new(conn().await, &stream).unwrap();
+        let rx = WebhookReceiver::new(GitHub::new(secret).unwrap(), q);
+        for i in 0..N {
+            let res = rx.clone().oneshot(delivery(i)).await.unwrap();
+            assert_eq!(res.status(), http::StatusCode::OK, "redelivery {i}");
+        }
+        let mut bodies = Vec::new();
+        while let Some(d) = c.next().await.unwrap() {
+            c.ack(&d).await.unwrap();
+            bodies.push(String::from_utf8(d.event.body.to_vec()).unwrap());
+        }
+        bodies.sort();
+        let mut want: Vec<String> = (0..N).map(|i| format!("{{\"delivery\":{i}}}")).collect();
+        want.sort();
+        assert_eq!(bodies, want, "events lost or doubled");
+    });
+}
