@@ -373,19 +373,19 @@ async fn durable26_redis_errors_say_what_happened_in_the_documented_words() {
 }
 
 /// "an event left unacknowledged for the claim delay is delivered again, and
-/// `Delivery::deliveries` counts the deliveries": a worker that took 300 events and died
-/// leaves all 300 to another worker of its group, each once, counted 2, and new events pushed
+/// `Delivery::deliveries` counts the deliveries": a worker that took 200 events and died
+/// leaves all 200 to another worker of its group, each once, counted 2, and new events pushed
 /// meanwhile are not lost either.
 #[tokio::test]
 async fn durable26_every_event_a_dead_worker_held_is_taken_over_once() {
     let s = unique("takeover");
     let q = RedisStreamQueue::new(conn().await, &s).unwrap();
-    let claim = Duration::from_millis(1500);
+    let claim = Duration::from_millis(3000);
     let mut dead = RedisStreamConsumer::join(conn().await, &s, "g", "dead", claim)
         .await
         .unwrap()
         .with_wait(Duration::from_millis(10));
-    const N: usize = 300;
+    const N: usize = 200;
     for i in 0..N {
         let e = WebhookEvent::new("github", format!("old{i}"), Bytes::from_static(b"{}"));
         assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);

@@ -805,11 +805,15 @@ async fn durable26_thousands_of_signature_header_lines_cost_about_one_mac() {
             let (_, t) = time(make(), build(header, value.as_ref(), 1, extra)).await;
             one = one.min(t);
         }
-        let (s, many) = time(make(), build(header, value.as_ref(), 3_000, extra)).await;
-        assert!(s.is_client_error(), "{name}: {s}");
+        let mut many = Duration::MAX;
+        for _ in 0..2 {
+            let (s, t) = time(make(), build(header, value.as_ref(), 3_000, extra)).await;
+            assert!(s.is_client_error(), "{name}: {s}");
+            many = many.min(t);
+        }
         eprintln!("{name}: one line {one:?}, 3,000 lines {many:?}");
         assert!(
-            many < one * 4 + Duration::from_millis(200),
+            many < one * 6 + Duration::from_millis(500),
             "{name}: 3,000 signature lines took {many:?} against {one:?} for one"
         );
     }
@@ -913,5 +917,58 @@ fn durable26_a_deeply_nested_stripe_body_does_not_overflow_the_stack() {
         id.as_deref()
             .is_none_or(|i| i == "evt_deep" || i.starts_with("sha256:")),
         "{id:?}"
+    );
+}
+
+/// An empty `webhook-id` is a missing id ("400 for missing or malformed headers"): taken as an
+/// id, every later event sent with it would be a "duplicate", acknowledged and never processed.
+#[tokio::test]
+async fn durable26_an_empty_standard_id_is_a_missing_header() {
+    let (rx, mut events) = standard_rx(SW1_TS);
+    let mut statuses = Vec::new();
+    for body in ["{\"n\":1}", "{\"n\":2}"] {
+        let sig = sign_standard(SW1_SECRET, "", SW1_TS, body.as_bytes()).unwrap();
+        statuses.push(
+            answer(&rx, standard_req(b"", "1614265330", &sig, body))
+                .await
+                .0
+                .as_u16(),
+        );
+    }
+    let mut queued = 0;
+    while events.try_recv().is_some() {
+        queued += 1;
+    }
+    assert_eq!(
+        (statuses.as_slice(), queued),
+        (&[400u16, 400][..], 0),
+        "two different events with an empty id: the second was acknowledged and dropped"
+    );
+}
+
+/// A Stripe body with an empty `id` has no usable id: deduplicated on a digest of `t.body`, so
+/// two different events that both carry `"id":""` are both queued, not one dropped.
+#[tokio::test]
+async fn durable26_an_empty_stripe_id_is_not_an_id() {
+    let secret = "sk_empty_id";
+    let (q, mut events) = MemoryQueue::new(10);
+    let rx =
+        WebhookReceiver::new(Stripe::new(secret).unwrap(), q).with_clock(Arc::new(Fixed(SW1_TS)));
+    for body in [r#"{"id":"","n":1}"#, r#"{"id":"","n":2}"#] {
+        let req = Request::post("/hook")
+            .header(
+                "stripe-signature",
+                sign_stripe(secret, SW1_TS, body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .unwrap();
+        assert_eq!(answer(&rx, req).await.0, StatusCode::OK);
+    }
+    let a = events.try_recv().expect("the first event");
+    let b = events.try_recv();
+    assert!(
+        b.is_some(),
+        "the second event with an empty id was taken for a duplicate of {:?}",
+        a.id
     );
 }
