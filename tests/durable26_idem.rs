@@ -410,7 +410,7 @@ async fn durable26_a_release_on_its_way_is_not_cancelled_by_a_client_that_leaves
         let body: &'static str = if what == "panic" { "panic" } else { "fail" };
         // The client leaves 30 ms after the handler answered: the release is on its way.
         let fut = app.clone().oneshot(order("k-rel", &[], body));
-        let mut fut = std::pin::pin!(fut);
+        let mut fut = Box::pin(fut);
         tokio::select! {
             _ = &mut fut => panic!("{what}: answered before the handler ran"),
             _ = answered.notified() => {}
