@@ -9,6 +9,10 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod client26_callbacks;
+mod client26_circuit;
+mod client26_ratelimit;
+mod client26_secrets;
 mod compose14_cancel;
 mod compose14_ready;
 mod compose14_servers;
