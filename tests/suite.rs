@@ -11,6 +11,9 @@ mod server11_common;
 
 mod client26_callbacks;
 mod client26_circuit;
+mod client26_events;
+mod client26_more;
+mod client26_panics;
 mod client26_ratelimit;
 mod client26_secrets;
 mod compose14_cancel;
