@@ -10,8 +10,10 @@ mod outsider_common;
 mod server11_common;
 
 mod client26_callbacks;
+mod client26_coalesce_keys;
 mod client26_circuit;
 mod client26_events;
+mod client26_metrics;
 mod client26_more;
 mod client26_panics;
 mod client26_ratelimit;
