@@ -15,6 +15,8 @@ mod client26_circuit;
 mod client26_events;
 mod client26_metrics;
 mod client26_more;
+mod client26_version;
+mod client26_races;
 mod client26_panics;
 mod client26_ratelimit;
 mod client26_secrets;
