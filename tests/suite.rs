@@ -10,6 +10,7 @@ mod outsider_common;
 mod server11_common;
 
 mod client26_callbacks;
+mod client26_chaos;
 mod client26_coalesce_keys;
 mod client26_circuit;
 mod client26_events;
