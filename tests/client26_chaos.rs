@@ -30,7 +30,9 @@ where
     S::Error: std::fmt::Display,
     S::Future: Send,
 {
-    let calls: Vec<_> = (0..n).map(|_| client.clone().oneshot(get(server))).collect();
+    let calls: Vec<_> = (0..n)
+        .map(|_| client.clone().oneshot(get(server)))
+        .collect();
     futures_util::future::join_all(calls)
         .await
         .into_iter()
@@ -98,7 +100,10 @@ async fn client26_tokens_expiring_sooner_than_said_cost_one_request_per_wave() {
         .build(http);
     for wave in 1..=3u64 {
         let statuses = burst(&client, &server, 10).await;
-        assert!(statuses.iter().all(|s| *s == 200), "wave {wave}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "wave {wave}: {statuses:?}"
+        );
         let st = server.stats();
         assert_eq!(st.token_requests, wave, "wave {wave}: {st:?}");
         tokio::time::sleep(Duration::from_millis(350)).await;
@@ -123,15 +128,16 @@ async fn client26_token_client_with_its_own_retries() {
         BoxError,
     > = BoxCloneSyncService::new(
         ClientBuilder::new()
-            .with_retry(
-                sturdy::retry::RetryLayer::new()
-                    .with_deadline(Duration::from_secs(10)),
-            )
+            .with_retry(sturdy::retry::RetryLayer::new().with_deadline(Duration::from_secs(10)))
             .build(http.clone()),
     );
-    let tokens =
-        ClientCredentials::new(token_client, &server.url("/oauth/token"), "client", "secret")
-            .unwrap();
+    let tokens = ClientCredentials::new(
+        token_client,
+        &server.url("/oauth/token"),
+        "client",
+        "secret",
+    )
+    .unwrap();
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(tokens))
         .build(http);

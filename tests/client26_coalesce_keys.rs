@@ -83,7 +83,10 @@ async fn client26_header_values_holding_separators_never_share() {
             }
         }
     }
-    assert!(shared.is_empty(), "shared a response with {{x-a: 1, x-b: 2}}: {shared:?}");
+    assert!(
+        shared.is_empty(),
+        "shared a response with {{x-a: 1, x-b: 2}}: {shared:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -96,7 +99,10 @@ async fn client26_values_moved_between_headers_never_share() {
         ),
         (vec![("x-a", b"")], vec![]),
         (vec![("x-a", b""), ("x-b", b"1")], vec![("x-b", b"1")]),
-        (vec![("x-a", b"1"), ("x-a", b"2")], vec![("x-a", b"2"), ("x-a", b"1")]),
+        (
+            vec![("x-a", b"1"), ("x-a", b"2")],
+            vec![("x-a", b"2"), ("x-a", b"1")],
+        ),
         (vec![("x-a", b"1"), ("x-a", b"2")], vec![("x-a", b"12")]),
         (vec![("x-a", b"1"), ("x-a", b"")], vec![("x-a", b"1")]),
         (vec![("x-ab", b"c")], vec![("x-a", b"bc")]),
@@ -108,7 +114,10 @@ async fn client26_values_moved_between_headers_never_share() {
             shared.push(format!("{ha:?} ~ {hb:?}"));
         }
     }
-    assert!(shared.is_empty(), "different headers shared one response: {shared:#?}");
+    assert!(
+        shared.is_empty(),
+        "different headers shared one response: {shared:#?}"
+    );
 }
 
 /// `with_key_headers([AUTHORIZATION, ACCEPT])`: a value in one named header is not the same as
@@ -125,12 +134,12 @@ async fn client26_key_headers_are_told_apart() {
             vec![("authorization", b"Bearer ab"), ("accept", b"c")],
             vec![("authorization", b"Bearer a"), ("accept", b"bc")],
         ),
+        (vec![("authorization", b"")], vec![]),
         (
-            vec![("authorization", b"")],
-            vec![],
-        ),
-        (
-            vec![("authorization", b"Bearer a"), ("authorization", b"Bearer b")],
+            vec![
+                ("authorization", b"Bearer a"),
+                ("authorization", b"Bearer b"),
+            ],
             vec![("authorization", b"Bearer a")],
         ),
     ];

@@ -101,7 +101,11 @@ async fn client26_open_gauge_through_half_open_and_a_failed_probe() {
     let uri = "http://api.test:8080/x";
     let _ = svc.clone().oneshot(get(uri)).await.unwrap();
     let ms = take(&snap);
-    assert_eq!(gauge(&ms, "sturdy.circuit.open"), Some(1.0), "open: {ms:#?}");
+    assert_eq!(
+        gauge(&ms, "sturdy.circuit.open"),
+        Some(1.0),
+        "open: {ms:#?}"
+    );
 
     // Half-open: the probe is out. The breaker refuses others, but the guide says 0 otherwise.
     tokio::time::advance(Duration::from_millis(1001)).await;
@@ -138,7 +142,10 @@ async fn client26_open_gauge_through_half_open_and_a_failed_probe() {
         .into_iter()
         .filter(|(l, _)| l.get("sturdy.circuit.state").map(String::as_str) == Some("forced_open"))
         .map(|(l, n)| {
-            assert_eq!(l.get("server.address").map(String::as_str), Some("api.test"));
+            assert_eq!(
+                l.get("server.address").map(String::as_str),
+                Some("api.test")
+            );
             assert_eq!(l.get("server.port").map(String::as_str), Some("8080"));
             n
         })
@@ -155,7 +162,13 @@ async fn client26_pause_sources_and_capped_durations() {
     let cases: Vec<(u16, Vec<(&str, &str)>, bool, &str, f64)> = vec![
         (429, vec![("retry-after", "7")], false, "retry_after", 7.0),
         (503, vec![("retry-after", "7")], false, "retry_after", 7.0),
-        (200, vec![("ratelimit", r#""d";r=0;t=9"#)], false, "ratelimit", 9.0),
+        (
+            200,
+            vec![("ratelimit", r#""d";r=0;t=9"#)],
+            false,
+            "ratelimit",
+            9.0,
+        ),
         (
             200,
             vec![("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "11")],

@@ -79,7 +79,12 @@ async fn client26_coalesce_leave_and_join_race() {
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(handle.in_flight("api.test"), 0);
-    assert!(bad.is_empty(), "{} of 400: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "{} of 400: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
 }
 
 /// Callers with random timeouts under an adaptive limit of 2: afterwards nothing is in flight

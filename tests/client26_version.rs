@@ -46,7 +46,11 @@ async fn client26_a_callers_version_under_an_encoded_name_is_kept() {
 /// Sanity: the layer's own spelling of a name with a space.
 #[tokio::test]
 async fn client26_a_query_name_with_a_space_is_form_encoded() {
-    let q = query_seen(VersionLayer::query("api version", "2024 06"), "http://api.test/x").await;
+    let q = query_seen(
+        VersionLayer::query("api version", "2024 06"),
+        "http://api.test/x",
+    )
+    .await;
     assert!(
         q == "api+version=2024+06" || q == "api%20version=2024%2006",
         "{q}"
