@@ -140,3 +140,55 @@ async fn client26_in_flight_of_a_host_past_the_bound() {
     );
     assert_eq!((ia, ic), (1, 1), "in_flight(a.test), in_flight(c.test)");
 }
+
+/// ratelimit.md: `handle.waiting(key)` "calls in line" for a key that shares the overflow
+/// limiter: two calls to `b.test` wait out its pause.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: RateLimitHandle::waiting(key) is 0 for a key sharing the overflow limiter while its calls wait in line"]
+async fn client26_waiting_of_a_key_past_the_bound() {
+    let (layer, h) = RateLimitLayer::adaptive_only().with_max_keys(1).pair();
+    let svc = layer.layer(api());
+    svc.clone().oneshot(get("a.test", "/")).await.unwrap();
+    let _ = svc.clone().oneshot(get("b.test", "/429")).await.unwrap();
+    let w1 = tokio::spawn(svc.clone().oneshot(get("b.test", "/")));
+    let w2 = tokio::spawn(svc.clone().oneshot(get("b.test", "/")));
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_millis(10)).await;
+    let n = h.waiting("b.test");
+    w1.abort();
+    w2.abort();
+    assert_eq!(n, 2, "waiting(b.test) while two calls to it wait");
+}
+
+/// metrics.md: "`server.address` and `server.port`: the host called, split from the request's
+/// authority". The pause a call to an overflow key met, and the overflow breaker's opening, are
+/// labelled with a host called.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+#[ignore = "FAULT: metrics of the overflow limiter and breaker carry server.address=\"*\", not the host called (metrics.md: the host called, split from the request's authority)"]
+async fn client26_overflow_events_are_labelled_with_the_host_called() {
+    use metrics_util::debugging::DebuggingRecorder;
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let svc = RateLimitLayer::adaptive_only()
+        .with_max_keys(1)
+        .layer(api());
+    svc.clone().oneshot(get("a.test", "/")).await.unwrap();
+    let _ = svc.clone().oneshot(get("b.test", "/429")).await.unwrap();
+    let svc = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_max_breakers(1)
+        .layer(api());
+    let _ = svc.clone().oneshot(get("a.test", "/fail")).await.unwrap();
+    let _ = svc.clone().oneshot(get("c.test", "/fail")).await.unwrap();
+    let mut odd = Vec::new();
+    for (ck, _, _, _) in snap.snapshot().into_vec() {
+        let (_, key) = ck.into_parts();
+        for l in key.labels() {
+            if l.key() == "server.address" && !["a.test", "b.test", "c.test"].contains(&l.value()) {
+                odd.push(format!("{} {}={}", key.name(), l.key(), l.value()));
+            }
+        }
+    }
+    assert!(odd.is_empty(), "{odd:?}");
+}
