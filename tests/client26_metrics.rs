@@ -285,7 +285,7 @@ async fn client26_token_metrics_labels() {
     .collect();
     let fetches = counters(&ms, "sturdy.auth.token.fetches");
     assert_eq!(fetches, vec![(want.clone(), 1)], "{ms:#?}");
-    let mut fail_labels = want.clone();
+    let mut fail_labels = want;
     fail_labels.insert("error.type".into(), "503".into());
     let failures = counters(&ms, "sturdy.auth.token.failures");
     assert_eq!(failures, vec![(fail_labels, 1)], "{ms:#?}");
