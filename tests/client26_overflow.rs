@@ -192,3 +192,46 @@ async fn client26_overflow_events_are_labelled_with_the_host_called() {
     }
     assert!(odd.is_empty(), "{odd:?}");
 }
+
+/// ratelimit.md "A quota of your own": `with_max_keys(1)` and a quota of 1 call per second per
+/// host. Calling another host must not hand `a.test` a fresh quota: a second call to `a.test`
+/// within the second is still refused (RELIABILITY.md: only idle limiters are forgotten).
+#[tokio::test(start_paused = true)]
+async fn client26_a_busy_quota_is_not_forgotten_for_another_host() {
+    use sturdy::ratelimit::Quota;
+    let svc = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_max_keys(1)
+        .with_max_wait(Duration::ZERO)
+        .layer(api());
+    svc.clone().oneshot(get("a.test", "/")).await.unwrap();
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let _ = svc.clone().oneshot(get("b.test", "/")).await;
+    tokio::time::advance(Duration::from_millis(100)).await;
+    let again = svc.clone().oneshot(get("a.test", "/")).await;
+    assert!(
+        again.is_err(),
+        "a second call to a.test 200 ms after the first went through a 1/s quota"
+    );
+}
+
+/// The pace `a.test` learned from a bare 429 outlives calls to another host while the pace is
+/// in force (`with_max_keys(1)`).
+#[tokio::test(start_paused = true)]
+async fn client26_a_learned_pace_is_kept_while_another_host_is_called() {
+    let (layer, h) = RateLimitLayer::adaptive_only().with_max_keys(1).pair();
+    let svc = layer.layer(tower::service_fn(|r: Req| async move {
+        let s = if r.uri().path() == "/bare" { 429 } else { 200 };
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(s)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+    }));
+    let _ = svc.clone().oneshot(get("a.test", "/bare")).await.unwrap();
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    let before = h.learned_pace("a.test");
+    assert!(before.is_some());
+    let _ = svc.clone().oneshot(get("b.test", "/")).await;
+    assert_eq!(h.learned_pace("a.test"), before, "forgotten by a call to b.test");
+}
