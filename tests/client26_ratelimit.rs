@@ -177,3 +177,33 @@ async fn client26_ratelimit_field_with_several_policies() {
         );
     }
 }
+
+/// `DirectLimiter::reserve`: "the slot is the caller's from now on ... and it is taken ahead of
+/// the callers waiting in `until_ready`"; `check`: "Takes a slot now if one is free and no
+/// `until_ready` caller waits for one".
+#[tokio::test(start_paused = true)]
+async fn client26_direct_reserve_goes_ahead_of_the_line() {
+    use sturdy::ratelimit::DirectLimiter;
+    let l = Arc::new(DirectLimiter::new(Quota::per_second(1).unwrap()));
+    let start = Instant::now();
+    l.check().unwrap();
+    let w = {
+        let l = l.clone();
+        tokio::spawn(async move {
+            l.until_ready(Duration::from_secs(10)).await.unwrap();
+            start.elapsed()
+        })
+    };
+    tokio::task::yield_now().await;
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let wait = l.reserve(Duration::from_secs(5)).unwrap();
+    assert_eq!(wait, Duration::from_millis(500), "the next slot, at 1 s");
+    tokio::time::advance(Duration::from_millis(600)).await;
+    // At 1.1 s the slot is the reserver's; the waiter's comes at 2 s, and check finds none.
+    assert!(l.check().is_err());
+    let waited = w.await.unwrap();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_millis(2100),
+        "{waited:?}"
+    );
+}
