@@ -117,9 +117,14 @@ where
             }
             Joined::Follow(shared, handoff) => {
                 counters.joined.fetch_add(1, Ordering::Relaxed);
+                // The host called, not the table's key: past the host bound, hosts share the
+                // overflow table (`*`), but each joined call is still one host's.
                 registry.config.events.emit(&Event::Coalesced {
                     key: local.key(),
-                    host: registry.config.keys_are_hosts.then_some(local.key()),
+                    host: registry
+                        .config
+                        .keys_are_hosts
+                        .then(|| sturdy_core::key::host(&req)),
                     method: req.method(),
                 });
                 // Not called now: give back what poll_ready reserved, keep a clone in case this

@@ -243,9 +243,10 @@ pub enum Event<'a> {
     },
     /// Coalescing: a call joined an identical call in flight instead of sending its own.
     Coalesced {
-        /// The coalescing layer's key.
+        /// The coalescing layer's key (`*` for a host past the host bound).
         key: &'a str,
-        /// The host, when the layer keys by host (the default); `None` with a custom key.
+        /// The host called, when the layer keys by host (the default); `None` with a custom
+        /// key.
         host: Option<&'a str>,
         /// The request's method.
         method: &'a Method,
