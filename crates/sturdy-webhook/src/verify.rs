@@ -358,9 +358,10 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 /// secret.
 ///
 /// The id and the timestamp are signed: the event is deduplicated on `webhook-id`, and the
-/// event carries the `webhook-id` and `webhook-timestamp` headers. A `webhook-id` longer than
-/// [`MAX_ID_LEN`], or holding a `.` (which would let one signed delivery be cut into another id
-/// and body), is refused.
+/// event carries the `webhook-id` and `webhook-timestamp` headers. A `webhook-id` that is empty,
+/// longer than [`MAX_ID_LEN`], not visible ASCII (a header value the `http` crate's `to_str`
+/// refuses, such as `msg_café`), or holding a `.` (which would let one signed delivery be cut
+/// into another id and body), is refused.
 #[derive(Debug, Clone)]
 pub struct StandardWebhooks {
     keys: Keys,
