@@ -136,24 +136,17 @@ impl<T: Idle> KeyedMap<T> {
     /// for a key a caller names by hand (a breaker forced open), which must not act on the
     /// overflow slot that other keys share. The map grows past its bound only by such calls.
     pub fn get_or_insert_own(&self, key: &str, make: impl FnOnce() -> T) -> Arc<Slot<T>> {
-        if let Some(s) = self.find(key) {
-            return s;
-        }
-        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = map.get(key) {
-            return s.clone();
-        }
-        let slot = Arc::new(Slot {
-            key: key.into(),
-            value: make(),
-            evicted: AtomicBool::new(false),
-        });
-        map.insert(key.into(), slot.clone());
-        slot
+        self.get_or_insert(key, make, false)
     }
 
     /// The slot of `key`, made with `make` if it does not exist.
     pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> T) -> Arc<Slot<T>> {
+        self.get_or_insert(key, make, true)
+    }
+
+    /// The slot of `key`, made if needed; `bounded`: past the bound, forget idle keys, then
+    /// give the overflow slot.
+    fn get_or_insert(&self, key: &str, make: impl FnOnce() -> T, bounded: bool) -> Arc<Slot<T>> {
         if let Some(s) = self.find(key) {
             return s;
         }
@@ -162,7 +155,7 @@ impl<T: Idle> KeyedMap<T> {
             return s.clone();
         }
         let mut key = key;
-        if map.len() >= self.max {
+        if bounded && map.len() >= self.max {
             map.retain(|_, s| {
                 let keep = !s.value.is_idle();
                 if !keep {
