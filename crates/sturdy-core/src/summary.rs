@@ -62,6 +62,10 @@ pub struct ErrorSummary {
     pub idempotency_key: Option<String>,
     /// How many attempts were made, when a retry layer reported it.
     pub attempts: Option<u32>,
+    /// The wait itself, for the advice: `retry_after_ms` stops at `u64::MAX` milliseconds, and
+    /// the advice must name the wait the message names.
+    #[serde(skip)]
+    retry_after: Option<Duration>,
 }
 
 fn kind_name(kind: &ErrorKind) -> (&'static str, Option<u16>) {
@@ -113,6 +117,7 @@ impl ErrorSummary {
             message: err.to_string(),
             retryable: kind.is_retryable() || matches!(kind, ErrorKind::CircuitOpen { .. }),
             retry_after_ms: retry_after.map(millis),
+            retry_after,
             may_have_been_processed: delivery(err) == Delivery::MaybeProcessed,
             idempotency_key: report.and_then(|r| r.idempotency_key().map(str::to_owned)),
             attempts: report.map(crate::CallReport::attempts),
@@ -124,7 +129,13 @@ impl ErrorSummary {
         let mut out = if !self.retryable {
             "Trying again unchanged will not help".to_owned()
         } else if let Some(ms) = self.retry_after_ms {
-            format!("Try again in {}", human_duration(Duration::from_millis(ms)))
+            // The wait the message names, when `retry_after_ms` is still the one it was made
+            // with (it stops at u64::MAX milliseconds).
+            let wait = self
+                .retry_after
+                .filter(|d| millis(*d) == ms)
+                .unwrap_or(Duration::from_millis(ms));
+            format!("Try again in {}", human_duration(wait))
         } else {
             "Trying again may help".to_owned()
         };
@@ -177,6 +188,20 @@ pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_advice_names_the_wait_the_message_names_past_u64_max_milliseconds() {
+        let e = RateLimited::new(Duration::from_secs(u64::MAX));
+        let s = ErrorSummary::of(&e);
+        assert_eq!(s.retry_after_ms, Some(u64::MAX));
+        let wait = crate::human_duration(Duration::from_secs(u64::MAX));
+        assert!(s.message.contains(&wait), "{}", s.message);
+        assert!(
+            s.advice().starts_with(&format!("Try again in {wait}")),
+            "{}",
+            s.advice()
+        );
+    }
+
     use super::*;
     use crate::{CallReport, Error};
     use http::StatusCode;

@@ -359,9 +359,19 @@ fn from_chain_error(err: reqwest_middleware::Error) -> BoxError {
 }
 
 /// The stack's error as reqwest-middleware's.
+///
+/// `reqwest_middleware::Error::Middleware` is transparent: its `source()` is the `source()` of
+/// the error anyhow holds, which skips that error itself. sturdy's error therefore goes in
+/// under a context (its own text): anyhow's context error gives the error as its source, so
+/// `sturdy_core::find`, `classify::delivery` and `ErrorSummary::of` reach it through the plain
+/// `std::error::Error` chain of the `reqwest_middleware::Error`, and anyhow's `downcast_ref`
+/// still finds it.
 fn into_middleware_error(err: BoxError) -> reqwest_middleware::Error {
     reqwest_middleware::Error::Middleware(match err.downcast::<Error>() {
-        Ok(e) => anyhow::Error::new(*e),
+        Ok(e) => {
+            let text = e.to_string();
+            anyhow::Error::new(*e).context(text)
+        }
         Err(e) => anyhow::Error::new(Boxed(e)),
     })
 }
