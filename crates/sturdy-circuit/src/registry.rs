@@ -135,10 +135,6 @@ impl Registry {
         }
     }
 
-    pub(crate) fn get(&self, key: &str) -> Arc<Slot<Node>> {
-        self.map.get_or_insert_with(key, self.make())
-    }
-
     /// `key`'s own breaker, made even past `max_breakers`: a key forced open by hand must not
     /// force the overflow breaker that the other keys past the bound share.
     pub(crate) fn get_own(&self, key: &str) -> Arc<Slot<Node>> {
