@@ -9,6 +9,9 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod agents27_paginate;
+mod agents27_reqwest;
+mod agents27_version;
 mod client26_callbacks;
 mod client26_chaos;
 mod client26_circuit;
