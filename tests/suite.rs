@@ -9,8 +9,12 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod agents27_guards;
+mod agents27_more;
 mod agents27_paginate;
+mod agents27_readme;
 mod agents27_reqwest;
+mod agents27_tls;
 mod agents27_version;
 mod client26_callbacks;
 mod client26_chaos;
