@@ -12,6 +12,7 @@ mod server11_common;
 mod agents27_guards;
 mod agents27_more;
 mod agents27_paginate;
+mod agents27_params;
 mod agents27_readme;
 mod agents27_reqwest;
 mod agents27_tls;
