@@ -9,6 +9,7 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod agents27_compose;
 mod agents27_guards;
 mod agents27_more;
 mod agents27_paginate;
