@@ -18,6 +18,7 @@ mod agents27_readme;
 mod agents27_reqwest;
 mod agents27_tls;
 mod agents27_version;
+mod agents27_wire;
 mod client26_callbacks;
 mod client26_chaos;
 mod client26_circuit;
