@@ -34,7 +34,7 @@ fn flaky(
         let n = hits.fetch_add(1, Ordering::SeqCst);
         async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let status = if n % 3 == 0 {
+            let status = if n.is_multiple_of(3) {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::OK
@@ -96,9 +96,12 @@ async fn agents27_kept_client_over_concurrency_limit_one_with_retries() {
             c.oneshot(req).await
         }
     });
-    let all = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(calls))
-        .await
-        .expect("deadlock");
+    let all = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("deadlock");
     for r in all {
         assert_eq!(r.unwrap().status(), 200);
     }
@@ -144,7 +147,9 @@ async fn agents27_ready_then_dropped_without_call_frees_the_permit() {
 #[tokio::test]
 async fn agents27_cursor_key_rules() {
     let api = service_fn(|_req: Request<Full<Bytes>>| async {
-        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(r#"{"data":[1],"next":null}"#)))
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(
+            r#"{"data":[1],"next":null}"#,
+        )))
     });
     let short = Paginate::builder(api, "http://h/items", JsonCursor::new("/data", "/next"))
         .with_cursor_key([7u8; 31])
@@ -175,7 +180,13 @@ async fn agents27_rate_limit_found_through_the_middleware() {
     use axum::routing::get as route_get;
     let app = axum::Router::new().route(
         "/x",
-        route_get(|| async { (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "120")], "no") }),
+        route_get(|| async {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "120")],
+                "no",
+            )
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

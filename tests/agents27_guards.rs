@@ -221,8 +221,11 @@ async fn agents27_a_looping_link_is_an_error_without_the_key() {
 async fn agents27_a_self_cursor_is_refused_across_calls() {
     let hits = Arc::new(AtomicUsize::new(0));
     // Every page says its next cursor is "same".
-    let answer: Answer =
-        Arc::new(|_q, _n| Response::new(full(json!({ "data": [1, 2, 3], "next": "same" }).to_string())));
+    let answer: Answer = Arc::new(|_q, _n| {
+        Response::new(full(
+            json!({ "data": [1, 2, 3], "next": "same" }).to_string(),
+        ))
+    });
     let pager = json_cursor_pager(answer, hits.clone());
     let mut cursor: Option<String> = None;
     let mut seen_items = 0;
@@ -242,7 +245,10 @@ async fn agents27_a_self_cursor_is_refused_across_calls() {
             }
         }
     }
-    assert!(seen_items <= 6, "the agent read {seen_items} items of a 1-page loop");
+    assert!(
+        seen_items <= 6,
+        "the agent read {seen_items} items of a 1-page loop"
+    );
 }
 
 #[tokio::test]

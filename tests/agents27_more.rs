@@ -71,7 +71,9 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 type Fut<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a>,
+    Box<
+        dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a,
+    >,
 >;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -80,7 +82,11 @@ struct Mark(usize);
 /// After the sturdy middleware: marks each attempt's extensions with its number.
 fn marker(
     n: Arc<AtomicUsize>,
-) -> impl for<'a> Fn(reqwest::Request, &'a mut http::Extensions, reqwest_middleware::Next<'a>) -> Fut<'a>
+) -> impl for<'a> Fn(
+    reqwest::Request,
+    &'a mut http::Extensions,
+    reqwest_middleware::Next<'a>,
+) -> Fut<'a>
        + Send
        + Sync
        + 'static {
@@ -94,7 +100,11 @@ fn marker(
 /// Before the sturdy middleware: records the mark the call's extensions hold at its end.
 fn reader(
     out: Arc<Mutex<Option<Mark>>>,
-) -> impl for<'a> Fn(reqwest::Request, &'a mut http::Extensions, reqwest_middleware::Next<'a>) -> Fut<'a>
+) -> impl for<'a> Fn(
+    reqwest::Request,
+    &'a mut http::Extensions,
+    reqwest_middleware::Next<'a>,
+) -> Fut<'a>
        + Send
        + Sync
        + 'static {
@@ -116,10 +126,14 @@ async fn agents27_call_extensions_are_the_last_attempts() {
     let last = Arc::new(Mutex::new(None));
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(reader(last.clone()))
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick()).build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick()).build(next)
+        }))
         .with(marker(attempts.clone()))
         .build();
-    let res = within(client.get(format!("{base}/flaky")).send()).await.unwrap();
+    let res = within(client.get(format!("{base}/flaky")).send())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert_eq!(*last.lock().unwrap(), Some(Mark(3)));
@@ -130,7 +144,9 @@ async fn agents27_call_options_reach_the_stack_through_with_extension() {
     let (base, seen) = server().await;
     seen.fail_first.store(5, Ordering::SeqCst);
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick()).build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick()).build(next)
+        }))
         .build();
     let res = within(
         client
@@ -143,7 +159,7 @@ async fn agents27_call_options_reach_the_stack_through_with_extension() {
     assert_eq!(res.status(), 503);
     assert_eq!(seen.hits.load(Ordering::SeqCst), 1);
     // A deadline for the whole call.
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let err = within(
         client
             .get(format!("{base}/slow"))
@@ -152,7 +168,11 @@ async fn agents27_call_options_reach_the_stack_through_with_extension() {
     )
     .await
     .unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(280), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(280),
+        "{:?}",
+        t.elapsed()
+    );
     let e = sturdy_reqwest::find::<sturdy::core::Error>(&err).expect("sturdy's error");
     assert_eq!(e.kind(), &sturdy::core::ErrorKind::Timeout, "{err}");
 }
@@ -191,7 +211,9 @@ async fn agents27_a_request_with_its_own_timeout_is_never_coalesced() {
 async fn agents27_a_streamed_body_that_fails_is_not_sent() {
     let (base, seen) = server().await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick()).build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick()).build(next)
+        }))
         .build();
     let chunks: Vec<Result<http_body::Frame<Bytes>, std::io::Error>> = vec![
         Ok(http_body::Frame::data(Bytes::from_static(b"part"))),
@@ -215,7 +237,9 @@ async fn agents27_a_streamed_body_that_fails_is_not_sent() {
     assert!(r.is_err());
     assert_eq!(seen.hits.load(Ordering::SeqCst), 0);
     // The client still works.
-    let res = within(client.get(format!("{base}/flaky")).send()).await.unwrap();
+    let res = within(client.get(format!("{base}/flaky")).send())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 }
 
@@ -232,7 +256,7 @@ fn agents27_tool_result_of_values_json_cannot_hold_never_panics() {
 }
 
 #[derive(Debug)]
-struct Deep(Option<Box<Deep>>, usize);
+struct Deep(Option<Box<Self>>, usize);
 
 impl std::fmt::Display for Deep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -286,7 +310,9 @@ async fn closing_server() -> String {
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(k) = tcp.read(&mut buf).await else { return };
+                    let Ok(k) = tcp.read(&mut buf).await else {
+                        return;
+                    };
                     if k == 0 {
                         return;
                     }
@@ -304,7 +330,9 @@ async fn closing_server() -> String {
 async fn agents27_summary_of_a_middleware_error_has_sturdys_facts() {
     let base = closing_server().await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick()).build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick()).build(next)
+        }))
         .build();
     // A POST whose connection closes: the message names the key; the summary must carry it.
     let err = within(client.post(format!("{base}/orders")).body("{}").send())
@@ -329,4 +357,51 @@ async fn agents27_summary_of_a_middleware_error_has_sturdys_facts() {
     .unwrap_err();
     let s = ErrorSummary::of(&err);
     assert_eq!(s.kind, "timeout", "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn agents27_timeouts_the_guide_recommends_read_as_timeouts() {
+    // agents.md: bound the read of the body "with tokio::time::timeout around it".
+    let elapsed = tokio::time::timeout(Duration::from_millis(1), std::future::pending::<()>())
+        .await
+        .unwrap_err();
+    let s = ErrorSummary::of(&elapsed);
+    assert_eq!(s.kind, "timeout", "tokio's Elapsed: {s:?}");
+    assert!(s.retryable, "{s:?}");
+    assert!(s.may_have_been_processed, "{s:?}");
+    // tower's Timeout layer around the client.
+    let svc = tower::ServiceBuilder::new()
+        .timeout(Duration::from_millis(1))
+        .service(tower::service_fn(|_: ()| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(())
+        }));
+    let err = tower::ServiceExt::oneshot(svc, ()).await.unwrap_err();
+    let s = ErrorSummary::of(&*err);
+    assert_eq!(s.kind, "timeout", "tower's Elapsed: {s:?}");
+    assert!(s.retryable, "{s:?}");
+}
+
+#[tokio::test]
+async fn agents27_buffer_keeps_the_retry_report() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = ClientBuilder::new()
+        .with_retry(quick())
+        .build(sturdy_chaos::http_client());
+    let buffered = tower::ServiceBuilder::new().buffer(2).service(client);
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/orders"))
+        .body(http_body_util::Full::<Bytes>::from("{}"))
+        .unwrap();
+    let err = within(tower::ServiceExt::oneshot(buffered, req))
+        .await
+        .unwrap_err();
+    let s = ErrorSummary::of(&*err);
+    assert_eq!(s.kind, "connect", "{s:?}");
+    assert!(!s.may_have_been_processed, "{s:?}");
+    assert_eq!(s.attempts, Some(4), "{s:?}");
+    assert!(s.idempotency_key.is_some(), "{s:?}");
 }

@@ -31,7 +31,10 @@ fn query(req: &Request<Full<Bytes>>) -> Vec<(String, String)> {
 }
 
 fn param(req: &Request<Full<Bytes>>, name: &str) -> Option<String> {
-    query(req).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    query(req)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
 }
 
 fn json_response(v: &Value) -> Response<Full<Bytes>> {
@@ -108,10 +111,13 @@ async fn walk_with_limits<P: sturdy::paginate::PageStrategy>(
     let mut cursor: Option<String> = None;
     let mut all = Vec::new();
     for (i, limit) in limits.iter().cycle().enumerate() {
-        let page = tokio::time::timeout(Duration::from_secs(5), pager.page(cursor.as_deref(), *limit))
-            .await
-            .expect("page() hung")
-            .unwrap_or_else(|e| panic!("call {i} (limit {limit}): {e}"));
+        let page = tokio::time::timeout(
+            Duration::from_secs(5),
+            pager.page(cursor.as_deref(), *limit),
+        )
+        .await
+        .expect("page() hung")
+        .unwrap_or_else(|e| panic!("call {i} (limit {limit}): {e}"));
         assert!(page.items.len() <= (*limit).max(1), "more than the limit");
         assert_eq!(
             page.has_more,
@@ -221,7 +227,10 @@ fn assert_refused(err: &sturdy::core::Error, cursor: &str) {
     assert_eq!(err.kind(), &ErrorKind::Pagination, "{cursor:?}: {err}");
     let s = ErrorSummary::of(err);
     assert_eq!(s.kind, "pagination");
-    assert!(!s.retryable, "{cursor:?}: a refused cursor is not retryable");
+    assert!(
+        !s.retryable,
+        "{cursor:?}: a refused cursor is not retryable"
+    );
     assert!(!s.advice().is_empty());
 }
 
@@ -266,7 +275,11 @@ async fn agents27_every_prefix_and_every_one_char_edit_of_a_cursor_is_refused_be
             assert_refused(&err, &c);
         }
     }
-    assert_eq!(hits.load(Ordering::SeqCst), before, "a refused cursor made a request");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        before,
+        "a refused cursor made a request"
+    );
 }
 
 #[tokio::test]
@@ -314,7 +327,11 @@ async fn agents27_hostile_cursors_never_panic_and_never_send() {
         let err = r.expect_err("a hostile cursor was accepted");
         assert_refused(&err, &c.chars().take(40).collect::<String>());
         // The message stays short whatever the cursor.
-        assert!(err.to_string().len() < 1000, "message of {} bytes", err.to_string().len());
+        assert!(
+            err.to_string().len() < 1000,
+            "message of {} bytes",
+            err.to_string().len()
+        );
         let out = tool_result::<Value>(Err(BoxError::from(err)));
         assert_eq!(out["isError"], true);
         assert_eq!(out["structuredContent"]["error"]["kind"], "pagination");
@@ -374,10 +391,19 @@ async fn agents27_a_clone_and_a_keyed_twin_accept_the_cursor() {
     let a = cursor_pager(hits.clone(), "http://api.example.com/items");
     let twin = cursor_pager(hits.clone(), "http://api.example.com/items");
     let cur = a.page(None, 5).await.unwrap().next_cursor.unwrap();
-    assert_eq!(ids(&a.clone().page(Some(&cur), 5).await.unwrap()), vec![5, 6, 7, 8, 9]);
-    assert_eq!(ids(&twin.page(Some(&cur), 5).await.unwrap()), vec![5, 6, 7, 8, 9]);
+    assert_eq!(
+        ids(&a.clone().page(Some(&cur), 5).await.unwrap()),
+        vec![5, 6, 7, 8, 9]
+    );
+    assert_eq!(
+        ids(&twin.page(Some(&cur), 5).await.unwrap()),
+        vec![5, 6, 7, 8, 9]
+    );
     // A cursor used twice gives the same items (the agent retried its call).
-    assert_eq!(ids(&twin.page(Some(&cur), 5).await.unwrap()), vec![5, 6, 7, 8, 9]);
+    assert_eq!(
+        ids(&twin.page(Some(&cur), 5).await.unwrap()),
+        vec![5, 6, 7, 8, 9]
+    );
 }
 
 #[tokio::test]
@@ -394,12 +420,21 @@ async fn agents27_limit_extremes() {
     .unwrap();
     let p = pager.page(None, 0).await.unwrap();
     assert_eq!(ids(&p), vec![0]);
-    let p = pager.page(p.next_cursor.as_deref(), usize::MAX).await.unwrap();
+    let p = pager
+        .page(p.next_cursor.as_deref(), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(ids(&p), (1..13).collect::<Vec<_>>());
     assert!(p.has_more);
-    let p = pager.page(p.next_cursor.as_deref(), usize::MAX).await.unwrap();
+    let p = pager
+        .page(p.next_cursor.as_deref(), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(ids(&p), (13..25).collect::<Vec<_>>());
-    let p = pager.page(p.next_cursor.as_deref(), usize::MAX).await.unwrap();
+    let p = pager
+        .page(p.next_cursor.as_deref(), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(ids(&p), (25..30).collect::<Vec<_>>());
     assert!(!p.has_more);
     assert!(p.next_cursor.is_none());

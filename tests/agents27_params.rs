@@ -12,7 +12,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use sturdy::core::summary::{tool_result, ErrorSummary};
 use sturdy::core::{BoxError, CircuitOpen, RateLimited};
-use sturdy::paginate::{JsonCursor, OffsetLimit, Paginate, PageNumber};
+use sturdy::paginate::{JsonCursor, OffsetLimit, PageNumber, Paginate};
 use sturdy::version::VersionLayer;
 use tower::{service_fn, Layer, ServiceExt};
 
@@ -34,13 +34,14 @@ async fn agents27_version_pin_beside_look_alike_parameters() {
     ] {
         let seen: Arc<Mutex<Option<http::Uri>>> = Arc::default();
         let log = seen.clone();
-        let svc = VersionLayer::query("api-version", "2024").layer(service_fn(
-            move |req: Request<()>| {
+        let svc =
+            VersionLayer::query("api-version", "2024").layer(service_fn(move |req: Request<()>| {
                 *log.lock().unwrap() = Some(req.uri().clone());
                 async { Ok::<_, Infallible>(Response::new(())) }
-            },
-        ));
-        svc.oneshot(Request::get(uri).body(()).unwrap()).await.unwrap();
+            }));
+        svc.oneshot(Request::get(uri).body(()).unwrap())
+            .await
+            .unwrap();
         let got = seen.lock().unwrap().clone().unwrap();
         let versions: Vec<String> = pairs(&got)
             .into_iter()
@@ -131,7 +132,9 @@ async fn agents27_numbered_and_offset_walks_keep_look_alike_parameters() {
             .with_page_size(2)
             .build()
             .unwrap();
-            futures_util::TryStreamExt::try_collect(pager.items()).await.unwrap()
+            futures_util::TryStreamExt::try_collect(pager.items())
+                .await
+                .unwrap()
         } else {
             let pager = Paginate::builder(
                 recording(log.clone(), answer),
@@ -141,7 +144,9 @@ async fn agents27_numbered_and_offset_walks_keep_look_alike_parameters() {
             .with_page_size(2)
             .build()
             .unwrap();
-            futures_util::TryStreamExt::try_collect(pager.items()).await.unwrap()
+            futures_util::TryStreamExt::try_collect(pager.items())
+                .await
+                .unwrap()
         };
         assert_eq!(ids.len(), 4);
         for u in log.lock().unwrap().iter() {

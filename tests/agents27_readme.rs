@@ -50,7 +50,11 @@ async fn flaky(State(s): State<Arc<Seen>>) -> impl IntoResponse {
 
 async fn limited(Path(after): Path<String>, State(s): State<Arc<Seen>>) -> impl IntoResponse {
     s.hits.fetch_add(1, Ordering::SeqCst);
-    (StatusCode::TOO_MANY_REQUESTS, [("retry-after", after)], "slow down")
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [("retry-after", after)],
+        "slow down",
+    )
 }
 
 async fn hold(State(s): State<Arc<Seen>>) -> impl IntoResponse {
@@ -78,8 +82,11 @@ fn client() -> Client<Incoming> {
         .with_retry(
             RetryLayer::new()
                 .with_backoff(
-                    Backoff::decorrelated_jitter(Duration::from_millis(2), Duration::from_millis(10))
-                        .unwrap(),
+                    Backoff::decorrelated_jitter(
+                        Duration::from_millis(2),
+                        Duration::from_millis(10),
+                    )
+                    .unwrap(),
                 )
                 .with_seed(11),
         )
@@ -114,7 +121,9 @@ async fn closing_server() -> (String, Arc<Mutex<Vec<Option<String>>>>) {
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(k) = tcp.read(&mut buf).await else { return };
+                    let Ok(k) = tcp.read(&mut buf).await else {
+                        return;
+                    };
                     if k == 0 {
                         return;
                     }
@@ -159,7 +168,10 @@ async fn agents27_post_gives_up_naming_the_key_the_server_saw() {
     assert!(s.may_have_been_processed);
     assert!(s.retryable);
     let out = tool_result::<Value>(Err(err));
-    assert_eq!(out["structuredContent"]["error"]["idempotency_key"], key.as_str());
+    assert_eq!(
+        out["structuredContent"]["error"]["idempotency_key"],
+        key.as_str()
+    );
     let text = out["content"][0]["text"].as_str().unwrap();
     assert_eq!(text.lines().count(), 2, "{text}");
     assert!(!out.to_string().contains("SECRET"));
@@ -186,13 +198,23 @@ async fn agents27_rate_limit_text_and_fields_agree() {
         assert!(text.starts_with("rate limited by 127.0.0.1"), "{text}");
         assert!(text.contains(expect_text), "{after}: {text}");
         let wait = expect_text.trim_start_matches("retry after ");
-        assert!(text.contains(&format!("Try again in {wait}")), "{after}: {text}");
+        assert!(
+            text.contains(&format!("Try again in {wait}")),
+            "{after}: {text}"
+        );
     }
 }
 
 #[tokio::test]
 async fn agents27_garbage_retry_after_never_panics() {
-    for after in ["-1", "1e9", "0x10", "%20", "Fri, 31 Dec 9999 23:59:59 GMT", "Thu, 01 Jan 1970 00:00:00 GMT"] {
+    for after in [
+        "-1",
+        "1e9",
+        "0x10",
+        "%20",
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+        "Thu, 01 Jan 1970 00:00:00 GMT",
+    ] {
         let (base, _seen) = server().await;
         let url = format!("{base}/limited/{}", after.replace(' ', "%20"));
         let r = within(client().oneshot(req("GET", url))).await;
@@ -218,7 +240,11 @@ async fn agents27_client_is_clone_send_sync_and_composes_with_tower() {
     let calls = (0..8).map(|_| {
         let svc = buffered.clone();
         let url = format!("{base}/flaky");
-        async move { within(svc.oneshot(req("GET", url))).await.map(|r| r.status()) }
+        async move {
+            within(svc.oneshot(req("GET", url)))
+                .await
+                .map(|r| r.status())
+        }
     });
     for r in futures_util::future::join_all(calls).await {
         assert_eq!(r.unwrap(), 200);
@@ -248,34 +274,47 @@ async fn agents27_call_options_per_request() {
     let c = client();
     // without_retries: one attempt.
     let mut r = req("GET", format!("{base}/busy"));
-    r.extensions_mut().insert(CallOptions::new().without_retries());
+    r.extensions_mut()
+        .insert(CallOptions::new().without_retries());
     let res = within(c.clone().oneshot(r)).await.unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(seen.hits.load(Ordering::SeqCst), 1);
     // with_max_attempts(2).
     let mut r = req("GET", format!("{base}/busy"));
-    r.extensions_mut().insert(CallOptions::new().with_max_attempts(2));
+    r.extensions_mut()
+        .insert(CallOptions::new().with_max_attempts(2));
     let _ = within(c.clone().oneshot(r)).await;
     assert_eq!(seen.hits.load(Ordering::SeqCst), 3);
     // with_max_attempts(0) is taken as 1.
     let mut r = req("GET", format!("{base}/busy"));
-    r.extensions_mut().insert(CallOptions::new().with_max_attempts(0));
+    r.extensions_mut()
+        .insert(CallOptions::new().with_max_attempts(0));
     let _ = within(c.clone().oneshot(r)).await;
     assert_eq!(seen.hits.load(Ordering::SeqCst), 4);
     // with_idempotency_key: the server sees it on every attempt, for a GET too.
     let mut r = req("GET", format!("{base}/busy"));
-    r.extensions_mut()
-        .insert(CallOptions::new().with_idempotency_key("order-27").with_max_attempts(2));
+    r.extensions_mut().insert(
+        CallOptions::new()
+            .with_idempotency_key("order-27")
+            .with_max_attempts(2),
+    );
     let _ = within(c.clone().oneshot(r)).await.unwrap();
     let keys = seen.keys.lock().unwrap().clone();
-    assert_eq!(&keys[keys.len() - 2..], &[Some("order-27".into()), Some("order-27".into())]);
+    assert_eq!(
+        &keys[keys.len() - 2..],
+        &[Some("order-27".into()), Some("order-27".into())]
+    );
     // with_deadline: a held request ends at the deadline.
     let mut r = req("GET", format!("{base}/hold"));
     r.extensions_mut()
         .insert(CallOptions::new().with_deadline(Duration::from_millis(200)));
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let err = within(c.clone().oneshot(r)).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(ErrorSummary::of(&*err).kind, "timeout", "{err}");
     // with_attempt_timeout: each attempt ends, the call is retried.
     let before = seen.hits.load(Ordering::SeqCst);
@@ -284,7 +323,10 @@ async fn agents27_call_options_per_request() {
         .insert(CallOptions::new().with_attempt_timeout(Duration::from_millis(50)));
     let err = within(c.clone().oneshot(r)).await.unwrap_err();
     assert_eq!(seen.hits.load(Ordering::SeqCst) - before, 4, "{err}");
-    assert!(err.to_string().starts_with("gave up after 4 attempts: "), "{err}");
+    assert!(
+        err.to_string().starts_with("gave up after 4 attempts: "),
+        "{err}"
+    );
 }
 
 #[test]

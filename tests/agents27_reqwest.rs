@@ -91,7 +91,8 @@ fn quick_retry() -> RetryLayer {
 }
 
 fn mw_client(body_limit: Option<usize>) -> reqwest_middleware::ClientWithMiddleware {
-    let mut mw = SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick_retry()).build(next));
+    let mut mw =
+        SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(quick_retry()).build(next));
     if let Some(n) = body_limit {
         mw = mw.with_body_limit(n);
     }
@@ -148,9 +149,14 @@ async fn agents27_streamed_body_over_the_limit_fails_before_anything_is_sent() {
 async fn agents27_body_refused_before_sending_is_not_sent() {
     let (base, _seen) = server().await;
     let client = mw_client(Some(10));
-    let err = within(client.post(format!("{base}/orders")).body(stream_body(11)).send())
-        .await
-        .unwrap_err();
+    let err = within(
+        client
+            .post(format!("{base}/orders"))
+            .body(stream_body(11))
+            .send(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         delivery(&err),
         Delivery::NotSent,
@@ -252,23 +258,37 @@ async fn agents27_dropped_call_sends_no_more_attempts_and_the_client_goes_on() {
     .await;
     assert!(r.is_err());
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(seen.calls.lock().unwrap().len(), 1, "an attempt after the drop");
+    assert_eq!(
+        seen.calls.lock().unwrap().len(),
+        1,
+        "an attempt after the drop"
+    );
     // Both clients still work.
-    let res = within(client.post(format!("{base}/orders")).body("a").send()).await.unwrap();
+    let res = within(client.post(format!("{base}/orders")).body("a").send())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
-    let res = within(client2.post(format!("{base}/orders")).body("b").send()).await.unwrap();
+    let res = within(client2.post(format!("{base}/orders")).body("b").send())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(seen.started.load(Ordering::SeqCst), 1);
 }
 
 type Fut<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a>,
+    Box<
+        dyn std::future::Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a,
+    >,
 >;
 
 /// A middleware that counts the requests it sees.
 fn count(
     n: Arc<AtomicUsize>,
-) -> impl for<'a> Fn(reqwest::Request, &'a mut http::Extensions, reqwest_middleware::Next<'a>) -> Fut<'a>
+) -> impl for<'a> Fn(
+    reqwest::Request,
+    &'a mut http::Extensions,
+    reqwest_middleware::Next<'a>,
+) -> Fut<'a>
        + Send
        + Sync
        + 'static {
@@ -291,7 +311,9 @@ async fn agents27_middlewares_before_see_calls_after_see_attempts() {
         }))
         .with(count(after.clone()))
         .build();
-    let res = within(client.post(format!("{base}/orders")).body("z").send()).await.unwrap();
+    let res = within(client.post(format!("{base}/orders")).body("z").send())
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(before.load(Ordering::SeqCst), 1);
     assert_eq!(after.load(Ordering::SeqCst), 3);
@@ -347,7 +369,10 @@ async fn agents27_refused_connection_text_delivery_and_no_api_key() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.to_string(), "gave up after 4 attempts: connection refused");
+    assert_eq!(
+        err.to_string(),
+        "gave up after 4 attempts: connection refused"
+    );
     assert_no_secret(&err);
 }
 
@@ -384,7 +409,9 @@ async fn closing_server() -> (String, Arc<AtomicUsize>) {
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(k) = tcp.read(&mut buf).await else { return };
+                    let Ok(k) = tcp.read(&mut buf).await else {
+                        return;
+                    };
                     if k == 0 {
                         return;
                     }
@@ -415,8 +442,9 @@ async fn agents27_early_close_is_transport_maybe_processed_and_retried_with_a_ke
     assert_eq!(e.kind(), &ErrorKind::Transport, "{err}");
     assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     assert!(
-        err.to_string()
-            .starts_with("gave up after 4 attempts: the connection closed before the response was complete"),
+        err.to_string().starts_with(
+            "gave up after 4 attempts: the connection closed before the response was complete"
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("idempotency key"), "{err}");
@@ -432,7 +460,10 @@ async fn agents27_reqwest_service_follows_307_with_a_sized_body_only() {
         .unwrap();
     let res = within(http.clone().oneshot(req)).await.unwrap();
     assert_eq!(res.status(), 201);
-    assert_eq!(res.extensions().get::<reqwest::Url>().unwrap().path(), "/orders");
+    assert_eq!(
+        res.extensions().get::<reqwest::Url>().unwrap().path(),
+        "/orders"
+    );
     assert_eq!(seen.calls.lock().unwrap()[0].2, 5);
     // A streamed body: the redirect response itself.
     let chunks: Vec<Result<http_body::Frame<Bytes>, Infallible>> =

@@ -14,7 +14,9 @@ use sturdy::core::{BoxError, Delivery, ErrorKind};
 use sturdy::retry::{Backoff, RetryLayer};
 use sturdy::tls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sturdy::tls::rustls::{self, ServerConfig};
-use sturdy::tls::{https_client, https_client_with_config, https_client_with_roots, CertificateDer};
+use sturdy::tls::{
+    https_client, https_client_with_config, https_client_with_roots, CertificateDer,
+};
 use sturdy::ClientBuilder;
 use tower::ServiceExt;
 
@@ -33,9 +35,10 @@ struct Tls {
 }
 
 fn server_config(names: &[&str], alpn: &[&[u8]]) -> (ServerConfig, CertificateDer<'static>) {
-    let cert =
-        rcgen::generate_simple_self_signed(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-            .unwrap();
+    let cert = rcgen::generate_simple_self_signed(
+        names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
+    )
+    .unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let mut config =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -63,7 +66,9 @@ async fn serve(config: Option<ServerConfig>) -> Tls {
                 continue;
             };
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let hello = hyper::service::service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
                         "hello",
@@ -93,9 +98,12 @@ async fn call(
 async fn agents27_untrusted_certificate_fails_once_not_sent_not_retryable() {
     let (config, _) = server_config(&["127.0.0.1"], &[b"http/1.1"]);
     let tls = serve(Some(config)).await;
-    let err = call(https_client(), format!("https://{}/orders?api_key=SECRET", tls.addr))
-        .await
-        .unwrap_err();
+    let err = call(
+        https_client(),
+        format!("https://{}/orders?api_key=SECRET", tls.addr),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "TLS handshake failed (invalid peer certificate: UnknownIssuer)"
@@ -140,12 +148,20 @@ async fn agents27_closed_mid_handshake_is_connect_and_retried() {
     assert_eq!(e.kind(), &ErrorKind::Connect, "{err}");
     assert_eq!(tls.accepts.load(Ordering::SeqCst), 4, "{err}");
     assert_eq!(delivery(&*err), Delivery::NotSent);
-    assert!(err.to_string().starts_with("gave up after 4 attempts: "), "{err}");
+    assert!(
+        err.to_string().starts_with("gave up after 4 attempts: "),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn agents27_roots_that_are_not_certificates_are_a_config_error() {
-    for bad in [vec![], vec![0u8], vec![0x30, 0x03, 1, 2, 3], vec![0xff; 300]] {
+    for bad in [
+        vec![],
+        vec![0u8],
+        vec![0x30, 0x03, 1, 2, 3],
+        vec![0xff; 300],
+    ] {
         let err = https_client_with_roots(vec![CertificateDer::from(bad.clone())]).unwrap_err();
         assert_eq!(err.kind(), &ErrorKind::Config, "{bad:?}: {err}");
         assert!(!err.to_string().is_empty());
@@ -159,7 +175,10 @@ async fn agents27_roots_that_are_not_certificates_are_a_config_error() {
     ])
     .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains('1') || text.contains("second") || text.contains('2'), "{text}");
+    assert!(
+        text.contains('1') || text.contains("second") || text.contains('2'),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -191,6 +210,8 @@ async fn agents27_https_client_sends_plain_http_too() {
     let addr = listener.local_addr().unwrap();
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "plain" }));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let res = call(https_client(), format!("http://{addr}/")).await.unwrap();
+    let res = call(https_client(), format!("http://{addr}/"))
+        .await
+        .unwrap();
     assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "plain");
 }

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use http::{HeaderValue, Request, Response};
 use sturdy::core::ErrorKind;
@@ -15,8 +15,12 @@ type Seen = Arc<Mutex<Vec<Request<()>>>>;
 fn echo(
     seen: Seen,
     headers: Vec<(&'static str, HeaderValue)>,
-) -> impl Service<Request<()>, Response = Response<&'static str>, Error = Infallible, Future = impl Send>
-       + Clone
+) -> impl Service<
+    Request<()>,
+    Response = Response<&'static str>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
        + Send
        + 'static {
     service_fn(move |req: Request<()>| {
@@ -39,7 +43,9 @@ fn pairs(req: &Request<()>) -> Vec<(String, String)> {
 
 async fn send(layer: &VersionLayer, seen: &Seen, uri: &str) -> Request<()> {
     let svc = layer.clone().layer(echo(seen.clone(), vec![]));
-    svc.oneshot(Request::get(uri).body(()).unwrap()).await.unwrap();
+    svc.oneshot(Request::get(uri).body(()).unwrap())
+        .await
+        .unwrap();
     let req = seen.lock().unwrap().pop().unwrap();
     req
 }
@@ -48,7 +54,12 @@ async fn send(layer: &VersionLayer, seen: &Seen, uri: &str) -> Request<()> {
 async fn agents27_query_pin_is_form_encoded_name_and_value() {
     let seen: Seen = Arc::default();
     let layer = VersionLayer::query("api version", "2024-06 & x=1+é");
-    let req = send(&layer, &seen, "http://api.example.com/v1/orders?status=open").await;
+    let req = send(
+        &layer,
+        &seen,
+        "http://api.example.com/v1/orders?status=open",
+    )
+    .await;
     assert_eq!(
         pairs(&req),
         vec![
@@ -93,7 +104,13 @@ async fn agents27_query_pin_keeps_the_callers_version() {
 async fn agents27_query_pin_on_odd_queries_never_panics() {
     let seen: Seen = Arc::default();
     let layer = VersionLayer::query("v", "1");
-    for uri in ["http://h/p?", "http://h/p?%FF%FE=%00", "http://h/p?&&", "/relative?x", "http://h"] {
+    for uri in [
+        "http://h/p?",
+        "http://h/p?%FF%FE=%00",
+        "http://h/p?&&",
+        "/relative?x",
+        "http://h",
+    ] {
         let req = send(&layer, &seen, uri).await;
         let q = req.uri().query().unwrap_or("");
         assert!(q.contains("v=1"), "{uri} -> {}", req.uri());
@@ -119,7 +136,12 @@ async fn agents27_header_pin_keeps_the_callers_values_and_refuses_bad_names() {
     let got = seen.lock().unwrap().pop().unwrap();
     let values: Vec<_> = got.headers().get_all("api-version").iter().collect();
     assert_eq!(values, vec!["a", "b"]);
-    for (name, value) in [("bad name", "v"), ("", "v"), ("api-version", "a\nb"), ("x", "\u{7f}")] {
+    for (name, value) in [
+        ("bad name", "v"),
+        ("", "v"),
+        ("api-version", "a\nb"),
+        ("x", "\u{7f}"),
+    ] {
         let err = VersionLayer::header(name, value).unwrap_err();
         assert_eq!(err.kind(), &ErrorKind::Config, "{name:?} {value:?}");
     }
@@ -154,7 +176,11 @@ async fn agents27_deprecation_forms_and_untouched_response() {
             .on_notice(move |n| log.lock().unwrap().push(n.clone()))
             .layer(echo(seen, headers.clone()));
         let res = svc
-            .oneshot(Request::delete("http://h/v1/orders/o_9?x=1").body(()).unwrap())
+            .oneshot(
+                Request::delete("http://h/v1/orders/o_9?x=1")
+                    .body(())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(*res.body(), "payload");
@@ -206,13 +232,18 @@ async fn agents27_once_per_endpoint_under_concurrency() {
     let svc = VersionLayer::header("api-version", "1")
         .unwrap()
         .on_notice(move |n| log.lock().unwrap().push(n.endpoint.clone()))
-        .layer(echo(seen, vec![("deprecation", HeaderValue::from_static("@1"))]));
+        .layer(echo(
+            seen,
+            vec![("deprecation", HeaderValue::from_static("@1"))],
+        ));
     let mut tasks = Vec::new();
     for i in 0..64 {
         let svc = svc.clone();
         tasks.push(tokio::spawn(async move {
             let uri = format!("http://h/v1/items?page={i}");
-            svc.oneshot(Request::get(uri).body(()).unwrap()).await.unwrap();
+            svc.oneshot(Request::get(uri).body(()).unwrap())
+                .await
+                .unwrap();
         }));
     }
     for t in tasks {
@@ -257,5 +288,4 @@ async fn agents27_a_new_endpoint_past_the_bound_is_never_missed() {
     unique.dedup();
     assert_eq!(unique.len(), 10_050, "an endpoint was never reported");
     assert_eq!(got.len(), 10_050, "an endpoint reported twice in a row");
-    let _ = SystemTime::now();
 }

@@ -48,7 +48,9 @@ fn client() -> reqwest_middleware::ClientWithMiddleware {
         Backoff::decorrelated_jitter(Duration::from_millis(2), Duration::from_millis(10)).unwrap(),
     );
     reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(SturdyMiddleware::new(|next| ClientBuilder::new().with_retry(retry).build(next)))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(retry).build(next)
+        }))
         .build()
 }
 
