@@ -512,3 +512,77 @@ async fn agents27_any_cursor_page_returns_is_accepted_back() {
         }
     }
 }
+
+/// One page of `len()` items (read from `size` at each request) and no next page, whatever
+/// was asked.
+fn shrinking_api(
+    size: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(move |req: Request<Full<Bytes>>| {
+        let n = size.load(Ordering::SeqCst);
+        let body = match param(&req, "cursor").as_deref() {
+            None => json!({ "data": (0..n).collect::<Vec<_>>(), "next": "p2" }),
+            Some(_) => json!({ "data": [100, 101], "next": null }),
+        };
+        async move { Ok::<_, Infallible>(json_response(&body)) }
+    })
+}
+
+#[tokio::test]
+async fn agents27_a_page_that_shrank_since_the_cursor_was_made_never_panics() {
+    for now in [0usize, 2, 3, 4] {
+        let size = Arc::new(AtomicUsize::new(10));
+        let pager = Paginate::builder(
+            shrinking_api(size.clone()),
+            "http://api.example.com/items",
+            JsonCursor::new("/data", "/next").without_limit_param(),
+        )
+        .with_cursor_key(KEY)
+        .build()
+        .unwrap();
+        let first = pager.page(None, 3).await.unwrap();
+        assert_eq!(ids(&first), vec![0, 1, 2]);
+        size.store(now, Ordering::SeqCst);
+        let cursor = first.next_cursor.unwrap();
+        let pager2 = pager.clone();
+        let r = tokio::spawn(async move { pager2.page(Some(&cursor), 3).await })
+            .await
+            .unwrap_or_else(|e| panic!("page() panicked when the page shrank to {now}: {e}"));
+        match r {
+            Ok(p) => {
+                // Nothing before the resume point comes back.
+                assert!(
+                    ids(&p).iter().all(|&i| i >= 3),
+                    "shrank to {now}: {:?}",
+                    ids(&p)
+                );
+            }
+            Err(e) => assert!(!e.to_string().is_empty()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn agents27_server_ignoring_the_page_size_resumes_exactly() {
+    let size = Arc::new(AtomicUsize::new(50));
+    let pager = Paginate::builder(
+        shrinking_api(size),
+        "http://api.example.com/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_cursor_key(KEY)
+    .build()
+    .unwrap();
+    let got = walk_with_limits(&pager, &[5, 11, 1, 7]).await;
+    let mut expected: Vec<u64> = (0..50).collect();
+    expected.extend([100, 101]);
+    assert_eq!(got, expected);
+}
