@@ -351,3 +351,38 @@ fn agents27_io_errors_summarised() {
         .unwrap()
         .contains("the request was not processed"));
 }
+
+async fn limited_once(State(s): State<Arc<Seen>>) -> impl IntoResponse {
+    let n = s.hits.fetch_add(1, Ordering::SeqCst);
+    if n == 0 {
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "wait").into_response();
+    }
+    "ok".into_response()
+}
+
+#[tokio::test]
+async fn agents27_a_deadline_shorter_than_retry_after_is_kept() {
+    let seen = Arc::new(Seen::default());
+    let app = Router::new()
+        .route("/once", get(limited_once))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut r = req("GET", format!("http://{addr}/once"));
+    r.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_millis(300)));
+    let t = tokio::time::Instant::now();
+    let out = within(client().oneshot(r)).await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "a 300 ms deadline took {took:?} ({:?})",
+        out.as_ref().map(http::Response::status)
+    );
+    if let Err(err) = out {
+        let s = ErrorSummary::of(&*err);
+        assert!(s.kind == "rate_limited" || s.kind == "timeout", "{s:?}");
+        assert!(s.retryable, "{s:?}");
+    }
+}
