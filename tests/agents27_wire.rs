@@ -145,3 +145,57 @@ async fn agents27_credentials_in_the_url_stay_out_of_errors() {
         assert!(!shown.contains(secret), "{secret} in {shown}");
     }
 }
+
+#[tokio::test]
+async fn agents27_a_redirect_loop_is_other_and_not_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/loop",
+        get(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { (StatusCode::FOUND, [("location", "/loop?api_key=SECRET")]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let err = within(client().get(format!("http://{addr}/loop")).send())
+        .await
+        .unwrap_err();
+    assert_eq!(hits.load(Ordering::SeqCst), 11, "{err}");
+    let e = sturdy_reqwest::find::<sturdy::core::Error>(&err).unwrap();
+    assert_eq!(e.kind(), &sturdy::core::ErrorKind::Other, "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("could not follow a redirect: too many redirects"),
+        "{err}"
+    );
+    assert!(!format!("{err} {err:?}").contains("SECRET"), "{err:?}");
+}
+
+#[tokio::test]
+async fn agents27_reqwest_service_refuses_a_relative_uri_as_config() {
+    let http = ReqwestService::new(reqwest::Client::new());
+    let req = http::Request::get("/relative")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let err = within(http.clone().oneshot(req)).await.unwrap_err();
+    assert_eq!(err.kind(), &sturdy::core::ErrorKind::Config, "{err}");
+    assert_eq!(
+        sturdy::core::classify::delivery(&err),
+        sturdy::core::Delivery::NotSent
+    );
+    let client = ClientBuilder::new().build(http);
+    let req = http::Request::post("/relative")
+        .body(Full::<Bytes>::from("{}"))
+        .unwrap();
+    let err = within(client.oneshot(req)).await.unwrap_err();
+    let s = sturdy::core::summary::ErrorSummary::of(&*err);
+    assert_eq!(s.kind, "config", "{s:?}");
+    assert!(!s.retryable);
+    assert!(!s.may_have_been_processed);
+    assert_eq!(s.attempts.unwrap_or(1), 1);
+}
