@@ -208,3 +208,33 @@ async fn agents27_rate_limit_found_through_the_middleware() {
     assert!(err.to_string().contains("retry after 2m"), "{err}");
     assert!(!format!("{err} {err:?}").contains("SECRET"));
 }
+
+#[tokio::test]
+async fn agents27_tool_result_of_a_rate_limit_through_the_middleware() {
+    use axum::routing::get as route_get;
+    let app = axum::Router::new().route(
+        "/x",
+        route_get(|| async { (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "120")], "no") }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(sturdy_reqwest::SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(retry()).build(next)
+        }))
+        .build();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get(format!("http://{addr}/x")).send(),
+    )
+    .await
+    .expect("hung")
+    .unwrap_err();
+    let out = sturdy::core::summary::tool_result::<serde_json::Value>(Err(BoxError::from(err)));
+    let e = &out["structuredContent"]["error"];
+    assert_eq!(e["kind"], "rate_limited", "{out}");
+    assert_eq!(e["retry_after_ms"], 120_000, "{out}");
+    let text = out["content"][0]["text"].as_str().unwrap();
+    assert!(text.contains("Try again in 2m"), "{text}");
+}
