@@ -199,3 +199,46 @@ async fn agents27_reqwest_service_refuses_a_relative_uri_as_config() {
     assert!(!s.may_have_been_processed);
     assert_eq!(s.attempts.unwrap_or(1), 1);
 }
+
+#[tokio::test]
+async fn agents27_version_pin_through_the_middleware_keeps_reqwest_query() {
+    use axum::extract::RawQuery;
+    let app = Router::new().route(
+        "/q",
+        get(|RawQuery(q): RawQuery| async move { q.unwrap_or_default() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new()
+                .with_version(sturdy::version::VersionLayer::query("api-version", "2024-06-01"))
+                .build(next)
+        }))
+        .build();
+    let q = within(
+        client
+            .get(format!("http://{addr}/q"))
+            .query(&[("a", "1 2"), ("b", "&")])
+            .send(),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(q, "a=1+2&b=%26&api-version=2024-06-01");
+    let q = within(
+        client
+            .get(format!("http://{addr}/q"))
+            .query(&[("api-version", "2023-01-01")])
+            .send(),
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert_eq!(q, "api-version=2023-01-01");
+}
