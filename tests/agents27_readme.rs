@@ -386,3 +386,39 @@ async fn agents27_a_deadline_shorter_than_retry_after_is_kept() {
         assert!(s.retryable, "{s:?}");
     }
 }
+
+#[tokio::test]
+async fn agents27_page_timeout_bounds_the_inner_retries() {
+    let (base, seen) = server().await;
+    let slow_retry = ClientBuilder::new()
+        .with_retry(
+            RetryLayer::new()
+                .with_backoff(
+                    Backoff::decorrelated_jitter(
+                        Duration::from_millis(100),
+                        Duration::from_millis(200),
+                    )
+                    .unwrap(),
+                )
+                .with_max_attempts(20)
+                .with_seed(2),
+        )
+        .build(sturdy_chaos::http_client());
+    let pager = sturdy::paginate::Paginate::builder(
+        slow_retry,
+        &format!("{base}/busy?api_key=SECRET"),
+        sturdy::paginate::JsonCursor::new("/data", "/next"),
+    )
+    .with_page_timeout(Duration::from_millis(300))
+    .build()
+    .unwrap();
+    let t = tokio::time::Instant::now();
+    let err = within(pager.page(None, 5)).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+    assert_eq!(err.kind(), &sturdy::core::ErrorKind::Timeout, "{err}");
+    assert!(!format!("{err} {err:?}").contains("SECRET"));
+    let hits = seen.hits.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&hits), "{hits}");
+    let out = tool_result::<Value>(Err(BoxError::from(err)));
+    assert_eq!(out["structuredContent"]["error"]["retryable"], true, "{out}");
+}
