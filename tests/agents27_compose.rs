@@ -214,7 +214,13 @@ async fn agents27_tool_result_of_a_rate_limit_through_the_middleware() {
     use axum::routing::get as route_get;
     let app = axum::Router::new().route(
         "/x",
-        route_get(|| async { (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "120")], "no") }),
+        route_get(|| async {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "120")],
+                "no",
+            )
+        }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

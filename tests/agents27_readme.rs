@@ -355,7 +355,12 @@ fn agents27_io_errors_summarised() {
 async fn limited_once(State(s): State<Arc<Seen>>) -> impl IntoResponse {
     let n = s.hits.fetch_add(1, Ordering::SeqCst);
     if n == 0 {
-        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], "wait").into_response();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "wait",
+        )
+            .into_response();
     }
     "ok".into_response()
 }
@@ -414,11 +419,70 @@ async fn agents27_page_timeout_bounds_the_inner_retries() {
     .unwrap();
     let t = tokio::time::Instant::now();
     let err = within(pager.page(None, 5)).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(err.kind(), &sturdy::core::ErrorKind::Timeout, "{err}");
     assert!(!format!("{err} {err:?}").contains("SECRET"));
     let hits = seen.hits.load(Ordering::SeqCst);
     assert!((1..=4).contains(&hits), "{hits}");
     let out = tool_result::<Value>(Err(BoxError::from(err)));
-    assert_eq!(out["structuredContent"]["error"]["retryable"], true, "{out}");
+    assert_eq!(
+        out["structuredContent"]["error"]["retryable"], true,
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn agents27_keys_no_header_can_carry_are_sent_as_digests() {
+    let (base, seen) = server().await;
+    let c = client();
+    let send = |key: &'static str| {
+        let c = c.clone();
+        let url = format!("{base}/busy");
+        async move {
+            let mut r = req("POST", url);
+            r.extensions_mut().insert(
+                CallOptions::new()
+                    .with_idempotency_key(key)
+                    .with_max_attempts(2),
+            );
+            let _ = within(c.oneshot(r)).await;
+        }
+    };
+    send("a\tb ").await;
+    send("a\tb ").await;
+    send(" a\tb").await;
+    send("user-key-1").await;
+    let mut r = req("POST", format!("{base}/busy"));
+    r.headers_mut().insert(
+        "idempotency-key",
+        http::HeaderValue::from_static("hdr-key-9"),
+    );
+    let _ = within(c.clone().oneshot(r)).await;
+    let keys: Vec<String> = seen
+        .keys
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|k| k.clone().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 12, "{keys:?}");
+    let digest = |k: &str| {
+        let hex = k
+            .strip_prefix("sturdy-sha256-")
+            .unwrap_or_else(|| panic!("{k}"));
+        assert_eq!(hex.len(), 64, "{k}");
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
+    };
+    for k in &keys[..6] {
+        digest(k);
+    }
+    assert_eq!(keys[0], keys[1]);
+    assert_eq!(keys[0], keys[3], "the same key, the same digest every time");
+    assert_ne!(keys[0], keys[4], "another key, another digest");
+    assert_eq!(&keys[6..8], &["user-key-1", "user-key-1"]);
+    assert!(keys[8..].iter().all(|k| k == "hdr-key-9"), "{keys:?}");
 }

@@ -213,7 +213,10 @@ async fn agents27_version_pin_through_the_middleware_keeps_reqwest_query() {
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(SturdyMiddleware::new(|next| {
             ClientBuilder::new()
-                .with_version(sturdy::version::VersionLayer::query("api-version", "2024-06-01"))
+                .with_version(sturdy::version::VersionLayer::query(
+                    "api-version",
+                    "2024-06-01",
+                ))
                 .build(next)
         }))
         .build();
