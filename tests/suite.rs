@@ -9,6 +9,16 @@ mod outsider4_common;
 mod outsider_common;
 mod server11_common;
 
+mod agents27_compose;
+mod agents27_guards;
+mod agents27_more;
+mod agents27_paginate;
+mod agents27_params;
+mod agents27_readme;
+mod agents27_reqwest;
+mod agents27_tls;
+mod agents27_version;
+mod agents27_wire;
 mod client26_callbacks;
 mod client26_chaos;
 mod client26_circuit;
