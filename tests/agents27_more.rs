@@ -326,7 +326,6 @@ async fn closing_server() -> String {
 }
 
 #[tokio::test]
-#[ignore = "FAULT: ErrorSummary::of / tool_result of a SturdyMiddleware error lose the retry report: idempotency_key and attempts null, a deadline reads kind \"other\""]
 async fn agents27_summary_of_a_middleware_error_has_sturdys_facts() {
     let base = closing_server().await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
