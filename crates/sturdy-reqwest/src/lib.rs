@@ -79,10 +79,12 @@ pub use reqwest_middleware;
 
 /// The first error of type `T` in a reqwest-middleware error's chain.
 ///
-/// A failed call through a [`SturdyMiddleware`] is `reqwest_middleware::Error::Middleware`,
-/// whose `source()` skips the error it holds; look for sturdy's errors with this instead:
-/// `find::<sturdy_core::Error>(&err)` (the retry layer's report, kind, idempotency key),
-/// `find::<sturdy_core::RateLimited>(&err)`, `find::<sturdy_core::CircuitOpen>(&err)`.
+/// A failed call through a [`SturdyMiddleware`] is `reqwest_middleware::Error::Middleware`;
+/// sturdy's error is in its `source()` chain (so `sturdy_core::find` and
+/// `sturdy_core::summary::ErrorSummary::of` read it too), and this looks in either variant,
+/// reqwest's own errors included: `find::<sturdy_core::Error>(&err)` (the retry layer's report,
+/// kind, idempotency key), `find::<sturdy_core::RateLimited>(&err)`,
+/// `find::<sturdy_core::CircuitOpen>(&err)`, `find::<reqwest::Error>(&err)`.
 #[cfg(feature = "middleware")]
 pub fn find<T: std::error::Error + 'static>(err: &reqwest_middleware::Error) -> Option<&T> {
     match err {
