@@ -124,8 +124,8 @@ impl<T: Idle> KeyedMap<T> {
         map.get(key)
             .or_else(|| {
                 // The overflow slot serves every key without one of its own while the map is
-                // full (it is one of the map's entries, past the bound).
-                (map.len() > self.max)
+                // full, counted as `get_or_insert_with` counts it (the overflow slot included).
+                (map.len() >= self.max)
                     .then(|| map.get(OVERFLOW_KEY))
                     .flatten()
             })
@@ -357,6 +357,27 @@ mod tests {
             &own,
             &m.get_or_insert_with("d", || unreachable!())
         ));
+        assert_eq!(
+            m.get_or_insert_with("e", || unreachable!()).key(),
+            OVERFLOW_KEY
+        );
+    }
+
+    #[test]
+    fn the_overflow_serves_as_soon_as_a_new_key_would_get_it() {
+        let m: KeyedMap<Count> = KeyedMap::new(2);
+        m.get_or_insert_with("a", || Count(AtomicU32::new(1)));
+        let b = m.get_or_insert_with("b", || Count(AtomicU32::new(1)));
+        m.get_or_insert_with("c", || Count(AtomicU32::new(1)));
+        // "b" goes idle and is forgotten for "d", which still gets the overflow slot: the map
+        // holds "a" and "*", as full as get_or_insert_with counts it.
+        b.value().0.store(0, Ordering::Relaxed);
+        assert_eq!(
+            m.get_or_insert_with("d", || unreachable!()).key(),
+            OVERFLOW_KEY
+        );
+        assert!(m.find("b").is_none());
+        assert_eq!(m.find_serving("e").unwrap().key(), OVERFLOW_KEY);
         assert_eq!(
             m.get_or_insert_with("e", || unreachable!()).key(),
             OVERFLOW_KEY

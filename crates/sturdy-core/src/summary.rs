@@ -188,6 +188,10 @@ pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::{CallReport, Error};
+    use http::StatusCode;
+
     #[test]
     fn the_advice_names_the_wait_the_message_names_past_u64_max_milliseconds() {
         let e = RateLimited::new(Duration::from_secs(u64::MAX));
@@ -201,10 +205,6 @@ mod tests {
             s.advice()
         );
     }
-
-    use super::*;
-    use crate::{CallReport, Error};
-    use http::StatusCode;
 
     #[test]
     fn a_call_that_may_have_been_processed_names_its_key() {
