@@ -232,9 +232,11 @@ impl<C> RetryLayer<C> {
         &self.config.idempotency_header
     }
 
-    /// Per-host retry budgets with tower's `TpsBudget` parameters: deposits live `ttl` (1 s to
-    /// 60 s), at least `min_per_sec` retries per second are always allowed, plus `percent` (0.0 to
-    /// 1000.0, as a fraction: 0.2 is 20 %) of calls \[10 s, 10, 0.2\].
+    /// Per-host retry budgets with tower's `TpsBudget` parameters and arithmetic: deposits live
+    /// `ttl` (1 s to 60 s, counted in ten windows), at least `min_per_sec` retries per second are
+    /// always allowed, plus `percent` (0.0 to 1000.0, as a fraction: 0.2 is 20 %) of calls
+    /// \[10 s, 10, 0.2\]. The budget follows tokio's clock (paused in tests), and the first call
+    /// after any idle time costs what any call does.
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, or

@@ -24,8 +24,8 @@
 //!   token or a concurrency place, says the attempt was never sent and what it waited for, with
 //!   [`RetryLayer::with_hold_marks`] on, as `sturdy::ClientBuilder` sets it: see
 //!   [`sturdy_core::hold`]); a
-//!   retry budget per host (tower's `TpsBudget`, 20 % of calls plus 10 per second) shared by every
-//!   clone, so an outage does not multiply traffic.
+//!   retry budget per host (tower's `TpsBudget` arithmetic: 20 % of calls plus 10 per second,
+//!   over 10 s) shared by every clone, so an outage does not multiply traffic.
 //! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every
 //!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
 //! - **Per request**: a [`sturdy_core::CallOptions`] in the request's extensions overrides the
@@ -39,8 +39,11 @@
 //!   same idempotency key ..."). The last attempt's error is its `source()`; find a type in the
 //!   chain with [`sturdy_core::find`].
 //!
-//! The decisions follow the shape of tower's retry `Policy`, and the budget is tower's
-//! `TpsBudget`. The loop is the crate's own: the first attempt goes to the service `poll_ready`
+//! The decisions follow the shape of tower's retry `Policy`, and the per-host budget counts as
+//! tower's `TpsBudget` does (any tower `Budget` can be given with
+//! [`RetryLayer::with_shared_budget`]); it is kept here so that the first call after a long idle
+//! costs what any call does (`TpsBudget` moves its windows on one by one under a lock: a
+//! month idle is millions of turns). The loop is the crate's own: the first attempt goes to the service `poll_ready`
 //! made ready, a retry polls that same service again (tower's loop clones the whole inner stack
 //! into each call's future, which cost more than everything else the layer does), a body is read
 //! once and replayed without a copy, and the deadline bounds the whole.
@@ -78,6 +81,7 @@
 #![forbid(unsafe_code)]
 
 mod backoff;
+mod budget;
 mod future;
 mod head;
 mod layer;

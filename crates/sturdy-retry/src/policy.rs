@@ -17,7 +17,9 @@ use sturdy_core::{
     OpenReason, RateLimited, Trace, WallClock,
 };
 use tokio::time::Instant;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
+
+use crate::budget::WindowBudget;
 
 use crate::head::KeptHead;
 use crate::{Backoff, MAX_REPORTED_WAIT};
@@ -25,7 +27,7 @@ use crate::{Backoff, MAX_REPORTED_WAIT};
 /// How the retry budget is kept.
 #[derive(Clone)]
 pub(crate) enum BudgetMode {
-    /// One `TpsBudget` per host, made with these parameters (ttl, min per second, percent).
+    /// One budget per host, made with these parameters (ttl, min per second, percent).
     PerHost {
         ttl: Duration,
         min_per_sec: u32,
@@ -43,7 +45,7 @@ pub(crate) const MAX_BUDGET_HOSTS: usize = 1_024;
 
 /// One host's budget.
 #[derive(Debug)]
-pub(crate) struct HostBudget(TpsBudget);
+pub(crate) struct HostBudget(WindowBudget);
 
 impl Idle for HostBudget {
     fn is_idle(&self) -> bool {
@@ -91,7 +93,7 @@ impl BudgetMode {
                 percent,
                 map,
             } => Some(BudgetRef::Host(cache.get(map, host, || {
-                HostBudget(TpsBudget::new(*ttl, *min_per_sec, *percent))
+                HostBudget(WindowBudget::new(*ttl, *min_per_sec, *percent))
             }))),
         }
     }

@@ -297,6 +297,45 @@ async fn exhausted_errors_say_how_many_attempts_and_why() {
     );
 }
 
+/// The budget keeps its bound after a host was idle for a century (the windows that passed are
+/// forgotten at once, not one by one: a call after a long idle costs what any call does), and it
+/// follows tokio's clock: the reserve spent in an outage is back one ttl later.
+#[tokio::test(start_paused = true)]
+async fn the_budget_after_a_century_idle_and_one_ttl_later() {
+    let outage = || Api::new((0..1_000).map(|_| Ok(status(503))).collect());
+    let api = outage();
+    let svc = layer()
+        .with_budget(Duration::from_secs(1), 5, 0.0)
+        .unwrap()
+        .layer(api.service());
+    svc.clone().oneshot(get()).await.unwrap();
+    api.script.lock().unwrap().clear();
+    tokio::time::advance(Duration::from_secs(100 * 365 * 86_400)).await;
+    for s in (0..1_000).map(|_| Ok(status(503))) {
+        api.script.lock().unwrap().push_back(s);
+    }
+    let before = api.calls();
+    let calls: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap().status(), 503);
+    }
+    // A reserve of 5 retries per second over a ttl of 1 s, no share of calls: 20 calls, 5
+    // retries.
+    assert_eq!(api.calls() - before, 20 + 5);
+    // One ttl later the reserve is there again.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let before = api.calls();
+    let calls: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+        .collect();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert_eq!(api.calls() - before, 20 + 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_budget_bounds_an_outage_across_100_concurrent_callers() {
     // A dead server: every call is a 503. Without a budget 100 callers would make 400 attempts.
