@@ -353,7 +353,7 @@ async fn the_budget_bounds_an_outage_across_100_concurrent_callers() {
             StatusCode::SERVICE_UNAVAILABLE
         );
     }
-    // TpsBudget(10 s, 1/s, 10 %): a reserve of 10 retries plus 10 % of 100 calls.
+    // A budget of (10 s, 1/s, 10 %): a reserve of 10 retries plus 10 % of 100 calls.
     let attempts = api.calls();
     assert!(
         (100..=100 + 10 + 10 + 1).contains(&attempts),
