@@ -10,7 +10,8 @@ use sturdy_core::{CallOptions, Trace};
 use tower::{Layer, Service};
 
 /// Sets `Idempotency-Key` to a fresh random UUID v4 on each POST and PATCH (configurable), unless
-/// the caller already set one, or gave one for this request in
+/// the caller already set one (a blank one, empty or only spaces and tabs, counts as none and is
+/// replaced), or gave one for this request in
 /// [`CallOptions::with_idempotency_key`](sturdy_core::CallOptions::with_idempotency_key). Place it **outside** the retry layer: the key is set once per
 /// logical call, and every retry sends the same key. The key is never derived from the payload,
 /// so two deliberate identical orders stay two orders.
@@ -110,13 +111,14 @@ impl<S> Layer<S> for IdempotencyKeyLayer {
 /// The value sent is the key a failed call reports, and giving it again names the same request.
 fn given_key(key: &str) -> HeaderValue {
     let padded = |b: Option<u8>| matches!(b, Some(b' ' | b'\t'));
-    if !padded(key.bytes().next()) && !padded(key.bytes().last()) {
+    // An empty key would arrive as no key at all: it is sent as its digest too.
+    if !key.is_empty() && !padded(key.bytes().next()) && !padded(key.bytes().last()) {
         if let Ok(v) = HeaderValue::from_str(key) {
             return v;
         }
     }
     tracing::warn!(
-        "an idempotency key given in CallOptions holds control characters, or spaces at an end, which no header carries: sent as its SHA-256 digest"
+        "an idempotency key given in CallOptions is empty, or holds control characters or spaces at an end, which no header carries: sent as its SHA-256 digest"
     );
     let digest = Sha256::digest(key.as_bytes());
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -164,7 +166,13 @@ where
 
     #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if !req.headers().contains_key(&self.config.header) {
+        // A blank key header names no operation (no server can deduplicate on it): it is
+        // replaced like a missing one.
+        let has_key = req
+            .headers()
+            .get(&self.config.header)
+            .is_some_and(|v| v.as_bytes().iter().any(|b| !matches!(b, b' ' | b'\t')));
+        if !has_key {
             let given = CallOptions::of(&req)
                 .and_then(CallOptions::idempotency_key)
                 .map(given_key);
@@ -220,5 +228,44 @@ mod tests {
             .starts_with("sturdy-sha256-"));
         // The value sent is a key that is sent as it is when given again.
         assert_eq!(given_key(d.to_str().unwrap()), d);
+        // An empty key would arrive as none: its digest, the same every time.
+        assert_eq!(
+            given_key(""),
+            "sturdy-sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blank_key_header_is_replaced_by_a_fresh_key() {
+        use super::IdempotencyKeyLayer;
+        use http::Request;
+        use tower::{service_fn, Layer, ServiceExt};
+        let svc = IdempotencyKeyLayer::new().layer(service_fn(|req: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(
+                req.headers()
+                    .get_all("idempotency-key")
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+        }));
+        for blank in ["", " ", "\t \t"] {
+            let req = Request::post("http://a.test/")
+                .header("idempotency-key", blank)
+                .body(())
+                .unwrap();
+            let sent = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(sent.len(), 1, "{blank:?}");
+            assert!(
+                uuid::Uuid::parse_str(sent[0].to_str().unwrap()).is_ok(),
+                "{blank:?} gave {sent:?}"
+            );
+        }
+        // A key that is not blank is kept as it is.
+        let req = Request::post("http://a.test/")
+            .header("idempotency-key", "order-1")
+            .body(())
+            .unwrap();
+        assert_eq!(svc.oneshot(req).await.unwrap(), ["order-1"]);
     }
 }

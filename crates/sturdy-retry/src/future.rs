@@ -303,6 +303,24 @@ where
                             continue;
                         };
                         let chunk = data.copy_to_bytes(data.remaining());
+                        let kept = run
+                            .buf
+                            .as_ref()
+                            .map_or_else(|| run.body.as_ref().map_or(0, Bytes::len), BytesMut::len);
+                        let limit = run.policy.body_limit();
+                        if kept.saturating_add(chunk.len()) > limit {
+                            // Its size hint said it fits the limit, and it did not: it is not
+                            // kept past the limit, and what was read of it cannot be sent.
+                            let e = sturdy_core::Error::new(
+                                ErrorKind::Body,
+                                format!(
+                                    "the request body is larger than its size hint said: more than the {limit} bytes kept for a replay arrived, so it was not sent"
+                                ),
+                            )
+                            .with_delivery(Delivery::NotSent);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(Box::new(e)));
+                        }
                         match (&mut run.body, &mut run.buf) {
                             (None, _) => run.body = Some(chunk),
                             (Some(first), None) => {

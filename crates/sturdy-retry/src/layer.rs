@@ -221,7 +221,8 @@ impl<C> RetryLayer<C> {
         self.config.hold_marks
     }
 
-    /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\].
+    /// The header whose presence makes POST and PATCH safe to retry \[`Idempotency-Key`\]. A
+    /// blank value (empty, or only spaces and tabs) names no operation and counts as no key.
     pub fn with_idempotency_header(self, name: HeaderName) -> Self {
         self.edit(|c| c.idempotency_header = name)
     }

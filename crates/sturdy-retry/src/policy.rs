@@ -249,6 +249,13 @@ impl<B> RequestView for Request<B> {
     }
 }
 
+/// The idempotency key a header holds: none when the header is missing or blank. A blank key
+/// names no operation, so no server can deduplicate on it: it does not make a POST safe to
+/// retry, and an error does not tell the caller to retry with it.
+pub(crate) fn key_value(v: Option<&http::HeaderValue>) -> Option<&http::HeaderValue> {
+    v.filter(|v| v.as_bytes().iter().any(|b| !matches!(b, b' ' | b'\t')))
+}
+
 /// What sturdy's retry loop keeps of a request for the policy: cheap clones (reference counts),
 /// no header map.
 #[derive(Debug, Clone)]
@@ -271,7 +278,7 @@ impl CallInfo {
             } else {
                 None
             },
-            key: req.headers().get(key_header).cloned(),
+            key: key_value(req.headers().get(key_header)).cloned(),
             trace: Trace::of(req).cloned(),
         }
     }
@@ -286,7 +293,7 @@ impl CallInfo {
             } else {
                 None
             },
-            key: head.header(key_header).cloned(),
+            key: key_value(head.header(key_header)).cloned(),
             trace: head.trace().cloned(),
         }
     }
@@ -464,6 +471,11 @@ impl<C> RetryPolicy<C> {
         self.body = Some(body);
     }
 
+    /// The largest body kept for replays.
+    pub(crate) fn body_limit(&self) -> usize {
+        self.config.body_limit
+    }
+
     /// The header that carries the idempotency key.
     pub(crate) fn key_header(&self) -> &HeaderName {
         &self.config.idempotency_header
@@ -541,7 +553,7 @@ impl<C> RetryPolicy<C> {
             Outcome::Retryable(kind) => kind,
             _ => match retryable_anyway(
                 result,
-                || req.header(&self.config.idempotency_header).is_some(),
+                || key_value(req.header(&self.config.idempotency_header)).is_some(),
                 self.deadline.is_some(),
             ) {
                 Some(kind) => kind,
@@ -552,7 +564,7 @@ impl<C> RetryPolicy<C> {
             },
         };
         if !(is_idempotent(req.method())
-            || req.header(&self.config.idempotency_header).is_some()
+            || key_value(req.header(&self.config.idempotency_header)).is_some()
             || this_attempt.proves_not_sent())
         {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
@@ -744,7 +756,7 @@ impl<C> RetryPolicy<C> {
         // A key is any UTF-8 a header may hold (`to_str` would drop one with non-ASCII letters,
         // and the call's error would then not name the key to retry with).
         let key = || {
-            req.header(&self.config.idempotency_header)
+            key_value(req.header(&self.config.idempotency_header))
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::to_owned)
         };
