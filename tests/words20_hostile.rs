@@ -960,18 +960,21 @@ async fn hostile_idempotency_keys_given_in_call_options() {
                     .headers
                     .get("idempotency-key")
                     .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-                let expected_ok =
-                    if key.contains('\r') || key.starts_with(' ') || key.ends_with(' ') {
-                        sent.as_deref().is_some_and(|s| {
-                            s.len() == "sturdy-sha256-".len() + 64
-                                && s.starts_with("sturdy-sha256-")
-                                && s["sturdy-sha256-".len()..]
-                                    .bytes()
-                                    .all(|b| b.is_ascii_hexdigit())
-                        })
-                    } else {
-                        sent.as_deref() == Some(key)
-                    };
+                let expected_ok = if key.is_empty()
+                    || key.contains('\r')
+                    || key.starts_with(' ')
+                    || key.ends_with(' ')
+                {
+                    sent.as_deref().is_some_and(|s| {
+                        s.len() == "sturdy-sha256-".len() + 64
+                            && s.starts_with("sturdy-sha256-")
+                            && s["sturdy-sha256-".len()..]
+                                .bytes()
+                                .all(|b| b.is_ascii_hexdigit())
+                    })
+                } else {
+                    sent.as_deref() == Some(key)
+                };
                 if !expected_ok {
                     wrong.push(format!("{shown:?} sent as {sent:?}"));
                 }

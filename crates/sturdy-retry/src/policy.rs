@@ -569,6 +569,9 @@ impl<C> RetryPolicy<C> {
         {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
             self.stopped(req, &kind, RetryStop::NotIdempotent);
+            // A wait the server asked for that is not slept ends the call as `RateLimited`
+            // here too, as it does when no attempt is left: the caller learns how long.
+            self.rate_limited(result, &req.host().to_owned());
             self.finish(
                 req,
                 result,
@@ -617,17 +620,7 @@ impl<C> RetryPolicy<C> {
                     RetryStop::AttemptsExhausted
                 };
                 self.stopped(req, &kind, stop);
-                if let Ok(res) = result {
-                    // Waiting is the caller's decision now: say how long, and for what.
-                    if res.status() == StatusCode::TOO_MANY_REQUESTS
-                        || res.status() == StatusCode::SERVICE_UNAVAILABLE
-                    {
-                        // What the server asked, within reason: a peer's value is capped
-                        // before it reaches the caller (and, through a tool result, an agent).
-                        let told = wait.min(MAX_REPORTED_WAIT.max(self.config.max_retry_after));
-                        *result = Err(Box::new(RateLimited::new(told).with_scope(host)));
-                    }
-                }
+                self.told_to_wait(result, wait, host);
                 // A half-open breaker's refusal gives no time to wait for, so the message says
                 // what ended the call: its deadline, before the probe answered.
                 let stop = if probing {
@@ -835,6 +828,34 @@ impl<C> RetryPolicy<C> {
             err = err.with_related(related);
         }
         *e = Box::new(err);
+    }
+
+    /// A 429 or 503 whose wait is not slept becomes a `RateLimited` error: waiting is the
+    /// caller's decision now, so it says how long, and for what host.
+    fn told_to_wait<Rb>(
+        &self,
+        result: &mut Result<Response<Rb>, BoxError>,
+        wait: Duration,
+        host: String,
+    ) {
+        if let Ok(res) = result {
+            if res.status() == StatusCode::TOO_MANY_REQUESTS
+                || res.status() == StatusCode::SERVICE_UNAVAILABLE
+            {
+                // What the server asked, within reason: a peer's value is capped before it
+                // reaches the caller (and, through a tool result, an agent).
+                let told = wait.min(MAX_REPORTED_WAIT.max(self.config.max_retry_after));
+                *result = Err(Box::new(RateLimited::new(told).with_scope(host)));
+            }
+        }
+    }
+
+    /// `told_to_wait` for a response that is not retried at all, with the wait it asked for.
+    fn rate_limited<Rb>(&self, result: &mut Result<Response<Rb>, BoxError>, host: &str) {
+        if let Some((wait, DelaySource::RetryAfter)) = server_wait(result, self.config.clock.now())
+        {
+            self.told_to_wait(result, wait, host.to_owned());
+        }
     }
 
     /// The call ends because the service could not be made ready for the next attempt: the

@@ -966,3 +966,31 @@ async fn a_call_with_a_deadline_waits_out_a_running_probe_without_using_attempts
     );
     assert!(err.to_string().contains("half-open"), "{err}");
 }
+
+/// A POST without a key is not retried; when the server answered it 429 or 503 with a
+/// `Retry-After`, the call ends as a `RateLimited` error carrying that wait, as it does when no
+/// attempt is left (retry.md: "the caller always learns how long the server asked it to wait").
+#[tokio::test(start_paused = true)]
+async fn a_keyless_post_told_to_wait_ends_as_rate_limited() {
+    for s in [429, 503] {
+        let api = Api::new(vec![Ok(with_retry_after(s, "7"))]);
+        let err = layer()
+            .layer(api.service())
+            .oneshot(post(None))
+            .await
+            .expect_err("a RateLimited error");
+        assert_eq!(api.calls(), 1);
+        let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited in the chain");
+        assert_eq!(rl.retry_after(), Duration::from_secs(7), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("not retried"), "{text}");
+    }
+    // Without a Retry-After the response comes back as it is.
+    let api = Api::new(vec![Ok(status(503))]);
+    let res = layer()
+        .layer(api.service())
+        .oneshot(post(None))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+}
