@@ -571,7 +571,7 @@ impl<C> RetryPolicy<C> {
             self.stopped(req, &kind, RetryStop::NotIdempotent);
             // A wait the server asked for that is not slept ends the call as `RateLimited`
             // here too, as it does when no attempt is left: the caller learns how long.
-            self.rate_limited(result, &req.host().to_owned());
+            self.rate_limited(result, req.host());
             self.finish(
                 req,
                 result,
