@@ -386,8 +386,10 @@ async fn huge_signature_values_are_refused_quickly() {
     let rx = WebhookReceiver::new(v, q);
     let (st, _) = send(&rx, &[("x-sig", "0".repeat(1 << 20))], "{}").await;
     assert!(st == 400 || st == 401, "{st}");
+    // Three 1 MiB values in a debug build: a scan that were quadratic in them would take hours,
+    // so a generous bound that a loaded machine keeps.
     let took = start.elapsed();
-    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
 /// The receiver is `Clone + Send + Sync` and its error type is `Infallible` ("every outcome is a

@@ -166,6 +166,15 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         if e.is_body_write_aborted() || e.is_user() {
             return Some(ErrorKind::Other);
         }
+        // The connection's own reads failed on data they could not take (a corrupt TLS record,
+        // a fatal alert): the connection broke, as by a reset. (An `InvalidData` elsewhere, such
+        // as a body's, stays `Other`.)
+        if e.source()
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|io| io.kind() == io::ErrorKind::InvalidData)
+        {
+            return Some(ErrorKind::Transport);
+        }
         return None;
     }
     if let Some(e) = e.downcast_ref::<io::Error>() {
@@ -342,6 +351,9 @@ pub fn own_text(err: &(dyn StdError + 'static)) -> String {
 /// "error trying to connect"): their cause speaks instead.
 fn is_generic_wrapper(e: &(dyn StdError + 'static)) -> bool {
     e.is::<hyper_util::client::legacy::Error>()
+        // hyper's own text, when it has a cause, is a category ("connection error", "error
+        // reading a body from connection"): the cause names what happened.
+        || (e.is::<hyper::Error>() && e.source().is_some())
         || (e.source().is_some() && {
             let t = e.to_string();
             t.starts_with("client error") || t.starts_with("error trying to connect")

@@ -34,8 +34,9 @@ impl Default for RetryLayer {
 
 impl RetryLayer {
     /// The defaults: 4 attempts in all, decorrelated jitter \[base 250 ms, cap 20 s\], Retry-After
-    /// honoured up to 60 s with up to +20 % jitter, a per-host budget of 20 % of calls plus 10 per
-    /// second, bodies buffered up to 1 MiB, no overall deadline, no per-attempt timeout.
+    /// honoured up to 60 s with up to +20 % jitter, a per-host budget of 20 % of the calls of the
+    /// last 10 s plus a reserve of 10 per second over those 10 s (100 retries, which a burst may
+    /// spend at once), bodies buffered up to 1 MiB, no overall deadline, no per-attempt timeout.
     pub fn new() -> Self {
         Self {
             classify: DefaultClassify,

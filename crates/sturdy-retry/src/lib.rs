@@ -24,8 +24,9 @@
 //!   token or a concurrency place, says the attempt was never sent and what it waited for, with
 //!   [`RetryLayer::with_hold_marks`] on, as `sturdy::ClientBuilder` sets it: see
 //!   [`sturdy_core::hold`]); a
-//!   retry budget per host (tower's `TpsBudget` arithmetic: 20 % of calls plus 10 per second,
-//!   over 10 s) shared by every clone, so an outage does not multiply traffic.
+//!   retry budget per host (tower's `TpsBudget` arithmetic: 20 % of the calls of the last 10 s,
+//!   plus a reserve of 10 per second over those 10 s, which a burst may spend at once) shared by
+//!   every clone, so an outage does not multiply traffic.
 //! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every
 //!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
 //! - **Per request**: a [`sturdy_core::CallOptions`] in the request's extensions overrides the
