@@ -164,6 +164,8 @@ impl<C> RetryLayer<C> {
     }
 
     /// Extra random wait added to a `Retry-After`, as a fraction of it \[0.2\]; clamped to 0..=1.
+    /// A wait shorter than the backoff's base counts as the base here, so a `Retry-After: 0` is
+    /// still spread (by up to 50 ms with the defaults).
     pub fn with_retry_after_jitter(self, fraction: f64) -> Self {
         let f = if fraction.is_nan() {
             0.0
