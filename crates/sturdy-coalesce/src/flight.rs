@@ -45,6 +45,8 @@ pub(crate) fn default_ignored() -> Vec<HeaderName> {
 pub(crate) struct Config {
     pub(crate) headers: KeyHeaders,
     pub(crate) max_body: usize,
+    /// How long the shared body may take to arrive once its head has (`None`: unbounded).
+    pub(crate) body_timeout: Option<std::time::Duration>,
     pub(crate) max_hosts: usize,
     pub(crate) events: EventHook,
     /// Whether keys are hosts (false once `with_key` chose other keys).
@@ -56,6 +58,7 @@ impl Default for Config {
         Self {
             headers: KeyHeaders::AllExcept(default_ignored()),
             max_body: 1 << 20,
+            body_timeout: Some(std::time::Duration::from_secs(30)),
             max_hosts: 1_024,
             events: EventHook::none(),
             keys_are_hosts: true,

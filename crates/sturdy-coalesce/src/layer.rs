@@ -117,6 +117,24 @@ impl<K> CoalesceLayer<K> {
         self
     }
 
+    /// How long the shared response's body may take to arrive, from its head \[30 s\]. Every
+    /// caller waits for the whole body (it is read once, for all of them, before any of them gets
+    /// the response), so a server that sends the head and then stalls would otherwise hold them
+    /// all: past this, each gets a [`Timeout`](sturdy_core::ErrorKind::Timeout) error ("the shared
+    /// response's body did not arrive within 30s of its head"). The timer is made only when a
+    /// body read has to wait.
+    pub fn with_body_timeout(self, timeout: std::time::Duration) -> Self {
+        edit(&self.cell, |c| c.body_timeout = Some(timeout));
+        self
+    }
+
+    /// No bound on the time the shared body may take (see
+    /// [`with_body_timeout`](Self::with_body_timeout)): bound the whole call yourself.
+    pub fn without_body_timeout(self) -> Self {
+        edit(&self.cell, |c| c.body_timeout = None);
+        self
+    }
+
     /// The most hosts with a table of calls in flight \[1,024\]; past it, hosts with nothing in
     /// flight are forgotten, then new hosts share one table.
     pub fn with_max_hosts(self, n: usize) -> Self {

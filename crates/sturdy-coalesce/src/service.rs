@@ -1,6 +1,7 @@
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -104,13 +105,14 @@ where
                 let handoff = start.handoff();
                 let h = handoff.clone();
                 let max = registry.config.max_body;
+                let body_timeout = registry.config.body_timeout;
                 let c = counters.clone();
                 let call: BoxFuture = Box::pin(async move {
                     let res = match fut.await {
                         Ok(res) => res,
                         Err(e) => return Outcome::Failed(Arc::new(e.into())),
                     };
-                    collect(res, max, &h, &c).await
+                    collect(res, max, body_timeout, &h, &c).await
                 });
                 let shared = start.launch(call);
                 ResponseFuture::joined(shared, handoff, true, None, counters.clone())
@@ -138,7 +140,13 @@ where
 }
 
 /// Reads a shared response's body, up to `max` bytes; past it, hands the response to one caller.
-async fn collect<Rb>(res: Response<Rb>, max: usize, handoff: &Handoff, c: &Counters) -> Outcome
+async fn collect<Rb>(
+    res: Response<Rb>,
+    max: usize,
+    body_timeout: Option<std::time::Duration>,
+    handoff: &Handoff,
+    c: &Counters,
+) -> Outcome
 where
     Rb: Body<Data = Bytes> + Send + 'static,
     Rb::Error: Into<BoxError>,
@@ -157,8 +165,33 @@ where
     if body.size_hint().lower() > max as u64 {
         return too_large(parts, chunks, body);
     }
+    // Made only when a read has to wait: most bodies are there with their head.
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let next = poll_fn(|cx| {
+            if let Poll::Ready(frame) = body.as_mut().poll_frame(cx) {
+                return Poll::Ready(Some(frame));
+            }
+            let Some(d) = body_timeout else {
+                return Poll::Pending;
+            };
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+            std::task::ready!(t.as_mut().poll(cx));
+            Poll::Ready(None)
+        })
+        .await;
+        let Some(next) = next else {
+            let d = body_timeout.unwrap_or_default();
+            let err = Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the shared response's body did not arrive within {} of its head",
+                    sturdy_core::human_duration(d)
+                ),
+            );
+            return Outcome::Failed(Arc::new(Box::new(err)));
+        };
+        match next {
             None => break,
             Some(Err(e)) => {
                 let err = Error::new(ErrorKind::Body, "could not read the shared response's body")

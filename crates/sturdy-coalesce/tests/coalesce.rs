@@ -620,3 +620,63 @@ async fn callers_who_joined_a_leader_that_never_sent_its_call_get_an_error_not_a
         "the abandoned call left the table"
     );
 }
+
+/// A body that sends one chunk, then nothing, never ending.
+struct Stalls(Option<Bytes>);
+
+impl Body for Stalls {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.0.take() {
+            Some(c) => Poll::Ready(Some(Ok(Frame::data(c)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// A head followed by a stalled body: every caller gets a timeout error once the body timeout
+/// has passed since the head (not a hang), and without the bound they wait.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_shared_body_ends_in_a_timeout_for_every_caller() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let api = tower::service_fn(move |_r: Request<Full<Bytes>>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(ms(10)).await;
+            Ok::<_, BoxError>(Response::new(Stalls(Some(Bytes::from_static(b"abc")))))
+        }
+    });
+    let svc = CoalesceLayer::new()
+        .with_body_timeout(Duration::from_secs(2))
+        .layer(api);
+    let started = tokio::time::Instant::now();
+    let a = tokio::spawn(svc.clone().oneshot(get("/slow")));
+    tokio::task::yield_now().await;
+    let b = tokio::spawn(svc.clone().oneshot(get("/slow")));
+    for r in [a.await.unwrap(), b.await.unwrap()] {
+        let err = r.expect_err("a timeout, not a response");
+        assert_eq!(classify_error(&*err), ErrorKind::Timeout, "{err}");
+        assert!(
+            err.to_string()
+                .contains("the shared response's body did not arrive within 2s of its head"),
+            "{err}"
+        );
+        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(started.elapsed(), ms(10) + Duration::from_secs(2));
+
+    // Unbounded when asked: still waiting an hour later.
+    let svc = CoalesceLayer::new().without_body_timeout().layer(tower::service_fn(
+        |_r: Request<Full<Bytes>>| async {
+            Ok::<_, BoxError>(Response::new(Stalls(Some(Bytes::from_static(b"abc")))))
+        },
+    ));
+    let out = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(get("/slow"))).await;
+    assert!(out.is_err(), "the call ended");
+}
