@@ -184,12 +184,7 @@ async fn a_request_deadline_wins_over_the_layers_both_ways() {
                 .insert(CallOptions::new().with_deadline(Duration::from_secs(own)));
         }
         let start = tokio::time::Instant::now();
-        let _ = layer
-            .clone()
-            .layer(hang.clone())
-            .oneshot(r)
-            .await
-            .unwrap_err();
+        let _ = layer.clone().layer(hang).oneshot(r).await.unwrap_err();
         let want = if expect == 0 { 1 } else { expect };
         assert_eq!(
             start.elapsed(),
