@@ -88,7 +88,10 @@ where
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(target, "127.0.0.1:0".parse().unwrap()).await
+    }
+    async fn start_on(target: SocketAddr, on: SocketAddr) -> Self {
+        let l = TcpListener::bind(on).await.unwrap();
         let addr = l.local_addr().unwrap();
         let (stalled, rx) = watch::channel(false);
         let tasks = Arc::new(Mutex::new(Vec::new()));
@@ -510,4 +513,114 @@ async fn keys_are_prefixed_hashed_and_hold_no_credential() {
         .unwrap();
     // Stored 24 h.
     assert!(ttl > 86_000_000 && ttl <= 86_400_000, "{ttl}");
+}
+
+#[tokio::test]
+async fn the_operation_timeout_is_the_one_set() {
+    let Some(url) = redis_url() else { return };
+    let proxy = Proxy::start(addr_of(&url)).await;
+    let store = RedisIdempotencyStore::connect(&proxy.url())
+        .await
+        .unwrap()
+        .with_prefix(unique("timeout"))
+        .with_timeout(Duration::from_millis(150));
+    let (app, hits) = app(store);
+    assert_eq!(send(&app, "t-warm").await.0, 201);
+    proxy.stall(true);
+    let start = Instant::now();
+    is_store_unavailable(&send(&app, "t-stalled").await);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(140) && took < Duration::from_millis(600),
+        "{took:?}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    proxy.stall(false);
+}
+
+#[tokio::test]
+async fn the_same_store_works_again_after_redis_comes_back() {
+    let Some(url) = redis_url() else { return };
+    let proxy = Proxy::start(addr_of(&url)).await;
+    let at = proxy.addr;
+    let store = RedisIdempotencyStore::connect(&proxy.url())
+        .await
+        .unwrap()
+        .with_prefix(unique("back"));
+    let (app, hits) = app(store);
+    assert_eq!(send(&app, "b-1").await.0, 201);
+    proxy.kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    is_store_unavailable(&send(&app, "b-2").await);
+    let _again = Proxy::start_on(addr_of(&url), at).await;
+    let start = Instant::now();
+    let mut got = send(&app, "b-2").await;
+    while got.0 != StatusCode::CREATED && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = send(&app, "b-2").await;
+    }
+    assert_eq!(got.0, 201, "no recovery within 10 s: {}", got.2);
+    assert_eq!(send(&app, "b-1").await.1["idempotent-replayed"], "true");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_store_down_when_the_response_is_stored() {
+    let Some(url) = redis_url() else { return };
+    let proxy = Proxy::start(addr_of(&url)).await;
+    let at = proxy.addr;
+    let store = RedisIdempotencyStore::connect(&proxy.url())
+        .await
+        .unwrap()
+        .with_prefix(unique("complete"))
+        .with_timeout(Duration::from_millis(200));
+    let runs = Hits::default();
+    let r = runs.clone();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let (r, g) = (r.clone(), g.clone());
+                async move {
+                    let n = r.fetch_add(1, Ordering::SeqCst);
+                    if n == 0 {
+                        g.notified().await;
+                    }
+                    (StatusCode::CREATED, format!("run {n}"))
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(store, ByCredentials::default())
+                .with_lease(Duration::from_millis(900))
+                .unwrap(),
+        );
+    let a = app.clone();
+    let first = tokio::spawn(async move { send(&a, "c-1").await });
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.kill();
+    gate.notify_one();
+    // "the handler's response"
+    let got = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first client never got its response")
+        .unwrap();
+    assert_eq!(got.0, 201);
+    assert_eq!(got.2, "run 0");
+    let _again = Proxy::start_on(addr_of(&url), at).await;
+    // "after the lease, the handler runs again (the store never learned the outcome)"
+    let start = Instant::now();
+    let mut got = send(&app, "c-1").await;
+    while got.0 != StatusCode::CREATED && start.elapsed() < Duration::from_secs(5) {
+        assert!(got.0 == 409 || got.0 == 503, "{:?} {}", got.0, got.2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = send(&app, "c-1").await;
+    }
+    assert_eq!(got.0, 201, "{}", got.2);
+    assert_eq!(got.2, "run 1");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }

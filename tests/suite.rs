@@ -117,6 +117,7 @@ mod retry28_redis;
 mod retry28_safety;
 mod retry28_wire;
 mod retry28_words;
+mod retry28_words2;
 mod review12_sf_users;
 mod review12_webhook;
 mod review16_bare503;
