@@ -249,3 +249,117 @@ async fn a_local_rate_limit_refusal_is_waited_and_proves_not_sent() {
     );
     assert_eq!(delivery(&*err), Delivery::NotSent);
 }
+
+fn hang() -> impl tower::Service<Req, Response = Res, Error = BoxError, Future = impl Send> + Clone {
+    tower::service_fn(|_r: Req| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok::<Res, BoxError>(status(200))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_layers_own_timeout_is_not_counted_by_a_breaker_below() {
+    use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
+    let (breaker, handle) = CircuitBreakerLayer::new().with_consecutive_failures(2).pair();
+    let svc = RetryLayer::new()
+        .with_seed(1)
+        .with_attempt_timeout(Duration::from_millis(100))
+        .layer(breaker.layer(hang()));
+    let err = svc.oneshot(get(URL)).await.unwrap_err();
+    assert_eq!(top(&err).report().unwrap().attempts(), 4);
+    assert!(
+        matches!(handle.state("api.example.com"), None | Some(CircuitState::Closed)),
+        "{:?}",
+        handle.state("api.example.com")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_timeout_under_the_breaker_opens_it_and_the_message_counts_the_refusal() {
+    use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
+    use sturdy::retry::AttemptTimeoutLayer;
+    let (breaker, handle) = CircuitBreakerLayer::new().with_consecutive_failures(2).pair();
+    let svc = RetryLayer::new().with_seed(1).layer(
+        breaker.layer(AttemptTimeoutLayer::new(Some(Duration::from_millis(100))).layer(hang())),
+    );
+    let err = svc.oneshot(get(URL)).await.unwrap_err();
+    assert!(matches!(
+        handle.state("api.example.com"),
+        Some(CircuitState::Open { .. })
+    ));
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "gave up after 2 attempts and 1 refused try: the attempt timed out after 100ms; the try after it was refused before it was sent: "
+        ),
+        "{text}"
+    );
+    assert_eq!(top(&err).report().unwrap().attempts(), 2);
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+    assert!(find::<CircuitOpen>(&*err).is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_stops_retries_and_the_message_counts_what_was_sent() {
+    let (log, hook) = recorder();
+    let (svc, seen) = api(|_, _| Err(reset()));
+    let err = RetryLayer::new()
+        .with_shared_budget(Arc::new(NoRetries))
+        .on_event(hook)
+        .layer(svc)
+        .oneshot(get(URL))
+        .await
+        .unwrap_err();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(top(&err).report().unwrap().attempts(), 1);
+    let text = err.to_string();
+    assert!(!text.contains("4 attempts"), "{text}");
+    assert!(text.contains("connection reset by peer"), "{text}");
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        [Seen2::Stopped(1, RetryStop::BudgetExhausted)]
+    );
+}
+
+struct NoRetries;
+impl tower::retry::budget::Budget for NoRetries {
+    fn deposit(&self) {}
+    fn withdraw(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_after_a_503_reports_both_attempts() {
+    let (svc, _) = api(|_, _| Ok(status(200)));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = tower::service_fn(move |r: Req| {
+        let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let svc = svc.clone();
+        async move {
+            if n == 0 {
+                return Ok(status(503));
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            svc.oneshot(r).await
+        }
+    });
+    let mut r = post(URL, "{}");
+    r.headers_mut().insert("idempotency-key", "k-dl2".parse().unwrap());
+    let start = tokio::time::Instant::now();
+    let err = RetryLayer::new()
+        .with_seed(1)
+        .with_deadline(Duration::from_secs(3))
+        .layer(inner)
+        .oneshot(r)
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    let e = top(&err);
+    assert_eq!(e.report().unwrap().attempts(), 2);
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+    let text = err.to_string();
+    assert!(text.contains("k-dl2"), "{text}");
+    assert!(!text.contains("not sent"), "{text}");
+}
