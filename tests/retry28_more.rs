@@ -363,3 +363,45 @@ async fn a_deadline_after_a_503_reports_both_attempts() {
     assert!(text.contains("k-dl2"), "{text}");
     assert!(!text.contains("not sent"), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_trace_records_the_key_each_attempt_and_each_sleep() {
+    use sturdy::core::trace::{Trace, TraceEvent};
+    let (svc, seen) = api(|n, _| {
+        Ok(match n {
+            0 => with_retry_after(429, "1"),
+            1 => status(503),
+            _ => status(201),
+        })
+    });
+    let client = sturdy::ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(4))
+        .build(svc);
+    let trace = Trace::new();
+    let mut r = post(URL, "{}");
+    r.extensions_mut().insert(trace.clone());
+    assert_eq!(client.oneshot(r).await.unwrap().status(), 201);
+    assert_eq!(seen.len(), 3);
+    let events = trace.events();
+    let key = seen.get(0).headers["idempotency-key"].to_str().unwrap().to_owned();
+    assert!(
+        events.iter().any(|e| matches!(e, TraceEvent::IdempotencyKey(k) if *k == key)),
+        "{events:?}"
+    );
+    let attempts = events
+        .iter()
+        .filter(|e| matches!(e, TraceEvent::Attempt { .. }))
+        .count();
+    assert_eq!(attempts, 3, "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            TraceEvent::Delay { source: DelaySource::RetryAfter, duration } if *duration >= Duration::from_secs(1)
+        )),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, TraceEvent::Delay { source: DelaySource::Backoff, .. })),
+        "{events:?}"
+    );
+}

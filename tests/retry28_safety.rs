@@ -333,3 +333,58 @@ async fn permanent_statuses_are_not_retried() {
         assert_eq!(seen.len(), 4, "{code}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_key_reported_is_the_key_sent_when_header_and_options_differ() {
+    let (svc, seen) = api(|_, _| Err(reset()));
+    let client = ClientBuilder::new()
+        .with_retry(RetryLayer::new().with_seed(2))
+        .build(svc);
+    let mut r = post(URL, "{}");
+    r.headers_mut()
+        .insert("idempotency-key", "from-header".parse().unwrap());
+    r.extensions_mut()
+        .insert(CallOptions::new().with_idempotency_key("from-options"));
+    let err = client.oneshot(r).await.unwrap_err();
+    let sent: Vec<_> = seen
+        .get(0)
+        .headers
+        .get_all("idempotency-key")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent.len(), 1, "two keys sent: {sent:?}");
+    assert_eq!(top(&err).idempotency_key(), Some(sent[0].as_str()));
+    assert!(err.to_string().ends_with(&sent[0]), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_in_options_that_was_never_sent_is_not_reported() {
+    // Without the key layer nothing puts the key of CallOptions on the wire.
+    let (svc, seen) = api(|_, _| Err(reset()));
+    let mut r = post(URL, "{}");
+    r.extensions_mut()
+        .insert(CallOptions::new().with_idempotency_key("never-sent"));
+    let err = RetryLayer::new().layer(svc).oneshot(r).await.unwrap_err();
+    assert!(!seen.get(0).headers.contains_key("idempotency-key"));
+    assert_eq!(seen.len(), 1);
+    let text = err.to_string();
+    assert!(!text.contains("never-sent"), "{text}");
+    assert_ne!(top(&err).idempotency_key(), Some("never-sent"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_options_key_in_a_custom_header_is_retried_and_reported() {
+    let (svc, seen) = api(|_, _| Err(reset()));
+    let client = ClientBuilder::new()
+        .with_idempotency(IdempotencyKeyLayer::new().with_header(HeaderName::from_static("x-idem")))
+        .with_retry(RetryLayer::new().with_seed(1))
+        .build(svc);
+    let mut r = post(URL, "{}");
+    r.extensions_mut()
+        .insert(CallOptions::new().with_idempotency_key("opt-7"));
+    let err = client.oneshot(r).await.unwrap_err();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.all().iter().all(|r| r.headers["x-idem"] == "opt-7"));
+    assert_eq!(top(&err).idempotency_key(), Some("opt-7"));
+}
