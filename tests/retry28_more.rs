@@ -250,7 +250,8 @@ async fn a_local_rate_limit_refusal_is_waited_and_proves_not_sent() {
     assert_eq!(delivery(&*err), Delivery::NotSent);
 }
 
-fn hang() -> impl tower::Service<Req, Response = Res, Error = BoxError, Future = impl Send> + Clone {
+fn hang() -> impl tower::Service<Req, Response = Res, Error = BoxError, Future = impl Send> + Clone
+{
     tower::service_fn(|_r: Req| async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Ok::<Res, BoxError>(status(200))
@@ -260,7 +261,9 @@ fn hang() -> impl tower::Service<Req, Response = Res, Error = BoxError, Future =
 #[tokio::test(start_paused = true)]
 async fn the_retry_layers_own_timeout_is_not_counted_by_a_breaker_below() {
     use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
-    let (breaker, handle) = CircuitBreakerLayer::new().with_consecutive_failures(2).pair();
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
     let svc = RetryLayer::new()
         .with_seed(1)
         .with_attempt_timeout(Duration::from_millis(100))
@@ -268,7 +271,10 @@ async fn the_retry_layers_own_timeout_is_not_counted_by_a_breaker_below() {
     let err = svc.oneshot(get(URL)).await.unwrap_err();
     assert_eq!(top(&err).report().unwrap().attempts(), 4);
     assert!(
-        matches!(handle.state("api.example.com"), None | Some(CircuitState::Closed)),
+        matches!(
+            handle.state("api.example.com"),
+            None | Some(CircuitState::Closed)
+        ),
         "{:?}",
         handle.state("api.example.com")
     );
@@ -278,7 +284,9 @@ async fn the_retry_layers_own_timeout_is_not_counted_by_a_breaker_below() {
 async fn an_attempt_timeout_under_the_breaker_opens_it_and_the_message_counts_the_refusal() {
     use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
     use sturdy::retry::AttemptTimeoutLayer;
-    let (breaker, handle) = CircuitBreakerLayer::new().with_consecutive_failures(2).pair();
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
     let svc = RetryLayer::new().with_seed(1).layer(
         breaker.layer(AttemptTimeoutLayer::new(Some(Duration::from_millis(100))).layer(hang())),
     );
@@ -346,7 +354,8 @@ async fn a_deadline_after_a_503_reports_both_attempts() {
         }
     });
     let mut r = post(URL, "{}");
-    r.headers_mut().insert("idempotency-key", "k-dl2".parse().unwrap());
+    r.headers_mut()
+        .insert("idempotency-key", "k-dl2".parse().unwrap());
     let start = tokio::time::Instant::now();
     let err = RetryLayer::new()
         .with_seed(1)
@@ -383,9 +392,14 @@ async fn a_trace_records_the_key_each_attempt_and_each_sleep() {
     assert_eq!(client.oneshot(r).await.unwrap().status(), 201);
     assert_eq!(seen.len(), 3);
     let events = trace.events();
-    let key = seen.get(0).headers["idempotency-key"].to_str().unwrap().to_owned();
+    let key = seen.get(0).headers["idempotency-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(
-        events.iter().any(|e| matches!(e, TraceEvent::IdempotencyKey(k) if *k == key)),
+        events
+            .iter()
+            .any(|e| matches!(e, TraceEvent::IdempotencyKey(k) if *k == key)),
         "{events:?}"
     );
     let attempts = events
@@ -401,7 +415,13 @@ async fn a_trace_records_the_key_each_attempt_and_each_sleep() {
         "{events:?}"
     );
     assert!(
-        events.iter().any(|e| matches!(e, TraceEvent::Delay { source: DelaySource::Backoff, .. })),
+        events.iter().any(|e| matches!(
+            e,
+            TraceEvent::Delay {
+                source: DelaySource::Backoff,
+                ..
+            }
+        )),
         "{events:?}"
     );
 }

@@ -433,7 +433,7 @@ async fn replication_on_a_cluster_with_replicas_works() {
 }
 
 /// One command over RESP; the reply's bulk strings.
-async fn resp(addr: SocketAddr, args: &[&str]) -> Vec<Vec<u8>> {
+pub(crate) async fn resp(addr: SocketAddr, args: &[&str]) -> Vec<Vec<u8>> {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut cmd = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {

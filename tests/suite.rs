@@ -114,6 +114,7 @@ mod retry28_idem;
 mod retry28_idem2;
 mod retry28_more;
 mod retry28_redis;
+mod retry28_replica;
 mod retry28_safety;
 mod retry28_wire;
 mod retry28_words;
