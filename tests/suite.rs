@@ -129,6 +129,7 @@ mod wire28_close;
 mod wire28_compose;
 mod wire28_drop;
 mod wire28_malformed;
+mod wire28_more;
 mod wire28_ratelimit;
 mod wire28_reqwest;
 mod wire28_secrets;

@@ -51,6 +51,11 @@ async fn wire28_invalid_status_line_names_the_cause() {
     assert!(msg.to_lowercase().contains("status"), "{msg}");
     // Garbage from the peer is not something a retry fixes on its own; either way bounded.
     assert!(p.seen.requests() <= 4);
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (invalid HTTP status-code parsed)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -61,6 +66,11 @@ async fn wire28_http09_junk_names_the_cause() {
         msg.contains("invalid") || msg.contains("version") || msg.contains("parse"),
         "{msg}"
     );
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (invalid HTTP version parsed)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -69,6 +79,11 @@ async fn wire28_header_without_colon_names_the_cause() {
         assert_malformed(b"HTTP/1.1 200 OK\r\nno colon here\r\ncontent-length: 0\r\n\r\n".to_vec())
             .await;
     assert!(err.to_string().to_lowercase().contains("header"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (invalid HTTP header parsed)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -83,6 +98,11 @@ async fn wire28_a_megabyte_of_headers_is_refused() {
     let (err, _) = assert_malformed(bytes).await;
     let msg = err.to_string().to_lowercase();
     assert!(msg.contains("large") || msg.contains("too"), "{msg}");
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (message head is too large)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -95,6 +115,11 @@ async fn wire28_ten_thousand_headers_are_refused() {
     let (err, _) = assert_malformed(bytes).await;
     let msg = err.to_string().to_lowercase();
     assert!(msg.contains("large") || msg.contains("too"), "{msg}");
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (message head is too large)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -106,6 +131,11 @@ async fn wire28_contradicting_content_lengths_are_refused() {
     assert!(
         err.to_string().to_lowercase().contains("content-length")
             || err.to_string().to_lowercase().contains("length"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("the server sent an invalid HTTP response (invalid content-length parsed)"),
         "{err}"
     );
 }

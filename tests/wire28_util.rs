@@ -113,6 +113,22 @@ impl Conn {
         }
     }
 
+    /// Reads one request head only, leaving its body unread; `None` at EOF or on an error.
+    pub(crate) async fn read_head_only(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                self.seen.requests.fetch_add(1, Ordering::SeqCst);
+                self.seen.heads.lock().unwrap().push(head.clone());
+                return Some(head);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
     async fn fill(&mut self) -> bool {
         let mut chunk = [0u8; 8192];
         match self.stream.read(&mut chunk).await {
