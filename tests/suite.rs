@@ -128,6 +128,7 @@ mod tls;
 mod wire28_close;
 mod wire28_compose;
 mod wire28_drop;
+mod wire28_extra;
 mod wire28_layers;
 mod wire28_malformed;
 mod wire28_more;
