@@ -138,3 +138,76 @@ async fn wire28_a_503_storm_then_recovery_through_the_breaker() {
     let state = format!("{:?}", handle.state(&p.authority()));
     assert!(state.contains("Closed"), "{state}");
 }
+
+fn coalescing() -> sturdy::Client<sturdy::coalesce::ResponseBody<hyper::body::Incoming>> {
+    ClientBuilder::new()
+        .with_retry(quick_retry())
+        .with_rate_limit(quick_limiter())
+        .with_coalesce(sturdy::coalesce::CoalesceLayer::new())
+        .with_attempt_timeout(MS(500))
+        .build(hyper_client())
+}
+
+#[tokio::test]
+async fn wire28_coalesced_callers_each_learn_a_huge_retry_after_capped() {
+    let p = peer(|mut c| async move {
+        if c.read_request().await.is_some() {
+            tokio::time::sleep(MS(30)).await;
+            c.write(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 99999999999999\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let client = coalescing();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let c = client.clone();
+            let url = p.url("/same");
+            tokio::spawn(async move { c.oneshot(get(&url)).await })
+        })
+        .collect();
+    for call in calls {
+        let err = within(5, call).await.unwrap().unwrap_err();
+        assert_eq!(
+            sturdy::core::find::<RateLimited>(&*err)
+                .expect("no RateLimited in a shared error")
+                .retry_after(),
+            Duration::from_secs(300)
+        );
+        assert!(err.to_string().ends_with("retry after 5m"), "{err}");
+        let s = ErrorSummary::of(&*err);
+        assert_eq!(s.kind, "rate_limited");
+        assert_eq!(s.retry_after_ms, Some(300_000));
+    }
+    assert_eq!(p.seen.requests(), 1);
+}
+
+#[tokio::test]
+async fn wire28_coalesced_callers_get_the_cause_of_a_malformed_answer() {
+    let p = peer(|mut c| async move {
+        if c.read_request().await.is_some() {
+            tokio::time::sleep(MS(30)).await;
+            c.write(b"HTTP/1.1 2x0 OK\r\n\r\n").await;
+        }
+    })
+    .await;
+    let client = coalescing();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let c = client.clone();
+            let url = p.url("/same");
+            tokio::spawn(async move { c.oneshot(get(&url)).await })
+        })
+        .collect();
+    for call in calls {
+        let err = within(5, call).await.unwrap().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "the server sent an invalid HTTP response (invalid HTTP status-code parsed)"
+            ),
+            "{msg}"
+        );
+        assert_eq!(delivery(&*err), Delivery::MaybeProcessed);
+    }
+}
