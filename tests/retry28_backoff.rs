@@ -378,9 +378,10 @@ async fn a_zero_retry_after_on_every_attempt_ends_rate_limited() {
     assert_eq!(top(&err).report().unwrap().attempts(), 4);
 }
 
+/// retry.md: the jitter on a `Retry-After` is "20 % of the wait, or of the backoff's base of
+/// 250 ms when the wait is shorter: a `Retry-After: 0` is followed within 50 ms".
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: Retry-After: 0 is slept a random 0 to about 50 ms, not 0 plus up to 20 % of 0"]
-async fn a_zero_retry_after_is_zero_plus_twenty_percent() {
+async fn a_zero_retry_after_is_followed_within_fifty_ms() {
     let mut worst = Duration::ZERO;
     for seed in 0..40 {
         let (svc, seen) = api(|n, _| {
@@ -399,7 +400,7 @@ async fn a_zero_retry_after_is_zero_plus_twenty_percent() {
         worst = worst.max(seen.gap(0));
     }
     assert!(
-        worst <= Duration::from_millis(1),
+        worst <= Duration::from_millis(50),
         "Retry-After: 0 waited up to {worst:?}"
     );
 }

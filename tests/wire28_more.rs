@@ -261,7 +261,6 @@ async fn wire28_a_pause_past_the_deadline_refuses_at_once_and_sends_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "DOUBTFUL: a 503 with Retry-After to a keyless POST (not retried) comes back as the response, not the RateLimited error retry.md says such a call ends with"]
 async fn wire28_503_with_retry_after_on_a_keyless_post_ends_as_rate_limited() {
     // retry.md: a 429 or a 503 that carries a Retry-After ends the call as a RateLimited error
     // when that wait is not slept.

@@ -412,7 +412,6 @@ async fn wire28_tls_record_junk_after_the_request_is_not_read_as_a_handshake_fai
 }
 
 #[tokio::test]
-#[ignore = "FAULT: a corrupt TLS record after the request reads \"connection error\" (hyper's wrapper text); the cause (cannot decrypt peer's message) is not named"]
 async fn wire28_tls_record_junk_after_the_request_names_the_cause() {
     let c = cert(&["127.0.0.1"], false);
     let roots = vec![c.der.clone()];
@@ -433,7 +432,6 @@ async fn wire28_tls_record_junk_after_the_request_names_the_cause() {
 }
 
 #[tokio::test]
-#[ignore = "DOUBTFUL: a connection broken by a corrupt TLS record after the request is ErrorKind::Other, so a GET is not retried (a reset or an early close there is Transport, retried)"]
 async fn wire28_tls_record_junk_after_the_request_get_is_retried() {
     let c = cert(&["127.0.0.1"], false);
     let roots = vec![c.der.clone()];

@@ -672,11 +672,11 @@ async fn a_stalled_shared_body_ends_in_a_timeout_for_every_caller() {
     assert_eq!(started.elapsed(), ms(10) + Duration::from_secs(2));
 
     // Unbounded when asked: still waiting an hour later.
-    let svc = CoalesceLayer::new().without_body_timeout().layer(tower::service_fn(
-        |_r: Request<Full<Bytes>>| async {
+    let svc = CoalesceLayer::new()
+        .without_body_timeout()
+        .layer(tower::service_fn(|_r: Request<Full<Bytes>>| async {
             Ok::<_, BoxError>(Response::new(Stalls(Some(Bytes::from_static(b"abc")))))
-        },
-    ));
+        }));
     let out = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(get("/slow"))).await;
     assert!(out.is_err(), "the call ended");
 }
