@@ -20,7 +20,6 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 use crate::budget::WindowBudget;
-
 use crate::head::KeptHead;
 use crate::{Backoff, MAX_REPORTED_WAIT};
 
