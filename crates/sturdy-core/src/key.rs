@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use http::Request;
+use http::{HeaderValue, Request};
 
 /// Chooses the key of a request: the host by default ([`ByHost`]), or any function of the request
 /// (`Fn(&Request<B>) -> String`), e.g. per API token or per tenant.
@@ -42,6 +42,24 @@ pub fn host<B>(req: &Request<B>) -> &str {
             .unwrap_or(""),
     };
     without_userinfo(raw)
+}
+
+/// The idempotency key a header value holds: `None` when the header is missing or blank (empty,
+/// or only spaces and tabs). A blank key names no operation, so no server can deduplicate on it:
+/// the client idempotency layer replaces it with a fresh key, and the retry layer does not count
+/// it as a key (a POST carrying one is not retried, and no error names it).
+///
+/// ```
+/// use http::HeaderValue;
+/// use sturdy_core::key::idempotency_key;
+///
+/// let key = HeaderValue::from_static("order-1");
+/// assert_eq!(idempotency_key(Some(&key)), Some(&key));
+/// assert_eq!(idempotency_key(Some(&HeaderValue::from_static(" \t"))), None);
+/// assert_eq!(idempotency_key(None), None);
+/// ```
+pub fn idempotency_key(value: Option<&HeaderValue>) -> Option<&HeaderValue> {
+    value.filter(|v| v.as_bytes().iter().any(|b| !matches!(b, b' ' | b'\t')))
 }
 
 /// `authority` without a `user:password@` part. A plain loop: authorities are short, and this

@@ -168,11 +168,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // A blank key header names no operation (no server can deduplicate on it): it is
         // replaced like a missing one.
-        let has_key = req
-            .headers()
-            .get(&self.config.header)
-            .is_some_and(|v| v.as_bytes().iter().any(|b| !matches!(b, b' ' | b'\t')));
-        if !has_key {
+        if sturdy_core::key::idempotency_key(req.headers().get(&self.config.header)).is_none() {
             let given = CallOptions::of(&req)
                 .and_then(CallOptions::idempotency_key)
                 .map(given_key);

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use sturdy_core::classify::{self, Classify, DefaultClassify, Outcome};
 use sturdy_core::events::{Event, EventHook, RetryStop};
 use sturdy_core::headers::RetryAfter;
+use sturdy_core::key::idempotency_key;
 use sturdy_core::keyed::{Idle, KeyedMap, Local, SlotCache};
 use sturdy_core::trace::{DelaySource, TraceEvent};
 use sturdy_core::{
@@ -248,13 +249,6 @@ impl<B> RequestView for Request<B> {
     }
 }
 
-/// The idempotency key a header holds: none when the header is missing or blank. A blank key
-/// names no operation, so no server can deduplicate on it: it does not make a POST safe to
-/// retry, and an error does not tell the caller to retry with it.
-pub(crate) fn key_value(v: Option<&http::HeaderValue>) -> Option<&http::HeaderValue> {
-    v.filter(|v| v.as_bytes().iter().any(|b| !matches!(b, b' ' | b'\t')))
-}
-
 /// What sturdy's retry loop keeps of a request for the policy: cheap clones (reference counts),
 /// no header map.
 #[derive(Debug, Clone)]
@@ -277,7 +271,7 @@ impl CallInfo {
             } else {
                 None
             },
-            key: key_value(req.headers().get(key_header)).cloned(),
+            key: idempotency_key(req.headers().get(key_header)).cloned(),
             trace: Trace::of(req).cloned(),
         }
     }
@@ -292,7 +286,7 @@ impl CallInfo {
             } else {
                 None
             },
-            key: key_value(head.header(key_header)).cloned(),
+            key: idempotency_key(head.header(key_header)).cloned(),
             trace: head.trace().cloned(),
         }
     }
@@ -552,7 +546,7 @@ impl<C> RetryPolicy<C> {
             Outcome::Retryable(kind) => kind,
             _ => match retryable_anyway(
                 result,
-                || key_value(req.header(&self.config.idempotency_header)).is_some(),
+                || idempotency_key(req.header(&self.config.idempotency_header)).is_some(),
                 self.deadline.is_some(),
             ) {
                 Some(kind) => kind,
@@ -563,7 +557,7 @@ impl<C> RetryPolicy<C> {
             },
         };
         if !(is_idempotent(req.method())
-            || key_value(req.header(&self.config.idempotency_header)).is_some()
+            || idempotency_key(req.header(&self.config.idempotency_header)).is_some()
             || this_attempt.proves_not_sent())
         {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
@@ -748,7 +742,7 @@ impl<C> RetryPolicy<C> {
         // A key is any UTF-8 a header may hold (`to_str` would drop one with non-ASCII letters,
         // and the call's error would then not name the key to retry with).
         let key = || {
-            key_value(req.header(&self.config.idempotency_header))
+            idempotency_key(req.header(&self.config.idempotency_header))
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .map(str::to_owned)
         };
