@@ -562,8 +562,8 @@ impl<C> RetryPolicy<C> {
         {
             tracing::debug!(attempt = n, method = %req.method(), "not retried: a non-idempotent request without an idempotency key may already have taken effect");
             self.stopped(req, &kind, RetryStop::NotIdempotent);
-            // A wait the server asked for that is not slept ends the call as `RateLimited`
-            // here too, as it does when no attempt is left: the caller learns how long.
+            // A wait the server asked for that is not slept ends the call as `RateLimited`, for
+            // every reason it is not slept: the caller learns how long.
             self.rate_limited(result, req.host());
             self.finish(
                 req,
@@ -667,6 +667,7 @@ impl<C> RetryPolicy<C> {
         };
         if self.body.is_none() {
             self.stopped(req, &kind, RetryStop::NotReplayable);
+            self.rate_limited(result, &host);
             self.finish(
                 req,
                 result,
@@ -682,6 +683,7 @@ impl<C> RetryPolicy<C> {
             if !b.withdraw() {
                 tracing::info!(attempt = n, host = %host, "not retried: the retry budget is exhausted");
                 self.stopped(req, &kind, RetryStop::BudgetExhausted);
+                self.rate_limited(result, &host);
                 self.finish(
                     req,
                     result,

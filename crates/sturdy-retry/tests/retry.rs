@@ -994,3 +994,34 @@ async fn a_keyless_post_told_to_wait_ends_as_rate_limited() {
         .unwrap();
     assert_eq!(res.status(), 503);
 }
+
+/// The same rule when the retry budget is spent or the body was not kept: the wait asked for is
+/// not slept, so the call ends as `RateLimited` carrying it.
+#[tokio::test(start_paused = true)]
+async fn a_wait_not_slept_for_want_of_budget_or_body_ends_as_rate_limited() {
+    // No budget left: a reserve of 0 and no share of calls.
+    let api = Api::new(vec![Ok(with_retry_after(429, "3"))]);
+    let err = layer()
+        .with_budget(Duration::from_secs(1), 0, 0.0)
+        .unwrap()
+        .layer(api.service())
+        .oneshot(get())
+        .await
+        .expect_err("a RateLimited error");
+    assert_eq!(api.calls(), 1);
+    let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited in the chain");
+    assert_eq!(rl.retry_after(), Duration::from_secs(3), "{err}");
+    assert!(err.to_string().contains("budget"), "{err}");
+
+    // A body larger than the replay limit: sent once.
+    let api = Api::new(vec![Ok(with_retry_after(503, "3"))]);
+    let err = layer()
+        .with_body_limit(2)
+        .layer(api.service())
+        .oneshot(post(Some("k-1")))
+        .await
+        .expect_err("a RateLimited error");
+    assert_eq!(api.calls(), 1);
+    let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited in the chain");
+    assert_eq!(rl.retry_after(), Duration::from_secs(3), "{err}");
+}
