@@ -438,8 +438,10 @@ async fn one_round_trip_per_decision() {
 
 async fn one_round_trip_per_decision_on(b: &Backend) {
     let (conn, p) = proxy::counted(b).await;
-    let quota = Quota::per_second(1_000).unwrap();
-    let q = RedisQuota::new(conn, quota).with_prefix(prefix("trips"));
+    // Ten a second: twenty reservations reach two seconds ahead, so the release below still
+    // finds one to give back on a machine that stalls (the clock is real here).
+    let slow = Quota::per_second(10).unwrap();
+    let q = RedisQuota::new(conn.clone(), slow).with_prefix(prefix("trips"));
     // The first use of a script on a node may cost a second command (the node learns it).
     q.try_reserve("api.example.com", Duration::ZERO)
         .await
@@ -447,7 +449,7 @@ async fn one_round_trip_per_decision_on(b: &Backend) {
     q.try_release("api.example.com").await.unwrap();
     let before = proxy::sent(&p);
     for _ in 0..20 {
-        q.try_reserve("api.example.com", Duration::from_secs(1))
+        q.try_reserve("api.example.com", Duration::from_secs(10))
             .await
             .unwrap();
     }
@@ -456,8 +458,10 @@ async fn one_round_trip_per_decision_on(b: &Backend) {
     assert!(q.try_release("api.example.com").await.unwrap());
     assert_eq!(proxy::sent(&p) - before, 1, "one command per release");
 
-    // Through the layer: one decision, one command, per call.
-    let remote = Arc::new(q.clone());
+    // Through the layer: one decision, one command, per call. Its own prefix (the same key, so
+    // the same slot, whose node knows the script) and a quota that does not make it wait.
+    let quota = Quota::per_second(1_000).unwrap();
+    let remote = Arc::new(RedisQuota::new(conn, quota).with_prefix(prefix("trips-layer")));
     let svc = RateLimitLayer::new(quota)
         .with_remote(remote)
         .with_max_wait(Duration::from_secs(1))
