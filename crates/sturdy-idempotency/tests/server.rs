@@ -106,6 +106,76 @@ async fn axum_router_replays_and_rejects() {
     assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
 
+#[tokio::test]
+async fn under_nest_the_fingerprint_takes_the_path_the_client_sent() {
+    // One layer (one store) on two nested routers: axum strips `/us` and `/eu`, so both
+    // routes see `/orders`; the key's fingerprint must still tell them apart.
+    let runs = Arc::new(AtomicU32::new(0));
+    let layer = layer();
+    let plain = |runs: Arc<AtomicU32>| {
+        Router::new().route(
+            "/orders",
+            post(move || {
+                let runs = runs.clone();
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    (StatusCode::CREATED, format!("order {n}"))
+                }
+            }),
+        )
+    };
+    let nested: Router = Router::new()
+        .nest("/us", plain(runs.clone()))
+        .nest("/eu", plain(runs.clone()))
+        .layer(layer.clone());
+    let to = |path: &str| {
+        Request::post(path)
+            .header("idempotency-key", "k-nest")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let us = nested.clone().oneshot(to("/us/orders")).await.unwrap();
+    assert_eq!(us.status(), StatusCode::CREATED);
+    let eu = nested.clone().oneshot(to("/eu/orders")).await.unwrap();
+    assert_eq!(eu.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem_of(eu).await["type"], problem::KEY_REUSED);
+    let again = nested.clone().oneshot(to("/us/orders")).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The layer inside the nested router (route-level) sees the same full path.
+    let runs = Arc::new(AtomicU32::new(0));
+    let shared = layer.clone();
+    let outer: Router = Router::new()
+        .nest("/us", plain(runs.clone()).layer(shared.clone()))
+        .nest("/eu", plain(runs.clone()).layer(shared));
+    let k = |path: &str| {
+        Request::post(path)
+            .header("idempotency-key", "k-nest-inner")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(
+        outer
+            .clone()
+            .oneshot(k("/us/orders"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        outer
+            .clone()
+            .oneshot(k("/eu/orders"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_that_goes_away_mid_handler_does_not_free_its_key() {
     let runs = Arc::new(AtomicU32::new(0));

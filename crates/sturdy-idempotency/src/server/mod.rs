@@ -520,10 +520,16 @@ where
             ))
         }
     };
-    let target = parts
-        .uri
+    // Under axum's `Router::nest` the URI a layer sees has the prefix taken off (`/us/orders`
+    // arrives as `/orders`); the one the client sent is kept in `OriginalUri`. The fingerprint
+    // takes that one, so one key sent to two nested routes is two requests, not one.
+    let uri = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or(&parts.uri, |o| &o.0);
+    let target = uri
         .path_and_query()
-        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+        .map_or_else(|| uri.path(), |pq| pq.as_str());
     let fp = fingerprint(&parts.method, target, &body);
     let token = LockToken::random();
     match execute::Beginning::new(&store, &key, fp, token, config.lease).await {
