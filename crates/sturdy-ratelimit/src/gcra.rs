@@ -44,8 +44,10 @@ impl Quota {
     /// `calls` per `period`, spaced evenly, with a burst of 1.
     ///
     /// A spacing longer than 30 years is enforced as 30 years (`Quota::new(1, Duration::MAX)`
-    /// lets one call through per 30 years, which no process outlives), and a burst's whole
-    /// allowance is capped at about 146 years of calls.
+    /// lets one call through per 30 years, which no process outlives), a spacing under one
+    /// nanosecond as one nanosecond (`Quota::per_second(u32::MAX)` is a billion calls a second,
+    /// more than any process makes), and a burst's whole allowance is capped at about 146 years
+    /// of calls.
     ///
     /// # Errors
     /// When `calls` is 0 or `period` is zero.
@@ -56,10 +58,8 @@ impl Quota {
         if period.is_zero() {
             return Err(InvalidQuota("the period must not be zero"));
         }
-        let interval = period / calls;
-        if interval.is_zero() {
-            return Err(InvalidQuota("more than one call per nanosecond"));
-        }
+        // The clock counts nanoseconds: a finer spacing cannot be told apart from 1 ns.
+        let interval = (period / calls).max(Duration::from_nanos(1));
         Ok(Self::of(interval, 1))
     }
 
@@ -309,6 +309,22 @@ mod tests {
         assert!(Quota::per_second(0).is_err());
         assert!(Quota::new(1, Duration::ZERO).is_err());
         assert!(Quota::per_second(1).unwrap().with_burst(0).is_err());
-        assert!(Quota::new(u32::MAX, Duration::from_nanos(1)).is_err());
+    }
+
+    #[test]
+    fn a_spacing_under_a_nanosecond_is_one_nanosecond() {
+        for q in [
+            Quota::new(u32::MAX, Duration::from_nanos(1)).unwrap(),
+            Quota::per_second(u32::MAX).unwrap(),
+            Quota::new(2, Duration::from_nanos(1)).unwrap(),
+        ] {
+            assert_eq!(q.interval(), Duration::from_nanos(1));
+            assert_eq!(q.burst(), 1);
+        }
+        // A billion a second is exact; one more is the same quota.
+        assert_eq!(
+            Quota::per_second(1_000_000_000).unwrap(),
+            Quota::per_second(1_000_000_001).unwrap()
+        );
     }
 }
