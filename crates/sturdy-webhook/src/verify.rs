@@ -301,7 +301,10 @@ fn check_time(ts: i64, now: SystemTime, tolerance: Duration) -> Result<(), Rejec
 
 fn parse_ts(s: &str) -> Result<i64, Rejection> {
     let s = s.trim();
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+    // A whole number of seconds, negative ones included: a signed time before 1970 is well
+    // formed and stale (401), as the signers' own verifiers read it, not malformed (400).
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Rejection::bad_request(
             "the timestamp is not a whole number of seconds",
         ));

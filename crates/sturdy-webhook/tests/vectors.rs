@@ -130,11 +130,19 @@ fn sw_time_tolerance_both_directions() {
             assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         }
     }
-    for bad in ["hello", "1614265330.5", "-161426533", ""] {
+    for bad in ["hello", "1614265330.5", "-", "--1", "+1614265330", ""] {
         let r = v
             .verify(&sw(SW_SIG, bad), SW_BODY.as_bytes(), at(SW_TS))
             .unwrap_err();
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad:?}");
+    }
+    // A negative whole number is a well-formed time before 1970: stale, not malformed.
+    for old in ["-161426533", "-1", &i64::MIN.to_string()] {
+        let r = v
+            .verify(&sw(SW_SIG, old), SW_BODY.as_bytes(), at(SW_TS))
+            .unwrap_err();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{old:?}");
+        assert!(r.reason.contains("old"), "{old:?}: {}", r.reason);
     }
 }
 
