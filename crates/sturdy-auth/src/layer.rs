@@ -73,9 +73,11 @@ impl AuthLayer {
     /// `Authorization: Bearer <token>`.
     ///
     /// # Errors
-    /// When the token has characters not allowed in a header.
+    /// When the token is empty (or only spaces and tabs), or has characters not allowed in a
+    /// header.
     pub fn bearer(token: impl Into<SecretString>) -> Result<Self, Error> {
         let token = token.into();
+        not_blank(&token, "the bearer token")?;
         let v = sensitive(&format!("Bearer {}", token.expose_secret()))?;
         Ok(Self::with(Credentials::Header(
             http::header::AUTHORIZATION,
@@ -86,9 +88,11 @@ impl AuthLayer {
     /// An API key in the header `name` (e.g. `x-api-key`).
     ///
     /// # Errors
-    /// When the key has characters not allowed in a header.
+    /// When the key is empty (or only spaces and tabs), or has characters not allowed in a
+    /// header.
     pub fn api_key(name: HeaderName, key: impl Into<SecretString>) -> Result<Self, Error> {
         let key = key.into();
+        not_blank(&key, "the API key")?;
         let v = sensitive(key.expose_secret())?;
         Ok(Self::with(Credentials::Header(name, v)))
     }
@@ -98,7 +102,7 @@ impl AuthLayer {
     /// never logs them, but proxies and servers may).
     ///
     /// # Errors
-    /// When `param` is empty.
+    /// When `param` is empty, or the key is empty (or only spaces and tabs).
     pub fn api_key_query(
         param: impl Into<String>,
         key: impl Into<SecretString>,
@@ -110,7 +114,9 @@ impl AuthLayer {
                 "the query parameter name for the API key is empty",
             ));
         }
-        Ok(Self::with(Credentials::Query(param, key.into())))
+        let key = key.into();
+        not_blank(&key, "the API key")?;
+        Ok(Self::with(Credentials::Query(param, key)))
     }
 
     /// `Authorization: Basic` with `user` and `password`.
@@ -225,4 +231,16 @@ impl<S> Layer<S> for AuthLayer {
             events: self.events.clone(),
         }
     }
+}
+
+/// Refuses an empty credential when the layer is built: it is almost always an unset
+/// environment variable, which would otherwise surface only as the API's 401 on every call.
+fn not_blank(secret: &SecretString, what: &str) -> Result<(), Error> {
+    if secret.expose_secret().trim_matches([' ', '\t']).is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{what} is empty (is the variable or file it comes from set?)"),
+        ));
+    }
+    Ok(())
 }

@@ -276,6 +276,29 @@ fn invalid_configuration_is_reported_when_built() {
         AuthLayer::basic("a:b", "p").unwrap_err().kind(),
         &ErrorKind::Config
     );
+    // An empty credential (an unset variable) is refused when built, not sent as `Bearer `.
+    let name = || http::HeaderName::from_static("x-api-key");
+    for blank in ["", " ", "\t \t"] {
+        for (err, what) in [
+            (AuthLayer::bearer(blank).unwrap_err(), "the bearer token"),
+            (
+                AuthLayer::api_key(name(), blank).unwrap_err(),
+                "the API key",
+            ),
+            (
+                AuthLayer::api_key_query("api_key", blank).unwrap_err(),
+                "the API key",
+            ),
+        ] {
+            assert_eq!(err.kind(), &ErrorKind::Config);
+            assert_eq!(
+                err.to_string(),
+                format!("{what} is empty (is the variable or file it comes from set?)")
+            );
+        }
+    }
+    // Basic with an empty password is an API key as the user name: allowed.
+    assert!(AuthLayer::basic("sk_test_123", "").is_ok());
     // Every value of the infallible setters is accepted without a panic.
     let _ = cc(TOKEN_URL)
         .unwrap()
