@@ -165,12 +165,13 @@ impl Limiter {
         self.applied.store(target, Ordering::Relaxed);
     }
 
-    /// Calls holding a permit now: the permits set, less those owed and those free. Read from
-    /// the semaphore, so that taking a permit touches one shared counter, not two.
+    /// Calls holding a permit now: the permits set, plus those owed (held by calls admitted
+    /// before a decrease, to be forgotten as they come back), less those free. Read from the
+    /// semaphore, so that taking a permit touches one shared counter, not two.
     pub(crate) fn in_flight(&self) -> usize {
         self.applied
             .load(Ordering::Relaxed)
-            .saturating_sub(self.debt.load(Ordering::Relaxed))
+            .saturating_add(self.debt.load(Ordering::Relaxed))
             .saturating_sub(self.sem.available_permits())
     }
 
@@ -447,6 +448,23 @@ mod tests {
         assert!(try_acquire(&l).is_none());
         // Down to 2 while 4 are in use: two permits are owed and retired as they come back.
         l.value().force(2);
+        assert_eq!(
+            l.value().in_flight(),
+            4,
+            "the four admitted are still in flight"
+        );
+        let mut held = held.into_iter();
+        drop(held.next());
+        assert_eq!(l.value().in_flight(), 3);
+        assert_eq!(
+            l.value().sem.available_permits(),
+            0,
+            "a permit owed is retired"
+        );
+        drop(held.next());
+        drop(held.next());
+        assert_eq!(l.value().in_flight(), 1);
+        assert_eq!(l.value().sem.available_permits(), 1);
         drop(held);
         assert_eq!(l.value().sem.available_permits(), 2);
         assert_eq!(l.value().in_flight(), 0);
