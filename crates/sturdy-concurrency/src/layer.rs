@@ -142,9 +142,9 @@ impl<K, C> AdaptiveConcurrencyLayer<K, C> {
         self
     }
 
-    /// The most hosts with a limit kept \[1,024\]; past it, hosts with nothing in flight are
-    /// forgotten (they start again from the initial limit), then new hosts share one overflow
-    /// limit.
+    /// The most hosts with a limit kept \[1,024\] (at least 1); past it, hosts with nothing in
+    /// flight are forgotten (they start again from the initial limit), then new hosts share one
+    /// overflow limit.
     pub fn with_max_hosts(self, n: usize) -> Self {
         edit(&self.cell, |c| c.max_hosts = n.max(1));
         self
