@@ -336,7 +336,11 @@ pub struct LinkHeader {
 }
 
 impl LinkHeader {
-    /// Items at `items`; the first page is asked for `?per_page=`.
+    /// Items at `items`. When a page size is set
+    /// ([`PaginateBuilder::with_page_size`](crate::PaginateBuilder::with_page_size), or the limit of
+    /// [`Paginate::page`](crate::Paginate::page)), the first page is asked for
+    /// `?per_page=<size>`; without one, the first URL is sent as given. Later pages are the
+    /// server's next links, as they are.
     pub fn new(items: impl Into<String>) -> Self {
         Self {
             items: items.into(),
@@ -344,7 +348,8 @@ impl LinkHeader {
         }
     }
 
-    /// The query parameter for the page size on the first page \[`per_page`\].
+    /// The query parameter for the page size on the first page \[`per_page`\], sent only when a
+    /// page size is set.
     #[must_use]
     pub fn with_limit_param(mut self, name: impl Into<String>) -> Self {
         self.limit_param = Some(name.into());
