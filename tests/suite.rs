@@ -45,6 +45,7 @@ mod exactly_once;
 mod limits29_client;
 mod limits29_concurrency;
 mod limits29_extremes;
+mod limits29_handles;
 mod limits29_hedge;
 mod limits29_metrics;
 mod limits29_nginx;
