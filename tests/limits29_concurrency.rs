@@ -689,3 +689,29 @@ async fn a_limit_raised_again_before_calls_return_is_not_paid_twice() {
     }
     assert_eq!(refused, 1, "four places, not more");
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_after_an_overload_backoff_counts_the_calls_still_out() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let api = service_fn(move |_r: Request<()>| {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (ms, status) = if i == 0 { (10, 503) } else { (100, 200) };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(()).unwrap())
+        }
+    });
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(10)
+        .pair();
+    let svc = layer.layer(api);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("a.test"))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The 503 came back and lowered the limit to 9; nine calls are still out.
+    assert_eq!(state(&handle, "a.test"), (9, 9, 0));
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
