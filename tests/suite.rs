@@ -22,6 +22,7 @@ mod agents27_version;
 mod agents27_wire;
 mod auth29_circuit;
 mod auth29_compose;
+mod auth29_more;
 mod auth29_oauth;
 mod auth29_static;
 mod auth29_util;
