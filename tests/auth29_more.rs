@@ -383,3 +383,134 @@ async fn one_host_failing_leaves_other_hosts_closed() {
         Some(CircuitState::Open { .. })
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn tiny_and_huge_failure_windows_never_panic() {
+    for window in [
+        Duration::from_nanos(1),
+        Duration::from_nanos(7),
+        Duration::from_micros(1),
+        Duration::from_secs(u64::MAX / 2),
+        Duration::MAX,
+    ] {
+        let list = Arc::new(Mutex::new(vec![503]));
+        let (layer, handle) = CircuitBreakerLayer::new()
+            .with_failure_rate(0.5, window, 2)
+            .unwrap()
+            .pair();
+        let svc = layer.layer(statuses(list.clone()));
+        for _ in 0..3 {
+            let _ = svc.clone().oneshot(rq("win.test")).await;
+            advance(Duration::from_millis(1)).await;
+        }
+        advance(Duration::from_secs(86_400 * 365 * 100)).await;
+        *list.lock().unwrap() = vec![200];
+        for _ in 0..3 {
+            let _ = svc.clone().oneshot(rq("win.test")).await;
+        }
+        let _ = handle.states();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_window_counts_failures_across_years() {
+    let list = Arc::new(Mutex::new(vec![503]));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_failure_rate(0.5, Duration::MAX, 4)
+        .unwrap()
+        .pair();
+    let svc = layer.layer(statuses(list));
+    for _ in 0..4 {
+        svc.clone().oneshot(rq("y.test")).await.unwrap();
+        advance(Duration::from_secs(86_400 * 365)).await;
+    }
+    assert!(
+        matches!(handle.state("y.test"), Some(CircuitState::Open { .. })),
+        "{:?}",
+        handle.state("y.test")
+    );
+}
+
+#[test]
+fn a_token_asked_for_outside_a_runtime_is_an_error_not_a_panic() {
+    let ts = Seen::default();
+    let cc = creds(endpoint(&ts, |n| tok(n, 3600)));
+    let mut fut = Box::pin(cc.get());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::future::Future::poll(fut.as_mut(), &mut cx)
+    }));
+    match r {
+        Ok(std::task::Poll::Ready(Err(e))) => {
+            assert!(e.to_string().to_lowercase().contains("runtime"), "{e}");
+        }
+        Ok(std::task::Poll::Ready(Ok(_))) => panic!("a token without a runtime"),
+        Ok(std::task::Poll::Pending) => panic!("pending for ever without a runtime"),
+        Err(_) => panic!("panicked outside a Tokio runtime"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn secret_basic_form_encodes_id_and_secret_before_base64() {
+    let ts = Seen::default();
+    let cc = sturdy::auth::ClientCredentials::new(
+        endpoint(&ts, |n| tok(n, 60)),
+        TOKEN_URL,
+        "my:client",
+        "s p+c/é",
+    )
+    .unwrap();
+    cc.get().await.unwrap();
+    let auth = ts.auths()[0].clone();
+    // base64("my%3Aclient:s+p%2Bc%2F%C3%A9")
+    assert_eq!(auth, "Basic bXklM0FjbGllbnQ6cytwJTJCYyUyRiVDMyVBOQ==");
+}
+
+#[tokio::test]
+async fn a_query_version_is_added_when_only_a_similar_name_is_there() {
+    use sturdy::version::VersionLayer;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let svc = VersionLayer::query("api-version", "2024-06-01").layer(tower::service_fn(
+        move |r: Request<()>| {
+            s.lock().unwrap().push(r.uri().to_string());
+            async { Ok::<_, std::convert::Infallible>(Response::new(())) }
+        },
+    ));
+    for q in ["xapi-version=1", "api-version-old=1", "a=api-version%3D1"] {
+        svc.clone()
+            .oneshot(
+                Request::get(format!("http://api.example.com/p?{q}"))
+                    .body(())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    for (u, q) in seen.lock().unwrap().iter().zip([
+        "xapi-version=1",
+        "api-version-old=1",
+        "a=api-version%3D1",
+    ]) {
+        assert_eq!(
+            u,
+            &format!("http://api.example.com/p?{q}&api-version=2024-06-01"),
+            "the caller's {q} was taken for the version"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_api_key_query_name_is_encoded_too() {
+    let aps = Seen::default();
+    let svc = AuthLayer::api_key_query("api key&x", "v")
+        .unwrap()
+        .layer(api(&aps, |_, _| 200));
+    svc.oneshot(get("/p")).await.unwrap();
+    let uri = &aps.uris()[0];
+    assert!(
+        uri == "http://api.example.com/p?api+key%26x=v"
+            || uri == "http://api.example.com/p?api%20key%26x=v",
+        "{uri}"
+    );
+}
