@@ -514,3 +514,90 @@ async fn an_api_key_query_name_is_encoded_too() {
         "{uri}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_the_stack_a_failing_token_endpoint_is_not_hammered_by_retries() {
+    let (ts, aps) = (Seen::default(), Seen::default());
+    let client = sturdy::ClientBuilder::new()
+        .with_auth(oauth(&ts, |_| Reply::new(503, "")))
+        .build(api(&aps, |_, _| 200));
+    let req = Request::post("http://api.example.com/pay")
+        .body(Full::from("{}"))
+        .unwrap();
+    let err = client.oneshot(req).await.unwrap_err();
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert!(err.to_string().contains(TOKEN_URL), "{err}");
+    assert_eq!(aps.calls(), 0);
+    assert!(ts.calls() <= 4, "{} token requests", ts.calls());
+}
+
+fn breaker_client(
+    list: Arc<Mutex<Vec<u16>>>,
+) -> (
+    sturdy::Client<Full<bytes::Bytes>>,
+    CircuitHandle,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let http = tower::service_fn(move |_r: Request<Full<bytes::Bytes>>| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let list = list.clone();
+        async move {
+            let s = {
+                let mut l = list.lock().unwrap();
+                if l.len() > 1 {
+                    l.remove(0)
+                } else {
+                    l[0]
+                }
+            };
+            Ok::<_, BoxError>(Response::builder().status(s).body(Full::default()).unwrap())
+        }
+    });
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
+    let client = sturdy::ClientBuilder::new()
+        .with_circuit_breaker(breaker)
+        .build(http);
+    (client, handle, calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_the_stack_a_deadline_that_fits_retry_in_waits_for_the_probe() {
+    let (client, handle, calls) = breaker_client(Arc::new(Mutex::new(vec![503, 200])));
+    let mut req = get("/w");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_secs(60)));
+    let start = Instant::now();
+    let res = client.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(35),
+        "{took:?}"
+    );
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(handle.state("api.example.com"), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_the_stack_an_open_breaker_without_a_fitting_deadline_fails_at_once() {
+    let (client, _handle, calls) = breaker_client(Arc::new(Mutex::new(vec![503, 200])));
+    client.clone().oneshot(get("/w")).await.ok();
+    let start = Instant::now();
+    let mut req = get("/w");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_secs(10)));
+    let err = client.oneshot(req).await.unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let open = sturdy::core::find::<CircuitOpen>(&*err).expect("not a CircuitOpen");
+    assert!(open.retry_in() > Duration::from_secs(10));
+    assert_eq!(delivery(&*err), Delivery::NotSent);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
