@@ -601,3 +601,31 @@ async fn in_the_stack_an_open_breaker_without_a_fitting_deadline_fails_at_once()
     assert_eq!(delivery(&*err), Delivery::NotSent);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_the_stack_a_deprecation_is_reported_once_across_retries() {
+    use sturdy::version::VersionLayer;
+    let notices: Arc<Mutex<Vec<String>>> = Arc::default();
+    let n2 = notices.clone();
+    let http = tower::service_fn(|r: Request<Full<bytes::Bytes>>| async move {
+        assert_eq!(r.headers()["api-version"], "7");
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(503)
+                .header("deprecation", "true")
+                .body(Full::<bytes::Bytes>::default())
+                .unwrap(),
+        )
+    });
+    let client = sturdy::ClientBuilder::new()
+        .without_circuit_breaker()
+        .with_version(
+            VersionLayer::header("api-version", "7")
+                .unwrap()
+                .on_notice(move |n| n2.lock().unwrap().push(n.endpoint.clone())),
+        )
+        .build(http);
+    let res = client.oneshot(get("/v/1")).await;
+    assert!(res.map(|r| r.status() == 503).unwrap_or(true));
+    assert_eq!(*notices.lock().unwrap(), ["GET /v/1"]);
+}
