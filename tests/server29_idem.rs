@@ -958,3 +958,302 @@ async fn state_and_get_routes_coexist_with_the_layer() {
     call(addr, Method::POST, "/orders", Some("k-s"), "x").await;
     assert_eq!(call(addr, Method::GET, "/count", None, "").await.body, "1");
 }
+
+// ---- more: time, scopes, concurrency ------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn ttl_expiry_lets_the_key_run_again() {
+    let (app, c) = app_with(
+        Duration::ZERO,
+        layer().with_ttl(Duration::from_secs(2)).unwrap(),
+    );
+    local(&app, keyed("k-ttl", "x")).await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        local(&app, keyed("k-ttl", "x")).await.headers["idempotent-replayed"],
+        "true"
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let got = local(&app, keyed("k-ttl", "x")).await;
+    assert!(got.headers.get("idempotent-replayed").is_none());
+    assert_eq!(c.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_slower_than_its_lease_keeps_its_key() {
+    let (app, c) = app_with(
+        Duration::from_secs(10),
+        layer().with_lease(Duration::from_millis(300)).unwrap(),
+    );
+    let a2 = app.clone();
+    let first = tokio::spawn(async move { local(&a2, keyed("k-lease", "x")).await });
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let got = local(&app, keyed("k-lease", "x")).await;
+        assert_eq!(got.status, StatusCode::CONFLICT, "the lock was renewed");
+    }
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(
+        local(&app, keyed("k-lease", "x")).await.headers["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn ten_concurrent_identical_requests_run_the_handler_once() {
+    let (app, c) = app_with(Duration::from_millis(200), layer());
+    let addr = serve(app).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(async move {
+            call(addr, Method::POST, "/orders", Some("k-storm"), "x")
+                .await
+                .status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CONFLICT)
+            .count(),
+        9,
+        "{statuses:?}"
+    );
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn other_body_while_the_first_runs_is_refused_and_does_not_run() {
+    let (app, c) = app_with(Duration::from_millis(200), layer());
+    let addr = serve(app).await;
+    let first =
+        tokio::spawn(async move { call(addr, Method::POST, "/orders", Some("k-race"), "x").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let other = call(addr, Method::POST, "/orders", Some("k-race"), "y").await;
+    assert!(
+        other.status == StatusCode::CONFLICT || other.status == StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        other.status
+    );
+    first.await.unwrap();
+    assert_eq!(
+        call(addr, Method::POST, "/orders", Some("k-race"), "y")
+            .await
+            .status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn anonymous_clients_share_one_scope() {
+    let (app, c) = app_with(Duration::ZERO, layer());
+    let req = || {
+        Request::post("/orders")
+            .header("idempotency-key", "k-anon")
+            .body(Body::from("x"))
+            .unwrap()
+    };
+    local(&app, req()).await;
+    assert_eq!(
+        local(&app, req()).await.headers["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn every_default_credential_header_splits_scopes() {
+    for h in [
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+        "x-access-token",
+        "cookie",
+    ] {
+        let (app, c) = app_with(Duration::ZERO, layer());
+        for v in ["one", "two"] {
+            let req = Request::post("/orders")
+                .header(h, v)
+                .header("idempotency-key", "k-cred")
+                .body(Body::from("x"))
+                .unwrap();
+            local(&app, req).await;
+        }
+        assert_eq!(c.runs.load(Ordering::SeqCst), 2, "{h}");
+    }
+}
+
+#[tokio::test]
+async fn with_cookies_ignores_a_changing_analytics_cookie() {
+    let l = IdempotencyLayer::new(
+        MemoryStore::default(),
+        ByCredentials::default().with_cookies(["session_id"]),
+    );
+    let (app, c) = app_with(Duration::ZERO, l);
+    let req = |cookie: &str| {
+        Request::post("/orders")
+            .header("cookie", cookie)
+            .header("idempotency-key", "k-cookie")
+            .body(Body::from("x"))
+            .unwrap()
+    };
+    local(&app, req("session_id=s1; _ga=1")).await;
+    assert_eq!(
+        local(&app, req("_ga=2; session_id=s1")).await.headers["idempotent-replayed"],
+        "true"
+    );
+    local(&app, req("session_id=s2; _ga=2")).await;
+    assert_eq!(c.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_closure_scope_reads_a_tenant_header() {
+    let l = IdempotencyLayer::new(MemoryStore::default(), |p: &http::request::Parts| {
+        p.headers
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string()
+    });
+    let (app, c) = app_with(Duration::ZERO, l);
+    for t in ["t1", "t2", "t1"] {
+        let req = Request::post("/orders")
+            .header("x-tenant", t)
+            .header("idempotency-key", "k-tenant")
+            .body(Body::from("x"))
+            .unwrap();
+        local(&app, req).await;
+    }
+    assert_eq!(c.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn custom_key_header() {
+    let l = layer()
+        .with_header(http::HeaderName::from_static("x-request-key"))
+        .with_require_key(true);
+    let (app, c) = app_with(Duration::ZERO, l);
+    let req = || {
+        Request::post("/orders")
+            .header("x-request-key", "k-x")
+            .body(Body::from("x"))
+            .unwrap()
+    };
+    local(&app, req()).await;
+    assert_eq!(
+        local(&app, req()).await.headers["idempotent-replayed"],
+        "true"
+    );
+    let old = local(&app, keyed("k-old", "x")).await;
+    assert_eq!(
+        old.status,
+        StatusCode::BAD_REQUEST,
+        "Idempotency-Key is not the header any more"
+    );
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn unreadable_body_is_a_400_problem_and_the_handler_does_not_run() {
+    let (app, c) = app_with(Duration::ZERO, layer());
+    let stream = futures_util::stream::iter(vec![
+        Ok(Bytes::from_static(b"part")),
+        Err(std::io::Error::other("client went away")),
+    ]);
+    let req = Request::post("/orders")
+        .header("idempotency-key", "k-broken")
+        .body(Body::from_stream(stream))
+        .unwrap();
+    let got = local(&app, req).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(got.problem(), problem::UNREADABLE_BODY);
+    assert_eq!(c.runs.load(Ordering::SeqCst), 0);
+    // The key is free for the real request.
+    assert_eq!(
+        local(&app, keyed("k-broken", "x")).await.status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn on_event_reports_replays_and_refusals() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let l = layer().on_event(move |e| {
+        use sturdy::core::events::Event;
+        match e {
+            Event::IdempotentReplayed { .. } => s2.lock().unwrap().push(200),
+            Event::IdempotencyRefused { status, .. } => s2.lock().unwrap().push(status.as_u16()),
+            _ => {}
+        }
+    });
+    let (app, _c) = app_with(Duration::ZERO, l);
+    local(&app, keyed("k-ev", "x")).await;
+    local(&app, keyed("k-ev", "x")).await;
+    local(&app, keyed("k-ev", "y")).await;
+    local(&app, keyed("", "y")).await;
+    assert_eq!(*seen.lock().unwrap(), vec![200, 422, 400]);
+}
+
+#[tokio::test]
+async fn first_response_has_no_replayed_header_and_keeps_its_content_type() {
+    async fn json_order() -> axum::Json<serde_json::Value> {
+        axum::Json(serde_json::json!({"id": "o_1"}))
+    }
+    let app = Router::new()
+        .route("/orders", post(json_order))
+        .layer(layer());
+    let first = local(&app, keyed("k-ct", "x")).await;
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let again = local(&app, keyed("k-ct", "x")).await;
+    assert_eq!(again.headers["content-type"], "application/json");
+    assert_eq!(again.body, first.body);
+}
+
+#[tokio::test]
+async fn store_byte_bound_the_first_client_gets_its_response_retries_the_marker() {
+    let store = MemoryStore::default().with_max_bytes(4 * 1024).unwrap();
+    let l = IdempotencyLayer::new(store, ByCredentials::default());
+    let (app, c) = app_with(Duration::ZERO, l);
+    let big = "b".repeat(16 * 1024);
+    let first = local(&app, keyed("k-bytes", &big)).await;
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the first client gets the response"
+    );
+    let again = local(&app, keyed("k-bytes", &big)).await;
+    assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(again.problem(), problem::RESPONSE_TOO_LARGE);
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn response_over_the_limit_the_first_client_also_gets_the_500_marker() {
+    let (app, c) = app_with(Duration::ZERO, layer().with_response_limit(8));
+    let first = local(&app, keyed("k-large1", "a long body")).await;
+    assert_eq!(
+        first.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        first.body
+    );
+    assert_eq!(first.problem(), problem::RESPONSE_TOO_LARGE);
+    assert_eq!(c.runs.load(Ordering::SeqCst), 1);
+}

@@ -877,3 +877,294 @@ async fn bounded_page_serialises_as_documented() {
         "{j}"
     );
 }
+
+// ---- more cursors and JSON -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_server_cursor_that_never_changes_is_a_loop_not_a_repeat() {
+    let (svc, seen) = api(|_| {
+        (
+            200,
+            None,
+            json!({"data": [1, 2], "next": "same"}).to_string(),
+        )
+    });
+    let pager = Paginate::new(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
+    let mut items = Vec::new();
+    let mut s = pager.items();
+    let mut err = None;
+    while let Some(r) = s.next().await {
+        match r {
+            Ok(v) => items.push(v),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        items,
+        vec![json!(1), json!(2), json!(1), json!(2)],
+        "first page, then the `same` page once"
+    );
+    assert_eq!(kind(&err.unwrap()), &ErrorKind::Pagination);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn page_refuses_a_cursor_whose_page_is_the_one_it_came_from() {
+    let (svc, seen) = api(|_| {
+        (
+            200,
+            None,
+            json!({"data": [1, 2, 3], "next": "same"}).to_string(),
+        )
+    });
+    let pager = Paginate::builder(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_page_size(3)
+    .build()
+    .unwrap();
+    let p1 = pager.page(None, 3).await.unwrap();
+    let p2 = pager.page(p1.next_cursor.as_deref(), 3).await.unwrap();
+    assert_eq!(p2.items, vec![json!(1), json!(2), json!(3)]);
+    let before = seen.lock().unwrap().len();
+    let r = pager.page(p2.next_cursor.as_deref(), 3).await;
+    assert_eq!(kind(&r.unwrap_err()), &ErrorKind::Pagination);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        before,
+        "refused before a request"
+    );
+}
+
+#[tokio::test]
+async fn odd_next_cursor_values_end_cleanly() {
+    for next in [
+        json!(""),
+        json!(12),
+        json!(false),
+        json!({"x": 1}),
+        json!([1]),
+    ] {
+        let n = next.clone();
+        let (svc, seen) = api(move |uri| {
+            if uri.contains("cursor=") {
+                (200, None, json!({"data": [9], "next": null}).to_string())
+            } else {
+                (200, None, json!({"data": [1], "next": n}).to_string())
+            }
+        });
+        let pager = Paginate::new(
+            svc,
+            "http://api.test/items",
+            JsonCursor::new("/data", "/next"),
+        )
+        .unwrap();
+        let r: Result<Vec<Value>, Error> = pager.items().try_collect().await;
+        if let Err(e) = &r {
+            assert!(e.to_string().len() < 300, "{e}");
+        }
+        assert!(seen.lock().unwrap().len() <= 2, "{next}");
+    }
+}
+
+#[tokio::test]
+async fn page_at_the_exact_end_says_no_more() {
+    let (svc, _seen) = api(|uri| {
+        let c: usize = uri
+            .split(['?', '&'])
+            .find_map(|kv| kv.strip_prefix("cursor="))
+            .map_or(0, |v| v.parse().unwrap());
+        let next = if c + 5 < 10 {
+            json!((c + 5).to_string())
+        } else {
+            Value::Null
+        };
+        (
+            200,
+            None,
+            json!({"data": (c..c + 5).collect::<Vec<_>>(), "next": next}).to_string(),
+        )
+    });
+    let pager = Paginate::builder(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_page_size(5)
+    .build()
+    .unwrap();
+    let a = pager.page(None, 5).await.unwrap();
+    assert!(a.has_more);
+    let b = pager.page(a.next_cursor.as_deref(), 5).await.unwrap();
+    assert_eq!(b.items.len(), 5);
+    assert!(
+        !b.has_more && b.next_cursor.is_none(),
+        "{:?}",
+        b.next_cursor
+    );
+}
+
+#[tokio::test]
+async fn limit_above_max_items_reads_as_the_bound() {
+    let (svc, _seen) = counting_api();
+    let pager = Paginate::builder(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_max_items(7)
+    .build()
+    .unwrap();
+    let p = pager.page(None, 1000).await.unwrap();
+    assert_eq!(p.items.len(), 7);
+    assert!(p.has_more);
+}
+
+#[tokio::test]
+async fn page_asks_min_limit_100_by_default() {
+    let (svc, seen) = counting_api();
+    let pager = Paginate::new(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
+    pager.page(None, 3).await.unwrap();
+    pager.page(None, 500).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen[0].contains("limit=3"), "{seen:?}");
+    assert!(seen.iter().any(|u| u.contains("limit=100")), "{seen:?}");
+}
+
+#[tokio::test]
+async fn items_as_a_wrong_type_is_an_error_not_a_panic() {
+    let (svc, _seen) = counting_api();
+    let pager = Paginate::new(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
+    let r: Result<Vec<String>, Error> = pager.items_as::<String>().try_collect().await;
+    let e = r.unwrap_err();
+    assert!(!e.to_string().is_empty());
+}
+
+#[tokio::test]
+async fn with_header_goes_with_every_page_and_clones_share_the_cursor_key() {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let svc = service_fn(move |req: Request<Full<Bytes>>| {
+        s.lock().unwrap().push(
+            req.headers()
+                .get("x-tenant")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default(),
+        );
+        let c: usize = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("cursor="))
+            .map_or(0, |v| v.parse().unwrap());
+        let next = if c < 10 {
+            json!((c + 2).to_string())
+        } else {
+            Value::Null
+        };
+        async move {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(
+                json!({"data": [c, c + 1], "next": next}).to_string(),
+            )))
+        }
+    });
+    let pager = Paginate::builder(
+        svc,
+        "http://api.test/items",
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_header(
+        http::HeaderName::from_static("x-tenant"),
+        http::HeaderValue::from_static("t-9"),
+    )
+    .build()
+    .unwrap();
+    let all: Vec<Value> = pager.items().try_collect().await.unwrap();
+    assert_eq!(all.len(), 12);
+    assert!(seen.lock().unwrap().iter().all(|t| t == "t-9"));
+    let clone = pager.clone();
+    let cur = pager.page(None, 2).await.unwrap().next_cursor.unwrap();
+    assert!(clone.page(Some(&cur), 2).await.is_ok());
+}
+
+#[tokio::test]
+async fn page_debug_hides_userinfo_and_query_of_the_next_link() {
+    let (svc, _seen) = api(|uri| {
+        if uri.contains("page=2") {
+            (200, None, "[2]".into())
+        } else {
+            (
+                200,
+                Some(
+                    "<http://user:hunter2@api.test/items?page=2&api_key=SEKRIT>; rel=\"next\""
+                        .into(),
+                ),
+                "[1]".into(),
+            )
+        }
+    });
+    let pager = Paginate::new(svc, "http://api.test/items", LinkHeader::new("")).unwrap();
+    let mut pages = pager.pages();
+    let first = pages.next().await.unwrap().unwrap();
+    let d = format!("{first:?}");
+    assert!(!d.contains("hunter2") && !d.contains("SEKRIT"), "{d}");
+}
+
+#[tokio::test]
+async fn a_page_of_one_mib_of_links_in_the_header_over_the_wire() {
+    // hyper's default limits cap a response head; the walk must end with an error, not hang.
+    let app = Router::new().route(
+        "/items",
+        get(|| async {
+            let link: String = (0..30_000)
+                .map(|i| format!("</x{i}>; rel=\"item\", "))
+                .collect();
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                "link",
+                format!("{link}</items?page=2>; rel=\"next\"")
+                    .parse()
+                    .unwrap(),
+            );
+            (h, axum::Json(vec![1]))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let pager = Paginate::builder(http, &format!("http://{addr}/items"), LinkHeader::new(""))
+        .with_page_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        pager.items().try_collect::<Vec<Value>>(),
+    )
+    .await;
+    let r = r.expect("no hang");
+    if let Err(e) = r {
+        assert!(e.to_string().len() < 500, "{e}");
+    }
+}

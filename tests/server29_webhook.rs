@@ -1070,3 +1070,314 @@ async fn rotation_either_secret_verifies() {
     }
     assert!(events.try_recv().is_some() && events.try_recv().is_some());
 }
+
+// ---- more hostile values ------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Moving(Arc<std::sync::atomic::AtomicI64>);
+impl WallClock for Moving {
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.0.load(Ordering::SeqCst) as u64)
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_in_past_the_tolerance_is_401_and_not_queued() {
+    let clock = Arc::new(std::sync::atomic::AtomicI64::new(NOW));
+    let (queue, mut events) = MemoryQueue::new(10);
+    let receiver =
+        WebhookReceiver::new(standard(), queue).with_clock(Arc::new(Moving(clock.clone())));
+    let app = Router::new().route("/wh", post_service(receiver));
+    let body = b"{\"slow\":true}".to_vec();
+    let sig = signed("msg_trickle", NOW, &body);
+    let (first, rest) = body.split_at(4);
+    let (first, rest) = (Bytes::copy_from_slice(first), Bytes::copy_from_slice(rest));
+    let c2 = clock.clone();
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+        futures_util::stream::once(async move {
+            c2.fetch_add(400, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(rest)
+        }),
+    );
+    use futures_util::StreamExt;
+    let (status, body) = send(
+        &app,
+        std_req(
+            "msg_trickle",
+            &NOW.to_string(),
+            &sig,
+            Body::from_stream(stream),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(generic(&body), "{body}");
+    assert!(events.try_recv().is_none());
+}
+
+#[tokio::test]
+async fn carried_headers_are_bounded_to_1_kib_and_4_values() {
+    let (queue, mut events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(GitHub::new("gh").unwrap(), queue);
+    let app = Router::new().route("/gh", post_service(receiver));
+    let mut req = Request::post("/gh")
+        .header("x-hub-signature-256", sign_github("gh", b"{}"))
+        .header("x-github-event", "e".repeat(2048));
+    for i in 0..10 {
+        req = req.header("x-github-delivery", format!("d-{i}"));
+    }
+    let (status, _) = send(&app, req.body(Body::from("{}")).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let e = events.recv().await.unwrap();
+    assert!(
+        e.headers.get("x-github-event").is_none(),
+        "a 2 KiB value is not carried"
+    );
+    assert_eq!(e.headers.get_all("x-github-delivery").iter().count(), 4);
+}
+
+#[test]
+fn dedup_keys_of_distinct_triples_never_collide() {
+    let k = |s: &str, r: &str, id: &str| {
+        WebhookEvent::new(s, id, Bytes::new())
+            .with_route(r)
+            .dedup_key()
+    };
+    let keys = [
+        k("a:b", "c", "d"),
+        k("a", "b:c", "d"),
+        k("a", "b", "c:d"),
+        k("a%3Ab", "c", "d"),
+        k("a", "b%3Ac", "d"),
+        k("a:b:c", "", "d"),
+        k("", "a:b:c", "d"),
+        k("a", "b:c:d", ""),
+    ];
+    let set: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(set.len(), keys.len(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_duplicate_gets_200_even_while_the_queue_is_full() {
+    let (queue, mut events) = MemoryQueue::new(1);
+    let receiver = WebhookReceiver::new(standard(), queue).with_clock(Arc::new(Fixed(NOW)));
+    let app = Router::new().route("/wh", post_service(receiver));
+    let req = || {
+        std_req(
+            "msg_qfull",
+            &NOW.to_string(),
+            &signed("msg_qfull", NOW, b"{}"),
+            "{}",
+        )
+    };
+    assert_eq!(send(&app, req()).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&app, req()).await.0,
+        StatusCode::OK,
+        "a duplicate is acknowledged"
+    );
+    events.recv().await.unwrap();
+    assert!(events.try_recv().is_none());
+}
+
+#[tokio::test]
+async fn memory_queue_of_capacity_zero_holds_one() {
+    let (queue, mut events) = MemoryQueue::new(0);
+    let receiver = WebhookReceiver::new(standard(), queue).with_clock(Arc::new(Fixed(NOW)));
+    let app = Router::new().route("/wh", post_service(receiver));
+    for (id, want) in [
+        ("m0", StatusCode::OK),
+        ("m1", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        assert_eq!(
+            send(
+                &app,
+                std_req(id, &NOW.to_string(), &signed(id, NOW, b"{}"), "{}")
+            )
+            .await
+            .0,
+            want
+        );
+    }
+    assert_eq!(events.recv().await.unwrap().id, "m0");
+}
+
+#[tokio::test]
+async fn stripe_ids_long_numeric_or_missing_fall_back_to_a_digest() {
+    let (queue, mut events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), queue)
+        .with_clock(Arc::new(Fixed(NOW)));
+    let app = Router::new().route("/wh", post_service(receiver));
+    let long = format!("{{\"id\":\"{}\"}}", "e".repeat(257));
+    for body in [
+        long.as_str(),
+        "{\"id\":42}",
+        "not json at all",
+        "",
+        "{\"id\":\"\"}",
+    ] {
+        let req = Request::post("/wh")
+            .header(
+                "stripe-signature",
+                sign_stripe(STRIPE_SECRET, NOW, body.as_bytes()),
+            )
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        assert_eq!(send(&app, req).await.0, StatusCode::OK, "{body}");
+        let e = events.recv().await.unwrap();
+        assert!(e.id.starts_with("sha256:"), "{body:?} -> {}", e.id);
+    }
+    let req = Request::post("/wh")
+        .header(
+            "stripe-signature",
+            sign_stripe(STRIPE_SECRET, NOW, br#"{"id":"evt_ok"}"#),
+        )
+        .body(Body::from(r#"{"id":"evt_ok"}"#))
+        .unwrap();
+    assert_eq!(send(&app, req).await.0, StatusCode::OK);
+    assert_eq!(events.recv().await.unwrap().id, "evt_ok");
+}
+
+#[tokio::test]
+async fn stripe_future_timestamps_are_refused_too() {
+    let (queue, _events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), queue)
+        .with_clock(Arc::new(Fixed(NOW)));
+    let app = Router::new().route("/wh", post_service(receiver));
+    for (off, want) in [
+        (301, StatusCode::UNAUTHORIZED),
+        (-301, StatusCode::UNAUTHORIZED),
+        (299, StatusCode::OK),
+    ] {
+        let body = format!("{{\"id\":\"evt_f{off}\"}}");
+        let req = Request::post("/wh")
+            .header(
+                "stripe-signature",
+                sign_stripe(STRIPE_SECRET, NOW + off, body.as_bytes()),
+            )
+            .body(Body::from(body))
+            .unwrap();
+        assert_eq!(send(&app, req).await.0, want, "offset {off}");
+    }
+}
+
+#[tokio::test]
+async fn generic_hmac_with_timestamp_dedups_on_signed_content_not_the_event_header() {
+    let verifier = GenericHmac::new(
+        "acme",
+        http::HeaderName::from_static("x-acme-signature"),
+        "acme-secret",
+    )
+    .unwrap()
+    .with_timestamp_header(http::HeaderName::from_static("x-acme-timestamp"))
+    .with_event_header(http::HeaderName::from_static("x-acme-event-id"));
+    let (queue, mut events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(verifier, queue).with_clock(Arc::new(Fixed(NOW)));
+    let app = Router::new().route("/acme", post_service(receiver));
+    let body = "{\"a\":1}";
+    // HMAC-SHA256 hex of `timestamp.body`: what `sign_github` computes over those bytes.
+    let signed_github = sign_github("acme-secret", format!("{NOW}.{body}").as_bytes());
+    let hex = signed_github.trim_start_matches("sha256=").to_string();
+    for ev in ["e-1", "e-2"] {
+        let req = Request::post("/acme")
+            .header("x-acme-signature", &hex)
+            .header("x-acme-timestamp", NOW.to_string())
+            .header("x-acme-event-id", ev)
+            .body(Body::from(body))
+            .unwrap();
+        assert_eq!(send(&app, req).await.0, StatusCode::OK);
+    }
+    let e = events.recv().await.unwrap();
+    assert_eq!(e.route, "acme");
+    assert!(e.id.starts_with("sha256:"));
+    assert_eq!(e.headers["x-acme-event-id"], "e-1");
+    assert_eq!(e.timestamp, Some(NOW));
+    assert!(
+        events.try_recv().is_none(),
+        "a copy under a new event id is a duplicate"
+    );
+}
+
+#[tokio::test]
+async fn on_event_reports_each_answer_with_its_status() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let (queue, _events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(standard(), queue)
+        .with_clock(Arc::new(Fixed(NOW)))
+        .on_event(move |e| {
+            if let sturdy::core::events::Event::WebhookReceived { status, route, .. } = e {
+                s2.lock()
+                    .unwrap()
+                    .push((route.to_string(), status.as_u16()));
+            }
+        });
+    let app = Router::new().route("/wh", post_service(receiver));
+    let req = || {
+        std_req(
+            "msg_ev",
+            &NOW.to_string(),
+            &signed("msg_ev", NOW, b"{}"),
+            "{}",
+        )
+    };
+    send(&app, req()).await;
+    send(&app, req()).await;
+    send(&app, std_req("msg_ev", &NOW.to_string(), "v1,AAAA", "{}")).await;
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        vec![
+            ("standard".to_string(), 200),
+            ("standard".to_string(), 200),
+            ("standard".to_string(), 401)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn declared_content_length_over_the_limit_is_413_before_reading() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (queue, _events) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(standard(), queue).with_body_limit(100);
+    let addr = serve(Router::new().route("/wh", post_service(receiver))).await;
+    let ts = wall_now();
+    let sig = signed("msg_cl", ts, b"");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /wh HTTP/1.1\r\nhost: x\r\nwebhook-id: msg_cl\r\nwebhook-timestamp: {ts}\r\nwebhook-signature: {sig}\r\ncontent-length: 1000000000\r\n\r\n0123456789"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The sender announced 1 GB and then stalls: the answer must not wait for the body.
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf))
+        .await
+        .expect("answered without waiting for the announced body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+#[tokio::test]
+async fn idempotency_declared_content_length_over_the_limit_is_413_at_once() {
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = Router::new()
+        .route("/orders", axum::routing::post(|| async { "ok" }))
+        .layer(
+            IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default())
+                .with_body_limit(100),
+        );
+    let addr = serve(app).await;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: k-cl\r\ncontent-length: 1000000000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf))
+        .await
+        .expect("answered without waiting for the announced body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
