@@ -1257,3 +1257,12 @@ async fn response_over_the_limit_the_first_client_also_gets_the_500_marker() {
     assert_eq!(first.problem(), problem::RESPONSE_TOO_LARGE);
     assert_eq!(c.runs.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn keys_differing_only_in_case_are_two_keys() {
+    let (app, c) = app_with(Duration::ZERO, layer());
+    local(&app, keyed("Key-1", "x")).await;
+    let got = local(&app, keyed("key-1", "x")).await;
+    assert!(got.headers.get("idempotent-replayed").is_none());
+    assert_eq!(c.runs.load(Ordering::SeqCst), 2);
+}

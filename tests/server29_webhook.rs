@@ -1381,3 +1381,16 @@ async fn idempotency_declared_content_length_over_the_limit_is_413_at_once() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 }
+
+#[tokio::test]
+async fn extra_spaces_between_signature_entries_are_skipped_like_the_reference() {
+    let (app, _events) = standard_app(NOW);
+    let sig = signed("msg_sp", NOW, b"{}");
+    let header = format!("v1,AAAA  {sig}");
+    let (status, _) = send(&app, std_req("msg_sp", &NOW.to_string(), &header, "{}")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "an empty entry between two spaces is skipped"
+    );
+}
