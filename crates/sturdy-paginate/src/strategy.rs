@@ -337,8 +337,8 @@ pub struct LinkHeader {
 
 impl LinkHeader {
     /// Items at `items`. When a page size is set
-    /// ([`PaginateBuilder::with_page_size`](crate::PaginateBuilder::with_page_size), or the limit of
-    /// [`Paginate::page`](crate::Paginate::page)), the first page is asked for
+    /// ([`PaginateBuilder::with_page_size`](crate::PaginateBuilder::with_page_size), or the
+    /// limit of [`Paginate::page`](crate::Paginate::page)), the first page is asked for
     /// `?per_page=<size>`; without one, the first URL is sent as given. Later pages are the
     /// server's next links, as they are.
     pub fn new(items: impl Into<String>) -> Self {
