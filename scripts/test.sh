@@ -8,6 +8,8 @@ set -euo pipefail
 # A one-shot build gains nothing from incremental data, which doubles the target dir on disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cd "$(dirname "$0")/.."
+# Each step's heading says how long the run had taken when it began.
+phase() { echo "== $* (at ${SECONDS} s)"; }
 
 redis_pid=""
 cluster_pids=()
@@ -100,21 +102,22 @@ if [ -z "${STURDY_REDIS_CLUSTER_URLS:-}" ] && command -v redis-server >/dev/null
   echo "== Redis Cluster (3 primaries, 3 replicas) on $STURDY_REDIS_CLUSTER_URLS"
 fi
 
-echo "== cargo fmt --check"
+phase "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy -D warnings"
+phase "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
-echo "== cargo doc, all features and default ones (any rustdoc warning is an error)"
+phase "cargo doc, all features and default ones (any rustdoc warning is an error)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
-echo "== cargo test"
+phase "cargo test"
 cargo test --workspace --all-features
-echo "== fuzz targets, a few seconds each (fuzz/README.md)"
+phase "fuzz targets, a few seconds each (fuzz/README.md)"
 fuzz/run.sh "${STURDY_FUZZ_SECONDS:-5}"
 # sturdy against the real peers its users meet: nginx limit_req, HAProxy fault proxies, an OAuth2
 # server and json-server from npm, the Standard Webhooks and Stripe signers (interop/README.md).
 # STURDY_INTEROP=0 skips it.
 if [ "${STURDY_INTEROP:-1}" != 0 ]; then
-  echo "== interop (scripts/interop.sh)"
+  phase "interop (scripts/interop.sh)"
   ./scripts/interop.sh
 fi
+echo "== all passed in ${SECONDS} s"
