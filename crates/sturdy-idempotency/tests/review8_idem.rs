@@ -30,6 +30,8 @@ struct Flaky {
     mode: Arc<AtomicU8>,
     kind: ErrorKind,
     releases: Arc<AtomicU32>,
+    /// How many of the next releases fail (a store still down or paused).
+    failing_releases: Arc<AtomicU32>,
 }
 
 impl Flaky {
@@ -39,6 +41,7 @@ impl Flaky {
             mode: Arc::new(AtomicU8::new(HONEST)),
             kind,
             releases: Arc::new(AtomicU32::new(0)),
+            failing_releases: Arc::new(AtomicU32::new(0)),
         }
     }
 }
@@ -94,6 +97,16 @@ impl IdempotencyStore for Flaky {
 
     fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
         self.releases.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .failing_releases
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            let kind = self.kind.clone();
+            return Box::pin(async move {
+                Err(Box::new(sturdy_core::Error::new(kind, "the store is still paused")) as BoxError)
+            });
+        }
         self.inner.release(key, token)
     }
 }
@@ -207,4 +220,45 @@ async fn a_begin_that_locked_then_failed_after_its_client_left_is_released_too()
         "the retry found the key locked by a begin whose handler never ran"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// The store is still failing when the background release goes out (a Redis paused for longer
+/// than its timeout fails the release too): the release is tried again until it lands, so a
+/// retry runs as soon as the store answers, not when the 30 s lease ends.
+#[tokio::test(start_paused = true)]
+async fn a_release_that_fails_is_tried_again_until_the_store_answers() {
+    let store = Flaky::new(ErrorKind::Timeout);
+    let runs = Arc::new(AtomicU32::new(0));
+    let app = app(store.clone(), runs.clone(), Duration::ZERO);
+    store.mode.store(LOCK_THEN_FAIL, Ordering::SeqCst);
+    store.failing_releases.store(4, Ordering::SeqCst);
+    let res = app.clone().oneshot(order()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    store.mode.store(HONEST, Ordering::SeqCst);
+    settle(Duration::from_millis(10)).await;
+    let res = app.clone().oneshot(order()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CONFLICT, "still locked: the release failed");
+    // Tried again 50, 100, 200 and 400 ms apart: the fifth lands.
+    settle(Duration::from_secs(1)).await;
+    assert_eq!(store.releases.load(Ordering::SeqCst), 5);
+    let res = app.clone().oneshot(order()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A store that never comes back: the tries stop once the lease would have freed the key, at
+/// most a second apart.
+#[tokio::test(start_paused = true)]
+async fn the_background_release_gives_up_when_the_lease_ends() {
+    let store = Flaky::new(ErrorKind::Timeout);
+    let app = app(store.clone(), Arc::new(AtomicU32::new(0)), Duration::ZERO);
+    store.mode.store(LOCK_THEN_FAIL, Ordering::SeqCst);
+    store.failing_releases.store(u32::MAX, Ordering::SeqCst);
+    let res = app.clone().oneshot(order()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    settle(Duration::from_secs(31)).await;
+    let tries = store.releases.load(Ordering::SeqCst);
+    assert!((30..=40).contains(&tries), "{tries} tries in the 30 s lease");
+    settle(Duration::from_secs(60)).await;
+    assert_eq!(store.releases.load(Ordering::SeqCst), tries, "no try after the lease");
 }

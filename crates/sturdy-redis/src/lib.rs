@@ -33,7 +33,7 @@
 //!
 //! | backend | keys | one slot because |
 //! |---|---|---|
-//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, gets a hex tag instead) |
+//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, and a prefix or key with a brace in it, which could otherwise name another pair's keys, get a hex tag instead) |
 //! | [`RedisIdempotencyStore`] | `<prefix>:<scope hash>:<idempotency key>` | each operation touches one key |
 //! | [`RedisStreamQueue`], [`RedisStreamConsumer`] | the stream, `<base>:seen:<dedup key>`, `<base>:dead` | `<base>` is the stream name when it has a hash tag (`{webhooks}`), else the name made a tag (`webhooks` gives `{webhooks}`), whose slot is the stream's |
 //!
@@ -387,13 +387,16 @@ impl RedisQuota {
     }
 
     /// The Redis keys of one limiter: `<prefix>:{<key>}:tat` and `<prefix>:{<key>}:pause`. The
-    /// hash tag keeps both in one Redis Cluster slot. Where it cannot (an empty key is an empty
-    /// tag, which Redis ignores; so is a prefix with `{}` in it), the prefix and the key are
-    /// written in hex inside the tag instead.
+    /// hash tag keeps both in one Redis Cluster slot. Where it cannot, or where the names would
+    /// not be one pair's alone, the prefix and the key are written in hex inside the tag
+    /// instead: an empty key (an empty tag, which Redis ignores), and a prefix or key with a
+    /// brace in it (prefix `p` with key `t}:{c` would otherwise be prefix `p:{t}` with key `c`).
     fn keys(&self, key: &str) -> (String, String) {
-        let tat = format!("{}:{{{key}}}:tat", self.prefix);
-        let pause = format!("{}:{{{key}}}:pause", self.prefix);
-        if hash_slot(tat.as_bytes()) == hash_slot(pause.as_bytes()) {
+        let braces = |s: &str| s.contains(['{', '}']);
+        if !key.is_empty() && !braces(key) && !braces(&self.prefix) {
+            let tat = format!("{}:{{{key}}}:tat", self.prefix);
+            let pause = format!("{}:{{{key}}}:pause", self.prefix);
+            debug_assert_eq!(hash_slot(tat.as_bytes()), hash_slot(pause.as_bytes()));
             return (tat, pause);
         }
         let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();

@@ -14,6 +14,7 @@ use crate::{bounded, RedisConnection};
 /// Dedup and append in one step. KEYS: dedup key, stream. ARGV: dedup ttl (ms), max backlog,
 /// then the entry's field/value pairs.
 const PUSH: &str = r"
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 'twin' end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
@@ -212,6 +213,17 @@ fn first_entry(v: Value) -> Option<Value> {
     }
 }
 
+/// The one other stream name whose keys would start with the same `base`: `{webhooks}` for
+/// the stream `webhooks` (whose base it is), and `webhooks` for the stream `{webhooks}`. Any
+/// other name has a base of its own.
+fn twin_of(stream: &str, base: &str) -> Option<String> {
+    if stream != base {
+        return Some(base.to_owned());
+    }
+    let inner = stream.strip_prefix('{')?.strip_suffix('}')?;
+    (!inner.is_empty() && !inner.contains('}')).then(|| inner.to_owned())
+}
+
 fn dead_stream(base: &str) -> String {
     format!("{base}:dead")
 }
@@ -239,12 +251,17 @@ fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
 /// the dedup TTL) and `<base>:dead` for dead letters, where `<base>` is the stream name if it
 /// has a hash tag (`{webhooks}`), else the stream name made one (`webhooks` gives
 /// `{webhooks}`). So all of them are in the stream's hash slot, and every script runs on one
-/// node of a Redis Cluster.
+/// node of a Redis Cluster. The streams `webhooks` and `{webhooks}` would have one base: while
+/// both exist in one Redis, a push to either fails with a `Config` error that names both (the
+/// receiver answers 503, so the sender redelivers), instead of taking one's events for
+/// duplicates of the other's.
 #[derive(Clone)]
 pub struct RedisStreamQueue {
     conn: RedisConnection,
     stream: String,
     base: String,
+    /// The other stream that would share `base` (see [`twin_of`]).
+    twin: Option<String>,
     dead: String,
     max_backlog: u64,
     timeout: Duration,
@@ -328,6 +345,7 @@ impl RedisStreamQueue {
         Ok(Self {
             conn: conn.into(),
             dead: dead_stream(&base),
+            twin: twin_of(&stream, &base),
             base,
             stream,
             max_backlog: 100_000,
@@ -484,9 +502,11 @@ impl EventQueue for RedisStreamQueue {
             let mut conn = this.conn.clone();
             let dedup = format!("{}:seen:{}", this.base, event.dedup_key());
             let mut inv = PUSH_LUA.call();
-            inv.key(dedup)
-                .key(&this.stream)
-                .arg(millis(dedup_ttl).max(1))
+            inv.key(dedup).key(&this.stream);
+            if let Some(twin) = &this.twin {
+                inv.key(twin);
+            }
+            inv.arg(millis(dedup_ttl).max(1))
                 .arg(this.max_backlog)
                 .arg("scheme")
                 .arg(&event.scheme)
@@ -518,6 +538,23 @@ impl EventQueue for RedisStreamQueue {
                     Ok(Push::Duplicate)
                 }
                 "full" => Ok(Push::Full),
+                // Two streams that share one base would share dedup keys (an event queued on
+                // one would be a "duplicate" on the other, acknowledged and never queued) and
+                // dead letters: refused, so the sender redelivers and the cause is named.
+                "twin" => Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "webhook enqueue: the streams {:?} and {:?} both exist in this Redis and \
+                         would share their dedup keys and dead letters ({}:seen:…, {}): \
+                         an event queued on one would be taken for a duplicate on the other; \
+                         rename one of them",
+                        this.stream,
+                        this.twin.as_deref().unwrap_or_default(),
+                        this.base,
+                        this.dead,
+                    ),
+                )
+                .into()),
                 other => Err(unexpected("the enqueue script", &other)),
             }
         })

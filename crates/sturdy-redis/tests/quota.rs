@@ -55,6 +55,42 @@ async fn two_instances_share_one_quota_on(b: &Backend) {
     );
 }
 
+/// Braces in a prefix or a key never make two (prefix, key) pairs one quota: prefix `p` with
+/// key `t}:{c` and prefix `p:{t}` with key `c` would both be `p:{t}:{c}:tat` written plainly.
+#[tokio::test]
+async fn braces_in_a_prefix_or_key_never_join_two_quotas() {
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        braces_in_a_prefix_or_key_never_join_two_quotas_on(&b).await;
+    }
+}
+
+async fn braces_in_a_prefix_or_key_never_join_two_quotas_on(b: &Backend) {
+    // One call a minute: a second grant within the test means a quota of its own.
+    let quota = Quota::per_minute(1).unwrap();
+    let p = prefix("braces");
+    let pairs = [
+        (p.clone(), "t}:{c".to_owned()),
+        (format!("{p}:{{t}}"), "c".to_owned()),
+        (p.clone(), "{t}".to_owned()),
+        (p.clone(), "t".to_owned()),
+        (p.clone(), String::new()),
+    ];
+    for (prefix, key) in &pairs {
+        let q = RedisQuota::new(b.conn().await, quota).with_prefix(prefix);
+        let r = q.try_reserve(key, Duration::ZERO).await.unwrap();
+        assert!(
+            matches!(r, Reserve::Granted { .. }),
+            "prefix {prefix:?}, key {key:?}: {r:?}"
+        );
+        let r = q.try_reserve(key, Duration::ZERO).await.unwrap();
+        assert!(
+            matches!(r, Reserve::Denied { .. }),
+            "prefix {prefix:?}, key {key:?}: {r:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn reservations_queue_in_order() {
     for b in backends() {

@@ -125,6 +125,57 @@ async fn a_full_stream_refuses_and_does_not_remember_the_id_on(back: &Backend) {
     );
 }
 
+/// The streams `x` and `{x}` would share one base, so their dedup keys and dead letters: an
+/// event queued on one would be a "duplicate" on the other, acknowledged and never queued.
+/// While both exist, a push to either is refused with a `Config` error naming both.
+#[tokio::test]
+async fn a_stream_and_its_braced_twin_never_share_dedup_keys() {
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        a_stream_and_its_braced_twin_never_share_dedup_keys_on(&b).await;
+    }
+}
+
+async fn a_stream_and_its_braced_twin_never_share_dedup_keys_on(back: &Backend) {
+    let plain = stream("twin");
+    let braced = format!("{{{plain}}}");
+    let q1 = RedisStreamQueue::new(back.conn().await, &plain).unwrap();
+    let q2 = RedisStreamQueue::new(back.conn().await, &braced).unwrap();
+    assert_eq!(q1.push(event("evt_1"), TTL).await.unwrap(), Push::Enqueued);
+    let refused = |err: sturdy_core::BoxError| {
+        let text = err.to_string();
+        let e = err.downcast_ref::<Error>().expect("a sturdy error");
+        assert_eq!(*e.kind(), ErrorKind::Config, "{text}");
+        assert!(
+            text.contains(&format!("{plain:?}")) && text.contains(&format!("{braced:?}")),
+            "{text}"
+        );
+        assert!(text.contains("duplicate") && text.contains("rename"), "{text}");
+    };
+    // Not a duplicate of the other stream's event: refused, so the sender redelivers.
+    refused(q2.push(event("evt_1"), TTL).await.unwrap_err());
+    refused(q2.push(event("evt_2"), TTL).await.unwrap_err());
+    assert_eq!(xlen(back, &braced).await, 0, "nothing queued on the twin");
+    // The twin was never made, so the first stream goes on.
+    assert_eq!(q1.push(event("evt_2"), TTL).await.unwrap(), Push::Enqueued);
+    // Once both exist (another app wrote to the twin), neither takes events.
+    let mut c = back.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(&braced)
+        .arg("*")
+        .arg("other")
+        .arg("app")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    refused(q1.push(event("evt_3"), TTL).await.unwrap_err());
+    refused(q2.push(event("evt_3"), TTL).await.unwrap_err());
+    assert_eq!(xlen(back, &plain).await, 2);
+    // A name with more around its tag has a base of its own.
+    let other = RedisStreamQueue::new(back.conn().await, format!("{braced}:events")).unwrap();
+    assert_eq!(other.push(event("evt_1"), TTL).await.unwrap(), Push::Enqueued);
+}
+
 #[tokio::test]
 async fn events_keep_route_timestamp_and_headers_and_routes_do_not_share_ids() {
     for b in backends() {

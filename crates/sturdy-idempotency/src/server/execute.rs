@@ -259,6 +259,7 @@ pub(crate) struct Beginning<St: IdempotencyStore> {
     store: Arc<St>,
     key: String,
     token: LockToken,
+    lease: Duration,
 }
 
 impl<St: IdempotencyStore> Beginning<St> {
@@ -274,6 +275,7 @@ impl<St: IdempotencyStore> Beginning<St> {
             store: store.clone(),
             key: key.to_owned(),
             token,
+            lease,
         }
     }
 }
@@ -302,10 +304,11 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (store, key, token) = (
+        let (store, key, token, lease) = (
             self.store.clone(),
             std::mem::take(&mut self.key),
             self.token,
+            self.lease,
         );
         rt.spawn(async move {
             let locked = match fut.await {
@@ -313,7 +316,7 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
                 Err(e) => may_have_locked(&*e),
             };
             if locked {
-                release_lost(&*store, &key, token).await;
+                release_lost(&*store, &key, token, lease).await;
             }
         });
     }
@@ -332,16 +335,40 @@ pub(crate) fn release_after_failed_begin<St: IdempotencyStore>(
     store: &Arc<St>,
     key: &str,
     token: LockToken,
+    lease: Duration,
 ) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let (store, key) = (store.clone(), key.to_owned());
-    rt.spawn(async move { release_lost(&*store, &key, token).await });
+    rt.spawn(async move { release_lost(&*store, &key, token, lease).await });
 }
 
-async fn release_lost<St: IdempotencyStore>(store: &St, key: &str, token: LockToken) {
-    if let Err(e) = store.release(key, token).await {
-        tracing::warn!(error = %e, "could not release the idempotency lock of a request whose handler did not run; it expires with its lease");
+/// Releases the lock of a request whose handler never ran, trying again while the store fails
+/// (50 ms apart, doubling up to 1 s). The store that timed out on `begin` is often still slow or
+/// paused when the first release goes out, and a release that fails leaves the key answering
+/// 409 to every retry until its lease ends; past the lease the lock is gone by itself, so the
+/// tries stop there. The token keeps a late release from touching a later request's lock.
+async fn release_lost<St: IdempotencyStore>(
+    store: &St,
+    key: &str,
+    token: LockToken,
+    lease: Duration,
+) {
+    let give_up = sturdy_core::clock::after(tokio::time::Instant::now(), lease);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match store.release(key, token).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + pause >= give_up => {
+                tracing::warn!(error = %e, "could not release the idempotency lock of a request whose handler did not run; it expires with its lease");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not release the idempotency lock of a request whose handler did not run yet; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }

@@ -565,7 +565,7 @@ where
             if execute::may_have_locked(&*e) {
                 // The store may have locked the key before its answer was lost; a retry would
                 // get 409 for the whole lease.
-                execute::release_after_failed_begin(&store, &key, token);
+                execute::release_after_failed_begin(&store, &key, token, config.lease);
             }
             return Ok(problem::response(
                 StatusCode::SERVICE_UNAVAILABLE,
