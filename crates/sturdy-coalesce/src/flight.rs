@@ -98,8 +98,14 @@ pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
     let h = req.headers();
     match headers {
         KeyHeaders::AllExcept(ignored) => {
-            for (name, value) in h {
-                if !ignored.contains(name) {
+            // By name, so that the same headers set in another order are the same request
+            // (the order of fields with different names means nothing, RFC 9110 section 5.3);
+            // the values of one name keep their order, which does mean something.
+            let mut names: Vec<&http::HeaderName> =
+                h.keys().filter(|n| !ignored.contains(n)).collect();
+            names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+            for name in names {
+                for value in h.get_all(name) {
                     push(&mut out, name.as_str().as_bytes());
                     push(&mut out, value.as_bytes());
                 }
@@ -476,6 +482,15 @@ mod tests {
                 &[("authorization", "Bearer a"), ("x-api-key", "k")]
             )),
             "any other header matters by default"
+        );
+        // The order of different names does not matter; the order of one name's values does.
+        assert_eq!(
+            k(&req("http://a.example/", &[("accept", "a/b"), ("x-tenant", "t")])),
+            k(&req("http://a.example/", &[("x-tenant", "t"), ("accept", "a/b")]))
+        );
+        assert_ne!(
+            k(&req("http://a.example/", &[("x-v", "1"), ("x-v", "2")])),
+            k(&req("http://a.example/", &[("x-v", "2"), ("x-v", "1")]))
         );
         // Length prefixes: moving bytes between fields never collides.
         assert_ne!(

@@ -163,11 +163,13 @@ pub(crate) fn parse(args: &[String]) -> Result<Command, ArgError> {
 
 fn parse_jitter(args: &[String]) -> Result<JitterArgs, ArgError> {
     let mut j = JitterArgs::default();
+    // `--no-plots` wins wherever it stands, `--out` after it included.
+    let mut no_plots = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--json" => j.json = true,
-            "--no-plots" => j.out = None,
+            "--no-plots" => no_plots = true,
             "--out" => match it.next() {
                 Some(d) => j.out = Some(PathBuf::from(d)),
                 None => return err("--out needs a directory"),
@@ -201,6 +203,9 @@ fn parse_jitter(args: &[String]) -> Result<JitterArgs, ArgError> {
     if j.base > j.cap {
         return err("--base-ms must not exceed --cap-ms");
     }
+    if no_plots {
+        j.out = None;
+    }
     Ok(j)
 }
 
@@ -232,6 +237,12 @@ mod tests {
         assert!(j.json && j.out.is_none());
         assert_eq!(j.clients, [5, 20]);
         assert_eq!(j.cap, Duration::from_millis(50));
+        for order in ["jitter --no-plots --out /tmp/x", "jitter --out /tmp/x --no-plots"] {
+            let Ok(Command::Jitter(j)) = p(order) else {
+                panic!("{order}")
+            };
+            assert!(j.out.is_none(), "{order}: --no-plots writes no plots");
+        }
     }
 
     #[test]

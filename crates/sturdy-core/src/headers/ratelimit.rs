@@ -15,7 +15,8 @@ pub struct RateLimitItem {
     pub remaining: u64,
     /// Seconds until more quota is available (`t`), if given.
     pub reset: Option<Duration>,
-    /// The partition key (`pk`), if given.
+    /// The partition key (`pk`), if given as the Byte Sequence the draft makes it; a `pk` of
+    /// another type (`pk=abc`) is left out, and the rest of the item is kept.
     pub partition_key: Option<Vec<u8>>,
 }
 
@@ -64,7 +65,8 @@ pub struct RateLimitPolicy {
     pub unit: String,
     /// The window (`w`), if given.
     pub window: Option<Duration>,
-    /// The partition key (`pk`), if given.
+    /// The partition key (`pk`), if given as the Byte Sequence the draft makes it; a `pk` of
+    /// another type (`pk=abc`) is left out, and the rest of the item is kept.
     pub partition_key: Option<Vec<u8>>,
 }
 
