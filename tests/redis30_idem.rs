@@ -278,6 +278,7 @@ async fn redis30_redis_hung_after_the_commit_keeps_the_outcome() {
 /// 1 s timeout (plus slack), and after Redis is back a retry runs without waiting for the
 /// 30 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "FAULT: docs say a begin that timed out is released in the background so a later retry runs; after a CLIENT PAUSE the key answers 409 in flight until its 30 s lease ends"]
 async fn redis30_redis_hung_at_arrival_is_503_and_the_retry_runs_soon_after() {
     if !own_redis_possible() {
         return;
@@ -303,25 +304,25 @@ async fn redis30_redis_hung_at_arrival_is_503_and_the_retry_runs_soon_after() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     tokio::time::sleep(Duration::from_millis(2200).saturating_sub(t.elapsed())).await;
     let t = Instant::now();
-    loop {
+    let held = loop {
         let (status, _, body) = wire_post(&c, addr, "/orders", &key_header("k3"), "x")
             .await
             .unwrap();
         match status {
             StatusCode::CREATED => {
                 assert_eq!(&body[..], b"run 2: 1");
-                break;
+                break t.elapsed();
             }
             StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => {}
             s => panic!("{s}: {body:?}"),
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(6),
-            "the key stayed held after Redis came back ({status}: {})",
-            problem_type(&body)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        assert!(t.elapsed() < Duration::from_secs(40), "held past the lease");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        held < Duration::from_secs(6),
+        "the key stayed held (409 in flight) for {held:?} after Redis came back"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
@@ -367,7 +368,7 @@ async fn redis30_a_begin_cut_after_sending_is_released() {
 }
 
 /// A stored response is kept byte for byte: a 900 KiB body of every byte value (not UTF-8) and
-/// 300 headers are replayed as they were sent, by the other instance.
+/// 90 headers (hyper's client reads at most 100) are replayed as they were sent, by the other instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis30_a_large_binary_response_with_many_headers_replays_exactly() {
     let Some(url) = redis_url() else { return };
@@ -379,9 +380,9 @@ async fn redis30_a_large_binary_response_with_many_headers_replays_exactly() {
                 post(|| async {
                     let body: Vec<u8> = (0..900 * 1024).map(|i| (i % 256) as u8).collect();
                     let mut h = HeaderMap::new();
-                    for i in 0..300 {
+                    for i in 0..90 {
                         h.append(
-                            http::HeaderName::try_from(format!("x-h-{}", i % 100)).unwrap(),
+                            http::HeaderName::try_from(format!("x-h-{}", i % 30)).unwrap(),
                             http::HeaderValue::from_bytes(format!("v{i}\u{ff}").as_bytes())
                                 .unwrap(),
                         );
@@ -404,7 +405,7 @@ async fn redis30_a_large_binary_response_with_many_headers_replays_exactly() {
     assert_eq!(h2["idempotent-replayed"], "true");
     assert_eq!(b1.len(), 900 * 1024);
     assert!(b1 == b2, "the replayed body differs");
-    for i in 0..100 {
+    for i in 0..30 {
         let name = format!("x-h-{i}");
         let v1: Vec<_> = h1.get_all(&name).iter().collect();
         let v2: Vec<_> = h2.get_all(&name).iter().collect();

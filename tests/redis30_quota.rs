@@ -289,6 +289,11 @@ async fn redis30_a_killed_redis_fails_closed_not_sent_or_lets_through() {
         .service(inner);
     closed.clone().oneshot(get("k.test")).await.unwrap();
     redis.kill();
+    // The first operation meets the dead connection (see the test after this one).
+    let t = Instant::now();
+    let e = closed.clone().oneshot(get("k.test")).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert_eq!(delivery(&*e), Delivery::NotSent, "{}", chain_text(&*e));
     let t = Instant::now();
     let e = closed.clone().oneshot(get("k.test")).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
@@ -324,6 +329,33 @@ async fn redis30_a_killed_redis_fails_closed_not_sent_or_lets_through() {
             }
         }
     }
+}
+
+/// RELIABILITY.md, "Clear errors": `Connect` is "Redis cannot be reached: the command was not
+/// sent"; `Transport` is "the connection broke before the answer: the command may have run".
+/// Redis is SIGKILLed while idle; the next operation, issued after Redis was already gone,
+/// cannot have run, yet it is reported as `Transport`, "broken pipe ... so the command may have
+/// run". The safe side (at least once), but the words are wrong about what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "DOUBTFUL: the first operation after Redis died (issued after the kill) is Transport 'may have run' (broken pipe), not Connect 'cannot be reached'"]
+async fn redis30_the_first_operation_after_redis_died_is_not_called_may_have_run() {
+    if !own_redis_possible() {
+        return;
+    }
+    let mut redis = OwnRedis::start().await;
+    let quota = Quota::per_second(10).unwrap();
+    let remote = RedisQuota::connect(&redis.url(), quota).await.unwrap();
+    remote.try_reserve("k", Duration::ZERO).await.unwrap();
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = remote.try_reserve("k", Duration::ZERO).await.unwrap_err();
+    let text = chain_text(&*e);
+    assert!(has_kind(&*e, &ErrorKind::Connect), "{text}");
+    assert!(
+        text.contains("Redis cannot be reached (down, restarting or failing over)"),
+        "{text}"
+    );
+    assert!(!text.contains("may have run"), "{text}");
 }
 
 /// RELIABILITY.md, "Redis hung (accepts, never answers)": "as above, after the timeout [1 s]".
@@ -469,8 +501,8 @@ async fn redis30_cluster_keys_and_prefixes_with_braces_work() {
     }
 }
 
-/// The key layout says an empty key "gets a hex tag instead". That hex spelling is a key a
-/// caller can pass too: it must be another quota, not the empty key's.
+/// The key layout says an empty key "gets a hex tag instead" (`{x<hex>.}:tat`). That tag's
+/// text is a key a caller can pass too: it must be another quota, not the empty key's.
 #[tokio::test]
 async fn redis30_the_empty_key_and_its_hex_spelling_are_two_quotas() {
     let Some(url) = redis_url() else { return };
@@ -485,11 +517,12 @@ async fn redis30_the_empty_key_and_its_hex_spelling_are_two_quotas() {
         remote.try_reserve("", Duration::ZERO).await.unwrap(),
         Reserve::Granted { .. }
     ));
-    let keys = crate::redis30_util::cli_at(port, &["--scan", "--pattern", &format!("{prefix}*")]);
+    let hex: String = prefix.bytes().map(|b| format!("{b:02x}")).collect();
+    let keys = crate::redis30_util::cli_at(port, &["--scan", "--pattern", &format!("{{x{hex}*")]);
     let key = keys.lines().next().expect("the empty key's tat key").to_owned();
-    // `<prefix>:{<tag>}:tat`: the tag a caller could spell.
+    // `{x<hex of the prefix>.<hex of the key>}:tat`: a tag a caller could spell as a key.
     let inner = key
-        .strip_prefix(&format!("{prefix}:{{"))
+        .strip_prefix('{')
         .and_then(|k| k.strip_suffix("}:tat"))
         .unwrap_or_else(|| panic!("layout: {key}"))
         .to_owned();
@@ -505,6 +538,7 @@ async fn redis30_the_empty_key_and_its_hex_spelling_are_two_quotas() {
 /// quotas. A key with braces (from a `with_key` closure over a client's token) under one
 /// prefix must not land on another prefix's keys.
 #[tokio::test]
+#[ignore = "DOUBTFUL: key `t}:{c` under prefix P and key `c` under prefix `P:{t}` are one Redis key (`P:{t}:{c}:tat`): two prefixes share one quota"]
 async fn redis30_a_braced_key_does_not_reach_into_another_prefix() {
     let Some(url) = redis_url() else { return };
     let base = unique("nest");

@@ -119,7 +119,10 @@ async fn redis30_a_receiver_over_the_wire_through_kill_restart_and_pause() {
     assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.contains_key("retry-after"), "{h:?}");
+    // The first operation on the broken connection may be called `Transport` (see the quota
+    // tests); the next one says what Redis is doing.
     let t = Instant::now();
+    let _ = consumer.next().await.unwrap_err();
     let e = consumer.next().await.unwrap_err();
     assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
     assert!(
@@ -408,17 +411,17 @@ async fn redis30_hostile_events_round_trip() {
 #[tokio::test]
 async fn redis30_cluster_stream_names_with_braces_work_or_are_refused() {
     let Some(nodes) = cluster_urls() else { return };
-    let base = unique("cl").replace(['{', '}'], "");
+    let b = || unique("cl").replace(['{', '}'], "");
     let names = [
-        base.clone(),
-        format!("{{{base}}}"),
-        format!("a{{{base}}}b"),
-        format!("{base}{{"),
-        format!("{{{base}"),
-        format!("}}{{{base}}}"),
-        format!("{{}}{{{base}}}"),
-        format!("{base}}}"),
-        format!("{{}}{base}"),
+        b(),
+        format!("{{{}}}", b()),
+        format!("a{{{}}}b", b()),
+        format!("{}{{", b()),
+        format!("{{{}", b()),
+        format!("}}{{{}}}", b()),
+        format!("{{}}{{{}}}", b()),
+        format!("{}}}", b()),
+        format!("{{}}{}", b()),
     ];
     for name in &names {
         let conn = RedisConnection::connect_cluster(&nodes).await.unwrap();
@@ -480,11 +483,11 @@ async fn redis30_cluster_dead_letter_stream_in_another_slot_says_so() {
         .with_wait(Duration::from_millis(30));
     let e = WebhookEvent::new("standard", "one", Bytes::from_static(b"{}"));
     assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
-    let d = c.next().await.unwrap().expect("the event");
-    let err = c.dead_letter(&d, "poison").await.unwrap_err();
+    // `next` touches the stream and the dead-letter stream (it dead-letters poison events).
+    let err = c.next().await.unwrap_err();
     let text = chain_text(&*err).to_lowercase();
     assert!(
-        text.contains("slot") || text.contains("hash tag"),
+        text.contains("different hash slots") && text.contains("same hash tag"),
         "the error should say the keys are in two slots: {text}"
     );
 }
@@ -593,4 +596,38 @@ async fn redis30_a_hung_redis_bounds_every_operation_and_the_shared_connection_i
         let id = format!("p{i}");
         assert_eq!(got.iter().filter(|g| **g == id).count(), 1, "{got:?}");
     }
+}
+
+/// The key layout: a stream name without a hash tag gets `{<stream>}:seen:...` and
+/// `{<stream>}:dead`; one with a tag gets `<stream>:seen:...` and `<stream>:dead`. So the
+/// streams `webhooks` and `{webhooks}` (say, before and after a move to a cluster-friendly
+/// name) are two queues that share dedup keys and a dead-letter stream: an event queued on one
+/// is answered `Duplicate` on the other (the receiver answers 200 and never queues it there),
+/// and each lists the other's dead letters. Two stream names should be two queues.
+#[tokio::test]
+#[ignore = "FAULT: streams `x` and `{x}` share dedup keys and dead letters: an event queued on `x` is Duplicate (200, never queued) on `{x}`"]
+async fn redis30_two_stream_names_never_share_dedup_keys() {
+    let Some(url) = redis_url() else { return };
+    let plain = unique("share").replace(['{', '}'], "");
+    let tagged = format!("{{{plain}}}");
+    let qa = RedisStreamQueue::connect(&url, &plain).await.unwrap();
+    let qb = RedisStreamQueue::connect(&url, &tagged).await.unwrap();
+    let mut ca = RedisStreamConsumer::connect(&url, &plain, "g", "w", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(30));
+    let e = WebhookEvent::new("standard", "evt_1", Bytes::from_static(b"{}"));
+    assert_eq!(qa.push(e.clone(), TTL).await.unwrap(), Push::Enqueued);
+    let d = ca.next().await.unwrap().unwrap();
+    ca.dead_letter(&d, "poison").await.unwrap();
+    assert_eq!(
+        qb.dead_letter_count().await.unwrap(),
+        0,
+        "the queue on {tagged:?} lists the dead letters of {plain:?}"
+    );
+    assert_eq!(
+        qb.push(e, TTL).await.unwrap(),
+        Push::Enqueued,
+        "an event never queued on {tagged:?} was answered as a duplicate"
+    );
 }
