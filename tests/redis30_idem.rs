@@ -632,3 +632,39 @@ async fn redis30_invalid_keys_over_the_wire_are_400() {
     assert!(text.contains(problem::INVALID_KEY), "{text}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// `with_ttl(Duration::MAX)` and `with_lease(Duration::MAX)` on a Redis store: about 30 years
+/// (CHANGELOG), never a refused command; the request runs once and is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis30_endless_layer_ttl_and_lease_on_redis() {
+    let Some(url) = redis_url() else { return };
+    let runs = Runs::default();
+    let r = runs.clone();
+    let layer = IdempotencyLayer::new(store(&url, &unique("max")).await, ByCredentials::default())
+        .with_ttl(Duration::MAX)
+        .unwrap()
+        .with_lease(Duration::MAX)
+        .unwrap();
+    let router = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+        .layer(layer);
+    let addr = serve(router).await;
+    let c = client();
+    for i in 0..3 {
+        let (s, h, b) = wire_post(&c, addr, "/orders", &key_header("forever"), "")
+            .await
+            .unwrap();
+        assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"made"[..]));
+        assert_eq!(h.contains_key("idempotent-replayed"), i > 0);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
