@@ -668,3 +668,46 @@ async fn redis30_endless_layer_ttl_and_lease_on_redis() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// RELIABILITY.md, "Redis restarts without persistence: every lock and stored response is
+/// gone"; the store's docs: completion acts "also on a key whose lease ran out with nobody
+/// taking it over". Redis restarts (empty) while a handler runs: the handler's response still
+/// reaches its client, and once stored (the key being free) a retry gets it, the handler ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis30_redis_restarted_mid_handler_keeps_the_outcome() {
+    if !own_redis_possible() {
+        return;
+    }
+    let mut redis = OwnRedis::start().await;
+    let (hook, mut hooks) = mpsc::channel(4);
+    let (router, runs) = app_with_hook(store(&redis.url(), "p").await, hook);
+    let addr = serve(router).await;
+    let c = client();
+    let call = {
+        let c = c.clone();
+        tokio::spawn(async move { wire_post(&c, addr, "/orders", &key_header("k9"), "").await })
+    };
+    let go = hooks.recv().await.unwrap();
+    redis.restart().await;
+    go.send(()).unwrap();
+    let (status, _, body) = call.await.unwrap().unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"charged"[..]));
+    let t = Instant::now();
+    loop {
+        let (status, headers, body) = wire_post(&c, addr, "/orders", &key_header("k9"), "")
+            .await
+            .unwrap();
+        if status == StatusCode::CREATED && headers.contains_key("idempotent-replayed") {
+            assert_eq!(&body[..], b"charged");
+            break;
+        }
+        assert!(
+            status == StatusCode::CONFLICT || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

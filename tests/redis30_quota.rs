@@ -669,3 +669,106 @@ async fn redis30_connecting_to_a_hung_redis_ends_within_the_bound() {
     drop(r);
     redis.unpause();
 }
+
+/// Redis restarted mid-run (without persistence) under 8 tasks calling through a fail-closed
+/// layer: every call ends within the bound, each failure is the documented "not sent" store
+/// failure, and calls go again after the restart, on the same objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis30_a_restart_mid_run_under_load() {
+    if !own_redis_possible() {
+        return;
+    }
+    let mut redis = OwnRedis::start().await;
+    let quota = Quota::per_second(1000).unwrap();
+    let remote = RedisQuota::connect(&redis.url(), quota).await.unwrap();
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .buffer(32)
+        .timeout(Duration::from_secs(5))
+        .layer(
+            RateLimitLayer::new(quota)
+                .with_remote(Arc::new(remote))
+                .with_on_store_error(OnStoreError::Fail),
+        )
+        .service(inner);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok_after, mut failed) = (0u32, 0u32);
+            while start.elapsed() < Duration::from_millis(4000) {
+                let t = Instant::now();
+                let r = match svc.ready().await {
+                    Ok(s) => s.call(get("r.test")).await,
+                    Err(e) => Err(e),
+                };
+                assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+                match r {
+                    Ok(_) if start.elapsed() > Duration::from_millis(3000) => ok_after += 1,
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed += 1;
+                        let text = chain_text(&*e);
+                        assert!(
+                            text.contains("the rate-limit store failed, so the call was not sent"),
+                            "{text}"
+                        );
+                        assert_eq!(delivery(&*e), Delivery::NotSent, "{text}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok_after, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.restart().await;
+    let (mut ok_after, mut failed) = (0, 0);
+    for t in tasks {
+        let (a, f) = t.await.unwrap();
+        ok_after += a;
+        failed += f;
+    }
+    assert!(ok_after > 0, "no call went after the restart ({failed} failed)");
+    assert!(calls.load(Ordering::SeqCst) > 0);
+}
+
+/// The quota shared through a Redis Cluster by three connections, with a key starting with `}`
+/// (whose tag Redis would ignore): reservations that go at once stay within the burst plus one
+/// per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis30_three_cluster_connections_keep_one_quota_for_a_brace_key() {
+    let Some(nodes) = cluster_urls() else { return };
+    let prefix = unique("clq");
+    let quota = Quota::per_second(10).unwrap().with_burst(3).unwrap();
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..3 {
+        let q = RedisQuota::connect_cluster(&nodes, quota)
+            .await
+            .unwrap()
+            .with_prefix(prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0u32;
+            while start.elapsed() < Duration::from_millis(1000) {
+                if let Reserve::Granted { wait } = q.try_reserve("}tok", Duration::ZERO).await.unwrap()
+                {
+                    assert!(wait.is_zero());
+                    granted += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            granted
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    let span = start.elapsed();
+    let allowed = 3 + (span.as_millis() / 100) as u32 + 1;
+    assert!(granted <= allowed, "{granted} in {span:?}, allowed {allowed}");
+    assert!(granted >= 3, "{granted}");
+}
