@@ -104,9 +104,10 @@ async fn redis30_two_instances_over_the_wire_run_a_key_once() {
     assert_eq!(runs, 1, "the handler ran {runs} times for one key");
     // Afterwards, either instance replays the stored response.
     for to in [a, b] {
-        let (status, headers, body) = wire_post(&c, to, "/orders", &key_header("order-1"), "pay 10")
-            .await
-            .unwrap();
+        let (status, headers, body) =
+            wire_post(&c, to, "/orders", &key_header("order-1"), "pay 10")
+                .await
+                .unwrap();
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(headers["idempotent-replayed"], "true");
         assert_eq!(&body[..], b"run 1: 6");
@@ -297,7 +298,11 @@ async fn redis30_redis_hung_at_arrival_is_503_and_the_retry_runs_soon_after() {
     let (status, headers, body) = wire_post(&c, addr, "/orders", &key_header("k3"), "x")
         .await
         .unwrap();
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(problem_type(&body), problem::STORE_UNAVAILABLE);
     assert_eq!(headers["retry-after"], "1");
@@ -420,7 +425,10 @@ async fn redis30_a_large_binary_response_with_many_headers_replays_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis30_under_buffer_timeout_and_limit_one_each_key_runs_once() {
     let Some(url) = redis_url() else { return };
-    let (router, runs) = app(store(&url, &unique("compose")).await, Duration::from_millis(20));
+    let (router, runs) = app(
+        store(&url, &unique("compose")).await,
+        Duration::from_millis(20),
+    );
     let svc = ServiceBuilder::new()
         .buffer(64)
         .timeout(Duration::from_secs(10))

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 
 use crate::redis30_util::{
-    chain_text, client, cluster_urls, own_redis_possible, redis_url, serve, unique, CutProxy,
-    Mode, OwnRedis,
+    chain_text, client, cluster_urls, own_redis_possible, redis_url, serve, unique, CutProxy, Mode,
+    OwnRedis,
 };
 
 /// Whether any `sturdy_core::Error` in `e`'s chain has `kind`.
@@ -138,8 +138,7 @@ async fn redis30_three_processes_over_the_wire_keep_one_quota() {
                             Err(e) => {
                                 // Refused by the quota (a wait past max_wait) only.
                                 assert!(
-                                    sturdy::core::find::<sturdy::core::RateLimited>(&*e)
-                                        .is_some(),
+                                    sturdy::core::find::<sturdy::core::RateLimited>(&*e).is_some(),
                                     "{}",
                                     chain_text(&*e)
                                 );
@@ -292,11 +291,19 @@ async fn redis30_a_killed_redis_fails_closed_not_sent_or_lets_through() {
     // The first operation meets the dead connection (see the test after this one).
     let t = Instant::now();
     let e = closed.clone().oneshot(get("k.test")).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(delivery(&*e), Delivery::NotSent, "{}", chain_text(&*e));
     let t = Instant::now();
     let e = closed.clone().oneshot(get("k.test")).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     let text = chain_text(&*e);
     assert!(
         text.contains("the rate-limit store failed, so the call was not sent"),
@@ -311,7 +318,11 @@ async fn redis30_a_killed_redis_fails_closed_not_sent_or_lets_through() {
     let before = calls.load(Ordering::SeqCst);
     let t = Instant::now();
     open.oneshot(get("k.test")).await.unwrap();
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(calls.load(Ordering::SeqCst), before + 1);
     // "Recovery without a restart of the application": the same objects work again.
     redis.restart().await;
@@ -397,7 +408,11 @@ async fn redis30_a_paused_redis_is_a_timeout_within_the_bound() {
     );
     let t = Instant::now();
     let e = remote.try_paused("p").await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(2000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(has_kind(&*e, &ErrorKind::Timeout), "{}", chain_text(&*e));
     redis.unpause();
     let t = Instant::now();
@@ -405,11 +420,7 @@ async fn redis30_a_paused_redis_is_a_timeout_within_the_bound() {
         match closed.clone().oneshot(get("p.test")).await {
             Ok(_) => break,
             Err(e) => {
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "{}",
-                    chain_text(&*e)
-                );
+                assert!(t.elapsed() < Duration::from_secs(5), "{}", chain_text(&*e));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -435,7 +446,9 @@ async fn redis30_a_connection_cut_after_the_command_is_transport_may_have_run() 
     let text = chain_text(&*e);
     assert!(has_kind(&*e, &ErrorKind::Transport), "{text}");
     assert!(
-        text.contains("the connection to Redis broke before its answer, so the command may have run"),
+        text.contains(
+            "the connection to Redis broke before its answer, so the command may have run"
+        ),
         "{text}"
     );
     assert!(!text.contains("cannot be reached"), "{text}");
@@ -519,7 +532,11 @@ async fn redis30_the_empty_key_and_its_hex_spelling_are_two_quotas() {
     ));
     let hex: String = prefix.bytes().map(|b| format!("{b:02x}")).collect();
     let keys = crate::redis30_util::cli_at(port, &["--scan", "--pattern", &format!("{{x{hex}*")]);
-    let key = keys.lines().next().expect("the empty key's tat key").to_owned();
+    let key = keys
+        .lines()
+        .next()
+        .expect("the empty key's tat key")
+        .to_owned();
     // `{x<hex of the prefix>.<hex of the key>}:tat`: a tag a caller could spell as a key.
     let inner = key
         .strip_prefix('{')
@@ -594,7 +611,10 @@ async fn redis30_hostile_keys_and_durations() {
     }
     // A pause of zero and of one nanosecond: no error.
     remote.try_pause("z", Duration::ZERO).await.unwrap();
-    remote.try_pause("z", Duration::from_nanos(1)).await.unwrap();
+    remote
+        .try_pause("z", Duration::from_nanos(1))
+        .await
+        .unwrap();
 }
 
 /// "A call that waited for a Redis slot and was dropped, or that a pause overtook, gives the
@@ -652,17 +672,25 @@ async fn redis30_connecting_to_a_hung_redis_ends_within_the_bound() {
         // Connected lazily: the first operation is bounded instead.
         let t = Instant::now();
         assert!(q.try_paused("k").await.is_err());
-        assert!(t.elapsed() < Duration::from_millis(1800), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(1800),
+            "{:?}",
+            t.elapsed()
+        );
     }
     let t = Instant::now();
     let r = sturdy::redis::RedisIdempotencyStore::connect(&url).await;
     assert!(t.elapsed() < bound, "store: {:?}", t.elapsed());
     drop(r);
     let t = Instant::now();
-    let r = sturdy::redis::RedisStreamConsumer::connect(&url, "s", "g", "w", Duration::from_secs(5))
-        .await;
+    let r =
+        sturdy::redis::RedisStreamConsumer::connect(&url, "s", "g", "w", Duration::from_secs(5))
+            .await;
     assert!(t.elapsed() < bound, "consumer: {:?}", t.elapsed());
-    assert!(r.is_err(), "the group cannot have been created on a hung Redis");
+    assert!(
+        r.is_err(),
+        "the group cannot have been created on a hung Redis"
+    );
     let t = Instant::now();
     let r = sturdy::redis::RedisStreamQueue::connect(&url, "s").await;
     assert!(t.elapsed() < bound, "queue: {:?}", t.elapsed());
@@ -703,7 +731,11 @@ async fn redis30_a_restart_mid_run_under_load() {
                     Ok(s) => s.call(get("r.test")).await,
                     Err(e) => Err(e),
                 };
-                assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+                assert!(
+                    t.elapsed() < Duration::from_millis(2500),
+                    "{:?}",
+                    t.elapsed()
+                );
                 match r {
                     Ok(_) if start.elapsed() > Duration::from_millis(3000) => ok_after += 1,
                     Ok(_) => {}
@@ -731,7 +763,10 @@ async fn redis30_a_restart_mid_run_under_load() {
         ok_after += a;
         failed += f;
     }
-    assert!(ok_after > 0, "no call went after the restart ({failed} failed)");
+    assert!(
+        ok_after > 0,
+        "no call went after the restart ({failed} failed)"
+    );
     assert!(calls.load(Ordering::SeqCst) > 0);
 }
 
@@ -753,7 +788,8 @@ async fn redis30_three_cluster_connections_keep_one_quota_for_a_brace_key() {
         tasks.push(tokio::spawn(async move {
             let mut granted = 0u32;
             while start.elapsed() < Duration::from_millis(1000) {
-                if let Reserve::Granted { wait } = q.try_reserve("}tok", Duration::ZERO).await.unwrap()
+                if let Reserve::Granted { wait } =
+                    q.try_reserve("}tok", Duration::ZERO).await.unwrap()
                 {
                     assert!(wait.is_zero());
                     granted += 1;
@@ -769,6 +805,9 @@ async fn redis30_three_cluster_connections_keep_one_quota_for_a_brace_key() {
     }
     let span = start.elapsed();
     let allowed = 3 + (span.as_millis() / 100) as u32 + 1;
-    assert!(granted <= allowed, "{granted} in {span:?}, allowed {allowed}");
+    assert!(
+        granted <= allowed,
+        "{granted} in {span:?}, allowed {allowed}"
+    );
     assert!(granted >= 3, "{granted}");
 }

@@ -9,14 +9,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::routing::post_service;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use sturdy::core::ErrorKind;
 use sturdy::redis::{RedisConnection, RedisStreamConsumer, RedisStreamQueue};
-use sturdy::webhook::{sign_standard, EventQueue, Push, StandardWebhooks, WebhookEvent, WebhookReceiver};
+use sturdy::webhook::{
+    sign_standard, EventQueue, Push, StandardWebhooks, WebhookEvent, WebhookReceiver,
+};
 use tokio::time::Instant;
 
 use crate::redis30_util::{
@@ -41,7 +43,7 @@ fn has_kind(e: &(dyn std::error::Error + 'static), kind: &ErrorKind) -> bool {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
+    sturdy::core::WallClock::now(&sturdy::core::SystemClock)
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
@@ -108,7 +110,11 @@ async fn redis30_a_receiver_over_the_wire_through_kill_restart_and_pause() {
     let addr = receiver_app(queue).await;
 
     assert_eq!(deliver(addr, "e1", "{\"n\":1}").await.0, StatusCode::OK);
-    let d = consumer.next().await.unwrap().expect("e1 was acknowledged, so it is queued");
+    let d = consumer
+        .next()
+        .await
+        .unwrap()
+        .expect("e1 was acknowledged, so it is queued");
     assert_eq!(d.event.id, "e1");
     consumer.ack(&d).await.unwrap();
 
@@ -116,7 +122,11 @@ async fn redis30_a_receiver_over_the_wire_through_kill_restart_and_pause() {
     redis.kill();
     let t = Instant::now();
     let (s, h) = deliver(addr, "e2", "{\"n\":2}").await;
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.contains_key("retry-after"), "{h:?}");
     // The first operation on the broken connection may be called `Transport` (see the quota
@@ -124,7 +134,11 @@ async fn redis30_a_receiver_over_the_wire_through_kill_restart_and_pause() {
     let t = Instant::now();
     let _ = consumer.next().await.unwrap_err();
     let e = consumer.next().await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(
         chain_text(&*e).contains("Redis cannot be reached (down, restarting or failing over)"),
         "{}",
@@ -264,7 +278,7 @@ async fn redis30_next_cancelled_at_every_moment_loses_nothing() {
         round += 1;
         let cut = Duration::from_millis(round % 13);
         // Every third round is left to finish.
-        let got = if round % 3 == 0 {
+        let got = if round.is_multiple_of(3) {
             Ok(c.next().await)
         } else {
             tokio::time::timeout(cut, c.next()).await
@@ -505,10 +519,11 @@ async fn redis30_ack_errors_say_whether_the_ack_may_have_run() {
     let proxy = CutProxy::start(SocketAddr::from(([127, 0, 0, 1], target))).await;
     let s = unique("ackcut");
     let q = RedisStreamQueue::connect(&url, &s).await.unwrap();
-    let mut c = RedisStreamConsumer::connect(&proxy.url(), &s, "g", "w", Duration::from_millis(300))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(30));
+    let mut c =
+        RedisStreamConsumer::connect(&proxy.url(), &s, "g", "w", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(30));
     let e = WebhookEvent::new("standard", "a1", Bytes::from_static(b"{}"));
     assert_eq!(q.push(e, TTL).await.unwrap(), Push::Enqueued);
     let d = c.next().await.unwrap().expect("the event");
@@ -528,7 +543,10 @@ async fn redis30_ack_errors_say_whether_the_ack_may_have_run() {
             Err(e) => assert!(t.elapsed() < Duration::from_secs(5), "{}", chain_text(&*e)),
         }
     };
-    assert!(again.is_none(), "acknowledged, yet delivered again: {again:?}");
+    assert!(
+        again.is_none(),
+        "acknowledged, yet delivered again: {again:?}"
+    );
 }
 
 /// RELIABILITY.md, "Redis hung": "the error comes after the timeout (for `next()`, the wait for
@@ -553,16 +571,36 @@ async fn redis30_a_hung_redis_bounds_every_operation_and_the_shared_connection_i
     redis.pause(3500);
     let t = Instant::now();
     let err = c.ack(&d).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(1900), "{:?}", t.elapsed());
-    assert!(has_kind(&*err, &ErrorKind::Timeout), "{}", chain_text(&*err));
+    assert!(
+        t.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        has_kind(&*err, &ErrorKind::Timeout),
+        "{}",
+        chain_text(&*err)
+    );
     let t = Instant::now();
     let err = c.next().await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(2300), "{:?}", t.elapsed());
-    assert!(has_kind(&*err, &ErrorKind::Timeout), "{}", chain_text(&*err));
+    assert!(
+        t.elapsed() < Duration::from_millis(2300),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        has_kind(&*err, &ErrorKind::Timeout),
+        "{}",
+        chain_text(&*err)
+    );
     let t = Instant::now();
     let e = WebhookEvent::new("standard", "h2", Bytes::from_static(b"{}"));
     assert!(q.push(e, TTL).await.is_err());
-    assert!(t.elapsed() < Duration::from_millis(1900), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
     redis.unpause();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // A consumer waits for events on the shared connection; pushes beside it are prompt.
