@@ -210,6 +210,7 @@ mod words23_wire;
 mod words30_auth;
 mod words30_circuit;
 mod words30_demo;
+mod words30_examples;
 mod words30_setters;
 mod words30_util;
 mod words30_version;

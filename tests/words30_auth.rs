@@ -27,7 +27,10 @@ fn blank_secrets_are_config_errors_for_every_static_source() {
                 "api_key",
                 AuthLayer::api_key(HeaderName::from_static("x-api-key"), blank).err(),
             ),
-            ("api_key_query", AuthLayer::api_key_query("key", blank).err()),
+            (
+                "api_key_query",
+                AuthLayer::api_key_query("key", blank).err(),
+            ),
         ];
         for (name, err) in errs {
             let err = err.unwrap_or_else(|| panic!("{name}({blank:?}) was accepted"));
@@ -109,7 +112,8 @@ async fn static_headers_are_sensitive_and_debug_hides_them() {
 #[test]
 fn with_param_refuses_the_names_the_source_sets() {
     let http = sturdy_chaos::http_client();
-    let tokens = ClientCredentials::new(http, "http://127.0.0.1:9/oauth/token", "id", SECRET).unwrap();
+    let tokens =
+        ClientCredentials::new(http, "http://127.0.0.1:9/oauth/token", "id", SECRET).unwrap();
     for name in ["grant_type", "scope", "client_id", "client_secret"] {
         let err = tokens
             .clone()

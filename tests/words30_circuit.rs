@@ -138,7 +138,11 @@ async fn open_fails_at_once_for_thirty_seconds_with_a_failing_reason() {
         .await
         .unwrap_err()
         .into();
-    assert_eq!(calls_seen.load(Ordering::SeqCst), before, "the API was called");
+    assert_eq!(
+        calls_seen.load(Ordering::SeqCst),
+        before,
+        "the API was called"
+    );
     let open = find::<CircuitOpen>(&*err).expect("a CircuitOpen");
     assert_eq!(open.reason(), OpenReason::Failing);
     assert_eq!(open.retry_in(), Duration::from_secs(30));

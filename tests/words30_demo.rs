@@ -71,7 +71,8 @@ fn json_prints_one_object_with_the_documented_fields_and_figures() {
     let out = run_chaos(&bin, &["--json"]);
     assert!(out.status.success(), "{out:?}");
     let stdout = text(&out.stdout);
-    let v: Value = serde_json::from_str(&stdout).expect("stdout is one JSON object and nothing else");
+    let v: Value =
+        serde_json::from_str(&stdout).expect("stdout is one JSON object and nothing else");
     assert_eq!(v["orders"], 200);
     let clients = v["clients"].as_object().unwrap();
     let mut keys: Vec<&String> = clients.keys().collect();
@@ -162,7 +163,10 @@ fn help_lists_every_option_the_guide_names() {
         "--latency-ms",
         "--latency-jitter-ms",
     ] {
-        assert!(help.contains(option), "--help does not list {option}:\n{help}");
+        assert!(
+            help.contains(option),
+            "--help does not list {option}:\n{help}"
+        );
     }
     // The defaults the guide states are the ones --help states.
     for default in [
@@ -188,7 +192,10 @@ fn a_bad_option_is_named_and_fails() {
     let out = run_chaos(&bin, &["--bogus"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--bogus"), "{out:?}");
-    assert!(out.stdout.is_empty(), "nothing on stdout for an error: {out:?}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout for an error: {out:?}"
+    );
 }
 
 /// README.md:55-56 and demo.md:120-125: `--serve` keeps the chaos server running, prints its
@@ -257,7 +264,10 @@ fn serve_prints_address_and_the_demo_knobs_and_stops_on_ctrl_c() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
     // Still running; Ctrl-C (SIGINT) stops it cleanly.
-    assert!(child.try_wait().unwrap().is_none(), "--serve exited by itself");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--serve exited by itself"
+    );
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -286,14 +296,25 @@ fn jitter_json_has_the_documented_shape_and_settings() {
     let Some(bin) = chaos_bin() else { return };
     let out = run_chaos(
         &bin,
-        &["jitter", "--clients", "3,4", "--runs", "2", "--no-plots", "--json"],
+        &[
+            "jitter",
+            "--clients",
+            "3,4",
+            "--runs",
+            "2",
+            "--no-plots",
+            "--json",
+        ],
     );
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(v["seed"], 2015, "{v}");
     assert_eq!(v["base_ms"], 4);
     assert_eq!(v["cap_ms"], 100);
-    assert_eq!(v["latency_ms"], 1, "every request waits at least 1 ms by default");
+    assert_eq!(
+        v["latency_ms"], 1,
+        "every request waits at least 1 ms by default"
+    );
     let points = v["points"].as_array().unwrap();
     assert_eq!(points.len(), 10, "five strategies x two N");
     let mut strategies: Vec<&str> = points
@@ -416,7 +437,11 @@ fn jitter_prints_both_tables_and_writes_plots_where_told() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read_dir(&none).unwrap().count(), 0, "--no-plots wrote a plot");
+    assert_eq!(
+        std::fs::read_dir(&none).unwrap().count(),
+        0,
+        "--no-plots wrote a plot"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -444,6 +469,10 @@ fn no_plots_wins_over_a_later_out() {
         ],
     );
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read_dir(&none).unwrap().count(), 0, "--no-plots wrote a plot");
+    assert_eq!(
+        std::fs::read_dir(&none).unwrap().count(),
+        0,
+        "--no-plots wrote a plot"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -65,8 +65,16 @@ async fn ratelimit_setters_change_only_the_layer_they_return_and_the_quota_is_sh
     assert!(find::<RateLimited>(&*err).is_some(), "{err}");
     // The batch layer kept its 30 s max_wait: it waits about a second, then goes.
     let started = tokio::time::Instant::now();
-    batch_svc.clone().oneshot(req()).await.expect("the batch layer waits");
-    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    batch_svc
+        .clone()
+        .oneshot(req())
+        .await
+        .expect("the batch layer waits");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -111,9 +119,15 @@ async fn circuit_services_made_before_a_setter_keep_their_settings() {
     for _ in 0..5 {
         let _ = early.clone().oneshot(req()).await.unwrap();
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 5, "the early service opened on a streak");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "the early service opened on a streak"
+    );
     assert_ne!(
-        handle.state(HOST).map(|s| matches!(s, CircuitState::Open { .. })),
+        handle
+            .state(HOST)
+            .map(|s| matches!(s, CircuitState::Open { .. })),
         Some(true)
     );
 }

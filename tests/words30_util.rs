@@ -34,3 +34,19 @@ pub(crate) fn run_chaos(bin: &PathBuf, args: &[&str]) -> Output {
 pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// An example binary built by `cargo build --example <name> --features full`, if built.
+pub(crate) fn example_bin(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if bin.is_file() {
+        Some(bin)
+    } else {
+        eprintln!("skipped: {} is not built", bin.display());
+        None
+    }
+}

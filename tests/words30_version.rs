@@ -41,7 +41,10 @@ fn get(uri: &str) -> Request<Full<Bytes>> {
     Request::get(uri).body(Full::default()).unwrap()
 }
 
-fn notices() -> (Arc<Mutex<Vec<Notice>>>, impl Fn(&Notice) + Send + Sync + 'static) {
+fn notices() -> (
+    Arc<Mutex<Vec<Notice>>>,
+    impl Fn(&Notice) + Send + Sync + 'static,
+) {
     let all: Arc<Mutex<Vec<Notice>>> = Arc::default();
     let a = all.clone();
     (all, move |n: &Notice| a.lock().unwrap().push(n.clone()))
@@ -63,7 +66,11 @@ async fn header_pins_the_version_and_keeps_the_callers() {
     let seen = seen.lock().unwrap();
     assert_eq!(seen[0].headers()["api-version"], "2024-06-01");
     let values: Vec<_> = seen[1].headers().get_all("api-version").iter().collect();
-    assert_eq!(values, ["2020-01-01"], "the caller's version was not kept alone");
+    assert_eq!(
+        values,
+        ["2020-01-01"],
+        "the caller's version was not kept alone"
+    );
 }
 
 /// version.md:53-54: "a `Result`: the name and value must be valid in a header".
@@ -81,10 +88,7 @@ fn header_with_a_bad_name_or_value_is_an_error() {
 async fn query_form_encodes_name_and_version_and_keeps_the_callers() {
     let seen = Seen::default();
     let svc = VersionLayer::query("api version", "2024 06&x=1").layer(api(seen.clone(), vec![]));
-    svc.clone()
-        .oneshot(get("http://h/a?page=2"))
-        .await
-        .unwrap();
+    svc.clone().oneshot(get("http://h/a?page=2")).await.unwrap();
     let seen_uri = seen.lock().unwrap()[0].uri().to_string();
     assert_eq!(seen_uri, "http://h/a?page=2&api+version=2024+06%26x%3D1");
 
@@ -109,7 +113,10 @@ async fn a_notice_per_method_and_path_not_per_query() {
     let svc = VersionLayer::header("api-version", "1")
         .unwrap()
         .on_notice(hook)
-        .layer(api(seen, vec![("deprecation", "@1700000000"), ("x-keep", "1")]));
+        .layer(api(
+            seen,
+            vec![("deprecation", "@1700000000"), ("x-keep", "1")],
+        ));
     for uri in [
         "http://h/orders/1?x=1",
         "http://h/orders/1?x=2",
@@ -177,9 +184,10 @@ async fn deprecation_and_sunset_formats_are_read() {
 #[tokio::test]
 async fn ten_thousand_endpoints_are_remembered_and_a_new_one_is_never_missed() {
     let (all, hook) = notices();
-    let svc = VersionLayer::query("v", "1")
-        .on_notice(hook)
-        .layer(api(Seen::default(), vec![("sunset", "Sat, 31 Dec 2050 23:59:59 GMT")]));
+    let svc = VersionLayer::query("v", "1").on_notice(hook).layer(api(
+        Seen::default(),
+        vec![("sunset", "Sat, 31 Dec 2050 23:59:59 GMT")],
+    ));
     for round in 0..2 {
         for i in 0..10_000 {
             svc.clone()
