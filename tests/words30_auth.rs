@@ -44,10 +44,10 @@ fn blank_secrets_are_config_errors_for_every_static_source() {
 /// error ... (a Basic password may be empty: some APIs take the key as the user name)".
 #[tokio::test]
 async fn basic_refuses_a_colon_in_the_user_and_takes_an_empty_password() {
-    let err = AuthLayer::basic("us:er", SECRET).err().expect("refused");
+    let err = AuthLayer::basic("us:er", SECRET).expect_err("refused");
     assert_eq!(err.kind(), &ErrorKind::Config);
     assert!(!format!("{err} {err:?}").contains(SECRET));
-    let err = AuthLayer::api_key_query("", SECRET).err().expect("refused");
+    let err = AuthLayer::api_key_query("", SECRET).expect_err("refused");
     assert_eq!(err.kind(), &ErrorKind::Config);
 
     let seen: Arc<Mutex<Option<String>>> = Arc::default();
@@ -123,7 +123,7 @@ fn with_param_refuses_the_names_the_source_sets() {
         assert_eq!(err.kind(), &ErrorKind::Config, "{name}");
         assert!(err.to_string().contains(name), "{err}");
     }
-    assert!(tokens.clone().with_param("resource", "https://api").is_ok());
+    assert!(tokens.with_param("resource", "https://api").is_ok());
 }
 
 /// auth.md:94-100: `with_token_timeout(d)` \[30 s\], read back with `token_timeout()`.

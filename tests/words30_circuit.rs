@@ -130,14 +130,7 @@ async fn open_fails_at_once_for_thirty_seconds_with_a_failing_reason() {
     }
     assert!(is_open(&handle));
     let before = calls_seen.load(Ordering::SeqCst);
-    let err: BoxError = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(req())
-        .await
-        .unwrap_err()
-        .into();
+    let err: BoxError = svc.ready().await.unwrap().call(req()).await.unwrap_err();
     assert_eq!(
         calls_seen.load(Ordering::SeqCst),
         before,
@@ -154,14 +147,7 @@ async fn open_fails_at_once_for_thirty_seconds_with_a_failing_reason() {
         other => panic!("{other:?}"),
     }
     tokio::time::advance(Duration::from_secs(29)).await;
-    let err: BoxError = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(req())
-        .await
-        .unwrap_err()
-        .into();
+    let err: BoxError = svc.ready().await.unwrap().call(req()).await.unwrap_err();
     let open = find::<CircuitOpen>(&*err).expect("still open after 29 s");
     assert_eq!(open.retry_in(), Duration::from_secs(1));
     assert!(err.to_string().contains("try again in 1s"), "{err}");
@@ -246,7 +232,7 @@ async fn half_open_admits_one_probe_and_zero_probes_is_one() {
         let probe = tokio::spawn(svc.clone().oneshot(req()));
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
-        let err: BoxError = svc.clone().oneshot(req()).await.unwrap_err().into();
+        let err: BoxError = svc.clone().oneshot(req()).await.unwrap_err();
         let open = find::<CircuitOpen>(&*err).expect("refused while the probe is out");
         assert_eq!(open.reason(), OpenReason::Probing, "{probes:?}");
         assert_eq!(open.retry_in(), Duration::ZERO);

@@ -3,9 +3,11 @@
 //!
 //! The tests run the binary built next to the suite (`cargo build -p sturdy-chaos`); they skip
 //! with a message when it is not built.
+#![allow(clippy::disallowed_methods)] // waits on a child process in real time
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;

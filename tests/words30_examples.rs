@@ -1,7 +1,9 @@
 //! examples/*.rs, their `//!` docs read literally, run as the docs say (the binaries built by
 //! `cargo build --example <name> --features full`; skipped when not built).
+#![allow(clippy::disallowed_methods)] // waits on a child process in real time
 
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use crate::words30_util::{example_bin, text};
