@@ -14,7 +14,8 @@
 //!
 //! Optional: `WEBHOOK_ALLOWED_SOURCES` (comma-separated networks, such as the sender's published
 //! ranges) accepts deliveries only from those networks, and `WEBHOOK_TRUSTED_PROXIES`
-//! (comma-separated networks) names the proxies whose `X-Forwarded-For` is read. A bad network
+//! (comma-separated networks) names the proxies whose `X-Forwarded-For` is read for that check
+//! (so it needs `WEBHOOK_ALLOWED_SOURCES`). A bad network, or proxies without allowed sources,
 //! stops the app at start, with the reason.
 
 use std::net::SocketAddr;
@@ -88,15 +89,38 @@ fn line(e: &WebhookEvent) -> String {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> std::process::ExitCode {
+    // The reason, as a sentence (a `Result` from `main` would print its `Debug` form).
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("webhook_receiver: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Error> {
     let addr = std::env::var("STURDY_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
     let secret = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
-    let allowlist = match networks("WEBHOOK_ALLOWED_SOURCES") {
-        Some(allowed) => {
-            let proxies = networks("WEBHOOK_TRUSTED_PROXIES").unwrap_or_default();
-            Some(SourceAllowlist::new(allowed)?.with_trusted_proxies(proxies)?)
+    let allowlist = match (
+        networks("WEBHOOK_ALLOWED_SOURCES"),
+        networks("WEBHOOK_TRUSTED_PROXIES"),
+    ) {
+        (Some(allowed), proxies) => Some(
+            SourceAllowlist::new(allowed)?.with_trusted_proxies(proxies.unwrap_or_default())?,
+        ),
+        // Proxies are only read to find the source an allowlist checks: alone they would do
+        // nothing, which is never what was meant.
+        (None, Some(proxies)) => {
+            return Err(format!(
+                "WEBHOOK_TRUSTED_PROXIES is set ({}) but WEBHOOK_ALLOWED_SOURCES is not: the \
+                 proxies are only read to check a delivery's source against the allowed networks",
+                proxies.join(", ")
+            )
+            .into())
         }
-        None => None,
+        (None, None) => None,
     };
     let (app, mut events, routes) = app(&Config {
         standard: secret("STANDARD_WEBHOOK_SECRET"),

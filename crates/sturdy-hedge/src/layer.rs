@@ -154,7 +154,8 @@ impl<K> HedgeLayer<K> {
         self
     }
 
-    /// Also hedges requests of any method that carry an `Idempotency-Key` header \[off\]. Only
+    /// Also hedges requests of any method that carry an `Idempotency-Key` header \[off\] (not
+    /// a blank one, empty or only spaces and tabs, which names no operation). Only
     /// for servers that deduplicate by key and answer a concurrent duplicate with the first
     /// call's outcome: a server that answers `409 Conflict` to a duplicate in flight (as the
     /// IETF draft allows) turns a hedge of a slow POST into a 409 when the hedge answers first.

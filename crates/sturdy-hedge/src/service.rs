@@ -54,7 +54,9 @@ fn hedgeable<B>(req: &Request<B>, config: &Config) -> bool {
     m == Method::GET
         || m == Method::HEAD
         || m == Method::OPTIONS
-        || (config.keyed && req.headers().contains_key(&config.key_header))
+        // A blank key names no operation: no server can deduplicate a second copy on it.
+        || (config.keyed
+            && sturdy_core::key::idempotency_key(req.headers().get(&config.key_header)).is_some())
 }
 
 // ===== impl Hedge =====
