@@ -52,11 +52,20 @@ pub(crate) fn assert_linear<T>(what: &str, n: usize, make: impl Fn(usize) -> T, 
     );
 }
 
+/// The body a test server answers with.
+pub(crate) type SrvBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A whole body.
+pub(crate) fn full(b: impl Into<Bytes>) -> SrvBody {
+    use http_body_util::BodyExt;
+    Full::new(b.into()).boxed()
+}
+
 /// A hyper HTTP/1.1 server on 127.0.0.1:0 that answers every request with `handler`.
 pub(crate) async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<SrvBody>> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -78,6 +87,29 @@ where
         }
     });
     addr
+}
+
+/// Waits (real time, up to 20 s) until `cond` holds.
+pub(crate) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Counts the futures dropped before they finished.
+pub(crate) struct DropGuard(pub(crate) std::sync::Arc<std::sync::atomic::AtomicUsize>, pub(crate) bool);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// A hyper-util client over plain HTTP.

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use sturdy::core::headers::sf::{parse_item, parse_list, BareItem};
 use sturdy::core::headers::{
-    format_http_date, next_link, parse_http_date, parse_link, pause_hint, PauseSource,
+    may_pause, resolve_reference, format_http_date, next_link, parse_http_date, parse_link, pause_hint, PauseSource,
     RateLimitItem, RateLimitPolicy, RetryAfter, XRateLimit,
 };
 
@@ -356,7 +356,6 @@ fn ratelimit_malformed_is_an_error_naming_the_field() {
 }
 
 #[test]
-#[ignore = "DOUBTFUL: draft-10 says the RateLimit/RateLimit-Policy item value MUST be a String; a token policy name is accepted"]
 fn ratelimit_token_policy_name_is_malformed() {
     assert!(RateLimitItem::from_headers(&hdrs(&[("ratelimit", "default;r=1")])).is_err());
     assert!(
@@ -701,4 +700,144 @@ fn sf_integers_and_params_edges() {
     assert!(parse_list(std::iter::empty()).unwrap().is_empty());
     assert!(parse_list([&b"a, b,"[..]]).is_err());
     assert_eq!(parse_list([&b"a"[..], b"b"]).unwrap().len(), 2);
+}
+
+// ---- RFC 3986 §5.4 reference resolution examples ----
+
+#[test]
+fn resolve_reference_rfc3986_examples() {
+    let base = "http://a/b/c/d;p?q";
+    for (r, want) in [
+        ("g:h", "g:h"),
+        ("g", "http://a/b/c/g"),
+        ("./g", "http://a/b/c/g"),
+        ("g/", "http://a/b/c/g/"),
+        ("/g", "http://a/g"),
+        ("//g", "http://g"),
+        ("?y", "http://a/b/c/d;p?y"),
+        ("g?y", "http://a/b/c/g?y"),
+        ("#s", "http://a/b/c/d;p?q#s"),
+        ("g#s", "http://a/b/c/g#s"),
+        ("g?y#s", "http://a/b/c/g?y#s"),
+        (";x", "http://a/b/c/;x"),
+        ("g;x", "http://a/b/c/g;x"),
+        ("g;x?y#s", "http://a/b/c/g;x?y#s"),
+        ("", "http://a/b/c/d;p?q"),
+        (".", "http://a/b/c/"),
+        ("./", "http://a/b/c/"),
+        ("..", "http://a/b/"),
+        ("../", "http://a/b/"),
+        ("../g", "http://a/b/g"),
+        ("../..", "http://a/"),
+        ("../../", "http://a/"),
+        ("../../g", "http://a/g"),
+        // Abnormal examples (§5.4.2).
+        ("../../../g", "http://a/g"),
+        ("../../../../g", "http://a/g"),
+        ("/./g", "http://a/g"),
+        ("/../g", "http://a/g"),
+        ("g.", "http://a/b/c/g."),
+        (".g", "http://a/b/c/.g"),
+        ("g..", "http://a/b/c/g.."),
+        ("..g", "http://a/b/c/..g"),
+        ("./../g", "http://a/b/g"),
+        ("./g/.", "http://a/b/c/g/"),
+        ("g/./h", "http://a/b/c/g/h"),
+        ("g/../h", "http://a/b/c/h"),
+        ("g;x=1/./y", "http://a/b/c/g;x=1/y"),
+        ("g;x=1/../y", "http://a/b/c/y"),
+        ("g?y/./x", "http://a/b/c/g?y/./x"),
+        ("g?y/../x", "http://a/b/c/g?y/../x"),
+        ("g#s/./x", "http://a/b/c/g#s/./x"),
+        ("g#s/../x", "http://a/b/c/g#s/../x"),
+        ("http:g", "http:g"),
+    ] {
+        assert_eq!(resolve_reference(base, r), want, "{r:?}");
+    }
+}
+
+#[test]
+fn pause_hint_only_on_429_503_for_retry_after_and_may_pause_agrees() {
+    let now = at(1_700_000_000);
+    let h = hdrs(&[("retry-after", "5")]);
+    assert_eq!(pause_hint(StatusCode::OK, &h, now), None);
+    assert!(pause_hint(StatusCode::SERVICE_UNAVAILABLE, &h, now).is_some());
+    // Every spelling a pause can come from is seen by the cheap check.
+    for h in [
+        hdrs(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "30")]),
+        hdrs(&[("x-rate-limit-remaining", "0"), ("x-rate-limit-reset", "30")]),
+        hdrs(&[("ratelimit-remaining", "0"), ("ratelimit-reset", "30")]),
+        hdrs(&[("ratelimit", r#""d";r=0;t=30"#)]),
+    ] {
+        let p = pause_hint(StatusCode::OK, &h, now);
+        assert_eq!(p.map(|p| p.delay), Some(Duration::from_secs(30)), "{h:?}");
+        assert!(may_pause(StatusCode::OK, &h), "{h:?}");
+    }
+    // Remaining above zero: no pause.
+    let h = hdrs(&[("x-ratelimit-remaining", "1"), ("x-ratelimit-reset", "30")]);
+    assert_eq!(pause_hint(StatusCode::OK, &h, now), None);
+    // A negative remaining is unparseable: ignored.
+    let h = hdrs(&[("x-ratelimit-remaining", "-1"), ("x-ratelimit-reset", "30")]);
+    assert_eq!(pause_hint(StatusCode::OK, &h, now), None);
+}
+
+#[test]
+fn link_param_names_are_lowercased() {
+    let h = hdrs(&[("link", "<https://x/2>; REL=Next; TITLE=\"T\"")]);
+    let l = parse_link(&h, "https://x/1");
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].rel(), "next");
+    assert_eq!(l[0].param("title"), Some("T"));
+    assert_eq!(next_link(&h, "https://x/1").as_deref(), Some("https://x/2"));
+}
+
+#[test]
+fn trace_is_shared_by_clones_and_found_in_extensions() {
+    use sturdy::core::{Trace, TraceEvent};
+    let t = Trace::new();
+    let mut req = http::Request::new(());
+    req.extensions_mut().insert(t.clone());
+    let found = Trace::of(&req).expect("the trace put in the extensions");
+    found.record(TraceEvent::IdempotencyKey("k".into()));
+    assert_eq!(t.events().len(), 1);
+    assert!(Trace::of(&http::Request::new(())).is_none());
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    shared::<Trace>();
+}
+
+#[test]
+fn keyed_map_is_bounded_and_overflow_is_shared() {
+    use sturdy::core::keyed::{Idle, KeyedMap, OVERFLOW_KEY};
+    struct Busy;
+    impl Idle for Busy {
+        fn is_idle(&self) -> bool {
+            false
+        }
+    }
+    let m = KeyedMap::<Busy>::new(0);
+    let a = m.get_or_insert_with("a", || Busy);
+    assert_eq!(a.key(), "a");
+    let b = m.get_or_insert_with("b", || Busy);
+    assert_eq!(b.key(), OVERFLOW_KEY, "past a bound of 1, keys share the overflow");
+    for i in 0..10_000 {
+        let _ = m.get_or_insert_with(&format!("k{i}"), || Busy);
+    }
+    assert!(m.len() <= 2, "{}", m.len());
+    // An own slot can be made past the bound, and only by that call.
+    let own = m.get_or_insert_own("forced", || Busy);
+    assert_eq!(own.key(), "forced");
+    assert_eq!(m.find_serving("zzz").map(|s| s.key().to_owned()).as_deref(), Some("*"));
+
+    struct Quiet;
+    impl Idle for Quiet {
+        fn is_idle(&self) -> bool {
+            true
+        }
+    }
+    let m = KeyedMap::<Quiet>::new(3);
+    for i in 0..1_000 {
+        let s = m.get_or_insert_with(&format!("k{i}"), || Quiet);
+        assert_eq!(s.key(), format!("k{i}"), "idle keys are forgotten, not overflowed");
+    }
+    assert!(m.len() <= 3);
 }

@@ -49,6 +49,7 @@ mod deadline_holds;
 mod durable26_idem;
 mod durable26_redis;
 mod durable26_webhook;
+mod edge30_coalesce;
 mod edge30_cost;
 mod edge30_util;
 mod edge30_vectors;
