@@ -135,7 +135,10 @@ async fn refused_through_the_stack_names_the_cause_and_not_sent() {
     for j in calls {
         let err = j.await.unwrap().unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("refused"), "the message names the cause: {msg}");
+        assert!(
+            msg.contains("refused"),
+            "the message names the cause: {msg}"
+        );
         assert_eq!(classify::delivery(&*err), Delivery::NotSent, "{msg}");
     }
 }

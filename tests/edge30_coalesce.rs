@@ -311,7 +311,11 @@ async fn unsafe_methods_and_bodies_never_coalesce() {
         assert!(!res.body().is_shared());
     }
     assert_eq!(srv.count(), n);
-    assert_eq!(h.stats().calls(), 0, "only GET and HEAD with an empty body count");
+    assert_eq!(
+        h.stats().calls(),
+        0,
+        "only GET and HEAD with an empty body count"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +329,10 @@ async fn call_options_go_alone() {
     r.extensions_mut()
         .insert(sturdy::core::CallOptions::new().with_deadline(Duration::from_secs(30)));
     let b = spawn_call(&svc, r);
-    until("the request with options goes on its own", || srv.count() == 2).await;
+    until("the request with options goes on its own", || {
+        srv.count() == 2
+    })
+    .await;
     srv.open();
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
@@ -442,7 +449,11 @@ async fn too_large(path: &str) {
     let want = pattern(100_000);
     let res = leader.await.unwrap().unwrap();
     assert!(!res.body().is_shared());
-    assert_eq!(&body(res).await[..], &want[..], "{path}: the leader's stream");
+    assert_eq!(
+        &body(res).await[..],
+        &want[..],
+        "{path}: the leader's stream"
+    );
     for f in followers {
         assert_eq!(&body(f.await.unwrap().unwrap()).await[..], &want[..]);
     }
@@ -523,7 +534,10 @@ async fn refused_connection_shared_error_names_the_cause() {
             msg.starts_with("the call shared by identical requests in flight failed: "),
             "{msg}"
         );
-        assert!(msg.contains("refused"), "the message names the cause: {msg}");
+        assert!(
+            msg.contains("refused"),
+            "the message names the cause: {msg}"
+        );
         assert!(sturdy::core::find::<SharedError>(&*err).is_some());
         assert!(sturdy::core::find::<hyper_util::client::legacy::Error>(&*err).is_some());
         assert_eq!(sturdy::core::classify::delivery(&*err), Delivery::NotSent);
@@ -551,7 +565,9 @@ async fn connection_closed_after_the_request_is_maybe_processed() {
                 let mut buf = vec![0u8; 4096];
                 let mut got = Vec::new();
                 while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n) = s.read(&mut buf).await else { return };
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -673,7 +689,10 @@ async fn with_key_headers_shares_across_other_headers_and_empty_ignore_list_sepa
             .body(Full::default())
             .unwrap(),
     );
-    until("an empty ignore list compares every header", || srv.count() == 4).await;
+    until("an empty ignore list compares every header", || {
+        srv.count() == 4
+    })
+    .await;
     assert_eq!(h2.stats().joined(), 0);
     srv.open();
     for j in [a, b, c, d, e] {

@@ -16,6 +16,7 @@ use sturdy::core::headers::{
 
 use crate::edge30_util::assert_linear;
 
+#[allow(clippy::needless_pass_by_value)]
 fn one(name: &'static str, v: Vec<u8>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(name, HeaderValue::from_bytes(&v).unwrap());
@@ -307,7 +308,17 @@ fn link_hundred_thousand_links_is_linear_and_bounded() {
     assert_linear(
         "100,000 links",
         6_250,
-        |n| one("link", repeat("", "<https://x/i>; rel=item, ", n, "<https://x/n>; rel=next")),
+        |n| {
+            one(
+                "link",
+                repeat(
+                    "",
+                    "<https://x/i>; rel=item, ",
+                    n,
+                    "<https://x/n>; rel=next",
+                ),
+            )
+        },
         |h| {
             let l = parse_link(h, URI);
             assert_eq!(l.len(), MAX_LINKS);
@@ -379,7 +390,12 @@ fn link_unterminated_and_long_tokens_are_linear() {
     assert_linear(
         "quoted param of escapes",
         64 << 10,
-        |n| one("link", repeat("<a>; rel=next; title=\"", "\\\"", n / 2, "\"")),
+        |n| {
+            one(
+                "link",
+                repeat("<a>; rel=next; title=\"", "\\\"", n / 2, "\""),
+            )
+        },
         |h| {
             black_box(parse_link(h, URI));
         },
@@ -413,7 +429,12 @@ fn link_unterminated_and_long_tokens_are_linear() {
     assert_linear(
         "a long title*",
         64 << 10,
-        |n| one("link", repeat("<a>; rel=next; title*=UTF-8''", "%c3%a4", n / 6, "")),
+        |n| {
+            one(
+                "link",
+                repeat("<a>; rel=next; title*=UTF-8''", "%c3%a4", n / 6, ""),
+            )
+        },
         |h| {
             let l = parse_link(h, URI);
             assert!(l[0].title().unwrap().starts_with('\u{e4}'));
@@ -428,7 +449,10 @@ fn link_target_of_dot_segments_is_linear() {
         16 << 10,
         |n| one("link", repeat("<", "../", n / 3, "x>; rel=next")),
         |h| {
-            assert_eq!(next_link(h, URI).as_deref(), Some("https://api.example.com/x"));
+            assert_eq!(
+                next_link(h, URI).as_deref(),
+                Some("https://api.example.com/x")
+            );
         },
     );
     assert_linear(
@@ -436,7 +460,10 @@ fn link_target_of_dot_segments_is_linear() {
         16 << 10,
         |n| one("link", repeat("</", "a/../", n / 5, "x>; rel=next")),
         |h| {
-            assert_eq!(next_link(h, URI).as_deref(), Some("https://api.example.com/x"));
+            assert_eq!(
+                next_link(h, URI).as_deref(),
+                Some("https://api.example.com/x")
+            );
         },
     );
 }
@@ -479,7 +506,7 @@ fn next_link_passing_over_other_resources_anchors_stays_bounded() {
             "<https://x/real>; rel=next",
         ),
     );
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     assert_eq!(next_link(&h, &long_uri), None);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     // Below the budget the next of this page is found.
@@ -515,7 +542,10 @@ async fn buffer_limits_and_many_small_frames() {
         .unwrap_err();
     assert!(matches!(e, BodyError::TooLarge { limit: 4 }));
     assert!(e.is_too_large());
-    assert!(e.to_string().contains('4'), "the message names the limit: {e}");
+    assert!(
+        e.to_string().contains('4'),
+        "the message names the limit: {e}"
+    );
     assert!(buffer(Full::new(Bytes::new()), 0).await.unwrap().is_empty());
 
     // A stream past the limit: reading stops there (no more frames are pulled).
@@ -534,7 +564,7 @@ async fn buffer_limits_and_many_small_frames() {
     let run = |n: usize| async move {
         let frames = stream::iter(0..n)
             .map(|_| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b"x"))));
-        let t = std::time::Instant::now();
+        let t = tokio::time::Instant::now();
         let b = buffer(StreamBody::new(frames), usize::MAX).await.unwrap();
         assert_eq!(b.len(), n);
         t.elapsed()

@@ -171,7 +171,11 @@ async fn keyed_posts_are_hedged_only_when_allowed() {
     r.headers_mut()
         .insert("idempotency-key", "k-1".parse().unwrap());
     svc.clone().oneshot(r).await.unwrap();
-    assert_eq!(api.invoked(), before + 2, "a keyed POST is hedged when allowed");
+    assert_eq!(
+        api.invoked(),
+        before + 2,
+        "a keyed POST is hedged when allowed"
+    );
     // Without a key, never.
     let before = api.invoked();
     svc.clone().oneshot(req(Method::POST)).await.unwrap();
@@ -206,8 +210,11 @@ async fn cancelling_the_caller_drops_both_copies() {
     warm(&svc, 150).await;
     api.set(|_| (Duration::from_secs(10), None));
     let before = api.invoked();
-    let r = tokio::time::timeout(Duration::from_millis(100), svc.clone().oneshot(req(Method::GET)))
-        .await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(100),
+        svc.clone().oneshot(req(Method::GET)),
+    )
+    .await;
     assert!(r.is_err());
     assert_eq!(api.invoked(), before + 2, "both copies were sent");
     assert_eq!(api.dropped(), 2, "and both were dropped with the call");
@@ -244,10 +251,7 @@ async fn the_budget_caps_hedges_at_burst_plus_ratio() {
         svc.clone().oneshot(req(Method::GET)).await.unwrap();
     }
     let s = stats(&h);
-    assert!(
-        s.hedges() as f64 <= 0.05 * s.calls() as f64 + 10.0,
-        "{s:?}"
-    );
+    assert!(s.hedges() as f64 <= 0.05 * s.calls() as f64 + 10.0, "{s:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -270,14 +274,21 @@ async fn a_first_copy_that_fails_before_the_hedge_fails_the_call() {
     let (layer, _h) = HedgeLayer::new().pair();
     let svc = layer.layer(api.service());
     warm(&svc, 150).await;
-    api.set(|_| (Duration::from_millis(2), Some(io::ErrorKind::ConnectionRefused)));
+    api.set(|_| {
+        (
+            Duration::from_millis(2),
+            Some(io::ErrorKind::ConnectionRefused),
+        )
+    });
     let before = api.invoked();
     let t = Instant::now();
     let err = svc.clone().oneshot(req(Method::GET)).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_millis(5));
     assert_eq!(api.invoked(), before + 1);
     // Returned as it is, boxed.
-    let io = err.downcast_ref::<io::Error>().expect("the inner error as it is");
+    let io = err
+        .downcast_ref::<io::Error>()
+        .expect("the inner error as it is");
     assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
 }
 
@@ -291,9 +302,15 @@ async fn both_fail_never_reports_not_sent_when_one_may_have_been_processed() {
     let first = api.invoked();
     api.set(move |i| {
         if i == first {
-            (Duration::from_millis(50), Some(io::ErrorKind::ConnectionRefused))
+            (
+                Duration::from_millis(50),
+                Some(io::ErrorKind::ConnectionRefused),
+            )
         } else {
-            (Duration::from_millis(5), Some(io::ErrorKind::ConnectionReset))
+            (
+                Duration::from_millis(5),
+                Some(io::ErrorKind::ConnectionReset),
+            )
         }
     });
     let err = svc.clone().oneshot(req(Method::GET)).await.unwrap_err();
@@ -308,14 +325,21 @@ async fn both_fail_never_reports_not_sent_when_one_may_have_been_processed() {
     let first = api.invoked();
     api.set(move |i| {
         if i == first {
-            (Duration::from_millis(50), Some(io::ErrorKind::ConnectionReset))
+            (
+                Duration::from_millis(50),
+                Some(io::ErrorKind::ConnectionReset),
+            )
         } else {
             (Duration::from_millis(5), Some(io::ErrorKind::TimedOut))
         }
     });
     let err = svc.clone().oneshot(req(Method::GET)).await.unwrap_err();
     let io = sturdy::core::find::<io::Error>(&*err).unwrap();
-    assert_eq!(io.kind(), io::ErrorKind::ConnectionReset, "the later error: {err}");
+    assert_eq!(
+        io.kind(),
+        io::ErrorKind::ConnectionReset,
+        "the later error: {err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -329,7 +353,10 @@ async fn one_copy_fails_the_call_waits_for_the_other() {
         if i == first {
             (Duration::from_millis(100), None)
         } else {
-            (Duration::from_millis(1), Some(io::ErrorKind::ConnectionReset))
+            (
+                Duration::from_millis(1),
+                Some(io::ErrorKind::ConnectionReset),
+            )
         }
     });
     let t = Instant::now();
@@ -379,7 +406,11 @@ async fn delay_bounds_hold_and_max_below_min_is_min() {
         .pair();
     let svc = layer.layer(api.service());
     warm(&svc, 110).await;
-    assert_eq!(stats(&h).delay(), Some(Duration::from_secs(10)), "never above 10 s");
+    assert_eq!(
+        stats(&h).delay(),
+        Some(Duration::from_secs(10)),
+        "never above 10 s"
+    );
 
     let api = Api::new();
     let (layer, h) = HedgeLayer::new()
@@ -403,12 +434,19 @@ async fn over_concurrency_limit_one_the_first_answer_wins() {
     api.set(|_| (Duration::from_millis(300), None));
     let before = api.invoked();
     let t = Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(req(Method::GET)))
-        .await
-        .expect("no deadlock")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.clone().oneshot(req(Method::GET)),
+    )
+    .await
+    .expect("no deadlock")
+    .unwrap();
     assert!(t.elapsed() >= Duration::from_millis(300));
-    assert!(t.elapsed() < Duration::from_millis(700), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(api.invoked(), before + 1, "the hedge never got a permit");
     // The next call is not held by a leftover copy.
     api.set(|_| (Duration::from_millis(10), None));

@@ -5,7 +5,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -43,7 +44,12 @@ pub(crate) fn grow<T>(
 
 /// Asserts the cost of `run` is linear: 16x the input costs at most 64x the time (quadratic
 /// would be 256x), and the largest run takes under 5 s in a debug build.
-pub(crate) fn assert_linear<T>(what: &str, n: usize, make: impl Fn(usize) -> T, run: impl FnMut(&T)) {
+pub(crate) fn assert_linear<T>(
+    what: &str,
+    n: usize,
+    make: impl Fn(usize) -> T,
+    run: impl FnMut(&T),
+) {
     let (a, b, r) = grow(n, make, run);
     assert!(
         r < 64.0 && b < Duration::from_secs(5),
@@ -102,7 +108,10 @@ pub(crate) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Counts the futures dropped before they finished.
-pub(crate) struct DropGuard(pub(crate) std::sync::Arc<std::sync::atomic::AtomicUsize>, pub(crate) bool);
+pub(crate) struct DropGuard(
+    pub(crate) std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) bool,
+);
 
 impl Drop for DropGuard {
     fn drop(&mut self) {

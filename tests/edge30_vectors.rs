@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use sturdy::core::headers::sf::{parse_item, parse_list, BareItem};
 use sturdy::core::headers::{
-    may_pause, resolve_reference, format_http_date, next_link, parse_http_date, parse_link, pause_hint, PauseSource,
-    RateLimitItem, RateLimitPolicy, RetryAfter, XRateLimit,
+    format_http_date, may_pause, next_link, parse_http_date, parse_link, pause_hint,
+    resolve_reference, PauseSource, RateLimitItem, RateLimitPolicy, RetryAfter, XRateLimit,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -28,7 +28,13 @@ fn hdrs(pairs: &[(&'static str, &str)]) -> HeaderMap {
 
 #[test]
 fn retry_after_urllib3_valid_seconds() {
-    for (v, s) in [("0", 0), ("1000", 1000), ("\t42 ", 42), ("120", 120), ("3600", 3600)] {
+    for (v, s) in [
+        ("0", 0),
+        ("1000", 1000),
+        ("\t42 ", 42),
+        ("120", 120),
+        ("3600", 3600),
+    ] {
         assert_eq!(
             RetryAfter::parse(v.as_bytes()).unwrap(),
             RetryAfter::Delay(Duration::from_secs(s)),
@@ -39,7 +45,17 @@ fn retry_after_urllib3_valid_seconds() {
 
 #[test]
 fn retry_after_urllib3_invalid_values_name_the_header() {
-    for v in [&b"-1"[..], b"+1", b"1.0", b"\xb2", "²".as_bytes(), b"", b" ", b"1 2", b"0x10"] {
+    for v in [
+        &b"-1"[..],
+        b"+1",
+        b"1.0",
+        b"\xb2",
+        "²".as_bytes(),
+        b"",
+        b" ",
+        b"1 2",
+        b"0x10",
+    ] {
         let err = RetryAfter::parse(v).expect_err(&format!("{v:?} must be rejected"));
         assert!(
             err.header().eq_ignore_ascii_case("retry-after"),
@@ -48,7 +64,10 @@ fn retry_after_urllib3_invalid_values_name_the_header() {
         );
         let msg = err.to_string();
         assert!(msg.to_ascii_lowercase().contains("retry-after"), "{msg}");
-        assert!(!err.reason().is_empty(), "the reason must say what was wrong");
+        assert!(
+            !err.reason().is_empty(),
+            "the reason must say what was wrong"
+        );
     }
 }
 
@@ -191,8 +210,14 @@ fn http_date_oldest_and_newest() {
 
 #[test]
 fn format_http_date_round_trips_and_clamps() {
-    assert_eq!(format_http_date(at(784_111_777)), "Sun, 06 Nov 1994 08:49:37 GMT");
-    assert_eq!(format_http_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
+    assert_eq!(
+        format_http_date(at(784_111_777)),
+        "Sun, 06 Nov 1994 08:49:37 GMT"
+    );
+    assert_eq!(
+        format_http_date(UNIX_EPOCH),
+        "Thu, 01 Jan 1970 00:00:00 GMT"
+    );
     // Before 1970 and after 9999: the nearest date the format can hold.
     assert_eq!(
         format_http_date(UNIX_EPOCH - Duration::from_secs(1)),
@@ -228,12 +253,13 @@ fn ratelimit_policy_draft_vectors() {
     );
     assert_eq!(p[0].unit, "requests");
 
-    let p = RateLimitPolicy::from_headers(&hdrs(&[(
-        "ratelimit-policy",
-        r#""default";q=100;w=10"#,
-    )]))
-    .unwrap();
-    assert_eq!((p[0].quota, p[0].window), (100, Some(Duration::from_secs(10))));
+    let p =
+        RateLimitPolicy::from_headers(&hdrs(&[("ratelimit-policy", r#""default";q=100;w=10"#)]))
+            .unwrap();
+    assert_eq!(
+        (p[0].quota, p[0].window),
+        (100, Some(Duration::from_secs(10)))
+    );
 
     let p = RateLimitPolicy::from_headers(&hdrs(&[(
         "ratelimit-policy",
@@ -323,15 +349,15 @@ fn ratelimit_split_over_field_lines_is_one_list() {
 #[test]
 fn ratelimit_malformed_is_an_error_naming_the_field() {
     for v in [
-        r#""default";t=30"#,         // r is required
-        r#""default";r=-1;t=30"#,    // non-negative
-        r#""default";r=1;t=-5"#,     // non-negative
-        r#""default";r=1.5"#,        // integer
-        r#""default";r="1""#,        // integer
-        r#""default";r=1;t=30,"#,    // trailing comma
-        r#""default;r=1"#,           // unterminated string
+        r#""default";t=30"#,               // r is required
+        r#""default";r=-1;t=30"#,          // non-negative
+        r#""default";r=1;t=-5"#,           // non-negative
+        r#""default";r=1.5"#,              // integer
+        r#""default";r="1""#,              // integer
+        r#""default";r=1;t=30,"#,          // trailing comma
+        r#""default;r=1"#,                 // unterminated string
         r#""default";r=1000000000000000"#, // 16 digits
-        "\"caf\u{00e9}\";r=1",       // non-ASCII in a string
+        "\"caf\u{00e9}\";r=1",             // non-ASCII in a string
     ] {
         let err = RateLimitItem::from_headers(&hdrs(&[("ratelimit", v)]))
             .expect_err(&format!("{v} must be rejected"));
@@ -349,7 +375,9 @@ fn ratelimit_malformed_is_an_error_naming_the_field() {
         let err = RateLimitPolicy::from_headers(&hdrs(&[("ratelimit-policy", v)]))
             .expect_err(&format!("{v} must be rejected"));
         assert!(
-            err.to_string().to_ascii_lowercase().contains("ratelimit-policy"),
+            err.to_string()
+                .to_ascii_lowercase()
+                .contains("ratelimit-policy"),
             "{v}: {err}"
         );
     }
@@ -358,9 +386,7 @@ fn ratelimit_malformed_is_an_error_naming_the_field() {
 #[test]
 fn ratelimit_token_policy_name_is_malformed() {
     assert!(RateLimitItem::from_headers(&hdrs(&[("ratelimit", "default;r=1")])).is_err());
-    assert!(
-        RateLimitPolicy::from_headers(&hdrs(&[("ratelimit-policy", "default;q=1")])).is_err()
-    );
+    assert!(RateLimitPolicy::from_headers(&hdrs(&[("ratelimit-policy", "default;q=1")])).is_err());
 }
 
 #[test]
@@ -463,7 +489,10 @@ fn link_rfc8288_examples() {
     assert_eq!(l[0].rel(), "previous");
     assert_eq!(l[0].title(), Some("previous chapter"));
 
-    let l = parse_link(&hdrs(&[("link", r#"</>; rel="http://example.net/foo""#)]), BASE);
+    let l = parse_link(
+        &hdrs(&[("link", r#"</>; rel="http://example.net/foo""#)]),
+        BASE,
+    );
     assert_eq!(l[0].target(), "http://example.com/");
     assert_eq!(l[0].rel(), "http://example.net/foo");
 
@@ -472,7 +501,10 @@ fn link_rfc8288_examples() {
         BASE,
     );
     assert_eq!(l[0].target(), "http://example.com/terms");
-    assert_eq!(l[0].param("anchor"), Some("http://example.com/TheBook/chapter1#foo"));
+    assert_eq!(
+        l[0].param("anchor"),
+        Some("http://example.com/TheBook/chapter1#foo")
+    );
 
     let l = parse_link(
         &hdrs(&[(
@@ -525,7 +557,10 @@ fn link_rfc8288_examples() {
 fn link_rules_of_section_3() {
     // x=y and x="y" are equivalent; rel types are lowercased; a repeated rel keeps its first.
     let l = parse_link(
-        &hdrs(&[("link", "<a>; rel=NEXT; rel=prev; type=text/html; type=\"x/y\"")]),
+        &hdrs(&[(
+            "link",
+            "<a>; rel=NEXT; rel=prev; type=text/html; type=\"x/y\"",
+        )]),
         BASE,
     );
     assert_eq!(l.len(), 1);
@@ -561,7 +596,12 @@ fn link_rules_of_section_3() {
 fn link_meziantou_quoted_comma_semicolon_and_bws() {
     let raw = "<sample>; rel=abc, <plop>; rel\t=\"d\\\"e;f,\"; title = test title; abc";
     let l = parse_link(&hdrs(&[("link", raw)]), "http://example.com/dir/page");
-    assert_eq!(l.len(), 2, "{l:?}", l = l.iter().map(|l| l.rel()).collect::<Vec<_>>());
+    assert_eq!(
+        l.len(),
+        2,
+        "{l:?}",
+        l = l.iter().map(|l| l.rel()).collect::<Vec<_>>()
+    );
     assert_eq!(l[0].target(), "http://example.com/dir/sample");
     assert_eq!(l[0].rel(), "abc");
     assert_eq!(l[1].target(), "http://example.com/dir/plop");
@@ -602,13 +642,19 @@ fn link_next_with_anchor_of_another_resource_is_passed_over() {
         "link",
         r#"<https://x/other-next>; rel=next; anchor="https://elsewhere/", <https://x/p2>; rel=next"#,
     )]);
-    assert_eq!(next_link(&h, "https://x/p1").as_deref(), Some("https://x/p2"));
+    assert_eq!(
+        next_link(&h, "https://x/p1").as_deref(),
+        Some("https://x/p2")
+    );
     // An anchor naming the page itself (case of scheme and host, default port) is followed.
     let h = hdrs(&[(
         "link",
         r#"<https://x/p2>; rel=next; anchor="HTTPS://X:443/p1""#,
     )]);
-    assert_eq!(next_link(&h, "https://x/p1").as_deref(), Some("https://x/p2"));
+    assert_eq!(
+        next_link(&h, "https://x/p1").as_deref(),
+        Some("https://x/p2")
+    );
 }
 
 #[test]
@@ -672,7 +718,11 @@ fn sf_string_vectors() {
         b"\"foo",
         br#""foo \,""#,
     ] {
-        assert!(parse_item(v).is_err(), "{:?} must fail", String::from_utf8_lossy(v));
+        assert!(
+            parse_item(v).is_err(),
+            "{:?} must fail",
+            String::from_utf8_lossy(v)
+        );
     }
     // Idempotency-Key examples from the IETF draft.
     let (item, _) = parse_item(br#""8e03978e-40d5-43e8-bc93-6894a57f9324""#).unwrap();
@@ -765,7 +815,10 @@ fn pause_hint_only_on_429_503_for_retry_after_and_may_pause_agrees() {
     // Every spelling a pause can come from is seen by the cheap check.
     for h in [
         hdrs(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "30")]),
-        hdrs(&[("x-rate-limit-remaining", "0"), ("x-rate-limit-reset", "30")]),
+        hdrs(&[
+            ("x-rate-limit-remaining", "0"),
+            ("x-rate-limit-reset", "30"),
+        ]),
         hdrs(&[("ratelimit-remaining", "0"), ("ratelimit-reset", "30")]),
         hdrs(&[("ratelimit", r#""d";r=0;t=30"#)]),
     ] {
@@ -818,7 +871,11 @@ fn keyed_map_is_bounded_and_overflow_is_shared() {
     let a = m.get_or_insert_with("a", || Busy);
     assert_eq!(a.key(), "a");
     let b = m.get_or_insert_with("b", || Busy);
-    assert_eq!(b.key(), OVERFLOW_KEY, "past a bound of 1, keys share the overflow");
+    assert_eq!(
+        b.key(),
+        OVERFLOW_KEY,
+        "past a bound of 1, keys share the overflow"
+    );
     for i in 0..10_000 {
         let _ = m.get_or_insert_with(&format!("k{i}"), || Busy);
     }
@@ -826,7 +883,10 @@ fn keyed_map_is_bounded_and_overflow_is_shared() {
     // An own slot can be made past the bound, and only by that call.
     let own = m.get_or_insert_own("forced", || Busy);
     assert_eq!(own.key(), "forced");
-    assert_eq!(m.find_serving("zzz").map(|s| s.key().to_owned()).as_deref(), Some("*"));
+    assert_eq!(
+        m.find_serving("zzz").map(|s| s.key().to_owned()).as_deref(),
+        Some("*")
+    );
 
     struct Quiet;
     impl Idle for Quiet {
@@ -837,7 +897,11 @@ fn keyed_map_is_bounded_and_overflow_is_shared() {
     let m = KeyedMap::<Quiet>::new(3);
     for i in 0..1_000 {
         let s = m.get_or_insert_with(&format!("k{i}"), || Quiet);
-        assert_eq!(s.key(), format!("k{i}"), "idle keys are forgotten, not overflowed");
+        assert_eq!(
+            s.key(),
+            format!("k{i}"),
+            "idle keys are forgotten, not overflowed"
+        );
     }
     assert!(m.len() <= 3);
 }
