@@ -107,9 +107,9 @@ async fn run() -> Result<(), Error> {
         networks("WEBHOOK_ALLOWED_SOURCES"),
         networks("WEBHOOK_TRUSTED_PROXIES"),
     ) {
-        (Some(allowed), proxies) => Some(
-            SourceAllowlist::new(allowed)?.with_trusted_proxies(proxies.unwrap_or_default())?,
-        ),
+        (Some(allowed), proxies) => {
+            Some(SourceAllowlist::new(allowed)?.with_trusted_proxies(proxies.unwrap_or_default())?)
+        }
         // Proxies are only read to find the source an allowlist checks: alone they would do
         // nothing, which is never what was meant.
         (None, Some(proxies)) => {

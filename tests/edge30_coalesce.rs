@@ -249,7 +249,6 @@ async fn accept_range_cookie_and_query_separate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "DOUBTFUL: two GETs with the same headers added in a different order are semantically identical (RFC 9110 §5.3) but do not share a call"]
 async fn header_order_of_different_names_does_not_matter() {
     let srv = server().await;
     let (svc, h) = coalesced(CoalesceLayer::new());

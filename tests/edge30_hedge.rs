@@ -184,7 +184,6 @@ async fn keyed_posts_are_hedged_only_when_allowed() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: sturdy_core::key::idempotency_key says a blank key names no operation and no server can deduplicate on it; HedgeLayer.with_keyed_requests(true) still sends a POST with `Idempotency-Key: ' '` twice"]
 async fn a_blank_idempotency_key_does_not_make_a_post_hedgeable() {
     let api = Api::new();
     let (layer, h) = HedgeLayer::new().with_keyed_requests(true).pair();

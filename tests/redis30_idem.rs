@@ -279,7 +279,6 @@ async fn redis30_redis_hung_after_the_commit_keeps_the_outcome() {
 /// 1 s timeout (plus slack), and after Redis is back a retry runs without waiting for the
 /// 30 s lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: docs say a begin that timed out is released in the background so a later retry runs; after a CLIENT PAUSE the key answers 409 in flight until its 30 s lease ends"]
 async fn redis30_redis_hung_at_arrival_is_503_and_the_retry_runs_soon_after() {
     if !own_redis_possible() {
         return;

@@ -451,7 +451,6 @@ fn jitter_prints_both_tables_and_writes_plots_where_told() {
 /// anyway (the later `--out` silently turns them back on), where a user who asked for no plots
 /// expects none, or an error for the contradiction.
 #[test]
-#[ignore = "DOUBTFUL: demo.md says --no-plots writes no plots; `jitter --no-plots --out DIR` writes both SVGs to DIR (only the order --out DIR --no-plots writes none)"]
 fn no_plots_wins_over_a_later_out() {
     let Some(bin) = chaos_bin() else { return };
     let dir = std::env::temp_dir().join(format!("words30-noplots-{}", std::process::id()));

@@ -485,8 +485,14 @@ mod tests {
         );
         // The order of different names does not matter; the order of one name's values does.
         assert_eq!(
-            k(&req("http://a.example/", &[("accept", "a/b"), ("x-tenant", "t")])),
-            k(&req("http://a.example/", &[("x-tenant", "t"), ("accept", "a/b")]))
+            k(&req(
+                "http://a.example/",
+                &[("accept", "a/b"), ("x-tenant", "t")]
+            )),
+            k(&req(
+                "http://a.example/",
+                &[("x-tenant", "t"), ("accept", "a/b")]
+            ))
         );
         assert_ne!(
             k(&req("http://a.example/", &[("x-v", "1"), ("x-v", "2")])),

@@ -104,7 +104,10 @@ impl IdempotencyStore for Flaky {
         if failing {
             let kind = self.kind.clone();
             return Box::pin(async move {
-                Err(Box::new(sturdy_core::Error::new(kind, "the store is still paused")) as BoxError)
+                Err(
+                    Box::new(sturdy_core::Error::new(kind, "the store is still paused"))
+                        as BoxError,
+                )
             });
         }
         self.inner.release(key, token)
@@ -237,7 +240,11 @@ async fn a_release_that_fails_is_tried_again_until_the_store_answers() {
     store.mode.store(HONEST, Ordering::SeqCst);
     settle(Duration::from_millis(10)).await;
     let res = app.clone().oneshot(order()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::CONFLICT, "still locked: the release failed");
+    assert_eq!(
+        res.status(),
+        StatusCode::CONFLICT,
+        "still locked: the release failed"
+    );
     // Tried again 50, 100, 200 and 400 ms apart: the fifth lands.
     settle(Duration::from_secs(1)).await;
     assert_eq!(store.releases.load(Ordering::SeqCst), 5);
@@ -258,7 +265,14 @@ async fn the_background_release_gives_up_when_the_lease_ends() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     settle(Duration::from_secs(31)).await;
     let tries = store.releases.load(Ordering::SeqCst);
-    assert!((30..=40).contains(&tries), "{tries} tries in the 30 s lease");
+    assert!(
+        (30..=40).contains(&tries),
+        "{tries} tries in the 30 s lease"
+    );
     settle(Duration::from_secs(60)).await;
-    assert_eq!(store.releases.load(Ordering::SeqCst), tries, "no try after the lease");
+    assert_eq!(
+        store.releases.load(Ordering::SeqCst),
+        tries,
+        "no try after the lease"
+    );
 }

@@ -150,7 +150,10 @@ async fn a_stream_and_its_braced_twin_never_share_dedup_keys_on(back: &Backend) 
             text.contains(&format!("{plain:?}")) && text.contains(&format!("{braced:?}")),
             "{text}"
         );
-        assert!(text.contains("duplicate") && text.contains("rename"), "{text}");
+        assert!(
+            text.contains("duplicate") && text.contains("rename"),
+            "{text}"
+        );
     };
     // Not a duplicate of the other stream's event: refused, so the sender redelivers.
     refused(q2.push(event("evt_1"), TTL).await.unwrap_err());
@@ -173,7 +176,10 @@ async fn a_stream_and_its_braced_twin_never_share_dedup_keys_on(back: &Backend) 
     assert_eq!(xlen(back, &plain).await, 2);
     // A name with more around its tag has a base of its own.
     let other = RedisStreamQueue::new(back.conn().await, format!("{braced}:events")).unwrap();
-    assert_eq!(other.push(event("evt_1"), TTL).await.unwrap(), Push::Enqueued);
+    assert_eq!(
+        other.push(event("evt_1"), TTL).await.unwrap(),
+        Push::Enqueued
+    );
 }
 
 #[tokio::test]

@@ -237,7 +237,10 @@ mod tests {
         assert!(j.json && j.out.is_none());
         assert_eq!(j.clients, [5, 20]);
         assert_eq!(j.cap, Duration::from_millis(50));
-        for order in ["jitter --no-plots --out /tmp/x", "jitter --out /tmp/x --no-plots"] {
+        for order in [
+            "jitter --no-plots --out /tmp/x",
+            "jitter --out /tmp/x --no-plots",
+        ] {
             let Ok(Command::Jitter(j)) = p(order) else {
                 panic!("{order}")
             };
