@@ -391,6 +391,10 @@ impl RedisStreamQueue {
     #[must_use]
     pub fn with_dead_letter_stream(mut self, name: impl Into<String>) -> Self {
         self.dead = name.into();
+        // A twin name used as this queue's own dead-letter stream is not another queue.
+        if self.twin.as_deref() == Some(self.dead.as_str()) {
+            self.twin = None;
+        }
         self
     }
 

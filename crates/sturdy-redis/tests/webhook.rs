@@ -180,6 +180,20 @@ async fn a_stream_and_its_braced_twin_never_share_dedup_keys_on(back: &Backend) 
         other.push(event("evt_1"), TTL).await.unwrap(),
         Push::Enqueued
     );
+    // The twin name as the queue's own dead-letter stream is no other queue.
+    let own = stream("twin-dead");
+    let own_dead = format!("{{{own}}}");
+    let q = RedisStreamQueue::new(back.conn().await, &own)
+        .unwrap()
+        .with_dead_letter_stream(&own_dead);
+    assert_eq!(q.push(event("a"), TTL).await.unwrap(), Push::Enqueued);
+    let mut w = consumer(back, &own, "g", Duration::from_secs(30))
+        .await
+        .with_dead_letter_stream(&own_dead);
+    let d = w.next().await.unwrap().unwrap();
+    w.dead_letter(&d, "poison").await.unwrap();
+    assert_eq!(xlen(back, &own_dead).await, 1);
+    assert_eq!(q.push(event("b"), TTL).await.unwrap(), Push::Enqueued);
 }
 
 #[tokio::test]
