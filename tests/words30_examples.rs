@@ -98,7 +98,8 @@ fn webhook_receiver_stops_on_a_bad_allowed_source() {
 
 /// examples/webhook_receiver.rs:16-18: "`WEBHOOK_TRUSTED_PROXIES` (comma-separated networks)
 /// names the proxies whose `X-Forwarded-For` is read. A bad network stops the app at start".
-/// Set without WEBHOOK_ALLOWED_SOURCES, a bad value is ignored and the app serves.
+/// Set without WEBHOOK_ALLOWED_SOURCES, a bad value was ignored and the app served; now proxies
+/// alone stop the app with a sentence that names the value.
 #[test]
 fn webhook_receiver_stops_on_a_bad_trusted_proxy() {
     let Some(bin) = example_bin("webhook_receiver") else {

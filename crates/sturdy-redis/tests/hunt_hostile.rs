@@ -569,12 +569,17 @@ async fn hostile_events_come_out_exactly_as_they_went_in() {
     for b in backends() {
         eprintln!("on the {}", b.name());
         let s = unique("hunt-wh-hostile");
-        let q = RedisStreamQueue::new(b.conn().await, &s).unwrap();
+        // The 8 MiB event can take longer than the default 1 s on a loaded machine (a clean CI
+        // run timed out once): this test is about bytes, not time.
+        let q = RedisStreamQueue::new(b.conn().await, &s)
+            .unwrap()
+            .with_timeout(Duration::from_secs(30));
         let mut c =
             RedisStreamConsumer::join(b.conn().await, &s, "g", "w", Duration::from_secs(60))
                 .await
                 .unwrap()
-                .with_wait(Duration::from_millis(20));
+                .with_wait(Duration::from_millis(20))
+                .with_timeout(Duration::from_secs(30));
         let ids = [
             "a".repeat(256),
             "{x}".to_owned(),
