@@ -11,8 +11,9 @@ use sturdy_webhook::{BoxFuture, EventQueue, Push, WebhookEvent};
 use crate::conn::{hash_tag, Lua, Replication};
 use crate::{bounded, RedisConnection};
 
-/// Dedup and append in one step. KEYS: dedup key, stream. ARGV: dedup ttl (ms), max backlog,
-/// then the entry's field/value pairs.
+/// Dedup and append in one step. KEYS: dedup key, stream, and the stream's twin when it has one
+/// (refused while it exists, see `twin_of`). ARGV: dedup ttl (ms), max backlog, then the entry's
+/// field/value pairs.
 const PUSH: &str = r"
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 'twin' end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
@@ -252,9 +253,9 @@ fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
 /// has a hash tag (`{webhooks}`), else the stream name made one (`webhooks` gives
 /// `{webhooks}`). So all of them are in the stream's hash slot, and every script runs on one
 /// node of a Redis Cluster. The streams `webhooks` and `{webhooks}` would have one base: while
-/// both exist in one Redis, a push to either fails with a `Config` error that names both (the
-/// receiver answers 503, so the sender redelivers), instead of taking one's events for
-/// duplicates of the other's.
+/// one of them exists in a Redis, a push to the other fails with a `Config` error that names
+/// both (the receiver answers 503, so the sender redelivers), instead of taking one's events
+/// for duplicates of the other's.
 #[derive(Clone)]
 pub struct RedisStreamQueue {
     conn: RedisConnection,
@@ -548,12 +549,12 @@ impl EventQueue for RedisStreamQueue {
                 "twin" => Err(Error::new(
                     ErrorKind::Config,
                     format!(
-                        "webhook enqueue: the streams {:?} and {:?} both exist in this Redis and \
-                         would share their dedup keys and dead letters ({}:seen:…, {}): \
+                        "webhook enqueue: the stream {:?} exists in this Redis, and the stream \
+                         {:?} would share its dedup keys and dead letters ({}:seen:…, {}): \
                          an event queued on one would be taken for a duplicate on the other; \
                          rename one of them",
-                        this.stream,
                         this.twin.as_deref().unwrap_or_default(),
+                        this.stream,
                         this.base,
                         this.dead,
                     ),
