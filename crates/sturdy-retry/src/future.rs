@@ -71,9 +71,10 @@ struct Run<A, C> {
     buf: Option<BytesMut>,
     call: Option<Arc<CallState>>,
     deadline_len: Duration,
-    /// Each attempt's timeout, and the end of the attempt in flight.
+    /// Each attempt's timeout, and when the attempt in flight was sent if it has one (its
+    /// deadline is the timeout after: computed only for an attempt that waits).
     attempt_timeout: Option<Duration>,
-    attempt_ends: Option<tokio::time::Instant>,
+    attempt_sent: Option<tokio::time::Instant>,
     /// The last failed try: what a deadline that cuts the call before another attempt answers
     /// names as the cause.
     last: Option<Last>,
@@ -101,7 +102,7 @@ where
         // Allocated first, like a replayable call's (see there).
         let slot = Box::new_uninit();
         policy.starting_attempt();
-        let attempt_ends = ends(attempt_timeout);
+        let attempt_sent = sent(attempt_timeout);
         let fut = svc.call(req);
         Self {
             state: State::Calling { fut, timer: None },
@@ -117,7 +118,7 @@ where
                     call,
                     deadline_len: deadline.unwrap_or_default(),
                     attempt_timeout,
-                    attempt_ends,
+                    attempt_sent,
                     last: None,
                 },
             ),
@@ -153,7 +154,7 @@ where
                     call,
                     deadline_len: deadline.unwrap_or_default(),
                     attempt_timeout,
-                    attempt_ends: None,
+                    attempt_sent: None,
                     last: None,
                 },
             ),
@@ -168,9 +169,9 @@ enum Kept {
     Info(CallInfo),
 }
 
-/// When an attempt sent now with `timeout` runs out of time.
-fn ends(timeout: Option<Duration>) -> Option<tokio::time::Instant> {
-    timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t))
+/// When an attempt with `timeout` is sent: now, read only if it has one.
+fn sent(timeout: Option<Duration>) -> Option<tokio::time::Instant> {
+    timeout.map(|_| tokio::time::Instant::now())
 }
 
 impl<S, B, Rb, C> std::fmt::Debug for ResponseFuture<S, B, Rb, C>
@@ -347,12 +348,12 @@ where
                         Poll::Pending => {
                             // The attempt's timer is made only now that it waits: most
                             // attempts never need one.
-                            let Some(ends) = run.attempt_ends else {
+                            let Some(sent) = run.attempt_sent else {
                                 return Poll::Pending;
                             };
                             let t = timer.get_or_insert_with(|| {
                                 crate::timeout::attempt_timer(
-                                    ends,
+                                    sent,
                                     run.attempt_timeout.unwrap_or_default(),
                                 )
                             });
@@ -418,7 +419,7 @@ impl<A, C> Run<A, C> {
         B: From<Bytes>,
     {
         self.policy.starting_attempt();
-        self.attempt_ends = ends(self.attempt_timeout);
+        self.attempt_sent = sent(self.attempt_timeout);
         let body = B::from(self.body.clone().unwrap_or_default());
         let Kept::Head(head) = &mut self.kept else {
             unreachable!("a call keeps its head while another attempt may be sent")

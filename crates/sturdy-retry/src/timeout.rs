@@ -101,13 +101,14 @@ where
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
-        // The deadline is fixed now; the timer itself is made only if the attempt is still
+        // The attempt's start is read now, so the deadline is fixed now; the deadline itself
+        // (an addition that saturates) and the timer are made only if the attempt is still
         // pending after its first poll (see `TimeoutFuture`).
-        let deadline = timeout.map(|t| sturdy_core::clock::after(tokio::time::Instant::now(), t));
+        let sent = timeout.map(|_| tokio::time::Instant::now());
         TimeoutFuture {
             fut: self.inner.call(req),
             sleep: None,
-            deadline,
+            sent,
             len: timeout.unwrap_or_default(),
         }
     }
@@ -122,7 +123,8 @@ pin_project! {
         // Boxed: it is made only for an attempt that waits, and every layer above moves this
         // future at least once.
         sleep: Option<Pin<Box<Sleep>>>,
-        deadline: Option<tokio::time::Instant>,
+        // When the attempt was sent, if it has a timeout: its deadline is `len` after.
+        sent: Option<tokio::time::Instant>,
         len: Duration,
     }
 }
@@ -142,12 +144,12 @@ where
         // An attempt answered at its first poll never makes a timer (making tokio's `Sleep`
         // looks up the runtime's timer and takes a reference to it); one still pending gets it
         // now, for the deadline fixed when the attempt was sent, so the bound is the same.
-        let Some(deadline) = *this.deadline else {
+        let Some(sent) = *this.sent else {
             return Poll::Pending;
         };
         let sleep = this
             .sleep
-            .get_or_insert_with(|| attempt_timer(deadline, *this.len));
+            .get_or_insert_with(|| attempt_timer(sent, *this.len));
         ready!(sleep.as_mut().poll(cx));
         Poll::Ready(Err(timed_out(*this.len)))
     }
@@ -173,8 +175,8 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
     }
 }
 
-/// The timer of an attempt that waits, `len` long and ending at `deadline`, made so that
-/// registering it does not wake the runtime's driver thread.
+/// The timer of an attempt sent at `sent` that waits, `len` long, made so that registering it
+/// does not wake the runtime's driver thread.
 ///
 /// Why this exists: tokio's timer wakes the thread parked on its driver (a write to an eventfd,
 /// then that thread's wake-up and new park) whenever a timer is registered earlier than the
@@ -191,10 +193,10 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
 /// timeout, when it is over or its runtime is gone. It is kept on multi-thread runtimes only:
 /// their clock cannot be paused, so it never makes a paused clock auto-advance to it (a
 /// current-thread runtime's can, and a test would see the jump).
-pub(crate) fn attempt_timer(deadline: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
-    let sleep = Box::pin(tokio::time::sleep_until(deadline));
+pub(crate) fn attempt_timer(sent: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
+    let sleep = Box::pin(tokio::time::sleep_until(sturdy_core::clock::after(sent, len)));
     if len >= FLOOR_MIN {
-        keep_floor(deadline, len);
+        keep_floor(sent, len);
     }
     sleep
 }
@@ -221,11 +223,9 @@ thread_local! {
     static FLOOR: std::cell::RefCell<Floor> = const { std::cell::RefCell::new(Floor::None) };
 }
 
-fn keep_floor(deadline: tokio::time::Instant, len: Duration) {
+fn keep_floor(sent: tokio::time::Instant, len: Duration) {
     // When the attempt was sent, which was just now (its first poll): no clock read.
-    let now = deadline
-        .checked_sub(len)
-        .unwrap_or_else(tokio::time::Instant::now);
+    let now = sent;
     // A floor still pending serves this attempt too: it ends at most half a timeout after its
     // arming, and an attempt with a shorter timeout than the one that armed it only wakes the
     // driver as it would without a floor. (A thread that runs on two live runtimes in turn goes
