@@ -194,7 +194,8 @@ pub(crate) fn attempt_timeout<B>(req: &Request<B>, default: Option<Duration>) ->
 /// their clock cannot be paused, so it never makes a paused clock auto-advance to it (a
 /// current-thread runtime's can, and a test would see the jump).
 pub(crate) fn attempt_timer(sent: tokio::time::Instant, len: Duration) -> Pin<Box<Sleep>> {
-    let sleep = Box::pin(tokio::time::sleep_until(sturdy_core::clock::after(sent, len)));
+    let deadline = sturdy_core::clock::after(sent, len);
+    let sleep = Box::pin(tokio::time::sleep_until(deadline));
     if len >= FLOOR_MIN {
         keep_floor(sent, len);
     }
