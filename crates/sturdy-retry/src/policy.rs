@@ -741,13 +741,7 @@ impl<C> RetryPolicy<C> {
         stop: Stop,
     ) {
         let n = self.sent();
-        // A key is any UTF-8 a header may hold (`to_str` would drop one with non-ASCII letters,
-        // and the call's error would then not name the key to retry with).
-        let key = || {
-            idempotency_key(req.header(&self.config.idempotency_header))
-                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-                .map(str::to_owned)
-        };
+        let key = || key_text(req.header(&self.config.idempotency_header));
         let e = match result {
             Ok(res) => {
                 if let Stop::Because(reason) = stop {
@@ -1048,4 +1042,13 @@ fn server_wait<Rb>(
             sturdy_core::find::<CircuitOpen>(&**e).map(|c| (c.retry_in(), DelaySource::Breaker))
         }
     }
+}
+
+/// The idempotency key a header value holds, as text an error can name: any UTF-8 a header may
+/// hold (`to_str` would drop one with non-ASCII letters, and the call's error would then not
+/// name the key to retry with); `None` for no key, a blank one, or bytes that are not UTF-8.
+pub(crate) fn key_text(value: Option<&http::HeaderValue>) -> Option<String> {
+    idempotency_key(value)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .map(str::to_owned)
 }

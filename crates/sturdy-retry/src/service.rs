@@ -93,11 +93,7 @@ where
             Arc::new(CallState {
                 // Carries the deadline too: a layer below refuses at once a wait past it.
                 hold: sturdy_core::hold::AttemptHold::until(at),
-                key: sturdy_core::key::idempotency_key(
-                    req.headers().get(&self.config.idempotency_header),
-                )
-                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-                .map(str::to_owned),
+                key: crate::policy::key_text(req.headers().get(&self.config.idempotency_header)),
                 unsafe_method: !is_idempotent(req.method()),
                 ..CallState::default()
             })
