@@ -56,6 +56,8 @@ mod edge30_hedge;
 mod edge30_util;
 mod edge30_vectors;
 mod exactly_once;
+mod hooks31_util;
+mod hooks31_verify;
 mod limits29_client;
 mod limits29_concurrency;
 mod limits29_extremes;
