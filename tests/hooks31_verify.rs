@@ -113,8 +113,10 @@ fn hooks31_published_vectors_as_they_are() {
         .verify(&stripe_h(&format!("{good},v1=bad_signature")), body, at(t, 0))
         .is_ok());
     let v0 = good.replace("v1=", "v0=");
+    // "No signatures found with expected scheme v1": refused, the reason naming v1 (400, a
+    // header without a v1 entry being malformed for the guide; only Standard Webhooks' is 401).
     let r = s.verify(&stripe_h(&v0), body, at(t, 0)).unwrap_err();
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{r:?}");
+    assert!(r.status.is_client_error() && r.reason.contains("v1"), "{r:?}");
     let s10 = Stripe::new(STRIPE_SECRET)
         .unwrap()
         .with_tolerance(Duration::from_secs(10));
@@ -450,7 +452,6 @@ fn hooks31_odd_bases_in_signature_values() {
 /// zero. Every reference library compares the base64 text (or decodes strictly), so a tag with
 /// those bits set is not the signature; accepting it would give each signature four spellings.
 #[test]
-#[ignore = "DOUBTFUL: a v1 tag with non-zero base64 pad bits (…1OF= for …1OE=) verifies; the reference libraries compare the canonical text"]
 fn hooks31_non_canonical_base64_pad_bits_are_not_the_signature() {
     let v = StandardWebhooks::new(STD_SECRET).unwrap();
     let now = at(SW1_TS, 0);
