@@ -253,3 +253,64 @@ async fn hooks31_rejections_through_the_layers_keep_their_status_and_text() {
     assert_eq!(rx.try_recv().unwrap().id, "msg_d");
     assert!(rx.try_recv().is_none());
 }
+
+/// Reads what the server sends within `wait` (or until it closes).
+async fn read_some(s: &mut tokio::net::TcpStream, wait: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(wait, s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => String::new(),
+    }
+}
+
+/// "Headers, before the body is read" and "A delivery without well-formed, fresh signature
+/// headers costs no body read", seen by a sender that asks `Expect: 100-continue` (curl does
+/// for large bodies): a good delivery gets `100 Continue`, then 200 once its body is in; a
+/// stale one and one whose declared length is past the limit get their 401 and 413 at once,
+/// without `100 Continue` and without a byte of body sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks31_expect_continue_only_for_deliveries_worth_reading() {
+    let (queue, mut rx) = MemoryQueue::new(10);
+    let receiver = WebhookReceiver::new(StandardWebhooks::new(STD_SECRET).unwrap(), queue)
+        .with_body_limit(1024);
+    let addr = serve(Router::new().route("/wh", post_service(receiver))).await;
+    let ts = now_s();
+    let with_expect = |id: &str, ts: i64, body: &str, len: usize| {
+        let sig = sign_standard(STD_SECRET, id, ts, body.as_bytes()).unwrap();
+        head(
+            "/wh",
+            &[
+                ("webhook-id", id.as_bytes()),
+                ("webhook-timestamp", ts.to_string().as_bytes()),
+                ("webhook-signature", sig.as_bytes()),
+                ("expect", b"100-continue"),
+            ],
+            len,
+        )
+    };
+    // Good: 100 Continue, then the body, then 200.
+    let body = "{\"expect\":1}";
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&with_expect("msg_expect", ts, body, body.len())).await.unwrap();
+    let first = read_some(&mut s, Duration::from_secs(10)).await;
+    assert!(first.starts_with("HTTP/1.1 100"), "{first:?}");
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = first.split_once("\r\n\r\n").map(|(_, r)| r.to_owned()).unwrap_or_default();
+    if answer.is_empty() {
+        answer = read_some(&mut s, Duration::from_secs(10)).await;
+    }
+    assert_eq!(status_of(&answer), 200, "{answer:?}");
+    assert_eq!(rx.recv().await.unwrap().id, "msg_expect");
+    // Stale, and too large: answered without 100 Continue, no body sent.
+    for (what, bytes, status) in [
+        ("stale", with_expect("msg_stale", ts - 3600, body, body.len()), 401),
+        ("too large", with_expect("msg_large", ts, body, 1_000_000), 413),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let got = read_some(&mut s, Duration::from_secs(10)).await;
+        assert_eq!(status_of(&got), status, "{what}: {got:?}");
+    }
+    assert!(rx.try_recv().is_none());
+}
