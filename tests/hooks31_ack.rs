@@ -314,3 +314,76 @@ async fn hooks31_expect_continue_only_for_deliveries_worth_reading() {
     }
     assert!(rx.try_recv().is_none());
 }
+
+/// Header bytes that are not UTF-8 (obs-text, which hyper lets through) in each signature
+/// header of each scheme, over the wire: a clean 400 or 401 with the generic text, never a 5xx,
+/// nothing queued, and the next good delivery on the same receiver is taken.
+#[tokio::test]
+async fn hooks31_non_utf8_signature_headers_over_the_wire() {
+    let (queue, mut rx) = MemoryQueue::new(10);
+    let std_rx = WebhookReceiver::new(StandardWebhooks::new(STD_SECRET).unwrap(), queue.clone());
+    let stripe_rx = WebhookReceiver::new(
+        sturdy::webhook::Stripe::new(crate::hooks31_util::STRIPE_SECRET).unwrap(),
+        queue.clone(),
+    );
+    let gh_rx = WebhookReceiver::new(GitHub::new("gh").unwrap(), queue);
+    let addr = serve(
+        Router::new()
+            .route("/wh", post_service(std_rx))
+            .route("/st", post_service(stripe_rx))
+            .route("/gh", post_service(gh_rx)),
+    )
+    .await;
+    let ts = now_s().to_string();
+    let sig = sign_standard(STD_SECRET, "msg_ok", now_s(), b"{}").unwrap();
+    let cases: Vec<(&str, Vec<(&str, Vec<u8>)>)> = vec![
+        (
+            "/wh",
+            vec![
+                ("webhook-id", b"msg_\xe9t\xe9".to_vec()),
+                ("webhook-timestamp", ts.clone().into_bytes()),
+                ("webhook-signature", sig.clone().into_bytes()),
+            ],
+        ),
+        (
+            "/wh",
+            vec![
+                ("webhook-id", b"msg_ok".to_vec()),
+                ("webhook-timestamp", [ts.as_bytes(), b"\xff"].concat()),
+                ("webhook-signature", sig.clone().into_bytes()),
+            ],
+        ),
+        (
+            "/wh",
+            vec![
+                ("webhook-id", b"msg_ok".to_vec()),
+                ("webhook-timestamp", ts.clone().into_bytes()),
+                ("webhook-signature", [sig.as_bytes(), b" v1,\xff\xfe"].concat()),
+            ],
+        ),
+        ("/st", vec![("stripe-signature", b"t=1,v1=\xc3\xa9".to_vec())]),
+        ("/gh", vec![("x-hub-signature-256", b"sha256=\x80".to_vec())]),
+    ];
+    for (path, headers) in &cases {
+        let hs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let mut bytes = head(path, &hs, 2);
+        bytes.extend_from_slice(b"{}");
+        let answer = exchange(addr, &bytes).await;
+        let status = status_of(&answer);
+        assert!(status == 400 || status == 401, "{path} {headers:?}: {answer}");
+        assert_eq!(body_of(&answer).trim(), "invalid signature", "{answer}");
+    }
+    assert!(rx.try_recv().is_none());
+    let mut bytes = head(
+        "/wh",
+        &[
+            ("webhook-id", b"msg_ok"),
+            ("webhook-timestamp", ts.as_bytes()),
+            ("webhook-signature", sig.as_bytes()),
+        ],
+        2,
+    );
+    bytes.extend_from_slice(b"{}");
+    assert_eq!(status_of(&exchange(addr, &bytes).await), 200);
+    assert_eq!(rx.try_recv().unwrap().id, "msg_ok");
+}

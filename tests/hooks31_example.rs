@@ -281,3 +281,29 @@ fn hooks31_example_stops_at_start_with_the_reason() {
     assert!(!ok);
     assert!(!err.contains(GITHUB), "{err}");
 }
+
+/// "error messages name the cause": a start refused for a setting should say which setting. An
+/// unparsable `STURDY_ADDR` answers only "invalid socket address", and a secret that is not
+/// base64 "the webhook secret is not base64", neither naming the variable (nor the address in
+/// the first case) a user has to fix.
+#[test]
+#[ignore = "DOUBTFUL: webhook_receiver's start errors do not name the variable at fault: STURDY_ADDR=not-an-address gives 'invalid socket address', a bad STANDARD_WEBHOOK_SECRET 'the webhook secret is not base64'"]
+fn hooks31_example_start_errors_name_the_variable() {
+    let Some(bin) = example_bin() else { return };
+    let (ok, err) = run_to_end(
+        &bin,
+        &[("STURDY_ADDR", "not-an-address"), ("GITHUB_WEBHOOK_SECRET", GITHUB)],
+    );
+    assert!(!ok);
+    assert!(err.contains("STURDY_ADDR") && err.contains("not-an-address"), "{err}");
+    let (ok, err) = run_to_end(
+        &bin,
+        &[
+            ("STURDY_ADDR", "127.0.0.1:0"),
+            ("STANDARD_WEBHOOK_SECRET", "whsec_hooks31*not*base64"),
+            ("STRIPE_WEBHOOK_SECRET", STRIPE),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("STANDARD_WEBHOOK_SECRET"), "{err}");
+}

@@ -253,3 +253,58 @@ async fn hooks31_redis_a_zero_dedup_ttl_still_queues() {
         assert_eq!(redis_cli(&url, &["XLEN", &s]), "1", "ttl {ttl:?}");
     }
 }
+
+/// `ack` and `dead_letter` cancelled after every few tens of microseconds (a `timeout` around
+/// them): each is then either done or not, never half: an event whose ack was cancelled is
+/// either gone or delivered again after the claim delay (and then acked); one whose dead-letter
+/// was cancelled is either a dead letter and never delivered again, or delivered again. Never
+/// both, never lost.
+#[tokio::test]
+async fn hooks31_redis_ack_and_dead_letter_cancelled_midway() {
+    let Some(url) = redis_url() else { return };
+    let claim = Duration::from_millis(100);
+    for k in 0..12u64 {
+        for dead in [false, true] {
+            let s = unique(&format!("cancel{k}{dead}"));
+            let q = RedisStreamQueue::connect(&url, &s).await.unwrap();
+            let mut c = RedisStreamConsumer::connect(&url, &s, "g", "c", claim)
+                .await
+                .unwrap()
+                .with_wait(Duration::from_millis(20));
+            let e = WebhookEvent::new("standard", format!("msg_{k}"), Bytes::from_static(b"{}"));
+            q.push(e, Duration::from_secs(60)).await.unwrap();
+            let d = c.next().await.unwrap().expect("the event");
+            let limit = Duration::from_micros(30 * k);
+            let done = if dead {
+                tokio::time::timeout(limit, c.dead_letter(&d, "cancelled test")).await
+            } else {
+                tokio::time::timeout(limit, c.ack(&d)).await
+            };
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let again = c.next().await.unwrap();
+            let letters = q.dead_letter_count().await.unwrap();
+            match (&done, &again) {
+                (Ok(Ok(())), None) => {}
+                (Ok(Err(e)), _) => panic!("k {k}, dead {dead}: {e}"),
+                (Err(_), None) => {}
+                (Err(_), Some(d2)) => {
+                    assert_eq!(d2.entry, d.entry);
+                    assert_eq!(letters, 0, "k {k}: dead-lettered and delivered again");
+                    c.ack(d2).await.unwrap();
+                }
+                (Ok(Ok(())), Some(d2)) => panic!("k {k}, dead {dead}: done, then delivered again: {d2:?}"),
+            }
+            if dead && again.is_none() {
+                assert_eq!(letters, 1, "k {k}: the event is neither a dead letter nor delivered");
+            }
+            if !dead {
+                assert_eq!(letters, 0);
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert!(c.next().await.unwrap().is_none(), "k {k}, dead {dead}: came back");
+            if !dead || again.is_some() {
+                assert_eq!(redis_cli(&url, &["XLEN", &s]), "0", "k {k}, dead {dead}");
+            }
+        }
+    }
+}
