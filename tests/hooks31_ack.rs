@@ -22,9 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tower::ServiceBuilder;
 
 use crate::cost_common::ratio;
-use crate::hooks31_util::{
-    body_of, exchange, head, now_s, serve, status_of, Fixed, STD_SECRET,
-};
+use crate::hooks31_util::{body_of, exchange, head, now_s, serve, status_of, Fixed, STD_SECRET};
 
 /// A queue whose every push first sleeps `delay`.
 #[derive(Debug, Clone)]
@@ -116,7 +114,12 @@ async fn hooks31_load_shed_buffer_limit_timeout_over_the_wire_lose_and_double_no
         *seen.entry(e.id.clone()).or_default() += 1;
     }
     for id in &ids {
-        assert_eq!(seen.get(id), Some(&1), "{id} queued {:?} times", seen.get(id));
+        assert_eq!(
+            seen.get(id),
+            Some(&1),
+            "{id} queued {:?} times",
+            seen.get(id)
+        );
     }
     assert_eq!(seen.len(), ids.len());
 }
@@ -138,7 +141,11 @@ async fn hooks31_a_stalled_body_frees_the_one_slot_at_the_timeout() {
         .service(receiver);
     let addr = serve(Router::new().route("/wh", post_service(svc))).await;
     let ts = now_s();
-    let stalled = delivery("msg_hooks31_stalled", ts, "{\"half\":\"of a body that never ends\"}");
+    let stalled = delivery(
+        "msg_hooks31_stalled",
+        ts,
+        "{\"half\":\"of a body that never ends\"}",
+    );
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&stalled[..stalled.len() - 10]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -173,7 +180,11 @@ async fn hooks31_a_zero_dedup_ttl_in_memory_still_queues() {
         let body = "{\"zero\":true}";
         let sig = sign_github("gh", body.as_bytes());
         for _ in 0..2 {
-            let mut bytes = head("/gh", &[("x-hub-signature-256", sig.as_bytes())], body.len());
+            let mut bytes = head(
+                "/gh",
+                &[("x-hub-signature-256", sig.as_bytes())],
+                body.len(),
+            );
             bytes.extend_from_slice(body.as_bytes());
             let answer = exchange(addr, &bytes).await;
             assert_eq!(status_of(&answer), 200, "ttl {ttl:?}: {answer}");
@@ -193,7 +204,10 @@ async fn hooks31_memory_queue_pushes_cost_in_proportion_to_their_number() {
         let start = tokio::time::Instant::now();
         for i in 0..n {
             let e = WebhookEvent::new("standard", format!("msg_{i}"), Bytes::from_static(b"{}"));
-            assert_eq!(q.push(e, Duration::from_secs(3600)).await.unwrap(), Push::Enqueued);
+            assert_eq!(
+                q.push(e, Duration::from_secs(3600)).await.unwrap(),
+                Push::Enqueued
+            );
             let _ = rx.try_recv();
         }
         start.elapsed()
@@ -210,8 +224,16 @@ async fn hooks31_memory_queue_pushes_cost_in_proportion_to_their_number() {
         let _ = rx.try_recv();
     }
     let again = |i: usize| WebhookEvent::new("s", format!("k{i}"), Bytes::new());
-    assert_eq!(q.push(again(100_000), Duration::from_secs(3600)).await.unwrap(), Push::Duplicate);
-    assert_eq!(q.push(again(0), Duration::from_secs(3600)).await.unwrap(), Push::Enqueued);
+    assert_eq!(
+        q.push(again(100_000), Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        Push::Duplicate
+    );
+    assert_eq!(
+        q.push(again(0), Duration::from_secs(3600)).await.unwrap(),
+        Push::Enqueued
+    );
 }
 
 /// A receiver with a fixed clock answers over TCP with the guide's generic texts, through the
@@ -234,8 +256,18 @@ async fn hooks31_rejections_through_the_layers_keep_their_status_and_text() {
         .service(receiver);
     let addr = serve(Router::new().route("/wh", post_service(svc))).await;
     for (what, bytes, status, text) in [
-        ("stale", delivery("msg_a", now - 301, "{}"), 401, "invalid signature"),
-        ("future", delivery("msg_b", now + 301, "{}"), 401, "invalid signature"),
+        (
+            "stale",
+            delivery("msg_a", now - 301, "{}"),
+            401,
+            "invalid signature",
+        ),
+        (
+            "future",
+            delivery("msg_b", now + 301, "{}"),
+            401,
+            "invalid signature",
+        ),
         (
             "too large",
             delivery("msg_c", now, &"x".repeat(65)),
@@ -292,11 +324,16 @@ async fn hooks31_expect_continue_only_for_deliveries_worth_reading() {
     // Good: 100 Continue, then the body, then 200.
     let body = "{\"expect\":1}";
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(&with_expect("msg_expect", ts, body, body.len())).await.unwrap();
+    s.write_all(&with_expect("msg_expect", ts, body, body.len()))
+        .await
+        .unwrap();
     let first = read_some(&mut s, Duration::from_secs(10)).await;
     assert!(first.starts_with("HTTP/1.1 100"), "{first:?}");
     s.write_all(body.as_bytes()).await.unwrap();
-    let mut answer = first.split_once("\r\n\r\n").map(|(_, r)| r.to_owned()).unwrap_or_default();
+    let mut answer = first
+        .split_once("\r\n\r\n")
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or_default();
     if answer.is_empty() {
         answer = read_some(&mut s, Duration::from_secs(10)).await;
     }
@@ -304,8 +341,16 @@ async fn hooks31_expect_continue_only_for_deliveries_worth_reading() {
     assert_eq!(rx.recv().await.unwrap().id, "msg_expect");
     // Stale, and too large: answered without 100 Continue, no body sent.
     for (what, bytes, status) in [
-        ("stale", with_expect("msg_stale", ts - 3600, body, body.len()), 401),
-        ("too large", with_expect("msg_large", ts, body, 1_000_000), 413),
+        (
+            "stale",
+            with_expect("msg_stale", ts - 3600, body, body.len()),
+            401,
+        ),
+        (
+            "too large",
+            with_expect("msg_large", ts, body, 1_000_000),
+            413,
+        ),
     ] {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(&bytes).await.unwrap();
@@ -358,11 +403,20 @@ async fn hooks31_non_utf8_signature_headers_over_the_wire() {
             vec![
                 ("webhook-id", b"msg_ok".to_vec()),
                 ("webhook-timestamp", ts.clone().into_bytes()),
-                ("webhook-signature", [sig.as_bytes(), b" v1,\xff\xfe"].concat()),
+                (
+                    "webhook-signature",
+                    [sig.as_bytes(), b" v1,\xff\xfe"].concat(),
+                ),
             ],
         ),
-        ("/st", vec![("stripe-signature", b"t=1,v1=\xc3\xa9".to_vec())]),
-        ("/gh", vec![("x-hub-signature-256", b"sha256=\x80".to_vec())]),
+        (
+            "/st",
+            vec![("stripe-signature", b"t=1,v1=\xc3\xa9".to_vec())],
+        ),
+        (
+            "/gh",
+            vec![("x-hub-signature-256", b"sha256=\x80".to_vec())],
+        ),
     ];
     for (path, headers) in &cases {
         let hs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
@@ -370,7 +424,10 @@ async fn hooks31_non_utf8_signature_headers_over_the_wire() {
         bytes.extend_from_slice(b"{}");
         let answer = exchange(addr, &bytes).await;
         let status = status_of(&answer);
-        assert!(status == 400 || status == 401, "{path} {headers:?}: {answer}");
+        assert!(
+            status == 400 || status == 401,
+            "{path} {headers:?}: {answer}"
+        );
         assert_eq!(body_of(&answer).trim(), "invalid signature", "{answer}");
     }
     assert!(rx.try_recv().is_none());

@@ -18,7 +18,11 @@ const GITHUB: &str = "hooks31-example-github-secret";
 
 fn example_bin() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("examples").join("webhook_receiver");
+    let bin = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join("webhook_receiver");
     if bin.is_file() {
         Some(bin)
     } else {
@@ -165,8 +169,16 @@ async fn hooks31_example_prints_one_line_per_event_of_each_scheme() {
         sbody,
     );
     for (what, bytes, line) in [
-        ("standard", &standard, "{\"route\":\"standard\",\"id\":\"msg_hooks31_ex\"}"),
-        ("stripe", &stripe, "{\"route\":\"stripe\",\"id\":\"evt_hooks31_ex\"}"),
+        (
+            "standard",
+            &standard,
+            "{\"route\":\"standard\",\"id\":\"msg_hooks31_ex\"}",
+        ),
+        (
+            "stripe",
+            &stripe,
+            "{\"route\":\"stripe\",\"id\":\"evt_hooks31_ex\"}",
+        ),
     ] {
         let a = exchange(addr, bytes).await;
         assert_eq!(status_of(&a), 200, "{what}: {a}");
@@ -176,7 +188,10 @@ async fn hooks31_example_prints_one_line_per_event_of_each_scheme() {
     }
     let forged = post(
         "/webhooks/stripe",
-        &[("stripe-signature", format!("t={ts},v1={}", "0".repeat(64)).as_bytes())],
+        &[(
+            "stripe-signature",
+            format!("t={ts},v1={}", "0".repeat(64)).as_bytes(),
+        )],
         sbody,
     );
     assert_eq!(status_of(&exchange(addr, &forged).await), 401);
@@ -186,19 +201,29 @@ async fn hooks31_example_prints_one_line_per_event_of_each_scheme() {
         "{}",
     );
     assert_eq!(status_of(&exchange(addr, &gh).await), 404);
-    assert_eq!(app.next_out(Duration::from_millis(300)), None, "copies printed");
+    assert_eq!(
+        app.next_out(Duration::from_millis(300)),
+        None,
+        "copies printed"
+    );
     drop(app);
 
     // GitHub alone: its line says the event.
     let port = free_port();
     let addr_s = format!("127.0.0.1:{port}");
-    let mut app = start(&bin, &[("STURDY_ADDR", &addr_s), ("GITHUB_WEBHOOK_SECRET", GITHUB)]);
+    let mut app = start(
+        &bin,
+        &[("STURDY_ADDR", &addr_s), ("GITHUB_WEBHOOK_SECRET", GITHUB)],
+    );
     app.wait_err("listening on");
     let gbody = "{\"zen\":\"hooks31\"}";
     let gh = post(
         "/webhooks/github",
         &[
-            ("x-hub-signature-256", sign_github(GITHUB, gbody.as_bytes()).as_bytes()),
+            (
+                "x-hub-signature-256",
+                sign_github(GITHUB, gbody.as_bytes()).as_bytes(),
+            ),
             ("x-github-event", b"ping"),
             ("x-github-delivery", b"d-hooks31"),
         ],
@@ -208,13 +233,19 @@ async fn hooks31_example_prints_one_line_per_event_of_each_scheme() {
     assert_eq!(status_of(&a), 200, "{a}");
     let line = app.next_out(Duration::from_secs(10)).expect("a line");
     assert!(
-        line.starts_with("{\"route\":\"github\",\"id\":\"sha256:") && line.ends_with(",\"event\":\"ping\"}"),
+        line.starts_with("{\"route\":\"github\",\"id\":\"sha256:")
+            && line.ends_with(",\"event\":\"ping\"}"),
         "{line}"
     );
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["event"], "ping");
     let seen = app.err_seen.join("\n");
-    for secret in [STD_SECRET, STRIPE, GITHUB, "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
+    for secret in [
+        STD_SECRET,
+        STRIPE,
+        GITHUB,
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ] {
         assert!(!seen.contains(secret), "{seen}");
     }
 }
@@ -257,13 +288,19 @@ fn hooks31_example_stops_at_start_with_the_reason() {
     let bad = "whsec_hooks31*not*base64*secret";
     let (ok, err) = run_to_end(
         &bin,
-        &[("STURDY_ADDR", "127.0.0.1:0"), ("STANDARD_WEBHOOK_SECRET", bad)],
+        &[
+            ("STURDY_ADDR", "127.0.0.1:0"),
+            ("STANDARD_WEBHOOK_SECRET", bad),
+        ],
     );
     eprintln!("bad secret: {err}");
     assert!(!ok);
     assert!(!err.contains("hooks31*not"), "{err}");
     assert!(err.to_lowercase().contains("base64"), "{err}");
-    assert!(err.starts_with("webhook_receiver: "), "a sentence, not a Debug: {err}");
+    assert!(
+        err.starts_with("webhook_receiver: "),
+        "a sentence, not a Debug: {err}"
+    );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (ok, err) = run_to_end(
@@ -275,7 +312,10 @@ fn hooks31_example_stops_at_start_with_the_reason() {
     assert!(err.to_lowercase().contains("in use"), "{err}");
     let (ok, err) = run_to_end(
         &bin,
-        &[("STURDY_ADDR", "not-an-address"), ("GITHUB_WEBHOOK_SECRET", GITHUB)],
+        &[
+            ("STURDY_ADDR", "not-an-address"),
+            ("GITHUB_WEBHOOK_SECRET", GITHUB),
+        ],
     );
     eprintln!("bad address: {err}");
     assert!(!ok);
@@ -292,10 +332,16 @@ fn hooks31_example_start_errors_name_the_variable() {
     let Some(bin) = example_bin() else { return };
     let (ok, err) = run_to_end(
         &bin,
-        &[("STURDY_ADDR", "not-an-address"), ("GITHUB_WEBHOOK_SECRET", GITHUB)],
+        &[
+            ("STURDY_ADDR", "not-an-address"),
+            ("GITHUB_WEBHOOK_SECRET", GITHUB),
+        ],
     );
     assert!(!ok);
-    assert!(err.contains("STURDY_ADDR") && err.contains("not-an-address"), "{err}");
+    assert!(
+        err.contains("STURDY_ADDR") && err.contains("not-an-address"),
+        "{err}"
+    );
     let (ok, err) = run_to_end(
         &bin,
         &[

@@ -55,7 +55,10 @@ fn sign(dir: &str, cases: &serde_json::Value) -> Vec<String> {
 fn sw(id: &str, ts: i64, sig: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("webhook-id", HeaderValue::from_str(id).unwrap());
-    h.insert("webhook-timestamp", HeaderValue::from_str(&ts.to_string()).unwrap());
+    h.insert(
+        "webhook-timestamp",
+        HeaderValue::from_str(&ts.to_string()).unwrap(),
+    );
     h.insert("webhook-signature", HeaderValue::from_str(sig).unwrap());
     h
 }
@@ -78,7 +81,9 @@ fn hooks31_interop_real_signatures_at_the_tolerance_edges() {
     let mut cases = Vec::new();
     for d in offsets {
         cases.push(json!({"scheme":"standard","secret":STD_SECRET,"id":"msg_edge","timestamp":NOW + d,"payload":payload}));
-        cases.push(json!({"scheme":"stripe","secret":STRIPE_SECRET,"timestamp":NOW + d,"payload":payload}));
+        cases.push(
+            json!({"scheme":"stripe","secret":STRIPE_SECRET,"timestamp":NOW + d,"payload":payload}),
+        );
     }
     let sigs = sign(&dir, &serde_json::Value::Array(cases));
     let v = StandardWebhooks::new(STD_SECRET).unwrap();
@@ -86,7 +91,10 @@ fn hooks31_interop_real_signatures_at_the_tolerance_edges() {
     for (i, d) in offsets.iter().enumerate() {
         let ok = d.abs() <= 300;
         let (a, b) = (&sigs[2 * i], &sigs[2 * i + 1]);
-        assert_eq!(a, &sign_standard(STD_SECRET, "msg_edge", NOW + d, payload.as_bytes()).unwrap());
+        assert_eq!(
+            a,
+            &sign_standard(STD_SECRET, "msg_edge", NOW + d, payload.as_bytes()).unwrap()
+        );
         assert_eq!(b, &sign_stripe(STRIPE_SECRET, NOW + d, payload.as_bytes()));
         let ra = v.verify(&sw("msg_edge", NOW + d, a), payload.as_bytes(), at(NOW, 0));
         let rb = s.verify(&st(b), payload.as_bytes(), at(NOW, 0));
@@ -129,10 +137,15 @@ fn hooks31_interop_bodies_of_every_shape() {
         let out = s
             .verify(&st(b), body, at(NOW, 0))
             .unwrap_or_else(|r| panic!("stripe, payload {i}: {r:?}"));
-        assert!(out.id.unwrap().starts_with("sha256:"), "no JSON id: a digest");
+        assert!(
+            out.id.unwrap().starts_with("sha256:"),
+            "no JSON id: a digest"
+        );
         let mut other = body.to_vec();
         other.push(b' ');
-        assert!(v.verify(&sw("msg_shape", NOW, a), &other, at(NOW, 0)).is_err());
+        assert!(v
+            .verify(&sw("msg_shape", NOW, a), &other, at(NOW, 0))
+            .is_err());
         assert!(s.verify(&st(b), &other, at(NOW, 0)).is_err());
     }
 }
@@ -154,18 +167,22 @@ fn hooks31_interop_rotation_with_both_entries() {
         ]),
     );
     let both = format!("{} {}", sigs[0], sigs[1]);
-    let stripe_both = format!(
-        "{},{}",
-        sigs[2],
-        sigs[3].split_once(',').unwrap().1
-    );
+    let stripe_both = format!("{},{}", sigs[2], sigs[3].split_once(',').unwrap().1);
     let body = payload.as_bytes();
-    for secrets in [vec![STD_SECRET], vec![STD_OTHER], vec![STD_OTHER, STD_SECRET]] {
+    for secrets in [
+        vec![STD_SECRET],
+        vec![STD_OTHER],
+        vec![STD_OTHER, STD_SECRET],
+    ] {
         let v = StandardWebhooks::with_secrets(secrets.iter().copied()).unwrap();
-        assert!(v.verify(&sw("msg_rot", NOW, &both), body, at(NOW, 0)).is_ok());
+        assert!(v
+            .verify(&sw("msg_rot", NOW, &both), body, at(NOW, 0))
+            .is_ok());
     }
     let neither = StandardWebhooks::new("whsec_bmVpdGhlciBvZiB0aGUgdHdvIHNlY3JldHM=").unwrap();
-    assert!(neither.verify(&sw("msg_rot", NOW, &both), body, at(NOW, 0)).is_err());
+    assert!(neither
+        .verify(&sw("msg_rot", NOW, &both), body, at(NOW, 0))
+        .is_err());
     for secrets in [
         vec![STRIPE_SECRET],
         vec!["whsec_hooks31_new_stripe"],

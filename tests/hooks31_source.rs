@@ -56,7 +56,15 @@ fn hooks31_mapped_peers_and_proxies_match_ipv4_networks() {
 /// names; malformed networks are errors that name the network.
 #[test]
 fn hooks31_network_spellings() {
-    for bad in ["10.0.0.0/33", "::/129", "10.0.0.0/-1", "010.0.0.0/8", "10.0.0.0/8/8", "", "10.0.0.0 /8"] {
+    for bad in [
+        "10.0.0.0/33",
+        "::/129",
+        "10.0.0.0/-1",
+        "010.0.0.0/8",
+        "10.0.0.0/8/8",
+        "",
+        "10.0.0.0 /8",
+    ] {
         let e = SourceAllowlist::new([bad]).map(|_| ()).unwrap_err();
         assert!(
             e.to_string().contains(bad.trim()) || bad.is_empty(),

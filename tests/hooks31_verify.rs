@@ -63,7 +63,9 @@ fn hooks31_published_vectors_as_they_are() {
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLawdd",
         "v1,",
         "v1,g0hM9",
-        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".get(..8).unwrap(),
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+            .get(..8)
+            .unwrap(),
     ] {
         let r = v.verify(&sw(SW1_ID, &ts, bad), SW1_BODY, now).unwrap_err();
         assert!(
@@ -81,7 +83,13 @@ fn hooks31_published_vectors_as_they_are() {
         StatusCode::UNAUTHORIZED
     );
     // SW-time at the SW-1 instant.
-    for (when, ok) in [(-301, false), (-300, true), (0, true), (300, true), (301, false)] {
+    for (when, ok) in [
+        (-301, false),
+        (-300, true),
+        (0, true),
+        (300, true),
+        (301, false),
+    ] {
         let got = v.verify(&sw(SW1_ID, &ts, SW1_SIG), SW1_BODY, at(SW1_TS - when, 0));
         assert_eq!(got.is_ok(), ok, "now = ts {:+}: {got:?}", -when);
     }
@@ -110,13 +118,20 @@ fn hooks31_published_vectors_as_they_are() {
         assert!(r.status.is_client_error(), "{bad}: {r:?}");
     }
     assert!(s
-        .verify(&stripe_h(&format!("{good},v1=bad_signature")), body, at(t, 0))
+        .verify(
+            &stripe_h(&format!("{good},v1=bad_signature")),
+            body,
+            at(t, 0)
+        )
         .is_ok());
     let v0 = good.replace("v1=", "v0=");
     // "No signatures found with expected scheme v1": refused, the reason naming v1 (400, a
     // header without a v1 entry being malformed for the guide; only Standard Webhooks' is 401).
     let r = s.verify(&stripe_h(&v0), body, at(t, 0)).unwrap_err();
-    assert!(r.status.is_client_error() && r.reason.contains("v1"), "{r:?}");
+    assert!(
+        r.status.is_client_error() && r.reason.contains("v1"),
+        "{r:?}"
+    );
     let s10 = Stripe::new(STRIPE_SECRET)
         .unwrap()
         .with_tolerance(Duration::from_secs(10));
@@ -205,12 +220,11 @@ fn hooks31_fractional_and_zero_tolerances() {
             Duration::from_millis(1500),
             &[(-1, true), (-2, false), (1, true), (2, false)][..],
         ),
-        (
-            Duration::ZERO,
-            &[(0, true), (-1, false), (1, false)][..],
-        ),
+        (Duration::ZERO, &[(0, true), (-1, false), (1, false)][..]),
     ] {
-        let v = StandardWebhooks::new(STD_SECRET).unwrap().with_tolerance(tol);
+        let v = StandardWebhooks::new(STD_SECRET)
+            .unwrap()
+            .with_tolerance(tol);
         for &(d, ok) in cases {
             let ts = t0 + d;
             let h = sw(
@@ -286,7 +300,11 @@ fn hooks31_each_reason_names_its_cause() {
         ),
         (
             "wrong signature",
-            sw(SW1_ID, &ts, "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="),
+            sw(
+                SW1_ID,
+                &ts,
+                "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
+            ),
             &["signature"],
         ),
         ("dotted id", sw("msg.1", &ts, SW1_SIG), &["webhook-id"]),
@@ -332,7 +350,11 @@ fn hooks31_each_reason_names_its_cause() {
             stripe_h(&sign_stripe(STRIPE_SECRET, SW1_TS + 301, body)),
             &["future"],
         ),
-        ("wrong", stripe_h(&format!("t={SW1_TS},v1={}", "0".repeat(64))), &["signature"]),
+        (
+            "wrong",
+            stripe_h(&format!("t={SW1_TS},v1={}", "0".repeat(64))),
+            &["signature"],
+        ),
         (
             "non-ASCII",
             hmap(&[("stripe-signature", b"t=1,v1=\xff")]),
@@ -392,7 +414,10 @@ fn hooks31_odd_bases_in_signature_values() {
     let ts = SW1_TS.to_string();
     let b64 = SW1_SIG.trim_start_matches("v1,");
     for (what, sig) in [
-        ("URL-safe alphabet", format!("v1,{}", b64.replace('+', "-").replace('/', "_"))),
+        (
+            "URL-safe alphabet",
+            format!("v1,{}", b64.replace('+', "-").replace('/', "_")),
+        ),
         ("hex of the MAC", format!("v1,{}", "ab".repeat(32))),
         ("doubled", format!("v1,{b64}{b64}")),
         ("trailing garbage", format!("v1,{b64}AA")),
@@ -420,7 +445,10 @@ fn hooks31_odd_bases_in_signature_values() {
         ("odd length", format!("t={SW1_TS},v1={}", &hex[..63])),
         ("extra byte", format!("t={SW1_TS},v1={hex}00")),
         ("base64 of it", format!("t={SW1_TS},v1={b64}")),
-        ("space inside", format!("t={SW1_TS},v1={} {}", &hex[..32], &hex[32..])),
+        (
+            "space inside",
+            format!("t={SW1_TS},v1={} {}", &hex[..32], &hex[32..]),
+        ),
         ("t in hex", format!("t=0x{SW1_TS:x},v1={hex}")),
     ] {
         let r = s.verify(&stripe_h(&sig), body, now);
@@ -436,7 +464,11 @@ fn hooks31_odd_bases_in_signature_values() {
         .collect();
     let std64 = to_base64(&raw);
     assert!(g
-        .verify(&hmap(&[("x-sig", format!("v={std64}").as_bytes())]), b"payload", now)
+        .verify(
+            &hmap(&[("x-sig", format!("v={std64}").as_bytes())]),
+            b"payload",
+            now
+        )
         .is_ok());
     for (what, sig) in [
         ("hex instead", format!("v={}", &gh[7..])),
@@ -523,14 +555,26 @@ fn hooks31_debug_and_errors_never_show_a_secret() {
         assert!(!out.contains(secret), "{secret} in\n{out}");
     }
     // A refused secret is named by its fault, not repeated.
-    for bad in ["whsec_not*base64*hooks31secret", "not-base64-hooks31-secret!"] {
+    for bad in [
+        "whsec_not*base64*hooks31secret",
+        "not-base64-hooks31-secret!",
+    ] {
         let e = StandardWebhooks::new(bad).unwrap_err();
         let text = format!("{e} {e:?}");
-        assert!(!text.contains("hooks31secret") && !text.contains("hooks31-secret"), "{text}");
-        assert!(text.to_lowercase().contains("base64"), "names the cause: {text}");
+        assert!(
+            !text.contains("hooks31secret") && !text.contains("hooks31-secret"),
+            "{text}"
+        );
+        assert!(
+            text.to_lowercase().contains("base64"),
+            "names the cause: {text}"
+        );
         let e = StandardWebhooks::with_secrets([STD_SECRET, bad]).unwrap_err();
         let text = format!("{e} {e:?}");
-        assert!(!text.contains("hooks31secret") && !text.contains("hooks31-secret"), "{text}");
+        assert!(
+            !text.contains("hooks31secret") && !text.contains("hooks31-secret"),
+            "{text}"
+        );
     }
     let e = StandardWebhooks::with_secrets(Vec::<&str>::new()).unwrap_err();
     assert!(!e.to_string().is_empty());
@@ -548,8 +592,14 @@ fn hooks31_carried_header_lines_cost_in_proportion() {
     let t = scaling(1_000, |n| {
         let mut h = hmap(&[("x-hub-signature-256", sig.as_bytes())]);
         for i in 0..n {
-            h.append("x-github-event", HeaderValue::from_str(&format!("push{i}")).unwrap());
-            h.append("x-github-delivery", HeaderValue::from_str(&"d".repeat(2000)).unwrap());
+            h.append(
+                "x-github-event",
+                HeaderValue::from_str(&format!("push{i}")).unwrap(),
+            );
+            h.append(
+                "x-github-delivery",
+                HeaderValue::from_str(&"d".repeat(2000)).unwrap(),
+            );
         }
         fastest(3, || {
             let out = g.verify(&h, body, at(SW1_TS, 0)).unwrap();
