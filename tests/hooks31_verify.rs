@@ -539,9 +539,9 @@ fn hooks31_debug_and_errors_never_show_a_secret() {
         format!("{s:?}"),
         format!("{g:?}"),
         format!("{x:?}"),
-        format!("{:?}", WebhookReceiver::new(v.clone(), q.clone())),
-        format!("{:?}", WebhookReceiver::new(s.clone(), q.clone())),
-        format!("{:?}", WebhookReceiver::new(x.clone(), q)),
+        format!("{:?}", WebhookReceiver::new(v, q.clone())),
+        format!("{:?}", WebhookReceiver::new(s, q.clone())),
+        format!("{:?}", WebhookReceiver::new(x, q)),
     ]
     .join("\n");
     for secret in parts.iter().chain(&[
