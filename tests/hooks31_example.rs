@@ -353,3 +353,43 @@ fn hooks31_example_start_errors_name_the_variable() {
     assert!(!ok);
     assert!(err.contains("STANDARD_WEBHOOK_SECRET"), "{err}");
 }
+
+/// The header: "`WEBHOOK_ALLOWED_SOURCES` ... accepts deliveries only from those networks":
+/// run as a binary, a delivery from loopback is refused (403 `forbidden`) when loopback is not
+/// listed, and taken when it is; an `X-Forwarded-For` from loopback, not a trusted proxy, is
+/// ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks31_example_source_allowlist_over_the_wire() {
+    let Some(bin) = example_bin() else { return };
+    let gbody = "{\"zen\":\"allow\"}";
+    let sig = sign_github(GITHUB, gbody.as_bytes());
+    for (allowed, status) in [("10.0.0.0/8, 192.0.2.0/24", 403), ("127.0.0.0/8", 200)] {
+        let addr_s = format!("127.0.0.1:{}", free_port());
+        let mut app = start(
+            &bin,
+            &[
+                ("STURDY_ADDR", &addr_s),
+                ("GITHUB_WEBHOOK_SECRET", GITHUB),
+                ("WEBHOOK_ALLOWED_SOURCES", allowed),
+            ],
+        );
+        app.wait_err("listening on");
+        let gh = post(
+            "/webhooks/github",
+            &[
+                ("x-hub-signature-256", sig.as_bytes()),
+                ("x-github-event", b"ping"),
+                ("x-forwarded-for", b"10.1.2.3"),
+            ],
+            gbody,
+        );
+        let a = exchange(addr_s.parse().unwrap(), &gh).await;
+        assert_eq!(status_of(&a), status, "{allowed}: {a}");
+        if status == 403 {
+            assert_eq!(crate::hooks31_util::body_of(&a).trim(), "forbidden");
+            assert_eq!(app.next_out(Duration::from_millis(300)), None);
+        } else {
+            assert!(app.next_out(Duration::from_secs(10)).is_some());
+        }
+    }
+}
