@@ -34,6 +34,11 @@ fn networks(name: &str) -> Option<Vec<String>> {
     Some(v.split(',').map(|s| s.trim().to_owned()).collect())
 }
 
+/// An error of the setting `var`, naming it: a refused start says what to fix.
+fn named<E: std::fmt::Display>(var: &'static str) -> impl Fn(E) -> Error {
+    move |e| format!("{var}: {e}").into()
+}
+
 /// The secrets and the optional source allowlist the app is built from.
 struct Config {
     standard: Option<String>,
@@ -52,17 +57,26 @@ fn app(config: &Config) -> Result<(Router, MemoryReceiver, Vec<&'static str>), E
     let mut app = Router::new();
     let mut routes = Vec::new();
     if let Some(s) = &config.standard {
-        let receiver = WebhookReceiver::new(StandardWebhooks::new(s)?, queue.clone());
+        let receiver = WebhookReceiver::new(
+            StandardWebhooks::new(s).map_err(named("STANDARD_WEBHOOK_SECRET"))?,
+            queue.clone(),
+        );
         app = app.route("/webhooks/standard", post_service(guard(receiver)));
         routes.push("/webhooks/standard");
     }
     if let Some(s) = &config.stripe {
-        let receiver = WebhookReceiver::new(Stripe::new(s)?, queue.clone());
+        let receiver = WebhookReceiver::new(
+            Stripe::new(s).map_err(named("STRIPE_WEBHOOK_SECRET"))?,
+            queue.clone(),
+        );
         app = app.route("/webhooks/stripe", post_service(guard(receiver)));
         routes.push("/webhooks/stripe");
     }
     if let Some(s) = &config.github {
-        let receiver = WebhookReceiver::new(GitHub::new(s)?, queue);
+        let receiver = WebhookReceiver::new(
+            GitHub::new(s).map_err(named("GITHUB_WEBHOOK_SECRET"))?,
+            queue,
+        );
         app = app.route("/webhooks/github", post_service(guard(receiver)));
         routes.push("/webhooks/github");
     }
@@ -107,9 +121,12 @@ async fn run() -> Result<(), Error> {
         networks("WEBHOOK_ALLOWED_SOURCES"),
         networks("WEBHOOK_TRUSTED_PROXIES"),
     ) {
-        (Some(allowed), proxies) => {
-            Some(SourceAllowlist::new(allowed)?.with_trusted_proxies(proxies.unwrap_or_default())?)
-        }
+        (Some(allowed), proxies) => Some(
+            SourceAllowlist::new(allowed)
+                .map_err(named("WEBHOOK_ALLOWED_SOURCES"))?
+                .with_trusted_proxies(proxies.unwrap_or_default())
+                .map_err(named("WEBHOOK_TRUSTED_PROXIES"))?,
+        ),
         // Proxies are only read to find the source an allowlist checks: alone they would do
         // nothing, which is never what was meant.
         (None, Some(proxies)) => {
@@ -136,7 +153,9 @@ async fn run() -> Result<(), Error> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| format!("STURDY_ADDR: cannot listen on {addr}: {e}"))?;
     eprintln!(
         "listening on http://{} for {}",
         listener.local_addr()?,

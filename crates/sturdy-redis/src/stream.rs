@@ -900,7 +900,10 @@ impl RedisStreamConsumer {
     }
 
     /// The most times an event is handed to this group's consumers before it is dead-lettered
-    /// \[5\] (at least 1).
+    /// \[5\] (at least 1). A delivery is counted when Redis hands the event to a read, even one
+    /// whose `next()` was cancelled (a timeout, a `select!`) before it returned the event: with
+    /// 1, such an event goes to the dead letters (where it can be replayed) instead of to a
+    /// handler; 2 or more leaves room for a cut read.
     #[must_use]
     pub fn with_max_deliveries(mut self, n: u64) -> Self {
         self.max_deliveries = n.max(1);

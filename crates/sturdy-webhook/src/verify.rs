@@ -99,9 +99,12 @@ pub struct Verified {
     pub timestamp: Option<i64>,
     /// Until when the verifier would accept this same delivery again: the signed timestamp plus
     /// the tolerance's whole seconds plus one second, since the schemes compare ages in whole
-    /// seconds (a delivery 1.9 s old is "1 s old"); a tolerance too long to add to a time
-    /// (`Duration::MAX`) counts as about 30 years. The receiver remembers its id at least that long, whatever its
-    /// deduplication TTL. `None` for schemes that sign no timestamp.
+    /// seconds (a delivery 1.9 s old is "1 s old"). With a tolerance too long to add to a time
+    /// (`Duration::MAX`: the age check turned off), the verifier accepts the delivery at any
+    /// time, and this is the latest time a `SystemTime` can hold. The receiver remembers its id
+    /// at least that long, whatever its deduplication TTL, up to the longest its queue keeps a
+    /// key (about 30 years in Redis, 100 years in memory). `None` for schemes that sign no
+    /// timestamp.
     pub fresh_until: Option<SystemTime>,
     /// The headers the scheme defines, copied from the request (values up to 1 KiB, at most 4
     /// per name). Only what the scheme signs is verified: see each scheme.
@@ -127,10 +130,11 @@ impl Verified {
     #[must_use]
     pub fn with_timestamp(mut self, timestamp: i64, tolerance: Duration) -> Self {
         self.timestamp = Some(timestamp);
-        // A tolerance too long to add to a time (`Duration::MAX`) is read as about 30 years, as
-        // every far deadline is: `None` would mean "no timestamp" and let a copy in after the TTL. A
-        // timestamp that cannot be a `SystemTime` (before 1970) counts from 1970; one so far
-        // ahead that nothing can be added is its own bound.
+        // A tolerance too long to add to a time (`Duration::MAX`) accepts the delivery at any
+        // age: it stays fresh until the latest time there is (a bound of 30 years from the
+        // signed time would be over already for an old timestamp, and its copy let in after the
+        // dedup TTL). `None` would mean "no timestamp". A timestamp that cannot be a
+        // `SystemTime` (before 1970) counts from 1970.
         let window =
             Duration::from_secs(tolerance.as_secs()).saturating_add(Duration::from_secs(1));
         let signed = u64::try_from(timestamp)
@@ -140,8 +144,7 @@ impl Verified {
         self.fresh_until = Some(
             signed
                 .checked_add(window)
-                .or_else(|| signed.checked_add(sturdy_core::clock::FAR))
-                .unwrap_or(signed),
+                .unwrap_or_else(|| latest_time(signed)),
         );
         self
     }
@@ -152,6 +155,20 @@ impl Verified {
         self.headers = headers;
         self
     }
+}
+
+/// The latest time a `SystemTime` can hold, at or after `from` (its range depends on the
+/// platform): built greedily from the largest steps that still fit, at most about 190 tries.
+fn latest_time(from: SystemTime) -> SystemTime {
+    let mut t = from;
+    let mut step = Duration::MAX;
+    while !step.is_zero() {
+        match t.checked_add(step) {
+            Some(later) => t = later,
+            None => step /= 2,
+        }
+    }
+    t
 }
 
 /// A signature scheme.
