@@ -89,10 +89,7 @@ async fn client31_metrics_retries_delays_pauses_with_documented_labels() {
     w.push(("error.type", "503"));
     assert_eq!(counter(&rs, "sturdy.retry.retries", &w), 1, "{rs:#?}");
 
-    let delays: Vec<_> = rs
-        .iter()
-        .filter(|r| r.0 == "sturdy.retry.delay")
-        .collect();
+    let delays: Vec<_> = rs.iter().filter(|r| r.0 == "sturdy.retry.delay").collect();
     assert!(
         delays
             .iter()
@@ -127,17 +124,25 @@ async fn client31_metrics_huge_retry_after_pause_capped_and_stopped() {
     let snap = rec.snapshotter();
     let _g = metrics::set_default_local_recorder(&rec);
     let s = serve(vec![with_ra(429, "99999999999999999999")]).await;
-    let _ = within(10, mw(true).get(s.url("/a")).send()).await.unwrap_err();
+    let _ = within(10, mw(true).get(s.url("/a")).send())
+        .await
+        .unwrap_err();
     let rs = rows(&snap);
     assert!(
         counter(
             &rs,
             "sturdy.ratelimit.pauses",
-            &[("sturdy.pause.source", "retry_after"), ("http.response.status_code", "429")]
+            &[
+                ("sturdy.pause.source", "retry_after"),
+                ("http.response.status_code", "429")
+            ]
         ) >= 1,
         "{rs:#?}"
     );
-    for r in rs.iter().filter(|r| r.0 == "sturdy.ratelimit.pause.duration") {
+    for r in rs
+        .iter()
+        .filter(|r| r.0 == "sturdy.ratelimit.pause.duration")
+    {
         if let DebugValue::Histogram(v) = &r.2 {
             assert!(v.iter().all(|x| x.into_inner() <= 300.0), "{r:?}");
         }
@@ -146,7 +151,10 @@ async fn client31_metrics_huge_retry_after_pause_capped_and_stopped() {
         counter(
             &rs,
             "sturdy.retry.stopped",
-            &[("error.type", "rate_limited"), ("sturdy.retry.stop_reason", "wait_too_long")]
+            &[
+                ("error.type", "rate_limited"),
+                ("sturdy.retry.stop_reason", "wait_too_long")
+            ]
         ),
         1,
         "{rs:#?}"
@@ -161,9 +169,12 @@ async fn client31_metrics_stopped_not_idempotent_and_wait_too_long() {
     let _g = metrics::set_default_local_recorder(&rec);
 
     let s = serve(vec![status(503), ok()]).await;
-    let res = within(10, mw(false).post(s.url("/orders?key=SECRET")).body("x").send())
-        .await
-        .unwrap();
+    let res = within(
+        10,
+        mw(false).post(s.url("/orders?key=SECRET")).body("x").send(),
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), 503);
     let s2 = serve(vec![with_ra(503, "120"), ok()]).await;
     let _ = within(10, mw(true).delete(s2.url("/orders/1")).send()).await;
@@ -251,7 +262,10 @@ async fn client31_tracing_pause_capped_warns_without_secrets() {
     .unwrap_err();
     let _ = err;
     let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    assert!(text.contains("WARN"), "a capped pause is a tracing warning: {text}");
+    assert!(
+        text.contains("WARN"),
+        "a capped pause is a tracing warning: {text}"
+    );
     for secret in ["SECRET31", "SECRETTOKEN", "SECRETKEY"] {
         assert!(!text.contains(secret), "{secret} in the logs: {text}");
     }

@@ -2,7 +2,8 @@
 //! loopback: `Retry-After` in every shape, which methods are retried, bodies that can and cannot
 //! be replayed, cancellation by the caller, and what the errors say.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::StreamBody;
@@ -95,7 +96,14 @@ async fn client31_retry_after_huge_date_fails_at_once() {
 
 #[tokio::test]
 async fn client31_retry_after_negative_or_garbage_falls_back_to_backoff() {
-    for bad in ["-5", "soon", "1.5", "", "0x10", "Mon, 99 Foo 2020 99:99:99 GMT"] {
+    for bad in [
+        "-5",
+        "soon",
+        "1.5",
+        "",
+        "0x10",
+        "Mon, 99 Foo 2020 99:99:99 GMT",
+    ] {
         let s = serve(vec![with_ra(503, bad), ok()]).await;
         let res = within(10, mw(true).get(s.url("/a")).send())
             .await
@@ -148,7 +156,9 @@ async fn client31_patch_with_key_retried_with_one_key_and_same_body() {
     let keys = s.header_values("idempotency-key");
     assert_eq!(keys.len(), 3);
     assert!(keys.iter().all(|k| k == &keys[0] && !k.is_empty()));
-    assert!(got.iter().all(|g| g.method == "PATCH" && g.body == got[0].body));
+    assert!(got
+        .iter()
+        .all(|g| g.method == "PATCH" && g.body == got[0].body));
     assert_eq!(&got[0].body[..], br#"{"n":1}"#);
 }
 
@@ -184,8 +194,12 @@ async fn client31_streaming_body_over_limit_fails_before_sending() {
     let s = serve(vec![ok()]).await;
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(
-            SturdyMiddleware::new(|next| sturdy::ClientBuilder::new().with_retry(quick_retry()).build(next))
-                .with_body_limit(8),
+            SturdyMiddleware::new(|next| {
+                sturdy::ClientBuilder::new()
+                    .with_retry(quick_retry())
+                    .build(next)
+            })
+            .with_body_limit(8),
         )
         .build();
     let err = within(
@@ -204,7 +218,10 @@ async fn client31_streaming_body_over_limit_fails_before_sending() {
     assert_eq!(e.kind(), &ErrorKind::Body, "{err}");
     // "fails the call with a Body error before anything is sent"
     assert_eq!(delivery(&err), Delivery::NotSent, "{err}");
-    assert!(!err.to_string().contains("may have been processed"), "{err}");
+    assert!(
+        !err.to_string().contains("may have been processed"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -228,10 +245,17 @@ async fn client31_drop_mid_backoff_sends_nothing_more() {
     let s = serve(vec![with_ra(503, "1"), ok()]).await;
     let client = mw(true);
     let r = tokio::time::timeout(Duration::from_millis(400), client.get(s.url("/a")).send()).await;
-    assert!(r.is_err(), "the call should still be waiting for Retry-After");
+    assert!(
+        r.is_err(),
+        "the call should still be waiting for Retry-After"
+    );
     assert_eq!(s.count(), 1);
     tokio::time::sleep(Duration::from_millis(1800)).await;
-    assert_eq!(s.count(), 1, "a retry was sent after the caller dropped the call");
+    assert_eq!(
+        s.count(),
+        1,
+        "a retry was sent after the caller dropped the call"
+    );
 }
 
 #[tokio::test]
@@ -259,7 +283,11 @@ async fn client31_close_after_read_unkeyed_post_says_maybe_processed() {
     let err = within(10, mw(false).post(s.url("/orders")).body("x").send())
         .await
         .unwrap_err();
-    assert_eq!(s.count(), 1, "an unkeyed POST that may have arrived is not retried");
+    assert_eq!(
+        s.count(),
+        1,
+        "an unkeyed POST that may have arrived is not retried"
+    );
     assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     let msg = err.to_string();
     assert!(!msg.contains("not sent"), "{msg}");
@@ -336,7 +364,11 @@ async fn client31_retry_deadline_bounds_whole_call_against_long_retry_after() {
     let err = within(10, mw_with(retry, true).get(s.url("/a")).send())
         .await
         .unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(s.count(), 1);
     let rl = find::<RateLimited>(&err).expect("RateLimited");
     assert!(rl.retry_after() >= Duration::from_secs(1), "{rl:?}");
@@ -402,7 +434,11 @@ async fn client31_unkeyed_post_503_with_retry_after_fails_rate_limited_not_sent_
     let err = within(10, mw(false).post(s.url("/orders")).body("x").send())
         .await
         .unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(900), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(s.count(), 1);
     let rl = find::<RateLimited>(&err).expect("RateLimited");
     assert!(rl.retry_after() >= Duration::from_secs(1), "{rl:?}");
@@ -414,12 +450,19 @@ async fn client31_drop_while_waiting_for_learned_pause_sends_nothing() {
     let s = serve(vec![with_ra(429, "1"), ok()]).await;
     let client = mw_with(quick_retry().with_max_attempts(1), true);
     let first = within(10, client.get(s.url("/a")).send()).await;
-    assert!(first.is_err(), "one attempt, 429 with Retry-After: {first:?}");
+    assert!(
+        first.is_err(),
+        "one attempt, 429 with Retry-After: {first:?}"
+    );
     assert_eq!(s.count(), 1);
     let r = tokio::time::timeout(Duration::from_millis(300), client.get(s.url("/b")).send()).await;
     assert!(r.is_err(), "the second call should wait out the pause");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(s.count(), 1, "a dropped call was sent after its caller left");
+    assert_eq!(
+        s.count(),
+        1,
+        "a dropped call was sent after its caller left"
+    );
 }
 
 #[tokio::test]

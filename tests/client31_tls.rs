@@ -52,7 +52,9 @@ async fn client31_tls_untrusted_not_retried_named_not_sent() {
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
         .build(https_client());
-    let err = call(&client, get(format!("https://{addr}/"))).await.unwrap_err();
+    let err = call(&client, get(format!("https://{addr}/")))
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "TLS handshake failed (invalid peer certificate: UnknownIssuer)"
@@ -61,7 +63,11 @@ async fn client31_tls_untrusted_not_retried_named_not_sent() {
     let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
     assert_eq!(e.kind(), &ErrorKind::Tls);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(conns.load(Ordering::SeqCst), 1, "a TLS refusal is not retried");
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "a TLS refusal is not retried"
+    );
 }
 
 #[tokio::test]
@@ -89,7 +95,9 @@ async fn client31_tls_wrong_name_message_as_documented() {
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
         .build(https_client_with_roots(vec![der]).unwrap());
-    let err = call(&client, get(format!("https://{addr}/"))).await.unwrap_err();
+    let err = call(&client, get(format!("https://{addr}/")))
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "TLS handshake failed (invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"api.example.com\"))"
@@ -107,9 +115,14 @@ async fn client31_tls_expired_is_tls_not_retried_and_says_expired() {
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
         .build(https_client_with_roots(vec![der]).unwrap());
-    let err = call(&client, get(format!("https://{addr}/"))).await.unwrap_err();
+    let err = call(&client, get(format!("https://{addr}/")))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("TLS handshake failed (invalid peer certificate: "), "{msg}");
+    assert!(
+        msg.starts_with("TLS handshake failed (invalid peer certificate: "),
+        "{msg}"
+    );
     assert!(msg.to_lowercase().contains("expired"), "{msg}");
     assert_eq!(delivery(&*err), Delivery::NotSent);
     let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
@@ -123,7 +136,10 @@ fn client31_tls_bad_root_is_config_error_naming_the_certificate() {
     let bad = CertificateDer::from(b"not a certificate".to_vec());
     let err = https_client_with_roots(vec![bad]).unwrap_err();
     assert_eq!(err.kind(), &ErrorKind::Config);
-    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -142,7 +158,9 @@ async fn client31_tls_server_speaking_plain_http_is_not_tls_kind() {
     let client = ClientBuilder::new()
         .with_retry(quick_retry())
         .build(https_client());
-    let err = call(&client, get(format!("https://{}/", s.addr))).await.unwrap_err();
+    let err = call(&client, get(format!("https://{}/", s.addr)))
+        .await
+        .unwrap_err();
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
     let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
     assert_eq!(e.kind(), &ErrorKind::Connect, "{err}");

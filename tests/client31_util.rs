@@ -5,7 +5,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -98,11 +99,7 @@ async fn handle(
         });
         g.len() - 1
     };
-    let act = script
-        .get(n)
-        .or(script.last())
-        .cloned()
-        .unwrap_or_else(ok);
+    let act = script.get(n).or(script.last()).cloned().unwrap_or_else(ok);
     match act {
         Act::Answer(code, headers) => {
             let mut res = http::Response::new(Full::new(Bytes::from_static(b"{}")));
@@ -132,7 +129,8 @@ pub(crate) async fn serve(script: Vec<Act>) -> Srv {
         while let Ok((tcp, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::SeqCst);
             let (script, got) = (script.clone(), g.clone());
-            let svc = hyper::service::service_fn(move |req| handle(req, script.clone(), got.clone()));
+            let svc =
+                hyper::service::service_fn(move |req| handle(req, script.clone(), got.clone()));
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
             );
