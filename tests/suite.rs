@@ -122,6 +122,8 @@ mod outsider_reqwest;
 mod outsider_retry;
 mod outsider_version_misc;
 mod outsider_webhook;
+mod pages31_paginate;
+mod pages31_util;
 mod readiness;
 mod redis30_idem;
 mod redis30_quota;
