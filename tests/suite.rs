@@ -122,6 +122,7 @@ mod outsider_reqwest;
 mod outsider_retry;
 mod outsider_version_misc;
 mod outsider_webhook;
+mod pages31_auth;
 mod pages31_paginate;
 mod pages31_util;
 mod readiness;
