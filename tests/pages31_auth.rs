@@ -138,7 +138,11 @@ async fn pages31_paginated_walks_through_oauth_and_version_over_real_peers() {
         assert_eq!(auth.as_deref(), Some(bearer.as_str()));
         assert_eq!(version.as_deref(), Some("2024-06-01"));
     }
-    assert_eq!(fetched.load(Ordering::SeqCst), 1, "one token for every page");
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        1,
+        "one token for every page"
+    );
     let st = get_json(&format!("{stats}/stats?client={id}")).await;
     assert_eq!(st["tokens"], 1, "{st}");
 }
@@ -198,7 +202,10 @@ async fn pages31_slow_token_endpoint_under_buffer_limit_and_timeout() {
             }
         }
     }
-    assert!(timeouts >= 1, "no caller waited past 100 ms for a 400 ms token");
+    assert!(
+        timeouts >= 1,
+        "no caller waited past 100 ms for a 400 ms token"
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     let mut kept = svc.clone();
     for _ in 0..5 {
@@ -382,9 +389,19 @@ async fn pages31_no_secret_in_logs_errors_or_debug() {
         assert!(!shown.contains(secret), "{secret} shown in:\n{shown}");
     }
     // The JWT's signature part alone is a secret too.
-    let sig = second.secret().expose_secret().rsplit('.').next().unwrap().to_owned();
+    let sig = second
+        .secret()
+        .expose_secret()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_owned();
     assert!(!shown.contains(&sig));
-    assert!(logs.text().len() > 100, "nothing was logged: {}", logs.text());
+    assert!(
+        logs.text().len() > 100,
+        "nothing was logged: {}",
+        logs.text()
+    );
 }
 
 /// What is shared between tasks is `Send + Sync + Clone`.
@@ -444,7 +461,9 @@ async fn pages31_concurrent_deprecated_calls_report_once() {
     assert_eq!(notices[0].endpoint, "GET /v1/orders");
     assert_eq!(
         notices[0].deprecation,
-        Some(Some(std::time::UNIX_EPOCH + Duration::from_secs(1688169599)))
+        Some(Some(
+            std::time::UNIX_EPOCH + Duration::from_secs(1688169599)
+        ))
     );
     assert_eq!(
         notices[0].sunset,
@@ -466,13 +485,18 @@ async fn pages31_version_under_pagination_and_query_keys() {
     let logs = Logs::default();
     let _guard = tracing::subscriber::set_default(logs.subscriber());
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let mut headers = vec![("deprecation", "true".to_owned())];
         if page < 4 {
             // The server echoes the version into its next links, as many do.
             headers.push((
                 "link",
-                format!("</items?page={}&api-version=2024-06-01>; rel=\"next\"", page + 1),
+                format!(
+                    "</items?page={}&api-version=2024-06-01>; rel=\"next\"",
+                    page + 1
+                ),
             ));
         }
         json_response(json!([{"id": page}]), &headers)
@@ -508,7 +532,10 @@ async fn pages31_version_under_pagination_and_query_keys() {
     }
     let text = format!("{}{notices:?}", logs.text());
     assert!(!text.contains("pages31-query-key"), "{text}");
-    assert!(text.contains("/items"), "no deprecation warning logged: {text}");
+    assert!(
+        text.contains("/items"),
+        "no deprecation warning logged: {text}"
+    );
 }
 
 /// The token endpoint failing while a valid token is cached: "a failed refresh keeps a
@@ -523,8 +550,8 @@ async fn pages31_refresh_in_background_never_blocks_callers() {
         return;
     };
     let id = unique("ttl4-");
-    let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
-        .unwrap();
+    let tokens =
+        ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET).unwrap();
     let svc = ServiceBuilder::new()
         .layer(AuthLayer::oauth2(tokens.clone()).with_token_timeout(Duration::ZERO))
         .concurrency_limit(1)

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use serde_json::{json, Value};
 use sturdy::core::ErrorKind;
-use sturdy::paginate::{BoundedPage, JsonCursor, LinkHeader, Paginate, PageStream};
+use sturdy::paginate::{BoundedPage, JsonCursor, LinkHeader, PageStream, Paginate};
 
 use crate::pages31_util::*;
 
@@ -34,7 +34,9 @@ fn kind(e: &sturdy::core::Error) -> ErrorKind {
 /// (else `per`); the body is the array itself.
 async fn link_api(total: usize, per: usize) -> Server {
     serve(move |req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let size: usize = param(&req, "per_page")
             .and_then(|p| p.parse().ok())
             .unwrap_or(per)
@@ -120,7 +122,9 @@ async fn pages31_an_endless_cursor_is_cut_at_max_pages() {
 #[tokio::test]
 async fn pages31_empty_pages_with_next_links() {
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let items = if page == 4 {
             json!([{"id": 1}, {"id": 2}, {"id": 3}])
         } else {
@@ -158,7 +162,9 @@ async fn pages31_empty_pages_with_next_links() {
     assert_eq!(rest.next_cursor, None);
 
     let endless = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         json_response(
             json!([]),
             &[("link", format!("<?page={}>; rel=\"next\"", page + 1))],
@@ -187,7 +193,9 @@ async fn pages31_empty_pages_with_next_links() {
 #[tokio::test]
 async fn pages31_a_page_failing_mid_walk_ends_the_walk() {
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         if page == 3 {
             return status(502);
         }
@@ -231,12 +239,17 @@ async fn pages31_a_page_failing_mid_walk_ends_the_walk() {
 #[tokio::test]
 async fn pages31_a_body_cut_mid_page_ends_the_walk() {
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         if page == 2 {
             return Response::builder()
                 .status(200)
                 .header("link", "<?page=3>; rel=\"next\"")
-                .body(chunked(vec![Bytes::from_static(b"[{\"id\": 3}, {\"id\"")], true))
+                .body(chunked(
+                    vec![Bytes::from_static(b"[{\"id\": 3}, {\"id\"")],
+                    true,
+                ))
                 .unwrap();
         }
         let mut headers = Vec::new();
@@ -307,8 +320,14 @@ async fn pages31_max_items_bound_exact_and_past() {
             }
         }
     }
-    assert!(ended_with_error, "the page stream passed max_items silently");
-    assert!(count <= 7, "the page stream yielded {count} items past a bound of 7");
+    assert!(
+        ended_with_error,
+        "the page stream passed max_items silently"
+    );
+    assert!(
+        count <= 7,
+        "the page stream yielded {count} items past a bound of 7"
+    );
 
     // page(): "one above `with_max_items` as that bound".
     let p = pager.page(None, 1_000_000).await.unwrap();
@@ -328,11 +347,7 @@ async fn pages31_max_pages_exact_is_not_an_error() {
     assert!(!page.has_more);
     let server = link_api(21, 5).await;
     let pager = link_pager(&server).with_max_pages(4).build().unwrap();
-    let err = pager
-        .items()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap_err();
+    let err = pager.items().try_collect::<Vec<_>>().await.unwrap_err();
     assert_eq!(kind(&err), ErrorKind::Pagination);
 }
 
@@ -345,18 +360,16 @@ async fn pages31_page_byte_limit_edges() {
     let b = body.clone();
     let server = serve(move |_, _| {
         let b = b.clone();
-        async move {
-            Response::builder()
-                .status(200)
-                .body(full(b))
-                .unwrap()
-        }
+        async move { Response::builder().status(200).body(full(b)).unwrap() }
     })
     .await;
     let ok = link_pager(&server).with_max_page_bytes(n).build().unwrap();
     let all: Vec<Value> = ok.items().try_collect().await.unwrap();
     assert_eq!(all.len(), 2);
-    let short = link_pager(&server).with_max_page_bytes(n - 1).build().unwrap();
+    let short = link_pager(&server)
+        .with_max_page_bytes(n - 1)
+        .build()
+        .unwrap();
     let err = short.items().try_collect::<Vec<_>>().await.unwrap_err();
     assert_eq!(kind(&err), ErrorKind::Body, "{err}");
     let err = short.page(None, 5).await.unwrap_err();
@@ -382,7 +395,10 @@ async fn pages31_page_byte_limit_edges() {
     .await;
     let ok = link_pager(&chunks).with_max_page_bytes(n).build().unwrap();
     assert_eq!(ok.items().try_collect::<Vec<_>>().await.unwrap().len(), 2);
-    let short = link_pager(&chunks).with_max_page_bytes(n - 1).build().unwrap();
+    let short = link_pager(&chunks)
+        .with_max_page_bytes(n - 1)
+        .build()
+        .unwrap();
     let err = short.items().try_collect::<Vec<_>>().await.unwrap_err();
     assert_eq!(kind(&err), ErrorKind::Body, "{err}");
 }
@@ -393,7 +409,9 @@ async fn pages31_page_byte_limit_edges() {
 async fn pages31_loops_through_absolute_and_relative_links() {
     let server = serve(|req, _| async move {
         let host = req.headers()["host"].to_str().unwrap().to_owned();
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let next = match page {
             1 => format!("<http://{host}/items?page=2>; rel=\"next\""),
             2 => "<items?page=3>; rel=\"next\"".to_owned(),
@@ -426,7 +444,10 @@ async fn pages31_loops_through_absolute_and_relative_links() {
 
     // A self link on the first page: the page is yielded, then the loop error.
     let selfish = serve(|_, _| async move {
-        json_response(json!([{"id": 1}]), &[("link", "</items>; rel=\"next\"".into())])
+        json_response(
+            json!([{"id": 1}]),
+            &[("link", "</items>; rel=\"next\"".into())],
+        )
     })
     .await;
     let pager = link_pager(&selfish).build().unwrap();
@@ -451,7 +472,12 @@ async fn pages31_loops_through_absolute_and_relative_links() {
     }
     // page() asks for `?per_page=10`, a URI other than the self link `/items`: "The same page
     // reached under two different URIs ... is not recognised as a loop", so `/items` is read too.
-    assert!(selfish.seen.count() <= 3, "{:?} {}", selfish.seen.hits(), shown);
+    assert!(
+        selfish.seen.count() <= 3,
+        "{:?} {}",
+        selfish.seen.hits(),
+        shown
+    );
 }
 
 /// "A next link to another origin is refused unless `.with_foreign_origin_allowed(true)`":
@@ -503,7 +529,12 @@ async fn pages31_foreign_next_links_are_refused_before_a_request() {
     let o = other_url.clone();
     let first = serve(move |_, _| {
         let o = o.clone();
-        async move { json_response(json!([{"id": 0}]), &[("link", format!("<{o}>; rel=\"next\""))]) }
+        async move {
+            json_response(
+                json!([{"id": 0}]),
+                &[("link", format!("<{o}>; rel=\"next\""))],
+            )
+        }
     })
     .await;
     let pager = link_pager(&first)
@@ -518,10 +549,14 @@ async fn pages31_foreign_next_links_are_refused_before_a_request() {
 #[tokio::test]
 async fn pages31_thousands_of_links_in_a_huge_header() {
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let mut link = String::new();
         for i in 0..5000 {
-            link.push_str(&format!("</items/{i}?x=\"a,b\">; rel=\"item\"; title=\"t;{i}\", "));
+            link.push_str(&format!(
+                "</items/{i}?x=\"a,b\">; rel=\"item\"; title=\"t;{i}\", "
+            ));
         }
         if page < 3 {
             link.push_str(&format!("</items?page={}>; rel=\"next\"", page + 1));
@@ -606,8 +641,12 @@ async fn pages31_a_server_cursor_that_grows_without_end() {
 async fn pages31_page_fetches_only_the_pages_it_needs() {
     // The server ignores the page size asked for: 7 per page, 21 items.
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
-        let items: Vec<Value> = ((page - 1) * 7..page * 7).map(|i| json!({"id": i + 1})).collect();
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
+        let items: Vec<Value> = ((page - 1) * 7..page * 7)
+            .map(|i| json!({"id": i + 1}))
+            .collect();
         let mut headers = Vec::new();
         if page < 3 {
             headers.push(("link", format!("</items?page={}>; rel=\"next\"", page + 1)));
@@ -646,7 +685,9 @@ async fn pages31_many_tasks_page_through_clones_with_shared_cursors() {
             let mut cursor: Option<String> = None;
             let mut got = Vec::new();
             for step in 0.. {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let limit = 1 + (seed >> 33) as usize % 60;
                 // Odd steps go through the other clone.
                 let p = if step % 2 == 0 { &pager } else { &peer };
@@ -717,7 +758,9 @@ async fn pages31_dropped_at_every_await_holds_nothing() {
                 .find_map(|kv| kv.strip_prefix("page="))
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(1);
-            let items: Vec<Value> = ((page - 1) * 4..page * 4).map(|i| json!({"id": i + 1})).collect();
+            let items: Vec<Value> = ((page - 1) * 4..page * 4)
+                .map(|i| json!({"id": i + 1}))
+                .collect();
             let body = Value::Array(items).to_string().into_bytes();
             let chunks: Vec<Bytes> = body.chunks(5).map(Bytes::copy_from_slice).collect();
             drop(held);
@@ -760,7 +803,11 @@ async fn pages31_dropped_at_every_await_holds_nothing() {
             }
         }
         drop(s);
-        assert_eq!(live.now(), 0, "a dropped walk still holds something (k = {k})");
+        assert_eq!(
+            live.now(),
+            0,
+            "a dropped walk still holds something (k = {k})"
+        );
         assert_eq!(ids(&got), ids(&whole[..got.len()]));
         if done {
             completed_walk = true;
@@ -773,13 +820,19 @@ async fn pages31_dropped_at_every_await_holds_nothing() {
         let mut fut = Box::pin(pager.page(whole_page.next_cursor.as_deref(), 5));
         let mut out = None;
         for _ in 0..k {
-            if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+            if let Poll::Ready(r) =
+                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+            {
                 out = Some(r);
                 break;
             }
         }
         drop(fut);
-        assert_eq!(live.now(), 0, "a dropped page() call still holds something (k = {k})");
+        assert_eq!(
+            live.now(),
+            0,
+            "a dropped page() call still holds something (k = {k})"
+        );
         if let Some(r) = out {
             assert_eq!(ids(&r.unwrap().items), [7, 8, 9, 10, 11]);
             completed_page = true;
@@ -794,7 +847,9 @@ async fn pages31_dropped_at_every_await_holds_nothing() {
 #[tokio::test]
 async fn pages31_a_next_link_with_a_fragment_is_followed() {
     let server = serve(|req, _| async move {
-        let page: usize = param(&req, "page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let page: usize = param(&req, "page")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1);
         let mut headers = Vec::new();
         if page < 2 {
             headers.push(("link", "</items?page=2#section>; rel=\"next\"".to_owned()));
@@ -815,7 +870,10 @@ async fn pages31_a_dripping_body_ends_at_the_page_timeout() {
     let server = serve(|_, _| async move {
         let stream = futures_util::stream::unfold(0u64, |i| async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b" "))), i + 1))
+            Some((
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b" "))),
+                i + 1,
+            ))
         });
         Response::builder()
             .status(200)

@@ -211,9 +211,7 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The `sturdy_core::Error` in a boxed error's chain.
-pub fn core_err<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a sturdy::core::Error> {
+pub fn core_err<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a sturdy::core::Error> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(c) = e.downcast_ref::<sturdy::core::Error>() {

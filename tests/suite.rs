@@ -123,6 +123,7 @@ mod outsider_retry;
 mod outsider_version_misc;
 mod outsider_webhook;
 mod pages31_auth;
+mod pages31_edges;
 mod pages31_paginate;
 mod pages31_util;
 mod readiness;
