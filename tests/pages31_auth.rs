@@ -27,10 +27,7 @@ const SECRET: &str = "interop-secret";
 
 fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nanos = std::process::id();
     format!(
         "{prefix}pages31-{}-{nanos}",
         N.fetch_add(1, Ordering::SeqCst)
@@ -559,7 +556,7 @@ async fn pages31_refresh_in_background_never_blocks_callers() {
     // The first token: waited for with a nonzero timeout.
     let first = tokens.get().await.unwrap();
     let mut kept = svc.clone();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let mut calls = 0;
     while started.elapsed() < Duration::from_millis(3000) {
         // With `Duration::ZERO`: "the cached token or fail at once" — a token due for refresh

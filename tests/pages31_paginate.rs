@@ -567,7 +567,7 @@ async fn pages31_thousands_of_links_in_a_huge_header() {
     })
     .await;
     let pager = link_pager(&server).build().unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let all: Vec<Value> = within(
         Duration::from_secs(20),
         "walk",
@@ -885,7 +885,7 @@ async fn pages31_a_dripping_body_ends_at_the_page_timeout() {
         .with_page_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let err = within(
         Duration::from_secs(10),
         "walk",

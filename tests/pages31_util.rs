@@ -127,6 +127,7 @@ pub fn full(body: impl Into<Bytes>) -> Body {
 }
 
 /// A JSON answer with extra headers.
+#[allow(clippy::needless_pass_by_value)]
 pub fn json_response(body: serde_json::Value, headers: &[(&str, String)]) -> Response<Body> {
     let mut b = Response::builder()
         .status(200)
@@ -148,9 +149,7 @@ pub fn status(code: u16) -> Response<Body> {
 pub fn chunked(chunks: Vec<Bytes>, then_fail: bool) -> Body {
     let head = futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))));
     if then_fail {
-        let tail = futures_util::stream::once(async {
-            Err(std::io::Error::new(std::io::ErrorKind::Other, "cut"))
-        });
+        let tail = futures_util::stream::once(async { Err(std::io::Error::other("cut")) });
         BodyExt::boxed(StreamBody::new(head.chain(tail)))
     } else {
         BodyExt::boxed(StreamBody::new(head.chain(futures_util::stream::pending())))
