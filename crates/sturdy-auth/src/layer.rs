@@ -97,9 +97,11 @@ impl AuthLayer {
         Ok(Self::with(Credentials::Header(name, v)))
     }
 
-    /// An API key in the query parameter `param`, added to the caller's query (which is kept
-    /// byte for byte). Prefer a header where the API allows one: URLs end up in logs (sturdy
-    /// never logs them, but proxies and servers may).
+    /// An API key in the query parameter `param`, appended to the caller's query. A parameter
+    /// of that name already there (`param=...`, in any percent-encoding of the name) is removed,
+    /// so a request carries one key, the layer's; every other pair of the query is kept byte for
+    /// byte. Prefer a header where the API allows one: URLs end up in logs (sturdy never logs
+    /// them, but proxies and servers may).
     ///
     /// # Errors
     /// When `param` is empty, or the key is empty (or only spaces and tabs).
