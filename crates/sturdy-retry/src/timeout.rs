@@ -225,7 +225,7 @@ thread_local! {
 }
 
 fn keep_floor(sent: tokio::time::Instant, len: Duration) {
-    // When the attempt was sent, which was just now (its first poll): no clock read.
+    // The floor is counted from when the attempt was sent: no clock read.
     let now = sent;
     // A floor still pending serves this attempt too: it ends at most half a timeout after its
     // arming, and an attempt with a shorter timeout than the one that armed it only wakes the

@@ -141,11 +141,7 @@ impl Verified {
             .ok()
             .and_then(|t| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(t)))
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        self.fresh_until = Some(
-            signed
-                .checked_add(window)
-                .unwrap_or_else(|| latest_time(signed)),
-        );
+        self.fresh_until = Some(signed.checked_add(window).unwrap_or_else(latest_time));
         self
     }
 
@@ -157,18 +153,21 @@ impl Verified {
     }
 }
 
-/// The latest time a `SystemTime` can hold, at or after `from` (its range depends on the
-/// platform): built greedily from the largest steps that still fit, at most about 190 tries.
-fn latest_time(from: SystemTime) -> SystemTime {
-    let mut t = from;
-    let mut step = Duration::MAX;
-    while !step.is_zero() {
-        match t.checked_add(step) {
-            Some(later) => t = later,
-            None => step /= 2,
+/// The latest time a `SystemTime` can hold (its range depends on the platform). Found once,
+/// greedily from the largest steps that still fit (about 190 tries), not for every delivery.
+fn latest_time() -> SystemTime {
+    static LATEST: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+    *LATEST.get_or_init(|| {
+        let mut t = SystemTime::UNIX_EPOCH;
+        let mut step = Duration::MAX;
+        while !step.is_zero() {
+            match t.checked_add(step) {
+                Some(later) => t = later,
+                None => step /= 2,
+            }
         }
-    }
-    t
+        t
+    })
 }
 
 /// A signature scheme.
