@@ -165,7 +165,7 @@ pub(crate) async fn raw(opts: Opts, decide: impl Fn(&Seen) -> Act + Send + Sync 
             };
             let conn = r.accepted.fetch_add(1, Ordering::SeqCst);
             if opts.reset_on_accept {
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                rst(&stream);
                 drop(stream);
                 continue;
             }
@@ -294,7 +294,7 @@ async fn connection(mut stream: TcpStream, conn: usize, opts: Opts, r: &Raw, dec
                     r.client_closed.fetch_add(1, Ordering::SeqCst);
                     return;
                 }
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                rst(&stream);
                 return;
             }
             Act::CloseAfterRead => return,
@@ -334,6 +334,12 @@ async fn connection(mut stream: TcpStream, conn: usize, opts: Opts, r: &Raw, dec
             }
         }
     }
+}
+
+/// Makes the close of `s` a reset (RST): SO_LINGER 0 (which does not block).
+#[allow(deprecated)]
+fn rst(s: &TcpStream) {
+    let _ = s.set_linger(Some(Duration::ZERO));
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
