@@ -62,6 +62,7 @@ mod edge30_vectors;
 mod exactly_once;
 mod faults32_circuit;
 mod faults32_coalesce;
+mod faults32_compose;
 mod faults32_concurrency;
 mod faults32_hedge;
 mod faults32_util;
