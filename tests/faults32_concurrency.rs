@@ -28,7 +28,7 @@ fn core_err(e: &BoxError) -> &sturdy::core::Error {
 /// `/stall` never answers (10 s), everything else answers at once.
 async fn stall_server() -> Raw {
     raw(Opts::default(), |s| match s.path.as_str() {
-        "/stall" => ok_after(10_000, "late"),
+        "/stall" | "/panic" => ok_after(10_000, "late"),
         _ => ok_after(0, "ok"),
     })
     .await
@@ -73,6 +73,9 @@ async fn permits_come_back_after_aborted_timed_out_and_panicking_calls() {
     let panicking = tokio::spawn(async move { s3.oneshot(get(&p)).await });
     until("three calls on the wire", || raw.seen().len() == 3).await;
     // The limit is full: a fourth call is shed, not sent, and says so.
+    let k = key(&handle);
+    let st = handle.state(&k).unwrap();
+    assert_eq!((st.limit(), st.in_flight()), (3, 3), "three calls on the wire hold three places");
     let err = svc.clone().oneshot(get(&raw.url("/shed"))).await.unwrap_err();
     let e = core_err(&err);
     assert!(matches!(e.kind(), ErrorKind::RateLimited { .. }), "{:?}", e.kind());
@@ -85,7 +88,6 @@ async fn permits_come_back_after_aborted_timed_out_and_panicking_calls() {
     assert!(aborted.await.unwrap_err().is_cancelled());
     assert!(timed.await.unwrap().is_err(), "timed out");
     assert!(panicking.await.unwrap_err().is_panic());
-    let k = key(&handle);
     until("every permit back", || handle.state(&k).unwrap().in_flight() == 0).await;
     let st = handle.state(&k).unwrap();
     assert_eq!((st.limit(), st.waiting()), (3, 0));
