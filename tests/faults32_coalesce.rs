@@ -21,7 +21,11 @@ async fn echo_server(ms: u64) -> Raw {
         let echo = format!(
             "auth={:?} key={:?} cookie={:?} body={}",
             s.header("authorization"),
-            s.headers.iter().filter(|(n, _)| n == "x-api-key").map(|(_, v)| v.as_str()).collect::<Vec<_>>(),
+            s.headers
+                .iter()
+                .filter(|(n, _)| n == "x-api-key")
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>(),
             s.header("cookie"),
             String::from_utf8_lossy(&s.body)
         );
@@ -76,8 +80,15 @@ async fn callers_with_different_credentials_never_share_a_response() {
     let results = futures_util::future::join_all(calls).await;
     for (h, r) in variants.iter().zip(results) {
         let body = body_text(r.unwrap()).await;
-        let auth = h.iter().find(|(n, _)| *n == "authorization").map(|(_, v)| *v);
-        let keys: Vec<&str> = h.iter().filter(|(n, _)| *n == "x-api-key").map(|(_, v)| *v).collect();
+        let auth = h
+            .iter()
+            .find(|(n, _)| *n == "authorization")
+            .map(|(_, v)| *v);
+        let keys: Vec<&str> = h
+            .iter()
+            .filter(|(n, _)| *n == "x-api-key")
+            .map(|(_, v)| *v)
+            .collect();
         let cookie = h.iter().find(|(n, _)| *n == "cookie").map(|(_, v)| *v);
         let want = format!("auth={auth:?} key={keys:?} cookie={cookie:?} body=");
         assert_eq!(body, want, "a caller got another caller's response");
@@ -104,8 +115,17 @@ async fn gets_with_different_bodies_are_never_shared() {
     for r in rs {
         bodies.push(body_text(r.unwrap()).await);
     }
-    assert!(bodies[0].ends_with("body=q=1") && bodies[1].ends_with("body=q=2") && bodies[2].ends_with("body=q=1"), "{bodies:?}");
-    assert_eq!(raw.count_path("/search"), 3, "a GET with a body passes through");
+    assert!(
+        bodies[0].ends_with("body=q=1")
+            && bodies[1].ends_with("body=q=2")
+            && bodies[2].ends_with("body=q=1"),
+        "{bodies:?}"
+    );
+    assert_eq!(
+        raw.count_path("/search"),
+        3,
+        "a GET with a body passes through"
+    );
     assert_eq!(handle.stats().joined(), 0);
 }
 
@@ -129,7 +149,10 @@ async fn a_cancelled_leader_does_not_fail_or_hang_its_followers() {
     until("followers joined", || handle.stats().joined() == 5).await;
     leader.abort();
     for f in followers {
-        bounded(Duration::from_secs(5), "follower", f).await.unwrap().unwrap();
+        bounded(Duration::from_secs(5), "follower", f)
+            .await
+            .unwrap()
+            .unwrap();
     }
     assert_eq!(raw.count_path("/shared"), 1, "the shared call went on");
     assert_eq!(raw.client_closed(), 0, "the shared call was not cancelled");
@@ -146,36 +169,58 @@ async fn when_every_caller_leaves_the_call_is_cancelled_and_forgotten() {
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let url = raw.url("/stall-head");
     let calls: Vec<_> = (0..4)
-        .map(|i| tokio::time::timeout(Duration::from_millis(100 + 30 * i), svc.clone().oneshot(get(&url))))
+        .map(|i| {
+            tokio::time::timeout(
+                Duration::from_millis(100 + 30 * i),
+                svc.clone().oneshot(get(&url)),
+            )
+        })
         .collect();
     for r in futures_util::future::join_all(calls).await {
         assert!(r.is_err(), "every caller timed out");
     }
-    until("the upstream connection closed", || raw.client_closed() == 1).await;
+    until("the upstream connection closed", || {
+        raw.client_closed() == 1
+    })
+    .await;
     assert_eq!(in_flight(&handle, &raw), 0, "the call left the table");
     assert_eq!(raw.count_path("/stall-head"), 1);
 }
 
 #[tokio::test]
 async fn a_stalled_shared_body_times_out_for_every_caller() {
-    let raw = raw(Opts::default(), |_| Act::StallBody { declared: 100, sent: 10 }).await;
+    let raw = raw(Opts::default(), |_| Act::StallBody {
+        declared: 100,
+        sent: 10,
+    })
+    .await;
     let (layer, _handle) = CoalesceLayer::new()
         .with_body_timeout(Duration::from_millis(200))
         .pair();
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let url = raw.url("/half");
     let calls: Vec<_> = (0..5).map(|_| svc.clone().oneshot(get(&url))).collect();
-    let rs = bounded(Duration::from_secs(5), "stalled body", futures_util::future::join_all(calls)).await;
+    let rs = bounded(
+        Duration::from_secs(5),
+        "stalled body",
+        futures_util::future::join_all(calls),
+    )
+    .await;
     for r in rs {
         let err = r.unwrap_err();
-        let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap_or_else(|| panic!("{}", chain(&*err)));
+        let e = sturdy::core::find::<sturdy::core::Error>(&*err)
+            .unwrap_or_else(|| panic!("{}", chain(&*err)));
         assert_eq!(*e.kind(), ErrorKind::Timeout, "{}", chain(&*err));
         assert!(
             err.to_string().contains("did not arrive within 200ms"),
             "names the cause: {}",
             chain(&*err)
         );
-        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "the server answered a head");
+        assert_eq!(
+            delivery(&*err),
+            Delivery::MaybeProcessed,
+            "the server answered a head"
+        );
     }
     assert_eq!(raw.count_path("/half"), 1);
     until("the stalled connection closed", || raw.client_closed() == 1).await;
@@ -183,18 +228,31 @@ async fn a_stalled_shared_body_times_out_for_every_caller() {
 
 #[tokio::test]
 async fn a_reset_after_read_is_shared_with_its_cause_and_delivery() {
-    let raw = raw(Opts::default(), |_| Act::ResetAfterRead(Duration::from_millis(150))).await;
+    let raw = raw(Opts::default(), |_| {
+        Act::ResetAfterRead(Duration::from_millis(150))
+    })
+    .await;
     let (layer, handle) = CoalesceLayer::new().pair();
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let url = raw.url("/reset");
     let calls: Vec<_> = (0..4).map(|_| svc.clone().oneshot(get(&url))).collect();
-    let rs = bounded(Duration::from_secs(5), "reset", futures_util::future::join_all(calls)).await;
+    let rs = bounded(
+        Duration::from_secs(5),
+        "reset",
+        futures_util::future::join_all(calls),
+    )
+    .await;
     assert_eq!(raw.count_path("/reset"), 1);
     assert_eq!(handle.stats().joined(), 3);
     let mut shared = 0;
     for r in rs {
         let err: BoxError = r.unwrap_err();
-        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{}", chain(&*err));
+        assert_eq!(
+            delivery(&*err),
+            Delivery::MaybeProcessed,
+            "{}",
+            chain(&*err)
+        );
         if sturdy::core::find::<SharedError>(&*err).is_some() {
             shared += 1;
             let msg = err.to_string();
@@ -202,9 +260,19 @@ async fn a_reset_after_read_is_shared_with_its_cause_and_delivery() {
                 msg.starts_with("the call shared by identical requests in flight failed: "),
                 "{msg}"
             );
-            assert!(!msg.ends_with("client error (SendRequest)"), "the message names a cause: {msg}");
-            assert!(sturdy::core::find::<hyper::Error>(&*err).is_some(), "{}", chain(&*err));
-            assert_eq!(sturdy::core::classify::classify_error(&*err), ErrorKind::Transport);
+            assert!(
+                !msg.ends_with("client error (SendRequest)"),
+                "the message names a cause: {msg}"
+            );
+            assert!(
+                sturdy::core::find::<hyper::Error>(&*err).is_some(),
+                "{}",
+                chain(&*err)
+            );
+            assert_eq!(
+                sturdy::core::classify::classify_error(&*err),
+                ErrorKind::Transport
+            );
         }
     }
     assert!(shared >= 3, "the joiners got a shared error");
@@ -226,11 +294,20 @@ async fn a_body_above_the_bound_streams_to_the_leader_and_others_send_their_own(
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let url = raw.url("/big");
     let calls: Vec<_> = (0..4).map(|_| svc.clone().oneshot(get(&url))).collect();
-    let rs = bounded(Duration::from_secs(10), "big", futures_util::future::join_all(calls)).await;
+    let rs = bounded(
+        Duration::from_secs(10),
+        "big",
+        futures_util::future::join_all(calls),
+    )
+    .await;
     for r in rs {
         assert_eq!(body_text(r.unwrap()).await, "0123456789abcdefghij");
     }
-    assert_eq!(n.load(Ordering::SeqCst), 4, "the leader's and one per other caller");
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        4,
+        "the leader's and one per other caller"
+    );
     assert!(handle.stats().too_large() >= 1);
 }
 
@@ -244,13 +321,21 @@ async fn zero_max_body_and_unbounded_body_timeout_still_answer() {
     for layer in [
         CoalesceLayer::new().with_max_body(0),
         CoalesceLayer::new().with_body_timeout(Duration::MAX),
-        CoalesceLayer::new().with_body_timeout(Duration::ZERO).with_max_body(usize::MAX),
+        CoalesceLayer::new()
+            .with_body_timeout(Duration::ZERO)
+            .with_max_body(usize::MAX),
         CoalesceLayer::new().with_max_hosts(0),
     ] {
         let svc = ServiceBuilder::new().layer(layer).service(http());
         let url = raw.url("/d");
         let calls: Vec<_> = (0..3).map(|_| svc.clone().oneshot(get(&url))).collect();
-        for r in bounded(Duration::from_secs(5), "hostile", futures_util::future::join_all(calls)).await {
+        for r in bounded(
+            Duration::from_secs(5),
+            "hostile",
+            futures_util::future::join_all(calls),
+        )
+        .await
+        {
             match r {
                 Ok(res) => assert_eq!(body_text(res).await, "abc"),
                 // A zero body timeout may fail the shared read; it must say so.
@@ -282,12 +367,21 @@ async fn client_builder_shares_one_retried_outcome_after_a_reset() {
         .build(http());
     let url = raw.url("/r");
     let calls: Vec<_> = (0..20).map(|_| client.clone().oneshot(get(&url))).collect();
-    let rs = bounded(Duration::from_secs(10), "retried", futures_util::future::join_all(calls)).await;
+    let rs = bounded(
+        Duration::from_secs(10),
+        "retried",
+        futures_util::future::join_all(calls),
+    )
+    .await;
     for r in rs {
         let res = r.unwrap_or_else(|e| panic!("{}", chain(&*e)));
         assert_eq!(body_text(res).await, "second");
     }
-    assert_eq!(raw.count_path("/r"), 2, "one failed request, one retry, for twenty callers");
+    assert_eq!(
+        raw.count_path("/r"),
+        2,
+        "one failed request, one retry, for twenty callers"
+    );
 }
 
 #[tokio::test]

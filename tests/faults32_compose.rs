@@ -32,7 +32,9 @@ struct PanicsInCall {
 impl Service<Request<Full<Bytes>>> for PanicsInCall {
     type Response = Response<Full<Bytes>>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
@@ -82,7 +84,10 @@ async fn a_panic_inside_inner_call_gives_the_concurrency_permit_back() {
         assert!(j.await.unwrap_err().is_panic());
     }
     assert_eq!(handle.state("h.example").unwrap().in_flight(), 0);
-    svc.clone().oneshot(get("http://h.example/ok")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://h.example/ok"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -97,9 +102,16 @@ async fn a_panic_inside_inner_call_does_not_wedge_a_half_open_breaker() {
         .with_open_duration(Duration::from_millis(1), Duration::from_millis(1))
         .pair();
     let svc = ServiceBuilder::new().layer(layer).service(inner);
-    let r = svc.clone().oneshot(get("http://h.example/x")).await.unwrap();
+    let r = svc
+        .clone()
+        .oneshot(get("http://h.example/x"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
-    assert!(matches!(handle.state("h.example"), Some(CircuitState::Open { .. })));
+    assert!(matches!(
+        handle.state("h.example"),
+        Some(CircuitState::Open { .. })
+    ));
     tokio::time::sleep(Duration::from_millis(20)).await;
     let s = svc.clone();
     let j = tokio::spawn(async move { s.oneshot(get("http://h.example/panic")).await.map(|_| ()) });
@@ -122,7 +134,8 @@ async fn coalesce_joiners_of_a_call_that_panics_in_call_get_not_sent_not_a_hang(
     let (layer, handle) = CoalesceLayer::new().pair();
     let svc = ServiceBuilder::new().layer(layer).service(inner);
     let s = svc.clone();
-    let leader = tokio::spawn(async move { s.oneshot(get("http://h.example/panic")).await.map(|_| ()) });
+    let leader =
+        tokio::spawn(async move { s.oneshot(get("http://h.example/panic")).await.map(|_| ()) });
     until("leader inside call", || calls.load(Ordering::SeqCst) == 1).await;
     let joiners: Vec<_> = (0..3)
         .map(|_| {
@@ -155,16 +168,22 @@ async fn lowering_then_raising_the_limit_in_flight_does_not_pay_twice() {
         .with_initial_limit(4)
         .with_max_wait(Duration::ZERO)
         .pair();
-    let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
-        let g = g.clone();
-        async move {
-            g.acquire().await.unwrap().forget();
-            Ok::<_, std::io::Error>(Response::new(()))
-        }
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
+            let g = g.clone();
+            async move {
+                g.acquire().await.unwrap().forget();
+                Ok::<_, std::io::Error>(Response::new(()))
+            }
+        }));
     let spawn = |svc: &_| {
         let s = Clone::clone(svc);
-        tokio::spawn(async move { ServiceExt::oneshot(s, get("http://h.example/")).await.map(|_| ()) })
+        tokio::spawn(async move {
+            ServiceExt::oneshot(s, get("http://h.example/"))
+                .await
+                .map(|_| ())
+        })
     };
     let first: Vec<_> = (0..4).map(|_| spawn(&svc)).collect();
     tokio::task::yield_now().await;
@@ -181,7 +200,11 @@ async fn lowering_then_raising_the_limit_in_flight_does_not_pay_twice() {
     // Four at once fit again.
     let again: Vec<_> = (0..4).map(|_| spawn(&svc)).collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert_eq!(handle.state("h.example").unwrap().in_flight(), 4, "capacity was paid twice");
+    assert_eq!(
+        handle.state("h.example").unwrap().in_flight(),
+        4,
+        "capacity was paid twice"
+    );
     gate.add_permits(4);
     for a in again {
         a.await.unwrap().unwrap();
@@ -197,7 +220,11 @@ async fn lowering_then_raising_the_limit_in_flight_does_not_pay_twice() {
     let more: Vec<_> = (0..4).map(|_| spawn(&svc)).collect();
     tokio::time::sleep(Duration::from_millis(1)).await;
     let st = handle.state("h.example").unwrap();
-    assert_eq!(st.in_flight(), st.limit().min(4), "more in flight than the limit");
+    assert_eq!(
+        st.in_flight(),
+        st.limit().min(4),
+        "more in flight than the limit"
+    );
     let admitted = st.in_flight();
     gate.add_permits(4);
     let mut shed = 0;
@@ -221,20 +248,28 @@ async fn vegas_at_a_limit_of_one_keeps_admitting_calls() {
             .pair();
         let n = Arc::new(AtomicUsize::new(0));
         let n2 = n.clone();
-        let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
-            let i = n2.fetch_add(1, Ordering::SeqCst) as u64;
-            async move {
-                tokio::time::sleep(Duration::from_millis(5 + (i % 7) * 3)).await;
-                Ok::<_, std::io::Error>(Response::new(()))
-            }
-        }));
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
+                let i = n2.fetch_add(1, Ordering::SeqCst) as u64;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5 + (i % 7) * 3)).await;
+                    Ok::<_, std::io::Error>(Response::new(()))
+                }
+            }));
         for i in 0..400 {
-            let r = tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(get("http://h.example/"))).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                svc.clone().oneshot(get("http://h.example/")),
+            )
+            .await;
             assert!(
                 matches!(r, Ok(Ok(_))),
                 "Vegas ({min}, {max}, {init}) call {i}: {:?}; state {:?}",
                 r.map(|x| x.map(|_| ()).map_err(|e| chain(&*e))),
-                handle.state("h.example").map(|s| (s.limit(), s.in_flight(), s.waiting()))
+                handle
+                    .state("h.example")
+                    .map(|s| (s.limit(), s.in_flight(), s.waiting()))
             );
         }
         assert!(handle.limit("h.example").unwrap() >= 1);
@@ -287,18 +322,32 @@ async fn probe_refused_by_load_shed_gets_its_slot_back() {
         _ = tokio::time::sleep(Duration::from_millis(1)) => {}
     }
     for _ in 0..5 {
-        let e = svc.clone().oneshot(get("http://h.example/x")).await.unwrap_err();
+        let e = svc
+            .clone()
+            .oneshot(get("http://h.example/x"))
+            .await
+            .unwrap_err();
         assert_eq!(delivery(&*e), Delivery::NotSent);
         assert!(sturdy::core::find::<CircuitOpen>(&*e).is_none());
     }
-    assert_eq!(handle.state("h.example"), Some(CircuitState::Closed), "a shed call was counted");
+    assert_eq!(
+        handle.state("h.example"),
+        Some(CircuitState::Closed),
+        "a shed call was counted"
+    );
     fail.store(0, Ordering::SeqCst);
     gate.add_permits(1);
     holder.await.unwrap();
     // Open h.example with one failure.
     fail.store(1, Ordering::SeqCst);
-    svc.clone().oneshot(get("http://h.example/x")).await.unwrap();
-    assert!(matches!(handle.state("h.example"), Some(CircuitState::Open { .. })));
+    svc.clone()
+        .oneshot(get("http://h.example/x"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.state("h.example"),
+        Some(CircuitState::Open { .. })
+    ));
     // Another host holds the concurrency limit; the open period ends.
     fail.store(0, Ordering::SeqCst);
     let mut holder = Box::pin(svc.clone().oneshot(get("http://other.example/hold")));
@@ -310,7 +359,11 @@ async fn probe_refused_by_load_shed_gets_its_slot_back() {
     // The probe is shed below the breaker (not sent); the next call must be a probe again,
     // not refused as "probing".
     for i in 0..3 {
-        let e = svc.clone().oneshot(get("http://h.example/x")).await.unwrap_err();
+        let e = svc
+            .clone()
+            .oneshot(get("http://h.example/x"))
+            .await
+            .unwrap_err();
         assert!(
             sturdy::core::find::<CircuitOpen>(&*e).is_none(),
             "call {i}: the shed probe kept its slot: {}",
@@ -320,7 +373,10 @@ async fn probe_refused_by_load_shed_gets_its_slot_back() {
     }
     gate.add_permits(1);
     holder.await.unwrap();
-    svc.clone().oneshot(get("http://h.example/x")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://h.example/x"))
+        .await
+        .unwrap();
     assert_eq!(handle.state("h.example"), Some(CircuitState::Closed));
 }
 
@@ -330,20 +386,35 @@ async fn overflow_breaker_names_the_calls_own_host() {
         .with_consecutive_failures(1)
         .with_max_breakers(1)
         .pair();
-    let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(|_r: Request<Full<Bytes>>| async {
-        let mut r = Response::new(());
-        *r.status_mut() = StatusCode::BAD_GATEWAY;
-        Ok::<_, std::io::Error>(r)
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(|_r: Request<Full<Bytes>>| async {
+            let mut r = Response::new(());
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            Ok::<_, std::io::Error>(r)
+        }));
     svc.clone().oneshot(get("http://a.example/")).await.unwrap();
-    assert!(matches!(handle.state("a.example"), Some(CircuitState::Open { .. })));
+    assert!(matches!(
+        handle.state("a.example"),
+        Some(CircuitState::Open { .. })
+    ));
     // b and c share the overflow breaker: b fails and opens it; c is refused with Overflow.
     svc.clone().oneshot(get("http://b.example/")).await.unwrap();
-    let e = svc.clone().oneshot(get("http://c.example/")).await.unwrap_err();
+    let e = svc
+        .clone()
+        .oneshot(get("http://c.example/"))
+        .await
+        .unwrap_err();
     let o = sturdy::core::find::<CircuitOpen>(&*e).unwrap_or_else(|| panic!("{}", chain(&*e)));
     assert_eq!(o.reason(), OpenReason::Overflow);
-    assert!(e.to_string().contains("c.example"), "names the call's own host: {e}");
-    assert!(!e.to_string().contains("b.example"), "not another host's: {e}");
+    assert!(
+        e.to_string().contains("c.example"),
+        "names the call's own host: {e}"
+    );
+    assert!(
+        !e.to_string().contains("b.example"),
+        "not another host's: {e}"
+    );
 }
 
 #[tokio::test]
@@ -381,7 +452,9 @@ async fn hedged_copies_over_a_limit_of_one_never_overrun_the_host() {
         .with_limits(1, 1)
         .with_max_wait(Duration::from_secs(5))
         .pair();
-    let (cb, cbh) = CircuitBreakerLayer::new().with_consecutive_failures(1).pair();
+    let (cb, cbh) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
     let client = ClientBuilder::new()
         .with_hedge(hedge)
         .with_adaptive_concurrency(conc)
@@ -389,16 +462,31 @@ async fn hedged_copies_over_a_limit_of_one_never_overrun_the_host() {
         .with_attempt_timeout(Duration::from_secs(5))
         .build(http());
     for _ in 0..8 {
-        client.clone().oneshot(get(&raw.url("/warm"))).await.unwrap();
+        client
+            .clone()
+            .oneshot(get(&raw.url("/warm")))
+            .await
+            .unwrap();
     }
     for i in 0..10 {
-        let r = client.clone().oneshot(get(&raw.url(&format!("/c{i}")))).await;
+        let r = client
+            .clone()
+            .oneshot(get(&raw.url(&format!("/c{i}"))))
+            .await;
         assert_eq!(r.unwrap_or_else(|e| panic!("{}", chain(&*e))).status(), 200);
     }
-    assert_eq!(peak.load(Ordering::SeqCst), 1, "two requests at once past a limit of 1");
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        1,
+        "two requests at once past a limit of 1"
+    );
     let k = ch.states()[0].0.clone();
     assert_eq!(ch.state(&k).unwrap().in_flight(), 0);
-    assert_eq!(cbh.states()[0].1, CircuitState::Closed, "a dropped hedge is not a breaker failure");
+    assert_eq!(
+        cbh.states()[0].1,
+        CircuitState::Closed,
+        "a dropped hedge is not a breaker failure"
+    );
     let _ = hh;
 }
 
@@ -424,17 +512,27 @@ async fn hedge_losers_are_not_breaker_failures_on_the_wire() {
         .with_budget(1.0, 10)
         .unwrap()
         .pair();
-    let (cb, cbh) = CircuitBreakerLayer::new().with_consecutive_failures(1).pair();
+    let (cb, cbh) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
     let client = ClientBuilder::new()
         .with_hedge(hedge)
         .with_circuit_breaker(cb)
         .with_attempt_timeout(Duration::from_secs(10))
         .build(http());
     for _ in 0..8 {
-        client.clone().oneshot(get(&raw.url("/warm"))).await.unwrap();
+        client
+            .clone()
+            .oneshot(get(&raw.url("/warm")))
+            .await
+            .unwrap();
     }
     for i in 0..5 {
-        client.clone().oneshot(get(&raw.url(&format!("/h{i}")))).await.unwrap();
+        client
+            .clone()
+            .oneshot(get(&raw.url(&format!("/h{i}"))))
+            .await
+            .unwrap();
     }
     assert_eq!(hh.all()[0].1.hedge_wins(), 5);
     assert_eq!(cbh.states()[0].1, CircuitState::Closed);
@@ -465,7 +563,10 @@ async fn coalesce_over_the_full_stack_cancelled_leader_and_idle_close() {
         let c = client.clone();
         let u = url.clone();
         let leader = tokio::spawn(async move { c.oneshot(get(&u)).await.map(|_| ()) });
-        until("leader on the wire", || raw.count_path(&format!("/r{round}")) == 1).await;
+        until("leader on the wire", || {
+            raw.count_path(&format!("/r{round}")) == 1
+        })
+        .await;
         let followers: Vec<_> = (0..5)
             .map(|_| {
                 let c = client.clone();

@@ -16,7 +16,12 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 
 fn key(h: &ConcurrencyHandle) -> String {
     let all = h.states();
-    assert_eq!(all.len(), 1, "{:?}", all.iter().map(|s| &s.0).collect::<Vec<_>>());
+    assert_eq!(
+        all.len(),
+        1,
+        "{:?}",
+        all.iter().map(|s| &s.0).collect::<Vec<_>>()
+    );
     all[0].0.clone()
 }
 
@@ -75,10 +80,22 @@ async fn permits_come_back_after_aborted_timed_out_and_panicking_calls() {
     // The limit is full: a fourth call is shed, not sent, and says so.
     let k = key(&handle);
     let st = handle.state(&k).unwrap();
-    assert_eq!((st.limit(), st.in_flight()), (3, 3), "three calls on the wire hold three places");
-    let err = svc.clone().oneshot(get(&raw.url("/shed"))).await.unwrap_err();
+    assert_eq!(
+        (st.limit(), st.in_flight()),
+        (3, 3),
+        "three calls on the wire hold three places"
+    );
+    let err = svc
+        .clone()
+        .oneshot(get(&raw.url("/shed")))
+        .await
+        .unwrap_err();
     let e = core_err(&err);
-    assert!(matches!(e.kind(), ErrorKind::RateLimited { .. }), "{:?}", e.kind());
+    assert!(
+        matches!(e.kind(), ErrorKind::RateLimited { .. }),
+        "{:?}",
+        e.kind()
+    );
     assert_eq!(delivery(&*err), Delivery::NotSent);
     let lr = sturdy::core::find::<LimitReached>(&*err).expect("LimitReached in the chain");
     assert_eq!(lr.limit(), 3);
@@ -88,7 +105,10 @@ async fn permits_come_back_after_aborted_timed_out_and_panicking_calls() {
     assert!(aborted.await.unwrap_err().is_cancelled());
     assert!(timed.await.unwrap().is_err(), "timed out");
     assert!(panicking.await.unwrap_err().is_panic());
-    until("every permit back", || handle.state(&k).unwrap().in_flight() == 0).await;
+    until("every permit back", || {
+        handle.state(&k).unwrap().in_flight() == 0
+    })
+    .await;
     let st = handle.state(&k).unwrap();
     assert_eq!((st.limit(), st.waiting()), (3, 0));
     // Three calls at once go through again (nothing wedged).
@@ -126,14 +146,28 @@ async fn waiting_callers_cancelled_at_every_point_leave_the_line() {
         }));
     }
     for w in waiters {
-        assert!(w.await.unwrap().is_err(), "a waiter got through while the holder held the place");
+        assert!(
+            w.await.unwrap().is_err(),
+            "a waiter got through while the holder held the place"
+        );
     }
-    assert_eq!(handle.state(&k).unwrap().waiting(), 0, "dropped waiters left the line");
+    assert_eq!(
+        handle.state(&k).unwrap().waiting(),
+        0,
+        "dropped waiters left the line"
+    );
     holder.abort();
-    until("holder's permit back", || handle.state(&k).unwrap().in_flight() == 0).await;
-    let r = bounded(Duration::from_secs(3), "next call", svc.clone().oneshot(get(&raw.url("/ok"))))
-        .await
-        .unwrap();
+    until("holder's permit back", || {
+        handle.state(&k).unwrap().in_flight() == 0
+    })
+    .await;
+    let r = bounded(
+        Duration::from_secs(3),
+        "next call",
+        svc.clone().oneshot(get(&raw.url("/ok"))),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(raw.count_path("/w"), 0, "no dropped waiter was sent");
 }
@@ -142,7 +176,14 @@ async fn waiting_callers_cancelled_at_every_point_leave_the_line() {
 async fn resets_and_refusals_do_not_move_the_limit() {
     // Connections reset before and after the request was read, and refused: "Other failures
     // (a 500, a 404, a connect error) ... say nothing about capacity and are ignored."
-    let before = raw(Opts { reset_on_accept: true, ..Opts::default() }, |_| status(200)).await;
+    let before = raw(
+        Opts {
+            reset_on_accept: true,
+            ..Opts::default()
+        },
+        |_| status(200),
+    )
+    .await;
     let after = raw(Opts::default(), |_| Act::ResetAfterRead(Duration::ZERO)).await;
     let refused = closed_port().await;
     for (what, url) in [
@@ -150,7 +191,9 @@ async fn resets_and_refusals_do_not_move_the_limit() {
         ("reset after read", after.url("/x")),
         ("refused", format!("http://{refused}/x")),
     ] {
-        let (layer, handle) = AdaptiveConcurrencyLayer::new().with_initial_limit(10).pair();
+        let (layer, handle) = AdaptiveConcurrencyLayer::new()
+            .with_initial_limit(10)
+            .pair();
         let svc = ServiceBuilder::new().layer(layer).service(http());
         for _ in 0..30 {
             assert!(svc.clone().oneshot(get(&url)).await.is_err());
@@ -196,12 +239,24 @@ async fn stalls_cut_by_a_timeout_below_shrink_the_limit_to_the_minimum_not_to_ze
         .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(20)))
         .service(http());
     for _ in 0..40 {
-        let err = svc.clone().oneshot(get(&raw.url("/stall"))).await.unwrap_err();
-        assert!(sturdy::core::find::<tower::timeout::error::Elapsed>(&*err).is_some(), "{}", chain(&*err));
+        let err = svc
+            .clone()
+            .oneshot(get(&raw.url("/stall")))
+            .await
+            .unwrap_err();
+        assert!(
+            sturdy::core::find::<tower::timeout::error::Elapsed>(&*err).is_some(),
+            "{}",
+            chain(&*err)
+        );
     }
     let k = key(&handle);
     let st = handle.state(&k).unwrap();
-    assert_eq!(st.limit(), 1, "tower's Elapsed is a timeout: the limit falls to the minimum");
+    assert_eq!(
+        st.limit(),
+        1,
+        "tower's Elapsed is a timeout: the limit falls to the minimum"
+    );
     assert_eq!(st.in_flight(), 0);
     let r = svc.clone().oneshot(get(&raw.url("/ok"))).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -227,10 +282,17 @@ async fn slow_drip_body_is_not_held_by_the_permit_after_the_head() {
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let res = svc.clone().oneshot(get(&raw.url("/drip"))).await.unwrap();
     let k = key(&handle);
-    assert_eq!(handle.state(&k).unwrap().in_flight(), 0, "the head arrived: the place is back");
+    assert_eq!(
+        handle.state(&k).unwrap().in_flight(),
+        0,
+        "the head arrived: the place is back"
+    );
     let other = svc.clone().oneshot(get(&raw.url("/ok"))).await;
     assert!(other.is_ok(), "a second call while the first body drips");
-    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(body.len(), 40);
 }
 
@@ -247,7 +309,9 @@ async fn kept_service_under_buffer_loadshed_and_concurrency_limit_one() {
         }
     })
     .await;
-    let (layer, handle) = AdaptiveConcurrencyLayer::new().with_max_wait(Duration::ZERO).pair();
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_max_wait(Duration::ZERO)
+        .pair();
     let inner = ServiceBuilder::new()
         .load_shed()
         .concurrency_limit(1)
@@ -291,12 +355,18 @@ async fn hostile_limits_and_waits() {
         .with_initial_limit(usize::MAX)
         .with_max_wait(Duration::MAX)
         .pair();
-    let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(|_r: Request<Full<Bytes>>| async {
-        Ok::<_, BoxError>(Response::new(()))
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(|_r: Request<Full<Bytes>>| async {
+            Ok::<_, BoxError>(Response::new(()))
+        }));
     svc.clone().oneshot(get("http://h.example/")).await.unwrap();
     let k = key(&handle);
-    assert!(handle.limit(&k).unwrap() <= 1_000_000, "capped: {:?}", handle.limit(&k));
+    assert!(
+        handle.limit(&k).unwrap() <= 1_000_000,
+        "capped: {:?}",
+        handle.limit(&k)
+    );
 
     let (layer, handle) = AdaptiveConcurrencyLayer::new()
         .with_limits(2, 5)
@@ -304,26 +374,38 @@ async fn hostile_limits_and_waits() {
         .pair();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
-    let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
-        let g = g.clone();
-        async move {
-            let _p = g.acquire().await.unwrap();
-            Ok::<_, std::io::Error>(Response::new(()))
-        }
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
+            let g = g.clone();
+            async move {
+                let _p = g.acquire().await.unwrap();
+                Ok::<_, std::io::Error>(Response::new(()))
+            }
+        }));
     handle.set_limit("h.example", 0);
-    assert_eq!(handle.limit("h.example"), Some(2), "set_limit(0) is taken into the bounds");
+    assert_eq!(
+        handle.limit("h.example"),
+        Some(2),
+        "set_limit(0) is taken into the bounds"
+    );
     handle.set_limit("h.example", usize::MAX);
     assert_eq!(handle.limit("h.example"), Some(5));
     handle.set_limit("h.example", 2);
     let mut calls = Vec::new();
     for _ in 0..3 {
         let s = svc.clone();
-        calls.push(tokio::spawn(async move { s.oneshot(get("http://h.example/")).await }));
+        calls.push(tokio::spawn(async move {
+            s.oneshot(get("http://h.example/")).await
+        }));
     }
     tokio::time::sleep(Duration::from_secs(3600)).await;
     let st = handle.state("h.example").unwrap();
-    assert_eq!((st.in_flight(), st.waiting()), (2, 1), "the third waits (Duration::MAX)");
+    assert_eq!(
+        (st.in_flight(), st.waiting()),
+        (2, 1),
+        "the third waits (Duration::MAX)"
+    );
     gate.add_permits(3);
     for c in calls {
         c.await.unwrap().unwrap();
@@ -333,7 +415,10 @@ async fn hostile_limits_and_waits() {
 #[test]
 fn backoff_ratio_is_validated() {
     for r in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
-        assert!(AdaptiveConcurrencyLayer::new().with_backoff(r).is_err(), "ratio {r}");
+        assert!(
+            AdaptiveConcurrencyLayer::new().with_backoff(r).is_err(),
+            "ratio {r}"
+        );
     }
     assert!(AdaptiveConcurrencyLayer::new().with_backoff(0.5).is_ok());
 }
@@ -348,19 +433,26 @@ async fn many_timeouts_in_a_row_on_paused_time_never_reach_zero() {
         .with_limits(0, 100)
         .with_max_wait(Duration::from_secs(1))
         .pair();
-    let svc = ServiceBuilder::new().layer(layer).service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
-        let failing = f.load(Ordering::SeqCst) == 1;
-        async move {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            if failing {
-                Err::<Response<()>, BoxError>(Box::new(sturdy::core::Error::new(ErrorKind::Timeout, "cut")))
-            } else {
-                Ok(Response::new(()))
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
+            let failing = f.load(Ordering::SeqCst) == 1;
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if failing {
+                    Err::<Response<()>, BoxError>(Box::new(sturdy::core::Error::new(
+                        ErrorKind::Timeout,
+                        "cut",
+                    )))
+                } else {
+                    Ok(Response::new(()))
+                }
             }
-        }
-    }));
+        }));
     for _ in 0..10 {
-        let calls: Vec<_> = (0..50).map(|_| svc.clone().oneshot(get("http://h.example/"))).collect();
+        let calls: Vec<_> = (0..50)
+            .map(|_| svc.clone().oneshot(get("http://h.example/")))
+            .collect();
         let _ = futures_util::future::join_all(calls).await;
     }
     assert_eq!(handle.limit("h.example"), Some(1));

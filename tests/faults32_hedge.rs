@@ -58,7 +58,12 @@ async fn first_stalls(other: impl Fn(&Seen) -> Act + Send + Sync + 'static) -> R
 
 fn host_stats(h: &HedgeHandle) -> sturdy::hedge::HedgeStats {
     let all = h.all();
-    assert_eq!(all.len(), 1, "one host: {:?}", all.iter().map(|a| &a.0).collect::<Vec<_>>());
+    assert_eq!(
+        all.len(),
+        1,
+        "one host: {:?}",
+        all.iter().map(|a| &a.0).collect::<Vec<_>>()
+    );
     all[0].1.clone()
 }
 
@@ -69,15 +74,26 @@ async fn stalled_get_is_hedged_and_the_loser_connection_is_closed() {
     let svc = ServiceBuilder::new().layer(layer).service(http());
     warm(&svc, &raw).await;
     let start = Instant::now();
-    let res = bounded(Duration::from_secs(4), "hedged GET", svc.clone().oneshot(get(&raw.url("/slow"))))
-        .await
-        .unwrap();
+    let res = bounded(
+        Duration::from_secs(4),
+        "hedged GET",
+        svc.clone().oneshot(get(&raw.url("/slow"))),
+    )
+    .await
+    .unwrap();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"second", "the hedge answered first");
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(raw.count("GET", "/slow"), 2, "the first copy and one hedge");
     // The loser was dropped: hyper closes its connection, which the server sees.
-    until("the loser's connection closed by the client", || raw.client_closed() == 1).await;
+    until("the loser's connection closed by the client", || {
+        raw.client_closed() == 1
+    })
+    .await;
     let st = host_stats(&handle);
     assert_eq!((st.hedges(), st.hedge_wins()), (1, 1));
 }
@@ -100,11 +116,18 @@ async fn a_stalled_head_and_a_stalled_body_are_hedged_too() {
     let (layer, handle) = layer();
     let svc = ServiceBuilder::new().layer(layer).service(http());
     warm(&svc, &raw).await;
-    let res = bounded(Duration::from_secs(4), "hedged GET", svc.clone().oneshot(get(&raw.url("/head"))))
-        .await
-        .unwrap();
+    let res = bounded(
+        Duration::from_secs(4),
+        "hedged GET",
+        svc.clone().oneshot(get(&raw.url("/head"))),
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), 200);
-    until("the stalled head's connection closed", || raw.client_closed() == 1).await;
+    until("the stalled head's connection closed", || {
+        raw.client_closed() == 1
+    })
+    .await;
     assert_eq!(host_stats(&handle).hedge_wins(), 1);
 }
 
@@ -130,11 +153,19 @@ async fn no_duplicate_for_methods_the_docs_do_not_hedge() {
             .insert("idempotency-key", "k-123".parse().unwrap());
         svc.clone().oneshot(keyed).await.unwrap();
         assert_eq!(raw.count(m, &path), 1, "{m} without a key was duplicated");
-        assert_eq!(raw.count(m, &format!("{path}-keyed")), 1, "{m} with a key (keyed off) was duplicated");
+        assert_eq!(
+            raw.count(m, &format!("{path}-keyed")),
+            1,
+            "{m} with a key (keyed off) was duplicated"
+        );
     }
     // A control: a GET there is hedged.
     svc.clone().oneshot(get(&raw.url("/u-GET"))).await.unwrap();
-    assert_eq!(raw.count("GET", "/u-GET"), 2, "the control GET was not hedged");
+    assert_eq!(
+        raw.count("GET", "/u-GET"),
+        2,
+        "the control GET was not hedged"
+    );
     assert_eq!(host_stats(&handle).hedges(), 1);
 }
 
@@ -146,25 +177,46 @@ async fn keyed_requests_are_hedged_only_with_a_real_key() {
     })
     .await;
     let (l, _handle) = layer();
-    let svc = ServiceBuilder::new().layer(l.with_keyed_requests(true)).service(http());
+    let svc = ServiceBuilder::new()
+        .layer(l.with_keyed_requests(true))
+        .service(http());
     warm(&svc, &raw).await;
     // No key, a blank key, a key of tabs: never hedged.
-    svc.clone().oneshot(req("POST", &raw.url("/none"))).await.unwrap();
+    svc.clone()
+        .oneshot(req("POST", &raw.url("/none")))
+        .await
+        .unwrap();
     for (path, v) in [("/blank", ""), ("/spaces", "  \t ")] {
         let mut r = req("POST", &raw.url(path));
-        r.headers_mut().insert("idempotency-key", v.parse().unwrap());
+        r.headers_mut()
+            .insert("idempotency-key", v.parse().unwrap());
         svc.clone().oneshot(r).await.unwrap();
     }
     // A real key: hedged, and both copies carry the same key and body.
     let mut r = req("POST", &raw.url("/keyed"));
-    r.headers_mut().insert("idempotency-key", "k-1".parse().unwrap());
+    r.headers_mut()
+        .insert("idempotency-key", "k-1".parse().unwrap());
     svc.clone().oneshot(r).await.unwrap();
     assert_eq!(raw.count("POST", "/none"), 1);
-    assert_eq!(raw.count("POST", "/blank"), 1, "a blank key names no operation");
-    assert_eq!(raw.count("POST", "/spaces"), 1, "a key of spaces names no operation");
-    let keyed: Vec<Seen> = raw.seen().into_iter().filter(|s| s.path == "/keyed").collect();
+    assert_eq!(
+        raw.count("POST", "/blank"),
+        1,
+        "a blank key names no operation"
+    );
+    assert_eq!(
+        raw.count("POST", "/spaces"),
+        1,
+        "a key of spaces names no operation"
+    );
+    let keyed: Vec<Seen> = raw
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/keyed")
+        .collect();
     assert_eq!(keyed.len(), 2, "the keyed POST is hedged");
-    assert!(keyed.iter().all(|s| s.header("idempotency-key") == Some("k-1") && s.body == b"{\"a\":1}"));
+    assert!(keyed
+        .iter()
+        .all(|s| s.header("idempotency-key") == Some("k-1") && s.body == b"{\"a\":1}"));
 }
 
 #[tokio::test]
@@ -182,12 +234,28 @@ async fn client_builder_posts_are_never_hedged() {
         .with_attempt_timeout(Duration::from_secs(5))
         .build(http());
     for _ in 0..12 {
-        client.clone().oneshot(get(&raw.url("/warm"))).await.unwrap();
+        client
+            .clone()
+            .oneshot(get(&raw.url("/warm")))
+            .await
+            .unwrap();
     }
-    let res = client.clone().oneshot(req("POST", &raw.url("/orders"))).await.unwrap();
+    let res = client
+        .clone()
+        .oneshot(req("POST", &raw.url("/orders")))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
-    let posts: Vec<Seen> = raw.seen().into_iter().filter(|s| s.path == "/orders").collect();
-    assert_eq!(posts.len(), 1, "a POST through ClientBuilder was duplicated");
+    let posts: Vec<Seen> = raw
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/orders")
+        .collect();
+    assert_eq!(
+        posts.len(),
+        1,
+        "a POST through ClientBuilder was duplicated"
+    );
     assert!(posts[0].header("idempotency-key").is_some());
     client.clone().oneshot(get(&raw.url("/g"))).await.unwrap();
     assert_eq!(raw.count("GET", "/g"), 2, "control: a slow GET is hedged");
@@ -205,7 +273,12 @@ async fn a_first_copy_reset_before_the_delay_fails_the_call_and_sends_no_hedge()
     let svc = ServiceBuilder::new().layer(l).service(http());
     warm(&svc, &raw).await;
     let err = svc.clone().oneshot(get(&raw.url("/r"))).await.unwrap_err();
-    assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{}", chain(&*err));
+    assert_eq!(
+        delivery(&*err),
+        Delivery::MaybeProcessed,
+        "{}",
+        chain(&*err)
+    );
     tokio::time::sleep(DELAY * 3).await;
     assert_eq!(raw.count_path("/r"), 1, "no hedge after the call failed");
     assert_eq!(host_stats(&handle).hedges(), 0);
@@ -230,12 +303,24 @@ async fn both_copies_reset_after_read_the_call_says_maybe_processed() {
     let svc = ServiceBuilder::new().layer(l).service(http());
     warm(&svc, &raw).await;
     let start = Instant::now();
-    let err = bounded(Duration::from_secs(4), "both reset", svc.clone().oneshot(get(&raw.url("/r2"))))
-        .await
-        .unwrap_err();
-    assert!(start.elapsed() >= Duration::from_millis(90), "waited for the other copy");
+    let err = bounded(
+        Duration::from_secs(4),
+        "both reset",
+        svc.clone().oneshot(get(&raw.url("/r2"))),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        start.elapsed() >= Duration::from_millis(90),
+        "waited for the other copy"
+    );
     assert_eq!(raw.count_path("/r2"), 2);
-    assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{}", chain(&*err));
+    assert_eq!(
+        delivery(&*err),
+        Delivery::MaybeProcessed,
+        "{}",
+        chain(&*err)
+    );
     assert_eq!(host_stats(&handle).hedge_wins(), 0);
 }
 
@@ -268,9 +353,13 @@ async fn a_refused_hedge_after_a_reset_first_copy_never_says_not_sent() {
     let (l, handle) = layer();
     let svc = ServiceBuilder::new().layer(l).service(inner);
     warm(&svc, &raw).await;
-    let err = bounded(Duration::from_secs(4), "reset then refused", svc.clone().oneshot(get(&raw.url("/x"))))
-        .await
-        .unwrap_err();
+    let err = bounded(
+        Duration::from_secs(4),
+        "reset then refused",
+        svc.clone().oneshot(get(&raw.url("/x"))),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(host_stats(&handle).hedges(), 1, "the hedge was sent");
     assert_eq!(
         delivery(&*err),
@@ -291,10 +380,17 @@ async fn dropping_a_hedged_call_closes_both_connections() {
     let (l, handle) = layer();
     let svc = ServiceBuilder::new().layer(l).service(http());
     warm(&svc, &raw).await;
-    let r = tokio::time::timeout(Duration::from_millis(200), svc.clone().oneshot(get(&raw.url("/both")))).await;
+    let r = tokio::time::timeout(
+        Duration::from_millis(200),
+        svc.clone().oneshot(get(&raw.url("/both"))),
+    )
+    .await;
     assert!(r.is_err());
     assert_eq!(raw.count_path("/both"), 2);
-    until("both stalled connections closed", || raw.client_closed() == 2).await;
+    until("both stalled connections closed", || {
+        raw.client_closed() == 2
+    })
+    .await;
     assert_eq!(host_stats(&handle).hedges(), 1);
 }
 
@@ -372,7 +468,10 @@ async fn many_tasks_over_buffer_with_hedging_get_every_answer_once() {
 #[test]
 fn hostile_settings_are_validated_or_clamped() {
     for p in [0.0, 1.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
-        assert!(HedgeLayer::new().with_percentile(p).is_err(), "percentile {p}");
+        assert!(
+            HedgeLayer::new().with_percentile(p).is_err(),
+            "percentile {p}"
+        );
     }
     for r in [-0.1, 1.1, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
         assert!(HedgeLayer::new().with_budget(r, 10).is_err(), "ratio {r}");
@@ -395,12 +494,17 @@ async fn huge_delay_bounds_and_window_do_not_panic_on_the_call_path() {
         .with_delay_bounds(Duration::MAX, Duration::MAX)
         .with_window(Duration::MAX)
         .pair();
-    let svc = ServiceBuilder::new().layer(l).service(tower::service_fn(|_r: Request<Full<Bytes>>| async {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        Ok::<_, BoxError>(Response::new(()))
-    }));
+    let svc = ServiceBuilder::new().layer(l).service(tower::service_fn(
+        |_r: Request<Full<Bytes>>| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok::<_, BoxError>(Response::new(()))
+        },
+    ));
     for _ in 0..50 {
-        svc.clone().oneshot(get("http://h.example/x")).await.unwrap();
+        svc.clone()
+            .oneshot(get("http://h.example/x"))
+            .await
+            .unwrap();
     }
     let st = handle.stats("h.example").unwrap();
     assert_eq!((st.calls(), st.hedges()), (50, 0));
@@ -418,17 +522,26 @@ async fn zero_window_and_zero_delay_bounds_keep_working() {
         .with_budget(0.0, 3)
         .unwrap()
         .pair();
-    let svc = ServiceBuilder::new().layer(l).service(tower::service_fn(move |_r: Request<Full<Bytes>>| {
-        n2.fetch_add(1, Ordering::SeqCst);
-        async {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            Ok::<_, BoxError>(Response::new(()))
-        }
-    }));
+    let svc = ServiceBuilder::new().layer(l).service(tower::service_fn(
+        move |_r: Request<Full<Bytes>>| {
+            n2.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, BoxError>(Response::new(()))
+            }
+        },
+    ));
     for _ in 0..100 {
-        svc.clone().oneshot(get("http://h.example/x")).await.unwrap();
+        svc.clone()
+            .oneshot(get("http://h.example/x"))
+            .await
+            .unwrap();
     }
     let st = handle.stats("h.example").unwrap();
-    assert!(st.hedges() <= 3, "budget 0 ratio, burst 3: {} hedges", st.hedges());
+    assert!(
+        st.hedges() <= 3,
+        "budget 0 ratio, burst 3: {} hedges",
+        st.hedges()
+    );
     assert_eq!(n.load(Ordering::SeqCst) as u64, 100 + st.hedges());
 }

@@ -388,7 +388,11 @@ pub(crate) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Fails the test if `f` takes longer than `limit` (nothing may hang).
-pub(crate) async fn bounded<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = T>,
+) -> T {
     match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: still running after {limit:?}"),

@@ -63,7 +63,10 @@ async fn hedge_wins_over_a_copy_stalled_in_haproxy_and_the_origin_sees_one() {
     let (layer, handle) = hedge().pair();
     let svc = ServiceBuilder::new().layer(layer).service(http());
     for _ in 0..8 {
-        svc.clone().oneshot(get(&format!("{normal}/{}", unique("warm")))).await.unwrap();
+        svc.clone()
+            .oneshot(get(&format!("{normal}/{}", unique("warm"))))
+            .await
+            .unwrap();
     }
     align(&flaky, true).await;
     let path = format!("/{}", unique("hedged"));
@@ -90,21 +93,34 @@ async fn slow_posts_through_haproxy_reach_the_origin_once() {
     let (layer, handle) = hedge().pair();
     let svc = ServiceBuilder::new().layer(layer.clone()).service(http());
     for _ in 0..8 {
-        svc.clone().oneshot(get(&format!("{normal}/{}", unique("warm")))).await.unwrap();
+        svc.clone()
+            .oneshot(get(&format!("{normal}/{}", unique("warm"))))
+            .await
+            .unwrap();
     }
     // A POST without a key, then one from ClientBuilder (with a key): 300 ms each, 5x the
     // delay; neither is duplicated.
     let plain = format!("/{}", unique("slow-300"));
-    svc.clone().oneshot(post(&format!("{normal}{plain}"), "{}")).await.unwrap();
+    svc.clone()
+        .oneshot(post(&format!("{normal}{plain}"), "{}"))
+        .await
+        .unwrap();
     let client = ClientBuilder::new().with_hedge(layer).build(http());
     let keyed = format!("/{}", unique("slow-300"));
-    client.clone().oneshot(post(&format!("{normal}{keyed}"), "{}")).await.unwrap();
+    client
+        .clone()
+        .oneshot(post(&format!("{normal}{keyed}"), "{}"))
+        .await
+        .unwrap();
     assert_eq!(hits(&backend, &plain).await.0, 1, "plain POST duplicated");
     let (n, keys) = hits(&backend, &keyed).await;
     assert_eq!(n, 1, "ClientBuilder POST duplicated: {keys}");
     // Control: a slow GET is hedged (both copies reach the origin).
     let g = format!("/{}", unique("slow-300"));
-    svc.clone().oneshot(get(&format!("{normal}{g}"))).await.unwrap();
+    svc.clone()
+        .oneshot(get(&format!("{normal}{g}")))
+        .await
+        .unwrap();
     assert_eq!(hits(&backend, &g).await.0, 2);
     assert_eq!(handle.stats("all").unwrap().hedges(), 1);
 }
@@ -119,7 +135,13 @@ async fn breaker_opens_on_haproxy_resets_and_504s_and_refusals_are_not_sent() {
             .pair();
         let svc = ServiceBuilder::new().layer(layer).service(http());
         for _ in 0..3 {
-            match bounded(Duration::from_secs(5), var, svc.clone().oneshot(get(&format!("{base}/x")))).await {
+            match bounded(
+                Duration::from_secs(5),
+                var,
+                svc.clone().oneshot(get(&format!("{base}/x"))),
+            )
+            .await
+            {
                 Ok(res) => assert_eq!(res.status(), 504, "{var}"),
                 Err(e) => assert_ne!(
                     sturdy::core::classify::classify_error(&*e),
@@ -131,9 +153,20 @@ async fn breaker_opens_on_haproxy_resets_and_504s_and_refusals_are_not_sent() {
         }
         let states = handle.states();
         assert_eq!(states.len(), 1);
-        assert!(matches!(states[0].1, CircuitState::Open { .. }), "{var}: {states:?}");
-        let err = svc.clone().oneshot(get(&format!("{base}/x"))).await.unwrap_err();
-        assert!(sturdy::core::find::<CircuitOpen>(&*err).is_some(), "{var}: {}", chain(&*err));
+        assert!(
+            matches!(states[0].1, CircuitState::Open { .. }),
+            "{var}: {states:?}"
+        );
+        let err = svc
+            .clone()
+            .oneshot(get(&format!("{base}/x")))
+            .await
+            .unwrap_err();
+        assert!(
+            sturdy::core::find::<CircuitOpen>(&*err).is_some(),
+            "{var}: {}",
+            chain(&*err)
+        );
         assert_eq!(delivery(&*err), Delivery::NotSent);
     }
 }
@@ -160,7 +193,11 @@ async fn adaptive_limit_lowers_once_on_an_nginx_429_burst_and_stays_usable() {
     let states = handle.states();
     assert_eq!(states.len(), 1);
     let st = &states[0].1;
-    assert_eq!((st.limit(), st.in_flight()), (36, 0), "40 x 0.9, once for the burst");
+    assert_eq!(
+        (st.limit(), st.in_flight()),
+        (36, 0),
+        "40 x 0.9, once for the burst"
+    );
 }
 
 #[tokio::test]
@@ -174,7 +211,12 @@ async fn concurrency_permits_come_back_from_haproxy_stalls() {
         .pair();
     let svc = ServiceBuilder::new().layer(layer).service(http());
     let calls: Vec<_> = (0..2)
-        .map(|_| tokio::time::timeout(Duration::from_millis(300), svc.clone().oneshot(get(&format!("{stall}/s")))))
+        .map(|_| {
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                svc.clone().oneshot(get(&format!("{stall}/s"))),
+            )
+        })
         .collect();
     let shed = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -185,7 +227,11 @@ async fn concurrency_permits_come_back_from_haproxy_stalls() {
     let err = shed.unwrap_err();
     assert_eq!(delivery(&*err), Delivery::NotSent, "{}", chain(&*err));
     assert_eq!(handle.state("one").unwrap().in_flight(), 0);
-    let res = svc.clone().oneshot(get(&format!("{normal}/{}", unique("after")))).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(get(&format!("{normal}/{}", unique("after"))))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 }
 
@@ -204,7 +250,10 @@ async fn coalescing_through_haproxy_one_origin_hit_per_credential() {
             .unwrap()
     };
     let calls: Vec<_> = (0..40)
-        .map(|i| svc.clone().oneshot(mk(if i % 2 == 0 { "alice" } else { "bob" })))
+        .map(|i| {
+            svc.clone()
+                .oneshot(mk(if i % 2 == 0 { "alice" } else { "bob" }))
+        })
         .collect();
     for r in join_all(calls).await {
         assert_eq!(r.unwrap().status(), 200);
