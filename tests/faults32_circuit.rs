@@ -16,7 +16,7 @@ use tower::{ServiceBuilder, ServiceExt};
 
 fn only_key(h: &CircuitHandle) -> String {
     let all = h.states();
-    assert_eq!(all.len(), 1, "{:?}", all);
+    assert_eq!(all.len(), 1, "{all:?}");
     all[0].0.clone()
 }
 

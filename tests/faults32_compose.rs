@@ -41,6 +41,8 @@ impl Service<Request<Full<Bytes>>> for PanicsInCall {
     fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if req.uri().path().starts_with("/panic") {
+            // Deliberately blocks inside `call`, so identical requests join meanwhile.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(self.block);
             panic!("call panics before sending");
         }
@@ -431,7 +433,7 @@ async fn hedged_copies_over_a_limit_of_one_never_overrun_the_host() {
         }
         let now = c2.fetch_add(1, Ordering::SeqCst) + 1;
         p2.fetch_max(now, Ordering::SeqCst);
-        let slow = n.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+        let slow = n.fetch_add(1, Ordering::SeqCst).is_multiple_of(2);
         let c3 = c2.clone();
         // The decision is made before the answer; count down after a while.
         let ms = if slow { 150 } else { 5 };

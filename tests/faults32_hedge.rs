@@ -64,7 +64,7 @@ fn host_stats(h: &HedgeHandle) -> sturdy::hedge::HedgeStats {
         "one host: {:?}",
         all.iter().map(|a| &a.0).collect::<Vec<_>>()
     );
-    all[0].1.clone()
+    all[0].1
 }
 
 #[tokio::test]
