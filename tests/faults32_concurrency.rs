@@ -120,9 +120,10 @@ async fn permits_come_back_after_aborted_timed_out_and_panicking_calls() {
         assert_eq!(r.unwrap().status(), 200);
     }
     // The abandoned stalls' connections were closed by the client.
-    until("stalled connections closed (aborted, timed out, panicked)", || {
-        raw.client_closed() == 3
-    })
+    until(
+        "stalled connections closed (aborted, timed out, panicked)",
+        || raw.client_closed() == 3,
+    )
     .await;
 }
 
