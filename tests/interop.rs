@@ -11,6 +11,7 @@ mod interop24_oauth;
 mod interop24_peers;
 mod interop24_reqwest;
 mod interop24_summary;
+mod interop32_faults;
 mod interop_haproxy;
 mod interop_nginx;
 mod interop_oauth;
