@@ -115,7 +115,7 @@ async fn cluster32_quota_under_buffer_and_concurrency_limit_from_many_tasks() {
         let c = c2.clone();
         async move {
             c.lock().unwrap().push(Instant::now());
-            Ok::<_, sturdy::core::BoxError>(())
+            Ok::<_, sturdy::core::BoxError>(http::Response::new(()))
         }
     });
     let svc = ServiceBuilder::new()
@@ -484,7 +484,7 @@ async fn cluster32_stream_two_queues_two_consumers_each_event_once() {
         let q2 = RedisStreamQueue::connect_cluster(&nodes, stream.clone())
             .await
             .unwrap();
-        let mut c1 = RedisStreamConsumer::connect_cluster(
+        let c1 = RedisStreamConsumer::connect_cluster(
             &nodes,
             stream.clone(),
             "g",
@@ -495,7 +495,7 @@ async fn cluster32_stream_two_queues_two_consumers_each_event_once() {
         .unwrap()
         .with_wait(Duration::from_millis(200))
         .with_max_deliveries(1);
-        let mut c2 = RedisStreamConsumer::connect_cluster(
+        let c2 = RedisStreamConsumer::connect_cluster(
             &nodes,
             stream.clone(),
             "g",
@@ -659,7 +659,7 @@ async fn cluster32_dropped_waiting_call_gives_its_cluster_slot_back() {
         .unwrap()
         .with_prefix(&prefix);
     let inner = tower::service_fn(|_req: Request<()>| async {
-        Ok::<_, sturdy::core::BoxError>(())
+        Ok::<_, sturdy::core::BoxError>(http::Response::new(()))
     });
     let layer = RateLimitLayer::new(quota)
         .with_remote(Arc::new(remote))
