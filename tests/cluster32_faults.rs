@@ -312,12 +312,23 @@ async fn cluster32_killed_primary_recovers_and_keeps_replicated_writes() {
         .with_prefix(IDEM_PREFIX)
         .with_replication(1, Duration::from_millis(500));
     use sturdy::idempotency::server::{Begin, IdempotencyStore, LockToken};
-    let tok = LockToken::random();
-    let r = holder
-        .begin("held", [7; 32], tok, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert!(matches!(r, Begin::Started));
+    // Right after the cluster came up, a replica may not confirm yet: try for a few seconds.
+    let start = Instant::now();
+    loop {
+        match holder
+            .begin("held", [7; 32], LockToken::random(), Duration::from_secs(60))
+            .await
+        {
+            Ok(r) => {
+                assert!(matches!(r, Begin::Started), "{r:?}");
+                break;
+            }
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(5), "{}", chain(&*e));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let t = tokio::spawn(traffic(b.clone(), "kill", stop.clone()));
     tokio::time::sleep(Duration::from_millis(800)).await;
