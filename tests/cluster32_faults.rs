@@ -314,21 +314,24 @@ async fn cluster32_killed_primary_recovers_and_keeps_replicated_writes() {
     use sturdy::idempotency::server::{Begin, IdempotencyStore, LockToken};
     // Right after the cluster came up, a replica may not confirm yet: try for a few seconds.
     let start = Instant::now();
-    loop {
+    let mut n = 0;
+    let held = loop {
+        n += 1;
+        let key = format!("held-{n}");
         match holder
-            .begin("held", [7; 32], LockToken::random(), Duration::from_secs(60))
+            .begin(&key, [7; 32], LockToken::random(), Duration::from_secs(60))
             .await
         {
             Ok(r) => {
                 assert!(matches!(r, Begin::Started), "{r:?}");
-                break;
+                break key;
             }
             Err(e) => {
                 assert!(start.elapsed() < Duration::from_secs(5), "{}", chain(&*e));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let t = tokio::spawn(traffic(b.clone(), "kill", stop.clone()));
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -357,7 +360,7 @@ async fn cluster32_killed_primary_recovers_and_keeps_replicated_writes() {
     );
     check_after(&urls, &b, &seen, Duration::from_millis(2500), true).await;
     let r = holder
-        .begin("held", [7; 32], LockToken::random(), Duration::from_secs(60))
+        .begin(&held, [7; 32], LockToken::random(), Duration::from_secs(60))
         .await
         .unwrap();
     assert!(matches!(r, Begin::InFlight), "the replicated lock is gone: {r:?}");
