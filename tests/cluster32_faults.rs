@@ -89,7 +89,9 @@ struct Backends {
 }
 
 async fn backends(urls: &[String], replication: bool) -> Backends {
-    let mut queue = RedisStreamQueue::connect_cluster(urls, STREAM).await.unwrap();
+    let mut queue = RedisStreamQueue::connect_cluster(urls, STREAM)
+        .await
+        .unwrap();
     let mut store = RedisIdempotencyStore::connect_cluster(urls)
         .await
         .unwrap()
@@ -177,16 +179,11 @@ async fn traffic(b: Arc<Backends>, tag: &'static str, stop: Arc<AtomicBool>) -> 
 
 /// Drains the stream with a fresh group; the ids and how often each came out.
 async fn drain(urls: &[String], group: &str) -> HashMap<String, usize> {
-    let mut c = RedisStreamConsumer::connect_cluster(
-        urls,
-        STREAM,
-        group,
-        "drain",
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap()
-    .with_wait(Duration::from_millis(200));
+    let mut c =
+        RedisStreamConsumer::connect_cluster(urls, STREAM, group, "drain", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(200));
     let mut out: HashMap<String, usize> = HashMap::new();
     let mut idle = 0;
     while idle < 3 {
@@ -251,7 +248,10 @@ async fn check_after(
         }
     }
     for (k, n) in b.per_key.lock().unwrap().iter() {
-        assert_eq!(*n, 1, "the handler ran {n} times for {k} (after the replay)");
+        assert_eq!(
+            *n, 1,
+            "the handler ran {n} times for {k} (after the replay)"
+        );
     }
 }
 
@@ -279,17 +279,22 @@ async fn cluster32_graceful_failover_during_traffic_loses_and_doubles_nothing() 
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::SeqCst);
     let seen = t.await.unwrap();
-    assert!(seen.clean_tail >= 20, "only {} clean rounds at the end; errors: {:?}", seen.clean_tail, seen.errors);
+    assert!(
+        seen.clean_tail >= 20,
+        "only {} clean rounds at the end; errors: {:?}",
+        seen.clean_tail,
+        seen.errors
+    );
     assert!(seen.created.len() >= 20);
     check_after(&urls, &b, &seen, Duration::from_secs(2), false).await;
     // A failover answers no grant beyond the quota: at most one more burst (1).
-    let span = seen
-        .grants
-        .last()
-        .unwrap()
-        .duration_since(seen.grants[0]);
+    let span = seen.grants.last().unwrap().duration_since(seen.grants[0]);
     let bound = 2 + (span.as_millis() / 20) as usize + 1;
-    assert!(seen.grants.len() <= bound, "{} grants in {span:?}", seen.grants.len());
+    assert!(
+        seen.grants.len() <= bound,
+        "{} grants in {span:?}",
+        seen.grants.len()
+    );
 }
 
 /// RELIABILITY.md "a cluster primary dies, until a replica takes over": operations on that
@@ -339,7 +344,9 @@ async fn cluster32_killed_primary_recovers_and_keeps_replicated_writes() {
     let replica = cluster.replica_of(&primary.id);
     let killed_at = Instant::now();
     cluster.kill(primary.port);
-    cluster.wait_primary(replica.port, Duration::from_secs(15)).await;
+    cluster
+        .wait_primary(replica.port, Duration::from_secs(15))
+        .await;
     let promoted_after = killed_at.elapsed();
     // Bring the old primary back (it rejoins as a replica), so that replication is confirmed.
     cluster.restart(primary.port).await;
@@ -363,7 +370,10 @@ async fn cluster32_killed_primary_recovers_and_keeps_replicated_writes() {
         .begin(&held, [7; 32], LockToken::random(), Duration::from_secs(60))
         .await
         .unwrap();
-    assert!(matches!(r, Begin::InFlight), "the replicated lock is gone: {r:?}");
+    assert!(
+        matches!(r, Begin::InFlight),
+        "the replicated lock is gone: {r:?}"
+    );
 }
 
 /// RELIABILITY.md "Slot moves": while a slot moves, "Keys already on either node are served
@@ -426,14 +436,21 @@ async fn cluster32_slot_move_during_traffic() {
         seen.errors.len(),
         seen.rounds
     );
-    assert!(bad.is_empty(), "stored responses not served during the move: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "stored responses not served during the move: {bad:?}"
+    );
     for (op, text, _) in &seen.errors {
         assert!(
             text.contains("cannot serve this key now") || text.contains("unavailable"),
             "{op}: {text}"
         );
     }
-    assert!(seen.clean_tail >= 20, "only {} clean rounds after the move", seen.clean_tail);
+    assert!(
+        seen.clean_tail >= 20,
+        "only {} clean rounds after the move",
+        seen.clean_tail
+    );
     check_after(&urls, &b, &seen, Duration::from_millis(1500), false).await;
     assert_eq!(cluster.primary_of_slot(slot).id, to.id);
 }
@@ -486,7 +503,11 @@ async fn cluster32_paused_primary_times_out_then_recovers() {
     let t0 = Instant::now();
     let (s, body) = send(&app, "during-pause").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
-    assert!(t0.elapsed() < Duration::from_millis(1500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
 
     let t0 = Instant::now();
     let e = queue
@@ -496,9 +517,16 @@ async fn cluster32_paused_primary_times_out_then_recovers() {
         )
         .await
         .expect_err("a paused primary queued it");
-    assert!(t0.elapsed() < Duration::from_millis(1200), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(names_cause(&chain(&*e)), "{}", chain(&*e));
-    assert!(paused_at.elapsed() < Duration::from_millis(2400), "the checks were too slow to be inside the pause");
+    assert!(
+        paused_at.elapsed() < Duration::from_millis(2400),
+        "the checks were too slow to be inside the pause"
+    );
 
     // After the pause: the same key runs, once, within a few seconds.
     let start = Instant::now();
@@ -526,10 +554,11 @@ async fn cluster32_paused_primary_times_out_then_recovers() {
     // The push that timed out may have run once the pause ended (then this is a duplicate):
     // either way the sender gets 200 now, and the event is in the stream once.
     assert!(matches!(p, Push::Enqueued | Push::Duplicate), "{p:?}");
-    let mut c = RedisStreamConsumer::connect_cluster(&urls, STREAM, "g", "c", Duration::from_secs(30))
-        .await
-        .unwrap()
-        .with_wait(Duration::from_millis(200));
+    let mut c =
+        RedisStreamConsumer::connect_cluster(&urls, STREAM, "g", "c", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(200));
     let mut ids = Vec::new();
     while let Some(d) = c.next().await.unwrap() {
         ids.push(d.event.id.clone());
@@ -551,16 +580,11 @@ async fn cluster32_restart_without_data() {
     let mut cluster = OwnCluster::start().await;
     let urls = cluster.urls();
     let b = backends(&urls, false).await;
-    let mut old = RedisStreamConsumer::connect_cluster(
-        &urls,
-        STREAM,
-        "g",
-        "old",
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
-    .with_wait(Duration::from_millis(100));
+    let mut old =
+        RedisStreamConsumer::connect_cluster(&urls, STREAM, "g", "old", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(100));
     let p = b
         .queue
         .push(
@@ -611,16 +635,11 @@ async fn cluster32_restart_without_data() {
         "{text}"
     );
     drop(old);
-    let mut new = RedisStreamConsumer::connect_cluster(
-        &urls,
-        STREAM,
-        "g",
-        "new",
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
-    .with_wait(Duration::from_millis(200));
+    let mut new =
+        RedisStreamConsumer::connect_cluster(&urls, STREAM, "g", "new", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .with_wait(Duration::from_millis(200));
     let mut ids = Vec::new();
     while let Some(d) = new.next().await.unwrap() {
         ids.push(d.event.id.clone());

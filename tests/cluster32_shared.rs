@@ -92,8 +92,15 @@ async fn cluster32_quota_two_connections_never_exceed_the_quota() {
     let elapsed = start.elapsed();
     let n = grants.load(Ordering::SeqCst);
     let bound = 3 + (elapsed.as_millis() / 50) as usize + 1;
-    assert!(errors.lock().unwrap().is_empty(), "{:?}", errors.lock().unwrap());
-    assert!(n <= bound, "{n} grants in {elapsed:?}, quota allows {bound}");
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    assert!(
+        n <= bound,
+        "{n} grants in {elapsed:?}, quota allows {bound}"
+    );
     assert!(n >= 10, "only {n} grants in {elapsed:?}");
 }
 
@@ -315,7 +322,16 @@ async fn cluster32_quota_hostile_keys_keep_each_limiter_in_one_slot() {
         .with_prefix(&prefix);
     let big = "b".repeat(64 * 1024);
     let lkeys = [
-        "", "{", "}", "{}", "}{", "t}:{c", "t", "{t}", "a b", big.as_str(),
+        "",
+        "{",
+        "}",
+        "{}",
+        "}{",
+        "t}:{c",
+        "t",
+        "{t}",
+        "a b",
+        big.as_str(),
     ];
     for k in &lkeys {
         let r = q.try_reserve(k, Duration::ZERO).await.unwrap();
@@ -332,7 +348,11 @@ async fn cluster32_quota_hostile_keys_keep_each_limiter_in_one_slot() {
     let hex: String = prefix.bytes().map(|b| format!("{b:02x}")).collect();
     let mut found = keys_with_prefix(&nodes, &unique_prefix_glob(&prefix));
     found.extend(keys_with_prefix(&nodes, &format!("{{x{hex}")));
-    assert_eq!(found.len(), 2 * lkeys.len(), "each limiter has its two keys");
+    assert_eq!(
+        found.len(),
+        2 * lkeys.len(),
+        "each limiter has its two keys"
+    );
     // Pair the keys by what comes before `:tat` / `:pause`.
     let mut by_base: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
     for (port, k) in &found {
@@ -348,7 +368,12 @@ async fn cluster32_quota_hostile_keys_keep_each_limiter_in_one_slot() {
     assert_eq!(by_base.len(), lkeys.len());
     for (base, v) in &by_base {
         assert_eq!(v.len(), 2, "{}", &base[..base.len().min(80)]);
-        assert_eq!(v[0], v[1], "{}: keys on two slots", &base[..base.len().min(80)]);
+        assert_eq!(
+            v[0],
+            v[1],
+            "{}: keys on two slots",
+            &base[..base.len().min(80)]
+        );
     }
     // Pausing one limiter left the others' pause alone: clear one, the rest stay.
     assert!(q.try_clear_pause("{t}").await.unwrap().is_some());
@@ -456,7 +481,6 @@ async fn cluster32_seed_list_with_a_dead_node() {
     assert_eq!(p, Push::Enqueued);
     let d = cons.next().await.unwrap().expect("the event");
     cons.ack(&d).await.unwrap();
-
 }
 
 /// RELIABILITY.md "Clear errors": `Connect` (Redis cannot be reached: the command was not
@@ -487,8 +511,8 @@ async fn cluster32_all_dead_seeds_say_redis_cannot_be_reached() {
     assert_eq!(kind(&*e), Some(sturdy::core::ErrorKind::Connect), "{text}");
     // No seed at all: a clear error, not a panic.
     let none: [&str; 0] = [];
-    let e = RedisIdempotencyStore::connect_cluster(none).await.unwrap_err();
+    let e = RedisIdempotencyStore::connect_cluster(none)
+        .await
+        .unwrap_err();
     assert!(!chain(&*e).is_empty());
 }
-
-

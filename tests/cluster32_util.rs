@@ -265,7 +265,10 @@ impl OwnCluster {
             if ok {
                 return;
             }
-            assert!(start.elapsed() < within, "the own cluster did not become ok");
+            assert!(
+                start.elapsed() < within,
+                "the own cluster did not become ok"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -278,7 +281,9 @@ impl OwnCluster {
     pub(crate) fn primary_of_slot(&self, slot: u16) -> NodeLine {
         cluster_nodes(self.any_live())
             .into_iter()
-            .find(|n| n.primary && !n.failed && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b))
+            .find(|n| {
+                n.primary && !n.failed && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b)
+            })
             .expect("no primary for the slot")
     }
 
@@ -374,7 +379,10 @@ impl OwnCluster {
             let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
             args.extend(keys.iter().copied());
             let out = cli(from.port, &args);
-            assert!(out.trim() == "OK" || out.contains("NOKEY"), "MIGRATE: {out}");
+            assert!(
+                out.trim() == "OK" || out.contains("NOKEY"),
+                "MIGRATE: {out}"
+            );
             moved += keys.len();
         }
     }
