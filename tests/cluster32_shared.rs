@@ -516,3 +516,336 @@ async fn cluster32_all_dead_seeds_say_redis_cannot_be_reached() {
         .unwrap_err();
     assert!(!chain(&*e).is_empty());
 }
+
+/// webhooks.md: "Dedup and append happen in one script"; RedisStreamQueue: "of concurrent
+/// pushes of one key, exactly one is `Enqueued`"; consumers of one group share the work, each
+/// event going to one of them. 60 events pushed twice each from two queues (cluster
+/// connections) at once; two consumers drain: each event handled once; the stream, its dedup
+/// keys and its dead-letter stream share the stream's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_stream_two_queues_two_consumers_each_event_once() {
+    let Some(nodes) = shared_nodes() else { return };
+    for stream in [unique("plain"), format!("{{{}}}", unique("tagged"))] {
+        let q1 = RedisStreamQueue::connect_cluster(&nodes, stream.clone())
+            .await
+            .unwrap();
+        let q2 = RedisStreamQueue::connect_cluster(&nodes, stream.clone())
+            .await
+            .unwrap();
+        let c1 = RedisStreamConsumer::connect_cluster(
+            &nodes,
+            stream.clone(),
+            "g",
+            "c1",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(200))
+        .with_max_deliveries(1);
+        let c2 = RedisStreamConsumer::connect_cluster(
+            &nodes,
+            stream.clone(),
+            "g",
+            "c2",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(200));
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            for q in [q1.clone(), q2.clone()] {
+                tasks.push(tokio::spawn(async move {
+                    let ev = WebhookEvent::new("standard", format!("evt_{i}"), Bytes::from("{}"));
+                    q.push(ev, Duration::from_secs(600)).await.unwrap()
+                }));
+            }
+        }
+        let mut enq = 0;
+        let mut dup = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Push::Enqueued => enq += 1,
+                Push::Duplicate => dup += 1,
+                Push::Full => panic!("full"),
+            }
+        }
+        assert_eq!((enq, dup), (60, 60));
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut hs = Vec::new();
+        for mut c in [c1, c2] {
+            let seen = seen.clone();
+            hs.push(tokio::spawn(async move {
+                let mut idle = 0;
+                while idle < 3 {
+                    match c.next().await.unwrap() {
+                        Some(d) => {
+                            idle = 0;
+                            assert_eq!(d.deliveries, 1);
+                            seen.lock().unwrap().push(d.event.id.clone());
+                            c.ack(&d).await.unwrap();
+                        }
+                        None => idle += 1,
+                    }
+                }
+            }));
+        }
+        for h in hs {
+            h.await.unwrap();
+        }
+        let seen = seen.lock().unwrap().clone();
+        let set: HashSet<_> = seen.iter().cloned().collect();
+        assert_eq!(
+            seen.len(),
+            60,
+            "delivered {} times for 60 events",
+            seen.len()
+        );
+        assert_eq!(set.len(), 60);
+        // Layout: every key of this stream (the stream, `:seen:` keys) in the stream's slot.
+        let any = port_of(&nodes[0]);
+        let slot = keyslot(any, &stream);
+        let base = if stream.starts_with('{') {
+            stream.clone()
+        } else {
+            format!("{{{stream}}}")
+        };
+        let found = keys_with_prefix(&nodes, &unique_prefix_glob(&base));
+        assert!(found.len() >= 60, "{} dedup keys found", found.len());
+        for (_, k) in &found {
+            assert_eq!(keyslot(any, k), slot, "{k} is not in the stream's slot");
+        }
+        assert!(q1.dead_letters(None, 10).await.unwrap().is_empty());
+    }
+}
+
+/// webhooks.md "Poison events": after `with_max_deliveries` deliveries without an ack, an event
+/// moves to the dead-letter stream `{<stream>}:dead`; listed, replayed (fresh count), discarded;
+/// on a cluster, for a stream name without a hash tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_dead_letters_on_a_cluster() {
+    let Some(nodes) = shared_nodes() else { return };
+    let stream = unique("dl");
+    let queue = RedisStreamQueue::connect_cluster(&nodes, stream.clone())
+        .await
+        .unwrap();
+    let mut c = RedisStreamConsumer::connect_cluster(
+        &nodes,
+        stream.clone(),
+        "g",
+        "c",
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(100))
+    .with_max_deliveries(2);
+    for id in ["poison", "good"] {
+        let p = queue
+            .push(
+                WebhookEvent::new("standard", id, Bytes::from_static(b"{}")),
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        assert_eq!(p, Push::Enqueued);
+    }
+    let mut poison = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Some(d) = c.next().await.unwrap() {
+            if d.event.id == "poison" {
+                poison += 1;
+                assert!(d.deliveries <= 2, "{}", d.deliveries);
+            } else {
+                c.ack(&d).await.unwrap();
+            }
+        }
+        if queue.dead_letter_count().await.unwrap() == 1 {
+            break;
+        }
+    }
+    assert_eq!(poison, 2, "delivered {poison} times with a limit of 2");
+    let dead = queue.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event.id, "poison");
+    assert_eq!(dead[0].group, "g");
+    // The dead-letter stream is `{<stream>}:dead`, in the stream's slot.
+    let any = port_of(&nodes[0]);
+    let dk = format!("{{{stream}}}:dead");
+    assert_eq!(cli(any, &["-c", "EXISTS", &dk]).trim(), "1", "{dk}");
+    assert_eq!(keyslot(any, &dk), keyslot(any, &stream));
+    assert!(queue.replay_dead_letter(&dead[0].entry).await.unwrap());
+    assert!(!queue.replay_dead_letter(&dead[0].entry).await.unwrap());
+    let start = Instant::now();
+    let d = loop {
+        if let Some(d) = c.next().await.unwrap() {
+            break d;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "replay not seen");
+    };
+    assert_eq!((d.event.id.as_str(), d.deliveries), ("poison", 1));
+    c.dead_letter(&d, "still bad").await.unwrap();
+    let dead = queue.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "still bad");
+    assert!(queue.discard_dead_letter(&dead[0].entry).await.unwrap());
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+}
+
+/// ratelimit.md: "A call that waited for a Redis slot and was dropped ... gives the slot back
+/// (`try_release`: the next free slot moves back one interval)". On a cluster: with one call
+/// per second, a second call waits for its slot and is dropped (a `tokio::time::timeout`); a
+/// third process then finds the next slot about one interval away, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_dropped_waiting_call_gives_its_cluster_slot_back() {
+    let Some(nodes) = shared_nodes() else { return };
+    let quota = Quota::new(1, Duration::from_secs(1)).unwrap();
+    let prefix = unique("drop");
+    let remote = RedisQuota::connect_cluster(&nodes, quota)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let observer = RedisQuota::connect_cluster(&nodes, quota)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let inner = tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, sturdy::core::BoxError>(http::Response::new(()))
+    });
+    let layer = RateLimitLayer::new(quota)
+        .with_remote(Arc::new(remote))
+        .with_on_store_error(OnStoreError::Fail)
+        .with_max_wait(Duration::from_secs(5));
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let req = || Request::get("http://api.example/x").body(()).unwrap();
+    svc.clone().oneshot(req()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_millis(300), svc.clone().oneshot(req())).await;
+    assert!(r.is_err(), "the second call should have waited");
+    // The release goes in the background.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ratelimit.md: "Keys are ... by default the URI's authority as written".
+    let r = observer
+        .try_reserve("api.example", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let Reserve::Granted { wait } = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        !wait.is_zero() && wait <= Duration::from_millis(700),
+        "next slot {wait:?} away: the dropped call kept its slot (or the key is not shared)"
+    );
+}
+
+/// idempotency.md "client gone while the store is locking the key ... if it locked the key,
+/// the key is released" and "client timeout mid-handler: the handler runs to its end ... the
+/// handler ran once": requests cut by a timeout at every point from 0 to ~20 ms, then retried:
+/// the handler ran at most once per key, and a retry gets an answer (not 409) within 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_cancelled_idempotent_requests_hold_nothing() {
+    let Some(nodes) = shared_nodes() else { return };
+    let per_key = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let pk = per_key.clone();
+    // Count per key in a layer under the idempotency layer: read the header in the handler.
+    let inner = Router::new()
+        .route(
+            "/orders",
+            post(move |h: http::HeaderMap| {
+                let pk = pk.clone();
+                async move {
+                    let k = h["idempotency-key"].to_str().unwrap().to_owned();
+                    *pk.lock().unwrap().entry(k).or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    (StatusCode::CREATED, "ok")
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            RedisIdempotencyStore::connect_cluster(&nodes)
+                .await
+                .unwrap()
+                .with_prefix(unique("cancel")),
+            ByCredentials::default(),
+        ));
+    let mut rng = Rng(0x5eed_c32);
+    for i in 0..30 {
+        let key = format!("k{i}");
+        let cut = Duration::from_micros(rng.below(20_000));
+        let _ = tokio::time::timeout(cut, inner.clone().oneshot(order(&key))).await;
+        let start = Instant::now();
+        loop {
+            let (s, _, body) = send(&inner, &key).await;
+            if s == StatusCode::CREATED {
+                break;
+            }
+            assert_eq!(s, StatusCode::CONFLICT, "{body:?}");
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "key {key} (cut after {cut:?}) still held after {:?}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let per_key = per_key.lock().unwrap();
+    for (k, n) in per_key.iter() {
+        assert_eq!(*n, 1, "{k} ran {n} times");
+    }
+}
+
+/// webhooks.md: "a `next()` cancelled by a timeout or a `select!` loses nothing (an event a
+/// dropped read took is delivered again after the claim delay ...)". 12 events; every `next()`
+/// cut at a random point: every event is handled and acknowledged, none twice after its ack,
+/// nothing dead-lettered (limit 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_cancelled_next_loses_nothing_on_a_cluster() {
+    let Some(nodes) = shared_nodes() else { return };
+    let stream = unique("cut");
+    let queue = RedisStreamQueue::connect_cluster(&nodes, stream.clone())
+        .await
+        .unwrap();
+    let mut c = RedisStreamConsumer::connect_cluster(
+        &nodes,
+        stream.clone(),
+        "g",
+        "c",
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap()
+    .with_wait(Duration::from_millis(50))
+    .with_max_deliveries(20);
+    for i in 0..12 {
+        queue
+            .push(
+                WebhookEvent::new("standard", format!("e{i}"), Bytes::from("{}")),
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+    }
+    let mut rng = Rng(0xc32_c32);
+    let mut acked = HashSet::new();
+    let start = Instant::now();
+    while acked.len() < 12 {
+        assert!(
+            start.elapsed() < Duration::from_secs(25),
+            "only {} of 12 handled",
+            acked.len()
+        );
+        let cut = Duration::from_micros(rng.below(3_000));
+        if let Ok(r) = tokio::time::timeout(cut, c.next()).await {
+            if let Some(d) = r.unwrap() {
+                assert!(
+                    acked.insert(d.event.id.clone()),
+                    "{} delivered after its ack",
+                    d.event.id
+                );
+                c.ack(&d).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+}
