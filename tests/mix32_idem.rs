@@ -237,7 +237,9 @@ async fn mix32_idem_sixteen_concurrent_duplicates_run_once() {
     let (app, c) = app(mem_layer(), Duration::from_millis(500), 0);
     let addr = serve(app).await;
     let tasks: Vec<_> = (0..16)
-        .map(|_| tokio::spawn(async move { call(addr, Method::POST, "/orders", "dup", "same").await }))
+        .map(|_| {
+            tokio::spawn(async move { call(addr, Method::POST, "/orders", "dup", "same").await })
+        })
         .collect();
     let mut fresh = 0;
     for t in tasks {
@@ -356,7 +358,11 @@ async fn mix32_idem_keys_at_and_past_the_bounds() {
         assert_eq!(g.status, StatusCode::BAD_REQUEST, "{k:?}: {g:?}");
         assert_eq!(g.problem_type(), problem::INVALID_KEY, "{k:?}");
     }
-    assert_eq!(c.runs.load(Ordering::SeqCst), ran, "no invalid key ran the handler");
+    assert_eq!(
+        c.runs.load(Ordering::SeqCst),
+        ran,
+        "no invalid key ran the handler"
+    );
 }
 
 async fn replay_byte_exact<St: IdempotencyStore + Clone>(l: IdempotencyLayer<St>, size: usize) {
@@ -369,7 +375,11 @@ async fn replay_byte_exact<St: IdempotencyStore + Clone>(l: IdempotencyLayer<St>
     let again = call(addr, Method::POST, "/orders", &key, "b").await;
     assert_eq!(again.status, StatusCode::CREATED);
     assert!(again.replayed());
-    assert!(again.body == first.body, "replayed body differs ({} bytes)", again.body.len());
+    assert!(
+        again.body == first.body,
+        "replayed body differs ({} bytes)",
+        again.body.len()
+    );
     for h in ["x-order-id", "content-type"] {
         assert_eq!(again.headers.get(h), first.headers.get(h), "{h}");
     }
@@ -481,9 +491,11 @@ async fn mix32_idem_two_instances_on_redis_run_a_key_once() {
         .header("idempotency-key", "shared")
         .body(Full::new(Bytes::from_static(b"p")))
         .unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(100), client().request(req))
-        .await
-        .is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), client().request(req))
+            .await
+            .is_err()
+    );
     let tasks: Vec<_> = (0..12)
         .map(|i| {
             let addr = if i % 2 == 0 { a } else { b };
@@ -531,9 +543,11 @@ async fn mix32_idem_concurrency_limit_inside_counts_a_handler_whose_client_left(
         .header("idempotency-key", "cl-a")
         .body(Full::new(Bytes::from_static(b"a")))
         .unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(100), client().request(req))
-        .await
-        .is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), client().request(req))
+            .await
+            .is_err()
+    );
     let b = call(addr, Method::POST, "/orders", "cl-b", "b").await;
     assert_eq!(b.status, StatusCode::CREATED, "{b:?}");
     wait_done(&c, 2).await;

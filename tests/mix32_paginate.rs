@@ -56,8 +56,8 @@ async fn one_page(n: usize) -> Scripted {
 /// `total` items in server pages of `per` (whatever size is asked), the cursor the start.
 async fn paged(total: usize, per: usize) -> Scripted {
     scripted(move |hit, _| async move {
-        let start: usize = query_param(&hit.path_and_query, "cursor")
-            .map_or(0, |c| c.parse().unwrap());
+        let start: usize =
+            query_param(&hit.path_and_query, "cursor").map_or(0, |c| c.parse().unwrap());
         let end = (start + per).min(total);
         let next = if end < total {
             format!("\"{end}\"")
@@ -89,9 +89,7 @@ async fn mix32_endless_page_body_stops_at_the_byte_bound() {
         async move {
             let chunk = Bytes::from(",0".repeat(32 * 1024));
             let head = futures_util::stream::once(async {
-                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(
-                    b"{\"data\":[0",
-                )))
+                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b"{\"data\":[0")))
             });
             let rest = futures_util::stream::repeat_with(move || {
                 produced.fetch_add(chunk.len(), Ordering::Relaxed);
@@ -147,7 +145,12 @@ async fn mix32_declared_oversized_page_fails_as_body_without_waiting() {
         .unwrap();
     let t = Instant::now();
     let err = within(30, pager.page(None, 10)).await.unwrap_err();
-    assert_eq!(err.kind(), &ErrorKind::Body, "{err} after {:?}", t.elapsed());
+    assert_eq!(
+        err.kind(),
+        &ErrorKind::Body,
+        "{err} after {:?}",
+        t.elapsed()
+    );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
 
@@ -161,7 +164,10 @@ async fn mix32_bounded_pages_out_of_a_100k_item_server_page() {
     let pager = Paginate::new(http(), &s.url("/items"), JsonCursor::new("/data", "/next")).unwrap();
     let t = Instant::now();
     let first = within(60, pager.page(None, 20)).await.unwrap();
-    assert_eq!(first.items, (0..20).map(|n| serde_json::json!(n)).collect::<Vec<_>>());
+    assert_eq!(
+        first.items,
+        (0..20).map(|n| serde_json::json!(n)).collect::<Vec<_>>()
+    );
     assert!(first.has_more);
     let cursor = first.next_cursor.clone().unwrap();
     assert!(cursor.len() <= MAX_CURSOR_LEN);
@@ -236,7 +242,14 @@ async fn mix32_a_million_tiny_items_give_a_bounded_page() {
     assert_eq!(page.items.len(), 10);
     assert!(page.has_more);
     assert!(page.next_cursor.unwrap().len() <= MAX_CURSOR_LEN);
-    let n = within(60, pager.items().take_while(|r| std::future::ready(r.is_ok())).count()).await;
+    let n = within(
+        60,
+        pager
+            .items()
+            .take_while(|r| std::future::ready(r.is_ok()))
+            .count(),
+    )
+    .await;
     assert_eq!(n, 100_000);
     assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
 }
@@ -305,13 +318,21 @@ async fn mix32_walks_and_bounded_pages_fetch_only_what_is_needed() {
     let p = within(10, pager.page(None, 100)).await.unwrap();
     assert_eq!(p.items.len(), 100);
     assert!(p.has_more);
-    assert_eq!(s.count() - before, 1, "a limit that a page fills: one request");
+    assert_eq!(
+        s.count() - before,
+        1,
+        "a limit that a page fills: one request"
+    );
     let before = s.count();
     let q = within(10, pager.page(p.next_cursor.as_deref(), 100))
         .await
         .unwrap();
     assert_eq!(q.items[0], 100);
-    assert_eq!(s.count() - before, 1, "resuming at a page boundary: one request");
+    assert_eq!(
+        s.count() - before,
+        1,
+        "resuming at a page boundary: one request"
+    );
     let before = s.count();
     let r = within(10, pager.page(None, 150)).await.unwrap();
     assert_eq!(r.items.len(), 150);
@@ -344,7 +365,10 @@ async fn mix32_a_giant_server_cursor_gives_a_usable_cursor_or_an_error() {
             let c = p.next_cursor.expect("has_more needs a cursor");
             let next = within(10, pager.page(Some(&c), 100)).await;
             let next = next.unwrap_or_else(|e| {
-                panic!("page() refuses the cursor it returned ({} chars): {e}", c.len())
+                panic!(
+                    "page() refuses the cursor it returned ({} chars): {e}",
+                    c.len()
+                )
             });
             assert_eq!(next.items, [serde_json::json!(100), serde_json::json!(101)]);
         }
@@ -378,11 +402,10 @@ async fn mix32_max_pages_ends_a_walk_without_fetching_far_past_it() {
 #[tokio::test]
 async fn mix32_dropping_a_walk_mid_page_holds_nothing() {
     let slow = scripted(|_, _| async {
-        let chunks = futures_util::stream::iter(0..)
-            .then(|_| async {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b" ")))
-            });
+        let chunks = futures_util::stream::iter(0..).then(|_| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b" ")))
+        });
         let head = futures_util::stream::once(async {
             Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b"{\"data\":[1]")))
         });
@@ -391,8 +414,12 @@ async fn mix32_dropping_a_walk_mid_page_holds_nothing() {
             .unwrap()
     })
     .await;
-    let pager =
-        Paginate::new(http(), &slow.url("/items"), JsonCursor::new("/data", "/next")).unwrap();
+    let pager = Paginate::new(
+        http(),
+        &slow.url("/items"),
+        JsonCursor::new("/data", "/next"),
+    )
+    .unwrap();
     let mut items = pager.items();
     assert!(
         tokio::time::timeout(Duration::from_millis(200), items.next())
@@ -403,7 +430,8 @@ async fn mix32_dropping_a_walk_mid_page_holds_nothing() {
     let fut = pager.page(None, 1);
     drop(fut);
     let ok = paged(3, 3).await;
-    let pager2 = Paginate::new(http(), &ok.url("/items"), JsonCursor::new("/data", "/next")).unwrap();
+    let pager2 =
+        Paginate::new(http(), &ok.url("/items"), JsonCursor::new("/data", "/next")).unwrap();
     let all: Vec<serde_json::Value> = within(10, pager2.items().try_collect()).await.unwrap();
     assert_eq!(all.len(), 3);
 }

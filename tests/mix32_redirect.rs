@@ -90,7 +90,12 @@ async fn mix32_mw_307_308_replay_a_bytes_body_with_the_same_key_and_auth() {
         assert_eq!(hits.len(), 2, "{status}: one redirect, no retry");
         for h in &hits {
             assert_eq!(h.method, "POST");
-            assert_eq!(h.body, body.as_bytes(), "{status}: body replayed on {}", h.path);
+            assert_eq!(
+                h.body,
+                body.as_bytes(),
+                "{status}: body replayed on {}",
+                h.path
+            );
             assert_eq!(
                 h.header("authorization").as_deref(),
                 Some("Bearer tok-same-origin")
@@ -225,7 +230,9 @@ async fn mix32_service_retries_through_the_redirect_with_one_key() {
     assert_eq!(hits.len(), 6, "3 attempts x (start + final)");
     let k = key_of(&hits[0]);
     assert!(!k.is_empty());
-    assert!(hits.iter().all(|h| key_of(h) == k && &h.body[..] == b"sized"));
+    assert!(hits
+        .iter()
+        .all(|h| key_of(h) == k && &h.body[..] == b"sized"));
 }
 
 /// reqwest.md: "One whose exact size is known and at most `with_buffer_limit` is handed to
@@ -274,7 +281,11 @@ async fn mix32_cross_origin_redirect_drops_the_stack_bearer_token() {
         Some("Bearer TOPSECRET-BEARER")
     );
     let h = &other.hits()[0];
-    assert_eq!(h.header("authorization"), None, "token sent to another origin");
+    assert_eq!(
+        h.header("authorization"),
+        None,
+        "token sent to another origin"
+    );
     assert_eq!(&h.body[..], b"x");
 }
 
@@ -334,7 +345,11 @@ async fn mix32_post_307_loop_stops_at_ten_with_may_have_been_processed_and_the_k
         .unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(5));
     let hits = s.hits();
-    assert_eq!(hits.len(), 11, "the first request and 10 redirects, not retried");
+    assert_eq!(
+        hits.len(),
+        11,
+        "the first request and 10 redirects, not retried"
+    );
     let k = key_of(&hits[0]);
     assert!(hits
         .iter()
@@ -419,7 +434,11 @@ async fn mix32_request_timeout_covers_all_redirects_of_one_attempt() {
     .unwrap_err();
     let e = find::<sturdy::core::Error>(&err).unwrap();
     assert_eq!(e.kind(), &ErrorKind::Timeout, "{err}");
-    assert!(s.count() <= 3, "the fourth hop is past 400 ms: {}", s.count());
+    assert!(
+        s.count() <= 3,
+        "the fourth hop is past 400 ms: {}",
+        s.count()
+    );
     let res = within(
         20,
         mw().get(s.url("/h1"))
@@ -504,8 +523,5 @@ async fn mix32_mw_key_given_by_caller_is_kept_through_redirects() {
     .await
     .unwrap();
     assert_eq!(res.status(), 201);
-    assert!(s
-        .hits()
-        .iter()
-        .all(|h| key_of(h) == "caller-key-32"));
+    assert!(s.hits().iter().all(|h| key_of(h) == "caller-key-32"));
 }

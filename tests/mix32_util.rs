@@ -56,10 +56,16 @@ impl Scripted {
 }
 
 pub(crate) fn full(b: impl Into<Bytes>) -> RespBody {
-    Full::new(b.into()).map_err(|e: Infallible| match e {}).boxed_unsync()
+    Full::new(b.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
 }
 
-pub(crate) fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<RespBody> {
+pub(crate) fn respond(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<RespBody> {
     let mut b = Response::builder().status(StatusCode::from_u16(status).unwrap());
     for (k, v) in headers {
         b = b.header(*k, *v);
