@@ -7,7 +7,9 @@
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderName;
@@ -35,7 +37,7 @@ fn mw_auth(auth: AuthLayer) -> reqwest_middleware::ClientWithMiddleware {
         .with(SturdyMiddleware::new(move |next| {
             ClientBuilder::new()
                 .with_retry(quick_retry())
-                .with_auth(auth.clone())
+                .with_auth(auth)
                 .build(next)
         }))
         .build()
@@ -396,7 +398,7 @@ async fn mix32_service_two_origin_308_loop_terminates() {
     let req = http::Request::post(a.url("/a"))
         .body(Full::new(Bytes::from_static(b"ping")))
         .unwrap();
-    let err: BoxError = within(10, client.oneshot(req)).await.unwrap_err().into();
+    let err: BoxError = within(10, client.oneshot(req)).await.unwrap_err();
     assert_eq!(a.count() + b.count(), 11, "{err}");
     assert!(
         err.to_string()

@@ -157,7 +157,9 @@ pub(crate) fn redis_url() -> Option<String> {
 pub(crate) fn unique(what: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
+    use sturdy::core::WallClock;
+    let t = sturdy::core::SystemClock
+        .now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
