@@ -360,7 +360,9 @@ async fn agents27_refused_connection_text_delivery_and_no_api_key() {
             .starts_with("gave up after 4 attempts: connection refused"),
         "{err}"
     );
-    assert_eq!(delivery(&err), Delivery::NotSent);
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     assert_no_secret(&err);
     let err = within(
         client

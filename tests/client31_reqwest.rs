@@ -401,7 +401,9 @@ async fn client31_https_url_without_reqwest_tls_backend_says_so() {
     let err = within(10, mw(true).get(format!("https://{addr}/")).send())
         .await
         .unwrap_err();
-    assert_eq!(delivery(&err), Delivery::NotSent, "{err}");
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed, "{err}");
     let msg = err.to_string().to_lowercase();
     assert!(
         msg.contains("https") || msg.contains("tls") || msg.contains("scheme"),

@@ -6,7 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use axum::body::Body;
 use axum::routing::post;
@@ -488,7 +489,6 @@ async fn cluster32_seed_list_with_a_dead_node() {
 /// `connect_cluster` "# Errors ... no node answers in time". A seed list of only dead nodes
 /// (connection refused) must say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: connect_cluster with only refused seeds says 'the connection to Redis broke before its answer, so the command may have run' (Transport wording), not 'Redis cannot be reached' (Connect)"]
 async fn cluster32_all_dead_seeds_say_redis_cannot_be_reached() {
     if shared_nodes().is_none() {
         return;
@@ -769,7 +769,7 @@ async fn cluster32_cancelled_idempotent_requests_hold_nothing() {
                 .with_prefix(unique("cancel")),
             ByCredentials::default(),
         ));
-    let mut rng = Rng(0x5eed_c32);
+    let mut rng = Rng(0x05ee_dc32);
     for i in 0..30 {
         let key = format!("k{i}");
         let cut = Duration::from_micros(rng.below(20_000));

@@ -168,7 +168,9 @@ async fn credentials_reqwest_moved_into_headers_are_not_in_errors() {
     .unwrap_err();
     let all = format!("{err} {err:?}");
     assert!(!all.contains("TOPSECRET"), "{all}");
-    assert_eq!(delivery(&err), Delivery::NotSent);
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
 }
 
 #[derive(Clone, Default)]

@@ -96,7 +96,9 @@ async fn secrets_in_the_url_are_not_in_errors() {
         !all.contains("TOPSECRET") && !all.contains("hunter2"),
         "{all}"
     );
-    assert_eq!(delivery(&err), Delivery::NotSent);
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     assert_eq!(
         err.to_string(),
         "gave up after 4 attempts: connection refused"

@@ -95,7 +95,9 @@ async fn url_secrets_in_no_error_text() {
         }))
         .build();
     let e3 = mw.get(&url).send().await.unwrap_err();
-    assert_eq!(sturdy::reqwest::delivery(&e3), Delivery::NotSent);
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(sturdy::reqwest::delivery(&e3), Delivery::MaybeProcessed);
     let texts = [
         e1.to_string(),
         format!("{e1:?}"),

@@ -180,10 +180,10 @@ async fn full_backlog() -> (
 }
 
 /// reqwest.md's table: "`is_connect()`: refused, DNS, other TLS handshake failures, connect
-/// timeout | `Connect` | no (`NotSent`) | yes, POST included", the checks in that order (a
-/// connect timeout is also `is_timeout()`), and the message `timed out while connecting`.
+/// timeout | `Connect` | maybe", the checks in that order (a connect timeout is also
+/// `is_timeout()`), and the message `timed out while connecting`.
 #[tokio::test]
-async fn a_connect_timeout_is_connect_not_sent_and_reads_timed_out_while_connecting() {
+async fn a_connect_timeout_is_connect_and_reads_timed_out_while_connecting() {
     let (addr, _held, _listener) = full_backlog().await;
     let http = sturdy::reqwest::ReqwestService::new(
         reqwest::Client::builder()
@@ -198,7 +198,9 @@ async fn a_connect_timeout_is_connect_not_sent_and_reads_timed_out_while_connect
     let err = http.oneshot(req).await.unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert_eq!(err.kind(), &ErrorKind::Connect, "{err}");
-    assert_eq!(delivery(&err), Delivery::NotSent);
+    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
+    // target after the server got the request (reqwest.md): may have been processed.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
     assert_eq!(err.to_string(), "timed out while connecting");
 }
 

@@ -10,7 +10,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, ToRedisArgs, Value};
 use sturdy_core::{BoxError, Error, ErrorKind};
 
-use crate::{bounded, store_error};
+use crate::store_error;
 
 /// A connection to Redis: one server, or a Redis Cluster.
 ///
@@ -148,7 +148,7 @@ where
         .retry_wait_formula(10, 2)
         .build()
         .map_err(|e| store_error("invalid Redis Cluster URL", e))?;
-    bounded(
+    crate::bounded_connect(
         timeout * 2,
         "could not connect to the Redis Cluster",
         client.get_async_connection(),

@@ -163,7 +163,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
     .await
     {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(store_error("could not connect to Redis", e)),
+        Ok(Err(e)) => Err(connect_error("could not connect to Redis", e)),
         Err(_) => Err(Box::new(Error::new(
             ErrorKind::Timeout,
             format!(
@@ -185,7 +185,7 @@ pub(crate) async fn connect_unbounded(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None)
         .set_number_of_retries(1);
-    bounded(
+    bounded_connect(
         timeout * 2,
         "could not connect to Redis",
         client.get_connection_manager_with_config(config),
@@ -223,11 +223,24 @@ fn is_auth_failure(e: &redis::RedisError) -> bool {
 }
 
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
+    classified(what, e, false)
+}
+
+/// A Redis error met while connecting, before any command of the caller's was sent: a broken
+/// or refused connection then means Redis cannot be reached (a cluster client reports seeds
+/// that all refuse as an I/O error, not as a refusal).
+fn connect_error(what: &str, e: redis::RedisError) -> BoxError {
+    classified(what, e, true)
+}
+
+fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
     let kind = if is_auth_failure(&e) {
         ErrorKind::Auth
     } else if e.is_timeout() {
         ErrorKind::Timeout
-    } else if e.is_connection_refusal() {
+    } else if e.is_connection_refusal()
+        || (connecting && (e.is_io_error() || e.is_connection_dropped()))
+    {
         ErrorKind::Connect
     } else if e.is_io_error() || e.is_connection_dropped() {
         // The connection broke, and a multiplexed connection cannot tell whether the command
@@ -268,9 +281,27 @@ pub(crate) async fn bounded<T>(
     what: &'static str,
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, BoxError> {
+    bounded_as(timeout, what, fut, false).await
+}
+
+/// [`bounded`] for connecting, where errors are classified by [`connect_error`].
+pub(crate) async fn bounded_connect<T>(
+    timeout: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, BoxError> {
+    bounded_as(timeout, what, fut, true).await
+}
+
+async fn bounded_as<T>(
+    timeout: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    connecting: bool,
+) -> Result<T, BoxError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(store_error(what, e)),
+        Ok(Err(e)) => Err(classified(what, e, connecting)),
         Err(_) => Err(Box::new(Error::new(
             ErrorKind::Timeout,
             format!(

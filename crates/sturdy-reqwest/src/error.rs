@@ -15,20 +15,37 @@ pub(crate) enum Stage {
 }
 
 /// Converts a reqwest error into a [`sturdy_core::Error`] that sturdy classifies as it would the
-/// same failure from a hyper-util client.
+/// same failure from a hyper-util client, except where reqwest's redirects make a difference.
 ///
 /// | reqwest says | [`ErrorKind`] | delivery | retried by the retry layer |
 /// |---|---|---|---|
-/// | `is_builder()`: a URL or header reqwest cannot use | `Config` | `NotSent` | no |
-/// | `is_connect()` with an untrusted server certificate | `Tls` | `NotSent` | no |
-/// | `is_connect()`: refused, DNS, other TLS handshake failures, connect timeout | `Connect` | `NotSent` | yes |
+/// | `is_builder()`: a URL or header reqwest cannot use | `Config` | `NotSent` (but see below) | no |
+/// | `is_connect()` with an untrusted server certificate | `Tls` | may have been processed | no |
+/// | `is_connect()`: refused, DNS, other TLS handshake failures, connect timeout | `Connect` | may have been processed | as a sent request |
 /// | `is_timeout()`: one of reqwest's own timeouts | `Timeout` | may have been processed | yes |
 /// | `is_redirect()`: too many redirects | `Other` | may have been processed | no |
 /// | `is_body()` or `is_decode()` | `Body` | may have been processed | no |
 /// | `status()`: from `error_for_status` | the status's kind (`Server(503)`, ...) | may have been processed | as the status |
 /// | anything else | by its `source()` chain, as for hyper-util: a reset or early close is `Transport` | may have been processed | as the kind |
 ///
-/// The checks run in that order, so a connect timeout is `Connect` (the request never left).
+/// The checks run in that order, so a connect timeout is `Connect`.
+///
+/// **Why a connect error may have been processed.** reqwest follows redirects inside one
+/// `send`, out of sturdy's sight, and a connect error on a redirect's target looks exactly like
+/// one on the first connection. The server may have received and processed the request before
+/// answering the redirect (a POST answered `303 See Other`, a 307 to a host that is down), so
+/// sturdy cannot state that the request never left. The retry layer therefore treats a connect
+/// error from reqwest as it treats a broken connection: it tries again idempotent methods and
+/// requests with an idempotency key (`ClientBuilder` gives POST and PATCH one), with the same
+/// key, and does not resend a POST or PATCH that has none. A connect error from a hyper-util
+/// client, which follows no redirect, stays `NotSent`.
+///
+/// **Builder errors.** reqwest raises them before anything is sent (an unknown scheme, a header
+/// it cannot use), and also while following a redirect whose target it cannot use (a `Location`
+/// with an `ftp:` scheme, or that does not parse), after the server answered.
+/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` tell these apart (an error
+/// raised after reqwest waited on the network came from a redirect, and may have been
+/// processed); this function, given the error alone, reports every builder error as `NotSent`.
 ///
 /// The message names the root cause in plain words (`connection refused`, `timed out (reqwest's
 /// timeout)`, `TLS handshake failed (invalid peer certificate: UnknownIssuer)`), so the retry
@@ -57,16 +74,46 @@ pub(crate) enum Stage {
 /// let err = sturdy_reqwest::from_reqwest_error(err);
 /// assert_eq!(err.kind(), &ErrorKind::Connect);
 /// assert_eq!(err.to_string(), "connection refused");
-/// assert_eq!(delivery(&err), Delivery::NotSent);
+/// // It may have been a redirect's target: reqwest follows redirects out of sturdy's sight.
+/// assert_eq!(delivery(&err), Delivery::MaybeProcessed);
 /// assert!(!format!("{err:?}").contains("secret"));
+///
+/// // reqwest refuses a scheme it does not speak before sending anything.
+/// let err = reqwest::Client::new().get("ftp://127.0.0.1/").send().await.unwrap_err();
+/// let err = sturdy_reqwest::from_reqwest_error(err);
+/// assert_eq!(err.kind(), &ErrorKind::Config);
+/// assert_eq!(delivery(&err), Delivery::NotSent);
 /// # }
 /// ```
 pub fn from_reqwest_error(err: reqwest::Error) -> Error {
     convert(err, Stage::Call)
 }
 
+/// Converts an error of reqwest's `send` (or of the reqwest-middleware chain below sturdy):
+/// `waited` says whether the call waited on anything before failing. reqwest's own checks fail
+/// at once, before anything is sent; a builder error that came later was raised while following
+/// a redirect, after the server answered.
+pub(crate) fn convert_sent(err: reqwest::Error, waited: bool) -> Error {
+    if waited && err.is_builder() {
+        let err = redact(err);
+        let message = format!(
+            "could not follow a redirect: the server answered with a redirect to a URL reqwest cannot use ({})",
+            root_text(&err)
+        );
+        Error::new(ErrorKind::Other, message)
+            .with_hidden_source(err)
+            .with_delivery(Delivery::MaybeProcessed)
+    } else {
+        convert(err, Stage::Call)
+    }
+}
+
 pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
     let err = redact(err);
+    // A connect error carries no delivery of its own: reqwest may have followed a redirect
+    // before it (see the table above), so it may have been processed, and the explicit
+    // `MaybeProcessed` keeps sturdy's classification (which reads connect errors as never sent)
+    // from saying otherwise.
     let (kind, message, delivery) = if err.is_builder() {
         (
             ErrorKind::Config,
@@ -74,14 +121,14 @@ pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
             Some(Delivery::NotSent),
         )
     } else if err.is_connect() && sturdy_core::classify::untrusted_certificate(&err) {
-        (ErrorKind::Tls, words(&err), Some(Delivery::NotSent))
+        (ErrorKind::Tls, words(&err), Some(Delivery::MaybeProcessed))
     } else if err.is_connect() {
         let message = if err.is_timeout() {
             "timed out while connecting".to_owned()
         } else {
             words(&err)
         };
-        (ErrorKind::Connect, message, Some(Delivery::NotSent))
+        (ErrorKind::Connect, message, Some(Delivery::MaybeProcessed))
     } else if err.is_timeout() {
         let message = match stage {
             Stage::Call => "timed out (reqwest's timeout)",

@@ -14,8 +14,14 @@
 //! Either way, reqwest's errors are converted at the boundary into [`sturdy_core::Error`]s with
 //! the kind sturdy's classification gives the same failure from hyper-util
 //! ([`from_reqwest_error`]): a reqwest timeout is `Timeout` and is retried, a connect error is
-//! `Connect` and proves the request never left, a body error is `Body`. The retry layer's final
-//! message then names the root cause: `gave up after 4 attempts: connection refused`.
+//! `Connect`, a body error is `Body`. One difference: reqwest follows redirects out of sturdy's
+//! sight, so a connect error may be on a redirect's target after the server got the request; it
+//! is reported as "may have been processed", not as never sent. The retry layer's final message
+//! names the root cause: `gave up after 4 attempts: connection refused`.
+//!
+//! reqwest carries every header but `Authorization`, `Cookie` and `Proxy-Authorization` to
+//! another origin when it follows a redirect there; with an API key in a header of its own
+//! (`x-api-key`), build the client with [`same_origin_redirects`].
 //!
 //! # Example
 //!
@@ -65,12 +71,14 @@ mod body;
 mod error;
 #[cfg(feature = "middleware")]
 mod middleware;
+mod redirect;
 mod service;
 
 pub use body::ResponseBody;
 pub use error::from_reqwest_error;
 #[cfg(feature = "middleware")]
 pub use middleware::{NextAttempt, NextAttemptFuture, SturdyMiddleware};
+pub use redirect::same_origin_redirects;
 pub use service::{ReqwestService, ResponseFuture};
 
 pub use reqwest;
@@ -105,10 +113,9 @@ pub fn delivery(err: &reqwest_middleware::Error) -> sturdy_core::Delivery {
             let e: &(dyn std::error::Error + 'static) = &**e;
             sturdy_core::classify::delivery(e)
         }
-        // Only a request reqwest could not build or connect for proves it never left.
-        reqwest_middleware::Error::Reqwest(e) if e.is_builder() || e.is_connect() => {
-            sturdy_core::Delivery::NotSent
-        }
+        // As `from_reqwest_error` says: only a request reqwest could not build proves it never
+        // left (a connect error may be on a redirect's target, after the server got it).
+        reqwest_middleware::Error::Reqwest(e) if e.is_builder() => sturdy_core::Delivery::NotSent,
         reqwest_middleware::Error::Reqwest(_) => sturdy_core::Delivery::MaybeProcessed,
     }
 }

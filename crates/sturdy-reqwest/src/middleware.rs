@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt as _};
 
-use crate::error::{convert, Stage};
+use crate::error::{convert, convert_sent, Stage};
 use crate::service::into_http;
 
 /// Streaming request bodies are buffered up to this many bytes \[16 MiB\].
@@ -209,8 +209,16 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
     let Attempt { request, mut reply } = attempt;
     let outcome = {
         let abandoned = pin!(reply.closed());
-        match select(next.run(request, &mut extensions), abandoned).await {
-            Either::Left((res, _)) => Some(res),
+        // Whether the chain waited on anything before it answered: see `convert_sent`.
+        let mut waited = false;
+        let mut run = pin!(next.run(request, &mut extensions));
+        let run = poll_fn(|cx| {
+            let poll = run.as_mut().poll(cx);
+            waited |= poll.is_pending();
+            poll
+        });
+        match select(pin!(run), abandoned).await {
+            Either::Left((res, _)) => Some(res.map_err(|e| from_chain_error(e, waited))),
             Either::Right(((), _)) => None,
         }
     };
@@ -224,7 +232,7 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
 /// One attempt on its way down the chain, and where its outcome goes.
 struct Attempt {
     request: reqwest::Request,
-    reply: oneshot::Sender<reqwest_middleware::Result<reqwest::Response>>,
+    reply: oneshot::Sender<Result<reqwest::Response, BoxError>>,
 }
 
 /// Where [`NextAttempt`] sends the attempts of one call: to the middleware's `handle`, which
@@ -297,7 +305,7 @@ pub struct NextAttemptFuture {
 }
 
 enum AttemptState {
-    Waiting(oneshot::Receiver<reqwest_middleware::Result<reqwest::Response>>),
+    Waiting(oneshot::Receiver<Result<reqwest::Response, BoxError>>),
     Failed(Option<Error>),
 }
 
@@ -322,7 +330,7 @@ impl Future for NextAttemptFuture {
         match &mut self.state {
             AttemptState::Waiting(rx) => Poll::Ready(match std::task::ready!(rx.poll_unpin(cx)) {
                 Ok(Ok(res)) => Ok(into_http(res)),
-                Ok(Err(e)) => Err(from_chain_error(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(Box::new(call_ended())),
             }),
             AttemptState::Failed(e) => Poll::Ready(Err(Box::new(e.take().unwrap_or_else(|| {
@@ -343,12 +351,12 @@ fn call_ended() -> Error {
     .with_delivery(Delivery::NotSent)
 }
 
-/// An error from the rest of the chain, in sturdy's terms.
-fn from_chain_error(err: reqwest_middleware::Error) -> BoxError {
+/// An error from the rest of the chain, in sturdy's terms (`waited`: see `convert_sent`).
+fn from_chain_error(err: reqwest_middleware::Error, waited: bool) -> BoxError {
     let err = match err {
-        reqwest_middleware::Error::Reqwest(e) => return Box::new(convert(e, Stage::Call)),
+        reqwest_middleware::Error::Reqwest(e) => return Box::new(convert_sent(e, waited)),
         reqwest_middleware::Error::Middleware(e) => match e.downcast::<reqwest::Error>() {
-            Ok(e) => return Box::new(convert(e, Stage::Call)),
+            Ok(e) => return Box::new(convert_sent(e, waited)),
             Err(e) => e,
         },
     };

@@ -12,7 +12,7 @@ use sturdy_core::{BoxError, Delivery, Error, ErrorKind};
 use tower::Service;
 
 use crate::body::ResponseBody;
-use crate::error::{convert, Stage};
+use crate::error::{convert, convert_sent, Stage};
 
 /// Request bodies of a known size up to this many bytes are handed to reqwest as bytes \[1 MiB\].
 const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
@@ -161,6 +161,7 @@ fn send<B: Body>(client: &mut reqwest::Client, req: http::Request<reqwest::Body>
     match reqwest::Request::try_from(req) {
         Ok(req) => State::Sending {
             pending: client.call(req),
+            waited: false,
         },
         Err(e) => State::Failed {
             error: Some(convert(e, Stage::Call)),
@@ -233,6 +234,8 @@ pin_project! {
         Sending {
             #[pin]
             pending: Pending,
+            // Whether reqwest has waited on the network yet: see `convert_sent`.
+            waited: bool,
         },
         Failed {
             error: Option<Error>,
@@ -282,11 +285,14 @@ where
                         }
                     }
                 }
-                StateProj::Sending { pending } => {
-                    let res = ready!(pending.poll(cx));
+                StateProj::Sending { pending, waited } => {
+                    let Poll::Ready(res) = pending.poll(cx) else {
+                        *waited = true;
+                        return Poll::Pending;
+                    };
                     return Poll::Ready(match res {
                         Ok(res) => Ok(into_http(res).map(ResponseBody::new)),
-                        Err(e) => Err(convert(e, Stage::Call)),
+                        Err(e) => Err(convert_sent(e, *waited)),
                     });
                 }
                 StateProj::Failed { error } => {

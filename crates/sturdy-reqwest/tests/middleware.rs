@@ -199,7 +199,7 @@ async fn reqwest_timeouts_bound_each_attempt_and_are_retried() {
 }
 
 #[tokio::test]
-async fn a_refused_connection_is_retried_and_reported_as_never_sent() {
+async fn a_refused_connection_is_retried_and_reported_as_maybe_processed() {
     let err = client(reqwest::Client::new())
         .get(format!("http://127.0.0.1:{}/orders", closed_port()))
         .send()
@@ -213,7 +213,8 @@ async fn a_refused_connection_is_retried_and_reported_as_never_sent() {
         find::<sturdy_core::Error>(&err).unwrap().kind(),
         &ErrorKind::Connect
     );
-    assert_eq!(delivery(&err), Delivery::NotSent);
+    // reqwest may have followed a redirect before the refused connection: sturdy cannot tell.
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
 }
 
 #[tokio::test]
