@@ -42,7 +42,7 @@ pub(crate) enum Stage {
 ///
 /// **Builder errors.** reqwest raises them before anything is sent (an unknown scheme, a header
 /// it cannot use), and also while following a redirect whose target it cannot use (a `Location`
-/// with an `ftp:` scheme, or that does not parse), after the server answered.
+/// with an `ftp:` scheme), after the server answered.
 /// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` tell these apart (an error
 /// raised after reqwest waited on the network came from a redirect, and may have been
 /// processed); this function, given the error alone, reports every builder error as `NotSent`.
