@@ -188,6 +188,8 @@ mod review17_coalesce;
 mod review17_holds;
 mod review17_probing;
 mod review17_words;
+mod s34_redis;
+mod s34_reqwest_scheme;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

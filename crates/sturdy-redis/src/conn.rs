@@ -10,8 +10,6 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, ToRedisArgs, Value};
 use sturdy_core::{BoxError, Error, ErrorKind};
 
-use crate::store_error;
-
 /// A connection to Redis: one server, or a Redis Cluster.
 ///
 /// Every backend of this crate takes one. It is cheap to clone (clones share the connection) and
@@ -147,7 +145,7 @@ where
         .max_retry_wait(100)
         .retry_wait_formula(10, 2)
         .build()
-        .map_err(|e| store_error("invalid Redis Cluster URL", e))?;
+        .map_err(|e| crate::config_error("invalid Redis Cluster URL", e))?;
     crate::bounded_connect(
         timeout * 2,
         "could not connect to the Redis Cluster",
@@ -156,10 +154,25 @@ where
     .await
 }
 
+// A connection to one server that the server closed while it was idle (a restart) is found
+// dead only by the next command: the redis client's connection task has already ended, so the
+// command fails at once with a broken pipe, before it was written, and the manager starts
+// reconnecting. The redis client sends such a command nowhere and reports it exactly as one
+// whose connection broke after it was written, so the difference is read from the future
+// itself: a command that was written waits (its future returns `Pending` at least once) for
+// the answer, which another task reads. A dropped connection found without waiting is
+// therefore one the command never reached, and the command goes once more, on the connection
+// the manager makes anew; a command that waited is never sent twice. Without this, the first
+// operation of every idle backend after a Redis restart would fail as "may have run".
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.inner {
-            Inner::Single(c) => c.req_packed_command(cmd),
+            Inner::Single(c) => Box::pin(async move {
+                match watched(c.req_packed_command(cmd)).await {
+                    (Err(e), false) if e.is_connection_dropped() => c.req_packed_command(cmd).await,
+                    (res, _) => res,
+                }
+            }),
             Inner::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -171,7 +184,14 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.inner {
-            Inner::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Inner::Single(c) => Box::pin(async move {
+                match watched(c.req_packed_commands(pipeline, offset, count)).await {
+                    (Err(e), false) if e.is_connection_dropped() => {
+                        c.req_packed_commands(pipeline, offset, count).await
+                    }
+                    (res, _) => res,
+                }
+            }),
             Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -182,6 +202,19 @@ impl ConnectionLike for RedisConnection {
             Inner::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// Runs `fut` to its end; also whether it waited (returned `Pending`) on the way.
+async fn watched<T>(fut: RedisFuture<'_, T>) -> (RedisResult<T>, bool) {
+    let mut fut = fut;
+    let mut waited = false;
+    let res = std::future::poll_fn(|cx| {
+        let poll = fut.as_mut().poll(cx);
+        waited |= poll.is_pending();
+        poll
+    })
+    .await;
+    (res, waited)
 }
 
 // ===== hash slots =====

@@ -151,7 +151,7 @@ static CLEAR_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLEAR.to_owned()));
 /// When the URL is invalid or Redis cannot be reached within `timeout`. The message never
 /// repeats the URL, which may hold a password.
 pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxError> {
-    let client = Client::open(url).map_err(|e| store_error("invalid Redis URL", e))?;
+    let client = Client::open(url).map_err(|e| config_error("invalid Redis URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
@@ -180,7 +180,7 @@ pub(crate) async fn connect_unbounded(
     url: &str,
     timeout: Duration,
 ) -> Result<ConnectionManager, BoxError> {
-    let client = Client::open(url).map_err(|e| store_error("invalid Redis URL", e))?;
+    let client = Client::open(url).map_err(|e| config_error("invalid Redis URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None)
@@ -207,7 +207,7 @@ pub(crate) fn capped_micros(d: Duration) -> u64 {
     u64::try_from(d.min(FAR).as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Whether Redis refused the credentials (a wrong password or user name in the URL). A cluster
+/// Whether Redis refused the credentials (a missing or wrong password or user name in the URL). A cluster
 /// client reports it inside an I/O error, so the text is read too.
 fn is_auth_failure(e: &redis::RedisError) -> bool {
     if e.kind() == redis::ErrorKind::AuthenticationFailed
@@ -216,10 +216,21 @@ fn is_auth_failure(e: &redis::RedisError) -> bool {
         return true;
     }
     let text = e.to_string().to_ascii_lowercase();
+    // "Protocol error: unauthenticated multibulk length": a Redis that requires a password
+    // closes the connection of a client that sends a long command before authenticating.
     text.contains("authentication failed")
         || text.contains("wrongpass")
         || text.contains("noauth")
         || text.contains("invalid username-password")
+        || text.contains("unauthenticated")
+}
+
+/// A URL or client setting the redis client refused: a mistake in the configuration, which no
+/// retry mends. The message names the cause in the redis client's words, which never repeat the
+/// URL (and so no password in it).
+fn config_error(what: &str, e: redis::RedisError) -> BoxError {
+    let detail = e.detail().map_or_else(|| e.to_string(), str::to_owned);
+    Box::new(Error::new(ErrorKind::Config, format!("{what}: {detail}")).with_source(e))
 }
 
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
@@ -262,7 +273,7 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
         ),
         Some("LOADING") => format!("{what}: Redis is loading its data after a restart; try again shortly"),
         _ if kind == ErrorKind::Auth => format!(
-            "{what}: Redis refused the credentials (the user name or password in the URL is wrong)"
+            "{what}: Redis refused the credentials (the user name or password in the URL is missing or wrong)"
         ),
         _ if kind == ErrorKind::Connect => format!(
             "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"

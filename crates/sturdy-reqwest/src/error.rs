@@ -43,9 +43,10 @@ pub(crate) enum Stage {
 /// **Builder errors.** reqwest raises them before anything is sent (an unknown scheme, a header
 /// it cannot use), and also while following a redirect whose target it cannot use (a `Location`
 /// with an `ftp:` scheme), after the server answered.
-/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` tell these apart (an error
-/// raised after reqwest waited on the network came from a redirect, and may have been
-/// processed); this function, given the error alone, reports every builder error as `NotSent`.
+/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` tell these apart (a builder
+/// error for an http or https request, raised after reqwest waited on the network, came from a
+/// redirect, and may have been processed; one for a request whose own URL reqwest refuses never
+/// left); this function, given the error alone, reports every builder error as `NotSent`.
 ///
 /// The message names the root cause in plain words (`connection refused`, `timed out (reqwest's
 /// timeout)`, `TLS handshake failed (invalid peer certificate: UnknownIssuer)`), so the retry
@@ -90,9 +91,11 @@ pub fn from_reqwest_error(err: reqwest::Error) -> Error {
 }
 
 /// Converts an error of reqwest's `send` (or of the reqwest-middleware chain below sturdy):
-/// `waited` says whether the call waited on anything before failing. reqwest's own checks fail
-/// at once, before anything is sent; a builder error that came later was raised while following
-/// a redirect, after the server answered.
+/// `waited` says whether the call waited on anything before failing, for a request whose own
+/// URL reqwest can send (http or https). reqwest's own checks fail at once, before anything is
+/// sent; a builder error that came later was raised while following a redirect, after the
+/// server answered. Callers pass `false` for a request reqwest cannot send at all, since a
+/// later reqwest-middleware may wait before handing it to reqwest.
 pub(crate) fn convert_sent(err: reqwest::Error, waited: bool) -> Error {
     if waited && err.is_builder() {
         let err = redact(err);

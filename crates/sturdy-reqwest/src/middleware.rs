@@ -209,7 +209,11 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
     let Attempt { request, mut reply } = attempt;
     let outcome = {
         let abandoned = pin!(reply.closed());
-        // Whether the chain waited on anything before it answered: see `convert_sent`.
+        // Whether the chain waited on anything before it answered: see `convert_sent`. Only a
+        // request reqwest can send can be redirected: a builder error for a URL reqwest cannot
+        // use (an `ftp:` request) is raised before sending, however long a later middleware
+        // waited before handing the request to reqwest.
+        let redirectable = matches!(request.url().scheme(), "http" | "https");
         let mut waited = false;
         let mut run = pin!(next.run(request, &mut extensions));
         let run = poll_fn(|cx| {
@@ -218,7 +222,9 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
             poll
         });
         match select(pin!(run), abandoned).await {
-            Either::Left((res, _)) => Some(res.map_err(|e| from_chain_error(e, waited))),
+            Either::Left((res, _)) => {
+                Some(res.map_err(|e| from_chain_error(e, waited && redirectable)))
+            }
             Either::Right(((), _)) => None,
         }
     };
