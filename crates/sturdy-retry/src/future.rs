@@ -101,8 +101,7 @@ where
     ) -> Self {
         // Allocated first, like a replayable call's (see there).
         let slot = Box::new_uninit();
-        policy.starting_attempt();
-        let attempt_sent = sent(attempt_timeout);
+        let attempt_sent = policy.starting_attempt(attempt_timeout.is_some());
         let fut = svc.call(req);
         Self {
             state: State::Calling { fut, timer: None },
@@ -167,11 +166,6 @@ where
 enum Kept {
     Head(KeptHead),
     Info(CallInfo),
-}
-
-/// When an attempt with `timeout` is sent: now, read only if it has one.
-fn sent(timeout: Option<Duration>) -> Option<tokio::time::Instant> {
-    timeout.map(|_| tokio::time::Instant::now())
 }
 
 impl<S, B, Rb, C> std::fmt::Debug for ResponseFuture<S, B, Rb, C>
@@ -418,8 +412,7 @@ impl<A, C> Run<A, C> {
         A: Service<Request<B>>,
         B: From<Bytes>,
     {
-        self.policy.starting_attempt();
-        self.attempt_sent = sent(self.attempt_timeout);
+        self.attempt_sent = self.policy.starting_attempt(self.attempt_timeout.is_some());
         let body = B::from(self.body.clone().unwrap_or_default());
         let Kept::Head(head) = &mut self.kept else {
             unreachable!("a call keeps its head while another attempt may be sent")
