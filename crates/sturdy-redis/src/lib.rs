@@ -233,6 +233,12 @@ fn config_error(what: &str, e: redis::RedisError) -> BoxError {
     Box::new(Error::new(ErrorKind::Config, format!("{what}: {detail}")).with_source(e))
 }
 
+/// Whether a cluster client found no connection to the node a command goes to ("No
+/// connections found"), after its own tries.
+fn cluster_unreachable(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+}
+
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
     classified(what, e, false)
 }
@@ -250,12 +256,13 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
     } else if e.is_timeout() {
         ErrorKind::Timeout
     } else if e.is_connection_refusal()
-        || (connecting && (e.is_io_error() || e.is_connection_dropped()))
+        || (connecting && (e.is_io_error() || e.is_connection_dropped() || cluster_unreachable(&e)))
     {
         ErrorKind::Connect
-    } else if e.is_io_error() || e.is_connection_dropped() {
+    } else if e.is_io_error() || e.is_connection_dropped() || cluster_unreachable(&e) {
         // The connection broke, and a multiplexed connection cannot tell whether the command
-        // had been written: it may have run.
+        // had been written: it may have run. A cluster client that finds no connection to the
+        // key's node has tried the command already, after a broken connection, maybe written.
         ErrorKind::Transport
     } else {
         ErrorKind::Other
@@ -277,6 +284,9 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
         ),
         _ if kind == ErrorKind::Connect => format!(
             "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"
+        ),
+        _ if cluster_unreachable(&e) => format!(
+            "{what}: Redis cannot be reached (the Redis Cluster node that serves this key is down, restarting or failing over); the cluster client sends a command again after a broken connection, so an earlier try may have run; the connection recovers by itself once the node or its replica serves again"
         ),
         _ if kind == ErrorKind::Transport => format!(
             "{what}: the connection to Redis broke before its answer, so the command may have run; the connection recovers by itself once Redis is back"
