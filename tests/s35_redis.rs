@@ -756,3 +756,302 @@ async fn s35_consumer_and_queue_on_a_redis_that_is_down_fail_clearly() {
         }
     }
 }
+
+/// A replica of an own primary (no persistence); killed when dropped.
+struct Replica {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Replica {
+    async fn start(primary: u16) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--replicaof",
+                "127.0.0.1",
+                &primary.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let me = Self {
+            port,
+            child: Some(child),
+        };
+        me.wait_up().await;
+        me
+    }
+
+    async fn wait_up(&self) {
+        let t = Instant::now();
+        while !cli_at(self.port, &["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(t.elapsed() < Duration::from_secs(15), "replica link not up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `with_replication` sends the script and `WAIT` "in the same round trip" (a pipeline): an
+/// idle store and queue with it work at their first operation after the primary restarted (and
+/// its replica is back), as the backends without it do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_replicated_backends_work_at_once_after_a_restart() {
+    if !own_redis_possible() {
+        return;
+    }
+    let mut redis = OwnRedis::start().await;
+    let replica = Replica::start(redis.port).await;
+    let store = RedisIdempotencyStore::connect(&redis.url())
+        .await
+        .unwrap()
+        .with_replication(1, Duration::from_millis(500));
+    let queue = RedisStreamQueue::connect(&redis.url(), unique("s35-repl"))
+        .await
+        .unwrap()
+        .with_replication(1, Duration::from_millis(500));
+    assert!(matches!(
+        store
+            .begin("a", [1; 32], LockToken::random(), TTL)
+            .await
+            .unwrap(),
+        Begin::Started
+    ));
+    assert_eq!(
+        queue.push(event("evt_a"), TTL).await.unwrap(),
+        Push::Enqueued
+    );
+    for round in 0..2 {
+        redis.restart().await;
+        replica.wait_up().await;
+        let_the_close_arrive().await;
+        let b = store
+            .begin(&format!("b{round}"), [1; 32], LockToken::random(), TTL)
+            .await;
+        assert!(matches!(b, Ok(Begin::Started)), "{round}: {b:?}");
+        let p = queue.push(event(&format!("evt_b{round}")), TTL).await;
+        assert!(matches!(p, Ok(Push::Enqueued)), "{round}: {p:?}");
+    }
+}
+
+/// The pipelined push (`with_replication`) cut after it was written: `Transport`, "may have
+/// run", in the stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_a_replicated_push_cut_after_it_was_written_is_in_the_stream_once() {
+    if !own_redis_possible() {
+        return;
+    }
+    let redis = OwnRedis::start().await;
+    let _replica = Replica::start(redis.port).await;
+    let proxy = CutProxy::start(redis.addr()).await;
+    let stream = unique("s35-replcut");
+    let queue = RedisStreamQueue::connect(&proxy.url(), stream.clone())
+        .await
+        .unwrap()
+        .with_replication(1, Duration::from_millis(500));
+    queue.push(event("evt_0"), TTL).await.unwrap();
+    proxy.set(Mode::Cut);
+    let e = queue.push(event("evt_cut"), TTL).await.unwrap_err();
+    proxy.set(Mode::Pass);
+    let text = chain_text(&*e);
+    assert_eq!(kind(&e), ErrorKind::Transport, "{text}");
+    assert!(text.contains("may have run"), "{text}");
+    assert_eq!(redis.cli(&["XLEN", &stream]).trim(), "2");
+}
+
+/// End to end, RELIABILITY.md's fixed row: "a backend idle while its Redis restarts, then one
+/// operation ... works" (before: "an idempotent request got 503"). An axum app under the
+/// `IdempotencyLayer` and a fail-closed `RateLimitLayer` with the Redis quota, idle during the
+/// restart: the first request after it is answered by the handler, and the first limited call
+/// goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_layers_over_idle_backends_answer_the_first_request_after_a_restart() {
+    use std::sync::Arc;
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer};
+    use sturdy::ratelimit::{OnStoreError, RateLimitLayer};
+    use tower::ServiceExt;
+
+    if !own_redis_possible() {
+        return;
+    }
+    let mut redis = OwnRedis::start().await;
+    let store = RedisIdempotencyStore::connect(&redis.url()).await.unwrap();
+    let router = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::post(|| async { (http::StatusCode::CREATED, "made") }),
+        )
+        .layer(IdempotencyLayer::new(store, ByCredentials::default()));
+    let addr = crate::redis30_util::serve(router).await;
+    let c = crate::redis30_util::client();
+    let quota = Quota::per_second(1000).unwrap();
+    let remote = RedisQuota::connect(&redis.url(), quota).await.unwrap();
+    let limited = tower::ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(quota)
+                .with_remote(Arc::new(remote))
+                .with_on_store_error(OnStoreError::Fail),
+        )
+        .service(tower::service_fn(|_req: http::Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+        }));
+    let call = |svc: &_| {
+        let svc: &tower::util::BoxCloneService<
+            http::Request<String>,
+            http::Response<String>,
+            BoxError,
+        > = svc;
+        svc.clone().oneshot(
+            http::Request::get("http://api.s35.test/x")
+                .body(String::new())
+                .unwrap(),
+        )
+    };
+    let limited = tower::util::BoxCloneService::new(limited.map_err(Into::<BoxError>::into));
+    call(&limited).await.unwrap();
+    let h = [("idempotency-key", "s35-k0"), ("authorization", "Bearer t")];
+    let (st, _, _) = crate::redis30_util::post(&c, addr, "/orders", &h, "{}")
+        .await
+        .unwrap();
+    assert_eq!(st, 201);
+    for round in 0..2 {
+        redis.restart().await;
+        let_the_close_arrive().await;
+        let key = format!("s35-k{}", round + 1);
+        let h = [
+            ("idempotency-key", key.as_str()),
+            ("authorization", "Bearer t"),
+        ];
+        let (st, _, body) = crate::redis30_util::post(&c, addr, "/orders", &h, "{}")
+            .await
+            .unwrap();
+        assert_eq!(st, 201, "{round}: {}", String::from_utf8_lossy(&body));
+        let r = call(&limited).await;
+        assert!(r.is_ok(), "{round}: {:?}", r.err().map(|e| chain_text(&*e)));
+    }
+}
+
+/// CHANGELOG (Unreleased): "the streams `x` and `{x}` had one key base ... While one of them
+/// exists, a push to the other now fails with a `Config` error naming both"; "The twin name
+/// given as the queue's own dead-letter stream (`with_dead_letter_stream`) is not another queue
+/// and is not refused"; "`dead_letters(_, 0)` answers an empty list".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_twin_stream_names_are_refused_by_name() {
+    let Some(url) = crate::redis30_util::redis_url() else {
+        return;
+    };
+    let plain = unique("s35twin");
+    let tagged = format!("{{{plain}}}");
+    let a = RedisStreamQueue::connect(&url, plain.clone())
+        .await
+        .unwrap();
+    assert_eq!(a.push(event("evt_1"), TTL).await.unwrap(), Push::Enqueued);
+    let b = RedisStreamQueue::connect(&url, tagged.clone())
+        .await
+        .unwrap();
+    let err = b.push(event("evt_1"), TTL).await.unwrap_err();
+    let text = chain_text(&*err);
+    assert_eq!(kind(&err), ErrorKind::Config, "{text}");
+    assert!(text.contains(&plain) && text.contains(&tagged), "{text}");
+    assert!(a.dead_letters(None, 0).await.unwrap().is_empty());
+    // The twin as the dead-letter stream of the plain queue is not refused.
+    let c = RedisStreamQueue::connect(&url, plain.clone())
+        .await
+        .unwrap()
+        .with_dead_letter_stream(tagged.clone());
+    assert_eq!(c.push(event("evt_2"), TTL).await.unwrap(), Push::Enqueued);
+}
+
+/// CHANGELOG: "`RedisQuota` keys of a prefix or key with a brace in it are written in hex
+/// inside the tag ...: prefix `p` with key `t}:{c` and prefix `p:{t}` with key `c` were one
+/// quota." Each pair has its own quota now (burst 1, one call an hour each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_brace_prefixes_and_keys_are_separate_quotas() {
+    let Some(url) = crate::redis30_util::redis_url() else {
+        return;
+    };
+    let quota = Quota::new(1, Duration::from_secs(3600)).unwrap();
+    let p = unique("s35p");
+    let one = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(p.clone());
+    let two = RedisQuota::connect(&url, quota)
+        .await
+        .unwrap()
+        .with_prefix(format!("{p}:{{t}}"));
+    assert!(matches!(
+        one.try_reserve("t}:{c", Duration::ZERO).await.unwrap(),
+        Reserve::Granted { .. }
+    ));
+    let r = two.try_reserve("c", Duration::ZERO).await.unwrap();
+    assert!(matches!(r, Reserve::Granted { .. }), "one quota: {r:?}");
+    // And each is still a quota.
+    assert!(matches!(
+        one.try_reserve("t}:{c", Duration::ZERO).await.unwrap(),
+        Reserve::Denied { .. }
+    ));
+}
+
+/// CHANGELOG: "durations past about 30 years (`Duration::MAX` leases, TTLs, dedup TTLs, pauses,
+/// quota periods) are sent to Redis as 30 years, instead of values Redis refuses".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_duration_max_everywhere_is_accepted() {
+    let Some(url) = crate::redis30_util::redis_url() else {
+        return;
+    };
+    let q = Quota::new(1, Duration::MAX).unwrap();
+    let quota = RedisQuota::connect(&url, q)
+        .await
+        .unwrap()
+        .with_prefix(unique("s35max"))
+        .with_max_pause(Duration::MAX);
+    assert!(matches!(
+        quota.try_reserve("k", Duration::MAX).await.unwrap(),
+        Reserve::Granted { .. }
+    ));
+    assert!(matches!(
+        quota.try_reserve("k", Duration::ZERO).await.unwrap(),
+        Reserve::Denied { .. }
+    ));
+    quota.try_pause("k", Duration::MAX).await.unwrap();
+    let left = quota.try_paused("k").await.unwrap().expect("paused");
+    let thirty_one_years = Duration::from_secs(31 * 366 * 24 * 3600);
+    assert!(left <= thirty_one_years, "{left:?}");
+    assert!(quota.try_clear_pause("k").await.unwrap().is_some());
+    let store = RedisIdempotencyStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(unique("s35max"));
+    assert!(matches!(
+        store
+            .begin("k", [1; 32], LockToken::random(), Duration::MAX)
+            .await
+            .unwrap(),
+        Begin::Started
+    ));
+    let queue = RedisStreamQueue::connect(&url, unique("s35max"))
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.push(event("evt_max"), Duration::MAX).await.unwrap(),
+        Push::Enqueued
+    );
+}

@@ -770,3 +770,190 @@ async fn s35_from_reqwest_error_on_too_many_redirects() {
     );
     assert_eq!(s.count(), 11);
 }
+
+/// guide, `ReqwestService` request bodies: one "whose exact size is known and at most
+/// `with_buffer_limit` \[1 MiB\] is handed to reqwest as bytes, so reqwest can send it again when
+/// it follows a 307 or 308 redirect; any other body is streamed, and reqwest answers a 307 or
+/// 308 for it with the redirect response itself". Also with `same_origin_redirects`, and a
+/// buffer limit below the body's size.
+#[tokio::test]
+async fn s35_reqwest_service_307_replays_sized_bodies_and_hands_back_streamed_ones() {
+    let s = scripted(|hit, _| async move {
+        match hit.path.as_str() {
+            "/a" => respond(307, &[("location", "/b")], ""),
+            "/p" => respond(308, &[("location", "/b")], ""),
+            _ => respond(200, &[], hit.body.clone()),
+        }
+    })
+    .await;
+    for client in [
+        reqwest::Client::new(),
+        reqwest::Client::builder()
+            .redirect(same_origin_redirects(10))
+            .build()
+            .unwrap(),
+    ] {
+        for first in ["/a", "/p"] {
+            // Sized and small: followed, body sent again.
+            let svc = ReqwestService::new(client.clone());
+            let req = http::Request::post(s.url(first))
+                .body(Full::new(Bytes::from_static(b"s35-body")))
+                .unwrap();
+            let res = within(10, svc.oneshot(req)).await.unwrap();
+            assert_eq!(res.status(), 200, "{first}");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"s35-body", "{first}");
+
+            // Streamed (no exact size): the redirect itself comes back.
+            let svc = ReqwestService::new(client.clone());
+            let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+                http_body::Frame::data(Bytes::from_static(b"s35-stream")),
+            )]);
+            let req = http::Request::post(s.url(first))
+                .body(http_body_util::StreamBody::new(stream))
+                .unwrap();
+            let res = within(10, svc.oneshot(req)).await.unwrap();
+            assert!(res.status().is_redirection(), "{first}: {}", res.status());
+
+            // Sized but over the buffer limit: streamed too.
+            let svc = ReqwestService::new(client.clone()).with_buffer_limit(4);
+            let req = http::Request::post(s.url(first))
+                .body(Full::new(Bytes::from_static(b"s35-body")))
+                .unwrap();
+            let res = within(10, svc.oneshot(req)).await.unwrap();
+            assert!(res.status().is_redirection(), "{first}: {}", res.status());
+        }
+    }
+}
+
+/// Through `SturdyMiddleware` a `.body(..)` reqwest holds as bytes follows a same-origin 307 with
+/// its body, under `same_origin_redirects`, and the final `url()` is the target.
+#[tokio::test]
+async fn s35_middleware_same_origin_307_resends_the_body() {
+    let s = scripted(|hit, _| async move {
+        match hit.path.as_str() {
+            "/a" => respond(307, &[("location", "/b")], ""),
+            _ => respond(201, &[], hit.body.clone()),
+        }
+    })
+    .await;
+    let rq = reqwest::Client::builder()
+        .redirect(same_origin_redirects(1))
+        .build()
+        .unwrap();
+    let mw = reqwest_middleware::ClientBuilder::new(rq)
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick_retry()).build(next)
+        }))
+        .build();
+    let res = within(10, mw.post(s.url("/a")).body("s35-order").send())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.url().path(), "/b");
+    assert_eq!(res.bytes().await.unwrap(), "s35-order");
+    let hits = s.hits();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(
+        hits[0].header("idempotency-key"),
+        hits[1].header("idempotency-key")
+    );
+}
+
+/// guide: "An attempt the stack stops waiting for (sturdy's attempt timeout fired) is
+/// cancelled: the future of the rest of the chain is dropped, and reqwest drops the request."
+/// A server that reads the request and never answers sees its connection closed soon after the
+/// attempt timeout; dropping the caller's `send()` does the same.
+#[tokio::test]
+async fn s35_cancelled_attempts_close_the_connection_to_the_server() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send("request");
+                // Never answer; report when the client closes.
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("closed");
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let mw = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new()
+                .without_retry()
+                .with_attempt_timeout(Duration::from_millis(60))
+                .build(next)
+        }))
+        .build();
+    let err = within(10, mw.get(format!("http://{addr}/hang")).send())
+        .await
+        .unwrap_err();
+    assert_eq!(sturdy_of(&err).kind(), &ErrorKind::Timeout, "{err}");
+    assert_eq!(within(5, rx.recv()).await, Some("request"));
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .ok()
+            .flatten(),
+        Some("closed"),
+        "the attempt's connection stays open after its timeout"
+    );
+
+    // The caller drops its `send()`.
+    let fut = mw.get(format!("http://{addr}/hang2")).send();
+    let _ = tokio::time::timeout(Duration::from_millis(40), fut).await;
+    assert_eq!(within(5, rx.recv()).await, Some("request"));
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .ok()
+            .flatten(),
+        Some("closed"),
+        "a dropped call's connection stays open"
+    );
+}
+
+/// A POST without a key to a port nothing listens on, under a stack of the retry layer alone:
+/// `Connect`, may have been processed (reqwest's redirects), and not resent.
+#[tokio::test]
+async fn s35_post_without_a_key_to_a_refused_port_is_sent_once() {
+    let mw = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(|next| {
+            tower::ServiceBuilder::new()
+                .layer(quick_retry())
+                .service(next)
+        }))
+        .build();
+    let err = within(
+        10,
+        mw.post(format!("http://127.0.0.1:{}/o", refused_port()))
+            .body("o")
+            .send(),
+    )
+    .await
+    .unwrap_err();
+    let e = sturdy_of(&err);
+    assert_eq!(e.kind(), &ErrorKind::Connect, "{e}");
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed);
+    let attempts = e.report().map_or(1, |r| r.attempts());
+    assert_eq!(attempts, 1, "{e}");
+    assert!(err.to_string().contains("connection refused"), "{err}");
+}
