@@ -232,6 +232,25 @@ impl ProxiedNode {
         Self::launch_announcing(port, proxy, once, announce).await
     }
 
+    /// A node that announces its own port (no proxy on the way).
+    async fn start_plain() -> Self {
+        let port = free_low_port();
+        let proxy = CutProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+        let once = OnceProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+        Self::launch_announcing(port, proxy, once, port).await
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     async fn launch(port: u16, proxy: CutProxy, once: OnceProxy) -> Self {
         let announce = proxy.addr.port();
         Self::launch_announcing(port, proxy, once, announce).await
@@ -463,4 +482,153 @@ async fn s35_cluster_begin_cut_once_is_never_in_flight_for_its_own_lock() {
         }
         Ok(other) => panic!("one begin, and it is not Started: {other:?}"),
     }
+}
+
+/// RELIABILITY.md, "Redis down" on a cluster (its only node died): every backend fails within
+/// its timeout with `Connect`, "Redis cannot be reached (down, restarting or failing over)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "FAULT: a cluster whose node is down fails every operation as Other \"No connections found - ClusterConnectionNotFound\", not Connect \"Redis cannot be reached\""]
+async fn s35_cluster_node_down_is_connect_cannot_be_reached() {
+    if !own_possible() {
+        return;
+    }
+    let mut node = ProxiedNode::start_plain().await;
+    let limit = Duration::from_millis(400);
+    let urls = [node.url()];
+    let quota = RedisQuota::connect_cluster(urls.clone(), Quota::per_second(100).unwrap())
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    let store = RedisIdempotencyStore::connect_cluster(urls.clone())
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    let queue = RedisStreamQueue::connect_cluster(urls, "{s35down}")
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    quota.try_reserve("k", Duration::ZERO).await.unwrap();
+    store
+        .begin("k", [1; 32], LockToken::random(), TTL)
+        .await
+        .unwrap();
+    queue.push(event("evt_1"), TTL).await.unwrap();
+    node.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first operation after the death may be "may have run" (see redis30); the next ones
+    // find Redis down.
+    let _ = quota.try_reserve("k", Duration::ZERO).await;
+    let _ = store.begin("j", [1; 32], LockToken::random(), TTL).await;
+    let _ = queue.push(event("evt_2"), TTL).await;
+    let mut report = Vec::new();
+    for round in 0..2 {
+        let t = Instant::now();
+        let errs: Vec<(&str, BoxError)> = vec![
+            (
+                "quota",
+                quota.try_reserve("k", Duration::ZERO).await.unwrap_err(),
+            ),
+            (
+                "store",
+                store
+                    .begin("k2", [1; 32], LockToken::random(), TTL)
+                    .await
+                    .unwrap_err(),
+            ),
+            ("queue", queue.push(event("evt_3"), TTL).await.unwrap_err()),
+        ];
+        if t.elapsed() > Duration::from_millis(3 * 900) {
+            report.push(format!("{round}: took {:?}", t.elapsed()));
+        }
+        for (what, e) in errs {
+            let text = chain_text(&*e);
+            let k = kind(&e);
+            if k != ErrorKind::Connect || !text.contains("Redis cannot be reached") {
+                report.push(format!("{round} {what}: {k:?}: {text}"));
+            }
+        }
+    }
+    assert!(report.is_empty(), "{report:#?}");
+}
+
+/// "Every operation ends within its timeout": a hung one-node cluster (`CLIENT PAUSE ... ALL`)
+/// ends every operation within `with_timeout` (150 ms), as `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_cluster_hung_node_every_operation_ends_within_its_timeout() {
+    if !own_possible() {
+        return;
+    }
+    let node = ProxiedNode::start_plain().await;
+    let limit = Duration::from_millis(150);
+    let urls = [node.url()];
+    let quota = RedisQuota::connect_cluster(urls.clone(), Quota::per_second(100).unwrap())
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    let store = RedisIdempotencyStore::connect_cluster(urls.clone())
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    let queue = RedisStreamQueue::connect_cluster(urls, "{s35hung}")
+        .await
+        .unwrap()
+        .with_timeout(limit);
+    quota.try_reserve("k", Duration::ZERO).await.unwrap();
+    let out = cli(node.port, &["CLIENT", "PAUSE", "3000", "ALL"]);
+    assert_eq!(out.trim(), "OK");
+    let mut report = Vec::new();
+    for what in ["quota", "store", "queue"] {
+        let t = Instant::now();
+        let r: Result<(), BoxError> = match what {
+            "quota" => quota.try_reserve("k", Duration::ZERO).await.map(|_| ()),
+            "store" => store
+                .begin("k", [1; 32], LockToken::random(), TTL)
+                .await
+                .map(|_| ()),
+            _ => queue.push(event("evt_h"), TTL).await.map(|_| ()),
+        };
+        let took = t.elapsed();
+        match r {
+            Ok(()) => report.push(format!("{what}: answered while paused")),
+            Err(e) => {
+                let k = kind(&e);
+                if took > Duration::from_millis(900) || k != ErrorKind::Timeout {
+                    report.push(format!("{what}: {took:?} {k:?} {}", chain_text(&*e)));
+                }
+            }
+        }
+    }
+    let _ = cli(node.port, &["CLIENT", "UNPAUSE"]);
+    assert!(report.is_empty(), "{report:#?}");
+}
+
+/// RELIABILITY.md table: "a cluster primary dies, until a replica takes over: as for Redis down,
+/// for the keys of that primary's slots", i.e. `Connect`, "Redis cannot be reached (down,
+/// restarting or failing over)" (or, once the cluster flagged it, "the Redis Cluster cannot
+/// serve this key now"). Asked in the first second after the kill, before any failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_cluster_primary_just_died_is_cannot_be_reached() {
+    if !own_possible() {
+        return;
+    }
+    let _one = OWN.lock().await;
+    let mut cluster = OwnCluster::start().await;
+    let urls = cluster.urls();
+    let quota = RedisQuota::connect_cluster(&urls, Quota::per_second(1000).unwrap())
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_millis(150));
+    quota.try_reserve("k", Duration::ZERO).await.unwrap();
+    let primary = cluster.primary_of_key("{k}");
+    cluster.kill(primary.port);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let _ = quota.try_reserve("k", Duration::ZERO).await;
+    let e = quota.try_reserve("k", Duration::ZERO).await.unwrap_err();
+    let text = chain_text(&*e);
+    let k = kind(&e);
+    assert!(
+        (k == ErrorKind::Connect && text.contains("Redis cannot be reached"))
+            || text.contains("the Redis Cluster cannot serve this key now"),
+        "{k:?}: {text}"
+    );
 }

@@ -957,3 +957,78 @@ async fn s35_post_without_a_key_to_a_refused_port_is_sent_once() {
     assert_eq!(attempts, 1, "{e}");
     assert!(err.to_string().contains("connection refused"), "{err}");
 }
+
+/// guide: "Each attempt goes down the chain with a copy of the call's extensions; when the call
+/// ends, the call's extensions are replaced by those of the last attempt that finished." A
+/// middleware after sturdy's writes the attempt's number into its extensions (and changes a
+/// value the call set); the middleware before sturdy's reads the call's extensions afterwards.
+#[tokio::test]
+async fn s35_call_extensions_are_those_of_the_last_attempt() {
+    #[derive(Clone)]
+    struct Counter(Arc<std::sync::atomic::AtomicUsize>);
+    #[derive(Clone, Debug, PartialEq)]
+    struct Attempt(usize);
+    #[derive(Clone, Debug, PartialEq)]
+    struct Seen(Option<usize>, Option<String>);
+    #[derive(Clone)]
+    struct Out(Arc<std::sync::Mutex<Option<Seen>>>);
+
+    let s = scripted(|_h, i| async move {
+        if i < 2 {
+            respond(503, &[], "")
+        } else {
+            respond(200, &[], "ok")
+        }
+    })
+    .await;
+    let out = Out(Arc::default());
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(hr(|req, ext, next| {
+            Box::pin(async move {
+                let res = next.run(req, ext).await;
+                let seen = Seen(
+                    ext.get::<Attempt>().map(|a| a.0),
+                    ext.get::<String>().cloned(),
+                );
+                if let Some(o) = ext.get::<Out>() {
+                    *o.0.lock().unwrap() = Some(seen);
+                }
+                res
+            })
+        }))
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new().with_retry(quick_retry()).build(next)
+        }))
+        .with(hr(|req, ext, next| {
+            let n = ext
+                .get::<Counter>()
+                .map_or(0, |c| c.0.fetch_add(1, Ordering::SeqCst) + 1);
+            let seen_before = ext.get::<String>().cloned();
+            ext.insert(Attempt(n));
+            ext.insert(format!("attempt {n} saw {seen_before:?}"));
+            next.run(req, ext)
+        }))
+        .build();
+    let res = within(
+        10,
+        client
+            .get(s.url("/x"))
+            .with_extension(Counter(Arc::default()))
+            .with_extension(out.clone())
+            .with_extension(String::from("call"))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(s.count(), 3);
+    let seen = out.0.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        Some(Seen(
+            Some(3),
+            Some("attempt 3 saw Some(\"call\")".to_owned())
+        )),
+        "each attempt starts from the call's extensions; the call ends with the last one's"
+    );
+}
