@@ -616,8 +616,7 @@ async fn s35_cluster_primary_just_died_is_cannot_be_reached() {
     let urls = cluster.urls();
     let quota = RedisQuota::connect_cluster(&urls, Quota::per_second(1000).unwrap())
         .await
-        .unwrap()
-        .with_timeout(Duration::from_millis(150));
+        .unwrap();
     quota.try_reserve("k", Duration::ZERO).await.unwrap();
     let primary = cluster.primary_of_key("{k}");
     cluster.kill(primary.port);
