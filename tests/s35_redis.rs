@@ -1055,3 +1055,45 @@ async fn s35_duration_max_everywhere_is_accepted() {
         Push::Enqueued
     );
 }
+
+/// CHANGELOG: "a cancelled `next` no longer takes an event on the server after its caller has
+/// gone". A `next` waiting for an event is dropped at several points of its wait; an event
+/// pushed afterwards goes to the group's other consumer at once (none is left pending on the
+/// dropped one's name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_a_cancelled_next_takes_no_event() {
+    let Some(url) = crate::redis30_util::redis_url() else {
+        return;
+    };
+    let stream = unique("s35-cancel");
+    let mut w1 = RedisStreamConsumer::connect(&url, stream.clone(), "g", "w1", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(400));
+    let mut w2 = RedisStreamConsumer::connect(&url, stream.clone(), "g", "w2", TTL)
+        .await
+        .unwrap()
+        .with_wait(Duration::from_millis(50));
+    let queue = RedisStreamQueue::connect(&url, stream.clone())
+        .await
+        .unwrap();
+    for (i, after) in [1u64, 7, 30, 120].into_iter().enumerate() {
+        let _ = tokio::time::timeout(Duration::from_millis(after), w1.next()).await;
+        let id = format!("evt_c{i}");
+        assert_eq!(queue.push(event(&id), TTL).await.unwrap(), Push::Enqueued);
+        // Give a leftover read of w1, if any, the time to take it.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let d = w2.next().await.unwrap();
+        assert_eq!(
+            d.as_ref().map(|d| d.event.id.clone()),
+            Some(id.clone()),
+            "dropped after {after} ms: the event went elsewhere"
+        );
+        w2.ack(&d.unwrap()).await.unwrap();
+    }
+    let pending = crate::redis30_util::cli_at(
+        crate::redis30_util::port_of(&url),
+        &["XPENDING", &stream, "g"],
+    );
+    assert!(pending.starts_with('0'), "{pending}");
+}

@@ -127,8 +127,8 @@ async fn s35_cluster_backends_idle_while_primaries_restart_work_again() {
     assert!(first_failures.is_empty(), "{first_failures:#?}");
 }
 
-/// A proxy that cuts one connection once: the next client bytes after `arm` go through to Redis,
-/// then that connection is closed before Redis's answer; every other connection (the client's
+/// A proxy that cuts one connection once: the next script call (`EVAL`/`EVALSHA`) after `arm`
+/// goes through to Redis, then that connection is closed before Redis's answer; every other connection (the client's
 /// reconnects included) passes.
 struct OnceProxy {
     addr: std::net::SocketAddr,
@@ -158,7 +158,8 @@ impl OnceProxy {
                                 if n == 0 || server.write_all(&a[..n]).await.is_err() {
                                     return;
                                 }
-                                if armed.swap(false, Ordering::SeqCst) {
+                                let script = a[..n].windows(4).any(|w| w.eq_ignore_ascii_case(b"EVAL"));
+                                if script && armed.swap(false, Ordering::SeqCst) {
                                     tokio::time::sleep(Duration::from_millis(30)).await;
                                     return;
                                 }
@@ -458,7 +459,7 @@ async fn s35_cluster_push_cut_once_is_in_the_stream_once_and_may_have_run() {
 /// that says it may have run, never `InFlight` for its own lock (the layer would answer its own
 /// request "in progress" while the lock it took lives on for the lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "FAULT: on a cluster a begin cut once after its write is resent by the cluster client and answers InFlight for its own lock (no Started)"]
+#[ignore = "DOUBTFUL: intermittent: on a cluster a begin cut once after its write was resent and answered InFlight for its own lock in 2 early runs; Started in later runs"]
 async fn s35_cluster_begin_cut_once_is_never_in_flight_for_its_own_lock() {
     if !own_possible() {
         return;
@@ -473,6 +474,10 @@ async fn s35_cluster_begin_cut_once_is_never_in_flight_for_its_own_lock() {
         .unwrap();
     node.once.arm();
     let b = store.begin("k", [2; 32], LockToken::random(), TTL).await;
+    eprintln!(
+        "s35 begin after a cut: {:?}",
+        b.as_ref().map_err(|e| chain_text(&**e))
+    );
     match b {
         Ok(Begin::Started) => {}
         Err(e) => {
@@ -630,4 +635,39 @@ async fn s35_cluster_primary_just_died_is_cannot_be_reached() {
             || text.contains("the Redis Cluster cannot serve this key now"),
         "{k:?}: {text}"
     );
+}
+
+/// CHANGELOG: "Refused credentials are `Auth` on a cluster too"; RELIABILITY.md: the message says
+/// the user name or password is "missing or wrong", and no password is shown. A one-node
+/// cluster that requires a password, reached with none, a wrong one and the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s35_cluster_missing_or_wrong_password_is_auth() {
+    if !own_possible() {
+        return;
+    }
+    let node = ProxiedNode::start_plain().await;
+    let out = cli(node.port, &["CONFIG", "SET", "requirepass", "s35-cl-pw"]);
+    assert_eq!(out.trim(), "OK", "{out}");
+    for url in [
+        format!("redis://127.0.0.1:{}/", node.port),
+        format!("redis://:s35-bad-pw@127.0.0.1:{}/", node.port),
+    ] {
+        let err = match RedisQuota::connect_cluster([url.as_str()], Quota::per_second(1).unwrap())
+            .await
+        {
+            Ok(q) => q.try_reserve("k", Duration::ZERO).await.unwrap_err(),
+            Err(e) => e,
+        };
+        let text = chain_text(&*err);
+        assert_eq!(kind(&err), ErrorKind::Auth, "{url}: {text}");
+        assert!(text.contains("missing or wrong"), "{text}");
+        assert!(!format!("{text} {err:?}").contains("s35-bad-pw"), "{text}");
+    }
+    let url = format!("redis://:s35-cl-pw@127.0.0.1:{}/", node.port);
+    let conn = RedisConnection::connect_cluster([url.as_str()])
+        .await
+        .unwrap();
+    let q = RedisQuota::new(conn.clone(), Quota::per_second(1).unwrap());
+    q.try_reserve("k", Duration::ZERO).await.unwrap();
+    assert!(!format!("{conn:?} {q:?}").contains("s35-cl-pw"));
 }
