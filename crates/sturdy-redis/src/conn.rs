@@ -173,7 +173,7 @@ impl ConnectionLike for RedisConnection {
                     (res, _) => res,
                 }
             }),
-            Inner::Cluster(c) => c.req_packed_command(cmd),
+            Inner::Cluster(c) => Box::pin(async move { resent(c.req_packed_command(cmd).await) }),
         }
     }
 
@@ -192,7 +192,11 @@ impl ConnectionLike for RedisConnection {
                     (res, _) => res,
                 }
             }),
-            Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Inner::Cluster(c) => {
+                Box::pin(
+                    async move { resent(c.req_packed_commands(pipeline, offset, count).await) },
+                )
+            }
         }
     }
 
@@ -202,6 +206,26 @@ impl ConnectionLike for RedisConnection {
             Inner::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// A cluster command's outcome, with a failed connection reported as the cluster client's
+/// "no connection" to the node. The cluster client sends a command again after its connection
+/// broke, written or not, so a refused connection met by a later try does not show that the
+/// command was never sent (its first try may have been written before the node died): the error
+/// must not read as "not sent" (`Connect`), which a refusal alone would. The original error's
+/// words stay in the detail.
+fn resent<T>(res: RedisResult<T>) -> RedisResult<T> {
+    res.map_err(|e| {
+        if e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped() {
+            redis::RedisError::from((
+                redis::ErrorKind::ClusterConnectionNotFound,
+                "the cluster client could not reach the node",
+                e.to_string(),
+            ))
+        } else {
+            e
+        }
+    })
 }
 
 /// Runs `fut` to its end; also whether it waited (returned `Pending`) on the way.
