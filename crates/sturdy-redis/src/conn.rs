@@ -213,10 +213,12 @@ impl ConnectionLike for RedisConnection {
 /// broke, written or not, so a refused connection met by a later try does not show that the
 /// command was never sent (its first try may have been written before the node died): the error
 /// must not read as "not sent" (`Connect`), which a refusal alone would. The original error's
-/// words stay in the detail.
+/// words stay in the detail. A timeout stays a timeout, and refused credentials stay what they
+/// are (the cluster client reports them inside an I/O error).
 fn resent<T>(res: RedisResult<T>) -> RedisResult<T> {
     res.map_err(|e| {
-        if e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped() {
+        let broken = e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped();
+        if broken && !e.is_timeout() && !crate::is_auth_failure(&e) {
             redis::RedisError::from((
                 redis::ErrorKind::ClusterConnectionNotFound,
                 "the cluster client could not reach the node",
@@ -229,8 +231,7 @@ fn resent<T>(res: RedisResult<T>) -> RedisResult<T> {
 }
 
 /// Runs `fut` to its end; also whether it waited (returned `Pending`) on the way.
-async fn watched<T>(fut: RedisFuture<'_, T>) -> (RedisResult<T>, bool) {
-    let mut fut = fut;
+async fn watched<T>(mut fut: RedisFuture<'_, T>) -> (RedisResult<T>, bool) {
     let mut waited = false;
     let res = std::future::poll_fn(|cx| {
         let poll = fut.as_mut().poll(cx);
