@@ -11,13 +11,20 @@ use crate::conn::{Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Locks a key with `SET NX PX`, or reports what holds it. KEYS: key. ARGV: fingerprint (hex),
-/// lease (ms), lock token (hex). Values: `i:<fp>:<token>` while running, `d:<fp>:<response>`
-/// when done.
+/// lease (ms), lock token (hex), call (hex, new for each `begin`). Values:
+/// `i:<fp>:<token>:<call>` while running, `d:<fp>:<response>` when done.
+///
+/// The call id is there for the Redis Cluster client, which sends a command again when its
+/// connection broke, whether or not the command had been written: a `begin` that had run then
+/// finds the lock it took itself, which it tells from another `begin`'s lock (even one with the
+/// same token) by the call id, and answers `started` again.
 const BEGIN: &str = r"
-if redis.call('SET', KEYS[1], 'i:' .. ARGV[1] .. ':' .. ARGV[3], 'NX', 'PX', ARGV[2]) then
+local mine = 'i:' .. ARGV[1] .. ':' .. ARGV[3] .. ':' .. ARGV[4]
+if redis.call('SET', KEYS[1], mine, 'NX', 'PX', ARGV[2]) then
   return {'started'}
 end
 local v = redis.call('GET', KEYS[1])
+if v == mine then return {'started'} end
 local fp = string.sub(v, 3, 66)
 if fp ~= ARGV[1] then return {'mismatch'} end
 if string.sub(v, 1, 2) == 'i:' then return {'inflight'} end
@@ -25,11 +32,15 @@ return {'done', string.sub(v, 68)}
 ";
 
 /// Extends the lock if this token holds it, or takes the key again if it is free (the lease ran
-/// out and nobody took it over). ARGV: fp, lease (ms), token.
+/// out and nobody took it over). ARGV: fp, lease (ms), token. A lock is this token's when it
+/// reads `i:<fp>:<token>`, then nothing or `:<call>` (a lock taken before call ids has none).
 const RENEW: &str = r"
 local v = redis.call('GET', KEYS[1])
 local mine = 'i:' .. ARGV[1] .. ':' .. ARGV[3]
-if v == mine then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local n = #mine
+if v and string.sub(v, 1, n) == mine and (#v == n or string.sub(v, n + 1, n + 1) == ':') then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 if not v then
   redis.call('SET', KEYS[1], mine, 'PX', ARGV[2])
   return 1
@@ -41,17 +52,21 @@ return 0
 /// and nobody took it over). ARGV: fp, ttl (ms), response, token.
 const COMPLETE: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v == 'i:' .. ARGV[1] .. ':' .. ARGV[4] or not v then
+local mine = 'i:' .. ARGV[1] .. ':' .. ARGV[4]
+local n = #mine
+if not v or (string.sub(v, 1, n) == mine and (#v == n or string.sub(v, n + 1, n + 1) == ':')) then
   redis.call('SET', KEYS[1], 'd:' .. ARGV[1] .. ':' .. ARGV[3], 'PX', ARGV[2])
   return 1
 end
 return 0
 ";
 
-/// Drops the lock if this token holds it. ARGV: token.
+/// Drops the lock if this token holds it. ARGV: token (32 hex digits, after `i:`, the
+/// fingerprint's 64 and a colon).
 const RELEASE: &str = r"
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 2) == 'i:' and string.sub(v, 68) == ARGV[1] then
+local mine = string.sub(v or '', 1, 2) == 'i:' and string.sub(v, 68, 99) == ARGV[1]
+if mine and (#v == 99 or string.sub(v, 100, 100) == ':') then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -68,11 +83,15 @@ static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()
 /// lease ran out with nobody taking it over); stored responses expire with their TTL. One round
 /// trip per operation, each bounded by a timeout \[1 s\].
 ///
-/// Each key is one Redis string: `i:<fingerprint>:<lock token>` while its request runs, then
-/// `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]), fingerprint and token
-/// in hex. The Redis key is the prefix, a hash of the client's scope and the idempotency key; no
-/// credential is stored. (A lock written by a version without tokens, `i:<fingerprint>`, is
-/// left to run out with its lease.)
+/// Each key is one Redis string: `i:<fingerprint>:<lock token>:<call>` while its request runs,
+/// then `d:<fingerprint>:<response as JSON>` (see [`StoredResponse::to_json`]), fingerprint,
+/// token and call in hex. The call is new for each `begin`: on a Redis Cluster, whose client
+/// sends a command again when its connection broke, a `begin` that had run finds its own lock
+/// by it and answers [`Begin::Started`], never [`Begin::InFlight`] for itself. The Redis key is
+/// the prefix, a hash of the client's scope and the idempotency key; no credential is stored.
+/// (A lock written by a version without tokens, `i:<fingerprint>`, is left to run out with its
+/// lease; one written by a version without call ids, `i:<fingerprint>:<lock token>`, is still
+/// renewed, completed and released by its token.)
 ///
 /// Works on one Redis server and on a Redis Cluster: each operation touches one key, so it goes
 /// to the one node that owns it.
@@ -188,7 +207,8 @@ impl IdempotencyStore for RedisIdempotencyStore {
             inv.key(key)
                 .arg(hex(&fingerprint))
                 .arg(ms(lease))
-                .arg(token.to_string());
+                .arg(token.to_string())
+                .arg(LockToken::random().to_string());
             let rep = this.replication;
             let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
                 this.timeout + rep.timeout,
@@ -283,5 +303,78 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 bounded(this.timeout, "idempotency release", inv.invoke(&mut conn)).await?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LockToken, BEGIN, RELEASE, RENEW};
+
+    /// The Redis at `STURDY_REDIS_URL`; a missing server fails when CI set the variable.
+    async fn redis() -> Option<redis::aio::MultiplexedConnection> {
+        let url = std::env::var("STURDY_REDIS_URL").ok()?;
+        let client = redis::Client::open(url).expect("STURDY_REDIS_URL");
+        Some(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("the Redis at STURDY_REDIS_URL"),
+        )
+    }
+
+    async fn begin(
+        c: &mut redis::aio::MultiplexedConnection,
+        key: &str,
+        token: &str,
+        call: &str,
+    ) -> String {
+        let v: Vec<String> = redis::Script::new(BEGIN)
+            .key(key)
+            .arg("ab".repeat(32))
+            .arg(30_000)
+            .arg(token)
+            .arg(call)
+            .invoke_async(c)
+            .await
+            .unwrap();
+        v[0].clone()
+    }
+
+    /// The Redis Cluster client sends a command again after its connection broke, written or
+    /// not: a `begin` that had run, sent again with the same arguments, is `started` again; a
+    /// `begin` of another call is `inflight`, with the same token too.
+    #[tokio::test]
+    async fn a_begin_sent_twice_finds_its_own_lock_and_another_call_does_not() {
+        let Some(mut c) = redis().await else { return };
+        let key = format!("sturdy:test:begin-twice:{}", LockToken::random());
+        let token = "0123456789abcdef0123456789abcdef";
+        let call = "00000000000000000000000000000001";
+        assert_eq!(begin(&mut c, &key, token, call).await, "started");
+        assert_eq!(begin(&mut c, &key, token, call).await, "started");
+        let other = "00000000000000000000000000000002";
+        assert_eq!(begin(&mut c, &key, token, other).await, "inflight");
+        // The lock is the token's: renewed and released by it, with its call id in the value.
+        let renewed: i64 = redis::Script::new(RENEW)
+            .key(&key)
+            .arg("ab".repeat(32))
+            .arg(30_000)
+            .arg(token)
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(renewed, 1);
+        let released: i64 = redis::Script::new(RELEASE)
+            .key(&key)
+            .arg(token)
+            .invoke_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(released, 1);
+        assert_eq!(begin(&mut c, &key, token, other).await, "started");
+        let _: i64 = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
     }
 }

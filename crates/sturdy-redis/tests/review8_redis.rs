@@ -64,7 +64,11 @@ async fn a_lock_is_stored_as_fingerprint_and_token() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(v, format!("i:{}:{t}", hex(&fp)));
+    // `i:<fingerprint>:<token>:<call>`: the call is new for each `begin` (32 hex digits).
+    let (head, call) = v.rsplit_once(':').unwrap();
+    assert_eq!(head, format!("i:{}:{t}", hex(&fp)));
+    assert_eq!(call.len(), 32, "{v}");
+    assert!(call.bytes().all(|b| b.is_ascii_hexdigit()), "{v}");
     // Released only by its token, whatever the fingerprint says.
     st.release("k", LockToken::from_u128(1)).await.unwrap();
     assert_eq!(
