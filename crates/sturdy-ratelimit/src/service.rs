@@ -118,10 +118,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    // Not inlined: inlined into the layer above (the breaker, in `ClientBuilder`'s stack), the
-    // request was copied once more on its way down, 256 bytes per call (callgrind: 48
-    // instructions per call less this way, GET and POST).
-    #[inline(never)]
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.key.key(&req);
         let bound = self.bound(&key);
@@ -140,14 +137,11 @@ where
         // The fast path: a slot is free now and nobody waits. The service that poll_ready made
         // ready is called at once. Without a quota or a pace, and with no pause set, that needs
         // no clock: a clock read is the largest part of a decision.
-        // One place calls the service, so the request is handed on from one place.
-        let (free, now) = if local && quota.is_none() && ks.gate.open() {
-            (true, 0)
-        } else {
-            let now = ks.origin.elapsed();
-            (local && ks.gate.try_now(quota, now), now)
-        };
-        if free {
+        if local && quota.is_none() && ks.gate.open() {
+            return ResponseFuture::called(self.inner.call(req), bound);
+        }
+        let now = ks.origin.elapsed();
+        if local && ks.gate.try_now(quota, now) {
             return ResponseFuture::called(self.inner.call(req), bound);
         }
         self.wait(req, bound, now)
