@@ -169,10 +169,18 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         // The connection's own reads failed on data they could not take (a corrupt TLS record,
         // a fatal alert): the connection broke, as by a reset. (An `InvalidData` elsewhere, such
         // as a body's, stays `Other`.)
-        if e.source()
+        if let Some(io) = e
+            .source()
             .and_then(|s| s.downcast_ref::<io::Error>())
-            .is_some_and(|io| io.kind() == io::ErrorKind::InvalidData)
+            .filter(|io| io.kind() == io::ErrorKind::InvalidData)
         {
+            // Except a server's refusal of the handshake: with TLS 1.3 the client's side of the
+            // handshake ends first, so the request is written before the server has checked
+            // the client (its certificate, for one), and the refusal arrives as the answer.
+            // The server never read the request: it was not sent.
+            if handshake_refused(&io.to_string()) {
+                return Some(ErrorKind::Connect);
+            }
             return Some(ErrorKind::Transport);
         }
         return None;
@@ -193,6 +201,27 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         });
     }
     None
+}
+
+/// Whether a TLS error's text is a fatal alert by which a server refuses the handshake (rustls
+/// writes `received fatal alert: <name>`): one about the client's certificate, access denied,
+/// a failed handshake, or a client `Finished` that did not verify. Alerts that can end an
+/// established connection (a close, a record that did not decrypt) are not among them.
+fn handshake_refused(text: &str) -> bool {
+    const REFUSALS: [&str; 10] = [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "UnknownCA",
+        "AccessDenied",
+        "HandshakeFailure",
+        "DecryptError",
+    ];
+    text.split_once("received fatal alert: ")
+        .is_some_and(|(_, alert)| REFUSALS.iter().any(|r| alert.trim_end() == *r))
 }
 
 /// Whether `err`'s chain says the server's certificate was not trusted ([`ErrorKind::Tls`]).
@@ -523,6 +552,31 @@ pub fn classify_result<B, E: AsError>(result: &Result<Response<B>, E>) -> Outcom
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_refused_handshake_is_told_from_other_alerts() {
+        for alert in [
+            "CertificateRequired",
+            "BadCertificate",
+            "UnknownCA",
+            "AccessDenied",
+        ] {
+            assert!(
+                handshake_refused(&format!("received fatal alert: {alert}")),
+                "{alert}"
+            );
+        }
+        for text in [
+            "received fatal alert: BadRecordMac",
+            "received fatal alert: CloseNotify",
+            "received fatal alert: CertificateRequiredX",
+            "received corrupt message of type InvalidContentType",
+            "CertificateRequired",
+            "",
+        ] {
+            assert!(!handshake_refused(text), "{text}");
+        }
+    }
 
     #[test]
     fn a_call_shed_by_tower_load_shed_was_never_sent() {
