@@ -831,3 +831,125 @@ async fn s36_metrics_a_local_limiter_refusal_under_retry_is_rate_limited_with_it
     assert_eq!(counter(&rs, "sturdy.ratelimit.refusals", &[]), 1, "{rs:?}");
     assert_eq!(counter(&rs, "sturdy.ratelimit.waits", &[]), 0, "{rs:?}");
 }
+
+type BoxErr = sturdy::core::BoxError;
+
+/// An API whose every call fails to connect.
+fn refusing() -> (
+    impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = BoxErr,
+            Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxErr>> + Send,
+        > + Clone
+        + Send
+        + 'static,
+    Arc<AtomicU32>,
+) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let svc = service_fn(move |_req: Request<Full<Bytes>>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async {
+            Err::<Response<Full<Bytes>>, BoxErr>(Box::new(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        }
+    });
+    (svc, calls)
+}
+
+/// events.rs, `RetryScheduled::attempt`: "A try that a layer below refused before it was sent
+/// (an open breaker, ...) counts here, as it counts against `max_attempts`, and has `refused`
+/// set: it is not an attempt (`CallReport::attempts` and the error's message leave it out)."
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn s36_metrics_refused_tries_are_numbered_flagged_and_left_out_of_the_message() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let (svc, calls) = refusing();
+    let breaker = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_open_duration(Duration::from_secs(1), Duration::from_secs(1));
+    let retry = quick_retry()
+        .with_max_attempts(3)
+        .with_deadline(Duration::from_secs(30))
+        .on_event(move |e: &Event<'_>| match e {
+            Event::RetryScheduled {
+                attempt, refused, ..
+            } => s.lock().unwrap().push(("scheduled", *attempt, *refused)),
+            Event::RetryStopped {
+                attempt, refused, ..
+            } => s.lock().unwrap().push(("stopped", *attempt, *refused)),
+            _ => {}
+        });
+    let err = retry
+        .layer(breaker.layer(svc))
+        .oneshot(req("GET", "http://api.example.com/x"))
+        .await
+        .unwrap_err();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "{seen:?}");
+    assert_eq!(
+        seen,
+        [
+            ("scheduled", 1, false),
+            ("scheduled", 2, true),
+            ("stopped", 3, false)
+        ]
+    );
+    let text = err.to_string();
+    assert!(text.starts_with("gave up after 2 attempts"), "{text}");
+    let report = sturdy::core::find::<sturdy::core::Error>(&*err)
+        .and_then(|e| e.report().map(|r| r.attempts()));
+    assert_eq!(report, Some(2), "{text}");
+}
+
+/// Hostile state: a breaker forced open by hand has no end. metrics.md, table:
+/// `sturdy.circuit.rejections` counts "requests the breaker refused at once (`CircuitOpen`)";
+/// `sturdy.retry.stopped` counts "retryable failures that were not retried". A call under a
+/// retry layer with a deadline ends, refused, without being sent, and without waiting for ever.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn s36_metrics_a_forced_open_breaker_under_retry_ends_the_call_and_counts_it() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let (layer, handle) = CircuitBreakerLayer::new().pair();
+    handle.force_open("api.example.com");
+    let (svc, calls) = api(vec![200]);
+    let stack = quick_retry()
+        .with_deadline(Duration::from_secs(10))
+        .layer(layer.layer(svc));
+    let start = tokio::time::Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(3600),
+        stack.oneshot(req("GET", "http://api.example.com/x")),
+    )
+    .await
+    .expect("a call under a forced-open breaker never ended");
+    let err = out.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert!(
+        start.elapsed() <= Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(delivery_of(&err), sturdy::core::Delivery::NotSent, "{err}");
+    let rs = rows(&snap);
+    assert!(
+        counter(&rs, "sturdy.circuit.rejections", &[]) >= 1,
+        "{rs:?}"
+    );
+    assert_eq!(
+        counter(
+            &rs,
+            "sturdy.retry.stopped",
+            &[("error.type", "circuit_open")]
+        ),
+        1,
+        "{rs:?}"
+    );
+}
+
+fn delivery_of(err: &BoxErr) -> sturdy::core::Delivery {
+    sturdy::core::classify::delivery(&**err)
+}

@@ -602,3 +602,63 @@ async fn s36_tls_webpki_roots_plus_an_authority_through_with_config() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// metrics.md, table: `sturdy.auth.token.failures` counts "failed token requests" with
+/// `error.type` (`timeout` among the short names); auth rustdoc: "Each token request is bounded
+/// by `with_request_timeout` [30 s] whatever the client does". A token endpoint that stalls in
+/// the TLS handshake ends the call in time, as a timeout of the token endpoint's host.
+#[tokio::test]
+async fn s36_tls_token_endpoint_stalling_in_the_handshake_is_a_timed_token_failure() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let (stall, conns) = handshake_breaker(false).await;
+    let http = https_client();
+    let tokens = sturdy::auth::ClientCredentials::new(
+        http.clone(),
+        format!("https://{stall}/oauth/token").as_str(),
+        "s36-client",
+        "cl1ent5ecret",
+    )
+    .unwrap()
+    .with_request_timeout(Duration::from_millis(200));
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry().with_max_attempts(1))
+        .with_auth(sturdy::auth::AuthLayer::oauth2(tokens))
+        .build(http);
+    let start = tokio::time::Instant::now();
+    let err = within(client.oneshot(get("http://127.0.0.1:9/x".to_owned())))
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(conns.load(Ordering::SeqCst) >= 1);
+    let text = all_text(&err);
+    assert!(!text.contains("cl1ent5ecret"), "{text}");
+    assert!(text.to_lowercase().contains("token"), "{err}");
+    let port = stall.port().to_string();
+    let failures: Vec<_> = snap
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(ck, _, _, v)| {
+            let (_, key) = ck.into_parts();
+            (key.name() == "sturdy.auth.token.failures").then(|| {
+                let labels: Vec<(String, String)> = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                (labels, v)
+            })
+        })
+        .collect();
+    assert!(!failures.is_empty(), "no token failure counted");
+    for (labels, _) in &failures {
+        let has = |k: &str, v: &str| labels.iter().any(|(a, b)| a == k && b == v);
+        assert!(has("server.port", &port), "{labels:?}");
+        assert!(has("error.type", "timeout"), "{labels:?}");
+    }
+}
