@@ -193,6 +193,8 @@ mod s34_reqwest_scheme;
 mod s35_redis;
 mod s35_redis_cluster;
 mod s35_reqwest;
+mod s36_metrics;
+mod s36_tls;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
