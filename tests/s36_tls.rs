@@ -264,7 +264,6 @@ async fn s36_tls_server_refusing_the_client_tls12_is_connect_not_sent_and_retrie
 /// request is written, so ... `Delivery::NotSent`"; for a POST, "`; the request was not sent, so
 /// it is safe to send again`" is what a refused handshake says.
 #[tokio::test]
-#[ignore = "FAULT: tls.md says other handshake failures (an alert) stay Connect, NotSent and retried; a TLS 1.3 server's CertificateRequired alert reads 'TLS handshake failed (...)' yet is Transport/MaybeProcessed, and a POST says 'it may have been processed: check before sending it again'"]
 async fn s36_tls_server_refusing_the_client_tls13_is_connect_not_sent_and_retried() {
     let ca = ca();
     let srv = serve(server_config(&ca, &["127.0.0.1"], true, true)).await;
