@@ -523,3 +523,39 @@ async fn s37_callers_dropped_at_every_point_leave_nothing_behind() {
     assert_eq!(body_text(res).await, "ok");
     assert_eq!(n.load(Ordering::SeqCst), started + 1);
 }
+
+/// `Event::Coalesced`: "The coalescing layer's key (`*` for a host past the host bound)"; "The
+/// host called, when the layer keys by host"; `CoalesceLayer::with_max_hosts`: "past it, hosts
+/// with nothing in flight are forgotten, then new hosts share one table".
+#[tokio::test(start_paused = true)]
+async fn s37_a_join_past_the_host_bound_names_star_and_the_host() {
+    let events: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = events.clone();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (layer, handle) = CoalesceLayer::new()
+        .with_max_hosts(1)
+        .on_event(move |e| {
+            if let Event::Coalesced { key, host, method } = e {
+                e2.lock().unwrap().push(format!("{key} {host:?} {method}"));
+            }
+        })
+        .pair();
+    let svc = layer.layer(counting(seen.clone()));
+    let out = all_at_once(
+        &svc,
+        vec![
+            req(Method::GET, "http://a.example.com/r", &[]),
+            req(Method::GET, "http://b.example.com/r", &[]),
+            req(Method::GET, "http://b.example.com/r", &[]),
+            req(Method::GET, "http://c.example.com/r", &[]),
+        ],
+    )
+    .await;
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(
+        *events.lock().unwrap(),
+        ["* Some(\"b.example.com\") GET"]
+    );
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(handle.in_flight("b.example.com"), 0);
+}

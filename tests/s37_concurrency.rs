@@ -360,3 +360,106 @@ async fn s37_builder_retried_call_holds_no_place_while_it_sleeps() {
     assert_eq!(n.load(Ordering::SeqCst), 2);
     assert_eq!(h.state("api.example.com").unwrap().in_flight(), 0);
 }
+
+/// docs/guides/concurrency.md: "Past the wait, the call fails ... whose source is `LimitReached`
+/// (the key, the limit, how long it waited)" and `on_event`: "for every call refused
+/// (`ConcurrencyRejected`)". A call that waited 100 ms and gave up is refused like a shed one.
+#[tokio::test(start_paused = true)]
+async fn s37_a_call_refused_after_waiting_says_how_long_and_is_reported() {
+    let events = Arc::new(AtomicUsize::new(0));
+    let e2 = events.clone();
+    let (layer, h) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(ms(100))
+        .on_event(move |e| {
+            if matches!(e, Event::ConcurrencyRejected { .. }) {
+                e2.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .pair();
+    let svc = layer.layer(api(1_000, 200, Arc::default()));
+    let first = tokio::spawn(svc.clone().oneshot(get("api.example.com")));
+    tokio::task::yield_now().await;
+    let start = tokio::time::Instant::now();
+    let err = svc.clone().oneshot(get("api.example.com")).await.unwrap_err();
+    assert_eq!(start.elapsed(), ms(100));
+    let reached = sturdy::core::find::<LimitReached>(&*err).expect("LimitReached");
+    assert_eq!(reached.waited(), ms(100));
+    assert!(err.to_string().contains("100ms"), "{err}");
+    assert_eq!(events.load(Ordering::SeqCst), 1, "ConcurrencyRejected");
+    assert_eq!(h.state("api.example.com").unwrap().waiting(), 0);
+    first.await.unwrap().unwrap();
+}
+
+/// docs/guides/concurrency.md: "A call that finds its host's limit full waits in line ... for up
+/// to 30 s (`.with_max_wait(d)`)" and "a dropped call in flight gives its permit back". A place
+/// that frees at the very instant the wait runs out: whatever the waiter gets, no permit is lost
+/// and the next call goes straight through.
+#[tokio::test(start_paused = true)]
+async fn s37_a_place_freed_as_the_wait_runs_out_loses_no_permit() {
+    let (layer, h) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(ms(100))
+        .pair();
+    let started = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(api(100, 200, started.clone()));
+    let first = svc.clone().oneshot(get("api.example.com"));
+    let second = svc.clone().oneshot(get("api.example.com"));
+    let (a, b) = tokio::join!(first, second);
+    a.unwrap();
+    let _ = b;
+    let st = h.state("api.example.com").unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (0, 0));
+    let start = tokio::time::Instant::now();
+    svc.clone().oneshot(get("api.example.com")).await.unwrap();
+    assert_eq!(start.elapsed(), ms(100), "went straight through");
+}
+
+/// docs/guides/concurrency.md: "A handle sets a host's limit by hand (`handle.set_limit(host,
+/// n)`); it adapts from there." Raising the limit lets the calls waiting in line go at once.
+#[tokio::test(start_paused = true)]
+async fn s37_raising_the_limit_by_hand_lets_waiters_in() {
+    let (layer, h) = AdaptiveConcurrencyLayer::new()
+        .with_initial_limit(1)
+        .pair();
+    let svc = layer.layer(api(10_000, 200, Arc::default()));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(get("api.example.com"))));
+        tokio::task::yield_now().await;
+    }
+    let st = h.state("api.example.com").unwrap();
+    assert_eq!((st.limit(), st.in_flight(), st.waiting()), (1, 1, 3));
+    h.set_limit("api.example.com", 4);
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    let st = h.state("api.example.com").unwrap();
+    assert_eq!((st.limit(), st.in_flight(), st.waiting()), (4, 4, 0));
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// docs/guides/concurrency.md (Vegas): "The no-load latency cannot be seen while the server
+/// queues, so the mode probes for it: its first window, and one window in every 100, runs at half
+/// the limit". With a limit of 20, twenty calls at once start with ten in flight.
+#[tokio::test(start_paused = true)]
+async fn s37_vegas_first_window_runs_at_half_the_limit() {
+    let (layer, h) = AdaptiveConcurrencyLayer::new()
+        .with_algorithm(Algorithm::Vegas)
+        .pair();
+    let svc = layer.layer(api(50, 200, Arc::default()));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(get("api.example.com"))));
+    }
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    let st = h.state("api.example.com").unwrap();
+    assert_eq!((st.limit(), st.in_flight(), st.waiting()), (20, 10, 10));
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}

@@ -435,3 +435,86 @@ async fn s37_events_with_a_custom_key_and_a_losing_hedge() {
     let stats = handle.stats("tenant-7").unwrap();
     assert_eq!((stats.hedges(), stats.hedge_wins()), (2, 1));
 }
+
+/// docs/guides/hedge.md: "over two rotating windows of 10 s ..., so it follows a host whose
+/// latency changes and covers the last 10 to 20 s" and "Nothing is hedged until the recent
+/// windows hold 100 samples (`.with_min_samples(n)`)". After 25 s of quiet the recent windows
+/// hold nothing: the delay reads None and the next slow call is not hedged.
+#[tokio::test(start_paused = true)]
+async fn s37_after_a_quiet_spell_nothing_is_hedged_until_samples_come_back() {
+    let api = Api::new(|i| if i == 5 { 1_000 } else { 10 });
+    let (layer, handle) = HedgeLayer::new().with_min_samples(5).pair();
+    let svc = layer.layer(api.service::<()>());
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(get("http://api.example.com/x"))
+            .await
+            .unwrap();
+    }
+    assert!(handle.stats("api.example.com").unwrap().delay().is_some());
+    tokio::time::advance(Duration::from_secs(25)).await;
+    let stats = handle.stats("api.example.com").unwrap();
+    assert_eq!((stats.samples(), stats.delay()), (0, None));
+    let start = Instant::now();
+    svc.clone()
+        .oneshot(get("http://api.example.com/x"))
+        .await
+        .unwrap();
+    assert_eq!(api.started(), 6, "no hedge on a forgotten delay");
+    assert!(start.elapsed() >= ms(1_000));
+    assert_eq!(handle.stats("api.example.com").unwrap().hedges(), 0);
+}
+
+/// docs/guides/hedge.md: "at most 1,024 hosts (`.with_max_hosts(n)`; hosts with no call in the
+/// last two windows are forgotten first; past the bound, new hosts share one overflow state,
+/// listed as `*` by `handle.all()`)".
+#[tokio::test(start_paused = true)]
+async fn s37_host_bound_overflow_then_forgetting_quiet_hosts() {
+    let api = Api::new(|_| 10);
+    let (layer, handle) = HedgeLayer::new()
+        .with_max_hosts(1)
+        .with_window(Duration::from_secs(1))
+        .pair();
+    let svc = layer.layer(api.service::<()>());
+    svc.clone().oneshot(get("http://a.example.com/")).await.unwrap();
+    svc.clone().oneshot(get("http://b.example.com/")).await.unwrap();
+    let keys: Vec<String> = handle.all().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["*", "a.example.com"]);
+    assert_eq!(handle.stats("b.example.com").unwrap().calls(), 1, "overflow");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    svc.clone().oneshot(get("http://c.example.com/")).await.unwrap();
+    let all = handle.all();
+    let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"c.example.com"), "{keys:?}");
+    assert!(!keys.contains(&"a.example.com"), "{keys:?}");
+}
+
+/// docs/guides/hedge.md: "A call keeps a copy of its request only when the host has a delay and a
+/// whole token at the moment of the call; a hedge that finds the budget spent when it is due is
+/// not sent." Two slow calls at once with one token: both keep a copy, one hedge is sent.
+#[tokio::test(start_paused = true)]
+async fn s37_one_token_two_slow_calls_one_hedge() {
+    let api = Api::new(|i| if i == 5 || i == 6 { 1_000 } else { 10 });
+    let (layer, handle) = HedgeLayer::new()
+        .with_min_samples(5)
+        .with_delay_bounds(ms(20), ms(20))
+        .with_budget(0.0, 1)
+        .unwrap()
+        .pair();
+    let svc = layer.layer(api.service::<()>());
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(get("http://api.example.com/x"))
+            .await
+            .unwrap();
+    }
+    let a = svc.clone().oneshot(get("http://api.example.com/x"));
+    let b = svc.clone().oneshot(get("http://api.example.com/x"));
+    let start = Instant::now();
+    let (ra, rb) = tokio::join!(a, b);
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(handle.stats("api.example.com").unwrap().hedges(), 1);
+    assert_eq!(api.started(), 8);
+    assert!(start.elapsed() >= ms(1_000), "the unhedged one waited");
+}
