@@ -559,3 +559,78 @@ async fn s37_a_join_past_the_host_bound_names_star_and_the_host() {
     assert_eq!(seen.lock().unwrap().len(), 3);
     assert_eq!(handle.in_flight("b.example.com"), 0);
 }
+
+/// docs/guides/coalesce.md: "Identical: same method, same URI (scheme, authority, path and
+/// query) ... so callers with different credentials ... never share a response". Credentials in
+/// the URI's userinfo are part of the authority: two users never share.
+#[tokio::test(start_paused = true)]
+async fn s37_different_userinfo_never_shares() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let svc = CoalesceLayer::new().layer(counting(seen.clone()));
+    let out = all_at_once(
+        &svc,
+        vec![
+            req(Method::GET, "http://alice:pw1@api.example.com/me", &[]),
+            req(Method::GET, "http://bob:pw2@api.example.com/me", &[]),
+            req(Method::GET, "http://api.example.com/me", &[]),
+        ],
+    )
+    .await;
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(seen.lock().unwrap().len(), 3, "{:?}", seen.lock().unwrap());
+}
+
+/// A request body of unknown size that says it has ended.
+#[derive(Default)]
+struct Ended(bool);
+
+impl http_body::Body for Ended {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(None)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::new()
+    }
+}
+
+use std::convert::Infallible;
+
+/// docs/guides/coalesce.md: "GET and HEAD requests whose body is empty (an exact size hint of 0 or
+/// an ended body)". A body of unknown size that has ended is coalesced; one of unknown size that
+/// has not ended passes through.
+#[tokio::test(start_paused = true)]
+async fn s37_an_ended_body_of_unknown_size_is_coalesced_an_open_one_is_not() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let api = service_fn(move |_req: Request<Ended>| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(ms(20)).await;
+            Ok::<_, BoxError>(Response::new(full("ok")))
+        }
+    });
+    let svc = CoalesceLayer::new().layer(api);
+    let mk = |ended: bool| {
+        Request::get("http://api.example.com/r")
+            .body(Ended(ended))
+            .unwrap()
+    };
+    let (a, b) = tokio::join!(svc.clone().oneshot(mk(true)), svc.clone().oneshot(mk(true)));
+    assert!(a.unwrap().body().is_shared() && b.unwrap().body().is_shared());
+    assert_eq!(n.load(Ordering::SeqCst), 1, "ended bodies share");
+    let (a, b) = tokio::join!(
+        svc.clone().oneshot(mk(false)),
+        svc.clone().oneshot(mk(false))
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(n.load(Ordering::SeqCst), 3, "open bodies go on their own");
+}

@@ -244,3 +244,98 @@ async fn s37_hedge_over_a_timeout_layer_answers_before_the_first_copy_times_out(
     assert_eq!(start.elapsed(), ms(40));
     assert_eq!(hh.stats("api.example.com").unwrap().hedge_wins(), 1);
 }
+
+/// hedge.md (Where it goes): "Each copy then is an attempt ... that gets its own per-attempt
+/// timeout" and "when both fail, the call fails with the later error". Through `ClientBuilder`
+/// (no retry) with a 100 ms attempt timeout and a 30 ms hedge delay, two stalled copies time out
+/// at 100 ms and 130 ms: the call fails at 130 ms with a timeout.
+#[tokio::test(start_paused = true)]
+async fn s37_builder_each_hedged_copy_has_its_own_attempt_timeout() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let http = service_fn(move |_req: Request<Full<Bytes>>| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if i >= 5 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(ms(10)).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("x"))))
+        }
+    });
+    let (hedge, hh) = HedgeLayer::new()
+        .with_min_samples(5)
+        .with_delay_bounds(ms(30), ms(30))
+        .pair();
+    let client = ClientBuilder::new()
+        .without_retry()
+        .with_hedge(hedge)
+        .with_attempt_timeout(ms(100))
+        .build(http);
+    for _ in 0..5 {
+        client
+            .clone()
+            .oneshot(get("http://api.example.com/t"))
+            .await
+            .unwrap();
+    }
+    let start = tokio::time::Instant::now();
+    let err = client
+        .clone()
+        .oneshot(get("http://api.example.com/t"))
+        .await
+        .unwrap_err();
+    assert_eq!(start.elapsed(), ms(130), "{err}");
+    assert!(
+        matches!(
+            sturdy::core::classify::classify_error(&*err),
+            sturdy::core::ErrorKind::Timeout
+        ),
+        "{err}"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 7);
+    assert_eq!(hh.stats("api.example.com").unwrap().hedges(), 1);
+}
+
+/// concurrency.md: "Below the hedging layer, each hedged copy takes a place of its own, so hedging
+/// cannot push a host past its limit" and hedge.md: "When one copy fails with an error while the
+/// other is still running, the call waits for the other". A limit of one that sheds (max wait 0):
+/// the hedge is refused, the first copy still answers the call.
+#[tokio::test(start_paused = true)]
+async fn s37_a_hedge_refused_by_a_full_shedding_limit_leaves_the_first_copy() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let api = service_fn(move |_req: Request<Full<Bytes>>| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(ms(if i == 5 { 200 } else { 10 })).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("x"))))
+        }
+    });
+    let (conc, ch) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(Duration::ZERO)
+        .pair();
+    let (hedge, hh) = HedgeLayer::new()
+        .with_min_samples(5)
+        .with_delay_bounds(ms(20), ms(20))
+        .pair();
+    let svc = ServiceBuilder::new().layer(hedge).layer(conc).service(api);
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(get("http://api.example.com/t"))
+            .await
+            .unwrap();
+    }
+    let start = tokio::time::Instant::now();
+    let res = svc
+        .clone()
+        .oneshot(get("http://api.example.com/t"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(start.elapsed(), ms(200));
+    assert_eq!(n.load(Ordering::SeqCst), 6, "the hedge never reached the service");
+    assert_eq!(ch.state("api.example.com").unwrap().in_flight(), 0);
+    assert_eq!(hh.stats("api.example.com").unwrap().hedge_wins(), 0);
+}

@@ -197,6 +197,7 @@ mod s37_coalesce;
 mod s37_compose;
 mod s37_concurrency;
 mod s37_hedge;
+mod s37_words;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
