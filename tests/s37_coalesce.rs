@@ -103,7 +103,11 @@ async fn s37_header_order_across_names_shares_within_a_name_does_not() {
     )
     .await;
     assert!(out.iter().all(|r| r.as_ref().unwrap() == "ok"));
-    assert_eq!(seen.lock().unwrap().len(), 1, "names in another order share");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "names in another order share"
+    );
     let out = all_at_once(
         &svc,
         vec![
@@ -131,11 +135,7 @@ async fn s37_what_is_and_is_not_coalesced() {
     let (layer, handle) = CoalesceLayer::new().pair();
     let svc = layer.layer(counting(seen.clone()));
     let u = "http://api.example.com/r?page=1";
-    let with_body = || {
-        Request::get(u)
-            .body(Full::new(Bytes::from("q=1")))
-            .unwrap()
-    };
+    let with_body = || Request::get(u).body(Full::new(Bytes::from("q=1"))).unwrap();
     let with_options = || {
         let mut r = req(Method::GET, u, &[]);
         r.extensions_mut()
@@ -196,8 +196,16 @@ async fn s37_what_is_and_is_not_coalesced() {
         (
             "ignored trace ids differ",
             vec![
-                req(Method::GET, u, &[("x-request-id", "1"), ("traceparent", "a")]),
-                req(Method::GET, u, &[("x-request-id", "2"), ("traceparent", "b")]),
+                req(
+                    Method::GET,
+                    u,
+                    &[("x-request-id", "1"), ("traceparent", "a")],
+                ),
+                req(
+                    Method::GET,
+                    u,
+                    &[("x-request-id", "2"), ("traceparent", "b")],
+                ),
             ],
             1,
         ),
@@ -269,7 +277,10 @@ async fn s37_followers_get_status_headers_extensions_and_trailers() {
         let trailers = collected.trailers().cloned();
         assert_eq!(collected.to_bytes(), "part1-part2", "caller {i}");
         assert_eq!(
-            trailers.as_ref().and_then(|t| t.get("x-checksum")).map(|v| v.to_str().unwrap()),
+            trailers
+                .as_ref()
+                .and_then(|t| t.get("x-checksum"))
+                .map(|v| v.to_str().unwrap()),
             Some("abc"),
             "caller {i}: trailers"
         );
@@ -382,10 +393,11 @@ async fn s37_a_too_large_body_whose_leader_left_goes_to_a_follower() {
     });
     let (layer, handle) = CoalesceLayer::new().with_max_body(4).pair();
     let svc = layer.layer(api);
-    let mut leader = tokio_test::task::spawn(
-        svc.clone()
-            .oneshot(req(Method::GET, "http://api.example.com/big", &[])),
-    );
+    let mut leader = tokio_test::task::spawn(svc.clone().oneshot(req(
+        Method::GET,
+        "http://api.example.com/big",
+        &[],
+    )));
     tokio_test::assert_pending!(leader.poll());
     let mut followers = Vec::new();
     for _ in 0..2 {
@@ -404,7 +416,11 @@ async fn s37_a_too_large_body_whose_leader_left_goes_to_a_follower() {
     for r in futures_util::future::join_all(followers).await {
         assert_eq!(r.unwrap(), "0123456789");
     }
-    assert_eq!(n.load(Ordering::SeqCst), 2, "one follower took the response");
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        2,
+        "one follower took the response"
+    );
     let s = handle.stats();
     assert_eq!((s.too_large(), s.fallbacks()), (1, 1));
     assert_eq!(handle.in_flight("api.example.com"), 0);
@@ -421,17 +437,17 @@ async fn s37_a_joiner_gives_back_its_concurrency_limit_permit_at_once() {
     let svc = layer.layer(ConcurrencyLimitLayer::new(2).layer(counting(seen.clone())));
     let mut s1 = svc.clone();
     s1.ready().await.unwrap();
-    let mut lead = tokio_test::task::spawn(s1.call(req(Method::GET, "http://api.example.com/a", &[])));
+    let mut lead =
+        tokio_test::task::spawn(s1.call(req(Method::GET, "http://api.example.com/a", &[])));
     tokio_test::assert_pending!(lead.poll());
     let mut s2 = svc.clone();
     s2.ready().await.unwrap();
-    let mut join = tokio_test::task::spawn(s2.call(req(Method::GET, "http://api.example.com/a", &[])));
+    let mut join =
+        tokio_test::task::spawn(s2.call(req(Method::GET, "http://api.example.com/a", &[])));
     tokio_test::assert_pending!(join.poll());
     assert_eq!(handle.stats().joined(), 1);
     let mut s3 = svc.clone();
-    let mut ready3 = tokio_test::task::spawn(async move {
-        s3.ready().await.map(|_| ())
-    });
+    let mut ready3 = tokio_test::task::spawn(async move { s3.ready().await.map(|_| ()) });
     tokio_test::assert_ready_ok!(ready3.poll(), "the joiner's permit came back");
     drop(ready3);
     tokio::time::advance(ms(60)).await;
@@ -513,11 +529,19 @@ async fn s37_callers_dropped_at_every_point_leave_nothing_behind() {
     tokio_test::assert_pending!(joiner.poll());
     drop(unpolled);
     tokio_test::assert_pending!(joiner.poll());
-    assert_eq!(handle.in_flight("api.example.com"), 1, "the joiner keeps it");
+    assert_eq!(
+        handle.in_flight("api.example.com"),
+        1,
+        "the joiner keeps it"
+    );
     drop(joiner);
     assert_eq!(handle.in_flight("api.example.com"), 0);
     let started = n.load(Ordering::SeqCst);
-    assert_eq!(dropped.load(Ordering::SeqCst), started, "upstream cancelled");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        started,
+        "upstream cancelled"
+    );
     // Afresh.
     let res = svc.clone().oneshot(get()).await.unwrap();
     assert_eq!(body_text(res).await, "ok");
@@ -552,10 +576,7 @@ async fn s37_a_join_past_the_host_bound_names_star_and_the_host() {
     )
     .await;
     assert!(out.iter().all(|r| r.is_ok()));
-    assert_eq!(
-        *events.lock().unwrap(),
-        ["* Some(\"b.example.com\") GET"]
-    );
+    assert_eq!(*events.lock().unwrap(), ["* Some(\"b.example.com\") GET"]);
     assert_eq!(seen.lock().unwrap().len(), 3);
     assert_eq!(handle.in_flight("b.example.com"), 0);
 }

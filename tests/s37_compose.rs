@@ -33,8 +33,11 @@ fn get(uri: &str) -> Request<Full<Bytes>> {
 }
 
 /// Polls `svc`'s readiness: Pending while the mock allows nothing, then the mock's error.
-fn pending_then_error<S>(mut svc: S, mh: &mut tower_test::mock::Handle<Request<Full<Bytes>>, Response<Full<Bytes>>>, name: &str)
-where
+fn pending_then_error<S>(
+    mut svc: S,
+    mh: &mut tower_test::mock::Handle<Request<Full<Bytes>>, Response<Full<Bytes>>>,
+    name: &str,
+) where
     S: Service<Request<Full<Bytes>>, Error = BoxError>,
 {
     let mut t = tokio_test::task::spawn(());
@@ -335,7 +338,11 @@ async fn s37_a_hedge_refused_by_a_full_shedding_limit_leaves_the_first_copy() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(start.elapsed(), ms(200));
-    assert_eq!(n.load(Ordering::SeqCst), 6, "the hedge never reached the service");
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        6,
+        "the hedge never reached the service"
+    );
     assert_eq!(ch.state("api.example.com").unwrap().in_flight(), 0);
     assert_eq!(hh.stats("api.example.com").unwrap().hedge_wins(), 0);
 }

@@ -127,7 +127,11 @@ async fn s37_a_shed_call_says_rate_limited_not_sent_and_names_key_and_limit() {
         *events.lock().unwrap(),
         ["api.example.com:8443 Some(\"api.example.com:8443\") 2"]
     );
-    assert_eq!(started.load(Ordering::SeqCst), 2, "the shed call was not sent");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "the shed call was not sent"
+    );
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
 }
@@ -381,7 +385,11 @@ async fn s37_a_call_refused_after_waiting_says_how_long_and_is_reported() {
     let first = tokio::spawn(svc.clone().oneshot(get("api.example.com")));
     tokio::task::yield_now().await;
     let start = tokio::time::Instant::now();
-    let err = svc.clone().oneshot(get("api.example.com")).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(get("api.example.com"))
+        .await
+        .unwrap_err();
     assert_eq!(start.elapsed(), ms(100));
     let reached = sturdy::core::find::<LimitReached>(&*err).expect("LimitReached");
     assert_eq!(reached.waited(), ms(100));
@@ -419,9 +427,7 @@ async fn s37_a_place_freed_as_the_wait_runs_out_loses_no_permit() {
 /// n)`); it adapts from there." Raising the limit lets the calls waiting in line go at once.
 #[tokio::test(start_paused = true)]
 async fn s37_raising_the_limit_by_hand_lets_waiters_in() {
-    let (layer, h) = AdaptiveConcurrencyLayer::new()
-        .with_initial_limit(1)
-        .pair();
+    let (layer, h) = AdaptiveConcurrencyLayer::new().with_initial_limit(1).pair();
     let svc = layer.layer(api(10_000, 200, Arc::default()));
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -462,4 +468,35 @@ async fn s37_vegas_first_window_runs_at_half_the_limit() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+}
+
+/// `Event::ConcurrencyRejected`: "host: The host, when the layer keys by host (the default)";
+/// `LimitReached::key`: "The host (or key) whose limit was full"; README: "Errors say what
+/// happened". A host past the host bound shares the overflow limit `*`; when its call is
+/// refused, the event's host and the error's words should still name the host called, not `*`.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: ConcurrencyRejected's `host` is documented as the host, and errors should name the cause; for a host past with_max_hosts the event says host Some(\"*\") and the error says 'the concurrency limit for * (1 call at once)' without the host called"]
+async fn s37_a_refusal_past_the_host_bound_names_the_host_called() {
+    let events: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = events.clone();
+    let svc = AdaptiveConcurrencyLayer::new()
+        .with_max_hosts(1)
+        .with_limits(1, 1)
+        .with_max_wait(Duration::ZERO)
+        .on_event(move |e| {
+            if let Event::ConcurrencyRejected { key, host, .. } = e {
+                e2.lock().unwrap().push(format!("{key} {host:?}"));
+            }
+        })
+        .layer(api(1_000, 200, Arc::default()));
+    let a = tokio::spawn(svc.clone().oneshot(get("a.example.com")));
+    let b = tokio::spawn(svc.clone().oneshot(get("b.example.com")));
+    tokio::task::yield_now().await;
+    let err = svc.clone().oneshot(get("c.example.com")).await.unwrap_err();
+    let events = events.lock().unwrap().clone();
+    let text = err.to_string();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(events, ["* Some(\"c.example.com\")"], "error: {text}");
+    assert!(text.contains("c.example.com"), "{text}");
 }

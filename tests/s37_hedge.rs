@@ -117,7 +117,11 @@ async fn s37_a_copy_is_kept_only_with_a_delay_and_a_token() {
     svc.clone().oneshot(req("POST")).await.unwrap();
     assert_eq!(clones.load(Ordering::SeqCst), 0, "a POST is never copied");
     svc.clone().oneshot(req("GET")).await.unwrap();
-    assert_eq!(clones.load(Ordering::SeqCst), 1, "a GET with delay and token");
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        1,
+        "a GET with delay and token"
+    );
 
     // No token: ratio 0 and burst 0.
     clones.store(0, Ordering::SeqCst);
@@ -199,7 +203,10 @@ async fn s37_the_delay_is_capped_by_the_upper_bound() {
             .await
             .unwrap();
     }
-    assert_eq!(handle.stats("api.example.com").unwrap().delay(), Some(ms(50)));
+    assert_eq!(
+        handle.stats("api.example.com").unwrap().delay(),
+        Some(ms(50))
+    );
 
     // Default bounds: a host taking 20 s gets 10 s.
     let api = Api::new(|_| 20_000);
@@ -272,7 +279,9 @@ async fn s37_stats_are_keyed_by_authority_and_count_hedgeable_calls_only() {
             .unwrap();
         svc.clone().oneshot(req).await.unwrap();
     }
-    let stats = handle.stats("api.example.com:8080").expect("keyed by authority");
+    let stats = handle
+        .stats("api.example.com:8080")
+        .expect("keyed by authority");
     assert_eq!(stats.calls(), 3);
     assert_eq!(stats.hedges(), 0);
     assert_eq!(stats.extra_ratio(), 0.0);
@@ -301,7 +310,10 @@ async fn s37_a_hedge_whose_clone_fails_readiness_leaves_the_first_copy_to_answer
         send.send_response(Response::new(()));
         call.await.unwrap().unwrap();
     }
-    assert_eq!(handle.stats("api.example.com").unwrap().delay(), Some(ms(5)));
+    assert_eq!(
+        handle.stats("api.example.com").unwrap().delay(),
+        Some(ms(5))
+    );
     mh.allow(1);
     let mut call = tokio_test::task::spawn(svc.clone().oneshot(get("http://api.example.com/x")));
     tokio_test::assert_pending!(call.poll());
@@ -430,7 +442,11 @@ async fn s37_events_with_a_custom_key_and_a_losing_hedge() {
         .unwrap();
     assert_eq!(
         *seen.lock().unwrap(),
-        ["sent tenant-7 None", "sent tenant-7 None", "won tenant-7 None"]
+        [
+            "sent tenant-7 None",
+            "sent tenant-7 None",
+            "won tenant-7 None"
+        ]
     );
     let stats = handle.stats("tenant-7").unwrap();
     assert_eq!((stats.hedges(), stats.hedge_wins()), (2, 1));
@@ -476,13 +492,26 @@ async fn s37_host_bound_overflow_then_forgetting_quiet_hosts() {
         .with_window(Duration::from_secs(1))
         .pair();
     let svc = layer.layer(api.service::<()>());
-    svc.clone().oneshot(get("http://a.example.com/")).await.unwrap();
-    svc.clone().oneshot(get("http://b.example.com/")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://a.example.com/"))
+        .await
+        .unwrap();
+    svc.clone()
+        .oneshot(get("http://b.example.com/"))
+        .await
+        .unwrap();
     let keys: Vec<String> = handle.all().into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["*", "a.example.com"]);
-    assert_eq!(handle.stats("b.example.com").unwrap().calls(), 1, "overflow");
+    assert_eq!(
+        handle.stats("b.example.com").unwrap().calls(),
+        1,
+        "overflow"
+    );
     tokio::time::advance(Duration::from_secs(5)).await;
-    svc.clone().oneshot(get("http://c.example.com/")).await.unwrap();
+    svc.clone()
+        .oneshot(get("http://c.example.com/"))
+        .await
+        .unwrap();
     let all = handle.all();
     let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
     assert!(keys.contains(&"c.example.com"), "{keys:?}");
@@ -517,4 +546,129 @@ async fn s37_one_token_two_slow_calls_one_hedge() {
     assert_eq!(handle.stats("api.example.com").unwrap().hedges(), 1);
     assert_eq!(api.started(), 8);
     assert!(start.elapsed() >= ms(1_000), "the unhedged one waited");
+}
+
+/// docs/guides/hedge.md: "A dropped call drops both copies"; concurrency.md: "A dropped waiting
+/// call leaves the line; a dropped call in flight gives its permit back". Over an adaptive limit
+/// of one, a hedged call dropped at each point (before its first poll, while the hedge timer
+/// runs, while the hedge waits in line for a place) leaves nothing in flight or waiting.
+#[tokio::test(start_paused = true)]
+async fn s37_a_hedged_call_dropped_at_every_point_leaves_nothing() {
+    let api = Api::new(|i| if i < 5 { 10 } else { 10_000 });
+    let (conc, ch) = AdaptiveConcurrencyLayer::new().with_limits(1, 1).pair();
+    let (layer, hh) = HedgeLayer::new()
+        .with_min_samples(5)
+        .with_delay_bounds(ms(20), ms(20))
+        .with_budget(1.0, 10)
+        .unwrap()
+        .pair();
+    let svc = layer.layer(conc.layer(api.service::<()>()));
+    for _ in 0..5 {
+        svc.clone()
+            .oneshot(get("http://api.example.com/x"))
+            .await
+            .unwrap();
+    }
+    let idle = |what: &str| {
+        let st = ch.state("api.example.com").unwrap();
+        assert_eq!((st.in_flight(), st.waiting()), (0, 0), "{what}");
+    };
+    // Before the first poll.
+    drop(svc.clone().oneshot(get("http://api.example.com/x")));
+    idle("before the first poll");
+    // While the hedge timer runs.
+    let mut call = tokio_test::task::spawn(svc.clone().oneshot(get("http://api.example.com/x")));
+    tokio_test::assert_pending!(call.poll());
+    tokio::time::advance(ms(10)).await;
+    tokio_test::assert_pending!(call.poll());
+    assert_eq!(ch.state("api.example.com").unwrap().in_flight(), 1);
+    drop(call);
+    idle("while the hedge timer runs");
+    // While the hedge waits in line behind the first copy.
+    let mut call = tokio_test::task::spawn(svc.clone().oneshot(get("http://api.example.com/x")));
+    tokio_test::assert_pending!(call.poll());
+    tokio::time::advance(ms(25)).await;
+    tokio_test::assert_pending!(call.poll());
+    let st = ch.state("api.example.com").unwrap();
+    assert_eq!(
+        (st.in_flight(), st.waiting()),
+        (1, 1),
+        "the hedge waits in line"
+    );
+    assert_eq!(hh.stats("api.example.com").unwrap().hedges(), 1);
+    drop(call);
+    idle("while the hedge waits in line");
+    assert_eq!(
+        api.dropped(),
+        api.started() - 5,
+        "every copy started was dropped"
+    );
+}
+
+/// docs/guides/hedge.md: "over two rotating windows of 10 s ..., so it ... covers the last 10 to
+/// 20 s"; `HedgeStats::samples`: "Latencies in the current and the previous window."
+#[tokio::test(start_paused = true)]
+async fn s37_samples_cover_the_current_and_the_previous_window() {
+    let api = Api::new(|_| 10);
+    let (layer, handle) = HedgeLayer::new().pair();
+    let svc = layer.layer(api.service::<()>());
+    let call = || svc.clone().oneshot(get("http://api.example.com/x"));
+    for _ in 0..5 {
+        call().await.unwrap();
+    }
+    let samples = || handle.stats("api.example.com").unwrap().samples();
+    assert_eq!(samples(), 5);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..3 {
+        call().await.unwrap();
+    }
+    assert_eq!(samples(), 8, "current and previous window");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(samples(), 3, "the first window is gone");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(samples(), 0, "both gone");
+}
+
+/// `Event::HedgeSent`: "host: The host, when the layer keys by host (the default)"; hedge.md:
+/// "past the bound, new hosts share one overflow state, listed as `*`". A hedge of a host past
+/// the bound is reported with that host.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: Event::HedgeSent's `host` is documented as the host (coalesce's Coalesced event names the real host past its bound); for a host past with_max_hosts the hedge layer emits HedgeSent { key: \"*\", host: Some(\"*\") }, so the host is lost (and a metric label reads server=\"*\")"]
+async fn s37_a_hedge_past_the_host_bound_is_reported_with_its_host() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let api = Api::new(move |_| {
+        // The 11th call (the first copy of b's slow call) is slow.
+        if n.fetch_add(1, Ordering::SeqCst) == 10 {
+            1_000
+        } else {
+            10
+        }
+    });
+    let layer = HedgeLayer::new()
+        .with_max_hosts(1)
+        .with_min_samples(5)
+        .with_delay_bounds(ms(20), ms(20))
+        .on_event(move |e| {
+            if let Event::HedgeSent { key, host } = e {
+                s.lock().unwrap().push(format!("{key} {host:?}"));
+            }
+        });
+    let svc = layer.layer(api.service::<()>());
+    for host in ["a", "b"] {
+        for _ in 0..5 {
+            svc.clone()
+                .oneshot(get(&format!("http://{host}.example.com/x")))
+                .await
+                .unwrap();
+        }
+    }
+    svc.clone()
+        .oneshot(get("http://b.example.com/x"))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains("b.example.com"), "{seen:?}");
 }

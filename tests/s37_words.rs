@@ -15,7 +15,7 @@ use http_body_util::Full;
 use sturdy::coalesce::CoalesceLayer;
 use sturdy::concurrency::AdaptiveConcurrencyLayer;
 use sturdy::hedge::HedgeLayer;
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{service_fn, Layer, ServiceExt};
 
 use crate::logs13_common::Capture;
 
@@ -171,7 +171,11 @@ async fn s37_a_hedge_left_waiting_for_readiness_is_not_counted_as_sent() {
     let start = tokio::time::Instant::now();
     svc.clone().oneshot(get()).await.unwrap();
     assert_eq!(start.elapsed(), ms(200));
-    assert_eq!(n.load(Ordering::SeqCst), 6, "no second copy reached the service");
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        6,
+        "no second copy reached the service"
+    );
     let stats = handle.stats("api.example.com").unwrap();
     assert_eq!((stats.hedges(), stats.hedge_wins()), (0, 0));
     assert_eq!(sent.load(Ordering::SeqCst), 0);
