@@ -346,3 +346,57 @@ async fn s37_a_hedge_refused_by_a_full_shedding_limit_leaves_the_first_copy() {
     assert_eq!(ch.state("api.example.com").unwrap().in_flight(), 0);
     assert_eq!(hh.stats("api.example.com").unwrap().hedge_wins(), 0);
 }
+
+/// coalesce.md: "each caller gets a `sturdy_core::Error` whose kind and delivery are the shared
+/// error's ..., and whose source chain holds a `SharedError` and then the shared error itself:
+/// `sturdy_core::find` ... and `classify_error` work as for the original"; concurrency.md: a
+/// refused call is "a `sturdy_core::Error` of kind `RateLimited` ..., delivery `NotSent`, whose
+/// source is `LimitReached`". A shared call refused by a full adaptive limit below: the joiner
+/// finds the `LimitReached`, the kind and "not sent".
+#[tokio::test(start_paused = true)]
+async fn s37_a_shared_call_refused_by_the_limit_below_reads_the_same_for_a_joiner() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let (conc, _ch) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(Duration::ZERO)
+        .pair();
+    let svc = CoalesceLayer::new().layer(conc.layer(page_api(n.clone())));
+    // Fill the limit with a call that does not coalesce (a POST).
+    let mut busy = tokio_test::task::spawn(
+        svc.clone().oneshot(
+            Request::post("http://api.example.com/p")
+                .body(Full::default())
+                .unwrap(),
+        ),
+    );
+    tokio_test::assert_pending!(busy.poll());
+    let mut s1 = svc.clone();
+    s1.ready().await.unwrap();
+    let lead = s1.call(get("http://api.example.com/a"));
+    let mut s2 = svc.clone();
+    s2.ready().await.unwrap();
+    let join = s2.call(get("http://api.example.com/a"));
+    let (lead, join) = tokio::join!(lead, join);
+    for (who, res) in [("leader", lead), ("joiner", join)] {
+        let Err(err) = res else {
+            panic!("{who}: answered");
+        };
+        let reached = sturdy::core::find::<sturdy::concurrency::LimitReached>(&*err);
+        assert!(reached.is_some(), "{who}: no LimitReached in {err}");
+        assert_eq!(
+            sturdy::core::classify::delivery(&*err),
+            sturdy::core::Delivery::NotSent,
+            "{who}"
+        );
+        assert!(
+            matches!(
+                sturdy::core::classify::classify_error(&*err),
+                sturdy::core::ErrorKind::RateLimited { retry_after: None }
+            ),
+            "{who}: {err}"
+        );
+        assert!(err.to_string().contains("api.example.com"), "{who}: {err}");
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 1, "only the POST was sent");
+    drop(busy);
+}
