@@ -42,14 +42,22 @@ use sturdy_core::{human_duration, Delivery, Error, ErrorKind};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitReached {
     key: String,
+    shared: bool,
     limit: usize,
     waited: Duration,
 }
 
 impl LimitReached {
-    /// The host (or key) whose limit was full.
+    /// The host (or key) whose limit was full: the call's own, also past the layer's bound on
+    /// hosts, where the call's host shares one limit with the other hosts past it.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Whether the limit was the one the hosts past the layer's bound share
+    /// ([`with_max_hosts`](crate::AdaptiveConcurrencyLayer::with_max_hosts)), not the host's own.
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// The limit at the time.
@@ -67,8 +75,13 @@ impl fmt::Display for LimitReached {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "the concurrency limit for {} ({} {} at once) stayed full for {}",
+            "the concurrency limit for {}{} ({} {} at once) stayed full for {}",
             self.key,
+            if self.shared {
+                ", which shares one limit with the other hosts past the layer's bound on hosts"
+            } else {
+                ""
+            },
             self.limit,
             if self.limit == 1 { "call" } else { "calls" },
             human_duration(self.waited)
@@ -78,9 +91,12 @@ impl fmt::Display for LimitReached {
 
 impl std::error::Error for LimitReached {}
 
-pub(crate) fn limit_reached(key: &str, limit: usize, waited: Duration) -> Error {
+/// The error of a call refused after `waited`: `key` is the call's own (its host by default),
+/// `limit_key` the key of the limit it waited for (the overflow key past the bound on hosts).
+pub(crate) fn limit_reached(key: &str, limit_key: &str, limit: usize, waited: Duration) -> Error {
     let cause = LimitReached {
         key: key.to_owned(),
+        shared: limit_key == sturdy_core::keyed::OVERFLOW_KEY && key != limit_key,
         limit,
         waited,
     };

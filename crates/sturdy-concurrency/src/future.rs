@@ -62,6 +62,8 @@ where
 /// request. Dropping it leaves the line.
 struct Slow<S, B> {
     local: Arc<Local<Limiter>>,
+    /// The call's own key when it is not the limit's (past the bound on hosts).
+    own: Option<Box<str>>,
     acquire: Acquire,
     sleep: Pin<Box<Sleep>>,
     max_wait: Duration,
@@ -99,6 +101,7 @@ where
 
     pub(crate) fn waiting(
         local: Arc<Local<Limiter>>,
+        own: Option<Box<str>>,
         svc: S,
         req: Request<B>,
         max_wait: Duration,
@@ -114,6 +117,7 @@ where
         let slow = Slow {
             sleep: Box::pin(tokio::time::sleep(max_wait)),
             local,
+            own,
             acquire,
             max_wait,
             svc,
@@ -186,8 +190,10 @@ where
                         Poll::Pending => {
                             ready!(slow.sleep.as_mut().poll(cx));
                             let l = slow.local.value();
-                            rejected(&slow.local);
-                            let err = limit_reached(slow.local.key(), l.limit(), slow.max_wait);
+                            let own = slow.own.as_deref().unwrap_or(slow.local.key());
+                            rejected(&slow.local, own);
+                            let err =
+                                limit_reached(own, slow.local.key(), l.limit(), slow.max_wait);
                             tracing::debug!(key = slow.local.key(), "{err}");
                             *this.slow = None;
                             return Poll::Ready(Err(Box::new(err)));

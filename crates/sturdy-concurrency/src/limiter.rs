@@ -285,12 +285,14 @@ pub(crate) fn set_by_hand(local: &Slot<Limiter>, limit: usize) {
     changed(local, before);
 }
 
-/// Tells the event hook that a call of `local` was refused.
-pub(crate) fn rejected(local: &Local<Limiter>) {
+/// Tells the event hook that a call of `local` was refused; `own` is the call's own key (its
+/// host by default), which past the bound on hosts is not the limit's (`*`): the event names the
+/// limit's key and the call's host.
+pub(crate) fn rejected(local: &Local<Limiter>, own: &str) {
     let l = local.value();
     l.config.events.emit(&Event::ConcurrencyRejected {
         key: local.key(),
-        host: l.config.keys_are_hosts.then_some(local.key()),
+        host: l.config.keys_are_hosts.then_some(own),
         limit: l.limit(),
     });
 }

@@ -73,10 +73,13 @@ where
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
-            rejected(&local);
-            let err = limit_reached(local.key(), limiter.limit(), max_wait);
+            rejected(&local, &key);
+            let err = limit_reached(&key, local.key(), limiter.limit(), max_wait);
             return ResponseFuture::rejected(Box::new(err), self.classify.clone());
         }
+        // The call's own key, kept for a refusal only where it is not the limit's (past the
+        // bound on hosts): no copy on the common path.
+        let own = (*key != *local.key()).then(|| Box::<str>::from(&*key));
         tracing::trace!(
             key = local.key(),
             "concurrency limit full: waiting for a place"
@@ -84,6 +87,6 @@ where
         // Wait for a place, then call the service poll_ready made ready.
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::waiting(local, ready, req, max_wait, self.classify.clone())
+        ResponseFuture::waiting(local, own, ready, req, max_wait, self.classify.clone())
     }
 }

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A whole token, in thousandths.
-const TOKEN: u64 = 1_000;
+pub(crate) const TOKEN: u64 = 1_000;
 
 #[derive(Debug)]
 pub(crate) struct Budget {

@@ -62,13 +62,34 @@ where
     svc: S,
     req: Option<Request<B>>,
     fut: Option<Pin<Box<S::Future>>>,
+    /// The call's own key where it is not the host state's (past the bound on hosts).
+    own: Option<Box<str>>,
+    /// The host whose token this hedge took while it is not sent yet: the token goes back if
+    /// the hedge is never sent (its service failed to become ready, or the call ended first).
+    spent: Option<Arc<Local<HostState>>>,
+}
+
+impl<S, B> Drop for Armed<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn drop(&mut self) {
+        if let Some(local) = self.spent.take() {
+            refund(local.value());
+        }
+    }
+}
+
+/// Gives back a token taken for a hedge that was not sent: a hedge spends one only when sent.
+fn refund(host: &HostState) {
+    host.budget.deposit(crate::budget::TOKEN, host.config.cap);
 }
 
 impl<S, B> Armed<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(delay: Duration, svc: S, req: Request<B>) -> Self {
+    pub(crate) fn new(delay: Duration, svc: S, req: Request<B>, own: Option<Box<str>>) -> Self {
         Self {
             delay,
             sleep: None,
@@ -76,6 +97,8 @@ where
             svc,
             req: Some(req),
             fut: None,
+            own,
+            spent: None,
         }
     }
 }
@@ -93,11 +116,11 @@ where
 {
     fn poll_hedge(
         &mut self,
-        host: &HostState,
-        key: &str,
+        local: &Arc<Local<HostState>>,
         start: Instant,
         cx: &mut Context<'_>,
     ) -> Step<Result<S::Response, S::Error>> {
+        let host = local.value();
         loop {
             if let Some(fut) = self.fut.as_mut() {
                 return match fut.as_mut().poll(cx) {
@@ -131,11 +154,15 @@ where
                     tracing::trace!("hedge due but the budget is spent");
                     return Step::Dropped;
                 }
+                self.spent = Some(local.clone());
             }
             match self.svc.poll_ready(cx) {
                 Poll::Pending => return Step::Pending,
                 Poll::Ready(Err(_)) => {
                     tracing::debug!("hedge not sent: the inner service failed to become ready");
+                    if self.spent.take().is_some() {
+                        refund(host);
+                    }
                     return Step::Dropped;
                 }
                 Poll::Ready(Ok(())) => {}
@@ -143,7 +170,11 @@ where
             let Some(req) = self.req.take() else {
                 return Step::Dropped;
             };
+            // Sent: the token is spent.
+            self.spent = None;
             host.hedges.fetch_add(1, Ordering::Relaxed);
+            // The call's host, also past the bound on hosts (where the state's key is `*`).
+            let called = self.own.as_deref().unwrap_or(local.key());
             // Two copies now go their own ways: whether one of them was sent can no longer be
             // read from the mark they share.
             if let Some(hold) = req.extensions().get::<sturdy_core::hold::AttemptHold>() {
@@ -151,13 +182,13 @@ where
             }
             // The host and path only: userinfo and the query may hold credentials.
             tracing::debug!(
-                host = key,
+                host = called,
                 path = req.uri().path(),
                 "hedging: sending a second copy"
             );
             host.config.events.emit(&Event::HedgeSent {
-                key,
-                host: host.config.keys_are_hosts.then_some(key),
+                key: local.key(),
+                host: host.config.keys_are_hosts.then_some(called),
             });
             self.fut = Some(Box::pin(self.svc.call(req)));
         }
@@ -265,7 +296,7 @@ where
             return Poll::Pending;
         };
         let host = local.value();
-        match hedge.poll_hedge(host, local.key(), start, cx) {
+        match hedge.poll_hedge(local, start, cx) {
             Step::Pending => Poll::Pending,
             Step::Dropped => {
                 *this.hedge = None;
@@ -274,11 +305,14 @@ where
             Step::Done(Ok(res)) => {
                 // The second copy answered first: cancel the first.
                 this.primary.set(None);
-                *this.hedge = None;
+                let own = this.hedge.take().and_then(|mut h| h.own.take());
                 host.wins.fetch_add(1, Ordering::Relaxed);
                 host.config.events.emit(&Event::HedgeWon {
                     key: local.key(),
-                    host: host.config.keys_are_hosts.then_some(local.key()),
+                    host: host
+                        .config
+                        .keys_are_hosts
+                        .then(|| own.as_deref().unwrap_or(local.key())),
                 });
                 record(this.host.as_ref(), Some(start));
                 Poll::Ready(Ok(res))

@@ -91,7 +91,15 @@ where
         // A copy is kept only when a hedge could be sent: enough samples and a token now.
         let armed = match host.delay() {
             Some(delay) if host.budget.has_token() => {
-                Some(Box::new(Armed::new(delay, self.inner.clone(), req.clone())))
+                // The call's own key where it is not the state's (past the bound on hosts): the
+                // events of its hedge name the call's host.
+                let own = (*key != *local.key()).then(|| Box::<str>::from(&*key));
+                Some(Box::new(Armed::new(
+                    delay,
+                    self.inner.clone(),
+                    req.clone(),
+                    own,
+                )))
             }
             _ => None,
         };
