@@ -163,7 +163,12 @@ pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
             None,
         )
     } else {
-        (classify_error(&err), words(&err), None)
+        let kind = classify_error(&err);
+        // A TLS 1.3 server's refusal of the handshake comes after the request was written, and
+        // reads as `Connect` by its chain: like a connect error here, it may come at a
+        // redirect's target, after a server processed the request.
+        let delivery = (kind == ErrorKind::Connect).then_some(Delivery::MaybeProcessed);
+        (kind, words(&err), delivery)
     };
     let e = Error::new(kind, message).with_hidden_source(err);
     match delivery {
