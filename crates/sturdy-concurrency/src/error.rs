@@ -96,7 +96,8 @@ impl std::error::Error for LimitReached {}
 pub(crate) fn limit_reached(key: &str, limit_key: &str, limit: usize, waited: Duration) -> Error {
     let cause = LimitReached {
         key: key.to_owned(),
-        shared: limit_key == sturdy_core::keyed::OVERFLOW_KEY && key != limit_key,
+        // The overflow limit, whatever the call's own key (a custom key `*` lands in it too).
+        shared: limit_key == sturdy_core::keyed::OVERFLOW_KEY,
         limit,
         waited,
     };
