@@ -426,3 +426,55 @@ async fn s38_tls13_pooled_plaintext_alert_after_reading_the_request_is_maybe_pro
 async fn s38_tls13_pooled_corrupt_record_after_reading_the_request_is_maybe_processed() {
     broken_after_request(After::Garbage, 1).await;
 }
+
+/// metrics.md: `sturdy.retry.retries` "failed tries that are retried" with `error.type` among
+/// "`connect`, `tls`, `transport`"; tls.md: the TLS 1.3 refusal "is `Connect`, not sent ...
+/// and [is] retried". A POST through the default `ClientBuilder` (which sets an idempotency key)
+/// refused by a TLS 1.3 server: 2 retries counted as `connect` for method POST, none as
+/// `transport`, and the final error still says it was not sent.
+#[tokio::test]
+async fn s38_tls13_refusal_counts_retries_as_connect() {
+    use metrics_util::debugging::DebuggingRecorder;
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let ca = ca();
+    let srv = serve(server_config(&ca, &["127.0.0.1"], true, true)).await;
+    let client = ClientBuilder::new()
+        .with_retry(quick_retry().with_max_attempts(3))
+        .build(https_client_with_roots(vec![ca.cert.der().clone()]).unwrap());
+    let err = within(client.oneshot(post(format!("https://{}/orders", srv.addr))))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{text}");
+    assert!(text.contains("safe to send again"), "{text}");
+    assert_eq!(srv.conns.load(Ordering::SeqCst), 3, "{text}");
+    let retries: Vec<(Vec<(String, String)>, String)> = snap
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(ck, _, _, v)| {
+            let (_, key) = ck.into_parts();
+            (key.name() == "sturdy.retry.retries").then(|| {
+                (
+                    key.labels()
+                        .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                        .collect(),
+                    format!("{v:?}"),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(retries.len(), 1, "{retries:?}");
+    let (labels, value) = &retries[0];
+    assert!(
+        labels.contains(&("error.type".to_owned(), "connect".to_owned())),
+        "{labels:?}"
+    );
+    assert!(
+        labels.contains(&("http.request.method".to_owned(), "POST".to_owned())),
+        "{labels:?}"
+    );
+    assert_eq!(value, "Counter(2)", "{labels:?}");
+}
