@@ -490,3 +490,44 @@ async fn s38_concurrency_hosts_past_the_bound_are_named_as_written() {
         vec![("*".to_owned(), Some("THREE.example:9000".to_owned()))]
     );
 }
+
+/// `with_max_hosts`: "past it, hosts with nothing in flight are forgotten ..., then new hosts
+/// share one overflow limit"; `LimitReached::is_shared` tells "the shared limit from the host's
+/// own". A tenant whose own key is `*` (within the bound) keeps its own limit: a new tenant past
+/// the bound meets the overflow limit, empty here, not tenant `*`'s full one.
+#[tokio::test(start_paused = true)]
+#[ignore = "FAULT: with_max_hosts 'new hosts share one overflow limit'; a custom key `*` within the bound IS the overflow slot: tenant b past the bound is refused by tenant *'s full limit ('the concurrency limit for b, which shares one limit ... (1 call at once) stayed full for 0ms')"]
+async fn s38_concurrency_a_key_named_star_within_the_bound_is_not_the_overflow() {
+    let api = service_fn(|_req: Request<()>| async {
+        tokio::time::sleep(ms(100)).await;
+        Ok::<_, BoxError>(Response::new(()))
+    });
+    let svc = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(Duration::ZERO)
+        .with_max_hosts(2)
+        .with_key(|req: &Request<()>| -> String {
+            req.headers()
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        })
+        .layer(api);
+    let req = |t: &str| {
+        Request::get("http://api.example.com/x")
+            .header("x-tenant", t)
+            .body(())
+            .unwrap()
+    };
+    let star = tokio::spawn(svc.clone().oneshot(req("*")));
+    tokio::task::yield_now().await;
+    let a = tokio::spawn(svc.clone().oneshot(req("a")));
+    tokio::task::yield_now().await;
+    let res = svc.clone().oneshot(req("b")).await;
+    star.await.unwrap().unwrap();
+    a.await.unwrap().unwrap();
+    if let Err(err) = res {
+        panic!("tenant b past the bound met tenant *'s limit: {err}");
+    }
+}
