@@ -155,6 +155,8 @@ impl<K> CoalesceLayer<K> {
     /// Partitions the tables by `key` instead of by host, e.g. a closure `|req| -> String`
     /// (two requests still share a call only when they are identical). Events then carry the key
     /// but no host (`host: None`), so a key never becomes a metric label.
+    /// A key `*` names the state the keys past the bound share
+    /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.
     pub fn with_key<K2>(self, key: K2) -> CoalesceLayer<K2> {
         edit(&self.cell, |c| c.keys_are_hosts = false);
         CoalesceLayer {

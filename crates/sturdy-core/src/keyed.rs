@@ -74,7 +74,9 @@ impl<T: fmt::Debug> fmt::Debug for Slot<T> {
     }
 }
 
-/// The key of the slot shared by keys beyond the bound.
+/// The key of the slot shared by keys beyond the bound. A key of a layer's own (`with_key`)
+/// that is `*` names this slot too, so its calls share it with the keys beyond the bound: keep
+/// `*` out of your keys.
 pub const OVERFLOW_KEY: &str = "*";
 
 /// A bounded map from key to shared state.

@@ -191,6 +191,8 @@ impl<K> HedgeLayer<K> {
 
     /// Keeps state per `key` instead of per host, e.g. a closure `|req| -> String`. Events then
     /// carry the key but no host (`host: None`), so a key never becomes a metric label.
+    /// A key `*` names the state the keys past the bound share
+    /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.
     pub fn with_key<K2>(self, key: K2) -> HedgeLayer<K2> {
         edit(&self.cell, |c| c.keys_are_hosts = false);
         HedgeLayer {

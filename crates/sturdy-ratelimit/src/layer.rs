@@ -202,6 +202,8 @@ impl<K> RateLimitLayer<K> {
     /// Chooses keys with `key` instead of by host, e.g. a closure `|req| -> String` per API token.
     /// The returned layer shares this layer's state and settings. Its events carry the key but no
     /// host (`host: None`), so a key never becomes a metric label.
+    /// A key `*` names the state the keys past the bound share
+    /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.
     pub fn with_key<K2>(self, key: K2) -> RateLimitLayer<K2> {
         let this = self.edit(|c| c.keys_are_hosts = false);
         RateLimitLayer {
