@@ -841,6 +841,13 @@ async fn s35_replicated_backends_work_at_once_after_a_restart() {
     for round in 0..2 {
         redis.restart().await;
         replica.wait_up().await;
+        // The replica's own "link up" may still be the old link's, read before it saw the
+        // primary go: wait until the restarted primary counts it online (synced).
+        let t = Instant::now();
+        while !cli_at(redis.port, &["INFO", "replication"]).contains("state=online") {
+            assert!(t.elapsed() < Duration::from_secs(15), "replica not online");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let_the_close_arrive().await;
         let b = store
             .begin(&format!("b{round}"), [1; 32], LockToken::random(), TTL)
