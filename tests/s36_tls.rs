@@ -26,16 +26,16 @@ use sturdy::ClientBuilder;
 use tokio::io::AsyncReadExt;
 use tower::{Service, ServiceExt};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-struct Ca {
-    cert: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+pub(crate) struct Ca {
+    pub(crate) cert: rcgen::Certificate,
+    pub(crate) issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
-fn ca() -> Ca {
+pub(crate) fn ca() -> Ca {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -54,7 +54,7 @@ fn ca() -> Ca {
 }
 
 /// A leaf for `names` signed by `ca`, for server or client authentication.
-fn leaf(
+pub(crate) fn leaf(
     ca: &Ca,
     names: &[&str],
     client: bool,
@@ -75,7 +75,12 @@ fn leaf(
     )
 }
 
-fn server_config(ca: &Ca, names: &[&str], client_auth: bool, tls13: bool) -> Arc<ServerConfig> {
+pub(crate) fn server_config(
+    ca: &Ca,
+    names: &[&str],
+    client_auth: bool,
+    tls13: bool,
+) -> Arc<ServerConfig> {
     let (cert, key) = leaf(ca, names, false);
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
         &[&rustls::version::TLS13]
@@ -99,19 +104,22 @@ fn server_config(ca: &Ca, names: &[&str], client_auth: bool, tls13: bool) -> Arc
 }
 
 /// Counts TCP connections accepted and requests answered.
-struct Srv {
-    addr: SocketAddr,
-    conns: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
+pub(crate) struct Srv {
+    pub(crate) addr: SocketAddr,
+    pub(crate) conns: Arc<AtomicUsize>,
+    pub(crate) requests: Arc<AtomicUsize>,
 }
 
-async fn serve(config: Arc<ServerConfig>) -> Srv {
+pub(crate) async fn serve(config: Arc<ServerConfig>) -> Srv {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     serve_on(listener, acceptor)
 }
 
-fn serve_on(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Srv {
+pub(crate) fn serve_on(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Srv {
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));

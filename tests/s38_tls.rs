@@ -2,7 +2,6 @@
 //! `sturdy::tls::https_client_with_roots`, checked against docs/guides/tls.md ("When the
 //! certificate is refused") and crates/sturdy-core/CHANGELOG.md (Unreleased).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,135 +9,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use sturdy::core::classify::delivery;
 use sturdy::core::{BoxError, Delivery, ErrorKind};
 use sturdy::retry::{Backoff, RetryLayer};
-use sturdy::tls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use sturdy::tls::rustls::server::WebPkiClientVerifier;
-use sturdy::tls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
-use sturdy::tls::{https_client_with_config, https_client_with_roots, CertificateDer};
+use sturdy::tls::rustls::{self, ClientConfig, RootCertStore};
+use sturdy::tls::{https_client_with_config, https_client_with_roots};
 use sturdy::ClientBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-struct Ca {
-    cert: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-fn ca() -> Ca {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "s38 test authority");
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        cert,
-        issuer: rcgen::Issuer::new(params, key),
-    }
-}
-
-/// A leaf for `names` signed by `ca`, for server or client authentication.
-fn leaf(
-    ca: &Ca,
-    names: &[&str],
-    client: bool,
-) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-            .unwrap();
-    params.extended_key_usages = vec![if client {
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth
-    } else {
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth
-    }];
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    (
-        cert.der().clone(),
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-}
-
-fn server_config(ca: &Ca, names: &[&str], client_auth: bool, tls13: bool) -> Arc<ServerConfig> {
-    let (cert, key) = leaf(ca, names, false);
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
-        &[&rustls::version::TLS13]
-    } else {
-        &[&rustls::version::TLS12]
-    };
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions)
-        .unwrap();
-    let builder = if client_auth {
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.cert.der().clone()).unwrap();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .unwrap();
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    Arc::new(builder.with_single_cert(vec![cert], key).unwrap())
-}
-
-/// Counts TCP connections accepted and requests answered.
-struct Srv {
-    addr: SocketAddr,
-    conns: Arc<AtomicUsize>,
-    requests: Arc<AtomicUsize>,
-}
-
-async fn serve(config: Arc<ServerConfig>) -> Srv {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    serve_on(listener, acceptor)
-}
-
-fn serve_on(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Srv {
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let requests = Arc::new(AtomicUsize::new(0));
-    let (c, r) = (conns.clone(), requests.clone());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
-            let r = r.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let hello = hyper::service::service_fn(move |_req| {
-                    r.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("hello"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), hello)
-                    .await;
-            });
-        }
-    });
-    Srv {
-        addr,
-        conns,
-        requests,
-    }
-}
+// The certificate authority, leaf certificates and TLS servers of s36.
+use crate::s36_tls::{ca, leaf, provider, serve, server_config, Ca};
 
 fn quick_retry() -> RetryLayer {
     RetryLayer::new()
