@@ -203,6 +203,8 @@ mod s37_words;
 mod s38_hedge;
 mod s38_redis;
 mod s38_tls;
+mod s39_stack;
+mod s39_wire;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
