@@ -165,9 +165,10 @@ where
                     }
                 }
                 let head = String::from_utf8_lossy(&buf).to_lowercase();
-                let key = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("idempotency-key:").map(|v| v.trim().to_owned()));
+                let key = head.lines().find_map(|l| {
+                    l.strip_prefix("idempotency-key:")
+                        .map(|v| v.trim().to_owned())
+                });
                 k.lock().unwrap().push(key);
                 act(s).await;
             });
@@ -206,7 +207,9 @@ async fn s39_wire_get_stalled_after_headers_times_out_naming_the_body() {
     .await;
     let client = stack_no_auth(ms(200), Duration::from_secs(5));
     let t0 = std::time::Instant::now();
-    let req = Request::get(format!("{base}/page")).body(Full::default()).unwrap();
+    let req = Request::get(format!("{base}/page"))
+        .body(Full::default())
+        .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(5), client.oneshot(req))
         .await
         .expect("the stalled body was not bounded")
@@ -229,7 +232,9 @@ async fn s39_wire_get_reset_mid_body_is_a_body_error_maybe_processed() {
     })
     .await;
     let client = stack_no_auth(ms(2_000), Duration::from_secs(5));
-    let req = Request::get(format!("{base}/page")).body(Full::default()).unwrap();
+    let req = Request::get(format!("{base}/page"))
+        .body(Full::default())
+        .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(5), client.oneshot(req))
         .await
         .expect("hung")
@@ -256,7 +261,9 @@ async fn s39_wire_post_stalled_before_headers_reports_the_key_it_sent() {
         .await
         .expect("hung")
         .unwrap_err();
-    let e = err.downcast_ref::<sturdy::core::Error>().expect("not one sturdy Error");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("not one sturdy Error");
     assert_eq!(e.kind(), &ErrorKind::Timeout, "{err}");
     let report = e.report().expect("no CallReport");
     assert_eq!(report.attempts(), 2, "{err}");

@@ -205,6 +205,7 @@ mod s38_redis;
 mod s38_tls;
 mod s39_stack;
 mod s39_wire;
+mod s39_words;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

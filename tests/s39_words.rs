@@ -1,0 +1,352 @@
+//! s39: README's and ARCHITECTURE's sentences on the layer order and on what each layer sees,
+//! and docs/guides/metrics.md's metrics, with every optional layer on at once (paused time,
+//! in-process API; the harness is s39_stack's).
+
+#![cfg(feature = "full")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use sturdy::circuit::CircuitState;
+use sturdy::core::{CallOptions, ErrorKind};
+use sturdy::ratelimit::Quota;
+use sturdy::version::VersionLayer;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use crate::s39_stack::*;
+
+type Row = (String, Vec<(String, String)>, DebugValue);
+
+fn rows(s: &Snapshotter) -> Vec<Row> {
+    s.snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(ck, _unit, _desc, v)| {
+            let (_kind, key) = ck.into_parts();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, v)
+        })
+        .collect()
+}
+
+fn label<'a>(r: &'a Row, k: &str) -> Option<&'a str> {
+    r.1.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+fn counter(rs: &[Row], name: &str, want: &[(&str, &str)]) -> u64 {
+    rs.iter()
+        .filter(|r| r.0 == name && want.iter().all(|(k, v)| label(r, k) == Some(*v)))
+        .map(|r| match r.2 {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn histogram_len(rs: &[Row], name: &str, want: &[(&str, &str)]) -> usize {
+    rs.iter()
+        .filter(|r| r.0 == name && want.iter().all(|(k, v)| label(r, k) == Some(*v)))
+        .map(|r| match &r.2 {
+            DebugValue::Histogram(v) => v.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_metrics_of_the_full_stack_once_each_with_documented_labels() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+
+    let slow = Arc::new(AtomicUsize::new(0));
+    let s = slow.clone();
+    let api = Api::new(move |n, req| {
+        let p = req.uri().path();
+        if p == "/flaky" && n == 0 {
+            Step::Reply(1, resp(503, &[]))
+        } else if p == "/limited" {
+            Step::Reply(1, resp(429, &[("retry-after", "1")]))
+        } else if p == "/slow" && s.fetch_add(1, Ordering::SeqCst) == 0 {
+            ok_after(2_000)
+        } else if p == "/same" {
+            ok_after(50)
+        } else {
+            ok_after(10)
+        }
+    });
+    let (client, h) = full(&api, Opts::default());
+    // A 503 retried once (the first API request).
+    assert_eq!(status(&client, get("/flaky")).await.unwrap(), 200);
+    // Five identical GETs: four join.
+    let mut futs = Vec::new();
+    for _ in 0..5 {
+        futs.push(status(&client, get("/same")));
+    }
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap(), 200);
+    }
+    // A hedge sent and won.
+    warm(&client, 60).await;
+    assert_eq!(status(&client, get("/slow")).await.unwrap(), 200);
+    // A pause asked by a 429 with Retry-After (retried after it: the pause ends first).
+    let _ = status(&client, get("/limited")).await;
+
+    let rs = rows(&snap);
+    let host = [("server.address", "api.test")];
+    assert_eq!(
+        counter(
+            &rs,
+            "sturdy.retry.retries",
+            &[
+                ("server.address", "api.test"),
+                ("http.request.method", "GET"),
+                ("error.type", "503")
+            ]
+        ),
+        1,
+        "{rs:#?}"
+    );
+    assert_eq!(
+        histogram_len(
+            &rs,
+            "sturdy.retry.delay",
+            &[
+                ("server.address", "api.test"),
+                ("sturdy.delay.source", "backoff")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &rs,
+            "sturdy.coalesce.coalesced",
+            &[
+                ("server.address", "api.test"),
+                ("http.request.method", "GET")
+            ]
+        ),
+        4
+    );
+    assert_eq!(h.coalesce.stats().joined(), 4);
+    assert_eq!(counter(&rs, "sturdy.hedge.sent", &host), 1);
+    assert_eq!(counter(&rs, "sturdy.hedge.won", &host), 1);
+    assert_eq!(
+        counter(&rs, "sturdy.auth.token.fetches", &host),
+        1,
+        "the token endpoint is api.test/oauth/token"
+    );
+    assert!(
+        counter(
+            &rs,
+            "sturdy.ratelimit.pauses",
+            &[
+                ("server.address", "api.test"),
+                ("sturdy.pause.source", "retry_after"),
+                ("http.response.status_code", "429")
+            ]
+        ) >= 1,
+        "{rs:#?}"
+    );
+    // No label is a path, query, key or port that the URI does not have.
+    for r in &rs {
+        assert!(label(r, "server.port").is_none(), "{r:?}");
+        for (k, v) in &r.1 {
+            assert!(!v.contains('/') && !v.contains('?'), "{k}={v} in {}", r.0);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_deprecation_reported_once_across_retry_hedge_and_coalesce() {
+    let notices = Arc::new(AtomicUsize::new(0));
+    let n2 = notices.clone();
+    let version = VersionLayer::header("api-version", "2024-06-01")
+        .unwrap()
+        .on_notice(move |_| {
+            n2.fetch_add(1, Ordering::SeqCst);
+        });
+    let api = Api::new(|n, _| {
+        let st = if n == 0 { 503 } else { 200 };
+        Step::Reply(20, resp(st, &[("deprecation", "@1700000000")]))
+    });
+    let (client, _h) = full(
+        &api,
+        Opts {
+            version: Some(version),
+            ..Opts::default()
+        },
+    );
+    let mut futs = Vec::new();
+    for _ in 0..5 {
+        futs.push(status(&client, get("/v")));
+    }
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap(), 200);
+    }
+    assert_eq!(status(&client, get("/v")).await.unwrap(), 200);
+    assert_eq!(notices.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_concurrency_place_is_not_held_during_retry_backoff() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            Step::Reply(1, resp(503, &[]))
+        } else {
+            ok_after(5)
+        }
+    });
+    let (client, h) = full(
+        &api,
+        Opts {
+            conc_limit: 1,
+            ..Opts::default()
+        },
+    );
+    h.conc.set_limit(HOST, 1);
+    let t0 = Instant::now();
+    let c = client.clone();
+    let a = tokio::spawn(async move { status(&c, get("/a")).await });
+    tokio::time::sleep(ms(20)).await; // A got its 503 and sleeps >= 100 ms
+    assert_eq!(h.conc.state(HOST).map(|s| s.in_flight()), Some(0));
+    assert_eq!(status(&client, get("/b")).await.unwrap(), 200);
+    assert!(
+        t0.elapsed() < ms(40),
+        "B waited for A's backoff: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(a.await.unwrap().unwrap(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_concurrency_place_is_not_held_while_waiting_for_a_rate_slot() {
+    let api = Api::new(|_, _| ok_after(5));
+    let (client, h) = full(
+        &api,
+        Opts {
+            conc_limit: 1,
+            quota: Some(Quota::per_second(1).unwrap()),
+            ..Opts::default()
+        },
+    );
+    h.conc.set_limit(HOST, 1);
+    assert_eq!(status(&client, get("/a")).await.unwrap(), 200);
+    let c = client.clone();
+    let b = tokio::spawn(async move { status(&c, get("/b")).await });
+    tokio::time::sleep(ms(300)).await;
+    assert_eq!(h.rl.waiting(HOST), 1, "B is not waiting for a rate slot");
+    let st = h.conc.state(HOST).unwrap();
+    assert_eq!(
+        st.in_flight(),
+        0,
+        "B holds a concurrency place while it waits: {st:?}"
+    );
+    assert_eq!(b.await.unwrap().unwrap(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_breaker_does_not_count_local_refusals() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            Step::Reply(1, resp(200, &[("ratelimit", r#""default";r=0;t=120"#)]))
+        } else {
+            ok_after(1)
+        }
+    });
+    let (client, h) = full(
+        &api,
+        Opts {
+            breaker_streak: 1,
+            ..Opts::default()
+        },
+    );
+    assert_eq!(status(&client, get("/a")).await.unwrap(), 200);
+    for i in 0..5 {
+        let err = status(&client, get(&format!("/r/{i}"))).await.unwrap_err();
+        assert!(
+            sturdy::core::find::<sturdy::core::RateLimited>(&*err).is_some(),
+            "{err}"
+        );
+    }
+    assert_eq!(h.cb.state(HOST), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_attempt_timeout_of_a_request_is_per_attempt_and_counted_by_the_breaker() {
+    let api = Api::new(|_, _| ok_after(1_000));
+    let (client, h) = full(
+        &api,
+        Opts {
+            breaker_streak: 3,
+            attempts: 3,
+            ..Opts::default()
+        },
+    );
+    let mut req = get("/slow");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_attempt_timeout(ms(50)));
+    let t0 = Instant::now();
+    let err = client.clone().oneshot(req).await.unwrap_err();
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a request with CallOptions is not coalesced: the retry's error is on top");
+    assert_eq!(e.kind(), &ErrorKind::Timeout, "{err}");
+    assert_eq!(e.report().map(|r| r.attempts()), Some(3), "{err}");
+    assert!(err.to_string().contains("50ms"), "{err}");
+    // 3 attempts of 50 ms and two backoffs of at most 400 ms.
+    assert!(t0.elapsed() < ms(1_000), "{:?}", t0.elapsed());
+    assert!(
+        matches!(h.cb.state(HOST), Some(CircuitState::Open { .. })),
+        "{:?}",
+        h.cb.state(HOST)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_dropped_calls_under_buffer_and_limit_1_lose_no_permit() {
+    let api = Api::new(|_, _| ok_after(100));
+    let (client, h) = full(&api, Opts::default());
+    let svc = ServiceBuilder::new()
+        .buffer(8)
+        .concurrency_limit(1)
+        .service(client);
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = if i % 2 == 0 {
+                post("/orders", "{}")
+            } else {
+                get(&format!("/d/{i}"))
+            };
+            let fut = match svc.ready().await {
+                Ok(s) => s.call(req),
+                Err(_) => return,
+            };
+            let _ = fut.await;
+        }));
+    }
+    tokio::time::sleep(ms(150)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    tokio::time::sleep(ms(10)).await;
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(get("/after")))
+        .await
+        .expect("a permit was lost: the next call hangs")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(t0.elapsed() <= ms(110), "{:?}", t0.elapsed());
+    let st = h.conc.state(HOST).unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (0, 0));
+    assert_eq!(h.rl.waiting(HOST), 0);
+}
