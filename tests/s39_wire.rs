@@ -297,3 +297,114 @@ async fn s39_wire_post_reset_mid_body_is_not_hidden() {
     assert!(body.is_err(), "a truncated body read as complete");
     assert_eq!(keys.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn s39_wire_coalesced_callers_share_a_reset_as_a_clear_error() {
+    let (base, keys) = raw_server(|s| async move {
+        tokio::time::sleep(ms(30)).await;
+        drop(s);
+    })
+    .await;
+    let client = stack_no_auth(ms(2_000), Duration::from_secs(5));
+    let mut futs = Vec::new();
+    for _ in 0..5 {
+        let req = Request::get(format!("{base}/same"))
+            .body(Full::default())
+            .unwrap();
+        futs.push(client.clone().oneshot(req));
+    }
+    let all = tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(futs))
+        .await
+        .expect("hung");
+    for r in all {
+        let err = r.unwrap_err();
+        let e = sturdy::core::find::<sturdy::core::Error>(&*err).expect("no sturdy Error");
+        assert!(
+            matches!(e.kind(), ErrorKind::Transport | ErrorKind::Connect),
+            "{:?}: {err}",
+            e.kind()
+        );
+        assert_eq!(classify::delivery(&*err), Delivery::MaybeProcessed, "{err}");
+        assert!(sturdy::core::find::<hyper::Error>(&*err).is_some(), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("2 attempts"), "{msg}");
+    }
+    assert_eq!(
+        keys.lock().unwrap().len(),
+        2,
+        "the callers did not share the call"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s39_wire_server_quota_with_ratelimit_headers_all_get_through() {
+    let server = ChaosServer::start(Knobs {
+        require_auth: true,
+        api_version: Some("2024-06-01".into()),
+        server_rate_limit: Some(sturdy_chaos::ServerRateLimit {
+            limit: 10,
+            window: ms(200),
+        }),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let client = stack(&server, sturdy_chaos::http_client());
+    let mut futs = Vec::new();
+    for i in 0..40 {
+        let req = Request::get(server.url(&format!("/orders/o_{i}")))
+            .body(Full::default())
+            .unwrap();
+        futs.push(client.clone().oneshot(req));
+    }
+    let all = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(futs),
+    )
+    .await
+    .expect("hung");
+    let mut bad = Vec::new();
+    for r in all {
+        match r {
+            Ok(res) if res.status() == 429 => bad.push("429".to_owned()),
+            Ok(_) => {}
+            Err(e) => bad.push(e.to_string()),
+        }
+    }
+    let st = server.stats();
+    assert!(bad.is_empty(), "{bad:?}; {st:?}");
+    assert!(st.rate_limited < 40, "{st:?}");
+}
+
+#[tokio::test]
+async fn s39_wire_reqwest_request_with_its_own_timeout_is_not_coalesced() {
+    use sturdy::reqwest::SturdyMiddleware;
+    let server = ChaosServer::start(Knobs {
+        latency: ms(50),
+        orders: 3,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(|next| {
+            ClientBuilder::new()
+                .with_hedge(HedgeLayer::new())
+                .with_adaptive_concurrency(AdaptiveConcurrencyLayer::new())
+                .with_coalesce(CoalesceLayer::new())
+                .build(next)
+        }))
+        .build();
+    let url = server.url("/orders/o_1");
+    let futs = (0..3).map(|_| client.get(&url).send());
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    let shared = server.stats().api_requests;
+    assert_eq!(shared, 1, "identical GETs were not coalesced");
+    let futs = (0..3).map(|_| client.get(&url).timeout(Duration::from_secs(5)).send());
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(server.stats().api_requests - shared, 3);
+}

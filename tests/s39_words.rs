@@ -350,3 +350,131 @@ async fn s39_dropped_calls_under_buffer_and_limit_1_lose_no_permit() {
     assert_eq!((st.in_flight(), st.waiting()), (0, 0));
     assert_eq!(h.rl.waiting(HOST), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn s39_deadline_passing_while_waiting_for_a_token_is_not_sent() {
+    let api = Api::new(|_, _| ok_after(1));
+    api.token_delay.store(1_000, Ordering::SeqCst);
+    let (client, _h) = full(&api, Opts::default());
+    let mut req = post("/orders", "{}");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(ms(200)));
+    let t0 = Instant::now();
+    let err = client.clone().oneshot(req).await.unwrap_err();
+    assert!(t0.elapsed() <= ms(250), "{:?}", t0.elapsed());
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        sturdy::core::Delivery::NotSent,
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("access token"), "{msg}");
+    assert!(msg.contains("200ms"), "{msg}");
+    assert!(api.seen().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_rate_slot_after_the_deadline_is_refused_at_once() {
+    let api = Api::new(|_, _| ok_after(1));
+    let (client, _h) = full(
+        &api,
+        Opts {
+            quota: Some(Quota::per_second(1).unwrap()),
+            ..Opts::default()
+        },
+    );
+    assert_eq!(status(&client, get("/a")).await.unwrap(), 200);
+    let mut req = post("/orders", "{}");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(ms(200)));
+    let t0 = Instant::now();
+    let err = client.clone().oneshot(req).await.unwrap_err();
+    assert!(t0.elapsed() < ms(20), "waited {:?}", t0.elapsed());
+    assert!(
+        sturdy::core::find::<sturdy::core::RateLimited>(&*err).is_some(),
+        "{err}"
+    );
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        sturdy::core::Delivery::NotSent,
+        "{err}"
+    );
+    assert!(err.to_string().contains("safe to send again"), "{err}");
+    assert_eq!(api.count(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_open_breaker_is_waited_out_within_a_deadline() {
+    let api = Api::new(|n, _| {
+        if n == 0 {
+            Step::Reply(1, resp(503, &[]))
+        } else {
+            ok_after(1)
+        }
+    });
+    let (client, h) = full(
+        &api,
+        Opts {
+            breaker_streak: 1,
+            attempts: 1,
+            ..Opts::default()
+        },
+    );
+    assert_eq!(status(&client, get("/a")).await.unwrap(), 503);
+    assert!(matches!(h.cb.state(HOST), Some(CircuitState::Open { .. })));
+    // Without a deadline: at once.
+    let t0 = Instant::now();
+    let err = status(&client, get("/b")).await.unwrap_err();
+    assert!(t0.elapsed() < ms(10));
+    assert!(sturdy::core::find::<sturdy::core::CircuitOpen>(&*err).is_some());
+    // With a deadline past the open period (30 s): waited out, then sent.
+    let mut req = get("/c");
+    req.extensions_mut().insert(
+        CallOptions::new()
+            .with_deadline(Duration::from_secs(60))
+            .with_max_attempts(3),
+    );
+    let t0 = Instant::now();
+    let res = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        t0.elapsed() >= Duration::from_secs(25),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(40), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_post_refused_by_the_breaker_after_a_503_reports_the_503_and_the_refusal() {
+    let api = Api::new(|_, _| Step::Reply(1, resp(503, &[])));
+    let (client, _h) = full(
+        &api,
+        Opts {
+            breaker_streak: 1,
+            ..Opts::default()
+        },
+    );
+    let err = status(&client, post("/orders", "{}")).await.unwrap_err();
+    assert_eq!(api.count(), 1);
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a POST is not coalesced: the retry's error is on top");
+    assert_eq!(
+        e.kind(),
+        &ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE),
+        "{err}"
+    );
+    let report = e.report().expect("no CallReport");
+    assert_eq!(report.attempts(), 1, "{err}");
+    assert_eq!(report.delivery(), sturdy::core::Delivery::MaybeProcessed);
+    assert!(
+        sturdy::core::find::<sturdy::core::CircuitOpen>(&*err).is_some(),
+        "{err}"
+    );
+    let key = report.idempotency_key().expect("no key").to_owned();
+    assert_eq!(api.seen()[0].key.as_deref(), Some(key.as_str()));
+    let msg = err.to_string();
+    assert!(msg.contains("1 refused try"), "{msg}");
+    assert!(msg.contains(&key), "{msg}");
+}
