@@ -183,6 +183,7 @@ pub(crate) struct Opts {
     pub(crate) attempts: u32,
     pub(crate) hedge_min_samples: u64,
     pub(crate) version: Option<VersionLayer>,
+    pub(crate) conc_max_wait: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -194,6 +195,7 @@ impl Default for Opts {
             attempts: 4,
             hedge_min_samples: 20,
             version: None,
+            conc_max_wait: None,
         }
     }
 }
@@ -232,7 +234,11 @@ pub(crate) fn full(api: &Api, o: Opts) -> (Client<ResponseBody<Full<Bytes>>>, Ha
         .on_event(record(&events))
         .pair();
     let (co_l, coalesce) = CoalesceLayer::new().on_event(record(&events)).pair();
-    let (conc_l, conc) = AdaptiveConcurrencyLayer::new()
+    let mut conc_l = AdaptiveConcurrencyLayer::new();
+    if let Some(w) = o.conc_max_wait {
+        conc_l = conc_l.with_max_wait(w);
+    }
+    let (conc_l, conc) = conc_l
         .with_initial_limit(o.conc_limit)
         .with_limits(o.conc_limit.min(20), o.conc_limit.max(20))
         .on_event(record(&events))

@@ -478,3 +478,77 @@ async fn s39_post_refused_by_the_breaker_after_a_503_reports_the_503_and_the_ref
     assert!(msg.contains("1 refused try"), "{msg}");
     assert!(msg.contains(&key), "{msg}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn s39_full_concurrency_limit_refusals_are_refused_tries_not_attempts() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let api = Api::new(|_, req| {
+        if req.uri().path() == "/slow" {
+            ok_after(10_000)
+        } else {
+            ok_after(1)
+        }
+    });
+    let (client, h) = full(
+        &api,
+        Opts {
+            conc_limit: 1,
+            conc_max_wait: Some(Duration::ZERO),
+            attempts: 3,
+            ..Opts::default()
+        },
+    );
+    h.conc.set_limit(HOST, 1);
+    let c = client.clone();
+    let slow = tokio::spawn(async move { status(&c, get("/slow")).await });
+    tokio::time::sleep(ms(5)).await;
+    let err = status(&client, post("/orders", "{}")).await.unwrap_err();
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a POST is not coalesced");
+    let report = e.report().expect("no report");
+    assert_eq!(report.attempts(), 0, "{err}");
+    assert_eq!(report.delivery(), sturdy::core::Delivery::NotSent);
+    assert!(
+        sturdy::core::find::<sturdy::concurrency::LimitReached>(&*err).is_some(),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("concurrency limit"), "{msg}");
+    assert!(msg.contains("safe to send again"), "{msg}");
+    assert!(!api.seen().iter().any(|s| s.path == "/orders"));
+    let ev = h.events.lock().unwrap().clone();
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.starts_with("retry_scheduled") && e.ends_with("refused=true"))
+            .count(),
+        2,
+        "{ev:?}"
+    );
+    let rs = rows(&snap);
+    assert_eq!(
+        counter(
+            &rs,
+            "sturdy.concurrency.rejections",
+            &[("server.address", "api.test")]
+        ),
+        3,
+        "{rs:#?}"
+    );
+    assert_eq!(
+        counter(
+            &rs,
+            "sturdy.retry.retries",
+            &[
+                ("server.address", "api.test"),
+                ("http.request.method", "POST"),
+                ("error.type", "rate_limited")
+            ]
+        ),
+        2,
+        "{rs:#?}"
+    );
+    slow.abort();
+}
