@@ -184,6 +184,7 @@ pub(crate) struct Opts {
     pub(crate) hedge_min_samples: u64,
     pub(crate) version: Option<VersionLayer>,
     pub(crate) conc_max_wait: Option<Duration>,
+    pub(crate) open_for: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -196,6 +197,7 @@ impl Default for Opts {
             hedge_min_samples: 20,
             version: None,
             conc_max_wait: None,
+            open_for: None,
         }
     }
 }
@@ -251,6 +253,9 @@ pub(crate) fn full(api: &Api, o: Opts) -> (Client<ResponseBody<Full<Bytes>>>, Ha
     let mut cb_l = CircuitBreakerLayer::new();
     if o.breaker_streak > 0 {
         cb_l = cb_l.with_consecutive_failures(o.breaker_streak);
+    }
+    if let Some(d) = o.open_for {
+        cb_l = cb_l.with_open_duration(d, d * 4);
     }
     let (cb_l, cb) = cb_l.on_event(record(&events)).pair();
     let retry = RetryLayer::new()

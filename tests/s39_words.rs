@@ -552,3 +552,126 @@ async fn s39_full_concurrency_limit_refusals_are_refused_tries_not_attempts() {
     );
     slow.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn s39_hostile_ratelimit_headers_never_panic_and_pauses_stay_capped() {
+    let sets: &[&[(&str, &str)]] = &[
+        &[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "99999999999"),
+        ],
+        &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "-1")],
+        &[
+            ("x-ratelimit-remaining", "-3"),
+            ("x-ratelimit-reset", "garbage"),
+        ],
+        &[("ratelimit", r#""x";r=0;t=-5"#)],
+        &[("ratelimit", r#""x";r=0;t=18446744073709551616"#)],
+        &[
+            ("ratelimit", "r=0;t=10"),
+            ("ratelimit-policy", "garbage;;;="),
+        ],
+        &[("ratelimit-remaining", "0"), ("ratelimit-reset", "1e400")],
+        &[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")],
+    ];
+    for (i, headers) in sets.iter().enumerate() {
+        let hs: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let api = Api::new(move |n, _| {
+            if n == 0 {
+                let h: Vec<(&str, &str)> =
+                    hs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                Step::Reply(1, resp(if i == 7 { 429 } else { 200 }, &h))
+            } else {
+                ok_after(1)
+            }
+        });
+        let (client, h) = full(&api, Opts::default());
+        let _ = status(&client, get("/first")).await;
+        if let Some(p) = h.rl.pause(HOST) {
+            assert!(p <= Duration::from_secs(300), "{headers:?}: pause {p:?}");
+        }
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(400), status(&client, get("/next")))
+            .await
+            .unwrap_or_else(|_| panic!("{headers:?}: the next call hung"));
+        match r {
+            Ok(s) => assert_eq!(s, 200, "{headers:?}"),
+            Err(e) => {
+                let rl = sturdy::core::find::<sturdy::core::RateLimited>(&*e)
+                    .unwrap_or_else(|| panic!("{headers:?}: {e}"));
+                assert!(
+                    rl.retry_after() <= Duration::from_secs(300),
+                    "{headers:?}: {e}"
+                );
+                assert!(t0.elapsed() < ms(100), "{headers:?}: {:?}", t0.elapsed());
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_hedge_of_a_half_open_probe_waits_for_the_probe() {
+    let phase = Arc::new(AtomicUsize::new(0));
+    let p = phase.clone();
+    let api = Api::new(move |_, _| match p.load(Ordering::SeqCst) {
+        0 => ok_after(10),
+        1 => Step::Reply(1, resp(503, &[])),
+        _ => ok_after(500),
+    });
+    let (client, h) = full(
+        &api,
+        Opts {
+            breaker_streak: 1,
+            attempts: 1,
+            open_for: Some(ms(500)),
+            ..Opts::default()
+        },
+    );
+    warm(&client, 60).await;
+    phase.store(1, Ordering::SeqCst);
+    assert_eq!(status(&client, get("/fail")).await.unwrap(), 503);
+    assert!(matches!(h.cb.state(HOST), Some(CircuitState::Open { .. })));
+    tokio::time::sleep(ms(600)).await;
+    phase.store(2, Ordering::SeqCst);
+    let n = api.count();
+    // The probe is slow: its hedge is due after ~11 ms but the half-open breaker has no slot.
+    let r = status(&client, get("/probe")).await;
+    assert_eq!(r.unwrap(), 200);
+    assert_eq!(api.count() - n, 1);
+    assert_eq!(h.cb.state(HOST), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_deadline_abandons_both_hedged_copies() {
+    let api = Api::new(|_, req| {
+        if req.uri().path() == "/slow" {
+            ok_after(5_000)
+        } else {
+            ok_after(10)
+        }
+    });
+    let (client, h) = full(&api, Opts::default());
+    warm(&client, 60).await;
+    let mut req = get("/slow");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(ms(300)));
+    let t0 = Instant::now();
+    let err = client.clone().oneshot(req).await.unwrap_err();
+    assert!(t0.elapsed() <= ms(310), "{:?}", t0.elapsed());
+    assert_eq!(count(&h.events, "hedge_sent"), 1);
+    tokio::time::sleep(ms(1)).await;
+    assert_eq!(api.in_flight(), 0, "a copy outlived the deadline");
+    let e = err
+        .downcast_ref::<sturdy::core::Error>()
+        .expect("a request with CallOptions is not coalesced");
+    assert_eq!(e.kind(), &ErrorKind::Timeout, "{err}");
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        sturdy::core::Delivery::MaybeProcessed
+    );
+    let st = h.conc.state(HOST).unwrap();
+    assert_eq!((st.in_flight(), st.waiting()), (0, 0));
+}
