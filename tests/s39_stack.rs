@@ -83,6 +83,7 @@ pub(crate) struct Api {
     in_flight: Arc<AtomicUsize>,
     tokens: Arc<AtomicUsize>,
     pub(crate) token_delay: Arc<AtomicU64>,
+    pub(crate) token_status: Arc<AtomicU64>,
     pub(crate) start: Instant,
     script: Script,
 }
@@ -106,6 +107,7 @@ impl Api {
             in_flight: Arc::default(),
             tokens: Arc::default(),
             token_delay: Arc::default(),
+            token_status: Arc::default(),
             start: Instant::now(),
             script: Arc::new(script),
         }
@@ -120,6 +122,13 @@ impl Api {
                     let n = api.tokens.fetch_add(1, Ordering::SeqCst) + 1;
                     let d = api.token_delay.load(Ordering::SeqCst);
                     tokio::time::sleep(ms(d)).await;
+                    let st = api.token_status.load(Ordering::SeqCst);
+                    if st != 0 {
+                        return Ok(Response::builder()
+                            .status(st as u16)
+                            .body(Full::from("down"))
+                            .unwrap());
+                    }
                     let body = format!(
                         r#"{{"access_token":"tok-{n}","token_type":"Bearer","expires_in":3600}}"#
                     );

@@ -675,3 +675,53 @@ async fn s39_deadline_abandons_both_hedged_copies() {
     let st = h.conc.state(HOST).unwrap();
     assert_eq!((st.in_flight(), st.waiting()), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn s39_a_failing_token_endpoint_is_not_the_apis_failure() {
+    let rec = DebuggingRecorder::new();
+    let snap = rec.snapshotter();
+    let _g = metrics::set_default_local_recorder(&rec);
+    let api = Api::new(|_, _| ok_after(1));
+    api.token_status.store(503, Ordering::SeqCst);
+    let (client, h) = full(
+        &api,
+        Opts {
+            breaker_streak: 1,
+            attempts: 2,
+            ..Opts::default()
+        },
+    );
+    let err = status(&client, post("/orders", "{}")).await.unwrap_err();
+    assert!(api.seen().is_empty());
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        sturdy::core::Delivery::NotSent,
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("/oauth/token"), "{msg}");
+    assert!(msg.contains("safe to send again"), "{msg}");
+    assert_eq!(
+        h.cb.state(HOST).unwrap_or(CircuitState::Closed),
+        CircuitState::Closed
+    );
+    let rs = rows(&snap);
+    assert!(
+        counter(
+            &rs,
+            "sturdy.auth.token.failures",
+            &[("server.address", "api.test"), ("error.type", "503")]
+        ) >= 1,
+        "{rs:#?}"
+    );
+    assert_eq!(
+        counter(&rs, "sturdy.circuit.transitions", &[]),
+        0,
+        "{rs:#?}"
+    );
+    // The endpoint is back: after its backoff, a call goes through and the breaker is closed.
+    api.token_status.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(status(&client, get("/a")).await.unwrap(), 200);
+    assert_eq!(h.cb.state(HOST), Some(CircuitState::Closed));
+}
