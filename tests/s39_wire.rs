@@ -408,3 +408,72 @@ async fn s39_wire_reqwest_request_with_its_own_timeout_is_not_coalesced() {
     }
     assert_eq!(server.stats().api_requests - shared, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s39_wire_hedged_post_against_sturdys_server_layer_commits_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    let commits = Arc::new(AtomicUsize::new(0));
+    let slow_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (c2, s2) = (commits.clone(), slow_next.clone());
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::post(move |body: String| {
+                let (c, s) = (c2.clone(), s2.clone());
+                async move {
+                    let slow = s.swap(false, Ordering::SeqCst);
+                    tokio::time::sleep(if slow { ms(400) } else { ms(3) }).await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                    (http::StatusCode::CREATED, body)
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(
+            MemoryStore::default(),
+            ByCredentials::default(),
+        ));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let (hedge, hh) = HedgeLayer::new()
+        .with_min_samples(10)
+        .with_keyed_requests(true)
+        .pair();
+    let client = ClientBuilder::new()
+        .with_retry(
+            RetryLayer::new().with_backoff(Backoff::decorrelated_jitter(ms(5), ms(20)).unwrap()),
+        )
+        .with_hedge(hedge)
+        .with_adaptive_concurrency(AdaptiveConcurrencyLayer::new())
+        .with_coalesce(CoalesceLayer::new())
+        .build(sturdy_chaos::http_client());
+    let url = format!("http://{addr}/orders");
+    for i in 0..30 {
+        let req = Request::post(&url)
+            .body(Full::from(format!("warm {i}")))
+            .unwrap();
+        assert_eq!(client.clone().oneshot(req).await.unwrap().status(), 201);
+    }
+    assert_eq!(commits.load(Ordering::SeqCst), 30);
+    assert!(hh
+        .stats(&addr.to_string())
+        .and_then(|s| s.delay())
+        .is_some());
+    let hedges_before = hh.stats(&addr.to_string()).unwrap().hedges();
+    slow_next.store(true, Ordering::SeqCst);
+    let req = Request::post(&url).body(Full::from("the order")).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), client.clone().oneshot(req))
+        .await
+        .expect("hung")
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(
+        commits.load(Ordering::SeqCst),
+        31,
+        "the order was committed twice"
+    );
+    assert!(hh.stats(&addr.to_string()).unwrap().hedges() > hedges_before);
+}
