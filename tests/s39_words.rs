@@ -725,3 +725,68 @@ async fn s39_a_failing_token_endpoint_is_not_the_apis_failure() {
     assert_eq!(status(&client, get("/a")).await.unwrap(), 200);
     assert_eq!(h.cb.state(HOST), Some(CircuitState::Closed));
 }
+
+fn big(n: usize) -> Step {
+    Step::Reply(
+        50,
+        http::Response::builder()
+            .status(200)
+            .body(http_body_util::Full::from(vec![b'x'; n]))
+            .unwrap(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_a_response_over_the_coalesce_bound_goes_to_its_caller_and_others_send_their_own() {
+    use http_body_util::BodyExt;
+    let api = Api::new(|_, _| big(2 << 20));
+    let (client, h) = full(&api, Opts::default());
+    let mut futs = Vec::new();
+    for _ in 0..3 {
+        let c = client.clone();
+        futs.push(async move {
+            let res = c.oneshot(get("/big")).await?;
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, sturdy::core::BoxError>(body.len())
+        });
+    }
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap(), 2 << 20);
+    }
+    assert_eq!(api.count(), 3);
+    assert!(h.coalesce.stats().too_large() >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn s39_over_the_bound_with_the_leader_gone_a_follower_takes_its_response() {
+    use http_body_util::BodyExt;
+    let api = Api::new(|_, _| big(2 << 20));
+    let (client, _h) = full(&api, Opts::default());
+    warm(&client, 0).await;
+    let c = client.clone();
+    let leader = tokio::spawn(async move { c.oneshot(get("/big")).await.map(|_| ()) });
+    tokio::time::sleep(ms(5)).await;
+    let mut followers = Vec::new();
+    for _ in 0..2 {
+        let c = client.clone();
+        followers.push(tokio::spawn(async move {
+            let res = c.oneshot(get("/big")).await?;
+            let body = res.into_body().collect().await?.to_bytes();
+            Ok::<_, sturdy::core::BoxError>(body.len())
+        }));
+    }
+    tokio::time::sleep(ms(5)).await;
+    leader.abort();
+    for f in followers {
+        let r = tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("a follower hung")
+            .unwrap();
+        assert_eq!(r.unwrap(), 2 << 20);
+    }
+    assert_eq!(
+        api.count(),
+        2,
+        "one follower took the leader's response, one sent its own"
+    );
+}
