@@ -206,7 +206,7 @@ async fn s39_wire_get_stalled_after_headers_times_out_naming_the_body() {
     })
     .await;
     let client = stack_no_auth(ms(200), Duration::from_secs(5));
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let req = Request::get(format!("{base}/page"))
         .body(Full::default())
         .unwrap();

@@ -790,3 +790,44 @@ async fn s39_over_the_bound_with_the_leader_gone_a_follower_takes_its_response()
         "one follower took the leader's response, one sent its own"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn s39_coalesce_keys_through_the_full_stack() {
+    let api = Api::new(|_, _| ok_after(50));
+    let (client, h) = full(&api, Opts::default());
+    warm(&client, 0).await;
+    // Requests with CallOptions go on their own.
+    let mut futs = Vec::new();
+    for _ in 0..3 {
+        let mut req = get("/opts");
+        req.extensions_mut()
+            .insert(CallOptions::new().with_deadline(Duration::from_secs(5)));
+        futs.push(client.clone().oneshot(req));
+    }
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(api.count(), 3);
+    // A different Accept is a different request; a different x-request-id is not.
+    let mk = |accept: &str, rid: &str| {
+        http::Request::get(url("/neg"))
+            .header("accept", accept)
+            .header("x-request-id", rid)
+            .body(http_body_util::Full::default())
+            .unwrap()
+    };
+    let futs = vec![
+        client.clone().oneshot(mk("application/json", "1")),
+        client.clone().oneshot(mk("application/json", "2")),
+        client.clone().oneshot(mk("text/csv", "3")),
+    ];
+    for r in futures_util::future::join_all(futs).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(api.count(), 5);
+    assert_eq!(h.coalesce.stats().joined(), 1);
+    // Not a cache: the same GET after the first finished is sent again.
+    assert_eq!(status(&client, get("/neg")).await.unwrap(), 200);
+    assert_eq!(status(&client, get("/neg")).await.unwrap(), 200);
+    assert_eq!(api.count(), 7);
+}
