@@ -12,8 +12,9 @@
 //!
 //! The difference between the two counts divided by 1,000 is the instructions per call, the
 //! harness's own work (a current-thread `block_on` per call) included, as in the `stack` bench.
-//! Cases: `bare, GET|POST`, `default stack, GET|POST`, `tower reference, GET|POST`,
-//! `tower reference with fresh keys, GET|POST`.
+//! Cases: `bare, GET|POST`, `default stack, GET|POST` (the client cloned for each call, as the
+//! bare service is), `default stack, kept, GET|POST` (one client driven with `ready().call()`, as
+//! the references are), `tower reference, GET|POST`, `tower reference with fresh keys, GET|POST`.
 
 use std::hint::black_box;
 
@@ -54,6 +55,19 @@ fn main() {
             for _ in 0..n {
                 rt.block_on(async {
                     black_box(svc.clone().oneshot(request(&uri, &method)).await.unwrap())
+                });
+            }
+        }
+        // Kept and driven with `ready().call()`, as the references are (tower's `RateLimit`
+        // cannot be cloned): the like-for-like comparison, as in the `stack` bench's
+        // "vs tower reference" group. The case above clones the client for each call, as the
+        // bare case does.
+        "default stack, kept" => {
+            let mut svc = ClientBuilder::new().build(bare());
+            for _ in 0..n {
+                rt.block_on(async {
+                    let ready = svc.ready().await.unwrap();
+                    black_box(ready.call(request(&uri, &method)).await.unwrap())
                 });
             }
         }

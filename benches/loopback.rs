@@ -30,7 +30,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sturdy::{Client, ClientBuilder};
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 const CONCURRENCY: usize = 64;
 
@@ -68,13 +68,16 @@ type Hyper = HyperClient<HttpConnector, Full<Bytes>>;
 enum Subject {
     Bare(Hyper),
     Sturdy(Client<Incoming>),
+    /// The same client, but each caller keeps its own clone and calls it with `ready().call()`
+    /// (no clone and no `Oneshot` per call).
+    SturdyKept(Client<Incoming>),
     Reqwest(reqwest::Client),
     ReqwestRetry(reqwest_middleware::ClientWithMiddleware),
     TowerTimeout(tower::timeout::Timeout<Hyper>),
 }
 
 impl Subject {
-    async fn call(&self, uri: &str) {
+    async fn call(&mut self, uri: &str) {
         let req = Request::get(uri).body(Full::default()).unwrap();
         let body = match self {
             Self::Bare(c) => {
@@ -83,6 +86,10 @@ impl Subject {
             }
             Self::Sturdy(c) => {
                 let res = c.clone().oneshot(req).await.unwrap();
+                res.into_body().collect().await.unwrap().to_bytes()
+            }
+            Self::SturdyKept(c) => {
+                let res = c.ready().await.unwrap().call(req).await.unwrap();
                 res.into_body().collect().await.unwrap().to_bytes()
             }
             Self::TowerTimeout(c) => {
@@ -135,6 +142,10 @@ fn subjects() -> Vec<(&'static str, Box<dyn Fn() -> Subject>)> {
         (
             "sturdy ClientBuilder default stack",
             Box::new(|| Subject::Sturdy(ClientBuilder::new().build(hyper_client()))),
+        ),
+        (
+            "sturdy default stack, kept by each caller",
+            Box::new(|| Subject::SturdyKept(ClientBuilder::new().build(hyper_client()))),
         ),
         (
             "sturdy stack without the attempt timeout",
@@ -255,7 +266,7 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> (f64, f6
         // Warm the pool.
         let warm: Vec<_> = (0..CONCURRENCY)
             .map(|_| {
-                let (s, u) = (subject.clone(), uri.clone());
+                let (mut s, u) = (subject.clone(), uri.clone());
                 tokio::spawn(async move { s.call(&u).await })
             })
             .collect();
@@ -266,7 +277,7 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> (f64, f6
         let cpu = cpu_ns(&tids);
         let tasks: Vec<_> = (0..CONCURRENCY)
             .map(|i| {
-                let (s, u) = (subject.clone(), uri.clone());
+                let (mut s, u) = (subject.clone(), uri.clone());
                 let n = calls / CONCURRENCY + usize::from(i < calls % CONCURRENCY);
                 tokio::spawn(async move {
                     for _ in 0..n {
@@ -292,6 +303,8 @@ fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
         .enable_all()
         .build()
         .unwrap();
+    // The caller's own clone, as each concurrent caller has.
+    let mut subject = subject.clone();
     rt.block_on(async {
         subject.call(uri).await;
         let mut each = Vec::with_capacity(calls);

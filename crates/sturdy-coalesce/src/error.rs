@@ -12,7 +12,11 @@ use sturdy_core::{BoxError, Error};
 /// Errors are not `Clone`, so each caller gets a [`sturdy_core::Error`] of the shared error's
 /// kind (as [`classify_error`] reads it) and delivery, whose source is this `SharedError`, whose
 /// source in turn is the shared error itself: [`sturdy_core::find`] reaches every type in the
-/// chain, and [`classify_error`] and [`delivery`] answer as they would for the original.
+/// chain, and [`classify_error`] and [`delivery`] answer as they would for the original. When
+/// the shared error carries a [`CallReport`](sturdy_core::CallReport) (a retry layer under the
+/// coalescing one gave up), the caller's error carries a copy of it:
+/// [`Error::report`](sturdy_core::Error::report) on the top-level error answers as it would
+/// without coalescing.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -77,15 +81,46 @@ pub(crate) fn for_caller(shared: &Arc<BoxError>) -> BoxError {
     let delivery = delivery(e);
     // The shared error's own text, or its cause's when that text names none (a hyper-util
     // client's "client error (SendRequest)"); the error itself is the source.
-    Box::new(
-        Error::new(
-            kind,
-            format!(
-                "the call shared by identical requests in flight failed: {}",
-                own_text(e)
-            ),
-        )
-        .with_hidden_source(SharedError::new(shared.clone()))
-        .with_delivery(delivery),
+    let mut err = Error::new(
+        kind,
+        format!(
+            "the call shared by identical requests in flight failed: {}",
+            own_text(e)
+        ),
     )
+    .with_hidden_source(SharedError::new(shared.clone()))
+    .with_delivery(delivery);
+    // The report of the whole call (a retry layer's, below), on top as well: the error a
+    // caller gets speaks for the attempts the shared call made, as the retry layer's own does.
+    if let Some(report) = sturdy_core::find::<Error>(e).and_then(Error::report) {
+        err = err.with_report(report.clone());
+    }
+    Box::new(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sturdy_core::{BoxError, CallReport, Delivery, Error, ErrorKind};
+
+    #[test]
+    fn a_caller_gets_the_shared_calls_report_on_top() {
+        let report = CallReport::new(4, Delivery::MaybeProcessed, Some("key-1".to_owned()));
+        let shared: Arc<BoxError> = Arc::new(Box::new(
+            Error::new(
+                ErrorKind::Transport,
+                "gave up after 4 attempts: connection reset by peer",
+            )
+            .with_report(report.clone()),
+        ));
+        let err = super::for_caller(&shared);
+        let top = err.downcast_ref::<Error>().expect("a sturdy error on top");
+        assert_eq!(top.report(), Some(&report));
+        assert_eq!(*top.kind(), ErrorKind::Transport);
+        // Without a report below, none on top.
+        let bare: Arc<BoxError> = Arc::new(Box::new(std::io::Error::other("refused")));
+        let err = super::for_caller(&bare);
+        assert_eq!(err.downcast_ref::<Error>().unwrap().report(), None);
+    }
 }

@@ -8,7 +8,9 @@
 //! [`AttemptHold::hold`] and clears it with [`AttemptHold::release`] when the attempt goes on.
 //! When the deadline ends while the mark is set, the call's error says the attempt was not sent
 //! (`Delivery::NotSent` unless an earlier attempt may have been processed) and what it waited
-//! for. A layer that sends more than one copy of a request (hedging), sends it again (the auth
+//! for. The hedge layer reads the mark too: it sends no second copy of a call whose first copy
+//! is still held back (and puts a mark of its own, without a deadline, on a call it may hedge
+//! when the retry layer put none). A layer that sends more than one copy of a request (hedging), sends it again (the auth
 //! layer's replay after a 401) or shares it with other calls (coalescing) calls
 //! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is. A layer that does
 //! any of these without calling it must not sit between the retry layer and the layers that
@@ -109,7 +111,7 @@ impl AttemptHold {
         self.0.deadline
     }
 
-    /// The mark in `req`'s extensions, if the retry layer put one there.
+    /// The mark in `req`'s extensions, if the retry layer (or the hedge layer) put one there.
     pub fn of<B>(req: &http::Request<B>) -> Option<Self> {
         req.extensions().get::<Self>().cloned()
     }

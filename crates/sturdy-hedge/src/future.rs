@@ -10,6 +10,7 @@ use http::Request;
 use pin_project_lite::pin_project;
 use sturdy_core::classify;
 use sturdy_core::events::Event;
+use sturdy_core::hold::AttemptHold;
 use sturdy_core::keyed::Local;
 use tokio::time::{Instant, Sleep};
 use tower::{BoxError, Service};
@@ -59,6 +60,10 @@ where
     delay: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     due: bool,
+    /// The first copy's mark: whether a layer below holds it back before sending it.
+    hold: AttemptHold,
+    /// Whether the first copy was held back by a layer below when the hedge last came due.
+    held: bool,
     svc: S,
     req: Option<Request<B>>,
     fut: Option<Pin<Box<S::Future>>>,
@@ -89,11 +94,19 @@ impl<S, B> Armed<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(delay: Duration, svc: S, req: Request<B>, own: Option<Box<str>>) -> Self {
+    pub(crate) fn new(
+        delay: Duration,
+        svc: S,
+        req: Request<B>,
+        own: Option<Box<str>>,
+        hold: AttemptHold,
+    ) -> Self {
         Self {
             delay,
             sleep: None,
             due: false,
+            hold,
+            held: false,
             svc,
             req: Some(req),
             fut: None,
@@ -148,6 +161,23 @@ where
                         return Step::Pending;
                     }
                 }
+                // Due, but a layer below still holds the first copy back (it has not been
+                // sent): a second copy would wait in the same line, spend a token and a slot of
+                // the host's quota, and answer no sooner. Looked at again one delay later; once
+                // it is found let go, one more delay passes, since it was sent at some moment of
+                // the last one: the hedge goes a delay or more after the first copy went.
+                let held = self.hold.held_for();
+                if held.is_some() || self.held {
+                    if let Some(what) = held {
+                        tracing::trace!(waits_for = %what, "hedge due, but the first copy is not sent yet");
+                    }
+                    self.held = held.is_some();
+                    let at = sturdy_core::clock::after(Instant::now(), self.delay);
+                    if let Some(sleep) = self.sleep.as_mut() {
+                        sleep.as_mut().reset(at);
+                    }
+                    continue;
+                }
                 self.sleep = None;
                 self.due = true;
                 if !host.budget.withdraw() {
@@ -177,9 +207,7 @@ where
             let called = self.own.as_deref().unwrap_or(local.key());
             // Two copies now go their own ways: whether one of them was sent can no longer be
             // read from the mark they share.
-            if let Some(hold) = req.extensions().get::<sturdy_core::hold::AttemptHold>() {
-                hold.fan_out();
-            }
+            self.hold.fan_out();
             // The host and path only: userinfo and the query may hold credentials.
             tracing::debug!(
                 host = called,

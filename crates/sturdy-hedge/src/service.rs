@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Method, Request};
+use sturdy_core::hold::AttemptHold;
 use sturdy_core::key::KeyExtractor;
 use sturdy_core::keyed::SlotCache;
 use tower::{BoxError, Service};
@@ -76,7 +77,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let config = &self.registry.config;
         if !hedgeable(&req, config) {
             return ResponseFuture::passthrough(self.inner.call(req));
@@ -94,11 +95,27 @@ where
                 // The call's own key where it is not the state's (past the bound on hosts): the
                 // events of its hedge name the call's host.
                 let own = (*key != *local.key()).then(|| Box::<str>::from(&*key));
+                // The copy is made before the mark below is put in: a mark of our own is read
+                // only here, and a copy without it clones no extension map.
+                let copy = req.clone();
+                // The first copy carries a mark that says whether a layer below holds it back
+                // before sending it (a rate limit's pause or quota, a concurrency limit's line,
+                // an access token): a hedge of a call that has not been sent would only queue
+                // behind it. The retry layer's mark serves when it put one; else one of ours.
+                let hold = match req.extensions().get::<AttemptHold>() {
+                    Some(h) => h.clone(),
+                    None => {
+                        let h = AttemptHold::new();
+                        req.extensions_mut().insert(h.clone());
+                        h
+                    }
+                };
                 Some(Box::new(Armed::new(
                     delay,
                     self.inner.clone(),
-                    req.clone(),
+                    copy,
                     own,
+                    hold,
                 )))
             }
             _ => None,

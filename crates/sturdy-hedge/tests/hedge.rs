@@ -540,3 +540,78 @@ async fn hedges_sent_and_won_are_events() {
         ]
     );
 }
+
+/// A layer that holds every call back for `hold` before passing it on, marking the wait on the
+/// call's `AttemptHold` as sturdy's rate limit does (a pause the server asked for).
+#[derive(Clone)]
+struct Holding<S> {
+    inner: S,
+    hold: Duration,
+}
+
+impl<S> Service<Request<()>> for Holding<S>
+where
+    S: Service<Request<()>, Response = Response<u32>, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<u32>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<u32>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let hold = self.hold;
+        Box::pin(async move {
+            let mark = sturdy_core::hold::AttemptHold::of(&req);
+            if !hold.is_zero() {
+                if let Some(m) = &mark {
+                    m.hold(sturdy_core::hold::HeldFor::RateLimit);
+                }
+                tokio::time::sleep(hold).await;
+                if let Some(m) = &mark {
+                    m.release();
+                }
+            }
+            inner.ready().await?.call(req).await
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_held_back_below_is_not_hedged_while_it_waits() {
+    // Warm with fast calls, then one call held 1 s below the hedge (as by a server's pause)
+    // and answered 10 ms after it is let go: never hedged, no token spent.
+    let api = Api::new(|_| Ok(ms(10)));
+    let (layer, handle) = HedgeLayer::new().pair();
+    let fast = layer.layer(api.clone());
+    warm(&fast, 120).await;
+    let held = layer.layer(Holding {
+        inner: api.clone(),
+        hold: ms(1_000),
+    });
+    let before = api.calls();
+    let start = Instant::now();
+    held.clone().oneshot(get()).await.unwrap();
+    assert_eq!(start.elapsed(), ms(1_010));
+    assert_eq!(api.calls() - before, 1, "a held call was hedged");
+    assert_eq!(handle.stats(HOST).unwrap().hedges(), 0);
+
+    // A call that is slow once sent is still hedged after the delay, held before or not.
+    let slow = Api::new(|n| Ok(if n == 0 { ms(1_000) } else { ms(10) }));
+    let held_then_slow = layer.layer(Holding {
+        inner: slow.clone(),
+        hold: ms(200),
+    });
+    let res = held_then_slow.clone().oneshot(get()).await.unwrap();
+    assert_eq!(*res.body(), 1, "the hedge answered");
+    assert_eq!(handle.stats(HOST).unwrap().hedges(), 1);
+}

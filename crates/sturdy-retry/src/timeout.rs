@@ -98,7 +98,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
         // The attempt's start is read now, so the deadline is fixed now; the deadline itself
