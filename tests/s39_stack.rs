@@ -1053,7 +1053,6 @@ async fn s39_hedged_copies_each_take_a_concurrency_place() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: with with_coalesce the client's error has no CallReport on top (README: the final error is one Error with a CallReport)"]
 async fn s39_full_client_error_carries_the_call_report_on_top() {
     let api = Api::new(|_, _| Step::Reply(1, resp(503, &[("retry-after", "3600")])));
     let (client, _h) = full(&api, Opts::default());
@@ -1074,7 +1073,6 @@ async fn s39_full_client_error_carries_the_call_report_on_top() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: a call waiting in the rate limiter for a server-asked pause is hedged (hedge_sent, budget spent) though nothing is slow at the server"]
 async fn s39_a_call_waiting_for_a_server_pause_is_not_hedged() {
     let api = Api::new(|_, req| {
         if req.uri().path() == "/limited" {
