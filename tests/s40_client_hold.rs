@@ -42,7 +42,7 @@ fn req(method: &str, path: &str) -> Request<Full<Bytes>> {
 /// `Retry-After: 1` the first time, then 200.
 #[derive(Clone, Default)]
 struct Server {
-    seen: Arc<Mutex<Vec<(String, String)>>>,
+    seen: Arc<Mutex<Vec<(String, String, tokio::time::Instant)>>>,
     limited: Arc<AtomicUsize>,
 }
 
@@ -52,8 +52,17 @@ impl Server {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, p)| p == path)
+            .filter(|(_, p, _)| p == path)
             .count()
+    }
+    fn starts(&self, path: &str) -> Vec<tokio::time::Instant> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p, _)| p == path)
+            .map(|(_, _, t)| *t)
+            .collect()
     }
     fn service(
         &self,
@@ -71,12 +80,13 @@ impl Server {
             let me = me.clone();
             async move {
                 let path = r.uri().path().to_owned();
-                me.seen
-                    .lock()
-                    .unwrap()
-                    .push((r.method().to_string(), path.clone()));
+                me.seen.lock().unwrap().push((
+                    r.method().to_string(),
+                    path.clone(),
+                    tokio::time::Instant::now(),
+                ));
                 let (wait, status) = match path.as_str() {
-                    "/slow" => (1_000, 200),
+                    "/slow" | "/heldslow" => (1_000, 200),
                     "/held" => (2, 200),
                     "/limited" => {
                         if me.limited.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -252,4 +262,36 @@ async fn s40_client_slow_token_fetch_is_not_hedged() {
     source.delay_ms.store(0, Ordering::SeqCst);
     client.clone().oneshot(req("GET", "/slow")).await.unwrap();
     assert_eq!(server.count("/slow"), 2, "the token of the budget is there");
+}
+
+/// hedge.md: "once the first copy has been let go, one more delay passes before the hedge is
+/// sent": through the client, a GET held by the rate limit's pause, then slow at the server, is
+/// hedged between one and about two delays after it reached the server.
+#[tokio::test(start_paused = true)]
+async fn s40_client_held_then_slow_is_hedged_after_one_to_two_delays() {
+    let server = Server::default();
+    let (layer, handle) = HedgeLayer::new()
+        .with_min_samples(5)
+        .with_budget(0.0, 1)
+        .unwrap()
+        .pair();
+    let client = ClientBuilder::new()
+        .with_hedge(layer)
+        .build(server.service());
+    let d = warm(&client, &handle, 5).await;
+    let a = tokio::spawn(client.clone().oneshot(req("POST", "/limited")));
+    tokio::time::sleep(ms(1)).await;
+    let b = tokio::spawn(client.clone().oneshot(req("GET", "/heldslow")));
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(server.count("/heldslow"), 0, "held by the pause");
+    let _ = a.await.unwrap();
+    b.await.unwrap().unwrap();
+    let t = server.starts("/heldslow");
+    assert_eq!(t.len(), 2, "first copy and hedge");
+    assert_eq!(hedges(&handle), 1);
+    let gap = t[1] - t[0];
+    assert!(
+        gap >= d && gap <= 2 * d + ms(1),
+        "hedge {gap:?} after the first copy went, delay {d:?}"
+    );
 }

@@ -47,7 +47,9 @@ fn server(
                 Fail::Refused => Err::<Response<Full<Bytes>>, BoxError>(Box::new(io::Error::from(
                     io::ErrorKind::ConnectionRefused,
                 ))),
-                Fail::Reset => Err(Box::new(io::Error::from(io::ErrorKind::ConnectionReset)) as BoxError),
+                Fail::Reset => {
+                    Err(Box::new(io::Error::from(io::ErrorKind::ConnectionReset)) as BoxError)
+                }
                 Fail::Status503 => Ok(Response::builder()
                     .status(503)
                     .body(Full::new(Bytes::from_static(b"down")))
@@ -90,7 +92,11 @@ fn said<B>(r: &Result<Response<B>, BoxError>, who: &str) -> Said {
         Some(rep.attempts()),
         "{who}: find::<Error> finds an Error whose report differs"
     );
-    assert_eq!(top.delivery(), Some(rep.delivery()), "{who}: Error::delivery");
+    assert_eq!(
+        top.delivery(),
+        Some(rep.delivery()),
+        "{who}: Error::delivery"
+    );
     assert_eq!(top.idempotency_key(), rep.idempotency_key(), "{who}: key");
     Some((
         rep.attempts(),
@@ -131,7 +137,10 @@ async fn check(fail: Fail, key: Option<&str>) {
         assert_eq!(s, &base, "{fail:?}: caller {i} vs without coalescing");
     }
     if let Some((attempts, _, _)) = &base {
-        assert_eq!(*attempts as usize, base_n, "attempts = requests the server saw");
+        assert_eq!(
+            *attempts as usize, base_n,
+            "attempts = requests the server saw"
+        );
     }
 }
 

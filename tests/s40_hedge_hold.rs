@@ -171,9 +171,8 @@ async fn s40_held_past_the_delay_is_not_hedged_and_spends_no_token() {
         .with_budget(0.0, 1)
         .unwrap()
         .pair();
-    let svc: Svc = tower::util::BoxCloneService::new(
-        ServiceBuilder::new().layer(layer).service(api.clone()),
-    );
+    let svc: Svc =
+        tower::util::BoxCloneService::new(ServiceBuilder::new().layer(layer).service(api.clone()));
     let d = warm(&svc, &handle).await;
     api.close();
     let call = tokio::spawn(svc.clone().oneshot(get(URL)));
@@ -184,7 +183,11 @@ async fn s40_held_past_the_delay_is_not_hedged_and_spends_no_token() {
     api.open();
     call.await.unwrap().unwrap();
     assert_eq!(api.started(), 6, "the server saw one request");
-    assert_eq!(api.held.load(Ordering::SeqCst), 1, "no second copy was held");
+    assert_eq!(
+        api.held.load(Ordering::SeqCst),
+        1,
+        "no second copy was held"
+    );
     assert_eq!(hedges(&handle), 0);
     assert!(
         slow_call_hedges(&svc, &api).await,
@@ -296,7 +299,11 @@ async fn s40_inner_service_sees_the_mark_on_hedgeable_calls_only() {
     assert_eq!(m.deadline(), None, "the hedge layer's mark has no deadline");
     assert_eq!(m.held_for(), None);
     assert_eq!(marks[1].0, http::Method::POST);
-    assert!(marks[1].1.is_none(), "a POST carries no mark: {:?}", marks[1]);
+    assert!(
+        marks[1].1.is_none(),
+        "a POST carries no mark: {:?}",
+        marks[1]
+    );
 }
 
 /// A mark already on the request (as the retry layer puts one) is kept, not replaced: the inner
