@@ -71,10 +71,7 @@ fn get(key: Option<&str>) -> Request<Full<Bytes>> {
 type Said = Option<(u32, Delivery, Option<String>)>;
 
 fn said<B>(r: &Result<Response<B>, BoxError>, who: &str) -> Said {
-    let e = match r {
-        Ok(_) => return None,
-        Err(e) => e,
-    };
+    let Err(e) = r else { return None };
     let top = e
         .downcast_ref::<Error>()
         .unwrap_or_else(|| panic!("{who}: top-level error is not sturdy Error: {e}"));
