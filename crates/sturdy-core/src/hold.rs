@@ -10,8 +10,9 @@
 //! (`Delivery::NotSent` unless an earlier attempt may have been processed) and what it waited
 //! for. The hedge layer reads the mark too: it sends no second copy of a call whose first copy
 //! is still held back (and puts a mark of its own, without a deadline, on a call it may hedge
-//! when the retry layer put none). A layer that sends more than one copy of a request (hedging), sends it again (the auth
-//! layer's replay after a 401) or shares it with other calls (coalescing) calls
+//! when the retry layer put none). A layer that sends more than one copy of a request
+//! (hedging), sends it again (the auth layer's replay after a 401) or shares it with other
+//! calls (coalescing) calls
 //! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is. A layer that does
 //! any of these without calling it must not sit between the retry layer and the layers that
 //! hold, or the retry layer must not mark.

@@ -165,7 +165,8 @@ where
                 // sent): a second copy would wait in the same line, spend a token and a slot of
                 // the host's quota, and answer no sooner. Looked at again one delay later; once
                 // it is found let go, one more delay passes, since it was sent at some moment of
-                // the last one: the hedge goes a delay or more after the first copy went.
+                // the last one. (A copy let go before the hedge first came due is not seen here:
+                // the delay then counts from the call's start, as hedge.md says.)
                 let held = self.hold.held_for();
                 if held.is_some() || self.held {
                     if let Some(what) = held {
