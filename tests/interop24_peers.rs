@@ -149,8 +149,9 @@ async fn stripe_header_order_and_spaces() {
 
 /// docs/guides/ratelimit.md ("Several processes: Redis"): two limiters sharing one
 /// `RedisQuota` (two processes, as far as the quota knows) with a quota just under nginx's
-/// 10 r/s (19 per 2 s, no burst): 16 GETs from each at once; nginx refuses at most one or two
-/// of the 32 (arrival jitter), and every call succeeds.
+/// 10 r/s (19 per 2 s, no burst): 16 GETs from each at once; every call succeeds, the 32 take
+/// the shared pace's time, and nginx refuses only the few that arrival jitter brings closer than
+/// its 100 ms (two quotas that were not shared would send twice nginx's rate: about half refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_limiters_sharing_a_redis_quota_stay_under_nginx() {
     let base = peer_or_skip!(NGINX);
@@ -191,7 +192,9 @@ async fn two_limiters_sharing_a_redis_quota_stay_under_nginx() {
     for r in &results {
         assert_eq!(r.as_ref().map(|r| r.status().as_u16()).ok(), Some(200));
     }
-    assert!(refused <= 2, "{refused} 429s from nginx");
+    // Slots are 105 ms apart and nginx wants 100: a send woken 5 ms late on a loaded machine
+    // arrives too close to the next one. One CI run saw 3 of 35; unshared quotas would see ~16.
+    assert!(refused <= 5, "{refused} 429s from nginx");
     // 32 calls at 9.5 per second: about 3.3 s.
     assert!(took >= Duration::from_millis(2800), "{took:?}");
 }

@@ -277,8 +277,9 @@ async fn builder_with_a_quota_just_under_nginx_rate_without_burst() {
     .await;
     assert!(results.iter().all(|r| r == &Ok(200)), "{results:?}");
     // Sends 105 ms apart can still arrive under 100 ms apart when the machine is loaded (one
-    // run in CI saw it): at most one 429, which the retry absorbs (every call succeeds above).
-    assert!(wire.count_status(429) <= 1, "{:?}", wire.all());
+    // run in CI saw one): a few 429s, which the retry absorbs (every call succeeds above). A
+    // limiter that did not pace would send the 20 at once: 19 refused.
+    assert!(wire.count_status(429) <= 3, "{:?}", wire.all());
 }
 
 /// nginx configured to send `Retry-After: 1` with its 429s: the whole line waits for it, and
