@@ -80,9 +80,10 @@ impl CallOptions {
 
     /// The idempotency key of this request (the client idempotency layer sets it instead of a
     /// random one). Setting the `Idempotency-Key` header yourself does the same. A key no header
-    /// can carry as it is (it is empty, holds control characters, or begins or ends with a space
-    /// or a tab, which HTTP strips) is sent as `sturdy-sha256-` and the hex SHA-256 of the key: the same
-    /// every time, and not the same as another key unless that key spells out this digest.
+    /// can carry as it is (it is empty, holds control characters, a tab inside among them, or
+    /// begins or ends with a space or a tab, which HTTP strips) is sent as `sturdy-sha256-` and
+    /// the hex SHA-256 of the key: the same every time, and not the same as another key unless
+    /// that key spells out this digest.
     ///
     /// A key given here is sent whatever the method (a GET or a PUT too), not only with the
     /// methods that get a random key. One with characters beyond ASCII (`café`) is sent as its
