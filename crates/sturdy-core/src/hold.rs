@@ -10,7 +10,8 @@
 //! (`Delivery::NotSent` unless an earlier attempt may have been processed) and what it waited
 //! for. The hedge layer reads the mark too: it sends no second copy of a call whose first copy
 //! is still held back (and puts a mark of its own, without a deadline, on a call it may hedge
-//! when the retry layer put none). A layer that sends more than one copy of a request
+//! when the retry layer put none); it waits with [`AttemptHold::poll_released`], which
+//! [`AttemptHold::release`] wakes, so no timer runs while the copy waits. A layer that sends more than one copy of a request
 //! (hedging), sends it again (the auth layer's replay after a 401) or shares it with other
 //! calls (coalescing) calls
 //! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is. A layer that does
@@ -41,8 +42,9 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use tokio::time::Instant;
 
@@ -85,6 +87,10 @@ pub struct AttemptHold(Arc<Mark>);
 struct Mark {
     state: AtomicU8,
     deadline: Option<Instant>,
+    /// Set once a task waits in `poll_released`: only then does `release` take the lock.
+    watched: AtomicBool,
+    /// The task waiting for the attempt to be let go (the hedge layer's).
+    waiter: Mutex<Option<Waker>>,
 }
 
 impl AttemptHold {
@@ -97,8 +103,8 @@ impl AttemptHold {
     /// `deadline`.
     pub fn until(deadline: Instant) -> Self {
         Self(Arc::new(Mark {
-            state: AtomicU8::new(FREE),
             deadline: Some(deadline),
+            ..Mark::default()
         }))
     }
 
@@ -133,19 +139,75 @@ impl AttemptHold {
             });
     }
 
-    /// The attempt goes on (to the next layer; it may be sent from here on).
+    /// The attempt goes on (to the next layer; it may be sent from here on). Wakes the task
+    /// waiting in [`poll_released`](Self::poll_released), if any.
     pub fn release(&self) {
+        // SeqCst, with the waiter's store of `watched` and load of the state: one of the two
+        // sides sees the other's write, so a waiter is never left asleep.
         let _ = self
             .0
             .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
                 (cur != FANNED_OUT).then_some(FREE)
             });
+        self.wake();
     }
 
     /// Copies of the attempt go more than one way (a hedge): from now on the mark says nothing.
     pub fn fan_out(&self) {
-        self.0.state.store(FANNED_OUT, Ordering::Release);
+        self.0.state.store(FANNED_OUT, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Ready once the attempt is not held back (see [`held_for`](Self::held_for)); pending
+    /// while it is, with `cx`'s waker kept to be woken by [`release`](Self::release) or
+    /// [`fan_out`](Self::fan_out). One task waits at a time: a second one's waker replaces the
+    /// first's. A layer that holds an attempt and drops it without releasing the mark does not
+    /// wake the waiter; the call it belongs to ends with it.
+    ///
+    /// ```
+    /// use std::task::Poll;
+    /// use sturdy_core::hold::{AttemptHold, HeldFor};
+    ///
+    /// let hold = AttemptHold::new();
+    /// hold.hold(HeldFor::Concurrency);
+    /// let mut waiting = tokio_test::task::spawn(std::future::poll_fn(|cx| hold.poll_released(cx)));
+    /// assert!(waiting.poll().is_pending());
+    /// hold.release();
+    /// assert!(waiting.is_woken());
+    /// assert!(waiting.poll().is_ready());
+    /// ```
+    pub fn poll_released(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.held_for().is_none() {
+            return Poll::Ready(());
+        }
+        {
+            let mut waiter = self.0.waiter.lock().unwrap_or_else(PoisonError::into_inner);
+            match waiter.as_mut() {
+                Some(w) => w.clone_from(cx.waker()),
+                None => *waiter = Some(cx.waker().clone()),
+            }
+        }
+        self.0.watched.store(true, Ordering::SeqCst);
+        match self.0.state.load(Ordering::SeqCst) {
+            RATE_LIMIT | TOKEN | CONCURRENCY => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+
+    fn wake(&self) {
+        if !self.0.watched.load(Ordering::SeqCst) {
+            return;
+        }
+        let waker = self
+            .0
+            .waiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// What the attempt is held back for right now; `None` when it is not held (it may have

@@ -62,7 +62,8 @@ where
     due: bool,
     /// The first copy's mark: whether a layer below holds it back before sending it.
     hold: AttemptHold,
-    /// Whether the first copy was held back by a layer below when the hedge last came due.
+    /// Whether the first copy was found held back by a layer below when the hedge came due, and
+    /// the delay after it is let go has not started yet.
     held: bool,
     svc: S,
     req: Option<Request<B>>,
@@ -163,16 +164,22 @@ where
                 }
                 // Due, but a layer below still holds the first copy back (it has not been
                 // sent): a second copy would wait in the same line, spend a token and a slot of
-                // the host's quota, and answer no sooner. Looked at again one delay later; once
-                // it is found let go, one more delay passes, since it was sent at some moment of
-                // the last one. (A copy let go before the hedge first came due is not seen here:
-                // the delay then counts from the call's start, as hedge.md says.)
-                let held = self.hold.held_for();
-                if held.is_some() || self.held {
-                    if let Some(what) = held {
+                // the host's quota, and answer no sooner. The hedge waits, with no timer, until
+                // that layer lets the copy go (its `release` wakes this task); then one more
+                // delay passes, counted from then. (A copy let go before the hedge first came
+                // due is not seen here: the delay then counts from the call's start, as
+                // hedge.md says.)
+                if let Some(what) = self.hold.held_for() {
+                    if !self.held {
                         tracing::trace!(waits_for = %what, "hedge due, but the first copy is not sent yet");
+                        self.held = true;
                     }
-                    self.held = held.is_some();
+                    if self.hold.poll_released(cx).is_pending() {
+                        return Step::Pending;
+                    }
+                }
+                if self.held {
+                    self.held = false;
                     let at = sturdy_core::clock::after(Instant::now(), self.delay);
                     if let Some(sleep) = self.sleep.as_mut() {
                         sleep.as_mut().reset(at);

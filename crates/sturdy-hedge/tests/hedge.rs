@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
+use std::future::Future;
 use sturdy_core::BoxError;
 use sturdy_hedge::{Hedge, HedgeLayer, ResponseFuture};
 use tokio::time::Instant;
@@ -547,6 +548,8 @@ async fn hedges_sent_and_won_are_events() {
 struct Holding<S> {
     inner: S,
     hold: Duration,
+    /// Set: only the first call it sees is held (the hedge's copy goes straight on).
+    first_only: Option<Arc<AtomicUsize>>,
 }
 
 impl<S> Service<Request<()>> for Holding<S>
@@ -569,7 +572,11 @@ where
 
     fn call(&mut self, req: Request<()>) -> Self::Future {
         let mut inner = self.inner.clone();
-        let hold = self.hold;
+        let later = self
+            .first_only
+            .as_ref()
+            .is_some_and(|n| n.fetch_add(1, Ordering::SeqCst) > 0);
+        let hold = if later { Duration::ZERO } else { self.hold };
         Box::pin(async move {
             let mark = sturdy_core::hold::AttemptHold::of(&req);
             if !hold.is_zero() {
@@ -597,6 +604,7 @@ async fn a_call_held_back_below_is_not_hedged_while_it_waits() {
     let held = layer.layer(Holding {
         inner: api.clone(),
         hold: ms(1_000),
+        first_only: None,
     });
     let before = api.calls();
     let start = Instant::now();
@@ -610,8 +618,47 @@ async fn a_call_held_back_below_is_not_hedged_while_it_waits() {
     let held_then_slow = layer.layer(Holding {
         inner: slow.clone(),
         hold: ms(200),
+        first_only: None,
     });
     let res = held_then_slow.clone().oneshot(get()).await.unwrap();
     assert_eq!(*res.body(), 1, "the hedge answered");
     assert_eq!(handle.stats(HOST).unwrap().hedges(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_held_back_for_a_minute_is_not_woken_every_delay() {
+    // A call held 60 s below (a long pause the server asked for) waits for the layer that holds
+    // it to let it go: its task is not polled once per hedge delay meanwhile (6,000 times at a
+    // 10 ms delay), and once let go it is hedged, if still slow, one delay later.
+    let api = Api::new(|n| Ok(if n == 120 { ms(1_000) } else { ms(10) }));
+    let (layer, handle) = HedgeLayer::new().pair();
+    let fast = layer.layer(api.clone());
+    warm(&fast, 120).await;
+    let delay = handle
+        .stats(HOST)
+        .unwrap()
+        .delay()
+        .expect("a delay after warming");
+    let held = layer.layer(Holding {
+        inner: api.clone(),
+        hold: ms(60_000),
+        first_only: Some(Arc::new(AtomicUsize::new(0))),
+    });
+    let mut call = std::pin::pin!(held.clone().oneshot(get()));
+    let mut polls = 0u32;
+    let start = Instant::now();
+    let res = std::future::poll_fn(|cx| {
+        polls += 1;
+        call.as_mut().poll(cx)
+    })
+    .await
+    .unwrap();
+    assert_eq!(*res.body(), 121, "the hedge answered the slow first copy");
+    assert_eq!(handle.stats(HOST).unwrap().hedges(), 1);
+    // Let go at 60 s, hedged one delay later, answered 10 ms after that.
+    // (The timer rounds the delay up to the next millisecond.)
+    let took = start.elapsed();
+    let least = ms(60_000) + delay + ms(10);
+    assert!(took >= least && took <= least + ms(1), "{took:?}");
+    assert!(polls < 10, "polled {polls} times while held");
 }
