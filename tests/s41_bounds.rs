@@ -149,7 +149,11 @@ async fn s41_replay_body_limit_is_one_mib_inclusive() {
     let res = svc.clone().oneshot(put("eq.test", MIB)).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(hosts.seen.lock().unwrap()["eq.test"], vec![MIB, MIB]);
-    let res = svc.clone().oneshot(put("over.test", MIB + 1)).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(put("over.test", MIB + 1))
+        .await
+        .unwrap();
     assert_eq!(res.status(), 503);
     assert_eq!(hosts.seen.lock().unwrap()["over.test"], vec![MIB + 1]);
 
@@ -266,5 +270,9 @@ async fn s41_call_dropped_during_its_retry_sleep_sends_nothing_more() {
     assert_eq!(res.status(), 200);
     // ok.test answers 503 `Retry-After: 2` once: its own wait, nothing of the dropped call's.
     assert_eq!(hosts.count("ok.test"), 2);
-    assert!(t0.elapsed() <= Duration::from_millis(2_400), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2_400),
+        "{:?}",
+        t0.elapsed()
+    );
 }

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use http::{HeaderName, Method, Request, Response, StatusCode};
@@ -80,13 +79,16 @@ async fn s41_fingerprint_parts_do_not_run_together() {
         );
         let (s, _, body) = send(&app, build(a.0, a.1, &[("authorization", "t")], a.2)).await;
         assert_eq!((s, body.as_str()), (StatusCode::CREATED, "run 0"), "{a:?}");
-        let (s, replayed, body) =
-            send(&app, build(b.0, b.1, &[("authorization", "t")], b.2)).await;
+        let (s, replayed, body) = send(&app, build(b.0, b.1, &[("authorization", "t")], b.2)).await;
         assert!(
             !replayed,
             "{b:?} after {a:?} under one key was answered with the first's response: {s} {body}"
         );
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b:?} after {a:?}: {body}");
+        assert_eq!(
+            s,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{b:?} after {a:?}: {body}"
+        );
     }
 }
 
@@ -107,7 +109,10 @@ async fn s41_scope_values_do_not_run_together() {
         (&[("x-auth-token", "k1")], &[("x-access-token", "k1")]),
         (&[("api-key", "k1")], &[("proxy-authorization", "k1")]),
         (&[("cookie", "k1")], &[("authorization", "k1")]),
-        (&[("authorization", "a,b")], &[("authorization", "a"), ("authorization", "b")]),
+        (
+            &[("authorization", "a,b")],
+            &[("authorization", "a"), ("authorization", "b")],
+        ),
         (&[("x-api-key", "")], &[]),
     ];
     for (a, b) in pairs {
@@ -168,7 +173,11 @@ async fn s41_named_cookie_scope() {
                 ByCredentials::default().with_cookies(["session_id"]),
             ),
         );
-        send(&fresh, build("POST", "/o", &[("cookie", "session_id=abc")], "{}")).await;
+        send(
+            &fresh,
+            build("POST", "/o", &[("cookie", "session_id=abc")], "{}"),
+        )
+        .await;
         let (_, replayed, body) = send(&fresh, build("POST", "/o", other, "{}")).await;
         assert!(
             !replayed && runs.load(Ordering::SeqCst) == 2,

@@ -125,8 +125,20 @@ async fn s41_replay_keeps_repeated_headers_in_order_and_drops_date() {
             }),
         )
         .layer(layer(MemoryStore::default()));
-    let (s1, h1, b1) = read(app.clone().oneshot(post_req("/orders", Some("k"), "{}")).await.unwrap()).await;
-    let (s2, h2, b2) = read(app.clone().oneshot(post_req("/orders", Some("k"), "{}")).await.unwrap()).await;
+    let (s1, h1, b1) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (s2, h2, b2) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
     assert_eq!(b1, b2);
@@ -146,7 +158,8 @@ async fn s41_replay_keeps_repeated_headers_in_order_and_drops_date() {
     );
     assert_eq!(all(&h2, "x-one"), vec!["1"]);
     assert!(
-        h2.get("date").is_none_or(|d| d != "Mon, 01 Jan 2024 00:00:00 GMT"),
+        h2.get("date")
+            .is_none_or(|d| d != "Mon, 01 Jan 2024 00:00:00 GMT"),
         "the first response's Date was replayed: {h2:?}"
     );
 }
@@ -178,7 +191,12 @@ fn s41_dropped_runtime_answers_interrupted_and_holds_the_key() {
             .expect("the request's future hung after its runtime was dropped")
             .unwrap();
         let (s, h, b) = read(res).await;
-        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(
+            s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
         assert_eq!(problem_type(&b), problem::INTERRUPTED);
         assert_eq!(h.get("content-type").unwrap(), "application/problem+json");
         let res = app
@@ -234,10 +252,20 @@ async fn s41_concurrency_limit_inside_counts_a_handler_whose_client_left() {
     );
     svc.ready().await.unwrap();
     assert!(t0.elapsed() >= secs(10), "ready after {:?}", t0.elapsed());
-    let (s, _, b) = read(svc.call(post_req("/orders", Some("k-b"), "{}")).await.unwrap()).await;
+    let (s, _, b) = read(
+        svc.call(post_req("/orders", Some("k-b"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 1"[..]));
     svc.ready().await.unwrap();
-    let (s, h, b) = read(svc.call(post_req("/orders", Some("k-a"), "{}")).await.unwrap()).await;
+    let (s, h, b) = read(
+        svc.call(post_req("/orders", Some("k-a"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 0"[..]));
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -251,14 +279,36 @@ async fn s41_full_memory_store_evicts_the_response_that_expires_first() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, Duration::ZERO, layer(MemoryStore::new(2).unwrap()));
     for k in ["k1", "k2", "k3"] {
-        let (s, _, _) = read(app.clone().oneshot(post_req("/orders", Some(k), "{}")).await.unwrap()).await;
+        let (s, _, _) = read(
+            app.clone()
+                .oneshot(post_req("/orders", Some(k), "{}"))
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED);
         tokio::time::advance(secs(1)).await;
     }
-    let (_, h, b) = read(app.clone().oneshot(post_req("/orders", Some("k2"), "{}")).await.unwrap()).await;
+    let (_, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k2"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(&b[..], b"order 1");
-    assert_eq!(h.get("idempotent-replayed").unwrap(), "true", "k2 was evicted before k1");
-    let (_, h, b) = read(app.clone().oneshot(post_req("/orders", Some("k1"), "{}")).await.unwrap()).await;
+    assert_eq!(
+        h.get("idempotent-replayed").unwrap(),
+        "true",
+        "k2 was evicted before k1"
+    );
+    let (_, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k1"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(&b[..], b"order 3", "k1 should have made room");
     assert!(h.get("idempotent-replayed").is_none());
 }
@@ -272,13 +322,30 @@ async fn s41_store_full_of_running_requests_answers_503() {
     let app = counting_app(&runs, secs(60), layer(MemoryStore::new(1).unwrap()));
     let mut a = Box::pin(app.clone().oneshot(post_req("/orders", Some("k1"), "{}")));
     poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
-    let (s, h, b) = read(app.clone().oneshot(post_req("/orders", Some("k2"), "{}")).await.unwrap()).await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&b));
+    let (s, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k2"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     assert_eq!(h.get("retry-after").unwrap(), "1");
     assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
     assert_eq!(runs.load(Ordering::SeqCst), 1, "k2's handler ran");
     // k1's lock was not evicted: a retry of k1 is in flight.
-    let (s, _, b) = read(app.clone().oneshot(post_req("/orders", Some("k1"), "{}")).await.unwrap()).await;
+    let (s, _, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k1"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(problem_type(&b), problem::IN_FLIGHT);
     let (s, _, b) = read(a.await.unwrap()).await;
@@ -294,18 +361,42 @@ async fn s41_left_handler_holds_its_key_past_three_default_leases() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, secs(100), layer(MemoryStore::default()));
     let t0 = tokio::time::Instant::now();
-    let mut a = Box::pin(app.clone().oneshot(post_req("/orders", Some("k-long"), "{}")));
+    let mut a = Box::pin(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-long"), "{}")),
+    );
     poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
     drop(a);
     for at in [31, 61, 95] {
         tokio::time::sleep_until(t0 + secs(at)).await;
-        let (s, h, b) = read(app.clone().oneshot(post_req("/orders", Some("k-long"), "{}")).await.unwrap()).await;
-        assert_eq!(s, StatusCode::CONFLICT, "at {at} s: {}", String::from_utf8_lossy(&b));
+        let (s, h, b) = read(
+            app.clone()
+                .oneshot(post_req("/orders", Some("k-long"), "{}"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            s,
+            StatusCode::CONFLICT,
+            "at {at} s: {}",
+            String::from_utf8_lossy(&b)
+        );
         assert_eq!(h.get("retry-after").unwrap(), "1");
-        assert_eq!(runs.load(Ordering::SeqCst), 1, "at {at} s the handler ran again");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "at {at} s the handler ran again"
+        );
     }
     tokio::time::sleep_until(t0 + secs(101)).await;
-    let (s, h, b) = read(app.clone().oneshot(post_req("/orders", Some("k-long"), "{}")).await.unwrap()).await;
+    let (s, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-long"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 0"[..]));
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
 }
@@ -341,21 +432,49 @@ async fn s41_one_mib_bounds_are_inclusive() {
         v[..1].copy_from_slice(b"0");
         v
     };
-    let (s, _, _) = read(app.clone().oneshot(post_req("/echo", Some("b-eq"), body_of(MIB))).await.unwrap()).await;
+    let (s, _, _) = read(
+        app.clone()
+            .oneshot(post_req("/echo", Some("b-eq"), body_of(MIB)))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "a body of exactly 1 MiB");
     let before = runs.load(Ordering::SeqCst);
-    let (s, _, b) = read(app.clone().oneshot(post_req("/echo", Some("b-over"), body_of(MIB + 1))).await.unwrap()).await;
+    let (s, _, b) = read(
+        app.clone()
+            .oneshot(post_req("/echo", Some("b-over"), body_of(MIB + 1)))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(problem_type(&b), problem::BODY_TOO_LARGE);
     assert_eq!(runs.load(Ordering::SeqCst), before);
 
     for (key, n, stored) in [("r-eq", MIB, true), ("r-over", MIB + 1, false)] {
         let body = format!("{n}");
-        let (s, _, _) = read(app.clone().oneshot(post_req("/echo", Some(key), body.clone())).await.unwrap()).await;
+        let (s, _, _) = read(
+            app.clone()
+                .oneshot(post_req("/echo", Some(key), body.clone()))
+                .await
+                .unwrap(),
+        )
+        .await;
         let _ = s;
         let before = runs.load(Ordering::SeqCst);
-        let (s, h, b) = read(app.clone().oneshot(post_req("/echo", Some(key), body)).await.unwrap()).await;
-        assert_eq!(runs.load(Ordering::SeqCst), before, "{key}: the handler ran again");
+        let (s, h, b) = read(
+            app.clone()
+                .oneshot(post_req("/echo", Some(key), body))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            before,
+            "{key}: the handler ran again"
+        );
         if stored {
             assert_eq!(s, StatusCode::OK, "{key}: {}", problem_type(&b));
             assert_eq!(b.len(), n, "{key}");
@@ -441,12 +560,18 @@ async fn s41_store_sees_the_scope_only_as_a_hash() {
     let keys = store.keys.lock().unwrap().clone();
     assert!(!keys.is_empty());
     for k in &keys {
-        for s in secrets.iter().chain(["s3cr3t", "9f8e7d6c", "AbCdEf123", "other-client"].iter()) {
+        for s in secrets
+            .iter()
+            .chain(["s3cr3t", "9f8e7d6c", "AbCdEf123", "other-client"].iter())
+        {
             assert!(!k.contains(s), "store key {k:?} holds {s:?}");
         }
     }
     let distinct: std::collections::BTreeSet<_> = keys.iter().collect();
-    assert!(distinct.len() >= 2, "two clients shared a store key: {keys:?}");
+    assert!(
+        distinct.len() >= 2,
+        "two clients shared a store key: {keys:?}"
+    );
     let dbg = format!("{layer:?}");
     assert!(!dbg.contains("s3cr3t"), "{dbg}");
 }
@@ -520,7 +645,13 @@ async fn s41_lease_and_ttl_edges() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, secs(1), max);
     for _ in 0..2 {
-        let (s, _, b) = read(app.clone().oneshot(post_req("/orders", Some("k-max"), "{}")).await.unwrap()).await;
+        let (s, _, b) = read(
+            app.clone()
+                .oneshot(post_req("/orders", Some("k-max"), "{}"))
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 0"[..]));
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);

@@ -191,7 +191,10 @@ async fn s41_past_date_is_followed_as_soon_as_retry_after_zero() {
         let res = svc.oneshot(req("GET")).await.unwrap();
         assert_eq!(res.status(), 200);
         let gap = server.gaps()[0];
-        assert!(gap <= ms(50), "seed {seed}: past date followed after {gap:?}");
+        assert!(
+            gap <= ms(50),
+            "seed {seed}: past date followed after {gap:?}"
+        );
     }
 }
 
@@ -234,9 +237,14 @@ async fn s41_deadline_starts_no_sleep_that_ends_past_it() {
         assert_eq!(res.status(), 500);
         let seen = server.seen();
         let last = seen.last().unwrap().at;
-        assert!(last - t0 < ms(600), "seed {seed}: an attempt at {:?}", last - t0);
+        assert!(
+            last - t0 < ms(600),
+            "seed {seed}: an attempt at {:?}",
+            last - t0
+        );
         assert_eq!(
-            end, last,
+            end,
+            last,
             "seed {seed}: returned {:?} after the last attempt ({} attempts)",
             end - last,
             seen.len()
@@ -280,7 +288,13 @@ fn s41_budget_bounds_are_checked_at_both_ends() {
             "ttl {ttl:?}: the error does not name the ttl: {err}"
         );
     }
-    for pct in [-0.01f32, 1000.01, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    for pct in [
+        -0.01f32,
+        1000.01,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ] {
         let err = RetryLayer::new().with_budget(secs(10), 10, pct).err();
         let err = err.unwrap_or_else(|| panic!("percent {pct} accepted"));
         assert!(
@@ -336,8 +350,10 @@ async fn s41_blank_key_of_spaces_and_tabs_is_not_a_key_for_the_retry_layer() {
     for blank in [" ", "\t", " \t ", ""] {
         let server = Script::new(&[s503(None), ok()]);
         let mut r = req("POST");
-        r.headers_mut()
-            .insert("idempotency-key", http::HeaderValue::from_str(blank).unwrap());
+        r.headers_mut().insert(
+            "idempotency-key",
+            http::HeaderValue::from_str(blank).unwrap(),
+        );
         let res = RetryLayer::new()
             .layer(server.service())
             .oneshot(r)
@@ -357,16 +373,18 @@ async fn s41_client_replaces_a_blank_key_with_one_uuid_for_every_attempt() {
     let server = Script::new(&[s503(None), ok()]);
     let client = ClientBuilder::new().build(server.service());
     let mut r = req("POST");
-    r.headers_mut().insert(
-        "idempotency-key",
-        http::HeaderValue::from_static(" \t \t"),
-    );
+    r.headers_mut()
+        .insert("idempotency-key", http::HeaderValue::from_static(" \t \t"));
     let res = client.oneshot(r).await.unwrap();
     assert_eq!(res.status(), 200);
     let seen = server.seen();
     assert_eq!(seen.len(), 2);
     let k0 = String::from_utf8(seen[0].keys[0].clone()).unwrap();
-    assert_eq!(seen[1].keys, vec![k0.clone().into_bytes()], "one key for both");
+    assert_eq!(
+        seen[1].keys,
+        vec![k0.clone().into_bytes()],
+        "one key for both"
+    );
     assert_eq!(seen[0].keys.len(), 1, "one key header");
     let u = k0.as_bytes();
     assert_eq!(u.len(), 36, "{k0:?}");
@@ -401,9 +419,9 @@ async fn s41_client_custom_key_header_is_retried_with_one_key() {
         inner.clone().oneshot(r)
     });
     let client = ClientBuilder::new()
-        .with_idempotency(IdempotencyKeyLayer::new().with_header(
-            http::HeaderName::from_static("x-request-id"),
-        ))
+        .with_idempotency(
+            IdempotencyKeyLayer::new().with_header(http::HeaderName::from_static("x-request-id")),
+        )
         .build(spy);
     let res = client.oneshot(req("POST")).await.unwrap();
     assert_eq!(res.status(), 200, "the keyed POST was not retried");
@@ -411,7 +429,10 @@ async fn s41_client_custom_key_header_is_retried_with_one_key() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].keys.len(), 1);
     assert_eq!(seen[0].keys, seen[1].keys);
-    assert!(idem.lock().unwrap().iter().all(|k| !k), "an Idempotency-Key went too");
+    assert!(
+        idem.lock().unwrap().iter().all(|k| !k),
+        "an Idempotency-Key went too"
+    );
 }
 
 /// retry.md, "When it is safe": POST ... retried ... "when the failure proves the request never
@@ -520,7 +541,11 @@ async fn s41_hostile_retry_after_values_end_in_bounded_time() {
             }
         });
         let t0 = Instant::now();
-        let out = RetryLayer::new().with_seed(1).layer(svc).oneshot(req("GET")).await;
+        let out = RetryLayer::new()
+            .with_seed(1)
+            .layer(svc)
+            .oneshot(req("GET"))
+            .await;
         let took = t0.elapsed();
         assert!(took < secs(120), "Retry-After {v:?}: took {took:?}");
         if let Err(e) = out {

@@ -213,6 +213,7 @@ mod s41_bounds;
 mod s41_idem_scope;
 mod s41_idem_server;
 mod s41_retry;
+mod s41_words;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
