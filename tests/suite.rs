@@ -210,7 +210,6 @@ mod s40_client_hold;
 mod s40_coalesce_report;
 mod s40_hedge_hold;
 mod s41_bounds;
-mod s41_idem_scope;
 mod s41_idem_server;
 mod s41_retry;
 mod s41_words;
