@@ -937,3 +937,53 @@ async fn s41_client_keeps_a_callers_key_in_a_custom_header() {
     client.oneshot(r).await.unwrap();
     assert_eq!(seen.lock().unwrap()[0], vec![b"mine-1".to_vec()]);
 }
+
+/// RELIABILITY.md, "Bounds": "idempotency keys kept in memory | 100,000 keys and 64 MiB; expired
+/// keys purged"; idempotency.md, "Stores": "an expired entry is purged as time passes, is not
+/// counted by `len()` and takes no slot". The defaults are those numbers; a response stored for
+/// 1 s is not counted 2 s later, and in a store of one entry a lock whose lease ran out does not
+/// keep a new key out.
+#[tokio::test(start_paused = true)]
+async fn s41_memory_store_defaults_and_expiry() {
+    assert_eq!(MemoryStore::DEFAULT_MAX_ENTRIES, 100_000);
+    assert_eq!(MemoryStore::DEFAULT_MAX_BYTES, 64 * 1024 * 1024);
+    let store = MemoryStore::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = counting_app(
+        &runs,
+        Duration::ZERO,
+        layer(store.clone()).with_ttl(secs(1)).unwrap(),
+    );
+    let (s, _, _) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-ttl"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(store.len(), 1);
+    tokio::time::advance(secs(2)).await;
+    assert_eq!(store.len(), 0, "an expired response is still counted");
+    assert!(store.is_empty());
+
+    // A lock left by a begin whose execution vanished (no renewal), in a store of one entry.
+    let one = MemoryStore::new(1).unwrap();
+    let begun = one
+        .begin("orphan", [0; 32], LockToken::random(), secs(1))
+        .await
+        .unwrap();
+    assert_eq!(begun, Begin::Started);
+    tokio::time::advance(secs(2)).await;
+    assert_eq!(one.len(), 0, "an expired lock is still counted");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = counting_app(&runs, Duration::ZERO, layer(one));
+    let (s, _, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-new"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+}

@@ -589,3 +589,134 @@ async fn s41_duration_max_everywhere_in_the_retry_layer() {
     let res = client.oneshot(r).await.unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// A service that never answers (each call pends until dropped).
+fn hanging() -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(|_r: Request<Full<Bytes>>| async {
+        std::future::pending::<()>().await;
+        Ok::<Response<Full<Bytes>>, BoxError>(Response::new(Full::new(Bytes::new())))
+    })
+}
+
+/// retry.md, "How much": "the retry layer's own [attempt timeout] cuts an attempt above every
+/// layer under it, so a circuit breaker below sees that attempt dropped, not failed, and does not
+/// count it; `AttemptTimeoutLayer` under the breaker makes the timeout an error the breaker
+/// counts." Five calls to a host that never answers, with a breaker that opens after 3
+/// consecutive failures: cut by the retry layer's timer, the breaker stays closed; cut by an
+/// `AttemptTimeoutLayer` under it, it opens.
+#[tokio::test(start_paused = true)]
+async fn s41_which_attempt_timeout_a_breaker_below_counts() {
+    use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
+    use sturdy::retry::AttemptTimeoutLayer;
+
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .pair();
+    let svc = RetryLayer::new()
+        .with_max_attempts(1)
+        .with_attempt_timeout(secs(1))
+        .layer(breaker.layer(hanging()));
+    for _ in 0..5 {
+        let err = svc.clone().oneshot(req("GET")).await.unwrap_err();
+        assert!(
+            sturdy::core::find::<sturdy::core::CircuitOpen>(&*err).is_none(),
+            "{err}"
+        );
+    }
+    let states = handle.states();
+    assert!(
+        states.iter().all(|(_, s)| *s == CircuitState::Closed),
+        "the retry layer's own timeouts were counted: {states:?}"
+    );
+
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(3)
+        .pair();
+    let svc = RetryLayer::new()
+        .with_max_attempts(1)
+        .layer(breaker.layer(AttemptTimeoutLayer::new(Some(secs(1))).layer(hanging())));
+    for _ in 0..5 {
+        let _ = svc.clone().oneshot(req("GET")).await.unwrap_err();
+    }
+    let states = handle.states();
+    assert!(
+        states
+            .iter()
+            .any(|(_, s)| matches!(s, CircuitState::Open { .. })),
+        "AttemptTimeoutLayer's timeouts were not counted: {states:?}"
+    );
+}
+
+/// retry.md, "Per request": "Put a `sturdy_core::CallOptions` in the request's extensions to
+/// override the layer for one request: `.without_retries()`, `.with_max_attempts(n)`,
+/// `.with_deadline(d)`". Both ways: 6 attempts over a layer of 2, 1 over a layer of 4; a 10 s
+/// deadline over a layer's 1 s lets a `Retry-After: 5` be slept, a 1 s one over a layer's 10 s
+/// does not.
+#[tokio::test(start_paused = true)]
+async fn s41_call_options_override_the_layer_both_ways() {
+    for (layer_n, opts, want) in [
+        (2, CallOptions::new().with_max_attempts(6), 6),
+        (4, CallOptions::new().with_max_attempts(1), 1),
+        (4, CallOptions::new().without_retries(), 1),
+    ] {
+        let server = Script::new(&[s503(None)]);
+        let mut r = req("GET");
+        r.extensions_mut().insert(opts);
+        let res = RetryLayer::new()
+            .with_max_attempts(layer_n)
+            .without_budget()
+            .layer(server.service())
+            .oneshot(r)
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 503);
+        assert_eq!(server.count(), want, "layer {layer_n}");
+    }
+    for (layer_d, call_d, slept) in [(secs(1), secs(10), true), (secs(10), secs(1), false)] {
+        let server = Script::new(&[s503(Some("5")), ok()]);
+        let mut r = req("GET");
+        r.extensions_mut()
+            .insert(CallOptions::new().with_deadline(call_d));
+        let out = RetryLayer::new()
+            .with_deadline(layer_d)
+            .layer(server.service())
+            .oneshot(r)
+            .await;
+        if slept {
+            assert_eq!(
+                out.unwrap().status(),
+                200,
+                "call {call_d:?} over layer {layer_d:?}"
+            );
+        } else {
+            let err = out.unwrap_err();
+            assert!(sturdy::core::find::<RateLimited>(&*err).is_some(), "{err}");
+            assert_eq!(server.count(), 1);
+        }
+    }
+}
+
+/// retry.md, "What is retried": "A 409 that answers a request with an `Idempotency-Key` *and*
+/// carries `Retry-After` ... is retried ... Any other 409 is a real conflict and is returned as
+/// it is." A 409 with `Retry-After: 1` to a GET or a POST without a key: one attempt, the 409.
+#[tokio::test(start_paused = true)]
+async fn s41_409_without_a_key_is_returned_as_it_is() {
+    for m in ["GET", "POST", "PUT"] {
+        let server = Script::new(&[Answer::Status(409, Some("1")), ok()]);
+        let res = RetryLayer::new()
+            .layer(server.service())
+            .oneshot(req(m))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 409, "{m}");
+        assert_eq!(server.count(), 1, "{m}: a 409 without a key was retried");
+    }
+}
