@@ -987,3 +987,147 @@ async fn s41_memory_store_defaults_and_expiry() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
 }
+
+/// A store whose `begin` takes the lock and then reports a timeout (as if the answer was lost),
+/// and whose `release` fails until `release_ok` is set; it records when `release` is tried.
+#[derive(Debug, Clone)]
+struct LostAnswer {
+    inner: MemoryStore,
+    release_ok: Arc<std::sync::atomic::AtomicBool>,
+    releases: Arc<Mutex<Vec<tokio::time::Instant>>>,
+}
+
+impl IdempotencyStore for LostAnswer {
+    fn begin(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        token: LockToken,
+        lease: Duration,
+    ) -> BoxFuture<Result<Begin, BoxError>> {
+        let fut = self.inner.begin(key, fingerprint, token, lease);
+        Box::pin(async move {
+            let _ = fut.await?;
+            Err::<Begin, BoxError>(Box::new(sturdy::core::Error::new(
+                sturdy::core::ErrorKind::Timeout,
+                "the store did not answer within 1s",
+            )))
+        })
+    }
+    fn renew(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        token: LockToken,
+        lease: Duration,
+    ) -> BoxFuture<Result<bool, BoxError>> {
+        self.inner.renew(key, fingerprint, token, lease)
+    }
+    fn complete(
+        &self,
+        key: &str,
+        fingerprint: Fingerprint,
+        token: LockToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), BoxError>> {
+        self.inner.complete(key, fingerprint, token, response, ttl)
+    }
+    fn release(&self, key: &str, token: LockToken) -> BoxFuture<Result<(), BoxError>> {
+        self.releases
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        if self.release_ok.load(Ordering::SeqCst) {
+            self.inner.release(key, token)
+        } else {
+            Box::pin(async {
+                Err::<(), BoxError>(Box::new(sturdy::core::Error::new(
+                    sturdy::core::ErrorKind::Connect,
+                    "Redis cannot be reached",
+                )))
+            })
+        }
+    }
+}
+
+/// idempotency.md, "Guarantees, per failure": "store down when the request arrives | 503 ...;
+/// the handler does not run; if the store's `begin` may have locked the key before failing (a
+/// timeout ...), the lock is released in the background, tried again (50 ms apart, doubling up to
+/// 1 s) while the store still fails, until the lease would have freed it | 503; a later retry with
+/// the same key runs normally once the store answers again". A `begin` that locked and then timed
+/// out, under a 5 s lease, with a release that keeps failing: 503 without running the handler;
+/// release tries 50, 100, 200, 400, 800 ms apart, then 1 s apart, none after the lease; then,
+/// with the store answering again, a new key runs.
+#[tokio::test(start_paused = true)]
+async fn s41_lost_begin_answer_release_schedule() {
+    let store = LostAnswer {
+        inner: MemoryStore::default(),
+        release_ok: Arc::default(),
+        releases: Arc::default(),
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::CREATED
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(store.clone(), ByCredentials::default())
+                .with_lease(secs(5))
+                .unwrap(),
+        );
+    let t0 = tokio::time::Instant::now();
+    let (s, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-lost"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    tokio::time::sleep(secs(8)).await;
+    let at: Vec<Duration> = store
+        .releases
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| *t - t0)
+        .collect();
+    assert!(at.len() >= 6, "release tries: {at:?}");
+    assert!(
+        at.iter().all(|t| *t <= secs(5)),
+        "a release tried after the lease: {at:?}"
+    );
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut want = Duration::from_millis(50);
+    for (i, g) in gaps.iter().enumerate() {
+        assert!(
+            *g >= want && *g <= want + Duration::from_millis(5),
+            "gap {i} is {g:?}, not {want:?}: tries at {at:?}"
+        );
+        want = (want * 2).min(secs(1));
+    }
+    // The store answers again (and the lease has run out): the same key runs.
+    store.release_ok.store(true, Ordering::SeqCst);
+    let ok_store = IdempotencyLayer::new(store.inner.clone(), ByCredentials::default());
+    let runs2 = Arc::new(AtomicUsize::new(0));
+    let app2 = counting_app(&runs2, Duration::ZERO, ok_store);
+    let (s, _, _) = read(
+        app2.oneshot(post_req("/orders", Some("k-lost"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+}
