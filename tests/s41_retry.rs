@@ -720,3 +720,66 @@ async fn s41_409_without_a_key_is_returned_as_it_is() {
         assert_eq!(server.count(), 1, "{m}: a 409 without a key was retried");
     }
 }
+
+/// retry.md, "What the caller gets": "its message names the root cause in plain words: `gave up
+/// after 4 attempts: connection reset by peer`" and "for a POST or PATCH ... otherwise `...; it
+/// may have been processed: retry with the same idempotency key <key>`". A keyed PATCH whose
+/// connection is reset on every attempt says exactly that, with its key; an unkeyed POST reset
+/// once (not retried) never ends on an empty key.
+#[tokio::test(start_paused = true)]
+async fn s41_reset_messages_name_the_cause_and_the_key() {
+    let reset = || {
+        service_fn(|_r: Request<Full<Bytes>>| async {
+            Err::<Response<Full<Bytes>>, BoxError>(Box::new(Error::new(
+                ErrorKind::Transport,
+                "connection reset by peer",
+            )))
+        })
+    };
+    let err = RetryLayer::new()
+        .layer(reset())
+        .oneshot(keyed("PATCH", "pay-42"))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("gave up after 4 attempts: connection reset by peer"),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("; it may have been processed: retry with the same idempotency key pay-42"),
+        "{msg}"
+    );
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        Delivery::MaybeProcessed
+    );
+
+    let err = RetryLayer::new()
+        .layer(reset())
+        .oneshot(req("POST"))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("connection reset by peer"), "{msg}");
+    assert!(
+        !msg.trim_end().ends_with("idempotency key"),
+        "the message ends on an empty key: {msg}"
+    );
+    assert!(!msg.contains("not sent"), "{msg}");
+}
+
+/// retry.md, "How much": the budget "validated when you call it"; idempotency.md: "`with_ttl` and
+/// `with_lease` return an error for a zero TTL or a lease under 1 ms, and `MemoryStore::new(0)`
+/// for a store of no entries". Each error says which setting is wrong.
+#[test]
+fn s41_invalid_settings_name_the_setting() {
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    let l = || IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default());
+    let lease = l().with_lease(Duration::from_micros(999)).err().unwrap();
+    assert!(lease.to_string().contains("lease"), "{lease}");
+    let ttl = l().with_ttl(Duration::ZERO).err().unwrap();
+    assert!(ttl.to_string().to_lowercase().contains("ttl"), "{ttl}");
+    let entries = MemoryStore::new(0).err().unwrap();
+    assert!(entries.to_string().contains("entr"), "{entries}");
+}
