@@ -276,3 +276,127 @@ async fn s41_call_dropped_during_its_retry_sleep_sends_nothing_more() {
         t0.elapsed()
     );
 }
+
+/// A server for the kept-service tests: `/a` answers 503 `Retry-After: 1` the first time, then
+/// 200; `/b` takes 3 s. It records when each request starts and the most in flight at once.
+#[derive(Clone, Default)]
+struct Lanes {
+    starts: Arc<Mutex<Vec<(String, Instant)>>>,
+    in_flight: Arc<Mutex<(usize, usize)>>,
+}
+
+impl Lanes {
+    fn service(
+        &self,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, BoxError>>
+                     + Send
+                     + 'static,
+    > + Clone
+           + Send
+           + Sync
+           + 'static {
+        let me = self.clone();
+        service_fn(move |r: Request<Full<Bytes>>| {
+            let me = me.clone();
+            async move {
+                let path = r.uri().path().to_owned();
+                let n_a = {
+                    let mut s = me.starts.lock().unwrap();
+                    s.push((path.clone(), Instant::now()));
+                    s.iter().filter(|(p, _)| p == "/a").count()
+                };
+                {
+                    let mut f = me.in_flight.lock().unwrap();
+                    f.0 += 1;
+                    f.1 = f.1.max(f.0);
+                }
+                if path == "/b" {
+                    tokio::time::sleep(secs(3)).await;
+                }
+                me.in_flight.lock().unwrap().0 -= 1;
+                let mut b = Response::builder();
+                if path == "/a" && n_a == 1 {
+                    b = b.status(503).header("retry-after", "1");
+                }
+                Ok::<_, BoxError>(b.body(Full::new(Bytes::new())).unwrap())
+            }
+        })
+    }
+    fn starts(&self, path: &str) -> Vec<Duration> {
+        let s = self.starts.lock().unwrap();
+        let t0 = s[0].1;
+        s.iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, t)| *t - t0)
+            .collect()
+    }
+}
+
+/// retry.md, "Where it may sit": "`poll_ready` is the inner service's, and the first attempt goes
+/// to the service `poll_ready` made ready; later attempts wait for readiness again on that same
+/// service ... It works over `ConcurrencyLimit`, `GlobalConcurrencyLimit` and `Buffer`, driven by
+/// `oneshot` or by a kept service (`ready().await?.call(req)`)." A kept retry service over
+/// `ConcurrencyLimit(1)`, alone and under a `Buffer`: call A (503, `Retry-After: 1`), then call B
+/// (3 s) through the same kept service while A sleeps; A's retry waits for B's place, both end,
+/// and the server never has two at once.
+#[tokio::test(start_paused = true)]
+async fn s41_kept_retry_service_over_concurrency_limit_and_buffer() {
+    use tower::limit::ConcurrencyLimitLayer;
+    use tower::Service;
+
+    for buffered in [false, true] {
+        let lanes = Lanes::default();
+        let limited = ConcurrencyLimitLayer::new(1).layer(lanes.service());
+        let mut svc: tower::util::BoxCloneService<
+            Request<Full<Bytes>>,
+            Response<Full<Bytes>>,
+            BoxError,
+        > = if buffered {
+            let inner = tower::buffer::Buffer::new(limited, 8);
+            tower::util::BoxCloneService::new(RetryLayer::new().layer(inner))
+        } else {
+            tower::util::BoxCloneService::new(RetryLayer::new().layer(limited))
+        };
+        svc.ready().await.unwrap();
+        let a = tokio::spawn(
+            svc.call(
+                Request::get("http://api.example.com/a")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b = tokio::time::timeout(secs(1), svc.ready())
+            .await
+            .expect("the kept service was not ready while A slept")
+            .unwrap()
+            .call(
+                Request::get("http://api.example.com/b")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            );
+        let b = tokio::spawn(b);
+        let ra = tokio::time::timeout(secs(30), a)
+            .await
+            .expect("A hung")
+            .unwrap();
+        let rb = tokio::time::timeout(secs(30), b)
+            .await
+            .expect("B hung")
+            .unwrap();
+        assert_eq!(ra.unwrap().status(), 200, "buffered {buffered}");
+        assert_eq!(rb.unwrap().status(), 200, "buffered {buffered}");
+        let a_at = lanes.starts("/a");
+        assert_eq!(a_at.len(), 2, "buffered {buffered}: {a_at:?}");
+        assert!(
+            a_at[1] >= secs(3),
+            "buffered {buffered}: A's retry at {:?}, inside B's place",
+            a_at[1]
+        );
+        assert_eq!(lanes.in_flight.lock().unwrap().1, 1, "buffered {buffered}");
+    }
+}
