@@ -1131,3 +1131,69 @@ async fn s41_lost_begin_answer_release_schedule() {
     .await;
     assert_eq!(s, StatusCode::CREATED);
 }
+
+/// idempotency.md, "How it works": "If the request's future is dropped, the task goes on: it
+/// reads the whole response body (up to the response limit), stores it, then ends. While the
+/// handler runs, the task renews the lock every third of the lease"; RELIABILITY.md: "a handler
+/// whose client went away | runs to its end; its key is held (lease 30 s, renewed) until its
+/// outcome is stored". A handler that answers its head at once and streams its body over 60 s
+/// (six chunks, 10 s apart), its client gone at 1 s: the key stays held while the body is read
+/// (a retry at 45 s gets 409 and nothing runs twice), and then the whole body is replayed.
+#[tokio::test(start_paused = true)]
+async fn s41_left_client_slow_response_body_keeps_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let r = r.clone();
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+                        if i == 6 {
+                            return None;
+                        }
+                        tokio::time::sleep(secs(10)).await;
+                        Some((Ok::<_, Infallible>(Bytes::from(format!("c{i};"))), i + 1))
+                    });
+                    (StatusCode::CREATED, Body::from_stream(chunks))
+                }
+            }),
+        )
+        .layer(layer(MemoryStore::default()));
+    let t0 = tokio::time::Instant::now();
+    let mut a = Box::pin(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-stream"), "{}")),
+    );
+    poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
+    let _ = tokio::time::timeout(secs(1), &mut a).await;
+    drop(a);
+    tokio::time::sleep_until(t0 + secs(45)).await;
+    let (s, _, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-stream"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, runs.load(Ordering::SeqCst)),
+        (StatusCode::CONFLICT, 1),
+        "at 45 s, while the left client's body is still read: {}",
+        String::from_utf8_lossy(&b)
+    );
+    tokio::time::sleep_until(t0 + secs(70)).await;
+    let (s, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-stream"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(&b[..], b"c0;c1;c2;c3;c4;c5;");
+    assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
