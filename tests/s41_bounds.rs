@@ -400,3 +400,75 @@ async fn s41_kept_retry_service_over_concurrency_limit_and_buffer() {
         assert_eq!(lanes.in_flight.lock().unwrap().1, 1, "buffered {buffered}");
     }
 }
+
+/// retry.md, "When": "One ... with no attempt left, or on a call that is not retried (... a spent
+/// retry budget) is not slept: on a 429 or a 503 the call fails at once with a `RateLimited {
+/// retry_after }` in its error chain"; "What the caller gets": "so the caller always learns how
+/// long the server asked it to wait". With the host's budget spent, a GET answered 429
+/// `Retry-After: 2` fails at once with `RateLimited` of 2 s; so does one with a single attempt.
+#[tokio::test(start_paused = true)]
+async fn s41_spent_budget_or_no_attempt_left_fails_at_once_with_the_wait() {
+    let hosts = Hosts::default();
+    let limited = service_fn(|_r: Request<Full<Bytes>>| async {
+        Ok::<_, BoxError>(
+            Response::builder()
+                .status(429)
+                .header("retry-after", "2")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    });
+    // The same host, so the same (spent) budget: one layer over a service that routes by path.
+    let both = {
+        let failing = hosts.service::<Full<Bytes>>(None);
+        service_fn(move |r: Request<Full<Bytes>>| {
+            let failing = failing.clone();
+            let limited = limited.clone();
+            async move {
+                if r.uri().path() == "/limited" {
+                    limited.oneshot(r).await
+                } else {
+                    failing.oneshot(r).await
+                }
+            }
+        })
+    };
+    let svc = RetryLayer::new()
+        .with_budget(secs(10), 1, 0.0)
+        .unwrap()
+        .with_seed(11)
+        .layer(both);
+    // Spend the host's budget: call until a call gets no retry (no time passes after it).
+    let mut spent = false;
+    for _ in 0..20 {
+        let before = hosts.count("fail.test");
+        let _ = svc.clone().oneshot(get("fail.test")).await.unwrap();
+        if hosts.count("fail.test") == before + 1 {
+            spent = true;
+            break;
+        }
+    }
+    assert!(spent, "setup: the budget was never spent");
+    let t0 = Instant::now();
+    let err = svc
+        .clone()
+        .oneshot(
+            Request::get("http://fail.test/limited")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect_err("a 429 with Retry-After on a spent budget came back as a response");
+    assert_eq!(t0.elapsed(), Duration::ZERO, "{err}");
+    let rl = sturdy::core::find::<RateLimited>(&*err).expect("RateLimited");
+    assert_eq!(rl.retry_after(), secs(2));
+
+    let err = RetryLayer::new()
+        .with_max_attempts(1)
+        .layer(hosts.service::<Full<Bytes>>(Some("2")))
+        .oneshot(get("fail.test"))
+        .await
+        .expect_err("a 503 with Retry-After and no attempt left came back as a response");
+    let rl = sturdy::core::find::<RateLimited>(&*err).expect("RateLimited");
+    assert_eq!(rl.retry_after(), secs(2));
+}
