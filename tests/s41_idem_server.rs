@@ -1197,3 +1197,34 @@ async fn s41_left_client_slow_response_body_keeps_the_key() {
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// idempotency.md, "Problem types": "The one a client should retry is the in-flight conflict:"
+/// followed by the exact answer (`409 Conflict`, `Content-Type: application/problem+json`,
+/// `Retry-After: 1` and the JSON body). A repeat while the first request runs gets that answer,
+/// body included.
+#[tokio::test(start_paused = true)]
+async fn s41_in_flight_answer_is_the_documented_one() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = counting_app(&runs, secs(5), layer(MemoryStore::default()));
+    let mut a = Box::pin(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-doc"), "{}")),
+    );
+    poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
+    let (s, h, b) = read(
+        app.clone()
+            .oneshot(post_req("/orders", Some("k-doc"), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(h.get("content-type").unwrap(), "application/problem+json");
+    assert_eq!(h.get("retry-after").unwrap(), "1");
+    let doc = r#"{"type":"https://example.invalid/sturdy/problems/idempotency-key-in-flight","title":"A request is outstanding for this Idempotency-Key","status":409,"detail":"the first request with this key is still running; retry after a while with the same key"}"#;
+    let got: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    let want: serde_json::Value = serde_json::from_str(doc).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(problem::IN_FLIGHT, want["type"]);
+    let _ = a.await;
+}
