@@ -783,3 +783,57 @@ fn s41_invalid_settings_name_the_setting() {
     let entries = MemoryStore::new(0).err().unwrap();
     assert!(entries.to_string().contains("entr"), "{entries}");
 }
+
+/// RELIABILITY.md, "Bounds": a pause asked by `Retry-After` "at most `max_pause` \[5 min\]" and
+/// "a `Retry-After` longer than the client sleeps | the call fails at once with `RateLimited`,
+/// whose wait is the server's capped at 5 min". Through `ClientBuilder` (rate limit and retry
+/// layers both read it), 429s whose `Retry-After` is 100,000 digits, 100,000 spaces around a
+/// number, or a 100 KiB `RateLimit` header of junk: no panic, the call ends at once (paused
+/// time) with a wait of at most 5 min, within a loose bound of real time.
+#[tokio::test(start_paused = true)]
+async fn s41_huge_hostile_headers_through_the_client() {
+    let digits = "9".repeat(100_000);
+    let spaced = format!("{}120{}", " ".repeat(50_000), " ".repeat(50_000));
+    let junk = "a=1;".repeat(25_000);
+    for (name, value) in [
+        ("retry-after", digits),
+        ("retry-after", spaced),
+        ("ratelimit", junk),
+    ] {
+        let v = http::HeaderValue::from_str(&value).unwrap();
+        let svc = service_fn(move |_r: Request<Full<Bytes>>| {
+            let v = v.clone();
+            async move {
+                let mut b = Response::builder().status(429).header(name, v);
+                if name != "retry-after" {
+                    b = b.header("retry-after", "600");
+                }
+                Ok::<_, BoxError>(b.body(Full::new(Bytes::new())).unwrap())
+            }
+        });
+        let client = ClientBuilder::new().build(svc);
+        let real = std::time::Instant::now();
+        let t0 = Instant::now();
+        let out = client.oneshot(req("GET")).await;
+        assert!(
+            real.elapsed() < Duration::from_secs(5),
+            "{name} of {} bytes: {:?} of real time",
+            value.len(),
+            real.elapsed()
+        );
+        let took = t0.elapsed();
+        match out {
+            Ok(res) => panic!("{name}: a 429 came back as a response after {took:?}: {res:?}"),
+            Err(e) => {
+                let rl = sturdy::core::find::<RateLimited>(&*e).expect("RateLimited");
+                assert!(rl.retry_after() <= secs(300), "{name}: {e}");
+                assert!(took <= secs(60), "{name}: {took:?}");
+                assert!(
+                    e.to_string().len() < 1_000,
+                    "{name}: {} bytes",
+                    e.to_string().len()
+                );
+            }
+        }
+    }
+}
