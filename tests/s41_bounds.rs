@@ -423,7 +423,6 @@ async fn s41_spent_budget_or_no_attempt_left_fails_at_once_with_the_wait() {
         let failing = hosts.service::<Full<Bytes>>(None);
         service_fn(move |r: Request<Full<Bytes>>| {
             let failing = failing.clone();
-            let limited = limited.clone();
             async move {
                 if r.uri().path() == "/limited" {
                     limited.oneshot(r).await
