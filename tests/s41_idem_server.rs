@@ -1228,3 +1228,53 @@ async fn s41_in_flight_answer_is_the_documented_one() {
     assert_eq!(problem::IN_FLIGHT, want["type"]);
     let _ = a.await;
 }
+
+/// idempotency.md, "Client": "When the server answers 409 with `Retry-After` to a request that
+/// carries a key (the first request with that key is still running: sturdy's server layer sends
+/// exactly that ...), the retry layer waits and asks again, so the caller gets the stored
+/// response"; "Guarantees": "client timeout mid-handler | ... a retry with the same key gets 409
+/// in flight (`Retry-After: 1`) while the handler runs, then the stored response with
+/// `Idempotent-Replayed: true`; the handler ran once". `ClientBuilder` (1 s attempt timeout for
+/// this call) against sturdy's server layer over a 2 s handler, in process.
+#[tokio::test(start_paused = true)]
+async fn s41_client_against_server_gets_the_stored_response_once() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = counting_app(&runs, secs(2), layer(MemoryStore::default()));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let st = statuses.clone();
+    let http = service_fn(move |r: Request<Full<Bytes>>| {
+        let app = app.clone();
+        let st = st.clone();
+        async move {
+            let (p, b) = r.into_parts();
+            let res = app.oneshot(Request::from_parts(p, Body::new(b))).await?;
+            st.lock().unwrap().push(res.status().as_u16());
+            let (p, b) = res.into_parts();
+            let b = b.collect().await?.to_bytes();
+            Ok::<_, BoxError>(Response::from_parts(p, Full::new(b)))
+        }
+    });
+    let client = ClientBuilder::new().build(http);
+    let mut r = Request::post("http://api.example.com/orders")
+        .header("authorization", "Bearer client-a")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    r.extensions_mut()
+        .insert(CallOptions::new().with_attempt_timeout(secs(1)));
+    let res = client.oneshot(r).await.unwrap();
+    let (p, b) = res.into_parts();
+    let b = b.collect().await.unwrap().to_bytes();
+    assert_eq!(
+        (p.status, &b[..]),
+        (StatusCode::CREATED, &b"order 0"[..]),
+        "answers seen: {:?}",
+        statuses.lock().unwrap()
+    );
+    assert_eq!(p.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        statuses.lock().unwrap().contains(&409),
+        "{:?}",
+        statuses.lock().unwrap()
+    );
+}
