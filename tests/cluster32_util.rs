@@ -127,17 +127,27 @@ pub(crate) fn cluster_nodes(port: u16) -> Vec<NodeLine> {
     v
 }
 
-fn free_cluster_port() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p > 50_000 {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+/// A free port for a cluster node of a test's own, whose bus port (10,000 higher) is free too.
+/// Both are below the kernel's ephemeral range (32768 and up on Linux), so that no outgoing
+/// connection of another test can take either between this check and redis-server's bind (a
+/// port from `bind(0)` is in that range: once, a node's bus port went to a connection and the
+/// node never started). 18000 to 21999 leaves out the Redis ports of scripts/test.sh (16379 up,
+/// 16500 up, 26500 up) and those of a developer's Redis at 17xxx.
+pub(crate) fn free_cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Two test processes at once start at different places.
+    let offset = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..4_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = 18_000 + (offset.wrapping_add(n.wrapping_mul(7)) % 4_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+        {
             return p;
         }
     }
+    panic!("no free port pair for a cluster node between 18000 and 31999");
 }
 
 /// A Redis Cluster of this test's own: 6 nodes, 3 primaries with 1 replica each, no

@@ -204,16 +204,7 @@ struct ProxiedNode {
 }
 
 fn free_low_port() -> u16 {
-    loop {
-        let p = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if p < 50_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
-    }
+    crate::cluster32_util::free_cluster_port()
 }
 
 impl ProxiedNode {
