@@ -130,8 +130,8 @@ pub(crate) fn cluster_nodes(port: u16) -> Vec<NodeLine> {
 /// A free port for a cluster node of a test's own, whose bus port (10,000 higher) is free too.
 /// Both are below the kernel's ephemeral range (32768 and up on Linux), so that no outgoing
 /// connection of another test can take either between this check and redis-server's bind (a
-/// port from `bind(0)` is in that range, where one can). 18000 to 21999 leaves out the Redis ports of scripts/test.sh (16379 up,
-/// 16500 up, 26500 up) and those of a developer's Redis at 17xxx.
+/// port from `bind(0)` is in that range, where one can). 18000 to 21999 leaves out the Redis
+/// ports of scripts/test.sh (16379 up, 16500 up, 26500 up) and a developer's Redis at 17xxx.
 pub(crate) fn free_cluster_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -11,10 +11,10 @@
 //! for. The hedge layer reads the mark too: it sends no second copy of a call whose first copy
 //! is still held back (and puts a mark of its own, without a deadline, on a call it may hedge
 //! when the retry layer put none); it waits with [`AttemptHold::poll_released`], which
-//! [`AttemptHold::release`] wakes, so no timer runs while the copy waits. A layer that sends more than one copy of a request
-//! (hedging), sends it again (the auth layer's replay after a 401) or shares it with other
-//! calls (coalescing) calls
-//! [`AttemptHold::fan_out`]: from then on nothing can be said, and nothing is. A layer that does
+//! [`AttemptHold::release`] wakes, so no timer runs while the copy waits. A layer that sends
+//! more than one copy of a request (hedging), sends it again (the auth layer's replay after a
+//! 401) or shares it with other calls (coalescing) calls [`AttemptHold::fan_out`]: from then on
+//! nothing can be said, and nothing is. A layer that does
 //! any of these without calling it must not sit between the retry layer and the layers that
 //! hold, or the retry layer must not mark.
 //!
@@ -171,7 +171,8 @@ impl AttemptHold {
     ///
     /// let hold = AttemptHold::new();
     /// hold.hold(HeldFor::Concurrency);
-    /// let mut waiting = tokio_test::task::spawn(std::future::poll_fn(|cx| hold.poll_released(cx)));
+    /// let released = std::future::poll_fn(|cx| hold.poll_released(cx));
+    /// let mut waiting = tokio_test::task::spawn(released);
     /// assert!(waiting.poll().is_pending());
     /// hold.release();
     /// assert!(waiting.is_woken());
