@@ -115,12 +115,7 @@ fn given_key(key: &str) -> HeaderValue {
     // An empty key would arrive as no key at all: it is sent as its digest too. A tab anywhere
     // (at an end it would be stripped, inside it is a control character) and a space at an end
     // send the digest; `HeaderValue` refuses every other control character.
-    let padded = |b: Option<u8>| b == Some(b' ');
-    if !key.is_empty()
-        && !padded(key.bytes().next())
-        && !padded(key.bytes().last())
-        && !key.contains('\t')
-    {
+    if !key.is_empty() && !key.starts_with(' ') && !key.ends_with(' ') && !key.contains('\t') {
         if let Ok(v) = HeaderValue::from_str(key) {
             return v;
         }
