@@ -52,6 +52,11 @@ where
     (p.status, p.headers, b.collect().await.unwrap().to_bytes())
 }
 
+/// One request to `app`, read to the end.
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, Bytes) {
+    read(app.clone().oneshot(req).await.unwrap()).await
+}
+
 fn problem_type(body: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -128,20 +133,8 @@ async fn s41_replay_keeps_repeated_headers_in_order_and_drops_date() {
             }),
         )
         .layer(layer(MemoryStore::default()));
-    let (s1, h1, b1) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
-    let (s2, h2, b2) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s1, h1, b1) = call(&app, post_req("/orders", Some("k"), "{}")).await;
+    let (s2, h2, b2) = call(&app, post_req("/orders", Some("k"), "{}")).await;
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!((s1, s2), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
     assert_eq!(b1, b2);
@@ -282,36 +275,18 @@ async fn s41_full_memory_store_evicts_the_response_that_expires_first() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, Duration::ZERO, layer(MemoryStore::new(2).unwrap()));
     for k in ["k1", "k2", "k3"] {
-        let (s, _, _) = read(
-            app.clone()
-                .oneshot(post_req("/orders", Some(k), "{}"))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, _, _) = call(&app, post_req("/orders", Some(k), "{}")).await;
         assert_eq!(s, StatusCode::CREATED);
         tokio::time::advance(secs(1)).await;
     }
-    let (_, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k2"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, h, b) = call(&app, post_req("/orders", Some("k2"), "{}")).await;
     assert_eq!(&b[..], b"order 1");
     assert_eq!(
         h.get("idempotent-replayed").unwrap(),
         "true",
         "k2 was evicted before k1"
     );
-    let (_, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k1"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, h, b) = call(&app, post_req("/orders", Some("k1"), "{}")).await;
     assert_eq!(&b[..], b"order 3", "k1 should have made room");
     assert!(h.get("idempotent-replayed").is_none());
 }
@@ -325,13 +300,7 @@ async fn s41_store_full_of_running_requests_answers_503() {
     let app = counting_app(&runs, secs(60), layer(MemoryStore::new(1).unwrap()));
     let mut a = Box::pin(app.clone().oneshot(post_req("/orders", Some("k1"), "{}")));
     poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
-    let (s, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k2"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, h, b) = call(&app, post_req("/orders", Some("k2"), "{}")).await;
     assert_eq!(
         s,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -342,13 +311,7 @@ async fn s41_store_full_of_running_requests_answers_503() {
     assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
     assert_eq!(runs.load(Ordering::SeqCst), 1, "k2's handler ran");
     // k1's lock was not evicted: a retry of k1 is in flight.
-    let (s, _, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k1"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = call(&app, post_req("/orders", Some("k1"), "{}")).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(problem_type(&b), problem::IN_FLIGHT);
     let (s, _, b) = read(a.await.unwrap()).await;
@@ -372,13 +335,7 @@ async fn s41_left_handler_holds_its_key_past_three_default_leases() {
     drop(a);
     for at in [31, 61, 95] {
         tokio::time::sleep_until(t0 + secs(at)).await;
-        let (s, h, b) = read(
-            app.clone()
-                .oneshot(post_req("/orders", Some("k-long"), "{}"))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, h, b) = call(&app, post_req("/orders", Some("k-long"), "{}")).await;
         assert_eq!(
             s,
             StatusCode::CONFLICT,
@@ -393,13 +350,7 @@ async fn s41_left_handler_holds_its_key_past_three_default_leases() {
         );
     }
     tokio::time::sleep_until(t0 + secs(101)).await;
-    let (s, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-long"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, h, b) = call(&app, post_req("/orders", Some("k-long"), "{}")).await;
     assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 0"[..]));
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
 }
@@ -435,44 +386,20 @@ async fn s41_one_mib_bounds_are_inclusive() {
         v[..1].copy_from_slice(b"0");
         v
     };
-    let (s, _, _) = read(
-        app.clone()
-            .oneshot(post_req("/echo", Some("b-eq"), body_of(MIB)))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, _) = call(&app, post_req("/echo", Some("b-eq"), body_of(MIB))).await;
     assert_eq!(s, StatusCode::OK, "a body of exactly 1 MiB");
     let before = runs.load(Ordering::SeqCst);
-    let (s, _, b) = read(
-        app.clone()
-            .oneshot(post_req("/echo", Some("b-over"), body_of(MIB + 1)))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = call(&app, post_req("/echo", Some("b-over"), body_of(MIB + 1))).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(problem_type(&b), problem::BODY_TOO_LARGE);
     assert_eq!(runs.load(Ordering::SeqCst), before);
 
     for (key, n, stored) in [("r-eq", MIB, true), ("r-over", MIB + 1, false)] {
         let body = format!("{n}");
-        let (s, _, _) = read(
-            app.clone()
-                .oneshot(post_req("/echo", Some(key), body.clone()))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, _, _) = call(&app, post_req("/echo", Some(key), body.clone())).await;
         let _ = s;
         let before = runs.load(Ordering::SeqCst);
-        let (s, h, b) = read(
-            app.clone()
-                .oneshot(post_req("/echo", Some(key), body))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, h, b) = call(&app, post_req("/echo", Some(key), body)).await;
         assert_eq!(
             runs.load(Ordering::SeqCst),
             before,
@@ -648,13 +575,7 @@ async fn s41_lease_and_ttl_edges() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, secs(1), max);
     for _ in 0..2 {
-        let (s, _, b) = read(
-            app.clone()
-                .oneshot(post_req("/orders", Some("k-max"), "{}"))
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (s, _, b) = call(&app, post_req("/orders", Some("k-max"), "{}")).await;
         assert_eq!((s, &b[..]), (StatusCode::CREATED, &b"order 0"[..]));
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -954,13 +875,7 @@ async fn s41_memory_store_defaults_and_expiry() {
         Duration::ZERO,
         layer(store.clone()).with_ttl(secs(1)).unwrap(),
     );
-    let (s, _, _) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-ttl"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, _) = call(&app, post_req("/orders", Some("k-ttl"), "{}")).await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(store.len(), 1);
     tokio::time::advance(secs(2)).await;
@@ -978,13 +893,7 @@ async fn s41_memory_store_defaults_and_expiry() {
     assert_eq!(one.len(), 0, "an expired lock is still counted");
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_app(&runs, Duration::ZERO, layer(one));
-    let (s, _, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-new"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = call(&app, post_req("/orders", Some("k-new"), "{}")).await;
     assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
 }
 
@@ -1085,13 +994,7 @@ async fn s41_lost_begin_answer_release_schedule() {
                 .unwrap(),
         );
     let t0 = tokio::time::Instant::now();
-    let (s, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-lost"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, h, b) = call(&app, post_req("/orders", Some("k-lost"), "{}")).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h.get("retry-after").unwrap(), "1");
     assert_eq!(problem_type(&b), problem::STORE_UNAVAILABLE);
@@ -1171,13 +1074,7 @@ async fn s41_left_client_slow_response_body_keeps_the_key() {
     let _ = tokio::time::timeout(secs(1), &mut a).await;
     drop(a);
     tokio::time::sleep_until(t0 + secs(45)).await;
-    let (s, _, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-stream"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, _, b) = call(&app, post_req("/orders", Some("k-stream"), "{}")).await;
     assert_eq!(
         (s, runs.load(Ordering::SeqCst)),
         (StatusCode::CONFLICT, 1),
@@ -1185,13 +1082,7 @@ async fn s41_left_client_slow_response_body_keeps_the_key() {
         String::from_utf8_lossy(&b)
     );
     tokio::time::sleep_until(t0 + secs(70)).await;
-    let (s, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-stream"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, h, b) = call(&app, post_req("/orders", Some("k-stream"), "{}")).await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(&b[..], b"c0;c1;c2;c3;c4;c5;");
     assert_eq!(h.get("idempotent-replayed").unwrap(), "true");
@@ -1211,13 +1102,7 @@ async fn s41_in_flight_answer_is_the_documented_one() {
             .oneshot(post_req("/orders", Some("k-doc"), "{}")),
     );
     poll_until(&mut a, || runs.load(Ordering::SeqCst) == 1).await;
-    let (s, h, b) = read(
-        app.clone()
-            .oneshot(post_req("/orders", Some("k-doc"), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (s, h, b) = call(&app, post_req("/orders", Some("k-doc"), "{}")).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(h.get("content-type").unwrap(), "application/problem+json");
     assert_eq!(h.get("retry-after").unwrap(), "1");
