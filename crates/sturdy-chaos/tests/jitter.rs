@@ -1,5 +1,7 @@
-//! The jitter experiment of the demo binary at a reduced size, alone in its test binary so that
-//! no other test competes for the CPU while it measures: real sockets on 127.0.0.1, real time.
+//! The jitter experiment of the demo binary at a reduced size: real sockets on 127.0.0.1, real
+//! time. It runs beside the crate's other tests, so it checks only orderings with a wide margin:
+//! at 100 clients, with both cores kept busy by two other loops, one run gave no backoff 4,723
+//! calls, exponential 2,185 and the jittered strategies 1,304 to 1,502.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,7 +25,7 @@ fn jitter_shows_the_blogs_result_and_draws_it() {
             "jitter",
             "--json",
             "--clients",
-            "10,60",
+            "10,100",
             "--runs",
             "3",
             "--out",
@@ -48,7 +50,9 @@ fn jitter_shows_the_blogs_result_and_draws_it() {
         assert!(p["calls"].as_u64().unwrap() >= 2 * p["clients"].as_u64().unwrap());
     }
 
-    let n = 60;
+    // At 100 clients no backoff pulls clear of exponential backoff (about 4,800 calls against
+    // 3,200 in the guide's run); at 60 the two are within a few per cent and either can lead.
+    let n = 100;
     let none = calls(points, "no_backoff", n);
     let exp = calls(points, "exponential", n);
     for jittered in ["full_jitter", "equal_jitter", "decorrelated_jitter"] {
@@ -79,6 +83,6 @@ fn jitter_shows_the_blogs_result_and_draws_it() {
         }
     }
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("60 clients: 15 runs"), "{err}");
+    assert!(err.contains("100 clients: 15 runs"), "{err}");
     assert!(err.contains("wrote "), "{err}");
 }
