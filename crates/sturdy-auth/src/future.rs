@@ -295,7 +295,12 @@ where
                     };
                     let req = match self.head.request(body, &token) {
                         Ok(req) => req,
-                        Err(e) => return Poll::Ready(Err(Box::new(self.mark(e)))),
+                        Err(e) => {
+                            // A token that cannot be sent would fail every call while it is
+                            // cached: the source must not hand it out again.
+                            self.source.invalidate(&token);
+                            return Poll::Ready(Err(Box::new(self.mark(e))));
+                        }
                     };
                     if std::mem::take(&mut self.held) {
                         if let Some(hold) = req.extensions().get::<AttemptHold>() {

@@ -771,6 +771,17 @@ fn parse_token_response(
         ));
     };
     let token = match obj.get("access_token") {
+        // A control character cannot go in the Authorization header: such a token would fail
+        // every call for as long as it was cached, so it is refused here, and not cached.
+        Some(Value::String(t)) if t.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) => {
+            return Err(Failure::new(
+                ErrorKind::Auth,
+                format!(
+                    "the token response from {} has an access_token with a control character, which cannot be sent in an HTTP header",
+                    s.shown_url
+                ),
+            ))
+        }
         Some(Value::String(t)) if !t.is_empty() => t.clone(),
         Some(_) => {
             return Err(Failure::new(
@@ -917,22 +928,58 @@ fn basic_credentials(s: &Settings) -> String {
     ))
 }
 
-/// `text` with the client secret replaced by `[redacted]`, as sent (raw, form-encoded) and as the
-/// Basic credentials that carry it (base64 of `id:secret`).
+/// `text` with the secrets the token request carried replaced by `[redacted]`: the client
+/// secret as sent (raw, form-encoded) and as the Basic credentials that carry it (base64 of
+/// `id:secret`), and the token URL's user info and query (whole, and the password and each
+/// query value of four bytes or more, as written and percent-decoded), which a server echoing
+/// the request URL would show.
 fn redact_secret(text: &str, s: &Settings) -> String {
+    let mut needles: Vec<String> = Vec::new();
     let secret = s.client_secret.expose_secret();
-    if secret.is_empty() {
-        return text.to_owned();
+    if !secret.is_empty() {
+        needles.extend([
+            basic_credentials(s),
+            secret.to_owned(),
+            form_encoded(secret),
+        ]);
     }
-    let basic = basic_credentials(s);
-    let encoded = form_encoded(secret);
+    let authority = s.token_url.authority().map_or("", |a| a.as_str());
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        needles.push(userinfo.to_owned());
+        if let Some((_, password)) = userinfo.split_once(':') {
+            push_value(&mut needles, password);
+        }
+    }
+    if let Some(query) = s.token_url.query() {
+        needles.push(query.to_owned());
+        for pair in query.split('&') {
+            push_value(&mut needles, pair.split_once('=').map_or("", |(_, v)| v));
+        }
+    }
+    // Longest first, so a whole (the query) goes before its parts (a value).
+    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
     let mut out = text.to_owned();
-    for needle in [basic.as_str(), secret, encoded.as_str()] {
-        if !needle.is_empty() && out.contains(needle) {
-            out = out.replace(needle, "[redacted]");
+    for needle in &needles {
+        if !needle.is_empty() && out.contains(needle.as_str()) {
+            out = out.replace(needle.as_str(), "[redacted]");
         }
     }
     out
+}
+
+/// `value` as written and percent-decoded, when it is long enough to be told from plain words.
+fn push_value(needles: &mut Vec<String>, value: &str) {
+    if value.len() < 4 {
+        return;
+    }
+    needles.push(value.to_owned());
+    let decoded: String = form_urlencoded::parse(format!("v={value}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    if decoded != value {
+        needles.push(decoded);
+    }
 }
 
 impl TokenSource for ClientCredentials {
@@ -980,6 +1027,27 @@ mod tests {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             events: EventHook::none(),
         }
+    }
+
+    #[test]
+    fn a_servers_echo_of_the_token_urls_user_info_and_query_is_redacted() {
+        let mut s = settings();
+        s.token_url = "https://robot:pa55%2Bword@auth.example.com:8443/token?api_key=qs3cret&x=1"
+            .parse()
+            .unwrap();
+        s.client_secret = "the-secret".into();
+        let echo = "bad request to https://robot:pa55%2Bword@auth.example.com:8443/token?api_key=qs3cret&x=1 \
+                    (password pa55+word, key qs3cret, secret the-secret), page=1";
+        let out = redact_secret(echo, &s);
+        for leak in ["pa55", "qs3cret", "robot", "the-secret"] {
+            assert!(!out.contains(leak), "{leak} in {out}");
+        }
+        assert!(
+            out.contains("auth.example.com:8443/token?[redacted]"),
+            "{out}"
+        );
+        // Short values are left alone: they cannot be told from plain words.
+        assert!(out.ends_with("page=1"), "{out}");
     }
 
     fn parse(status: u16, body: &str) -> Result<(String, Duration), Error> {
@@ -1065,6 +1133,21 @@ mod tests {
                 200,
                 r#"{"access_token":5}"#,
                 "empty or non-string access_token",
+            ),
+            (
+                200,
+                r#"{"access_token":"a\u0001b"}"#,
+                "access_token with a control character",
+            ),
+            (
+                200,
+                r#"{"access_token":"a\nb"}"#,
+                "access_token with a control character",
+            ),
+            (
+                200,
+                r#"{"access_token":"a\u007fb"}"#,
+                "access_token with a control character",
             ),
             (
                 200,

@@ -54,13 +54,14 @@ impl fmt::Debug for Token {
 /// anything else (a vault, a sidecar, a CLI login).
 ///
 /// [`token`](Self::token) returns a token that is valid now (cached or fresh);
-/// [`invalidate`](Self::invalidate) is called when the API refused it with 401, so the next
-/// `token` fetches a new one.
+/// [`invalidate`](Self::invalidate) is called when the API refused it with 401, or when it
+/// cannot be sent (a control character, which an HTTP header cannot carry), so the next `token`
+/// fetches a new one.
 pub trait TokenSource: Send + Sync + fmt::Debug + 'static {
     /// A token that is valid now.
     fn token(&self) -> BoxFuture<Result<Token, BoxError>>;
 
-    /// Forgets `token` if it is the one cached (the API refused it).
+    /// Forgets `token` if it is the one cached (the API refused it, or it cannot be sent).
     fn invalidate(&self, token: &Token);
 
     /// Where the tokens come from, in words for error messages, without any secret: for

@@ -158,12 +158,23 @@ impl ErrorSummary {
 
 /// A call's result as a tool result in the shape MCP tools return: `content` (one text item),
 /// `isError`, and `structuredContent` (`{"result": ...}` on success, `{"error": ErrorSummary}`
-/// on failure). The text of an error is its message, then [`ErrorSummary::advice`] on a second
-/// line.
+/// on failure). On success the text is the value as JSON, except a string value, whose text is
+/// the string itself (no quotes, no escapes). The text of an error is its message, then
+/// [`ErrorSummary::advice`] on a second line. A value that cannot be written as JSON (a map whose
+/// keys are not strings, say) is a tool error that says so, not a `null` result.
 pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
     match result {
         Ok(v) => {
-            let value = serde_json::to_value(&v).unwrap_or(Value::Null);
+            let value = match serde_json::to_value(&v) {
+                Ok(value) => value,
+                Err(e) => {
+                    let text = format!("the tool's result could not be written as JSON: {e}");
+                    return json!({
+                        "content": [{ "type": "text", "text": text }],
+                        "isError": true,
+                    });
+                }
+            };
             let text = match &value {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
@@ -256,5 +267,22 @@ mod tests {
         assert_eq!(out["content"][0]["type"], "text");
         assert_eq!(out["content"][0]["text"], r#"{"orders":[1,2]}"#);
         assert_eq!(out["structuredContent"]["result"]["orders"][1], 2);
+        let out = tool_result(Ok("hello \"world\""));
+        assert_eq!(out["content"][0]["text"], "hello \"world\"");
+        assert_eq!(out["structuredContent"]["result"], "hello \"world\"");
+    }
+
+    #[test]
+    fn a_result_json_cannot_hold_is_a_tool_error_that_says_so() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert((1, 2), "a");
+        let out = tool_result(Ok(m));
+        assert_eq!(out["isError"], true);
+        let text = out["content"][0]["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("the tool's result could not be written as JSON: "),
+            "{text}"
+        );
+        assert!(out.get("structuredContent").is_none());
     }
 }
