@@ -299,7 +299,8 @@ fn carry<'a>(headers: &HeaderMap, names: impl IntoIterator<Item = &'a HeaderName
 fn check_time(ts: i64, now: SystemTime, tolerance: Duration) -> Result<(), Rejection> {
     let now = match now.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(_) => 0,
+        // A clock before 1970 (one set by hand) reads as negative seconds, as signers write them.
+        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
     };
     let tol = i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX);
     if now.saturating_sub(ts) > tol {
@@ -378,9 +379,9 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 ///
 /// The id and the timestamp are signed: the event is deduplicated on `webhook-id`, and the
 /// event carries the `webhook-id` and `webhook-timestamp` headers. A `webhook-id` that is empty,
-/// longer than [`MAX_ID_LEN`], not visible ASCII (a header value the `http` crate's `to_str`
-/// refuses, such as `msg_café`), or holding a `.` (which would let one signed delivery be cut
-/// into another id and body), is refused.
+/// longer than [`MAX_ID_LEN`], not ASCII (a header value the `http` crate's `to_str` refuses,
+/// such as `msg_café`; spaces and tabs inside are ASCII and kept, as signed), or holding a `.`
+/// (which would let one signed delivery be cut into another id and body), is refused.
 #[derive(Debug, Clone)]
 pub struct StandardWebhooks {
     keys: Keys,
@@ -960,6 +961,18 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_clock_before_1970_reads_negative_seconds() {
+        let tol = Duration::from_secs(300);
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1_000_000);
+        assert!(check_time(-1_000_000, before, tol).is_ok());
+        assert!(check_time(-1_000_000 + 300, before, tol).is_ok());
+        assert!(check_time(-1_000_000 + 301, before, tol).is_err());
+        assert!(check_time(0, before, tol).is_err());
+        assert!(check_time(i64::MIN, before, tol).is_err());
+        assert!(check_time(i64::MAX, before, tol).is_err());
     }
 
     /// Runs `f` and returns the bytes it hashed on this thread.
