@@ -31,22 +31,48 @@ pub(crate) const MIN_KEY_LEN: usize = 32;
 pub(crate) type CursorMac = Hmac<Sha256>;
 
 /// The identity of a page: a digest of the URI it is fetched from (scheme and host compared
-/// without case). Two cursors that lead to the same URI lead to the same page.
+/// without case, the scheme's default port the same as none: `https://a.example/x`,
+/// `HTTPS://A.example:443/x` and `https://a.example:/x` are one page). Two cursors that lead to
+/// the same URI lead to the same page.
 pub(crate) type PageId = [u8; 16];
 
 pub(crate) fn page_id(uri: &Uri) -> PageId {
     let mut h = Sha256::new();
-    h.update(uri.scheme_str().unwrap_or("").to_ascii_lowercase());
+    let scheme = uri.scheme_str().unwrap_or("").to_ascii_lowercase();
+    let authority = uri
+        .authority()
+        .map_or(String::new(), |a| a.as_str().to_ascii_lowercase());
+    h.update(&scheme);
     h.update(b"://");
-    h.update(
-        uri.authority()
-            .map_or(String::new(), |a| a.as_str().to_ascii_lowercase()),
-    );
+    h.update(without_default_port(&scheme, &authority));
     h.update(uri.path_and_query().map_or("/", |p| p.as_str()));
     let d = h.finalize();
     let mut id = [0; 16];
     id.copy_from_slice(&d[..16]);
     id
+}
+
+/// `authority` without a port that is the scheme's default (or empty): the same server.
+fn without_default_port<'a>(scheme: &str, authority: &'a str) -> &'a str {
+    // The port follows the last ':' after the host: past any userinfo and IPv6 brackets.
+    let host_at = authority.rfind('@').map_or(0, |at| at + 1);
+    let after = authority[host_at..]
+        .rfind(']')
+        .map_or(host_at, |at| host_at + at);
+    let Some(colon) = authority[after..].rfind(':').map(|at| after + at) else {
+        return authority;
+    };
+    let port = &authority[colon + 1..];
+    let default = match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    };
+    if port.is_empty() || (default.is_some() && port.parse::<u16>().ok() == default) {
+        &authority[..colon]
+    } else {
+        authority
+    }
 }
 
 /// Where a bounded page resumes.
@@ -189,5 +215,29 @@ mod tests {
         let c: Uri = "https://api.example.com/x?p=2".parse().unwrap();
         assert_eq!(page_id(&a), page_id(&b));
         assert_ne!(page_id(&a), page_id(&c));
+    }
+
+    #[test]
+    fn page_ids_take_the_default_port_as_none() {
+        let id = |u: &str| page_id(&u.parse().unwrap());
+        let first = id("https://api.example.com/x?p=1");
+        for same in [
+            "https://api.example.com:443/x?p=1",
+            "HTTPS://API.example.com:0443/x?p=1",
+            "https://api.example.com:/x?p=1",
+        ] {
+            assert_eq!(id(same), first, "{same}");
+        }
+        for other in [
+            "https://api.example.com:8443/x?p=1",
+            "https://api.example.com:80/x?p=1",
+            "http://api.example.com:443/x?p=1",
+        ] {
+            assert_ne!(id(other), first, "{other}");
+        }
+        assert_eq!(id("http://[::1]:80/x"), id("http://[::1]/x"));
+        assert_ne!(id("http://[::1]:81/x"), id("http://[::1]/x"));
+        assert_eq!(id("http://u:80@h:80/x"), id("http://u:80@h/x"));
+        assert_ne!(id("http://u:80@h/x"), id("http://u@h/x"));
     }
 }
