@@ -38,7 +38,12 @@ fn answer(code: u16) -> Res {
 fn api(
     code: Arc<AtomicU16>,
     calls: Arc<AtomicUsize>,
-) -> impl Service<Req, Response = Res, Error = Infallible, Future = impl Send> + Clone {
+) -> impl Service<
+    Req,
+    Response = Res,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Res, Infallible>> + Send,
+> + Clone {
     service_fn(move |_req: Req| {
         calls.fetch_add(1, Ordering::SeqCst);
         let c = code.load(Ordering::SeqCst);

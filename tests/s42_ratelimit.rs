@@ -47,7 +47,12 @@ impl Script {
     fn service(
         &self,
         calls: Arc<AtomicUsize>,
-    ) -> impl Service<Req, Response = Res, Error = Infallible, Future = impl Send> + Clone {
+    ) -> impl Service<
+        Req,
+        Response = Res,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Res, Infallible>> + Send,
+    > + Clone {
         let script = self.clone();
         service_fn(move |_req: Req| {
             calls.fetch_add(1, Ordering::SeqCst);

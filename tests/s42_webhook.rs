@@ -365,12 +365,7 @@ async fn s42_extreme_timestamps_are_refused_before_the_body() {
 /// (timestamp + tolerance + 1 s) must not overflow into a panic.
 #[tokio::test]
 async fn s42_signed_timestamps_at_the_clock_extremes_do_not_panic() {
-    for ts in [
-        i64::MAX,
-        i64::MAX - 300,
-        -(i64::MAX) + 1,
-        -1_000_000_000_000,
-    ] {
+    for ts in [i64::MAX, i64::MAX - 300, 4_102_444_800_000] {
         let (q, mut events) = MemoryQueue::new(8);
         let rx = WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), q)
             .with_clock(Arc::new(Clock(time_of(ts))));
@@ -666,7 +661,6 @@ async fn s42_webhook_id_bounds() {
         (ok.as_str(), StatusCode::OK),
         (long.as_str(), StatusCode::BAD_REQUEST),
         ("msg.1", StatusCode::BAD_REQUEST),
-        ("msg 1", StatusCode::BAD_REQUEST),
     ] {
         let (rx, _events) = standard_receiver(now);
         let sig = sign_standard(SW1_SECRET, id, now, b"{}").unwrap();
@@ -1093,4 +1087,60 @@ async fn s42_source_allowlist_through_the_receiver() {
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// The guide: `webhook-id` is "visible ASCII, 1 to 256 bytes, without a `.`, else 400". A space
+/// or a tab is not visible ASCII (RFC 5234 VCHAR is `%x21-7E`), yet an id holding one is
+/// accepted. The rustdoc defines the check as what `http`'s `to_str` refuses, which lets both
+/// through, hence doubtful rather than a fault.
+#[tokio::test]
+#[ignore = "DOUBTFUL: guide says webhook-id must be visible ASCII else 400; `msg 1` (space) and `msg\\t1` (tab) are accepted with 200"]
+async fn s42_webhook_id_with_space_or_tab_is_refused() {
+    let now = 1_700_000_000;
+    let t = now.to_string();
+    let mut accepted = Vec::new();
+    for id in ["msg 1", "msg\t1"] {
+        let (rx, mut events) = standard_receiver(now);
+        let sig = sign_standard(SW1_SECRET, id, now, b"{}").unwrap();
+        let (status, _) = deliver(
+            &rx,
+            &[
+                ("webhook-id", id),
+                ("webhook-timestamp", &t),
+                ("webhook-signature", &sig),
+            ],
+            "{}",
+        )
+        .await;
+        if status != StatusCode::BAD_REQUEST {
+            accepted.push((id, status, drain(&mut events)));
+        }
+    }
+    assert!(accepted.is_empty(), "accepted: {accepted:?}");
+}
+
+/// A sender's clock and ours both before 1970 (negative Unix timestamps): the delivery is
+/// exactly on time, but is refused 401. No real sender writes such a timestamp and the guide
+/// does not say negative timestamps are valid, hence doubtful.
+#[tokio::test]
+#[ignore = "DOUBTFUL: a delivery signed at a negative Unix timestamp, checked by a clock at that same instant, gets 401 (stale or future) instead of 200"]
+async fn s42_negative_timestamp_on_time_is_accepted() {
+    for ts in [-1_000_000, -(i64::MAX) + 1] {
+        let (q, _events) = MemoryQueue::new(8);
+        let rx = WebhookReceiver::new(StandardWebhooks::new(SW1_SECRET).unwrap(), q)
+            .with_clock(Arc::new(Clock(time_of(ts))));
+        let sig = sign_standard(SW1_SECRET, "msg_neg", ts, b"{}").unwrap();
+        let t = ts.to_string();
+        let (status, _) = deliver(
+            &rx,
+            &[
+                ("webhook-id", "msg_neg"),
+                ("webhook-timestamp", &t),
+                ("webhook-signature", &sig),
+            ],
+            "{}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "ts {ts}");
+    }
 }
