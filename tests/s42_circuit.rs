@@ -623,3 +623,89 @@ fn s42_circuit_types_are_send_and_sync() {
     both(&e);
     let _ = format!("{handle:?}");
 }
+
+/// "past it, healthy breakers (closed, with no failure streak) are forgotten first": with room
+/// for two, a failing host is kept while healthy hosts come and go, and its open breaker still
+/// refuses.
+#[tokio::test(start_paused = true)]
+async fn s42_max_breakers_forgets_healthy_ones_first() {
+    let code = Arc::new(AtomicU16::new(500));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .with_max_breakers(2)
+        .pair();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(api(code.clone(), Arc::new(AtomicUsize::new(0))));
+    for _ in 0..2 {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(get("bad.example.com"))
+            .await
+            .unwrap();
+    }
+    assert!(open_for(handle.state("bad.example.com")).is_some());
+    code.store(200, Ordering::SeqCst);
+    for i in 0..50 {
+        let host = format!("ok{i}.example.com");
+        svc.ready().await.unwrap().call(get(&host)).await.unwrap();
+    }
+    assert!(handle.states().len() <= 3, "{:?}", handle.states());
+    assert!(open_for(handle.state("bad.example.com")).is_some());
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("bad.example.com"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().map(CircuitOpen::reason),
+        Some(OpenReason::Failing)
+    );
+}
+
+/// "a setter called after a clone or a `pair()` applies to all of them; services made earlier
+/// keep the settings": a service made before `with_consecutive_failures(1)` on a clone does not
+/// open on one failure; one made after it does.
+#[tokio::test(start_paused = true)]
+async fn s42_setters_after_clone_apply_to_later_services_only() {
+    let code = Arc::new(AtomicU16::new(500));
+    let layer = CircuitBreakerLayer::new();
+    let handle = layer.handle();
+    let mut early = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(api(code.clone(), Arc::new(AtomicUsize::new(0))));
+    let later_layer = layer.clone().with_consecutive_failures(1);
+    let mut late = ServiceBuilder::new()
+        .layer(later_layer)
+        .service(api(code, Arc::new(AtomicUsize::new(0))));
+    early
+        .ready()
+        .await
+        .unwrap()
+        .call(get("early.example.com"))
+        .await
+        .unwrap();
+    late.ready()
+        .await
+        .unwrap()
+        .call(get("late.example.com"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.state("early.example.com"),
+        None | Some(CircuitState::Closed)
+    ));
+    assert!(open_for(handle.state("late.example.com")).is_some());
+    // The early service kept the default (no streak trigger): a second failure still goes.
+    let res = early
+        .ready()
+        .await
+        .unwrap()
+        .call(get("early.example.com"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}

@@ -661,3 +661,129 @@ fn s42_ratelimit_types_are_send_and_sync() {
     send(&svc.clone().oneshot(get(HOST)));
     let _ = format!("{handle:?}");
 }
+
+fn res(status: u16, headers: &[(&str, &str)]) -> Res {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap()
+}
+
+/// "calls already waiting in line are told as soon as such a pause arrives": two calls wait
+/// for quota slots when an answer asks for a pause longer than their `max_wait`; both fail at
+/// once with `RateLimited`, without reaching the server.
+#[tokio::test(start_paused = true)]
+async fn s42_waiting_calls_are_told_when_a_long_pause_arrives() {
+    let (layer, handle) = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .with_max_wait(Duration::from_secs(5))
+        .pair();
+    let (inner, mut mock) = tower_test::mock::pair::<Req, Res>();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let mut a = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(a.poll());
+    let (_, send_a) = mock.next_request().await.unwrap();
+    let mut b = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    let mut c = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(b.poll());
+    assert_pending!(c.poll());
+    assert_eq!(handle.waiting(HOST), 2);
+    send_a.send_response(res(429, &[("retry-after", "120")]));
+    assert_eq!(assert_ready!(a.poll()).unwrap().status(), 429);
+    tokio::task::yield_now().await;
+    assert!(
+        b.is_woken() || c.is_woken(),
+        "the waiting calls were not woken"
+    );
+    for (name, t) in [("b", &mut b), ("c", &mut c)] {
+        let err = assert_ready!(t.poll()).unwrap_err();
+        let limited = err.downcast_ref::<RateLimited>().expect("RateLimited");
+        assert!(
+            limited.retry_after() >= Duration::from_secs(119),
+            "{name}: {err}"
+        );
+    }
+    assert_eq!(handle.waiting(HOST), 0);
+}
+
+/// A bare 429 pauses 1 s and teaches a pace of one call per eighth of it (125 ms); a bare 429
+/// that answers a call sent before the pause changes nothing; `clear_pause` ends the pause now
+/// and forgets the pace.
+#[tokio::test(start_paused = true)]
+async fn s42_bare_429_pause_and_pace() {
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let (inner, mut mock) = tower_test::mock::pair::<Req, Res>();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let mut a = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    let mut b = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(a.poll());
+    assert_pending!(b.poll());
+    let (_, sa) = mock.next_request().await.unwrap();
+    let (_, sb) = mock.next_request().await.unwrap();
+    sa.send_response(res(429, &[]));
+    assert_ready!(a.poll()).unwrap();
+    assert_eq!(handle.pause(HOST), Some(Duration::from_secs(1)));
+    assert_eq!(handle.learned_pace(HOST), Some(Duration::from_millis(125)));
+    tokio::time::advance(Duration::from_millis(300)).await;
+    sb.send_response(res(429, &[]));
+    assert_ready!(b.poll()).unwrap();
+    assert_eq!(
+        handle.pause(HOST),
+        Some(Duration::from_millis(700)),
+        "a bare 429 to a call sent before the pause changes nothing"
+    );
+    assert_eq!(handle.learned_pace(HOST), Some(Duration::from_millis(125)));
+    assert_eq!(handle.clear_pause(HOST), Some(Duration::from_millis(700)));
+    assert_eq!(handle.pause(HOST), None);
+    assert_eq!(handle.learned_pace(HOST), None);
+}
+
+/// With `adaptive_only()`, the calls that waited for a pause leave by slow start: one when it
+/// ends, then two after its success, then four.
+#[tokio::test(start_paused = true)]
+async fn s42_slow_start_after_a_pause() {
+    let (layer, handle) = RateLimitLayer::adaptive_only().pair();
+    let (inner, mut mock) = tower_test::mock::pair::<Req, Res>();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let mut first = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(first.poll());
+    mock.next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(res(429, &[("retry-after", "2")]));
+    assert_ready!(first.poll()).unwrap();
+    let mut line: Vec<_> = (0..7)
+        .map(|_| tokio_test::task::spawn(svc.clone().oneshot(get(HOST))))
+        .collect();
+    for t in &mut line {
+        assert_pending!(t.poll());
+    }
+    assert_eq!(handle.waiting(HOST), 7);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let mut done = [false; 7];
+    let mut released = Vec::new();
+    for round in [1usize, 2, 4] {
+        for (i, t) in line.iter_mut().enumerate() {
+            if !done[i] && t.poll().is_ready() {
+                done[i] = true;
+            }
+        }
+        let mut got = Vec::new();
+        while let Ok(Some(r)) =
+            tokio::time::timeout(Duration::from_millis(1), mock.next_request()).await
+        {
+            got.push(r);
+        }
+        released.push(got.len());
+        for (_, send) in got {
+            send.send_response(res(200, &[]));
+        }
+        for (i, t) in line.iter_mut().enumerate() {
+            if !done[i] && t.poll().is_ready() {
+                done[i] = true;
+            }
+        }
+    }
+    assert_eq!(released, [1, 2, 4]);
+}

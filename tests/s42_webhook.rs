@@ -1144,3 +1144,94 @@ async fn s42_negative_timestamp_on_time_is_accepted() {
         assert_eq!(status, StatusCode::OK, "ts {ts}");
     }
 }
+
+/// "The dedup key is kept at least until the timestamp plus the tolerance plus one second ...
+/// whatever the dedup TTL": with a 1 ms TTL, a Stripe copy 200 s later (on paused time, the
+/// wall clock moved with it) is still a duplicate; Stripe's own retry, signed again later with
+/// the same body `id`, is one too; past the tolerance, the copy is refused as stale.
+#[tokio::test(start_paused = true)]
+async fn s42_short_dedup_ttl_does_not_shorten_replay_protection() {
+    use sturdy::core::clock::ManualClock;
+    let now = 1_700_000_000;
+    let wall = Arc::new(ManualClock::at(time_of(now)));
+    let (q, mut events) = MemoryQueue::new(8);
+    let rx = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q)
+        .with_clock(wall.clone())
+        .with_dedup_ttl(Duration::from_millis(1));
+    let body = br#"{"id":"evt_ttl","object":"event"}"#;
+    let h = sign_stripe(STRIPE_SECRET, now, body);
+    assert_eq!(
+        deliver(&rx, &[("stripe-signature", &h)], &body[..]).await.0,
+        StatusCode::OK
+    );
+    for step in [200, 99] {
+        tokio::time::advance(Duration::from_secs(step)).await;
+        wall.advance(Duration::from_secs(step));
+        assert_eq!(
+            deliver(&rx, &[("stripe-signature", &h)], &body[..]).await.0,
+            StatusCode::OK
+        );
+    }
+    // Stripe's own retry: signed again now, same event id.
+    let retry = sign_stripe(STRIPE_SECRET, now + 299, body);
+    assert_eq!(
+        deliver(&rx, &[("stripe-signature", &retry)], &body[..])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        drain(&mut events),
+        1,
+        "copies within the tolerance are duplicates"
+    );
+    tokio::time::advance(Duration::from_secs(5)).await;
+    wall.advance(Duration::from_secs(5));
+    assert_eq!(
+        deliver(&rx, &[("stripe-signature", &h)], &body[..]).await.0,
+        StatusCode::UNAUTHORIZED,
+        "past the tolerance, stale"
+    );
+    assert_eq!(drain(&mut events), 0);
+}
+
+/// Two receivers of one scheme on one queue, with their own routes: the same delivery is
+/// queued once per route; a Stripe `id` longer than `MAX_ID_LEN` is not used (a digest is).
+#[tokio::test]
+async fn s42_routes_separate_id_spaces_and_long_stripe_ids() {
+    let now = 1_700_000_000;
+    let (q, mut events) = MemoryQueue::new(8);
+    let a = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q.clone())
+        .with_clock(clock(now))
+        .with_route("billing");
+    let b = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q)
+        .with_clock(clock(now))
+        .with_route("payouts");
+    let body = br#"{"id":"evt_route"}"#;
+    let h = sign_stripe(STRIPE_SECRET, now, body);
+    for rx in [&a, &b, &a, &b] {
+        assert_eq!(
+            deliver(rx, &[("stripe-signature", &h)], &body[..]).await.0,
+            StatusCode::OK
+        );
+    }
+    let mut routes = Vec::new();
+    while let Some(e) = events.try_recv() {
+        assert_eq!(e.id, "evt_route");
+        routes.push(e.route);
+    }
+    routes.sort();
+    assert_eq!(routes, ["billing", "payouts"]);
+
+    let long = format!("{{\"id\":\"evt_{}\"}}", "x".repeat(MAX_ID_LEN));
+    let h = sign_stripe(STRIPE_SECRET, now, long.as_bytes());
+    assert_eq!(
+        deliver(&a, &[("stripe-signature", &h)], long.clone())
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let e = events.try_recv().unwrap();
+    assert!(e.id.starts_with("sha256:"), "{}", &e.id[..20]);
+    assert!(e.id.len() <= MAX_ID_LEN);
+}
