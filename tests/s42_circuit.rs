@@ -617,7 +617,7 @@ fn s42_circuit_types_are_send_and_sync() {
         Arc::new(AtomicUsize::new(0)),
     ));
     both(&svc);
-    let fut = svc.clone().oneshot(get(HOST));
+    let fut = svc.oneshot(get(HOST));
     send(&fut);
     let e: BoxError = CircuitOpen::new(HOST, Duration::from_secs(1)).into();
     both(&e);
@@ -708,4 +708,39 @@ async fn s42_setters_after_clone_apply_to_later_services_only() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+/// "An attempt cut by a timer above the breaker ... is dropped, not failed, and a dropped call
+/// is not counted"; a timeout under the breaker is a failure.
+#[tokio::test(start_paused = true)]
+async fn s42_timer_above_is_not_counted_timer_below_is() {
+    let slow = service_fn(|_req: Req| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<_, Infallible>(answer(200))
+    });
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
+    let above = ServiceBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .layer(layer)
+        .service(slow);
+    for _ in 0..5 {
+        assert!(above.clone().oneshot(get(HOST)).await.is_err());
+    }
+    assert_eq!(handle.state(HOST), Some(CircuitState::Closed));
+
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .pair();
+    let below = ServiceBuilder::new()
+        .layer(layer)
+        .timeout(Duration::from_secs(1))
+        .service(slow);
+    assert!(below.clone().oneshot(get(HOST)).await.is_err());
+    assert!(
+        open_for(handle.state(HOST)).is_some(),
+        "{:?}",
+        handle.state(HOST)
+    );
 }

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use sturdy::webhook::{
     sign_github, sign_standard, sign_stripe, GenericHmac, GitHub, MemoryQueue, MemoryReceiver,
     StandardWebhooks, Stripe, Verifier, WebhookReceiver, MAX_ID_LEN,
 };
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 const SW1_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -722,14 +723,8 @@ fn s42_empty_secrets_refused_and_debug_hides_secrets() {
         format!("{gh:?}"),
         format!("{gen:?}"),
         format!("{sw:?}"),
-        format!(
-            "{:?}",
-            WebhookReceiver::new(gh.clone(), MemoryQueue::new(1).0)
-        ),
-        format!(
-            "{:#?}",
-            WebhookReceiver::new(stripe.clone(), MemoryQueue::new(1).0)
-        ),
+        format!("{:?}", WebhookReceiver::new(gh, MemoryQueue::new(1).0)),
+        format!("{:#?}", WebhookReceiver::new(stripe, MemoryQueue::new(1).0)),
     ] {
         assert!(!text.contains("TOPSECRET"), "{text}");
         assert!(!text.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{text}");
@@ -756,7 +751,7 @@ fn s42_webhook_types_are_send_and_sync() {
 fn fastest(runs: usize, mut f: impl FnMut()) -> Duration {
     (0..runs)
         .map(|_| {
-            let start = StdInstant::now();
+            let start = Instant::now();
             f();
             start.elapsed()
         })
@@ -1071,7 +1066,7 @@ async fn s42_source_allowlist_through_the_receiver() {
     );
 
     let hops = vec!["10.1.1.1"; 5_000].join(", ");
-    let started = StdInstant::now();
+    let started = Instant::now();
     let (status, _) = send(
         Some("10.0.0.1:1234"),
         Some(format!("192.30.252.1, {hops}")),
@@ -1234,4 +1229,63 @@ async fn s42_routes_separate_id_spaces_and_long_stripe_ids() {
     let e = events.try_recv().unwrap();
     assert!(e.id.starts_with("sha256:"), "{}", &e.id[..20]);
     assert!(e.id.len() <= MAX_ID_LEN);
+}
+
+/// SW-secret: the `whsec_` prefix is optional and so is the padding; empty secrets and
+/// non-base64 are errors. A generic scheme configured like GitHub verifies GH-1.
+#[tokio::test]
+async fn s42_secret_forms_and_generic_github_vector() {
+    use sturdy::webhook::decode_standard_secret;
+    let with = decode_standard_secret(SW1_SECRET).unwrap();
+    assert_eq!(with.len(), 24);
+    assert_eq!(
+        decode_standard_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap(),
+        with
+    );
+    assert!(decode_standard_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS").is_ok());
+    assert!(decode_standard_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwBr").is_ok());
+    assert!(decode_standard_secret("").is_err());
+    assert!(decode_standard_secret("whsec_").is_err());
+    assert!(decode_standard_secret("whsec_!!!not base64!!!").is_err());
+
+    let v = GenericHmac::new(
+        "gh-like",
+        HeaderName::from_static("x-hub-signature-256"),
+        GH_SECRET,
+    )
+    .unwrap()
+    .with_prefix("sha256=");
+    let (q, mut events) = MemoryQueue::new(4);
+    let rx = WebhookReceiver::new(v, q);
+    let (status, _) = deliver(
+        &rx,
+        &[(
+            "x-hub-signature-256",
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+        )],
+        "Hello, World!",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let e = events.try_recv().unwrap();
+    assert_eq!(
+        (e.scheme.as_str(), e.route.as_str()),
+        ("gh-like", "gh-like")
+    );
+    assert!(e.id.starts_with("sha256:"));
+    let (status, _) = deliver(
+        &rx,
+        &[(
+            "x-hub-signature-256",
+            "sha256=757107EA0EB2509FC211221CCE984B8A37570B6D7586C22C46F4379C8B043E17",
+        )],
+        "Hello, World!",
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "uppercase hex is accepted; a duplicate"
+    );
+    assert!(events.try_recv().is_none());
 }

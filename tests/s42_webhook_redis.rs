@@ -7,12 +7,13 @@
 #![cfg(feature = "full")]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant as StdInstant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use http::{Request, StatusCode};
 use sturdy::redis::{RedisStreamConsumer, RedisStreamQueue};
 use sturdy::webhook::{sign_github, GitHub, WebhookReceiver};
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 const SECRET: &str = "s42-redis-secret";
@@ -40,7 +41,7 @@ fn request(body: &str) -> Request<Body> {
 /// waits in a row (or 20 s passed); counts bodies.
 async fn read_all(c: &mut RedisStreamConsumer, expected: usize) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
-    let start = StdInstant::now();
+    let start = Instant::now();
     let mut empty = 0;
     while (empty < 3 || seen.len() < expected) && start.elapsed() < Duration::from_secs(20) {
         match c.next().await.unwrap() {
@@ -117,7 +118,7 @@ async fn s42_redis_unacked_event_comes_back_once_acked_never() {
         .await
         .is_err());
 
-    let start = StdInstant::now();
+    let start = Instant::now();
     let again = loop {
         if let Some(d) = c.next().await.unwrap() {
             break d;
@@ -136,7 +137,7 @@ async fn s42_redis_unacked_event_comes_back_once_acked_never() {
     c.ack(&again).await.unwrap();
 
     // Past two more claim delays nothing comes back.
-    let start = StdInstant::now();
+    let start = Instant::now();
     while start.elapsed() < claim * 2 + Duration::from_millis(100) {
         assert!(
             c.next().await.unwrap().is_none(),
