@@ -744,3 +744,28 @@ async fn s42_timer_above_is_not_counted_timer_below_is() {
         handle.state(HOST)
     );
 }
+
+/// A forced breaker's refusal carries "the longest open period" as `retry_in` and says
+/// `Forced`; the inner service is not called.
+#[tokio::test(start_paused = true)]
+async fn s42_forced_open_retry_in_is_the_longest_period() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_open_duration(Duration::from_secs(7), Duration::from_secs(90))
+        .pair();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(api(Arc::new(AtomicU16::new(200)), calls.clone()));
+    handle.force_open(HOST);
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get(HOST))
+        .await
+        .unwrap_err();
+    let open = err.downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(open.reason(), OpenReason::Forced);
+    assert_eq!(open.retry_in(), Duration::from_secs(90));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

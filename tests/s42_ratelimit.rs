@@ -851,3 +851,74 @@ async fn s42_reset_forms_and_draft_vectors() {
         assert_eq!(pause, want, "{status} {headers:?}");
     }
 }
+
+/// Bare 503s pause nothing by default, and 1 s with `with_bare_503_pauses(true)`; a 503 with
+/// `Retry-After` pauses either way.
+#[tokio::test(start_paused = true)]
+async fn s42_bare_503_pauses_only_when_asked() {
+    for (bare, headers, want) in [
+        (false, vec![], None),
+        (true, vec![], Some(Duration::from_secs(1))),
+        (
+            false,
+            vec![h("retry-after", "4")],
+            Some(Duration::from_secs(4)),
+        ),
+    ] {
+        let script = Script::default();
+        script.set(503, &headers);
+        let (layer, handle) = RateLimitLayer::adaptive_only()
+            .with_bare_503_pauses(bare)
+            .pair();
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(script.service(Arc::new(AtomicUsize::new(0))));
+        svc.ready().await.unwrap().call(get(HOST)).await.unwrap();
+        assert_eq!(
+            handle.pause(HOST),
+            want,
+            "bare 503 pauses: {bare}, {headers:?}"
+        );
+    }
+}
+
+/// "A waiting call holds what the inner service reserved in `poll_ready` (a buffer slot) until
+/// it goes": over `Buffer(1)`, a call waiting in line holds the one slot, so a second kept
+/// service is not ready; once the waiting call is dropped, the slot is free again.
+#[tokio::test(start_paused = true)]
+async fn s42_dropped_waiter_over_buffer_frees_the_slot() {
+    let script = Script::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, handle) = RateLimitLayer::new(Quota::per_second(1).unwrap()).pair();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .buffer(1)
+        .service(script.service(calls.clone()));
+    svc.clone().oneshot(get(HOST)).await.unwrap();
+    let mut a = svc.clone();
+    a.ready().await.unwrap();
+    let mut waiting = tokio_test::task::spawn(a.call(get(HOST)));
+    assert_pending!(waiting.poll());
+    assert_eq!(handle.waiting(HOST), 1);
+    let mut b = svc.clone();
+    let mut b_ready = tokio_test::task::spawn(async move {
+        b.ready().await.unwrap();
+        b
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        b_ready.poll().is_pending(),
+        "the slot is held by the waiting call"
+    );
+    drop(waiting);
+    drop(a);
+    tokio::task::yield_now().await;
+    let std::task::Poll::Ready(mut b) = b_ready.poll() else {
+        panic!("the dropped waiter did not free its buffer slot");
+    };
+    assert_eq!(handle.waiting(HOST), 0);
+    let start = Instant::now();
+    b.call(get(HOST)).await.unwrap();
+    assert!(start.elapsed() <= Duration::from_secs(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -1289,3 +1289,64 @@ async fn s42_secret_forms_and_generic_github_vector() {
     );
     assert!(events.try_recv().is_none());
 }
+
+/// "only the first `MAX_SIGNATURES` (16) `v1` entries ... are considered; the rest are
+/// ignored": the right signature as the 16th `v1` entry passes, as the 17th it does not;
+/// entries of another version before it do not count towards the 16.
+#[tokio::test]
+async fn s42_only_the_first_sixteen_v1_entries_count() {
+    use sturdy::webhook::MAX_SIGNATURES;
+    assert_eq!(MAX_SIGNATURES, 16);
+    let now = 1_700_000_000;
+    let t = now.to_string();
+    let good = sign_standard(SW1_SECRET, "msg_16", now, b"{}").unwrap();
+    let wrong = "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=";
+    let other = "v2,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=";
+    for (before, others, want) in [
+        (15, 0, StatusCode::OK),
+        (16, 0, StatusCode::UNAUTHORIZED),
+        (15, 40, StatusCode::OK),
+    ] {
+        let mut entries = vec![other; others];
+        entries.extend(vec![wrong; before]);
+        entries.push(good.as_str());
+        let header = entries.join(" ");
+        let (rx, _events) = standard_receiver(now);
+        let (status, _) = deliver(
+            &rx,
+            &[
+                ("webhook-id", "msg_16"),
+                ("webhook-timestamp", &t),
+                ("webhook-signature", &header),
+            ],
+            "{}",
+        )
+        .await;
+        assert_eq!(status, want, "{before} wrong v1 and {others} v2 before it");
+    }
+
+    let body = br#"{"id":"evt_16"}"#;
+    let good = sign_stripe(STRIPE_SECRET, now, body);
+    let hex = good.split("v1=").nth(1).unwrap().to_owned();
+    let wrong = format!("v1={}", "ab".repeat(32));
+    let v0 = format!("v0={}", "cd".repeat(32));
+    for (before, others, want) in [
+        (15, 0, StatusCode::OK),
+        (16, 0, StatusCode::UNAUTHORIZED),
+        (15, 40, StatusCode::OK),
+    ] {
+        let mut entries = vec![format!("t={now}")];
+        entries.extend(vec![v0.clone(); others]);
+        entries.extend(vec![wrong.clone(); before]);
+        entries.push(format!("v1={hex}"));
+        let header = entries.join(",");
+        let (q, _events) = MemoryQueue::new(4);
+        let rx =
+            WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q).with_clock(clock(now));
+        let (status, _) = deliver(&rx, &[("stripe-signature", &header)], &body[..]).await;
+        assert_eq!(
+            status, want,
+            "stripe: {before} wrong v1 and {others} v0 before it"
+        );
+    }
+}
