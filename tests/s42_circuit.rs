@@ -769,3 +769,53 @@ async fn s42_forced_open_retry_in_is_the_longest_period() {
     assert_eq!(open.retry_in(), Duration::from_secs(90));
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// A probe future dropped before it was ever polled gives its slot back too; and a probe
+/// cancelled while queued in tower's `Buffer` above the breaker does not wedge it.
+#[tokio::test(start_paused = true)]
+async fn s42_probe_dropped_unpolled_or_in_buffer_does_not_wedge() {
+    let code = Arc::new(AtomicU16::new(500));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_open_duration(Duration::from_secs(1), Duration::from_secs(1))
+        .pair();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(api(code.clone(), calls.clone()));
+    svc.ready().await.unwrap().call(get(HOST)).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        let fut = svc.ready().await.unwrap().call(get(HOST));
+        drop(fut);
+    }
+    code.store(200, Ordering::SeqCst);
+    let res = svc.ready().await.unwrap().call(get(HOST)).await;
+    assert!(res.is_ok(), "{:?}", res.err().map(|e| e.to_string()));
+    assert_eq!(handle.state(HOST), Some(CircuitState::Closed));
+
+    // Through a Buffer: open it again, then cancel probes while they sit in the buffer.
+    code.store(500, Ordering::SeqCst);
+    let buffered = ServiceBuilder::new()
+        .buffer(4)
+        .layer(layer)
+        .service(api(code.clone(), calls.clone()));
+    buffered.clone().oneshot(get(HOST)).await.unwrap();
+    assert!(open_for(handle.state(HOST)).is_some());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        let mut f = tokio_test::task::spawn(buffered.clone().oneshot(get(HOST)));
+        let _ = f.poll();
+        drop(f);
+        tokio::task::yield_now().await;
+    }
+    code.store(200, Ordering::SeqCst);
+    let res = tokio::time::timeout(Duration::from_secs(60), buffered.clone().oneshot(get(HOST)))
+        .await
+        .expect("hung");
+    match res {
+        Ok(r) => assert_eq!(r.status(), StatusCode::OK),
+        Err(e) => panic!("a cancelled buffered probe wedged the breaker: {e}"),
+    }
+    assert_eq!(handle.state(HOST), Some(CircuitState::Closed));
+}

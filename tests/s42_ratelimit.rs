@@ -922,3 +922,104 @@ async fn s42_dropped_waiter_over_buffer_frees_the_slot() {
     assert!(start.elapsed() <= Duration::from_secs(1));
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// Slow start: "a released call gives its place back when it finishes, fails, is dropped or
+/// panics". The one call released after a pause is dropped while at the server; the next one
+/// in line is released instead of the line waiting forever.
+#[tokio::test(start_paused = true)]
+async fn s42_slow_start_released_call_dropped_gives_its_place_back() {
+    let (layer, handle) = RateLimitLayer::adaptive_only()
+        .with_max_wait(Duration::from_secs(60))
+        .pair();
+    let (inner, mut mock) = tower_test::mock::pair::<Req, Res>();
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    let mut first = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(first.poll());
+    mock.next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(res(429, &[("retry-after", "2")]));
+    assert_ready!(first.poll()).unwrap();
+    let mut a = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    let mut b = tokio_test::task::spawn(svc.clone().oneshot(get(HOST)));
+    assert_pending!(a.poll());
+    assert_pending!(b.poll());
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_pending!(a.poll());
+    assert_pending!(b.poll());
+    let (_req, _send) = mock.next_request().await.expect("one released");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), mock.next_request())
+            .await
+            .is_err(),
+        "only one is released first"
+    );
+    // The released call is dropped at the server (whichever of a and b it was).
+    drop(a);
+    let _ = b.poll();
+    let got = tokio::time::timeout(Duration::from_millis(1), mock.next_request()).await;
+    let next = match got {
+        Ok(Some(r)) => Some(r),
+        _ => {
+            // b may have been the released one: then a's drop changed nothing, and b still waits
+            // for its answer.
+            None
+        }
+    };
+    if let Some((_, send)) = next {
+        send.send_response(res(200, &[]));
+        assert_ready!(b.poll()).unwrap();
+    } else {
+        drop(_send);
+    }
+    assert_eq!(handle.waiting(HOST), 0);
+}
+
+/// The same with the released call's task aborted: the call behind it leaves (within its
+/// `max_wait`), so the line does not stall.
+#[tokio::test(start_paused = true)]
+async fn s42_slow_start_aborted_released_task_unblocks_the_line() {
+    let (layer, _handle) = RateLimitLayer::adaptive_only()
+        .with_max_wait(Duration::from_secs(60))
+        .pair();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    // The first call after the pause hangs; later ones answer at once.
+    let inner = service_fn(move |_req: Req| {
+        let n = s.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return Ok::<_, Infallible>(res(429, &[("retry-after", "2")]));
+            }
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(res(200, &[]))
+        }
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    svc.clone().oneshot(get(HOST)).await.unwrap();
+    let hung = tokio::spawn(svc.clone().oneshot(get(HOST)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let behind = tokio::spawn(svc.clone().oneshot(get(HOST)));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the hung call was released first"
+    );
+    hung.abort();
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(120), behind)
+        .await
+        .expect("the call behind the aborted one never left")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+}
