@@ -1350,3 +1350,82 @@ async fn s42_only_the_first_sixteen_v1_entries_count() {
         );
     }
 }
+
+/// Two `t=` entries in one `Stripe-Signature` (a fresh one added to a captured, stale, signed
+/// header), or two timestamp lines for a generic scheme: the timestamp whose freshness is
+/// checked must be the one the MAC covers, so none of these is accepted.
+#[tokio::test]
+async fn s42_duplicate_timestamp_entries_cannot_refresh_a_stale_delivery() {
+    let now = 1_700_000_000;
+    let old = now - 3_600;
+    let body = br#"{"id":"evt_dup_t"}"#;
+    let sig = sign_stripe(STRIPE_SECRET, old, body);
+    let v1 = sig.split("v1=").nth(1).unwrap().to_owned();
+    for header in [
+        format!("t={now},t={old},v1={v1}"),
+        format!("t={old},t={now},v1={v1}"),
+        format!("t={old},v1={v1},t={now}"),
+    ] {
+        let (q, mut events) = MemoryQueue::new(4);
+        let rx =
+            WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q).with_clock(clock(now));
+        let (status, _) = deliver(&rx, &[("stripe-signature", &header)], &body[..]).await;
+        assert_ne!(status, StatusCode::OK, "{header}");
+        assert_eq!(drain(&mut events), 0);
+    }
+
+    // A generic scheme signing `timestamp.body`, with its timestamp header twice.
+    // HMAC-SHA256 over `old.{}` keyed with the secret's bytes: what sign_github computes.
+    let signed = format!("{old}.{{}}");
+    let tag = sign_github("gen-key", signed.as_bytes())
+        .strip_prefix("sha256=")
+        .unwrap()
+        .to_owned();
+    // The tag is right for `old` alone: accepted when `old` is fresh, so the refusals below
+    // are about the second timestamp line, not a wrong tag.
+    {
+        let v = GenericHmac::new("acme", HeaderName::from_static("x-acme-sig"), "gen-key")
+            .unwrap()
+            .with_timestamp_header(HeaderName::from_static("x-acme-ts"));
+        let (q, _events) = MemoryQueue::new(4);
+        let rx = WebhookReceiver::new(v, q).with_clock(clock(old));
+        let t = old.to_string();
+        let (status, _) = deliver(&rx, &[("x-acme-sig", &tag), ("x-acme-ts", &t)], "{}").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    for order in [[old, now], [now, old]] {
+        let v = GenericHmac::new("acme", HeaderName::from_static("x-acme-sig"), "gen-key")
+            .unwrap()
+            .with_timestamp_header(HeaderName::from_static("x-acme-ts"));
+        let (q, mut events) = MemoryQueue::new(4);
+        let rx = WebhookReceiver::new(v, q).with_clock(clock(now));
+        let mut req = Request::post("/hook").header("x-acme-sig", tag.as_str());
+        for t in order {
+            req = req.header("x-acme-ts", t.to_string());
+        }
+        let res = rx
+            .oneshot(req.body(Body::from("{}")).unwrap())
+            .await
+            .unwrap();
+        assert_ne!(res.status(), StatusCode::OK, "{order:?}");
+        assert_eq!(drain(&mut events), 0);
+    }
+}
+
+/// Stripe deduplicates on the body's top-level `id` only: two events whose only `id` is nested
+/// are two events.
+#[tokio::test]
+async fn s42_stripe_nested_id_is_not_the_event_id() {
+    let now = 1_700_000_000;
+    let (q, mut events) = MemoryQueue::new(4);
+    let rx = WebhookReceiver::new(Stripe::new(STRIPE_SECRET).unwrap(), q).with_clock(clock(now));
+    for body in [
+        r#"{"data":{"id":"same"},"n":1}"#,
+        r#"{"data":{"id":"same"},"n":2}"#,
+    ] {
+        let h = sign_stripe(STRIPE_SECRET, now, body.as_bytes());
+        let (status, _) = deliver(&rx, &[("stripe-signature", &h)], body).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(drain(&mut events), 2);
+}
