@@ -1429,3 +1429,48 @@ async fn s42_stripe_nested_id_is_not_the_event_id() {
     }
     assert_eq!(drain(&mut events), 2);
 }
+
+/// Limits at their extremes: `with_body_limit(0)` takes an empty body and refuses one byte;
+/// `with_body_limit(usize::MAX)` with a lying `Content-Length` of a terabyte or of `u64::MAX`
+/// on a 2-byte body neither allocates that much nor crashes; `with_offload_above(0)` verifies
+/// every body on the blocking pool of a current-thread runtime.
+#[tokio::test]
+async fn s42_limit_extremes_and_lying_content_length() {
+    let (q, mut events) = MemoryQueue::new(8);
+    let rx = WebhookReceiver::new(GitHub::new(GH_SECRET).unwrap(), q).with_body_limit(0);
+    let (status, _) = deliver(
+        &rx,
+        &[("x-hub-signature-256", &sign_github(GH_SECRET, b""))],
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = deliver(
+        &rx,
+        &[("x-hub-signature-256", &sign_github(GH_SECRET, b"x"))],
+        "x",
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(drain(&mut events), 1);
+
+    let (q, mut events) = MemoryQueue::new(8);
+    let rx = WebhookReceiver::new(GitHub::new(GH_SECRET).unwrap(), q)
+        .with_body_limit(usize::MAX)
+        .with_offload_above(0);
+    for (i, len) in ["1099511627776", "18446744073709551615"].iter().enumerate() {
+        let body = format!("[{i}]");
+        let sig = sign_github(GH_SECRET, body.as_bytes());
+        let (status, _) = deliver(
+            &rx,
+            &[("x-hub-signature-256", &sig), ("content-length", len)],
+            body,
+        )
+        .await;
+        assert!(
+            status == StatusCode::OK || status.is_client_error(),
+            "content-length {len}: {status}"
+        );
+    }
+    let _ = drain(&mut events);
+}
