@@ -1023,3 +1023,50 @@ async fn s42_slow_start_aborted_released_task_unblocks_the_line() {
         start.elapsed()
     );
 }
+
+/// A `RateLimit` field split over two field lines (an SF List may be, RFC 9651 §3.1): the
+/// exhausted policy on the second line pauses, as it does on one line.
+#[tokio::test(start_paused = true)]
+async fn s42_ratelimit_field_split_over_lines() {
+    let (one, _) = pause_after(200, &[h("ratelimit", "\"a\";r=5;t=10, \"b\";r=0;t=20")]).await;
+    assert_eq!(one, Some(Duration::from_secs(20)));
+    let (two, _) = pause_after(
+        200,
+        &[
+            h("ratelimit", "\"a\";r=5;t=10"),
+            h("ratelimit", "\"b\";r=0;t=20"),
+        ],
+    )
+    .await;
+    assert_eq!(two, Some(Duration::from_secs(20)));
+}
+
+/// Past `with_max_keys`, the handle answers for a key of the overflow with the shared limiter,
+/// and `clear_pause` of one of them clears the pause of all.
+#[tokio::test(start_paused = true)]
+async fn s42_overflow_keys_share_one_pause() {
+    let script = Script::default();
+    let (layer, handle) = RateLimitLayer::adaptive_only().with_max_keys(2).pair();
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(script.service(Arc::new(AtomicUsize::new(0))));
+    // Two keys kept busy (paused), so they are not idle.
+    script.set(429, &[h("retry-after", "100")]);
+    for host in ["k1.example.com", "k2.example.com", "k3.example.com"] {
+        svc.ready().await.unwrap().call(get(host)).await.unwrap();
+    }
+    if handle.paused().iter().any(|(k, _)| k == "*") {
+        assert!(
+            handle.pause("k4.example.com").is_some(),
+            "k4 shares the overflow"
+        );
+        handle.clear_pause("k4.example.com");
+        assert!(
+            handle.pause("k3.example.com").is_none(),
+            "{:?}",
+            handle.paused()
+        );
+        assert!(!handle.paused().iter().any(|(k, _)| k == "*"));
+    }
+    assert!(handle.paused().len() <= 3);
+}
