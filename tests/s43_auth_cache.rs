@@ -118,6 +118,7 @@ async fn every_caller_dropped_mid_fetch_leaves_no_wedged_state() {
         tokio_test::assert_pending!(f.poll());
         drop(f);
     }
+    settle().await;
     advance(Duration::from_secs(6)).await;
     settle().await;
     assert_eq!(value(&cached(&src).unwrap().unwrap()), "t-1");

@@ -238,7 +238,7 @@ struct Failing;
 
 impl TokenSource for Failing {
     fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
-        Box::pin(async { Err(std::io::Error::other("vault sealed").into()) })
+        Box::pin(async { Err::<Token, BoxError>(Box::new(std::io::Error::other("vault sealed"))) })
     }
 
     fn invalidate(&self, _token: &Token) {}
@@ -298,11 +298,14 @@ async fn over_buffer_and_a_limit_of_one_401_replays_go_through() {
     let api = Api::default();
     *api.delay.lock().unwrap() = Duration::from_millis(50);
     api.statuses.lock().unwrap().extend([401, 200, 401, 200]);
-    let svc = ServiceBuilder::new()
-        .layer(AuthLayer::oauth2(source(&ep)))
-        .buffer(2)
-        .concurrency_limit(1)
-        .service(api.service());
+    // Boxed (as a session client would be), which also shows the stack is Send + Sync.
+    let svc = tower::util::BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(AuthLayer::oauth2(source(&ep)))
+            .buffer(2)
+            .concurrency_limit(1)
+            .service(api.service()),
+    );
     let tasks: Vec<_> = (0..4)
         .map(|_| {
             let mut svc = svc.clone();
@@ -378,4 +381,84 @@ fn the_composed_types_are_send_and_sync() {
     send_sync::<sturdy::auth::Auth<Inner>>();
     send::<sturdy::auth::ResponseFuture<Inner, Full<Bytes>>>();
     send_sync::<tower::buffer::Buffer<Request<Full<Bytes>>, <sturdy::auth::Auth<Inner> as Service<Request<Full<Bytes>>>>::Future>>();
+}
+
+/// An API answering 401 to the first call and 200 after, counting calls and body sizes.
+fn first_401() -> (
+    Arc<Mutex<Vec<usize>>>,
+    impl tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + Sync,
+) {
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let log = sizes.clone();
+    let svc = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        let log = log.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let first = {
+                let mut l = log.lock().unwrap();
+                l.push(body.len());
+                l.len() == 1
+            };
+            let status = if first { 401 } else { 200 };
+            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+        }
+    });
+    (sizes, svc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_up_to_the_replay_limit_is_replayed_and_a_larger_one_sent_once() {
+    for (limit, size, replayed) in [
+        (None, 1 << 20, true),
+        (None, (1 << 20) + 1, false),
+        (Some(10), 10, true),
+        (Some(10), 11, false),
+        (Some(0), 0, true),
+    ] {
+        let ep = Endpoint::new(token_json("t-2", Some("3600")));
+        ep.then(token_json("t-1", Some("3600")));
+        let (sizes, api) = first_401();
+        let mut layer = AuthLayer::oauth2(source(&ep));
+        if let Some(l) = limit {
+            layer = layer.with_replay_limit(l);
+        }
+        let svc = ServiceBuilder::new().layer(layer).service(api);
+        let req = Request::post(API).body(Full::from(vec![b'x'; size])).unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let what = format!("limit {limit:?}, body {size}");
+        if replayed {
+            assert_eq!(res.status(), StatusCode::OK, "{what}");
+            assert_eq!(*sizes.lock().unwrap(), [size, size], "{what}");
+        } else {
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{what}");
+            assert_eq!(sizes.lock().unwrap().len(), 1, "{what}");
+            // The refused token was still invalidated: the next call has a fresh one.
+            svc.oneshot(get(API)).await.unwrap();
+            assert_eq!(ep.count(), 2, "{what}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "DOUBTFUL: auth.md promises clear errors for hostile token answers; an access_token that cannot go in a header (a control character) is cached for its whole lifetime, so every call fails with the same Auth error until it expires"]
+async fn an_access_token_that_cannot_go_in_a_header_is_not_kept() {
+    let ep = Endpoint::new(token_json("good", Some("3600")));
+    ep.then(token_json("bad\\u0001token", Some("3600")));
+    let api = Api::default();
+    let svc = ServiceBuilder::new()
+        .layer(AuthLayer::oauth2(source(&ep)))
+        .service(api.service());
+    let err = svc.clone().oneshot(get(API)).await.unwrap_err();
+    assert_eq!(*own(&err).kind(), ErrorKind::Auth, "{err}");
+    assert_eq!(own(&err).delivery(), Some(Delivery::NotSent));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let res = svc.oneshot(get(API)).await;
+    assert!(res.is_ok(), "the unusable token is still used: {:?}", res.err());
 }

@@ -40,7 +40,7 @@ fn a_first_fetch_lost_with_its_runtime_is_started_again_by_the_next_caller() {
     drop(rt1);
     let rt2 = runtime();
     let t = rt2
-        .block_on(tokio::time::timeout(Duration::from_secs(5), src.get()))
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), src.get()).await })
         .expect("the next caller waited for a request whose runtime was gone")
         .unwrap();
     assert_eq!(t.secret().expose_secret(), "t-1");

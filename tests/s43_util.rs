@@ -17,11 +17,11 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-pub type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub(crate) type Fut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// What the token endpoint answers to one request.
 #[derive(Clone, Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// A status and a body, at once.
     Now(u16, Bytes),
     /// A status and a body after a delay.
@@ -33,7 +33,7 @@ pub enum Answer {
 /// A 200 with `{"access_token": token, "token_type": "Bearer", "expires_in": expires}`;
 /// `expires` is written into the JSON as it is (so it may be any JSON text, or `None` to leave
 /// it out).
-pub fn token_json(token: &str, expires: Option<&str>) -> Answer {
+pub(crate) fn token_json(token: &str, expires: Option<&str>) -> Answer {
     let body = match expires {
         Some(e) => format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{e}}}"#),
         None => format!(r#"{{"access_token":"{token}","token_type":"Bearer"}}"#),
@@ -41,24 +41,24 @@ pub fn token_json(token: &str, expires: Option<&str>) -> Answer {
     Answer::Now(200, Bytes::from(body))
 }
 
-pub fn status_json(status: u16, body: &str) -> Answer {
+pub(crate) fn status_json(status: u16, body: &str) -> Answer {
     Answer::Now(status, Bytes::from(body.to_owned()))
 }
 
 /// An in-process token endpoint that answers from a script (then the fallback), counting the
 /// requests and keeping their bodies.
 #[derive(Clone)]
-pub struct Endpoint {
-    pub calls: Arc<AtomicUsize>,
-    pub bodies: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Endpoint {
+    pub(crate) calls: Arc<AtomicUsize>,
+    pub(crate) bodies: Arc<Mutex<Vec<String>>>,
     /// The `authorization` header of every request (empty when none).
-    pub auths: Arc<Mutex<Vec<String>>>,
+    pub(crate) auths: Arc<Mutex<Vec<String>>>,
     script: Arc<Mutex<VecDeque<Answer>>>,
     fallback: Arc<Mutex<Answer>>,
 }
 
 impl Endpoint {
-    pub fn new(fallback: Answer) -> Self {
+    pub(crate) fn new(fallback: Answer) -> Self {
         Self {
             calls: Arc::default(),
             bodies: Arc::default(),
@@ -69,21 +69,21 @@ impl Endpoint {
     }
 
     /// Answers `a` to the next request not yet scripted.
-    pub fn then(&self, a: Answer) -> &Self {
+    pub(crate) fn then(&self, a: Answer) -> &Self {
         self.script.lock().unwrap().push_back(a);
         self
     }
 
-    pub fn set_fallback(&self, a: Answer) {
+    pub(crate) fn set_fallback(&self, a: Answer) {
         *self.fallback.lock().unwrap() = a;
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
 
     /// The token client: a `service_fn` over this endpoint.
-    pub fn client(
+    pub(crate) fn client(
         &self,
     ) -> impl tower::Service<
         Request<Full<Bytes>>,
@@ -92,6 +92,7 @@ impl Endpoint {
         Future = Fut<Result<Response<Full<Bytes>>, Infallible>>,
     > + Clone
            + Send
+           + Sync
            + 'static {
         let this = self.clone();
         tower::service_fn(move |req: Request<Full<Bytes>>| {
@@ -132,30 +133,30 @@ impl Endpoint {
     }
 }
 
-pub const TOKEN_URL: &str = "https://auth.example.com/oauth/token";
+pub(crate) const TOKEN_URL: &str = "https://auth.example.com/oauth/token";
 
 /// The source over `ep` with the id `my-client` and the secret `s3cr3t-Client-Secret`.
-pub fn source(ep: &Endpoint) -> sturdy::auth::ClientCredentials {
+pub(crate) fn source(ep: &Endpoint) -> sturdy::auth::ClientCredentials {
     sturdy::auth::ClientCredentials::new(ep.client(), TOKEN_URL, "my-client", SECRET).unwrap()
 }
 
-pub const SECRET: &str = "s3cr3t-Client-Secret";
+pub(crate) const SECRET: &str = "s3cr3t-Client-Secret";
 
 /// An API that records the authorization header of every call and answers with the statuses
 /// of its script (then 200).
 #[derive(Clone, Default)]
-pub struct Api {
-    pub seen: Arc<Mutex<Vec<String>>>,
-    pub statuses: Arc<Mutex<VecDeque<u16>>>,
+pub(crate) struct Api {
+    pub(crate) seen: Arc<Mutex<Vec<String>>>,
+    pub(crate) statuses: Arc<Mutex<VecDeque<u16>>>,
     /// When set, every call answers this status.
-    pub always: Arc<Mutex<Option<u16>>>,
-    pub in_flight: Arc<AtomicUsize>,
-    pub peak: Arc<AtomicUsize>,
-    pub delay: Arc<Mutex<Duration>>,
+    pub(crate) always: Arc<Mutex<Option<u16>>>,
+    pub(crate) in_flight: Arc<AtomicUsize>,
+    pub(crate) peak: Arc<AtomicUsize>,
+    pub(crate) delay: Arc<Mutex<Duration>>,
 }
 
 impl Api {
-    pub fn service(
+    pub(crate) fn service(
         &self,
     ) -> impl tower::Service<
         Request<Full<Bytes>>,
@@ -197,27 +198,27 @@ impl Api {
         })
     }
 
-    pub fn seen(&self) -> Vec<String> {
+    pub(crate) fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
 }
 
-pub fn get(uri: &str) -> Request<Full<Bytes>> {
+pub(crate) fn get(uri: &str) -> Request<Full<Bytes>> {
     Request::get(uri).body(Full::default()).unwrap()
 }
 
-pub fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
+pub(crate) fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::post(uri).body(Full::from(body)).unwrap()
 }
 
 /// The `sturdy_core::Error` in a boxed error.
-pub fn own(err: &sturdy::core::BoxError) -> &sturdy::core::Error {
+pub(crate) fn own(err: &sturdy::core::BoxError) -> &sturdy::core::Error {
     err.downcast_ref::<sturdy::core::Error>()
         .unwrap_or_else(|| panic!("not a sturdy_core::Error: {err:?}"))
 }
 
 /// The error and every source, joined.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = format!("{err} / {err:?}");
     let mut cur = err.source();
     while let Some(e) = cur {
@@ -229,14 +230,14 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Every `tracing` event at any level, as text, for as long as the guard lives (this thread).
 #[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Logs(Arc<Mutex<Vec<u8>>>);
 
 impl Logs {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
-    pub fn capture(&self) -> tracing::subscriber::DefaultGuard {
+    pub(crate) fn capture(&self) -> tracing::subscriber::DefaultGuard {
         let sink = self.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
@@ -259,7 +260,7 @@ impl Write for Logs {
 }
 
 /// Standard base64 with padding (RFC 4648), for the expected Basic credentials.
-pub fn base64(input: &[u8]) -> String {
+pub(crate) fn base64(input: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {

@@ -27,7 +27,7 @@ fn api(
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = impl Send,
+    Future = crate::s43_util::Fut<Result<Response<Full<Bytes>>, Infallible>>,
 > + Clone
        + Send
        + Sync {
@@ -39,7 +39,9 @@ fn api(
             res = res.header(*k, *v);
         }
         let res = res.header("x-other", "kept").body(Full::from("body")).unwrap();
-        async move { Ok::<_, Infallible>(res) }
+        let fut: crate::s43_util::Fut<Result<Response<Full<Bytes>>, Infallible>> =
+            Box::pin(async move { Ok(res) });
+        fut
     })
 }
 
@@ -182,4 +184,14 @@ fn the_layer_and_its_service_are_send_sync_and_debug_without_surprises() {
     type Inner = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, sturdy::core::BoxError>;
     fn send_sync<T: Send + Sync>() {}
     send_sync::<sturdy::version::Version<Inner>>();
+}
+
+#[tokio::test]
+async fn a_callers_own_query_version_in_another_encoding_is_kept_too() {
+    let seen = Seen::default();
+    let svc = VersionLayer::query("api version", "2").layer(api(seen.clone(), vec![]));
+    svc.oneshot(req(Method::GET, "https://api.example.com/a?api%20version=1"))
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap()[0].uri().query(), Some("api%20version=1"));
 }
