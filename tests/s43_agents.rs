@@ -41,7 +41,10 @@ async fn the_guides_rate_limited_example_comes_out_as_shown() {
     let client = tower::ServiceBuilder::new()
         .layer(sturdy::retry::RetryLayer::new())
         .service(api);
-    let err: BoxError = client.oneshot(get("http://api.example.com/")).await.unwrap_err();
+    let err: BoxError = client
+        .oneshot(get("http://api.example.com/"))
+        .await
+        .unwrap_err();
     let v = tool_result::<()>(Err(err));
     assert_eq!(v["isError"], json!(true));
     assert_eq!(v["content"][0]["type"], json!("text"));
@@ -65,9 +68,15 @@ async fn the_guides_rate_limited_example_comes_out_as_shown() {
 fn on_success_the_text_is_the_value_as_json_and_structured_content_the_result() {
     let v = tool_result(Ok::<_, BoxError>(json!({"id": 7, "ok": true})));
     assert_eq!(v["isError"], json!(false));
-    assert_eq!(v["structuredContent"], json!({"result": {"id": 7, "ok": true}}));
+    assert_eq!(
+        v["structuredContent"],
+        json!({"result": {"id": 7, "ok": true}})
+    );
     let text = v["content"][0]["text"].as_str().unwrap();
-    assert_eq!(serde_json::from_str::<serde_json::Value>(text).unwrap(), json!({"id": 7, "ok": true}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(text).unwrap(),
+        json!({"id": 7, "ok": true})
+    );
 }
 
 #[test]
@@ -100,7 +109,10 @@ fn an_error_summary_has_the_documented_fields_and_advice() {
     assert_eq!(s.retry_after_ms, Some(30_000));
     // A local rate limit: nothing reached the server.
     assert!(!s.may_have_been_processed);
-    assert_eq!(s.advice(), "Try again in 30s; the request was not processed.");
+    assert_eq!(
+        s.advice(),
+        "Try again in 30s; the request was not processed."
+    );
 
     let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
     let s = ErrorSummary::of(&refused);
@@ -110,15 +122,26 @@ fn an_error_summary_has_the_documented_fields_and_advice() {
 
     let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
     let s = ErrorSummary::of(&reset);
-    assert!(s.may_have_been_processed, "a reset after sending may have been processed");
+    assert!(
+        s.may_have_been_processed,
+        "a reset after sending may have been processed"
+    );
 
     let bad = sturdy::core::Error::new(
         sturdy::core::ErrorKind::Client(StatusCode::UNPROCESSABLE_ENTITY),
         "the API said no",
     );
     let s = ErrorSummary::of(&bad);
-    assert_eq!((s.kind, s.status, s.retryable), ("client_error", Some(422), false));
-    assert!(s.advice().starts_with("Trying again unchanged will not help; "), "{}", s.advice());
+    assert_eq!(
+        (s.kind, s.status, s.retryable),
+        ("client_error", Some(422), false)
+    );
+    assert!(
+        s.advice()
+            .starts_with("Trying again unchanged will not help; "),
+        "{}",
+        s.advice()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -157,7 +180,11 @@ async fn a_failing_token_endpoint_in_a_client_stack_is_named_with_its_status() {
     assert_eq!(s.kind, "auth", "{s:?}");
     assert!(!s.retryable);
     assert!(!s.may_have_been_processed);
-    assert!(s.message.contains("https://auth.example.com/oauth/token"), "{}", s.message);
+    assert!(
+        s.message.contains("https://auth.example.com/oauth/token"),
+        "{}",
+        s.message
+    );
     assert!(api.seen().is_empty());
     // The circuit breaker around auth does not count the token endpoint against the API host:
     // after many token failures the API answers as soon as the token endpoint does.
@@ -203,5 +230,9 @@ async fn a_session_client_can_be_the_token_client_and_gives_token_requests_retri
     .unwrap();
     let t = src.get().await.unwrap();
     assert_eq!(sturdy::auth::ExposeSecret::expose_secret(t.secret()), "t-1");
-    assert_eq!(ep.count(), 2, "the token client's retry layer retried the 503");
+    assert_eq!(
+        ep.count(),
+        2,
+        "the token client's retry layer retried the 503"
+    );
 }

@@ -100,8 +100,16 @@ async fn a_caller_dropped_mid_fetch_does_not_cancel_the_request_for_the_next() {
     advance(Duration::from_secs(2)).await;
     let start = Instant::now();
     assert_eq!(value(&src.get().await.unwrap()), "t-1");
-    assert_eq!(ep.count(), 1, "the dropped caller's request was cancelled or repeated");
-    assert_eq!(start.elapsed(), Duration::from_secs(3), "the next caller joined the request");
+    assert_eq!(
+        ep.count(),
+        1,
+        "the dropped caller's request was cancelled or repeated"
+    );
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(3),
+        "the next caller joined the request"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -142,7 +150,10 @@ async fn a_failed_refresh_keeps_the_valid_token_and_the_expired_one_is_not_used(
     advance(Duration::from_secs(60)).await;
     // Expired (3601 s): the 503 surfaces; never the expired token.
     let err = src.get().await.unwrap_err();
-    assert_eq!(*err.kind(), ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        *err.kind(),
+        ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE)
+    );
     assert!(err.is_retryable());
     assert!(err.to_string().contains(TOKEN_URL), "{err}");
 }
@@ -163,7 +174,10 @@ async fn a_failing_endpoint_is_asked_again_after_1_2_4_8_16_32_60_60_seconds() {
         } else {
             // Within the backoff: the last error at once, saying when the endpoint is asked again.
             assert!(err.to_string().contains("not asked again"), "{err}");
-            assert_eq!(*err.kind(), ErrorKind::Server(http::StatusCode::INTERNAL_SERVER_ERROR));
+            assert_eq!(
+                *err.kind(),
+                ErrorKind::Server(http::StatusCode::INTERNAL_SERVER_ERROR)
+            );
         }
         advance(Duration::from_millis(250)).await;
     }
@@ -211,7 +225,11 @@ async fn expires_in_huge_is_clamped_to_24_hours_and_missing_means_one_hour() {
         advance(Duration::from_secs(want - 3)).await;
         let _ = cached(&src);
         settle().await;
-        assert_eq!(ep.count(), 1, "expires_in {expires:?}: refreshed before {want} s");
+        assert_eq!(
+            ep.count(),
+            1,
+            "expires_in {expires:?}: refreshed before {want} s"
+        );
         let got = refresh_after(&src, &ep, 10).await.map(|s| s + want - 3);
         assert_eq!(got, Some(want), "expires_in {expires:?}");
     }
@@ -246,7 +264,10 @@ async fn token_endpoint_failures_say_what_to_fix_and_whether_to_retry() {
             "invalid_client (401 Unauthorized): the client id or secret is wrong",
         ),
         (
-            status_json(400, r#"{"error":"invalid_scope","error_description":"nope"}"#),
+            status_json(
+                400,
+                r#"{"error":"invalid_scope","error_description":"nope"}"#,
+            ),
             ErrorKind::Auth,
             false,
             "invalid_scope",
@@ -396,7 +417,9 @@ async fn clones_used_from_many_tasks_compile_and_share() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let s = src.clone();
-        tasks.push(tokio::spawn(async move { s.get().await.map(|t| value(&t)) }));
+        tasks.push(tokio::spawn(
+            async move { s.get().await.map(|t| value(&t)) },
+        ));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), "t");

@@ -80,13 +80,20 @@ async fn ten_callers_refused_with_401_together_share_one_refetch() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let status = if auth == "Bearer t-1" { 401 } else { 200 };
             log.lock().unwrap().push(auth);
-            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
         }
     });
     let svc = ServiceBuilder::new()
         .layer(AuthLayer::oauth2(source(&ep)))
         .service(api);
-    let calls: Vec<_> = (0..10).map(|_| tokio::spawn(svc.clone().oneshot(get(API)))).collect();
+    let calls: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get(API))))
+        .collect();
     for c in calls {
         assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
     }
@@ -108,8 +115,17 @@ async fn the_replay_after_a_401_sends_the_same_post_body() {
         async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             log.lock().unwrap().push(body);
-            let status = if n.fetch_add(1, Ordering::SeqCst) == 0 { 401 } else { 201 };
-            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+            let status = if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                401
+            } else {
+                201
+            };
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
         }
     });
     let svc = ServiceBuilder::new()
@@ -154,7 +170,9 @@ async fn the_default_token_timeout_is_30_seconds() {
     let ep = Endpoint::new(Answer::Stall);
     let layer = AuthLayer::oauth2(source(&ep).with_request_timeout(Duration::from_secs(100)));
     assert_eq!(layer.token_timeout(), Duration::from_secs(30));
-    let svc = ServiceBuilder::new().layer(layer).service(Api::default().service());
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(Api::default().service());
     let start = Instant::now();
     let err = svc.oneshot(get(API)).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_secs(30), "{err}");
@@ -174,7 +192,10 @@ async fn a_zero_token_timeout_means_the_cached_token_or_fail_at_once() {
     assert_eq!(*own(&err).kind(), ErrorKind::Timeout);
     // The request goes on; once cached, the token is used without a wait.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let res = svc.oneshot(get(API)).now_or_never().expect("waited for a cached token");
+    let res = svc
+        .oneshot(get(API))
+        .now_or_never()
+        .expect("waited for a cached token");
     assert_eq!(res.unwrap().status(), StatusCode::OK);
     assert_eq!(ep.count(), 1);
     assert_eq!(api.seen(), ["Bearer t-1"]);
@@ -193,7 +214,10 @@ async fn a_caller_arriving_after_a_timed_out_wait_shares_the_same_request() {
         .layer(AuthLayer::oauth2(src))
         .service(Api::default().service());
     let start = Instant::now();
-    assert_eq!(long.oneshot(get(API)).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        long.oneshot(get(API)).await.unwrap().status(),
+        StatusCode::OK
+    );
     assert_eq!(start.elapsed(), Duration::from_secs(7));
     assert_eq!(ep.count(), 1);
 }
@@ -207,13 +231,19 @@ async fn a_503_from_the_token_endpoint_keeps_its_kind_and_is_not_the_apis_failur
         .service(api.service());
     let err = svc.oneshot(post(API, "{}")).await.unwrap_err();
     let e = own(&err);
-    assert_eq!(*e.kind(), ErrorKind::Server(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        *e.kind(),
+        ErrorKind::Server(StatusCode::SERVICE_UNAVAILABLE)
+    );
     assert!(e.is_retryable());
     assert!(e.cause_is_elsewhere());
     assert_eq!(e.delivery(), Some(Delivery::NotSent));
     assert!(err.to_string().contains(TOKEN_URL), "{err}");
     let s = ErrorSummary::of(&*err);
-    assert_eq!((s.kind, s.status, s.may_have_been_processed), ("server_error", Some(503), false));
+    assert_eq!(
+        (s.kind, s.status, s.may_have_been_processed),
+        ("server_error", Some(503), false)
+    );
     assert!(api.seen().is_empty());
 }
 
@@ -253,7 +283,8 @@ async fn an_error_of_a_custom_source_is_wrapped_with_the_sources_description() {
     let e = own(&err);
     assert_eq!(e.delivery(), Some(Delivery::NotSent));
     assert!(
-        err.to_string().starts_with("could not get an access token from the token source: "),
+        err.to_string()
+            .starts_with("could not get an access token from the token source: "),
         "{err}"
     );
     assert!(err.to_string().contains("vault sealed"), "{err}");
@@ -328,7 +359,8 @@ async fn over_buffer_and_a_limit_of_one_401_replays_go_through() {
 #[tokio::test(start_paused = true)]
 async fn a_call_waiting_for_a_token_holds_its_permit_until_dropped() {
     let ep = Endpoint::new(token_after(Duration::from_secs(5), "t-1"));
-    let (mock, mut handle) = tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
+    let (mock, mut handle) =
+        tower_test::mock::pair::<Request<Full<Bytes>>, Response<Full<Bytes>>>();
     let mut svc = ServiceBuilder::new()
         .layer(AuthLayer::oauth2(source(&ep)))
         .concurrency_limit(1)
@@ -337,9 +369,7 @@ async fn a_call_waiting_for_a_token_holds_its_permit_until_dropped() {
     let mut first = tokio_test::task::spawn(svc.call(get(API)));
     tokio_test::assert_pending!(first.poll());
     let mut other = svc.clone();
-    let mut ready = tokio_test::task::spawn(async move {
-        other.ready().await.map(|_| ())
-    });
+    let mut ready = tokio_test::task::spawn(async move { other.ready().await.map(|_| ()) });
     tokio_test::assert_pending!(ready.poll());
     tokio::time::sleep(Duration::from_secs(1)).await;
     tokio_test::assert_pending!(ready.poll());
@@ -375,12 +405,18 @@ async fn a_token_wait_holds_the_permit_at_most_the_token_timeout() {
 fn the_composed_types_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
-    type Inner = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>;
+    type Inner =
+        tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, BoxError>;
     send_sync::<AuthLayer>();
     send_sync::<sturdy::auth::ClientCredentials>();
     send_sync::<sturdy::auth::Auth<Inner>>();
     send::<sturdy::auth::ResponseFuture<Inner, Full<Bytes>>>();
-    send_sync::<tower::buffer::Buffer<Request<Full<Bytes>>, <sturdy::auth::Auth<Inner> as Service<Request<Full<Bytes>>>>::Future>>();
+    send_sync::<
+        tower::buffer::Buffer<
+            Request<Full<Bytes>>,
+            <sturdy::auth::Auth<Inner> as Service<Request<Full<Bytes>>>>::Future,
+        >,
+    >();
 }
 
 /// An API answering 401 to the first call and 200 after, counting calls and body sizes.
@@ -407,7 +443,12 @@ fn first_401() -> (
                 l.len() == 1
             };
             let status = if first { 401 } else { 200 };
-            Ok::<_, Infallible>(Response::builder().status(status).body(Full::<Bytes>::default()).unwrap())
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
         }
     });
     (sizes, svc)
@@ -430,7 +471,9 @@ async fn a_body_up_to_the_replay_limit_is_replayed_and_a_larger_one_sent_once() 
             layer = layer.with_replay_limit(l);
         }
         let svc = ServiceBuilder::new().layer(layer).service(api);
-        let req = Request::post(API).body(Full::from(vec![b'x'; size])).unwrap();
+        let req = Request::post(API)
+            .body(Full::from(vec![b'x'; size]))
+            .unwrap();
         let res = svc.clone().oneshot(req).await.unwrap();
         let what = format!("limit {limit:?}, body {size}");
         if replayed {
@@ -460,5 +503,9 @@ async fn an_access_token_that_cannot_go_in_a_header_is_not_kept() {
     assert_eq!(own(&err).delivery(), Some(Delivery::NotSent));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let res = svc.oneshot(get(API)).await;
-    assert!(res.is_ok(), "the unusable token is still used: {:?}", res.err());
+    assert!(
+        res.is_ok(),
+        "the unusable token is still used: {:?}",
+        res.err()
+    );
 }

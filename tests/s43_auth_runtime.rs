@@ -52,26 +52,38 @@ fn a_background_refresh_lost_with_its_runtime_is_started_again() {
     let ep = Endpoint::new(token_json("t-2", Some("3600")));
     ep.then(token_json("t-1", Some("1"))).then(Answer::Stall);
     let src = source(&ep);
-    let rt1 = runtime();
+    // Paused clocks: each runtime's starts at the real time it was built, so tokens stay
+    // comparable across the two.
+    let paused = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let rt1 = paused();
     let t = rt1.block_on(src.get()).unwrap();
     assert_eq!(t.secret().expose_secret(), "t-1");
     // Past half of the one-second lifetime: the next get starts a background refresh.
-    std::thread::sleep(Duration::from_millis(600));
+    rt1.block_on(tokio::time::advance(Duration::from_millis(600)));
     start_on(&rt1, &src);
     assert_eq!(ep.count(), 2, "no background refresh started");
     drop(rt1);
-    let rt2 = runtime();
+    let rt2 = paused();
     let got = rt2.block_on(async {
         for _ in 0..50 {
             let t = src.get().await.unwrap();
             if t.secret().expose_secret() == "t-2" {
                 return true;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         false
     });
-    assert!(got, "the refresh lost with its runtime was never started again");
+    assert!(
+        got,
+        "the refresh lost with its runtime was never started again"
+    );
     assert_eq!(ep.count(), 3);
 }
 
@@ -92,7 +104,10 @@ fn a_request_on_a_runtime_that_stopped_driving_it_is_given_up_10s_after_its_time
     rt2.block_on(async {
         let start = tokio::time::Instant::now();
         let early = tokio::time::timeout(Duration::from_secs(9), src.get()).await;
-        assert!(early.is_err(), "the request was replaced before its timeout + 10 s");
+        assert!(
+            early.is_err(),
+            "the request was replaced before its timeout + 10 s"
+        );
         assert_eq!(ep.count(), before);
         let t = tokio::time::timeout(Duration::from_secs(30), src.get())
             .await

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -16,6 +16,7 @@ use sturdy::auth::{AuthLayer, ClientCredentials, ExposeSecret};
 use sturdy::core::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 
 use crate::s43_util::{base64, chain, get, SECRET};
@@ -34,7 +35,9 @@ async fn raw_server(reply: Vec<u8>, hold: Duration) -> (String, Arc<AtomicUsize>
     let reply = Arc::new(reply);
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             n.fetch_add(1, Ordering::SeqCst);
             let reply = reply.clone();
             tokio::spawn(async move {
@@ -142,9 +145,13 @@ async fn over_hyper_a_401_is_replayed_with_a_fresh_token_sent_with_basic_credent
             apost(|State(s): State<S>, h: HeaderMap| async move {
                 let n = s.tokens.fetch_add(1, Ordering::SeqCst) + 1;
                 s.basic.lock().unwrap().push(
-                    h.get("authorization").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default(),
+                    h.get("authorization")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default(),
                 );
-                format!(r#"{{"access_token":"wire-{n}","token_type":"bearer","expires_in":"3600"}}"#)
+                format!(
+                    r#"{{"access_token":"wire-{n}","token_type":"bearer","expires_in":"3600"}}"#
+                )
             }),
         )
         .route(
@@ -152,7 +159,11 @@ async fn over_hyper_a_401_is_replayed_with_a_fresh_token_sent_with_basic_credent
             aget(|State(s): State<S>, h: HeaderMap| async move {
                 let a = h["authorization"].to_str().unwrap().to_owned();
                 s.api.lock().unwrap().push(a.clone());
-                if a == "Bearer wire-1" { StatusCode::UNAUTHORIZED } else { StatusCode::OK }
+                if a == "Bearer wire-1" {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::OK
+                }
             }),
         )
         .with_state(state.clone());
@@ -173,9 +184,20 @@ async fn over_hyper_a_401_is_replayed_with_a_fresh_token_sent_with_basic_credent
         .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
-    assert_eq!(*state.api.lock().unwrap(), ["Bearer wire-1", "Bearer wire-2", "Bearer wire-2", "Bearer wire-2"]);
+    assert_eq!(
+        *state.api.lock().unwrap(),
+        [
+            "Bearer wire-1",
+            "Bearer wire-2",
+            "Bearer wire-2",
+            "Bearer wire-2"
+        ]
+    );
     assert_eq!(state.tokens.load(Ordering::SeqCst), 2);
     let basic = format!("Basic {}", base64(format!("my-client:{SECRET}").as_bytes()));
     assert!(state.basic.lock().unwrap().iter().all(|b| *b == basic));
-    assert_eq!(source.get().await.unwrap().secret().expose_secret(), "wire-2");
+    assert_eq!(
+        source.get().await.unwrap().secret().expose_secret(),
+        "wire-2"
+    );
 }

@@ -75,14 +75,16 @@ fn link_site(pages: Vec<(&'static str, Vec<i64>, Vec<String>)>) -> Site {
         .map(|(u, items, links)| (u.to_owned(), (items, links)))
         .collect();
     // A `page()` call's first page carries `?per_page=`: the same page.
-    Site::new(move |uri| match map.get(uri.to_string().split("?per_page=").next().unwrap()) {
-        Some((items, links)) => (
-            200,
-            links.iter().map(|l| ("link", l.clone())).collect(),
-            json!(items).to_string(),
-        ),
-        None => (404, vec![], "{}".into()),
-    })
+    Site::new(
+        move |uri| match map.get(uri.to_string().split("?per_page=").next().unwrap()) {
+            Some((items, links)) => (
+                200,
+                links.iter().map(|l| ("link", l.clone())).collect(),
+                json!(items).to_string(),
+            ),
+            None => (404, vec![], "{}".into()),
+        },
+    )
 }
 
 async fn walk<P: sturdy::paginate::PageStrategy>(
@@ -124,7 +126,10 @@ async fn a_quoted_comma_and_a_fake_rel_in_a_parameter_do_not_make_a_next_link() 
     let (pages, end) = walk(&pager).await;
     assert!(end.is_none(), "{end:?}");
     assert_eq!(items_of(&pages), [json!(1), json!(2), json!(3)]);
-    assert_eq!(site.asked(), [BASE, "https://api.example.com/v1/items?page=2"]);
+    assert_eq!(
+        site.asked(),
+        [BASE, "https://api.example.com/v1/items?page=2"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,8 +139,14 @@ async fn relative_next_links_resolve_against_the_page_uri() {
         ("<items2>", "https://api.example.com/v1/items2"),
         ("</v2/items?p=2>", "https://api.example.com/v2/items?p=2"),
         ("<../other>", "https://api.example.com/other"),
-        ("<//api.example.com/x?page=2>", "https://api.example.com/x?page=2"),
-        ("<https://API.example.com:443/y>", "https://API.example.com:443/y"),
+        (
+            "<//api.example.com/x?page=2>",
+            "https://api.example.com/x?page=2",
+        ),
+        (
+            "<https://API.example.com:443/y>",
+            "https://API.example.com:443/y",
+        ),
     ] {
         let resolved: &'static str = Box::leak(resolved.to_owned().into_boxed_str());
         let site = link_site(vec![
@@ -177,10 +188,17 @@ async fn a_megabyte_next_link_ends_the_walk_with_a_short_error_and_no_hang() {
     assert_eq!(items_of(&pages), [json!(1)]);
     if let Some(e) = end {
         assert_eq!(*e.kind(), ErrorKind::Pagination, "{e}");
-        assert!(e.to_string().len() < 4096, "a {} byte message", e.to_string().len());
+        assert!(
+            e.to_string().len() < 4096,
+            "a {} byte message",
+            e.to_string().len()
+        );
     }
     // Whatever was asked, it was not on another origin.
-    assert!(site.asked().iter().all(|u| u.starts_with("https://api.example.com/")));
+    assert!(site
+        .asked()
+        .iter()
+        .all(|u| u.starts_with("https://api.example.com/")));
 }
 
 #[tokio::test(start_paused = true)]
@@ -200,7 +218,10 @@ async fn a_next_link_to_another_host_or_scheme_is_refused_unless_allowed() {
         let e = end.unwrap_or_else(|| panic!("{foreign} was followed"));
         assert_eq!(*e.kind(), ErrorKind::Pagination, "{e}");
         let text = crate::s43_util::chain(&e);
-        assert!(!text.contains("qs3cret") && !text.contains("pa55"), "{text}");
+        assert!(
+            !text.contains("qs3cret") && !text.contains("pa55"),
+            "{text}"
+        );
         assert_eq!(site.asked(), [BASE], "{foreign}");
         // A page()'s call refuses it too, before fetching it.
         let err = pager.page(None, 5).await.map(|_| ()).unwrap_err();
@@ -235,7 +256,11 @@ async fn a_next_link_back_to_an_earlier_page_is_yielded_then_a_loop_error() {
     assert_eq!(site.asked().len(), 2);
 
     // A page whose next link is itself.
-    let site = link_site(vec![(BASE, vec![1], vec![format!("<{BASE}>; rel=\"next\"")])]);
+    let site = link_site(vec![(
+        BASE,
+        vec![1],
+        vec![format!("<{BASE}>; rel=\"next\"")],
+    )]);
     let pager = Paginate::new(site.service(), BASE, LinkHeader::new("")).unwrap();
     let (pages, end) = walk(&pager).await;
     assert_eq!(items_of(&pages), [json!(1)]);
@@ -252,7 +277,11 @@ async fn endless_empty_pages_stop_at_max_pages_exactly() {
             .query()
             .and_then(|q| q.strip_prefix("p="))
             .map_or(1, |p| p.parse().unwrap());
-        (200, vec![("link", format!("<?p={}>; rel=\"next\"", n + 1))], "[]".into())
+        (
+            200,
+            vec![("link", format!("<?p={}>; rel=\"next\"", n + 1))],
+            "[]".into(),
+        )
     });
     let pager = Paginate::builder(site.service(), BASE, LinkHeader::new(""))
         .with_max_pages(5)
@@ -289,8 +318,16 @@ fn cursor_site_with(total: usize, cap: usize, ignore_limit: bool) -> Site {
             limit = cap;
         }
         let end = (start + limit).min(total);
-        let next = if end < total { json!(end.to_string()) } else { Value::Null };
-        (200, vec![], json!({"data": (start..end).collect::<Vec<_>>(), "next": next}).to_string())
+        let next = if end < total {
+            json!(end.to_string())
+        } else {
+            Value::Null
+        };
+        (
+            200,
+            vec![],
+            json!({"data": (start..end).collect::<Vec<_>>(), "next": next}).to_string(),
+        )
     })
 }
 
@@ -334,9 +371,17 @@ async fn page_asks_for_min_limit_100_and_honours_at_most_max_items() {
         .build()
         .unwrap();
     let p = pager.page(None, 250).await.unwrap();
-    assert_eq!(p.items.len(), 150, "a limit above max_items reads as max_items");
+    assert_eq!(
+        p.items.len(),
+        150,
+        "a limit above max_items reads as max_items"
+    );
     assert!(p.has_more);
-    assert!(site.asked().iter().all(|u| u.contains("limit=100")), "{:?}", site.asked());
+    assert!(
+        site.asked().iter().all(|u| u.contains("limit=100")),
+        "{:?}",
+        site.asked()
+    );
     let p = pager.page(None, 30).await.unwrap();
     assert_eq!(p.items.len(), 30);
     assert!(site.asked().last().unwrap().contains("limit=30"));
@@ -439,13 +484,42 @@ async fn build_reports_every_mistake_as_config_before_any_page() {
         ("max_pages 0", b().with_max_pages(0).build().map(|_| ())),
         ("max_items 0", b().with_max_items(0).build().map(|_| ())),
         ("page size 0", b().with_page_size(0).build().map(|_| ())),
-        ("page bytes 0", b().with_max_page_bytes(0).build().map(|_| ())),
-        ("timeout 0", b().with_page_timeout(Duration::ZERO).build().map(|_| ())),
-        ("short key", b().with_cursor_key([1u8; 31]).build().map(|_| ())),
-        ("relative uri", Paginate::builder(site.service(), "/v1/items", jc()).build().map(|_| ())),
-        ("pointer", Paginate::builder(site.service(), BASE, JsonCursor::new("data", "/next")).build().map(|_| ())),
-        ("param", Paginate::builder(site.service(), BASE, jc().with_cursor_param("")).build().map(|_| ())),
-        ("link pointer", Paginate::builder(site.service(), BASE, LinkHeader::new("items")).build().map(|_| ())),
+        (
+            "page bytes 0",
+            b().with_max_page_bytes(0).build().map(|_| ()),
+        ),
+        (
+            "timeout 0",
+            b().with_page_timeout(Duration::ZERO).build().map(|_| ()),
+        ),
+        (
+            "short key",
+            b().with_cursor_key([1u8; 31]).build().map(|_| ()),
+        ),
+        (
+            "relative uri",
+            Paginate::builder(site.service(), "/v1/items", jc())
+                .build()
+                .map(|_| ()),
+        ),
+        (
+            "pointer",
+            Paginate::builder(site.service(), BASE, JsonCursor::new("data", "/next"))
+                .build()
+                .map(|_| ()),
+        ),
+        (
+            "param",
+            Paginate::builder(site.service(), BASE, jc().with_cursor_param(""))
+                .build()
+                .map(|_| ()),
+        ),
+        (
+            "link pointer",
+            Paginate::builder(site.service(), BASE, LinkHeader::new("items"))
+                .build()
+                .map(|_| ()),
+        ),
     ];
     for (what, r) in cases {
         let e = r.expect_err(what);
@@ -471,7 +545,9 @@ async fn a_stream_dropped_mid_page_drops_the_request_and_fetches_nothing_more() 
         async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(flag);
-            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(r#"{"data":[1],"next":"x"}"#)))
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(
+                r#"{"data":[1],"next":"x"}"#,
+            )))
         }
     });
     let pager = Paginate::new(svc, BASE, JsonCursor::new("/data", "/next")).unwrap();
@@ -481,7 +557,10 @@ async fn a_stream_dropped_mid_page_drops_the_request_and_fetches_nothing_more() 
     assert_eq!(started.load(Ordering::SeqCst), 1);
     assert!(!dropped.load(Ordering::SeqCst));
     drop(stream);
-    assert!(dropped.load(Ordering::SeqCst), "the page request outlived its stream");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the page request outlived its stream"
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(started.load(Ordering::SeqCst), 1);
 }
@@ -511,17 +590,29 @@ async fn a_body_that_stalls_after_the_head_fails_at_the_page_timeout() {
 #[tokio::test(start_paused = true)]
 async fn guards_for_size_status_and_bad_json_have_the_documented_kinds() {
     let site = Site::new(|uri| match uri.query() {
-        None => (200, vec![], json!({"data": [1, 2], "next": "2"}).to_string()),
+        None => (
+            200,
+            vec![],
+            json!({"data": [1, 2], "next": "2"}).to_string(),
+        ),
         Some("cursor=2") => (503, vec![], "busy".into()),
         Some("cursor=3") => (200, vec![], "{not json".into()),
-        _ => (200, vec![], json!({"data": ["x".repeat(5000)], "next": null}).to_string()),
+        _ => (
+            200,
+            vec![],
+            json!({"data": ["x".repeat(5000)], "next": null}).to_string(),
+        ),
     });
     let jc = JsonCursor::new("/data", "/next").without_limit_param();
     let pager = Paginate::new(site.service(), BASE, jc.clone()).unwrap();
     let (pages, end) = walk(&pager).await;
     assert_eq!(items_of(&pages), [json!(1), json!(2)]);
     let e = end.unwrap();
-    assert_eq!(*e.kind(), ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE), "{e}");
+    assert_eq!(
+        *e.kind(),
+        ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE),
+        "{e}"
+    );
 
     let site = Site::new(|uri| match uri.query() {
         None => (200, vec![], json!({"data": [1], "next": "3"}).to_string()),
@@ -535,7 +626,13 @@ async fn guards_for_size_status_and_bad_json_have_the_documented_kinds() {
     // A page() call returns all its items or fails as a whole.
     assert!(pager.page(None, 10).await.is_err());
 
-    let site = Site::new(|_| (200, vec![], json!({"data": ["x".repeat(5000)], "next": null}).to_string()));
+    let site = Site::new(|_| {
+        (
+            200,
+            vec![],
+            json!({"data": ["x".repeat(5000)], "next": null}).to_string(),
+        )
+    });
     let pager = Paginate::builder(site.service(), BASE, jc)
         .with_max_page_bytes(1000)
         .build()

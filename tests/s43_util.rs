@@ -35,7 +35,9 @@ pub(crate) enum Answer {
 /// it out).
 pub(crate) fn token_json(token: &str, expires: Option<&str>) -> Answer {
     let body = match expires {
-        Some(e) => format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{e}}}"#),
+        Some(e) => {
+            format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{e}}}"#)
+        }
         None => format!(r#"{{"access_token":"{token}","token_type":"Bearer"}}"#),
     };
     Answer::Now(200, Bytes::from(body))
@@ -264,7 +266,11 @@ pub(crate) fn base64(input: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
