@@ -219,6 +219,7 @@ mod s43_auth_layer;
 mod s43_auth_runtime;
 mod s43_auth_secrets;
 mod s43_auth_wire;
+mod s43_edges;
 mod s43_more;
 mod s43_paginate;
 mod s43_util;
