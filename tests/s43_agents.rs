@@ -236,3 +236,60 @@ async fn a_session_client_can_be_the_token_client_and_gives_token_requests_retri
         "the token client's retry layer retried the 503"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_servers_wait_is_reported_capped_at_five_minutes() {
+    let api = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(StatusCode::TOO_MANY_REQUESTS)
+                .header("retry-after", "3600")
+                .body(())
+                .unwrap(),
+        )
+    });
+    let client = tower::ServiceBuilder::new()
+        .layer(sturdy::retry::RetryLayer::new())
+        .service(api);
+    let err = client.oneshot(get(API)).await.unwrap_err();
+    let s = ErrorSummary::of(&*err);
+    assert_eq!(sturdy::retry::MAX_REPORTED_WAIT, Duration::from_secs(300));
+    assert_eq!(s.retry_after_ms, Some(300_000), "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_retries_a_probe_makes_one_attempt() {
+    let api = Api::default();
+    *api.always.lock().unwrap() = Some(503);
+    let client = ClientBuilder::new().build(api.service());
+    let mut req = get(API);
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
+    let res = client.clone().oneshot(req).await;
+    assert!(res.is_err() || res.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.seen().len(), 1);
+    // Without the option the same call is retried.
+    let _ = client.oneshot(get(API)).await;
+    assert!(api.seen().len() > 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_a_retry_layer_with_hold_marks_the_deadline_words_are_the_same() {
+    let ep = Endpoint::new(Answer::Stall);
+    let api = Api::default();
+    let svc = tower::ServiceBuilder::new()
+        .layer(sturdy::retry::RetryLayer::new().with_hold_marks(true))
+        .layer(AuthLayer::oauth2(source(&ep)))
+        .service(api.service());
+    let mut req = post(API, "{}");
+    req.extensions_mut()
+        .insert(CallOptions::new().with_deadline(Duration::from_millis(200)));
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "the overall deadline of 200ms passed while attempt 1 waited for an access token, before it was sent"
+        ),
+        "{err}"
+    );
+    assert_eq!(sturdy::core::classify::delivery(&*err), Delivery::NotSent);
+}
