@@ -661,3 +661,72 @@ fn pagers_and_streams_can_go_to_other_tasks() {
     send::<sturdy::paginate::PageStream<Value>>();
     send::<sturdy::paginate::BoundedPage>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn no_query_secret_or_userinfo_of_a_page_uri_in_errors_or_logs() {
+    let logs = crate::s43_util::Logs::default();
+    let _guard = logs.capture();
+    let secret_next = "https://robot:pa55@api.example.com/v1/items?page=2&api_key=qs3cret";
+    // (what page 2 does, the kind expected)
+    let cases: [(&str, ErrorKind); 4] = [
+        (
+            "503",
+            ErrorKind::Server(http::StatusCode::SERVICE_UNAVAILABLE),
+        ),
+        ("json", ErrorKind::Pagination),
+        ("big", ErrorKind::Body),
+        ("stall", ErrorKind::Timeout),
+    ];
+    for (mode, kind) in cases {
+        let svc = tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let first = req.uri().query().is_none();
+            async move {
+                if first {
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("link", format!("<{secret_next}>; rel=\"next\""))
+                            .body(Full::<Bytes>::from("[1]"))
+                            .unwrap(),
+                    );
+                }
+                let (status, body) = match mode {
+                    "503" => (503, "busy".to_owned()),
+                    "json" => (200, "{not json".to_owned()),
+                    "big" => (200, format!("[\"{}\"]", "x".repeat(4_000))),
+                    _ => {
+                        tokio::time::sleep(Duration::from_secs(3_600)).await;
+                        (200, "[]".to_owned())
+                    }
+                };
+                Ok(Response::builder()
+                    .status(status)
+                    .body(Full::<Bytes>::from(body))
+                    .unwrap())
+            }
+        });
+        let pager = Paginate::builder(svc, BASE, LinkHeader::new("").without_limit_param())
+            .with_max_page_bytes(1_000)
+            .with_page_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (pages, end) = walk(&pager).await;
+        assert_eq!(pages.len(), 1, "{mode}");
+        let e = end.unwrap_or_else(|| panic!("{mode}: no error"));
+        assert_eq!(
+            std::mem::discriminant(e.kind()),
+            std::mem::discriminant(&kind),
+            "{mode}: {e}"
+        );
+        let text = crate::s43_util::chain(&e);
+        assert!(
+            !text.contains("qs3cret") && !text.contains("pa55"),
+            "{mode}: {text}"
+        );
+        assert!(!format!("{:?}", pages[0]).contains("qs3cret"));
+    }
+    let text = logs.text();
+    assert!(
+        !text.contains("qs3cret") && !text.contains("pa55"),
+        "{text}"
+    );
+}
