@@ -137,3 +137,41 @@ fn outside_a_runtime_get_is_a_config_error_that_says_so() {
     assert_eq!(*err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("Tokio runtime"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_two_threads_two_hundred_callers_half_aborted_share_one_request() {
+    let ep = Endpoint::new(Answer::After(
+        Duration::from_millis(50),
+        200,
+        r#"{"access_token":"t-1","token_type":"Bearer","expires_in":3600}"#.into(),
+    ));
+    let src = source(&ep);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let s = src.clone();
+            tokio::spawn(
+                async move { s.get().await.map(|t| t.secret().expose_secret().to_owned()) },
+            )
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    for t in tasks.iter().step_by(2) {
+        t.abort();
+    }
+    let mut ok = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("wedged")
+        {
+            Ok(r) => {
+                assert_eq!(r.unwrap(), "t-1");
+                ok += 1;
+            }
+            Err(e) => assert!(e.is_cancelled() && i % 2 == 0, "{e}"),
+        }
+    }
+    assert!(ok >= 100);
+    assert_eq!(ep.count(), 1);
+    assert_eq!(src.get().await.unwrap().secret().expose_secret(), "t-1");
+}

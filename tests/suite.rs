@@ -222,6 +222,7 @@ mod s43_auth_wire;
 mod s43_edges;
 mod s43_more;
 mod s43_paginate;
+mod s43_paginate_wire;
 mod s43_util;
 mod s43_version;
 mod scale9_headers;
