@@ -201,3 +201,34 @@ async fn over_hyper_a_401_is_replayed_with_a_fresh_token_sent_with_basic_credent
         "wire-2"
     );
 }
+
+#[tokio::test]
+async fn through_a_reqwest_token_client_the_message_keeps_the_urls_userinfo_and_query_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let url = format!("http://robot:pa55@{addr}/oauth/token?api_key=qs3cret");
+    let token_client = sturdy::reqwest::ReqwestService::new(reqwest::Client::new());
+    let source = ClientCredentials::new(token_client, &url, "my-client", SECRET)
+        .unwrap()
+        .with_request_timeout(Duration::from_secs(5));
+    let svc = ServiceBuilder::new()
+        .layer(AuthLayer::oauth2(source))
+        .service(http_client());
+    let err = svc.oneshot(get("http://127.0.0.1:9/x")).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("http://{addr}/oauth/token")),
+        "{message}"
+    );
+    for needle in ["pa55", "qs3cret"] {
+        assert!(!message.contains(needle), "{message}");
+    }
+    let text = chain(&*err);
+    for needle in ["pa55", "qs3cret"] {
+        assert!(
+            !text.contains(needle),
+            "the error chain shows {needle}: {text}"
+        );
+    }
+}
