@@ -263,3 +263,20 @@ async fn a_callers_own_query_version_in_another_encoding_is_kept_too() {
         Some("api%20version=1")
     );
 }
+
+#[tokio::test]
+async fn header_names_as_apis_spell_them_are_accepted() {
+    for name in ["API-Version", "Stripe-Version", "X-GitHub-Api-Version"] {
+        let seen = Seen::default();
+        let svc = VersionLayer::header(name, "2024-06-20")
+            .unwrap()
+            .layer(api(seen.clone(), vec![]));
+        svc.oneshot(req(Method::GET, "https://api.example.com/a"))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap()[0].headers()[name.to_ascii_lowercase().as_str()],
+            "2024-06-20"
+        );
+    }
+}
