@@ -214,7 +214,6 @@ async fn the_secret_goes_in_basic_by_default_and_in_the_body_only_with_secret_po
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: auth.md says 'Messages name the token URL without its user info or query', and the source redacts the client secret a server echoes; a server's error_description that echoes the token URL puts its password and query key into the message"]
 async fn a_server_echo_of_the_token_urls_userinfo_and_query_stays_out_of_the_message() {
     let echo = format!(
         r#"{{"error":"invalid_request","error_description":"bad request to {LEAKY_URL}"}}"#

@@ -760,7 +760,6 @@ async fn a_next_link_back_to_the_first_page_in_another_case_is_a_loop() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "DOUBTFUL: paginate.md says a next cursor leading to a URI already fetched ends the walk and 'no item is yielded twice'; a next link to the first page with its default port written (:443) is fetched again and its items yielded twice (the guide's caveat names only a different query)"]
 async fn a_next_link_back_to_the_first_page_with_its_default_port_is_a_loop() {
     let back = "https://api.example.com:443/v1/items";
     let site = Site::new(move |_| {
