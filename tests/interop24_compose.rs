@@ -266,7 +266,8 @@ async fn zero_max_wait_refusals_are_immediate_and_not_sent() {
     let err = client.clone().oneshot(post(&url, "{}")).await.unwrap_err();
     let took = start.elapsed();
     eprintln!("zero max_wait refusal: {err}");
-    assert!(took < Duration::from_millis(50), "{took:?}");
+    // At once: well under the 1 s the Retry-After asks for.
+    assert!(took < Duration::from_millis(300), "{took:?}");
     assert_eq!(delivery(&*err), Delivery::NotSent, "{}", chain(&*err));
     assert!(
         sturdy::core::find::<sturdy::core::RateLimited>(&*err).is_some(),

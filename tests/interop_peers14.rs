@@ -417,7 +417,12 @@ async fn breaker_opens_probes_and_recovers_against_haproxy() {
     let sent = wire.len();
     let t = Instant::now();
     let err = call(format!("{normal}/breaker")).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_millis(50));
+    // At once: well under the 400 ms an attempt that went out would be given.
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
     let open = find::<CircuitOpen>(&*err).unwrap_or_else(|| panic!("{}", chain(&*err)));
     assert_eq!(open.reason(), OpenReason::Failing);
     assert!(open.retry_in() <= Duration::from_millis(300));

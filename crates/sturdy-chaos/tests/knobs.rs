@@ -204,18 +204,18 @@ async fn rate_limit_with_retry_after_seconds_and_date() {
 #[tokio::test]
 async fn latency_is_added() {
     let s = ChaosServer::start(Knobs {
-        latency: Duration::from_millis(60),
+        latency: Duration::from_millis(300),
         ..Knobs::default()
     })
     .await
     .unwrap();
     let start = tokio::time::Instant::now();
     send(&s, Method::GET, "/orders", &[], "").await.unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(60));
-    // /health is never faulted.
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    // /health is never faulted (300 ms leaves a loaded machine room to answer it late).
     let start = tokio::time::Instant::now();
     send(&s, Method::GET, "/health", &[], "").await.unwrap();
-    assert!(start.elapsed() < Duration::from_millis(60));
+    assert!(start.elapsed() < Duration::from_millis(300));
 }
 
 #[tokio::test]
