@@ -15,8 +15,9 @@
 //!   fails (and backs off before the next try: 1 s, doubling, at most 60 s; a caller with no
 //!   valid token during the backoff gets the last error at once, saying when the endpoint is
 //!   asked again), and turns token-endpoint errors (`invalid_client`, `invalid_scope`, non-JSON
-//!   bodies, 5xx...) into errors that say what to fix; a 5xx, 429 or 408 from the token endpoint
-//!   is retryable, `invalid_client` is not. A token request lost with its runtime (shut down
+//!   bodies, 5xx...) into errors that say what to fix; a 500, 502, 503, 504, 429, 425 or 408
+//!   from the token endpoint is retryable (the statuses the retry layer retries), another 5xx
+//!   and `invalid_client` are not. A token request lost with its runtime (shut down
 //!   mid-request) is started again by the next caller.
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
 //!   replays the request once (the body is buffered up to 1 MiB for this); a second 401 is

@@ -875,8 +875,8 @@ fn with_huge_numbers_as_text(body: &[u8]) -> Option<Value> {
     Some(Value::Object(obj))
 }
 
-/// The kind of a token endpoint's error status: a status worth trying again (5xx, 429, 408...)
-/// keeps its own kind, so it stays retryable; any other refusal is about the credentials.
+/// The kind of a token endpoint's error status: a status worth trying again (500, 502, 503, 504,
+/// 429, 425, 408) keeps its own kind, so it stays retryable; any other refusal is about the credentials.
 fn endpoint_kind(status: StatusCode) -> ErrorKind {
     match ErrorKind::from_status(status) {
         Some(kind) if kind.is_retryable() => kind,

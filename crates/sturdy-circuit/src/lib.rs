@@ -8,7 +8,7 @@
 //!   100: a flaky API that still mostly works is ridden out, a dead one is cut off. A streak
 //!   trigger (`n` failures in a row) is an option. A failure is what
 //!   [`Outcome::is_failure`] says of the shared classification ([`DefaultClassify`]): a 5xx, a
-//!   timeout, a connect or transport error; 4xx and 429 are not, since they say nothing about the
+//!   timeout, a connect, TLS or transport error, an error nobody recognises; 4xx and 429 are not, since they say nothing about the
 //!   dependency's health. Override it with [`CircuitBreakerLayer::with_classifier`], with the
 //!   same [`Classify`] type the retry layer takes.
 //! - **Open**: calls fail at once with [`CircuitOpen`](sturdy_core::CircuitOpen) (`retry_in` says
