@@ -771,9 +771,9 @@ fn parse_token_response(
         ));
     };
     let token = match obj.get("access_token") {
-        // A control character cannot go in the Authorization header: such a token would fail
-        // every call for as long as it was cached, so it is refused here, and not cached.
-        Some(Value::String(t)) if t.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) => {
+        // A token the Authorization header cannot carry (a control character) would fail every
+        // call for as long as it was cached: refused here, by the header's own check, not cached.
+        Some(Value::String(t)) if HeaderValue::from_str(t).is_err() => {
             return Err(Failure::new(
                 ErrorKind::Auth,
                 format!(
@@ -973,12 +973,12 @@ fn push_value(needles: &mut Vec<String>, value: &str) {
         return;
     }
     needles.push(value.to_owned());
-    let decoded: String = form_urlencoded::parse(format!("v={value}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
-    if decoded != value {
-        needles.push(decoded);
+    // A lone `value` parses as one name without a value: its name is `value` decoded (up to an
+    // `=` a password may hold, hence the length checked again).
+    if let Some((decoded, _)) = form_urlencoded::parse(value.as_bytes()).next() {
+        if decoded != value && decoded.len() >= 4 {
+            needles.push(decoded.into_owned());
+        }
     }
 }
 
@@ -1048,6 +1048,9 @@ mod tests {
         );
         // Short values are left alone: they cannot be told from plain words.
         assert!(out.ends_with("page=1"), "{out}");
+        // Nor is the short part before an `=` inside a password.
+        s.token_url = "https://u:ab=cdef@auth.example.com/token".parse().unwrap();
+        assert_eq!(redact_secret("ab u:ab=cdef", &s), "ab [redacted]");
     }
 
     fn parse(status: u16, body: &str) -> Result<(String, Duration), Error> {

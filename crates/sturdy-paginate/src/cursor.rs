@@ -38,41 +38,34 @@ pub(crate) type PageId = [u8; 16];
 
 pub(crate) fn page_id(uri: &Uri) -> PageId {
     let mut h = Sha256::new();
-    let scheme = uri.scheme_str().unwrap_or("").to_ascii_lowercase();
-    let authority = uri
-        .authority()
-        .map_or(String::new(), |a| a.as_str().to_ascii_lowercase());
-    h.update(&scheme);
-    h.update(b"://");
-    h.update(without_default_port(&scheme, &authority));
+    // The origin as the same-origin check reads it (scheme and host without case, the scheme's
+    // default port when none is written); the userinfo beside it, since other credentials may
+    // see other pages. A port that is not a port number has no origin: the authority as written.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    match crate::origin(uri) {
+        Some((scheme, host, port)) => {
+            h.update(&scheme);
+            h.update(b"://");
+            if let Some((userinfo, _)) = authority.rsplit_once('@') {
+                h.update(userinfo);
+                h.update(b"@");
+            }
+            h.update(&host);
+            if let Some(p) = port {
+                h.update(b":");
+                h.update(p.to_be_bytes());
+            }
+        }
+        None => {
+            h.update(b"?");
+            h.update(authority.to_ascii_lowercase());
+        }
+    }
     h.update(uri.path_and_query().map_or("/", |p| p.as_str()));
     let d = h.finalize();
     let mut id = [0; 16];
     id.copy_from_slice(&d[..16]);
     id
-}
-
-/// `authority` without a port that is the scheme's default (or empty): the same server.
-fn without_default_port<'a>(scheme: &str, authority: &'a str) -> &'a str {
-    // The port follows the last ':' after the host: past any userinfo and IPv6 brackets.
-    let host_at = authority.rfind('@').map_or(0, |at| at + 1);
-    let after = authority[host_at..]
-        .rfind(']')
-        .map_or(host_at, |at| host_at + at);
-    let Some(colon) = authority[after..].rfind(':').map(|at| after + at) else {
-        return authority;
-    };
-    let port = &authority[colon + 1..];
-    let default = match scheme {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
-    };
-    if port.is_empty() || (default.is_some() && port.parse::<u16>().ok() == default) {
-        &authority[..colon]
-    } else {
-        authority
-    }
 }
 
 /// Where a bounded page resumes.
