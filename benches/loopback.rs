@@ -14,7 +14,8 @@
 //! median time of one call in a round.
 //!
 //! STURDY_LOOPBACK_ONLY=a,b keeps only the clients whose names contain one of the words (bare
-//! always stays); STURDY_LOOPBACK_SEQUENTIAL=1 runs the sequential rounds only.
+//! always stays); STURDY_LOOPBACK_SEQUENTIAL=1 runs the sequential rounds only;
+//! STURDY_LOOPBACK_DIST=1 prints each sequential round's mean and percentiles.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -297,7 +298,9 @@ fn concurrent_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> (f64, f6
 
 /// One round of sequential calls: the median time of one call, in microseconds (the median, not
 /// the mean: one call that waits for the scheduler would otherwise move the whole round).
-fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
+/// With STURDY_LOOPBACK_DIST=1 it also prints the round's mean and percentiles (the times of one
+/// call are bimodal on some machines, so the median alone can move more than the mean).
+fn sequential_round(name: &str, subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -312,6 +315,16 @@ fn sequential_round(subject: &Subject, uri: &Arc<str>, calls: usize) -> f64 {
             let start = Instant::now();
             subject.call(uri).await;
             each.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        if std::env::var_os("STURDY_LOOPBACK_DIST").is_some() {
+            let mean = each.iter().sum::<f64>() / each.len() as f64;
+            let mut v = each.clone();
+            v.sort_by(f64::total_cmp);
+            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+            eprintln!(
+                "sequential µs, {name}: mean {mean:.2}, p10 {:.2}, p25 {:.2}, p50 {:.2}, p75 {:.2}, p90 {:.2}, p99 {:.2}",
+                at(0.1), at(0.25), at(0.5), at(0.75), at(0.9), at(0.99)
+            );
         }
         median(each)
     })
@@ -374,7 +387,7 @@ fn main() {
             };
             tput[i].push(t);
             cpu[i].push(c);
-            seq[i].push(sequential_round(&made[i], &uri, calls / 10));
+            seq[i].push(sequential_round(subjects[i].0, &made[i], &uri, calls / 10));
         }
         eprintln!("round {} of {rounds} done", r + 1);
     }
