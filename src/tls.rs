@@ -120,16 +120,15 @@ pub fn https_client_with_native_roots() -> Result<HttpsClient, Error> {
 /// An HTTPS client with your own rustls configuration (client certificates, a custom verifier,
 /// another crypto provider). Its ALPN protocols are replaced by `http/1.1`.
 pub fn https_client_with_config(mut config: ClientConfig) -> HttpsClient {
-    // The connector sets ALPN itself (and refuses a config that already has some).
-    config.alpn_protocols.clear();
+    // hyper-rustls's builder offers no ALPN at all for an HTTP/1-only connector (and refuses a
+    // config that has some), so the connector is made from the parts: the config offering
+    // `http/1.1`, `http://` still allowed (as the builder's `https_or_http`), the default
+    // server-name resolution.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
+    let connector = hyper_rustls::HttpsConnector::from((tcp, config));
     Client::builder(TokioExecutor::new()).build(connector)
 }
 

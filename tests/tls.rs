@@ -3,7 +3,7 @@
 #![cfg(all(feature = "tls", feature = "full"))]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,10 +45,22 @@ fn trust(cert: &CertifiedKey<KeyPair>) -> CertificateDer<'static> {
 struct TlsFront {
     addr: SocketAddr,
     task: JoinHandle<()>,
+    /// The protocol each accepted connection agreed by ALPN (`None`: the client offered none
+    /// the server has).
+    alpn: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
 }
 
 impl TlsFront {
     async fn start(backend: SocketAddr, cert: &CertifiedKey<KeyPair>) -> Self {
+        Self::start_offering(backend, cert, Vec::new()).await
+    }
+
+    /// A front whose server offers `alpn` (in its order of preference).
+    async fn start_offering(
+        backend: SocketAddr,
+        cert: &CertifiedKey<KeyPair>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Self {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
         let config = ServerConfig::builder_with_provider(Arc::new(
             sturdy::tls::rustls::crypto::ring::default_provider(),
@@ -58,7 +70,11 @@ impl TlsFront {
         .with_no_client_auth()
         .with_single_cert(vec![trust(cert)], key)
         .unwrap();
+        let mut config = config;
+        config.alpn_protocols = alpn;
         let acceptor = TlsAcceptor::from(Arc::new(config));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen_by_task = seen.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
@@ -67,10 +83,13 @@ impl TlsFront {
                     continue;
                 };
                 let acceptor = acceptor.clone();
+                let seen = seen_by_task.clone();
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let agreed = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    seen.lock().unwrap().push(agreed);
                     let Ok(mut plain) = TcpStream::connect(backend).await else {
                         return;
                     };
@@ -78,7 +97,11 @@ impl TlsFront {
                 });
             }
         });
-        Self { addr, task }
+        Self {
+            addr,
+            task,
+            alpn: seen,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -163,6 +186,48 @@ async fn the_readme_quick_start_runs_over_https() {
     assert_eq!(res.status(), StatusCode::CREATED);
     let st = chaos.stats();
     assert_eq!((st.tokens_issued, st.orders_committed), (1, 1));
+}
+
+/// The docs: "HTTP/1.1 (ALPN `http/1.1`)", and `https_client_with_config`'s "ALPN list is
+/// replaced by `http/1.1`". A server that prefers h2 agrees on http/1.1 (it would agree on
+/// nothing if the client offered nothing).
+#[tokio::test]
+async fn the_client_offers_http_1_1_by_alpn() {
+    let chaos = ChaosServer::start(Knobs::default()).await.unwrap();
+    let cert = certificate("api", &["127.0.0.1"]);
+    let front = TlsFront::start_offering(
+        chaos.addr(),
+        &cert,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )
+    .await;
+    let res = https_client_with_roots([trust(&cert)])
+        .unwrap()
+        .oneshot(get(front.url("/health")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // A config of one's own that asks for h2 is given http/1.1 instead.
+    let mut roots = sturdy::tls::rustls::RootCertStore::empty();
+    roots.add(trust(&cert)).unwrap();
+    let mut config = sturdy::tls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        sturdy::tls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let res = sturdy::tls::https_client_with_config(config)
+        .oneshot(get(front.url("/health")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        *front.alpn.lock().unwrap(),
+        vec![Some(b"http/1.1".to_vec()), Some(b"http/1.1".to_vec())]
+    );
 }
 
 #[tokio::test]

@@ -55,9 +55,10 @@ pub(crate) enum Stage {
 /// fragment and credentials, so neither `Display` nor `Debug` shows an API key passed in a
 /// query string.
 ///
-/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware`
-/// convert every reqwest error with this function; call it yourself for errors you get from
-/// reqwest directly, such as those of `reqwest::Response::json`.
+/// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` convert every reqwest error
+/// by the same rules, except that they tell a builder error raised after a wait apart (above);
+/// call this function yourself for errors you get from reqwest directly, such as those of
+/// `reqwest::Response::json`.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

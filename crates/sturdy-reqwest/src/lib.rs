@@ -90,13 +90,18 @@ pub use reqwest_middleware;
 /// A failed call through a [`SturdyMiddleware`] is `reqwest_middleware::Error::Middleware`;
 /// sturdy's error is in its `source()` chain (so `sturdy_core::find` and
 /// `sturdy_core::summary::ErrorSummary::of` read it too), and this looks in either variant,
-/// reqwest's own errors included: `find::<sturdy_core::Error>(&err)` (the retry layer's report,
+/// reqwest's own errors included, as `sturdy_core::find` does: the chain first, then what is
+/// attached beside a cause (`sturdy_core::Error::related`, where the retry layer keeps a refusal
+/// that came after a sent attempt): `find::<sturdy_core::Error>(&err)` (the retry layer's report,
 /// kind, idempotency key), `find::<sturdy_core::RateLimited>(&err)`,
 /// `find::<sturdy_core::CircuitOpen>(&err)`, `find::<reqwest::Error>(&err)`.
 #[cfg(feature = "middleware")]
 pub fn find<T: std::error::Error + 'static>(err: &reqwest_middleware::Error) -> Option<&T> {
     match err {
-        reqwest_middleware::Error::Middleware(e) => e.chain().find_map(|e| e.downcast_ref::<T>()),
+        // `sturdy_core::find`, not anyhow's own chain: it also looks in what the retry layer
+        // attached beside the cause (`Error::related`), e.g. a breaker's refusal after a sent
+        // attempt.
+        reqwest_middleware::Error::Middleware(e) => sturdy_core::find::<T>(&**e),
         reqwest_middleware::Error::Reqwest(e) => sturdy_core::find::<T>(e),
     }
 }

@@ -556,3 +556,40 @@ async fn an_attempt_the_stack_gave_up_on_is_cancelled() {
         ]
     );
 }
+
+/// The docs: `find` looks "in either variant ... as `sturdy_core::find` does", naming
+/// `find::<CircuitOpen>`. When a try is refused after an attempt that was sent, the retry layer
+/// keeps the refusal beside the cause (`Error::related`), not in the `source()` chain: `find`
+/// must reach it there too.
+#[tokio::test]
+async fn find_reaches_a_refusal_kept_beside_a_sent_attempt() {
+    let s = ChaosServer::start(Knobs {
+        fail_next: 5,
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let mw = SturdyMiddleware::new(|next| {
+        ClientBuilder::new()
+            .with_retry(retry().with_max_attempts(2))
+            .with_circuit_breaker(
+                sturdy::circuit::CircuitBreakerLayer::new().with_consecutive_failures(1),
+            )
+            .build(next)
+    });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(mw)
+        .build();
+    let err = client.get(s.url("/orders")).send().await.unwrap_err();
+    // One attempt reached the server (its 503 opened the breaker); the second try was refused.
+    assert_eq!(s.requests().len(), 1, "{err:?}");
+    let open = find::<sturdy_core::CircuitOpen>(&err);
+    assert!(open.is_some(), "{err:?}");
+    assert_eq!(
+        open.map(|o| o.retry_in() > Duration::ZERO),
+        Some(true),
+        "{err:?}"
+    );
+    // The call's own error is found as before.
+    assert!(find::<sturdy_core::Error>(&err).is_some(), "{err:?}");
+}
