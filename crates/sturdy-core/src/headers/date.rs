@@ -103,6 +103,72 @@ fn lenient(s: &str) -> Option<SystemTime> {
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
+/// An RFC 3339 date-time (`2026-12-05T03:00:00Z`, `2026-12-05 03:00:00.250+01:00`), as some
+/// vendors send their rate-limit reset. `None` for anything else, for a time before 1970, and for
+/// a value longer than any such date-time can be (so a hostile value costs nothing to refuse).
+/// A leap second reads as the second before it, as in [`parse_http_date`].
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    // 2026-12-05T03:00:00.123456789+01:00 is 35 bytes; a longer fraction is allowed up to 64.
+    if s.len() > 64 || !s.is_ascii() {
+        return None;
+    }
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let year: i64 = i64::from(parse_digits(&s[0..4], 4, 4)?);
+    let mon = parse_digits(&s[5..7], 2, 2)?;
+    let day = parse_digits(&s[8..10], 2, 2)?;
+    let (h, m, sec) = (
+        parse_digits(&s[11..13], 2, 2)?,
+        parse_digits(&s[14..16], 2, 2)?,
+        parse_digits(&s[17..19], 2, 2)?,
+    );
+    if !(1..=12).contains(&mon) || day == 0 || day > days_in_month(year, mon) {
+        return None;
+    }
+    if h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        // Nanoseconds from the first nine digits; the rest are below what a `SystemTime` keeps.
+        for (i, d) in frac.bytes().take(9).take(digits).enumerate() {
+            nanos += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
+        }
+        rest = &frac[digits..];
+    }
+    let offset: i64 = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let oh = parse_digits(std::str::from_utf8(&[*h1, *h2]).ok()?, 2, 2)?;
+            let om = parse_digits(std::str::from_utf8(&[*m1, *m2]).ok()?, 2, 2)?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = i64::from(oh * 3_600 + om * 60);
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, mon, day);
+    let local = days * 86_400 + i64::from(h * 3_600 + m * 60 + sec.min(59));
+    let secs = u64::try_from(local - offset).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+}
+
 fn parse_digits(s: &str, min: usize, max: usize) -> Option<u32> {
     if s.len() < min || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -157,6 +223,54 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn rfc3339_date_times() {
+        let t = |s: &str| parse_rfc3339(s);
+        assert_eq!(t("1994-11-06T08:49:37Z"), Some(at(784_111_777)));
+        assert_eq!(t("1994-11-06t08:49:37z"), Some(at(784_111_777)));
+        assert_eq!(t("1994-11-06 08:49:37Z"), Some(at(784_111_777)));
+        assert_eq!(t("1994-11-06T09:49:37+01:00"), Some(at(784_111_777)));
+        assert_eq!(t("1994-11-06T07:19:37-01:30"), Some(at(784_111_777)));
+        assert_eq!(
+            t("1994-11-06T08:49:37.25Z"),
+            Some(at(784_111_777) + Duration::from_millis(250))
+        );
+        // Digits past the ninth are read and dropped.
+        assert_eq!(
+            t("1994-11-06T08:49:37.1234567891234Z"),
+            Some(at(784_111_777) + Duration::from_nanos(123_456_789))
+        );
+        // A leap second reads as the second before it.
+        assert_eq!(t("2016-12-31T23:59:60Z"), Some(at(1_483_228_799)));
+        assert_eq!(t("2024-02-29T00:00:00Z"), Some(at(1_709_164_800)));
+        for bad in [
+            "",
+            "1994-11-06",
+            "1994-11-06T08:49:37",
+            "1994-11-06T08:49:37+0100",
+            "1994-13-06T08:49:37Z",
+            "1994-11-31T08:49:37Z",
+            "2023-02-29T00:00:00Z",
+            "1994-11-06T24:00:00Z",
+            "1994-11-06T08:60:00Z",
+            "1994-11-06T08:49:61Z",
+            "1994-11-06T08:49:37.Z",
+            "1994-11-06T08:49:37Zjunk",
+            "1994-11-06T08:49:37+24:00",
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:30:00+01:00",
+            "+1994-11-06T08:49:37Z",
+            "1994-11-06T08:49:37\u{e9}Z",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+        assert_eq!(
+            t(&format!("1994-11-06T08:49:37.{}Z", "1".repeat(100))),
+            None
+        );
+        assert_eq!(t("9999-12-31T23:59:59Z"), Some(at(253_402_300_799)));
     }
 
     #[test]

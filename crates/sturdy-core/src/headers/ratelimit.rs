@@ -181,7 +181,8 @@ impl XRateLimit {
     /// Reads the headers; `None` when none of them is present and valid.
     ///
     /// The reset value is read as vendors send it: a whole or decimal number of seconds to wait,
-    /// a Unix time in seconds (values from 10^9) or milliseconds (from 10^12), or an HTTP date.
+    /// a Unix time in seconds (values from 10^9, whole or decimal) or milliseconds (from 10^12),
+    /// an HTTP date, or an RFC 3339 date-time (`2026-12-05T03:00:00Z`).
     /// A reset in the past reads as zero. Unparseable values are ignored.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Self> {
         let get = |names: &[HeaderName; 3]| names.iter().find_map(|n| headers.get(n));
@@ -226,10 +227,31 @@ fn parse_reset(v: &[u8], now: SystemTime) -> Option<Duration> {
     }
     if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         let f: f64 = s.parse().ok()?;
-        return Duration::try_from_secs_f64(f).ok();
+        // The same ranges as a whole number: a decimal Unix time (`1700000042.5`) is a time,
+        // not 54 years to wait.
+        return if f >= 1e12 {
+            Some(since_epoch_f(f / 1e3, now))
+        } else if f >= 1e9 {
+            Some(since_epoch_f(f, now))
+        } else {
+            Duration::try_from_secs_f64(f).ok()
+        };
     }
-    let at = parse_http_date(v, "X-RateLimit-Reset").ok()?;
+    let at = parse_http_date(v, "X-RateLimit-Reset")
+        .ok()
+        .or_else(|| super::date::parse_rfc3339(s))?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The time from `now` to `secs` seconds after the Unix epoch (zero when it is past; as far as
+/// any when it is past what a `SystemTime` holds).
+fn since_epoch_f(secs: f64, now: SystemTime) -> Duration {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .map_or(Duration::MAX, |t| {
+            t.duration_since(now).unwrap_or(Duration::ZERO)
+        })
 }
 
 /// Where a [`PauseHint`] came from.
@@ -328,6 +350,24 @@ mod tests {
         assert_eq!(r("1700000042000"), Some(Duration::from_secs(42)));
         assert_eq!(r("1600000000"), Some(Duration::ZERO));
         assert_eq!(r("1.5"), Some(Duration::from_millis(1_500)));
+        // A decimal Unix time is a time, as a whole one is (it read as 54 years to wait).
+        assert_eq!(r("1700000042.5"), Some(Duration::from_millis(42_500)));
+        assert_eq!(r("1700000042500.0"), Some(Duration::from_millis(42_500)));
+        assert_eq!(r("1600000000.25"), Some(Duration::ZERO));
+        assert_eq!(
+            r("999999999.5"),
+            Some(Duration::from_secs_f64(999_999_999.5))
+        );
+        // Past what a `SystemTime` holds: as far as any (the caller caps the pause).
+        assert_eq!(r(&format!("{}.5", "9".repeat(300))), Some(Duration::MAX));
+        // RFC 3339, which some vendors send.
+        assert_eq!(r("2023-11-14T22:14:02Z"), Some(Duration::from_secs(42)));
+        assert_eq!(
+            r("2023-11-14T23:14:02.5+01:00"),
+            Some(Duration::from_millis(42_500))
+        );
+        assert_eq!(r("2023-11-14T22:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(r("2023-11-14T22:14:02"), None);
         assert_eq!(r("soon"), None);
         let x = XRateLimit::from_headers(
             &headers(&[
