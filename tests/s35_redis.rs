@@ -1061,6 +1061,40 @@ async fn s35_duration_max_everywhere_is_accepted() {
         queue.push(event("evt_max"), Duration::MAX).await.unwrap(),
         Push::Enqueued
     );
+
+    // The timeouts given to the connection and the operations, at their largest (they doubled
+    // and added them unchecked, which panicked). No replica is asked for: with one, WAIT would
+    // rightly wait as long as it was told.
+    sturdy::redis::connect(&url, Duration::MAX).await.unwrap();
+    let store = RedisIdempotencyStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(unique("s35max2"))
+        .with_timeout(Duration::MAX)
+        .with_replication(0, Duration::MAX);
+    let t = LockToken::random();
+    assert!(matches!(
+        store.begin("k", [2; 32], t, Duration::MAX).await.unwrap(),
+        Begin::Started
+    ));
+    let done = sturdy::idempotency::server::StoredResponse {
+        status: 200,
+        headers: vec![],
+        body: Bytes::new(),
+    };
+    store
+        .complete("k", [2; 32], t, done, Duration::MAX)
+        .await
+        .unwrap();
+    let queue = RedisStreamQueue::connect(&url, unique("s35max2"))
+        .await
+        .unwrap()
+        .with_timeout(Duration::MAX)
+        .with_replication(0, Duration::MAX);
+    assert_eq!(
+        queue.push(event("evt_max2"), Duration::MAX).await.unwrap(),
+        Push::Enqueued
+    );
 }
 
 /// CHANGELOG: "a cancelled `next` no longer takes an event on the server after its caller has

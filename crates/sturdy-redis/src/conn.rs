@@ -147,7 +147,7 @@ where
         .build()
         .map_err(|e| crate::config_error("invalid Redis Cluster URL", e))?;
     crate::bounded_connect(
-        timeout * 2,
+        timeout.saturating_mul(2),
         "could not connect to the Redis Cluster",
         client.get_async_connection(),
     )

@@ -211,7 +211,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(LockToken::random().to_string());
             let rep = this.replication;
             let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
-                this.timeout + rep.timeout,
+                this.timeout.saturating_add(rep.timeout),
                 "idempotency begin",
                 inv.invoke_replicated(&mut conn, rep),
             )
@@ -283,7 +283,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(token.to_string());
             let rep = this.replication;
             let (_, acked): (i64, u64) = bounded(
-                this.timeout + rep.timeout,
+                this.timeout.saturating_add(rep.timeout),
                 "idempotency complete",
                 inv.invoke_replicated(&mut conn, rep),
             )

@@ -145,11 +145,13 @@ static PAUSE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(PAUSE.to_owned()));
 static RELEASE_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(RELEASE.to_owned()));
 static CLEAR_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLEAR.to_owned()));
 
-/// Connects to Redis with bounded connect and response times.
+/// Connects to Redis with bounded connect and response times: `timeout` for each connection
+/// attempt and each response, and twice `timeout` for the whole connect (one retry included).
+/// Any `timeout` is accepted, `Duration::MAX` too.
 ///
 /// # Errors
-/// When the URL is invalid or Redis cannot be reached within `timeout`. The message never
-/// repeats the URL, which may hold a password.
+/// When the URL is invalid, or Redis cannot be reached within twice `timeout` ("could not
+/// connect to Redis within ..."). The message never repeats the URL, which may hold a password.
 pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxError> {
     let client = Client::open(url).map_err(|e| config_error("invalid Redis URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
@@ -157,7 +159,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
     match tokio::time::timeout(
-        timeout * 2,
+        timeout.saturating_mul(2),
         client.get_connection_manager_with_config(config),
     )
     .await
@@ -168,7 +170,7 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
             ErrorKind::Timeout,
             format!(
                 "could not connect to Redis within {}",
-                sturdy_core::human_duration(timeout * 2)
+                sturdy_core::human_duration(timeout.saturating_mul(2))
             ),
         ))),
     }
@@ -186,7 +188,7 @@ pub(crate) async fn connect_unbounded(
         .set_response_timeout(None)
         .set_number_of_retries(1);
     bounded_connect(
-        timeout * 2,
+        timeout.saturating_mul(2),
         "could not connect to Redis",
         client.get_connection_manager_with_config(config),
     )
