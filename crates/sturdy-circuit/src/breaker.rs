@@ -456,8 +456,7 @@ impl Breaker {
     }
 
     fn open(&self, g: &mut Inner, config: &Config, now: Instant) {
-        let factor = 1u32 << g.reopenings.min(16);
-        let period = config.open_for.saturating_mul(factor).min(config.max_open);
+        let period = sturdy_core::clock::doubled(config.open_for, g.reopenings, config.max_open);
         g.reopenings = g.reopenings.saturating_add(1);
         self.hot.closed.store(false, Ordering::Release);
         self.bump();

@@ -472,6 +472,35 @@ async fn no_more_probes_than_allowed_on_two_threads() {
     }
 }
 
+/// "Stays open `base` the first time, doubling on each re-opening up to `max`": from 1 ms, the
+/// period doubles until it reaches 5 min (it stopped at 2^16 ms, about 65 s, and never reached
+/// the `max` it was given).
+#[tokio::test(start_paused = true)]
+async fn the_open_period_doubles_all_the_way_to_its_max() {
+    let dep = Dep::down();
+    let (layer, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_open_duration(Duration::from_millis(1), Duration::from_secs(300))
+        .pair();
+    let svc = layer.layer(dep.service());
+    let mut periods = Vec::new();
+    for _ in 0..22 {
+        // The failed call (the first, then each probe) opens it again.
+        svc.clone().oneshot(req("a")).await.unwrap();
+        let Some(CircuitState::Open { retry_in }) = handle.state("a") else {
+            panic!("not open: {:?}", handle.state("a"));
+        };
+        periods.push(retry_in);
+        tokio::time::advance(retry_in + Duration::from_millis(1)).await;
+    }
+    let ms = Duration::from_millis;
+    assert_eq!(&periods[..4], &[ms(1), ms(2), ms(4), ms(8)]);
+    assert_eq!(periods[16], ms(65_536));
+    assert_eq!(periods[17], ms(131_072));
+    assert_eq!(periods[18], ms(262_144));
+    assert_eq!(&periods[19..], &[Duration::from_secs(300); 3]);
+}
+
 #[test]
 fn traits() {
     fn assert_send_sync_clone<T: Send + Sync + Clone>() {}

@@ -33,6 +33,39 @@ pub fn after(at: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
         .unwrap_or(at)
 }
 
+/// `min(cap, base * 2^times)`, exactly, for any values: what a backoff or an open period that
+/// doubles on each repeat comes to after `times` doublings. It saturates instead of overflowing
+/// and never stops doubling short of `cap`, however small `base` or large `times` is.
+///
+/// ```
+/// use std::time::Duration;
+/// use sturdy_core::clock::doubled;
+///
+/// let ms = Duration::from_millis(1);
+/// assert_eq!(doubled(ms * 250, 0, Duration::from_secs(20)), ms * 250);
+/// assert_eq!(doubled(ms * 250, 3, Duration::from_secs(20)), Duration::from_secs(2));
+/// assert_eq!(doubled(ms * 250, 7, Duration::from_secs(20)), Duration::from_secs(20));
+/// // A nanosecond doubled 40 times is about 18 minutes; no doubling is lost on the way.
+/// assert_eq!(doubled(Duration::from_nanos(1), 40, Duration::MAX), Duration::from_nanos(1 << 40));
+/// assert_eq!(doubled(Duration::MAX, u32::MAX, Duration::MAX), Duration::MAX);
+/// ```
+pub fn doubled(base: Duration, times: u32, cap: Duration) -> Duration {
+    let n = base.as_nanos();
+    let scaled = if n == 0 {
+        0
+    } else if times >= n.leading_zeros() {
+        u128::MAX
+    } else {
+        n << times
+    };
+    let capped = scaled.min(cap.as_nanos());
+    // At most `cap`, so the seconds fit.
+    Duration::new(
+        u64::try_from(capped / 1_000_000_000).unwrap_or(u64::MAX),
+        u32::try_from(capped % 1_000_000_000).unwrap_or(0),
+    )
+}
+
 /// A source of wall-clock time.
 pub trait WallClock: Send + Sync + fmt::Debug {
     /// The current time.

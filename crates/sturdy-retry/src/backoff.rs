@@ -140,8 +140,7 @@ fn between(lo: Duration, hi: Duration, random: u64) -> Duration {
 }
 
 fn exp(base: Duration, cap: Duration, retry: u32) -> Duration {
-    let shift = retry.saturating_sub(1).min(31);
-    base.saturating_mul(1u32 << shift).min(cap)
+    sturdy_core::clock::doubled(base, retry.saturating_sub(1), cap)
 }
 
 fn check(base: Duration, cap: Duration) -> Result<(), InvalidBackoff> {
@@ -167,6 +166,19 @@ mod tests {
         assert!(Backoff::decorrelated_jitter(Duration::ZERO, MS).is_err());
         assert!(Backoff::exponential(MS * 10, MS).is_err());
         assert!(Backoff::full_jitter(MS, MS).is_ok());
+    }
+
+    #[test]
+    fn exponential_follows_its_formula_past_retry_32() {
+        // `min(cap, base * 2^(retry - 1))` for every retry: it stopped doubling at retry 32.
+        let b = Backoff::exponential(Duration::from_nanos(1), Duration::from_secs(3_600)).unwrap();
+        assert_eq!(b.delay(1, None, 7), Duration::from_nanos(1));
+        assert_eq!(b.delay(33, None, 7), Duration::from_nanos(1 << 32));
+        assert_eq!(b.delay(40, None, 7), Duration::from_nanos(1 << 39));
+        assert_eq!(b.delay(43, None, 7), Duration::from_secs(3_600));
+        assert_eq!(b.delay(u32::MAX, None, 7), Duration::from_secs(3_600));
+        let huge = Backoff::exponential(Duration::MAX, Duration::MAX).unwrap();
+        assert_eq!(huge.delay(u32::MAX, None, 7), Duration::MAX);
     }
 
     #[test]

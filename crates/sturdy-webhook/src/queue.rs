@@ -161,10 +161,13 @@ impl MemoryReceiver {
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` events (0 is taken as 1), remembering at most 100,000
-    /// dedup keys (past that, the oldest is forgotten first).
+    /// A queue holding at most `capacity` events (0 is taken as 1, and a capacity past what
+    /// tokio's channel can count, `usize::MAX >> 3`, as that: `usize::MAX` is as good as
+    /// unbounded), remembering at most 100,000 dedup keys (past that, the oldest is forgotten
+    /// first). Nothing is allocated for the capacity up front.
     pub fn new(capacity: usize) -> (Self, MemoryReceiver) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        // tokio's channel panics past its semaphore's largest count.
+        let (tx, rx) = mpsc::channel(capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
         let q = Self {
             tx,
             seen: Arc::new(Mutex::new(Seen {

@@ -10,7 +10,7 @@ use axum::Router;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use sturdy_core::clock::ManualClock;
-use sturdy_webhook::{sign_standard, MemoryQueue, StandardWebhooks, WebhookReceiver};
+use sturdy_webhook::{sign_standard, EventQueue, MemoryQueue, StandardWebhooks, WebhookReceiver};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -672,4 +672,22 @@ fn traits() {
 fn a_memory_queue_of_capacity_zero_holds_one_event_and_never_panics() {
     let (q, _rx) = MemoryQueue::new(0);
     assert!(format!("{q:?}").contains("capacity: 1"), "{q:?}");
+}
+
+/// "`usize::MAX` is as good as unbounded": the largest capacity is taken, not a panic (tokio's
+/// channel panics past `usize::MAX >> 3`), and events go in and come out.
+#[tokio::test]
+async fn a_memory_queue_of_capacity_usize_max_works() {
+    let (q, mut rx) = MemoryQueue::new(usize::MAX);
+    for id in ["evt_1", "evt_2", "evt_1"] {
+        q.push(
+            sturdy_webhook::WebhookEvent::new("standard", id, bytes::Bytes::from_static(b"{}")),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(rx.try_recv().map(|e| e.id).as_deref(), Some("evt_1"));
+    assert_eq!(rx.try_recv().map(|e| e.id).as_deref(), Some("evt_2"));
+    assert!(rx.try_recv().is_none());
 }
