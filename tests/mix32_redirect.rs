@@ -293,8 +293,8 @@ async fn mix32_cross_origin_redirect_drops_the_stack_bearer_token() {
 
 /// auth.md: `AuthLayer::api_key(header, key)` puts a secret in a header such as `x-api-key`;
 /// paginate.md refuses a foreign next link because "the credentials the stack adds would follow
-/// it". reqwest strips only `Authorization`, `Cookie` and `Proxy-Authorization` on a
-/// cross-origin redirect; reqwest.md says so and recommends
+/// it". reqwest strips only `Authorization`, `Cookie`, `Cookie2`, `Proxy-Authorization` and
+/// `WWW-Authenticate` on a cross-origin redirect; reqwest.md says so and recommends
 /// `sturdy_reqwest::same_origin_redirects(10)`, which hands the 307 back instead of following it.
 #[tokio::test]
 async fn mix32_cross_origin_redirect_does_not_leak_the_api_key_header() {

@@ -187,8 +187,8 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     /// Decides what counts as a failure \[[`DefaultClassify`]\]: any
     /// [`Classify`](sturdy_core::Classify), such as a closure `|result| -> Outcome`. An outcome
     /// counts against the breaker when [`Outcome::is_failure`](sturdy_core::Outcome::is_failure)
-    /// says so: a retryable or permanent outcome whose kind is a 5xx, a timeout, a connect or
-    /// transport error, or an unrecognised error. The same classifier type configures the retry
+    /// says so: a retryable or permanent outcome whose kind is a 5xx, a timeout (a 408 among
+    /// them), a connect, TLS or transport error, or an unrecognised error. The same classifier type configures the retry
     /// layer.
     ///
     /// ```

@@ -75,9 +75,9 @@ impl ErrorKind {
     }
 
     /// Whether this kind says the dependency itself is unhealthy, which is what a circuit
-    /// breaker counts: timeouts, connect, TLS and transport errors, 5xx statuses, and errors nobody
-    /// recognises. Rate limits, 4xx statuses, auth, open circuits, bodies, configuration and
-    /// pagination are not.
+    /// breaker counts: timeouts (a 408 status among them), connect, TLS and transport errors, 5xx
+    /// statuses, and errors nobody recognises. Rate limits, other 4xx statuses, auth, open
+    /// circuits, bodies, configuration and pagination are not.
     pub fn is_dependency_failure(&self) -> bool {
         matches!(
             self,
@@ -90,7 +90,8 @@ impl ErrorKind {
         )
     }
 
-    /// The kind of an HTTP status, or `None` for a success or informational status.
+    /// The kind of an HTTP status, or `None` for an informational, success or redirect status
+    /// (1xx, 2xx, 3xx). 401 is `Auth`, 408 `Timeout`, 429 `RateLimited`.
     pub fn from_status(status: StatusCode) -> Option<Self> {
         if status == StatusCode::UNAUTHORIZED {
             Some(Self::Auth)

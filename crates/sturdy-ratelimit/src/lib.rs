@@ -28,7 +28,7 @@
 //! - **A pace learned from bare 429s**: without a quota, the first bare 429 (no header saying how
 //!   long) of a pause sets a pace for every call of the key (one per eighth of the pause: 125 ms
 //!   by default); a bare 429 at that pace halves the rate, down to one call per pause (and pauses
-//!   one interval), every other answer (not a 429 or 503) raises it by a sixteenth, and under one call per millisecond it is forgotten. This is
+//!   one interval), every other answer (not a 429 or 503) raises it by a sixteenth, and once its interval is under a millisecond it is forgotten. This is
 //!   what a limiter counting calls per second (nginx's `limit_req`) needs: slow start counts
 //!   calls in flight, and on a fast network its ramp meets the limit again within a millisecond.
 //! - **Keys**: per host by default, or any function of the request (per API token, per tenant).

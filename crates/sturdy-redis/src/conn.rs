@@ -100,7 +100,9 @@ impl RedisConnection {
     /// The client follows the cluster's slot map: it sends each request to the primary that
     /// owns the key, follows `MOVED`/`ASK` redirections, and learns the new map after a
     /// failover. Requests that fail while the cluster moves a slot or promotes a replica are
-    /// tried again a few times, 10 to 100 ms apart, within each operation's timeout.
+    /// tried again a few times within each operation's timeout: a redirection or a dropped
+    /// connection at once (after reconnecting), a node that answers `TRYAGAIN`, `CLUSTERDOWN`,
+    /// `MASTERDOWN` or `LOADING`, or a node not connected yet, after 10 to 100 ms.
     ///
     /// # Errors
     /// When no URL is given, a URL is invalid, or no node answers in time. The message never

@@ -19,8 +19,8 @@
 //! is reported as "may have been processed", not as never sent. The retry layer's final message
 //! names the root cause: `gave up after 4 attempts: connection refused`.
 //!
-//! reqwest carries every header but `Authorization`, `Cookie` and `Proxy-Authorization` to
-//! another origin when it follows a redirect there; with an API key in a header of its own
+//! reqwest carries every header but `Authorization`, `Cookie`, `Cookie2`,
+//! `Proxy-Authorization` and `WWW-Authenticate` to another origin when it follows a redirect there; with an API key in a header of its own
 //! (`x-api-key`), build the client with [`same_origin_redirects`].
 //!
 //! # Example

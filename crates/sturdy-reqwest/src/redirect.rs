@@ -5,9 +5,9 @@
 /// followed, and the caller gets the `3xx` response itself, `Location` included.
 ///
 /// Use it when the stack sends a secret in a header of its own, such as
-/// `AuthLayer::api_key("x-api-key", ..)`. reqwest removes only `Authorization`, `Cookie` and
-/// `Proxy-Authorization` when a redirect leaves the origin, and every other header the stack set
-/// goes along, so with reqwest's default policy a redirect to any host receives the key. (The
+/// `AuthLayer::api_key(HeaderName::from_static("x-api-key"), key)`. reqwest removes only
+/// `Authorization`, `Cookie`, `Cookie2`, `Proxy-Authorization` and `WWW-Authenticate` when a
+/// redirect leaves the origin, and every other header the stack set goes along, so with reqwest's default policy a redirect to any host receives the key. (The
 /// pagination layer refuses a next link on another origin for the same reason.)
 ///
 /// More than `max` redirects on the origin fail as reqwest's own limit does (`is_redirect()`,
