@@ -99,7 +99,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     }
 
     /// Opens when at least `rate` (0.0 to 1.0) of the calls in the last `window` failed, once the
-    /// window holds at least `min_calls` calls \[0.5, 30 s, 100\].
+    /// window holds at least `min_calls` calls \[0.5, 30 s, 100\] (0 is taken as 1).
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `rate` is not in `0.0..=1.0` or `window` is

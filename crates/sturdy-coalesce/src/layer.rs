@@ -122,7 +122,8 @@ impl<K> CoalesceLayer<K> {
     /// the response), so a server that sends the head and then stalls would otherwise hold them
     /// all: past this, each gets a [`Timeout`](sturdy_core::ErrorKind::Timeout) error ("the shared
     /// response's body did not arrive within 30s of its head"). The timer is made only when a
-    /// body read has to wait.
+    /// body read has to wait, and runs from that first wait (right after the head, unless some
+    /// of the body came with it); later frames do not restart it.
     pub fn with_body_timeout(self, timeout: std::time::Duration) -> Self {
         edit(&self.cell, |c| c.body_timeout = Some(timeout));
         self

@@ -100,7 +100,7 @@ impl<T> fmt::Debug for KeyedMap<T> {
 
 impl<T: Idle> KeyedMap<T> {
     /// A map that keeps at most `max` keys (at least 1): past it, idle states are forgotten, then
-    /// new keys share one overflow slot ([`OVERFLOW_KEY`]).
+    /// new keys share one overflow slot ([`OVERFLOW_KEY`]), which is kept besides the `max`.
     pub fn new(max: usize) -> Self {
         Self {
             map: RwLock::new(Map::default()),

@@ -128,8 +128,8 @@ impl<K> HedgeLayer<K> {
         Ok(self)
     }
 
-    /// Hedges only once the host's recent windows hold at least `n` latencies \[100\]: a
-    /// percentile of a handful of calls says little.
+    /// Hedges only once the host's recent windows hold at least `n` latencies \[100\] (0 is
+    /// taken as 1): a percentile of a handful of calls says little.
     pub fn with_min_samples(self, n: u64) -> Self {
         edit(&self.cell, |c| c.min_samples = n.max(1));
         self

@@ -103,8 +103,9 @@ pub struct Verified {
     /// (`Duration::MAX`: the age check turned off), the verifier accepts the delivery at any
     /// time, and this is the latest time a `SystemTime` can hold. The receiver remembers its id
     /// at least that long, whatever its deduplication TTL, up to the longest its queue keeps a
-    /// key (about 30 years in Redis, 100 years in memory). `None` for schemes that sign no
-    /// timestamp.
+    /// key (about 30 years in Redis; in memory, as long as the clock can count, or 100 years
+    /// when it cannot, and always within the queue's bound on keys). `None` for schemes that
+    /// sign no timestamp.
     pub fresh_until: Option<SystemTime>,
     /// The headers the scheme defines, copied from the request (values up to 1 KiB, at most 4
     /// per name). Only what the scheme signs is verified: see each scheme.
