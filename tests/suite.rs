@@ -229,6 +229,7 @@ mod s43_paginate;
 mod s43_paginate_wire;
 mod s43_util;
 mod s43_version;
+mod s44_delivery;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

@@ -176,6 +176,27 @@ where
         }
     }
 
+    /// An error of the inner service. Of the replay after a 401 it cannot say "not sent" for
+    /// the call: the first send reached the API, which may have acted on it, whatever stopped
+    /// the replay (a refused connection, a limiter below). Its kind, words and cause stay.
+    fn sent_before(&self, e: BoxError) -> BoxError {
+        if !self.replayed || !sturdy_core::classify::delivery(&*e).proves_not_sent() {
+            return e;
+        }
+        match e.downcast::<Error>() {
+            Ok(err) => Box::new(err.with_delivery(Delivery::MaybeProcessed)),
+            Err(e) => {
+                let kind = sturdy_core::classify::classify_error(&*e);
+                let words = sturdy_core::classify::describe(&*e);
+                Box::new(
+                    Error::new(kind, words)
+                        .with_source(e)
+                        .with_delivery(Delivery::MaybeProcessed),
+                )
+            }
+        }
+    }
+
     /// The error of a token wait that ran out of time.
     fn timed_out(&self) -> BoxError {
         let what = if self.replayed {
@@ -279,7 +300,7 @@ where
                     if self.needs_ready {
                         if let Err(e) = ready!(self.svc.poll_ready(cx)) {
                             self.stage = Stage::Done;
-                            return Poll::Ready(Err(e.into()));
+                            return Poll::Ready(Err(self.sent_before(e.into())));
                         }
                     }
                     let Stage::Ready(token) = std::mem::replace(&mut self.stage, Stage::Done)
@@ -319,7 +340,7 @@ where
                         Ok(res) => res,
                         Err(e) => {
                             self.stage = Stage::Done;
-                            return Poll::Ready(Err(e.into()));
+                            return Poll::Ready(Err(self.sent_before(e.into())));
                         }
                     };
                     if res.status() != StatusCode::UNAUTHORIZED || self.replayed {

@@ -367,6 +367,64 @@ async fn a_token_failure_after_a_401_never_says_the_request_was_not_sent() {
     assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
 }
 
+/// Hands out a new token each time (`tok-1`, `tok-2`, ...).
+#[derive(Debug, Default)]
+struct FreshTokens(std::sync::atomic::AtomicU32);
+
+impl TokenSource for FreshTokens {
+    fn token(&self) -> BoxFuture<Result<Token, BoxError>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Box::pin(async move { Ok(Token::new(format!("tok-{n}"), None)) })
+    }
+
+    fn invalidate(&self, _token: &Token) {}
+}
+
+/// After a 401 the API has seen the request: a replay that then fails with an error that alone
+/// would read "not sent" (a refused connection: the server closed the connection after its 401
+/// and restarted) must not make the call read "not sent, safe to send again".
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_fails_to_connect_after_a_401_never_says_not_sent() {
+    use sturdy_core::classify::{classify_error, delivery};
+    use sturdy_core::Delivery;
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = calls.clone();
+    let api = service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Ok(Response::builder().status(401).body(()).unwrap())
+            } else {
+                Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "connection refused",
+                )) as BoxError)
+            }
+        }
+    });
+    // Alone, such an error reads as never sent.
+    let alone: BoxError = Box::new(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        "connection refused",
+    ));
+    assert_eq!(delivery(&*alone), Delivery::NotSent);
+    let post = || {
+        Request::post("http://api.example.com/orders")
+            .body(Full::from("{}"))
+            .unwrap()
+    };
+    let err = AuthLayer::token_source(Arc::new(FreshTokens::default()))
+        .layer(api)
+        .oneshot(post())
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    // The cause keeps its kind and words.
+    assert_eq!(classify_error(&*err), ErrorKind::Connect, "{err}");
+    assert!(err.to_string().contains("connection refused"), "{err}");
+}
+
 /// A source whose error's own text names no cause, as a hyper-util client's does.
 #[derive(Debug)]
 struct ThroughAClient;

@@ -65,11 +65,14 @@ where
         let local = self
             .cached
             .get(&self.registry.map, &key, self.registry.make());
-        let node = local.value();
-        let (admitted, transition) = node.breaker.admit(self.registry.config(), Instant::now);
-        node.shared.report(local.key(), transition);
+        let (admitted, transition) = local
+            .value()
+            .breaker
+            .admit(self.registry.config(), Instant::now);
         match admitted {
             Err((retry_in, reason)) => {
+                let node = local.value();
+                node.shared.report(local.key(), transition);
                 node.shared.events.emit(&Event::CircuitRejected {
                     key: local.key(),
                     host: node.shared.host(local.key()),
@@ -99,6 +102,13 @@ where
                     ticket,
                     done: false,
                 };
+                // Reported once the permit holds the ticket: a hook of the user's that panics
+                // here drops the permit, which gives a probe's slot back (no one else would).
+                permit
+                    .local
+                    .value()
+                    .shared
+                    .report(permit.local.key(), transition);
                 // The inner service was driven to readiness and is called now; only its future
                 // is kept, so no clone is needed.
                 ResponseFuture::called(self.inner.call(req), permit, self.classify.clone())

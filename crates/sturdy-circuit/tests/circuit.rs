@@ -715,3 +715,35 @@ async fn refusals_say_why() {
     assert_eq!(forced.reason(), OpenReason::Forced);
     assert!(!forced.to_string().contains("has been failing"), "{forced}");
 }
+
+/// A hook of the user's that panics when the breaker lets a probe through must not keep the
+/// probe's slot: every later call would be refused as "probing" until someone reset the breaker
+/// by hand.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_hook_at_half_open_does_not_keep_the_probe_slot() {
+    use std::sync::atomic::AtomicBool;
+    let dep = Dep::down();
+    let panic_once = Arc::new(AtomicBool::new(true));
+    let armed = panic_once.clone();
+    let layer = CircuitBreakerLayer::new()
+        .with_consecutive_failures(1)
+        .with_open_duration(Duration::from_secs(1), Duration::from_secs(1))
+        .on_event(move |e| {
+            if let sturdy_core::events::Event::CircuitChanged { to, .. } = e {
+                if *to == sturdy_core::events::BreakerState::HalfOpen
+                    && armed.swap(false, Ordering::SeqCst)
+                {
+                    panic!("a hook's bug");
+                }
+            }
+        });
+    let svc = layer.layer(dep.service());
+    svc.clone().oneshot(req("a")).await.unwrap();
+    tokio::time::advance(Duration::from_millis(1_100)).await;
+    let panicked = tokio::spawn(svc.clone().oneshot(req("a"))).await;
+    assert!(panicked.unwrap_err().is_panic());
+    // The next call is admitted as the probe (and, the dependency being healthy, closes it).
+    dep.heal();
+    let res = svc.clone().oneshot(req("a")).await;
+    assert_eq!(res.unwrap().status(), StatusCode::OK);
+}

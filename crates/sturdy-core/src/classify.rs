@@ -120,10 +120,23 @@ pub fn classify_status(status: StatusCode) -> Outcome {
 /// recognises is [`ErrorKind::Other`], which is not retried.
 pub fn classify_error(err: &(dyn StdError + 'static)) -> ErrorKind {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    // Whether an error above said the connection was made (a hyper-util error that is not a
+    // connect error, or hyper's own): an io error below it that could also mean "never
+    // connected" (host unreachable, say: what Linux reports when an established connection's
+    // retransmissions meet an ICMP unreachable) then broke a connection that may have carried
+    // the request.
+    let mut connected = false;
     while let Some(e) = cur {
         if let Some(kind) = kind_of(e) {
-            return kind;
+            return match kind {
+                ErrorKind::Connect if connected && e.is::<io::Error>() => ErrorKind::Transport,
+                kind => kind,
+            };
         }
+        connected |= e
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|h| !h.is_connect())
+            || e.is::<hyper::Error>();
         cur = e.source();
     }
     ErrorKind::Other

@@ -205,19 +205,22 @@ impl<S, K> RateLimit<S, K> {
             waiting = ks.gate.waiting(),
             "waiting in line for the rate limit"
         );
-        bound.config.events.emit(&Event::RateLimitWaited {
-            key: bound.key(),
-            host: bound.host(),
-            wait,
-        });
         if let Some(t) = Trace::of(&req) {
             t.record(TraceEvent::Delay {
                 duration: wait,
                 source: DelaySource::RateLimit,
             });
         }
+        // The ticket goes into the future (whose drop leaves the line) before any hook of the
+        // user's runs: a hook that panics must not leave a place in line that no one holds.
         let svc = self.take_ready();
-        ResponseFuture::queued(svc, req, bound, ticket, deadline)
+        let fut = ResponseFuture::queued(svc, req, bound.clone(), ticket, deadline);
+        bound.config.events.emit(&Event::RateLimitWaited {
+            key: bound.key(),
+            host: bound.host(),
+            wait,
+        });
+        fut
     }
 
     /// The service `poll_ready` made ready, replaced by a clone that is not (tower's contract:

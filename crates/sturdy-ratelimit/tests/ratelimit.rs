@@ -317,3 +317,38 @@ async fn waits_and_refusals_go_to_the_trace() {
         }]
     );
 }
+
+/// A hook of the user's that panics when a call starts to wait must not leave a place in line
+/// that no one holds: the calls after it would wait behind it forever (no timer, no deadline).
+#[tokio::test(start_paused = true)]
+async fn a_panicking_wait_hook_leaves_no_dead_place_in_line() {
+    use std::sync::atomic::AtomicBool;
+    let api = Api::default();
+    let panic_once = Arc::new(AtomicBool::new(true));
+    let armed = panic_once.clone();
+    let svc = RateLimitLayer::new(Quota::per_second(1).unwrap())
+        .on_event(move |e| {
+            if matches!(e, sturdy_core::events::Event::RateLimitWaited { .. })
+                && armed.swap(false, Ordering::SeqCst)
+            {
+                panic!("a hook's bug");
+            }
+        })
+        .layer(api.service());
+    // The first call takes the quota's slot; the second waits, and its hook panics.
+    svc.clone().oneshot(get("a")).await.unwrap();
+    let panicked = tokio::spawn(svc.clone().oneshot(get("a"))).await;
+    assert!(panicked.unwrap_err().is_panic());
+    // The next caller waits its one interval and goes: nothing holds the head of the line.
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), svc.clone().oneshot(get("a")))
+        .await
+        .expect("the line is not stuck")
+        .unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(api.times().len(), 2);
+}

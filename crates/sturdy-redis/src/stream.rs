@@ -236,7 +236,12 @@ fn millis(d: Duration) -> u64 {
 
 fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
     let mut shown = format!("{v:?}");
-    shown.truncate(200);
+    // Cut at a character's boundary: the answer may hold any text (an event's body).
+    let mut end = shown.len().min(200);
+    while !shown.is_char_boundary(end) {
+        end -= 1;
+    }
+    shown.truncate(end);
     Box::new(Error::new(
         ErrorKind::Other,
         format!("unexpected answer from Redis to {what}: {shown}"),
@@ -716,7 +721,9 @@ fn fields(v: &Value) -> Option<(WebhookEvent, Extra)> {
                         http::HeaderName::from_bytes(name),
                         bulk(v).map(http::HeaderValue::from_bytes),
                     ) {
-                        headers.append(n, val);
+                        // `try_append`: a map past http's largest size (a foreign writer's
+                        // entry with tens of thousands of headers) drops the rest, no panic.
+                        let _ = headers.try_append(n, val);
                     }
                 }
             }
@@ -1135,5 +1142,19 @@ impl RedisStreamConsumer {
     /// been done. Handlers are to be idempotent either way (delivery is at least once).
     pub async fn dead_letter(&self, d: &Delivery, reason: &str) -> Result<(), BoxError> {
         self.give_up(&d.entry, reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unexpected_answer_is_cut_at_a_character_boundary() {
+        // 'ë' is two bytes: the 200th byte falls inside one, for each of the two alignments.
+        for pad in ["", "a"] {
+            let text = format!("{pad}{}", "ë".repeat(300));
+            let e = super::unexpected("NEXT", &text);
+            assert!(e.to_string().contains("ëë"), "{e}");
+            assert!(e.to_string().len() < 300, "{e}");
+        }
     }
 }

@@ -366,10 +366,72 @@ fn from_chain_error(err: reqwest_middleware::Error, waited: bool) -> BoxError {
             Err(e) => e,
         },
     };
+    // Another middleware's error (a retry middleware's after its last try, a limiter's). What it
+    // did before failing is not known: it may have sent the request already, so the call may
+    // have been processed, whatever the error below it says. Its text is kept, not the error
+    // itself: a reqwest error inside it would show the URL's query and credentials in `Debug`
+    // and `Display`, which sturdy cannot redact in place.
     let boxed: BoxError = err.into();
     let kind = classify_error(&*boxed);
-    let message = describe(&*boxed);
-    Box::new(Error::new(kind, message).with_hidden_source(boxed))
+    let message = redact_urls(&describe(&*boxed));
+    let mut chain = Vec::new();
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(&*boxed);
+    while let Some(e) = cur {
+        chain.push(redact_urls(&e.to_string()));
+        cur = e.source();
+    }
+    Box::new(
+        Error::new(kind, message)
+            .with_hidden_source(ChainText(chain.join(": ")))
+            .with_delivery(Delivery::MaybeProcessed),
+    )
+}
+
+/// What an error of another middleware said, its URLs without query, fragment or credentials.
+#[derive(Debug)]
+struct ChainText(String);
+
+impl fmt::Display for ChainText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for ChainText {}
+
+/// `text` with each URL in it (a word holding `://`) cut to its scheme, host, port and path.
+fn redact_urls(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // The URL starts at the scheme: the letters, digits, '+', '-', '.' before "://".
+        let start = rest[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        // It ends at a space, a closing bracket or a quote.
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | ']' | '"' | '\'' | '>'))
+            .map_or(rest.len(), |i| at + i);
+        out.push_str(&rest[..start]);
+        let candidate = &rest[start..end];
+        match reqwest::Url::parse(candidate) {
+            Ok(mut url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                out.push_str(url.as_str());
+            }
+            // Not a URL after all: nothing of it is shown past its scheme.
+            Err(_) => out.push_str(&rest[start..at + 3]),
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The stack's error as reqwest-middleware's.
@@ -486,4 +548,22 @@ fn into_reqwest_response(res: http::Response<reqwest::Body>) -> reqwest::Respons
         }
     }
     reqwest::Response::from(http::Response::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    #[test]
+    fn urls_in_a_message_lose_query_fragment_and_credentials() {
+        let r = super::redact_urls;
+        assert_eq!(
+            r("error sending request for url (https://u:p@api.example.com/x?api_key=s3cr3t#f)"),
+            "error sending request for url (https://api.example.com/x)"
+        );
+        assert_eq!(r("no url here"), "no url here");
+        assert_eq!(
+            r("a http://h/a?k=1 and b https://h2:8443/b?k=2."),
+            "a http://h/a and b https://h2:8443/b"
+        );
+        assert!(!r("x ://?k=s3cr3t").contains("s3cr3t"));
+    }
 }

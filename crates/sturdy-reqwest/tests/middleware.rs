@@ -593,3 +593,49 @@ async fn find_reaches_a_refusal_kept_beside_a_sent_attempt() {
     // The call's own error is found as before.
     assert!(find::<sturdy_core::Error>(&err).is_some(), "{err:?}");
 }
+
+/// A middleware after sturdy's that sends the request and then fails with an error of its own
+/// (as a retry middleware does after its last try), whose text holds a URL with a secret.
+#[derive(Clone)]
+struct SendsThenFails;
+
+#[async_trait::async_trait]
+impl Middleware for SendsThenFails {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let url = req.url().clone();
+        let _ = next.run(req, extensions).await;
+        Err(reqwest_middleware::Error::Middleware(anyhow::anyhow!(
+            "gave up after 3 tries for url ({url}): connection refused"
+        )))
+    }
+}
+
+/// What another middleware below sturdy did before its error is not known: it may have sent
+/// the request, so the call may have been processed (it read "not sent" when the error's words
+/// or chain named a refused connection). No URL query from its text reaches `Display` or
+/// `Debug`.
+#[tokio::test]
+async fn an_error_of_a_middleware_below_may_have_been_processed_and_shows_no_query() {
+    let s = ChaosServer::start(Knobs::default()).await.unwrap();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(sturdy())
+        .with(SendsThenFails)
+        .build();
+    let err = client
+        .post(format!("{}?api_key=s3cr3t", s.url("/orders")))
+        .json(&json!({"item": "book"}))
+        .send()
+        .await
+        .unwrap_err();
+    // The request reached the server once (a POST without a key is not retried).
+    assert_eq!(s.stats().orders_committed, 1, "{err:?}");
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed, "{err:?}");
+    let shown = format!("{err} {err:?} {err:#}");
+    assert!(!shown.contains("s3cr3t"), "{shown}");
+    assert!(shown.contains("/orders"), "{shown}");
+}
