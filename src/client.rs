@@ -128,7 +128,9 @@ mod sealed {
 /// is not there at all (the builder's type says which layers it holds), so it costs nothing. When
 /// auth uses a token source, the wait for a token is bounded by the attempt timeout too (the
 /// builder's, or the request's own from `CallOptions::with_attempt_timeout`), so a token
-/// endpoint that never answers cannot hold a call past it; such a call fails `NotSent`.
+/// endpoint that never answers cannot hold a call past it; such a call fails `NotSent` (or
+/// "may have been processed" when the token was needed to replay a request after a 401, which
+/// the API had already received).
 ///
 /// Where it may sit: the client is a plain tower service whose `poll_ready` is its HTTP client's;
 /// put it under `Buffer` or a concurrency limit, drive it with `oneshot` or keep it and call

@@ -479,8 +479,8 @@ impl RedisStreamQueue {
             "full" => Err(Box::new(Error::new(
                 ErrorKind::Other,
                 format!(
-                    "cannot replay the dead letter: the stream {} is full ({} events); retry once the consumers have caught up",
-                    self.stream, self.max_backlog
+                    "cannot replay the dead letter: the stream {} is full ({} event{}); retry once the consumers have caught up",
+                    self.stream, self.max_backlog, if self.max_backlog == 1 { "" } else { "s" }
                 ),
             ))),
             other => Err(unexpected("the replay script", &other)),

@@ -111,6 +111,13 @@ pub fn find<T: std::error::Error + 'static>(err: &reqwest_middleware::Error) -> 
 ///
 /// After `Delivery::NotSent` the request may be sent again; after `Delivery::MaybeProcessed` only
 /// with the same idempotency key.
+///
+/// A reqwest error that did not go through `SturdyMiddleware` (the `Reqwest` variant) is read
+/// with what it says alone: a builder error as not sent, every other as may have been
+/// processed. reqwest raises builder errors before sending, except one for a redirect's
+/// `Location` it cannot use (an `ftp:` target), raised after the server answered; through
+/// `SturdyMiddleware` (the `Middleware` variant) that case reads as may have been processed,
+/// from the variant alone it cannot be told apart.
 #[cfg(feature = "middleware")]
 pub fn delivery(err: &reqwest_middleware::Error) -> sturdy_core::Delivery {
     match err {
@@ -118,8 +125,9 @@ pub fn delivery(err: &reqwest_middleware::Error) -> sturdy_core::Delivery {
             let e: &(dyn std::error::Error + 'static) = &**e;
             sturdy_core::classify::delivery(e)
         }
-        // As `from_reqwest_error` says: only a request reqwest could not build proves it never
-        // left (a connect error may be on a redirect's target, after the server got it).
+        // As `from_reqwest_error` says: a builder error is read as never sent (see the docs for
+        // the redirect case it cannot tell apart); a connect error may be on a redirect's
+        // target, after the server got it.
         reqwest_middleware::Error::Reqwest(e) if e.is_builder() => sturdy_core::Delivery::NotSent,
         reqwest_middleware::Error::Reqwest(_) => sturdy_core::Delivery::MaybeProcessed,
     }

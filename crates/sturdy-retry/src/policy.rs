@@ -615,7 +615,10 @@ impl<C> RetryPolicy<C> {
                 } else if past_deadline {
                     "past the overall deadline".to_owned()
                 } else {
-                    format!("and all {n} attempts are used")
+                    format!(
+                        "and all {n} {} used",
+                        if n == 1 { "try is" } else { "tries are" }
+                    )
                 };
                 tracing::info!(attempt = n, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), host = %host, "not waiting {wait:?} as asked: {reason}");
                 let stop = if too_long {
