@@ -336,6 +336,23 @@ fn abandoned() -> Outcome {
     )))
 }
 
+/// The error of every caller of a shared call that panicked. It may have been sent: the panic
+/// came while the call ran.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> Outcome {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    Outcome::Failed(Arc::new(Box::new(
+        sturdy_core::Error::new(
+            sturdy_core::ErrorKind::Other,
+            format!("a layer or service below panicked while running it: {what}"),
+        )
+        .with_delivery(sturdy_core::Delivery::MaybeProcessed),
+    )))
+}
+
 /// Finds a call in flight for `key`, or starts one: the shared call is in the table before this
 /// returns, so an identical request that arrives while the leader is still calling the inner
 /// service joins it rather than sending its own.
@@ -362,7 +379,13 @@ pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined 
         // Out of the table once finished or abandoned (every caller gone).
         let _guard = guard;
         match std::future::poll_fn(|cx| waiting.poll_take(cx)).await {
-            Some(call) => call.await,
+            // A panic in the call (the stack below, a hook, the inner service) is caught here:
+            // a shared future that panics wakes none of the callers waiting on it and stays in
+            // the table, so every identical request would join it and panic in turn.
+            Some(call) => match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(payload) => panicked(payload.as_ref()),
+            },
             None => abandoned(),
         }
     });

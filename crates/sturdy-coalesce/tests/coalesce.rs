@@ -680,3 +680,43 @@ async fn a_stalled_shared_body_ends_in_a_timeout_for_every_caller() {
     let out = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(get("/slow"))).await;
     assert!(out.is_err(), "the call ended");
 }
+
+/// A shared call that panics while it runs (in the stack below, a hook, the inner service's
+/// future) must not leave the callers who joined it waiting forever, nor stay in the table for
+/// the next identical request to join and panic in turn.
+#[tokio::test(start_paused = true)]
+async fn a_shared_call_that_panics_fails_every_caller_and_leaves_nothing_behind() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    let api = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(ms(50)).await;
+            if n == 0 {
+                panic!("a bug below");
+            }
+            Ok::<_, BoxError>(Response::new(Full::from("fine")))
+        }
+    });
+    let (layer, handle) = CoalesceLayer::new().pair();
+    let client = layer.layer(api);
+    let callers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(client.clone().oneshot(get("/r"))))
+        .collect();
+    for c in callers {
+        let err = tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("a caller was left waiting")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert!(err.to_string().contains("a bug below"), "{err}");
+        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{err}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.in_flight(HOST), 0);
+    // The next identical request is a call of its own.
+    let res = client.clone().oneshot(get("/r")).await.unwrap();
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "fine");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
