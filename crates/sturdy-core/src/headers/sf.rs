@@ -92,7 +92,8 @@ impl std::error::Error for SfError {}
 /// Parses a List; several field lines are joined with `,` by the caller (or pass them all).
 ///
 /// # Errors
-/// [`SfError`] on any syntax error: RFC 9651 says the whole field is then ignored.
+/// [`SfError`] on any syntax error: RFC 9651 says the whole field is then ignored. Also past
+/// [`MAX_LIST_MEMBERS`] members.
 pub fn parse_list<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<Member>, SfError> {
     let mut joined = Vec::new();
     for (i, l) in lines.into_iter().enumerate() {
@@ -108,6 +109,11 @@ pub fn parse_list<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<M
         return Ok(out);
     }
     loop {
+        // RFC 9651 asks parsers to take lists of at least 1,024 members; past a few times that,
+        // a peer's field is refused before each member costs an allocation of its own.
+        if out.len() == MAX_LIST_MEMBERS {
+            return Err(SfError("more list members than are read"));
+        }
         out.push(p.member()?);
         p.skip_ows();
         if p.eof() {
@@ -120,6 +126,9 @@ pub fn parse_list<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<M
         }
     }
 }
+
+/// The most members of a List that [`parse_list`] reads: RFC 9651 asks for at least 1,024.
+pub const MAX_LIST_MEMBERS: usize = 4_096;
 
 /// Parses an Item field value.
 ///
@@ -473,6 +482,17 @@ pub(crate) fn lenient_base64(b: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_past_the_most_members_is_refused_early() {
+        let at_most = vec!["a"; MAX_LIST_MEMBERS].join(",");
+        assert_eq!(
+            parse_list([at_most.as_bytes()]).unwrap().len(),
+            MAX_LIST_MEMBERS
+        );
+        let past = vec!["a"; 100_000].join(",");
+        assert!(parse_list([past.as_bytes()]).is_err());
+    }
 
     #[test]
     fn dates_from_structured_field_tests() {
