@@ -809,8 +809,9 @@ fn parse_token_response(
             return Err(Failure::new(
                 ErrorKind::Auth,
                 format!(
-                    "{} issued a token of type {other}, but only Bearer tokens are supported",
-                    s.endpoint()
+                    "{} issued a token of type {}, but only Bearer tokens are supported",
+                    s.endpoint(),
+                    shown_value(other, s)
                 ),
             ));
         }
@@ -843,8 +844,9 @@ fn parse_token_response(
                     return Err(Failure::new(
                         ErrorKind::Auth,
                         format!(
-                            "the token response from {} has an expires_in that is not a number of seconds: {v}",
-                            s.shown_url
+                            "the token response from {} has an expires_in that is not a number of seconds: {}",
+                            s.shown_url,
+                            shown_value(v, s)
                         ),
                     ))
                 }
@@ -933,6 +935,17 @@ fn basic_credentials(s: &Settings) -> String {
 /// `id:secret`), and the token URL's user info and query (whole, and the password and each
 /// query value of four bytes or more, as written and percent-decoded), which a server echoing
 /// the request URL would show.
+/// A value of the server's token response, for a message: as JSON, without the client secret or
+/// the token URL's secrets, cut to 64 characters (a server decides its size).
+fn shown_value(v: &Value, s: &Settings) -> String {
+    let text = redact_secret(&v.to_string(), s);
+    let mut shown: String = text.chars().take(64).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown
+}
+
 fn redact_secret(text: &str, s: &Settings) -> String {
     let mut needles: Vec<String> = Vec::new();
     let secret = s.client_secret.expose_secret();
@@ -1060,6 +1073,26 @@ mod tests {
             &settings(),
         )
         .map_err(|f| f.error())
+    }
+
+    #[test]
+    fn a_servers_odd_values_are_shown_short_and_without_the_secret() {
+        let long = "x".repeat(60_000);
+        let body = format!(r#"{{"access_token":"t","token_type":"{long}"}}"#);
+        let e = parse(200, &body).unwrap_err().to_string();
+        assert!(e.contains("only Bearer tokens are supported"), "{e}");
+        assert!(e.len() < 400, "{}", e.len());
+        let mut st = settings();
+        st.client_secret = "sup3r-s3cret".into();
+        let secret = "sup3r-s3cret";
+        let body = format!(r#"{{"access_token":"t","expires_in":"{secret} {long}"}}"#);
+        let e = parse_token_response(StatusCode::OK, body.as_bytes(), &st)
+            .map_err(|f| f.error())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a number of seconds"), "{e}");
+        assert!(!e.contains(&secret), "{e}");
+        assert!(e.len() < 400, "{}", e.len());
     }
 
     #[test]

@@ -332,11 +332,6 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
 /// Reads the key: a bare token or a structured-field string, 1 to 255 visible ASCII characters.
 fn read_key(v: &HeaderValue) -> Option<String> {
     let raw = v.to_str().ok()?.trim();
-    // A key is at most 255 characters: a longer value is refused before it is parsed (with
-    // quotes and parameters, 1 KiB is room enough).
-    if raw.len() > 1_024 {
-        return None;
-    }
     let key = match sturdy_core::headers::sf::parse_item(raw.as_bytes()) {
         Ok((sturdy_core::headers::sf::BareItem::String(s), _)) => s,
         _ => raw.to_owned(),
@@ -638,9 +633,8 @@ mod tests {
         assert_eq!(k("a b"), None);
         assert_eq!(k(&"x".repeat(256)), None);
         assert!(k(&"x".repeat(255)).is_some());
-        // A quoted key of 255 with a parameter still fits; a value of 400 KB is refused unread.
+        // A quoted key of 255 with a parameter fits: parameters are not part of the key.
         assert!(k(&format!("\"{}\";p=1", "x".repeat(255))).is_some());
-        assert_eq!(k(&format!("\"k\";{}", "p=1;".repeat(100_000))), None);
     }
 
     #[test]
