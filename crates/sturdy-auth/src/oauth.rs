@@ -1091,7 +1091,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a number of seconds"), "{e}");
-        assert!(!e.contains(&secret), "{e}");
+        assert!(!e.contains(secret), "{e}");
         assert!(e.len() < 400, "{}", e.len());
     }
 
