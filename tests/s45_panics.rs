@@ -378,3 +378,58 @@ async fn coalesced_panic_chain_does_not_repeat_its_words() {
     let text = chain(&*e);
     assert_eq!(text.matches("panicked while running it").count(), 1, "{text}");
 }
+
+/// A response body that panics when read.
+struct PanicBody;
+impl http_body::Body for PanicBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        panic!("s45 body panic");
+    }
+}
+
+/// The shared response's body is read by the shared call: a body that panics while it is read
+/// is a panic while the shared call runs, caught for every caller; the next request calls
+/// afresh. Under tower's Timeout layer, with a kept service.
+#[tokio::test(start_paused = true)]
+async fn a_body_that_panics_while_shared_is_caught_for_every_caller() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let inner = tower::service_fn(move |_r: Req| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, BoxError>(if n == 0 {
+                Response::new(http_body_util::Either::Left(PanicBody))
+            } else {
+                Response::new(http_body_util::Either::Right(Full::new(Bytes::from_static(
+                    b"fine",
+                ))))
+            })
+        }
+    });
+    let svc = tower::timeout::TimeoutLayer::new(Duration::from_secs(5))
+        .layer(CoalesceLayer::new().layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(inner)));
+    // Joined in this task (the body's future is not `Send`-general enough for a spawn): an
+    // uncaught panic would fail the test itself.
+    let futs = (0..4).map(|_| {
+        let mut s = svc.clone();
+        async move { s.ready().await?.call(req("/b")).await.map(|_| ()) }
+    });
+    let all = tokio::time::timeout(LONG, futures_util::future::join_all(futs))
+        .await
+        .expect("a caller hung");
+    for r in all {
+        let e = r.expect_err("a panicked body answered");
+        assert!(chain(&*e).contains("s45 body panic"), "{}", chain(&*e));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one shared call");
+    let mut kept = svc.clone();
+    let res = kept.ready().await.unwrap().call(req("/b")).await.unwrap();
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "fine");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -349,3 +349,30 @@ async fn redis_connect_timeout_bounds_the_whole_connect_to_twice_and_hides_the_u
     let text = format!("{err} {err:?}");
     assert!(!text.contains("s3cr3t"), "{text}");
 }
+
+/// A 400 KB `RateLimit` field: its pause among the first 4,096 members is honoured (refusing the
+/// whole field ignored it before); one past the 4,096th is left unread.
+#[test]
+fn a_huge_ratelimit_field_keeps_the_pause_of_its_first_members() {
+    use sturdy::core::headers::{pause_hint, PauseSource, RateLimitItem};
+    let now = SystemTime::now();
+    let many = vec![r#""p";r=5;t=1"#; 40_000].join(", ");
+    let first = format!(r#""default";r=0;t=30, {many}"#);
+    assert!(first.len() > 400_000);
+    let mut h = HeaderMap::new();
+    h.insert("ratelimit", HeaderValue::from_str(&first).unwrap());
+    let items = RateLimitItem::from_headers(&h).unwrap();
+    assert_eq!(items.len(), MAX_LIST_MEMBERS);
+    let hint = pause_hint(http::StatusCode::TOO_MANY_REQUESTS, &h, now).expect("a pause");
+    assert_eq!(hint.delay, Duration::from_secs(30));
+    assert_eq!(hint.source, PauseSource::RateLimit);
+    // At member 4,096 (the last read) it still counts; at 4,097 it is not read.
+    for (at, read) in [(4_095usize, true), (4_096, false)] {
+        let mut v = vec![r#""p";r=5;t=1"#.to_owned(); 6_000];
+        v[at] = r#""default";r=0;t=30"#.to_owned();
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit", HeaderValue::from_str(&v.join(",")).unwrap());
+        let hint = pause_hint(http::StatusCode::TOO_MANY_REQUESTS, &h, now);
+        assert_eq!(hint.is_some(), read, "r=0 at index {at}: {hint:?}");
+    }
+}
