@@ -433,3 +433,90 @@ async fn a_body_that_panics_while_shared_is_caught_for_every_caller() {
     assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "fine");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// The retry layer, with `Backoff::exponential(1 ns, 1 s)` and 70 attempts against a service
+/// that always answers 503: each scheduled delay is `min(1 s, 2^(retry - 1) ns)`, past retry 32
+/// too, and the paused clock moves by their sum. Over ConcurrencyLimit(1), a kept service.
+#[tokio::test(start_paused = true)]
+async fn retry_sleeps_double_past_retry_32_to_the_cap() {
+    use sturdy::retry::{Backoff, RetryLayer};
+    let delays = Arc::new(Mutex::new(Vec::new()));
+    let d = delays.clone();
+    let cap = Duration::from_secs(1);
+    let layer = RetryLayer::new()
+        .with_max_attempts(70)
+        .without_budget()
+        .with_backoff(Backoff::exponential(Duration::from_nanos(1), cap).unwrap())
+        .on_event(move |e| {
+            if let Event::RetryScheduled { delay, .. } = e {
+                d.lock().unwrap().push(*delay);
+            }
+        });
+    let api = Api::new();
+    let mut kept = layer.layer(ConcurrencyLimitLayer::new(1).layer(api.clone()));
+    let started = tokio::time::Instant::now();
+    let r = kept.ready().await.unwrap().call(req("/status/503")).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(r, Ok(ref res) if res.status() == 503) || r.is_err(),
+        "{r:?}"
+    );
+    assert_eq!(api.calls.load(Ordering::SeqCst), 70);
+    let got = delays.lock().unwrap().clone();
+    assert_eq!(got.len(), 69);
+    let mut sum = Duration::ZERO;
+    for (i, d) in got.iter().enumerate() {
+        let want = sturdy::core::clock::doubled(
+            Duration::from_nanos(1),
+            u32::try_from(i).unwrap(),
+            cap,
+        );
+        assert_eq!(*d, want, "retry {}", i + 1);
+        sum += want;
+    }
+    assert!(elapsed >= sum, "{elapsed:?} < {sum:?}");
+}
+
+/// Waiting calls cut at seeded points by tower's Timeout (some while waiting in line, one with a
+/// panicking hook): none keeps a place; the line is empty after, and the next call's turn comes.
+#[tokio::test(start_paused = true)]
+async fn ratelimit_waiters_cut_at_seeded_points_leave_no_place() {
+    let armed = Arc::new(AtomicBool::new(true));
+    let a = armed.clone();
+    let (layer, handle) = RateLimitLayer::new(Quota::per_second(2).unwrap())
+        .on_event(move |e| {
+            if matches!(e, Event::RateLimitWaited { .. }) && a.swap(false, Ordering::SeqCst) {
+                panic!("s45 hook panic");
+            }
+        })
+        .pair();
+    let api = Api::new();
+    let svc = layer.layer(ConcurrencyLimitLayer::new(1).layer(api.clone()));
+    let mut seed: u64 = 0x45_45_45;
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let cut = Duration::from_millis(seed % 3_000);
+        let s = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut t = tower::timeout::TimeoutLayer::new(cut).layer(s);
+            let _ = t.ready().await?.call(req("/status/200")).await;
+            Ok::<_, BoxError>(())
+        }));
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(LONG, t).await.expect("a cut call hung");
+    }
+    assert!(!armed.load(Ordering::SeqCst));
+    assert_eq!(handle.waiting("api.test"), 0);
+    let mut kept = svc.clone();
+    let res = tokio::time::timeout(Duration::from_secs(3), async {
+        kept.ready().await.unwrap().call(req("/status/200")).await
+    })
+    .await
+    .expect("the next call waited past its turn")
+    .unwrap();
+    assert_eq!(res.status(), 200);
+}
