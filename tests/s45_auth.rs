@@ -64,12 +64,11 @@ impl Service<Req> for Api {
                     .unwrap());
             }
             Err(match replay {
-                Replay::SturdyConnect => Error::new(
-                    ErrorKind::Connect,
-                    "s45 refused reconnect to api.test:443",
-                )
-                .with_delivery(Delivery::NotSent)
-                .into(),
+                Replay::SturdyConnect => {
+                    Error::new(ErrorKind::Connect, "s45 refused reconnect to api.test:443")
+                        .with_delivery(Delivery::NotSent)
+                        .into()
+                }
                 Replay::IoRefused => Box::new(std::io::Error::new(
                     std::io::ErrorKind::ConnectionRefused,
                     "s45 connection refused",
@@ -101,9 +100,7 @@ async fn a_failed_replay_after_a_401_may_have_been_processed() {
             let auth = AuthLayer::token_source(Arc::new(Tokens::default()));
             let below = ConcurrencyLimitLayer::new(1).layer(api.clone());
             let mut kept: tower::util::BoxCloneSyncService<Req, Res, BoxError> = if buffered {
-                tower::util::BoxCloneSyncService::new(
-                    BufferLayer::new(1).layer(auth.layer(below)),
-                )
+                tower::util::BoxCloneSyncService::new(BufferLayer::new(1).layer(auth.layer(below)))
             } else {
                 tower::util::BoxCloneSyncService::new(auth.layer(below))
             };

@@ -226,7 +226,9 @@ async fn ratelimit_hook_panic_on_wait_leaves_no_place_held() {
         let _ = s2.ready().await?.call(req("/status/200")).await;
         Ok::<_, BoxError>(())
     });
-    let joined = tokio::time::timeout(LONG, t).await.expect("panicked call hung");
+    let joined = tokio::time::timeout(LONG, t)
+        .await
+        .expect("panicked call hung");
     assert!(joined.is_err(), "the hook panic should reach its task");
     assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
     // The third and fourth get through within their turns.
@@ -376,7 +378,11 @@ async fn coalesced_panic_chain_does_not_repeat_its_words() {
         .await
         .expect_err("panicked");
     let text = chain(&*e);
-    assert_eq!(text.matches("panicked while running it").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("panicked while running it").count(),
+        1,
+        "{text}"
+    );
 }
 
 /// A response body that panics when read.
@@ -406,14 +412,16 @@ async fn a_body_that_panics_while_shared_is_caught_for_every_caller() {
             Ok::<_, BoxError>(if n == 0 {
                 Response::new(http_body_util::Either::Left(PanicBody))
             } else {
-                Response::new(http_body_util::Either::Right(Full::new(Bytes::from_static(
-                    b"fine",
-                ))))
+                Response::new(http_body_util::Either::Right(Full::new(
+                    Bytes::from_static(b"fine"),
+                )))
             })
         }
     });
-    let svc = tower::timeout::TimeoutLayer::new(Duration::from_secs(5))
-        .layer(CoalesceLayer::new().layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(inner)));
+    let svc = tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(
+        CoalesceLayer::new()
+            .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)).layer(inner)),
+    );
     // Joined in this task (the body's future is not `Send`-general enough for a spawn): an
     // uncaught panic would fail the test itself.
     let futs = (0..4).map(|_| {
@@ -466,11 +474,8 @@ async fn retry_sleeps_double_past_retry_32_to_the_cap() {
     assert_eq!(got.len(), 69);
     let mut sum = Duration::ZERO;
     for (i, d) in got.iter().enumerate() {
-        let want = sturdy::core::clock::doubled(
-            Duration::from_nanos(1),
-            u32::try_from(i).unwrap(),
-            cap,
-        );
+        let want =
+            sturdy::core::clock::doubled(Duration::from_nanos(1), u32::try_from(i).unwrap(), cap);
         assert_eq!(*d, want, "retry {}", i + 1);
         sum += want;
     }
@@ -507,7 +512,9 @@ async fn ratelimit_waiters_cut_at_seeded_points_leave_no_place() {
         }));
     }
     for t in tasks {
-        let _ = tokio::time::timeout(LONG, t).await.expect("a cut call hung");
+        let _ = tokio::time::timeout(LONG, t)
+            .await
+            .expect("a cut call hung");
     }
     assert!(!armed.load(Ordering::SeqCst));
     assert_eq!(handle.waiting("api.test"), 0);
@@ -519,4 +526,48 @@ async fn ratelimit_waiters_cut_at_seeded_points_leave_no_place() {
     .expect("the next call waited past its turn")
     .unwrap();
     assert_eq!(res.status(), 200);
+}
+
+/// Panic payloads other than `&str`: a formatted `String` is named; any other payload still
+/// fails every caller (no hang) and the next request calls afresh.
+#[tokio::test(start_paused = true)]
+async fn coalesced_panics_of_any_payload_fail_every_caller() {
+    for payload in 0..2u8 {
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let inner = tower::service_fn(move |_r: Req| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if n == 0 {
+                    if payload == 0 {
+                        panic!("{}", format!("s45 formatted {}", 7));
+                    }
+                    std::panic::panic_any(42u32);
+                }
+                Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        });
+        let svc = CoalesceLayer::new().layer(inner);
+        let futs = (0..3).map(|_| {
+            let mut s = svc.clone();
+            async move { s.ready().await?.call(req("/p")).await.map(|_| ()) }
+        });
+        let all = tokio::time::timeout(LONG, futures_util::future::join_all(futs))
+            .await
+            .expect("a caller hung");
+        for r in all {
+            let e = r.expect_err("a panicked call answered");
+            let text = chain(&*e);
+            assert!(text.contains("panicked while running it"), "{text}");
+            if payload == 0 {
+                assert!(text.contains("s45 formatted 7"), "{text}");
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let mut kept = svc.clone();
+        let res = kept.ready().await.unwrap().call(req("/p")).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
 }

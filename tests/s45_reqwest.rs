@@ -163,15 +163,10 @@ async fn find_circuit_open_beside_a_sent_attempts_cause() {
         .with(SturdyMiddleware::new(|next| {
             ClientBuilder::new()
                 .with_retry(
-                    RetryLayer::new()
-                        .with_max_attempts(3)
-                        .with_backoff(
-                            Backoff::exponential(
-                                Duration::from_millis(1),
-                                Duration::from_millis(2),
-                            )
+                    RetryLayer::new().with_max_attempts(3).with_backoff(
+                        Backoff::exponential(Duration::from_millis(1), Duration::from_millis(2))
                             .unwrap(),
-                        ),
+                    ),
                 )
                 .with_circuit_breaker(CircuitBreakerLayer::new().with_consecutive_failures(1))
                 .without_rate_limit()
@@ -193,7 +188,14 @@ async fn find_circuit_open_beside_a_sent_attempts_cause() {
     };
     let by_core = sturdy::core::find::<CircuitOpen>(core_inner).is_some();
     let by_reqwest = sturdy::reqwest::find::<CircuitOpen>(&err).is_some();
-    assert!(by_core, "sturdy_core::find sees no CircuitOpen: {}", chain(core_inner));
-    assert!(by_reqwest, "sturdy_reqwest::find sees no CircuitOpen: {err:?}");
+    assert!(
+        by_core,
+        "sturdy_core::find sees no CircuitOpen: {}",
+        chain(core_inner)
+    );
+    assert!(
+        by_reqwest,
+        "sturdy_reqwest::find sees no CircuitOpen: {err:?}"
+    );
     assert!(sturdy::reqwest::find::<sturdy::core::Error>(&err).is_some());
 }
