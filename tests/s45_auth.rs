@@ -143,3 +143,39 @@ async fn a_failed_replay_after_a_401_may_have_been_processed() {
         }
     }
 }
+
+/// "a limiter below": a rate limiter under the auth layer refuses the replay after a 401 (its
+/// quota spent by the first send). The refusal says "not sent" on its own; after a 401 the API
+/// had the request, so the call's delivery is "may have been processed", the kind kept.
+#[tokio::test(start_paused = true)]
+async fn a_limiter_refusing_the_replay_after_a_401_may_have_been_processed() {
+    use sturdy::ratelimit::{Quota, RateLimitLayer};
+    let api = Api {
+        calls: Arc::default(),
+        replay: Replay::SturdyConnect,
+    };
+    let limiter = RateLimitLayer::new(Quota::per_second(1).unwrap()).with_max_wait(Duration::ZERO);
+    let auth = AuthLayer::token_source(Arc::new(Tokens::default()));
+    let mut kept = auth.layer(limiter.layer(ConcurrencyLimitLayer::new(1).layer(api.clone())));
+    let req = Request::post("http://api.test/orders")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(60), async {
+        kept.ready().await?.call(req).await
+    })
+    .await
+    .expect("hung");
+    let e = r.expect_err("the replay is refused");
+    let text = chain(&*e);
+    assert_eq!(api.calls.load(Ordering::SeqCst), 1, "{text}");
+    assert!(
+        sturdy::core::find::<sturdy::core::RateLimited>(&*e).is_some(),
+        "{text}"
+    );
+    assert_eq!(
+        sturdy::core::classify::delivery(&*e),
+        Delivery::MaybeProcessed,
+        "{text}"
+    );
+    assert!(!text.contains("safe to send again"), "{text}");
+}
