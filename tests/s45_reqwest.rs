@@ -199,3 +199,28 @@ async fn find_circuit_open_beside_a_sent_attempts_cause() {
     );
     assert!(sturdy::reqwest::find::<sturdy::core::Error>(&err).is_some());
 }
+
+/// `find`'s rustdoc names `find::<reqwest::Error>(&err)`; a reqwest error that a middleware below
+/// sturdy's returned (the `Reqwest` variant, or wrapped) is "kept as its text" (CHANGELOG).
+/// Whether `find` still reaches it.
+#[tokio::test]
+async fn find_reqwest_error_from_below() {
+    for mode in [Mode::BareReqwest, Mode::WrappedReqwest] {
+        let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(SturdyMiddleware::new(|next| next))
+            .with(Below {
+                mode,
+                calls: Arc::default(),
+            })
+            .build();
+        let err = client
+            .get("http://api.test/v1/items")
+            .send()
+            .await
+            .expect_err("fails");
+        assert!(
+            sturdy::reqwest::find::<reqwest::Error>(&err).is_some(),
+            "{err:?}"
+        );
+    }
+}
