@@ -234,6 +234,7 @@ mod s45_auth;
 mod s45_panics;
 mod s45_reqwest;
 mod s45_values;
+mod s46_body;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

@@ -1,7 +1,10 @@
 //! The jitter experiment of the demo binary at a reduced size: real sockets on 127.0.0.1, real
-//! time. It runs beside the crate's other tests, so it checks only orderings with a wide margin:
-//! at 100 clients, with both cores kept busy by two other loops, one run gave no backoff 4,723
-//! calls, exponential 2,185 and the jittered strategies 1,304 to 1,502.
+//! time, the debug build, beside the crate's other tests. It checks only what holds there too: at
+//! 100 clients no backoff makes the most calls. The jittered strategies' lead over exponential
+//! backoff is a result of the release build on a machine that is not busy (demo guide, "How far
+//! to trust the figures"): in this debug build with both cores kept busy by two other loops, one
+//! run (AMD EPYC, 2026-12-05) gave no backoff 4,677 calls, exponential 1,696 and the jittered
+//! strategies 1,776 to 2,218, and a CI run once put full jitter above exponential.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,20 +53,19 @@ fn jitter_shows_the_blogs_result_and_draws_it() {
         assert!(p["calls"].as_u64().unwrap() >= 2 * p["clients"].as_u64().unwrap());
     }
 
-    // At 100 clients no backoff pulls clear of exponential backoff (about 4,800 calls against
-    // 3,200 in the guide's run); at 60 the two are within a few per cent and either can lead.
+    // At 100 clients no backoff makes the most calls, by a wide margin (about 4,700 against at
+    // most 2,300 in every run, busy or not).
     let n = 100;
     let none = calls(points, "no_backoff", n);
-    let exp = calls(points, "exponential", n);
-    for jittered in ["full_jitter", "equal_jitter", "decorrelated_jitter"] {
-        let j = calls(points, jittered, n);
-        assert!(j < exp, "{jittered} made {j} calls, exponential {exp}");
-        assert!(j < none, "{jittered} made {j} calls, no backoff {none}");
+    for other in [
+        "exponential",
+        "full_jitter",
+        "equal_jitter",
+        "decorrelated_jitter",
+    ] {
+        let c = calls(points, other, n);
+        assert!(c < none, "{other} made {c} calls, no backoff {none}");
     }
-    assert!(
-        none > exp,
-        "no backoff made {none} calls, exponential {exp}"
-    );
 
     for (file, title) in [
         ("jitter-calls.svg", "Calls until every client has written"),

@@ -176,7 +176,9 @@ impl<C> RetryLayer<C> {
     }
 
     /// An overall deadline for the call, attempts and sleeps together \[none\]. No sleep is started
-    /// that would end past it, and an attempt still running at the deadline is abandoned.
+    /// that would end past it, and an attempt still running at the deadline is abandoned. An
+    /// attempt ends when the response's head arrives: reading the body, after the call returns, is
+    /// not bounded by this deadline nor by the attempt timeout.
     pub fn with_deadline(self, deadline: Duration) -> Self {
         self.edit(|c| c.deadline = Some(deadline))
     }

@@ -11,8 +11,9 @@ use sturdy_core::{human_duration, BoxError, CallOptions, Delivery, Error, ErrorK
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-/// Bounds each attempt by a timeout \[none unless configured\]; a request's
-/// [`CallOptions`] may set its own (or none). An attempt that runs out of time fails with a
+/// Bounds each attempt, up to the response's head, by a timeout \[none unless configured\]; a
+/// request's [`CallOptions`] may set its own (or none). Reading the body, after the response is
+/// returned, is not bounded by it. An attempt that runs out of time fails with a
 /// [`sturdy_core::Error`] of kind [`Timeout`](ErrorKind::Timeout) that the retry layer above
 /// retries (the request may have been processed, so a POST is retried only with an idempotency
 /// key).
