@@ -235,6 +235,8 @@ mod s45_panics;
 mod s45_reqwest;
 mod s45_values;
 mod s46_body;
+mod s47_stall;
+mod s47_util;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
