@@ -36,6 +36,8 @@ pub enum Phase {
     TokenHeadMidBody = 7,
     /// Answers with a valid OAuth2 token response.
     Token = 8,
+    /// Answers with a valid OAuth2 token response whose lifetime is 2 s.
+    TokenShort = 9,
 }
 
 impl Phase {
@@ -49,6 +51,7 @@ impl Phase {
             6 => Self::TrickleBody,
             7 => Self::TokenHeadMidBody,
             8 => Self::Token,
+            9 => Self::TokenShort,
             _ => Self::Healthy,
         }
     }
@@ -176,8 +179,12 @@ impl Peer {
                         return;
                     }
                 }
-                Phase::Token => {
-                    let body = r#"{"access_token":"tok-1","token_type":"Bearer","expires_in":3600}"#;
+                Phase::Token | Phase::TokenShort => {
+                    let body = if Phase::from_u8(self.phase.load(Ordering::SeqCst)) == Phase::Token {
+                        r#"{"access_token":"tok-1","token_type":"Bearer","expires_in":3600}"#
+                    } else {
+                        r#"{"access_token":"tok-s","token_type":"Bearer","expires_in":2}"#
+                    };
                     let res = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
