@@ -236,6 +236,7 @@ mod s45_reqwest;
 mod s45_values;
 mod s46_body;
 mod s47_auth;
+mod s47_idem;
 mod s47_layers;
 mod s47_redis;
 mod s47_stall;
