@@ -210,10 +210,11 @@ async fn a_stalled_background_refresh_does_not_hold_callers() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    let t0 = Instant::now();
     token.set(Phase::ReadNoHead);
     // Lifetime 2 s: refreshed from 1 s on. At 1.1 s and 1.5 s, the still-valid token serves.
     for at in [1100u64, 1500] {
-        tokio::time::sleep(Duration::from_millis(at - 700)).await;
+        tokio::time::sleep_until(t0 + Duration::from_millis(at)).await;
         let t = Instant::now();
         let res = call(&mut svc, get(&api.url("/a")), Duration::from_secs(3))
             .await

@@ -41,6 +41,15 @@ fn sturdy_kind(err: &BoxError) -> ErrorKind {
         .clone()
 }
 
+async fn go<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<S::Response, BoxError>
+where
+    S: Service<Request<Full<Bytes>>, Error = BoxError>,
+{
+    tokio::time::timeout(Duration::from_secs(3), async { svc.ready().await?.call(req).await })
+        .await
+        .expect("hung")
+}
+
 fn with(mut req: Request<Full<Bytes>>, o: CallOptions) -> Request<Full<Bytes>> {
     req.extensions_mut().insert(o);
     req
@@ -65,25 +74,15 @@ async fn a_stalling_host_opens_the_breaker_for_the_open_period() {
         .layer(tower::buffer::BufferLayer::new(4))
         .layer(tower::limit::ConcurrencyLimitLayer::new(1))
         .service(client);
-    let mut go = |req| {
-        let svc = &mut svc;
-        async move {
-            tokio::time::timeout(Duration::from_secs(3), async {
-                svc.ready().await?.call(req).await
-            })
-            .await
-            .expect("hung")
-        }
-    };
     for _ in 0..2 {
-        let err = go(with(get(&peer.url("/s")), CallOptions::new().without_retries()))
+        let err = go(&mut svc, with(get(&peer.url("/s")), CallOptions::new().without_retries()))
             .await
             .expect_err("stalled");
         assert_eq!(sturdy_kind(&err), ErrorKind::Timeout, "{err}");
     }
     let seen = peer.seen().len();
     let t0 = Instant::now();
-    let err = go(with(get(&peer.url("/s")), CallOptions::new().without_retries()))
+    let err = go(&mut svc, with(get(&peer.url("/s")), CallOptions::new().without_retries()))
         .await
         .expect_err("open");
     assert!(t0.elapsed() < Duration::from_millis(50), "{:?}", t0.elapsed());
@@ -94,7 +93,7 @@ async fn a_stalling_host_opens_the_breaker_for_the_open_period() {
     assert!(err.to_string().contains("try again in"), "{err}");
     // A deadline shorter than retry_in: fails at once.
     let t1 = Instant::now();
-    let err = go(with(
+    let err = go(&mut svc, with(
         get(&peer.url("/s")),
         CallOptions::new().with_deadline(Duration::from_millis(50)),
     ))
@@ -106,7 +105,7 @@ async fn a_stalling_host_opens_the_breaker_for_the_open_period() {
     // A deadline that fits retry_in: waits for the probe, which the healthy peer answers.
     peer.set(Phase::Healthy);
     let t2 = Instant::now();
-    let res = go(with(
+    let res = go(&mut svc, with(
         get(&peer.url("/s")),
         CallOptions::new().with_deadline(Duration::from_secs(1)),
     ))
@@ -325,4 +324,50 @@ async fn a_pause_of_a_day_is_capped_at_five_minutes() {
     let took = t0.elapsed();
     assert!(took <= Duration::from_secs(301), "{took:?}");
     assert!(took >= Duration::from_secs(299), "{took:?}");
+}
+
+/// The concurrency guide: "A call that finds its host's limit full waits in line ... for up to
+/// 30 s (`.with_max_wait(d)`) ... Past the wait, the call fails without being sent: ... kind
+/// `RateLimited` ..., delivery `NotSent`", and "a dropped call in flight gives its permit back".
+/// A first call stalls on the peer, holding the host's only permit; the second gives up at the
+/// wait; once the first is dropped, the next call proceeds.
+#[tokio::test]
+async fn a_call_behind_a_stalled_one_gives_up_at_max_wait_and_the_permit_comes_back() {
+    use sturdy::concurrency::AdaptiveConcurrencyLayer;
+    let peer = Peer::start(Phase::ReadNoHead).await;
+    let svc = ServiceBuilder::new()
+        .layer(
+            AdaptiveConcurrencyLayer::new()
+                .with_limits(1, 1)
+                .with_initial_limit(1)
+                .with_max_wait(Duration::from_millis(150)),
+        )
+        .service(sturdy_chaos::http_client());
+    let first = tokio::spawn(svc.clone().oneshot(get(&peer.url("/slow"))));
+    while peer.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let t0 = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(get(&peer.url("/next"))))
+        .await
+        .expect("the wait in line hung")
+        .expect_err("the limit is full");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(140), "{took:?}: {err}");
+    assert!(took <= Duration::from_millis(450), "{took:?}: {err}");
+    assert!(
+        matches!(sturdy_kind(&err), ErrorKind::RateLimited { .. }),
+        "{err}"
+    );
+    assert_eq!(delivery(&*err), Delivery::NotSent, "{err}");
+    assert!(err.to_string().contains("150ms"), "names the wait: {err}");
+    assert_eq!(peer.seen().len(), 1, "the refused call was sent");
+    first.abort();
+    let _ = first.await;
+    peer.set(Phase::Healthy);
+    let res = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(get(&peer.url("/after"))))
+        .await
+        .expect("the dropped call kept its permit")
+        .unwrap();
+    assert_eq!(res.status(), 200);
 }

@@ -239,6 +239,7 @@ mod s47_auth;
 mod s47_idem;
 mod s47_layers;
 mod s47_redis;
+mod s47_reqwest;
 mod s47_stall;
 mod s47_util;
 mod scale9_headers;
