@@ -22,11 +22,7 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 use crate::s47_util::{get, post, Peer, Phase, Rng};
 
-type Kept = BoxCloneSyncService<
-    Request<Full<Bytes>>,
-    Response<hyper::body::Incoming>,
-    BoxError,
->;
+type Kept = BoxCloneSyncService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>;
 
 fn creds(token: &Peer, request_timeout: Duration) -> ClientCredentials {
     ClientCredentials::new(
@@ -84,10 +80,16 @@ async fn the_token_timeout_ends_the_wait_for_a_stalled_token_endpoint() {
             .expect_err("no token, no call");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(300), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(300),
+            "{phase:?}: {took:?}: {text}"
+        );
         assert_eq!(kind(&err), ErrorKind::Timeout, "{phase:?}: {text}");
         assert_eq!(delivery(&*err), Delivery::NotSent, "{phase:?}: {text}");
-        assert!(text.contains(&token.url("/oauth/token")), "{phase:?}: {text}");
+        assert!(
+            text.contains(&token.url("/oauth/token")),
+            "{phase:?}: {text}"
+        );
         assert!(text.contains("100ms"), "{phase:?}: {text}");
         assert!(text.contains("not sent"), "{phase:?}: {text}");
         assert_eq!(api.accepts(), 0, "{phase:?}: the API was called");
@@ -116,8 +118,14 @@ async fn the_request_timeout_ends_a_stalled_token_request_and_backs_off() {
             .expect_err("no token, no call");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(450), "{phase:?}: {took:?}: {text}");
-        assert!(took >= Duration::from_millis(140), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(450),
+            "{phase:?}: {took:?}: {text}"
+        );
+        assert!(
+            took >= Duration::from_millis(140),
+            "{phase:?}: {took:?}: {text}"
+        );
         assert_eq!(kind(&err), ErrorKind::Timeout, "{phase:?}: {text}");
         assert_eq!(delivery(&*err), Delivery::NotSent, "{phase:?}: {text}");
         assert!(text.contains("/oauth/token"), "{phase:?}: {text}");
@@ -128,7 +136,11 @@ async fn the_request_timeout_ends_a_stalled_token_request_and_backs_off() {
         let err2 = call(&mut svc, get(&api.url("/a")), Duration::from_secs(3))
             .await
             .expect_err("in the backoff");
-        assert!(t1.elapsed() <= Duration::from_millis(60), "{phase:?}: {:?}", t1.elapsed());
+        assert!(
+            t1.elapsed() <= Duration::from_millis(60),
+            "{phase:?}: {:?}",
+            t1.elapsed()
+        );
         assert_eq!(delivery(&*err2), Delivery::NotSent, "{phase:?}: {err2}");
         assert_eq!(token.accepts(), 1, "{phase:?}: the endpoint was hammered");
         assert_eq!(api.accepts(), 0, "{phase:?}");
@@ -164,25 +176,35 @@ async fn the_deadline_ends_a_wait_for_a_stalled_token_endpoint_in_the_builder() 
             .expect_err("no token");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(600), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(600),
+            "{phase:?}: {took:?}: {text}"
+        );
         assert_eq!(kind(&err), ErrorKind::Timeout, "{phase:?}: {text}");
         assert_eq!(delivery(&*err), Delivery::NotSent, "{phase:?}: {text}");
         assert!(text.contains("200ms"), "{phase:?}: {text}");
         assert!(text.contains("access token"), "{phase:?}: {text}");
-        assert!(!text.contains("may have been processed"), "{phase:?}: {text}");
+        assert!(
+            !text.contains("may have been processed"),
+            "{phase:?}: {text}"
+        );
         assert_eq!(api.accepts(), 0, "{phase:?}");
     }
 }
 
 #[tokio::test]
 async fn the_attempt_timeout_ends_a_wait_for_a_stalled_token_endpoint_in_the_builder() {
-    let (token, api) = (Peer::start(Phase::ReadNoHead).await, Peer::start(Phase::Healthy).await);
+    let (token, api) = (
+        Peer::start(Phase::ReadNoHead).await,
+        Peer::start(Phase::Healthy).await,
+    );
     let client = ClientBuilder::new()
         .with_auth(AuthLayer::oauth2(creds(&token, Duration::from_secs(30))))
         .with_attempt_timeout(Duration::from_millis(100))
         .build(sturdy_chaos::http_client());
     let mut req = post(&api.url("/orders"));
-    req.extensions_mut().insert(CallOptions::new().without_retries());
+    req.extensions_mut()
+        .insert(CallOptions::new().without_retries());
     let t0 = Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(3), client.oneshot(req))
         .await
@@ -201,7 +223,10 @@ async fn the_attempt_timeout_ends_a_wait_for_a_stalled_token_endpoint_in_the_bui
 /// callers go on with the still-valid token": a stalled refresh must not hold callers.
 #[tokio::test]
 async fn a_stalled_background_refresh_does_not_hold_callers() {
-    let (token, api) = (Peer::start(Phase::TokenShort).await, Peer::start(Phase::Healthy).await);
+    let (token, api) = (
+        Peer::start(Phase::TokenShort).await,
+        Peer::start(Phase::Healthy).await,
+    );
     let mut svc = kept(
         AuthLayer::oauth2(creds(&token, Duration::from_secs(30)))
             .with_token_timeout(Duration::from_secs(2)),
@@ -235,7 +260,10 @@ async fn a_stalled_background_refresh_does_not_hold_callers() {
 async fn a_call_dropped_while_waiting_for_a_token_frees_the_kept_service() {
     let mut rng = Rng(47_2026);
     for _ in 0..2 {
-        let (token, api) = (Peer::start(Phase::ReadNoHead).await, Peer::start(Phase::Healthy).await);
+        let (token, api) = (
+            Peer::start(Phase::ReadNoHead).await,
+            Peer::start(Phase::Healthy).await,
+        );
         let mut svc = kept(
             AuthLayer::oauth2(creds(&token, Duration::from_millis(200)))
                 .with_token_timeout(Duration::from_secs(2)),

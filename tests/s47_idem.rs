@@ -59,23 +59,33 @@ async fn a_handler_slower_than_its_lease_keeps_its_key() {
     let http = sturdy_chaos::http_client();
     let t0 = Instant::now();
     // The first client gives up mid-handler.
-    let first = tokio::time::timeout(Duration::from_millis(100), http.clone().oneshot(order(&url, "k-lease"))).await;
+    let first = tokio::time::timeout(
+        Duration::from_millis(100),
+        http.clone().oneshot(order(&url, "k-lease")),
+    )
+    .await;
     assert!(first.is_err());
     // Past the lease (250 ms), the key must still be held: 409, not a second run.
     tokio::time::sleep(Duration::from_millis(400).saturating_sub(t0.elapsed())).await;
-    let res = tokio::time::timeout(Duration::from_secs(1), http.clone().oneshot(order(&url, "k-lease")))
-        .await
-        .expect("hung")
-        .unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(1),
+        http.clone().oneshot(order(&url, "k-lease")),
+    )
+    .await
+    .expect("hung")
+    .unwrap();
     assert_eq!(res.status(), 409, "a retry past the lease was not refused");
     assert_eq!(res.headers().get("retry-after").unwrap(), "1");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // After the handler: the stored response.
     tokio::time::sleep(Duration::from_millis(950).saturating_sub(t0.elapsed())).await;
-    let res = tokio::time::timeout(Duration::from_secs(1), http.clone().oneshot(order(&url, "k-lease")))
-        .await
-        .expect("hung")
-        .unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(1),
+        http.clone().oneshot(order(&url, "k-lease")),
+    )
+    .await
+    .expect("hung")
+    .unwrap();
     assert_eq!(res.status(), 201);
     assert_eq!(res.headers().get("idempotent-replayed").unwrap(), "true");
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -91,10 +101,12 @@ async fn a_client_that_times_out_or_is_dropped_mid_handler_runs_it_once() {
     let runs = Arc::new(AtomicUsize::new(0));
     let url = app(runs.clone()).await;
     let client = ClientBuilder::new()
-        .with_retry(RetryLayer::new().with_backoff(
-            Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(30))
-                .unwrap(),
-        ))
+        .with_retry(
+            RetryLayer::new().with_backoff(
+                Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(30))
+                    .unwrap(),
+            ),
+        )
         .with_attempt_timeout(Duration::from_millis(100))
         .build(sturdy_chaos::http_client());
     let mut svc = ServiceBuilder::new()

@@ -45,9 +45,11 @@ async fn go<S>(svc: &mut S, req: Request<Full<Bytes>>) -> Result<S::Response, Bo
 where
     S: Service<Request<Full<Bytes>>, Error = BoxError>,
 {
-    tokio::time::timeout(Duration::from_secs(3), async { svc.ready().await?.call(req).await })
-        .await
-        .expect("hung")
+    tokio::time::timeout(Duration::from_secs(3), async {
+        svc.ready().await?.call(req).await
+    })
+    .await
+    .expect("hung")
 }
 
 fn with(mut req: Request<Full<Bytes>>, o: CallOptions) -> Request<Full<Bytes>> {
@@ -75,17 +77,27 @@ async fn a_stalling_host_opens_the_breaker_for_the_open_period() {
         .layer(tower::limit::ConcurrencyLimitLayer::new(1))
         .service(client);
     for _ in 0..2 {
-        let err = go(&mut svc, with(get(&peer.url("/s")), CallOptions::new().without_retries()))
-            .await
-            .expect_err("stalled");
+        let err = go(
+            &mut svc,
+            with(get(&peer.url("/s")), CallOptions::new().without_retries()),
+        )
+        .await
+        .expect_err("stalled");
         assert_eq!(sturdy_kind(&err), ErrorKind::Timeout, "{err}");
     }
     let seen = peer.seen().len();
     let t0 = Instant::now();
-    let err = go(&mut svc, with(get(&peer.url("/s")), CallOptions::new().without_retries()))
-        .await
-        .expect_err("open");
-    assert!(t0.elapsed() < Duration::from_millis(50), "{:?}", t0.elapsed());
+    let err = go(
+        &mut svc,
+        with(get(&peer.url("/s")), CallOptions::new().without_retries()),
+    )
+    .await
+    .expect_err("open");
+    assert!(
+        t0.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        t0.elapsed()
+    );
     let open = sturdy::core::find::<CircuitOpen>(&*err).expect("CircuitOpen");
     assert!(open.retry_in() <= Duration::from_millis(300), "{open:?}");
     assert!(open.retry_in() > Duration::ZERO, "{open:?}");
@@ -93,26 +105,44 @@ async fn a_stalling_host_opens_the_breaker_for_the_open_period() {
     assert!(err.to_string().contains("try again in"), "{err}");
     // A deadline shorter than retry_in: fails at once.
     let t1 = Instant::now();
-    let err = go(&mut svc, with(
-        get(&peer.url("/s")),
-        CallOptions::new().with_deadline(Duration::from_millis(50)),
-    ))
+    let err = go(
+        &mut svc,
+        with(
+            get(&peer.url("/s")),
+            CallOptions::new().with_deadline(Duration::from_millis(50)),
+        ),
+    )
     .await
     .expect_err("open");
-    assert!(t1.elapsed() < Duration::from_millis(40), "waited {:?}: {err}", t1.elapsed());
+    assert!(
+        t1.elapsed() < Duration::from_millis(40),
+        "waited {:?}: {err}",
+        t1.elapsed()
+    );
     assert!(sturdy::core::find::<CircuitOpen>(&*err).is_some(), "{err}");
-    assert_eq!(peer.seen().len(), seen, "an open breaker let a call through");
+    assert_eq!(
+        peer.seen().len(),
+        seen,
+        "an open breaker let a call through"
+    );
     // A deadline that fits retry_in: waits for the probe, which the healthy peer answers.
     peer.set(Phase::Healthy);
     let t2 = Instant::now();
-    let res = go(&mut svc, with(
-        get(&peer.url("/s")),
-        CallOptions::new().with_deadline(Duration::from_secs(1)),
-    ))
+    let res = go(
+        &mut svc,
+        with(
+            get(&peer.url("/s")),
+            CallOptions::new().with_deadline(Duration::from_secs(1)),
+        ),
+    )
     .await
     .expect("the probe after the open period");
     assert_eq!(res.status(), 200);
-    assert!(t2.elapsed() <= Duration::from_millis(900), "{:?}", t2.elapsed());
+    assert!(
+        t2.elapsed() <= Duration::from_millis(900),
+        "{:?}",
+        t2.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -126,8 +156,14 @@ async fn a_shared_body_that_stalls_after_its_head_ends_at_the_coalescing_body_ti
             .build(sturdy_chaos::http_client());
         let t0 = Instant::now();
         let (a, b) = tokio::join!(
-            tokio::time::timeout(Duration::from_secs(3), client.clone().oneshot(get(&peer.url("/c")))),
-            tokio::time::timeout(Duration::from_secs(3), client.clone().oneshot(get(&peer.url("/c")))),
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                client.clone().oneshot(get(&peer.url("/c")))
+            ),
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                client.clone().oneshot(get(&peer.url("/c")))
+            ),
         );
         let took = t0.elapsed();
         assert!(took <= Duration::from_millis(450), "{phase:?}: {took:?}");
@@ -138,14 +174,21 @@ async fn a_shared_body_that_stalls_after_its_head_ends_at_the_coalescing_body_ti
             assert!(text.contains("150ms"), "{phase:?}: {text}");
             assert!(text.contains("head"), "{phase:?}: {text}");
             // The head came: the request was certainly received.
-            assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{phase:?}: {text}");
+            assert_eq!(
+                delivery(&*err),
+                Delivery::MaybeProcessed,
+                "{phase:?}: {text}"
+            );
         }
         assert_eq!(peer.seen().len(), 1, "{phase:?}: not shared");
         peer.set(Phase::Healthy);
-        let res = tokio::time::timeout(Duration::from_secs(2), client.clone().oneshot(get(&peer.url("/c"))))
-            .await
-            .expect("hung")
-            .expect("the next call proceeds");
+        let res = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.clone().oneshot(get(&peer.url("/c"))),
+        )
+        .await
+        .expect("hung")
+        .expect("the next call proceeds");
         let body = tokio::time::timeout(Duration::from_secs(1), res.into_body().collect())
             .await
             .expect("hung")
@@ -171,18 +214,28 @@ async fn a_page_that_stalls_at_any_phase_ends_at_the_page_timeout() {
         let client = ClientBuilder::new()
             .with_retry(fast_retry())
             .build(sturdy_chaos::http_client());
-        let pager = Paginate::builder(client, &peer.url("/items"), JsonCursor::new("/data", "/next"))
-            .with_page_timeout(Duration::from_millis(200))
-            .build()
-            .unwrap();
+        let pager = Paginate::builder(
+            client,
+            &peer.url("/items"),
+            JsonCursor::new("/data", "/next"),
+        )
+        .with_page_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
         let t0 = Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(3), pager.page(None, 5))
             .await
             .expect("page() hung")
             .expect_err("a stalled page");
         let took = t0.elapsed();
-        assert!(took <= Duration::from_millis(600), "{phase:?}: {took:?}: {err}");
-        assert!(took >= Duration::from_millis(180), "{phase:?}: {took:?}: {err}");
+        assert!(
+            took <= Duration::from_millis(600),
+            "{phase:?}: {took:?}: {err}"
+        );
+        assert!(
+            took >= Duration::from_millis(180),
+            "{phase:?}: {took:?}: {err}"
+        );
         assert_eq!(err.kind(), &ErrorKind::Timeout, "{phase:?}: {err}");
         assert_eq!(delivery(&err), Delivery::MaybeProcessed, "{phase:?}: {err}");
     }
@@ -193,10 +246,14 @@ async fn a_page_that_stalls_at_any_phase_ends_at_the_page_timeout() {
 async fn a_page_timeout_names_its_duration() {
     let peer = Peer::start(Phase::HeadMidBody).await;
     let client = ClientBuilder::new().build(sturdy_chaos::http_client());
-    let pager = Paginate::builder(client, &peer.url("/items"), JsonCursor::new("/data", "/next"))
-        .with_page_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
+    let pager = Paginate::builder(
+        client,
+        &peer.url("/items"),
+        JsonCursor::new("/data", "/next"),
+    )
+    .with_page_timeout(Duration::from_millis(200))
+    .build()
+    .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(3), pager.page(None, 5))
         .await
         .expect("page() hung")
@@ -218,10 +275,13 @@ async fn a_stalled_first_copy_is_hedged_within_the_delay_bounds() {
         )
         .service(sturdy_chaos::http_client());
     for _ in 0..40 {
-        let res = tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(get(&peer.url("/h"))))
-            .await
-            .expect("hung")
-            .unwrap();
+        let res = tokio::time::timeout(
+            Duration::from_secs(1),
+            svc.clone().oneshot(get(&peer.url("/h"))),
+        )
+        .await
+        .expect("hung")
+        .unwrap();
         let _ = res.into_body().collect().await;
     }
     peer.set(Phase::ReadNoHead);
@@ -237,14 +297,23 @@ async fn a_stalled_first_copy_is_hedged_within_the_delay_bounds() {
         })
     };
     let t0 = Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(get(&peer.url("/h"))))
-        .await
-        .expect("no hedge rescued the stalled copy")
-        .unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(2),
+        svc.clone().oneshot(get(&peer.url("/h"))),
+    )
+    .await
+    .expect("no hedge rescued the stalled copy")
+    .unwrap();
     let took = t0.elapsed();
     assert_eq!(res.status(), 200);
-    assert!(took >= Duration::from_millis(55), "hedged too soon: {took:?}");
-    assert!(took <= Duration::from_millis(300), "hedged too late: {took:?}");
+    assert!(
+        took >= Duration::from_millis(55),
+        "hedged too soon: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(300),
+        "hedged too late: {took:?}"
+    );
     assert_eq!(peer.seen().len(), n0 + 2);
     let _ = watcher.await;
 }
@@ -298,7 +367,11 @@ async fn max_wait_refuses_at_once_a_turn_past_it() {
     assert_eq!(delivery(&*err), Delivery::NotSent);
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
-    assert!(t0.elapsed() <= Duration::from_millis(210), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() <= Duration::from_millis(210),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
 
@@ -348,10 +421,13 @@ async fn a_call_behind_a_stalled_one_gives_up_at_max_wait_and_the_permit_comes_b
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let t0 = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(get(&peer.url("/next"))))
-        .await
-        .expect("the wait in line hung")
-        .expect_err("the limit is full");
+    let err = tokio::time::timeout(
+        Duration::from_secs(2),
+        svc.clone().oneshot(get(&peer.url("/next"))),
+    )
+    .await
+    .expect("the wait in line hung")
+    .expect_err("the limit is full");
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(140), "{took:?}: {err}");
     assert!(took <= Duration::from_millis(450), "{took:?}: {err}");
@@ -365,9 +441,12 @@ async fn a_call_behind_a_stalled_one_gives_up_at_max_wait_and_the_permit_comes_b
     first.abort();
     let _ = first.await;
     peer.set(Phase::Healthy);
-    let res = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(get(&peer.url("/after"))))
-        .await
-        .expect("the dropped call kept its permit")
-        .unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(2),
+        svc.clone().oneshot(get(&peer.url("/after"))),
+    )
+    .await
+    .expect("the dropped call kept its permit")
+    .unwrap();
     assert_eq!(res.status(), 200);
 }

@@ -93,7 +93,10 @@ async fn connecting_to_a_hung_redis_ends_within_twice_the_timeout() {
         .expect_err("a hung Redis");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(900), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(900),
+            "{phase:?}: {took:?}: {text}"
+        );
         assert!(!text.contains(&url), "{phase:?}: {text}");
         assert!(text.contains("Redis"), "{phase:?}: {text}");
         if let Some(e) = sturdy::core::find::<sturdy::core::Error>(&*err) {
@@ -193,7 +196,10 @@ async fn a_webhook_is_not_acknowledged_while_its_queue_hangs() {
     let body = r#"{"order":47}"#;
     let request = || {
         http::Request::post("/hook")
-            .header("x-hub-signature-256", sign_github("s47-secret", body.as_bytes()))
+            .header(
+                "x-hub-signature-256",
+                sign_github("s47-secret", body.as_bytes()),
+            )
             .header("x-github-event", "push")
             .body(axum::body::Body::from(body))
             .unwrap()

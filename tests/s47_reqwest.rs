@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use sturdy::core::{CallOptions, Delivery};
-use sturdy::retry::{Backoff, RetryLayer};
 use sturdy::reqwest::SturdyMiddleware;
+use sturdy::retry::{Backoff, RetryLayer};
 use sturdy::ClientBuilder;
 use tokio::time::Instant;
 
@@ -19,10 +19,15 @@ fn client(attempt: Duration) -> reqwest_middleware::ClientWithMiddleware {
     reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(SturdyMiddleware::new(move |next| {
             ClientBuilder::new()
-                .with_retry(RetryLayer::new().with_backoff(
-                    Backoff::decorrelated_jitter(Duration::from_millis(10), Duration::from_millis(30))
+                .with_retry(
+                    RetryLayer::new().with_backoff(
+                        Backoff::decorrelated_jitter(
+                            Duration::from_millis(10),
+                            Duration::from_millis(30),
+                        )
                         .unwrap(),
-                ))
+                    ),
+                )
                 .with_attempt_timeout(attempt)
                 .build(next)
         }))
@@ -52,8 +57,15 @@ async fn a_stalled_peer_ends_at_the_request_timeout_and_the_deadline() {
         .expect_err("a stalled peer");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(1050), "{phase:?}: {took:?}: {text}");
-        assert_eq!(sturdy::reqwest::delivery(&err), Delivery::MaybeProcessed, "{phase:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(1050),
+            "{phase:?}: {took:?}: {text}"
+        );
+        assert_eq!(
+            sturdy::reqwest::delivery(&err),
+            Delivery::MaybeProcessed,
+            "{phase:?}: {text}"
+        );
         assert!(!text.contains("not sent"), "{phase:?}: {text}");
         assert!(text.contains("s47-rq"), "{phase:?}: {text}");
         peer.set(Phase::Healthy);
@@ -74,7 +86,9 @@ async fn a_request_timeout_still_bounds_the_body_read_through_the_middleware() {
         let c = client(Duration::from_secs(5));
         let res = tokio::time::timeout(
             Duration::from_secs(2),
-            c.get(peer.url("/items")).timeout(Duration::from_millis(150)).send(),
+            c.get(peer.url("/items"))
+                .timeout(Duration::from_millis(150))
+                .send(),
         )
         .await
         .expect("hung")
@@ -85,7 +99,9 @@ async fn a_request_timeout_still_bounds_the_body_read_through_the_middleware() {
         match read {
             Ok(Err(e)) => assert!(e.is_timeout() || e.is_body(), "{phase:?}: {e}"),
             Ok(Ok(b)) => panic!("{phase:?}: a stalled body completed: {b:?}"),
-            Err(_) => panic!("{phase:?}: the body read outlived the request's .timeout(150ms) by {took:?}"),
+            Err(_) => panic!(
+                "{phase:?}: the body read outlived the request's .timeout(150ms) by {took:?}"
+            ),
         }
     }
 }

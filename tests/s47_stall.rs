@@ -22,11 +22,7 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 
 use crate::s47_util::{get, post, Peer, Phase, Rng};
 
-type Kept = BoxCloneSyncService<
-    Request<Full<Bytes>>,
-    Response<hyper::body::Incoming>,
-    BoxError,
->;
+type Kept = BoxCloneSyncService<Request<Full<Bytes>>, Response<hyper::body::Incoming>, BoxError>;
 
 fn fast_retry() -> RetryLayer {
     RetryLayer::new().with_backoff(
@@ -48,7 +44,11 @@ fn kept(retry: RetryLayer, attempt: Duration) -> Kept {
     )
 }
 
-async fn call(svc: &mut Kept, req: Request<Full<Bytes>>, bound: Duration) -> Result<Response<hyper::body::Incoming>, BoxError> {
+async fn call(
+    svc: &mut Kept,
+    req: Request<Full<Bytes>>,
+    bound: Duration,
+) -> Result<Response<hyper::body::Incoming>, BoxError> {
     tokio::time::timeout(bound, async { svc.ready().await?.call(req).await })
         .await
         .expect("the call hung past the test's bound")
@@ -90,13 +90,26 @@ async fn a_stall_before_the_head_ends_at_the_per_request_deadline_as_a_truthful_
             .expect_err("a stalled peer answered");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(900), "{phase:?}: {took:?}: {text}");
-        assert!(took >= Duration::from_millis(250), "{phase:?}: ended early {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(900),
+            "{phase:?}: {took:?}: {text}"
+        );
+        assert!(
+            took >= Duration::from_millis(250),
+            "{phase:?}: ended early {took:?}: {text}"
+        );
         let e = sturdy::core::find::<sturdy::core::Error>(&*err).expect("a sturdy error");
         assert_eq!(e.kind(), &ErrorKind::Timeout, "{phase:?}: {text}");
-        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{phase:?}: {text}");
+        assert_eq!(
+            delivery(&*err),
+            Delivery::MaybeProcessed,
+            "{phase:?}: {text}"
+        );
         assert!(!text.contains("not sent"), "{phase:?}: {text}");
-        assert!(text.contains("s47-deadline-1"), "{phase:?}: names the key: {text}");
+        assert!(
+            text.contains("s47-deadline-1"),
+            "{phase:?}: names the key: {text}"
+        );
         assert!(
             text.contains("300ms") || text.contains("100ms"),
             "{phase:?}: names the duration: {text}"
@@ -119,11 +132,21 @@ async fn a_stall_before_the_head_ends_at_the_layer_deadline() {
             .expect_err("a stalled peer answered");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(750), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(750),
+            "{phase:?}: {took:?}: {text}"
+        );
         let e = sturdy::core::find::<sturdy::core::Error>(&*err).expect("a sturdy error");
         assert_eq!(e.kind(), &ErrorKind::Timeout, "{phase:?}: {text}");
-        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{phase:?}: {text}");
-        assert!(text.contains("250ms"), "{phase:?}: names the deadline: {text}");
+        assert_eq!(
+            delivery(&*err),
+            Delivery::MaybeProcessed,
+            "{phase:?}: {text}"
+        );
+        assert!(
+            text.contains("250ms"),
+            "{phase:?}: names the deadline: {text}"
+        );
         next_call_proceeds(&mut svc, &peer).await;
     }
 }
@@ -145,13 +168,23 @@ async fn a_stall_before_the_head_ends_at_the_attempt_timeout_with_no_retry() {
             .expect_err("a stalled peer answered");
         let took = t0.elapsed();
         let text = err.to_string();
-        assert!(took <= Duration::from_millis(450), "{phase:?}: {took:?}: {text}");
+        assert!(
+            took <= Duration::from_millis(450),
+            "{phase:?}: {took:?}: {text}"
+        );
         let e = sturdy::core::find::<sturdy::core::Error>(&*err).expect("a sturdy error");
         assert_eq!(e.kind(), &ErrorKind::Timeout, "{phase:?}: {text}");
-        assert_eq!(delivery(&*err), Delivery::MaybeProcessed, "{phase:?}: {text}");
+        assert_eq!(
+            delivery(&*err),
+            Delivery::MaybeProcessed,
+            "{phase:?}: {text}"
+        );
         assert!(!text.contains("not sent"), "{phase:?}: {text}");
         assert!(text.contains("timed out"), "{phase:?}: {text}");
-        assert!(text.contains("150ms"), "{phase:?}: names the duration: {text}");
+        assert!(
+            text.contains("150ms"),
+            "{phase:?}: names the duration: {text}"
+        );
         if phase != Phase::Silent {
             assert_eq!(peer.with_key("s47-once"), 1, "{phase:?}");
         }
@@ -181,7 +214,11 @@ async fn a_stall_after_the_head_returns_the_response_and_leaves_the_body_to_the_
             .expect("the first bytes were sent")
             .expect("a frame")
             .expect("no error");
-        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"ab"), "{phase:?}");
+        assert_eq!(
+            first.into_data().unwrap(),
+            Bytes::from_static(b"ab"),
+            "{phase:?}"
+        );
         // Past the deadline and the attempt timeout, the read is still open: not cut.
         let more = tokio::time::timeout(Duration::from_millis(400), body.frame()).await;
         assert!(more.is_err(), "{phase:?}: the stalled body ended: {more:?}");
@@ -234,11 +271,22 @@ async fn a_call_dropped_during_a_stall_sends_nothing_more() {
         );
         let at = Duration::from_millis(rng.between(20, 400));
         let r = tokio::time::timeout(at, async { svc.ready().await?.call(req).await }).await;
-        assert!(r.is_err(), "{phase:?}: the call ended before the drop at {at:?}");
+        assert!(
+            r.is_err(),
+            "{phase:?}: the call ended before the drop at {at:?}"
+        );
         let (seen, accepts) = (peer.with_key(&key), peer.accepts());
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(peer.with_key(&key), seen, "{phase:?}: an attempt after the drop at {at:?}");
-        assert_eq!(peer.accepts(), accepts, "{phase:?}: a connection after the drop at {at:?}");
+        assert_eq!(
+            peer.with_key(&key),
+            seen,
+            "{phase:?}: an attempt after the drop at {at:?}"
+        );
+        assert_eq!(
+            peer.accepts(),
+            accepts,
+            "{phase:?}: a connection after the drop at {at:?}"
+        );
         next_call_proceeds(&mut svc, &peer).await;
         assert_eq!(peer.with_key(&key), seen, "{phase:?}");
     }

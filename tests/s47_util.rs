@@ -180,7 +180,8 @@ impl Peer {
                     }
                 }
                 Phase::Token | Phase::TokenShort => {
-                    let body = if Phase::from_u8(self.phase.load(Ordering::SeqCst)) == Phase::Token {
+                    let body = if Phase::from_u8(self.phase.load(Ordering::SeqCst)) == Phase::Token
+                    {
                         r#"{"access_token":"tok-1","token_type":"Bearer","expires_in":3600}"#
                     } else {
                         r#"{"access_token":"tok-s","token_type":"Bearer","expires_in":2}"#
@@ -207,7 +208,9 @@ impl Peer {
                 }
                 Phase::ChunkedStall => {
                     let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n",
+                        )
                         .await;
                     let _ = sock.flush().await;
                     hold().await;
