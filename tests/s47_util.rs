@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// Where the peer stalls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Answers every request with `200` and the body `ok`, keeping the connection alive.
     Healthy = 0,
     /// Accepts the connection and never reads from it.
@@ -59,22 +59,22 @@ impl Phase {
 
 /// One request head the peer read.
 #[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub key: Option<String>,
+pub(crate) struct Seen {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) key: Option<String>,
 }
 
 #[derive(Clone)]
-pub struct Peer {
-    pub base: String,
+pub(crate) struct Peer {
+    pub(crate) base: String,
     phase: Arc<AtomicU8>,
     accepts: Arc<AtomicUsize>,
     log: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Peer {
-    pub async fn start(phase: Phase) -> Self {
+    pub(crate) async fn start(phase: Phase) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let peer = Peer {
@@ -97,26 +97,26 @@ impl Peer {
         peer
     }
 
-    pub fn set(&self, phase: Phase) {
+    pub(crate) fn set(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::SeqCst);
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     /// Connections accepted so far.
-    pub fn accepts(&self) -> usize {
+    pub(crate) fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
     }
 
     /// Request heads read so far.
-    pub fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.log.lock().unwrap().clone()
     }
 
     /// Request heads read so far that carried this idempotency key.
-    pub fn with_key(&self, key: &str) -> usize {
+    pub(crate) fn with_key(&self, key: &str) -> usize {
         self.seen()
             .iter()
             .filter(|s| s.key.as_deref() == Some(key))
@@ -254,11 +254,11 @@ impl Peer {
     }
 }
 
-pub fn get(url: &str) -> Request<Full<Bytes>> {
+pub(crate) fn get(url: &str) -> Request<Full<Bytes>> {
     Request::get(url).body(Full::default()).unwrap()
 }
 
-pub fn post(url: &str) -> Request<Full<Bytes>> {
+pub(crate) fn post(url: &str) -> Request<Full<Bytes>> {
     Request::post(url)
         .header("content-type", "application/json")
         .body(Full::from(r#"{"item":"book"}"#))
@@ -266,10 +266,10 @@ pub fn post(url: &str) -> Request<Full<Bytes>> {
 }
 
 /// A seeded xorshift for reproducible "random" moments.
-pub struct Rng(pub u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -278,7 +278,7 @@ impl Rng {
         x
     }
 
-    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
     }
 }
