@@ -77,7 +77,7 @@ impl Peer {
     pub(crate) async fn start(phase: Phase) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let peer = Peer {
+        let peer = Self {
             base: format!("http://{addr}"),
             phase: Arc::new(AtomicU8::new(phase as u8)),
             accepts: Arc::default(),
