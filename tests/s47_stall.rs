@@ -253,7 +253,6 @@ async fn a_body_trickled_past_the_deadline_is_read_whole() {
 /// attempt timing out and being retried): once dropped, no further attempt reaches the peer, and
 /// the next call through the same kept service proceeds.
 #[tokio::test]
-#[ignore = "DOUBTFUL: no request with the key follows the drop, but 1 of 3 runs hyper-util finishes a TCP connect started just before the drop (TrickleAll, drop at 102ms: accepts 1 -> 2); the accept-count check is stricter than any doc sentence"]
 async fn a_call_dropped_during_a_stall_sends_nothing_more() {
     let mut rng = Rng(0x0547_2026);
     for (i, phase) in [Phase::ReadNoHead, Phase::TrickleAll, Phase::Silent]
@@ -276,17 +275,17 @@ async fn a_call_dropped_during_a_stall_sends_nothing_more() {
             r.is_err(),
             "{phase:?}: the call ended before the drop at {at:?}"
         );
-        let (seen, accepts) = (peer.with_key(&key), peer.accepts());
+        // An attempt written just before the drop may be read by the peer just after it: the
+        // count is taken once that has settled. (A TCP connect the client's pool began before the
+        // drop may still complete after it, with no request on it: hyper-util finishes connects
+        // in the background, and no doc sentence says otherwise, so connections are not counted.)
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let seen = peer.with_key(&key);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
             peer.with_key(&key),
             seen,
             "{phase:?}: an attempt after the drop at {at:?}"
-        );
-        assert_eq!(
-            peer.accepts(),
-            accepts,
-            "{phase:?}: a connection after the drop at {at:?}"
         );
         next_call_proceeds(&mut svc, &peer).await;
         assert_eq!(peer.with_key(&key), seen, "{phase:?}");
