@@ -234,14 +234,21 @@ fn millis(d: Duration) -> u64 {
     crate::capped_ms(d)
 }
 
+/// Cuts `s` to at most `max` bytes, at a character's boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
     let mut shown = format!("{v:?}");
-    // Cut at a character's boundary: the answer may hold any text (an event's body).
-    let mut end = shown.len().min(200);
-    while !shown.is_char_boundary(end) {
-        end -= 1;
-    }
-    shown.truncate(end);
+    // The answer may hold any text (an event's body).
+    cut(&mut shown, 200);
     Box::new(Error::new(
         ErrorKind::Other,
         format!("unexpected answer from Redis to {what}: {shown}"),
@@ -1047,13 +1054,7 @@ impl RedisStreamConsumer {
         let mut inv = DEAD_LUA.call();
         inv.key(&self.stream);
         let mut reason = reason.to_owned();
-        if reason.len() > 1024 {
-            let mut end = 1024;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-        }
+        cut(&mut reason, 1024);
         inv.key(&self.dead)
             .arg(&self.group)
             .arg(entry)

@@ -181,13 +181,18 @@ pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
 /// Removes what may be secret from the URL an error carries.
 fn redact(mut err: reqwest::Error) -> reqwest::Error {
     if let Some(url) = err.url_mut() {
-        url.set_query(None);
-        url.set_fragment(None);
-        // Fails only for URLs that cannot have credentials, which then have none.
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
+        clean_url(url);
     }
     err
+}
+
+/// Cuts `url` to its scheme, host, port and path: no query, fragment or credentials.
+pub(crate) fn clean_url(url: &mut reqwest::Url) {
+    url.set_query(None);
+    url.set_fragment(None);
+    // Fails only for URLs that cannot have credentials, which then have none.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
 }
 
 /// The root cause in plain words: sturdy's description when it recognises the cause, else the

@@ -419,10 +419,7 @@ fn redact_urls(text: &str) -> String {
         let candidate = &rest[start..end];
         match reqwest::Url::parse(candidate) {
             Ok(mut url) => {
-                url.set_query(None);
-                url.set_fragment(None);
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
+                crate::error::clean_url(&mut url);
                 out.push_str(url.as_str());
             }
             // Not a URL after all: nothing of it is shown past its scheme.
