@@ -281,6 +281,11 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
             "{what}: Redis answered as a read-only replica (a failover is under way); try again shortly"
         ),
         Some("LOADING") => format!("{what}: Redis is loading its data after a restart; try again shortly"),
+        // A failover while the write waited for its replicas (`WAIT`): the error may come
+        // wrapped in a pipeline's, so its text is read.
+        _ if e.to_string().contains("UNBLOCKED") => format!(
+            "{what}: the Redis Cluster cannot serve this key now: its primary became a replica while the write waited for its replicas (a failover is under way), so the write may or may not have been kept; try again shortly"
+        ),
         _ if kind == ErrorKind::Auth => format!(
             "{what}: Redis refused the credentials (the user name or password in the URL is missing or wrong)"
         ),
