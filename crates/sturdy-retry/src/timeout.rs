@@ -102,7 +102,8 @@ where
     #[inline(always)]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
-        // The attempt's start is read now, so the deadline is fixed now; the deadline itself
+        // The attempt's start is read now (or taken from the retry loop above, which read the
+        // clock for this same moment: see `sending`), so the deadline is fixed now; the deadline itself
         // (an addition that saturates) and the timer are made only if the attempt is still
         // pending after its first poll (see `TimeoutFuture`).
         let sent = timeout.map(|_| sent_now());
