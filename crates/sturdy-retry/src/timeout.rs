@@ -226,15 +226,15 @@ pub(crate) fn sending<T>(now: Option<tokio::time::Instant>, call: impl FnOnce() 
     struct Restore(Option<tokio::time::Instant>);
     impl Drop for Restore {
         fn drop(&mut self) {
-            let _ = SENT.try_with(|s| s.set(self.0));
+            SENT.set(self.0);
         }
     }
-    let Some(now) = now else {
-        return call();
-    };
-    let Ok(before) = SENT.try_with(|s| s.replace(Some(now))) else {
-        return call();
-    };
+    // (A `Cell` of a type without drop glue: its thread-local is never torn down, so these
+    // accesses cannot fail.) One call site for `call`, which inlines the whole stack below.
+    let before = SENT.get();
+    if now.is_some() {
+        SENT.set(now);
+    }
     let _restore = Restore(before);
     call()
 }
@@ -243,10 +243,7 @@ pub(crate) fn sending<T>(now: Option<tokio::time::Instant>, call: impl FnOnce() 
 /// [`sending`]), else the clock.
 #[inline]
 fn sent_now() -> tokio::time::Instant {
-    SENT.try_with(std::cell::Cell::get)
-        .ok()
-        .flatten()
-        .unwrap_or_else(tokio::time::Instant::now)
+    SENT.get().unwrap_or_else(tokio::time::Instant::now)
 }
 
 /// Attempts shorter than this arm no floor: it would be re-armed too often to pay.
