@@ -101,9 +101,8 @@ where
     ) -> Self {
         // Allocated first, like a replayable call's (see there).
         let slot = Box::new_uninit();
-        let read = policy.starting_attempt(attempt_timeout.is_some());
-        let attempt_sent = read.filter(|_| attempt_timeout.is_some());
-        let fut = crate::timeout::sending(read, || svc.call(req));
+        let attempt_sent = policy.starting_attempt(attempt_timeout.is_some());
+        let fut = svc.call(req);
         Self {
             state: State::Calling { fut, timer: None },
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
@@ -413,8 +412,7 @@ impl<A, C> Run<A, C> {
         A: Service<Request<B>>,
         B: From<Bytes>,
     {
-        let read = self.policy.starting_attempt(self.attempt_timeout.is_some());
-        self.attempt_sent = read.filter(|_| self.attempt_timeout.is_some());
+        self.attempt_sent = self.policy.starting_attempt(self.attempt_timeout.is_some());
         let body = B::from(self.body.clone().unwrap_or_default());
         let Kept::Head(head) = &mut self.kept else {
             unreachable!("a call keeps its head while another attempt may be sent")
@@ -428,6 +426,6 @@ impl<A, C> Run<A, C> {
         } else {
             head.request(body)
         };
-        crate::timeout::sending(read, || self.svc.call(req))
+        self.svc.call(req)
     }
 }

@@ -102,11 +102,10 @@ where
     #[inline(always)]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let timeout = attempt_timeout(&req, self.timeout);
-        // The attempt's start is read now (or taken from the retry loop above, which read the
-        // clock for this same moment: see `sending`), so the deadline is fixed now; the deadline itself
+        // The attempt's start is read now, so the deadline is fixed now; the deadline itself
         // (an addition that saturates) and the timer are made only if the attempt is still
         // pending after its first poll (see `TimeoutFuture`).
-        let sent = timeout.map(|_| sent_now());
+        let sent = timeout.map(|_| tokio::time::Instant::now());
         TimeoutFuture {
             fut: self.inner.call(req),
             sleep: None,
@@ -202,48 +201,6 @@ pub(crate) fn attempt_timer(sent: tokio::time::Instant, len: Duration) -> Pin<Bo
         keep_floor(sent, len);
     }
     sleep
-}
-
-thread_local! {
-    /// When the attempt being sent on this thread was sent, while a retry loop above sends it
-    /// (see [`sending`]).
-    static SENT: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `call`, which sends an attempt, with `now` (a clock read made for it, if any) as the
-/// moment it is sent, for an [`AttemptTimeout`] whose `call` runs inside it.
-///
-/// Why this exists: the retry loop reads the clock as it sends an attempt (for its budget's
-/// deposit), and `ClientBuilder`'s attempt timeout, a few layers below in the same synchronous
-/// `call`, read it again a moment later for the same moment. A clock read is most of what
-/// either layer does on the happy path (25 to 40 ns on some machines). A layer between them
-/// that sends the attempt later (a rate limiter's wait, a `Buffer`'s worker) calls the timeout
-/// outside this scope, where it reads the clock itself, so every attempt's bound still starts
-/// when the attempt is sent (or, here, a few nanoseconds before: never later).
-pub(crate) fn sending<T>(now: Option<tokio::time::Instant>, call: impl FnOnce() -> T) -> T {
-    /// Puts back what was there before, also if `call` panics: a value is never seen outside
-    /// the `call` it was set for.
-    struct Restore(Option<tokio::time::Instant>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SENT.set(self.0);
-        }
-    }
-    // (A `Cell` of a type without drop glue: its thread-local is never torn down, so these
-    // accesses cannot fail.) One call site for `call`, which inlines the whole stack below.
-    let before = SENT.get();
-    if now.is_some() {
-        SENT.set(now);
-    }
-    let _restore = Restore(before);
-    call()
-}
-
-/// When an attempt sent now is sent: the retry loop's read if it is sending it (see
-/// [`sending`]), else the clock.
-#[inline]
-fn sent_now() -> tokio::time::Instant {
-    SENT.get().unwrap_or_else(tokio::time::Instant::now)
 }
 
 /// Attempts shorter than this arm no floor: it would be re-armed too often to pay.

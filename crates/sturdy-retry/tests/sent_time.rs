@@ -1,7 +1,5 @@
-//! An attempt timeout below the retry loop counts from when its attempt is sent: the loop hands
-//! it the clock read it made for the same moment, and only while it sends the attempt itself.
-//! A layer between them that sends later, or a call that panicked, must not leave the timeout
-//! counting from an earlier moment.
+//! An attempt timeout below the retry loop counts from when its attempt is sent, whatever sits
+//! between them: a layer that sends later, a call that panicked on the same thread, retries.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -79,7 +77,7 @@ async fn an_attempt_sent_at_once_is_bounded_from_its_send() {
 #[tokio::test(start_paused = true)]
 async fn an_attempt_sent_later_by_a_layer_between_counts_from_when_it_is_sent() {
     // Sent 5 s after the retry loop's `call`, answered 800 ms later, within its 1 s: counting
-    // from the loop's clock read would have timed it out at once.
+    // from the loop's `call` would have timed it out at once.
     let timeout = AttemptTimeoutLayer::new(Some(Duration::from_secs(1)));
     let svc = RetryLayer::new().with_max_attempts(1).layer(SendsLater(
         timeout.layer(answers_after(Duration::from_millis(800))),
