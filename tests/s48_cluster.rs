@@ -185,6 +185,10 @@ async fn connecting_to_a_cluster_that_never_answers_ends_within_two_seconds() {
         no_url(&text, &a);
         no_url(&text, &b);
         assert!(text.contains("Redis"), "{kind:?}: {text}");
+        // Nodes that accepted and never answered are not called unreachable.
+        let own = err.to_string();
+        assert!(own.contains("did not answer"), "{kind:?}: {own}");
+        assert!(!own.contains("cannot be reached"), "{kind:?}: {own}");
     }
 }
 

@@ -289,6 +289,11 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
         _ if kind == ErrorKind::Auth => format!(
             "{what}: Redis refused the credentials (the user name or password in the URL is missing or wrong)"
         ),
+        // A cluster client reports seeds that accepted and never answered as an I/O error
+        // whose text says so: "cannot be reached" would send the reader after a stopped server.
+        _ if kind == ErrorKind::Connect && e.to_string().contains("timed out") => format!(
+            "{what}: Redis did not answer in time (down, hung, overloaded, or behind a network that drops packets); nothing was sent, and the connection recovers by itself once it answers"
+        ),
         _ if kind == ErrorKind::Connect => format!(
             "{what}: Redis cannot be reached (down, restarting or failing over); the connection recovers by itself once it is back"
         ),

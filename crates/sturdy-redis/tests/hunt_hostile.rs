@@ -268,8 +268,18 @@ async fn thousands_of_keys_each_start_exactly_once() {
     for b in backends() {
         eprintln!("on the {}", b.name());
         let prefix = unique("hunt-idem-many");
-        let s1 = Arc::new(store(&b, &prefix).await);
-        let s2 = Arc::new(store(&b, &prefix).await);
+        // 6,000 operations at once: on a loaded machine the last of them may wait past the
+        // default 1 s for their turn on the connection. What is checked is exactly once.
+        let s1 = Arc::new(
+            store(&b, &prefix)
+                .await
+                .with_timeout(Duration::from_secs(20)),
+        );
+        let s2 = Arc::new(
+            store(&b, &prefix)
+                .await
+                .with_timeout(Duration::from_secs(20)),
+        );
         let mut tasks = Vec::new();
         for i in 0..3000u32 {
             for s in [s1.clone(), s2.clone()] {
