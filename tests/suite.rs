@@ -245,6 +245,8 @@ mod s47_util;
 mod s48_cluster;
 mod s48_hedge;
 mod s48_idem_redis;
+mod s49_idem_server;
+mod s49_webhook;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

@@ -143,9 +143,11 @@ impl ForwardedHeader {
 /// configured trusted proxy, the source is read from the proxy's header instead
 /// ([`ForwardedHeader`], `X-Forwarded-For` by default): walking its addresses from the right
 /// (the most recent hop), trusted proxies are skipped and the first other address is the
-/// source. An address in the header that is not an IP address (`unknown`, an obfuscated
-/// `Forwarded` node), or more than [`MAX_FORWARDED_HOPS`] trusted hops, makes the source
-/// unknown, and the delivery is refused. The header of a peer that is not a trusted proxy is
+/// source. `Forwarded` is split as RFC 7239 writes it, quoted strings kept whole (a comma
+/// inside `host="..."` starts no element). An address in the header that is not an IP address
+/// (`unknown`, an obfuscated `Forwarded` node), a malformed `Forwarded` line (an open quoted
+/// string, an element with no `for=` or two), or more than [`MAX_FORWARDED_HOPS`] trusted hops,
+/// makes the source unknown, and the delivery is refused. The header of a peer that is not a trusted proxy is
 /// never read, so it cannot be forged.
 ///
 /// # Example
@@ -241,17 +243,48 @@ impl SourceAllowlist {
             .iter()
             .map(|v| v.to_str().ok())
             .collect::<Option<_>>()?;
+        match self.header {
+            ForwardedHeader::XForwardedFor => self.walk(
+                peer,
+                values
+                    .iter()
+                    .rev()
+                    .flat_map(|v| v.rsplit(','))
+                    .map(str::trim),
+                parse_node,
+            ),
+            ForwardedHeader::Forwarded => {
+                // Split each line whole first: a quoted string (a proxy may quote a client's
+                // own `Host` into `host="..."`) can hold commas and semicolons, so the
+                // elements cannot be found by scanning back from the right.
+                let lines: Vec<Vec<&str>> = values
+                    .iter()
+                    .map(|v| split_unquoted(v, b','))
+                    .collect::<Option<_>>()?;
+                self.walk(
+                    peer,
+                    lines.iter().rev().flat_map(|l| l.iter().rev().copied()),
+                    forwarded_for,
+                )
+            }
+        }
+    }
+
+    /// Walks the header's entries from the right (the most recent hop): trusted proxies are
+    /// skipped, and the first other address is the source.
+    fn walk<'a>(
+        &self,
+        peer: IpAddr,
+        entries: impl Iterator<Item = &'a str>,
+        node: fn(&str) -> Option<IpAddr>,
+    ) -> Option<IpAddr> {
         let mut source = peer;
         let mut hops = 0;
-        for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        for entry in entries {
             if entry.trim().is_empty() {
                 continue;
             }
-            let ip = match self.header {
-                ForwardedHeader::XForwardedFor => parse_node(entry.trim()),
-                ForwardedHeader::Forwarded => forwarded_for(entry),
-            }?
-            .to_canonical();
+            let ip = node(entry)?.to_canonical();
             if !self.trusted(ip) {
                 return Some(ip);
             }
@@ -285,21 +318,76 @@ fn parse_node(s: &str) -> Option<IpAddr> {
     inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
-/// The `for=` node of one `Forwarded` element (RFC 7239 §4, §6): `unknown` and obfuscated
-/// nodes give `None`.
+/// `s` split at each `sep` outside a quoted string (RFC 9110 §5.6.4: a backslash inside quotes
+/// escapes the next character). `None` when a quoted string is left open: the field is
+/// malformed, and a value cut at a guess could name a source the proxy never wrote.
+fn split_unquoted(s: &str, sep: u8) -> Option<Vec<&str>> {
+    let bytes = s.as_bytes();
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b if b == sep && !quoted => {
+                // `sep` is ASCII, so this is a character boundary.
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if quoted {
+        return None;
+    }
+    parts.push(&s[start..]);
+    Some(parts)
+}
+
+/// The `for=` node of one `Forwarded` element (RFC 7239 §4, §6), its parameters split outside
+/// quoted strings: `unknown` and obfuscated nodes, an element without `for=` or with two, and
+/// a value that is neither a token nor one whole quoted string give `None`.
 fn forwarded_for(element: &str) -> Option<IpAddr> {
-    element.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
+    let mut node = None;
+    for pair in split_unquoted(element, b';')? {
+        let Some((k, v)) = pair.split_once('=') else {
+            if pair.trim().is_empty() {
+                continue;
+            }
+            return None;
+        };
         if !k.trim().eq_ignore_ascii_case("for") {
+            continue;
+        }
+        if node.is_some() {
+            // RFC 7239 §4: a parameter occurs at most once per element.
             return None;
         }
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
-        parse_node(v)
-    })
+        node = Some(v.trim());
+    }
+    let v = node?;
+    match v.strip_prefix('"') {
+        // A quoted node: one quoted string, its escapes undone (an address needs none).
+        Some(rest) => {
+            let inner = rest.strip_suffix('"')?;
+            if inner.contains('"') {
+                return None;
+            }
+            if inner.contains('\\') {
+                let mut unescaped = String::with_capacity(inner.len());
+                let mut chars = inner.chars();
+                while let Some(c) = chars.next() {
+                    unescaped.push(if c == '\\' { chars.next()? } else { c });
+                }
+                return parse_node(&unescaped);
+            }
+            parse_node(inner)
+        }
+        None => parse_node(v),
+    }
 }
 
 #[cfg(test)]
@@ -437,6 +525,58 @@ mod tests {
         assert_eq!(l.source(ip("10.0.0.1"), &h), None);
         h.insert("forwarded", "proto=https".parse().unwrap());
         assert_eq!(l.source(ip("10.0.0.1"), &h), None);
+    }
+
+    #[test]
+    fn forwarded_quoted_strings_keep_their_commas_and_semicolons() {
+        let l = SourceAllowlist::new(["192.30.252.0/22"])
+            .unwrap()
+            .with_trusted_proxies(["10.0.0.0/8"])
+            .unwrap()
+            .with_forwarded_header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        let source = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("forwarded", value.parse().unwrap());
+            l.source(peer, &h)
+        };
+        // A client's Host quoted by a proxy cannot add an element or a `for=` of its own.
+        assert_eq!(
+            source(r#"for=203.0.113.9;host="x,for=192.30.252.7;y=""#),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            source(r#"for=203.0.113.9;by="x,for=192.30.252.7""#),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            source(r#"for=192.30.252.7;host="a,b;c", for=10.2.2.2;host="d""#),
+            Some(ip("192.30.252.7"))
+        );
+        // An escaped quote does not end a quoted string.
+        assert_eq!(
+            source(r#"for=203.0.113.9;host="x\",for=192.30.252.7""#),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            source(r#"for="[2001:db8\:cafe::17]:4711""#),
+            Some(ip("2001:db8:cafe::17"))
+        );
+        // Malformed: an open quote, a parameter twice, a node that is not one quoted string.
+        assert_eq!(source(r#"for=203.0.113.9;host="x, for=192.30.252.7"#), None);
+        assert_eq!(source("for=192.30.252.7;for=203.0.113.9"), None);
+        assert_eq!(source(r#"for="192.30.252.7"x"#), None);
+        assert_eq!(source("for=192.30.252.7;junk"), None);
+        // Empty elements and parameters are skipped, as before.
+        assert_eq!(
+            source("for=192.30.252.7;, ,for=10.1.1.1"),
+            Some(ip("192.30.252.7"))
+        );
+        // Each line is split on its own: an open quote on one line is not closed by the next.
+        let mut h = HeaderMap::new();
+        h.append("forwarded", r#"for=203.0.113.9;host="x"#.parse().unwrap());
+        h.append("forwarded", r#"for=192.30.252.7""#.parse().unwrap());
+        assert_eq!(l.source(peer, &h), None);
     }
 
     #[test]
