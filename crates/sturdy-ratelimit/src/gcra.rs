@@ -95,12 +95,15 @@ impl Quota {
         Self::of(Duration::from_nanos(nanos.max(1)), 1)
     }
 
-    /// The time between two calls at the sustained rate.
+    /// The time between two calls at the sustained rate, as enforced: at most 30 years
+    /// (`Quota::new(1, Duration::MAX).interval()` is 30 years) and at least one nanosecond.
     pub fn interval(&self) -> Duration {
         self.interval
     }
 
-    /// The burst.
+    /// The burst, as given to [`with_burst`](Self::with_burst) (1 by default). How many calls go
+    /// at once is at most this, and fewer when the burst's whole allowance (`burst - 1`
+    /// intervals) passes its cap of about 146 years (see [`new`](Self::new)).
     pub fn burst(&self) -> u32 {
         self.burst
     }
@@ -111,7 +114,10 @@ impl Quota {
         // u64::MAX is always "now"). So the interval is read as at most 30 years (one call per
         // `Duration::MAX` is one per 30 years) and the tolerance as at most 2^62 ns (146 years):
         // sums of the two stay far from the bound.
-        let interval_ns = nanos(interval.min(sturdy_core::clock::FAR));
+        // `interval()` reports the spacing enforced, so that what a caller adds it to (an
+        // instant, a timeout) cannot overflow where the limiter does not.
+        let interval = interval.min(sturdy_core::clock::FAR);
+        let interval_ns = nanos(interval);
         Self {
             interval,
             burst,
@@ -309,6 +315,38 @@ mod tests {
         assert!(Quota::per_second(0).is_err());
         assert!(Quota::new(1, Duration::ZERO).is_err());
         assert!(Quota::per_second(1).unwrap().with_burst(0).is_err());
+    }
+
+    #[test]
+    fn a_spacing_past_thirty_years_is_reported_as_enforced() {
+        let far = sturdy_core::clock::FAR;
+        for q in [
+            Quota::new(1, Duration::MAX).unwrap(),
+            Quota::new(1, Duration::MAX)
+                .unwrap()
+                .with_burst(u32::MAX)
+                .unwrap(),
+            Quota::new(2, far * 3).unwrap(),
+        ] {
+            assert_eq!(q.interval(), far);
+            assert_eq!(q.interval_nanos(), nanos(far));
+            // What a caller adds it to does not overflow.
+            assert!(tokio::time::Instant::now()
+                .checked_add(q.interval())
+                .is_some());
+        }
+        assert_eq!(
+            Quota::new(1, far).unwrap(),
+            Quota::new(1, Duration::MAX).unwrap()
+        );
+        assert_eq!(
+            Quota::new(1, Duration::MAX)
+                .unwrap()
+                .with_burst(7)
+                .unwrap()
+                .burst(),
+            7
+        );
     }
 
     #[test]
