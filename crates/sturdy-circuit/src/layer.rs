@@ -99,7 +99,9 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     }
 
     /// Opens when at least `rate` (0.0 to 1.0) of the calls in the last `window` failed, once the
-    /// window holds at least `min_calls` calls \[0.5, 30 s, 100\] (0 is taken as 1).
+    /// window holds at least `min_calls` calls \[0.5, 30 s, 100\] (0 is taken as 1). A window
+    /// without a failure never opens it, so a `rate` of 0.0 opens on any failure once the
+    /// window holds `min_calls` calls.
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `rate` is not in `0.0..=1.0` or `window` is
@@ -147,7 +149,7 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     }
 
     /// The most breakers kept \[1,024\]; past it, healthy breakers are forgotten, then new keys
-    /// share one overflow breaker.
+    /// share one overflow breaker. At least one is kept: 0 is taken as 1.
     pub fn with_max_breakers(self, n: usize) -> Self {
         self.edit(|c| c.max_breakers = n.max(1))
     }

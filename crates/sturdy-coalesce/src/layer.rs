@@ -136,8 +136,8 @@ impl<K> CoalesceLayer<K> {
         self
     }
 
-    /// The most hosts with a table of calls in flight \[1,024\]; past it, hosts with nothing in
-    /// flight are forgotten, then new hosts share one table.
+    /// The most hosts with a table of calls in flight \[1,024\] (at least 1: 0 is taken as 1);
+    /// past it, hosts with nothing in flight are forgotten, then new hosts share one table.
     pub fn with_max_hosts(self, n: usize) -> Self {
         edit(&self.cell, |c| c.max_hosts = n.max(1));
         self

@@ -172,6 +172,7 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// The most keys kept \[1,024\]; past it, idle keys are forgotten, then new keys share one.
+    /// At least one key is kept: 0 is taken as 1.
     ///
     /// The bound belongs to the shared limiter state and is fixed when the first call goes
     /// through: set it before then. Called later, it changes nothing and logs a warning.
