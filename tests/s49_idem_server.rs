@@ -651,3 +651,36 @@ async fn s49_idem_other_payload_while_the_first_runs_is_422() {
     assert_eq!(first.await.unwrap(), StatusCode::CREATED);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// The guide's table and the module docs: a key "sent bare, `k`, or as a structured-field
+/// string, `"k"`: the two name the same key on two requests". A retry that quotes the key its
+/// first request sent bare (or the other way round) is replayed, and another body under it is
+/// 422; the handler runs once.
+#[tokio::test]
+async fn s49_idem_a_key_bare_then_quoted_is_the_same_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::default(), ByCredentials::default());
+    let app = app(&runs, Duration::ZERO, layer);
+    let (status, _, body) = call(&app, post("/orders", &[b"order-77"], "{\"n\":1}")).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::CREATED, &b"{\"n\":1}"[..])
+    );
+    let (status, headers, body) =
+        call(&app, post("/orders", &[b"\"order-77\""], "{\"n\":1}")).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::CREATED, &b"{\"n\":1}"[..])
+    );
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, body) = call(&app, post("/orders", &[b"\"order-77\""], "{\"n\":2}")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(problem_of(&body).0.ends_with("/idempotency-key-reused"));
+    // Quoted first, bare after.
+    let (status, _, _) = call(&app, post("/orders", &[b"\"order-78\""], "{\"n\":3}")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, headers, _) = call(&app, post("/orders", &[b"order-78"], "{\"n\":3}")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

@@ -13,8 +13,8 @@
 //! | store unavailable or full | 503, `Retry-After: 1`, [`problem::STORE_UNAVAILABLE`]; the handler does not run |
 //!
 //! The fingerprint is SHA-256 over the method, the path and query (byte for byte) and the body.
-//! Keys are 1 to 255 visible ASCII characters, sent bare or as a structured-field string, and
-//! scoped per client: the [`Scope`] given to [`IdempotencyLayer::new`] decides who shares a key
+//! Keys are 1 to 255 visible ASCII characters, sent bare or as a structured-field string (`k`
+//! and `"k"` name the same key), and scoped per client: the [`Scope`] given to [`IdempotencyLayer::new`] decides who shares a key
 //! space ([`ByCredentials`], the usual choice, hashes the credential headers; a closure can read
 //! anything in the request head). Errors are RFC 9457 problem JSON ([`problem`]).
 //!
