@@ -244,7 +244,7 @@ async fn s49_rl_quota_extremes() {
     assert_eq!(script.calls(), 1);
 }
 
-/// FAULT (s49): `Quota::new`: "A spacing longer than 30 years is enforced as 30 years
+/// Found a fault in round s49 (fixed): `Quota::new`: "A spacing longer than 30 years is enforced as 30 years
 /// (`Quota::new(1, Duration::MAX)` lets one call through per 30 years ...)"; `Quota::interval`:
 /// "The time between two calls at the sustained rate." The limiter does enforce 30 years (see
 /// `s49_rl_quota_extremes`), but `interval()` reports the unenforced spacing.

@@ -839,7 +839,7 @@ fn s49_webhook_forwarded_for_lines_and_hops() {
     }
 }
 
-/// FAULT (see the report). The guide: "`X-Forwarded-For` (or `Forwarded`, with
+/// Found a fault in round s49b (fixed). The guide: "`X-Forwarded-For` (or `Forwarded`, with
 /// `with_forwarded_header(ForwardedHeader::Forwarded)`) is read only when the peer is one of
 /// your trusted proxies ... So a client cannot forge its way in"; `ForwardedHeader::Forwarded`:
 /// "`Forwarded: for=client, for=proxy1` (RFC 7239)". In RFC 7239 a parameter value may be a

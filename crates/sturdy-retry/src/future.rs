@@ -47,8 +47,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        // Reading a replayable body into memory before the first attempt.
-        Buffering { #[pin] body: B },
+        // Reading a replayable body into memory before the first attempt, and the attempt
+        // timeout's timer once the read has waited (a body that stalls must not hold the call
+        // where no attempt's timer runs).
+        Buffering { #[pin] body: B, timer: Option<Pin<Box<Sleep>>> },
         // An attempt in flight, and its timer once it has waited past its first poll.
         Calling { #[pin] fut: F, timer: Option<Pin<Box<Sleep>>> },
         Sleeping { #[pin] sleep: Sleep },
@@ -139,7 +141,7 @@ where
         let slot = Box::new_uninit();
         let (head, body) = req.into_parts();
         Self {
-            state: State::Buffering { body },
+            state: State::Buffering { body, timer: None },
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
             run: Box::write(
                 slot,
@@ -277,10 +279,37 @@ where
         let run = &mut **this.run;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { mut body } => {
+                StateProj::Buffering { mut body, timer } => {
                     // Read frame by frame: a body of one frame (a `Full`) is kept as it is,
                     // without a copy.
-                    while let Some(frame) = ready!(body.as_mut().poll_frame(cx)) {
+                    loop {
+                        let frame = match body.as_mut().poll_frame(cx) {
+                            Poll::Ready(Some(frame)) => frame,
+                            Poll::Ready(None) => break,
+                            Poll::Pending => {
+                                // The read is part of the first attempt: bounded by its timeout,
+                                // counted from the first wait (a body in memory makes none).
+                                let Some(limit) = run.attempt_timeout else {
+                                    return Poll::Pending;
+                                };
+                                let t = timer.get_or_insert_with(|| {
+                                    Box::pin(tokio::time::sleep(limit.min(sturdy_core::clock::FAR)))
+                                });
+                                if t.as_mut().poll(cx).is_pending() {
+                                    return Poll::Pending;
+                                }
+                                let e = sturdy_core::Error::new(
+                                    ErrorKind::Timeout,
+                                    format!(
+                                        "the request body stalled: it did not finish within the attempt timeout of {}, so the request was not sent",
+                                        human_duration(limit)
+                                    ),
+                                )
+                                .with_delivery(Delivery::NotSent);
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(Box::new(e)));
+                            }
+                        };
                         let frame = match frame {
                             Ok(f) => f,
                             Err(e) => {

@@ -192,6 +192,12 @@ impl<C> RetryLayer<C> {
     /// only for an attempt that waits, and on a multi-thread runtime one small task per thread may
     /// keep attempt timers from waking the runtime's driver (see
     /// [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer)).
+    ///
+    /// A body kept for a replay is read before the first attempt is sent, and that read counts as
+    /// the first attempt's (from its first wait): a streamed body that stalls past the timeout
+    /// fails the call with a [`Timeout`](sturdy_core::ErrorKind::Timeout) error, not sent, and
+    /// is not retried (what was read of it cannot be sent again). A request's own attempt timeout
+    /// (`CallOptions`) bounds the read in the same way.
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
     }

@@ -3,8 +3,8 @@
 //! [`VersionLayer`] sets the API version on every request, in a header whose name you give
 //! (`API-Version`, `Stripe-Version`, `X-GitHub-Api-Version`, ...) or a query parameter; a version
 //! the caller set is kept. It reads every response for `Deprecation` (RFC 9745: `@<unix>`, and
-//! the older `true` or HTTP-date forms) and `Sunset` (RFC 8594: an HTTP date, read leniently),
-//! and reports each endpoint (method and path) once: a `tracing` warning and an optional
+//! the older `true` or HTTP-date forms) and `Sunset` (RFC 8594: an HTTP date, read leniently;
+//! a date before 1970 is that date), and reports each endpoint (method and path) once: a `tracing` warning and an optional
 //! callback. The response itself is untouched.
 //!
 //! # Example
@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
-use sturdy_core::headers::{parse_http_date, sf};
+use sturdy_core::headers::{parse_http_date_any_year, sf};
 use sturdy_core::{Error, ErrorKind};
 use tower::{Layer, Service};
 
@@ -195,7 +195,9 @@ fn deprecation(v: &HeaderValue) -> Option<Option<SystemTime>> {
     if v.as_bytes().eq_ignore_ascii_case(b"true") {
         return Some(None);
     }
-    parse_http_date(v.as_bytes(), "Deprecation").ok().map(Some)
+    parse_http_date_any_year(v.as_bytes(), "Deprecation")
+        .ok()
+        .map(Some)
 }
 
 impl Shared {
@@ -204,7 +206,7 @@ impl Shared {
         let sunset = res
             .headers()
             .get("sunset")
-            .and_then(|v| parse_http_date(v.as_bytes(), "Sunset").ok());
+            .and_then(|v| parse_http_date_any_year(v.as_bytes(), "Sunset").ok());
         if dep.is_none() && sunset.is_none() {
             return;
         }
@@ -219,7 +221,12 @@ impl Shared {
                 return;
             }
         }
-        let fmt_time = |t: SystemTime| sturdy_core::headers::format_http_date(t);
+        // An HTTP date cannot be written before 1970: such a date (a peer's `@-1659578233`, or
+        // `Sunset: Mon, 01 Jan 1900 00:00:00 GMT`) is logged in RFC 9745's `@<unix>` form.
+        let fmt_time = |t: SystemTime| match SystemTime::UNIX_EPOCH.duration_since(t) {
+            Ok(before) if !before.is_zero() => format!("@-{}", before.as_secs()),
+            _ => sturdy_core::headers::format_http_date(t),
+        };
         tracing::warn!(
             endpoint = %endpoint,
             deprecation = ?dep.map(|d| d.map_or_else(|| "true".to_owned(), fmt_time)),

@@ -3,7 +3,9 @@
 //! All three formats are accepted (IMF-fixdate, RFC 850, asctime). Beyond the strict grammar,
 //! the reader tolerates what real servers send: a day name that does not match the date (RFC
 //! 8594's own example), a one-digit day, and `UTC`, `Z` or `+0000` in place of `GMT`. A date
-//! before 1970 is an error; the result never depends on the local time zone.
+//! before 1970 is an error for [`parse_http_date`] (a `Retry-After` or a reset that old is
+//! ignored, not read as "now"), and that date for [`parse_http_date_any_year`] (a `Sunset`
+//! long past is still reported); the result never depends on the local time zone.
 
 use std::time::{Duration, SystemTime};
 
@@ -28,7 +30,40 @@ pub fn parse_http_date(value: &[u8], header: &'static str) -> Result<SystemTime,
     if let Ok(t) = httpdate::parse_http_date(s) {
         return Ok(t);
     }
-    lenient(s).ok_or_else(|| err("not an HTTP date"))
+    lenient(s)
+        .and_then(|secs| u64::try_from(secs).ok())
+        .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .ok_or_else(|| err("not an HTTP date"))
+}
+
+/// Parses an HTTP date as [`parse_http_date`] does, but reads a date before 1970 as that date (a
+/// `SystemTime` before the epoch) rather than as an error: for headers that report a date, such
+/// as `Sunset` and `Deprecation`, where a date long past is still news. Years 1 to 9999.
+///
+/// # Errors
+/// A [`HeaderParseError`] naming `header` when the value is not a date, or the date is one
+/// this platform's `SystemTime` cannot hold.
+pub fn parse_http_date_any_year(
+    value: &[u8],
+    header: &'static str,
+) -> Result<SystemTime, HeaderParseError> {
+    let err = |r: &str| HeaderParseError::new(header, r.to_owned());
+    let s = std::str::from_utf8(value)
+        .map_err(|_| err("not ASCII"))?
+        .trim();
+    if s.is_empty() {
+        return Err(err("empty"));
+    }
+    if let Ok(t) = httpdate::parse_http_date(s) {
+        return Ok(t);
+    }
+    let secs = lenient(s).ok_or_else(|| err("not an HTTP date"))?;
+    let t = if secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs.unsigned_abs()))
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    t.ok_or_else(|| err("a date this platform cannot hold"))
 }
 
 /// Formats a time as an IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`. Total: a time before
@@ -40,7 +75,8 @@ pub fn format_http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(t.clamp(SystemTime::UNIX_EPOCH, last))
 }
 
-fn lenient(s: &str) -> Option<SystemTime> {
+/// Seconds since 1970 (negative before) of a leniently read HTTP date.
+fn lenient(s: &str) -> Option<i64> {
     let cleaned = s.replace(',', " ");
     let mut tokens: Vec<&str> = cleaned.split_ascii_whitespace().collect();
     // Drop a leading day name, whatever it says.
@@ -98,9 +134,8 @@ fn lenient(s: &str) -> Option<SystemTime> {
         return None;
     }
     let days = days_from_civil(year, mon, day);
-    let secs = days.checked_mul(86_400)? + i64::from(h * 3_600 + m * 60 + sec.min(59));
-    let secs = u64::try_from(secs).ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+    days.checked_mul(86_400)?
+        .checked_add(i64::from(h * 3_600 + m * 60 + sec.min(59)))
 }
 
 /// An RFC 3339 date-time (`2026-12-05T03:00:00Z`, `2026-12-05 03:00:00.250+01:00`), as some
@@ -220,6 +255,38 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn any_year_reads_dates_before_1970_as_themselves() {
+        let before = |secs: u64| SystemTime::UNIX_EPOCH - Duration::from_secs(secs);
+        for (v, want) in [
+            ("Mon, 01 Jan 1900 00:00:00 GMT", before(2_208_988_800)),
+            ("Wed, 31 Dec 1969 23:59:59 GMT", before(1)),
+            ("31 Dec 1969 23:59:59 UTC", before(1)),
+            ("Wed Dec 31 23:59:59 1969", before(1)),
+            ("Mon, 01 Jan 0001 00:00:00 GMT", before(62_135_596_800)),
+            ("Sun, 06 Nov 1994 08:49:37 GMT", at(784_111_777)),
+        ] {
+            assert_eq!(
+                parse_http_date_any_year(v.as_bytes(), "Sunset"),
+                Ok(want),
+                "{v}"
+            );
+        }
+        for v in [
+            "",
+            "soon",
+            "Sat, 01 Jan 10000 00:00:00 GMT",
+            "Mon, 32 Jan 1900 00:00:00 GMT",
+        ] {
+            assert!(
+                parse_http_date_any_year(v.as_bytes(), "Sunset").is_err(),
+                "{v}"
+            );
+        }
+        // The strict reader still refuses them.
+        assert!(parse_http_date(b"Wed, 31 Dec 1969 23:59:59 GMT", "Retry-After").is_err());
+    }
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

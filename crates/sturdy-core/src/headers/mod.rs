@@ -12,7 +12,7 @@ mod uri;
 
 use std::fmt;
 
-pub use date::{format_http_date, parse_http_date};
+pub use date::{format_http_date, parse_http_date, parse_http_date_any_year};
 pub use link::{next_link, parse_link, Link, MAX_LINKS, MAX_LINK_PARAMS};
 pub use ratelimit::{
     may_pause, pause_hint, PauseHint, PauseSource, RateLimitItem, RateLimitPolicy, XRateLimit,
