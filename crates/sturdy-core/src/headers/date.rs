@@ -20,20 +20,11 @@ const MONTHS: [&str; 12] = [
 /// # Errors
 /// A [`HeaderParseError`] naming `header` when the value is not a date.
 pub fn parse_http_date(value: &[u8], header: &'static str) -> Result<SystemTime, HeaderParseError> {
-    let err = |r: &str| HeaderParseError::new(header, r.to_owned());
-    let s = std::str::from_utf8(value)
-        .map_err(|_| err("not ASCII"))?
-        .trim();
-    if s.is_empty() {
-        return Err(err("empty"));
+    let t = parse_http_date_any_year(value, header)?;
+    if t < SystemTime::UNIX_EPOCH {
+        return Err(HeaderParseError::new(header, "not an HTTP date".to_owned()));
     }
-    if let Ok(t) = httpdate::parse_http_date(s) {
-        return Ok(t);
-    }
-    lenient(s)
-        .and_then(|secs| u64::try_from(secs).ok())
-        .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
-        .ok_or_else(|| err("not an HTTP date"))
+    Ok(t)
 }
 
 /// Parses an HTTP date as [`parse_http_date`] does, but reads a date before 1970 as that date (a
