@@ -115,11 +115,20 @@ async fn backends(urls: &[String], replication: bool) -> Backends {
 }
 
 /// One enqueue, one idempotent request (sent twice) and one quota decision per round, every
-/// 10 ms, until `stop`.
+/// 10 ms, until `stop`, and then on until the last 20 rounds were clean (for at most 30 s more):
+/// on a loaded machine a round can take far longer than 10 ms, and a fixed wait after the fault
+/// then held too few rounds to tell a recovered cluster from one that is not.
 async fn traffic(b: Arc<Backends>, tag: &'static str, stop: Arc<AtomicBool>) -> Seen {
     let mut seen = Seen::default();
     let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
+    let mut stopped_at: Option<Instant> = None;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            let at = *stopped_at.get_or_insert_with(Instant::now);
+            if seen.clean_tail >= 20 || at.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+        }
         i += 1;
         seen.rounds += 1;
         let mut clean = true;
@@ -443,14 +452,18 @@ async fn cluster32_slot_move_during_traffic() {
     );
     for (op, text, _) in &seen.errors {
         assert!(
-            text.contains("cannot serve this key now") || text.contains("unavailable"),
+            // A 1 s store timeout can also fire on a loaded machine, and says so.
+            text.contains("cannot serve this key now")
+                || text.contains("unavailable")
+                || text.contains("did not answer in time"),
             "{op}: {text}"
         );
     }
     assert!(
         seen.clean_tail >= 20,
-        "only {} clean rounds after the move",
-        seen.clean_tail
+        "only {} clean rounds after the move; last errors: {:?}",
+        seen.clean_tail,
+        seen.errors.iter().rev().take(3).collect::<Vec<_>>()
     );
     check_after(&urls, &b, &seen, Duration::from_millis(1500), false).await;
     assert_eq!(cluster.primary_of_slot(slot).id, to.id);
