@@ -194,7 +194,7 @@ impl Logs {
             .with_max_level(tracing::Level::TRACE)
             .with_writer(move || logs.clone())
             .finish();
-        tracing::subscriber::set_default(sub)
+        crate::logs13_common::set_default(sub)
     }
 }
 

@@ -247,7 +247,7 @@ async fn client31_tracing_pause_capped_warns_without_secrets() {
         .with_ansi(false)
         .with_writer(move || l.clone())
         .finish();
-    let _g = tracing::subscriber::set_default(sub);
+    let _g = crate::logs13_common::set_default(sub);
 
     let s = serve(vec![with_ra(429, "99999999999999999999")]).await;
     let err = within(

@@ -802,7 +802,7 @@ async fn durable26_the_handler_runs_inside_the_requests_tracing_span() {
         .with_writer(std::io::sink)
         .with_max_level(tracing::Level::TRACE)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::logs13_common::set_default(subscriber);
     let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let s2 = seen.clone();
     let app = Router::new()

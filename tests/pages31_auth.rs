@@ -323,7 +323,7 @@ async fn pages31_no_secret_in_logs_errors_or_debug() {
         return;
     };
     let logs = Logs::default();
-    let _guard = tracing::subscriber::set_default(logs.subscriber());
+    let _guard = crate::logs13_common::set_default(logs.subscriber());
     let id = unique("rev-");
     let tokens = ClientCredentials::new(http(), &format!("{oauth}/token"), id.clone(), SECRET)
         .unwrap()
@@ -480,7 +480,7 @@ async fn pages31_concurrent_deprecated_calls_report_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn pages31_version_under_pagination_and_query_keys() {
     let logs = Logs::default();
-    let _guard = tracing::subscriber::set_default(logs.subscriber());
+    let _guard = crate::logs13_common::set_default(logs.subscriber());
     let server = serve(|req, _| async move {
         let page: usize = param(&req, "page")
             .and_then(|p| p.parse().ok())

@@ -454,7 +454,7 @@ async fn s41_handler_task_runs_inside_the_callers_span() {
         .with_writer(move || w.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::logs13_common::set_default(subscriber);
     let handler = service_fn(|_req: Request<Body>| async {
         tracing::info!("inside the handler");
         Ok::<_, std::convert::Infallible>(Response::new(Body::from("ok")))

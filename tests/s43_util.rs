@@ -246,7 +246,7 @@ impl Logs {
             .with_ansi(false)
             .with_writer(move || sink.clone())
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        crate::logs13_common::set_default(subscriber)
     }
 }
 

@@ -880,7 +880,7 @@ async fn logs_and_debug_never_show_the_credential() {
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
         .with_writer(move || sink.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let _guard = crate::logs13_common::set_default(sub);
     let (app, _c) = app_with(Duration::ZERO, layer());
     let req = |k: &str, b: &str| {
         Request::post("/orders")

@@ -1004,7 +1004,7 @@ async fn rejections_log_a_reason_but_no_secret_or_signature() {
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
         .with_writer(move || sink.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let _guard = crate::logs13_common::set_default(sub);
 
     let (app, _events) = standard_app(NOW);
     let wrong = sign_standard(OTHER, "msg_log", NOW, b"{}").unwrap();

@@ -61,7 +61,7 @@ async fn leak_check(p: &Peer, attempt: Duration) -> usize {
         .with_writer(logs.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::logs13_common::set_default(subscriber);
     let events = Arc::new(Mutex::new(String::new()));
     let mut failed = 0;
     for which in 0..3 {

@@ -535,7 +535,7 @@ async fn query_api_key_in_no_error_or_log() {
         .with_writer(cap.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let _guard = crate::logs13_common::set_default(sub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));

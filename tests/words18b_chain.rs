@@ -99,7 +99,7 @@ async fn version_warning_once_per_endpoint() {
         .with_writer(cap.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let _guard = crate::logs13_common::set_default(sub);
     let api = tower::service_fn(|r: Request<Full<Bytes>>| async move {
         let dep = if r.uri().path() == "/bad" {
             "@@nope"

@@ -591,7 +591,7 @@ async fn words21_non_ascii_key_warning_does_not_claim_control_characters() {
         .with_writer(lines.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::logs13_common::set_default(subscriber);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let api = service_fn(move |req: Req| {

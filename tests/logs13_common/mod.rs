@@ -4,6 +4,24 @@
 
 use std::sync::{Arc, Mutex};
 
+/// `tracing::subscriber::set_default`, for tests that read what a thread's subscriber wrote
+/// while other tests run on other threads of the same binary.
+///
+/// tracing-core decides once per call site whether anyone listens, and while only one subscriber
+/// is registered it asks the default of whichever thread reaches the call site first: a test
+/// thread without a subscriber then marks the call site "never" for every thread, and the
+/// capturing test misses its event (a flake seen in `auth29_circuit`). A second subscriber that
+/// lives as long as the process keeps tracing-core on its general path, where every registered
+/// subscriber is asked.
+pub fn set_default<S>(subscriber: S) -> tracing::subscriber::DefaultGuard
+where
+    S: tracing::Subscriber + Send + Sync + 'static,
+{
+    static KEPT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+    tracing::subscriber::set_default(subscriber)
+}
+
 /// What the subscriber wrote.
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -27,7 +45,7 @@ impl Capture {
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
             .with_writer(move || w.clone())
             .finish();
-        tracing::subscriber::set_default(sub)
+        set_default(sub)
     }
 
     /// Everything written, every crate's events included.

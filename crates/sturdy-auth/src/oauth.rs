@@ -838,7 +838,7 @@ fn parse_token_response(
                     d.min(s.max_lifetime)
                 }
                 Some(x) if !x.is_nan() => {
-                    return Err(Failure::new(ErrorKind::Auth, format!("{} issued a token that expires in {x} s (already expired); check the server's clock and token settings", s.endpoint())));
+                    return Err(Failure::new(ErrorKind::Auth, format!("{} issued a token with expires_in {x} s (already expired); check the server's clock and token settings", s.endpoint())));
                 }
                 _ => {
                     return Err(Failure::new(
