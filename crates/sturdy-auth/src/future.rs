@@ -45,15 +45,10 @@ impl From<Parts> for Head {
 impl Head {
     /// The host the request goes to (never the `user:password@` part), for events.
     fn host(&self) -> &str {
-        let raw = match self.uri.authority() {
-            Some(a) => a.as_str(),
-            None => self
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        raw.rsplit_once('@').map_or(raw, |(_, host)| host)
+        match self.uri.authority() {
+            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
+            None => sturdy_core::key::host_header(self.headers.get(http::header::HOST)),
+        }
     }
 
     fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, Error> {

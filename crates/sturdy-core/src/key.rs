@@ -31,17 +31,42 @@ where
 }
 
 /// The host of a request: the URI's authority (host and port, never the `user:password@` part,
-/// which would put a secret in keys, messages and logs), else the `Host` header, else `""`.
+/// which would put a secret in keys, messages and logs), else the authority the `Host` header
+/// starts with ([`host_header`]), else `""`.
 pub fn host<B>(req: &Request<B>) -> &str {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or(""),
+    match req.uri().authority() {
+        Some(a) => without_userinfo(a.as_str()),
+        None => host_header(req.headers().get(http::header::HOST)),
+    }
+}
+
+/// The host and port a `Host` header names, for keys, messages, logs and metric labels: the
+/// authority it starts with, cut at the first byte an authority cannot hold (`/`, `?`, `#`,
+/// spaces, ...), without a `user:password@` part; `""` when there is no header or it is not
+/// text. A `Host` header is only a host and a port (RFC 9110), so a path or query in it (where a
+/// careless caller may put a token) is never taken into a key or shown.
+///
+/// ```
+/// use http::HeaderValue;
+/// use sturdy_core::key::host_header;
+///
+/// let h = HeaderValue::from_static("api.example.com:8443/v1?api_key=SECRET");
+/// assert_eq!(host_header(Some(&h)), "api.example.com:8443");
+/// let h = HeaderValue::from_static("user:pw@api.example.com");
+/// assert_eq!(host_header(Some(&h)), "api.example.com");
+/// assert_eq!(host_header(None), "");
+/// ```
+pub fn host_header(value: Option<&HeaderValue>) -> &str {
+    let Some(raw) = value.and_then(|h| h.to_str().ok()) else {
+        return "";
     };
-    without_userinfo(raw)
+    let raw = raw.trim_start_matches([' ', '\t']);
+    // RFC 3986 authority: unreserved, pct-encoded, sub-delims, ':', '@', '[' and ']'.
+    let end = raw
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]".contains(&b)))
+        .unwrap_or(raw.len());
+    without_userinfo(&raw[..end])
 }
 
 /// The idempotency key a header value holds: `None` when the header is missing or blank (empty,
@@ -120,6 +145,31 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_host_header_gives_its_authority_only() {
+        let cases = [
+            ("api.example.com", "api.example.com"),
+            ("api.example.com:8443", "api.example.com:8443"),
+            ("[::1]:8080", "[::1]:8080"),
+            ("api.example.com:8443/p?q=SECRET", "api.example.com:8443"),
+            ("api.example.com?k=SECRET", "api.example.com"),
+            ("api.example.com#SECRET", "api.example.com"),
+            ("api.example.com/x@evil.test", "api.example.com"),
+            ("u:SECRET@api.example.com/x", "api.example.com"),
+            ("  api.example.com other", "api.example.com"),
+            ("/only-a-path", ""),
+            ("", ""),
+        ];
+        for (value, want) in cases {
+            let v = HeaderValue::from_str(value).unwrap();
+            assert_eq!(host_header(Some(&v)), want, "{value:?}");
+            let r = Request::get("/x").header("host", value).body(()).unwrap();
+            assert_eq!(host(&r), want, "{value:?}");
+        }
+        let not_text = HeaderValue::from_bytes(b"api.\xffexample.com").unwrap();
+        assert_eq!(host_header(Some(&not_text)), "");
+    }
 
     #[test]
     fn by_host_and_closures() {

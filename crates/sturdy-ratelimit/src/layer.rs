@@ -107,7 +107,7 @@ impl<K> RateLimitLayer<K> {
     /// a key without a quota has learned a pace from bare 429s, a bare 429 to a call sent at
     /// that pace pauses it for one interval of the new (halved) pace instead.
     pub fn with_default_pause(self, pause: Duration) -> Self {
-        self.edit(|c| c.default_pause = pause)
+        self.edit(|c| c.default_pause = pause.min(sturdy_core::clock::FAR))
     }
 
     /// Whether a bare 503 (no header saying how long) pauses its key and teaches it a pace, as a
@@ -136,9 +136,11 @@ impl<K> RateLimitLayer<K> {
     /// cap: the response is returned as it is, with a [`PauseCapped`](crate::PauseCapped) in its
     /// extensions and a `tracing` warning, and later callers of the key wait at most the cap. A
     /// server that still limits then answers the first call after the cap with a new pause.
-    /// Zero: never pause.
+    /// Zero: never pause. `Duration::MAX` (or anything past it) is read as about 30 years
+    /// ([`FAR`](sturdy_core::clock::FAR)).
     pub fn with_max_pause(self, max_pause: Duration) -> Self {
-        self.edit(|c| c.max_pause = max_pause)
+        // Read as at most about 30 years, as every duration too long to represent is.
+        self.edit(|c| c.max_pause = max_pause.min(sturdy_core::clock::FAR))
     }
 
     /// When the layer has no quota of its own ([`adaptive_only`](RateLimitLayer::adaptive_only)):

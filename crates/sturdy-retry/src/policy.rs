@@ -298,13 +298,10 @@ impl RequestView for KeptHead {
         Self::method(self)
     }
     fn host(&self) -> &str {
-        let raw = match self.uri().authority() {
-            Some(a) => a.as_str(),
-            None => Self::header(self, &http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        sturdy_core::key::without_userinfo(raw)
+        match self.uri().authority() {
+            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
+            None => sturdy_core::key::host_header(Self::header(self, &http::header::HOST)),
+        }
     }
     fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
         Self::header(self, name)
@@ -353,15 +350,10 @@ impl RequestView for CallInfo {
         &self.method
     }
     fn host(&self) -> &str {
-        let raw = match self.uri.authority() {
-            Some(a) => a.as_str(),
-            None => self
-                .host_header
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(""),
-        };
-        sturdy_core::key::without_userinfo(raw)
+        match self.uri.authority() {
+            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
+            None => sturdy_core::key::host_header(self.host_header.as_ref()),
+        }
     }
     fn header(&self, _name: &HeaderName) -> Option<&http::HeaderValue> {
         // The only header the policy reads is the idempotency key.
