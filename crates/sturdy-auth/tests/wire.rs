@@ -223,6 +223,11 @@ async fn no_secret_in_debug_or_tracing() {
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
         .finish();
+    // A second subscriber registered for the whole process: while only one is, tracing-core
+    // asks the default subscriber of whichever thread reaches a call site first, and a test
+    // thread without one would mark the call site "never" for this test too.
+    static KEPT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let s = server(Duration::from_secs(3_600)).await;

@@ -622,6 +622,11 @@ mod hostile {
             .with_max_level(tracing::Level::DEBUG)
             .with_writer(move || writer.clone())
             .finish();
+        // A second subscriber registered for the whole process: while only one is, tracing-core
+        // asks the default subscriber of whichever thread reaches a call site first, and a test
+        // thread without one would mark the call site "never" for this test too.
+        static KEPT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        KEPT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let _guard = tracing::subscriber::set_default(subscriber);
 
         let (queue, _events) = MemoryQueue::new(10);
