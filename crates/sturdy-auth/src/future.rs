@@ -45,10 +45,7 @@ impl From<Parts> for Head {
 impl Head {
     /// The host the request goes to (never the `user:password@` part), for events.
     fn host(&self) -> &str {
-        match self.uri.authority() {
-            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
-            None => sturdy_core::key::host_header(self.headers.get(http::header::HOST)),
-        }
+        sturdy_core::key::uri_host(&self.uri, self.headers.get(http::header::HOST))
     }
 
     fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, Error> {

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Request, Uri};
 
 /// Chooses the key of a request: the host by default ([`ByHost`]), or any function of the request
 /// (`Fn(&Request<B>) -> String`), e.g. per API token or per tenant.
@@ -34,9 +34,25 @@ where
 /// which would put a secret in keys, messages and logs), else the authority the `Host` header
 /// starts with ([`host_header`]), else `""`.
 pub fn host<B>(req: &Request<B>) -> &str {
-    match req.uri().authority() {
+    uri_host(req.uri(), req.headers().get(http::header::HOST))
+}
+
+/// [`host`] of a request kept in parts: the authority of `uri` without a `user:password@` part,
+/// else [`host_header`] of the request's `Host` header `host`.
+///
+/// ```
+/// use http::{HeaderValue, Uri};
+/// use sturdy_core::key::uri_host;
+///
+/// let host = HeaderValue::from_static("api.example.com?api_key=SECRET");
+/// assert_eq!(uri_host(&Uri::from_static("/v1/orders"), Some(&host)), "api.example.com");
+/// let uri = Uri::from_static("https://user:pw@api.example.com:8443/v1");
+/// assert_eq!(uri_host(&uri, None), "api.example.com:8443");
+/// ```
+pub fn uri_host<'a>(uri: &'a Uri, host: Option<&'a HeaderValue>) -> &'a str {
+    match uri.authority() {
         Some(a) => without_userinfo(a.as_str()),
-        None => host_header(req.headers().get(http::header::HOST)),
+        None => host_header(host),
     }
 }
 

@@ -298,10 +298,7 @@ impl RequestView for KeptHead {
         Self::method(self)
     }
     fn host(&self) -> &str {
-        match self.uri().authority() {
-            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
-            None => sturdy_core::key::host_header(Self::header(self, &http::header::HOST)),
-        }
+        sturdy_core::key::uri_host(self.uri(), Self::header(self, &http::header::HOST))
     }
     fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
         Self::header(self, name)
@@ -350,10 +347,7 @@ impl RequestView for CallInfo {
         &self.method
     }
     fn host(&self) -> &str {
-        match self.uri.authority() {
-            Some(a) => sturdy_core::key::without_userinfo(a.as_str()),
-            None => sturdy_core::key::host_header(self.host_header.as_ref()),
-        }
+        sturdy_core::key::uri_host(&self.uri, self.host_header.as_ref())
     }
     fn header(&self, _name: &HeaderName) -> Option<&http::HeaderValue> {
         // The only header the policy reads is the idempotency key.

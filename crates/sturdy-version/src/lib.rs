@@ -4,8 +4,8 @@
 //! (`API-Version`, `Stripe-Version`, `X-GitHub-Api-Version`, ...) or a query parameter; a version
 //! the caller set is kept. It reads every response for `Deprecation` (RFC 9745: `@<unix>`, and
 //! the older `true` or HTTP-date forms) and `Sunset` (RFC 8594: an HTTP date, read leniently;
-//! a date before 1970 is that date), and reports each endpoint (method and path) once: a `tracing` warning and an optional
-//! callback. The response itself is untouched.
+//! a date before 1970 is that date), and reports each endpoint (method and path) once: a
+//! `tracing` warning and an optional callback. The response itself is untouched.
 //!
 //! # Example
 //!

@@ -14,8 +14,8 @@
 //!
 //! The fingerprint is SHA-256 over the method, the path and query (byte for byte) and the body.
 //! Keys are 1 to 255 visible ASCII characters, sent bare or as a structured-field string (`k`
-//! and `"k"` name the same key), and scoped per client: the [`Scope`] given to [`IdempotencyLayer::new`] decides who shares a key
-//! space ([`ByCredentials`], the usual choice, hashes the credential headers; a closure can read
+//! and `"k"` name the same key), and scoped per client: the [`Scope`] given to
+//! [`IdempotencyLayer::new`] decides who shares a key space ([`ByCredentials`], the usual choice, hashes the credential headers; a closure can read
 //! anything in the request head). Errors are RFC 9457 problem JSON ([`problem`]).
 //!
 //! Once a handler has started under a key, the key is held until that execution's outcome is
