@@ -45,7 +45,14 @@ impl From<Parts> for Head {
 impl Head {
     /// The host the request goes to (never the `user:password@` part), for events.
     fn host(&self) -> &str {
-        sturdy_core::key::uri_host(&self.uri, self.headers.get(http::header::HOST))
+        // The header only matters (and is only looked up) when the URI has no authority.
+        let header = self
+            .uri
+            .authority()
+            .is_none()
+            .then(|| self.headers.get(http::header::HOST))
+            .flatten();
+        sturdy_core::key::uri_host(&self.uri, header)
     }
 
     fn request<B>(&self, body: B, token: &Token) -> Result<Request<B>, Error> {

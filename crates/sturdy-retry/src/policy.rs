@@ -298,7 +298,14 @@ impl RequestView for KeptHead {
         Self::method(self)
     }
     fn host(&self) -> &str {
-        sturdy_core::key::uri_host(self.uri(), Self::header(self, &http::header::HOST))
+        // The header only matters (and is only looked up) when the URI has no authority.
+        let header = self
+            .uri()
+            .authority()
+            .is_none()
+            .then(|| Self::header(self, &http::header::HOST))
+            .flatten();
+        sturdy_core::key::uri_host(self.uri(), header)
     }
     fn header(&self, name: &HeaderName) -> Option<&http::HeaderValue> {
         Self::header(self, name)
