@@ -110,6 +110,10 @@ fn lenient(s: &str) -> Option<i64> {
         // cannot apply the "50 years in the future" rule exactly; this window agrees with it
         // until 2070.
         year += if year >= 70 { 1900 } else { 2000 };
+    } else if year == 0 {
+        // There is no year 0 in the Gregorian calendar an HTTP date is written in: 1 BC is
+        // followed by AD 1.
+        return None;
     }
     let mut hms = time.split(':');
     let h: u32 = parse_digits(hms.next()?, 1, 2)?;
@@ -269,6 +273,11 @@ mod tests {
             "soon",
             "Sat, 01 Jan 10000 00:00:00 GMT",
             "Mon, 32 Jan 1900 00:00:00 GMT",
+            // No year 0.
+            "Sat, 01 Jan 0000 00:00:00 GMT",
+            "01-Jan-0000 00:00:00 GMT",
+            "Sat Jan  1 00:00:00 0000",
+            "Sat, 01 Jan 000 00:00:00 GMT",
         ] {
             assert!(
                 parse_http_date_any_year(v.as_bytes(), "Sunset").is_err(),
