@@ -426,7 +426,11 @@ impl PageNumber {
         }
     }
 
-    /// The total number of items is at `pointer`; stop when it is reached.
+    /// The total number of items is at `pointer`; stop when it is reached. A page's number and
+    /// length are all this strategy sees, so the items seen are counted as if every page so far
+    /// held as many as this one: where the server serves fewer items per page than asked, the
+    /// short last page counts low, and the walk asks for one more page (empty) before it stops.
+    /// It never stops before the total (use [`OffsetLimit`] to stop exactly on the last page).
     #[must_use]
     pub fn with_total(mut self, pointer: impl Into<String>) -> Self {
         self.total = Some(pointer.into());
@@ -541,7 +545,8 @@ impl OffsetLimit {
         }
     }
 
-    /// The total number of items is at `pointer`.
+    /// The total number of items is at `pointer`; stop on the page that reaches it (the offset
+    /// and the page's length tell exactly how many items have been seen).
     #[must_use]
     pub fn with_total(mut self, pointer: impl Into<String>) -> Self {
         self.total = Some(pointer.into());
