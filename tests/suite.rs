@@ -274,6 +274,8 @@ mod s52_webhook;
 mod s53_paginate;
 mod s53_version;
 mod s53_webhook;
+mod s54_redis;
+mod s54_reqwest;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
