@@ -212,9 +212,12 @@ async fn s54_pause_capped_and_cleared() {
     assert_eq!(q.try_paused("k").await.unwrap(), None);
     // Zero pause: nothing to share.
     q.try_pause("z", Duration::ZERO).await.unwrap();
-    // (A zero pause is stored as 1 ms: no contract says otherwise; allow a trace of it.)
-    let z = q.try_paused("z").await.unwrap();
-    assert!(z.is_none_or(|d| d <= Duration::from_millis(1)), "{z:?}");
+    // try_pause: "A `duration` of zero pauses nothing (nothing is written)".
+    assert_eq!(q.try_paused("z").await.unwrap(), None);
+    // "one under a millisecond pauses for a millisecond".
+    q.try_pause("u", Duration::from_micros(300)).await.unwrap();
+    let u = q.try_paused("u").await.unwrap();
+    assert!(u.is_none_or(|d| d <= Duration::from_millis(1)), "{u:?}");
 }
 
 #[tokio::test]

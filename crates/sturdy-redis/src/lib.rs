@@ -499,13 +499,14 @@ impl RedisQuota {
 
     /// Pauses `key` for every process for `duration` (see [`RemoteQuota::pause`]), at most the
     /// cap ([`with_max_pause`](Self::with_max_pause)); a longer pause already there (up to the cap)
-    /// is kept.
+    /// is kept. A `duration` of zero pauses nothing (nothing is written); one under a millisecond
+    /// pauses for a millisecond, so that no process goes sooner than asked.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time.
     pub async fn try_pause(&self, key: &str, duration: Duration) -> Result<(), BoxError> {
         let cap = self.max_pause_ms();
-        if cap == 0 {
+        if cap == 0 || duration.is_zero() {
             return Ok(());
         }
         let (_, pause) = self.keys(key);
