@@ -134,7 +134,10 @@ async fn bare_429_from_nginx_pauses_the_host_for_a_second() {
         }
         assert_eq!(next.status(), 200);
     }
-    assert!(refused, "nginx limits a call less than 100 ms after the last");
+    assert!(
+        refused,
+        "nginx limits a call less than 100 ms after the last"
+    );
     let pause = handle.pause(&key).expect("a bare 429 pauses the host");
     assert!(pause >= Duration::from_millis(500), "about 1 s: {pause:?}");
     let start = Instant::now();
