@@ -21,6 +21,11 @@ use crate::queue::{EventQueue, Push, WebhookEvent};
 use crate::source::SourceAllowlist;
 use crate::verify::{hex_encode, Rejection, Verified, Verifier};
 
+/// How much longer than its timestamp window a delivery's dedup key is kept: longer than a copy
+/// takes from its timestamp check to the queue (its body's verification and the queue's round
+/// trip), however short the dedup TTL.
+const QUEUE_MARGIN: Duration = Duration::from_secs(60);
+
 /// Receives webhooks: checks the source (when an allowlist is set; else 403), checks the
 /// signature headers before reading the body (400 or 401), reads the body (up to the limit,
 /// else 413), verifies it before anything parses it (400 or 401), deduplicates it, queues it,
@@ -142,7 +147,9 @@ impl<Q: EventQueue> WebhookReceiver<Q> {
 
     /// How long dedup keys are remembered \[24 h\]. For schemes with a signed timestamp a key
     /// is kept at least until the delivery would be refused as stale (timestamp plus
-    /// tolerance), so a copy is never accepted twice while the queue remembers the key; for
+    /// tolerance) and a minute more (a copy is checked against the clock before it reaches the
+    /// queue, and may reach it after the window ends), so a copy is never accepted twice while
+    /// the queue remembers the key; for
     /// schemes without one (GitHub, a generic scheme without a timestamp header) this TTL is the
     /// whole replay protection. [`MemoryQueue`](crate::MemoryQueue) also bounds how many keys
     /// it remembers (100,000, the oldest forgotten first): past that many deliveries within the
@@ -326,10 +333,15 @@ where
         Ok(v) => v,
         Err(r) => return (reject(route, scheme, &r), Rejected),
     };
-    // Remember the key at least as long as a copy would pass the timestamp check.
+    // Remember the key at least as long as a copy would pass the timestamp check, and then
+    // a while longer: a copy is checked against the clock before it reaches the queue (after
+    // its body is verified, perhaps on the blocking pool, and a round trip to Redis), so a copy
+    // checked just before the end of the window reaches the queue after it; were the key gone
+    // by then, the copy would be queued again.
     let fresh = verified
         .fresh_until
         .and_then(|t| t.duration_since(now).ok())
+        .map(|d| d.saturating_add(QUEUE_MARGIN))
         .unwrap_or_default();
     let ttl = inner.dedup_ttl.max(fresh);
     let event = WebhookEvent::new(scheme, verified.id.unwrap_or_default(), body)

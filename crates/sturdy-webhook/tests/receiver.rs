@@ -420,6 +420,69 @@ mod hostile {
         assert!(events.try_recv().is_none());
     }
 
+    /// A queue whose pushes reach the memory queue `delay` after the receiver made them, as a
+    /// slow round trip to Redis would.
+    #[derive(Debug, Clone)]
+    struct SlowQueue {
+        inner: MemoryQueue,
+        delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl EventQueue for SlowQueue {
+        fn push(
+            &self,
+            event: sturdy_webhook::WebhookEvent,
+            dedup_ttl: Duration,
+        ) -> sturdy_webhook::BoxFuture<Result<sturdy_webhook::Push, sturdy_core::BoxError>>
+        {
+            let inner = self.inner.clone();
+            let delay =
+                Duration::from_millis(self.delay_ms.load(std::sync::atomic::Ordering::SeqCst));
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                inner.push(event, dedup_ttl).await
+            })
+        }
+    }
+
+    /// A copy checked against the clock in the last instant of its window, whose push reaches
+    /// the queue after the window ended, still finds the first delivery's key (however short the
+    /// dedup TTL): it is a duplicate, not a second event.
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_checked_at_the_end_of_the_window_that_reaches_the_queue_after_it_is_a_duplicate(
+    ) {
+        let (queue, mut events) = MemoryQueue::new(10);
+        let wall = clock();
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let slow = SlowQueue {
+            inner: queue,
+            delay_ms: delay_ms.clone(),
+        };
+        let receiver = WebhookReceiver::new(StandardWebhooks::new(SECRET).unwrap(), slow)
+            .with_clock(wall.clone())
+            .with_dedup_ttl(Duration::from_millis(1));
+        let res = receiver
+            .clone()
+            .oneshot(delivery("edge", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(text(res).await, "ok");
+        // 300.9 s after the signed time ("300 s old": within the 5-minute tolerance), on both
+        // clocks; the copy's push then takes 5 s to reach the queue.
+        let at = Duration::from_millis(300_900);
+        tokio::time::advance(at).await;
+        wall.advance(at);
+        delay_ms.store(5_000, std::sync::atomic::Ordering::SeqCst);
+        let res = receiver
+            .clone()
+            .oneshot(delivery("edge", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(text(res).await, "duplicate");
+        events.recv().await.unwrap();
+        assert!(events.try_recv().is_none(), "queued twice");
+    }
+
     #[tokio::test]
     async fn events_carry_the_verified_timestamp_and_routes_have_their_own_id_space() {
         let (queue, mut events) = MemoryQueue::new(10);
