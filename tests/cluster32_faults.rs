@@ -397,6 +397,11 @@ async fn cluster32_slot_move_during_traffic() {
     if !own_possible() {
         return;
     }
+    // The store's warnings (what a 503 was for) show with a failure's output.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_test_writer()
+        .try_init();
     let _one = OWN.lock().await;
     let cluster = OwnCluster::start().await;
     let urls = cluster.urls();

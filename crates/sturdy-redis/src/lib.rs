@@ -33,7 +33,7 @@
 //!
 //! | backend | keys | one slot because |
 //! |---|---|---|
-//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, and a prefix or key with a brace in it, which could otherwise name another pair's keys, get a hex tag instead) |
+//! | [`RedisQuota`] | `<prefix>:{<key>}:tat`, `<prefix>:{<key>}:pause` | the hash tag `{<key>}` (an empty key, whose tag Redis would ignore, and a prefix or key with a brace in it, which could otherwise name another pair's keys, get a hex tag instead, with no `<prefix>:` in front: `{x<hex prefix>.<hex key>}:tat`, so a scan of `<prefix>:*` does not find them) |
 //! | [`RedisIdempotencyStore`] | `<prefix>:<scope hash>:<idempotency key>` | each operation touches one key |
 //! | [`RedisStreamQueue`], [`RedisStreamConsumer`] | the stream, `<base>:seen:<dedup key>`, `<base>:dead` | `<base>` is the stream name when it has a hash tag (`{webhooks}`), else the name made a tag (`webhooks` gives `{webhooks}`), whose slot is the stream's |
 //!

@@ -182,8 +182,39 @@ fn named(what: &str, name: String) -> Result<String, BoxError> {
 /// stream), chosen so that they are in the stream's Redis Cluster hash slot: the stream name
 /// itself when it has a hash tag (`{webhooks}` gives `{webhooks}:dead`), else the name as the
 /// tag (`webhooks` gives `{webhooks}:dead`, whose slot is the slot of `webhooks`).
+///
+/// A name with a hash tag that is itself one of another stream's keys is refused: `<base>:dead`
+/// (the dead-letter stream of the stream whose base is `<base>`: a queue on it would answer
+/// `Enqueued` for events that then sit among the other's dead letters, where no consumer gets
+/// them) and `<base>:seen:...` (a dedup key, which a push would overwrite with the stream in it).
 fn key_base(stream: &str) -> Result<String, BoxError> {
     if hash_tag(stream.as_bytes()).is_some() {
+        // What follows the tag's `}`: `<base>` is a tagged name, so a suffix after the tag
+        // decides whether this name is one of another base's keys.
+        let close = stream
+            .find('{')
+            .and_then(|open| stream[open + 1..].find('}').map(|c| open + 1 + c))
+            .unwrap_or(0);
+        let after_tag = &stream[close + 1..];
+        if let Some(owner) = stream
+            .strip_suffix(":dead")
+            .filter(|_| after_tag.ends_with(":dead"))
+        {
+            return Err(Box::new(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the stream name {stream:?} is the dead-letter stream of the stream {owner:?}: events queued there would sit among its dead letters; choose another name"
+                ),
+            )));
+        }
+        if after_tag.contains(":seen:") {
+            return Err(Box::new(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the stream name {stream:?} has \":seen:\" after its hash tag, where another stream keeps its dedup keys; choose another name"
+                ),
+            )));
+        }
         Ok(stream.to_owned())
     } else if !stream.contains('}') {
         Ok(format!("{{{stream}}}"))
@@ -267,7 +298,10 @@ fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
 /// node of a Redis Cluster. The streams `webhooks` and `{webhooks}` would have one base: while
 /// one of them exists in a Redis, a push to the other fails with a `Config` error that names
 /// both (the receiver answers 503, so the sender redelivers), instead of taking one's events
-/// for duplicates of the other's.
+/// for duplicates of the other's. A name that is another stream's key is refused when the queue
+/// or a consumer is made (a `Config` error): a name with a hash tag that ends in `:dead`
+/// (`{webhooks}:dead` holds the dead letters of `webhooks` and `{webhooks}`) or has `:seen:`
+/// after its tag.
 #[derive(Clone)]
 pub struct RedisStreamQueue {
     conn: RedisConnection,
@@ -318,7 +352,8 @@ impl RedisStreamQueue {
     /// by 1 s.
     ///
     /// # Errors
-    /// When the stream name is empty or has a `}` but no hash tag, or Redis cannot be reached.
+    /// When the stream name is empty, has a `}` but no hash tag, or is another stream's key
+    /// (see [`RedisStreamQueue`]), or Redis cannot be reached.
     pub async fn connect(url: &str, stream: impl Into<String>) -> Result<Self, BoxError> {
         let stream = named("stream", stream.into())?;
         key_base(&stream)?;
@@ -330,7 +365,8 @@ impl RedisStreamQueue {
     /// [`connect`](Self::connect).
     ///
     /// # Errors
-    /// When the stream name is empty or has a `}` but no hash tag, or no node can be reached.
+    /// When the stream name is empty, has a `}` but no hash tag, or is another stream's key
+    /// (see [`RedisStreamQueue`]), or no node can be reached.
     pub async fn connect_cluster<I, S>(
         nodes: I,
         stream: impl Into<String>,
@@ -348,7 +384,8 @@ impl RedisStreamQueue {
     /// the same defaults as [`connect`](Self::connect).
     ///
     /// # Errors
-    /// When the stream name is empty or has a `}` but no hash tag.
+    /// When the stream name is empty, has a `}` but no hash tag, or is another stream's key
+    /// (see [`RedisStreamQueue`]).
     pub fn new(
         conn: impl Into<RedisConnection>,
         stream: impl Into<String>,
@@ -802,8 +839,8 @@ impl RedisStreamConsumer {
     /// 500 ms for an event, each Redis operation bounded by 1 s (connecting by 2 s).
     ///
     /// # Errors
-    /// When a name is empty, the stream name has a `}` but no hash tag, Redis cannot be reached
-    /// or the group cannot be created.
+    /// When a name is empty, the stream name has a `}` but no hash tag or is another stream's
+    /// key (see [`RedisStreamQueue`]), Redis cannot be reached or the group cannot be created.
     pub async fn connect(
         url: &str,
         stream: impl Into<String>,
@@ -845,8 +882,8 @@ impl RedisStreamConsumer {
     /// a cluster); otherwise as [`connect`](Self::connect).
     ///
     /// # Errors
-    /// When a name is empty, the stream name has a `}` but no hash tag, or the group cannot be
-    /// created.
+    /// When a name is empty, the stream name has a `}` but no hash tag or is another stream's
+    /// key (see [`RedisStreamQueue`]), or the group cannot be created.
     pub async fn join(
         conn: impl Into<RedisConnection>,
         stream: impl Into<String>,
@@ -1134,7 +1171,9 @@ impl RedisStreamConsumer {
 
     /// Gives up on a delivery at once (for example a payload the handler can never process): it
     /// moves to the dead-letter stream with `reason` (at most 1 KiB kept) and is not delivered
-    /// again to this group.
+    /// again to this group. A delivery whose entry is no longer in the stream (for example,
+    /// another consumer claimed it after `claim_after` and acknowledged it) is not
+    /// dead-lettered, and this is still `Ok`: the event was handled.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time. The event then stays pending and is
@@ -1148,6 +1187,29 @@ impl RedisStreamConsumer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_name_that_is_another_streams_key_has_no_base() {
+        for taken in [
+            "{webhooks}:dead",
+            "a{webhooks}b:dead",
+            "{webhooks}:seen:standard:evt_1",
+            "{webhooks}x:seen:",
+        ] {
+            let e = super::key_base(taken).expect_err(taken);
+            assert!(e.to_string().contains(taken), "{e}");
+        }
+        for free in [
+            "webhooks:dead",
+            "{webhooks}:deadline",
+            "{webhooks:dead}",
+            "{a:seen:b}",
+            "{webhooks}",
+            "webhooks",
+        ] {
+            assert!(super::key_base(free).is_ok(), "{free}");
+        }
+    }
+
     #[test]
     fn an_unexpected_answer_is_cut_at_a_character_boundary() {
         // 'ë' is two bytes: the 200th byte falls inside one, for each of the two alignments.
