@@ -279,6 +279,7 @@ mod s54_reqwest;
 mod s55_cluster;
 mod s55_stream;
 mod s55_webhook;
+mod s56_redis;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

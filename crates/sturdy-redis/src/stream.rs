@@ -256,6 +256,18 @@ fn twin_of(stream: &str, base: &str) -> Option<String> {
     (!inner.is_empty() && !inner.contains('}')).then(|| inner.to_owned())
 }
 
+/// Whether `entry` is a whole stream entry id, `<milliseconds>-<sequence>`, each a `u64`: what
+/// Redis gives every entry. Redis would also read `<milliseconds>` alone, `-`, `+` or `$`, each
+/// naming some entry the caller did not give, or refuse with a script error.
+fn is_entry_id(entry: &str) -> bool {
+    let number = |s: &str| {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok()
+    };
+    entry
+        .split_once('-')
+        .is_some_and(|(ms, seq)| number(ms) && number(seq))
+}
+
 fn dead_stream(base: &str) -> String {
     format!("{base}:dead")
 }
@@ -499,12 +511,16 @@ impl RedisStreamQueue {
 
     /// Puts the dead letter `entry` back on the stream, for the consumer group that gave up on
     /// it only (other groups skip it), with a fresh delivery count; it leaves the dead-letter
-    /// stream. `Ok(false)` when there is no such dead letter.
+    /// stream. `Ok(false)` when there is no such dead letter, `entry` not being a whole entry id
+    /// (`<milliseconds>-<sequence>`, as in [`DeadLetter::entry`]) included.
     ///
     /// # Errors
     /// When the stream is full (its backlog is at the maximum), or Redis fails or does not
     /// answer in time.
     pub async fn replay_dead_letter(&self, entry: &str) -> Result<bool, BoxError> {
+        if !is_entry_id(entry) {
+            return Ok(false);
+        }
         let mut conn = self.conn.clone();
         let mut inv = REPLAY_LUA.call();
         inv.key(&self.dead)
@@ -531,11 +547,15 @@ impl RedisStreamQueue {
         }
     }
 
-    /// Deletes the dead letter `entry` for good. `Ok(false)` when there is no such dead letter.
+    /// Deletes the dead letter `entry` for good. `Ok(false)` when there is no such dead letter,
+    /// `entry` not being a whole entry id (`<milliseconds>-<sequence>`) included.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time.
     pub async fn discard_dead_letter(&self, entry: &str) -> Result<bool, BoxError> {
+        if !is_entry_id(entry) {
+            return Ok(false);
+        }
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("XDEL");
         cmd.arg(&self.dead).arg(entry);
@@ -1187,6 +1207,38 @@ impl RedisStreamConsumer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_whole_entry_ids_are_entry_ids() {
+        for id in [
+            "0-0",
+            "1-1",
+            "1700000000000-0",
+            "18446744073709551615-18446744073709551615",
+        ] {
+            assert!(super::is_entry_id(id), "{id}");
+        }
+        for id in [
+            "",
+            "-",
+            "+",
+            "$",
+            ">",
+            "1",
+            "1-",
+            "-1",
+            "1-2-3",
+            "18446744073709551616-0",
+            "+1-0",
+            "1-+0",
+            " 1-0",
+            "1-0 ",
+            "ключ",
+            "1-0\r\nPING",
+        ] {
+            assert!(!super::is_entry_id(id), "{id:?}");
+        }
+    }
+
     #[test]
     fn a_name_that_is_another_streams_key_has_no_base() {
         for taken in [
