@@ -38,6 +38,25 @@ pub(crate) fn nodes() -> Option<Vec<String>> {
     }
 }
 
+/// The ports of the cluster's nodes, from `STURDY_REDIS_CLUSTER_URLS`
+/// (`redis://127.0.0.1:<port>/`, comma-separated).
+pub(crate) fn ports() -> Vec<u16> {
+    nodes()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| {
+            let rest = u.split("://").nth(1)?;
+            let hostport = rest.split('/').next()?;
+            hostport.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// One node's port (`redis-cli -c` follows the cluster's redirections from any).
+pub(crate) fn port0() -> u16 {
+    ports().first().copied().expect("a cluster node's port")
+}
+
 /// A name no other test, process or run uses.
 pub(crate) fn unique(tag: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -74,13 +93,13 @@ pub(crate) fn cli_num(port: u16, args: &[&str]) -> i64 {
 }
 
 pub(crate) fn slot(key: &str) -> i64 {
-    cli_num(17400, &["CLUSTER", "KEYSLOT", key])
+    cli_num(port0(), &["CLUSTER", "KEYSLOT", key])
 }
 
 /// Every key matching `pattern` on the three primaries.
 pub(crate) fn scan_all(pattern: &str) -> Vec<String> {
     let mut keys = Vec::new();
-    for port in 17400..=17405u16 {
+    for port in ports() {
         let role = cli(port, &["ROLE"]);
         if !role.starts_with("master") {
             continue;
@@ -128,7 +147,8 @@ fn granted(r: &Reserve) -> bool {
 async fn s55_cluster_one_replica_as_the_only_seed_is_enough() {
     let Some(_) = nodes() else { return };
     // Find a replica among the shared nodes.
-    let replica = (17400..=17405u16)
+    let replica = ports()
+        .into_iter()
         .find(|p| cli(*p, &["ROLE"]).starts_with("slave"))
         .expect("a replica");
     let seed = [format!("redis://127.0.0.1:{replica}/")];
@@ -230,8 +250,8 @@ async fn s55_cluster_quota_keys_are_laid_out_as_documented() {
     q.try_pause("plain", Duration::from_secs(30)).await.unwrap();
     let tat = format!("{prefix}:{{plain}}:tat");
     let pause = format!("{prefix}:{{plain}}:pause");
-    assert_eq!(cli_num(17400, &["EXISTS", &tat]), 1, "{tat} missing");
-    assert_eq!(cli_num(17400, &["EXISTS", &pause]), 1, "{pause} missing");
+    assert_eq!(cli_num(port0(), &["EXISTS", &tat]), 1, "{tat} missing");
+    assert_eq!(cli_num(port0(), &["EXISTS", &pause]), 1, "{pause} missing");
     for key in ["", "a}b{c", "{x}", "}{"] {
         q.try_reserve(key, Duration::ZERO).await.unwrap();
         q.try_pause(key, Duration::from_secs(30)).await.unwrap();
@@ -272,7 +292,7 @@ async fn s55_cluster_pause_cap_zero_and_clear() {
         left <= Duration::from_secs(2) && left > Duration::ZERO,
         "{left:?}"
     );
-    let pttl = cli_num(17400, &["PTTL", &format!("{prefix}:{{k}}:pause")]);
+    let pttl = cli_num(port0(), &["PTTL", &format!("{prefix}:{{k}}:pause")]);
     assert!(pttl > 0 && pttl <= 2000, "pause key PTTL {pttl}");
     // A reservation during the pause is not granted now.
     let r = q.try_reserve("k", Duration::ZERO).await.unwrap();
@@ -289,7 +309,7 @@ async fn s55_cluster_pause_cap_zero_and_clear() {
     q.try_pause("z", Duration::ZERO).await.unwrap();
     assert_eq!(q.try_paused("z").await.unwrap(), None);
     assert_eq!(
-        cli_num(17400, &["EXISTS", &format!("{prefix}:{{z}}:pause")]),
+        cli_num(port0(), &["EXISTS", &format!("{prefix}:{{z}}:pause")]),
         0
     );
     // Duration::MAX: stored as the cap.
@@ -395,7 +415,7 @@ async fn s55_cluster_idempotency_key_layout_and_no_credential_stored() {
     let (scope, idem) = rest.split_once(':').expect("<scope hash>:<key>");
     assert_eq!(idem, "order-77", "{key}");
     assert!(!scope.is_empty() && !scope.contains("s55-very-secret-token"));
-    let value = cli(17400, &["GET", key]);
+    let value = cli(port0(), &["GET", key]);
     assert!(value.starts_with("d:"), "{value}");
     assert!(!value.contains("s55-very-secret-token"), "{value}");
     assert!(!key.contains("s55-very-secret-token"));
@@ -531,7 +551,7 @@ async fn s55_cluster_stream_keys_share_the_streams_slot() {
             Push::Enqueued
         );
         let seen = format!("{base}:seen:{dedup}");
-        let pttl = cli_num(17400, &["PTTL", &seen]);
+        let pttl = cli_num(port0(), &["PTTL", &seen]);
         assert!(
             pttl > 50_000 && pttl <= 100_000,
             "{seen}: PTTL {pttl} for a 100 s dedup TTL"
@@ -539,7 +559,7 @@ async fn s55_cluster_stream_keys_share_the_streams_slot() {
         let d = c.next().await.unwrap().expect("event");
         c.dead_letter(&d, "layout").await.unwrap();
         let dead = format!("{base}:dead");
-        assert_eq!(cli_num(17400, &["XLEN", &dead]), 1, "{dead}");
+        assert_eq!(cli_num(port0(), &["XLEN", &dead]), 1, "{dead}");
         assert_eq!(slot(&seen), slot(&stream));
         assert_eq!(slot(&dead), slot(&stream));
         assert_eq!(q.dead_letter_count().await.unwrap(), 1);
@@ -634,7 +654,7 @@ async fn s55_cluster_dead_letter_stream_in_another_slot_fails_saying_so() {
         "the error does not say the two streams are in two slots: {e}"
     );
     // Nothing lost: the stream still holds the event.
-    assert_eq!(cli_num(17400, &["XLEN", &stream]), 1);
+    assert_eq!(cli_num(port0(), &["XLEN", &stream]), 1);
 }
 
 /// Every backend: `with_timeout(Duration::MAX)` is accepted (lib.rs `connect`: "Any `timeout`
@@ -688,8 +708,8 @@ async fn s55_cluster_default_prefixes() {
         .unwrap();
     q.try_reserve(&key, Duration::ZERO).await.unwrap();
     let tat = format!("sturdy:rl:{{{key}}}:tat");
-    assert_eq!(cli_num(17400, &["EXISTS", &tat]), 1, "{tat}");
-    cli(17400, &["DEL", &tat]);
+    assert_eq!(cli_num(port0(), &["EXISTS", &tat]), 1, "{tat}");
+    cli(port0(), &["DEL", &tat]);
     let s = RedisIdempotencyStore::connect_cluster(&n).await.unwrap();
     let b = s
         .begin(&key, [1u8; 32], LockToken::random(), Duration::from_secs(5))
@@ -698,5 +718,5 @@ async fn s55_cluster_default_prefixes() {
     assert!(matches!(b, Begin::Started));
     let found = scan_all(&format!("sturdy:idem:*{key}*"));
     assert_eq!(found.len(), 1, "{found:?}");
-    cli(17400, &["DEL", &found[0]]);
+    cli(port0(), &["DEL", &found[0]]);
 }

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use sturdy::redis::{RedisConnection, RedisStreamConsumer, RedisStreamQueue};
 use sturdy::webhook::{EventQueue, Push, WebhookEvent};
 
-use crate::s55_cluster::{cli, cli_num, event, kind, nodes, unique};
+use crate::s55_cluster::{cli, cli_num, event, kind, nodes, port0, unique};
 
 const TTL: Duration = Duration::from_secs(600);
 
@@ -85,7 +85,7 @@ async fn s55_stream_one_group_shares_the_work_and_ack_deletes() {
     assert_eq!(got.len(), 10, "{got:?}");
     assert_eq!(set.len(), 10, "an event went to two consumers: {got:?}");
     assert!(per[0] > 0 && per[1] > 0, "{per:?}");
-    assert_eq!(cli_num(17400, &["XLEN", &stream]), 0);
+    assert_eq!(cli_num(port0(), &["XLEN", &stream]), 0);
 }
 
 /// `connect`: "Events left unacknowledged for `claim_after` are delivered again (to this
@@ -127,7 +127,7 @@ async fn s55_stream_an_event_a_crashed_consumer_left_is_claimed_by_another() {
         b.next().await.unwrap().is_none(),
         "delivered again after its ack"
     );
-    assert_eq!(cli_num(17400, &["XLEN", &stream]), 0);
+    assert_eq!(cli_num(port0(), &["XLEN", &stream]), 0);
 }
 
 /// "Poison events": "An event delivered \[5\] times without being acknowledged is moved to the
@@ -224,7 +224,7 @@ async fn s55_stream_two_groups_each_get_every_event_and_replay_is_for_one() {
     }
     assert_eq!(ids1, ["a", "b", "c"]);
     // g2 has not read them: every entry is still there.
-    assert_eq!(cli_num(17400, &["XLEN", &stream]), 3);
+    assert_eq!(cli_num(port0(), &["XLEN", &stream]), 3);
     // A group created now sees the entries still in the stream.
     let mut g3 = consumer(&n, &stream, "g3", "w", claim).await;
     let mut ids3 = Vec::new();
@@ -239,7 +239,7 @@ async fn s55_stream_two_groups_each_get_every_event_and_replay_is_for_one() {
         g2.ack(&d).await.unwrap();
     }
     assert_eq!(ids2, ["a", "b", "c"]);
-    assert_eq!(cli_num(17400, &["XLEN", &stream]), 0);
+    assert_eq!(cli_num(port0(), &["XLEN", &stream]), 0);
     let dead = q.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].group, "g1");
@@ -251,7 +251,7 @@ async fn s55_stream_two_groups_each_get_every_event_and_replay_is_for_one() {
     g1.ack(&d).await.unwrap();
     // Once g1 acked the replayed entry, no group needs it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while cli_num(17400, &["XLEN", &stream]) != 0 {
+    while cli_num(port0(), &["XLEN", &stream]) != 0 {
         assert!(
             Instant::now() < deadline,
             "the replayed entry stays in the stream after its ack"
@@ -695,7 +695,7 @@ async fn s55_stream_names_refused_before_anything_is_sent() {
         .await
         .is_ok());
     // Nothing was created under the refused names.
-    assert_eq!(cli(17400, &["EXISTS", "a}b"]).trim(), "0");
+    assert_eq!(cli(port0(), &["EXISTS", "a}b"]).trim(), "0");
 }
 
 /// `replay_dead_letter` # Errors: "When the stream is full (its backlog is at the maximum)".
@@ -735,7 +735,7 @@ async fn s55_stream_a_foreign_entry_does_not_wedge_the_consumer() {
     let stream = unique("foreign");
     let mut c = consumer(&n, &stream, "g", "w", TTL).await;
     let q = queue(&n, &stream).await;
-    let out = cli(17400, &["XADD", &stream, "*", "not", "an event"]);
+    let out = cli(port0(), &["XADD", &stream, "*", "not", "an event"]);
     assert!(out.contains('-'), "{out}");
     q.push(event("after"), TTL).await.unwrap();
     let mut got = None;

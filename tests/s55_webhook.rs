@@ -13,7 +13,7 @@ use sturdy::redis::{RedisStreamConsumer, RedisStreamQueue};
 use sturdy::webhook::{sign_github, sign_standard, GitHub, StandardWebhooks, WebhookReceiver};
 use tower::ServiceExt;
 
-use crate::s55_cluster::{cli_num, nodes, scan_all, unique};
+use crate::s55_cluster::{cli_num, nodes, port0, scan_all, unique};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const GH_SECRET: &str = "s55 github secret";
@@ -67,7 +67,7 @@ fn dedup_pttl(stream: &str, id: &str) -> i64 {
         .iter()
         .find(|k| k.ends_with(&format!(":{id}")))
         .unwrap_or_else(|| panic!("no dedup key for {id} in {keys:?}"));
-    cli_num(17400, &["PTTL", key])
+    cli_num(port0(), &["PTTL", key])
 }
 
 async fn drain(n: &[String], stream: &str) -> Vec<String> {

@@ -123,6 +123,11 @@ return release(KEYS[1], ARGV[1], ARGV[2])
 
 /// Dead-letters at the handler's request. KEYS: stream, dead-letter stream. ARGV: group, entry
 /// id, reason, dead-letter max length.
+///
+/// An entry no longer pending for the group was acknowledged or dead-lettered already (by a
+/// consumer that claimed it, or by this call's earlier try whose answer was lost): it is left
+/// alone, even when it is still in the stream for another group (a dead letter of it would
+/// deliver it to this group again once replayed).
 const DEAD: &str = r"
 local stream, dead, group, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local e = redis.call('XRANGE', stream, id, id)[1]
@@ -131,8 +136,8 @@ if not e then
   return 0
 end
 local p = redis.call('XPENDING', stream, group, id, id, 1)
-local n = (p[1] and p[1][4]) or 1
-dead_letter(stream, dead, ARGV[4], group, id, e[2], n, ARGV[3])
+if not p[1] then return 0 end
+dead_letter(stream, dead, ARGV[4], group, id, e[2], p[1][4], ARGV[3])
 return 1
 ";
 
@@ -1191,9 +1196,10 @@ impl RedisStreamConsumer {
 
     /// Gives up on a delivery at once (for example a payload the handler can never process): it
     /// moves to the dead-letter stream with `reason` (at most 1 KiB kept) and is not delivered
-    /// again to this group. A delivery whose entry is no longer in the stream (for example,
-    /// another consumer claimed it after `claim_after` and acknowledged it) is not
-    /// dead-lettered, and this is still `Ok`: the event was handled.
+    /// again to this group. A delivery the group no longer holds pending (another consumer
+    /// claimed it after `claim_after` and acknowledged or dead-lettered it, or an earlier try
+    /// of this call ran) is left as it is, and this is still `Ok`: it is not dead-lettered
+    /// twice, nor made a dead letter after it was handled.
     ///
     /// # Errors
     /// When Redis fails or does not answer in time. The event then stays pending and is

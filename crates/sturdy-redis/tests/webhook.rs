@@ -350,6 +350,43 @@ async fn an_ack_never_deletes_what_another_group_still_needs_on(back: &Backend) 
     assert_eq!(xlen(back, &s).await, 0);
 }
 
+/// A delivery the group no longer holds pending is left alone by `dead_letter`, even while the
+/// entry stays in the stream for another group: after an ack (a consumer that claimed it), and
+/// after an earlier `dead_letter` (a try whose answer was lost), no dead letter is made, so a
+/// replay cannot deliver a handled event again or one event twice.
+#[tokio::test]
+async fn dead_letter_of_a_delivery_no_longer_pending_does_nothing() {
+    for b in backends() {
+        eprintln!("on the {}", b.name());
+        dead_letter_of_a_delivery_no_longer_pending_does_nothing_on(&b).await;
+    }
+}
+
+async fn dead_letter_of_a_delivery_no_longer_pending_does_nothing_on(back: &Backend) {
+    let s = stream("late-dead");
+    let q = RedisStreamQueue::new(back.conn().await, &s).unwrap();
+    let mut billing = consumer(back, &s, "billing", Duration::from_secs(30)).await;
+    // Audit has not read anything: every entry stays in the stream for it.
+    let _audit = consumer(back, &s, "audit", Duration::from_secs(30)).await;
+    q.push(event("handled"), TTL).await.unwrap();
+    q.push(event("given-up"), TTL).await.unwrap();
+
+    let d1 = billing.next().await.unwrap().unwrap();
+    billing.ack(&d1).await.unwrap();
+    billing.dead_letter(&d1, "too late").await.unwrap();
+    assert_eq!(q.dead_letter_count().await.unwrap(), 0, "a handled event");
+
+    let d2 = billing.next().await.unwrap().unwrap();
+    billing.dead_letter(&d2, "poison").await.unwrap();
+    billing.dead_letter(&d2, "poison").await.unwrap();
+    let dead = q.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    assert_eq!(dead[0].event.id, "given-up");
+    assert_eq!(dead[0].deliveries, 1);
+    assert_eq!(xlen(back, &s).await, 2, "both still there for audit");
+    assert!(billing.next().await.unwrap().is_none());
+}
+
 // ===== Round trips and timeouts, seen from the wire =====
 
 #[tokio::test]
