@@ -255,9 +255,15 @@ pub(crate) fn hash_slot(key: &[u8]) -> u16 {
 
 /// The hash tag of `key`, if it has one that Redis Cluster uses.
 pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    hash_tag_span(key).map(|span| &key[span])
+}
+
+/// Where the hash tag of `key` lies, between its `{` and its `}` (so the `}` is at the span's
+/// end), if it has one that Redis Cluster uses.
+pub(crate) fn hash_tag_span(key: &[u8]) -> Option<std::ops::Range<usize>> {
     let open = key.iter().position(|&b| b == b'{')?;
     let len = key[open + 1..].iter().position(|&b| b == b'}')?;
-    (len > 0).then(|| &key[open + 1..open + 1 + len])
+    (len > 0).then_some(open + 1..open + 1 + len)
 }
 
 fn crc16(data: &[u8]) -> u16 {

@@ -8,7 +8,7 @@ use sturdy_core::{BoxError, Error, ErrorKind};
 use sturdy_webhook::http;
 use sturdy_webhook::{BoxFuture, EventQueue, Push, WebhookEvent};
 
-use crate::conn::{hash_tag, Lua, Replication};
+use crate::conn::{hash_tag_span, Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Dedup and append in one step. KEYS: dedup key, stream, and the stream's twin when it has one
@@ -193,18 +193,12 @@ fn named(what: &str, name: String) -> Result<String, BoxError> {
 /// `Enqueued` for events that then sit among the other's dead letters, where no consumer gets
 /// them) and `<base>:seen:...` (a dedup key, which a push would overwrite with the stream in it).
 fn key_base(stream: &str) -> Result<String, BoxError> {
-    if hash_tag(stream.as_bytes()).is_some() {
+    if let Some(tag) = hash_tag_span(stream.as_bytes()) {
         // What follows the tag's `}`: `<base>` is a tagged name, so a suffix after the tag
         // decides whether this name is one of another base's keys.
-        let close = stream
-            .find('{')
-            .and_then(|open| stream[open + 1..].find('}').map(|c| open + 1 + c))
-            .unwrap_or(0);
-        let after_tag = &stream[close + 1..];
-        if let Some(owner) = stream
-            .strip_suffix(":dead")
-            .filter(|_| after_tag.ends_with(":dead"))
-        {
+        let after_tag = &stream[tag.end + 1..];
+        if after_tag.ends_with(":dead") {
+            let owner = &stream[..stream.len() - ":dead".len()];
             return Err(Box::new(Error::new(
                 ErrorKind::Config,
                 format!(
@@ -1252,10 +1246,16 @@ mod tests {
             "a{webhooks}b:dead",
             "{webhooks}:seen:standard:evt_1",
             "{webhooks}x:seen:",
+            "{w}}:dead",
+            "{w}{x}:dead",
         ] {
             let e = super::key_base(taken).expect_err(taken);
             assert!(e.to_string().contains(taken), "{e}");
         }
+        let e = super::key_base("a{webhooks}b:dead")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("of the stream \"a{webhooks}b\""), "{e}");
         for free in [
             "webhooks:dead",
             "{webhooks}:deadline",
