@@ -342,15 +342,28 @@ where
                             return Poll::Ready(Err(self.sent_before(e.into())));
                         }
                     };
-                    if res.status() != StatusCode::UNAUTHORIZED || self.replayed {
+                    if res.status() != StatusCode::UNAUTHORIZED {
+                        token.mark_accepted();
                         self.stage = Stage::Done;
                         return Poll::Ready(Ok(res));
                     }
-                    // The API refused the token: the source must not hand it out again.
-                    self.source.invalidate(token);
+                    if self.replayed {
+                        self.stage = Stage::Done;
+                        return Poll::Ready(Ok(res));
+                    }
+                    // The API refused the token: the source must not hand it out again (or not
+                    // for a while, and then a replay would send the same token).
+                    let renewed = self.source.reject(token);
                     if self.bytes.is_none() {
                         tracing::debug!(
                             "401 on a request whose body cannot be replayed: returned as is"
+                        );
+                        self.stage = Stage::Done;
+                        return Poll::Ready(Ok(res));
+                    }
+                    if !renewed {
+                        tracing::debug!(
+                            "401 with a token the source keeps for now: returned as is, not replayed"
                         );
                         self.stage = Stage::Done;
                         return Poll::Ready(Ok(res));

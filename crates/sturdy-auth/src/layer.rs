@@ -143,7 +143,8 @@ impl AuthLayer {
     }
 
     /// Bearer tokens from `source`; a 401 invalidates the token, fetches a new one and replays
-    /// the request once. A call waits for a token at most
+    /// the request once (unless the source keeps the token for now: see
+    /// [`TokenSource::reject`]). A call waits for a token at most
     /// [`token_timeout`](Self::with_token_timeout) \[30 s\].
     pub fn token_source(source: Arc<dyn TokenSource>) -> Self {
         Self::with(Credentials::Token(source))

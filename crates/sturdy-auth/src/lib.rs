@@ -21,7 +21,12 @@
 //!   mid-request) is started again by the next caller.
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
 //!   replays the request once (the body is buffered up to 1 MiB for this); a second 401 is
-//!   returned as is. 403 is never retried.
+//!   returned as is. 403 is never retried. An API that refuses every token does not cost a
+//!   token request per call: with [`ClientCredentials`], a token the API refused before it
+//!   accepted any request with it, after the token before it went the same way, is kept for 1 s
+//!   from its fetch (doubling with each such token in a row, at most the token backoff's 60 s)
+//!   and its 401s are returned as they are, without a replay; a token that worked and is then
+//!   refused is replaced at once.
 //! - **Bounded waits**: a call waits for a token at most [`AuthLayer::with_token_timeout`]
 //!   \[30 s\], then fails with a retryable [`ErrorKind::Timeout`](sturdy_core::ErrorKind) error
 //!   that names the token endpoint; the token request itself goes on for later callers. Each

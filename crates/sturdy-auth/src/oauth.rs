@@ -68,6 +68,18 @@ struct Cached {
     token: Token,
     refresh_at: Instant,
     expires_at: Instant,
+    /// When it was stored: how long it is held after a 401 counts from here.
+    fetched_at: Instant,
+}
+
+/// How long a token is kept after its fetch, even if the API refuses it, once `refusals` tokens
+/// in a row were refused before the API accepted any request with them: none after 0 (the
+/// first such refusal fetches a new token at once), then 1 s, doubling, at most `max`.
+fn refusal_hold(refusals: u32, max: Duration) -> Duration {
+    match refusals {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1 << (n - 1).min(6)).min(max),
+    }
 }
 
 /// Why a token request failed, shared by every caller that waited for it. Each caller gets its
@@ -160,6 +172,8 @@ struct State {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Failure>,
+    /// How many tokens in a row the API refused before it accepted any request with them.
+    refusals: u32,
 }
 
 /// The token client: any service that sends the token request (usually the same hyper client,
@@ -180,6 +194,14 @@ struct Inner {
 /// (single-flight); a refresh that fails while the old token is still valid keeps the old token
 /// and backs off before trying again (1 s, doubling, at most 60 s); token-endpoint errors become
 /// errors that say what to fix.
+///
+/// A 401 from the API replaces the token at once, unless the API refuses tokens before it
+/// accepts any request with them: a token refused so, right after the one before it was, is
+/// kept for 1 s from its fetch (doubling with each such token in a row, at most the backoff's
+/// 60 s), and the layer returns its 401s as they are, without a replay. So an API that refuses
+/// every token (a wrong audience, a misconfigured API) costs a token request per hold, not one
+/// per call; a token that worked and is then refused (revoked, expired early) is replaced at
+/// once.
 ///
 /// The token request runs as a task of its own on the Tokio runtime of the caller that started
 /// it, so a caller that gives up (or times out) does not cancel it for the others. It is bounded
@@ -577,6 +599,7 @@ impl ClientCredentials {
                         token: token.clone(),
                         refresh_at: expires_at - skew,
                         expires_at,
+                        fetched_at: Instant::now(),
                     });
                     st.failures = 0;
                     st.retry_at = None;
@@ -1017,6 +1040,42 @@ impl TokenSource for ClientCredentials {
             // A 401 is news: do not keep backing off from an earlier failure.
             st.retry_at = None;
         }
+    }
+
+    // An API that refuses every token would otherwise cost a token request per call (the 401,
+    // a new token, the replay's 401, and the next call's 401 with that token...): the token
+    // endpoint would be hammered exactly as the backoff after its own failures means to avoid.
+    fn reject(&self, token: &Token) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let refusals = st.refusals;
+        let max = self.inner.settings.max_backoff;
+        let Some(c) = st.current.as_ref().filter(|c| c.token.same_value(token)) else {
+            // Another token is cached already, or one is being fetched: a replay gets it.
+            return true;
+        };
+        // A token that worked and is now refused was revoked or expired early: replaced at once.
+        let refusals = if c.token.was_accepted() { 0 } else { refusals };
+        let until = after(c.fetched_at, refusal_hold(refusals, max));
+        if now < until {
+            tracing::debug!(
+                refused_in_a_row = refusals,
+                kept_for = %human_duration(until - now),
+                "the API refused a token it never accepted, as it did the one before: kept a while before another is fetched"
+            );
+            return false;
+        }
+        let never_accepted = !c.token.was_accepted();
+        tracing::debug!("the API refused the cached token; it will be refreshed");
+        st.current = None;
+        // A 401 is news: do not keep backing off from an earlier failure.
+        st.retry_at = None;
+        st.refusals = if never_accepted {
+            refusals.saturating_add(1)
+        } else {
+            0
+        };
+        true
     }
 }
 

@@ -1,6 +1,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use sturdy_core::BoxError;
@@ -14,6 +16,9 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub struct Token {
     value: SecretString,
     expires_at: Option<Instant>,
+    /// Set once the API answered a request with this token (or a clone of it) with anything but
+    /// a 401; shared by the clones.
+    accepted: Arc<AtomicBool>,
 }
 
 impl Token {
@@ -22,7 +27,21 @@ impl Token {
         Self {
             value: value.into(),
             expires_at,
+            accepted: Arc::default(),
         }
+    }
+
+    /// Notes that the API answered a request with this token with anything but a 401.
+    pub(crate) fn mark_accepted(&self) {
+        if !self.accepted.load(Ordering::Relaxed) {
+            self.accepted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the API ever answered a request with this token (or a clone) with anything but
+    /// a 401.
+    pub(crate) fn was_accepted(&self) -> bool {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// The secret value. Keep it out of logs.
@@ -54,15 +73,27 @@ impl fmt::Debug for Token {
 /// anything else (a vault, a sidecar, a CLI login).
 ///
 /// [`token`](Self::token) returns a token that is valid now (cached or fresh);
-/// [`invalidate`](Self::invalidate) is called when the API refused it with 401, or when it
-/// cannot be sent (a control character, which an HTTP header cannot carry), so the next `token`
-/// fetches a new one.
+/// [`reject`](Self::reject) is called when the API refused it with 401, and
+/// [`invalidate`](Self::invalidate) when it cannot be sent (a control character, which an HTTP
+/// header cannot carry), so the next `token` fetches a new one.
 pub trait TokenSource: Send + Sync + fmt::Debug + 'static {
     /// A token that is valid now.
     fn token(&self) -> BoxFuture<Result<Token, BoxError>>;
 
     /// Forgets `token` if it is the one cached (the API refused it, or it cannot be sent).
     fn invalidate(&self, token: &Token);
+
+    /// The API refused `token` with a 401: forget it, and say whether a replay of the request
+    /// is worth it, that is whether the next [`token`](Self::token) may be another token.
+    ///
+    /// The default calls [`invalidate`](Self::invalidate) and answers `true`. A source that
+    /// keeps handing `token` out for a while (so as not to ask its issuer for a new token on
+    /// every call to an API that refuses them all) answers `false`, and the layer returns the
+    /// 401 as it is, without a replay.
+    fn reject(&self, token: &Token) -> bool {
+        self.invalidate(token);
+        true
+    }
 
     /// Where the tokens come from, in words for error messages, without any secret: for
     /// [`ClientCredentials`](crate::ClientCredentials), `the token endpoint

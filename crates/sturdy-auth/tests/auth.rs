@@ -12,6 +12,7 @@ use http_body_util::Full;
 use sturdy_auth::{AuthLayer, ClientAuth, ClientCredentials, TokenSource};
 use sturdy_core::{BoxError, ErrorKind};
 use support::{get, Api, TokenEndpoint};
+use tokio::time::Instant;
 use tower::{service_fn, Layer, ServiceExt};
 
 #[tokio::test(start_paused = true)]
@@ -173,6 +174,79 @@ async fn a_401_refreshes_once_and_replays_the_same_body() {
     assert_eq!(calls[1].0, "tok-2");
     assert_eq!(calls[0].1, calls[1].1);
     assert_eq!(calls[1].1, Bytes::from_static(br#"{"n":1}"#));
+}
+
+/// An API that refuses every token (a wrong audience, a misconfigured API) must not cost a
+/// token request per call. The first 401 fetches a new token and replays, as for a revoked
+/// token; a token the API then refuses before it accepted anything with it is kept a while (1 s
+/// from its fetch, doubling with each such token in a row, at most 60 s), its 401s returned
+/// without a replay; a token that worked and is then refused is replaced at once.
+#[tokio::test(start_paused = true)]
+async fn an_api_that_refuses_every_token_costs_a_token_request_per_hold_not_per_call() {
+    let ep = TokenEndpoint::new(86_400);
+    let api = Api::default();
+    api.accept_only(&["nobody"]);
+    let svc = AuthLayer::oauth2(ep.source()).layer(api.service());
+    let call = || {
+        let svc = svc.clone();
+        async move { svc.oneshot(get()).await.unwrap().status() }
+    };
+    let api_calls = || api.calls.lock().unwrap().len();
+    // Each hold counts from the token's fetch, which came 5 ms (the replay) before the call
+    // that fetched it ended.
+    let replay = Duration::from_millis(5);
+    assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+    let mut fetched = Instant::now() - replay;
+    assert_eq!((ep.count(), api_calls()), (2, 2));
+    for _ in 0..50 {
+        assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        (ep.count(), api_calls()),
+        (2, 52),
+        "no replay, no token request"
+    );
+    assert!(api.calls.lock().unwrap()[2..]
+        .iter()
+        .all(|(t, _)| t == "tok-2"));
+    for (n, hold) in [1u32, 2, 4, 8, 16, 32, 60, 60].into_iter().enumerate() {
+        let before = ep.count();
+        let almost = fetched + Duration::from_secs(hold.into()) - Duration::from_millis(100);
+        tokio::time::advance(almost - Instant::now()).await;
+        assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            ep.count(),
+            before,
+            "hold {n} ({hold} s): the token is still kept"
+        );
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let calls = api_calls();
+        assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+        assert_eq!(ep.count(), before + 1, "hold {n} ({hold} s) is over");
+        assert_eq!(api_calls(), calls + 2, "a new token is worth a replay");
+        fetched = Instant::now() - replay;
+    }
+    // The API accepts the kept token: it worked, so when it is refused later (revoked) it is
+    // replaced at once, and the holds start again from none.
+    let current = format!("tok-{}", ep.count());
+    api.accept_only(&[&current]);
+    assert_eq!(call().await, StatusCode::OK);
+    api.accept_only(&["nobody"]);
+    let before = ep.count();
+    assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        ep.count(),
+        before + 1,
+        "a revoked token is replaced at once"
+    );
+    assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        ep.count(),
+        before + 2,
+        "the first token never accepted: replaced at once"
+    );
+    assert_eq!(call().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(ep.count(), before + 2, "the second in a row: kept for 1 s");
 }
 
 #[tokio::test(start_paused = true)]
