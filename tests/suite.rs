@@ -280,6 +280,7 @@ mod s55_cluster;
 mod s55_stream;
 mod s55_webhook;
 mod s56_redis;
+mod s57_auth;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

@@ -196,9 +196,10 @@ struct Inner {
 /// errors that say what to fix.
 ///
 /// A 401 from the API replaces the token at once, unless the API refuses tokens before it
-/// accepts any request with them: a token refused so, right after the one before it was, is
-/// kept for 1 s from its fetch (doubling with each such token in a row, at most the backoff's
-/// 60 s), and the layer returns its 401s as they are, without a replay. So an API that refuses
+/// accepts any request with them (any answer but a 401 counts as accepted): a token refused so,
+/// right after the one before it was, is kept for 1 s from when it came (doubling with each such
+/// token in a row, at most the backoff's 60 s), and the layer returns its 401s as they are,
+/// without a replay; the first 401 after that replaces it and replays. So an API that refuses
 /// every token (a wrong audience, a misconfigured API) costs a token request per hold, not one
 /// per call; a token that worked and is then refused (revoked, expired early) is replaced at
 /// once.
