@@ -1056,7 +1056,8 @@ impl TokenSource for ClientCredentials {
             return true;
         };
         // A token that worked and is now refused was revoked or expired early: replaced at once.
-        let refusals = if c.token.was_accepted() { 0 } else { refusals };
+        let accepted = c.token.was_accepted();
+        let refusals = if accepted { 0 } else { refusals };
         let until = after(c.fetched_at, refusal_hold(refusals, max));
         if now < until {
             tracing::debug!(
@@ -1066,15 +1067,14 @@ impl TokenSource for ClientCredentials {
             );
             return false;
         }
-        let never_accepted = !c.token.was_accepted();
         tracing::debug!("the API refused the cached token; it will be refreshed");
         st.current = None;
         // A 401 is news: do not keep backing off from an earlier failure.
         st.retry_at = None;
-        st.refusals = if never_accepted {
-            refusals.saturating_add(1)
-        } else {
+        st.refusals = if accepted {
             0
+        } else {
+            refusals.saturating_add(1)
         };
         true
     }
