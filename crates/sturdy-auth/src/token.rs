@@ -83,8 +83,9 @@ pub trait TokenSource: Send + Sync + fmt::Debug + 'static {
     /// Forgets `token` if it is the one cached (the API refused it, or it cannot be sent).
     fn invalidate(&self, token: &Token);
 
-    /// The API refused `token` with a 401: forget it, and say whether a replay of the request
-    /// is worth it, that is whether the next [`token`](Self::token) may be another token.
+    /// The API refused `token` with a 401: forget it (or keep it a while), and say whether a
+    /// replay of the request is worth it, that is whether the next [`token`](Self::token) may be
+    /// another token.
     ///
     /// The default calls [`invalidate`](Self::invalidate) and answers `true`. A source that
     /// keeps handing `token` out for a while (so as not to ask its issuer for a new token on

@@ -259,9 +259,8 @@ fn twin_of(stream: &str, base: &str) -> Option<String> {
 /// Redis gives every entry. Redis would also read `<milliseconds>` alone, `-`, `+` or `$`, each
 /// naming some entry the caller did not give, or refuse with a script error.
 fn is_entry_id(entry: &str) -> bool {
-    let number = |s: &str| {
-        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok()
-    };
+    // `parse` alone would take a leading `+`.
+    let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u64>().is_ok();
     entry
         .split_once('-')
         .is_some_and(|(ms, seq)| number(ms) && number(seq))
