@@ -77,6 +77,7 @@ mod hooks31_redis;
 mod hooks31_source;
 mod hooks31_util;
 mod hooks31_verify;
+mod host_case;
 mod limits29_client;
 mod limits29_concurrency;
 mod limits29_extremes;

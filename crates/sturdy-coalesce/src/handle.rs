@@ -5,6 +5,10 @@ use crate::flight::Cell;
 
 /// Reads a [`CoalesceLayer`](crate::CoalesceLayer)'s counters (from
 /// [`pair`](crate::CoalesceLayer::pair) or [`handle`](crate::CoalesceLayer::handle)).
+///
+/// Keys are hosts by default, kept in lower case: a host given to a method here is found in
+/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Keys chosen
+/// with `with_key(..)` are looked up as given.
 #[derive(Debug, Clone)]
 pub struct CoalesceHandle {
     pub(crate) cell: Arc<Cell>,
@@ -64,10 +68,13 @@ impl CoalesceHandle {
     /// Shared calls in flight to `key` (the host) now. For a host past `with_max_hosts`, the
     /// calls in the overflow table it shares with the other hosts past the bound.
     pub fn in_flight(&self, key: &str) -> usize {
-        self.cell
-            .get()
+        let registry = self.cell.get();
+        registry
             .map
-            .find_serving(key)
+            .find_serving(&sturdy_core::key::stored_key(
+                key,
+                registry.config.keys_are_hosts,
+            ))
             .map_or(0, |s| s.value().len())
     }
 }

@@ -7,6 +7,10 @@ use crate::limiter::{Cell, Limiter};
 /// Reads and sets an [`AdaptiveConcurrencyLayer`](crate::AdaptiveConcurrencyLayer)'s per-host
 /// limits (from [`pair`](crate::AdaptiveConcurrencyLayer::pair) or
 /// [`handle`](crate::AdaptiveConcurrencyLayer::handle)).
+///
+/// Keys are hosts by default, kept in lower case: a host given to a method here is found in
+/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Keys chosen
+/// with `with_key(..)` are looked up as given.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyHandle {
     pub(crate) cell: Arc<Cell>,

@@ -405,13 +405,17 @@ impl Registry {
         || Limiter::new(self.config.clone())
     }
 
-    /// The limiter serving `key`: its own, or the overflow one past the bound.
+    /// The limiter serving `key` (a host in any case, when keys are hosts): its own, or the
+    /// overflow one past the bound. For the handle: calls look their limiter up by their key.
     pub(crate) fn find(&self, key: &str) -> Option<Arc<Slot<Limiter>>> {
-        self.map.find_serving(key)
+        let key = sturdy_core::key::stored_key(key, self.config.keys_are_hosts);
+        self.map.find_serving(&key)
     }
 
+    /// The limiter of `key` (a host in any case, when keys are hosts), made if needed.
     pub(crate) fn get(&self, key: &str) -> Arc<Slot<Limiter>> {
-        self.map.get_or_insert_with(key, self.make())
+        let key = sturdy_core::key::stored_key(key, self.config.keys_are_hosts);
+        self.map.get_or_insert_with(&key, self.make())
     }
 }
 

@@ -518,11 +518,12 @@ mod record {
     const STATUS: &str = "http.response.status_code";
     const ERROR_TYPE: &str = "error.type";
 
-    /// `server.address` and `server.port` of a host, when there is one.
+    /// `server.address` (in lower case: a host name is case-insensitive, and one host must be
+    /// one label value) and `server.port` of a host, when there is one.
     fn server(labels: &mut Vec<Label>, host: Option<&str>) {
         if let Some(h) = host {
             let (address, port) = split_authority(h);
-            labels.push(Label::new(SERVER_ADDRESS, address.to_owned()));
+            labels.push(Label::new(SERVER_ADDRESS, address.to_ascii_lowercase()));
             if let Some(p) = port {
                 labels.push(Label::new(SERVER_PORT, p.to_owned()));
             }

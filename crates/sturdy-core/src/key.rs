@@ -11,13 +11,46 @@ pub trait KeyExtractor<B> {
     fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str>;
 }
 
-/// One key per host: the URI's authority, else the `Host` header, else the empty string.
+/// One key per host: the URI's authority, else the `Host` header, else the empty string, in
+/// lower case ([`host_key`]): a host name is case-insensitive (RFC 3986), so
+/// `https://API.example.com/` and `https://api.example.com/` share one quota, breaker and budget.
+/// The port is part of the key as written (`api.example.com` and `api.example.com:443` are two
+/// keys).
+///
+/// ```
+/// use http::Request;
+/// use sturdy_core::{ByHost, KeyExtractor};
+///
+/// let req = Request::get("https://user:pw@API.Example.com:8443/v1").body(()).unwrap();
+/// assert_eq!(ByHost.key(&req), "api.example.com:8443");
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ByHost;
 
 impl<B> KeyExtractor<B> for ByHost {
+    #[inline]
     fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
-        Cow::Borrowed(host(req))
+        host_key(host(req))
+    }
+}
+
+/// The key a host is kept under: `host` in ASCII lower case, borrowed when it is already (the
+/// common case: no allocation). Host names are case-insensitive (RFC 3986, section 3.2.2), and a
+/// quota or a breaker split by how a URI happened to be written would let through more than
+/// the host allows.
+///
+/// ```
+/// use sturdy_core::key::host_key;
+///
+/// assert_eq!(host_key("api.example.com:8443"), "api.example.com:8443");
+/// assert_eq!(host_key("API.Example.COM"), "api.example.com");
+/// ```
+#[inline]
+pub fn host_key(host: &str) -> Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
     }
 }
 
@@ -27,6 +60,26 @@ where
 {
     fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str> {
         Cow::Owned(self(req))
+    }
+}
+
+/// `key` as a layer keeps it: [`host_key`] of it when the layer's keys are hosts (its default
+/// key, [`ByHost`]), else as given (a key chosen with `with_key(..)` is the caller's, case and
+/// all). The layers' handles look keys up through this, so that a breaker, a limit or a pause
+/// of `https://api.example.com/` is found under `"API.example.com"` too.
+///
+/// ```
+/// use sturdy_core::key::stored_key;
+///
+/// assert_eq!(stored_key("API.example.com", true), "api.example.com");
+/// assert_eq!(stored_key("Tenant-A", false), "Tenant-A");
+/// ```
+#[inline]
+pub fn stored_key(key: &str, keys_are_hosts: bool) -> Cow<'_, str> {
+    if keys_are_hosts {
+        host_key(key)
+    } else {
+        Cow::Borrowed(key)
     }
 }
 

@@ -8,6 +8,10 @@ use crate::state::{Cell, HostState};
 
 /// Reads a [`HedgeLayer`](crate::HedgeLayer)'s per-host figures (from
 /// [`pair`](crate::HedgeLayer::pair) or [`handle`](crate::HedgeLayer::handle)).
+///
+/// Keys are hosts by default, kept in lower case: a host given to a method here is found in
+/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Keys chosen
+/// with `with_key(..)` are looked up as given.
 #[derive(Debug, Clone)]
 pub struct HedgeHandle {
     pub(crate) cell: Arc<Cell>,

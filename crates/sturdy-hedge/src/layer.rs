@@ -193,6 +193,8 @@ impl<K> HedgeLayer<K> {
     /// carry the key but no host (`host: None`), so a key never becomes a metric label.
     /// A key `*` names the state the keys past the bound share
     /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.
+    /// Its keys are kept as given, case and all (the default keys are host names, in lower
+    /// case: [`ByHost`](sturdy_core::key::ByHost)), and the handle looks them up as given.
     pub fn with_key<K2>(self, key: K2) -> HedgeLayer<K2> {
         edit(&self.cell, |c| c.keys_are_hosts = false);
         HedgeLayer {

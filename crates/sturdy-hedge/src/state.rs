@@ -218,9 +218,11 @@ impl Registry {
         || HostState::new(self.config.clone(), Instant::now())
     }
 
-    /// The state serving `key`: its own, or the overflow one past the bound.
+    /// The state serving `key` (a host in any case, when keys are hosts): its own, or the
+    /// overflow one past the bound. For the handle: calls look their state up by their key.
     pub(crate) fn find(&self, key: &str) -> Option<Arc<Slot<HostState>>> {
-        self.map.find_serving(key)
+        let key = sturdy_core::key::stored_key(key, self.config.keys_are_hosts);
+        self.map.find_serving(&key)
     }
 }
 

@@ -37,19 +37,34 @@ use crate::state::State;
 /// assert_eq!(handle.pause("api.example.com"), None);
 /// # }
 /// ```
+///
+/// Keys are hosts by default, kept in lower case: a host given to a method here is found in
+/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Keys chosen
+/// with `with_key(..)` are looked up as given.
 #[derive(Debug, Clone)]
 pub struct RateLimitHandle {
     state: Arc<State>,
+    /// Whether the layer the handle was taken from keys by host (a key given in any case is
+    /// then looked up in lower case).
+    keys_are_hosts: bool,
 }
 
 impl RateLimitHandle {
-    pub(crate) fn new(state: Arc<State>) -> Self {
-        Self { state }
+    pub(crate) fn new(state: Arc<State>, keys_are_hosts: bool) -> Self {
+        Self {
+            state,
+            keys_are_hosts,
+        }
+    }
+
+    /// `key` as the state is kept under it.
+    fn stored<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
+        sturdy_core::key::stored_key(key, self.keys_are_hosts)
     }
 
     /// How long calls to `key` stay paused from now; `None` when they are not paused.
     pub fn pause(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find_serving(key)?;
+        let slot = self.state.map_if_used()?.find_serving(&self.stored(key))?;
         let now = self.state.origin.elapsed();
         let until = slot.value().gate.paused_until();
         (until > now).then(|| Duration::from_nanos(until - now))
@@ -74,7 +89,7 @@ impl RateLimitHandle {
     /// Calls waiting for it then leave in order, at the quota's pace (or the release pace).
     /// A pace the key learned from bare 429s is forgotten too.
     pub fn clear_pause(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find_serving(key)?;
+        let slot = self.state.map_if_used()?.find_serving(&self.stored(key))?;
         let now = self.state.origin.elapsed();
         slot.value().gate.forget_pace();
         let until = slot.value().gate.clear_pause();
@@ -84,7 +99,7 @@ impl RateLimitHandle {
     /// The pace `key` learned from bare 429s: one call per the returned interval (`None`: no
     /// pace, the key has a quota, or it was never limited). See the crate docs.
     pub fn learned_pace(&self, key: &str) -> Option<Duration> {
-        let slot = self.state.map_if_used()?.find_serving(key)?;
+        let slot = self.state.map_if_used()?.find_serving(&self.stored(key))?;
         slot.value().gate.learned().map(|q| q.interval())
     }
 
@@ -93,7 +108,7 @@ impl RateLimitHandle {
     pub fn waiting(&self, key: &str) -> usize {
         self.state
             .map_if_used()
-            .and_then(|m| m.find_serving(key))
+            .and_then(|m| m.find_serving(&self.stored(key)))
             .map_or(0, |s| s.value().gate.waiting())
     }
 }

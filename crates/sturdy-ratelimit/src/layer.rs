@@ -207,6 +207,8 @@ impl<K> RateLimitLayer<K> {
     /// host (`host: None`), so a key never becomes a metric label.
     /// A key `*` names the state the keys past the bound share
     /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.
+    /// Its keys are kept as given, case and all (the default keys are host names, in lower
+    /// case: [`ByHost`](sturdy_core::key::ByHost)), and the handle looks them up as given.
     pub fn with_key<K2>(self, key: K2) -> RateLimitLayer<K2> {
         let this = self.edit(|c| c.keys_are_hosts = false);
         RateLimitLayer {
@@ -218,7 +220,7 @@ impl<K> RateLimitLayer<K> {
 
     /// A handle on this layer's limiter state: read and clear pauses.
     pub fn handle(&self) -> RateLimitHandle {
-        RateLimitHandle::new(self.state.clone())
+        RateLimitHandle::new(self.state.clone(), self.config.keys_are_hosts)
     }
 
     /// The layer and a [`handle`](Self::handle) on its state.

@@ -107,7 +107,10 @@ where
             req.extensions_mut().insert(c.hold.clone());
         }
         let host = sturdy_core::key::host(&req);
-        let budget = self.config.budget.for_host(host, &mut self.budgets);
+        let budget = self
+            .config
+            .budget
+            .for_host(&sturdy_core::key::host_key(host), &mut self.budgets);
         // The policy is made where it is kept (in the loop's box), not here and moved there.
         // The closure takes the settings as arguments: capturing `self`'s fields instead made
         // the call 90 instructions dearer (callgrind).
