@@ -106,11 +106,10 @@ where
             // ending meanwhile can say it was never sent (every attempt's copy shares the mark).
             req.extensions_mut().insert(c.hold.clone());
         }
-        let host = sturdy_core::key::host(&req);
         let budget = self
             .config
             .budget
-            .for_host(&sturdy_core::key::host_key(host), &mut self.budgets);
+            .for_host(&sturdy_core::key::host_key_of(&req), &mut self.budgets);
         // The policy is made where it is kept (in the loop's box), not here and moved there.
         // The closure takes the settings as arguments: capturing `self`'s fields instead made
         // the call 90 instructions dearer (callgrind).
@@ -129,6 +128,7 @@ where
             max_attempts > 1 && sturdy_core::body::fits(req.body(), self.config.body_limit);
         if !replayable {
             if max_attempts > 1 {
+                let host = sturdy_core::key::host(&req);
                 tracing::debug!(host = %host, "body is not known to fit the replay limit: sent once, not retried");
             }
             let info = CallInfo::of(&req, &self.config.idempotency_header);
