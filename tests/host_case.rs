@@ -268,3 +268,26 @@ async fn a_shared_redis_quota_is_one_quota_however_the_host_is_written() -> Resu
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     Ok(())
 }
+
+/// A handle taken before `with_key(..)` looks the custom keys up as given, too.
+#[tokio::test(start_paused = true)]
+async fn a_handle_taken_before_with_key_keeps_the_custom_keys_case() {
+    let (layer, handle) = RateLimitLayer::new(Quota::per_second(100).unwrap())
+        .with_max_wait(Duration::ZERO)
+        .pair();
+    let layer = layer.with_key(|req: &Req| {
+        req.headers()
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    });
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(api(429, calls.clone()));
+    let mut req = get("http://api.example.com/");
+    req.headers_mut()
+        .insert("x-tenant", "Tenant-A".parse().unwrap());
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), 429);
+    assert!(handle.pause("Tenant-A").is_some());
+    assert!(handle.pause("tenant-a").is_none());
+}

@@ -282,6 +282,7 @@ mod s55_stream;
 mod s55_webhook;
 mod s56_redis;
 mod s57_auth;
+mod s58_hosts;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

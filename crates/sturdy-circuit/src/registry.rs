@@ -135,13 +135,13 @@ impl Registry {
         }
     }
 
-    /// `key`'s own breaker, made even past `max_breakers`: a key forced open by hand must not
-    /// force the overflow breaker that the other keys past the bound share.
     /// `key` as the breakers are kept under it (a host in lower case).
     pub(crate) fn stored_key<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
         sturdy_core::key::stored_key(key, self.shared.keys_are_hosts)
     }
 
+    /// `key`'s own breaker, made even past `max_breakers`: a key forced open by hand must not
+    /// force the overflow breaker that the other keys past the bound share.
     pub(crate) fn get_own(&self, key: &str) -> Arc<Slot<Node>> {
         self.map.get_or_insert_own(key, self.make())
     }

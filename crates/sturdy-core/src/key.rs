@@ -11,8 +11,8 @@ pub trait KeyExtractor<B> {
     fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str>;
 }
 
-/// One key per host: the URI's authority, else the `Host` header, else the empty string, in
-/// lower case ([`host_key`]): a host name is case-insensitive (RFC 3986), so
+/// One key per host: [`host`] of the request (the URI's authority without a `user:password@`
+/// part, else the `Host` header's, else the empty string), in lower case ([`host_key`]): a host name is case-insensitive (RFC 3986), so
 /// `https://API.example.com/` and `https://api.example.com/` share one quota, breaker and budget.
 /// The port is part of the key as written (`api.example.com` and `api.example.com:443` are two
 /// keys).

@@ -39,27 +39,22 @@ use crate::state::State;
 /// ```
 ///
 /// Keys are hosts by default, kept in lower case: a host given to a method here is found in
-/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Keys chosen
-/// with `with_key(..)` are looked up as given.
+/// any case (`"API.example.com"` finds the state of `https://api.example.com/`). Once a layer
+/// sharing the state chose its own keys with `with_key(..)` (before or after the handle was
+/// taken), keys are looked up as given.
 #[derive(Debug, Clone)]
 pub struct RateLimitHandle {
     state: Arc<State>,
-    /// Whether the layer the handle was taken from keys by host (a key given in any case is
-    /// then looked up in lower case).
-    keys_are_hosts: bool,
 }
 
 impl RateLimitHandle {
-    pub(crate) fn new(state: Arc<State>, keys_are_hosts: bool) -> Self {
-        Self {
-            state,
-            keys_are_hosts,
-        }
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self { state }
     }
 
     /// `key` as the state is kept under it.
     fn stored<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
-        sturdy_core::key::stored_key(key, self.keys_are_hosts)
+        self.state.stored_key(key)
     }
 
     /// How long calls to `key` stay paused from now; `None` when they are not paused.

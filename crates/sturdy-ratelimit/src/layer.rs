@@ -211,6 +211,7 @@ impl<K> RateLimitLayer<K> {
     /// case: [`ByHost`](sturdy_core::key::ByHost)), and the handle looks them up as given.
     pub fn with_key<K2>(self, key: K2) -> RateLimitLayer<K2> {
         let this = self.edit(|c| c.keys_are_hosts = false);
+        this.state.set_custom_keys();
         RateLimitLayer {
             state: this.state,
             config: this.config,
@@ -220,7 +221,7 @@ impl<K> RateLimitLayer<K> {
 
     /// A handle on this layer's limiter state: read and clear pauses.
     pub fn handle(&self) -> RateLimitHandle {
-        RateLimitHandle::new(self.state.clone(), self.config.keys_are_hosts)
+        RateLimitHandle::new(self.state.clone())
     }
 
     /// The layer and a [`handle`](Self::handle) on its state.

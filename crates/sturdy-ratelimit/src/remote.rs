@@ -27,6 +27,11 @@ pub enum Reserve {
 ///
 /// One call to [`reserve`](Self::reserve) decides one call to the API: it must be atomic in the
 /// store and cost one round trip.
+///
+/// The `key` of each method is the layer's key as it keeps it: with the default key, the host in
+/// lower case (see [`ByHost`](sturdy_core::key::ByHost)), so processes that write one host
+/// differently share one quota. A caller of [`clear_pause`](Self::clear_pause) passes it the same
+/// way ([`sturdy_core::key::host_key`] of a host).
 pub trait RemoteQuota: Send + Sync + fmt::Debug + 'static {
     /// Reserves a slot for `key` no more than `max_wait` from now. A grant further away than
     /// that (a store that breaks this contract) is released and the call refused with

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ pub(crate) struct State {
     pub(crate) quota: Option<Quota>,
     max_keys: AtomicUsize,
     map: OnceLock<KeyedMap<KeyState>>,
+    /// Set once a layer sharing this state chose its own keys (`with_key`): its handles then
+    /// look keys up as given, not as host names (which they fold to lower case).
+    custom_keys: AtomicBool,
 }
 
 pub(crate) const DEFAULT_MAX_KEYS: usize = 1_024;
@@ -58,7 +61,18 @@ impl State {
             quota,
             max_keys: AtomicUsize::new(DEFAULT_MAX_KEYS),
             map: OnceLock::new(),
+            custom_keys: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the state's keys as chosen by `with_key`, not host names.
+    pub(crate) fn set_custom_keys(&self) {
+        self.custom_keys.store(true, Ordering::Relaxed);
+    }
+
+    /// `key` as the state keeps it: a host name in lower case, a custom key as given.
+    pub(crate) fn stored_key<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
+        sturdy_core::key::stored_key(key, !self.custom_keys.load(Ordering::Relaxed))
     }
 
     /// The key map, made with the key bound on first use.
