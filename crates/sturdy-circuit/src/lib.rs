@@ -2,7 +2,8 @@
 //!
 //! `async fn(Request) -> Result<Response, BoxError>`, failing fast while a dependency is down:
 //!
-//! - **One breaker per key**: the host by default, or any function of the request; created
+//! - **One breaker per key**: the host by default (its name in any case), or any function of
+//!   the request; created
 //!   lazily, at most 1,024 kept.
 //! - **Opens** when at least 50 % of the calls of the last 30 s failed, once there were at least
 //!   100: a flaky API that still mostly works is ridden out, a dead one is cut off. A streak

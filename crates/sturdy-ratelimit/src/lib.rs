@@ -31,7 +31,8 @@
 //!   one interval), every other answer (not a 429 or 503) raises it by a sixteenth, and once its interval is under a millisecond it is forgotten. This is
 //!   what a limiter counting calls per second (nginx's `limit_req`) needs: slow start counts
 //!   calls in flight, and on a fast network its ramp meets the limit again within a millisecond.
-//! - **Keys**: per host by default, or any function of the request (per API token, per tenant).
+//! - **Keys**: per host by default (its name in any case: `API.example.com` and `api.example.com`
+//!   share one quota), or any function of the request (per API token, per tenant).
 //! - **Shared across processes**: [`RateLimitLayer::with_remote`] keeps the quota in a store such
 //!   as Redis (`sturdy-redis`), one round trip per decision. A call that waited for a remote slot
 //!   and is dropped, or that a pause overtakes, gives the slot back
