@@ -283,6 +283,7 @@ mod s55_webhook;
 mod s56_redis;
 mod s57_auth;
 mod s58_hosts;
+mod s59_coalesce;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
