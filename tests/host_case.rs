@@ -49,7 +49,7 @@ fn api(
 }
 
 #[test]
-fn the_default_key_is_the_host_in_lower_case_and_a_custom_key_is_kept_as_given() {
+fn the_default_key_is_the_host_in_lower_case_without_user_info() {
     let req = get("https://User:PW@API.Example.COM:8443/V1/Orders");
     assert_eq!(sturdy::core::ByHost.key(&req), "api.example.com:8443");
     let lower = get("https://api.example.com/");
