@@ -757,21 +757,28 @@ async fn s35_consumer_and_queue_on_a_redis_that_is_down_fail_clearly() {
     }
 }
 
-/// A replica of an own primary (no persistence); killed when dropped.
+/// A replica of an own primary (no persistence); killed when dropped. It runs in a directory of
+/// its own: a replica writes the primary's snapshot to `dump.rdb` in its directory when it
+/// syncs, which would otherwise be the package's root.
 struct Replica {
     port: u16,
+    dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Replica {
     async fn start(primary: u16) -> Self {
         let port = free_port();
+        let dir = std::env::temp_dir().join(format!("s35-replica-{}", LockToken::random()));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
                 "--bind",
                 "127.0.0.1",
+                "--dir",
+                dir.to_str().unwrap(),
                 "--save",
                 "",
                 "--appendonly",
@@ -785,6 +792,7 @@ impl Replica {
             .expect("redis-server");
         let me = Self {
             port,
+            dir,
             child: Some(child),
         };
         me.wait_up().await;
@@ -806,6 +814,7 @@ impl Drop for Replica {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
