@@ -130,15 +130,16 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     }
 
     /// Stays open `base` the first time, doubling on each re-opening up to `max` \[30 s, 5 min\].
-    /// A duration past about 30 years ([`FAR`](sturdy_core::clock::FAR), `Duration::MAX`
-    /// included) is read as 30 years; a breaker forced open reports `max` as its `retry_in`.
+    /// No open period is longer than `max`: a `base` above `max` is read as `max`. A duration
+    /// past about 30 years ([`FAR`](sturdy_core::clock::FAR), `Duration::MAX` included) is read
+    /// as 30 years; a breaker forced open reports `max` as its `retry_in`.
     pub fn with_open_duration(self, base: Duration, max: Duration) -> Self {
         self.edit(|c| {
             // Read as at most about 30 years, as every duration too long to represent is: a
             // forced-open breaker reports `max_open` as its `retry_in`.
             let far = sturdy_core::clock::FAR;
-            c.open_for = base.min(far);
-            c.max_open = max.min(far).max(c.open_for);
+            c.max_open = max.min(far);
+            c.open_for = base.min(c.max_open);
         })
     }
 

@@ -21,6 +21,9 @@ use sturdy_core::keyed::SlotCache;
 /// # Backpressure
 /// `poll_ready` is the inner service's. An open breaker never shows in `poll_ready`: the call is
 /// rejected in `call` with a ready [`CircuitOpen`] error and the inner service is not called.
+/// What the inner service reserved in `poll_ready` (a concurrency permit, a `Buffer` slot) is
+/// given back at once: the refused call drops the ready service and keeps a clone, so a kept
+/// service (`ready().await?.call(req)`) that was refused holds nothing until its next call.
 #[derive(Clone)]
 pub struct CircuitBreaker<S, K, C> {
     pub(crate) inner: S,
@@ -71,6 +74,11 @@ where
             .admit(self.registry.config(), Instant::now);
         match admitted {
             Err((retry_in, reason)) => {
+                // The inner service is not called: give back what its `poll_ready` reserved (a
+                // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) by dropping the ready service
+                // for a clone, or a kept service would hold it until its next call.
+                let clone = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, clone));
                 let node = local.value();
                 node.shared.report(local.key(), transition);
                 node.shared.events.emit(&Event::CircuitRejected {

@@ -23,7 +23,10 @@ use crate::limiter::{rejected, try_acquire, Limiter, Registry};
 /// is taken in `call`, never reserved in `poll_ready`. A call that finds its host's limit full
 /// moves the service `poll_ready` made ready into its response future, waits there for a place
 /// (in line, first come first served) and then calls that service. Dropping the future gives back
-/// its place in line, or its permit if it had one.
+/// its place in line, or its permit if it had one. A call refused at once (no wait allowed)
+/// gives back what the inner service reserved in `poll_ready` (a `ConcurrencyLimit`'s permit, a
+/// `Buffer`'s slot) at once, so a kept service that was refused holds nothing until its next
+/// call.
 #[derive(Clone)]
 pub struct AdaptiveConcurrency<S, K, C> {
     pub(crate) inner: S,
@@ -73,6 +76,11 @@ where
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
+            // Refused without calling the inner service: what its `poll_ready` reserved (a
+            // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) is given back now, not kept by this
+            // service until its next call.
+            let clone = self.inner.clone();
+            drop(std::mem::replace(&mut self.inner, clone));
             rejected(&local, &key);
             let err = limit_reached(&key, local.key(), limiter.limit(), max_wait);
             return ResponseFuture::rejected(Box::new(err), self.classify.clone());

@@ -42,7 +42,8 @@
 //!   `GlobalConcurrencyLimit`, driven by `oneshot` or by a kept service
 //!   (`ready().await?.call(req)`). A waiting call holds what the inner service reserved in
 //!   `poll_ready` (a concurrency permit, a buffer slot) until it goes: over a concurrency limit
-//!   of `n`, at most `n` calls wait in the line and the others wait for a permit.
+//!   of `n`, at most `n` calls wait in the line and the others wait for a permit. A refused
+//!   call gives it back at once.
 //! - **Concurrency**: cap calls in flight with tower's `GlobalConcurrencyLimitLayer` next to this
 //!   layer; see the example.
 //!

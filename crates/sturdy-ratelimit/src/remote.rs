@@ -28,6 +28,11 @@ pub enum Reserve {
 /// One call to [`reserve`](Self::reserve) decides one call to the API: it must be atomic in the
 /// store and cost one round trip.
 ///
+/// Each method bounds its own round trip (`sturdy_redis::RedisQuota`: 1 s per operation) and
+/// fails when it passes: the layer does not time the store. A `reserve` that never answers holds
+/// its call for as long as it does not (a deadline of the retry layer's still ends the call); an
+/// error is handled as [`OnStoreError`](crate::OnStoreError) says.
+///
 /// The `key` of each method is the layer's key as it keeps it: with the default key, the host in
 /// lower case (see [`ByHost`](sturdy_core::key::ByHost)), so processes that write one host
 /// differently share one quota. A caller of [`clear_pause`](Self::clear_pause) passes it the same

@@ -28,7 +28,8 @@ use crate::state::{Bound, Config, State};
 /// a `Buffer` slot) is used by this call and released with it, and `RateLimit` may sit over or
 /// under `Buffer` and concurrency limits, driven by `oneshot` or by a kept service
 /// (`ready().await?.call(req)`). A call that would wait longer than `max_wait` fails at once with
-/// [`RateLimited`], without calling the inner service.
+/// [`RateLimited`], without calling the inner service, and gives back at once what the inner
+/// service reserved in `poll_ready`.
 pub struct RateLimit<S, K> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
@@ -196,7 +197,13 @@ impl<S, K> RateLimit<S, K> {
         let (pace, _slow_start) = line_pace(&bound);
         let (ticket, go_at) = match ks.gate.join(pace.as_ref(), now, deadline) {
             Ok(t) => t,
-            Err(wait) => return refuse(wait, &req),
+            Err(wait) => {
+                // Refused without calling the inner service: what its `poll_ready` reserved (a
+                // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) is given back now, not kept by
+                // this service until its next call.
+                drop(self.take_ready());
+                return refuse(wait, &req);
+            }
         };
         let wait = Duration::from_nanos(go_at.saturating_sub(now));
         tracing::trace!(

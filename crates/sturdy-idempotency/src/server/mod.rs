@@ -299,7 +299,8 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 /// # Backpressure
 /// `poll_ready` is the inner service's. The service it made ready is the one that runs the
 /// request (moved into the request's execution), also after the body was read and the store
-/// asked.
+/// asked. A request refused at once for its key (missing, invalid, ambiguous) gives back what
+/// the inner service reserved in `poll_ready` (a concurrency permit, a `Buffer` slot) at once.
 pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
@@ -378,6 +379,16 @@ fn ready<T: Send + 'static, E: Send + 'static>(r: T) -> ResponseFuture<T, E> {
     ResponseFuture(Box::pin(std::future::ready(Ok(r))))
 }
 
+impl<S: Clone, St> Idempotency<S, St> {
+    /// A request answered without calling the inner service gives back what its `poll_ready`
+    /// reserved (a `ConcurrencyLimit`'s permit, a `Buffer`'s slot): the ready service is dropped
+    /// for a clone, so a kept service does not hold it until its next call.
+    fn give_back(&mut self) {
+        let clone = self.inner.clone();
+        drop(std::mem::replace(&mut self.inner, clone));
+    }
+}
+
 // ===== impl Idempotency =====
 
 impl<S, St, B, Rb> Service<Request<B>> for Idempotency<S, St>
@@ -415,6 +426,7 @@ where
         if let Some(v) = first {
             if values.any(|other| other != v) {
                 refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
+                self.give_back();
                 return ready(problem::response(
                     StatusCode::BAD_REQUEST,
                     problem::INVALID_KEY,
@@ -426,6 +438,7 @@ where
         let key = match first {
             None if config.require_key => {
                 refused(&config, req.method(), IdempotencyRefusal::MissingKey);
+                self.give_back();
                 return ready(problem::response(
                     StatusCode::BAD_REQUEST,
                     problem::MISSING_KEY,
@@ -441,6 +454,7 @@ where
                 Some(k) => k,
                 None => {
                     refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
+                    self.give_back();
                     return ready(problem::response(
                         StatusCode::BAD_REQUEST,
                         problem::INVALID_KEY,
