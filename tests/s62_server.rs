@@ -2804,7 +2804,6 @@ async fn idem_largest_ttl_and_lease() {
 /// handler runs, its lock is renewed every third of the lease"; "a lease under 1 ms" is the only
 /// error, so the smallest lease, 1 ms, holds the key while a handler waits.
 #[tokio::test(start_paused = true)]
-#[ignore = "FAULT: with_lease(1 ms), the documented minimum: the first request never ends once its handler is released (paused time, 99% CPU); 3 ms, 30 ms and 300 ms pass"]
 async fn idem_smallest_lease_renewal() {
     let slow = Counter::new(false);
     let app = slow.router(mem_layer().with_lease(Duration::from_millis(1)).unwrap());

@@ -235,7 +235,9 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// How long a lock outlives its last renewal \[30 s\]. While a handler runs, its lock is
     /// renewed every third of the lease; the lease is how long a crashed worker's key stays
-    /// blocked.
+    /// blocked. A lease of 1 ms or 2 ms is read as 3 ms: tokio's timer counts whole
+    /// milliseconds, so a renewal every third of a shorter lease would come when the lock had
+    /// already ended, and another request with the key could start the handler again.
     ///
     /// # Errors
     /// When `lease` is shorter than 1 ms.
@@ -243,7 +245,9 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         if lease < Duration::from_millis(1) {
             return Err(InvalidConfig::new("the lease must be at least 1 ms"));
         }
-        Ok(self.edit(|c| c.lease = lease))
+        // Renewed every third of the lease, in whole milliseconds at the least (the timer's
+        // step): under 3 ms the renewal would come at or after the lock's end.
+        Ok(self.edit(|c| c.lease = lease.max(MIN_LEASE)))
     }
 
     /// Whether 5xx responses are stored (and replayed like any other) \[false: a 5xx releases
@@ -374,6 +378,9 @@ impl<T, E> Future for ResponseFuture<T, E> {
         self.0.as_mut().poll(cx)
     }
 }
+
+/// The shortest lease kept: three of the timer's 1 ms steps, one per renewal.
+const MIN_LEASE: Duration = Duration::from_millis(3);
 
 fn ready<T: Send + 'static, E: Send + 'static>(r: T) -> ResponseFuture<T, E> {
     ResponseFuture(Box::pin(std::future::ready(Ok(r))))
