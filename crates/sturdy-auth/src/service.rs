@@ -87,8 +87,7 @@ where
             Credentials::Token(source) => {
                 // The token comes first: take the service `poll_ready` made ready into the future
                 // and call it after the wait; a clone that is not ready stays here.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
+                let ready = sturdy_core::ready::take_ready(&mut self.inner);
                 // The wait is part of the attempt: the request's own attempt timeout, else the
                 // stack's, bounds it too.
                 let attempt = match sturdy_core::CallOptions::of(&req)

@@ -74,11 +74,8 @@ where
             .admit(self.registry.config(), Instant::now);
         match admitted {
             Err((retry_in, reason)) => {
-                // The inner service is not called: give back what its `poll_ready` reserved (a
-                // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) by dropping the ready service
-                // for a clone, or a kept service would hold it until its next call.
-                let clone = self.inner.clone();
-                drop(std::mem::replace(&mut self.inner, clone));
+                // The inner service is not called: give back what its `poll_ready` reserved.
+                sturdy_core::ready::release_ready(&mut self.inner);
                 let node = local.value();
                 node.shared.report(local.key(), transition);
                 node.shared.events.emit(&Event::CircuitRejected {

@@ -131,8 +131,8 @@ where
                 });
                 // Not called now: give back what poll_ready reserved, keep a clone in case this
                 // request must send its own call.
+                sturdy_core::ready::release_ready(&mut self.inner);
                 let spare = self.inner.clone();
-                drop(std::mem::replace(&mut self.inner, spare.clone()));
                 ResponseFuture::joined(shared, handoff, false, Some((spare, req)), counters.clone())
             }
         }

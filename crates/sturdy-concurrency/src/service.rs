@@ -76,11 +76,9 @@ where
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
-            // Refused without calling the inner service: what its `poll_ready` reserved (a
-            // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) is given back now, not kept by this
-            // service until its next call.
-            let clone = self.inner.clone();
-            drop(std::mem::replace(&mut self.inner, clone));
+            // Refused without calling the inner service: what its `poll_ready` reserved is
+            // given back now.
+            sturdy_core::ready::release_ready(&mut self.inner);
             rejected(&local, &key);
             let err = limit_reached(&key, local.key(), limiter.limit(), max_wait);
             return ResponseFuture::rejected(Box::new(err), self.classify.clone());
@@ -93,8 +91,7 @@ where
             "concurrency limit full: waiting for a place"
         );
         // Wait for a place, then call the service poll_ready made ready.
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
+        let ready = sturdy_core::ready::take_ready(&mut self.inner);
         ResponseFuture::waiting(local, own, ready, req, max_wait, self.classify.clone())
     }
 }

@@ -49,6 +49,7 @@ pub mod keyed;
 mod macros;
 pub mod options;
 pub mod query;
+pub mod ready;
 pub mod summary;
 pub mod trace;
 

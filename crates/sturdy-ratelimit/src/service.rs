@@ -189,7 +189,7 @@ impl<S, K> RateLimit<S, K> {
             ResponseFuture::rejected(Box::new(err))
         };
         if config.remote.is_some() && ks.gate.paused_until() <= now {
-            let svc = self.take_ready();
+            let svc = sturdy_core::ready::take_ready(&mut self.inner);
             return ResponseFuture::remote(svc, req, bound, now, deadline);
         }
         // Wait in line: for a slot of the local quota, or (remote quota) for the pause to end.
@@ -198,10 +198,9 @@ impl<S, K> RateLimit<S, K> {
         let (ticket, go_at) = match ks.gate.join(pace.as_ref(), now, deadline) {
             Ok(t) => t,
             Err(wait) => {
-                // Refused without calling the inner service: what its `poll_ready` reserved (a
-                // `ConcurrencyLimit`'s permit, a `Buffer`'s slot) is given back now, not kept by
-                // this service until its next call.
-                drop(self.take_ready());
+                // Refused without calling the inner service: what its `poll_ready` reserved is
+                // given back now.
+                sturdy_core::ready::release_ready(&mut self.inner);
                 return refuse(wait, &req);
             }
         };
@@ -220,7 +219,7 @@ impl<S, K> RateLimit<S, K> {
         }
         // The ticket goes into the future (whose drop leaves the line) before any hook of the
         // user's runs: a hook that panics must not leave a place in line that no one holds.
-        let svc = self.take_ready();
+        let svc = sturdy_core::ready::take_ready(&mut self.inner);
         let fut = ResponseFuture::queued(svc, req, bound.clone(), ticket, deadline);
         bound.config.events.emit(&Event::RateLimitWaited {
             key: bound.key(),
@@ -228,15 +227,5 @@ impl<S, K> RateLimit<S, K> {
             wait,
         });
         fut
-    }
-
-    /// The service `poll_ready` made ready, replaced by a clone that is not (tower's contract:
-    /// the next call drives the clone to readiness first).
-    fn take_ready(&mut self) -> S
-    where
-        S: Clone,
-    {
-        let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
     }
 }

@@ -147,7 +147,7 @@ where
                 slot,
                 Run {
                     // Taken here, so that it moves once: straight into its place.
-                    svc: crate::service::take_ready(svc),
+                    svc: sturdy_core::ready::take_ready(svc),
                     policy: policy(),
                     kept: Kept::Head(KeptHead::new(head)),
                     body: None,

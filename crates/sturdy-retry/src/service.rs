@@ -134,7 +134,7 @@ where
             let info = CallInfo::of(&req, &self.config.idempotency_header);
             let policy = make_policy(&self.config, &self.classify);
             return ResponseFuture::once(
-                take_ready(&mut self.inner),
+                sturdy_core::ready::take_ready(&mut self.inner),
                 policy,
                 info,
                 req,
@@ -152,11 +152,4 @@ where
             attempt_timeout,
         )
     }
-}
-
-/// The service that was driven to readiness, leaving a fresh clone in its place.
-#[inline]
-pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
-    let clone = inner.clone();
-    std::mem::replace(inner, clone)
 }

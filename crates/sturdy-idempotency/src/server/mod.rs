@@ -91,6 +91,7 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use sha2::{Digest, Sha256};
 use sturdy_core::events::{Event, EventHook, IdempotencyRefusal};
+use sturdy_core::ready::{release_ready, take_ready};
 use sturdy_core::BoxError;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
@@ -386,16 +387,6 @@ fn ready<T: Send + 'static, E: Send + 'static>(r: T) -> ResponseFuture<T, E> {
     ResponseFuture(Box::pin(std::future::ready(Ok(r))))
 }
 
-impl<S: Clone, St> Idempotency<S, St> {
-    /// A request answered without calling the inner service gives back what its `poll_ready`
-    /// reserved (a `ConcurrencyLimit`'s permit, a `Buffer`'s slot): the ready service is dropped
-    /// for a clone, so a kept service does not hold it until its next call.
-    fn give_back(&mut self) {
-        let clone = self.inner.clone();
-        drop(std::mem::replace(&mut self.inner, clone));
-    }
-}
-
 // ===== impl Idempotency =====
 
 impl<S, St, B, Rb> Service<Request<B>> for Idempotency<S, St>
@@ -433,7 +424,7 @@ where
         if let Some(v) = first {
             if values.any(|other| other != v) {
                 refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
-                self.give_back();
+                release_ready(&mut self.inner);
                 return ready(problem::response(
                     StatusCode::BAD_REQUEST,
                     problem::INVALID_KEY,
@@ -445,7 +436,7 @@ where
         let key = match first {
             None if config.require_key => {
                 refused(&config, req.method(), IdempotencyRefusal::MissingKey);
-                self.give_back();
+                release_ready(&mut self.inner);
                 return ready(problem::response(
                     StatusCode::BAD_REQUEST,
                     problem::MISSING_KEY,
@@ -461,7 +452,7 @@ where
                 Some(k) => k,
                 None => {
                     refused(&config, req.method(), IdempotencyRefusal::InvalidKey);
-                    self.give_back();
+                    release_ready(&mut self.inner);
                     return ready(problem::response(
                         StatusCode::BAD_REQUEST,
                         problem::INVALID_KEY,
@@ -474,8 +465,7 @@ where
         let (parts, body) = req.into_parts();
         let key = scope::store_key(&self.scope.scope(&parts), &key);
         // Take the service that was driven to readiness; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
+        let svc = take_ready(&mut self.inner);
         let store = self.store.clone();
         ResponseFuture(Box::pin(keyed(svc, store, config, key, parts, body)))
     }
