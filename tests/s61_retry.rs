@@ -1907,3 +1907,62 @@ async fn s61_wire_a_retried_answers_stalled_body_does_not_hold_the_retry() {
         assert_eq!(got[0].header("idempotency-key"), got[1].header("idempotency-key"));
     }
 }
+
+/// docs/guides/retry.md, "What the caller gets": "for a POST or PATCH the message says what to do
+/// next: `...; the request was not sent, so it is safe to send again` only when no attempt could
+/// have reached the server". A body that stalls past the retry layer's attempt timeout, or fails,
+/// while it is read: nothing was sent, so a POST's message says it is safe to send again (it
+/// said only "so the request was not sent"); a GET's says it was not sent, without the advice.
+#[tokio::test(start_paused = true)]
+async fn s61_body_read_failure_tells_a_post_it_is_safe_to_send_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let api = service_fn(move |_req: Request<TBody>| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(Response::new(Full::<Bytes>::default())) }
+    });
+    let svc = RetryLayer::new()
+        .with_seed(61)
+        .with_attempt_timeout(ms(50))
+        .layer(api);
+    for (method, body, kind, ends) in [
+        (
+            "POST",
+            TBody::Stall(10),
+            ErrorKind::Timeout,
+            "the request body stalled: it did not finish within the attempt timeout of 50ms; the request was not sent, so it is safe to send again",
+        ),
+        (
+            "PATCH",
+            TBody::Fail(10),
+            ErrorKind::Body,
+            "could not read the request body; the request was not sent, so it is safe to send again",
+        ),
+        (
+            "GET",
+            TBody::Stall(10),
+            ErrorKind::Timeout,
+            "the request body stalled: it did not finish within the attempt timeout of 50ms, so the request was not sent",
+        ),
+        (
+            "PUT",
+            TBody::Fail(10),
+            ErrorKind::Body,
+            "could not read the request body",
+        ),
+    ] {
+        let err = svc
+            .clone()
+            .oneshot(t_req(method, "http://api.example.com/up", body))
+            .await
+            .unwrap_err();
+        let e = sturdy_err(&err);
+        assert_eq!(e.kind(), &kind, "{method}: {err}");
+        assert_eq!(delivery(&*err), Delivery::NotSent, "{method}: {err}");
+        assert!(err.to_string().starts_with(ends), "{method}: {err}");
+        if method == "GET" || method == "PUT" {
+            assert!(!err.to_string().contains("safe to send"), "{method}: {err}");
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

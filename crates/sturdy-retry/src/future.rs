@@ -24,7 +24,7 @@ use tokio::time::Sleep;
 use tower::Service;
 
 use crate::head::KeptHead;
-use crate::policy::{advise, CallInfo, CallState, Last, RetryPolicy, View};
+use crate::policy::{advise, CallInfo, CallState, Last, RequestView, RetryPolicy, View};
 
 pin_project! {
     /// The response future of [`Retry`](crate::Retry).
@@ -252,6 +252,17 @@ fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) 
     Box::new(err.with_report(CallReport::new(made, delivery, key)))
 }
 
+/// Ends the message of a call that failed while its body was read, before anything was sent:
+/// for a method a duplicate would hurt, as every such message of the loop ends (`...; the
+/// request was not sent, so it is safe to send again`), else with `safe` (may be empty).
+fn not_sent(message: &mut String, method: &http::Method, safe: &str) {
+    if crate::policy::is_idempotent(method) {
+        message.push_str(safe);
+    } else {
+        message.push_str("; the request was not sent, so it is safe to send again");
+    }
+}
+
 impl<S, B, Rb, C> Future for ResponseFuture<S, B, Rb, C>
 where
     S: Service<Request<B>, Response = Response<Rb>>,
@@ -298,14 +309,17 @@ where
                                 if t.as_mut().poll(cx).is_pending() {
                                     return Poll::Pending;
                                 }
-                                let e = sturdy_core::Error::new(
-                                    ErrorKind::Timeout,
-                                    format!(
-                                        "the request body stalled: it did not finish within the attempt timeout of {}, so the request was not sent",
-                                        human_duration(limit)
-                                    ),
-                                )
-                                .with_delivery(Delivery::NotSent);
+                                let mut message = format!(
+                                    "the request body stalled: it did not finish within the attempt timeout of {}",
+                                    human_duration(limit)
+                                );
+                                not_sent(
+                                    &mut message,
+                                    view(&run.kept).method(),
+                                    ", so the request was not sent",
+                                );
+                                let e = sturdy_core::Error::new(ErrorKind::Timeout, message)
+                                    .with_delivery(Delivery::NotSent);
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Box::new(e)));
                             }
@@ -313,10 +327,9 @@ where
                         let frame = match frame {
                             Ok(f) => f,
                             Err(e) => {
-                                let e = sturdy_core::Error::new(
-                                    ErrorKind::Body,
-                                    "could not read the request body",
-                                )
+                                let mut message = "could not read the request body".to_owned();
+                                not_sent(&mut message, view(&run.kept).method(), "");
+                                let e = sturdy_core::Error::new(ErrorKind::Body, message)
                                 .with_source(e.into())
                                 .with_delivery(Delivery::NotSent);
                                 this.state.set(State::Done);
