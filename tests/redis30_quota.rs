@@ -672,7 +672,9 @@ async fn redis30_connecting_to_a_hung_redis_ends_within_the_bound() {
     }
     let redis = OwnRedis::start().await;
     let url = redis.url();
-    redis.pause(6000);
+    // Long enough for four connects that each wait their whole bound (2 s) for the `PING` that
+    // ends a connect, and then some.
+    redis.pause(12_000);
     let bound = Duration::from_millis(3500);
     let t = Instant::now();
     let r = RedisQuota::connect(&url, Quota::per_second(1).unwrap()).await;

@@ -193,3 +193,70 @@ async fn s34_no_password_for_a_redis_that_requires_one_is_auth() {
     }
     // Redis password reset for the process's own kill: nothing else uses this server.
 }
+
+/// `RedisConnection::connect` and every backend's `connect`: "Errors: ... Redis refuses the
+/// credentials: an `Auth` error, also for a Redis that requires a password reached with none".
+/// Before, a Redis that requires a password accepted the connection without one, `connect`
+/// succeeded, and only the first operation said the password was missing. With the right
+/// password each connects and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s34_connect_without_a_required_password_is_auth_at_once() {
+    if !own_redis_possible() {
+        return;
+    }
+    let redis = OwnRedis::start().await;
+    assert_eq!(
+        redis
+            .cli(&["CONFIG", "SET", "requirepass", "s34-connect-pass"])
+            .trim(),
+        "OK"
+    );
+    let url = redis.url();
+    let quota = Quota::per_second(10).unwrap();
+    let errs: Vec<(&str, BoxError)> = vec![
+        (
+            "RedisConnection",
+            sturdy::redis::RedisConnection::connect(&url)
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "connect",
+            sturdy::redis::connect(&url, Duration::from_secs(1))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "quota",
+            RedisQuota::connect(&url, quota).await.unwrap_err(),
+        ),
+        (
+            "store",
+            RedisIdempotencyStore::connect(&url).await.unwrap_err(),
+        ),
+        (
+            "queue",
+            RedisStreamQueue::connect(&url, unique("s34-connect"))
+                .await
+                .unwrap_err(),
+        ),
+    ];
+    for (what, err) in errs {
+        assert_eq!(kind_of(&err), ErrorKind::Auth, "{what}: {err}");
+        assert!(
+            err.to_string()
+                .starts_with("could not connect to Redis: Redis refused the credentials"),
+            "{what}: {err}"
+        );
+        assert!(err.to_string().contains("missing or wrong"), "{what}: {err}");
+    }
+    let right = format!("redis://:s34-connect-pass@127.0.0.1:{}/", redis.port);
+    let q = RedisQuota::connect(&right, quota).await.unwrap();
+    assert!(matches!(
+        q.try_reserve("k", Duration::ZERO).await.unwrap(),
+        Reserve::Granted { .. }
+    ));
+    sturdy::redis::connect(&right, Duration::from_secs(1))
+        .await
+        .unwrap();
+}

@@ -88,8 +88,10 @@ impl RedisConnection {
     /// 2 s. The connection reconnects by itself when the server comes back after a restart.
     ///
     /// # Errors
-    /// When the URL is invalid or Redis cannot be reached in time. The message never repeats
-    /// the URL, which may hold a password.
+    /// When the URL is invalid, Redis cannot be reached or does not answer in time (a `PING`
+    /// ends the connect), or Redis refuses the credentials: an `Auth` error, also for a Redis
+    /// that requires a password reached with none. The message never repeats the URL, which
+    /// may hold a password.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         crate::connect_unbounded(url, TIMEOUT).await.map(Self::from)
     }

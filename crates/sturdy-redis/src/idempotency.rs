@@ -126,7 +126,8 @@ impl RedisIdempotencyStore {
     /// Connects to Redis at `url` (keys prefixed `sturdy:idem`).
     ///
     /// # Errors
-    /// When Redis cannot be reached.
+    /// When Redis cannot be reached or refuses the credentials (see
+    /// [`RedisConnection::connect`]).
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
         Ok(Self::new(RedisConnection::connect(url).await?))
     }

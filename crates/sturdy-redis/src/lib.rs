@@ -150,21 +150,29 @@ static CLEAR_LUA: LazyLock<Lua> = LazyLock::new(|| Lua::new(CLEAR.to_owned()));
 /// Any `timeout` is accepted, `Duration::MAX` too.
 ///
 /// # Errors
-/// When the URL is invalid, or Redis cannot be reached within twice `timeout` ("could not
-/// connect to Redis within ..."). The message never repeats the URL, which may hold a password.
+/// When the URL is invalid, Redis cannot be reached or does not answer within twice `timeout`
+/// ("could not connect to Redis within ...", or "... did not answer within ..." for a Redis that
+/// accepts the connection and does not answer the `PING` that ends the connect), or Redis
+/// refuses the credentials (an `Auth` error, also for a Redis that requires a password reached
+/// with none).
+/// The message never repeats the URL, which may hold a password.
 pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, BoxError> {
     let client = Client::open(url).map_err(|e| config_error("invalid Redis URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
+    let started = tokio::time::Instant::now();
     match tokio::time::timeout(
         timeout.saturating_mul(2),
         client.get_connection_manager_with_config(config),
     )
     .await
     {
-        Ok(Ok(c)) => Ok(c),
+        Ok(Ok(mut c)) => {
+            check_answers(&mut c, timeout.saturating_mul(2), started).await?;
+            Ok(c)
+        }
         Ok(Err(e)) => Err(connect_error("could not connect to Redis", e)),
         Err(_) => Err(Box::new(Error::new(
             ErrorKind::Timeout,
@@ -187,12 +195,43 @@ pub(crate) async fn connect_unbounded(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None)
         .set_number_of_retries(1);
-    bounded_connect(
+    let started = tokio::time::Instant::now();
+    let mut c = bounded_connect(
         timeout.saturating_mul(2),
         "could not connect to Redis",
         client.get_connection_manager_with_config(config),
     )
-    .await
+    .await?;
+    check_answers(&mut c, timeout.saturating_mul(2), started).await?;
+    Ok(c)
+}
+
+/// Makes `connect` mean that Redis answers: one `PING` within what is left of the connect's
+/// `bound`, counted from `started`. A Redis that requires a password, reached with none, accepts the connection and
+/// refuses each command after it (an `Auth` error here, not at the first operation); a Redis
+/// that accepts and never answers (hung, paused) is a `Timeout` here. Any other answer (a
+/// server still loading its data, a user not allowed `PING`) leaves the connection to its
+/// operations, which have bounds and messages of their own.
+async fn check_answers(
+    c: &mut ConnectionManager,
+    bound: Duration,
+    started: tokio::time::Instant,
+) -> Result<(), BoxError> {
+    let within = bound.saturating_sub(started.elapsed());
+    let ping = redis::cmd("PING");
+    match tokio::time::timeout(within, ping.query_async::<()>(c)).await {
+        Ok(Err(e)) if is_auth_failure(&e) => {
+            Err(classified("could not connect to Redis", e, true))
+        }
+        Ok(_) => Ok(()),
+        Err(_) => Err(Box::new(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "could not connect to Redis: it accepted the connection and did not answer within {}",
+                sturdy_core::human_duration(bound)
+            ),
+        ))),
+    }
 }
 
 /// The longest duration sent to Redis, `sturdy_core::clock::FAR` (about 30 years): Redis refuses
@@ -374,7 +413,8 @@ impl RedisQuota {
     /// 1 s timeout per operation, pauses of at most 5 minutes).
     ///
     /// # Errors
-    /// When Redis cannot be reached.
+    /// When Redis cannot be reached or refuses the credentials (see
+    /// [`RedisConnection::connect`]).
     pub async fn connect(url: &str, quota: Quota) -> Result<Self, BoxError> {
         Ok(Self::new(RedisConnection::connect(url).await?, quota))
     }

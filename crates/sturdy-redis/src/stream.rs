@@ -363,7 +363,8 @@ impl RedisStreamQueue {
     ///
     /// # Errors
     /// When the stream name is empty, has a `}` but no hash tag, or is another stream's key
-    /// (see [`RedisStreamQueue`]), or Redis cannot be reached.
+    /// (see [`RedisStreamQueue`]), or Redis cannot be reached or refuses the credentials (see
+    /// [`RedisConnection::connect`](crate::RedisConnection::connect)).
     pub async fn connect(url: &str, stream: impl Into<String>) -> Result<Self, BoxError> {
         let stream = named("stream", stream.into())?;
         key_base(&stream)?;
