@@ -226,10 +226,7 @@ async fn s34_connect_without_a_required_password_is_auth_at_once() {
                 .await
                 .unwrap_err(),
         ),
-        (
-            "quota",
-            RedisQuota::connect(&url, quota).await.unwrap_err(),
-        ),
+        ("quota", RedisQuota::connect(&url, quota).await.unwrap_err()),
         (
             "store",
             RedisIdempotencyStore::connect(&url).await.unwrap_err(),
@@ -248,7 +245,10 @@ async fn s34_connect_without_a_required_password_is_auth_at_once() {
                 .starts_with("could not connect to Redis: Redis refused the credentials"),
             "{what}: {err}"
         );
-        assert!(err.to_string().contains("missing or wrong"), "{what}: {err}");
+        assert!(
+            err.to_string().contains("missing or wrong"),
+            "{what}: {err}"
+        );
     }
     let right = format!("redis://:s34-connect-pass@127.0.0.1:{}/", redis.port);
     let q = RedisQuota::connect(&right, quota).await.unwrap();

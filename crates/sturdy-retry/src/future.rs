@@ -330,8 +330,8 @@ where
                                 let mut message = "could not read the request body".to_owned();
                                 not_sent(&mut message, view(&run.kept).method(), "");
                                 let e = sturdy_core::Error::new(ErrorKind::Body, message)
-                                .with_source(e.into())
-                                .with_delivery(Delivery::NotSent);
+                                    .with_source(e.into())
+                                    .with_delivery(Delivery::NotSent);
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(Box::new(e)));
                             }
