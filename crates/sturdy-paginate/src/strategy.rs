@@ -6,7 +6,8 @@ use serde_json::Value;
 use sturdy_core::{Error, ErrorKind};
 
 /// A page as it came back. Its `Debug` output shows the URI without userinfo or query, which
-/// may hold a credential.
+/// may hold a credential, and the headers' names without their values (a `Link` may carry a
+/// signed URL or a password, a `Set-Cookie` a session).
 #[derive(Clone)]
 pub struct RawPage {
     /// 1-based page number within this walk.
@@ -27,9 +28,18 @@ impl std::fmt::Debug for RawPage {
             .field("number", &self.number)
             .field("uri", &crate::shown(&self.uri.to_string()))
             .field("status", &self.status)
-            .field("headers", &self.headers)
+            .field("headers", &HeaderNames(&self.headers))
             .field("body", &self.body)
             .finish()
+    }
+}
+
+/// A header map's names, each once, for `Debug`: its values may hold credentials.
+struct HeaderNames<'a>(&'a HeaderMap);
+
+impl std::fmt::Debug for HeaderNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
     }
 }
 
@@ -430,7 +440,12 @@ impl PageNumber {
     /// length are all this strategy sees, so the items seen are counted as if every page so far
     /// held as many as this one: where the server serves fewer items per page than asked, the
     /// short last page counts low, and the walk asks for one more page (empty) before it stops.
-    /// It never stops before the total (use [`OffsetLimit`] to stop exactly on the last page).
+    /// When every page but the last holds the same number of items (the size asked for, or the
+    /// server's own cap), it never stops before the total (use [`OffsetLimit`] to stop exactly
+    /// on the last page). A server whose pages vary in length (one that leaves rows out of a
+    /// page after paging) can end the walk before the total, with items unread: this page's
+    /// length times its number is then more than was read, and no page number can tell. Such
+    /// an API is read safely by a cursor that does not count ([`JsonCursor`], [`LinkHeader`]).
     #[must_use]
     pub fn with_total(mut self, pointer: impl Into<String>) -> Self {
         self.total = Some(pointer.into());
