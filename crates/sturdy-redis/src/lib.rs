@@ -207,9 +207,9 @@ pub(crate) async fn connect_unbounded(
 }
 
 /// Makes `connect` mean that Redis answers: one `PING` within what is left of the connect's
-/// `bound`, counted from `started`. A Redis that requires a password, reached with none, accepts the connection and
-/// refuses each command after it (an `Auth` error here, not at the first operation); a Redis
-/// that accepts and never answers (hung, paused) is a `Timeout` here. Any other answer (a
+/// `bound`, counted from `started`. A Redis that requires a password, reached with none,
+/// accepts the connection and refuses each command after it (an `Auth` error here, not at the
+/// first operation); a Redis that accepts and never answers (hung, paused) is a `Timeout` here. Any other answer (a
 /// server still loading its data, a user not allowed `PING`) leaves the connection to its
 /// operations, which have bounds and messages of their own.
 async fn check_answers(

@@ -253,13 +253,13 @@ fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) 
 }
 
 /// Ends the message of a call that failed while its body was read, before anything was sent:
-/// for a method a duplicate would hurt, as every such message of the loop ends (`...; the
-/// request was not sent, so it is safe to send again`), else with `safe` (may be empty).
+/// for a method a duplicate would hurt, with the advice every not-sent call of the loop gets
+/// ([`advise`]), else with `safe` (may be empty).
 fn not_sent(message: &mut String, method: &http::Method, safe: &str) {
     if crate::policy::is_idempotent(method) {
         message.push_str(safe);
     } else {
-        message.push_str("; the request was not sent, so it is safe to send again");
+        advise(message, Delivery::NotSent, None, true);
     }
 }
 
