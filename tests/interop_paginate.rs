@@ -215,3 +215,86 @@ async fn walk_bounds_hold() {
     assert_eq!(n, 3);
     assert_eq!(*err.kind(), ErrorKind::Pagination, "{err}");
 }
+
+/// Bounded pages with seeded limits (1 to 15 items each) read every item once, in order: a
+/// page's cursor can end inside a server page and the next call resumes there.
+#[tokio::test]
+async fn bounded_pages_with_seeded_limits_read_everything_once() {
+    let base = peer_or_skip!(JSON_SERVER);
+    let pager = Paginate::builder(http(), &format!("{base}/items?_page=1"), strategy())
+        .with_page_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for seed in [3u64, 63] {
+        // A seeded xorshift: the limits are the same on every run.
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut got = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..200 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let limit = 1 + (state % 15) as usize;
+            let page = bounded(
+                Duration::from_secs(10),
+                "bounded page",
+                pager.page(cursor.as_deref(), limit),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            got.extend(ids(&page.items));
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(got, (1..=100).collect::<Vec<u64>>(), "seed {seed}");
+    }
+}
+
+/// A filtered walk keeps its filter through the next links; a second pager with the same
+/// cursor key and another page size resumes the first one's cursor exactly; a version header
+/// added by `ClientBuilder` changes nothing.
+#[tokio::test]
+async fn filtered_walk_and_a_twin_pager_resuming_its_cursor() {
+    use sturdy::version::VersionLayer;
+    const KEY: &[u8] = b"interop-shared-cursor-key-0123456789";
+    let base = peer_or_skip!(JSON_SERVER);
+    let client = ClientBuilder::new()
+        .with_version(VersionLayer::header("api-version", "2024-06-01").unwrap())
+        .build(http());
+    let uri = format!("{base}/items?id_gte=41&id_lte=90&_page=1");
+    let want: Vec<u64> = (41..=90).collect();
+    let a = Paginate::builder(client.clone(), &uri, strategy())
+        .with_page_size(4)
+        .with_cursor_key(KEY)
+        .build()
+        .unwrap();
+    let all: Vec<serde_json::Value> = bounded(
+        Duration::from_secs(20),
+        "filtered walk",
+        a.items().try_collect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ids(&all), want);
+    let b = Paginate::builder(client, &uri, strategy())
+        .with_page_size(6)
+        .with_cursor_key(KEY)
+        .build()
+        .unwrap();
+    let first = bounded(Duration::from_secs(10), "first page", a.page(None, 5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut got = ids(&first.items);
+    let mut cursor = first.next_cursor;
+    for _ in 0..50 {
+        let Some(c) = cursor.take() else { break };
+        let page = bounded(Duration::from_secs(10), "twin page", b.page(Some(&c), 3))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        got.extend(ids(&page.items));
+        cursor = page.next_cursor;
+    }
+    assert_eq!(got, want);
+}

@@ -1,8 +1,8 @@
 //! s63 outside round: `sturdy-paginate` and `sturdy-version`, with docs/guides/paginate.md,
 //! docs/guides/version.md and docs/guides/agents.md read sentence by sentence. In-process mocks
-//! for logic (paused time where it waits), real axum servers on 127.0.0.1:0 for the wire, and
-//! json-server 0.17 when `STURDY_S63_JSON_SERVER_URL` is set (the `js_*` tests; they pass
-//! without it).
+//! for logic (paused time where it waits), real axum servers on 127.0.0.1:0 for the wire. The
+//! round's two json-server tests are in `interop_paginate` (run by scripts/interop.sh with the
+//! server up).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -192,16 +192,6 @@ fn fast_retry() -> RetryLayer {
             Backoff::exponential(Duration::from_millis(1), Duration::from_millis(5)).unwrap(),
         )
         .with_seed(63)
-}
-
-fn js_base() -> Option<String> {
-    match std::env::var("STURDY_S63_JSON_SERVER_URL") {
-        Ok(v) if !v.is_empty() => Some(v.trim_end_matches('/').to_owned()),
-        _ => {
-            eprintln!("skip: STURDY_S63_JSON_SERVER_URL is not set");
-            None
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1302,85 +1292,6 @@ async fn a_version_pin_under_a_link_walk() {
     let n = notices.lock().unwrap().clone();
     assert_eq!(n.len(), 1, "{n:?}");
     assert_eq!(n[0].endpoint, "GET /v1/items");
-}
-
-// ---------------------------------------------------------------------------------------------
-// json-server 0.17 (STURDY_S63_JSON_SERVER_URL: `/items`, ids 1..=57, `tag` = id % 3)
-
-fn js_ids(items: &[Value]) -> Vec<u64> {
-    items.iter().map(|v| v["id"].as_u64().unwrap()).collect()
-}
-
-/// json-server: bounded pages with seeded limits read every item once, in order.
-#[tokio::test]
-async fn js_bounded_pages_with_seeded_limits() {
-    let Some(base) = js_base() else { return };
-    let pager = Paginate::builder(
-        http_client(),
-        &format!("{base}/items?_page=1"),
-        LinkHeader::new("").with_limit_param("_limit"),
-    )
-    .with_page_timeout(Duration::from_secs(5))
-    .build()
-    .unwrap();
-    for seed in [3u64, 63] {
-        let mut rng = Rng(seed);
-        let mut got = Vec::new();
-        let mut c: Option<String> = None;
-        for _ in 0..200 {
-            let limit = 1 + rng.below(15) as usize;
-            let p = pager.page(c.as_deref(), limit).await.unwrap();
-            got.extend(js_ids(&p.items));
-            c = p.next_cursor;
-            if c.is_none() {
-                break;
-            }
-        }
-        assert_eq!(got, (1..=57).collect::<Vec<u64>>(), "seed {seed}");
-    }
-}
-
-/// json-server: a filtered walk keeps the filter through its next links; a twin pager with
-/// the same key resumes a cursor exactly; a version header through `ClientBuilder` changes
-/// nothing.
-#[tokio::test]
-async fn js_filtered_walk_and_twin_resume_through_a_client() {
-    let Some(base) = js_base() else { return };
-    let client = ClientBuilder::new()
-        .with_retry(fast_retry())
-        .with_version(VersionLayer::header("api-version", "2024-06-01").unwrap())
-        .build(http_client());
-    let uri = format!("{base}/items?tag=1&_page=1");
-    let want: Vec<u64> = (1..=57).filter(|i| i % 3 == 1).collect();
-    let a = Paginate::builder(
-        client.clone(),
-        &uri,
-        LinkHeader::new("").with_limit_param("_limit"),
-    )
-    .with_page_size(4)
-    .with_cursor_key(KEY)
-    .build()
-    .unwrap();
-    let all: Vec<Value> = tokio::time::timeout(Duration::from_secs(20), a.items().try_collect())
-        .await
-        .expect("hangs")
-        .unwrap();
-    assert_eq!(js_ids(&all), want);
-    let b = Paginate::builder(client, &uri, LinkHeader::new("").with_limit_param("_limit"))
-        .with_page_size(6)
-        .with_cursor_key(KEY)
-        .build()
-        .unwrap();
-    let first = a.page(None, 5).await.unwrap();
-    let mut got = js_ids(&first.items);
-    let mut c = first.next_cursor;
-    for _ in 0..50 {
-        let Some(cur) = c.take() else { break };
-        let p = b.page(Some(&cur), 3).await.unwrap();
-        got.extend(js_ids(&p.items));
-        c = p.next_cursor;
-    }
-    assert_eq!(got, want);
 }
 
 // ---------------------------------------------------------------------------------------------
