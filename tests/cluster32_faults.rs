@@ -114,6 +114,64 @@ async fn backends(urls: &[String], replication: bool) -> Backends {
     }
 }
 
+/// Two primaries that disagree for a moment about who owns a slot (the old owner already gives
+/// it to the new one, which does not serve it yet and sends each request back) answer every
+/// try with `MOVED`: the cluster client's own tries are spent in milliseconds. An answer that
+/// says the command did not run is tried again within the operation's timeout, so operations
+/// begun while the nodes disagree end well once they agree (RedisConnection::connect_cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster32_nodes_that_disagree_about_a_slot_for_a_moment_cost_no_error() {
+    if !own_possible() {
+        return;
+    }
+    let _one = OWN.lock().await;
+    let cluster = OwnCluster::start().await;
+    let urls = cluster.urls();
+    let b = Arc::new(backends(&urls, false).await);
+    let (s, _) = send(&b.app, "pp-before").await;
+    assert_eq!(s, StatusCode::CREATED);
+    let slot = crate::cluster32_util::keyslot(cluster.ports[0], QKEY);
+    let from = cluster.primary_of_slot(slot);
+    let to = cluster.other_primary(&from.id);
+    cluster.begin_move(slot, &from, &to);
+    cluster.migrate_keys(slot, &from, &to);
+    // The old owner gives the slot away; the new one, still importing, sends requests back.
+    let out = crate::cluster32_util::cli(
+        from.port,
+        &["CLUSTER", "SETSLOT", &slot.to_string(), "NODE", &to.id],
+    );
+    assert_eq!(out.trim(), "OK", "SETSLOT NODE on the old owner: {out}");
+    let ops = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let ev = WebhookEvent::new("standard", "pp-event", Bytes::from("{}"));
+            let (sent, push, quota) = tokio::join!(
+                send(&b.app, "pp-during"),
+                b.queue.push(ev, Duration::from_secs(600)),
+                b.quota.try_reserve(QKEY, Duration::ZERO),
+            );
+            let request = (sent.0, String::from_utf8_lossy(&sent.1).into_owned());
+            let push = push.map_err(|e| chain(&*e));
+            let quota = quota.map(|_| ()).map_err(|e| chain(&*e));
+            (request, push, quota, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    cluster.end_move(slot, &to);
+    let (request, push, quota, took) = tokio::time::timeout(Duration::from_secs(10), ops)
+        .await
+        .expect("the operations hang")
+        .unwrap();
+    eprintln!("the three operations took {took:?}");
+    assert_eq!(request.0, StatusCode::CREATED, "the request: {}", request.1);
+    assert!(matches!(push, Ok(Push::Enqueued)), "the enqueue: {push:?}");
+    assert!(quota.is_ok(), "the quota: {quota:?}");
+    cluster.wait_ok(Duration::from_secs(10)).await;
+    assert_eq!(cluster.primary_of_slot(slot).id, to.id);
+    assert_eq!(b.per_key.lock().unwrap().get("pp-during"), Some(&1));
+}
+
 /// One enqueue, one idempotent request (sent twice) and one quota decision per round, every
 /// 10 ms, until `stop`, and then on until the last 20 rounds were clean (for at most 30 s more):
 /// on a loaded machine a round can take far longer than 10 ms, and a fixed wait after the fault

@@ -104,7 +104,13 @@ impl RedisConnection {
     /// failover. Requests that fail while the cluster moves a slot or promotes a replica are
     /// tried again a few times within each operation's timeout: a redirection or a dropped
     /// connection at once (after reconnecting), a node that answers `TRYAGAIN`, `CLUSTERDOWN`,
-    /// `MASTERDOWN` or `LOADING`, or a node not connected yet, after 10 to 100 ms.
+    /// `MASTERDOWN` or `LOADING`, or a node not connected yet, after 10 to 100 ms. When those
+    /// tries are spent on an answer that says the command did not run (`MOVED`, `ASK`,
+    /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`, `LOADING`: nodes that disagree for a
+    /// moment about who owns a slot send a request back and forth), the command is sent again
+    /// 10 ms later, then 20, 40 and so on up to 200 ms apart, until the operation's timeout
+    /// ends it (for at most 5 s on a connection used directly). Such an answer means the
+    /// command did not run, so sending it again cannot run it twice.
     ///
     /// # Errors
     /// When no URL is given, a URL is invalid, or no node answers in time. The message never
@@ -177,7 +183,15 @@ impl ConnectionLike for RedisConnection {
                     (res, _) => res,
                 }
             }),
-            Inner::Cluster(c) => Box::pin(async move { resent(c.req_packed_command(cmd).await) }),
+            Inner::Cluster(c) => Box::pin(async move {
+                let mut again = NotRunAgain::default();
+                loop {
+                    match c.req_packed_command(cmd).await {
+                        Err(e) if again.wait(&e).await => {}
+                        res => return resent(res),
+                    }
+                }
+            }),
         }
     }
 
@@ -196,11 +210,15 @@ impl ConnectionLike for RedisConnection {
                     (res, _) => res,
                 }
             }),
-            Inner::Cluster(c) => {
-                Box::pin(
-                    async move { resent(c.req_packed_commands(pipeline, offset, count).await) },
-                )
-            }
+            Inner::Cluster(c) => Box::pin(async move {
+                let mut again = NotRunAgain::default();
+                loop {
+                    match c.req_packed_commands(pipeline, offset, count).await {
+                        Err(e) if again.wait(&e).await => {}
+                        res => return resent(res),
+                    }
+                }
+            }),
         }
     }
 
@@ -209,6 +227,64 @@ impl ConnectionLike for RedisConnection {
             Inner::Single(c) => c.get_db(),
             Inner::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// The cluster client's own tries (six, a few hundred milliseconds at most) can all be spent
+/// while nodes disagree about a slot's owner: during a slot move the old owner may already
+/// answer `MOVED` to the new one while the new one still answers `MOVED` back, for as long as a
+/// gossip round takes. Each of these answers means the command did not run (a pipeline's error
+/// is only read this way when the node gave it for the whole pipeline), so the command is sent
+/// again after a pause that doubles from 10 ms to 200 ms, while the operation's deadline
+/// leaves room for the pause (every backend bounds each operation; the last answer is then
+/// the error) and for at most [`NotRunAgain::BUDGET`] of pauses. The redis
+/// client has no setting for this (its retries are counted, not timed), hence this loop.
+struct NotRunAgain {
+    next: Duration,
+    paused: Duration,
+}
+
+impl Default for NotRunAgain {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(10),
+            paused: Duration::ZERO,
+        }
+    }
+}
+
+impl NotRunAgain {
+    /// The most time spent pausing for one command.
+    const BUDGET: Duration = Duration::from_secs(5);
+
+    /// Whether `e` is an answer that says the command did not run, with time left to send it
+    /// again; if so, after the pause.
+    async fn wait(&mut self, e: &redis::RedisError) -> bool {
+        let not_run = matches!(
+            e.code(),
+            Some(
+                "MOVED"
+                    | "ASK"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "LOADING"
+            )
+        );
+        if !not_run || self.paused >= Self::BUDGET {
+            return false;
+        }
+        // Inside a backend's operation: give up before its deadline, so the caller hears
+        // what the cluster answered rather than that Redis did not answer in time.
+        let deadline = crate::DEADLINE.try_with(|d| *d).ok();
+        if deadline.is_some_and(|d| tokio::time::Instant::now() + self.next >= d) {
+            return false;
+        }
+        tokio::time::sleep(self.next).await;
+        self.paused += self.next;
+        self.next = (self.next * 2).min(Duration::from_millis(200));
+        true
     }
 }
 

@@ -365,13 +365,24 @@ pub(crate) async fn bounded_connect<T>(
     bounded_as(timeout, what, fut, true).await
 }
 
+tokio::task_local! {
+    /// When the operation being polled must end: a cluster command that the cluster answered
+    /// "not run" is sent again only while this leaves room (see `conn::NotRunAgain`).
+    pub(crate) static DEADLINE: tokio::time::Instant;
+}
+
 async fn bounded_as<T>(
     timeout: Duration,
     what: &'static str,
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     connecting: bool,
 ) -> Result<T, BoxError> {
-    match tokio::time::timeout(timeout, fut).await {
+    let now = tokio::time::Instant::now();
+    // A timeout too long to add (`Duration::MAX`) is as good as none: thirty years.
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
+    match tokio::time::timeout_at(deadline, DEADLINE.scope(deadline, fut)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(classified(what, e, connecting)),
         Err(_) => Err(Box::new(Error::new(
