@@ -806,12 +806,14 @@ fn parse_token_response(
                 ),
             ))
         }
-        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        // A token of spaces and tabs only would go out as `Authorization: Bearer ` followed
+        // by blanks, which no API takes: as good as empty.
+        Some(Value::String(t)) if !t.trim_matches([' ', '\t']).is_empty() => t.clone(),
         Some(_) => {
             return Err(Failure::new(
                 ErrorKind::Auth,
                 format!(
-                    "the token response from {} has an empty or non-string access_token",
+                    "the token response from {} has an empty, blank or non-string access_token",
                     s.shown_url
                 ),
             ))
@@ -1223,12 +1225,17 @@ mod tests {
             (
                 200,
                 r#"{"access_token":"","token_type":"Bearer"}"#,
-                "empty or non-string access_token",
+                "empty, blank or non-string access_token",
+            ),
+            (
+                200,
+                r#"{"access_token":" \t  ","token_type":"Bearer"}"#,
+                "empty, blank or non-string access_token",
             ),
             (
                 200,
                 r#"{"access_token":5}"#,
-                "empty or non-string access_token",
+                "empty, blank or non-string access_token",
             ),
             (
                 200,

@@ -200,6 +200,10 @@ impl CallReport {
 
     /// The idempotency key every attempt carried, if the request had one. Retry with this key
     /// (never a new one) when [`delivery`](Self::delivery) is [`Delivery::MaybeProcessed`].
+    ///
+    /// `None` also for a key whose bytes are not UTF-8 text (a header value may hold any byte
+    /// but a control character): the error's message then says to retry with the key the
+    /// request carried, which the caller built.
     pub fn idempotency_key(&self) -> Option<&str> {
         self.idempotency_key.as_deref()
     }

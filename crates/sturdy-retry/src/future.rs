@@ -243,7 +243,12 @@ fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) 
     let delivery = call.map_or(Delivery::MaybeProcessed, CallState::delivery);
     let key = call.and_then(|c| c.key.clone());
     if let Some(c) = call {
-        advise(&mut message, delivery, key.as_deref(), c.unsafe_method);
+        advise(
+            &mut message,
+            delivery,
+            (key.as_deref(), c.keyed),
+            c.unsafe_method,
+        );
     }
     let mut err = sturdy_core::Error::new(ErrorKind::Timeout, message);
     if let Some(source) = source {
@@ -259,7 +264,7 @@ fn not_sent(message: &mut String, method: &http::Method, safe: &str) {
     if crate::policy::is_idempotent(method) {
         message.push_str(safe);
     } else {
-        advise(message, Delivery::NotSent, None, true);
+        advise(message, Delivery::NotSent, (None, false), true);
     }
 }
 

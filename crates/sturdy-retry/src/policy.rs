@@ -150,8 +150,10 @@ pub(crate) struct CallState {
     pub(crate) in_flight: AtomicBool,
     /// What the attempt in flight is held back for below, if anything (then it was not sent).
     pub(crate) hold: sturdy_core::hold::AttemptHold,
-    /// The idempotency key, and whether the method is one that a duplicate would hurt.
+    /// The idempotency key, whether the request carried one (its bytes may not be text), and
+    /// whether the method is one that a duplicate would hurt.
     pub(crate) key: Option<String>,
+    pub(crate) keyed: bool,
     pub(crate) unsafe_method: bool,
 }
 
@@ -811,10 +813,11 @@ impl<C> RetryPolicy<C> {
         };
         let delivery = self.delivery();
         let key = key();
+        let keyed = idempotency_key(req.header(&self.config.idempotency_header)).is_some();
         advise(
             &mut message,
             delivery,
-            key.as_deref(),
+            (key.as_deref(), keyed),
             !is_idempotent(req.method()),
         );
         let mut err =
@@ -881,11 +884,12 @@ impl<C> RetryPolicy<C> {
     }
 }
 
-/// Appends what the caller may do next, for a request that a duplicate would hurt.
+/// Appends what the caller may do next, for a request that a duplicate would hurt. `key` is
+/// the key as text (`None` for bytes that are not UTF-8), and whether the request carried one.
 pub(crate) fn advise(
     message: &mut String,
     delivery: Delivery,
-    key: Option<&str>,
+    key: (Option<&str>, bool),
     unsafe_method: bool,
 ) {
     if !unsafe_method {
@@ -895,11 +899,16 @@ pub(crate) fn advise(
         (Delivery::NotSent, _) => {
             message.push_str("; the request was not sent, so it is safe to send again");
         }
-        (_, Some(key)) => {
+        (_, (Some(key), _)) => {
             message.push_str("; it may have been processed: retry with the same idempotency key ");
             message.push_str(key);
         }
-        (_, None) => message.push_str(
+        // A key whose bytes are not UTF-8 cannot be written into a message, and a lossy copy
+        // would be another key: the caller has it, in the request it built.
+        (_, (None, true)) => message.push_str(
+            "; it may have been processed: retry with the same idempotency key, the one the request carried (its bytes are not UTF-8 text, so it is not shown here)",
+        ),
+        (_, (None, false)) => message.push_str(
             "; it may have been processed: check before sending it again, or it may happen twice",
         ),
     }

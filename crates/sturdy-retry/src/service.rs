@@ -94,6 +94,10 @@ where
                 // Carries the deadline too: a layer below refuses at once a wait past it.
                 hold: sturdy_core::hold::AttemptHold::until(at),
                 key: crate::policy::key_text(req.headers().get(&self.config.idempotency_header)),
+                keyed: sturdy_core::key::idempotency_key(
+                    req.headers().get(&self.config.idempotency_header),
+                )
+                .is_some(),
                 unsafe_method: !is_idempotent(req.method()),
                 ..CallState::default()
             })
