@@ -275,9 +275,16 @@ impl NotRunAgain {
         if !not_run || self.paused >= Self::BUDGET {
             return false;
         }
-        // Inside a backend's operation: give up before its deadline, so the caller hears
-        // what the cluster answered rather than that Redis did not answer in time.
-        let deadline = crate::DEADLINE.try_with(|d| *d).ok();
+        // Inside a backend's operation: keep the answer (if the operation's timeout cuts the
+        // next try, its error names it), and give up when the pause would reach the deadline.
+        let deadline = crate::OPERATION
+            .try_with(|op| {
+                if let Ok(mut kept) = op.not_run.lock() {
+                    *kept = Some(e.clone());
+                }
+                op.deadline
+            })
+            .ok();
         if deadline.is_some_and(|d| tokio::time::Instant::now() + self.next >= d) {
             return false;
         }

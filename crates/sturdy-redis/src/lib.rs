@@ -71,7 +71,7 @@ pub use idempotency::RedisIdempotencyStore;
 pub use stream::{DeadLetter, Delivery, RedisStreamConsumer, RedisStreamQueue};
 
 use std::fmt;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use conn::{hash_slot, Lua};
@@ -365,10 +365,16 @@ pub(crate) async fn bounded_connect<T>(
     bounded_as(timeout, what, fut, true).await
 }
 
+/// The backend operation being polled: when it must end, and the last answer of a Redis
+/// Cluster that said a command of it did not run (see `conn::NotRunAgain`, which reads the
+/// deadline and keeps the answer).
+pub(crate) struct Operation {
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) not_run: std::sync::Mutex<Option<redis::RedisError>>,
+}
+
 tokio::task_local! {
-    /// When the operation being polled must end: a cluster command that the cluster answered
-    /// "not run" is sent again only while this leaves room (see `conn::NotRunAgain`).
-    pub(crate) static DEADLINE: tokio::time::Instant;
+    pub(crate) static OPERATION: Arc<Operation>;
 }
 
 async fn bounded_as<T>(
@@ -382,16 +388,36 @@ async fn bounded_as<T>(
     let deadline = now
         .checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
-    match tokio::time::timeout_at(deadline, DEADLINE.scope(deadline, fut)).await {
+    let op = Arc::new(Operation {
+        deadline,
+        not_run: std::sync::Mutex::new(None),
+    });
+    match tokio::time::timeout_at(deadline, OPERATION.scope(op.clone(), fut)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(classified(what, e, connecting)),
-        Err(_) => Err(Box::new(Error::new(
-            ErrorKind::Timeout,
-            format!(
-                "{what}: Redis did not answer within {}",
-                sturdy_core::human_duration(timeout)
-            ),
-        ))),
+        Err(_) => {
+            let waited = sturdy_core::human_duration(timeout);
+            let not_run = op.not_run.lock().ok().and_then(|mut e| e.take());
+            Err(match not_run {
+                // The cluster said "not run" and the timeout cut a try sent again (by the
+                // cluster client or by `NotRunAgain`): the reader needs the cause, and that
+                // last try may have run, so it stays a timeout.
+                Some(e) => Box::new(
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way): it answered {}, so that try did not run, and the try sent again after it had no answer within {waited}; try again shortly",
+                            e.code().unwrap_or("that it cannot")
+                        ),
+                    )
+                    .with_source(e),
+                ),
+                None => Box::new(Error::new(
+                    ErrorKind::Timeout,
+                    format!("{what}: Redis did not answer within {waited}"),
+                )),
+            })
+        }
     }
 }
 
