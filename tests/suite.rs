@@ -291,6 +291,7 @@ mod s62_server;
 mod s63_paginate;
 mod s64_hedge_conc;
 mod s65_readme;
+mod s66_auth;
 mod s67_cluster_idem;
 mod scale9_headers;
 mod scale9_idempotency;
