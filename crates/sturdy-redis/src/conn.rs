@@ -109,8 +109,9 @@ impl RedisConnection {
     /// `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`, `LOADING`: nodes that disagree for a
     /// moment about who owns a slot send a request back and forth), the command is sent again
     /// 10 ms later, then 20, 40 and so on up to 200 ms apart, until the operation's timeout
-    /// ends it (for at most 5 s on a connection used directly). Such an answer means the
-    /// command did not run, so sending it again cannot run it twice.
+    /// ends it (on a connection used directly, until these pauses add up to 5 s; each send
+    /// again has the cluster client's own tries). Such an answer means the command did not
+    /// run, so sending it again cannot run it twice.
     ///
     /// # Errors
     /// When no URL is given, a URL is invalid, or no node answers in time. The message never
