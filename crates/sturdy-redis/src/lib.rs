@@ -209,9 +209,9 @@ pub(crate) async fn connect_unbounded(
 /// Makes `connect` mean that Redis answers: one `PING` within what is left of the connect's
 /// `bound`, counted from `started`. A Redis that requires a password, reached with none,
 /// accepts the connection and refuses each command after it (an `Auth` error here, not at the
-/// first operation); a Redis that accepts and never answers (hung, paused) is a `Timeout` here. Any other answer (a
-/// server still loading its data, a user not allowed `PING`) leaves the connection to its
-/// operations, which have bounds and messages of their own.
+/// first operation); a Redis that accepts and never answers (hung, paused) is a `Timeout`
+/// here. Any other answer (a server still loading its data, a user not allowed `PING`) leaves
+/// the connection to its operations, which have bounds and messages of their own.
 async fn check_answers(
     c: &mut ConnectionManager,
     bound: Duration,
@@ -383,11 +383,7 @@ async fn bounded_as<T>(
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     connecting: bool,
 ) -> Result<T, BoxError> {
-    let now = tokio::time::Instant::now();
-    // A timeout too long to add (`Duration::MAX`) is as good as none: thirty years.
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
+    let deadline = sturdy_core::clock::after(tokio::time::Instant::now(), timeout);
     let op = Arc::new(Operation {
         deadline,
         not_run: std::sync::Mutex::new(None),
