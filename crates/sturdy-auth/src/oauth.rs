@@ -685,15 +685,7 @@ impl ClientCredentials {
         let (status, body) = match tokio::time::timeout(s.request_timeout, fetch).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
-                // A response past the 64 KiB limit is a body error (`ErrorKind::Body`: "was
-                // too large"), whatever the general classification of a body's failure.
-                let too_large = sturdy_core::find::<sturdy_core::body::BodyError>(&*e)
-                    .is_some_and(sturdy_core::body::BodyError::is_too_large);
-                let kind = if too_large {
-                    ErrorKind::Body
-                } else {
-                    sturdy_core::classify::classify_error(&*e)
-                };
+                let kind = sturdy_core::classify::classify_error(&*e);
                 // The root cause in plain words ("connection refused", "TLS handshake failed
                 // (...)"), not the client's own wrapper text.
                 return Err(Failure::new(

@@ -116,8 +116,9 @@ pub fn classify_status(status: StatusCode) -> Outcome {
 /// Classifies an error by walking its `source()` chain.
 ///
 /// The first link that says something decides: sturdy's own errors, tower and tokio timeouts,
-/// hyper-util's connect errors, hyper's errors, then `std::io::Error` kinds. An error nobody
-/// recognises is [`ErrorKind::Other`], which is not retried.
+/// a body read past its limit ([`ErrorKind::Body`]), hyper-util's connect errors, hyper's
+/// errors, then `std::io::Error` kinds. An error nobody recognises is [`ErrorKind::Other`],
+/// which is not retried.
 pub fn classify_error(err: &(dyn StdError + 'static)) -> ErrorKind {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     // Whether an error above said the connection was made (a hyper-util error that is not a
@@ -158,6 +159,11 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
     }
     if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
         return Some(ErrorKind::Timeout);
+    }
+    // A body read past its limit (`body::buffer`'s `TooLarge`) is a body error, not an unknown
+    // one; a body stream that failed says more through its cause.
+    if let Some(b) = e.downcast_ref::<crate::body::BodyError>() {
+        return b.is_too_large().then_some(ErrorKind::Body);
     }
     if let Some(h) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
         if h.is_connect() {
@@ -652,6 +658,15 @@ mod tests {
         assert_eq!(classify_error(&reset), ErrorKind::Transport);
         let refused = Wrap(io::Error::new(io::ErrorKind::ConnectionRefused, "no"));
         assert_eq!(classify_error(&refused), ErrorKind::Connect);
+
+        // A body past its limit is a body error; a failed body stream is what its cause is.
+        let big: BoxError = Box::new(crate::body::BodyError::TooLarge { limit: 4 });
+        assert_eq!(classify_error(&*big), ErrorKind::Body);
+        let broken = crate::body::BodyError::Read(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        assert_eq!(classify_error(&broken), ErrorKind::Transport);
 
         let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
         assert_eq!(
