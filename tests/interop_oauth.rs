@@ -6,15 +6,17 @@
 //! with `expires_in: N`. The stats endpoint counts tokens issued and API calls per client id, so
 //! each test uses client ids of its own.
 use crate::interop_common;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use interop_common::*;
-use sturdy::auth::{AuthLayer, ClientAuth, ClientCredentials};
+use sturdy::auth::{AuthLayer, ClientAuth, ClientCredentials, ExposeSecret};
 use sturdy::core::classify::{classify_error, delivery};
-use sturdy::core::{Delivery, ErrorKind, ErrorSummary};
+use sturdy::core::events::Event;
+use sturdy::core::{BoxError, Delivery, ErrorKind, ErrorSummary};
 use sturdy::ClientBuilder;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 const OAUTH: &str = "STURDY_INTEROP_OAUTH_URL";
 const API: &str = "STURDY_INTEROP_API_URL";
@@ -440,4 +442,127 @@ async fn refresh_is_single_flight_under_concurrency() {
     assert_eq!(s["invalid_401"], 0, "no expired token presented: {s}");
     let issued = s["tokens"].as_u64().unwrap();
     assert!((2..=6).contains(&issued), "one request per refresh: {s}");
+}
+
+/// The lifetime of each token `c` fetches, from its `TokenFetched` events.
+fn lifetimes(c: ClientCredentials) -> (ClientCredentials, Arc<Mutex<Vec<Duration>>>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let c = c.on_event(move |e| {
+        if let Event::TokenFetched { lifetime, .. } = e {
+            g.lock().unwrap().push(*lifetime);
+        }
+    });
+    (c, got)
+}
+
+/// Basic and form-body client authentication with scopes: 20 concurrent callers share one JWT,
+/// whose `expires_in` (120 for a `ttl120-` id) is the lifetime the source reports; a wrong secret
+/// is the non-retryable `invalid_client` refusal, in the words of the docs, without the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_and_post_with_scopes_one_token_and_a_clear_refusal() {
+    let oauth = peer_or_skip!(OAUTH);
+    let url = format!("{oauth}/token");
+    for auth in [ClientAuth::SecretBasic, ClientAuth::SecretPost] {
+        let (c, got) = lifetimes(
+            ClientCredentials::new(http(), &url, client_id("ttl120-scopes"), SECRET)
+                .unwrap()
+                .with_client_auth(auth)
+                .with_scopes(["read", "write"])
+                .with_request_timeout(Duration::from_secs(3)),
+        );
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.get().await })
+            })
+            .collect();
+        let mut values = Vec::new();
+        for t in bounded(Duration::from_secs(10), "20 callers", join_all(tasks)).await {
+            let token = t.unwrap().unwrap_or_else(|e| panic!("{}", chain(&e)));
+            values.push(token.secret().expose_secret().to_owned());
+        }
+        values.dedup();
+        assert_eq!(values.len(), 1, "{auth:?}: more than one token");
+        assert_eq!(values[0].split('.').count(), 3, "not a JWT");
+        assert_eq!(
+            *got.lock().unwrap(),
+            vec![Duration::from_secs(120)],
+            "{auth:?}"
+        );
+
+        let wrong =
+            ClientCredentials::new(http(), &url, client_id("wrong-scopes"), "WRONG-SECRET-S66")
+                .unwrap()
+                .with_client_auth(auth);
+        let e = bounded(Duration::from_secs(10), "wrong secret", wrong.get())
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(!e.is_retryable(), "{msg}");
+        assert!(
+            msg.contains("refused the token request with invalid_client (401 Unauthorized)"),
+            "{msg}"
+        );
+        assert!(!chain(&e).contains("WRONG-SECRET-S66"), "{msg}");
+    }
+}
+
+/// Tokens of 1 s (`ttl1-`) through `AuthLayer` over `ConcurrencyLimit(1)`, driven by a kept
+/// service for 1.6 s: every call carries the bearer JWT, and the source refreshes a few times,
+/// not once per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_second_tokens_through_a_kept_service_are_refreshed_not_fetched_per_call() {
+    let oauth = peer_or_skip!(OAUTH);
+    let (c, got) = lifetimes(
+        ClientCredentials::new(
+            http(),
+            &format!("{oauth}/token"),
+            client_id("ttl1-kept"),
+            SECRET,
+        )
+        .unwrap()
+        .with_request_timeout(Duration::from_secs(3)),
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let api = tower::service_fn(
+        move |req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+            let s = s.clone();
+            async move {
+                let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+                s.lock().unwrap().push(auth);
+                Ok::<_, BoxError>(http::Response::new(
+                    http_body_util::Full::<bytes::Bytes>::default(),
+                ))
+            }
+        },
+    );
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(AuthLayer::oauth2(c).with_token_timeout(Duration::from_secs(3)))
+        .concurrency_limit(1)
+        .service(api);
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1600) {
+        let res = bounded(Duration::from_secs(5), "a call", async {
+            svc.ready()
+                .await
+                .unwrap()
+                .call(get("http://api.invalid/"))
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{}", chain(&*e)));
+        assert_eq!(res.status(), 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    let fetched = got.lock().unwrap().len();
+    assert!(seen.len() > 30, "{}", seen.len());
+    assert!(
+        (2..=6).contains(&fetched),
+        "{fetched} tokens for {} calls in 1.6 s",
+        seen.len()
+    );
+    assert!(seen.iter().all(|a| a.starts_with("Bearer ey")), "{seen:?}");
 }

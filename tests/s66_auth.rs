@@ -5,8 +5,8 @@
 //! `ClientBuilder`, secrets in Debug, errors, events, logs and metric labels, and the words of
 //! docs/guides/auth.md, README.md and docs/RELIABILITY.md.
 //!
-//! `s66_oauth_mock_server_*` talk to a real oauth2-mock-server (interop/peers.js) when
-//! `STURDY_S66_OAUTH_URL` is set (its base URL, e.g. `http://127.0.0.1:PORT`), and skip otherwise.
+//! Its two tests against the real oauth2-mock-server are in tests/interop_oauth.rs (the interop
+//! binary, which scripts/interop.sh runs with that server).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -1609,116 +1609,4 @@ async fn s66_client_builder_with_a_token_endpoint_down_then_up() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The real OAuth2 server (interop/peers.js): skipped when STURDY_S66_OAUTH_URL is unset.
-// ---------------------------------------------------------------------------------------------
-
-fn oauth_url() -> Option<String> {
-    match std::env::var("STURDY_S66_OAUTH_URL") {
-        Ok(u) if !u.is_empty() => Some(u.trim_end_matches('/').to_owned()),
-        _ => {
-            eprintln!("skipped: STURDY_S66_OAUTH_URL is not set (interop/peers.js's oauth URL)");
-            None
-        }
-    }
-}
-
-/// oauth2-mock-server: a JWT for the right secret (Basic and post), `expires_in` honoured
-/// (ttl<N>- ids), one request for many callers; a wrong secret is `invalid_client`, in the
-/// words of the docs, without the secret.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s66_oauth_mock_server_tokens_and_refusals() {
-    let Some(base) = oauth_url() else { return };
-    let url = format!("{base}/token");
-    for auth in [ClientAuth::SecretBasic, ClientAuth::SecretPost] {
-        let (c, got) = lifetimes(
-            ClientCredentials::new(hyper(), &url, "ttl120-s66", "interop-secret")
-                .unwrap()
-                .with_client_auth(auth)
-                .with_scopes(["read", "write"])
-                .with_request_timeout(secs(3)),
-        );
-        let mut tasks = Vec::new();
-        for _ in 0..20 {
-            let c = c.clone();
-            tasks.push(tokio::spawn(async move { c.get().await }));
-        }
-        let mut values = Vec::new();
-        for t in tasks {
-            let t = within("get", secs(5), t).await.unwrap().unwrap();
-            values.push(t.secret().expose_secret().to_owned());
-        }
-        values.dedup();
-        assert_eq!(values.len(), 1, "{auth:?}: many tokens");
-        assert_eq!(values[0].split('.').count(), 3, "not a JWT");
-        assert_eq!(got.lock().unwrap().clone(), vec![secs(120)], "{auth:?}");
-
-        let wrong = ClientCredentials::new(hyper(), &url, "s66-wrong", "S66-WRONG-SECRET")
-            .unwrap()
-            .with_client_auth(auth);
-        let e = within("wrong", secs(5), wrong.get()).await.unwrap_err();
-        let msg = e.to_string();
-        assert!(!e.is_retryable(), "{msg}");
-        assert!(
-            msg.contains("refused the token request with invalid_client (401 Unauthorized)"),
-            "{msg}"
-        );
-        assert!(!chain(&e).contains("S66-WRONG-SECRET"), "{msg}");
-    }
-}
-
-/// oauth2-mock-server through `AuthLayer` over a hyper client with `ConcurrencyLimit(1)` and a
-/// kept service: the bearer header carries the JWT; a token of 1 s (ttl1-) is refreshed, not
-/// fetched per call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s66_oauth_mock_server_short_tokens_through_the_layer() {
-    let Some(base) = oauth_url() else { return };
-    let c = ClientCredentials::new(
-        hyper(),
-        &format!("{base}/token"),
-        "ttl1-s66",
-        "interop-secret",
-    )
-    .unwrap()
-    .with_request_timeout(secs(3));
-    let (c, got) = lifetimes(c);
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    let api = tower::service_fn(move |req: Req| {
-        let s = s.clone();
-        async move {
-            s.lock()
-                .unwrap()
-                .push(req.headers()["authorization"].to_str().unwrap().to_owned());
-            Ok::<_, BoxError>(Response::new(Full::<Bytes>::default()))
-        }
-    });
-    let mut svc = ServiceBuilder::new()
-        .layer(AuthLayer::oauth2(c).with_token_timeout(secs(3)))
-        .concurrency_limit(1)
-        .service(api);
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < ms(1600) {
-        let res = within("call", secs(5), async {
-            svc.ready().await.unwrap().call(get()).await
-        })
-        .await
-        .unwrap();
-        assert_eq!(res.status(), 200);
-        tokio::time::sleep(ms(20)).await;
-    }
-    let calls = seen.lock().unwrap().len();
-    let fetched = got.lock().unwrap().len();
-    assert!(calls > 30, "{calls}");
-    assert!(
-        (2..=6).contains(&fetched),
-        "{fetched} tokens for {calls} calls in 1.6 s"
-    );
-    assert!(seen
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|a| a.starts_with("Bearer ey")));
 }
