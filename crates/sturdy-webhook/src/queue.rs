@@ -124,6 +124,18 @@ struct Seen {
     order: VecDeque<(String, Instant)>,
 }
 
+impl Seen {
+    /// Forgets the oldest remembered key, unless it was taken again since (a later entry of
+    /// `order` then holds it).
+    fn forget_oldest(&mut self) {
+        if let Some((k, at)) = self.order.pop_front() {
+            if self.ids.get(&k) == Some(&at) {
+                self.ids.remove(&k);
+            }
+        }
+    }
+}
+
 /// The in-memory queue: bounded, with bounded dedup memory. Fast, not durable: events in it are
 /// lost if the process dies. Use the Redis Streams queue (`sturdy-redis`) when that matters.
 #[derive(Clone)]
@@ -189,15 +201,9 @@ impl EventQueue for MemoryQueue {
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         let key = event.dedup_key();
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        // Forget expired keys, oldest first; and the oldest past the bound.
-        while let Some((k, at)) = seen.order.front().cloned() {
-            if at > now && seen.ids.len() < self.max_ids {
-                break;
-            }
-            seen.order.pop_front();
-            if seen.ids.get(&k) == Some(&at) {
-                seen.ids.remove(&k);
-            }
+        // Forget expired keys, oldest first.
+        while seen.order.front().is_some_and(|(_, at)| *at <= now) {
+            seen.forget_oldest();
         }
         let result = if seen.ids.get(&key).is_some_and(|at| *at > now) {
             Push::Duplicate
@@ -206,6 +212,13 @@ impl EventQueue for MemoryQueue {
             // and no second push of the key can slip in between.
             match self.tx.try_send(event) {
                 Ok(()) => {
+                    // Room for a new key: the oldest is forgotten only now, when `max_ids` keys
+                    // are held and this one is not among them (a duplicate forgets nothing).
+                    if !seen.ids.contains_key(&key) {
+                        while seen.ids.len() >= self.max_ids && !seen.order.is_empty() {
+                            seen.forget_oldest();
+                        }
+                    }
                     seen.ids.insert(key.clone(), expires);
                     seen.order.push_back((key, expires));
                     Push::Enqueued
@@ -225,6 +238,37 @@ impl EventQueue for MemoryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_bound_is_of_keys_held_and_a_duplicate_forgets_nothing() {
+        let ev = |id: &str| WebhookEvent::new("s", id, Bytes::new());
+        let ttl = Duration::from_secs(60);
+        let (mut q, mut rx) = MemoryQueue::new(16);
+        q.max_ids = 3;
+        for id in ["a", "b", "c"] {
+            assert_eq!(q.push(ev(id), ttl).await.unwrap(), Push::Enqueued);
+        }
+        // Three keys held, the bound: every one of them is still a duplicate, many times over.
+        for _ in 0..5 {
+            for id in ["a", "b", "c"] {
+                assert_eq!(q.push(ev(id), ttl).await.unwrap(), Push::Duplicate, "{id}");
+            }
+        }
+        // A fourth key forgets the oldest, and only it.
+        assert_eq!(q.push(ev("d"), ttl).await.unwrap(), Push::Enqueued);
+        assert_eq!(q.push(ev("b"), ttl).await.unwrap(), Push::Duplicate);
+        assert_eq!(q.push(ev("a"), ttl).await.unwrap(), Push::Enqueued);
+        // Now c, d, a: b was the oldest.
+        assert_eq!(q.push(ev("c"), ttl).await.unwrap(), Push::Duplicate);
+        assert_eq!(q.push(ev("b"), ttl).await.unwrap(), Push::Enqueued);
+        while rx.try_recv().is_some() {}
+        // A full queue remembers nothing and forgets nothing.
+        let (mut q, _rx) = MemoryQueue::new(1);
+        q.max_ids = 1;
+        assert_eq!(q.push(ev("x"), ttl).await.unwrap(), Push::Enqueued);
+        assert_eq!(q.push(ev("y"), ttl).await.unwrap(), Push::Full);
+        assert_eq!(q.push(ev("x"), ttl).await.unwrap(), Push::Duplicate);
+    }
 
     #[test]
     fn dedup_keys_of_distinct_triples_differ() {
