@@ -87,15 +87,25 @@ pub(crate) fn key_of<B>(req: &Request<B>, headers: &KeyHeaders) -> Vec<u8> {
     let uri = req.uri();
     push(&mut out, req.method().as_str().as_bytes());
     push(&mut out, uri.scheme_str().unwrap_or("").as_bytes());
-    push(
-        &mut out,
-        uri.authority().map_or("", |a| a.as_str()).as_bytes(),
-    );
+    let h = req.headers();
+    match uri.authority() {
+        Some(a) => push(&mut out, a.as_str().as_bytes()),
+        // A relative URI (a request an axum app forwards, say) names its host in `Host` only.
+        // It is part of the identity whatever the key headers: two hosts' requests for one path
+        // can meet in one table (past `with_max_hosts`, or under `with_key`).
+        None => {
+            push(&mut out, b"");
+            let hosts = h.get_all(http::header::HOST);
+            out.extend_from_slice(&(hosts.iter().count() as u32).to_le_bytes());
+            for value in hosts {
+                push(&mut out, value.as_bytes());
+            }
+        }
+    }
     push(
         &mut out,
         uri.path_and_query().map_or("", |p| p.as_str()).as_bytes(),
     );
-    let h = req.headers();
     match headers {
         KeyHeaders::AllExcept(ignored) => {
             // By name, so that the same headers set in another order are the same request
@@ -468,6 +478,26 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn relative_requests_to_two_hosts_differ_whatever_the_key_headers() {
+        for headers in [
+            KeyHeaders::Only(vec![http::header::AUTHORIZATION]),
+            KeyHeaders::Only(vec![]),
+            KeyHeaders::AllExcept(vec![http::header::HOST]),
+        ] {
+            let k = |r: &Request<()>| key_of(r, &headers);
+            let a = req("/v1/me", &[("host", "a.example")]);
+            assert_ne!(k(&a), k(&req("/v1/me", &[("host", "b.example")])));
+            assert_ne!(k(&a), k(&req("/v1/me", &[])));
+            assert_eq!(k(&a), k(&req("/v1/me", &[("host", "a.example")])));
+            // A relative URI's path cannot pass for a host: the parts are length-prefixed.
+            assert_ne!(
+                k(&req("/", &[("host", "a.example")])),
+                k(&req("/a.example", &[]))
+            );
+        }
     }
 
     #[test]

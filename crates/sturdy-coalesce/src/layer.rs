@@ -87,7 +87,8 @@ impl<K> CoalesceLayer<K> {
     }
 
     /// Two requests are identical only when these headers (and the method and URI) match; other
-    /// headers are ignored. For example `[AUTHORIZATION, ACCEPT]`: callers with different
+    /// headers are ignored. A relative URI's `Host` header is always compared: it is the URI's
+    /// host. For example `[AUTHORIZATION, ACCEPT]`: callers with different
     /// credentials never share a response, whatever else they send. Replaces the default (every
     /// header but a few per-request ids).
     ///
