@@ -471,17 +471,20 @@ impl StandardWebhooks {
         let sigs = header(headers, "webhook-signature")?;
         let ts = parse_ts(ts_raw)?;
         check_time(ts, now, self.tolerance)?;
-        // Entries that are not `v1,<base64>` are skipped, not errors (other versions, rotation).
+        // Entries that are not `v1,<base64>` are skipped, not errors (other versions, rotation);
+        // so is a v1 entry that is not 32 bytes, which no HMAC-SHA256 can match (`v1,` alone
+        // decodes to nothing): a header of such entries only is refused before the body.
         let tags: Vec<Vec<u8>> = sigs
             .split(' ')
             .filter_map(|e| e.split_once(','))
             .filter(|(v, _)| *v == "v1")
             .take(MAX_SIGNATURES)
             .filter_map(|(_, s)| STANDARD.decode(s).ok())
+            .filter(|tag| tag.len() == MAC_LEN)
             .collect();
         if tags.is_empty() {
             return Err(Rejection::unauthorized(
-                "webhook-signature has no decodable v1 entry",
+                "webhook-signature has no v1 entry that decodes to a 32-byte signature",
             ));
         }
         Ok(StandardParts {
@@ -615,9 +618,10 @@ impl Stripe {
                 "t" => ts = Some((v.trim(), parse_ts(v)?)),
                 "v1" => {
                     v1_seen += 1;
-                    // An undecodable v1 entry is ignored, as Stripe's libraries do.
+                    // An undecodable v1 entry is ignored, as Stripe's libraries do; so is one that
+                    // is not 32 bytes (64 hex digits), which no HMAC-SHA256 can match.
                     if v1_seen <= MAX_SIGNATURES {
-                        tags.extend(hex_decode(v.trim()));
+                        tags.extend(hex_decode(v.trim()).filter(|tag| tag.len() == MAC_LEN));
                     }
                 }
                 _ => {}
@@ -627,7 +631,7 @@ impl Stripe {
             ts.ok_or_else(|| Rejection::bad_request("Stripe-Signature has no timestamp"))?;
         if tags.is_empty() {
             return Err(Rejection::bad_request(
-                "Stripe-Signature has no v1 signature",
+                "Stripe-Signature has no v1 signature of 64 hex digits",
             ));
         }
         check_time(ts, now, self.tolerance)?;
@@ -731,7 +735,9 @@ impl GitHub {
         let hex = raw.trim().strip_prefix("sha256=").ok_or_else(|| {
             Rejection::bad_request("X-Hub-Signature-256 does not start with sha256=")
         })?;
-        hex_decode(hex).ok_or_else(|| Rejection::bad_request("X-Hub-Signature-256 is not hex"))
+        hex_decode(hex)
+            .filter(|tag| tag.len() == MAC_LEN)
+            .ok_or_else(|| Rejection::bad_request("X-Hub-Signature-256 is not 64 hex digits"))
     }
 }
 
@@ -895,8 +901,12 @@ impl GenericHmac {
             Encoding::Hex => hex_decode(enc),
             Encoding::Base64 => STANDARD.decode(enc).ok(),
         }
+        .filter(|tag| tag.len() == MAC_LEN)
         .ok_or_else(|| {
-            Rejection::bad_request(format!("{} is not valid {:?}", self.header, self.encoding))
+            Rejection::bad_request(format!(
+                "{} is not a 32-byte signature in {:?}",
+                self.header, self.encoding
+            ))
         })?;
         let ts = match &self.timestamp_header {
             Some(h) => {
