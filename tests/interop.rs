@@ -17,4 +17,5 @@ mod interop_nginx;
 mod interop_oauth;
 mod interop_paginate;
 mod interop_peers14;
+mod interop_s68_signers;
 mod interop_webhooks;

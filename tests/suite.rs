@@ -293,6 +293,7 @@ mod s64_hedge_conc;
 mod s65_readme;
 mod s66_auth;
 mod s67_cluster_idem;
+mod s68_webhooks;
 mod s69_circuit_coalesce;
 mod scale9_headers;
 mod scale9_idempotency;
