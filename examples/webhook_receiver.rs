@@ -210,11 +210,12 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with(",\"event\":\"push\"}"), "{out}");
-        // A forged one is refused and never queued.
+        // A forged one (well-formed, 64 hex digits) is refused and never queued.
+        let forged = format!("sha256={}", "0".repeat(64));
         let res = app
             .oneshot(
                 Request::post("/webhooks/github")
-                    .header("x-hub-signature-256", "sha256=00")
+                    .header("x-hub-signature-256", forged.as_str())
                     .body(axum::body::Body::from(body))
                     .unwrap(),
             )

@@ -88,9 +88,9 @@ impl<K> CoalesceLayer<K> {
 
     /// Two requests are identical only when these headers (and the method and URI) match; other
     /// headers are ignored. A relative URI's `Host` header is always compared: it is the URI's
-    /// host. For example `[AUTHORIZATION, ACCEPT]`: callers with different
-    /// credentials never share a response, whatever else they send. Replaces the default (every
-    /// header but a few per-request ids).
+    /// host. For example `[AUTHORIZATION, ACCEPT]`: callers with different credentials never
+    /// share a response, whatever else they send. Replaces the default (every header but a few
+    /// per-request ids).
     ///
     /// Name every header that can change the response: a request whose response depends on a
     /// header left out here gets the response to another caller's request.
