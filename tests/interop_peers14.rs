@@ -10,8 +10,6 @@
 //! - the origin's `/stall-body...` (the head and part of the body, then nothing);
 //! - the odd token endpoint (`STURDY_INTEROP_ODD_TOKEN_URL`).
 use crate::interop_common;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -932,30 +930,6 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-fn sign(dir: &str, cases: &serde_json::Value) -> Vec<String> {
-    let mut child = Command::new("node")
-        .arg(format!("{dir}/sign.js"))
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(cases.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sign.js: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn standard_app(verifier: StandardWebhooks) -> (Router, MemoryReceiver) {

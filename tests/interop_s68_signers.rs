@@ -3,8 +3,7 @@
 //! and forms, rotation with one valid signature among many, the tolerance edges, byte-for-byte
 //! agreement of sturdy's own signers. `STURDY_INTEROP_NODE_DIR` names the directory holding
 //! `sign.js`; without it every test returns early.
-use std::io::Write;
-use std::process::{Command, Stdio};
+use crate::interop_common::sign;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,31 +32,6 @@ impl WallClock for Fixed {
 
 fn clock() -> Arc<dyn WallClock> {
     Arc::new(Fixed(UNIX_EPOCH + Duration::from_secs(NOW as u64)))
-}
-
-/// Header values signed by the real libraries, one per case, in order.
-fn sign(dir: &str, cases: &serde_json::Value) -> Vec<String> {
-    let mut child = Command::new("node")
-        .arg(format!("{dir}/sign.js"))
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(cases.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sign.js failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON array of header values")
 }
 
 /// A seeded splitmix64.

@@ -6,8 +6,6 @@
 //! Also the public vectors of `/work/shared/vectors/STANDARDS.md` (Standard Webhooks SW-1 and
 //! its negatives), checked against both the real library and sturdy.
 use crate::interop_common;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -36,31 +34,6 @@ fn now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-/// Header values signed by the real libraries, one per case, in order.
-fn sign(dir: &str, cases: &serde_json::Value) -> Vec<String> {
-    let mut child = Command::new("node")
-        .arg(format!("{dir}/sign.js"))
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(cases.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sign.js failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON array of header values")
 }
 
 fn standard_app(verifier: StandardWebhooks) -> (Router, MemoryReceiver) {
