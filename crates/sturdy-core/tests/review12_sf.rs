@@ -177,9 +177,11 @@ proptest! {
         let mut b = b"%\"".to_vec();
         b.extend_from_slice(&tail);
         if let Ok(BareItem::DisplayString(s)) = item(&b) {
-            // Parsed: so the input ended with the closing quote right after the text.
-            prop_assert_eq!(b.last(), Some(&b'"'));
-            prop_assert!(!s.is_empty() || b.len() == 3);
+            // Parsed: so the input ended with the closing quote right after the text, but for
+            // trailing spaces, which a parser discards (RFC 9651 section 4.2).
+            let end = b.iter().rposition(|c| *c != b' ').map_or(0, |i| i + 1);
+            prop_assert_eq!(b[..end].last(), Some(&b'"'));
+            prop_assert!(!s.is_empty() || end == 3);
         }
         let _ = sf::parse_list([&b[..]]);
     }
@@ -249,4 +251,12 @@ fn a_malformed_display_string_drops_the_whole_field_without_panic() {
     ))
     .unwrap();
     assert_eq!(got.len(), 2);
+}
+
+/// The case a random run of `arbitrary_bytes_never_panic` found: trailing spaces after a
+/// Display String are discarded (RFC 9651 section 4.2), so `%"" ` is the empty text.
+#[test]
+fn a_display_string_then_trailing_spaces_is_the_text() {
+    assert_eq!(item(b"%\"\" "), Ok(BareItem::DisplayString(String::new())));
+    assert_eq!(item(b"%\"a\"  "), Ok(BareItem::DisplayString("a".into())));
 }
