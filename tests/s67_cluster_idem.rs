@@ -404,11 +404,13 @@ async fn s67_cluster_braced_keys_and_prefixes_replay_across_instances() {
         let a = RedisIdempotencyStore::connect_cluster([urls[0].as_str()])
             .await
             .expect("connect through the first node")
-            .with_prefix(prefix.clone());
+            .with_prefix(prefix.clone())
+            .with_timeout(Duration::from_secs(10));
         let b = RedisIdempotencyStore::connect_cluster([urls[2].as_str()])
             .await
             .expect("connect through the third node")
-            .with_prefix(prefix.clone());
+            .with_prefix(prefix.clone())
+            .with_timeout(Duration::from_secs(10));
         let (url_a, runs_a) = idem_app(a, Duration::from_secs(5), Duration::ZERO).await;
         let (url_b, runs_b) = idem_app(b, Duration::from_secs(5), Duration::ZERO).await;
         let long = format!("{{{}}}", "t".repeat(253));
@@ -459,10 +461,13 @@ async fn s67_cluster_braced_keys_and_prefixes_replay_across_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s67_cluster_store_takes_64k_braced_and_empty_keys() {
     let Some(urls) = cluster() else { return };
+    // The shared cluster can be down for a few seconds while other tests move slots on a
+    // loaded machine (CLUSTERDOWN): a bound above a failover's, not the default 1 s.
     let store = RedisIdempotencyStore::connect_cluster(urls.iter())
         .await
         .unwrap()
-        .with_prefix(unique("big"));
+        .with_prefix(unique("big"))
+        .with_timeout(Duration::from_secs(10));
     let big = format!("{{{}}}{}", "k".repeat(32 * 1024), "{v}".repeat(10 * 1024));
     assert!(big.len() > 60 * 1024);
     for key in [big.as_str(), "{", "", "}"] {
