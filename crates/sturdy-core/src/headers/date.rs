@@ -2,7 +2,9 @@
 //!
 //! All three formats are accepted (IMF-fixdate, RFC 850, asctime). Beyond the strict grammar,
 //! the reader tolerates what real servers send: a day name that does not match the date (RFC
-//! 8594's own example), a one-digit day, and `UTC`, `Z` or `+0000` in place of `GMT`. A date
+//! 8594's own example), a one-digit day, and `UTC`, `Z` or `+0000` in place of `GMT`. An RFC 850
+//! two-digit year is read as RFC 9110 says, against today's date: the latest year with those two
+//! digits that is at most 50 years ahead (in 2026, `70` is 2070 and `77` is 1977). A date
 //! before 1970 is an error for [`parse_http_date`] (a `Retry-After` or a reset that old is
 //! ignored, not read as "now"), and that date for [`parse_http_date_any_year`] (a `Sunset`
 //! long past is still reported); the result never depends on the local time zone.
@@ -10,6 +12,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::HeaderParseError;
+use crate::clock::WallClock;
 
 const MONTHS: [&str; 12] = [
     "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
@@ -45,8 +48,12 @@ pub fn parse_http_date_any_year(
     if s.is_empty() {
         return Err(err("empty"));
     }
-    if let Ok(t) = httpdate::parse_http_date(s) {
-        return Ok(t);
+    // httpdate reads an RFC 850 two-digit year in a fixed window (70 is 1970); the RFC's rule
+    // depends on today's date, so such a date (the only format with `-` in it) is read below.
+    if !s.contains('-') {
+        if let Ok(t) = httpdate::parse_http_date(s) {
+            return Ok(t);
+        }
     }
     let secs = lenient(s).ok_or_else(|| err("not an HTTP date"))?;
     let t = if secs >= 0 {
@@ -106,10 +113,7 @@ fn lenient(s: &str) -> Option<i64> {
     let two_digits = year.len() == 2;
     let mut year: i64 = i64::from(parse_digits(year, 2, 4)?);
     if two_digits {
-        // RFC 850 two-digit years: 70..99 => 19xx, 00..69 => 20xx. A reader without a clock
-        // cannot apply the "50 years in the future" rule exactly; this window agrees with it
-        // until 2070.
-        year += if year >= 70 { 1900 } else { 2000 };
+        year = full_year(year, current_year());
     } else if year == 0 {
         // There is no year 0 in the Gregorian calendar an HTTP date is written in: 1 BC is
         // followed by AD 1.
@@ -227,6 +231,42 @@ fn days_in_month(y: i64, m: u32) -> u32 {
     }
 }
 
+/// The year of a two-digit RFC 850 year, read as RFC 9110 §5.6.7 says: a year that appears to
+/// be more than 50 years in the future is the most recent past year with the same last two
+/// digits. So the latest year with those digits that is at most `this_year + 50` (in 2026: `76`
+/// is 2076, `77` is 1977). Whole years: a date in the fiftieth year ahead is read as ahead.
+fn full_year(two_digits: i64, this_year: i64) -> i64 {
+    let last = this_year + 50;
+    last - (last - two_digits).rem_euclid(100)
+}
+
+/// This year (UTC) by the system clock, for [`full_year`].
+fn current_year() -> i64 {
+    let secs = crate::clock::SystemClock
+        .now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    year_of_day(secs.div_euclid(86_400))
+}
+
+/// The proleptic Gregorian year of a day counted from 1970-01-01 (Howard Hinnant's algorithm,
+/// the inverse of [`days_from_civil`]).
+fn year_of_day(days: i64) -> i64 {
+    let z = days.saturating_add(719_468);
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let year = yoe + era * 400;
+    // Months are counted from March: January and February belong to the next year.
+    if mp >= 10 {
+        year + 1
+    } else {
+        year
+    }
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -240,6 +280,51 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::{current_year, days_from_civil, full_year, parse_http_date, year_of_day};
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn two_digit_years_are_read_against_this_year_as_rfc_9110_says() {
+        for (yy, this, want) in [
+            (70, 2026, 2070),
+            (76, 2026, 2076),
+            (77, 2026, 1977),
+            (94, 2026, 1994),
+            (0, 2026, 2000),
+            (26, 2026, 2026),
+            (69, 2019, 2069),
+            (70, 2019, 1970),
+            (99, 2049, 2099),
+            (0, 2051, 2100),
+        ] {
+            assert_eq!(full_year(yy, this), want, "{yy} in {this}");
+        }
+    }
+
+    #[test]
+    fn the_year_of_a_day_inverts_days_from_civil() {
+        for y in (1..=9999).step_by(7).chain([1969, 1970, 2000, 2026, 2100]) {
+            for (m, d) in [(1, 1), (2, 28), (3, 1), (12, 31)] {
+                assert_eq!(year_of_day(days_from_civil(y, m, d)), y, "{y}-{m}-{d}");
+            }
+        }
+        assert!((2026..2200).contains(&current_year()));
+    }
+
+    #[test]
+    fn an_rfc_850_date_in_the_seventies_is_read_in_this_century() {
+        let this = current_year();
+        let t = parse_http_date(b"Wednesday, 01-Jan-70 00:00:00 GMT", "Date").unwrap();
+        let want = days_from_civil(full_year(70, this), 1, 1) * 86_400;
+        let got = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(i64::try_from(got).unwrap(), want);
+        if this <= 2076 {
+            assert!(t > SystemTime::UNIX_EPOCH + Duration::from_secs(3_000_000_000));
+        }
+        let t = parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT", "Date").unwrap();
+        assert_eq!(t, SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777));
+    }
+
     #[test]
     fn formatting_never_panics_on_times_a_peer_can_send() {
         use std::time::Duration;
