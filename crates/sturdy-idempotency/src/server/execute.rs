@@ -21,8 +21,9 @@ use tower::Service;
 use super::store::{Begin, BoxFuture, Fingerprint, IdempotencyStore, LockToken, StoredResponse};
 use super::{problem, Config, ResponseBody};
 
-/// Headers that describe one connection or one transfer, not the response: not stored.
-const HOP_BY_HOP: [&str; 6] = [
+/// Headers that describe one connection or one transfer, not the response: not stored, and
+/// not replayed when a store holds them anyway (written by another writer of the store).
+pub(super) const HOP_BY_HOP: [&str; 6] = [
     "connection",
     "keep-alive",
     "transfer-encoding",

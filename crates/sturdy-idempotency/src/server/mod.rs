@@ -357,7 +357,14 @@ fn fingerprint(method: &Method, path_and_query: &str, body: &[u8]) -> Fingerprin
     h.finalize().into()
 }
 
-fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+fn replay<B>(mut stored: StoredResponse) -> Response<ResponseBody<B>> {
+    // This layer never stores them; a store another writer filled may hold them, and a stale
+    // `Content-Length` or `Transfer-Encoding` would make the replayed body unreadable.
+    stored.headers.retain(|(k, _)| {
+        !execute::HOP_BY_HOP
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(k.trim()))
+    });
     let mut r = problem::to_response(stored);
     r.headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -631,6 +638,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_leaves_out_connection_headers_a_store_holds() {
+        let stored = StoredResponse {
+            status: 201,
+            headers: vec![
+                ("Content-Length".into(), b"999999".to_vec()),
+                ("transfer-encoding".into(), b"chunked".to_vec()),
+                ("date".into(), b"Sun, 06 Nov 1994 08:49:37 GMT".to_vec()),
+                ("x-order".into(), b"7".to_vec()),
+                ("idempotent-replayed".into(), b"false".to_vec()),
+            ],
+            body: Bytes::from_static(b"done!"),
+        };
+        let r = replay::<Full<Bytes>>(stored);
+        assert_eq!(r.status(), 201);
+        let names: Vec<&str> = r.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-order", "idempotent-replayed"]);
+        assert_eq!(r.headers()["idempotent-replayed"], "true");
+        assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(5));
+    }
 
     #[test]
     fn keys() {
