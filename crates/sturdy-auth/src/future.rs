@@ -245,6 +245,18 @@ where
             match &mut self.stage {
                 Stage::Buffering(collect) => {
                     let mut buf = match ready!(collect.as_mut().poll(cx)) {
+                        // Both sends are rebuilt from the bytes (`B: From<Bytes>`), which cannot
+                        // carry trailers: refused, not sent without them (a checksum, say).
+                        Ok(c) if c.trailers().is_some_and(|t| !t.is_empty()) => {
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(Box::new(
+                                Error::new(
+                                    ErrorKind::Body,
+                                    "the request body has trailers, which a request rebuilt from the body's bytes for the replay after a 401 cannot carry, so it was not sent; a body whose size is not known in advance is sent as it is, trailers included, and not replayed",
+                                )
+                                .with_delivery(Delivery::NotSent),
+                            )));
+                        }
                         Ok(c) => c.aggregate(),
                         Err(e) => {
                             self.stage = Stage::Done;

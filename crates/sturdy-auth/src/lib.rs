@@ -20,7 +20,9 @@
 //!   and `invalid_client` are not. A token request lost with its runtime (shut down
 //!   mid-request) is started again by the next caller.
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
-//!   replays the request once (the body is buffered up to 1 MiB for this); a second 401 is
+//!   replays the request once (the body is buffered up to 1 MiB for this; one that ends with
+//!   trailers, which a request rebuilt from its bytes cannot carry, fails unsent with a `Body`
+//!   error); a second 401 is
 //!   returned as is. 403 is never retried. An API that refuses every token does not cost a
 //!   token request per call: with [`ClientCredentials`], a token the API refused before it
 //!   accepted any request with it, after the token before it went the same way, is kept for 1 s

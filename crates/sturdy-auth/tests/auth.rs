@@ -445,3 +445,74 @@ async fn the_trace_records_a_token_refresh_only_when_the_call_waited_for_one() {
     svc.clone().oneshot(req).await.unwrap();
     assert_eq!(cached.events(), vec![]);
 }
+
+/// A body of known size that ends with trailers; `From<Bytes>` (what both sends are rebuilt
+/// from) has none.
+struct Trailed(Option<Bytes>, Option<http::HeaderMap>);
+
+impl From<Bytes> for Trailed {
+    fn from(b: Bytes) -> Self {
+        Self(Some(b), None)
+    }
+}
+
+impl http_body::Body for Trailed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.0.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(d))));
+        }
+        std::task::Poll::Ready(self.1.take().map(|t| Ok(http_body::Frame::trailers(t))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// The body kept for the replay after a 401 is rebuilt from its bytes: one with trailers is
+/// refused unsent (it went out without them); one of unknown size goes out as it is.
+#[tokio::test(start_paused = true)]
+async fn a_kept_body_with_trailers_is_refused_unsent_not_sent_without_them() {
+    let ep = TokenEndpoint::new(3_600);
+    let sent = Arc::new(AtomicU32::new(0));
+    let api = {
+        let sent = sent.clone();
+        service_fn(move |_req: Request<Trailed>| {
+            sent.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Response::new(())) }
+        })
+    };
+    let svc = AuthLayer::oauth2(ep.source()).layer(api);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+    let req = Request::put("http://api.example.com/blob")
+        .body(Trailed(
+            Some(Bytes::from_static(b"payload")),
+            Some(trailers),
+        ))
+        .unwrap();
+    let err = svc.clone().oneshot(req).await.unwrap_err();
+    let e = sturdy_core::find::<sturdy_core::Error>(&*err).expect("a sturdy error");
+    assert_eq!(*e.kind(), ErrorKind::Body);
+    assert!(e.to_string().contains("trailers"), "{e}");
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::NotSent
+    );
+    assert_eq!(sent.load(Ordering::SeqCst), 0);
+    // Empty trailers carry nothing: sent.
+    let req = Request::put("http://api.example.com/blob")
+        .body(Trailed(
+            Some(Bytes::from_static(b"payload")),
+            Some(http::HeaderMap::new()),
+        ))
+        .unwrap();
+    svc.oneshot(req).await.unwrap();
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+}

@@ -341,8 +341,22 @@ where
                                 return Poll::Ready(Err(Box::new(e)));
                             }
                         };
-                        let Ok(mut data) = frame.into_data() else {
-                            continue;
+                        let mut data = match frame.into_data() {
+                            Ok(data) => data,
+                            Err(other) => {
+                                if other.trailers_ref().is_some_and(|t| !t.is_empty()) {
+                                    // A replay is rebuilt from the body's bytes (`B: From<Bytes>`),
+                                    // which cannot carry trailers: sending it without them would
+                                    // lose them unseen (a checksum, say), on the first attempt too.
+                                    let mut message = "the request body has trailers, which an attempt rebuilt from the body's bytes cannot carry, so it was not sent; to keep them, send it with retries off (`CallOptions::without_retries()`) or as a body whose size is not known in advance (sent once, as it is)".to_owned();
+                                    not_sent(&mut message, view(&run.kept).method(), "");
+                                    let e = sturdy_core::Error::new(ErrorKind::Body, message)
+                                        .with_delivery(Delivery::NotSent);
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(Box::new(e)));
+                                }
+                                continue;
+                            }
                         };
                         let chunk = data.copy_to_bytes(data.remaining());
                         let kept = run

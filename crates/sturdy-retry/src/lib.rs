@@ -29,6 +29,10 @@
 //!   every clone, so an outage does not multiply traffic.
 //! - **Bodies**: a body whose size hint proves it fits the limit \[1 MiB\] is buffered and every
 //!   attempt sends the same bytes; a larger or unbounded streaming body is sent once, not retried.
+//!   Attempts are rebuilt from those bytes (`B: From<Bytes>`), which cannot carry trailers: a
+//!   buffered body that ends with trailers is refused with a `Body` error before it is sent
+//!   (not sent without them); to keep them, send it with `CallOptions::without_retries()` or
+//!   as a body whose size hint is not exact (sent once, as it is).
 //! - **Per request**: a [`sturdy_core::CallOptions`] in the request's extensions overrides the
 //!   attempts and the deadline for that request.
 //! - **Reporting**: each attempt and sleep is a `tracing` event and, when the request carries a

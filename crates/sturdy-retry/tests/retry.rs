@@ -1025,3 +1025,98 @@ async fn a_wait_not_slept_for_want_of_budget_or_body_ends_as_rate_limited() {
     let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited in the chain");
     assert_eq!(rl.retry_after(), Duration::from_secs(3), "{err}");
 }
+
+/// A body with trailers; `From<Bytes>` (what a replay is built from) has none.
+struct Trailed {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl From<Bytes> for Trailed {
+    fn from(b: Bytes) -> Self {
+        Self {
+            data: Some(b),
+            trailers: None,
+        }
+    }
+}
+
+impl http_body::Body for Trailed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(d) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(d))));
+        }
+        std::task::Poll::Ready(
+            self.trailers
+                .take()
+                .map(|t| Ok(http_body::Frame::trailers(t))),
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+fn trailed(trailers: &[(&'static str, &'static str)]) -> Request<Trailed> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in trailers {
+        map.insert(*k, http::HeaderValue::from_static(v));
+    }
+    Request::put("http://api.example.com/blob")
+        .body(Trailed {
+            data: Some(Bytes::from_static(b"payload")),
+            trailers: Some(map),
+        })
+        .unwrap()
+}
+
+/// A replay is built from the body's bytes and cannot carry trailers: a body of known size with
+/// trailers is refused before it is sent (it was sent without them, silently), and goes out
+/// whole with retries off. Empty trailers carry nothing and do not count.
+#[tokio::test(start_paused = true)]
+async fn a_body_with_trailers_is_refused_unsent_not_sent_without_them() {
+    let seen: Arc<Mutex<Vec<Option<http::HeaderMap>>>> = Arc::default();
+    let api = {
+        let seen = seen.clone();
+        service_fn(move |req: Request<Trailed>| {
+            let seen = seen.clone();
+            async move {
+                let c = req.into_body().collect().await.unwrap();
+                seen.lock().unwrap().push(c.trailers().cloned());
+                Ok::<_, BoxError>(status(200))
+            }
+        })
+    };
+    let svc = RetryLayer::new().layer(api);
+    let err = svc
+        .clone()
+        .oneshot(trailed(&[("x-checksum", "abc123")]))
+        .await
+        .unwrap_err();
+    let e = sturdy_core::find::<sturdy_core::Error>(&*err).expect("a sturdy error");
+    assert_eq!(*e.kind(), ErrorKind::Body);
+    assert!(e.to_string().contains("trailers"), "{e}");
+    assert!(e.to_string().contains("without_retries"), "{e}");
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::NotSent
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing sent");
+
+    let mut req = trailed(&[("x-checksum", "abc123")]);
+    req.extensions_mut()
+        .insert(sturdy_core::CallOptions::new().without_retries());
+    svc.clone().oneshot(req).await.unwrap();
+    let got = seen.lock().unwrap().pop().flatten().expect("trailers sent");
+    assert_eq!(got["x-checksum"], "abc123");
+
+    svc.oneshot(trailed(&[])).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
