@@ -295,6 +295,8 @@ mod s66_auth;
 mod s67_cluster_idem;
 mod s68_webhooks;
 mod s69_circuit_coalesce;
+mod s70_retry;
+mod s71_server_idem;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;
