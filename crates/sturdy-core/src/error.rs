@@ -174,6 +174,8 @@ pub struct CallReport {
     attempts: u32,
     delivery: Delivery,
     idempotency_key: Option<String>,
+    /// The request carried a key, shown in `idempotency_key` or not (bytes that are not UTF-8).
+    key_carried: bool,
 }
 
 impl CallReport {
@@ -183,8 +185,26 @@ impl CallReport {
         Self {
             attempts,
             delivery,
+            key_carried: idempotency_key.is_some(),
             idempotency_key,
         }
+    }
+
+    /// Records whether the request carried an idempotency key, also when
+    /// [`idempotency_key`](Self::idempotency_key) is `None` because its bytes are not UTF-8 text;
+    /// advice built from the report (such as [`ErrorSummary::advice`](crate::ErrorSummary::advice))
+    /// then says to send the call again with that key, not to check first. A report with a key
+    /// stays one that carried it.
+    #[must_use]
+    pub fn with_key_carried(mut self, carried: bool) -> Self {
+        self.key_carried = carried || self.idempotency_key.is_some();
+        self
+    }
+
+    /// Whether the request carried an idempotency key, shown by
+    /// [`idempotency_key`](Self::idempotency_key) or not.
+    pub fn carried_idempotency_key(&self) -> bool {
+        self.key_carried
     }
 
     /// How many attempts were made (sent on, past every layer that holds or refuses calls), the

@@ -66,6 +66,9 @@ pub struct ErrorSummary {
     /// the advice must name the wait the message names.
     #[serde(skip)]
     retry_after: Option<Duration>,
+    /// The request carried an idempotency key that `idempotency_key` cannot show (not UTF-8).
+    #[serde(skip)]
+    key_carried: bool,
 }
 
 fn kind_name(kind: &ErrorKind) -> (&'static str, Option<u16>) {
@@ -121,6 +124,7 @@ impl ErrorSummary {
             may_have_been_processed: delivery(err) == Delivery::MaybeProcessed,
             idempotency_key: report.and_then(|r| r.idempotency_key().map(str::to_owned)),
             attempts: report.map(crate::CallReport::attempts),
+            key_carried: report.is_some_and(crate::CallReport::carried_idempotency_key),
         }
     }
 
@@ -144,6 +148,11 @@ impl ErrorSummary {
                 out.push_str("; it may already have been processed, so send it again only with idempotency key ");
                 out.push_str(key);
             }
+            // A key whose bytes are not UTF-8 cannot be written here; the caller has it, in the
+            // request it built.
+            (None, true) if self.key_carried => out.push_str(
+                "; it may already have been processed, so send it again only with the idempotency key it carried (its bytes are not UTF-8 text, so it is not shown here)",
+            ),
             (None, true) => {
                 out.push_str(
                     "; it may already have been processed, so check before sending it again",
@@ -240,6 +249,31 @@ mod tests {
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["kind"], "transport");
         assert_eq!(v["may_have_been_processed"], true);
+    }
+
+    #[test]
+    fn a_key_that_cannot_be_shown_is_still_the_one_to_retry_with() {
+        let report = CallReport::new(4, Delivery::MaybeProcessed, None);
+        assert!(!report.carried_idempotency_key());
+        let err = Error::new(ErrorKind::Transport, "gave up after 4 attempts")
+            .with_report(report.clone().with_key_carried(true));
+        let s = ErrorSummary::of(&err);
+        assert_eq!(s.idempotency_key, None);
+        assert_eq!(
+            s.advice(),
+            "Trying again may help; it may already have been processed, so send it again only with the idempotency key it carried (its bytes are not UTF-8 text, so it is not shown here)."
+        );
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v.get("key_carried").is_none(), "{v}");
+        // Without a key: check first.
+        let err = Error::new(ErrorKind::Transport, "gave up").with_report(report);
+        assert!(ErrorSummary::of(&err)
+            .advice()
+            .ends_with("so check before sending it again."));
+        // A shown key stays carried.
+        let shown =
+            CallReport::new(1, Delivery::MaybeProcessed, Some("k".into())).with_key_carried(false);
+        assert!(shown.carried_idempotency_key());
     }
 
     #[test]

@@ -254,7 +254,8 @@ fn deadline_passed(len: Duration, call: Option<&CallState>, last: Option<Last>) 
     if let Some(source) = source {
         err = err.with_hidden_source(source);
     }
-    Box::new(err.with_report(CallReport::new(made, delivery, key)))
+    let keyed = call.is_some_and(|c| c.keyed);
+    Box::new(err.with_report(CallReport::new(made, delivery, key).with_key_carried(keyed)))
 }
 
 /// Ends the message of a call that failed while its body was read, before anything was sent:

@@ -761,8 +761,10 @@ impl<C> RetryPolicy<C> {
                 if res.status().is_client_error() || res.status().is_server_error() {
                     // A failed call answered by a response: the caller may need to know that an
                     // earlier attempt may have been processed, and under which key.
+                    let keyed =
+                        idempotency_key(req.header(&self.config.idempotency_header)).is_some();
                     res.extensions_mut()
-                        .insert(CallReport::new(n, self.delivery(), key()));
+                        .insert(CallReport::new(n, self.delivery(), key()).with_key_carried(keyed));
                 }
                 return;
             }
@@ -820,8 +822,8 @@ impl<C> RetryPolicy<C> {
             (key.as_deref(), keyed),
             !is_idempotent(req.method()),
         );
-        let mut err =
-            sturdy_core::Error::new(kind, message).with_report(CallReport::new(n, delivery, key));
+        let mut err = sturdy_core::Error::new(kind, message)
+            .with_report(CallReport::new(n, delivery, key).with_key_carried(keyed));
         if let Some(source) = source {
             err = err.with_hidden_source(source);
         }

@@ -1120,3 +1120,59 @@ async fn a_body_with_trailers_is_refused_unsent_not_sent_without_them() {
     svc.oneshot(trailed(&[])).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// A POST whose own key is not UTF-8 text: the key is retried with, the report cannot show it
+/// (`idempotency_key` is `None`) but says it was carried, so an agent's advice is to send it
+/// again with that key, not to check first; on the error and on a final failed response alike.
+#[tokio::test(start_paused = true)]
+async fn a_key_that_is_not_utf8_is_reported_as_carried() {
+    let key = http::HeaderValue::from_bytes(b"caf\xe9-\xff").unwrap();
+    let post = || {
+        let mut r = Request::post("http://api.example.com/orders")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        r.headers_mut().insert("idempotency-key", key.clone());
+        r
+    };
+    let reset = || -> Reply {
+        Err(Box::new(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "reset",
+        )))
+    };
+    let api = Api::new(vec![reset(), reset(), reset(), reset()]);
+    let err = RetryLayer::new()
+        .layer(api.service())
+        .oneshot(post())
+        .await
+        .unwrap_err();
+    assert_eq!(api.calls(), 4);
+    let report = sturdy_core::find::<sturdy_core::Error>(&*err)
+        .and_then(sturdy_core::Error::report)
+        .expect("a report");
+    assert_eq!(report.idempotency_key(), None);
+    assert!(report.carried_idempotency_key());
+    let advice = sturdy_core::summary::ErrorSummary::of(&*err).advice();
+    assert!(
+        advice.contains("send it again only with the idempotency key it carried"),
+        "{advice}"
+    );
+
+    let api = Api::new(vec![
+        Ok(status(503)),
+        Ok(status(503)),
+        Ok(status(503)),
+        Ok(status(503)),
+    ]);
+    let res = RetryLayer::new()
+        .layer(api.service())
+        .oneshot(post())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let report = res
+        .extensions()
+        .get::<sturdy_core::CallReport>()
+        .expect("a report");
+    assert!(report.carried_idempotency_key() && report.idempotency_key().is_none());
+}
