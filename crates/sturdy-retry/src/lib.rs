@@ -32,7 +32,8 @@
 //!   Attempts are rebuilt from those bytes (`B: From<Bytes>`), which cannot carry trailers: a
 //!   buffered body that ends with trailers is refused with a `Body` error before it is sent
 //!   (not sent without them); to keep them, send it with `CallOptions::without_retries()` or
-//!   as a body whose size hint is not exact (sent once, as it is).
+//!   as a body of unknown size (no upper bound within the limit in its size hint: sent once, as
+//!   it is).
 //! - **Per request**: a [`sturdy_core::CallOptions`] in the request's extensions overrides the
 //!   attempts and the deadline for that request.
 //! - **Reporting**: each attempt and sleep is a `tracing` event and, when the request carries a
