@@ -11,24 +11,26 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A whole token, in thousandths.
-pub(crate) const TOKEN: u64 = 1_000;
+/// A whole token, in billionths: fine enough that a ratio such as 0.0005 is kept as it is
+/// (thousandths rounded it up to 0.001, twice the hedges asked for). `u32::MAX` tokens still fit
+/// in a `u64`.
+pub(crate) const TOKEN: u64 = 1_000_000_000;
 
 #[derive(Debug)]
 pub(crate) struct Budget {
-    /// Thousandths of a token.
+    /// Billionths of a token.
     balance: AtomicU64,
 }
 
 impl Budget {
-    /// A budget that starts full (`cap` thousandths).
+    /// A budget that starts full (`cap` billionths).
     pub(crate) fn new(cap: u64) -> Self {
         Self {
             balance: AtomicU64::new(cap),
         }
     }
 
-    /// Adds `deposit` thousandths, up to `cap`.
+    /// Adds `deposit` billionths, up to `cap`.
     pub(crate) fn deposit(&self, deposit: u64, cap: u64) {
         let mut cur = self.balance.load(Ordering::Relaxed);
         while cur < cap {
@@ -68,11 +70,12 @@ impl Budget {
     }
 }
 
-/// The deposit per call and the cap, in thousandths, for `ratio` extra requests per call and
-/// `burst` hedges in a row.
-pub(crate) fn thousandths(ratio: f64, burst: u32) -> (u64, u64) {
+/// The deposit per call and the cap, in billionths of a token, for `ratio` extra requests per
+/// call and `burst` hedges in a row. The deposit is rounded down, never up: the budget may give
+/// a hedge fewer than `ratio` allows, never more.
+pub(crate) fn units(ratio: f64, burst: u32) -> (u64, u64) {
     (
-        (ratio * TOKEN as f64).round() as u64,
+        (ratio * TOKEN as f64).floor() as u64,
         u64::from(burst) * TOKEN,
     )
 }
@@ -83,7 +86,7 @@ mod tests {
 
     #[test]
     fn hedges_stay_within_ratio_plus_burst() {
-        let (dep, cap) = thousandths(0.05, 10);
+        let (dep, cap) = units(0.05, 10);
         let b = Budget::new(cap);
         let mut hedges = 0;
         for _ in 0..10_000 {
@@ -98,7 +101,7 @@ mod tests {
 
     #[test]
     fn an_empty_budget_refuses_and_refills() {
-        let (dep, cap) = thousandths(0.5, 1);
+        let (dep, cap) = units(0.5, 1);
         let b = Budget::new(cap);
         assert!(b.withdraw());
         assert!(!b.has_token());
@@ -116,8 +119,38 @@ mod tests {
     }
 
     #[test]
+    fn small_ratios_are_not_rounded_up() {
+        for (ratio, calls) in [
+            (0.0005, 10_050u64),
+            (0.0015, 10_050),
+            (0.000_001, 3_000_000),
+        ] {
+            let (dep, cap) = units(ratio, 1);
+            let b = Budget::new(cap);
+            let mut hedges = 0u64;
+            for _ in 0..calls {
+                b.deposit(dep, cap);
+                if b.withdraw() {
+                    hedges += 1;
+                }
+            }
+            let bound = (ratio * calls as f64).floor() as u64 + 1;
+            assert!(hedges <= bound, "{ratio}: {hedges} > {bound}");
+            assert!(hedges + 1 >= bound, "{ratio}: {hedges} far below {bound}");
+        }
+    }
+
+    #[test]
+    fn the_largest_burst_fits() {
+        let (dep, cap) = units(1.0, u32::MAX);
+        let b = Budget::new(cap);
+        b.deposit(dep, cap);
+        assert!(b.withdraw());
+    }
+
+    #[test]
     fn zero_ratio_means_only_the_burst() {
-        let (dep, cap) = thousandths(0.0, 2);
+        let (dep, cap) = units(0.0, 2);
         let b = Budget::new(cap);
         for _ in 0..1_000 {
             b.deposit(dep, cap);

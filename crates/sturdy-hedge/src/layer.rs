@@ -11,7 +11,7 @@ use tower::Layer;
 
 use crate::state::edit;
 
-use crate::budget::thousandths;
+use crate::budget::units;
 use crate::state::{Cell, Config, Registry};
 use crate::{Hedge, HedgeHandle};
 
@@ -118,7 +118,7 @@ impl<K> HedgeLayer<K> {
                 "the hedging budget must be a share of calls between 0.0 and 1.0 (0.05 is 5 %), not {ratio}"
             )));
         }
-        let (deposit, cap) = thousandths(ratio, burst);
+        let (deposit, cap) = units(ratio, burst);
         edit(&self.cell, |c| {
             c.ratio = ratio;
             c.burst = burst;

@@ -10,7 +10,7 @@ use sturdy_core::events::EventHook;
 use sturdy_core::keyed::{Idle, KeyedMap, Slot};
 use tokio::time::Instant;
 
-use crate::budget::{thousandths, Budget};
+use crate::budget::{units, Budget};
 use crate::histogram::Histogram;
 
 /// Recompute the delay after this many new samples (or when the window turns).
@@ -25,7 +25,7 @@ pub(crate) struct Config {
     pub(crate) min_samples: u64,
     pub(crate) ratio: f64,
     pub(crate) burst: u32,
-    /// Per call and cap, in thousandths of a hedge.
+    /// Per call and cap, in billionths of a hedge.
     pub(crate) deposit: u64,
     pub(crate) cap: u64,
     pub(crate) min_delay: Duration,
@@ -41,7 +41,7 @@ pub(crate) struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let (deposit, cap) = thousandths(0.05, 10);
+        let (deposit, cap) = units(0.05, 10);
         Self {
             percentile: 0.95,
             min_samples: 100,
