@@ -752,7 +752,10 @@ impl<C> RetryPolicy<C> {
         stop: Stop,
     ) {
         let n = self.sent();
-        let key = || key_text(req.header(&self.config.idempotency_header));
+        let header = req.header(&self.config.idempotency_header);
+        let key = || key_text(header);
+        // Carried, shown or not (a key that is not UTF-8 text cannot be shown).
+        let keyed = || idempotency_key(header).is_some();
         let e = match result {
             Ok(res) => {
                 if let Stop::Because(reason) = stop {
@@ -761,10 +764,9 @@ impl<C> RetryPolicy<C> {
                 if res.status().is_client_error() || res.status().is_server_error() {
                     // A failed call answered by a response: the caller may need to know that an
                     // earlier attempt may have been processed, and under which key.
-                    let keyed =
-                        idempotency_key(req.header(&self.config.idempotency_header)).is_some();
-                    res.extensions_mut()
-                        .insert(CallReport::new(n, self.delivery(), key()).with_key_carried(keyed));
+                    res.extensions_mut().insert(
+                        CallReport::new(n, self.delivery(), key()).with_key_carried(keyed()),
+                    );
                 }
                 return;
             }
@@ -815,7 +817,7 @@ impl<C> RetryPolicy<C> {
         };
         let delivery = self.delivery();
         let key = key();
-        let keyed = idempotency_key(req.header(&self.config.idempotency_header)).is_some();
+        let keyed = keyed();
         advise(
             &mut message,
             delivery,
