@@ -76,7 +76,9 @@ impl Head {
 }
 
 enum Stage<B: Body, F> {
-    Buffering(Pin<Box<Collect<B>>>),
+    /// Read through `Capped`: a body whose size hint said it fits the replay limit but which
+    /// yields more is refused once the limit has arrived, not read for ever.
+    Buffering(Pin<Box<Collect<Capped<B>>>>),
     Fetching {
         fut: BoxFuture<Result<Token, BoxError>>,
         /// Started at the first poll that had to wait, so a cached token costs no timer.
@@ -88,6 +90,58 @@ enum Stage<B: Body, F> {
         token: Token,
     },
     Done,
+}
+
+pin_project! {
+    /// A body read for the replay, failing once more than `left` bytes have arrived.
+    ///
+    /// Why not `http_body_util::Limited`: it needs `B::Error: Into<BoxError>` on the type, and
+    /// the future holding it is named in `ResponseFuture`, whose type has no such bound.
+    pub(crate) struct Capped<B> {
+        #[pin]
+        body: B,
+        left: usize,
+    }
+}
+
+/// The error of a [`Capped`] body: its own, or more bytes than the cap.
+#[derive(Debug)]
+pub(crate) enum CapError<E> {
+    Read(E),
+    TooLarge,
+}
+
+impl<B: Body> Body for Capped<B> {
+    type Data = B::Data;
+    type Error = CapError<B::Error>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match ready!(this.body.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    match this.left.checked_sub(data.remaining()) {
+                        Some(left) => *this.left = left,
+                        None => return Poll::Ready(Some(Err(CapError::TooLarge))),
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(CapError::Read(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A call with a token from a source: fetch the token, call, and on a 401 refresh it once and
@@ -104,6 +158,8 @@ pub(crate) struct TokenCall<S, B: Body, F> {
     bytes: Option<Bytes>,
     /// The original body, when it cannot (it is sent once).
     once: Option<B>,
+    /// The most bytes kept for the replay (named in the error of a body that brings more).
+    replay_limit: usize,
     replayed: bool,
     /// Whether this call marked its attempt as held back for a token (cleared when it is sent).
     held: bool,
@@ -122,12 +178,15 @@ where
         svc: S,
         head: Head,
         body: B,
-        replayable: bool,
+        replay_limit: Option<usize>,
         timeout: Duration,
         events: EventHook,
     ) -> Self {
-        let (stage, once) = if replayable {
-            (Stage::Buffering(Box::pin(body.collect())), None)
+        let (stage, once) = if let Some(limit) = replay_limit {
+            (
+                Stage::Buffering(Box::pin(Capped { body, left: limit }.collect())),
+                None,
+            )
         } else {
             (fetching(&*source), Some(body))
         };
@@ -138,6 +197,7 @@ where
             head,
             bytes: None,
             once,
+            replay_limit: replay_limit.unwrap_or_default(),
             replayed: false,
             held: false,
             timeout,
@@ -258,7 +318,20 @@ where
                             )));
                         }
                         Ok(c) => c.aggregate(),
-                        Err(e) => {
+                        Err(CapError::TooLarge) => {
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Err(Box::new(
+                                Error::new(
+                                    ErrorKind::Body,
+                                    format!(
+                                        "the request body is larger than its size hint said: more than the {} bytes kept for a replay after a 401 arrived, so it was not sent",
+                                        self.replay_limit
+                                    ),
+                                )
+                                .with_delivery(Delivery::NotSent),
+                            )));
+                        }
+                        Err(CapError::Read(e)) => {
                             self.stage = Stage::Done;
                             // Read before the first send: the request never left.
                             return Poll::Ready(Err(Box::new(
@@ -426,6 +499,8 @@ pin_project! {
     enum Kind<F, T> {
         Direct { #[pin] fut: F },
         Token { call: T },
+        // Refused before it was sent (taken on the first poll).
+        Failed { err: Option<BoxError> },
     }
 }
 
@@ -437,6 +512,12 @@ where
     pub(crate) fn direct(fut: S::Future) -> Self {
         Self {
             kind: Kind::Direct { fut },
+        }
+    }
+
+    pub(crate) fn failed(err: BoxError) -> Self {
+        Self {
+            kind: Kind::Failed { err: Some(err) },
         }
     }
 
@@ -472,6 +553,12 @@ where
         match self.project().kind.project() {
             KindProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
             KindProj::Token { call } => call.poll(cx),
+            KindProj::Failed { err } => Poll::Ready(Err(err.take().unwrap_or_else(|| {
+                Box::new(Error::new(
+                    ErrorKind::Other,
+                    "the auth layer's response future was polled after it completed",
+                ))
+            }))),
         }
     }
 }

@@ -101,7 +101,9 @@ impl AuthLayer {
     /// of that name already there (`param=...`, in any percent-encoding of the name) is removed,
     /// so a request carries one key, the layer's; every other pair of the query is kept byte for
     /// byte. Prefer a header where the API allows one: URLs end up in logs (sturdy never logs
-    /// them, but proxies and servers may).
+    /// them, but proxies and servers may). A request whose URI cannot hold the key (its path and
+    /// query, with the key, past the 65,534 bytes `http::Uri` allows) is refused, not sent: its
+    /// call fails with an error of kind `Config` that names the parameter, not the key.
     ///
     /// # Errors
     /// When `param` is empty, or the key is empty (or only spaces and tabs).

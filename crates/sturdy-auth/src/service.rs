@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use secrecy::ExposeSecret;
-use sturdy_core::BoxError;
+use sturdy_core::{BoxError, Delivery, Error, ErrorKind};
 use tower::Service;
 
 use crate::future::{Head, ResponseFuture, TokenCall};
@@ -50,11 +50,25 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Auth<S> {
 
 sturdy_core::define_inner_service_accessors!(Auth<S>);
 
-fn with_query<B>(req: &mut Request<B>, param: &str, value: &str) {
-    // A URI that cannot take the parameter is left as it is: the API then answers 401.
-    if let Ok(u) = sturdy_core::query::set(req.uri(), &[(param, value)]) {
-        *req.uri_mut() = u;
-    }
+/// `req` with the key in its query, or the error of a URI that cannot carry it.
+fn with_query<B>(req: &mut Request<B>, param: &str, value: &str) -> Result<(), BoxError> {
+    // The only failure is a URI past what `http::Uri` can hold once the key is in it: the
+    // request is refused rather than sent without its key (which the API would answer with a
+    // 401 that names no cause). The error names neither the key nor the URI.
+    let u = sturdy_core::query::set(req.uri(), &[(param, value)]).map_err(|_| {
+        Box::new(
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the API key could not be added to the query parameter `{param}`: the URI would be longer than a URI can be ({} bytes before the key), so the request was not sent",
+                    req.uri().to_string().len()
+                ),
+            )
+            .with_delivery(Delivery::NotSent),
+        ) as BoxError
+    })?;
+    *req.uri_mut() = u;
+    Ok(())
 }
 
 // ===== impl Auth =====
@@ -81,8 +95,10 @@ where
                 ResponseFuture::direct(self.inner.call(req))
             }
             Credentials::Query(param, value) => {
-                with_query(&mut req, param, value.expose_secret());
-                ResponseFuture::direct(self.inner.call(req))
+                match with_query(&mut req, param, value.expose_secret()) {
+                    Ok(()) => ResponseFuture::direct(self.inner.call(req)),
+                    Err(e) => ResponseFuture::failed(e),
+                }
             }
             Credentials::Token(source) => {
                 // The token comes first: take the service `poll_ready` made ready into the future
@@ -98,13 +114,14 @@ where
                 };
                 let wait = attempt.map_or(self.token_timeout, |t| t.min(self.token_timeout));
                 let (parts, body) = req.into_parts();
-                let replayable = sturdy_core::body::fits(&body, self.replay_limit);
+                let replay_limit =
+                    sturdy_core::body::fits(&body, self.replay_limit).then_some(self.replay_limit);
                 ResponseFuture::token(TokenCall::new(
                     source.clone(),
                     ready,
                     Head::from(parts),
                     body,
-                    replayable,
+                    replay_limit,
                     wait,
                     self.events.clone(),
                 ))
@@ -120,10 +137,27 @@ mod tests {
     #[test]
     fn query_keys_are_encoded_and_appended() {
         let mut r = http::Request::get("http://h/p?x=1").body(()).unwrap();
-        with_query(&mut r, "api_key", "a&b c");
+        with_query(&mut r, "api_key", "a&b c").unwrap();
         assert_eq!(r.uri(), "http://h/p?x=1&api_key=a%26b+c");
         let mut r = http::Request::get("http://h").body(()).unwrap();
-        with_query(&mut r, "k", "v");
+        with_query(&mut r, "k", "v").unwrap();
         assert_eq!(r.uri(), "http://h/?k=v");
+    }
+
+    #[test]
+    fn a_uri_with_no_room_for_the_key_is_refused_without_naming_it() {
+        let long = format!("http://h/{}", "p".repeat(65_520));
+        let mut r = http::Request::get(long.as_str()).body(()).unwrap();
+        let e = with_query(&mut r, "api_key", "sk_live_secret_value").unwrap_err();
+        let e = e.downcast::<sturdy_core::Error>().unwrap();
+        assert_eq!(*e.kind(), sturdy_core::ErrorKind::Config);
+        assert_eq!(e.delivery(), Some(sturdy_core::Delivery::NotSent));
+        let text = e.to_string();
+        assert!(
+            text.contains("api_key") && text.contains("not sent"),
+            "{text}"
+        );
+        assert!(!text.contains("sk_live") && !text.contains("ppp"), "{text}");
+        assert_eq!(r.uri(), long.as_str(), "the URI is left as it was");
     }
 }

@@ -516,3 +516,68 @@ async fn a_kept_body_with_trailers_is_refused_unsent_not_sent_without_them() {
     svc.oneshot(req).await.unwrap();
     assert_eq!(sent.load(Ordering::SeqCst), 1);
 }
+
+/// A body whose size hint says 10 bytes and which yields 4 KiB chunks for ever.
+struct Lying(u64);
+
+impl From<Bytes> for Lying {
+    fn from(_: Bytes) -> Self {
+        Self(0)
+    }
+}
+
+impl http_body::Body for Lying {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0 += 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+            b'x';
+            4096
+        ])))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(10)
+    }
+}
+
+/// A body kept for the replay whose size hint said it fits but which yields more is refused,
+/// not sent, once the replay limit has arrived: it is not read for ever.
+#[tokio::test(start_paused = true)]
+async fn a_kept_body_larger_than_its_size_hint_is_refused_at_the_replay_limit() {
+    let ep = TokenEndpoint::new(3_600);
+    let sent = Arc::new(AtomicU32::new(0));
+    let api = {
+        let sent = sent.clone();
+        service_fn(move |_req: Request<Lying>| {
+            sent.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Response::new(())) }
+        })
+    };
+    let svc = AuthLayer::oauth2(ep.source())
+        .with_replay_limit(64 * 1024)
+        .layer(api);
+    let req = Request::post("http://api.example.com/upload")
+        .body(Lying(0))
+        .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(5), svc.oneshot(req))
+        .await
+        .expect("the read stops at the limit")
+        .unwrap_err();
+    let e = sturdy_core::find::<sturdy_core::Error>(&*err).expect("a sturdy error");
+    assert_eq!(*e.kind(), ErrorKind::Body);
+    assert!(
+        e.to_string().contains("65536 bytes") && e.to_string().contains("not sent"),
+        "{e}"
+    );
+    assert_eq!(
+        sturdy_core::classify::delivery(&*err),
+        sturdy_core::Delivery::NotSent
+    );
+    assert_eq!(sent.load(Ordering::SeqCst), 0);
+}
