@@ -819,13 +819,19 @@ fn parse_token_response(
             ))
         }
         None => {
+            // Some servers answer a refusal with a 2xx status and RFC 6749's error object: its
+            // code and description name the cause better than the missing token does.
+            if let Some(code) = obj.get("error").and_then(Value::as_str) {
+                let description = obj.get("error_description").and_then(Value::as_str);
+                return Err(endpoint_error(status, code, description, s));
+            }
             return Err(Failure::new(
                 ErrorKind::Auth,
                 format!(
                     "the token response from {} has no access_token",
                     s.shown_url
                 ),
-            ))
+            ));
         }
     };
     match obj.get("token_type") {
@@ -1298,6 +1304,11 @@ mod tests {
                 "does not support the client-credentials grant",
             ),
             (400, r#"{"error":"invalid_request"}"#, "malformed"),
+            (
+                200,
+                r#"{"error":"invalid_client","error_description":"unknown client"}"#,
+                "invalid_client (200 OK): the client id or secret is wrong, or the client may not use this authentication method; check them [server says: unknown client]",
+            ),
             (400, r#"{"error":"invalid_grant"}"#, "grant was refused"),
             (
                 502,
