@@ -358,14 +358,20 @@ impl ClientCredentials {
         self.edit(|s| s.scopes = scopes)
     }
 
-    /// Sends `audience` (used by several providers for client credentials).
+    /// Sends `audience` (used by several providers for client credentials). A setter: called
+    /// again, the new audience replaces the earlier one (and an `audience` given to
+    /// [`with_param`](Self::with_param)), so the request carries one.
     #[must_use]
     pub fn with_audience(self, audience: impl Into<String>) -> Self {
         let audience = audience.into();
-        self.edit(|s| s.params.push(("audience".to_owned(), audience)))
+        self.edit(|s| {
+            s.params.retain(|(n, _)| n != "audience");
+            s.params.push(("audience".to_owned(), audience));
+        })
     }
 
-    /// Sends any other form parameter with the token request.
+    /// Sends any other form parameter with the token request. Called again with the same name,
+    /// it adds the parameter once more (RFC 8707's `resource`, for one, may repeat).
     ///
     /// # Errors
     /// When `name` is empty, or is one the source sets itself (`grant_type`, `scope`,

@@ -581,3 +581,35 @@ async fn a_kept_body_larger_than_its_size_hint_is_refused_at_the_replay_limit() 
     );
     assert_eq!(sent.load(Ordering::SeqCst), 0);
 }
+
+/// `with_audience` is a setter (the last one is sent, once); `with_param` adds (a name may
+/// repeat, as RFC 8707's `resource` does).
+#[tokio::test(start_paused = true)]
+async fn a_second_audience_replaces_the_first_and_params_may_repeat() {
+    let ep = TokenEndpoint::new(60);
+    ep.source()
+        .with_param("audience", "https://first.example.com")
+        .unwrap()
+        .with_audience("https://second.example.com")
+        .with_audience("https://api.example.com")
+        .with_param("resource", "https://a.example.com")
+        .unwrap()
+        .with_param("resource", "https://b.example.com")
+        .unwrap()
+        .get()
+        .await
+        .unwrap();
+    let seen = ep.seen.lock().unwrap();
+    let form: Vec<(String, String)> = form_urlencoded::parse(seen[0].body())
+        .into_owned()
+        .collect();
+    assert_eq!(
+        form,
+        [
+            ("grant_type".into(), "client_credentials".into()),
+            ("audience".into(), "https://api.example.com".into()),
+            ("resource".into(), "https://a.example.com".into()),
+            ("resource".into(), "https://b.example.com".into()),
+        ]
+    );
+}
