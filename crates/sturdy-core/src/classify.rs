@@ -370,10 +370,31 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
             return words;
         }
     }
-    chain
+    let text = chain
         .iter()
         .find(|e| !is_generic_wrapper(**e))
-        .map_or_else(|| err.to_string(), |e| e.to_string())
+        .map_or_else(|| err.to_string(), |e| e.to_string());
+    bounded(text)
+}
+
+/// The most bytes of another library's error text that a description quotes.
+const MAX_QUOTED: usize = 1024;
+
+/// `text` cut to [`MAX_QUOTED`] bytes (at a character boundary), saying how much was left out:
+/// a peer chooses some of what an error quotes (the names in a TLS certificate, say: 600 of
+/// them made a 40 KB message), and a message goes whole into logs and to an AI agent.
+fn bounded(mut text: String) -> String {
+    if text.len() <= MAX_QUOTED {
+        return text;
+    }
+    let mut end = MAX_QUOTED;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!("… ({more} bytes more)"));
+    text
 }
 
 /// An error's own text, as `to_string` gives it, unless that text names no cause (hyper-util's
@@ -466,6 +487,7 @@ fn transport_words(e: &(dyn StdError + 'static)) -> Option<String> {
 /// DNS and TLS failures are recognised by their text: the resolver's and rustls' error types
 /// are not dependencies of this crate.
 fn tls_or_dns(text: &str) -> Option<String> {
+    let text = &*bounded(text.to_owned());
     let lower = text.to_ascii_lowercase();
     if lower.starts_with("dns error") || lower.contains("failed to lookup address") {
         let detail = text.split_once(": ").map_or(text, |(_, d)| d);
@@ -571,6 +593,31 @@ pub fn classify_result<B, E: AsError>(result: &Result<Response<B>, E>) -> Outcom
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_peers_long_words_are_quoted_bounded() {
+        let names: Vec<String> = (0..600)
+            .map(|i| format!("DnsName(\"h{i:04}.example.com\")"))
+            .collect();
+        let text = format!(
+            "invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for [{}]",
+            names.join(", ")
+        );
+        let tls = io::Error::other(text);
+        let words = describe(&tls);
+        assert!(words.starts_with("TLS handshake failed (invalid peer certificate: certificate not valid for name \"127.0.0.1\""), "{words}");
+        assert!(words.len() < MAX_QUOTED + 100, "{}", words.len());
+        assert!(words.contains(" bytes more)"), "{words}");
+        // Another library's text, not recognised: bounded too, cut at a character boundary.
+        let other = io::Error::other("é".repeat(2_000));
+        let words = describe(&other);
+        assert!(
+            words.len() < MAX_QUOTED + 100 && words.ends_with("(2976 bytes more)"),
+            "{words}"
+        );
+        // Short texts are whole.
+        assert_eq!(describe(&io::Error::other("odd")), "odd");
+    }
 
     #[test]
     fn a_refused_handshake_is_told_from_other_alerts() {
