@@ -20,6 +20,7 @@ pub(crate) enum Stage {
 /// | reqwest says | [`ErrorKind`] | delivery | retried by the retry layer |
 /// |---|---|---|---|
 /// | `is_builder()`: a URL or header reqwest cannot use | `Config` | `NotSent` (but see below) | no |
+/// | `is_connect()` for an `https` URL when reqwest has no TLS feature | `Config` | `NotSent` (but see below) | no |
 /// | `is_connect()` with an untrusted server certificate | `Tls` | may have been processed | no |
 /// | `is_connect()`: refused, DNS, other TLS handshake failures, connect timeout | `Connect` | may have been processed | as a sent request |
 /// | `is_timeout()`: one of reqwest's own timeouts | `Timeout` | may have been processed | yes |
@@ -46,7 +47,9 @@ pub(crate) enum Stage {
 /// [`ReqwestService`](crate::ReqwestService) and `SturdyMiddleware` tell these apart (a builder
 /// error for an http or https request, raised after reqwest waited on the network, came from a
 /// redirect, and may have been processed; one for a request whose own URL reqwest refuses never
-/// left); this function, given the error alone, reports every builder error as `NotSent`.
+/// left); this function, given the error alone, reports every builder error as `NotSent`. The
+/// same holds for an `https` URL when reqwest has no TLS feature (hyper-util's "invalid URL,
+/// scheme is not http", which reqwest reports as a connect error).
 ///
 /// The message names the root cause in plain words (`connection refused`, `timed out (reqwest's
 /// timeout)`, `TLS handshake failed (invalid peer certificate: UnknownIssuer)`), so the retry
@@ -98,6 +101,17 @@ pub fn from_reqwest_error(err: reqwest::Error) -> Error {
 /// server answered. Callers pass `false` for a request reqwest cannot send at all, since a
 /// later reqwest-middleware may wait before handing it to reqwest.
 pub(crate) fn convert_sent(err: reqwest::Error, waited: bool) -> Error {
+    if waited && err.is_connect() && no_tls_backend(&err) {
+        // An `https` URL that reqwest without a TLS feature cannot use, met after a wait: a
+        // redirect's target, after the server answered (see `convert` for one met at once).
+        let err = redact(err);
+        return Error::new(
+            ErrorKind::Config,
+            "could not follow a redirect: the server answered with a redirect to an https URL, and this reqwest client has no TLS backend (turn on reqwest's `rustls` or `native-tls` feature)",
+        )
+        .with_hidden_source(err)
+        .with_delivery(Delivery::MaybeProcessed);
+    }
     if waited && err.is_builder() {
         let err = redact(err);
         let message = format!(
@@ -122,6 +136,14 @@ pub(crate) fn convert(err: reqwest::Error, stage: Stage) -> Error {
         (
             ErrorKind::Config,
             format!("invalid request: {}", root_text(&err)),
+            Some(Delivery::NotSent),
+        )
+    } else if err.is_connect() && no_tls_backend(&err) {
+        // reqwest without a TLS feature reports an `https` URL as a connect error, raised before
+        // any connection: trying again cannot help.
+        (
+            ErrorKind::Config,
+            "invalid request: an https URL, and this reqwest client has no TLS backend (turn on reqwest's `rustls` or `native-tls` feature)".to_owned(),
             Some(Delivery::NotSent),
         )
     } else if err.is_connect() && sturdy_core::classify::untrusted_certificate(&err) {
@@ -204,6 +226,19 @@ fn words(err: &reqwest::Error) -> String {
     } else {
         described
     }
+}
+
+/// Whether `err` is reqwest's refusal of an `https` URL for want of a TLS backend (hyper-util's
+/// HTTP connector's words; no error type says it).
+fn no_tls_backend(err: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.to_string().contains("scheme is not http") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The text of the deepest error in the chain (reqwest's own text says only "error sending
