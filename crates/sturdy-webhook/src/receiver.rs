@@ -218,6 +218,27 @@ fn reject(route: &str, scheme: &str, r: &Rejection) -> Response<Full<Bytes>> {
     respond(r.status, "invalid signature")
 }
 
+/// `f`'s result, or `None` (logged) if it panicked: a verifier run in place answers a 500, as
+/// one run on the blocking pool does, rather than unwinding out of the response future (which
+/// would leave the sender with a dropped connection and no `WebhookReceived` event).
+fn unwound<T>(route: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            tracing::error!(
+                route,
+                "webhook verification failed to run: the verifier panicked"
+            );
+            None
+        }
+    }
+}
+
+/// The answer to a delivery whose verifier failed to run.
+fn failed_to_run() -> Response<Full<Bytes>> {
+    respond(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+}
+
 /// Verifies, and gives a body digest as the id when the verifier gave none.
 fn verify(
     verifier: &dyn Verifier,
@@ -279,11 +300,15 @@ where
         }
     }
     // The signature headers first: a delivery that cannot be valid costs no body read.
-    if let Err(r) = inner
-        .verifier
-        .check_headers(&parts.headers, inner.clock.now())
-    {
-        return (reject(route, scheme, &r), Rejected);
+    let checked = unwound(route, || {
+        inner
+            .verifier
+            .check_headers(&parts.headers, inner.clock.now())
+    });
+    match checked {
+        Some(Ok(())) => {}
+        Some(Err(r)) => return (reject(route, scheme, &r), Rejected),
+        None => return (failed_to_run(), Rejected),
     }
     let body = match sturdy_core::body::buffer(body, inner.body_limit).await {
         Ok(b) => b,
@@ -320,14 +345,16 @@ where
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(route, error = %e, "webhook verification failed to run");
-                    return (
-                        respond(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-                        Rejected,
-                    );
+                    return (failed_to_run(), Rejected);
                 }
             }
         } else {
-            verify(&*inner.verifier, &parts.headers, &body, now)
+            match unwound(route, || {
+                verify(&*inner.verifier, &parts.headers, &body, now)
+            }) {
+                Some(r) => r,
+                None => return (failed_to_run(), Rejected),
+            }
         };
     let verified = match verified {
         Ok(v) => v,
