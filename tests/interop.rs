@@ -18,4 +18,5 @@ mod interop_oauth;
 mod interop_paginate;
 mod interop_peers14;
 mod interop_s68_signers;
+mod interop_s77_signers;
 mod interop_webhooks;
