@@ -401,9 +401,12 @@ async fn client31_https_url_without_reqwest_tls_backend_says_so() {
     let err = within(10, mw(true).get(format!("https://{addr}/")).send())
         .await
         .unwrap_err();
-    // reqwest follows redirects out of sturdy's sight, so a connect error may be on a redirect's
-    // target after the server got the request (reqwest.md): may have been processed.
-    assert_eq!(delivery(&err), Delivery::MaybeProcessed, "{err}");
+    // reqwest reports the https URL it cannot use as a connect error, raised at once, before any
+    // connection: the request's own URL, so not sent (reqwest.md's table; a redirect's target,
+    // met after a wait, would be "may have been processed").
+    assert_eq!(delivery(&err), Delivery::NotSent, "{err}");
+    let e = find::<sturdy::core::Error>(&err).expect("sturdy's error");
+    assert_eq!(e.kind(), &ErrorKind::Config, "{err}");
     let msg = err.to_string().to_lowercase();
     assert!(
         msg.contains("https") || msg.contains("tls") || msg.contains("scheme"),
