@@ -1,4 +1,4 @@
-//! The recommended composition, in the order DESIGN.md gives (outermost first):
+//! The recommended composition, in the order docs/ARCHITECTURE.md gives (outermost first):
 //!
 //! ```text
 //! IdempotencyKey -> Retry -> Hedge -> CircuitBreaker -> RateLimit -> AdaptiveConcurrency -> Auth

@@ -9,8 +9,8 @@
 //!   100: a flaky API that still mostly works is ridden out, a dead one is cut off. A streak
 //!   trigger (`n` failures in a row) is an option. A failure is what
 //!   [`Outcome::is_failure`] says of the shared classification ([`DefaultClassify`]): a 5xx, a
-//!   timeout, a connect, TLS or transport error, an error nobody recognises; 4xx and 429 are not, since they say nothing about the
-//!   dependency's health. Override it with [`CircuitBreakerLayer::with_classifier`], with the
+//!   timeout, a connect, TLS or transport error, an error nobody recognises, and a 408 (it reads as a timeout); other 4xx and 429 are not,
+//!   since they say nothing about the dependency's health. Override it with [`CircuitBreakerLayer::with_classifier`], with the
 //!   same [`Classify`] type the retry layer takes.
 //! - **Open**: calls fail at once with [`CircuitOpen`](sturdy_core::CircuitOpen) (`retry_in` says
 //!   when a probe is next admitted) and the inner service is not called. The open period is 30 s,

@@ -75,7 +75,8 @@ impl Outcome {
     /// Whether the outcome says the dependency is unhealthy, which is what a circuit breaker
     /// counts: a retryable or permanent outcome whose kind
     /// [is a dependency failure](ErrorKind::is_dependency_failure) (5xx, timeouts, connect, TLS and
-    /// transport errors, unrecognised errors). 4xx, 429 and 401 are the caller's business.
+    /// transport errors, unrecognised errors, and a 408, which reads as a timeout). Other 4xx, 429
+    /// and 401 are the caller's business.
     pub fn is_failure(&self) -> bool {
         match self {
             Self::Retryable(k) | Self::Permanent(k) => k.is_dependency_failure(),

@@ -1,6 +1,7 @@
 //! The decision trace: what a composed stack did for one call.
 //!
-//! A [`Trace`] travels in the request's extensions; each layer appends [`TraceEvent`]s to it.
+//! A [`Trace`] travels in the request's extensions; the deciding layers (auth,
+//! circuit, client idempotency keys, rate limit, retry) append [`TraceEvent`]s to it.
 //! It is cheap to clone (one `Arc`) and the lock is held only to push or copy.
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,7 @@
-//! Webhooks for axum: verified before anything else, deduplicated, acknowledged fast, never lost.
+//! Webhooks for axum: verified before anything else, deduplicated, and acknowledged fast but
+//! only once queued. What outlives the process depends on the queue: the default
+//! [`MemoryQueue`] lives in it (its events are lost if the process dies); a durable queue such as
+//! the Redis one keeps them (see docs/RELIABILITY.md for what a Redis failover can lose).
 //!
 //! A [`WebhookReceiver`] is the endpoint. For each delivery it:
 //!
