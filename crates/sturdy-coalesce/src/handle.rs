@@ -25,7 +25,7 @@ pub struct CoalesceStats {
 }
 
 impl CoalesceStats {
-    /// Requests that could be coalesced (GET and HEAD with an empty body).
+    /// Requests that could be coalesced (GET and HEAD with an empty body and no `CallOptions`).
     pub fn calls(&self) -> u64 {
         self.calls
     }

@@ -57,7 +57,9 @@ impl Default for CoalesceLayer {
 }
 
 impl CoalesceLayer {
-    /// Coalescing with the defaults: GET and HEAD requests with an empty body are identical when
+    /// Coalescing with the defaults: GET and HEAD requests with an empty body and no
+    /// [`CallOptions`](sturdy_core::CallOptions) (a request with settings of its own goes on its
+    /// own) are identical when
     /// their method, URI and every header match, except `traceparent`, `tracestate`, `baggage`,
     /// `x-request-id` and `x-correlation-id`; a shared body is buffered up to 1 MiB; at most
     /// 1,024 hosts have a table of calls in flight.

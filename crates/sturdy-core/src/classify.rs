@@ -343,8 +343,8 @@ pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
 }
 
 /// The root cause of an error in a few words, for messages: `connection refused`, `connection
-/// reset by peer`, `timed out`, `DNS lookup failed`, `TLS handshake failed: ...`, `connection
-/// closed before the response was complete`. sturdy's own errors and errors nobody recognises
+/// reset by peer`, `timed out`, `DNS lookup failed`, `TLS handshake failed (...)`, `the
+/// connection closed before the response was complete`. sturdy's own errors and errors nobody recognises
 /// are described by their own text.
 ///
 /// ```

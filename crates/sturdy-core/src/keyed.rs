@@ -100,7 +100,8 @@ impl<T> fmt::Debug for KeyedMap<T> {
 
 impl<T: Idle> KeyedMap<T> {
     /// A map that keeps at most `max` keys (at least 1): past it, idle states are forgotten, then
-    /// new keys share one overflow slot ([`OVERFLOW_KEY`]), which is kept besides the `max`.
+    /// new keys share one overflow slot ([`OVERFLOW_KEY`]). Once made, the overflow slot counts
+    /// among the `max`, so `max - 1` keys of their own are kept besides it.
     pub fn new(max: usize) -> Self {
         Self {
             map: RwLock::new(Map::default()),
@@ -286,8 +287,8 @@ impl<T: Idle> SlotCache<T> {
 
 /// The state of a layer that its clones and the handles taken from it share, and that a setter
 /// replaces for all of them at once: a setter called after a clone or a handle never forks it.
-/// Services made before a setter keep the state they were made with. The lock is held only to
-/// clone or swap the `Arc`.
+/// Services made before a setter keep the state they were made with. The lock is held to clone
+/// the `Arc`, and, in [`replace`](Self::replace), while the new state is made from the old.
 pub struct SharedCell<T>(std::sync::Mutex<Arc<T>>);
 
 impl<T> SharedCell<T> {

@@ -24,8 +24,11 @@ pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(300);
 /// waiting. That state is shared by every clone of the layer, by every layer a setter returns
 /// from it (also [`with_key`](Self::with_key)), by every service any of them makes, and by every
 /// [`RateLimitHandle`]. Setters change only the settings of the layer they return (for example
-/// two layers from one `new` may have different `max_wait`s and share one quota), never the state:
-/// a handle or a clone taken before a setter still sees the same quota and pauses.
+/// two layers from one `new` may have different `max_wait`s and share one quota), never the quota
+/// used or the pauses: a handle or a clone taken before a setter still sees the same quota and
+/// pauses. Two setters belong to the state itself: [`with_max_keys`](Self::with_max_keys) (its
+/// bound, fixed once the first call went through) and [`with_key`](Self::with_key) (after it, the
+/// state's handles look keys up as given rather than as host names).
 #[derive(Clone)]
 #[must_use]
 pub struct RateLimitLayer<K = ByHost> {
@@ -194,7 +197,7 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every call that waits
-    /// (`RateLimitWaited`), every call refused (`RateLimitRefused`) and every pause a server asks
+    /// (`RateLimitWaited`: in line, or for a later slot a `with_remote` store granted), every call refused (`RateLimitRefused`) and every pause a server asks
     /// for (`RateLimitPaused`) \[none\]; replaces an earlier callback. With the `metrics` feature
     /// the same events are counted through the `metrics` facade either way.
     pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {

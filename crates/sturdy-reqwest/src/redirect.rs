@@ -11,7 +11,8 @@
 /// pagination layer refuses a next link on another origin for the same reason.)
 ///
 /// More than `max` redirects on the origin fail as reqwest's own limit does (`is_redirect()`,
-/// "could not follow a redirect: too many redirects" once converted). `max = 10` matches
+/// "could not follow a redirect: too many redirects (more than 10)" once converted, with this
+/// policy's `max`). `max = 10` matches
 /// reqwest's default.
 ///
 /// ```

@@ -54,7 +54,10 @@ fn count_hashed(parts: &[&[u8]]) {
 /// reason goes to `tracing`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// 400 for missing or malformed headers, 401 for a bad signature or timestamp.
+    /// 400 for missing or malformed headers, 401 for a bad signature or timestamp. One
+    /// exception among the built-in verifiers: a Standard Webhooks `webhook-signature` header
+    /// with no `v1` entry that decodes to 32 bytes is 401 (the scheme lets a sender add entries
+    /// of other versions, which this receiver cannot check).
     pub status: http::StatusCode,
     /// What was wrong, for the logs. It never contains a secret.
     pub reason: String,

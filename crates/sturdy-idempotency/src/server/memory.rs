@@ -128,7 +128,10 @@ impl MemoryStore {
 
     /// Bounds the bytes held by entries, as [`heap_bytes`](Self::heap_bytes) counts them
     /// \[64 MiB\]. When a new response would pass the bound, the completed responses that expire
-    /// first make room; a response larger than the whole bound is not stored. Clones are one
+    /// first make room; a response larger than the whole bound is not stored. Running requests'
+    /// locks are counted (160 bytes and the key each) but bounded by the entry count, not by
+    /// this: a new lock is never refused for bytes and makes no stored response leave, so locks
+    /// alone can pass a small bound. Clones are one
     /// store: the bound applies to all of them, and the entries already held are kept.
     ///
     /// # Errors

@@ -34,7 +34,8 @@ problem_type!(
     MISSING_KEY = "idempotency-key-missing"
 );
 problem_type!(
-    /// 400: the `Idempotency-Key` is not 1 to 255 visible ASCII characters.
+    /// 400: the `Idempotency-Key` is not 1 to 255 visible ASCII characters, or the request
+    /// carries several different `Idempotency-Key` values.
     INVALID_KEY = "idempotency-key-invalid"
 );
 problem_type!(
