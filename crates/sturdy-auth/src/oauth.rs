@@ -1011,11 +1011,91 @@ fn redact_secret(text: &str, s: &Settings) -> String {
     needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
     let mut out = text.to_owned();
     for needle in &needles {
-        if !needle.is_empty() && out.contains(needle.as_str()) {
-            out = out.replace(needle.as_str(), "[redacted]");
+        if !needle.is_empty() {
+            out = replace_spelled(&out, needle.as_bytes());
         }
     }
     out
+}
+
+/// `text` with every spelling of `needle` replaced by `[redacted]`: as it is, and with any of its
+/// bytes percent-encoded (either case of hex), a space as `+`, or escaped as JSON escapes it. A
+/// server echoing the secret re-encodes it its own way (`%2f`, `%20`, `\"` in a JSON string), so
+/// one exact spelling is not enough.
+fn replace_spelled(text: &str, needle: &[u8]) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut at) = (0, 0);
+    while at < bytes.len() {
+        match spelled_at(bytes, at, needle) {
+            Some(end) if text.is_char_boundary(at) && text.is_char_boundary(end) => {
+                out.push_str(&text[copied..at]);
+                out.push_str("[redacted]");
+                (copied, at) = (end, end);
+            }
+            _ => at += 1,
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// Where a spelling of `needle` starting at `start` ends (the longest one), if any. Every text
+/// position a prefix of the needle may have reached is followed at once, so a needle of `%` or
+/// `\\` signs costs no more than any other (no backtracking).
+fn spelled_at(text: &[u8], start: usize, needle: &[u8]) -> Option<usize> {
+    let mut reached = vec![start];
+    let mut next = Vec::with_capacity(3);
+    for &b in needle {
+        next.clear();
+        for &j in &reached {
+            for end in spellings_of(text, j, b).into_iter().flatten() {
+                if !next.contains(&end) {
+                    next.push(end);
+                }
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        std::mem::swap(&mut reached, &mut next);
+    }
+    reached.into_iter().max()
+}
+
+/// The ends of the ways `text` spells the byte `b` at `j`: itself, `%XX`, `+` for a space, a JSON
+/// escape.
+fn spellings_of(text: &[u8], j: usize, b: u8) -> [Option<usize>; 3] {
+    let hex = |i: usize| text.get(i).and_then(|c| char::from(*c).to_digit(16));
+    let at = |i: usize| text.get(i).copied();
+    let literal = (at(j) == Some(b) || (b == b' ' && at(j) == Some(b'+'))).then_some(j + 1);
+    let percent = (at(j) == Some(b'%')
+        && matches!((hex(j + 1), hex(j + 2)), (Some(h), Some(l)) if h * 16 + l == u32::from(b)))
+    .then_some(j + 3);
+    let json = if at(j) == Some(b'\\') {
+        match at(j + 1) {
+            Some(b'u') => {
+                let code = (2..6).try_fold(0u32, |acc, k| hex(j + k).map(|d| acc * 16 + d));
+                (code == Some(u32::from(b)) && b < 0x80).then_some(j + 6)
+            }
+            Some(e) => {
+                let meant = match e {
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    other => other,
+                };
+                (meant == b && matches!(e, b'"' | b'\\' | b'/' | b'n' | b'r' | b't' | b'b' | b'f'))
+                    .then_some(j + 2)
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    [literal, percent, json]
 }
 
 /// `value` as written and percent-decoded, when it is long enough to be told from plain words.
@@ -1138,6 +1218,39 @@ mod tests {
         // Nor is the short part before an `=` inside a password.
         s.token_url = "https://u:ab=cdef@auth.example.com/token".parse().unwrap();
         assert_eq!(redact_secret("ab u:ab=cdef", &s), "ab [redacted]");
+    }
+
+    #[test]
+    fn a_secret_echoed_in_another_spelling_is_redacted() {
+        let mut s = settings();
+        s.client_secret = "p\"w\\d/ +é%x".into();
+        for echo in [
+            // As the JSON of an error body writes it.
+            r#"{"error":"bad","got":"p\"w\\d\/ +é%x"}"#.to_owned(),
+            serde_json::Value::from("p\"w\\d/ +é%x").to_string(),
+            // Percent-encoded in lower case, a space as %20, the `+` as %2b.
+            "secret=p%22w%5cd%2f%20%2b%c3%a9%25x".to_owned(),
+            // Form-encoded as sent, and with only some bytes encoded.
+            "secret=p%22w%5Cd%2F+%2B%C3%A9%25x".to_owned(),
+            "secret=p\"w%5Cd/ +é%x".to_owned(),
+            // A JSON \u escape for an ASCII byte.
+            r#""p\u0022w\u005cd/ +é%x""#.to_owned(),
+        ] {
+            let out = redact_secret(&echo, &s);
+            assert!(out.contains("[redacted]"), "{echo} -> {out}");
+            assert!(!out.contains('é') && !out.contains("c3"), "{echo} -> {out}");
+        }
+        // A needle of escape characters against a text of escapes: linear, not exponential.
+        s.client_secret = "%".repeat(2_000).into();
+        let text = "%25".repeat(20_000);
+        let out = redact_secret(&text, &s);
+        assert!(out.starts_with("[redacted]"), "{}", &out[..40]);
+        // Text around a match is kept as it was, multi-byte characters included.
+        s.client_secret = "abcd".into();
+        assert_eq!(
+            redact_secret("é a%62cd ü abcd.", &s),
+            "é [redacted] ü [redacted]."
+        );
     }
 
     fn parse(status: u16, body: &str) -> Result<(String, Duration), Error> {

@@ -84,12 +84,20 @@ impl fmt::Display for ResetConnection {
 
 impl std::error::Error for ResetConnection {}
 
-/// A running chaos server; it stops when dropped.
-#[derive(Debug)]
+/// A running chaos server; it stops when dropped. Its `Debug` shows its address only (its state
+/// holds the OAuth2 client secret, the tokens it issued and the requests it saw).
 pub struct ChaosServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ChaosServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChaosServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChaosServer {

@@ -574,3 +574,16 @@ fn base64_encode(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[tokio::test]
+async fn debug_shows_the_address_not_the_client_secret_or_tokens() {
+    let s = ChaosServer::start(Knobs {
+        client_secret: "chaos-s3cret".into(),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let shown = format!("{s:?}");
+    assert!(shown.contains(&s.addr().to_string()), "{shown}");
+    assert!(!shown.contains("chaos-s3cret"), "{shown}");
+}

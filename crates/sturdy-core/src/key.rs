@@ -6,6 +6,11 @@ use http::{HeaderValue, Request, Uri};
 
 /// Chooses the key of a request: the host by default ([`ByHost`]), or any function of the request
 /// (`Fn(&Request<B>) -> String`), e.g. per API token or per tenant.
+///
+/// A key is not a secret to the layers: it is written in their logs and error messages (`rate
+/// limited by <key>`, `circuit open for <key>`) and, with a Redis backend, in the store's key
+/// names (never in metric labels). Per credential, derive the key from it (the credential's id,
+/// the tenant, a hash of the token), never return the credential itself.
 pub trait KeyExtractor<B> {
     /// The key of `req`.
     fn key<'r>(&self, req: &'r Request<B>) -> Cow<'r, str>;

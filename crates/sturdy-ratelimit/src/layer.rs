@@ -206,6 +206,8 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// Chooses keys with `key` instead of by host, e.g. a closure `|req| -> String` per API token.
+    /// The key is written in logs, in the `RateLimited` error's words and in a Redis store's key
+    /// names: return the token's id or a hash of it, never the token itself.
     /// The returned layer shares this layer's state and settings. Its events carry the key but no
     /// host (`host: None`), so a key never becomes a metric label.
     /// A key `*` names the state the keys past the bound share

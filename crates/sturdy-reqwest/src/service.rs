@@ -114,10 +114,11 @@ impl From<reqwest::Client> for ReqwestService {
 
 impl fmt::Debug for ReqwestService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the client's own `Debug`: it prints its default headers, values and all, and an
+        // `Authorization` or API key set there is not marked sensitive.
         f.debug_struct("ReqwestService")
-            .field("client", &self.client)
             .field("buffer_limit", &self.buffer_limit)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

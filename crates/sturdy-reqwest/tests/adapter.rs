@@ -429,3 +429,23 @@ async fn small_bodies_follow_307_redirects_and_the_final_url_is_kept() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT);
 }
+
+#[test]
+fn debug_never_shows_the_clients_default_headers() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-api-key", "k3y-in-default-headers".parse().unwrap());
+    headers.insert(
+        http::header::AUTHORIZATION,
+        "Bearer t0k3n-in-default-headers".parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let shown = format!("{:?}", ReqwestService::new(client));
+    assert!(shown.starts_with("ReqwestService"), "{shown}");
+    assert!(
+        !shown.contains("k3y") && !shown.contains("t0k3n"),
+        "{shown}"
+    );
+}

@@ -12,8 +12,10 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// What identifies a request's content: SHA-256 over the method, the path and query, and the body.
 pub type Fingerprint = [u8; 32];
 
-/// A response as stored for replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A response as stored for replay. Its `Debug` shows the status, the header names and the
+/// body's length, never a header value or the body (a stored `Set-Cookie` or a token in the
+/// body stays out of logs).
+#[derive(Clone, PartialEq, Eq)]
 pub struct StoredResponse {
     /// The status code.
     pub status: u16,
@@ -21,6 +23,25 @@ pub struct StoredResponse {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values and body are the application's (cookies, tokens): names and sizes only.
+        struct Names<'a>(&'a [(String, Vec<u8>)]);
+        impl std::fmt::Debug for Names<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_list()
+                    .entries(self.0.iter().map(|(n, _)| n))
+                    .finish()
+            }
+        }
+        f.debug_struct("StoredResponse")
+            .field("status", &self.status)
+            .field("headers", &Names(&self.headers))
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 impl StoredResponse {
@@ -211,5 +232,24 @@ mod tests {
         };
         assert_eq!(StoredResponse::from_json(&r.to_json()), Some(r));
         assert_eq!(StoredResponse::from_json(b"garbage"), None);
+    }
+
+    #[test]
+    fn debug_shows_names_and_sizes_never_values_or_the_body() {
+        let r = StoredResponse {
+            status: 200,
+            headers: vec![("set-cookie".into(), b"session=s3cr3t-cookie".to_vec())],
+            body: Bytes::from_static(b"{\"token\":\"t0k3n-value\"}"),
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("set-cookie") && shown.contains("200"),
+            "{shown}"
+        );
+        assert!(shown.contains("body_len: 23"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("t0k3n"),
+            "{shown}"
+        );
     }
 }
