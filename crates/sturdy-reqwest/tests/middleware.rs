@@ -639,3 +639,69 @@ async fn an_error_of_a_middleware_below_may_have_been_processed_and_shows_no_que
     assert!(!shown.contains("s3cr3t"), "{shown}");
     assert!(shown.contains("/orders"), "{shown}");
 }
+
+/// Waits a few milliseconds (a token fetch, a limiter) before the rest of the chain.
+struct WaitsFirst;
+
+#[async_trait::async_trait]
+impl Middleware for WaitsFirst {
+    async fn handle(
+        &self,
+        req: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        next.run(req, extensions).await
+    }
+}
+
+fn waiting_chain() -> ClientWithMiddleware {
+    reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(sturdy())
+        .with(WaitsFirst)
+        .build()
+}
+
+/// This crate's tests build reqwest without a TLS feature. A redirect to `https` after the
+/// server answered may have been processed, and says it was a redirect, behind a middleware
+/// that waits first. (reqwest's error names the first URL even for the redirect's target, so
+/// the URL cannot tell this from an `https` first hop behind such a middleware, which reads the
+/// same: see the reqwest guide's table.)
+#[tokio::test]
+async fn a_redirect_to_https_without_a_tls_backend_may_have_been_processed() {
+    let hits = Arc::new(AtomicU32::new(0));
+    let counted = hits.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/start",
+        axum::routing::post(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                (
+                    StatusCode::SEE_OTHER,
+                    [("location", format!("https://{addr}/orders/o_1"))],
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        waiting_chain()
+            .post(format!("http://{addr}/start"))
+            .body("order")
+            .send(),
+    )
+    .await
+    .expect("answers")
+    .unwrap_err();
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "{err}");
+    assert_eq!(delivery(&err), Delivery::MaybeProcessed, "{err}");
+    let e = find::<sturdy_core::Error>(&err).expect("a sturdy error");
+    assert!(
+        e.to_string().starts_with("could not follow a redirect"),
+        "{e}"
+    );
+}

@@ -414,8 +414,12 @@ where
                                 )
                             });
                             ready!(t.as_mut().poll(cx));
-                            Err(crate::timeout::timed_out(
+                            // A layer below that still holds the attempt back (hold marks on)
+                            // says it was never sent.
+                            let held = run.call.as_ref().and_then(|c| c.hold.held_for());
+                            Err(crate::timeout::timed_out_held(
                                 run.attempt_timeout.unwrap_or_default(),
+                                held,
                             ))
                         }
                     };

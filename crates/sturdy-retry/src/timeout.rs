@@ -156,6 +156,24 @@ where
     }
 }
 
+/// The error of an attempt that ran out of its `len` while a layer below held it back for
+/// `held` (a hold mark set): it was never sent. Without a mark, [`timed_out`].
+pub(crate) fn timed_out_held(len: Duration, held: Option<sturdy_core::hold::HeldFor>) -> BoxError {
+    match held {
+        Some(what) => Box::new(
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the attempt timed out after {} while it waited for {what}, before it was sent",
+                    human_duration(len)
+                ),
+            )
+            .with_delivery(Delivery::NotSent),
+        ),
+        None => timed_out(len),
+    }
+}
+
 /// The error of an attempt that ran out of its `len`.
 pub(crate) fn timed_out(len: Duration) -> BoxError {
     Box::new(

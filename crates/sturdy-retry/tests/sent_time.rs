@@ -143,3 +143,67 @@ async fn retries_below_a_loop_each_get_their_own_bound() {
     // Three attempts of 1 s each, and two backoffs between them.
     assert!(start.elapsed() >= Duration::from_secs(3), "{err}");
 }
+
+/// Marks its attempt as held back for its turn under a rate limit and never lets it go, as a
+/// rate limit that makes a call wait longer than the attempt timeout does.
+fn held_forever(
+) -> impl Service<Req, Response = Res, Error = Infallible, Future: Send> + Clone + Send {
+    service_fn(move |req: Req| async move {
+        if let Some(h) = sturdy_core::hold::AttemptHold::of(&req) {
+            h.hold(sturdy_core::hold::HeldFor::RateLimit);
+        }
+        std::future::pending::<()>().await;
+        Ok::<_, Infallible>(Response::new(Full::default()))
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_loops_attempt_timeout_says_not_sent_for_an_attempt_held_back_below() {
+    let svc = RetryLayer::new()
+        .with_max_attempts(1)
+        .with_deadline(Duration::from_secs(60))
+        .with_hold_marks(true)
+        .with_attempt_timeout(Duration::from_millis(100))
+        .layer(held_forever());
+    let err = svc
+        .oneshot(
+            Request::post("http://api.example.com/pay")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let e: &sturdy_core::Error = sturdy_core::find(&*err).expect("a sturdy error");
+    assert_eq!(*e.kind(), ErrorKind::Timeout, "{e}");
+    assert_eq!(e.delivery(), Some(sturdy_core::Delivery::NotSent), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("timed out after 100ms")
+            && text.contains("its turn under the rate limit")
+            && text.contains("before it was sent"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_hold_mark_the_retry_loops_attempt_timeout_says_it_may_have_been_processed() {
+    let svc = RetryLayer::new()
+        .with_max_attempts(1)
+        .with_deadline(Duration::from_secs(60))
+        .with_attempt_timeout(Duration::from_millis(100))
+        .layer(held_forever());
+    let err = svc
+        .oneshot(
+            Request::post("http://api.example.com/pay")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let e: &sturdy_core::Error = sturdy_core::find(&*err).expect("a sturdy error");
+    assert_eq!(
+        e.delivery(),
+        Some(sturdy_core::Delivery::MaybeProcessed),
+        "{e}"
+    );
+}
