@@ -435,8 +435,11 @@ impl Breaker {
         let by_count = failed
             && config.consecutive_failures != 0
             && consecutive >= config.consecutive_failures;
+        // The share is divided, not the rate multiplied: `0.07 * 100.0` is 7.000000000000001, so
+        // 7 failures in 100 would not reach a 7 % rate; `7.0 / 100.0` rounds to the same double
+        // as the literal `0.07`, so a share exactly at the rate opens, as documented.
         let by_rate = calls >= config.min_calls
-            && f64::from(failures) >= config.failure_rate * f64::from(calls);
+            && (calls == 0 || f64::from(failures) / f64::from(calls) >= config.failure_rate);
         if !(by_count || by_rate) {
             return None;
         }

@@ -101,7 +101,8 @@ impl<K, C> CircuitBreakerLayer<K, C> {
     /// Opens when at least `rate` (0.0 to 1.0) of the calls in the last `window` failed, once the
     /// window holds at least `min_calls` calls \[0.5, 30 s, 100\] (0 is taken as 1). A window
     /// without a failure never opens it, so a `rate` of 0.0 opens on any failure once the
-    /// window holds `min_calls` calls.
+    /// window holds `min_calls` calls. The window is counted in ten buckets of `window / 10`,
+    /// at least 1 ms each (a window under 10 ms acts as 10 ms); a call leaves it with its bucket.
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `rate` is not in `0.0..=1.0` or `window` is

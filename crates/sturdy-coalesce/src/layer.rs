@@ -157,7 +157,8 @@ impl<K> CoalesceLayer<K> {
     }
 
     /// Partitions the tables by `key` instead of by host, e.g. a closure `|req| -> String`
-    /// (two requests still share a call only when they are identical). Events then carry the key
+    /// (two requests still share a call only when they are identical and have the same key, also
+    /// past [`with_max_hosts`](Self::with_max_hosts), where keys share one table). Events then carry the key
     /// but no host (`host: None`), so a key never becomes a metric label.
     /// A key `*` names the state the keys past the bound share
     /// ([`OVERFLOW_KEY`](sturdy_core::keyed::OVERFLOW_KEY)): its calls share it with theirs.

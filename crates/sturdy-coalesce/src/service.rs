@@ -89,8 +89,15 @@ where
         let registry = &self.registry;
         let counters = &registry.counters;
         counters.calls.fetch_add(1, Ordering::Relaxed);
-        let bytes = key_of(&req, &registry.config.headers);
+        let mut bytes = key_of(&req, &registry.config.headers);
         let host = self.key.key(&req);
+        if !registry.config.keys_are_hosts {
+            // A key of the caller's (a tenant, a credential) partitions the calls: past the
+            // bound, keys share the overflow table, and two keys' identical requests must still
+            // not share a response. A host key is in the request's identity already.
+            bytes.extend_from_slice(&(host.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(host.as_bytes());
+        }
         let local = self.cache.get(&registry.map, &host, Flights::default);
         match join_or_start(&local, bytes) {
             Joined::Lead(start) => {

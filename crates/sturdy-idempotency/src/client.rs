@@ -11,7 +11,7 @@ use tower::{Layer, Service};
 
 /// Sets `Idempotency-Key` to a fresh random UUID v4 on each POST and PATCH (configurable), unless
 /// the caller already set one (a blank one, empty or only spaces and tabs, counts as none and is
-/// replaced), or gave one for this request in
+/// replaced; blank lines next to a key of the caller's are dropped and the key kept), or gave one for this request in
 /// [`CallOptions::with_idempotency_key`](sturdy_core::CallOptions::with_idempotency_key). Place it **outside** the retry layer: the key is set once per
 /// logical call, and every retry sends the same key. The key is never derived from the payload,
 /// so two deliberate identical orders stay two orders.
@@ -172,6 +172,23 @@ where
         // A blank key header names no operation (no server can deduplicate on it): it is
         // replaced like a missing one.
         if sturdy_core::key::idempotency_key(req.headers().get(&self.config.header)).is_none() {
+            // A blank first line before a key of the caller's (two header lines): the blank
+            // ones are dropped and the caller's key kept, first, where every layer reads it.
+            let kept: Vec<HeaderValue> = req
+                .headers()
+                .get_all(&self.config.header)
+                .iter()
+                .filter(|v| sturdy_core::key::idempotency_key(Some(v)).is_some())
+                .cloned()
+                .collect();
+            if !kept.is_empty() {
+                let headers = req.headers_mut();
+                headers.remove(&self.config.header);
+                for v in kept {
+                    headers.append(self.config.header.clone(), v);
+                }
+                return self.inner.call(req);
+            }
             let given = CallOptions::of(&req)
                 .and_then(CallOptions::idempotency_key)
                 .map(given_key);
@@ -270,6 +287,13 @@ mod tests {
             .header("idempotency-key", "order-1")
             .body(())
             .unwrap();
-        assert_eq!(svc.oneshot(req).await.unwrap(), ["order-1"]);
+        assert_eq!(svc.clone().oneshot(req).await.unwrap(), ["order-1"]);
+        // A blank line before the caller's key: the blank one goes, the key stays, first.
+        let mut req = Request::post("http://a.test/").body(()).unwrap();
+        for v in ["", "order-9", " "] {
+            req.headers_mut()
+                .append("idempotency-key", http::HeaderValue::from_static(v));
+        }
+        assert_eq!(svc.oneshot(req).await.unwrap(), ["order-9"]);
     }
 }

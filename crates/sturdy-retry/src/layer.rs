@@ -247,8 +247,11 @@ impl<C> RetryLayer<C> {
     /// Per-host retry budgets with tower's `TpsBudget` parameters and arithmetic: deposits live
     /// `ttl` (1 s to 60 s, counted in ten windows), at least `min_per_sec` retries per second are
     /// always allowed, plus `percent` (0.0 to 1000.0, as a fraction: 0.2 is 20 %) of calls
-    /// \[10 s, 10, 0.2\]. The budget follows tokio's clock (paused in tests), and the first call
-    /// after any idle time costs what any call does.
+    /// \[10 s, 10, 0.2\]. tower's arithmetic rounds: the reserve is `min_per_sec` times `ttl` in
+    /// whole seconds (1.9 s counts as 1 s), and up to 1.0 each retry costs `1 / percent` calls
+    /// rounded down (0.3 allows a retry per 3 calls, 33 %; anything above 0.5 one per call); a
+    /// `percent` under one in a million is taken as 0.0. The budget follows tokio's clock (paused
+    /// in tests), and the first call after any idle time costs what any call does.
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, or
@@ -278,6 +281,11 @@ impl<C> RetryLayer<C> {
                 format!("the retry budget's percent must be between 0.0 and 1000.0, not {percent}"),
             ));
         }
+        // tower prices a retry at `1 / percent` calls and scales the reserve by that price with
+        // saturating arithmetic: a tiny percent (1e-30) would saturate it and leave one retry
+        // of the `min_per_sec × ttl` reserve. Below one retry per million calls the share is
+        // nothing anyway: taken as 0.0, which keeps the reserve whole.
+        let percent = if percent < 1e-6 { 0.0 } else { percent };
         Ok(self.edit(|c| {
             c.budget = BudgetMode::PerHost {
                 ttl,

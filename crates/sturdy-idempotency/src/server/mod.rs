@@ -336,6 +336,16 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
 }
 
 /// Reads the key: a bare token or a structured-field string, 1 to 255 visible ASCII characters.
+/// The key header's name as a refusal's detail shows it: `Idempotency-Key` for the default,
+/// else the name `with_header` set (a client told to send the default would still be refused).
+fn shown_header(header: &HeaderName) -> &str {
+    if header == "idempotency-key" {
+        "Idempotency-Key"
+    } else {
+        header.as_str()
+    }
+}
+
 fn read_key(v: &HeaderValue) -> Option<String> {
     let raw = v.to_str().ok()?.trim();
     let key = match sturdy_core::headers::sf::parse_item(raw.as_bytes()) {
@@ -436,7 +446,10 @@ where
                     StatusCode::BAD_REQUEST,
                     problem::INVALID_KEY,
                     "Idempotency-Key is ambiguous",
-                    "send one Idempotency-Key header; this request has several different ones",
+                    &format!(
+                        "send one {} header; this request has several different ones",
+                        shown_header(&config.header)
+                    ),
                 ));
             }
         }
@@ -448,7 +461,10 @@ where
                     StatusCode::BAD_REQUEST,
                     problem::MISSING_KEY,
                     "Idempotency-Key is missing",
-                    "this operation requires an Idempotency-Key header",
+                    &format!(
+                        "this operation requires an {} header",
+                        shown_header(&config.header)
+                    ),
                 ));
             }
             None => {
@@ -464,7 +480,10 @@ where
                         StatusCode::BAD_REQUEST,
                         problem::INVALID_KEY,
                         "Idempotency-Key is invalid",
-                        "use 1 to 255 visible ASCII characters, such as a UUID",
+                        &format!(
+                            "the {} header must be 1 to 255 visible ASCII characters, such as a UUID",
+                            shown_header(&config.header)
+                        ),
                     ));
                 }
             },
