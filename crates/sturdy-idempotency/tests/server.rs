@@ -836,3 +836,41 @@ async fn a_concurrency_limit_inside_the_layer_counts_executions_whose_client_lef
     assert_eq!(start.elapsed(), Duration::from_millis(3_000));
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn refusals_name_the_key_header_the_layer_reads() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let custom = layer().with_header(http::HeaderName::from_static("x-op-key"));
+    let app = app(custom, runs.clone(), Duration::ZERO);
+    let missing = app.clone().oneshot(order(None, "{}")).await.unwrap();
+    let p = problem_of(missing).await;
+    assert_eq!(p["type"], problem::MISSING_KEY);
+    assert_eq!(p["detail"], "this operation requires an x-op-key header");
+    let bad = Request::post("/orders")
+        .header("x-op-key", "has space")
+        .body(Body::from("{}"))
+        .unwrap();
+    let p = problem_of(app.clone().oneshot(bad).await.unwrap()).await;
+    assert!(p["detail"].as_str().unwrap().contains("x-op-key"), "{p}");
+    let two = Request::post("/orders")
+        .header("x-op-key", "a1")
+        .header("x-op-key", "b2")
+        .body(Body::from("{}"))
+        .unwrap();
+    let p = problem_of(app.clone().oneshot(two).await.unwrap()).await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("send one x-op-key"),
+        "{p}"
+    );
+    // The default header keeps its usual spelling.
+    let p = problem_of(app_default().oneshot(order(None, "{}")).await.unwrap()).await;
+    assert_eq!(
+        p["detail"],
+        "this operation requires an Idempotency-Key header"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+fn app_default() -> Router {
+    app(layer(), Arc::new(AtomicU32::new(0)), Duration::ZERO)
+}
