@@ -95,8 +95,8 @@ pub enum Event<'a> {
         /// Why it was not retried.
         stop: RetryStop,
     },
-    /// Rate limit: a call waits for its turn: in line (a slot of the quota, the end of a
-    /// pause), or for a slot a shared store (`with_remote`) granted later than now.
+    /// Rate limit: a call waits in line for its turn (a slot of the quota, the end of a
+    /// pause). A wait granted by a shared store (`with_remote`) is not reported.
     RateLimitWaited {
         /// The limiter's key.
         key: &'a str,

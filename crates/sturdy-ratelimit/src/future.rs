@@ -488,7 +488,6 @@ where
                 let max_wait = *max_wait;
                 let decided = ready!(fut.as_mut().poll(cx));
                 let now = ks.origin.elapsed();
-                let mut waits = None;
                 slow.turn = match decided {
                     Ok(Reserve::Granted { wait }) => {
                         // Counted from the ask, as the store counts it (the round trip since
@@ -502,9 +501,6 @@ where
                             slow.turn = Turn::Done;
                             let told = wait.min(bound.config.max_pause);
                             return Poll::Ready(Err(limited(nanos(told))));
-                        }
-                        if !wait.is_zero() {
-                            waits = Some(wait);
                         }
                         Turn::Reserved(now.saturating_add(nanos(wait)))
                     }
@@ -533,15 +529,6 @@ where
                         }
                     },
                 };
-                // Reported once the slot is in `slow.turn`, whose drop gives it back: a hook
-                // of the user's that panics must not leave a slot no one holds.
-                if let Some(wait) = waits {
-                    bound.config.events.emit(&Event::RateLimitWaited {
-                        key: bound.key(),
-                        host: bound.host(),
-                        wait,
-                    });
-                }
             }
             Turn::Reserved(at) => {
                 let at = *at;

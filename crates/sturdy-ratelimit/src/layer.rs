@@ -197,7 +197,8 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// Calls `f` with an [`Event`](sturdy_core::events::Event) for every call that waits
-    /// (`RateLimitWaited`: in line, or for a later slot a `with_remote` store granted), every call refused (`RateLimitRefused`) and every pause a server asks
+    /// in line (`RateLimitWaited`; a later slot a `with_remote` store grants is not reported,
+    /// nor counted by the `metrics` feature), every call refused (`RateLimitRefused`) and every pause a server asks
     /// for (`RateLimitPaused`) \[none\]; replaces an earlier callback. With the `metrics` feature
     /// the same events are counted through the `metrics` facade either way.
     pub fn on_event(self, f: impl Fn(&Event<'_>) + Send + Sync + 'static) -> Self {

@@ -445,9 +445,10 @@ async fn without_a_quota_a_bare_429_teaches_the_key_a_pace() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_later_slot_granted_by_a_remote_store_is_reported_as_a_wait() {
-    // Quota 10/s, burst 1, in the store: the first call goes at once (no event), the next two
-    // are granted slots 100 and 200 ms away, and `on_event` hears of each wait.
+async fn a_later_slot_granted_by_a_remote_store_is_slept_out_and_not_reported_as_a_wait() {
+    // Quota 10/s, burst 1, in the store: the first call goes at once, the next two are granted
+    // slots 100 ms away and sleep them out; `on_event` reports waits in line only (its docs,
+    // and metrics.md: a wait a shared quota grants is not counted).
     let quota = Quota::per_second(10).unwrap();
     let store = Store::new(quota);
     let api = Api::with(vec![]);
@@ -456,10 +457,8 @@ async fn a_later_slot_granted_by_a_remote_store_is_reported_as_a_wait() {
     let svc = RateLimitLayer::new(quota)
         .with_remote(store.clone())
         .on_event(move |e| {
-            if let sturdy_core::events::Event::RateLimitWaited { key, host, wait } = e {
-                log.lock()
-                    .unwrap()
-                    .push((key.to_string(), host.map(str::to_owned), *wait));
+            if let sturdy_core::events::Event::RateLimitWaited { wait, .. } = e {
+                log.lock().unwrap().push(*wait);
             }
         })
         .layer(api.service());
@@ -467,13 +466,6 @@ async fn a_later_slot_granted_by_a_remote_store_is_reported_as_a_wait() {
     for _ in 0..3 {
         svc.clone().oneshot(get("a")).await.unwrap();
     }
-    let t = api.since(start);
-    assert_eq!(t, vec![Duration::ZERO, ms(100), ms(200)]);
-    let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    for (key, host, wait) in seen {
-        assert_eq!(key, "a");
-        assert_eq!(host.as_deref(), Some("a"));
-        assert_eq!(wait, ms(100));
-    }
+    assert_eq!(api.since(start), vec![Duration::ZERO, ms(100), ms(200)]);
+    assert!(seen.lock().unwrap().is_empty());
 }
