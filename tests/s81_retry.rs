@@ -2065,7 +2065,7 @@ async fn s81_percent_is_the_share_of_calls_retried() {
             .with_budget(secs(10), 0, percent)
             .unwrap();
         let got = retried_of_a_burst(layer, 100).await;
-        let most = (f64::from(share) * 100.0).ceil() as usize + 1;
+        let most = (share * 100.0f64).ceil() as usize + 1;
         if got > most {
             over.push(format!("{percent}: {got} of 100 retried"));
         }
