@@ -293,6 +293,31 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
 /// withheld, or the whole authority when there is none). Works on text that is not a valid URI
 /// too, and on network paths (`//user:pw@host/...`).
 pub(crate) fn shown(s: &str) -> String {
+    short(&shown_whole(s)).into_owned()
+}
+
+/// The most bytes of a server's link, cursor or path a message quotes: the server chose them,
+/// and a next link may be as long as a URI can be (64 KiB).
+const MAX_SHOWN: usize = 512;
+
+/// `text` cut to [`MAX_SHOWN`] bytes at a character boundary, saying how much was left out.
+pub(crate) fn short(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_SHOWN {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = MAX_SHOWN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… ({} bytes more)",
+        &text[..end],
+        text.len() - end
+    ))
+}
+
+/// [`shown`] before its length is bounded.
+fn shown_whole(s: &str) -> String {
     let (head, cut) = match s.find(['?', '#']) {
         Some(at) => (&s[..at], "?…"),
         None => (s, ""),
@@ -567,7 +592,7 @@ impl<P: PageStrategy> Paginate<P> {
                     ErrorKind::Timeout,
                     format!(
                         "page {number} ({}) did not arrive within {} (the page timeout covers the response head and the whole body); the server stalled, or raise with_page_timeout",
-                        uri.path(),
+                        short(uri.path()),
                         human_duration(i.page_timeout)
                     ),
                 ))
@@ -578,7 +603,7 @@ impl<P: PageStrategy> Paginate<P> {
                         ErrorKind::Body,
                         format!(
                             "page {number} ({}) is larger than the {limit}-byte page limit; ask for smaller pages or raise with_max_page_bytes",
-                            uri.path()
+                            short(uri.path())
                         ),
                     ));
                 }
@@ -590,7 +615,7 @@ impl<P: PageStrategy> Paginate<P> {
                         kind,
                         format!(
                             "page {number} ({}) failed: {}",
-                            uri.path(),
+                            short(uri.path()),
                             sturdy_core::classify::own_text(&*e)
                         ),
                     )
@@ -603,7 +628,11 @@ impl<P: PageStrategy> Paginate<P> {
             let kind = ErrorKind::from_status(res.status()).unwrap_or(ErrorKind::Other);
             return Err(Error::new(
                 kind,
-                format!("page {number} ({}) answered {}", uri.path(), res.status()),
+                format!(
+                    "page {number} ({}) answered {}",
+                    short(uri.path()),
+                    res.status()
+                ),
             ));
         }
         let (parts, body) = res.into_parts();
@@ -679,7 +708,7 @@ impl<P: PageStrategy> Paginate<P> {
                                     "pagination loop: the next cursor of page {} ({:?}) leads back to {}, a page already read",
                                     w.number,
                                     shown(n),
-                                    if page_id(&next) == page_id(&uri) { "the same page".to_owned() } else { next.path().to_owned() }
+                                    if page_id(&next) == page_id(&uri) { "the same page".to_owned() } else { short(next.path()).into_owned() }
                                 ))
                             });
                         }
@@ -768,7 +797,7 @@ impl<P: PageStrategy> Paginate<P> {
             if from == Some(id) {
                 return Err(err(format!(
                     "pagination loop: this cursor would fetch {} again, the page it came from (its next cursor {:?} points to itself); there is nothing more to read",
-                    uri.path(),
+                    short(uri.path()),
                     shown(at.c.as_deref().unwrap_or(""))
                 )));
             }
@@ -776,7 +805,7 @@ impl<P: PageStrategy> Paginate<P> {
                 return Err(err(format!(
                     "pagination loop: the next cursor {:?} leads back to {}, a page already read in this call",
                     shown(at.c.as_deref().unwrap_or("")),
-                    uri.path()
+                    short(uri.path())
                 )));
             }
             let parsed = self

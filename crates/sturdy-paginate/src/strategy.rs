@@ -55,7 +55,7 @@ impl RawPage {
                 format!(
                     "page {} ({}) is not JSON: {e}",
                     self.number,
-                    self.uri.path()
+                    crate::short(self.uri.path())
                 ),
             )
         })
@@ -102,7 +102,7 @@ impl RawPage {
             format!(
                 "page {} ({}) is not the expected JSON: {what}",
                 self.number,
-                self.uri.path()
+                crate::short(self.uri.path())
             ),
         )
     }
@@ -650,5 +650,18 @@ mod tests {
         let base: Uri = "http://h/orders?status=open&limit=5".parse().unwrap();
         let u = with_query(&base, &[("limit", "20".into()), ("cursor", "a b&c".into())]).unwrap();
         assert_eq!(u, "http://h/orders?status=open&limit=20&cursor=a+b%26c");
+    }
+
+    #[test]
+    fn a_long_bad_next_link_is_quoted_short() {
+        let base: Uri = "http://h/orders".parse().unwrap();
+        let link = format!("https://h/{}\u{7f}é", "p".repeat(70_000));
+        let err = LinkHeader::new("items")
+            .uri(&base, Some(&link), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 1_000, "{}", err.len());
+        assert!(err.contains("bytes more"), "{err}");
+        assert!(err.starts_with("the next link \"https://h/ppp"), "{err}");
     }
 }

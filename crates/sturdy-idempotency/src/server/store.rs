@@ -64,7 +64,11 @@ impl StoredResponse {
     /// Reads what [`to_json`](Self::to_json) wrote.
     pub fn from_json(bytes: &[u8]) -> Option<Self> {
         let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        let status = u16::try_from(v.get("status")?.as_u64()?).ok()?;
+        // A status no response can have (a store's entry damaged or written by something
+        // else) is not a stored response: replayed, it would read as 200.
+        let status = u16::try_from(v.get("status")?.as_u64()?)
+            .ok()
+            .filter(|s| (100..=999).contains(s))?;
         let headers = v
             .get("headers")?
             .as_array()?
@@ -232,6 +236,14 @@ mod tests {
         };
         assert_eq!(StoredResponse::from_json(&r.to_json()), Some(r));
         assert_eq!(StoredResponse::from_json(b"garbage"), None);
+        for status in [0, 99, 1000, 65535] {
+            let damaged = format!(r#"{{"status":{status},"headers":[],"body":""}}"#);
+            assert_eq!(
+                StoredResponse::from_json(damaged.as_bytes()),
+                None,
+                "{status}"
+            );
+        }
     }
 
     #[test]
