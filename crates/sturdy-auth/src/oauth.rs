@@ -1023,10 +1023,19 @@ fn redact_secret(text: &str, s: &Settings) -> String {
 /// server echoing the secret re-encodes it its own way (`%2f`, `%20`, `\"` in a JSON string), so
 /// one exact spelling is not enough.
 fn replace_spelled(text: &str, needle: &[u8]) -> String {
+    let Some(&first) = needle.first() else {
+        return text.to_owned();
+    };
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let (mut copied, mut at) = (0, 0);
     while at < bytes.len() {
+        // Most positions cannot start any spelling of the needle's first byte: skipped without
+        // setting up the walk.
+        if spellings_of(bytes, at, first).iter().all(Option::is_none) {
+            at += 1;
+            continue;
+        }
         match spelled_at(bytes, at, needle) {
             Some(end) if text.is_char_boundary(at) && text.is_char_boundary(end) => {
                 out.push_str(&text[copied..at]);

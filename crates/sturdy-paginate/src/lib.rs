@@ -293,7 +293,11 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
 /// withheld, or the whole authority when there is none). Works on text that is not a valid URI
 /// too, and on network paths (`//user:pw@host/...`).
 pub(crate) fn shown(s: &str) -> String {
-    short(&shown_whole(s)).into_owned()
+    let whole = shown_whole(s);
+    match short(&whole) {
+        std::borrow::Cow::Borrowed(_) => whole,
+        std::borrow::Cow::Owned(cut) => cut,
+    }
 }
 
 /// The most bytes of a server's link, cursor or path a message quotes: the server chose them,
