@@ -306,6 +306,7 @@ mod s77_webhooks;
 mod s79_cluster_idem;
 mod s80_circuit_coalesce;
 mod s81_retry;
+mod s93_audits;
 mod scale9_headers;
 mod scale9_idempotency;
 mod scale9_webhook;

@@ -62,13 +62,13 @@ impl Head {
         *r.version_mut() = self.version;
         *r.headers_mut() = self.headers.clone();
         *r.extensions_mut() = self.extensions.clone();
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.secret().expose_secret()))
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Auth,
-                    "the access token has characters that are not allowed in an HTTP header",
-                )
-            })?;
+        let secret = token.secret().expose_secret();
+        let mut v = HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| {
+            Error::new(
+                ErrorKind::Auth,
+                crate::layer::not_allowed("the access token", secret),
+            )
+        })?;
         v.set_sensitive(true);
         r.headers_mut().insert(http::header::AUTHORIZATION, v);
         Ok(r)

@@ -48,15 +48,31 @@ pub struct AuthLayer {
 /// How long one call waits for a token by default.
 pub(crate) const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn sensitive(value: &str) -> Result<HeaderValue, Error> {
-    let mut v = HeaderValue::from_str(value).map_err(|_| {
-        Error::new(
-            ErrorKind::Config,
-            "the credential has characters that are not allowed in an HTTP header",
-        )
-    })?;
+/// The header value for a credential, marked sensitive. `what` names the credential and `skip`
+/// is the length of a fixed prefix (`Bearer `) so that the position named counts from the
+/// credential's own first byte. The error never shows the character: it is part of a secret.
+fn sensitive(value: &str, what: &str, skip: usize) -> Result<HeaderValue, Error> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| Error::new(ErrorKind::Config, not_allowed(what, &value[skip..])))?;
     v.set_sensitive(true);
     Ok(v)
+}
+
+/// "the API key has a control character ... at byte 12 of 15": which credential and where, so a
+/// caller can find a pasted line break without the secret being printed.
+pub(crate) fn not_allowed(what: &str, value: &str) -> String {
+    // `HeaderValue::from_str` refuses the control characters but the tab, and DEL.
+    match value
+        .bytes()
+        .position(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
+        Some(at) => format!(
+            "{what} has a control character (such as a line break), which an HTTP header cannot carry, at byte {} of {}",
+            at + 1,
+            value.len()
+        ),
+        None => format!("{what} has characters that are not allowed in an HTTP header"),
+    }
 }
 
 impl AuthLayer {
@@ -78,7 +94,11 @@ impl AuthLayer {
     pub fn bearer(token: impl Into<SecretString>) -> Result<Self, Error> {
         let token = token.into();
         not_blank(&token, "the bearer token")?;
-        let v = sensitive(&format!("Bearer {}", token.expose_secret()))?;
+        let v = sensitive(
+            &format!("Bearer {}", token.expose_secret()),
+            "the bearer token",
+            7,
+        )?;
         Ok(Self::with(Credentials::Header(
             http::header::AUTHORIZATION,
             v,
@@ -93,7 +113,7 @@ impl AuthLayer {
     pub fn api_key(name: HeaderName, key: impl Into<SecretString>) -> Result<Self, Error> {
         let key = key.into();
         not_blank(&key, "the API key")?;
-        let v = sensitive(key.expose_secret())?;
+        let v = sensitive(key.expose_secret(), "the API key", 0)?;
         Ok(Self::with(Credentials::Header(name, v)))
     }
 
@@ -137,7 +157,7 @@ impl AuthLayer {
         let password = password.into();
         let encoded = base64::engine::general_purpose::STANDARD
             .encode(format!("{user}:{}", password.expose_secret()));
-        let v = sensitive(&format!("Basic {encoded}"))?;
+        let v = sensitive(&format!("Basic {encoded}"), "the Basic credential", 6)?;
         Ok(Self::with(Credentials::Header(
             http::header::AUTHORIZATION,
             v,

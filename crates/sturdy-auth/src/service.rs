@@ -97,7 +97,13 @@ where
             Credentials::Query(param, value) => {
                 match with_query(&mut req, param, value.expose_secret()) {
                     Ok(()) => ResponseFuture::direct(self.inner.call(req)),
-                    Err(e) => ResponseFuture::failed(e),
+                    Err(e) => {
+                        // Answered without the inner service: what its `poll_ready` reserved (a
+                        // `ConcurrencyLimit` permit, a `Buffer` slot) goes back now, not at this
+                        // service's next call.
+                        sturdy_core::ready::release_ready(&mut self.inner);
+                        ResponseFuture::failed(e)
+                    }
                 }
             }
             Credentials::Token(source) => {

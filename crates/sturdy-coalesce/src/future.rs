@@ -135,8 +135,17 @@ where
                             return Poll::Ready(Ok(res));
                         }
                         Outcome::Failed(e) => {
-                            *this.join = None;
-                            return Poll::Ready(Err(for_caller(&e)));
+                            // The caller that was sending the shared call went away and took
+                            // its sending with it (a reqwest-middleware chain): the request did
+                            // not fail, so a caller who joined sends its own.
+                            let stranded =
+                                sturdy_core::find::<sturdy_core::DriverGone>(&**e).is_some();
+                            if !stranded || join.fallback.is_none() {
+                                *this.join = None;
+                                return Poll::Ready(Err(for_caller(&e)));
+                            }
+                            join.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                            this.state.set(State::Fallback);
                         }
                         Outcome::TooLarge => {
                             if let Some(any) = join.handoff.take(join.leader) {

@@ -45,7 +45,9 @@ impl CoalesceStats {
         self.too_large
     }
 
-    /// Requests that joined a call whose body turned out too large, and sent their own.
+    /// Requests that joined a call and sent their own: its body turned out too large, or the
+    /// caller that was sending it went away and took its sending with it (a reqwest-middleware
+    /// chain, see [`DriverGone`](sturdy_core::DriverGone)).
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks
     }

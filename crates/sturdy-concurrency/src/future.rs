@@ -65,7 +65,11 @@ struct Slow<S, B> {
     /// The call's own key when it is not the limit's (past the bound on hosts).
     own: Option<Box<str>>,
     acquire: Acquire,
-    sleep: Pin<Box<Sleep>>,
+    /// When the wait ends, read at `call`; the timer itself is made at the first poll that has
+    /// to wait, inside the runtime that polls (a timer made in `call` would panic on a thread
+    /// outside a runtime, after the count of waiting calls had gone up).
+    until: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
     max_wait: Duration,
     svc: S,
     req: Option<Request<B>>,
@@ -114,8 +118,15 @@ where
             hold.hold(HeldFor::Concurrency);
         }
         let acquire: Acquire = Box::pin(limiter.sem.clone().acquire_owned());
+        let now = Instant::now();
+        // A wait too long to add to the clock (`Duration::MAX`) ends in thirty years, as tokio's
+        // own far-future timers do.
+        let until = now
+            .checked_add(max_wait)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
         let slow = Slow {
-            sleep: Box::pin(tokio::time::sleep(max_wait)),
+            until,
+            sleep: None,
             local,
             own,
             acquire,
@@ -188,7 +199,11 @@ where
                             return Poll::Ready(Err("the concurrency limiter was closed".into()));
                         }
                         Poll::Pending => {
-                            ready!(slow.sleep.as_mut().poll(cx));
+                            let until = slow.until;
+                            let sleep = slow
+                                .sleep
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                            ready!(sleep.as_mut().poll(cx));
                             let l = slow.local.value();
                             let own = slow.own.as_deref().unwrap_or(slow.local.key());
                             rejected(&slow.local, own);

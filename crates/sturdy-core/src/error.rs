@@ -445,6 +445,30 @@ pub fn find<'a, T: std::error::Error + 'static>(
     None
 }
 
+/// In an error's `source()` chain: the attempt failed only because the caller that was sending
+/// it went away (a reqwest-middleware call whose future was dropped takes the rest of its chain
+/// with it), not because of the request or the server. The coalescing layer reads it: callers
+/// that joined a shared call whose sending caller left send their own request instead of
+/// failing. Find it with [`find`].
+///
+/// ```
+/// use sturdy_core::{find, DriverGone, Error, ErrorKind};
+///
+/// let err = Error::new(ErrorKind::Other, "the call that sent this attempt ended")
+///     .with_hidden_source(DriverGone);
+/// assert!(find::<DriverGone>(&err).is_some());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverGone;
+
+impl fmt::Display for DriverGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the caller that was sending this attempt went away")
+    }
+}
+
+impl std::error::Error for DriverGone {}
+
 /// The call was not made (or not retried) because of a rate limit: a server's 429 or
 /// `Retry-After`, a quota header, or a local limiter that could not grant a permit in time.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,7 +56,8 @@ pub mod trace;
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
 pub use clock::{SystemClock, WallClock};
 pub use error::{
-    find, BoxError, CallReport, CircuitOpen, Delivery, Error, ErrorKind, OpenReason, RateLimited,
+    find, BoxError, CallReport, CircuitOpen, Delivery, DriverGone, Error, ErrorKind, OpenReason,
+    RateLimited,
 };
 pub use key::{ByHost, KeyExtractor};
 pub use options::CallOptions;

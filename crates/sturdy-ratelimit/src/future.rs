@@ -22,7 +22,9 @@ pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit).
     ///
     /// Dropping it while it waits gives its place back: it leaves the key's line (the calls
-    /// behind it move up), and a slot a remote store granted it is released.
+    /// behind it move up), and a slot a remote store granted it is released, by a task spawned
+    /// on the tokio runtime of the dropping thread (dropped outside a runtime, or while the
+    /// runtime shuts down, the slot stays used).
     pub struct ResponseFuture<S, B, Rb>
     where
         S: Service<Request<B>, Response = Response<Rb>>,

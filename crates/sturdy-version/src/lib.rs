@@ -123,7 +123,11 @@ impl VersionLayer {
         Ok(Self::with(Pinning::Header(n, v)))
     }
 
-    /// Sends `version` in the query parameter `name`.
+    /// Sends `version` in the query parameter `name`. A request whose URI cannot hold the
+    /// parameter (its path and query would pass the 65,534 bytes `http::Uri` allows) is sent
+    /// as it is, without the version, and a `tracing` warning names the parameter: this layer
+    /// passes its inner service's error type through, so it has no error of its own to refuse
+    /// with.
     pub fn query(name: impl Into<String>, version: impl Into<String>) -> Self {
         Self::with(Pinning::Query(name.into(), version.into()))
     }
@@ -175,8 +179,14 @@ fn set_query<B>(req: &mut Request<B>, name: &str, value: &str) {
     if sturdy_core::query::has(req.uri(), name) {
         return;
     }
-    if let Ok(u) = sturdy_core::query::set(req.uri(), &[(name, value)]) {
-        *req.uri_mut() = u;
+    match sturdy_core::query::set(req.uri(), &[(name, value)]) {
+        Ok(u) => *req.uri_mut() = u,
+        // Only a URI past what `http::Uri` can hold fails: the request goes as it is.
+        Err(_) => tracing::warn!(
+            parameter = name,
+            uri_bytes = req.uri().to_string().len(),
+            "the API version could not be added to the query: the URI would be longer than a URI can be; the request is sent without it"
+        ),
     }
 }
 

@@ -1,0 +1,218 @@
+//! Findings of the read-only cancellation and composition audits (s88, s89), each shown through
+//! the public API: a query-key refusal gives back what the inner service's `poll_ready`
+//! reserved; the adaptive concurrency limit takes a call that must wait on a thread outside a
+//! runtime without panicking; callers who joined a coalesced reqwest call whose first caller
+//! went away get their answer; a query version pin that does not fit is warned about; and an
+//! auth credential with a character a header cannot carry is named, with where, never shown.
+#![cfg(feature = "full")]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use sturdy::auth::AuthLayer;
+use sturdy::coalesce::CoalesceLayer;
+use sturdy::concurrency::AdaptiveConcurrencyLayer;
+use sturdy::reqwest::SturdyMiddleware;
+use sturdy::version::VersionLayer;
+use sturdy::ClientBuilder;
+use tower::{Layer, Service, ServiceExt};
+
+/// s88/s89: a kept service over `ConcurrencyLimit(1)`, whose call the auth layer refuses (the
+/// URI has no room for the query key), gives the permit back at once: another clone is served.
+#[tokio::test(start_paused = true)]
+async fn a_refused_query_key_call_gives_the_inner_permit_back() {
+    let auth = AuthLayer::api_key_query("api_key", "k-123").unwrap();
+    let inner = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    let mut kept = auth.layer(tower::limit::ConcurrencyLimit::new(inner, 1));
+    let other = kept.clone();
+    let long = format!("http://h/{}", "a".repeat(65_520));
+    let req = Request::get(long).body(Full::default()).unwrap();
+    let err = kept.ready().await.unwrap().call(req).await.unwrap_err();
+    assert!(err.to_string().contains("`api_key`"), "{err}");
+    assert!(!err.to_string().contains("k-123"), "{err}");
+    let small = Request::get("http://h/p").body(Full::default()).unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(1), other.oneshot(small)).await;
+    assert!(res.expect("the permit was given back").is_ok());
+    drop(kept);
+}
+
+/// s88: a call that must wait for a place, made on a thread outside any runtime (a service
+/// moved into a plain thread), does not panic in `call`; dropped, it leaves the count of
+/// waiting calls as it was.
+#[test]
+fn a_waiting_call_made_outside_a_runtime_does_not_panic() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let inner = tower::service_fn(move |_req: Request<String>| {
+        let g = g.clone();
+        async move {
+            let _p = g.acquire().await;
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }
+    });
+    let layer = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_max_wait(Duration::from_secs(5));
+    let handle = layer.handle();
+    let svc = layer.layer(inner);
+    // One call takes the only place and holds it.
+    let mut first = svc.clone();
+    let held = rt.block_on(async {
+        let f = first
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get("http://h/a").body(String::new()).unwrap());
+        tokio::spawn(f)
+    });
+    // The second call, made outside the runtime, has to wait.
+    let mut second = svc.clone();
+    let waiting = std::thread::spawn(move || {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(second.poll_ready(&mut cx).is_ready());
+        let fut = second.call(Request::get("http://h/b").body(String::new()).unwrap());
+        drop(fut);
+    })
+    .join();
+    assert!(waiting.is_ok(), "calling outside a runtime panicked");
+    assert_eq!(handle.state("h").map(|s| s.waiting()), Some(0));
+    gate.add_permits(1);
+    rt.block_on(async { held.await.unwrap().unwrap() });
+}
+
+/// s89: with coalescing inside `SturdyMiddleware`, the caller whose request was sending the
+/// shared call goes away (its task aborted): the caller who joined it gets its answer, by
+/// sending its own request (coalesce.md: a caller that goes away leaves the call to the
+/// others).
+#[tokio::test]
+async fn a_joined_reqwest_caller_is_answered_when_the_sending_caller_goes_away() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let coalesce = CoalesceLayer::new();
+    let stats = coalesce.handle();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(SturdyMiddleware::new(move |next| {
+            ClientBuilder::new()
+                .with_coalesce(coalesce.clone())
+                .build(next)
+        }))
+        .build();
+    let url = format!("http://{addr}/slow");
+    let a = {
+        let (c, u) = (client.clone(), url.clone());
+        tokio::spawn(async move { c.get(u).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = {
+        let (c, u) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let res = c.get(u).send().await?;
+            let status = res.status();
+            Ok::<_, reqwest_middleware::Error>((status, res.text().await?))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.abort();
+    let (status, text) = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .expect("no hang")
+        .unwrap()
+        .expect("the joined caller is answered");
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert_eq!(text, "done");
+    let s = stats.stats();
+    assert_eq!(s.joined(), 1, "{s:?}");
+    assert_eq!(s.fallbacks(), 1, "{s:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    server.abort();
+}
+
+/// s89: a query version pin that would make the URI longer than a URI can be is sent without
+/// the pin, and a warning names the parameter (version.md).
+#[tokio::test]
+async fn a_query_version_that_does_not_fit_is_warned_about() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let inner = tower::service_fn(move |req: Request<String>| {
+        s.lock().unwrap().push(req.uri().to_string());
+        async { Ok::<_, Infallible>(Response::new(String::new())) }
+    });
+    let svc = VersionLayer::query("api-version", "2024-06-01").layer(inner);
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let l = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || Writer(l.clone()))
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let long = format!("http://h/{}", "a".repeat(65_520));
+    let req = Request::get(long.as_str()).body(String::new()).unwrap();
+    svc.clone().oneshot(req).await.unwrap();
+    let short = Request::get("http://h/x").body(String::new()).unwrap();
+    svc.oneshot(short).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], long);
+    assert_eq!(seen[1], "http://h/x?api-version=2024-06-01");
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("WARN"), "{text}");
+    assert!(text.contains("api-version"), "{text}");
+    assert!(text.contains("sent without it"), "{text}");
+}
+
+struct Writer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// s85: the error of a credential a header cannot carry says which credential and where the
+/// character is, and never shows the secret or the character.
+#[test]
+fn a_credential_with_a_forbidden_character_is_named_not_shown() {
+    let e = AuthLayer::api_key(
+        http::header::HeaderName::from_static("x-api-key"),
+        "sk-live-abc\ndef",
+    )
+    .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("the API key"), "{m}");
+    assert!(m.contains("byte 12 of 15"), "{m}");
+    assert!(m.contains("control character"), "{m}");
+    assert!(!m.contains("sk-live"), "{m}");
+    let e = AuthLayer::bearer("sec\u{7f}r").unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("the bearer token"), "{m}");
+    assert!(m.contains("at byte 4 of 5"), "{m}");
+    assert!(!m.contains("sec\u{7f}"), "{m}");
+}
