@@ -216,3 +216,105 @@ fn a_credential_with_a_forbidden_character_is_named_not_shown() {
     assert!(m.contains("at byte 4 of 5"), "{m}");
     assert!(!m.contains("sec\u{7f}"), "{m}");
 }
+
+/// A store that fails once as a refused connection would, then grants.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    asked: AtomicUsize,
+    plain: bool,
+}
+
+impl sturdy::ratelimit::RemoteQuota for FlakyStore {
+    fn reserve(
+        &self,
+        _key: &str,
+        _max_wait: Duration,
+    ) -> sturdy::ratelimit::BoxFuture<Result<sturdy::ratelimit::Reserve, sturdy::core::BoxError>>
+    {
+        let n = self.asked.fetch_add(1, Ordering::SeqCst);
+        let plain = self.plain;
+        Box::pin(async move {
+            if n == 0 {
+                if plain {
+                    return Err("a custom store's own failure".into());
+                }
+                return Err(sturdy::core::Error::new(
+                    sturdy::core::ErrorKind::Connect,
+                    "could not connect to the store",
+                )
+                .into());
+            }
+            Ok(sturdy::ratelimit::Reserve::Granted {
+                wait: Duration::ZERO,
+            })
+        })
+    }
+}
+
+/// s85: a fail-closed rate-limit store failure is retryable when the store's own error is (it
+/// could not be reached): kind `Connect`, not sent, an ErrorSummary that says trying again may
+/// help; a retry layer above tries again and the store is asked again. A store error that is
+/// not a retryable one stays `Other`.
+#[tokio::test(start_paused = true)]
+async fn a_fail_closed_store_failure_is_retried_when_the_store_may_answer_later() {
+    use sturdy::ratelimit::{OnStoreError, Quota, RateLimitLayer};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let api = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())) }
+    });
+    let quota = Quota::per_second(10).unwrap();
+    let limit = |store: Arc<FlakyStore>| {
+        RateLimitLayer::new(quota)
+            .with_remote(store)
+            .with_on_store_error(OnStoreError::Fail)
+    };
+
+    // Alone: the refusal is Connect, not sent, and reads as worth another try.
+    let store = Arc::new(FlakyStore::default());
+    let svc = limit(store.clone()).layer(api.clone());
+    let req = Request::get("http://api.test/x")
+        .body(Full::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
+    assert_eq!(e.kind(), &sturdy::core::ErrorKind::Connect, "{err}");
+    assert_eq!(
+        sturdy::core::classify::delivery(&*err),
+        sturdy::core::Delivery::NotSent
+    );
+    let summary = sturdy::core::ErrorSummary::of(&*err);
+    assert!(summary.retryable, "{summary:?}");
+    assert!(
+        summary.advice().starts_with("Trying again may help"),
+        "{}",
+        summary.advice()
+    );
+
+    // Under a retry layer: tried again, the store asked again, the call sent once.
+    let store = Arc::new(FlakyStore::default());
+    let svc = tower::ServiceBuilder::new()
+        .layer(sturdy::retry::RetryLayer::new())
+        .layer(limit(store.clone()))
+        .service(api.clone());
+    let req = Request::post("http://api.test/pay")
+        .body(Full::from("{}"))
+        .unwrap();
+    svc.oneshot(req).await.expect("retried");
+    assert_eq!(store.asked.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // A store error that says nothing of being transient stays Other.
+    let store = Arc::new(FlakyStore {
+        plain: true,
+        ..FlakyStore::default()
+    });
+    let svc = limit(store).layer(api);
+    let req = Request::get("http://api.test/x")
+        .body(Full::default())
+        .unwrap();
+    let err = svc.oneshot(req).await.unwrap_err();
+    let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
+    assert_eq!(e.kind(), &sturdy::core::ErrorKind::Other, "{err}");
+}

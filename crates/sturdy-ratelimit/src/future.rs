@@ -520,8 +520,19 @@ where
                             slow.turn = Turn::Done;
                             // Refused here, before sending: the request never left, and the
                             // fault is the store's, not the destination's (no breaker counts it).
+                            // A store that could not be reached, timed out or is failing over
+                            // may answer later: the call could not be made, as with a refused
+                            // connection, and a retry layer above tries again after its backoff
+                            // (each try asks the store again; no call goes without its answer).
+                            let transient = sturdy_core::find::<sturdy_core::Error>(&*e)
+                                .is_some_and(sturdy_core::Error::is_retryable);
+                            let kind = if transient {
+                                sturdy_core::ErrorKind::Connect
+                            } else {
+                                sturdy_core::ErrorKind::Other
+                            };
                             let err = sturdy_core::Error::new(
-                                sturdy_core::ErrorKind::Other,
+                                kind,
                                 "the rate-limit store failed, so the call was not sent",
                             )
                             .with_source(e)

@@ -75,6 +75,9 @@ pub enum OnStoreError {
     /// pause on its 429s, still protect it. The default.
     #[default]
     Allow,
-    /// Fail the call with the store's error.
+    /// Fail the call, not sent, with the store's error as its source: of kind `Connect` when
+    /// the store's error is retryable (a Redis that could not be reached, did not answer in
+    /// time or is failing over), so a retry layer above tries again after its backoff; `Other`
+    /// otherwise (a refused password, a script error). No circuit breaker counts it.
     Fail,
 }

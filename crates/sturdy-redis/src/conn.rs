@@ -498,8 +498,9 @@ impl Replication {
         if acked >= u64::from(self.replicas) {
             return Ok(());
         }
+        // Kept by the primary, maybe lost by a failover: as a broken connection after a write.
         Err(Box::new(Error::new(
-            ErrorKind::Other,
+            ErrorKind::Transport,
             format!(
                 "{what}: the write reached the Redis primary, but only {acked} of the {} replicas asked for confirmed it within {}, so a failover could lose it; try again",
                 self.replicas,

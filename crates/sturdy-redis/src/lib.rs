@@ -345,6 +345,17 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
         _ if kind == ErrorKind::Timeout => format!("{what}: Redis did not answer in time"),
         _ => what.to_owned(),
     };
+    // The answers that say "not now" are transient, and their words say to try again: a
+    // command refused before it ran is one that could not be made (retryable, nothing ran);
+    // one cut off by a failover while it waited for its replicas may have been kept.
+    let kind = match e.code() {
+        _ if kind != ErrorKind::Other => kind,
+        Some(
+            "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK" | "READONLY" | "LOADING",
+        ) => ErrorKind::Connect,
+        _ if e.to_string().contains("UNBLOCKED") => ErrorKind::Transport,
+        _ => kind,
+    };
     Box::new(Error::new(kind, message).with_source(e))
 }
 
@@ -677,5 +688,40 @@ impl RemoteQuota for RedisQuota {
         let this = self.clone();
         let key = key.to_owned();
         Box::pin(async move { this.try_clear_pause(&key).await.map(|_| ()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(code: &str, text: &str) -> redis::RedisError {
+        redis::make_extension_error(code.to_owned(), Some(text.to_owned()))
+    }
+
+    fn kind_of(e: redis::RedisError) -> (ErrorKind, String) {
+        let err = store_error("taking a slot", e);
+        let e = sturdy_core::find::<Error>(&*err).expect("a sturdy error");
+        (e.kind().clone(), e.to_string())
+    }
+
+    /// The answers whose words say "try again shortly" are retryable: refused before they ran.
+    #[test]
+    fn transient_answers_are_retryable_and_say_so() {
+        for code in [
+            "CLUSTERDOWN",
+            "TRYAGAIN",
+            "MASTERDOWN",
+            "READONLY",
+            "LOADING",
+        ] {
+            let (kind, text) = kind_of(answer(code, "not now"));
+            assert_eq!(kind, ErrorKind::Connect, "{code}: {text}");
+            assert!(kind.is_retryable(), "{code}");
+            assert!(text.contains("try again shortly"), "{code}: {text}");
+        }
+        // A script's own error is not transient.
+        let (kind, _) = kind_of(answer("ERR", "user_script:1: boom"));
+        assert_eq!(kind, ErrorKind::Other);
     }
 }
