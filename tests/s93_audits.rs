@@ -318,3 +318,63 @@ async fn a_fail_closed_store_failure_is_retried_when_the_store_may_answer_later(
     let e = sturdy::core::find::<sturdy::core::Error>(&*err).unwrap();
     assert_eq!(e.kind(), &sturdy::core::ErrorKind::Other, "{err}");
 }
+
+/// s94: the chaos server's knobs at their largest answer, not panic: a `Retry-After` date
+/// `Duration::MAX` ahead is a date about 30 years out.
+#[tokio::test]
+async fn chaos_knobs_at_their_largest_answer() {
+    use sturdy_chaos::{ChaosServer, Knobs, RetryAfterForm};
+    let server = ChaosServer::start(Knobs {
+        rate_limit_next: 1,
+        retry_after: RetryAfterForm::Date(Duration::MAX),
+        ..Knobs::default()
+    })
+    .await
+    .unwrap();
+    let res = reqwest::get(server.url("/orders")).await.unwrap();
+    assert_eq!(res.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+    let date = res.headers()["retry-after"].to_str().unwrap().to_owned();
+    // An IMF-fixdate: "Sun, 06 Nov 2056 08:49:37 GMT".
+    let year: u32 = date.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!((2055..=9999).contains(&year), "{date}");
+}
+
+/// s94/s95: with `with_replication(1, Duration::MAX)` on the Redis Cluster (a replica per
+/// primary), pushes and locks work: the `WAIT` timeout is sent as about 30 years, which Redis
+/// takes, not as 2^64 - 1 ms, which it refused after the write had run.
+#[tokio::test]
+async fn replication_with_the_largest_wait_is_accepted_by_redis() {
+    use sturdy::idempotency::server::{Begin, IdempotencyStore, LockToken};
+    use sturdy::redis::{RedisIdempotencyStore, RedisStreamQueue};
+    use sturdy::webhook::{EventQueue, Push, WebhookEvent};
+    let Ok(v) = std::env::var("STURDY_REDIS_CLUSTER_URLS") else {
+        eprintln!("STURDY_REDIS_CLUSTER_URLS unset: skipping a Redis Cluster test");
+        return;
+    };
+    let urls: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).collect();
+    let tag = format!("s93-{}", std::process::id());
+    let queue = RedisStreamQueue::connect_cluster(urls.iter(), format!("{{{tag}}}:events"))
+        .await
+        .unwrap()
+        .with_replication(1, Duration::MAX);
+    let event = WebhookEvent::new("test", "evt_s93", Bytes::from_static(b"{}"));
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(10),
+        queue.push(event, Duration::from_secs(60)),
+    )
+    .await
+    .expect("bounded");
+    assert!(matches!(pushed, Ok(Push::Enqueued)), "{pushed:?}");
+    let store = RedisIdempotencyStore::connect_cluster(urls.iter())
+        .await
+        .unwrap()
+        .with_prefix(tag)
+        .with_replication(1, Duration::MAX);
+    let begun = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.begin("k", [7; 32], LockToken::random(), Duration::from_secs(30)),
+    )
+    .await
+    .expect("bounded");
+    assert!(matches!(begun, Ok(Begin::Started)), "{begun:?}");
+}

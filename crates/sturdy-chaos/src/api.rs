@@ -71,7 +71,12 @@ fn retry_after_value(form: RetryAfterForm) -> Option<HeaderValue> {
     match form {
         RetryAfterForm::Seconds(s) => Some(HeaderValue::from(s)),
         RetryAfterForm::Date(d) => {
-            let at = sturdy_core::SystemClock.now() + d;
+            // A knob of `Duration::MAX` is a date about 30 years ahead, which an HTTP date
+            // can write (past year 9999 it cannot), not a panic in the handler.
+            let now = sturdy_core::SystemClock.now();
+            let at = now
+                .checked_add(d.min(sturdy_core::clock::FAR))
+                .unwrap_or(now);
             HeaderValue::from_str(&format_http_date(at)).ok()
         }
         RetryAfterForm::Absent => None,
@@ -122,7 +127,10 @@ async fn faults(State(s): St, req: Request, next: Next) -> Response {
         }
         let limit = u64::from(c.limit.max(1));
         if in_flight > limit {
-            latency = latency.mul_f64(in_flight as f64 / limit as f64);
+            // Checked: a large latency knob times the factor may not fit a `Duration`.
+            let slower = latency.as_secs_f64() * (in_flight as f64 / limit as f64);
+            latency = std::time::Duration::try_from_secs_f64(slower)
+                .map_or(sturdy_core::clock::FAR, |d| d.min(sturdy_core::clock::FAR));
         }
     }
     if !latency.is_zero() {

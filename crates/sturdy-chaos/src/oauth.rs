@@ -137,7 +137,10 @@ pub(crate) async fn token(
             .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
             .collect()
     };
-    lock(&s.tokens).insert(token.clone(), Instant::now() + lifetime);
+    lock(&s.tokens).insert(
+        token.clone(),
+        sturdy_core::clock::after(Instant::now(), lifetime),
+    );
     bump(&s.counters.tokens_issued);
     let mut out =
         json!({ "access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs() });

@@ -61,8 +61,10 @@ struct Window {
 struct Bucket {
     /// Bucket index since `origin`, or `EMPTY`.
     epoch: AtomicU64,
-    calls: AtomicU32,
-    failures: AtomicU32,
+    // 64 bits: a long window (a day, or `Duration::MAX`, one bucket for ever) can count past
+    // 2^32 calls.
+    calls: AtomicU64,
+    failures: AtomicU64,
 }
 
 const BUCKETS: usize = 10;
@@ -93,8 +95,8 @@ impl Window {
             stripes: std::array::from_fn(|_| {
                 Padded(std::array::from_fn(|_| Bucket {
                     epoch: AtomicU64::new(EMPTY),
-                    calls: AtomicU32::new(0),
-                    failures: AtomicU32::new(0),
+                    calls: AtomicU64::new(0),
+                    failures: AtomicU64::new(0),
                 }))
             }),
         }
@@ -154,7 +156,7 @@ impl Window {
         }
     }
 
-    fn totals(&self, now: Instant) -> (u32, u32) {
+    fn totals(&self, now: Instant) -> (u64, u64) {
         let idx = self.index(now);
         let oldest = idx.saturating_sub(BUCKETS as u64 - 1);
         self.stripes
@@ -166,8 +168,8 @@ impl Window {
             })
             .fold((0, 0), |(c, f), b| {
                 (
-                    c + b.calls.load(Ordering::Acquire),
-                    f + b.failures.load(Ordering::Acquire),
+                    c.saturating_add(b.calls.load(Ordering::Acquire)),
+                    f.saturating_add(b.failures.load(Ordering::Acquire)),
                 )
             })
     }
@@ -438,8 +440,8 @@ impl Breaker {
         // The share is divided, not the rate multiplied: `0.07 * 100.0` is 7.000000000000001, so
         // 7 failures in 100 would not reach a 7 % rate; `7.0 / 100.0` rounds to the same double
         // as the literal `0.07`, so a share exactly at the rate opens, as documented.
-        let by_rate = calls >= config.min_calls
-            && (calls == 0 || f64::from(failures) / f64::from(calls) >= config.failure_rate);
+        let by_rate = calls >= u64::from(config.min_calls)
+            && (calls == 0 || failures as f64 / calls as f64 >= config.failure_rate);
         if !(by_count || by_rate) {
             return None;
         }

@@ -459,9 +459,8 @@ impl Call<'_> {
         if replicas == 0 {
             return Ok((self.invoke(conn).await?, u64::MAX));
         }
-        let wait_ms = u64::try_from(timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        // At most `FAR` (Redis reads the timeout as a signed 64-bit count and refuses more).
+        let wait_ms = crate::capped_ms(timeout).max(1);
         let pipe = |by_hash: bool| {
             let mut p = redis::pipe();
             p.add_command(self.cmd(by_hash))
@@ -492,6 +491,16 @@ impl Replication {
         replicas: 0,
         timeout: Duration::ZERO,
     };
+
+    /// What the replication wait adds to an operation's bound: nothing when no replica is
+    /// asked for (no `WAIT` is sent), at most `FAR` otherwise (as `WAIT` is sent).
+    pub(crate) fn wait(self) -> Duration {
+        if self.replicas == 0 {
+            Duration::ZERO
+        } else {
+            self.timeout.min(sturdy_core::clock::FAR)
+        }
+    }
 
     /// An error when fewer replicas than asked confirmed a write.
     pub(crate) fn check(self, what: &str, acked: u64) -> Result<(), BoxError> {

@@ -212,7 +212,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(LockToken::random().to_string());
             let rep = this.replication;
             let (v, acked): (Vec<Vec<u8>>, u64) = bounded(
-                this.timeout.saturating_add(rep.timeout),
+                this.timeout.saturating_add(rep.wait()),
                 "idempotency begin",
                 inv.invoke_replicated(&mut conn, rep),
             )
@@ -284,7 +284,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 .arg(token.to_string());
             let rep = this.replication;
             let (_, acked): (i64, u64) = bounded(
-                this.timeout.saturating_add(rep.timeout),
+                this.timeout.saturating_add(rep.wait()),
                 "idempotency complete",
                 inv.invoke_replicated(&mut conn, rep),
             )

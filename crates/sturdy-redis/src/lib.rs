@@ -618,8 +618,9 @@ impl RedisQuota {
         .await?;
         Ok(u64::try_from(left)
             .ok()
-            .filter(|ms| *ms > 0)
-            .map(|ms| Duration::from_millis(ms).min(self.max_pause)))
+            .map(|ms| Duration::from_millis(ms).min(self.max_pause))
+            // Under a cap of zero, a pause another process wrote is no pause here.
+            .filter(|d| !d.is_zero()))
     }
 
     /// Ends the pause of `key` for every process; returns the time it had left (`None`: it was
@@ -639,8 +640,9 @@ impl RedisQuota {
         .await?;
         Ok(u64::try_from(left)
             .ok()
-            .filter(|ms| *ms > 0)
-            .map(|ms| Duration::from_millis(ms).min(self.max_pause)))
+            .map(|ms| Duration::from_millis(ms).min(self.max_pause))
+            // Under a cap of zero, a pause another process wrote is no pause here.
+            .filter(|d| !d.is_zero()))
     }
 
     /// Gives back one slot that [`try_reserve`](Self::try_reserve) granted and that will not be

@@ -596,7 +596,7 @@ impl EventQueue for RedisStreamQueue {
             inv.arg("body").arg(event.body.as_ref());
             let rep = this.replication;
             let (r, acked): (String, u64) = bounded(
-                this.timeout.saturating_add(rep.timeout),
+                this.timeout.saturating_add(rep.wait()),
                 "webhook enqueue",
                 inv.invoke_replicated(&mut conn, rep),
             )

@@ -444,9 +444,12 @@ fn redact_urls(text: &str) -> String {
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         // The URL starts at the scheme: the letters, digits, '+', '-', '.' before "://".
+        // (The character found may be wider than a byte: the URL starts after all of it.)
         let start = rest[..at]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         // It ends at a space, a closing bracket or a quote.
         let end = rest[at..]
             .find(|c: char| c.is_whitespace() || matches!(c, ')' | ']' | '"' | '\'' | '>'))
@@ -598,5 +601,20 @@ mod redaction_tests {
             "a http://h/a and b https://h2:8443/b"
         );
         assert!(!r("x ://?k=s3cr3t").contains("s3cr3t"));
+    }
+
+    /// A character of more than one byte just before a URL (a French quote, a CJK word) is
+    /// stepped over whole, not cut (which panicked).
+    #[test]
+    fn a_wide_character_before_a_url_is_kept_whole() {
+        let r = super::redact_urls;
+        assert_eq!(
+            r("\u{e9}chec \u{ab}https://u:p@h.example/x?k=s\u{bb}"),
+            "\u{e9}chec \u{ab}https://h.example/x"
+        );
+        assert_eq!(
+            r("\u{8bf7}\u{6c42}https://h.example/y?k=s"),
+            "\u{8bf7}\u{6c42}https://h.example/y"
+        );
     }
 }
