@@ -378,3 +378,66 @@ async fn replication_with_the_largest_wait_is_accepted_by_redis() {
     .expect("bounded");
     assert!(matches!(begun, Ok(Begin::Started)), "{begun:?}");
 }
+
+/// s91: after a graceful shutdown, `wait_idle` lets the handler of a client that went away end
+/// and store its outcome before the runtime goes: the retry replays it, the handler ran once.
+#[tokio::test]
+async fn wait_idle_lets_a_detached_handler_finish_after_a_graceful_shutdown() {
+    use sturdy::idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let idem = IdempotencyLayer::new(MemoryStore::new(1_000).unwrap(), ByCredentials::default());
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::post(move || {
+                let r = r.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    (http::StatusCode::CREATED, format!("order {n}"))
+                }
+            }),
+        )
+        .layer(idem.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn({
+        let app = app.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    // The client leaves after 50 ms, mid-handler.
+    let client = reqwest::Client::new();
+    let gone = client
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", "order-s93")
+        .timeout(Duration::from_millis(50))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    assert_eq!(idem.running(), 1);
+    stop.send(()).unwrap();
+    served.await.unwrap().unwrap();
+    // The shutdown did not wait for it; wait_idle does.
+    tokio::time::timeout(Duration::from_secs(5), idem.wait_idle())
+        .await
+        .expect("the handler ended");
+    assert_eq!(idem.running(), 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Its outcome was stored: the client's retry replays it.
+    let retry = Request::post("/orders")
+        .header("idempotency-key", "order-s93")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(retry).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::CREATED);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -157,6 +157,40 @@ pub struct IdempotencyLayer<St> {
     store: Arc<St>,
     scope: Arc<dyn Scope>,
     config: Arc<Config>,
+    running: Arc<Running>,
+}
+
+/// The executions running in tasks of their own, which a graceful shutdown does not wait for
+/// (their clients may have gone away); see [`IdempotencyLayer::wait_idle`].
+#[derive(Debug, Default)]
+struct Running {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One running execution: counted while it lives, also when its task is dropped unrun.
+struct RunningGuard(Arc<Running>);
+
+impl RunningGuard {
+    fn new(running: &Arc<Running>) -> Self {
+        running
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(running.clone())
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl<St> Clone for IdempotencyLayer<St> {
@@ -165,6 +199,7 @@ impl<St> Clone for IdempotencyLayer<St> {
             store: self.store.clone(),
             scope: self.scope.clone(),
             config: self.config.clone(),
+            running: self.running.clone(),
         }
     }
 }
@@ -201,6 +236,52 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 response_limit: 1024 * 1024,
                 events: EventHook::none(),
             }),
+            running: Arc::default(),
+        }
+    }
+
+    /// How many keyed requests are running in tasks of their own right now (each request with
+    /// a key runs its handler in a task of its own, so that it ends and settles its key even
+    /// when its client goes away). Shared by the layer's clones and the services it made.
+    pub fn running(&self) -> usize {
+        self.running.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no keyed request is running. A graceful shutdown (axum's
+    /// `with_graceful_shutdown`) waits for connections, not for the handlers of clients that
+    /// went away; await this after it, before the runtime is dropped, so that those handlers
+    /// finish and store their outcome (a handler cut off by the runtime's end holds its key
+    /// until its lease ends, and the client's retry then runs it again). Bound it with a
+    /// timeout of your own.
+    ///
+    /// ```no_run
+    /// # async fn f(
+    /// #     listener: tokio::net::TcpListener,
+    /// #     app: axum::Router,
+    /// #     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    /// # ) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use sturdy_idempotency::server::{ByCredentials, IdempotencyLayer, MemoryStore};
+    ///
+    /// let idempotency = IdempotencyLayer::new(MemoryStore::new(100_000)?, ByCredentials::default());
+    /// let app = app.layer(idempotency.clone());
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(shutdown)
+    ///     .await?;
+    /// // Handlers whose clients left are still running: let them end and store their outcome.
+    /// let _ = tokio::time::timeout(Duration::from_secs(30), idempotency.wait_idle()).await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.running.idle.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -293,6 +374,7 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
             store: self.store.clone(),
             scope: self.scope.clone(),
             config: self.config.clone(),
+            running: self.running.clone(),
         }
     }
 }
@@ -311,6 +393,7 @@ pub struct Idempotency<S, St> {
     store: Arc<St>,
     scope: Arc<dyn Scope>,
     config: Arc<Config>,
+    running: Arc<Running>,
 }
 
 sturdy_core::define_inner_service_accessors!(Idempotency<S, St>);
@@ -322,6 +405,7 @@ impl<S: Clone, St> Clone for Idempotency<S, St> {
             store: self.store.clone(),
             scope: self.scope.clone(),
             config: self.config.clone(),
+            running: self.running.clone(),
         }
     }
 }
@@ -493,7 +577,10 @@ where
         // Take the service that was driven to readiness; leave a fresh clone behind.
         let svc = take_ready(&mut self.inner);
         let store = self.store.clone();
-        ResponseFuture(Box::pin(keyed(svc, store, config, key, parts, body)))
+        let running = self.running.clone();
+        ResponseFuture(Box::pin(keyed(
+            svc, store, config, running, key, parts, body,
+        )))
     }
 }
 
@@ -515,6 +602,7 @@ async fn keyed<S, St, B, Rb>(
     svc: S,
     store: Arc<St>,
     config: Arc<Config>,
+    running: Arc<Running>,
     key: String,
     parts: Parts,
     body: B,
@@ -625,8 +713,10 @@ where
         // execution still runs to its end and settles its key.
         Ok(rt) => {
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let counted = RunningGuard::new(&running);
             rt.spawn(
                 async move {
+                    let _counted = counted;
                     let _ = tx.send(execution.run(svc, req, true).await);
                 }
                 .in_current_span(),
