@@ -306,6 +306,8 @@ mod s77_webhooks;
 mod s79_cluster_idem;
 mod s80_circuit_coalesce;
 mod s81_retry;
+mod s91_server_idem;
+mod s92_hedge_conc;
 mod s93_audits;
 mod scale9_headers;
 mod scale9_idempotency;

@@ -177,7 +177,8 @@ impl<K> HedgeLayer<K> {
     /// The most hosts with state kept \[1,024\] (at least 1; about 4 KiB each); past it, hosts
     /// with no answer recorded in the last two windows (none called, or every call failed) are
     /// forgotten, then new hosts share one overflow state. So a host that answered lately keeps
-    /// its state until it has been quiet that long.
+    /// its state until it has been quiet that long (an answer ready on its first poll reads no
+    /// clock and counts in the window of the host's last timed answer; see the guide).
     pub fn with_max_hosts(self, n: usize) -> Self {
         edit(&self.cell, |c| c.max_hosts = n.max(1));
         self

@@ -124,8 +124,15 @@ impl HostState {
 
     /// The hedge delay as a reader outside the hot path sees it: also `None` when it was
     /// computed two windows ago or more, from calls the histogram has forgotten.
+    /// Also `None` when a window turned since it was computed and the two recent windows now
+    /// hold fewer samples than the minimum (the older ones left them).
     pub(crate) fn current_delay(&self, now: Instant) -> Option<Duration> {
-        if self.epoch(now) > self.computed.load(Ordering::Relaxed) + 1 {
+        let epoch = self.epoch(now);
+        let computed = self.computed.load(Ordering::Relaxed);
+        if epoch > computed + 1 {
+            return None;
+        }
+        if epoch != computed && self.hist.len(epoch) < self.config.min_samples {
             return None;
         }
         self.delay()
@@ -147,9 +154,11 @@ impl HostState {
         let n = self.hist.record(epoch, micros);
         let due = n.is_multiple_of(REFRESH_EVERY)
             || self.computed.load(Ordering::Relaxed) != epoch
-            // The sample that completes the minimum turns hedging on at once (when the window
-            // alone holds it; across two windows, within the next 16 samples).
-            || n == self.config.min_samples;
+            // The sample that completes the minimum turns hedging on at once: in this window
+            // alone, or, while hedging is off, in this window and the one before together.
+            || n == self.config.min_samples
+            || (self.delay.load(Ordering::Relaxed) == NO_DELAY
+                && self.hist.len(epoch) >= self.config.min_samples);
         if due {
             self.refresh(epoch);
         }
@@ -242,6 +251,30 @@ pub(crate) fn edit(cell: &Cell, f: impl FnOnce(&mut Config)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The minimum reached across a window's turn turns hedging on at that sample; once the
+    /// older samples leave the windows, the delay read outside the hot path is gone.
+    #[tokio::test(start_paused = true)]
+    async fn the_minimum_across_two_windows_turns_hedging_on_at_once() {
+        let t0 = Instant::now();
+        let h = HostState::new(Arc::new(Config::default()), t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        for i in 0..60 {
+            h.record(Duration::from_millis(200), at(200 * (i + 1)));
+        }
+        for i in 0..39 {
+            h.record(Duration::from_millis(10), at(12_000 + 10 * (i + 1)));
+        }
+        assert_eq!(h.samples(at(12_390)), 99);
+        assert_eq!(h.current_delay(at(12_390)), None);
+        h.record(Duration::from_millis(10), at(12_400));
+        assert_eq!(h.samples(at(12_400)), 100);
+        let d = h.current_delay(at(12_400)).expect("on at the 100th sample");
+        assert!(d > Duration::from_millis(200), "{d:?}");
+        // At 21 s the first window's 49 samples have left: 51 remain, too few.
+        assert_eq!(h.samples(at(21_000)), 51);
+        assert_eq!(h.current_delay(at(21_000)), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_delay_follows_the_percentile_once_there_are_enough_samples() {
