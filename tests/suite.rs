@@ -306,6 +306,7 @@ mod s77_webhooks;
 mod s79_cluster_idem;
 mod s80_circuit_coalesce;
 mod s81_retry;
+mod s90_ratelimit;
 mod s91_server_idem;
 mod s92_hedge_conc;
 mod s93_audits;

@@ -7,7 +7,9 @@
 //!   group only once its handler acknowledged it or it was dead-lettered ([`DeadLetter`]), and
 //!   one a crashed worker left is taken over.
 //! - [`RedisQuota`]: a rate-limit quota for `sturdy_ratelimit::RateLimitLayer::with_remote`.
-//!   One Lua script per decision (one round trip), atomic in Redis, timed by Redis's own clock
+//!   One Lua script per decision (one round trip; two for the first decision after Redis
+//!   started or emptied its script cache: `EVALSHA`, answered `NOSCRIPT`, then `EVAL`), atomic
+//!   in Redis, timed by Redis's own clock
 //!   (`TIME`), so callers whose clocks disagree still share the quota correctly. Pauses that a
 //!   server asks for are shared too, and capped (\[5 min\], [`RedisQuota::with_max_pause`]): no
 //!   pause key lives longer than the cap, whoever wrote it. A pause can be read and lifted
