@@ -23,10 +23,10 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    /// A budget that starts with `balance` billionths (full: its cap).
-    pub(crate) fn new(balance: u64) -> Self {
+    /// A budget that starts full (`cap` billionths).
+    pub(crate) fn new(cap: u64) -> Self {
         Self {
-            balance: AtomicU64::new(balance),
+            balance: AtomicU64::new(cap),
         }
     }
 
@@ -73,19 +73,11 @@ impl Budget {
 /// The deposit per call and the cap, in billionths of a token, for `ratio` extra requests per
 /// call and `burst` hedges in a row. The deposit is rounded down, never up: the budget may give
 /// a hedge fewer than `ratio` allows, never more.
-///
-/// A budget that earns hedges (a ratio above 0) holds at least one, even with a burst of 0: a
-/// cap of 0 would never let one be spent. It starts with `burst` ([`start`]), so a burst of 0
-/// starts empty.
 pub(crate) fn units(ratio: f64, burst: u32) -> (u64, u64) {
-    let deposit = (ratio * TOKEN as f64).floor() as u64;
-    let held = if deposit > 0 { burst.max(1) } else { burst };
-    (deposit, u64::from(held) * TOKEN)
-}
-
-/// What a new host's budget starts with: `burst` hedges.
-pub(crate) fn start(burst: u32) -> u64 {
-    u64::from(burst) * TOKEN
+    (
+        (ratio * TOKEN as f64).floor() as u64,
+        u64::from(burst) * TOKEN,
+    )
 }
 
 #[cfg(test)]
@@ -164,31 +156,5 @@ mod tests {
             b.deposit(dep, cap);
         }
         assert!(b.withdraw() && b.withdraw() && !b.withdraw());
-    }
-
-    /// A burst of 0 with a ratio starts empty and earns one hedge at a time: never two in a
-    /// row, one per `1 / ratio` calls.
-    #[test]
-    fn zero_burst_earns_one_hedge_at_a_time() {
-        let (dep, cap) = units(0.05, 0);
-        let b = Budget::new(start(0).min(cap));
-        assert!(!b.withdraw());
-        let mut hedges = 0;
-        for _ in 0..1_000 {
-            b.deposit(dep, cap);
-            if b.withdraw() {
-                hedges += 1;
-            }
-        }
-        assert_eq!(hedges, 50);
-        for _ in 0..1_000 {
-            b.deposit(dep, cap);
-        }
-        assert!(b.withdraw() && !b.withdraw());
-        // No ratio, no burst: never.
-        let (dep, cap) = units(0.0, 0);
-        let b = Budget::new(start(0).min(cap));
-        b.deposit(dep, cap);
-        assert!(!b.withdraw());
     }
 }

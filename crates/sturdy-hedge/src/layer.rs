@@ -109,9 +109,8 @@ impl<K> HedgeLayer<K> {
     /// At most `ratio` extra requests per call (0.0 to 1.0), plus `burst` in a row \[0.05, 10\].
     /// Each hedgeable call adds `ratio` of a hedge to the host's budget (capped at `burst`), each
     /// hedge spends one; a hedge that finds the budget empty is not sent. The budget starts full.
-    /// A `burst` of 0 starts the budget empty and lets it hold one hedge, earned over
-    /// `1 / ratio` calls (so `with_budget(0.05, 0)` hedges up to one call in 20, never two in a
-    /// row); `with_budget(0.0, 0)` never hedges.
+    /// A `burst` of 0 caps the budget at nothing: no call is hedged, whatever `ratio`
+    /// (`with_budget(0.0, 0)` is the plain way to turn hedging off).
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `ratio` is not in `0.0..=1.0`.

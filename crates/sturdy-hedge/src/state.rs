@@ -93,7 +93,7 @@ impl HostState {
             .unwrap_or(u64::MAX)
             .max(1);
         Self {
-            budget: Budget::new(crate::budget::start(config.burst).min(config.cap)),
+            budget: Budget::new(config.cap),
             config,
             origin: now,
             window_ns,

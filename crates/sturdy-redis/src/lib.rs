@@ -349,12 +349,14 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
     };
     // The answers that say "not now" are transient, and their words say to try again: a
     // command refused before it ran is one that could not be made (retryable, nothing ran);
-    // one cut off by a failover while it waited for its replicas may have been kept.
+    // one cut off by a failover while it waited for its replicas may have been kept. A
+    // redirection that reaches us (`MOVED`, `ASK`) is one the cluster client stopped following,
+    // a loop as often as a move: it stays `Other`.
     let kind = match e.code() {
         _ if kind != ErrorKind::Other => kind,
-        Some(
-            "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK" | "READONLY" | "LOADING",
-        ) => ErrorKind::Connect,
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "LOADING") => {
+            ErrorKind::Connect
+        }
         _ if e.to_string().contains("UNBLOCKED") => ErrorKind::Transport,
         _ => kind,
     };
