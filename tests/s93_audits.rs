@@ -68,16 +68,18 @@ fn a_waiting_call_made_outside_a_runtime_does_not_panic() {
     let svc = layer.layer(inner);
     // One call takes the only place and holds it.
     let mut first = svc.clone();
-    let held = rt.block_on(async {
+    let mut held = None;
+    rt.block_on(async {
         let f = first
             .ready()
             .await
             .unwrap()
             .call(Request::get("http://h/a").body(String::new()).unwrap());
-        tokio::spawn(f)
+        held = Some(tokio::spawn(f));
     });
+    let held = held.unwrap();
     // The second call, made outside the runtime, has to wait.
-    let mut second = svc.clone();
+    let mut second = svc;
     let waiting = std::thread::spawn(move || {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(second.poll_ready(&mut cx).is_ready());
@@ -117,9 +119,7 @@ async fn a_joined_reqwest_caller_is_answered_when_the_sending_caller_goes_away()
     let stats = coalesce.handle();
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
         .with(SturdyMiddleware::new(move |next| {
-            ClientBuilder::new()
-                .with_coalesce(coalesce.clone())
-                .build(next)
+            ClientBuilder::new().with_coalesce(coalesce).build(next)
         }))
         .build();
     let url = format!("http://{addr}/slow");
