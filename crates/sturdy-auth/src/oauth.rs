@@ -262,7 +262,9 @@ impl ClientCredentials {
     /// `client` is any `Clone + Send` service of `Request<Full<Bytes>>` (`Sync` is not needed):
     /// a hyper-util client, or a whole stack such as a
     /// `tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Incoming>, BoxError>`,
-    /// which gives token requests their own retries. Each token request is bounded by
+    /// which gives token requests their own retries (a `ClientBuilder` stack: the token request
+    /// is a POST, which sturdy's `RetryLayer` alone retries only with an idempotency key, which
+    /// `ClientBuilder` adds). Each token request is bounded by
     /// [`with_request_timeout`](Self::with_request_timeout) \[30 s\] whatever the client does.
     ///
     /// # Errors

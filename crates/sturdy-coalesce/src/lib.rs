@@ -20,7 +20,11 @@
 //!   kind and delivery, whose source chain holds a [`SharedError`] and then the shared error
 //!   itself, so `sturdy_core::find` and the classification work as for the original.
 //! - **Leaving**: a caller that goes away (its future dropped) does not cancel the call for the
-//!   others; when the last caller leaves, the upstream call is dropped, which cancels it.
+//!   others; when the last caller leaves, the upstream call is dropped, which cancels it. Where
+//!   the caller that started the call was also the one sending it (behind `SturdyMiddleware`,
+//!   reqwest-middleware's chain lives in that caller's call) and it goes away, the call fails
+//!   with [`sturdy_core::DriverGone`] in its chain, and each caller who joined it sends its own
+//!   request instead (counted in `fallbacks`).
 //! - **Per host**: the calls in flight are kept in a table per host (at most 1,024 hosts), from
 //!   the moment the call is made until its response body is read; a request that arrives after
 //!   that starts a new call (this is not a cache).

@@ -30,8 +30,8 @@ pub enum ErrorKind {
     /// An attempt or the whole call ran out of time.
     Timeout,
     /// The connection could not be made; the request never left. For a store (Redis), also a
-    /// command the server refused to run for now (failing over, a slot move's `TRYAGAIN`,
-    /// loading its data): nothing ran.
+    /// command the server refused to run for now (failing over, loading its data) when no
+    /// earlier try of it can have run: nothing ran.
     Connect,
     /// The server's TLS certificate was not trusted (unknown issuer, expired, another name): the
     /// request never left, and trying again will not help until the certificate or the trusted

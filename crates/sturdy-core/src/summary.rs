@@ -170,7 +170,8 @@ impl ErrorSummary {
 /// on failure). On success the text is the value as JSON, except a string value, whose text is
 /// the string itself (no quotes, no escapes). The text of an error is its message, then
 /// [`ErrorSummary::advice`] on a second line. A value that cannot be written as JSON (a map whose
-/// keys are not strings, say) is a tool error that says so, not a `null` result.
+/// keys are not strings, say) is a tool error that says so, not a `null` result. A float that is
+/// NaN or infinite is written as `null`, as serde_json writes it (it is not an error there).
 pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
     match result {
         Ok(v) => {

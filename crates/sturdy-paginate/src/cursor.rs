@@ -143,9 +143,11 @@ pub(crate) fn decode(key: &CursorMac, base: &Uri, cursor: &str) -> Result<Resume
         } else {
             ""
         };
+        // Refused before any page is requested: nothing was sent.
         err(format!(
             "{shown:?}{ellipsis} is not a cursor this pager returned (unknown, edited, or from another pager or endpoint); start again without a cursor"
         ))
+        .with_delivery(sturdy_core::Delivery::NotSent)
     };
     if cursor.len() > MAX_CURSOR_LEN {
         return Err(refused());

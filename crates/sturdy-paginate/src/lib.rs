@@ -365,12 +365,16 @@ fn shown_origin(u: &Uri) -> String {
     }
 }
 
+/// The longest wait a page's `Retry-After` is reported as (a peer's value, capped).
+const MAX_TOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 fn err(msg: String) -> Error {
     Error::new(ErrorKind::Pagination, msg)
 }
 
+/// A mistake found before any page is fetched: nothing was sent.
 fn config(msg: String) -> Error {
-    Error::new(ErrorKind::Config, msg)
+    Error::new(ErrorKind::Config, msg).with_delivery(sturdy_core::Delivery::NotSent)
 }
 
 impl<P: PageStrategy> PaginateBuilder<P> {
@@ -629,15 +633,31 @@ impl<P: PageStrategy> Paginate<P> {
             Ok(Ok(res)) => res,
         };
         if !res.status().is_success() {
-            let kind = ErrorKind::from_status(res.status()).unwrap_or(ErrorKind::Other);
-            return Err(Error::new(
+            let status = res.status();
+            let mut kind = ErrorKind::from_status(status).unwrap_or(ErrorKind::Other);
+            // A 429 or 503 that says when (`Retry-After`) tells the caller, and through a tool
+            // result an agent, how long to wait, as the retry layer's refusal does; a peer's
+            // value is capped first.
+            let told = (status == http::StatusCode::TOO_MANY_REQUESTS
+                || status == http::StatusCode::SERVICE_UNAVAILABLE)
+                .then(|| sturdy_core::headers::RetryAfter::from_headers(res.headers()))
+                .flatten()
+                .map(|ra| {
+                    ra.delay_from(sturdy_core::WallClock::now(&sturdy_core::SystemClock))
+                        .min(MAX_TOLD_WAIT)
+                });
+            if let (Some(wait), ErrorKind::RateLimited { retry_after }) = (told, &mut kind) {
+                *retry_after = Some(wait);
+            }
+            let mut e = Error::new(
                 kind,
-                format!(
-                    "page {number} ({}) answered {}",
-                    short(uri.path()),
-                    res.status()
-                ),
-            ));
+                format!("page {number} ({}) answered {status}", short(uri.path())),
+            );
+            if let Some(wait) = told {
+                let host = uri.host().unwrap_or_default().to_owned();
+                e = e.with_hidden_source(sturdy_core::RateLimited::new(wait).with_scope(host));
+            }
+            return Err(e);
         }
         let (parts, body) = res.into_parts();
         let raw = RawPage {

@@ -175,8 +175,9 @@ pub trait PageStrategy: Send + Sync + 'static {
     }
 }
 
+/// A mistake found before any page is fetched: nothing was sent.
 fn config(msg: String) -> Error {
-    Error::new(ErrorKind::Config, msg)
+    Error::new(ErrorKind::Config, msg).with_delivery(sturdy_core::Delivery::NotSent)
 }
 
 /// A JSON pointer (RFC 6901) is empty or starts with `/`, and `~` is followed by `0` or `1`.

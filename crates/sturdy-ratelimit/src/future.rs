@@ -524,8 +524,8 @@ where
                             // may answer later: the call could not be made, as with a refused
                             // connection, and a retry layer above tries again after its backoff
                             // (each try asks the store again; no call goes without its answer).
-                            let transient = sturdy_core::find::<sturdy_core::Error>(&*e)
-                                .is_some_and(sturdy_core::Error::is_retryable);
+                            let transient =
+                                sturdy_core::classify::classify_error(&*e).is_retryable();
                             let kind = if transient {
                                 sturdy_core::ErrorKind::Connect
                             } else {

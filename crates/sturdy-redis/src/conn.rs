@@ -304,6 +304,10 @@ impl NotRunAgain {
 /// words stay in the detail. A timeout stays a timeout, and refused credentials stay what they
 /// are (the cluster client reports them inside an I/O error).
 fn resent<T>(res: RedisResult<T>) -> RedisResult<T> {
+    // The operation's error is classified knowing this (see `classified`).
+    let _ = crate::OPERATION.try_with(|op| {
+        op.cluster.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     res.map_err(|e| {
         let broken = e.is_connection_refusal() || e.is_io_error() || e.is_connection_dropped();
         if broken && !e.is_timeout() && !crate::is_auth_failure(&e) {

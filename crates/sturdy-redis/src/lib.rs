@@ -223,7 +223,7 @@ async fn check_answers(
     let ping = redis::cmd("PING");
     match tokio::time::timeout(within, ping.query_async::<()>(c)).await {
         Ok(Err(e)) if is_auth_failure(&e) => {
-            Err(classified("could not connect to Redis", e, true))
+            Err(classified("could not connect to Redis", e, true, false))
         }
         Ok(_) => Ok(()),
         Err(_) => Err(Box::new(Error::new(
@@ -283,17 +283,20 @@ fn cluster_unreachable(e: &redis::RedisError) -> bool {
 }
 
 fn store_error(what: &str, e: redis::RedisError) -> BoxError {
-    classified(what, e, false)
+    classified(what, e, false, false)
 }
 
 /// A Redis error met while connecting, before any command of the caller's was sent: a broken
 /// or refused connection then means Redis cannot be reached (a cluster client reports seeds
 /// that all refuse as an I/O error, not as a refusal).
 fn connect_error(what: &str, e: redis::RedisError) -> BoxError {
-    classified(what, e, true)
+    classified(what, e, true, false)
 }
 
-fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
+/// `cluster`: the command went through a Redis Cluster client, which sends a command again
+/// after a broken connection, written or not (see `conn::resent`), so a later answer cannot
+/// show that no try of it ran.
+fn classified(what: &str, e: redis::RedisError, connecting: bool, cluster: bool) -> BoxError {
     let kind = if is_auth_failure(&e) {
         ErrorKind::Auth
     } else if e.is_timeout() {
@@ -315,8 +318,13 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
             "{what}: the keys of one operation are in different hash slots of the Redis Cluster; \
              give the names you chose (stream, dead-letter stream) the same hash tag, such as {{webhooks}}"
         ),
-        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK") => format!(
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN") => format!(
             "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way); try again shortly"
+        ),
+        // A redirection the cluster client stopped following: a move that did not settle, or
+        // nodes that send the key to each other.
+        Some("MOVED" | "ASK") => format!(
+            "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way, or its nodes keep redirecting the key to each other)"
         ),
         Some("READONLY") => format!(
             "{what}: Redis answered as a read-only replica (a failover is under way); try again shortly"
@@ -349,11 +357,16 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool) -> BoxError {
     };
     // The answers that say "not now" are transient, and their words say to try again: a
     // command refused before it ran is one that could not be made (retryable, nothing ran);
-    // one cut off by a failover while it waited for its replicas may have been kept. A
-    // redirection that reaches us (`MOVED`, `ASK`) is one the cluster client stopped following,
-    // a loop as often as a move: it stays `Other`.
+    // one cut off by a failover while it waited for its replicas may have been kept. On a
+    // cluster, an earlier try of the same command may have run before its connection broke
+    // (the cluster client sent it again): retryable, but not "nothing ran". A redirection that
+    // reaches us (`MOVED`, `ASK`) is one the cluster client stopped following, a loop as often
+    // as a move: it stays `Other`.
     let kind = match e.code() {
         _ if kind != ErrorKind::Other => kind,
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "LOADING") if cluster => {
+            ErrorKind::Transport
+        }
         Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "LOADING") => {
             ErrorKind::Connect
         }
@@ -386,6 +399,8 @@ pub(crate) async fn bounded_connect<T>(
 pub(crate) struct Operation {
     pub(crate) deadline: tokio::time::Instant,
     pub(crate) not_run: std::sync::Mutex<Option<redis::RedisError>>,
+    /// Set when a command of it went through a Redis Cluster client.
+    pub(crate) cluster: std::sync::atomic::AtomicBool,
 }
 
 tokio::task_local! {
@@ -402,10 +417,16 @@ async fn bounded_as<T>(
     let op = Arc::new(Operation {
         deadline,
         not_run: std::sync::Mutex::new(None),
+        cluster: std::sync::atomic::AtomicBool::new(false),
     });
     match tokio::time::timeout_at(deadline, OPERATION.scope(op.clone(), fut)).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(classified(what, e, connecting)),
+        Ok(Err(e)) => Err(classified(
+            what,
+            e,
+            connecting,
+            op.cluster.load(std::sync::atomic::Ordering::Relaxed),
+        )),
         Err(_) => {
             let waited = sturdy_core::human_duration(timeout);
             let not_run = op.not_run.lock().ok().and_then(|mut e| e.take());
@@ -726,6 +747,15 @@ mod tests {
             assert!(kind.is_retryable(), "{code}");
             assert!(text.contains("try again shortly"), "{code}: {text}");
         }
+        // On a cluster an earlier try may have run: retryable, not "nothing ran".
+        let err = classified("taking a slot", answer("TRYAGAIN", "not now"), false, true);
+        let e = sturdy_core::find::<Error>(&*err).unwrap();
+        assert_eq!(e.kind(), &ErrorKind::Transport);
+        // A redirection that reaches the caller is not one to try again blindly, and its words
+        // do not say so.
+        let (kind, text) = kind_of(answer("MOVED", "866 127.0.0.1:1"));
+        assert_eq!(kind, ErrorKind::Other);
+        assert!(!text.contains("try again"), "{text}");
         // A script's own error is not transient.
         let (kind, _) = kind_of(answer("ERR", "user_script:1: boom"));
         assert_eq!(kind, ErrorKind::Other);

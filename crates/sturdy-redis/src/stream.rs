@@ -206,11 +206,14 @@ fn key_base(stream: &str) -> Result<String, BoxError> {
                 ),
             )));
         }
-        if after_tag.contains(":seen:") {
+        // `{t}:seen` is no key of `{t}`'s, but its own dedup keys (`{t}:seen:seen:...`) would
+        // be `{t}`'s for a scheme named `seen`: one stream's events read as the other's
+        // duplicates.
+        if after_tag.contains(":seen:") || after_tag.ends_with(":seen") {
             return Err(Box::new(Error::new(
                 ErrorKind::Config,
                 format!(
-                    "the stream name {stream:?} has \":seen:\" after its hash tag, where another stream keeps its dedup keys; choose another name"
+                    "the stream name {stream:?} has \":seen\" after its hash tag, where another stream keeps its dedup keys; choose another name"
                 ),
             )));
         }
@@ -311,7 +314,8 @@ fn unexpected(what: &str, v: &impl fmt::Debug) -> BoxError {
 /// for duplicates of the other's. A name that is another stream's key is refused when the queue
 /// or a consumer is made (a `Config` error): a name with a hash tag that ends in `:dead`
 /// (`{webhooks}:dead` holds the dead letters of `webhooks` and `{webhooks}`) or has `:seen:`
-/// after its tag.
+/// after its tag or ends in `:seen` (`{webhooks}:seen`'s dedup keys would be those of
+/// `{webhooks}` for a scheme named `seen`).
 #[derive(Clone)]
 pub struct RedisStreamQueue {
     conn: RedisConnection,
@@ -1246,6 +1250,7 @@ mod tests {
             "a{webhooks}b:dead",
             "{webhooks}:seen:standard:evt_1",
             "{webhooks}x:seen:",
+            "{webhooks}:seen",
             "{w}}:dead",
             "{w}{x}:dead",
         ] {
@@ -1261,6 +1266,7 @@ mod tests {
             "{webhooks}:deadline",
             "{webhooks:dead}",
             "{a:seen:b}",
+            "{webhooks}:seenx",
             "{webhooks}",
             "webhooks",
         ] {

@@ -179,9 +179,15 @@ fn set_query<B>(req: &mut Request<B>, name: &str, value: &str) {
     if sturdy_core::query::has(req.uri(), name) {
         return;
     }
+    // A URI with no path to carry a query (the authority form of `CONNECT host:443`, `*`)
+    // is a request to the proxy or server itself: it goes as it is, with no pin and no word.
+    if req.uri().path_and_query().is_none_or(|p| p.as_str() == "*") && req.uri().scheme().is_none()
+    {
+        return;
+    }
     match sturdy_core::query::set(req.uri(), &[(name, value)]) {
         Ok(u) => *req.uri_mut() = u,
-        // Only a URI past what `http::Uri` can hold fails: the request goes as it is.
+        // Past that, only a URI longer than `http::Uri` can hold fails: it goes as it is.
         Err(_) => tracing::warn!(
             parameter = name,
             uri_bytes = req.uri().to_string().len(),

@@ -261,6 +261,8 @@ pub(crate) struct Beginning<St: IdempotencyStore> {
     key: String,
     token: LockToken,
     lease: Duration,
+    /// Counts the background release of a `Beginning` dropped unanswered (`wait_idle`).
+    running: Arc<super::Running>,
 }
 
 impl<St: IdempotencyStore> Beginning<St> {
@@ -270,6 +272,7 @@ impl<St: IdempotencyStore> Beginning<St> {
         fp: Fingerprint,
         token: LockToken,
         lease: Duration,
+        running: &Arc<super::Running>,
     ) -> Self {
         Self {
             fut: Some(store.begin(key, fp, token, lease)),
@@ -277,6 +280,7 @@ impl<St: IdempotencyStore> Beginning<St> {
             key: key.to_owned(),
             token,
             lease,
+            running: running.clone(),
         }
     }
 }
@@ -311,7 +315,9 @@ impl<St: IdempotencyStore> Drop for Beginning<St> {
             self.token,
             self.lease,
         );
+        let counted = super::RunningGuard::new(&self.running);
         rt.spawn(async move {
+            let _counted = counted;
             let locked = match fut.await {
                 Ok(b) => b == Begin::Started,
                 Err(e) => may_have_locked(&*e),
@@ -337,12 +343,17 @@ pub(crate) fn release_after_failed_begin<St: IdempotencyStore>(
     key: &str,
     token: LockToken,
     lease: Duration,
+    running: &Arc<super::Running>,
 ) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let (store, key) = (store.clone(), key.to_owned());
-    rt.spawn(async move { release_lost(&*store, &key, token, lease).await });
+    let counted = super::RunningGuard::new(running);
+    rt.spawn(async move {
+        let _counted = counted;
+        release_lost(&*store, &key, token, lease).await;
+    });
 }
 
 /// Releases the lock of a request whose handler never ran, trying again while the store fails

@@ -163,16 +163,16 @@ pub struct IdempotencyLayer<St> {
 /// The executions running in tasks of their own, which a graceful shutdown does not wait for
 /// (their clients may have gone away); see [`IdempotencyLayer::wait_idle`].
 #[derive(Debug, Default)]
-struct Running {
+pub(crate) struct Running {
     count: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
 }
 
 /// One running execution: counted while it lives, also when its task is dropped unrun.
-struct RunningGuard(Arc<Running>);
+pub(crate) struct RunningGuard(Arc<Running>);
 
 impl RunningGuard {
-    fn new(running: &Arc<Running>) -> Self {
+    pub(crate) fn new(running: &Arc<Running>) -> Self {
         running
             .count
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -242,7 +242,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// How many keyed requests are running in tasks of their own right now (each request with
     /// a key runs its handler in a task of its own, so that it ends and settles its key even
-    /// when its client goes away). Shared by the layer's clones and the services it made.
+    /// when its client goes away), with the background releases of keys whose request went
+    /// away before its handler ran. Shared by the layer's clones and the services it made.
     pub fn running(&self) -> usize {
         self.running.count.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -657,7 +658,7 @@ where
         .map_or_else(|| uri.path(), |pq| pq.as_str());
     let fp = fingerprint(&parts.method, target, &body);
     let token = LockToken::random();
-    match execute::Beginning::new(&store, &key, fp, token, config.lease).await {
+    match execute::Beginning::new(&store, &key, fp, token, config.lease, &running).await {
         Ok(Begin::Started) => {}
         Ok(Begin::Completed(stored)) => {
             let res = replay(stored);
@@ -690,7 +691,7 @@ where
             if execute::may_have_locked(&*e) {
                 // The store may have locked the key before its answer was lost; a retry would
                 // get 409 for the whole lease.
-                execute::release_after_failed_begin(&store, &key, token, config.lease);
+                execute::release_after_failed_begin(&store, &key, token, config.lease, &running);
             }
             return Ok(problem::response(
                 StatusCode::SERVICE_UNAVAILABLE,
