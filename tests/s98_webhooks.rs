@@ -2657,13 +2657,11 @@ async fn s98_redis_overlapping_stream_key_spaces_never_lose_an_event() {
     let s2 = format!("{s1}:seen");
     let e = RedisStreamQueue::connect(&url, &s2)
         .await
-        .err()
-        .expect("a stream whose dedup keys are another's is refused");
+        .expect_err("a stream whose dedup keys are another's is refused");
     assert!(e.to_string().contains(&s2), "{e}");
     let e = RedisStreamConsumer::connect(&url, &s2, "g", "w", Duration::from_secs(30))
         .await
-        .err()
-        .expect("refused for a consumer too");
+        .expect_err("refused for a consumer too");
     assert!(e.to_string().contains(&s2), "{e}");
     // The stream `{t}` itself is fine.
     assert!(RedisStreamQueue::connect(&url, &s1).await.is_ok());
