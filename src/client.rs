@@ -85,6 +85,9 @@ mod sealed {
             } else {
                 self
             };
+            // The stack ends with an `AttemptTimeoutLayer`, which keeps a request's own attempt
+            // timeout under the breaker and the waits.
+            let layer = layer.with_request_timeouts_below(true);
             match header {
                 Some(h) if layer.idempotency_header() != h => layer.with_idempotency_header(h),
                 _ => layer,

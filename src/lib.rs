@@ -1,7 +1,8 @@
 //! sturdy: tower middleware that makes integrations with real HTTP APIs survive production.
 //!
 //! Each mechanic is an independent `tower::Layer` in a crate of its own, re-exported here as a
-//! module behind a cargo feature of the same name (`full` enables all). [`core`] is always there.
+//! module behind a cargo feature of the same name (`full` enables them all; `tls-native-roots`,
+//! the system's roots for HTTPS, is separate). [`core`] is always there.
 //! With `full`, `ClientBuilder` composes the client layers in the recommended order.
 //!
 //! | feature | module | crate |

@@ -441,3 +441,59 @@ async fn wait_idle_lets_a_detached_handler_finish_after_a_graceful_shutdown() {
     assert_eq!(res.headers()["idempotent-replayed"], "true");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// s100/s101: a failure whose cause is not the server (a token that could not be had) does not
+/// lower the host's adaptive concurrency limit (concurrency.md: failures that say nothing about
+/// capacity are ignored).
+#[tokio::test(start_paused = true)]
+async fn a_failure_caused_elsewhere_leaves_the_concurrency_limit() {
+    use sturdy::concurrency::AdaptiveConcurrencyLayer;
+    let (layer, handle) = AdaptiveConcurrencyLayer::new().pair();
+    let svc = layer.layer(tower::service_fn(|_req: Request<String>| async {
+        Err::<Response<String>, _>(sturdy::core::BoxError::from(
+            sturdy::core::Error::new(sturdy::core::ErrorKind::Timeout, "no access token in time")
+                .with_cause_elsewhere(),
+        ))
+    }));
+    for _ in 0..10 {
+        let req = Request::get("http://api.test/x")
+            .body(String::new())
+            .unwrap();
+        assert!(svc.clone().oneshot(req).await.is_err());
+    }
+    assert_eq!(handle.limit("api.test"), Some(20));
+}
+
+/// s101: in a `ClientBuilder` stack, a request's own attempt timeout (`CallOptions`) is kept
+/// under the breaker, so attempts that hang are counted: the breaker opens.
+#[tokio::test(start_paused = true)]
+async fn a_request_attempt_timeout_is_counted_by_the_breaker() {
+    use sturdy::circuit::{CircuitBreakerLayer, CircuitState};
+    use sturdy::core::CallOptions;
+    let (breaker, handle) = CircuitBreakerLayer::new()
+        .with_consecutive_failures(2)
+        .pair();
+    let client = ClientBuilder::new()
+        .with_circuit_breaker(breaker)
+        .build(tower::service_fn(|_req: Request<Full<Bytes>>| async {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        }));
+    for _ in 0..2 {
+        let req = Request::get("http://api.test/x")
+            .extension(
+                CallOptions::new()
+                    .with_attempt_timeout(Duration::from_millis(100))
+                    .without_retries(),
+            )
+            .body(Full::default())
+            .unwrap();
+        let err = client.clone().oneshot(req).await.unwrap_err();
+        assert!(err.to_string().contains("timed out"), "{err}");
+    }
+    assert!(
+        matches!(handle.state("api.test"), Some(CircuitState::Open { .. })),
+        "{:?}",
+        handle.state("api.test")
+    );
+}

@@ -225,12 +225,23 @@ where
                         }
                         return Poll::Pending;
                     };
-                    if let Some(mut p) = this.permit.take() {
-                        let rtt = p.start.map(|s| Instant::now().saturating_duration_since(s));
-                        let outcome = this.classify.classify(&result);
-                        p.finish(signal(&outcome, rtt));
-                    }
-                    return Poll::Ready(result.map_err(Into::into));
+                    let Some(mut p) = this.permit.take() else {
+                        return Poll::Ready(result.map_err(Into::into));
+                    };
+                    let rtt = p.start.map(|s| Instant::now().saturating_duration_since(s));
+                    let outcome = this.classify.classify(&result);
+                    let result = result.map_err(Into::into);
+                    // A failure whose cause is not the server (a token endpoint that failed or
+                    // did not answer in time, a local limit) says nothing about its capacity,
+                    // as the breaker reads it too.
+                    let signal = match &result {
+                        Err(e) if !sturdy_core::classify::concerns_destination(&**e) => {
+                            Signal::Ignore
+                        }
+                        _ => signal(&outcome, rtt),
+                    };
+                    p.finish(signal);
+                    return Poll::Ready(result);
                 }
             }
         }

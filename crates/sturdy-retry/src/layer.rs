@@ -50,6 +50,7 @@ impl RetryLayer {
                 body_limit: 1024 * 1024,
                 idempotency_header: HeaderName::from_static("idempotency-key"),
                 hold_marks: None,
+                request_timeouts_below: false,
                 budget: BudgetMode::PerHost {
                     ttl: Duration::from_secs(10),
                     min_per_sec: 10,
@@ -83,6 +84,7 @@ impl<C> RetryLayer<C> {
                     body_limit: c.body_limit,
                     idempotency_header: c.idempotency_header.clone(),
                     hold_marks: c.hold_marks,
+                    request_timeouts_below: c.request_timeouts_below,
                     budget: c.budget.clone(),
                     seed: c.seed,
                     sessions: AtomicU64::new(0),
@@ -193,13 +195,25 @@ impl<C> RetryLayer<C> {
     /// keep attempt timers from waking the runtime's driver (see
     /// [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer)).
     ///
-    /// A body kept for a replay is read before the first attempt is sent, and that read counts as
-    /// the first attempt's (from its first wait): a streamed body that stalls past the timeout
-    /// fails the call with a [`Timeout`](sturdy_core::ErrorKind::Timeout) error, not sent, and
-    /// is not retried (what was read of it cannot be sent again). A request's own attempt timeout
-    /// (`CallOptions`) bounds the read in the same way.
+    /// A body kept for a replay is read before the first attempt is sent, under a timer of the
+    /// same length of its own (from its first wait; the first attempt then gets a full one): a
+    /// streamed body that stalls past the timeout fails the call with a
+    /// [`Timeout`](sturdy_core::ErrorKind::Timeout) error, not sent, and is not retried (what
+    /// was read of it cannot be sent again). A request's own attempt timeout (`CallOptions`)
+    /// bounds the read in the same way.
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
+    }
+
+    /// Whether an [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer) below keeps a request's
+    /// own attempt timeout (`CallOptions::with_attempt_timeout`) \[off\]. On, this layer's loop
+    /// keeps no timer for it (only for [`with_attempt_timeout`](Self::with_attempt_timeout)'s,
+    /// if set): the layer below times the attempt from when it is sent, so a breaker or an
+    /// adaptive concurrency limit between the two sees an attempt that hangs as the timeout it
+    /// is, and a wait below (a rate limit's turn, a token) is not counted in it.
+    /// `sturdy::ClientBuilder`, whose stack ends with that layer, turns it on.
+    pub fn with_request_timeouts_below(self, below: bool) -> Self {
+        self.edit(|c| c.request_timeouts_below = below)
     }
 
     /// The largest body buffered for replay \[1 MiB\]. A body whose size hint does not prove it

@@ -134,6 +134,8 @@ pub(crate) struct Config {
     /// Whether attempts of calls with a deadline carry a `sturdy_core::hold::AttemptHold`
     /// (`None`: not said, which is off).
     pub(crate) hold_marks: Option<bool>,
+    /// Whether a request's own attempt timeout is kept by a layer below (not by the loop).
+    pub(crate) request_timeouts_below: bool,
     pub(crate) budget: BudgetMode,
     pub(crate) seed: Option<u64>,
     pub(crate) sessions: AtomicU64,

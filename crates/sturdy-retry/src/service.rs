@@ -81,7 +81,11 @@ where
         // Each attempt's timeout is kept by the loop itself, not by a layer wrapped around the
         // service: a layer would move every request and future through one more frame, on every
         // call, for a timer most calls never make.
-        let attempt_timeout = crate::timeout::attempt_timeout(&req, self.config.attempt_timeout);
+        let attempt_timeout = if self.config.request_timeouts_below {
+            self.config.attempt_timeout
+        } else {
+            crate::timeout::attempt_timeout(&req, self.config.attempt_timeout)
+        };
         let options = CallOptions::of(&req);
         let deadline = options
             .and_then(CallOptions::deadline)

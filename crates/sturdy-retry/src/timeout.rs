@@ -168,7 +168,10 @@ pub(crate) fn timed_out_held(len: Duration, held: Option<sturdy_core::hold::Held
                     human_duration(len)
                 ),
             )
-            .with_delivery(Delivery::NotSent),
+            .with_delivery(Delivery::NotSent)
+            // Never sent: a try refused below, not an attempt of the destination's (the
+            // report counts it apart, and no breaker counts it).
+            .with_cause_elsewhere(),
         ),
         None => timed_out(len),
     }
