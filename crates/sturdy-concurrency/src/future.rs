@@ -118,12 +118,8 @@ where
             hold.hold(HeldFor::Concurrency);
         }
         let acquire: Acquire = Box::pin(limiter.sem.clone().acquire_owned());
-        let now = Instant::now();
-        // A wait too long to add to the clock (`Duration::MAX`) ends in thirty years, as tokio's
-        // own far-future timers do.
-        let until = now
-            .checked_add(max_wait)
-            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
+        // A wait too long to add to the clock (`Duration::MAX`) ends in about thirty years.
+        let until = sturdy_core::clock::after(Instant::now(), max_wait);
         let slow = Slow {
             until,
             sleep: None,

@@ -4,8 +4,6 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -208,14 +206,7 @@ where
 /// Sends one attempt down the chain. An attempt the stack stops waiting for (its attempt timeout
 /// fired) is cancelled, as dropping a hyper-util request would cancel it.
 async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extensions) -> Extensions {
-    let Attempt {
-        request,
-        mut reply,
-        started,
-    } = attempt;
-    // From here on, dropping this future (its caller went away) may cut the attempt off after
-    // some of it went out.
-    started.store(true, Ordering::Release);
+    let Attempt { request, mut reply } = attempt;
     let outcome = {
         let abandoned = pin!(reply.closed());
         // Whether the chain waited on anything before it answered: see `convert_sent`. Only a
@@ -248,8 +239,6 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
 struct Attempt {
     request: reqwest::Request,
     reply: oneshot::Sender<Result<reqwest::Response, BoxError>>,
-    /// Set when the middleware's `handle` began sending it down the chain.
-    started: Arc<AtomicBool>,
 }
 
 /// Where [`NextAttempt`] sends the attempts of one call: to the middleware's `handle`, which
@@ -307,17 +296,11 @@ impl Service<http::Request<Full<Bytes>>> for NextAttempt {
             Err(e) => return NextAttemptFuture::failed(e),
         };
         let (reply, rx) = oneshot::channel();
-        let started = Arc::new(AtomicBool::new(false));
-        let attempt = Attempt {
-            request,
-            reply,
-            started: started.clone(),
-        };
-        if dispatch.0.send(attempt).is_err() {
+        if dispatch.0.send(Attempt { request, reply }).is_err() {
             return NextAttemptFuture::failed(call_ended(false));
         }
         NextAttemptFuture {
-            state: AttemptState::Waiting(rx, started),
+            state: AttemptState::Waiting(rx),
         }
     }
 }
@@ -328,10 +311,7 @@ pub struct NextAttemptFuture {
 }
 
 enum AttemptState {
-    Waiting(
-        oneshot::Receiver<Result<reqwest::Response, BoxError>>,
-        Arc<AtomicBool>,
-    ),
+    Waiting(oneshot::Receiver<Result<reqwest::Response, BoxError>>),
     Failed(Option<Error>),
 }
 
@@ -354,13 +334,13 @@ impl Future for NextAttemptFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            AttemptState::Waiting(rx, started) => {
-                Poll::Ready(match std::task::ready!(rx.poll_unpin(cx)) {
-                    Ok(Ok(res)) => Ok(into_http(res)),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(Box::new(call_ended(started.load(Ordering::Acquire)))),
-                })
-            }
+            // Handed to the call's `handle`, which went away before the answer: whether the
+            // attempt had begun going down the chain is not known, so it may have been sent.
+            AttemptState::Waiting(rx) => Poll::Ready(match std::task::ready!(rx.poll_unpin(cx)) {
+                Ok(Ok(res)) => Ok(into_http(res)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Box::new(call_ended(true))),
+            }),
             AttemptState::Failed(e) => Poll::Ready(Err(Box::new(e.take().unwrap_or_else(|| {
                 Error::new(
                     ErrorKind::Other,
@@ -374,8 +354,8 @@ impl Future for NextAttemptFuture {
 /// The error of an attempt whose reqwest-middleware call ended (its caller went away) before
 /// the attempt was answered: only callers who joined it through a coalescing layer still wait
 /// for it, and that layer has them send their own request ([`DriverGone`]).
-fn call_ended(started: bool) -> Error {
-    let err = if started {
+fn call_ended(handed: bool) -> Error {
+    let err = if handed {
         Error::new(
             ErrorKind::Other,
             "the reqwest-middleware call that was sending this attempt ended (its caller went away) before the answer came, so the attempt was cut off and may have been processed",

@@ -200,7 +200,9 @@ impl<C> RetryLayer<C> {
     /// streamed body that stalls past the timeout fails the call with a
     /// [`Timeout`](sturdy_core::ErrorKind::Timeout) error, not sent, and is not retried (what
     /// was read of it cannot be sent again). A request's own attempt timeout (`CallOptions`)
-    /// bounds the read in the same way.
+    /// bounds the read in the same way, unless
+    /// [`with_request_timeouts_below`](Self::with_request_timeouts_below) leaves it to a layer
+    /// below (which cannot bound the read: bound it with a deadline).
     pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
         self.edit(|c| c.attempt_timeout = Some(timeout))
     }
