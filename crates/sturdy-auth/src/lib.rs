@@ -18,7 +18,9 @@
 //!   bodies, 5xx...) into errors that say what to fix; a 500, 502, 503, 504, 429, 425 or 408
 //!   from the token endpoint is retryable (the statuses the retry layer retries), another 5xx
 //!   and `invalid_client` are not. A token request lost with its runtime (shut down
-//!   mid-request) is started again by the next caller.
+//!   mid-request) is started again by the next caller; one whose connection broke under it (a
+//!   pooled connection the server had closed) is sent once more at once, the grant being safe
+//!   to repeat.
 //! - **401**: with a token source, a 401 from the API invalidates the token, fetches a new one and
 //!   replays the request once (the body is buffered up to 1 MiB for this; one that ends with
 //!   trailers, which a request rebuilt from its bytes cannot carry, fails unsent with a `Body`

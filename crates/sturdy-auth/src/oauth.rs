@@ -208,6 +208,11 @@ struct Inner {
 /// it, so a caller that gives up (or times out) does not cancel it for the others. It is bounded
 /// by [`with_request_timeout`](Self::with_request_timeout) \[30 s\]. If that task is lost with
 /// its runtime (the runtime was shut down mid-request), the next caller starts a new request.
+/// A request whose connection broke under it (a [`Transport`](ErrorKind::Transport) error
+/// straight from the client, such as a pooled connection the server had closed) is sent once
+/// more at once, within the same timeout: the grant is safe to repeat. Other failures (a refused
+/// connection, a timeout, any answer, an error a sturdy layer of the token client already judged)
+/// are not resent.
 ///
 /// Every error is a [`sturdy_core::Error`] (find it with
 /// `err.downcast_ref::<sturdy_core::Error>()`): each caller gets its own, with the cause it
@@ -689,7 +694,24 @@ impl ClientCredentials {
     /// One token request: the token and its lifetime, or an error that says what to fix.
     async fn request_token(&self) -> Result<(String, Duration), Failure> {
         let s = &self.inner.settings;
-        let fetch = (self.inner.fetch)(self.build_request());
+        let fetch = async {
+            let first = (self.inner.fetch)(self.build_request()).await;
+            match first {
+                Err(e) if resend_after(&*e) => {
+                    // The connection broke under the request: most often a pooled connection
+                    // the server had closed, found out only while the request was written. A
+                    // client-credentials grant is safe to repeat (at worst the server issues a
+                    // second token), so it is sent once more at once, on a fresh connection,
+                    // instead of failing every waiting caller and backing off for a second.
+                    tracing::debug!(
+                        error = %sturdy_core::classify::describe(&*e),
+                        "the token request's connection broke; sending it once more"
+                    );
+                    (self.inner.fetch)(self.build_request()).await
+                }
+                other => other,
+            }
+        };
         let (status, body) = match tokio::time::timeout(s.request_timeout, fetch).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
@@ -719,6 +741,15 @@ impl ClientCredentials {
         };
         parse_token_response(status, &body, s)
     }
+}
+
+/// Whether a failed token request is sent once more at once: its connection broke after it was
+/// made (a transport error straight from the client). An error a sturdy layer of the token
+/// client already judged (its own retries, a breaker, a timeout) is final: that stack has
+/// decided.
+fn resend_after(e: &(dyn StdError + 'static)) -> bool {
+    sturdy_core::classify::classify_error(e) == ErrorKind::Transport
+        && sturdy_core::find::<Error>(e).is_none()
 }
 
 /// A token request registered in the state, to be spawned.

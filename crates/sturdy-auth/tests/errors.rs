@@ -473,3 +473,88 @@ async fn a_source_error_whose_text_names_no_cause_is_told_by_its_cause() {
     );
     assert!(sturdy_core::find::<ClientWrapper>(&*err).is_some());
 }
+
+/// A token endpoint reached through `client`: each request is counted; the first `broken` fail
+/// with `fail()`, the rest answer a token.
+fn flaky_endpoint(
+    broken: u32,
+    fail: fn() -> BoxError,
+) -> (
+    Arc<std::sync::atomic::AtomicU32>,
+    impl tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<Full<Bytes>>,
+            Error = BoxError,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let count = Arc::new(AtomicU32::new(0));
+    let seen = count.clone();
+    let svc = service_fn(move |_r: Request<Full<Bytes>>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n < broken {
+                return Err(fail());
+            }
+            Ok::<_, BoxError>(Response::new(Full::new(Bytes::from_static(
+                br#"{"access_token":"tok-ok","token_type":"Bearer","expires_in":3600}"#,
+            ))))
+        }
+    });
+    (count, svc)
+}
+
+fn reset() -> BoxError {
+    Box::new(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "connection reset by peer",
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_request_whose_connection_broke_is_sent_once_more_at_once() {
+    use std::sync::atomic::Ordering;
+    // One broken connection: the second request, sent at once, brings the token; no backoff,
+    // no error for the caller.
+    let (count, endpoint) = flaky_endpoint(1, reset);
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    let started = tokio::time::Instant::now();
+    let token = source.token().await.unwrap();
+    assert_eq!(sturdy_auth::ExposeSecret::expose_secret(token.secret()), "tok-ok");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    assert_eq!(started.elapsed(), Duration::ZERO, "no backoff before the resend");
+
+    // Broken every time: sent twice, not more, then the usual error and backoff.
+    let (count, endpoint) = flaky_endpoint(u32::MAX, reset);
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    let err = source.token().await.unwrap_err();
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    assert_eq!(found(&err).kind(), &ErrorKind::Transport, "{err}");
+    assert!(err.to_string().contains("connection reset by peer"), "{err}");
+    assert!(source.token().await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 2, "backing off: not asked again");
+
+    // A refused connection (nothing was sent) and an error a sturdy layer of the token client
+    // already judged are not sent again by the source.
+    let (count, endpoint) = flaky_endpoint(1, || {
+        Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ))
+    });
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    assert!(source.token().await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    let (count, endpoint) = flaky_endpoint(1, || {
+        Box::new(Error::new(
+            ErrorKind::Transport,
+            "the retry layer gave up after 3 attempts",
+        ))
+    });
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    assert!(source.token().await.is_err());
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}

@@ -274,3 +274,62 @@ async fn no_secret_in_debug_or_tracing() {
     }
     let _ = std::io::stdout().flush();
 }
+
+/// A token endpoint on a real socket that closes its first connection after reading the
+/// request, without an answer (as a server that closed an idle pooled connection leaves the
+/// next request): the source sends the request once more, on a new connection, and the caller
+/// gets its token without an error or a backoff.
+#[tokio::test]
+async fn a_token_request_cut_by_its_connection_is_sent_again_on_a_new_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(Mutex::new(0u32));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let n = {
+                let mut c = seen.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            tokio::spawn(async move {
+                // Reads the head and the small form body.
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if n == 1 {
+                    return; // closed without an answer
+                }
+                let body = r#"{"access_token":"tok-wire","token_type":"Bearer","expires_in":3600}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    let cc = ClientCredentials::new(
+        http_client(),
+        &format!("http://{addr}/oauth/token"),
+        "client",
+        SECRET,
+    )
+    .unwrap();
+    let token = tokio::time::timeout(Duration::from_secs(5), cc.get())
+        .await
+        .expect("within 5 s")
+        .unwrap();
+    assert_eq!(token.secret().expose_secret(), "tok-wire");
+    assert_eq!(*connections.lock().unwrap(), 2);
+}
