@@ -523,9 +523,16 @@ async fn a_token_request_whose_connection_broke_is_sent_once_more_at_once() {
     let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
     let started = tokio::time::Instant::now();
     let token = source.token().await.unwrap();
-    assert_eq!(sturdy_auth::ExposeSecret::expose_secret(token.secret()), "tok-ok");
+    assert_eq!(
+        sturdy_auth::ExposeSecret::expose_secret(token.secret()),
+        "tok-ok"
+    );
     assert_eq!(count.load(Ordering::SeqCst), 2);
-    assert_eq!(started.elapsed(), Duration::ZERO, "no backoff before the resend");
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no backoff before the resend"
+    );
 
     // Broken every time: sent twice, not more, then the usual error and backoff.
     let (count, endpoint) = flaky_endpoint(u32::MAX, reset);
@@ -533,9 +540,16 @@ async fn a_token_request_whose_connection_broke_is_sent_once_more_at_once() {
     let err = source.token().await.unwrap_err();
     assert_eq!(count.load(Ordering::SeqCst), 2);
     assert_eq!(found(&err).kind(), &ErrorKind::Transport, "{err}");
-    assert!(err.to_string().contains("connection reset by peer"), "{err}");
+    assert!(
+        err.to_string().contains("connection reset by peer"),
+        "{err}"
+    );
     assert!(source.token().await.is_err());
-    assert_eq!(count.load(Ordering::SeqCst), 2, "backing off: not asked again");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "backing off: not asked again"
+    );
 
     // A refused connection (nothing was sent) and an error a sturdy layer of the token client
     // already judged are not sent again by the source.
