@@ -254,6 +254,13 @@ pub enum Event<'a> {
 }
 
 /// Why a retryable failure was not retried ([`Event::RetryStopped`]).
+///
+/// One reason is reported when several hold: [`NotIdempotent`](Self::NotIdempotent) first;
+/// then, after a wait the server (or a client-side limiter) asked for,
+/// [`WaitTooLong`](Self::WaitTooLong), [`PastDeadline`](Self::PastDeadline),
+/// [`AttemptsExhausted`](Self::AttemptsExhausted), and after a plain failure,
+/// [`AttemptsExhausted`](Self::AttemptsExhausted) before [`PastDeadline`](Self::PastDeadline);
+/// [`NotReplayable`](Self::NotReplayable) and [`BudgetExhausted`](Self::BudgetExhausted) last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RetryStop {
@@ -263,7 +270,7 @@ pub enum RetryStop {
     BudgetExhausted,
     /// A non-idempotent request without an idempotency key may already have taken effect.
     NotIdempotent,
-    /// The server asked for a wait longer than the layer waits.
+    /// The server (or a client-side rate limiter) asked for a wait longer than the layer waits.
     WaitTooLong,
     /// The next attempt would start past the call's deadline.
     PastDeadline,

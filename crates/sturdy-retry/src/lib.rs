@@ -8,7 +8,8 @@
 //!   (401 belongs to the auth layer). Also a 409 with `Retry-After` to a request that carries an
 //!   idempotency key (the first request with that key is still running on the server), and an
 //!   open circuit breaker whose `retry_in` fits the call's deadline (a half-open one, whose probe
-//!   is out, is looked at again every backoff base until the deadline; such refusals sent
+//!   is out, is looked at again after each backoff base, plus up to the `Retry-After` jitter,
+//!   until the deadline; such refusals sent
 //!   nothing and use up neither attempts nor the retry budget).
 //! - **Only when safe**: GET, HEAD, PUT, DELETE, OPTIONS and TRACE retry freely; POST and PATCH only
 //!   when they carry an `Idempotency-Key` header, or when the failure proves the request never left

@@ -989,6 +989,11 @@ fn refusal(e: &(dyn std::error::Error + 'static)) -> String {
                 c.key()
             ),
             OpenReason::Forced => format!("the circuit breaker for {} is forced open", c.key()),
+            OpenReason::Overflow => format!(
+                "the overflow circuit breaker, which {} shares with the hosts past the most breakers kept, is open for {}",
+                c.key(),
+                human_duration(c.retry_in())
+            ),
             _ => format!(
                 "the circuit breaker for {} is open for {}",
                 c.key(),

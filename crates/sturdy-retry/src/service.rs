@@ -19,7 +19,9 @@ use sturdy_core::keyed::SlotCache;
 /// Clones share the configuration and the retry budgets.
 ///
 /// # Backpressure
-/// `poll_ready` is the inner service's. Each retry waits for readiness again on its own clone.
+/// `poll_ready` is the inner service's, and the first attempt goes to the service `poll_ready`
+/// made ready; each retry waits for readiness again on that same service (moved into the call's
+/// future, not a clone of it), so no clone of the inner stack holds a permit.
 #[derive(Debug, Clone)]
 pub struct Retry<S, C = DefaultClassify> {
     inner: S,

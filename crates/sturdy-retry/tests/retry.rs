@@ -708,6 +708,30 @@ async fn the_final_error_speaks_for_every_attempt() {
          30s; it may have been processed: retry with the same idempotency key key-7"
     );
 
+    // The overflow breaker's refusal says it is the shared breaker, not this host's own.
+    let overflow: Reply = Err(Box::new(
+        sturdy_core::CircuitOpen::new("api.example.com", Duration::from_secs(30))
+            .with_reason(sturdy_core::OpenReason::Overflow),
+    ));
+    let reset: Reply = Err(Box::new(io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "reset",
+    )));
+    let api = Api::new(vec![reset, overflow]);
+    let err = layer()
+        .layer(api.service())
+        .oneshot(post(Some("key-o")))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "the try after it was refused before it was sent: the overflow circuit breaker, \
+             which api.example.com shares with the hosts past the most breakers kept, is open \
+             for 30s"
+        ),
+        "{err}"
+    );
+
     // Every attempt refused before it left: the error says so, and it is true.
     let refused = || -> Reply {
         Err(Box::new(io::Error::new(
