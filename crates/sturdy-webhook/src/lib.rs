@@ -21,7 +21,7 @@
 //! timestamp (when the scheme has one), the headers the scheme defines and the raw body.
 //!
 //! Every rejection answers a short generic text (`forbidden`, `invalid signature`, `payload too
-//! large`); the reason goes to `tracing`. No `Debug` output or log line shows a secret.
+//! large`, `unreadable body` for a body stream that failed); the reason goes to `tracing`. No `Debug` output or log line shows a secret.
 //!
 //! # Schemes
 //!

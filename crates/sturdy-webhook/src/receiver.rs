@@ -31,7 +31,8 @@ const QUEUE_MARGIN: Duration = Duration::from_secs(60);
 /// else 413), verifies it before anything parses it (400 or 401), deduplicates it, queues it,
 /// and only then answers 200; a full queue answers 503 with `Retry-After` so the sender
 /// redelivers. Every rejection answers a short generic text (`forbidden`, `invalid signature`,
-/// `payload too large`); the reason goes to `tracing`.
+/// `payload too large`, `unreadable body` with 400 for a body stream that failed); the reason
+/// goes to `tracing`.
 ///
 /// It is an endpoint (a `Service`), mounted with `axum::routing::post_service`. Its error type is
 /// `Infallible`: every outcome is a response.
@@ -327,9 +328,10 @@ where
             );
         }
         Err(e) => {
+            // Said as what it is: no signature was checked against a body never read whole.
             tracing::info!(route, error = %e, "webhook rejected: body could not be read");
             return (
-                respond(StatusCode::BAD_REQUEST, "invalid signature"),
+                respond(StatusCode::BAD_REQUEST, "unreadable body"),
                 Rejected,
             );
         }

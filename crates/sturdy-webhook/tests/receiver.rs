@@ -172,6 +172,39 @@ async fn rejections_say_only_invalid_signature() {
 }
 
 #[tokio::test]
+async fn a_body_stream_that_fails_is_unreadable_not_an_invalid_signature() {
+    let (queue, mut events) = MemoryQueue::new(10);
+    let app = app(queue);
+    let signed = delivery("m-broken", "{\"amount\":1}");
+    let (parts, _) = signed.into_parts();
+    let res = app
+        .oneshot(Request::from_parts(parts, Body::new(Broken)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(text(res).await, "unreadable body");
+    assert!(events.try_recv().is_none(), "nothing queued");
+}
+
+/// A body whose first frame is an error (a sender's stream cut mid-body).
+struct Broken;
+
+impl http_body::Body for Broken {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(Some(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the sender went away",
+        ))))
+    }
+}
+
+#[tokio::test]
 async fn delivered_over_loopback() {
     let (queue, mut events) = MemoryQueue::new(10);
     let receiver = WebhookReceiver::new(StandardWebhooks::new(SECRET).unwrap(), queue);
