@@ -241,12 +241,25 @@ fn no_tls_backend(err: &reqwest::Error) -> bool {
     false
 }
 
+/// The most of a cause's text an error message carries: a connector's or a middleware's error
+/// of any length (one that echoes a whole response, say) stays a short message.
+const MAX_ROOT_TEXT: usize = 512;
+
 /// The text of the deepest error in the chain (reqwest's own text says only "error sending
-/// request").
+/// request"), at most [`MAX_ROOT_TEXT`] bytes, cut at a character boundary.
 fn root_text(err: &reqwest::Error) -> String {
     let mut cur: &(dyn StdError + 'static) = err;
     while let Some(next) = cur.source() {
         cur = next;
     }
-    cur.to_string()
+    let mut text = cur.to_string();
+    if text.len() > MAX_ROOT_TEXT {
+        let mut end = MAX_ROOT_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }

@@ -449,3 +449,35 @@ fn debug_never_shows_the_clients_default_headers() {
         "{shown}"
     );
 }
+
+/// A resolver whose error text is 100 KB long (a connector or resolver that echoes whatever it
+/// was given).
+struct Verbose;
+
+impl reqwest::dns::Resolve for Verbose {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async { Err("no such host; ".repeat(7_000).into()) })
+    }
+}
+
+#[tokio::test]
+async fn a_cause_of_any_length_makes_a_short_message() {
+    let client = reqwest::Client::builder()
+        .dns_resolver(std::sync::Arc::new(Verbose))
+        .build()
+        .unwrap();
+    let err = ReqwestService::new(client)
+        .oneshot(
+            Request::get("http://verbose.invalid/")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("no such host"), "{text}");
+    assert!(text.len() < 1_024, "{} bytes", text.len());
+    assert!(text.ends_with("..."), "{text}");
+    // A connect error through reqwest may have been a redirect's target (see the crate docs).
+    assert_eq!(classify_error(&err), ErrorKind::Connect, "{text}");
+}
