@@ -685,10 +685,10 @@ impl<C> RetryPolicy<C> {
                 req,
                 result,
                 last.take(),
-                Stop::Because(
-                    "its body was not kept for a replay (larger than the replay limit, or of unknown size)"
-                        .to_owned(),
-                ),
+                Stop::Because(format!(
+                    "its body was not kept for a replay (larger than the replay limit of {} bytes, or of unknown size)",
+                    self.config.body_limit
+                )),
             );
             return None;
         }

@@ -1048,6 +1048,11 @@ async fn a_wait_not_slept_for_want_of_budget_or_body_ends_as_rate_limited() {
     assert_eq!(api.calls(), 1);
     let rl = sturdy_core::find::<RateLimited>(&*err).expect("RateLimited in the chain");
     assert_eq!(rl.retry_after(), Duration::from_secs(3), "{err}");
+    assert!(
+        err.to_string()
+            .contains("larger than the replay limit of 2 bytes, or of unknown size"),
+        "{err}"
+    );
 }
 
 /// A body with trailers; `From<Bytes>` (what a replay is built from) has none.
