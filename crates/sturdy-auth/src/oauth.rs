@@ -975,13 +975,13 @@ fn endpoint_error(
     let kind = endpoint_kind(status);
     // The code and the description are the server's words, and a server may echo the request:
     // kept short, and without the client secret in any form the request carried it.
-    let code: String = redact_secret(code, s).chars().take(64).collect();
+    let code = printable(&redact_secret(code, s), 64);
     let mut msg = format!(
         "{} refused the token request with {code} ({status}): {advice}",
         s.endpoint()
     );
     if let Some(d) = description {
-        let d: String = redact_secret(d, s).chars().take(200).collect();
+        let d = printable(&redact_secret(d, s), 200);
         msg.push_str(&format!(" [server says: {d}]"));
     }
     Failure::new(kind, msg)
@@ -1008,6 +1008,22 @@ fn basic_credentials(s: &Settings) -> String {
 /// the request URL would show.
 /// A value of the server's token response, for a message: as JSON, without the client secret or
 /// the token URL's secrets, cut to 64 characters (a server decides its size).
+/// The first `max` characters of a server's text, with its control characters escaped (`\n`,
+/// `\u{1b}`): a line break or a terminal escape sent by the token endpoint must not start a
+/// forged line in a log, or reach an agent's tool result as a command to the terminal.
+fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .fold(String::with_capacity(text.len().min(max)), |mut out, c| {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            out
+        })
+}
+
 fn shown_value(v: &Value, s: &Settings) -> String {
     let text = redact_secret(&v.to_string(), s);
     let mut shown: String = text.chars().take(64).collect();

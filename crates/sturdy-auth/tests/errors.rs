@@ -572,3 +572,23 @@ async fn a_token_request_whose_connection_broke_is_sent_once_more_at_once() {
     assert!(source.token().await.is_err());
     assert_eq!(count.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_token_endpoints_text_is_quoted_with_its_control_characters_escaped() {
+    let endpoint = service_fn(|_r: Request<Full<Bytes>>| async {
+        let mut res = Response::new(Full::new(Bytes::from_static(
+            br#"{"error":"invalid_client\u001b[31m","error_description":"bad client\r\n2026-12-07 INFO login ok \u001b[2J"}"#,
+        )));
+        *res.status_mut() = http::StatusCode::UNAUTHORIZED;
+        Ok::<_, BoxError>(res)
+    });
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    let err = source.token().await.unwrap_err();
+    let text = err.to_string();
+    assert!(!text.chars().any(char::is_control), "{text:?}");
+    assert!(
+        text.contains(r"[server says: bad client\r\n2026-12-07 INFO login ok \u{1b}[2J]"),
+        "{text}"
+    );
+    assert!(text.contains(r"invalid_client\u{1b}[31m"), "{text}");
+}

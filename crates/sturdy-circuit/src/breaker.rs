@@ -277,8 +277,15 @@ impl Breaker {
         public(self.lock().state, now)
     }
 
+    /// Whether forgetting this breaker loses nothing: closed, with no failure streak and no
+    /// failure in its window (a host failing at a high rate whose last call succeeded has a
+    /// rate to keep, which the default trigger opens on).
     pub(crate) fn is_idle_closed(&self) -> bool {
-        self.hot.closed.load(Ordering::Acquire) && self.hot.consecutive.load(Ordering::Acquire) == 0
+        self.hot.closed.load(Ordering::Acquire)
+            && self.hot.consecutive.load(Ordering::Acquire) == 0
+            && !self
+                .window
+                .may_hold_a_failure(self.window.index(Instant::now()))
     }
 
     /// Admits a call, or says how long the breaker stays open and why.

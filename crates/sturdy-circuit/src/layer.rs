@@ -155,8 +155,9 @@ impl<K, C> CircuitBreakerLayer<K, C> {
         self.edit(|c| c.successes_to_close = m.max(1))
     }
 
-    /// The most breakers kept \[1,024\]; past it, healthy breakers are forgotten, then new keys
-    /// share one overflow breaker. At least one is kept: 0 is taken as 1.
+    /// The most breakers kept \[1,024\]; past it, healthy breakers (closed, no failure streak, no
+    /// failure in their window) are forgotten, then new keys share one overflow breaker, `*`,
+    /// kept besides the `n`. At least one is kept: 0 is taken as 1.
     pub fn with_max_breakers(self, n: usize) -> Self {
         self.edit(|c| c.max_breakers = n.max(1))
     }

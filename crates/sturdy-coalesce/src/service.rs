@@ -206,6 +206,9 @@ where
                 return Outcome::Failed(Arc::new(Box::new(err)));
             }
             Some(Ok(frame)) => match frame.into_data() {
+                // An empty frame adds nothing to keep: a peer sending empty DATA frames must
+                // not grow the list while the byte count stays put.
+                Ok(data) if data.is_empty() => {}
                 Ok(data) => {
                     len = len.saturating_add(data.len());
                     chunks.push_back(data);

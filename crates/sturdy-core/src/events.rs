@@ -60,7 +60,7 @@ pub enum Event<'a> {
     /// Retry layer: a try failed in a way worth trying again (an attempt, or a try a layer below
     /// refused before it was sent); the next try is made after `delay`.
     RetryScheduled {
-        /// The host called (authority, without user info).
+        /// The host called (authority, without user info, in lower case).
         host: &'a str,
         /// The request's method.
         method: &'a Method,
@@ -81,7 +81,7 @@ pub enum Event<'a> {
     },
     /// Retry layer: a try failed in a way worth trying again, but it was not retried.
     RetryStopped {
-        /// The host called (authority, without user info).
+        /// The host called (authority, without user info, in lower case).
         host: &'a str,
         /// The request's method.
         method: &'a Method,

@@ -99,9 +99,11 @@ impl<T> fmt::Debug for KeyedMap<T> {
 }
 
 impl<T: Idle> KeyedMap<T> {
-    /// A map that keeps at most `max` keys (at least 1): past it, idle states are forgotten, then
-    /// new keys share one overflow slot ([`OVERFLOW_KEY`]). Once made, the overflow slot counts
-    /// among the `max`, so `max - 1` keys of their own are kept besides it.
+    /// A map that keeps at most `max` keys of their own (at least 1): past it, idle states are
+    /// forgotten, then new keys share one overflow slot ([`OVERFLOW_KEY`]). The overflow slot is
+    /// made when a new key finds `max` keys none of which is idle, so the map then holds `max + 1`
+    /// slots; once made, it counts among the `max` for the keys that come after, so a key of its
+    /// own is made again only while fewer than `max - 1` are kept besides it.
     pub fn new(max: usize) -> Self {
         Self {
             map: RwLock::new(Map::default()),

@@ -156,8 +156,15 @@ impl Gate {
         self.waiting.load(Ordering::Acquire)
     }
 
+    /// Whether forgetting this key loses nothing: nobody waits, no slot is booked ahead, no
+    /// pause is set and no pace was learned (a pace learned from bare 429s holds until it
+    /// speeds up under a millisecond or is cleared; forgotten with an idle key, the next calls
+    /// would leave at once into the 429s it was learned from).
     pub(crate) fn is_idle(&self, now: u64) -> bool {
-        self.waiting() == 0 && self.tat.load(Ordering::Acquire) <= now && self.paused_until() <= now
+        self.waiting() == 0
+            && self.tat.load(Ordering::Acquire) <= now
+            && self.paused_until() <= now
+            && self.learned.load(Ordering::Acquire) == 0
     }
 
     /// Whether a call without a quota may go, decided without reading the clock: nobody waits

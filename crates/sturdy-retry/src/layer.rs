@@ -208,9 +208,11 @@ impl<C> RetryLayer<C> {
     }
 
     /// Whether an [`AttemptTimeoutLayer`](crate::AttemptTimeoutLayer) below keeps a request's
-    /// own attempt timeout (`CallOptions::with_attempt_timeout`) \[off\]. On, this layer's loop
-    /// keeps no timer for it (only for [`with_attempt_timeout`](Self::with_attempt_timeout)'s,
-    /// if set): the layer below times the attempt from when it is sent, so a breaker or an
+    /// own attempt timeout (`CallOptions::with_attempt_timeout`, or `without_attempt_timeout`)
+    /// \[off\]. On, this layer's loop keeps no timer for a request that carries one, whether
+    /// longer, shorter or none (its own [`with_attempt_timeout`](Self::with_attempt_timeout),
+    /// if set, applies to requests without one): the layer below times the attempt from when it
+    /// is sent, so a breaker or an
     /// adaptive concurrency limit between the two sees an attempt that hangs as the timeout it
     /// is, and a wait below (a rate limit's turn, a token) is not counted in it.
     /// `sturdy::ClientBuilder`, whose stack ends with that layer, turns it on.
@@ -267,7 +269,9 @@ impl<C> RetryLayer<C> {
     /// whole seconds (1.9 s counts as 1 s), and up to 1.0 each retry costs `1 / percent` calls
     /// rounded down (0.3 allows a retry per 3 calls, 33 %; anything above 0.5 one per call); a
     /// `percent` under one in a million is taken as 0.0. The budget follows tokio's clock (paused
-    /// in tests), and the first call after any idle time costs what any call does.
+    /// in tests), and the first call after any idle time costs what any call does. A retry is
+    /// counted when it is scheduled, before its backoff: a call dropped during the backoff does
+    /// not give it back.
     ///
     /// # Errors
     /// A [`Config`](ErrorKind::Config) error when `ttl` or `percent` is out of range, or

@@ -712,7 +712,8 @@ impl<C> RetryPolicy<C> {
         } else {
             tracing::debug!(attempt = n, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), reason = %kind, source = ?source, "retrying");
             self.config.events.emit(&Event::RetryScheduled {
-                host: &host,
+                // In lower case, as every layer's events name a host.
+                host: &sturdy_core::key::host_key(&host),
                 method: req.method(),
                 attempt: n,
                 refused: self.last_refused,
@@ -733,7 +734,7 @@ impl<C> RetryPolicy<C> {
     /// Reports a retryable failure that is not retried.
     fn stopped(&self, req: &impl RequestView, reason: &ErrorKind, stop: RetryStop) {
         self.config.events.emit(&Event::RetryStopped {
-            host: req.host(),
+            host: &sturdy_core::key::host_key(req.host()),
             method: req.method(),
             attempt: self.tries,
             refused: self.last_refused,

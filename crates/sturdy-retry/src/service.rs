@@ -84,7 +84,12 @@ where
         // service: a layer would move every request and future through one more frame, on every
         // call, for a timer most calls never make.
         let attempt_timeout = if self.config.request_timeouts_below {
-            self.config.attempt_timeout
+            // The request's own setting (longer, shorter or none) is the layer below's to keep;
+            // the layer's own timeout applies to requests that carry none.
+            match CallOptions::of(&req).and_then(CallOptions::attempt_timeout) {
+                Some(_) => None,
+                None => self.config.attempt_timeout,
+            }
         } else {
             crate::timeout::attempt_timeout(&req, self.config.attempt_timeout)
         };

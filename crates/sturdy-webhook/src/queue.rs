@@ -221,6 +221,15 @@ impl EventQueue for MemoryQueue {
                     }
                     seen.ids.insert(key.clone(), expires);
                     seen.order.push_back((key, expires));
+                    // A key taken again after its TTL leaves its old entry in `order`, which only
+                    // the front's expiry pops: behind a longer-lived entry (receivers with other
+                    // TTLs share the queue) stale entries would pile up. Past twice the bound,
+                    // those that no longer hold their key are dropped (amortised: at most once
+                    // per `max_ids` pushes).
+                    if seen.order.len() > self.max_ids.saturating_mul(2).max(2) {
+                        let Seen { ids, order } = &mut *seen;
+                        order.retain(|(k, at)| ids.get(k) == Some(at));
+                    }
                     Push::Enqueued
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
@@ -268,6 +277,43 @@ mod tests {
         assert_eq!(q.push(ev("x"), ttl).await.unwrap(), Push::Enqueued);
         assert_eq!(q.push(ev("y"), ttl).await.unwrap(), Push::Full);
         assert_eq!(q.push(ev("x"), ttl).await.unwrap(), Push::Duplicate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_taken_again_behind_a_longer_lived_one_does_not_grow_the_order() {
+        let ev = |id: &str| WebhookEvent::new("s", id, Bytes::new());
+        let (mut q, mut rx) = MemoryQueue::new(16);
+        q.max_ids = 4;
+        // A long-lived key at the front; then one short-lived key taken again after each TTL.
+        assert_eq!(
+            q.push(ev("long"), Duration::from_secs(86_400))
+                .await
+                .unwrap(),
+            Push::Enqueued
+        );
+        for _ in 0..1_000 {
+            assert_eq!(
+                q.push(ev("short"), Duration::from_millis(10))
+                    .await
+                    .unwrap(),
+                Push::Enqueued
+            );
+            while rx.try_recv().is_some() {}
+            tokio::time::advance(Duration::from_millis(11)).await;
+        }
+        let (order, ids) = {
+            let seen = q.seen.lock().unwrap();
+            (seen.order.len(), seen.ids.len())
+        };
+        assert!(order <= 8, "{order} entries");
+        assert_eq!(ids, 2);
+        // The long-lived key is still remembered.
+        assert_eq!(
+            q.push(ev("long"), Duration::from_secs(86_400))
+                .await
+                .unwrap(),
+            Push::Duplicate
+        );
     }
 
     #[test]

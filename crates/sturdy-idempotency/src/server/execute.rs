@@ -57,6 +57,8 @@ pub(crate) struct Execution<St> {
     pub(crate) fp: Fingerprint,
     /// This execution's hold on the key.
     pub(crate) token: LockToken,
+    /// Counts a release left to the background (`wait_idle`).
+    pub(crate) running: Arc<super::Running>,
 }
 
 impl<St: IdempotencyStore> Execution<St> {
@@ -192,58 +194,81 @@ impl<St: IdempotencyStore> Execution<St> {
         }
     }
 
+    /// Releases the key. A release the store fails (a broken connection, say) is tried again
+    /// in the background until the lease ends: the key would otherwise answer 409 to every
+    /// retry for the whole lease, though the handler's outcome was not stored.
     async fn release(&self) {
         if let Err(e) = self.store.release(&self.key, self.token).await {
-            tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease");
+            tracing::warn!(error = %e, "could not release an idempotency lock; trying again in the background");
+            release_in_background(
+                &self.store,
+                &self.key,
+                self.token,
+                self.config.lease,
+                &self.running,
+            );
         }
     }
 
-    /// Stores the response; a failure is tried again twice (50 ms, then 100 ms later). If it
-    /// still fails, the key stays locked until its lease ends: releasing it would let a retry
-    /// run the handler again at once.
-    async fn complete(&self, stored: impl Fn() -> StoredResponse, timers: bool) {
+    /// Stores `stored()`, trying a failure again twice (50 ms, then 100 ms later) when timers
+    /// are available; the last error if every try failed.
+    async fn store(
+        &self,
+        stored: impl Fn() -> StoredResponse,
+        timers: bool,
+    ) -> Result<(), BoxError> {
         let mut pause = Duration::from_millis(50);
         let attempts = if timers { 3 } else { 1 };
-        for attempt in 1..=attempts {
+        let mut attempt = 1;
+        loop {
             match self
                 .store
                 .complete(&self.key, self.fp, self.token, stored(), self.config.ttl)
                 .await
             {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) if attempt < attempts => {
                     tracing::warn!(error = %e, attempt, "could not store a response; trying again");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
+                    attempt += 1;
                 }
-                Err(e) => {
-                    // The handler ran: a small marker in its place keeps a retry from running it
-                    // again (a response larger than the store's byte bound lands here).
-                    let marker = problem::stored(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        problem::RESPONSE_TOO_LARGE,
-                        "Response too large to keep",
-                        "the request was processed, but the idempotency store could not keep \
-                         its response, so it was not kept",
-                    );
-                    match self
-                        .store
-                        .complete(&self.key, self.fp, self.token, marker, self.config.ttl)
-                        .await
-                    {
-                        Ok(()) => tracing::error!(
-                            error = %e,
-                            "could not store a response; a marker is stored in its place, so a \
-                             retry with this key gets a 500 and the handler does not run again"
-                        ),
-                        Err(_) => tracing::error!(
-                            error = %e,
-                            "could not store a response; its key stays locked until its lease \
-                             ends, then a retry runs the handler again"
-                        ),
-                    }
-                }
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Stores the response, tried as [`store`](Self::store) says. If every try fails, a small
+    /// marker is stored in its place, tried the same way (a store that refused the response may
+    /// have closed its connection doing so: the marker's first try can meet that): releasing
+    /// the key would let a retry run the handler again at once. If the marker fails too, the
+    /// key stays locked until its lease ends.
+    async fn complete(&self, stored: impl Fn() -> StoredResponse, timers: bool) {
+        let Err(e) = self.store(stored, timers).await else {
+            return;
+        };
+        // The handler ran: a small marker in its place keeps a retry from running it again (a
+        // response larger than the store's byte bound lands here).
+        let marker = || {
+            problem::stored(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                problem::RESPONSE_TOO_LARGE,
+                "Response too large to keep",
+                "the request was processed, but the idempotency store could not keep its \
+                 response, so it was not kept",
+            )
+        };
+        match self.store(marker, timers).await {
+            Ok(()) => tracing::error!(
+                error = %e,
+                "could not store a response; a marker is stored in its place, so a retry with \
+                 this key gets a 500 and the handler does not run again"
+            ),
+            Err(_) => tracing::error!(
+                error = %e,
+                "could not store a response; its key stays locked until its lease ends, then a \
+                 retry runs the handler again"
+            ),
         }
     }
 }
@@ -336,9 +361,10 @@ pub(crate) fn may_have_locked(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Gives back, in the background, a lock `begin` may have taken although its answer was an
-/// error (the connection broke after the command was sent, or the answer came too late): the
-/// token makes the release act only on this request's lock, if there is one.
-pub(crate) fn release_after_failed_begin<St: IdempotencyStore>(
+/// error (the connection broke after the command was sent, or the answer came too late), or one
+/// whose release failed: the token makes the release act only on this request's lock, if there
+/// is one.
+pub(crate) fn release_in_background<St: IdempotencyStore>(
     store: &Arc<St>,
     key: &str,
     token: LockToken,
@@ -356,9 +382,10 @@ pub(crate) fn release_after_failed_begin<St: IdempotencyStore>(
     });
 }
 
-/// Releases the lock of a request whose handler never ran, trying again while the store fails
-/// (50 ms apart, doubling up to 1 s). The store that timed out on `begin` is often still slow or
-/// paused when the first release goes out, and a release that fails leaves the key answering
+/// Releases the lock of a request whose handler never ran, or whose outcome is not stored,
+/// trying again while the store fails (50 ms apart, doubling up to 1 s). The store that timed
+/// out on `begin` (or broke a connection) is often still slow or paused when the first release
+/// goes out, and a release that fails leaves the key answering
 /// 409 to every retry until its lease ends; past the lease the lock is gone by itself, so the
 /// tries stop there. The token keeps a late release from touching a later request's lock.
 async fn release_lost<St: IdempotencyStore>(
@@ -373,11 +400,11 @@ async fn release_lost<St: IdempotencyStore>(
         match store.release(key, token).await {
             Ok(()) => return,
             Err(e) if tokio::time::Instant::now() + pause >= give_up => {
-                tracing::warn!(error = %e, "could not release the idempotency lock of a request whose handler did not run; it expires with its lease");
+                tracing::warn!(error = %e, "could not release an idempotency lock (its handler did not run, or its outcome is not stored); it expires with its lease");
                 return;
             }
             Err(e) => {
-                tracing::debug!(error = %e, "could not release the idempotency lock of a request whose handler did not run yet; trying again");
+                tracing::debug!(error = %e, "could not release an idempotency lock yet; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }

@@ -691,7 +691,7 @@ where
             if execute::may_have_locked(&*e) {
                 // The store may have locked the key before its answer was lost; a retry would
                 // get 409 for the whole lease.
-                execute::release_after_failed_begin(&store, &key, token, config.lease, &running);
+                execute::release_in_background(&store, &key, token, config.lease, &running);
             }
             return Ok(problem::response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -708,6 +708,7 @@ where
         key,
         fp,
         token,
+        running: running.clone(),
     };
     let outcome = match tokio::runtime::Handle::try_current() {
         // Detached from the request: if the client goes away and this future is dropped, the
