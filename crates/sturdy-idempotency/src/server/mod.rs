@@ -24,7 +24,9 @@
 //! response is stored, so the client's retry gets it. While it runs, its lock is renewed every
 //! third of its lease \[30 s\]; a worker that crashes stops renewing, and its key is free again
 //! when the lease ends. A handler that panics, fails (`Err`), or answers a status that is not
-//! stored releases its key before its answer goes out, so a retry that follows at once runs.
+//! stored releases its key before its answer goes out, so a retry that follows at once runs (a
+//! release the store fails is tried again in the background until the lease ends, counted by
+//! [`IdempotencyLayer::wait_idle`]; a retry meanwhile gets 409).
 //!
 //! Not stored: 5xx \[configurable\], and 408, 425 and 429, which say the request was not
 //! processed. Stored responses are bounded \[1 MiB\]: a handler whose response is larger is
@@ -243,7 +245,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// How many keyed requests are running in tasks of their own right now (each request with
     /// a key runs its handler in a task of its own, so that it ends and settles its key even
     /// when its client goes away), with the background releases of keys whose request went
-    /// away before its handler ran. Shared by the layer's clones and the services it made.
+    /// away before its handler ran, or whose release after an unstored outcome the store failed.
+    /// Shared by the layer's clones and the services it made.
     pub fn running(&self) -> usize {
         self.running.count.load(std::sync::atomic::Ordering::SeqCst)
     }
