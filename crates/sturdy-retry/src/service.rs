@@ -83,17 +83,14 @@ where
         // Each attempt's timeout is kept by the loop itself, not by a layer wrapped around the
         // service: a layer would move every request and future through one more frame, on every
         // call, for a timer most calls never make.
-        let attempt_timeout = if self.config.request_timeouts_below {
-            // The request's own setting (longer, shorter or none) is the layer below's to keep;
-            // the layer's own timeout applies to requests that carry none.
-            match CallOptions::of(&req).and_then(CallOptions::attempt_timeout) {
-                Some(_) => None,
-                None => self.config.attempt_timeout,
-            }
-        } else {
-            crate::timeout::attempt_timeout(&req, self.config.attempt_timeout)
-        };
         let options = CallOptions::of(&req);
+        let attempt_timeout = match options.and_then(CallOptions::attempt_timeout) {
+            // The request's own setting (longer, shorter or none) is the layer below's to keep,
+            // when it keeps them; the layer's own timeout applies to requests that carry none.
+            Some(_) if self.config.request_timeouts_below => None,
+            Some(own) => own,
+            None => self.config.attempt_timeout,
+        };
         let deadline = options
             .and_then(CallOptions::deadline)
             .or(self.config.deadline);
