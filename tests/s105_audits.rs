@@ -97,6 +97,11 @@ async fn a_learned_pace_is_not_forgotten_as_idle_past_the_bound() {
         learned,
         "forgotten past the bound"
     );
+    // A key never called again does not hold its place for ever: after a minute without a
+    // call, a new key past the bound takes it.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let _ = svc.clone().oneshot(get("http://f.test/")).await;
+    assert_eq!(h.learned_pace("a.test"), None);
 }
 
 /// A shared response whose body comes as a million empty DATA frames, then its bytes: every
@@ -143,4 +148,62 @@ async fn a_shared_body_of_empty_frames_is_read_through() {
         let body = res.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"done");
     }
+}
+
+/// The token request's one resend on a broken connection also holds with reqwest as the token
+/// client (`ReqwestService`, which converts reqwest's errors to sturdy's): a token endpoint that
+/// closes its first connection after reading the request, without an answer.
+#[tokio::test]
+async fn a_token_request_cut_by_its_connection_is_sent_again_through_reqwest() {
+    use sturdy::auth::ClientCredentials;
+    use sturdy::reqwest::ReqwestService;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(Mutex::new(0u32));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let n = {
+                let mut c = seen.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if n == 1 {
+                    return;
+                }
+                let body = r#"{"access_token":"tok-r","token_type":"Bearer","expires_in":60}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cc = ClientCredentials::new(
+        ReqwestService::new(reqwest::Client::new()),
+        &format!("http://{addr}/oauth/token"),
+        "client",
+        "secret-s105",
+    )
+    .unwrap();
+    let token = tokio::time::timeout(Duration::from_secs(5), cc.get())
+        .await
+        .expect("within 5 s")
+        .unwrap();
+    assert_eq!(
+        sturdy::auth::ExposeSecret::expose_secret(token.secret()),
+        "tok-r"
+    );
+    assert_eq!(*connections.lock().unwrap(), 2);
 }

@@ -459,7 +459,7 @@ where
                         "401: refreshing the token and replaying once"
                     );
                     self.events.emit(&Event::TokenRejected {
-                        host: self.head.host(),
+                        host: &sturdy_core::key::host_key(self.head.host()),
                     });
                     self.replayed = true;
                     // The request went out once and is sent again: a wait of the replay below

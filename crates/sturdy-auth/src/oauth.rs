@@ -56,10 +56,11 @@ impl Settings {
         format!("the token endpoint {}", self.shown_url)
     }
 
-    /// The token endpoint's host (and port), for events.
-    fn endpoint_host(&self) -> &str {
+    /// The token endpoint's host (and port), for events: in lower case, as every layer's events
+    /// name a host.
+    fn endpoint_host(&self) -> std::borrow::Cow<'_, str> {
         let a = self.token_url.authority().map_or("", |a| a.as_str());
-        a.rsplit_once('@').map_or(a, |(_, host)| host)
+        sturdy_core::key::host_key(a.rsplit_once('@').map_or(a, |(_, host)| host))
     }
 }
 
@@ -211,7 +212,7 @@ struct Inner {
 /// A request whose connection broke under it (a [`Transport`](ErrorKind::Transport) error
 /// straight from the client, such as a pooled connection the server had closed) is sent once
 /// more at once, within the same timeout: the grant is safe to repeat. Other failures (a refused
-/// connection, a timeout, any answer, an error a sturdy layer of the token client already judged)
+/// connection, a timeout, any answer, the error a retry layer of the token client gave up with)
 /// are not resent.
 ///
 /// Every error is a [`sturdy_core::Error`] (find it with
@@ -640,7 +641,7 @@ impl ClientCredentials {
         };
         // Told with the state lock released.
         let settings = &self.inner.settings;
-        let endpoint = settings.endpoint_host();
+        let endpoint = &*settings.endpoint_host();
         match note {
             Some(Ok(lifetime)) => settings
                 .events
@@ -744,12 +745,28 @@ impl ClientCredentials {
 }
 
 /// Whether a failed token request is sent once more at once: its connection broke after it was
-/// made (a transport error straight from the client). An error a sturdy layer of the token
-/// client already judged (its own retries, a breaker, a timeout) is final: that stack has
-/// decided.
+/// made (a transport error from the client: hyper-util's, or reqwest's as sturdy-reqwest
+/// converts it). An error a retry layer of the token client gave up with (it carries the call's
+/// report) is final: that stack has decided, after its own tries.
 fn resend_after(e: &(dyn StdError + 'static)) -> bool {
-    sturdy_core::classify::classify_error(e) == ErrorKind::Transport
-        && sturdy_core::find::<Error>(e).is_none()
+    // An answer whose body broke off is an answer: the server issued a token, and the docs
+    // promise no resend after any answer.
+    if sturdy_core::classify::classify_error(e) != ErrorKind::Transport
+        || sturdy_core::find::<sturdy_core::body::BodyError>(e).is_some()
+    {
+        return false;
+    }
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(link) = cur {
+        if link
+            .downcast_ref::<Error>()
+            .is_some_and(|s| s.report().is_some())
+        {
+            return false;
+        }
+        cur = link.source();
+    }
+    true
 }
 
 /// A token request registered in the state, to be spawned.

@@ -563,14 +563,34 @@ async fn a_token_request_whose_connection_broke_is_sent_once_more_at_once() {
     assert!(source.token().await.is_err());
     assert_eq!(count.load(Ordering::SeqCst), 1);
     let (count, endpoint) = flaky_endpoint(1, || {
-        Box::new(Error::new(
-            ErrorKind::Transport,
-            "the retry layer gave up after 3 attempts",
-        ))
+        Box::new(
+            Error::new(
+                ErrorKind::Transport,
+                "the retry layer gave up after 3 attempts",
+            )
+            .with_report(sturdy_core::CallReport::new(
+                3,
+                sturdy_core::Delivery::MaybeProcessed,
+                None,
+            )),
+        )
     });
     let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
     assert!(source.token().await.is_err());
     assert_eq!(count.load(Ordering::SeqCst), 1);
+
+    // A transport error a client converted to sturdy's (as sturdy-reqwest does), with no call
+    // report: sent once more.
+    let (count, endpoint) = flaky_endpoint(1, || {
+        Box::new(
+            Error::new(ErrorKind::Transport, "connection reset by peer").with_source(
+                std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+            ),
+        )
+    });
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    assert!(source.token().await.is_ok());
+    assert_eq!(count.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -591,4 +611,42 @@ async fn a_token_endpoints_text_is_quoted_with_its_control_characters_escaped() 
         "{text}"
     );
     assert!(text.contains(r"invalid_client\u{1b}[31m"), "{text}");
+}
+
+/// A body that sends its first bytes, then breaks (the connection reset mid-body).
+struct CutBody(bool);
+
+impl http_body::Body for CutBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.0 {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset by peer",
+            ))));
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            br#"{"access_token":"#,
+        )))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_whose_body_broke_off_is_not_sent_again() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let count = Arc::new(AtomicU32::new(0));
+    let seen = count.clone();
+    let endpoint = service_fn(move |_r: Request<Full<Bytes>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, BoxError>(Response::new(CutBody(false))) }
+    });
+    let source = ClientCredentials::new(endpoint, TOKEN_URL, "id", SECRET).unwrap();
+    let err = source.token().await.unwrap_err();
+    assert_eq!(count.load(Ordering::SeqCst), 1, "{err}");
 }

@@ -156,14 +156,14 @@ pub enum Event<'a> {
     },
     /// Auth: an access token was fetched from the token endpoint.
     TokenFetched {
-        /// The token endpoint's host.
+        /// The token endpoint's host (and port), in lower case.
         endpoint: &'a str,
         /// The token's lifetime as used (capped).
         lifetime: Duration,
     },
     /// Auth: a token request failed.
     TokenFailed {
-        /// The token endpoint's host.
+        /// The token endpoint's host (and port), in lower case.
         endpoint: &'a str,
         /// What went wrong.
         error: &'a ErrorKind,
@@ -175,7 +175,7 @@ pub enum Event<'a> {
     /// Auth: the API answered 401 to a request that carried a cached token; the token is
     /// dropped and the request is sent once more with a fresh one.
     TokenRejected {
-        /// The host that answered 401.
+        /// The host that answered 401, in lower case.
         host: &'a str,
     },
     /// Server idempotency: a repeated request was answered with the stored response; the

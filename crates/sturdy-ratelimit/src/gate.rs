@@ -49,6 +49,9 @@ pub(crate) struct Gate {
     window: AtomicUsize,
 }
 
+/// How long a key with a learned pace is kept after its last call (ns): a minute.
+pub(crate) const LEARNED_KEPT: u64 = 60_000_000_000;
+
 /// The largest slow-start window: past it, the line lets everyone out.
 const MAX_WINDOW: usize = 1 << 16;
 
@@ -157,14 +160,17 @@ impl Gate {
     }
 
     /// Whether forgetting this key loses nothing: nobody waits, no slot is booked ahead, no
-    /// pause is set and no pace was learned (a pace learned from bare 429s holds until it
-    /// speeds up under a millisecond or is cleared; forgotten with an idle key, the next calls
-    /// would leave at once into the 429s it was learned from).
+    /// pause is set, and no pace was learned, or the key has had no call for
+    /// [`LEARNED_KEPT`] (a pace learned from bare 429s, forgotten with a key that has just been
+    /// quiet, would let the next calls leave at once into the 429s it was learned from; one
+    /// never called again must not hold its place in the map for ever).
     pub(crate) fn is_idle(&self, now: u64) -> bool {
+        let tat = self.tat.load(Ordering::Acquire);
         self.waiting() == 0
-            && self.tat.load(Ordering::Acquire) <= now
+            && tat <= now
             && self.paused_until() <= now
-            && self.learned.load(Ordering::Acquire) == 0
+            && (self.learned.load(Ordering::Acquire) == 0
+                || now.saturating_sub(tat) >= LEARNED_KEPT)
     }
 
     /// Whether a call without a quota may go, decided without reading the clock: nobody waits

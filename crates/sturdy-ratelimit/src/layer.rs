@@ -176,8 +176,9 @@ impl<K> RateLimitLayer<K> {
         self.edit(|c| c.on_store_error = choice)
     }
 
-    /// The most keys kept \[1,024\]; past it, idle keys (no call waiting, no pause, no pace
-    /// learned from bare 429s) are forgotten, then new keys share one.
+    /// The most keys kept \[1,024\]; past it, idle keys (no call waiting, no pause, and no pace
+    /// learned from bare 429s unless the key has had no call for a minute) are forgotten, then
+    /// new keys share one.
     /// At least one key is kept: 0 is taken as 1.
     ///
     /// The bound belongs to the shared limiter state and is fixed when the first call goes

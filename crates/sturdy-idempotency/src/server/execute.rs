@@ -199,6 +199,10 @@ impl<St: IdempotencyStore> Execution<St> {
     /// retry for the whole lease, though the handler's outcome was not stored.
     async fn release(&self) {
         if let Err(e) = self.store.release(&self.key, self.token).await {
+            if tokio::runtime::Handle::try_current().is_err() {
+                tracing::warn!(error = %e, "could not release an idempotency lock; it expires with its lease (no runtime to try again on)");
+                return;
+            }
             tracing::warn!(error = %e, "could not release an idempotency lock; trying again in the background");
             release_in_background(
                 &self.store,

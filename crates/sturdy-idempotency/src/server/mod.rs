@@ -26,7 +26,7 @@
 //! when the lease ends. A handler that panics, fails (`Err`), or answers a status that is not
 //! stored releases its key before its answer goes out, so a retry that follows at once runs (a
 //! release the store fails is tried again in the background until the lease ends, counted by
-//! [`IdempotencyLayer::wait_idle`]; a retry meanwhile gets 409).
+//! [`IdempotencyLayer::wait_idle`], on a tokio runtime; a retry meanwhile gets 409).
 //!
 //! Not stored: 5xx \[configurable\], and 408, 425 and 429, which say the request was not
 //! processed. Stored responses are bounded \[1 MiB\]: a handler whose response is larger is
