@@ -49,7 +49,7 @@ pub(crate) struct Gate {
     window: AtomicUsize,
 }
 
-/// How long a key with a learned pace is kept after its last call (ns): a minute.
+/// The longest a key with a learned pace is kept after its last call (ns): a minute.
 pub(crate) const LEARNED_KEPT: u64 = 60_000_000_000;
 
 /// The largest slow-start window: past it, the line lets everyone out.
@@ -114,11 +114,18 @@ impl Gate {
     /// after that, half the rate, the interval at most `max` ns. Returns the new interval when
     /// a pace was already learned (the 429 answered a call sent at that pace), else `None`.
     pub(crate) fn learn_slower(&self, first: u64, max: u64) -> Option<u64> {
+        // A pace under a millisecond is none (as one that speeds up under it is forgotten): a
+        // first pace that short (a default pause under 8 ms) is not learned.
         let next = |n: u64| {
-            if n == 0 {
-                first.max(1)
+            let next = if n == 0 {
+                first
             } else {
-                n.saturating_mul(2).min(max.max(n)).max(1)
+                n.saturating_mul(2).min(max.max(n))
+            };
+            if next < 1_000_000 {
+                0
+            } else {
+                next
             }
         };
         let before = self
@@ -160,17 +167,19 @@ impl Gate {
     }
 
     /// Whether forgetting this key loses nothing: nobody waits, no slot is booked ahead, no
-    /// pause is set, and no pace was learned, or the key has had no call for
-    /// [`LEARNED_KEPT`] (a pace learned from bare 429s, forgotten with a key that has just been
-    /// quiet, would let the next calls leave at once into the 429s it was learned from; one
-    /// never called again must not hold its place in the map for ever).
+    /// pause is set, and no pace was learned, or the key has had no call for 16 of the pace's
+    /// intervals (at most [`LEARNED_KEPT`]): a pace learned from bare 429s, forgotten with a
+    /// key that has just been quiet, would let the next calls leave at once into the 429s it
+    /// was learned from; kept much longer, keys that each met one 429 would fill the map and
+    /// send every new host to the shared overflow limiter.
     pub(crate) fn is_idle(&self, now: u64) -> bool {
         let tat = self.tat.load(Ordering::Acquire);
+        let learned = self.learned.load(Ordering::Acquire);
         self.waiting() == 0
             && tat <= now
             && self.paused_until() <= now
-            && (self.learned.load(Ordering::Acquire) == 0
-                || now.saturating_sub(tat) >= LEARNED_KEPT)
+            && (learned == 0
+                || now.saturating_sub(tat) >= learned.saturating_mul(16).min(LEARNED_KEPT))
     }
 
     /// Whether a call without a quota may go, decided without reading the clock: nobody waits

@@ -177,8 +177,8 @@ impl<K> RateLimitLayer<K> {
     }
 
     /// The most keys kept \[1,024\]; past it, idle keys (no call waiting, no pause, and no pace
-    /// learned from bare 429s unless the key has had no call for a minute) are forgotten, then
-    /// new keys share one.
+    /// learned from bare 429s unless the key has had no call for 16 of its intervals, at most a
+    /// minute) are forgotten, then new keys share one.
     /// At least one key is kept: 0 is taken as 1.
     ///
     /// The bound belongs to the shared limiter state and is fixed when the first call goes

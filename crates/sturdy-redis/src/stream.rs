@@ -12,13 +12,20 @@ use crate::conn::{hash_tag_span, Lua, Replication};
 use crate::{bounded, RedisConnection};
 
 /// Dedup and append in one step. KEYS: dedup key, stream, and the stream's twin when it has one
-/// (refused while it exists, see `twin_of`). ARGV: dedup ttl (ms), max backlog, then the entry's
-/// field/value pairs.
+/// (refused while it exists, see `twin_of`). ARGV: dedup ttl (ms), max backlog, whether a
+/// duplicate may extend the key (`1`: the event has a signed timestamp), then the entry's
+/// field/value pairs. A duplicate signed with a later timestamp (a sender's retry) stays
+/// replayable for longer: its longer ttl extends the key.
 const PUSH: &str = r"
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 'twin' end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[3] == '1' and redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  end
+  return 'duplicate'
+end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 'full' end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 'enqueued'
 ";
@@ -585,6 +592,7 @@ impl EventQueue for RedisStreamQueue {
             }
             inv.arg(millis(dedup_ttl).max(1))
                 .arg(this.max_backlog)
+                .arg(if event.timestamp.is_some() { "1" } else { "0" })
                 .arg("scheme")
                 .arg(&event.scheme)
                 .arg("route")

@@ -99,11 +99,14 @@ pub fn from_reqwest_error(err: reqwest::Error) -> Error {
 /// URL reqwest can send (http or https). reqwest's own checks fail at once, before anything is
 /// sent; a builder error that came later was raised while following a redirect, after the
 /// server answered. Callers pass `false` for a request reqwest cannot send at all, since a
-/// later reqwest-middleware may wait before handing it to reqwest.
-pub(crate) fn convert_sent(err: reqwest::Error, waited: bool) -> Error {
-    if waited && err.is_connect() && no_tls_backend(&err) {
-        // An `https` URL that reqwest without a TLS feature cannot use, met after a wait: a
-        // redirect's target, after the server answered (see `convert` for one met at once).
+/// later reqwest-middleware may wait before handing it to reqwest. `own_https`: the request's
+/// own URL is `https`, which a reqwest without a TLS feature cannot send at all.
+pub(crate) fn convert_sent(err: reqwest::Error, waited: bool, own_https: bool) -> Error {
+    if waited && !own_https && err.is_connect() && no_tls_backend(&err) {
+        // An `https` URL that reqwest without a TLS feature cannot use, met after a wait on an
+        // `http` request: a redirect's target, after the server answered (see `convert` for
+        // one met at once). A request whose own URL is `https` was never sent by this client,
+        // however long a middleware below waited before handing it on.
         let err = redact(err);
         return Error::new(
             ErrorKind::Config,

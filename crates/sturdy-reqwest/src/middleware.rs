@@ -214,6 +214,7 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
         // use (an `ftp:` request) is raised before sending, however long a later middleware
         // waited before handing the request to reqwest.
         let redirectable = matches!(request.url().scheme(), "http" | "https");
+        let own_https = request.url().scheme() == "https";
         let mut waited = false;
         let mut run = pin!(next.run(request, &mut extensions));
         let run = poll_fn(|cx| {
@@ -223,7 +224,7 @@ async fn run_attempt(next: Next<'_>, attempt: Attempt, mut extensions: Extension
         });
         match select(pin!(run), abandoned).await {
             Either::Left((res, _)) => {
-                Some(res.map_err(|e| from_chain_error(e, waited && redirectable)))
+                Some(res.map_err(|e| from_chain_error(e, waited && redirectable, own_https)))
             }
             Either::Right(((), _)) => None,
         }
@@ -373,12 +374,15 @@ fn call_ended(handed: bool) -> Error {
     err.with_hidden_source(DriverGone).with_cause_elsewhere()
 }
 
-/// An error from the rest of the chain, in sturdy's terms (`waited`: see `convert_sent`).
-fn from_chain_error(err: reqwest_middleware::Error, waited: bool) -> BoxError {
+/// An error from the rest of the chain, in sturdy's terms (`waited`, `own_https`: see
+/// `convert_sent`).
+fn from_chain_error(err: reqwest_middleware::Error, waited: bool, own_https: bool) -> BoxError {
     let err = match err {
-        reqwest_middleware::Error::Reqwest(e) => return Box::new(convert_sent(e, waited)),
+        reqwest_middleware::Error::Reqwest(e) => {
+            return Box::new(convert_sent(e, waited, own_https))
+        }
         reqwest_middleware::Error::Middleware(e) => match e.downcast::<reqwest::Error>() {
-            Ok(e) => return Box::new(convert_sent(e, waited)),
+            Ok(e) => return Box::new(convert_sent(e, waited, own_https)),
             Err(e) => e,
         },
     };

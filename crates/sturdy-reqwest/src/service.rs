@@ -159,10 +159,12 @@ where
 }
 
 fn send<B: Body>(client: &mut reqwest::Client, req: http::Request<reqwest::Body>) -> State<B> {
+    let own_https = req.uri().scheme_str() == Some("https");
     match reqwest::Request::try_from(req) {
         Ok(req) => State::Sending {
             pending: client.call(req),
             waited: false,
+            own_https,
         },
         Err(e) => State::Failed {
             error: Some(convert(e, Stage::Call)),
@@ -237,6 +239,8 @@ pin_project! {
             pending: Pending,
             // Whether reqwest has waited on the network yet: see `convert_sent`.
             waited: bool,
+            // Whether the request's own URL is `https`: see `convert_sent`.
+            own_https: bool,
         },
         Failed {
             error: Option<Error>,
@@ -286,14 +290,18 @@ where
                         }
                     }
                 }
-                StateProj::Sending { pending, waited } => {
+                StateProj::Sending {
+                    pending,
+                    waited,
+                    own_https,
+                } => {
                     let Poll::Ready(res) = pending.poll(cx) else {
                         *waited = true;
                         return Poll::Pending;
                     };
                     return Poll::Ready(match res {
                         Ok(res) => Ok(into_http(res).map(ResponseBody::new)),
-                        Err(e) => Err(convert_sent(e, *waited)),
+                        Err(e) => Err(convert_sent(e, *waited, *own_https)),
                     });
                 }
                 StateProj::Failed { error } => {

@@ -205,7 +205,14 @@ impl EventQueue for MemoryQueue {
         while seen.order.front().is_some_and(|(_, at)| *at <= now) {
             seen.forget_oldest();
         }
-        let result = if seen.ids.get(&key).is_some_and(|at| *at > now) {
+        let result = if let Some(at) = seen.ids.get(&key).copied().filter(|at| *at > now) {
+            // A copy signed with a later timestamp (a sender's retry) stays replayable for
+            // longer: it keeps the key as long as it does. (Without a signed timestamp, the key
+            // lives its TTL from the delivery that took it.)
+            if event.timestamp.is_some() && expires > at {
+                seen.ids.insert(key.clone(), expires);
+                seen.order.push_back((key, expires));
+            }
             Push::Duplicate
         } else {
             // try_send under the dedup lock: the key is remembered only if the event was queued,
@@ -221,15 +228,6 @@ impl EventQueue for MemoryQueue {
                     }
                     seen.ids.insert(key.clone(), expires);
                     seen.order.push_back((key, expires));
-                    // A key taken again after its TTL leaves its old entry in `order`, which only
-                    // the front's expiry pops: behind a longer-lived entry (receivers with other
-                    // TTLs share the queue) stale entries would pile up. Past twice the bound,
-                    // those that no longer hold their key are dropped (amortised: at most once
-                    // per `max_ids` pushes).
-                    if seen.order.len() > self.max_ids.saturating_mul(2).max(2) {
-                        let Seen { ids, order } = &mut *seen;
-                        order.retain(|(k, at)| ids.get(k) == Some(at));
-                    }
                     Push::Enqueued
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
@@ -240,6 +238,15 @@ impl EventQueue for MemoryQueue {
                 }
             }
         };
+        // A key taken again after its TTL, or kept longer by a copy, leaves its old entry in
+        // `order`, which only the front's expiry pops: behind a longer-lived entry (receivers
+        // with other TTLs share the queue) stale entries would pile up. Past twice the bound,
+        // those that no longer hold their key are dropped (amortised: at most once per
+        // `max_ids` pushes).
+        if seen.order.len() > self.max_ids.saturating_mul(2).max(2) {
+            let Seen { ids, order } = &mut *seen;
+            order.retain(|(k, at)| ids.get(k) == Some(at));
+        }
         Box::pin(std::future::ready(Ok(result)))
     }
 }

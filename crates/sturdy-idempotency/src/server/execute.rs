@@ -214,12 +214,13 @@ impl<St: IdempotencyStore> Execution<St> {
         }
     }
 
-    /// Stores `stored()`, trying a failure again twice (50 ms, then 100 ms later) when timers
-    /// are available; the last error if every try failed.
+    /// Stores `stored()`, trying a failure that `again` accepts again twice (50 ms, then
+    /// 100 ms later) when timers are available; the last error if every try failed.
     async fn store(
         &self,
         stored: impl Fn() -> StoredResponse,
         timers: bool,
+        again: fn(&BoxError) -> bool,
     ) -> Result<(), BoxError> {
         let mut pause = Duration::from_millis(50);
         let attempts = if timers { 3 } else { 1 };
@@ -231,7 +232,7 @@ impl<St: IdempotencyStore> Execution<St> {
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < attempts => {
+                Err(e) if attempt < attempts && again(&e) => {
                     tracing::warn!(error = %e, attempt, "could not store a response; trying again");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
@@ -242,13 +243,14 @@ impl<St: IdempotencyStore> Execution<St> {
         }
     }
 
-    /// Stores the response, tried as [`store`](Self::store) says. If every try fails, a small
-    /// marker is stored in its place, tried the same way (a store that refused the response may
-    /// have closed its connection doing so: the marker's first try can meet that): releasing
-    /// the key would let a retry run the handler again at once. If the marker fails too, the
-    /// key stays locked until its lease ends.
+    /// Stores the response, tried 3 times. If every try fails, a small marker is stored in its
+    /// place, tried once, and again (as the response is) only while the store's connection is
+    /// what fails: a store that refused the response may have closed its connection doing so
+    /// (Redis does, for a value past its bulk length), and the marker's first try meets that.
+    /// Releasing the key would let a retry run the handler again at once; if the marker fails
+    /// too, the key stays locked until its lease ends.
     async fn complete(&self, stored: impl Fn() -> StoredResponse, timers: bool) {
-        let Err(e) = self.store(stored, timers).await else {
+        let Err(e) = self.store(stored, timers, |_| true).await else {
             return;
         };
         // The handler ran: a small marker in its place keeps a retry from running it again (a
@@ -262,7 +264,13 @@ impl<St: IdempotencyStore> Execution<St> {
                  response, so it was not kept",
             )
         };
-        match self.store(marker, timers).await {
+        let connection = |e: &BoxError| {
+            matches!(
+                sturdy_core::classify::classify_error(&**e),
+                sturdy_core::ErrorKind::Connect | sturdy_core::ErrorKind::Transport
+            )
+        };
+        match self.store(marker, timers, connection).await {
             Ok(()) => tracing::error!(
                 error = %e,
                 "could not store a response; a marker is stored in its place, so a retry with \
