@@ -128,12 +128,14 @@ where
                 counters.joined.fetch_add(1, Ordering::Relaxed);
                 // The host called, not the table's key: past the host bound, hosts share the
                 // overflow table (`*`), but each joined call is still one host's.
+                // In lower case, as every layer's events name a host.
+                let host = registry
+                    .config
+                    .keys_are_hosts
+                    .then(|| sturdy_core::key::host_key(sturdy_core::key::host(&req)));
                 registry.config.events.emit(&Event::Coalesced {
                     key: local.key(),
-                    host: registry
-                        .config
-                        .keys_are_hosts
-                        .then(|| sturdy_core::key::host(&req)),
+                    host: host.as_deref(),
                     method: req.method(),
                 });
                 // Not called now: give back what poll_ready reserved, keep a clone in case this

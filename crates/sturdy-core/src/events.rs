@@ -245,8 +245,8 @@ pub enum Event<'a> {
     Coalesced {
         /// The coalescing layer's key (`*` for a host past the host bound).
         key: &'a str,
-        /// The host called, when the layer keys by host (the default); `None` with a custom
-        /// key.
+        /// The host called, in lower case, when the layer keys by host (the default); `None`
+        /// with a custom key.
         host: Option<&'a str>,
         /// The request's method.
         method: &'a Method,
