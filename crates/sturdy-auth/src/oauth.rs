@@ -756,17 +756,10 @@ fn resend_after(e: &(dyn StdError + 'static)) -> bool {
     {
         return false;
     }
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
-    while let Some(link) = cur {
-        if link
-            .downcast_ref::<Error>()
+    !sturdy_core::chain(e).any(|link| {
+        link.downcast_ref::<Error>()
             .is_some_and(|s| s.report().is_some())
-        {
-            return false;
-        }
-        cur = link.source();
-    }
-    true
+    })
 }
 
 /// A token request registered in the state, to be spawned.

@@ -121,14 +121,13 @@ pub fn classify_status(status: StatusCode) -> Outcome {
 /// errors, then `std::io::Error` kinds. An error nobody recognises is [`ErrorKind::Other`],
 /// which is not retried.
 pub fn classify_error(err: &(dyn StdError + 'static)) -> ErrorKind {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     // Whether an error above said the connection was made (a hyper-util error that is not a
     // connect error, or hyper's own): an io error below it that could also mean "never
     // connected" (host unreachable, say: what Linux reports when an established connection's
     // retransmissions meet an ICMP unreachable) then broke a connection that may have carried
     // the request.
     let mut connected = false;
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         if let Some(kind) = kind_of(e) {
             return match kind {
                 ErrorKind::Connect if connected && e.is::<io::Error>() => ErrorKind::Transport,
@@ -139,7 +138,6 @@ pub fn classify_error(err: &(dyn StdError + 'static)) -> ErrorKind {
             .downcast_ref::<hyper_util::client::legacy::Error>()
             .is_some_and(|h| !h.is_connect())
             || e.is::<hyper::Error>();
-        cur = e.source();
     }
     ErrorKind::Other
 }
@@ -249,8 +247,7 @@ fn handshake_refused(text: &str) -> bool {
 /// TLS libraries' error types are not dependencies of this crate. Other handshake failures (an
 /// alert, a connection closed mid-handshake) may pass and stay [`ErrorKind::Connect`].
 pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         let text = e.to_string().to_ascii_lowercase();
         if text.contains("invalid peer certificate")
             || text.contains("certificate verify failed")
@@ -258,7 +255,6 @@ pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
         {
             return true;
         }
-        cur = e.source();
     }
     false
 }
@@ -283,8 +279,7 @@ pub fn untrusted_certificate(err: &(dyn StdError + 'static)) -> bool {
 /// assert!(!concerns_destination(&no_token));
 /// ```
 pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         if let Some(e) = e.downcast_ref::<crate::Error>() {
             if e.cause_is_elsewhere() {
                 return false;
@@ -292,7 +287,6 @@ pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
         } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() || e.is::<Overloaded>() {
             return false;
         }
-        cur = e.source();
     }
     true
 }
@@ -324,8 +318,7 @@ pub fn concerns_destination(err: &(dyn StdError + 'static)) -> bool {
 /// assert_eq!(delivery(&call), Delivery::MaybeProcessed);
 /// ```
 pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         if let Some(e) = e.downcast_ref::<crate::Error>() {
             if let Some(d) = e.delivery() {
                 return d;
@@ -333,7 +326,6 @@ pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
         } else if e.is::<CircuitOpen>() || e.is::<RateLimited>() || e.is::<Overloaded>() {
             return Delivery::NotSent;
         }
-        cur = e.source();
     }
     if matches!(classify_error(err), ErrorKind::Connect | ErrorKind::Tls) {
         Delivery::NotSent
@@ -356,14 +348,12 @@ pub fn delivery(err: &(dyn StdError + 'static)) -> Delivery {
 /// ```
 pub fn describe(err: &(dyn StdError + 'static)) -> String {
     let mut chain: Vec<&(dyn StdError + 'static)> = Vec::new();
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
+    for e in crate::error::chain(err) {
         // Errors explained by sturdy or by a timer speak for everything under them.
         if let Some(words) = own_words(e) {
             return words;
         }
         chain.push(e);
-        cur = e.source();
     }
     // Otherwise the deepest cause says what really happened.
     for e in chain.iter().rev() {

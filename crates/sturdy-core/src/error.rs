@@ -406,6 +406,38 @@ impl std::error::Error for Error {
     }
 }
 
+/// The most links of an error's `source()` chain that sturdy reads ([`chain`]).
+pub const MAX_CHAIN: usize = 1_024;
+
+/// `err` itself, then its `source()`s, at most [`MAX_CHAIN`] links: an error type whose
+/// `source()` returns itself (or loops back further down) ends there instead of holding the
+/// caller for ever. Every walk of an error chain in sturdy (classification, [`find`], the words
+/// of messages, [`ErrorSummary`](crate::summary::ErrorSummary)) goes through this.
+///
+/// ```
+/// use std::fmt;
+/// use sturdy_core::chain;
+///
+/// #[derive(Debug)]
+/// struct Loop;
+/// impl fmt::Display for Loop {
+///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+///         f.write_str("its own cause")
+///     }
+/// }
+/// impl std::error::Error for Loop {
+///     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+///         Some(self)
+///     }
+/// }
+/// assert_eq!(chain(&Loop).count(), sturdy_core::MAX_CHAIN);
+/// ```
+pub fn chain<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source()).take(MAX_CHAIN)
+}
+
 /// The first error of type `T` in `err`'s chain (`err` itself, then its `source()`s), then in
 /// the chains of the errors attached to it with [`Error::with_related`].
 ///
@@ -427,24 +459,13 @@ impl std::error::Error for Error {
 pub fn find<'a, T: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a T> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(t) = e.downcast_ref::<T>() {
-            return Some(t);
-        }
-        cur = e.source();
+    if let Some(t) = chain(err).find_map(|e| e.downcast_ref::<T>()) {
+        return Some(t);
     }
     // Then what came with the cause, looked through only when the chain itself has no `T`.
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(related) = e.downcast_ref::<Error>().and_then(Error::related) {
-            if let Some(t) = find::<T>(related) {
-                return Some(t);
-            }
-        }
-        cur = e.source();
-    }
-    None
+    chain(err)
+        .filter_map(|e| e.downcast_ref::<Error>().and_then(Error::related))
+        .find_map(|related| find::<T>(related))
 }
 
 /// In an error's `source()` chain: the attempt failed only because the caller that was sending

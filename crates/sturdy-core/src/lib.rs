@@ -56,8 +56,8 @@ pub mod trace;
 pub use classify::{AsError, Classify, DefaultClassify, Outcome};
 pub use clock::{SystemClock, WallClock};
 pub use error::{
-    find, BoxError, CallReport, CircuitOpen, Delivery, DriverGone, Error, ErrorKind, OpenReason,
-    RateLimited,
+    chain, find, BoxError, CallReport, CircuitOpen, Delivery, DriverGone, Error, ErrorKind,
+    OpenReason, RateLimited, MAX_CHAIN,
 };
 pub use key::{ByHost, KeyExtractor};
 pub use options::CallOptions;

@@ -170,7 +170,9 @@ impl ErrorSummary {
 /// on failure). On success the text is the value as JSON, except a string value, whose text is
 /// the string itself (no quotes, no escapes). The text of an error is its message, then
 /// [`ErrorSummary::advice`] on a second line. A value that cannot be written as JSON (a map whose
-/// keys are not strings, say) is a tool error that says so, not a `null` result. A float that is
+/// keys are not strings, say) is a tool error that says so, not a `null` result. A value JSON
+/// can write but `serde_json::Value` cannot hold (an integer past 64 bits, such as a `u128`) is
+/// a success with its text only, without `structuredContent`. A float that is
 /// NaN or infinite is written as `null`, as serde_json writes it (it is not an error there).
 pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
     match result {
@@ -178,6 +180,14 @@ pub fn tool_result<T: Serialize>(result: Result<T, crate::BoxError>) -> Value {
             let value = match serde_json::to_value(&v) {
                 Ok(value) => value,
                 Err(e) => {
+                    // JSON text can hold what a `Value` cannot (an integer past 64 bits:
+                    // `u128`, `i128`): the text alone, without `structuredContent`.
+                    if let Ok(text) = serde_json::to_string(&v) {
+                        return json!({
+                            "content": [{ "type": "text", "text": text }],
+                            "isError": false,
+                        });
+                    }
                     let text = format!("the tool's result could not be written as JSON: {e}");
                     return json!({
                         "content": [{ "type": "text", "text": text }],
@@ -212,6 +222,35 @@ mod tests {
     use super::*;
     use crate::{CallReport, Error};
     use http::StatusCode;
+
+    #[test]
+    fn an_integer_past_64_bits_is_a_success_in_text_only() {
+        let out = tool_result::<u128>(Ok(u128::MAX));
+        assert_eq!(out["isError"], false);
+        assert_eq!(out["content"][0]["text"], u128::MAX.to_string());
+        assert!(out.get("structuredContent").is_none());
+        let keys: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into_iter().collect();
+        assert_eq!(tool_result(Ok(keys))["isError"], true);
+    }
+
+    #[test]
+    fn an_error_that_is_its_own_source_is_summarised() {
+        #[derive(Debug)]
+        struct Loop;
+        impl std::fmt::Display for Loop {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("its own cause")
+            }
+        }
+        impl std::error::Error for Loop {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(self)
+            }
+        }
+        let s = ErrorSummary::of(&Loop);
+        assert_eq!(s.message, "its own cause");
+        assert!(!s.retryable);
+    }
 
     #[test]
     fn the_advice_names_the_wait_the_message_names_past_u64_max_milliseconds() {

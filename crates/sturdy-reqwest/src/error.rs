@@ -1,7 +1,5 @@
 //! reqwest's errors in sturdy's terms.
 
-use std::error::Error as StdError;
-
 use sturdy_core::classify::{classify_error, describe};
 use sturdy_core::{Delivery, Error, ErrorKind};
 
@@ -234,14 +232,7 @@ fn words(err: &reqwest::Error) -> String {
 /// Whether `err` is reqwest's refusal of an `https` URL for want of a TLS backend (hyper-util's
 /// HTTP connector's words; no error type says it).
 fn no_tls_backend(err: &reqwest::Error) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.to_string().contains("scheme is not http") {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    sturdy_core::chain(err).any(|e| e.to_string().contains("scheme is not http"))
 }
 
 /// The most of a cause's text an error message carries: a connector's or a middleware's error
@@ -251,11 +242,8 @@ const MAX_ROOT_TEXT: usize = 512;
 /// The text of the deepest error in the chain (reqwest's own text says only "error sending
 /// request"), at most [`MAX_ROOT_TEXT`] bytes, cut at a character boundary.
 fn root_text(err: &reqwest::Error) -> String {
-    let mut cur: &(dyn StdError + 'static) = err;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    let mut text = cur.to_string();
+    let root = sturdy_core::chain(err).last().unwrap_or(err);
+    let mut text = root.to_string();
     if text.len() > MAX_ROOT_TEXT {
         let mut end = MAX_ROOT_TEXT;
         while !text.is_char_boundary(end) {

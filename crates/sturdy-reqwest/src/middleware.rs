@@ -394,12 +394,9 @@ fn from_chain_error(err: reqwest_middleware::Error, waited: bool, own_https: boo
     let boxed: BoxError = err.into();
     let kind = classify_error(&*boxed);
     let message = redact_urls(&describe(&*boxed));
-    let mut chain = Vec::new();
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(&*boxed);
-    while let Some(e) = cur {
-        chain.push(redact_urls(&e.to_string()));
-        cur = e.source();
-    }
+    let chain: Vec<String> = sturdy_core::chain(&*boxed)
+        .map(|e| redact_urls(&e.to_string()))
+        .collect();
     Box::new(
         Error::new(kind, message)
             .with_hidden_source(ChainText(chain.join(": ")))
