@@ -199,6 +199,7 @@ mod s107_ratelimit_conc;
 mod s108_webhooks_idem;
 mod s110_hedge_coalesce_metrics;
 mod s111_paginate_version;
+mod s112_auth;
 mod s34_redis;
 mod s34_reqwest_scheme;
 mod s35_redis;

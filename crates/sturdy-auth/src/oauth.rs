@@ -368,7 +368,9 @@ impl ClientCredentials {
 
     /// Sends `audience` (used by several providers for client credentials). A setter: called
     /// again, the new audience replaces the earlier one (and an `audience` given to
-    /// [`with_param`](Self::with_param)), so the request carries one.
+    /// [`with_param`](Self::with_param) before it), so the request carries one. A
+    /// `with_param("audience", ..)` called after it adds a second one, as `with_param` always
+    /// adds.
     #[must_use]
     pub fn with_audience(self, audience: impl Into<String>) -> Self {
         let audience = audience.into();
