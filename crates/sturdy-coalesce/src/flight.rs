@@ -365,14 +365,20 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> Outcome {
 
 /// Finds a call in flight for `key`, or starts one: the shared call is in the table before this
 /// returns, so an identical request that arrives while the leader is still calling the inner
-/// service joins it rather than sending its own.
-pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined {
+/// service joins it rather than sending its own. `Err(key)` when a full map of hosts has
+/// forgotten `slot` (it was idle) since it was looked up: look it up again.
+pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Result<Joined, Vec<u8>> {
     use futures_util::FutureExt;
     let flights = slot.value();
     let mut map = lock(&flights.map);
+    // The map marks a slot forgotten before it takes this lock to see the table empty: a call
+    // put in a forgotten table would be one identical requests after it no longer find.
+    if slot.forgotten() {
+        return Err(key);
+    }
     if let Some(e) = map.get(&key) {
         if let Some(call) = e.call.upgrade() {
-            return Joined::Follow(call, e.handoff.clone());
+            return Ok(Joined::Follow(call, e.handoff.clone()));
         }
     }
     let id = flights.next_id.fetch_add(1, Ordering::Relaxed);
@@ -411,11 +417,11 @@ pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Joined 
             handoff: handoff.clone(),
         },
     );
-    Joined::Lead(Start {
+    Ok(Joined::Lead(Start {
         launch,
         shared,
         handoff,
-    })
+    }))
 }
 
 /// Counters of a layer, shared by its services and handles.

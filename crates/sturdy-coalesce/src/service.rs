@@ -98,8 +98,15 @@ where
             bytes.extend_from_slice(&(host.len() as u64).to_le_bytes());
             bytes.extend_from_slice(host.as_bytes());
         }
-        let local = self.cache.get(&registry.map, &host, Flights::default);
-        match join_or_start(&local, bytes) {
+        let (local, joined) = loop {
+            let local = self.cache.get(&registry.map, &host, Flights::default);
+            match join_or_start(&local, bytes) {
+                Ok(joined) => break (local, joined),
+                // Forgotten by a full map since the look-up: look again.
+                Err(back) => bytes = back,
+            }
+        };
+        match joined {
             Joined::Lead(start) => {
                 counters.upstream.fetch_add(1, Ordering::Relaxed);
                 // The shared call outlives the call that leads it (it goes on for those who

@@ -111,8 +111,8 @@ where
         max_wait: Duration,
         classify: C,
     ) -> Self {
+        // Counted as waiting by the caller, before it checked that the limiter is kept.
         let limiter = local.value();
-        limiter.waiting.fetch_add(1, Ordering::Relaxed);
         // Held back for a place: a deadline ending meanwhile can say it was never sent.
         if let Some(hold) = req.extensions().get::<AttemptHold>() {
             hold.hold(HeldFor::Concurrency);

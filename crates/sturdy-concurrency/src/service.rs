@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -66,16 +67,33 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let key = self.key.key(&req);
-        let local = self
-            .cache
-            .get(&self.registry.map, &key, self.registry.make());
-        if let Some(permit) = try_acquire(&local) {
+        // A full map forgets only idle limiters; one forgotten between the look-up and the
+        // permit (or the place in line) taken here is left, and the key looked up again, so
+        // that no call counts on a limiter its host's later calls no longer see.
+        let (local, permit) = loop {
+            let local = self
+                .cache
+                .get(&self.registry.map, &key, self.registry.make());
+            let permit = try_acquire(&local);
+            if permit.is_none() {
+                // About to wait: counted as waiting before the check below.
+                local.value().waiting.fetch_add(1, Ordering::Relaxed);
+            }
+            if !local.forgotten() {
+                break (local, permit);
+            }
+            if permit.is_none() {
+                local.value().waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        if let Some(permit) = permit {
             // The inner service was driven to readiness and is called now.
             return ResponseFuture::called(self.inner.call(req), permit, self.classify.clone());
         }
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
+            limiter.waiting.fetch_sub(1, Ordering::Relaxed);
             // Refused without calling the inner service: what its `poll_ready` reserved is
             // given back now.
             sturdy_core::ready::release_ready(&mut self.inner);

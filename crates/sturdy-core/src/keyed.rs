@@ -63,6 +63,20 @@ impl<T> Slot<T> {
     pub fn value(&self) -> &T {
         &self.value
     }
+
+    /// Whether a full map has forgotten this slot (a later lookup of its key makes another).
+    ///
+    /// A map forgets only a slot whose state says it is idle, so a user that marks the state
+    /// busy (a count raised, a permit taken) and then finds the slot not forgotten knows the map
+    /// keeps it until that mark is undone; one that finds it forgotten undoes its mark and looks
+    /// the key up again. The check is ordered after the mark (a full fence), and the map marks a
+    /// slot forgotten before it reads whether the slot is idle, so one of the two sees the other.
+    /// It may answer `true` for a slot the map then keeps after all (a look-up while the map was
+    /// deciding): looking again finds the same slot.
+    pub fn forgotten(&self) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.evicted.load(Ordering::Relaxed)
+    }
 }
 
 impl<T: fmt::Debug> fmt::Debug for Slot<T> {
@@ -162,9 +176,13 @@ impl<T: Idle> KeyedMap<T> {
         let mut key = key;
         if bounded && map.len() >= self.max {
             map.retain(|_, s| {
+                // Marked first, then asked: a user that marks the state busy and then checks
+                // `forgotten` (see there) either sees this mark or is seen busy here.
+                s.evicted.store(true, Ordering::Relaxed);
+                std::sync::atomic::fence(Ordering::SeqCst);
                 let keep = !s.value.is_idle();
-                if !keep {
-                    s.evicted.store(true, Ordering::Release);
+                if keep {
+                    s.evicted.store(false, Ordering::Release);
                 }
                 keep
             });
@@ -410,6 +428,29 @@ mod tests {
         other.get(&m, "y", || Count(AtomicU32::new(0)));
         let fresh = cache.get(&m, "x", || Count(AtomicU32::new(7)));
         assert_eq!(fresh.value().0.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn a_slot_marked_busy_after_its_look_up_is_kept_or_seen_forgotten() {
+        let m: KeyedMap<Count> = KeyedMap::new(1);
+        // Looked up idle, then forgotten for another key before its user marked it busy: the
+        // user's check after its mark sees it, and looking again makes a slot the map keeps.
+        let a = m.get_or_insert_with("a", || Count(AtomicU32::new(0)));
+        m.get_or_insert_with("b", || Count(AtomicU32::new(0)));
+        a.value().0.fetch_add(1, Ordering::SeqCst);
+        assert!(a.forgotten());
+        a.value().0.fetch_sub(1, Ordering::SeqCst);
+        let again = m.get_or_insert_with("a", || Count(AtomicU32::new(0)));
+        again.value().0.fetch_add(1, Ordering::SeqCst);
+        assert!(!again.forgotten());
+        // Marked busy first: the map keeps it (and clears the mark it set while deciding), so
+        // a new key gets the overflow slot.
+        assert_eq!(
+            m.get_or_insert_with("c", || Count(AtomicU32::new(0))).key(),
+            OVERFLOW_KEY
+        );
+        assert!(!again.forgotten());
+        assert!(Arc::ptr_eq(&again, &m.find("a").unwrap()));
     }
 
     #[test]
