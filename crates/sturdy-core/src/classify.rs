@@ -670,6 +670,17 @@ mod tests {
             classify_status(StatusCode::FORBIDDEN),
             Outcome::Permanent(ErrorKind::Client(StatusCode::FORBIDDEN))
         );
+        // Past 599 (hyper reads up to 999 from a peer): a server error, a breaker's failure,
+        // not retried, never a success.
+        for code in [600, 700, 999] {
+            let s = StatusCode::from_u16(code).unwrap();
+            assert_eq!(classify_status(s), Outcome::Permanent(ErrorKind::Server(s)));
+            assert!(classify_status(s).is_failure());
+        }
+        assert_eq!(
+            classify_status(StatusCode::from_u16(599).unwrap()),
+            Outcome::Permanent(ErrorKind::Server(StatusCode::from_u16(599).unwrap()))
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub enum ErrorKind {
     Tls,
     /// The connection broke after the request may have been sent (reset, closed early).
     Transport,
-    /// The server answered with a 5xx status.
+    /// The server answered with a 5xx status (or one past 599, which no standard defines).
     Server(StatusCode),
     /// The server answered with a 4xx status.
     Client(StatusCode),
@@ -93,7 +93,9 @@ impl ErrorKind {
     }
 
     /// The kind of an HTTP status, or `None` for an informational, success or redirect status
-    /// (1xx, 2xx, 3xx). 401 is `Auth`, 408 `Timeout`, 429 `RateLimited`.
+    /// (1xx, 2xx, 3xx). 401 is `Auth`, 408 `Timeout`, 429 `RateLimited`. A status past 599,
+    /// which no standard defines (hyper reads 600 to 999 from a peer), is `Server`, as RFC 9110
+    /// asks a client to treat it: never a success.
     pub fn from_status(status: StatusCode) -> Option<Self> {
         if status == StatusCode::UNAUTHORIZED {
             Some(Self::Auth)
@@ -101,7 +103,7 @@ impl ErrorKind {
             Some(Self::RateLimited { retry_after: None })
         } else if status == StatusCode::REQUEST_TIMEOUT {
             Some(Self::Timeout)
-        } else if status.is_server_error() {
+        } else if status.as_u16() >= 500 {
             Some(Self::Server(status))
         } else if status.is_client_error() {
             Some(Self::Client(status))

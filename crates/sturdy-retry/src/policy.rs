@@ -764,7 +764,8 @@ impl<C> RetryPolicy<C> {
                 if let Stop::Because(reason) = stop {
                     tracing::info!(status = %res.status(), "not retried: {reason}; returning the last response");
                 }
-                if res.status().is_client_error() || res.status().is_server_error() {
+                // 400 and up: a status past 599 reads as a server error too.
+                if res.status().as_u16() >= 400 {
                     // A failed call answered by a response: the caller may need to know that an
                     // earlier attempt may have been processed, and under which key.
                     res.extensions_mut().insert(
