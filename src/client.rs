@@ -563,7 +563,7 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
             std::any::type_name::<V>(),
         ]
         .iter()
-        .all(|name| name.starts_with("sturdy_") || name.starts_with("tower_layer::identity::"));
+        .all(|name| known_layer(name));
         ServiceBuilder::new()
             .layer(self.idempotency)
             .layer(self.retry.keys_in(keys, known_stack))
@@ -576,6 +576,34 @@ impl<I, R, H, C, L, A, Au, V, Co> ClientBuilder<I, R, H, C, L, A, Au, V, Co> {
             .layer(AttemptTimeoutLayer::new(self.timeout))
             .into_inner()
     }
+}
+
+/// Whether a layer's type name is one of sturdy's, tower's `Identity`, or tower's `Either` of
+/// such (what `tower::util::option_layer` makes of a layer that is on or off).
+fn known_layer(name: &str) -> bool {
+    if let Some(args) = name
+        .strip_prefix("tower::util::either::Either<")
+        .and_then(|rest| rest.strip_suffix('>'))
+    {
+        // The two type arguments, split at the comma outside any `<...>` of their own.
+        let mut depth = 0usize;
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(2);
+        for (i, c) in args.char_indices() {
+            match c {
+                '<' => depth += 1,
+                '>' => depth = depth.saturating_sub(1),
+                ',' if depth == 0 => {
+                    parts.push(&args[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&args[start..]);
+        return parts.len() == 2 && parts.iter().all(|p| known_layer(p.trim()));
+    }
+    name.starts_with("sturdy_") || name.starts_with("tower_layer::identity::")
 }
 
 impl<I, R, H, C, L, A, Au, V> ClientBuilder<I, R, H, C, L, A, Au, V, ()> {
@@ -641,5 +669,36 @@ where
         };
         let svc = tower::ServiceExt::map_err(stack.layers().layer(http), Into::<BoxError>::into);
         BoxCloneSyncService::new(coalesce.layer(svc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_layer;
+
+    fn name_of<T>(_: &T) -> &'static str {
+        std::any::type_name::<T>()
+    }
+
+    #[test]
+    fn sturdy_layers_identity_and_either_of_them_are_known() {
+        let hedge = crate::hedge::HedgeLayer::new();
+        assert!(known_layer(name_of(&hedge)));
+        assert!(known_layer(name_of(&tower::layer::util::Identity::new())));
+        let on = tower::util::option_layer(Some(hedge));
+        assert!(known_layer(name_of(&on)), "{}", name_of(&on));
+        let off = tower::util::option_layer::<crate::hedge::HedgeLayer>(None);
+        assert!(known_layer(name_of(&off)));
+        // Either of Either, and generic arguments with commas of their own.
+        let nested = tower::util::option_layer(Some(on));
+        assert!(known_layer(name_of(&nested)), "{}", name_of(&nested));
+        // A layer of tower's that may send a request twice, alone or inside an `Either`.
+        let limit = tower::limit::ConcurrencyLimitLayer::new(1);
+        assert!(!known_layer(name_of(&limit)));
+        assert!(!known_layer(name_of(&tower::util::option_layer(Some(
+            limit
+        )))));
+        assert!(!known_layer("tower::util::either::Either<sturdy_x::A>"));
+        assert!(!known_layer("tower::util::either::Either<"));
     }
 }

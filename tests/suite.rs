@@ -200,6 +200,8 @@ mod s108_webhooks_idem;
 mod s110_hedge_coalesce_metrics;
 mod s111_paginate_version;
 mod s112_auth;
+mod s113_compose;
+mod s115_reliability;
 mod s34_redis;
 mod s34_reqwest_scheme;
 mod s35_redis;

@@ -415,7 +415,7 @@ impl ClientCredentials {
         self.edit(|s| s.skew = skew)
     }
 
-    /// The lifetime assumed when the server sends no `expires_in` \[1 h\]; at least 1 s.
+    /// The lifetime assumed when the server sends no `expires_in` (or `null`) \[1 h\]; at least 1 s.
     #[must_use]
     pub fn with_default_lifetime(self, lifetime: Duration) -> Self {
         self.edit(|s| s.default_lifetime = lifetime.max(Duration::from_secs(1)))

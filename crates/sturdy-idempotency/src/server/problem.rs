@@ -35,7 +35,9 @@ problem_type!(
 );
 problem_type!(
     /// 400: the `Idempotency-Key` is not 1 to 255 visible ASCII characters, or the request
-    /// carries several different `Idempotency-Key` values.
+    /// carries several different `Idempotency-Key` values. Each header line is one key (a comma
+    /// is one of its characters), so `k-a, k-a` on one line is refused for its space, while two
+    /// lines of `k-a` are the key `k-a`.
     INVALID_KEY = "idempotency-key-invalid"
 );
 problem_type!(
