@@ -202,6 +202,7 @@ mod s111_paginate_version;
 mod s112_auth;
 mod s113_compose;
 mod s115_reliability;
+mod s116_redis_faults;
 mod s34_redis;
 mod s34_reqwest_scheme;
 mod s35_redis;

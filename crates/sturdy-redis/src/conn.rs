@@ -47,8 +47,87 @@ pub struct RedisConnection {
 
 #[derive(Clone)]
 enum Inner {
-    Single(ConnectionManager),
+    Single(Single),
     Cluster(ClusterConnection),
+}
+
+/// A connection to one server: the redis client's connection manager, and what it takes to make
+/// a new one.
+///
+/// The manager reconnects by itself after a broken connection, but a reconnect that Redis
+/// refused for its credentials (the password changed, then changed back; a server restarted
+/// with a password for a while) stays in the manager for good: it makes a new connection only
+/// after an I/O error, and every later command gets the refusal at once, without being sent.
+/// So a command refused for its credentials has the manager replaced for every clone (a new
+/// one connects at its first command), at most once per [`RENEW_EVERY`], so that a password
+/// that stays wrong does not make a connection per command.
+#[derive(Clone)]
+struct Single {
+    manager: ConnectionManager,
+    /// Which of `renew`'s managers `manager` is.
+    generation: u64,
+    /// `None` for a manager made by the application (`From<ConnectionManager>`): it cannot be
+    /// made anew here.
+    renew: Option<std::sync::Arc<Renew>>,
+}
+
+/// The shortest time between two new managers.
+const RENEW_EVERY: Duration = Duration::from_millis(100);
+
+struct Renew {
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    generation: std::sync::atomic::AtomicU64,
+    current: std::sync::Mutex<Current>,
+}
+
+struct Current {
+    manager: ConnectionManager,
+    made: tokio::time::Instant,
+}
+
+impl Single {
+    /// The manager every clone uses now.
+    fn manager(&mut self) -> &mut ConnectionManager {
+        if let Some(renew) = &self.renew {
+            let now = renew.generation.load(std::sync::atomic::Ordering::Acquire);
+            if now != self.generation {
+                let current = renew
+                    .current
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.manager = current.manager.clone();
+                self.generation = renew.generation.load(std::sync::atomic::Ordering::Acquire);
+            }
+        }
+        &mut self.manager
+    }
+
+    /// After a command's error: a refusal of the credentials replaces the manager (see above).
+    fn failed(&self, e: &redis::RedisError) {
+        let Some(renew) = &self.renew else { return };
+        if !crate::is_auth_failure(e) {
+            return;
+        }
+        let mut current = renew
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = renew.generation.load(std::sync::atomic::Ordering::Acquire);
+        if generation != self.generation || current.made.elapsed() < RENEW_EVERY {
+            // Another clone made one already, or one was made a moment ago.
+            return;
+        }
+        if let Ok(manager) =
+            ConnectionManager::new_lazy_with_config(renew.client.clone(), renew.config.clone())
+        {
+            current.manager = manager;
+            current.made = tokio::time::Instant::now();
+            renew
+                .generation
+                .store(generation + 1, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 impl fmt::Debug for RedisConnection {
@@ -67,7 +146,11 @@ impl fmt::Debug for RedisConnection {
 impl From<ConnectionManager> for RedisConnection {
     fn from(c: ConnectionManager) -> Self {
         Self {
-            inner: Inner::Single(c),
+            inner: Inner::Single(Single {
+                manager: c,
+                generation: 0,
+                renew: None,
+            }),
         }
     }
 }
@@ -93,7 +176,22 @@ impl RedisConnection {
     /// that requires a password reached with none. The message never repeats the URL, which
     /// may hold a password.
     pub async fn connect(url: &str) -> Result<Self, BoxError> {
-        crate::connect_unbounded(url, TIMEOUT).await.map(Self::from)
+        let (manager, client, config) = crate::connect_unbounded(url, TIMEOUT).await?;
+        Ok(Self {
+            inner: Inner::Single(Single {
+                manager: manager.clone(),
+                generation: 0,
+                renew: Some(std::sync::Arc::new(Renew {
+                    client,
+                    config,
+                    generation: std::sync::atomic::AtomicU64::new(0),
+                    current: std::sync::Mutex::new(Current {
+                        manager,
+                        made: tokio::time::Instant::now(),
+                    }),
+                })),
+            }),
+        })
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port/` each; one
@@ -179,10 +277,16 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.inner {
             Inner::Single(c) => Box::pin(async move {
-                match watched(c.req_packed_command(cmd)).await {
-                    (Err(e), false) if e.is_connection_dropped() => c.req_packed_command(cmd).await,
+                let res = match watched(c.manager().req_packed_command(cmd)).await {
+                    (Err(e), false) if e.is_connection_dropped() => {
+                        c.manager().req_packed_command(cmd).await
+                    }
                     (res, _) => res,
+                };
+                if let Err(e) = &res {
+                    c.failed(e);
                 }
+                res
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
@@ -204,12 +308,19 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.inner {
             Inner::Single(c) => Box::pin(async move {
-                match watched(c.req_packed_commands(pipeline, offset, count)).await {
-                    (Err(e), false) if e.is_connection_dropped() => {
-                        c.req_packed_commands(pipeline, offset, count).await
-                    }
-                    (res, _) => res,
+                let res =
+                    match watched(c.manager().req_packed_commands(pipeline, offset, count)).await {
+                        (Err(e), false) if e.is_connection_dropped() => {
+                            c.manager()
+                                .req_packed_commands(pipeline, offset, count)
+                                .await
+                        }
+                        (res, _) => res,
+                    };
+                if let Err(e) = &res {
+                    c.failed(e);
                 }
+                res
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
@@ -225,7 +336,7 @@ impl ConnectionLike for RedisConnection {
 
     fn get_db(&self) -> i64 {
         match &self.inner {
-            Inner::Single(c) => c.get_db(),
+            Inner::Single(c) => c.manager.get_db(),
             Inner::Cluster(c) => c.get_db(),
         }
     }

@@ -188,10 +188,18 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, 
 
 /// Connects with a bounded connect time and no response timeout of the client's own: each
 /// operation is bounded by its caller (a blocking stream read waits longer than one operation).
+/// Also the client and the settings, to make the manager anew (see `conn::Single`).
 pub(crate) async fn connect_unbounded(
     url: &str,
     timeout: Duration,
-) -> Result<ConnectionManager, BoxError> {
+) -> Result<
+    (
+        ConnectionManager,
+        Client,
+        redis::aio::ConnectionManagerConfig,
+    ),
+    BoxError,
+> {
     let client = Client::open(url).map_err(|e| config_error("invalid Redis URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
@@ -201,11 +209,11 @@ pub(crate) async fn connect_unbounded(
     let mut c = bounded_connect(
         timeout.saturating_mul(2),
         "could not connect to Redis",
-        client.get_connection_manager_with_config(config),
+        client.get_connection_manager_with_config(config.clone()),
     )
     .await?;
     check_answers(&mut c, timeout.saturating_mul(2), started).await?;
-    Ok(c)
+    Ok((c, client, config))
 }
 
 /// Makes `connect` mean that Redis answers: one `PING` within what is left of the connect's
@@ -317,6 +325,11 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool, cluster: bool)
         Some("CROSSSLOT") => format!(
             "{what}: the keys of one operation are in different hash slots of the Redis Cluster; \
              give the names you chose (stream, dead-letter stream) the same hash tag, such as {{webhooks}}"
+        ),
+        // One server answers `MASTERDOWN` as a replica whose link to its primary is down (with
+        // `replica-serve-stale-data no`): no cluster to name.
+        Some("MASTERDOWN") if !cluster => format!(
+            "{what}: Redis answered that it cannot serve now (a replica whose link to its primary is down, or a failover under way); try again shortly"
         ),
         Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN") => format!(
             "{what}: the Redis Cluster cannot serve this key now (a failover or a slot move is under way); try again shortly"
