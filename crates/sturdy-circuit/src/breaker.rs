@@ -288,6 +288,15 @@ impl Breaker {
                 .may_hold_a_failure(self.window.index(Instant::now()))
     }
 
+    /// A ticket for an outcome of a call admitted by another breaker of the same key (one a full
+    /// map forgot while the call ran), when this one is closed: its outcome counts here.
+    pub(crate) fn closed_ticket(&self) -> Option<Ticket> {
+        self.hot.closed.load(Ordering::Acquire).then(|| Ticket {
+            probe: false,
+            generation: self.hot.generation.load(Ordering::Acquire),
+        })
+    }
+
     /// Admits a call, or says how long the breaker stays open and why.
     pub(crate) fn admit(
         &self,

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use sturdy_core::events::{BreakerState, Event, EventHook};
 use sturdy_core::keyed::{Idle, KeyedMap, Local, Slot};
@@ -73,13 +73,27 @@ fn state_of(s: CircuitState) -> BreakerState {
 /// Every breaker of one layer, created lazily and bounded in number.
 pub(crate) struct Registry {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) map: KeyedMap<Node>,
+    pub(crate) map: Arc<KeyedMap<Node>>,
 }
 
 /// One breaker, with what it shares with its siblings.
 pub(crate) struct Node {
     pub(crate) breaker: Breaker,
     pub(crate) shared: Arc<Shared>,
+    /// The map that holds it: a call's outcome that comes back after a full map forgot this
+    /// breaker (closed and without failures, it looked idle while the call ran) counts on the
+    /// breaker its key has now. Weak: the map holds the node.
+    map: Weak<KeyedMap<Self>>,
+}
+
+impl Node {
+    fn new(shared: &Arc<Shared>, map: Weak<KeyedMap<Self>>) -> Self {
+        Self {
+            breaker: Breaker::new(&shared.config, Instant::now()),
+            shared: shared.clone(),
+            map,
+        }
+    }
 }
 
 impl Idle for Node {
@@ -120,7 +134,7 @@ impl Registry {
         let max = shared.config.max_breakers;
         Self {
             shared: Arc::new(shared),
-            map: KeyedMap::new(max),
+            map: Arc::new(KeyedMap::new(max)),
         }
     }
 
@@ -129,10 +143,7 @@ impl Registry {
     }
 
     pub(crate) fn make(&self) -> impl FnOnce() -> Node + '_ {
-        || Node {
-            breaker: Breaker::new(&self.shared.config, Instant::now()),
-            shared: self.shared.clone(),
-        }
+        || Node::new(&self.shared, Arc::downgrade(&self.map))
     }
 
     /// `key` as the breakers are kept under it (a host in lower case).
@@ -164,11 +175,36 @@ impl Permit {
             // An abandoned call in the closed state says nothing about the dependency.
             return;
         }
+        if self.local.was_forgotten() {
+            self.finish_elsewhere(failed);
+            return;
+        }
         let node = self.local.value();
         let t = node
             .breaker
             .record(&node.shared.config, self.ticket, failed, Instant::now());
         node.shared.report(self.local.key(), t);
+    }
+
+    /// The outcome of a call whose breaker a full map forgot while it ran (it was closed, with
+    /// no failure to keep): it counts on the breaker the key has now, if that one is closed (a
+    /// breaker that opened or probes since has news of its own), so that a host whose calls
+    /// all outlast the churn of other hosts still has its failures counted.
+    #[cold]
+    fn finish_elsewhere(&self, failed: Option<bool>) {
+        let node = self.local.value();
+        let (Some(failed), Some(map)) = (failed, node.map.upgrade()) else {
+            return;
+        };
+        let key = self.local.key();
+        let slot = map.get_or_insert_with(key, || Node::new(&node.shared, node.map.clone()));
+        let now = slot.value();
+        if let Some(ticket) = now.breaker.closed_ticket() {
+            let t = now
+                .breaker
+                .record(&now.shared.config, ticket, Some(failed), Instant::now());
+            now.shared.report(slot.key(), t);
+        }
     }
 }
 
@@ -184,5 +220,48 @@ impl fmt::Debug for Permit {
             .field("key", &self.local.key())
             .field("probe", &self.ticket.probe)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sturdy_core::keyed::SlotCache;
+
+    fn permit(registry: &Registry, cache: &mut SlotCache<Node>, key: &str) -> Permit {
+        let local = cache.get(&registry.map, key, registry.make());
+        let (ticket, _) = local.value().breaker.admit(registry.config(), Instant::now);
+        Permit {
+            local,
+            ticket: ticket.ok().unwrap(),
+            done: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_after_its_breaker_was_forgotten_counts_on_the_keys_breaker_now() {
+        let registry = Registry::new(
+            Config {
+                consecutive_failures: 2,
+                max_breakers: 1,
+                ..Config::default()
+            },
+            None,
+        );
+        let mut cache = SlotCache::default();
+        // Two calls to "a" in flight; its breaker is closed and has no failure: idle.
+        let mut first = permit(&registry, &mut cache, "a");
+        let mut second = permit(&registry, &mut cache, "a");
+        // A call to "b" makes the full map forget it.
+        let _b = permit(&registry, &mut SlotCache::default(), "b");
+        assert!(registry.map.find("a").is_none());
+        // Both calls to "a" fail: the failures count on the breaker "a" has now, which opens.
+        first.finish(Some(true));
+        second.finish(Some(true));
+        let now = registry.map.find("a").expect("a breaker for a again");
+        assert!(matches!(
+            now.value().breaker.state(Instant::now()),
+            CircuitState::Open { .. }
+        ));
     }
 }

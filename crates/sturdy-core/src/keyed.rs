@@ -77,6 +77,14 @@ impl<T> Slot<T> {
         std::sync::atomic::fence(Ordering::SeqCst);
         self.evicted.load(Ordering::Relaxed)
     }
+
+    /// Whether a full map has forgotten this slot, without the fence of
+    /// [`forgotten`](Self::forgotten): for a use that began long before and ends now (a call's
+    /// outcome coming back), which looks the key up again when it is. It may answer `true` for a
+    /// slot the map is deciding about and then keeps: the look-up finds the same slot.
+    pub fn was_forgotten(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
 }
 
 impl<T: fmt::Debug> fmt::Debug for Slot<T> {
