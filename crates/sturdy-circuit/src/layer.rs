@@ -157,7 +157,8 @@ impl<K, C> CircuitBreakerLayer<K, C> {
 
     /// The most breakers kept \[1,024\]; past it, healthy breakers (closed, no failure streak, no
     /// failure in their window) are forgotten, then new keys share one overflow breaker, `*`,
-    /// kept besides the `n`. At least one is kept: 0 is taken as 1.
+    /// kept besides the `n`. At least one is kept: 0 is taken as 1. A call in flight when its
+    /// healthy breaker is forgotten reports its outcome to the breaker its key has by then.
     pub fn with_max_breakers(self, n: usize) -> Self {
         self.edit(|c| c.max_breakers = n.max(1))
     }
