@@ -603,7 +603,22 @@ fn known_layer(name: &str) -> bool {
         parts.push(&args[start..]);
         return parts.len() == 2 && parts.iter().all(|p| known_layer(p.trim()));
     }
-    name.starts_with("sturdy_") || name.starts_with("tower_layer::identity::")
+    // sturdy's layers that send each request once, or say so when they do not
+    // (`AttemptHold::fan_out`); not the retry layer, which re-sends, nor a crate of the
+    // application's own that happens to be named `sturdy_...`.
+    const ONCE: [&str; 10] = [
+        "sturdy_hedge::",
+        "sturdy_circuit::",
+        "sturdy_ratelimit::",
+        "sturdy_concurrency::",
+        "sturdy_auth::",
+        "sturdy_version::",
+        "sturdy_coalesce::",
+        "sturdy_idempotency::",
+        "sturdy_retry::timeout::",
+        "tower_layer::identity::",
+    ];
+    ONCE.iter().any(|p| name.starts_with(p))
 }
 
 impl<I, R, H, C, L, A, Au, V> ClientBuilder<I, R, H, C, L, A, Au, V, ()> {
@@ -698,6 +713,13 @@ mod tests {
         assert!(!known_layer(name_of(&tower::util::option_layer(Some(
             limit
         )))));
+        // The retry layer re-sends; a crate of the application's own is not sturdy's.
+        let retry = crate::retry::RetryLayer::new();
+        assert!(!known_layer(name_of(&retry)), "{}", name_of(&retry));
+        assert!(!known_layer(name_of(&tower::util::option_layer(Some(
+            retry
+        )))));
+        assert!(!known_layer("sturdy_mine::Resend"));
         assert!(!known_layer("tower::util::either::Either<sturdy_x::A>"));
         assert!(!known_layer("tower::util::either::Either<"));
     }

@@ -175,8 +175,7 @@ impl Permit {
             // An abandoned call in the closed state says nothing about the dependency.
             return;
         }
-        if self.local.was_forgotten() {
-            self.finish_elsewhere(failed);
+        if self.local.was_forgotten() && self.finish_elsewhere(failed) {
             return;
         }
         let node = self.local.value();
@@ -190,13 +189,26 @@ impl Permit {
     /// no failure to keep): it counts on the breaker the key has now, if that one is closed (a
     /// breaker that opened or probes since has news of its own), so that a host whose calls
     /// all outlast the churn of other hosts still has its failures counted.
+    /// `false` when the map kept the breaker after all (it marks every slot while it decides,
+    /// see `KeyedMap`): the outcome is then this breaker's, a probe's included.
     #[cold]
-    fn finish_elsewhere(&self, failed: Option<bool>) {
+    fn finish_elsewhere(&self, failed: Option<bool>) -> bool {
         let node = self.local.value();
-        let (Some(failed), Some(map)) = (failed, node.map.upgrade()) else {
-            return;
+        let Some(map) = node.map.upgrade() else {
+            return false;
         };
         let key = self.local.key();
+        let mine: &Slot<Node> = &self.local;
+        // The read lock waits for a map that is deciding.
+        if map
+            .find(key)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s), mine))
+        {
+            return false;
+        }
+        let Some(failed) = failed else {
+            return true;
+        };
         let slot = map.get_or_insert_with(key, || Node::new(&node.shared, node.map.clone()));
         let now = slot.value();
         if let Some(ticket) = now.breaker.closed_ticket() {
@@ -205,6 +217,7 @@ impl Permit {
                 .record(&now.shared.config, ticket, Some(failed), Instant::now());
             now.shared.report(slot.key(), t);
         }
+        true
     }
 }
 

@@ -135,6 +135,11 @@ impl Limiter {
     fn apply(&self, c: &mut Control, limit: f64) {
         let target = target(&self.config, &c.vegas, limit);
         if target > c.applied {
+            // Set before the permits come, so that `in_flight` (the permits set, less those
+            // free) never reads fewer calls than hold one: a call in flight must never look
+            // idle to a full map of hosts. While permits go (below), it reads more, which is
+            // harmless.
+            self.applied.store(target, Ordering::Release);
             let mut grow = target - c.applied;
             // Permits still owed are cancelled first.
             while grow > 0 {

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use sturdy_core::classify::Classify;
 use sturdy_core::key::KeyExtractor;
-use sturdy_core::keyed::SlotCache;
+use sturdy_core::keyed::{Local, SlotCache};
 use sturdy_core::BoxError;
 use tower::Service;
 
@@ -90,10 +90,13 @@ where
             // The inner service was driven to readiness and is called now.
             return ResponseFuture::called(self.inner.call(req), permit, self.classify.clone());
         }
+        // Counted as waiting: uncounted by this guard until the waiting future takes it over
+        // (a panic in between, in the inner service's `Clone`, say, must not leave it counted).
+        let counted = Counted(Some(&local));
         let limiter = local.value();
         let max_wait = limiter.config.max_wait;
         if max_wait.is_zero() {
-            limiter.waiting.fetch_sub(1, Ordering::Relaxed);
+            drop(counted);
             // Refused without calling the inner service: what its `poll_ready` reserved is
             // given back now.
             sturdy_core::ready::release_ready(&mut self.inner);
@@ -110,6 +113,25 @@ where
         );
         // Wait for a place, then call the service poll_ready made ready.
         let ready = sturdy_core::ready::take_ready(&mut self.inner);
+        counted.hand_over();
         ResponseFuture::waiting(local, own, ready, req, max_wait, self.classify.clone())
+    }
+}
+
+/// A call counted as waiting for its limiter, uncounted when dropped unless handed over.
+struct Counted<'a>(Option<&'a Local<Limiter>>);
+
+impl Counted<'_> {
+    /// The waiting future, made next, uncounts it when it ends.
+    fn hand_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(local) = self.0 {
+            local.value().waiting.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

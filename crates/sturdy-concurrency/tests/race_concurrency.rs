@@ -81,3 +81,72 @@ async fn a_call_whose_inner_call_panics_gives_its_permit_back() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// Answers once `gate` is notified; its `Clone` panics while `panic_on_clone` is set.
+struct Brittle {
+    gate: Arc<tokio::sync::Notify>,
+    panic_on_clone: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Clone for Brittle {
+    fn clone(&self) -> Self {
+        assert!(
+            !self.panic_on_clone.load(Ordering::SeqCst),
+            "the inner service failed inside clone"
+        );
+        Self {
+            gate: self.gate.clone(),
+            panic_on_clone: self.panic_on_clone.clone(),
+        }
+    }
+}
+
+impl Service<Request<()>> for Brittle {
+    type Response = Response<()>;
+    type Error = BoxError;
+    type Future = Answer;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<()>) -> Answer {
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            gate.notified().await;
+            Ok(Response::new(()))
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_inner_clone_panics_as_it_begins_to_wait_is_not_left_counted() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let panic_on_clone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (layer, handle) = AdaptiveConcurrencyLayer::new()
+        .with_limits(1, 1)
+        .with_initial_limit(1)
+        .with_max_wait(Duration::from_secs(5))
+        .pair();
+    let mut svc = layer.layer(Brittle {
+        gate: gate.clone(),
+        panic_on_clone: panic_on_clone.clone(),
+    });
+    // One call holds the only permit.
+    let holder = tokio::spawn(svc.clone().oneshot(get()));
+    tokio::task::yield_now().await;
+    // The next has to wait: the layer takes the ready inner service (a clone stays behind),
+    // and that clone panics.
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    panic_on_clone.store(true, Ordering::SeqCst);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(svc.call(get()));
+    }));
+    panic_on_clone.store(false, Ordering::SeqCst);
+    assert!(caught.is_err());
+    assert_eq!(handle.state("a").unwrap().waiting(), 0);
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+    let s = handle.state("a").unwrap();
+    assert_eq!((s.in_flight(), s.waiting()), (0, 0));
+}

@@ -233,8 +233,9 @@ impl<C> RetryLayer<C> {
     /// call's deadline too: the rate limit refuses at once, with `RateLimited`, a call whose turn
     /// would come after it. `sturdy::ClientBuilder`
     /// turns it on when nobody said otherwise here and every layer in its stack is its default or
-    /// one of sturdy's (also one of sturdy's switched on or off with tower's `option_layer`);
-    /// with a layer of your own in one of its slots, it stays off.
+    /// one of sturdy's that sends each request once or says when it does not (also one switched
+    /// on or off with tower's `option_layer`); with a layer of your own, or a `RetryLayer`, in
+    /// one of its slots, it stays off.
     ///
     /// Sound only when no layer between this one and those below sends a request more than once
     /// or shares it with other calls without calling

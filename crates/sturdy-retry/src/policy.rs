@@ -744,9 +744,9 @@ impl<C> RetryPolicy<C> {
     }
 
     /// The call ends with `result`. A response is returned as it is (the caller sees the server's
-    /// last word), with a [`CallReport`] in its extensions when it is a 4xx or 5xx; an error
-    /// becomes one [`sturdy_core::Error`] that says what happened in plain words and what is
-    /// known about the whole call.
+    /// last word), with a [`CallReport`] in its extensions when it is a 4xx, a 5xx or past 599;
+    /// an error becomes one [`sturdy_core::Error`] that says what happened in plain words and
+    /// what is known about the whole call.
     fn finish<Rb>(
         &self,
         req: &impl RequestView,

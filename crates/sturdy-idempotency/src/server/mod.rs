@@ -147,7 +147,8 @@ impl Config {
         match status.as_u16() {
             // The request was not processed; the client is meant to send it again.
             408 | 425 | 429 => false,
-            500..=599 => self.store_server_errors,
+            // Past 599 (no standard defines one) reads as a server error too.
+            500.. => self.store_server_errors,
             _ => true,
         }
     }
@@ -337,7 +338,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Whether 5xx responses are stored (and replayed like any other) \[false: a 5xx releases
-    /// the key, so a retry runs the handler again\]. 408, 425 and 429 are never stored.
+    /// the key, so a retry runs the handler again\]; a status past 599 counts as a 5xx. 408, 425
+    /// and 429 are never stored.
     pub fn with_store_server_errors(self, store: bool) -> Self {
         self.edit(|c| c.store_server_errors = store)
     }
@@ -820,10 +822,12 @@ mod tests {
         for s in [200, 201, 204, 400, 404, 409, 422] {
             assert!(c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
         }
-        for s in [408, 425, 429, 500, 502, 503] {
+        // Past 599 reads as a 5xx.
+        for s in [408, 425, 429, 500, 502, 503, 600, 999] {
             assert!(!c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
         }
         assert!(c(true).stores(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(c(true).stores(StatusCode::from_u16(999).unwrap()));
         assert!(!c(true).stores(StatusCode::TOO_MANY_REQUESTS));
     }
 
