@@ -203,6 +203,8 @@ mod s112_auth;
 mod s113_compose;
 mod s115_reliability;
 mod s116_redis_faults;
+mod s117_cluster_faults;
+mod s118_words;
 mod s34_redis;
 mod s34_reqwest_scheme;
 mod s35_redis;

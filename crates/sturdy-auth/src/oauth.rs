@@ -530,12 +530,14 @@ impl ClientCredentials {
         }
         if let (Some(t), Some(e)) = (backing_off, &st.last_error) {
             // Do not hammer a failing token endpoint: repeat its last answer until then.
-            return Err(e.error_with(format!(
-                "{}; {} is not asked again for {}",
-                e.message,
-                self.inner.settings.endpoint(),
-                human_duration(t - now)
-            )));
+            return Err(e
+                .error_with(format!(
+                    "{}; {} is not asked again for {}",
+                    e.message,
+                    self.inner.settings.endpoint(),
+                    human_duration(t - now)
+                ))
+                .with_retry_after(t - now));
         }
         let (rx, stale_at, start) = self.plan(&mut st, now)?;
         drop(st);

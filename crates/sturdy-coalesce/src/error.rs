@@ -74,22 +74,25 @@ impl std::error::Error for SharedError {
     }
 }
 
-/// The error one caller of a failed shared call gets.
-pub(crate) fn for_caller(shared: &Arc<BoxError>) -> BoxError {
+/// The error one caller of a failed shared call gets; `joined`: whether any request joined the
+/// call (one nobody joined keeps its own words).
+pub(crate) fn for_caller(shared: &Arc<BoxError>, joined: bool) -> BoxError {
     let e: &(dyn std::error::Error + 'static) = &***shared;
     let kind = classify_error(e);
     let delivery = delivery(e);
     // The shared error's own text, or its cause's when that text names none (a hyper-util
     // client's "client error (SendRequest)"); the error itself is the source.
-    let mut err = Error::new(
-        kind,
+    let message = if joined {
         format!(
             "the call shared by identical requests in flight failed: {}",
             own_text(e)
-        ),
-    )
-    .with_hidden_source(SharedError::new(shared.clone()))
-    .with_delivery(delivery);
+        )
+    } else {
+        own_text(e)
+    };
+    let mut err = Error::new(kind, message)
+        .with_hidden_source(SharedError::new(shared.clone()))
+        .with_delivery(delivery);
     // The report of the whole call (a retry layer's, below), on top as well: the error a
     // caller gets speaks for the attempts the shared call made, as the retry layer's own does.
     if let Some(report) = sturdy_core::find::<Error>(e).and_then(Error::report) {
@@ -114,13 +117,29 @@ mod tests {
             )
             .with_report(report.clone()),
         ));
-        let err = super::for_caller(&shared);
+        let err = super::for_caller(&shared, true);
         let top = err.downcast_ref::<Error>().expect("a sturdy error on top");
         assert_eq!(top.report(), Some(&report));
         assert_eq!(*top.kind(), ErrorKind::Transport);
         // Without a report below, none on top.
         let bare: Arc<BoxError> = Arc::new(Box::new(std::io::Error::other("refused")));
-        let err = super::for_caller(&bare);
+        let err = super::for_caller(&bare, true);
         assert_eq!(err.downcast_ref::<Error>().unwrap().report(), None);
+    }
+
+    #[test]
+    fn a_call_nobody_joined_keeps_its_words() {
+        let shared: Arc<BoxError> = Arc::new(Box::new(Error::new(
+            ErrorKind::Connect,
+            "gave up after 4 attempts: connection refused",
+        )));
+        assert_eq!(
+            super::for_caller(&shared, false).to_string(),
+            "gave up after 4 attempts: connection refused"
+        );
+        assert_eq!(
+            super::for_caller(&shared, true).to_string(),
+            "the call shared by identical requests in flight failed: gave up after 4 attempts: connection refused"
+        );
     }
 }

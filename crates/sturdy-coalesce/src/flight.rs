@@ -170,6 +170,8 @@ impl fmt::Debug for Outcome {
 /// started the call while it is still there, else the first other caller to look.
 pub(crate) struct Handoff {
     pub(crate) leader_here: AtomicBool,
+    /// Whether any request joined the call: a failure the leader alone met keeps its words.
+    pub(crate) joined: AtomicBool,
     response: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
@@ -177,6 +179,7 @@ impl Handoff {
     pub(crate) fn new() -> Self {
         Self {
             leader_here: AtomicBool::new(true),
+            joined: AtomicBool::new(false),
             response: Mutex::new(None),
         }
     }

@@ -141,8 +141,9 @@ where
                             let stranded =
                                 sturdy_core::find::<sturdy_core::DriverGone>(&**e).is_some();
                             if !stranded || join.fallback.is_none() {
+                                let shared = join.handoff.joined.load(Ordering::Acquire);
                                 *this.join = None;
-                                return Poll::Ready(Err(for_caller(&e)));
+                                return Poll::Ready(Err(for_caller(&e, shared)));
                             }
                             join.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
                             this.state.set(State::Fallback);

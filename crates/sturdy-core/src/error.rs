@@ -212,7 +212,8 @@ impl CallReport {
     }
 
     /// How many attempts were made (sent on, past every layer that holds or refuses calls), the
-    /// first included.
+    /// first included. These are the retry layer's attempts: a hedged attempt's copies (each an
+    /// attempt to the breaker and the limits below the hedge layer) count as one here.
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
@@ -251,6 +252,8 @@ pub struct Error {
     elsewhere: bool,
     /// An error that came with the cause without being its source (see [`Error::with_related`]).
     related: Option<BoxError>,
+    /// When trying again may succeed, as this side knows it (see [`Error::with_retry_after`]).
+    retry_after: Option<std::time::Duration>,
 }
 
 impl Error {
@@ -265,6 +268,7 @@ impl Error {
             report: None,
             elsewhere: false,
             related: None,
+            retry_after: None,
         }
     }
 
@@ -336,6 +340,32 @@ impl Error {
     /// Whether [`with_cause_elsewhere`](Self::with_cause_elsewhere) was said of this error.
     pub fn cause_is_elsewhere(&self) -> bool {
         self.elsewhere
+    }
+
+    /// States how long trying again is pointless, for a wait this side knows that no server,
+    /// limiter or breaker named: a token source backing off after its endpoint failed, say.
+    /// [`ErrorSummary`](crate::ErrorSummary) gives it as `retry_after_ms` when nothing in the
+    /// chain said otherwise.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sturdy_core::{BoxError, Error, ErrorKind, ErrorSummary};
+    ///
+    /// let err: BoxError = Box::new(
+    ///     Error::new(ErrorKind::Connect, "the token endpoint is not asked again for 1s")
+    ///         .with_retry_after(Duration::from_secs(1)),
+    /// );
+    /// assert_eq!(ErrorSummary::of(&*err).retry_after_ms, Some(1_000));
+    /// ```
+    #[must_use]
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// The wait stated with [`with_retry_after`](Self::with_retry_after), if any.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// Attaches the report of the whole call (which also states its delivery).

@@ -65,7 +65,31 @@ pub use summary::ErrorSummary;
 pub use trace::{Trace, TraceEvent};
 
 /// Formats a duration for people and language models: `250ms`, `30s`, `2m 5s`, `1h 3m`.
+///
+/// Rounded up at the precision shown (a millisecond below a second, a tenth of a second below a
+/// minute, a second below an hour, a minute above), so that a wait it names is never shorter
+/// than the real one: a caller who waits what a message says is not refused again for the
+/// fraction cut off. 59.999 s reads `1m`, 250 µs `1ms`.
 pub fn human_duration(d: std::time::Duration) -> String {
+    use std::time::Duration;
+    let unit = if d < Duration::from_secs(1) {
+        Duration::from_millis(1)
+    } else if d < Duration::from_secs(60) {
+        Duration::from_millis(100)
+    } else if d < Duration::from_secs(3_600) {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(60)
+    };
+    let unit_ns = unit.as_nanos();
+    let rest = d.as_nanos() % unit_ns;
+    // Past what a `Duration` holds (near `Duration::MAX`), the value as it is.
+    let d = if rest == 0 {
+        d
+    } else {
+        d.checked_add(Duration::from_nanos((unit_ns - rest) as u64))
+            .unwrap_or(d)
+    };
     let ms = d.as_millis();
     if ms < 1_000 {
         return format!("{ms}ms");
@@ -109,5 +133,23 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(125)), "2m 5s");
         assert_eq!(human_duration(Duration::from_secs(3_600)), "1h");
         assert_eq!(human_duration(Duration::from_secs(3_780)), "1h 3m");
+    }
+
+    #[test]
+    fn a_duration_is_rounded_up_at_the_precision_shown() {
+        let ms = Duration::from_millis;
+        assert_eq!(human_duration(Duration::from_micros(250)), "1ms");
+        assert_eq!(human_duration(Duration::ZERO), "0ms");
+        assert_eq!(human_duration(Duration::from_micros(999_001)), "1s");
+        assert_eq!(human_duration(ms(1_999)), "2s");
+        assert_eq!(human_duration(ms(1_901)), "2s");
+        assert_eq!(human_duration(ms(1_900)), "1.9s");
+        assert_eq!(human_duration(ms(4_999)), "5s");
+        assert_eq!(human_duration(ms(59_999)), "1m");
+        assert_eq!(human_duration(ms(59_901)), "1m");
+        assert_eq!(human_duration(ms(125_001)), "2m 6s");
+        assert_eq!(human_duration(ms(3_599_001)), "1h");
+        assert_eq!(human_duration(Duration::from_secs(3_781)), "1h 4m");
+        assert_eq!(human_duration(Duration::MAX), human_duration(Duration::MAX));
     }
 }

@@ -53,7 +53,8 @@ pub struct ErrorSummary {
     pub message: String,
     /// Whether trying again, unchanged, may succeed.
     pub retryable: bool,
-    /// The wait before trying again, when the server, a limiter or a breaker said.
+    /// The wait before trying again, when the server, a limiter or a breaker said, or a token
+    /// source backing off after its endpoint failed ([`Error::with_retry_after`](crate::Error::with_retry_after)).
     pub retry_after_ms: Option<u64>,
     /// Whether the request may already have taken effect on the server. When true, send it again
     /// only with the same idempotency key.
@@ -111,6 +112,13 @@ impl ErrorSummary {
                 ErrorKind::RateLimited { retry_after } => retry_after,
                 ErrorKind::CircuitOpen { retry_in } => Some(retry_in),
                 _ => None,
+            })
+            // A wait this side knows (a token source backing off), stated on an error below.
+            .or_else(|| {
+                crate::error::chain(err).find_map(|e| {
+                    e.downcast_ref::<crate::Error>()
+                        .and_then(crate::Error::retry_after)
+                })
             })
             .filter(|_| !no_time);
         let report = find::<crate::Error>(err).and_then(crate::Error::report);

@@ -60,8 +60,7 @@ enum Inner {
 /// after an I/O error, and every later command gets the refusal at once, without being sent.
 /// So a command refused for its credentials has the manager replaced for every clone (a new
 /// one connects at its first command), at most once per [`RENEW_EVERY`], so that a password
-/// that stays wrong does not make a connection per command; the command, refused before it
-/// ran, goes once more on the new manager.
+/// that stays wrong does not make a connection per command.
 #[derive(Clone)]
 struct Single {
     manager: ConnectionManager,
@@ -105,42 +104,38 @@ impl Single {
     }
 
     /// After a command's error: a refusal of the credentials replaces the manager (see above).
-    /// Whether it did: the command, refused before it ran, may go once more, on the new one.
-    fn failed(&self, e: &redis::RedisError) -> bool {
+    /// The command itself is not sent again: the new manager connects at its first command, and
+    /// a password still wrong makes that connect try again after a pause (the redis client's
+    /// retry), longer than a short operation timeout.
+    fn failed(&self, e: &redis::RedisError) {
         let Some(renew) = &self.renew else {
-            return false;
+            return;
         };
         // The refusal itself, by its kind or code: not any error whose text mentions it (a
         // script's own error must not make a connection).
         if e.kind() != redis::ErrorKind::AuthenticationFailed
             && !matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
         {
-            return false;
+            return;
         }
         let mut current = renew
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let generation = renew.generation.load(std::sync::atomic::Ordering::Acquire);
-        if generation != self.generation {
-            // Another clone made one already: worth a try.
-            return true;
+        if generation != self.generation || current.made.elapsed() < RENEW_EVERY {
+            // Another clone made one already, or one was made a moment ago.
+            return;
         }
-        if current.made.elapsed() < RENEW_EVERY {
-            // One was made a moment ago, and refused too.
-            return false;
-        }
-        let Ok(manager) =
+        if let Ok(manager) =
             ConnectionManager::new_lazy_with_config(renew.client.clone(), renew.config.clone())
-        else {
-            return false;
-        };
-        current.manager = manager;
-        current.made = tokio::time::Instant::now();
-        renew
-            .generation
-            .store(generation + 1, std::sync::atomic::Ordering::Release);
-        true
+        {
+            current.manager = manager;
+            current.made = tokio::time::Instant::now();
+            renew
+                .generation
+                .store(generation + 1, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -297,10 +292,10 @@ impl ConnectionLike for RedisConnection {
                     }
                     (res, _) => res,
                 };
-                match res {
-                    Err(e) if c.failed(&e) => c.manager().req_packed_command(cmd).await,
-                    res => res,
+                if let Err(e) = &res {
+                    c.failed(e);
                 }
+                res
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
@@ -331,14 +326,10 @@ impl ConnectionLike for RedisConnection {
                         }
                         (res, _) => res,
                     };
-                match res {
-                    Err(e) if c.failed(&e) => {
-                        c.manager()
-                            .req_packed_commands(pipeline, offset, count)
-                            .await
-                    }
-                    res => res,
+                if let Err(e) = &res {
+                    c.failed(e);
                 }
+                res
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();

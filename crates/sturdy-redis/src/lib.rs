@@ -351,6 +351,15 @@ fn classified(what: &str, e: redis::RedisError, connecting: bool, cluster: bool)
         _ if kind == ErrorKind::Auth => format!(
             "{what}: Redis refused the credentials (the user name or password in the URL is missing or wrong)"
         ),
+        // A server that answers, but not in Redis's protocol: "cannot be reached (down, ...)"
+        // would send the reader after a server that is up.
+        _ if connecting
+            && (e.kind() == redis::ErrorKind::Parse || e.to_string().contains("Parse error")) =>
+        {
+            format!(
+                "{what}: the server did not answer in the Redis protocol (not a Redis server, or a proxy or a TLS port in the way)"
+            )
+        }
         // A cluster client reports seeds that accepted and never answered as an I/O error
         // whose text says so: "cannot be reached" would send the reader after a stopped server.
         _ if kind == ErrorKind::Connect && e.to_string().contains("timed out") => format!(

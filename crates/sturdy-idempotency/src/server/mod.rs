@@ -147,8 +147,8 @@ impl Config {
         match status.as_u16() {
             // The request was not processed; the client is meant to send it again.
             408 | 425 | 429 => false,
-            // Past 599 (no standard defines one) reads as a server error too.
-            500.. => self.store_server_errors,
+            // A status past 599 is the handler's own choice, stored like any other.
+            500..=599 => self.store_server_errors,
             _ => true,
         }
     }
@@ -338,7 +338,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Whether 5xx responses are stored (and replayed like any other) \[false: a 5xx releases
-    /// the key, so a retry runs the handler again\]; a status past 599 counts as a 5xx. 408, 425
+    /// the key, so a retry runs the handler again\]; a status past 599, which no standard
+    /// defines, is not a 5xx here: a handler that answers one is stored and replayed. 408, 425
     /// and 429 are never stored.
     pub fn with_store_server_errors(self, store: bool) -> Self {
         self.edit(|c| c.store_server_errors = store)
@@ -822,12 +823,12 @@ mod tests {
         for s in [200, 201, 204, 400, 404, 409, 422] {
             assert!(c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
         }
-        // Past 599 reads as a 5xx.
-        for s in [408, 425, 429, 500, 502, 503, 600, 999] {
+        for s in [408, 425, 429, 500, 502, 503] {
             assert!(!c(false).stores(StatusCode::from_u16(s).unwrap()), "{s}");
         }
+        // Past 599: the handler's own choice, stored.
+        assert!(c(false).stores(StatusCode::from_u16(999).unwrap()));
         assert!(c(true).stores(StatusCode::INTERNAL_SERVER_ERROR));
-        assert!(c(true).stores(StatusCode::from_u16(999).unwrap()));
         assert!(!c(true).stores(StatusCode::TOO_MANY_REQUESTS));
     }
 
