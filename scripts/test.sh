@@ -102,6 +102,19 @@ if [ -z "${STURDY_REDIS_CLUSTER_URLS:-}" ] && command -v redis-server >/dev/null
   echo "== Redis Cluster (3 primaries, 3 replicas) on $STURDY_REDIS_CLUSTER_URLS"
 fi
 
+# Some tests in the suite start nginx, HAProxy or node themselves, on loopback, before
+# scripts/interop.sh runs: install them first when they are missing (Debian, as root).
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "== installing ${need_apt[*]} (Debian packages) for the tests that start them"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
 phase "cargo fmt --check"
 cargo fmt --all -- --check
 phase "cargo clippy -D warnings"

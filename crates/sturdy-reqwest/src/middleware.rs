@@ -57,9 +57,10 @@ type Stack =
 /// retry layer's decision (bodies up to its replay limit, 1 MiB by default).
 ///
 /// Each attempt goes down the chain with a copy of the call's extensions; when the call ends,
-/// the call's extensions are replaced by those of the last attempt that finished. An attempt the
-/// stack stops waiting for (its attempt timeout fired) is cancelled: the rest of the chain's
-/// future is dropped, as a hyper-util request is when its future is dropped.
+/// the call's extensions are replaced by those of the last attempt that finished or was given up
+/// (at its attempt timeout or the call's deadline). An attempt the stack stops waiting for is
+/// cancelled: the rest of the chain's future is dropped, as a hyper-util request is when its
+/// future is dropped.
 ///
 /// Errors: a failed call is `reqwest_middleware::Error::Middleware` holding the stack's error
 /// (for the retry layer, a [`sturdy_core::Error`] such as `gave up after 4 attempts: connection
@@ -195,6 +196,17 @@ where
             last = Some(ext);
         }
         call.as_mut().poll(cx)
+    })
+    .await;
+    // The stack gave up on an attempt as it ended (its timeout, the call's deadline): that
+    // attempt has not been polled since, and ends as soon as it is (it sees it was abandoned).
+    // Its extensions are the last ones. One more poll, without waiting: an attempt still
+    // running is not waited for.
+    poll_fn(|cx| {
+        while let Poll::Ready(Some(ext)) = running.poll_next_unpin(cx) {
+            last = Some(ext);
+        }
+        Poll::Ready(())
     })
     .await;
     if let Some(ext) = last {
