@@ -761,7 +761,9 @@ fn memory_of_hostile_headers_is_linear_in_the_input() {
             let _ = sturdy::core::headers::pause_hint(StatusCode::OK, &h, now);
         })
     };
-    let (a, b) = (reset(10_000), reset(100_000));
+    // The least of three: a thread left by an earlier test may allocate during one count.
+    let least = |f: &dyn Fn() -> u64| (0..3).map(|_| f()).min().unwrap();
+    let (a, b) = (least(&|| reset(10_000)), least(&|| reset(100_000)));
     assert!(b <= 20 * a.max(1_000), "reset: {a} then {b} bytes");
     assert!(
         b <= 4 * 100_000 + 10_000,
@@ -777,7 +779,8 @@ fn memory_of_hostile_headers_is_linear_in_the_input() {
             let _ = check(&v, &h, b"{}");
         })
     };
-    let (a, b) = (sw(1_000), sw(10_000));
+    let _ = sw(1_000);
+    let (a, b) = (least(&|| sw(1_000)), least(&|| sw(10_000)));
     assert!(b <= 20 * a.max(1_000), "standard: {a} then {b} bytes");
     // Idempotency-Key repeated n times (a request built outside the count).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -793,7 +796,7 @@ fn memory_of_hostile_headers_is_linear_in_the_input() {
         })
     };
     let _ = idem(10, "warm");
-    let (a, b) = (idem(1_000, "k1"), idem(10_000, "k2"));
+    let (a, b) = (least(&|| idem(1_000, "k1")), least(&|| idem(10_000, "k2")));
     assert!(b <= 20 * a.max(10_000), "idempotency: {a} then {b} bytes");
 }
 
