@@ -206,6 +206,7 @@ mod s116_redis_faults;
 mod s117_cluster_faults;
 mod s118_words;
 mod s120_hostile_clients;
+mod s121_demo;
 mod s122_reqwest;
 mod s34_redis;
 mod s34_reqwest_scheme;

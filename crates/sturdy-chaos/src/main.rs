@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         }
     };
     if matches!(command, Command::Help) {
-        println!("{USAGE}");
+        demo::say(format_args!("{USAGE}"));
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

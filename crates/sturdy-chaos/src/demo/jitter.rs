@@ -192,7 +192,16 @@ const RUN_DEADLINE: Duration = Duration::from_secs(120);
 type Http = Client<HttpConnector, Full<Bytes>>;
 
 /// Runs the experiment, prints the results and writes the plots.
+/// An error writing the plots, naming the `--out` directory.
+fn out_error(dir: &std::path::Path, e: &dyn std::fmt::Display) -> DemoError {
+    format!("--out {}: {e}", dir.display()).into()
+}
+
 pub(crate) async fn main(args: &JitterArgs) -> Result<(), DemoError> {
+    // A directory for the plots that cannot be made says so before the runs, naming it.
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| out_error(dir, &e))?;
+    }
     // The tables come at the end, so every N gets its summary line on stderr.
     let mut progress = Progress::new(false);
     let mut runs = Vec::new();
@@ -233,8 +242,8 @@ pub(crate) async fn main(args: &JitterArgs) -> Result<(), DemoError> {
         ));
     }
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)?;
-        for (path, what) in plot::write(dir, &points, args)? {
+        let written = plot::write(dir, &points, args).map_err(|e| out_error(dir, &*e))?;
+        for (path, what) in written {
             let shown = path.canonicalize().unwrap_or(path);
             eprintln!("wrote {} ({what})", shown.display());
         }
@@ -251,7 +260,7 @@ pub(crate) async fn main(args: &JitterArgs) -> Result<(), DemoError> {
             points: &points,
             runs: &runs,
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_tables(&points, args);
     }
@@ -263,10 +272,10 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn print_tables(points: &[Point], args: &JitterArgs) {
-    println!(
+    say!(
         "N clients each increment one counter once: read it, write it with If-Match; a stale write"
     );
-    println!(
+    say!(
         "gets 412 and the client sleeps, reads and tries again. Backoff base {} ms, cap {} ms; the",
         millis(args.base),
         millis(args.cap)
@@ -281,7 +290,7 @@ fn print_tables(points: &[Point], args: &JitterArgs) {
     } else {
         format!("the mean of {} runs", args.runs)
     };
-    println!(
+    say!(
         "server takes {} ms{extra} per request. Seed {}; each figure is {runs}.",
         millis(args.latency),
         args.seed
@@ -303,7 +312,7 @@ fn print_tables(points: &[Point], args: &JitterArgs) {
         }),
     ];
     for (title, value) in tables {
-        println!("\n{title}\n{header}");
+        say!("\n{title}\n{header}");
         for &n in &args.clients {
             let mut line = format!("{n:>7}");
             for s in Strategy::ALL {
@@ -311,7 +320,7 @@ fn print_tables(points: &[Point], args: &JitterArgs) {
                     line.push_str(&format!(" {:>19}", value(p)));
                 }
             }
-            println!("{line}");
+            say!("{line}");
         }
     }
 }

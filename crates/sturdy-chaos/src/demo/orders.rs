@@ -113,19 +113,17 @@ pub(crate) async fn main(args: &OrdersArgs) -> Result<(), DemoError> {
     use std::io::IsTerminal as _;
     let mut progress = Progress::new(!args.json && std::io::stdout().is_terminal());
     if !args.json {
-        println!(
+        say!(
             "{} orders against an API that fails 15% of calls with 503, closes 10% of",
             args.orders
         );
-        println!(
-            "connections after committing the order, and answers one 429 with Retry-After: 1.\n"
-        );
-        println!("{HEADER}");
+        say!("connections after committing the order, and answers one 429 with Retry-After: 1.\n");
+        say!("{HEADER}");
     }
     let mut one = async |kind| {
         let r = run(kind, args.orders, &mut progress).await?;
         if !args.json {
-            println!("{}", row(&r));
+            say!("{}", row(&r));
         }
         Ok::<_, DemoError>(r)
     };
@@ -143,10 +141,10 @@ pub(crate) async fn main(args: &OrdersArgs) -> Result<(), DemoError> {
                 sturdy,
             },
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        say!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let s = &sturdy.server;
-        println!(
+        say!(
             "\nsturdy: {} injected 5xx, {} closed connections and {} 429 ridden out; {} responses replayed by key.",
             s.server_errors, s.resets, s.rate_limited, s.replayed
         );
