@@ -707,7 +707,8 @@ mod tests {
         // Either of Either, and generic arguments with commas of their own.
         let nested = tower::util::option_layer(Some(on));
         assert!(known_layer(name_of(&nested)), "{}", name_of(&nested));
-        // A layer of tower's that may send a request twice, alone or inside an `Either`.
+        // A layer that is not sturdy's: the builder cannot tell what it does with a request,
+        // alone or inside an `Either`.
         let limit = tower::limit::ConcurrencyLimitLayer::new(1);
         assert!(!known_layer(name_of(&limit)));
         assert!(!known_layer(name_of(&tower::util::option_layer(Some(

@@ -90,8 +90,8 @@ impl Single {
     /// The manager every clone uses now.
     fn manager(&mut self) -> &mut ConnectionManager {
         if let Some(renew) = &self.renew {
-            let now = renew.generation.load(std::sync::atomic::Ordering::Acquire);
-            if now != self.generation {
+            if renew.generation.load(std::sync::atomic::Ordering::Acquire) != self.generation {
+                // Under the lock, the manager and its generation change together.
                 let current = renew
                     .current
                     .lock()
@@ -113,9 +113,7 @@ impl Single {
         };
         // The refusal itself, by its kind or code: not any error whose text mentions it (a
         // script's own error must not make a connection).
-        if e.kind() != redis::ErrorKind::AuthenticationFailed
-            && !matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
-        {
+        if !crate::refused_credentials(e) {
             return;
         }
         let mut current = renew

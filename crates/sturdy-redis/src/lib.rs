@@ -258,12 +258,17 @@ pub(crate) fn capped_micros(d: Duration) -> u64 {
     u64::try_from(d.min(FAR).as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Redis refused the credentials, by the error's kind or code (not by its text): what makes a
+/// single-server connection make its manager anew (see `conn::Single`).
+pub(crate) fn refused_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+}
+
 /// Whether Redis refused the credentials (a missing or wrong password or user name in the URL). A cluster
 /// client reports it inside an I/O error, so the text is read too.
 fn is_auth_failure(e: &redis::RedisError) -> bool {
-    if e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
-    {
+    if refused_credentials(e) {
         return true;
     }
     let text = e.to_string().to_ascii_lowercase();
