@@ -529,15 +529,14 @@ async fn refused_connection_shared_error_names_the_cause() {
     for c in calls {
         let err = c.await.unwrap().unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("the call shared by identical requests in flight failed: "),
-            "{msg}"
-        );
+        // A refused connect can fail before the next task has even been spawned on the other
+        // worker: a call nobody joined keeps its own words (docs/guides/coalesce.md), so the
+        // prefix is there only when another request joined.
+        assert!(sturdy::core::find::<SharedError>(&*err).is_some());
         assert!(
             msg.contains("refused"),
             "the message names the cause: {msg}"
         );
-        assert!(sturdy::core::find::<SharedError>(&*err).is_some());
         assert!(sturdy::core::find::<hyper_util::client::legacy::Error>(&*err).is_some());
         assert_eq!(sturdy::core::classify::delivery(&*err), Delivery::NotSent);
         assert_eq!(

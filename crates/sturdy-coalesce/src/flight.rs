@@ -381,6 +381,10 @@ pub(crate) fn join_or_start(slot: &Arc<Local<Flights>>, key: Vec<u8>) -> Result<
     }
     if let Some(e) = map.get(&key) {
         if let Some(call) = e.call.upgrade() {
+            // Marked under the table's lock: the call leaves the table (its guard takes this
+            // lock) before any caller reads its outcome, so the caller that started it reads
+            // `joined` as every caller who joined does.
+            e.handoff.joined.store(true, Ordering::Release);
             return Ok(Joined::Follow(call, e.handoff.clone()));
         }
     }

@@ -133,7 +133,6 @@ where
             }
             Joined::Follow(shared, handoff) => {
                 counters.joined.fetch_add(1, Ordering::Relaxed);
-                handoff.joined.store(true, Ordering::Release);
                 // The host called, not the table's key: past the host bound, hosts share the
                 // overflow table (`*`), but each joined call is still one host's.
                 // In lower case, as every layer's events name a host.
