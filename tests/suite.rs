@@ -208,6 +208,7 @@ mod s118_words;
 mod s120_hostile_clients;
 mod s121_demo;
 mod s122_reqwest;
+mod s123_runtimes;
 mod s34_redis;
 mod s34_reqwest_scheme;
 mod s35_redis;

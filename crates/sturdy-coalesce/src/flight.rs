@@ -357,14 +357,24 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> Outcome {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "no message".to_owned());
-    Outcome::Failed(Arc::new(Box::new(
-        sturdy_core::Error::new(
-            sturdy_core::ErrorKind::Other,
-            format!("a layer or service below panicked while running it: {what}"),
-        )
-        .with_delivery(sturdy_core::Delivery::MaybeProcessed),
-    )))
+    let mut err = sturdy_core::Error::new(
+        sturdy_core::ErrorKind::Other,
+        format!("a layer or service below panicked while running it: {what}"),
+    )
+    .with_delivery(sturdy_core::Delivery::MaybeProcessed);
+    // A timer the call made on the runtime it was started on, polled after that runtime shut
+    // down (the caller that started it ran there and went with it; one that joined from another
+    // runtime polls the call now): tokio panics with these words. The call cannot go on
+    // anywhere, and nothing about the request failed, so those who joined send their own, as
+    // when the caller sending it went away. The words are tokio's only sign of it.
+    if what.contains(RUNTIME_SHUT_DOWN) {
+        err = err.with_hidden_source(sturdy_core::DriverGone);
+    }
+    Outcome::Failed(Arc::new(Box::new(err)))
 }
+
+/// What tokio 1.x says when a timer or socket of a runtime that has shut down is polled.
+const RUNTIME_SHUT_DOWN: &str = "Tokio 1.x context was found, but it is being shutdown";
 
 /// Finds a call in flight for `key`, or starts one: the shared call is in the table before this
 /// returns, so an identical request that arrives while the leader is still calling the inner

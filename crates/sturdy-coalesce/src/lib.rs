@@ -24,7 +24,8 @@
 //!   the caller that started the call was also the one sending it (behind `SturdyMiddleware`,
 //!   reqwest-middleware's chain lives in that caller's call) and it goes away, the call fails
 //!   with [`sturdy_core::DriverGone`] in its chain, and each caller who joined it sends its own
-//!   request instead (counted in `fallbacks`).
+//!   request instead (counted in `fallbacks`). So does a caller who joined from another tokio
+//!   runtime a call whose timers belong to a runtime that has shut down.
 //! - **Per host**: the calls in flight are kept in a table per host (at most 1,024 hosts), from
 //!   the moment the call is made until its response body is read; a request that arrives after
 //!   that starts a new call (this is not a cache).

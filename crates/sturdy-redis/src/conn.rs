@@ -48,7 +48,7 @@ pub struct RedisConnection {
 #[derive(Clone)]
 enum Inner {
     Single(Single),
-    Cluster(ClusterConnection),
+    Cluster(Cluster),
 }
 
 /// A connection to one server: the redis client's connection manager, and what it takes to make
@@ -137,6 +137,112 @@ impl Single {
     }
 }
 
+/// A connection to a Redis Cluster, and what it takes to make a new one.
+///
+/// The cluster client runs its connections in a task on the runtime it was made on. When that
+/// runtime shuts down (a `#[tokio::test]`'s runtime, one runtime per thread, a runtime made for
+/// a start-up step), every later command fails at once on every runtime, for good: the client
+/// cannot hand it to its task any more. So a command that finds the task gone has a new
+/// connection made on the runtime it runs on, for every clone; when the command had not been
+/// handed to the task, it goes on the new connection.
+#[derive(Clone)]
+struct Cluster {
+    conn: ClusterConnection,
+    /// Which of `renew`'s connections `conn` is.
+    generation: u64,
+    /// `None` for a connection made by the application (`From<ClusterConnection>`).
+    renew: Option<std::sync::Arc<ClusterRenew>>,
+}
+
+struct ClusterRenew {
+    client: ClusterClient,
+    timeout: Duration,
+    generation: std::sync::atomic::AtomicU64,
+    current: std::sync::Mutex<ClusterConnection>,
+    /// Set while one clone makes a new connection: the others do not make theirs.
+    making: std::sync::atomic::AtomicBool,
+}
+
+/// Clears [`ClusterRenew::making`] however the making ends (the command dropped included).
+struct Making<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A command the cluster client could not hand to its task (gone), or whose answer the task
+/// went away without giving: `Some(true)` for one never handed over (not sent anywhere).
+/// The client's own words are the only sign (the error is an I/O error like any broken
+/// connection's).
+fn task_gone(e: &redis::RedisError) -> Option<bool> {
+    if !e.is_io_error() {
+        return None;
+    }
+    let text = e.to_string();
+    if text.contains("redis_cluster: Unable to send command") {
+        Some(true)
+    } else if text.contains("redis_cluster: Unable to receive command") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+impl Cluster {
+    /// The connection every clone uses now.
+    fn conn(&mut self) -> &mut ClusterConnection {
+        if let Some(renew) = &self.renew {
+            if renew.generation.load(std::sync::atomic::Ordering::Acquire) != self.generation {
+                let current = renew
+                    .current
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.conn = current.clone();
+                self.generation = renew.generation.load(std::sync::atomic::Ordering::Acquire);
+            }
+        }
+        &mut self.conn
+    }
+
+    /// After a command failed because the cluster client's task is gone: whether a connection
+    /// to use instead is in place now (made here on this runtime, or by another clone since).
+    async fn renewed(&mut self) -> bool {
+        let Some(renew) = self.renew.clone() else {
+            return false;
+        };
+        if renew.generation.load(std::sync::atomic::Ordering::Acquire) != self.generation {
+            self.conn();
+            return true;
+        }
+        if renew.making.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return false;
+        }
+        let _making = Making(&renew.making);
+        let made = tokio::time::timeout(
+            renew.timeout.saturating_mul(2),
+            renew.client.get_async_connection(),
+        )
+        .await;
+        let Ok(Ok(conn)) = made else {
+            return false;
+        };
+        {
+            let mut current = renew
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *current = conn;
+            renew
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        self.conn();
+        true
+    }
+}
+
 impl fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // No address: a URL may hold a password.
@@ -165,7 +271,11 @@ impl From<ConnectionManager> for RedisConnection {
 impl From<ClusterConnection> for RedisConnection {
     fn from(c: ClusterConnection) -> Self {
         Self {
-            inner: Inner::Cluster(c),
+            inner: Inner::Cluster(Cluster {
+                conn: c,
+                generation: 0,
+                renew: None,
+            }),
         }
     }
 }
@@ -226,7 +336,20 @@ impl RedisConnection {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        connect_cluster(nodes, TIMEOUT).await.map(Self::from)
+        let (conn, client) = connect_cluster_with_client(nodes, TIMEOUT).await?;
+        Ok(Self {
+            inner: Inner::Cluster(Cluster {
+                conn: conn.clone(),
+                generation: 0,
+                renew: Some(std::sync::Arc::new(ClusterRenew {
+                    client,
+                    timeout: TIMEOUT,
+                    generation: std::sync::atomic::AtomicU64::new(0),
+                    current: std::sync::Mutex::new(conn),
+                    making: std::sync::atomic::AtomicBool::new(false),
+                })),
+            }),
+        })
     }
 
     /// Whether this is a connection to a Redis Cluster.
@@ -235,11 +358,12 @@ impl RedisConnection {
     }
 }
 
-/// Connects to a cluster with bounded connect and response times.
-pub(crate) async fn connect_cluster<I, S>(
+/// Connects to a cluster with bounded connect and response times; also the client, which makes
+/// new connections.
+async fn connect_cluster_with_client<I, S>(
     nodes: I,
     timeout: Duration,
-) -> Result<ClusterConnection, BoxError>
+) -> Result<(ClusterConnection, ClusterClient), BoxError>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
@@ -262,12 +386,13 @@ where
         .retry_wait_formula(10, 2)
         .build()
         .map_err(|e| crate::config_error("invalid Redis Cluster URL", e))?;
-    crate::bounded_connect(
+    let conn = crate::bounded_connect(
         timeout.saturating_mul(2),
         "could not connect to the Redis Cluster",
         client.get_async_connection(),
     )
-    .await
+    .await?;
+    Ok((conn, client))
 }
 
 // A connection to one server that the server closed while it was idle (a restart) is found
@@ -297,9 +422,19 @@ impl ConnectionLike for RedisConnection {
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
+                let mut renewed = false;
                 loop {
-                    match c.req_packed_command(cmd).await {
+                    match c.conn().req_packed_command(cmd).await {
                         Err(e) if again.wait(&e).await => {}
+                        Err(e) => match task_gone(&e) {
+                            Some(unsent) if !renewed && c.renewed().await => {
+                                renewed = true;
+                                if !unsent {
+                                    return resent(Err(e));
+                                }
+                            }
+                            _ => return resent(Err(e)),
+                        },
                         res => return resent(res),
                     }
                 }
@@ -331,9 +466,19 @@ impl ConnectionLike for RedisConnection {
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
+                let mut renewed = false;
                 loop {
-                    match c.req_packed_commands(pipeline, offset, count).await {
+                    match c.conn().req_packed_commands(pipeline, offset, count).await {
                         Err(e) if again.wait(&e).await => {}
+                        Err(e) => match task_gone(&e) {
+                            Some(unsent) if !renewed && c.renewed().await => {
+                                renewed = true;
+                                if !unsent {
+                                    return resent(Err(e));
+                                }
+                            }
+                            _ => return resent(Err(e)),
+                        },
                         res => return resent(res),
                     }
                 }
@@ -344,7 +489,7 @@ impl ConnectionLike for RedisConnection {
     fn get_db(&self) -> i64 {
         match &self.inner {
             Inner::Single(c) => c.manager.get_db(),
-            Inner::Cluster(c) => c.get_db(),
+            Inner::Cluster(c) => c.conn.get_db(),
         }
     }
 }
