@@ -484,6 +484,52 @@ fn a_coalesced_call_led_from_a_dropped_runtime_goes_on_for_a_follower_on_another
     }
 }
 
+/// Coalescing alone over a hyper-util client (no timer below it): the leader's connection task
+/// runs on A, so when A goes away hyper fails the call ("runtime dropped the dispatch task");
+/// the follower on B sends its own request there (counted in `fallbacks`) and gets the answer.
+#[test]
+fn a_coalesced_hyper_call_whose_connection_died_with_the_leaders_runtime_is_sent_again() {
+    let (addr, counts) = server();
+    for how in 0..3 {
+        let (layer, handle) = CoalesceLayer::new().pair();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .map_err(Into::<BoxError>::into)
+            .service(http());
+        let before = counts.all.load(Ordering::SeqCst);
+        let a = current();
+        let leader = a.spawn(status_of(svc.clone(), get(addr, "/slow")));
+        a.block_on(async {
+            while counts.all.load(Ordering::SeqCst) == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let s = svc.clone();
+        let follower = on_other_thread(move || {
+            let rt = multi();
+            let r = rt.block_on(status_of(s, get(addr, "/slow")));
+            drop(rt);
+            r
+        });
+        let t = Instant::now();
+        while handle.stats().joined() == 0 && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(
+            handle.stats().joined(),
+            1,
+            "way {how}: the follower did not join"
+        );
+        end(a, how);
+        drop(leader);
+        let r = follower
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the follower's thread died or hung");
+        assert_eq!(r, Ok(StatusCode::OK), "way {how}");
+        assert_eq!(handle.stats().fallbacks(), 1, "way {how}");
+    }
+}
+
 /// The same through the whole client (every layer's timers armed on A: attempt timeout, deadline,
 /// hedge): the follower on B gets the shared answer once A is gone, no panic.
 #[test]

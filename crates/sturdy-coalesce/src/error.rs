@@ -74,6 +74,15 @@ impl std::error::Error for SharedError {
     }
 }
 
+/// Whether a shared call failed only because whoever was running it went away, so a caller who
+/// joined it sends its own: the caller sending it left ([`sturdy_core::DriverGone`]), or a
+/// hyper client's connection task was dropped with the runtime the call was started on (hyper
+/// says so only in these words: "runtime dropped the dispatch task").
+pub(crate) fn stranded(e: &(dyn std::error::Error + 'static)) -> bool {
+    sturdy_core::find::<sturdy_core::DriverGone>(e).is_some()
+        || sturdy_core::chain(e).any(|e| e.to_string() == "runtime dropped the dispatch task")
+}
+
 /// The error one caller of a failed shared call gets; `joined`: whether any request joined the
 /// call (one nobody joined keeps its own words).
 pub(crate) fn for_caller(shared: &Arc<BoxError>, joined: bool) -> BoxError {

@@ -12,7 +12,7 @@ use sturdy_core::{BoxError, Error, ErrorKind};
 use tower::Service;
 
 use crate::body::ResponseBody;
-use crate::error::for_caller;
+use crate::error::{for_caller, stranded};
 use crate::flight::{BoxFuture, Counters, Handoff, Outcome};
 
 pin_project! {
@@ -136,11 +136,10 @@ where
                         }
                         Outcome::Failed(e) => {
                             // The caller that was sending the shared call went away and took
-                            // its sending with it (a reqwest-middleware chain): the request did
-                            // not fail, so a caller who joined sends its own.
-                            let stranded =
-                                sturdy_core::find::<sturdy_core::DriverGone>(&**e).is_some();
-                            if !stranded || join.fallback.is_none() {
+                            // its sending with it (a reqwest-middleware chain, a runtime that
+                            // shut down): the request did not fail, so a caller who joined
+                            // sends its own.
+                            if !stranded(&**e) || join.fallback.is_none() {
                                 let shared = join.handoff.joined.load(Ordering::Acquire);
                                 *this.join = None;
                                 return Poll::Ready(Err(for_caller(&e, shared)));

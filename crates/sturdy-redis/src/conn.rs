@@ -15,7 +15,9 @@ use sturdy_core::{BoxError, Error, ErrorKind};
 /// Every backend of this crate takes one. It is cheap to clone (clones share the connection) and
 /// reconnects by itself: after a restart of the server, or a failover in the cluster (a replica
 /// promoted in place of a primary that died), the next operations go to the server that holds
-/// the data now, without a new `RedisConnection`.
+/// the data now, without a new `RedisConnection`. It also outlives the tokio runtime it was
+/// made on: used on another runtime after that one shut down (a `static` backend used by
+/// several `#[tokio::test]`s), it connects again there.
 ///
 /// On a cluster, requests go to the primary that owns the key's hash slot. Every script of this
 /// crate touches keys of one slot only (see the crate docs on key layout), so each operation is
@@ -143,8 +145,8 @@ impl Single {
 /// runtime shuts down (a `#[tokio::test]`'s runtime, one runtime per thread, a runtime made for
 /// a start-up step), every later command fails at once on every runtime, for good: the client
 /// cannot hand it to its task any more. So a command that finds the task gone has a new
-/// connection made on the runtime it runs on, for every clone; when the command had not been
-/// handed to the task, it goes on the new connection.
+/// connection made on the runtime it runs on, for every clone, and goes on it (it was sent
+/// nowhere).
 #[derive(Clone)]
 struct Cluster {
     conn: ClusterConnection,
@@ -172,22 +174,15 @@ impl Drop for Making<'_> {
     }
 }
 
-/// A command the cluster client could not hand to its task (gone), or whose answer the task
-/// went away without giving: `Some(true)` for one never handed over (not sent anywhere).
-/// The client's own words are the only sign (the error is an I/O error like any broken
-/// connection's).
-fn task_gone(e: &redis::RedisError) -> Option<bool> {
-    if !e.is_io_error() {
-        return None;
-    }
-    let text = e.to_string();
-    if text.contains("redis_cluster: Unable to send command") {
-        Some(true)
-    } else if text.contains("redis_cluster: Unable to receive command") {
-        Some(false)
-    } else {
-        None
-    }
+/// A command the cluster client could not hand to its task, because the task is gone: it was
+/// sent nowhere. The client's own words are the only sign (the error is an I/O error like any
+/// broken connection's). A command whose answer the task dropped ("Unable to receive command")
+/// is not one: the task may still run, and the command may have been sent; if the task is
+/// gone, the next command finds it so.
+fn task_gone(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        && e.to_string()
+            .contains("redis_cluster: Unable to send command")
 }
 
 impl Cluster {
@@ -426,15 +421,9 @@ impl ConnectionLike for RedisConnection {
                 loop {
                     match c.conn().req_packed_command(cmd).await {
                         Err(e) if again.wait(&e).await => {}
-                        Err(e) => match task_gone(&e) {
-                            Some(unsent) if !renewed && c.renewed().await => {
-                                renewed = true;
-                                if !unsent {
-                                    return resent(Err(e));
-                                }
-                            }
-                            _ => return resent(Err(e)),
-                        },
+                        Err(e) if !renewed && task_gone(&e) && c.renewed().await => {
+                            renewed = true;
+                        }
                         res => return resent(res),
                     }
                 }
@@ -470,15 +459,9 @@ impl ConnectionLike for RedisConnection {
                 loop {
                     match c.conn().req_packed_commands(pipeline, offset, count).await {
                         Err(e) if again.wait(&e).await => {}
-                        Err(e) => match task_gone(&e) {
-                            Some(unsent) if !renewed && c.renewed().await => {
-                                renewed = true;
-                                if !unsent {
-                                    return resent(Err(e));
-                                }
-                            }
-                            _ => return resent(Err(e)),
-                        },
+                        Err(e) if !renewed && task_gone(&e) && c.renewed().await => {
+                            renewed = true;
+                        }
                         res => return resent(res),
                     }
                 }
