@@ -1371,6 +1371,44 @@ fn a_redis_cluster_quota_connected_on_a_dead_runtime_works_on_the_next() {
     remote_quota_across_runtimes(true);
 }
 
+/// Many calls at once on B, each through the same cluster quota connected on a runtime that is
+/// gone: one of them makes the new connection, the others wait for it (none fails for having
+/// found the old one gone while another was making the new one). Review s124.
+#[test]
+fn many_calls_at_once_on_a_cluster_quota_whose_runtime_is_gone_all_go() {
+    for how in 0..3 {
+        let a = current();
+        let quota = Quota::per_second(100_000).unwrap();
+        let remote = a.block_on(async {
+            RedisQuota::connect_cluster(cluster_urls(), quota)
+                .await
+                .expect("connect")
+                .with_prefix(unique("quota-many"))
+        });
+        let remote = Arc::new(remote);
+        let svc = tower::ServiceBuilder::new()
+            .layer(
+                RateLimitLayer::new(quota)
+                    .with_remote(remote.clone())
+                    .with_on_store_error(OnStoreError::Fail),
+            )
+            .service(gated(Gate::new(), Arc::new(AtomicUsize::new(0))));
+        a.block_on(async {
+            assert_eq!(status_of(svc.clone(), at("/x")).await, Ok(StatusCode::OK));
+        });
+        end(a, how);
+        let b = multi();
+        b.block_on(async {
+            let calls: Vec<_> = (0..16)
+                .map(|i| tokio::spawn(status_of(svc.clone(), at(&format!("/x{i}")))))
+                .collect();
+            for (i, c) in calls.into_iter().enumerate() {
+                assert_eq!(c.await.unwrap(), Ok(StatusCode::OK), "way {how}, call {i}");
+            }
+        });
+    }
+}
+
 /// The Redis idempotency store connected on A, the layer serving on A then on B: the key stored
 /// on A is replayed on B, no 503.
 fn redis_store_across_runtimes(cluster: bool) {

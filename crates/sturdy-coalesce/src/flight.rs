@@ -373,7 +373,8 @@ fn panicked(payload: &(dyn std::any::Any + Send)) -> Outcome {
     Outcome::Failed(Arc::new(Box::new(err)))
 }
 
-/// What tokio 1.x says when a timer or socket of a runtime that has shut down is polled.
+/// What tokio 1.x says when it panics on a timer of a runtime that has shut down, polled from
+/// elsewhere.
 const RUNTIME_SHUT_DOWN: &str = "Tokio 1.x context was found, but it is being shutdown";
 
 /// Finds a call in flight for `key`, or starts one: the shared call is in the table before this

@@ -47,7 +47,8 @@ impl CoalesceStats {
 
     /// Requests that joined a call and sent their own: its body turned out too large, or the
     /// caller that was sending it went away and took its sending with it (a reqwest-middleware
-    /// chain, see [`DriverGone`](sturdy_core::DriverGone)).
+    /// chain, see [`DriverGone`](sturdy_core::DriverGone); a tokio runtime that shut down with
+    /// the call's timers or a hyper client's connection task on it).
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks
     }

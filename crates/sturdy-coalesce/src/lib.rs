@@ -24,8 +24,9 @@
 //!   the caller that started the call was also the one sending it (behind `SturdyMiddleware`,
 //!   reqwest-middleware's chain lives in that caller's call) and it goes away, the call fails
 //!   with [`sturdy_core::DriverGone`] in its chain, and each caller who joined it sends its own
-//!   request instead (counted in `fallbacks`). So does a caller who joined from another tokio
-//!   runtime a call whose timers belong to a runtime that has shut down.
+//!   request instead (counted in `fallbacks`). So does a caller who joined, from another tokio
+//!   runtime, a call started on a runtime that has shut down, when the call's timers belong to
+//!   it or a hyper client's connection task died with it ("runtime dropped the dispatch task").
 //! - **Per host**: the calls in flight are kept in a table per host (at most 1,024 hosts), from
 //!   the moment the call is made until its response body is read; a request that arrives after
 //!   that starts a new call (this is not a cache).

@@ -17,7 +17,9 @@ use sturdy_core::{BoxError, Error, ErrorKind};
 /// promoted in place of a primary that died), the next operations go to the server that holds
 /// the data now, without a new `RedisConnection`. It also outlives the tokio runtime it was
 /// made on: used on another runtime after that one shut down (a `static` backend used by
-/// several `#[tokio::test]`s), it connects again there.
+/// several `#[tokio::test]`s), it connects again there (on a cluster, a pipeline that finds the
+/// old connection gone fails, and the commands after it go on the new one; one made from your
+/// own `ClusterConnection` is not made anew).
 ///
 /// On a cluster, requests go to the primary that owns the key's hash slot. Every script of this
 /// crate touches keys of one slot only (see the crate docs on key layout), so each operation is
@@ -165,12 +167,14 @@ struct ClusterRenew {
     making: std::sync::atomic::AtomicBool,
 }
 
-/// Clears [`ClusterRenew::making`] however the making ends (the command dropped included).
-struct Making<'a>(&'a std::sync::atomic::AtomicBool);
+/// Clears [`ClusterRenew::making`] however the making ends.
+struct Making(std::sync::Arc<ClusterRenew>);
 
-impl Drop for Making<'_> {
+impl Drop for Making {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
+        self.0
+            .making
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -183,6 +187,13 @@ fn task_gone(e: &redis::RedisError) -> bool {
     e.is_io_error()
         && e.to_string()
             .contains("redis_cluster: Unable to send command")
+}
+
+/// A broken pipe with no words of its own: how the redis client reports a pipeline it could not
+/// hand to its task (or whose answer the task lost).
+/// (An operating system's broken pipe says "Broken pipe (os error 32)".)
+fn bare_broken_pipe(e: &redis::RedisError) -> bool {
+    e.is_io_error() && e.to_string() == "broken pipe"
 }
 
 impl Cluster {
@@ -202,36 +213,48 @@ impl Cluster {
     }
 
     /// After a command failed because the cluster client's task is gone: whether a connection
-    /// to use instead is in place now (made here on this runtime, or by another clone since).
+    /// to use instead is in place now (made on this runtime, or by another clone since).
+    ///
+    /// The connection is made in a task of its own, so that an operation's timeout shorter than
+    /// a connect does not cut it (the next operation finds it made); a command of another clone
+    /// that finds the task gone meanwhile waits for it rather than failing.
     async fn renewed(&mut self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
         let Some(renew) = self.renew.clone() else {
             return false;
         };
-        if renew.generation.load(std::sync::atomic::Ordering::Acquire) != self.generation {
-            self.conn();
-            return true;
+        let seen = self.generation;
+        if renew.generation.load(Acquire) == seen && !renew.making.swap(true, AcqRel) {
+            let making = Making(renew.clone());
+            // Made by another clone between the look and the swap: nothing to make.
+            if renew.generation.load(Acquire) == seen {
+                let made = tokio::spawn(async move {
+                    let r = &making.0;
+                    let conn = tokio::time::timeout(
+                        r.timeout.saturating_mul(2),
+                        r.client.get_async_connection(),
+                    )
+                    .await;
+                    if let Ok(Ok(conn)) = conn {
+                        let mut current = r
+                            .current
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        *current = conn;
+                        r.generation.fetch_add(1, AcqRel);
+                    }
+                });
+                // A runtime shutting down drops the task (and its guard) unrun.
+                let _ = made.await;
+            }
+        } else {
+            // Another clone is making one: wait for it (the operation's timeout bounds this).
+            while renew.generation.load(Acquire) == seen && renew.making.load(Acquire) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        if renew.making.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if renew.generation.load(Acquire) == seen {
             return false;
-        }
-        let _making = Making(&renew.making);
-        let made = tokio::time::timeout(
-            renew.timeout.saturating_mul(2),
-            renew.client.get_async_connection(),
-        )
-        .await;
-        let Ok(Ok(conn)) = made else {
-            return false;
-        };
-        {
-            let mut current = renew
-                .current
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *current = conn;
-            renew
-                .generation
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         self.conn();
         true
@@ -263,6 +286,8 @@ impl From<ConnectionManager> for RedisConnection {
     }
 }
 
+/// A connection of your own; unlike one made by [`RedisConnection::connect_cluster`], it is
+/// not made anew when the runtime it was made on shuts down.
 impl From<ClusterConnection> for RedisConnection {
     fn from(c: ClusterConnection) -> Self {
         Self {
@@ -461,6 +486,20 @@ impl ConnectionLike for RedisConnection {
                         Err(e) if again.wait(&e).await => {}
                         Err(e) if !renewed && task_gone(&e) && c.renewed().await => {
                             renewed = true;
+                        }
+                        // The redis client reports a pipeline it could not hand to its task as
+                        // a bare broken pipe, as one whose answer it lost: a `PING` tells
+                        // whether the task is gone. If so, a new connection is made for the
+                        // next commands; this pipeline is not sent again (it cannot be told
+                        // from one that was sent).
+                        Err(e) if !renewed && c.renew.is_some() && bare_broken_pipe(&e) => {
+                            let ping = redis::cmd("PING");
+                            if let Err(p) = c.conn().req_packed_command(&ping).await {
+                                if task_gone(&p) {
+                                    c.renewed().await;
+                                }
+                            }
+                            return resent(Err(e));
                         }
                         res => return resent(res),
                     }
