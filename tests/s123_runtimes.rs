@@ -1903,3 +1903,46 @@ fn calls_in_a_retry_backoff_on_a_dead_runtime_leave_the_next_runtime_its_retries
         });
     }
 }
+
+/// A Redis Cluster `RedisConnection` made on a runtime that is gone, used on the next one with
+/// pipelines only: the first pipeline fails (the redis client cannot tell it from one whose
+/// answer was lost), the next pipeline goes on a connection made anew. Review s124.
+#[test]
+fn a_cluster_connection_used_only_for_pipelines_recovers_on_the_next_runtime() {
+    for how in 0..3 {
+        let a = current();
+        let conn = a.block_on(async {
+            sturdy::redis::RedisConnection::connect_cluster(cluster_urls())
+                .await
+                .expect("connect")
+        });
+        let key = unique("{s123-pipe}");
+        let pipe = |conn: sturdy::redis::RedisConnection, key: String| async move {
+            let mut conn = conn;
+            let mut p = redis::pipe();
+            p.cmd("SET").arg(&key).arg("v").ignore();
+            p.cmd("GET").arg(&key);
+            timeout(
+                Duration::from_secs(3),
+                p.query_async::<(String,)>(&mut conn),
+            )
+            .await
+            .expect("hung")
+        };
+        assert_eq!(
+            a.block_on(pipe(conn.clone(), key.clone())).unwrap(),
+            ("v".to_owned(),)
+        );
+        end(a, how);
+        let b = multi();
+        b.block_on(async {
+            let _first = pipe(conn.clone(), key.clone()).await;
+            let second = pipe(conn.clone(), key.clone()).await;
+            assert_eq!(
+                second.map_err(|e| e.to_string()),
+                Ok(("v".to_owned(),)),
+                "way {how}"
+            );
+        });
+    }
+}

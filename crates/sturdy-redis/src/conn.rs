@@ -480,19 +480,15 @@ impl ConnectionLike for RedisConnection {
             }),
             Inner::Cluster(c) => Box::pin(async move {
                 let mut again = NotRunAgain::default();
-                let mut renewed = false;
                 loop {
                     match c.conn().req_packed_commands(pipeline, offset, count).await {
                         Err(e) if again.wait(&e).await => {}
-                        Err(e) if !renewed && task_gone(&e) && c.renewed().await => {
-                            renewed = true;
-                        }
                         // The redis client reports a pipeline it could not hand to its task as
                         // a bare broken pipe, as one whose answer it lost: a `PING` tells
                         // whether the task is gone. If so, a new connection is made for the
                         // next commands; this pipeline is not sent again (it cannot be told
                         // from one that was sent).
-                        Err(e) if !renewed && c.renew.is_some() && bare_broken_pipe(&e) => {
+                        Err(e) if c.renew.is_some() && bare_broken_pipe(&e) => {
                             let ping = redis::cmd("PING");
                             if let Err(p) = c.conn().req_packed_command(&ping).await {
                                 if task_gone(&p) {
