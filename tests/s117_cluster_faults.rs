@@ -971,6 +971,37 @@ async fn drain(urls: &[String], stream: &str) -> std::collections::HashMap<Strin
 }
 
 /// Waits until `port` says it is a primary (`ROLE`).
+/// Waits until `replica`'s link to `primary` is up and its replication offset has reached the
+/// primary's.
+async fn wait_synced(cluster: &OwnCluster, primary: u16, replica: u16, limit: Duration) {
+    fn field(info: &str, name: &str) -> Option<i64> {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    }
+    let t0 = Instant::now();
+    loop {
+        let p = cluster.node(primary).admin(&["INFO", "replication"]).await;
+        let r = cluster.node(replica).admin(&["INFO", "replication"]).await;
+        if let (Some(p), Some(r)) = (p, r) {
+            let up = r.contains("master_link_status:up");
+            if let (Some(want), Some(got)) = (
+                field(&p, "master_repl_offset"),
+                field(&r, "slave_repl_offset"),
+            ) {
+                if up && got >= want {
+                    return;
+                }
+            }
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{replica} did not catch up with {primary}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_role(cluster: &OwnCluster, port: u16, role: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
@@ -1570,6 +1601,9 @@ async fn s117_cluster_consumer_blocked_in_next_through_a_failover_and_a_kill() {
             t0.elapsed(),
             r.as_ref().map(|d| d.is_some()).map_err(|e| chain(&**e))
         );
+        // The replica has what the primary has (a fresh cluster's first sync can still be under
+        // way: a CI run promoted a replica without the stream and its group, NOGROUP after).
+        wait_synced(&cluster, primary, replica, Duration::from_secs(10)).await;
         let node = cluster.node(replica);
         let (took, r) = next_under(&mut c, async {
             node.admin_ok(&["CLUSTER", "FAILOVER"]).await;
