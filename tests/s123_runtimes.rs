@@ -334,6 +334,74 @@ fn plain_threads_each_with_a_runtime_share_one_client() {
     }
 }
 
+/// A server whose `/stall-once/...` paths (any method) each hold their first request for good,
+/// saying on the channel when it arrived, and answer every later one at once; `/ok` answers.
+/// Counts every `/stall-once` request.
+fn stall_once_server() -> (SocketAddr, std::sync::mpsc::Receiver<()>, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let arrived_tx = Arc::new(std::sync::Mutex::new(arrived_tx));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        multi().block_on(async move {
+            let app = Router::new().route("/ok", any(|| async { "ok" })).route(
+                "/stall-once/{name}",
+                any(move |uri: http::Uri| async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let first = seen.lock().unwrap().insert(uri.path().to_owned());
+                    if first {
+                        let _ = arrived_tx.lock().unwrap().send(());
+                        std::future::pending::<()>().await;
+                    }
+                    "again"
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (rx.recv().unwrap(), arrived, hits)
+}
+
+/// A client kept across runtimes takes, on runtime B, the pooled connection runtime A made; A
+/// shuts down while the connection's task holds the request (hyper: "runtime dropped the
+/// dispatch task"). The connection is gone as by a reset: the default stack sends the GET, and
+/// a POST with its idempotency key, again on a new connection, and both succeed.
+#[test]
+fn a_call_on_a_pooled_connection_dropped_with_its_runtime_goes_again_on_a_new_one() {
+    let (addr, mut arrived, hits) = stall_once_server();
+    let client = ClientBuilder::new().build(http());
+    for (i, method) in ["GET", "POST"].into_iter().enumerate() {
+        // Runtime A makes the connection and leaves it idle in the pool, its task on A.
+        let a = multi();
+        assert_eq!(
+            a.block_on(status_of(client.clone(), get(addr, "/ok"))),
+            Ok(StatusCode::OK)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}/stall-once/{method}"))
+            .body(Full::from("x"))
+            .unwrap();
+        let b = current();
+        let arrived = &mut arrived;
+        let result = std::thread::scope(|s| {
+            // A goes away once the server holds the request A's connection task wrote.
+            s.spawn(move || {
+                let _ = arrived.recv_timeout(Duration::from_secs(5));
+                end(a, i + 1);
+            });
+            b.block_on(status_of(client.clone(), req))
+        });
+        assert_eq!(result, Ok(StatusCode::OK), "{method}");
+        assert_eq!(hits.load(Ordering::SeqCst), 2 * (i + 1), "{method}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // In-process services, gated by a runtime-agnostic `watch` channel.
 

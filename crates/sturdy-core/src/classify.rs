@@ -178,7 +178,12 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         if e.is_timeout() {
             return Some(ErrorKind::Timeout);
         }
-        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_parse() {
+        if e.is_incomplete_message()
+            || e.is_canceled()
+            || e.is_closed()
+            || e.is_parse()
+            || dispatch_gone(e)
+        {
             return Some(ErrorKind::Transport);
         }
         if e.is_body_write_aborted() || e.is_user() {
@@ -219,6 +224,17 @@ fn kind_of(e: &(dyn StdError + 'static)) -> Option<ErrorKind> {
         });
     }
     None
+}
+
+/// Whether hyper says the task that ran the connection was dropped with the request in its
+/// hands: the runtime that task was spawned on shut down (a client kept across runtimes, as a
+/// `static` one used by several `#[tokio::test]`s is, can take a pooled connection from one
+/// that is shutting down), or the task panicked. The connection is gone as by a reset, and the
+/// request may have been written before it went. hyper files it under its user errors with no
+/// method of its own to ask; its text ("dispatch task is gone", from hyper 1.0 on) is the one
+/// way to tell it, so it is matched here only.
+fn dispatch_gone(e: &hyper::Error) -> bool {
+    e.is_user() && e.to_string() == "dispatch task is gone"
 }
 
 /// Whether a TLS error's text is a fatal alert by which a server refuses the handshake (rustls
@@ -443,6 +459,19 @@ fn transport_words(e: &(dyn StdError + 'static)) -> Option<String> {
         }
         if h.is_closed() || h.is_canceled() {
             return Some("the connection closed before a response arrived".to_owned());
+        }
+        if dispatch_gone(h) {
+            let runtime = h
+                .source()
+                .is_some_and(|s| s.to_string() == "runtime dropped the dispatch task");
+            return Some(
+                if runtime {
+                    "the connection was dropped with the runtime that ran it, before a response arrived"
+                } else {
+                    "the task that ran the connection ended before a response arrived"
+                }
+                .to_owned(),
+            );
         }
         if h.is_timeout() {
             return Some("timed out".to_owned());

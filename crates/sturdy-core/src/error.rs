@@ -37,7 +37,8 @@ pub enum ErrorKind {
     /// request never left, and trying again will not help until the certificate or the trusted
     /// roots change.
     Tls,
-    /// The connection broke after the request may have been sent (reset, closed early).
+    /// The connection broke after the request may have been sent (reset, closed early, or
+    /// dropped with the runtime whose task ran it).
     Transport,
     /// The server answered with a 5xx status (or one past 599, which no standard defines).
     Server(StatusCode),

@@ -2,6 +2,7 @@
 //! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
 //! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
 
+mod dispatch_gone;
 mod link_bounds;
 mod never_panic;
 mod review10_link;
