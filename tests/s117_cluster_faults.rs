@@ -557,6 +557,7 @@ impl OwnCluster {
             .expect("redis-cli");
         assert!(out.success());
         this.wait_state_ok(Duration::from_secs(15)).await;
+        this.wait_replicas(Duration::from_secs(15)).await;
         this
     }
 
@@ -573,6 +574,37 @@ impl OwnCluster {
                 return;
             }
             assert!(t0.elapsed() < limit, "the cluster did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every node's `CLUSTER NODES` lists its three replicas, each with its primary
+    /// and a connected link: `redis-cli --cluster create` returns, and `cluster_state:ok` holds,
+    /// before gossip has told every node which node replicates which (a loaded CI run found a
+    /// slot's owner with no replica yet).
+    async fn wait_replicas(&self, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let mut ok = true;
+            for n in &self.nodes {
+                let text = n.admin(&["CLUSTER", "NODES"]).await.unwrap_or_default();
+                let replicas = text
+                    .lines()
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                    .filter(|l| {
+                        l.len() >= 8
+                            && l[2].contains("slave")
+                            && !l[2].contains("fail")
+                            && l[3] != "-"
+                            && l[7] == "connected"
+                    })
+                    .count();
+                ok &= replicas == 3;
+            }
+            if ok {
+                return;
+            }
+            assert!(t0.elapsed() < limit, "the replicas were not all known");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -1693,6 +1725,7 @@ impl OwnCluster {
             .expect("redis-cli");
         assert!(out.success());
         self.wait_state_ok(Duration::from_secs(15)).await;
+        self.wait_replicas(Duration::from_secs(15)).await;
     }
 }
 
