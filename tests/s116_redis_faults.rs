@@ -1783,7 +1783,10 @@ impl OwnCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         for i in 0..6 {
-            let port = free_port();
+            // A cluster node's bus port is its port + 10,000: a port from `bind(0)` (32768 and
+            // up) can be past 55535, where redis-server refuses to start, or have its bus port
+            // taken. The shared helper picks pairs below the ephemeral range.
+            let port = crate::cluster32_util::free_cluster_port();
             let d = dir.join(i.to_string());
             std::fs::create_dir_all(&d).unwrap();
             let child = Command::new("redis-server")

@@ -68,6 +68,12 @@ fn no_secret(text: &str) {
     }
 }
 
+/// Whether the flags of a `CLUSTER NODES` line (`myself,master`, `slave,fail?`) hold `flag`
+/// itself: `fail` is a failure the cluster agreed on, `fail?` only one node's suspicion.
+fn has_flag(flags: &str, flag: &str) -> bool {
+    flags.split(',').any(|f| f == flag)
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().unwrap().port()
@@ -531,7 +537,10 @@ impl OwnCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let port = free_port();
+            // A cluster node's bus port is its port + 10,000: a port from `bind(0)` (32768 and
+            // up) can be past 55535, where redis-server refuses to start, or have its bus port
+            // taken. The shared helper picks pairs below the ephemeral range.
+            let port = crate::cluster32_util::free_cluster_port();
             nodes.push(OwnRedis {
                 child: Some(spawn_node(port, &dir)),
                 port,
@@ -578,14 +587,16 @@ impl OwnCluster {
         }
     }
 
-    /// Waits until every node's `CLUSTER NODES` lists its three replicas, each with its primary
-    /// and a connected link: `redis-cli --cluster create` returns, and `cluster_state:ok` holds,
-    /// before gossip has told every node which node replicates which (a loaded CI run found a
-    /// slot's owner with no replica yet).
+    /// Waits until every node's `CLUSTER NODES` lists three replicas, each with its primary:
+    /// `redis-cli --cluster create` returns, and `cluster_state:ok` holds, before gossip has
+    /// told every node which node replicates which (a loaded CI run found a slot's owner with
+    /// no replica yet). A node only suspected (`fail?`) or with its link down for a moment
+    /// still counts: on a loaded machine a 1 s node timeout flags them for a moment, often.
     async fn wait_replicas(&self, limit: Duration) {
         let t0 = Instant::now();
         loop {
             let mut ok = true;
+            let mut views = Vec::new();
             for n in &self.nodes {
                 let text = n.admin(&["CLUSTER", "NODES"]).await.unwrap_or_default();
                 let replicas = text
@@ -593,18 +604,22 @@ impl OwnCluster {
                     .map(|l| l.split_whitespace().collect::<Vec<_>>())
                     .filter(|l| {
                         l.len() >= 8
-                            && l[2].contains("slave")
-                            && !l[2].contains("fail")
+                            && has_flag(l[2], "slave")
+                            && !has_flag(l[2], "fail")
                             && l[3] != "-"
-                            && l[7] == "connected"
                     })
                     .count();
                 ok &= replicas == 3;
+                views.push(format!("node {}:\n{text}", n.port));
             }
             if ok {
                 return;
             }
-            assert!(t0.elapsed() < limit, "the replicas were not all known");
+            assert!(
+                t0.elapsed() < limit,
+                "the replicas were not all known:\n{}",
+                views.join("\n")
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -653,7 +668,7 @@ impl OwnCluster {
             let port_of =
                 |l: &Vec<&str>| -> u16 { l[1].split(['@', ':']).nth(1).unwrap().parse().unwrap() };
             for l in &lines {
-                if l.len() < 9 || !l[2].contains("master") || l[2].contains("fail") {
+                if l.len() < 9 || !has_flag(l[2], "master") || has_flag(l[2], "fail") {
                     continue;
                 }
                 let serves = l[8..].iter().any(|r| {
@@ -666,7 +681,7 @@ impl OwnCluster {
                     let id = l[0];
                     let replicas = lines
                         .iter()
-                        .filter(|r| r.len() > 3 && r[3] == id && !r[2].contains("fail"))
+                        .filter(|r| r.len() > 3 && r[3] == id && !has_flag(r[2], "fail"))
                         .map(port_of)
                         .collect();
                     return (port_of(l), replicas);
