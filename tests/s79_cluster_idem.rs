@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::slot_move_util::{cli, free_tag, keys_in_slot, SlotMove, SLOT_MOVES};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -116,200 +117,6 @@ fn port_of(url: &str) -> u16 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-#[derive(Clone, Debug)]
-struct Node {
-    id: String,
-    port: u16,
-    slots: Vec<(u16, u16)>,
-}
-
-/// The cluster's masters, as `seed` sees them.
-fn masters(seed: u16) -> Vec<Node> {
-    let text = cli(seed, &["CLUSTER", "NODES"]);
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // `fail?` is one node's suspicion, often for a moment on a loaded machine; only a
-        // failure the cluster agreed on (`fail`) leaves a master out.
-        let flags: Vec<&str> = f.get(2).map_or(Vec::new(), |f| f.split(',').collect());
-        if f.len() < 8 || !flags.contains(&"master") || flags.contains(&"fail") {
-            continue;
-        }
-        let port = f[1]
-            .split('@')
-            .next()
-            .unwrap()
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let mut slots = Vec::new();
-        for r in &f[8..] {
-            if r.starts_with('[') {
-                continue;
-            }
-            let (a, b) = r.split_once('-').unwrap_or((r, r));
-            slots.push((a.parse().unwrap(), b.parse().unwrap()));
-        }
-        out.push(Node {
-            id: f[0].to_owned(),
-            port,
-            slots,
-        });
-    }
-    out
-}
-
-fn keyslot(seed: u16, key: &str) -> u16 {
-    cli(seed, &["CLUSTER", "KEYSLOT", key]).parse().unwrap()
-}
-
-fn keys_in_slot(port: u16, slot: u16) -> Vec<String> {
-    cli(
-        port,
-        &["CLUSTER", "GETKEYSINSLOT", &slot.to_string(), "1000"],
-    )
-    .lines()
-    .map(str::trim)
-    .filter(|s| !s.is_empty())
-    .map(str::to_owned)
-    .collect()
-}
-
-/// A hash tag whose slot holds no key at all now (so moving it touches nobody else's keys).
-fn free_tag(seed: u16) -> (String, u16) {
-    let ms = masters(seed);
-    for _ in 0..50 {
-        let tag = unique("tag");
-        let slot = keyslot(seed, &tag);
-        let owner = ms
-            .iter()
-            .find(|n| n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-            .expect("slot owner");
-        if keys_in_slot(owner.port, slot).is_empty() {
-            return (tag, slot);
-        }
-    }
-    panic!("no empty slot found");
-}
-
-/// One slot of ours moved from its owner (`home`) to another master (`away`), step by step;
-/// `Drop` puts it back home with its keys, whatever stage the test reached.
-struct SlotMove {
-    slot: u16,
-    home: Node,
-    away: Node,
-    all: Vec<Node>,
-    restored: bool,
-}
-
-impl SlotMove {
-    fn new(seed: u16, slot: u16) -> Self {
-        let all = masters(seed);
-        assert_eq!(all.len(), 3, "expected three masters: {all:?}");
-        let home = all
-            .iter()
-            .find(|n| n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
-            .expect("slot owner")
-            .clone();
-        let away = all.iter().find(|n| n.id != home.id).unwrap().clone();
-        Self {
-            slot,
-            home,
-            away,
-            all,
-            restored: false,
-        }
-    }
-
-    fn open(&self, from: &Node, to: &Node) -> (String, String) {
-        let s = self.slot.to_string();
-        let a = cli(to.port, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id]);
-        let b = cli(from.port, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id]);
-        (a, b)
-    }
-
-    fn start(&self) {
-        let (a, b) = self.open(&self.home, &self.away);
-        assert_eq!((a.as_str(), b.as_str()), ("OK", "OK"), "SETSLOT failed");
-    }
-
-    fn migrate_keys(&self, from: &Node, to: &Node) {
-        for _ in 0..20 {
-            let keys = keys_in_slot(from.port, self.slot);
-            if keys.is_empty() {
-                return;
-            }
-            let port = to.port.to_string();
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(keys.iter().map(String::as_str));
-            let _ = cli(from.port, &args);
-        }
-    }
-
-    fn assign(&self, to: &Node) {
-        let s = self.slot.to_string();
-        let mut order = vec![to.clone()];
-        order.extend(self.all.iter().filter(|n| n.id != to.id).cloned());
-        for n in &order {
-            let _ = cli(n.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]);
-        }
-    }
-
-    fn move_all(&self, from: &Node, to: &Node) {
-        let _ = self.open(from, to);
-        self.migrate_keys(from, to);
-        self.assign(to);
-    }
-
-    fn finish(&self) {
-        self.migrate_keys(&self.home, &self.away);
-        self.assign(&self.away);
-    }
-
-    /// Completes the move (from whatever stage), then moves everything back home.
-    #[allow(clippy::disallowed_methods)]
-    fn restore(&mut self) {
-        if self.restored {
-            return;
-        }
-        self.restored = true;
-        self.move_all(&self.home.clone(), &self.away.clone());
-        self.move_all(&self.away.clone(), &self.home.clone());
-        for _ in 0..50 {
-            let ok = self.all.iter().all(|n| {
-                masters(n.port).iter().any(|m| {
-                    m.id == self.home.id
-                        && m.slots
-                            .iter()
-                            .any(|&(a, b)| a <= self.slot && self.slot <= b)
-                })
-            });
-            if ok {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for SlotMove {
-    fn drop(&mut self) {
-        self.restore();
-    }
 }
 
 fn kind_of(e: &sturdy::core::BoxError) -> Option<ErrorKind> {
@@ -413,7 +220,7 @@ fn kill_own_connections(ports: &[u16]) -> usize {
 async fn s79_cluster_replicated_store_serves_old_and_new_keys_through_a_slot_move() {
     let Some(urls) = cluster() else { return };
     let _one = REDIS.lock().await;
-    let _moves = crate::s67_cluster_idem::SLOT_MOVES.lock().await;
+    let _moves = SLOT_MOVES.lock().await;
     let seed = port_of(&urls[0]);
     let (tag, slot) = free_tag(seed);
     let mut mv = SlotMove::new(seed, slot);
@@ -533,7 +340,7 @@ async fn s79_cluster_replicated_store_serves_old_and_new_keys_through_a_slot_mov
 async fn s79_cluster_replicated_queue_during_a_slot_move_is_bounded_and_clear() {
     let Some(urls) = cluster() else { return };
     let _one = REDIS.lock().await;
-    let _moves = crate::s67_cluster_idem::SLOT_MOVES.lock().await;
+    let _moves = SLOT_MOVES.lock().await;
     let seed = port_of(&urls[0]);
     let (tag, slot) = free_tag(seed);
     let mut mv = SlotMove::new(seed, slot);
@@ -621,7 +428,7 @@ async fn s79_cluster_replicated_queue_during_a_slot_move_is_bounded_and_clear() 
 async fn s79_cluster_duplicate_push_during_a_slot_move_is_served_on_the_old_owner() {
     let Some(urls) = cluster() else { return };
     let _one = REDIS.lock().await;
-    let _moves = crate::s67_cluster_idem::SLOT_MOVES.lock().await;
+    let _moves = SLOT_MOVES.lock().await;
     let seed = port_of(&urls[0]);
     let (tag, slot) = free_tag(seed);
     let mut mv = SlotMove::new(seed, slot);

@@ -342,6 +342,7 @@ mod server29_interop;
 mod server29_paginate;
 mod server29_webhook;
 mod sharing;
+mod slot_move_util;
 mod stack;
 mod tls;
 mod wire28_close;
