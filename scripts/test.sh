@@ -123,7 +123,10 @@ phase "cargo doc, all features and default ones (any rustdoc warning is an error
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 phase "cargo test"
-cargo test --workspace --all-features
+# Without backtraces: a CI log that keeps only the head and the tail of a long output then still
+# shows each failing test's panic message (a backtrace of 20 frames pushed it out of view). Run
+# the one test again with RUST_BACKTRACE=1 for its trace.
+RUST_BACKTRACE=0 cargo test --workspace --all-features
 phase "fuzz targets, a few seconds each (fuzz/README.md)"
 fuzz/run.sh "${STURDY_FUZZ_SECONDS:-5}"
 # sturdy against the real peers its users meet: nginx limit_req, HAProxy fault proxies, an OAuth2
