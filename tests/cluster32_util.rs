@@ -89,6 +89,8 @@ pub(crate) struct NodeLine {
     pub(crate) port: u16,
     pub(crate) primary: bool,
     pub(crate) failed: bool,
+    /// A failure the cluster agreed on (`fail`), not one node's suspicion (`fail?`).
+    pub(crate) agreed_failed: bool,
     pub(crate) primary_id: String,
     pub(crate) slots: Vec<(u16, u16)>,
 }
@@ -120,6 +122,7 @@ pub(crate) fn cluster_nodes(port: u16) -> Vec<NodeLine> {
             port: p,
             primary: f[2].contains("master"),
             failed: f[2].contains("fail"),
+            agreed_failed: f[2].split(',').any(|x| x == "fail"),
             primary_id: f[3].to_owned(),
             slots,
         });

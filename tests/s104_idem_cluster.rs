@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::slot_move_util::cli;
 use axum::body::Body;
 use axum::Router;
 use bytes::Bytes;
@@ -101,16 +102,6 @@ fn port_of(url: &str) -> u16 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn free_port() -> u16 {

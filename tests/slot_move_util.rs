@@ -8,6 +8,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cluster32_util::cluster_nodes;
+
 /// One slot move at a time on the shared cluster. `CLUSTER SETSLOT <slot> NODE <me>` makes the
 /// importing node take a new config epoch without a vote; two moves at once can leave two
 /// masters with the same epoch, and then a node that still holds the old owner (a replica,
@@ -40,57 +42,12 @@ impl Node {
     }
 }
 
-/// One line of `CLUSTER NODES`: id, port, flags, and the slot ranges it serves (a
-/// migrating/importing entry in brackets is left out).
-struct Line {
-    id: String,
-    port: u16,
-    flags: Vec<String>,
-    slots: Vec<(u16, u16)>,
-}
-
-fn lines(port: u16) -> Vec<Line> {
-    let text = cli(port, &["CLUSTER", "NODES"]);
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
-            continue;
-        }
-        let Some(p) = f[1]
-            .split('@')
-            .next()
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-        else {
-            continue;
-        };
-        let mut slots = Vec::new();
-        for r in &f[8..] {
-            if r.starts_with('[') {
-                continue;
-            }
-            let (a, b) = r.split_once('-').unwrap_or((r, r));
-            if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
-                slots.push((a, b));
-            }
-        }
-        out.push(Line {
-            id: f[0].to_owned(),
-            port: p,
-            flags: f[2].split(',').map(str::to_owned).collect(),
-            slots,
-        });
-    }
-    out
-}
-
 /// The cluster's masters, as `seed` sees them. `fail?` is one node's suspicion, often for a
 /// moment on a loaded machine; only a failure the cluster agreed on (`fail`) leaves one out.
 pub(crate) fn masters(seed: u16) -> Vec<Node> {
-    lines(seed)
+    cluster_nodes(seed)
         .into_iter()
-        .filter(|l| l.flags.iter().any(|f| f == "master") && !l.flags.iter().any(|f| f == "fail"))
+        .filter(|l| l.primary && !l.agreed_failed)
         .map(|l| Node {
             id: l.id,
             port: l.port,
@@ -101,7 +58,7 @@ pub(crate) fn masters(seed: u16) -> Vec<Node> {
 
 /// Who serves `slot` in `port`'s view (a node id), if anyone.
 fn owner_in_view(port: u16, slot: u16) -> Option<String> {
-    lines(port)
+    cluster_nodes(port)
         .into_iter()
         .find(|l| l.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
         .map(|l| l.id)
@@ -174,7 +131,7 @@ impl SlotMove {
             .expect("slot owner")
             .clone();
         let away = all.iter().find(|n| n.id != home.id).unwrap().clone();
-        let ports = lines(seed).iter().map(|l| l.port).collect();
+        let ports = cluster_nodes(seed).iter().map(|l| l.port).collect();
         Self {
             slot,
             home,
@@ -230,7 +187,7 @@ impl SlotMove {
     /// or a bump not yet heard of): the masters are told again and `to` takes a config epoch of
     /// its own (`CLUSTER BUMPEPOCH`), whose claim every node then takes.
     #[allow(clippy::disallowed_methods)]
-    fn settle(&self, to: &Node, masters: &[Node]) {
+    fn settle(&self, to: &Node, order: &[Node]) {
         let s = self.slot.to_string();
         let t0 = Instant::now();
         let mut last_nudge = Instant::now();
@@ -254,7 +211,7 @@ impl SlotMove {
             if last_nudge.elapsed() > Duration::from_secs(1) {
                 last_nudge = Instant::now();
                 let _ = cli(to.port, &["CLUSTER", "BUMPEPOCH"]);
-                for n in masters {
+                for n in order {
                     let _ = cli(n.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]);
                 }
             }
