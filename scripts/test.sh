@@ -75,10 +75,12 @@ if [ -z "${STURDY_REDIS_CLUSTER_URLS:-}" ] && command -v redis-server >/dev/null
   done
   [ "${#ports[@]}" -eq 6 ] || { echo "no six free ports for the Redis Cluster" >&2; exit 1; }
   cluster_dir=$(mktemp -d)
+  # One snapshot file per node: a replica's full sync renames the snapshot it received to
+  # its dbfilename and loads it, so replicas syncing at once must not share one name.
   for p in "${ports[@]}"; do
     redis-server --bind 127.0.0.1 --port "$p" --cluster-enabled yes \
       --cluster-config-file "$cluster_dir/nodes-$p.conf" --cluster-node-timeout 2000 \
-      --dir "$cluster_dir" --save '' --appendonly no --protected-mode yes \
+      --dir "$cluster_dir" --dbfilename "dump-$p.rdb" --save '' --appendonly no --protected-mode yes \
       --logfile "" --loglevel warning >/dev/null &
     cluster_pids+=($!)
   done

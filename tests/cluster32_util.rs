@@ -216,6 +216,11 @@ impl OwnCluster {
                 "1000",
                 "--dir",
                 self.dir.to_str().unwrap(),
+                // One snapshot file per node in the shared directory: a replica's full sync
+                // renames the snapshot it received to this name and loads it, so with one
+                // `dump.rdb` for all, replicas syncing at once can load each other's.
+                "--dbfilename",
+                &format!("dump-{p}.rdb"),
                 "--save",
                 "",
                 "--appendonly",

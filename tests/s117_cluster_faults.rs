@@ -523,6 +523,13 @@ fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
         .arg("--cluster-config-file")
         .arg(dir.join(format!("nodes-{port}.conf")))
         .args(["--enable-debug-command", "yes"])
+        .arg("--logfile")
+        .arg(dir.join(format!("redis-{port}.log")))
+        // The six nodes share `dir`. A replica's full sync writes the snapshot to a temporary
+        // file, renames it to `dbfilename` and loads that: with one `dump.rdb` for all, three
+        // replicas syncing at once (a new cluster's first syncs start together) can each load
+        // another shard's snapshot, and a failover then promotes a replica without the data.
+        .args(["--dbfilename", &format!("dump-{port}.rdb")])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -626,6 +633,26 @@ impl OwnCluster {
 
     fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// Every node's view of `key` and of the cluster, and the tail of its log: printed when a
+    /// test meets an answer it cannot explain.
+    async fn dump(&self, key: &str) {
+        for n in &self.nodes {
+            let role = n.admin(&["ROLE"]).await.unwrap_or_default();
+            let exists = n.admin(&["EXISTS", key]).await.unwrap_or_default();
+            let groups = n.admin(&["XINFO", "GROUPS", key]).await.unwrap_or_default();
+            let repl = n.admin(&["INFO", "replication"]).await.unwrap_or_default();
+            let nodes = n.admin(&["CLUSTER", "NODES"]).await.unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.join(format!("redis-{}.log", n.port)))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "=== node {} role {role:?} exists {exists:?} groups {groups:?}\n{repl}\n{nodes}\nlog:\n{}",
+                n.port,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 
     async fn primaries(&self) -> Vec<&OwnRedis> {
@@ -1649,7 +1676,7 @@ async fn s117_cluster_consumer_blocked_in_next_through_a_failover_and_a_kill() {
             r.as_ref().map(|d| d.is_some()).map_err(|e| chain(&**e))
         );
         // The replica has what the primary has (a fresh cluster's first sync can still be under
-        // way: a CI run promoted a replica without the stream and its group, NOGROUP after).
+        // way when the test gets here).
         wait_synced(&cluster, primary, replica, Duration::from_secs(10)).await;
         let node = cluster.node(replica);
         let (took, r) = next_under(&mut c, async {
@@ -1657,6 +1684,11 @@ async fn s117_cluster_consumer_blocked_in_next_through_a_failover_and_a_kill() {
         })
         .await;
         eprintln!("next through a graceful failover: {took:?}: {r:?}");
+        if matches!(&r, Err((k, _)) if !matches!(k, Some(ErrorKind::Transport | ErrorKind::Timeout)))
+        {
+            eprintln!("primary {primary}, replica {replica}");
+            cluster.dump(&stream).await;
+        }
         assert!(took < wait + t + Duration::from_millis(1_500), "{took:?}");
         if let Err((k, text)) = &r {
             assert!(
