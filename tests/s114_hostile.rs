@@ -1256,10 +1256,15 @@ async fn idempotency_10_000_different_keys_are_400_in_linear_time() {
     let mut times = Vec::new();
     for n in [1_000usize, 1_000, 10_000] {
         let keys: Vec<HeaderValue> = (0..n).map(|i| hv(&format!("key-{i}"))).collect();
-        let t0 = StdInstant::now();
-        let (status, _) = post_with_keys(&app, &keys).await;
-        times.push(t0.elapsed());
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        // The fastest of five: a run that other threads preempted only ever takes longer.
+        let mut best = Duration::MAX;
+        for _ in 0..5 {
+            let t0 = StdInstant::now();
+            let (status, _) = post_with_keys(&app, &keys).await;
+            best = best.min(t0.elapsed());
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+        }
+        times.push(best);
     }
     let ratio = times[2].as_secs_f64() / times[1].as_secs_f64().max(1e-6);
     assert!(ratio < 30.0, "{ratio:.1}x ({times:?})");

@@ -747,17 +747,7 @@ fn s42_webhook_types_are_send_and_sync() {
     send::<MemoryReceiver>();
 }
 
-/// The shortest of `runs` timings of `f`.
-fn fastest(runs: usize, mut f: impl FnMut()) -> Duration {
-    (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .min()
-        .unwrap()
-}
+use crate::cost_common::fastest;
 
 /// "A delivery costs one MAC per configured secret ... however many signature entries its
 /// header lists": with a 512 KiB body and three secrets, 4,000 wrong entries (one header of

@@ -326,16 +326,7 @@ async fn s49_webhook_concurrent_burst_of_one_delivery_is_queued_once() {
     }
 }
 
-fn fastest(runs: usize, mut f: impl FnMut()) -> Duration {
-    (0..runs)
-        .map(|_| {
-            let start = tokio::time::Instant::now();
-            f();
-            start.elapsed()
-        })
-        .min()
-        .unwrap()
-}
+use crate::cost_common::fastest;
 
 /// "A delivery costs one MAC per configured secret (one SHA-256 pass over the body each),
 /// however many signature entries its header lists": the entries spread over 4,000 header

@@ -711,15 +711,7 @@ fn s53_four_thousand_signature_entries_cost_about_one() {
     }
     s_many.insert("stripe-signature", HeaderValue::from_str(&long).unwrap());
 
-    let time = |f: &dyn Fn()| {
-        let mut best = Duration::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            f();
-            best = best.min(t.elapsed());
-        }
-        best
-    };
+    let time = |f: &dyn Fn()| crate::cost_common::fastest(5, f);
     let clock = at(now);
     let a = time(&|| assert!(v.verify(&one, &body, clock).is_err()));
     let b = time(&|| assert!(v.verify(&many, &body, clock).is_err()));

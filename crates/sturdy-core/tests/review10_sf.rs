@@ -2,8 +2,6 @@
 //! key overwrites the value in place, so it keeps its first position and its last value), run
 //! through the public parsers: `sf`, `RateLimit`, `RateLimit-Policy`.
 
-use std::time::{Duration, Instant};
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 use sturdy_core::headers::sf::{self, BareItem, Member};
@@ -169,19 +167,6 @@ fn items_with_many_parameters() {
     }
 }
 
-// CPU time of a pure parse, outside any runtime: the real clock is what is measured.
-#[allow(clippy::disallowed_methods)]
-fn best_of(runs: usize, f: impl Fn()) -> Duration {
-    (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .unwrap()
-}
-
 /// Linear time on hostile parameter lists: distinct keys, one key repeated, keys cycling
 /// through a set larger than the threshold, long keys. Four times the input must cost well under
 /// sixteen times the time (quadratic); the bound is generous for a loaded machine.
@@ -208,8 +193,9 @@ fn hostile_parameters_cost_linear_time() {
             assert_eq!(r[0].remaining, 1);
         };
         run(&small);
-        let ts = best_of(3, || run(&small));
-        let tl = best_of(3, || run(&large));
+        // The fastest of many runs: a run that other threads preempted only ever takes longer.
+        let ts = crate::cost_common::fastest(3, || run(&small));
+        let tl = crate::cost_common::fastest(3, || run(&large));
         let ratio = tl.as_secs_f64() / ts.as_secs_f64().max(1e-6);
         assert!(
             ratio < 10.0,

@@ -16,16 +16,13 @@ fn one_field(v: &str) -> HeaderMap {
     h
 }
 
-/// The time `next_link` takes on the header `make(n)` builds, best of three.
+/// The time `next_link` takes on the header `make(n)` builds: the fastest of at least three
+/// runs (of more when they are short), since a run that other threads preempted only ever takes
+/// longer.
 fn time(make: &dyn Fn(usize) -> String, n: usize, base: &str) -> (Duration, Option<String>) {
     let h = one_field(&make(n));
-    let mut best = Duration::MAX;
     let mut out = None;
-    for _ in 0..3 {
-        let t = Instant::now();
-        out = next_link(&h, base);
-        best = best.min(t.elapsed());
-    }
+    let best = crate::cost_common::fastest(3, || out = next_link(&h, base));
     (best, out)
 }
 

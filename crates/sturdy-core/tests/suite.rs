@@ -2,6 +2,10 @@
 //! keeps a clean build's disk use and link time small. A new `tests/*.rs` file is a module here
 //! (`mod name;`); the workspace's `every_test_file_is_compiled` test checks that none is forgotten.
 
+// The cost tests' timing helper, shared with the workspace's root tests.
+#[path = "../../../tests/cost_common/mod.rs"]
+mod cost_common;
+
 mod dispatch_gone;
 mod link_bounds;
 mod never_panic;
