@@ -15,9 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// The fastest of at least `runs` runs of `f` (other tests slow a run down, never speed it up;
-/// short runs are repeated more, see `cost_common::fastest`).
-pub(crate) use crate::cost_common::fastest;
+use crate::cost_common::fastest;
 
 /// Builds an input of size `n` with `make`, times `run` on it (fastest of 5), at `n` and `16n`,
 /// after a warm-up. Returns `(small, large, large / small)`.

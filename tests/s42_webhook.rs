@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::cost_common::fastest;
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -746,8 +747,6 @@ fn s42_webhook_types_are_send_and_sync() {
     send::<sturdy::webhook::ResponseFuture>();
     send::<MemoryReceiver>();
 }
-
-use crate::cost_common::fastest;
 
 /// "A delivery costs one MAC per configured secret ... however many signature entries its
 /// header lists": with a 512 KiB body and three secrets, 4,000 wrong entries (one header of

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::cost_common::fastest;
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -325,8 +326,6 @@ async fn s49_webhook_concurrent_burst_of_one_delivery_is_queued_once() {
         assert_eq!((accepted, dup), (1, 63), "round {round}: {o:?}");
     }
 }
-
-use crate::cost_common::fastest;
 
 /// "A delivery costs one MAC per configured secret (one SHA-256 pass over the body each),
 /// however many signature entries its header lists": the entries spread over 4,000 header
